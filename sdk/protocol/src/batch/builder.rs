@@ -1,0 +1,144 @@
+//! Builds a record batch from records, ready to send (offsets are relative; the broker
+//! assigns the base offset).
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::{Compression, BATCH_HEADER_LEN, CRC_OFFSET, CRC_START, MAGIC};
+use crate::varint::{put_varint, varint_len};
+
+/// Accumulates records and encodes them as one batch.
+///
+/// ```
+/// use quiver_protocol::batch::{BatchBuilder, Compression, validate};
+/// let mut b = BatchBuilder::new(Compression::None);
+/// b.push(Some(b"key"), b"value", 1_700_000_000_000, &[]);
+/// let batch = b.build();
+/// assert_eq!(validate(&batch, 1 << 20).unwrap().record_count, 1);
+/// ```
+#[derive(Debug)]
+pub struct BatchBuilder {
+    compression: Compression,
+    records: Vec<u8>,
+    count: i32,
+    first_timestamp: i64,
+    max_timestamp: i64,
+    producer_id: i64,
+    producer_epoch: i16,
+    base_sequence: i32,
+}
+
+impl BatchBuilder {
+    /// A new, empty batch.
+    pub fn new(compression: Compression) -> Self {
+        Self::with_capacity(compression, 4096)
+    }
+
+    /// A new batch with room for `bytes` of records.
+    pub fn with_capacity(compression: Compression, bytes: usize) -> Self {
+        BatchBuilder {
+            compression,
+            records: Vec::with_capacity(bytes),
+            count: 0,
+            first_timestamp: 0,
+            max_timestamp: i64::MIN,
+            producer_id: -1,
+            producer_epoch: -1,
+            base_sequence: -1,
+        }
+    }
+
+    /// Sets the idempotent-producer fields.
+    pub fn set_producer(&mut self, producer_id: i64, epoch: i16, base_sequence: i32) {
+        self.producer_id = producer_id;
+        self.producer_epoch = epoch;
+        self.base_sequence = base_sequence;
+    }
+
+    /// Number of records so far.
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    /// True when no record was pushed.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Uncompressed bytes so far, header included.
+    pub fn size_bytes(&self) -> usize {
+        BATCH_HEADER_LEN + self.records.len()
+    }
+
+    /// Appends a record.
+    pub fn push(&mut self, key: Option<&[u8]>, value: &[u8], timestamp: i64, headers: &[(&str, &[u8])]) {
+        if self.count == 0 {
+            self.first_timestamp = timestamp;
+        }
+        self.max_timestamp = self.max_timestamp.max(timestamp);
+        let ts_delta = timestamp - self.first_timestamp;
+        let offset_delta = i64::from(self.count);
+        let key_len = key.map_or(-1, |k| k.len() as i64);
+        let mut body_len = 1
+            + varint_len(ts_delta)
+            + varint_len(offset_delta)
+            + varint_len(key_len)
+            + key.map_or(0, |k| k.len())
+            + varint_len(value.len() as i64)
+            + value.len()
+            + varint_len(headers.len() as i64);
+        for (hk, hv) in headers {
+            body_len += varint_len(hk.len() as i64) + hk.len() + varint_len(hv.len() as i64) + hv.len();
+        }
+        let r = &mut self.records;
+        put_varint(r, body_len as i64);
+        r.push(0); // record attributes, unused
+        put_varint(r, ts_delta);
+        put_varint(r, offset_delta);
+        put_varint(r, key_len);
+        if let Some(k) = key {
+            r.extend_from_slice(k);
+        }
+        put_varint(r, value.len() as i64);
+        r.extend_from_slice(value);
+        put_varint(r, headers.len() as i64);
+        for (hk, hv) in headers {
+            put_varint(r, hk.len() as i64);
+            r.extend_from_slice(hk.as_bytes());
+            put_varint(r, hv.len() as i64);
+            r.extend_from_slice(hv);
+        }
+        self.count += 1;
+    }
+
+    /// Encodes the batch (base offset 0, leader epoch -1) and resets the builder.
+    pub fn build(&mut self) -> Bytes {
+        let compressed;
+        let body: &[u8] = if self.compression == Compression::None {
+            &self.records
+        } else {
+            compressed = self.compression.compress(&self.records);
+            &compressed
+        };
+        let mut b = BytesMut::with_capacity(BATCH_HEADER_LEN + body.len());
+        b.put_i64(0);
+        b.put_i32((BATCH_HEADER_LEN - 12 + body.len()) as i32);
+        b.put_i32(-1);
+        b.put_i8(MAGIC);
+        b.put_u32(0); // CRC, filled below
+        b.put_i16(self.compression.attribute_bits());
+        b.put_i32((self.count - 1).max(0));
+        b.put_i64(self.first_timestamp);
+        b.put_i64(if self.count == 0 { self.first_timestamp } else { self.max_timestamp });
+        b.put_i64(self.producer_id);
+        b.put_i16(self.producer_epoch);
+        b.put_i32(self.base_sequence);
+        b.put_i32(self.count);
+        b.put_slice(body);
+        let crc = crc32c::crc32c(&b[CRC_START..]);
+        b[CRC_OFFSET..CRC_START].copy_from_slice(&crc.to_be_bytes());
+        self.records.clear();
+        self.count = 0;
+        self.max_timestamp = i64::MIN;
+        b.freeze()
+    }
+}

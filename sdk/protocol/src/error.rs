@@ -1,0 +1,186 @@
+//! Error codes carried on the wire, and the decoding errors of this crate.
+//!
+//! Wire codes are stable numbers: a retired code is never reused, new ones are appended.
+
+use serde::{Deserialize, Serialize};
+
+/// A stable error code sent by the broker in a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// No error.
+    None = 0,
+    /// An unexpected server-side failure; the message says more.
+    Internal = 1,
+    /// A record batch failed its CRC or structural checks.
+    CorruptBatch = 2,
+    /// The topic or partition does not exist.
+    UnknownTopicOrPartition = 3,
+    /// The request could not be decoded or broke a protocol rule.
+    InvalidRequest = 4,
+    /// A batch or frame is larger than the configured limit.
+    MessageTooLarge = 5,
+    /// A topic with that name already exists.
+    TopicAlreadyExists = 6,
+    /// The topic name is not valid.
+    InvalidTopicName = 7,
+    /// A topic or broker config key or value is not valid.
+    InvalidConfig = 8,
+    /// The requested offset is outside the partition's range.
+    OffsetOutOfRange = 9,
+    /// This broker is not the leader of the partition.
+    NotLeader = 10,
+    /// Topic deletion is disabled on this broker (`delete_topic_enable = false`).
+    TopicDeletionDisabled = 11,
+    /// The request version is not supported.
+    UnsupportedVersion = 12,
+    /// The API key is not known to this broker.
+    UnsupportedApi = 13,
+    /// The partition count is not valid.
+    InvalidPartitions = 14,
+    /// The request did not complete in time.
+    RequestTimedOut = 15,
+    /// The broker is shutting down.
+    BrokerShuttingDown = 16,
+    /// `acks` was not one of -1, 0, 1.
+    InvalidAcks = 17,
+    /// The storage layer failed.
+    StorageError = 18,
+    /// A produce sequence number was out of order for its producer.
+    OutOfOrderSequence = 19,
+}
+
+impl ErrorCode {
+    /// Maps a wire number to a code; unknown numbers become `Internal`.
+    pub fn from_u16(v: u16) -> ErrorCode {
+        use ErrorCode::*;
+        match v {
+            0 => None,
+            2 => CorruptBatch,
+            3 => UnknownTopicOrPartition,
+            4 => InvalidRequest,
+            5 => MessageTooLarge,
+            6 => TopicAlreadyExists,
+            7 => InvalidTopicName,
+            8 => InvalidConfig,
+            9 => OffsetOutOfRange,
+            10 => NotLeader,
+            11 => TopicDeletionDisabled,
+            12 => UnsupportedVersion,
+            13 => UnsupportedApi,
+            14 => InvalidPartitions,
+            15 => RequestTimedOut,
+            16 => BrokerShuttingDown,
+            17 => InvalidAcks,
+            18 => StorageError,
+            19 => OutOfOrderSequence,
+            _ => Internal,
+        }
+    }
+
+    /// True when retrying the same request later may succeed.
+    pub fn is_retriable(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::NotLeader | ErrorCode::RequestTimedOut | ErrorCode::BrokerShuttingDown
+        )
+    }
+}
+
+/// Why bytes could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    /// The input ended before the value did.
+    #[error("truncated input: needed {needed} more bytes")]
+    Truncated {
+        /// How many more bytes were needed.
+        needed: usize,
+    },
+    /// A length prefix is larger than the limit.
+    #[error("{what} of {len} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// What was too large.
+        what: &'static str,
+        /// The length found.
+        len: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// A varint used more than the maximum number of bytes.
+    #[error("varint is longer than 10 bytes")]
+    OverlongVarint,
+    /// The batch CRC does not match its contents.
+    #[error("batch CRC mismatch: stored {stored:#010x}, computed {computed:#010x}")]
+    CrcMismatch {
+        /// CRC stored in the header.
+        stored: u32,
+        /// CRC computed over the bytes.
+        computed: u32,
+    },
+    /// A structural rule was broken.
+    #[error("malformed {what}: {reason}")]
+    Malformed {
+        /// What was being decoded.
+        what: &'static str,
+        /// Which rule was broken.
+        reason: String,
+    },
+    /// The API key is unknown.
+    #[error("unknown api key {0}")]
+    UnknownApi(u16),
+    /// The body could not be deserialized.
+    #[error("could not decode {what}: {reason}")]
+    Body {
+        /// The type being decoded.
+        what: &'static str,
+        /// The decoder's message.
+        reason: String,
+    },
+    /// A compression codec failed or is unsupported.
+    #[error("compression: {0}")]
+    Compression(String),
+    /// The broker answered with an error code.
+    #[error("{code:?}: {message}")]
+    Remote {
+        /// The code.
+        code: ErrorCode,
+        /// The broker's message.
+        message: String,
+    },
+}
+
+impl ProtocolError {
+    pub(crate) fn malformed(what: &'static str, reason: impl Into<String>) -> Self {
+        ProtocolError::Malformed {
+            what,
+            reason: reason.into(),
+        }
+    }
+
+    /// The wire code a broker should answer with for this decoding error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ProtocolError::CrcMismatch { .. } => ErrorCode::CorruptBatch,
+            ProtocolError::TooLarge { .. } => ErrorCode::MessageTooLarge,
+            ProtocolError::UnknownApi(_) => ErrorCode::UnsupportedApi,
+            ProtocolError::Remote { code, .. } => *code,
+            ProtocolError::Compression(_) => ErrorCode::CorruptBatch,
+            _ => ErrorCode::InvalidRequest,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip() {
+        for v in 0..40u16 {
+            let c = ErrorCode::from_u16(v);
+            if c != ErrorCode::Internal {
+                assert_eq!(c as u16, v);
+            }
+        }
+    }
+}

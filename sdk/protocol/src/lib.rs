@@ -1,0 +1,23 @@
+//! quiver-protocol: the wire contract shared by the Quiver broker and its clients.
+//!
+//! It owns three things and does no I/O (no tokio, no sockets, no storage):
+//! - [`frame`]: the length-prefixed frame (`u32 length | u16 api | u16 version | body`);
+//! - [`requests`]: one module per request type with its request and response bodies;
+//! - [`batch`]: the record-batch format, which is the same bytes on the wire and on disk.
+//!
+//! Every decoder is total: any input yields a value or a typed [`ProtocolError`], never a
+//! panic, and nothing is allocated past the [`Limits`] the caller passes.
+
+pub mod batch;
+pub mod error;
+pub mod frame;
+pub mod message;
+pub mod requests;
+pub mod varint;
+
+pub use error::{ErrorCode, ProtocolError};
+pub use frame::{ApiKey, Frame, FrameHeader, Limits, FRAME_HEADER_LEN, PROTOCOL_VERSION};
+pub use message::{decode_response, encode_error, encode_request, encode_response, Message};
+
+/// ALPN protocol id spoken by Quiver clients and brokers.
+pub const ALPN: &[u8] = b"quiver/1";

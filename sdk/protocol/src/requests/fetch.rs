@@ -1,0 +1,38 @@
+//! Fetch: read stored batches from an offset; long-polls until `min_bytes` or `max_wait_ms`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ApiKey, Message};
+
+/// Reads batches of `topic`/`partition` starting with the one holding `offset`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchRequest {
+    /// Topic name.
+    pub topic: String,
+    /// Partition index.
+    pub partition: u32,
+    /// First offset wanted; the first batch returned may start earlier.
+    pub offset: i64,
+    /// Upper bound of payload bytes (at least one batch is returned if one is available).
+    pub max_bytes: u32,
+    /// How long to wait for `min_bytes` to be available.
+    pub max_wait_ms: u32,
+    /// Answer as soon as this many bytes are available.
+    pub min_bytes: u32,
+}
+
+/// Partition offsets at the time of the answer; the payload holds the batches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchResponse {
+    /// Offsets below this are readable.
+    pub high_watermark: i64,
+    /// The first offset still stored.
+    pub log_start_offset: i64,
+    /// The offset the next append will get.
+    pub log_end_offset: i64,
+}
+
+impl Message for FetchRequest {
+    const API: ApiKey = ApiKey::Fetch;
+    type Response = FetchResponse;
+}

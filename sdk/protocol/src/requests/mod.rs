@@ -1,0 +1,56 @@
+//! One module per request type: the request body, the response body, and their API key.
+//!
+//! The broker's handler for each lives in `quiver-core/src/server/requests/` under the
+//! same name; the client's call sites use the same types.
+
+pub mod alter_topic_config;
+pub mod create_topic;
+pub mod delete_topic;
+pub mod describe_topic;
+pub mod fetch;
+pub mod list_offsets;
+pub mod metadata;
+pub mod produce;
+pub mod subscribe;
+
+pub use alter_topic_config::AlterTopicConfigRequest;
+pub use create_topic::CreateTopicRequest;
+pub use delete_topic::{DeleteTopicRequest, DeleteTopicResponse};
+pub use describe_topic::{DescribeTopicRequest, PartitionDescription, TopicDescription};
+pub use fetch::{FetchRequest, FetchResponse};
+pub use list_offsets::{ListOffsetsRequest, ListOffsetsResponse, OffsetSpec};
+pub use metadata::{BrokerInfo, MetadataRequest, MetadataResponse, PartitionMetadata, TopicMetadata};
+pub use produce::{Acks, ProduceRequest, ProduceResponse};
+pub use subscribe::{SubscribeChunk, SubscribeRequest};
+
+/// Checks a topic name: 1–249 bytes of `[A-Za-z0-9._-]`, and not `.` or `..`.
+pub fn validate_topic_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 249 {
+        return Err(format!("topic name must be 1 to 249 bytes, got {}", name.len()));
+    }
+    if name == "." || name == ".." {
+        return Err("topic name cannot be '.' or '..'".into());
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "topic name {name:?} has the character {c:?}; use only letters, digits, '.', '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::validate_topic_name;
+
+    #[test]
+    fn topic_names() {
+        assert!(validate_topic_name("orders.v1_x-2").is_ok());
+        for bad in ["", ".", "..", "a/b", "a\0b", "é", &"x".repeat(250)] {
+            assert!(validate_topic_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}
