@@ -93,7 +93,10 @@ impl FrameHeader {
     pub fn parse(buf: &[u8; FRAME_HEADER_LEN], limits: &Limits) -> Result<Self, ProtocolError> {
         let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
         if len < 4 {
-            return Err(ProtocolError::malformed("frame", "length shorter than its header"));
+            return Err(ProtocolError::malformed(
+                "frame",
+                "length shorter than its header",
+            ));
         }
         if len - 4 > limits.max_frame_bytes {
             return Err(ProtocolError::TooLarge {

@@ -17,7 +17,10 @@ pub mod varint;
 
 pub use error::{ErrorCode, ProtocolError};
 pub use frame::{ApiKey, Frame, FrameHeader, Limits, FRAME_HEADER_LEN, PROTOCOL_VERSION};
-pub use message::{decode_response, encode_error, encode_request, encode_response, Message};
+pub use message::{
+    decode_request, decode_response, encode_control, encode_error, encode_request, encode_response,
+    response_prefix, Message,
+};
 
 /// ALPN protocol id spoken by Quiver clients and brokers.
 pub const ALPN: &[u8] = b"quiver/1";

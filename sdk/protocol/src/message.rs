@@ -32,19 +32,28 @@ fn put_control<T: Serialize>(b: &mut BytesMut, control: &T) {
     b.put_slice(&enc);
 }
 
-fn split_control<'a>(body: &'a [u8], what: &'static str) -> Result<(&'a [u8], &'a [u8]), ProtocolError> {
+fn split_control<'a>(
+    body: &'a [u8],
+    what: &'static str,
+) -> Result<(&'a [u8], &'a [u8]), ProtocolError> {
     let len = body
         .get(..4)
         .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
         .ok_or(ProtocolError::Truncated { needed: 4 })?;
     let rest = &body[4..];
     if len > rest.len() {
-        return Err(ProtocolError::malformed(what, "control length beyond the body"));
+        return Err(ProtocolError::malformed(
+            what,
+            "control length beyond the body",
+        ));
     }
     Ok(rest.split_at(len))
 }
 
-fn decode_control<T: DeserializeOwned>(bytes: &[u8], what: &'static str) -> Result<T, ProtocolError> {
+fn decode_control<T: DeserializeOwned>(
+    bytes: &[u8],
+    what: &'static str,
+) -> Result<T, ProtocolError> {
     postcard::from_bytes(bytes).map_err(|e| ProtocolError::Body {
         what,
         reason: e.to_string(),
@@ -82,6 +91,25 @@ pub fn encode_response<T: Serialize>(api: ApiKey, resp: &T, payload: &[u8]) -> F
         version: PROTOCOL_VERSION,
         body: b.freeze(),
     }
+}
+
+/// Encodes a response's control part once, for [`response_prefix`].
+pub fn encode_control<T: Serialize>(resp: &T) -> Vec<u8> {
+    postcard::to_stdvec(resp).unwrap_or_default()
+}
+
+/// The bytes of a success response up to its payload: frame header, error code 0, control
+/// length and control. A server writes this, then the payload, without copying the payload.
+pub fn response_prefix(api: u16, control: &[u8], payload_len: usize) -> Bytes {
+    let mut b = BytesMut::with_capacity(16 + control.len());
+    let body_len = 2 + 4 + control.len() + payload_len;
+    b.put_u32(body_len as u32 + 4);
+    b.put_u16(api);
+    b.put_u16(PROTOCOL_VERSION);
+    b.put_u16(ErrorCode::None as u16);
+    b.put_u32(control.len() as u32);
+    b.put_slice(control);
+    b.freeze()
 }
 
 /// Encodes an error response frame.
@@ -146,10 +174,29 @@ mod tests {
     }
 
     #[test]
+    fn prefix_plus_payload_equals_response() {
+        let resp = FetchResponse {
+            high_watermark: 3,
+            log_start_offset: 1,
+            log_end_offset: 3,
+        };
+        let whole = encode_response(ApiKey::Fetch, &resp, b"batches").encode();
+        let mut parts = response_prefix(ApiKey::Fetch as u16, &encode_control(&resp), 7).to_vec();
+        parts.extend_from_slice(b"batches");
+        assert_eq!(&whole[..], &parts[..]);
+    }
+
+    #[test]
     fn error_response_decodes_as_remote() {
         let f = encode_error(1, ErrorCode::OffsetOutOfRange, "offset 9 is past the end");
         let r: Result<(FetchResponse, Bytes), _> = decode_response("fetch", &f.body);
-        assert!(matches!(r, Err(ProtocolError::Remote { code: ErrorCode::OffsetOutOfRange, .. })));
+        assert!(matches!(
+            r,
+            Err(ProtocolError::Remote {
+                code: ErrorCode::OffsetOutOfRange,
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -70,7 +70,13 @@ impl BatchBuilder {
     }
 
     /// Appends a record.
-    pub fn push(&mut self, key: Option<&[u8]>, value: &[u8], timestamp: i64, headers: &[(&str, &[u8])]) {
+    pub fn push(
+        &mut self,
+        key: Option<&[u8]>,
+        value: &[u8],
+        timestamp: i64,
+        headers: &[(&str, &[u8])],
+    ) {
         if self.count == 0 {
             self.first_timestamp = timestamp;
         }
@@ -87,7 +93,8 @@ impl BatchBuilder {
             + value.len()
             + varint_len(headers.len() as i64);
         for (hk, hv) in headers {
-            body_len += varint_len(hk.len() as i64) + hk.len() + varint_len(hv.len() as i64) + hv.len();
+            body_len +=
+                varint_len(hk.len() as i64) + hk.len() + varint_len(hv.len() as i64) + hv.len();
         }
         let r = &mut self.records;
         put_varint(r, body_len as i64);
@@ -128,7 +135,11 @@ impl BatchBuilder {
         b.put_i16(self.compression.attribute_bits());
         b.put_i32((self.count - 1).max(0));
         b.put_i64(self.first_timestamp);
-        b.put_i64(if self.count == 0 { self.first_timestamp } else { self.max_timestamp });
+        b.put_i64(if self.count == 0 {
+            self.first_timestamp
+        } else {
+            self.max_timestamp
+        });
         b.put_i64(self.producer_id);
         b.put_i16(self.producer_epoch);
         b.put_i32(self.base_sequence);

@@ -45,7 +45,9 @@ impl Compression {
             "none" => Ok(Compression::None),
             "lz4" => Ok(Compression::Lz4),
             "zstd" => Ok(Compression::Zstd),
-            other => Err(format!("compression must be none, lz4 or zstd, got {other:?}")),
+            other => Err(format!(
+                "compression must be none, lz4 or zstd, got {other:?}"
+            )),
         }
     }
 

@@ -100,13 +100,22 @@ impl BatchHeader {
             record_count: be_i32(buf, 57),
         };
         if h.magic != MAGIC {
-            return Err(ProtocolError::malformed("batch", format!("magic {} is not {MAGIC}", h.magic)));
+            return Err(ProtocolError::malformed(
+                "batch",
+                format!("magic {} is not {MAGIC}", h.magic),
+            ));
         }
         if (h.batch_length as i64) < (BATCH_HEADER_LEN as i64 - 12) {
-            return Err(ProtocolError::malformed("batch", "length shorter than the header"));
+            return Err(ProtocolError::malformed(
+                "batch",
+                "length shorter than the header",
+            ));
         }
         if h.record_count < 0 || h.last_offset_delta < 0 {
-            return Err(ProtocolError::malformed("batch", "negative record count or offset delta"));
+            return Err(ProtocolError::malformed(
+                "batch",
+                "negative record count or offset delta",
+            ));
         }
         Ok(h)
     }
@@ -146,7 +155,11 @@ pub fn validate(batch: &[u8], max_batch_bytes: usize) -> Result<BatchHeader, Pro
     if h.total_len() != batch.len() {
         return Err(ProtocolError::malformed(
             "batch",
-            format!("length field says {} bytes, got {}", h.total_len(), batch.len()),
+            format!(
+                "length field says {} bytes, got {}",
+                h.total_len(),
+                batch.len()
+            ),
         ));
     }
     if h.record_count == 0 || i64::from(h.last_offset_delta) != i64::from(h.record_count) - 1 {
@@ -270,7 +283,10 @@ mod tests {
         let mut raw = sample(Compression::None).to_vec();
         let n = raw.len() - 1;
         raw[n] ^= 1;
-        assert!(matches!(validate(&raw, 1 << 20), Err(ProtocolError::CrcMismatch { .. })));
+        assert!(matches!(
+            validate(&raw, 1 << 20),
+            Err(ProtocolError::CrcMismatch { .. })
+        ));
     }
 
     #[test]
@@ -278,14 +294,22 @@ mod tests {
         let raw = sample(Compression::Lz4);
         for n in 0..raw.len() {
             assert!(validate(&raw[..n], 1 << 20).is_err());
-            assert!(split_batches(&raw.slice(..n), 1 << 20).map(|v| v.is_empty()).unwrap_or(true) || n == 0);
+            assert!(
+                split_batches(&raw.slice(..n), 1 << 20)
+                    .map(|v| v.is_empty())
+                    .unwrap_or(true)
+                    || n == 0
+            );
         }
     }
 
     #[test]
     fn oversized_batch_is_refused() {
         let raw = sample(Compression::None);
-        assert!(matches!(validate(&raw, 10), Err(ProtocolError::TooLarge { .. })));
+        assert!(matches!(
+            validate(&raw, 10),
+            Err(ProtocolError::TooLarge { .. })
+        ));
     }
 
     proptest! {

@@ -71,7 +71,10 @@ impl RecordIter {
 
     fn bytes(&mut self, len: i64, what: &'static str) -> Result<Bytes, ProtocolError> {
         if len < 0 || len as usize > self.data.len() - self.pos {
-            return Err(ProtocolError::malformed(what, format!("length {len} beyond the batch")));
+            return Err(ProtocolError::malformed(
+                what,
+                format!("length {len} beyond the batch"),
+            ));
         }
         let b = self.data.slice(self.pos..self.pos + len as usize);
         self.pos += len as usize;
@@ -81,19 +84,29 @@ impl RecordIter {
     fn next_record(&mut self) -> Result<Record, ProtocolError> {
         let len = get_varint(&self.data, &mut self.pos)?;
         if len < 1 || len as usize > self.data.len() - self.pos {
-            return Err(ProtocolError::malformed("record", format!("length {len} beyond the batch")));
+            return Err(ProtocolError::malformed(
+                "record",
+                format!("length {len} beyond the batch"),
+            ));
         }
         let end = self.pos + len as usize;
         self.pos += 1; // attributes
         let ts_delta = get_varint(&self.data, &mut self.pos)?;
         let offset_delta = get_varint(&self.data, &mut self.pos)?;
         let key_len = get_varint(&self.data, &mut self.pos)?;
-        let key = if key_len < 0 { None } else { Some(self.bytes(key_len, "record key")?) };
+        let key = if key_len < 0 {
+            None
+        } else {
+            Some(self.bytes(key_len, "record key")?)
+        };
         let value_len = get_varint(&self.data, &mut self.pos)?;
         let value = self.bytes(value_len, "record value")?;
         let header_count = get_varint(&self.data, &mut self.pos)?;
         if header_count < 0 || header_count as usize > self.data.len() - self.pos {
-            return Err(ProtocolError::malformed("record", "header count beyond the batch"));
+            return Err(ProtocolError::malformed(
+                "record",
+                "header count beyond the batch",
+            ));
         }
         let mut headers = Vec::with_capacity(header_count as usize);
         for _ in 0..header_count {
@@ -106,7 +119,10 @@ impl RecordIter {
             headers.push(Header { key, value });
         }
         if self.pos != end {
-            return Err(ProtocolError::malformed("record", "length does not match its fields"));
+            return Err(ProtocolError::malformed(
+                "record",
+                "length does not match its fields",
+            ));
         }
         let timestamp = if self.log_append_time {
             self.header.max_timestamp

@@ -19,14 +19,19 @@ pub use delete_topic::{DeleteTopicRequest, DeleteTopicResponse};
 pub use describe_topic::{DescribeTopicRequest, PartitionDescription, TopicDescription};
 pub use fetch::{FetchRequest, FetchResponse};
 pub use list_offsets::{ListOffsetsRequest, ListOffsetsResponse, OffsetSpec};
-pub use metadata::{BrokerInfo, MetadataRequest, MetadataResponse, PartitionMetadata, TopicMetadata};
+pub use metadata::{
+    BrokerInfo, MetadataRequest, MetadataResponse, PartitionMetadata, TopicMetadata,
+};
 pub use produce::{Acks, ProduceRequest, ProduceResponse};
 pub use subscribe::{SubscribeChunk, SubscribeRequest};
 
 /// Checks a topic name: 1–249 bytes of `[A-Za-z0-9._-]`, and not `.` or `..`.
 pub fn validate_topic_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 249 {
-        return Err(format!("topic name must be 1 to 249 bytes, got {}", name.len()));
+        return Err(format!(
+            "topic name must be 1 to 249 bytes, got {}",
+            name.len()
+        ));
     }
     if name == "." || name == ".." {
         return Err("topic name cannot be '.' or '..'".into());

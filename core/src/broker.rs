@@ -1,0 +1,271 @@
+//! The broker: opens storage, makes or loads TLS material, starts the QUIC server, the
+//! flush, retention and metrics tasks, and shuts them down in order (stop accepting, let
+//! in-flight requests finish, close connections, flush).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::config::BrokerConfig;
+use crate::log::Flusher;
+use crate::metrics::Metrics;
+use crate::server::{endpoint, ServerContext};
+use crate::tls;
+use crate::topic::TopicRegistry;
+
+/// Why the broker could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// Invalid configuration or data directory.
+    #[error("{0}")]
+    Config(String),
+    /// Storage failure.
+    #[error("storage: {0}")]
+    Storage(String),
+    /// TLS material could not be made or loaded.
+    #[error("tls: {0}")]
+    Tls(String),
+    /// The network endpoint failed.
+    #[error("network: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Entry point: [`Broker::start`].
+pub struct Broker;
+
+type ShutdownFn = Box<dyn FnOnce() -> futures::future::BoxFuture<'static, ()> + Send>;
+
+/// A running broker.
+pub struct BrokerHandle {
+    local_addr: SocketAddr,
+    ca_path: Option<PathBuf>,
+    metrics_addr: Option<SocketAddr>,
+    shutdown: Option<ShutdownFn>,
+}
+
+/// What the data directory remembers about its broker.
+#[derive(Debug, Serialize, Deserialize)]
+struct DataDirIdentity {
+    broker_id: u32,
+}
+
+fn check_identity(dir: &Path, broker_id: u32) -> Result<(), BrokerError> {
+    let path = dir.join("broker.json");
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let id: DataDirIdentity = serde_json::from_slice(&bytes)
+                .map_err(|e| BrokerError::Config(format!("{} is damaged: {e}", path.display())))?;
+            if id.broker_id != broker_id {
+                return Err(BrokerError::Config(format!(
+                    "data directory {} belongs to broker {}, but this broker is configured as broker_id = {broker_id}; use that broker's data directory or fix broker_id",
+                    dir.display(),
+                    id.broker_id
+                )));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let body = serde_json::to_vec(&DataDirIdentity { broker_id }).unwrap_or_default();
+            std::fs::write(&path, body)
+                .map_err(|e| BrokerError::Config(format!("cannot write {}: {e}", path.display())))
+        }
+        Err(e) => Err(BrokerError::Config(format!(
+            "cannot read {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+fn open_db(dir: &Path) -> Result<sled::Db, BrokerError> {
+    sled::Config::new()
+        .path(dir.join("log"))
+        .cache_capacity(512 * 1024 * 1024)
+        .mode(sled::Mode::HighThroughput)
+        .open()
+        .map_err(|e| {
+            let hint = if e.to_string().contains("lock") {
+                " (is another broker running with this data directory? stop it with `quiver broker stop`)"
+            } else {
+                ""
+            };
+            BrokerError::Storage(format!("cannot open {}: {e}{hint}", dir.join("log").display()))
+        })
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+async fn retention_loop(
+    topics: Arc<TopicRegistry>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let topics = topics.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            for t in topics.list() {
+                let cfg = t.config();
+                for p in &t.partitions {
+                    if let Err(e) = p.apply_retention(&cfg, now_ms()) {
+                        tracing::warn!(topic = %p.topic, partition = p.partition, error = %e, "retention failed");
+                    }
+                    let _ = p.persist_meta();
+                }
+            }
+        })
+        .await;
+        if let Err(e) = res {
+            tracing::error!(error = %e, "retention task failed");
+        }
+    }
+}
+
+impl Broker {
+    /// Starts a broker with `config` and returns once it accepts connections.
+    pub async fn start(config: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
+        config
+            .validate("config")
+            .map_err(|e| BrokerError::Config(e.to_string()))?;
+        let addr: SocketAddr = config
+            .listen
+            .parse()
+            .map_err(|e| BrokerError::Config(format!("listen {:?}: {e}", config.listen)))?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            BrokerError::Config(format!(
+                "cannot create data directory {}: {e}",
+                config.data_dir.display()
+            ))
+        })?;
+        check_identity(&config.data_dir, config.broker_id)?;
+        let db = open_db(&config.data_dir)?;
+        let identity = tls::load_or_create(&config)?;
+        let ca_path = identity.ca_path.clone();
+        let crypto = tls::server_crypto(identity)?;
+        let defaults = config
+            .default_topic_config()
+            .map_err(|(k, r)| BrokerError::Config(format!("topic_defaults.{k}: {r}")))?;
+        let topics = Arc::new(
+            TopicRegistry::open(db.clone(), defaults)
+                .map_err(|e| BrokerError::Storage(e.to_string()))?,
+        );
+        let metrics = Arc::new(Metrics::default());
+        metrics.partitions.store(
+            topics
+                .list()
+                .iter()
+                .map(|t| t.partitions.len() as i64)
+                .sum(),
+            Ordering::Relaxed,
+        );
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let flusher = Flusher::new(db.clone());
+        let flush_task = tokio::spawn(flusher.clone().run(
+            Duration::from_millis(config.topic_defaults.flush_interval_ms.clamp(10, 60_000)),
+            stop_rx.clone(),
+        ));
+        let endpoint = endpoint::bind(addr, crypto, &config.limits)?;
+        let local_addr = endpoint.local_addr()?;
+        let metrics_addr = match &config.metrics_listen {
+            Some(m) => {
+                let l = tokio::net::TcpListener::bind(m).await.map_err(|e| {
+                    BrokerError::Io(std::io::Error::new(
+                        e.kind(),
+                        format!("metrics_listen {m}: {e}"),
+                    ))
+                })?;
+                let a = l.local_addr()?;
+                tokio::spawn(crate::metrics::serve(l, metrics.clone(), stop_rx.clone()));
+                Some(a)
+            }
+            None => None,
+        };
+        let config = Arc::new(config);
+        let ctx = ServerContext::new(
+            config.clone(),
+            topics.clone(),
+            flusher.clone(),
+            metrics,
+            stop_rx.clone(),
+        );
+        let accept_task = tokio::spawn(endpoint::accept_loop(endpoint.clone(), ctx.clone()));
+        let retention_task = tokio::spawn(retention_loop(
+            topics.clone(),
+            Duration::from_millis(config.retention_check_interval_ms),
+            stop_rx,
+        ));
+        tracing::info!(broker_id = config.broker_id, %local_addr, data_dir = %config.data_dir.display(), "broker started");
+        let shutdown: ShutdownFn = Box::new(move || {
+            Box::pin(async move {
+                tracing::info!(
+                    "broker shutting down: no new connections; finishing in-flight requests"
+                );
+                let _ = stop_tx.send(true);
+                let _ = accept_task.await;
+                let left = ctx
+                    .drain(Duration::from_millis(config.shutdown_timeout_ms))
+                    .await;
+                if left > 0 {
+                    tracing::warn!(requests = left, "closing with requests still in flight");
+                }
+                endpoint.close(quinn::VarInt::from_u32(0), b"broker shutting down");
+                let _ = retention_task.await;
+                let _ = flush_task.await;
+                for t in topics.list() {
+                    for p in &t.partitions {
+                        let _ = p.persist_meta();
+                    }
+                }
+                if let Err(e) = flusher.flush_now() {
+                    tracing::error!(error = %e, "final flush failed");
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+                tracing::info!("broker stopped");
+            })
+        });
+        Ok(BrokerHandle {
+            local_addr,
+            ca_path,
+            metrics_addr,
+            shutdown: Some(shutdown),
+        })
+    }
+}
+
+impl BrokerHandle {
+    /// The bound QUIC address (useful when `listen` used port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The CA certificate clients should trust, when the broker made its own.
+    pub fn ca_path(&self) -> Option<PathBuf> {
+        self.ca_path.clone()
+    }
+
+    /// The bound metrics address, when enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// Stops accepting, finishes in-flight requests (up to `shutdown_timeout_ms`), flushes.
+    pub async fn shutdown(mut self) {
+        if let Some(f) = self.shutdown.take() {
+            f().await;
+        }
+    }
+}

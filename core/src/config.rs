@@ -1,0 +1,406 @@
+//! The broker's configuration: one TOML file (documented in `config/broker.toml`), defaults
+//! in code, `QUIVER_*` environment overrides, and validation at load.
+//!
+//! Errors name the file (or environment variable), the key and the reason, so a typo stops
+//! the broker at start with a message instead of running with a surprise.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::topic::TopicConfig;
+
+/// A configuration problem, with where it came from.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file did not parse, or a key is unknown or has a bad value.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// The parser's message (with line, column and key).
+        message: String,
+    },
+    /// A value parsed but is not acceptable.
+    #[error("invalid config key `{key}` (from {source_name}): {reason}")]
+    Invalid {
+        /// The key path, e.g. `topic_defaults.retention_ms`.
+        key: String,
+        /// The file or environment variable it came from.
+        source_name: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+}
+
+/// TLS settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain; empty to use a self-made CA under `<data_dir>/tls/`.
+    pub cert: Option<PathBuf>,
+    /// PEM private key (must not be readable by other users).
+    pub key: Option<PathBuf>,
+    /// Extra DNS names or IPs for the self-made server certificate.
+    pub extra_sans: Vec<String>,
+}
+
+/// Protective limits against hostile or broken clients.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest request frame in bytes.
+    pub max_frame_bytes: u32,
+    /// Concurrent connections the broker accepts.
+    pub max_connections: u32,
+    /// Concurrent request streams per connection.
+    pub max_streams_per_connection: u32,
+    /// Time a client has to send a whole request once it opened the stream.
+    pub request_read_timeout_ms: u64,
+    /// QUIC idle timeout: a silent peer is dropped after this.
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_frame_bytes: 64 * 1024 * 1024,
+            max_connections: 10_000,
+            max_streams_per_connection: 1024,
+            request_read_timeout_ms: 30_000,
+            idle_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// Everything a broker needs to start.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// Unique id of this broker in its cluster (`broker.id` in Kafka).
+    pub broker_id: u32,
+    /// UDP address the QUIC endpoint binds.
+    pub listen: String,
+    /// Address given to clients in metadata; defaults to `listen`.
+    pub advertised_addr: Option<String>,
+    /// Directory for the sled database, TLS material, pid and log files.
+    pub data_dir: PathBuf,
+    /// Whether `topic delete` is allowed (`delete.topic.enable` in Kafka).
+    pub delete_topic_enable: bool,
+    /// HTTP address of the Prometheus endpoint; off when unset.
+    pub metrics_listen: Option<String>,
+    /// How often retention runs.
+    pub retention_check_interval_ms: u64,
+    /// How long shutdown waits for in-flight requests.
+    pub shutdown_timeout_ms: u64,
+    /// TLS.
+    pub tls: TlsConfig,
+    /// Limits.
+    pub limits: LimitsConfig,
+    /// Config given to topics that do not override it.
+    pub topic_defaults: TopicDefaults,
+}
+
+/// Defaults for new topics.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicDefaults {
+    /// Partitions of a topic created without `--partitions`.
+    pub partitions: u32,
+    /// Delete batches older than this (ms); -1 keeps forever.
+    pub retention_ms: i64,
+    /// Delete the oldest batches while a partition is larger (bytes); -1 for no limit.
+    pub retention_bytes: i64,
+    /// `batch`: acknowledge after a disk flush (shared by concurrent appends);
+    /// `interval`: flush every `flush_interval_ms` and acknowledge at once.
+    pub flush: String,
+    /// Flush period for `flush = "interval"`.
+    pub flush_interval_ms: u64,
+    /// Largest record batch accepted.
+    pub max_message_bytes: u32,
+}
+
+impl Default for TopicDefaults {
+    fn default() -> Self {
+        let t = TopicConfig::default();
+        TopicDefaults {
+            partitions: 1,
+            retention_ms: t.retention_ms,
+            retention_bytes: t.retention_bytes,
+            flush: t.flush.as_str().to_string(),
+            flush_interval_ms: t.flush_interval_ms,
+            max_message_bytes: t.max_message_bytes,
+        }
+    }
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            broker_id: 0,
+            listen: "127.0.0.1:7400".into(),
+            advertised_addr: None,
+            data_dir: PathBuf::from("./quiver-data"),
+            delete_topic_enable: false,
+            metrics_listen: None,
+            retention_check_interval_ms: 5_000,
+            shutdown_timeout_ms: 10_000,
+            tls: TlsConfig::default(),
+            limits: LimitsConfig::default(),
+            topic_defaults: TopicDefaults::default(),
+        }
+    }
+}
+
+/// The environment-variable prefix: `QUIVER_LISTEN`, `QUIVER_TOPIC_DEFAULTS__RETENTION_MS`.
+pub const ENV_PREFIX: &str = "QUIVER_";
+
+/// Environment variables the CLI itself uses, never config keys.
+const CLI_ENV: &[&str] = &[
+    "QUIVER_BOOTSTRAP",
+    "QUIVER_CA",
+    "QUIVER_LOG",
+    "QUIVER_BIN",
+    "QUIVER_OUTPUT",
+];
+
+impl BrokerConfig {
+    /// Loads the file (or the embedded defaults when `path` is `None`), applies `QUIVER_*`
+    /// environment overrides from `env`, and validates.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<BrokerConfig, ConfigError> {
+        let (text, source) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?,
+                p.display().to_string(),
+            ),
+            None => (String::new(), "defaults".to_string()),
+        };
+        let mut cfg: BrokerConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: source.clone(),
+            message: e.to_string(),
+        })?;
+        cfg.validate(&source)?;
+        cfg.apply_env(env)?;
+        Ok(cfg)
+    }
+
+    fn apply_env(
+        &mut self,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(), ConfigError> {
+        let mut vars: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !CLI_ENV.contains(&k.as_str()))
+            .collect();
+        if vars.is_empty() {
+            return Ok(());
+        }
+        vars.sort();
+        let mut table = toml::Value::try_from(&*self).map_err(|e| ConfigError::Parse {
+            path: "environment".into(),
+            message: e.to_string(),
+        })?;
+        for (var, raw) in &vars {
+            let path: Vec<String> = var[ENV_PREFIX.len()..]
+                .split("__")
+                .map(|s| s.to_ascii_lowercase())
+                .collect();
+            let value = parse_env_value(raw);
+            set_path(&mut table, &path, value).map_err(|reason| ConfigError::Invalid {
+                key: path.join("."),
+                source_name: format!("environment variable {var}"),
+                reason,
+            })?;
+        }
+        let source = format!(
+            "environment ({})",
+            vars.iter()
+                .map(|(k, _)| k.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let cfg: BrokerConfig =
+            table
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: source.clone(),
+                    message: e.to_string(),
+                })?;
+        cfg.validate(&source)?;
+        *self = cfg;
+        Ok(())
+    }
+
+    /// Checks values that parse but make no sense.
+    pub fn validate(&self, source: &str) -> Result<(), ConfigError> {
+        let bad = |key: &str, reason: String| ConfigError::Invalid {
+            key: key.into(),
+            source_name: source.into(),
+            reason,
+        };
+        self.listen.parse::<SocketAddr>().map_err(|e| {
+            bad(
+                "listen",
+                format!("{:?} is not an IP:port address ({e})", self.listen),
+            )
+        })?;
+        if let Some(m) = &self.metrics_listen {
+            m.parse::<SocketAddr>().map_err(|e| {
+                bad(
+                    "metrics_listen",
+                    format!("{m:?} is not an IP:port address ({e})"),
+                )
+            })?;
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err(bad(
+                "tls.cert",
+                "set both tls.cert and tls.key, or neither".into(),
+            ));
+        }
+        let l = &self.limits;
+        for (k, v) in [
+            ("limits.max_frame_bytes", u64::from(l.max_frame_bytes)),
+            ("limits.max_connections", u64::from(l.max_connections)),
+            (
+                "limits.max_streams_per_connection",
+                u64::from(l.max_streams_per_connection),
+            ),
+            ("limits.request_read_timeout_ms", l.request_read_timeout_ms),
+            ("limits.idle_timeout_ms", l.idle_timeout_ms),
+            (
+                "retention_check_interval_ms",
+                self.retention_check_interval_ms,
+            ),
+        ] {
+            if v == 0 {
+                return Err(bad(k, "must be greater than 0".into()));
+            }
+        }
+        if self.topic_defaults.partitions == 0 {
+            return Err(bad(
+                "topic_defaults.partitions",
+                "must be at least 1".into(),
+            ));
+        }
+        self.default_topic_config().map_err(|(k, reason)| {
+            bad(&format!("topic_defaults.{}", k.replace('.', "_")), reason)
+        })?;
+        Ok(())
+    }
+
+    /// The topic config that topics start from.
+    pub fn default_topic_config(&self) -> Result<TopicConfig, (String, String)> {
+        let d = &self.topic_defaults;
+        let mut t = TopicConfig::default();
+        for (k, v) in [
+            ("retention.ms", d.retention_ms.to_string()),
+            ("retention.bytes", d.retention_bytes.to_string()),
+            ("flush", d.flush.clone()),
+            ("flush.interval.ms", d.flush_interval_ms.to_string()),
+            ("max.message.bytes", d.max_message_bytes.to_string()),
+        ] {
+            t.set(k, &v).map_err(|reason| (k.to_string(), reason))?;
+        }
+        Ok(t)
+    }
+
+    /// The address clients should use for this broker.
+    pub fn advertised(&self) -> String {
+        self.advertised_addr
+            .clone()
+            .unwrap_or_else(|| self.listen.clone())
+    }
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    // Numbers, booleans and arrays as TOML; everything else as a string.
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+fn set_path(table: &mut toml::Value, path: &[String], value: toml::Value) -> Result<(), String> {
+    let mut cur = table;
+    for (i, part) in path.iter().enumerate() {
+        let t = cur
+            .as_table_mut()
+            .ok_or_else(|| format!("`{part}` is not a section"))?;
+        if i + 1 == path.len() {
+            t.insert(part.clone(), value);
+            return Ok(());
+        }
+        cur = t
+            .entry(part.clone())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+    }
+    Err("empty key".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(text: &str) -> Result<BrokerConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("broker.toml");
+        std::fs::write(&p, text).unwrap();
+        BrokerConfig::load(Some(&p), Vec::new())
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(load_str("").unwrap(), BrokerConfig::default());
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let e = load_str("broker_id = 1\nlisten_addr = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listen_addr") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn bad_value_is_refused() {
+        let e = load_str("[topic_defaults]\nflush = \"sometimes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("topic_defaults.flush"), "{e}");
+        let e = load_str("listen = \"nowhere\"\n").unwrap_err().to_string();
+        assert!(e.contains("listen"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_apply_and_are_validated() {
+        let env = vec![
+            ("QUIVER_BROKER_ID".to_string(), "7".to_string()),
+            (
+                "QUIVER_TOPIC_DEFAULTS__RETENTION_MS".to_string(),
+                "1000".to_string(),
+            ),
+            ("QUIVER_BOOTSTRAP".to_string(), "ignored:1".to_string()),
+        ];
+        let c = BrokerConfig::load(None, env).unwrap();
+        assert_eq!(c.broker_id, 7);
+        assert_eq!(c.topic_defaults.retention_ms, 1000);
+        let e = BrokerConfig::load(None, vec![("QUIVER_NO_SUCH".into(), "1".into())]).unwrap_err();
+        assert!(e.to_string().contains("no_such"), "{e}");
+    }
+}

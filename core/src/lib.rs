@@ -1,0 +1,20 @@
+//! quiver-core: the Quiver broker.
+//!
+//! - [`config`]: the broker's TOML config, defaults, environment overrides, validation;
+//! - [`log`]: the sled-backed partition log (append, read, offsets, time index, retention);
+//! - [`topic`]: topic config and the topic registry;
+//! - [`server`]: the QUIC endpoint, per-stream framing and request dispatch;
+//! - [`tls`]: certificates (configured, or a self-made CA under `<data_dir>/tls/`);
+//! - [`metrics`]: counters and histograms, served as Prometheus text over HTTP;
+//! - [`broker`]: wires the parts together: [`Broker::start`] and [`BrokerHandle`].
+
+pub mod broker;
+pub mod config;
+pub mod log;
+pub mod metrics;
+pub mod server;
+pub mod tls;
+pub mod topic;
+
+pub use broker::{Broker, BrokerError, BrokerHandle};
+pub use config::{BrokerConfig, ConfigError};

@@ -1,0 +1,87 @@
+//! The partition log, stored in sled.
+//!
+//! One sled `Db` per broker; per partition a tree of batches keyed by base offset
+//! (u64 big-endian), a sparse time index tree, and a metadata record (log start offset,
+//! high-watermark checkpoint, leader-epoch starts). Batches are stored exactly as the
+//! producer sent them, with the base offset and leader epoch rewritten in place.
+//!
+//! - [`partition`]: one partition's append/read/offset logic;
+//! - [`flush`]: group commit: concurrent appends share one sled flush;
+//! - [`producers`]: per-producer sequence tracking (ordering of pipelined requests, dedupe);
+//! - [`retention`]: which batches to delete, as a pure decision over batch summaries.
+
+pub mod flush;
+pub mod partition;
+pub mod producers;
+pub mod retention;
+
+pub use flush::Flusher;
+pub use partition::{AppendResult, PartitionLog, PartitionSnapshot, ReadResult};
+
+use quiver_protocol::{ErrorCode, ProtocolError};
+
+/// A storage-level failure, with the wire code it maps to.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// sled failed.
+    #[error("storage error: {0}")]
+    Sled(#[from] sled::Error),
+    /// A batch failed validation.
+    #[error("invalid batch: {0}")]
+    InvalidBatch(#[from] ProtocolError),
+    /// A stored batch failed its CRC check.
+    #[error("stored batch at offset {offset} is corrupt: {reason}")]
+    Corrupt {
+        /// Base offset of the damaged batch.
+        offset: i64,
+        /// What failed.
+        reason: String,
+    },
+    /// The offset is outside `[log_start, log_end]`.
+    #[error("offset {offset} is out of range [{start}, {end}]")]
+    OffsetOutOfRange {
+        /// Requested.
+        offset: i64,
+        /// Log start.
+        start: i64,
+        /// Log end.
+        end: i64,
+    },
+    /// A producer sequence did not fit.
+    #[error("{0}")]
+    Sequence(String),
+    /// Waiting for durability or ordering took too long.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// The partition was deleted while in use.
+    #[error("partition was deleted")]
+    Deleted,
+}
+
+impl LogError {
+    /// The wire code for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            LogError::Sled(_) => ErrorCode::StorageError,
+            LogError::InvalidBatch(e) => e.code(),
+            LogError::Corrupt { .. } => ErrorCode::StorageError,
+            LogError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
+            LogError::Sequence(_) => ErrorCode::OutOfOrderSequence,
+            LogError::Timeout(_) => ErrorCode::RequestTimedOut,
+            LogError::Deleted => ErrorCode::UnknownTopicOrPartition,
+        }
+    }
+}
+
+/// Encodes an offset as a sled key.
+pub fn offset_key(offset: i64) -> [u8; 8] {
+    (offset as u64).to_be_bytes()
+}
+
+/// Decodes a sled key into an offset.
+pub fn key_offset(key: &[u8]) -> i64 {
+    let mut a = [0u8; 8];
+    let n = key.len().min(8);
+    a[8 - n..].copy_from_slice(&key[..n]);
+    u64::from_be_bytes(a) as i64
+}

@@ -1,0 +1,713 @@
+//! One partition's log: offset assignment, append in producer-sequence order, reads up to
+//! the high watermark, long-poll waits, offset lookups (earliest, latest, by time), the
+//! sparse time index, retention, and recovery at open.
+//!
+//! The in-memory state (log start, log end, high watermark, size, leader epoch, producer
+//! sequences) sits behind one short mutex; sled does the storing. The high watermark is
+//! published on a `watch` channel so long-polls and subscriptions wake when it moves.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use quiver_protocol::batch::{self, BatchHeader, RecordIter};
+use quiver_protocol::requests::OffsetSpec;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Notify};
+
+use super::flush::Flusher;
+use super::producers::{AppendedBatch, ProducerTable, SequenceCheck};
+use super::retention::{batches_to_delete, BatchSummary};
+use super::{key_offset, offset_key, LogError};
+use crate::topic::{FlushPolicy, TopicConfig};
+
+/// Bytes of batches between two time-index entries.
+const TIME_INDEX_INTERVAL: u64 = 256 * 1024;
+/// How many of the newest batches are CRC-checked, and scanned for producer state, at open.
+const RECOVERY_TAIL: usize = 64;
+
+/// The durable per-partition metadata record.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PartitionMeta {
+    /// First offset still stored.
+    pub log_start: i64,
+    /// Last high watermark written (a seam for replication: followers restart from it).
+    pub hw_checkpoint: i64,
+    /// Current leader epoch.
+    pub leader_epoch: i32,
+    /// `(epoch, first offset)` for every epoch this log has seen.
+    pub epoch_starts: Vec<(i32, i64)>,
+}
+
+#[derive(Debug)]
+struct State {
+    log_start: i64,
+    log_end: i64,
+    high_watermark: i64,
+    size_bytes: u64,
+    leader_epoch: i32,
+    epoch_starts: Vec<(i32, i64)>,
+    running_max_ts: i64,
+    bytes_since_index: u64,
+    producers: ProducerTable,
+}
+
+/// Offsets and size at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionSnapshot {
+    /// First stored offset.
+    pub log_start: i64,
+    /// Readable below this.
+    pub high_watermark: i64,
+    /// Next offset to assign.
+    pub log_end: i64,
+    /// Stored bytes.
+    pub size_bytes: u64,
+    /// Current leader epoch.
+    pub leader_epoch: i32,
+}
+
+/// The result of an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendResult {
+    /// Offset of the first record.
+    pub base_offset: i64,
+    /// Offset of the last record.
+    pub last_offset: i64,
+    /// Records appended (0 when every batch was a duplicate).
+    pub records: u64,
+    /// Bytes appended.
+    pub bytes: u64,
+}
+
+/// Batches read, with the offsets at the time of the read.
+#[derive(Debug, Clone)]
+pub struct ReadResult {
+    /// Whole stored batches, concatenated.
+    pub payload: Bytes,
+    /// Batches in the payload.
+    pub batches: usize,
+    /// Offsets when read.
+    pub snapshot: PartitionSnapshot,
+}
+
+/// One partition's log.
+pub struct PartitionLog {
+    /// Topic name.
+    pub topic: String,
+    /// Partition index.
+    pub partition: u32,
+    batches: sled::Tree,
+    time_index: sled::Tree,
+    meta: sled::Tree,
+    meta_key: Vec<u8>,
+    state: Mutex<State>,
+    hw: watch::Sender<i64>,
+    sequence_moved: Notify,
+    deleted: AtomicBool,
+}
+
+fn ts_key(ts: i64) -> [u8; 8] {
+    ((ts as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+impl PartitionLog {
+    /// Tree names of a partition of the topic with internal id `topic_id`.
+    pub fn tree_names(topic_id: u64, partition: u32) -> (String, String) {
+        (
+            format!("log/{topic_id}/{partition}"),
+            format!("tidx/{topic_id}/{partition}"),
+        )
+    }
+
+    /// Opens (or creates) the partition and recovers its state from disk: drops a damaged
+    /// tail, finds the log end, rebuilds producer sequences from the newest batches.
+    pub fn open(
+        db: &sled::Db,
+        meta: sled::Tree,
+        topic_id: u64,
+        topic: &str,
+        partition: u32,
+    ) -> Result<PartitionLog, LogError> {
+        let (bname, tname) = Self::tree_names(topic_id, partition);
+        let batches = db.open_tree(bname)?;
+        let time_index = db.open_tree(tname)?;
+        let meta_key = format!("{topic_id}/{partition}").into_bytes();
+        let mut pm: PartitionMeta = match meta.get(&meta_key)? {
+            Some(v) => serde_json::from_slice(&v).map_err(|e| LogError::Corrupt {
+                offset: -1,
+                reason: format!("partition metadata: {e}"),
+            })?,
+            None => PartitionMeta {
+                epoch_starts: vec![(0, 0)],
+                ..Default::default()
+            },
+        };
+        // Drop a torn or damaged tail: the newest batches are the ones a crash can hurt.
+        let mut checked = 0;
+        while let Some((k, v)) = batches.last()? {
+            match batch::check_crc(&v) {
+                Ok(_) => checked += 1,
+                Err(e) => {
+                    tracing::warn!(topic, partition, offset = key_offset(&k), error = %e, "dropping damaged batch at the log tail");
+                    batches.remove(k)?;
+                    continue;
+                }
+            }
+            if checked >= 1 {
+                break;
+            }
+        }
+        let mut size_bytes = 0u64;
+        let mut running_max_ts = i64::MIN;
+        for item in batches.iter() {
+            let (_, v) = item?;
+            size_bytes += v.len() as u64;
+            if let Ok(h) = BatchHeader::parse(&v) {
+                running_max_ts = running_max_ts.max(h.max_timestamp);
+            }
+        }
+        let log_end = match batches.last()? {
+            Some((_, v)) => BatchHeader::parse(&v)?.next_offset(),
+            None => pm.log_start.max(pm.hw_checkpoint),
+        };
+        if let Some((k, _)) = batches.first()? {
+            pm.log_start = pm.log_start.max(key_offset(&k)).min(log_end);
+        }
+        let mut producers = ProducerTable::default();
+        let tail: Vec<_> = batches
+            .iter()
+            .rev()
+            .take(RECOVERY_TAIL)
+            .collect::<Result<_, _>>()?;
+        for (_, v) in tail.iter().rev() {
+            let h = batch::check_crc(v).map_err(|e| LogError::Corrupt {
+                offset: BatchHeader::parse(v).map(|h| h.base_offset).unwrap_or(-1),
+                reason: e.to_string(),
+            })?;
+            producers.record(
+                h.producer_id,
+                AppendedBatch {
+                    first_seq: h.base_sequence,
+                    last_seq: h.base_sequence.wrapping_add(h.record_count - 1),
+                    base_offset: h.base_offset,
+                    last_offset: h.last_offset(),
+                },
+            );
+        }
+        let leader_epoch = pm.leader_epoch;
+        pm.hw_checkpoint = log_end;
+        meta.insert(&meta_key, serde_json::to_vec(&pm).unwrap_or_default())?;
+        let state = State {
+            log_start: pm.log_start,
+            log_end,
+            // A single replica: everything that survived on disk is committed.
+            high_watermark: log_end,
+            size_bytes,
+            leader_epoch,
+            epoch_starts: pm.epoch_starts.clone(),
+            running_max_ts,
+            bytes_since_index: TIME_INDEX_INTERVAL,
+            producers,
+        };
+        Ok(PartitionLog {
+            topic: topic.to_string(),
+            partition,
+            batches,
+            time_index,
+            meta,
+            meta_key,
+            state: Mutex::new(state),
+            hw: watch::Sender::new(log_end),
+            sequence_moved: Notify::new(),
+            deleted: AtomicBool::new(false),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock would be a bug; keep serving with the state as is.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Offsets and size now.
+    pub fn snapshot(&self) -> PartitionSnapshot {
+        let s = self.lock();
+        PartitionSnapshot {
+            log_start: s.log_start,
+            high_watermark: s.high_watermark,
+            log_end: s.log_end,
+            size_bytes: s.size_bytes,
+            leader_epoch: s.leader_epoch,
+        }
+    }
+
+    /// A receiver that changes whenever the high watermark moves.
+    pub fn watch_high_watermark(&self) -> watch::Receiver<i64> {
+        self.hw.subscribe()
+    }
+
+    fn check_alive(&self) -> Result<(), LogError> {
+        if self.deleted.load(Ordering::Acquire) {
+            Err(LogError::Deleted)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Validates and appends `batches` (a produce payload) in producer-sequence order, and
+    /// returns once they are durable as the topic's flush policy requires.
+    pub async fn append(
+        &self,
+        batches: Vec<Bytes>,
+        config: &TopicConfig,
+        flusher: &Flusher,
+        timeout: Duration,
+    ) -> Result<AppendResult, LogError> {
+        self.check_alive()?;
+        let headers = batches
+            .iter()
+            .map(|b| batch::validate(b, config.max_message_bytes as usize))
+            .collect::<Result<Vec<_>, _>>()?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut result: Option<AppendResult> = None;
+        for (raw, h) in batches.iter().zip(&headers) {
+            let appended = loop {
+                let moved = self.sequence_moved.notified();
+                tokio::pin!(moved);
+                moved.as_mut().enable();
+                if let Some(done) = self.try_append(raw, h, config)? {
+                    break done;
+                }
+                if tokio::time::timeout_at(deadline, moved).await.is_err() {
+                    return Err(LogError::Timeout(format!(
+                        "batch with sequence {} of producer {} waited {} ms for its predecessors",
+                        h.base_sequence,
+                        h.producer_id,
+                        timeout.as_millis()
+                    )));
+                }
+            };
+            self.sequence_moved.notify_waiters();
+            result = Some(match result {
+                None => appended,
+                Some(r) => AppendResult {
+                    base_offset: r.base_offset,
+                    last_offset: appended.last_offset,
+                    records: r.records + appended.records,
+                    bytes: r.bytes + appended.bytes,
+                },
+            });
+        }
+        let result = result.ok_or_else(|| {
+            LogError::InvalidBatch(quiver_protocol::ProtocolError::Malformed {
+                what: "produce",
+                reason: "no batch in the request".into(),
+            })
+        })?;
+        match config.flush {
+            FlushPolicy::Batch => {
+                let ticket = flusher.ticket();
+                if tokio::time::timeout_at(deadline, flusher.wait(ticket))
+                    .await
+                    .is_err()
+                {
+                    return Err(LogError::Timeout(
+                        "the disk flush did not complete in time".into(),
+                    ));
+                }
+                self.advance_high_watermark(result.last_offset + 1);
+            }
+            FlushPolicy::Interval => {
+                flusher.mark_dirty();
+                self.advance_high_watermark(result.last_offset + 1);
+            }
+        }
+        Ok(result)
+    }
+
+    fn try_append(
+        &self,
+        raw: &Bytes,
+        h: &BatchHeader,
+        config: &TopicConfig,
+    ) -> Result<Option<AppendResult>, LogError> {
+        let mut st = self.lock();
+        match st.producers.check(h.producer_id, h.base_sequence, h.record_count) {
+            SequenceCheck::Wait => return Ok(None),
+            SequenceCheck::Reject => {
+                return Err(LogError::Sequence(format!(
+                    "sequence {} of producer {} is older than any batch remembered; it was either stored long ago or lost",
+                    h.base_sequence, h.producer_id
+                )))
+            }
+            SequenceCheck::Duplicate(b) => {
+                tracing::debug!(producer = h.producer_id, seq = h.base_sequence, "duplicate batch answered with its first offsets");
+                return Ok(Some(AppendResult {
+                    base_offset: b.base_offset,
+                    last_offset: b.last_offset,
+                    records: 0,
+                    bytes: 0,
+                }));
+            }
+            SequenceCheck::Append => {}
+        }
+        let base = st.log_end;
+        let mut stored = raw.to_vec();
+        batch::set_base_offset(&mut stored, base);
+        batch::set_leader_epoch(&mut stored, st.leader_epoch);
+        let _ = config;
+        self.batches.insert(offset_key(base), stored)?;
+        if st.bytes_since_index >= TIME_INDEX_INTERVAL {
+            self.time_index
+                .insert(ts_key(st.running_max_ts), &offset_key(base))?;
+            st.bytes_since_index = 0;
+        }
+        st.bytes_since_index += raw.len() as u64;
+        st.running_max_ts = st.running_max_ts.max(h.max_timestamp);
+        let last = base + i64::from(h.last_offset_delta);
+        st.producers.record(
+            h.producer_id,
+            AppendedBatch {
+                first_seq: h.base_sequence,
+                last_seq: h.base_sequence.wrapping_add(h.record_count - 1),
+                base_offset: base,
+                last_offset: last,
+            },
+        );
+        st.log_end = last + 1;
+        st.size_bytes += raw.len() as u64;
+        Ok(Some(AppendResult {
+            base_offset: base,
+            last_offset: last,
+            records: h.record_count as u64,
+            bytes: raw.len() as u64,
+        }))
+    }
+
+    fn advance_high_watermark(&self, to: i64) {
+        let mut st = self.lock();
+        let to = to.min(st.log_end);
+        if to > st.high_watermark {
+            st.high_watermark = to;
+            drop(st);
+            self.hw.send_if_modified(|h| {
+                if to > *h {
+                    *h = to;
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+    }
+
+    /// Reads whole batches from the one holding `offset`, below the high watermark, up to
+    /// `max_bytes` (at least one batch when any is readable). CRCs are checked on the way.
+    pub fn read(&self, offset: i64, max_bytes: usize) -> Result<ReadResult, LogError> {
+        self.check_alive()?;
+        let snapshot = self.snapshot();
+        if offset < snapshot.log_start || offset > snapshot.log_end {
+            return Err(LogError::OffsetOutOfRange {
+                offset,
+                start: snapshot.log_start,
+                end: snapshot.log_end,
+            });
+        }
+        let mut out = BytesMut::new();
+        let mut count = 0;
+        if offset < snapshot.high_watermark {
+            let start = match self.batches.range(..=offset_key(offset)).next_back() {
+                Some(item) => {
+                    let (k, v) = item?;
+                    let h = BatchHeader::parse(&v)?;
+                    if h.next_offset() > offset {
+                        key_offset(&k)
+                    } else {
+                        offset
+                    }
+                }
+                None => offset,
+            };
+            for item in self.batches.range(offset_key(start)..) {
+                let (k, v) = item?;
+                let base = key_offset(&k);
+                if base >= snapshot.high_watermark {
+                    break;
+                }
+                if !out.is_empty() && out.len() + v.len() > max_bytes {
+                    break;
+                }
+                batch::check_crc(&v).map_err(|e| {
+                    tracing::error!(topic = %self.topic, partition = self.partition, offset = base, error = %e, "stored batch failed its CRC check");
+                    LogError::Corrupt {
+                        offset: base,
+                        reason: e.to_string(),
+                    }
+                })?;
+                if out.is_empty() {
+                    out.reserve(max_bytes.min(v.len().max(64 * 1024) * 4).max(v.len()));
+                }
+                out.extend_from_slice(&v);
+                count += 1;
+            }
+        }
+        Ok(ReadResult {
+            payload: out.freeze(),
+            batches: count,
+            snapshot,
+        })
+    }
+
+    /// Waits until the high watermark passes `offset` or `deadline`; true if it did.
+    pub async fn wait_beyond(&self, offset: i64, deadline: tokio::time::Instant) -> bool {
+        let mut rx = self.hw.subscribe();
+        let res = tokio::time::timeout_at(deadline, rx.wait_for(|h| *h > offset)).await;
+        matches!(res, Ok(Ok(_)))
+    }
+
+    /// Resolves an offset spec.
+    pub fn lookup(
+        &self,
+        spec: OffsetSpec,
+        max_decompressed: usize,
+    ) -> Result<(i64, i64), LogError> {
+        self.check_alive()?;
+        let snap = self.snapshot();
+        match spec {
+            OffsetSpec::Earliest => Ok((snap.log_start, -1)),
+            OffsetSpec::Latest => Ok((snap.high_watermark, -1)),
+            OffsetSpec::Timestamp(t) => {
+                let from = match self.time_index.range(..ts_key(t)).next_back() {
+                    Some(item) => key_offset(&item?.1),
+                    None => snap.log_start,
+                }
+                .max(snap.log_start);
+                for item in self.batches.range(offset_key(from)..) {
+                    let (k, v) = item?;
+                    if key_offset(&k) >= snap.high_watermark {
+                        break;
+                    }
+                    let h = BatchHeader::parse(&v)?;
+                    if h.max_timestamp < t {
+                        continue;
+                    }
+                    let bytes = Bytes::copy_from_slice(&v);
+                    for r in RecordIter::new(&bytes, max_decompressed)? {
+                        let r = r?;
+                        if r.timestamp >= t {
+                            return Ok((r.offset, r.timestamp));
+                        }
+                    }
+                }
+                Ok((snap.high_watermark, -1))
+            }
+        }
+    }
+
+    /// Deletes batches from the front as the topic's retention says; returns bytes freed.
+    pub fn apply_retention(&self, config: &TopicConfig, now_ms: i64) -> Result<u64, LogError> {
+        self.check_alive()?;
+        if config.retention_ms < 0 && config.retention_bytes < 0 {
+            return Ok(0);
+        }
+        let snap = self.snapshot();
+        let mut summaries = Vec::new();
+        for item in self.batches.iter().take(100_000) {
+            let (_, v) = item?;
+            let h = BatchHeader::parse(&v)?;
+            let expired = config.retention_ms > 0
+                && h.max_timestamp < now_ms.saturating_sub(config.retention_ms);
+            summaries.push(BatchSummary {
+                base_offset: h.base_offset,
+                next_offset: h.next_offset(),
+                max_timestamp: h.max_timestamp,
+                size: v.len() as u64,
+            });
+            if !expired && config.retention_bytes < 0 {
+                break;
+            }
+        }
+        let n = batches_to_delete(
+            &summaries,
+            snap.size_bytes,
+            now_ms,
+            config.retention_ms,
+            config.retention_bytes,
+            snap.high_watermark,
+        );
+        if n == 0 {
+            return Ok(0);
+        }
+        let new_start = summaries[n - 1].next_offset;
+        let freed: u64 = summaries[..n].iter().map(|b| b.size).sum();
+        // Move the log start first so no reader is sent to a batch being removed.
+        {
+            let mut st = self.lock();
+            st.log_start = new_start;
+            st.size_bytes -= freed;
+        }
+        self.persist_meta()?;
+        for b in &summaries[..n] {
+            self.batches.remove(offset_key(b.base_offset))?;
+        }
+        tracing::info!(topic = %self.topic, partition = self.partition, batches = n, bytes = freed, log_start = new_start, "retention deleted old batches");
+        Ok(freed)
+    }
+
+    /// Writes the metadata record (log start, high-watermark checkpoint, epochs).
+    pub fn persist_meta(&self) -> Result<(), LogError> {
+        let pm = {
+            let st = self.lock();
+            PartitionMeta {
+                log_start: st.log_start,
+                hw_checkpoint: st.high_watermark,
+                leader_epoch: st.leader_epoch,
+                epoch_starts: st.epoch_starts.clone(),
+            }
+        };
+        self.meta
+            .insert(&self.meta_key, serde_json::to_vec(&pm).unwrap_or_default())?;
+        Ok(())
+    }
+
+    /// Marks the partition deleted and drops its trees.
+    pub fn delete(&self, db: &sled::Db, topic_id: u64) -> Result<(), LogError> {
+        self.deleted.store(true, Ordering::Release);
+        self.sequence_moved.notify_waiters();
+        let (b, t) = Self::tree_names(topic_id, self.partition);
+        db.drop_tree(b)?;
+        db.drop_tree(t)?;
+        self.meta.remove(&self.meta_key)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quiver_protocol::batch::{BatchBuilder, Compression};
+    use std::sync::Arc;
+
+    fn batch(n: usize, ts: i64, producer: i64, seq: i32) -> Bytes {
+        let mut b = BatchBuilder::new(Compression::None);
+        for i in 0..n {
+            b.push(None, format!("v{i}").as_bytes(), ts + i as i64, &[]);
+        }
+        b.set_producer(producer, 0, seq);
+        b.build()
+    }
+
+    async fn setup() -> (
+        tempfile::TempDir,
+        sled::Db,
+        Arc<Flusher>,
+        tokio::sync::watch::Sender<bool>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let f = Flusher::new(db.clone());
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(f.clone().run(Duration::from_millis(100), rx));
+        (dir, db, f, tx)
+    }
+
+    #[tokio::test]
+    async fn append_read_and_recover() {
+        let (dir, db, f, _stop) = setup().await;
+        let meta = db.open_tree("meta").unwrap();
+        let p = PartitionLog::open(&db, meta.clone(), 1, "t", 0).unwrap();
+        let cfg = TopicConfig::default();
+        let r1 = p
+            .append(
+                vec![batch(3, 1000, -1, -1)],
+                &cfg,
+                &f,
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+        let r2 = p
+            .append(
+                vec![batch(2, 2000, -1, -1)],
+                &cfg,
+                &f,
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+        assert_eq!((r1.base_offset, r1.last_offset, r2.base_offset), (0, 2, 3));
+        let read = p.read(4, 1 << 20).unwrap();
+        assert_eq!(read.batches, 1, "the batch holding offset 4");
+        assert_eq!(p.lookup(OffsetSpec::Timestamp(2001), 1 << 20).unwrap().0, 4);
+        assert_eq!(p.lookup(OffsetSpec::Timestamp(0), 1 << 20).unwrap().0, 0);
+        assert_eq!(p.lookup(OffsetSpec::Timestamp(9999), 1 << 20).unwrap().0, 5);
+        assert!(matches!(
+            p.read(9, 100),
+            Err(LogError::OffsetOutOfRange { .. })
+        ));
+        drop(p);
+        db.flush().unwrap();
+        let p = PartitionLog::open(&db, meta, 1, "t", 0).unwrap();
+        assert_eq!(p.snapshot().log_end, 5);
+        assert_eq!(p.read(0, 1 << 20).unwrap().batches, 2);
+        drop(dir);
+    }
+
+    #[tokio::test]
+    async fn pipelined_sequences_are_ordered_and_deduplicated() {
+        let (_dir, db, f, _stop) = setup().await;
+        let p =
+            Arc::new(PartitionLog::open(&db, db.open_tree("meta").unwrap(), 1, "t", 0).unwrap());
+        let cfg = TopicConfig::default();
+        p.append(vec![batch(2, 0, 9, 0)], &cfg, &f, Duration::from_secs(5))
+            .await
+            .unwrap();
+        // Sequence 4 arrives before 2: it waits for 2, then lands after it.
+        let p2 = p.clone();
+        let f2 = f.clone();
+        let cfg2 = cfg.clone();
+        let later = tokio::spawn(async move {
+            p2.append(vec![batch(2, 0, 9, 4)], &cfg2, &f2, Duration::from_secs(5))
+                .await
+        });
+        tokio::task::yield_now().await;
+        let mid = p
+            .append(vec![batch(2, 0, 9, 2)], &cfg, &f, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let later = later.await.unwrap().unwrap();
+        assert_eq!((mid.base_offset, later.base_offset), (2, 4));
+        // A retry of sequence 2 gets its first offsets back and stores nothing.
+        let dup = p
+            .append(vec![batch(2, 0, 9, 2)], &cfg, &f, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!((dup.base_offset, dup.records), (2, 0));
+        assert_eq!(p.snapshot().log_end, 6);
+    }
+
+    #[tokio::test]
+    async fn retention_by_size_moves_log_start() {
+        let (_dir, db, f, _stop) = setup().await;
+        let p = PartitionLog::open(&db, db.open_tree("meta").unwrap(), 1, "t", 0).unwrap();
+        let cfg = TopicConfig::default();
+        for _ in 0..5 {
+            p.append(vec![batch(10, 0, -1, -1)], &cfg, &f, Duration::from_secs(5))
+                .await
+                .unwrap();
+        }
+        let one = p.snapshot().size_bytes / 5;
+        let mut rc = cfg.clone();
+        rc.retention_ms = -1;
+        rc.retention_bytes = (one * 2) as i64;
+        p.apply_retention(&rc, 0).unwrap();
+        let s = p.snapshot();
+        assert_eq!(s.log_start, 30);
+        assert!(matches!(
+            p.read(0, 100),
+            Err(LogError::OffsetOutOfRange { .. })
+        ));
+        assert_eq!(p.read(30, 1 << 20).unwrap().batches, 2);
+    }
+}

@@ -1,0 +1,184 @@
+//! One client connection: accept request streams, and for each read exactly one frame
+//! (header first, length checked against the limit before the body is read, the whole
+//! request within `request_read_timeout_ms`), dispatch it and write the answer.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use quinn::{RecvStream, SendStream, VarInt};
+use quiver_protocol::{
+    encode_error, response_prefix, ApiKey, ErrorCode, FrameHeader, Limits, FRAME_HEADER_LEN,
+    PROTOCOL_VERSION,
+};
+use tracing::Instrument;
+
+use super::dispatch::{dispatch, Outcome};
+use super::requests::RequestError;
+use super::ServerContext;
+
+/// Application error code used when the broker stops reading a stream.
+const STOP_BAD_FRAME: u32 = 1;
+
+/// Serves one connection until it closes or the broker stops.
+pub async fn serve_connection(conn: quinn::Connection, ctx: Arc<ServerContext>) {
+    ctx.metrics.connections.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!("client connected");
+    loop {
+        let stream = tokio::select! {
+            s = conn.accept_bi() => s,
+            _ = ctx.stopped() => break,
+        };
+        match stream {
+            Ok((send, recv)) => {
+                let ctx2 = ctx.clone();
+                let guard = ctx.begin_request();
+                tokio::spawn(async move {
+                    serve_stream(ctx2, send, recv).await;
+                    drop(guard);
+                });
+            }
+            Err(e) => {
+                tracing::debug!(reason = %e, "client connection ended");
+                break;
+            }
+        }
+    }
+    if ctx.is_stopping() {
+        // Let in-flight requests on this connection finish before closing it.
+        ctx.drain(Duration::from_millis(ctx.config.shutdown_timeout_ms))
+            .await;
+        conn.close(VarInt::from_u32(0), b"broker shutting down");
+    }
+    ctx.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+enum ReadFail {
+    /// The stream ended or reset before a whole frame arrived.
+    Gone,
+    /// The bytes broke a rule; answer with this error.
+    Bad(RequestError),
+}
+
+async fn read_request(
+    recv: &mut RecvStream,
+    limits: &Limits,
+) -> Result<(u16, u16, Bytes), ReadFail> {
+    let mut head = [0u8; FRAME_HEADER_LEN];
+    recv.read_exact(&mut head)
+        .await
+        .map_err(|_| ReadFail::Gone)?;
+    let h = FrameHeader::parse(&head, limits).map_err(|e| ReadFail::Bad(e.into()))?;
+    // read_to_end grows its buffer with the bytes that actually arrive, so a large
+    // length prefix with no data behind it allocates nothing.
+    let body = recv
+        .read_to_end(h.body_len as usize)
+        .await
+        .map_err(|e| match e {
+            quinn::ReadToEndError::TooLong => ReadFail::Bad(RequestError::new(
+                ErrorCode::InvalidRequest,
+                "bytes after the end of the frame; send one frame per stream",
+            )),
+            quinn::ReadToEndError::Read(_) => ReadFail::Gone,
+        })?;
+    if body.len() != h.body_len as usize {
+        return Err(ReadFail::Bad(RequestError::new(
+            ErrorCode::InvalidRequest,
+            format!(
+                "stream ended after {} of {} body bytes",
+                body.len(),
+                h.body_len
+            ),
+        )));
+    }
+    Ok((h.api, h.version, Bytes::from(body)))
+}
+
+async fn send_error(send: &mut SendStream, api: u16, err: &RequestError) {
+    let frame = encode_error(api, err.code, &err.message).encode();
+    let _ = send.write_all(&frame).await;
+    let _ = send.finish();
+}
+
+async fn serve_stream(ctx: Arc<ServerContext>, mut send: SendStream, mut recv: RecvStream) {
+    let start = Instant::now();
+    let limits = Limits {
+        max_frame_bytes: ctx.config.limits.max_frame_bytes,
+        ..Limits::default()
+    };
+    let read_timeout = Duration::from_millis(ctx.config.limits.request_read_timeout_ms);
+    let (api_raw, version, body) =
+        match tokio::time::timeout(read_timeout, read_request(&mut recv, &limits)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(ReadFail::Gone)) => {
+                tracing::debug!("client closed the stream mid-request");
+                return;
+            }
+            Ok(Err(ReadFail::Bad(e))) => {
+                tracing::debug!(error = %e.message, "bad frame");
+                let _ = recv.stop(VarInt::from_u32(STOP_BAD_FRAME));
+                send_error(&mut send, 0, &e).await;
+                ctx.metrics.observe_request(None, start.elapsed(), false);
+                return;
+            }
+            Err(_) => {
+                let _ = recv.stop(VarInt::from_u32(STOP_BAD_FRAME));
+                let e = RequestError::new(
+                    ErrorCode::RequestTimedOut,
+                    format!(
+                        "the request did not arrive within {} ms",
+                        read_timeout.as_millis()
+                    ),
+                );
+                send_error(&mut send, 0, &e).await;
+                return;
+            }
+        };
+    let api = match ApiKey::from_u16(api_raw) {
+        Ok(a) => a,
+        Err(e) => {
+            send_error(&mut send, api_raw, &e.into()).await;
+            ctx.metrics.observe_request(None, start.elapsed(), false);
+            return;
+        }
+    };
+    if version != PROTOCOL_VERSION {
+        let e = RequestError::new(
+            ErrorCode::UnsupportedVersion,
+            format!("protocol version {version} is not supported; this broker speaks {PROTOCOL_VERSION}"),
+        );
+        send_error(&mut send, api_raw, &e).await;
+        return;
+    }
+    if ctx.is_stopping() {
+        let e = RequestError::new(
+            ErrorCode::BrokerShuttingDown,
+            "the broker is shutting down; retry on another broker or after restart",
+        );
+        send_error(&mut send, api_raw, &e).await;
+        return;
+    }
+    let span = tracing::debug_span!("request", api = api.name());
+    let outcome = dispatch(&ctx, api, body, &mut send).instrument(span).await;
+    let ok = match outcome {
+        Ok(Outcome::Reply(reply)) => {
+            let prefix = response_prefix(api_raw, &reply.control, reply.payload.len());
+            let mut chunks = [prefix, reply.payload];
+            let res = send.write_all_chunks(&mut chunks).await;
+            let _ = send.finish();
+            res.is_ok()
+        }
+        Ok(Outcome::Streamed) => true,
+        Err(e) => {
+            if e.code == ErrorCode::Internal || e.code == ErrorCode::StorageError {
+                tracing::warn!(api = api.name(), code = ?e.code, error = %e.message, "request failed");
+            } else {
+                tracing::debug!(api = api.name(), code = ?e.code, error = %e.message, "request refused");
+            }
+            send_error(&mut send, api_raw, &e).await;
+            false
+        }
+    };
+    ctx.metrics.observe_request(Some(api), start.elapsed(), ok);
+}

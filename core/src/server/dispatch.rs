@@ -1,0 +1,40 @@
+//! Routes a decoded frame to its handler. Nothing else lives here.
+
+use bytes::Bytes;
+use quinn::SendStream;
+use quiver_protocol::ApiKey;
+
+use super::requests::{self, Reply, RequestError};
+use super::ServerContext;
+
+/// What a handler produced.
+pub enum Outcome {
+    /// One response to write.
+    Reply(Reply),
+    /// The handler wrote to the stream itself (subscribe).
+    Streamed,
+}
+
+/// Runs the handler of `api`.
+pub async fn dispatch(
+    ctx: &ServerContext,
+    api: ApiKey,
+    body: Bytes,
+    send: &mut SendStream,
+) -> Result<Outcome, RequestError> {
+    let reply = match api {
+        ApiKey::Produce => requests::produce::handle(ctx, body).await?,
+        ApiKey::Fetch => requests::fetch::handle(ctx, body).await?,
+        ApiKey::ListOffsets => requests::list_offsets::handle(ctx, body)?,
+        ApiKey::Metadata => requests::metadata::handle(ctx, body)?,
+        ApiKey::CreateTopic => requests::create_topic::handle(ctx, body)?,
+        ApiKey::DeleteTopic => requests::delete_topic::handle(ctx, body)?,
+        ApiKey::DescribeTopic => requests::describe_topic::handle(ctx, body)?,
+        ApiKey::AlterTopicConfig => requests::alter_topic_config::handle(ctx, body)?,
+        ApiKey::Subscribe => {
+            requests::subscribe::handle(ctx, body, send).await?;
+            return Ok(Outcome::Streamed);
+        }
+    };
+    Ok(Outcome::Reply(reply))
+}

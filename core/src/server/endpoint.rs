@@ -1,0 +1,81 @@
+//! The QUIC endpoint: transport tuning, the accept loop with a connection cap, and the
+//! orderly stop (refuse new connections, let requests finish, close).
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{Endpoint, VarInt};
+use tracing::Instrument;
+
+use super::connection::serve_connection;
+use super::ServerContext;
+use crate::broker::BrokerError;
+use crate::config::LimitsConfig;
+
+/// Transport settings shared by the broker (and mirrored by clients): large windows so one
+/// stream can fill the path, many concurrent request streams.
+pub fn transport_config(limits: &LimitsConfig) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(limits.max_streams_per_connection));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t.stream_receive_window(VarInt::from_u32(16 * 1024 * 1024));
+    t.receive_window(VarInt::from_u32(64 * 1024 * 1024));
+    t.send_window(64 * 1024 * 1024);
+    t.max_idle_timeout(
+        Duration::from_millis(limits.idle_timeout_ms)
+            .try_into()
+            .ok(),
+    );
+    t.keep_alive_interval(Some(Duration::from_secs(1)));
+    t
+}
+
+/// Binds the endpoint.
+pub fn bind(
+    addr: SocketAddr,
+    crypto: Arc<rustls::ServerConfig>,
+    limits: &LimitsConfig,
+) -> Result<Endpoint, BrokerError> {
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)
+        .map_err(|e| BrokerError::Tls(format!("QUIC TLS config: {e}")))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    server.transport_config(Arc::new(transport_config(limits)));
+    Endpoint::server(server, addr).map_err(|e| {
+        BrokerError::Io(std::io::Error::new(
+            e.kind(),
+            format!("cannot bind UDP {addr}: {e} (is another broker using this address? pick another with --listen)"),
+        ))
+    })
+}
+
+/// Accepts connections until shutdown.
+pub async fn accept_loop(endpoint: Endpoint, ctx: Arc<ServerContext>) {
+    let max = ctx.config.limits.max_connections as i64;
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => i,
+            _ = ctx.stopped() => break,
+        };
+        let Some(incoming) = incoming else { break };
+        if ctx.metrics.connections.load(Ordering::Relaxed) >= max {
+            tracing::warn!(remote = %incoming.remote_address(), max, "refusing connection: limits.max_connections reached");
+            incoming.refuse();
+            continue;
+        }
+        let ctx = ctx.clone();
+        let remote = incoming.remote_address();
+        tokio::spawn(
+            async move {
+                match incoming.await {
+                    Ok(conn) => serve_connection(conn, ctx).await,
+                    Err(e) => tracing::debug!(error = %e, "handshake failed"),
+                }
+            }
+            .instrument(tracing::info_span!("connection", %remote)),
+        );
+    }
+    // Stop taking new connections; existing ones finish their requests.
+    endpoint.set_server_config(None);
+}

@@ -1,0 +1,102 @@
+//! The QUIC server: the endpoint and its accept loop ([`endpoint`]), per-connection and
+//! per-stream framing ([`connection`]), a dispatcher that only routes ([`dispatch`]), and one
+//! handler module per request type ([`requests`]).
+//!
+//! A bad frame ends its own stream with an error response; other streams and other
+//! clients never notice.
+
+pub mod connection;
+pub mod dispatch;
+pub mod endpoint;
+pub mod requests;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+
+use crate::config::BrokerConfig;
+use crate::log::Flusher;
+use crate::metrics::Metrics;
+use crate::topic::TopicRegistry;
+
+/// What every request handler can reach.
+pub struct ServerContext {
+    /// Broker config.
+    pub config: Arc<BrokerConfig>,
+    /// Topics and their partition logs.
+    pub topics: Arc<TopicRegistry>,
+    /// Group commit.
+    pub flusher: Arc<Flusher>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Turns true when the broker starts shutting down.
+    pub stopping: watch::Receiver<bool>,
+    inflight: AtomicUsize,
+    idle: Notify,
+}
+
+impl ServerContext {
+    /// A context over the broker's parts.
+    pub fn new(
+        config: Arc<BrokerConfig>,
+        topics: Arc<TopicRegistry>,
+        flusher: Arc<Flusher>,
+        metrics: Arc<Metrics>,
+        stopping: watch::Receiver<bool>,
+    ) -> Arc<ServerContext> {
+        Arc::new(ServerContext {
+            config,
+            topics,
+            flusher,
+            metrics,
+            stopping,
+            inflight: AtomicUsize::new(0),
+            idle: Notify::new(),
+        })
+    }
+
+    /// True once shutdown began.
+    pub fn is_stopping(&self) -> bool {
+        *self.stopping.borrow()
+    }
+
+    /// Resolves when shutdown begins.
+    pub async fn stopped(&self) {
+        let mut rx = self.stopping.clone();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    /// Counts a request as in flight until the guard drops.
+    pub fn begin_request(self: &Arc<Self>) -> InflightGuard {
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        InflightGuard(self.clone())
+    }
+
+    /// Waits until no request is in flight, or `timeout`; returns how many remain.
+    pub async fn drain(&self, timeout: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let idle = self.idle.notified();
+            let n = self.inflight.load(Ordering::SeqCst);
+            if n == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return self.inflight.load(Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+/// Marks one request in flight.
+pub struct InflightGuard(Arc<ServerContext>);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        if self.0.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}

@@ -1,0 +1,30 @@
+//! CreateTopic: validates name, partition count, replication factor and config, then creates.
+
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use quiver_protocol::requests::CreateTopicRequest;
+use quiver_protocol::ErrorCode;
+
+use super::describe_topic::describe;
+use super::{decode, Reply, RequestError};
+use crate::server::ServerContext;
+
+/// Handles a create-topic request.
+pub fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
+    let (req, _) = decode::<CreateTopicRequest>(&body)?;
+    if req.replication_factor > 1 {
+        return Err(RequestError::new(
+            ErrorCode::InvalidConfig,
+            format!(
+                "replication factor {} is larger than the number of brokers (1)",
+                req.replication_factor
+            ),
+        ));
+    }
+    let t = ctx.topics.create(&req.name, req.partitions, &req.config)?;
+    ctx.metrics
+        .partitions
+        .fetch_add(i64::from(req.partitions), Ordering::Relaxed);
+    Ok(Reply::control(&describe(ctx, &t)))
+}

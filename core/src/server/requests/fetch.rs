@@ -1,0 +1,50 @@
+//! Fetch: read stored batches from an offset; when fewer than `min_bytes` are readable,
+//! wait (long-poll) for the high watermark to move, up to `max_wait_ms`.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use quiver_protocol::requests::{FetchRequest, FetchResponse};
+
+use super::{decode, Reply, RequestError};
+use crate::server::ServerContext;
+
+/// Longest long-poll the broker grants.
+const MAX_WAIT_CAP_MS: u32 = 30_000;
+
+/// Handles a fetch request.
+pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
+    let (req, _) = decode::<FetchRequest>(&body)?;
+    let (_, log) = ctx.topics.partition(&req.topic, req.partition)?;
+    let max_bytes = (req.max_bytes as usize).clamp(1, ctx.config.limits.max_frame_bytes as usize);
+    let deadline = tokio::time::Instant::now()
+        + Duration::from_millis(u64::from(req.max_wait_ms.min(MAX_WAIT_CAP_MS)));
+    let mut read = log.read(req.offset, max_bytes)?;
+    while read.payload.len() < (req.min_bytes as usize).max(1) && !ctx.is_stopping() {
+        let waited = tokio::select! {
+            moved = log.wait_beyond(read.snapshot.high_watermark.max(req.offset), deadline) => moved,
+            _ = ctx.stopped() => false,
+        };
+        if !waited {
+            break;
+        }
+        read = log.read(req.offset, max_bytes)?;
+    }
+    let counters = ctx.metrics.topic(&req.topic);
+    counters
+        .bytes_out
+        .fetch_add(read.payload.len() as u64, Ordering::Relaxed);
+    counters
+        .batches_out
+        .fetch_add(read.batches as u64, Ordering::Relaxed);
+    let s = read.snapshot;
+    Ok(Reply::new(
+        &FetchResponse {
+            high_watermark: s.high_watermark,
+            log_start_offset: s.log_start,
+            log_end_offset: s.log_end,
+        },
+        read.payload,
+    ))
+}

@@ -1,0 +1,15 @@
+//! ListOffsets: earliest, latest (high watermark), or the first offset at a timestamp.
+
+use bytes::Bytes;
+use quiver_protocol::requests::{ListOffsetsRequest, ListOffsetsResponse};
+
+use super::{decode, Reply, RequestError};
+use crate::server::ServerContext;
+
+/// Handles a list-offsets request.
+pub fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
+    let (req, _) = decode::<ListOffsetsRequest>(&body)?;
+    let (_, log) = ctx.topics.partition(&req.topic, req.partition)?;
+    let (offset, timestamp) = log.lookup(req.spec, ctx.config.limits.max_frame_bytes as usize)?;
+    Ok(Reply::control(&ListOffsetsResponse { offset, timestamp }))
+}

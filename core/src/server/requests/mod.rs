@@ -1,0 +1,84 @@
+//! One handler per request type, named after it. Each decodes its request, does the work
+//! against the topic registry and the partition logs, and returns a [`Reply`].
+
+pub mod alter_topic_config;
+pub mod create_topic;
+pub mod delete_topic;
+pub mod describe_topic;
+pub mod fetch;
+pub mod list_offsets;
+pub mod metadata;
+pub mod produce;
+pub mod subscribe;
+
+use bytes::Bytes;
+use quiver_protocol::{encode_control, ErrorCode, Message, ProtocolError};
+use serde::Serialize;
+
+use crate::log::LogError;
+use crate::topic::TopicError;
+
+/// A successful answer: the encoded control part and the raw payload.
+pub struct Reply {
+    /// postcard-encoded response control.
+    pub control: Vec<u8>,
+    /// Raw payload (record batches), written after the control without a copy.
+    pub payload: Bytes,
+}
+
+impl Reply {
+    /// A reply with a payload.
+    pub fn new<T: Serialize>(resp: &T, payload: Bytes) -> Reply {
+        Reply {
+            control: encode_control(resp),
+            payload,
+        }
+    }
+
+    /// A reply without a payload.
+    pub fn control<T: Serialize>(resp: &T) -> Reply {
+        Self::new(resp, Bytes::new())
+    }
+}
+
+/// A refused or failed request: the wire code and a message for the user.
+#[derive(Debug, Clone)]
+pub struct RequestError {
+    /// Wire code.
+    pub code: ErrorCode,
+    /// What went wrong and, where possible, what to do.
+    pub message: String,
+}
+
+impl RequestError {
+    /// A new error.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        RequestError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ProtocolError> for RequestError {
+    fn from(e: ProtocolError) -> Self {
+        RequestError::new(e.code(), e.to_string())
+    }
+}
+
+impl From<LogError> for RequestError {
+    fn from(e: LogError) -> Self {
+        RequestError::new(e.code(), e.to_string())
+    }
+}
+
+impl From<TopicError> for RequestError {
+    fn from(e: TopicError) -> Self {
+        RequestError::new(e.code(), e.to_string())
+    }
+}
+
+/// Decodes the request of a handler.
+pub fn decode<M: Message>(body: &Bytes) -> Result<(M, Bytes), RequestError> {
+    quiver_protocol::decode_request::<M>(body).map_err(RequestError::from)
+}

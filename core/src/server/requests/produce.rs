@@ -1,0 +1,37 @@
+//! Produce: validate the batches, append them to the partition in producer-sequence order,
+//! wait for the durability the topic's flush policy promises, answer with the offsets.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use quiver_protocol::batch::split_batches;
+use quiver_protocol::requests::{ProduceRequest, ProduceResponse};
+
+use super::{decode, Reply, RequestError};
+use crate::server::ServerContext;
+
+/// Handles a produce request.
+pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
+    let (req, payload) = decode::<ProduceRequest>(&body)?;
+    let span = tracing::debug_span!("produce", topic = %req.topic, partition = req.partition, bytes = payload.len());
+    let _e = span.enter();
+    let (topic, log) = ctx.topics.partition(&req.topic, req.partition)?;
+    let config = topic.config();
+    let batches = split_batches(&payload, config.max_message_bytes as usize)?;
+    let timeout = Duration::from_millis(u64::from(req.timeout_ms.clamp(100, 300_000)));
+    drop(_e);
+    let appended = log.append(batches, &config, &ctx.flusher, timeout).await?;
+    let counters = ctx.metrics.topic(&req.topic);
+    counters
+        .records_in
+        .fetch_add(appended.records, Ordering::Relaxed);
+    counters
+        .bytes_in
+        .fetch_add(appended.bytes, Ordering::Relaxed);
+    Ok(Reply::control(&ProduceResponse {
+        base_offset: appended.base_offset,
+        last_offset: appended.last_offset,
+        append_time_ms: -1,
+    }))
+}

@@ -1,0 +1,86 @@
+//! Subscribe: push batches from an offset as they become readable, on the request's own
+//! stream, until the client stops reading or the broker stops. `write_all` waits while the
+//! client's receive window is full, which is the backpressure.
+
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use quinn::SendStream;
+use quiver_protocol::requests::{SubscribeChunk, SubscribeRequest};
+use quiver_protocol::{encode_control, response_prefix, ApiKey};
+
+use super::{decode, RequestError};
+use crate::server::ServerContext;
+
+/// Runs a subscription; returns when the client goes away or the broker stops.
+pub async fn handle(
+    ctx: &ServerContext,
+    body: Bytes,
+    send: &mut SendStream,
+) -> Result<(), RequestError> {
+    let (req, _) = decode::<SubscribeRequest>(&body)?;
+    let (_, log) = ctx.topics.partition(&req.topic, req.partition)?;
+    let max_bytes = (req.max_bytes as usize).clamp(1, ctx.config.limits.max_frame_bytes as usize);
+    // Check the start offset before the first frame, so a bad offset is a plain error.
+    log.read(req.offset, 1)?;
+    let counters = ctx.metrics.topic(&req.topic);
+    let mut offset = req.offset;
+    let mut hw_rx = log.watch_high_watermark();
+    loop {
+        let read = match log.read(offset, max_bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                // Mid-stream errors (retention passed us, topic deleted) end the push with a frame.
+                let e = RequestError::from(e);
+                let frame =
+                    quiver_protocol::encode_error(ApiKey::Subscribe as u16, e.code, &e.message)
+                        .encode();
+                let _ = send.write_all(&frame).await;
+                let _ = send.finish();
+                return Ok(());
+            }
+        };
+        if read.batches > 0 {
+            let last = quiver_protocol::batch::split_batches(&read.payload, usize::MAX)
+                .ok()
+                .and_then(|b| b.last().cloned())
+                .and_then(|b| quiver_protocol::batch::BatchHeader::parse(&b).ok());
+            let chunk = SubscribeChunk {
+                high_watermark: read.snapshot.high_watermark,
+                log_start_offset: read.snapshot.log_start,
+            };
+            let prefix = response_prefix(
+                ApiKey::Subscribe as u16,
+                &encode_control(&chunk),
+                read.payload.len(),
+            );
+            counters
+                .bytes_out
+                .fetch_add(read.payload.len() as u64, Ordering::Relaxed);
+            counters
+                .batches_out
+                .fetch_add(read.batches as u64, Ordering::Relaxed);
+            let mut chunks = [prefix, read.payload];
+            let write = tokio::select! {
+                w = send.write_all_chunks(&mut chunks) => w,
+                _ = ctx.stopped() => return Ok(()),
+            };
+            if write.is_err() {
+                return Ok(());
+            }
+            if let Some(h) = last {
+                offset = h.next_offset();
+            }
+            continue;
+        }
+        let current = offset;
+        tokio::select! {
+            r = hw_rx.wait_for(|h| *h > current) => if r.is_err() { return Ok(()) },
+            _ = send.stopped() => return Ok(()),
+            _ = ctx.stopped() => {
+                let _ = send.finish();
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! Topics: their config ([`TopicConfig`]) and the registry of topics and partitions
+//! ([`TopicRegistry`]), persisted in sled beside the partition logs.
+
+mod config;
+mod registry;
+
+pub use config::{FlushPolicy, TopicConfig};
+pub use registry::{Topic, TopicError, TopicMeta, TopicRegistry};

@@ -1,0 +1,389 @@
+//! The topic registry: which topics exist, their partitions and config, persisted in the
+//! `__topics` sled tree; it opens every partition log at start and drops them on delete.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+
+use quiver_protocol::requests::validate_topic_name;
+use quiver_protocol::ErrorCode;
+use serde::{Deserialize, Serialize};
+
+use super::TopicConfig;
+use crate::log::{LogError, PartitionLog};
+
+/// Most partitions one topic may have.
+pub const MAX_PARTITIONS: u32 = 10_000;
+
+/// A topic-level failure with its wire code.
+#[derive(Debug, thiserror::Error)]
+pub enum TopicError {
+    /// No such topic.
+    #[error("topic {0:?} does not exist; create it with `quiver topic create {0}`")]
+    NotFound(String),
+    /// No such partition.
+    #[error("topic {topic:?} has {count} partitions; partition {partition} does not exist")]
+    NoPartition {
+        /// Topic.
+        topic: String,
+        /// Asked for.
+        partition: u32,
+        /// Partitions the topic has.
+        count: u32,
+    },
+    /// The name is taken.
+    #[error("topic {0:?} already exists")]
+    AlreadyExists(String),
+    /// The name is not valid.
+    #[error("{0}")]
+    InvalidName(String),
+    /// A config key or value is not valid.
+    #[error("{0}")]
+    InvalidConfig(String),
+    /// The partition count is not valid.
+    #[error("{0}")]
+    InvalidPartitions(String),
+    /// Storage failed.
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+impl From<sled::Error> for TopicError {
+    fn from(e: sled::Error) -> Self {
+        TopicError::Log(LogError::Sled(e))
+    }
+}
+
+impl TopicError {
+    /// The wire code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            TopicError::NotFound(_) | TopicError::NoPartition { .. } => {
+                ErrorCode::UnknownTopicOrPartition
+            }
+            TopicError::AlreadyExists(_) => ErrorCode::TopicAlreadyExists,
+            TopicError::InvalidName(_) => ErrorCode::InvalidTopicName,
+            TopicError::InvalidConfig(_) => ErrorCode::InvalidConfig,
+            TopicError::InvalidPartitions(_) => ErrorCode::InvalidPartitions,
+            TopicError::Log(e) => e.code(),
+        }
+    }
+}
+
+/// The durable record of a topic.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TopicMeta {
+    /// Internal id (names the sled trees, so a re-created topic never sees old data).
+    pub id: u64,
+    /// Name.
+    pub name: String,
+    /// Partition count.
+    pub partitions: u32,
+    /// Config keys set explicitly on this topic; the rest follow the broker defaults.
+    pub overrides: BTreeMap<String, String>,
+    /// Creation time (ms).
+    pub created_ms: i64,
+}
+
+/// A live topic.
+pub struct Topic {
+    /// The durable record.
+    pub meta: RwLock<TopicMeta>,
+    config: RwLock<TopicConfig>,
+    /// Partition logs, by index.
+    pub partitions: Vec<Arc<PartitionLog>>,
+}
+
+impl Topic {
+    /// The effective config now.
+    pub fn config(&self) -> TopicConfig {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The topic's name.
+    pub fn name(&self) -> String {
+        self.meta
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .name
+            .clone()
+    }
+
+    /// The topic's internal id.
+    pub fn id(&self) -> u64 {
+        self.meta.read().unwrap_or_else(|p| p.into_inner()).id
+    }
+}
+
+/// All topics of this broker.
+pub struct TopicRegistry {
+    db: sled::Db,
+    topics_tree: sled::Tree,
+    partition_meta: sled::Tree,
+    defaults: TopicConfig,
+    topics: RwLock<HashMap<String, Arc<Topic>>>,
+    admin: std::sync::Mutex<()>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl TopicRegistry {
+    /// Opens the registry and every partition log in `db`.
+    pub fn open(db: sled::Db, defaults: TopicConfig) -> Result<TopicRegistry, TopicError> {
+        let topics_tree = db.open_tree("__topics")?;
+        let partition_meta = db.open_tree("__partition_meta")?;
+        let mut topics = HashMap::new();
+        for item in topics_tree.iter() {
+            let (_, v) = item?;
+            let meta: TopicMeta = serde_json::from_slice(&v).map_err(|e| {
+                TopicError::Log(LogError::Corrupt {
+                    offset: -1,
+                    reason: format!("topic record: {e}"),
+                })
+            })?;
+            let config = defaults.with_changes(&meta.overrides).unwrap_or_else(|e| {
+                tracing::warn!(topic = %meta.name, error = %e, "stored topic config no longer valid; using defaults");
+                defaults.clone()
+            });
+            let mut parts = Vec::with_capacity(meta.partitions as usize);
+            for p in 0..meta.partitions {
+                parts.push(Arc::new(PartitionLog::open(
+                    &db,
+                    partition_meta.clone(),
+                    meta.id,
+                    &meta.name,
+                    p,
+                )?));
+            }
+            tracing::info!(topic = %meta.name, partitions = meta.partitions, "recovered topic");
+            topics.insert(
+                meta.name.clone(),
+                Arc::new(Topic {
+                    meta: RwLock::new(meta),
+                    config: RwLock::new(config),
+                    partitions: parts,
+                }),
+            );
+        }
+        Ok(TopicRegistry {
+            db,
+            topics_tree,
+            partition_meta,
+            defaults,
+            topics: RwLock::new(topics),
+            admin: std::sync::Mutex::new(()),
+        })
+    }
+
+    /// The topic, if it exists.
+    pub fn get(&self, name: &str) -> Option<Arc<Topic>> {
+        self.topics
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// The topic or `NotFound`.
+    pub fn topic(&self, name: &str) -> Result<Arc<Topic>, TopicError> {
+        self.get(name)
+            .ok_or_else(|| TopicError::NotFound(name.to_string()))
+    }
+
+    /// A partition of a topic.
+    pub fn partition(
+        &self,
+        name: &str,
+        partition: u32,
+    ) -> Result<(Arc<Topic>, Arc<PartitionLog>), TopicError> {
+        let t = self.topic(name)?;
+        let p = t
+            .partitions
+            .get(partition as usize)
+            .cloned()
+            .ok_or(TopicError::NoPartition {
+                topic: name.to_string(),
+                partition,
+                count: t.partitions.len() as u32,
+            })?;
+        Ok((t, p))
+    }
+
+    /// All topics, sorted by name.
+    pub fn list(&self) -> Vec<Arc<Topic>> {
+        let mut v: Vec<_> = self
+            .topics
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by_key(|t| t.name());
+        v
+    }
+
+    /// Creates a topic.
+    pub fn create(
+        &self,
+        name: &str,
+        partitions: u32,
+        overrides: &BTreeMap<String, String>,
+    ) -> Result<Arc<Topic>, TopicError> {
+        validate_topic_name(name).map_err(TopicError::InvalidName)?;
+        if name.starts_with("__") {
+            return Err(TopicError::InvalidName(format!(
+                "topic names starting with \"__\" are reserved for internal topics: {name:?}"
+            )));
+        }
+        if partitions == 0 || partitions > MAX_PARTITIONS {
+            return Err(TopicError::InvalidPartitions(format!(
+                "partitions must be between 1 and {MAX_PARTITIONS}, got {partitions}"
+            )));
+        }
+        let config = self
+            .defaults
+            .with_changes(overrides)
+            .map_err(TopicError::InvalidConfig)?;
+        let _guard = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        if self.get(name).is_some() {
+            return Err(TopicError::AlreadyExists(name.to_string()));
+        }
+        let meta = TopicMeta {
+            id: self.db.generate_id()?,
+            name: name.to_string(),
+            partitions,
+            overrides: overrides.clone(),
+            created_ms: now_ms(),
+        };
+        let mut parts = Vec::with_capacity(partitions as usize);
+        for p in 0..partitions {
+            parts.push(Arc::new(PartitionLog::open(
+                &self.db,
+                self.partition_meta.clone(),
+                meta.id,
+                name,
+                p,
+            )?));
+        }
+        self.topics_tree.insert(
+            name.as_bytes(),
+            serde_json::to_vec(&meta).unwrap_or_default(),
+        )?;
+        self.db.flush()?;
+        let topic = Arc::new(Topic {
+            meta: RwLock::new(meta),
+            config: RwLock::new(config),
+            partitions: parts,
+        });
+        self.topics
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), topic.clone());
+        tracing::info!(topic = name, partitions, "created topic");
+        Ok(topic)
+    }
+
+    /// Sets config keys on a topic: all or nothing.
+    pub fn alter(
+        &self,
+        name: &str,
+        changes: &BTreeMap<String, String>,
+    ) -> Result<Arc<Topic>, TopicError> {
+        let _guard = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        let topic = self.topic(name)?;
+        let mut meta = topic.meta.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut overrides = meta.overrides.clone();
+        overrides.extend(changes.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let config = self
+            .defaults
+            .with_changes(&overrides)
+            .map_err(TopicError::InvalidConfig)?;
+        meta.overrides = overrides;
+        self.topics_tree.insert(
+            name.as_bytes(),
+            serde_json::to_vec(&meta).unwrap_or_default(),
+        )?;
+        self.db.flush()?;
+        *topic.meta.write().unwrap_or_else(|p| p.into_inner()) = meta;
+        *topic.config.write().unwrap_or_else(|p| p.into_inner()) = config;
+        tracing::info!(topic = name, ?changes, "altered topic config");
+        Ok(topic)
+    }
+
+    /// Deletes a topic and its data; returns the number of partitions dropped.
+    pub fn delete(&self, name: &str) -> Result<u32, TopicError> {
+        let _guard = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        let topic = self
+            .topics
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name)
+            .ok_or_else(|| TopicError::NotFound(name.to_string()))?;
+        self.topics_tree.remove(name.as_bytes())?;
+        let id = topic.id();
+        for p in &topic.partitions {
+            p.delete(&self.db, id)?;
+        }
+        self.db.flush()?;
+        tracing::info!(topic = name, "deleted topic");
+        Ok(topic.partitions.len() as u32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_alter_delete_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let r = TopicRegistry::open(db.clone(), TopicConfig::default()).unwrap();
+        let cfg = BTreeMap::from([("retention.ms".to_string(), "60000".to_string())]);
+        r.create("orders", 3, &cfg).unwrap();
+        assert!(matches!(
+            r.create("orders", 3, &cfg),
+            Err(TopicError::AlreadyExists(_))
+        ));
+        assert!(matches!(
+            r.create("a/b", 1, &cfg),
+            Err(TopicError::InvalidName(_))
+        ));
+        assert!(matches!(
+            r.create("x", 0, &cfg),
+            Err(TopicError::InvalidPartitions(_))
+        ));
+        let bad = BTreeMap::from([("nope".to_string(), "1".to_string())]);
+        assert!(matches!(
+            r.create("y", 1, &bad),
+            Err(TopicError::InvalidConfig(_))
+        ));
+        assert!(
+            r.get("y").is_none(),
+            "a refused create leaves nothing behind"
+        );
+        assert!(r.alter("orders", &bad).is_err());
+        r.alter(
+            "orders",
+            &BTreeMap::from([("flush".to_string(), "interval".to_string())]),
+        )
+        .unwrap();
+        drop(r);
+        let r = TopicRegistry::open(db.clone(), TopicConfig::default()).unwrap();
+        let t = r.topic("orders").unwrap();
+        assert_eq!(t.partitions.len(), 3);
+        assert_eq!(t.config().retention_ms, 60000);
+        assert_eq!(t.config().flush, crate::topic::FlushPolicy::Interval);
+        assert_eq!(r.delete("orders").unwrap(), 3);
+        assert!(r.get("orders").is_none());
+        let r = TopicRegistry::open(db, TopicConfig::default()).unwrap();
+        assert!(r.list().is_empty());
+    }
+}
