@@ -1,0 +1,130 @@
+//! [`Admin`]: topic management (create, delete, list, describe, alter config) over a
+//! [`Client`]. Each call is one request to the bootstrap broker; nothing is cached here
+//! except the client's metadata, which each call keeps fresh.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use quiver_protocol::requests::{
+    AlterTopicConfigRequest, CreateTopicRequest, DeleteTopicRequest, DescribeTopicRequest,
+    ListOffsetsRequest, OffsetSpec, TopicDescription, TopicMetadata,
+};
+
+use crate::{Client, Result};
+
+/// Topic administration.
+///
+/// ```no_run
+/// # async fn demo(client: quiver_client::Client) -> quiver_client::Result<()> {
+/// use std::collections::BTreeMap;
+/// use quiver_client::Admin;
+///
+/// let admin = Admin::new(client);
+/// let config = BTreeMap::from([("retention.ms".to_string(), "3600000".to_string())]);
+/// let created = admin.create_topic("orders", 3, config).await?;
+/// assert_eq!(created.partitions.len(), 3);
+/// for t in admin.list_topics().await? {
+///     println!("{} ({} partitions)", t.name, t.partitions.len());
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Admin {
+    client: Client,
+}
+
+impl Admin {
+    /// Topic administration over `client`.
+    pub fn new(client: Client) -> Self {
+        Admin { client }
+    }
+
+    /// The underlying client.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Creates `name` with `partitions` partitions and config overrides (replication factor 1).
+    #[tracing::instrument(skip(self, config), level = "debug")]
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        config: BTreeMap<String, String>,
+    ) -> Result<TopicDescription> {
+        let req = CreateTopicRequest {
+            name: name.to_string(),
+            partitions,
+            replication_factor: 1,
+            config,
+        };
+        let (d, _) = self.client.request(&req, Bytes::new()).await?;
+        self.client.invalidate_metadata(name);
+        Ok(d)
+    }
+
+    /// Deletes `name`; returns how many partitions were removed.
+    #[tracing::instrument(skip(self), level = "debug")]
+    pub async fn delete_topic(&self, name: &str) -> Result<u32> {
+        let req = DeleteTopicRequest {
+            name: name.to_string(),
+        };
+        let (r, _) = self.client.request(&req, Bytes::new()).await?;
+        self.client.invalidate_metadata(name);
+        Ok(r.partitions_deleted)
+    }
+
+    /// Every topic with its partitions' placement, sorted by name.
+    pub async fn list_topics(&self) -> Result<Vec<TopicMetadata>> {
+        let mut topics = self.client.metadata(None).await?.topics;
+        topics.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(topics)
+    }
+
+    /// Config and per-partition offsets and sizes of `name`.
+    #[tracing::instrument(skip(self), level = "debug")]
+    pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
+        let req = DescribeTopicRequest {
+            name: name.to_string(),
+        };
+        Ok(self.client.request(&req, Bytes::new()).await?.0)
+    }
+
+    /// Sets config keys of `name`; returns the topic as it is now.
+    #[tracing::instrument(skip(self, set), level = "debug")]
+    pub async fn alter_topic_config(
+        &self,
+        name: &str,
+        set: BTreeMap<String, String>,
+    ) -> Result<TopicDescription> {
+        let req = AlterTopicConfigRequest {
+            name: name.to_string(),
+            set,
+        };
+        Ok(self.client.request(&req, Bytes::new()).await?.0)
+    }
+
+    /// Looks up one offset of `topic`/`partition` (earliest, latest, or by timestamp).
+    pub async fn list_offset(&self, topic: &str, partition: u32, spec: OffsetSpec) -> Result<i64> {
+        list_offset(&self.client, topic, partition, spec).await
+    }
+}
+
+/// Looks up one offset of a partition on its leader.
+pub(crate) async fn list_offset(
+    client: &Client,
+    topic: &str,
+    partition: u32,
+    spec: OffsetSpec,
+) -> Result<i64> {
+    let req = ListOffsetsRequest {
+        topic: topic.to_string(),
+        partition,
+        spec,
+    };
+    let timeout = client.config().request_timeout;
+    let (r, _) = client
+        .request_for_partition(topic, partition, &req, Bytes::new(), timeout)
+        .await?;
+    Ok(r.offset)
+}

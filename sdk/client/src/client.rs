@@ -1,0 +1,636 @@
+//! [`Client`]: the QUIC transport every other part of the SDK uses.
+//!
+//! It owns one quinn endpoint, one connection per broker (made lazily, re-made with
+//! exponential backoff when lost), the per-topic metadata cache, and the request/response
+//! exchange: one bidirectional stream per request, one frame each way (a subscription
+//! reads many). It knows nothing of batching or consumer positions.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use quiver_protocol::requests::{
+    MetadataRequest, MetadataResponse, SubscribeChunk, SubscribeRequest, TopicMetadata,
+};
+use quiver_protocol::{
+    decode_response, encode_request, FrameHeader, Limits, Message, ProtocolError, FRAME_HEADER_LEN,
+    PROTOCOL_VERSION,
+};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::backoff::Backoff;
+use crate::tls::{quinn_client_config, server_name};
+use crate::{ClientConfig, ClientError, Result};
+
+/// A connection to a Quiver cluster; cheap to clone (an `Arc` inside).
+///
+/// ```no_run
+/// # async fn demo() -> quiver_client::Result<()> {
+/// use bytes::Bytes;
+/// use quiver_client::{Client, ClientConfig};
+/// use quiver_protocol::requests::MetadataRequest;
+///
+/// let client = Client::connect(ClientConfig {
+///     ca_file: Some("quiver-data/tls/ca.pem".into()),
+///     ..ClientConfig::new("127.0.0.1:7400")
+/// })
+/// .await?;
+/// let (meta, _) = client.request(&MetadataRequest { topics: None }, Bytes::new()).await?;
+/// println!("{} topics", meta.topics.len());
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<ClientInner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("bootstrap", &self.inner.config.bootstrap)
+            .finish_non_exhaustive()
+    }
+}
+
+struct ClientInner {
+    config: ClientConfig,
+    endpoint: quinn::Endpoint,
+    quinn_config: quinn::ClientConfig,
+    limits: Limits,
+    bootstrap: Arc<BrokerConn>,
+    conns: Mutex<HashMap<String, Arc<BrokerConn>>>,
+    broker_addrs: Mutex<HashMap<u32, String>>,
+    metadata: Mutex<HashMap<String, Arc<TopicMetadata>>>,
+}
+
+/// One broker: its address and the current connection, re-made on demand.
+struct BrokerConn {
+    addr: String,
+    server_name: String,
+    current: Mutex<Option<quinn::Connection>>,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding these locks cannot leave their plain maps inconsistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn is_permanent(e: &quinn::ConnectionError) -> bool {
+    let crypto = |code: quinn::TransportErrorCode| (0x100..0x200).contains(&u64::from(code));
+    match e {
+        quinn::ConnectionError::TransportError(t) => crypto(t.code),
+        quinn::ConnectionError::ConnectionClosed(c) => crypto(c.error_code),
+        quinn::ConnectionError::VersionMismatch => true,
+        _ => false,
+    }
+}
+
+impl BrokerConn {
+    fn new(addr: &str) -> Self {
+        BrokerConn {
+            addr: addr.to_string(),
+            server_name: server_name(addr),
+            current: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn alive(&self) -> Option<quinn::Connection> {
+        lock(&self.current)
+            .as_ref()
+            .filter(|c| c.close_reason().is_none())
+            .cloned()
+    }
+
+    fn forget(&self, conn: &quinn::Connection) {
+        let mut cur = lock(&self.current);
+        if cur.as_ref().map(|c| c.stable_id()) == Some(conn.stable_id()) {
+            *cur = None;
+        }
+    }
+
+    /// The live connection, or a new one (retried with backoff until `connect_timeout`).
+    async fn connection(&self, inner: &ClientInner) -> Result<quinn::Connection> {
+        if let Some(c) = self.alive() {
+            return Ok(c);
+        }
+        let _guard = self.connecting.lock().await;
+        if let Some(c) = self.alive() {
+            return Ok(c);
+        }
+        let cfg = &inner.config;
+        let deadline = Instant::now() + cfg.connect_timeout;
+        let mut backoff = Backoff::new(cfg.reconnect_backoff, cfg.reconnect_backoff_max);
+        loop {
+            let reason = match tokio::time::timeout_at(deadline, self.connect_once(inner)).await {
+                Ok(Ok(c)) => {
+                    tracing::debug!(addr = %self.addr, "connected");
+                    *lock(&self.current) = Some(c.clone());
+                    return Ok(c);
+                }
+                Ok(Err(ConnectFailure::Permanent(reason))) => {
+                    return Err(ClientError::Connect {
+                        addr: self.addr.clone(),
+                        reason,
+                    })
+                }
+                Ok(Err(ConnectFailure::Transient(reason))) => reason,
+                Err(_) => format!("no answer within {:?}", cfg.connect_timeout),
+            };
+            let delay = backoff.next_delay();
+            if Instant::now() + delay >= deadline {
+                return Err(ClientError::Connect {
+                    addr: self.addr.clone(),
+                    reason,
+                });
+            }
+            tracing::debug!(addr = %self.addr, %reason, ?delay, "connect failed; retrying");
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn connect_once(&self, inner: &ClientInner) -> Result<quinn::Connection, ConnectFailure> {
+        let sa = resolve(&self.addr, inner.endpoint.local_addr().ok())
+            .await
+            .map_err(ConnectFailure::Permanent)?;
+        let connecting = inner
+            .endpoint
+            .connect_with(inner.quinn_config.clone(), sa, &self.server_name)
+            .map_err(|e| ConnectFailure::Permanent(e.to_string()))?;
+        connecting.await.map_err(|e| {
+            if is_permanent(&e) {
+                ConnectFailure::Permanent(format!("TLS/QUIC handshake failed: {e}"))
+            } else {
+                ConnectFailure::Transient(e.to_string())
+            }
+        })
+    }
+}
+
+enum ConnectFailure {
+    Permanent(String),
+    Transient(String),
+}
+
+/// Resolves `addr`, preferring the family of the local endpoint.
+async fn resolve(addr: &str, local: Option<SocketAddr>) -> Result<SocketAddr, String> {
+    if let Ok(sa) = addr.parse::<SocketAddr>() {
+        return Ok(sa);
+    }
+    let found: Vec<SocketAddr> = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| format!("cannot resolve {addr:?} (expected HOST:PORT): {e}"))?
+        .collect();
+    let want_v4 = local.map(|l| l.is_ipv4()).unwrap_or(true);
+    found
+        .iter()
+        .find(|s| s.is_ipv4() == want_v4)
+        .or(found.first())
+        .copied()
+        .ok_or_else(|| format!("{addr:?} resolves to no address"))
+}
+
+/// Writes one request frame (header, control, payload as separate chunks: no payload copy).
+async fn write_request<M: Message>(
+    send: &mut quinn::SendStream,
+    req: &M,
+    payload: Bytes,
+) -> Result<(), String> {
+    let control = encode_request(req, &[]).body;
+    let mut head = BytesMut::with_capacity(FRAME_HEADER_LEN);
+    head.put_u32((control.len() + payload.len() + 4) as u32);
+    head.put_u16(M::API as u16);
+    head.put_u16(PROTOCOL_VERSION);
+    let mut chunks = [head.freeze(), control, payload];
+    send.write_all_chunks(&mut chunks)
+        .await
+        .map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())
+}
+
+/// Reads exactly `n` bytes; zero-copy when they arrive in one chunk.
+async fn read_bytes(recv: &mut quinn::RecvStream, n: usize) -> Result<Option<Bytes>, ReadFailure> {
+    let mut buf: Option<BytesMut> = None;
+    let mut got = 0;
+    while got < n {
+        let chunk = recv
+            .read_chunk(n - got, true)
+            .await
+            .map_err(|e| ReadFailure::Transport(e.to_string()))?;
+        let Some(chunk) = chunk else {
+            return if got == 0 {
+                Ok(None)
+            } else {
+                Err(ReadFailure::Protocol(ProtocolError::Truncated {
+                    needed: n - got,
+                }))
+            };
+        };
+        if got == 0 && chunk.bytes.len() == n {
+            return Ok(Some(chunk.bytes));
+        }
+        got += chunk.bytes.len();
+        buf.get_or_insert_with(|| BytesMut::with_capacity(n))
+            .extend_from_slice(&chunk.bytes);
+    }
+    Ok(Some(buf.map(BytesMut::freeze).unwrap_or_default()))
+}
+
+enum ReadFailure {
+    Transport(String),
+    Protocol(ProtocolError),
+}
+
+/// Reads one response frame and decodes it; `Ok(None)` at a clean end of stream.
+async fn read_response<T: serde::de::DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    api: u16,
+    what: &'static str,
+    limits: &Limits,
+    addr: &str,
+) -> Result<Option<(T, Bytes)>> {
+    let transport = |reason: String| ClientError::Transport {
+        addr: addr.to_string(),
+        reason,
+    };
+    let read = |r: Result<Option<Bytes>, ReadFailure>| match r {
+        Ok(b) => Ok(b),
+        Err(ReadFailure::Transport(e)) => Err(transport(e)),
+        Err(ReadFailure::Protocol(e)) => Err(ClientError::Protocol(e)),
+    };
+    let Some(head) = read(read_bytes(recv, FRAME_HEADER_LEN).await)? else {
+        return Ok(None);
+    };
+    let mut h = [0u8; FRAME_HEADER_LEN];
+    h.copy_from_slice(&head);
+    let header = FrameHeader::parse(&h, limits)?;
+    if header.api != api {
+        return Err(ClientError::Protocol(ProtocolError::Malformed {
+            what: "response",
+            reason: format!("api {} in answer to api {api}", header.api),
+        }));
+    }
+    let body = match read(read_bytes(recv, header.body_len as usize).await)? {
+        Some(b) => b,
+        None if header.body_len == 0 => Bytes::new(),
+        None => {
+            return Err(ClientError::Protocol(ProtocolError::Truncated {
+                needed: header.body_len as usize,
+            }))
+        }
+    };
+    Ok(Some(decode_response::<T>(what, &body)?))
+}
+
+impl Client {
+    /// Connects to the bootstrap broker (retrying with backoff up to `connect_timeout`).
+    pub async fn connect(config: ClientConfig) -> Result<Client> {
+        let quinn_config = quinn_client_config(&config)?;
+        let first =
+            resolve(&config.bootstrap, None)
+                .await
+                .map_err(|reason| ClientError::Connect {
+                    addr: config.bootstrap.clone(),
+                    reason,
+                })?;
+        let bind: SocketAddr = if first.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let endpoint = quinn::Endpoint::client(bind).map_err(|e| ClientError::Connect {
+            addr: config.bootstrap.clone(),
+            reason: format!("cannot open a local UDP socket: {e}"),
+        })?;
+        let limits = Limits {
+            max_frame_bytes: config.max_response_bytes,
+            ..Limits::default()
+        };
+        let bootstrap = Arc::new(BrokerConn::new(&config.bootstrap));
+        let inner = Arc::new(ClientInner {
+            endpoint,
+            quinn_config,
+            limits,
+            conns: Mutex::new(HashMap::from([(
+                config.bootstrap.clone(),
+                bootstrap.clone(),
+            )])),
+            bootstrap,
+            broker_addrs: Mutex::new(HashMap::new()),
+            metadata: Mutex::new(HashMap::new()),
+            config,
+        });
+        inner.bootstrap.connection(&inner).await?;
+        Ok(Client { inner })
+    }
+
+    /// The configuration this client was made with.
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    /// Limits applied to responses (frame size, decompressed batch size).
+    pub fn limits(&self) -> Limits {
+        self.inner.limits
+    }
+
+    /// Sends `req` with `payload` to the bootstrap broker and returns the decoded response
+    /// and its payload, within `request_timeout`.
+    pub async fn request<M: Message>(
+        &self,
+        req: &M,
+        payload: Bytes,
+    ) -> Result<(M::Response, Bytes)> {
+        self.request_with_timeout(req, payload, self.inner.config.request_timeout)
+            .await
+    }
+
+    /// [`request`](Self::request) with an explicit time limit (long-polls add their wait).
+    pub async fn request_with_timeout<M: Message>(
+        &self,
+        req: &M,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<(M::Response, Bytes)> {
+        let broker = self.inner.bootstrap.clone();
+        self.request_on(&broker, req, payload, timeout).await
+    }
+
+    /// Sends a request about `topic`/`partition` to that partition's leader (from the
+    /// metadata cache, refreshed when the broker says it is not the leader).
+    pub async fn request_for_partition<M: Message>(
+        &self,
+        topic: &str,
+        partition: u32,
+        req: &M,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<(M::Response, Bytes)> {
+        let broker = self.leader(topic, partition).await?;
+        let r = self.request_on(&broker, req, payload, timeout).await;
+        if let Err(ClientError::NotLeader(_) | ClientError::TopicNotFound(_)) = &r {
+            self.invalidate_metadata(topic);
+        }
+        r
+    }
+
+    /// Sends a request to the partition's leader without reading the answer (`acks = 0`).
+    pub(crate) async fn send_only_for_partition<M: Message>(
+        &self,
+        topic: &str,
+        partition: u32,
+        req: &M,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<()> {
+        let broker = self.leader(topic, partition).await?;
+        let fut = async {
+            let (mut send, _recv) = self.open_stream(&broker).await?;
+            write_request(&mut send, req, payload)
+                .await
+                .map_err(|reason| ClientError::Transport {
+                    addr: broker.addr.clone(),
+                    reason,
+                })
+        };
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| ClientError::Timeout {
+                what: M::API.name(),
+                after: timeout,
+            })?
+    }
+
+    async fn request_on<M: Message>(
+        &self,
+        broker: &BrokerConn,
+        req: &M,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<(M::Response, Bytes)> {
+        let span = tracing::debug_span!("request", api = M::API.name(), broker = %broker.addr);
+        let fut = async {
+            let (mut send, mut recv) = self.open_stream(broker).await?;
+            write_request(&mut send, req, payload)
+                .await
+                .map_err(|reason| ClientError::Transport {
+                    addr: broker.addr.clone(),
+                    reason,
+                })?;
+            read_response::<M::Response>(
+                &mut recv,
+                M::API as u16,
+                M::API.name(),
+                &self.inner.limits,
+                &broker.addr,
+            )
+            .await?
+            .ok_or_else(|| ClientError::Transport {
+                addr: broker.addr.clone(),
+                reason: "the broker closed the stream without answering".into(),
+            })
+        };
+        let r = tokio::time::timeout(timeout, fut)
+            .instrument(span)
+            .await
+            .map_err(|_| ClientError::Timeout {
+                what: M::API.name(),
+                after: timeout,
+            })?;
+        if let Err(e) = &r {
+            tracing::debug!(api = M::API.name(), error = %e, "request failed");
+        }
+        r
+    }
+
+    /// Opens a bidirectional stream, reconnecting once if the cached connection is dead.
+    async fn open_stream(
+        &self,
+        broker: &BrokerConn,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream)> {
+        let mut last = None;
+        for _ in 0..2 {
+            let conn = broker.connection(&self.inner).await?;
+            match conn.open_bi().await {
+                Ok(s) => return Ok(s),
+                Err(e) => {
+                    broker.forget(&conn);
+                    last = Some(e.to_string());
+                }
+            }
+        }
+        Err(ClientError::Transport {
+            addr: broker.addr.clone(),
+            reason: last.unwrap_or_default(),
+        })
+    }
+
+    /// Opens a push stream of `topic`/`partition` from `offset` on the partition's leader.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: quiver_client::Client) -> quiver_client::Result<()> {
+    /// let mut sub = client.subscribe("orders", 0, 0, 1 << 20).await?;
+    /// while let Some((chunk, batches)) = sub.next_chunk().await? {
+    ///     println!("{} bytes, high watermark {}", batches.len(), chunk.high_watermark);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn subscribe(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+        max_bytes: u32,
+    ) -> Result<Subscription> {
+        let broker = self.leader(topic, partition).await?;
+        let (mut send, recv) = tokio::time::timeout(self.inner.config.request_timeout, async {
+            let (mut send, recv) = self.open_stream(&broker).await?;
+            let req = SubscribeRequest {
+                topic: topic.to_string(),
+                partition,
+                offset,
+                max_bytes,
+            };
+            write_request(&mut send, &req, Bytes::new())
+                .await
+                .map_err(|reason| ClientError::Transport {
+                    addr: broker.addr.clone(),
+                    reason,
+                })?;
+            Ok::<_, ClientError>((send, recv))
+        })
+        .await
+        .map_err(|_| ClientError::Timeout {
+            what: "Subscribe",
+            after: self.inner.config.request_timeout,
+        })??;
+        let _ = send.finish();
+        Ok(Subscription {
+            recv,
+            _send: send,
+            limits: self.inner.limits,
+            addr: broker.addr.clone(),
+        })
+    }
+
+    /// Metadata of the given topics (all when `None`), straight from the broker; refreshes
+    /// the cache.
+    pub async fn metadata(&self, topics: Option<Vec<String>>) -> Result<MetadataResponse> {
+        let (resp, _) = self
+            .request(&MetadataRequest { topics }, Bytes::new())
+            .await?;
+        {
+            let mut addrs = lock(&self.inner.broker_addrs);
+            for b in &resp.brokers {
+                addrs.insert(b.id, b.addr.clone());
+            }
+        }
+        let mut cache = lock(&self.inner.metadata);
+        for t in &resp.topics {
+            cache.insert(t.name.clone(), Arc::new(t.clone()));
+        }
+        Ok(resp)
+    }
+
+    /// The cached metadata of `topic`, fetched when absent.
+    pub async fn topic_metadata(&self, topic: &str) -> Result<Arc<TopicMetadata>> {
+        if let Some(t) = lock(&self.inner.metadata).get(topic) {
+            return Ok(t.clone());
+        }
+        self.metadata(Some(vec![topic.to_string()])).await?;
+        lock(&self.inner.metadata)
+            .get(topic)
+            .cloned()
+            .ok_or_else(|| ClientError::TopicNotFound(format!("topic {topic:?} does not exist")))
+    }
+
+    /// Drops the cached metadata of `topic` (the next use fetches it again).
+    pub fn invalidate_metadata(&self, topic: &str) {
+        lock(&self.inner.metadata).remove(topic);
+    }
+
+    /// Number of partitions of `topic` (cached).
+    pub async fn partition_count(&self, topic: &str) -> Result<u32> {
+        Ok(self.topic_metadata(topic).await?.partitions.len() as u32)
+    }
+
+    /// The connection of the leader of `topic`/`partition`; the bootstrap broker when the
+    /// cluster has one broker or the leader's address is unknown or unusable.
+    async fn leader(&self, topic: &str, partition: u32) -> Result<Arc<BrokerConn>> {
+        let md = self.topic_metadata(topic).await?;
+        let Some(p) = md.partitions.iter().find(|p| p.partition == partition) else {
+            return Err(ClientError::InvalidPartition {
+                topic: topic.to_string(),
+                partition,
+                partitions: md.partitions.len() as u32,
+            });
+        };
+        let addr = {
+            let addrs = lock(&self.inner.broker_addrs);
+            if addrs.len() <= 1 {
+                None
+            } else {
+                addrs.get(&p.leader).cloned()
+            }
+        };
+        let usable = addr.filter(|a| {
+            a.parse::<SocketAddr>()
+                .map(|s| !s.ip().is_unspecified())
+                .unwrap_or(true)
+        });
+        Ok(match usable {
+            None => self.inner.bootstrap.clone(),
+            Some(a) => lock(&self.inner.conns)
+                .entry(a.clone())
+                .or_insert_with(|| Arc::new(BrokerConn::new(&a)))
+                .clone(),
+        })
+    }
+
+    /// Closes every connection (in-flight requests fail).
+    pub fn close(&self) {
+        self.inner.endpoint.close(0u32.into(), b"client closed");
+    }
+}
+
+/// A push stream opened by [`Client::subscribe`]; dropping it stops the stream.
+///
+/// ```no_run
+/// # async fn demo(mut sub: quiver_client::Subscription) -> quiver_client::Result<()> {
+/// if let Some((chunk, batches)) = sub.next_chunk().await? {
+///     println!("{} bytes up to hw {}", batches.len(), chunk.high_watermark);
+/// }
+/// # Ok(()) }
+/// ```
+pub struct Subscription {
+    recv: quinn::RecvStream,
+    _send: quinn::SendStream,
+    limits: Limits,
+    addr: String,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("broker", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Subscription {
+    /// The next pushed chunk and its batches; `None` when the broker ended the stream.
+    pub async fn next_chunk(&mut self) -> Result<Option<(SubscribeChunk, Bytes)>> {
+        read_response::<SubscribeChunk>(
+            &mut self.recv,
+            SubscribeRequest::API as u16,
+            "Subscribe",
+            &self.limits,
+            &self.addr,
+        )
+        .await
+    }
+}

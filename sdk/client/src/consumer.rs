@@ -1,0 +1,736 @@
+//! [`Consumer`]: reads assigned partitions from chosen positions, as batches or a stream.
+//!
+//! Each assigned partition has a task that keeps one fetch outstanding (long-poll) or holds
+//! a push subscription, and hands whole fetched payloads to the consumer through one
+//! bounded channel (the backpressure). Records are decoded on the consumer's side, in
+//! `poll`, skipping the ones before the requested offset (a stored batch may start earlier).
+//! Consumer groups will sit on top of this (a `GroupConsumer` driving `assign`/`seek`).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+use quiver_protocol::batch::{split_batches, BatchHeader, Header, RecordIter};
+use quiver_protocol::requests::{FetchRequest, OffsetSpec};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use crate::admin::list_offset;
+use crate::backoff::Backoff;
+use crate::{Client, ClientError, Result};
+
+/// How partition data is pulled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConsumeMode {
+    /// Long-poll fetches, one always outstanding per partition.
+    #[default]
+    LongPoll,
+    /// A push subscription per partition (QUIC flow control is the backpressure).
+    Subscribe,
+}
+
+/// Where to (re)start reading a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeekTo {
+    /// The first offset still stored.
+    Beginning,
+    /// The end: only records written from now on.
+    End,
+    /// An absolute offset.
+    Offset(i64),
+    /// The first record at or after this time (ms since the epoch).
+    Timestamp(i64),
+}
+
+/// What to do when a partition's position is no longer (or not yet) in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OffsetReset {
+    /// Jump to the first stored offset.
+    #[default]
+    Earliest,
+    /// Jump to the end.
+    Latest,
+    /// Report [`ClientError::OffsetOutOfRange`] from `poll`.
+    Error,
+}
+
+/// How a [`Consumer`] fetches.
+///
+/// ```
+/// use quiver_client::{ConsumeMode, ConsumerConfig, SeekTo};
+/// let cfg = ConsumerConfig { mode: ConsumeMode::Subscribe, start: SeekTo::Beginning, ..ConsumerConfig::default() };
+/// assert_eq!(cfg.max_bytes, 4 * 1024 * 1024);
+/// ```
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// Upper bound of one fetch's (or pushed chunk's) payload.
+    pub max_bytes: u32,
+    /// Long-poll wait of a fetch.
+    pub max_wait_ms: u32,
+    /// A fetch answers as soon as this many bytes are available.
+    pub min_bytes: u32,
+    /// Long-poll or push.
+    pub mode: ConsumeMode,
+    /// Where newly assigned partitions start unless `seek` says otherwise (Kafka: latest).
+    pub start: SeekTo,
+    /// What to do when the position falls out of the log.
+    pub reset: OffsetReset,
+    /// Fetched payloads buffered across all partitions before fetching pauses.
+    pub buffer_chunks: usize,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig {
+            max_bytes: 4 * 1024 * 1024,
+            max_wait_ms: 500,
+            min_bytes: 1,
+            mode: ConsumeMode::LongPoll,
+            start: SeekTo::End,
+            reset: OffsetReset::Earliest,
+            buffer_chunks: 16,
+        }
+    }
+}
+
+/// One record read from a partition.
+///
+/// ```no_run
+/// # fn demo(r: quiver_client::ConsumedRecord) {
+/// println!("{}/{}@{}: {}", r.topic, r.partition, r.offset, String::from_utf8_lossy(&r.value));
+/// # }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumedRecord {
+    /// Topic name.
+    pub topic: Arc<str>,
+    /// Partition.
+    pub partition: u32,
+    /// Offset.
+    pub offset: i64,
+    /// Timestamp (ms since the epoch).
+    pub timestamp: i64,
+    /// Key, if any.
+    pub key: Option<Bytes>,
+    /// Value.
+    pub value: Bytes,
+    /// Headers.
+    pub headers: Vec<Header>,
+}
+
+/// A fetched payload, or the error that stopped a partition's task.
+struct Fetched {
+    topic: Arc<str>,
+    partition: u32,
+    generation: u64,
+    data: Result<Chunk>,
+}
+
+struct Chunk {
+    /// The offset asked for: records before it are skipped.
+    from: i64,
+    /// Whole stored batches.
+    batches: Bytes,
+    /// The offset after the last batch.
+    next: i64,
+}
+
+struct PartState {
+    position: Option<i64>,
+    pending: Option<SeekTo>,
+    generation: u64,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Drop for PartState {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// Reads assigned partitions.
+///
+/// ```no_run
+/// # async fn demo(client: quiver_client::Client) -> quiver_client::Result<()> {
+/// use futures::StreamExt;
+/// use quiver_client::{Consumer, ConsumerConfig, SeekTo};
+///
+/// let mut consumer = Consumer::new(client, ConsumerConfig::default());
+/// consumer.assign("orders", [0, 1, 2]).await?;
+/// consumer.seek("orders", 0, SeekTo::Beginning)?;
+/// let ends = consumer.end_offsets("orders").await?;
+/// let records = consumer.records();
+/// futures::pin_mut!(records);
+/// while let Some(r) = records.next().await {
+///     let r = r?;
+///     println!("{}@{}", r.partition, r.offset);
+///     if r.offset + 1 >= ends[&r.partition] { break; }
+/// }
+/// # Ok(()) }
+/// ```
+pub struct Consumer {
+    client: Client,
+    config: ConsumerConfig,
+    parts: BTreeMap<(Arc<str>, u32), PartState>,
+    tx: mpsc::Sender<Fetched>,
+    rx: mpsc::Receiver<Fetched>,
+    buffer: VecDeque<ConsumedRecord>,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("config", &self.config)
+            .field("assigned", &self.parts.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Consumer {
+    /// A consumer over `client` with nothing assigned.
+    pub fn new(client: Client, config: ConsumerConfig) -> Consumer {
+        let (tx, rx) = mpsc::channel(config.buffer_chunks.max(1));
+        Consumer {
+            client,
+            config,
+            parts: BTreeMap::new(),
+            tx,
+            rx,
+            buffer: VecDeque::new(),
+        }
+    }
+
+    /// Adds partitions of `topic` to the assignment (checked against the topic's metadata).
+    /// They start at `config.start` unless [`seek`](Self::seek) says otherwise.
+    pub async fn assign(
+        &mut self,
+        topic: &str,
+        partitions: impl IntoIterator<Item = u32>,
+    ) -> Result<()> {
+        let count = self.client.partition_count(topic).await?;
+        let topic: Arc<str> = Arc::from(topic);
+        for p in partitions {
+            if p >= count {
+                return Err(ClientError::InvalidPartition {
+                    topic: topic.to_string(),
+                    partition: p,
+                    partitions: count,
+                });
+            }
+            self.parts.entry((topic.clone(), p)).or_insert(PartState {
+                position: None,
+                pending: Some(self.config.start),
+                generation: 0,
+                task: None,
+            });
+        }
+        Ok(())
+    }
+
+    /// Assigns every partition of `topic`.
+    pub async fn assign_all(&mut self, topic: &str) -> Result<()> {
+        let count = self.client.partition_count(topic).await?;
+        self.assign(topic, 0..count).await
+    }
+
+    /// The assigned partitions.
+    pub fn assignment(&self) -> Vec<(Arc<str>, u32)> {
+        self.parts.keys().cloned().collect()
+    }
+
+    /// Moves an assigned partition's position; data already fetched for it is dropped.
+    pub fn seek(&mut self, topic: &str, partition: u32, to: SeekTo) -> Result<()> {
+        let key = (Arc::from(topic), partition);
+        let st = self.parts.get_mut(&key).ok_or_else(|| {
+            ClientError::Config(format!(
+                "{topic}/{partition} is not assigned to this consumer"
+            ))
+        })?;
+        if let Some(t) = st.task.take() {
+            t.abort();
+        }
+        st.generation += 1;
+        st.position = None;
+        st.pending = Some(to);
+        self.buffer
+            .retain(|r| !(&*r.topic == topic && r.partition == partition));
+        Ok(())
+    }
+
+    /// The offset of the next record this consumer will hand out for the partition.
+    pub async fn position(&mut self, topic: &str, partition: u32) -> Result<i64> {
+        let key: (Arc<str>, u32) = (Arc::from(topic), partition);
+        let Some(st) = self.parts.get(&key) else {
+            return Err(ClientError::Config(format!(
+                "{topic}/{partition} is not assigned to this consumer"
+            )));
+        };
+        if let Some(p) = st.position {
+            return Ok(p);
+        }
+        let to = st.pending.unwrap_or(self.config.start);
+        let offset = self.resolve(topic, partition, to).await?;
+        if let Some(st) = self.parts.get_mut(&key) {
+            st.position = Some(offset);
+            st.pending = None;
+        }
+        Ok(offset)
+    }
+
+    /// The end offset (high watermark) of every partition of `topic`: reading up to these
+    /// means "caught up".
+    pub async fn end_offsets(&self, topic: &str) -> Result<BTreeMap<u32, i64>> {
+        self.offsets(topic, OffsetSpec::Latest).await
+    }
+
+    /// The first stored offset of every partition of `topic`.
+    pub async fn beginning_offsets(&self, topic: &str) -> Result<BTreeMap<u32, i64>> {
+        self.offsets(topic, OffsetSpec::Earliest).await
+    }
+
+    async fn offsets(&self, topic: &str, spec: OffsetSpec) -> Result<BTreeMap<u32, i64>> {
+        let n = self.client.partition_count(topic).await?;
+        let lookups = (0..n).map(|p| async move {
+            list_offset(&self.client, topic, p, spec)
+                .await
+                .map(|o| (p, o))
+        });
+        futures::future::try_join_all(lookups)
+            .await
+            .map(|v| v.into_iter().collect())
+    }
+
+    async fn resolve(&self, topic: &str, partition: u32, to: SeekTo) -> Result<i64> {
+        let spec = match to {
+            SeekTo::Offset(o) => return Ok(o),
+            SeekTo::Beginning => OffsetSpec::Earliest,
+            SeekTo::End => OffsetSpec::Latest,
+            SeekTo::Timestamp(t) => OffsetSpec::Timestamp(t),
+        };
+        list_offset(&self.client, topic, partition, spec).await
+    }
+
+    /// Starts the fetch task of every assigned partition that has none.
+    async fn start_tasks(&mut self) -> Result<()> {
+        let idle: Vec<(Arc<str>, u32)> = self
+            .parts
+            .iter()
+            .filter(|(_, s)| s.task.is_none())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in idle {
+            let offset = self.position(&key.0, key.1).await?;
+            let Some(st) = self.parts.get_mut(&key) else {
+                continue;
+            };
+            let fetcher = Fetcher {
+                client: self.client.clone(),
+                config: self.config.clone(),
+                topic: key.0.clone(),
+                partition: key.1,
+                generation: st.generation,
+                tx: self.tx.clone(),
+            };
+            let span = tracing::debug_span!("consume", topic = %key.0, partition = key.1);
+            st.task = Some(tokio::spawn(fetcher.run(offset).instrument(span)));
+        }
+        Ok(())
+    }
+
+    /// Waits up to `max_wait_ms` for records and returns what arrived (possibly nothing).
+    pub async fn poll(&mut self) -> Result<Vec<ConsumedRecord>> {
+        self.poll_timeout(Duration::from_millis(u64::from(self.config.max_wait_ms)))
+            .await
+    }
+
+    /// Waits up to `timeout` for records of the assigned partitions and returns every
+    /// record already fetched (possibly none).
+    pub async fn poll_timeout(&mut self, timeout: Duration) -> Result<Vec<ConsumedRecord>> {
+        if !self.buffer.is_empty() {
+            return Ok(self.buffer.drain(..).collect());
+        }
+        self.start_tasks().await?;
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let first = match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(f)) => f,
+                Ok(None) | Err(_) => return Ok(out),
+            };
+            self.take(first, &mut out)?;
+            while let Ok(f) = self.rx.try_recv() {
+                self.take(f, &mut out)?;
+            }
+            if !out.is_empty() {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Decodes one fetched payload into `out` and advances the partition's position.
+    fn take(&mut self, f: Fetched, out: &mut Vec<ConsumedRecord>) -> Result<()> {
+        let key = (f.topic, f.partition);
+        let Some(st) = self.parts.get_mut(&key) else {
+            return Ok(());
+        };
+        if st.generation != f.generation {
+            return Ok(());
+        }
+        let chunk = match f.data {
+            Ok(c) => c,
+            Err(e) => {
+                st.task = None;
+                st.generation += 1;
+                st.pending = st.position.map(SeekTo::Offset).or(st.pending);
+                return Err(e);
+            }
+        };
+        let limits = self.client.limits();
+        decode_chunk(&key.0, key.1, &chunk, limits.max_decompressed_bytes, out)?;
+        st.position = Some(chunk.next.max(chunk.from));
+        Ok(())
+    }
+
+    /// All records as an async stream (fetched in the background, decoded as they come).
+    pub fn records(&mut self) -> impl Stream<Item = Result<ConsumedRecord>> + '_ {
+        futures::stream::unfold(self, |c| async move {
+            loop {
+                if let Some(r) = c.buffer.pop_front() {
+                    if let Some(st) = c.parts.get_mut(&(r.topic.clone(), r.partition)) {
+                        st.position = Some(r.offset + 1);
+                    }
+                    return Some((Ok(r), c));
+                }
+                let timeout = Duration::from_secs(3600);
+                match c.poll_timeout(timeout).await {
+                    Ok(v) => c.buffer.extend(v),
+                    Err(e) => return Some((Err(e), c)),
+                }
+            }
+        })
+    }
+}
+
+/// Decodes the records of `chunk` at or after `chunk.from` into `out`.
+fn decode_chunk(
+    topic: &Arc<str>,
+    partition: u32,
+    chunk: &Chunk,
+    max_decompressed: usize,
+    out: &mut Vec<ConsumedRecord>,
+) -> Result<()> {
+    for batch in split_batches(&chunk.batches, usize::MAX)? {
+        let header = BatchHeader::parse(&batch)?;
+        if header.next_offset() <= chunk.from {
+            continue;
+        }
+        for rec in RecordIter::new(&batch, max_decompressed)? {
+            let rec = rec?;
+            if rec.offset < chunk.from {
+                continue;
+            }
+            out.push(ConsumedRecord {
+                topic: topic.clone(),
+                partition,
+                offset: rec.offset,
+                timestamp: rec.timestamp,
+                key: rec.key,
+                value: rec.value,
+                headers: rec.headers,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The offset after the last batch of a payload, from the batch headers alone.
+fn next_offset(payload: &Bytes) -> Result<Option<i64>> {
+    let mut next = None;
+    let mut pos = 0;
+    while pos < payload.len() {
+        let h = BatchHeader::parse(&payload[pos..])?;
+        next = Some(h.next_offset());
+        pos += h.total_len();
+    }
+    if pos > payload.len() {
+        return Err(ClientError::Protocol(
+            quiver_protocol::ProtocolError::Truncated {
+                needed: pos - payload.len(),
+            },
+        ));
+    }
+    Ok(next)
+}
+
+/// One partition's background reader.
+struct Fetcher {
+    client: Client,
+    config: ConsumerConfig,
+    topic: Arc<str>,
+    partition: u32,
+    generation: u64,
+    tx: mpsc::Sender<Fetched>,
+}
+
+/// What to do after a failed fetch.
+enum Recovery {
+    Retry,
+    Restart(i64),
+    Fail(ClientError),
+}
+
+type FetchResult = Result<(quiver_protocol::requests::FetchResponse, Bytes)>;
+
+impl Fetcher {
+    async fn run(self, offset: i64) {
+        match self.config.mode {
+            ConsumeMode::LongPoll => self.long_poll(offset).await,
+            ConsumeMode::Subscribe => self.subscribe(offset).await,
+        }
+    }
+
+    fn spawn_fetch(&self, offset: i64) -> JoinHandle<FetchResult> {
+        let client = self.client.clone();
+        let topic = self.topic.clone();
+        let partition = self.partition;
+        let req = FetchRequest {
+            topic: topic.to_string(),
+            partition,
+            offset,
+            max_bytes: self.config.max_bytes,
+            max_wait_ms: self.config.max_wait_ms,
+            min_bytes: self.config.min_bytes,
+        };
+        let timeout = client.config().request_timeout
+            + Duration::from_millis(u64::from(self.config.max_wait_ms));
+        tokio::spawn(async move {
+            client
+                .request_for_partition(&topic, partition, &req, Bytes::new(), timeout)
+                .await
+        })
+    }
+
+    /// Sends a chunk to the consumer; false when the consumer is gone.
+    async fn deliver(&self, data: Result<Chunk>) -> bool {
+        self.tx
+            .send(Fetched {
+                topic: self.topic.clone(),
+                partition: self.partition,
+                generation: self.generation,
+                data,
+            })
+            .await
+            .is_ok()
+    }
+
+    async fn recover(&self, e: ClientError) -> Recovery {
+        match e {
+            ClientError::OffsetOutOfRange(_) => {
+                let spec = match self.config.reset {
+                    OffsetReset::Earliest => OffsetSpec::Earliest,
+                    OffsetReset::Latest => OffsetSpec::Latest,
+                    OffsetReset::Error => return Recovery::Fail(e),
+                };
+                match list_offset(&self.client, &self.topic, self.partition, spec).await {
+                    Ok(o) => {
+                        tracing::warn!(topic = %self.topic, partition = self.partition, offset = o,
+                            "position out of range; resetting");
+                        Recovery::Restart(o)
+                    }
+                    Err(e) if e.is_retriable() => Recovery::Retry,
+                    Err(e) => Recovery::Fail(e),
+                }
+            }
+            e if e.is_retriable() => {
+                tracing::debug!(error = %e, "fetch failed; retrying");
+                Recovery::Retry
+            }
+            e => Recovery::Fail(e),
+        }
+    }
+
+    async fn long_poll(self, mut offset: i64) {
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+        let mut inflight = self.spawn_fetch(offset);
+        loop {
+            let result = match (&mut inflight).await {
+                Ok(r) => r,
+                Err(join) => {
+                    if join.is_cancelled() {
+                        return;
+                    }
+                    Err(ClientError::Transport {
+                        addr: self.client.config().bootstrap.clone(),
+                        reason: join.to_string(),
+                    })
+                }
+            };
+            match result {
+                Ok((_, payload)) => {
+                    backoff.reset();
+                    let next = match next_offset(&payload) {
+                        Ok(n) => n,
+                        Err(e) => {
+                            self.deliver(Err(e)).await;
+                            return;
+                        }
+                    };
+                    match next {
+                        Some(next) if next > offset => {
+                            let from = offset;
+                            offset = next;
+                            inflight = self.spawn_fetch(offset);
+                            let chunk = Chunk {
+                                from,
+                                batches: payload,
+                                next,
+                            };
+                            if !self.deliver(Ok(chunk)).await {
+                                inflight.abort();
+                                return;
+                            }
+                        }
+                        Some(_) => {
+                            // Nothing at or after the offset: do not spin on a quick answer.
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            inflight = self.spawn_fetch(offset);
+                        }
+                        None => inflight = self.spawn_fetch(offset),
+                    }
+                }
+                Err(e) => match self.recover(e).await {
+                    Recovery::Retry => {
+                        tokio::time::sleep(backoff.next_delay()).await;
+                        inflight = self.spawn_fetch(offset);
+                    }
+                    Recovery::Restart(o) => {
+                        offset = o;
+                        inflight = self.spawn_fetch(offset);
+                    }
+                    Recovery::Fail(e) => {
+                        self.deliver(Err(e)).await;
+                        return;
+                    }
+                },
+            }
+        }
+    }
+
+    async fn subscribe(self, mut offset: i64) {
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+        loop {
+            let err = match self
+                .client
+                .subscribe(&self.topic, self.partition, offset, self.config.max_bytes)
+                .await
+            {
+                Ok(mut sub) => loop {
+                    match sub.next_chunk().await {
+                        Ok(Some((_, payload))) => {
+                            backoff.reset();
+                            let next = match next_offset(&payload) {
+                                Ok(Some(n)) => n,
+                                Ok(None) => continue,
+                                Err(e) => break e,
+                            };
+                            if next <= offset {
+                                continue;
+                            }
+                            let chunk = Chunk {
+                                from: offset,
+                                batches: payload,
+                                next,
+                            };
+                            offset = next;
+                            if !self.deliver(Ok(chunk)).await {
+                                return;
+                            }
+                        }
+                        Ok(None) => {
+                            break ClientError::Transport {
+                                addr: self.client.config().bootstrap.clone(),
+                                reason: "the broker ended the subscription".into(),
+                            }
+                        }
+                        Err(e) => break e,
+                    }
+                },
+                Err(e) => e,
+            };
+            match self.recover(err).await {
+                Recovery::Retry => tokio::time::sleep(backoff.next_delay()).await,
+                Recovery::Restart(o) => offset = o,
+                Recovery::Fail(e) => {
+                    self.deliver(Err(e)).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quiver_protocol::batch::{set_base_offset, BatchBuilder, Compression};
+
+    fn batch(base: i64, n: usize) -> Bytes {
+        let mut b = BatchBuilder::new(Compression::None);
+        for i in 0..n {
+            b.push(
+                None,
+                format!("v{}", base + i as i64).as_bytes(),
+                1000 + i as i64,
+                &[],
+            );
+        }
+        let mut raw = b.build().to_vec();
+        set_base_offset(&mut raw, base);
+        Bytes::from(raw)
+    }
+
+    #[test]
+    fn records_before_the_requested_offset_are_skipped() {
+        let mut payload = batch(10, 5).to_vec();
+        payload.extend_from_slice(&batch(15, 5));
+        let payload = Bytes::from(payload);
+        assert_eq!(next_offset(&payload).unwrap(), Some(20));
+        let chunk = Chunk {
+            from: 13,
+            batches: payload,
+            next: 20,
+        };
+        let mut out = Vec::new();
+        decode_chunk(&Arc::from("t"), 0, &chunk, 1 << 20, &mut out).unwrap();
+        let offsets: Vec<i64> = out.iter().map(|r| r.offset).collect();
+        assert_eq!(offsets, (13..20).collect::<Vec<_>>());
+        assert_eq!(&out[0].value[..], b"v13");
+    }
+
+    #[test]
+    fn a_whole_batch_before_the_offset_is_skipped() {
+        let mut payload = batch(0, 3).to_vec();
+        payload.extend_from_slice(&batch(3, 2));
+        let chunk = Chunk {
+            from: 3,
+            batches: Bytes::from(payload),
+            next: 5,
+        };
+        let mut out = Vec::new();
+        decode_chunk(&Arc::from("t"), 1, &chunk, 1 << 20, &mut out).unwrap();
+        assert_eq!(out.iter().map(|r| r.offset).collect::<Vec<_>>(), vec![3, 4]);
+        assert!(out.iter().all(|r| r.partition == 1));
+    }
+
+    #[test]
+    fn empty_and_truncated_payloads() {
+        assert_eq!(next_offset(&Bytes::new()).unwrap(), None);
+        let b = batch(0, 2);
+        assert!(next_offset(&b.slice(..b.len() - 1)).is_err());
+    }
+}

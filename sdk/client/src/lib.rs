@@ -1,0 +1,39 @@
+//! quiver-client: the async QUIC client SDK of Quiver.
+//!
+//! - [`Client`]: connections (one per broker, re-made with backoff), metadata cache, and the
+//!   generic request/response exchange every other part uses;
+//! - [`Admin`]: topic management;
+//! - [`Producer`]: per-partition batching, idempotent retries, Kafka-compatible partitioning;
+//! - [`Consumer`]: pipelined per-partition fetching (long-poll or push) as batches or a stream.
+//!
+//! ```no_run
+//! # async fn demo() -> quiver_client::Result<()> {
+//! use quiver_client::{Client, ClientConfig, Producer, ProducerConfig, ProducerRecord};
+//! let client = Client::connect(ClientConfig::new("127.0.0.1:7400")).await?;
+//! let producer = Producer::new(client, ProducerConfig::default());
+//! let md = producer.send(ProducerRecord::new("orders", "hello")).await?.await?;
+//! println!("offset {}", md.offset);
+//! # Ok(()) }
+//! ```
+
+mod admin;
+mod backoff;
+mod client;
+mod config;
+mod consumer;
+mod error;
+mod producer;
+mod tls;
+
+pub use admin::Admin;
+pub use backoff::Backoff;
+pub use client::{Client, Subscription};
+pub use config::ClientConfig;
+pub use consumer::{ConsumeMode, ConsumedRecord, Consumer, ConsumerConfig, OffsetReset, SeekTo};
+pub use error::{ClientError, Result};
+pub use producer::{
+    murmur2, partition_for_key, DefaultPartitioner, DeliveryFuture, Partitioner, Producer,
+    ProducerConfig, ProducerRecord, ProducerStats, RecordMetadata, RecordRef,
+};
+pub use quiver_protocol::batch::{Compression, Header};
+pub use quiver_protocol::requests::Acks;

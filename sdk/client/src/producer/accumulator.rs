@@ -1,0 +1,383 @@
+//! Per-partition batching and sending: the open batch, the queue of closed batches, and
+//! the task that stamps (producer id, sequence), encodes and sends them with bounded
+//! in-flight requests and idempotent retries.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use quiver_protocol::batch::BatchBuilder;
+use quiver_protocol::requests::{Acks, ProduceRequest};
+use quiver_protocol::ErrorCode;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::{lock, Completion, RecordRef, Shared};
+use crate::backoff::{random_u64, Backoff};
+
+/// Records' overhead in a batch beyond key, value and headers (varints, attributes).
+const RECORD_OVERHEAD: usize = 24;
+
+/// A random positive producer id.
+fn new_producer_id() -> i64 {
+    ((random_u64() >> 1) as i64).max(1)
+}
+
+/// The partitions of one topic and its sticky partition for keyless records.
+pub(crate) struct TopicState {
+    pub(crate) partitions: Vec<Arc<PartitionQueue>>,
+    sticky: Arc<AtomicU32>,
+}
+
+impl TopicState {
+    /// Makes the queues and starts one task per partition.
+    pub(crate) fn start(
+        name: &str,
+        partitions: u32,
+        shared: &Arc<Shared>,
+    ) -> (Arc<TopicState>, Vec<tokio::task::JoinHandle<()>>) {
+        let topic: Arc<str> = Arc::from(name);
+        let sticky = Arc::new(AtomicU32::new(
+            (random_u64() % u64::from(partitions)) as u32,
+        ));
+        let queues: Vec<Arc<PartitionQueue>> = (0..partitions)
+            .map(|p| {
+                Arc::new(PartitionQueue::new(
+                    topic.clone(),
+                    p,
+                    partitions,
+                    sticky.clone(),
+                    &shared.config,
+                ))
+            })
+            .collect();
+        let tasks = queues
+            .iter()
+            .map(|q| {
+                let span =
+                    tracing::debug_span!("producer", topic = %q.topic, partition = q.partition);
+                tokio::spawn(q.clone().run(shared.clone()).instrument(span))
+            })
+            .collect();
+        (
+            Arc::new(TopicState {
+                partitions: queues,
+                sticky,
+            }),
+            tasks,
+        )
+    }
+
+    /// The partition keyless records go to now.
+    pub(crate) fn sticky(&self) -> u32 {
+        self.sticky.load(Ordering::Relaxed)
+    }
+}
+
+/// A closed batch waiting to be sent.
+struct Closed {
+    builder: BatchBuilder,
+    completion: Arc<Completion>,
+    accounted: usize,
+    opened: Instant,
+}
+
+struct QueueState {
+    builder: BatchBuilder,
+    completion: Arc<Completion>,
+    accounted: usize,
+    opened: Option<Instant>,
+    ready: VecDeque<Closed>,
+    spare: Vec<BatchBuilder>,
+}
+
+/// One partition's open batch and closed-batch queue.
+pub(crate) struct PartitionQueue {
+    topic: Arc<str>,
+    partition: u32,
+    partitions: u32,
+    sticky: Arc<AtomicU32>,
+    state: Mutex<QueueState>,
+    pub(crate) wake: Notify,
+    /// The producer id batches are stamped with; replaced after a permanent failure.
+    producer_id: AtomicI64,
+    batch_size: usize,
+    compression: quiver_protocol::batch::Compression,
+}
+
+impl PartitionQueue {
+    fn new(
+        topic: Arc<str>,
+        partition: u32,
+        partitions: u32,
+        sticky: Arc<AtomicU32>,
+        config: &super::ProducerConfig,
+    ) -> Self {
+        let completion = Arc::new(Completion::new(topic.clone(), partition));
+        PartitionQueue {
+            state: Mutex::new(QueueState {
+                builder: BatchBuilder::with_capacity(config.compression, 0),
+                completion,
+                accounted: 0,
+                opened: None,
+                ready: VecDeque::new(),
+                spare: Vec::new(),
+            }),
+            topic,
+            partition,
+            partitions,
+            sticky,
+            wake: Notify::new(),
+            producer_id: AtomicI64::new(new_producer_id()),
+            batch_size: config.batch_size_bytes,
+            compression: config.compression,
+        }
+    }
+
+    /// Appends one record to the open batch, closing it first if the record would not fit.
+    pub(crate) fn append(
+        &self,
+        r: &RecordRef<'_>,
+        timestamp: i64,
+        want_future: bool,
+        shared: &Shared,
+    ) -> (Option<Arc<Completion>>, u32) {
+        let size = r.key.map_or(0, <[u8]>::len)
+            + r.value.len()
+            + r.headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 4)
+                .sum::<usize>()
+            + RECORD_OVERHEAD;
+        shared.buffered.fetch_add(size, Ordering::AcqRel);
+        let mut st = lock(&self.state);
+        let mut wake = false;
+        if !st.builder.is_empty() && st.builder.size_bytes() + size > self.batch_size {
+            self.close_open(&mut st);
+            wake = true;
+        }
+        if st.builder.is_empty() {
+            st.opened = Some(Instant::now());
+            wake = true;
+        }
+        let index = st.builder.len() as u32;
+        st.builder.push(r.key, r.value, timestamp, r.headers);
+        st.accounted += size;
+        let completion = want_future.then(|| st.completion.clone());
+        if st.builder.size_bytes() >= self.batch_size {
+            self.close_open(&mut st);
+            wake = true;
+        }
+        drop(st);
+        if wake {
+            self.wake.notify_one();
+        }
+        (completion, index)
+    }
+
+    /// Moves the open batch to the ready queue and opens a fresh one.
+    fn close_open(&self, st: &mut QueueState) {
+        let fresh = st.spare.pop().unwrap_or_else(|| {
+            BatchBuilder::with_capacity(self.compression, self.batch_size.min(1 << 20))
+        });
+        let builder = std::mem::replace(&mut st.builder, fresh);
+        let completion = std::mem::replace(
+            &mut st.completion,
+            Arc::new(Completion::new(self.topic.clone(), self.partition)),
+        );
+        let closed = Closed {
+            builder,
+            completion,
+            accounted: std::mem::take(&mut st.accounted),
+            opened: st.opened.take().unwrap_or_else(Instant::now),
+        };
+        st.ready.push_back(closed);
+        // Keyless records move on to another partition once this one's batch is closed.
+        if self.partitions > 1 && self.sticky.load(Ordering::Relaxed) == self.partition {
+            let mut next = (random_u64() % u64::from(self.partitions)) as u32;
+            if next == self.partition {
+                next = (next + 1) % self.partitions;
+            }
+            self.sticky.store(next, Ordering::Relaxed);
+        }
+    }
+
+    /// The partition's sender: waits for closed batches (or linger), sends them in order.
+    pub(crate) async fn run(self: Arc<Self>, shared: Arc<Shared>) {
+        let in_flight = Arc::new(Semaphore::new(shared.config.max_in_flight_per_partition));
+        let mut producer_id = self.producer_id.load(Ordering::Acquire);
+        let mut sequence: i32 = 0;
+        loop {
+            let (next, deadline) = {
+                let mut st = lock(&self.state);
+                let urgent = shared.flushing.load(Ordering::Acquire) > 0
+                    || shared.closing.load(Ordering::Acquire);
+                if st.ready.is_empty() && !st.builder.is_empty() {
+                    let due = st.opened.map(|o| o + shared.config.linger);
+                    if urgent || due.is_some_and(|d| d <= Instant::now()) {
+                        self.close_open(&mut st);
+                    }
+                }
+                match st.ready.pop_front() {
+                    Some(c) => (Some(c), None),
+                    None => (None, st.opened.map(|o| o + shared.config.linger)),
+                }
+            };
+            let Some(mut closed) = next else {
+                if shared.closing.load(Ordering::Acquire) {
+                    let st = lock(&self.state);
+                    if st.builder.is_empty() && st.ready.is_empty() {
+                        break;
+                    }
+                    continue;
+                }
+                match deadline {
+                    Some(d) => {
+                        tokio::select! {
+                            _ = self.wake.notified() => {}
+                            _ = tokio::time::sleep_until(d) => {}
+                        }
+                    }
+                    None => self.wake.notified().await,
+                }
+                continue;
+            };
+            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                break;
+            };
+            let current = self.producer_id.load(Ordering::Acquire);
+            if current != producer_id {
+                producer_id = current;
+                sequence = 0;
+            }
+            let records = closed.builder.len();
+            closed.builder.set_producer(producer_id, 0, sequence);
+            sequence = sequence.wrapping_add(records as i32);
+            if sequence < 0 {
+                sequence = 0;
+            }
+            let bytes = closed.builder.build();
+            {
+                let mut st = lock(&self.state);
+                if st.spare.len() < 2 {
+                    st.spare.push(std::mem::replace(
+                        &mut closed.builder,
+                        BatchBuilder::with_capacity(self.compression, 0),
+                    ));
+                }
+            }
+            let batch = InFlight {
+                bytes,
+                records: records as u64,
+                producer_id,
+                completion: closed.completion,
+                accounted: closed.accounted,
+                opened: closed.opened,
+            };
+            let span = tracing::debug_span!("produce", records, bytes = batch.bytes.len());
+            tokio::spawn(
+                self.clone()
+                    .deliver(shared.clone(), batch, permit)
+                    .instrument(span),
+            );
+        }
+        // Wait for the batches still in flight.
+        let _ = in_flight
+            .acquire_many(shared.config.max_in_flight_per_partition as u32)
+            .await;
+    }
+
+    /// Sends one batch, retrying what may succeed later, and completes its records.
+    async fn deliver(
+        self: Arc<Self>,
+        shared: Arc<Shared>,
+        batch: InFlight,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let cfg = &shared.config;
+        let client = &shared.client;
+        let req = ProduceRequest {
+            topic: self.topic.to_string(),
+            partition: self.partition,
+            acks: cfg.acks,
+            timeout_ms: client
+                .config()
+                .request_timeout
+                .as_millis()
+                .min(u128::from(u32::MAX)) as u32,
+        };
+        let deadline = batch.opened + cfg.delivery_timeout;
+        let mut backoff = Backoff::new(cfg.retry_backoff, std::time::Duration::from_secs(1));
+        let timeout = client.config().request_timeout;
+        let result = loop {
+            let attempt = if cfg.acks == Acks::None {
+                client
+                    .send_only_for_partition(
+                        &self.topic,
+                        self.partition,
+                        &req,
+                        batch.bytes.clone(),
+                        timeout,
+                    )
+                    .await
+                    .map(|()| -1)
+            } else {
+                client
+                    .request_for_partition(
+                        &self.topic,
+                        self.partition,
+                        &req,
+                        batch.bytes.clone(),
+                        timeout,
+                    )
+                    .await
+                    .map(|(resp, _)| resp.base_offset)
+            };
+            match attempt {
+                Ok(base) => break Ok(base),
+                Err(e) => {
+                    let still_current =
+                        self.producer_id.load(Ordering::Acquire) == batch.producer_id;
+                    let retriable = e.is_retriable()
+                        || (still_current && e.code() == Some(ErrorCode::OutOfOrderSequence));
+                    let delay = backoff.next_delay();
+                    if retriable && Instant::now() + delay < deadline {
+                        tracing::debug!(error = %e, ?delay, "produce failed; retrying the same batch");
+                        tokio::time::sleep(delay).await;
+                        continue;
+                    }
+                    break Err(e);
+                }
+            }
+        };
+        if let Err(e) = &result {
+            tracing::warn!(topic = %self.topic, partition = self.partition, records = batch.records, error = %e,
+                "batch failed; switching the partition to a new producer id");
+            let _ = self.producer_id.compare_exchange(
+                batch.producer_id,
+                new_producer_id(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        } else {
+            shared
+                .bytes_acked
+                .fetch_add(batch.bytes.len() as u64, Ordering::Relaxed);
+        }
+        drop(permit);
+        batch.completion.complete(result.clone());
+        shared.finish_batch(batch.records, batch.accounted, &result);
+    }
+}
+
+/// A stamped, encoded batch on its way to the broker.
+struct InFlight {
+    bytes: Bytes,
+    records: u64,
+    producer_id: i64,
+    completion: Arc<Completion>,
+    accounted: usize,
+    opened: Instant,
+}

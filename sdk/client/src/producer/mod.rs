@@ -1,0 +1,684 @@
+//! [`Producer`]: batches records per partition and sends them with idempotent retries.
+//!
+//! `send*` appends a record to its partition's open [`BatchBuilder`] under a short mutex
+//! (no channel hop, no allocation besides the encoded bytes). A background task per
+//! partition closes a batch when it is full, when `linger` has passed, or on flush; stamps
+//! it with the partition's producer id and sequence; and sends it with up to
+//! `max_in_flight_per_partition` requests outstanding. A batch that fails in transit is
+//! re-sent with the same bytes (the broker answers a duplicate with its first offsets); one
+//! that fails for good fails its records and moves the partition to a new producer id.
+
+mod accumulator;
+mod partitioner;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use quiver_protocol::batch::Compression;
+use quiver_protocol::requests::Acks;
+use tokio::sync::Notify;
+
+pub use partitioner::{murmur2, partition_for_key, DefaultPartitioner, Partitioner};
+
+use crate::{Client, ClientError, Result};
+use accumulator::{PartitionQueue, TopicState};
+
+/// How a [`Producer`] batches and acknowledges.
+///
+/// ```
+/// use std::time::Duration;
+/// use quiver_client::{Acks, Compression, ProducerConfig};
+/// let cfg = ProducerConfig {
+///     acks: Acks::All,
+///     linger: Duration::from_millis(10),
+///     compression: Compression::Lz4,
+///     ..ProducerConfig::default()
+/// };
+/// assert_eq!(cfg.max_in_flight_per_partition, 5);
+/// ```
+#[derive(Clone)]
+pub struct ProducerConfig {
+    /// Acknowledgement level; with `Acks::None` offsets are reported as -1.
+    pub acks: Acks,
+    /// How long a batch stays open for more records before it is sent.
+    pub linger: Duration,
+    /// A batch is sent once it holds this many (uncompressed) bytes.
+    pub batch_size_bytes: usize,
+    /// Codec of the batches.
+    pub compression: Compression,
+    /// Requests outstanding per partition.
+    pub max_in_flight_per_partition: usize,
+    /// `send` waits while more than this many bytes are buffered or in flight.
+    pub buffer_memory_bytes: usize,
+    /// A record fails if it is not acknowledged this long after its batch opened.
+    pub delivery_timeout: Duration,
+    /// First delay between retries of a batch (doubles up to 1 s).
+    pub retry_backoff: Duration,
+    /// Picks partitions for records that do not name one.
+    pub partitioner: Arc<dyn Partitioner>,
+}
+
+impl fmt::Debug for ProducerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProducerConfig")
+            .field("acks", &self.acks)
+            .field("linger", &self.linger)
+            .field("batch_size_bytes", &self.batch_size_bytes)
+            .field("compression", &self.compression)
+            .field(
+                "max_in_flight_per_partition",
+                &self.max_in_flight_per_partition,
+            )
+            .field("buffer_memory_bytes", &self.buffer_memory_bytes)
+            .field("delivery_timeout", &self.delivery_timeout)
+            .field("retry_backoff", &self.retry_backoff)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        ProducerConfig {
+            acks: Acks::Leader,
+            linger: Duration::from_millis(5),
+            batch_size_bytes: 1024 * 1024,
+            compression: Compression::None,
+            max_in_flight_per_partition: 5,
+            buffer_memory_bytes: 64 * 1024 * 1024,
+            delivery_timeout: Duration::from_secs(120),
+            retry_backoff: Duration::from_millis(100),
+            partitioner: Arc::new(DefaultPartitioner),
+        }
+    }
+}
+
+/// A record to send.
+///
+/// ```
+/// use quiver_client::ProducerRecord;
+/// let r = ProducerRecord::new("orders", "hello")
+///     .with_key("customer-7")
+///     .with_header("source", "web");
+/// assert_eq!(r.partition, None);
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct ProducerRecord {
+    /// Topic name.
+    pub topic: String,
+    /// Partition; chosen by the partitioner when `None`.
+    pub partition: Option<u32>,
+    /// Key (drives the default partitioner).
+    pub key: Option<Bytes>,
+    /// Value.
+    pub value: Bytes,
+    /// Headers.
+    pub headers: Vec<(String, Bytes)>,
+    /// Create time in ms since the epoch; now when `None`.
+    pub timestamp: Option<i64>,
+}
+
+impl ProducerRecord {
+    /// A keyless record for `topic`.
+    pub fn new(topic: impl Into<String>, value: impl Into<Bytes>) -> Self {
+        ProducerRecord {
+            topic: topic.into(),
+            value: value.into(),
+            ..ProducerRecord::default()
+        }
+    }
+
+    /// Sets the key.
+    pub fn with_key(mut self, key: impl Into<Bytes>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Sets the partition.
+    pub fn with_partition(mut self, partition: u32) -> Self {
+        self.partition = Some(partition);
+        self
+    }
+
+    /// Adds a header.
+    pub fn with_header(mut self, key: impl Into<String>, value: impl Into<Bytes>) -> Self {
+        self.headers.push((key.into(), value.into()));
+        self
+    }
+
+    /// Sets the timestamp (ms since the epoch).
+    pub fn with_timestamp(mut self, timestamp: i64) -> Self {
+        self.timestamp = Some(timestamp);
+        self
+    }
+}
+
+/// A borrowed record for [`Producer::send_nowait`]: nothing is copied but into the batch.
+///
+/// ```
+/// use quiver_client::RecordRef;
+/// let r = RecordRef::new("orders", b"hello");
+/// assert!(r.key.is_none());
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct RecordRef<'a> {
+    /// Topic name.
+    pub topic: &'a str,
+    /// Partition; chosen by the partitioner when `None`.
+    pub partition: Option<u32>,
+    /// Key.
+    pub key: Option<&'a [u8]>,
+    /// Value.
+    pub value: &'a [u8],
+    /// Headers.
+    pub headers: &'a [(&'a str, &'a [u8])],
+    /// Create time in ms since the epoch; now when `None`.
+    pub timestamp: Option<i64>,
+}
+
+impl<'a> RecordRef<'a> {
+    /// A keyless record for `topic`.
+    pub fn new(topic: &'a str, value: &'a [u8]) -> Self {
+        RecordRef {
+            topic,
+            partition: None,
+            key: None,
+            value,
+            headers: &[],
+            timestamp: None,
+        }
+    }
+}
+
+/// Where an acknowledged record landed.
+///
+/// ```no_run
+/// # async fn demo(p: quiver_client::Producer) -> quiver_client::Result<()> {
+/// let md = p.send(quiver_client::ProducerRecord::new("orders", "x")).await?.await?;
+/// println!("{}/{}@{}", md.topic, md.partition, md.offset);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordMetadata {
+    /// Topic name.
+    pub topic: Arc<str>,
+    /// Partition.
+    pub partition: u32,
+    /// Offset; -1 with `acks = 0`.
+    pub offset: i64,
+    /// The record's timestamp.
+    pub timestamp: i64,
+}
+
+/// Counters of a producer since it was made.
+///
+/// ```no_run
+/// # fn demo(p: &quiver_client::Producer) {
+/// let s = p.stats();
+/// println!("{} acked, {} failed", s.records_acked, s.records_failed);
+/// # }
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct ProducerStats {
+    /// Records accepted by `send*`.
+    pub records_sent: u64,
+    /// Records acknowledged.
+    pub records_acked: u64,
+    /// Records that failed for good.
+    pub records_failed: u64,
+    /// Batches acknowledged.
+    pub batches_acked: u64,
+    /// Batch bytes acknowledged.
+    pub bytes_acked: u64,
+    /// The most recent failure.
+    pub last_error: Option<ClientError>,
+}
+
+/// The shared outcome of one batch: the base offset, or why it failed.
+pub(crate) struct Completion {
+    result: OnceLock<Result<i64, ClientError>>,
+    waiters: Mutex<Vec<Waker>>,
+    topic: Arc<str>,
+    partition: u32,
+}
+
+impl Completion {
+    fn new(topic: Arc<str>, partition: u32) -> Self {
+        Completion {
+            result: OnceLock::new(),
+            waiters: Mutex::new(Vec::new()),
+            topic,
+            partition,
+        }
+    }
+
+    fn complete(&self, r: Result<i64, ClientError>) {
+        let _ = self.result.set(r);
+        let waiters = std::mem::take(&mut *lock(&self.waiters));
+        for w in waiters {
+            w.wake();
+        }
+    }
+}
+
+/// Resolves to the [`RecordMetadata`] of one sent record once its batch is acknowledged.
+///
+/// ```no_run
+/// # async fn demo(p: quiver_client::Producer) -> quiver_client::Result<()> {
+/// let fut = p.send(quiver_client::ProducerRecord::new("orders", "x")).await?;
+/// let md = fut.await?;
+/// # Ok(()) }
+/// ```
+pub struct DeliveryFuture {
+    completion: Arc<Completion>,
+    index: u32,
+    timestamp: i64,
+}
+
+impl fmt::Debug for DeliveryFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeliveryFuture")
+            .field("topic", &self.completion.topic)
+            .field("partition", &self.completion.partition)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeliveryFuture {
+    fn output(&self, r: &Result<i64, ClientError>) -> Result<RecordMetadata> {
+        let base = r.clone()?;
+        Ok(RecordMetadata {
+            topic: self.completion.topic.clone(),
+            partition: self.completion.partition,
+            offset: if base < 0 {
+                -1
+            } else {
+                base + i64::from(self.index)
+            },
+            timestamp: self.timestamp,
+        })
+    }
+}
+
+impl Future for DeliveryFuture {
+    type Output = Result<RecordMetadata>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Some(r) = self.completion.result.get() {
+            return Poll::Ready(self.output(r));
+        }
+        let mut waiters = lock(&self.completion.waiters);
+        // Checked again under the lock: `complete` sets the result before draining waiters.
+        if let Some(r) = self.completion.result.get() {
+            drop(waiters);
+            return Poll::Ready(self.output(r));
+        }
+        if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+            waiters.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// State shared by the producer handle and its partition tasks.
+pub(crate) struct Shared {
+    pub(crate) client: Client,
+    pub(crate) config: ProducerConfig,
+    topics: RwLock<HashMap<String, Arc<TopicState>>>,
+    topic_setup: tokio::sync::Mutex<()>,
+    pub(crate) buffered: AtomicUsize,
+    pub(crate) space: Notify,
+    pub(crate) outstanding: AtomicU64,
+    pub(crate) idle: Notify,
+    pub(crate) flushing: AtomicUsize,
+    pub(crate) closing: AtomicBool,
+    closed: AtomicBool,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    records_sent: AtomicU64,
+    pub(crate) records_acked: AtomicU64,
+    pub(crate) records_failed: AtomicU64,
+    pub(crate) batches_acked: AtomicU64,
+    pub(crate) bytes_acked: AtomicU64,
+    pub(crate) last_error: Mutex<Option<ClientError>>,
+}
+
+impl Shared {
+    /// Called by the send path when a batch finished, successfully or not.
+    pub(crate) fn finish_batch(
+        &self,
+        records: u64,
+        accounted: usize,
+        r: &Result<i64, ClientError>,
+    ) {
+        match r {
+            Ok(_) => {
+                self.records_acked.fetch_add(records, Ordering::Relaxed);
+                self.batches_acked.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.records_failed.fetch_add(records, Ordering::Relaxed);
+                *lock(&self.last_error) = Some(e.clone());
+            }
+        }
+        self.buffered.fetch_sub(accounted, Ordering::AcqRel);
+        self.space.notify_waiters();
+        if self.outstanding.fetch_sub(records, Ordering::AcqRel) == records {
+            self.idle.notify_waiters();
+        }
+    }
+
+    fn all_queues(&self) -> Vec<Arc<PartitionQueue>> {
+        let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
+        topics
+            .values()
+            .flat_map(|t| t.partitions.iter().cloned())
+            .collect()
+    }
+}
+
+/// Sends records to topics, batching per partition; cheap to clone.
+///
+/// ```no_run
+/// # async fn demo(client: quiver_client::Client) -> quiver_client::Result<()> {
+/// use quiver_client::{Producer, ProducerConfig, ProducerRecord, RecordRef};
+///
+/// let producer = Producer::new(client, ProducerConfig::default());
+/// // One record, awaiting its offset:
+/// let md = producer.send(ProducerRecord::new("orders", "hello").with_key("k1")).await?.await?;
+/// println!("written at offset {}", md.offset);
+/// // Bulk, without a future per record; failures show in stats():
+/// for i in 0..1000u32 {
+///     producer.send_nowait(RecordRef::new("orders", &i.to_be_bytes())).await?;
+/// }
+/// producer.flush().await;
+/// assert_eq!(producer.stats().records_failed, 0);
+/// producer.close().await;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Producer {
+    shared: Arc<Shared>,
+    _handle: Arc<CloseOnDrop>,
+}
+
+impl fmt::Debug for Producer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Producer")
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Tells the partition tasks to drain and stop when the last producer handle is dropped.
+struct CloseOnDrop(Arc<Shared>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.closing.store(true, Ordering::Release);
+        for q in self.0.all_queues() {
+            q.wake.notify_one();
+        }
+    }
+}
+
+impl Producer {
+    /// A producer over `client`; partition tasks start on first use of a topic.
+    pub fn new(client: Client, mut config: ProducerConfig) -> Producer {
+        config.max_in_flight_per_partition = config.max_in_flight_per_partition.max(1);
+        config.batch_size_bytes = config.batch_size_bytes.max(1024);
+        let shared = Arc::new(Shared {
+            client,
+            config,
+            topics: RwLock::new(HashMap::new()),
+            topic_setup: tokio::sync::Mutex::new(()),
+            buffered: AtomicUsize::new(0),
+            space: Notify::new(),
+            outstanding: AtomicU64::new(0),
+            idle: Notify::new(),
+            flushing: AtomicUsize::new(0),
+            closing: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            tasks: Mutex::new(Vec::new()),
+            records_sent: AtomicU64::new(0),
+            records_acked: AtomicU64::new(0),
+            records_failed: AtomicU64::new(0),
+            batches_acked: AtomicU64::new(0),
+            bytes_acked: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+        });
+        Producer {
+            _handle: Arc::new(CloseOnDrop(shared.clone())),
+            shared,
+        }
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &ProducerConfig {
+        &self.shared.config
+    }
+
+    /// Queues `record` and returns a future of its offset. Waits while the buffer is full.
+    pub async fn send(&self, record: ProducerRecord) -> Result<DeliveryFuture> {
+        let headers: Vec<(&str, &[u8])> = record
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_ref()))
+            .collect();
+        let r = RecordRef {
+            topic: &record.topic,
+            partition: record.partition,
+            key: record.key.as_deref(),
+            value: &record.value,
+            headers: &headers,
+            timestamp: record.timestamp,
+        };
+        let topic = self.topic(r.topic).await?;
+        self.wait_for_space().await?;
+        let (completion, index, timestamp) = self.append(&topic, &r, true)?;
+        Ok(DeliveryFuture {
+            completion: completion.ok_or(ClientError::Closed)?,
+            index,
+            timestamp,
+        })
+    }
+
+    /// Queues a borrowed record without a per-record future; failures are counted in
+    /// [`stats`](Self::stats) and reported by [`flush`](Self::flush).
+    pub async fn send_nowait(&self, record: RecordRef<'_>) -> Result<()> {
+        let topic = self.topic(record.topic).await?;
+        self.wait_for_space().await?;
+        self.append(&topic, &record, false)?;
+        Ok(())
+    }
+
+    /// Queues many keyless values for one topic (and partition, if given) without a
+    /// per-record future: the fastest path for bulk loads. Returns how many were queued.
+    pub async fn send_values<'a, I>(
+        &self,
+        topic: &str,
+        partition: Option<u32>,
+        values: I,
+    ) -> Result<u64>
+    where
+        I: IntoIterator<Item = &'a [u8]>,
+    {
+        let state = self.topic(topic).await?;
+        let mut n = 0;
+        for value in values {
+            self.wait_for_space().await?;
+            let r = RecordRef {
+                partition,
+                ..RecordRef::new(topic, value)
+            };
+            self.append(&state, &r, false)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Sends every buffered record now and waits until all records sent so far are
+    /// acknowledged or failed. Returns the last error if any record failed since the
+    /// producer was made (see [`stats`](Self::stats) for counts).
+    pub async fn flush(&self) -> Result<()> {
+        let s = &self.shared;
+        s.flushing.fetch_add(1, Ordering::AcqRel);
+        for q in s.all_queues() {
+            q.wake.notify_one();
+        }
+        loop {
+            let idle = s.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if s.outstanding.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            idle.await;
+        }
+        s.flushing.fetch_sub(1, Ordering::AcqRel);
+        match lock(&s.last_error).clone() {
+            Some(e) if s.records_failed.load(Ordering::Relaxed) > 0 => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Flushes, then stops the partition tasks. Later sends fail with [`ClientError::Closed`].
+    pub async fn close(&self) -> Result<()> {
+        self.shared.closed.store(true, Ordering::Release);
+        let r = self.flush().await;
+        self.shared.closing.store(true, Ordering::Release);
+        for q in self.shared.all_queues() {
+            q.wake.notify_one();
+        }
+        let tasks = std::mem::take(&mut *lock(&self.shared.tasks));
+        for t in tasks {
+            let _ = t.await;
+        }
+        r
+    }
+
+    /// Counters since the producer was made.
+    pub fn stats(&self) -> ProducerStats {
+        let s = &self.shared;
+        ProducerStats {
+            records_sent: s.records_sent.load(Ordering::Relaxed),
+            records_acked: s.records_acked.load(Ordering::Relaxed),
+            records_failed: s.records_failed.load(Ordering::Relaxed),
+            batches_acked: s.batches_acked.load(Ordering::Relaxed),
+            bytes_acked: s.bytes_acked.load(Ordering::Relaxed),
+            last_error: lock(&s.last_error).clone(),
+        }
+    }
+
+    async fn wait_for_space(&self) -> Result<()> {
+        let s = &self.shared;
+        loop {
+            if s.closed.load(Ordering::Acquire) {
+                return Err(ClientError::Closed);
+            }
+            if s.buffered.load(Ordering::Acquire) < s.config.buffer_memory_bytes {
+                return Ok(());
+            }
+            let space = s.space.notified();
+            tokio::pin!(space);
+            space.as_mut().enable();
+            if s.buffered.load(Ordering::Acquire) < s.config.buffer_memory_bytes {
+                return Ok(());
+            }
+            // Records waiting for linger must go out, or the buffer never drains.
+            s.flushing.fetch_add(1, Ordering::AcqRel);
+            for q in s.all_queues() {
+                q.wake.notify_one();
+            }
+            space.await;
+            s.flushing.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// The topic's partition queues, looked up (and their tasks started) on first use.
+    async fn topic(&self, name: &str) -> Result<Arc<TopicState>> {
+        if let Some(t) = self.lookup(name) {
+            return Ok(t);
+        }
+        let _guard = self.shared.topic_setup.lock().await;
+        if let Some(t) = self.lookup(name) {
+            return Ok(t);
+        }
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(ClientError::Closed);
+        }
+        let partitions = self.shared.client.partition_count(name).await?;
+        if partitions == 0 {
+            return Err(ClientError::TopicNotFound(format!(
+                "topic {name:?} has no partitions"
+            )));
+        }
+        let (state, tasks) = TopicState::start(name, partitions, &self.shared);
+        lock(&self.shared.tasks).extend(tasks);
+        self.shared
+            .topics
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), state.clone());
+        Ok(state)
+    }
+
+    fn lookup(&self, name: &str) -> Option<Arc<TopicState>> {
+        self.shared
+            .topics
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn append(
+        &self,
+        topic: &TopicState,
+        r: &RecordRef<'_>,
+        want_future: bool,
+    ) -> Result<(Option<Arc<Completion>>, u32, i64)> {
+        let n = topic.partitions.len() as u32;
+        let partition = match r.partition {
+            Some(p) if p < n => p,
+            Some(p) => {
+                return Err(ClientError::InvalidPartition {
+                    topic: r.topic.to_string(),
+                    partition: p,
+                    partitions: n,
+                })
+            }
+            None => self
+                .shared
+                .config
+                .partitioner
+                .partition(r.topic, r.key, n)
+                .filter(|p| *p < n)
+                .unwrap_or_else(|| topic.sticky()),
+        };
+        let timestamp = r.timestamp.unwrap_or_else(now_ms);
+        let s = &self.shared;
+        s.records_sent.fetch_add(1, Ordering::Relaxed);
+        s.outstanding.fetch_add(1, Ordering::AcqRel);
+        let (completion, index) =
+            topic.partitions[partition as usize].append(r, timestamp, want_future, s);
+        Ok((completion, index, timestamp))
+    }
+}

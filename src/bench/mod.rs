@@ -1,0 +1,213 @@
+//! `quiver bench`: produce and consume throughput and latency against a broker (or one
+//! started in this process with `--embedded`), and `baseline`, which measures in the same
+//! run the raw limits Quiver is built on (one QUIC stream over loopback; sled appends of the
+//! same batch sizes) so every figure is reported as a ratio.
+
+mod baseline;
+mod consume;
+mod embedded;
+mod produce;
+mod report;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand, ValueEnum};
+use quiver_client::{Acks, Client, ClientConfig, Compression};
+
+use crate::connect::GlobalOpts;
+
+/// `quiver bench` arguments.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Produce generated records as fast as the broker acknowledges them.
+    Produce(LoadOpts),
+    /// Read records (produced first when the topic is short of them) as fast as possible.
+    Consume(LoadOpts),
+    /// Measure the raw QUIC-stream and sled-append limits, then produce and consume on an
+    /// embedded broker, and print Quiver's figures as ratios of the limits.
+    Baseline(LoadOpts),
+}
+
+/// How records are fetched in `bench consume`.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum FetchMode {
+    /// The broker pushes batches on one stream per partition.
+    Subscribe,
+    /// Pipelined long-poll fetches.
+    LongPoll,
+}
+
+/// Output format.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object.
+    Json,
+}
+
+/// The load and where it runs.
+#[derive(Debug, Args, Clone)]
+pub struct LoadOpts {
+    /// Start a broker inside this process (temporary data directory unless --data-dir).
+    #[arg(long)]
+    embedded: bool,
+    /// Data directory of the embedded broker (and of the baseline's raw sled appends).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Topic to use [default: a new `bench-<time>` topic].
+    #[arg(long)]
+    topic: Option<String>,
+    /// Bytes per record value.
+    #[arg(long, default_value_t = 100)]
+    record_size: usize,
+    /// Records to send or read.
+    #[arg(long, default_value_t = 1_000_000, conflicts_with = "duration")]
+    records: u64,
+    /// Run for this many seconds instead of a record count.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Partitions of the bench topic.
+    #[arg(long, default_value_t = 1)]
+    partitions: u32,
+    /// Concurrent producers.
+    #[arg(long, default_value_t = 1)]
+    producers: usize,
+    /// Largest producer batch in bytes.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    batch_size: usize,
+    /// Acknowledgements: 0, 1 or all.
+    #[arg(long, default_value = "1", value_parser = parse_acks)]
+    acks: Acks,
+    /// Batch compression: none, lz4 or zstd.
+    #[arg(long, default_value = "none", value_parser = parse_compression)]
+    compression: Compression,
+    /// Producer linger in milliseconds.
+    #[arg(long, default_value_t = 2)]
+    linger_ms: u64,
+    /// Consume with push (subscribe) or long-poll fetches.
+    #[arg(long, value_enum, default_value_t = FetchMode::Subscribe)]
+    mode: FetchMode,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    output: OutputFormat,
+}
+
+fn parse_acks(s: &str) -> Result<Acks, String> {
+    Acks::parse(s)
+}
+
+fn parse_compression(s: &str) -> Result<Compression, String> {
+    Compression::parse(s)
+}
+
+impl LoadOpts {
+    fn topic_name(&self) -> String {
+        self.topic.clone().unwrap_or_else(|| {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0);
+            format!("bench-{t}")
+        })
+    }
+
+    fn limit(&self) -> Limit {
+        match self.duration {
+            Some(s) => Limit::Time(Duration::from_secs_f64(s.max(0.1))),
+            None => Limit::Records(self.records.max(1)),
+        }
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        if self.record_size == 0 || self.record_size > 16 * 1024 * 1024 {
+            bail!("--record-size must be between 1 and 16777216 bytes");
+        }
+        if self.partitions == 0 || self.producers == 0 {
+            bail!("--partitions and --producers must be at least 1");
+        }
+        if self.batch_size < 1024 {
+            bail!("--batch-size must be at least 1024 bytes");
+        }
+        Ok(())
+    }
+}
+
+/// When a run stops.
+#[derive(Debug, Clone, Copy)]
+pub enum Limit {
+    /// After this many records.
+    Records(u64),
+    /// After this long.
+    Time(Duration),
+}
+
+/// Runs `quiver bench`.
+pub async fn run(global: &GlobalOpts, args: BenchArgs) -> anyhow::Result<()> {
+    match args.command {
+        BenchCommand::Produce(o) => {
+            o.check()?;
+            let target = Target::open(global, &o).await?;
+            let r = produce::run(&target.client, &o).await?;
+            target.close().await;
+            r.print(o.output);
+        }
+        BenchCommand::Consume(o) => {
+            o.check()?;
+            let target = Target::open(global, &o).await?;
+            let r = consume::run(&target.client, &o).await?;
+            target.close().await;
+            r.print(o.output);
+        }
+        BenchCommand::Baseline(o) => {
+            o.check()?;
+            baseline::run(&o).await?;
+        }
+    }
+    Ok(())
+}
+
+/// The broker a bench talks to: an external one, or one embedded in this process.
+pub struct Target {
+    /// Connected client.
+    pub client: Client,
+    embedded: Option<embedded::EmbeddedBroker>,
+}
+
+impl Target {
+    async fn open(global: &GlobalOpts, o: &LoadOpts) -> anyhow::Result<Target> {
+        if o.embedded {
+            let b = embedded::EmbeddedBroker::start(o.data_dir.clone()).await?;
+            let client = Client::connect(ClientConfig {
+                ca_file: b.ca.clone(),
+                ..ClientConfig::new(b.addr.to_string())
+            })
+            .await
+            .context("connecting to the embedded broker")?;
+            Ok(Target {
+                client,
+                embedded: Some(b),
+            })
+        } else {
+            Ok(Target {
+                client: global.connect().await?,
+                embedded: None,
+            })
+        }
+    }
+
+    async fn close(self) {
+        drop(self.client);
+        if let Some(b) = self.embedded {
+            b.stop().await;
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! What a bench run measured, and how it is printed (text or one JSON object).
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use super::OutputFormat;
+
+/// One run's figures. JSON field names are a contract for scripts.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// `produce` or `consume`.
+    pub kind: String,
+    /// Records moved.
+    pub records: u64,
+    /// Bytes of record values moved.
+    pub bytes: u64,
+    /// Wall time in seconds.
+    pub seconds: f64,
+    /// Records per second.
+    pub records_per_sec: f64,
+    /// Megabytes (10^6) of record values per second.
+    pub mb_per_sec: f64,
+    /// Latency percentiles in milliseconds (produce: send to acknowledgement of sampled
+    /// records; consume: one fetch or pushed chunk).
+    pub p50_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// 99.9th percentile.
+    pub p999_ms: f64,
+    /// Record size in bytes.
+    pub record_size: usize,
+    /// Partitions.
+    pub partitions: u32,
+}
+
+impl Report {
+    /// Builds a report from counts, time and a latency histogram in microseconds.
+    pub fn new(
+        kind: &str,
+        records: u64,
+        record_size: usize,
+        partitions: u32,
+        seconds: f64,
+        lat: &Histogram<u64>,
+    ) -> Report {
+        let bytes = records * record_size as u64;
+        let q = |p: f64| {
+            if lat.is_empty() {
+                0.0
+            } else {
+                lat.value_at_quantile(p) as f64 / 1000.0
+            }
+        };
+        Report {
+            kind: kind.into(),
+            records,
+            bytes,
+            seconds,
+            records_per_sec: records as f64 / seconds.max(1e-9),
+            mb_per_sec: bytes as f64 / 1e6 / seconds.max(1e-9),
+            p50_ms: q(0.5),
+            p99_ms: q(0.99),
+            p999_ms: q(0.999),
+            record_size,
+            partitions,
+        }
+    }
+
+    /// Prints the report.
+    pub fn print(&self, format: OutputFormat) {
+        match format {
+            OutputFormat::Json => println!("{}", serde_json::to_string(self).unwrap_or_default()),
+            OutputFormat::Text => println!("{}", self.line()),
+        }
+    }
+
+    /// The one-line human summary.
+    pub fn line(&self) -> String {
+        format!(
+            "{}: {} records of {} B in {:.2} s: {:.0} records/s, {:.1} MB/s; latency p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms",
+            self.kind,
+            self.records,
+            self.record_size,
+            self.seconds,
+            self.records_per_sec,
+            self.mb_per_sec,
+            self.p50_ms,
+            self.p99_ms,
+            self.p999_ms
+        )
+    }
+}
+
+/// A latency histogram in microseconds (1 µs to 60 s).
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3)
+        .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable_hist()))
+}
+
+fn unreachable_hist() -> Histogram<u64> {
+    // new(3) only fails for sigfig > 5; keep a total function anyway.
+    Histogram::new(2).unwrap_or_else(|_| panic!("hdrhistogram rejected 2 significant figures"))
+}
+
+/// A progress bar on stderr for `total` records (hidden when stderr is not a terminal).
+pub fn progress(total: Option<u64>, what: &str) -> indicatif::ProgressBar {
+    let pb = match total {
+        Some(n) => indicatif::ProgressBar::new(n),
+        None => indicatif::ProgressBar::new_spinner(),
+    };
+    pb.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    if let Ok(style) = indicatif::ProgressStyle::with_template(&format!(
+        "{what} {{bar:40}} {{human_pos}}/{{human_len}} records ({{per_sec}}, eta {{eta}})"
+    )) {
+        pb.set_style(style);
+    }
+    pb
+}

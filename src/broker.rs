@@ -1,0 +1,296 @@
+//! `quiver broker start|stop`: runs a broker in this process (foreground) or detached
+//! (`--daemon` re-executes this binary in a new session, logging to `<data_dir>/broker.log`),
+//! and stops one through the pid file `<data_dir>/broker.pid`.
+
+use std::ffi::OsString;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use quiver_core::{Broker, BrokerConfig};
+
+/// `quiver broker`.
+#[derive(Debug, Args)]
+pub struct BrokerArgs {
+    #[command(subcommand)]
+    command: BrokerCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum BrokerCommand {
+    /// Start a broker (in the foreground unless --daemon).
+    Start(StartArgs),
+    /// Stop the broker whose pid file is in the data directory.
+    Stop {
+        /// Data directory of the broker [default: the config's, ./quiver-data].
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+/// `quiver broker start`.
+#[derive(Debug, Args, Clone)]
+pub struct StartArgs {
+    /// Broker config file (TOML); built-in defaults when absent.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory (overrides the config).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// UDP address to listen on, e.g. 127.0.0.1:7400 (overrides the config).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Broker id (overrides the config).
+    #[arg(long, value_name = "N")]
+    broker_id: Option<u32>,
+    /// Run detached; output goes to <data_dir>/broker.log.
+    #[arg(long)]
+    daemon: bool,
+}
+
+/// The line a started broker prints; `--daemon` waits for it in the log.
+const READY_MARK: &str = "quiver broker listening on";
+
+impl BrokerArgs {
+    /// The start arguments when this is `broker start --daemon`.
+    pub fn daemon_start(&self) -> Option<&StartArgs> {
+        match &self.command {
+            BrokerCommand::Start(s) if s.daemon => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// Loads the config file (or defaults) with environment overrides, then the flags.
+fn load_config(args: &StartArgs) -> anyhow::Result<BrokerConfig> {
+    let mut cfg = BrokerConfig::load(args.config.as_deref(), std::env::vars())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(d) = &args.data_dir {
+        cfg.data_dir = d.clone();
+    }
+    if let Some(l) = &args.listen {
+        cfg.listen = l.clone();
+    }
+    if let Some(id) = args.broker_id {
+        cfg.broker_id = id;
+    }
+    cfg.validate("command line")
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(cfg)
+}
+
+fn pid_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("broker.pid")
+}
+
+fn read_pid(path: &Path) -> anyhow::Result<Option<i32>> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => s
+            .trim()
+            .parse::<i32>()
+            .map(Some)
+            .with_context(|| format!("pid file {} does not hold a pid", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+}
+
+/// Runs a `broker` subcommand in this process.
+pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
+    match args.command {
+        BrokerCommand::Start(start) => run_foreground(&start).await,
+        BrokerCommand::Stop { data_dir } => stop(data_dir).await,
+    }
+}
+
+async fn run_foreground(args: &StartArgs) -> anyhow::Result<()> {
+    let cfg = load_config(args)?;
+    let data_dir = cfg.data_dir.clone();
+    let pid_file = pid_path(&data_dir);
+    if let Some(pid) = read_pid(&pid_file)? {
+        if pid != std::process::id() as i32 && alive(pid) {
+            bail!(
+                "a broker (pid {pid}) is already running with data directory {}; stop it with `quiver broker stop --data-dir {}`",
+                data_dir.display(),
+                data_dir.display()
+            );
+        }
+    }
+    let id = cfg.broker_id;
+    let handle = Broker::start(cfg)
+        .await
+        .context("cannot start the broker")?;
+    if let Err(e) = std::fs::write(&pid_file, format!("{}\n", std::process::id())) {
+        tracing::warn!(path = %pid_file.display(), error = %e, "cannot write the pid file");
+    }
+    let ca = handle
+        .ca_path()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "(configured certificate)".into());
+    println!(
+        "{READY_MARK} {} (broker id {id}, data {}); CA certificate: {ca}",
+        handle.local_addr(),
+        data_dir.display()
+    );
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    handle.shutdown().await;
+    if read_pid(&pid_file).ok().flatten() == Some(std::process::id() as i32) {
+        let _ = std::fs::remove_file(&pid_file);
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+/// `broker start --daemon`: re-executes this binary detached and waits until it is ready.
+pub fn daemonize(args: &StartArgs) -> anyhow::Result<()> {
+    let cfg = load_config(args)?;
+    let data_dir = cfg.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+    if let Some(pid) = read_pid(&pid_path(&data_dir))? {
+        if alive(pid) {
+            bail!(
+                "a broker (pid {pid}) is already running with data directory {}",
+                data_dir.display()
+            );
+        }
+    }
+    let log_path = data_dir.join("broker.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
+    let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
+    let exe = std::env::current_exe().context("cannot find this executable")?;
+    let argv: Vec<OsString> = std::env::args_os()
+        .skip(1)
+        .filter(|a| a != "--daemon")
+        .collect();
+    let mut cmd = Command::new(exe);
+    cmd.args(argv)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().context("cannot share the log file")?)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe; it detaches the child from our terminal session.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("cannot start the broker process")?;
+    let pid = child.id();
+    std::fs::write(pid_path(&data_dir), format!("{pid}\n"))
+        .with_context(|| format!("cannot write {}", pid_path(&data_dir).display()))?;
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let new_log = read_from(&log_path, log_start);
+        if let Some(line) = new_log.lines().find(|l| l.contains(READY_MARK)) {
+            println!("{line}");
+            println!(
+                "started in the background (pid {pid}); log: {}",
+                log_path.display()
+            );
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let _ = std::fs::remove_file(pid_path(&data_dir));
+            bail!(
+                "the broker exited ({status}) before it was ready:\n{}",
+                new_log.trim_end()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the broker (pid {pid}) is not ready after 60 s; see {}",
+                log_path.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn read_from(path: &Path, offset: u64) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        if f.seek(SeekFrom::Start(offset)).is_ok() {
+            let mut buf = Vec::new();
+            let _ = f.read_to_end(&mut buf);
+            s = String::from_utf8_lossy(&buf).into_owned();
+        }
+    }
+    s
+}
+
+async fn stop(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let data_dir = match data_dir {
+        Some(d) => d,
+        None => BrokerConfig::load(None, std::env::vars())
+            .map(|c| c.data_dir)
+            .unwrap_or_else(|_| PathBuf::from("./quiver-data")),
+    };
+    let pid_file = pid_path(&data_dir);
+    let Some(pid) = read_pid(&pid_file)? else {
+        bail!(
+            "no pid file at {}: is a broker running with data directory {}?",
+            pid_file.display(),
+            data_dir.display()
+        );
+    };
+    if !alive(pid) {
+        let _ = std::fs::remove_file(&pid_file);
+        bail!("the broker (pid {pid}) is not running; removed the stale pid file");
+    }
+    // SAFETY: sending SIGTERM to a pid we read from our own pid file.
+    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+        bail!(
+            "cannot signal pid {pid}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alive(pid) && !is_zombie(pid) {
+        if Instant::now() > deadline {
+            bail!("the broker (pid {pid}) did not stop within 30 s; kill it with `kill -9 {pid}`");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = std::fs::remove_file(&pid_file);
+    println!("stopped the broker (pid {pid})");
+    Ok(())
+}
+
+/// True when `pid` has exited but was not reaped yet (its parent is still around).
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}

@@ -1,0 +1,212 @@
+//! `quiver consume TOPIC`: reads partitions with the SDK's [`Consumer`] and prints records
+//! as text or JSON lines through a buffered stdout. Without `--follow` it stops at the end
+//! offsets seen at start (or after `--max-messages`); a closed pipe ends it quietly.
+//!
+//! Consumer groups (`--group`) and consume-time processors (`--processor`) will plug in
+//! where the consumer is built ([`build_consumer`]) and where records are printed.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use quiver_client::{ClientError, ConsumedRecord, Consumer, ConsumerConfig, SeekTo};
+
+use crate::connect::GlobalOpts;
+use crate::output::is_broken_pipe;
+
+/// Record output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RecordFormat {
+    /// The value per line (key and a tab first with `--print-key`).
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `quiver consume`.
+#[derive(Debug, Args)]
+pub struct ConsumeArgs {
+    /// Topic to read.
+    topic: String,
+    /// Start at the first stored record (default: the end, like Kafka).
+    #[arg(long, conflicts_with = "offset")]
+    from_beginning: bool,
+    /// Start at this offset (in every partition read).
+    #[arg(long, value_name = "N")]
+    offset: Option<i64>,
+    /// Read only this partition.
+    #[arg(long, value_name = "N")]
+    partition: Option<u32>,
+    /// Stop after this many records.
+    #[arg(long, value_name = "N")]
+    max_messages: Option<u64>,
+    /// Keep waiting for new records instead of stopping at the end.
+    #[arg(long)]
+    follow: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = RecordFormat::Text)]
+    output: RecordFormat,
+    /// With text output, print the key and a tab before the value.
+    #[arg(long)]
+    print_key: bool,
+}
+
+/// Runs `quiver consume`; a closed stdout ends it without an error.
+pub async fn run(global: &GlobalOpts, args: ConsumeArgs) -> anyhow::Result<()> {
+    match consume(global, &args).await {
+        Err(e) if is_broken_pipe(&e) => Ok(()),
+        other => other,
+    }
+}
+
+/// Makes the consumer and assigns the partitions to read (groups will assign here instead).
+async fn build_consumer(
+    global: &GlobalOpts,
+    args: &ConsumeArgs,
+) -> anyhow::Result<(Consumer, Vec<u32>)> {
+    quiver_protocol::requests::validate_topic_name(&args.topic).map_err(|e| anyhow::anyhow!(e))?;
+    if matches!(args.offset, Some(o) if o < 0) {
+        bail!("--offset must be 0 or more");
+    }
+    let client = global.connect().await?;
+    let count = client
+        .partition_count(&args.topic)
+        .await
+        .map_err(|e| match e {
+            ClientError::TopicNotFound(_) => anyhow::anyhow!(
+                "topic {:?} does not exist (see `quiver topic list`)",
+                args.topic
+            ),
+            e => anyhow::Error::new(e).context(format!("cannot look up topic {:?}", args.topic)),
+        })?;
+    let partitions: Vec<u32> = match args.partition {
+        Some(p) if p >= count => bail!(
+            "topic {} has {count} partition(s); --partition {p} does not exist",
+            args.topic
+        ),
+        Some(p) => vec![p],
+        None => (0..count).collect(),
+    };
+    let start = match (args.from_beginning, args.offset) {
+        (true, _) => SeekTo::Beginning,
+        (false, Some(o)) => SeekTo::Offset(o),
+        (false, None) => SeekTo::End,
+    };
+    let mut consumer = Consumer::new(
+        client,
+        ConsumerConfig {
+            start,
+            ..ConsumerConfig::default()
+        },
+    );
+    consumer
+        .assign(&args.topic, partitions.iter().copied())
+        .await?;
+    Ok((consumer, partitions))
+}
+
+async fn consume(global: &GlobalOpts, args: &ConsumeArgs) -> anyhow::Result<()> {
+    let (mut consumer, partitions) = build_consumer(global, args).await?;
+    // Without --follow, stop at the end offsets seen now.
+    let mut remaining: BTreeMap<u32, i64> = BTreeMap::new();
+    if !args.follow {
+        let ends = consumer
+            .end_offsets(&args.topic)
+            .await
+            .context("cannot read the end offsets")?;
+        for &p in &partitions {
+            let end = ends.get(&p).copied().unwrap_or(0);
+            let pos = consumer.position(&args.topic, p).await?;
+            if pos < end {
+                remaining.insert(p, end);
+            }
+        }
+        if remaining.is_empty() {
+            return Ok(());
+        }
+    }
+    let max = args.max_messages.unwrap_or(u64::MAX);
+    if max == 0 {
+        return Ok(());
+    }
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(256 * 1024, stdout.lock());
+    let mut printed: u64 = 0;
+    'outer: loop {
+        let records = consumer.poll().await.context("cannot read records")?;
+        for r in &records {
+            if !args.follow {
+                match remaining.get(&r.partition) {
+                    Some(&end) if r.offset < end => {}
+                    _ => continue,
+                }
+            }
+            print_record(&mut out, r, args)?;
+            printed += 1;
+            if printed >= max {
+                break 'outer;
+            }
+            if !args.follow && r.offset + 1 >= remaining.get(&r.partition).copied().unwrap_or(0) {
+                remaining.remove(&r.partition);
+                if remaining.is_empty() {
+                    break 'outer;
+                }
+            }
+        }
+        out.flush()?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn print_record(
+    out: &mut impl Write,
+    r: &ConsumedRecord,
+    args: &ConsumeArgs,
+) -> anyhow::Result<()> {
+    match args.output {
+        RecordFormat::Text => {
+            if args.print_key {
+                match &r.key {
+                    Some(k) => out.write_all(k)?,
+                    None => out.write_all(b"null")?,
+                }
+                out.write_all(b"\t")?;
+            }
+            out.write_all(&r.value)?;
+            out.write_all(b"\n")?;
+        }
+        RecordFormat::Json => {
+            let line = JsonRecord {
+                topic: &r.topic,
+                partition: r.partition,
+                offset: r.offset,
+                timestamp: r.timestamp,
+                key: r.key.as_deref().map(String::from_utf8_lossy),
+                value: String::from_utf8_lossy(&r.value),
+                headers: r
+                    .headers
+                    .iter()
+                    .map(|h| (h.key.as_str(), String::from_utf8_lossy(&h.value)))
+                    .collect(),
+            };
+            serde_json::to_writer(&mut *out, &line)?;
+            out.write_all(b"\n")?;
+        }
+    }
+    Ok(())
+}
+
+/// One record as a JSON line.
+#[derive(serde::Serialize)]
+struct JsonRecord<'a> {
+    topic: &'a str,
+    partition: u32,
+    offset: i64,
+    timestamp: i64,
+    key: Option<Cow<'a, str>>,
+    value: Cow<'a, str>,
+    headers: BTreeMap<&'a str, Cow<'a, str>>,
+}

@@ -1,0 +1,207 @@
+//! `quiver topic …`: create, list, describe, alter and delete topics through the SDK's
+//! [`Admin`]. Thin: parse, call, print (table or JSON).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use quiver_client::{Admin, ClientError};
+
+use crate::connect::{parse_pairs, GlobalOpts};
+use crate::output::{self, Format};
+
+/// `quiver topic`.
+#[derive(Debug, Args)]
+pub struct TopicArgs {
+    #[command(subcommand)]
+    command: TopicCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum TopicCommand {
+    /// Create a topic.
+    Create {
+        /// Topic name (letters, digits, '.', '_', '-').
+        name: String,
+        /// Number of partitions.
+        #[arg(long, default_value_t = 1)]
+        partitions: u32,
+        /// Topic config override, key=value (repeatable), e.g. retention.ms=3600000.
+        #[arg(long = "config", value_name = "KEY=VALUE")]
+        config: Vec<String>,
+    },
+    /// List topics.
+    List {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// Show a topic's config and partitions.
+    Describe {
+        /// Topic name.
+        name: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// Change topic config keys.
+    Alter {
+        /// Topic name.
+        name: String,
+        /// Config to set, key=value (repeatable).
+        #[arg(long = "config", value_name = "KEY=VALUE", required = true)]
+        config: Vec<String>,
+    },
+    /// Delete a topic and its data.
+    Delete {
+        /// Topic name.
+        name: String,
+    },
+}
+
+/// Runs a `topic` subcommand.
+pub async fn run(global: &GlobalOpts, args: TopicArgs) -> anyhow::Result<()> {
+    if let TopicCommand::Create { name, .. }
+    | TopicCommand::Describe { name, .. }
+    | TopicCommand::Alter { name, .. }
+    | TopicCommand::Delete { name } = &args.command
+    {
+        if let Err(e) = quiver_protocol::requests::validate_topic_name(name) {
+            bail!("{e}");
+        }
+    }
+    let admin = Admin::new(global.connect().await?);
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    match args.command {
+        TopicCommand::Create {
+            name,
+            partitions,
+            config,
+        } => {
+            if partitions == 0 {
+                bail!("--partitions must be at least 1");
+            }
+            let config: BTreeMap<String, String> =
+                parse_pairs(&config, "--config")?.into_iter().collect();
+            let d = admin
+                .create_topic(&name, partitions, config)
+                .await
+                .map_err(|e| match e {
+                    ClientError::TopicAlreadyExists(_) => anyhow::anyhow!(
+                        "topic {name:?} already exists (see `quiver topic describe {name}`)"
+                    ),
+                    e => anyhow::Error::new(e).context(format!("cannot create topic {name:?}")),
+                })?;
+            writeln!(
+                out,
+                "created topic {} with {} partition(s)",
+                d.name,
+                d.partitions.len()
+            )?;
+        }
+        TopicCommand::List { output } => {
+            let topics = admin.list_topics().await.context("cannot list topics")?;
+            match output {
+                Format::Json => output::json(&mut out, &topics)?,
+                Format::Table => {
+                    let rows: Vec<Vec<String>> = topics
+                        .iter()
+                        .map(|t| {
+                            let mut leaders: Vec<u32> =
+                                t.partitions.iter().map(|p| p.leader).collect();
+                            leaders.sort_unstable();
+                            leaders.dedup();
+                            vec![
+                                t.name.clone(),
+                                t.partitions.len().to_string(),
+                                leaders
+                                    .iter()
+                                    .map(u32::to_string)
+                                    .collect::<Vec<_>>()
+                                    .join(","),
+                            ]
+                        })
+                        .collect();
+                    output::table(&mut out, &["NAME", "PARTITIONS", "LEADERS"], &rows)?;
+                }
+            }
+        }
+        TopicCommand::Describe { name, output } => {
+            let d = admin
+                .describe_topic(&name)
+                .await
+                .map_err(|e| not_found(e, &name))?;
+            match output {
+                Format::Json => output::json(&mut out, &d)?,
+                Format::Table => {
+                    writeln!(out, "Topic: {}  Partitions: {}", d.name, d.partitions.len())?;
+                    writeln!(out, "Config:")?;
+                    for (k, v) in &d.config {
+                        writeln!(out, "  {k} = {v}")?;
+                    }
+                    writeln!(out)?;
+                    let rows: Vec<Vec<String>> = d
+                        .partitions
+                        .iter()
+                        .map(|p| {
+                            vec![
+                                p.partition.to_string(),
+                                p.leader.to_string(),
+                                p.log_start_offset.to_string(),
+                                p.high_watermark.to_string(),
+                                p.log_end_offset.to_string(),
+                                p.size_bytes.to_string(),
+                            ]
+                        })
+                        .collect();
+                    output::table(
+                        &mut out,
+                        &[
+                            "PARTITION",
+                            "LEADER",
+                            "LOG-START",
+                            "HIGH-WATERMARK",
+                            "LOG-END",
+                            "SIZE-BYTES",
+                        ],
+                        &rows,
+                    )?;
+                }
+            }
+        }
+        TopicCommand::Alter { name, config } => {
+            let set: BTreeMap<String, String> =
+                parse_pairs(&config, "--config")?.into_iter().collect();
+            let d = admin
+                .alter_topic_config(&name, set.clone())
+                .await
+                .map_err(|e| not_found(e, &name))?;
+            for k in set.keys() {
+                if let Some(v) = d.config.get(k) {
+                    writeln!(out, "{}: {k} = {v}", d.name)?;
+                }
+            }
+        }
+        TopicCommand::Delete { name } => {
+            let n = admin
+                .delete_topic(&name)
+                .await
+                .map_err(|e| not_found(e, &name))?;
+            writeln!(out, "deleted topic {name} ({n} partition(s))")?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Turns "unknown topic" into advice, and adds context to anything else.
+fn not_found(e: ClientError, name: &str) -> anyhow::Error {
+    match e {
+        ClientError::TopicNotFound(_) => {
+            anyhow::anyhow!("topic {name:?} does not exist (see `quiver topic list`)")
+        }
+        e => anyhow::Error::new(e).context(format!("topic {name:?}")),
+    }
+}

@@ -1,0 +1,152 @@
+//! Topic administration through the CLI: create, list, describe (table and JSON), alter,
+//! delete (refused unless enabled), and clear errors for bad input that change nothing.
+
+use super::harness::TestBroker;
+
+#[test]
+fn create_list_describe_alter() {
+    let b = TestBroker::start();
+    b.cli_ok(&[
+        "topic",
+        "create",
+        "orders",
+        "--partitions",
+        "3",
+        "--config",
+        "retention.ms=60000",
+    ]);
+    b.cli_ok(&["topic", "create", "audit"]);
+    let list: serde_json::Value =
+        serde_json::from_str(&b.cli_ok(&["topic", "list", "--output", "json"])).unwrap();
+    let names: Vec<&str> = list
+        .as_array()
+        .expect("list is an array")
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["audit", "orders"]);
+    let d: serde_json::Value =
+        serde_json::from_str(&b.cli_ok(&["topic", "describe", "orders", "--output", "json"]))
+            .unwrap();
+    assert_eq!(d["partitions"].as_array().unwrap().len(), 3);
+    assert_eq!(d["config"]["retention.ms"], "60000");
+    assert_eq!(d["config"]["flush"], "batch");
+    let table = b.cli_ok(&["topic", "describe", "orders"]);
+    assert!(
+        table.contains("retention.ms") && table.contains("60000"),
+        "{table}"
+    );
+
+    b.cli_ok(&[
+        "topic",
+        "alter",
+        "orders",
+        "--config",
+        "retention.bytes=1048576",
+    ]);
+    let d: serde_json::Value =
+        serde_json::from_str(&b.cli_ok(&["topic", "describe", "orders", "--output", "json"]))
+            .unwrap();
+    assert_eq!(d["config"]["retention.bytes"], "1048576");
+    assert_eq!(d["config"]["retention.ms"], "60000", "other keys are kept");
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    let b = TestBroker::start();
+    b.cli_ok(&["topic", "create", "t1"]);
+    for (args, needle) in [
+        (vec!["topic", "create", "t1"], "already exists"),
+        (vec!["topic", "create", "bad/name"], "character"),
+        (
+            vec!["topic", "create", "t2", "--partitions", "0"],
+            "partitions",
+        ),
+        (
+            vec!["topic", "create", "t3", "--config", "retention.secs=5"],
+            "retention.secs",
+        ),
+        (
+            vec!["topic", "alter", "t1", "--config", "flush=sometimes"],
+            "flush",
+        ),
+        (vec!["topic", "describe", "missing"], "does not exist"),
+        (vec!["topic", "delete", "t1"], "delete_topic_enable"),
+    ] {
+        let out = b.cli(&args);
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(needle),
+            "{args:?}: error {err:?} should mention {needle:?}"
+        );
+    }
+    let list = b.cli_ok(&["topic", "list", "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(
+        v.as_array().unwrap().len(),
+        1,
+        "nothing was created: {list}"
+    );
+    let d: serde_json::Value =
+        serde_json::from_str(&b.cli_ok(&["topic", "describe", "t1", "--output", "json"])).unwrap();
+    assert_eq!(
+        d["config"]["flush"], "batch",
+        "the refused alter changed nothing"
+    );
+}
+
+#[test]
+fn delete_allowed_when_enabled() {
+    let b = TestBroker::start_with_config("delete_topic_enable = true\n");
+    b.cli_ok(&["topic", "create", "gone", "--partitions", "2"]);
+    b.cli_with_stdin(&["produce", "gone"], Some(b"x\ny\n"));
+    b.cli_ok(&["topic", "delete", "gone"]);
+    assert!(!b.cli(&["topic", "describe", "gone"]).status.success());
+    // A topic re-created under the same name starts empty.
+    b.cli_ok(&["topic", "create", "gone"]);
+    let d: serde_json::Value =
+        serde_json::from_str(&b.cli_ok(&["topic", "describe", "gone", "--output", "json"]))
+            .unwrap();
+    assert_eq!(d["partitions"][0]["log_end_offset"], 0);
+}
+
+#[test]
+fn retention_by_size_deletes_old_batches() {
+    let b = TestBroker::start_with_config("retention_check_interval_ms = 100\n");
+    b.cli_ok(&[
+        "topic",
+        "create",
+        "small",
+        "--config",
+        "retention.bytes=2000",
+    ]);
+    for i in 0..10 {
+        let line = format!("{}\n", "x".repeat(500 + i));
+        b.cli_with_stdin(&["produce", "small"], Some(line.as_bytes()));
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let d: serde_json::Value =
+            serde_json::from_str(&b.cli_ok(&["topic", "describe", "small", "--output", "json"]))
+                .unwrap();
+        let start = d["partitions"][0]["log_start_offset"].as_i64().unwrap();
+        let size = d["partitions"][0]["size_bytes"].as_u64().unwrap();
+        if start > 0 {
+            assert!(size <= 2000, "size {size} still above retention.bytes");
+            assert_eq!(d["partitions"][0]["log_end_offset"], 10);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "retention never ran: {d}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // Reading from the beginning starts at the new log start.
+    let out = b.cli_ok(&["consume", "small", "--from-beginning", "--output", "json"]);
+    let first = super::harness::json_lines(&out)[0]["offset"]
+        .as_i64()
+        .unwrap();
+    assert!(first > 0);
+}
