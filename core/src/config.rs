@@ -404,3 +404,17 @@ mod tests {
         assert!(e.to_string().contains("no_such"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod documented_defaults {
+    use super::*;
+
+    /// `config/broker.toml` documents every key with its default: it must load to exactly
+    /// the defaults in code.
+    #[test]
+    fn sample_config_matches_code_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/broker.toml");
+        let cfg = BrokerConfig::load(Some(&path), Vec::new()).unwrap();
+        assert_eq!(cfg, BrokerConfig::default());
+    }
+}
