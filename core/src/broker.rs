@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::config::BrokerConfig;
+use crate::group::GroupService;
 use crate::log::Flusher;
 use crate::metrics::Metrics;
 use crate::server::{endpoint, ServerContext};
@@ -32,7 +33,13 @@ pub enum BrokerError {
     Tls(String),
     /// The network endpoint failed.
     #[error("network: {0}")]
-    Io(#[from] std::io::Error),
+    Io(String),
+}
+
+impl From<std::io::Error> for BrokerError {
+    fn from(e: std::io::Error) -> Self {
+        BrokerError::Io(e.to_string())
+    }
 }
 
 /// Entry point: [`Broker::start`].
@@ -183,10 +190,7 @@ impl Broker {
         let metrics_addr = match &config.metrics_listen {
             Some(m) => {
                 let l = tokio::net::TcpListener::bind(m).await.map_err(|e| {
-                    BrokerError::Io(std::io::Error::new(
-                        e.kind(),
-                        format!("metrics_listen {m}: {e}"),
-                    ))
+                    BrokerError::Io(format!("metrics_listen {m}: {e}"))
                 })?;
                 let a = l.local_addr()?;
                 tokio::spawn(crate::metrics::serve(l, metrics.clone(), stop_rx.clone()));
@@ -194,12 +198,20 @@ impl Broker {
             }
             None => None,
         };
+        let groups = GroupService::open(
+            topics.clone(),
+            flusher.clone(),
+            config.limits.max_frame_bytes as usize,
+        )
+        .map_err(|e| BrokerError::Storage(format!("consumer groups: {e}")))?;
+        let group_task = tokio::spawn(groups.clone().run_ticker(stop_rx.clone()));
         let config = Arc::new(config);
         let ctx = ServerContext::new(
             config.clone(),
             topics.clone(),
             flusher.clone(),
             metrics,
+            groups,
             stop_rx.clone(),
         );
         let accept_task = tokio::spawn(endpoint::accept_loop(endpoint.clone(), ctx.clone()));
@@ -224,6 +236,7 @@ impl Broker {
                 }
                 endpoint.close(quinn::VarInt::from_u32(0), b"broker shutting down");
                 let _ = retention_task.await;
+                let _ = group_task.await;
                 let _ = flush_task.await;
                 for t in topics.list() {
                     for p in &t.partitions {

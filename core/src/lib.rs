@@ -3,6 +3,7 @@
 //! - [`config`]: the broker's TOML config, defaults, environment overrides, validation;
 //! - [`log`]: the sled-backed partition log (append, read, offsets, time index, retention);
 //! - [`topic`]: topic config and the topic registry;
+//! - [`group`]: consumer groups: coordinator state machine, assignment, committed offsets;
 //! - [`server`]: the QUIC endpoint, per-stream framing and request dispatch;
 //! - [`tls`]: certificates (configured, or a self-made CA under `<data_dir>/tls/`);
 //! - [`metrics`]: counters and histograms, served as Prometheus text over HTTP;
@@ -10,6 +11,7 @@
 
 pub mod broker;
 pub mod config;
+pub mod group;
 pub mod log;
 pub mod metrics;
 pub mod server;

@@ -24,6 +24,11 @@ use crate::topic::{FlushPolicy, TopicConfig};
 
 /// Bytes of batches between two time-index entries.
 const TIME_INDEX_INTERVAL: u64 = 256 * 1024;
+/// Longest wait of a batch for its producer's earlier batches before the request fails.
+const SEQUENCE_WAIT: Duration = Duration::from_secs(5);
+/// Longest wait of an unknown producer's batch for earlier ones before it is taken as a
+/// new start (a producer whose state aged out, or that the broker never saw).
+const UNKNOWN_PRODUCER_WAIT: Duration = Duration::from_millis(500);
 /// How many of the newest batches are CRC-checked, and scanned for producer state, at open.
 const RECOVERY_TAIL: usize = 64;
 
@@ -269,22 +274,28 @@ impl PartitionLog {
             .iter()
             .map(|b| batch::validate(b, config.max_message_bytes as usize))
             .collect::<Result<Vec<_>, _>>()?;
-        let deadline = tokio::time::Instant::now() + timeout;
+        let now = tokio::time::Instant::now();
+        let deadline = now + timeout;
         let mut result: Option<AppendResult> = None;
         for (raw, h) in batches.iter().zip(&headers) {
+            let sequence_deadline = now + SEQUENCE_WAIT.min(timeout);
+            let unknown_deadline = now + UNKNOWN_PRODUCER_WAIT;
             let appended = loop {
                 let moved = self.sequence_moved.notified();
                 tokio::pin!(moved);
                 moved.as_mut().enable();
-                if let Some(done) = self.try_append(raw, h, config)? {
-                    break done;
-                }
-                if tokio::time::timeout_at(deadline, moved).await.is_err() {
+                let force_new = tokio::time::Instant::now() >= unknown_deadline;
+                let wait_until = match self.try_append(raw, h, force_new)? {
+                    Ok(done) => break done,
+                    Err(SequenceCheck::WaitUnknown) => unknown_deadline,
+                    Err(_) => sequence_deadline,
+                };
+                if tokio::time::timeout_at(wait_until, moved).await.is_err() && wait_until == sequence_deadline {
                     return Err(LogError::Timeout(format!(
-                        "batch with sequence {} of producer {} waited {} ms for its predecessors",
+                        "batch with sequence {} of producer {} waited {} ms for the producer's earlier batches",
                         h.base_sequence,
                         h.producer_id,
-                        timeout.as_millis()
+                        SEQUENCE_WAIT.min(timeout).as_millis()
                     )));
                 }
             };
@@ -326,15 +337,21 @@ impl PartitionLog {
         Ok(result)
     }
 
+    /// Appends `raw` if its producer sequence allows; otherwise says what to wait for.
+    /// `force_new` accepts an unknown producer's batch as a new start.
     fn try_append(
         &self,
         raw: &Bytes,
         h: &BatchHeader,
-        config: &TopicConfig,
-    ) -> Result<Option<AppendResult>, LogError> {
+        force_new: bool,
+    ) -> Result<Result<AppendResult, SequenceCheck>, LogError> {
         let mut st = self.lock();
         match st.producers.check(h.producer_id, h.base_sequence, h.record_count) {
-            SequenceCheck::Wait => return Ok(None),
+            SequenceCheck::Wait => return Ok(Err(SequenceCheck::Wait)),
+            SequenceCheck::WaitUnknown if !force_new => return Ok(Err(SequenceCheck::WaitUnknown)),
+            SequenceCheck::WaitUnknown => {
+                tracing::debug!(producer = h.producer_id, seq = h.base_sequence, "unknown producer starts mid-sequence");
+            }
             SequenceCheck::Reject => {
                 return Err(LogError::Sequence(format!(
                     "sequence {} of producer {} is older than any batch remembered; it was either stored long ago or lost",
@@ -343,7 +360,7 @@ impl PartitionLog {
             }
             SequenceCheck::Duplicate(b) => {
                 tracing::debug!(producer = h.producer_id, seq = h.base_sequence, "duplicate batch answered with its first offsets");
-                return Ok(Some(AppendResult {
+                return Ok(Ok(AppendResult {
                     base_offset: b.base_offset,
                     last_offset: b.last_offset,
                     records: 0,
@@ -356,7 +373,6 @@ impl PartitionLog {
         let mut stored = raw.to_vec();
         batch::set_base_offset(&mut stored, base);
         batch::set_leader_epoch(&mut stored, st.leader_epoch);
-        let _ = config;
         self.batches.insert(offset_key(base), stored)?;
         if st.bytes_since_index >= TIME_INDEX_INTERVAL {
             self.time_index
@@ -377,7 +393,7 @@ impl PartitionLog {
         );
         st.log_end = last + 1;
         st.size_bytes += raw.len() as u64;
-        Ok(Some(AppendResult {
+        Ok(Ok(AppendResult {
             base_offset: base,
             last_offset: last,
             records: h.record_count as u64,
@@ -685,6 +701,19 @@ mod tests {
             .unwrap();
         assert_eq!((dup.base_offset, dup.records), (2, 0));
         assert_eq!(p.snapshot().log_end, 6);
+    }
+
+    #[tokio::test]
+    async fn a_new_producers_second_batch_overtaking_its_first_waits_for_it() {
+        let (_dir, db, f, _stop) = setup().await;
+        let p = Arc::new(PartitionLog::open(&db, db.open_tree("meta").unwrap(), 1, "t", 0).unwrap());
+        let cfg = TopicConfig::default();
+        let (p2, f2, cfg2) = (p.clone(), f.clone(), cfg.clone());
+        let second = tokio::spawn(async move { p2.append(vec![batch(3, 0, 42, 3)], &cfg2, &f2, Duration::from_secs(5)).await });
+        tokio::task::yield_now().await;
+        let first = p.append(vec![batch(3, 0, 42, 0)], &cfg, &f, Duration::from_secs(5)).await.unwrap();
+        let second = second.await.unwrap().unwrap();
+        assert_eq!((first.base_offset, second.base_offset), (0, 3));
     }
 
     #[tokio::test]

@@ -33,6 +33,9 @@ pub enum SequenceCheck {
     Duplicate(AppendedBatch),
     /// Its predecessors have not arrived yet: wait and check again.
     Wait,
+    /// An unknown producer that does not start at sequence 0: its earlier batches may
+    /// still be in flight, so wait briefly for them, then accept it as a new start.
+    WaitUnknown,
     /// It can never fit (an old sequence no longer remembered).
     Reject,
 }
@@ -54,13 +57,16 @@ impl ProducerTable {
         if producer_id < 0 || first_seq < 0 {
             return SequenceCheck::Append;
         }
-        let Some(entry) = self.producers.get(&producer_id) else {
-            // Unknown producer (new, or its state aged out): start from here.
-            return SequenceCheck::Append;
+        let Some(last) = self.producers.get(&producer_id).and_then(|e| e.recent.back()) else {
+            // A new producer starts at 0. Any other start is either a batch that overtook
+            // the producer's first one on another stream, or a producer whose state aged out.
+            return if first_seq == 0 {
+                SequenceCheck::Append
+            } else {
+                SequenceCheck::WaitUnknown
+            };
         };
-        let Some(last) = entry.recent.back() else {
-            return SequenceCheck::Append;
-        };
+        let entry = &self.producers[&producer_id];
         let expected = last.last_seq.wrapping_add(1);
         if first_seq == expected {
             return SequenceCheck::Append;
@@ -113,7 +119,8 @@ mod tests {
         assert_eq!(t.check(7, 10, 5), SequenceCheck::Append);
         assert_eq!(t.check(7, 0, 10), SequenceCheck::Duplicate(b(0, 9, 100)));
         assert_eq!(t.check(7, 20, 5), SequenceCheck::Wait);
-        assert_eq!(t.check(8, 20, 5), SequenceCheck::Append);
+        assert_eq!(t.check(8, 20, 5), SequenceCheck::WaitUnknown);
+        assert_eq!(t.check(8, 0, 5), SequenceCheck::Append);
         assert_eq!(t.check(-1, 3, 5), SequenceCheck::Append);
     }
 

@@ -31,6 +31,15 @@ pub async fn dispatch(
         ApiKey::DeleteTopic => requests::delete_topic::handle(ctx, body)?,
         ApiKey::DescribeTopic => requests::describe_topic::handle(ctx, body)?,
         ApiKey::AlterTopicConfig => requests::alter_topic_config::handle(ctx, body)?,
+        ApiKey::JoinGroup => requests::join_group::handle(ctx, body).await?,
+        ApiKey::Heartbeat => requests::heartbeat::handle(ctx, body).await?,
+        ApiKey::LeaveGroup => requests::leave_group::handle(ctx, body)?,
+        ApiKey::CommitOffsets => requests::commit_offsets::handle(ctx, body).await?,
+        ApiKey::FetchOffsets => requests::fetch_offsets::handle(ctx, body)?,
+        ApiKey::ListGroups => requests::list_groups::handle(ctx, body)?,
+        ApiKey::DescribeGroup => requests::describe_group::handle(ctx, body)?,
+        ApiKey::ResetOffsets => requests::reset_offsets::handle(ctx, body).await?,
+        ApiKey::DeleteGroup => requests::delete_group::handle(ctx, body).await?,
         ApiKey::Subscribe => {
             requests::subscribe::handle(ctx, body, send).await?;
             return Ok(Outcome::Streamed);

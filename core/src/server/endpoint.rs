@@ -43,9 +43,8 @@ pub fn bind(
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
     server.transport_config(Arc::new(transport_config(limits)));
     Endpoint::server(server, addr).map_err(|e| {
-        BrokerError::Io(std::io::Error::new(
-            e.kind(),
-            format!("cannot bind UDP {addr}: {e} (is another broker using this address? pick another with --listen)"),
+        BrokerError::Io(format!(
+            "cannot bind UDP {addr}: {e} (is another broker using this address? pick another with --listen)"
         ))
     })
 }

@@ -17,6 +17,7 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 
 use crate::config::BrokerConfig;
+use crate::group::GroupService;
 use crate::log::Flusher;
 use crate::metrics::Metrics;
 use crate::topic::TopicRegistry;
@@ -31,6 +32,8 @@ pub struct ServerContext {
     pub flusher: Arc<Flusher>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Consumer groups coordinated here.
+    pub groups: Arc<GroupService>,
     /// Turns true when the broker starts shutting down.
     pub stopping: watch::Receiver<bool>,
     inflight: AtomicUsize,
@@ -44,6 +47,7 @@ impl ServerContext {
         topics: Arc<TopicRegistry>,
         flusher: Arc<Flusher>,
         metrics: Arc<Metrics>,
+        groups: Arc<GroupService>,
         stopping: watch::Receiver<bool>,
     ) -> Arc<ServerContext> {
         Arc::new(ServerContext {
@@ -51,6 +55,7 @@ impl ServerContext {
             topics,
             flusher,
             metrics,
+            groups,
             stopping,
             inflight: AtomicUsize::new(0),
             idle: Notify::new(),

@@ -236,12 +236,32 @@ impl TopicRegistry {
         partitions: u32,
         overrides: &BTreeMap<String, String>,
     ) -> Result<Arc<Topic>, TopicError> {
-        validate_topic_name(name).map_err(TopicError::InvalidName)?;
         if name.starts_with("__") {
             return Err(TopicError::InvalidName(format!(
                 "topic names starting with \"__\" are reserved for internal topics: {name:?}"
             )));
         }
+        self.create_any(name, partitions, overrides)
+    }
+
+    /// Creates an internal topic (a name starting with `__`, such as `__consumer_offsets`);
+    /// only the broker itself calls this.
+    pub fn create_internal(
+        &self,
+        name: &str,
+        partitions: u32,
+        overrides: &BTreeMap<String, String>,
+    ) -> Result<Arc<Topic>, TopicError> {
+        self.create_any(name, partitions, overrides)
+    }
+
+    fn create_any(
+        &self,
+        name: &str,
+        partitions: u32,
+        overrides: &BTreeMap<String, String>,
+    ) -> Result<Arc<Topic>, TopicError> {
+        validate_topic_name(name).map_err(TopicError::InvalidName)?;
         if partitions == 0 || partitions > MAX_PARTITIONS {
             return Err(TopicError::InvalidPartitions(format!(
                 "partitions must be between 1 and {MAX_PARTITIONS}, got {partitions}"

@@ -31,8 +31,15 @@ pub fn topic_metadata(ctx: &ServerContext, t: &Topic) -> TopicMetadata {
 /// Handles a metadata request.
 pub fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let (req, _) = decode::<MetadataRequest>(&body)?;
-    let topics = match &req.topics {
-        None => ctx.topics.list(),
+    let topics: Vec<_> = match &req.topics {
+        // Listing every topic leaves out internal ones (`__consumer_offsets`); asking by
+        // name still finds them.
+        None => ctx
+            .topics
+            .list()
+            .into_iter()
+            .filter(|t| !t.name().starts_with("__"))
+            .collect(),
         Some(names) => names.iter().filter_map(|n| ctx.topics.get(n)).collect(),
     };
     Ok(Reply::control(&MetadataResponse {

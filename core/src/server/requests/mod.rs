@@ -2,13 +2,22 @@
 //! against the topic registry and the partition logs, and returns a [`Reply`].
 
 pub mod alter_topic_config;
+pub mod commit_offsets;
 pub mod create_topic;
+pub mod delete_group;
 pub mod delete_topic;
+pub mod describe_group;
 pub mod describe_topic;
 pub mod fetch;
+pub mod fetch_offsets;
+pub mod heartbeat;
+pub mod join_group;
+pub mod leave_group;
+pub mod list_groups;
 pub mod list_offsets;
 pub mod metadata;
 pub mod produce;
+pub mod reset_offsets;
 pub mod subscribe;
 
 use bytes::Bytes;

@@ -1,0 +1,430 @@
+//! [`GroupService`]: the tokio layer around the [`GroupCoordinator`] state machine.
+//!
+//! It owns the coordinator behind a short mutex, reads the clock (a monotonic origin set at
+//! start), takes topic snapshots from the registry, persists durable records to
+//! `__consumer_offsets` before answering, parks heartbeat long-polls on a `watch` counter
+//! that every change bumps, and runs the 100 ms ticker that expires sessions. It logs the
+//! coordinator's events. It never decides anything the coordinator should.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use quiver_protocol::batch::{split_batches, BatchBuilder, Compression, RecordIter};
+use quiver_protocol::requests::{
+    CommitOffsetsRequest, CommitOffsetsResponse, DeleteGroupResponse, FetchOffsetsRequest,
+    FetchOffsetsResponse, GroupDescription, HeartbeatRequest, HeartbeatResponse, JoinGroupRequest,
+    JoinGroupResponse, ListGroupsResponse, OffsetSpec, ResetOffsetsRequest, ResetOffsetsResponse,
+    ResetTo,
+};
+use quiver_protocol::ErrorCode;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use super::coordinator::{CoordinatorConfig, GroupCoordinator, GroupError, GroupEvent};
+use super::records::{GroupRecord, OFFSETS_TOPIC};
+use super::TopicSnapshot;
+use crate::log::{Flusher, LogError, PartitionLog};
+use crate::server::requests::RequestError;
+use crate::topic::{TopicConfig, TopicError, TopicRegistry};
+
+/// How often sessions are checked.
+const TICK: Duration = Duration::from_millis(100);
+/// How long a persisted group record may wait for its disk flush.
+const PERSIST_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl From<GroupError> for RequestError {
+    fn from(e: GroupError) -> Self {
+        RequestError::new(e.code(), e.to_string())
+    }
+}
+
+/// Consumer groups of this broker.
+pub struct GroupService {
+    coord: Mutex<GroupCoordinator>,
+    changed: watch::Sender<u64>,
+    /// Serializes "apply in memory, then append": memory order equals log order.
+    persist: tokio::sync::Mutex<()>,
+    topics: Arc<TopicRegistry>,
+    flusher: Arc<Flusher>,
+    log: Arc<PartitionLog>,
+    log_config: TopicConfig,
+    started: Instant,
+    max_decompressed: usize,
+}
+
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn log_event(e: &GroupEvent) {
+    let names = |ps: &[quiver_protocol::requests::TopicPartition]| {
+        ps.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    match e {
+        GroupEvent::Joined {
+            group,
+            member,
+            generation,
+        } => {
+            info!(%group, %member, generation, "member joined")
+        }
+        GroupEvent::Left {
+            group,
+            member,
+            generation,
+        } => {
+            info!(%group, %member, generation, "member left")
+        }
+        GroupEvent::Expired {
+            group,
+            member,
+            generation,
+        } => {
+            info!(%group, %member, generation, "member session expired; removed")
+        }
+        GroupEvent::Rebalanced {
+            group,
+            generation,
+            moves,
+        } => {
+            let moved: Vec<String> = moves
+                .iter()
+                .map(|(tp, from, to)| format!("{tp}:{}->{to}", from.as_deref().unwrap_or("-")))
+                .collect();
+            info!(%group, generation, moves = moves.len(), moved = %moved.join(" "), "rebalanced")
+        }
+        GroupEvent::Revoking {
+            group,
+            member,
+            partitions,
+        } => {
+            info!(%group, %member, partitions = %names(partitions), "revoking")
+        }
+        GroupEvent::Released {
+            group,
+            member,
+            partitions,
+        } => {
+            info!(%group, %member, partitions = %names(partitions), "released")
+        }
+        GroupEvent::Granted {
+            group,
+            member,
+            partitions,
+        } => {
+            info!(%group, %member, partitions = %names(partitions), "granted")
+        }
+    }
+}
+
+impl GroupService {
+    /// Opens the service: creates `__consumer_offsets` if missing and rebuilds the group
+    /// state by replaying it.
+    pub fn open(
+        topics: Arc<TopicRegistry>,
+        flusher: Arc<Flusher>,
+        max_decompressed: usize,
+    ) -> Result<Arc<GroupService>, TopicError> {
+        let topic = match topics.get(OFFSETS_TOPIC) {
+            Some(t) => t,
+            None => topics.create_internal(
+                OFFSETS_TOPIC,
+                1,
+                &BTreeMap::from([
+                    ("retention.ms".to_string(), "-1".to_string()),
+                    ("flush".to_string(), "batch".to_string()),
+                ]),
+            )?,
+        };
+        let log = topic.partitions.first().cloned().ok_or_else(|| {
+            TopicError::InvalidPartitions(format!("{OFFSETS_TOPIC} has no partition"))
+        })?;
+        let nonce = wall_ms() as u64 % 0x1_0000_0000;
+        let mut coord = GroupCoordinator::new(CoordinatorConfig {
+            member_id_prefix: format!("{nonce:08x}"),
+            ..CoordinatorConfig::default()
+        });
+        let replayed = replay(&log, &mut coord, max_decompressed)?;
+        let groups = coord.list().groups.len();
+        info!(records = replayed, groups, "recovered consumer groups");
+        Ok(Arc::new(GroupService {
+            coord: Mutex::new(coord),
+            changed: watch::Sender::new(0),
+            persist: tokio::sync::Mutex::new(()),
+            log_config: topic.config(),
+            topics,
+            flusher,
+            log,
+            started: Instant::now(),
+            max_decompressed,
+        }))
+    }
+
+    fn now(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn lock(&self) -> MutexGuard<'_, GroupCoordinator> {
+        self.coord.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every topic and its partition count now.
+    fn snapshot(&self) -> TopicSnapshot {
+        self.topics
+            .list()
+            .iter()
+            .map(|t| (t.name(), t.partitions.len() as u32))
+            .collect()
+    }
+
+    /// Logs queued events and wakes parked heartbeats when anything happened.
+    fn after(&self, coord: &mut GroupCoordinator) {
+        let events = coord.drain_events();
+        if events.is_empty() {
+            return;
+        }
+        for e in &events {
+            log_event(e);
+        }
+        debug_assert!(coord.owners_are_unique());
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    async fn persist_records(&self, records: &[GroupRecord]) -> Result<(), RequestError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut b = BatchBuilder::new(Compression::None);
+        let ts = wall_ms();
+        for r in records {
+            let (k, v) = r.encode();
+            b.push(Some(&k), &v, ts, &[]);
+        }
+        self.log
+            .append(
+                vec![b.build()],
+                &self.log_config,
+                &self.flusher,
+                PERSIST_TIMEOUT,
+            )
+            .await
+            .map_err(|e| {
+                warn!(error = %e, "could not persist group records");
+                RequestError::new(
+                    ErrorCode::StorageError,
+                    format!("could not store the group change durably: {e}"),
+                )
+            })?;
+        Ok(())
+    }
+
+    /// JoinGroup.
+    pub async fn join(&self, req: &JoinGroupRequest) -> Result<JoinGroupResponse, RequestError> {
+        let _order = self.persist.lock().await;
+        let snapshot = self.snapshot();
+        let (resp, records) = {
+            let mut c = self.lock();
+            let r = c.join(self.now(), req, &snapshot);
+            self.after(&mut c);
+            r?
+        };
+        self.persist_records(&records).await?;
+        Ok(resp)
+    }
+
+    /// Heartbeat: answers at once when the member's view is out of date, else parks until
+    /// something changes for it, its heartbeat interval passes, or the broker stops.
+    pub async fn heartbeat(
+        &self,
+        req: &HeartbeatRequest,
+        mut stopping: watch::Receiver<bool>,
+    ) -> Result<HeartbeatResponse, RequestError> {
+        let mut changes = self.changed.subscribe();
+        changes.borrow_and_update();
+        let (answer, wait) = {
+            let mut c = self.lock();
+            let r = c.heartbeat(self.now(), req);
+            let wait = c.heartbeat_wait_ms(&req.group, &req.member_id);
+            self.after(&mut c);
+            (r?, wait)
+        };
+        debug!(group = %req.group, member = %req.member_id, owned = req.owned.len(), ready = answer.ready, "heartbeat");
+        if answer.ready || *stopping.borrow() {
+            return Ok(answer.response);
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(wait));
+        loop {
+            tokio::select! {
+                r = changes.changed() => {
+                    if r.is_err() {
+                        break;
+                    }
+                    let a = self.lock().poll_heartbeat(req)?;
+                    if a.ready {
+                        return Ok(a.response);
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = stopping.wait_for(|s| *s) => break,
+            }
+        }
+        Ok(self.lock().poll_heartbeat(req)?.response)
+    }
+
+    /// LeaveGroup; returns the generation after.
+    pub fn leave(&self, group: &str, member: &str) -> Result<u64, RequestError> {
+        let snapshot = self.snapshot();
+        let mut c = self.lock();
+        let r = c.leave(group, member, &snapshot);
+        self.after(&mut c);
+        Ok(r?)
+    }
+
+    /// CommitOffsets: checked, applied, then on disk before the answer.
+    pub async fn commit(
+        &self,
+        req: &CommitOffsetsRequest,
+    ) -> Result<CommitOffsetsResponse, RequestError> {
+        let _order = self.persist.lock().await;
+        let (resp, records) = self.lock().commit(req)?;
+        self.persist_records(&records).await?;
+        Ok(resp)
+    }
+
+    /// FetchOffsets.
+    pub fn fetch_offsets(&self, req: &FetchOffsetsRequest) -> FetchOffsetsResponse {
+        self.lock().fetch_offsets(req)
+    }
+
+    /// ListGroups.
+    pub fn list(&self) -> ListGroupsResponse {
+        self.lock().list()
+    }
+
+    /// DescribeGroup, with the partitions' offsets from their logs.
+    pub fn describe(&self, group: &str) -> Result<GroupDescription, RequestError> {
+        let snapshot = self.snapshot();
+        let offsets = |t: &str, p: u32| {
+            self.topics.partition(t, p).ok().map(|(_, log)| {
+                let s = log.snapshot();
+                (s.log_start, s.log_end, s.high_watermark)
+            })
+        };
+        Ok(self.lock().describe(group, &snapshot, &offsets)?)
+    }
+
+    /// ResetOffsets: resolves the target per partition, then stores it (refused while the
+    /// group has members).
+    pub async fn reset(
+        &self,
+        req: &ResetOffsetsRequest,
+    ) -> Result<ResetOffsetsResponse, RequestError> {
+        let topic = self.topics.topic(&req.topic)?;
+        if req.topic.starts_with("__") {
+            return Err(RequestError::new(
+                ErrorCode::InvalidRequest,
+                "offsets of internal topics cannot be reset",
+            ));
+        }
+        let mut offsets = Vec::with_capacity(topic.partitions.len());
+        for log in &topic.partitions {
+            let s = log.snapshot();
+            let o = match req.to {
+                ResetTo::Earliest => log.lookup(OffsetSpec::Earliest, self.max_decompressed)?.0,
+                ResetTo::Latest => log.lookup(OffsetSpec::Latest, self.max_decompressed)?.0,
+                ResetTo::Offset(n) => n.clamp(s.log_start, s.high_watermark),
+                ResetTo::Timestamp(t) => {
+                    log.lookup(OffsetSpec::Timestamp(t), self.max_decompressed)?
+                        .0
+                }
+            };
+            offsets.push((log.partition, o));
+        }
+        let _order = self.persist.lock().await;
+        let records = {
+            let mut c = self.lock();
+            c.reset_offsets(&req.group, &req.topic, &offsets)?
+        };
+        self.persist_records(&records).await?;
+        info!(group = %req.group, topic = %req.topic, ?offsets, "offsets reset");
+        Ok(ResetOffsetsResponse { offsets })
+    }
+
+    /// DeleteGroup (refused while the group has members).
+    pub async fn delete(&self, group: &str) -> Result<DeleteGroupResponse, RequestError> {
+        let _order = self.persist.lock().await;
+        let (n, records) = self.lock().delete(group)?;
+        self.persist_records(&records).await?;
+        info!(%group, offsets = n, "group deleted");
+        Ok(DeleteGroupResponse { offsets_deleted: n })
+    }
+
+    /// Runs the ticker (session expiry, topic changes) until `stop` turns true.
+    pub async fn run_ticker(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let snapshot = self.snapshot();
+            let mut c = self.lock();
+            c.tick(self.now(), &snapshot);
+            self.after(&mut c);
+        }
+    }
+}
+
+/// Replays `__consumer_offsets` into `coord`; returns how many records were applied.
+fn replay(
+    log: &PartitionLog,
+    coord: &mut GroupCoordinator,
+    max_decompressed: usize,
+) -> Result<u64, TopicError> {
+    let mut offset = log.snapshot().log_start;
+    let mut applied = 0;
+    loop {
+        let read = log.read(offset, 4 * 1024 * 1024)?;
+        if read.batches == 0 {
+            break;
+        }
+        let batches = split_batches(&read.payload, usize::MAX)
+            .map_err(|e| TopicError::Log(LogError::InvalidBatch(e)))?;
+        let mut next = offset;
+        for b in batches {
+            let records = RecordIter::new(&b, max_decompressed)
+                .map_err(|e| TopicError::Log(LogError::InvalidBatch(e)))?;
+            for r in records {
+                let r = r.map_err(|e| TopicError::Log(LogError::InvalidBatch(e)))?;
+                next = r.offset + 1;
+                if r.offset < offset {
+                    continue;
+                }
+                let key: Bytes = r.key.unwrap_or_default();
+                match GroupRecord::decode(&key, &r.value) {
+                    Ok(rec) => {
+                        coord.apply(&rec);
+                        applied += 1;
+                    }
+                    Err(e) => {
+                        warn!(offset = r.offset, error = %e, "skipping an unreadable group record")
+                    }
+                }
+            }
+        }
+        if next <= offset {
+            break;
+        }
+        offset = next;
+    }
+    Ok(applied)
+}
