@@ -1,0 +1,171 @@
+//! [`PluginConfig`]: a bundle, per-use config overrides and the host's limits, built into a
+//! runtime object implementing [`Processor`] or [`Partitioner`]. This is the only place that
+//! dispatches on the bundle's runtime; it validates everything once, at build.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::bundle::{Bundle, Kind, Runtime};
+use crate::limits::Effective;
+use crate::{HostLimits, Partitioner, PluginError, Processor};
+
+/// How to build one plugin instance.
+#[derive(Debug, Clone)]
+pub struct PluginConfig {
+    bundle: Arc<Bundle>,
+    overrides: BTreeMap<String, String>,
+    limits: HostLimits,
+}
+
+impl PluginConfig {
+    /// Use `bundle` with its default config and the default [`HostLimits`].
+    pub fn new(bundle: impl Into<Arc<Bundle>>) -> Self {
+        PluginConfig {
+            bundle: bundle.into(),
+            overrides: BTreeMap::new(),
+            limits: HostLimits::default(),
+        }
+    }
+
+    /// Override one config value.
+    pub fn set(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.overrides.insert(key.into(), value.into());
+        self
+    }
+
+    /// Override config values given as `key=value` strings (as on the command line).
+    pub fn overrides<S: AsRef<str>>(
+        mut self,
+        pairs: impl IntoIterator<Item = S>,
+    ) -> Result<Self, PluginError> {
+        for p in pairs {
+            let (k, v) = parse_override(p.as_ref())?;
+            self.overrides.insert(k, v);
+        }
+        Ok(self)
+    }
+
+    /// Use these host ceilings instead of the defaults.
+    pub fn limits(mut self, limits: HostLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The bundle being configured.
+    pub fn bundle(&self) -> &Bundle {
+        &self.bundle
+    }
+
+    /// Build a processor instance (one per partition: it may keep state).
+    pub fn build_processor(&self) -> Result<Box<dyn Processor>, PluginError> {
+        let eff = self.effective(Kind::Processor)?;
+        Ok(match self.bundle.manifest().runtime {
+            Runtime::Lua => Box::new(crate::lua::LuaProcessor::new(&self.bundle, eff)?),
+            Runtime::Wasm => Box::new(crate::wasm::WasmProcessor::new(&self.bundle, eff)?),
+        })
+    }
+
+    /// Build a partitioner instance.
+    pub fn build_partitioner(&self) -> Result<Box<dyn Partitioner>, PluginError> {
+        let eff = self.effective(Kind::Partitioner)?;
+        Ok(match self.bundle.manifest().runtime {
+            Runtime::Lua => Box::new(crate::lua::LuaPartitioner::new(&self.bundle, eff)?),
+            Runtime::Wasm => Box::new(crate::wasm::WasmPartitioner::new(&self.bundle, eff)?),
+        })
+    }
+
+    fn effective(&self, want: Kind) -> Result<Effective, PluginError> {
+        self.limits.validate()?;
+        let m = self.bundle.manifest();
+        if m.kind != want {
+            return Err(PluginError::Load {
+                plugin: self.bundle.id(),
+                message: format!("it is a {:?}, not a {want:?}", m.kind).to_lowercase(),
+            });
+        }
+        let mut config = m.config.clone();
+        config.extend(self.overrides.clone());
+        tracing::info!(plugin = %self.bundle.id(), kind = ?want, runtime = ?m.runtime, "building plugin instance");
+        Ok(Effective {
+            plugin: self.bundle.id().into(),
+            config: Arc::new(config),
+            cpu_ms: m.limits.cpu_ms.unwrap_or(u64::MAX).min(self.limits.cpu_ms),
+            memory_mb: m
+                .limits
+                .memory_mb
+                .unwrap_or(u64::MAX)
+                .min(self.limits.memory_mb),
+            max_output_bytes: self.limits.max_output_bytes,
+            wasm_stack_bytes: self.limits.wasm_stack_bytes,
+            max_failures: self.limits.max_consecutive_failures,
+        })
+    }
+}
+
+/// Split `key=value`; the key must be non-empty.
+pub fn parse_override(s: &str) -> Result<(String, String), PluginError> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(PluginError::Config(format!(
+            "config override {s:?} is not key=value"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_are_key_value_pairs() {
+        assert_eq!(parse_override("a=b=c").unwrap(), ("a".into(), "b=c".into()));
+        assert_eq!(parse_override("a=").unwrap(), ("a".into(), String::new()));
+        assert!(parse_override("=b").is_err());
+        assert!(parse_override("ab").is_err());
+    }
+
+    #[test]
+    fn zero_host_limits_are_rejected() {
+        assert!(HostLimits::default().validate().is_ok());
+        for l in [
+            HostLimits {
+                cpu_ms: 0,
+                ..HostLimits::default()
+            },
+            HostLimits {
+                memory_mb: 0,
+                ..HostLimits::default()
+            },
+            HostLimits {
+                max_output_bytes: 0,
+                ..HostLimits::default()
+            },
+            HostLimits {
+                wasm_stack_bytes: 0,
+                ..HostLimits::default()
+            },
+            HostLimits {
+                max_consecutive_failures: 0,
+                ..HostLimits::default()
+            },
+        ] {
+            assert!(matches!(l.validate(), Err(PluginError::Config(_))), "{l:?}");
+        }
+    }
+
+    #[test]
+    fn manifest_limits_are_capped_by_the_host() {
+        let mut files = std::collections::BTreeMap::new();
+        files.insert(
+            "plugin.toml".to_string(),
+            b"name = \"x\"\nversion = \"1.0.0\"\nkind = \"processor\"\nruntime = \"lua\"\nentry = \"x.lua\"\n[limits]\ncpu_ms = 5000\nmemory_mb = 8\n".to_vec(),
+        );
+        files.insert(
+            "x.lua".to_string(),
+            b"function process(r) return r end".to_vec(),
+        );
+        let b = Bundle::from_files(files, std::path::Path::new("x")).unwrap();
+        let eff = PluginConfig::new(b).effective(Kind::Processor).unwrap();
+        assert_eq!((eff.cpu_ms, eff.memory_mb), (100, 8));
+    }
+}

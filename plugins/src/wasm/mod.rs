@@ -1,0 +1,471 @@
+//! The WASM runtime: plugin components run by wasmtime (Cranelift), one store per instance.
+//!
+//! It owns the engines (one per stack size, with a shared epoch ticker thread), the compile
+//! cache (by bundle digest), the import policy (only `quiver:plugin/host` is provided; other
+//! WASI imports a standard library pulls in are trap stubs; `wasi:filesystem`, `wasi:sockets`
+//! and `wasi:http` are refused at load) and the per-call limits: epoch deadline for CPU (the
+//! deadline is set before every call and never refilled during it), a [`ResourceLimiter`] for
+//! memory, `max_wasm_stack` for the stack, and an output-size check. A failed call drops the
+//! store; the next call instantiates afresh from the cached [`InstancePre`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use wasmtime::component::{Component, ComponentExportIndex, Func, InstancePre, Linker};
+use wasmtime::{Config, Engine, ResourceLimiter, Store, StoreContextMut, Trap};
+
+use crate::bundle::{Bundle, Kind};
+use crate::limits::{Effective, Health};
+use crate::{codec, Partitioner, PluginError, Processor, Record};
+
+/// The interface every plugin may import.
+pub(crate) const HOST_INTERFACE: &str = "quiver:plugin/host@0.1.0";
+/// Import prefixes that make the host refuse a component.
+const FORBIDDEN_IMPORTS: [&str; 3] = ["wasi:filesystem", "wasi:sockets", "wasi:http"];
+/// Epoch tick; CPU limits are enforced with this granularity.
+const TICK: Duration = Duration::from_millis(1);
+/// Log lines a plugin may write per call; the rest are counted and dropped.
+const MAX_LOG_LINES_PER_CALL: u32 = 64;
+const MAX_LOG_LINE: usize = 4096;
+/// Compiled components kept for fast instantiation, keyed by bundle digest.
+const MAX_CACHED_COMPONENTS: usize = 64;
+
+struct WasmRuntime {
+    engines: Mutex<HashMap<usize, Engine>>,
+    compiled: Mutex<HashMap<(String, usize, Kind), Arc<Loaded>>>,
+}
+
+fn runtime() -> &'static WasmRuntime {
+    static RT: OnceLock<WasmRuntime> = OnceLock::new();
+    RT.get_or_init(|| {
+        let spawned = std::thread::Builder::new()
+            .name("quiver-wasm-epoch".into())
+            .spawn(|| loop {
+                std::thread::sleep(TICK);
+                let engines: Vec<Engine> = runtime()
+                    .engines
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .values()
+                    .cloned()
+                    .collect();
+                engines.iter().for_each(Engine::increment_epoch);
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the WASM epoch ticker; CPU limits will not fire");
+        }
+        WasmRuntime {
+            engines: Mutex::new(HashMap::new()),
+            compiled: Mutex::new(HashMap::new()),
+        }
+    })
+}
+
+fn engine(stack: usize) -> Result<Engine, PluginError> {
+    let mut engines = runtime().engines.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(e) = engines.get(&stack) {
+        return Ok(e.clone());
+    }
+    let mut cfg = Config::new();
+    cfg.wasm_component_model(true)
+        .epoch_interruption(true)
+        .max_wasm_stack(stack)
+        .strategy(wasmtime::Strategy::Cranelift);
+    let engine = Engine::new(&cfg)
+        .map_err(|e| PluginError::Config(format!("cannot create the WASM engine: {e:#}")))?;
+    engines.insert(stack, engine.clone());
+    Ok(engine)
+}
+
+/// A compiled, linked component ready to instantiate.
+struct Loaded {
+    engine: Engine,
+    pre: InstancePre<State>,
+    export: ComponentExportIndex,
+}
+
+fn load(bundle: &Bundle, eff: &Effective, kind: Kind) -> Result<Arc<Loaded>, PluginError> {
+    let key = (bundle.digest(), eff.wasm_stack_bytes, kind);
+    if let Some(l) = runtime()
+        .compiled
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&key)
+    {
+        return Ok(l.clone());
+    }
+    let plugin = eff.plugin.to_string();
+    let load_err = |message: String| PluginError::Load {
+        plugin: plugin.clone(),
+        message,
+    };
+    let engine = engine(eff.wasm_stack_bytes)?;
+    let component = Component::new(&engine, bundle.entry_bytes()).map_err(|e| {
+        load_err(format!(
+            "{} is not a valid WASM component (build with --target wasm32-wasip2): {e:#}",
+            bundle.manifest().entry
+        ))
+    })?;
+    let ty = component.component_type();
+    for (name, _) in ty.imports(&engine) {
+        if FORBIDDEN_IMPORTS.iter().any(|p| name.starts_with(p)) {
+            return Err(PluginError::Forbidden {
+                plugin,
+                message: format!("imports {name}; plugins get no filesystem, network or HTTP"),
+            });
+        }
+    }
+    let export_name = match kind {
+        Kind::Processor => "process-batch",
+        Kind::Partitioner => "partition",
+    };
+    let export = component
+        .get_export_index(None, export_name)
+        .ok_or_else(|| load_err(format!("the component does not export `{export_name}`")))?;
+    let mut linker: Linker<State> = Linker::new(&engine);
+    let link = |e: wasmtime::Error| load_err(format!("cannot link: {e:#}"));
+    let mut host = linker.instance(HOST_INTERFACE).map_err(link)?;
+    host.func_wrap(
+        "log",
+        |mut cx: StoreContextMut<'_, State>, (msg,): (String,)| {
+            cx.data_mut().log(&msg);
+            Ok(())
+        },
+    )
+    .map_err(link)?;
+    host.func_wrap(
+        "config",
+        |cx: StoreContextMut<'_, State>, (key,): (String,)| {
+            Ok((cx.data().config.get(&key).cloned(),))
+        },
+    )
+    .map_err(link)?;
+    // Rust's std seeds `HashMap` from `wasi:random/insecure-seed`; give it a fixed seed so that
+    // ordinary collections work (plugins are deterministic; there is no other randomness).
+    let seeds: Vec<String> = ty
+        .imports(&engine)
+        .map(|(name, _)| name.to_string())
+        .filter(|name| name.starts_with("wasi:random/insecure-seed@"))
+        .collect();
+    for name in seeds {
+        linker
+            .instance(&name)
+            .and_then(|mut i| {
+                i.func_wrap(
+                    "insecure-seed",
+                    |_cx: StoreContextMut<'_, State>, (): ()| {
+                        Ok(((0x243f_6a88_85a3_08d3u64, 0x1319_8a2e_0370_7344u64),))
+                    },
+                )
+            })
+            .map_err(link)?;
+    }
+    linker
+        .define_unknown_imports_as_traps(&component)
+        .map_err(link)?;
+    let pre = linker.instantiate_pre(&component).map_err(link)?;
+    let loaded = Arc::new(Loaded {
+        engine,
+        pre,
+        export,
+    });
+    let mut cache = runtime().compiled.lock().unwrap_or_else(|p| p.into_inner());
+    if cache.len() >= MAX_CACHED_COMPONENTS {
+        // Rare (many versions deployed): start over rather than track recency.
+        cache.clear();
+    }
+    cache.insert(key, loaded.clone());
+    Ok(loaded)
+}
+
+/// Per-store data: limits bookkeeping and what host functions need.
+struct State {
+    plugin: Arc<str>,
+    config: Arc<BTreeMap<String, String>>,
+    limiter: Limiter,
+    logs: u32,
+    last_panic: Option<String>,
+}
+
+impl State {
+    fn log(&mut self, msg: &str) {
+        let msg = truncate(msg, MAX_LOG_LINE);
+        if let Some(p) = msg.strip_prefix("panic: ") {
+            self.last_panic = Some(p.to_string());
+        }
+        self.logs += 1;
+        if self.logs <= MAX_LOG_LINES_PER_CALL {
+            tracing::info!(plugin = %self.plugin, "{msg}");
+        } else if self.logs == MAX_LOG_LINES_PER_CALL + 1 {
+            tracing::warn!(plugin = %self.plugin, "plugin log lines beyond {MAX_LOG_LINES_PER_CALL} per call are dropped");
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Caps linear memory and tables; remembers that the memory cap was hit.
+struct Limiter {
+    memory_bytes: usize,
+    hit_memory: bool,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory_bytes {
+            self.hit_memory = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1_000_000)
+    }
+
+    fn instances(&self) -> usize {
+        100
+    }
+
+    fn tables(&self) -> usize {
+        100
+    }
+
+    fn memories(&self) -> usize {
+        100
+    }
+}
+
+struct Live {
+    store: Store<State>,
+    func: Func,
+}
+
+/// One instance of a component plus its limits and failure streak; shared by both roles.
+struct WasmInstance {
+    loaded: Arc<Loaded>,
+    eff: Effective,
+    health: Health,
+    live: Option<Live>,
+}
+
+impl WasmInstance {
+    fn new(bundle: &Bundle, eff: Effective, kind: Kind) -> Result<Self, PluginError> {
+        let loaded = load(bundle, &eff, kind)?;
+        let mut inst = WasmInstance {
+            health: Health::new(eff.plugin.clone(), eff.max_failures),
+            loaded,
+            eff,
+            live: None,
+        };
+        // Instantiate now so that a plugin that cannot start fails the build, not the first call.
+        inst.live = Some(inst.instantiate()?);
+        Ok(inst)
+    }
+
+    fn deadline_ticks(&self) -> u64 {
+        (self.eff.cpu_ms.saturating_mul(1000) / TICK.as_micros().max(1) as u64).saturating_add(1)
+    }
+
+    fn instantiate(&self) -> Result<Live, PluginError> {
+        let mut store = Store::new(
+            &self.loaded.engine,
+            State {
+                plugin: self.eff.plugin.clone(),
+                config: self.eff.config.clone(),
+                limiter: Limiter {
+                    memory_bytes: self.eff.memory_bytes(),
+                    hit_memory: false,
+                },
+                logs: 0,
+                last_panic: None,
+            },
+        );
+        store.limiter(|s| &mut s.limiter);
+        store.set_epoch_deadline(self.deadline_ticks());
+        store.epoch_deadline_trap();
+        let instance = match self.loaded.pre.instantiate(&mut store) {
+            Ok(i) => i,
+            Err(e) => return Err(classify(e, store.data(), &self.eff)),
+        };
+        let func = instance
+            .get_func(&mut store, self.loaded.export)
+            .ok_or_else(|| PluginError::Load {
+                plugin: self.eff.plugin.to_string(),
+                message: "export is not a function".into(),
+            })?;
+        Ok(Live { store, func })
+    }
+
+    /// Run `f` on a live instance with fresh per-call limits; count the outcome.
+    fn call<R>(
+        &mut self,
+        f: impl FnOnce(&mut Live, &Effective) -> Result<R, PluginError>,
+    ) -> Result<R, PluginError> {
+        self.health.gate()?;
+        let r = self.call_inner(f);
+        if self.health.observe(&r) {
+            self.live = None;
+        }
+        r
+    }
+
+    fn call_inner<R>(
+        &mut self,
+        f: impl FnOnce(&mut Live, &Effective) -> Result<R, PluginError>,
+    ) -> Result<R, PluginError> {
+        if self.live.is_none() {
+            self.live = Some(self.instantiate()?);
+        }
+        let ticks = self.deadline_ticks();
+        let Some(live) = self.live.as_mut() else {
+            return Err(PluginError::Load {
+                plugin: self.eff.plugin.to_string(),
+                message: "no instance".into(),
+            });
+        };
+        live.store.set_epoch_deadline(ticks);
+        let data = live.store.data_mut();
+        data.logs = 0;
+        data.last_panic = None;
+        data.limiter.hit_memory = false;
+        f(live, &self.eff)
+    }
+}
+
+/// Map a wasmtime error to the limit or trap that caused it.
+fn classify(e: wasmtime::Error, state: &State, eff: &Effective) -> PluginError {
+    if state.limiter.hit_memory {
+        return eff.memory_limit();
+    }
+    let message = match e.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => return eff.cpu_limit(),
+        Some(Trap::StackOverflow) => {
+            format!("stack overflow (limit {} bytes)", eff.wasm_stack_bytes)
+        }
+        Some(trap) => trap.to_string(),
+        None => e.root_cause().to_string(),
+    };
+    let message = match &state.last_panic {
+        Some(p) => format!("{message}; guest panicked: {p}"),
+        None => message,
+    };
+    PluginError::Trap {
+        plugin: eff.plugin.to_string(),
+        message,
+    }
+}
+
+fn signature_err(eff: &Effective, e: wasmtime::Error) -> PluginError {
+    PluginError::Load {
+        plugin: eff.plugin.to_string(),
+        message: format!("export has the wrong signature: {e:#}"),
+    }
+}
+
+/// A WASM [`Processor`]: one encoded batch in, one encoded batch out, per call.
+pub(crate) struct WasmProcessor {
+    inst: WasmInstance,
+    buf: Vec<u8>,
+}
+
+impl WasmProcessor {
+    pub(crate) fn new(bundle: &Bundle, eff: Effective) -> Result<Self, PluginError> {
+        Ok(WasmProcessor {
+            inst: WasmInstance::new(bundle, eff, Kind::Processor)?,
+            buf: Vec::new(),
+        })
+    }
+}
+
+impl Processor for WasmProcessor {
+    fn process_batch(&mut self, records: Vec<Record>) -> Result<Vec<Record>, PluginError> {
+        self.buf.clear();
+        codec::encode_batch_into(&records, &mut self.buf);
+        drop(records);
+        let input = &self.buf;
+        self.inst.call(|live, eff| {
+            let typed = live
+                .func
+                .typed::<(&[u8],), (Result<Vec<u8>, String>,)>(&live.store)
+                .map_err(|e| signature_err(eff, e))?;
+            let (out,) = typed
+                .call(&mut live.store, (input.as_slice(),))
+                .map_err(|e| classify(e, live.store.data(), eff))?;
+            let out = out.map_err(|message| PluginError::Failed {
+                plugin: eff.plugin.to_string(),
+                message,
+            })?;
+            if out.len() > eff.max_output_bytes {
+                return Err(eff.output_limit(out.len()));
+            }
+            codec::decode_batch(Bytes::from(out)).map_err(|m| eff.bad_return(m))
+        })
+    }
+}
+
+/// A WASM [`Partitioner`].
+pub(crate) struct WasmPartitioner {
+    inst: WasmInstance,
+}
+
+impl WasmPartitioner {
+    pub(crate) fn new(bundle: &Bundle, eff: Effective) -> Result<Self, PluginError> {
+        Ok(WasmPartitioner {
+            inst: WasmInstance::new(bundle, eff, Kind::Partitioner)?,
+        })
+    }
+}
+
+impl Partitioner for WasmPartitioner {
+    fn partition(
+        &mut self,
+        key: Option<&[u8]>,
+        value: &[u8],
+        partition_count: u32,
+    ) -> Result<u32, PluginError> {
+        if partition_count == 0 {
+            return Err(PluginError::Config(
+                "partition_count must be greater than 0".into(),
+            ));
+        }
+        self.inst.call(|live, eff| {
+            let typed = live
+                .func
+                .typed::<(Option<&[u8]>, &[u8], u32), (Result<u32, String>,)>(&live.store)
+                .map_err(|e| signature_err(eff, e))?;
+            let (out,) = typed
+                .call(&mut live.store, (key, value, partition_count))
+                .map_err(|e| classify(e, live.store.data(), eff))?;
+            let p = out.map_err(|message| PluginError::Failed {
+                plugin: eff.plugin.to_string(),
+                message,
+            })?;
+            if p >= partition_count {
+                return Err(eff.bad_return(format!("partition {p} is not in 0..{partition_count}")));
+            }
+            Ok(p)
+        })
+    }
+}

@@ -1,0 +1,331 @@
+//! Hostile Lua plugins: every limit stops the call with a typed error, nothing outside the
+//! sandbox is reachable, the next call works, and repeated failures quarantine.
+
+use quiver_plugins::{HostLimits, PluginConfig, PluginError};
+
+use crate::support::*;
+
+/// A processor that passes records through unless the value is a Lua snippet trigger:
+/// `process` runs `actions[value]` when there is one.
+const HOSTILE: &str = r#"
+local actions = {
+  loop = function() while true do end end,
+  pcall_loop = function() while true do pcall(function() while true do end end) end end,
+  tables = function() local t = {} local i = 0 while true do i = i + 1 t[i] = {i, i, i} end end,
+  rep = function() return string.rep("x", 1 << 30) end,
+  rep_sep = function() return string.rep("x", 1 << 20, string.rep("y", 1 << 10)) end,
+  concat = function() local s = "x" while true do s = s .. s end end,
+  recurse = function() local function f(n) return f(n + 1) + 1 end return f(1) end,
+  big = function(r) local out = {} for i = 1, 64 do out[i] = { value = string.rep("b", 64 * 1024) } end return out end,
+  error = function() error("boom") end,
+  pattern = function() return string.find(string.rep("a", 15000), ".-b") end,
+}
+count = 0
+function process(r)
+  count = count + 1
+  local a = actions[r.value]
+  if a then
+    local res = a(r)
+    if res ~= nil then return res end
+  end
+  return r
+end
+"#;
+
+fn hostile() -> Box<dyn quiver_plugins::Processor> {
+    hostile_with(tight_limits())
+}
+
+fn hostile_with(limits: HostLimits) -> Box<dyn quiver_plugins::Processor> {
+    processor(lua_bundle("processor", HOSTILE), limits)
+}
+
+#[test]
+fn an_infinite_loop_is_stopped_by_the_cpu_limit() {
+    let mut p = hostile_with(cpu_limits());
+    let e = fails(&mut *p, "loop");
+    assert!(
+        matches!(e, PluginError::CpuLimit { limit_ms: 50, .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("test-lua@0.1.0"), "{e}");
+    still_works(&mut *p);
+}
+
+#[test]
+fn pcall_cannot_swallow_the_cpu_limit() {
+    let mut p = hostile_with(cpu_limits());
+    let e = fails(&mut *p, "pcall_loop");
+    assert!(matches!(e, PluginError::CpuLimit { .. }), "{e}");
+    still_works(&mut *p);
+}
+
+#[test]
+fn a_long_c_function_that_returns_late_still_fails_with_the_cpu_limit() {
+    // One `string.find` call with a quadratic pattern: no instruction hook fires inside it,
+    // so the watchdog and the post-call check must fail the call.
+    let mut p = hostile_with(cpu_limits());
+    let e = fails(&mut *p, "pattern");
+    assert!(matches!(e, PluginError::CpuLimit { .. }), "{e}");
+    still_works(&mut *p);
+}
+
+#[test]
+fn memory_bombs_are_stopped_at_the_memory_cap() {
+    for bomb in ["tables", "rep", "rep_sep", "concat"] {
+        let mut p = hostile();
+        let e = fails(&mut *p, bomb);
+        assert!(
+            matches!(e, PluginError::MemoryLimit { limit_mb: 16, .. }),
+            "{bomb}: {e}"
+        );
+        still_works(&mut *p);
+    }
+}
+
+#[test]
+fn deep_recursion_fails_the_call_only() {
+    let mut p = hostile();
+    let e = fails(&mut *p, "recurse");
+    assert!(
+        matches!(
+            e,
+            PluginError::LuaError { .. } | PluginError::MemoryLimit { .. }
+        ),
+        "{e}"
+    );
+    still_works(&mut *p);
+}
+
+#[test]
+fn huge_output_is_refused() {
+    let mut p = hostile();
+    let e = fails(&mut *p, "big");
+    assert!(
+        matches!(
+            e,
+            PluginError::OutputLimit {
+                limit_bytes: 1048576,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    still_works(&mut *p);
+}
+
+#[test]
+fn nothing_outside_the_sandbox_is_reachable() {
+    let escapes = [
+        "os.execute('touch /tmp/quiver-escaped')",
+        "io.open('/etc/passwd')",
+        "require('os')",
+        "dofile('/etc/passwd')",
+        "loadfile('/etc/passwd')",
+        "debug.getinfo(1)",
+        "collectgarbage('stop')",
+        "string.dump(process)",
+        "assert(load('\\27Lua\\84\\0'))",
+        "package.loaded.os.exit()",
+        "config.word = 'changed'",
+        "print('hi')",
+    ];
+    for code in escapes {
+        let src = format!("function process(r) {code} return r end");
+        let mut p = processor(lua_bundle("processor", &src), tight_limits());
+        match p.process_batch(recs(&["x"])) {
+            Err(PluginError::LuaError { message, .. }) => {
+                assert!(!message.is_empty(), "{code}")
+            }
+            other => panic!("{code}: expected a Lua error, got {other:?}"),
+        }
+    }
+    assert!(!std::path::Path::new("/tmp/quiver-escaped").exists());
+}
+
+#[test]
+fn text_chunks_still_load_and_config_and_log_work() {
+    let src = r#"
+      local f = assert(load("return 40 + 2"))
+      function process(r)
+        log("processing " .. r.value)
+        r.value = r.value .. ":" .. config.word .. ":" .. f()
+        return r
+      end"#;
+    let mut p = processor(lua_bundle("processor", src), tight_limits());
+    assert_eq!(
+        values(&p.process_batch(recs(&["a"])).unwrap()),
+        ["a:hello:42"]
+    );
+    let mut p = PluginConfig::new(lua_bundle("processor", src))
+        .set("word", "bye")
+        .build_processor()
+        .unwrap();
+    assert_eq!(
+        values(&p.process_batch(recs(&["a"])).unwrap()),
+        ["a:bye:42"]
+    );
+}
+
+#[test]
+fn wrong_return_values_are_bad_returns() {
+    for (ret, needle) in [
+        ("42", "number"),
+        ("'str'", "string"),
+        ("{ value = 1 }", "value"),
+        ("{ value = 'x', timestamp = 1.5 }", "timestamp"),
+        ("{ value = 'x', headers = { 1 } }", "headers"),
+        ("{ 1, 2 }", "number"),
+    ] {
+        let src = format!("function process(r) return {ret} end");
+        let mut p = processor(lua_bundle("processor", &src), tight_limits());
+        match p.process_batch(recs(&["x"])) {
+            Err(PluginError::BadReturn { message, .. }) => {
+                assert!(message.contains(needle), "{ret}: {message}")
+            }
+            other => panic!("{ret}: expected BadReturn, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn records_can_be_changed_dropped_and_fanned_out() {
+    let src = r#"
+      function process(r)
+        if r.value == "drop" then return nil end
+        if r.value == "fan" then return { { value = "a" }, { value = "b", key = "k2", headers = { h = "v" } } } end
+        r.value = r.value:upper()
+        r.headers.seen = "yes"
+        r.key = "k"
+        return r
+      end"#;
+    let mut p = processor(lua_bundle("processor", src), tight_limits());
+    let mut input = recs(&["abc", "drop", "fan"]);
+    input[2].timestamp = 77;
+    let out = p.process_batch(input).unwrap();
+    assert_eq!(values(&out), ["ABC", "a", "b"]);
+    assert_eq!(out[0].key.as_deref(), Some(&b"k"[..]));
+    assert_eq!(
+        out[0].headers,
+        vec![("seen".to_string(), bytes::Bytes::from_static(b"yes"))]
+    );
+    assert_eq!(
+        (out[1].offset, out[1].timestamp, out[1].key.clone()),
+        (2, 77, None),
+        "fan-out records inherit position"
+    );
+    assert_eq!(out[2].headers.len(), 1);
+}
+
+#[test]
+fn process_batch_is_used_when_defined() {
+    let src = r#"
+      function process(r) error("not me") end
+      function process_batch(rs)
+        local out = {}
+        for i = #rs, 1, -1 do out[#out + 1] = rs[i] end
+        return out
+      end"#;
+    let mut p = processor(lua_bundle("processor", src), tight_limits());
+    assert_eq!(
+        values(&p.process_batch(recs(&["1", "2", "3"])).unwrap()),
+        ["3", "2", "1"]
+    );
+}
+
+#[test]
+fn state_persists_across_calls_and_resets_after_a_failure() {
+    let src = r#"
+      local n = 0
+      function process(r)
+        if r.value == "fail" then error("asked to fail") end
+        n = n + 1
+        r.value = tostring(n)
+        return r
+      end"#;
+    let mut p = processor(lua_bundle("processor", src), tight_limits());
+    assert_eq!(
+        values(&p.process_batch(recs(&["a", "b"])).unwrap()),
+        ["1", "2"]
+    );
+    assert_eq!(values(&p.process_batch(recs(&["c"])).unwrap()), ["3"]);
+    let e = fails(&mut *p, "fail");
+    assert!(
+        matches!(&e, PluginError::LuaError { message, .. } if message.contains("asked to fail")),
+        "{e}"
+    );
+    assert_eq!(values(&p.process_batch(recs(&["d"])).unwrap()), ["1"]);
+}
+
+#[test]
+fn repeated_failures_quarantine_the_plugin() {
+    let mut p = processor(
+        lua_bundle("processor", HOSTILE),
+        HostLimits {
+            max_consecutive_failures: 3,
+            ..tight_limits()
+        },
+    );
+    for _ in 0..2 {
+        assert!(matches!(
+            fails(&mut *p, "error"),
+            PluginError::LuaError { .. }
+        ));
+    }
+    still_works(&mut *p); // a success resets the streak
+    for _ in 0..3 {
+        assert!(matches!(
+            fails(&mut *p, "error"),
+            PluginError::LuaError { .. }
+        ));
+    }
+    let e = p.process_batch(recs(&["fine"])).unwrap_err();
+    assert!(
+        matches!(e, PluginError::Quarantined { failures: 3, .. }),
+        "{e}"
+    );
+    assert!(e.is_quarantined());
+}
+
+#[test]
+fn partitioner_results_are_checked() {
+    let src = r#"
+      function partition(key, value, n)
+        if value == "neg" then return -1 end
+        if value == "big" then return n end
+        if value == "float" then return 0.5 end
+        if value == "str" then return "1" end
+        if key == nil then return 0 end
+        return #key % n
+      end"#;
+    let mut p = PluginConfig::new(lua_bundle("partitioner", src))
+        .limits(tight_limits())
+        .build_partitioner()
+        .unwrap();
+    assert_eq!(p.partition(Some(b"abc"), b"v", 2).unwrap(), 1);
+    assert_eq!(p.partition(None, b"v", 2).unwrap(), 0);
+    for v in ["neg", "big", "float", "str"] {
+        let e = p.partition(None, v.as_bytes(), 4).unwrap_err();
+        assert!(matches!(e, PluginError::BadReturn { .. }), "{v}: {e}");
+    }
+}
+
+#[test]
+fn a_script_without_the_role_function_does_not_build() {
+    let e = PluginConfig::new(lua_bundle("processor", "x = 1"))
+        .build_processor()
+        .err()
+        .unwrap();
+    assert!(matches!(e, PluginError::Load { .. }), "{e}");
+    let e = PluginConfig::new(lua_bundle("processor", "this is not lua"))
+        .build_processor()
+        .err()
+        .unwrap();
+    assert!(matches!(e, PluginError::LuaError { .. }), "{e}");
+    let e = PluginConfig::new(lua_bundle("processor", "while true do end"))
+        .limits(cpu_limits())
+        .build_processor()
+        .err()
+        .unwrap();
+    assert!(matches!(e, PluginError::CpuLimit { .. }), "{e}");
+}

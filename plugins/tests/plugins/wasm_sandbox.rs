@@ -1,0 +1,192 @@
+//! Hostile WASM plugins: every limit stops the call with a typed error, forbidden imports are
+//! refused at load, the next call runs on a fresh instance, and repeated failures quarantine.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use quiver_plugins::{Bundle, HostLimits, PluginConfig, PluginError};
+
+use crate::support::*;
+
+fn hostile() -> Box<dyn quiver_plugins::Processor> {
+    hostile_with(tight_limits())
+}
+
+fn hostile_with(limits: HostLimits) -> Box<dyn quiver_plugins::Processor> {
+    processor(example("hostile"), limits)
+}
+
+#[test]
+fn an_infinite_loop_is_stopped_by_the_cpu_limit() {
+    let mut p = hostile_with(cpu_limits());
+    let e = fails(&mut *p, "loop");
+    assert!(
+        matches!(e, PluginError::CpuLimit { limit_ms: 50, .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("hostile@1.0.0"), "{e}");
+    still_works(&mut *p);
+}
+
+#[test]
+fn a_memory_bomb_is_stopped_at_the_memory_cap() {
+    let mut p = hostile();
+    let e = fails(&mut *p, "alloc");
+    assert!(
+        matches!(e, PluginError::MemoryLimit { limit_mb: 16, .. }),
+        "{e}"
+    );
+    still_works(&mut *p);
+}
+
+#[test]
+fn deep_recursion_hits_the_stack_limit() {
+    let mut p = hostile();
+    let e = fails(&mut *p, "recurse");
+    // The guest overflows either wasmtime's native stack (`max_wasm_stack`) or the shadow stack
+    // Rust keeps in linear memory, which then faults out of bounds: both stop the call.
+    assert!(
+        matches!(&e, PluginError::Trap { message, .. }
+            if message.contains("stack overflow") || message.contains("out of bounds")),
+        "{e}"
+    );
+    still_works(&mut *p);
+}
+
+#[test]
+fn huge_output_is_refused() {
+    let mut p = processor(
+        example("hostile"),
+        HostLimits {
+            memory_mb: 64,
+            ..tight_limits()
+        },
+    );
+    let e = fails(&mut *p, "big:40");
+    assert!(
+        matches!(
+            e,
+            PluginError::OutputLimit {
+                limit_bytes: 1048576,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    still_works(&mut *p);
+}
+
+#[test]
+fn a_panic_is_a_trap_carrying_the_panic_message() {
+    let mut p = hostile();
+    let e = fails(&mut *p, "panic");
+    assert!(
+        matches!(&e, PluginError::Trap { message, .. } if message.contains("asked to panic")),
+        "{e}"
+    );
+    still_works(&mut *p);
+}
+
+#[test]
+fn wasi_calls_outside_the_sandbox_trap() {
+    // std's println! goes to wasi:cli/stdout, which is linked to a stub that traps.
+    let mut p = hostile();
+    let e = fails(&mut *p, "print");
+    assert!(
+        matches!(&e, PluginError::Trap { message, .. } if message.contains("wasi:")),
+        "{e}"
+    );
+    still_works(&mut *p);
+}
+
+#[test]
+fn a_fresh_instance_cannot_see_memory_of_the_previous_one() {
+    let mut p = hostile();
+    assert_eq!(
+        values(&p.process_batch(recs(&["recall"])).unwrap()),
+        ["nothing"]
+    );
+    p.process_batch(recs(&["remember"])).unwrap();
+    assert_eq!(
+        values(&p.process_batch(recs(&["recall"])).unwrap()),
+        ["s3cr3t"],
+        "state persists within an instance"
+    );
+    fails(&mut *p, "panic");
+    assert_eq!(
+        values(&p.process_batch(recs(&["recall"])).unwrap()),
+        ["nothing"],
+        "the replacement instance starts clean"
+    );
+    let mut other = hostile();
+    assert_eq!(
+        values(&other.process_batch(recs(&["recall"])).unwrap()),
+        ["nothing"]
+    );
+}
+
+#[test]
+fn repeated_failures_quarantine_the_plugin() {
+    let mut p = processor(
+        example("hostile"),
+        HostLimits {
+            max_consecutive_failures: 2,
+            ..cpu_limits()
+        },
+    );
+    fails(&mut *p, "panic");
+    still_works(&mut *p);
+    fails(&mut *p, "panic");
+    fails(&mut *p, "loop");
+    let e = p.process_batch(recs(&["fine"])).unwrap_err();
+    assert!(
+        matches!(e, PluginError::Quarantined { failures: 2, .. }),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_component_importing_the_wasi_filesystem_is_refused_at_load() {
+    let e = PluginConfig::new(example("hostile-fs"))
+        .build_processor()
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&e, PluginError::Forbidden { message, .. } if message.contains("wasi:filesystem")),
+        "{e}"
+    );
+}
+
+fn wat_bundle(wat: &str) -> Bundle {
+    let wasm = wat::parse_str(wat).expect("valid wat");
+    let mut files = BTreeMap::new();
+    files.insert(
+        "plugin.toml".to_string(),
+        b"name = \"wat\"\nversion = \"0.1.0\"\nkind = \"processor\"\nruntime = \"wasm\"\nentry = \"p.wasm\"\n".to_vec(),
+    );
+    files.insert("p.wasm".to_string(), wasm);
+    Bundle::from_files(files, Path::new("wat")).unwrap()
+}
+
+#[test]
+fn components_importing_sockets_or_http_are_refused_at_load() {
+    for import in ["wasi:sockets/tcp@0.2.0", "wasi:http/outgoing-handler@0.2.0"] {
+        let b = wat_bundle(&format!(r#"(component (import "{import}" (instance)))"#));
+        let e = PluginConfig::new(b).build_processor().err().unwrap();
+        assert!(
+            matches!(&e, PluginError::Forbidden { message, .. } if message.contains(import)),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn core_modules_and_components_without_the_export_do_not_load() {
+    for wat in ["(module)", "(component)"] {
+        let e = PluginConfig::new(wat_bundle(wat))
+            .build_processor()
+            .err()
+            .unwrap();
+        assert!(matches!(e, PluginError::Load { .. }), "{wat}: {e}");
+    }
+}
