@@ -11,7 +11,7 @@ use std::io::Write;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use quiver_client::{ClientError, ConsumedRecord, Consumer, ConsumerConfig, SeekTo};
+use quiver_client::{ClientError, ConsumeMode, ConsumedRecord, Consumer, ConsumerConfig, SeekTo};
 
 use crate::connect::GlobalOpts;
 use crate::output::is_broken_pipe;
@@ -51,6 +51,47 @@ pub struct ConsumeArgs {
     /// With text output, print the key and a tab before the value.
     #[arg(long)]
     print_key: bool,
+    /// How data is pulled: long-poll fetches, or a push subscription per partition.
+    #[arg(long, value_enum, default_value_t = Mode::LongPoll)]
+    mode: Mode,
+    /// Join this consumer group: the group's members share the topic's partitions, and
+    /// the member commits after printing (at-least-once).
+    #[arg(long, value_name = "G", conflicts_with_all = ["from_beginning", "offset", "partition"])]
+    group: Option<String>,
+    /// With --group: the broker removes this member when silent this long.
+    #[arg(long, value_name = "MS", default_value_t = 10_000, requires = "group")]
+    session_timeout_ms: u64,
+    /// Run this deployed processor plugin on the broker before records are sent
+    /// (offsets printed are the source offsets).
+    #[arg(long, value_name = "NAME[@VERSION]")]
+    processor: Option<String>,
+    /// Config override for --processor, key=value (repeatable).
+    #[arg(long, value_name = "KEY=VALUE", requires = "processor")]
+    processor_config: Vec<String>,
+}
+
+impl ConsumeArgs {
+    /// The `--processor` spec with its `--processor-config` overrides.
+    fn processor_spec(&self) -> anyhow::Result<Option<quiver_client::ProcessorSpec>> {
+        let Some(p) = &self.processor else {
+            return Ok(None);
+        };
+        let mut spec = quiver_client::ProcessorSpec::parse(p)
+            .map_err(|e| anyhow::anyhow!("--processor: {e}"))?;
+        spec.config = crate::connect::parse_pairs(&self.processor_config, "--processor-config")?
+            .into_iter()
+            .collect();
+        Ok(Some(spec))
+    }
+}
+
+/// `--mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// Long-poll fetches.
+    LongPoll,
+    /// Broker push (QUIC flow control as backpressure).
+    Subscribe,
 }
 
 /// Runs `quiver consume`; a closed stdout ends it without an error.
@@ -98,6 +139,11 @@ async fn build_consumer(
         client,
         ConsumerConfig {
             start,
+            mode: match args.mode {
+                Mode::LongPoll => ConsumeMode::LongPoll,
+                Mode::Subscribe => ConsumeMode::Subscribe,
+            },
+            processor: args.processor_spec()?,
             ..ConsumerConfig::default()
         },
     );
@@ -108,6 +154,17 @@ async fn build_consumer(
 }
 
 async fn consume(global: &GlobalOpts, args: &ConsumeArgs) -> anyhow::Result<()> {
+    if let Some(group) = &args.group {
+        let run = crate::group::GroupRun {
+            topic: &args.topic,
+            group,
+            follow: args.follow,
+            max_messages: args.max_messages,
+            session_timeout_ms: args.session_timeout_ms,
+            processor: args.processor_spec()?,
+        };
+        return crate::group::consume(global, run, |out, r| print_record(out, r, args)).await;
+    }
     let (mut consumer, partitions) = build_consumer(global, args).await?;
     // Without --follow, stop at the end offsets seen now.
     let mut remaining: BTreeMap<u32, i64> = BTreeMap::new();
@@ -155,6 +212,20 @@ async fn consume(global: &GlobalOpts, args: &ConsumeArgs) -> anyhow::Result<()> 
                 }
             }
         }
+        if !args.follow && args.processor.is_some() {
+            // A processor may drop the last records: the position (past every batch
+            // served, kept or not) says when a partition is done.
+            let open: Vec<u32> = remaining.keys().copied().collect();
+            for p in open {
+                let end = remaining.get(&p).copied().unwrap_or(0);
+                if consumer.position(&args.topic, p).await? >= end {
+                    remaining.remove(&p);
+                }
+            }
+            if remaining.is_empty() {
+                break 'outer;
+            }
+        }
         out.flush()?;
     }
     out.flush()?;
@@ -162,7 +233,7 @@ async fn consume(global: &GlobalOpts, args: &ConsumeArgs) -> anyhow::Result<()> 
 }
 
 fn print_record(
-    out: &mut impl Write,
+    out: &mut (impl Write + ?Sized),
     r: &ConsumedRecord,
     args: &ConsumeArgs,
 ) -> anyhow::Result<()> {

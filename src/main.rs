@@ -5,7 +5,9 @@ mod bench;
 mod broker;
 mod connect;
 mod consume;
+mod group;
 mod output;
+mod plugin;
 mod produce;
 mod topic;
 
@@ -35,9 +37,13 @@ enum Command {
     Produce(produce::ProduceArgs),
     /// Read records and print them.
     Consume(consume::ConsumeArgs),
+    /// List, describe, reset and delete consumer groups.
+    Group(group::GroupArgs),
     /// Measure throughput and latency, and the raw limits they compare with.
     Bench(bench::BenchArgs),
-    // Later groups: `Group`, `Plugin`, `Pipeline`, `Cluster`.
+    /// Deploy, list, describe and remove plugins; test and bench a bundle locally.
+    Plugin(plugin::PluginArgs),
+    // Later groups: `Plugin`, `Pipeline`, `Cluster`.
 }
 
 fn main() -> ExitCode {
@@ -68,6 +74,8 @@ fn main() -> ExitCode {
             Command::Produce(args) => produce::run(&cli.global, args).await,
             Command::Consume(args) => consume::run(&cli.global, args).await,
             Command::Bench(args) => bench::run(&cli.global, args).await,
+            Command::Group(args) => group::run(&cli.global, args).await,
+            Command::Plugin(args) => plugin::run(&cli.global, args).await,
         }
     });
     // Do not wait for lingering background tasks (fetches in flight) on exit.

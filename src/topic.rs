@@ -30,6 +30,10 @@ enum TopicCommand {
         /// Topic config override, key=value (repeatable), e.g. retention.ms=3600000.
         #[arg(long = "config", value_name = "KEY=VALUE")]
         config: Vec<String>,
+        /// A deployed partitioner plugin for records produced without a partition
+        /// (same as --config partitioner=NAME@VERSION).
+        #[arg(long, value_name = "NAME@VERSION")]
+        partitioner: Option<String>,
     },
     /// List topics.
     List {
@@ -50,8 +54,15 @@ enum TopicCommand {
         /// Topic name.
         name: String,
         /// Config to set, key=value (repeatable).
-        #[arg(long = "config", value_name = "KEY=VALUE", required = true)]
+        #[arg(
+            long = "config",
+            value_name = "KEY=VALUE",
+            required_unless_present = "partitioner"
+        )]
         config: Vec<String>,
+        /// Set the topic's partitioner plugin ("" to go back to the default partitioner).
+        #[arg(long, value_name = "NAME@VERSION")]
+        partitioner: Option<String>,
     },
     /// Delete a topic and its data.
     Delete {
@@ -79,12 +90,16 @@ pub async fn run(global: &GlobalOpts, args: TopicArgs) -> anyhow::Result<()> {
             name,
             partitions,
             config,
+            partitioner,
         } => {
             if partitions == 0 {
                 bail!("--partitions must be at least 1");
             }
-            let config: BTreeMap<String, String> =
+            let mut config: BTreeMap<String, String> =
                 parse_pairs(&config, "--config")?.into_iter().collect();
+            if let Some(p) = partitioner {
+                config.insert("partitioner".into(), p);
+            }
             let d = admin
                 .create_topic(&name, partitions, config)
                 .await
@@ -171,16 +186,24 @@ pub async fn run(global: &GlobalOpts, args: TopicArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        TopicCommand::Alter { name, config } => {
-            let set: BTreeMap<String, String> =
+        TopicCommand::Alter {
+            name,
+            config,
+            partitioner,
+        } => {
+            let mut set: BTreeMap<String, String> =
                 parse_pairs(&config, "--config")?.into_iter().collect();
+            if let Some(p) = partitioner {
+                set.insert("partitioner".into(), p);
+            }
             let d = admin
                 .alter_topic_config(&name, set.clone())
                 .await
                 .map_err(|e| not_found(e, &name))?;
             for k in set.keys() {
-                if let Some(v) = d.config.get(k) {
-                    writeln!(out, "{}: {k} = {v}", d.name)?;
+                match d.config.get(k) {
+                    Some(v) => writeln!(out, "{}: {k} = {v}", d.name)?,
+                    None => writeln!(out, "{}: {k} unset", d.name)?,
                 }
             }
         }

@@ -15,6 +15,7 @@ use crate::config::BrokerConfig;
 use crate::group::GroupService;
 use crate::log::Flusher;
 use crate::metrics::Metrics;
+use crate::plugin::PluginService;
 use crate::server::{endpoint, ServerContext};
 use crate::tls;
 use crate::topic::TopicRegistry;
@@ -205,6 +206,10 @@ impl Broker {
         )
         .map_err(|e| BrokerError::Storage(format!("consumer groups: {e}")))?;
         let group_task = tokio::spawn(groups.clone().run_ticker(stop_rx.clone()));
+        let plugins = Arc::new(
+            PluginService::open(db.clone(), topics.clone(), &config.plugins)
+                .map_err(|e| BrokerError::Storage(e.to_string()))?,
+        );
         let config = Arc::new(config);
         let ctx = ServerContext::new(
             config.clone(),
@@ -212,6 +217,7 @@ impl Broker {
             flusher.clone(),
             metrics,
             groups,
+            plugins,
             stop_rx.clone(),
         );
         let accept_task = tokio::spawn(endpoint::accept_loop(endpoint.clone(), ctx.clone()));

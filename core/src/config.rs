@@ -82,6 +82,41 @@ impl Default for LimitsConfig {
     }
 }
 
+/// Ceilings for every plugin call the broker makes (a bundle's `[limits]` may ask for
+/// less, never more), and the size of bundles it accepts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    /// CPU (wall-clock) time per plugin call, milliseconds.
+    pub cpu_ms: u64,
+    /// Memory per plugin instance, MiB.
+    pub memory_mb: u64,
+    /// Most bytes of output per processor call.
+    pub max_output_bytes: u64,
+    /// WASM stack per instance, bytes.
+    pub wasm_stack_bytes: u64,
+    /// Consecutive failed calls after which an instance is quarantined (and dropped).
+    pub max_consecutive_failures: u32,
+    /// Largest bundle archive `plugin deploy` accepts, bytes.
+    pub max_bundle_bytes: u64,
+    /// A consume-time processor instance unused this long is dropped (its state with it).
+    pub processor_idle_ms: u64,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        PluginsConfig {
+            cpu_ms: 100,
+            memory_mb: 64,
+            max_output_bytes: 16 * 1024 * 1024,
+            wasm_stack_bytes: 512 * 1024,
+            max_consecutive_failures: 5,
+            max_bundle_bytes: 16 * 1024 * 1024,
+            processor_idle_ms: 300_000,
+        }
+    }
+}
+
 /// Everything a broker needs to start.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -108,6 +143,8 @@ pub struct BrokerConfig {
     pub limits: LimitsConfig,
     /// Config given to topics that do not override it.
     pub topic_defaults: TopicDefaults,
+    /// Plugin host ceilings.
+    pub plugins: PluginsConfig,
 }
 
 /// Defaults for new topics.
@@ -157,6 +194,7 @@ impl Default for BrokerConfig {
             tls: TlsConfig::default(),
             limits: LimitsConfig::default(),
             topic_defaults: TopicDefaults::default(),
+            plugins: PluginsConfig::default(),
         }
     }
 }
@@ -287,10 +325,26 @@ impl BrokerConfig {
                 "retention_check_interval_ms",
                 self.retention_check_interval_ms,
             ),
+            ("plugins.cpu_ms", self.plugins.cpu_ms),
+            ("plugins.memory_mb", self.plugins.memory_mb),
+            ("plugins.max_output_bytes", self.plugins.max_output_bytes),
+            ("plugins.wasm_stack_bytes", self.plugins.wasm_stack_bytes),
+            (
+                "plugins.max_consecutive_failures",
+                u64::from(self.plugins.max_consecutive_failures),
+            ),
+            ("plugins.max_bundle_bytes", self.plugins.max_bundle_bytes),
+            ("plugins.processor_idle_ms", self.plugins.processor_idle_ms),
         ] {
             if v == 0 {
                 return Err(bad(k, "must be greater than 0".into()));
             }
+        }
+        if self.plugins.wasm_stack_bytes > 64 * 1024 * 1024 {
+            return Err(bad(
+                "plugins.wasm_stack_bytes",
+                "must be at most 67108864 (64 MiB)".into(),
+            ));
         }
         if self.topic_defaults.partitions == 0 {
             return Err(bad(

@@ -4,6 +4,7 @@
 //! - [`log`]: the sled-backed partition log (append, read, offsets, time index, retention);
 //! - [`topic`]: topic config and the topic registry;
 //! - [`group`]: consumer groups: coordinator state machine, assignment, committed offsets;
+//! - [`plugin`]: deployed plugin bundles (sled), consume-time processor instances;
 //! - [`server`]: the QUIC endpoint, per-stream framing and request dispatch;
 //! - [`tls`]: certificates (configured, or a self-made CA under `<data_dir>/tls/`);
 //! - [`metrics`]: counters and histograms, served as Prometheus text over HTTP;
@@ -14,6 +15,7 @@ pub mod config;
 pub mod group;
 pub mod log;
 pub mod metrics;
+pub mod plugin;
 pub mod server;
 pub mod tls;
 pub mod topic;

@@ -11,7 +11,7 @@ use super::report::{histogram, progress, Report};
 use super::{FetchMode, Limit, LoadOpts};
 
 /// Makes sure `topic` holds at least the records the run will read.
-async fn prepare(client: &Client, o: &LoadOpts, topic: &str) -> anyhow::Result<u64> {
+pub(super) async fn prepare(client: &Client, o: &LoadOpts, topic: &str) -> anyhow::Result<u64> {
     let probe = Consumer::new(client.clone(), ConsumerConfig::default());
     let have: u64 = match probe.end_offsets(topic).await {
         Ok(ends) => ends.values().map(|e| *e as u64).sum(),
@@ -42,6 +42,7 @@ pub async fn consume_from(
     show_progress: bool,
 ) -> anyhow::Result<Report> {
     let want = prepare(client, o, topic).await?;
+    let processor = processor_spec(client, o).await?;
     let mut consumer = Consumer::new(
         client.clone(),
         ConsumerConfig {
@@ -52,6 +53,7 @@ pub async fn consume_from(
             start: SeekTo::Beginning,
             max_bytes: 4 * 1024 * 1024,
             buffer_chunks: 32,
+            processor,
             ..ConsumerConfig::default()
         },
     );
@@ -80,7 +82,10 @@ pub async fn consume_from(
             bail!("no records for 10 s after {records} of {want}");
         }
         let now = Instant::now();
-        let _ = lat.record((now - last).as_micros().max(1) as u64);
+        // The first poll includes connecting and the first fetch: not a steady-state sample.
+        if records > 0 {
+            let _ = lat.record((now - last).as_micros().max(1) as u64);
+        }
         last = now;
         records += got.len() as u64;
         bytes += got.iter().map(|r| r.value.len() as u64).sum::<u64>();
@@ -88,11 +93,9 @@ pub async fn consume_from(
     }
     let seconds = start.elapsed().as_secs_f64();
     pb.finish_and_clear();
-    let record_size = if records > 0 {
-        (bytes / records) as usize
-    } else {
-        o.record_size
-    };
+    let record_size = bytes
+        .checked_div(records)
+        .map_or(o.record_size, |s| s as usize);
     Ok(Report::new(
         "consume",
         records,
@@ -100,6 +103,30 @@ pub async fn consume_from(
         o.partitions,
         seconds,
         &lat,
+    ))
+}
+
+/// The `--processor` spec: a bundle path is deployed first (a no-op when it already is).
+async fn processor_spec(
+    client: &Client,
+    o: &LoadOpts,
+) -> anyhow::Result<Option<quiver_client::ProcessorSpec>> {
+    let Some(p) = &o.processor else {
+        return Ok(None);
+    };
+    if std::path::Path::new(p).exists() {
+        let d = quiver_client::PluginAdmin::new(client.clone())
+            .deploy_path(p)
+            .await
+            .with_context(|| format!("cannot deploy {p}"))?;
+        return Ok(Some(quiver_client::ProcessorSpec {
+            name: d.plugin.name,
+            version: Some(d.plugin.version),
+            config: Default::default(),
+        }));
+    }
+    Ok(Some(
+        quiver_client::ProcessorSpec::parse(p).map_err(|e| anyhow::anyhow!("--processor: {e}"))?,
     ))
 }
 

@@ -6,6 +6,7 @@
 mod baseline;
 mod consume;
 mod embedded;
+mod group;
 mod produce;
 mod report;
 
@@ -34,6 +35,9 @@ enum BenchCommand {
     /// Measure the raw QUIC-stream and sled-append limits, then produce and consume on an
     /// embedded broker, and print Quiver's figures as ratios of the limits.
     Baseline(LoadOpts),
+    /// Time N consumer-group members (`--members`) take to settle over `--partitions`, and
+    /// the incremental rebalance when one more joins.
+    Rebalance(LoadOpts),
 }
 
 /// How records are fetched in `bench consume`.
@@ -99,6 +103,17 @@ pub struct LoadOpts {
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     output: OutputFormat,
+    /// `bench consume`: read as this consumer group (its offsets are reset to the start).
+    #[arg(long, value_name = "G")]
+    group: Option<String>,
+    /// Group members (`bench consume --group`, `bench rebalance`).
+    #[arg(long, default_value_t = 1)]
+    members: usize,
+    /// `bench consume`: run this processor at consume time: a deployed NAME[@VERSION], or
+    /// a bundle path, deployed first. Records are counted as received, so use a processor
+    /// that keeps every record (a map such as examples/plugins/noop-map).
+    #[arg(long, value_name = "NAME[@VERSION]|PATH")]
+    processor: Option<String>,
 }
 
 fn parse_acks(s: &str) -> Result<Acks, String> {
@@ -163,9 +178,24 @@ pub async fn run(global: &GlobalOpts, args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Consume(o) => {
             o.check()?;
             let target = Target::open(global, &o).await?;
-            let r = consume::run(&target.client, &o).await?;
+            let r = match &o.group {
+                Some(g) => {
+                    group::consume(&target.client, &o, &o.topic_name(), g, o.members).await?
+                }
+                None => consume::run(&target.client, &o).await?,
+            };
             target.close().await;
             r.print(o.output);
+        }
+        BenchCommand::Rebalance(o) => {
+            o.check()?;
+            if o.members < 2 {
+                bail!("--members must be at least 2");
+            }
+            let target = Target::open(global, &o).await?;
+            let r = group::rebalance(&target.client, &o, o.members).await;
+            target.close().await;
+            r?;
         }
         BenchCommand::Baseline(o) => {
             o.check()?;

@@ -5,5 +5,7 @@ pub mod harness;
 mod broker_lifecycle;
 mod cli_tour;
 mod crash_recovery;
+mod groups;
 mod hostile_input;
+mod plugins;
 mod topics_admin;

@@ -40,6 +40,11 @@ pub async fn dispatch(
         ApiKey::DescribeGroup => requests::describe_group::handle(ctx, body)?,
         ApiKey::ResetOffsets => requests::reset_offsets::handle(ctx, body).await?,
         ApiKey::DeleteGroup => requests::delete_group::handle(ctx, body).await?,
+        ApiKey::DeployPlugin => requests::deploy_plugin::handle(ctx, body).await?,
+        ApiKey::ListPlugins => requests::list_plugins::handle(ctx, body)?,
+        ApiKey::DescribePlugin => requests::describe_plugin::handle(ctx, body)?,
+        ApiKey::RemovePlugin => requests::remove_plugin::handle(ctx, body)?,
+        ApiKey::GetPlugin => requests::get_plugin::handle(ctx, body)?,
         ApiKey::Subscribe => {
             requests::subscribe::handle(ctx, body, send).await?;
             return Ok(Outcome::Streamed);

@@ -20,6 +20,7 @@ use crate::config::BrokerConfig;
 use crate::group::GroupService;
 use crate::log::Flusher;
 use crate::metrics::Metrics;
+use crate::plugin::PluginService;
 use crate::topic::TopicRegistry;
 
 /// What every request handler can reach.
@@ -34,6 +35,8 @@ pub struct ServerContext {
     pub metrics: Arc<Metrics>,
     /// Consumer groups coordinated here.
     pub groups: Arc<GroupService>,
+    /// Deployed plugins and consume-time processor instances.
+    pub plugins: Arc<PluginService>,
     /// Turns true when the broker starts shutting down.
     pub stopping: watch::Receiver<bool>,
     inflight: AtomicUsize,
@@ -48,6 +51,7 @@ impl ServerContext {
         flusher: Arc<Flusher>,
         metrics: Arc<Metrics>,
         groups: Arc<GroupService>,
+        plugins: Arc<PluginService>,
         stopping: watch::Receiver<bool>,
     ) -> Arc<ServerContext> {
         Arc::new(ServerContext {
@@ -56,6 +60,7 @@ impl ServerContext {
             flusher,
             metrics,
             groups,
+            plugins,
             stopping,
             inflight: AtomicUsize::new(0),
             idle: Notify::new(),

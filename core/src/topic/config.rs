@@ -37,6 +37,11 @@ pub struct TopicConfig {
     pub flush_interval_ms: u64,
     /// `max.message.bytes`: largest batch accepted.
     pub max_message_bytes: u32,
+    /// `partitioner`: a partitioner plugin (`name@version`) producers run for records
+    /// without an explicit partition; unset (or set to `""`) for the default partitioner.
+    /// That the plugin exists is checked by the create/alter handlers, not here.
+    #[serde(default)]
+    pub partitioner: Option<String>,
 }
 
 impl Default for TopicConfig {
@@ -47,6 +52,7 @@ impl Default for TopicConfig {
             flush: FlushPolicy::Batch,
             flush_interval_ms: 1000,
             max_message_bytes: 8 * 1024 * 1024,
+            partitioner: None,
         }
     }
 }
@@ -58,6 +64,7 @@ pub const TOPIC_KEYS: &[&str] = &[
     "flush",
     "flush.interval.ms",
     "max.message.bytes",
+    "partitioner",
 ];
 
 fn parse_num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, String> {
@@ -115,6 +122,24 @@ impl TopicConfig {
                 }
                 self.max_message_bytes = v;
             }
+            "partitioner" => {
+                let v = value.trim();
+                if v.is_empty() {
+                    self.partitioner = None;
+                } else {
+                    match quiver_protocol::requests::parse_plugin_ref(v) {
+                        Ok((name, Some(version))) => {
+                            self.partitioner = Some(format!("{name}@{version}"))
+                        }
+                        Ok((_, None)) => {
+                            return Err(format!(
+                                "partitioner must be NAME@VERSION (an exact version), got {v:?}"
+                            ))
+                        }
+                        Err(e) => return Err(format!("partitioner: {e}")),
+                    }
+                }
+            }
             other => {
                 return Err(format!(
                     "unknown topic config key {other:?}; known keys: {}",
@@ -136,7 +161,7 @@ impl TopicConfig {
 
     /// Every key with its effective value.
     pub fn to_map(&self) -> BTreeMap<String, String> {
-        BTreeMap::from([
+        let mut m = BTreeMap::from([
             ("retention.ms".into(), self.retention_ms.to_string()),
             ("retention.bytes".into(), self.retention_bytes.to_string()),
             ("flush".into(), self.flush.as_str().into()),
@@ -148,7 +173,11 @@ impl TopicConfig {
                 "max.message.bytes".into(),
                 self.max_message_bytes.to_string(),
             ),
-        ])
+        ]);
+        if let Some(p) = &self.partitioner {
+            m.insert("partitioner".into(), p.clone());
+        }
+        m
     }
 }
 

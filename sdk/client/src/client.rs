@@ -486,6 +486,20 @@ impl Client {
         offset: i64,
         max_bytes: u32,
     ) -> Result<Subscription> {
+        self.subscribe_with(topic, partition, offset, max_bytes, None)
+            .await
+    }
+
+    /// [`subscribe`](Self::subscribe) with a consume-time processor the broker runs on the
+    /// batches before pushing them (see [`ProcessorSpec`](quiver_protocol::requests::ProcessorSpec)).
+    pub async fn subscribe_with(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+        max_bytes: u32,
+        processor: Option<quiver_protocol::requests::ProcessorSpec>,
+    ) -> Result<Subscription> {
         let broker = self.leader(topic, partition).await?;
         let (mut send, recv) = tokio::time::timeout(self.inner.config.request_timeout, async {
             let (mut send, recv) = self.open_stream(&broker).await?;
@@ -494,6 +508,7 @@ impl Client {
                 partition,
                 offset,
                 max_bytes,
+                processor,
             };
             write_request(&mut send, &req, Bytes::new())
                 .await

@@ -80,6 +80,10 @@ pub struct ConsumerConfig {
     pub reset: OffsetReset,
     /// Fetched payloads buffered across all partitions before fetching pauses.
     pub buffer_chunks: usize,
+    /// A consume-time processor the partition leader runs before sending: dropped records
+    /// never cross the network, and the records received keep their source offsets (so
+    /// offsets may have gaps).
+    pub processor: Option<quiver_protocol::requests::ProcessorSpec>,
 }
 
 impl Default for ConsumerConfig {
@@ -92,6 +96,7 @@ impl Default for ConsumerConfig {
             start: SeekTo::End,
             reset: OffsetReset::Earliest,
             buffer_chunks: 16,
+            processor: None,
         }
     }
 }
@@ -140,6 +145,10 @@ struct Chunk {
 
 struct PartState {
     position: Option<i64>,
+    /// Offset of the last record decoded for this partition and the end of the chunk it
+    /// came in: when `records()` hands that record out, the position jumps to the chunk's
+    /// end, which with a processor may lie past the last record.
+    tail: Option<(i64, i64)>,
     pending: Option<SeekTo>,
     generation: u64,
     task: Option<JoinHandle<()>>,
@@ -224,6 +233,7 @@ impl Consumer {
             }
             self.parts.entry((topic.clone(), p)).or_insert(PartState {
                 position: None,
+                tail: None,
                 pending: Some(self.config.start),
                 generation: 0,
                 task: None,
@@ -243,6 +253,16 @@ impl Consumer {
         self.parts.keys().cloned().collect()
     }
 
+    /// Removes partitions of `topic` from the assignment: their fetches stop and records
+    /// already fetched for them are dropped.
+    pub fn unassign(&mut self, topic: &str, partitions: impl IntoIterator<Item = u32>) {
+        for p in partitions {
+            self.parts.remove(&(Arc::from(topic), p));
+            self.buffer
+                .retain(|r| !(&*r.topic == topic && r.partition == p));
+        }
+    }
+
     /// Moves an assigned partition's position; data already fetched for it is dropped.
     pub fn seek(&mut self, topic: &str, partition: u32, to: SeekTo) -> Result<()> {
         let key = (Arc::from(topic), partition);
@@ -256,6 +276,7 @@ impl Consumer {
         }
         st.generation += 1;
         st.position = None;
+        st.tail = None;
         st.pending = Some(to);
         self.buffer
             .retain(|r| !(&*r.topic == topic && r.partition == partition));
@@ -391,8 +412,14 @@ impl Consumer {
             }
         };
         let limits = self.client.limits();
+        let before = out.len();
         decode_chunk(&key.0, key.1, &chunk, limits.max_decompressed_bytes, out)?;
-        st.position = Some(chunk.next.max(chunk.from));
+        let next = chunk.next.max(chunk.from);
+        st.position = Some(next);
+        st.tail = match (out.len() > before).then(|| out[out.len() - 1].offset) {
+            Some(last) => Some((last, next)),
+            None => st.tail.map(|(last, _)| (last, next)),
+        };
         Ok(())
     }
 
@@ -402,7 +429,10 @@ impl Consumer {
             loop {
                 if let Some(r) = c.buffer.pop_front() {
                     if let Some(st) = c.parts.get_mut(&(r.topic.clone(), r.partition)) {
-                        st.position = Some(r.offset + 1);
+                        st.position = Some(match st.tail {
+                            Some((last, next)) if last == r.offset => next,
+                            _ => r.offset + 1,
+                        });
                     }
                     return Some((Ok(r), c));
                 }
@@ -505,6 +535,7 @@ impl Fetcher {
             max_bytes: self.config.max_bytes,
             max_wait_ms: self.config.max_wait_ms,
             min_bytes: self.config.min_bytes,
+            processor: self.config.processor.clone(),
         };
         let timeout = client.config().request_timeout
             + Duration::from_millis(u64::from(self.config.max_wait_ms));
@@ -626,7 +657,13 @@ impl Fetcher {
         loop {
             let err = match self
                 .client
-                .subscribe(&self.topic, self.partition, offset, self.config.max_bytes)
+                .subscribe_with(
+                    &self.topic,
+                    self.partition,
+                    offset,
+                    self.config.max_bytes,
+                    self.config.processor.clone(),
+                )
                 .await
             {
                 Ok(mut sub) => loop {
@@ -725,6 +762,25 @@ mod tests {
         decode_chunk(&Arc::from("t"), 1, &chunk, 1 << 20, &mut out).unwrap();
         assert_eq!(out.iter().map(|r| r.offset).collect::<Vec<_>>(), vec![3, 4]);
         assert!(out.iter().all(|r| r.partition == 1));
+    }
+
+    #[test]
+    fn processed_batches_with_gaps_and_no_records_advance_past_their_range() {
+        // What a broker-side processor sends: source offsets kept, dropped ones missing.
+        let mut b = BatchBuilder::new(Compression::None);
+        b.push_at(2, None, b"v12", 1000, &[]);
+        let mut payload = b.build_covering(10, 4).to_vec();
+        payload.extend_from_slice(&BatchBuilder::new(Compression::None).build_covering(15, 4));
+        let payload = Bytes::from(payload);
+        assert_eq!(next_offset(&payload).unwrap(), Some(20));
+        let chunk = Chunk {
+            from: 10,
+            batches: payload,
+            next: 20,
+        };
+        let mut out = Vec::new();
+        decode_chunk(&Arc::from("t"), 0, &chunk, 1 << 20, &mut out).unwrap();
+        assert_eq!(out.iter().map(|r| r.offset).collect::<Vec<_>>(), vec![12]);
     }
 
     #[test]

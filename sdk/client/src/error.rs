@@ -72,7 +72,7 @@ pub enum ClientError {
     #[error("not the leader: {0}")]
     NotLeader(String),
     /// The broker does not allow deleting topics.
-    #[error("topic deletion is disabled on the broker (set delete_topic_enable = true): {0}")]
+    #[error("topic deletion is disabled: {0}")]
     TopicDeletionDisabled(String),
     /// A batch or frame was larger than the broker accepts.
     #[error("message too large: {0}")]
@@ -98,6 +98,9 @@ pub enum ClientError {
     /// The producer or consumer was closed.
     #[error("closed")]
     Closed,
+    /// A plugin could not be loaded or failed on this side (a topic's partitioner).
+    #[error("plugin: {0}")]
+    Plugin(String),
 }
 
 impl ClientError {

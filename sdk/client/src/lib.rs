@@ -4,7 +4,8 @@
 //!   generic request/response exchange every other part uses;
 //! - [`Admin`]: topic management;
 //! - [`Producer`]: per-partition batching, idempotent retries, Kafka-compatible partitioning;
-//! - [`Consumer`]: pipelined per-partition fetching (long-poll or push) as batches or a stream.
+//! - [`Consumer`]: pipelined per-partition fetching (long-poll or push) as batches or a stream;
+//! - [`GroupConsumer`]: a consumer-group member: server-assigned partitions, commits, rebalance callbacks.
 //!
 //! ```no_run
 //! # async fn demo() -> quiver_client::Result<()> {
@@ -22,6 +23,9 @@ mod client;
 mod config;
 mod consumer;
 mod error;
+mod group;
+mod group_admin;
+mod plugins;
 mod producer;
 mod tls;
 
@@ -31,9 +35,16 @@ pub use client::{Client, Subscription};
 pub use config::ClientConfig;
 pub use consumer::{ConsumeMode, ConsumedRecord, Consumer, ConsumerConfig, OffsetReset, SeekTo};
 pub use error::{ClientError, Result};
+pub use plugins::{PluginAdmin, TopicPartitioner};
+pub use group::{GroupConfig, GroupConsumer, RebalanceListener};
+pub use quiver_protocol::requests::{
+    AutoOffsetReset, GroupDescription, GroupListing, ResetTo, Strategy,
+    Subscription as GroupSubscription, TopicPartition,
+};
 pub use producer::{
     murmur2, partition_for_key, DefaultPartitioner, DeliveryFuture, Partitioner, Producer,
     ProducerConfig, ProducerRecord, ProducerStats, RecordMetadata, RecordRef,
 };
 pub use quiver_protocol::batch::{Compression, Header};
 pub use quiver_protocol::requests::Acks;
+pub use quiver_protocol::requests::{PluginInfo, ProcessorSpec};

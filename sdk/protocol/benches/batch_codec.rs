@@ -16,10 +16,16 @@ fn build(c: Compression) -> bytes::Bytes {
 fn codec(cr: &mut Criterion) {
     let mut g = cr.benchmark_group("batch_1000x100B");
     g.throughput(Throughput::Elements(1000));
-    for (name, c) in [("none", Compression::None), ("lz4", Compression::Lz4), ("zstd", Compression::Zstd)] {
+    for (name, c) in [
+        ("none", Compression::None),
+        ("lz4", Compression::Lz4),
+        ("zstd", Compression::Zstd),
+    ] {
         g.bench_function(format!("build/{name}"), |b| b.iter(|| build(c)));
         let batch = build(c);
-        g.bench_function(format!("validate/{name}"), |b| b.iter(|| validate(&batch, 1 << 24).map(|h| h.record_count)));
+        g.bench_function(format!("validate/{name}"), |b| {
+            b.iter(|| validate(&batch, 1 << 24).map(|h| h.record_count))
+        });
         g.bench_function(format!("decode/{name}"), |b| {
             b.iter(|| RecordIter::new(&batch, 1 << 24).map(|it| it.filter(|r| r.is_ok()).count()))
         });

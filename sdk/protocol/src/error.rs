@@ -48,6 +48,26 @@ pub enum ErrorCode {
     StorageError = 18,
     /// A produce sequence number was out of order for its producer.
     OutOfOrderSequence = 19,
+    /// The consumer-group member id is not known (never joined, left, or expired): re-join.
+    UnknownMember = 20,
+    /// The generation sent is older than the member's assignment, or not one the group had.
+    StaleGeneration = 21,
+    /// The member does not own the partition (it was never assigned, or was moved away).
+    NotPartitionOwner = 22,
+    /// The operation needs a group without members.
+    GroupNotEmpty = 23,
+    /// No such consumer group.
+    UnknownGroup = 24,
+    /// No deployed plugin has that name (or `name@version`).
+    PluginNotFound = 25,
+    /// Different bytes are already deployed under that `name@version`: bump the version.
+    PluginVersionConflict = 26,
+    /// The bundle was refused at deploy: it does not load or build (the message says why).
+    InvalidPlugin = 27,
+    /// The plugin is in use (a topic's partitioner or a running processor) and cannot be removed.
+    PluginInUse = 28,
+    /// A plugin call failed (limit, trap, error, quarantine); the message names the plugin.
+    PluginFailed = 29,
 }
 
 impl ErrorCode {
@@ -74,6 +94,16 @@ impl ErrorCode {
             17 => InvalidAcks,
             18 => StorageError,
             19 => OutOfOrderSequence,
+            20 => UnknownMember,
+            21 => StaleGeneration,
+            22 => NotPartitionOwner,
+            23 => GroupNotEmpty,
+            24 => UnknownGroup,
+            25 => PluginNotFound,
+            26 => PluginVersionConflict,
+            27 => InvalidPlugin,
+            28 => PluginInUse,
+            29 => PluginFailed,
             _ => Internal,
         }
     }

@@ -75,6 +75,34 @@ api_keys! {
     AlterTopicConfig = 7,
     /// Open a push stream of batches from an offset.
     Subscribe = 8,
+    /// Join a consumer group.
+    JoinGroup = 20,
+    /// Consumer-group heartbeat long-poll carrying assignment changes.
+    Heartbeat = 21,
+    /// Leave a consumer group.
+    LeaveGroup = 22,
+    /// Commit a group's offsets.
+    CommitOffsets = 23,
+    /// Read a group's committed offsets.
+    FetchOffsets = 24,
+    /// List consumer groups.
+    ListGroups = 25,
+    /// Describe a consumer group: members, assignment, offsets and lag.
+    DescribeGroup = 26,
+    /// Move a group's committed offsets of a topic.
+    ResetOffsets = 27,
+    /// Delete a consumer group.
+    DeleteGroup = 28,
+    /// Store a plugin bundle (payload: the archive).
+    DeployPlugin = 40,
+    /// List deployed plugins.
+    ListPlugins = 41,
+    /// Describe one deployed plugin.
+    DescribePlugin = 42,
+    /// Remove one `name@version`.
+    RemovePlugin = 43,
+    /// Download a deployed bundle's archive.
+    GetPlugin = 44,
 }
 
 /// A decoded frame header.

@@ -166,6 +166,7 @@ mod tests {
             max_bytes: 100,
             max_wait_ms: 5,
             min_bytes: 1,
+            processor: None,
         };
         let f = encode_request(&req, b"payload");
         let (d, p): (FetchRequest, Bytes) = decode_request(&f.body).unwrap();

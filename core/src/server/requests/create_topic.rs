@@ -22,6 +22,15 @@ pub fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
             ),
         ));
     }
+    if let Some(p) = req
+        .config
+        .get("partitioner")
+        .filter(|p| !p.trim().is_empty())
+    {
+        ctx.plugins.check_partitioner(p.trim()).map_err(|e| {
+            RequestError::new(ErrorCode::InvalidConfig, format!("partitioner: {e}"))
+        })?;
+    }
     let t = ctx.topics.create(&req.name, req.partitions, &req.config)?;
     ctx.metrics
         .partitions

@@ -31,10 +31,29 @@ pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
         }
         read = log.read(req.offset, max_bytes)?;
     }
+    let payload = match req.processor {
+        Some(spec) if !read.payload.is_empty() => {
+            crate::plugin::process_blocking(
+                ctx.plugins.clone(),
+                req.topic.clone(),
+                req.partition,
+                spec,
+                req.offset,
+                read.payload,
+                ctx.config.limits.max_frame_bytes as usize,
+            )
+            .await?
+        }
+        Some(spec) => {
+            ctx.plugins.touch(&req.topic, req.partition, &spec);
+            read.payload
+        }
+        None => read.payload,
+    };
     let counters = ctx.metrics.topic(&req.topic);
     counters
         .bytes_out
-        .fetch_add(read.payload.len() as u64, Ordering::Relaxed);
+        .fetch_add(payload.len() as u64, Ordering::Relaxed);
     counters
         .batches_out
         .fetch_add(read.batches as u64, Ordering::Relaxed);
@@ -45,6 +64,6 @@ pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
             log_start_offset: s.log_start,
             log_end_offset: s.log_end,
         },
-        read.payload,
+        payload,
     ))
 }

@@ -25,6 +25,7 @@ pub fn topic_metadata(ctx: &ServerContext, t: &Topic) -> TopicMetadata {
                 isr: vec![id],
             })
             .collect(),
+        partitioner: t.config().partitioner,
     }
 }
 

@@ -45,6 +45,36 @@ pub async fn handle(
                 .ok()
                 .and_then(|b| b.last().cloned())
                 .and_then(|b| quiver_protocol::batch::BatchHeader::parse(&b).ok());
+            let payload = match &req.processor {
+                Some(spec) => {
+                    let processed = crate::plugin::process_blocking(
+                        ctx.plugins.clone(),
+                        req.topic.clone(),
+                        req.partition,
+                        spec.clone(),
+                        offset,
+                        read.payload.clone(),
+                        ctx.config.limits.max_frame_bytes as usize,
+                    )
+                    .await;
+                    match processed {
+                        Ok(p) => p,
+                        Err(e) => {
+                            // A failing processor ends this subscription only.
+                            let frame = quiver_protocol::encode_error(
+                                ApiKey::Subscribe as u16,
+                                e.code,
+                                &e.message,
+                            )
+                            .encode();
+                            let _ = send.write_all(&frame).await;
+                            let _ = send.finish();
+                            return Ok(());
+                        }
+                    }
+                }
+                None => read.payload.clone(),
+            };
             let chunk = SubscribeChunk {
                 high_watermark: read.snapshot.high_watermark,
                 log_start_offset: read.snapshot.log_start,
@@ -52,15 +82,15 @@ pub async fn handle(
             let prefix = response_prefix(
                 ApiKey::Subscribe as u16,
                 &encode_control(&chunk),
-                read.payload.len(),
+                payload.len(),
             );
             counters
                 .bytes_out
-                .fetch_add(read.payload.len() as u64, Ordering::Relaxed);
+                .fetch_add(payload.len() as u64, Ordering::Relaxed);
             counters
                 .batches_out
                 .fetch_add(read.batches as u64, Ordering::Relaxed);
-            let mut chunks = [prefix, read.payload];
+            let mut chunks = [prefix, payload];
             let write = tokio::select! {
                 w = send.write_all_chunks(&mut chunks) => w,
                 _ = ctx.stopped() => return Ok(()),

@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use quiver_protocol::batch::BatchBuilder;
 use quiver_protocol::requests::{Acks, ProduceRequest};
-use quiver_protocol::ErrorCode;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -29,6 +28,8 @@ fn new_producer_id() -> i64 {
 pub(crate) struct TopicState {
     pub(crate) partitions: Vec<Arc<PartitionQueue>>,
     sticky: Arc<AtomicU32>,
+    /// The topic's partitioner plugin, set once when the topic is first used.
+    pub(crate) plugin: std::sync::OnceLock<crate::plugins::TopicPartitioner>,
 }
 
 impl TopicState {
@@ -65,6 +66,7 @@ impl TopicState {
             Arc::new(TopicState {
                 partitions: queues,
                 sticky,
+                plugin: std::sync::OnceLock::new(),
             }),
             tasks,
         )
@@ -244,9 +246,22 @@ impl PartitionQueue {
                 }
                 continue;
             };
-            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            let current = self.producer_id.load(Ordering::Acquire);
+            if current != producer_id {
+                producer_id = current;
+                sequence = 0;
+            }
+            // The broker learns a producer id from the first batch it sees, so the first
+            // batch of an id goes alone: pipelined successors could otherwise overtake it.
+            let permits = if sequence == 0 {
+                shared.config.max_in_flight_per_partition as u32
+            } else {
+                1
+            };
+            let Ok(permit) = in_flight.clone().acquire_many_owned(permits).await else {
                 break;
             };
+            // A permanent failure may have replaced the id while we waited for the permits.
             let current = self.producer_id.load(Ordering::Acquire);
             if current != producer_id {
                 producer_id = current;
@@ -338,12 +353,9 @@ impl PartitionQueue {
             match attempt {
                 Ok(base) => break Ok(base),
                 Err(e) => {
-                    let still_current =
-                        self.producer_id.load(Ordering::Acquire) == batch.producer_id;
-                    let retriable = e.is_retriable()
-                        || (still_current && e.code() == Some(ErrorCode::OutOfOrderSequence));
+                    // OutOfOrderSequence is final: the broker no longer remembers the batch.
                     let delay = backoff.next_delay();
-                    if retriable && Instant::now() + delay < deadline {
+                    if e.is_retriable() && Instant::now() + delay < deadline {
                         tracing::debug!(error = %e, ?delay, "produce failed; retrying the same batch");
                         tokio::time::sleep(delay).await;
                         continue;

@@ -393,6 +393,26 @@ impl Shared {
     }
 }
 
+/// Marks a flush (or a wait for buffer space) in progress while alive: partition tasks then
+/// send open batches without waiting for `linger`. A guard, so a cancelled wait undoes it.
+struct Urgent<'a>(&'a Shared);
+
+impl<'a> Urgent<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        shared.flushing.fetch_add(1, Ordering::AcqRel);
+        for q in shared.all_queues() {
+            q.wake.notify_one();
+        }
+        Urgent(shared)
+    }
+}
+
+impl Drop for Urgent<'_> {
+    fn drop(&mut self) {
+        self.0.flushing.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Sends records to topics, batching per partition; cheap to clone.
 ///
 /// ```no_run
@@ -520,11 +540,19 @@ impl Producer {
         I: IntoIterator<Item = &'a [u8]>,
     {
         let state = self.topic(topic).await?;
+        // One clock read per call: values queued together share a timestamp.
+        let timestamp = Some(now_ms());
         let mut n = 0;
         for value in values {
-            self.wait_for_space().await?;
+            if self.shared.buffered.load(Ordering::Relaxed)
+                >= self.shared.config.buffer_memory_bytes
+                || self.shared.closed.load(Ordering::Relaxed)
+            {
+                self.wait_for_space().await?;
+            }
             let r = RecordRef {
                 partition,
+                timestamp,
                 ..RecordRef::new(topic, value)
             };
             self.append(&state, &r, false)?;
@@ -538,10 +566,7 @@ impl Producer {
     /// producer was made (see [`stats`](Self::stats) for counts).
     pub async fn flush(&self) -> Result<()> {
         let s = &self.shared;
-        s.flushing.fetch_add(1, Ordering::AcqRel);
-        for q in s.all_queues() {
-            q.wake.notify_one();
-        }
+        let urgent = Urgent::new(s);
         loop {
             let idle = s.idle.notified();
             tokio::pin!(idle);
@@ -551,7 +576,7 @@ impl Producer {
             }
             idle.await;
         }
-        s.flushing.fetch_sub(1, Ordering::AcqRel);
+        drop(urgent);
         match lock(&s.last_error).clone() {
             Some(e) if s.records_failed.load(Ordering::Relaxed) > 0 => Err(e),
             _ => Ok(()),
@@ -602,12 +627,8 @@ impl Producer {
                 return Ok(());
             }
             // Records waiting for linger must go out, or the buffer never drains.
-            s.flushing.fetch_add(1, Ordering::AcqRel);
-            for q in s.all_queues() {
-                q.wake.notify_one();
-            }
+            let _urgent = Urgent::new(s);
             space.await;
-            s.flushing.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
@@ -629,7 +650,16 @@ impl Producer {
                 "topic {name:?} has no partitions"
             )));
         }
+        let plugin = match &self.shared.client.topic_metadata(name).await?.partitioner {
+            Some(id) => {
+                Some(crate::plugins::TopicPartitioner::load(&self.shared.client, id).await?)
+            }
+            None => None,
+        };
         let (state, tasks) = TopicState::start(name, partitions, &self.shared);
+        if let Some(p) = plugin {
+            let _ = state.plugin.set(p);
+        }
         lock(&self.shared.tasks).extend(tasks);
         self.shared
             .topics
@@ -665,13 +695,16 @@ impl Producer {
                     partitions: n,
                 })
             }
-            None => self
-                .shared
-                .config
-                .partitioner
-                .partition(r.topic, r.key, n)
-                .filter(|p| *p < n)
-                .unwrap_or_else(|| topic.sticky()),
+            None => match topic.plugin.get() {
+                Some(plugin) => plugin.partition(r.topic, r.key, r.value, n)?,
+                None => self
+                    .shared
+                    .config
+                    .partitioner
+                    .partition(r.topic, r.key, n)
+                    .filter(|p| *p < n)
+                    .unwrap_or_else(|| topic.sticky()),
+            },
         };
         let timestamp = r.timestamp.unwrap_or_else(now_ms);
         let s = &self.shared;

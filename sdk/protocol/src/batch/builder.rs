@@ -77,12 +77,26 @@ impl BatchBuilder {
         timestamp: i64,
         headers: &[(&str, &[u8])],
     ) {
+        self.push_at(self.count, key, value, timestamp, headers);
+    }
+
+    /// Appends a record with an explicit offset delta (its offset minus the batch's base
+    /// offset), for batches whose offsets are not dense: a consume-time processor's output
+    /// keeps each record's source offset. Pair with [`build_covering`](Self::build_covering).
+    pub fn push_at(
+        &mut self,
+        offset_delta: i32,
+        key: Option<&[u8]>,
+        value: &[u8],
+        timestamp: i64,
+        headers: &[(&str, &[u8])],
+    ) {
         if self.count == 0 {
             self.first_timestamp = timestamp;
         }
         self.max_timestamp = self.max_timestamp.max(timestamp);
         let ts_delta = timestamp - self.first_timestamp;
-        let offset_delta = i64::from(self.count);
+        let offset_delta = i64::from(offset_delta);
         let key_len = key.map_or(-1, |k| k.len() as i64);
         let mut body_len = 1
             + varint_len(ts_delta)
@@ -119,6 +133,17 @@ impl BatchBuilder {
 
     /// Encodes the batch (base offset 0, leader epoch -1) and resets the builder.
     pub fn build(&mut self) -> Bytes {
+        self.encode(0, (self.count - 1).max(0))
+    }
+
+    /// Encodes a batch whose header covers `base_offset ..= base_offset + last_offset_delta`
+    /// whatever records it holds (possibly none), so a reader advances past the whole range;
+    /// records must have been pushed with [`push_at`](Self::push_at) deltas in that range.
+    pub fn build_covering(&mut self, base_offset: i64, last_offset_delta: i32) -> Bytes {
+        self.encode(base_offset, last_offset_delta)
+    }
+
+    fn encode(&mut self, base_offset: i64, last_offset_delta: i32) -> Bytes {
         let compressed;
         let body: &[u8] = if self.compression == Compression::None {
             &self.records
@@ -127,13 +152,13 @@ impl BatchBuilder {
             &compressed
         };
         let mut b = BytesMut::with_capacity(BATCH_HEADER_LEN + body.len());
-        b.put_i64(0);
+        b.put_i64(base_offset);
         b.put_i32((BATCH_HEADER_LEN - 12 + body.len()) as i32);
         b.put_i32(-1);
         b.put_i8(MAGIC);
         b.put_u32(0); // CRC, filled below
         b.put_i16(self.compression.attribute_bits());
-        b.put_i32((self.count - 1).max(0));
+        b.put_i32(last_offset_delta);
         b.put_i64(self.first_timestamp);
         b.put_i64(if self.count == 0 {
             self.first_timestamp
@@ -151,5 +176,37 @@ impl BatchBuilder {
         self.count = 0;
         self.max_timestamp = i64::MIN;
         b.freeze()
+    }
+}
+
+#[cfg(test)]
+mod covering_tests {
+    use super::*;
+    use crate::batch::{check_crc, RecordIter};
+
+    #[test]
+    fn a_covering_batch_keeps_sparse_offsets_and_its_range() {
+        let mut b = BatchBuilder::new(Compression::None);
+        b.push_at(1, None, b"one", 10, &[]);
+        b.push_at(4, Some(b"k"), b"four", 11, &[]);
+        let batch = b.build_covering(100, 7);
+        let h = check_crc(&batch).unwrap();
+        assert_eq!(
+            (h.base_offset, h.next_offset(), h.record_count),
+            (100, 108, 2)
+        );
+        let offsets: Vec<i64> = RecordIter::new(&batch, 1 << 20)
+            .unwrap()
+            .map(|r| r.unwrap().offset)
+            .collect();
+        assert_eq!(offsets, vec![101, 104]);
+    }
+
+    #[test]
+    fn an_empty_covering_batch_still_advances_a_reader() {
+        let batch = BatchBuilder::new(Compression::None).build_covering(5, 9);
+        let h = check_crc(&batch).unwrap();
+        assert_eq!((h.record_count, h.next_offset()), (0, 15));
+        assert_eq!(RecordIter::new(&batch, 1 << 20).unwrap().count(), 0);
     }
 }

@@ -19,6 +19,9 @@ pub struct FetchRequest {
     pub max_wait_ms: u32,
     /// Answer as soon as this many bytes are available.
     pub min_bytes: u32,
+    /// A consume-time processor the leader runs on the batches before sending them;
+    /// records it drops never cross the network, and offsets stay the source offsets.
+    pub processor: Option<super::plugin::ProcessorSpec>,
 }
 
 /// Partition offsets at the time of the answer; the payload holds the batches.

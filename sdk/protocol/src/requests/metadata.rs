@@ -42,6 +42,9 @@ pub struct TopicMetadata {
     pub name: String,
     /// Its partitions, by index.
     pub partitions: Vec<PartitionMetadata>,
+    /// The topic's partitioner plugin (`name@version`), when it has one: producers must
+    /// run it for records without an explicit partition.
+    pub partitioner: Option<String>,
 }
 
 /// The cluster as the answering broker knows it.

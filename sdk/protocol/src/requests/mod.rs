@@ -4,13 +4,29 @@
 //! same name; the client's call sites use the same types.
 
 pub mod alter_topic_config;
+pub mod commit_offsets;
 pub mod create_topic;
+pub mod delete_group;
 pub mod delete_topic;
+pub mod deploy_plugin;
+pub mod describe_group;
+pub mod describe_plugin;
 pub mod describe_topic;
 pub mod fetch;
+pub mod fetch_offsets;
+pub mod get_plugin;
+pub mod group;
+pub mod heartbeat;
+pub mod join_group;
+pub mod leave_group;
+pub mod list_groups;
 pub mod list_offsets;
+pub mod list_plugins;
 pub mod metadata;
+pub mod plugin;
 pub mod produce;
+pub mod remove_plugin;
+pub mod reset_offsets;
 pub mod subscribe;
 
 pub use alter_topic_config::AlterTopicConfigRequest;
@@ -24,6 +40,26 @@ pub use metadata::{
 };
 pub use produce::{Acks, ProduceRequest, ProduceResponse};
 pub use subscribe::{SubscribeChunk, SubscribeRequest};
+
+pub use deploy_plugin::{DeployPluginRequest, DeployPluginResponse};
+pub use describe_plugin::{DescribePluginRequest, DescribePluginResponse};
+pub use get_plugin::{GetPluginRequest, GetPluginResponse};
+pub use list_plugins::{ListPluginsRequest, ListPluginsResponse};
+pub use plugin::{parse_plugin_ref, PluginInfo, ProcessorSpec};
+pub use remove_plugin::{RemovePluginRequest, RemovePluginResponse};
+
+pub use commit_offsets::{CommitOffsetsRequest, CommitOffsetsResponse, OffsetCommit};
+pub use delete_group::{DeleteGroupRequest, DeleteGroupResponse};
+pub use describe_group::{
+    DescribeGroupRequest, GroupDescription, GroupPartitionDescription, MemberDescription,
+};
+pub use fetch_offsets::{CommittedOffset, FetchOffsetsRequest, FetchOffsetsResponse};
+pub use group::{validate_group_name, AutoOffsetReset, Strategy, Subscription, TopicPartition};
+pub use heartbeat::{HeartbeatRequest, HeartbeatResponse};
+pub use join_group::{JoinGroupRequest, JoinGroupResponse};
+pub use leave_group::{LeaveGroupRequest, LeaveGroupResponse};
+pub use list_groups::{GroupListing, ListGroupsRequest, ListGroupsResponse};
+pub use reset_offsets::{ResetOffsetsRequest, ResetOffsetsResponse, ResetTo};
 
 /// Checks a topic name: 1–249 bytes of `[A-Za-z0-9._-]`, and not `.` or `..`.
 pub fn validate_topic_name(name: &str) -> Result<(), String> {

@@ -19,6 +19,8 @@ pub struct SubscribeRequest {
     pub offset: i64,
     /// Upper bound of payload bytes per chunk.
     pub max_bytes: u32,
+    /// A consume-time processor the leader runs on the batches before pushing them.
+    pub processor: Option<super::plugin::ProcessorSpec>,
 }
 
 /// One pushed chunk; the payload holds batches.

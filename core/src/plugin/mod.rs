@@ -1,0 +1,501 @@
+//! Plugins in the broker: the durable store of deployed bundles ([`store`]), the pool of
+//! consume-time processor instances, and running a processor over fetched batches
+//! ([`transform`]). [`PluginService`] owns the rules: a bundle is validated by loading and
+//! building it once before it is stored; the same bytes redeployed are a no-op; different
+//! bytes under an existing `name@version` are refused; a plugin in use (a topic's
+//! partitioner, a live processor instance) cannot be removed. Plugin code runs only on
+//! blocking threads, never on the async runtime, and a failing call fails only the request
+//! that made it.
+
+pub mod store;
+pub mod transform;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use quiver_plugins::{Bundle, HostLimits, Kind, PluginConfig, Processor, Runtime};
+use quiver_protocol::requests::{PluginInfo, ProcessorSpec};
+use quiver_protocol::ErrorCode;
+
+use crate::config::PluginsConfig;
+use crate::topic::TopicRegistry;
+use store::{PluginStore, StoredPlugin};
+
+/// A storage failure of the plugin store.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginStoreError {
+    /// sled failed.
+    #[error("plugin storage: {0}")]
+    Storage(#[from] sled::Error),
+    /// A stored record does not decode.
+    #[error("plugin storage is damaged: {0}")]
+    Corrupt(String),
+}
+
+/// Why a plugin request failed; each maps to a wire code.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginServiceError {
+    /// No such plugin.
+    #[error("{0}")]
+    NotFound(String),
+    /// Different bytes under an existing `name@version`.
+    #[error("{0}")]
+    VersionConflict(String),
+    /// The bundle does not load or build.
+    #[error("{0}")]
+    Invalid(String),
+    /// The archive is larger than `plugins.max_bundle_bytes`.
+    #[error("{0}")]
+    TooLarge(String),
+    /// Still used.
+    #[error("{0}")]
+    InUse(String),
+    /// A plugin call failed.
+    #[error("{0}")]
+    Failed(String),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] PluginStoreError),
+}
+
+impl PluginServiceError {
+    /// The wire code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            PluginServiceError::NotFound(_) => ErrorCode::PluginNotFound,
+            PluginServiceError::VersionConflict(_) => ErrorCode::PluginVersionConflict,
+            PluginServiceError::Invalid(_) => ErrorCode::InvalidPlugin,
+            PluginServiceError::TooLarge(_) => ErrorCode::MessageTooLarge,
+            PluginServiceError::InUse(_) => ErrorCode::PluginInUse,
+            PluginServiceError::Failed(_) => ErrorCode::PluginFailed,
+            PluginServiceError::Store(_) => ErrorCode::StorageError,
+        }
+    }
+}
+
+type Result<T, E = PluginServiceError> = std::result::Result<T, E>;
+
+/// A processor instance used (or asked for by a fetch) this recently counts as running:
+/// its plugin cannot be removed. Idle instances stay pooled (with their state) until
+/// `plugins.processor_idle_ms`, but do not block removal.
+const IN_USE_WINDOW: Duration = Duration::from_secs(30);
+
+/// Identifies one processor instance: state stays with a partition and a configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    topic: String,
+    partition: u32,
+    plugin: String,
+    config: BTreeMap<String, String>,
+}
+
+/// One live processor instance.
+struct Slot {
+    processor: Mutex<Box<dyn Processor>>,
+    last_used: Mutex<Instant>,
+}
+
+/// What a deploy did.
+#[derive(Debug, Clone)]
+pub struct Deployed {
+    /// The stored plugin.
+    pub info: PluginInfo,
+    /// True when the same bytes were already stored (nothing changed).
+    pub already_deployed: bool,
+}
+
+/// The broker's plugins: store, bundle cache, processor pool and host limits.
+pub struct PluginService {
+    store: PluginStore,
+    topics: Arc<TopicRegistry>,
+    limits: HostLimits,
+    max_bundle_bytes: u64,
+    idle: Duration,
+    bundles: Mutex<HashMap<String, Arc<Bundle>>>,
+    pool: Mutex<HashMap<PoolKey, Arc<Slot>>>,
+    admin: Mutex<()>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn kind_str(k: Kind) -> &'static str {
+    match k {
+        Kind::Processor => "processor",
+        Kind::Partitioner => "partitioner",
+    }
+}
+
+fn runtime_str(r: Runtime) -> &'static str {
+    match r {
+        Runtime::Lua => "lua",
+        Runtime::Wasm => "wasm",
+    }
+}
+
+impl PluginService {
+    /// Opens the store in `db` with the broker's `[plugins]` config.
+    pub fn open(
+        db: sled::Db,
+        topics: Arc<TopicRegistry>,
+        config: &PluginsConfig,
+    ) -> Result<PluginService> {
+        let limits = HostLimits {
+            cpu_ms: config.cpu_ms,
+            memory_mb: config.memory_mb,
+            max_output_bytes: usize::try_from(config.max_output_bytes).unwrap_or(usize::MAX),
+            wasm_stack_bytes: usize::try_from(config.wasm_stack_bytes).unwrap_or(usize::MAX),
+            max_consecutive_failures: config.max_consecutive_failures,
+        };
+        limits
+            .validate()
+            .map_err(|e| PluginServiceError::Invalid(format!("[plugins]: {e}")))?;
+        let store = PluginStore::open(db)?;
+        let n = store.all()?.len();
+        tracing::info!(plugins = n, "plugin store opened");
+        Ok(PluginService {
+            store,
+            topics,
+            limits,
+            max_bundle_bytes: config.max_bundle_bytes,
+            idle: Duration::from_millis(config.processor_idle_ms),
+            bundles: Mutex::new(HashMap::new()),
+            pool: Mutex::new(HashMap::new()),
+            admin: Mutex::new(()),
+        })
+    }
+
+    /// The host limits every plugin call runs under.
+    pub fn limits(&self) -> &HostLimits {
+        &self.limits
+    }
+
+    /// Validates and stores a bundle archive. Blocking (builds the plugin, flushes sled).
+    pub fn deploy(&self, archive: &[u8]) -> Result<Deployed> {
+        if archive.len() as u64 > self.max_bundle_bytes {
+            return Err(PluginServiceError::TooLarge(format!(
+                "bundle archive of {} bytes exceeds plugins.max_bundle_bytes = {}",
+                archive.len(),
+                self.max_bundle_bytes
+            )));
+        }
+        let bundle = Bundle::from_archive_bytes(archive)
+            .map_err(|e| PluginServiceError::Invalid(format!("invalid bundle: {e}")))?;
+        let id = bundle.id();
+        let digest = bundle.digest();
+        let _admin = lock(&self.admin);
+        if let Some(existing) = self.store.get(&id)? {
+            if existing.digest == digest {
+                tracing::info!(plugin = %id, %digest, "plugin already deployed with the same bytes");
+                return Ok(Deployed {
+                    info: self.info(&existing),
+                    already_deployed: true,
+                });
+            }
+            return Err(PluginServiceError::VersionConflict(format!(
+                "{id} is already deployed with different content (digest {}, this bundle {digest}); a deployed version never changes: bump the version in plugin.toml",
+                existing.digest
+            )));
+        }
+        // Build once with the broker's limits so a bundle that cannot run is refused now.
+        let config = PluginConfig::new(bundle.clone()).limits(self.limits.clone());
+        let m = bundle.manifest();
+        let built = match m.kind {
+            Kind::Processor => config.build_processor().map(drop),
+            Kind::Partitioner => config.build_partitioner().map(drop),
+        };
+        built.map_err(|e| PluginServiceError::Invalid(format!("refused {id}: {e}")))?;
+        // Store the canonical archive, so the stored bytes depend only on the bundle's files.
+        let canonical = bundle
+            .to_archive_bytes()
+            .map_err(|e| PluginServiceError::Invalid(format!("refused {id}: {e}")))?;
+        let record = StoredPlugin {
+            name: m.name.clone(),
+            version: m.version.clone(),
+            digest: digest.clone(),
+            kind: kind_str(m.kind).into(),
+            runtime: runtime_str(m.runtime).into(),
+            description: m.description.clone(),
+            deployed_ms: now_ms(),
+            size: canonical.len() as u64,
+            config: m.config.clone(),
+        };
+        self.store.put(&record, &canonical)?;
+        lock(&self.bundles).insert(digest.clone(), Arc::new(bundle));
+        tracing::info!(plugin = %id, %digest, kind = %record.kind, runtime = %record.runtime, "plugin deployed");
+        Ok(Deployed {
+            info: self.info(&record),
+            already_deployed: false,
+        })
+    }
+
+    /// Every deployed plugin, by name then version.
+    pub fn list(&self) -> Result<Vec<PluginInfo>> {
+        let mut all = self.store.all()?;
+        all.sort_by(|a, b| {
+            a.name
+                .cmp(&b.name)
+                .then_with(|| version_key(&a.version).cmp(&version_key(&b.version)))
+        });
+        Ok(all.iter().map(|r| self.info(r)).collect())
+    }
+
+    /// The record of `name@version`, or of the highest version of `name`.
+    pub fn resolve(&self, name: &str, version: Option<&str>) -> Result<StoredPlugin> {
+        match version {
+            Some(v) => self.store.get(&format!("{name}@{v}"))?.ok_or_else(|| {
+                PluginServiceError::NotFound(format!(
+                    "plugin {name}@{v} is not deployed (see `quiver plugin list`)"
+                ))
+            }),
+            None => self
+                .store
+                .versions(name)?
+                .into_iter()
+                .max_by(|a, b| version_key(&a.version).cmp(&version_key(&b.version)))
+                .ok_or_else(|| {
+                    PluginServiceError::NotFound(format!(
+                        "no plugin named {name} is deployed (see `quiver plugin list`)"
+                    ))
+                }),
+        }
+    }
+
+    /// [`resolve`](Self::resolve) as the wire's [`PluginInfo`].
+    pub fn describe(&self, name: &str, version: Option<&str>) -> Result<PluginInfo> {
+        Ok(self.info(&self.resolve(name, version)?))
+    }
+
+    /// The record and archive bytes of a plugin.
+    pub fn archive(&self, name: &str, version: Option<&str>) -> Result<(PluginInfo, Bytes)> {
+        let r = self.resolve(name, version)?;
+        let blob = self.store.blob(&r.digest)?.ok_or_else(|| {
+            PluginServiceError::Store(PluginStoreError::Corrupt(format!(
+                "the archive of {} is missing",
+                r.id()
+            )))
+        })?;
+        Ok((self.info(&r), Bytes::copy_from_slice(&blob)))
+    }
+
+    /// Removes `name@version` unless it is in use. Returns the record and whether its
+    /// archive was deleted.
+    pub fn remove(&self, name: &str, version: &str) -> Result<(StoredPlugin, bool)> {
+        let _admin = lock(&self.admin);
+        let r = self.resolve(name, Some(version))?;
+        let users = self.used_by(&r.id());
+        if !users.is_empty() {
+            return Err(PluginServiceError::InUse(format!(
+                "{} is in use by {}; detach it first (e.g. `quiver topic alter T --partitioner OTHER@VERSION`) or stop its consumers",
+                r.id(),
+                users.join(", ")
+            )));
+        }
+        let deleted = self.store.remove(&r)?;
+        lock(&self.bundles).remove(&r.digest);
+        lock(&self.pool).retain(|k, _| k.plugin != r.id());
+        tracing::info!(plugin = %r.id(), "plugin removed");
+        Ok((r, deleted))
+    }
+
+    /// Checks that `id` (`name@version`) is a deployed partitioner (topic create/alter).
+    pub fn check_partitioner(&self, id: &str) -> Result<()> {
+        let Some((name, version)) = id.split_once('@') else {
+            return Err(PluginServiceError::Invalid(format!(
+                "{id:?} must be NAME@VERSION"
+            )));
+        };
+        let r = self.resolve(name, Some(version))?;
+        if r.kind != "partitioner" {
+            return Err(PluginServiceError::Invalid(format!(
+                "{id} is a {}, not a partitioner",
+                r.kind
+            )));
+        }
+        Ok(())
+    }
+
+    /// Who uses `id`: topics naming it as partitioner and live processor instances.
+    fn used_by(&self, id: &str) -> Vec<String> {
+        let mut users: Vec<String> = self
+            .topics
+            .list()
+            .iter()
+            .filter(|t| t.config().partitioner.as_deref() == Some(id))
+            .map(|t| format!("topic {} (partitioner)", t.name()))
+            .collect();
+        let mut pool = lock(&self.pool);
+        let idle = self.idle;
+        pool.retain(|_, s| lock(&s.last_used).elapsed() < idle);
+        let mut procs: Vec<String> = pool
+            .iter()
+            .filter(|(k, s)| k.plugin == id && lock(&s.last_used).elapsed() < IN_USE_WINDOW)
+            .map(|(k, _)| k)
+            .map(|k| format!("a consume-time processor on {}/{}", k.topic, k.partition))
+            .collect();
+        procs.sort();
+        procs.dedup();
+        users.extend(procs);
+        users
+    }
+
+    fn info(&self, r: &StoredPlugin) -> PluginInfo {
+        PluginInfo {
+            name: r.name.clone(),
+            version: r.version.clone(),
+            kind: r.kind.clone(),
+            runtime: r.runtime.clone(),
+            description: r.description.clone(),
+            digest: r.digest.clone(),
+            deployed_ms: r.deployed_ms,
+            size_bytes: r.size,
+            config: r.config.clone(),
+            used_by: self.used_by(&r.id()),
+        }
+    }
+
+    /// The loaded bundle of a record (cached by digest).
+    fn bundle(&self, r: &StoredPlugin) -> Result<Arc<Bundle>> {
+        if let Some(b) = lock(&self.bundles).get(&r.digest) {
+            return Ok(b.clone());
+        }
+        let blob = self.store.blob(&r.digest)?.ok_or_else(|| {
+            PluginServiceError::Store(PluginStoreError::Corrupt(format!(
+                "the archive of {} is missing",
+                r.id()
+            )))
+        })?;
+        let b = Arc::new(Bundle::from_archive_bytes(&blob).map_err(|e| {
+            PluginServiceError::Store(PluginStoreError::Corrupt(format!("{}: {e}", r.id())))
+        })?);
+        lock(&self.bundles).insert(r.digest.clone(), b.clone());
+        Ok(b)
+    }
+
+    /// Marks the instance of `spec` on `topic`/`partition` as in use without running it
+    /// (a fetch that found nothing new still means a consumer is there).
+    pub fn touch(&self, topic: &str, partition: u32, spec: &ProcessorSpec) {
+        let pool = lock(&self.pool);
+        for (k, s) in pool.iter() {
+            if k.topic == topic
+                && k.partition == partition
+                && k.plugin.split('@').next() == Some(spec.name.as_str())
+                && k.config == spec.config
+            {
+                *lock(&s.last_used) = Instant::now();
+            }
+        }
+    }
+
+    /// Runs the processor `spec` over a fetched payload of `topic`/`partition` (records
+    /// before `from` left out). Blocking: call from `spawn_blocking`.
+    pub fn process(
+        &self,
+        topic: &str,
+        partition: u32,
+        spec: &ProcessorSpec,
+        from: i64,
+        payload: &Bytes,
+        max_decompressed: usize,
+    ) -> Result<Bytes> {
+        let r = self.resolve(&spec.name, spec.version.as_deref())?;
+        let id = r.id();
+        if r.kind != "processor" {
+            return Err(PluginServiceError::Invalid(format!(
+                "{id} is a {}, not a processor",
+                r.kind
+            )));
+        }
+        let key = PoolKey {
+            topic: topic.to_string(),
+            partition,
+            plugin: id.clone(),
+            config: spec.config.clone(),
+        };
+        let existing = lock(&self.pool).get(&key).cloned();
+        let slot = match existing {
+            Some(s) => s,
+            None => {
+                let bundle = self.bundle(&r)?;
+                let processor = PluginConfig::new(bundle)
+                    .overrides(spec.config.iter().map(|(k, v)| format!("{k}={v}")))
+                    .and_then(|c| c.limits(self.limits.clone()).build_processor())
+                    .map_err(|e| PluginServiceError::Failed(e.to_string()))?;
+                let slot = Arc::new(Slot {
+                    processor: Mutex::new(processor),
+                    last_used: Mutex::new(Instant::now()),
+                });
+                lock(&self.pool).entry(key.clone()).or_insert(slot).clone()
+            }
+        };
+        *lock(&slot.last_used) = Instant::now();
+        let result = {
+            let mut p = lock(&slot.processor);
+            transform::process_payload(&mut **p, payload, from, partition, max_decompressed)
+        };
+        match result {
+            Ok(out) => Ok(out),
+            Err(transform::TransformError::Plugin(e)) => {
+                tracing::warn!(plugin = %id, topic, partition, error = %e, "consume-time processor failed");
+                if e.is_quarantined() {
+                    // The next consumer gets a fresh instance, not a dead one.
+                    let mut pool = lock(&self.pool);
+                    if pool.get(&key).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+                        pool.remove(&key);
+                    }
+                }
+                Err(PluginServiceError::Failed(e.to_string()))
+            }
+            Err(transform::TransformError::Protocol(e)) => Err(PluginServiceError::Failed(
+                format!("{id}: stored batch could not be decoded: {e}"),
+            )),
+        }
+    }
+}
+
+/// Orders versions by semver; unparsable ones (never stored: the host validates) sort first.
+fn version_key(v: &str) -> Option<semver::Version> {
+    semver::Version::parse(v).ok()
+}
+
+impl From<PluginServiceError> for crate::server::requests::RequestError {
+    fn from(e: PluginServiceError) -> Self {
+        crate::server::requests::RequestError::new(e.code(), e.to_string())
+    }
+}
+
+/// Runs [`PluginService::process`] on a blocking thread (plugin code never runs on the
+/// async runtime) and maps a failure to the request's error.
+pub async fn process_blocking(
+    plugins: Arc<PluginService>,
+    topic: String,
+    partition: u32,
+    spec: ProcessorSpec,
+    from: i64,
+    payload: Bytes,
+    max_decompressed: usize,
+) -> Result<Bytes, crate::server::requests::RequestError> {
+    let span = tracing::debug_span!("processor", topic = %topic, partition, plugin = %spec.name);
+    tokio::task::spawn_blocking(move || {
+        let _enter = span.enter();
+        plugins.process(&topic, partition, &spec, from, &payload, max_decompressed)
+    })
+    .await
+    .map_err(|e| {
+        crate::server::requests::RequestError::new(
+            ErrorCode::PluginFailed,
+            format!("processor task failed: {e}"),
+        )
+    })?
+    .map_err(Into::into)
+}

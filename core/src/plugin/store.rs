@@ -1,0 +1,111 @@
+//! Durable plugin storage in sled: `__plugins` maps `name@version` to a [`StoredPlugin`]
+//! record (JSON), `__plugin_blobs` maps a content digest to the bundle archive bytes.
+//! This module only stores and looks up; validation and the in-use rules live in
+//! [`super::PluginService`].
+
+use serde::{Deserialize, Serialize};
+
+use super::PluginStoreError;
+
+/// What the broker remembers about one deployed `name@version`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredPlugin {
+    /// Plugin name.
+    pub name: String,
+    /// Semantic version.
+    pub version: String,
+    /// Content digest of the bundle (key of its archive in `__plugin_blobs`).
+    pub digest: String,
+    /// `processor` or `partitioner`.
+    pub kind: String,
+    /// `lua` or `wasm`.
+    pub runtime: String,
+    /// The manifest's description.
+    pub description: String,
+    /// Deploy time, ms since the Unix epoch.
+    pub deployed_ms: i64,
+    /// Archive size, bytes.
+    pub size: u64,
+    /// Default config from the manifest.
+    #[serde(default)]
+    pub config: std::collections::BTreeMap<String, String>,
+}
+
+impl StoredPlugin {
+    /// `name@version`.
+    pub fn id(&self) -> String {
+        format!("{}@{}", self.name, self.version)
+    }
+}
+
+/// The two sled trees.
+pub struct PluginStore {
+    db: sled::Db,
+    records: sled::Tree,
+    blobs: sled::Tree,
+}
+
+impl PluginStore {
+    /// Opens (or creates) the trees in `db`.
+    pub fn open(db: sled::Db) -> Result<PluginStore, PluginStoreError> {
+        Ok(PluginStore {
+            records: db.open_tree("__plugins")?,
+            blobs: db.open_tree("__plugin_blobs")?,
+            db,
+        })
+    }
+
+    /// The record of `name@version`.
+    pub fn get(&self, id: &str) -> Result<Option<StoredPlugin>, PluginStoreError> {
+        match self.records.get(id.as_bytes())? {
+            Some(v) => Ok(Some(decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every version of `name`.
+    pub fn versions(&self, name: &str) -> Result<Vec<StoredPlugin>, PluginStoreError> {
+        let prefix = format!("{name}@");
+        self.records
+            .scan_prefix(prefix.as_bytes())
+            .map(|item| decode(&item?.1))
+            .collect()
+    }
+
+    /// Every record.
+    pub fn all(&self) -> Result<Vec<StoredPlugin>, PluginStoreError> {
+        self.records.iter().map(|item| decode(&item?.1)).collect()
+    }
+
+    /// The archive bytes of `digest`.
+    pub fn blob(&self, digest: &str) -> Result<Option<sled::IVec>, PluginStoreError> {
+        Ok(self.blobs.get(digest.as_bytes())?)
+    }
+
+    /// Stores the archive, then the record, and flushes: durable when this returns.
+    pub fn put(&self, record: &StoredPlugin, archive: &[u8]) -> Result<(), PluginStoreError> {
+        self.blobs.insert(record.digest.as_bytes(), archive)?;
+        let json =
+            serde_json::to_vec(record).map_err(|e| PluginStoreError::Corrupt(e.to_string()))?;
+        self.records.insert(record.id().as_bytes(), json)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Removes the record and, when no other record shares its digest, the archive.
+    /// Returns whether the archive was deleted.
+    pub fn remove(&self, record: &StoredPlugin) -> Result<bool, PluginStoreError> {
+        self.records.remove(record.id().as_bytes())?;
+        let shared = self.all()?.iter().any(|r| r.digest == record.digest);
+        if !shared {
+            self.blobs.remove(record.digest.as_bytes())?;
+        }
+        self.db.flush()?;
+        Ok(!shared)
+    }
+}
+
+fn decode(bytes: &[u8]) -> Result<StoredPlugin, PluginStoreError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| PluginStoreError::Corrupt(format!("plugin record: {e}")))
+}

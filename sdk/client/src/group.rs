@@ -1,0 +1,724 @@
+//! [`GroupConsumer`]: a member of a consumer group. The broker assigns it partitions; it
+//! reads them with a [`Consumer`], commits how far it got, and gives partitions back when
+//! the coordinator asks.
+//!
+//! A background task runs the heartbeat long-poll. It reports the partitions the member
+//! owns (everything granted, plus revoked ones not yet released) and publishes each answer
+//! to the consumer side. The consumer side applies changes at the start of every
+//! [`poll`](GroupConsumer::poll): for a revoked partition it stops fetching, calls
+//! `on_revoked`, commits its position (unless `commit_on_revoke` is off), then marks it
+//! released, and the heartbeat task tells the coordinator at once; for a granted partition
+//! it looks up the committed offset (else the group's `auto_offset_reset`), starts
+//! fetching there and calls `on_assigned`. When the broker no longer knows the member
+//! (session expired, broker restarted), the task joins again and the partitions held are
+//! dropped without a commit (`on_lost`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+use quiver_protocol::requests::{
+    AutoOffsetReset, CommitOffsetsRequest, FetchOffsetsRequest, HeartbeatRequest, JoinGroupRequest,
+    LeaveGroupRequest, OffsetCommit, OffsetSpec, Strategy, Subscription, TopicPartition,
+};
+use quiver_protocol::ErrorCode;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::admin::list_offset;
+use crate::backoff::Backoff;
+use crate::{Client, ClientError, ConsumedRecord, Consumer, ConsumerConfig, Result, SeekTo};
+
+/// How a [`GroupConsumer`] joins and behaves.
+///
+/// ```
+/// use std::time::Duration;
+/// use quiver_client::GroupConfig;
+/// let cfg = GroupConfig::new("billing", ["orders"]).auto_commit(Duration::from_secs(1));
+/// assert_eq!(cfg.group, "billing");
+/// ```
+#[derive(Debug, Clone)]
+pub struct GroupConfig {
+    /// Group name.
+    pub group: String,
+    /// Topics (or a pattern) to read.
+    pub subscription: Subscription,
+    /// The member is removed when the broker hears nothing for this long.
+    pub session_timeout: Duration,
+    /// Strategy to ask for (applies when the group has no members); `None` keeps the group's.
+    pub strategy: Option<Strategy>,
+    /// Reset policy to ask for (applies like `strategy`); `None` keeps the group's
+    /// (earliest for a new group).
+    pub auto_offset_reset: Option<AutoOffsetReset>,
+    /// Commit consumed positions at this interval (checked in `poll`); `None` for manual.
+    pub auto_commit: Option<Duration>,
+    /// Commit a revoked partition's position before releasing it.
+    pub commit_on_revoke: bool,
+    /// A name shown by `group describe`.
+    pub client_id: String,
+    /// How partitions are fetched (`start` is ignored: the group decides where to start).
+    pub fetch: ConsumerConfig,
+}
+
+impl GroupConfig {
+    /// A config for `group` reading `topics`, with defaults: 10 s session, group strategy
+    /// (sticky for a new group), manual commits, commit on revoke.
+    pub fn new<T: Into<String>>(group: &str, topics: impl IntoIterator<Item = T>) -> Self {
+        GroupConfig {
+            group: group.to_string(),
+            subscription: Subscription::Topics(topics.into_iter().map(Into::into).collect()),
+            session_timeout: Duration::from_secs(10),
+            strategy: None,
+            auto_offset_reset: None,
+            auto_commit: None,
+            commit_on_revoke: true,
+            client_id: "quiver-client".into(),
+            fetch: ConsumerConfig::default(),
+        }
+    }
+
+    /// Reads every topic whose name matches `pattern` (a regular expression).
+    pub fn pattern(mut self, pattern: &str) -> Self {
+        self.subscription = Subscription::Pattern(pattern.to_string());
+        self
+    }
+
+    /// Sets the auto-commit interval.
+    pub fn auto_commit(mut self, every: Duration) -> Self {
+        self.auto_commit = Some(every);
+        self
+    }
+
+    /// Sets the session timeout.
+    pub fn session_timeout(mut self, t: Duration) -> Self {
+        self.session_timeout = t;
+        self
+    }
+}
+
+/// Callbacks on assignment changes; called from inside `poll`.
+pub trait RebalanceListener: Send {
+    /// Partitions this member now reads.
+    fn on_assigned(&mut self, _partitions: &[TopicPartition]) {}
+    /// Partitions being given back; called before their positions are committed.
+    fn on_revoked(&mut self, _partitions: &[TopicPartition]) {}
+    /// Partitions lost without a chance to commit (the member was expired or re-joined).
+    fn on_lost(&mut self, _partitions: &[TopicPartition]) {}
+}
+
+/// What the heartbeat task and the consumer side share.
+#[derive(Debug, Default)]
+struct Shared {
+    member_id: String,
+    generation: u64,
+    /// Granted and not being revoked (last answer).
+    assignment: BTreeSet<TopicPartition>,
+    /// To give back (last answer).
+    revoke: BTreeSet<TopicPartition>,
+    /// Revoked partitions the consumer has released.
+    released: BTreeSet<TopicPartition>,
+    /// Bumped when the member had to join again: everything held is lost.
+    incarnation: u64,
+    /// Heartbeat answers received (tests and `is_stable`).
+    answers: u64,
+    closed: bool,
+    fatal: Option<ClientError>,
+}
+
+impl Shared {
+    fn owned(&self) -> Vec<TopicPartition> {
+        self.assignment
+            .iter()
+            .chain(self.revoke.difference(&self.released))
+            .cloned()
+            .collect()
+    }
+}
+
+struct Link {
+    state: Mutex<Shared>,
+    /// Heartbeat task → consumer: a new answer.
+    changed: Notify,
+    /// Consumer → heartbeat task: something was released (or closing).
+    released: Notify,
+}
+
+impl Link {
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A consumer-group member.
+///
+/// ```no_run
+/// # async fn demo(client: quiver_client::Client) -> quiver_client::Result<()> {
+/// use quiver_client::{GroupConfig, GroupConsumer};
+/// let mut member = GroupConsumer::join(client, GroupConfig::new("billing", ["orders"])).await?;
+/// for _ in 0..10 {
+///     for r in member.poll().await? {
+///         println!("{}/{}@{}", r.topic, r.partition, r.offset);
+///     }
+///     member.commit().await?;
+/// }
+/// member.close().await?;
+/// # Ok(()) }
+/// ```
+pub struct GroupConsumer {
+    client: Client,
+    config: GroupConfig,
+    consumer: Consumer,
+    link: Arc<Link>,
+    heartbeats: JoinHandle<()>,
+    /// Partitions the consumer reads.
+    owned: BTreeSet<TopicPartition>,
+    /// Next offset after the records handed out, per partition.
+    positions: BTreeMap<TopicPartition, i64>,
+    /// Last committed offset, per partition.
+    committed: BTreeMap<TopicPartition, i64>,
+    incarnation: u64,
+    reset: AutoOffsetReset,
+    listener: Option<Box<dyn RebalanceListener>>,
+    last_commit: Instant,
+}
+
+impl std::fmt::Debug for GroupConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupConsumer")
+            .field("group", &self.config.group)
+            .field("member_id", &self.member_id())
+            .field("owned", &self.owned)
+            .finish_non_exhaustive()
+    }
+}
+
+async fn join_request(
+    client: &Client,
+    config: &GroupConfig,
+    member_id: Option<String>,
+) -> Result<quiver_protocol::requests::JoinGroupResponse> {
+    let req = JoinGroupRequest {
+        group: config.group.clone(),
+        member_id,
+        client_id: config.client_id.clone(),
+        subscription: config.subscription.clone(),
+        session_timeout_ms: config.session_timeout.as_millis().min(u128::from(u32::MAX)) as u32,
+        strategy: config.strategy,
+        auto_offset_reset: config.auto_offset_reset,
+    };
+    Ok(client.request(&req, Bytes::new()).await?.0)
+}
+
+fn is_code(e: &ClientError, codes: &[ErrorCode]) -> bool {
+    e.code().is_some_and(|c| codes.contains(&c))
+}
+
+impl GroupConsumer {
+    /// Joins the group and starts heartbeating. Partitions arrive in later `poll`s.
+    pub async fn join(client: Client, config: GroupConfig) -> Result<GroupConsumer> {
+        let resp = join_request(&client, &config, None).await?;
+        tracing::info!(group = %config.group, member = %resp.member_id, generation = resp.generation, "joined group");
+        let link = Arc::new(Link {
+            state: Mutex::new(Shared {
+                member_id: resp.member_id,
+                generation: resp.generation,
+                ..Shared::default()
+            }),
+            changed: Notify::new(),
+            released: Notify::new(),
+        });
+        let span = tracing::debug_span!("heartbeat", group = %config.group);
+        let heartbeats = tokio::spawn(
+            heartbeat_loop(
+                client.clone(),
+                config.clone(),
+                link.clone(),
+                resp.heartbeat_interval_ms,
+            )
+            .instrument(span),
+        );
+        let fetch = ConsumerConfig {
+            start: SeekTo::End,
+            ..config.fetch.clone()
+        };
+        Ok(GroupConsumer {
+            consumer: Consumer::new(client.clone(), fetch),
+            client,
+            link,
+            heartbeats,
+            owned: BTreeSet::new(),
+            positions: BTreeMap::new(),
+            committed: BTreeMap::new(),
+            incarnation: 0,
+            reset: resp.auto_offset_reset,
+            listener: None,
+            last_commit: Instant::now(),
+            config,
+        })
+    }
+
+    /// Sets the rebalance callbacks.
+    pub fn set_listener(&mut self, listener: impl RebalanceListener + 'static) {
+        self.listener = Some(Box::new(listener));
+    }
+
+    /// This member's id.
+    pub fn member_id(&self) -> String {
+        self.link.lock().member_id.clone()
+    }
+
+    /// The generation last heard.
+    pub fn generation(&self) -> u64 {
+        self.link.lock().generation
+    }
+
+    /// The partitions this member reads now.
+    pub fn assignment(&self) -> Vec<TopicPartition> {
+        self.owned.iter().cloned().collect()
+    }
+
+    /// The next offset after the records handed out, per partition.
+    pub fn positions(&self) -> BTreeMap<TopicPartition, i64> {
+        self.positions.clone()
+    }
+
+    /// Treats records of `topic`/`partition` from `offset` on as not consumed: the next
+    /// commit stores at most `offset` for it (records already handed out are not re-read
+    /// by this member; another member starting from the commit will read them).
+    pub fn rewind(&mut self, topic: &str, partition: u32, offset: i64) {
+        let tp = TopicPartition::new(topic, partition);
+        if let Some(p) = self.positions.get_mut(&tp) {
+            *p = (*p).min(offset);
+        }
+    }
+
+    /// Applies the latest heartbeat answer: releases revoked partitions, drops lost ones,
+    /// starts granted ones.
+    async fn apply_changes(&mut self) -> Result<()> {
+        let (assignment, revoke, incarnation, fatal) = {
+            let s = self.link.lock();
+            (
+                s.assignment.clone(),
+                s.revoke.clone(),
+                s.incarnation,
+                s.fatal.clone(),
+            )
+        };
+        if let Some(e) = fatal {
+            return Err(e);
+        }
+        // Lost: re-joined, or no longer ours at all.
+        let lost: Vec<TopicPartition> = if incarnation != self.incarnation {
+            self.incarnation = incarnation;
+            self.owned.iter().cloned().collect()
+        } else {
+            self.owned
+                .iter()
+                .filter(|tp| !assignment.contains(*tp) && !revoke.contains(*tp))
+                .cloned()
+                .collect()
+        };
+        if !lost.is_empty() {
+            tracing::warn!(group = %self.config.group, partitions = lost.len(), "partitions lost without a commit");
+            self.drop_partitions(&lost);
+            if let Some(l) = self.listener.as_mut() {
+                l.on_lost(&lost);
+            }
+        }
+        // Revoked: stop, tell the user, commit, release.
+        let revoked: Vec<TopicPartition> = self
+            .owned
+            .iter()
+            .filter(|tp| revoke.contains(*tp))
+            .cloned()
+            .collect();
+        if !revoked.is_empty() {
+            for tp in &revoked {
+                self.consumer.unassign(&tp.topic, [tp.partition]);
+            }
+            if let Some(l) = self.listener.as_mut() {
+                l.on_revoked(&revoked);
+            }
+            if self.config.commit_on_revoke || self.config.auto_commit.is_some() {
+                if let Err(e) = self.commit_partitions(&revoked).await {
+                    tracing::warn!(group = %self.config.group, error = %e, "commit of revoked partitions failed");
+                }
+            }
+            self.drop_partitions(&revoked);
+            tracing::info!(group = %self.config.group, partitions = ?revoked, "released revoked partitions");
+        }
+        // Revoked ones we never started are released at once.
+        {
+            let mut s = self.link.lock();
+            let before = s.released.len();
+            let owned = &self.owned;
+            let newly: Vec<TopicPartition> = s
+                .revoke
+                .iter()
+                .filter(|tp| !owned.contains(*tp))
+                .cloned()
+                .collect();
+            s.released.extend(newly);
+            if s.released.len() != before || !revoked.is_empty() {
+                drop(s);
+                self.link.released.notify_one();
+            }
+        }
+        // Granted: start at the committed offset, else the group's reset policy.
+        let granted: Vec<TopicPartition> = assignment.difference(&self.owned).cloned().collect();
+        if !granted.is_empty() {
+            let req = FetchOffsetsRequest {
+                group: self.config.group.clone(),
+                partitions: Some(granted.clone()),
+            };
+            let (resp, _) = self.client.request(&req, Bytes::new()).await?;
+            let committed: BTreeMap<TopicPartition, i64> = resp
+                .offsets
+                .into_iter()
+                .filter_map(|o| {
+                    o.offset
+                        .map(|off| (TopicPartition::new(o.topic, o.partition), off))
+                })
+                .collect();
+            for tp in &granted {
+                self.consumer.assign(&tp.topic, [tp.partition]).await?;
+                let to = match committed.get(tp) {
+                    Some(&o) => {
+                        self.committed.insert(tp.clone(), o);
+                        self.positions.insert(tp.clone(), o);
+                        SeekTo::Offset(o)
+                    }
+                    None => match self.reset {
+                        AutoOffsetReset::Earliest => SeekTo::Beginning,
+                        AutoOffsetReset::Latest => SeekTo::End,
+                    },
+                };
+                self.consumer.seek(&tp.topic, tp.partition, to)?;
+                self.owned.insert(tp.clone());
+            }
+            tracing::info!(group = %self.config.group, partitions = ?granted, "assigned");
+            if let Some(l) = self.listener.as_mut() {
+                l.on_assigned(&granted);
+            }
+        }
+        Ok(())
+    }
+
+    fn drop_partitions(&mut self, tps: &[TopicPartition]) {
+        for tp in tps {
+            self.consumer.unassign(&tp.topic, [tp.partition]);
+            self.owned.remove(tp);
+            self.positions.remove(tp);
+            self.committed.remove(tp);
+        }
+    }
+
+    /// Waits up to the fetch config's `max_wait_ms` for records of the assigned partitions.
+    pub async fn poll(&mut self) -> Result<Vec<ConsumedRecord>> {
+        self.poll_timeout(Duration::from_millis(u64::from(
+            self.config.fetch.max_wait_ms,
+        )))
+        .await
+    }
+
+    /// Waits up to `timeout` for records; applies assignment changes and auto-commits on
+    /// the way. Records handed out count as consumed at the next commit.
+    pub async fn poll_timeout(&mut self, timeout: Duration) -> Result<Vec<ConsumedRecord>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.apply_changes().await?;
+            if let Some(every) = self.config.auto_commit {
+                if self.last_commit.elapsed() >= every {
+                    if let Err(e) = self.commit().await {
+                        tracing::warn!(group = %self.config.group, error = %e, "auto-commit failed");
+                    }
+                }
+            }
+            let link = self.link.clone();
+            let changed = link.changed.notified();
+            tokio::pin!(changed);
+            let records = if self.owned.is_empty() {
+                tokio::select! {
+                    _ = &mut changed => None,
+                    _ = tokio::time::sleep_until(deadline) => Some(Vec::new()),
+                }
+            } else {
+                tokio::select! {
+                    biased;
+                    _ = &mut changed => None,
+                    r = self.consumer.poll_timeout(deadline.saturating_duration_since(Instant::now())) => Some(r?),
+                }
+            };
+            match records {
+                Some(mut recs) => {
+                    recs.retain(|r| {
+                        self.owned
+                            .contains(&TopicPartition::new(r.topic.to_string(), r.partition))
+                    });
+                    for r in &recs {
+                        self.positions.insert(
+                            TopicPartition::new(r.topic.to_string(), r.partition),
+                            r.offset + 1,
+                        );
+                    }
+                    if !recs.is_empty() || Instant::now() >= deadline {
+                        return Ok(recs);
+                    }
+                }
+                None if Instant::now() >= deadline => return Ok(Vec::new()),
+                None => {}
+            }
+        }
+    }
+
+    /// All records as an async stream.
+    pub fn records(&mut self) -> impl Stream<Item = Result<ConsumedRecord>> + '_ {
+        futures::stream::unfold(
+            (self, std::collections::VecDeque::new()),
+            |(c, mut buf)| async move {
+                loop {
+                    if let Some(r) = buf.pop_front() {
+                        return Some((Ok(r), (c, buf)));
+                    }
+                    match c.poll_timeout(Duration::from_secs(3600)).await {
+                        Ok(v) => buf.extend(v),
+                        Err(e) => return Some((Err(e), (c, buf))),
+                    }
+                }
+            },
+        )
+    }
+
+    /// Commits the positions of the records handed out so far; returns how many offsets
+    /// were stored. Waits until the broker has them on disk.
+    pub async fn commit(&mut self) -> Result<u32> {
+        let all: Vec<TopicPartition> = self.owned.iter().cloned().collect();
+        self.commit_partitions(&all).await
+    }
+
+    /// Starts a commit of the current positions in the background; the handle yields its
+    /// result.
+    pub fn commit_async(&mut self) -> JoinHandle<Result<u32>> {
+        let offsets = self.pending_commits(&self.owned.iter().cloned().collect::<Vec<_>>());
+        for o in &offsets {
+            self.committed
+                .insert(TopicPartition::new(o.topic.clone(), o.partition), o.offset);
+        }
+        self.last_commit = Instant::now();
+        let (client, link, group) = (
+            self.client.clone(),
+            self.link.clone(),
+            self.config.group.clone(),
+        );
+        tokio::spawn(async move { send_commit(&client, &link, &group, offsets).await })
+    }
+
+    fn pending_commits(&self, tps: &[TopicPartition]) -> Vec<OffsetCommit> {
+        tps.iter()
+            .filter_map(|tp| {
+                let pos = *self.positions.get(tp)?;
+                (self.committed.get(tp) != Some(&pos)).then(|| OffsetCommit {
+                    topic: tp.topic.clone(),
+                    partition: tp.partition,
+                    offset: pos,
+                    metadata: None,
+                })
+            })
+            .collect()
+    }
+
+    async fn commit_partitions(&mut self, tps: &[TopicPartition]) -> Result<u32> {
+        self.last_commit = Instant::now();
+        let offsets = self.pending_commits(tps);
+        if offsets.is_empty() {
+            return Ok(0);
+        }
+        let n = send_commit(
+            &self.client,
+            &self.link,
+            &self.config.group,
+            offsets.clone(),
+        )
+        .await?;
+        for o in offsets {
+            self.committed
+                .insert(TopicPartition::new(o.topic, o.partition), o.offset);
+        }
+        Ok(n)
+    }
+
+    /// True when every partition this member reads has been consumed up to its end offset
+    /// now, and no assignment change is pending.
+    pub async fn caught_up(&mut self) -> Result<bool> {
+        {
+            let s = self.link.lock();
+            if s.answers == 0
+                || !s.revoke.is_empty()
+                || s.assignment != self.owned
+                || s.incarnation != self.incarnation
+            {
+                return Ok(false);
+            }
+        }
+        for tp in &self.owned {
+            let end =
+                list_offset(&self.client, &tp.topic, tp.partition, OffsetSpec::Latest).await?;
+            let pos = match self.positions.get(tp) {
+                Some(&p) => p,
+                None => self.consumer.position(&tp.topic, tp.partition).await?,
+            };
+            if pos < end {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Commits, leaves the group (its partitions go to the others at once), and stops.
+    pub async fn close(mut self) -> Result<()> {
+        let committed = self.commit().await;
+        let member_id = {
+            let mut s = self.link.lock();
+            s.closed = true;
+            s.member_id.clone()
+        };
+        self.link.released.notify_one();
+        self.heartbeats.abort();
+        let req = LeaveGroupRequest {
+            group: self.config.group.clone(),
+            member_id,
+        };
+        let left = self.client.request(&req, Bytes::new()).await;
+        committed?;
+        match left {
+            Ok(_) => Ok(()),
+            Err(e) if is_code(&e, &[ErrorCode::UnknownMember, ErrorCode::UnknownGroup]) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Drop for GroupConsumer {
+    fn drop(&mut self) {
+        self.heartbeats.abort();
+    }
+}
+
+/// Sends a commit; a stale generation (a revocation not heard yet) is retried with the
+/// generation the heartbeat task brings in, for a few seconds.
+async fn send_commit(
+    client: &Client,
+    link: &Link,
+    group: &str,
+    offsets: Vec<OffsetCommit>,
+) -> Result<u32> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (member_id, generation) = {
+            let s = link.lock();
+            (s.member_id.clone(), s.generation)
+        };
+        let req = CommitOffsetsRequest {
+            group: group.to_string(),
+            member_id,
+            generation,
+            offsets: offsets.clone(),
+        };
+        match client.request(&req, Bytes::new()).await {
+            Ok((r, _)) => return Ok(r.committed),
+            Err(e) if is_code(&e, &[ErrorCode::StaleGeneration]) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The heartbeat long-poll loop: keeps the member alive and publishes assignment changes.
+async fn heartbeat_loop(client: Client, config: GroupConfig, link: Arc<Link>, interval_ms: u32) {
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+    let mut interval = Duration::from_millis(u64::from(interval_ms));
+    loop {
+        let req = {
+            let s = link.lock();
+            if s.closed {
+                return;
+            }
+            HeartbeatRequest {
+                group: config.group.clone(),
+                member_id: s.member_id.clone(),
+                generation: s.generation,
+                owned: s.owned(),
+            }
+        };
+        let timeout = client.config().request_timeout + interval;
+        let released = link.released.notified();
+        tokio::pin!(released);
+        let result = tokio::select! {
+            r = client.request_with_timeout(&req, Bytes::new(), timeout) => r,
+            // Something was released: report it now instead of waiting for this answer.
+            _ = &mut released => continue,
+        };
+        match result {
+            Ok((resp, _)) => {
+                backoff.reset();
+                let mut s = link.lock();
+                s.generation = resp.generation;
+                s.assignment = resp.assignment.into_iter().collect();
+                s.revoke = resp.revoke.into_iter().collect();
+                let revoke = s.revoke.clone();
+                s.released.retain(|tp| revoke.contains(tp));
+                s.answers += 1;
+                drop(s);
+                tracing::debug!(generation = resp.generation, "heartbeat answered");
+                link.changed.notify_one();
+            }
+            Err(e)
+                if is_code(
+                    &e,
+                    &[
+                        ErrorCode::UnknownMember,
+                        ErrorCode::UnknownGroup,
+                        ErrorCode::StaleGeneration,
+                    ],
+                ) =>
+            {
+                tracing::warn!(group = %config.group, error = %e, "no longer a member; joining again");
+                match join_request(&client, &config, None).await {
+                    Ok(j) => {
+                        interval = Duration::from_millis(u64::from(j.heartbeat_interval_ms));
+                        let mut s = link.lock();
+                        s.member_id = j.member_id;
+                        s.generation = j.generation;
+                        s.assignment.clear();
+                        s.revoke.clear();
+                        s.released.clear();
+                        s.incarnation += 1;
+                        drop(s);
+                        link.changed.notify_one();
+                    }
+                    Err(e) => {
+                        tracing::warn!(group = %config.group, error = %e, "re-join failed; retrying");
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    }
+                }
+            }
+            Err(e) if e.is_retriable() => {
+                tracing::debug!(error = %e, "heartbeat failed; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(e) => {
+                tracing::error!(group = %config.group, error = %e, "heartbeat failed");
+                let mut s = link.lock();
+                s.fatal = Some(e);
+                drop(s);
+                link.changed.notify_one();
+                return;
+            }
+        }
+    }
+}
