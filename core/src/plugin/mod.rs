@@ -499,3 +499,96 @@ pub async fn process_blocking(
     })?
     .map_err(Into::into)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quiver_protocol::batch::{set_base_offset, BatchBuilder, Compression, RecordIter};
+
+    fn bundle(name: &str, version: &str, kind: &str, source: &str) -> Vec<u8> {
+        let mut files = BTreeMap::new();
+        files.insert(
+            "plugin.toml".to_string(),
+            format!("name = \"{name}\"\nversion = \"{version}\"\nkind = \"{kind}\"\nruntime = \"lua\"\nentry = \"m.lua\"\n").into_bytes(),
+        );
+        files.insert("m.lua".to_string(), source.as_bytes().to_vec());
+        Bundle::from_files(files, std::path::Path::new("t"))
+            .unwrap()
+            .to_archive_bytes()
+            .unwrap()
+    }
+
+    fn service() -> (tempfile::TempDir, PluginService) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let topics = Arc::new(TopicRegistry::open(db.clone(), Default::default()).unwrap());
+        let s = PluginService::open(db, topics, &PluginsConfig::default()).unwrap();
+        (dir, s)
+    }
+
+    const COUNT: &str =
+        "local n = 0\nfunction process(r) n = n + 1; r.value = tostring(n); return r end";
+
+    #[test]
+    fn deploy_is_idempotent_per_digest_and_refuses_changed_bytes() {
+        let (_d, s) = service();
+        let a = bundle("p", "1.0.0", "processor", COUNT);
+        assert!(!s.deploy(&a).unwrap().already_deployed);
+        assert!(s.deploy(&a).unwrap().already_deployed);
+        let b = bundle(
+            "p",
+            "1.0.0",
+            "processor",
+            "function process(r) return nil end",
+        );
+        assert!(matches!(
+            s.deploy(&b),
+            Err(PluginServiceError::VersionConflict(_))
+        ));
+        s.deploy(&bundle("p", "1.10.0", "processor", COUNT))
+            .unwrap();
+        s.deploy(&bundle("p", "1.9.0", "processor", COUNT)).unwrap();
+        assert_eq!(s.describe("p", None).unwrap().version, "1.10.0");
+        let bad = bundle("q", "1.0.0", "processor", "this is not lua");
+        assert!(matches!(
+            s.deploy(&bad),
+            Err(PluginServiceError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn a_pooled_processor_keeps_state_per_partition_and_blocks_removal() {
+        let (_d, s) = service();
+        s.deploy(&bundle("count", "1.0.0", "processor", COUNT))
+            .unwrap();
+        let mut b = BatchBuilder::new(Compression::None);
+        b.push(None, b"x", 1, &[]);
+        b.push(None, b"y", 1, &[]);
+        let mut raw = b.build().to_vec();
+        set_base_offset(&mut raw, 7);
+        let payload = Bytes::from(raw);
+        let spec = ProcessorSpec::parse("count").unwrap();
+        let values = |out: Bytes| -> Vec<String> {
+            RecordIter::new(&out, 1 << 20)
+                .unwrap()
+                .map(|r| String::from_utf8(r.unwrap().value.to_vec()).unwrap())
+                .collect()
+        };
+        assert_eq!(
+            values(s.process("t", 0, &spec, 0, &payload, 1 << 20).unwrap()),
+            ["1", "2"]
+        );
+        assert_eq!(
+            values(s.process("t", 0, &spec, 8, &payload, 1 << 20).unwrap()),
+            ["3"]
+        );
+        assert_eq!(
+            values(s.process("t", 1, &spec, 0, &payload, 1 << 20).unwrap()),
+            ["1", "2"]
+        );
+        assert!(matches!(
+            s.remove("count", "1.0.0"),
+            Err(PluginServiceError::InUse(_))
+        ));
+    }
+}
