@@ -190,9 +190,9 @@ impl Broker {
         let local_addr = endpoint.local_addr()?;
         let metrics_addr = match &config.metrics_listen {
             Some(m) => {
-                let l = tokio::net::TcpListener::bind(m).await.map_err(|e| {
-                    BrokerError::Io(format!("metrics_listen {m}: {e}"))
-                })?;
+                let l = tokio::net::TcpListener::bind(m)
+                    .await
+                    .map_err(|e| BrokerError::Io(format!("metrics_listen {m}: {e}")))?;
                 let a = l.local_addr()?;
                 tokio::spawn(crate::metrics::serve(l, metrics.clone(), stop_rx.clone()));
                 Some(a)

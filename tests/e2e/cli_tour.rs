@@ -163,13 +163,22 @@ fn every_acks_level_and_codec_round_trips() {
     for (acks, codec) in [("0", "none"), ("1", "lz4"), ("all", "zstd")] {
         let input: String = (0..200).map(|i| format!("{acks}-{codec}-{i}\n")).collect();
         expected.extend(input.lines().map(str::to_string));
-        let out = b.cli_with_stdin(&["produce", "acks", "--acks", acks, "--compression", codec], Some(input.as_bytes()));
-        assert!(out.status.success(), "acks {acks}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = b.cli_with_stdin(
+            &["produce", "acks", "--acks", acks, "--compression", codec],
+            Some(input.as_bytes()),
+        );
+        assert!(
+            out.status.success(),
+            "acks {acks}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     // acks=0 returns before the broker answers: wait (bounded) until all 600 are readable.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
-        let d: serde_json::Value = serde_json::from_str(&b.cli_ok(&["topic", "describe", "acks", "--output", "json"])).unwrap();
+        let d: serde_json::Value =
+            serde_json::from_str(&b.cli_ok(&["topic", "describe", "acks", "--output", "json"]))
+                .unwrap();
         if d["partitions"][0]["high_watermark"] == 600 {
             break;
         }
@@ -177,7 +186,13 @@ fn every_acks_level_and_codec_round_trips() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let got: Vec<String> = b
-        .cli_ok(&["consume", "acks", "--from-beginning", "--max-messages", "600"])
+        .cli_ok(&[
+            "consume",
+            "acks",
+            "--from-beginning",
+            "--max-messages",
+            "600",
+        ])
         .lines()
         .map(str::to_string)
         .collect();

@@ -290,7 +290,9 @@ impl PartitionLog {
                     Err(SequenceCheck::WaitUnknown) => unknown_deadline,
                     Err(_) => sequence_deadline,
                 };
-                if tokio::time::timeout_at(wait_until, moved).await.is_err() && wait_until == sequence_deadline {
+                if tokio::time::timeout_at(wait_until, moved).await.is_err()
+                    && wait_until == sequence_deadline
+                {
                     return Err(LogError::Timeout(format!(
                         "batch with sequence {} of producer {} waited {} ms for the producer's earlier batches",
                         h.base_sequence,
@@ -706,12 +708,19 @@ mod tests {
     #[tokio::test]
     async fn a_new_producers_second_batch_overtaking_its_first_waits_for_it() {
         let (_dir, db, f, _stop) = setup().await;
-        let p = Arc::new(PartitionLog::open(&db, db.open_tree("meta").unwrap(), 1, "t", 0).unwrap());
+        let p =
+            Arc::new(PartitionLog::open(&db, db.open_tree("meta").unwrap(), 1, "t", 0).unwrap());
         let cfg = TopicConfig::default();
         let (p2, f2, cfg2) = (p.clone(), f.clone(), cfg.clone());
-        let second = tokio::spawn(async move { p2.append(vec![batch(3, 0, 42, 3)], &cfg2, &f2, Duration::from_secs(5)).await });
+        let second = tokio::spawn(async move {
+            p2.append(vec![batch(3, 0, 42, 3)], &cfg2, &f2, Duration::from_secs(5))
+                .await
+        });
         tokio::task::yield_now().await;
-        let first = p.append(vec![batch(3, 0, 42, 0)], &cfg, &f, Duration::from_secs(5)).await.unwrap();
+        let first = p
+            .append(vec![batch(3, 0, 42, 0)], &cfg, &f, Duration::from_secs(5))
+            .await
+            .unwrap();
         let second = second.await.unwrap().unwrap();
         assert_eq!((first.base_offset, second.base_offset), (0, 3));
     }

@@ -57,7 +57,11 @@ impl ProducerTable {
         if producer_id < 0 || first_seq < 0 {
             return SequenceCheck::Append;
         }
-        let Some(last) = self.producers.get(&producer_id).and_then(|e| e.recent.back()) else {
+        let Some(last) = self
+            .producers
+            .get(&producer_id)
+            .and_then(|e| e.recent.back())
+        else {
             // A new producer starts at 0. Any other start is either a batch that overtook
             // the producer's first one on another stream, or a producer whose state aged out.
             return if first_seq == 0 {

@@ -35,16 +35,16 @@ pub use client::{Client, Subscription};
 pub use config::ClientConfig;
 pub use consumer::{ConsumeMode, ConsumedRecord, Consumer, ConsumerConfig, OffsetReset, SeekTo};
 pub use error::{ClientError, Result};
-pub use plugins::{PluginAdmin, TopicPartitioner};
 pub use group::{GroupConfig, GroupConsumer, RebalanceListener};
-pub use quiver_protocol::requests::{
-    AutoOffsetReset, GroupDescription, GroupListing, ResetTo, Strategy,
-    Subscription as GroupSubscription, TopicPartition,
-};
+pub use plugins::{PluginAdmin, TopicPartitioner};
 pub use producer::{
     murmur2, partition_for_key, DefaultPartitioner, DeliveryFuture, Partitioner, Producer,
     ProducerConfig, ProducerRecord, ProducerStats, RecordMetadata, RecordRef,
 };
 pub use quiver_protocol::batch::{Compression, Header};
 pub use quiver_protocol::requests::Acks;
+pub use quiver_protocol::requests::{
+    AutoOffsetReset, GroupDescription, GroupListing, ResetTo, Strategy,
+    Subscription as GroupSubscription, TopicPartition,
+};
 pub use quiver_protocol::requests::{PluginInfo, ProcessorSpec};
