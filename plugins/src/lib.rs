@@ -53,3 +53,13 @@ pub trait Partitioner: Send {
         partition_count: u32,
     ) -> Result<u32, PluginError>;
 }
+
+/// Refuses a partition count of 0 before any plugin code runs (both runtimes share it).
+pub(crate) fn require_partitions(partition_count: u32) -> Result<(), PluginError> {
+    if partition_count == 0 {
+        return Err(PluginError::Config(
+            "partition_count must be greater than 0".into(),
+        ));
+    }
+    Ok(())
+}

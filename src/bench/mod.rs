@@ -98,7 +98,7 @@ pub struct LoadOpts {
     #[arg(long, default_value_t = 2)]
     linger_ms: u64,
     /// Consume with push (subscribe) or long-poll fetches.
-    #[arg(long, value_enum, default_value_t = FetchMode::Subscribe)]
+    #[arg(long, value_enum, default_value_t = FetchMode::LongPoll)]
     mode: FetchMode,
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]

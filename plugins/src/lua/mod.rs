@@ -373,11 +373,7 @@ impl Partitioner for LuaPartitioner {
         value: &[u8],
         partition_count: u32,
     ) -> Result<u32, PluginError> {
-        if partition_count == 0 {
-            return Err(PluginError::Config(
-                "partition_count must be greater than 0".into(),
-            ));
-        }
+        crate::require_partitions(partition_count)?;
         self.inst.call(|s, eff| {
             let Some(f) = &s.partition else {
                 return Err(eff.bad_return("no partition function"));
