@@ -10,12 +10,7 @@ fn hundred_thousand_lines_round_trip_in_partition_order() {
     let b = TestBroker::start();
     b.cli_ok(&["topic", "create", "demo", "--partitions", "3"]);
     let input: String = (1..=100_000).map(|i| format!("{i}\n")).collect();
-    let out = b.cli_with_stdin(&["produce", "demo"], Some(input.as_bytes()));
-    assert!(
-        out.status.success(),
-        "produce failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    b.cli_stdin_ok(&["produce", "demo"], input.as_bytes());
     let out = b.cli_ok(&[
         "consume",
         "demo",
@@ -69,14 +64,9 @@ fn hundred_thousand_lines_round_trip_in_partition_order() {
 fn text_output_keys_and_explicit_partition() {
     let b = TestBroker::start();
     b.cli_ok(&["topic", "create", "kv", "--partitions", "4"]);
-    let out = b.cli_with_stdin(
+    b.cli_stdin_ok(
         &["produce", "kv", "--key-separator", ":", "--partition", "2"],
-        Some(b"a:1\nb:2\nc:3\n"),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        b"a:1\nb:2\nc:3\n",
     );
     let json = b.cli_ok(&[
         "consume",

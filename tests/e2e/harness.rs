@@ -173,6 +173,45 @@ impl TestBroker {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Runs the CLI with `stdin` piped in and returns stdout, panicking with stderr on failure.
+    pub fn cli_stdin_ok(&self, args: &[&str], stdin: &[u8]) -> String {
+        let out = self.cli_with_stdin(args, Some(stdin));
+        assert!(
+            out.status.success(),
+            "quiver {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs the CLI expecting failure; returns its stderr (the message a user reads).
+    pub fn cli_err(&self, args: &[&str], stdin: Option<&[u8]>) -> String {
+        let out = self.cli_with_stdin(args, stdin);
+        assert!(
+            !out.status.success(),
+            "quiver {args:?} should have failed; printed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// `topic describe NAME --output json`.
+    pub fn describe(&self, topic: &str) -> serde_json::Value {
+        let out = self.cli_ok(&["topic", "describe", topic, "--output", "json"]);
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("describe output is not JSON ({e}): {out}"))
+    }
+
+    /// The sum of the log end offsets of a topic's partitions.
+    pub fn total_log_end(&self, topic: &str) -> i64 {
+        self.describe(topic)["partitions"]
+            .as_array()
+            .expect("partitions array")
+            .iter()
+            .map(|p| p["log_end_offset"].as_i64().expect("log_end_offset"))
+            .sum()
+    }
+
     /// Resident memory of the broker process in KiB.
     pub fn rss_kib(&self) -> u64 {
         let status =

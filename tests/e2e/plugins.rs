@@ -53,10 +53,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 #[test]
 fn grep_filter_at_consume_time_returns_matching_records_with_source_offsets() {
     let b = TestBroker::start();
@@ -124,13 +120,11 @@ fn grep_filter_at_consume_time_returns_matching_records_with_source_offsets() {
     let want_values: Vec<String> = want.iter().map(|(_, v)| v.clone()).collect();
     assert_eq!(local.lines().collect::<Vec<_>>(), want_values);
     // An unknown processor is a clear error.
-    let out = b.cli(&["consume", "logs", "--from-beginning", "--processor", "nope"]);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("no plugin named nope"),
-        "{}",
-        stderr(&out)
+    let e = b.cli_err(
+        &["consume", "logs", "--from-beginning", "--processor", "nope"],
+        None,
     );
+    assert!(e.contains("no plugin named nope"), "{e}");
 }
 
 #[test]
@@ -139,14 +133,16 @@ fn partitioner_routes_keys_the_same_from_the_cli_and_the_sdk() {
     b.cli_ok(&["plugin", "deploy", &example("key-hash-partitioner")]);
     b.cli_ok(&["plugin", "deploy", &example("grep")]);
     // Only a deployed partitioner is accepted.
-    let out = b.cli(&["topic", "create", "bad", "--partitioner", "grep@1.0.0"]);
-    assert!(
-        stderr(&out).contains("not a partitioner"),
-        "{}",
-        stderr(&out)
+    let e = b.cli_err(
+        &["topic", "create", "bad", "--partitioner", "grep@1.0.0"],
+        None,
     );
-    let out = b.cli(&["topic", "create", "bad", "--partitioner", "missing@1.0.0"]);
-    assert!(stderr(&out).contains("not deployed"), "{}", stderr(&out));
+    assert!(e.contains("not a partitioner"), "{e}");
+    let e = b.cli_err(
+        &["topic", "create", "bad", "--partitioner", "missing@1.0.0"],
+        None,
+    );
+    assert!(e.contains("not deployed"), "{e}");
     b.cli_ok(&[
         "topic",
         "create",
@@ -276,13 +272,8 @@ fn a_failing_partitioner_reaches_the_producer_as_an_error() {
         .expect("an out-of-range partition is an error")
         .to_string();
     assert!(err.contains("bad-partitioner@1.0.0"), "{err}");
-    let out = b.cli_with_stdin(&["produce", "t", "--key-separator", ":"], Some(b"boom:v\n"));
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("bad-partitioner@1.0.0"),
-        "{}",
-        stderr(&out)
-    );
+    let e = b.cli_err(&["produce", "t", "--key-separator", ":"], Some(b"boom:v\n"));
+    assert!(e.contains("bad-partitioner@1.0.0"), "{e}");
 }
 
 #[test]
@@ -304,9 +295,7 @@ fn redeploying_the_same_bytes_is_a_no_op_and_different_bytes_are_refused() {
     let mut lua = std::fs::read_to_string(copy.join("grep.lua")).unwrap();
     lua.push_str("-- changed\n");
     std::fs::write(copy.join("grep.lua"), lua).unwrap();
-    let out = b.cli(&["plugin", "deploy", copy.to_str().unwrap()]);
-    assert!(!out.status.success());
-    let e = stderr(&out);
+    let e = b.cli_err(&["plugin", "deploy", copy.to_str().unwrap()], None);
     assert!(
         e.contains("grep@1.0.0 is already deployed with different content"),
         "{e}"
@@ -369,9 +358,7 @@ fn remove_is_refused_while_a_topic_uses_the_partitioner() {
         "--partitioner",
         "json-partitioner@1.0.0",
     ]);
-    let out = b.cli(&["plugin", "remove", "json-partitioner@1.0.0"]);
-    assert!(!out.status.success());
-    let e = stderr(&out);
+    let e = b.cli_err(&["plugin", "remove", "json-partitioner@1.0.0"], None);
     assert!(e.contains("in use by topic events"), "{e}");
     let d = b.cli_ok(&["plugin", "describe", "json-partitioner@1.0.0"]);
     assert!(d.contains("topic events (partitioner)"), "{d}");
@@ -379,20 +366,14 @@ fn remove_is_refused_while_a_topic_uses_the_partitioner() {
     b.cli_ok(&["plugin", "remove", "json-partitioner@1.0.0"]);
     let list = b.cli_ok(&["plugin", "list", "--output", "json"]);
     assert_eq!(list.trim(), "[]");
-    let out = b.cli(&["plugin", "describe", "json-partitioner"]);
-    assert!(
-        stderr(&out).contains("no plugin named json-partitioner"),
-        "{}",
-        stderr(&out)
-    );
+    let e = b.cli_err(&["plugin", "describe", "json-partitioner"], None);
+    assert!(e.contains("no plugin named json-partitioner"), "{e}");
 }
 
 #[test]
 fn a_wasm_bundle_importing_the_filesystem_is_refused_at_deploy() {
     let b = TestBroker::start();
-    let out = b.cli(&["plugin", "deploy", &example("hostile-fs")]);
-    assert!(!out.status.success());
-    let e = stderr(&out);
+    let e = b.cli_err(&["plugin", "deploy", &example("hostile-fs")], None);
     assert!(e.contains("wasi:filesystem"), "{e}");
     assert_eq!(
         b.cli_ok(&["plugin", "list", "--output", "json"]).trim(),
