@@ -68,6 +68,11 @@ pub enum ErrorCode {
     PluginInUse = 28,
     /// A plugin call failed (limit, trap, error, quarantine); the message names the plugin.
     PluginFailed = 29,
+    /// A produced record batch is well formed but lies about its records: its header's
+    /// record count, offset deltas or timestamps do not match the records it holds, a
+    /// timestamp is out of range, or a record's lengths run past its bytes. The message says
+    /// exactly what (see [`crate::batch::validate_produce`]). Nothing of the batch is stored.
+    InvalidRecord = 30,
 }
 
 impl ErrorCode {
@@ -104,6 +109,7 @@ impl ErrorCode {
             27 => InvalidPlugin,
             28 => PluginInUse,
             29 => PluginFailed,
+            30 => InvalidRecord,
             _ => Internal,
         }
     }
@@ -169,6 +175,13 @@ pub enum ProtocolError {
     /// A compression codec failed or is unsupported.
     #[error("compression: {0}")]
     Compression(String),
+    /// A record batch is well formed but its header disagrees with the records it holds
+    /// (or a record breaks a rule): refused at produce with [`ErrorCode::InvalidRecord`].
+    #[error("invalid record batch: {reason}")]
+    InvalidRecord {
+        /// Exactly what is wrong, e.g. "header says 2147483647 records, the batch holds 1".
+        reason: String,
+    },
     /// The broker answered with an error code.
     #[error("{code:?}: {message}")]
     Remote {
@@ -187,6 +200,12 @@ impl ProtocolError {
         }
     }
 
+    pub(crate) fn invalid_record(reason: impl Into<String>) -> Self {
+        ProtocolError::InvalidRecord {
+            reason: reason.into(),
+        }
+    }
+
     /// The wire code a broker should answer with for this decoding error.
     pub fn code(&self) -> ErrorCode {
         match self {
@@ -195,6 +214,7 @@ impl ProtocolError {
             ProtocolError::UnknownApi(_) => ErrorCode::UnsupportedApi,
             ProtocolError::Remote { code, .. } => *code,
             ProtocolError::Compression(_) => ErrorCode::CorruptBatch,
+            ProtocolError::InvalidRecord { .. } => ErrorCode::InvalidRecord,
             _ => ErrorCode::InvalidRequest,
         }
     }
@@ -212,5 +232,24 @@ mod tests {
                 assert_eq!(c as u16, v);
             }
         }
+        // Every code up to the newest is known: a gap would mean a code was forgotten here.
+        for v in 0..=ErrorCode::InvalidRecord as u16 {
+            assert!(
+                v == 1 || ErrorCode::from_u16(v) != ErrorCode::Internal,
+                "{v}"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_record_maps_to_its_code() {
+        let e = ProtocolError::invalid_record("header says 2 records, the batch holds 1");
+        assert_eq!(e.code(), ErrorCode::InvalidRecord);
+        assert_eq!(ErrorCode::InvalidRecord as u16, 30);
+        assert!(!ErrorCode::InvalidRecord.is_retriable());
+        assert_eq!(
+            e.to_string(),
+            "invalid record batch: header says 2 records, the batch holds 1"
+        );
     }
 }

@@ -95,7 +95,7 @@ impl BatchBuilder {
             self.first_timestamp = timestamp;
         }
         self.max_timestamp = self.max_timestamp.max(timestamp);
-        let ts_delta = timestamp - self.first_timestamp;
+        let ts_delta = timestamp.wrapping_sub(self.first_timestamp);
         let offset_delta = i64::from(offset_delta);
         let key_len = key.map_or(-1, |k| k.len() as i64);
         let mut body_len = 1

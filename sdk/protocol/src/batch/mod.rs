@@ -11,6 +11,38 @@
 //! ```
 //! The CRC leaves out the base offset and the leader epoch, so the leader assigns both by
 //! rewriting bytes in place ([`set_base_offset`], [`set_leader_epoch`]) without re-encoding.
+//! Byte positions of the header fields are in [`field`].
+//!
+//! Each record (zigzag varints, Kafka's v2 record):
+//! ```text
+//! length | attributes i8 | timestamp_delta | offset_delta | key_len (-1: no key) | key
+//!        | value_len | value | header_count | header_count × (key_len | key (UTF-8) | value_len | value)
+//! ```
+//!
+//! # Checking a produced batch
+//! [`validate`] checks the envelope (header, length, CRC, codec). A broker accepting a
+//! produce calls [`validate_produce`] instead, which also walks the records actually present
+//! (decompressing within a limit) and refuses, with [`ProtocolError::InvalidRecord`]
+//! (wire code [`crate::ErrorCode::InvalidRecord`]), a batch whose header lies about them:
+//! - `record_count` must be at least 1 and equal the number of records in the batch, with
+//!   no bytes after the last one; `last_offset_delta` must be `record_count - 1`;
+//! - offset deltas must be exactly `0, 1, …, n-1` in order;
+//! - create-time batches: the first record's timestamp delta must be 0 (so
+//!   `first_timestamp` is its time), a record's timestamp is `first_timestamp + delta`, and
+//!   `max_timestamp` must be the largest of them. Log-append-time batches (attribute bit 3):
+//!   records are read with `max_timestamp` as their time, so their deltas are not compared,
+//!   but `max_timestamp` itself is range-checked like a record's timestamp;
+//! - every timestamp must lie in `0 ..= MAX_TIMESTAMP_MS` **and** within
+//!   [`ProduceLimits::max_timestamp_skew_ms`] of the broker's clock, before or after (Kafka's
+//!   `message.timestamp.difference.max.ms`). Negative timestamps are refused, including
+//!   Kafka's -1 "no timestamp": Quiver's producers always stamp records, and time retention
+//!   and by-time lookup need a real time. `i64::MAX` is refused even with an unbounded skew;
+//! - every record's length, key, value, header count and header lengths must lie within
+//!   the record; header keys must be UTF-8 (what [`RecordIter`] needs to read them back);
+//!   a key length below -1 or a negative value length is refused;
+//! - attribute bits other than the codec (0–2) and timestamp type (3) are refused.
+//!
+//! Tests that forge batches patch header fields in place and call [`recompute_crc`].
 
 mod builder;
 mod compression;
@@ -22,6 +54,8 @@ pub use record::{Header, Record, RecordIter};
 
 use bytes::Bytes;
 
+use record::scan_record;
+
 use crate::ProtocolError;
 
 /// Bytes before the first record.
@@ -32,6 +66,44 @@ const CRC_OFFSET: usize = 17;
 const CRC_START: usize = 21;
 /// Attribute bit: timestamps are the broker's append time.
 pub const ATTR_LOG_APPEND_TIME: i16 = 1 << 3;
+/// Attribute bits a batch may set: the codec (bits 0–2) and the timestamp type (bit 3).
+const KNOWN_ATTRIBUTES: i16 = 0x0f;
+/// The latest timestamp a produced record may carry: 9999-12-31T23:59:59.999Z, in ms since
+/// the Unix epoch. Anything later is a bug or an attack, whatever the allowed skew.
+pub const MAX_TIMESTAMP_MS: i64 = 253_402_300_799_999;
+
+/// Byte positions of the batch header's fields (see the layout above), for code that
+/// patches a batch in place, e.g. tests forging a lying batch before [`recompute_crc`].
+pub mod field {
+    /// `base_offset`, i64 (not covered by the CRC).
+    pub const BASE_OFFSET: usize = 0;
+    /// `batch_length`, i32 (not covered by the CRC).
+    pub const BATCH_LENGTH: usize = 8;
+    /// `leader_epoch`, i32 (not covered by the CRC).
+    pub const LEADER_EPOCH: usize = 12;
+    /// `magic`, i8 (not covered by the CRC).
+    pub const MAGIC: usize = 16;
+    /// `crc`, u32: CRC32C of every byte from [`ATTRIBUTES`] to the end.
+    pub const CRC: usize = 17;
+    /// `attributes`, i16.
+    pub const ATTRIBUTES: usize = 21;
+    /// `last_offset_delta`, i32.
+    pub const LAST_OFFSET_DELTA: usize = 23;
+    /// `first_timestamp`, i64.
+    pub const FIRST_TIMESTAMP: usize = 27;
+    /// `max_timestamp`, i64.
+    pub const MAX_TIMESTAMP: usize = 35;
+    /// `producer_id`, i64.
+    pub const PRODUCER_ID: usize = 43;
+    /// `producer_epoch`, i16.
+    pub const PRODUCER_EPOCH: usize = 51;
+    /// `base_sequence`, i32.
+    pub const BASE_SEQUENCE: usize = 53;
+    /// `record_count`, i32.
+    pub const RECORD_COUNT: usize = 57;
+    /// The first record.
+    pub const RECORDS: usize = 61;
+}
 
 /// The decoded header of a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,9 +213,8 @@ impl BatchHeader {
     }
 }
 
-/// Validates a whole batch as a broker does before storing it: header, length, CRC,
-/// codec, and that `last_offset_delta == record_count - 1`.
-pub fn validate(batch: &[u8], max_batch_bytes: usize) -> Result<BatchHeader, ProtocolError> {
+/// The header, length, size, codec and CRC of one whole batch.
+fn check_envelope(batch: &[u8], max_batch_bytes: usize) -> Result<BatchHeader, ProtocolError> {
     let h = BatchHeader::parse(batch)?;
     if h.total_len() > max_batch_bytes {
         return Err(ProtocolError::TooLarge {
@@ -162,15 +233,6 @@ pub fn validate(batch: &[u8], max_batch_bytes: usize) -> Result<BatchHeader, Pro
             ),
         ));
     }
-    if h.record_count == 0 || i64::from(h.last_offset_delta) != i64::from(h.record_count) - 1 {
-        return Err(ProtocolError::malformed(
-            "batch",
-            format!(
-                "{} records but last offset delta {}",
-                h.record_count, h.last_offset_delta
-            ),
-        ));
-    }
     h.compression()?;
     let computed = crc32c::crc32c(&batch[CRC_START..]);
     if computed != h.crc {
@@ -180,6 +242,221 @@ pub fn validate(batch: &[u8], max_batch_bytes: usize) -> Result<BatchHeader, Pro
         });
     }
     Ok(h)
+}
+
+/// Validates a whole batch's envelope: header, length, CRC, codec, and that
+/// `last_offset_delta == record_count - 1` with at least one record. It does not look at the
+/// records: a broker accepting a produce uses [`validate_produce`].
+pub fn validate(batch: &[u8], max_batch_bytes: usize) -> Result<BatchHeader, ProtocolError> {
+    let h = check_envelope(batch, max_batch_bytes)?;
+    if h.record_count == 0 || i64::from(h.last_offset_delta) != i64::from(h.record_count) - 1 {
+        return Err(ProtocolError::malformed(
+            "batch",
+            format!(
+                "{} records but last offset delta {}",
+                h.record_count, h.last_offset_delta
+            ),
+        ));
+    }
+    Ok(h)
+}
+
+/// What [`validate_produce`] checks a batch against: sizes, and the broker's clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProduceLimits {
+    /// Largest batch, header included (the topic's `max.message.bytes`).
+    pub max_batch_bytes: usize,
+    /// Largest records section after decompression (a compressed batch inflating past it
+    /// is refused with [`ProtocolError::TooLarge`]).
+    pub max_decompressed_bytes: usize,
+    /// The broker's time now, ms since the Unix epoch.
+    pub now_ms: i64,
+    /// How far a record's timestamp may be from `now_ms`, before or after, in ms (Kafka's
+    /// `message.timestamp.difference.max.ms`). `i64::MAX` leaves only the absolute range
+    /// `0 ..= MAX_TIMESTAMP_MS`; a negative value is taken as 0.
+    pub max_timestamp_skew_ms: i64,
+}
+
+fn records(n: u64) -> String {
+    if n == 1 {
+        "1 record".to_string()
+    } else {
+        format!("{n} records")
+    }
+}
+
+fn check_timestamp(ts: i64, what: &str, limits: &ProduceLimits) -> Result<(), ProtocolError> {
+    if ts < 0 {
+        return Err(ProtocolError::invalid_record(format!(
+            "{what} has timestamp {ts}; timestamps must be 0 or later (ms since the Unix epoch; \
+             -1 \"no timestamp\" is not accepted)"
+        )));
+    }
+    if ts > MAX_TIMESTAMP_MS {
+        return Err(ProtocolError::invalid_record(format!(
+            "{what} has timestamp {ts}, after the latest allowed {MAX_TIMESTAMP_MS} (year 9999)"
+        )));
+    }
+    let skew = limits.max_timestamp_skew_ms.max(0) as u64;
+    let diff = ts.abs_diff(limits.now_ms);
+    if diff > skew {
+        let side = if ts > limits.now_ms {
+            "ahead of"
+        } else {
+            "behind"
+        };
+        return Err(ProtocolError::invalid_record(format!(
+            "{what} has timestamp {ts}, {diff} ms {side} the broker's time {}; \
+             the allowed difference is {skew} ms",
+            limits.now_ms
+        )));
+    }
+    Ok(())
+}
+
+/// Validates a produced batch as a broker must before storing it: everything [`validate`]
+/// checks (header, length, size, codec, CRC), then the records actually present, walked
+/// (decompressed within [`ProduceLimits::max_decompressed_bytes`]) and compared with what
+/// the header says. The rules are listed in the [module documentation](self); a batch that
+/// breaks one is refused with [`ProtocolError::InvalidRecord`] naming what is wrong.
+///
+/// Other errors keep their codes: a bad CRC is [`ProtocolError::CrcMismatch`], a batch or
+/// its decompressed records over the limits [`ProtocolError::TooLarge`], an undecodable
+/// compressed section [`ProtocolError::Compression`], a broken envelope
+/// [`ProtocolError::Malformed`]. The work is linear in the batch's (decompressed) size and
+/// allocates nothing per record.
+///
+/// ```
+/// use quiver_protocol::batch::{validate_produce, BatchBuilder, Compression, ProduceLimits};
+/// let mut b = BatchBuilder::new(Compression::Lz4);
+/// b.push(Some(b"key"), b"value", 1_700_000_000_000, &[("h", b"v")]);
+/// let limits = ProduceLimits {
+///     max_batch_bytes: 1 << 20,
+///     max_decompressed_bytes: 1 << 20,
+///     now_ms: 1_700_000_000_500,
+///     max_timestamp_skew_ms: 3_600_000,
+/// };
+/// assert_eq!(validate_produce(&b.build(), &limits).unwrap().record_count, 1);
+/// ```
+pub fn validate_produce(
+    batch: &[u8],
+    limits: &ProduceLimits,
+) -> Result<BatchHeader, ProtocolError> {
+    let h = check_envelope(batch, limits.max_batch_bytes)?;
+    if h.attributes & !KNOWN_ATTRIBUTES != 0 {
+        return Err(ProtocolError::invalid_record(format!(
+            "attributes {:#06x} set bits Quiver does not define (only the codec, bits 0-2, and \
+             the timestamp type, bit 3)",
+            h.attributes
+        )));
+    }
+    let declared = h.record_count as u64; // parse refused negative counts
+    if declared == 0 {
+        return Err(ProtocolError::invalid_record(
+            "header says 0 records; a produced batch holds at least one",
+        ));
+    }
+    if i64::from(h.last_offset_delta) != i64::from(h.record_count) - 1 {
+        return Err(ProtocolError::invalid_record(format!(
+            "header says {} but last_offset_delta {} (must be {})",
+            records(declared),
+            h.last_offset_delta,
+            declared - 1
+        )));
+    }
+    let body = &batch[BATCH_HEADER_LEN..];
+    let inflated;
+    let data: &[u8] = match h.compression()? {
+        Compression::None => body,
+        c => {
+            inflated = c.decompress(body, limits.max_decompressed_bytes)?;
+            &inflated
+        }
+    };
+    let log_append_time = h.attributes & ATTR_LOG_APPEND_TIME != 0;
+    let mut pos = 0;
+    let mut n: u64 = 0;
+    let mut max_ts = i64::MIN;
+    while pos < data.len() {
+        let at = pos;
+        let raw = scan_record(data, &mut pos).map_err(|e| {
+            if n >= declared {
+                ProtocolError::invalid_record(format!(
+                    "header says {}, but {} bytes follow the last of them and are not a record ({e})",
+                    records(declared),
+                    data.len() - at
+                ))
+            } else {
+                ProtocolError::invalid_record(format!(
+                    "record {n} (byte {at} of the records section): {e}"
+                ))
+            }
+        })?;
+        if raw.offset_delta != n as i64 {
+            return Err(ProtocolError::invalid_record(format!(
+                "record {n} has offset delta {}; deltas must be 0, 1, 2, … in order",
+                raw.offset_delta
+            )));
+        }
+        if raw.key_len < -1 {
+            return Err(ProtocolError::invalid_record(format!(
+                "record {n} has key length {} (-1 means no key; other negatives are invalid)",
+                raw.key_len
+            )));
+        }
+        if !log_append_time {
+            if n == 0 && raw.timestamp_delta != 0 {
+                return Err(ProtocolError::invalid_record(format!(
+                    "record 0 has timestamp delta {}; the first record's must be 0 \
+                     (first_timestamp {} is its time)",
+                    raw.timestamp_delta, h.first_timestamp
+                )));
+            }
+            let what = format!("record {n}");
+            let ts = h
+                .first_timestamp
+                .checked_add(raw.timestamp_delta)
+                .ok_or_else(|| {
+                    ProtocolError::invalid_record(format!(
+                        "{what}: first_timestamp {} + timestamp delta {} overflows",
+                        h.first_timestamp, raw.timestamp_delta
+                    ))
+                })?;
+            check_timestamp(ts, &what, limits)?;
+            max_ts = max_ts.max(ts);
+        }
+        n += 1;
+    }
+    if n != declared {
+        return Err(ProtocolError::invalid_record(format!(
+            "header says {}, the batch holds {n}",
+            records(declared)
+        )));
+    }
+    if log_append_time {
+        check_timestamp(
+            h.max_timestamp,
+            "the max_timestamp of a log-append-time batch",
+            limits,
+        )?;
+    } else if h.max_timestamp != max_ts {
+        return Err(ProtocolError::invalid_record(format!(
+            "header says max_timestamp {}, but the largest record timestamp is {max_ts}",
+            h.max_timestamp
+        )));
+    }
+    Ok(h)
+}
+
+/// Recomputes and stores the CRC of one whole batch after its bytes were changed in place
+/// (e.g. a test forging a header that lies, or [`set_log_append_time`]). `batch` must be
+/// exactly one batch; shorter than the CRC field's end, it is left as it is.
+pub fn recompute_crc(batch: &mut [u8]) {
+    if batch.len() < CRC_START {
+        return;
+    }
+    let crc = crc32c::crc32c(&batch[CRC_START..]);
+    batch[CRC_OFFSET..CRC_START].copy_from_slice(&crc.to_be_bytes());
 }
 
 /// Checks only the CRC of a stored batch (used on read and on recovery).
@@ -214,8 +491,7 @@ pub fn set_log_append_time(batch: &mut [u8], now_ms: i64) {
     let attrs = be_i16(batch, 21) | ATTR_LOG_APPEND_TIME;
     batch[21..23].copy_from_slice(&attrs.to_be_bytes());
     batch[35..43].copy_from_slice(&now_ms.to_be_bytes());
-    let crc = crc32c::crc32c(&batch[CRC_START..]);
-    batch[CRC_OFFSET..CRC_START].copy_from_slice(&crc.to_be_bytes());
+    recompute_crc(batch);
 }
 
 /// Splits a buffer of concatenated batches (a produce or fetch payload) into batches,
@@ -243,6 +519,9 @@ pub fn split_batches(buf: &Bytes, max_batch_bytes: usize) -> Result<Vec<Bytes>, 
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod produce_tests;
 
 #[cfg(test)]
 mod tests {

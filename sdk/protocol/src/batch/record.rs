@@ -1,5 +1,7 @@
 //! Decoding the records of a batch. Uncompressed values are zero-copy slices of the batch.
 
+use std::ops::Range;
+
 use bytes::Bytes;
 
 use super::{BatchHeader, Compression, BATCH_HEADER_LEN};
@@ -69,74 +71,173 @@ impl RecordIter {
         &self.header
     }
 
-    fn bytes(&mut self, len: i64, what: &'static str) -> Result<Bytes, ProtocolError> {
-        if len < 0 || len as usize > self.data.len() - self.pos {
-            return Err(ProtocolError::malformed(
-                what,
-                format!("length {len} beyond the batch"),
-            ));
-        }
-        let b = self.data.slice(self.pos..self.pos + len as usize);
-        self.pos += len as usize;
-        Ok(b)
-    }
-
     fn next_record(&mut self) -> Result<Record, ProtocolError> {
-        let len = get_varint(&self.data, &mut self.pos)?;
-        if len < 1 || len as usize > self.data.len() - self.pos {
-            return Err(ProtocolError::malformed(
-                "record",
-                format!("length {len} beyond the batch"),
-            ));
-        }
-        let end = self.pos + len as usize;
-        self.pos += 1; // attributes
-        let ts_delta = get_varint(&self.data, &mut self.pos)?;
-        let offset_delta = get_varint(&self.data, &mut self.pos)?;
-        let key_len = get_varint(&self.data, &mut self.pos)?;
-        let key = if key_len < 0 {
-            None
-        } else {
-            Some(self.bytes(key_len, "record key")?)
-        };
-        let value_len = get_varint(&self.data, &mut self.pos)?;
-        let value = self.bytes(value_len, "record value")?;
-        let header_count = get_varint(&self.data, &mut self.pos)?;
-        if header_count < 0 || header_count as usize > self.data.len() - self.pos {
-            return Err(ProtocolError::malformed(
-                "record",
-                "header count beyond the batch",
-            ));
-        }
-        let mut headers = Vec::with_capacity(header_count as usize);
-        for _ in 0..header_count {
-            let kl = get_varint(&self.data, &mut self.pos)?;
-            let k = self.bytes(kl, "header key")?;
-            let key = String::from_utf8(k.to_vec())
-                .map_err(|_| ProtocolError::malformed("header key", "not UTF-8"))?;
-            let vl = get_varint(&self.data, &mut self.pos)?;
-            let value = self.bytes(vl, "header value")?;
-            headers.push(Header { key, value });
-        }
-        if self.pos != end {
-            return Err(ProtocolError::malformed(
-                "record",
-                "length does not match its fields",
-            ));
+        let raw = scan_record(&self.data, &mut self.pos)?;
+        let key = raw.key.map(|r| self.data.slice(r));
+        let value = self.data.slice(raw.value.clone());
+        // Bounded by the bytes present (a header takes at least 2), and small at first:
+        // the vector grows with headers actually decoded, never with the count alone.
+        let mut headers = Vec::with_capacity(raw.header_count.min(raw.headers.len() / 2).min(8));
+        let mut pos = raw.headers.start;
+        for _ in 0..raw.header_count {
+            let (k, v) = scan_header(&self.data, &mut pos, raw.headers.end)?;
+            let key = std::str::from_utf8(&self.data[k])
+                .map_err(|_| ProtocolError::malformed("header key", "not UTF-8"))?
+                .to_string();
+            headers.push(Header {
+                key,
+                value: self.data.slice(v),
+            });
         }
         let timestamp = if self.log_append_time {
             self.header.max_timestamp
         } else {
-            self.header.first_timestamp.wrapping_add(ts_delta)
+            self.header
+                .first_timestamp
+                .wrapping_add(raw.timestamp_delta)
         };
         Ok(Record {
-            offset: self.header.base_offset.wrapping_add(offset_delta),
+            offset: self.header.base_offset.wrapping_add(raw.offset_delta),
             timestamp,
             key,
             value,
             headers,
         })
     }
+}
+
+/// One record's fields, as positions in the records section (no copy, no allocation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RawRecord {
+    /// Where the record starts (its length varint).
+    pub start: usize,
+    /// The record's attributes byte (unused, 0 when written by this crate).
+    pub attributes: u8,
+    /// Timestamp minus the batch's first timestamp.
+    pub timestamp_delta: i64,
+    /// Offset minus the batch's base offset.
+    pub offset_delta: i64,
+    /// The key length as written (-1 for no key).
+    pub key_len: i64,
+    /// The key's bytes, if any.
+    pub key: Option<Range<usize>>,
+    /// The value's bytes.
+    pub value: Range<usize>,
+    /// Number of headers.
+    pub header_count: usize,
+    /// The headers' bytes (every header checked: lengths within the record, UTF-8 keys).
+    pub headers: Range<usize>,
+}
+
+/// Reads the varint at `*pos`, which must end before `end` (the record's end).
+fn varint_in(
+    data: &[u8],
+    pos: &mut usize,
+    end: usize,
+    what: &'static str,
+) -> Result<i64, ProtocolError> {
+    get_varint(&data[..end], pos).map_err(|e| match e {
+        ProtocolError::Truncated { .. } => {
+            ProtocolError::malformed(what, "runs past the end of its record")
+        }
+        other => other,
+    })
+}
+
+/// Takes `len` bytes at `*pos` if they lie before `end`.
+fn take(
+    len: i64,
+    pos: &mut usize,
+    end: usize,
+    what: &'static str,
+) -> Result<Range<usize>, ProtocolError> {
+    let avail = end - *pos;
+    if len < 0 || len as u64 > avail as u64 {
+        return Err(ProtocolError::malformed(
+            what,
+            format!("length {len} but only {avail} bytes are left in the record"),
+        ));
+    }
+    let r = *pos..*pos + len as usize;
+    *pos = r.end;
+    Ok(r)
+}
+
+/// Reads one header at `*pos` (which must be before `end`): its key and value ranges.
+pub(crate) fn scan_header(
+    data: &[u8],
+    pos: &mut usize,
+    end: usize,
+) -> Result<(Range<usize>, Range<usize>), ProtocolError> {
+    let kl = varint_in(data, pos, end, "header key length")?;
+    let k = take(kl, pos, end, "header key")?;
+    let vl = varint_in(data, pos, end, "header value length")?;
+    let v = take(vl, pos, end, "header value")?;
+    Ok((k, v))
+}
+
+/// Parses the record at `*pos` of a records section, checking every length against the
+/// record's own length and that length against the bytes present; advances `*pos` past it.
+pub(crate) fn scan_record(data: &[u8], pos: &mut usize) -> Result<RawRecord, ProtocolError> {
+    let start = *pos;
+    let len = get_varint(data, pos)?;
+    let avail = data.len() - *pos;
+    if len < 1 || len as u64 > avail as u64 {
+        return Err(ProtocolError::malformed(
+            "record",
+            format!("length {len} but {avail} bytes are left in the batch"),
+        ));
+    }
+    let end = *pos + len as usize;
+    let attributes = data[*pos];
+    *pos += 1;
+    let timestamp_delta = varint_in(data, pos, end, "record timestamp delta")?;
+    let offset_delta = varint_in(data, pos, end, "record offset delta")?;
+    let key_len = varint_in(data, pos, end, "record key length")?;
+    let key = if key_len < 0 {
+        None
+    } else {
+        Some(take(key_len, pos, end, "record key")?)
+    };
+    let value_len = varint_in(data, pos, end, "record value length")?;
+    let value = take(value_len, pos, end, "record value")?;
+    let count = varint_in(data, pos, end, "record header count")?;
+    let left = end - *pos;
+    // Each header takes at least two bytes (two length varints).
+    if count < 0 || count as u64 > (left / 2) as u64 {
+        return Err(ProtocolError::malformed(
+            "record",
+            format!("header count {count} but only {left} bytes are left in the record"),
+        ));
+    }
+    let header_count = count as usize;
+    let headers_start = *pos;
+    for _ in 0..header_count {
+        let (k, _) = scan_header(data, pos, end)?;
+        if std::str::from_utf8(&data[k]).is_err() {
+            return Err(ProtocolError::malformed("header key", "not UTF-8"));
+        }
+    }
+    if *pos != end {
+        return Err(ProtocolError::malformed(
+            "record",
+            format!(
+                "length says {len} bytes but its fields take {}",
+                *pos - (end - len as usize)
+            ),
+        ));
+    }
+    Ok(RawRecord {
+        start,
+        attributes,
+        timestamp_delta,
+        offset_delta,
+        key_len,
+        key,
+        value,
+        header_count,
+        headers: headers_start..end,
+    })
 }
 
 impl Iterator for RecordIter {
@@ -147,10 +248,28 @@ impl Iterator for RecordIter {
             return None;
         }
         self.remaining -= 1;
+        if self.pos >= self.data.len() {
+            // The header promised more records than the batch holds.
+            self.remaining = 0;
+            return Some(Err(ProtocolError::malformed(
+                "batch",
+                format!(
+                    "header says {} records, the batch holds fewer",
+                    self.header.record_count
+                ),
+            )));
+        }
         let r = self.next_record();
         if r.is_err() {
             self.remaining = 0;
         }
         Some(r)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        // Never more than the header says, nor than the bytes left can hold (a record
+        // takes at least 2 bytes): a lying count cannot make `collect` over-allocate.
+        let left = (self.data.len() - self.pos) / 2;
+        (0, Some((self.remaining.max(0) as usize).min(left)))
     }
 }
