@@ -13,12 +13,13 @@ use tokio::sync::watch;
 
 use crate::config::BrokerConfig;
 use crate::group::GroupService;
-use crate::log::Flusher;
+use crate::log::{Flusher, PartitionLog, RepairReport};
 use crate::metrics::Metrics;
 use crate::plugin::PluginService;
-use crate::server::{endpoint, ServerContext};
-use crate::tls;
-use crate::topic::TopicRegistry;
+use crate::server::endpoint::{self, EndpointError};
+use crate::server::ServerContext;
+use crate::tls::{self, TlsError};
+use crate::topic::{TopicMeta, TopicRegistry, PARTITION_META_TREE, TOPICS_TREE};
 
 /// Why the broker could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +32,10 @@ pub enum BrokerError {
     Storage(String),
     /// TLS material could not be made or loaded.
     #[error("tls: {0}")]
-    Tls(String),
+    Tls(#[from] TlsError),
+    /// The QUIC endpoint could not be set up.
+    #[error("network: {0}")]
+    Endpoint(#[from] EndpointError),
     /// The network endpoint failed.
     #[error("network: {0}")]
     Io(String),
@@ -144,6 +148,48 @@ async fn retention_loop(
 }
 
 impl Broker {
+    /// Truncates partition `partition` of `topic` in the data directory of a stopped
+    /// broker at its first damaged batch (that batch and everything after it are
+    /// dropped) and reports what went. A running broker holds the directory's lock, so
+    /// this refuses to touch its data.
+    pub fn repair(
+        data_dir: &Path,
+        topic: &str,
+        partition: u32,
+    ) -> Result<RepairReport, BrokerError> {
+        if !data_dir.join("log").exists() {
+            return Err(BrokerError::Config(format!(
+                "{} holds no broker data (no log/ directory)",
+                data_dir.display()
+            )));
+        }
+        let db = open_db(data_dir)?;
+        let storage = |e: sled::Error| BrokerError::Storage(e.to_string());
+        let topics = db.open_tree(TOPICS_TREE).map_err(storage)?;
+        let meta: TopicMeta = match topics.get(topic.as_bytes()).map_err(storage)? {
+            Some(v) => serde_json::from_slice(&v).map_err(|e| {
+                BrokerError::Storage(format!("the record of topic {topic:?} is damaged: {e}"))
+            })?,
+            None => {
+                return Err(BrokerError::Config(format!(
+                    "no topic {topic:?} in {}",
+                    data_dir.display()
+                )))
+            }
+        };
+        if partition >= meta.partitions {
+            return Err(BrokerError::Config(format!(
+                "topic {topic:?} has {} partitions; partition {partition} does not exist",
+                meta.partitions
+            )));
+        }
+        let pmeta = db.open_tree(PARTITION_META_TREE).map_err(storage)?;
+        let report = PartitionLog::repair(&db, &pmeta, meta.id, partition)
+            .map_err(|e| BrokerError::Storage(e.to_string()))?;
+        tracing::info!(topic, partition, ?report, "partition repaired");
+        Ok(report)
+    }
+
     /// Starts a broker with `config` and returns once it accepts connections.
     pub async fn start(config: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         config
@@ -181,10 +227,13 @@ impl Broker {
             Ordering::Relaxed,
         );
         let (stop_tx, stop_rx) = watch::channel(false);
+        // The flusher has its own stop signal: it keeps serving the flush tickets of
+        // in-flight produces and commits until they have all been answered.
+        let (flush_stop_tx, flush_stop_rx) = watch::channel(false);
         let flusher = Flusher::new(db.clone());
         let flush_task = tokio::spawn(flusher.clone().run(
             Duration::from_millis(config.topic_defaults.flush_interval_ms.clamp(10, 60_000)),
-            stop_rx.clone(),
+            flush_stop_rx,
         ));
         let endpoint = endpoint::bind(addr, crypto, &config.limits)?;
         let local_addr = endpoint.local_addr()?;
@@ -239,10 +288,15 @@ impl Broker {
                     .await;
                 if left > 0 {
                     tracing::warn!(requests = left, "closing with requests still in flight");
+                } else {
+                    tracing::info!("every in-flight request answered");
                 }
                 endpoint.close(quinn::VarInt::from_u32(0), b"broker shutting down");
                 let _ = retention_task.await;
                 let _ = group_task.await;
+                // Every request has been answered (or the timeout passed): now the flusher
+                // may stop; the final flush below covers whatever it had not.
+                let _ = flush_stop_tx.send(true);
                 let _ = flush_task.await;
                 for t in topics.list() {
                     for p in &t.partitions {

@@ -101,6 +101,25 @@ pub struct PluginsConfig {
     pub max_bundle_bytes: u64,
     /// A consume-time processor instance unused this long is dropped (its state with it).
     pub processor_idle_ms: u64,
+    /// Threads that run plugin calls, apart from storage and network work; 0 = half the
+    /// cores (at least one). Plugins together never use more cores than this.
+    pub threads: u32,
+    /// After an instance is quarantined (failed too often, or stuck past its deadline),
+    /// new calls for it are refused for this long, ms.
+    pub quarantine_ms: u64,
+}
+
+impl PluginsConfig {
+    /// The plugin thread count, with 0 resolved to half the cores (at least one).
+    pub fn effective_threads(&self) -> usize {
+        match self.threads {
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get() / 2)
+                .unwrap_or(1)
+                .max(1),
+            n => n as usize,
+        }
+    }
 }
 
 impl Default for PluginsConfig {
@@ -113,6 +132,8 @@ impl Default for PluginsConfig {
             max_consecutive_failures: 5,
             max_bundle_bytes: 16 * 1024 * 1024,
             processor_idle_ms: 300_000,
+            threads: 0,
+            quarantine_ms: 10_000,
         }
     }
 }

@@ -11,8 +11,12 @@ use std::sync::Arc;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::broker::BrokerError;
 use crate::config::BrokerConfig;
+
+/// TLS material could not be made, loaded or used; the message says which file and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TlsError(String);
 
 /// The loaded server identity.
 pub struct ServerIdentity {
@@ -24,19 +28,19 @@ pub struct ServerIdentity {
     pub ca_path: Option<PathBuf>,
 }
 
-fn tls_err(what: &str, e: impl std::fmt::Display) -> BrokerError {
-    BrokerError::Tls(format!("{what}: {e}"))
+fn tls_err(what: &str, e: impl std::fmt::Display) -> TlsError {
+    TlsError(format!("{what}: {e}"))
 }
 
 /// Loads or creates the identity described by `config`.
-pub fn load_or_create(config: &BrokerConfig) -> Result<ServerIdentity, BrokerError> {
+pub fn load_or_create(config: &BrokerConfig) -> Result<ServerIdentity, TlsError> {
     match (&config.tls.cert, &config.tls.key) {
         (Some(cert), Some(key)) => load_configured(cert, key),
         _ => self_made(config),
     }
 }
 
-fn load_configured(cert: &Path, key: &Path) -> Result<ServerIdentity, BrokerError> {
+fn load_configured(cert: &Path, key: &Path) -> Result<ServerIdentity, TlsError> {
     check_private(key)?;
     let pem = std::fs::read(cert)
         .map_err(|e| tls_err(&format!("reading tls.cert {}", cert.display()), e))?;
@@ -44,7 +48,7 @@ fn load_configured(cert: &Path, key: &Path) -> Result<ServerIdentity, BrokerErro
         .collect::<Result<_, _>>()
         .map_err(|e| tls_err(&format!("parsing tls.cert {}", cert.display()), e))?;
     if chain.is_empty() {
-        return Err(BrokerError::Tls(format!(
+        return Err(TlsError(format!(
             "tls.cert {} holds no certificate",
             cert.display()
         )));
@@ -53,9 +57,7 @@ fn load_configured(cert: &Path, key: &Path) -> Result<ServerIdentity, BrokerErro
         .map_err(|e| tls_err(&format!("reading tls.key {}", key.display()), e))?;
     let key = rustls_pemfile::private_key(&mut &kpem[..])
         .map_err(|e| tls_err(&format!("parsing tls.key {}", key.display()), e))?
-        .ok_or_else(|| {
-            BrokerError::Tls(format!("tls.key {} holds no private key", key.display()))
-        })?;
+        .ok_or_else(|| TlsError(format!("tls.key {} holds no private key", key.display())))?;
     Ok(ServerIdentity {
         chain,
         key,
@@ -64,12 +66,12 @@ fn load_configured(cert: &Path, key: &Path) -> Result<ServerIdentity, BrokerErro
 }
 
 #[cfg(unix)]
-fn check_private(key: &Path) -> Result<(), BrokerError> {
+fn check_private(key: &Path) -> Result<(), TlsError> {
     use std::os::unix::fs::PermissionsExt;
     let meta =
         std::fs::metadata(key).map_err(|e| tls_err(&format!("tls.key {}", key.display()), e))?;
     if meta.permissions().mode() & 0o077 != 0 {
-        return Err(BrokerError::Tls(format!(
+        return Err(TlsError(format!(
             "tls.key {} is readable by other users (mode {:o}); run `chmod 600 {}`",
             key.display(),
             meta.permissions().mode() & 0o777,
@@ -80,11 +82,11 @@ fn check_private(key: &Path) -> Result<(), BrokerError> {
 }
 
 #[cfg(not(unix))]
-fn check_private(_key: &Path) -> Result<(), BrokerError> {
+fn check_private(_key: &Path) -> Result<(), TlsError> {
     Ok(())
 }
 
-fn write_private(path: &Path, data: &str) -> Result<(), BrokerError> {
+fn write_private(path: &Path, data: &str) -> Result<(), TlsError> {
     use std::io::Write;
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
@@ -101,7 +103,7 @@ fn write_private(path: &Path, data: &str) -> Result<(), BrokerError> {
         .map_err(|e| tls_err(&format!("writing {}", path.display()), e))
 }
 
-fn write_atomic(path: &Path, data: &str) -> Result<(), BrokerError> {
+fn write_atomic(path: &Path, data: &str) -> Result<(), TlsError> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, data)
         .and_then(|_| std::fs::rename(&tmp, path))
@@ -135,7 +137,7 @@ fn subject_alt_names(config: &BrokerConfig) -> Vec<String> {
     sans
 }
 
-fn self_made(config: &BrokerConfig) -> Result<ServerIdentity, BrokerError> {
+fn self_made(config: &BrokerConfig) -> Result<ServerIdentity, TlsError> {
     let dir = config.data_dir.join("tls");
     std::fs::create_dir_all(&dir)
         .map_err(|e| tls_err(&format!("creating {}", dir.display()), e))?;
@@ -198,7 +200,7 @@ fn self_made(config: &BrokerConfig) -> Result<ServerIdentity, BrokerError> {
 }
 
 /// Builds the rustls server config (TLS 1.3, ALPN `quiver/1`, no 0-RTT).
-pub fn server_crypto(id: ServerIdentity) -> Result<Arc<rustls::ServerConfig>, BrokerError> {
+pub fn server_crypto(id: ServerIdentity) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])

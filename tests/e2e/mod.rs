@@ -8,4 +8,5 @@ mod crash_recovery;
 mod groups;
 mod hostile_input;
 mod plugins;
+mod shutdown;
 mod topics_admin;

@@ -731,6 +731,20 @@ impl GroupCoordinator {
         &mut self,
         req: &CommitOffsetsRequest,
     ) -> Result<(CommitOffsetsResponse, Vec<GroupRecord>), GroupError> {
+        let (resp, records) = self.prepare_commit(req)?;
+        for r in &records {
+            self.apply(r);
+        }
+        Ok((resp, records))
+    }
+
+    /// Checks a commit and returns the records it would store, changing nothing: the
+    /// service persists them and only then [`apply`](Self::apply)s them, so a commit is
+    /// never visible before it is durable.
+    pub fn prepare_commit(
+        &self,
+        req: &CommitOffsetsRequest,
+    ) -> Result<(CommitOffsetsResponse, Vec<GroupRecord>), GroupError> {
         let g = self.group(&req.group)?;
         let m = Self::member(g, &req.group, &req.member_id)?;
         if req.generation < m.epoch || req.generation > g.generation {
@@ -770,9 +784,6 @@ impl GroupCoordinator {
                 },
             })
             .collect();
-        for r in &records {
-            self.apply(r);
-        }
         Ok((
             CommitOffsetsResponse {
                 committed: records.len() as u32,
@@ -885,6 +896,20 @@ impl GroupCoordinator {
         topic: &str,
         offsets: &[(u32, i64)],
     ) -> Result<Vec<GroupRecord>, GroupError> {
+        let records = self.prepare_reset_offsets(group, topic, offsets)?;
+        for r in &records {
+            self.apply(r);
+        }
+        Ok(records)
+    }
+
+    /// The records a reset would store, changing nothing (see [`prepare_commit`](Self::prepare_commit)).
+    pub fn prepare_reset_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+        offsets: &[(u32, i64)],
+    ) -> Result<Vec<GroupRecord>, GroupError> {
         quiver_protocol::requests::validate_group_name(group).map_err(GroupError::Invalid)?;
         let mut records = Vec::new();
         match self.groups.get(group) {
@@ -911,15 +936,21 @@ impl GroupCoordinator {
                 metadata: None,
             },
         }));
-        for r in &records {
-            self.apply(r);
-        }
         Ok(records)
     }
 
     /// Deletes a group without members and its offsets; returns how many offsets went and
     /// the tombstones to persist.
     pub fn delete(&mut self, group: &str) -> Result<(u32, Vec<GroupRecord>), GroupError> {
+        let (n, records) = self.prepare_delete(group)?;
+        for r in &records {
+            self.apply(r);
+        }
+        Ok((n, records))
+    }
+
+    /// The tombstones a delete would store, changing nothing (see [`prepare_commit`](Self::prepare_commit)).
+    pub fn prepare_delete(&self, group: &str) -> Result<(u32, Vec<GroupRecord>), GroupError> {
         let g = self.group(group)?;
         if !g.members.is_empty() {
             return Err(GroupError::GroupNotEmpty {
@@ -939,9 +970,6 @@ impl GroupCoordinator {
         records.push(GroupRecord::MetaDeleted {
             group: group.to_string(),
         });
-        for r in &records {
-            self.apply(r);
-        }
         Ok((n, records))
     }
 

@@ -48,7 +48,7 @@ pub use coordinator::{
     CoordinatorConfig, GroupCoordinator, GroupError, GroupEvent, HeartbeatAnswer, TopicSnapshot,
 };
 pub use records::{GroupRecord, OFFSETS_TOPIC};
-pub use service::GroupService;
+pub use service::{GroupService, GroupServiceError};
 
 /// The broker coordinating `group`, among `live_brokers` (ids, in any order): a stable hash
 /// of the name over the sorted ids. With one broker, that broker.

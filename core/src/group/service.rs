@@ -6,12 +6,12 @@
 //! that every change bumps, and runs the 100 ms ticker that expires sessions. It logs the
 //! coordinator's events. It never decides anything the coordinator should.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use quiver_protocol::batch::{split_batches, BatchBuilder, Compression, RecordIter};
+use quiver_protocol::batch::{BatchBuilder, BatchHeader, Compression, RecordIter};
 use quiver_protocol::requests::{
     CommitOffsetsRequest, CommitOffsetsResponse, DeleteGroupResponse, FetchOffsetsRequest,
     FetchOffsetsResponse, GroupDescription, HeartbeatRequest, HeartbeatResponse, JoinGroupRequest,
@@ -26,7 +26,6 @@ use super::coordinator::{CoordinatorConfig, GroupCoordinator, GroupError, GroupE
 use super::records::{GroupRecord, OFFSETS_TOPIC};
 use super::TopicSnapshot;
 use crate::log::{Flusher, LogError, PartitionLog};
-use crate::server::requests::RequestError;
 use crate::topic::{TopicConfig, TopicError, TopicRegistry};
 
 /// How often sessions are checked.
@@ -34,18 +33,48 @@ const TICK: Duration = Duration::from_millis(100);
 /// How long a persisted group record may wait for its disk flush.
 const PERSIST_TIMEOUT: Duration = Duration::from_secs(30);
 
-impl From<GroupError> for RequestError {
-    fn from(e: GroupError) -> Self {
-        RequestError::new(e.code(), e.to_string())
+/// Why a group request failed; each maps to a wire code.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupServiceError {
+    /// The coordinator refused it.
+    #[error(transparent)]
+    Group(#[from] GroupError),
+    /// A topic it names is unknown, or its log failed.
+    #[error(transparent)]
+    Topic(#[from] TopicError),
+    /// Reading a partition's offsets failed.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// The change could not be stored durably (nothing was applied).
+    #[error("could not store the group change durably: {0}")]
+    Persist(LogError),
+    /// The request is not allowed.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl GroupServiceError {
+    /// The wire code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            GroupServiceError::Group(e) => e.code(),
+            GroupServiceError::Topic(e) => e.code(),
+            GroupServiceError::Log(e) => e.code(),
+            GroupServiceError::Persist(_) => ErrorCode::StorageError,
+            GroupServiceError::Refused(_) => ErrorCode::InvalidRequest,
+        }
     }
 }
+
+type Result<T, E = GroupServiceError> = std::result::Result<T, E>;
 
 /// Consumer groups of this broker.
 pub struct GroupService {
     coord: Mutex<GroupCoordinator>,
     changed: watch::Sender<u64>,
-    /// Serializes "apply in memory, then append": memory order equals log order.
-    persist: tokio::sync::Mutex<()>,
+    /// One lock per group serializes "store, then apply" of that group's changes, so its
+    /// memory order equals its log order; groups never wait for each other's flushes.
+    group_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     topics: Arc<TopicRegistry>,
     flusher: Arc<Flusher>,
     log: Arc<PartitionLog>,
@@ -153,12 +182,18 @@ impl GroupService {
             ..CoordinatorConfig::default()
         });
         let replayed = replay(&log, &mut coord, max_decompressed)?;
+        if let Some(reason) = log.offline_reason() {
+            // Replay skipped the damaged batches; the groups' other offsets are good, and
+            // new commits go after the damage.
+            warn!(topic = OFFSETS_TOPIC, %reason, "consumer-group log has damaged batches; they were skipped and the log stays in service");
+            log.accept_damage();
+        }
         let groups = coord.list().groups.len();
         info!(records = replayed, groups, "recovered consumer groups");
         Ok(Arc::new(GroupService {
             coord: Mutex::new(coord),
             changed: watch::Sender::new(0),
-            persist: tokio::sync::Mutex::new(()),
+            group_locks: Mutex::new(HashMap::new()),
             log_config: topic.config(),
             topics,
             flusher,
@@ -198,7 +233,19 @@ impl GroupService {
         self.changed.send_modify(|v| *v += 1);
     }
 
-    async fn persist_records(&self, records: &[GroupRecord]) -> Result<(), RequestError> {
+    /// Takes the lock of `group` (see `group_locks`).
+    async fn lock_group(&self, group: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let m = self
+            .group_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(group.to_string())
+            .or_default()
+            .clone();
+        m.lock_owned().await
+    }
+
+    async fn persist_records(&self, records: &[GroupRecord]) -> Result<()> {
         if records.is_empty() {
             return Ok(());
         }
@@ -218,17 +265,24 @@ impl GroupService {
             .await
             .map_err(|e| {
                 warn!(error = %e, "could not persist group records");
-                RequestError::new(
-                    ErrorCode::StorageError,
-                    format!("could not store the group change durably: {e}"),
-                )
+                GroupServiceError::Persist(e)
             })?;
         Ok(())
     }
 
+    /// Stores `records`, then applies them in memory: visible only once durable.
+    async fn persist_then_apply(&self, records: &[GroupRecord]) -> Result<()> {
+        self.persist_records(records).await?;
+        let mut c = self.lock();
+        for r in records {
+            c.apply(r);
+        }
+        Ok(())
+    }
+
     /// JoinGroup.
-    pub async fn join(&self, req: &JoinGroupRequest) -> Result<JoinGroupResponse, RequestError> {
-        let _order = self.persist.lock().await;
+    pub async fn join(&self, req: &JoinGroupRequest) -> Result<JoinGroupResponse> {
+        let _order = self.lock_group(&req.group).await;
         let snapshot = self.snapshot();
         let (resp, records) = {
             let mut c = self.lock();
@@ -246,7 +300,7 @@ impl GroupService {
         &self,
         req: &HeartbeatRequest,
         mut stopping: watch::Receiver<bool>,
-    ) -> Result<HeartbeatResponse, RequestError> {
+    ) -> Result<HeartbeatResponse> {
         let mut changes = self.changed.subscribe();
         changes.borrow_and_update();
         let (answer, wait) = {
@@ -280,7 +334,7 @@ impl GroupService {
     }
 
     /// LeaveGroup; returns the generation after.
-    pub fn leave(&self, group: &str, member: &str) -> Result<u64, RequestError> {
+    pub fn leave(&self, group: &str, member: &str) -> Result<u64> {
         let snapshot = self.snapshot();
         let mut c = self.lock();
         let r = c.leave(group, member, &snapshot);
@@ -289,13 +343,10 @@ impl GroupService {
     }
 
     /// CommitOffsets: checked, applied, then on disk before the answer.
-    pub async fn commit(
-        &self,
-        req: &CommitOffsetsRequest,
-    ) -> Result<CommitOffsetsResponse, RequestError> {
-        let _order = self.persist.lock().await;
-        let (resp, records) = self.lock().commit(req)?;
-        self.persist_records(&records).await?;
+    pub async fn commit(&self, req: &CommitOffsetsRequest) -> Result<CommitOffsetsResponse> {
+        let _order = self.lock_group(&req.group).await;
+        let (resp, records) = self.lock().prepare_commit(req)?;
+        self.persist_then_apply(&records).await?;
         Ok(resp)
     }
 
@@ -310,7 +361,7 @@ impl GroupService {
     }
 
     /// DescribeGroup, with the partitions' offsets from their logs.
-    pub fn describe(&self, group: &str) -> Result<GroupDescription, RequestError> {
+    pub fn describe(&self, group: &str) -> Result<GroupDescription> {
         let snapshot = self.snapshot();
         let offsets = |t: &str, p: u32| {
             self.topics.partition(t, p).ok().map(|(_, log)| {
@@ -323,46 +374,51 @@ impl GroupService {
 
     /// ResetOffsets: resolves the target per partition, then stores it (refused while the
     /// group has members).
-    pub async fn reset(
-        &self,
-        req: &ResetOffsetsRequest,
-    ) -> Result<ResetOffsetsResponse, RequestError> {
+    pub async fn reset(&self, req: &ResetOffsetsRequest) -> Result<ResetOffsetsResponse> {
         let topic = self.topics.topic(&req.topic)?;
-        if req.topic.starts_with("__") {
-            return Err(RequestError::new(
-                ErrorCode::InvalidRequest,
-                "offsets of internal topics cannot be reset",
-            ));
+        if crate::topic::is_internal(&req.topic) {
+            return Err(GroupServiceError::Refused(format!(
+                "{:?} is an internal topic; offsets of internal topics cannot be reset",
+                req.topic
+            )));
         }
         let mut offsets = Vec::with_capacity(topic.partitions.len());
         for log in &topic.partitions {
             let s = log.snapshot();
             let o = match req.to {
-                ResetTo::Earliest => log.lookup(OffsetSpec::Earliest, self.max_decompressed)?.0,
-                ResetTo::Latest => log.lookup(OffsetSpec::Latest, self.max_decompressed)?.0,
+                ResetTo::Earliest => {
+                    log.lookup_async(OffsetSpec::Earliest, self.max_decompressed)
+                        .await?
+                        .0
+                }
+                ResetTo::Latest => {
+                    log.lookup_async(OffsetSpec::Latest, self.max_decompressed)
+                        .await?
+                        .0
+                }
                 ResetTo::Offset(n) => n.clamp(s.log_start, s.high_watermark),
                 ResetTo::Timestamp(t) => {
-                    log.lookup(OffsetSpec::Timestamp(t), self.max_decompressed)?
+                    log.lookup_async(OffsetSpec::Timestamp(t), self.max_decompressed)
+                        .await?
                         .0
                 }
             };
             offsets.push((log.partition, o));
         }
-        let _order = self.persist.lock().await;
-        let records = {
-            let mut c = self.lock();
-            c.reset_offsets(&req.group, &req.topic, &offsets)?
-        };
-        self.persist_records(&records).await?;
+        let _order = self.lock_group(&req.group).await;
+        let records = self
+            .lock()
+            .prepare_reset_offsets(&req.group, &req.topic, &offsets)?;
+        self.persist_then_apply(&records).await?;
         info!(group = %req.group, topic = %req.topic, ?offsets, "offsets reset");
         Ok(ResetOffsetsResponse { offsets })
     }
 
     /// DeleteGroup (refused while the group has members).
-    pub async fn delete(&self, group: &str) -> Result<DeleteGroupResponse, RequestError> {
-        let _order = self.persist.lock().await;
-        let (n, records) = self.lock().delete(group)?;
-        self.persist_records(&records).await?;
+    pub async fn delete(&self, group: &str) -> Result<DeleteGroupResponse> {
+        let _order = self.lock_group(group).await;
+        let (n, records) = self.lock().prepare_delete(group)?;
+        self.persist_then_apply(&records).await?;
         info!(%group, offsets = n, "group deleted");
         Ok(DeleteGroupResponse { offsets_deleted: n })
     }
@@ -385,27 +441,33 @@ impl GroupService {
 }
 
 /// Replays `__consumer_offsets` into `coord`; returns how many records were applied.
+/// Nothing in the log can stop the broker from starting: a damaged batch, or a record that
+/// does not decode, is logged (topic, partition, offset, reason) and skipped.
 fn replay(
     log: &PartitionLog,
     coord: &mut GroupCoordinator,
     max_decompressed: usize,
-) -> Result<u64, TopicError> {
+) -> std::result::Result<u64, TopicError> {
     let mut offset = log.snapshot().log_start;
     let mut applied = 0;
     loop {
-        let read = log.read(offset, 4 * 1024 * 1024)?;
-        if read.batches == 0 {
-            break;
-        }
-        let batches = split_batches(&read.payload, usize::MAX)
-            .map_err(|e| TopicError::Log(LogError::InvalidBatch(e)))?;
-        let mut next = offset;
-        for b in batches {
-            let records = RecordIter::new(&b, max_decompressed)
-                .map_err(|e| TopicError::Log(LogError::InvalidBatch(e)))?;
+        let (batches, next) = log.read_recovering(offset, 4 * 1024 * 1024)?;
+        for b in &batches {
+            let records = match RecordIter::new(b, max_decompressed) {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(topic = OFFSETS_TOPIC, partition = 0, offset = BatchHeader::parse(b).map(|h| h.base_offset).unwrap_or(offset), error = %e, "skipping an undecodable group batch");
+                    continue;
+                }
+            };
             for r in records {
-                let r = r.map_err(|e| TopicError::Log(LogError::InvalidBatch(e)))?;
-                next = r.offset + 1;
+                let r = match r {
+                    Ok(r) => r,
+                    Err(e) => {
+                        warn!(topic = OFFSETS_TOPIC, partition = 0, error = %e, "skipping the rest of an undecodable group batch");
+                        break;
+                    }
+                };
                 if r.offset < offset {
                     continue;
                 }
@@ -416,7 +478,7 @@ fn replay(
                         applied += 1;
                     }
                     Err(e) => {
-                        warn!(offset = r.offset, error = %e, "skipping an unreadable group record")
+                        warn!(topic = OFFSETS_TOPIC, partition = 0, offset = r.offset, error = %e, "skipping an unreadable group record")
                     }
                 }
             }

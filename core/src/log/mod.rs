@@ -16,7 +16,7 @@ pub mod producers;
 pub mod retention;
 
 pub use flush::Flusher;
-pub use partition::{AppendResult, PartitionLog, PartitionSnapshot, ReadResult};
+pub use partition::{AppendResult, PartitionLog, PartitionSnapshot, ReadResult, RepairReport};
 
 use quiver_protocol::{ErrorCode, ProtocolError};
 
@@ -56,6 +56,19 @@ pub enum LogError {
     /// The partition was deleted while in use.
     #[error("partition was deleted")]
     Deleted,
+    /// A storage task on a blocking thread failed to complete.
+    #[error("storage task failed: {0}")]
+    Worker(String),
+    /// The partition's storage is damaged; it serves nothing until repaired.
+    #[error("partition {topic}/{partition} is offline: {reason}")]
+    Offline {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// What is damaged and how to repair it.
+        reason: String,
+    },
 }
 
 impl LogError {
@@ -69,6 +82,8 @@ impl LogError {
             LogError::Sequence(_) => ErrorCode::OutOfOrderSequence,
             LogError::Timeout(_) => ErrorCode::RequestTimedOut,
             LogError::Deleted => ErrorCode::UnknownTopicOrPartition,
+            LogError::Offline { .. } => ErrorCode::StorageError,
+            LogError::Worker(_) => ErrorCode::Internal,
         }
     }
 }

@@ -7,7 +7,7 @@
 //! published on a `watch` channel so long-polls and subscriptions wake when it moves.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -111,6 +111,51 @@ pub struct PartitionLog {
     hw: watch::Sender<i64>,
     sequence_moved: Notify,
     deleted: AtomicBool,
+    /// Why the partition is offline (damaged storage), if it is.
+    offline: Mutex<Option<String>>,
+}
+
+/// Runs storage work on tokio's blocking threads, never on the async runtime.
+pub(crate) async fn blocking<T, F>(f: F) -> Result<T, LogError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(f))
+        .await
+        .map_err(|e| LogError::Worker(e.to_string()))
+}
+
+/// What is wrong with a stored batch, if anything: its CRC, its length, or a base offset
+/// that differs from the key it is stored under.
+fn stored_batch_problem(key: &[u8], value: &[u8]) -> Option<String> {
+    match batch::check_crc(value) {
+        Err(e) => Some(e.to_string()),
+        Ok(h) if h.base_offset != key_offset(key) => Some(format!(
+            "stored under offset {} but its header says {}",
+            key_offset(key),
+            h.base_offset
+        )),
+        Ok(_) => None,
+    }
+}
+
+/// What `quiver broker repair` did to one partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RepairReport {
+    /// Offset of the first damaged batch, or `None` when nothing was damaged.
+    pub first_damaged_offset: Option<i64>,
+    /// Batches removed (the damaged one and every one after it).
+    pub dropped_batches: u64,
+    /// Records in the removed batches whose headers could still be read.
+    pub dropped_records: u64,
+    /// Bytes removed.
+    pub dropped_bytes: u64,
+    /// The log end before the repair.
+    pub log_end_before: i64,
+    /// The log end after it (the next offset to be assigned).
+    pub log_end_after: i64,
 }
 
 fn ts_key(ts: i64) -> [u8; 8] {
@@ -149,28 +194,41 @@ impl PartitionLog {
                 ..Default::default()
             },
         };
-        // Drop a torn or damaged tail: the newest batches are the ones a crash can hurt.
-        let mut checked = 0;
+        // A damaged newest batch is a torn write: drop it. Damage anywhere else is not
+        // something a crash explains; the partition goes offline (the broker still starts
+        // and serves every other partition) until `quiver broker repair` truncates it.
         while let Some((k, v)) = batches.last()? {
-            match batch::check_crc(&v) {
-                Ok(_) => checked += 1,
-                Err(e) => {
-                    tracing::warn!(topic, partition, offset = key_offset(&k), error = %e, "dropping damaged batch at the log tail");
+            match stored_batch_problem(&k, &v) {
+                None => break,
+                Some(reason) => {
+                    tracing::warn!(topic, partition, offset = key_offset(&k), %reason, "dropping damaged batch at the log tail");
                     batches.remove(k)?;
-                    continue;
                 }
-            }
-            if checked >= 1 {
-                break;
             }
         }
         let mut size_bytes = 0u64;
         let mut running_max_ts = i64::MIN;
+        let mut offline = None;
         for item in batches.iter() {
-            let (_, v) = item?;
+            let (k, v) = item?;
             size_bytes += v.len() as u64;
-            if let Ok(h) = BatchHeader::parse(&v) {
-                running_max_ts = running_max_ts.max(h.max_timestamp);
+            if offline.is_some() {
+                continue;
+            }
+            match stored_batch_problem(&k, &v) {
+                None => {
+                    if let Ok(h) = BatchHeader::parse(&v) {
+                        running_max_ts = running_max_ts.max(h.max_timestamp);
+                    }
+                }
+                Some(reason) => {
+                    let reason = format!(
+                        "the stored batch at offset {} is damaged ({reason}); the partition is offline until `quiver broker repair --topic {topic} --partition {partition}` truncates it to its last good batch",
+                        key_offset(&k)
+                    );
+                    tracing::error!(topic, partition, %reason, "partition offline");
+                    offline = Some(reason);
+                }
             }
         }
         let log_end = match batches.last()? {
@@ -187,10 +245,8 @@ impl PartitionLog {
             .take(RECOVERY_TAIL)
             .collect::<Result<_, _>>()?;
         for (_, v) in tail.iter().rev() {
-            let h = batch::check_crc(v).map_err(|e| LogError::Corrupt {
-                offset: BatchHeader::parse(v).map(|h| h.base_offset).unwrap_or(-1),
-                reason: e.to_string(),
-            })?;
+            // Damaged batches were reported above; they carry no producer state to trust.
+            let Ok(h) = batch::check_crc(v) else { continue };
             producers.record(
                 h.producer_id,
                 AppendedBatch {
@@ -227,6 +283,7 @@ impl PartitionLog {
             hw: watch::Sender::new(log_end),
             sequence_moved: Notify::new(),
             deleted: AtomicBool::new(false),
+            offline: Mutex::new(offline),
         })
     }
 
@@ -254,16 +311,48 @@ impl PartitionLog {
 
     fn check_alive(&self) -> Result<(), LogError> {
         if self.deleted.load(Ordering::Acquire) {
-            Err(LogError::Deleted)
-        } else {
-            Ok(())
+            return Err(LogError::Deleted);
+        }
+        if let Some(reason) = self.offline_reason() {
+            return Err(LogError::Offline {
+                topic: self.topic.clone(),
+                partition: self.partition,
+                reason,
+            });
+        }
+        Ok(())
+    }
+
+    /// Why the partition is offline, when its storage is damaged.
+    pub fn offline_reason(&self) -> Option<String> {
+        self.offline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Takes a partition with damaged batches back online without repairing it (internal
+    /// topics, whose replay skips damaged batches). Reads of a damaged batch still fail.
+    pub fn accept_damage(&self) {
+        *self.offline.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    fn take_offline(&self, offset: i64, reason: &str) {
+        let mut o = self.offline.lock().unwrap_or_else(|p| p.into_inner());
+        if o.is_none() {
+            let msg = format!(
+                "the stored batch at offset {offset} is damaged ({reason}); the partition is offline until `quiver broker repair --topic {} --partition {}` truncates it to its last good batch",
+                self.topic, self.partition
+            );
+            tracing::error!(topic = %self.topic, partition = self.partition, reason = %msg, "partition offline");
+            *o = Some(msg);
         }
     }
 
     /// Validates and appends `batches` (a produce payload) in producer-sequence order, and
     /// returns once they are durable as the topic's flush policy requires.
     pub async fn append(
-        &self,
+        self: &Arc<Self>,
         batches: Vec<Bytes>,
         config: &TopicConfig,
         flusher: &Flusher,
@@ -285,7 +374,9 @@ impl PartitionLog {
                 tokio::pin!(moved);
                 moved.as_mut().enable();
                 let force_new = tokio::time::Instant::now() >= unknown_deadline;
-                let wait_until = match self.try_append(raw, h, force_new)? {
+                let (this, raw2, h2) = (self.clone(), raw.clone(), *h);
+                let tried = blocking(move || this.try_append(&raw2, &h2, force_new)).await?;
+                let wait_until = match tried? {
                     Ok(done) => break done,
                     Err(SequenceCheck::WaitUnknown) => unknown_deadline,
                     Err(_) => sequence_deadline,
@@ -456,13 +547,13 @@ impl PartitionLog {
                 if !out.is_empty() && out.len() + v.len() > max_bytes {
                     break;
                 }
-                batch::check_crc(&v).map_err(|e| {
-                    tracing::error!(topic = %self.topic, partition = self.partition, offset = base, error = %e, "stored batch failed its CRC check");
-                    LogError::Corrupt {
+                if let Some(reason) = stored_batch_problem(&k, &v) {
+                    self.take_offline(base, &reason);
+                    return Err(LogError::Corrupt {
                         offset: base,
-                        reason: e.to_string(),
-                    }
-                })?;
+                        reason,
+                    });
+                }
                 if out.is_empty() {
                     out.reserve(max_bytes.min(v.len().max(64 * 1024) * 4).max(v.len()));
                 }
@@ -475,6 +566,27 @@ impl PartitionLog {
             batches: count,
             snapshot,
         })
+    }
+
+    /// [`read`](Self::read) on a blocking thread (sled reads and CRC checks of large
+    /// reads never run on the async runtime).
+    pub async fn read_async(
+        self: &Arc<Self>,
+        offset: i64,
+        max_bytes: usize,
+    ) -> Result<ReadResult, LogError> {
+        let this = self.clone();
+        blocking(move || this.read(offset, max_bytes)).await?
+    }
+
+    /// [`lookup`](Self::lookup) on a blocking thread.
+    pub async fn lookup_async(
+        self: &Arc<Self>,
+        spec: OffsetSpec,
+        max_decompressed: usize,
+    ) -> Result<(i64, i64), LogError> {
+        let this = self.clone();
+        blocking(move || this.lookup(spec, max_decompressed)).await?
     }
 
     /// Waits until the high watermark passes `offset` or `deadline`; true if it did.
@@ -525,7 +637,9 @@ impl PartitionLog {
 
     /// Deletes batches from the front as the topic's retention says; returns bytes freed.
     pub fn apply_retention(&self, config: &TopicConfig, now_ms: i64) -> Result<u64, LogError> {
-        self.check_alive()?;
+        if self.deleted.load(Ordering::Acquire) || self.offline_reason().is_some() {
+            return Ok(0);
+        }
         if config.retention_ms < 0 && config.retention_bytes < 0 {
             return Ok(0);
         }
@@ -573,6 +687,116 @@ impl PartitionLog {
         Ok(freed)
     }
 
+    /// Recovery reads of internal topics: the whole batches from `offset` below the high
+    /// watermark, up to `max_bytes`, skipping (and logging) damaged ones; works while the
+    /// partition is offline. Returns the batches and the offset after the last batch seen.
+    pub fn read_recovering(
+        &self,
+        offset: i64,
+        max_bytes: usize,
+    ) -> Result<(Vec<Bytes>, i64), LogError> {
+        let snap = self.snapshot();
+        let start = match self.batches.range(..=offset_key(offset)).next_back() {
+            Some(item) => key_offset(&item?.0),
+            None => offset,
+        };
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let mut next = offset;
+        for item in self.batches.range(offset_key(start)..) {
+            let (k, v) = item?;
+            let base = key_offset(&k);
+            if base >= snap.high_watermark || (bytes > 0 && bytes + v.len() > max_bytes) {
+                break;
+            }
+            match stored_batch_problem(&k, &v) {
+                Some(reason) => {
+                    tracing::error!(topic = %self.topic, partition = self.partition, offset = base, %reason, "skipping a damaged batch");
+                    next = next.max(base + 1);
+                }
+                None => {
+                    let h = BatchHeader::parse(&v)?;
+                    if h.next_offset() <= offset {
+                        continue;
+                    }
+                    next = next.max(h.next_offset());
+                    bytes += v.len();
+                    out.push(Bytes::copy_from_slice(&v));
+                }
+            }
+        }
+        Ok((out, next))
+    }
+
+    /// Truncates a partition (of a stopped broker) at its first damaged batch: that batch
+    /// and every one after it are removed, and what was dropped is reported.
+    pub fn repair(
+        db: &sled::Db,
+        meta: &sled::Tree,
+        topic_id: u64,
+        partition: u32,
+    ) -> Result<RepairReport, LogError> {
+        let (bname, tname) = Self::tree_names(topic_id, partition);
+        let batches = db.open_tree(bname)?;
+        let time_index = db.open_tree(tname)?;
+        let log_end_before = match batches.last()? {
+            Some((k, v)) => BatchHeader::parse(&v)
+                .map(|h| h.next_offset())
+                .unwrap_or(key_offset(&k) + 1),
+            None => 0,
+        };
+        let mut first_damaged = None;
+        for item in batches.iter() {
+            let (k, v) = item?;
+            if stored_batch_problem(&k, &v).is_some() {
+                first_damaged = Some(key_offset(&k));
+                break;
+            }
+        }
+        let mut report = RepairReport {
+            first_damaged_offset: first_damaged,
+            dropped_batches: 0,
+            dropped_records: 0,
+            dropped_bytes: 0,
+            log_end_before,
+            log_end_after: log_end_before,
+        };
+        let Some(from) = first_damaged else {
+            return Ok(report);
+        };
+        let doomed: Vec<_> = batches
+            .range(offset_key(from)..)
+            .collect::<Result<_, _>>()?;
+        for (k, v) in doomed {
+            report.dropped_batches += 1;
+            report.dropped_bytes += v.len() as u64;
+            if let Ok(h) = BatchHeader::parse(&v) {
+                report.dropped_records += h.record_count.max(0) as u64;
+            }
+            batches.remove(k)?;
+        }
+        let stale: Vec<_> = time_index
+            .iter()
+            .filter_map(|item| item.ok())
+            .filter(|(_, v)| key_offset(v) >= from)
+            .map(|(k, _)| k)
+            .collect();
+        for k in stale {
+            time_index.remove(k)?;
+        }
+        report.log_end_after = from;
+        let meta_key = format!("{topic_id}/{partition}").into_bytes();
+        if let Some(v) = meta.get(&meta_key)? {
+            if let Ok(mut pm) = serde_json::from_slice::<PartitionMeta>(&v) {
+                pm.hw_checkpoint = pm.hw_checkpoint.min(from);
+                pm.log_start = pm.log_start.min(from);
+                meta.insert(&meta_key, serde_json::to_vec(&pm).unwrap_or_default())?;
+            }
+        }
+        db.flush()?;
+        Ok(report)
+    }
+
     /// Writes the metadata record (log start, high-watermark checkpoint, epochs).
     pub fn persist_meta(&self) -> Result<(), LogError> {
         let pm = {
@@ -605,7 +829,6 @@ impl PartitionLog {
 mod tests {
     use super::*;
     use quiver_protocol::batch::{BatchBuilder, Compression};
-    use std::sync::Arc;
 
     fn batch(n: usize, ts: i64, producer: i64, seq: i32) -> Bytes {
         let mut b = BatchBuilder::new(Compression::None);
@@ -634,7 +857,7 @@ mod tests {
     async fn append_read_and_recover() {
         let (dir, db, f, _stop) = setup().await;
         let meta = db.open_tree("meta").unwrap();
-        let p = PartitionLog::open(&db, meta.clone(), 1, "t", 0).unwrap();
+        let p = Arc::new(PartitionLog::open(&db, meta.clone(), 1, "t", 0).unwrap());
         let cfg = TopicConfig::default();
         let r1 = p
             .append(
@@ -728,7 +951,8 @@ mod tests {
     #[tokio::test]
     async fn retention_by_size_moves_log_start() {
         let (_dir, db, f, _stop) = setup().await;
-        let p = PartitionLog::open(&db, db.open_tree("meta").unwrap(), 1, "t", 0).unwrap();
+        let p =
+            Arc::new(PartitionLog::open(&db, db.open_tree("meta").unwrap(), 1, "t", 0).unwrap());
         let cfg = TopicConfig::default();
         for _ in 0..5 {
             p.append(vec![batch(10, 0, -1, -1)], &cfg, &f, Duration::from_secs(5))

@@ -4,24 +4,31 @@
 //! building it once before it is stored; the same bytes redeployed are a no-op; different
 //! bytes under an existing `name@version` are refused; a plugin in use (a topic's
 //! partitioner, a live processor instance) cannot be removed. Plugin code runs only on
-//! blocking threads, never on the async runtime, and a failing call fails only the request
-//! that made it.
+//! the plugin pool ([`pool`]), never on the async runtime or the storage threads, and a
+//! failing or stuck call fails only the request that made it.
 
+pub mod pool;
 pub mod store;
 pub mod transform;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use quiver_plugins::{Bundle, HostLimits, Kind, PluginConfig, Processor, Runtime};
+use quiver_protocol::batch::split_batches;
 use quiver_protocol::requests::{PluginInfo, ProcessorSpec};
 use quiver_protocol::ErrorCode;
 
 use crate::config::PluginsConfig;
 use crate::topic::TopicRegistry;
+use pool::{PluginPool, PoolError};
 use store::{PluginStore, StoredPlugin};
+
+/// Plugin calls that may wait for a pool thread at once.
+const PLUGIN_QUEUE: usize = 256;
 
 /// A storage failure of the plugin store.
 #[derive(Debug, thiserror::Error)]
@@ -91,10 +98,34 @@ struct PoolKey {
     config: BTreeMap<String, String>,
 }
 
+/// Longest time building a plugin instance may take on the plugin pool.
+const BUILD_DEADLINE: Duration = Duration::from_secs(30);
+
 /// One live processor instance.
 struct Slot {
     processor: Mutex<Box<dyn Processor>>,
     last_used: Mutex<Instant>,
+    /// Set when the instance is quarantined: calls queued behind a stuck one give up.
+    dead: AtomicBool,
+}
+
+impl Slot {
+    /// Locks the instance for a call, unless it is quarantined while waiting (a call
+    /// stuck in it would otherwise hold every later call of this instance).
+    fn lock_live(&self) -> Option<std::sync::MutexGuard<'_, Box<dyn Processor>>> {
+        loop {
+            if self.dead.load(Ordering::SeqCst) {
+                return None;
+            }
+            match self.processor.try_lock() {
+                Ok(g) => return Some(g),
+                Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+            }
+        }
+    }
 }
 
 /// What a deploy did.
@@ -115,6 +146,9 @@ pub struct PluginService {
     idle: Duration,
     bundles: Mutex<HashMap<String, Arc<Bundle>>>,
     pool: Mutex<HashMap<PoolKey, Arc<Slot>>>,
+    quarantined: Mutex<HashMap<PoolKey, (Instant, String)>>,
+    quarantine: Duration,
+    workers: Arc<PluginPool>,
     admin: Mutex<()>,
 }
 
@@ -171,6 +205,13 @@ impl PluginService {
             idle: Duration::from_millis(config.processor_idle_ms),
             bundles: Mutex::new(HashMap::new()),
             pool: Mutex::new(HashMap::new()),
+            quarantined: Mutex::new(HashMap::new()),
+            quarantine: Duration::from_millis(config.quarantine_ms),
+            workers: PluginPool::new(
+                config.effective_threads(),
+                PLUGIN_QUEUE,
+                Duration::from_millis(config.cpu_ms.saturating_mul(20).max(1_000)),
+            ),
             admin: Mutex::new(()),
         })
     }
@@ -397,9 +438,84 @@ impl PluginService {
         }
     }
 
+    /// Refuses a quarantined instance key until its cool-down has passed.
+    fn check_quarantine(&self, key: &PoolKey) -> Result<()> {
+        let mut q = lock(&self.quarantined);
+        if let Some((until, reason)) = q.get(key) {
+            if Instant::now() < *until {
+                return Err(PluginServiceError::Failed(format!(
+                    "{} on {}/{} is quarantined for {} ms more after: {reason}",
+                    key.plugin,
+                    key.topic,
+                    key.partition,
+                    until.saturating_duration_since(Instant::now()).as_millis()
+                )));
+            }
+            q.remove(key);
+        }
+        Ok(())
+    }
+
+    /// Drops the instance behind `key` (so a stuck or broken one is never called again)
+    /// and refuses new calls for it during the quarantine period.
+    fn quarantine(&self, key: &PoolKey, slot: Option<&Arc<Slot>>, reason: &str) {
+        tracing::warn!(plugin = %key.plugin, topic = %key.topic, partition = key.partition, %reason, quarantine_ms = self.quarantine.as_millis() as u64, "processor instance quarantined");
+        if let Some(slot) = slot {
+            slot.dead.store(true, Ordering::SeqCst);
+        }
+        let mut pool = lock(&self.pool);
+        if slot.is_none_or(|slot| pool.get(key).is_some_and(|s| Arc::ptr_eq(s, slot))) {
+            pool.remove(key);
+        }
+        drop(pool);
+        lock(&self.quarantined).insert(
+            key.clone(),
+            (Instant::now() + self.quarantine, reason.to_string()),
+        );
+    }
+
+    /// The live instance for `key`, building one on the plugin pool when there is none.
+    async fn slot(
+        &self,
+        key: &PoolKey,
+        r: &StoredPlugin,
+        spec: &ProcessorSpec,
+    ) -> Result<Arc<Slot>> {
+        if let Some(s) = lock(&self.pool).get(key).cloned() {
+            return Ok(s);
+        }
+        let bundle = self.bundle(r)?;
+        let overrides: Vec<String> = spec
+            .config
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let limits = self.limits.clone();
+        let built = self
+            .workers
+            .run(BUILD_DEADLINE, move || {
+                PluginConfig::new(bundle)
+                    .overrides(overrides)
+                    .and_then(|c| c.limits(limits).build_processor())
+            })
+            .await
+            .map_err(|e| {
+                PluginServiceError::Failed(format!("{}: building an instance: {e}", key.plugin))
+            })?
+            .map_err(|e| PluginServiceError::Failed(e.to_string()))?;
+        let slot = Arc::new(Slot {
+            processor: Mutex::new(built),
+            last_used: Mutex::new(Instant::now()),
+            dead: AtomicBool::new(false),
+        });
+        Ok(lock(&self.pool).entry(key.clone()).or_insert(slot).clone())
+    }
+
     /// Runs the processor `spec` over a fetched payload of `topic`/`partition` (records
-    /// before `from` left out). Blocking: call from `spawn_blocking`.
-    pub fn process(
+    /// before `from` left out): one plugin call per stored batch, each on the plugin pool
+    /// with a deadline of twice the CPU limit plus 100 ms. A call past it is abandoned and
+    /// its instance quarantined; the request gets `PluginFailed` at once.
+    pub async fn process(
         &self,
         topic: &str,
         partition: u32,
@@ -422,82 +538,65 @@ impl PluginService {
             plugin: id.clone(),
             config: spec.config.clone(),
         };
-        let existing = lock(&self.pool).get(&key).cloned();
-        let slot = match existing {
-            Some(s) => s,
-            None => {
-                let bundle = self.bundle(&r)?;
-                let processor = PluginConfig::new(bundle)
-                    .overrides(spec.config.iter().map(|(k, v)| format!("{k}={v}")))
-                    .and_then(|c| c.limits(self.limits.clone()).build_processor())
-                    .map_err(|e| PluginServiceError::Failed(e.to_string()))?;
-                let slot = Arc::new(Slot {
-                    processor: Mutex::new(processor),
-                    last_used: Mutex::new(Instant::now()),
-                });
-                lock(&self.pool).entry(key.clone()).or_insert(slot).clone()
-            }
-        };
+        self.check_quarantine(&key)?;
+        let slot = self.slot(&key, &r, spec).await?;
         *lock(&slot.last_used) = Instant::now();
-        let result = {
-            let mut p = lock(&slot.processor);
-            transform::process_payload(&mut **p, payload, from, partition, max_decompressed)
-        };
-        match result {
-            Ok(out) => Ok(out),
-            Err(transform::TransformError::Plugin(e)) => {
-                tracing::warn!(plugin = %id, topic, partition, error = %e, "consume-time processor failed");
-                if e.is_quarantined() {
-                    // The next consumer gets a fresh instance, not a dead one.
-                    let mut pool = lock(&self.pool);
-                    if pool.get(&key).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
-                        pool.remove(&key);
+        let batches = split_batches(payload, usize::MAX).map_err(|e| {
+            PluginServiceError::Failed(format!("{id}: stored batches could not be split: {e}"))
+        })?;
+        let deadline = Duration::from_millis(self.limits.cpu_ms.saturating_mul(2) + 100);
+        let mut out = BytesMut::with_capacity(payload.len());
+        for batch in batches {
+            let s = slot.clone();
+            let call = self
+                .workers
+                .run(deadline, move || {
+                    let Some(mut p) = s.lock_live() else {
+                        return Err(transform::TransformError::Abandoned);
+                    };
+                    transform::process_batch(&mut **p, &batch, from, partition, max_decompressed)
+                })
+                .await;
+            match call {
+                Ok(Ok(Some(b))) => out.extend_from_slice(&b),
+                Ok(Ok(None)) => {}
+                Ok(Err(transform::TransformError::Plugin(e))) => {
+                    tracing::warn!(plugin = %id, topic, partition, error = %e, "consume-time processor failed");
+                    if e.is_quarantined() {
+                        self.quarantine(&key, Some(&slot), &e.to_string());
                     }
+                    return Err(PluginServiceError::Failed(e.to_string()));
                 }
-                Err(PluginServiceError::Failed(e.to_string()))
+                Ok(Err(transform::TransformError::Abandoned)) => {
+                    return Err(PluginServiceError::Failed(format!(
+                        "{id} on {topic}/{partition} was quarantined while this call waited for it"
+                    )))
+                }
+                Ok(Err(transform::TransformError::Protocol(e))) => {
+                    return Err(PluginServiceError::Failed(format!(
+                        "{id}: stored batch could not be decoded: {e}"
+                    )))
+                }
+                Err(PoolError::TimedOut(ms)) => {
+                    let reason = format!(
+                        "{id} did not return within {ms} ms (its CPU limit is {} ms); the call was abandoned",
+                        self.limits.cpu_ms
+                    );
+                    self.quarantine(&key, Some(&slot), &reason);
+                    return Err(PluginServiceError::Failed(format!(
+                        "{reason} and the instance is quarantined"
+                    )));
+                }
+                Err(e) => return Err(PluginServiceError::Failed(format!("{id}: {e}"))),
             }
-            Err(transform::TransformError::Protocol(e)) => Err(PluginServiceError::Failed(
-                format!("{id}: stored batch could not be decoded: {e}"),
-            )),
         }
+        Ok(out.freeze())
     }
 }
 
 /// Orders versions by semver; unparsable ones (never stored: the host validates) sort first.
 fn version_key(v: &str) -> Option<semver::Version> {
     semver::Version::parse(v).ok()
-}
-
-impl From<PluginServiceError> for crate::server::requests::RequestError {
-    fn from(e: PluginServiceError) -> Self {
-        crate::server::requests::RequestError::new(e.code(), e.to_string())
-    }
-}
-
-/// Runs [`PluginService::process`] on a blocking thread (plugin code never runs on the
-/// async runtime) and maps a failure to the request's error.
-pub async fn process_blocking(
-    plugins: Arc<PluginService>,
-    topic: String,
-    partition: u32,
-    spec: ProcessorSpec,
-    from: i64,
-    payload: Bytes,
-    max_decompressed: usize,
-) -> Result<Bytes, crate::server::requests::RequestError> {
-    let span = tracing::debug_span!("processor", topic = %topic, partition, plugin = %spec.name);
-    tokio::task::spawn_blocking(move || {
-        let _enter = span.enter();
-        plugins.process(&topic, partition, &spec, from, &payload, max_decompressed)
-    })
-    .await
-    .map_err(|e| {
-        crate::server::requests::RequestError::new(
-            ErrorCode::PluginFailed,
-            format!("processor task failed: {e}"),
-        )
-    })?
-    .map_err(Into::into)
 }
 
 #[cfg(test)]
@@ -556,8 +655,8 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn a_pooled_processor_keeps_state_per_partition_and_blocks_removal() {
+    #[tokio::test]
+    async fn a_pooled_processor_keeps_state_per_partition_and_blocks_removal() {
         let (_d, s) = service();
         s.deploy(&bundle("count", "1.0.0", "processor", COUNT))
             .unwrap();
@@ -575,15 +674,27 @@ mod tests {
                 .collect()
         };
         assert_eq!(
-            values(s.process("t", 0, &spec, 0, &payload, 1 << 20).unwrap()),
+            values(
+                s.process("t", 0, &spec, 0, &payload, 1 << 20)
+                    .await
+                    .unwrap()
+            ),
             ["1", "2"]
         );
         assert_eq!(
-            values(s.process("t", 0, &spec, 8, &payload, 1 << 20).unwrap()),
+            values(
+                s.process("t", 0, &spec, 8, &payload, 1 << 20)
+                    .await
+                    .unwrap()
+            ),
             ["3"]
         );
         assert_eq!(
-            values(s.process("t", 1, &spec, 0, &payload, 1 << 20).unwrap()),
+            values(
+                s.process("t", 1, &spec, 0, &payload, 1 << 20)
+                    .await
+                    .unwrap()
+            ),
             ["1", "2"]
         );
         assert!(matches!(

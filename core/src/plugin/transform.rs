@@ -19,6 +19,9 @@ pub enum TransformError {
     /// The plugin call failed.
     #[error(transparent)]
     Plugin(#[from] PluginError),
+    /// The instance was quarantined while the call waited for it.
+    #[error("the processor instance was quarantined")]
+    Abandoned,
 }
 
 /// Runs `processor` over every batch of `payload` (records before `from` are left out)
@@ -32,48 +35,63 @@ pub fn process_payload(
 ) -> Result<Bytes, TransformError> {
     let mut out = BytesMut::with_capacity(payload.len());
     for batch in split_batches(payload, usize::MAX)? {
-        let iter = RecordIter::new(&batch, max_decompressed)?;
-        let h = *iter.header();
-        if h.next_offset() <= from {
-            continue;
+        if let Some(b) = process_batch(processor, &batch, from, partition, max_decompressed)? {
+            out.extend_from_slice(&b);
         }
-        let mut input = Vec::with_capacity(h.record_count.max(0) as usize);
-        for r in iter {
-            let r = r?;
-            if r.offset < from {
-                continue;
-            }
-            input.push(Record {
-                key: r.key,
-                value: r.value,
-                headers: r.headers.into_iter().map(|h| (h.key, h.value)).collect(),
-                timestamp: r.timestamp,
-                offset: r.offset,
-                partition: partition as i32,
-            });
-        }
-        let output = if input.is_empty() {
-            Vec::new()
-        } else {
-            processor.process_batch(input)?
-        };
-        let bytes: usize = output.iter().map(Record::encoded_len).sum();
-        let mut b = BatchBuilder::with_capacity(h.compression()?, bytes + 16 * output.len());
-        let last = h.last_offset();
-        for r in &output {
-            // A plugin may return offsets it made up (e.g. from `process_batch` without a
-            // source record): keep every record inside the source batch's range.
-            let delta = (r.offset.clamp(h.base_offset.max(from), last) - h.base_offset) as i32;
-            let headers: Vec<(&str, &[u8])> = r
-                .headers
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_ref()))
-                .collect();
-            b.push_at(delta, r.key.as_deref(), &r.value, r.timestamp, &headers);
-        }
-        out.extend_from_slice(&b.build_covering(h.base_offset, h.last_offset_delta));
     }
     Ok(out.freeze())
+}
+
+/// Runs `processor` over one stored batch (records before `from` left out) in one call and
+/// returns the re-encoded batch, or `None` when the whole batch lies before `from`.
+pub fn process_batch(
+    processor: &mut dyn Processor,
+    batch: &Bytes,
+    from: i64,
+    partition: u32,
+    max_decompressed: usize,
+) -> Result<Option<Bytes>, TransformError> {
+    let iter = RecordIter::new(batch, max_decompressed)?;
+    let h = *iter.header();
+    if h.next_offset() <= from {
+        return Ok(None);
+    }
+    // The header's count is only a claim: never reserve more than the bytes can hold.
+    let mut input = Vec::with_capacity((h.record_count.max(0) as usize).min(batch.len() / 8));
+    for r in iter {
+        let r = r?;
+        if r.offset < from {
+            continue;
+        }
+        input.push(Record {
+            key: r.key,
+            value: r.value,
+            headers: r.headers.into_iter().map(|h| (h.key, h.value)).collect(),
+            timestamp: r.timestamp,
+            offset: r.offset,
+            partition: partition as i32,
+        });
+    }
+    let output = if input.is_empty() {
+        Vec::new()
+    } else {
+        processor.process_batch(input)?
+    };
+    let bytes: usize = output.iter().map(Record::encoded_len).sum();
+    let mut b = BatchBuilder::with_capacity(h.compression()?, bytes + 16 * output.len());
+    let last = h.last_offset();
+    for r in &output {
+        // A plugin may return offsets it made up (e.g. from `process_batch` without a
+        // source record): keep every record inside the source batch's range.
+        let delta = (r.offset.clamp(h.base_offset.max(from), last) - h.base_offset) as i32;
+        let headers: Vec<(&str, &[u8])> = r
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_ref()))
+            .collect();
+        b.push_at(delta, r.key.as_deref(), &r.value, r.timestamp, &headers);
+    }
+    Ok(Some(b.build_covering(h.base_offset, h.last_offset_delta)))
 }
 
 #[cfg(test)]

@@ -25,10 +25,19 @@ const STOP_BAD_FRAME: u32 = 1;
 pub async fn serve_connection(conn: quinn::Connection, ctx: Arc<ServerContext>) {
     ctx.metrics.connections.fetch_add(1, Ordering::Relaxed);
     tracing::debug!("client connected");
+    // During shutdown the connection keeps accepting streams (each answered at once with
+    // `BrokerShuttingDown`) until every in-flight request has its answer; only then does it
+    // close, so no request the broker received is left to time out.
+    let drained = async {
+        ctx.stopped().await;
+        ctx.drain(Duration::from_millis(ctx.config.shutdown_timeout_ms))
+            .await
+    };
+    tokio::pin!(drained);
     loop {
         let stream = tokio::select! {
             s = conn.accept_bi() => s,
-            _ = ctx.stopped() => break,
+            _ = &mut drained => break,
         };
         match stream {
             Ok((send, recv)) => {
@@ -46,9 +55,6 @@ pub async fn serve_connection(conn: quinn::Connection, ctx: Arc<ServerContext>) 
         }
     }
     if ctx.is_stopping() {
-        // Let in-flight requests on this connection finish before closing it.
-        ctx.drain(Duration::from_millis(ctx.config.shutdown_timeout_ms))
-            .await;
         conn.close(VarInt::from_u32(0), b"broker shutting down");
     }
     ctx.metrics.connections.fetch_sub(1, Ordering::Relaxed);

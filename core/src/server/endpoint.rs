@@ -11,8 +11,23 @@ use tracing::Instrument;
 
 use super::connection::serve_connection;
 use super::ServerContext;
-use crate::broker::BrokerError;
 use crate::config::LimitsConfig;
+
+/// The QUIC endpoint could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    /// The TLS config does not suit QUIC.
+    #[error("QUIC TLS config: {0}")]
+    Tls(String),
+    /// The UDP socket could not be bound.
+    #[error("cannot bind UDP {addr}: {source} (is another broker using this address? pick another with --listen)")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
 
 /// Transport settings shared by the broker (and mirrored by clients): large windows so one
 /// stream can fill the path, many concurrent request streams.
@@ -37,16 +52,12 @@ pub fn bind(
     addr: SocketAddr,
     crypto: Arc<rustls::ServerConfig>,
     limits: &LimitsConfig,
-) -> Result<Endpoint, BrokerError> {
+) -> Result<Endpoint, EndpointError> {
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)
-        .map_err(|e| BrokerError::Tls(format!("QUIC TLS config: {e}")))?;
+        .map_err(|e| EndpointError::Tls(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
     server.transport_config(Arc::new(transport_config(limits)));
-    Endpoint::server(server, addr).map_err(|e| {
-        BrokerError::Io(format!(
-            "cannot bind UDP {addr}: {e} (is another broker using this address? pick another with --listen)"
-        ))
-    })
+    Endpoint::server(server, addr).map_err(|source| EndpointError::Bind { addr, source })
 }
 
 /// Accepts connections until shutdown.

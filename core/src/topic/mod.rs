@@ -5,4 +5,7 @@ mod config;
 mod registry;
 
 pub use config::{FlushPolicy, TopicConfig};
-pub use registry::{Topic, TopicError, TopicMeta, TopicRegistry};
+pub use registry::{
+    is_internal, refuse_internal, Topic, TopicError, TopicMeta, TopicRegistry, PARTITION_META_TREE,
+    TOPICS_TREE,
+};

@@ -13,6 +13,10 @@ use crate::log::{LogError, PartitionLog};
 
 /// Most partitions one topic may have.
 pub const MAX_PARTITIONS: u32 = 10_000;
+/// The sled tree of topic records (JSON [`TopicMeta`] by name).
+pub const TOPICS_TREE: &str = "__topics";
+/// The sled tree of per-partition metadata records.
+pub const PARTITION_META_TREE: &str = "__partition_meta";
 
 /// A topic-level failure with its wire code.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +49,30 @@ pub enum TopicError {
     /// Storage failed.
     #[error(transparent)]
     Log(#[from] LogError),
+    /// A client asked to change an internal topic.
+    #[error("{topic:?} is an internal topic (names starting with \"__\" belong to the broker); clients cannot {action} it")]
+    Internal {
+        /// The topic.
+        topic: String,
+        /// What was refused: "produce to", "alter", "delete".
+        action: &'static str,
+    },
+}
+
+/// True for the broker's own topics (`__consumer_offsets`, ...).
+pub fn is_internal(name: &str) -> bool {
+    name.starts_with("__")
+}
+
+/// Refuses a client's `action` on an internal topic.
+pub fn refuse_internal(name: &str, action: &'static str) -> Result<(), TopicError> {
+    if is_internal(name) {
+        return Err(TopicError::Internal {
+            topic: name.to_string(),
+            action,
+        });
+    }
+    Ok(())
 }
 
 impl From<sled::Error> for TopicError {
@@ -65,6 +93,7 @@ impl TopicError {
             TopicError::InvalidConfig(_) => ErrorCode::InvalidConfig,
             TopicError::InvalidPartitions(_) => ErrorCode::InvalidPartitions,
             TopicError::Log(e) => e.code(),
+            TopicError::Internal { .. } => ErrorCode::InvalidTopicName,
         }
     }
 }
@@ -137,8 +166,8 @@ fn now_ms() -> i64 {
 impl TopicRegistry {
     /// Opens the registry and every partition log in `db`.
     pub fn open(db: sled::Db, defaults: TopicConfig) -> Result<TopicRegistry, TopicError> {
-        let topics_tree = db.open_tree("__topics")?;
-        let partition_meta = db.open_tree("__partition_meta")?;
+        let topics_tree = db.open_tree(TOPICS_TREE)?;
+        let partition_meta = db.open_tree(PARTITION_META_TREE)?;
         let mut topics = HashMap::new();
         for item in topics_tree.iter() {
             let (_, v) = item?;
@@ -236,7 +265,7 @@ impl TopicRegistry {
         partitions: u32,
         overrides: &BTreeMap<String, String>,
     ) -> Result<Arc<Topic>, TopicError> {
-        if name.starts_with("__") {
+        if is_internal(name) {
             return Err(TopicError::InvalidName(format!(
                 "topic names starting with \"__\" are reserved for internal topics: {name:?}"
             )));

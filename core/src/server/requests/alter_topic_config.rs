@@ -10,6 +10,7 @@ use crate::server::ServerContext;
 /// Handles an alter-topic-config request.
 pub fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let (req, _) = decode::<AlterTopicConfigRequest>(&body)?;
+    crate::topic::refuse_internal(&req.name, "alter")?;
     if let Some(p) = req.set.get("partitioner").filter(|p| !p.trim().is_empty()) {
         ctx.plugins.check_partitioner(p.trim()).map_err(|e| {
             RequestError::new(

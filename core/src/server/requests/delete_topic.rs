@@ -12,6 +12,7 @@ use crate::server::ServerContext;
 /// Handles a delete-topic request.
 pub fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let (req, _) = decode::<DeleteTopicRequest>(&body)?;
+    crate::topic::refuse_internal(&req.name, "delete")?;
     if !ctx.config.delete_topic_enable {
         return Err(RequestError::new(
             ErrorCode::TopicDeletionDisabled,

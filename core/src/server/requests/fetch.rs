@@ -20,7 +20,7 @@ pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
     let max_bytes = (req.max_bytes as usize).clamp(1, ctx.config.limits.max_frame_bytes as usize);
     let deadline = tokio::time::Instant::now()
         + Duration::from_millis(u64::from(req.max_wait_ms.min(MAX_WAIT_CAP_MS)));
-    let mut read = log.read(req.offset, max_bytes)?;
+    let mut read = log.read_async(req.offset, max_bytes).await?;
     while read.payload.len() < (req.min_bytes as usize).max(1) && !ctx.is_stopping() {
         let waited = tokio::select! {
             moved = log.wait_beyond(read.snapshot.high_watermark.max(req.offset), deadline) => moved,
@@ -29,20 +29,20 @@ pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
         if !waited {
             break;
         }
-        read = log.read(req.offset, max_bytes)?;
+        read = log.read_async(req.offset, max_bytes).await?;
     }
     let payload = match req.processor {
         Some(spec) if !read.payload.is_empty() => {
-            crate::plugin::process_blocking(
-                ctx.plugins.clone(),
-                req.topic.clone(),
-                req.partition,
-                spec,
-                req.offset,
-                read.payload,
-                ctx.config.limits.max_frame_bytes as usize,
-            )
-            .await?
+            ctx.plugins
+                .process(
+                    &req.topic,
+                    req.partition,
+                    &spec,
+                    req.offset,
+                    &read.payload,
+                    ctx.config.limits.max_frame_bytes as usize,
+                )
+                .await?
         }
         Some(spec) => {
             ctx.plugins.touch(&req.topic, req.partition, &spec);

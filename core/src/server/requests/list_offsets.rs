@@ -7,9 +7,11 @@ use super::{decode, Reply, RequestError};
 use crate::server::ServerContext;
 
 /// Handles a list-offsets request.
-pub fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
+pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let (req, _) = decode::<ListOffsetsRequest>(&body)?;
     let (_, log) = ctx.topics.partition(&req.topic, req.partition)?;
-    let (offset, timestamp) = log.lookup(req.spec, ctx.config.limits.max_frame_bytes as usize)?;
+    let (offset, timestamp) = log
+        .lookup_async(req.spec, ctx.config.limits.max_frame_bytes as usize)
+        .await?;
     Ok(Reply::control(&ListOffsetsResponse { offset, timestamp }))
 }

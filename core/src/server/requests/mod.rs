@@ -29,7 +29,9 @@ use bytes::Bytes;
 use quiver_protocol::{encode_control, ErrorCode, Message, ProtocolError};
 use serde::Serialize;
 
+use crate::group::{GroupError, GroupServiceError};
 use crate::log::LogError;
+use crate::plugin::PluginServiceError;
 use crate::topic::TopicError;
 
 /// A successful answer: the encoded control part and the raw payload.
@@ -82,6 +84,24 @@ impl From<ProtocolError> for RequestError {
 
 impl From<LogError> for RequestError {
     fn from(e: LogError) -> Self {
+        RequestError::new(e.code(), e.to_string())
+    }
+}
+
+impl From<GroupServiceError> for RequestError {
+    fn from(e: GroupServiceError) -> Self {
+        RequestError::new(e.code(), e.to_string())
+    }
+}
+
+impl From<GroupError> for RequestError {
+    fn from(e: GroupError) -> Self {
+        RequestError::new(e.code(), e.to_string())
+    }
+}
+
+impl From<PluginServiceError> for RequestError {
+    fn from(e: PluginServiceError) -> Self {
         RequestError::new(e.code(), e.to_string())
     }
 }

@@ -14,6 +14,7 @@ use crate::server::ServerContext;
 /// Handles a produce request.
 pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let (req, payload) = decode::<ProduceRequest>(&body)?;
+    crate::topic::refuse_internal(&req.topic, "produce to")?;
     let span = tracing::debug_span!("produce", topic = %req.topic, partition = req.partition, bytes = payload.len());
     let _e = span.enter();
     let (topic, log) = ctx.topics.partition(&req.topic, req.partition)?;

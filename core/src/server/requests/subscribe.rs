@@ -22,12 +22,12 @@ pub async fn handle(
     let (_, log) = ctx.topics.partition(&req.topic, req.partition)?;
     let max_bytes = (req.max_bytes as usize).clamp(1, ctx.config.limits.max_frame_bytes as usize);
     // Check the start offset before the first frame, so a bad offset is a plain error.
-    log.read(req.offset, 1)?;
+    log.read_async(req.offset, 1).await?;
     let counters = ctx.metrics.topic(&req.topic);
     let mut offset = req.offset;
     let mut hw_rx = log.watch_high_watermark();
     loop {
-        let read = match log.read(offset, max_bytes) {
+        let read = match log.read_async(offset, max_bytes).await {
             Ok(r) => r,
             Err(e) => {
                 // Mid-stream errors (retention passed us, topic deleted) end the push with a frame.
@@ -47,16 +47,18 @@ pub async fn handle(
                 .and_then(|b| quiver_protocol::batch::BatchHeader::parse(&b).ok());
             let payload = match &req.processor {
                 Some(spec) => {
-                    let processed = crate::plugin::process_blocking(
-                        ctx.plugins.clone(),
-                        req.topic.clone(),
-                        req.partition,
-                        spec.clone(),
-                        offset,
-                        read.payload.clone(),
-                        ctx.config.limits.max_frame_bytes as usize,
-                    )
-                    .await;
+                    let processed = ctx
+                        .plugins
+                        .process(
+                            &req.topic,
+                            req.partition,
+                            spec,
+                            offset,
+                            &read.payload,
+                            ctx.config.limits.max_frame_bytes as usize,
+                        )
+                        .await
+                        .map_err(RequestError::from);
                     match processed {
                         Ok(p) => p,
                         Err(e) => {
