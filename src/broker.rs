@@ -1,6 +1,7 @@
 //! `quiver broker start|stop`: runs a broker in this process (foreground) or detached
 //! (`--daemon` re-executes this binary in a new session, logging to `<data_dir>/broker.log`),
-//! and stops one through the pid file `<data_dir>/broker.pid`.
+//! stops one through the pid file `<data_dir>/broker.pid`, and repairs a damaged partition
+//! of a stopped broker's data directory.
 
 use std::ffi::OsString;
 use std::io::{Read, Seek, SeekFrom};
@@ -12,6 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use quiver_core::{Broker, BrokerConfig};
+
+use crate::output::{self, Format};
 
 /// `quiver broker`.
 #[derive(Debug, Args)]
@@ -29,6 +32,25 @@ enum BrokerCommand {
         /// Data directory of the broker [default: the config's, ./quiver-data].
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
+    },
+    /// Truncate a damaged partition at its first damaged batch (the broker must be stopped).
+    ///
+    /// A partition whose stored batches fail their CRC check is reported offline by
+    /// `topic describe` and the broker log; this drops the damaged batch and everything
+    /// after it, reports what was dropped, and the partition serves again at the next start.
+    Repair {
+        /// Data directory of the (stopped) broker.
+        #[arg(long, value_name = "DIR", default_value = "./quiver-data")]
+        data_dir: PathBuf,
+        /// Topic of the damaged partition.
+        #[arg(long)]
+        topic: String,
+        /// The damaged partition.
+        #[arg(long)]
+        partition: u32,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        output: Format,
     },
 }
 
@@ -109,7 +131,55 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     match args.command {
         BrokerCommand::Start(start) => run_foreground(&start).await,
         BrokerCommand::Stop { data_dir } => stop(data_dir).await,
+        BrokerCommand::Repair {
+            data_dir,
+            topic,
+            partition,
+            output,
+        } => repair(&data_dir, &topic, partition, output),
     }
+}
+
+fn repair(data_dir: &Path, topic: &str, partition: u32, format: Format) -> anyhow::Result<()> {
+    if let Some(pid) = read_pid(&pid_path(data_dir))? {
+        if alive(pid) {
+            bail!(
+                "a broker (pid {pid}) is running with data directory {}; stop it first with `quiver broker stop --data-dir {}`",
+                data_dir.display(),
+                data_dir.display()
+            );
+        }
+    }
+    let report = Broker::repair(data_dir, topic, partition).with_context(|| {
+        format!(
+            "cannot repair {topic}/{partition} in {}",
+            data_dir.display()
+        )
+    })?;
+    let mut out = std::io::stdout().lock();
+    match format {
+        Format::Json => output::json(&mut out, &report)?,
+        Format::Table => {
+            use std::io::Write;
+            match report.first_damaged_offset {
+                None => writeln!(
+                    out,
+                    "{topic}/{partition}: no damaged batch found; nothing changed (log end {})",
+                    report.log_end_before
+                )?,
+                Some(at) => writeln!(
+                    out,
+                    "{topic}/{partition}: first damaged batch at offset {at}; dropped {} batches ({} records, {} bytes), offsets {at}..{}; the log now ends at {}",
+                    report.dropped_batches,
+                    report.dropped_records,
+                    report.dropped_bytes,
+                    report.log_end_before,
+                    report.log_end_after
+                )?,
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn run_foreground(args: &StartArgs) -> anyhow::Result<()> {

@@ -2,8 +2,8 @@
 //! as text or JSON lines through a buffered stdout. Without `--follow` it stops at the end
 //! offsets seen at start (or after `--max-messages`); a closed pipe ends it quietly.
 //!
-//! Consumer groups (`--group`) and consume-time processors (`--processor`) will plug in
-//! where the consumer is built ([`build_consumer`]) and where records are printed.
+//! With `--group` the group side in [`crate::group::consume`] reads instead; consume-time
+//! processors (`--processor`) are set where the consumer is built ([`build_consumer`]).
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -30,7 +30,9 @@ enum RecordFormat {
 pub struct ConsumeArgs {
     /// Topic to read.
     topic: String,
-    /// Start at the first stored record (default: the end, like Kafka).
+    /// Start at the first stored record (default: the end, like Kafka). With --group, as
+    /// in Kafka: partitions the group has no committed offset for start at the first stored
+    /// record (auto.offset.reset=earliest for this member); committed offsets still win.
     #[arg(long, conflicts_with = "offset")]
     from_beginning: bool,
     /// Start at this offset (in every partition read).
@@ -55,8 +57,10 @@ pub struct ConsumeArgs {
     #[arg(long, value_enum, default_value_t = Mode::LongPoll)]
     mode: Mode,
     /// Join this consumer group: the group's members share the topic's partitions, and
-    /// the member commits after printing (at-least-once).
-    #[arg(long, value_name = "G", conflicts_with_all = ["from_beginning", "offset", "partition"])]
+    /// the member commits after printing (at-least-once). A partition starts at the group's
+    /// committed offset; without one, at the first record with --from-beginning, else as the
+    /// group's auto-offset-reset says (`quiver group describe`; earliest for a new group).
+    #[arg(long, value_name = "G", conflicts_with_all = ["offset", "partition"])]
     group: Option<String>,
     /// With --group: the broker removes this member when silent this long.
     #[arg(long, value_name = "MS", default_value_t = 10_000, requires = "group")]
@@ -162,6 +166,7 @@ async fn consume(global: &GlobalOpts, args: &ConsumeArgs) -> anyhow::Result<()> 
             max_messages: args.max_messages,
             session_timeout_ms: args.session_timeout_ms,
             processor: args.processor_spec()?,
+            from_beginning: args.from_beginning,
         };
         return crate::group::consume(global, run, |out, r| print_record(out, r, args)).await;
     }

@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use quiver_client::{
-    Admin, ClientError, ConsumedRecord, GroupConfig, GroupConsumer, ResetTo, TopicPartition,
+    Admin, AutoOffsetReset, ClientError, ConsumedRecord, GroupConfig, GroupConsumer, ResetTo,
+    TopicPartition,
 };
 
 use crate::connect::GlobalOpts;
@@ -246,6 +247,9 @@ pub struct GroupRun<'a> {
     pub session_timeout_ms: u64,
     /// Consume-time processor run by the partition leaders.
     pub processor: Option<quiver_client::ProcessorSpec>,
+    /// `--from-beginning`: partitions without a committed offset start at the earliest
+    /// record (this member's choice, not stored with the group).
+    pub from_beginning: bool,
 }
 
 async fn stop_signal() {
@@ -287,6 +291,9 @@ pub async fn consume(
         .session_timeout(Duration::from_millis(run.session_timeout_ms));
     config.client_id = format!("quiver-cli-{}", std::process::id());
     config.fetch.processor = run.processor.clone();
+    if run.from_beginning {
+        config = config.start_without_commit_at(AutoOffsetReset::Earliest);
+    }
     let mut member = GroupConsumer::join(client, config)
         .await
         .with_context(|| format!("cannot join group {:?}", run.group))?;

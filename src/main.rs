@@ -43,11 +43,56 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Deploy, list, describe and remove plugins; test and bench a bundle locally.
     Plugin(plugin::PluginArgs),
-    // Later groups: `Plugin`, `Pipeline`, `Cluster`.
+    /// Print a shell completion script to stdout.
+    ///
+    /// bash: `quiver completions bash > ~/.local/share/bash-completion/completions/quiver`
+    /// (or `source <(quiver completions bash)` in ~/.bashrc);
+    /// zsh: `quiver completions zsh > ~/.zfunc/_quiver` with `fpath+=~/.zfunc` before
+    /// `compinit` in ~/.zshrc;
+    /// fish: `quiver completions fish > ~/.config/fish/completions/quiver.fish`.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
+    // Later groups: `Pipeline`, `Cluster`.
+}
+
+/// Shells `quiver completions` writes scripts for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CompletionShell {
+    /// Bash.
+    Bash,
+    /// Zsh.
+    Zsh,
+    /// Fish.
+    Fish,
+}
+
+/// Writes the completion script for `shell` to `out`.
+fn write_completions(shell: CompletionShell, out: &mut dyn std::io::Write) {
+    use clap::CommandFactory;
+    let shell = match shell {
+        CompletionShell::Bash => clap_complete::Shell::Bash,
+        CompletionShell::Zsh => clap_complete::Shell::Zsh,
+        CompletionShell::Fish => clap_complete::Shell::Fish,
+    };
+    clap_complete::generate(shell, &mut Cli::command(), "quiver", out);
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // No runtime, logging or connection: just the script.
+    if let Command::Completions { shell } = &cli.command {
+        let mut out = std::io::stdout().lock();
+        write_completions(*shell, &mut out);
+        return match std::io::Write::flush(&mut out) {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                finish(Err(anyhow::anyhow!("cannot write the script: {e}")))
+            }
+            _ => ExitCode::SUCCESS,
+        };
+    }
     let default_level = match &cli.command {
         Command::Broker(_) => "info",
         _ => "warn",
@@ -76,6 +121,7 @@ fn main() -> ExitCode {
             Command::Bench(args) => bench::run(&cli.global, args).await,
             Command::Group(args) => group::run(&cli.global, args).await,
             Command::Plugin(args) => plugin::run(&cli.global, args).await,
+            Command::Completions { .. } => Ok(()),
         }
     });
     // Do not wait for lingering background tasks (fetches in flight) on exit.
@@ -90,5 +136,58 @@ fn finish(result: anyhow::Result<()>) -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        // clap's own checks (conflicting names, bad defaults, requires of unknown args).
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn consume_with_a_group_accepts_from_beginning_and_still_refuses_offsets() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["quiver"], args].concat());
+        let cli = parse(&["consume", "t", "--group", "g", "--from-beginning"])
+            .expect("--group with --from-beginning parses");
+        assert!(matches!(cli.command, Command::Consume(_)));
+        for refused in [
+            &["consume", "t", "--group", "g", "--offset", "3"][..],
+            &["consume", "t", "--group", "g", "--partition", "1"][..],
+            &["consume", "t", "--from-beginning", "--offset", "3"][..],
+        ] {
+            assert!(parse(refused).is_err(), "{refused:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn completion_scripts_name_the_subcommands_for_each_shell() {
+        for (shell, marker) in [
+            (CompletionShell::Bash, "complete -F"),
+            (CompletionShell::Zsh, "#compdef quiver"),
+            (CompletionShell::Fish, "complete -c quiver"),
+        ] {
+            let mut out = Vec::new();
+            write_completions(shell, &mut out);
+            let script = String::from_utf8(out).expect("UTF-8 script");
+            assert!(script.contains(marker), "{shell:?} script lacks {marker:?}");
+            for sub in [
+                "consume",
+                "produce",
+                "topic",
+                "completions",
+                "from-beginning",
+            ] {
+                assert!(script.contains(sub), "{shell:?} script lacks {sub:?}");
+            }
+        }
+        let parse = |s: &str| Cli::try_parse_from(["quiver", "completions", s]);
+        assert!(parse("bash").is_ok() && parse("zsh").is_ok() && parse("fish").is_ok());
+        assert!(parse("tcsh").is_err());
     }
 }

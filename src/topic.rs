@@ -168,6 +168,7 @@ pub async fn run(global: &GlobalOpts, args: TopicArgs) -> anyhow::Result<()> {
                                 p.high_watermark.to_string(),
                                 p.log_end_offset.to_string(),
                                 p.size_bytes.to_string(),
+                                p.status.clone(),
                             ]
                         })
                         .collect();
@@ -180,9 +181,15 @@ pub async fn run(global: &GlobalOpts, args: TopicArgs) -> anyhow::Result<()> {
                             "HIGH-WATERMARK",
                             "LOG-END",
                             "SIZE-BYTES",
+                            "STATUS",
                         ],
                         &rows,
                     )?;
+                    for p in &d.partitions {
+                        if let Some(reason) = &p.offline_reason {
+                            writeln!(out, "partition {} is offline: {reason}", p.partition)?;
+                        }
+                    }
                 }
             }
         }

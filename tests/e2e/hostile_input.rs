@@ -12,7 +12,10 @@ use quiver_protocol::{encode_request, ErrorCode, FRAME_HEADER_LEN};
 
 use super::harness::TestBroker;
 
-fn connect(b: &TestBroker, rt: &tokio::runtime::Runtime) -> (quinn::Endpoint, quinn::Connection) {
+pub fn connect(
+    b: &TestBroker,
+    rt: &tokio::runtime::Runtime,
+) -> (quinn::Endpoint, quinn::Connection) {
     rt.block_on(async {
         let pem = std::fs::read(b.ca()).unwrap();
         let mut roots = rustls::RootCertStore::empty();

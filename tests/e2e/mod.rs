@@ -5,6 +5,8 @@ pub mod harness;
 mod broker_lifecycle;
 mod cli_tour;
 mod crash_recovery;
+mod crash_recovery_damage;
+mod forged_input;
 mod groups;
 mod hostile_input;
 mod plugins;

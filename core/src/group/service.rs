@@ -255,9 +255,12 @@ impl GroupService {
             let (k, v) = r.encode();
             b.push(Some(&k), &v, ts, &[]);
         }
+        let raw = b.build();
+        let header = quiver_protocol::batch::validate(&raw, usize::MAX)
+            .map_err(|e| GroupServiceError::Persist(LogError::InvalidBatch(e)))?;
         self.log
             .append(
-                vec![b.build()],
+                vec![(raw, header)],
                 &self.log_config,
                 &self.flusher,
                 PERSIST_TIMEOUT,

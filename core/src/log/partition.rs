@@ -349,20 +349,18 @@ impl PartitionLog {
         }
     }
 
-    /// Validates and appends `batches` (a produce payload) in producer-sequence order, and
-    /// returns once they are durable as the topic's flush policy requires.
+    /// Appends `batches` (already checked: [`TopicConfig::check_produced`] for a client's,
+    /// [`batch::validate`] for the broker's own) with their headers, in producer-sequence
+    /// order, and returns once they are durable as the topic's flush policy requires.
     pub async fn append(
         self: &Arc<Self>,
-        batches: Vec<Bytes>,
+        checked: Vec<(Bytes, BatchHeader)>,
         config: &TopicConfig,
         flusher: &Flusher,
         timeout: Duration,
     ) -> Result<AppendResult, LogError> {
         self.check_alive()?;
-        let headers = batches
-            .iter()
-            .map(|b| batch::validate(b, config.max_message_bytes as usize))
-            .collect::<Result<Vec<_>, _>>()?;
+        let (batches, headers): (Vec<Bytes>, Vec<BatchHeader>) = checked.into_iter().unzip();
         let now = tokio::time::Instant::now();
         let deadline = now + timeout;
         let mut result: Option<AppendResult> = None;
@@ -602,12 +600,16 @@ impl PartitionLog {
         spec: OffsetSpec,
         max_decompressed: usize,
     ) -> Result<(i64, i64), LogError> {
-        self.check_alive()?;
+        if self.deleted.load(Ordering::Acquire) {
+            return Err(LogError::Deleted);
+        }
         let snap = self.snapshot();
         match spec {
+            // Known without reading data, so answered even while the partition is offline.
             OffsetSpec::Earliest => Ok((snap.log_start, -1)),
             OffsetSpec::Latest => Ok((snap.high_watermark, -1)),
             OffsetSpec::Timestamp(t) => {
+                self.check_alive()?;
                 let from = match self.time_index.range(..ts_key(t)).next_back() {
                     Some(item) => key_offset(&item?.1),
                     None => snap.log_start,
@@ -830,13 +832,15 @@ mod tests {
     use super::*;
     use quiver_protocol::batch::{BatchBuilder, Compression};
 
-    fn batch(n: usize, ts: i64, producer: i64, seq: i32) -> Bytes {
+    fn batch(n: usize, ts: i64, producer: i64, seq: i32) -> (Bytes, BatchHeader) {
         let mut b = BatchBuilder::new(Compression::None);
         for i in 0..n {
             b.push(None, format!("v{i}").as_bytes(), ts + i as i64, &[]);
         }
         b.set_producer(producer, 0, seq);
-        b.build()
+        let raw = b.build();
+        let h = batch::validate(&raw, 1 << 20).unwrap();
+        (raw, h)
     }
 
     async fn setup() -> (

@@ -42,6 +42,23 @@ pub struct TopicConfig {
     /// That the plugin exists is checked by the create/alter handlers, not here.
     #[serde(default)]
     pub partitioner: Option<String>,
+    /// How far ahead of the broker's clock a produced record's timestamp may be, ms: time
+    /// retention trusts batch timestamps, so a record from the far future cannot pin a
+    /// partition's data forever.
+    #[serde(default = "default_after_max_ms")]
+    pub timestamp_after_max_ms: i64,
+    /// How far behind the broker's clock a produced record's timestamp may be, ms
+    /// (-1: no limit, for replaying old data).
+    #[serde(default = "default_before_max_ms")]
+    pub timestamp_before_max_ms: i64,
+}
+
+fn default_after_max_ms() -> i64 {
+    3_600_000
+}
+
+fn default_before_max_ms() -> i64 {
+    -1
 }
 
 impl Default for TopicConfig {
@@ -53,6 +70,8 @@ impl Default for TopicConfig {
             flush_interval_ms: 1000,
             max_message_bytes: 8 * 1024 * 1024,
             partitioner: None,
+            timestamp_after_max_ms: default_after_max_ms(),
+            timestamp_before_max_ms: default_before_max_ms(),
         }
     }
 }
@@ -65,6 +84,8 @@ pub const TOPIC_KEYS: &[&str] = &[
     "flush.interval.ms",
     "max.message.bytes",
     "partitioner",
+    "message.timestamp.after.max.ms",
+    "message.timestamp.before.max.ms",
 ];
 
 fn parse_num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, String> {
@@ -122,6 +143,24 @@ impl TopicConfig {
                 }
                 self.max_message_bytes = v;
             }
+            "message.timestamp.after.max.ms" => {
+                let v: i64 = parse_num(key, value)?;
+                if v < 0 {
+                    return Err(format!(
+                        "message.timestamp.after.max.ms must be 0 or positive, got {v}"
+                    ));
+                }
+                self.timestamp_after_max_ms = v;
+            }
+            "message.timestamp.before.max.ms" => {
+                let v: i64 = parse_num(key, value)?;
+                if v < -1 {
+                    return Err(format!(
+                        "message.timestamp.before.max.ms must be -1 (no limit), 0 or positive, got {v}"
+                    ));
+                }
+                self.timestamp_before_max_ms = v;
+            }
             "partitioner" => {
                 let v = value.trim();
                 if v.is_empty() {
@@ -173,11 +212,63 @@ impl TopicConfig {
                 "max.message.bytes".into(),
                 self.max_message_bytes.to_string(),
             ),
+            (
+                "message.timestamp.after.max.ms".into(),
+                self.timestamp_after_max_ms.to_string(),
+            ),
+            (
+                "message.timestamp.before.max.ms".into(),
+                self.timestamp_before_max_ms.to_string(),
+            ),
         ]);
         if let Some(p) = &self.partitioner {
             m.insert("partitioner".into(), p.clone());
         }
         m
+    }
+}
+
+impl TopicConfig {
+    /// Checks a batch a client produced, against the records it actually holds and the
+    /// topic's limits (size, timestamps against `now_ms`); see
+    /// [`validate_produce`](quiver_protocol::batch::validate_produce).
+    pub fn check_produced(
+        &self,
+        raw: &[u8],
+        now_ms: i64,
+        max_decompressed_bytes: usize,
+    ) -> Result<quiver_protocol::batch::BatchHeader, quiver_protocol::ProtocolError> {
+        use quiver_protocol::batch::{validate_produce, ProduceLimits, ATTR_LOG_APPEND_TIME};
+        // The protocol's skew is symmetric: the before-bound (which so also caps the
+        // future when it is the smaller one); the after-bound is checked below.
+        let skew = match self.timestamp_before_max_ms {
+            -1 => i64::MAX,
+            before => before,
+        };
+        let h = validate_produce(
+            raw,
+            &ProduceLimits {
+                max_batch_bytes: self.max_message_bytes as usize,
+                max_decompressed_bytes,
+                now_ms,
+                max_timestamp_skew_ms: skew,
+            },
+        )?;
+        // `validate_produce` checked max_timestamp against the records, so one comparison
+        // bounds every record's timestamp from above.
+        if h.attributes & ATTR_LOG_APPEND_TIME == 0
+            && h.max_timestamp > now_ms.saturating_add(self.timestamp_after_max_ms)
+        {
+            return Err(quiver_protocol::ProtocolError::InvalidRecord {
+                reason: format!(
+                "timestamp {} is {} ms ahead of the broker's clock; this topic allows at most {} ms (message.timestamp.after.max.ms)",
+                h.max_timestamp,
+                h.max_timestamp.saturating_sub(now_ms),
+                self.timestamp_after_max_ms
+            ),
+            });
+        }
+        Ok(h)
     }
 }
 

@@ -328,6 +328,50 @@ impl Client {
         Ok(Client { inner })
     }
 
+    /// A client that has not connected (and will fail to, quickly), with `topics` already
+    /// in its metadata cache: for unit tests of what the SDK decides before any request.
+    #[cfg(test)]
+    pub(crate) fn offline_for_tests(
+        topics: Vec<quiver_protocol::requests::TopicMetadata>,
+    ) -> Client {
+        let config = ClientConfig {
+            // Nothing listens on the discard port: any request fails fast.
+            bootstrap: "127.0.0.1:9".into(),
+            connect_timeout: Duration::from_millis(200),
+            ..ClientConfig::default()
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("QUIC TLS");
+        let bootstrap = Arc::new(BrokerConn::new(&config.bootstrap));
+        let inner = ClientInner {
+            endpoint: quinn::Endpoint::client((std::net::Ipv4Addr::LOCALHOST, 0).into())
+                .expect("UDP socket"),
+            quinn_config: quinn::ClientConfig::new(Arc::new(quic)),
+            limits: Limits::default(),
+            conns: Mutex::new(HashMap::from([(
+                config.bootstrap.clone(),
+                bootstrap.clone(),
+            )])),
+            bootstrap,
+            broker_addrs: Mutex::new(HashMap::new()),
+            metadata: Mutex::new(
+                topics
+                    .into_iter()
+                    .map(|t| (t.name.clone(), Arc::new(t)))
+                    .collect(),
+            ),
+            config,
+        };
+        Client {
+            inner: Arc::new(inner),
+        }
+    }
+
     /// The configuration this client was made with.
     pub fn config(&self) -> &ClientConfig {
         &self.inner.config

@@ -101,6 +101,20 @@ pub enum ClientError {
     /// A plugin could not be loaded or failed on this side (a topic's partitioner).
     #[error("plugin: {0}")]
     Plugin(String),
+    /// The topic routes records without an explicit partition with a partitioner plugin,
+    /// and this build of the SDK cannot run plugins (it was built without the `plugins`
+    /// cargo feature). Records that name their partition are not affected.
+    #[error(
+        "topic {topic} routes records with the partitioner plugin {plugin}, which this build \
+         of quiver-client cannot run: enable the `plugins` cargo feature of quiver-client \
+         (quiver-client = {{ features = [\"plugins\"] }}), or give each record an explicit partition"
+    )]
+    PartitionerUnavailable {
+        /// The topic.
+        topic: String,
+        /// Its partitioner, `name@version`.
+        plugin: String,
+    },
 }
 
 impl ClientError {

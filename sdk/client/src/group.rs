@@ -54,6 +54,12 @@ pub struct GroupConfig {
     /// Reset policy to ask for (applies like `strategy`); `None` keeps the group's
     /// (earliest for a new group).
     pub auto_offset_reset: Option<AutoOffsetReset>,
+    /// Where this member starts reading a partition the group has no committed offset
+    /// for: `Some(Earliest)` is Kafka's `auto.offset.reset=earliest` (what
+    /// `kafka-console-consumer --group G --from-beginning` sets). Unlike
+    /// `auto_offset_reset`, it is this member's choice and is not stored with the group;
+    /// `None` follows the group's setting. A committed offset always wins.
+    pub start_without_commit: Option<AutoOffsetReset>,
     /// Commit consumed positions at this interval (checked in `poll`); `None` for manual.
     pub auto_commit: Option<Duration>,
     /// Commit a revoked partition's position before releasing it.
@@ -74,6 +80,7 @@ impl GroupConfig {
             session_timeout: Duration::from_secs(10),
             strategy: None,
             auto_offset_reset: None,
+            start_without_commit: None,
             auto_commit: None,
             commit_on_revoke: true,
             client_id: "quiver-client".into(),
@@ -97,6 +104,34 @@ impl GroupConfig {
     pub fn session_timeout(mut self, t: Duration) -> Self {
         self.session_timeout = t;
         self
+    }
+
+    /// Sets where this member starts partitions without a committed offset (see
+    /// [`start_without_commit`](Self::start_without_commit)).
+    ///
+    /// ```
+    /// use quiver_client::{AutoOffsetReset, GroupConfig};
+    /// let cfg = GroupConfig::new("audit", ["orders"]).start_without_commit_at(AutoOffsetReset::Earliest);
+    /// assert_eq!(cfg.start_without_commit, Some(AutoOffsetReset::Earliest));
+    /// assert_eq!(cfg.auto_offset_reset, None, "the group's own setting is left alone");
+    /// ```
+    pub fn start_without_commit_at(mut self, at: AutoOffsetReset) -> Self {
+        self.start_without_commit = Some(at);
+        self
+    }
+}
+
+/// Where a member starts a granted partition: its committed offset, else the member's
+/// `start_without_commit`, else the group's reset policy.
+fn start_position(
+    committed: Option<i64>,
+    member: Option<AutoOffsetReset>,
+    group: AutoOffsetReset,
+) -> SeekTo {
+    match (committed, member.unwrap_or(group)) {
+        (Some(o), _) => SeekTo::Offset(o),
+        (None, AutoOffsetReset::Earliest) => SeekTo::Beginning,
+        (None, AutoOffsetReset::Latest) => SeekTo::End,
     }
 }
 
@@ -368,7 +403,8 @@ impl GroupConsumer {
                 self.link.released.notify_one();
             }
         }
-        // Granted: start at the committed offset, else the group's reset policy.
+        // Granted: start at the committed offset, else this member's start, else the
+        // group's reset policy.
         let granted: Vec<TopicPartition> = assignment.difference(&self.owned).cloned().collect();
         if !granted.is_empty() {
             let req = FetchOffsetsRequest {
@@ -386,17 +422,12 @@ impl GroupConsumer {
                 .collect();
             for tp in &granted {
                 self.consumer.assign(&tp.topic, [tp.partition]).await?;
-                let to = match committed.get(tp) {
-                    Some(&o) => {
-                        self.committed.insert(tp.clone(), o);
-                        self.positions.insert(tp.clone(), o);
-                        SeekTo::Offset(o)
-                    }
-                    None => match self.reset {
-                        AutoOffsetReset::Earliest => SeekTo::Beginning,
-                        AutoOffsetReset::Latest => SeekTo::End,
-                    },
-                };
+                let known = committed.get(tp).copied();
+                if let Some(o) = known {
+                    self.committed.insert(tp.clone(), o);
+                    self.positions.insert(tp.clone(), o);
+                }
+                let to = start_position(known, self.config.start_without_commit, self.reset);
                 self.consumer.seek(&tp.topic, tp.partition, to)?;
                 self.owned.insert(tp.clone());
             }
@@ -720,5 +751,29 @@ async fn heartbeat_loop(client: Client, config: GroupConfig, link: Arc<Link>, in
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn granted_partitions_start_at_the_commit_else_the_member_choice_else_the_group_policy() {
+        use AutoOffsetReset::{Earliest, Latest};
+        // A committed offset wins over both settings.
+        for member in [None, Some(Earliest), Some(Latest)] {
+            for group in [Earliest, Latest] {
+                assert_eq!(start_position(Some(42), member, group), SeekTo::Offset(42));
+            }
+        }
+        // No commit: the member's choice (--from-beginning) over the group's policy.
+        assert_eq!(
+            start_position(None, Some(Earliest), Latest),
+            SeekTo::Beginning
+        );
+        assert_eq!(start_position(None, Some(Latest), Earliest), SeekTo::End);
+        assert_eq!(start_position(None, None, Latest), SeekTo::End);
+        assert_eq!(start_position(None, None, Earliest), SeekTo::Beginning);
     }
 }

@@ -7,6 +7,12 @@
 //! - [`Consumer`]: pipelined per-partition fetching (long-poll or push) as batches or a stream;
 //! - [`GroupConsumer`]: a consumer-group member: server-assigned partitions, commits, rebalance callbacks.
 //!
+//! Cargo feature `plugins` (off by default): runs a topic's partitioner plugin (WASM or Lua,
+//! through `quiver-plugins`, hence wasmtime and mlua) in the producer, on a thread of its
+//! own, and loads and verifies bundles in [`PluginAdmin`]. Without it the SDK depends on no
+//! plugin runtime; sending a record without an explicit partition to a topic that has a
+//! partitioner plugin fails with [`ClientError::PartitionerUnavailable`].
+//!
 //! ```no_run
 //! # async fn demo() -> quiver_client::Result<()> {
 //! use quiver_client::{Client, ClientConfig, Producer, ProducerConfig, ProducerRecord};
@@ -36,7 +42,9 @@ pub use config::ClientConfig;
 pub use consumer::{ConsumeMode, ConsumedRecord, Consumer, ConsumerConfig, OffsetReset, SeekTo};
 pub use error::{ClientError, Result};
 pub use group::{GroupConfig, GroupConsumer, RebalanceListener};
-pub use plugins::{PluginAdmin, TopicPartitioner};
+pub use plugins::PluginAdmin;
+#[cfg(feature = "plugins")]
+pub use plugins::TopicPartitioner;
 pub use producer::{
     murmur2, partition_for_key, DefaultPartitioner, DeliveryFuture, Partitioner, Producer,
     ProducerConfig, ProducerRecord, ProducerStats, RecordMetadata, RecordRef,

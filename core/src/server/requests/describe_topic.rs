@@ -18,6 +18,7 @@ pub fn describe(ctx: &ServerContext, t: &Topic) -> TopicDescription {
             .iter()
             .map(|p| {
                 let s = p.snapshot();
+                let offline = p.offline_reason();
                 PartitionDescription {
                     partition: p.partition,
                     leader: id,
@@ -28,6 +29,13 @@ pub fn describe(ctx: &ServerContext, t: &Topic) -> TopicDescription {
                     high_watermark: s.high_watermark,
                     log_end_offset: s.log_end,
                     size_bytes: s.size_bytes,
+                    status: if offline.is_some() {
+                        "offline"
+                    } else {
+                        "online"
+                    }
+                    .into(),
+                    offline_reason: offline,
                 }
             })
             .collect(),

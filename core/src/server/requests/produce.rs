@@ -8,8 +8,17 @@ use bytes::Bytes;
 use quiver_protocol::batch::split_batches;
 use quiver_protocol::requests::{ProduceRequest, ProduceResponse};
 
+use quiver_protocol::ErrorCode;
+
 use super::{decode, Reply, RequestError};
 use crate::server::ServerContext;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
 
 /// Handles a produce request.
 pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
@@ -22,7 +31,23 @@ pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
     let batches = split_batches(&payload, config.max_message_bytes as usize)?;
     let timeout = Duration::from_millis(u64::from(req.timeout_ms.clamp(100, 300_000)));
     drop(_e);
-    let appended = log.append(batches, &config, &ctx.flusher, timeout).await?;
+    // Every batch is checked against the records it holds before anything is stored (CRC,
+    // record walk, decompression: CPU work, so on a blocking thread).
+    let max_decompressed = ctx.config.limits.max_frame_bytes as usize;
+    let cfg = config.clone();
+    let checked = tokio::task::spawn_blocking(move || {
+        let now = now_ms();
+        batches
+            .into_iter()
+            .map(|b| {
+                cfg.check_produced(&b, now, max_decompressed)
+                    .map(|h| (b, h))
+            })
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|e| RequestError::new(ErrorCode::Internal, format!("produce task failed: {e}")))??;
+    let appended = log.append(checked, &config, &ctx.flusher, timeout).await?;
     let counters = ctx.metrics.topic(&req.topic);
     counters
         .records_in

@@ -28,8 +28,8 @@ fn new_producer_id() -> i64 {
 pub(crate) struct TopicState {
     pub(crate) partitions: Vec<Arc<PartitionQueue>>,
     sticky: Arc<AtomicU32>,
-    /// The topic's partitioner plugin, set once when the topic is first used.
-    pub(crate) plugin: std::sync::OnceLock<crate::plugins::TopicPartitioner>,
+    /// The topic's partitioner plugin, looked up when the topic is first used.
+    pub(crate) routing: super::PluginRouting,
 }
 
 impl TopicState {
@@ -37,6 +37,7 @@ impl TopicState {
     pub(crate) fn start(
         name: &str,
         partitions: u32,
+        routing: super::PluginRouting,
         shared: &Arc<Shared>,
     ) -> (Arc<TopicState>, Vec<tokio::task::JoinHandle<()>>) {
         let topic: Arc<str> = Arc::from(name);
@@ -66,7 +67,7 @@ impl TopicState {
             Arc::new(TopicState {
                 partitions: queues,
                 sticky,
-                plugin: std::sync::OnceLock::new(),
+                routing,
             }),
             tasks,
         )

@@ -337,6 +337,22 @@ pub(crate) fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// How records without an explicit partition are routed in one topic.
+pub(crate) enum PluginRouting {
+    /// The producer's [`Partitioner`] (the topic has no partitioner plugin).
+    Default,
+    /// The topic's partitioner plugin, run on its own thread.
+    #[cfg(feature = "plugins")]
+    Plugin(crate::plugins::TopicPartitioner),
+    /// The topic has a partitioner plugin (`name@version`) this build cannot run.
+    #[cfg(not(feature = "plugins"))]
+    Unavailable(String),
+}
+
+/// Records routed per hop to a partitioner plugin's thread in [`Producer::send_values`].
+#[cfg(feature = "plugins")]
+const PLUGIN_CHUNK: usize = 1024;
+
 /// State shared by the producer handle and its partition tasks.
 pub(crate) struct Shared {
     pub(crate) client: Client,
@@ -510,8 +526,9 @@ impl Producer {
             timestamp: record.timestamp,
         };
         let topic = self.topic(r.topic).await?;
+        let routed = self.plugin_partition(&topic, &r).await?;
         self.wait_for_space().await?;
-        let (completion, index, timestamp) = self.append(&topic, &r, true)?;
+        let (completion, index, timestamp) = self.append(&topic, &r, routed, true)?;
         Ok(DeliveryFuture {
             completion: completion.ok_or(ClientError::Closed)?,
             index,
@@ -523,8 +540,9 @@ impl Producer {
     /// [`stats`](Self::stats) and reported by [`flush`](Self::flush).
     pub async fn send_nowait(&self, record: RecordRef<'_>) -> Result<()> {
         let topic = self.topic(record.topic).await?;
+        let routed = self.plugin_partition(&topic, &record).await?;
         self.wait_for_space().await?;
-        self.append(&topic, &record, false)?;
+        self.append(&topic, &record, routed, false)?;
         Ok(())
     }
 
@@ -542,6 +560,24 @@ impl Producer {
         let state = self.topic(topic).await?;
         // One clock read per call: values queued together share a timestamp.
         let timestamp = Some(now_ms());
+        if partition.is_none() {
+            match &state.routing {
+                PluginRouting::Default => {}
+                #[cfg(not(feature = "plugins"))]
+                PluginRouting::Unavailable(plugin) => {
+                    return Err(ClientError::PartitionerUnavailable {
+                        topic: topic.to_string(),
+                        plugin: plugin.clone(),
+                    })
+                }
+                #[cfg(feature = "plugins")]
+                PluginRouting::Plugin(plugin) => {
+                    return self
+                        .send_values_routed(&state, plugin, topic, timestamp, values)
+                        .await
+                }
+            }
+        }
         let mut n = 0;
         for value in values {
             if self.shared.buffered.load(Ordering::Relaxed)
@@ -555,8 +591,56 @@ impl Producer {
                 timestamp,
                 ..RecordRef::new(topic, value)
             };
-            self.append(&state, &r, false)?;
+            self.append(&state, &r, None, false)?;
             n += 1;
+        }
+        Ok(n)
+    }
+
+    /// `send_values` through a topic's partitioner plugin: values go to the plugin's thread
+    /// in chunks (one hop per chunk), then are queued in order.
+    #[cfg(feature = "plugins")]
+    async fn send_values_routed<'a, I>(
+        &self,
+        state: &TopicState,
+        plugin: &crate::plugins::TopicPartitioner,
+        topic: &str,
+        timestamp: Option<i64>,
+        values: I,
+    ) -> Result<u64>
+    where
+        I: IntoIterator<Item = &'a [u8]>,
+    {
+        let partitions = state.partitions.len() as u32;
+        let mut values = values.into_iter().peekable();
+        let mut n = 0;
+        while values.peek().is_some() {
+            let chunk: Vec<(Option<Bytes>, Bytes)> = values
+                .by_ref()
+                .take(PLUGIN_CHUNK)
+                .map(|v| (None, Bytes::copy_from_slice(v)))
+                .collect();
+            let (routed, failed) = plugin
+                .partition_many(topic, chunk.clone(), partitions)
+                .await;
+            for ((_, value), p) in chunk.iter().zip(routed) {
+                if self.shared.buffered.load(Ordering::Relaxed)
+                    >= self.shared.config.buffer_memory_bytes
+                    || self.shared.closed.load(Ordering::Relaxed)
+                {
+                    self.wait_for_space().await?;
+                }
+                let r = RecordRef {
+                    partition: Some(p),
+                    timestamp,
+                    ..RecordRef::new(topic, value)
+                };
+                self.append(state, &r, None, false)?;
+                n += 1;
+            }
+            if let Some(e) = failed {
+                return Err(e);
+            }
         }
         Ok(n)
     }
@@ -650,16 +734,19 @@ impl Producer {
                 "topic {name:?} has no partitions"
             )));
         }
-        let plugin = match &self.shared.client.topic_metadata(name).await?.partitioner {
+        let routing = match &self.shared.client.topic_metadata(name).await?.partitioner {
+            None => PluginRouting::Default,
+            #[cfg(feature = "plugins")]
+            Some(id) => PluginRouting::Plugin(
+                crate::plugins::TopicPartitioner::load(&self.shared.client, id).await?,
+            ),
+            #[cfg(not(feature = "plugins"))]
             Some(id) => {
-                Some(crate::plugins::TopicPartitioner::load(&self.shared.client, id).await?)
+                tracing::warn!(topic = name, plugin = %id, "the topic has a partitioner plugin and this SDK is built without the `plugins` feature: records without an explicit partition will fail");
+                PluginRouting::Unavailable(id.clone())
             }
-            None => None,
         };
-        let (state, tasks) = TopicState::start(name, partitions, &self.shared);
-        if let Some(p) = plugin {
-            let _ = state.plugin.set(p);
-        }
+        let (state, tasks) = TopicState::start(name, partitions, routing, &self.shared);
         lock(&self.shared.tasks).extend(tasks);
         self.shared
             .topics
@@ -678,15 +765,40 @@ impl Producer {
             .cloned()
     }
 
+    /// The partition the topic's partitioner plugin gives `r`, for a record without an
+    /// explicit partition in a topic with a plugin (`None` otherwise). The plugin runs on
+    /// its own thread; this only awaits the answer.
+    async fn plugin_partition(&self, topic: &TopicState, r: &RecordRef<'_>) -> Result<Option<u32>> {
+        if r.partition.is_some() {
+            return Ok(None);
+        }
+        match &topic.routing {
+            PluginRouting::Default => Ok(None),
+            #[cfg(not(feature = "plugins"))]
+            PluginRouting::Unavailable(plugin) => Err(ClientError::PartitionerUnavailable {
+                topic: r.topic.to_string(),
+                plugin: plugin.clone(),
+            }),
+            #[cfg(feature = "plugins")]
+            PluginRouting::Plugin(plugin) => {
+                let n = topic.partitions.len() as u32;
+                plugin.partition(r.topic, r.key, r.value, n).await.map(Some)
+            }
+        }
+    }
+
+    /// Queues `r` in its partition: the explicit one, else `routed` (the plugin's answer),
+    /// else the producer's partitioner (sticky when it has no preference).
     #[allow(clippy::type_complexity)]
     fn append(
         &self,
         topic: &TopicState,
         r: &RecordRef<'_>,
+        routed: Option<u32>,
         want_future: bool,
     ) -> Result<(Option<Arc<Completion>>, u32, i64)> {
         let n = topic.partitions.len() as u32;
-        let partition = match r.partition {
+        let partition = match r.partition.or(routed) {
             Some(p) if p < n => p,
             Some(p) => {
                 return Err(ClientError::InvalidPartition {
@@ -695,15 +807,30 @@ impl Producer {
                     partitions: n,
                 })
             }
-            None => match topic.plugin.get() {
-                Some(plugin) => plugin.partition(r.topic, r.key, r.value, n)?,
-                None => self
+            None => match &topic.routing {
+                PluginRouting::Default => self
                     .shared
                     .config
                     .partitioner
                     .partition(r.topic, r.key, n)
                     .filter(|p| *p < n)
                     .unwrap_or_else(|| topic.sticky()),
+                // Never a silent fallback to another partitioner.
+                #[cfg(not(feature = "plugins"))]
+                PluginRouting::Unavailable(plugin) => {
+                    return Err(ClientError::PartitionerUnavailable {
+                        topic: r.topic.to_string(),
+                        plugin: plugin.clone(),
+                    })
+                }
+                #[cfg(feature = "plugins")]
+                PluginRouting::Plugin(p) => {
+                    return Err(ClientError::Plugin(format!(
+                        "topic {}: record queued without asking its partitioner {}",
+                        r.topic,
+                        p.id()
+                    )))
+                }
             },
         };
         let timestamp = r.timestamp.unwrap_or_else(now_ms);
@@ -713,5 +840,107 @@ impl Producer {
         let (completion, index) =
             topic.partitions[partition as usize].append(r, timestamp, want_future, s);
         Ok((completion, index, timestamp))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quiver_protocol::requests::{PartitionMetadata, TopicMetadata};
+
+    fn topic(name: &str, partitions: u32, partitioner: Option<&str>) -> TopicMetadata {
+        TopicMetadata {
+            name: name.into(),
+            partitions: (0..partitions)
+                .map(|p| PartitionMetadata {
+                    partition: p,
+                    leader: 0,
+                    leader_epoch: 0,
+                    replicas: vec![0],
+                    isr: vec![0],
+                })
+                .collect(),
+            partitioner: partitioner.map(str::to_string),
+        }
+    }
+
+    /// Without the `plugins` feature, a topic's partitioner cannot run: every way of
+    /// sending a record without a partition fails with the typed error naming the topic
+    /// and the plugin, nothing is queued for it, and records with a partition still go.
+    #[cfg(not(feature = "plugins"))]
+    #[tokio::test]
+    async fn a_partitioner_topic_fails_send_with_a_typed_error_without_the_plugins_feature() {
+        let client = Client::offline_for_tests(vec![
+            topic("orders", 3, Some("route@1.0.0")),
+            topic("plain", 3, None),
+        ]);
+        let producer = Producer::new(client, ProducerConfig::default());
+        let is_unavailable = |e: &ClientError| {
+            matches!(e, ClientError::PartitionerUnavailable { topic, plugin }
+                if topic == "orders" && plugin == "route@1.0.0")
+        };
+
+        let e = producer
+            .send(ProducerRecord::new("orders", "x").with_key("k"))
+            .await
+            .unwrap_err();
+        assert!(is_unavailable(&e), "{e:?}");
+        let msg = e.to_string();
+        for part in ["orders", "route@1.0.0", "`plugins` cargo feature"] {
+            assert!(msg.contains(part), "{msg:?} lacks {part:?}");
+        }
+        assert!(!e.is_retriable());
+
+        let e = producer
+            .send_nowait(RecordRef::new("orders", b"x"))
+            .await
+            .unwrap_err();
+        assert!(is_unavailable(&e), "{e:?}");
+        let e = producer
+            .send_values("orders", None, [&b"a"[..], &b"b"[..]])
+            .await
+            .unwrap_err();
+        assert!(is_unavailable(&e), "{e:?}");
+        assert_eq!(producer.stats().records_sent, 0, "nothing was queued");
+
+        // An explicit partition does not need the partitioner; a topic without one uses
+        // the producer's partitioner as before.
+        producer
+            .send(ProducerRecord::new("orders", "x").with_partition(2))
+            .await
+            .unwrap();
+        assert_eq!(
+            producer
+                .send_values("orders", Some(1), [&b"a"[..], &b"b"[..]])
+                .await
+                .unwrap(),
+            2
+        );
+        producer
+            .send(ProducerRecord::new("plain", "x").with_key("k"))
+            .await
+            .unwrap();
+        assert_eq!(producer.stats().records_sent, 4);
+    }
+
+    #[tokio::test]
+    async fn explicit_partitions_beyond_the_topic_are_refused() {
+        let client = Client::offline_for_tests(vec![topic("plain", 2, None)]);
+        let producer = Producer::new(client, ProducerConfig::default());
+        let e = producer
+            .send(ProducerRecord::new("plain", "x").with_partition(2))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ClientError::InvalidPartition {
+                    partition: 2,
+                    partitions: 2,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
     }
 }

@@ -9,7 +9,8 @@
 /// ```
 /// use quiver_client::{DefaultPartitioner, Partitioner};
 /// let p = DefaultPartitioner;
-/// assert_eq!(p.partition("t", Some(b"foobar"), 4), p.partition("t", Some(b"foobar"), 4));
+/// // murmur2("foobar") = -790332482 (Kafka's UtilsTest); positive part modulo 4:
+/// assert_eq!(p.partition("t", Some(b"foobar"), 4), Some(1_357_151_166 % 4));
 /// assert_eq!(p.partition("t", None, 4), None);
 /// ```
 pub trait Partitioner: Send + Sync + 'static {
@@ -122,7 +123,41 @@ mod tests {
 
     #[test]
     fn empty_key_hashes() {
-        // Kafka hashes an empty key too (it is not the same as no key).
-        let _ = partition_for_key(b"", 3);
+        // Kafka hashes an empty key too (it is not the same as no key). With no 4-byte
+        // block and no tail, murmur2 is the seed's final mix:
+        // h = 0x9747b28c ^ 0; h ^= h >> 13; h *= 0x5bd1e995; h ^= h >> 15 = 275646681,
+        // the value kafka-python's test_pure_murmur2 (a port of Kafka's Utils.murmur2)
+        // expects for b''.
+        assert_eq!(murmur2(b""), 275_646_681);
+        assert_eq!(partition_for_key(b"", 3), 275_646_681 % 3);
+        assert_eq!(partition_for_key(b"", 7), 275_646_681 % 7);
+        assert_eq!(
+            DefaultPartitioner.partition("t", Some(b""), 7),
+            Some(275_646_681 % 7),
+            "an empty key is hashed, not treated as no key"
+        );
+    }
+
+    #[test]
+    fn murmur2_matches_kafka_python_vectors_for_every_tail_length() {
+        // kafka-python test_partitioner.py test_pure_murmur2 (unsigned results): tails of
+        // 0 to 3 bytes after whole 4-byte blocks.
+        let cases: [(&[u8], u32); 7] = [
+            (b"", 275646681),
+            (b"testing", 2291530147),
+            (b"PEACH!", 2546348827),
+            (b"Gorz!", 1742407956),
+            (b"987654321", 577579727),
+            (b"_!!_", 2335345241),
+            (b"CRINOID", 3603193626),
+        ];
+        for (input, want) in cases {
+            assert_eq!(
+                murmur2(input) as u32,
+                want,
+                "{}",
+                String::from_utf8_lossy(input)
+            );
+        }
     }
 }

@@ -34,6 +34,11 @@ pub struct PartitionDescription {
     pub log_end_offset: i64,
     /// Bytes of stored batches.
     pub size_bytes: u64,
+    /// `"online"`, or `"offline"` when the partition's stored data is damaged (it serves
+    /// nothing until `quiver broker repair` truncates it).
+    pub status: String,
+    /// Why the partition is offline and how to repair it.
+    pub offline_reason: Option<String>,
 }
 
 /// A topic, its effective config and its partitions.

@@ -1,0 +1,896 @@
+//! Every request and response of the protocol, from the one list in
+//! [`with_all_messages!`](crate::with_all_messages): round trip through a frame, every strict
+//! prefix of the frame and of the body refused, random and mutated bytes never a panic.
+//!
+//! What a truncated prefix can and cannot do: a body is `u32 control_len | control |
+//! payload`, and the payload (record batches, a plugin archive) is raw bytes running to the
+//! end of the body with no length of its own. A prefix that cuts the length or the control
+//! fails (the control length points past the body); a prefix that keeps the whole control
+//! and cuts only the payload decodes, to the same control and a shorter payload, so for the
+//! messages that carry one (Produce and DeployPlugin requests; Fetch, Subscribe and GetPlugin
+//! responses) the tests assert exactly that: the decoded value differs (shorter payload),
+//! it is never a panic. The frame's own length makes every strict prefix of a frame
+//! "incomplete" (`Frame::decode` answers `None`), so over the wire the cut is always seen.
+//! Messages with an empty control (`ListGroupsRequest {}` …) have only the 4 length bytes
+//! to cut. Bytes after a control's value are ignored on purpose (see `decode_control`).
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+
+use bytes::Bytes;
+use proptest::prelude::{any, proptest};
+
+use super::*;
+use crate::batch::{BatchBuilder, Compression};
+use crate::message::{decode_control, ErrorBody};
+use crate::{
+    decode_request, decode_response, encode_control, encode_error, encode_request,
+    encode_response, ApiKey, ErrorCode, Frame, Limits, Message, ProtocolError,
+};
+
+/// Example values of a message (covering each enum variant and `Option` both ways), and
+/// the payload that travels with it.
+trait Sample: Sized {
+    fn samples() -> Vec<Self>;
+    fn payload() -> Bytes {
+        Bytes::new()
+    }
+}
+
+fn s(v: &str) -> String {
+    v.to_string()
+}
+
+fn config() -> BTreeMap<String, String> {
+    [(s("retention.ms"), s("60000")), (s("flush"), s("batch"))]
+        .into_iter()
+        .collect()
+}
+
+fn batches() -> Bytes {
+    let mut b = BatchBuilder::new(Compression::Lz4);
+    b.push(Some(b"k"), b"v", 1_700_000_000_000, &[("h", b"x")]);
+    let mut out = b.build().to_vec();
+    let mut b = BatchBuilder::new(Compression::None);
+    b.push(None, b"second batch", 1_700_000_000_001, &[]);
+    out.extend_from_slice(&b.build());
+    Bytes::from(out)
+}
+
+fn tp(t: &str, p: u32) -> TopicPartition {
+    TopicPartition::new(t, p)
+}
+
+fn processor() -> ProcessorSpec {
+    ProcessorSpec {
+        name: s("grep"),
+        version: Some(s("1.2.3")),
+        config: config(),
+    }
+}
+
+fn plugin_info() -> PluginInfo {
+    PluginInfo {
+        name: s("grep"),
+        version: s("1.2.3"),
+        kind: s("processor"),
+        runtime: s("lua"),
+        description: s("keeps matching records"),
+        digest: "ab".repeat(32),
+        deployed_ms: 1_700_000_000_000,
+        size_bytes: 4096,
+        config: config(),
+        used_by: vec![s("consume orders/0")],
+    }
+}
+
+fn topic_description() -> TopicDescription {
+    TopicDescription {
+        name: s("orders"),
+        config: config(),
+        partitions: vec![
+            PartitionDescription {
+                partition: 0,
+                leader: 1,
+                leader_epoch: 3,
+                replicas: vec![1, 2, 3],
+                isr: vec![1, 2],
+                log_start_offset: 10,
+                high_watermark: 200,
+                log_end_offset: 201,
+                size_bytes: 1 << 30,
+                status: s("online"),
+                offline_reason: None,
+            },
+            PartitionDescription {
+                partition: 1,
+                leader: 0,
+                leader_epoch: 0,
+                replicas: vec![],
+                isr: vec![],
+                log_start_offset: 0,
+                high_watermark: 0,
+                log_end_offset: 0,
+                size_bytes: 0,
+                status: s("offline"),
+                offline_reason: Some(s("the stored batch at offset 7 is damaged")),
+            },
+        ],
+    }
+}
+
+impl Sample for ProduceRequest {
+    fn samples() -> Vec<Self> {
+        [Acks::None, Acks::Leader, Acks::All]
+            .into_iter()
+            .map(|acks| ProduceRequest {
+                topic: s("orders"),
+                partition: 7,
+                acks,
+                timeout_ms: 30_000,
+            })
+            .collect()
+    }
+    fn payload() -> Bytes {
+        batches()
+    }
+}
+
+impl Sample for ProduceResponse {
+    fn samples() -> Vec<Self> {
+        vec![ProduceResponse {
+            base_offset: 100,
+            last_offset: 109,
+            append_time_ms: 1_700_000_000_000,
+        }]
+    }
+}
+
+impl Sample for FetchRequest {
+    fn samples() -> Vec<Self> {
+        [None, Some(processor())]
+            .into_iter()
+            .map(|processor| FetchRequest {
+                topic: s("orders"),
+                partition: 1,
+                offset: 42,
+                max_bytes: 1 << 20,
+                max_wait_ms: 500,
+                min_bytes: 1,
+                processor,
+            })
+            .collect()
+    }
+}
+
+impl Sample for FetchResponse {
+    fn samples() -> Vec<Self> {
+        vec![FetchResponse {
+            high_watermark: 99,
+            log_start_offset: 3,
+            log_end_offset: 100,
+        }]
+    }
+    fn payload() -> Bytes {
+        batches()
+    }
+}
+
+impl Sample for ListOffsetsRequest {
+    fn samples() -> Vec<Self> {
+        [
+            OffsetSpec::Earliest,
+            OffsetSpec::Latest,
+            OffsetSpec::Timestamp(1_700_000_000_000),
+        ]
+        .into_iter()
+        .map(|spec| ListOffsetsRequest {
+            topic: s("orders"),
+            partition: 2,
+            spec,
+        })
+        .collect()
+    }
+}
+
+impl Sample for ListOffsetsResponse {
+    fn samples() -> Vec<Self> {
+        vec![ListOffsetsResponse {
+            offset: 5,
+            timestamp: -1,
+        }]
+    }
+}
+
+impl Sample for MetadataRequest {
+    fn samples() -> Vec<Self> {
+        vec![
+            MetadataRequest { topics: None },
+            MetadataRequest {
+                topics: Some(vec![s("a"), s("b")]),
+            },
+            MetadataRequest {
+                topics: Some(vec![]),
+            },
+        ]
+    }
+}
+
+impl Sample for MetadataResponse {
+    fn samples() -> Vec<Self> {
+        vec![MetadataResponse {
+            brokers: vec![BrokerInfo {
+                id: 1,
+                addr: s("127.0.0.1:7800"),
+            }],
+            topics: vec![TopicMetadata {
+                name: s("orders"),
+                partitions: vec![PartitionMetadata {
+                    partition: 0,
+                    leader: 1,
+                    leader_epoch: 2,
+                    replicas: vec![1],
+                    isr: vec![1],
+                }],
+                partitioner: Some(s("by-region@1.0.0")),
+            }],
+        }]
+    }
+}
+
+impl Sample for CreateTopicRequest {
+    fn samples() -> Vec<Self> {
+        vec![CreateTopicRequest {
+            name: s("orders"),
+            partitions: 12,
+            replication_factor: 1,
+            config: config(),
+        }]
+    }
+}
+
+impl Sample for TopicDescription {
+    fn samples() -> Vec<Self> {
+        vec![topic_description()]
+    }
+}
+
+impl Sample for DeleteTopicRequest {
+    fn samples() -> Vec<Self> {
+        vec![DeleteTopicRequest { name: s("orders") }]
+    }
+}
+
+impl Sample for DeleteTopicResponse {
+    fn samples() -> Vec<Self> {
+        vec![DeleteTopicResponse {
+            partitions_deleted: 12,
+        }]
+    }
+}
+
+impl Sample for DescribeTopicRequest {
+    fn samples() -> Vec<Self> {
+        vec![DescribeTopicRequest { name: s("orders") }]
+    }
+}
+
+impl Sample for AlterTopicConfigRequest {
+    fn samples() -> Vec<Self> {
+        vec![AlterTopicConfigRequest {
+            name: s("orders"),
+            set: config(),
+        }]
+    }
+}
+
+impl Sample for SubscribeRequest {
+    fn samples() -> Vec<Self> {
+        [None, Some(processor())]
+            .into_iter()
+            .map(|processor| SubscribeRequest {
+                topic: s("orders"),
+                partition: 0,
+                offset: -1,
+                max_bytes: 65536,
+                processor,
+            })
+            .collect()
+    }
+}
+
+impl Sample for SubscribeChunk {
+    fn samples() -> Vec<Self> {
+        vec![SubscribeChunk {
+            high_watermark: 10,
+            log_start_offset: 0,
+        }]
+    }
+    fn payload() -> Bytes {
+        batches()
+    }
+}
+
+impl Sample for JoinGroupRequest {
+    fn samples() -> Vec<Self> {
+        vec![
+            JoinGroupRequest {
+                group: s("billing"),
+                member_id: None,
+                client_id: s("svc-1"),
+                subscription: Subscription::Topics(vec![s("orders"), s("refunds")]),
+                session_timeout_ms: 10_000,
+                strategy: None,
+                auto_offset_reset: None,
+            },
+            JoinGroupRequest {
+                group: s("billing"),
+                member_id: Some(s("m-1")),
+                client_id: s("svc-2"),
+                subscription: Subscription::Pattern(s("orders\\..*")),
+                session_timeout_ms: 0,
+                strategy: Some(Strategy::Range),
+                auto_offset_reset: Some(AutoOffsetReset::Latest),
+            },
+            JoinGroupRequest {
+                group: s("g"),
+                member_id: None,
+                client_id: s(""),
+                subscription: Subscription::Topics(vec![]),
+                session_timeout_ms: u32::MAX,
+                strategy: Some(Strategy::RoundRobin),
+                auto_offset_reset: Some(AutoOffsetReset::Earliest),
+            },
+        ]
+    }
+}
+
+impl Sample for JoinGroupResponse {
+    fn samples() -> Vec<Self> {
+        vec![JoinGroupResponse {
+            member_id: s("m-1"),
+            generation: 4,
+            heartbeat_interval_ms: 3000,
+            strategy: Strategy::Sticky,
+            auto_offset_reset: AutoOffsetReset::Earliest,
+        }]
+    }
+}
+
+impl Sample for HeartbeatRequest {
+    fn samples() -> Vec<Self> {
+        vec![HeartbeatRequest {
+            group: s("billing"),
+            member_id: s("m-1"),
+            generation: 4,
+            owned: vec![tp("orders", 0), tp("orders", 1)],
+        }]
+    }
+}
+
+impl Sample for HeartbeatResponse {
+    fn samples() -> Vec<Self> {
+        vec![HeartbeatResponse {
+            generation: 5,
+            assignment: vec![tp("orders", 0)],
+            revoke: vec![tp("orders", 1)],
+        }]
+    }
+}
+
+impl Sample for LeaveGroupRequest {
+    fn samples() -> Vec<Self> {
+        vec![LeaveGroupRequest {
+            group: s("billing"),
+            member_id: s("m-1"),
+        }]
+    }
+}
+
+impl Sample for LeaveGroupResponse {
+    fn samples() -> Vec<Self> {
+        vec![LeaveGroupResponse { generation: 6 }]
+    }
+}
+
+impl Sample for CommitOffsetsRequest {
+    fn samples() -> Vec<Self> {
+        vec![CommitOffsetsRequest {
+            group: s("billing"),
+            member_id: s("m-1"),
+            generation: 4,
+            offsets: vec![
+                OffsetCommit {
+                    topic: s("orders"),
+                    partition: 0,
+                    offset: 1000,
+                    metadata: None,
+                },
+                OffsetCommit {
+                    topic: s("orders"),
+                    partition: 1,
+                    offset: 0,
+                    metadata: Some(s("checkpoint 7")),
+                },
+            ],
+        }]
+    }
+}
+
+impl Sample for CommitOffsetsResponse {
+    fn samples() -> Vec<Self> {
+        vec![CommitOffsetsResponse { committed: 2 }]
+    }
+}
+
+impl Sample for FetchOffsetsRequest {
+    fn samples() -> Vec<Self> {
+        vec![
+            FetchOffsetsRequest {
+                group: s("billing"),
+                partitions: None,
+            },
+            FetchOffsetsRequest {
+                group: s("billing"),
+                partitions: Some(vec![tp("orders", 3)]),
+            },
+        ]
+    }
+}
+
+impl Sample for FetchOffsetsResponse {
+    fn samples() -> Vec<Self> {
+        vec![FetchOffsetsResponse {
+            offsets: vec![
+                CommittedOffset {
+                    topic: s("orders"),
+                    partition: 3,
+                    offset: Some(77),
+                    metadata: Some(s("m")),
+                },
+                CommittedOffset {
+                    topic: s("orders"),
+                    partition: 4,
+                    offset: None,
+                    metadata: None,
+                },
+            ],
+        }]
+    }
+}
+
+impl Sample for ListGroupsRequest {
+    fn samples() -> Vec<Self> {
+        vec![ListGroupsRequest {}]
+    }
+}
+
+impl Sample for ListGroupsResponse {
+    fn samples() -> Vec<Self> {
+        vec![ListGroupsResponse {
+            groups: vec![GroupListing {
+                group: s("billing"),
+                state: s("stable"),
+                members: 3,
+                strategy: s("sticky"),
+            }],
+        }]
+    }
+}
+
+impl Sample for DescribeGroupRequest {
+    fn samples() -> Vec<Self> {
+        vec![DescribeGroupRequest {
+            group: s("billing"),
+        }]
+    }
+}
+
+impl Sample for GroupDescription {
+    fn samples() -> Vec<Self> {
+        vec![GroupDescription {
+            group: s("billing"),
+            state: s("rebalancing"),
+            generation: 9,
+            strategy: s("range"),
+            auto_offset_reset: s("latest"),
+            members: vec![MemberDescription {
+                member_id: s("m-1"),
+                client_id: s("svc-1"),
+                assigned: vec![tp("orders", 0)],
+                revoking: vec![tp("orders", 1)],
+            }],
+            partitions: vec![
+                GroupPartitionDescription {
+                    topic: s("orders"),
+                    partition: 0,
+                    owner: Some(s("m-1")),
+                    committed: Some(5),
+                    log_start_offset: 0,
+                    log_end_offset: 10,
+                    high_watermark: 10,
+                    lag: 5,
+                },
+                GroupPartitionDescription {
+                    topic: s("orders"),
+                    partition: 1,
+                    owner: None,
+                    committed: None,
+                    log_start_offset: 2,
+                    log_end_offset: 2,
+                    high_watermark: 2,
+                    lag: 0,
+                },
+            ],
+        }]
+    }
+}
+
+impl Sample for ResetOffsetsRequest {
+    fn samples() -> Vec<Self> {
+        [
+            ResetTo::Earliest,
+            ResetTo::Latest,
+            ResetTo::Offset(12),
+            ResetTo::Timestamp(1_700_000_000_000),
+        ]
+        .into_iter()
+        .map(|to| ResetOffsetsRequest {
+            group: s("billing"),
+            topic: s("orders"),
+            to,
+        })
+        .collect()
+    }
+}
+
+impl Sample for ResetOffsetsResponse {
+    fn samples() -> Vec<Self> {
+        vec![ResetOffsetsResponse {
+            offsets: vec![(0, 10), (1, i64::MAX), (u32::MAX, -1)],
+        }]
+    }
+}
+
+impl Sample for DeleteGroupRequest {
+    fn samples() -> Vec<Self> {
+        vec![DeleteGroupRequest {
+            group: s("billing"),
+        }]
+    }
+}
+
+impl Sample for DeleteGroupResponse {
+    fn samples() -> Vec<Self> {
+        vec![DeleteGroupResponse { offsets_deleted: 4 }]
+    }
+}
+
+impl Sample for DeployPluginRequest {
+    fn samples() -> Vec<Self> {
+        vec![DeployPluginRequest {}]
+    }
+    fn payload() -> Bytes {
+        Bytes::from_static(b"a plugin archive's bytes")
+    }
+}
+
+impl Sample for DeployPluginResponse {
+    fn samples() -> Vec<Self> {
+        [false, true]
+            .into_iter()
+            .map(|already_deployed| DeployPluginResponse {
+                plugin: plugin_info(),
+                already_deployed,
+            })
+            .collect()
+    }
+}
+
+impl Sample for ListPluginsRequest {
+    fn samples() -> Vec<Self> {
+        vec![ListPluginsRequest {}]
+    }
+}
+
+impl Sample for ListPluginsResponse {
+    fn samples() -> Vec<Self> {
+        vec![
+            ListPluginsResponse {
+                plugins: vec![plugin_info()],
+            },
+            ListPluginsResponse { plugins: vec![] },
+        ]
+    }
+}
+
+impl Sample for DescribePluginRequest {
+    fn samples() -> Vec<Self> {
+        vec![
+            DescribePluginRequest {
+                name: s("grep"),
+                version: None,
+            },
+            DescribePluginRequest {
+                name: s("grep"),
+                version: Some(s("1.0.0")),
+            },
+        ]
+    }
+}
+
+impl Sample for DescribePluginResponse {
+    fn samples() -> Vec<Self> {
+        vec![DescribePluginResponse {
+            plugin: plugin_info(),
+        }]
+    }
+}
+
+impl Sample for RemovePluginRequest {
+    fn samples() -> Vec<Self> {
+        vec![RemovePluginRequest {
+            name: s("grep"),
+            version: s("1.0.0"),
+        }]
+    }
+}
+
+impl Sample for RemovePluginResponse {
+    fn samples() -> Vec<Self> {
+        vec![RemovePluginResponse {
+            digest: "cd".repeat(32),
+            blob_deleted: true,
+        }]
+    }
+}
+
+impl Sample for GetPluginRequest {
+    fn samples() -> Vec<Self> {
+        vec![GetPluginRequest {
+            name: s("grep"),
+            version: None,
+        }]
+    }
+}
+
+impl Sample for GetPluginResponse {
+    fn samples() -> Vec<Self> {
+        vec![GetPluginResponse {
+            plugin: plugin_info(),
+        }]
+    }
+    fn payload() -> Bytes {
+        Bytes::from_static(b"the archive")
+    }
+}
+
+/// Every strict prefix of an encoded frame is "incomplete", and the whole one decodes back.
+fn frame_round_trip(f: &Frame) -> Frame {
+    let wire = f.encode();
+    for n in 0..wire.len() {
+        assert_eq!(
+            Frame::decode(&wire[..n], &Limits::default()).unwrap(),
+            None,
+            "frame prefix of {n} of {} bytes decoded",
+            wire.len()
+        );
+    }
+    let (d, used) = Frame::decode(&wire, &Limits::default()).unwrap().unwrap();
+    assert_eq!(used, wire.len());
+    assert_eq!(&d, f);
+    d
+}
+
+/// The postcard control alone: every strict prefix fails (decoding is deterministic, so a
+/// prefix always runs out of bytes before the value is complete).
+fn control_prefixes_fail<T: serde::Serialize + serde::de::DeserializeOwned + Debug>(v: &T) {
+    let control = encode_control(v);
+    for n in 0..control.len() {
+        assert!(
+            decode_control::<T>(&control[..n], "test").is_err(),
+            "{n}-byte prefix of the control of {v:?} decoded"
+        );
+    }
+}
+
+/// Checks a body prefix's decode: an error, or (only when it keeps the whole control and
+/// cuts the payload) the same control with the payload cut at the same place.
+fn check_prefix<T: PartialEq + Debug>(
+    r: Result<(T, Bytes), ProtocolError>,
+    want: &T,
+    payload: &Bytes,
+    body_len: usize,
+    n: usize,
+) {
+    let payload_start = body_len - payload.len();
+    match r {
+        Err(ProtocolError::Remote { .. }) => panic!("prefix {n} decoded as a remote error"),
+        Err(_) => assert!(
+            n < payload_start,
+            "prefix of {n} bytes keeps the control ({payload_start} bytes) but failed"
+        ),
+        Ok((got, p)) => {
+            assert!(
+                n >= payload_start,
+                "prefix of {n} bytes cuts the control ({payload_start} bytes) but decoded {got:?}"
+            );
+            assert_eq!(&got, want);
+            assert_eq!(&p[..], &payload[..n - payload_start]);
+            assert!(p.len() < payload.len());
+        }
+    }
+}
+
+fn check_request<M: Message + Sample + PartialEq + Debug>() {
+    for payload in [Bytes::new(), M::payload()] {
+        for req in M::samples() {
+            let f = frame_round_trip(&encode_request(&req, &payload));
+            assert_eq!(f.api, M::API as u16);
+            let (d, p) = decode_request::<M>(&f.body).unwrap();
+            assert_eq!(d, req);
+            assert_eq!(p, payload);
+            for n in 0..f.body.len() {
+                let r = decode_request::<M>(&f.body.slice(..n));
+                check_prefix(r, &req, &payload, f.body.len(), n);
+            }
+            control_prefixes_fail(&req);
+        }
+    }
+}
+
+fn check_response<M: Message>()
+where
+    M::Response: Sample + PartialEq + Debug,
+{
+    for payload in [Bytes::new(), M::Response::payload()] {
+        for resp in M::Response::samples() {
+            let f = frame_round_trip(&encode_response(M::API, &resp, &payload));
+            let (d, p) = decode_response::<M::Response>(M::API.name(), &f.body).unwrap();
+            assert_eq!(d, resp);
+            assert_eq!(p, payload);
+            for n in 0..f.body.len() {
+                let r = decode_response::<M::Response>(M::API.name(), &f.body.slice(..n));
+                check_prefix(r, &resp, &payload, f.body.len(), n);
+            }
+            control_prefixes_fail(&resp);
+        }
+    }
+    // The error form of the same response: round trip, and every strict prefix fails
+    // without being mistaken for the broker's error.
+    let f = frame_round_trip(&encode_error(
+        M::API as u16,
+        ErrorCode::InvalidRecord,
+        "header says 2 records, the batch holds 1",
+    ));
+    match decode_response::<M::Response>(M::API.name(), &f.body) {
+        Err(ProtocolError::Remote { code, message }) => {
+            assert_eq!(code, ErrorCode::InvalidRecord);
+            assert_eq!(message, "header says 2 records, the batch holds 1");
+        }
+        other => panic!("error response decoded as {other:?}"),
+    }
+    for n in 0..f.body.len() {
+        let r = decode_response::<M::Response>(M::API.name(), &f.body.slice(..n));
+        assert!(
+            matches!(&r, Err(e) if !matches!(e, ProtocolError::Remote { .. })),
+            "{n}-byte prefix of an error response: {r:?}"
+        );
+    }
+    control_prefixes_fail(&ErrorBody {
+        message: "x".repeat(200),
+    });
+}
+
+/// Decodes `body` as the request and the response of `api`; only a panic can fail.
+fn decode_any(api: ApiKey, body: &Bytes) {
+    macro_rules! dispatch {
+        ($($key:ident: $req:ty => $resp:ty,)*) => {
+            match api {
+                $(ApiKey::$key => {
+                    let _ = decode_request::<$req>(body);
+                    let _ = decode_response::<$resp>(stringify!($key), body);
+                })*
+            }
+        };
+    }
+    crate::with_all_messages!(dispatch);
+}
+
+/// All valid encodings (requests and responses, with and without payload).
+fn valid_bodies() -> Vec<(ApiKey, Bytes)> {
+    let mut out = Vec::new();
+    macro_rules! collect {
+        ($($key:ident: $req:ty => $resp:ty,)*) => {$(
+            for req in <$req as Sample>::samples() {
+                out.push((ApiKey::$key, encode_request(&req, &<$req as Sample>::payload()).body));
+            }
+            for resp in <$resp as Sample>::samples() {
+                let payload = <$resp as Sample>::payload();
+                out.push((ApiKey::$key, encode_response(ApiKey::$key, &resp, &payload).body));
+            }
+        )*};
+    }
+    crate::with_all_messages!(collect);
+    out
+}
+
+macro_rules! per_message_tests {
+    ($($key:ident: $req:ty => $resp:ty,)*) => {
+        #[allow(non_snake_case)]
+        mod round_trip_and_every_prefix {
+            use super::*;
+            $(
+                #[test]
+                fn $key() {
+                    assert_eq!(<$req as Message>::API, ApiKey::$key);
+                    check_request::<$req>();
+                    check_response::<$req>();
+                }
+            )*
+        }
+
+        #[test]
+        fn the_message_list_covers_every_api_key() {
+            let listed = [$(ApiKey::$key),*];
+            assert_eq!(&listed[..], ApiKey::ALL);
+        }
+    };
+}
+
+crate::with_all_messages!(per_message_tests);
+
+#[test]
+fn a_lying_sequence_length_allocates_by_the_bytes_present() {
+    // postcard: a sequence whose length is larger than the bytes left gets no capacity up
+    // front (postcard's size hint is then None); within the bytes left, serde caps it at
+    // 1 MiB. Either way a short body with a huge count fails fast.
+    let mut control = Vec::new();
+    control.push(1u8); // Some(
+    control.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]); // u32::MAX topics
+    control.extend_from_slice(&[1, b'a']);
+    let mut body = (control.len() as u32).to_be_bytes().to_vec();
+    body.extend_from_slice(&control);
+    let e = decode_request::<MetadataRequest>(&Bytes::from(body)).unwrap_err();
+    assert!(matches!(e, ProtocolError::Body { .. }), "{e:?}");
+    // A control length past the body is refused before the control is looked at.
+    let mut body = u32::MAX.to_be_bytes().to_vec();
+    body.push(0);
+    assert!(matches!(
+        decode_request::<MetadataRequest>(&Bytes::from(body)),
+        Err(ProtocolError::Malformed { .. })
+    ));
+    // A string length past the bytes present.
+    let mut control = vec![0xff, 0xff, 0xff, 0xff, 0x0f];
+    control.extend_from_slice(b"abc");
+    let mut body = (control.len() as u32).to_be_bytes().to_vec();
+    body.extend_from_slice(&control);
+    assert!(decode_request::<DeleteTopicRequest>(&Bytes::from(body)).is_err());
+}
+
+proptest! {
+    #[test]
+    fn random_bodies_never_panic(
+        api in 0usize..ApiKey::ALL.len(),
+        body in proptest::collection::vec(any::<u8>(), 0..300),
+    ) {
+        decode_any(ApiKey::ALL[api], &Bytes::from(body));
+    }
+
+    #[test]
+    fn mutated_valid_bodies_never_panic(
+        pick in any::<proptest::sample::Index>(),
+        flips in proptest::collection::vec((any::<proptest::sample::Index>(), any::<u8>()), 1..6),
+        cut in any::<proptest::sample::Index>(),
+    ) {
+        let bodies = valid_bodies();
+        let (api, body) = &bodies[pick.index(bodies.len())];
+        let mut b = body.to_vec();
+        for (at, v) in &flips {
+            let i = at.index(b.len());
+            b[i] = *v;
+        }
+        b.truncate(cut.index(b.len() + 1));
+        decode_any(*api, &Bytes::from(b));
+    }
+}

@@ -1,0 +1,148 @@
+//! A stored batch damaged in the middle of a partition (bytes overwritten through sled
+//! directly, as a failing disk would): the broker still starts, reports that partition
+//! offline and serves every other one; `quiver broker repair` drops the damaged suffix,
+//! says what it dropped, and the partition serves again.
+
+use std::time::Duration;
+
+use quiver_core::topic::{TopicMeta, TOPICS_TREE};
+
+use super::harness::{cli_at, TestBroker};
+
+/// Overwrites bytes inside the `nth` stored batch of `topic`/`partition`; returns its
+/// base offset. The broker must be stopped.
+fn damage_batch(b: &TestBroker, topic: &str, partition: u32, nth: usize) -> i64 {
+    let db = sled::open(b.data_dir().join("log")).expect("open the broker's sled database");
+    let meta: TopicMeta = serde_json::from_slice(
+        &db.open_tree(TOPICS_TREE)
+            .unwrap()
+            .get(topic.as_bytes())
+            .unwrap()
+            .expect("topic record"),
+    )
+    .unwrap();
+    let tree = db
+        .open_tree(format!("log/{}/{partition}", meta.id))
+        .unwrap();
+    let (k, v) = tree.iter().nth(nth).expect("enough batches").unwrap();
+    let mut bad = v.to_vec();
+    let at = bad.len() - 3;
+    bad[at] ^= 0x5a;
+    tree.insert(&k, bad).unwrap();
+    db.flush().unwrap();
+    i64::from_be_bytes(k.as_ref().try_into().unwrap())
+}
+
+#[test]
+fn a_damaged_middle_batch_takes_only_its_partition_offline_until_repaired() {
+    let mut b = TestBroker::start();
+    b.cli_ok(&["topic", "create", "disk", "--partitions", "2"]);
+    b.cli_ok(&["topic", "create", "other"]);
+    // Five separate produces: five stored batches of 10 records in partition 0.
+    for i in 0..5 {
+        let lines: String = (0..10).map(|j| format!("p0-{i}-{j}\n")).collect();
+        b.cli_stdin_ok(&["produce", "disk", "--partition", "0"], lines.as_bytes());
+    }
+    b.cli_stdin_ok(&["produce", "disk", "--partition", "1"], b"p1-a\np1-b\n");
+    b.cli_stdin_ok(&["produce", "other"], b"fine\n");
+    b.terminate();
+    let damaged_at = damage_batch(&b, "disk", 0, 2);
+    assert_eq!(damaged_at, 20);
+    b.spawn();
+    b.wait_ready();
+    let d = b.describe("disk");
+    assert_eq!(d["partitions"][0]["status"], "offline", "{d}");
+    assert!(
+        d["partitions"][0]["offline_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("offset 20") && r.contains("quiver broker repair")),
+        "{d}"
+    );
+    assert_eq!(d["partitions"][1]["status"], "online", "{d}");
+    assert!(b.log().contains("partition offline"), "{}", b.log());
+    let e = b.cli_err(
+        &[
+            "consume",
+            "disk",
+            "--partition",
+            "0",
+            "--from-beginning",
+            "--max-messages",
+            "1",
+        ],
+        None,
+    );
+    assert!(e.contains("offline") && e.contains("repair"), "{e}");
+    // Everything else serves.
+    assert_eq!(
+        b.cli_ok(&["consume", "disk", "--partition", "1", "--from-beginning"]),
+        "p1-a\np1-b\n"
+    );
+    assert_eq!(
+        b.cli_ok(&["consume", "other", "--from-beginning"]),
+        "fine\n"
+    );
+    b.cli_stdin_ok(&["produce", "other"], b"still\n");
+    // Repair needs the broker stopped, and says what it dropped.
+    let running = cli_at(
+        &b.addr(),
+        &b.ca(),
+        &[
+            "broker",
+            "repair",
+            "--data-dir",
+            b.data_dir().to_str().unwrap(),
+            "--topic",
+            "disk",
+            "--partition",
+            "0",
+        ],
+        None,
+    );
+    assert!(
+        !running.status.success(),
+        "repair must refuse while the broker runs"
+    );
+    b.terminate();
+    let out = cli_at(
+        &b.addr(),
+        &b.ca(),
+        &[
+            "broker",
+            "repair",
+            "--data-dir",
+            b.data_dir().to_str().unwrap(),
+            "--topic",
+            "disk",
+            "--partition",
+            "0",
+            "--output",
+            "json",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["first_damaged_offset"], 20, "{report}");
+    assert_eq!(report["dropped_batches"], 3, "{report}");
+    assert_eq!(report["dropped_records"], 30, "{report}");
+    assert_eq!(report["log_end_after"], 20, "{report}");
+    b.spawn();
+    b.wait_ready();
+    let d = b.describe("disk");
+    assert_eq!(d["partitions"][0]["status"], "online", "{d}");
+    assert_eq!(d["partitions"][0]["log_end_offset"], 20, "{d}");
+    let kept = b.cli_ok(&["consume", "disk", "--partition", "0", "--from-beginning"]);
+    let expect: String = (0..2)
+        .flat_map(|i| (0..10).map(move |j| format!("p0-{i}-{j}\n")))
+        .collect();
+    assert_eq!(kept, expect);
+    b.cli_stdin_ok(&["produce", "disk", "--partition", "0"], b"after repair\n");
+    let all = b.cli_ok(&["consume", "disk", "--partition", "0", "--from-beginning"]);
+    assert!(all.ends_with("after repair\n"), "{all}");
+    let _ = Duration::ZERO;
+}

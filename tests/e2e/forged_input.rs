@@ -1,0 +1,203 @@
+//! Well-formed but lying input from a raw QUIC client that builds its own frames (not the
+//! SDK): batches whose headers disagree with their records, timestamps from the far future,
+//! and writes into the broker's internal `__consumer_offsets` topic. Each is refused with
+//! a clear error and changes nothing; the broker stays up, consumes with and without a
+//! processor work, and after a restart every consumer group is intact.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use quiver_core::group::{GroupRecord, OFFSETS_TOPIC};
+use quiver_protocol::batch::{field, recompute_crc, BatchBuilder, Compression};
+use quiver_protocol::requests::{Acks, ProduceRequest};
+use quiver_protocol::{encode_request, ErrorCode, FRAME_HEADER_LEN};
+
+use super::harness::TestBroker;
+use super::hostile_input::connect;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// Produces `batch` to `topic`/0 on a new stream; returns the answer's code and message.
+async fn produce_raw(conn: &quinn::Connection, topic: &str, batch: &[u8]) -> (ErrorCode, String) {
+    let req = ProduceRequest {
+        topic: topic.into(),
+        partition: 0,
+        acks: Acks::Leader,
+        timeout_ms: 5000,
+    };
+    let frame = encode_request(&req, batch).encode();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&frame).await.unwrap();
+    send.finish().unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(30), recv.read_to_end(1 << 20))
+        .await
+        .expect("the broker answered in time")
+        .expect("the broker answered the stream");
+    assert!(
+        answer.len() >= FRAME_HEADER_LEN + 2,
+        "short answer {answer:?}"
+    );
+    let code = ErrorCode::from_u16(u16::from_be_bytes([
+        answer[FRAME_HEADER_LEN],
+        answer[FRAME_HEADER_LEN + 1],
+    ]));
+    (code, String::from_utf8_lossy(&answer).into_owned())
+}
+
+fn honest(values: &[&str], compression: Compression) -> Vec<u8> {
+    let mut b = BatchBuilder::new(compression);
+    let ts = now_ms();
+    for v in values {
+        b.push(None, v.as_bytes(), ts, &[]);
+    }
+    b.build().to_vec()
+}
+
+fn put_i32(batch: &mut [u8], at: usize, v: i32) {
+    batch[at..at + 4].copy_from_slice(&v.to_be_bytes());
+}
+
+fn put_i64(batch: &mut [u8], at: usize, v: i64) {
+    batch[at..at + 8].copy_from_slice(&v.to_be_bytes());
+}
+
+fn example(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/plugins")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+fn committed(b: &TestBroker, group: &str) -> Vec<(u32, Option<i64>)> {
+    let d: serde_json::Value =
+        serde_json::from_str(&b.cli_ok(&["group", "describe", group, "--output", "json"]))
+            .expect("describe json");
+    d["partitions"]
+        .as_array()
+        .expect("partitions")
+        .iter()
+        .map(|p| {
+            (
+                p["partition"].as_u64().unwrap() as u32,
+                p["committed"].as_i64(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn lying_batches_and_internal_topic_writes_are_refused_and_change_nothing() {
+    let mut b = TestBroker::start();
+    b.cli_ok(&["topic", "create", "victim"]);
+    b.cli_stdin_ok(&["produce", "victim"], b"one\ntwo\nthree\n");
+    b.cli_ok(&["plugin", "deploy", &example("noop-filter")]);
+    b.cli_ok(&[
+        "group",
+        "reset",
+        "keep",
+        "--topic",
+        "victim",
+        "--to-offset",
+        "2",
+    ]);
+    assert_eq!(committed(&b, "keep"), vec![(0, Some(2))]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (_ep, conn) = connect(&b, &rt);
+    rt.block_on(async {
+        // A valid CRC over a header that claims 2^31-1 records when one is present.
+        let mut huge = honest(&["real"], Compression::None);
+        put_i32(&mut huge, field::RECORD_COUNT, i32::MAX);
+        put_i32(&mut huge, field::LAST_OFFSET_DELTA, i32::MAX - 1);
+        recompute_crc(&mut huge);
+        let (code, msg) = produce_raw(&conn, "victim", &huge).await;
+        assert_eq!(code, ErrorCode::InvalidRecord, "{msg}");
+        assert!(
+            msg.contains("2147483647"),
+            "the error names the claim: {msg}"
+        );
+        // The same lie inside a compressed batch.
+        let mut lz = honest(&["a", "b"], Compression::Lz4);
+        put_i32(&mut lz, field::RECORD_COUNT, 1000);
+        put_i32(&mut lz, field::LAST_OFFSET_DELTA, 999);
+        recompute_crc(&mut lz);
+        let (code, msg) = produce_raw(&conn, "victim", &lz).await;
+        assert_eq!(code, ErrorCode::InvalidRecord, "{msg}");
+        // A max timestamp of i64::MAX (it would stop time retention forever).
+        let mut forever = honest(&["late"], Compression::None);
+        put_i64(&mut forever, field::MAX_TIMESTAMP, i64::MAX);
+        recompute_crc(&mut forever);
+        let (code, msg) = produce_raw(&conn, "victim", &forever).await;
+        assert_eq!(code, ErrorCode::InvalidRecord, "{msg}");
+        // An honest batch whose records are dated ten years ahead.
+        let mut future = BatchBuilder::new(Compression::None);
+        future.push(
+            None,
+            b"from the future",
+            now_ms() + 10 * 365 * 86_400_000,
+            &[],
+        );
+        let (code, msg) = produce_raw(&conn, "victim", &future.build()).await;
+        assert_eq!(code, ErrorCode::InvalidRecord, "{msg}");
+        assert!(msg.contains("message.timestamp.after.max.ms"), "{msg}");
+        // Junk, and a well-formed group record forging an offset, into __consumer_offsets.
+        let junk = honest(&["not a group record"], Compression::None);
+        let (code, msg) = produce_raw(&conn, OFFSETS_TOPIC, &junk).await;
+        assert_eq!(code, ErrorCode::InvalidTopicName, "{msg}");
+        assert!(msg.contains("internal topic"), "{msg}");
+        let forged = GroupRecord::Offset {
+            group: "keep".into(),
+            tp: quiver_protocol::requests::TopicPartition::new("victim", 0),
+            value: quiver_core::group::records::OffsetValue {
+                offset: 0,
+                metadata: None,
+            },
+        };
+        let (k, v) = forged.encode();
+        let mut fb = BatchBuilder::new(Compression::None);
+        fb.push(Some(&k), &v, now_ms(), &[]);
+        let (code, msg) = produce_raw(&conn, OFFSETS_TOPIC, &fb.build()).await;
+        assert_eq!(code, ErrorCode::InvalidTopicName, "{msg}");
+    });
+    // Nothing was stored, and the broker serves as before.
+    assert_eq!(b.describe("victim")["partitions"][0]["log_end_offset"], 3);
+    assert_eq!(
+        b.cli_ok(&["consume", "victim", "--from-beginning"]),
+        "one\ntwo\nthree\n"
+    );
+    let filtered = b.cli_ok(&[
+        "consume",
+        "victim",
+        "--from-beginning",
+        "--processor",
+        "noop-filter",
+    ]);
+    assert_eq!(filtered, "one\ntwo\nthree\n");
+    // Clients cannot alter or delete internal topics either.
+    let e = b.cli_err(
+        &[
+            "topic",
+            "alter",
+            OFFSETS_TOPIC,
+            "--config",
+            "retention.ms=1000",
+        ],
+        None,
+    );
+    assert!(e.contains("internal topic"), "{e}");
+    assert_eq!(committed(&b, "keep"), vec![(0, Some(2))]);
+    // A restart replays __consumer_offsets: every group is intact.
+    b.terminate();
+    b.spawn();
+    b.wait_ready();
+    assert_eq!(committed(&b, "keep"), vec![(0, Some(2))]);
+    assert_eq!(
+        b.cli_ok(&["consume", "victim", "--from-beginning"]),
+        "one\ntwo\nthree\n"
+    );
+}
