@@ -43,13 +43,15 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Deploy, list, describe and remove plugins; test and bench a bundle locally.
     Plugin(plugin::PluginArgs),
-    /// Print a shell completion script to stdout.
+    /// Print a shell completion script (bash, zsh or fish) to stdout.
     ///
-    /// bash: `quiver completions bash > ~/.local/share/bash-completion/completions/quiver`
-    /// (or `source <(quiver completions bash)` in ~/.bashrc);
-    /// zsh: `quiver completions zsh > ~/.zfunc/_quiver` with `fpath+=~/.zfunc` before
-    /// `compinit` in ~/.zshrc;
-    /// fish: `quiver completions fish > ~/.config/fish/completions/quiver.fish`.
+    /// bash: quiver completions bash > ~/.local/share/bash-completion/completions/quiver
+    /// (or add `source <(quiver completions bash)` to ~/.bashrc)
+    ///
+    /// zsh: quiver completions zsh > ~/.zfunc/_quiver
+    /// (with `fpath+=~/.zfunc` before `compinit` in ~/.zshrc)
+    ///
+    /// fish: quiver completions fish > ~/.config/fish/completions/quiver.fish
     Completions {
         /// The shell to complete for.
         #[arg(value_enum)]
@@ -84,9 +86,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // No runtime, logging or connection: just the script.
     if let Command::Completions { shell } = &cli.command {
+        // Generated in memory first: clap_complete panics on a failed write (a closed pipe).
+        let mut script = Vec::new();
+        write_completions(*shell, &mut script);
         let mut out = std::io::stdout().lock();
-        write_completions(*shell, &mut out);
-        return match std::io::Write::flush(&mut out) {
+        let written = std::io::Write::write_all(&mut out, &script)
+            .and_then(|()| std::io::Write::flush(&mut out));
+        return match written {
             Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
                 finish(Err(anyhow::anyhow!("cannot write the script: {e}")))
             }
