@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh
-cargo test --workspace --all-targets "$@"
+# --no-fail-fast: every test binary runs even after one fails, so one failure hides no other.
+cargo test --workspace --all-targets --no-fail-fast "$@"
 # Doc examples of the SDKs (compiled and run where they are not `no_run`).
-cargo test --workspace --doc
+cargo test --workspace --doc --no-fail-fast

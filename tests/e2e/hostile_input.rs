@@ -157,15 +157,15 @@ fn malformed_frames_get_errors_and_the_broker_keeps_serving() {
             let answer = tokio::time::timeout(Duration::from_secs(20), recv.read_to_end(1 << 20))
                 .await
                 .expect("slow stream answered in time");
-            if let Ok(a) = answer {
-                let code = u16::from_be_bytes([a[FRAME_HEADER_LEN], a[FRAME_HEADER_LEN + 1]]);
-                assert_eq!(ErrorCode::from_u16(code), ErrorCode::RequestTimedOut);
-            }
+            let a = answer.expect("the broker answers a slow stream with an error frame");
+            assert!(a.len() >= FRAME_HEADER_LEN + 2, "short answer {a:?}");
+            let code = u16::from_be_bytes([a[FRAME_HEADER_LEN], a[FRAME_HEADER_LEN + 1]]);
+            assert_eq!(ErrorCode::from_u16(code), ErrorCode::RequestTimedOut);
         }
     });
     let rss_after = b.rss_kib();
     assert!(
-        rss_after < rss_before + 200 * 1024,
+        rss_after < rss_before + 64 * 1024,
         "broker memory grew from {rss_before} KiB to {rss_after} KiB under hostile input"
     );
     // Everyone else is still served, and the topic holds only the good record.

