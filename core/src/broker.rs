@@ -109,13 +109,6 @@ fn open_db(dir: &Path) -> Result<sled::Db, BrokerError> {
         })
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 async fn retention_loop(
     topics: Arc<TopicRegistry>,
     every: Duration,
@@ -133,7 +126,7 @@ async fn retention_loop(
             for t in topics.list() {
                 let cfg = t.config();
                 for p in &t.partitions {
-                    if let Err(e) = p.apply_retention(&cfg, now_ms()) {
+                    if let Err(e) = p.apply_retention(&cfg, crate::clock::now_ms()) {
                         tracing::warn!(topic = %p.topic, partition = p.partition, error = %e, "retention failed");
                     }
                     let _ = p.persist_meta();

@@ -1,5 +1,6 @@
 //! quiver-core: the Quiver broker.
 //!
+//! - [`clock`]: the wall clock in record time (ms since the epoch);
 //! - [`config`]: the broker's TOML config, defaults, environment overrides, validation;
 //! - [`log`]: the sled-backed partition log (append, read, offsets, time index, retention);
 //! - [`topic`]: topic config and the topic registry;
@@ -11,6 +12,7 @@
 //! - [`broker`]: wires the parts together: [`Broker::start`] and [`BrokerHandle`].
 
 pub mod broker;
+pub mod clock;
 pub mod config;
 pub mod group;
 pub mod log;

@@ -83,13 +83,6 @@ pub struct GroupService {
     max_decompressed: usize,
 }
 
-fn wall_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 fn log_event(e: &GroupEvent) {
     let names = |ps: &[quiver_protocol::requests::TopicPartition]| {
         ps.iter()
@@ -176,7 +169,7 @@ impl GroupService {
         let log = topic.partitions.first().cloned().ok_or_else(|| {
             TopicError::InvalidPartitions(format!("{OFFSETS_TOPIC} has no partition"))
         })?;
-        let nonce = wall_ms() as u64 % 0x1_0000_0000;
+        let nonce = crate::clock::now_ms() as u64 % 0x1_0000_0000;
         let mut coord = GroupCoordinator::new(CoordinatorConfig {
             member_id_prefix: format!("{nonce:08x}"),
             ..CoordinatorConfig::default()
@@ -250,7 +243,7 @@ impl GroupService {
             return Ok(());
         }
         let mut b = BatchBuilder::new(Compression::None);
-        let ts = wall_ms();
+        let ts = crate::clock::now_ms();
         for r in records {
             let (k, v) = r.encode();
             b.push(Some(&k), &v, ts, &[]);

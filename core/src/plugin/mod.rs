@@ -152,13 +152,6 @@ pub struct PluginService {
     admin: Mutex<()>,
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -267,7 +260,7 @@ impl PluginService {
             kind: kind_str(m.kind).into(),
             runtime: runtime_str(m.runtime).into(),
             description: m.description.clone(),
-            deployed_ms: now_ms(),
+            deployed_ms: crate::clock::now_ms(),
             size: canonical.len() as u64,
             config: m.config.clone(),
         };

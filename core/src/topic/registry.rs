@@ -156,13 +156,6 @@ pub struct TopicRegistry {
     admin: std::sync::Mutex<()>,
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 impl TopicRegistry {
     /// Opens the registry and every partition log in `db`.
     pub fn open(db: sled::Db, defaults: TopicConfig) -> Result<TopicRegistry, TopicError> {
@@ -309,7 +302,7 @@ impl TopicRegistry {
             name: name.to_string(),
             partitions,
             overrides: overrides.clone(),
-            created_ms: now_ms(),
+            created_ms: crate::clock::now_ms(),
         };
         let mut parts = Vec::with_capacity(partitions as usize);
         for p in 0..partitions {

@@ -13,13 +13,6 @@ use quiver_protocol::ErrorCode;
 use super::{decode, Reply, RequestError};
 use crate::server::ServerContext;
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// Handles a produce request.
 pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let (req, payload) = decode::<ProduceRequest>(&body)?;
@@ -36,7 +29,7 @@ pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
     let max_decompressed = ctx.config.limits.max_frame_bytes as usize;
     let cfg = config.clone();
     let checked = tokio::task::spawn_blocking(move || {
-        let now = now_ms();
+        let now = crate::clock::now_ms();
         batches
             .into_iter()
             .map(|b| {
