@@ -13,7 +13,11 @@
 //! protected raw call, and an output record whose `value`/`key` is byte-equal to its input's
 //! reuses the input's `Bytes` instead of copying.
 
+mod pattern;
 mod raw;
+mod strlib;
+#[cfg(test)]
+mod strlib_tests;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -26,10 +30,14 @@ use crate::limits::{Effective, Health};
 use crate::{Partitioner, PluginError, Processor, Record};
 
 const PRELUDE: &str = include_str!("prelude.lua");
+/// Bounded table.insert/remove/move/sort/concat (see the file's header).
+const TABLIB: &str = include_str!("tablib.lua");
 /// Prefix of errors the drivers raise for contract violations (mapped to `BadReturn`).
 const BAD_RETURN: &str = "\u{1}quiver-bad-return: ";
 const CPU_MESSAGE: &str = "CPU time limit exceeded";
 const HOOK_EVERY: u32 = 1000;
+/// Pattern-matching steps allowed per millisecond of a call's CPU limit (see `strlib.rs`).
+const STEPS_PER_MS: u64 = 200_000;
 const MAX_LOG_LINES_PER_CALL: u32 = 64;
 const MAX_LOG_LINE: usize = 4096;
 const WATCHDOG_PERIOD: Duration = Duration::from_millis(10);
@@ -44,6 +52,9 @@ struct Guard {
     running: AtomicBool,
     warned: AtomicBool,
     logs: AtomicU32,
+    /// Pattern-matching steps left in the current call (see `strlib.rs`).
+    steps: AtomicU64,
+    memory_bytes: usize,
 }
 
 impl Guard {
@@ -56,6 +67,8 @@ impl Guard {
         self.tripped.store(false, Ordering::Relaxed);
         self.warned.store(false, Ordering::Relaxed);
         self.logs.store(0, Ordering::Relaxed);
+        self.steps
+            .store(cpu_ms.saturating_mul(STEPS_PER_MS), Ordering::Relaxed);
         self.running.store(true, Ordering::Release);
     }
 
@@ -70,6 +83,32 @@ impl Guard {
 
     fn expired(&self) -> bool {
         self.overrun_ns() > 0
+    }
+}
+
+impl strlib::Limits for Guard {
+    fn steps_left(&self) -> u64 {
+        self.steps.load(Ordering::Relaxed)
+    }
+
+    fn spend(&self, steps: u64) {
+        let _ = self
+            .steps
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                Some(left.saturating_sub(steps))
+            });
+    }
+
+    fn expired(&self) -> bool {
+        self.tripped.load(Ordering::Relaxed) || Guard::expired(self)
+    }
+
+    fn trip(&self) {
+        self.tripped.store(true, Ordering::Relaxed);
+    }
+
+    fn memory_limit(&self) -> usize {
+        self.memory_bytes
     }
 }
 
@@ -147,6 +186,8 @@ impl LuaInstance {
                 deadline_ns: AtomicU64::new(0),
                 tripped: AtomicBool::new(false),
                 logs: AtomicU32::new(0),
+                steps: AtomicU64::new(0),
+                memory_bytes: eff.memory_bytes(),
             }),
             health: Health::new(eff.plugin.clone(), eff.max_failures),
             eff,
@@ -176,6 +217,13 @@ impl LuaInstance {
         // the per-batch garbage (record tables) this host creates; an allocation that would
         // break the memory limit first triggers Lua's emergency full collection.
         lua.gc_inc(200, 100, 0);
+        // Before the prelude: the bounded pattern functions take Lua's own `pcall`.
+        let string: mlua::Table = lua.globals().raw_get("string")?;
+        strlib::install(lua, &string, self.guard.clone())?;
+        lua.load(TABLIB)
+            .set_name("=quiver-tablib")
+            .set_mode(ChunkMode::Text)
+            .exec()?;
         let guard = self.guard.clone();
         lua.set_hook(
             HookTriggers::new().every_nth_instruction(HOOK_EVERY),

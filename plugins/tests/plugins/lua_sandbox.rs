@@ -329,3 +329,131 @@ fn a_script_without_the_role_function_does_not_build() {
         .unwrap();
     assert!(matches!(e, PluginError::CpuLimit { .. }), "{e}");
 }
+
+/// Single C-level calls that would run for hours with Lua's own string and table libraries
+/// (no instruction hook fires inside a C function, and none of these allocates as it goes).
+const RUNAWAY: &str = r#"
+local exp_s, exp_p = string.rep("a", 40), string.rep("a?", 40) .. string.rep("a", 40)
+local actions = {
+  exp_find = function() return string.find(exp_s, exp_p) end,
+  exp_method = function() return exp_s:match(exp_p) end,
+  lazy_captures = function() return string.find(string.rep("a", 5000), string.rep("(.-)", 20) .. "x") end,
+  gsub = function() return (string.gsub(string.rep("a", 100000), ".-.-.-b", "")) end,
+  gmatch = function() for _ in string.rep("a", 100000):gmatch(".-.-.-b") do end end,
+  plain = function() return string.find(string.rep("a", 2000000), string.rep("a", 1000000) .. "b", 1, true) end,
+  pcall_pattern = function() for _ = 1, 1e9 do pcall(string.find, exp_s, exp_p) end end,
+  move = function() table.move({}, 1, 1e15, 1) end,
+  insert_lying_len = function() table.insert(setmetatable({}, { __len = function() return 1e15 end }), 1, "x") end,
+  remove_lying_len = function() table.remove(setmetatable({}, { __len = function() return 1e15 end }), 1) end,
+  sort_virtual = function() table.sort(setmetatable({}, { __len = function() return 2^31 - 2 end, __index = rawlen })) end,
+  concat_virtual = function() return table.concat(setmetatable({}, { __len = function() return 1e15 end, __index = rawlen })) end,
+  sort_big = function() local t = {} for i = 1, 500000 do t[i] = (i * 7919) % 100003 end table.sort(t) end,
+}
+function process(r)
+  local a = actions[r.value]
+  if a then a() end
+  return r
+end
+"#;
+
+#[test]
+fn runaway_c_calls_fail_with_the_cpu_limit_in_time() {
+    let limits = HostLimits {
+        cpu_ms: 200,
+        ..tight_limits()
+    };
+    for action in [
+        "exp_find",
+        "exp_method",
+        "lazy_captures",
+        "gsub",
+        "gmatch",
+        "plain",
+        "pcall_pattern",
+        "move",
+        "insert_lying_len",
+        "remove_lying_len",
+        "sort_virtual",
+        "concat_virtual",
+        "sort_big",
+    ] {
+        let mut p = processor(lua_bundle("processor", RUNAWAY), limits.clone());
+        let start = std::time::Instant::now();
+        let e = fails(&mut *p, action);
+        let took = start.elapsed();
+        // The Lua replacement of concat over a huge virtual table collects the parts first,
+        // so the memory limit may come before the CPU limit: both stop it.
+        assert!(
+            matches!(e, PluginError::CpuLimit { limit_ms: 200, .. })
+                || (action == "concat_virtual" && matches!(e, PluginError::MemoryLimit { .. })),
+            "{action}: {e}"
+        );
+        // The call stops at its limit (checks run every ~1000 instructions or 1024 matching
+        // steps), not when a C function happens to return; the slack is for a loaded machine.
+        assert!(
+            took < std::time::Duration::from_millis(1500),
+            "{action}: took {took:?}"
+        );
+        still_works(&mut *p);
+    }
+}
+
+#[test]
+fn string_and_table_builders_are_stopped_by_the_memory_limit() {
+    let src = r#"
+      local actions = {
+        rep = function() return string.rep("x", 1 << 30) end,
+        rep_empty_sep = function() return string.rep("", 1 << 26, "y") end,
+        format = function() local s = "x" while true do s = string.format("%s%s", s, s) end end,
+        concat = function()
+          local t = {} for i = 1, 1000 do t[i] = string.rep("x", 1000) end
+          while true do t = { table.concat(t), table.concat(t) } end
+        end,
+        gsub = function() return (string.gsub(string.rep("a", 100000), "", string.rep("b", 1000))) end,
+        gsub_fn = function() return (string.gsub(string.rep("a", 100000), "", function() return string.rep("b", 1000) end)) end,
+      }
+      function process(r) local a = actions[r.value] if a then a() end return r end"#;
+    for action in [
+        "rep",
+        "rep_empty_sep",
+        "format",
+        "concat",
+        "gsub",
+        "gsub_fn",
+    ] {
+        let mut p = processor(lua_bundle("processor", src), tight_limits());
+        let e = fails(&mut *p, action);
+        assert!(
+            matches!(e, PluginError::MemoryLimit { limit_mb: 16, .. }),
+            "{action}: {e}"
+        );
+        still_works(&mut *p);
+    }
+}
+
+#[test]
+fn pattern_functions_behave_as_luas_inside_the_sandbox() {
+    let src = r#"
+      function process(r)
+        local out = {}
+        out[#out + 1] = table.concat({ r.value:find("(%w+)=(%w+)") }, ",")
+        out[#out + 1] = r.value:match("^(%a+)")
+        for k, v in r.value:gmatch("(%w+)=(%w+)") do out[#out + 1] = k .. ":" .. v end
+        out[#out + 1] = (r.value:gsub("%w+", { a = "A" }))
+        out[#out + 1] = (r.value:gsub("(%w+)=(%w+)", "%2=%1", 1))
+        local ok, e = pcall(string.find, r.value, "[a")
+        out[#out + 1] = tostring(ok) .. " " .. e
+        local t = {} for i = 1, 100000 do t[i] = 100000 - i end
+        table.sort(t)
+        table.insert(t, 1, -1)
+        out[#out + 1] = t[1] .. " " .. t[2] .. " " .. t[#t] .. " " .. table.remove(t, 1)
+        r.value = table.concat(out, "|")
+        return r
+      end"#;
+    let mut p = processor(lua_bundle("processor", src), tight_limits());
+    let out = p.process_batch(recs(&["a=1 b=2"])).unwrap();
+    assert_eq!(
+        values(&out),
+        ["1,3,a,1|a|a:1|b:2|A=1 b=2|1=a b=2|false malformed pattern (missing ']')|-1 0 99999 -1"]
+    );
+}
