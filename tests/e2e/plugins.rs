@@ -467,3 +467,59 @@ fn a_hostile_processor_is_stopped_at_its_limits_while_other_clients_keep_working
         "broker RSS went from {rss_before} KiB to {rss_after} KiB"
     );
 }
+
+#[test]
+fn a_lua_plugin_stuck_in_pattern_matching_fails_alone_while_everything_else_goes_on() {
+    let b = TestBroker::start();
+    b.cli_ok(&["plugin", "deploy", &example("backtrack")]);
+    b.cli_ok(&["topic", "create", "stuck"]);
+    b.cli_stdin_ok(&["produce", "stuck"], b"x\ny\n");
+    b.cli_ok(&["topic", "create", "other"]);
+    let addr = b.addr();
+    let ca = b.ca();
+    // Three consumers keep calling the hostile processor.
+    let consumers: Vec<_> = (0..3)
+        .map(|_| {
+            let (addr, ca) = (addr.clone(), ca.clone());
+            std::thread::spawn(move || {
+                (0..3)
+                    .map(|_| {
+                        let out = super::harness::cli_at(
+                            &addr,
+                            &ca,
+                            &[
+                                "consume",
+                                "stuck",
+                                "--from-beginning",
+                                "--processor",
+                                "backtrack",
+                                "--max-messages",
+                                "1",
+                            ],
+                            None,
+                        );
+                        assert!(
+                            !out.status.success(),
+                            "the hostile processor cannot succeed"
+                        );
+                        String::from_utf8_lossy(&out.stderr).into_owned()
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    // Meanwhile produce and consume on another topic go on.
+    let mut expect = String::new();
+    for i in 0..10 {
+        let line = format!("round {i}\n");
+        b.cli_stdin_ok(&["produce", "other"], line.as_bytes());
+        expect.push_str(&line);
+        assert_eq!(b.cli_ok(&["consume", "other", "--from-beginning"]), expect);
+    }
+    for c in consumers {
+        for e in c.join().expect("consumer thread") {
+            assert!(e.contains("PluginFailed"), "{e}");
+        }
+    }
+    b.cli_ok(&["topic", "list"]);
+}
