@@ -86,7 +86,7 @@ fn sigterm_answers_every_produce_and_loses_no_acknowledged_record() {
                     }
                 }));
                 i += 1;
-                if i % 200 == 0 {
+                if i.is_multiple_of(200) {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
             }
