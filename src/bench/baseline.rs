@@ -1,11 +1,20 @@
-//! `bench baseline`: in one run and on one data directory, measures the raw limits under
-//! Quiver — one QUIC stream over loopback (same TLS and transport settings as the broker),
-//! and sled appends of the same batches the producer sends (with a flush per batch, as
-//! `flush = "batch"` acknowledges, and without) — then runs Quiver's produce and consume on
-//! an embedded broker and prints each as a ratio of its limit.
+//! `bench baseline`: in one run, Quiver's produce and consume on an embedded broker, then the
+//! raw limits under them measured with the **same volume and the same concurrency**:
+//!
+//! - sled: the number of records the produce run stored, as full batches of the producer's
+//!   batch size, written by one thread per partition (each to its own tree in one `Db`
+//!   opened like the broker's), with a flush after every batch (what `flush = "batch"`
+//!   waits for) and, separately, with one flush at the end. sled slows as its log grows, so
+//!   a raw run shorter than the produce run would flatter the ratio.
+//! - QUIC: the bytes the consume run moved (record batches as they travel), over one
+//!   loopback connection with the broker's TLS and transport settings, one stream per
+//!   partition (the consumer keeps a fetch in flight per partition).
+//!
+//! Each Quiver figure is then printed as a ratio of its limit.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -19,9 +28,7 @@ use super::produce::produce_into;
 use super::report::Report;
 use super::{LoadOpts, OutputFormat};
 
-/// How long each raw measurement runs at most.
-const RAW_TIME: Duration = Duration::from_secs(5);
-
+/// What `bench baseline` prints (JSON field names are a contract for scripts).
 #[derive(Debug, Serialize)]
 struct Baseline {
     quic_stream_mb_per_sec: f64,
@@ -37,48 +44,118 @@ struct Baseline {
     produce_vs_sled: f64,
     /// Quiver consume wire MB/s ÷ raw QUIC stream MB/s.
     consume_vs_quic: f64,
+    /// Records written by the raw sled runs (= records the produce run stored).
+    sled_records: u64,
+    /// Bytes written by each raw sled run.
+    sled_bytes: u64,
+    /// Batches written by each raw sled run.
+    sled_batches: u64,
+    /// Concurrent sled writers (= the topic's partitions).
+    sled_writers: u32,
+    /// Bytes moved by the raw QUIC run (= the consume run's batches on the wire).
+    quic_bytes: u64,
+    /// Concurrent QUIC streams (= the topic's partitions).
+    quic_streams: u32,
 }
 
-/// The batch the producer would build for `o`.
-fn sample_batch(o: &LoadOpts) -> (Bytes, usize) {
+/// A batch as the producer builds it for `o` with `records` records (the full batch when
+/// `records` is `None`), and how many records it holds.
+fn sample_batch(o: &LoadOpts, records: Option<usize>) -> (Bytes, usize) {
     let value: Vec<u8> = (0..o.record_size).map(|i| b'a' + (i % 26) as u8).collect();
     let mut b = BatchBuilder::with_capacity(o.compression, o.batch_size + 1024);
     let mut n = 0;
-    while b.size_bytes() + o.record_size + 16 <= o.batch_size || n == 0 {
+    loop {
+        let full = b.size_bytes() + o.record_size + 16 > o.batch_size && n > 0;
+        if records.map_or(full, |want| n >= want) {
+            break;
+        }
         b.push(None, &value, 1_700_000_000_000, &[]);
         n += 1;
     }
     (b.build(), n)
 }
 
-/// Raw sled: insert the batch under increasing keys; `flush` after each when asked.
-fn sled_appends(dir: &std::path::Path, batch: &Bytes, flush: bool) -> anyhow::Result<(f64, u64)> {
+/// One raw sled run: `writers` threads, writer `w` appending `per_writer[w]` records as
+/// full batches (`full`, holding `per_batch` records) plus one `tail`-style last batch, each
+/// into its own tree; `flush` after every batch when asked, and once at the end always.
+struct SledRun<'a> {
+    dir: &'a Path,
+    full: &'a Bytes,
+    per_batch: usize,
+    o: &'a LoadOpts,
+    per_writer: Vec<u64>,
+    flush: bool,
+}
+
+/// What a raw sled run did: seconds, batches, bytes.
+fn sled_appends(run: SledRun<'_>) -> anyhow::Result<(f64, u64, u64)> {
     let db = sled::Config::new()
-        .path(dir)
+        .path(run.dir)
         .cache_capacity(512 * 1024 * 1024)
         .mode(sled::Mode::HighThroughput)
         .open()
-        .with_context(|| format!("opening {}", dir.display()))?;
-    let tree = db.open_tree("baseline")?;
-    let start = Instant::now();
-    let mut n: u64 = 0;
-    while start.elapsed() < RAW_TIME && n < 100_000 {
-        tree.insert(n.to_be_bytes(), batch.as_ref())?;
-        if flush {
-            db.flush()?;
-        }
-        n += 1;
+        .with_context(|| format!("opening {}", run.dir.display()))?;
+    // Each writer's work: its tree and its batches (the last one may hold fewer records).
+    let mut plans = Vec::new();
+    for (w, &records) in run.per_writer.iter().enumerate() {
+        let tree = db.open_tree(format!("baseline/{w}"))?;
+        let full_batches = records / run.per_batch as u64;
+        let rest = (records % run.per_batch as u64) as usize;
+        let tail = (rest > 0).then(|| sample_batch(run.o, Some(rest)).0);
+        plans.push((tree, full_batches, tail));
     }
+    let start = Instant::now();
+    let (batches, bytes) = std::thread::scope(|s| {
+        let handles: Vec<_> = plans
+            .into_iter()
+            .map(|(tree, full_batches, tail)| {
+                let db = &db;
+                let full = run.full;
+                let flush = run.flush;
+                s.spawn(move || -> anyhow::Result<(u64, u64)> {
+                    let (mut key, mut batches, mut bytes) = (0u64, 0u64, 0u64);
+                    let all = (0..full_batches)
+                        .map(|_| full)
+                        .chain(tail.as_ref())
+                        .collect::<Vec<&Bytes>>();
+                    for batch in all {
+                        tree.insert(key.to_be_bytes(), batch.as_ref())?;
+                        if flush {
+                            db.flush()?;
+                        }
+                        key += 1;
+                        batches += 1;
+                        bytes += batch.len() as u64;
+                    }
+                    Ok((batches, bytes))
+                })
+            })
+            .collect();
+        let mut total = (0u64, 0u64);
+        for h in handles {
+            let (b, n) = h
+                .join()
+                .map_err(|_| anyhow::anyhow!("a sled writer panicked"))??;
+            total.0 += b;
+            total.1 += n;
+        }
+        anyhow::Ok(total)
+    })?;
     db.flush()?;
     let secs = start.elapsed().as_secs_f64();
-    drop(tree);
     drop(db);
-    let _ = std::fs::remove_dir_all(dir);
-    Ok((secs, n))
+    let _ = std::fs::remove_dir_all(run.dir);
+    Ok((secs, batches, bytes))
 }
 
-/// Raw QUIC: the server writes `chunk` repeatedly on one stream; the client reads it all.
-async fn quic_stream(dir: &std::path::Path, chunk: Bytes) -> anyhow::Result<f64> {
+/// Raw QUIC: `streams` streams on one loopback connection; the server writes `chunk`
+/// repeatedly on each until `total_bytes / streams` have gone; the client reads them all.
+async fn quic_streams(
+    dir: &Path,
+    chunk: Bytes,
+    total_bytes: u64,
+    streams: u32,
+) -> anyhow::Result<f64> {
     let cfg = BrokerConfig {
         data_dir: dir.to_path_buf(),
         listen: "127.0.0.1:0".into(),
@@ -89,22 +166,35 @@ async fn quic_stream(dir: &std::path::Path, chunk: Bytes) -> anyhow::Result<f64>
     let crypto = quiver_core::tls::server_crypto(id)?;
     let server = quiver_core::server::endpoint::bind("127.0.0.1:0".parse()?, crypto, &cfg.limits)?;
     let addr = server.local_addr()?;
-    let total_bytes: u64 = 4 * 1024 * 1024 * 1024;
+    let per_stream: Vec<u64> = (0..streams)
+        .map(|i| {
+            total_bytes / u64::from(streams)
+                + u64::from(u64::from(i) < total_bytes % u64::from(streams))
+        })
+        .collect();
     let srv = tokio::spawn(async move {
         let conn = server.accept().await.context("no connection")?.await?;
-        let (mut send, mut recv) = conn.accept_bi().await?;
-        let mut go = [0u8; 1];
-        recv.read_exact(&mut go).await?;
-        let start = Instant::now();
-        let mut sent = 0u64;
-        while sent < total_bytes && start.elapsed() < RAW_TIME {
-            if send.write_chunk(chunk.clone()).await.is_err() {
-                break;
-            }
-            sent += chunk.len() as u64;
+        let mut writers = Vec::new();
+        for share in per_stream {
+            let (mut send, mut recv) = conn.accept_bi().await?;
+            let chunk = chunk.clone();
+            writers.push(tokio::spawn(async move {
+                let mut go = [0u8; 1];
+                recv.read_exact(&mut go).await?;
+                let mut sent = 0u64;
+                while sent < share {
+                    let n = (share - sent).min(chunk.len() as u64) as usize;
+                    send.write_chunk(chunk.slice(..n)).await?;
+                    sent += n as u64;
+                }
+                let _ = send.finish();
+                let _ = send.stopped().await;
+                anyhow::Ok(())
+            }));
         }
-        let _ = send.finish();
-        let _ = send.stopped().await;
+        for w in writers {
+            w.await??;
+        }
         Ok::<_, anyhow::Error>(())
     });
     let client_ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
@@ -129,37 +219,50 @@ async fn quic_stream(dir: &std::path::Path, chunk: Bytes) -> anyhow::Result<f64>
     let conn = client_ep
         .connect_with(client_cfg, addr, "127.0.0.1")?
         .await?;
-    let (mut send, mut recv) = conn.open_bi().await?;
-    send.write_all(&[1]).await?;
+    let mut opened = Vec::new();
+    for _ in 0..streams {
+        opened.push(conn.open_bi().await?);
+    }
     let start = Instant::now();
+    let mut readers = Vec::new();
+    for (mut send, mut recv) in opened {
+        readers.push(tokio::spawn(async move {
+            send.write_all(&[1]).await?;
+            let mut got = 0u64;
+            while let Some(c) = recv.read_chunk(usize::MAX, true).await? {
+                got += c.bytes.len() as u64;
+            }
+            anyhow::Ok(got)
+        }));
+    }
     let mut got = 0u64;
-    while let Some(c) = recv.read_chunk(usize::MAX, true).await? {
-        got += c.bytes.len() as u64;
+    for r in readers {
+        got += r.await??;
     }
     let secs = start.elapsed().as_secs_f64();
-    let _ = srv.await;
+    srv.await??;
     conn.close(0u32.into(), b"done");
     Ok(got as f64 / 1e6 / secs)
+}
+
+/// A directory for the raw runs on the same file system as the broker's data.
+fn raw_dir(o: &LoadOpts) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
+    Ok(match &o.data_dir {
+        Some(d) => (d.join("baseline-raw"), None),
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("quiver-baseline-")
+                .tempdir_in(std::env::current_dir().unwrap_or_else(|_| std::env::temp_dir()))
+                .or_else(|_| tempfile::tempdir())
+                .context("creating a temporary directory")?;
+            (t.path().to_path_buf(), Some(t))
+        }
+    })
 }
 
 /// Runs the baseline and prints it.
 pub async fn run(o: &LoadOpts) -> anyhow::Result<()> {
     let broker = EmbeddedBroker::start(o.data_dir.clone()).await?;
-    let (batch, per_batch) = sample_batch(o);
-    eprintln!("measuring one QUIC stream over loopback ...");
-    let quic = quic_stream(&broker.data_dir.join("baseline-quic"), batch.clone()).await?;
-    eprintln!(
-        "measuring sled appends of {} B batches ({per_batch} records each) ...",
-        batch.len()
-    );
-    let dir = broker.data_dir.join("baseline-sled");
-    let b2 = batch.clone();
-    let (fsecs, fn_) = tokio::task::spawn_blocking(move || sled_appends(&dir, &b2, true)).await??;
-    let dir = broker.data_dir.join("baseline-sled-noflush");
-    let b3 = batch.clone();
-    let (nsecs, nn) = tokio::task::spawn_blocking(move || sled_appends(&dir, &b3, false)).await??;
-    let mb = |n: u64, s: f64| n as f64 * batch.len() as f64 / 1e6 / s;
-    let rps = |n: u64, s: f64| (n * per_batch as u64) as f64 / s;
     let client = quiver_client::Client::connect(quiver_client::ClientConfig {
         ca_file: broker.ca.clone(),
         ..quiver_client::ClientConfig::new(broker.addr.to_string())
@@ -176,18 +279,63 @@ pub async fn run(o: &LoadOpts) -> anyhow::Result<()> {
     let consume = consume_from(&client, &co, &topic, true).await?;
     drop(client);
     broker.stop().await;
+
+    let (dir, _tmp) = raw_dir(o)?;
+    let (batch, per_batch) = sample_batch(o, None);
+    let writers = o.partitions;
+    let per_writer: Vec<u64> = (0..writers as u64)
+        .map(|w| {
+            produce.records / u64::from(writers)
+                + u64::from(w < produce.records % u64::from(writers))
+        })
+        .collect();
+    eprintln!(
+        "raw sled, same volume and concurrency as the produce run: {} records in {} B batches \
+         ({per_batch} records each), {writers} writer thread(s), one per partition ...",
+        produce.records,
+        batch.len()
+    );
+    let sled_run = |sub: &str, flush: bool| {
+        let (dir, batch, per_writer, o) =
+            (dir.join(sub), batch.clone(), per_writer.clone(), o.clone());
+        tokio::task::spawn_blocking(move || {
+            sled_appends(SledRun {
+                dir: &dir,
+                full: &batch,
+                per_batch,
+                o: &o,
+                per_writer,
+                flush,
+            })
+        })
+    };
+    let (fsecs, sled_batches, sled_bytes) = sled_run("sled-flush", true).await??;
+    let (nsecs, _, _) = sled_run("sled-noflush", false).await??;
     let wire_per_record = batch.len() as f64 / per_batch as f64;
+    let quic_bytes = (consume.records as f64 * wire_per_record) as u64;
+    eprintln!(
+        "raw QUIC, same volume and concurrency as the consume run: {quic_bytes} B over {writers} stream(s) ..."
+    );
+    let quic = quic_streams(&dir.join("quic"), batch.clone(), quic_bytes.max(1), writers).await?;
+
+    let rps = |s: f64| produce.records as f64 / s;
     let consume_wire_mb = consume.records_per_sec * wire_per_record / 1e6;
     let b = Baseline {
         quic_stream_mb_per_sec: quic,
-        sled_append_flush_mb_per_sec: mb(fn_, fsecs),
-        sled_append_flush_records_per_sec: rps(fn_, fsecs),
-        sled_append_mb_per_sec: mb(nn, nsecs),
-        sled_append_records_per_sec: rps(nn, nsecs),
+        sled_append_flush_mb_per_sec: sled_bytes as f64 / 1e6 / fsecs,
+        sled_append_flush_records_per_sec: rps(fsecs),
+        sled_append_mb_per_sec: sled_bytes as f64 / 1e6 / nsecs,
+        sled_append_records_per_sec: rps(nsecs),
         batch_bytes: batch.len(),
         records_per_batch: per_batch,
-        produce_vs_sled: produce.records_per_sec / rps(fn_, fsecs),
+        produce_vs_sled: produce.records_per_sec / rps(fsecs),
         consume_vs_quic: consume_wire_mb / quic,
+        sled_records: produce.records,
+        sled_bytes,
+        sled_batches,
+        sled_writers: writers,
+        quic_bytes,
+        quic_streams: writers,
         produce,
         consume,
     };
@@ -195,15 +343,28 @@ pub async fn run(o: &LoadOpts) -> anyhow::Result<()> {
         OutputFormat::Json => println!("{}", serde_json::to_string(&b)?),
         OutputFormat::Text => {
             println!(
-                "raw QUIC stream (1 stream, loopback, TLS):      {:>10.1} MB/s",
+                "raw limits measured in this run with the same volume and concurrency as Quiver's runs below:"
+            );
+            println!(
+                "  raw QUIC, {} stream(s) on 1 loopback TLS connection, {:.1} MB:  {:>10.1} MB/s",
+                b.quic_streams,
+                b.quic_bytes as f64 / 1e6,
                 b.quic_stream_mb_per_sec
             );
             println!(
-                "raw sled append + flush per {} B batch:      {:>10.1} MB/s = {:.0} records/s",
-                b.batch_bytes, b.sled_append_flush_mb_per_sec, b.sled_append_flush_records_per_sec
+                "  raw sled, {} records = {:.1} MB in {} batches of {} B, {} writer(s) (one per partition):",
+                b.sled_records,
+                b.sled_bytes as f64 / 1e6,
+                b.sled_batches,
+                b.batch_bytes,
+                b.sled_writers
             );
             println!(
-                "raw sled append, no flush:                      {:>10.1} MB/s = {:.0} records/s",
+                "    append + flush per batch:  {:>10.1} MB/s = {:.0} records/s",
+                b.sled_append_flush_mb_per_sec, b.sled_append_flush_records_per_sec
+            );
+            println!(
+                "    append, one flush at end:  {:>10.1} MB/s = {:.0} records/s",
                 b.sled_append_mb_per_sec, b.sled_append_records_per_sec
             );
             println!("{}", b.produce.line());
@@ -214,10 +375,65 @@ pub async fn run(o: &LoadOpts) -> anyhow::Result<()> {
                 b.produce.records_per_sec / b.sled_append_records_per_sec * 100.0
             );
             println!(
-                "consume = {:.0}% of the raw QUIC stream limit ({consume_wire_mb:.1} MB/s on the wire)",
+                "consume = {:.0}% of the raw QUIC limit ({consume_wire_mb:.1} MB/s on the wire)",
                 b.consume_vs_quic * 100.0
             );
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Opts {
+        #[command(flatten)]
+        o: LoadOpts,
+    }
+
+    fn opts(args: &[&str]) -> LoadOpts {
+        Opts::parse_from([&["bench"], args].concat()).o
+    }
+
+    #[test]
+    fn sample_batches_fill_the_batch_size_or_hold_what_is_asked() {
+        let o = opts(&["--record-size", "1000", "--batch-size", "10240"]);
+        let (full, n) = sample_batch(&o, None);
+        assert!(
+            n >= 9 && full.len() <= 10240 + 1024,
+            "{n} records, {} B",
+            full.len()
+        );
+        let (part, m) = sample_batch(&o, Some(3));
+        assert_eq!(m, 3);
+        assert!(part.len() < full.len());
+    }
+
+    #[test]
+    fn raw_sled_writes_exactly_the_records_asked_with_one_writer_per_partition() {
+        let o = opts(&["--record-size", "100", "--batch-size", "4096"]);
+        let (full, per_batch) = sample_batch(&o, None);
+        let dir = tempfile::tempdir().unwrap();
+        let per_writer = vec![per_batch as u64 * 2 + 5, per_batch as u64 * 2 + 4, 0];
+        let (_, batches, bytes) = sled_appends(SledRun {
+            dir: &dir.path().join("s"),
+            full: &full,
+            per_batch,
+            o: &o,
+            per_writer,
+            flush: true,
+        })
+        .unwrap();
+        // Two full batches and one partial per non-empty writer.
+        assert_eq!(batches, 6);
+        let (tail5, _) = sample_batch(&o, Some(5));
+        let (tail4, _) = sample_batch(&o, Some(4));
+        assert_eq!(
+            bytes,
+            4 * full.len() as u64 + tail5.len() as u64 + tail4.len() as u64
+        );
+    }
 }

@@ -12,8 +12,6 @@ pub struct EmbeddedBroker {
     pub addr: SocketAddr,
     /// Its CA file.
     pub ca: Option<PathBuf>,
-    /// Its data directory.
-    pub data_dir: PathBuf,
     handle: BrokerHandle,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -34,7 +32,7 @@ impl EmbeddedBroker {
         };
         let config = BrokerConfig {
             listen: "127.0.0.1:0".into(),
-            data_dir: dir.clone(),
+            data_dir: dir,
             ..BrokerConfig::default()
         };
         let handle = Broker::start(config)
@@ -43,7 +41,6 @@ impl EmbeddedBroker {
         Ok(EmbeddedBroker {
             addr: handle.local_addr(),
             ca: handle.ca_path(),
-            data_dir: dir,
             handle,
             _tmp: tmp,
         })

@@ -28,12 +28,15 @@ pub struct BenchArgs {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
-    /// Produce generated records as fast as the broker acknowledges them.
+    /// Produce generated records as fast as the broker acknowledges them, or at a fixed
+    /// rate (`--rate`) to measure latency at that load.
     Produce(LoadOpts),
     /// Read records (produced first when the topic is short of them) as fast as possible.
     Consume(LoadOpts),
-    /// Measure the raw QUIC-stream and sled-append limits, then produce and consume on an
-    /// embedded broker, and print Quiver's figures as ratios of the limits.
+    /// Produce and consume on an embedded broker, then measure the raw limits with the same
+    /// volume and concurrency (sled appends: the records produced, one writer per partition;
+    /// QUIC: the bytes consumed, one stream per partition), and print Quiver's figures as
+    /// ratios of the limits.
     Baseline(LoadOpts),
     /// Time N consumer-group members (`--members`) take to settle over `--partitions`, and
     /// the incremental rebalance when one more joins.
@@ -85,6 +88,12 @@ pub struct LoadOpts {
     /// Concurrent producers.
     #[arg(long, default_value_t = 1)]
     producers: usize,
+    /// `bench produce`: send at this many records/s in total (split evenly between the
+    /// producers; Kafka's --throughput) instead of as fast as possible, so latency is
+    /// measured at a fixed load. Latency then runs from each record's scheduled send time
+    /// (not from when the producer got to it), so a producer that falls behind shows it.
+    #[arg(long, value_name = "RECORDS_PER_SEC")]
+    rate: Option<f64>,
     /// Largest producer batch in bytes.
     #[arg(long, default_value_t = 1024 * 1024)]
     batch_size: usize,
@@ -152,6 +161,21 @@ impl LoadOpts {
         if self.batch_size < 1024 {
             bail!("--batch-size must be at least 1024 bytes");
         }
+        if let Some(r) = self.rate {
+            if !(r.is_finite() && r >= 1.0) {
+                bail!("--rate must be at least 1 record/s");
+            }
+        }
+        Ok(())
+    }
+
+    /// `--rate` applies to `bench produce` only.
+    fn no_rate(&self, command: &str) -> anyhow::Result<()> {
+        if self.rate.is_some() {
+            bail!(
+                "--rate applies to `bench produce` only; `bench {command}` measures at saturation"
+            );
+        }
         Ok(())
     }
 }
@@ -177,6 +201,7 @@ pub async fn run(global: &GlobalOpts, args: BenchArgs) -> anyhow::Result<()> {
         }
         BenchCommand::Consume(o) => {
             o.check()?;
+            o.no_rate("consume")?;
             let target = Target::open(global, &o).await?;
             let r = match &o.group {
                 Some(g) => {
@@ -189,6 +214,7 @@ pub async fn run(global: &GlobalOpts, args: BenchArgs) -> anyhow::Result<()> {
         }
         BenchCommand::Rebalance(o) => {
             o.check()?;
+            o.no_rate("rebalance")?;
             if o.members < 2 {
                 bail!("--members must be at least 2");
             }
@@ -199,6 +225,7 @@ pub async fn run(global: &GlobalOpts, args: BenchArgs) -> anyhow::Result<()> {
         }
         BenchCommand::Baseline(o) => {
             o.check()?;
+            o.no_rate("baseline")?;
             baseline::run(&o).await?;
         }
     }

@@ -20,8 +20,8 @@ pub struct Report {
     pub records_per_sec: f64,
     /// Megabytes (10^6) of record values per second.
     pub mb_per_sec: f64,
-    /// Latency percentiles in milliseconds (produce: send to acknowledgement of sampled
-    /// records; consume: one fetch or pushed chunk).
+    /// Latency percentiles in milliseconds; what they measure is in `latency_measures`
+    /// (0 when `latency_samples` is 0).
     pub p50_ms: f64,
     /// 99th percentile.
     pub p99_ms: f64,
@@ -31,6 +31,19 @@ pub struct Report {
     pub record_size: usize,
     /// Partitions.
     pub partitions: u32,
+    /// What the latency percentiles measure.
+    pub latency_measures: String,
+    /// How many latencies the percentiles are computed from.
+    pub latency_samples: u64,
+    /// `bench produce --rate`: the target rate in records/s (null when saturated).
+    pub target_records_per_sec: Option<f64>,
+    /// `bench produce --rate`: whether the run achieved at least 98% of the target rate
+    /// (records acknowledged ÷ time from the first scheduled send to the last
+    /// acknowledgement).
+    pub kept_up: Option<bool>,
+    /// `bench produce --rate`: the largest delay, in ms, between a record's scheduled send
+    /// time and the moment the producer took it (a full producer buffer shows here).
+    pub max_schedule_lag_ms: Option<f64>,
 }
 
 impl Report {
@@ -63,7 +76,24 @@ impl Report {
             p999_ms: q(0.999),
             record_size,
             partitions,
+            latency_measures: if lat.is_empty() {
+                "not measured".into()
+            } else {
+                String::new()
+            },
+            latency_samples: lat.len(),
+            target_records_per_sec: None,
+            kept_up: None,
+            max_schedule_lag_ms: None,
         }
+    }
+
+    /// Says what the latency figures measure (when any were taken).
+    pub fn measuring(mut self, what: &str) -> Report {
+        if self.latency_samples > 0 {
+            self.latency_measures = what.into();
+        }
+        self
     }
 
     /// Prints the report.
@@ -74,20 +104,39 @@ impl Report {
         }
     }
 
-    /// The one-line human summary.
+    /// The human summary (one line, a second for a paced run).
     pub fn line(&self) -> String {
-        format!(
-            "{}: {} records of {} B in {:.2} s: {:.0} records/s, {:.1} MB/s; latency p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms",
+        let latency = if self.latency_samples == 0 {
+            "latency not measured".to_string()
+        } else {
+            format!(
+                "latency p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms ({} samples; {})",
+                self.p50_ms, self.p99_ms, self.p999_ms, self.latency_samples, self.latency_measures
+            )
+        };
+        let mut s = format!(
+            "{}: {} records of {} B in {:.2} s: {:.0} records/s, {:.1} MB/s; {latency}",
             self.kind,
             self.records,
             self.record_size,
             self.seconds,
             self.records_per_sec,
             self.mb_per_sec,
-            self.p50_ms,
-            self.p99_ms,
-            self.p999_ms
-        )
+        );
+        if let (Some(target), Some(kept_up)) = (self.target_records_per_sec, self.kept_up) {
+            s.push_str(&format!(
+                "\ntarget {target:.0} records/s: achieved {:.0} records/s ({:.1}%), {}; largest lag behind the send schedule {:.1} ms",
+                self.records_per_sec,
+                self.records_per_sec / target * 100.0,
+                if kept_up {
+                    "kept up"
+                } else {
+                    "DID NOT keep up (latency figures include the backlog)"
+                },
+                self.max_schedule_lag_ms.unwrap_or(0.0)
+            ));
+        }
+        s
     }
 }
 
