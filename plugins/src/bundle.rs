@@ -21,6 +21,8 @@ pub const MANIFEST_FILE: &str = "plugin.toml";
 pub const MAX_FILES: usize = 1024;
 /// Most bytes all files of a bundle may hold together (after decompression).
 pub const MAX_TOTAL_BYTES: u64 = 64 * 1024 * 1024;
+/// Bytes reserved up front for one archive entry, whatever its header claims.
+const INITIAL_ENTRY_CAPACITY: u64 = 64 * 1024;
 
 /// What a plugin does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
@@ -360,7 +362,9 @@ fn read_archive(r: impl Read, origin: &Path) -> Result<BTreeMap<String, Vec<u8>>
             .ok_or_else(|| archive_err(origin, format!("{raw:?}: unsafe path in archive")))?;
         let size = entry.header().size().map_err(io)?;
         caps.add(size, origin)?;
-        let mut data = Vec::with_capacity(size.min(MAX_TOTAL_BYTES) as usize);
+        // The size is the archive's claim: reserve a little and let the read grow the buffer,
+        // so a header claiming 64 MiB in front of a few bytes allocates only what is there.
+        let mut data = Vec::with_capacity(size.min(INITIAL_ENTRY_CAPACITY) as usize);
         (&mut entry)
             .take(MAX_TOTAL_BYTES + 1)
             .read_to_end(&mut data)
@@ -447,6 +451,23 @@ cpu_ms = 50
             assert!(msg.contains("plugin.toml"), "{msg}");
             assert!(msg.contains(needle), "{needle} not in {msg}");
         }
+    }
+
+    #[test]
+    fn an_entry_claiming_more_bytes_than_it_has_is_refused() {
+        // A tar header claiming 60 MiB, followed by 10 bytes and the end of the stream.
+        let mut header = tar::Header::new_gnu();
+        header.set_path("plugin.toml").unwrap();
+        header.set_size(60 * 1024 * 1024);
+        header.set_mode(0o644);
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_cksum();
+        let mut raw = header.as_bytes().to_vec();
+        raw.extend_from_slice(b"name = \"x\"");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut gz, &raw).unwrap();
+        let bytes = gz.finish().unwrap();
+        assert!(Bundle::from_archive_bytes(&bytes).is_err());
     }
 
     #[test]

@@ -20,6 +20,9 @@ use crate::Record;
 /// Smallest encoded record: flags, value_len, timestamp, offset, partition, header_count.
 pub const MIN_RECORD_LEN: usize = 1 + 4 + 8 + 8 + 4 + 4;
 
+/// Smallest encoded header: name_len and value_len.
+const MIN_HEADER_LEN: usize = 4 + 4;
+
 /// Append `records` to `out` as one encoded batch.
 pub fn encode_batch_into(records: &[Record], out: &mut Vec<u8>) {
     let total: usize = 4 + records.iter().map(Record::encoded_len).sum::<usize>();
@@ -63,7 +66,8 @@ pub fn decode_batch(buf: Bytes) -> Result<Vec<Record>, String> {
     if count.saturating_mul(MIN_RECORD_LEN) > buf.len() - pos {
         return Err("record count larger than the batch".into());
     }
-    let mut out = Vec::with_capacity(count);
+    // The count comes from the guest: reserve only what the bytes present can hold.
+    let mut out = Vec::with_capacity(count.min((buf.len() - pos) / MIN_RECORD_LEN));
     for _ in 0..count {
         let flags = take(&buf, &mut pos, 1)?[0];
         if flags & !1 != 0 {
@@ -81,10 +85,10 @@ pub fn decode_batch(buf: Bytes) -> Result<Vec<Record>, String> {
         let offset = i64::from_le_bytes(array(&buf, &mut pos)?);
         let partition = i32::from_le_bytes(array(&buf, &mut pos)?);
         let hc = read_u32(&buf, &mut pos)? as usize;
-        if hc.saturating_mul(8) > buf.len() - pos {
+        if hc.saturating_mul(MIN_HEADER_LEN) > buf.len() - pos {
             return Err("header count larger than the batch".into());
         }
-        let mut headers = Vec::with_capacity(hc);
+        let mut headers = Vec::with_capacity(hc.min((buf.len() - pos) / MIN_HEADER_LEN));
         for _ in 0..hc {
             let n = read_u32(&buf, &mut pos)? as usize;
             let name = std::str::from_utf8(take(&buf, &mut pos, n)?)
@@ -172,6 +176,48 @@ mod tests {
         let mut long = enc.clone();
         long.push(0);
         assert!(decode_batch(Bytes::from(long)).is_err());
+    }
+
+    /// `sample()` encoded with its record count (and the first record's header count) set.
+    fn lying(count: u32, header_count: Option<u32>) -> Vec<u8> {
+        let mut enc = encode_batch(&sample());
+        enc[..4].copy_from_slice(&count.to_le_bytes());
+        if let Some(hc) = header_count {
+            // flags, key_len, "k1", value_len, "hello", timestamp, offset, partition
+            let at = 4 + 1 + 4 + 2 + 4 + 5 + 8 + 8 + 4;
+            enc[at..at + 4].copy_from_slice(&hc.to_le_bytes());
+        }
+        enc
+    }
+
+    #[test]
+    fn lying_counts_are_refused() {
+        assert!(decode_batch(Bytes::from(lying(2, Some(1)))).is_ok());
+        for (count, hc) in [
+            (3, None),
+            (1, None),
+            (2, Some(2)),
+            (2, Some(0)),
+            (2, Some(9)),
+            (2, Some(u32::MAX)),
+            (u32::MAX, None),
+            (1 << 20, None),
+        ] {
+            let bytes = lying(count, hc);
+            // A count the bytes could hold passes the up-front check and fails when the
+            // records run out (or the rest is trailing bytes); a larger one is refused first.
+            assert!(
+                decode_batch(Bytes::from(bytes)).is_err(),
+                "count {count}, header count {hc:?}"
+            );
+        }
+        // Many tiny records claimed, few bytes present: refused before any allocation.
+        let mut b = 1_000_000u32.to_le_bytes().to_vec();
+        b.extend_from_slice(&[0; MIN_RECORD_LEN * 3]);
+        assert_eq!(
+            decode_batch(Bytes::from(b)).unwrap_err(),
+            "record count larger than the batch"
+        );
     }
 
     #[test]

@@ -4,9 +4,10 @@
 //! cache (by bundle digest), the import policy (only `quiver:plugin/host` is provided; other
 //! WASI imports a standard library pulls in are trap stubs; `wasi:filesystem`, `wasi:sockets`
 //! and `wasi:http` are refused at load) and the per-call limits: epoch deadline for CPU (the
-//! deadline is set before every call and never refilled during it), a [`ResourceLimiter`] for
-//! memory, `max_wasm_stack` for the stack, and an output-size check. A failed call drops the
-//! store; the next call instantiates afresh from the cached [`InstancePre`].
+//! deadline is set before every call and never refilled during it), a [`ResourceLimiter`]
+//! capping the total of the instance's memories and tables, `max_wasm_stack` for the stack,
+//! and an output-size check. A failed call drops the store; the next call instantiates afresh
+//! from the cached [`InstancePre`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -71,6 +72,8 @@ fn engine(stack: usize) -> Result<Engine, PluginError> {
     let mut cfg = Config::new();
     cfg.wasm_component_model(true)
         .epoch_interruption(true)
+        // Wasmtime's default, stated: the memory cap is on the instance's total (`Limiter`).
+        .wasm_multi_memory(true)
         .max_wasm_stack(stack)
         .strategy(wasmtime::Strategy::Cranelift);
     let engine = Engine::new(&cfg)
@@ -215,33 +218,84 @@ fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-/// Caps linear memory and tables; remembers that the memory cap was hit.
+/// Bytes a table element is counted as (a function reference is a pointer).
+const TABLE_ELEMENT_BYTES: usize = std::mem::size_of::<usize>();
+
+/// Caps the **total** of every linear memory and table (elements counted as
+/// [`TABLE_ELEMENT_BYTES`]) of a store, which holds one plugin instance: a component may hold
+/// several core instances and a core module several memories (multi-memory is enabled), and a
+/// cap per memory would let N memories take N times the limit. Remembers that the cap was hit,
+/// so the guest's resulting trap or abort maps to `MemoryLimit`.
+#[derive(Debug)]
 struct Limiter {
-    memory_bytes: usize,
+    cap_bytes: usize,
+    /// Bytes of memories and tables granted so far in this store (they never shrink).
+    used_bytes: usize,
+    /// The last growth granted, returned if the growth then failed.
+    pending_bytes: usize,
     hit_memory: bool,
+}
+
+impl Limiter {
+    fn new(cap_bytes: usize) -> Self {
+        Limiter {
+            cap_bytes,
+            used_bytes: 0,
+            pending_bytes: 0,
+            hit_memory: false,
+        }
+    }
+
+    fn grow(&mut self, delta: usize) -> bool {
+        match self.used_bytes.checked_add(delta) {
+            Some(total) if total <= self.cap_bytes => {
+                self.used_bytes = total;
+                self.pending_bytes = delta;
+                true
+            }
+            _ => {
+                self.hit_memory = true;
+                false
+            }
+        }
+    }
+
+    fn grow_failed(&mut self) {
+        self.used_bytes = self.used_bytes.saturating_sub(self.pending_bytes);
+        self.pending_bytes = 0;
+    }
 }
 
 impl ResourceLimiter for Limiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.memory_bytes {
-            self.hit_memory = true;
-            return Ok(false);
-        }
-        Ok(true)
+        Ok(self.grow(desired.saturating_sub(current)))
+    }
+
+    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.grow_failed();
+        Ok(())
     }
 
     fn table_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        Ok(desired <= 1_000_000)
+        let delta = desired
+            .saturating_sub(current)
+            .saturating_mul(TABLE_ELEMENT_BYTES);
+        Ok(self.grow(delta))
+    }
+
+    fn table_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.grow_failed();
+        Ok(())
     }
 
     fn instances(&self) -> usize {
@@ -294,10 +348,7 @@ impl WasmInstance {
             State {
                 plugin: self.eff.plugin.clone(),
                 config: self.eff.config.clone(),
-                limiter: Limiter {
-                    memory_bytes: self.eff.memory_bytes(),
-                    hit_memory: false,
-                },
+                limiter: Limiter::new(self.eff.memory_bytes()),
                 logs: 0,
                 last_panic: None,
             },
@@ -463,5 +514,36 @@ impl Partitioner for WasmPartitioner {
             }
             Ok(p)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_limiter_caps_the_total_of_memories_and_tables() {
+        let mut l = Limiter::new(100);
+        assert!(l.grow(60));
+        assert!(
+            !l.grow(60),
+            "a second memory may not take the rest of the cap again"
+        );
+        assert!(l.hit_memory);
+        assert!(l.grow(40));
+        assert!(!l.grow(1));
+        let mut l = Limiter::new(1000);
+        assert!(l.memory_growing(0, 600, None).unwrap());
+        l.memory_grow_failed(wasmtime::Error::msg("no")).unwrap();
+        assert!(
+            l.memory_growing(0, 600, None).unwrap(),
+            "a failed growth is given back"
+        );
+        assert!(
+            !l.table_growing(0, 100, None).unwrap(),
+            "100 elements of 8 bytes"
+        );
+        assert!(l.table_growing(0, 50, None).unwrap());
+        assert!(!l.grow(usize::MAX));
     }
 }

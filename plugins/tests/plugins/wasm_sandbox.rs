@@ -190,3 +190,48 @@ fn core_modules_and_components_without_the_export_do_not_load() {
         assert!(matches!(e, PluginError::Load { .. }), "{wat}: {e}");
     }
 }
+
+/// A component whose core module has two linear memories. `process-batch` grows the second
+/// memory to 75% of 16 MiB; when the first record's value starts with `a` it first grows the
+/// first memory to 75% too. It returns an empty batch.
+const TWO_MEMORIES: &str = r#"
+(component
+  (core module $m
+    (memory $m0 (export "memory") 1)
+    (memory $m1 0)
+    (global $bump (mut i32) (i32.const 1024))
+    (func (export "realloc") (param i32 i32 i32 i32) (result i32)
+      (local $r i32)
+      (local.set $r (global.get $bump))
+      (global.set $bump (i32.add (global.get $bump) (local.get 3)))
+      (local.get $r))
+    (func (export "process") (param $ptr i32) (param $len i32) (result i32)
+      ;; batch: count:u32 flags:u8 value_len:u32 value... -> the value's first byte is at +9
+      (if (i32.eq (i32.load8_u (i32.add (local.get $ptr) (i32.const 9))) (i32.const 97))
+        (then
+          (if (i32.eq (memory.grow $m0 (i32.const 191)) (i32.const -1)) (then unreachable))))
+      (if (i32.eq (memory.grow $m1 (i32.const 192)) (i32.const -1)) (then unreachable))
+      (i32.store (i32.const 100) (i32.const 0))
+      (i32.store8 (i32.const 16) (i32.const 0))
+      (i32.store (i32.const 20) (i32.const 100))
+      (i32.store (i32.const 24) (i32.const 4))
+      (i32.const 16)))
+  (core instance $i (instantiate $m))
+  (func (export "process-batch") (param "batch" (list u8)) (result (result (list u8) (error string)))
+    (canon lift (core func $i "process") (memory (core memory $i "memory")) (realloc (core func $i "realloc")))))
+"#;
+
+#[test]
+fn the_memory_cap_is_on_the_total_of_all_memories() {
+    let limits = tight_limits(); // 16 MiB
+                                 // One memory at 75% of the cap (plus the 64 KiB first memory) fits.
+    let mut p = processor(wat_bundle(TWO_MEMORIES), limits.clone());
+    assert_eq!(p.process_batch(vec![rec("b")]).unwrap(), vec![]);
+    // Two memories at 75% each are 150% of the cap: refused, although each alone is within it.
+    let mut p = processor(wat_bundle(TWO_MEMORIES), limits);
+    let e = fails(&mut *p, "a");
+    assert!(
+        matches!(e, PluginError::MemoryLimit { limit_mb: 16, .. }),
+        "{e}"
+    );
+}
