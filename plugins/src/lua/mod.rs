@@ -54,7 +54,6 @@ struct Guard {
     logs: AtomicU32,
     /// Pattern-matching steps left in the current call (see `strlib.rs`).
     steps: AtomicU64,
-    memory_bytes: usize,
 }
 
 impl Guard {
@@ -105,10 +104,6 @@ impl strlib::Limits for Guard {
 
     fn trip(&self) {
         self.tripped.store(true, Ordering::Relaxed);
-    }
-
-    fn memory_limit(&self) -> usize {
-        self.memory_bytes
     }
 }
 
@@ -187,7 +182,6 @@ impl LuaInstance {
                 tripped: AtomicBool::new(false),
                 logs: AtomicU32::new(0),
                 steps: AtomicU64::new(0),
-                memory_bytes: eff.memory_bytes(),
             }),
             health: Health::new(eff.plugin.clone(), eff.max_failures),
             eff,
@@ -217,7 +211,7 @@ impl LuaInstance {
         // the per-batch garbage (record tables) this host creates; an allocation that would
         // break the memory limit first triggers Lua's emergency full collection.
         lua.gc_inc(200, 100, 0);
-        // Before the prelude: the bounded pattern functions take Lua's own `pcall`.
+        // Before the prelude, which locks the globals down.
         let string: mlua::Table = lua.globals().raw_get("string")?;
         strlib::install(lua, &string, self.guard.clone())?;
         lua.load(TABLIB)

@@ -20,11 +20,57 @@ const CHECK_EVERY: u64 = 1024;
 /// Pattern characters that make `string.find` use the matcher instead of a plain search.
 const SPECIALS: &[u8] = b"^$*+?.([%-";
 
+/// A malformed pattern or a bad capture reference; [`PatError::write`] gives Lua's message.
+/// (Plain data: the C functions raise it with `longjmp`, which runs no destructors.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PatError {
+    EndsWithPercent,
+    MissingBracket,
+    MissingBalanceArguments,
+    MissingFrontierSet,
+    /// `%N` names no closed capture (N as written, so `%0` is 0).
+    InvalidCaptureIndex(i64),
+    InvalidPatternCapture,
+    TooManyCaptures,
+    TooComplex,
+    UnfinishedCapture,
+}
+
+impl PatError {
+    /// Lua's message, in pieces.
+    pub(crate) fn write(&self, out: &mut dyn FnMut(&[u8])) {
+        let text: &[u8] = match self {
+            PatError::EndsWithPercent => b"malformed pattern (ends with '%')",
+            PatError::MissingBracket => b"malformed pattern (missing ']')",
+            PatError::MissingBalanceArguments => b"malformed pattern (missing arguments to '%b')",
+            PatError::MissingFrontierSet => b"missing '[' after '%f' in pattern",
+            PatError::InvalidCaptureIndex(n) => {
+                out(b"invalid capture index %");
+                out(n.to_string().as_bytes());
+                return;
+            }
+            PatError::InvalidPatternCapture => b"invalid pattern capture",
+            PatError::TooManyCaptures => b"too many captures",
+            PatError::TooComplex => b"pattern too complex",
+            PatError::UnfinishedCapture => b"unfinished capture",
+        };
+        out(text);
+    }
+}
+
+impl std::fmt::Display for PatError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut s = Vec::new();
+        self.write(&mut |b| s.extend_from_slice(b));
+        f.write_str(&String::from_utf8_lossy(&s))
+    }
+}
+
 /// Why matching stopped without an answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Fail {
-    /// A malformed pattern or a bad capture reference, with Lua's message.
-    Error(String),
+    /// A malformed pattern or a bad capture reference.
+    Error(PatError),
     /// The step budget of the current plugin call is spent.
     Budget,
     /// The plugin call's deadline has passed.
@@ -33,8 +79,8 @@ pub(crate) enum Fail {
 
 type R<T> = Result<T, Fail>;
 
-fn error<T>(message: impl Into<String>) -> R<T> {
-    Err(Fail::Error(message.into()))
+fn error<T>(e: PatError) -> R<T> {
+    Err(Fail::Error(e))
 }
 
 /// Counts matching steps against a budget and looks at a deadline every [`CHECK_EVERY`] steps.
@@ -156,7 +202,7 @@ impl<'s, 'm, 'a> Matcher<'s, 'm, 'a> {
     pub(crate) fn capture(&self, i: usize, s: usize, e: usize) -> R<Capture> {
         if i >= self.level {
             if i != 0 {
-                return error(format!("invalid capture index %{}", i + 1));
+                return error(PatError::InvalidCaptureIndex(i as i64 + 1));
             }
             return Ok(Capture::Str(s, e));
         }
@@ -175,7 +221,7 @@ impl<'s, 'm, 'a> Matcher<'s, 'm, 'a> {
 
     fn run(&mut self, s: usize, p: usize) -> R<Option<usize>> {
         if self.depth == 0 {
-            return error("pattern too complex");
+            return error(PatError::TooComplex);
         }
         self.depth -= 1;
         let r = self.run_inner(s, p);
@@ -214,7 +260,7 @@ impl<'s, 'm, 'a> Matcher<'s, 'm, 'a> {
                     Some(b'f') => {
                         p += 2;
                         if pat.get(p) != Some(&b'[') {
-                            return error("missing '[' after '%f' in pattern");
+                            return error(PatError::MissingFrontierSet);
                         }
                         let ep = self.class_end(p)?;
                         let prev = if s == 0 { 0 } else { self.src[s - 1] };
@@ -298,7 +344,7 @@ impl<'s, 'm, 'a> Matcher<'s, 'm, 'a> {
 
     fn open_capture(&mut self, s: usize, p: usize, len: Len) -> R<Option<usize>> {
         if self.level >= MAX_CAPTURES {
-            return error("too many captures");
+            return error(PatError::TooManyCaptures);
         }
         self.slots[self.level] = Slot { start: s, len };
         self.level += 1;
@@ -314,7 +360,7 @@ impl<'s, 'm, 'a> Matcher<'s, 'm, 'a> {
             .rev()
             .find(|&l| matches!(self.slots[l].len, Len::Unfinished))
         else {
-            return error("invalid pattern capture");
+            return error(PatError::InvalidPatternCapture);
         };
         self.slots[l].len = Len::Closed(s - self.slots[l].start);
         let r = self.run(s, p)?;
@@ -333,7 +379,7 @@ impl<'s, 'm, 'a> Matcher<'s, 'm, 'a> {
             .map(|l| self.slots[l])
             .filter(|slot| !matches!(slot.len, Len::Unfinished));
         let Some(slot) = slot else {
-            return error(format!("invalid capture index %{}", l + 1));
+            return error(PatError::InvalidCaptureIndex(i64::from(l) + 1));
         };
         // A position capture has no text: a back-reference to it never matches.
         let Len::Closed(n) = slot.len else {
@@ -350,7 +396,7 @@ impl<'s, 'm, 'a> Matcher<'s, 'm, 'a> {
     /// `%bxy`: a balanced run from `x` to the matching `y`.
     fn balance(&mut self, s: usize, p: usize) -> R<Option<usize>> {
         let (Some(&open), Some(&close)) = (self.pat.get(p), self.pat.get(p + 1)) else {
-            return error("malformed pattern (missing arguments to '%b')");
+            return error(PatError::MissingBalanceArguments);
         };
         if self.src.get(s) != Some(&open) {
             return Ok(None);
@@ -378,7 +424,7 @@ impl<'s, 'm, 'a> Matcher<'s, 'm, 'a> {
         let mut p = p + 1;
         if c == b'%' {
             if p >= pat.len() {
-                return error("malformed pattern (ends with '%')");
+                return error(PatError::EndsWithPercent);
             }
             return Ok(p + 1);
         }
@@ -389,7 +435,7 @@ impl<'s, 'm, 'a> Matcher<'s, 'm, 'a> {
             // The first character of a set is a member even when it is `]`.
             loop {
                 if p >= pat.len() {
-                    return error("malformed pattern (missing ']')");
+                    return error(PatError::MissingBracket);
                 }
                 let c = pat[p];
                 p += 1;
@@ -588,14 +634,8 @@ mod tests {
         assert_eq!(find("THE quick", "%f[%a]%a+$"), Ok(Some((4, 9))));
         assert_eq!(find("a]b", "[]]"), Ok(Some((1, 2))));
         assert_eq!(find("abab", "(ab)%1"), Ok(Some((0, 4))));
-        assert_eq!(
-            find("a", "%"),
-            Err(Fail::Error("malformed pattern (ends with '%')".into()))
-        );
-        assert_eq!(
-            find("a", "[a"),
-            Err(Fail::Error("malformed pattern (missing ']')".into()))
-        );
+        assert_eq!(find("a", "%"), Err(Fail::Error(PatError::EndsWithPercent)));
+        assert_eq!(find("a", "[a"), Err(Fail::Error(PatError::MissingBracket)));
     }
 
     #[test]
