@@ -1,21 +1,26 @@
-//! Frames and request/response bodies: any bytes decode to a value or an error, never a
-//! panic, and nothing past the limits is allocated.
+//! Frames and the bodies they carry: any bytes decode to a frame, "need more", or an
+//! error, never a panic, nothing past the limits is allocated, and a frame whose api key
+//! is known is decoded as that key's request and response.
 #![no_main]
 
-use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use quiver_protocol::requests::{FetchRequest, FetchResponse, ProduceRequest, TopicDescription};
-use quiver_protocol::{decode_request, decode_response, Frame, Limits};
+use quiver_protocol::{ApiKey, Frame, Limits};
+
+mod common;
 
 fuzz_target!(|data: &[u8]| {
-    let limits = Limits { max_frame_bytes: 1 << 16, max_decompressed_bytes: 1 << 16 };
-    if let Ok(Some((frame, used))) = Frame::decode(data, &limits) {
-        assert!(used <= data.len());
-        let _ = decode_request::<ProduceRequest>(&frame.body);
-        let _ = decode_request::<FetchRequest>(&frame.body);
-        let _ = decode_response::<FetchResponse>("fetch", &frame.body);
-        let _ = decode_response::<TopicDescription>("describe", &frame.body);
+    let limits = Limits {
+        max_frame_bytes: 1 << 16,
+        max_decompressed_bytes: 1 << 16,
+    };
+    let mut rest = data;
+    // Several frames back to back, as on a stream.
+    while let Ok(Some((frame, used))) = Frame::decode(rest, &limits) {
+        assert!(used >= 8 && used <= rest.len());
+        assert_eq!(frame.encode()[..], rest[..used]);
+        if let Ok(api) = ApiKey::from_u16(frame.api) {
+            common::decode_as(api, &frame.body);
+        }
+        rest = &rest[used..];
     }
-    let body = Bytes::copy_from_slice(data);
-    let _ = decode_request::<ProduceRequest>(&body);
 });

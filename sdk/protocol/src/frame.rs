@@ -40,6 +40,9 @@ macro_rules! api_keys {
         pub enum ApiKey { $($(#[$doc])* $name = $v,)* }
 
         impl ApiKey {
+            /// Every key, in wire-number order.
+            pub const ALL: &'static [ApiKey] = &[$(ApiKey::$name,)*];
+
             /// Maps a wire number to a key.
             pub fn from_u16(v: u16) -> Result<ApiKey, ProtocolError> {
                 match v {

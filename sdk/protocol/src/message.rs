@@ -50,7 +50,9 @@ fn split_control<'a>(
     Ok(rest.split_at(len))
 }
 
-fn decode_control<T: DeserializeOwned>(
+/// Decodes a postcard control part. Bytes after the value are ignored on purpose: a newer
+/// peer may append fields (as `FetchRequest::processor` was), and an older one reads on.
+pub(crate) fn decode_control<T: DeserializeOwned>(
     bytes: &[u8],
     what: &'static str,
 ) -> Result<T, ProtocolError> {

@@ -61,6 +61,43 @@ pub use leave_group::{LeaveGroupRequest, LeaveGroupResponse};
 pub use list_groups::{GroupListing, ListGroupsRequest, ListGroupsResponse};
 pub use reset_offsets::{ResetOffsetsRequest, ResetOffsetsResponse, ResetTo};
 
+/// Calls the macro `$m` with every request type of the protocol, by API key, and the type
+/// the broker answers it with:
+/// `$m! { Produce: ProduceRequest => ProduceResponse, Fetch: FetchRequest => FetchResponse, … }`
+/// (full paths under `$crate::requests`). One list for the code that must cover every
+/// message: the round-trip and truncation tests of this crate, and the fuzz targets, whose
+/// `match` on [`ApiKey`](crate::ApiKey) stops compiling when a key is missing here.
+#[macro_export]
+macro_rules! with_all_messages {
+    ($m:ident) => {
+        $m! {
+            Produce: $crate::requests::ProduceRequest => $crate::requests::ProduceResponse,
+            Fetch: $crate::requests::FetchRequest => $crate::requests::FetchResponse,
+            ListOffsets: $crate::requests::ListOffsetsRequest => $crate::requests::ListOffsetsResponse,
+            Metadata: $crate::requests::MetadataRequest => $crate::requests::MetadataResponse,
+            CreateTopic: $crate::requests::CreateTopicRequest => $crate::requests::TopicDescription,
+            DeleteTopic: $crate::requests::DeleteTopicRequest => $crate::requests::DeleteTopicResponse,
+            DescribeTopic: $crate::requests::DescribeTopicRequest => $crate::requests::TopicDescription,
+            AlterTopicConfig: $crate::requests::AlterTopicConfigRequest => $crate::requests::TopicDescription,
+            Subscribe: $crate::requests::SubscribeRequest => $crate::requests::SubscribeChunk,
+            JoinGroup: $crate::requests::JoinGroupRequest => $crate::requests::JoinGroupResponse,
+            Heartbeat: $crate::requests::HeartbeatRequest => $crate::requests::HeartbeatResponse,
+            LeaveGroup: $crate::requests::LeaveGroupRequest => $crate::requests::LeaveGroupResponse,
+            CommitOffsets: $crate::requests::CommitOffsetsRequest => $crate::requests::CommitOffsetsResponse,
+            FetchOffsets: $crate::requests::FetchOffsetsRequest => $crate::requests::FetchOffsetsResponse,
+            ListGroups: $crate::requests::ListGroupsRequest => $crate::requests::ListGroupsResponse,
+            DescribeGroup: $crate::requests::DescribeGroupRequest => $crate::requests::GroupDescription,
+            ResetOffsets: $crate::requests::ResetOffsetsRequest => $crate::requests::ResetOffsetsResponse,
+            DeleteGroup: $crate::requests::DeleteGroupRequest => $crate::requests::DeleteGroupResponse,
+            DeployPlugin: $crate::requests::DeployPluginRequest => $crate::requests::DeployPluginResponse,
+            ListPlugins: $crate::requests::ListPluginsRequest => $crate::requests::ListPluginsResponse,
+            DescribePlugin: $crate::requests::DescribePluginRequest => $crate::requests::DescribePluginResponse,
+            RemovePlugin: $crate::requests::RemovePluginRequest => $crate::requests::RemovePluginResponse,
+            GetPlugin: $crate::requests::GetPluginRequest => $crate::requests::GetPluginResponse,
+        }
+    };
+}
+
 /// Checks a topic name: 1–249 bytes of `[A-Za-z0-9._-]`, and not `.` or `..`.
 pub fn validate_topic_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 249 {
@@ -82,6 +119,9 @@ pub fn validate_topic_name(name: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod wire_tests;
 
 #[cfg(test)]
 mod tests {

@@ -24,8 +24,8 @@ use super::*;
 use crate::batch::{BatchBuilder, Compression};
 use crate::message::{decode_control, ErrorBody};
 use crate::{
-    decode_request, decode_response, encode_control, encode_error, encode_request,
-    encode_response, ApiKey, ErrorCode, Frame, Limits, Message, ProtocolError,
+    decode_request, decode_response, encode_control, encode_error, encode_request, encode_response,
+    ApiKey, ErrorCode, Frame, Limits, Message, ProtocolError,
 };
 
 /// Example values of a message (covering each enum variant and `Option` both ways), and
@@ -892,5 +892,59 @@ proptest! {
         }
         b.truncate(cut.index(b.len() + 1));
         decode_any(*api, &Bytes::from(b));
+    }
+}
+
+/// Writes seed inputs for the fuzz targets (`scripts/fuzz.sh` runs this): every sample
+/// message as a body (`request`: API index byte + body) and as a frame (`frame`), honest
+/// batches (`batch`), and honest records sections behind the `produce` target's 8 control
+/// bytes. Ignored unless asked for; the directory comes from `QUIVER_FUZZ_SEEDS`.
+#[test]
+#[ignore = "writes fuzz seeds; run by scripts/fuzz.sh"]
+fn write_fuzz_seeds() {
+    let Some(dir) = std::env::var_os("QUIVER_FUZZ_SEEDS") else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    let write = |target: &str, name: String, bytes: &[u8]| {
+        let d = dir.join(target);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join(name), bytes).unwrap();
+    };
+    for (i, (api, body)) in valid_bodies().into_iter().enumerate() {
+        let index = ApiKey::ALL.iter().position(|k| *k == api).unwrap() as u8;
+        let mut seed = vec![index];
+        seed.extend_from_slice(&body);
+        write("request", format!("seed-{i:03}"), &seed);
+        let frame = Frame {
+            api: api as u16,
+            version: crate::PROTOCOL_VERSION,
+            body,
+        };
+        write("frame", format!("seed-{i:03}"), &frame.encode());
+    }
+    const NOW: i64 = 1_700_000_000_000;
+    for (i, c) in [Compression::None, Compression::Lz4, Compression::Zstd]
+        .into_iter()
+        .enumerate()
+    {
+        let mut b = BatchBuilder::new(c);
+        b.push(Some(b"key"), b"value", NOW, &[("h", b"v")]);
+        b.push(None, b"", NOW + 3, &[]);
+        b.push(Some(b""), b"third", NOW + 1, &[("a", b""), ("b", b"xyz")]);
+        let batch = b.build();
+        let mut two = batch.to_vec();
+        two.extend_from_slice(&batch);
+        write("batch", format!("seed-{i}"), &two);
+        let mut p = BatchBuilder::new(Compression::None);
+        p.push(Some(b"key"), b"value", NOW, &[("h", b"v")]);
+        p.push(None, b"", NOW + 3, &[]);
+        p.push(Some(b""), b"third", NOW + 1, &[("a", b""), ("b", b"xyz")]);
+        let plain = p.build();
+        // codec index | "compress it" bit, count 3, first_ts delta 0, max - first 3.
+        let mut seed = vec![i as u8 | 0x40, 3, 0, 0, 0, 3, 0, 0];
+        seed.extend_from_slice(&plain[crate::batch::BATCH_HEADER_LEN..]);
+        write("produce", format!("seed-{i}"), &seed);
+        write("produce", format!("whole-{i}"), &batch);
     }
 }
