@@ -4,10 +4,13 @@
 //! require, debug, dofile, loadfile, collectgarbage or string.dump; `load` of text chunks only;
 //! a read-only `config` table and `log(msg)`), the per-call limits (an instruction-count hook
 //! checking a wall-clock deadline, re-raised through pcall/xpcall so a script cannot swallow
-//! it; a wall-clock watchdog thread plus a post-call check for time spent inside one long C
-//! function, which a hook cannot interrupt; `set_memory_limit`; an output-size check) and the record marshalling. Function
-//! handles and the state live across calls; a failed call throws the state away and the next
-//! call builds a fresh one from the same source.
+//! it; `string.find`/`match`/`gmatch`/`gsub` replaced by a metered implementation of Lua's
+//! pattern matching (`pattern.rs`, `strlib.rs`) and `table.insert`/`remove`/`move`/`sort`/
+//! `concat` kept from looping unbounded inside C (`tablib.lua`), because no hook fires inside
+//! a C function; a wall-clock watchdog thread plus a post-call check for the C functions left,
+//! whose work is linear in memory the limit caps; `set_memory_limit`; an output-size check) and
+//! the record marshalling. Function handles and the state live across calls; a failed call
+//! throws the state away and the next call builds a fresh one from the same source.
 //!
 //! Marshalling is the hot path: a whole batch is turned into Lua tables and read back in one
 //! protected raw call, and an output record whose `value`/`key` is byte-equal to its input's
@@ -36,7 +39,10 @@ const TABLIB: &str = include_str!("tablib.lua");
 const BAD_RETURN: &str = "\u{1}quiver-bad-return: ";
 const CPU_MESSAGE: &str = "CPU time limit exceeded";
 const HOOK_EVERY: u32 = 1000;
-/// Pattern-matching steps allowed per millisecond of a call's CPU limit (see `strlib.rs`).
+/// Pattern-matching steps allowed per millisecond of a call's CPU limit: about what the
+/// matcher runs in a millisecond (release build, 2-vCPU VM), so the budget is a deterministic
+/// backstop near the limit; the deadline, checked every 1024 steps, is what normally stops a
+/// call first on a loaded machine.
 const STEPS_PER_MS: u64 = 200_000;
 const MAX_LOG_LINES_PER_CALL: u32 = 64;
 const MAX_LOG_LINE: usize = 4096;
