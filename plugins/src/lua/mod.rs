@@ -450,3 +450,49 @@ impl Partitioner for LuaPartitioner {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn a_call_that_returns_late_from_a_c_function_fails_with_the_cpu_limit() {
+        // `slow` stands for a C function that runs past the deadline and then returns: no hook
+        // fires inside it, so the watchdog and the post-call check must fail the call.
+        let manifest = "name = \"slow\"\nversion = \"0.1.0\"\nkind = \"processor\"\nruntime = \"lua\"\nentry = \"main.lua\"\n";
+        let files = BTreeMap::from([
+            ("plugin.toml".to_string(), manifest.as_bytes().to_vec()),
+            (
+                "main.lua".to_string(),
+                b"function process(r) slow() return r end".to_vec(),
+            ),
+        ]);
+        let bundle = Bundle::from_files(files, Path::new("slow")).unwrap();
+        let eff = Effective {
+            plugin: "slow@0.1.0".into(),
+            config: Arc::new(BTreeMap::new()),
+            cpu_ms: 50,
+            memory_mb: 16,
+            max_output_bytes: 1 << 20,
+            wasm_stack_bytes: 1 << 19,
+            max_failures: 5,
+        };
+        let mut p = LuaProcessor::new(&bundle, eff).unwrap();
+        let lua = p.inst.state.as_ref().unwrap().lua.clone();
+        let slow = lua
+            .create_function(|_, ()| {
+                std::thread::sleep(Duration::from_millis(150));
+                Ok(())
+            })
+            .unwrap();
+        lua.globals().set("slow", slow).unwrap();
+        let e = p.process_batch(vec![Record::from_value("x")]).unwrap_err();
+        assert!(
+            matches!(e, PluginError::CpuLimit { limit_ms: 50, .. }),
+            "{e}"
+        );
+    }
+}
