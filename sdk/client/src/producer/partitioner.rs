@@ -22,7 +22,8 @@ pub trait Partitioner: Send + Sync + 'static {
 ///
 /// ```
 /// use quiver_client::{DefaultPartitioner, Partitioner};
-/// assert_eq!(DefaultPartitioner.partition("t", Some(b"21"), 1), Some(0));
+/// // murmur2("21") = -973932308; & 0x7fffffff = 1173551340
+/// assert_eq!(DefaultPartitioner.partition("t", Some(b"21"), 7), Some(1_173_551_340 % 7));
 /// ```
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DefaultPartitioner;
