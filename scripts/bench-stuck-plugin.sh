@@ -2,18 +2,27 @@
 # Measures what a stuck plugin costs everyone else: `quiver bench produce --rate` latency
 # on one topic, first alone, then while three consumers keep running the hostile
 # `examples/plugins/backtrack` processor (exponential pattern backtracking) on another.
-# Usage: scripts/bench-stuck-plugin.sh [RATE] [RECORDS] [RECORD_SIZE]
+# Usage: scripts/bench-stuck-plugin.sh [RATE] [RECORDS] [RECORD_SIZE] [QUARANTINE_MS]
+# Each consumer is a `quiver consume --processor backtrack` that fails (PluginFailed) and is
+# restarted after 200 ms, as a user's retry loop would; QUARANTINE_MS (default: the broker's
+# default, 10000) sets `plugins.quarantine_ms`, e.g. 1 to make every call run the plugin.
 # Env: QUIVER_BIN (default target/release/quiver). Prints both JSON reports and the p99 ratio.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 rate=${1:-20000}
 records=${2:-200000}
 size=${3:-1024}
+quarantine=${4:-}
 bin=${QUIVER_BIN:-target/release/quiver}
 [ -x "$bin" ] || { echo "build first: cargo build --release (or set QUIVER_BIN)" >&2; exit 1; }
 work=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-"$bin" broker start --data-dir "$work/data" --listen "127.0.0.1:$port" >"$work/broker.log" 2>&1 &
+config=()
+if [ -n "$quarantine" ]; then
+    printf '[plugins]\nquarantine_ms = %s\n' "$quarantine" >"$work/broker.toml"
+    config=(--config "$work/broker.toml")
+fi
+"$bin" broker start "${config[@]}" --data-dir "$work/data" --listen "127.0.0.1:$port" >"$work/broker.log" 2>&1 &
 broker=$!
 loops=()
 cleanup() {
@@ -41,6 +50,7 @@ for i in 1 2 3; do
         while true; do
             "$bin" consume stuck --from-beginning --processor backtrack --max-messages 1 \
                 >/dev/null 2>>"$work/consumer-$i.err" || true
+            sleep 0.2
         done
     ) &
     loops+=($!)

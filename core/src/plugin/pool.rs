@@ -8,6 +8,7 @@
 //! full strength, and the stuck thread exits as soon as its call returns. Abandoned
 //! threads are capped (`max_abandoned`); past the cap no replacement is made, so a plugin
 //! that never returns can shrink the pool but never grow the broker's thread count.
+//! Plugin threads run at a lower scheduling priority (nice 10) than the broker's own.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -154,7 +155,27 @@ fn spawn_worker(shared: Arc<Shared>) {
     }
 }
 
+/// Scheduling priority of plugin threads: below the broker's own threads (nice 0), so a
+/// plugin burning its whole CPU limit slows other plugins, not produce, fetch or flushes.
+const PLUGIN_NICE: i32 = 10;
+
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: gettid has no preconditions; setpriority on our own thread id only
+        // changes this thread's nice value (Linux schedules threads individually).
+        let r = unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::setpriority(libc::PRIO_PROCESS, tid, PLUGIN_NICE)
+        };
+        if r != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "could not lower the plugin thread's priority");
+        }
+    }
+}
+
 fn worker(shared: Arc<Shared>) {
+    lower_priority();
     loop {
         let job = {
             let rx = shared.rx.lock().unwrap_or_else(|p| p.into_inner());
