@@ -55,6 +55,15 @@ fn lua_with_bounded(limits: Arc<dyn Limits>) -> Lua {
 /// Runs every case with `string.X` and `bounded.X` and returns the mismatches.
 const HARNESS: &str = r#"
 local cases = ...
+-- %q, with bytes >= 128 escaped too (the results go to Rust as UTF-8), without patterns.
+local function q(v)
+  local t, out = string.format("%q", v), {}
+  for i = 1, #t do
+    local b = string.byte(t, i)
+    out[i] = b >= 128 and "\\" .. b or string.char(b)
+  end
+  return table.concat(out)
+end
 local function norm(e)
   if type(e) ~= "string" then return "<" .. type(e) .. ">" end
   return e
@@ -64,7 +73,7 @@ local function ser(r, from)
   for i = from, r.n do
     local v = r[i]
     local t = type(v)
-    if t == "string" then out[#out + 1] = string.format("%q", v)
+    if t == "string" then out[#out + 1] = q(v)
     elseif t == "number" then out[#out + 1] = math.type(v) .. ":" .. tostring(v)
     else out[#out + 1] = t .. ":" .. tostring(v) end
   end
@@ -94,7 +103,7 @@ for i, case in ipairs(cases) do
   local shown = {}
   for j = 1, case.args.n do
     local v = case.args[j]
-    shown[j] = type(v) == "string" and string.format("%q", v) or type(v) == "number" and tostring(v) or type(v)
+    shown[j] = type(v) == "string" and q(v) or type(v) == "number" and tostring(v) or type(v)
   end
   labels[i] = case.name .. "(" .. table.concat(shown, ", ") .. ")"
 end
@@ -153,12 +162,13 @@ C("match", string.rep("a", 198), string.rep("a?", 198) .. "$") C("match", string
 C("match", string.rep("a", 50), string.rep("(a)", 32))
 -- random patterns and subjects (many malformed: errors must match too)
 math.randomseed(7)
-local chars = { "a", "b", "c", "(", ")", "[", "]", "%", "-", ".", "x", " ", "1", "\0", "A", "^", "$" }
+local chars = { "a", "b", "c", "(", ")", "[", "]", "%", "-", ".", "x", " ", "1", "\0", "A", "^", "$", "y", "\255", "_" }
 local toks = { "a", "b", ".", "%a", "%d", "%s", "%w", "%A", "[ab]", "[^a]", "[a-c]", "[%a]", "*", "+", "-", "?", "^",
   "$", "(", ")", "()", "%1", "%2", "%b()", "%f[%a]", "%", "[", "]", "%%", "%.", "[]]", "[^]]", "%z", "%x", "%p", "%c",
-  "%g", "%u", "%l", "a*", "b-", ".?", "(a)", "(.-)", "%b[]", "[%]]", "[a-]", "1" }
-local repls = { "%0", "<%1>", "%2", "x", "%%", "%", words, maybe, tbl, 7 }
-for _ = 1, 30000 do
+  "%g", "%u", "%l", "a*", "b-", ".?", "(a)", "(.-)", "%b[]", "[%]]", "[a-]", "1", "%f[%s]", "[^%s]", "%b)(",
+  "%B", "%F", ")(", "(%a+)", "%3", "[%w_]", "[%%]", "[a%-z]", "x?", "y*", "%bab", "[]-a]", "%S*", "(()" }
+local repls = { "%0", "<%1>", "%2", "x", "%%", "%", words, maybe, tbl, 7, "%3", "[%1]", "%0%2", "%%%1", "" }
+for _ = 1, 60000 do
   local s = {}
   for i = 1, math.random(0, 12) do s[i] = chars[math.random(#chars)] end
   local p = {}
