@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use quiver_core::log::keyspace::{partition_prefix, BATCHES_TREE};
 use quiver_core::topic::{TopicMeta, TOPICS_TREE};
 
 use super::harness::{cli_at, TestBroker};
@@ -21,16 +22,19 @@ fn damage_batch(b: &TestBroker, topic: &str, partition: u32, nth: usize) -> i64 
             .expect("topic record"),
     )
     .unwrap();
-    let tree = db
-        .open_tree(format!("log/{}/{partition}", meta.id))
+    let tree = db.open_tree(BATCHES_TREE).unwrap();
+    let prefix = partition_prefix(meta.id, partition);
+    let (k, v) = tree
+        .scan_prefix(prefix)
+        .nth(nth)
+        .expect("enough batches")
         .unwrap();
-    let (k, v) = tree.iter().nth(nth).expect("enough batches").unwrap();
     let mut bad = v.to_vec();
     let at = bad.len() - 3;
     bad[at] ^= 0x5a;
     tree.insert(&k, bad).unwrap();
     db.flush().unwrap();
-    i64::from_be_bytes(k.as_ref().try_into().unwrap())
+    i64::from_be_bytes(k[prefix.len()..].try_into().unwrap())
 }
 
 #[test]

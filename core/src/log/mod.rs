@@ -1,16 +1,19 @@
 //! The partition log, stored in sled.
 //!
-//! One sled `Db` per broker; per partition a tree of batches keyed by base offset
-//! (u64 big-endian), a sparse time index tree, and a metadata record (log start offset,
+//! One sled `Db` per broker; every partition's batches in one shared tree keyed by
+//! (topic id, partition, base offset), every sparse time index in another
+//! ([`keyspace`]), and a metadata record per partition (log start offset,
 //! high-watermark checkpoint, leader-epoch starts). Batches are stored exactly as the
 //! producer sent them, with the base offset and leader epoch rewritten in place.
 //!
 //! - [`partition`]: one partition's append/read/offset logic;
+//! - [`keyspace`]: partitions' slices of the shared trees;
 //! - [`flush`]: group commit: concurrent appends share one sled flush;
 //! - [`producers`]: per-producer sequence tracking (ordering of pipelined requests, dedupe);
 //! - [`retention`]: which batches to delete, as a pure decision over batch summaries.
 
 pub mod flush;
+pub mod keyspace;
 pub mod partition;
 pub mod producers;
 pub mod retention;

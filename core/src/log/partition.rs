@@ -6,6 +6,7 @@
 //! sequences) sits behind one short mutex; sled does the storing. The high watermark is
 //! published on a `watch` channel so long-polls and subscriptions wake when it moves.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
 
 use super::flush::Flusher;
+use super::keyspace::{migrate_legacy, PartitionKeys, BATCHES_TREE, TIME_INDEX_TREE};
 use super::producers::{AppendedBatch, ProducerTable, SequenceCheck};
 use super::retention::{batches_to_delete, BatchSummary};
 use super::{key_offset, offset_key, LogError};
@@ -103,8 +105,8 @@ pub struct PartitionLog {
     pub topic: String,
     /// Partition index.
     pub partition: u32,
-    batches: sled::Tree,
-    time_index: sled::Tree,
+    batches: PartitionKeys,
+    time_index: PartitionKeys,
     meta: sled::Tree,
     meta_key: Vec<u8>,
     state: Mutex<State>,
@@ -165,8 +167,9 @@ fn ts_key(ts: i64) -> [u8; 8] {
 }
 
 impl PartitionLog {
-    /// Tree names of a partition of the topic with internal id `topic_id`.
-    pub fn tree_names(topic_id: u64, partition: u32) -> (String, String) {
+    /// Names of the trees a partition of the topic with internal id `topic_id` had of its
+    /// own before partitions shared trees (moved at open, see [`keyspace`](super::keyspace)).
+    pub fn legacy_tree_names(topic_id: u64, partition: u32) -> (String, String) {
         (
             format!("log/{topic_id}/{partition}"),
             format!("tidx/{topic_id}/{partition}"),
@@ -178,13 +181,16 @@ impl PartitionLog {
     pub fn open(
         db: &sled::Db,
         meta: sled::Tree,
+        legacy: &HashSet<Vec<u8>>,
         topic_id: u64,
         topic: &str,
         partition: u32,
     ) -> Result<PartitionLog, LogError> {
-        let (bname, tname) = Self::tree_names(topic_id, partition);
-        let batches = db.open_tree(bname)?;
-        let time_index = db.open_tree(tname)?;
+        let batches = PartitionKeys::new(db.open_tree(BATCHES_TREE)?, topic_id, partition);
+        let time_index = PartitionKeys::new(db.open_tree(TIME_INDEX_TREE)?, topic_id, partition);
+        let (bname, tname) = Self::legacy_tree_names(topic_id, partition);
+        migrate_legacy(db, legacy, &bname, &batches)?;
+        migrate_legacy(db, legacy, &tname, &time_index)?;
         let meta_key = format!("{topic_id}/{partition}").into_bytes();
         let mut pm: PartitionMeta = match meta.get(&meta_key)? {
             Some(v) => serde_json::from_slice(&v).map_err(|e| LogError::Corrupt {
@@ -204,7 +210,7 @@ impl PartitionLog {
                 None => break,
                 Some(reason) => {
                     tracing::warn!(topic, partition, offset = key_offset(&k), %reason, "dropping damaged batch at the log tail");
-                    batches.remove(k)?;
+                    batches.remove(&k)?;
                 }
             }
         }
@@ -473,10 +479,10 @@ impl PartitionLog {
         let mut stored = raw.to_vec();
         batch::set_base_offset(&mut stored, base);
         batch::set_leader_epoch(&mut stored, st.leader_epoch);
-        self.batches.insert(offset_key(base), stored)?;
+        self.batches.insert(&offset_key(base), stored)?;
         if st.bytes_since_index >= TIME_INDEX_INTERVAL {
             self.time_index
-                .insert(ts_key(st.running_max_ts), &offset_key(base))?;
+                .insert(&ts_key(st.running_max_ts), offset_key(base).to_vec())?;
             st.bytes_since_index = 0;
         }
         st.bytes_since_index += raw.len() as u64;
@@ -533,7 +539,7 @@ impl PartitionLog {
         let mut out = BytesMut::new();
         let mut count = 0;
         if offset < snapshot.high_watermark {
-            let start = match self.batches.range(..=offset_key(offset)).next_back() {
+            let start = match self.batches.range_through(&offset_key(offset)).next_back() {
                 Some(item) => {
                     let (k, v) = item?;
                     let h = BatchHeader::parse(&v)?;
@@ -545,7 +551,7 @@ impl PartitionLog {
                 }
                 None => offset,
             };
-            for item in self.batches.range(offset_key(start)..) {
+            for item in self.batches.range_from(&offset_key(start)) {
                 let (k, v) = item?;
                 let base = key_offset(&k);
                 if base >= snapshot.high_watermark {
@@ -619,12 +625,12 @@ impl PartitionLog {
             OffsetSpec::Latest => Ok((snap.high_watermark, -1)),
             OffsetSpec::Timestamp(t) => {
                 self.check_alive()?;
-                let from = match self.time_index.range(..ts_key(t)).next_back() {
+                let from = match self.time_index.range_before(&ts_key(t)).next_back() {
                     Some(item) => key_offset(&item?.1),
                     None => snap.log_start,
                 }
                 .max(snap.log_start);
-                for item in self.batches.range(offset_key(from)..) {
+                for item in self.batches.range_from(&offset_key(from)) {
                     let (k, v) = item?;
                     if key_offset(&k) >= snap.high_watermark {
                         break;
@@ -692,7 +698,7 @@ impl PartitionLog {
         }
         self.persist_meta()?;
         for b in &summaries[..n] {
-            self.batches.remove(offset_key(b.base_offset))?;
+            self.batches.remove(&offset_key(b.base_offset))?;
         }
         tracing::info!(topic = %self.topic, partition = self.partition, batches = n, bytes = freed, log_start = new_start, "retention deleted old batches");
         Ok(freed)
@@ -707,14 +713,14 @@ impl PartitionLog {
         max_bytes: usize,
     ) -> Result<(Vec<Bytes>, i64), LogError> {
         let snap = self.snapshot();
-        let start = match self.batches.range(..=offset_key(offset)).next_back() {
+        let start = match self.batches.range_through(&offset_key(offset)).next_back() {
             Some(item) => key_offset(&item?.0),
             None => offset,
         };
         let mut out = Vec::new();
         let mut bytes = 0usize;
         let mut next = offset;
-        for item in self.batches.range(offset_key(start)..) {
+        for item in self.batches.range_from(&offset_key(start)) {
             let (k, v) = item?;
             let base = key_offset(&k);
             if base >= snap.high_watermark || (bytes > 0 && bytes + v.len() > max_bytes) {
@@ -747,9 +753,8 @@ impl PartitionLog {
         topic_id: u64,
         partition: u32,
     ) -> Result<RepairReport, LogError> {
-        let (bname, tname) = Self::tree_names(topic_id, partition);
-        let batches = db.open_tree(bname)?;
-        let time_index = db.open_tree(tname)?;
+        let batches = PartitionKeys::new(db.open_tree(BATCHES_TREE)?, topic_id, partition);
+        let time_index = PartitionKeys::new(db.open_tree(TIME_INDEX_TREE)?, topic_id, partition);
         let log_end_before = match batches.last()? {
             Some((k, v)) => BatchHeader::parse(&v)
                 .map(|h| h.next_offset())
@@ -776,7 +781,7 @@ impl PartitionLog {
             return Ok(report);
         };
         let doomed: Vec<_> = batches
-            .range(offset_key(from)..)
+            .range_from(&offset_key(from))
             .collect::<Result<_, _>>()?;
         for (k, v) in doomed {
             report.dropped_batches += 1;
@@ -784,7 +789,7 @@ impl PartitionLog {
             if let Ok(h) = BatchHeader::parse(&v) {
                 report.dropped_records += h.record_count.max(0) as u64;
             }
-            batches.remove(k)?;
+            batches.remove(&k)?;
         }
         let stale: Vec<_> = time_index
             .iter()
@@ -793,7 +798,7 @@ impl PartitionLog {
             .map(|(k, _)| k)
             .collect();
         for k in stale {
-            time_index.remove(k)?;
+            time_index.remove(&k)?;
         }
         report.log_end_after = from;
         let meta_key = format!("{topic_id}/{partition}").into_bytes();
@@ -824,13 +829,12 @@ impl PartitionLog {
         Ok(())
     }
 
-    /// Marks the partition deleted and drops its trees.
-    pub fn delete(&self, db: &sled::Db, topic_id: u64) -> Result<(), LogError> {
+    /// Marks the partition deleted and removes its batches and time index.
+    pub fn delete(&self) -> Result<(), LogError> {
         self.deleted.store(true, Ordering::Release);
         self.sequence_moved.notify_waiters();
-        let (b, t) = Self::tree_names(topic_id, self.partition);
-        db.drop_tree(b)?;
-        db.drop_tree(t)?;
+        self.batches.clear()?;
+        self.time_index.clear()?;
         self.meta.remove(&self.meta_key)?;
         Ok(())
     }
@@ -883,7 +887,8 @@ mod tests {
     async fn append_read_and_recover() {
         let (dir, db, f, _stop) = setup().await;
         let meta = db.open_tree("meta").unwrap();
-        let p = Arc::new(PartitionLog::open(&db, meta.clone(), 1, "t", 0).unwrap());
+        let p =
+            Arc::new(PartitionLog::open(&db, meta.clone(), &HashSet::new(), 1, "t", 0).unwrap());
         let cfg = TopicConfig::default();
         let r1 = p
             .append(
@@ -915,7 +920,7 @@ mod tests {
         ));
         drop(p);
         db.flush().unwrap();
-        let p = PartitionLog::open(&db, meta, 1, "t", 0).unwrap();
+        let p = PartitionLog::open(&db, meta, &HashSet::new(), 1, "t", 0).unwrap();
         assert_eq!(p.snapshot().log_end, 5);
         assert_eq!(p.read(0, 1 << 20).unwrap().batches, 2);
         drop(dir);
@@ -924,8 +929,17 @@ mod tests {
     #[tokio::test]
     async fn pipelined_sequences_are_ordered_and_deduplicated() {
         let (_dir, db, f, _stop) = setup().await;
-        let p =
-            Arc::new(PartitionLog::open(&db, db.open_tree("meta").unwrap(), 1, "t", 0).unwrap());
+        let p = Arc::new(
+            PartitionLog::open(
+                &db,
+                db.open_tree("meta").unwrap(),
+                &HashSet::new(),
+                1,
+                "t",
+                0,
+            )
+            .unwrap(),
+        );
         let cfg = TopicConfig::default();
         p.append(vec![batch(2, 0, 9, 0)], &cfg, &f, Duration::from_secs(5))
             .await
@@ -957,8 +971,17 @@ mod tests {
     #[tokio::test]
     async fn a_new_producers_second_batch_overtaking_its_first_waits_for_it() {
         let (_dir, db, f, _stop) = setup().await;
-        let p =
-            Arc::new(PartitionLog::open(&db, db.open_tree("meta").unwrap(), 1, "t", 0).unwrap());
+        let p = Arc::new(
+            PartitionLog::open(
+                &db,
+                db.open_tree("meta").unwrap(),
+                &HashSet::new(),
+                1,
+                "t",
+                0,
+            )
+            .unwrap(),
+        );
         let cfg = TopicConfig::default();
         let (p2, f2, cfg2) = (p.clone(), f.clone(), cfg.clone());
         let second = tokio::spawn(async move {
@@ -977,8 +1000,17 @@ mod tests {
     #[tokio::test]
     async fn retention_by_size_moves_log_start() {
         let (_dir, db, f, _stop) = setup().await;
-        let p =
-            Arc::new(PartitionLog::open(&db, db.open_tree("meta").unwrap(), 1, "t", 0).unwrap());
+        let p = Arc::new(
+            PartitionLog::open(
+                &db,
+                db.open_tree("meta").unwrap(),
+                &HashSet::new(),
+                1,
+                "t",
+                0,
+            )
+            .unwrap(),
+        );
         let cfg = TopicConfig::default();
         for _ in 0..5 {
             p.append(vec![batch(10, 0, -1, -1)], &cfg, &f, Duration::from_secs(5))

@@ -1,7 +1,7 @@
 //! The topic registry: which topics exist, their partitions and config, persisted in the
 //! `__topics` sled tree; it opens every partition log at start and drops them on delete.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use quiver_protocol::requests::validate_topic_name;
@@ -161,6 +161,8 @@ impl TopicRegistry {
     pub fn open(db: sled::Db, defaults: TopicConfig) -> Result<TopicRegistry, TopicError> {
         let topics_tree = db.open_tree(TOPICS_TREE)?;
         let partition_meta = db.open_tree(PARTITION_META_TREE)?;
+        // Trees a data directory may still have from before partitions shared trees.
+        let legacy: HashSet<Vec<u8>> = db.tree_names().into_iter().map(|n| n.to_vec()).collect();
         let mut topics = HashMap::new();
         for item in topics_tree.iter() {
             let (_, v) = item?;
@@ -179,6 +181,7 @@ impl TopicRegistry {
                 parts.push(Arc::new(PartitionLog::open(
                     &db,
                     partition_meta.clone(),
+                    &legacy,
                     meta.id,
                     &meta.name,
                     p,
@@ -309,6 +312,7 @@ impl TopicRegistry {
             parts.push(Arc::new(PartitionLog::open(
                 &self.db,
                 self.partition_meta.clone(),
+                &HashSet::new(),
                 meta.id,
                 name,
                 p,
@@ -369,9 +373,8 @@ impl TopicRegistry {
             .remove(name)
             .ok_or_else(|| TopicError::NotFound(name.to_string()))?;
         self.topics_tree.remove(name.as_bytes())?;
-        let id = topic.id();
         for p in &topic.partitions {
-            p.delete(&self.db, id)?;
+            p.delete()?;
         }
         self.db.flush()?;
         tracing::info!(topic = name, "deleted topic");
