@@ -220,9 +220,16 @@ impl LuaInstance {
         // Before the prelude, which locks the globals down.
         let string: mlua::Table = lua.globals().raw_get("string")?;
         strlib::install(lua, &string, self.guard.clone())?;
-        lua.load(TABLIB)
+        // Loaded without debug information: an argument error the C function raises for a
+        // call the wrapper passes on then carries no position of ours (Lua would give the
+        // caller's; the wrapper's own errors do).
+        let tablib = lua
+            .load(TABLIB)
             .set_name("=quiver-tablib")
             .set_mode(ChunkMode::Text)
+            .into_function()?;
+        lua.load(tablib.dump(true))
+            .set_mode(ChunkMode::Binary)
             .exec()?;
         let guard = self.guard.clone();
         lua.set_hook(

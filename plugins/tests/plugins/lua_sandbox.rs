@@ -444,6 +444,8 @@ fn pattern_functions_behave_as_luas_inside_the_sandbox() {
         out[#out + 1] = (r.value:gsub("(%w+)=(%w+)", "%2=%1", 1))
         local ok, e = pcall(string.find, r.value, "[a")
         out[#out + 1] = tostring(ok) .. " " .. e
+        ok, e = pcall(table.insert, {}, 5, 1)
+        out[#out + 1] = e
         local t = {} for i = 1, 100000 do t[i] = 100000 - i end
         table.sort(t)
         table.insert(t, 1, -1)
@@ -455,6 +457,6 @@ fn pattern_functions_behave_as_luas_inside_the_sandbox() {
     let out = p.process_batch(recs(&["a=1 b=2"])).unwrap();
     assert_eq!(
         values(&out),
-        ["1,3,a,1|a|a:1|b:2|A=1 b=2|1=a b=2|false malformed pattern (missing ']')|-1 0 99999 -1"]
+        ["1,3,a,1|a|a:1|b:2|A=1 b=2|1=a b=2|false malformed pattern (missing ']')|bad argument #2 to 'insert' (position out of bounds)|-1 0 99999 -1"]
     );
 }
