@@ -9,10 +9,12 @@
 //! - [`server`]: the QUIC endpoint, per-stream framing and request dispatch;
 //! - [`tls`]: certificates (configured, or a self-made CA under `<data_dir>/tls/`);
 //! - [`metrics`]: counters and histograms, served as Prometheus text over HTTP;
+//! - [`cluster`]: the controller's replicated metadata (openraft types, state machine, store);
 //! - [`broker`]: wires the parts together: [`Broker::start`] and [`BrokerHandle`].
 
 pub mod broker;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod group;
 pub mod log;

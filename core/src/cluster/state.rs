@@ -1,0 +1,849 @@
+//! [`ControllerState`]: the cluster metadata as a pure, deterministic state machine.
+//!
+//! It owns the registered brokers, the topics with their ids and config, and every partition's
+//! assignment {replicas, leader, leader epoch, partition epoch, ISR}. [`ControllerState::apply`]
+//! is the only way to change it: it takes one [`ControllerCommand`] from the Raft log and returns
+//! a [`ControllerResponse`]. It never reads a clock, the disk or the network, and it iterates
+//! only ordered maps, so every broker that applies the same log reaches the same state.
+//!
+//! Rules kept here (from Kafka's KRaft controller):
+//! - a leader epoch never decreases; it grows by one each time a partition's leader changes;
+//! - the partition epoch grows by one with every accepted change of leader or ISR, and an
+//!   [`UpdatePartition`](ControllerCommand::UpdatePartition) based on an older epoch is refused;
+//! - leaders are elected from the ISR among unfenced brokers; only a topic with
+//!   `unclean.leader.election.enable=true` may elect a replica outside the ISR;
+//! - fencing a broker removes it from every ISR except where it is the last member (the
+//!   partition then goes offline, keeping the one replica known to hold everything).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::types::{
+    BrokerId, ControllerCommand, ControllerError, ControllerResponse, PartitionAssignment,
+};
+
+/// The topic config key that allows electing a leader from outside the ISR.
+pub const UNCLEAN_LEADER_ELECTION: &str = "unclean.leader.election.enable";
+
+/// A registered broker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerRecord {
+    pub id: BrokerId,
+    /// Its QUIC address, as it registered.
+    pub addr: String,
+    /// The incarnation it registered with; a registration with a lower one is refused.
+    pub broker_epoch: u64,
+    /// A fenced broker leads nothing and joins no ISR.
+    pub fenced: bool,
+}
+
+/// One partition's replica set and leadership.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionRecord {
+    /// Brokers holding a copy, preferred leader first.
+    pub replicas: Vec<BrokerId>,
+    /// `None` while the partition is offline (no eligible replica).
+    pub leader: Option<BrokerId>,
+    pub leader_epoch: u64,
+    pub partition_epoch: u64,
+    /// In-sync replicas, a subset of `replicas`, never empty.
+    pub isr: Vec<BrokerId>,
+}
+
+/// A topic: its id, config overrides and partitions (index = partition number).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicRecord {
+    pub name: String,
+    pub topic_id: u64,
+    pub config: BTreeMap<String, String>,
+    pub partitions: Vec<PartitionRecord>,
+}
+
+impl TopicRecord {
+    fn unclean_election(&self) -> bool {
+        self.config
+            .get(UNCLEAN_LEADER_ELECTION)
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+    }
+}
+
+/// The controller's metadata: brokers and topics, changed only by [`ControllerState::apply`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControllerState {
+    pub brokers: BTreeMap<BrokerId, BrokerRecord>,
+    pub topics: BTreeMap<String, TopicRecord>,
+}
+
+type Outcome = Result<ControllerResponse, ControllerError>;
+
+impl ControllerState {
+    /// Applies one command. A refused command leaves the state exactly as it was.
+    pub fn apply(&mut self, cmd: &ControllerCommand) -> ControllerResponse {
+        let outcome = match cmd {
+            ControllerCommand::RegisterBroker { id, addr, epoch } => {
+                self.register_broker(*id, addr, *epoch)
+            }
+            ControllerCommand::FenceBroker { id } => self.fence_broker(*id),
+            ControllerCommand::UnfenceBroker { id } => self.unfence_broker(*id),
+            ControllerCommand::CreateTopic {
+                name,
+                topic_id,
+                partitions,
+                config,
+            } => self.create_topic(name, *topic_id, partitions, config),
+            ControllerCommand::DeleteTopic { name } => match self.topics.remove(name) {
+                Some(_) => Ok(ControllerResponse::Ok),
+                None => Err(ControllerError::UnknownTopic { name: name.clone() }),
+            },
+            ControllerCommand::AlterTopicConfig { name, set, remove } => {
+                match self.topics.get_mut(name) {
+                    Some(topic) => {
+                        topic
+                            .config
+                            .extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+                        for key in remove {
+                            topic.config.remove(key);
+                        }
+                        Ok(ControllerResponse::Ok)
+                    }
+                    None => Err(ControllerError::UnknownTopic { name: name.clone() }),
+                }
+            }
+            ControllerCommand::UpdatePartition {
+                topic,
+                partition,
+                leader,
+                leader_epoch,
+                partition_epoch,
+                isr,
+            } => self.update_partition(
+                topic,
+                *partition,
+                *leader,
+                *leader_epoch,
+                *partition_epoch,
+                isr,
+            ),
+        };
+        outcome.unwrap_or_else(ControllerResponse::Refused)
+    }
+
+    /// A registered broker.
+    pub fn broker(&self, id: BrokerId) -> Option<&BrokerRecord> {
+        self.brokers.get(&id)
+    }
+
+    /// A topic by name.
+    pub fn topic(&self, name: &str) -> Option<&TopicRecord> {
+        self.topics.get(name)
+    }
+
+    /// One partition of a topic.
+    pub fn partition(&self, topic: &str, partition: u32) -> Option<&PartitionRecord> {
+        self.topics
+            .get(topic)
+            .and_then(|t| t.partitions.get(partition as usize))
+    }
+
+    /// A topic id no topic uses (one more than the largest), for proposers of `CreateTopic`.
+    pub fn next_topic_id(&self) -> u64 {
+        self.topics
+            .values()
+            .map(|t| t.topic_id + 1)
+            .max()
+            .unwrap_or(1)
+    }
+
+    fn is_live(&self, id: BrokerId) -> bool {
+        self.brokers.get(&id).is_some_and(|b| !b.fenced)
+    }
+
+    fn register_broker(&mut self, id: BrokerId, addr: &str, epoch: u64) -> Outcome {
+        if let Some(b) = self.brokers.get(&id) {
+            if epoch == b.broker_epoch && addr == b.addr {
+                return Ok(ControllerResponse::Ok);
+            }
+            if epoch <= b.broker_epoch {
+                return Err(ControllerError::StaleBrokerEpoch {
+                    id,
+                    current: b.broker_epoch,
+                    given: epoch,
+                });
+            }
+            // A new incarnation: whatever the old one held in memory is gone, so it starts
+            // fenced and out of the ISRs it can leave, like a broker that missed heartbeats.
+            self.fence_broker(id)?;
+        }
+        self.brokers.insert(
+            id,
+            BrokerRecord {
+                id,
+                addr: addr.to_string(),
+                broker_epoch: epoch,
+                fenced: true,
+            },
+        );
+        Ok(ControllerResponse::Ok)
+    }
+
+    fn fence_broker(&mut self, id: BrokerId) -> Outcome {
+        let Some(b) = self.brokers.get_mut(&id) else {
+            return Err(ControllerError::UnknownBroker { id });
+        };
+        b.fenced = true;
+        let live: Vec<BrokerId> = self
+            .brokers
+            .values()
+            .filter(|b| !b.fenced)
+            .map(|b| b.id)
+            .collect();
+        for topic in self.topics.values_mut() {
+            let unclean = topic.unclean_election();
+            for p in &mut topic.partitions {
+                if p.leader != Some(id) && !p.isr.contains(&id) {
+                    continue;
+                }
+                let before = p.clone();
+                if p.isr.len() > 1 {
+                    p.isr.retain(|&r| r != id);
+                }
+                if p.leader == Some(id) {
+                    p.leader = p
+                        .replicas
+                        .iter()
+                        .copied()
+                        .find(|r| p.isr.contains(r) && live.contains(r));
+                    if p.leader.is_none() && unclean {
+                        if let Some(r) = p.replicas.iter().copied().find(|r| live.contains(r)) {
+                            p.leader = Some(r);
+                            p.isr = vec![r];
+                        }
+                    }
+                    p.leader_epoch += 1;
+                }
+                if *p != before {
+                    p.partition_epoch += 1;
+                }
+            }
+        }
+        Ok(ControllerResponse::Ok)
+    }
+
+    fn unfence_broker(&mut self, id: BrokerId) -> Outcome {
+        let Some(b) = self.brokers.get_mut(&id) else {
+            return Err(ControllerError::UnknownBroker { id });
+        };
+        b.fenced = false;
+        for topic in self.topics.values_mut() {
+            let unclean = topic.unclean_election();
+            for p in &mut topic.partitions {
+                if p.leader.is_some() || !p.replicas.contains(&id) {
+                    continue;
+                }
+                if p.isr.contains(&id) {
+                    p.leader = Some(id);
+                } else if unclean {
+                    p.leader = Some(id);
+                    p.isr = vec![id];
+                } else {
+                    continue;
+                }
+                p.leader_epoch += 1;
+                p.partition_epoch += 1;
+            }
+        }
+        Ok(ControllerResponse::Ok)
+    }
+
+    fn create_topic(
+        &mut self,
+        name: &str,
+        topic_id: u64,
+        partitions: &[PartitionAssignment],
+        config: &BTreeMap<String, String>,
+    ) -> Outcome {
+        if self.topics.contains_key(name) {
+            return Err(ControllerError::TopicAlreadyExists {
+                name: name.to_string(),
+            });
+        }
+        if let Some(t) = self.topics.values().find(|t| t.topic_id == topic_id) {
+            return Err(ControllerError::TopicIdInUse {
+                topic_id,
+                name: t.name.clone(),
+            });
+        }
+        let invalid = |reason: String| Err(ControllerError::InvalidAssignment { reason });
+        if name.is_empty() {
+            return invalid("the topic name is empty".into());
+        }
+        if partitions.is_empty() {
+            return invalid("a topic needs at least one partition".into());
+        }
+        let mut records = Vec::with_capacity(partitions.len());
+        for (i, a) in partitions.iter().enumerate() {
+            if a.replicas.is_empty() {
+                return invalid(format!("partition {i} has no replicas"));
+            }
+            if has_duplicates(&a.replicas) {
+                return invalid(format!("partition {i} names a broker twice"));
+            }
+            if let Some(&id) = a.replicas.iter().find(|r| !self.brokers.contains_key(r)) {
+                return Err(ControllerError::UnknownBroker { id });
+            }
+            records.push(PartitionRecord {
+                replicas: a.replicas.clone(),
+                leader: a.replicas.iter().copied().find(|&r| self.is_live(r)),
+                leader_epoch: 0,
+                partition_epoch: 0,
+                // An empty log is caught up everywhere.
+                isr: a.replicas.clone(),
+            });
+        }
+        self.topics.insert(
+            name.to_string(),
+            TopicRecord {
+                name: name.to_string(),
+                topic_id,
+                config: config.clone(),
+                partitions: records,
+            },
+        );
+        Ok(ControllerResponse::Ok)
+    }
+
+    fn update_partition(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        leader: Option<BrokerId>,
+        leader_epoch: u64,
+        partition_epoch: u64,
+        isr: &[BrokerId],
+    ) -> Outcome {
+        let Some(t) = self.topics.get(topic) else {
+            return Err(ControllerError::UnknownTopic {
+                name: topic.to_string(),
+            });
+        };
+        let Some(p) = t.partitions.get(partition as usize) else {
+            return Err(ControllerError::UnknownPartition {
+                topic: topic.to_string(),
+                partition,
+            });
+        };
+        let invalid = |reason: String| Err(ControllerError::InvalidUpdate { reason });
+        if leader_epoch < p.leader_epoch {
+            return Err(ControllerError::FencedLeaderEpoch {
+                current: p.leader_epoch,
+                given: leader_epoch,
+            });
+        }
+        if leader_epoch > p.leader_epoch {
+            return invalid(format!(
+                "leader epoch {leader_epoch} is ahead of the partition's {}",
+                p.leader_epoch
+            ));
+        }
+        if partition_epoch != p.partition_epoch {
+            if partition_epoch < p.partition_epoch {
+                return Err(ControllerError::StalePartitionEpoch {
+                    current: p.partition_epoch,
+                    given: partition_epoch,
+                });
+            }
+            return invalid(format!(
+                "partition epoch {partition_epoch} is ahead of the partition's {}",
+                p.partition_epoch
+            ));
+        }
+        if isr.is_empty() {
+            return invalid("the ISR cannot be empty".into());
+        }
+        if has_duplicates(isr) {
+            return invalid("the ISR names a broker twice".into());
+        }
+        if let Some(r) = isr.iter().find(|r| !p.replicas.contains(r)) {
+            return invalid(format!("broker {r} is not a replica"));
+        }
+        if let Some(r) = isr
+            .iter()
+            .find(|r| !p.isr.contains(r) && !self.is_live(**r))
+        {
+            return invalid(format!("fenced or unknown broker {r} cannot join the ISR"));
+        }
+        if let Some(l) = leader {
+            if !isr.contains(&l) {
+                return invalid(format!("leader {l} is not in the ISR"));
+            }
+            if !self.is_live(l) {
+                return invalid(format!("leader {l} is fenced or unknown"));
+            }
+        }
+        let new_leader_epoch = if leader != p.leader {
+            p.leader_epoch + 1
+        } else {
+            p.leader_epoch
+        };
+        let new_partition_epoch = p.partition_epoch + 1;
+        let p = &mut self
+            .topics
+            .get_mut(topic)
+            .expect("checked above")
+            .partitions[partition as usize];
+        p.leader = leader;
+        p.leader_epoch = new_leader_epoch;
+        p.partition_epoch = new_partition_epoch;
+        p.isr = isr.to_vec();
+        Ok(ControllerResponse::PartitionUpdated {
+            leader_epoch: new_leader_epoch,
+            partition_epoch: new_partition_epoch,
+        })
+    }
+}
+
+fn has_duplicates(ids: &[BrokerId]) -> bool {
+    ids.iter().enumerate().any(|(i, id)| ids[..i].contains(id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn register(s: &mut ControllerState, id: BrokerId, epoch: u64) -> ControllerResponse {
+        s.apply(&ControllerCommand::RegisterBroker {
+            id,
+            addr: format!("127.0.0.1:74{id:02}"),
+            epoch,
+        })
+    }
+
+    /// Three live brokers and topic "t" with one partition on replicas [1, 2, 3].
+    fn cluster(config: &[(&str, &str)]) -> ControllerState {
+        let mut s = ControllerState::default();
+        for id in 1..=3 {
+            assert_eq!(register(&mut s, id, 1), ControllerResponse::Ok);
+            assert_eq!(
+                s.apply(&ControllerCommand::UnfenceBroker { id }),
+                ControllerResponse::Ok
+            );
+        }
+        let resp = s.apply(&ControllerCommand::CreateTopic {
+            name: "t".into(),
+            topic_id: s.next_topic_id(),
+            partitions: vec![PartitionAssignment {
+                replicas: vec![1, 2, 3],
+            }],
+            config: config
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        });
+        assert_eq!(resp, ControllerResponse::Ok);
+        s
+    }
+
+    fn update(
+        s: &mut ControllerState,
+        leader: Option<BrokerId>,
+        leader_epoch: u64,
+        partition_epoch: u64,
+        isr: &[BrokerId],
+    ) -> ControllerResponse {
+        s.apply(&ControllerCommand::UpdatePartition {
+            topic: "t".into(),
+            partition: 0,
+            leader,
+            leader_epoch,
+            partition_epoch,
+            isr: isr.to_vec(),
+        })
+    }
+
+    /// Applies `cmd`, expects a refusal, and checks that nothing changed.
+    fn refused(s: &mut ControllerState, cmd: ControllerCommand) -> ControllerError {
+        let before = s.clone();
+        match s.apply(&cmd) {
+            ControllerResponse::Refused(e) => {
+                assert_eq!(*s, before, "a refused {cmd:?} changed the state");
+                e
+            }
+            other => panic!("{cmd:?} was not refused: {other:?}"),
+        }
+    }
+
+    fn p0(s: &ControllerState) -> &PartitionRecord {
+        s.partition("t", 0).unwrap()
+    }
+
+    #[test]
+    fn new_topic_leads_on_first_live_replica_with_full_isr() {
+        let s = cluster(&[]);
+        let t = s.topic("t").unwrap();
+        assert_eq!(t.topic_id, 1);
+        assert_eq!(
+            *p0(&s),
+            PartitionRecord {
+                replicas: vec![1, 2, 3],
+                leader: Some(1),
+                leader_epoch: 0,
+                partition_epoch: 0,
+                isr: vec![1, 2, 3],
+            }
+        );
+        assert_eq!(s.next_topic_id(), 2);
+    }
+
+    #[test]
+    fn registration_is_fenced_and_stale_epochs_are_refused() {
+        let mut s = ControllerState::default();
+        assert_eq!(register(&mut s, 7, 5), ControllerResponse::Ok);
+        assert!(s.broker(7).unwrap().fenced);
+        // The same registration again is a retry, not an error.
+        assert_eq!(register(&mut s, 7, 5), ControllerResponse::Ok);
+        let e = refused(
+            &mut s,
+            ControllerCommand::RegisterBroker {
+                id: 7,
+                addr: "127.0.0.1:9999".into(),
+                epoch: 4,
+            },
+        );
+        assert_eq!(
+            e,
+            ControllerError::StaleBrokerEpoch {
+                id: 7,
+                current: 5,
+                given: 4
+            }
+        );
+        assert!(matches!(
+            refused(&mut s, ControllerCommand::FenceBroker { id: 8 }),
+            ControllerError::UnknownBroker { id: 8 }
+        ));
+    }
+
+    #[test]
+    fn reregistration_with_a_new_epoch_fences_and_moves_leadership() {
+        let mut s = cluster(&[]);
+        assert_eq!(register(&mut s, 1, 2), ControllerResponse::Ok);
+        let b = s.broker(1).unwrap();
+        assert!(b.fenced);
+        assert_eq!(b.broker_epoch, 2);
+        assert_eq!(p0(&s).leader, Some(2));
+        assert_eq!(p0(&s).isr, vec![2, 3]);
+        assert_eq!(p0(&s).leader_epoch, 1);
+    }
+
+    #[test]
+    fn create_topic_is_validated() {
+        let mut s = cluster(&[]);
+        let create =
+            |name: &str, topic_id: u64, replicas: Vec<BrokerId>| ControllerCommand::CreateTopic {
+                name: name.into(),
+                topic_id,
+                partitions: vec![PartitionAssignment { replicas }],
+                config: BTreeMap::new(),
+            };
+        assert!(matches!(
+            refused(&mut s, create("t", 9, vec![1])),
+            ControllerError::TopicAlreadyExists { .. }
+        ));
+        assert!(matches!(
+            refused(&mut s, create("u", 1, vec![1])),
+            ControllerError::TopicIdInUse { topic_id: 1, .. }
+        ));
+        assert!(matches!(
+            refused(&mut s, create("u", 2, vec![1, 4])),
+            ControllerError::UnknownBroker { id: 4 }
+        ));
+        assert!(matches!(
+            refused(&mut s, create("u", 2, vec![1, 2, 1])),
+            ControllerError::InvalidAssignment { .. }
+        ));
+        assert!(matches!(
+            refused(&mut s, create("u", 2, vec![])),
+            ControllerError::InvalidAssignment { .. }
+        ));
+        assert_eq!(s.apply(&create("u", 2, vec![3, 1])), ControllerResponse::Ok);
+        assert_eq!(s.partition("u", 0).unwrap().leader, Some(3));
+    }
+
+    #[test]
+    fn isr_update_with_an_old_partition_epoch_is_refused() {
+        let mut s = cluster(&[]);
+        // The leader shrinks the ISR: the partition epoch moves to 1, the leader epoch stays.
+        assert_eq!(
+            update(&mut s, Some(1), 0, 0, &[1, 2]),
+            ControllerResponse::PartitionUpdated {
+                leader_epoch: 0,
+                partition_epoch: 1
+            }
+        );
+        // A second proposal decided on the old metadata loses.
+        let e = refused(
+            &mut s,
+            ControllerCommand::UpdatePartition {
+                topic: "t".into(),
+                partition: 0,
+                leader: Some(1),
+                leader_epoch: 0,
+                partition_epoch: 0,
+                isr: vec![1],
+            },
+        );
+        assert_eq!(
+            e,
+            ControllerError::StalePartitionEpoch {
+                current: 1,
+                given: 0
+            }
+        );
+        assert_eq!(p0(&s).isr, vec![1, 2]);
+    }
+
+    #[test]
+    fn a_stale_leader_epoch_is_fenced_and_leader_epoch_only_grows() {
+        let mut s = cluster(&[]);
+        let mut last_leader_epoch = p0(&s).leader_epoch;
+        // Elect 2, then 3, then shrink and expand the ISR under 3.
+        let steps: [(Option<BrokerId>, &[BrokerId]); 4] = [
+            (Some(2), &[1, 2, 3]),
+            (Some(3), &[2, 3]),
+            (Some(3), &[3]),
+            (Some(3), &[3, 1]),
+        ];
+        for (leader, isr) in steps {
+            let p = p0(&s).clone();
+            let resp = update(&mut s, leader, p.leader_epoch, p.partition_epoch, isr);
+            assert!(matches!(resp, ControllerResponse::PartitionUpdated { .. }));
+            let now = p0(&s);
+            assert!(now.leader_epoch >= last_leader_epoch);
+            assert_eq!(now.partition_epoch, p.partition_epoch + 1);
+            assert_eq!(
+                now.leader_epoch,
+                p.leader_epoch + u64::from(leader != p.leader)
+            );
+            last_leader_epoch = now.leader_epoch;
+        }
+        assert_eq!(p0(&s).leader_epoch, 2);
+        // The leader of epoch 1 (broker 2) tries to change the ISR: fenced.
+        let pe = p0(&s).partition_epoch;
+        let e = refused(
+            &mut s,
+            ControllerCommand::UpdatePartition {
+                topic: "t".into(),
+                partition: 0,
+                leader: Some(2),
+                leader_epoch: 1,
+                partition_epoch: pe,
+                isr: vec![2, 3],
+            },
+        );
+        assert_eq!(
+            e,
+            ControllerError::FencedLeaderEpoch {
+                current: 2,
+                given: 1
+            }
+        );
+    }
+
+    #[test]
+    fn partition_updates_are_validated() {
+        let mut s = cluster(&[]);
+        let bad = |s: &mut ControllerState, leader, isr: &[BrokerId]| {
+            refused(
+                s,
+                ControllerCommand::UpdatePartition {
+                    topic: "t".into(),
+                    partition: 0,
+                    leader,
+                    leader_epoch: 0,
+                    partition_epoch: 0,
+                    isr: isr.to_vec(),
+                },
+            )
+        };
+        for (leader, isr) in [
+            (Some(1), &[][..]),
+            (Some(1), &[1, 1][..]),
+            (Some(1), &[1, 4][..]),
+            (Some(2), &[1, 3][..]),
+        ] {
+            assert!(matches!(
+                bad(&mut s, leader, isr),
+                ControllerError::InvalidUpdate { .. }
+            ));
+        }
+        // A fenced broker can neither lead nor rejoin the ISR.
+        assert_eq!(update(&mut s, Some(1), 0, 0, &[1, 2]), {
+            ControllerResponse::PartitionUpdated {
+                leader_epoch: 0,
+                partition_epoch: 1,
+            }
+        });
+        s.apply(&ControllerCommand::FenceBroker { id: 3 });
+        let p = p0(&s).clone();
+        for (leader, isr) in [(Some(1), &[1, 2, 3][..]), (Some(3), &[1, 2, 3][..])] {
+            let e = refused(
+                &mut s,
+                ControllerCommand::UpdatePartition {
+                    topic: "t".into(),
+                    partition: 0,
+                    leader,
+                    leader_epoch: p.leader_epoch,
+                    partition_epoch: p.partition_epoch,
+                    isr: isr.to_vec(),
+                },
+            );
+            assert!(matches!(e, ControllerError::InvalidUpdate { .. }), "{e}");
+        }
+        assert!(matches!(
+            refused(
+                &mut s,
+                ControllerCommand::UpdatePartition {
+                    topic: "t".into(),
+                    partition: 1,
+                    leader: Some(1),
+                    leader_epoch: 0,
+                    partition_epoch: 0,
+                    isr: vec![1],
+                }
+            ),
+            ControllerError::UnknownPartition { partition: 1, .. }
+        ));
+    }
+
+    #[test]
+    fn fencing_the_leader_elects_the_next_isr_replica() {
+        let mut s = cluster(&[]);
+        s.apply(&ControllerCommand::FenceBroker { id: 1 });
+        let p = p0(&s);
+        assert_eq!(p.leader, Some(2));
+        assert_eq!(p.isr, vec![2, 3]);
+        assert_eq!((p.leader_epoch, p.partition_epoch), (1, 1));
+        // Fencing a follower only shrinks the ISR.
+        s.apply(&ControllerCommand::FenceBroker { id: 3 });
+        let p = p0(&s);
+        assert_eq!(p.leader, Some(2));
+        assert_eq!(p.isr, vec![2]);
+        assert_eq!((p.leader_epoch, p.partition_epoch), (1, 2));
+        // Fencing again changes nothing.
+        let before = s.clone();
+        assert_eq!(
+            s.apply(&ControllerCommand::FenceBroker { id: 3 }),
+            ControllerResponse::Ok
+        );
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn losing_the_last_isr_member_goes_offline_until_it_returns() {
+        let mut s = cluster(&[]);
+        assert!(matches!(
+            update(&mut s, Some(1), 0, 0, &[1]),
+            ControllerResponse::PartitionUpdated { .. }
+        ));
+        s.apply(&ControllerCommand::FenceBroker { id: 1 });
+        let p = p0(&s);
+        // 2 and 3 are live but not in the ISR: no clean leader.
+        assert_eq!(p.leader, None);
+        assert_eq!(p.isr, vec![1]);
+        assert_eq!(p.leader_epoch, 1);
+        // Another replica coming back does not lead either.
+        s.apply(&ControllerCommand::UnfenceBroker { id: 2 });
+        assert_eq!(p0(&s).leader, None);
+        // The ISR member does.
+        s.apply(&ControllerCommand::UnfenceBroker { id: 1 });
+        let p = p0(&s);
+        assert_eq!(p.leader, Some(1));
+        assert_eq!(p.leader_epoch, 2);
+        assert_eq!(p.isr, vec![1]);
+    }
+
+    #[test]
+    fn unclean_election_only_where_the_topic_allows_it() {
+        let mut s = cluster(&[(UNCLEAN_LEADER_ELECTION, "true")]);
+        assert!(matches!(
+            update(&mut s, Some(1), 0, 0, &[1]),
+            ControllerResponse::PartitionUpdated { .. }
+        ));
+        s.apply(&ControllerCommand::FenceBroker { id: 1 });
+        let p = p0(&s);
+        assert_eq!(p.leader, Some(2));
+        assert_eq!(p.isr, vec![2]);
+    }
+
+    #[test]
+    fn topic_config_alter_and_delete() {
+        let mut s = cluster(&[("retention.ms", "1000"), ("cleanup.policy", "delete")]);
+        let resp = s.apply(&ControllerCommand::AlterTopicConfig {
+            name: "t".into(),
+            set: [("retention.ms".to_string(), "2000".to_string())].into(),
+            remove: vec!["cleanup.policy".into()],
+        });
+        assert_eq!(resp, ControllerResponse::Ok);
+        assert_eq!(
+            s.topic("t").unwrap().config,
+            BTreeMap::from([("retention.ms".to_string(), "2000".to_string())])
+        );
+        assert_eq!(
+            s.apply(&ControllerCommand::DeleteTopic { name: "t".into() }),
+            ControllerResponse::Ok
+        );
+        assert!(s.topic("t").is_none());
+        assert!(matches!(
+            refused(&mut s, ControllerCommand::DeleteTopic { name: "t".into() }),
+            ControllerError::UnknownTopic { .. }
+        ));
+    }
+
+    #[test]
+    fn same_log_same_state_and_it_round_trips() {
+        let log = [
+            ControllerCommand::RegisterBroker {
+                id: 2,
+                addr: "b:2".into(),
+                epoch: 1,
+            },
+            ControllerCommand::RegisterBroker {
+                id: 1,
+                addr: "b:1".into(),
+                epoch: 1,
+            },
+            ControllerCommand::UnfenceBroker { id: 1 },
+            ControllerCommand::UnfenceBroker { id: 2 },
+            ControllerCommand::CreateTopic {
+                name: "x".into(),
+                topic_id: 10,
+                partitions: vec![
+                    PartitionAssignment {
+                        replicas: vec![1, 2],
+                    },
+                    PartitionAssignment {
+                        replicas: vec![2, 1],
+                    },
+                ],
+                config: BTreeMap::new(),
+            },
+            ControllerCommand::FenceBroker { id: 2 },
+            ControllerCommand::DeleteTopic {
+                name: "nope".into(),
+            },
+        ];
+        let run = || {
+            let mut s = ControllerState::default();
+            let responses: Vec<_> = log.iter().map(|c| s.apply(c)).collect();
+            (s, responses)
+        };
+        let (a, ra) = run();
+        let (b, rb) = run();
+        assert_eq!(a, b);
+        assert_eq!(ra, rb);
+        let json = serde_json::to_vec(&a).unwrap();
+        assert_eq!(serde_json::from_slice::<ControllerState>(&json).unwrap(), a);
+        assert_eq!(a.partition("x", 1).unwrap().leader, Some(1));
+    }
+}

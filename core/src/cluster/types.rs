@@ -1,0 +1,141 @@
+//! The controller's Raft types: who the voters are ([`BrokerNode`]), what is proposed
+//! ([`ControllerCommand`]), what applying it answers ([`ControllerResponse`]), and the
+//! openraft type configuration [`TypeConfig`] that ties them together.
+//!
+//! These are the controller's *log* format: every broker decodes them from its own copy of the
+//! metadata log, so a change to a variant's fields is a change of the on-disk format.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Cursor;
+
+use serde::{Deserialize, Serialize};
+
+/// A broker's id (`broker.id`), which is also its Raft node id.
+pub type BrokerId = u64;
+
+/// How openraft reaches a controller voter or learner: the broker's QUIC address.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerNode {
+    /// `host:port` of the broker's QUIC endpoint (the Raft ALPN is served there too).
+    pub addr: String,
+}
+
+impl fmt::Display for BrokerNode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.addr)
+    }
+}
+
+/// Where one partition's replicas go, as chosen by whoever proposes a topic creation.
+/// The first replica is the preferred (and initial) leader; all replicas start in the ISR.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionAssignment {
+    /// Broker ids holding a copy, preferred leader first; no duplicates.
+    pub replicas: Vec<BrokerId>,
+}
+
+/// A change to the cluster metadata, proposed through Raft and applied by every broker in
+/// log order. Applying is deterministic: a refused command changes nothing and every broker
+/// refuses it the same way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControllerCommand {
+    /// A broker (re)joins with a new incarnation `epoch`; it stays fenced until unfenced.
+    /// An epoch lower than the registered one is refused (a stale process); the same epoch
+    /// with the same address is an idempotent retry.
+    RegisterBroker {
+        id: BrokerId,
+        addr: String,
+        epoch: u64,
+    },
+    /// The broker missed its heartbeats or is shutting down: it leaves every ISR it can
+    /// leave, and partitions it led get a new leader from the ISR (or go offline).
+    FenceBroker { id: BrokerId },
+    /// The broker is caught up again: it may lead, and leaderless partitions whose ISR
+    /// holds it get it as leader.
+    UnfenceBroker { id: BrokerId },
+    /// Create a topic with the given id, partition assignments and config overrides.
+    CreateTopic {
+        name: String,
+        topic_id: u64,
+        partitions: Vec<PartitionAssignment>,
+        config: BTreeMap<String, String>,
+    },
+    /// Delete a topic and all its partition assignments.
+    DeleteTopic { name: String },
+    /// Set and remove config overrides of a topic (removals apply after sets).
+    AlterTopicConfig {
+        name: String,
+        set: BTreeMap<String, String>,
+        remove: Vec<String>,
+    },
+    /// Kafka's AlterPartition: change a partition's leader and/or ISR. `leader_epoch` and
+    /// `partition_epoch` are the values the proposer last saw; a stale one is refused, so two
+    /// proposers racing on the same partition cannot both win. A new leader bumps the leader
+    /// epoch; every accepted update bumps the partition epoch.
+    UpdatePartition {
+        topic: String,
+        partition: u32,
+        leader: Option<BrokerId>,
+        leader_epoch: u64,
+        partition_epoch: u64,
+        isr: Vec<BrokerId>,
+    },
+}
+
+/// Why the state machine refused a command. Stable: brokers map these to wire errors.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ControllerError {
+    #[error("broker {id} is not registered")]
+    UnknownBroker { id: BrokerId },
+    #[error("broker {id} registered with epoch {current}, not {given}")]
+    StaleBrokerEpoch {
+        id: BrokerId,
+        current: u64,
+        given: u64,
+    },
+    #[error("topic {name} already exists")]
+    TopicAlreadyExists { name: String },
+    #[error("topic id {topic_id} is already used by topic {name}")]
+    TopicIdInUse { topic_id: u64, name: String },
+    #[error("topic {name} does not exist")]
+    UnknownTopic { name: String },
+    #[error("topic {topic} has no partition {partition}")]
+    UnknownPartition { topic: String, partition: u32 },
+    #[error("invalid replica assignment: {reason}")]
+    InvalidAssignment { reason: String },
+    /// The proposer's leader epoch is older than the partition's: it is a stale leader.
+    #[error("leader epoch {given} is fenced: the partition is at leader epoch {current}")]
+    FencedLeaderEpoch { current: u64, given: u64 },
+    /// The proposer's partition epoch is not the current one: it decided on old metadata.
+    #[error("partition epoch {given} is stale: the partition is at epoch {current}")]
+    StalePartitionEpoch { current: u64, given: u64 },
+    #[error("invalid partition update: {reason}")]
+    InvalidUpdate { reason: String },
+}
+
+/// The answer to one applied log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControllerResponse {
+    /// Applied (also the answer for blank and membership entries).
+    Ok,
+    /// A partition update was applied; these are the partition's new epochs.
+    PartitionUpdated {
+        leader_epoch: u64,
+        partition_epoch: u64,
+    },
+    /// Refused; the state is unchanged.
+    Refused(ControllerError),
+}
+
+openraft::declare_raft_types!(
+    /// openraft's type configuration for the controller group.
+    pub TypeConfig:
+        D = ControllerCommand,
+        R = ControllerResponse,
+        NodeId = BrokerId,
+        Node = BrokerNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
