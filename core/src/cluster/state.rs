@@ -155,6 +155,29 @@ impl ControllerState {
             .unwrap_or(1)
     }
 
+    /// The broker and topics that `apply(cmd)` may change (a superset), so that a persistent
+    /// store rewrites only those. Ask before applying: a fence touches the topics the broker
+    /// holds replicas of, which it still holds afterwards.
+    pub fn touched(&self, cmd: &ControllerCommand) -> (Option<BrokerId>, Vec<String>) {
+        match cmd {
+            ControllerCommand::RegisterBroker { id, .. }
+            | ControllerCommand::FenceBroker { id }
+            | ControllerCommand::UnfenceBroker { id } => {
+                let topics = self
+                    .topics
+                    .values()
+                    .filter(|t| t.partitions.iter().any(|p| p.replicas.contains(id)))
+                    .map(|t| t.name.clone())
+                    .collect();
+                (Some(*id), topics)
+            }
+            ControllerCommand::CreateTopic { name, .. }
+            | ControllerCommand::DeleteTopic { name }
+            | ControllerCommand::AlterTopicConfig { name, .. } => (None, vec![name.clone()]),
+            ControllerCommand::UpdatePartition { topic, .. } => (None, vec![topic.clone()]),
+        }
+    }
+
     fn is_live(&self, id: BrokerId) -> bool {
         self.brokers.get(&id).is_some_and(|b| !b.fenced)
     }
@@ -798,6 +821,53 @@ mod tests {
             refused(&mut s, ControllerCommand::DeleteTopic { name: "t".into() }),
             ControllerError::UnknownTopic { .. }
         ));
+    }
+
+    #[test]
+    fn touched_covers_every_change() {
+        let mut s = cluster(&[]);
+        let cmds = [
+            ControllerCommand::FenceBroker { id: 1 },
+            ControllerCommand::RegisterBroker {
+                id: 2,
+                addr: "x:2".into(),
+                epoch: 9,
+            },
+            ControllerCommand::UnfenceBroker { id: 1 },
+            ControllerCommand::UnfenceBroker { id: 2 },
+            ControllerCommand::AlterTopicConfig {
+                name: "t".into(),
+                set: [("a".to_string(), "b".to_string())].into(),
+                remove: vec![],
+            },
+            ControllerCommand::CreateTopic {
+                name: "u".into(),
+                topic_id: 5,
+                partitions: vec![PartitionAssignment { replicas: vec![2] }],
+                config: BTreeMap::new(),
+            },
+            ControllerCommand::DeleteTopic { name: "t".into() },
+        ];
+        for cmd in cmds {
+            let before = s.clone();
+            let (broker, topics) = s.touched(&cmd);
+            let resp = s.apply(&cmd);
+            assert!(
+                !matches!(resp, ControllerResponse::Refused(_)),
+                "{cmd:?}: {resp:?}"
+            );
+            for (id, b) in &s.brokers {
+                if before.brokers.get(id) != Some(b) {
+                    assert_eq!(broker, Some(*id), "{cmd:?}");
+                }
+            }
+            let names = before.topics.keys().chain(s.topics.keys());
+            for name in names {
+                if before.topics.get(name) != s.topics.get(name) {
+                    assert!(topics.contains(name), "{cmd:?} changed {name}");
+                }
+            }
+        }
     }
 
     #[test]
