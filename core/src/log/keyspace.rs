@@ -207,6 +207,6 @@ mod tests {
         assert_eq!(migrate_legacy(&db, &legacy, "log/7/0", &keys).unwrap(), 1);
         assert_eq!(keys.iter().count(), 1);
         let after: HashSet<Vec<u8>> = db.tree_names().into_iter().map(|n| n.to_vec()).collect();
-        assert!(!after.contains(&b"log/7/0".to_vec()));
+        assert!(!after.contains(b"log/7/0".as_slice()));
     }
 }
