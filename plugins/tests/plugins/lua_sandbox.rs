@@ -390,9 +390,10 @@ fn runaway_c_calls_fail_with_the_cpu_limit_in_time() {
             "{action}: {e}"
         );
         // The call stops at its limit (checks run every ~1000 instructions or 1024 matching
-        // steps), not when a C function happens to return; the slack is for a loaded machine.
+        // steps), not when a C function happens to return (which would take hours); the bound
+        // is generous so a slow or loaded machine passes too.
         assert!(
-            took < std::time::Duration::from_millis(1500),
+            took < std::time::Duration::from_secs(10),
             "{action}: took {took:?}"
         );
         still_works(&mut *p);
