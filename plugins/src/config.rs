@@ -7,14 +7,26 @@ use std::sync::Arc;
 
 use crate::bundle::{Bundle, Kind, Runtime};
 use crate::limits::Effective;
-use crate::{HostLimits, Partitioner, PluginError, Processor};
+use crate::{HostLimits, Partitioner, PluginError, Processor, StateStore};
 
 /// How to build one plugin instance.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PluginConfig {
     bundle: Arc<Bundle>,
     overrides: BTreeMap<String, String>,
     limits: HostLimits,
+    state: Option<Arc<dyn StateStore>>,
+}
+
+impl std::fmt::Debug for PluginConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginConfig")
+            .field("bundle", &self.bundle)
+            .field("overrides", &self.overrides)
+            .field("limits", &self.limits)
+            .field("state", &self.state.as_ref().map(|s| s.scope().to_string()))
+            .finish()
+    }
 }
 
 impl PluginConfig {
@@ -24,6 +36,7 @@ impl PluginConfig {
             bundle: bundle.into(),
             overrides: BTreeMap::new(),
             limits: HostLimits::default(),
+            state: None,
         }
     }
 
@@ -51,6 +64,16 @@ impl PluginConfig {
         self
     }
 
+    /// Give the processor built from this config its keyed state: one store per scope
+    /// (pipeline, stage, input partition), so build one processor per store. The caller keeps
+    /// another `Arc` to the store to [`StateStore::drain_changes`] after each call. Without a
+    /// store, the plugin's state functions fail with "state is not available: this processor
+    /// runs without a pipeline". A partitioner cannot have one (`build_partitioner` refuses).
+    pub fn state(mut self, store: Arc<dyn StateStore>) -> Self {
+        self.state = Some(store);
+        self
+    }
+
     /// The bundle being configured.
     pub fn bundle(&self) -> &Bundle {
         &self.bundle
@@ -60,13 +83,26 @@ impl PluginConfig {
     pub fn build_processor(&self) -> Result<Box<dyn Processor>, PluginError> {
         let eff = self.effective(Kind::Processor)?;
         Ok(match self.bundle.manifest().runtime {
-            Runtime::Lua => Box::new(crate::lua::LuaProcessor::new(&self.bundle, eff)?),
-            Runtime::Wasm => Box::new(crate::wasm::WasmProcessor::new(&self.bundle, eff)?),
+            Runtime::Lua => Box::new(crate::lua::LuaProcessor::new(
+                &self.bundle,
+                eff,
+                self.state.clone(),
+            )?),
+            Runtime::Wasm => Box::new(crate::wasm::WasmProcessor::new(
+                &self.bundle,
+                eff,
+                self.state.clone(),
+            )?),
         })
     }
 
     /// Build a partitioner instance.
     pub fn build_partitioner(&self) -> Result<Box<dyn Partitioner>, PluginError> {
+        if self.state.is_some() {
+            return Err(PluginError::Config(
+                "a partitioner cannot have a state store (only processors have state)".into(),
+            ));
+        }
         let eff = self.effective(Kind::Partitioner)?;
         Ok(match self.bundle.manifest().runtime {
             Runtime::Lua => Box::new(crate::lua::LuaPartitioner::new(&self.bundle, eff)?),

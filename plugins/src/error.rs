@@ -121,6 +121,15 @@ pub enum PluginError {
         /// Why.
         message: String,
     },
+    /// A keyed-state call failed: no store (the processor runs without a pipeline), the
+    /// scope's size limit, or the store itself. The call's state writes were not applied.
+    #[error("plugin {plugin}: {message}")]
+    State {
+        /// `name@version`.
+        plugin: String,
+        /// The [`crate::StateError`] message.
+        message: String,
+    },
     /// The caller's configuration is invalid (bad `key=value` override, zero limit).
     #[error("invalid plugin configuration: {0}")]
     Config(String),

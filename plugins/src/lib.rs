@@ -8,7 +8,9 @@
 //! traps or errors fails with a typed [`PluginError`] naming the plugin, the next call runs on a
 //! fresh instance, and a plugin that fails [`HostLimits::max_consecutive_failures`] calls in a
 //! row is quarantined. The [`local`] module runs a bundle on a file or a generated load, for the
-//! `quiver plugin test` and `quiver plugin bench` commands.
+//! `quiver plugin test` and `quiver plugin bench` commands. A processor may be given a keyed
+//! [`StateStore`] ([`PluginConfig::state`]); plugins reach it through `state-get`/`state-put`/
+//! `state-delete` (WASM) or `state.get`/`put`/`delete` (Lua); see [`state`].
 //!
 //! ```no_run
 //! use quiver_plugins::{Bundle, PluginConfig, Record};
@@ -28,6 +30,7 @@ mod limits;
 pub mod local;
 mod lua;
 mod record;
+pub mod state;
 mod wasm;
 
 pub use bundle::{Bundle, Kind, Manifest, ManifestLimits, Runtime};
@@ -35,6 +38,7 @@ pub use config::{parse_override, PluginConfig};
 pub use error::{BundleError, PluginError};
 pub use limits::HostLimits;
 pub use record::Record;
+pub use state::{MemoryStateStore, StateChange, StateError, StateScope, StateStore};
 
 /// A record processor instance. Not shared between partitions: build one per partition, so
 /// that a stateful plugin keeps its state per partition.

@@ -102,6 +102,13 @@ impl Effective {
         }
     }
 
+    pub fn state_error(&self, e: &crate::StateError) -> PluginError {
+        PluginError::State {
+            plugin: self.plugin.to_string(),
+            message: e.to_string(),
+        }
+    }
+
     pub fn bad_return(&self, message: impl Into<String>) -> PluginError {
         PluginError::BadReturn {
             plugin: self.plugin.to_string(),

@@ -30,7 +30,8 @@ use mlua::{ChunkMode, Function, HookTriggers, Lua, LuaOptions, StdLib, Value, Vm
 
 use crate::bundle::Bundle;
 use crate::limits::{Effective, Health};
-use crate::{Partitioner, PluginError, Processor, Record};
+use crate::state::{CallState, StateError};
+use crate::{Partitioner, PluginError, Processor, Record, StateStore};
 
 const PRELUDE: &str = include_str!("prelude.lua");
 /// Bounded table.insert/remove/move/sort/concat (see the file's header).
@@ -168,10 +169,12 @@ struct LuaInstance {
     guard: Arc<Guard>,
     health: Health,
     state: Option<State>,
+    /// Keyed state of the current call, shared with the `state.*` functions.
+    keyed: Arc<Mutex<CallState>>,
 }
 
 impl LuaInstance {
-    fn new(bundle: &Bundle, eff: Effective) -> Result<Self, PluginError> {
+    fn new(bundle: &Bundle, eff: Effective, keyed: CallState) -> Result<Self, PluginError> {
         let source = std::str::from_utf8(bundle.entry_bytes()).map_err(|_| PluginError::Load {
             plugin: eff.plugin.to_string(),
             message: format!("{} is not UTF-8 text", bundle.manifest().entry),
@@ -192,6 +195,7 @@ impl LuaInstance {
             health: Health::new(eff.plugin.clone(), eff.max_failures),
             eff,
             state: None,
+            keyed: Arc::new(Mutex::new(keyed)),
         };
         watch(&inst.guard);
         inst.state = Some(inst.fresh_state()?);
@@ -272,6 +276,8 @@ impl LuaInstance {
             .set_mode(ChunkMode::Text)
             .call((check, config, BAD_RETURN))?;
         lua.globals().raw_set("log", log)?;
+        lua.globals()
+            .raw_set("state", state_table(lua, &self.keyed)?)?;
         lua.load(&*self.source)
             .set_name(self.chunk_name.clone())
             .set_mode(ChunkMode::Text)
@@ -317,6 +323,9 @@ impl LuaInstance {
         if self.guard.tripped.load(Ordering::Relaxed) {
             return self.eff.cpu_limit();
         }
+        if let Some(se) = state_error(&e) {
+            return self.eff.state_error(se);
+        }
         if is_memory_error(&e) {
             return self.eff.memory_limit();
         }
@@ -334,7 +343,19 @@ impl LuaInstance {
         f: impl FnOnce(&State, &Effective) -> Result<mlua::Result<R>, PluginError>,
     ) -> Result<R, PluginError> {
         self.health.gate()?;
-        let r = self.call_inner(f);
+        keyed(&self.keyed).begin();
+        let mut r = self.call_inner(f);
+        // The call's state writes reach the store only if it succeeded.
+        let mut k = keyed(&self.keyed);
+        match &r {
+            Ok(_) => {
+                if let Err(e) = k.commit() {
+                    r = Err(self.eff.state_error(&e));
+                }
+            }
+            Err(_) => k.rollback(),
+        }
+        drop(k);
         if self.health.observe(&r) {
             self.state = None;
         }
@@ -359,6 +380,57 @@ impl LuaInstance {
     }
 }
 
+fn keyed(k: &Mutex<CallState>) -> std::sync::MutexGuard<'_, CallState> {
+    k.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The `state` table: `get(k)` → string or nil, `put(k, v)`, `delete(k)`; keys and values are
+/// strings (numbers are converted, as Lua does). A failure (no store, the size limit) raises a
+/// Lua error carrying the [`StateError`], which fails the call with `PluginError::State` unless
+/// the script catches it; the write is not made either way.
+fn state_table(lua: &Lua, shared: &Arc<Mutex<CallState>>) -> mlua::Result<mlua::Table> {
+    let t = lua.create_table()?;
+    let k = shared.clone();
+    t.raw_set(
+        "get",
+        lua.create_function(move |lua, key: mlua::String| {
+            let v = keyed(&k)
+                .get(&key.as_bytes())
+                .map_err(mlua::Error::external)?;
+            v.map(|v| lua.create_string(v)).transpose()
+        })?,
+    )?;
+    let k = shared.clone();
+    t.raw_set(
+        "put",
+        lua.create_function(move |_, (key, value): (mlua::String, mlua::String)| {
+            keyed(&k)
+                .put(&key.as_bytes(), &value.as_bytes())
+                .map_err(mlua::Error::external)
+        })?,
+    )?;
+    let k = shared.clone();
+    t.raw_set(
+        "delete",
+        lua.create_function(move |_, key: mlua::String| {
+            keyed(&k)
+                .delete(&key.as_bytes())
+                .map_err(mlua::Error::external)
+        })?,
+    )?;
+    Ok(t)
+}
+
+/// The [`StateError`] a `state.*` function raised, if that is what failed the call.
+fn state_error(e: &mlua::Error) -> Option<&StateError> {
+    match e {
+        mlua::Error::ExternalError(x) => x.downcast_ref::<StateError>(),
+        mlua::Error::CallbackError { cause, .. } => state_error(cause),
+        mlua::Error::WithContext { cause, .. } => state_error(cause),
+        _ => None,
+    }
+}
+
 fn is_memory_error(e: &mlua::Error) -> bool {
     match e {
         mlua::Error::MemoryError(_) => true,
@@ -374,8 +446,12 @@ pub(crate) struct LuaProcessor {
 }
 
 impl LuaProcessor {
-    pub(crate) fn new(bundle: &Bundle, eff: Effective) -> Result<Self, PluginError> {
-        let inst = LuaInstance::new(bundle, eff)?;
+    pub(crate) fn new(
+        bundle: &Bundle,
+        eff: Effective,
+        store: Option<Arc<dyn StateStore>>,
+    ) -> Result<Self, PluginError> {
+        let inst = LuaInstance::new(bundle, eff, CallState::processor(store))?;
         if let Some(s) = &inst.state {
             if s.process.is_none() && s.process_batch.is_none() {
                 return Err(PluginError::Load {
@@ -410,7 +486,7 @@ pub(crate) struct LuaPartitioner {
 
 impl LuaPartitioner {
     pub(crate) fn new(bundle: &Bundle, eff: Effective) -> Result<Self, PluginError> {
-        let inst = LuaInstance::new(bundle, eff)?;
+        let inst = LuaInstance::new(bundle, eff, CallState::partitioner())?;
         if inst.state.as_ref().is_some_and(|s| s.partition.is_none()) {
             return Err(PluginError::Load {
                 plugin: inst.eff.plugin.to_string(),
@@ -487,7 +563,7 @@ mod tests {
             wasm_stack_bytes: 1 << 19,
             max_failures: 5,
         };
-        let mut p = LuaProcessor::new(&bundle, eff).unwrap();
+        let mut p = LuaProcessor::new(&bundle, eff, None).unwrap();
         let lua = p.inst.state.as_ref().unwrap().lua.clone();
         let slow = lua
             .create_function(|_, ()| {

@@ -442,7 +442,11 @@ pub(crate) struct WasmProcessor {
 }
 
 impl WasmProcessor {
-    pub(crate) fn new(bundle: &Bundle, eff: Effective) -> Result<Self, PluginError> {
+    pub(crate) fn new(
+        bundle: &Bundle,
+        eff: Effective,
+        _store: Option<Arc<dyn crate::StateStore>>,
+    ) -> Result<Self, PluginError> {
         Ok(WasmProcessor {
             inst: WasmInstance::new(bundle, eff, Kind::Processor)?,
             buf: Vec::new(),

@@ -5,5 +5,6 @@
 mod examples;
 mod local;
 mod lua_sandbox;
+mod state;
 mod support;
 mod wasm_sandbox;
