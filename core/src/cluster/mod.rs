@@ -10,14 +10,27 @@
 //! - [`types`]: the Raft type configuration, commands and responses (the log format);
 //! - [`state`]: the pure, deterministic metadata state machine;
 //! - [`store`]: openraft storage-v2 on the controller's own sled database (log, vote, applied
-//!   state, snapshots), with the flush-before-durable rule.
+//!   state, snapshots), with the flush-before-durable rule;
+//! - [`network`]: openraft's RPCs over QUIC on their own ALPN (`quiver-raft/1`), mutual TLS
+//!   against the cluster CA;
+//! - [`controller`]: a running node of the group ([`Controller`]): store + `openraft::Raft` +
+//!   its QUIC endpoint; writes on the leader, a copy of the applied state everywhere.
 //!
-//! Not here yet: the Raft network (RPCs over the QUIC endpoint on their own ALPN), broker
-//! registration and heartbeats, and wiring into the running broker.
+//! Not here yet: broker registration and heartbeats, and wiring into the running broker.
 
+pub mod controller;
+pub mod network;
 pub mod state;
 pub mod store;
 pub mod types;
+
+pub use controller::{
+    raft_config, Controller, ControllerConfig, ControllerStartError, ControllerWriteError,
+    RaftTimings,
+};
+pub use network::{
+    serve_raft_connection, QuicRaftNetwork, RaftTls, RaftTransportError, RAFT_ALPN,
+};
 
 pub use state::{BrokerRecord, ControllerState, PartitionRecord, TopicRecord};
 pub use store::{
