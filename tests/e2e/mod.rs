@@ -3,6 +3,7 @@
 pub mod harness;
 
 mod broker_lifecycle;
+mod cli_habits;
 mod cli_tour;
 mod crash_recovery;
 mod crash_recovery_damage;

@@ -1,0 +1,61 @@
+//! Kafka habits in the CLI: `consume --group G --from-beginning` starts a group without
+//! committed offsets at the earliest record, and `quiver completions SHELL` prints a script.
+
+use std::time::{Duration, Instant};
+
+use super::harness::{bin, TestBroker};
+
+#[test]
+fn consume_with_a_group_from_the_beginning_reads_everything_and_commits() {
+    let b = TestBroker::start();
+    b.cli_ok(&["topic", "create", "habits"]);
+    b.cli_stdin_ok(&["produce", "habits"], b"a\nb\nc\n");
+    let out = b.cli_ok(&[
+        "consume",
+        "habits",
+        "--group",
+        "fresh",
+        "--from-beginning",
+        "--max-messages",
+        "3",
+    ]);
+    assert_eq!(out, "a\nb\nc\n");
+    // The group's offset is committed (on leaving): poll for it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d: serde_json::Value =
+            serde_json::from_str(&b.cli_ok(&["group", "describe", "fresh", "--output", "json"]))
+                .unwrap();
+        if d["partitions"][0]["committed"] == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "offset never committed: {d}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn completions_print_a_script_for_each_shell() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = std::process::Command::new(bin())
+            .args(["completions", shell])
+            .output()
+            .expect("run quiver");
+        assert!(
+            out.status.success(),
+            "{shell}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(script.contains("quiver"), "{shell}");
+        assert!(
+            script.contains("broker") && script.contains("consume"),
+            "{shell}"
+        );
+    }
+    let bad = std::process::Command::new(bin())
+        .args(["completions", "powershell-9000"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+}
