@@ -19,10 +19,17 @@ use wasmtime::{Config, Engine, ResourceLimiter, Store, StoreContextMut, Trap};
 
 use crate::bundle::{Bundle, Kind};
 use crate::limits::{Effective, Health};
-use crate::{codec, Partitioner, PluginError, Processor, Record};
+use crate::state::{CallState, StateError};
+use crate::{codec, Partitioner, PluginError, Processor, Record, StateStore};
 
-/// The interface every plugin may import.
-pub(crate) const HOST_INTERFACE: &str = "quiver:plugin/host@0.1.0";
+/// The interface every plugin may import, in each version the host provides: 0.1.0 (`log`,
+/// `config`) for components built before keyed state, 0.2.0 (adds `state-get`, `state-put`,
+/// `state-delete`). A component imports only the functions it uses, and a version only
+/// matches itself under semver 0.x, so both are linked.
+pub(crate) const HOST_INTERFACES: [(&str, bool); 2] = [
+    ("quiver:plugin/host@0.1.0", false),
+    ("quiver:plugin/host@0.2.0", true),
+];
 /// Import prefixes that make the host refuse a component.
 const FORBIDDEN_IMPORTS: [&str; 3] = ["wasi:filesystem", "wasi:sockets", "wasi:http"];
 /// Epoch tick; CPU limits are enforced with this granularity.
@@ -129,22 +136,9 @@ fn load(bundle: &Bundle, eff: &Effective, kind: Kind) -> Result<Arc<Loaded>, Plu
         .ok_or_else(|| load_err(format!("the component does not export `{export_name}`")))?;
     let mut linker: Linker<State> = Linker::new(&engine);
     let link = |e: wasmtime::Error| load_err(format!("cannot link: {e:#}"));
-    let mut host = linker.instance(HOST_INTERFACE).map_err(link)?;
-    host.func_wrap(
-        "log",
-        |mut cx: StoreContextMut<'_, State>, (msg,): (String,)| {
-            cx.data_mut().log(&msg);
-            Ok(())
-        },
-    )
-    .map_err(link)?;
-    host.func_wrap(
-        "config",
-        |cx: StoreContextMut<'_, State>, (key,): (String,)| {
-            Ok((cx.data().config.get(&key).cloned(),))
-        },
-    )
-    .map_err(link)?;
+    for (name, with_state) in HOST_INTERFACES {
+        link_host(&mut linker, name, with_state).map_err(link)?;
+    }
     // Rust's std seeds `HashMap` from `wasi:random/insecure-seed`; give it a fixed seed so that
     // ordinary collections work (plugins are deterministic; there is no other randomness).
     let seeds: Vec<String> = ty
@@ -183,6 +177,56 @@ fn load(bundle: &Bundle, eff: &Effective, kind: Kind) -> Result<Arc<Loaded>, Plu
     Ok(loaded)
 }
 
+/// Define one version of the `host` interface. Time spent in host functions is wall-clock
+/// time of the call: the epoch ticker keeps counting while they run, so it counts against the
+/// call's deadline (checked as soon as the guest runs again).
+fn link_host(linker: &mut Linker<State>, name: &str, with_state: bool) -> wasmtime::Result<()> {
+    let mut host = linker.instance(name)?;
+    host.func_wrap(
+        "log",
+        |mut cx: StoreContextMut<'_, State>, (msg,): (String,)| {
+            cx.data_mut().log(&msg);
+            Ok(())
+        },
+    )?;
+    host.func_wrap(
+        "config",
+        |cx: StoreContextMut<'_, State>, (key,): (String,)| {
+            Ok((cx.data().config.get(&key).cloned(),))
+        },
+    )?;
+    if !with_state {
+        return Ok(());
+    }
+    // A state error traps the guest with the `StateError` as the error, which `classify`
+    // turns into `PluginError::State`; the call's writes are then rolled back.
+    host.func_wrap(
+        "state-get",
+        |cx: StoreContextMut<'_, State>, (key,): (Vec<u8>,)| {
+            Ok((cx.data().keyed.get(&key).map_err(wasmtime::Error::new)?,))
+        },
+    )?;
+    host.func_wrap(
+        "state-put",
+        |mut cx: StoreContextMut<'_, State>, (key, value): (Vec<u8>, Vec<u8>)| {
+            cx.data_mut()
+                .keyed
+                .put(&key, &value)
+                .map_err(wasmtime::Error::new)
+        },
+    )?;
+    host.func_wrap(
+        "state-delete",
+        |mut cx: StoreContextMut<'_, State>, (key,): (Vec<u8>,)| {
+            cx.data_mut()
+                .keyed
+                .delete(&key)
+                .map_err(wasmtime::Error::new)
+        },
+    )?;
+    Ok(())
+}
+
 /// Per-store data: limits bookkeeping and what host functions need.
 struct State {
     plugin: Arc<str>,
@@ -190,6 +234,8 @@ struct State {
     limiter: Limiter,
     logs: u32,
     last_panic: Option<String>,
+    /// Keyed state of the current call.
+    keyed: CallState,
 }
 
 impl State {
@@ -322,16 +368,26 @@ struct WasmInstance {
     eff: Effective,
     health: Health,
     live: Option<Live>,
+    /// The processor's state store (`None`: no pipeline), handed to each new store's data.
+    state_store: Option<Arc<dyn StateStore>>,
+    kind: Kind,
 }
 
 impl WasmInstance {
-    fn new(bundle: &Bundle, eff: Effective, kind: Kind) -> Result<Self, PluginError> {
+    fn new(
+        bundle: &Bundle,
+        eff: Effective,
+        kind: Kind,
+        state_store: Option<Arc<dyn StateStore>>,
+    ) -> Result<Self, PluginError> {
         let loaded = load(bundle, &eff, kind)?;
         let mut inst = WasmInstance {
             health: Health::new(eff.plugin.clone(), eff.max_failures),
             loaded,
             eff,
             live: None,
+            state_store,
+            kind,
         };
         // Instantiate now so that a plugin that cannot start fails the build, not the first call.
         inst.live = Some(inst.instantiate()?);
@@ -351,6 +407,10 @@ impl WasmInstance {
                 limiter: Limiter::new(self.eff.memory_bytes()),
                 logs: 0,
                 last_panic: None,
+                keyed: match self.kind {
+                    Kind::Processor => CallState::processor(self.state_store.clone()),
+                    Kind::Partitioner => CallState::partitioner(),
+                },
             },
         );
         store.limiter(|s| &mut s.limiter);
@@ -375,7 +435,19 @@ impl WasmInstance {
         f: impl FnOnce(&mut Live, &Effective) -> Result<R, PluginError>,
     ) -> Result<R, PluginError> {
         self.health.gate()?;
-        let r = self.call_inner(f);
+        let mut r = self.call_inner(f);
+        // The call's state writes reach the store only if it succeeded.
+        if let Some(live) = self.live.as_mut() {
+            let keyed = &mut live.store.data_mut().keyed;
+            match &r {
+                Ok(_) => {
+                    if let Err(e) = keyed.commit() {
+                        r = Err(self.eff.state_error(&e));
+                    }
+                }
+                Err(_) => keyed.rollback(),
+            }
+        }
         if self.health.observe(&r) {
             self.live = None;
         }
@@ -401,6 +473,7 @@ impl WasmInstance {
         data.logs = 0;
         data.last_panic = None;
         data.limiter.hit_memory = false;
+        data.keyed.begin();
         f(live, &self.eff)
     }
 }
@@ -409,6 +482,9 @@ impl WasmInstance {
 fn classify(e: wasmtime::Error, state: &State, eff: &Effective) -> PluginError {
     if state.limiter.hit_memory {
         return eff.memory_limit();
+    }
+    if let Some(se) = e.downcast_ref::<StateError>() {
+        return eff.state_error(se);
     }
     let message = match e.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => return eff.cpu_limit(),
@@ -445,10 +521,10 @@ impl WasmProcessor {
     pub(crate) fn new(
         bundle: &Bundle,
         eff: Effective,
-        _store: Option<Arc<dyn crate::StateStore>>,
+        store: Option<Arc<dyn StateStore>>,
     ) -> Result<Self, PluginError> {
         Ok(WasmProcessor {
-            inst: WasmInstance::new(bundle, eff, Kind::Processor)?,
+            inst: WasmInstance::new(bundle, eff, Kind::Processor, store)?,
             buf: Vec::new(),
         })
     }
@@ -488,7 +564,7 @@ pub(crate) struct WasmPartitioner {
 impl WasmPartitioner {
     pub(crate) fn new(bundle: &Bundle, eff: Effective) -> Result<Self, PluginError> {
         Ok(WasmPartitioner {
-            inst: WasmInstance::new(bundle, eff, Kind::Partitioner)?,
+            inst: WasmInstance::new(bundle, eff, Kind::Partitioner, None)?,
         })
     }
 }

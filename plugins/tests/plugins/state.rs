@@ -3,6 +3,8 @@
 //! call with a clear error and none of the call's writes are applied; changes are drained;
 //! without a store the state functions fail clearly. For Lua and for WASM.
 
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -66,7 +68,6 @@ fn lua_count() -> Bundle {
     lua_bundle("processor", LUA_COUNT)
 }
 
-#[allow(dead_code)] // used once the WASM side lands
 fn wasm_count() -> Bundle {
     example("count")
 }
@@ -240,4 +241,95 @@ fn lua_partitioners_have_no_state() {
         .err()
         .unwrap();
     assert!(matches!(e, PluginError::Config(_)), "{e}");
+}
+
+#[test]
+fn wasm_counts_persist_across_calls_and_instances() {
+    counts_persist_across_calls_and_instances(wasm_count);
+}
+
+#[test]
+fn wasm_two_partitions_are_independent() {
+    two_partitions_are_independent(wasm_count);
+}
+
+#[test]
+fn wasm_the_limit_fails_the_call_and_applies_nothing() {
+    the_limit_fails_the_call_and_applies_nothing(wasm_count);
+}
+
+#[test]
+fn wasm_changes_are_drained() {
+    changes_are_drained(wasm_count);
+}
+
+#[test]
+fn wasm_without_a_store_state_fails_clearly() {
+    without_a_store_state_fails_clearly(wasm_count);
+}
+
+/// `examples/plugins/noop-map` as built by the SDK against `quiver:plugin@0.1.0`, before keyed
+/// state existed (it imports `quiver:plugin/host@0.1.0` `log`): it must still load and run,
+/// with or without a store.
+#[test]
+fn a_component_built_against_wit_0_1_0_still_loads() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/noop-map-wit-0.1.0");
+    let bundle = Bundle::load(&dir).unwrap();
+    let input = words(&["a", "b"]);
+    let mut p = processor(bundle.clone(), tight_limits());
+    assert_eq!(values(&p.process_batch(input.clone()).unwrap()), ["a", "b"]);
+    let store = mem_store(0, 100);
+    let mut p = with_store(bundle, store.clone());
+    assert_eq!(values(&p.process_batch(input).unwrap()), ["a", "b"]);
+    assert!(store.drain_changes().is_empty());
+}
+
+/// A hand-written component importing `quiver:plugin/host@0.1.0` exactly as 0.1.0 defined it
+/// (`log` and `config`), calling `log`, and returning its input.
+const HOST_0_1_0: &str = r#"
+(component
+  (import "quiver:plugin/host@0.1.0" (instance $host
+    (export "log" (func (param "msg" string)))
+    (export "config" (func (param "key" string) (result (option string))))))
+  (core module $mem
+    (memory (export "memory") 1)
+    (global $bump (mut i32) (i32.const 1024))
+    (func (export "realloc") (param i32 i32 i32 i32) (result i32)
+      (local $r i32)
+      (local.set $r (global.get $bump))
+      (global.set $bump (i32.add (global.get $bump) (local.get 3)))
+      (local.get $r)))
+  (core instance $mi (instantiate $mem))
+  (core func $log (canon lower (func $host "log") (memory (core memory $mi "memory"))))
+  (core module $m
+    (import "host" "log" (func $log (param i32 i32)))
+    (import "mem" "memory" (memory 1))
+    (data (i32.const 0) "hello")
+    (func (export "process") (param $ptr i32) (param $len i32) (result i32)
+      (call $log (i32.const 0) (i32.const 5))
+      (i32.store8 (i32.const 16) (i32.const 0))
+      (i32.store (i32.const 20) (local.get $ptr))
+      (i32.store (i32.const 24) (local.get $len))
+      (i32.const 16)))
+  (core instance $i (instantiate $m
+    (with "host" (instance (export "log" (func $log))))
+    (with "mem" (instance $mi))))
+  (func (export "process-batch") (param "batch" (list u8)) (result (result (list u8) (error string)))
+    (canon lift (core func $i "process") (memory (core memory $mi "memory")) (realloc (core func $mi "realloc")))))
+"#;
+
+#[test]
+fn a_component_importing_the_whole_0_1_0_host_interface_still_loads() {
+    let mut files = BTreeMap::new();
+    files.insert(
+        "plugin.toml".to_string(),
+        b"name = \"old\"\nversion = \"0.1.0\"\nkind = \"processor\"\nruntime = \"wasm\"\nentry = \"p.wasm\"\n".to_vec(),
+    );
+    files.insert("p.wasm".to_string(), wat::parse_str(HOST_0_1_0).unwrap());
+    let bundle = Bundle::from_files(files, Path::new("old")).unwrap();
+    let mut p = processor(bundle, tight_limits());
+    assert_eq!(
+        values(&p.process_batch(words(&["x", "y"])).unwrap()),
+        ["x", "y"]
+    );
 }

@@ -3,7 +3,7 @@
 //!
 //! It owns the guest side of the plugin contract: the [`Record`] type, the batch
 //! encoding shared with the host (see [`codec`] and `ENCODING.md`), the host
-//! functions [`log`] and [`config`], and the `#[processor]` / `#[partitioner]`
+//! functions [`log`], [`config`] and [`state`], and the `#[processor]` / `#[partitioner]`
 //! attributes that export a plain function through the `quiver:plugin` WIT world
 //! (`wit/quiver-plugin.wit`). A plugin crate is a `cdylib` with one annotated function:
 //!
@@ -17,7 +17,9 @@
 //! ```
 //!
 //! State kept in `static`s survives from one call to the next within an instance;
-//! the host starts a fresh instance (fresh memory) after any failed call.
+//! the host starts a fresh instance (fresh memory) after any failed call. State that must
+//! survive restarts and move with its partition goes through [`state`] instead: the host
+//! keeps it per (pipeline, stage, input partition).
 
 pub mod codec;
 
@@ -99,6 +101,59 @@ pub fn log(msg: &str) {
 /// lifetime and each call crosses into the host, so read it once (e.g. into a `OnceLock`).
 pub fn config(key: &str) -> Option<String> {
     __bindings::quiver::plugin::host::config(key)
+}
+
+/// Keyed state kept by the host (WIT `quiver:plugin/host@0.2.0`: `state-get`, `state-put`,
+/// `state-delete`), for processors that run in a pipeline. The host scopes it to
+/// (pipeline, stage, input partition), so a key needs no partition prefix; it persists the
+/// changes and restores them wherever the partition is processed next. Within one call,
+/// [`state::get`] sees the call's own [`state::put`]s; if the call fails (trap, panic, `Err`,
+/// a limit), none of its writes are kept.
+///
+/// Every function traps, failing the call with the host's state error, when state is not
+/// available (a partitioner, or a processor run without a pipeline, e.g. at consume time) or,
+/// for [`state::put`], when the scope's keys and values would exceed the host's state limit.
+///
+/// ```ignore
+/// use quiver_plugin_sdk::{processor, state, Record};
+///
+/// #[processor]
+/// fn count(mut record: Record) -> Record {
+///     let n = state::get_u64(&record.value).unwrap_or(0) + 1;
+///     state::put_u64(&record.value, n);
+///     record.value = n.to_string().into_bytes();
+///     record
+/// }
+/// ```
+pub mod state {
+    use crate::__bindings::quiver::plugin::host;
+
+    /// The value stored under `key`, if any.
+    pub fn get(key: &[u8]) -> Option<Vec<u8>> {
+        host::state_get(key)
+    }
+
+    /// Store `value` under `key`.
+    pub fn put(key: &[u8], value: &[u8]) {
+        host::state_put(key, value)
+    }
+
+    /// Remove `key` (nothing happens if it is not set).
+    pub fn delete(key: &[u8]) {
+        host::state_delete(key)
+    }
+
+    /// The value under `key` read as a decimal `u64` (as [`put_u64`] writes it); `None` if
+    /// the key is not set or does not hold one.
+    pub fn get_u64(key: &[u8]) -> Option<u64> {
+        get(key).and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok())
+    }
+
+    /// Store `n` under `key` as decimal text (readable in the changelog, and by Lua plugins
+    /// with `tonumber(state.get(k))`).
+    pub fn put_u64(key: &[u8], n: u64) {
+        put(key, n.to_string().as_bytes())
+    }
 }
 
 fn install_panic_hook() {
