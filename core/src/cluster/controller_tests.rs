@@ -349,3 +349,69 @@ async fn a_peer_with_a_certificate_from_another_ca_is_refused() {
     endpoint.close(0u32.into(), b"");
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_learner_added_after_the_log_was_purged_receives_a_snapshot() {
+    let mut group = Group::start(2).await;
+    let leader = group.agreed_leader().await;
+    for id in 1..=3 {
+        assert_eq!(group.write(register(id)).await, ControllerResponse::Ok);
+    }
+    assert_eq!(
+        group.write(create_topic("s", 1, &[3, 1])).await,
+        ControllerResponse::Ok
+    );
+    group
+        .all_applied("the topic on both", |s| s.topic("s").is_some())
+        .await;
+
+    // Snapshot on the leader and purge its log up to the snapshot.
+    let raft = group.nodes[&leader].raft().clone();
+    raft.trigger().snapshot().await.unwrap();
+    let snap = eventually("a snapshot on the leader", || {
+        let m = raft.metrics().borrow().clone();
+        async move {
+            m.snapshot
+                .filter(|s| Some(s.index) >= m.last_applied.map(|l| l.index))
+        }
+    })
+    .await;
+    raft.trigger().purge_log(snap.index).await.unwrap();
+    eventually("the leader's log purged", || {
+        let purged = raft.metrics().borrow().purged;
+        async move { (purged.map(|p| p.index) >= Some(snap.index)).then_some(()) }
+    })
+    .await;
+
+    // A new node can only be brought up to date with the snapshot (chunks over QUIC).
+    let dir = group._tmp.path().join("controller-3");
+    let c = start(3, &dir, "127.0.0.1:0".parse().unwrap(), &group.ca.node(3)).await;
+    let node = BrokerNode {
+        addr: c.local_addr().to_string(),
+    };
+    group.addrs.insert(3, c.local_addr());
+    group.dirs.insert(3, dir);
+    group.nodes.insert(3, c);
+    eventually("the learner added", || {
+        let raft = raft.clone();
+        let node = node.clone();
+        async move { raft.add_learner(3, node, true).await.ok() }
+    })
+    .await;
+    let learner = &group.nodes[&3];
+    eventually("the snapshot installed on the learner", || async move {
+        let m = learner.raft().metrics().borrow().clone();
+        let s = learner.state().await;
+        (m.snapshot.is_some() && s.topic("s").is_some() && s.brokers.len() == 3).then_some(())
+    })
+    .await;
+    // And it keeps following after the snapshot.
+    assert_eq!(
+        group.write(create_topic("after", 2, &[1, 2])).await,
+        ControllerResponse::Ok
+    );
+    group
+        .all_applied("the next write everywhere", |s| s.topic("after").is_some())
+        .await;
+    group.shutdown().await;
+}
