@@ -1,14 +1,22 @@
 //! Running a bundle locally, without a broker: `quiver plugin test` ([`run_test`]) feeds it
 //! records read from a file and returns what it produced; `quiver plugin bench`
 //! ([`run_bench`]) feeds it generated records and reports its throughput. Both build the
-//! plugin exactly as the broker does, with the same limits.
+//! plugin exactly as the broker does, with the same limits. A processor gets an in-memory
+//! keyed-state store for the run ([`crate::MemoryStateStore`], scope `local`, the default
+//! state limit), as if it ran in a one-partition pipeline, so stateful plugins (e.g.
+//! `examples/plugins/count`) can be tried without a broker.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::{Bundle, HostLimits, Kind, PluginConfig, PluginError, Record};
+use std::sync::Arc;
+
+use crate::state::DEFAULT_STATE_LIMIT_BYTES;
+use crate::{
+    Bundle, HostLimits, Kind, MemoryStateStore, PluginConfig, PluginError, Record, StateScope,
+};
 
 /// Why a local run failed.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +55,14 @@ impl Default for LocalOptions {
             limits: HostLimits::default(),
         }
     }
+}
+
+/// The state store of a local run: empty, for one partition of a pipeline named `local`.
+fn local_state(bundle: &Bundle) -> Arc<MemoryStateStore> {
+    Arc::new(MemoryStateStore::new(
+        StateScope::new("local", 0, bundle.id(), 0),
+        DEFAULT_STATE_LIMIT_BYTES,
+    ))
 }
 
 /// Run `bundle` on the records of `input_path` with `key=value` config overrides.
@@ -100,7 +116,10 @@ pub fn run_test_with(
     let batch = opts.batch.max(1);
     match bundle.manifest().kind {
         Kind::Processor => {
-            let mut p = config.build_processor()?;
+            let mut p = config
+                .clone()
+                .state(local_state(bundle))
+                .build_processor()?;
             let mut out = Vec::new();
             let mut it = records.into_iter().peekable();
             while it.peek().is_some() {
@@ -259,7 +278,10 @@ pub fn run_bench_with(
     let cpu_start;
     let elapsed = match bundle.manifest().kind {
         Kind::Processor => {
-            let mut p = config.build_processor()?;
+            let mut p = config
+                .clone()
+                .state(local_state(bundle))
+                .build_processor()?;
             p.process_batch(template.clone())?; // warm-up
             let mut inputs: Vec<Vec<Record>> =
                 (0..full_batches).map(|_| template.clone()).collect();

@@ -54,3 +54,13 @@ fn run_bench_reports_throughput() {
         }
     }
 }
+
+#[test]
+fn run_test_gives_a_processor_keyed_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("words.txt");
+    std::fs::write(&input, "a\nb\na\na\n").unwrap();
+    let out = run_test(&example("count"), &input, &[]).unwrap();
+    assert_eq!(values(&out), ["1", "1", "2", "3"]);
+    assert_eq!(out[3].key.as_deref(), Some(&b"a"[..]));
+}
