@@ -105,6 +105,12 @@ impl Group {
     /// `n` controllers on ephemeral ports, the group initialized (from node 1) with all of
     /// them as voters.
     async fn start(n: u64) -> Self {
+        Self::start_without(n, &[]).await
+    }
+
+    /// Like [`Self::start`], but the nodes in `absent` are voters that never run: their
+    /// address is a UDP port nobody listens on.
+    async fn start_without(n: u64, absent: &[BrokerId]) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let ca = TestCa::new("test cluster CA");
         let mut group = Group {
@@ -114,27 +120,29 @@ impl Group {
             _tmp: tmp,
             ca,
         };
+        let mut voters = BTreeMap::new();
         for id in 1..=n {
-            let dir = group._tmp.path().join(format!("controller-{id}"));
-            let c = start(id, &dir, "127.0.0.1:0".parse().unwrap(), &group.ca.node(id)).await;
-            group.addrs.insert(id, c.local_addr());
-            group.dirs.insert(id, dir);
-            group.nodes.insert(id, c);
+            let addr = if absent.contains(&id) {
+                let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                sock.local_addr().unwrap()
+            } else {
+                let dir = group._tmp.path().join(format!("controller-{id}"));
+                let c = start(id, &dir, "127.0.0.1:0".parse().unwrap(), &group.ca.node(id)).await;
+                let addr = c.local_addr();
+                group.addrs.insert(id, addr);
+                group.dirs.insert(id, dir);
+                group.nodes.insert(id, c);
+                addr
+            };
+            voters.insert(
+                id,
+                BrokerNode {
+                    addr: addr.to_string(),
+                },
+            );
         }
-        let voters: BTreeMap<_, _> = group
-            .addrs
-            .iter()
-            .map(|(id, a)| {
-                (
-                    *id,
-                    BrokerNode {
-                        addr: a.to_string(),
-                    },
-                )
-            })
-            .collect();
         assert!(group.nodes[&1].initialize(voters.clone()).await.unwrap());
-        // Again, and on another node: harmless.
+        // Again: harmless.
         assert!(!group.nodes[&1].initialize(voters).await.unwrap());
         group
     }
@@ -412,6 +420,33 @@ async fn a_learner_added_after_the_log_was_purged_receives_a_snapshot() {
     );
     group
         .all_applied("the next write everywhere", |s| s.topic("after").is_some())
+        .await;
+    group.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_of_three_voters_make_progress_while_the_third_is_unreachable() {
+    let group = Group::start_without(3, &[3]).await;
+    let leader = group.agreed_leader().await;
+    assert_ne!(leader, 3);
+    for id in 1..=3 {
+        assert_eq!(group.write(register(id)).await, ControllerResponse::Ok);
+    }
+    group
+        .all_applied("three brokers on the two running nodes", |s| {
+            s.brokers.len() == 3
+        })
+        .await;
+    // Heartbeats to the missing voter keep failing; writes keep committing meanwhile.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        group.write(create_topic("t", 1, &[1, 2])).await,
+        ControllerResponse::Ok
+    );
+    group
+        .all_applied("the topic on the two running nodes", |s| {
+            s.topic("t").is_some()
+        })
         .await;
     group.shutdown().await;
 }

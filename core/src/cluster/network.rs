@@ -28,7 +28,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
@@ -275,53 +275,90 @@ async fn resolve(addr: &str) -> Result<(SocketAddr, String), RaftTransportError>
     Ok((sock, host))
 }
 
+/// After a failed connection attempt, RPCs to that peer fail at once for this long instead of
+/// each starting a handshake of its own (a dead peer costs a full handshake timeout).
+const RECONNECT_BACKOFF: Duration = Duration::from_millis(500);
+
 /// The cached connection to one peer.
 struct Peer {
     addr: String,
-    conn: tokio::sync::Mutex<Option<quinn::Connection>>,
+    slot: tokio::sync::Mutex<Slot>,
+}
+
+#[derive(Default)]
+struct Slot {
+    conn: Option<quinn::Connection>,
+    /// When and why the last connection attempt failed.
+    failed: Option<(Instant, String)>,
+}
+
+impl Slot {
+    /// The live connection, or the recent failure to report, or `None`: try connecting.
+    fn ready(&self, addr: &str) -> Option<Result<quinn::Connection, RaftTransportError>> {
+        if let Some(c) = self.conn.as_ref().filter(|c| c.close_reason().is_none()) {
+            return Some(Ok(c.clone()));
+        }
+        match &self.failed {
+            Some((at, why)) if at.elapsed() < RECONNECT_BACKOFF => {
+                Some(Err(RaftTransportError::Connect {
+                    addr: addr.to_string(),
+                    reason: why.clone(),
+                }))
+            }
+            _ => None,
+        }
+    }
 }
 
 impl Peer {
-    fn live(conn: &Option<quinn::Connection>) -> Option<quinn::Connection> {
-        conn.as_ref()
-            .filter(|c| c.close_reason().is_none())
-            .cloned()
-    }
-
-    /// The live cached connection, or a new one. The handshake runs in its own task, holding
-    /// the slot so that concurrent RPCs share one handshake; if the caller gives up, the
-    /// handshake still completes and is cached for the next RPC.
+    /// The live cached connection, or a new one. Waiting for the slot can be cancelled (an
+    /// RPC past its deadline); the handshake itself runs in its own task holding the slot, so
+    /// concurrent RPCs share one handshake and a handshake an RPC gave up on still completes
+    /// and is cached for the next RPC.
     async fn connection(
         self: &Arc<Self>,
         endpoint: &quinn::Endpoint,
         config: &quinn::ClientConfig,
     ) -> Result<quinn::Connection, RaftTransportError> {
-        if let Ok(slot) = self.conn.try_lock() {
-            if let Some(c) = Self::live(&slot) {
-                return Ok(c);
-            }
+        if let Some(ready) = self.slot.lock().await.ready(&self.addr) {
+            return ready;
         }
         let peer = self.clone();
         let endpoint = endpoint.clone();
         let config = config.clone();
         let task = tokio::spawn(async move {
-            let mut slot = peer.conn.lock().await;
-            if let Some(c) = Self::live(&slot) {
-                return Ok(c);
+            let mut slot = peer.slot.lock().await;
+            if let Some(ready) = slot.ready(&peer.addr) {
+                return ready;
             }
-            *slot = None;
-            let connect_err = |reason: String| RaftTransportError::Connect {
-                addr: peer.addr.clone(),
-                reason,
+            let attempt = async {
+                let (sock, name) = resolve(&peer.addr).await?;
+                let connect_err = |reason: String| RaftTransportError::Connect {
+                    addr: peer.addr.clone(),
+                    reason,
+                };
+                endpoint
+                    .connect_with(config, sock, &name)
+                    .map_err(|e| connect_err(e.to_string()))?
+                    .await
+                    .map_err(|e| connect_err(e.to_string()))
             };
-            let (sock, name) = resolve(&peer.addr).await?;
-            let conn = endpoint
-                .connect_with(config, sock, &name)
-                .map_err(|e| connect_err(e.to_string()))?
-                .await
-                .map_err(|e| connect_err(e.to_string()))?;
-            *slot = Some(conn.clone());
-            Ok(conn)
+            match attempt.await {
+                Ok(conn) => {
+                    *slot = Slot {
+                        conn: Some(conn.clone()),
+                        failed: None,
+                    };
+                    Ok(conn)
+                }
+                Err(e) => {
+                    *slot = Slot {
+                        conn: None,
+                        failed: Some((Instant::now(), e.to_string())),
+                    };
+                    Err(e)
+                }
+            }
         });
         task.await.map_err(|e| RaftTransportError::Connect {
             addr: self.addr.clone(),
@@ -365,7 +402,7 @@ impl QuicRaftNetwork {
                 // when its last user drops it).
                 let p = Arc::new(Peer {
                     addr: addr.to_string(),
-                    conn: tokio::sync::Mutex::new(None),
+                    slot: tokio::sync::Mutex::new(Slot::default()),
                 });
                 peers.insert(target, p.clone());
                 p
