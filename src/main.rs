@@ -7,6 +7,7 @@ mod connect;
 mod consume;
 mod group;
 mod output;
+mod pipeline;
 mod plugin;
 mod produce;
 mod topic;
@@ -43,6 +44,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Deploy, list, describe and remove plugins; test and bench a bundle locally.
     Plugin(plugin::PluginArgs),
+    /// Check pipeline files (source topics → plugin stages → sink topics).
+    Pipeline(pipeline::PipelineArgs),
     /// Print a shell completion script (bash, zsh or fish) to stdout.
     ///
     /// bash: quiver completions bash > ~/.local/share/bash-completion/completions/quiver
@@ -57,7 +60,7 @@ enum Command {
         #[arg(value_enum)]
         shell: CompletionShell,
     },
-    // Later groups: `Pipeline`, `Cluster`.
+    // Later groups: `Cluster`.
 }
 
 /// Shells `quiver completions` writes scripts for.
@@ -127,6 +130,7 @@ fn main() -> ExitCode {
             Command::Bench(args) => bench::run(&cli.global, args).await,
             Command::Group(args) => group::run(&cli.global, args).await,
             Command::Plugin(args) => plugin::run(&cli.global, args).await,
+            Command::Pipeline(args) => pipeline::run(args),
             Command::Completions { .. } => Ok(()),
         }
     });

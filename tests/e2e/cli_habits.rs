@@ -59,3 +59,40 @@ fn completions_print_a_script_for_each_shell() {
         .unwrap();
     assert!(!bad.status.success());
 }
+
+#[test]
+fn pipeline_validate_accepts_the_sample_and_names_file_line_and_key_of_a_typo() {
+    let sample = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/pipeline.toml");
+    let out = std::process::Command::new(bin())
+        .args([
+            "pipeline",
+            "validate",
+            sample.to_str().unwrap(),
+            "--output",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(p["name"], "wordcount");
+    assert_eq!(p["run"]["guarantee"], "exactly-once");
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "name = \"x\"\n[source]\ntopics = [\"in\"]\n[sink]\ntopic = \"out\"\n[run]\ninstences = 2\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["pipeline", "validate", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml:7: instences"), "{err}");
+}

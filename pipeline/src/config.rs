@@ -1,0 +1,522 @@
+//! `pipeline.toml`: what a pipeline reads, the stages it runs, where it writes, what it does
+//! with failures and how it runs. Documented key by key in `config/pipeline.toml`.
+//!
+//! Unknown keys and bad values are refused with the file, the line and the key named, before
+//! anything runs: a typo in `guarantee` must not quietly give a weaker guarantee.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use quiver_protocol::requests::{parse_plugin_ref, validate_group_name, validate_topic_name};
+use serde::{Deserialize, Serialize};
+
+/// Most instances one pipeline may ask for.
+pub const MAX_INSTANCES: u32 = 1024;
+
+/// A pipeline file that cannot be used, with where and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}{}: {key}: {reason}", line.map(|l| format!(":{l}")).unwrap_or_default())]
+pub struct PipelineConfigError {
+    /// The file (or "pipeline" for text without one).
+    pub file: String,
+    /// 1-based line of the offending key, when known.
+    pub line: Option<usize>,
+    /// The key path, e.g. `run.guarantee`.
+    pub key: String,
+    /// What is wrong and what is allowed.
+    pub reason: String,
+}
+
+/// Where a pipeline starts reading partitions its group has no committed offset for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum StartPosition {
+    /// The oldest retained record.
+    #[default]
+    Earliest,
+    /// Only records produced after the pipeline starts.
+    Latest,
+}
+
+/// `[source]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Input topics.
+    pub topics: Vec<String>,
+    /// Where to start without a committed offset (committed offsets always win).
+    #[serde(default)]
+    pub start: StartPosition,
+    /// The consumer group; the pipeline's name when absent.
+    #[serde(default)]
+    pub group: Option<String>,
+}
+
+/// The plugin a stage runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StagePlugin {
+    /// A deployed plugin, `NAME@VERSION` (or `NAME`: its highest version at start).
+    Deployed {
+        /// Name.
+        name: String,
+        /// Exact version, if given.
+        version: Option<String>,
+    },
+    /// A bundle directory or `.tar.gz`, relative to the pipeline file.
+    Path(String),
+}
+
+/// `[[stages]]` as written.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStage {
+    plugin: Option<String>,
+    path: Option<String>,
+    #[serde(default)]
+    config: BTreeMap<String, String>,
+}
+
+/// One stage: a plugin and its config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StageConfig {
+    /// What runs.
+    pub plugin: StagePlugin,
+    /// Config overrides for the plugin (strings, as `--processor-config`).
+    pub config: BTreeMap<String, String>,
+}
+
+/// `[sink]`: the default output topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    /// Output topic for records a stage does not route elsewhere.
+    pub topic: String,
+}
+
+/// What happens to records a stage fails on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorPolicy {
+    /// Drop them (counted in the pipeline's `errors`) and go on.
+    Skip,
+    /// Write exactly the failed records to `on_error.topic`, with headers naming the error,
+    /// the stage and the source position, and go on.
+    DeadLetter,
+    /// Stop the pipeline with a clear status; nothing past the failure is committed.
+    #[default]
+    Stop,
+}
+
+/// `[on_error]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct OnError {
+    /// The policy.
+    #[serde(default)]
+    pub policy: ErrorPolicy,
+    /// The dead-letter topic (required with `dead-letter`, refused otherwise).
+    #[serde(default)]
+    pub topic: Option<String>,
+}
+
+/// The delivery guarantee.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Guarantee {
+    /// Output acknowledged (acks=all) before input offsets are committed: nothing lost,
+    /// duplicates possible after a failure.
+    #[default]
+    AtLeastOnce,
+    /// Output, state changes and the input offset commit become visible atomically.
+    ExactlyOnce,
+}
+
+/// `[run]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Instances `pipeline deploy` runs (`pipeline run` is always one per process).
+    #[serde(default = "one")]
+    pub instances: u32,
+    /// The delivery guarantee.
+    #[serde(default)]
+    pub guarantee: Guarantee,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            instances: 1,
+            guarantee: Guarantee::default(),
+        }
+    }
+}
+
+/// The file as written (before cross-key checks).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPipeline {
+    name: String,
+    source: SourceConfig,
+    #[serde(default)]
+    stages: Vec<RawStage>,
+    sink: SinkConfig,
+    #[serde(default)]
+    sinks: BTreeMap<String, String>,
+    #[serde(default)]
+    on_error: OnError,
+    #[serde(default)]
+    run: RunConfig,
+}
+
+/// A checked pipeline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PipelineConfig {
+    /// Pipeline name (also its consumer group unless `source.group` says otherwise).
+    pub name: String,
+    /// Input.
+    pub source: SourceConfig,
+    /// Stages, in order (none: records are copied to the sink).
+    pub stages: Vec<StageConfig>,
+    /// Default output.
+    pub sink: SinkConfig,
+    /// Named extra outputs a stage may route records to: name → topic.
+    pub sinks: BTreeMap<String, String>,
+    /// Failure policy.
+    pub on_error: OnError,
+    /// How it runs.
+    pub run: RunConfig,
+}
+
+impl PipelineConfig {
+    /// Reads and checks a pipeline file.
+    pub fn load(path: &Path) -> Result<PipelineConfig, PipelineConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| PipelineConfigError {
+            file: file.clone(),
+            line: None,
+            key: "-".into(),
+            reason: format!("cannot read the file: {e}"),
+        })?;
+        Self::parse(&text, &file)
+    }
+
+    /// Checks pipeline text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<PipelineConfig, PipelineConfigError> {
+        let raw: RawPipeline = toml::from_str(text).map_err(|e| syntax_error(text, file, &e))?;
+        let err = |key: &str, reason: String| PipelineConfigError {
+            file: file.to_string(),
+            line: line_of(text, key),
+            key: key.to_string(),
+            reason,
+        };
+        validate_group_name(&raw.name).map_err(|r| err("name", r))?;
+        if raw.source.topics.is_empty() {
+            return Err(err("source.topics", "name at least one input topic".into()));
+        }
+        for t in &raw.source.topics {
+            check_topic(t).map_err(|r| err("source.topics", r))?;
+        }
+        if let Some(g) = &raw.source.group {
+            validate_group_name(g).map_err(|r| err("source.group", r))?;
+        }
+        let mut stages = Vec::with_capacity(raw.stages.len());
+        for (i, s) in raw.stages.into_iter().enumerate() {
+            let key = format!("stages[{i}]");
+            let plugin = match (s.plugin, s.path) {
+                (Some(p), None) => {
+                    let (name, version) =
+                        parse_plugin_ref(&p).map_err(|r| err(&format!("{key}.plugin"), r))?;
+                    StagePlugin::Deployed { name, version }
+                }
+                (None, Some(p)) if !p.trim().is_empty() => StagePlugin::Path(p),
+                (None, Some(_)) => {
+                    return Err(err(&format!("{key}.path"), "is empty".into()));
+                }
+                (Some(_), Some(_)) => {
+                    return Err(err(
+                        &key,
+                        "set either `plugin = \"NAME@VERSION\"` or `path = \"DIR\"`, not both"
+                            .into(),
+                    ))
+                }
+                (None, None) => return Err(err(
+                    &key,
+                    "needs `plugin = \"NAME@VERSION\"` (deployed) or `path = \"DIR\"` (a bundle)"
+                        .into(),
+                )),
+            };
+            stages.push(StageConfig {
+                plugin,
+                config: s.config,
+            });
+        }
+        check_topic(&raw.sink.topic).map_err(|r| err("sink.topic", r))?;
+        let mut outputs = vec![("sink.topic".to_string(), raw.sink.topic.clone())];
+        for (name, topic) in &raw.sinks {
+            let key = format!("sinks.{name}");
+            check_topic(topic).map_err(|r| err(&key, r))?;
+            outputs.push((key, topic.clone()));
+        }
+        match (raw.on_error.policy, &raw.on_error.topic) {
+            (ErrorPolicy::DeadLetter, None) => {
+                return Err(err(
+                    "on_error.topic",
+                    "policy \"dead-letter\" needs the dead-letter topic: add `topic = \"NAME\"`"
+                        .into(),
+                ))
+            }
+            (ErrorPolicy::DeadLetter, Some(t)) => {
+                check_topic(t).map_err(|r| err("on_error.topic", r))?;
+                outputs.push(("on_error.topic".into(), t.clone()));
+            }
+            (policy, Some(_)) => {
+                return Err(err(
+                    "on_error.topic",
+                    format!(
+                        "only the \"dead-letter\" policy writes to a topic; this one is {:?}",
+                        policy_name(policy)
+                    ),
+                ))
+            }
+            (_, None) => {}
+        }
+        for (key, topic) in &outputs {
+            if raw.source.topics.contains(topic) {
+                return Err(err(
+                    key,
+                    format!(
+                        "{topic:?} is also a source topic: the pipeline would read its own output"
+                    ),
+                ));
+            }
+        }
+        if raw.run.instances == 0 || raw.run.instances > MAX_INSTANCES {
+            return Err(err(
+                "run.instances",
+                format!(
+                    "must be between 1 and {MAX_INSTANCES}, got {}",
+                    raw.run.instances
+                ),
+            ));
+        }
+        Ok(PipelineConfig {
+            name: raw.name,
+            source: raw.source,
+            stages,
+            sink: raw.sink,
+            sinks: raw.sinks,
+            on_error: raw.on_error,
+            run: raw.run,
+        })
+    }
+
+    /// The consumer group the pipeline's instances join.
+    pub fn group(&self) -> &str {
+        self.source.group.as_deref().unwrap_or(&self.name)
+    }
+}
+
+impl std::fmt::Display for Guarantee {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Guarantee::AtLeastOnce => "at-least-once",
+            Guarantee::ExactlyOnce => "exactly-once",
+        })
+    }
+}
+
+impl std::fmt::Display for ErrorPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(policy_name(*self))
+    }
+}
+
+impl std::fmt::Display for StartPosition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StartPosition::Earliest => "earliest",
+            StartPosition::Latest => "latest",
+        })
+    }
+}
+
+fn policy_name(p: ErrorPolicy) -> &'static str {
+    match p {
+        ErrorPolicy::Skip => "skip",
+        ErrorPolicy::DeadLetter => "dead-letter",
+        ErrorPolicy::Stop => "stop",
+    }
+}
+
+fn check_topic(t: &str) -> Result<(), String> {
+    validate_topic_name(t)?;
+    if t.starts_with("__") {
+        return Err(format!(
+            "{t:?} is an internal topic; pipelines read and write client topics only"
+        ));
+    }
+    Ok(())
+}
+
+/// A toml syntax or type error, with the line toml reports and the key it names.
+fn syntax_error(text: &str, file: &str, e: &toml::de::Error) -> PipelineConfigError {
+    let line = e
+        .span()
+        .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+    let message = e.message().to_string();
+    // The key: named by the message (unknown/missing field), else the key on that line.
+    let key = message
+        .split('`')
+        .nth(1)
+        .filter(|_| message.starts_with("unknown field") || message.starts_with("missing field"))
+        .map(str::to_string)
+        .or_else(|| {
+            let l = text.lines().nth(line? - 1)?;
+            let (k, _) = l.split_once('=')?;
+            Some(k.trim().to_string())
+        })
+        .unwrap_or_else(|| "-".to_string());
+    PipelineConfigError {
+        file: file.to_string(),
+        line,
+        key,
+        reason: message.trim().to_string(),
+    }
+}
+
+/// The line of `key` (`table.key`, `table[i].key` or `key`): the first `key =` line inside
+/// the key's table, or the table header itself.
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    let plain = key.replace(['[', ']'], ".");
+    let parts: Vec<&str> = plain.split('.').filter(|p| !p.is_empty()).collect();
+    let (table, leaf) = match parts.as_slice() {
+        [] => return None,
+        [leaf] => (None, *leaf),
+        [table, .., leaf] if leaf.parse::<usize>().is_err() => (Some(*table), *leaf),
+        [table, ..] => (Some(*table), ""),
+    };
+    let mut current: Option<String> = None;
+    let mut header_line = None;
+    for (i, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if l.starts_with('[') {
+            current = Some(l.trim_matches(['[', ']']).trim().to_string());
+            if table == current.as_deref() && header_line.is_none() {
+                header_line = Some(i + 1);
+            }
+            continue;
+        }
+        let here = current.as_deref() == table;
+        if here && !leaf.is_empty() {
+            if let Some((k, _)) = l.split_once('=') {
+                if k.trim() == leaf {
+                    return Some(i + 1);
+                }
+            }
+        }
+    }
+    header_line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WORDCOUNT: &str = r#"
+name = "wordcount"
+[source]
+topics = ["lines"]
+start = "earliest"
+[[stages]]
+plugin = "split-words@1.0.0"
+config = { lowercase = "true" }
+[[stages]]
+plugin = "count@1.0.0"
+[sink]
+topic = "counts"
+[on_error]
+policy = "dead-letter"
+topic = "wordcount-dlq"
+[run]
+instances = 3
+guarantee = "exactly-once"
+"#;
+
+    #[test]
+    fn the_issue_example_parses() {
+        let p = PipelineConfig::parse(WORDCOUNT, "wordcount.toml").unwrap();
+        assert_eq!(p.name, "wordcount");
+        assert_eq!(p.group(), "wordcount");
+        assert_eq!(p.source.start, StartPosition::Earliest);
+        assert_eq!(p.stages.len(), 2);
+        assert_eq!(
+            p.stages[0].plugin,
+            StagePlugin::Deployed {
+                name: "split-words".into(),
+                version: Some("1.0.0".into())
+            }
+        );
+        assert_eq!(p.stages[0].config["lowercase"], "true");
+        assert_eq!(p.on_error.policy, ErrorPolicy::DeadLetter);
+        assert_eq!(p.run.instances, 3);
+        assert_eq!(p.run.guarantee, Guarantee::ExactlyOnce);
+    }
+
+    #[test]
+    fn the_documented_sample_parses() {
+        let text = include_str!("../../config/pipeline.toml");
+        PipelineConfig::parse(text, "config/pipeline.toml").unwrap();
+    }
+
+    #[test]
+    fn defaults_are_the_cautious_ones() {
+        let p = PipelineConfig::parse(
+            "name = \"copy\"\n[source]\ntopics = [\"a\"]\n[sink]\ntopic = \"b\"\n",
+            "p",
+        )
+        .unwrap();
+        assert!(p.stages.is_empty());
+        assert_eq!(p.on_error.policy, ErrorPolicy::Stop);
+        assert_eq!(p.run.guarantee, Guarantee::AtLeastOnce);
+        assert_eq!(p.run.instances, 1);
+    }
+
+    fn error(text: &str) -> PipelineConfigError {
+        PipelineConfig::parse(text, "p.toml").unwrap_err()
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_file_line_and_key() {
+        let e = error(&WORDCOUNT.replace("instances = 3", "instancs = 3"));
+        assert_eq!(e.key, "instancs");
+        assert_eq!(e.line, Some(17), "{e}");
+        assert!(e.to_string().starts_with("p.toml:17: instancs:"), "{e}");
+        let e = error(&WORDCOUNT.replace("\"exactly-once\"", "\"exactly-twice\""));
+        assert_eq!((e.key.as_str(), e.line), ("guarantee", Some(18)), "{e}");
+        assert!(e.reason.contains("exactly-twice"), "{e}");
+        let e = error(&WORDCOUNT.replace("instances = 3", "instances = 0"));
+        assert_eq!((e.key.as_str(), e.line), ("run.instances", Some(17)), "{e}");
+        let e = error(&WORDCOUNT.replace("topic = \"wordcount-dlq\"", ""));
+        assert_eq!(e.key, "on_error.topic", "{e}");
+        let e = error(&WORDCOUNT.replace("topic = \"counts\"", "topic = \"lines\""));
+        assert_eq!((e.key.as_str(), e.line), ("sink.topic", Some(12)), "{e}");
+        assert!(e.reason.contains("read its own output"), "{e}");
+        let e = error(&WORDCOUNT.replace("\"lines\"]", "\"__consumer_offsets\"]"));
+        assert_eq!(e.key, "source.topics", "{e}");
+        let e = error(&WORDCOUNT.replace(
+            "plugin = \"count@1.0.0\"",
+            "plugin = \"count@1.0.0\"\npath = \"x\"",
+        ));
+        assert_eq!(e.key, "stages[1]", "{e}");
+        let e = error(&WORDCOUNT.replace("plugin = \"count@1.0.0\"", ""));
+        assert_eq!(e.key, "stages[1]", "{e}");
+        let e = error(&WORDCOUNT.replace("name = \"wordcount\"", ""));
+        assert_eq!(e.key, "name", "{e}");
+    }
+}
