@@ -28,9 +28,7 @@ pub use controller::{
     raft_config, Controller, ControllerConfig, ControllerStartError, ControllerWriteError,
     RaftTimings,
 };
-pub use network::{
-    serve_raft_connection, QuicRaftNetwork, RaftTls, RaftTransportError, RAFT_ALPN,
-};
+pub use network::{serve_raft_connection, QuicRaftNetwork, RaftTls, RaftTransportError, RAFT_ALPN};
 
 pub use state::{BrokerRecord, ControllerState, PartitionRecord, TopicRecord};
 pub use store::{
