@@ -3,8 +3,6 @@
 //! offline and serves every other one; `quiver broker repair` drops the damaged suffix,
 //! says what it dropped, and the partition serves again.
 
-use std::time::Duration;
-
 use quiver_core::log::keyspace::{partition_prefix, BATCHES_TREE};
 use quiver_core::topic::{TopicMeta, TOPICS_TREE};
 
@@ -35,6 +33,29 @@ fn damage_batch(b: &TestBroker, topic: &str, partition: u32, nth: usize) -> i64 
     tree.insert(&k, bad).unwrap();
     db.flush().unwrap();
     i64::from_be_bytes(k[prefix.len()..].try_into().unwrap())
+}
+
+/// `quiver broker repair --output json` on `topic`/`partition` of the broker's data dir.
+fn repair(b: &TestBroker, topic: &str, partition: u32) -> std::process::Output {
+    let data_dir = b.data_dir();
+    let partition = partition.to_string();
+    cli_at(
+        &b.addr(),
+        &b.ca(),
+        &[
+            "broker",
+            "repair",
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+            "--topic",
+            topic,
+            "--partition",
+            &partition,
+            "--output",
+            "json",
+        ],
+        None,
+    )
 }
 
 #[test]
@@ -88,43 +109,15 @@ fn a_damaged_middle_batch_takes_only_its_partition_offline_until_repaired() {
     );
     b.cli_stdin_ok(&["produce", "other"], b"still\n");
     // Repair needs the broker stopped, and says what it dropped.
-    let running = cli_at(
-        &b.addr(),
-        &b.ca(),
-        &[
-            "broker",
-            "repair",
-            "--data-dir",
-            b.data_dir().to_str().unwrap(),
-            "--topic",
-            "disk",
-            "--partition",
-            "0",
-        ],
-        None,
-    );
+    let running = repair(&b, "disk", 0);
     assert!(
         !running.status.success(),
         "repair must refuse while the broker runs"
     );
+    let why = String::from_utf8_lossy(&running.stderr);
+    assert!(why.contains("is running"), "{why}");
     b.terminate();
-    let out = cli_at(
-        &b.addr(),
-        &b.ca(),
-        &[
-            "broker",
-            "repair",
-            "--data-dir",
-            b.data_dir().to_str().unwrap(),
-            "--topic",
-            "disk",
-            "--partition",
-            "0",
-            "--output",
-            "json",
-        ],
-        None,
-    );
+    let out = repair(&b, "disk", 0);
     assert!(
         out.status.success(),
         "{}",
@@ -148,5 +141,4 @@ fn a_damaged_middle_batch_takes_only_its_partition_offline_until_repaired() {
     b.cli_stdin_ok(&["produce", "disk", "--partition", "0"], b"after repair\n");
     let all = b.cli_ok(&["consume", "disk", "--partition", "0", "--from-beginning"]);
     assert!(all.ends_with("after repair\n"), "{all}");
-    let _ = Duration::ZERO;
 }

@@ -173,6 +173,23 @@ impl ControllerLogStore {
             None => Ok(None),
         }
     }
+
+    /// Removes the log entries of `range` in one batch and flushes before returning
+    /// (truncate and purge: openraft assumes both durable once they return).
+    async fn remove_flushed(&self, range: sled::Iter) -> StorageResult<()> {
+        let mut batch = sled::Batch::default();
+        for kv in range {
+            let (k, _) = kv.map_err(|e| StorageIOError::read_logs(any(e)))?;
+            batch.remove(k);
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_logs(any(e)))?;
+        flush(&self.db)
+            .await
+            .map_err(|e| StorageIOError::write_logs(any(e)))?;
+        Ok(())
+    }
 }
 
 impl RaftLogReader<TypeConfig> for ControllerLogStore {
@@ -291,18 +308,8 @@ impl RaftLogStorage<TypeConfig> for ControllerLogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<BrokerId>) -> StorageResult<()> {
-        let mut batch = sled::Batch::default();
-        for kv in self.log.range(log_key(log_id.index)..) {
-            let (k, _) = kv.map_err(|e| StorageIOError::read_logs(any(e)))?;
-            batch.remove(k);
-        }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_logs(any(e)))?;
-        flush(&self.db)
+        self.remove_flushed(self.log.range(log_key(log_id.index)..))
             .await
-            .map_err(|e| StorageIOError::write_logs(any(e)))?;
-        Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId<BrokerId>) -> StorageResult<()> {
@@ -310,18 +317,8 @@ impl RaftLogStorage<TypeConfig> for ControllerLogStore {
         self.meta
             .insert(LAST_PURGED, to_json(&Some(log_id)))
             .map_err(|e| StorageIOError::write_logs(any(e)))?;
-        let mut batch = sled::Batch::default();
-        for kv in self.log.range(..=log_key(log_id.index)) {
-            let (k, _) = kv.map_err(|e| StorageIOError::read_logs(any(e)))?;
-            batch.remove(k);
-        }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_logs(any(e)))?;
-        flush(&self.db)
+        self.remove_flushed(self.log.range(..=log_key(log_id.index)))
             .await
-            .map_err(|e| StorageIOError::write_logs(any(e)))?;
-        Ok(())
     }
 }
 

@@ -869,6 +869,12 @@ mod tests {
         }
     }
 
+    /// Partition 0 of topic id 1 in `db`, with its metadata in the tree "meta".
+    fn open_partition(db: &sled::Db) -> Arc<PartitionLog> {
+        let meta = db.open_tree("meta").unwrap();
+        Arc::new(PartitionLog::open(db, meta, &HashSet::new(), 1, "t", 0).unwrap())
+    }
+
     async fn setup() -> (
         tempfile::TempDir,
         sled::Db,
@@ -929,17 +935,7 @@ mod tests {
     #[tokio::test]
     async fn pipelined_sequences_are_ordered_and_deduplicated() {
         let (_dir, db, f, _stop) = setup().await;
-        let p = Arc::new(
-            PartitionLog::open(
-                &db,
-                db.open_tree("meta").unwrap(),
-                &HashSet::new(),
-                1,
-                "t",
-                0,
-            )
-            .unwrap(),
-        );
+        let p = open_partition(&db);
         let cfg = TopicConfig::default();
         p.append(vec![batch(2, 0, 9, 0)], &cfg, &f, Duration::from_secs(5))
             .await
@@ -971,17 +967,7 @@ mod tests {
     #[tokio::test]
     async fn a_new_producers_second_batch_overtaking_its_first_waits_for_it() {
         let (_dir, db, f, _stop) = setup().await;
-        let p = Arc::new(
-            PartitionLog::open(
-                &db,
-                db.open_tree("meta").unwrap(),
-                &HashSet::new(),
-                1,
-                "t",
-                0,
-            )
-            .unwrap(),
-        );
+        let p = open_partition(&db);
         let cfg = TopicConfig::default();
         let (p2, f2, cfg2) = (p.clone(), f.clone(), cfg.clone());
         let second = tokio::spawn(async move {
@@ -1000,17 +986,7 @@ mod tests {
     #[tokio::test]
     async fn retention_by_size_moves_log_start() {
         let (_dir, db, f, _stop) = setup().await;
-        let p = Arc::new(
-            PartitionLog::open(
-                &db,
-                db.open_tree("meta").unwrap(),
-                &HashSet::new(),
-                1,
-                "t",
-                0,
-            )
-            .unwrap(),
-        );
+        let p = open_partition(&db);
         let cfg = TopicConfig::default();
         for _ in 0..5 {
             p.append(vec![batch(10, 0, -1, -1)], &cfg, &f, Duration::from_secs(5))

@@ -76,41 +76,26 @@ impl RequestError {
     }
 }
 
-impl From<ProtocolError> for RequestError {
-    fn from(e: ProtocolError) -> Self {
-        RequestError::new(e.code(), e.to_string())
-    }
+/// Every error below the server carries its wire code: a request fails with that code and
+/// the error's message.
+macro_rules! request_error_from {
+    ($($t:ty),* $(,)?) => {$(
+        impl From<$t> for RequestError {
+            fn from(e: $t) -> Self {
+                RequestError::new(e.code(), e.to_string())
+            }
+        }
+    )*};
 }
 
-impl From<LogError> for RequestError {
-    fn from(e: LogError) -> Self {
-        RequestError::new(e.code(), e.to_string())
-    }
-}
-
-impl From<GroupServiceError> for RequestError {
-    fn from(e: GroupServiceError) -> Self {
-        RequestError::new(e.code(), e.to_string())
-    }
-}
-
-impl From<GroupError> for RequestError {
-    fn from(e: GroupError) -> Self {
-        RequestError::new(e.code(), e.to_string())
-    }
-}
-
-impl From<PluginServiceError> for RequestError {
-    fn from(e: PluginServiceError) -> Self {
-        RequestError::new(e.code(), e.to_string())
-    }
-}
-
-impl From<TopicError> for RequestError {
-    fn from(e: TopicError) -> Self {
-        RequestError::new(e.code(), e.to_string())
-    }
-}
+request_error_from!(
+    ProtocolError,
+    LogError,
+    TopicError,
+    GroupError,
+    GroupServiceError,
+    PluginServiceError,
+);
 
 /// Decodes the request of a handler.
 pub fn decode<M: Message>(body: &Bytes) -> Result<(M, Bytes), RequestError> {

@@ -234,13 +234,7 @@ fn check_envelope(batch: &[u8], max_batch_bytes: usize) -> Result<BatchHeader, P
         ));
     }
     h.compression()?;
-    let computed = crc32c::crc32c(&batch[CRC_START..]);
-    if computed != h.crc {
-        return Err(ProtocolError::CrcMismatch {
-            stored: h.crc,
-            computed,
-        });
-    }
+    verify_crc(batch, &h)?;
     Ok(h)
 }
 
@@ -459,12 +453,8 @@ pub fn recompute_crc(batch: &mut [u8]) {
     batch[CRC_OFFSET..CRC_START].copy_from_slice(&crc.to_be_bytes());
 }
 
-/// Checks only the CRC of a stored batch (used on read and on recovery).
-pub fn check_crc(batch: &[u8]) -> Result<BatchHeader, ProtocolError> {
-    let h = BatchHeader::parse(batch)?;
-    if h.total_len() != batch.len() {
-        return Err(ProtocolError::malformed("batch", "stored length mismatch"));
-    }
+/// Compares the CRC32C of everything after the CRC field with the header's.
+fn verify_crc(batch: &[u8], h: &BatchHeader) -> Result<(), ProtocolError> {
     let computed = crc32c::crc32c(&batch[CRC_START..]);
     if computed != h.crc {
         return Err(ProtocolError::CrcMismatch {
@@ -472,6 +462,16 @@ pub fn check_crc(batch: &[u8]) -> Result<BatchHeader, ProtocolError> {
             computed,
         });
     }
+    Ok(())
+}
+
+/// Checks only the CRC of a stored batch (used on read and on recovery).
+pub fn check_crc(batch: &[u8]) -> Result<BatchHeader, ProtocolError> {
+    let h = BatchHeader::parse(batch)?;
+    if h.total_len() != batch.len() {
+        return Err(ProtocolError::malformed("batch", "stored length mismatch"));
+    }
+    verify_crc(batch, &h)?;
     Ok(h)
 }
 
