@@ -109,6 +109,9 @@ pub struct PluginsConfig {
     pub quarantine_ms: u64,
 }
 
+/// Most plugin threads a broker runs (each may also leave up to four abandoned ones).
+pub const MAX_PLUGIN_THREADS: u32 = 256;
+
 impl PluginsConfig {
     /// The plugin thread count, with 0 resolved to half the cores (at least one).
     pub fn effective_threads(&self) -> usize {
@@ -367,6 +370,15 @@ impl BrokerConfig {
                 "must be at most 67108864 (64 MiB)".into(),
             ));
         }
+        if self.plugins.threads > MAX_PLUGIN_THREADS {
+            return Err(bad(
+                "plugins.threads",
+                format!(
+                    "must be at most {MAX_PLUGIN_THREADS} (0 = half the cores), got {}",
+                    self.plugins.threads
+                ),
+            ));
+        }
         if self.topic_defaults.partitions == 0 {
             return Err(bad(
                 "topic_defaults.partitions",
@@ -460,6 +472,10 @@ mod tests {
         assert!(e.contains("topic_defaults.flush"), "{e}");
         let e = load_str("listen = \"nowhere\"\n").unwrap_err().to_string();
         assert!(e.contains("listen"), "{e}");
+        let e = load_str("[plugins]\nthreads = 100000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("plugins.threads"), "{e}");
     }
 
     #[test]
