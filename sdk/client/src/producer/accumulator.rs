@@ -197,12 +197,11 @@ impl PartitionQueue {
             opened: st.opened.take().unwrap_or_else(Instant::now),
         };
         st.ready.push_back(closed);
-        // Keyless records move on to another partition once this one's batch is closed.
+        // Keyless records move on to the next partition once this one's batch is closed:
+        // round robin (from a random start), so N closed batches cover N partitions, where a
+        // random pick could leave one out of a short run.
         if self.partitions > 1 && self.sticky.load(Ordering::Relaxed) == self.partition {
-            let mut next = (random_u64() % u64::from(self.partitions)) as u32;
-            if next == self.partition {
-                next = (next + 1) % self.partitions;
-            }
+            let next = (self.partition + 1) % self.partitions;
             self.sticky.store(next, Ordering::Relaxed);
         }
     }
@@ -393,4 +392,31 @@ struct InFlight {
     completion: Arc<Completion>,
     accounted: usize,
     opened: Instant,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keyless_records_visit_every_partition_in_turn() {
+        let config = super::super::ProducerConfig::default();
+        let sticky = Arc::new(AtomicU32::new(1));
+        let queues: Vec<PartitionQueue> = (0..3)
+            .map(|p| PartitionQueue::new(Arc::from("t"), p, 3, sticky.clone(), &config))
+            .collect();
+        let mut visited = Vec::new();
+        for _ in 0..6 {
+            let p = sticky.load(Ordering::Relaxed);
+            visited.push(p);
+            let q = &queues[p as usize];
+            let mut st = q.state.lock().unwrap();
+            q.close_open(&mut st);
+        }
+        assert_eq!(visited, [1, 2, 0, 1, 2, 0]);
+        // Closing a batch of a partition that is not the sticky one moves nothing.
+        let mut st = queues[0].state.lock().unwrap();
+        queues[0].close_open(&mut st);
+        assert_eq!(sticky.load(Ordering::Relaxed), 1);
+    }
 }
