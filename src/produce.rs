@@ -35,6 +35,13 @@ pub struct ProduceArgs {
     /// Batch compression: none, lz4 or zstd.
     #[arg(long, default_value = "none", value_parser = parse_compression)]
     compression: Compression,
+    /// A partition's batch is sent once it holds this many bytes (keyless records then move
+    /// on to the next partition, so smaller batches spread a short input more evenly).
+    #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024, value_parser = clap::value_parser!(u32).range(1024..=67_108_864))]
+    batch_size: u32,
+    /// How long a partition's batch waits for more records before it is sent (ms).
+    #[arg(long, value_name = "MS", default_value_t = 5)]
+    linger_ms: u64,
     /// Header added to every record, key=value (repeatable).
     #[arg(long = "header", value_name = "K=V")]
     headers: Vec<String>,
@@ -148,6 +155,8 @@ pub async fn run(global: &GlobalOpts, args: ProduceArgs) -> anyhow::Result<()> {
         ProducerConfig {
             acks: args.acks,
             compression: args.compression,
+            batch_size_bytes: args.batch_size as usize,
+            linger: std::time::Duration::from_millis(args.linger_ms),
             ..ProducerConfig::default()
         },
     );
