@@ -15,6 +15,7 @@ use crate::config::BrokerConfig;
 use crate::group::GroupService;
 use crate::log::{Flusher, PartitionLog, RepairReport};
 use crate::metrics::Metrics;
+use crate::pipelines::{PipelineHost, PipelineSlot};
 use crate::plugin::PluginService;
 use crate::server::endpoint::{self, EndpointError};
 use crate::server::ServerContext;
@@ -57,6 +58,7 @@ pub struct BrokerHandle {
     local_addr: SocketAddr,
     ca_path: Option<PathBuf>,
     metrics_addr: Option<SocketAddr>,
+    pipelines: PipelineSlot,
     shutdown: Option<ShutdownFn>,
 }
 
@@ -253,6 +255,7 @@ impl Broker {
                 .map_err(|e| BrokerError::Storage(e.to_string()))?,
         );
         let config = Arc::new(config);
+        let pipelines = PipelineSlot::default();
         let ctx = ServerContext::new(
             config.clone(),
             topics.clone(),
@@ -260,6 +263,7 @@ impl Broker {
             metrics,
             groups,
             plugins,
+            pipelines.clone(),
             stop_rx.clone(),
         );
         let accept_task = tokio::spawn(endpoint::accept_loop(endpoint.clone(), ctx.clone()));
@@ -307,6 +311,7 @@ impl Broker {
             local_addr,
             ca_path,
             metrics_addr,
+            pipelines,
             shutdown: Some(shutdown),
         })
     }
@@ -326,6 +331,12 @@ impl BrokerHandle {
     /// The bound metrics address, when enabled.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// Installs the host that runs deployed pipelines (once; later calls return false).
+    /// Install it after start, since the host's instances connect to this broker.
+    pub fn install_pipeline_host(&self, host: Arc<dyn PipelineHost>) -> bool {
+        self.pipelines.install(host)
     }
 
     /// Stops accepting, finishes in-flight requests (up to `shutdown_timeout_ms`), flushes.

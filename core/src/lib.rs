@@ -6,6 +6,7 @@
 //! - [`topic`]: topic config and the topic registry;
 //! - [`group`]: consumer groups: coordinator state machine, assignment, committed offsets;
 //! - [`plugin`]: deployed plugin bundles (sled), consume-time processor instances;
+//! - [`pipelines`]: the slot for the host that runs deployed pipelines;
 //! - [`server`]: the QUIC endpoint, per-stream framing and request dispatch;
 //! - [`tls`]: certificates (configured, or a self-made CA under `<data_dir>/tls/`);
 //! - [`metrics`]: counters and histograms, served as Prometheus text over HTTP;
@@ -19,6 +20,7 @@ pub mod config;
 pub mod group;
 pub mod log;
 pub mod metrics;
+pub mod pipelines;
 pub mod plugin;
 pub mod server;
 pub mod tls;

@@ -1,15 +1,29 @@
 //! quiver-pipeline: processing described in a `pipeline.toml` — source topics → a chain of
 //! plugin stages → sink topics, run by the members of one consumer group.
 //!
-//! - [`config`]: the file format, its defaults and validation (errors name file, line, key).
+//! - [`config`]: the file format, its defaults and validation (errors name file, line, key);
+//! - [`stages`]: loading the stages' plugins and the per-partition stage chain, with the
+//!   error policy (skip, dead-letter, stop);
+//! - [`instance`]: one group member's read → process → write → commit loop (at-least-once);
+//! - [`deployment`]: instances running in this process, supervised, with their status;
+//! - [`host`]: the broker's pipeline host (`pipeline deploy`), persisted across restarts;
+//! - [`metrics`]: the counters and rates `pipeline status` shows.
 //!
-//! The runtime (stage instances per input partition, keyed state, the delivery guarantees)
-//! comes next and will live here too, shared by `quiver pipeline run` (in the CLI process)
-//! and `quiver pipeline deploy` (inside brokers).
+//! `quiver pipeline run` (in the CLI process) and `quiver pipeline deploy` (inside brokers)
+//! share the same [`Deployment`].
 
 pub mod config;
+pub mod deployment;
+pub mod error;
+pub mod host;
+pub mod instance;
+pub mod metrics;
+pub mod stages;
 
 pub use config::{
     ErrorPolicy, Guarantee, OnError, PipelineConfig, PipelineConfigError, RunConfig, SinkConfig,
     SourceConfig, StageConfig, StagePlugin, StartPosition,
 };
+pub use deployment::Deployment;
+pub use error::RuntimeError;
+pub use host::BrokerPipelines;

@@ -81,6 +81,10 @@ pub async fn dispatch(
             on_blocking_thread(ctx, body, requests::remove_plugin::handle).await?
         }
         ApiKey::GetPlugin => on_blocking_thread(ctx, body, requests::get_plugin::handle).await?,
+        ApiKey::DeployPipeline => requests::pipelines::deploy(ctx, body).await?,
+        ApiKey::ListPipelines => requests::pipelines::list(ctx, body).await?,
+        ApiKey::DescribePipeline => requests::pipelines::describe(ctx, body).await?,
+        ApiKey::StopPipeline => requests::pipelines::stop(ctx, body).await?,
         ApiKey::Subscribe => {
             requests::subscribe::handle(ctx, body, send).await?;
             return Ok(Outcome::Streamed);

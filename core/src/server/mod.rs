@@ -20,6 +20,7 @@ use crate::config::BrokerConfig;
 use crate::group::GroupService;
 use crate::log::Flusher;
 use crate::metrics::Metrics;
+use crate::pipelines::PipelineSlot;
 use crate::plugin::PluginService;
 use crate::topic::TopicRegistry;
 
@@ -37,6 +38,8 @@ pub struct ServerContext {
     pub groups: Arc<GroupService>,
     /// Deployed plugins and consume-time processor instances.
     pub plugins: Arc<PluginService>,
+    /// The host of deployed pipelines, once installed.
+    pub pipelines: PipelineSlot,
     /// Turns true when the broker starts shutting down.
     pub stopping: watch::Receiver<bool>,
     inflight: AtomicUsize,
@@ -52,6 +55,7 @@ impl ServerContext {
         metrics: Arc<Metrics>,
         groups: Arc<GroupService>,
         plugins: Arc<PluginService>,
+        pipelines: PipelineSlot,
         stopping: watch::Receiver<bool>,
     ) -> Arc<ServerContext> {
         Arc::new(ServerContext {
@@ -61,6 +65,7 @@ impl ServerContext {
             metrics,
             groups,
             plugins,
+            pipelines,
             stopping,
             inflight: AtomicUsize::new(0),
             idle: Notify::new(),

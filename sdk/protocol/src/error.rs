@@ -73,6 +73,13 @@ pub enum ErrorCode {
     /// timestamp is out of range, or a record's lengths run past its bytes. The message says
     /// exactly what (see [`crate::batch::validate_produce`]). Nothing of the batch is stored.
     InvalidRecord = 30,
+    /// No pipeline is deployed under that name.
+    PipelineNotFound = 31,
+    /// The pipeline file or its plugins were refused (the message names file, line and key,
+    /// or the plugin).
+    InvalidPipeline = 32,
+    /// This broker does not run deployed pipelines (an embedded broker without a host).
+    PipelinesUnavailable = 33,
 }
 
 impl ErrorCode {
@@ -110,6 +117,9 @@ impl ErrorCode {
             28 => PluginInUse,
             29 => PluginFailed,
             30 => InvalidRecord,
+            31 => PipelineNotFound,
+            32 => InvalidPipeline,
+            33 => PipelinesUnavailable,
             _ => Internal,
         }
     }

@@ -106,6 +106,14 @@ api_keys! {
     RemovePlugin = 43,
     /// Download a deployed bundle's archive.
     GetPlugin = 44,
+    /// Run a pipeline inside the broker (or replace the one of the same name).
+    DeployPipeline = 50,
+    /// List deployed pipelines.
+    ListPipelines = 51,
+    /// A deployed pipeline's status: instances, counters, lag.
+    DescribePipeline = 52,
+    /// Stop and remove a deployed pipeline.
+    StopPipeline = 53,
 }
 
 /// A decoded frame header.

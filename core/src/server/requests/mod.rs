@@ -20,6 +20,7 @@ pub mod list_groups;
 pub mod list_offsets;
 pub mod list_plugins;
 pub mod metadata;
+pub mod pipelines;
 pub mod produce;
 pub mod remove_plugin;
 pub mod reset_offsets;
@@ -95,6 +96,7 @@ request_error_from!(
     GroupError,
     GroupServiceError,
     PluginServiceError,
+    crate::pipelines::PipelineHostError,
 );
 
 /// Decodes the request of a handler.

@@ -23,6 +23,7 @@ pub mod list_groups;
 pub mod list_offsets;
 pub mod list_plugins;
 pub mod metadata;
+pub mod pipeline;
 pub mod plugin;
 pub mod produce;
 pub mod remove_plugin;
@@ -47,6 +48,12 @@ pub use get_plugin::{GetPluginRequest, GetPluginResponse};
 pub use list_plugins::{ListPluginsRequest, ListPluginsResponse};
 pub use plugin::{parse_plugin_ref, PluginInfo, ProcessorSpec};
 pub use remove_plugin::{RemovePluginRequest, RemovePluginResponse};
+
+pub use pipeline::{
+    DeployPipelineRequest, DeployPipelineResponse, DescribePipelineRequest, ListPipelinesRequest,
+    ListPipelinesResponse, PipelineInstance, PipelineStatus, StopPipelineRequest,
+    StopPipelineResponse,
+};
 
 pub use commit_offsets::{CommitOffsetsRequest, CommitOffsetsResponse, OffsetCommit};
 pub use delete_group::{DeleteGroupRequest, DeleteGroupResponse};
@@ -94,6 +101,10 @@ macro_rules! with_all_messages {
             DescribePlugin: $crate::requests::DescribePluginRequest => $crate::requests::DescribePluginResponse,
             RemovePlugin: $crate::requests::RemovePluginRequest => $crate::requests::RemovePluginResponse,
             GetPlugin: $crate::requests::GetPluginRequest => $crate::requests::GetPluginResponse,
+            DeployPipeline: $crate::requests::DeployPipelineRequest => $crate::requests::DeployPipelineResponse,
+            ListPipelines: $crate::requests::ListPipelinesRequest => $crate::requests::ListPipelinesResponse,
+            DescribePipeline: $crate::requests::DescribePipelineRequest => $crate::requests::PipelineStatus,
+            StopPipeline: $crate::requests::StopPipelineRequest => $crate::requests::StopPipelineResponse,
         }
     };
 }

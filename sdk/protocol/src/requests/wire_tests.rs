@@ -665,6 +665,89 @@ impl Sample for GetPluginResponse {
     }
 }
 
+impl Sample for DeployPipelineRequest {
+    fn samples() -> Vec<Self> {
+        vec![DeployPipelineRequest {
+            config_toml: s("name = \"p\"\n[source]\ntopics = [\"in\"]\n[sink]\ntopic = \"out\"\n"),
+        }]
+    }
+}
+
+impl Sample for DeployPipelineResponse {
+    fn samples() -> Vec<Self> {
+        [false, true]
+            .into_iter()
+            .map(|replaced| DeployPipelineResponse {
+                name: s("p"),
+                instances: 3,
+                replaced,
+            })
+            .collect()
+    }
+}
+
+impl Sample for ListPipelinesRequest {
+    fn samples() -> Vec<Self> {
+        vec![ListPipelinesRequest {}]
+    }
+}
+
+fn pipeline_status() -> PipelineStatus {
+    PipelineStatus {
+        name: s("p"),
+        state: s("running"),
+        guarantee: s("at-least-once"),
+        group: s("p"),
+        instances: vec![PipelineInstance {
+            id: s("p-1"),
+            broker: 1,
+            partitions: vec![s("in/0"), s("in/2")],
+        }],
+        records_in: 10_000,
+        records_out: 9_900,
+        records_per_sec_in: 1234.5,
+        records_per_sec_out: 1200.25,
+        lag: 7,
+        errors: 100,
+        dead_lettered: 100,
+    }
+}
+
+impl Sample for ListPipelinesResponse {
+    fn samples() -> Vec<Self> {
+        vec![
+            ListPipelinesResponse {
+                pipelines: vec![pipeline_status()],
+            },
+            ListPipelinesResponse { pipelines: vec![] },
+        ]
+    }
+}
+
+impl Sample for DescribePipelineRequest {
+    fn samples() -> Vec<Self> {
+        vec![DescribePipelineRequest { name: s("p") }]
+    }
+}
+
+impl Sample for PipelineStatus {
+    fn samples() -> Vec<Self> {
+        vec![pipeline_status()]
+    }
+}
+
+impl Sample for StopPipelineRequest {
+    fn samples() -> Vec<Self> {
+        vec![StopPipelineRequest { name: s("p") }]
+    }
+}
+
+impl Sample for StopPipelineResponse {
+    fn samples() -> Vec<Self> {
+        vec![StopPipelineResponse { instances: 2 }]
+    }
+}
+
 /// Every strict prefix of an encoded frame is "incomplete", and the whole one decodes back.
 fn frame_round_trip(f: &Frame) -> Frame {
     let wire = f.encode();

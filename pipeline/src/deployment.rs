@@ -1,0 +1,253 @@
+//! A running pipeline in this process: `instances` group members sharing one client, each
+//! supervised (a cluster error makes it join again after a backoff; a pipeline failure stops
+//! every instance and leaves the reason in the state), with the counters and the status
+//! `pipeline status` prints. Used by `quiver pipeline run` (one instance, in the CLI) and by
+//! the broker's pipeline host (`pipeline deploy`).
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quiver_client::{Admin, Backoff, Client, ClientError};
+use quiver_plugins::HostLimits;
+use quiver_protocol::requests::{PipelineInstance, PipelineStatus};
+use quiver_protocol::ErrorCode;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use crate::error::RuntimeError;
+use crate::instance::{run_instance, InstanceView, Plan};
+use crate::metrics::PipelineMetrics;
+use crate::stages::load_stages;
+use crate::{Guarantee, PipelineConfig};
+
+/// State text of a pipeline whose instances run.
+pub const RUNNING: &str = "running";
+/// State text of a pipeline that was stopped.
+pub const STOPPED: &str = "stopped";
+
+struct Instance {
+    id: String,
+    view: Arc<InstanceView>,
+    task: JoinHandle<()>,
+}
+
+/// A pipeline running in this process.
+pub struct Deployment {
+    plan: Arc<Plan>,
+    broker: u32,
+    client: Client,
+    metrics: Arc<PipelineMetrics>,
+    state: Arc<Mutex<String>>,
+    stop: Arc<watch::Sender<bool>>,
+    instances: Vec<Instance>,
+}
+
+/// Refuses what this runtime cannot honour yet, before anything runs.
+pub fn check_supported(config: &PipelineConfig) -> Result<(), RuntimeError> {
+    if config.run.guarantee == Guarantee::ExactlyOnce {
+        return Err(RuntimeError::Unsupported(format!(
+            "pipeline {}: guarantee \"exactly-once\" needs transactional writes (read-committed output), which this version does not have yet; use guarantee = \"at-least-once\"",
+            config.name
+        )));
+    }
+    Ok(())
+}
+
+impl Deployment {
+    /// Loads the stages (failing fast on a missing or broken plugin) and starts `instances`
+    /// members. `base_dir` resolves `path` stages; `broker` is shown in the status.
+    pub async fn start(
+        client: Client,
+        config: PipelineConfig,
+        base_dir: &Path,
+        instances: u32,
+        broker: u32,
+    ) -> Result<Deployment, RuntimeError> {
+        check_supported(&config)?;
+        let stages = load_stages(&client, &config, base_dir).await?;
+        let plan = Arc::new(Plan {
+            config,
+            stages,
+            limits: HostLimits::default(),
+        });
+        let (stop_tx, _) = watch::channel(false);
+        let mut d = Deployment {
+            plan,
+            broker,
+            client,
+            metrics: Arc::new(PipelineMetrics::default()),
+            state: Arc::new(Mutex::new(RUNNING.to_string())),
+            stop: Arc::new(stop_tx),
+            instances: Vec::new(),
+        };
+        for n in 1..=instances {
+            d.spawn_instance(format!("{}-{n}", d.plan.config.name));
+        }
+        Ok(d)
+    }
+
+    fn spawn_instance(&mut self, id: String) {
+        let view = Arc::new(InstanceView::default());
+        let span = tracing::info_span!("pipeline", instance = %id);
+        let task = tokio::spawn(
+            supervise(
+                self.client.clone(),
+                self.plan.clone(),
+                id.clone(),
+                view.clone(),
+                self.metrics.clone(),
+                self.state.clone(),
+                self.stop.clone(),
+            )
+            .instrument(span),
+        );
+        self.instances.push(Instance { id, view, task });
+    }
+
+    /// The pipeline's config.
+    pub fn config(&self) -> &PipelineConfig {
+        &self.plan.config
+    }
+
+    /// `running`, `stopped` or `failed: <reason>`.
+    pub fn state(&self) -> String {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Waits until the pipeline fails (returns its reason) or is stopped (returns `None`).
+    pub async fn wait(&self) -> Option<String> {
+        let mut rx = self.stop.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+        let state = self.state();
+        state.strip_prefix("failed: ").map(str::to_string)
+    }
+
+    /// Stops every instance (each commits what it finished and leaves the group) and waits
+    /// for them. Returns how many there were.
+    pub async fn stop(self) -> u32 {
+        let _ = self.stop.send(true);
+        {
+            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if *s == RUNNING {
+                *s = STOPPED.to_string();
+            }
+        }
+        let n = self.instances.len() as u32;
+        for i in self.instances {
+            if tokio::time::timeout(Duration::from_secs(30), i.task)
+                .await
+                .is_err()
+            {
+                tracing::warn!(instance = %i.id, "instance did not stop within 30 s");
+            }
+        }
+        n
+    }
+
+    /// The status `pipeline status` prints; lag is read from the cluster now.
+    pub async fn status(&self) -> PipelineStatus {
+        let m = self.metrics.snapshot();
+        let cfg = &self.plan.config;
+        PipelineStatus {
+            name: cfg.name.clone(),
+            state: self.state(),
+            guarantee: cfg.run.guarantee.to_string(),
+            group: cfg.group().to_string(),
+            instances: self
+                .instances
+                .iter()
+                .filter(|i| !i.task.is_finished())
+                .map(|i| PipelineInstance {
+                    id: i.id.clone(),
+                    broker: self.broker,
+                    partitions: i.view.partitions(),
+                })
+                .collect(),
+            records_in: m.records_in,
+            records_out: m.records_out,
+            records_per_sec_in: m.records_per_sec_in,
+            records_per_sec_out: m.records_per_sec_out,
+            lag: group_lag(&self.client, cfg).await.unwrap_or(-1),
+            errors: m.errors,
+            dead_lettered: m.dead_lettered,
+        }
+    }
+}
+
+/// Records of the source topics the pipeline's group has not committed: from the group's
+/// own description when it exists, else everything readable in the source topics (or none,
+/// when the pipeline starts at the latest records).
+pub async fn group_lag(client: &Client, cfg: &PipelineConfig) -> Result<i64, ClientError> {
+    let admin = Admin::new(client.clone());
+    match admin.describe_group(cfg.group()).await {
+        Ok(d) => Ok(d
+            .partitions
+            .iter()
+            .filter(|p| cfg.source.topics.contains(&p.topic))
+            .map(|p| p.lag.max(0))
+            .sum()),
+        Err(e) if e.code() == Some(ErrorCode::UnknownGroup) => {
+            if cfg.source.start == crate::StartPosition::Latest {
+                return Ok(0);
+            }
+            let mut lag = 0;
+            for t in &cfg.source.topics {
+                let d = admin.describe_topic(t).await?;
+                lag += d
+                    .partitions
+                    .iter()
+                    .map(|p| (p.high_watermark - p.log_start_offset).max(0))
+                    .sum::<i64>();
+            }
+            Ok(lag)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Runs one instance until it stops or the pipeline fails; joins again after cluster errors.
+async fn supervise(
+    client: Client,
+    plan: Arc<Plan>,
+    id: String,
+    view: Arc<InstanceView>,
+    metrics: Arc<PipelineMetrics>,
+    state: Arc<Mutex<String>>,
+    stop: Arc<watch::Sender<bool>>,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let r = run_instance(
+            client.clone(),
+            plan.clone(),
+            id.clone(),
+            view.clone(),
+            metrics.clone(),
+            stop.subscribe(),
+        )
+        .await;
+        match r {
+            Ok(()) => return,
+            Err(RuntimeError::Failed(reason)) => {
+                tracing::error!(pipeline = %plan.config.name, %reason, "pipeline failed; stopping every instance");
+                *state.lock().unwrap_or_else(|p| p.into_inner()) = format!("failed: {reason}");
+                let _ = stop.send(true);
+                return;
+            }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?delay, "instance stopped; joining again");
+                let mut rx = stop.subscribe();
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = rx.wait_for(|s| *s) => return,
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! Why a pipeline cannot start or stopped: [`RuntimeError`].
+
+/// A pipeline run that cannot start, or ended.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RuntimeError {
+    /// A stage's plugin cannot be loaded or built.
+    #[error("stage {stage}: {reason}")]
+    Stage {
+        /// Stage index.
+        stage: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The pipeline asks for something this runtime does not do.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The run stopped for good: a stage failed under policy "stop", or a plugin was
+    /// quarantined. Nothing past the failure was committed.
+    #[error("pipeline failed: {0}")]
+    Failed(String),
+    /// The cluster failed a request (reading, writing or committing); the instance joins
+    /// again and resumes from the last commit.
+    #[error("{0}")]
+    Client(#[from] quiver_client::ClientError),
+}

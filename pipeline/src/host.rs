@@ -1,0 +1,278 @@
+//! The broker's pipeline host: runs deployed pipelines inside the broker process as clients
+//! of that broker, and keeps each deployed file in `<data_dir>/pipelines/NAME.toml` so the
+//! pipeline comes back when the broker restarts. Deploying a file under a running name
+//! replaces the running pipeline: the new stages are loaded first (a broken plugin leaves
+//! the old one running), then the old instances commit and leave, then the new ones join the
+//! same group and go on from its committed offsets. `pipeline stop` removes the file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use quiver_client::{Client, ClientConfig};
+use quiver_core::pipelines::{HostResult, PipelineHost, PipelineHostError};
+use quiver_protocol::requests::{DeployPipelineResponse, PipelineStatus, StopPipelineResponse};
+use quiver_protocol::ErrorCode;
+use tokio::sync::{Mutex, OnceCell};
+
+use crate::deployment::Deployment;
+use crate::error::RuntimeError;
+use crate::PipelineConfig;
+
+/// A pipeline that is deployed here: running, or failed to start.
+enum Entry {
+    Running(Deployment),
+    /// Could not start (e.g. after a restart a plugin was gone): the reason.
+    Broken(PipelineConfig, String),
+}
+
+/// Runs the deployed pipelines of one broker.
+pub struct BrokerPipelines {
+    dir: PathBuf,
+    broker_id: u32,
+    client_config: ClientConfig,
+    client: OnceCell<Client>,
+    pipelines: Mutex<BTreeMap<String, Entry>>,
+}
+
+fn host_error(code: ErrorCode, message: impl Into<String>) -> PipelineHostError {
+    PipelineHostError::new(code, message)
+}
+
+fn runtime_error(e: RuntimeError) -> PipelineHostError {
+    let code = match &e {
+        RuntimeError::Client(c) => c.code().unwrap_or(ErrorCode::Internal),
+        _ => ErrorCode::InvalidPipeline,
+    };
+    host_error(code, e.to_string())
+}
+
+impl BrokerPipelines {
+    /// A host for the broker `broker_id` keeping its files under `<data_dir>/pipelines/`,
+    /// whose instances connect with `client_config` (the broker's own address and CA).
+    pub fn new(data_dir: &Path, broker_id: u32, client_config: ClientConfig) -> Arc<Self> {
+        Arc::new(BrokerPipelines {
+            dir: data_dir.join("pipelines"),
+            broker_id,
+            client_config,
+            client: OnceCell::new(),
+            pipelines: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    async fn client(&self) -> HostResult<Client> {
+        self.client
+            .get_or_try_init(|| Client::connect(self.client_config.clone()))
+            .await
+            .cloned()
+            .map_err(|e| {
+                host_error(
+                    ErrorCode::Internal,
+                    format!("the pipeline host cannot connect to its broker: {e}"),
+                )
+            })
+    }
+
+    fn file_of(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.toml"))
+    }
+
+    /// Starts every pipeline deployed before the broker restarted. One that cannot start
+    /// is listed as failed, with the reason.
+    pub async fn resume(&self) {
+        let Ok(dir) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut files: Vec<PathBuf> = dir
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        files.sort();
+        for path in files {
+            let config = match PipelineConfig::load(&path) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(file = %path.display(), error = %e, "deployed pipeline file is not valid; skipped");
+                    continue;
+                }
+            };
+            let name = config.name.clone();
+            let entry = match self.start(config.clone()).await {
+                Ok(d) => {
+                    tracing::info!(pipeline = %name, "deployed pipeline resumed");
+                    Entry::Running(d)
+                }
+                Err(e) => {
+                    tracing::error!(pipeline = %name, error = %e, "deployed pipeline cannot start");
+                    Entry::Broken(config, e.message)
+                }
+            };
+            self.pipelines.lock().await.insert(name, entry);
+        }
+    }
+
+    async fn start(&self, config: PipelineConfig) -> HostResult<Deployment> {
+        let client = self.client().await?;
+        let n = config.run.instances;
+        Deployment::start(client, config, &self.dir, n, self.broker_id)
+            .await
+            .map_err(runtime_error)
+    }
+
+    /// Stops every running pipeline (their files stay: they start again with the broker).
+    pub async fn shutdown(&self) {
+        let all = std::mem::take(&mut *self.pipelines.lock().await);
+        for (name, entry) in all {
+            if let Entry::Running(d) = entry {
+                let n = d.stop().await;
+                tracing::info!(pipeline = %name, instances = n, "pipeline stopped for shutdown");
+            }
+        }
+    }
+
+    async fn deploy_text(&self, text: String) -> HostResult<DeployPipelineResponse> {
+        let config = PipelineConfig::parse(&text, "deployed pipeline")
+            .map_err(|e| host_error(ErrorCode::InvalidPipeline, e.to_string()))?;
+        if let Some(s) = config
+            .stages
+            .iter()
+            .find(|s| matches!(s.plugin, crate::StagePlugin::Path(_)))
+        {
+            return Err(host_error(
+                ErrorCode::InvalidPipeline,
+                format!(
+                    "stage plugin {:?} is a path on the client's machine; deploy the bundle first (`quiver plugin deploy DIR`) and name it as plugin = \"NAME@VERSION\" (`quiver pipeline deploy` does this for you)",
+                    s.plugin
+                ),
+            ));
+        }
+        let name = config.name.clone();
+        let mut pipelines = self.pipelines.lock().await;
+        // Load the new stages before touching the running pipeline: a broken plugin
+        // leaves it running.
+        crate::deployment::check_supported(&config).map_err(runtime_error)?;
+        let client = self.client().await?;
+        crate::stages::load_stages(&client, &config, &self.dir)
+            .await
+            .map_err(runtime_error)?;
+        std::fs::create_dir_all(&self.dir).map_err(|e| {
+            host_error(
+                ErrorCode::StorageError,
+                format!("cannot create {}: {e}", self.dir.display()),
+            )
+        })?;
+        let tmp = self.dir.join(format!(".{name}.toml.tmp"));
+        std::fs::write(&tmp, &text)
+            .and_then(|_| std::fs::rename(&tmp, self.file_of(&name)))
+            .map_err(|e| {
+                host_error(
+                    ErrorCode::StorageError,
+                    format!("cannot save the pipeline file: {e}"),
+                )
+            })?;
+        let replaced = match pipelines.remove(&name) {
+            Some(Entry::Running(old)) => {
+                old.stop().await;
+                true
+            }
+            Some(Entry::Broken(..)) => true,
+            None => false,
+        };
+        let instances = config.run.instances;
+        match self.start(config.clone()).await {
+            Ok(d) => {
+                pipelines.insert(name.clone(), Entry::Running(d));
+                Ok(DeployPipelineResponse {
+                    name,
+                    instances,
+                    replaced,
+                })
+            }
+            Err(e) => {
+                pipelines.insert(name, Entry::Broken(config, e.message.clone()));
+                Err(e)
+            }
+        }
+    }
+
+    async fn status_of(&self, entry: &Entry) -> PipelineStatus {
+        match entry {
+            Entry::Running(d) => d.status().await,
+            Entry::Broken(config, reason) => {
+                let lag = match self.client().await {
+                    Ok(c) => crate::deployment::group_lag(&c, config).await.unwrap_or(-1),
+                    Err(_) => -1,
+                };
+                PipelineStatus {
+                    name: config.name.clone(),
+                    state: format!("failed: {reason}"),
+                    guarantee: config.run.guarantee.to_string(),
+                    group: config.group().to_string(),
+                    instances: Vec::new(),
+                    records_in: 0,
+                    records_out: 0,
+                    records_per_sec_in: 0.0,
+                    records_per_sec_out: 0.0,
+                    lag,
+                    errors: 0,
+                    dead_lettered: 0,
+                }
+            }
+        }
+    }
+
+    async fn stop_named(&self, name: String) -> HostResult<StopPipelineResponse> {
+        let entry = self.pipelines.lock().await.remove(&name).ok_or_else(|| {
+            host_error(
+                ErrorCode::PipelineNotFound,
+                format!("no pipeline named {name:?} is deployed; see `quiver pipeline list`"),
+            )
+        })?;
+        if let Err(e) = std::fs::remove_file(self.file_of(&name)) {
+            tracing::warn!(pipeline = %name, error = %e, "cannot remove the pipeline file");
+        }
+        let instances = match entry {
+            Entry::Running(d) => d.stop().await,
+            Entry::Broken(..) => 0,
+        };
+        Ok(StopPipelineResponse { instances })
+    }
+}
+
+impl PipelineHost for BrokerPipelines {
+    fn deploy(&self, config_toml: String) -> BoxFuture<'_, HostResult<DeployPipelineResponse>> {
+        self.deploy_text(config_toml).boxed()
+    }
+
+    fn list(&self) -> BoxFuture<'_, HostResult<Vec<PipelineStatus>>> {
+        async move {
+            let pipelines = self.pipelines.lock().await;
+            let mut out = Vec::with_capacity(pipelines.len());
+            for entry in pipelines.values() {
+                out.push(self.status_of(entry).await);
+            }
+            Ok(out)
+        }
+        .boxed()
+    }
+
+    fn status(&self, name: String) -> BoxFuture<'_, HostResult<PipelineStatus>> {
+        async move {
+            let pipelines = self.pipelines.lock().await;
+            let entry = pipelines.get(&name).ok_or_else(|| {
+                host_error(
+                    ErrorCode::PipelineNotFound,
+                    format!("no pipeline named {name:?} is deployed; see `quiver pipeline list`"),
+                )
+            })?;
+            Ok(self.status_of(entry).await)
+        }
+        .boxed()
+    }
+
+    fn stop(&self, name: String) -> BoxFuture<'_, HostResult<StopPipelineResponse>> {
+        self.stop_named(name).boxed()
+    }
+}

@@ -1,0 +1,281 @@
+//! The stage chain of one input partition: the pipeline's plugins built once per partition
+//! (so a stateful plugin keeps state per partition), each with its own keyed-state store, and
+//! the error policy applied when a stage fails: under "stop" the failure ends the run; under
+//! "skip" and "dead-letter" the failed batch is retried record by record, so exactly the
+//! records that fail are set aside and the rest go on. A quarantined plugin always ends the
+//! run. Plugin calls block: callers run [`PartitionChain::process`] off the async threads.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use quiver_client::{Client, PluginAdmin};
+use quiver_plugins::state::DEFAULT_STATE_LIMIT_BYTES;
+use quiver_plugins::{
+    Bundle, HostLimits, Kind, MemoryStateStore, PluginConfig, PluginError, Processor, Record,
+    StateScope,
+};
+
+use crate::error::RuntimeError;
+use crate::{ErrorPolicy, PipelineConfig, StagePlugin};
+
+/// A stage's plugin, loaded once per run and built once per input partition.
+#[derive(Clone)]
+pub struct LoadedStage {
+    /// `name@version`.
+    pub id: String,
+    /// The bundle.
+    pub bundle: Arc<Bundle>,
+    /// Config overrides from the pipeline file.
+    pub config: BTreeMap<String, String>,
+}
+
+/// Loads every stage's bundle: deployed plugins from the cluster, `path` bundles relative to
+/// `base_dir` (the pipeline file's folder). Refuses bundles that are not processors.
+pub async fn load_stages(
+    client: &Client,
+    config: &PipelineConfig,
+    base_dir: &Path,
+) -> Result<Vec<LoadedStage>, RuntimeError> {
+    let admin = PluginAdmin::new(client.clone());
+    let mut stages = Vec::with_capacity(config.stages.len());
+    for (i, stage) in config.stages.iter().enumerate() {
+        let bundle =
+            match &stage.plugin {
+                StagePlugin::Deployed { name, version } => {
+                    let (_, bundle) = admin.get(name, version.as_deref()).await.map_err(|e| {
+                        RuntimeError::Stage {
+                            stage: i,
+                            reason: format!("cannot load plugin {name}: {e}"),
+                        }
+                    })?;
+                    bundle
+                }
+                StagePlugin::Path(p) => {
+                    let path = base_dir.join(p);
+                    Bundle::load(&path).map_err(|e| RuntimeError::Stage {
+                        stage: i,
+                        reason: format!("cannot load bundle {}: {e}", path.display()),
+                    })?
+                }
+            };
+        if bundle.manifest().kind != Kind::Processor {
+            return Err(RuntimeError::Stage {
+                stage: i,
+                reason: format!("{} is a partitioner, not a processor", bundle.id()),
+            });
+        }
+        stages.push(LoadedStage {
+            id: bundle.id(),
+            bundle: Arc::new(bundle),
+            config: stage.config.clone(),
+        });
+    }
+    Ok(stages)
+}
+
+/// A record a stage failed on.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// The record as the stage received it.
+    pub record: Record,
+    /// Stage index.
+    pub stage: usize,
+    /// `name@version` of the stage's plugin.
+    pub stage_id: String,
+    /// The plugin's error.
+    pub error: String,
+}
+
+/// What one batch through the chain produced.
+#[derive(Debug, Default)]
+pub struct ChainOutput {
+    /// Records out of the last stage, in order.
+    pub records: Vec<Record>,
+    /// Records set aside under "skip" or "dead-letter".
+    pub failed: Vec<Failure>,
+    /// Why the run must stop (policy "stop", or a quarantined plugin); nothing of this
+    /// batch may be written or committed.
+    pub fatal: Option<String>,
+}
+
+struct Stage {
+    id: String,
+    processor: Box<dyn Processor>,
+}
+
+/// The stage instances of one input partition.
+pub struct PartitionChain {
+    stages: Vec<Stage>,
+    policy: ErrorPolicy,
+}
+
+impl PartitionChain {
+    /// Builds every stage for `topic`/`partition` of `pipeline`, each with a fresh state
+    /// store scoped to (pipeline, stage, topic, partition).
+    pub fn build(
+        pipeline: &str,
+        stages: &[LoadedStage],
+        topic: &str,
+        partition: u32,
+        limits: &HostLimits,
+        policy: ErrorPolicy,
+    ) -> Result<PartitionChain, PluginError> {
+        let mut built = Vec::with_capacity(stages.len());
+        for (i, s) in stages.iter().enumerate() {
+            let scope = StateScope::new(pipeline, i as u32, topic, partition as i32);
+            let store = Arc::new(MemoryStateStore::new(scope, DEFAULT_STATE_LIMIT_BYTES));
+            let mut config = PluginConfig::new(s.bundle.clone())
+                .limits(limits.clone())
+                .state(store);
+            for (k, v) in &s.config {
+                config = config.set(k, v);
+            }
+            built.push(Stage {
+                id: s.id.clone(),
+                processor: config.build_processor()?,
+            });
+        }
+        Ok(PartitionChain {
+            stages: built,
+            policy,
+        })
+    }
+
+    /// Runs `input` (records of this partition, in offset order) through every stage.
+    pub fn process(&mut self, input: Vec<Record>) -> ChainOutput {
+        let mut out = ChainOutput::default();
+        let mut batch = input;
+        for (i, stage) in self.stages.iter_mut().enumerate() {
+            if batch.is_empty() {
+                break;
+            }
+            let retry = (self.policy != ErrorPolicy::Stop).then(|| batch.clone());
+            match stage.processor.process_batch(batch) {
+                Ok(next) => batch = next,
+                Err(e) if e.is_quarantined() || retry.is_none() => {
+                    out.fatal = Some(format!("stage {i} ({}) failed: {e}", stage.id));
+                    return out;
+                }
+                Err(_) => {
+                    let mut next = Vec::new();
+                    for r in retry.unwrap_or_default() {
+                        match stage.processor.process_batch(vec![r.clone()]) {
+                            Ok(o) => next.extend(o),
+                            Err(e) if e.is_quarantined() => {
+                                out.fatal = Some(format!("stage {i} ({}) failed: {e}", stage.id));
+                                return out;
+                            }
+                            Err(e) => out.failed.push(Failure {
+                                record: r,
+                                stage: i,
+                                stage_id: stage.id.clone(),
+                                error: e.to_string(),
+                            }),
+                        }
+                    }
+                    batch = next;
+                }
+            }
+        }
+        out.records = batch;
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lua_stage(script: &str) -> LoadedStage {
+        let manifest = "name = \"t\"\nversion = \"1.0.0\"\nkind = \"processor\"\nruntime = \"lua\"\nentry = \"t.lua\"\n";
+        let files = [
+            ("plugin.toml".to_string(), manifest.as_bytes().to_vec()),
+            ("t.lua".to_string(), script.as_bytes().to_vec()),
+        ]
+        .into_iter()
+        .collect();
+        let bundle = Bundle::from_files(files, Path::new("<test>")).unwrap();
+        LoadedStage {
+            id: bundle.id(),
+            bundle: Arc::new(bundle),
+            config: BTreeMap::new(),
+        }
+    }
+
+    const PICKY: &str = r#"
+function process(record)
+  if string.find(record.value, "bad", 1, true) then error("refusing " .. record.value) end
+  return { key = record.key, value = string.upper(record.value) }
+end
+"#;
+
+    fn records(values: &[&str]) -> Vec<Record> {
+        values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| Record {
+                offset: 10 + i as i64,
+                ..Record::from_value(v.to_string())
+            })
+            .collect()
+    }
+
+    fn chain(policy: ErrorPolicy) -> PartitionChain {
+        PartitionChain::build(
+            "p",
+            &[lua_stage(PICKY)],
+            "in",
+            0,
+            &HostLimits::default(),
+            policy,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn dead_letter_sets_aside_exactly_the_failing_records() {
+        let mut c = chain(ErrorPolicy::DeadLetter);
+        let out = c.process(records(&["a", "bad1", "b", "bad2", "c"]));
+        assert!(out.fatal.is_none());
+        let values: Vec<_> = out.records.iter().map(|r| r.value.clone()).collect();
+        assert_eq!(values, vec!["A", "B", "C"]);
+        let failed: Vec<_> = out.failed.iter().map(|f| f.record.offset).collect();
+        assert_eq!(failed, vec![11, 13]);
+        assert!(
+            out.failed[0].error.contains("refusing bad1"),
+            "{}",
+            out.failed[0].error
+        );
+        assert_eq!(out.failed[0].stage_id, "t@1.0.0");
+        // Outputs keep their input's offset (for the `quiver.source` header).
+        let offsets: Vec<_> = out.records.iter().map(|r| r.offset).collect();
+        assert_eq!(offsets, vec![10, 12, 14]);
+    }
+
+    #[test]
+    fn stop_policy_ends_the_run_and_outputs_nothing_of_the_batch() {
+        let mut c = chain(ErrorPolicy::Stop);
+        let out = c.process(records(&["a", "bad1", "b"]));
+        assert!(out.records.is_empty() && out.failed.is_empty());
+        assert!(out.fatal.unwrap().contains("refusing bad1"));
+    }
+
+    #[test]
+    fn a_quarantined_plugin_ends_the_run_whatever_the_policy() {
+        let mut c = chain(ErrorPolicy::Skip);
+        // Every record fails: after 5 failed calls in a row the plugin is quarantined.
+        let out = c.process(records(&["bad1", "bad2", "bad3", "bad4", "bad5", "bad6"]));
+        let fatal = out.fatal.expect("quarantine must stop the run");
+        assert!(fatal.contains("quarantined"), "{fatal}");
+    }
+
+    #[test]
+    fn no_stage_copies_records() {
+        let mut c =
+            PartitionChain::build("p", &[], "in", 0, &HostLimits::default(), ErrorPolicy::Stop)
+                .unwrap();
+        let out = c.process(records(&["x", "y"]));
+        assert_eq!(out.records.len(), 2);
+    }
+}
