@@ -12,7 +12,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use quiver_core::{Broker, BrokerConfig};
+use std::sync::Arc;
+
+use quiver_client::ClientConfig;
+use quiver_core::{Broker, BrokerConfig, BrokerHandle};
+use quiver_pipeline::BrokerPipelines;
 
 use crate::output::{self, Format};
 
@@ -199,6 +203,7 @@ async fn run_foreground(args: &StartArgs) -> anyhow::Result<()> {
     let handle = Broker::start(cfg)
         .await
         .context("cannot start the broker")?;
+    let pipelines = pipeline_host(&handle, &data_dir, id);
     if let Err(e) = std::fs::write(&pid_file, format!("{}\n", std::process::id())) {
         tracing::warn!(path = %pid_file.display(), error = %e, "cannot write the pid file");
     }
@@ -213,11 +218,32 @@ async fn run_foreground(args: &StartArgs) -> anyhow::Result<()> {
     );
     wait_for_signal().await?;
     tracing::info!("shutting down");
+    // Deployed pipelines commit what they finished and leave their groups while the broker
+    // still answers them.
+    pipelines.shutdown().await;
     handle.shutdown().await;
     if read_pid(&pid_file).ok().flatten() == Some(std::process::id() as i32) {
         let _ = std::fs::remove_file(&pid_file);
     }
     Ok(())
+}
+
+/// Installs the host of deployed pipelines: its instances are clients of this broker (its
+/// own address, trusting its CA). Pipelines deployed before a restart start again.
+fn pipeline_host(handle: &BrokerHandle, data_dir: &Path, id: u32) -> Arc<BrokerPipelines> {
+    let mut addr = handle.local_addr();
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let config = ClientConfig {
+        ca_file: handle.ca_path(),
+        ..ClientConfig::new(addr.to_string())
+    };
+    let host = BrokerPipelines::new(data_dir, id, config);
+    handle.install_pipeline_host(host.clone());
+    let resume = host.clone();
+    tokio::spawn(async move { resume.resume().await });
+    host
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

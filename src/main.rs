@@ -44,7 +44,7 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Deploy, list, describe and remove plugins; test and bench a bundle locally.
     Plugin(plugin::PluginArgs),
-    /// Check pipeline files (source topics → plugin stages → sink topics).
+    /// Run, deploy and manage pipelines: source topics → plugin stages → sink topics.
     Pipeline(pipeline::PipelineArgs),
     /// Print a shell completion script (bash, zsh or fish) to stdout.
     ///
@@ -130,7 +130,7 @@ fn main() -> ExitCode {
             Command::Bench(args) => bench::run(&cli.global, args).await,
             Command::Group(args) => group::run(&cli.global, args).await,
             Command::Plugin(args) => plugin::run(&cli.global, args).await,
-            Command::Pipeline(args) => pipeline::run(args),
+            Command::Pipeline(args) => pipeline::run(&cli.global, args).await,
             Command::Completions { .. } => Ok(()),
         }
     });

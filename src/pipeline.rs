@@ -1,13 +1,24 @@
-//! `quiver pipeline validate`: checks a `pipeline.toml` (documented in
-//! `config/pipeline.toml`) and prints what it describes, as a table or JSON. Running
-//! pipelines (`run`, `deploy`, `status`, `stop`) comes with the pipeline runtime.
+//! `quiver pipeline`: `validate` checks a `pipeline.toml` (documented in
+//! `config/pipeline.toml`); `run` runs it in this process as members of its consumer group
+//! (Ctrl-C leaves cleanly, committing what is done); `deploy` runs it inside the broker
+//! (bundles named by `path` are deployed as plugins first); `list`, `status` and `stop`
+//! manage deployed pipelines.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use anyhow::Context;
+use bytes::Bytes;
 use clap::{Args, Subcommand};
-use quiver_pipeline::{PipelineConfig, StagePlugin};
+use quiver_client::{Client, ClientError, PluginAdmin};
+use quiver_pipeline::{Deployment, PipelineConfig, StagePlugin};
+use quiver_protocol::requests::{
+    DeployPipelineRequest, DescribePipelineRequest, ListPipelinesRequest, PipelineStatus,
+    StopPipelineRequest,
+};
+use quiver_protocol::ErrorCode;
 
+use crate::connect::GlobalOpts;
 use crate::output::{self, Format};
 
 /// `quiver pipeline`.
@@ -27,52 +38,308 @@ enum PipelineCommand {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         output: Format,
     },
+    /// Run the pipeline in this process, as members of its consumer group (more copies
+    /// anywhere join the same group and split the partitions); Ctrl-C leaves cleanly.
+    Run {
+        /// The pipeline file.
+        file: PathBuf,
+        /// Group members to run in this process.
+        #[arg(long, default_value_t = 1)]
+        instances: u32,
+    },
+    /// Run `[run] instances` of the pipeline inside the broker, kept across broker
+    /// restarts; a running pipeline of the same name is replaced (offsets are kept).
+    Deploy {
+        /// The pipeline file.
+        file: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// List deployed pipelines.
+    List {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// A deployed pipeline's state, instances, counters, throughput and lag.
+    Status {
+        /// Pipeline name.
+        name: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// Stop a deployed pipeline: every instance commits what it finished and leaves.
+    Stop {
+        /// Pipeline name.
+        name: String,
+    },
 }
 
 /// Runs a `pipeline` subcommand.
-pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
+pub async fn run(global: &GlobalOpts, args: PipelineArgs) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
     match args.command {
         PipelineCommand::Validate { file, output } => {
             let p = PipelineConfig::load(&file)?;
-            let mut out = std::io::stdout().lock();
             match output {
                 Format::Json => output::json(&mut out, &p)?,
+                Format::Table => describe_file(&mut out, &p)?,
+            }
+        }
+        PipelineCommand::Run { file, instances } => {
+            drop(out);
+            run_here(global, &file, instances).await?;
+            return Ok(());
+        }
+        PipelineCommand::Deploy { file, output } => {
+            let mut p = PipelineConfig::load(&file)?;
+            let client = global.connect().await?;
+            deploy_path_stages(&client, &mut p, base_dir(&file), &mut out).await?;
+            let req = DeployPipelineRequest {
+                config_toml: p.to_toml(),
+            };
+            let (resp, _) = client
+                .request(&req, Bytes::new())
+                .await
+                .map_err(|e| pipeline_error(e, &format!("cannot deploy pipeline {}", p.name)))?;
+            match output {
+                Format::Json => output::json(&mut out, &serde_json::json!({
+                    "name": resp.name, "instances": resp.instances, "replaced": resp.replaced,
+                }))?,
+                Format::Table => writeln!(
+                    out,
+                    "{} pipeline {} with {} instance(s) (group {}); see `quiver pipeline status {}`",
+                    if resp.replaced { "redeployed" } else { "deployed" },
+                    resp.name,
+                    resp.instances,
+                    p.group(),
+                    resp.name
+                )?,
+            }
+        }
+        PipelineCommand::List { output } => {
+            let client = global.connect().await?;
+            let (resp, _) = client
+                .request(&ListPipelinesRequest {}, Bytes::new())
+                .await
+                .map_err(|e| pipeline_error(e, "cannot list pipelines"))?;
+            match output {
+                Format::Json => output::json(&mut out, &resp.pipelines)?,
                 Format::Table => {
-                    writeln!(
-                        out,
-                        "pipeline {} is valid: group {}, {} instance(s), {}, on error {}",
-                        p.name,
-                        p.group(),
-                        p.run.instances,
-                        p.run.guarantee,
-                        p.on_error.policy
+                    let rows: Vec<Vec<String>> = resp
+                        .pipelines
+                        .iter()
+                        .map(|p| {
+                            vec![
+                                p.name.clone(),
+                                p.state.clone(),
+                                p.guarantee.clone(),
+                                p.instances.len().to_string(),
+                                p.records_in.to_string(),
+                                p.lag.to_string(),
+                            ]
+                        })
+                        .collect();
+                    output::table(
+                        &mut out,
+                        &[
+                            "NAME",
+                            "STATE",
+                            "GUARANTEE",
+                            "INSTANCES",
+                            "RECORDS_IN",
+                            "LAG",
+                        ],
+                        &rows,
                     )?;
-                    writeln!(
-                        out,
-                        "source: {} (start {})",
-                        p.source.topics.join(", "),
-                        p.source.start
-                    )?;
-                    for (i, s) in p.stages.iter().enumerate() {
-                        let what = match &s.plugin {
-                            StagePlugin::Deployed { name, version } => match version {
-                                Some(v) => format!("{name}@{v}"),
-                                None => format!("{name} (highest version)"),
-                            },
-                            StagePlugin::Path(path) => format!("bundle {path}"),
-                        };
-                        writeln!(out, "stage {i}: {what} {:?}", s.config)?;
-                    }
-                    writeln!(out, "sink: {}", p.sink.topic)?;
-                    for (name, topic) in &p.sinks {
-                        writeln!(out, "sink {name}: {topic}")?;
-                    }
-                    if let Some(t) = &p.on_error.topic {
-                        writeln!(out, "dead letters: {t}")?;
-                    }
                 }
             }
-            Ok(())
+        }
+        PipelineCommand::Status { name, output } => {
+            let client = global.connect().await?;
+            let (s, _) = client
+                .request(
+                    &DescribePipelineRequest { name: name.clone() },
+                    Bytes::new(),
+                )
+                .await
+                .map_err(|e| pipeline_error(e, &format!("pipeline {name}")))?;
+            match output {
+                Format::Json => output::json(&mut out, &s)?,
+                Format::Table => status_table(&mut out, &s)?,
+            }
+        }
+        PipelineCommand::Stop { name } => {
+            let client = global.connect().await?;
+            let (r, _) = client
+                .request(&StopPipelineRequest { name: name.clone() }, Bytes::new())
+                .await
+                .map_err(|e| pipeline_error(e, &format!("cannot stop pipeline {name}")))?;
+            writeln!(out, "stopped pipeline {name} ({} instance(s))", r.instances)?;
         }
     }
+    out.flush()?;
+    Ok(())
+}
+
+/// The folder `path` stages are relative to.
+fn base_dir(file: &Path) -> &Path {
+    file.parent().unwrap_or(Path::new("."))
+}
+
+/// Broker refusals are printed as the broker worded them; the rest with context.
+fn pipeline_error(e: ClientError, context: &str) -> anyhow::Error {
+    match e {
+        ClientError::Broker {
+            code:
+                ErrorCode::PipelineNotFound
+                | ErrorCode::InvalidPipeline
+                | ErrorCode::PipelinesUnavailable,
+            message,
+        } => anyhow::anyhow!("{context}: {message}"),
+        e => anyhow::Error::new(e).context(context.to_string()),
+    }
+}
+
+/// Deploys the bundles of `path` stages and names them by `name@version` instead, so the
+/// broker can load them.
+async fn deploy_path_stages(
+    client: &Client,
+    p: &mut PipelineConfig,
+    base: &Path,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let admin = PluginAdmin::new(client.clone());
+    for stage in &mut p.stages {
+        let StagePlugin::Path(rel) = &stage.plugin else {
+            continue;
+        };
+        let path = base.join(rel);
+        let r = admin
+            .deploy_path(&path)
+            .await
+            .with_context(|| format!("cannot deploy the stage bundle {}", path.display()))?;
+        if !r.already_deployed {
+            writeln!(
+                out,
+                "deployed plugin {} from {}",
+                r.plugin.id(),
+                path.display()
+            )?;
+        }
+        stage.plugin = StagePlugin::Deployed {
+            name: r.plugin.name.clone(),
+            version: Some(r.plugin.version.clone()),
+        };
+    }
+    Ok(())
+}
+
+/// `pipeline run`: members in this process until Ctrl-C (or the pipeline fails).
+async fn run_here(global: &GlobalOpts, file: &Path, instances: u32) -> anyhow::Result<()> {
+    let p = PipelineConfig::load(file)?;
+    if instances == 0 {
+        anyhow::bail!("--instances must be at least 1");
+    }
+    let client = global.connect().await?;
+    let name = p.name.clone();
+    let group = p.group().to_string();
+    let d = Deployment::start(client, p, base_dir(file), instances, 0)
+        .await
+        .with_context(|| format!("cannot start pipeline {name}"))?;
+    eprintln!(
+        "pipeline {name} running with {instances} instance(s) in group {group}; Ctrl-C stops it"
+    );
+    let failed = tokio::select! {
+        r = d.wait() => r,
+        r = tokio::signal::ctrl_c() => {
+            r.context("cannot listen for Ctrl-C")?;
+            None
+        }
+        _ = sigterm() => None,
+    };
+    let s = d.status().await;
+    d.stop().await;
+    eprintln!(
+        "pipeline {name}: {} record(s) in, {} out, {} error(s), {} dead-lettered",
+        s.records_in, s.records_out, s.errors, s.dead_lettered
+    );
+    match failed {
+        Some(reason) => anyhow::bail!("pipeline {name} failed: {reason}"),
+        None => Ok(()),
+    }
+}
+
+async fn sigterm() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
+}
+
+fn status_table(out: &mut impl Write, s: &PipelineStatus) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "pipeline {}: {} ({}, group {})",
+        s.name, s.state, s.guarantee, s.group
+    )?;
+    writeln!(
+        out,
+        "records in {}, out {}, errors {}, dead-lettered {}, lag {}",
+        s.records_in, s.records_out, s.errors, s.dead_lettered, s.lag
+    )?;
+    writeln!(
+        out,
+        "throughput: {:.1} records/s in, {:.1} records/s out",
+        s.records_per_sec_in, s.records_per_sec_out
+    )?;
+    let rows: Vec<Vec<String>> = s
+        .instances
+        .iter()
+        .map(|i| vec![i.id.clone(), i.broker.to_string(), i.partitions.join(",")])
+        .collect();
+    output::table(out, &["INSTANCE", "BROKER", "PARTITIONS"], &rows)?;
+    Ok(())
+}
+
+/// `pipeline validate`'s table: what the file describes.
+fn describe_file(out: &mut impl Write, p: &PipelineConfig) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "pipeline {} is valid: group {}, {} instance(s), {}, on error {}",
+        p.name,
+        p.group(),
+        p.run.instances,
+        p.run.guarantee,
+        p.on_error.policy
+    )?;
+    writeln!(
+        out,
+        "source: {} (start {})",
+        p.source.topics.join(", "),
+        p.source.start
+    )?;
+    for (i, s) in p.stages.iter().enumerate() {
+        let what = match &s.plugin {
+            StagePlugin::Deployed { name, version } => match version {
+                Some(v) => format!("{name}@{v}"),
+                None => format!("{name} (highest version)"),
+            },
+            StagePlugin::Path(path) => format!("bundle {path}"),
+        };
+        writeln!(out, "stage {i}: {what} {:?}", s.config)?;
+    }
+    writeln!(out, "sink: {}", p.sink.topic)?;
+    for (name, topic) in &p.sinks {
+        writeln!(out, "sink {name}: {topic}")?;
+    }
+    if let Some(t) = &p.on_error.topic {
+        writeln!(out, "dead letters: {t}")?;
+    }
+    Ok(())
 }

@@ -18,7 +18,7 @@ use crate::metrics::Metrics;
 use crate::pipelines::{PipelineHost, PipelineSlot};
 use crate::plugin::PluginService;
 use crate::server::endpoint::{self, EndpointError};
-use crate::server::ServerContext;
+use crate::server::{ServerContext, ServerParts};
 use crate::tls::{self, TlsError};
 use crate::topic::{TopicMeta, TopicRegistry, PARTITION_META_TREE, TOPICS_TREE};
 
@@ -257,13 +257,15 @@ impl Broker {
         let config = Arc::new(config);
         let pipelines = PipelineSlot::default();
         let ctx = ServerContext::new(
-            config.clone(),
-            topics.clone(),
-            flusher.clone(),
-            metrics,
-            groups,
-            plugins,
-            pipelines.clone(),
+            ServerParts {
+                config: config.clone(),
+                topics: topics.clone(),
+                flusher: flusher.clone(),
+                metrics,
+                groups,
+                plugins,
+                pipelines: pipelines.clone(),
+            },
             stop_rx.clone(),
         );
         let accept_task = tokio::spawn(endpoint::accept_loop(endpoint.clone(), ctx.clone()));

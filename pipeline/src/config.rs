@@ -68,10 +68,12 @@ pub enum StagePlugin {
 }
 
 /// `[[stages]]` as written.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawStage {
+    #[serde(skip_serializing_if = "Option::is_none")]
     plugin: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     path: Option<String>,
     #[serde(default)]
     config: BTreeMap<String, String>,
@@ -158,7 +160,7 @@ impl Default for RunConfig {
 }
 
 /// The file as written (before cross-key checks).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPipeline {
     name: String,
@@ -316,6 +318,41 @@ impl PipelineConfig {
         })
     }
 
+    /// The pipeline as `pipeline.toml` text that [`PipelineConfig::parse`] reads back to
+    /// the same value (what `pipeline deploy` sends to the broker).
+    pub fn to_toml(&self) -> String {
+        let raw = RawPipeline {
+            name: self.name.clone(),
+            source: self.source.clone(),
+            stages: self
+                .stages
+                .iter()
+                .map(|s| {
+                    let (plugin, path) = match &s.plugin {
+                        StagePlugin::Deployed { name, version } => (
+                            Some(match version {
+                                Some(v) => format!("{name}@{v}"),
+                                None => name.clone(),
+                            }),
+                            None,
+                        ),
+                        StagePlugin::Path(p) => (None, Some(p.clone())),
+                    };
+                    RawStage {
+                        plugin,
+                        path,
+                        config: s.config.clone(),
+                    }
+                })
+                .collect(),
+            sink: self.sink.clone(),
+            sinks: self.sinks.clone(),
+            on_error: self.on_error.clone(),
+            run: self.run.clone(),
+        };
+        toml::to_string(&raw).expect("a checked pipeline always serializes")
+    }
+
     /// The consumer group the pipeline's instances join.
     pub fn group(&self) -> &str {
         self.source.group.as_deref().unwrap_or(&self.name)
@@ -426,6 +463,18 @@ fn line_of(text: &str, key: &str) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn to_toml_reads_back_to_the_same_pipeline() {
+        for text in [
+            include_str!("../../config/pipeline.toml"),
+            "name = \"p\"\n[source]\ntopics = [\"a\", \"b\"]\nstart = \"latest\"\ngroup = \"g\"\n[[stages]]\npath = \"x\"\n[[stages]]\nplugin = \"y\"\nconfig = { k = \"v\" }\n[sink]\ntopic = \"o\"\n[sinks]\nlong = \"l\"\n[on_error]\npolicy = \"skip\"\n",
+        ] {
+            let p = super::PipelineConfig::parse(text, "t").unwrap();
+            let back = super::PipelineConfig::parse(&p.to_toml(), "back").unwrap();
+            assert_eq!(back, p, "{}", p.to_toml());
+        }
+    }
+
     use super::*;
 
     const WORDCOUNT: &str = r#"

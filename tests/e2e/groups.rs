@@ -16,7 +16,7 @@ use quiver_protocol::requests::{CommitOffsetsRequest, OffsetCommit};
 use quiver_protocol::ErrorCode;
 use serde_json::Value;
 
-use super::harness::{bin, json_lines, unsafe_kill, TestBroker};
+use super::harness::{bin, describe_now, json_lines, settled, unsafe_kill, wait_for, TestBroker};
 
 /// A `quiver consume --group` process writing JSON lines to a file; killed on drop.
 struct Member {
@@ -87,36 +87,9 @@ impl Drop for Member {
     }
 }
 
-/// Polls `cond` every 100 ms until it holds; panics with `what` after `secs`.
-fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if cond() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out after {secs} s waiting for {what}");
-}
-
 fn describe(b: &TestBroker, group: &str) -> Value {
     serde_json::from_str(&b.cli_ok(&["group", "describe", group, "--output", "json"]))
         .expect("describe json")
-}
-
-/// The group's description, or `null` while it does not exist yet (members still joining).
-fn describe_now(b: &TestBroker, group: &str) -> Value {
-    let out = b.cli(&["group", "describe", group, "--output", "json"]);
-    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-}
-
-/// True when the group has `members` members, is stable, and every partition has an owner.
-fn settled(d: &Value, members: usize) -> bool {
-    d["members"].as_array().map_or(0, Vec::len) == members
-        && d["state"] == "stable"
-        && d["partitions"]
-            .as_array()
-            .is_some_and(|ps| ps.iter().all(|p| !p["owner"].is_null()))
 }
 
 fn produce_keyed(b: &TestBroker, topic: &str, from: u64, to: u64) {

@@ -273,3 +273,30 @@ pub fn json_lines(s: &str) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
         .collect()
 }
+
+/// Polls `cond` every 100 ms until it holds; panics with `what` after `secs`.
+pub fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out after {secs} s waiting for {what}");
+}
+
+/// The group's description, or `null` while it does not exist yet (members still joining).
+pub fn describe_now(b: &TestBroker, group: &str) -> serde_json::Value {
+    let out = b.cli(&["group", "describe", group, "--output", "json"]);
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// True when the group has `members` members, is stable, and every partition has an owner.
+pub fn settled(d: &serde_json::Value, members: usize) -> bool {
+    d["members"].as_array().map_or(0, Vec::len) == members
+        && d["state"] == "stable"
+        && d["partitions"]
+            .as_array()
+            .is_some_and(|ps| ps.iter().all(|p| !p["owner"].is_null()))
+}

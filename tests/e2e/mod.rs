@@ -10,6 +10,7 @@ mod crash_recovery_damage;
 mod forged_input;
 mod groups;
 mod hostile_input;
+mod pipelines;
 mod plugins;
 mod shutdown;
 mod topics_admin;

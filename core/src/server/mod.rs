@@ -46,18 +46,36 @@ pub struct ServerContext {
     idle: Notify,
 }
 
+/// The broker's parts a [`ServerContext`] is made of.
+pub struct ServerParts {
+    /// Broker config.
+    pub config: Arc<BrokerConfig>,
+    /// Topics and their partition logs.
+    pub topics: Arc<TopicRegistry>,
+    /// Group commit.
+    pub flusher: Arc<Flusher>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Consumer groups.
+    pub groups: Arc<GroupService>,
+    /// Deployed plugins.
+    pub plugins: Arc<PluginService>,
+    /// The slot of the pipeline host.
+    pub pipelines: PipelineSlot,
+}
+
 impl ServerContext {
     /// A context over the broker's parts.
-    pub fn new(
-        config: Arc<BrokerConfig>,
-        topics: Arc<TopicRegistry>,
-        flusher: Arc<Flusher>,
-        metrics: Arc<Metrics>,
-        groups: Arc<GroupService>,
-        plugins: Arc<PluginService>,
-        pipelines: PipelineSlot,
-        stopping: watch::Receiver<bool>,
-    ) -> Arc<ServerContext> {
+    pub fn new(parts: ServerParts, stopping: watch::Receiver<bool>) -> Arc<ServerContext> {
+        let ServerParts {
+            config,
+            topics,
+            flusher,
+            metrics,
+            groups,
+            plugins,
+            pipelines,
+        } = parts;
         Arc::new(ServerContext {
             config,
             topics,

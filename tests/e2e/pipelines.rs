@@ -1,0 +1,384 @@
+//! Pipelines end to end, with real processes: `quiver pipeline deploy` runs a pipeline inside
+//! the broker (dead letters with their error, `quiver.source` on every output, status with
+//! counters and lag, kept across a broker restart, `stop` leaves the group empty), and
+//! `quiver pipeline run` copies split the input partitions of one group, a fourth copy
+//! taking its share with nothing lost.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::harness::{bin, describe_now, json_lines, settled, unsafe_kill, wait_for, TestBroker};
+
+/// A Lua processor that refuses records whose value contains "bad" and upper-cases the rest.
+const PICKY: &str = r#"
+function process(record)
+  if string.find(record.value, "bad", 1, true) then error("refusing " .. record.value) end
+  return { key = record.key, value = string.upper(record.value) }
+end
+"#;
+
+fn write_picky(dir: &Path) {
+    let d = dir.join("picky");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(
+        d.join("plugin.toml"),
+        "name = \"picky\"\nversion = \"1.0.0\"\nkind = \"processor\"\nruntime = \"lua\"\nentry = \"picky.lua\"\n",
+    )
+    .unwrap();
+    std::fs::write(d.join("picky.lua"), PICKY).unwrap();
+}
+
+fn produce_lines(b: &TestBroker, topic: &str, lines: &[String]) {
+    let input = lines.join("\n") + "\n";
+    b.cli_stdin_ok(
+        &["produce", topic, "--key-separator", ":"],
+        input.as_bytes(),
+    );
+}
+
+/// Every record of `topic` (up to `n`), as JSON.
+fn read_topic(b: &TestBroker, topic: &str, n: usize) -> Vec<Value> {
+    json_lines(&b.cli_ok(&[
+        "consume",
+        topic,
+        "--from-beginning",
+        "--max-messages",
+        &n.to_string(),
+        "--output",
+        "json",
+    ]))
+}
+
+fn status(b: &TestBroker, name: &str) -> Value {
+    serde_json::from_str(&b.cli_ok(&["pipeline", "status", name, "--output", "json"]))
+        .expect("status json")
+}
+
+fn header<'a>(r: &'a Value, name: &str) -> &'a str {
+    r["headers"][name]
+        .as_str()
+        .unwrap_or_else(|| panic!("record has no header {name}: {r}"))
+}
+
+/// The input record a `quiver.source` header points at must hold `value` (before the stage).
+fn source_value(inputs: &BTreeMap<String, String>, r: &Value) -> String {
+    inputs
+        .get(header(r, "quiver.source"))
+        .unwrap_or_else(|| panic!("quiver.source of {r} names no input record"))
+        .clone()
+}
+
+/// `topic/partition/offset` → value of every record of `topic`.
+fn by_position(records: &[Value]) -> BTreeMap<String, String> {
+    records
+        .iter()
+        .map(|r| {
+            (
+                format!(
+                    "{}/{}/{}",
+                    r["topic"].as_str().unwrap(),
+                    r["partition"],
+                    r["offset"]
+                ),
+                r["value"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn deployed_pipeline_dead_letters_failures_reports_status_survives_a_restart_and_stops() {
+    let mut b = TestBroker::start();
+    let dir = tempfile::tempdir().unwrap();
+    write_picky(dir.path());
+    for (t, n) in [("in", "3"), ("out", "3"), ("dlq", "1")] {
+        b.cli_ok(&["topic", "create", t, "--partitions", n]);
+    }
+    let lines: Vec<String> = (1..=1000)
+        .map(|i| {
+            if i % 50 == 0 {
+                format!("k{i}:bad{i}")
+            } else {
+                format!("k{i}:v{i}")
+            }
+        })
+        .collect();
+    produce_lines(&b, "in", &lines);
+    let file = dir.path().join("upper.toml");
+    std::fs::write(
+        &file,
+        "name = \"upper\"\n[source]\ntopics = [\"in\"]\n[[stages]]\npath = \"picky\"\n[sink]\ntopic = \"out\"\n[on_error]\npolicy = \"dead-letter\"\ntopic = \"dlq\"\n[run]\ninstances = 2\n",
+    )
+    .unwrap();
+    let out = b.cli_ok(&["pipeline", "deploy", file.to_str().unwrap()]);
+    assert!(out.contains("deployed pipeline upper"), "{out}");
+    wait_for(60, "the pipeline to process 1,000 records", || {
+        let s = status(&b, "upper");
+        s["records_in"] == 1000 && s["lag"] == 0
+    });
+    let s = status(&b, "upper");
+    for field in [
+        "name",
+        "state",
+        "guarantee",
+        "instances",
+        "records_in",
+        "records_out",
+        "records_per_sec_in",
+        "records_per_sec_out",
+        "lag",
+        "errors",
+        "dead_lettered",
+    ] {
+        assert!(!s[field].is_null(), "status lacks {field}: {s}");
+    }
+    assert_eq!(s["state"], "running");
+    assert_eq!(s["guarantee"], "at-least-once");
+    assert_eq!(
+        (&s["records_out"], &s["errors"], &s["dead_lettered"]),
+        (&Value::from(980), &Value::from(20), &Value::from(20)),
+        "{s}"
+    );
+    let instances = s["instances"].as_array().unwrap();
+    assert_eq!(instances.len(), 2, "{s}");
+    let owned: BTreeSet<&str> = instances
+        .iter()
+        .flat_map(|i| i["partitions"].as_array().unwrap())
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert_eq!(owned, BTreeSet::from(["in/0", "in/1", "in/2"]), "{s}");
+
+    let inputs = by_position(&read_topic(&b, "in", 1000));
+    let sink = read_topic(&b, "out", 980);
+    assert_eq!(sink.len(), 980);
+    for r in &sink {
+        let original = source_value(&inputs, r);
+        assert_eq!(r["value"].as_str().unwrap(), original.to_uppercase(), "{r}");
+    }
+    let dead = read_topic(&b, "dlq", 20);
+    assert_eq!(dead.len(), 20);
+    for r in &dead {
+        let v = r["value"].as_str().unwrap();
+        assert!(v.starts_with("bad"), "{r}");
+        assert_eq!(source_value(&inputs, r), v);
+        assert!(
+            header(r, "quiver.error").contains(&format!("refusing {v}")),
+            "{r}"
+        );
+        assert_eq!(header(r, "quiver.stage"), "0:picky@1.0.0");
+    }
+
+    // A restart: the pipeline comes back by itself and goes on from its commits.
+    b.terminate();
+    b.spawn();
+    let more: Vec<String> = (1001..=1100).map(|i| format!("k{i}:v{i}")).collect();
+    produce_lines(&b, "in", &more);
+    wait_for(
+        60,
+        "the resumed pipeline to process 100 new records",
+        || {
+            let out = b.cli(&["pipeline", "status", "upper", "--output", "json"]);
+            serde_json::from_slice::<Value>(&out.stdout)
+                .is_ok_and(|s| s["records_in"] == 100 && s["lag"] == 0)
+        },
+    );
+    let sink = read_topic(&b, "out", 1080);
+    let values: BTreeSet<&str> = sink.iter().map(|r| r["value"].as_str().unwrap()).collect();
+    assert_eq!(sink.len(), 1080, "a clean restart writes nothing twice");
+    assert_eq!(values.len(), 1080);
+
+    let list = b.cli_ok(&["pipeline", "list"]);
+    assert!(list.contains("upper") && list.contains("running"), "{list}");
+    let stopped = b.cli_ok(&["pipeline", "stop", "upper"]);
+    assert!(stopped.contains("2 instance"), "{stopped}");
+    wait_for(20, "the group to have no members", || {
+        describe_now(&b, "upper")["members"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
+    let err = b.cli_err(&["pipeline", "status", "upper"], None);
+    assert!(err.contains("no pipeline named \"upper\""), "{err}");
+    // Stopped means forgotten: it does not come back with the broker.
+    b.terminate();
+    b.spawn();
+    let list = b.cli_ok(&["pipeline", "list", "--output", "json"]);
+    assert_eq!(list.trim(), "[]");
+}
+
+#[test]
+fn bad_deploys_are_refused_with_the_reason_and_a_stop_policy_failure_shows_in_the_status() {
+    let b = TestBroker::start();
+    let dir = tempfile::tempdir().unwrap();
+    write_picky(dir.path());
+    for t in ["src", "dst"] {
+        b.cli_ok(&["topic", "create", t, "--partitions", "1"]);
+    }
+    let write = |name: &str, extra: &str| {
+        let f = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &f,
+            format!(
+                "name = \"{name}\"\n[source]\ntopics = [\"src\"]\n{extra}[sink]\ntopic = \"dst\"\n"
+            ),
+        )
+        .unwrap();
+        f
+    };
+    let f = write("eo", "[run]\nguarantee = \"exactly-once\"\n");
+    let err = b.cli_err(&["pipeline", "deploy", f.to_str().unwrap()], None);
+    assert!(err.contains("exactly-once"), "{err}");
+    let f = write("ghost", "[[stages]]\nplugin = \"ghost@1.0.0\"\n");
+    let err = b.cli_err(&["pipeline", "deploy", f.to_str().unwrap()], None);
+    assert!(err.contains("ghost"), "{err}");
+    let f = write("typo", "colour = \"blue\"\n");
+    let err = b.cli_err(&["pipeline", "deploy", f.to_str().unwrap()], None);
+    assert!(err.contains("colour"), "{err}");
+    let list = b.cli_ok(&["pipeline", "list", "--output", "json"]);
+    assert_eq!(list.trim(), "[]", "a refused deploy leaves nothing behind");
+
+    // Policy "stop": the failing record stops the pipeline, and its offset is not committed.
+    produce_lines(&b, "src", &["a:ok1".into(), "b:bad".into(), "c:ok2".into()]);
+    let f = write("strict", "[[stages]]\npath = \"picky\"\n");
+    b.cli_ok(&["pipeline", "deploy", f.to_str().unwrap()]);
+    wait_for(30, "the pipeline to fail", || {
+        status(&b, "strict")["state"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("failed:") && s.contains("refusing bad"))
+    });
+    let s = status(&b, "strict");
+    assert_eq!(s["instances"].as_array().unwrap().len(), 0, "{s}");
+    // The failing record and everything after it stay uncommitted and unwritten (a record
+    // before it may have come in an earlier poll and been committed).
+    let lag = s["lag"].as_i64().unwrap();
+    assert!(lag >= 2, "the failed record is not committed: {s}");
+    assert_eq!(
+        b.total_log_end("dst"),
+        3 - lag,
+        "only committed input was written"
+    );
+    b.cli_ok(&["pipeline", "stop", "strict"]);
+}
+
+/// A `quiver pipeline run FILE` process; killed on drop.
+struct Runner(Child);
+
+impl Runner {
+    fn spawn(b: &TestBroker, file: &Path, log: &Path) -> Runner {
+        let child = Command::new(bin())
+            .arg("--bootstrap")
+            .arg(b.addr())
+            .arg("--ca")
+            .arg(b.ca())
+            .args(["pipeline", "run"])
+            .arg(file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .expect("spawn pipeline run");
+        Runner(child)
+    }
+
+    /// SIGTERM: commits what it finished, leaves the group, exits 0.
+    fn stop(&mut self) -> bool {
+        unsafe_kill(self.0.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Members and the partitions each owns, from `group describe`.
+fn owners(d: &Value) -> Vec<BTreeSet<u64>> {
+    d["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            m["assigned"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|tp| tp["partition"].as_u64().unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn pipeline_run_copies_split_the_partitions_and_a_fourth_takes_its_share_losing_nothing() {
+    let b = TestBroker::start();
+    let dir = tempfile::tempdir().unwrap();
+    b.cli_ok(&["topic", "create", "lines", "--partitions", "6"]);
+    b.cli_ok(&["topic", "create", "copies", "--partitions", "2"]);
+    let file = dir.path().join("copy.toml");
+    std::fs::write(
+        &file,
+        "name = \"copy\"\n[source]\ntopics = [\"lines\"]\n[sink]\ntopic = \"copies\"\n",
+    )
+    .unwrap();
+    let mut runners: Vec<Runner> = (0..3)
+        .map(|i| Runner::spawn(&b, &file, &dir.path().join(format!("run{i}.log"))))
+        .collect();
+    wait_for(60, "three copies to share the six partitions", || {
+        settled(&describe_now(&b, "copy"), 3)
+    });
+    let d = describe_now(&b, "copy");
+    let split = owners(&d);
+    assert!(
+        split.iter().all(|p| p.len() == 2),
+        "each copy reads 2 of 6: {d}"
+    );
+    let all: BTreeSet<u64> = split.iter().flatten().copied().collect();
+    assert_eq!(all.len(), 6, "each partition is read by one copy: {d}");
+
+    let first: Vec<String> = (0..600).map(|i| format!("k{i}:v{i}")).collect();
+    produce_lines(&b, "lines", &first);
+    wait_for(60, "the first 600 records in the sink", || {
+        b.total_log_end("copies") >= 600
+    });
+    runners.push(Runner::spawn(&b, &file, &dir.path().join("run3.log")));
+    wait_for(60, "four copies to share the partitions", || {
+        let d = describe_now(&b, "copy");
+        settled(&d, 4) && owners(&d).iter().all(|p| !p.is_empty())
+    });
+    let second: Vec<String> = (600..1200).map(|i| format!("k{i}:v{i}")).collect();
+    produce_lines(&b, "lines", &second);
+    wait_for(60, "all 1,200 records in the sink", || {
+        b.total_log_end("copies") >= 1200
+    });
+    for r in &mut runners {
+        assert!(r.stop(), "pipeline run exits cleanly on SIGTERM");
+    }
+    let d = describe_now(&b, "copy");
+    assert!(d["members"].as_array().unwrap().is_empty(), "{d}");
+    assert!(
+        d["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["lag"] == 0),
+        "every input committed: {d}"
+    );
+    let inputs = by_position(&read_topic(&b, "lines", 1200));
+    let sink = read_topic(&b, "copies", b.total_log_end("copies") as usize);
+    let seen: BTreeSet<String> = sink.iter().map(|r| source_value(&inputs, r)).collect();
+    let expected: BTreeSet<String> = (0..1200).map(|i| format!("v{i}")).collect();
+    assert_eq!(seen, expected, "every input reached the sink");
+}
