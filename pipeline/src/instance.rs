@@ -6,6 +6,10 @@
 //! its writes were acknowledged; a failure makes the instance join again and resume from
 //! the last commit.
 //!
+//! Each input partition's stages keep keyed state that is written to the pipeline's changelog
+//! with the output and restored by the partition's next owner (see [`crate::changelog`]); the
+//! committed offset carries where that state is.
+//!
 //! Output records carry `quiver.source` = `topic/partition/offset` of their input record. A
 //! stage routes a record to a named output of `[sinks]` with the header `quiver.sink = NAME`
 //! (removed before writing). Dead letters carry `quiver.error`, `quiver.stage` and
@@ -23,6 +27,7 @@ use quiver_client::{
 use quiver_plugins::{HostLimits, Record};
 use tokio::sync::watch;
 
+use crate::changelog::{ensure_changelog, PartitionState};
 use crate::error::RuntimeError;
 use crate::metrics::PipelineMetrics;
 use crate::stages::{ChainOutput, LoadedStage, PartitionChain};
@@ -92,14 +97,23 @@ pub async fn run_instance(
     group.commit_on_revoke = true;
     let mut member = GroupConsumer::join(client.clone(), group).await?;
     let producer = Producer::new(
-        client,
+        client.clone(),
         ProducerConfig {
             acks: Acks::All,
             linger: Duration::from_millis(2),
             ..ProducerConfig::default()
         },
     );
-    let mut chains: BTreeMap<TopicPartition, PartitionChain> = BTreeMap::new();
+    let changelog = if plan.stages.is_empty() {
+        None
+    } else {
+        let mut most = 1;
+        for t in &cfg.source.topics {
+            most = most.max(client.partition_count(t).await?);
+        }
+        Some(ensure_changelog(&client, &cfg.name, most).await?)
+    };
+    let mut chains: BTreeMap<TopicPartition, PartitionRun> = BTreeMap::new();
     let result = loop {
         if *stop.borrow() {
             break Ok(());
@@ -114,14 +128,32 @@ pub async fn run_instance(
         };
         let owned = member.assignment();
         view.set(&owned);
-        if let Err(e) = sync_chains(&plan, &owned, &mut chains) {
+        if let Err(e) = sync_chains(
+            &plan,
+            &client,
+            &producer,
+            changelog,
+            &mut member,
+            &mut chains,
+        )
+        .await
+        {
             break Err(e);
         }
         if records.is_empty() {
+            if let Err(e) = keep_snapshots_fresh(&producer, &mut member, &mut chains).await {
+                break Err(e);
+            }
             continue;
         }
         let firsts = first_offsets(&records);
-        match process_poll(&plan, &producer, &mut chains, records).await {
+        let done = match process_poll(&plan, &producer, &mut chains, records).await {
+            Ok((counts, written)) => note_state(&producer, &mut member, &mut chains, written)
+                .await
+                .map(|()| counts),
+            Err(e) => Err(e),
+        };
+        match done {
             Ok(counts) => {
                 if let Err(e) = member.commit().await {
                     break Err(e.into());
@@ -151,30 +183,87 @@ pub async fn run_instance(
     result
 }
 
-/// Builds chains for newly owned partitions and drops those of partitions given away.
-fn sync_chains(
+/// The stages of one owned input partition and their state.
+struct PartitionRun {
+    chain: PartitionChain,
+    /// `None` for a pipeline without stages (nothing to keep).
+    state: Option<PartitionState>,
+}
+
+/// Builds the stages of newly owned partitions (restoring their state from the changelog
+/// position their committed offset names) and drops those of partitions given away.
+async fn sync_chains(
     plan: &Plan,
-    owned: &[TopicPartition],
-    chains: &mut BTreeMap<TopicPartition, PartitionChain>,
+    client: &Client,
+    producer: &Producer,
+    changelog: Option<u32>,
+    member: &mut GroupConsumer,
+    chains: &mut BTreeMap<TopicPartition, PartitionRun>,
 ) -> Result<(), RuntimeError> {
+    let owned = member.assignment();
     let now: BTreeSet<&TopicPartition> = owned.iter().collect();
     chains.retain(|tp, _| now.contains(tp));
-    for tp in owned {
+    for tp in &owned {
         if chains.contains_key(tp) {
             continue;
         }
+        let (stores, state) = match changelog {
+            Some(partitions) => {
+                let meta = member.committed_metadata(&tp.topic, tp.partition);
+                let state = PartitionState::restore(
+                    client,
+                    producer,
+                    &plan.config.name,
+                    plan.stages.len(),
+                    tp,
+                    partitions,
+                    meta.as_deref(),
+                )
+                .await?;
+                member.set_commit_metadata(&tp.topic, tp.partition, state.metadata());
+                (state.stores.clone(), Some(state))
+            }
+            None => (Vec::new(), None),
+        };
         let chain = PartitionChain::build(
-            &plan.config.name,
             &plan.stages,
-            &tp.topic,
-            tp.partition,
+            &stores,
             &plan.limits,
             plan.config.on_error.policy,
         )
         .map_err(|e| RuntimeError::Failed(format!("cannot build the stages: {e}")))?;
-        chains.insert(tp.clone(), chain);
+        chains.insert(tp.clone(), PartitionRun { chain, state });
     }
     Ok(())
+}
+
+/// After a poll's writes were acknowledged: records where each partition's state now ends
+/// (re-snapshotting where due) in the metadata of the coming commit.
+async fn note_state(
+    producer: &Producer,
+    member: &mut GroupConsumer,
+    chains: &mut BTreeMap<TopicPartition, PartitionRun>,
+    written: Vec<(TopicPartition, Option<i64>)>,
+) -> Result<(), RuntimeError> {
+    for (tp, last) in written {
+        if let Some(state) = chains.get_mut(&tp).and_then(|r| r.state.as_mut()) {
+            state.written(last, producer).await?;
+            member.set_commit_metadata(&tp.topic, tp.partition, state.metadata());
+        }
+    }
+    Ok(())
+}
+
+/// On an idle poll: snapshots that grew old are rewritten, so retention never reaches the
+/// one a commit points at.
+async fn keep_snapshots_fresh(
+    producer: &Producer,
+    member: &mut GroupConsumer,
+    chains: &mut BTreeMap<TopicPartition, PartitionRun>,
+) -> Result<(), RuntimeError> {
+    let all: Vec<(TopicPartition, Option<i64>)> =
+        chains.keys().map(|tp| (tp.clone(), None)).collect();
+    note_state(producer, member, chains, all).await
 }
 
 fn first_offsets(records: &[ConsumedRecord]) -> BTreeMap<TopicPartition, i64> {
@@ -198,12 +287,13 @@ struct PollCounts {
 
 /// Runs one poll's records through their partitions' chains, writes the results and waits
 /// for every acknowledgement.
+/// Returns the counts and, per partition, the changelog offset of its last state change.
 async fn process_poll(
     plan: &Arc<Plan>,
     producer: &Producer,
-    chains: &mut BTreeMap<TopicPartition, PartitionChain>,
+    chains: &mut BTreeMap<TopicPartition, PartitionRun>,
     records: Vec<ConsumedRecord>,
-) -> Result<PollCounts, RuntimeError> {
+) -> Result<(PollCounts, Vec<(TopicPartition, Option<i64>)>), RuntimeError> {
     let mut counts = PollCounts {
         input: records.len() as u64,
         ..PollCounts::default()
@@ -216,7 +306,7 @@ async fn process_poll(
             .push(to_plugin_record(r));
     }
     // Plugin calls block: move the chains that have work to a blocking thread and back.
-    let mut work: Vec<(TopicPartition, PartitionChain, Vec<Record>)> = Vec::new();
+    let mut work: Vec<(TopicPartition, PartitionRun, Vec<Record>)> = Vec::new();
     for (tp, recs) in by_partition {
         let chain = chains.remove(&tp).ok_or_else(|| {
             RuntimeError::Failed(format!("no stages for {}/{}", tp.topic, tp.partition))
@@ -225,13 +315,13 @@ async fn process_poll(
     }
     let done = tokio::task::spawn_blocking(move || {
         work.into_iter()
-            .map(|(tp, mut chain, recs)| {
+            .map(|(tp, mut run, recs)| {
                 let range = (
                     recs.first().map_or(0, |r| r.offset),
                     recs.last().map_or(0, |r| r.offset),
                 );
-                let out = chain.process(recs);
-                (tp, chain, range, out)
+                let out = run.chain.process(recs);
+                (tp, run, range, out)
             })
             .collect::<Vec<_>>()
     })
@@ -240,8 +330,8 @@ async fn process_poll(
     let mut deliveries: Vec<DeliveryFuture> = Vec::new();
     let mut fatal = None;
     let mut outputs = Vec::new();
-    for (tp, chain, range, out) in done {
-        chains.insert(tp.clone(), chain);
+    for (tp, run, range, out) in done {
+        chains.insert(tp.clone(), run);
         if let Some(f) = &out.fatal {
             fatal.get_or_insert_with(|| format!("{}/{}: {f}", tp.topic, tp.partition));
         }
@@ -251,7 +341,11 @@ async fn process_poll(
         return Err(RuntimeError::Failed(f));
     }
     let cfg = &plan.config;
+    let mut state_writes: Vec<(TopicPartition, Vec<DeliveryFuture>)> = Vec::new();
     for (tp, range, out) in outputs {
+        if let Some(state) = chains.get_mut(&tp).and_then(|r| r.state.as_mut()) {
+            state_writes.push((tp.clone(), state.send_changes(producer).await?));
+        }
         let ChainOutput {
             records, failed, ..
         } = out;
@@ -294,7 +388,15 @@ async fn process_poll(
     for d in deliveries {
         d.await?;
     }
-    Ok(counts)
+    let mut written = Vec::with_capacity(state_writes.len());
+    for (tp, writes) in state_writes {
+        let mut last = None;
+        for d in writes {
+            last = Some(d.await?.offset);
+        }
+        written.push((tp, last));
+    }
+    Ok((counts, written))
 }
 
 fn source_of(tp: &TopicPartition, offset: i64) -> String {

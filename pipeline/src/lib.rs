@@ -12,6 +12,7 @@
 //! `quiver pipeline run` (in the CLI process) and `quiver pipeline deploy` (inside brokers)
 //! share the same [`Deployment`].
 
+pub mod changelog;
 pub mod config;
 pub mod deployment;
 pub mod error;

@@ -74,6 +74,23 @@ pub async fn load_stages(
     Ok(stages)
 }
 
+/// Empty state stores for every stage of `pipeline` reading `topic`/`partition`.
+pub fn fresh_stores(
+    pipeline: &str,
+    stages: usize,
+    topic: &str,
+    partition: u32,
+) -> Vec<Arc<MemoryStateStore>> {
+    (0..stages)
+        .map(|i| {
+            Arc::new(MemoryStateStore::new(
+                StateScope::new(pipeline, i as u32, topic, partition as i32),
+                DEFAULT_STATE_LIMIT_BYTES,
+            ))
+        })
+        .collect()
+}
+
 /// A record a stage failed on.
 #[derive(Debug, Clone)]
 pub struct Failure {
@@ -111,20 +128,17 @@ pub struct PartitionChain {
 }
 
 impl PartitionChain {
-    /// Builds every stage for `topic`/`partition` of `pipeline`, each with a fresh state
-    /// store scoped to (pipeline, stage, topic, partition).
+    /// Builds every stage of one input partition, stage `i` keeping its state in
+    /// `stores[i]` (see [`fresh_stores`]).
     pub fn build(
-        pipeline: &str,
         stages: &[LoadedStage],
-        topic: &str,
-        partition: u32,
+        stores: &[Arc<MemoryStateStore>],
         limits: &HostLimits,
         policy: ErrorPolicy,
     ) -> Result<PartitionChain, PluginError> {
         let mut built = Vec::with_capacity(stages.len());
-        for (i, s) in stages.iter().enumerate() {
-            let scope = StateScope::new(pipeline, i as u32, topic, partition as i32);
-            let store = Arc::new(MemoryStateStore::new(scope, DEFAULT_STATE_LIMIT_BYTES));
+        for (s, store) in stages.iter().zip(stores) {
+            let store: Arc<dyn quiver_plugins::StateStore> = store.clone();
             let mut config = PluginConfig::new(s.bundle.clone())
                 .limits(limits.clone())
                 .state(store);
@@ -223,10 +237,8 @@ end
 
     fn chain(policy: ErrorPolicy) -> PartitionChain {
         PartitionChain::build(
-            "p",
             &[lua_stage(PICKY)],
-            "in",
-            0,
+            &fresh_stores("p", 1, "in", 0),
             &HostLimits::default(),
             policy,
         )
@@ -273,8 +285,7 @@ end
     #[test]
     fn no_stage_copies_records() {
         let mut c =
-            PartitionChain::build("p", &[], "in", 0, &HostLimits::default(), ErrorPolicy::Stop)
-                .unwrap();
+            PartitionChain::build(&[], &[], &HostLimits::default(), ErrorPolicy::Stop).unwrap();
         let out = c.process(records(&["x", "y"]));
         assert_eq!(out.records.len(), 2);
     }

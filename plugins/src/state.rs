@@ -182,6 +182,23 @@ impl MemoryStateStore {
         Ok(())
     }
 
+    /// Every key and value held, in key order (what a snapshot writes).
+    pub fn entries(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let inner = self.lock();
+        let mut all: Vec<(Vec<u8>, Vec<u8>)> = inner
+            .map
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        all.sort();
+        all
+    }
+
+    /// Bytes of keys and values held.
+    pub fn used_bytes(&self) -> usize {
+        self.lock().used
+    }
+
     /// Number of keys held.
     pub fn len(&self) -> usize {
         self.lock().map.len()

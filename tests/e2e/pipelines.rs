@@ -382,3 +382,86 @@ fn pipeline_run_copies_split_the_partitions_and_a_fourth_takes_its_share_losing_
     let expected: BTreeSet<String> = (0..1200).map(|i| format!("v{i}")).collect();
     assert_eq!(seen, expected, "every input reached the sink");
 }
+
+/// The latest output value per key, reading each partition in order (a key's outputs all
+/// land in one partition).
+fn latest_per_key(records: &[Value]) -> BTreeMap<String, u64> {
+    let mut sorted: Vec<&Value> = records.iter().collect();
+    sorted.sort_by_key(|r| (r["partition"].as_u64(), r["offset"].as_i64()));
+    sorted
+        .into_iter()
+        .map(|r| {
+            (
+                r["key"].as_str().unwrap().to_string(),
+                r["value"].as_str().unwrap().parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn keyed_counts_survive_a_killed_instance_at_least_once() {
+    let b = TestBroker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let count = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/plugins/count");
+    b.cli_ok(&["plugin", "deploy", count.to_str().unwrap()]);
+    b.cli_ok(&["topic", "create", "words", "--partitions", "6"]);
+    b.cli_ok(&["topic", "create", "counts", "--partitions", "3"]);
+    let file = dir.path().join("wc.toml");
+    std::fs::write(
+        &file,
+        "name = \"wc\"\n[source]\ntopics = [\"words\"]\n[[stages]]\nplugin = \"count@1.0.0\"\n[sink]\ntopic = \"counts\"\n[run]\nguarantee = \"at-least-once\"\n",
+    )
+    .unwrap();
+    // 100 words; word w appears (w % 7 + 1) times per round.
+    let round = |r: usize| -> Vec<String> {
+        (0..100)
+            .flat_map(|w| (0..(w % 7 + 1)).map(move |i| format!("w{w}:w{w} r{r} {i}")))
+            .collect()
+    };
+    let mut truth: BTreeMap<String, u64> = BTreeMap::new();
+    let mut runners: Vec<Runner> = (0..3)
+        .map(|i| Runner::spawn(&b, &file, &dir.path().join(format!("wc{i}.log"))))
+        .collect();
+    wait_for(60, "three instances", || {
+        settled(&describe_now(&b, "wc"), 3)
+    });
+    for r in 0..20 {
+        let lines = round(r);
+        for l in &lines {
+            *truth
+                .entry(l.split(':').next().unwrap().to_string())
+                .or_default() += 1;
+        }
+        produce_lines(&b, "words", &lines);
+        if r == 9 {
+            // Mid-run: one instance dies without a chance to commit; another joins.
+            wait_for(60, "some output", || b.total_log_end("counts") > 0);
+            let mut dead = runners.remove(0);
+            let _ = dead.0.kill();
+            let _ = dead.0.wait();
+            runners.push(Runner::spawn(&b, &file, &dir.path().join("wc3.log")));
+        }
+    }
+    let total: u64 = truth.values().sum();
+    wait_for(120, "every word counted", || {
+        let d = describe_now(&b, "wc");
+        d["partitions"]
+            .as_array()
+            .is_some_and(|ps| ps.len() == 6 && ps.iter().all(|p| p["lag"] == 0))
+            && b.total_log_end("counts") >= total as i64
+    });
+    for r in &mut runners {
+        assert!(r.stop());
+    }
+    let out = read_topic(&b, "counts", b.total_log_end("counts") as usize);
+    let latest = latest_per_key(&out);
+    assert_eq!(latest.len(), 100, "every word has a count");
+    for (word, n) in &truth {
+        let got = latest[word];
+        assert!(
+            got >= *n,
+            "{word}: latest count {got} < true count {n} (state lost)"
+        );
+    }
+}

@@ -215,6 +215,10 @@ pub struct GroupConsumer {
     positions: BTreeMap<TopicPartition, i64>,
     /// Last committed offset, per partition.
     committed: BTreeMap<TopicPartition, i64>,
+    /// Metadata stored with the last committed offset, per partition.
+    committed_metadata: BTreeMap<TopicPartition, String>,
+    /// Metadata to store with the next commit of a partition.
+    pending_metadata: BTreeMap<TopicPartition, String>,
     incarnation: u64,
     reset: AutoOffsetReset,
     listener: Option<Box<dyn RebalanceListener>>,
@@ -288,6 +292,8 @@ impl GroupConsumer {
             owned: BTreeSet::new(),
             positions: BTreeMap::new(),
             committed: BTreeMap::new(),
+            committed_metadata: BTreeMap::new(),
+            pending_metadata: BTreeMap::new(),
             incarnation: 0,
             reset: resp.auto_offset_reset,
             listener: None,
@@ -319,6 +325,21 @@ impl GroupConsumer {
     /// The next offset after the records handed out, per partition.
     pub fn positions(&self) -> BTreeMap<TopicPartition, i64> {
         self.positions.clone()
+    }
+
+    /// The metadata stored with the committed offset of a partition this member owns (as
+    /// found when the partition was granted, or as last committed by this member).
+    pub fn committed_metadata(&self, topic: &str, partition: u32) -> Option<String> {
+        self.committed_metadata
+            .get(&TopicPartition::new(topic, partition))
+            .cloned()
+    }
+
+    /// Stores `metadata` with the next commit of `topic`/`partition` (committed even when
+    /// the position did not move, once the partition has a position).
+    pub fn set_commit_metadata(&mut self, topic: &str, partition: u32, metadata: String) {
+        self.pending_metadata
+            .insert(TopicPartition::new(topic, partition), metadata);
     }
 
     /// Treats records of `topic`/`partition` from `offset` on as not consumed: the next
@@ -412,14 +433,17 @@ impl GroupConsumer {
                 partitions: Some(granted.clone()),
             };
             let (resp, _) = self.client.request(&req, Bytes::new()).await?;
-            let committed: BTreeMap<TopicPartition, i64> = resp
-                .offsets
-                .into_iter()
-                .filter_map(|o| {
-                    o.offset
-                        .map(|off| (TopicPartition::new(o.topic, o.partition), off))
-                })
-                .collect();
+            let mut committed: BTreeMap<TopicPartition, i64> = BTreeMap::new();
+            for o in resp.offsets {
+                let tp = TopicPartition::new(o.topic, o.partition);
+                if let Some(off) = o.offset {
+                    committed.insert(tp.clone(), off);
+                }
+                match o.metadata {
+                    Some(m) => self.committed_metadata.insert(tp, m),
+                    None => self.committed_metadata.remove(&tp),
+                };
+            }
             for tp in &granted {
                 self.consumer.assign(&tp.topic, [tp.partition]).await?;
                 let known = committed.get(tp).copied();
@@ -445,6 +469,8 @@ impl GroupConsumer {
             self.owned.remove(tp);
             self.positions.remove(tp);
             self.committed.remove(tp);
+            self.committed_metadata.remove(tp);
+            self.pending_metadata.remove(tp);
         }
     }
 
@@ -536,8 +562,7 @@ impl GroupConsumer {
     pub fn commit_async(&mut self) -> JoinHandle<Result<u32>> {
         let offsets = self.pending_commits(&self.owned.iter().cloned().collect::<Vec<_>>());
         for o in &offsets {
-            self.committed
-                .insert(TopicPartition::new(o.topic.clone(), o.partition), o.offset);
+            self.note_committed(o);
         }
         self.last_commit = Instant::now();
         let (client, link, group) = (
@@ -552,14 +577,26 @@ impl GroupConsumer {
         tps.iter()
             .filter_map(|tp| {
                 let pos = *self.positions.get(tp)?;
-                (self.committed.get(tp) != Some(&pos)).then(|| OffsetCommit {
+                let metadata = self.pending_metadata.get(tp).cloned();
+                (self.committed.get(tp) != Some(&pos) || metadata.is_some()).then(|| OffsetCommit {
                     topic: tp.topic.clone(),
                     partition: tp.partition,
                     offset: pos,
-                    metadata: None,
+                    metadata: metadata.or_else(|| self.committed_metadata.get(tp).cloned()),
                 })
             })
             .collect()
+    }
+
+    fn note_committed(&mut self, o: &OffsetCommit) {
+        let tp = TopicPartition::new(o.topic.clone(), o.partition);
+        self.committed.insert(tp.clone(), o.offset);
+        if let Some(m) = &o.metadata {
+            if self.pending_metadata.get(&tp) == Some(m) {
+                self.pending_metadata.remove(&tp);
+            }
+            self.committed_metadata.insert(tp, m.clone());
+        }
     }
 
     async fn commit_partitions(&mut self, tps: &[TopicPartition]) -> Result<u32> {
@@ -575,9 +612,8 @@ impl GroupConsumer {
             offsets.clone(),
         )
         .await?;
-        for o in offsets {
-            self.committed
-                .insert(TopicPartition::new(o.topic, o.partition), o.offset);
+        for o in &offsets {
+            self.note_committed(o);
         }
         Ok(n)
     }

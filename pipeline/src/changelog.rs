@@ -1,0 +1,368 @@
+//! Keyed state that moves with its input partition: every change a stage makes is written to
+//! the pipeline's changelog topic `quiver.state.<pipeline>` (one changelog partition per input
+//! partition number), and the commit of the input offset carries a [`StateMark`] saying which
+//! changelog range holds the state as of that offset. Whoever owns the partition next reads
+//! exactly that range back, so state and committed input agree even after a crash.
+//!
+//! Restore time grows with the state, not with its history: on taking a partition an owner
+//! writes a snapshot of the whole state under a fresh epoch (a marker record, then every key),
+//! and writes a new snapshot whenever the changes since the last one outgrow the state. A
+//! mark names its epoch: records of any other epoch in the range — a crashed attempt's, or a
+//! fenced owner's still in flight — are ignored on restore.
+//!
+//! Changelog records: key = stage index (u32, big endian) then the state key; value = the
+//! new value; headers `quiver.state.epoch`, `quiver.state.scope` (`topic/partition` of the
+//! input), and `quiver.state.delete` for a deleted key. The snapshot marker has an empty key
+//! and the header `quiver.state.snapshot`.
+
+use std::collections::hash_map::RandomState;
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use quiver_client::{
+    Admin, Client, ClientError, Consumer, ConsumerConfig, DeliveryFuture, Producer, ProducerRecord,
+    SeekTo, TopicPartition,
+};
+use quiver_plugins::{MemoryStateStore, StateChange, StateStore};
+use quiver_protocol::ErrorCode;
+use serde::{Deserialize, Serialize};
+
+use crate::error::RuntimeError;
+use crate::stages::fresh_stores;
+
+/// Header with the writer's epoch.
+pub const EPOCH_HEADER: &str = "quiver.state.epoch";
+/// Header with the input partition the state belongs to.
+pub const SCOPE_HEADER: &str = "quiver.state.scope";
+/// Header marking a deleted key.
+pub const DELETE_HEADER: &str = "quiver.state.delete";
+/// Header of a snapshot's first record.
+pub const SNAPSHOT_HEADER: &str = "quiver.state.snapshot";
+
+/// Changes since the last snapshot may grow to this, or to the state's size if larger,
+/// before a new snapshot is written.
+const MIN_RESNAPSHOT_BYTES: usize = 1024 * 1024;
+/// A snapshot older than this is rewritten (well inside the changelog's retention).
+const MAX_SNAPSHOT_AGE: Duration = Duration::from_secs(24 * 3600);
+/// The changelog's retention: a week, far longer than any snapshot lives.
+const CHANGELOG_RETENTION_MS: &str = "604800000";
+
+/// The changelog topic of a pipeline.
+pub fn changelog_topic(pipeline: &str) -> String {
+    format!("quiver.state.{pipeline}")
+}
+
+/// Where the state of an input partition is, stored with its committed offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateMark {
+    /// The epoch whose records count.
+    pub epoch: u64,
+    /// Changelog partition.
+    pub partition: u32,
+    /// Offset of the snapshot marker.
+    pub from: i64,
+    /// End of the range (exclusive).
+    pub to: i64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CommitMetadata {
+    state: StateMark,
+}
+
+impl StateMark {
+    /// The commit metadata text carrying this mark.
+    pub fn to_metadata(&self) -> String {
+        serde_json::to_string(&CommitMetadata { state: *self }).expect("a mark serializes")
+    }
+
+    /// The mark in commit metadata written by [`StateMark::to_metadata`], if any.
+    pub fn from_metadata(text: &str) -> Option<StateMark> {
+        serde_json::from_str::<CommitMetadata>(text)
+            .ok()
+            .map(|m| m.state)
+    }
+}
+
+/// Makes sure the changelog topic exists; returns its partition count.
+pub async fn ensure_changelog(
+    client: &Client,
+    pipeline: &str,
+    partitions: u32,
+) -> Result<u32, RuntimeError> {
+    let admin = Admin::new(client.clone());
+    let topic = changelog_topic(pipeline);
+    match admin.describe_topic(&topic).await {
+        Ok(d) => return Ok(d.partitions.len() as u32),
+        Err(e) if e.code() == Some(ErrorCode::UnknownTopicOrPartition) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let config = BTreeMap::from([("retention.ms".to_string(), CHANGELOG_RETENTION_MS.into())]);
+    match admin.create_topic(&topic, partitions.max(1), config).await {
+        Ok(d) => Ok(d.partitions.len() as u32),
+        Err(e) if e.code() == Some(ErrorCode::TopicAlreadyExists) => {
+            Ok(admin.describe_topic(&topic).await?.partitions.len() as u32)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn new_epoch() -> u64 {
+    let mut h = RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
+fn scope_text(tp: &TopicPartition) -> String {
+    format!("{}/{}", tp.topic, tp.partition)
+}
+
+fn header<'a>(headers: &'a [quiver_client::Header], name: &str) -> Option<&'a Bytes> {
+    headers.iter().find(|h| h.key == name).map(|h| &h.value)
+}
+
+/// The state of one input partition: one store per stage, and where its changelog is.
+pub struct PartitionState {
+    /// One store per stage, in stage order.
+    pub stores: Vec<Arc<MemoryStateStore>>,
+    tp: TopicPartition,
+    topic: String,
+    mark: StateMark,
+    since_snapshot: usize,
+    snapshot_at: Instant,
+}
+
+impl PartitionState {
+    /// Reads the state `metadata` (the committed offset's) points at, then writes a fresh
+    /// snapshot under a new epoch. Returns the state and the metadata to commit.
+    pub async fn restore(
+        client: &Client,
+        producer: &Producer,
+        pipeline: &str,
+        stages: usize,
+        tp: &TopicPartition,
+        changelog_partitions: u32,
+        metadata: Option<&str>,
+    ) -> Result<PartitionState, RuntimeError> {
+        let topic = changelog_topic(pipeline);
+        let stores = fresh_stores(pipeline, stages, &tp.topic, tp.partition);
+        if let Some(mark) = metadata.and_then(StateMark::from_metadata) {
+            let changes = read_range(client, &topic, tp, mark, stages).await?;
+            for (store, changes) in stores.iter().zip(changes) {
+                store.restore(changes).map_err(|e| {
+                    RuntimeError::Failed(format!(
+                        "cannot restore the state of {}: {e}",
+                        scope_text(tp)
+                    ))
+                })?;
+            }
+            tracing::info!(partition = %scope_text(tp), keys = stores.iter().map(|s| s.len()).sum::<usize>(), "state restored");
+        }
+        let mut state = PartitionState {
+            stores,
+            tp: tp.clone(),
+            topic,
+            mark: StateMark {
+                epoch: 0,
+                partition: tp.partition % changelog_partitions.max(1),
+                from: 0,
+                to: 0,
+            },
+            since_snapshot: 0,
+            snapshot_at: Instant::now(),
+        };
+        state.snapshot(producer).await?;
+        Ok(state)
+    }
+
+    /// The metadata to commit with the input offset.
+    pub fn metadata(&self) -> String {
+        self.mark.to_metadata()
+    }
+
+    fn record(&self, key: Vec<u8>, value: Vec<u8>, extra: Option<&str>) -> ProducerRecord {
+        let mut headers = vec![
+            (
+                EPOCH_HEADER.to_string(),
+                Bytes::from(self.mark.epoch.to_string()),
+            ),
+            (SCOPE_HEADER.to_string(), Bytes::from(scope_text(&self.tp))),
+        ];
+        if let Some(h) = extra {
+            headers.push((h.to_string(), Bytes::from_static(b"1")));
+        }
+        ProducerRecord {
+            topic: self.topic.clone(),
+            partition: Some(self.mark.partition),
+            key: Some(Bytes::from(key)),
+            value: Bytes::from(value),
+            headers,
+            timestamp: None,
+        }
+    }
+
+    /// Writes the whole state under a new epoch and waits for it.
+    async fn snapshot(&mut self, producer: &Producer) -> Result<(), RuntimeError> {
+        self.mark.epoch = new_epoch();
+        let marker = producer
+            .send(self.record(Vec::new(), Vec::new(), Some(SNAPSHOT_HEADER)))
+            .await?;
+        let mut last = Vec::new();
+        for (i, store) in self.stores.iter().enumerate() {
+            store.drain_changes(); // the snapshot holds them
+            for (k, v) in store.entries() {
+                last.push(
+                    producer
+                        .send(self.record(stage_key(i, &k), v, None))
+                        .await?,
+                );
+            }
+        }
+        let from = marker.await?.offset;
+        let mut to = from + 1;
+        for d in last {
+            to = to.max(d.await?.offset + 1);
+        }
+        self.mark.from = from;
+        self.mark.to = to;
+        self.since_snapshot = 0;
+        self.snapshot_at = Instant::now();
+        Ok(())
+    }
+
+    /// Sends the changes the stages made since the last call; the returned writes must be
+    /// acknowledged (and [`PartitionState::written`] called) before the input is committed.
+    pub async fn send_changes(
+        &mut self,
+        producer: &Producer,
+    ) -> Result<Vec<DeliveryFuture>, ClientError> {
+        let mut out = Vec::new();
+        for i in 0..self.stores.len() {
+            for (k, v) in self.stores[i].drain_changes() {
+                self.since_snapshot += k.len() + v.as_ref().map_or(0, Vec::len);
+                let r = match v {
+                    Some(v) => self.record(stage_key(i, &k), v, None),
+                    None => self.record(stage_key(i, &k), Vec::new(), Some(DELETE_HEADER)),
+                };
+                out.push(producer.send(r).await?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Notes that changes up to changelog offset `last` were acknowledged, and writes a new
+    /// snapshot when the changes since the last one outgrew the state (or it is old).
+    pub async fn written(
+        &mut self,
+        last: Option<i64>,
+        producer: &Producer,
+    ) -> Result<(), RuntimeError> {
+        if let Some(o) = last {
+            self.mark.to = self.mark.to.max(o + 1);
+        }
+        let size: usize = self.stores.iter().map(|s| s.used_bytes()).sum();
+        if self.since_snapshot > size.max(MIN_RESNAPSHOT_BYTES)
+            || self.snapshot_at.elapsed() > MAX_SNAPSHOT_AGE
+        {
+            self.snapshot(producer).await?;
+        }
+        Ok(())
+    }
+}
+
+fn stage_key(stage: usize, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(4 + key.len());
+    k.extend_from_slice(&(stage as u32).to_be_bytes());
+    k.extend_from_slice(key);
+    k
+}
+
+/// Reads `[mark.from, mark.to)` of the changelog partition and returns, per stage, the changes
+/// of `tp` written under `mark.epoch`, in order.
+async fn read_range(
+    client: &Client,
+    topic: &str,
+    tp: &TopicPartition,
+    mark: StateMark,
+    stages: usize,
+) -> Result<Vec<Vec<StateChange>>, RuntimeError> {
+    let mut changes: Vec<Vec<StateChange>> = vec![Vec::new(); stages];
+    if mark.to <= mark.from {
+        return Ok(changes);
+    }
+    let scope = scope_text(tp);
+    let epoch = mark.epoch.to_string();
+    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    consumer.assign(topic, [mark.partition]).await?;
+    consumer.seek(topic, mark.partition, SeekTo::Offset(mark.from))?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let records = consumer.poll_timeout(Duration::from_millis(500)).await?;
+        let mut done = false;
+        for r in records {
+            if r.offset >= mark.to {
+                done = true;
+                break;
+            }
+            if header(&r.headers, SCOPE_HEADER).is_none_or(|s| s.as_ref() != scope.as_bytes())
+                || header(&r.headers, EPOCH_HEADER).is_none_or(|e| e.as_ref() != epoch.as_bytes())
+                || header(&r.headers, SNAPSHOT_HEADER).is_some()
+            {
+                continue;
+            }
+            let key = r.key.unwrap_or_default();
+            if key.len() < 4 {
+                continue;
+            }
+            let stage = u32::from_be_bytes([key[0], key[1], key[2], key[3]]) as usize;
+            let Some(list) = changes.get_mut(stage) else {
+                continue;
+            };
+            let value = if header(&r.headers, DELETE_HEADER).is_some() {
+                None
+            } else {
+                Some(r.value.to_vec())
+            };
+            list.push((key[4..].to_vec(), value));
+        }
+        if done || consumer.position(topic, mark.partition).await? >= mark.to {
+            return Ok(changes);
+        }
+        if Instant::now() > deadline {
+            return Err(RuntimeError::Failed(format!(
+                "cannot read the state of {scope} back from {topic}/{}: offsets {}..{} did not arrive within 120 s (was the changelog deleted?)",
+                mark.partition, mark.from, mark.to
+            )));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_round_trip_through_commit_metadata_and_other_metadata_is_no_mark() {
+        let m = StateMark {
+            epoch: u64::MAX,
+            partition: 3,
+            from: 10,
+            to: 42,
+        };
+        assert_eq!(StateMark::from_metadata(&m.to_metadata()), Some(m));
+        assert_eq!(StateMark::from_metadata("written by a person"), None);
+        assert_eq!(StateMark::from_metadata("{\"other\": 1}"), None);
+    }
+
+    #[test]
+    fn epochs_differ() {
+        assert_ne!(new_epoch(), new_epoch());
+    }
+}
