@@ -1,7 +1,8 @@
 //! A running pipeline in this process: `instances` group members sharing one client, each
 //! supervised (a cluster error makes it join again after a backoff; a pipeline failure stops
 //! every instance and leaves the reason in the state), with the counters and the status
-//! `pipeline status` prints. Used by `quiver pipeline run` (one instance, in the CLI) and by
+//! `pipeline status` prints. A running deployment can be rolled to a new version of its file
+//! one instance at a time ([`Deployment::roll`]). Used by `quiver pipeline run` (one instance, in the CLI) and by
 //! the broker's pipeline host (`pipeline deploy`).
 
 use std::path::Path;
@@ -17,7 +18,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::error::RuntimeError;
-use crate::instance::{run_instance, InstanceView, Plan};
+use crate::instance::{run_instance, InstanceView, Plan, StopSignal};
 use crate::metrics::PipelineMetrics;
 use crate::stages::load_stages;
 use crate::{Guarantee, PipelineConfig};
@@ -30,7 +31,21 @@ pub const STOPPED: &str = "stopped";
 struct Instance {
     id: String,
     view: Arc<InstanceView>,
+    stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+}
+
+impl Instance {
+    /// Stops this instance (it commits what it finished and leaves) and waits for it.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        if tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .is_err()
+        {
+            tracing::warn!(instance = %self.id, "instance did not stop within 30 s");
+        }
+    }
 }
 
 /// A pipeline running in this process.
@@ -65,6 +80,28 @@ impl Deployment {
         instances: u32,
         broker: u32,
     ) -> Result<Deployment, RuntimeError> {
+        let mut d = Self::prepare(
+            client,
+            config,
+            base_dir,
+            broker,
+            Arc::new(PipelineMetrics::default()),
+        )
+        .await?;
+        for n in 1..=instances {
+            d.spawn_instance(n);
+        }
+        Ok(d)
+    }
+
+    /// Loads the stages of `config`: a deployment with no instance yet.
+    async fn prepare(
+        client: Client,
+        config: PipelineConfig,
+        base_dir: &Path,
+        broker: u32,
+        metrics: Arc<PipelineMetrics>,
+    ) -> Result<Deployment, RuntimeError> {
         check_supported(&config)?;
         let stages = load_stages(&client, &config, base_dir).await?;
         let plan = Arc::new(Plan {
@@ -73,23 +110,57 @@ impl Deployment {
             limits: HostLimits::default(),
         });
         let (stop_tx, _) = watch::channel(false);
-        let mut d = Deployment {
+        Ok(Deployment {
             plan,
             broker,
             client,
-            metrics: Arc::new(PipelineMetrics::default()),
+            metrics,
             state: Arc::new(Mutex::new(RUNNING.to_string())),
             stop: Arc::new(stop_tx),
             instances: Vec::new(),
-        };
-        for n in 1..=instances {
-            d.spawn_instance(format!("{}-{n}", d.plan.config.name));
-        }
-        Ok(d)
+        })
     }
 
-    fn spawn_instance(&mut self, id: String) {
+    /// Replaces this deployment by one of `config`, one instance at a time: instance N of
+    /// the old one commits what it finished and leaves the group, then instance N of the new
+    /// one joins (its partitions' state comes back from the changelog), so offsets and state
+    /// carry over and the group never loses more than one member at once. The new stages are
+    /// loaded first: if that fails, the old deployment is returned untouched with the error.
+    pub async fn roll(
+        self,
+        config: PipelineConfig,
+        base_dir: &Path,
+    ) -> Result<Deployment, (Deployment, RuntimeError)> {
+        let instances = config.run.instances;
+        let mut next = match Self::prepare(
+            self.client.clone(),
+            config,
+            base_dir,
+            self.broker,
+            self.metrics.clone(),
+        )
+        .await
+        {
+            Ok(d) => d,
+            Err(e) => return Err((self, e)),
+        };
+        let mut old = self.instances.into_iter();
+        for n in 1..=instances.max(old.len() as u32) {
+            if let Some(i) = old.next() {
+                i.stop().await;
+            }
+            if n <= instances {
+                next.spawn_instance(n);
+            }
+        }
+        tracing::info!(pipeline = %next.plan.config.name, instances, "pipeline rolled to its new file");
+        Ok(next)
+    }
+
+    fn spawn_instance(&mut self, n: u32) {
+        let id = format!("{}-{n}", self.plan.config.name);
         let view = Arc::new(InstanceView::default());
+        let (one_tx, one_rx) = watch::channel(false);
         let span = tracing::info_span!("pipeline", instance = %id);
         let task = tokio::spawn(
             supervise(
@@ -100,10 +171,16 @@ impl Deployment {
                 self.metrics.clone(),
                 self.state.clone(),
                 self.stop.clone(),
+                one_rx,
             )
             .instrument(span),
         );
-        self.instances.push(Instance { id, view, task });
+        self.instances.push(Instance {
+            id,
+            view,
+            stop: one_tx,
+            task,
+        });
     }
 
     /// The pipeline's config.
@@ -136,12 +213,7 @@ impl Deployment {
         }
         let n = self.instances.len() as u32;
         for i in self.instances {
-            if tokio::time::timeout(Duration::from_secs(30), i.task)
-                .await
-                .is_err()
-            {
-                tracing::warn!(instance = %i.id, "instance did not stop within 30 s");
-            }
+            i.stop().await;
         }
         n
     }
@@ -216,10 +288,12 @@ async fn supervise(
     metrics: Arc<PipelineMetrics>,
     state: Arc<Mutex<String>>,
     stop: Arc<watch::Sender<bool>>,
+    own_stop: watch::Receiver<bool>,
 ) {
+    let signal = StopSignal::new(stop.subscribe(), own_stop);
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
-        if *stop.borrow() {
+        if signal.is_set() {
             return;
         }
         let r = run_instance(
@@ -228,7 +302,7 @@ async fn supervise(
             id.clone(),
             view.clone(),
             metrics.clone(),
-            stop.subscribe(),
+            signal.clone(),
         )
         .await;
         match r {
@@ -242,10 +316,10 @@ async fn supervise(
             Err(e) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(error = %e, retry_in = ?delay, "instance stopped; joining again");
-                let mut rx = stop.subscribe();
+                let mut wait = signal.clone();
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
-                    _ = rx.wait_for(|s| *s) => return,
+                    _ = wait.wait() => return,
                 }
             }
         }

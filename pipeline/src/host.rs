@@ -1,9 +1,10 @@
 //! The broker's pipeline host: runs deployed pipelines inside the broker process as clients
 //! of that broker, and keeps each deployed file in `<data_dir>/pipelines/NAME.toml` so the
 //! pipeline comes back when the broker restarts. Deploying a file under a running name
-//! replaces the running pipeline: the new stages are loaded first (a broken plugin leaves
-//! the old one running), then the old instances commit and leave, then the new ones join the
-//! same group and go on from its committed offsets. `pipeline stop` removes the file.
+//! rolls the running pipeline to it one instance at a time (see [`Deployment::roll`]): the
+//! new stages are loaded first (a broken plugin leaves the old one running), then each old
+//! instance commits and leaves before its replacement joins the same group and goes on from
+//! the committed offsets and state. `pipeline stop` removes the file.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -172,16 +173,19 @@ impl BrokerPipelines {
                     format!("cannot save the pipeline file: {e}"),
                 )
             })?;
-        let replaced = match pipelines.remove(&name) {
-            Some(Entry::Running(old)) => {
-                old.stop().await;
-                true
-            }
-            Some(Entry::Broken(..)) => true,
-            None => false,
-        };
         let instances = config.run.instances;
-        match self.start(config.clone()).await {
+        let (replaced, started) = match pipelines.remove(&name) {
+            Some(Entry::Running(old)) => match old.roll(config.clone(), &self.dir).await {
+                Ok(d) => (true, Ok(d)),
+                Err((old, e)) => {
+                    pipelines.insert(name.clone(), Entry::Running(old));
+                    return Err(runtime_error(e));
+                }
+            },
+            Some(Entry::Broken(..)) => (true, self.start(config.clone()).await),
+            None => (false, self.start(config.clone()).await),
+        };
+        match started {
             Ok(d) => {
                 pipelines.insert(name.clone(), Entry::Running(d));
                 Ok(DeployPipelineResponse {

@@ -77,6 +77,34 @@ impl InstanceView {
     }
 }
 
+/// When an instance must stop: the whole pipeline stops (or failed), or just this instance
+/// (a rolling redeploy).
+#[derive(Clone)]
+pub struct StopSignal {
+    all: watch::Receiver<bool>,
+    one: watch::Receiver<bool>,
+}
+
+impl StopSignal {
+    /// A signal set when either channel turns true.
+    pub fn new(all: watch::Receiver<bool>, one: watch::Receiver<bool>) -> Self {
+        StopSignal { all, one }
+    }
+
+    /// True once either was set.
+    pub fn is_set(&self) -> bool {
+        *self.all.borrow() || *self.one.borrow()
+    }
+
+    /// Waits until either is set (or its sender is gone).
+    pub async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.all.wait_for(|s| *s) => {}
+            _ = self.one.wait_for(|s| *s) => {}
+        }
+    }
+}
+
 /// Runs one instance until `stop` turns true (then it commits what is done and leaves the
 /// group) or the pipeline fails (`RuntimeError::Failed`). Other errors mean "join again".
 pub async fn run_instance(
@@ -85,7 +113,7 @@ pub async fn run_instance(
     instance_id: String,
     view: Arc<InstanceView>,
     metrics: Arc<PipelineMetrics>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: StopSignal,
 ) -> Result<(), RuntimeError> {
     let cfg = &plan.config;
     let mut group = GroupConfig::new(cfg.group(), cfg.source.topics.iter().cloned())
@@ -115,12 +143,12 @@ pub async fn run_instance(
     };
     let mut chains: BTreeMap<TopicPartition, PartitionRun> = BTreeMap::new();
     let result = loop {
-        if *stop.borrow() {
+        if stop.is_set() {
             break Ok(());
         }
         let polled = tokio::select! {
             r = member.poll_timeout(Duration::from_millis(500)) => r,
-            _ = stop.changed() => break Ok(()),
+            _ = stop.wait() => break Ok(()),
         };
         let records = match polled {
             Ok(r) => r,

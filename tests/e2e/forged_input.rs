@@ -4,7 +4,6 @@
 //! a clear error and changes nothing; the broker stays up, consumes with and without a
 //! processor work, and after a restart every consumer group is intact.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use quiver_core::group::{GroupRecord, OFFSETS_TOPIC};
@@ -12,7 +11,7 @@ use quiver_protocol::batch::{field, recompute_crc, BatchBuilder, Compression};
 use quiver_protocol::requests::{Acks, ProduceRequest};
 use quiver_protocol::{encode_request, ErrorCode, FRAME_HEADER_LEN};
 
-use super::harness::TestBroker;
+use super::harness::{example, TestBroker};
 use super::hostile_input::connect;
 
 fn now_ms() -> i64 {
@@ -64,14 +63,6 @@ fn put_i32(batch: &mut [u8], at: usize, v: i32) {
 
 fn put_i64(batch: &mut [u8], at: usize, v: i64) {
     batch[at..at + 8].copy_from_slice(&v.to_be_bytes());
-}
-
-fn example(name: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("examples/plugins")
-        .join(name)
-        .display()
-        .to_string()
 }
 
 fn committed(b: &TestBroker, group: &str) -> Vec<(u32, Option<i64>)> {

@@ -300,3 +300,31 @@ pub fn settled(d: &serde_json::Value, members: usize) -> bool {
             .as_array()
             .is_some_and(|ps| ps.iter().all(|p| !p["owner"].is_null()))
 }
+
+/// The example plugin bundles' folder.
+pub fn examples() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/plugins")
+}
+
+/// Builds the Rust→WASM examples once per test binary (the script installs the target).
+pub fn build_wasm_examples() {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let script =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/build-wasm-examples.sh");
+        let status = std::process::Command::new("bash")
+            .arg(&script)
+            .status()
+            .expect("run scripts/build-wasm-examples.sh");
+        assert!(status.success(), "{} failed: {status}", script.display());
+    });
+}
+
+/// The path of example plugin `name`, its WASM built first when it is a Rust crate.
+pub fn example(name: &str) -> String {
+    let dir = examples().join(name);
+    if dir.join("Cargo.toml").exists() {
+        build_wasm_examples();
+    }
+    dir.display().to_string()
+}

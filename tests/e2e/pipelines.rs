@@ -5,13 +5,15 @@
 //! taking its share with nothing lost.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::harness::{bin, describe_now, json_lines, settled, unsafe_kill, wait_for, TestBroker};
+use super::harness::{
+    bin, describe_now, example, json_lines, settled, unsafe_kill, wait_for, TestBroker,
+};
 
 /// A Lua processor that refuses records whose value contains "bad" and upper-cases the rest.
 const PICKY: &str = r#"
@@ -403,8 +405,7 @@ fn latest_per_key(records: &[Value]) -> BTreeMap<String, u64> {
 fn keyed_counts_survive_a_killed_instance_at_least_once() {
     let b = TestBroker::start();
     let dir = tempfile::tempdir().unwrap();
-    let count = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/plugins/count");
-    b.cli_ok(&["plugin", "deploy", count.to_str().unwrap()]);
+    b.cli_ok(&["plugin", "deploy", &example("count")]);
     b.cli_ok(&["topic", "create", "words", "--partitions", "6"]);
     b.cli_ok(&["topic", "create", "counts", "--partitions", "3"]);
     let file = dir.path().join("wc.toml");
@@ -464,4 +465,69 @@ fn keyed_counts_survive_a_killed_instance_at_least_once() {
             "{word}: latest count {got} < true count {n} (state lost)"
         );
     }
+}
+
+#[test]
+fn redeploying_a_new_plugin_version_rolls_the_instances_keeping_offsets_and_state() {
+    let b = TestBroker::start();
+    let dir = tempfile::tempdir().unwrap();
+    // count@1.0.0 and the same code as count@1.0.1.
+    let v1 = PathBuf::from(example("count"));
+    let v2 = dir.path().join("count-1.0.1");
+    std::fs::create_dir_all(&v2).unwrap();
+    for f in ["count.wasm", "plugin.toml"] {
+        std::fs::copy(v1.join(f), v2.join(f)).unwrap();
+    }
+    let manifest = std::fs::read_to_string(v2.join("plugin.toml")).unwrap();
+    std::fs::write(
+        v2.join("plugin.toml"),
+        manifest.replace("version = \"1.0.0\"", "version = \"1.0.1\""),
+    )
+    .unwrap();
+    b.cli_ok(&["plugin", "deploy", v1.to_str().unwrap()]);
+    b.cli_ok(&["plugin", "deploy", v2.to_str().unwrap()]);
+    b.cli_ok(&["topic", "create", "words", "--partitions", "4"]);
+    b.cli_ok(&["topic", "create", "counts", "--partitions", "2"]);
+    let file = dir.path().join("wc.toml");
+    let write = |version: &str| {
+        std::fs::write(
+            &file,
+            format!("name = \"wc\"\n[source]\ntopics = [\"words\"]\n[[stages]]\nplugin = \"count@{version}\"\n[sink]\ntopic = \"counts\"\n[run]\ninstances = 2\n"),
+        )
+        .unwrap();
+    };
+    let lines = |from: usize, to: usize| -> Vec<String> {
+        (from..to).map(|i| format!("w{}:x", i % 10)).collect()
+    };
+    write("1.0.0");
+    b.cli_ok(&["pipeline", "deploy", file.to_str().unwrap()]);
+    produce_lines(&b, "words", &lines(0, 500));
+    wait_for(60, "500 records processed", || {
+        b.total_log_end("counts") == 500 && status(&b, "wc")["lag"] == 0
+    });
+    write("1.0.1");
+    let out = b.cli_ok(&["pipeline", "deploy", file.to_str().unwrap()]);
+    assert!(out.contains("redeployed pipeline wc"), "{out}");
+    produce_lines(&b, "words", &lines(500, 1000));
+    wait_for(60, "1,000 records processed", || {
+        b.total_log_end("counts") >= 1000 && status(&b, "wc")["lag"] == 0
+    });
+    let s = status(&b, "wc");
+    assert_eq!(s["instances"].as_array().unwrap().len(), 2, "{s}");
+    assert_eq!(s["records_in"], 1000, "counters carry over the roll: {s}");
+    let out = read_topic(&b, "counts", 1000);
+    assert_eq!(
+        b.total_log_end("counts"),
+        1000,
+        "a roll writes no output twice"
+    );
+    let latest = latest_per_key(&out);
+    for w in 0..10 {
+        assert_eq!(
+            latest[&format!("w{w}")],
+            100,
+            "state carried over the roll: {latest:?}"
+        );
+    }
+    b.cli_ok(&["pipeline", "stop", "wc"]);
 }

@@ -3,41 +3,13 @@
 //! processors with source offsets, partitioners, removal rules, restart durability, and a
 //! hostile processor stopped at its limits while other clients keep working.
 
-use std::path::PathBuf;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use quiver_client::{Client, ClientConfig, Producer, ProducerConfig, ProducerRecord};
 use quiver_protocol::requests::{FetchRequest, ProcessorSpec};
 
-use super::harness::{json_lines, TestBroker};
-
-fn examples() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/plugins")
-}
-
-/// Builds the Rust→WASM examples once per test binary (the script installs the target).
-fn build_wasm_examples() {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let script =
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/build-wasm-examples.sh");
-        let status = std::process::Command::new("bash")
-            .arg(&script)
-            .status()
-            .expect("run scripts/build-wasm-examples.sh");
-        assert!(status.success(), "{} failed: {status}", script.display());
-    });
-}
-
-fn example(name: &str) -> String {
-    let dir = examples().join(name);
-    if dir.join("Cargo.toml").exists() {
-        build_wasm_examples();
-    }
-    dir.display().to_string()
-}
+use super::harness::{example, examples, json_lines, TestBroker};
 
 fn client_config(b: &TestBroker) -> ClientConfig {
     ClientConfig {
