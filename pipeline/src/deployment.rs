@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::error::RuntimeError;
-use crate::instance::{run_instance, InstanceView, Plan, StopSignal};
+use crate::instance::{run_instance, InstanceParts, InstanceView, Plan, StopSignal};
 use crate::metrics::PipelineMetrics;
 use crate::stages::load_stages;
 use crate::{Guarantee, PipelineConfig};
@@ -162,18 +162,15 @@ impl Deployment {
         let view = Arc::new(InstanceView::default());
         let (one_tx, one_rx) = watch::channel(false);
         let span = tracing::info_span!("pipeline", instance = %id);
+        let parts = InstanceParts {
+            client: self.client.clone(),
+            plan: self.plan.clone(),
+            id: id.clone(),
+            view: view.clone(),
+            metrics: self.metrics.clone(),
+        };
         let task = tokio::spawn(
-            supervise(
-                self.client.clone(),
-                self.plan.clone(),
-                id.clone(),
-                view.clone(),
-                self.metrics.clone(),
-                self.state.clone(),
-                self.stop.clone(),
-                one_rx,
-            )
-            .instrument(span),
+            supervise(parts, self.state.clone(), self.stop.clone(), one_rx).instrument(span),
         );
         self.instances.push(Instance {
             id,
@@ -281,11 +278,7 @@ pub async fn group_lag(client: &Client, cfg: &PipelineConfig) -> Result<i64, Cli
 
 /// Runs one instance until it stops or the pipeline fails; joins again after cluster errors.
 async fn supervise(
-    client: Client,
-    plan: Arc<Plan>,
-    id: String,
-    view: Arc<InstanceView>,
-    metrics: Arc<PipelineMetrics>,
+    parts: InstanceParts,
     state: Arc<Mutex<String>>,
     stop: Arc<watch::Sender<bool>>,
     own_stop: watch::Receiver<bool>,
@@ -296,19 +289,11 @@ async fn supervise(
         if signal.is_set() {
             return;
         }
-        let r = run_instance(
-            client.clone(),
-            plan.clone(),
-            id.clone(),
-            view.clone(),
-            metrics.clone(),
-            signal.clone(),
-        )
-        .await;
+        let r = run_instance(&parts, signal.clone()).await;
         match r {
             Ok(()) => return,
             Err(RuntimeError::Failed(reason)) => {
-                tracing::error!(pipeline = %plan.config.name, %reason, "pipeline failed; stopping every instance");
+                tracing::error!(pipeline = %parts.plan.config.name, %reason, "pipeline failed; stopping every instance");
                 *state.lock().unwrap_or_else(|p| p.into_inner()) = format!("failed: {reason}");
                 let _ = stop.send(true);
                 return;

@@ -77,6 +77,21 @@ impl InstanceView {
     }
 }
 
+/// What one instance runs with.
+#[derive(Clone)]
+pub struct InstanceParts {
+    /// The connection to the cluster.
+    pub client: Client,
+    /// The pipeline.
+    pub plan: Arc<Plan>,
+    /// Instance id, `NAME-N`.
+    pub id: String,
+    /// What the status shows of it.
+    pub view: Arc<InstanceView>,
+    /// The pipeline's counters.
+    pub metrics: Arc<PipelineMetrics>,
+}
+
 /// When an instance must stop: the whole pipeline stops (or failed), or just this instance
 /// (a rolling redeploy).
 #[derive(Clone)]
@@ -107,14 +122,15 @@ impl StopSignal {
 
 /// Runs one instance until `stop` turns true (then it commits what is done and leaves the
 /// group) or the pipeline fails (`RuntimeError::Failed`). Other errors mean "join again".
-pub async fn run_instance(
-    client: Client,
-    plan: Arc<Plan>,
-    instance_id: String,
-    view: Arc<InstanceView>,
-    metrics: Arc<PipelineMetrics>,
-    mut stop: StopSignal,
-) -> Result<(), RuntimeError> {
+pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result<(), RuntimeError> {
+    let InstanceParts {
+        client,
+        plan,
+        id: instance_id,
+        view,
+        metrics,
+    } = parts;
+    let client = client.clone();
     let cfg = &plan.config;
     let mut group = GroupConfig::new(cfg.group(), cfg.source.topics.iter().cloned())
         .start_without_commit_at(match cfg.source.start {
@@ -157,7 +173,7 @@ pub async fn run_instance(
         let owned = member.assignment();
         view.set(&owned);
         if let Err(e) = sync_chains(
-            &plan,
+            plan,
             &client,
             &producer,
             changelog,
@@ -175,7 +191,7 @@ pub async fn run_instance(
             continue;
         }
         let firsts = first_offsets(&records);
-        let done = match process_poll(&plan, &producer, &mut chains, records).await {
+        let done = match process_poll(plan, &producer, &mut chains, records).await {
             Ok((counts, written)) => note_state(&producer, &mut member, &mut chains, written)
                 .await
                 .map(|()| counts),
