@@ -531,3 +531,110 @@ fn redeploying_a_new_plugin_version_rolls_the_instances_keeping_offsets_and_stat
     }
     b.cli_ok(&["pipeline", "stop", "wc"]);
 }
+
+fn example_pipeline(path: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/pipelines")
+        .join(path)
+        .display()
+        .to_string()
+}
+
+fn values(records: &[Value]) -> BTreeSet<String> {
+    records
+        .iter()
+        .map(|r| r["value"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn the_example_pipelines_do_what_their_readmes_say() {
+    let b = TestBroker::start();
+    example("split-words");
+    example("count");
+    let topics = [
+        "app-logs",
+        "errors",
+        "lines",
+        "words",
+        "word-counts",
+        "visits",
+        "visits-enriched",
+        "orders",
+        "orders-small",
+        "orders-large",
+        "orders-dlq",
+    ];
+    for t in topics {
+        b.cli_ok(&["topic", "create", t, "--partitions", "2"]);
+    }
+    for f in [
+        "log-filter/pipeline.toml",
+        "wordcount/split.toml",
+        "wordcount/count.toml",
+        "enrichment/pipeline.toml",
+        "two-outputs/pipeline.toml",
+    ] {
+        b.cli_ok(&["pipeline", "deploy", &example_pipeline(f)]);
+    }
+    let produce = |topic: &str, text: &str, keyed: bool| {
+        let mut args = vec!["produce", topic];
+        if keyed {
+            args.extend(["--key-separator", ":"]);
+        }
+        b.cli_stdin_ok(&args, text.as_bytes());
+    };
+    produce(
+        "app-logs",
+        "INFO started\nERROR disk full\nINFO ok\nERROR timeout\n",
+        false,
+    );
+    produce("lines", "the cat sat\nthe dog sat\nthe end\n", false);
+    produce("visits", "fr:/home\njp:/cart\nzz:/help\n", true);
+    produce("orders", "o1 20\no2 5000\nbroken\no3 999\n", false);
+    wait_for(60, "every example pipeline to catch up", || {
+        [
+            ("log-filter", "errors", 2),
+            ("wordcount", "word-counts", 8),
+            ("enrichment", "visits-enriched", 3),
+            ("order-router", "orders-small", 2),
+        ]
+        .iter()
+        .all(|(p, t, n)| status(&b, p)["lag"] == 0 && b.total_log_end(t) >= *n)
+    });
+    assert_eq!(
+        values(&read_topic(&b, "errors", 2)),
+        BTreeSet::from(["ERROR disk full".into(), "ERROR timeout".into()])
+    );
+    let counts = latest_per_key(&read_topic(&b, "word-counts", 8));
+    let expected: BTreeMap<String, u64> =
+        [("the", 3), ("cat", 1), ("sat", 2), ("dog", 1), ("end", 1)]
+            .into_iter()
+            .map(|(w, n)| (w.to_string(), n))
+            .collect();
+    assert_eq!(counts, expected);
+    assert_eq!(
+        values(&read_topic(&b, "visits-enriched", 3)),
+        BTreeSet::from([
+            "/home (France)".into(),
+            "/cart (Japan)".into(),
+            "/help (unknown country)".into()
+        ])
+    );
+    assert_eq!(
+        values(&read_topic(&b, "orders-small", 2)),
+        BTreeSet::from(["o1 20".into(), "o3 999".into()])
+    );
+    assert_eq!(
+        values(&read_topic(&b, "orders-large", 1)),
+        BTreeSet::from(["o2 5000".into()])
+    );
+    let dead = read_topic(&b, "orders-dlq", 1);
+    assert_eq!(values(&dead), BTreeSet::from(["broken".into()]));
+    assert!(header(&dead[0], "quiver.error").contains("not an order: broken"));
+    let large = read_topic(&b, "orders-large", 1);
+    assert!(
+        large[0]["headers"].get("quiver.sink").is_none(),
+        "the routing header is removed"
+    );
+}
