@@ -185,6 +185,11 @@ impl Deployment {
         &self.plan.config
     }
 
+    /// The counters now.
+    pub fn metrics(&self) -> crate::metrics::MetricsSnapshot {
+        self.metrics.snapshot()
+    }
+
     /// `running`, `stopped` or `failed: <reason>`.
     pub fn state(&self) -> String {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()

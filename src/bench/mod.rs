@@ -7,6 +7,7 @@ mod baseline;
 mod consume;
 mod embedded;
 mod group;
+mod pipeline;
 mod produce;
 mod report;
 
@@ -41,6 +42,21 @@ enum BenchCommand {
     /// Time N consumer-group members (`--members`) take to settle over `--partitions`, and
     /// the incremental rebalance when one more joins.
     Rebalance(LoadOpts),
+    /// End-to-end records/s and latency of a pipeline (`--stage`, repeatable, a chain of
+    /// deployed NAME[@VERSION] or bundle paths) run in this process, beside a pipeline with
+    /// no stage and plain produce of the same records, in the same run.
+    Pipeline(PipelineOpts),
+}
+
+/// `bench pipeline` arguments.
+#[derive(Debug, Args, Clone)]
+pub struct PipelineOpts {
+    /// A stage of the measured chain: a deployed NAME[@VERSION] or a bundle path (repeat for
+    /// a chain; e.g. --stage examples/plugins/noop-map).
+    #[arg(long = "stage", value_name = "NAME[@VERSION]|PATH", required = true)]
+    stages: Vec<String>,
+    #[command(flatten)]
+    load: LoadOpts,
 }
 
 /// How records are fetched in `bench consume`.
@@ -222,6 +238,15 @@ pub async fn run(global: &GlobalOpts, args: BenchArgs) -> anyhow::Result<()> {
             let r = group::rebalance(&target.client, &o, o.members).await;
             target.close().await;
             r?;
+        }
+        BenchCommand::Pipeline(p) => {
+            let o = p.load;
+            o.check()?;
+            o.no_rate("pipeline")?;
+            let target = Target::open(global, &o).await?;
+            let r = pipeline::run(&target.client, &o, &p.stages).await;
+            target.close().await;
+            r?.print(o.output);
         }
         BenchCommand::Baseline(o) => {
             o.check()?;

@@ -638,3 +638,40 @@ fn the_example_pipelines_do_what_their_readmes_say() {
         "the routing header is removed"
     );
 }
+
+#[test]
+fn bench_pipeline_reports_the_chain_beside_no_stage_and_plain_produce() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(bin())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "bench",
+            "pipeline",
+            "--embedded",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--stage",
+            "examples/plugins/noop-filter",
+            "--records",
+            "3000",
+            "--partitions",
+            "2",
+            "--output",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for part in ["produce", "no_stage", "stages"] {
+        assert_eq!(r[part]["records"], 3000, "{r}");
+        assert!(r[part]["records_per_sec"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert!(r["stages"]["latency_samples"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["stages_vs_no_stage"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(r["no_stage_vs_produce"].as_f64().unwrap() > 0.0, "{r}");
+}

@@ -1,0 +1,196 @@
+//! `bench pipeline`: end-to-end throughput and latency of a pipeline, in one run beside the
+//! figures it should be compared with. Three measurements on the same broker, each on fresh
+//! topics: plain produce of N records; a pipeline with no stage (records copied from the
+//! input to the sink); and the pipeline with the given `--stage` chain. For the pipelines,
+//! N records are produced into the input while the pipeline runs in this process; the run
+//! ends when the pipeline has processed all N (their outputs acknowledged in the sink and
+//! their offsets committed). Records/s is N over the time from the first produce to that
+//! moment. Latency runs from each input record's timestamp (set when it was produced) to the
+//! moment a consumer of the sink in this process receives its output: produced → processed
+//! → written → readable, at saturation (so it includes queueing behind earlier records).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use quiver_client::{Client, Consumer, ConsumerConfig, SeekTo};
+use quiver_pipeline::{Deployment, PipelineConfig};
+use serde::Serialize;
+
+use super::produce::{ensure_topic, produce_into};
+use super::report::{histogram, Report};
+use super::{LoadOpts, OutputFormat};
+
+/// The three figures and their ratios (JSON field names are a contract for scripts).
+#[derive(Debug, Serialize)]
+pub struct PipelineBench {
+    /// Plain produce of the same records.
+    pub produce: Report,
+    /// The pipeline without stages.
+    pub no_stage: Report,
+    /// The pipeline with the `--stage` chain.
+    pub stages: Report,
+    /// The `--stage` chain, as given.
+    pub stage_chain: Vec<String>,
+    /// `stages.records_per_sec / no_stage.records_per_sec`.
+    pub stages_vs_no_stage: f64,
+    /// `no_stage.records_per_sec / produce.records_per_sec`.
+    pub no_stage_vs_produce: f64,
+}
+
+/// Runs the three measurements.
+pub async fn run(client: &Client, o: &LoadOpts, chain: &[String]) -> anyhow::Result<PipelineBench> {
+    let records = match o.limit() {
+        super::Limit::Records(n) => n,
+        super::Limit::Time(_) => anyhow::bail!("bench pipeline takes --records, not --duration"),
+    };
+    let base = o.topic_name();
+    let mut quiet = o.clone();
+    quiet.records = records;
+    eprintln!("plain produce of {records} records …");
+    let produce = produce_into(client, &quiet, &format!("{base}-produce"), false)
+        .await?
+        .measuring("produce: send to acknowledgement");
+    eprintln!("pipeline without stages …");
+    let no_stage = one(client, &quiet, &format!("{base}-none"), &[]).await?;
+    eprintln!("pipeline with {} …", chain.join(" → "));
+    let stages = one(client, &quiet, &format!("{base}-stages"), chain).await?;
+    Ok(PipelineBench {
+        stages_vs_no_stage: stages.records_per_sec / no_stage.records_per_sec.max(1e-9),
+        no_stage_vs_produce: no_stage.records_per_sec / produce.records_per_sec.max(1e-9),
+        produce,
+        no_stage,
+        stages,
+        stage_chain: chain.to_vec(),
+    })
+}
+
+/// The pipeline file for a bench run: `input` → `chain` → `output`.
+fn pipeline_file(name: &str, input: &str, output: &str, chain: &[String]) -> String {
+    let mut text = format!("name = \"{name}\"\n[source]\ntopics = [\"{input}\"]\n");
+    for stage in chain {
+        let looks_like_path = stage.contains('/') || std::path::Path::new(stage).exists();
+        let key = if looks_like_path { "path" } else { "plugin" };
+        text.push_str(&format!("[[stages]]\n{key} = {stage:?}\n"));
+    }
+    text.push_str(&format!("[sink]\ntopic = \"{output}\"\n"));
+    text
+}
+
+/// One pipeline measurement on fresh topics `<base>-in` → `<base>-out`.
+async fn one(
+    client: &Client,
+    o: &LoadOpts,
+    base: &str,
+    chain: &[String],
+) -> anyhow::Result<Report> {
+    let (input, output) = (format!("{base}-in"), format!("{base}-out"));
+    ensure_topic(client, &input, o.partitions).await?;
+    ensure_topic(client, &output, o.partitions).await?;
+    let text = pipeline_file(base, &input, &output, chain);
+    let config = PipelineConfig::parse(&text, "bench pipeline")?;
+    let cwd = std::env::current_dir().context("current directory")?;
+    let deployment = Deployment::start(client.clone(), config, &cwd, 1, 0)
+        .await
+        .with_context(|| format!("cannot start the pipeline {}", chain.join(" → ")))?;
+    // Measure from a settled group: the first assignment is not part of the figure.
+    let settle = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < settle
+        && deployment
+            .status()
+            .await
+            .instances
+            .iter()
+            .all(|i| i.partitions.is_empty())
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let lat = Arc::new(Mutex::new(histogram()));
+    let reader = tokio::spawn(read_latencies(
+        client.clone(),
+        output.clone(),
+        o.partitions,
+        lat.clone(),
+    ));
+    let start = Instant::now();
+    let records = o.records;
+    produce_into(client, o, &input, false).await?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let m = deployment.metrics();
+        if m.records_in >= records {
+            break;
+        }
+        if let Some(reason) = deployment.state().strip_prefix("failed: ") {
+            anyhow::bail!("the bench pipeline failed: {reason}");
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "the pipeline processed {} of {records} records in 600 s",
+                m.records_in
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    deployment.stop().await;
+    // Outputs still in flight to the reader get a moment to arrive.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    reader.abort();
+    let lat = lat.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let kind = if chain.is_empty() {
+        "pipeline (no stage)".to_string()
+    } else {
+        format!("pipeline ({})", chain.join(" → "))
+    };
+    Ok(
+        Report::new(&kind, records, o.record_size, o.partitions, seconds, &lat)
+            .measuring("input produced → output readable in the sink"),
+    )
+}
+
+type Latencies = Arc<Mutex<hdrhistogram::Histogram<u64>>>;
+
+/// Reads the sink from its start and records, per output, now − its input's timestamp.
+async fn read_latencies(client: Client, topic: String, partitions: u32, lat: Latencies) {
+    let mut consumer = Consumer::new(client, ConsumerConfig::default());
+    if consumer.assign(&topic, 0..partitions).await.is_err() {
+        return;
+    }
+    for p in 0..partitions {
+        let _ = consumer.seek(&topic, p, SeekTo::Beginning);
+    }
+    loop {
+        let Ok(records) = consumer.poll_timeout(Duration::from_millis(200)).await else {
+            return;
+        };
+        let now = quiver_core::clock::now_ms();
+        let mut lat = lat.lock().unwrap_or_else(|p| p.into_inner());
+        for r in records {
+            let ms = (now - r.timestamp).max(0) as u64;
+            let _ = lat.record((ms * 1000).max(1));
+        }
+    }
+}
+
+impl PipelineBench {
+    /// Prints the three reports and the ratios.
+    pub fn print(&self, format: OutputFormat) {
+        match format {
+            OutputFormat::Json => {
+                println!("{}", serde_json::to_string(self).unwrap_or_default())
+            }
+            OutputFormat::Text => {
+                println!("{}", self.produce.line());
+                println!("{}", self.no_stage.line());
+                println!("{}", self.stages.line());
+                println!(
+                    "ratios: {} = {:.0}% of the no-stage pipeline; no-stage pipeline = {:.0}% of plain produce",
+                    self.stage_chain.join(" → "),
+                    self.stages_vs_no_stage * 100.0,
+                    self.no_stage_vs_produce * 100.0
+                );
+            }
+        }
+    }
+}
