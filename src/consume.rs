@@ -72,6 +72,28 @@ pub struct ConsumeArgs {
     /// Config override for --processor, key=value (repeatable).
     #[arg(long, value_name = "KEY=VALUE", requires = "processor")]
     processor_config: Vec<String>,
+    /// read-uncommitted: every record; read-committed: only records of committed
+    /// transactions (e.g. the output of an exactly-once pipeline), never an aborted one's.
+    #[arg(long, value_enum, default_value_t = IsolationArg::ReadUncommitted)]
+    isolation: IsolationArg,
+}
+
+/// `--isolation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IsolationArg {
+    /// Every record below the high watermark.
+    ReadUncommitted,
+    /// Only committed transactions' records, below the last stable offset.
+    ReadCommitted,
+}
+
+impl From<IsolationArg> for quiver_client::Isolation {
+    fn from(i: IsolationArg) -> Self {
+        match i {
+            IsolationArg::ReadUncommitted => quiver_client::Isolation::ReadUncommitted,
+            IsolationArg::ReadCommitted => quiver_client::Isolation::ReadCommitted,
+        }
+    }
 }
 
 impl ConsumeArgs {
@@ -148,6 +170,7 @@ async fn build_consumer(
                 Mode::Subscribe => ConsumeMode::Subscribe,
             },
             processor: args.processor_spec()?,
+            isolation: args.isolation.into(),
             ..ConsumerConfig::default()
         },
     );
@@ -167,6 +190,7 @@ async fn consume(global: &GlobalOpts, args: &ConsumeArgs) -> anyhow::Result<()> 
             session_timeout_ms: args.session_timeout_ms,
             processor: args.processor_spec()?,
             from_beginning: args.from_beginning,
+            isolation: args.isolation.into(),
         };
         return crate::group::consume(global, run, |out, r| print_record(out, r, args)).await;
     }
@@ -217,9 +241,10 @@ async fn consume(global: &GlobalOpts, args: &ConsumeArgs) -> anyhow::Result<()> 
                 }
             }
         }
-        if !args.follow && args.processor.is_some() {
-            // A processor may drop the last records: the position (past every batch
-            // served, kept or not) says when a partition is done.
+        if !args.follow {
+            // A processor may drop the last records, and transaction markers (or an aborted
+            // transaction's records) hold offsets no record is printed for: the position
+            // (past every batch served) says when a partition is done.
             let open: Vec<u32> = remaining.keys().copied().collect();
             for p in open {
                 let end = remaining.get(&p).copied().unwrap_or(0);

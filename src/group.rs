@@ -250,6 +250,8 @@ pub struct GroupRun<'a> {
     /// `--from-beginning`: partitions without a committed offset start at the earliest
     /// record (this member's choice, not stored with the group).
     pub from_beginning: bool,
+    /// `--isolation`.
+    pub isolation: quiver_client::Isolation,
 }
 
 async fn stop_signal() {
@@ -291,6 +293,7 @@ pub async fn consume(
         .session_timeout(Duration::from_millis(run.session_timeout_ms));
     config.client_id = format!("quiver-cli-{}", std::process::id());
     config.fetch.processor = run.processor.clone();
+    config.fetch.isolation = run.isolation;
     if run.from_beginning {
         config = config.start_without_commit_at(AutoOffsetReset::Earliest);
     }

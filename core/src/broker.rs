@@ -21,6 +21,7 @@ use crate::server::endpoint::{self, EndpointError};
 use crate::server::{ServerContext, ServerParts};
 use crate::tls::{self, TlsError};
 use crate::topic::{TopicMeta, TopicRegistry, PARTITION_META_TREE, TOPICS_TREE};
+use crate::txn::TxnCoordinator;
 
 /// Why the broker could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -254,6 +255,9 @@ impl Broker {
             PluginService::open(db.clone(), topics.clone(), &config.plugins)
                 .map_err(|e| BrokerError::Storage(e.to_string()))?,
         );
+        let txns = TxnCoordinator::open(&db, topics.clone(), flusher.clone(), groups.clone())
+            .map_err(|e| BrokerError::Storage(format!("transactions: {e}")))?;
+        let txn_task = tokio::spawn(txns.clone().run_ticker(stop_rx.clone()));
         let config = Arc::new(config);
         let pipelines = PipelineSlot::default();
         let ctx = ServerContext::new(
@@ -264,6 +268,7 @@ impl Broker {
                 metrics,
                 groups,
                 plugins,
+                txns,
                 pipelines: pipelines.clone(),
             },
             stop_rx.clone(),
@@ -293,6 +298,7 @@ impl Broker {
                 endpoint.close(quinn::VarInt::from_u32(0), b"broker shutting down");
                 let _ = retention_task.await;
                 let _ = group_task.await;
+                let _ = txn_task.await;
                 // Every request has been answered (or the timeout passed): now the flusher
                 // may stop; the final flush below covers whatever it had not.
                 let _ = flush_stop_tx.send(true);

@@ -11,6 +11,7 @@
 //! - [`tls`]: certificates (configured, or a self-made CA under `<data_dir>/tls/`);
 //! - [`metrics`]: counters and histograms, served as Prometheus text over HTTP;
 //! - [`cluster`]: the controller's replicated metadata (openraft types, state machine, store);
+//! - [`txn`]: the transaction coordinator (transactional ids, markers, pending offsets);
 //! - [`broker`]: wires the parts together: [`Broker::start`] and [`BrokerHandle`].
 
 pub mod broker;
@@ -25,6 +26,7 @@ pub mod plugin;
 pub mod server;
 pub mod tls;
 pub mod topic;
+pub mod txn;
 
 pub use broker::{Broker, BrokerError, BrokerHandle};
 pub use config::{BrokerConfig, ConfigError};

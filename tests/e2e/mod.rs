@@ -14,3 +14,4 @@ mod pipelines;
 mod plugins;
 mod shutdown;
 mod topics_admin;
+mod transactions;

@@ -368,6 +368,7 @@ async fn timed_fetch(
         max_wait_ms: 0,
         min_bytes: 1,
         processor: Some(ProcessorSpec::parse(processor).unwrap()),
+        isolation: Default::default(),
     };
     let start = Instant::now();
     let r = client

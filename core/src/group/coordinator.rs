@@ -772,18 +772,7 @@ impl GroupCoordinator {
                 )));
             }
         }
-        let records: Vec<GroupRecord> = req
-            .offsets
-            .iter()
-            .map(|o| GroupRecord::Offset {
-                group: req.group.clone(),
-                tp: TopicPartition::new(o.topic.clone(), o.partition),
-                value: OffsetValue {
-                    offset: o.offset,
-                    metadata: o.metadata.clone(),
-                },
-            })
-            .collect();
+        let records = offset_records(req);
         Ok((
             CommitOffsetsResponse {
                 committed: records.len() as u32,
@@ -989,4 +978,19 @@ impl GroupCoordinator {
                 .all(|tp| seen.insert(tp))
         })
     }
+}
+
+/// The records a commit of `req`'s offsets stores (no checks: see `prepare_commit`).
+pub fn offset_records(req: &CommitOffsetsRequest) -> Vec<GroupRecord> {
+    req.offsets
+        .iter()
+        .map(|o| GroupRecord::Offset {
+            group: req.group.clone(),
+            tp: TopicPartition::new(o.topic.clone(), o.partition),
+            value: OffsetValue {
+                offset: o.offset,
+                metadata: o.metadata.clone(),
+            },
+        })
+        .collect()
 }

@@ -346,6 +346,21 @@ impl GroupService {
         Ok(resp)
     }
 
+    /// The checks of a commit (membership, generation, ownership) for a transaction that
+    /// will store `req`'s offsets when it commits; nothing is stored now.
+    pub async fn check_commit(&self, req: &CommitOffsetsRequest) -> Result<()> {
+        let _order = self.lock_group(&req.group).await;
+        self.lock().prepare_commit(req)?;
+        Ok(())
+    }
+
+    /// Stores the offsets of a committed transaction (checked when they were added to it).
+    pub async fn store_transactional(&self, req: &CommitOffsetsRequest) -> Result<()> {
+        let _order = self.lock_group(&req.group).await;
+        self.persist_then_apply(&super::coordinator::offset_records(req))
+            .await
+    }
+
     /// FetchOffsets.
     pub fn fetch_offsets(&self, req: &FetchOffsetsRequest) -> FetchOffsetsResponse {
         self.lock().fetch_offsets(req)

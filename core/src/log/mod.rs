@@ -10,13 +10,15 @@
 //! - [`keyspace`]: partitions' slices of the shared trees;
 //! - [`flush`]: group commit: concurrent appends share one sled flush;
 //! - [`producers`]: per-producer sequence tracking (ordering of pipelined requests, dedupe);
-//! - [`retention`]: which batches to delete, as a pure decision over batch summaries.
+//! - [`retention`]: which batches to delete, as a pure decision over batch summaries;
+//! - [`txn_index`]: open and aborted transactions of a partition, and its last stable offset.
 
 pub mod flush;
 pub mod keyspace;
 pub mod partition;
 pub mod producers;
 pub mod retention;
+pub mod txn_index;
 
 pub use flush::Flusher;
 pub use partition::{AppendResult, PartitionLog, PartitionSnapshot, ReadResult, RepairReport};
@@ -53,6 +55,9 @@ pub enum LogError {
     /// A producer sequence did not fit.
     #[error("{0}")]
     Sequence(String),
+    /// An older epoch of a producer id than one this partition has seen.
+    #[error("{0}")]
+    Fenced(String),
     /// Waiting for durability or ordering took too long.
     #[error("timed out: {0}")]
     Timeout(String),
@@ -83,6 +88,7 @@ impl LogError {
             LogError::Corrupt { .. } => ErrorCode::StorageError,
             LogError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
             LogError::Sequence(_) => ErrorCode::OutOfOrderSequence,
+            LogError::Fenced(_) => ErrorCode::ProducerFenced,
             LogError::Timeout(_) => ErrorCode::RequestTimedOut,
             LogError::Deleted => ErrorCode::UnknownTopicOrPartition,
             LogError::Offline { .. } => ErrorCode::StorageError,

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use quiver_protocol::batch::{self, BatchHeader, RecordIter};
-use quiver_protocol::requests::OffsetSpec;
+use quiver_protocol::requests::{AbortedTxn, Isolation, OffsetSpec};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
 
@@ -21,6 +21,7 @@ use super::flush::Flusher;
 use super::keyspace::{migrate_legacy, PartitionKeys, BATCHES_TREE, TIME_INDEX_TREE};
 use super::producers::{AppendedBatch, ProducerTable, SequenceCheck};
 use super::retention::{batches_to_delete, BatchSummary};
+use super::txn_index::TxnIndex;
 use super::{key_offset, offset_key, LogError};
 use crate::topic::{FlushPolicy, TopicConfig};
 
@@ -58,6 +59,7 @@ struct State {
     running_max_ts: i64,
     bytes_since_index: u64,
     producers: ProducerTable,
+    txns: TxnIndex,
 }
 
 /// Offsets and size at one moment.
@@ -73,6 +75,8 @@ pub struct PartitionSnapshot {
     pub size_bytes: u64,
     /// Current leader epoch.
     pub leader_epoch: i32,
+    /// Below this no transaction is open: read-committed consumers read up to here.
+    pub last_stable: i64,
 }
 
 /// The result of an append.
@@ -97,6 +101,8 @@ pub struct ReadResult {
     pub batches: usize,
     /// Offsets when read.
     pub snapshot: PartitionSnapshot,
+    /// Read-committed reads: the aborted transactions with batches in the payload.
+    pub aborted: Vec<AbortedTxn>,
 }
 
 /// One partition's log.
@@ -217,6 +223,7 @@ impl PartitionLog {
         let mut size_bytes = 0u64;
         let mut running_max_ts = i64::MIN;
         let mut offline = None;
+        let mut txns = TxnIndex::default();
         for item in batches.iter() {
             let (k, v) = item?;
             size_bytes += v.len() as u64;
@@ -227,6 +234,13 @@ impl PartitionLog {
                 None => {
                     if let Ok(h) = BatchHeader::parse(&v) {
                         running_max_ts = running_max_ts.max(h.max_timestamp);
+                        if h.is_transactional() {
+                            let marker = h
+                                .is_control()
+                                .then(|| batch::marker_of(&Bytes::copy_from_slice(&v)))
+                                .flatten();
+                            txns.observe(&h, marker);
+                        }
                     }
                 }
                 Some(reason) => {
@@ -257,6 +271,7 @@ impl PartitionLog {
             let Ok(h) = batch::check_crc(v) else { continue };
             producers.record(
                 h.producer_id,
+                h.producer_epoch,
                 AppendedBatch {
                     first_seq: h.base_sequence,
                     last_seq: h.base_sequence.wrapping_add(h.record_count - 1),
@@ -279,6 +294,7 @@ impl PartitionLog {
             running_max_ts,
             bytes_since_index: TIME_INDEX_INTERVAL,
             producers,
+            txns,
         };
         Ok(PartitionLog {
             topic: topic.to_string(),
@@ -310,6 +326,10 @@ impl PartitionLog {
             log_end: s.log_end,
             size_bytes: s.size_bytes,
             leader_epoch: s.leader_epoch,
+            last_stable: s
+                .txns
+                .first_unstable()
+                .map_or(s.high_watermark, |f| f.min(s.high_watermark)),
         }
     }
 
@@ -452,7 +472,16 @@ impl PartitionLog {
         force_new: bool,
     ) -> Result<Result<AppendResult, SequenceCheck>, LogError> {
         let mut st = self.lock();
-        match st.producers.check(h.producer_id, h.base_sequence, h.record_count) {
+        match st
+            .producers
+            .check(h.producer_id, h.producer_epoch, h.base_sequence, h.record_count)
+        {
+            SequenceCheck::Fenced => {
+                return Err(LogError::Fenced(format!(
+                    "producer {} epoch {} is fenced: a newer epoch of it wrote here",
+                    h.producer_id, h.producer_epoch
+                )))
+            }
             SequenceCheck::Wait => return Ok(Err(SequenceCheck::Wait)),
             SequenceCheck::WaitUnknown if !force_new => return Ok(Err(SequenceCheck::WaitUnknown)),
             SequenceCheck::WaitUnknown => {
@@ -490,6 +519,7 @@ impl PartitionLog {
         let last = base + i64::from(h.last_offset_delta);
         st.producers.record(
             h.producer_id,
+            h.producer_epoch,
             AppendedBatch {
                 first_seq: h.base_sequence,
                 last_seq: h.base_sequence.wrapping_add(h.record_count - 1),
@@ -497,6 +527,12 @@ impl PartitionLog {
                 last_offset: last,
             },
         );
+        if h.is_transactional() {
+            let marker = h.is_control().then(|| batch::marker_of(raw)).flatten();
+            let mut stamped = *h;
+            stamped.base_offset = base;
+            st.txns.observe(&stamped, marker);
+        }
         st.log_end = last + 1;
         st.size_bytes += raw.len() as u64;
         Ok(Ok(AppendResult {
@@ -527,8 +563,23 @@ impl PartitionLog {
     /// Reads whole batches from the one holding `offset`, below the high watermark, up to
     /// `max_bytes` (at least one batch when any is readable). CRCs are checked on the way.
     pub fn read(&self, offset: i64, max_bytes: usize) -> Result<ReadResult, LogError> {
+        self.read_with(offset, max_bytes, Isolation::ReadUncommitted)
+    }
+
+    /// [`read`](Self::read) for `isolation`: read-committed reads stop at the last stable
+    /// offset and list the aborted transactions among the batches returned.
+    pub fn read_with(
+        &self,
+        offset: i64,
+        max_bytes: usize,
+        isolation: Isolation,
+    ) -> Result<ReadResult, LogError> {
         self.check_alive()?;
         let snapshot = self.snapshot();
+        let bound = match isolation {
+            Isolation::ReadUncommitted => snapshot.high_watermark,
+            Isolation::ReadCommitted => snapshot.last_stable,
+        };
         if offset < snapshot.log_start || offset > snapshot.log_end {
             return Err(LogError::OffsetOutOfRange {
                 offset,
@@ -538,7 +589,8 @@ impl PartitionLog {
         }
         let mut out = BytesMut::new();
         let mut count = 0;
-        if offset < snapshot.high_watermark {
+        let mut end = offset;
+        if offset < bound {
             let start = match self.batches.range_through(&offset_key(offset)).next_back() {
                 Some(item) => {
                     let (k, v) = item?;
@@ -554,7 +606,7 @@ impl PartitionLog {
             for item in self.batches.range_from(&offset_key(start)) {
                 let (k, v) = item?;
                 let base = key_offset(&k);
-                if base >= snapshot.high_watermark {
+                if base >= bound {
                     break;
                 }
                 if !out.is_empty() && out.len() + v.len() > max_bytes {
@@ -572,12 +624,18 @@ impl PartitionLog {
                 }
                 out.extend_from_slice(&v);
                 count += 1;
+                end = BatchHeader::parse(&v)?.next_offset();
             }
         }
+        let aborted = match isolation {
+            Isolation::ReadCommitted if count > 0 => self.lock().txns.aborted_in(offset, end),
+            _ => Vec::new(),
+        };
         Ok(ReadResult {
             payload: out.freeze(),
             batches: count,
             snapshot,
+            aborted,
         })
     }
 
@@ -588,8 +646,19 @@ impl PartitionLog {
         offset: i64,
         max_bytes: usize,
     ) -> Result<ReadResult, LogError> {
+        self.read_async_with(offset, max_bytes, Isolation::ReadUncommitted)
+            .await
+    }
+
+    /// [`read_with`](Self::read_with) on a blocking thread.
+    pub async fn read_async_with(
+        self: &Arc<Self>,
+        offset: i64,
+        max_bytes: usize,
+        isolation: Isolation,
+    ) -> Result<ReadResult, LogError> {
         let this = self.clone();
-        blocking(move || this.read(offset, max_bytes)).await?
+        blocking(move || this.read_with(offset, max_bytes, isolation)).await?
     }
 
     /// [`lookup`](Self::lookup) on a blocking thread.
@@ -623,6 +692,7 @@ impl PartitionLog {
             // Known without reading data, so answered even while the partition is offline.
             OffsetSpec::Earliest => Ok((snap.log_start, -1)),
             OffsetSpec::Latest => Ok((snap.high_watermark, -1)),
+            OffsetSpec::LastStable => Ok((snap.last_stable, -1)),
             OffsetSpec::Timestamp(t) => {
                 self.check_alive()?;
                 let from = match self.time_index.range_before(&ts_key(t)).next_back() {
@@ -695,6 +765,7 @@ impl PartitionLog {
             let mut st = self.lock();
             st.log_start = new_start;
             st.size_bytes -= freed;
+            st.txns.trim(new_start);
         }
         self.persist_meta()?;
         for b in &summaries[..n] {

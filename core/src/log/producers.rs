@@ -4,7 +4,9 @@
 //! Because every request travels on its own QUIC stream, two pipelined requests of one
 //! producer may arrive in either order; the partition appends them in sequence order
 //! (a batch ahead of its turn waits), and answers a retried batch it already stored with
-//! the offsets it got the first time, so retries never duplicate.
+//! the offsets it got the first time, so retries never duplicate. A producer id seen with a
+//! higher epoch (a transactional producer initialised again) starts its sequences afresh;
+//! a lower epoch than the one seen is fenced.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -38,10 +40,13 @@ pub enum SequenceCheck {
     WaitUnknown,
     /// It can never fit (an old sequence no longer remembered).
     Reject,
+    /// An older epoch of the producer id than one already seen.
+    Fenced,
 }
 
 #[derive(Debug, Default)]
 struct ProducerEntry {
+    epoch: i16,
     recent: VecDeque<AppendedBatch>,
 }
 
@@ -52,14 +57,18 @@ pub struct ProducerTable {
 }
 
 impl ProducerTable {
-    /// Decides what to do with a batch of `count` records from `producer_id` at `first_seq`.
-    pub fn check(&self, producer_id: i64, first_seq: i32, count: i32) -> SequenceCheck {
+    /// Decides what to do with a batch of `count` records from `producer_id`/`epoch` at
+    /// `first_seq`.
+    pub fn check(&self, producer_id: i64, epoch: i16, first_seq: i32, count: i32) -> SequenceCheck {
         if producer_id < 0 || first_seq < 0 {
             return SequenceCheck::Append;
         }
-        let Some(last) = self
-            .producers
-            .get(&producer_id)
+        let known = self.producers.get(&producer_id);
+        if known.is_some_and(|e| epoch < e.epoch) {
+            return SequenceCheck::Fenced;
+        }
+        let Some(last) = known
+            .filter(|e| e.epoch == epoch)
             .and_then(|e| e.recent.back())
         else {
             // A new producer starts at 0. Any other start is either a batch that overtook
@@ -90,11 +99,15 @@ impl ProducerTable {
     }
 
     /// Records an appended batch.
-    pub fn record(&mut self, producer_id: i64, batch: AppendedBatch) {
+    pub fn record(&mut self, producer_id: i64, epoch: i16, batch: AppendedBatch) {
         if producer_id < 0 || batch.first_seq < 0 {
             return;
         }
         let e = self.producers.entry(producer_id).or_default();
+        if epoch > e.epoch {
+            e.epoch = epoch;
+            e.recent.clear();
+        }
         e.recent.push_back(batch);
         while e.recent.len() > REMEMBERED {
             e.recent.pop_front();
@@ -118,22 +131,33 @@ mod tests {
     #[test]
     fn in_order_duplicate_and_ahead() {
         let mut t = ProducerTable::default();
-        assert_eq!(t.check(7, 0, 10), SequenceCheck::Append);
-        t.record(7, b(0, 9, 100));
-        assert_eq!(t.check(7, 10, 5), SequenceCheck::Append);
-        assert_eq!(t.check(7, 0, 10), SequenceCheck::Duplicate(b(0, 9, 100)));
-        assert_eq!(t.check(7, 20, 5), SequenceCheck::Wait);
-        assert_eq!(t.check(8, 20, 5), SequenceCheck::WaitUnknown);
-        assert_eq!(t.check(8, 0, 5), SequenceCheck::Append);
-        assert_eq!(t.check(-1, 3, 5), SequenceCheck::Append);
+        assert_eq!(t.check(7, 0, 0, 10), SequenceCheck::Append);
+        t.record(7, 0, b(0, 9, 100));
+        assert_eq!(t.check(7, 0, 10, 5), SequenceCheck::Append);
+        assert_eq!(t.check(7, 0, 0, 10), SequenceCheck::Duplicate(b(0, 9, 100)));
+        assert_eq!(t.check(7, 0, 20, 5), SequenceCheck::Wait);
+        assert_eq!(t.check(8, 0, 20, 5), SequenceCheck::WaitUnknown);
+        assert_eq!(t.check(8, 0, 0, 5), SequenceCheck::Append);
+        assert_eq!(t.check(-1, 0, 3, 5), SequenceCheck::Append);
     }
 
     #[test]
     fn forgotten_old_sequence_is_rejected() {
         let mut t = ProducerTable::default();
         for i in 0..20 {
-            t.record(1, b(i * 10, i * 10 + 9, i64::from(i) * 10));
+            t.record(1, 0, b(i * 10, i * 10 + 9, i64::from(i) * 10));
         }
-        assert_eq!(t.check(1, 0, 10), SequenceCheck::Reject);
+        assert_eq!(t.check(1, 0, 0, 10), SequenceCheck::Reject);
+    }
+
+    #[test]
+    fn a_new_epoch_starts_afresh_and_an_old_one_is_fenced() {
+        let mut t = ProducerTable::default();
+        t.record(5, 0, b(0, 9, 100));
+        // Re-initialised: sequence 0 again is a new start, not a duplicate of the old batch.
+        assert_eq!(t.check(5, 1, 0, 10), SequenceCheck::Append);
+        t.record(5, 1, b(0, 4, 200));
+        assert_eq!(t.check(5, 1, 5, 1), SequenceCheck::Append);
+        assert_eq!(t.check(5, 0, 10, 1), SequenceCheck::Fenced);
     }
 }

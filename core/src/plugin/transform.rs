@@ -56,6 +56,11 @@ pub fn process_batch(
     if h.next_offset() <= from {
         return Ok(None);
     }
+    if h.is_control() {
+        // Transaction markers are not records: they go through untouched (consumers skip
+        // them), never into a plugin.
+        return Ok(Some(batch.clone()));
+    }
     // The header's count is only a claim: never reserve more than the bytes can hold.
     let mut input = Vec::with_capacity((h.record_count.max(0) as usize).min(batch.len() / 8));
     for r in iter {

@@ -65,7 +65,7 @@ pub async fn dispatch(
         ApiKey::Heartbeat => requests::heartbeat::handle(ctx, body).await?,
         ApiKey::LeaveGroup => requests::leave_group::handle(ctx, body)?,
         ApiKey::CommitOffsets => requests::commit_offsets::handle(ctx, body).await?,
-        ApiKey::FetchOffsets => requests::fetch_offsets::handle(ctx, body)?,
+        ApiKey::FetchOffsets => requests::fetch_offsets::handle(ctx, body).await?,
         ApiKey::ListGroups => requests::list_groups::handle(ctx, body)?,
         ApiKey::DescribeGroup => requests::describe_group::handle(ctx, body)?,
         ApiKey::ResetOffsets => requests::reset_offsets::handle(ctx, body).await?,
@@ -85,6 +85,9 @@ pub async fn dispatch(
         ApiKey::ListPipelines => requests::pipelines::list(ctx, body).await?,
         ApiKey::DescribePipeline => requests::pipelines::describe(ctx, body).await?,
         ApiKey::StopPipeline => requests::pipelines::stop(ctx, body).await?,
+        ApiKey::InitTransactions => requests::transactions::init(ctx, body).await?,
+        ApiKey::TxnCommitOffsets => requests::transactions::commit_offsets(ctx, body).await?,
+        ApiKey::EndTxn => requests::transactions::end(ctx, body).await?,
         ApiKey::Subscribe => {
             requests::subscribe::handle(ctx, body, send).await?;
             return Ok(Outcome::Streamed);

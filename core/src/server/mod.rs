@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::pipelines::PipelineSlot;
 use crate::plugin::PluginService;
 use crate::topic::TopicRegistry;
+use crate::txn::TxnCoordinator;
 
 /// What every request handler can reach.
 pub struct ServerContext {
@@ -38,6 +39,8 @@ pub struct ServerContext {
     pub groups: Arc<GroupService>,
     /// Deployed plugins and consume-time processor instances.
     pub plugins: Arc<PluginService>,
+    /// Transactions.
+    pub txns: Arc<TxnCoordinator>,
     /// The host of deployed pipelines, once installed.
     pub pipelines: PipelineSlot,
     /// Turns true when the broker starts shutting down.
@@ -60,6 +63,8 @@ pub struct ServerParts {
     pub groups: Arc<GroupService>,
     /// Deployed plugins.
     pub plugins: Arc<PluginService>,
+    /// Transactions.
+    pub txns: Arc<TxnCoordinator>,
     /// The slot of the pipeline host.
     pub pipelines: PipelineSlot,
 }
@@ -74,6 +79,7 @@ impl ServerContext {
             metrics,
             groups,
             plugins,
+            txns,
             pipelines,
         } = parts;
         Arc::new(ServerContext {
@@ -83,6 +89,7 @@ impl ServerContext {
             metrics,
             groups,
             plugins,
+            txns,
             pipelines,
             stopping,
             inflight: AtomicUsize::new(0),

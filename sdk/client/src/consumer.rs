@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::Stream;
 use quiver_protocol::batch::{split_batches, BatchHeader, Header, RecordIter};
-use quiver_protocol::requests::{FetchRequest, OffsetSpec};
+use quiver_protocol::requests::{AbortedTxn, FetchRequest, Isolation, OffsetSpec};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -84,6 +84,9 @@ pub struct ConsumerConfig {
     /// never cross the network, and the records received keep their source offsets (so
     /// offsets may have gaps).
     pub processor: Option<quiver_protocol::requests::ProcessorSpec>,
+    /// Read-uncommitted (default: every record) or read-committed (only records of
+    /// committed transactions, up to the last stable offset; always long-poll).
+    pub isolation: Isolation,
 }
 
 impl Default for ConsumerConfig {
@@ -97,6 +100,7 @@ impl Default for ConsumerConfig {
             reset: OffsetReset::Earliest,
             buffer_chunks: 16,
             processor: None,
+            isolation: Isolation::ReadUncommitted,
         }
     }
 }
@@ -137,6 +141,8 @@ struct Fetched {
 struct Chunk {
     /// The offset asked for: records before it are skipped.
     from: i64,
+    /// Aborted transactions among the batches (read-committed): their batches are skipped.
+    aborted: Vec<AbortedTxn>,
     /// Whole stored batches.
     batches: Bytes,
     /// The offset after the last batch.
@@ -303,10 +309,15 @@ impl Consumer {
         Ok(offset)
     }
 
-    /// The end offset (high watermark) of every partition of `topic`: reading up to these
-    /// means "caught up".
+    /// The end offset of every partition of `topic` for this consumer's isolation (the high
+    /// watermark; read-committed: the last stable offset): reading up to these means
+    /// "caught up".
     pub async fn end_offsets(&self, topic: &str) -> Result<BTreeMap<u32, i64>> {
-        self.offsets(topic, OffsetSpec::Latest).await
+        let spec = match self.config.isolation {
+            Isolation::ReadUncommitted => OffsetSpec::Latest,
+            Isolation::ReadCommitted => OffsetSpec::LastStable,
+        };
+        self.offsets(topic, spec).await
     }
 
     /// The first stored offset of every partition of `topic`.
@@ -456,7 +467,15 @@ fn decode_chunk(
 ) -> Result<()> {
     for batch in split_batches(&chunk.batches, usize::MAX)? {
         let header = BatchHeader::parse(&batch)?;
-        if header.next_offset() <= chunk.from {
+        if header.next_offset() <= chunk.from || header.is_control() {
+            continue;
+        }
+        if header.is_transactional()
+            && chunk.aborted.iter().any(|a| {
+                a.producer_id == header.producer_id
+                    && (a.first_offset..=a.last_offset).contains(&header.base_offset)
+            })
+        {
             continue;
         }
         for rec in RecordIter::new(&batch, max_decompressed)? {
@@ -518,9 +537,12 @@ type FetchResult = Result<(quiver_protocol::requests::FetchResponse, Bytes)>;
 
 impl Fetcher {
     async fn run(self, offset: i64) {
-        match self.config.mode {
-            ConsumeMode::LongPoll => self.long_poll(offset).await,
-            ConsumeMode::Subscribe => self.subscribe(offset).await,
+        match (self.config.mode, self.config.isolation) {
+            // Pushed chunks carry no last stable offset: read-committed always long-polls.
+            (ConsumeMode::LongPoll, _) | (_, Isolation::ReadCommitted) => {
+                self.long_poll(offset).await
+            }
+            (ConsumeMode::Subscribe, Isolation::ReadUncommitted) => self.subscribe(offset).await,
         }
     }
 
@@ -536,6 +558,7 @@ impl Fetcher {
             max_wait_ms: self.config.max_wait_ms,
             min_bytes: self.config.min_bytes,
             processor: self.config.processor.clone(),
+            isolation: self.config.isolation,
         };
         let timeout = client.config().request_timeout
             + Duration::from_millis(u64::from(self.config.max_wait_ms));
@@ -602,7 +625,7 @@ impl Fetcher {
                 }
             };
             match result {
-                Ok((_, payload)) => {
+                Ok((resp, payload)) => {
                     backoff.reset();
                     let next = match next_offset(&payload) {
                         Ok(n) => n,
@@ -618,6 +641,7 @@ impl Fetcher {
                             inflight = self.spawn_fetch(offset);
                             let chunk = Chunk {
                                 from,
+                                aborted: resp.aborted,
                                 batches: payload,
                                 next,
                             };
@@ -680,6 +704,7 @@ impl Fetcher {
                             }
                             let chunk = Chunk {
                                 from: offset,
+                                aborted: Vec::new(),
                                 batches: payload,
                                 next,
                             };
@@ -738,6 +763,7 @@ mod tests {
         let payload = Bytes::from(payload);
         assert_eq!(next_offset(&payload).unwrap(), Some(20));
         let chunk = Chunk {
+            aborted: Vec::new(),
             from: 13,
             batches: payload,
             next: 20,
@@ -754,6 +780,7 @@ mod tests {
         let mut payload = batch(0, 3).to_vec();
         payload.extend_from_slice(&batch(3, 2));
         let chunk = Chunk {
+            aborted: Vec::new(),
             from: 3,
             batches: Bytes::from(payload),
             next: 5,
@@ -774,6 +801,7 @@ mod tests {
         let payload = Bytes::from(payload);
         assert_eq!(next_offset(&payload).unwrap(), Some(20));
         let chunk = Chunk {
+            aborted: Vec::new(),
             from: 10,
             batches: payload,
             next: 20,

@@ -632,8 +632,11 @@ impl GroupConsumer {
             }
         }
         for tp in &self.owned {
-            let end =
-                list_offset(&self.client, &tp.topic, tp.partition, OffsetSpec::Latest).await?;
+            let spec = match self.config.fetch.isolation {
+                crate::Isolation::ReadUncommitted => OffsetSpec::Latest,
+                crate::Isolation::ReadCommitted => OffsetSpec::LastStable,
+            };
+            let end = list_offset(&self.client, &tp.topic, tp.partition, spec).await?;
             let pos = match self.positions.get(tp) {
                 Some(&p) => p,
                 None => self.consumer.position(&tp.topic, tp.partition).await?,

@@ -34,6 +34,7 @@ mod group_admin;
 mod plugins;
 mod producer;
 mod tls;
+mod transaction;
 
 pub use admin::Admin;
 pub use backoff::Backoff;
@@ -50,9 +51,11 @@ pub use producer::{
     ProducerConfig, ProducerRecord, ProducerStats, RecordMetadata, RecordRef,
 };
 pub use quiver_protocol::batch::{Compression, Header};
-pub use quiver_protocol::requests::Acks;
+pub use quiver_protocol::requests::OffsetCommit;
+pub use quiver_protocol::requests::{Acks, Isolation};
 pub use quiver_protocol::requests::{
     AutoOffsetReset, GroupDescription, GroupListing, ResetTo, Strategy,
     Subscription as GroupSubscription, TopicPartition,
 };
 pub use quiver_protocol::requests::{PluginInfo, ProcessorSpec};
+pub use transaction::{Landed, TransactionalProducer, TxnOffsets, DEFAULT_TXN_TIMEOUT};

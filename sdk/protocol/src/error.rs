@@ -80,6 +80,12 @@ pub enum ErrorCode {
     InvalidPipeline = 32,
     /// This broker does not run deployed pipelines (an embedded broker without a host).
     PipelinesUnavailable = 33,
+    /// A newer producer holds this transactional id (or producer id): this one is fenced
+    /// and must stop.
+    ProducerFenced = 34,
+    /// The transaction request does not fit the transaction's state (e.g. EndTxn with no
+    /// open transaction, or offsets of a group whose generation moved on).
+    InvalidTxnState = 35,
 }
 
 impl ErrorCode {
@@ -120,6 +126,8 @@ impl ErrorCode {
             31 => PipelineNotFound,
             32 => InvalidPipeline,
             33 => PipelinesUnavailable,
+            34 => ProducerFenced,
+            35 => InvalidTxnState,
             _ => Internal,
         }
     }

@@ -114,6 +114,12 @@ api_keys! {
     DescribePipeline = 52,
     /// Stop and remove a deployed pipeline.
     StopPipeline = 53,
+    /// Get the producer id and a new epoch for a transactional id.
+    InitTransactions = 60,
+    /// Add a group's offsets to the open transaction.
+    TxnCommitOffsets = 61,
+    /// Commit or abort the open transaction.
+    EndTxn = 62,
 }
 
 /// A decoded frame header.

@@ -169,6 +169,7 @@ mod tests {
             max_wait_ms: 5,
             min_bytes: 1,
             processor: None,
+            isolation: Default::default(),
         };
         let f = encode_request(&req, b"payload");
         let (d, p): (FetchRequest, Bytes) = decode_request(&f.body).unwrap();
@@ -182,6 +183,8 @@ mod tests {
             high_watermark: 3,
             log_start_offset: 1,
             log_end_offset: 3,
+            last_stable_offset: 3,
+            aborted: Vec::new(),
         };
         let whole = encode_response(ApiKey::Fetch, &resp, b"batches").encode();
         let mut parts = response_prefix(ApiKey::Fetch as u16, &encode_control(&resp), 7).to_vec();
@@ -208,6 +211,8 @@ mod tests {
             high_watermark: 10,
             log_start_offset: 0,
             log_end_offset: 10,
+            last_stable_offset: 10,
+            aborted: Vec::new(),
         };
         let f = encode_response(ApiKey::Fetch, &resp, b"");
         for n in 0..f.body.len() {

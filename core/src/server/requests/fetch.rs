@@ -20,7 +20,10 @@ pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
     let max_bytes = (req.max_bytes as usize).clamp(1, ctx.config.limits.max_frame_bytes as usize);
     let deadline = tokio::time::Instant::now()
         + Duration::from_millis(u64::from(req.max_wait_ms.min(MAX_WAIT_CAP_MS)));
-    let mut read = log.read_async(req.offset, max_bytes).await?;
+    let isolation = req.isolation;
+    let mut read = log
+        .read_async_with(req.offset, max_bytes, isolation)
+        .await?;
     while read.payload.len() < (req.min_bytes as usize).max(1) && !ctx.is_stopping() {
         let waited = tokio::select! {
             moved = log.wait_beyond(read.snapshot.high_watermark.max(req.offset), deadline) => moved,
@@ -29,7 +32,9 @@ pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
         if !waited {
             break;
         }
-        read = log.read_async(req.offset, max_bytes).await?;
+        read = log
+            .read_async_with(req.offset, max_bytes, isolation)
+            .await?;
     }
     let payload = match req.processor {
         Some(spec) if !read.payload.is_empty() => {
@@ -63,6 +68,8 @@ pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
             high_watermark: s.high_watermark,
             log_start_offset: s.log_start,
             log_end_offset: s.log_end,
+            last_stable_offset: s.last_stable,
+            aborted: read.aborted,
         },
         payload,
     ))

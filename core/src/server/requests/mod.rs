@@ -25,6 +25,7 @@ pub mod produce;
 pub mod remove_plugin;
 pub mod reset_offsets;
 pub mod subscribe;
+pub mod transactions;
 
 use bytes::Bytes;
 use quiver_protocol::{encode_control, ErrorCode, Message, ProtocolError};
@@ -97,6 +98,7 @@ request_error_from!(
     GroupServiceError,
     PluginServiceError,
     crate::pipelines::PipelineHostError,
+    crate::txn::TxnError,
 );
 
 /// Decodes the request of a handler.

@@ -40,6 +40,14 @@ pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
     })
     .await
     .map_err(|e| RequestError::new(ErrorCode::Internal, format!("produce task failed: {e}")))??;
+    // A transaction's partitions are known to its coordinator before its batches land.
+    for (_, h) in &checked {
+        if h.is_transactional() {
+            ctx.txns
+                .register_partition(h.producer_id, h.producer_epoch, &req.topic, req.partition)
+                .await?;
+        }
+    }
     let appended = log.append(checked, &config, &ctx.flusher, timeout).await?;
     let counters = ctx.metrics.topic(&req.topic);
     counters

@@ -25,6 +25,7 @@ pub struct BatchBuilder {
     producer_id: i64,
     producer_epoch: i16,
     base_sequence: i32,
+    transactional: bool,
 }
 
 impl BatchBuilder {
@@ -44,6 +45,7 @@ impl BatchBuilder {
             producer_id: -1,
             producer_epoch: -1,
             base_sequence: -1,
+            transactional: false,
         }
     }
 
@@ -52,6 +54,12 @@ impl BatchBuilder {
         self.producer_id = producer_id;
         self.producer_epoch = epoch;
         self.base_sequence = base_sequence;
+    }
+
+    /// Marks the batch as part of its producer's transaction
+    /// ([`super::ATTR_TRANSACTIONAL`]).
+    pub fn set_transactional(&mut self, transactional: bool) {
+        self.transactional = transactional;
     }
 
     /// Number of records so far.
@@ -157,7 +165,12 @@ impl BatchBuilder {
         b.put_i32(-1);
         b.put_i8(MAGIC);
         b.put_u32(0); // CRC, filled below
-        b.put_i16(self.compression.attribute_bits());
+        let txn = if self.transactional {
+            super::ATTR_TRANSACTIONAL
+        } else {
+            0
+        };
+        b.put_i16(self.compression.attribute_bits() | txn);
         b.put_i32(last_offset_delta);
         b.put_i64(self.first_timestamp);
         b.put_i64(if self.count == 0 {

@@ -40,7 +40,15 @@
 //! - every record's length, key, value, header count and header lengths must lie within
 //!   the record; header keys must be UTF-8 (what [`RecordIter`] needs to read them back);
 //!   a key length below -1 or a negative value length is refused;
-//! - attribute bits other than the codec (0–2) and timestamp type (3) are refused.
+//! - attribute bits other than the codec (0–2), timestamp type (3) and transactional flag (4)
+//!   are refused (control batches, bit 5, are written by the broker only), and a
+//!   transactional batch must carry a producer id and epoch.
+//!
+//! # Transactions
+//! A transactional batch ([`ATTR_TRANSACTIONAL`]) belongs to the open transaction of its
+//! producer id until the broker writes a marker ([`control_batch`], [`Marker`]) for it in the
+//! partition: commit makes the records readable by read-committed consumers, abort voids
+//! them. Consumers skip control batches.
 //!
 //! Tests that forge batches patch header fields in place and call [`recompute_crc`].
 
@@ -66,8 +74,15 @@ const CRC_OFFSET: usize = 17;
 const CRC_START: usize = 21;
 /// Attribute bit: timestamps are the broker's append time.
 pub const ATTR_LOG_APPEND_TIME: i16 = 1 << 3;
-/// Attribute bits a batch may set: the codec (bits 0–2) and the timestamp type (bit 3).
-const KNOWN_ATTRIBUTES: i16 = 0x0f;
+/// Attribute bit: the batch belongs to a transaction of its producer id (Kafka's bit 4); its
+/// records are readable by read-committed consumers only once the transaction commits.
+pub const ATTR_TRANSACTIONAL: i16 = 1 << 4;
+/// Attribute bit: a control batch (Kafka's bit 5) — one transaction marker written by the
+/// broker, never by a client; consumers skip it.
+pub const ATTR_CONTROL: i16 = 1 << 5;
+/// Attribute bits a produced batch may set: the codec (bits 0–2), the timestamp type
+/// (bit 3) and the transactional flag (bit 4).
+const KNOWN_ATTRIBUTES: i16 = 0x1f;
 /// The latest timestamp a produced record may carry: 9999-12-31T23:59:59.999Z, in ms since
 /// the Unix epoch. Anything later is a bug or an attack, whatever the allowed skew.
 pub const MAX_TIMESTAMP_MS: i64 = 253_402_300_799_999;
@@ -211,6 +226,60 @@ impl BatchHeader {
     pub fn compression(&self) -> Result<Compression, ProtocolError> {
         Compression::from_attributes(self.attributes)
     }
+
+    /// Part of a transaction.
+    pub fn is_transactional(&self) -> bool {
+        self.attributes & ATTR_TRANSACTIONAL != 0
+    }
+
+    /// A transaction marker written by the broker.
+    pub fn is_control(&self) -> bool {
+        self.attributes & ATTR_CONTROL != 0
+    }
+}
+
+/// What a transaction marker says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Marker {
+    /// The producer's transaction was aborted: its records before this marker are void.
+    Abort,
+    /// The producer's transaction committed.
+    Commit,
+}
+
+/// A control batch holding one transaction marker of `producer_id`/`epoch` (key: version
+/// i16 = 0, type i16 = 0 abort / 1 commit; empty value), transactional and control.
+pub fn control_batch(producer_id: i64, epoch: i16, marker: Marker, now_ms: i64) -> Bytes {
+    let mut b = BatchBuilder::new(Compression::None);
+    let kind: i16 = match marker {
+        Marker::Abort => 0,
+        Marker::Commit => 1,
+    };
+    let mut key = [0u8; 4];
+    key[2..].copy_from_slice(&kind.to_be_bytes());
+    b.push(Some(&key), b"", now_ms, &[]);
+    b.set_producer(producer_id, epoch, -1);
+    let mut raw = b.build().to_vec();
+    let attrs = i16::from_be_bytes([raw[field::ATTRIBUTES], raw[field::ATTRIBUTES + 1]])
+        | ATTR_TRANSACTIONAL
+        | ATTR_CONTROL;
+    raw[field::ATTRIBUTES..field::ATTRIBUTES + 2].copy_from_slice(&attrs.to_be_bytes());
+    recompute_crc(&mut raw);
+    Bytes::from(raw)
+}
+
+/// The marker of a control batch (`None` for any other batch, or one that does not decode).
+pub fn marker_of(batch: &Bytes) -> Option<Marker> {
+    let h = BatchHeader::parse(batch).ok()?;
+    if !h.is_control() {
+        return None;
+    }
+    let r = RecordIter::new(batch, 1024).ok()?.next()?.ok()?;
+    match r.key.as_deref() {
+        Some([0, 0, 0, 0]) => Some(Marker::Abort),
+        Some([0, 0, 0, 1]) => Some(Marker::Commit),
+        _ => None,
+    }
 }
 
 /// The header, length, size, codec and CRC of one whole batch.
@@ -339,9 +408,17 @@ pub fn validate_produce(
     let h = check_envelope(batch, limits.max_batch_bytes)?;
     if h.attributes & !KNOWN_ATTRIBUTES != 0 {
         return Err(ProtocolError::invalid_record(format!(
-            "attributes {:#06x} set bits Quiver does not define (only the codec, bits 0-2, and \
-             the timestamp type, bit 3)",
+            "attributes {:#06x} set bits a producer may not set (only the codec, bits 0-2, \
+             the timestamp type, bit 3, and the transactional flag, bit 4; control batches are \
+             the broker's)",
             h.attributes
+        )));
+    }
+    if h.is_transactional() && (h.producer_id < 0 || h.producer_epoch < 0) {
+        return Err(ProtocolError::invalid_record(format!(
+            "a transactional batch needs the producer id and epoch its transaction was \
+             initialised with; got producer id {} epoch {}",
+            h.producer_id, h.producer_epoch
         )));
     }
     let declared = h.record_count as u64; // parse refused negative counts

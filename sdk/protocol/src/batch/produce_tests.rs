@@ -504,14 +504,49 @@ fn log_append_time_batches_skip_the_record_times_but_not_the_counts() {
 }
 
 #[test]
-fn unknown_attribute_bits_are_refused() {
-    for bit in 4..15 {
+fn unknown_attribute_bits_and_control_batches_are_refused() {
+    // Bit 5 is the control flag: markers are the broker's, never a producer's.
+    for bit in 5..15 {
         let mut raw = honest(Compression::None);
         let attrs = (1i16 << bit).to_be_bytes();
         raw[field::ATTRIBUTES..field::ATTRIBUTES + 2].copy_from_slice(&attrs);
         recompute_crc(&mut raw);
-        refused(&raw, &limits(), "set bits Quiver does not define");
+        refused(&raw, &limits(), "set bits a producer may not set");
     }
+    let marker = crate::batch::control_batch(7, 0, crate::batch::Marker::Commit, NOW);
+    refused(&marker, &limits(), "set bits a producer may not set");
+}
+
+#[test]
+fn a_transactional_batch_needs_a_producer_id_and_epoch() {
+    let mut raw = honest(Compression::None);
+    let attrs = crate::batch::ATTR_TRANSACTIONAL.to_be_bytes();
+    raw[field::ATTRIBUTES..field::ATTRIBUTES + 2].copy_from_slice(&attrs);
+    recompute_crc(&mut raw);
+    refused(
+        &raw,
+        &limits(),
+        "a transactional batch needs the producer id and epoch",
+    );
+    let mut b = BatchBuilder::new(Compression::None);
+    b.push(Some(b"k"), b"v", NOW, &[]);
+    b.set_producer(42, 1, 0);
+    b.set_transactional(true);
+    let h = validate_produce(&b.build(), &limits()).unwrap();
+    assert!(h.is_transactional() && !h.is_control());
+}
+
+#[test]
+fn markers_read_back() {
+    use crate::batch::{control_batch, marker_of, Marker};
+    for m in [Marker::Commit, Marker::Abort] {
+        let raw = control_batch(9, 2, m, NOW);
+        let h = crate::batch::validate(&raw, 1 << 20).unwrap();
+        assert!(h.is_control() && h.is_transactional());
+        assert_eq!((h.producer_id, h.producer_epoch), (9, 2));
+        assert_eq!(marker_of(&raw), Some(m));
+    }
+    assert_eq!(marker_of(&Bytes::from(honest(Compression::None))), None);
 }
 
 #[test]

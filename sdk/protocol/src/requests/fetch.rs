@@ -22,6 +22,33 @@ pub struct FetchRequest {
     /// A consume-time processor the leader runs on the batches before sending them;
     /// records it drops never cross the network, and offsets stay the source offsets.
     pub processor: Option<super::plugin::ProcessorSpec>,
+    /// Which records are readable: everything below the high watermark, or only those
+    /// of committed transactions (below the last stable offset).
+    pub isolation: Isolation,
+}
+
+/// What a consumer reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Isolation {
+    /// Every record below the high watermark, including those of open and aborted
+    /// transactions.
+    #[default]
+    ReadUncommitted,
+    /// Only records below the last stable offset (no open transaction before them); the
+    /// answer lists the aborted transactions in the range, whose records the client drops.
+    ReadCommitted,
+}
+
+/// An aborted transaction of one producer in a partition: its batches with offsets in
+/// `first_offset..=last_offset` (the abort marker) are void.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AbortedTxn {
+    /// Producer id.
+    pub producer_id: i64,
+    /// Offset of the transaction's first batch in the partition.
+    pub first_offset: i64,
+    /// Offset of its abort marker.
+    pub last_offset: i64,
 }
 
 /// Partition offsets at the time of the answer; the payload holds the batches.
@@ -33,6 +60,10 @@ pub struct FetchResponse {
     pub log_start_offset: i64,
     /// The offset the next append will get.
     pub log_end_offset: i64,
+    /// Below this, no transaction is open (read-committed consumers read up to here).
+    pub last_stable_offset: i64,
+    /// Read-committed: the aborted transactions overlapping the payload.
+    pub aborted: Vec<AbortedTxn>,
 }
 
 impl Message for FetchRequest {

@@ -13,6 +13,9 @@ pub enum OffsetSpec {
     Latest,
     /// The first offset whose timestamp is at or after this time (ms); latest if none.
     Timestamp(i64),
+    /// The last stable offset: the end for read-committed consumers (below it no
+    /// transaction is open).
+    LastStable,
 }
 
 /// Looks up an offset of `topic`/`partition`.

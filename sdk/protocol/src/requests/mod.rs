@@ -29,18 +29,23 @@ pub mod produce;
 pub mod remove_plugin;
 pub mod reset_offsets;
 pub mod subscribe;
+pub mod transaction;
 
 pub use alter_topic_config::AlterTopicConfigRequest;
 pub use create_topic::CreateTopicRequest;
 pub use delete_topic::{DeleteTopicRequest, DeleteTopicResponse};
 pub use describe_topic::{DescribeTopicRequest, PartitionDescription, TopicDescription};
-pub use fetch::{FetchRequest, FetchResponse};
+pub use fetch::{AbortedTxn, FetchRequest, FetchResponse, Isolation};
 pub use list_offsets::{ListOffsetsRequest, ListOffsetsResponse, OffsetSpec};
 pub use metadata::{
     BrokerInfo, MetadataRequest, MetadataResponse, PartitionMetadata, TopicMetadata,
 };
 pub use produce::{Acks, ProduceRequest, ProduceResponse};
 pub use subscribe::{SubscribeChunk, SubscribeRequest};
+pub use transaction::{
+    EndTxnRequest, EndTxnResponse, InitTransactionsRequest, InitTransactionsResponse,
+    TxnCommitOffsetsRequest, TxnCommitOffsetsResponse,
+};
 
 pub use deploy_plugin::{DeployPluginRequest, DeployPluginResponse};
 pub use describe_plugin::{DescribePluginRequest, DescribePluginResponse};
@@ -105,6 +110,9 @@ macro_rules! with_all_messages {
             ListPipelines: $crate::requests::ListPipelinesRequest => $crate::requests::ListPipelinesResponse,
             DescribePipeline: $crate::requests::DescribePipelineRequest => $crate::requests::PipelineStatus,
             StopPipeline: $crate::requests::StopPipelineRequest => $crate::requests::StopPipelineResponse,
+            InitTransactions: $crate::requests::InitTransactionsRequest => $crate::requests::InitTransactionsResponse,
+            TxnCommitOffsets: $crate::requests::TxnCommitOffsetsRequest => $crate::requests::TxnCommitOffsetsResponse,
+            EndTxn: $crate::requests::EndTxnRequest => $crate::requests::EndTxnResponse,
         }
     };
 }

@@ -148,28 +148,47 @@ impl Sample for ProduceResponse {
 
 impl Sample for FetchRequest {
     fn samples() -> Vec<Self> {
-        [None, Some(processor())]
-            .into_iter()
-            .map(|processor| FetchRequest {
-                topic: s("orders"),
-                partition: 1,
-                offset: 42,
-                max_bytes: 1 << 20,
-                max_wait_ms: 500,
-                min_bytes: 1,
-                processor,
-            })
-            .collect()
+        [
+            (None, Isolation::ReadUncommitted),
+            (Some(processor()), Isolation::ReadCommitted),
+        ]
+        .into_iter()
+        .map(|(processor, isolation)| FetchRequest {
+            topic: s("orders"),
+            partition: 1,
+            offset: 42,
+            max_bytes: 1 << 20,
+            max_wait_ms: 500,
+            min_bytes: 1,
+            processor,
+            isolation,
+        })
+        .collect()
     }
 }
 
 impl Sample for FetchResponse {
     fn samples() -> Vec<Self> {
-        vec![FetchResponse {
-            high_watermark: 99,
-            log_start_offset: 3,
-            log_end_offset: 100,
-        }]
+        vec![
+            FetchResponse {
+                high_watermark: 99,
+                log_start_offset: 3,
+                log_end_offset: 100,
+                last_stable_offset: 99,
+                aborted: vec![],
+            },
+            FetchResponse {
+                high_watermark: 99,
+                log_start_offset: 3,
+                log_end_offset: 100,
+                last_stable_offset: 50,
+                aborted: vec![AbortedTxn {
+                    producer_id: 7,
+                    first_offset: 10,
+                    last_offset: 20,
+                }],
+            },
+        ]
     }
     fn payload() -> Bytes {
         batches()
@@ -182,6 +201,7 @@ impl Sample for ListOffsetsRequest {
             OffsetSpec::Earliest,
             OffsetSpec::Latest,
             OffsetSpec::Timestamp(1_700_000_000_000),
+            OffsetSpec::LastStable,
         ]
         .into_iter()
         .map(|spec| ListOffsetsRequest {
@@ -662,6 +682,72 @@ impl Sample for GetPluginResponse {
     }
     fn payload() -> Bytes {
         Bytes::from_static(b"the archive")
+    }
+}
+
+impl Sample for InitTransactionsRequest {
+    fn samples() -> Vec<Self> {
+        vec![InitTransactionsRequest {
+            transactional_id: s("pipeline.wc.1"),
+            timeout_ms: 60_000,
+        }]
+    }
+}
+
+impl Sample for InitTransactionsResponse {
+    fn samples() -> Vec<Self> {
+        vec![InitTransactionsResponse {
+            producer_id: 1 << 62,
+            producer_epoch: 3,
+        }]
+    }
+}
+
+impl Sample for TxnCommitOffsetsRequest {
+    fn samples() -> Vec<Self> {
+        vec![TxnCommitOffsetsRequest {
+            transactional_id: s("pipeline.wc.1"),
+            producer_id: 1 << 62,
+            producer_epoch: 3,
+            group: s("wc"),
+            member_id: s("m-1"),
+            generation: 4,
+            offsets: vec![OffsetCommit {
+                topic: s("words"),
+                partition: 2,
+                offset: 99,
+                metadata: Some(s("{}")),
+            }],
+        }]
+    }
+}
+
+impl Sample for TxnCommitOffsetsResponse {
+    fn samples() -> Vec<Self> {
+        vec![TxnCommitOffsetsResponse { pending: 1 }]
+    }
+}
+
+impl Sample for EndTxnRequest {
+    fn samples() -> Vec<Self> {
+        [true, false]
+            .into_iter()
+            .map(|commit| EndTxnRequest {
+                transactional_id: s("pipeline.wc.1"),
+                producer_id: 1 << 62,
+                producer_epoch: 3,
+                commit,
+            })
+            .collect()
+    }
+}
+
+impl Sample for EndTxnResponse {
+    fn samples() -> Vec<Self> {
+        vec![EndTxnResponse {
+            partitions: 3,
+            committed: true,
+        }]
     }
 }
 

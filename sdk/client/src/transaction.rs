@@ -1,0 +1,321 @@
+//! [`TransactionalProducer`]: writes that become visible all together or not at all, with a
+//! consumer group's offsets in the same transaction (read-process-write exactly once, as
+//! Kafka's transactions do it).
+//!
+//! A transaction buffers its records per partition; [`TransactionalProducer::flush`] writes
+//! them (acks=all, transactional batches stamped with the producer id, epoch and per-partition
+//! sequences, so a retried request is never stored twice) and returns where each partition's
+//! records landed; [`TransactionalProducer::commit`] flushes, adds the group's offsets, and
+//! ends the transaction; [`TransactionalProducer::abort`] voids everything written in it.
+//! Consumers reading with [`Isolation::ReadCommitted`](crate::Isolation) see committed
+//! transactions only. Initialising a transactional id again (another process, a restart)
+//! fences this producer: its next write or commit fails with `ProducerFenced`.
+//!
+//! ```no_run
+//! # async fn demo(client: quiver_client::Client) -> quiver_client::Result<()> {
+//! use quiver_client::{ProducerRecord, TransactionalProducer};
+//! let mut tx = TransactionalProducer::init(client, "orders-enricher-1").await?;
+//! tx.send(ProducerRecord::new("enriched", "a"))?;
+//! tx.send(ProducerRecord::new("enriched", "b"))?;
+//! tx.commit(None).await?; // both, or (after abort or a crash) neither
+//! # Ok(()) }
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use bytes::Bytes;
+use quiver_protocol::batch::{BatchBuilder, Compression};
+use quiver_protocol::requests::{
+    Acks, EndTxnRequest, InitTransactionsRequest, OffsetCommit, ProduceRequest,
+    TxnCommitOffsetsRequest,
+};
+
+use crate::backoff::Backoff;
+use crate::producer::partition_for_key;
+use crate::{Client, ClientError, ProducerRecord, Result};
+
+/// Largest batch the producer builds.
+const BATCH_BYTES: usize = 512 * 1024;
+/// Default transaction timeout: an open transaction older than this is aborted by the broker.
+pub const DEFAULT_TXN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A consumer group's positions to commit with a transaction.
+#[derive(Debug, Clone)]
+pub struct TxnOffsets {
+    /// Group name.
+    pub group: String,
+    /// The member committing (checked like a commit: a stale generation is refused).
+    pub member_id: String,
+    /// Its generation.
+    pub generation: u64,
+    /// The positions (and metadata) to store.
+    pub offsets: Vec<OffsetCommit>,
+}
+
+/// Where one partition's records of a flush landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Landed {
+    /// Offset of the first record written.
+    pub first_offset: i64,
+    /// Offset of the last record written.
+    pub last_offset: i64,
+}
+
+/// One partition's buffered records: closed (stamped) batches with their record counts, and
+/// the open builder.
+type Buffered = (Vec<(Bytes, i32)>, BatchBuilder);
+
+/// A producer whose writes are transactions.
+pub struct TransactionalProducer {
+    client: Client,
+    id: String,
+    producer_id: i64,
+    epoch: i16,
+    /// Closed batches and the open builder, per (topic, partition).
+    pending: BTreeMap<(String, u32), Buffered>,
+    sequences: HashMap<(String, u32), i32>,
+    partitions: HashMap<String, u32>,
+    round_robin: u32,
+}
+
+impl std::fmt::Debug for TransactionalProducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TransactionalProducer")
+            .field("transactional_id", &self.id)
+            .field("producer_id", &self.producer_id)
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TransactionalProducer {
+    /// Initialises `transactional_id` with the default timeout (fencing any other producer
+    /// holding it and aborting its open transaction).
+    pub async fn init(client: Client, transactional_id: &str) -> Result<TransactionalProducer> {
+        Self::init_with_timeout(client, transactional_id, DEFAULT_TXN_TIMEOUT).await
+    }
+
+    /// [`init`](Self::init) with a transaction timeout.
+    pub async fn init_with_timeout(
+        client: Client,
+        transactional_id: &str,
+        timeout: Duration,
+    ) -> Result<TransactionalProducer> {
+        let req = InitTransactionsRequest {
+            transactional_id: transactional_id.to_string(),
+            timeout_ms: timeout.as_millis().min(u128::from(u32::MAX)) as u32,
+        };
+        let (r, _) = client.request(&req, Bytes::new()).await?;
+        Ok(TransactionalProducer {
+            client,
+            id: transactional_id.to_string(),
+            producer_id: r.producer_id,
+            epoch: r.producer_epoch,
+            pending: BTreeMap::new(),
+            sequences: HashMap::new(),
+            partitions: HashMap::new(),
+            round_robin: 0,
+        })
+    }
+
+    /// The producer id and epoch in use.
+    pub fn producer(&self) -> (i64, i16) {
+        (self.producer_id, self.epoch)
+    }
+
+    /// Learns a topic's partition count (needed before `send` to a topic).
+    pub async fn prepare_topic(&mut self, topic: &str) -> Result<u32> {
+        if let Some(&n) = self.partitions.get(topic) {
+            return Ok(n);
+        }
+        let n = self.client.partition_count(topic).await?;
+        self.partitions.insert(topic.to_string(), n);
+        Ok(n)
+    }
+
+    /// Buffers `record` in the open transaction: its partition, else by key (as the
+    /// default partitioner), else round robin. The topic must have been prepared.
+    pub fn send(&mut self, record: ProducerRecord) -> Result<u32> {
+        let n = *self.partitions.get(&record.topic).ok_or_else(|| {
+            ClientError::InvalidConfig(format!(
+                "topic {:?} was not prepared: call prepare_topic first",
+                record.topic
+            ))
+        })?;
+        let partition = match (record.partition, &record.key) {
+            (Some(p), _) if p < n => p,
+            (Some(p), _) => {
+                return Err(ClientError::InvalidConfig(format!(
+                    "{} has {n} partitions, not {}",
+                    record.topic,
+                    p + 1
+                )))
+            }
+            (None, Some(k)) => partition_for_key(k, n),
+            (None, None) => {
+                self.round_robin = self.round_robin.wrapping_add(1);
+                self.round_robin % n
+            }
+        };
+        let entry = self
+            .pending
+            .entry((record.topic.clone(), partition))
+            .or_insert_with(|| (Vec::new(), BatchBuilder::new(Compression::None)));
+        let headers: Vec<(&str, &[u8])> = record
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_ref()))
+            .collect();
+        let ts = record.timestamp.unwrap_or_else(crate::producer::now_ms);
+        entry
+            .1
+            .push(record.key.as_deref(), &record.value, ts, &headers);
+        if entry.1.size_bytes() >= BATCH_BYTES {
+            let count = entry.1.len() as i32;
+            let mut b = std::mem::replace(&mut entry.1, BatchBuilder::new(Compression::None));
+            let seq = next_sequence(&mut self.sequences, &record.topic, partition, count);
+            entry
+                .0
+                .push((stamp(&mut b, self.producer_id, self.epoch, seq), count));
+        }
+        Ok(partition)
+    }
+
+    /// Writes everything buffered (in the open transaction) and waits until every partition
+    /// acknowledged it (acks=all). Returns where each partition's records landed.
+    pub async fn flush(&mut self) -> Result<BTreeMap<(String, u32), Landed>> {
+        let mut jobs = Vec::new();
+        let pending = std::mem::take(&mut self.pending);
+        for ((topic, partition), (mut closed, mut open)) in pending {
+            if !open.is_empty() {
+                let count = open.len() as i32;
+                let seq = next_sequence(&mut self.sequences, &topic, partition, count);
+                closed.push((stamp(&mut open, self.producer_id, self.epoch, seq), count));
+            }
+            jobs.push((topic, partition, closed));
+        }
+        let client = self.client.clone();
+        let sends = jobs.into_iter().map(|(topic, partition, batches)| {
+            let client = client.clone();
+            async move {
+                let mut landed: Option<Landed> = None;
+                for (bytes, _) in batches {
+                    let (first, last) =
+                        produce_with_retries(&client, &topic, partition, bytes).await?;
+                    landed = Some(match landed {
+                        None => Landed {
+                            first_offset: first,
+                            last_offset: last,
+                        },
+                        Some(l) => Landed {
+                            first_offset: l.first_offset,
+                            last_offset: last,
+                        },
+                    });
+                }
+                Ok::<_, ClientError>(((topic, partition), landed))
+            }
+        });
+        let mut out = BTreeMap::new();
+        for r in futures::future::join_all(sends).await {
+            let (tp, landed) = r?;
+            if let Some(l) = landed {
+                out.insert(tp, l);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Flushes, adds `offsets` (if any) to the transaction and commits it. Returns where
+    /// the records of this last flush landed.
+    pub async fn commit(
+        &mut self,
+        offsets: Option<TxnOffsets>,
+    ) -> Result<BTreeMap<(String, u32), Landed>> {
+        let landed = self.flush().await?;
+        if let Some(o) = offsets {
+            let req = TxnCommitOffsetsRequest {
+                transactional_id: self.id.clone(),
+                producer_id: self.producer_id,
+                producer_epoch: self.epoch,
+                group: o.group,
+                member_id: o.member_id,
+                generation: o.generation,
+                offsets: o.offsets,
+            };
+            self.client.request(&req, Bytes::new()).await?;
+        }
+        self.end(true).await?;
+        Ok(landed)
+    }
+
+    /// Drops what is buffered and aborts the transaction: nothing written in it becomes
+    /// visible to read-committed consumers, and its offsets are not stored.
+    pub async fn abort(&mut self) -> Result<()> {
+        self.pending.clear();
+        self.end(false).await
+    }
+
+    async fn end(&mut self, commit: bool) -> Result<()> {
+        let req = EndTxnRequest {
+            transactional_id: self.id.clone(),
+            producer_id: self.producer_id,
+            producer_epoch: self.epoch,
+            commit,
+        };
+        self.client.request(&req, Bytes::new()).await?;
+        Ok(())
+    }
+}
+
+/// The sequence of the next `count` records to `topic`/`partition` (and moves it on).
+fn next_sequence(
+    sequences: &mut HashMap<(String, u32), i32>,
+    topic: &str,
+    partition: u32,
+    count: i32,
+) -> i32 {
+    let seq = sequences.entry((topic.to_string(), partition)).or_insert(0);
+    let first = *seq;
+    *seq = seq.wrapping_add(count).max(0);
+    first
+}
+
+/// Encodes a closed batch stamped with the transaction's producer fields and `sequence`.
+fn stamp(b: &mut BatchBuilder, producer_id: i64, epoch: i16, sequence: i32) -> Bytes {
+    b.set_producer(producer_id, epoch, sequence);
+    b.set_transactional(true);
+    b.build()
+}
+
+/// Sends one transactional batch, retrying retriable failures with the same bytes (the
+/// broker recognises the sequence and answers a stored one with its offsets).
+async fn produce_with_retries(
+    client: &Client,
+    topic: &str,
+    partition: u32,
+    bytes: Bytes,
+) -> Result<(i64, i64)> {
+    let req = ProduceRequest {
+        topic: topic.to_string(),
+        partition,
+        acks: Acks::All,
+        timeout_ms: 30_000,
+    };
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let timeout = client.config().request_timeout;
+        match client
+            .request_for_partition(topic, partition, &req, bytes.clone(), timeout)
+            .await
+        {
+            Ok((r, _)) => return Ok((r.base_offset, r.last_offset)),
+            Err(e) if e.is_retriable() && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}

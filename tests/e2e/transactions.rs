@@ -1,0 +1,277 @@
+//! Transactions end to end against a real broker: committed writes are visible to
+//! read-committed consumers, aborted ones never (but still to read-uncommitted ones); an open
+//! transaction holds read-committed readers at its first offset; initialising the id again
+//! fences the old producer and aborts its transaction; a transaction's group offsets are
+//! stored only if it commits; markers never show up as records; a transaction left open by a
+//! crashed producer is aborted after its timeout, across a broker restart.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use quiver_client::{
+    Client, ClientConfig, ClientError, Consumer, ConsumerConfig, GroupConfig, GroupConsumer,
+    Isolation, ProducerRecord, SeekTo, TransactionalProducer, TxnOffsets,
+};
+use quiver_protocol::requests::OffsetCommit;
+use quiver_protocol::ErrorCode;
+
+use super::harness::{json_lines, wait_for, TestBroker};
+
+fn client_config(b: &TestBroker) -> ClientConfig {
+    ClientConfig {
+        ca_file: Some(b.ca()),
+        ..ClientConfig::new(b.addr())
+    }
+}
+
+async fn connect(b: &TestBroker) -> Client {
+    Client::connect(client_config(b)).await.expect("connect")
+}
+
+/// Values readable now with `isolation` (reads until the partition's end for that isolation).
+async fn read_all(client: &Client, topic: &str, isolation: Isolation) -> Vec<String> {
+    let mut c = Consumer::new(
+        client.clone(),
+        ConsumerConfig {
+            isolation,
+            start: SeekTo::Beginning,
+            ..ConsumerConfig::default()
+        },
+    );
+    c.assign(topic, [0]).await.unwrap();
+    let end = c.end_offsets(topic).await.unwrap()[&0];
+    let mut out = Vec::new();
+    while c.position(topic, 0).await.unwrap() < end {
+        for r in c.poll_timeout(Duration::from_millis(200)).await.unwrap() {
+            out.push(String::from_utf8_lossy(&r.value).into_owned());
+        }
+    }
+    out
+}
+
+async fn send(tx: &mut TransactionalProducer, topic: &str, values: &[&str]) {
+    tx.prepare_topic(topic).await.unwrap();
+    for v in values {
+        tx.send(ProducerRecord::new(topic, v.to_string()).with_partition(0))
+            .unwrap();
+    }
+}
+
+fn code(e: &ClientError) -> Option<ErrorCode> {
+    e.code()
+}
+
+#[test]
+fn committed_transactions_are_read_aborted_ones_never_and_markers_are_not_records() {
+    let b = TestBroker::start();
+    b.cli_ok(&["topic", "create", "t", "--partitions", "1"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = connect(&b).await;
+        let mut tx = TransactionalProducer::init(client.clone(), "app-1")
+            .await
+            .unwrap();
+        send(&mut tx, "t", &["a1", "a2"]).await;
+        tx.commit(None).await.unwrap();
+        send(&mut tx, "t", &["x1", "x2", "x3"]).await;
+        tx.flush().await.unwrap();
+        // Open: read-committed readers stop before it; read-uncommitted ones see it.
+        assert_eq!(
+            read_all(&client, "t", Isolation::ReadCommitted).await,
+            ["a1", "a2"]
+        );
+        assert_eq!(
+            read_all(&client, "t", Isolation::ReadUncommitted).await,
+            ["a1", "a2", "x1", "x2", "x3"]
+        );
+        tx.abort().await.unwrap();
+        send(&mut tx, "t", &["b1"]).await;
+        tx.commit(None).await.unwrap();
+        assert_eq!(
+            read_all(&client, "t", Isolation::ReadCommitted).await,
+            ["a1", "a2", "b1"]
+        );
+        assert_eq!(
+            read_all(&client, "t", Isolation::ReadUncommitted).await,
+            ["a1", "a2", "x1", "x2", "x3", "b1"],
+            "read-uncommitted sees the aborted records, and no marker as a record"
+        );
+    });
+    // The CLI's --isolation says the same, and stops at the end without --max-messages.
+    let committed: Vec<String> = json_lines(&b.cli_ok(&[
+        "consume",
+        "t",
+        "--from-beginning",
+        "--isolation",
+        "read-committed",
+        "--output",
+        "json",
+    ]))
+    .iter()
+    .map(|r| r["value"].as_str().unwrap().to_string())
+    .collect();
+    assert_eq!(committed, ["a1", "a2", "b1"]);
+    let all = json_lines(&b.cli_ok(&["consume", "t", "--from-beginning", "--output", "json"]));
+    assert_eq!(all.len(), 6);
+}
+
+#[test]
+fn initialising_the_id_again_fences_the_old_producer_and_aborts_its_transaction() {
+    let b = TestBroker::start();
+    b.cli_ok(&["topic", "create", "t", "--partitions", "1"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = connect(&b).await;
+        let mut old = TransactionalProducer::init(client.clone(), "app-1")
+            .await
+            .unwrap();
+        send(&mut old, "t", &["zombie"]).await;
+        old.flush().await.unwrap();
+        let mut new = TransactionalProducer::init(client.clone(), "app-1")
+            .await
+            .unwrap();
+        assert_eq!(new.producer().0, old.producer().0);
+        assert!(new.producer().1 > old.producer().1);
+        // The old producer's writes and commits are refused; its open transaction is void.
+        send(&mut old, "t", &["late"]).await;
+        let e = old.commit(None).await.unwrap_err();
+        assert_eq!(code(&e), Some(ErrorCode::ProducerFenced), "{e}");
+        send(&mut new, "t", &["fresh"]).await;
+        new.commit(None).await.unwrap();
+        assert_eq!(
+            read_all(&client, "t", Isolation::ReadCommitted).await,
+            ["fresh"]
+        );
+    });
+}
+
+#[test]
+fn a_transactions_group_offsets_are_stored_only_when_it_commits() {
+    let b = TestBroker::start();
+    b.cli_ok(&["topic", "create", "in", "--partitions", "1"]);
+    b.cli_ok(&["topic", "create", "out", "--partitions", "1"]);
+    b.cli_stdin_ok(&["produce", "in"], b"1\n2\n3\n");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = connect(&b).await;
+        let mut member = GroupConsumer::join(
+            client.clone(),
+            GroupConfig::new("g", ["in"])
+                .start_without_commit_at(quiver_client::AutoOffsetReset::Earliest),
+        )
+        .await
+        .unwrap();
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            got.extend(member.poll().await.unwrap());
+        }
+        let mut tx = TransactionalProducer::init(client.clone(), "g-1")
+            .await
+            .unwrap();
+        let offsets = |offset: i64| TxnOffsets {
+            group: "g".into(),
+            member_id: member.member_id(),
+            generation: member.generation(),
+            offsets: vec![OffsetCommit {
+                topic: "in".into(),
+                partition: 0,
+                offset,
+                metadata: None,
+            }],
+        };
+        send(&mut tx, "out", &["o1"]).await;
+        tx.flush().await.unwrap();
+        let req_offsets = offsets(2);
+        let tx_req = quiver_protocol::requests::TxnCommitOffsetsRequest {
+            transactional_id: "g-1".into(),
+            producer_id: tx.producer().0,
+            producer_epoch: tx.producer().1,
+            group: req_offsets.group.clone(),
+            member_id: req_offsets.member_id.clone(),
+            generation: req_offsets.generation,
+            offsets: req_offsets.offsets.clone(),
+        };
+        client.request(&tx_req, bytes::Bytes::new()).await.unwrap();
+        tx.abort().await.unwrap();
+        let committed = |c: Client| async move {
+            quiver_client::Admin::new(c)
+                .group_offsets("g", None)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|o| ((o.topic, o.partition), o.offset))
+                .collect::<BTreeMap<_, _>>()
+        };
+        assert_eq!(
+            committed(client.clone())
+                .await
+                .get(&("in".to_string(), 0))
+                .copied()
+                .flatten(),
+            None,
+            "an aborted transaction stores no offset"
+        );
+        send(&mut tx, "out", &["o2"]).await;
+        tx.commit(Some(offsets(3))).await.unwrap();
+        assert_eq!(
+            committed(client.clone())
+                .await
+                .get(&("in".to_string(), 0))
+                .copied()
+                .flatten(),
+            Some(3)
+        );
+        assert_eq!(
+            read_all(&client, "out", Isolation::ReadCommitted).await,
+            ["o2"]
+        );
+        member.close().await.unwrap();
+    });
+}
+
+#[test]
+fn a_crashed_producers_open_transaction_is_aborted_after_its_timeout_even_across_a_restart() {
+    let mut b = TestBroker::start();
+    b.cli_ok(&["topic", "create", "t", "--partitions", "1"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = connect(&b).await;
+        let mut tx = TransactionalProducer::init_with_timeout(
+            client.clone(),
+            "crashy",
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap();
+        send(&mut tx, "t", &["never"]).await;
+        tx.flush().await.unwrap();
+        // The producer "crashes" here: no commit, no abort.
+    });
+    b.kill9();
+    b.spawn();
+    rt.block_on(async {
+        let client = connect(&b).await;
+        let mut other = TransactionalProducer::init(client.clone(), "other")
+            .await
+            .unwrap();
+        send(&mut other, "t", &["after"]).await;
+        other.commit(None).await.unwrap();
+    });
+    // Read-committed readers are held at the open transaction until the broker aborts it.
+    wait_for(30, "the timed-out transaction to be aborted", || {
+        let out = b.cli(&[
+            "consume",
+            "t",
+            "--from-beginning",
+            "--isolation",
+            "read-committed",
+            "--output",
+            "json",
+        ]);
+        let values: Vec<String> = json_lines(&String::from_utf8_lossy(&out.stdout))
+            .iter()
+            .map(|r| r["value"].as_str().unwrap().to_string())
+            .collect();
+        values == ["after"]
+    });
+}
