@@ -23,8 +23,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use quiver_client::{
-    Admin, Client, ClientError, Consumer, ConsumerConfig, DeliveryFuture, Producer, ProducerRecord,
-    SeekTo, TopicPartition,
+    Admin, Client, Consumer, ConsumerConfig, Isolation, ProducerRecord, SeekTo, TopicPartition,
 };
 use quiver_plugins::{MemoryStateStore, StateChange, StateStore};
 use quiver_protocol::ErrorCode;
@@ -129,22 +128,28 @@ fn header<'a>(headers: &'a [quiver_client::Header], name: &str) -> Option<&'a By
 }
 
 /// The state of one input partition: one store per stage, and where its changelog is.
+///
+/// Writing is the caller's: it sends the records [`PartitionState::snapshot_records`] and
+/// [`PartitionState::change_records`] return (plainly or in a transaction), then reports
+/// the offsets they landed at in the changelog partition with [`PartitionState::landed`];
+/// [`PartitionState::metadata`] is then what to commit with the input offset.
 pub struct PartitionState {
     /// One store per stage, in stage order.
     pub stores: Vec<Arc<MemoryStateStore>>,
     tp: TopicPartition,
     topic: String,
     mark: StateMark,
+    /// A snapshot was sent and has not landed yet.
+    snapshot_in_flight: bool,
     since_snapshot: usize,
     snapshot_at: Instant,
 }
 
 impl PartitionState {
-    /// Reads the state `metadata` (the committed offset's) points at, then writes a fresh
-    /// snapshot under a new epoch. Returns the state and the metadata to commit.
+    /// Reads the state `metadata` (the committed offset's) points at. The caller writes a
+    /// snapshot ([`PartitionState::snapshot_records`]) before committing again.
     pub async fn restore(
         client: &Client,
-        producer: &Producer,
         pipeline: &str,
         stages: usize,
         tp: &TopicPartition,
@@ -153,7 +158,8 @@ impl PartitionState {
     ) -> Result<PartitionState, RuntimeError> {
         let topic = changelog_topic(pipeline);
         let stores = fresh_stores(pipeline, stages, &tp.topic, tp.partition);
-        if let Some(mark) = metadata.and_then(StateMark::from_metadata) {
+        let restored = metadata.and_then(StateMark::from_metadata);
+        if let Some(mark) = restored {
             let changes = read_range(client, &topic, tp, mark, stages).await?;
             for (store, changes) in stores.iter().zip(changes) {
                 store.restore(changes).map_err(|e| {
@@ -165,21 +171,25 @@ impl PartitionState {
             }
             tracing::info!(partition = %scope_text(tp), keys = stores.iter().map(|s| s.len()).sum::<usize>(), "state restored");
         }
-        let mut state = PartitionState {
+        Ok(PartitionState {
             stores,
             tp: tp.clone(),
             topic,
-            mark: StateMark {
+            mark: restored.unwrap_or(StateMark {
                 epoch: 0,
                 partition: tp.partition % changelog_partitions.max(1),
                 from: 0,
                 to: 0,
-            },
+            }),
+            snapshot_in_flight: false,
             since_snapshot: 0,
             snapshot_at: Instant::now(),
-        };
-        state.snapshot(producer).await?;
-        Ok(state)
+        })
+    }
+
+    /// The changelog topic and partition this state is written to.
+    pub fn changelog(&self) -> (String, u32) {
+        (self.topic.clone(), self.mark.partition)
     }
 
     /// The metadata to commit with the input offset.
@@ -208,72 +218,60 @@ impl PartitionState {
         }
     }
 
-    /// Writes the whole state under a new epoch and waits for it.
-    async fn snapshot(&mut self, producer: &Producer) -> Result<(), RuntimeError> {
+    /// The whole state under a new epoch: a marker, then every key. Until these land
+    /// ([`PartitionState::landed`]), the committed mark stays the old one.
+    pub fn snapshot_records(&mut self) -> Vec<ProducerRecord> {
         self.mark.epoch = new_epoch();
-        let marker = producer
-            .send(self.record(Vec::new(), Vec::new(), Some(SNAPSHOT_HEADER)))
-            .await?;
-        let mut last = Vec::new();
+        self.snapshot_in_flight = true;
+        let mut out = vec![self.record(Vec::new(), Vec::new(), Some(SNAPSHOT_HEADER))];
         for (i, store) in self.stores.iter().enumerate() {
             store.drain_changes(); // the snapshot holds them
             for (k, v) in store.entries() {
-                last.push(
-                    producer
-                        .send(self.record(stage_key(i, &k), v, None))
-                        .await?,
-                );
+                out.push(self.record(stage_key(i, &k), v, None));
             }
         }
-        let from = marker.await?.offset;
-        let mut to = from + 1;
-        for d in last {
-            to = to.max(d.await?.offset + 1);
-        }
-        self.mark.from = from;
-        self.mark.to = to;
-        self.since_snapshot = 0;
-        self.snapshot_at = Instant::now();
-        Ok(())
+        out
     }
 
-    /// Sends the changes the stages made since the last call; the returned writes must be
-    /// acknowledged (and [`PartitionState::written`] called) before the input is committed.
-    pub async fn send_changes(
-        &mut self,
-        producer: &Producer,
-    ) -> Result<Vec<DeliveryFuture>, ClientError> {
+    /// The changes the stages made since the last call.
+    pub fn change_records(&mut self) -> Vec<ProducerRecord> {
         let mut out = Vec::new();
         for i in 0..self.stores.len() {
             for (k, v) in self.stores[i].drain_changes() {
                 self.since_snapshot += k.len() + v.as_ref().map_or(0, Vec::len);
-                let r = match v {
+                out.push(match v {
                     Some(v) => self.record(stage_key(i, &k), v, None),
                     None => self.record(stage_key(i, &k), Vec::new(), Some(DELETE_HEADER)),
-                };
-                out.push(producer.send(r).await?);
+                });
             }
         }
-        Ok(out)
+        out
     }
 
-    /// Notes that changes up to changelog offset `last` were acknowledged, and writes a new
-    /// snapshot when the changes since the last one outgrew the state (or it is old).
-    pub async fn written(
-        &mut self,
-        last: Option<i64>,
-        producer: &Producer,
-    ) -> Result<(), RuntimeError> {
-        if let Some(o) = last {
-            self.mark.to = self.mark.to.max(o + 1);
+    /// Reports that what was sent since the last report landed in the changelog partition
+    /// within `first..=last` (other writers' records may lie in between: restore filters by
+    /// scope and epoch).
+    pub fn landed(&mut self, first: i64, last: i64) {
+        if self.snapshot_in_flight {
+            self.snapshot_in_flight = false;
+            self.mark.from = first;
+            self.mark.to = last + 1;
+            self.since_snapshot = 0;
+            self.snapshot_at = Instant::now();
+        } else {
+            self.mark.to = self.mark.to.max(last + 1);
+        }
+    }
+
+    /// True when the changes since the last snapshot outgrew the state (or it is old): a
+    /// new snapshot keeps restore time bounded by the state's size.
+    pub fn needs_snapshot(&self) -> bool {
+        if self.snapshot_in_flight {
+            return false;
         }
         let size: usize = self.stores.iter().map(|s| s.used_bytes()).sum();
-        if self.since_snapshot > size.max(MIN_RESNAPSHOT_BYTES)
+        self.since_snapshot > size.max(MIN_RESNAPSHOT_BYTES)
             || self.snapshot_at.elapsed() > MAX_SNAPSHOT_AGE
-        {
-            self.snapshot(producer).await?;
-        }
-        Ok(())
     }
 }
 
@@ -299,7 +297,15 @@ async fn read_range(
     }
     let scope = scope_text(tp);
     let epoch = mark.epoch.to_string();
-    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    // Read-committed: records of aborted transactions (an exactly-once attempt that failed)
+    // never come back as state.
+    let mut consumer = Consumer::new(
+        client.clone(),
+        ConsumerConfig {
+            isolation: Isolation::ReadCommitted,
+            ..ConsumerConfig::default()
+        },
+    );
     consumer.assign(topic, [mark.partition]).await?;
     consumer.seek(topic, mark.partition, SeekTo::Offset(mark.from))?;
     let deadline = Instant::now() + Duration::from_secs(120);

@@ -21,7 +21,7 @@ use crate::error::RuntimeError;
 use crate::instance::{run_instance, InstanceParts, InstanceView, Plan, StopSignal};
 use crate::metrics::PipelineMetrics;
 use crate::stages::load_stages;
-use crate::{Guarantee, PipelineConfig};
+use crate::PipelineConfig;
 
 /// State text of a pipeline whose instances run.
 pub const RUNNING: &str = "running";
@@ -59,17 +59,6 @@ pub struct Deployment {
     instances: Vec<Instance>,
 }
 
-/// Refuses what this runtime cannot honour yet, before anything runs.
-pub fn check_supported(config: &PipelineConfig) -> Result<(), RuntimeError> {
-    if config.run.guarantee == Guarantee::ExactlyOnce {
-        return Err(RuntimeError::Unsupported(format!(
-            "pipeline {}: guarantee \"exactly-once\" needs transactional writes (read-committed output), which this version does not have yet; use guarantee = \"at-least-once\"",
-            config.name
-        )));
-    }
-    Ok(())
-}
-
 impl Deployment {
     /// Loads the stages (failing fast on a missing or broken plugin) and starts `instances`
     /// members. `base_dir` resolves `path` stages; `broker` is shown in the status.
@@ -102,7 +91,6 @@ impl Deployment {
         broker: u32,
         metrics: Arc<PipelineMetrics>,
     ) -> Result<Deployment, RuntimeError> {
-        check_supported(&config)?;
         let stages = load_stages(&client, &config, base_dir).await?;
         let plan = Arc::new(Plan {
             config,

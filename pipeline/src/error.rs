@@ -11,9 +11,6 @@ pub enum RuntimeError {
         /// What is wrong.
         reason: String,
     },
-    /// The pipeline asks for something this runtime does not do.
-    #[error("{0}")]
-    Unsupported(String),
     /// The run stopped for good: a stage failed under policy "stop", or a plugin was
     /// quarantined. Nothing past the failure was committed.
     #[error("pipeline failed: {0}")]

@@ -153,7 +153,6 @@ impl BrokerPipelines {
         let mut pipelines = self.pipelines.lock().await;
         // Load the new stages before touching the running pipeline: a broken plugin
         // leaves it running.
-        crate::deployment::check_supported(&config).map_err(runtime_error)?;
         let client = self.client().await?;
         crate::stages::load_stages(&client, &config, &self.dir)
             .await

@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use quiver_client::{
-    Acks, AutoOffsetReset, Client, ConsumedRecord, DeliveryFuture, GroupConfig, GroupConsumer,
-    Producer, ProducerConfig, ProducerRecord, TopicPartition,
+    AutoOffsetReset, Client, ConsumedRecord, GroupConfig, GroupConsumer, Isolation, OffsetCommit,
+    ProducerRecord, TopicPartition,
 };
 use quiver_plugins::{HostLimits, Record};
 use tokio::sync::watch;
@@ -30,8 +30,9 @@ use tokio::sync::watch;
 use crate::changelog::{ensure_changelog, PartitionState};
 use crate::error::RuntimeError;
 use crate::metrics::PipelineMetrics;
-use crate::stages::{ChainOutput, LoadedStage, PartitionChain};
-use crate::{ErrorPolicy, PipelineConfig, StartPosition};
+use crate::stages::{ChainOutput, Failure, LoadedStage, PartitionChain};
+use crate::writer::Writer;
+use crate::{ErrorPolicy, Guarantee, PipelineConfig, StartPosition};
 
 /// Header naming an output record's input: `topic/partition/offset`.
 pub const SOURCE_HEADER: &str = "quiver.source";
@@ -132,22 +133,28 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
     } = parts;
     let client = client.clone();
     let cfg = &plan.config;
+    let exactly_once = cfg.run.guarantee == Guarantee::ExactlyOnce;
     let mut group = GroupConfig::new(cfg.group(), cfg.source.topics.iter().cloned())
         .start_without_commit_at(match cfg.source.start {
             StartPosition::Earliest => AutoOffsetReset::Earliest,
             StartPosition::Latest => AutoOffsetReset::Latest,
         });
     group.client_id = format!("pipeline {instance_id}");
-    group.commit_on_revoke = true;
+    // Exactly once, offsets are committed only inside transactions.
+    group.commit_on_revoke = !exactly_once;
+    group.fetch.isolation = Isolation::ReadCommitted;
     let mut member = GroupConsumer::join(client.clone(), group).await?;
-    let producer = Producer::new(
-        client.clone(),
-        ProducerConfig {
-            acks: Acks::All,
-            linger: Duration::from_millis(2),
-            ..ProducerConfig::default()
-        },
-    );
+    let mut writer = if exactly_once {
+        match Writer::exactly_once(client.clone(), &cfg.name, &member.member_id()).await {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = member.close_without_commit().await;
+                return Err(e);
+            }
+        }
+    } else {
+        Writer::at_least_once(client.clone())
+    };
     let changelog = if plan.stages.is_empty() {
         None
     } else {
@@ -172,41 +179,23 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
         };
         let owned = member.assignment();
         view.set(&owned);
-        if let Err(e) = sync_chains(
-            plan,
-            &client,
-            &producer,
-            changelog,
-            &mut member,
-            &mut chains,
-        )
-        .await
-        {
+        if let Err(e) = sync_chains(plan, &client, changelog, &mut member, &mut chains).await {
             break Err(e);
         }
-        if records.is_empty() {
-            if let Err(e) = keep_snapshots_fresh(&producer, &mut member, &mut chains).await {
-                break Err(e);
-            }
-            continue;
-        }
+        let idle = records.is_empty();
         let firsts = first_offsets(&records);
-        let done = match process_poll(plan, &producer, &mut chains, records).await {
-            Ok((counts, written)) => note_state(&producer, &mut member, &mut chains, written)
-                .await
-                .map(|()| counts),
-            Err(e) => Err(e),
-        };
+        let done = process_poll(plan, &mut writer, &mut member, &mut chains, records).await;
         match done {
             Ok(counts) => {
-                if let Err(e) = member.commit().await {
-                    break Err(e.into());
+                if !idle {
+                    metrics.record_batch(counts.input, counts.output, counts.errors, counts.dead);
                 }
-                metrics.record_batch(counts.input, counts.output, counts.errors, counts.dead);
             }
             Err(e) => {
-                // Nothing of this poll counts as done: the next commit (at close, or by
-                // whoever owns these partitions next) starts from its first records.
+                // Nothing of this poll counts as done: the transaction (if any) is void, and
+                // the next commit (by whoever owns these partitions next) starts from the
+                // poll's first records.
+                writer.abort().await;
                 for (tp, first) in firsts {
                     member.rewind(&tp.topic, tp.partition, first);
                 }
@@ -214,14 +203,14 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
             }
         }
     };
-    let _ = producer.flush().await;
-    match &result {
-        Err(RuntimeError::Client(_)) => {} // the connection or the membership is gone
-        _ => {
-            if let Err(e) = member.close().await {
-                tracing::warn!(instance = %instance_id, error = %e, "leaving the group failed");
-            }
-        }
+    writer.close().await;
+    let left = match (&result, writer.is_transactional()) {
+        (Err(RuntimeError::Client(_)), _) => Ok(()), // the connection or membership is gone
+        (Err(_), true) => member.close_without_commit().await,
+        _ => member.close().await,
+    };
+    if let Err(e) = left {
+        tracing::warn!(instance = %instance_id, error = %e, "leaving the group failed");
     }
     view.set(&[]);
     result
@@ -232,6 +221,8 @@ struct PartitionRun {
     chain: PartitionChain,
     /// `None` for a pipeline without stages (nothing to keep).
     state: Option<PartitionState>,
+    /// Whether the snapshot taken when the partition was granted still has to be written.
+    snapshot_due: bool,
 }
 
 /// Builds the stages of newly owned partitions (restoring their state from the changelog
@@ -239,7 +230,6 @@ struct PartitionRun {
 async fn sync_chains(
     plan: &Plan,
     client: &Client,
-    producer: &Producer,
     changelog: Option<u32>,
     member: &mut GroupConsumer,
     chains: &mut BTreeMap<TopicPartition, PartitionRun>,
@@ -256,7 +246,6 @@ async fn sync_chains(
                 let meta = member.committed_metadata(&tp.topic, tp.partition);
                 let state = PartitionState::restore(
                     client,
-                    producer,
                     &plan.config.name,
                     plan.stages.len(),
                     tp,
@@ -264,7 +253,6 @@ async fn sync_chains(
                     meta.as_deref(),
                 )
                 .await?;
-                member.set_commit_metadata(&tp.topic, tp.partition, state.metadata());
                 (state.stores.clone(), Some(state))
             }
             None => (Vec::new(), None),
@@ -276,38 +264,17 @@ async fn sync_chains(
             plan.config.on_error.policy,
         )
         .map_err(|e| RuntimeError::Failed(format!("cannot build the stages: {e}")))?;
-        chains.insert(tp.clone(), PartitionRun { chain, state });
+        let snapshot_due = state.is_some();
+        chains.insert(
+            tp.clone(),
+            PartitionRun {
+                chain,
+                state,
+                snapshot_due,
+            },
+        );
     }
     Ok(())
-}
-
-/// After a poll's writes were acknowledged: records where each partition's state now ends
-/// (re-snapshotting where due) in the metadata of the coming commit.
-async fn note_state(
-    producer: &Producer,
-    member: &mut GroupConsumer,
-    chains: &mut BTreeMap<TopicPartition, PartitionRun>,
-    written: Vec<(TopicPartition, Option<i64>)>,
-) -> Result<(), RuntimeError> {
-    for (tp, last) in written {
-        if let Some(state) = chains.get_mut(&tp).and_then(|r| r.state.as_mut()) {
-            state.written(last, producer).await?;
-            member.set_commit_metadata(&tp.topic, tp.partition, state.metadata());
-        }
-    }
-    Ok(())
-}
-
-/// On an idle poll: snapshots that grew old are rewritten, so retention never reaches the
-/// one a commit points at.
-async fn keep_snapshots_fresh(
-    producer: &Producer,
-    member: &mut GroupConsumer,
-    chains: &mut BTreeMap<TopicPartition, PartitionRun>,
-) -> Result<(), RuntimeError> {
-    let all: Vec<(TopicPartition, Option<i64>)> =
-        chains.keys().map(|tp| (tp.clone(), None)).collect();
-    note_state(producer, member, chains, all).await
 }
 
 fn first_offsets(records: &[ConsumedRecord]) -> BTreeMap<TopicPartition, i64> {
@@ -329,15 +296,16 @@ struct PollCounts {
     dead: u64,
 }
 
-/// Runs one poll's records through their partitions' chains, writes the results and waits
-/// for every acknowledgement.
-/// Returns the counts and, per partition, the changelog offset of its last state change.
+/// One poll: runs each partition's records through its chain, writes outputs, dead letters
+/// and state (snapshots due first, then changes), and commits the input with the state
+/// marks — as the writer's guarantee says. An idle poll writes only snapshots that are due.
 async fn process_poll(
     plan: &Arc<Plan>,
-    producer: &Producer,
+    writer: &mut Writer,
+    member: &mut GroupConsumer,
     chains: &mut BTreeMap<TopicPartition, PartitionRun>,
     records: Vec<ConsumedRecord>,
-) -> Result<(PollCounts, Vec<(TopicPartition, Option<i64>)>), RuntimeError> {
+) -> Result<PollCounts, RuntimeError> {
     let mut counts = PollCounts {
         input: records.len() as u64,
         ..PollCounts::default()
@@ -349,13 +317,21 @@ async fn process_poll(
             .or_default()
             .push(to_plugin_record(r));
     }
+    let idle = by_partition.is_empty();
+    if idle
+        && !chains
+            .values()
+            .any(|r| r.snapshot_due || r.state.as_ref().is_some_and(PartitionState::needs_snapshot))
+    {
+        return Ok(counts);
+    }
     // Plugin calls block: move the chains that have work to a blocking thread and back.
     let mut work: Vec<(TopicPartition, PartitionRun, Vec<Record>)> = Vec::new();
     for (tp, recs) in by_partition {
-        let chain = chains.remove(&tp).ok_or_else(|| {
+        let run = chains.remove(&tp).ok_or_else(|| {
             RuntimeError::Failed(format!("no stages for {}/{}", tp.topic, tp.partition))
         })?;
-        work.push((tp, chain, recs));
+        work.push((tp, run, recs));
     }
     let done = tokio::task::spawn_blocking(move || {
         work.into_iter()
@@ -371,7 +347,6 @@ async fn process_poll(
     })
     .await
     .map_err(|e| RuntimeError::Failed(format!("stage task failed: {e}")))?;
-    let mut deliveries: Vec<DeliveryFuture> = Vec::new();
     let mut fatal = None;
     let mut outputs = Vec::new();
     for (tp, run, range, out) in done {
@@ -385,19 +360,34 @@ async fn process_poll(
         return Err(RuntimeError::Failed(f));
     }
     let cfg = &plan.config;
-    let mut state_writes: Vec<(TopicPartition, Vec<DeliveryFuture>)> = Vec::new();
-    for (tp, range, out) in outputs {
-        if let Some(state) = chains.get_mut(&tp).and_then(|r| r.state.as_mut()) {
-            state_writes.push((tp.clone(), state.send_changes(producer).await?));
+    // State first: a snapshot due (taken when the partition was granted, or because the
+    // changes outgrew it) precedes the changes of this poll in the changelog.
+    let mut state_parts: Vec<TopicPartition> = Vec::new();
+    for (tp, run) in chains.iter_mut() {
+        let Some(state) = run.state.as_mut() else {
+            continue;
+        };
+        let mut recs = Vec::new();
+        if run.snapshot_due || state.needs_snapshot() {
+            run.snapshot_due = false;
+            recs.extend(state.snapshot_records());
         }
+        recs.extend(state.change_records());
+        if !recs.is_empty() {
+            state_parts.push(tp.clone());
+        }
+        for r in recs {
+            writer.send(r).await?;
+        }
+    }
+    for (tp, range, out) in outputs {
         let ChainOutput {
             records, failed, ..
         } = out;
         for r in records {
             let source = source_of(&tp, r.offset.clamp(range.0, range.1));
-            let record = to_output(r, &source, cfg)?;
             counts.output += 1;
-            deliveries.push(producer.send(record).await?);
+            writer.send(to_output(r, &source, cfg)?).await?;
         }
         for f in failed {
             counts.errors += 1;
@@ -409,38 +399,58 @@ async fn process_poll(
                 continue;
             };
             let source = source_of(&tp, f.record.offset.clamp(range.0, range.1));
-            let mut headers = f.record.headers;
-            headers.retain(|(k, _)| k != SINK_HEADER);
-            headers.push((ERROR_HEADER.into(), Bytes::from(f.error)));
-            headers.push((
-                STAGE_HEADER.into(),
-                Bytes::from(format!("{}:{}", f.stage, f.stage_id)),
-            ));
-            headers.push((SOURCE_HEADER.into(), Bytes::from(source)));
-            let record = ProducerRecord {
-                topic: dlq.clone(),
-                partition: None,
-                key: f.record.key,
-                value: f.record.value,
-                headers,
-                timestamp: (f.record.timestamp > 0).then_some(f.record.timestamp),
-            };
             counts.dead += 1;
-            deliveries.push(producer.send(record).await?);
+            writer.send(dead_letter(f, dlq, source)).await?;
         }
     }
-    for d in deliveries {
-        d.await?;
-    }
-    let mut written = Vec::with_capacity(state_writes.len());
-    for (tp, writes) in state_writes {
-        let mut last = None;
-        for d in writes {
-            last = Some(d.await?.offset);
+    let landed = writer.finish().await?;
+    crate::fault::after_write();
+    let mut offsets = Vec::new();
+    let positions = member.positions();
+    for (tp, run) in chains.iter_mut() {
+        let metadata = match run.state.as_mut() {
+            Some(state) => {
+                if state_parts.contains(tp) {
+                    if let Some(l) = landed.get(&state.changelog()) {
+                        state.landed(l.first_offset, l.last_offset);
+                    }
+                }
+                Some(state.metadata())
+            }
+            None => None,
+        };
+        if let Some(&offset) = positions.get(tp) {
+            offsets.push(OffsetCommit {
+                topic: tp.topic.clone(),
+                partition: tp.partition,
+                offset,
+                metadata,
+            });
         }
-        written.push((tp, last));
     }
-    Ok((counts, written))
+    writer.commit(member, offsets).await?;
+    Ok(counts)
+}
+
+/// A record a stage failed on, for the dead-letter topic: as the stage got it, with headers
+/// naming the error, the stage and the input it came from.
+fn dead_letter(f: Failure, topic: &str, source: String) -> ProducerRecord {
+    let mut headers = f.record.headers;
+    headers.retain(|(k, _)| k != SINK_HEADER);
+    headers.push((ERROR_HEADER.into(), Bytes::from(f.error)));
+    headers.push((
+        STAGE_HEADER.into(),
+        Bytes::from(format!("{}:{}", f.stage, f.stage_id)),
+    ));
+    headers.push((SOURCE_HEADER.into(), Bytes::from(source)));
+    ProducerRecord {
+        topic: topic.to_string(),
+        partition: None,
+        key: f.record.key,
+        value: f.record.value,
+        headers,
+        timestamp: (f.record.timestamp > 0).then_some(f.record.timestamp),
+    }
 }
 
 fn source_of(tp: &TopicPartition, offset: i64) -> String {

@@ -16,10 +16,12 @@ pub mod changelog;
 pub mod config;
 pub mod deployment;
 pub mod error;
+pub mod fault;
 pub mod host;
 pub mod instance;
 pub mod metrics;
 pub mod stages;
+pub mod writer;
 
 pub use config::{
     ErrorPolicy, Guarantee, OnError, PipelineConfig, PipelineConfigError, RunConfig, SinkConfig,

@@ -230,9 +230,12 @@ fn bad_deploys_are_refused_with_the_reason_and_a_stop_policy_failure_shows_in_th
         .unwrap();
         f
     };
-    let f = write("eo", "[run]\nguarantee = \"exactly-once\"\n");
+    let f = write("eo", "[run]\nguarantee = \"twice\"\n");
     let err = b.cli_err(&["pipeline", "deploy", f.to_str().unwrap()], None);
-    assert!(err.contains("exactly-once"), "{err}");
+    assert!(
+        err.contains("run.guarantee") || err.contains("twice"),
+        "{err}"
+    );
     let f = write("ghost", "[[stages]]\nplugin = \"ghost@1.0.0\"\n");
     let err = b.cli_err(&["pipeline", "deploy", f.to_str().unwrap()], None);
     assert!(err.contains("ghost"), "{err}");
@@ -270,7 +273,13 @@ struct Runner(Child);
 
 impl Runner {
     fn spawn(b: &TestBroker, file: &Path, log: &Path) -> Runner {
+        Self::spawn_with(b, file, log, &[])
+    }
+
+    /// With extra environment variables (fault injection).
+    fn spawn_with(b: &TestBroker, file: &Path, log: &Path, env: &[(&str, &str)]) -> Runner {
         let child = Command::new(bin())
+            .envs(env.iter().copied())
             .arg("--bootstrap")
             .arg(b.addr())
             .arg("--ca")
@@ -401,8 +410,24 @@ fn latest_per_key(records: &[Value]) -> BTreeMap<String, u64> {
         .collect()
 }
 
-#[test]
-fn keyed_counts_survive_a_killed_instance_at_least_once() {
+/// What a word-count run through a `kill -9` produced.
+struct WordCountRun {
+    /// The true count of each word.
+    truth: BTreeMap<String, u64>,
+    /// Records produced.
+    inputs: u64,
+    /// The sink read with read-committed.
+    committed: Vec<Value>,
+    /// Records in the sink, read-uncommitted (aborted attempts included).
+    uncommitted_len: i64,
+}
+
+/// The run: `records` records keyed by `words` distinct words into a 6-partition
+/// topic, the word-count pipeline (WASM `count`) with 3 `pipeline run` instances under
+/// `guarantee`; one instance is killed mid-run and another started. The killed one dies
+/// the way that matters: right after a poll's output was written and before its input was
+/// committed (`QUIVER_FAULT_CRASH_AFTER_WRITES`, an abort like `kill -9`).
+fn word_count_through_a_kill(guarantee: &str, records: usize, words: usize) -> WordCountRun {
     let b = TestBroker::start();
     let dir = tempfile::tempdir().unwrap();
     b.cli_ok(&["plugin", "deploy", &example("count")]);
@@ -411,60 +436,137 @@ fn keyed_counts_survive_a_killed_instance_at_least_once() {
     let file = dir.path().join("wc.toml");
     std::fs::write(
         &file,
-        "name = \"wc\"\n[source]\ntopics = [\"words\"]\n[[stages]]\nplugin = \"count@1.0.0\"\n[sink]\ntopic = \"counts\"\n[run]\nguarantee = \"at-least-once\"\n",
+        format!("name = \"wc\"\n[source]\ntopics = [\"words\"]\n[[stages]]\nplugin = \"count@1.0.0\"\n[sink]\ntopic = \"counts\"\n[run]\nguarantee = \"{guarantee}\"\n"),
     )
     .unwrap();
-    // 100 words; word w appears (w % 7 + 1) times per round.
-    let round = |r: usize| -> Vec<String> {
-        (0..100)
-            .flat_map(|w| (0..(w % 7 + 1)).map(move |i| format!("w{w}:w{w} r{r} {i}")))
-            .collect()
+    // Words drawn by a fixed hash of the record index, so counts differ from word to word.
+    let mix = |i: u64| {
+        let mut z = i.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
     };
     let mut truth: BTreeMap<String, u64> = BTreeMap::new();
-    let mut runners: Vec<Runner> = (0..3)
+    let mut lines = Vec::with_capacity(records);
+    for i in 0..records {
+        let word = format!("w{}", mix(i as u64) % words as u64);
+        *truth.entry(word.clone()).or_default() += 1;
+        lines.push(format!("{word}:{word} {i}"));
+    }
+    assert_eq!(truth.len(), words, "every word is drawn");
+    let mut doomed = Runner::spawn_with(
+        &b,
+        &file,
+        &dir.path().join("wc0.log"),
+        &[(quiver_pipeline::fault::CRASH_AFTER_WRITES, "1")],
+    );
+    let mut runners: Vec<Runner> = (1..3)
         .map(|i| Runner::spawn(&b, &file, &dir.path().join(format!("wc{i}.log"))))
         .collect();
     wait_for(60, "three instances", || {
         settled(&describe_now(&b, "wc"), 3)
     });
-    for r in 0..20 {
-        let lines = round(r);
-        for l in &lines {
-            *truth
-                .entry(l.split(':').next().unwrap().to_string())
-                .or_default() += 1;
-        }
-        produce_lines(&b, "words", &lines);
-        if r == 9 {
-            // Mid-run: one instance dies without a chance to commit; another joins.
-            wait_for(60, "some output", || b.total_log_end("counts") > 0);
-            let mut dead = runners.remove(0);
-            let _ = dead.0.kill();
-            let _ = dead.0.wait();
-            runners.push(Runner::spawn(&b, &file, &dir.path().join("wc3.log")));
-        }
-    }
-    let total: u64 = truth.values().sum();
-    wait_for(120, "every word counted", || {
+    let half = records / 2;
+    produce_lines(&b, "words", &lines[..half]);
+    // Mid-run: one instance dies between writing and committing; another joins.
+    wait_for(120, "the doomed instance to die", || {
+        matches!(doomed.0.try_wait(), Ok(Some(_)))
+    });
+    runners.push(Runner::spawn(&b, &file, &dir.path().join("wc3.log")));
+    produce_lines(&b, "words", &lines[half..]);
+    wait_for(300, "every record processed", || {
         let d = describe_now(&b, "wc");
         d["partitions"]
             .as_array()
             .is_some_and(|ps| ps.len() == 6 && ps.iter().all(|p| p["lag"] == 0))
-            && b.total_log_end("counts") >= total as i64
     });
     for r in &mut runners {
-        assert!(r.stop());
+        assert!(r.stop(), "pipeline run exits cleanly on SIGTERM");
     }
-    let out = read_topic(&b, "counts", b.total_log_end("counts") as usize);
-    let latest = latest_per_key(&out);
-    assert_eq!(latest.len(), 100, "every word has a count");
-    for (word, n) in &truth {
+    let uncommitted_len = b.total_log_end("counts");
+    // A transaction the killed instance left open holds read-committed readers back until
+    // the broker aborts it (its timeout): wait for what is promised, everything committed
+    // readable.
+    let read_committed = || {
+        json_lines(&b.cli_ok(&[
+            "consume",
+            "counts",
+            "--from-beginning",
+            "--isolation",
+            "read-committed",
+            "--output",
+            "json",
+        ]))
+    };
+    let mut committed = read_committed();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while (committed.len() as u64) < records as u64 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        committed = read_committed();
+    }
+    WordCountRun {
+        truth,
+        inputs: records as u64,
+        committed,
+        uncommitted_len,
+    }
+}
+
+#[test]
+fn exactly_once_word_counts_are_exact_through_a_killed_instance() {
+    let run = word_count_through_a_kill("exactly-once", 200_000, 1_000);
+    let latest = latest_per_key(&run.committed);
+    assert_eq!(latest.len(), 1_000, "every word has a count");
+    let wrong: Vec<_> = run
+        .truth
+        .iter()
+        .filter(|(w, n)| latest.get(*w) != Some(n))
+        .map(|(w, n)| format!("{w}: {:?} (true {n})", latest.get(w)))
+        .collect();
+    assert!(wrong.is_empty(), "counts differ from the truth: {wrong:?}");
+    // One committed output per input record: nothing lost, nothing doubled, and no record
+    // of an aborted attempt (those are in the log, but not readable as committed).
+    let sources: BTreeSet<&str> = run
+        .committed
+        .iter()
+        .map(|r| header(r, "quiver.source"))
+        .collect();
+    assert_eq!(run.committed.len() as u64, run.inputs, "committed outputs");
+    assert_eq!(
+        sources.len() as u64,
+        run.inputs,
+        "each input's output exactly once"
+    );
+    eprintln!(
+        "exactly-once: {} inputs, {} committed outputs, {} records in the sink log (aborted attempts and markers included)",
+        run.inputs,
+        run.committed.len(),
+        run.uncommitted_len
+    );
+}
+
+#[test]
+fn at_least_once_word_counts_lose_nothing_through_a_killed_instance() {
+    let run = word_count_through_a_kill("at-least-once", 200_000, 1_000);
+    let latest = latest_per_key(&run.committed);
+    assert_eq!(latest.len(), 1_000, "every word has a count");
+    for (word, n) in &run.truth {
         let got = latest[word];
         assert!(
             got >= *n,
-            "{word}: latest count {got} < true count {n} (state lost)"
+            "{word}: latest count {got} < true count {n} (lost)"
         );
     }
+    let sources: BTreeSet<&str> = run
+        .committed
+        .iter()
+        .map(|r| header(r, "quiver.source"))
+        .collect();
+    assert_eq!(
+        sources.len() as u64,
+        run.inputs,
+        "every input reached the sink"
+    );
 }
 
 #[test]

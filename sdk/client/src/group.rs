@@ -307,6 +307,21 @@ impl GroupConsumer {
         self.listener = Some(Box::new(listener));
     }
 
+    /// The group's name.
+    pub fn group(&self) -> &str {
+        &self.config.group
+    }
+
+    /// Notes offsets committed another way (in a transaction, see
+    /// [`TransactionalProducer::commit`](crate::TransactionalProducer::commit)): later
+    /// commits and `close` do not store them again.
+    pub fn mark_committed(&mut self, offsets: &[OffsetCommit]) {
+        for o in offsets {
+            self.note_committed(o);
+        }
+        self.last_commit = Instant::now();
+    }
+
     /// This member's id.
     pub fn member_id(&self) -> String {
         self.link.lock().member_id.clone()
@@ -651,6 +666,16 @@ impl GroupConsumer {
     /// Commits, leaves the group (its partitions go to the others at once), and stops.
     pub async fn close(mut self) -> Result<()> {
         let committed = self.commit().await;
+        self.leave_now(committed).await
+    }
+
+    /// Leaves the group without committing anything (e.g. after a failed transaction:
+    /// the next owner starts from the last commit).
+    pub async fn close_without_commit(self) -> Result<()> {
+        self.leave_now(Ok(0)).await
+    }
+
+    async fn leave_now(self, committed: Result<u32>) -> Result<()> {
         let member_id = {
             let mut s = self.link.lock();
             s.closed = true;
