@@ -295,8 +295,8 @@ fn status_table(out: &mut impl Write, s: &PipelineStatus) -> anyhow::Result<()> 
     )?;
     writeln!(
         out,
-        "throughput: {:.1} records/s in, {:.1} records/s out",
-        s.records_per_sec_in, s.records_per_sec_out
+        "throughput: {:.1} records/s in, {:.1} records/s out; latency p50 {:.0} ms, p99 {:.0} ms",
+        s.records_per_sec_in, s.records_per_sec_out, s.latency_p50_ms, s.latency_p99_ms
     )?;
     let rows: Vec<Vec<String>> = s
         .instances

@@ -234,6 +234,8 @@ impl Deployment {
             lag: group_lag(&self.client, cfg).await.unwrap_or(-1),
             errors: m.errors,
             dead_lettered: m.dead_lettered,
+            latency_p50_ms: m.latency_p50_ms,
+            latency_p99_ms: m.latency_p99_ms,
         }
     }
 }

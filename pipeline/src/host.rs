@@ -221,6 +221,8 @@ impl BrokerPipelines {
                     lag,
                     errors: 0,
                     dead_lettered: 0,
+                    latency_p50_ms: 0.0,
+                    latency_p99_ms: 0.0,
                 }
             }
         }

@@ -184,11 +184,13 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
         }
         let idle = records.is_empty();
         let firsts = first_offsets(&records);
+        let timestamps: Vec<i64> = records.iter().map(|r| r.timestamp).collect();
         let done = process_poll(plan, &mut writer, &mut member, &mut chains, records).await;
         match done {
             Ok(counts) => {
                 if !idle {
                     metrics.record_batch(counts.input, counts.output, counts.errors, counts.dead);
+                    metrics.record_latencies(quiver_core::clock::now_ms(), &timestamps);
                 }
             }
             Err(e) => {
@@ -377,7 +379,7 @@ async fn process_poll(
             state_parts.push(tp.clone());
         }
         for r in recs {
-            writer.send(r).await?;
+            writer.send_tracked(r).await?;
         }
     }
     for (tp, range, out) in outputs {
@@ -403,7 +405,9 @@ async fn process_poll(
             writer.send(dead_letter(f, dlq, source)).await?;
         }
     }
+    let processed_at = std::time::Instant::now();
     let landed = writer.finish().await?;
+    let written_at = std::time::Instant::now();
     crate::fault::after_write();
     let mut offsets = Vec::new();
     let positions = member.positions();
@@ -429,6 +433,12 @@ async fn process_poll(
         }
     }
     writer.commit(member, offsets).await?;
+    tracing::debug!(
+        records = counts.input,
+        write_ms = (written_at - processed_at).as_millis() as u64,
+        commit_ms = written_at.elapsed().as_millis() as u64,
+        "poll committed"
+    );
     Ok(counts)
 }
 

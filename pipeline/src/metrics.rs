@@ -1,5 +1,6 @@
 //! A pipeline's counters: records in (processed and committed), out, failed, dead-lettered,
-//! and the recent rates `pipeline status` shows.
+//! the recent rates `pipeline status` shows, and end-to-end latency: from an input record's
+//! timestamp to the commit of the poll that processed it (its output acknowledged).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +18,8 @@ pub struct PipelineMetrics {
     errors: AtomicU64,
     dead_lettered: AtomicU64,
     samples: Mutex<VecDeque<(Instant, u64, u64)>>,
+    /// Milliseconds from input timestamp to commit.
+    latency: Mutex<Option<hdrhistogram::Histogram<u64>>>,
 }
 
 /// A snapshot of [`PipelineMetrics`].
@@ -34,6 +37,14 @@ pub struct MetricsSnapshot {
     pub records_per_sec_in: f64,
     /// Output records per second over the last few seconds.
     pub records_per_sec_out: f64,
+    /// Median end-to-end latency, ms (input timestamp → committed with its output).
+    pub latency_p50_ms: f64,
+    /// 99th percentile of that latency, ms.
+    pub latency_p99_ms: f64,
+    /// 99.9th percentile of that latency, ms.
+    pub latency_p999_ms: f64,
+    /// How many latencies were recorded.
+    pub latency_samples: u64,
 }
 
 impl PipelineMetrics {
@@ -45,6 +56,18 @@ impl PipelineMetrics {
         self.dead_lettered
             .fetch_add(dead_lettered, Ordering::Relaxed);
         self.sample(Instant::now(), i, o);
+    }
+
+    /// Records, for each input record of a committed poll, now − its timestamp.
+    pub fn record_latencies(&self, now_ms: i64, timestamps: &[i64]) {
+        let mut h = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+        let h = h.get_or_insert_with(|| {
+            hdrhistogram::Histogram::new_with_bounds(1, 3_600_000, 3)
+                .expect("valid histogram bounds")
+        });
+        for t in timestamps {
+            let _ = h.record((now_ms - t).clamp(1, 3_600_000) as u64);
+        }
     }
 
     fn sample(&self, now: Instant, i: u64, o: u64) {
@@ -74,7 +97,22 @@ impl PipelineMetrics {
                 rout = (last.2 - first.2) as f64 / secs;
             }
         }
+        drop(s);
+        let (latency_p50_ms, latency_p99_ms, latency_p999_ms, latency_samples) =
+            match &*self.latency.lock().unwrap_or_else(|p| p.into_inner()) {
+                Some(h) if !h.is_empty() => (
+                    h.value_at_quantile(0.5) as f64,
+                    h.value_at_quantile(0.99) as f64,
+                    h.value_at_quantile(0.999) as f64,
+                    h.len(),
+                ),
+                _ => (0.0, 0.0, 0.0, 0),
+            };
         MetricsSnapshot {
+            latency_p50_ms,
+            latency_p99_ms,
+            latency_p999_ms,
+            latency_samples,
             records_in,
             records_out,
             errors: self.errors.load(Ordering::Relaxed),

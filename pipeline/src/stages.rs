@@ -19,6 +19,10 @@ use quiver_plugins::{
 use crate::error::RuntimeError;
 use crate::{ErrorPolicy, PipelineConfig, StagePlugin};
 
+/// Records handed to one plugin call at most (encoded bytes), well under the output limit
+/// of a call (16 MiB by default) for plugins that do not amplify.
+pub const CALL_INPUT_BYTES: usize = 1024 * 1024;
+
 /// A stage's plugin, loaded once per run and built once per input partition.
 #[derive(Clone)]
 pub struct LoadedStage {
@@ -156,8 +160,35 @@ impl PartitionChain {
         })
     }
 
-    /// Runs `input` (records of this partition, in offset order) through every stage.
+    /// Runs `input` (records of this partition, in offset order) through every stage, in
+    /// calls of at most [`CALL_INPUT_BYTES`] of records each (a poll may hold far more than
+    /// one call's output limit).
     pub fn process(&mut self, input: Vec<Record>) -> ChainOutput {
+        let mut out = ChainOutput::default();
+        let mut chunk = Vec::new();
+        let mut bytes = 0;
+        let mut rest = input.into_iter().peekable();
+        while let Some(r) = rest.next() {
+            bytes += r.encoded_len();
+            chunk.push(r);
+            if bytes >= CALL_INPUT_BYTES || rest.peek().is_none() {
+                let part = self.process_call(std::mem::take(&mut chunk));
+                out.records.extend(part.records);
+                out.failed.extend(part.failed);
+                if part.fatal.is_some() {
+                    out.fatal = part.fatal;
+                    out.records.clear();
+                    out.failed.clear();
+                    return out;
+                }
+                bytes = 0;
+            }
+        }
+        out
+    }
+
+    /// One call's worth of records through every stage.
+    fn process_call(&mut self, input: Vec<Record>) -> ChainOutput {
         let mut out = ChainOutput::default();
         let mut batch = input;
         for (i, stage) in self.stages.iter_mut().enumerate() {
@@ -280,6 +311,17 @@ end
         let out = c.process(records(&["bad1", "bad2", "bad3", "bad4", "bad5", "bad6"]));
         let fatal = out.fatal.expect("quarantine must stop the run");
         assert!(fatal.contains("quarantined"), "{fatal}");
+    }
+
+    #[test]
+    fn a_large_poll_is_cut_into_calls_under_the_output_limit() {
+        let mut c = chain(ErrorPolicy::Stop);
+        let big = "x".repeat(1000);
+        let values: Vec<&str> = (0..30_000).map(|_| big.as_str()).collect();
+        // 30 MB of input: one call would exceed the 16 MiB output limit.
+        let out = c.process(records(&values));
+        assert!(out.fatal.is_none(), "{:?}", out.fatal);
+        assert_eq!(out.records.len(), 30_000);
     }
 
     #[test]

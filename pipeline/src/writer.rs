@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use quiver_client::{
     Acks, Client, DeliveryFuture, GroupConsumer, Landed, OffsetCommit, Producer, ProducerConfig,
-    ProducerRecord, TransactionalProducer, TxnOffsets,
+    ProducerRecord, RecordRef, TransactionalProducer, TxnOffsets,
 };
 
 use crate::error::RuntimeError;
@@ -72,8 +72,37 @@ impl Writer {
         ))
     }
 
-    /// Sends (or buffers in the transaction) one record.
+    /// Sends (or buffers in the transaction) one output record; [`Writer::finish`] waits for
+    /// it. Where it landed is not reported (see [`Writer::send_tracked`]).
     pub async fn send(&mut self, record: ProducerRecord) -> Result<(), RuntimeError> {
+        match self {
+            Writer::AtLeastOnce { producer, .. } => {
+                let headers: Vec<(&str, &[u8])> = record
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_ref()))
+                    .collect();
+                producer
+                    .send_nowait(RecordRef {
+                        topic: &record.topic,
+                        partition: record.partition,
+                        key: record.key.as_deref(),
+                        value: &record.value,
+                        headers: &headers,
+                        timestamp: record.timestamp,
+                    })
+                    .await?;
+            }
+            Writer::ExactlyOnce(tx) => {
+                tx.prepare_topic(&record.topic).await?;
+                tx.send(record)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one record whose landing offset [`Writer::finish`] reports (state changes).
+    pub async fn send_tracked(&mut self, record: ProducerRecord) -> Result<(), RuntimeError> {
         match self {
             Writer::AtLeastOnce { producer, inflight } => {
                 inflight.push(producer.send(record).await?);
@@ -90,7 +119,9 @@ impl Writer {
     /// transaction) and says where it landed.
     pub async fn finish(&mut self) -> Result<LandedMap, RuntimeError> {
         match self {
-            Writer::AtLeastOnce { inflight, .. } => {
+            Writer::AtLeastOnce { producer, inflight } => {
+                // Every record sent so far acknowledged (an error if any failed).
+                producer.flush().await?;
                 let mut landed = LandedMap::new();
                 for d in inflight.drain(..) {
                     let md = d.await?;

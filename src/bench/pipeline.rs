@@ -6,14 +6,14 @@
 //! ends when the pipeline has processed all N (their outputs acknowledged in the sink and
 //! their offsets committed). Records/s is N over the time from the first produce to that
 //! moment. Latency runs from each input record's timestamp (set when it was produced) to the
-//! moment a consumer of the sink in this process receives its output: produced → processed
-//! → written → readable, at saturation (so it includes queueing behind earlier records).
+//! commit of the poll that processed it, after its output was acknowledged in the sink:
+//! produced → processed → acknowledged, at saturation (so it includes queueing behind
+//! earlier records), as the pipeline's own metrics record it.
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use quiver_client::{Client, Consumer, ConsumerConfig, SeekTo};
+use quiver_client::Client;
 use quiver_pipeline::{Deployment, PipelineConfig};
 use serde::Serialize;
 
@@ -105,13 +105,6 @@ async fn one(
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let lat = Arc::new(Mutex::new(histogram()));
-    let reader = tokio::spawn(read_latencies(
-        client.clone(),
-        output.clone(),
-        o.partitions,
-        lat.clone(),
-    ));
     let start = Instant::now();
     let records = o.records;
     produce_into(client, o, &input, false).await?;
@@ -133,44 +126,28 @@ async fn one(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let seconds = start.elapsed().as_secs_f64();
+    let m = deployment.metrics();
     deployment.stop().await;
-    // Outputs still in flight to the reader get a moment to arrive.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    reader.abort();
-    let lat = lat.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let kind = if chain.is_empty() {
         "pipeline (no stage)".to_string()
     } else {
         format!("pipeline ({})", chain.join(" → "))
     };
-    Ok(
-        Report::new(&kind, records, o.record_size, o.partitions, seconds, &lat)
-            .measuring("input produced → output readable in the sink"),
-    )
-}
-
-type Latencies = Arc<Mutex<hdrhistogram::Histogram<u64>>>;
-
-/// Reads the sink from its start and records, per output, now − its input's timestamp.
-async fn read_latencies(client: Client, topic: String, partitions: u32, lat: Latencies) {
-    let mut consumer = Consumer::new(client, ConsumerConfig::default());
-    if consumer.assign(&topic, 0..partitions).await.is_err() {
-        return;
-    }
-    for p in 0..partitions {
-        let _ = consumer.seek(&topic, p, SeekTo::Beginning);
-    }
-    loop {
-        let Ok(records) = consumer.poll_timeout(Duration::from_millis(200)).await else {
-            return;
-        };
-        let now = quiver_core::clock::now_ms();
-        let mut lat = lat.lock().unwrap_or_else(|p| p.into_inner());
-        for r in records {
-            let ms = (now - r.timestamp).max(0) as u64;
-            let _ = lat.record((ms * 1000).max(1));
-        }
-    }
+    let mut report = Report::new(
+        &kind,
+        records,
+        o.record_size,
+        o.partitions,
+        seconds,
+        &histogram(),
+    );
+    report.p50_ms = m.latency_p50_ms;
+    report.p99_ms = m.latency_p99_ms;
+    report.p999_ms = m.latency_p999_ms;
+    report.latency_samples = m.latency_samples;
+    Ok(report.measuring(
+        "input record's timestamp → its output acknowledged and its offset committed (ms resolution)",
+    ))
 }
 
 impl PipelineBench {

@@ -626,7 +626,11 @@ fn redeploying_a_new_plugin_version_rolls_exactly_once_instances_keeping_offsets
         "--output",
         "json",
     ]));
-    assert_eq!(out.len(), 1000, "a roll writes no output twice and loses none");
+    assert_eq!(
+        out.len(),
+        1000,
+        "a roll writes no output twice and loses none"
+    );
     let sources: BTreeSet<&str> = out.iter().map(|r| header(r, "quiver.source")).collect();
     assert_eq!(sources.len(), 1000);
     let latest = latest_per_key(&out);

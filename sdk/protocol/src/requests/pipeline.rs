@@ -94,6 +94,11 @@ pub struct PipelineStatus {
     pub errors: u64,
     /// Records written to the dead-letter topic.
     pub dead_lettered: u64,
+    /// Median end-to-end latency since the pipeline started here, ms: from an input
+    /// record's timestamp to the commit of its output.
+    pub latency_p50_ms: f64,
+    /// 99th percentile of that latency, ms.
+    pub latency_p99_ms: f64,
 }
 
 impl Message for DescribePipelineRequest {

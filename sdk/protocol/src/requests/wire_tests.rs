@@ -796,6 +796,8 @@ fn pipeline_status() -> PipelineStatus {
         lag: 7,
         errors: 100,
         dead_lettered: 100,
+        latency_p50_ms: 12.0,
+        latency_p99_ms: 40.5,
     }
 }
 
