@@ -43,6 +43,11 @@ pub const ERROR_HEADER: &str = "quiver.error";
 /// Header of a dead letter: `INDEX:name@version` of the stage that failed.
 pub const STAGE_HEADER: &str = "quiver.stage";
 
+/// Bytes of one fetch of an instance (per partition).
+const POLL_FETCH_BYTES: u32 = 1024 * 1024;
+/// Fetched chunks an instance keeps ahead of its processing (across partitions).
+const POLL_FETCH_CHUNKS: usize = 8;
+
 /// Everything an instance needs to run: the checked file and its loaded stages.
 pub struct Plan {
     /// The pipeline.
@@ -143,6 +148,10 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
     // Exactly once, offsets are committed only inside transactions.
     group.commit_on_revoke = !exactly_once;
     group.fetch.isolation = Isolation::ReadCommitted;
+    // A poll takes what is fetched ahead: at most ~8 MiB per instance, so a poll's
+    // transaction and the instance's memory stay bounded however large the backlog.
+    group.fetch.max_bytes = POLL_FETCH_BYTES;
+    group.fetch.buffer_chunks = POLL_FETCH_CHUNKS;
     let mut member = GroupConsumer::join(client.clone(), group).await?;
     let mut writer = if exactly_once {
         match Writer::exactly_once(client.clone(), &cfg.name, &member.member_id()).await {
