@@ -45,6 +45,12 @@ const PRODUCER_ID_BIT: i64 = 1 << 62;
 const MAX_TIMEOUT_MS: u32 = 15 * 60 * 1000;
 /// How long a marker write may take.
 const MARKER_TIMEOUT: Duration = Duration::from_secs(30);
+/// A transactional id with no transaction open and no use for this long is forgotten
+/// (Kafka's `transactional.id.expiration.ms`, 7 days).
+const ID_EXPIRATION_MS: i64 = 7 * 24 * 3600 * 1000;
+/// Most transactional ids one broker keeps: past it, new ids are refused (until old ones
+/// expire), so a client cannot grow the coordinator's memory without bound.
+pub const MAX_TRANSACTIONAL_IDS: usize = 100_000;
 
 /// Why a transaction request failed.
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +113,9 @@ struct TxnState {
     timeout_ms: u32,
     /// When the open transaction started (ms since the epoch).
     started_ms: i64,
+    /// Last request for this id (ms since the epoch); idle ids expire.
+    #[serde(default)]
+    last_used_ms: i64,
     partitions: BTreeSet<(String, u32)>,
     /// Group offsets to store on commit.
     offsets: Vec<CommitOffsetsRequest>,
@@ -124,6 +133,8 @@ pub struct TxnCoordinator {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Bumped whenever a transaction ends (wakes offset fetches waiting for it).
     ended: watch::Sender<u64>,
+    /// Most transactional ids kept ([`MAX_TRANSACTIONAL_IDS`]).
+    max_ids: usize,
 }
 
 impl TxnCoordinator {
@@ -135,6 +146,17 @@ impl TxnCoordinator {
         flusher: Arc<Flusher>,
         groups: Arc<GroupService>,
     ) -> Result<Arc<TxnCoordinator>> {
+        Self::open_with_limit(db, topics, flusher, groups, MAX_TRANSACTIONAL_IDS)
+    }
+
+    /// [`open`](Self::open) keeping at most `max_ids` transactional ids.
+    pub fn open_with_limit(
+        db: &sled::Db,
+        topics: Arc<TopicRegistry>,
+        flusher: Arc<Flusher>,
+        groups: Arc<GroupService>,
+        max_ids: usize,
+    ) -> Result<Arc<TxnCoordinator>> {
         let tree = db
             .open_tree(TRANSACTIONS_TREE)
             .map_err(|e| TxnError::Storage(e.to_string()))?;
@@ -143,7 +165,10 @@ impl TxnCoordinator {
             let (k, v) = item.map_err(|e| TxnError::Storage(e.to_string()))?;
             let id = String::from_utf8_lossy(&k).into_owned();
             match serde_json::from_slice::<TxnState>(&v) {
-                Ok(s) => {
+                Ok(mut s) => {
+                    if s.last_used_ms == 0 {
+                        s.last_used_ms = crate::clock::now_ms();
+                    }
                     state.insert(id, s);
                 }
                 Err(e) => {
@@ -160,6 +185,7 @@ impl TxnCoordinator {
             state: Mutex::new(state),
             locks: Mutex::new(HashMap::new()),
             ended: watch::Sender::new(0),
+            max_ids,
         }))
     }
 
@@ -179,6 +205,9 @@ impl TxnCoordinator {
     }
 
     fn store(&self, id: &str, s: &TxnState) -> Result<()> {
+        let mut s = s.clone();
+        s.last_used_ms = crate::clock::now_ms();
+        let s = &s;
         let bytes = serde_json::to_vec(s).map_err(|e| TxnError::Storage(e.to_string()))?;
         self.tree
             .insert(id.as_bytes(), bytes)
@@ -235,12 +264,19 @@ impl TxnCoordinator {
                 s.timeout_ms = timeout_ms;
                 s
             }
+            None if self.lock().len() >= self.max_ids => {
+                return Err(TxnError::State(format!(
+                    "this broker already keeps {} transactional ids; reuse an id (one per producer, stable across restarts) or wait until idle ones expire (7 days)",
+                    self.max_ids
+                )))
+            }
             None => TxnState {
                 producer_id: self.new_producer_id()?,
                 epoch: 0,
                 status: Status::Empty,
                 timeout_ms,
                 started_ms: 0,
+                last_used_ms: 0,
                 partitions: BTreeSet::new(),
                 offsets: Vec::new(),
             },
@@ -465,6 +501,26 @@ impl TxnCoordinator {
         }
     }
 
+    /// Forgets ids with no open transaction and no request for [`ID_EXPIRATION_MS`].
+    fn expire_idle(&self, now: i64) {
+        let idle: Vec<String> = self
+            .lock()
+            .iter()
+            .filter(|(_, s)| {
+                s.status == Status::Empty && now.saturating_sub(s.last_used_ms) > ID_EXPIRATION_MS
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in idle {
+            if let Err(e) = self.tree.remove(id.as_bytes()) {
+                tracing::warn!(transactional_id = %id, error = %e, "cannot forget an idle transactional id");
+                continue;
+            }
+            self.lock().remove(&id);
+            tracing::debug!(transactional_id = %id, "idle transactional id forgotten");
+        }
+    }
+
     /// Aborts (and fences) transactions open longer than their timeout, until `stop`.
     pub async fn run_ticker(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         self.recover().await;
@@ -476,6 +532,7 @@ impl TxnCoordinator {
                 _ = stop.wait_for(|s| *s) => return,
             }
             let now = crate::clock::now_ms();
+            self.expire_idle(now);
             let expired: Vec<String> = self
                 .lock()
                 .iter()
@@ -502,5 +559,81 @@ impl TxnCoordinator {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topic::TopicConfig;
+
+    async fn coordinator(max_ids: usize) -> (tempfile::TempDir, Arc<TxnCoordinator>) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let topics = Arc::new(TopicRegistry::open(db.clone(), TopicConfig::default()).unwrap());
+        let flusher = Flusher::new(db.clone());
+        let groups = GroupService::open(topics.clone(), flusher.clone(), 1 << 20).unwrap();
+        let c = TxnCoordinator::open_with_limit(&db, topics, flusher, groups, max_ids).unwrap();
+        (dir, c)
+    }
+
+    fn init(id: &str) -> InitTransactionsRequest {
+        InitTransactionsRequest {
+            transactional_id: id.into(),
+            timeout_ms: 60_000,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_second_init_fences_the_first_epoch() {
+        let (_d, c) = coordinator(10).await;
+        let a = c.init(&init("app")).await.unwrap();
+        let b = c.init(&init("app")).await.unwrap();
+        assert_eq!(a.producer_id, b.producer_id);
+        assert_eq!(b.producer_epoch, a.producer_epoch + 1);
+        let e = c
+            .register_partition(a.producer_id, a.producer_epoch, "t", 0)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), ErrorCode::ProducerFenced, "{e}");
+        let e = c.register_partition(12345, 0, "t", 0).await.unwrap_err();
+        assert_eq!(
+            e.code(),
+            ErrorCode::ProducerFenced,
+            "an unknown producer id: {e}"
+        );
+        let e = c
+            .end(&EndTxnRequest {
+                transactional_id: "nobody".into(),
+                producer_id: b.producer_id,
+                producer_epoch: b.producer_epoch,
+                commit: true,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), ErrorCode::ProducerFenced, "{e}");
+    }
+
+    #[tokio::test]
+    async fn ids_are_capped_and_idle_ones_expire() {
+        let (_d, c) = coordinator(2).await;
+        c.init(&init("a")).await.unwrap();
+        c.init(&init("b")).await.unwrap();
+        let e = c.init(&init("c")).await.unwrap_err();
+        assert!(
+            e.to_string().contains("already keeps 2 transactional ids"),
+            "{e}"
+        );
+        // Known ids still work.
+        c.init(&init("a")).await.unwrap();
+        // "b" has an open transaction: it never expires while open; "a" is idle.
+        let b = c.get("b").unwrap();
+        c.register_partition(b.producer_id, b.epoch, "t", 0)
+            .await
+            .unwrap();
+        c.expire_idle(crate::clock::now_ms() + ID_EXPIRATION_MS + 1);
+        assert!(c.get("a").is_none(), "the idle id is forgotten");
+        assert!(c.get("b").is_some(), "an open transaction keeps its id");
+        c.init(&init("c")).await.unwrap();
     }
 }

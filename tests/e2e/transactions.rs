@@ -275,3 +275,49 @@ fn a_crashed_producers_open_transaction_is_aborted_after_its_timeout_even_across
         values == ["after"]
     });
 }
+
+#[test]
+fn forged_markers_and_transactional_batches_without_a_transaction_are_refused() {
+    use quiver_protocol::batch::{control_batch, BatchBuilder, Compression, Marker};
+    use quiver_protocol::requests::{Acks, ProduceRequest};
+    let b = TestBroker::start();
+    b.cli_ok(&["topic", "create", "t", "--partitions", "1"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = connect(&b).await;
+        let produce = |topic: &str, batch: bytes::Bytes| {
+            let client = client.clone();
+            let req = ProduceRequest {
+                topic: topic.to_string(),
+                partition: 0,
+                acks: Acks::All,
+                timeout_ms: 5_000,
+            };
+            async move { client.request(&req, batch).await }
+        };
+        let now = quiver_core::clock::now_ms();
+        // A client writing a commit marker for someone's producer id.
+        let e = produce("t", control_batch(1 << 62, 0, Marker::Commit, now))
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), Some(ErrorCode::InvalidRecord), "{e}");
+        // A transactional batch under a producer id no InitTransactions handed out.
+        let mut forged = BatchBuilder::new(Compression::None);
+        forged.push(None, b"sneaky", now, &[]);
+        forged.set_producer(777, 0, 0);
+        forged.set_transactional(true);
+        let e = produce("t", forged.build()).await.unwrap_err();
+        assert_eq!(code(&e), Some(ErrorCode::ProducerFenced), "{e}");
+        // Into the broker's own topic, even with a real transaction.
+        let tx = TransactionalProducer::init(client.clone(), "intruder")
+            .await
+            .unwrap();
+        let (pid, epoch) = tx.producer();
+        let mut inside = BatchBuilder::new(Compression::None);
+        inside.push(None, b"offsets?", now, &[]);
+        inside.set_producer(pid, epoch, 0);
+        inside.set_transactional(true);
+        assert!(produce("__consumer_offsets", inside.build()).await.is_err());
+    });
+    assert_eq!(b.total_log_end("t"), 0, "nothing was stored");
+}
