@@ -137,13 +137,16 @@ fn subject_alt_names(config: &BrokerConfig) -> Vec<String> {
     sans
 }
 
-fn self_made(config: &BrokerConfig) -> Result<ServerIdentity, TlsError> {
-    let dir = config.data_dir.join("tls");
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| tls_err(&format!("creating {}", dir.display()), e))?;
+/// The CA kept in `dir` (`ca.pem` for clients to trust, `ca.key` private), made with
+/// `common_name` when absent. Returns its certificate, key and the `ca.pem` path.
+fn load_or_create_ca(
+    dir: &Path,
+    common_name: &str,
+) -> Result<(rcgen::Certificate, KeyPair, PathBuf), TlsError> {
+    std::fs::create_dir_all(dir).map_err(|e| tls_err(&format!("creating {}", dir.display()), e))?;
     let ca_pem_path = dir.join("ca.pem");
     let ca_key_path = dir.join("ca.key");
-    let (ca_cert, ca_key) = if ca_pem_path.exists() && ca_key_path.exists() {
+    if ca_pem_path.exists() && ca_key_path.exists() {
         check_private(&ca_key_path)?;
         let key_pem =
             std::fs::read_to_string(&ca_key_path).map_err(|e| tls_err("reading ca.key", e))?;
@@ -155,29 +158,74 @@ fn self_made(config: &BrokerConfig) -> Result<ServerIdentity, TlsError> {
         let cert = params
             .self_signed(&key)
             .map_err(|e| tls_err("loading CA", e))?;
-        (cert, key)
-    } else {
-        let key = KeyPair::generate().map_err(|e| tls_err("generating CA key", e))?;
-        let mut params =
-            CertificateParams::new(Vec::<String>::new()).map_err(|e| tls_err("CA params", e))?;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(
-            DnType::CommonName,
-            format!("Quiver broker {} local CA", config.broker_id),
-        );
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        params.not_after = rcgen::date_time_ymd(2099, 1, 1);
-        let cert = params
-            .self_signed(&key)
-            .map_err(|e| tls_err("signing CA", e))?;
-        write_private(&ca_key_path, &key.serialize_pem())?;
-        write_atomic(&ca_pem_path, &cert.pem())?;
-        (cert, key)
-    };
+        return Ok((cert, key, ca_pem_path));
+    }
+    let key = KeyPair::generate().map_err(|e| tls_err("generating CA key", e))?;
+    let mut params =
+        CertificateParams::new(Vec::<String>::new()).map_err(|e| tls_err("CA params", e))?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name.to_string());
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_after = rcgen::date_time_ymd(2099, 1, 1);
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| tls_err("signing CA", e))?;
+    write_private(&ca_key_path, &key.serialize_pem())?;
+    write_atomic(&ca_pem_path, &cert.pem())?;
+    Ok((cert, key, ca_pem_path))
+}
+
+/// The cluster CA in `dir` (made on first use); returns the `ca.pem` clients trust.
+pub fn cluster_ca(dir: &Path) -> Result<PathBuf, TlsError> {
+    Ok(load_or_create_ca(dir, "Quiver cluster CA")?.2)
+}
+
+/// Issues broker `id`'s certificate, signed by the CA in `ca_dir`, for the names and
+/// addresses `sans`, usable as a server and as a client certificate (brokers authenticate
+/// each other with it). Writes `cert.pem` (leaf then CA) and `key.pem` (private) into
+/// `out_dir` and returns their paths, for `tls.cert` / `tls.key`.
+pub fn issue_broker_certificate(
+    ca_dir: &Path,
+    id: u32,
+    sans: &[String],
+    out_dir: &Path,
+) -> Result<(PathBuf, PathBuf), TlsError> {
+    let (ca_cert, ca_key, _) = load_or_create_ca(ca_dir, "Quiver cluster CA")?;
+    std::fs::create_dir_all(out_dir)
+        .map_err(|e| tls_err(&format!("creating {}", out_dir.display()), e))?;
+    let key = KeyPair::generate().map_err(|e| tls_err("generating broker key", e))?;
+    let mut params =
+        CertificateParams::new(sans.to_vec()).map_err(|e| tls_err("broker params", e))?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("quiver-broker-{id}"));
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.not_after = rcgen::date_time_ymd(2099, 1, 1);
+    let cert = params
+        .signed_by(&key, &ca_cert, &ca_key)
+        .map_err(|e| tls_err("signing the broker certificate", e))?;
+    let cert_path = out_dir.join("cert.pem");
+    let key_path = out_dir.join("key.pem");
+    write_private(&key_path, &key.serialize_pem())?;
+    write_atomic(&cert_path, &format!("{}{}", cert.pem(), ca_cert.pem()))?;
+    Ok((cert_path, key_path))
+}
+
+fn self_made(config: &BrokerConfig) -> Result<ServerIdentity, TlsError> {
+    let dir = config.data_dir.join("tls");
+    let (ca_cert, ca_key, ca_pem_path) = load_or_create_ca(
+        &dir,
+        &format!("Quiver broker {} local CA", config.broker_id),
+    )?;
     let key = KeyPair::generate().map_err(|e| tls_err("generating server key", e))?;
     let mut params = CertificateParams::new(subject_alt_names(config))
         .map_err(|e| tls_err("server params", e))?;
@@ -211,4 +259,67 @@ pub fn server_crypto(id: ServerIdentity) -> Result<Arc<rustls::ServerConfig>, Tl
     cfg.alpn_protocols = vec![quiver_protocol::ALPN.to_vec()];
     cfg.max_early_data_size = 0;
     Ok(Arc::new(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::{ServerName, UnixTime};
+    use rustls::server::danger::ClientCertVerifier;
+
+    fn certs(path: &Path) -> Vec<CertificateDer<'static>> {
+        let pem = std::fs::read(path).unwrap();
+        rustls_pemfile::certs(&mut &pem[..])
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_broker_certificate_from_the_cluster_ca_serves_and_authenticates_as_a_client() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("tls");
+        let ca = cluster_ca(&ca_dir).unwrap();
+        assert_eq!(cluster_ca(&ca_dir).unwrap(), ca, "made once, then reused");
+        let sans = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+        let (cert, key) =
+            issue_broker_certificate(&ca_dir, 2, &sans, &dir.path().join("broker-2")).unwrap();
+        // Loadable as a configured certificate (private key permissions included).
+        load_configured(&cert, &key).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in certs(&ca) {
+            roots.add(c).unwrap();
+        }
+        let roots = Arc::new(roots);
+        let chain = certs(&cert);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            roots.clone(),
+            provider.clone(),
+        )
+        .build()
+        .unwrap();
+        server
+            .verify_server_cert(
+                &chain[0],
+                &chain[1..],
+                &ServerName::try_from("127.0.0.1").unwrap(),
+                &[],
+                UnixTime::now(),
+            )
+            .unwrap();
+        let client = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
+            .build()
+            .unwrap();
+        client
+            .verify_client_cert(&chain[0], &chain[1..], UnixTime::now())
+            .unwrap();
+        // Another CA's broker is not trusted.
+        let other = dir.path().join("other");
+        let (stranger, _) = issue_broker_certificate(&other, 9, &sans, &other).unwrap();
+        let s = certs(&stranger);
+        assert!(client
+            .verify_client_cert(&s[0], &s[1..], UnixTime::now())
+            .is_err());
+    }
 }

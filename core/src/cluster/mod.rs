@@ -7,6 +7,7 @@
 //! from it. Consensus is openraft's; this module only supplies the types and the state machine,
 //! and must never decide anything outside [`ControllerState::apply`], so that every copy agrees.
 //!
+//! - [`file`]: `cluster.toml`, the brokers `quiver cluster start` runs on one machine;
 //! - [`types`]: the Raft type configuration, commands and responses (the log format);
 //! - [`state`]: the pure, deterministic metadata state machine;
 //! - [`store`]: openraft storage-v2 on the controller's own sled database (log, vote, applied
@@ -19,6 +20,7 @@
 //! Not here yet: broker registration and heartbeats, and wiring into the running broker.
 
 pub mod controller;
+pub mod file;
 pub mod network;
 pub mod state;
 pub mod store;
@@ -28,6 +30,7 @@ pub use controller::{
     raft_config, Controller, ControllerConfig, ControllerStartError, ControllerWriteError,
     RaftTimings,
 };
+pub use file::{ClusterBroker, ClusterFile, ClusterFileError};
 pub use network::{serve_raft_connection, QuicRaftNetwork, RaftTls, RaftTransportError, RAFT_ALPN};
 
 pub use state::{BrokerRecord, ControllerState, PartitionRecord, TopicRecord};
