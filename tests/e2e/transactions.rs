@@ -57,15 +57,20 @@ async fn send(tx: &mut TransactionalProducer, topic: &str, values: &[&str]) {
     }
 }
 
+/// A broker with a one-partition topic `t`, and a runtime to drive the SDK.
+fn broker_with_topic() -> (TestBroker, tokio::runtime::Runtime) {
+    let b = TestBroker::start();
+    b.cli_ok(&["topic", "create", "t", "--partitions", "1"]);
+    (b, tokio::runtime::Runtime::new().unwrap())
+}
+
 fn code(e: &ClientError) -> Option<ErrorCode> {
     e.code()
 }
 
 #[test]
 fn committed_transactions_are_read_aborted_ones_never_and_markers_are_not_records() {
-    let b = TestBroker::start();
-    b.cli_ok(&["topic", "create", "t", "--partitions", "1"]);
-    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (b, rt) = broker_with_topic();
     rt.block_on(async {
         let client = connect(&b).await;
         let mut tx = TransactionalProducer::init(client.clone(), "app-1")
@@ -117,9 +122,7 @@ fn committed_transactions_are_read_aborted_ones_never_and_markers_are_not_record
 
 #[test]
 fn initialising_the_id_again_fences_the_old_producer_and_aborts_its_transaction() {
-    let b = TestBroker::start();
-    b.cli_ok(&["topic", "create", "t", "--partitions", "1"]);
-    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (b, rt) = broker_with_topic();
     rt.block_on(async {
         let client = connect(&b).await;
         let mut old = TransactionalProducer::init(client.clone(), "app-1")
@@ -231,9 +234,7 @@ fn a_transactions_group_offsets_are_stored_only_when_it_commits() {
 
 #[test]
 fn a_crashed_producers_open_transaction_is_aborted_after_its_timeout_even_across_a_restart() {
-    let mut b = TestBroker::start();
-    b.cli_ok(&["topic", "create", "t", "--partitions", "1"]);
-    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (mut b, rt) = broker_with_topic();
     rt.block_on(async {
         let client = connect(&b).await;
         let mut tx = TransactionalProducer::init_with_timeout(
@@ -280,9 +281,7 @@ fn a_crashed_producers_open_transaction_is_aborted_after_its_timeout_even_across
 fn forged_markers_and_transactional_batches_without_a_transaction_are_refused() {
     use quiver_protocol::batch::{control_batch, BatchBuilder, Compression, Marker};
     use quiver_protocol::requests::{Acks, ProduceRequest};
-    let b = TestBroker::start();
-    b.cli_ok(&["topic", "create", "t", "--partitions", "1"]);
-    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (b, rt) = broker_with_topic();
     rt.block_on(async {
         let client = connect(&b).await;
         let produce = |topic: &str, batch: bytes::Bytes| {
