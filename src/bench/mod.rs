@@ -44,7 +44,8 @@ enum BenchCommand {
     Rebalance(LoadOpts),
     /// End-to-end records/s and latency of a pipeline (`--stage`, repeatable, a chain of
     /// deployed NAME[@VERSION] or bundle paths) run in this process, beside a pipeline with
-    /// no stage and plain produce of the same records, in the same run.
+    /// no stage and plain produce of the same records, in the same run. With `--rate` the
+    /// input is produced at that pace, so the latencies are those of a fixed load.
     Pipeline(PipelineOpts),
 }
 
@@ -242,7 +243,6 @@ pub async fn run(global: &GlobalOpts, args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Pipeline(p) => {
             let o = p.load;
             o.check()?;
-            o.no_rate("pipeline")?;
             let target = Target::open(global, &o).await?;
             let r = pipeline::run(&target.client, &o, &p.stages).await;
             target.close().await;
