@@ -266,7 +266,6 @@ mod tests {
     use super::*;
     use rustls::client::danger::ServerCertVerifier;
     use rustls::pki_types::{ServerName, UnixTime};
-    use rustls::server::danger::ClientCertVerifier;
 
     fn certs(path: &Path) -> Vec<CertificateDer<'static>> {
         let pem = std::fs::read(path).unwrap();

@@ -195,6 +195,8 @@ pub struct Controller {
     endpoint: quinn::Endpoint,
     accept: tokio::task::JoinHandle<()>,
     write_timeout: Duration,
+    /// Dials peers (forwarded writes).
+    network: QuicRaftNetwork,
 }
 
 impl Controller {
@@ -215,7 +217,7 @@ impl Controller {
         let network =
             QuicRaftNetwork::new(config.id, endpoint.clone(), config.tls.client_config()?);
         let sm = SharedStateMachine(Arc::new(Mutex::new(sm)));
-        let raft = match Raft::new(config.id, raft_config, network, log, sm.clone()).await {
+        let raft = match Raft::new(config.id, raft_config, network.clone(), log, sm.clone()).await {
             Ok(raft) => raft,
             Err(e) => {
                 endpoint.close(0u32.into(), b"start failed");
@@ -230,6 +232,7 @@ impl Controller {
             endpoint,
             accept,
             write_timeout: config.write_timeout,
+            network,
         })
     }
 
@@ -310,6 +313,38 @@ impl Controller {
             }
             Ok(Err(RaftError::APIError(e))) => Err(ControllerWriteError::Stopped(e.to_string())),
             Ok(Err(RaftError::Fatal(e))) => Err(ControllerWriteError::Stopped(e.to_string())),
+        }
+    }
+
+    /// Proposes `cmd` from any node: written here when this node leads, else forwarded to
+    /// the leader (retried while an election is on), all within the write timeout.
+    pub async fn propose(
+        &self,
+        cmd: ControllerCommand,
+    ) -> Result<ControllerResponse, ControllerWriteError> {
+        let deadline = Instant::now() + self.write_timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ControllerWriteError::Timeout(self.write_timeout));
+            }
+            match self.write(cmd.clone()).await {
+                Err(ControllerWriteError::NotLeader {
+                    leader_id: Some(leader),
+                    leader_addr: Some(addr),
+                }) if leader != self.id => {
+                    match self.network.propose(leader, &addr, cmd.clone(), left).await {
+                        Ok(r) => return Ok(r),
+                        Err(e) => {
+                            tracing::debug!(leader, error = %e, "forwarding to the controller leader failed; retrying");
+                        }
+                    }
+                }
+                Err(ControllerWriteError::NotLeader { .. }) => {}
+                other => return other,
+            }
+            // No leader yet, or it just changed: wait for the election.
+            tokio::time::sleep(Duration::from_millis(50).min(left)).await;
         }
     }
 

@@ -15,7 +15,7 @@ use rustls::pki_types::PrivateKeyDer;
 
 use super::*;
 use crate::cluster::network::RaftTls;
-use crate::cluster::types::PartitionAssignment;
+use crate::cluster::types::{ControllerError, PartitionAssignment};
 
 const BOUND: Duration = Duration::from_secs(30);
 
@@ -246,6 +246,38 @@ async fn two_controllers_elect_a_leader_and_replicate_a_write() {
         }
         other => panic!("a follower accepted a write: {other:?}"),
     }
+    group.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_forwards_proposals_to_the_leader_and_refusals_come_back() {
+    let group = Group::start(3).await;
+    let leader = group.agreed_leader().await;
+    let follower = group.nodes.values().find(|c| c.id() != leader).unwrap();
+    // Written through the follower: the leader proposes it, every node applies it.
+    assert_eq!(
+        follower.propose(register(3)).await.unwrap(),
+        ControllerResponse::Ok
+    );
+    group
+        .all_applied("broker 3 registered", |s| s.broker(3).is_some())
+        .await;
+    // The state machine's refusal travels back unchanged.
+    let stale = ControllerCommand::RegisterBroker {
+        id: 3,
+        addr: "127.0.0.1:7403".into(),
+        epoch: 0,
+    };
+    match follower.propose(stale).await.unwrap() {
+        ControllerResponse::Refused(ControllerError::StaleBrokerEpoch { .. }) => {}
+        other => panic!("a stale registration was not refused: {other:?}"),
+    }
+    // On the leader itself, propose is a plain write.
+    let l = &group.nodes[&leader];
+    assert_eq!(
+        l.propose(register(1)).await.unwrap(),
+        ControllerResponse::Ok
+    );
     group.shutdown().await;
 }
 

@@ -43,7 +43,7 @@ use quinn::VarInt;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 
-use super::types::{BrokerId, BrokerNode, TypeConfig};
+use super::types::{BrokerId, BrokerNode, ControllerCommand, ControllerResponse, TypeConfig};
 
 /// The ALPN protocol id of controller Raft connections.
 pub const RAFT_ALPN: &[u8] = b"quiver-raft/1";
@@ -70,6 +70,8 @@ pub enum RaftRequest {
     AppendEntries(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<BrokerId>),
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    /// A command a follower forwards to the leader (it proposes it as its own write).
+    Propose(ControllerCommand),
 }
 
 /// The answer to one [`RaftRequest`]: the remote Raft's result, or why the request could not
@@ -81,6 +83,9 @@ pub enum RaftReply {
     InstallSnapshot(
         Result<InstallSnapshotResponse<BrokerId>, RaftError<BrokerId, InstallSnapshotError>>,
     ),
+    /// The leader's answer to a forwarded command, or why it could not take it (for
+    /// instance: it is no longer the leader).
+    Proposed(Result<ControllerResponse, String>),
     /// The server could not decode the request.
     BadRequest(String),
 }
@@ -411,6 +416,42 @@ impl QuicRaftNetwork {
     }
 }
 
+impl QuicRaftNetwork {
+    /// Forwards `cmd` to node `target` (the leader) at `addr` and returns its answer, all
+    /// within `ttl`.
+    pub async fn propose(
+        &self,
+        target: BrokerId,
+        addr: &str,
+        cmd: ControllerCommand,
+        ttl: Duration,
+    ) -> Result<ControllerResponse, RaftTransportError> {
+        let client = QuicRaftClient {
+            id: self.id,
+            target,
+            node: BrokerNode {
+                addr: addr.to_string(),
+            },
+            peer: self.peer(target, addr),
+            endpoint: self.endpoint.clone(),
+            client_config: self.client_config.clone(),
+        };
+        match client.call(&RaftRequest::Propose(cmd), ttl).await {
+            Ok(RaftReply::Proposed(Ok(r))) => Ok(r),
+            Ok(RaftReply::Proposed(Err(why))) => Err(RaftTransportError::Protocol(format!(
+                "node {target} did not take the command: {why}"
+            ))),
+            Ok(_) => Err(RaftTransportError::Protocol(format!(
+                "node {target} answered a proposal with something else"
+            ))),
+            Err(CallError::Timeout(t)) => Err(RaftTransportError::Protocol(format!(
+                "node {target} did not answer within {t:?}"
+            ))),
+            Err(CallError::Transport(e)) => Err(e),
+        }
+    }
+}
+
 impl RaftNetworkFactory<TypeConfig> for QuicRaftNetwork {
     type Network = QuicRaftClient;
 
@@ -501,6 +542,7 @@ impl QuicRaftClient {
                 RaftReply::AppendEntries(_) => "AppendEntries",
                 RaftReply::Vote(_) => "Vote",
                 RaftReply::InstallSnapshot(_) => "InstallSnapshot",
+                RaftReply::Proposed(_) => "Proposed",
                 RaftReply::BadRequest(_) => "BadRequest",
             }
         ));
@@ -599,6 +641,12 @@ async fn serve_stream(
             RaftReply::AppendEntries(raft.append_entries(rpc).await)
         }
         Ok(RaftRequest::Vote(rpc)) => RaftReply::Vote(raft.vote(rpc).await),
+        Ok(RaftRequest::Propose(cmd)) => RaftReply::Proposed(
+            raft.client_write(cmd)
+                .await
+                .map(|r| r.data)
+                .map_err(|e| e.to_string()),
+        ),
         Ok(RaftRequest::InstallSnapshot(rpc)) => {
             RaftReply::InstallSnapshot(raft.install_snapshot(rpc).await)
         }
