@@ -11,6 +11,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::cluster::member::{raft_tls, ClusterMember, MemberConfig};
+use crate::cluster::ControllerState;
 use crate::config::BrokerConfig;
 use crate::group::GroupService;
 use crate::log::{Flusher, PartitionLog, RepairReport};
@@ -60,6 +62,7 @@ pub struct BrokerHandle {
     ca_path: Option<PathBuf>,
     metrics_addr: Option<SocketAddr>,
     pipelines: PipelineSlot,
+    member: Arc<tokio::sync::Mutex<Option<ClusterMember>>>,
     shutdown: Option<ShutdownFn>,
 }
 
@@ -204,8 +207,16 @@ impl Broker {
         check_identity(&config.data_dir, config.broker_id)?;
         let db = open_db(&config.data_dir)?;
         let identity = tls::load_or_create(&config)?;
-        let ca_path = identity.ca_path.clone();
-        let crypto = tls::server_crypto(identity)?;
+        let ca_path = identity.ca_path.clone().or(config.cluster.ca.clone());
+        // A cluster broker also serves its peers' Raft on this endpoint (mutual TLS).
+        let (crypto, raft_tls) = match (&config.cluster.ca, config.cluster.enabled()) {
+            (Some(ca), true) => {
+                let ca = tls::load_certificates(ca)?;
+                let raft_tls = raft_tls(ca.clone(), &identity.chain, &identity.key);
+                (tls::cluster_server_crypto(identity, &ca)?, Some(raft_tls))
+            }
+            _ => (tls::server_crypto(identity)?, None),
+        };
         let defaults = config
             .default_topic_config()
             .map_err(|(k, r)| BrokerError::Config(format!("topic_defaults.{k}: {r}")))?;
@@ -273,6 +284,29 @@ impl Broker {
             },
             stop_rx.clone(),
         );
+        let member = match raft_tls {
+            Some(raft_tls) => {
+                let m = ClusterMember::start(
+                    MemberConfig {
+                        id: config.broker_id,
+                        data_dir: config.data_dir.clone(),
+                        advertised: config.advertised(),
+                        local_addr,
+                        cluster: config.cluster.clone(),
+                        tls: raft_tls,
+                    },
+                    endpoint.clone(),
+                    stop_rx.clone(),
+                )
+                .await
+                .map_err(BrokerError::Config)?;
+                let _ = ctx.raft.set(m.raft());
+                Some(m)
+            }
+            None => None,
+        };
+        let member = Arc::new(tokio::sync::Mutex::new(member));
+        let member_for_handle = member.clone();
         let accept_task = tokio::spawn(endpoint::accept_loop(endpoint.clone(), ctx.clone()));
         let retention_task = tokio::spawn(retention_loop(
             topics.clone(),
@@ -294,6 +328,9 @@ impl Broker {
                     tracing::warn!(requests = left, "closing with requests still in flight");
                 } else {
                     tracing::info!("every in-flight request answered");
+                }
+                if let Some(m) = member.lock().await.take() {
+                    m.shutdown().await;
                 }
                 endpoint.close(quinn::VarInt::from_u32(0), b"broker shutting down");
                 let _ = retention_task.await;
@@ -320,6 +357,7 @@ impl Broker {
             ca_path,
             metrics_addr,
             pipelines,
+            member: member_for_handle,
             shutdown: Some(shutdown),
         })
     }
@@ -339,6 +377,14 @@ impl BrokerHandle {
     /// The bound metrics address, when enabled.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// Cluster brokers: the controller leader this broker knows of and the metadata it has
+    /// applied (`None` for a lone broker).
+    pub async fn cluster_view(&self) -> Option<(Option<u64>, ControllerState)> {
+        let m = self.member.lock().await;
+        let m = m.as_ref()?;
+        Some((m.controller_leader(), m.state().await))
     }
 
     /// Installs the host that runs deployed pipelines (once; later calls return false).

@@ -169,6 +169,37 @@ pub struct BrokerConfig {
     pub topic_defaults: TopicDefaults,
     /// Plugin host ceilings.
     pub plugins: PluginsConfig,
+    /// Membership of a cluster (none: a lone broker).
+    pub cluster: ClusterConfig,
+}
+
+/// `[cluster]`: this broker belongs to a cluster whose controller (one Raft group) runs on
+/// the `voters`. Written by `quiver cluster start`; a broker with no voters is a lone broker.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// The cluster CA certificate (PEM): peers' certificates must chain to it, and
+    /// `tls.cert` must be one it signed (for server and client authentication).
+    pub ca: Option<PathBuf>,
+    /// The controller voters: every broker's id and QUIC address, this one's included.
+    pub voters: Vec<VoterConfig>,
+}
+
+/// One controller voter.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VoterConfig {
+    /// Broker id.
+    pub id: u32,
+    /// Its QUIC address, `IP:port`.
+    pub addr: String,
+}
+
+impl ClusterConfig {
+    /// Whether this broker is part of a cluster.
+    pub fn enabled(&self) -> bool {
+        !self.voters.is_empty()
+    }
 }
 
 /// Defaults for new topics.
@@ -219,6 +250,7 @@ impl Default for BrokerConfig {
             limits: LimitsConfig::default(),
             topic_defaults: TopicDefaults::default(),
             plugins: PluginsConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -388,6 +420,53 @@ impl BrokerConfig {
         self.default_topic_config().map_err(|(k, reason)| {
             bad(&format!("topic_defaults.{}", k.replace('.', "_")), reason)
         })?;
+        self.validate_cluster(source)
+    }
+
+    fn validate_cluster(&self, source: &str) -> Result<(), ConfigError> {
+        let bad = |key: &str, reason: String| ConfigError::Invalid {
+            key: key.into(),
+            source_name: source.into(),
+            reason,
+        };
+        let c = &self.cluster;
+        if !c.enabled() {
+            if c.ca.is_some() {
+                return Err(bad(
+                    "cluster.ca",
+                    "a cluster CA without [[cluster.voters]]: list the controller voters, or remove [cluster]".into(),
+                ));
+            }
+            return Ok(());
+        }
+        if c.ca.is_none() {
+            return Err(bad(
+                "cluster.ca",
+                "a cluster needs its CA certificate (brokers authenticate each other with it)"
+                    .into(),
+            ));
+        }
+        if self.tls.cert.is_none() {
+            return Err(bad(
+                "tls.cert",
+                "a cluster broker needs a certificate signed by the cluster CA (tls.cert and tls.key); `quiver cluster start` issues them".into(),
+            ));
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for v in &c.voters {
+            if !ids.insert(v.id) {
+                return Err(bad(
+                    "cluster.voters",
+                    format!("voter id {} is listed twice", v.id),
+                ));
+            }
+            v.addr.parse::<SocketAddr>().map_err(|e| {
+                bad(
+                    "cluster.voters",
+                    format!("voter {} address {:?} is not IP:port ({e})", v.id, v.addr),
+                )
+            })?;
+        }
         Ok(())
     }
 

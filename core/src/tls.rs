@@ -261,6 +261,53 @@ pub fn server_crypto(id: ServerIdentity) -> Result<Arc<rustls::ServerConfig>, Tl
     Ok(Arc::new(cfg))
 }
 
+/// The server config of a cluster broker: clients speak `quiver/1` as with a lone broker,
+/// and peer brokers speak the controller's Raft (`quiver-raft/1`) on the same endpoint. A
+/// client certificate is optional, but one presented must chain to the cluster CA; the
+/// endpoint serves the Raft ALPN only to connections that presented one.
+pub fn cluster_server_crypto(
+    id: ServerIdentity,
+    cluster_ca: &[CertificateDer<'static>],
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in cluster_ca {
+        roots.add(c.clone()).map_err(|e| tls_err("cluster CA", e))?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| tls_err("client verifier", e))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| tls_err("tls versions", e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(id.chain, id.key)
+        .map_err(|e| tls_err("server certificate", e))?;
+    cfg.alpn_protocols = vec![
+        quiver_protocol::ALPN.to_vec(),
+        crate::cluster::RAFT_ALPN.to_vec(),
+    ];
+    cfg.max_early_data_size = 0;
+    Ok(Arc::new(cfg))
+}
+
+/// The certificates of a PEM file (the cluster CA).
+pub fn load_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem =
+        std::fs::read(path).map_err(|e| tls_err(&format!("reading {}", path.display()), e))?;
+    let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut &pem[..])
+        .collect::<Result<_, _>>()
+        .map_err(|e| tls_err(&format!("parsing {}", path.display()), e))?;
+    if certs.is_empty() {
+        return Err(TlsError(format!("{} holds no certificate", path.display())));
+    }
+    Ok(certs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -193,7 +193,8 @@ pub struct Controller {
     raft: Raft<TypeConfig>,
     sm: SharedStateMachine,
     endpoint: quinn::Endpoint,
-    accept: tokio::task::JoinHandle<()>,
+    /// Its own accept loop, when it owns its endpoint.
+    accept: Option<tokio::task::JoinHandle<()>>,
     write_timeout: Duration,
     /// Dials peers (forwarded writes).
     network: QuicRaftNetwork,
@@ -204,27 +205,48 @@ impl Controller {
     /// store already belongs to a group rejoins it; a new one waits for [`Self::initialize`]
     /// (on any node) or for a leader to add it.
     pub async fn start(config: ControllerConfig) -> Result<Self, ControllerStartError> {
-        let raft_config = Arc::new(raft_config(config.timings)?);
-        let dir = config.dir.clone();
-        let (log, sm) = tokio::task::spawn_blocking(move || store::open(&dir))
-            .await
-            .map_err(|e| ControllerStartError::Raft(format!("opening the store: {e}")))??;
         let endpoint = quinn::Endpoint::server(config.tls.server_config()?, config.listen)
             .map_err(|source| ControllerStartError::Bind {
                 addr: config.listen,
                 source,
             })?;
+        Self::start_on(config, endpoint, true).await
+    }
+
+    /// Like [`Self::start`], on the broker's own QUIC endpoint (`config.listen` unused): it
+    /// dials peers from it, and the broker hands it the connections that negotiated
+    /// [`super::RAFT_ALPN`] ([`serve_raft_connection`] with [`Self::raft`]).
+    pub async fn start_shared(
+        config: ControllerConfig,
+        endpoint: quinn::Endpoint,
+    ) -> Result<Self, ControllerStartError> {
+        Self::start_on(config, endpoint, false).await
+    }
+
+    async fn start_on(
+        config: ControllerConfig,
+        endpoint: quinn::Endpoint,
+        owns_endpoint: bool,
+    ) -> Result<Self, ControllerStartError> {
+        let raft_config = Arc::new(raft_config(config.timings)?);
+        let dir = config.dir.clone();
+        let (log, sm) = tokio::task::spawn_blocking(move || store::open(&dir))
+            .await
+            .map_err(|e| ControllerStartError::Raft(format!("opening the store: {e}")))??;
         let network =
             QuicRaftNetwork::new(config.id, endpoint.clone(), config.tls.client_config()?);
         let sm = SharedStateMachine(Arc::new(Mutex::new(sm)));
         let raft = match Raft::new(config.id, raft_config, network.clone(), log, sm.clone()).await {
             Ok(raft) => raft,
             Err(e) => {
-                endpoint.close(0u32.into(), b"start failed");
+                if owns_endpoint {
+                    endpoint.close(0u32.into(), b"start failed");
+                }
                 return Err(ControllerStartError::Raft(e.to_string()));
             }
         };
-        let accept = tokio::spawn(accept_loop(endpoint.clone(), raft.clone()));
+        let accept =
+            owns_endpoint.then(|| tokio::spawn(accept_loop(endpoint.clone(), raft.clone())));
         Ok(Self {
             id: config.id,
             raft,
@@ -364,9 +386,11 @@ impl Controller {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(id = self.id, error = %e, "controller raft shutdown");
         }
-        self.accept.abort();
-        self.endpoint.close(0u32.into(), b"controller shutdown");
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        if let Some(accept) = self.accept {
+            accept.abort();
+            self.endpoint.close(0u32.into(), b"controller shutdown");
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        }
         // openraft's state machine task drops its handle once Raft has stopped.
         let deadline = Instant::now() + Duration::from_secs(5);
         while Arc::strong_count(&self.sm.0) > 1 && Instant::now() < deadline {

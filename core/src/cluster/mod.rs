@@ -8,6 +8,8 @@
 //! and must never decide anything outside [`ControllerState::apply`], so that every copy agrees.
 //!
 //! - [`file`]: `cluster.toml`, the brokers `quiver cluster start` runs on one machine;
+//! - [`member`]: a broker's membership: its controller node on the broker's endpoint, forming
+//!   the group, registering and unfencing itself, fencing itself on a clean stop;
 //! - [`types`]: the Raft type configuration, commands and responses (the log format);
 //! - [`state`]: the pure, deterministic metadata state machine;
 //! - [`store`]: openraft storage-v2 on the controller's own sled database (log, vote, applied
@@ -17,10 +19,12 @@
 //! - [`controller`]: a running node of the group ([`Controller`]): store + `openraft::Raft` +
 //!   its QUIC endpoint; writes on the leader, a copy of the applied state everywhere.
 //!
-//! Not here yet: broker registration and heartbeats, and wiring into the running broker.
+//! Not here yet: heartbeats (fencing a broker that died without stopping), and the brokers
+//! acting on the metadata (topics, replication).
 
 pub mod controller;
 pub mod file;
+pub mod member;
 pub mod network;
 pub mod state;
 pub mod store;

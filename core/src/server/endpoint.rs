@@ -60,6 +60,29 @@ pub fn bind(
     Endpoint::server(server, addr).map_err(|source| EndpointError::Bind { addr, source })
 }
 
+/// Whether the connection negotiated the controller's Raft ALPN.
+fn is_raft(conn: &quinn::Connection) -> bool {
+    conn.handshake_data()
+        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|h| h.protocol)
+        .is_some_and(|p| p == crate::cluster::RAFT_ALPN)
+}
+
+/// A peer broker's Raft connection: served only with a client certificate (verified against
+/// the cluster CA during the handshake) and once this broker's controller runs.
+async fn serve_raft(conn: quinn::Connection, ctx: &ServerContext) {
+    let Some(raft) = ctx.raft.get().cloned() else {
+        conn.close(VarInt::from_u32(1), b"no controller here");
+        return;
+    };
+    if conn.peer_identity().is_none() {
+        tracing::warn!(remote = %conn.remote_address(), "raft connection without a client certificate refused");
+        conn.close(VarInt::from_u32(1), b"a broker certificate is required");
+        return;
+    }
+    crate::cluster::serve_raft_connection(conn, raft).await;
+}
+
 /// Accepts connections until shutdown.
 pub async fn accept_loop(endpoint: Endpoint, ctx: Arc<ServerContext>) {
     let max = ctx.config.limits.max_connections as i64;
@@ -79,6 +102,7 @@ pub async fn accept_loop(endpoint: Endpoint, ctx: Arc<ServerContext>) {
         tokio::spawn(
             async move {
                 match incoming.await {
+                    Ok(conn) if is_raft(&conn) => serve_raft(conn, &ctx).await,
                     Ok(conn) => serve_connection(conn, ctx).await,
                     Err(e) => tracing::debug!(error = %e, "handshake failed"),
                 }

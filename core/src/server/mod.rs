@@ -43,6 +43,9 @@ pub struct ServerContext {
     pub txns: Arc<TxnCoordinator>,
     /// The host of deployed pipelines, once installed.
     pub pipelines: PipelineSlot,
+    /// The controller's Raft, once it runs (cluster brokers): peer brokers' Raft
+    /// connections on this endpoint are served by it.
+    pub raft: std::sync::OnceLock<openraft::Raft<crate::cluster::TypeConfig>>,
     /// Turns true when the broker starts shutting down.
     pub stopping: watch::Receiver<bool>,
     inflight: AtomicUsize,
@@ -91,6 +94,7 @@ impl ServerContext {
             plugins,
             txns,
             pipelines,
+            raft: std::sync::OnceLock::new(),
             stopping,
             inflight: AtomicUsize::new(0),
             idle: Notify::new(),

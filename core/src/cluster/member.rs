@@ -1,0 +1,299 @@
+//! A broker's membership in its cluster: it runs a controller node on its own QUIC endpoint
+//! (Raft on the `quiver-raft/1` ALPN), the lowest-id voter forms the group on first start,
+//! and the broker registers itself (a new broker epoch per start) and asks to be unfenced,
+//! retrying until the controller answers; on a clean stop it asks to be fenced first, so
+//! partitions it leads move at once instead of after a timeout.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::watch;
+
+use super::controller::{Controller, ControllerConfig};
+use super::network::RaftTls;
+use super::types::{BrokerId, BrokerNode, ControllerCommand, ControllerResponse};
+use super::ControllerState;
+use crate::config::ClusterConfig;
+
+/// What a broker joins its cluster with.
+pub struct MemberConfig {
+    /// Broker id.
+    pub id: u32,
+    /// The broker's data directory (the controller keeps its store in `controller/`).
+    pub data_dir: PathBuf,
+    /// The address the broker registers (its advertised QUIC address).
+    pub advertised: String,
+    /// The broker endpoint's bound address.
+    pub local_addr: SocketAddr,
+    /// The `[cluster]` section.
+    pub cluster: ClusterConfig,
+    /// Its identity towards peers.
+    pub tls: RaftTls,
+}
+
+/// A running cluster member: the controller node and its registration task.
+pub struct ClusterMember {
+    id: BrokerId,
+    controller: Arc<Controller>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The TLS identity a cluster broker uses towards its peers.
+pub fn raft_tls(
+    cluster_ca: Vec<CertificateDer<'static>>,
+    chain: &[CertificateDer<'static>],
+    key: &PrivateKeyDer<'static>,
+) -> RaftTls {
+    RaftTls {
+        ca: cluster_ca,
+        chain: chain.to_vec(),
+        key: key.clone_key(),
+    }
+}
+
+impl ClusterMember {
+    /// Starts the controller node on `endpoint` (the broker's), forms the group if this is
+    /// the lowest-id voter, and starts registering `advertised` as broker `id`.
+    pub async fn start(
+        member: MemberConfig,
+        endpoint: quinn::Endpoint,
+        stop: watch::Receiver<bool>,
+    ) -> Result<ClusterMember, String> {
+        let MemberConfig {
+            id,
+            data_dir,
+            advertised,
+            local_addr,
+            cluster,
+            tls,
+        } = member;
+        let config =
+            ControllerConfig::new(u64::from(id), data_dir.join("controller"), local_addr, tls);
+        let controller = Arc::new(
+            Controller::start_shared(config, endpoint)
+                .await
+                .map_err(|e| format!("the controller cannot start: {e}"))?,
+        );
+        let voters: BTreeMap<BrokerId, BrokerNode> = cluster
+            .voters
+            .iter()
+            .map(|v| {
+                (
+                    u64::from(v.id),
+                    BrokerNode {
+                        addr: v.addr.clone(),
+                    },
+                )
+            })
+            .collect();
+        let first = voters.keys().next().copied();
+        let task = tokio::spawn(join(
+            controller.clone(),
+            u64::from(id),
+            advertised,
+            (first == Some(u64::from(id))).then_some(voters),
+            stop,
+        ));
+        Ok(ClusterMember {
+            id: u64::from(id),
+            controller,
+            task,
+        })
+    }
+
+    /// The controller's Raft handle (to serve peers' connections).
+    pub fn raft(&self) -> openraft::Raft<super::TypeConfig> {
+        self.controller.raft().clone()
+    }
+
+    /// The controller leader this broker knows of.
+    pub fn controller_leader(&self) -> Option<BrokerId> {
+        self.controller.current_leader()
+    }
+
+    /// The metadata this broker has applied.
+    pub async fn state(&self) -> ControllerState {
+        self.controller.state().await
+    }
+
+    /// Asks to be fenced (bounded), then stops the controller node.
+    pub async fn shutdown(self) {
+        self.task.abort();
+        let fence = self
+            .controller
+            .propose(ControllerCommand::FenceBroker { id: self.id });
+        match tokio::time::timeout(Duration::from_secs(2), fence).await {
+            Ok(Ok(_)) => tracing::info!(broker = self.id, "fenced for a clean stop"),
+            Ok(Err(e)) => {
+                tracing::warn!(broker = self.id, error = %e, "could not fence this broker before stopping")
+            }
+            Err(_) => tracing::warn!(broker = self.id, "fencing before stopping timed out"),
+        }
+        let _ = self.task.await;
+        match Arc::try_unwrap(self.controller) {
+            Ok(c) => c.shutdown().await,
+            Err(_) => tracing::warn!("the controller is still in use at shutdown"),
+        }
+    }
+}
+
+/// Forms the group (when `voters` is given), then registers and unfences this broker,
+/// retrying with a backoff until done or stopped.
+async fn join(
+    controller: Arc<Controller>,
+    id: BrokerId,
+    addr: String,
+    voters: Option<BTreeMap<BrokerId, BrokerNode>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut delay = Duration::from_millis(100);
+    if let Some(voters) = voters {
+        loop {
+            match controller.initialize(voters.clone()).await {
+                Ok(formed) => {
+                    if formed {
+                        tracing::info!(voters = voters.len(), "controller group formed");
+                    }
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "forming the controller group failed; retrying")
+                }
+            }
+            if pause(&mut stop, &mut delay).await {
+                return;
+            }
+        }
+    }
+    // A new epoch per start: a registration of an older process is refused as stale.
+    let epoch = crate::clock::now_ms().max(1) as u64;
+    for cmd in [
+        ControllerCommand::RegisterBroker {
+            id,
+            addr: addr.clone(),
+            epoch,
+        },
+        ControllerCommand::UnfenceBroker { id },
+    ] {
+        loop {
+            match controller.propose(cmd.clone()).await {
+                Ok(ControllerResponse::Refused(e)) => {
+                    tracing::error!(broker = id, error = %e, "the controller refused this broker");
+                    return;
+                }
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::debug!(broker = id, error = %e, "controller not reachable yet; retrying")
+                }
+            }
+            if pause(&mut stop, &mut delay).await {
+                return;
+            }
+        }
+    }
+    tracing::info!(broker = id, %addr, epoch, "registered with the controller");
+}
+
+/// Sleeps `delay` (doubling it up to 2 s); true when the broker is stopping.
+async fn pause(stop: &mut watch::Receiver<bool>, delay: &mut Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(*delay) => {}
+        _ = stop.wait_for(|s| *s) => return true,
+    }
+    *delay = (*delay * 2).min(Duration::from_secs(2));
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::config::{BrokerConfig, VoterConfig};
+    use crate::{Broker, BrokerHandle};
+
+    fn free_port() -> u16 {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap().port()
+    }
+
+    async fn start(dir: &std::path::Path, id: u32, ports: &[u16]) -> BrokerHandle {
+        let ca_dir = dir.join("tls");
+        let ca = crate::tls::cluster_ca(&ca_dir).unwrap();
+        let sans = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+        let broker_dir = dir.join(format!("broker-{id}"));
+        let (cert, key) =
+            crate::tls::issue_broker_certificate(&ca_dir, id, &sans, &broker_dir.join("tls"))
+                .unwrap();
+        let mut config = BrokerConfig {
+            broker_id: id,
+            listen: format!("127.0.0.1:{}", ports[id as usize - 1]),
+            data_dir: broker_dir,
+            ..BrokerConfig::default()
+        };
+        config.tls.cert = Some(cert);
+        config.tls.key = Some(key);
+        config.cluster.ca = Some(ca);
+        config.cluster.voters = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| VoterConfig {
+                id: i as u32 + 1,
+                addr: format!("127.0.0.1:{p}"),
+            })
+            .collect();
+        Broker::start(config).await.unwrap()
+    }
+
+    /// Polls until every broker sees a leader and `check` holds on its metadata.
+    async fn until(
+        handles: &[&BrokerHandle],
+        what: &str,
+        check: impl Fn(&ControllerState) -> bool,
+    ) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut all = true;
+            for h in handles {
+                let (leader, state) = h.cluster_view().await.expect("a cluster broker");
+                all &= leader.is_some() && check(&state);
+            }
+            if all {
+                return;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn three_brokers_form_a_controller_on_their_endpoints_register_and_fence_on_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let ports = [free_port(), free_port(), free_port()];
+        let b1 = start(dir.path(), 1, &ports).await;
+        let b2 = start(dir.path(), 2, &ports).await;
+        let b3 = start(dir.path(), 3, &ports).await;
+        let registered =
+            |s: &ControllerState| (1..=3).all(|id| s.broker(id).is_some_and(|b| !b.fenced));
+        until(
+            &[&b1, &b2, &b3],
+            "three registered, unfenced brokers",
+            registered,
+        )
+        .await;
+        // Clients still speak to a cluster broker as to any broker.
+        assert!(b1.ca_path().is_some());
+        // A clean stop fences the broker in everyone else's metadata.
+        b3.shutdown().await;
+        until(&[&b1, &b2], "broker 3 fenced", |s| {
+            s.broker(3).is_some_and(|b| b.fenced)
+        })
+        .await;
+        b2.shutdown().await;
+        b1.shutdown().await;
+    }
+}
