@@ -109,11 +109,11 @@ fn load_config(args: &StartArgs) -> anyhow::Result<BrokerConfig> {
     Ok(cfg)
 }
 
-fn pid_path(data_dir: &Path) -> PathBuf {
+pub(crate) fn pid_path(data_dir: &Path) -> PathBuf {
     data_dir.join("broker.pid")
 }
 
-fn read_pid(path: &Path) -> anyhow::Result<Option<i32>> {
+pub(crate) fn read_pid(path: &Path) -> anyhow::Result<Option<i32>> {
     match std::fs::read_to_string(path) {
         Ok(s) => s
             .trim()
@@ -125,9 +125,10 @@ fn read_pid(path: &Path) -> anyhow::Result<Option<i32>> {
     }
 }
 
-fn alive(pid: i32) -> bool {
+/// Whether `pid` runs (a process that exited but was not reaped yet does not).
+pub(crate) fn alive(pid: i32) -> bool {
     // SAFETY: kill with signal 0 only checks that the process exists.
-    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+    pid > 0 && unsafe { libc::kill(pid, 0) } == 0 && !is_zombie(pid)
 }
 
 /// Runs a `broker` subcommand in this process.
@@ -342,7 +343,7 @@ fn read_from(path: &Path, offset: u64) -> String {
     s
 }
 
-async fn stop(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
+pub(crate) async fn stop(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let data_dir = match data_dir {
         Some(d) => d,
         None => BrokerConfig::load(None, std::env::vars())

@@ -3,6 +3,7 @@
 
 mod bench;
 mod broker;
+mod cluster;
 mod connect;
 mod consume;
 mod group;
@@ -32,6 +33,8 @@ struct Cli {
 enum Command {
     /// Run or stop a broker.
     Broker(broker::BrokerArgs),
+    /// Start, stop and inspect the brokers of a cluster file on this machine.
+    Cluster(cluster::ClusterArgs),
     /// Create, list, describe, alter and delete topics.
     Topic(topic::TopicArgs),
     /// Write records read line by line from stdin or a file.
@@ -124,6 +127,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Broker(args) => broker::run(args).await,
+            Command::Cluster(args) => cluster::run(args).await,
             Command::Topic(args) => topic::run(&cli.global, args).await,
             Command::Produce(args) => produce::run(&cli.global, args).await,
             Command::Consume(args) => consume::run(&cli.global, args).await,

@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::pipelines::{PipelineHost, PipelineSlot};
 use crate::plugin::PluginService;
 use crate::server::endpoint::{self, EndpointError};
-use crate::server::{ServerContext, ServerParts};
+use crate::server::{ClusterSlot, ServerContext, ServerParts};
 use crate::tls::{self, TlsError};
 use crate::topic::{TopicMeta, TopicRegistry, PARTITION_META_TREE, TOPICS_TREE};
 use crate::txn::TxnCoordinator;
@@ -271,6 +271,7 @@ impl Broker {
         let txn_task = tokio::spawn(txns.clone().run_ticker(stop_rx.clone()));
         let config = Arc::new(config);
         let pipelines = PipelineSlot::default();
+        let member: ClusterSlot = Arc::default();
         let ctx = ServerContext::new(
             ServerParts {
                 config: config.clone(),
@@ -280,11 +281,12 @@ impl Broker {
                 groups,
                 plugins,
                 txns,
+                cluster: member.clone(),
                 pipelines: pipelines.clone(),
             },
             stop_rx.clone(),
         );
-        let member = match raft_tls {
+        let started = match raft_tls {
             Some(raft_tls) => {
                 let m = ClusterMember::start(
                     MemberConfig {
@@ -305,7 +307,7 @@ impl Broker {
             }
             None => None,
         };
-        let member = Arc::new(tokio::sync::Mutex::new(member));
+        *member.lock().await = started;
         let member_for_handle = member.clone();
         let accept_task = tokio::spawn(endpoint::accept_loop(endpoint.clone(), ctx.clone()));
         let retention_task = tokio::spawn(retention_loop(

@@ -5,6 +5,7 @@ pub mod harness;
 mod broker_lifecycle;
 mod cli_habits;
 mod cli_tour;
+mod cluster;
 mod crash_recovery;
 mod crash_recovery_damage;
 mod forged_input;

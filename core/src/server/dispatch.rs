@@ -88,6 +88,7 @@ pub async fn dispatch(
         ApiKey::InitTransactions => requests::transactions::init(ctx, body).await?,
         ApiKey::TxnCommitOffsets => requests::transactions::commit_offsets(ctx, body).await?,
         ApiKey::EndTxn => requests::transactions::end(ctx, body).await?,
+        ApiKey::DescribeCluster => requests::describe_cluster::handle(ctx, body).await?,
         ApiKey::Subscribe => {
             requests::subscribe::handle(ctx, body, send).await?;
             return Ok(Outcome::Streamed);

@@ -25,6 +25,9 @@ use crate::plugin::PluginService;
 use crate::topic::TopicRegistry;
 use crate::txn::TxnCoordinator;
 
+/// Where a cluster broker keeps its membership (empty for a lone broker, and until started).
+pub type ClusterSlot = Arc<tokio::sync::Mutex<Option<crate::cluster::member::ClusterMember>>>;
+
 /// What every request handler can reach.
 pub struct ServerContext {
     /// Broker config.
@@ -41,6 +44,8 @@ pub struct ServerContext {
     pub plugins: Arc<PluginService>,
     /// Transactions.
     pub txns: Arc<TxnCoordinator>,
+    /// This broker's cluster membership (cluster brokers, once started).
+    pub cluster: ClusterSlot,
     /// The host of deployed pipelines, once installed.
     pub pipelines: PipelineSlot,
     /// The controller's Raft, once it runs (cluster brokers): peer brokers' Raft
@@ -68,6 +73,8 @@ pub struct ServerParts {
     pub plugins: Arc<PluginService>,
     /// Transactions.
     pub txns: Arc<TxnCoordinator>,
+    /// The cluster membership slot.
+    pub cluster: ClusterSlot,
     /// The slot of the pipeline host.
     pub pipelines: PipelineSlot,
 }
@@ -83,6 +90,7 @@ impl ServerContext {
             groups,
             plugins,
             txns,
+            cluster,
             pipelines,
         } = parts;
         Arc::new(ServerContext {
@@ -93,6 +101,7 @@ impl ServerContext {
             groups,
             plugins,
             txns,
+            cluster,
             pipelines,
             raft: std::sync::OnceLock::new(),
             stopping,

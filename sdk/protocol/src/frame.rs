@@ -120,6 +120,8 @@ api_keys! {
     TxnCommitOffsets = 61,
     /// Commit or abort the open transaction.
     EndTxn = 62,
+    /// The controller leader and the registered brokers, as this broker sees them.
+    DescribeCluster = 70,
 }
 
 /// A decoded frame header.

@@ -14,12 +14,15 @@ use crate::server::ServerContext;
 pub fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let (req, _) = decode::<CreateTopicRequest>(&body)?;
     if req.replication_factor > 1 {
+        let why = if ctx.config.cluster.enabled() {
+            "this cluster does not replicate partitions yet: every topic has one replica, on the broker that created it"
+                .to_string()
+        } else {
+            "it is larger than the number of brokers (1)".to_string()
+        };
         return Err(RequestError::new(
             ErrorCode::InvalidConfig,
-            format!(
-                "replication factor {} is larger than the number of brokers (1)",
-                req.replication_factor
-            ),
+            format!("replication factor {}: {why}", req.replication_factor),
         ));
     }
     if let Some(p) = req

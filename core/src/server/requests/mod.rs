@@ -7,6 +7,7 @@ pub mod create_topic;
 pub mod delete_group;
 pub mod delete_topic;
 pub mod deploy_plugin;
+pub mod describe_cluster;
 pub mod describe_group;
 pub mod describe_plugin;
 pub mod describe_topic;

@@ -9,6 +9,7 @@ pub mod create_topic;
 pub mod delete_group;
 pub mod delete_topic;
 pub mod deploy_plugin;
+pub mod describe_cluster;
 pub mod describe_group;
 pub mod describe_plugin;
 pub mod describe_topic;
@@ -48,6 +49,7 @@ pub use transaction::{
 };
 
 pub use deploy_plugin::{DeployPluginRequest, DeployPluginResponse};
+pub use describe_cluster::{ClusterBrokerInfo, ClusterDescription, DescribeClusterRequest};
 pub use describe_plugin::{DescribePluginRequest, DescribePluginResponse};
 pub use get_plugin::{GetPluginRequest, GetPluginResponse};
 pub use list_plugins::{ListPluginsRequest, ListPluginsResponse};
@@ -113,6 +115,7 @@ macro_rules! with_all_messages {
             InitTransactions: $crate::requests::InitTransactionsRequest => $crate::requests::InitTransactionsResponse,
             TxnCommitOffsets: $crate::requests::TxnCommitOffsetsRequest => $crate::requests::TxnCommitOffsetsResponse,
             EndTxn: $crate::requests::EndTxnRequest => $crate::requests::EndTxnResponse,
+            DescribeCluster: $crate::requests::DescribeClusterRequest => $crate::requests::ClusterDescription,
         }
     };
 }

@@ -751,6 +751,36 @@ impl Sample for EndTxnResponse {
     }
 }
 
+impl Sample for DescribeClusterRequest {
+    fn samples() -> Vec<Self> {
+        vec![DescribeClusterRequest {}]
+    }
+}
+
+impl Sample for ClusterDescription {
+    fn samples() -> Vec<Self> {
+        vec![
+            ClusterDescription {
+                clustered: true,
+                broker: 2,
+                controller_leader: Some(1),
+                brokers: vec![ClusterBrokerInfo {
+                    id: 1,
+                    addr: s("127.0.0.1:7401"),
+                    epoch: 1_700_000_000_000,
+                    fenced: false,
+                }],
+            },
+            ClusterDescription {
+                clustered: false,
+                broker: 0,
+                controller_leader: None,
+                brokers: vec![],
+            },
+        ]
+    }
+}
+
 impl Sample for DeployPipelineRequest {
     fn samples() -> Vec<Self> {
         vec![DeployPipelineRequest {
