@@ -27,6 +27,9 @@ enum TopicCommand {
         /// Number of partitions.
         #[arg(long, default_value_t = 1)]
         partitions: u32,
+        /// Copies of each partition, on different brokers.
+        #[arg(long, default_value_t = 1)]
+        replication_factor: u16,
         /// Topic config override, key=value (repeatable), e.g. retention.ms=3600000.
         #[arg(long = "config", value_name = "KEY=VALUE")]
         config: Vec<String>,
@@ -89,6 +92,7 @@ pub async fn run(global: &GlobalOpts, args: TopicArgs) -> anyhow::Result<()> {
         TopicCommand::Create {
             name,
             partitions,
+            replication_factor,
             config,
             partitioner,
         } => {
@@ -101,7 +105,7 @@ pub async fn run(global: &GlobalOpts, args: TopicArgs) -> anyhow::Result<()> {
                 config.insert("partitioner".into(), p);
             }
             let d = admin
-                .create_topic(&name, partitions, config)
+                .create_replicated_topic(&name, partitions, replication_factor, config)
                 .await
                 .map_err(|e| match e {
                     ClientError::TopicAlreadyExists(_) => anyhow::anyhow!(

@@ -102,6 +102,24 @@ fn cluster_start_brings_up_three_brokers_with_a_controller_and_restarts_a_killed
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // Replication is not built yet, and the refusal says so.
+    let out = quiver(&[
+        "--bootstrap",
+        &format!("127.0.0.1:{}", ports[0]),
+        "--ca",
+        &ca,
+        "topic",
+        "create",
+        "orders",
+        "--partitions",
+        "6",
+        "--replication-factor",
+        "3",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not replicate partitions yet"), "{err}");
+
     // kill -9 one; `start` again brings just that one back.
     let victim = brokers[1]["pid"].as_u64().unwrap() as u32;
     unsafe_kill(victim, "KILL");

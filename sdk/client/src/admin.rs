@@ -52,10 +52,23 @@ impl Admin {
         partitions: u32,
         config: BTreeMap<String, String>,
     ) -> Result<TopicDescription> {
+        self.create_replicated_topic(name, partitions, 1, config)
+            .await
+    }
+
+    /// Creates a topic whose partitions have `replication_factor` copies (refused by a
+    /// broker that cannot place that many).
+    pub async fn create_replicated_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        replication_factor: u16,
+        config: BTreeMap<String, String>,
+    ) -> Result<TopicDescription> {
         let req = CreateTopicRequest {
             name: name.to_string(),
             partitions,
-            replication_factor: 1,
+            replication_factor,
             config,
         };
         let (d, _) = self.client.request(&req, Bytes::new()).await?;
