@@ -302,7 +302,7 @@ impl Broker {
                 )
                 .await
                 .map_err(BrokerError::Config)?;
-                let _ = ctx.raft.set(m.raft());
+                let _ = ctx.raft.set(m.service());
                 Some(m)
             }
             None => None,

@@ -1,6 +1,7 @@
 //! `quiver cluster start|stop|status` with real broker daemons on 127.0.0.1: three brokers
 //! from a cluster file form the controller and register; `status --output json` has the
-//! contract fields; a broker killed with `kill -9` is restarted by running `start` again;
+//! contract fields; a broker killed with `kill -9` is fenced by the controller once its
+//! heartbeats stop, and restarted (and unfenced) by running `start` again;
 //! `stop` stops them all. Bad cluster files are refused with file, line and key.
 
 use std::path::Path;
@@ -123,8 +124,10 @@ fn cluster_start_brings_up_three_brokers_with_a_controller_and_restarts_a_killed
     // kill -9 one; `start` again brings just that one back.
     let victim = brokers[1]["pid"].as_u64().unwrap() as u32;
     unsafe_kill(victim, "KILL");
-    wait_for(30, "the killed broker to be seen as dead", || {
-        !status(&file)["brokers"][1]["alive"].as_bool().unwrap()
+    // The controller stops hearing its heartbeats and fences it.
+    wait_for(60, "the killed broker to be dead and fenced", || {
+        let b = &status(&file)["brokers"][1];
+        b["alive"] == false && b["fenced"] == true
     });
     let out = quiver(&["cluster", "start", "--config", f]);
     assert!(

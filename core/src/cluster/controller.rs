@@ -22,7 +22,9 @@ use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{Entry, LogId, OptionalSend, Raft, ServerState, SnapshotMeta, StorageError};
 use tokio::sync::Mutex;
 
-use super::network::{serve_raft_connection, QuicRaftNetwork, RaftTls, RaftTransportError};
+use super::network::{
+    serve_raft_service, Liveness, QuicRaftNetwork, RaftService, RaftTls, RaftTransportError,
+};
 use super::state::ControllerState;
 use super::store::{self, ControllerSnapshotBuilder, ControllerStateMachine, ControllerStoreError};
 use super::types::{BrokerId, BrokerNode, ControllerCommand, ControllerResponse, TypeConfig};
@@ -196,8 +198,10 @@ pub struct Controller {
     /// Its own accept loop, when it owns its endpoint.
     accept: Option<tokio::task::JoinHandle<()>>,
     write_timeout: Duration,
-    /// Dials peers (forwarded writes).
+    /// Dials peers (forwarded writes, heartbeats).
     network: QuicRaftNetwork,
+    /// Heartbeats heard (counts on the leader).
+    liveness: Arc<Liveness>,
 }
 
 impl Controller {
@@ -215,7 +219,7 @@ impl Controller {
 
     /// Like [`Self::start`], on the broker's own QUIC endpoint (`config.listen` unused): it
     /// dials peers from it, and the broker hands it the connections that negotiated
-    /// [`super::RAFT_ALPN`] ([`serve_raft_connection`] with [`Self::raft`]).
+    /// [`super::RAFT_ALPN`] ([`serve_raft_service`] with [`Self::service`]).
     pub async fn start_shared(
         config: ControllerConfig,
         endpoint: quinn::Endpoint,
@@ -245,8 +249,12 @@ impl Controller {
                 return Err(ControllerStartError::Raft(e.to_string()));
             }
         };
-        let accept =
-            owns_endpoint.then(|| tokio::spawn(accept_loop(endpoint.clone(), raft.clone())));
+        let liveness = Arc::new(Liveness::default());
+        let service = RaftService {
+            raft: raft.clone(),
+            liveness: liveness.clone(),
+        };
+        let accept = owns_endpoint.then(|| tokio::spawn(accept_loop(endpoint.clone(), service)));
         Ok(Self {
             id: config.id,
             raft,
@@ -255,6 +263,7 @@ impl Controller {
             accept,
             write_timeout: config.write_timeout,
             network,
+            liveness,
         })
     }
 
@@ -370,6 +379,44 @@ impl Controller {
         }
     }
 
+    /// What serves peers' Raft connections on a shared endpoint.
+    pub fn service(&self) -> RaftService {
+        RaftService {
+            raft: self.raft.clone(),
+            liveness: self.liveness.clone(),
+        }
+    }
+
+    /// Heartbeats this node heard.
+    pub fn liveness(&self) -> &Liveness {
+        &self.liveness
+    }
+
+    /// Sends broker `id`'s heartbeat to the leader (recorded here when this node leads).
+    pub async fn heartbeat(&self, id: BrokerId, epoch: u64) -> Result<(), ControllerWriteError> {
+        let leader = self.current_leader();
+        match leader {
+            Some(l) if l == self.id => {
+                self.liveness.beat(id, epoch);
+                Ok(())
+            }
+            Some(l) => {
+                let addr = self.node_addr(l).ok_or(ControllerWriteError::NotLeader {
+                    leader_id: Some(l),
+                    leader_addr: None,
+                })?;
+                self.network
+                    .heartbeat(l, &addr, id, epoch, Duration::from_secs(2))
+                    .await
+                    .map_err(|e| ControllerWriteError::Stopped(e.to_string()))
+            }
+            None => Err(ControllerWriteError::NotLeader {
+                leader_id: None,
+                leader_addr: None,
+            }),
+        }
+    }
+
     /// A copy of the metadata this node has applied.
     pub async fn state(&self) -> ControllerState {
         self.sm.0.lock().await.state().clone()
@@ -399,13 +446,13 @@ impl Controller {
     }
 }
 
-async fn accept_loop(endpoint: quinn::Endpoint, raft: Raft<TypeConfig>) {
+async fn accept_loop(endpoint: quinn::Endpoint, service: RaftService) {
     while let Some(incoming) = endpoint.accept().await {
-        let raft = raft.clone();
+        let service = service.clone();
         let remote = incoming.remote_address();
         tokio::spawn(async move {
             match incoming.await {
-                Ok(conn) => serve_raft_connection(conn, raft).await,
+                Ok(conn) => serve_raft_service(conn, service).await,
                 Err(e) => tracing::debug!(%remote, error = %e, "raft handshake failed"),
             }
         });

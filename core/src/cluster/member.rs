@@ -1,8 +1,11 @@
 //! A broker's membership in its cluster: it runs a controller node on its own QUIC endpoint
 //! (Raft on the `quiver-raft/1` ALPN), the lowest-id voter forms the group on first start,
 //! and the broker registers itself (a new broker epoch per start) and asks to be unfenced,
-//! retrying until the controller answers; on a clean stop it asks to be fenced first, so
-//! partitions it leads move at once instead of after a timeout.
+//! retrying until the controller answers; then it heartbeats the controller leader every
+//! [`HEARTBEAT_INTERVAL`]. The leader fences a registered broker it has not heard from for
+//! [`SESSION_TIMEOUT`] (it died without stopping) and unfences it when its heartbeats (same
+//! epoch) come back. On a clean stop a broker asks to be fenced first, so partitions it leads
+//! move at once instead of after the timeout.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -18,6 +21,11 @@ use super::network::RaftTls;
 use super::types::{BrokerId, BrokerNode, ControllerCommand, ControllerResponse};
 use super::ControllerState;
 use crate::config::ClusterConfig;
+
+/// How often a broker heartbeats the controller leader.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// A broker not heard from for this long is fenced (Kafka's `broker.session.timeout.ms`).
+pub const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
 
 /// What a broker joins its cluster with.
 pub struct MemberConfig {
@@ -40,6 +48,7 @@ pub struct ClusterMember {
     id: BrokerId,
     controller: Arc<Controller>,
     task: tokio::task::JoinHandle<()>,
+    monitor: tokio::task::JoinHandle<()>,
 }
 
 /// The TLS identity a cluster broker uses towards its peers.
@@ -91,6 +100,7 @@ impl ClusterMember {
             })
             .collect();
         let first = voters.keys().next().copied();
+        let monitor = tokio::spawn(watch_brokers(controller.clone(), stop.clone()));
         let task = tokio::spawn(join(
             controller.clone(),
             u64::from(id),
@@ -102,12 +112,13 @@ impl ClusterMember {
             id: u64::from(id),
             controller,
             task,
+            monitor,
         })
     }
 
     /// The controller's Raft handle (to serve peers' connections).
-    pub fn raft(&self) -> openraft::Raft<super::TypeConfig> {
-        self.controller.raft().clone()
+    pub fn service(&self) -> super::RaftService {
+        self.controller.service()
     }
 
     /// The controller leader this broker knows of.
@@ -123,6 +134,7 @@ impl ClusterMember {
     /// Asks to be fenced (bounded), then stops the controller node.
     pub async fn shutdown(self) {
         self.task.abort();
+        self.monitor.abort();
         let fence = self
             .controller
             .propose(ControllerCommand::FenceBroker { id: self.id });
@@ -134,6 +146,7 @@ impl ClusterMember {
             Err(_) => tracing::warn!(broker = self.id, "fencing before stopping timed out"),
         }
         let _ = self.task.await;
+        let _ = self.monitor.await;
         match Arc::try_unwrap(self.controller) {
             Ok(c) => c.shutdown().await,
             Err(_) => tracing::warn!("the controller is still in use at shutdown"),
@@ -196,6 +209,53 @@ async fn join(
         }
     }
     tracing::info!(broker = id, %addr, epoch, "registered with the controller");
+    loop {
+        if let Err(e) = controller.heartbeat(id, epoch).await {
+            tracing::debug!(broker = id, error = %e, "heartbeat not delivered");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// On the controller leader: fences registered brokers silent for [`SESSION_TIMEOUT`] and
+/// unfences fenced ones whose heartbeats (with their registered epoch) are fresh again.
+async fn watch_brokers(controller: Arc<Controller>, mut stop: watch::Receiver<bool>) {
+    // Brokers get a full session from the moment this node became leader.
+    let mut leading_since: Option<std::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(HEARTBEAT_INTERVAL / 2) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if !controller.is_leader() {
+            leading_since = None;
+            continue;
+        }
+        let since = *leading_since.get_or_insert_with(std::time::Instant::now);
+        let state = controller.state().await;
+        for b in state.brokers.values() {
+            let fresh = controller
+                .liveness()
+                .last(b.id)
+                .filter(|(epoch, _)| *epoch == b.broker_epoch)
+                .map(|(_, at)| at.elapsed() < SESSION_TIMEOUT);
+            let cmd = match (b.fenced, fresh) {
+                (false, Some(false)) => ControllerCommand::FenceBroker { id: b.id },
+                (false, None) if since.elapsed() >= SESSION_TIMEOUT => {
+                    ControllerCommand::FenceBroker { id: b.id }
+                }
+                (true, Some(true)) => ControllerCommand::UnfenceBroker { id: b.id },
+                _ => continue,
+            };
+            tracing::info!(broker = b.id, ?cmd, "broker liveness changed");
+            if let Err(e) = controller.write(cmd).await {
+                tracing::warn!(broker = b.id, error = %e, "cannot record a broker's liveness");
+            }
+        }
+    }
 }
 
 /// Sleeps `delay` (doubling it up to 2 s); true when the broker is stopping.
@@ -287,6 +347,9 @@ mod tests {
         .await;
         // Clients still speak to a cluster broker as to any broker.
         assert!(b1.ca_path().is_some());
+        // Heartbeats keep them unfenced past the session timeout.
+        tokio::time::sleep(SESSION_TIMEOUT + Duration::from_secs(1)).await;
+        until(&[&b1, &b2, &b3], "three brokers still unfenced", registered).await;
         // A clean stop fences the broker in everyone else's metadata.
         b3.shutdown().await;
         until(&[&b1, &b2], "broker 3 fenced", |s| {

@@ -35,7 +35,10 @@ pub use controller::{
     RaftTimings,
 };
 pub use file::{ClusterBroker, ClusterFile, ClusterFileError};
-pub use network::{serve_raft_connection, QuicRaftNetwork, RaftTls, RaftTransportError, RAFT_ALPN};
+pub use network::{
+    serve_raft_connection, serve_raft_service, Liveness, QuicRaftNetwork, RaftService, RaftTls,
+    RaftTransportError, RAFT_ALPN,
+};
 
 pub use state::{BrokerRecord, ControllerState, PartitionRecord, TopicRecord};
 pub use store::{

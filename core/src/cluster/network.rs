@@ -72,6 +72,11 @@ pub enum RaftRequest {
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
     /// A command a follower forwards to the leader (it proposes it as its own write).
     Propose(ControllerCommand),
+    /// A broker's periodic "alive" to the controller leader (not logged).
+    Heartbeat {
+        id: BrokerId,
+        epoch: u64,
+    },
 }
 
 /// The answer to one [`RaftRequest`]: the remote Raft's result, or why the request could not
@@ -86,6 +91,8 @@ pub enum RaftReply {
     /// The leader's answer to a forwarded command, or why it could not take it (for
     /// instance: it is no longer the leader).
     Proposed(Result<ControllerResponse, String>),
+    /// A heartbeat was recorded (false: this node keeps no heartbeats).
+    Heartbeat(bool),
     /// The server could not decode the request.
     BadRequest(String),
 }
@@ -417,6 +424,20 @@ impl QuicRaftNetwork {
 }
 
 impl QuicRaftNetwork {
+    /// An RPC client to node `target` at `addr` (sharing the cached connection).
+    fn client_for(&self, target: BrokerId, addr: &str) -> QuicRaftClient {
+        QuicRaftClient {
+            id: self.id,
+            target,
+            node: BrokerNode {
+                addr: addr.to_string(),
+            },
+            peer: self.peer(target, addr),
+            endpoint: self.endpoint.clone(),
+            client_config: self.client_config.clone(),
+        }
+    }
+
     /// Forwards `cmd` to node `target` (the leader) at `addr` and returns its answer, all
     /// within `ttl`.
     pub async fn propose(
@@ -426,16 +447,7 @@ impl QuicRaftNetwork {
         cmd: ControllerCommand,
         ttl: Duration,
     ) -> Result<ControllerResponse, RaftTransportError> {
-        let client = QuicRaftClient {
-            id: self.id,
-            target,
-            node: BrokerNode {
-                addr: addr.to_string(),
-            },
-            peer: self.peer(target, addr),
-            endpoint: self.endpoint.clone(),
-            client_config: self.client_config.clone(),
-        };
+        let client = self.client_for(target, addr);
         match client.call(&RaftRequest::Propose(cmd), ttl).await {
             Ok(RaftReply::Proposed(Ok(r))) => Ok(r),
             Ok(RaftReply::Proposed(Err(why))) => Err(RaftTransportError::Protocol(format!(
@@ -443,6 +455,33 @@ impl QuicRaftNetwork {
             ))),
             Ok(_) => Err(RaftTransportError::Protocol(format!(
                 "node {target} answered a proposal with something else"
+            ))),
+            Err(CallError::Timeout(t)) => Err(RaftTransportError::Protocol(format!(
+                "node {target} did not answer within {t:?}"
+            ))),
+            Err(CallError::Transport(e)) => Err(e),
+        }
+    }
+}
+
+impl QuicRaftNetwork {
+    /// Sends broker `id`'s heartbeat (with its `epoch`) to node `target` at `addr`.
+    pub async fn heartbeat(
+        &self,
+        target: BrokerId,
+        addr: &str,
+        id: BrokerId,
+        epoch: u64,
+        ttl: Duration,
+    ) -> Result<(), RaftTransportError> {
+        let client = self.client_for(target, addr);
+        match client
+            .call(&RaftRequest::Heartbeat { id, epoch }, ttl)
+            .await
+        {
+            Ok(RaftReply::Heartbeat(true)) => Ok(()),
+            Ok(_) => Err(RaftTransportError::Protocol(format!(
+                "node {target} did not take the heartbeat"
             ))),
             Err(CallError::Timeout(t)) => Err(RaftTransportError::Protocol(format!(
                 "node {target} did not answer within {t:?}"
@@ -543,6 +582,7 @@ impl QuicRaftClient {
                 RaftReply::Vote(_) => "Vote",
                 RaftReply::InstallSnapshot(_) => "InstallSnapshot",
                 RaftReply::Proposed(_) => "Proposed",
+                RaftReply::Heartbeat(_) => "Heartbeat",
                 RaftReply::BadRequest(_) => "BadRequest",
             }
         ));
@@ -602,9 +642,58 @@ impl RaftNetwork<TypeConfig> for QuicRaftClient {
     }
 }
 
+/// The brokers' heartbeats this controller node heard (the leader's copy is the one that
+/// counts): broker id → (its epoch, when).
+#[derive(Debug, Default)]
+pub struct Liveness {
+    seen: Mutex<HashMap<BrokerId, (u64, Instant)>>,
+}
+
+impl Liveness {
+    /// Records a heartbeat.
+    pub fn beat(&self, id: BrokerId, epoch: u64) {
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, (epoch, Instant::now()));
+    }
+
+    /// The last heartbeat of `id`.
+    pub fn last(&self, id: BrokerId) -> Option<(u64, Instant)> {
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .copied()
+    }
+}
+
+/// What serves peers' Raft connections: the Raft handle and the heartbeat table.
+#[derive(Clone)]
+pub struct RaftService {
+    /// The node's Raft.
+    pub raft: Raft<TypeConfig>,
+    /// Heartbeats heard.
+    pub liveness: Arc<Liveness>,
+}
+
 /// Answers the Raft RPCs of one accepted connection (which negotiated [`RAFT_ALPN`]) until
 /// the peer closes it or it times out. Each stream is served in its own task.
 pub async fn serve_raft_connection(conn: quinn::Connection, raft: Raft<TypeConfig>) {
+    serve_raft_service(
+        conn,
+        RaftService {
+            raft,
+            liveness: Arc::default(),
+        },
+    )
+    .await
+}
+
+/// [`serve_raft_connection`] that also records heartbeats in `service.liveness`.
+pub async fn serve_raft_service(conn: quinn::Connection, service: RaftService) {
+    let raft = service.raft;
+    let liveness = service.liveness;
     let remote = conn.remote_address();
     loop {
         let (send, recv) = match conn.accept_bi().await {
@@ -615,8 +704,9 @@ pub async fn serve_raft_connection(conn: quinn::Connection, raft: Raft<TypeConfi
             }
         };
         let raft = raft.clone();
+        let liveness = liveness.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_stream(send, recv, &raft).await {
+            if let Err(e) = serve_stream(send, recv, &raft, &liveness).await {
                 tracing::debug!(%remote, error = %e, "raft rpc stream failed");
             }
         });
@@ -627,6 +717,7 @@ async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     raft: &Raft<TypeConfig>,
+    liveness: &Liveness,
 ) -> Result<(), RaftTransportError> {
     let body = match tokio::time::timeout(REQUEST_READ_TIMEOUT, read_frame(&mut recv)).await {
         Ok(body) => body?,
@@ -641,6 +732,10 @@ async fn serve_stream(
             RaftReply::AppendEntries(raft.append_entries(rpc).await)
         }
         Ok(RaftRequest::Vote(rpc)) => RaftReply::Vote(raft.vote(rpc).await),
+        Ok(RaftRequest::Heartbeat { id, epoch }) => {
+            liveness.beat(id, epoch);
+            RaftReply::Heartbeat(true)
+        }
         Ok(RaftRequest::Propose(cmd)) => RaftReply::Proposed(
             raft.client_write(cmd)
                 .await

@@ -71,7 +71,7 @@ fn is_raft(conn: &quinn::Connection) -> bool {
 /// A peer broker's Raft connection: served only with a client certificate (verified against
 /// the cluster CA during the handshake) and once this broker's controller runs.
 async fn serve_raft(conn: quinn::Connection, ctx: &ServerContext) {
-    let Some(raft) = ctx.raft.get().cloned() else {
+    let Some(service) = ctx.raft.get().cloned() else {
         conn.close(VarInt::from_u32(1), b"no controller here");
         return;
     };
@@ -80,7 +80,7 @@ async fn serve_raft(conn: quinn::Connection, ctx: &ServerContext) {
         conn.close(VarInt::from_u32(1), b"a broker certificate is required");
         return;
     }
-    crate::cluster::serve_raft_connection(conn, raft).await;
+    crate::cluster::serve_raft_service(conn, service).await;
 }
 
 /// Accepts connections until shutdown.

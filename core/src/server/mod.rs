@@ -50,7 +50,7 @@ pub struct ServerContext {
     pub pipelines: PipelineSlot,
     /// The controller's Raft, once it runs (cluster brokers): peer brokers' Raft
     /// connections on this endpoint are served by it.
-    pub raft: std::sync::OnceLock<openraft::Raft<crate::cluster::TypeConfig>>,
+    pub raft: std::sync::OnceLock<crate::cluster::RaftService>,
     /// Turns true when the broker starts shutting down.
     pub stopping: watch::Receiver<bool>,
     inflight: AtomicUsize,
