@@ -14,7 +14,7 @@ const DEFAULT_CA: &str = "./quiver-data/tls/ca.pem";
 /// Global options.
 #[derive(Debug, Args)]
 pub struct GlobalOpts {
-    /// Broker to connect to first (HOST:PORT).
+    /// Broker to connect to first (HOST:PORT), or several separated by commas (tried in order).
     #[arg(
         long,
         global = true,

@@ -183,3 +183,35 @@ fn a_cluster_file_with_a_duplicate_port_is_refused_with_file_line_and_key() {
         "{err}"
     );
 }
+
+#[test]
+fn a_bootstrap_list_skips_brokers_that_do_not_answer() {
+    let b = super::harness::TestBroker::start();
+    let dead = format!("127.0.0.1:{}", free_udp_port());
+    let list = format!("{dead},{}", b.addr());
+    let out = quiver(&[
+        "--bootstrap",
+        &list,
+        "--ca",
+        b.ca().to_str().unwrap(),
+        "topic",
+        "create",
+        "listed",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = quiver(&[
+        "--bootstrap",
+        &format!("{dead},127.0.0.1:{}", free_udp_port()),
+        "--ca",
+        b.ca().to_str().unwrap(),
+        "topic",
+        "list",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no bootstrap broker answered"), "{err}");
+}

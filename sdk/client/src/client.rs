@@ -288,7 +288,39 @@ async fn read_response<T: serde::de::DeserializeOwned>(
 
 impl Client {
     /// Connects to the bootstrap broker (retrying with backoff up to `connect_timeout`).
+    /// `bootstrap` may list several brokers separated by commas: they are tried in order,
+    /// each for its share of `connect_timeout`, and the first that answers is used.
     pub async fn connect(config: ClientConfig) -> Result<Client> {
+        let candidates: Vec<String> = config
+            .bootstrap
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(str::to_string)
+            .collect();
+        if candidates.len() <= 1 {
+            return Self::connect_one(config).await;
+        }
+        let share = (config.connect_timeout / candidates.len() as u32).max(Duration::from_secs(1));
+        let mut failures = Vec::new();
+        for addr in &candidates {
+            let one = ClientConfig {
+                bootstrap: addr.clone(),
+                connect_timeout: share,
+                ..config.clone()
+            };
+            match Self::connect_one(one).await {
+                Ok(c) => return Ok(c),
+                Err(e) => failures.push(format!("{addr}: {e}")),
+            }
+        }
+        Err(ClientError::Connect {
+            addr: config.bootstrap.clone(),
+            reason: format!("no bootstrap broker answered ({})", failures.join("; ")),
+        })
+    }
+
+    async fn connect_one(config: ClientConfig) -> Result<Client> {
         let quinn_config = quinn_client_config(&config)?;
         let first =
             resolve(&config.bootstrap, None)

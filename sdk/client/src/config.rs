@@ -16,7 +16,8 @@ use std::time::Duration;
 /// ```
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// `HOST:PORT` of any broker; the host is also the TLS server name.
+    /// `HOST:PORT` of any broker (the host is also the TLS server name), or several
+    /// separated by commas, tried in order.
     pub bootstrap: String,
     /// PEM file with the CA certificate(s) to trust; the system roots when `None`.
     pub ca_file: Option<PathBuf>,
