@@ -129,6 +129,9 @@ pub struct TxnCoordinator {
     flusher: Arc<Flusher>,
     groups: Arc<GroupService>,
     state: Mutex<BTreeMap<String, TxnState>>,
+    /// Producer id → transactional id, so a transactional produce finds its transaction
+    /// without scanning every id.
+    by_pid: Mutex<HashMap<i64, String>>,
     /// One transaction request at a time per transactional id.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Bumped whenever a transaction ends (wakes offset fetches waiting for it).
@@ -182,6 +185,12 @@ impl TxnCoordinator {
             topics,
             flusher,
             groups,
+            by_pid: Mutex::new(
+                state
+                    .iter()
+                    .map(|(id, s)| (s.producer_id, id.clone()))
+                    .collect(),
+            ),
             state: Mutex::new(state),
             locks: Mutex::new(HashMap::new()),
             ended: watch::Sender::new(0),
@@ -215,6 +224,10 @@ impl TxnCoordinator {
         self.tree
             .flush()
             .map_err(|e| TxnError::Storage(e.to_string()))?;
+        self.by_pid
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(s.producer_id, id.to_string());
         self.lock().insert(id.to_string(), s.clone());
         Ok(())
     }
@@ -298,10 +311,11 @@ impl TxnCoordinator {
     }
 
     fn id_of(&self, producer_id: i64) -> Option<String> {
-        self.lock()
-            .iter()
-            .find(|(_, s)| s.producer_id == producer_id)
-            .map(|(id, _)| id.clone())
+        self.by_pid
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&producer_id)
+            .cloned()
     }
 
     /// Before a transactional batch of `producer_id`/`epoch` is appended to `topic`/
@@ -516,7 +530,12 @@ impl TxnCoordinator {
                 tracing::warn!(transactional_id = %id, error = %e, "cannot forget an idle transactional id");
                 continue;
             }
-            self.lock().remove(&id);
+            if let Some(s) = self.lock().remove(&id) {
+                self.by_pid
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&s.producer_id);
+            }
             tracing::debug!(transactional_id = %id, "idle transactional id forgotten");
         }
     }
