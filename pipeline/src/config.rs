@@ -218,6 +218,16 @@ impl PipelineConfig {
             reason,
         };
         validate_group_name(&raw.name).map_err(|r| err("name", r))?;
+        // The name also names the state changelog topic, `quiver.state.<name>`.
+        validate_topic_name(&format!("quiver.state.{}", raw.name)).map_err(|_| {
+            err(
+                "name",
+                format!(
+                    "{} bytes is too long: a pipeline name has at most 236",
+                    raw.name.len()
+                ),
+            )
+        })?;
         if raw.source.topics.is_empty() {
             return Err(err("source.topics", "name at least one input topic".into()));
         }
@@ -463,6 +473,18 @@ fn line_of(text: &str, key: &str) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_name_too_long_for_its_state_topic_is_refused() {
+        let long = "n".repeat(237);
+        let text =
+            format!("name = \"{long}\"\n[source]\ntopics = [\"a\"]\n[sink]\ntopic = \"b\"\n");
+        let e = super::PipelineConfig::parse(&text, "p.toml").unwrap_err();
+        assert_eq!((e.key.as_str(), e.line), ("name", Some(1)), "{e}");
+        assert!(e.reason.contains("at most 236"), "{e}");
+        let ok = text.replace(&long, &"n".repeat(236));
+        super::PipelineConfig::parse(&ok, "p.toml").unwrap();
+    }
+
     #[test]
     fn to_toml_reads_back_to_the_same_pipeline() {
         for text in [

@@ -20,7 +20,7 @@ use tracing::Instrument;
 use crate::error::RuntimeError;
 use crate::instance::{run_instance, InstanceParts, InstanceView, Plan, StopSignal};
 use crate::metrics::PipelineMetrics;
-use crate::stages::load_stages;
+use crate::stages::{load_stages, LoadedStage};
 use crate::PipelineConfig;
 
 /// State text of a pipeline whose instances run.
@@ -59,6 +59,44 @@ pub struct Deployment {
     instances: Vec<Instance>,
 }
 
+/// Checks that `config` can run against this cluster before anything starts: every source
+/// and output topic exists (a missing one is named, with the command that creates it), and
+/// every stage's plugin loads. Returns the loaded stages.
+pub async fn preflight(
+    client: &Client,
+    config: &PipelineConfig,
+    base_dir: &Path,
+) -> Result<Vec<LoadedStage>, RuntimeError> {
+    let admin = Admin::new(client.clone());
+    let outputs = std::iter::once(("sink.topic".to_string(), &config.sink.topic))
+        .chain(config.sinks.iter().map(|(n, t)| (format!("sinks.{n}"), t)))
+        .chain(
+            config
+                .on_error
+                .topic
+                .iter()
+                .map(|t| ("on_error.topic".to_string(), t)),
+        );
+    let sources = config
+        .source
+        .topics
+        .iter()
+        .map(|t| ("source.topics".to_string(), t));
+    for (key, topic) in sources.chain(outputs) {
+        match admin.describe_topic(topic).await {
+            Ok(_) => {}
+            Err(e) if e.code() == Some(ErrorCode::UnknownTopicOrPartition) => {
+                return Err(RuntimeError::Topic(format!(
+                    "pipeline {}: topic {topic:?} ({key}) does not exist; create it with `quiver topic create {topic}`",
+                    config.name
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    load_stages(client, config, base_dir).await
+}
+
 impl Deployment {
     /// Loads the stages (failing fast on a missing or broken plugin) and starts `instances`
     /// members. `base_dir` resolves `path` stages; `broker` is shown in the status.
@@ -91,7 +129,7 @@ impl Deployment {
         broker: u32,
         metrics: Arc<PipelineMetrics>,
     ) -> Result<Deployment, RuntimeError> {
-        let stages = load_stages(&client, &config, base_dir).await?;
+        let stages = preflight(&client, &config, base_dir).await?;
         let plan = Arc::new(Plan {
             config,
             stages,

@@ -11,6 +11,9 @@ pub enum RuntimeError {
         /// What is wrong.
         reason: String,
     },
+    /// A topic the pipeline reads or writes does not exist.
+    #[error("{0}")]
+    Topic(String),
     /// The run stopped for good: a stage failed under policy "stop", or a plugin was
     /// quarantined. Nothing past the failure was committed.
     #[error("pipeline failed: {0}")]

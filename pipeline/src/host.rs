@@ -154,7 +154,7 @@ impl BrokerPipelines {
         // Load the new stages before touching the running pipeline: a broken plugin
         // leaves it running.
         let client = self.client().await?;
-        crate::stages::load_stages(&client, &config, &self.dir)
+        crate::deployment::preflight(&client, &config, &self.dir)
             .await
             .map_err(runtime_error)?;
         std::fs::create_dir_all(&self.dir).map_err(|e| {

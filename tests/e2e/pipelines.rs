@@ -242,6 +242,25 @@ fn bad_deploys_are_refused_with_the_reason_and_a_stop_policy_failure_shows_in_th
     let f = write("typo", "colour = \"blue\"\n");
     let err = b.cli_err(&["pipeline", "deploy", f.to_str().unwrap()], None);
     assert!(err.contains("colour"), "{err}");
+    let f = dir.path().join("nowhere.toml");
+    std::fs::write(
+        &f,
+        "name = \"nowhere\"\n[source]\ntopics = [\"src\"]\n[sink]\ntopic = \"missing\"\n",
+    )
+    .unwrap();
+    let err = b.cli_err(&["pipeline", "deploy", f.to_str().unwrap()], None);
+    assert!(
+        err.contains("\"missing\" (sink.topic) does not exist")
+            && err.contains("quiver topic create missing"),
+        "{err}"
+    );
+    let out = b.cli(&["pipeline", "run", f.to_str().unwrap()]);
+    assert!(
+        !out.status.success(),
+        "pipeline run refuses a missing sink at once"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not exist"), "{err}");
     let list = b.cli_ok(&["pipeline", "list", "--output", "json"]);
     assert_eq!(list.trim(), "[]", "a refused deploy leaves nothing behind");
 
