@@ -9,10 +9,19 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use super::harness::{bin, free_udp_port, unsafe_kill, wait_for};
+use super::harness::{bin, cli_at, free_udp_port, unsafe_kill, wait_for};
 
 fn quiver(args: &[&str]) -> std::process::Output {
     Command::new(bin()).args(args).output().expect("run quiver")
+}
+
+/// Panics with the command's stderr unless it succeeded.
+fn succeeded(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn status(file: &Path) -> Value {
@@ -24,11 +33,7 @@ fn status(file: &Path) -> Value {
         "--output",
         "json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     serde_json::from_slice(&out.stdout).expect("status json")
 }
 
@@ -57,11 +62,7 @@ fn cluster_start_brings_up_three_brokers_with_a_controller_and_restarts_a_killed
     let _guard = Cluster(&file);
     let f = file.to_str().unwrap();
     let out = quiver(&["cluster", "start", "--config", f]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let printed = String::from_utf8_lossy(&out.stdout);
     assert!(printed.contains("CA certificate:"), "{printed}");
     let s = status(&file);
@@ -89,34 +90,29 @@ fn cluster_start_brings_up_three_brokers_with_a_controller_and_restarts_a_killed
     }
     // The cluster CA is what clients trust.
     let ca = s["ca"].as_str().unwrap().to_string();
-    let out = quiver(&[
-        "--bootstrap",
+    let out = cli_at(
         &format!("127.0.0.1:{}", ports[1]),
-        "--ca",
-        &ca,
-        "topic",
-        "list",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        Path::new(&ca),
+        &["topic", "list"],
+        None,
     );
+    succeeded(&out);
 
     // Replication is not built yet, and the refusal says so.
-    let out = quiver(&[
-        "--bootstrap",
+    let out = cli_at(
         &format!("127.0.0.1:{}", ports[0]),
-        "--ca",
-        &ca,
-        "topic",
-        "create",
-        "orders",
-        "--partitions",
-        "6",
-        "--replication-factor",
-        "3",
-    ]);
+        Path::new(&ca),
+        &[
+            "topic",
+            "create",
+            "orders",
+            "--partitions",
+            "6",
+            "--replication-factor",
+            "3",
+        ],
+        None,
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("does not replicate partitions yet"), "{err}");
@@ -130,11 +126,7 @@ fn cluster_start_brings_up_three_brokers_with_a_controller_and_restarts_a_killed
         b["alive"] == false && b["fenced"] == true
     });
     let out = quiver(&["cluster", "start", "--config", f]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let printed = String::from_utf8_lossy(&out.stdout);
     assert!(printed.contains("broker 1 is already running"), "{printed}");
     assert!(printed.contains("started broker 2"), "{printed}");
@@ -149,11 +141,7 @@ fn cluster_start_brings_up_three_brokers_with_a_controller_and_restarts_a_killed
     );
 
     let out = quiver(&["cluster", "stop", "--config", f]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let s = status(&file);
     assert!(
         s["brokers"]
@@ -189,28 +177,14 @@ fn a_bootstrap_list_skips_brokers_that_do_not_answer() {
     let b = super::harness::TestBroker::start();
     let dead = format!("127.0.0.1:{}", free_udp_port());
     let list = format!("{dead},{}", b.addr());
-    let out = quiver(&[
-        "--bootstrap",
-        &list,
-        "--ca",
-        b.ca().to_str().unwrap(),
-        "topic",
-        "create",
-        "listed",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = quiver(&[
-        "--bootstrap",
+    let out = cli_at(&list, &b.ca(), &["topic", "create", "listed"], None);
+    succeeded(&out);
+    let out = cli_at(
         &format!("{dead},127.0.0.1:{}", free_udp_port()),
-        "--ca",
-        b.ca().to_str().unwrap(),
-        "topic",
-        "list",
-    ]);
+        &b.ca(),
+        &["topic", "list"],
+        None,
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no bootstrap broker answered"), "{err}");

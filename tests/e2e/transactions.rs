@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use quiver_client::{
-    Client, ClientConfig, ClientError, Consumer, ConsumerConfig, GroupConfig, GroupConsumer,
-    Isolation, ProducerRecord, SeekTo, TransactionalProducer, TxnOffsets,
+    Client, ClientConfig, Consumer, ConsumerConfig, GroupConfig, GroupConsumer, Isolation,
+    ProducerRecord, SeekTo, TransactionalProducer, TxnOffsets,
 };
 use quiver_protocol::requests::OffsetCommit;
 use quiver_protocol::ErrorCode;
@@ -64,8 +64,11 @@ fn broker_with_topic() -> (TestBroker, tokio::runtime::Runtime) {
     (b, tokio::runtime::Runtime::new().unwrap())
 }
 
-fn code(e: &ClientError) -> Option<ErrorCode> {
-    e.code()
+/// A transactional producer for `id` on `client`.
+async fn init(client: &Client, id: &str) -> TransactionalProducer {
+    TransactionalProducer::init(client.clone(), id)
+        .await
+        .expect("init transactions")
 }
 
 #[test]
@@ -73,9 +76,7 @@ fn committed_transactions_are_read_aborted_ones_never_and_markers_are_not_record
     let (b, rt) = broker_with_topic();
     rt.block_on(async {
         let client = connect(&b).await;
-        let mut tx = TransactionalProducer::init(client.clone(), "app-1")
-            .await
-            .unwrap();
+        let mut tx = init(&client, "app-1").await;
         send(&mut tx, "t", &["a1", "a2"]).await;
         tx.commit(None).await.unwrap();
         send(&mut tx, "t", &["x1", "x2", "x3"]).await;
@@ -125,20 +126,16 @@ fn initialising_the_id_again_fences_the_old_producer_and_aborts_its_transaction(
     let (b, rt) = broker_with_topic();
     rt.block_on(async {
         let client = connect(&b).await;
-        let mut old = TransactionalProducer::init(client.clone(), "app-1")
-            .await
-            .unwrap();
+        let mut old = init(&client, "app-1").await;
         send(&mut old, "t", &["zombie"]).await;
         old.flush().await.unwrap();
-        let mut new = TransactionalProducer::init(client.clone(), "app-1")
-            .await
-            .unwrap();
+        let mut new = init(&client, "app-1").await;
         assert_eq!(new.producer().0, old.producer().0);
         assert!(new.producer().1 > old.producer().1);
         // The old producer's writes and commits are refused; its open transaction is void.
         send(&mut old, "t", &["late"]).await;
         let e = old.commit(None).await.unwrap_err();
-        assert_eq!(code(&e), Some(ErrorCode::ProducerFenced), "{e}");
+        assert_eq!(e.code(), Some(ErrorCode::ProducerFenced), "{e}");
         send(&mut new, "t", &["fresh"]).await;
         new.commit(None).await.unwrap();
         assert_eq!(
@@ -168,9 +165,7 @@ fn a_transactions_group_offsets_are_stored_only_when_it_commits() {
         while got.len() < 3 {
             got.extend(member.poll().await.unwrap());
         }
-        let mut tx = TransactionalProducer::init(client.clone(), "g-1")
-            .await
-            .unwrap();
+        let mut tx = init(&client, "g-1").await;
         let offsets = |offset: i64| TxnOffsets {
             group: "g".into(),
             member_id: member.member_id(),
@@ -252,9 +247,7 @@ fn a_crashed_producers_open_transaction_is_aborted_after_its_timeout_even_across
     b.spawn();
     rt.block_on(async {
         let client = connect(&b).await;
-        let mut other = TransactionalProducer::init(client.clone(), "other")
-            .await
-            .unwrap();
+        let mut other = init(&client, "other").await;
         send(&mut other, "t", &["after"]).await;
         other.commit(None).await.unwrap();
     });
@@ -299,18 +292,16 @@ fn forged_markers_and_transactional_batches_without_a_transaction_are_refused() 
         let e = produce("t", control_batch(1 << 62, 0, Marker::Commit, now))
             .await
             .unwrap_err();
-        assert_eq!(code(&e), Some(ErrorCode::InvalidRecord), "{e}");
+        assert_eq!(e.code(), Some(ErrorCode::InvalidRecord), "{e}");
         // A transactional batch under a producer id no InitTransactions handed out.
         let mut forged = BatchBuilder::new(Compression::None);
         forged.push(None, b"sneaky", now, &[]);
         forged.set_producer(777, 0, 0);
         forged.set_transactional(true);
         let e = produce("t", forged.build()).await.unwrap_err();
-        assert_eq!(code(&e), Some(ErrorCode::ProducerFenced), "{e}");
+        assert_eq!(e.code(), Some(ErrorCode::ProducerFenced), "{e}");
         // Into the broker's own topic, even with a real transaction.
-        let tx = TransactionalProducer::init(client.clone(), "intruder")
-            .await
-            .unwrap();
+        let tx = init(&client, "intruder").await;
         let (pid, epoch) = tx.producer();
         let mut inside = BatchBuilder::new(Compression::None);
         inside.push(None, b"offsets?", now, &[]);
