@@ -30,24 +30,8 @@ pub type ClusterSlot = Arc<tokio::sync::Mutex<Option<crate::cluster::member::Clu
 
 /// What every request handler can reach.
 pub struct ServerContext {
-    /// Broker config.
-    pub config: Arc<BrokerConfig>,
-    /// Topics and their partition logs.
-    pub topics: Arc<TopicRegistry>,
-    /// Group commit.
-    pub flusher: Arc<Flusher>,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
-    /// Consumer groups coordinated here.
-    pub groups: Arc<GroupService>,
-    /// Deployed plugins and consume-time processor instances.
-    pub plugins: Arc<PluginService>,
-    /// Transactions.
-    pub txns: Arc<TxnCoordinator>,
-    /// This broker's cluster membership (cluster brokers, once started).
-    pub cluster: ClusterSlot,
-    /// The host of deployed pipelines, once installed.
-    pub pipelines: PipelineSlot,
+    /// The broker's parts (reached through `Deref`: `ctx.topics`, `ctx.groups`, …).
+    parts: ServerParts,
     /// The controller's Raft, once it runs (cluster brokers): peer brokers' Raft
     /// connections on this endpoint are served by it.
     pub raft: std::sync::OnceLock<crate::cluster::RaftService>,
@@ -55,6 +39,14 @@ pub struct ServerContext {
     pub stopping: watch::Receiver<bool>,
     inflight: AtomicUsize,
     idle: Notify,
+}
+
+impl std::ops::Deref for ServerContext {
+    type Target = ServerParts;
+
+    fn deref(&self) -> &ServerParts {
+        &self.parts
+    }
 }
 
 /// The broker's parts a [`ServerContext`] is made of.
@@ -82,27 +74,8 @@ pub struct ServerParts {
 impl ServerContext {
     /// A context over the broker's parts.
     pub fn new(parts: ServerParts, stopping: watch::Receiver<bool>) -> Arc<ServerContext> {
-        let ServerParts {
-            config,
-            topics,
-            flusher,
-            metrics,
-            groups,
-            plugins,
-            txns,
-            cluster,
-            pipelines,
-        } = parts;
         Arc::new(ServerContext {
-            config,
-            topics,
-            flusher,
-            metrics,
-            groups,
-            plugins,
-            txns,
-            cluster,
-            pipelines,
+            parts,
             raft: std::sync::OnceLock::new(),
             stopping,
             inflight: AtomicUsize::new(0),
