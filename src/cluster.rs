@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::{Args, Subcommand};
-use quiver_client::{Admin, Client, ClientConfig};
+use quiver_client::{Client, ClientConfig};
 use quiver_core::cluster::ClusterFile;
 use quiver_core::config::VoterConfig;
 use quiver_protocol::requests::{ClusterDescription, DescribeClusterRequest};
@@ -252,7 +252,7 @@ async fn connect(addr: &str, ca: &Path) -> Option<Client> {
 async fn status(file: &ClusterFile) -> ClusterStatus {
     let ca = file.ca_path();
     let mut view: Option<ClusterDescription> = None;
-    let mut offline = 0u64;
+    let mut damaged = 0u64;
     let mut brokers = Vec::with_capacity(file.brokers.len());
     for b in &file.brokers {
         let pid = running_pid(&file.broker_dir(b.id));
@@ -262,12 +262,12 @@ async fn status(file: &ClusterFile) -> ClusterStatus {
                     .request(&DescribeClusterRequest {}, Bytes::new())
                     .await
                 {
+                    damaged += d.damaged_partitions;
                     // The view with a leader wins; any view beats none.
                     if view.as_ref().is_none_or(|v| v.controller_leader.is_none()) {
                         view = Some(d);
                     }
                 }
-                offline += offline_partitions(&client).await;
             }
         }
         brokers.push(BrokerStatus {
@@ -288,32 +288,12 @@ async fn status(file: &ClusterFile) -> ClusterStatus {
         }
     }
     ClusterStatus {
-        controller_leader: view.and_then(|v| v.controller_leader),
+        controller_leader: view.as_ref().and_then(|v| v.controller_leader),
         ca,
         brokers,
-        // Replication is not built yet: every partition has one replica, in sync.
-        under_replicated_partitions: 0,
-        offline_partitions: offline,
+        under_replicated_partitions: view.as_ref().map_or(0, |v| v.under_replicated_partitions),
+        offline_partitions: view.as_ref().map_or(0, |v| v.offline_partitions) + damaged,
     }
-}
-
-/// Partitions of this broker reported offline (damaged storage).
-async fn offline_partitions(client: &Client) -> u64 {
-    let admin = Admin::new(client.clone());
-    let Ok(topics) = admin.list_topics().await else {
-        return 0;
-    };
-    let mut n = 0;
-    for t in topics {
-        if let Ok(d) = admin.describe_topic(&t.name).await {
-            n += d
-                .partitions
-                .iter()
-                .filter(|p| p.status == "offline")
-                .count() as u64;
-        }
-    }
-    n
 }
 
 fn status_table(out: &mut impl Write, s: &ClusterStatus) -> anyhow::Result<()> {

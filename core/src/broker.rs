@@ -303,6 +303,29 @@ impl Broker {
                 .await
                 .map_err(BrokerError::Config)?;
                 let _ = ctx.raft.set(m.service());
+                let (Some(ca), Some(cert), Some(key)) = (
+                    config.cluster.ca.clone(),
+                    config.tls.cert.clone(),
+                    config.tls.key.clone(),
+                ) else {
+                    return Err(BrokerError::Config(
+                        "a cluster broker needs cluster.ca, tls.cert and tls.key (written by `quiver cluster start`)".into(),
+                    ));
+                };
+                let rm = crate::replica::ReplicaManager::start(
+                    crate::replica::manager::ReplicaSetup {
+                        me: u64::from(config.broker_id),
+                        registered_epoch: m.epoch(),
+                        topics: topics.clone(),
+                        flusher: flusher.clone(),
+                        controller: m.controller(),
+                        peers: crate::replica::peers::PeerClients::new(ca, cert, key),
+                        lag_max_ms: config.cluster.replica_lag_max_ms as i64,
+                        max_batch_bytes: config.limits.max_frame_bytes as usize,
+                    },
+                    stop_rx.clone(),
+                );
+                let _ = ctx.replicas.set(rm);
                 Some(m)
             }
             None => None,

@@ -175,7 +175,7 @@ pub struct BrokerConfig {
 
 /// `[cluster]`: this broker belongs to a cluster whose controller (one Raft group) runs on
 /// the `voters`. Written by `quiver cluster start`; a broker with no voters is a lone broker.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
     /// The cluster CA certificate (PEM): peers' certificates must chain to it, and
@@ -183,6 +183,14 @@ pub struct ClusterConfig {
     pub ca: Option<PathBuf>,
     /// The controller voters: every broker's id and QUIC address, this one's included.
     pub voters: Vec<VoterConfig>,
+    /// `replica.lag.max.ms`: a follower that has not caught up with its leader for this
+    /// long leaves the partition's ISR (it rejoins when caught up).
+    #[serde(default = "default_replica_lag_max_ms")]
+    pub replica_lag_max_ms: u64,
+}
+
+fn default_replica_lag_max_ms() -> u64 {
+    10_000
 }
 
 /// One controller voter.
@@ -193,6 +201,16 @@ pub struct VoterConfig {
     pub id: u32,
     /// Its QUIC address, `IP:port`.
     pub addr: String,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            ca: None,
+            voters: Vec::new(),
+            replica_lag_max_ms: default_replica_lag_max_ms(),
+        }
+    }
 }
 
 impl ClusterConfig {

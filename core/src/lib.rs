@@ -23,6 +23,7 @@ pub mod log;
 pub mod metrics;
 pub mod pipelines;
 pub mod plugin;
+pub mod replica;
 pub mod server;
 pub mod tls;
 pub mod topic;

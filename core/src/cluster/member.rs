@@ -46,6 +46,7 @@ pub struct MemberConfig {
 /// A running cluster member: the controller node and its registration task.
 pub struct ClusterMember {
     id: BrokerId,
+    epoch: u64,
     controller: Arc<Controller>,
     task: tokio::task::JoinHandle<()>,
     monitor: tokio::task::JoinHandle<()>,
@@ -100,16 +101,20 @@ impl ClusterMember {
             })
             .collect();
         let first = voters.keys().next().copied();
+        // A new epoch per start: a registration of an older process is refused as stale.
+        let epoch = crate::clock::now_ms().max(1) as u64;
         let monitor = tokio::spawn(watch_brokers(controller.clone(), stop.clone()));
         let task = tokio::spawn(join(
             controller.clone(),
             u64::from(id),
+            epoch,
             advertised,
             (first == Some(u64::from(id))).then_some(voters),
             stop,
         ));
         Ok(ClusterMember {
             id: u64::from(id),
+            epoch,
             controller,
             task,
             monitor,
@@ -119,6 +124,16 @@ impl ClusterMember {
     /// The controller's Raft handle (to serve peers' connections).
     pub fn service(&self) -> super::RaftService {
         self.controller.service()
+    }
+
+    /// The controller node (to propose changes and read the applied metadata).
+    pub fn controller(&self) -> Arc<Controller> {
+        self.controller.clone()
+    }
+
+    /// The broker epoch this process registered with.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// The controller leader this broker knows of.
@@ -159,6 +174,7 @@ impl ClusterMember {
 async fn join(
     controller: Arc<Controller>,
     id: BrokerId,
+    epoch: u64,
     addr: String,
     voters: Option<BTreeMap<BrokerId, BrokerNode>>,
     mut stop: watch::Receiver<bool>,
@@ -182,8 +198,6 @@ async fn join(
             }
         }
     }
-    // A new epoch per start: a registration of an older process is refused as stale.
-    let epoch = crate::clock::now_ms().max(1) as u64;
     for cmd in [
         ControllerCommand::RegisterBroker {
             id,

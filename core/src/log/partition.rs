@@ -60,6 +60,8 @@ struct State {
     bytes_since_index: u64,
     producers: ProducerTable,
     txns: TxnIndex,
+    /// The high watermark checkpointed before this open (a replica starts from it).
+    hw_at_open: i64,
 }
 
 /// Offsets and size at one moment.
@@ -123,6 +125,9 @@ pub struct PartitionLog {
     offline: Mutex<Option<String>>,
     /// How often a batch had to wait for its producer's earlier batches (overtaking).
     sequence_waits: AtomicU64,
+    /// A replica of a cluster partition: appends do not move the high watermark (the
+    /// partition's leader decides it from the in-sync replicas).
+    replicated: AtomicBool,
 }
 
 /// Runs storage work on tokio's blocking threads, never on the async runtime.
@@ -281,6 +286,7 @@ impl PartitionLog {
             );
         }
         let leader_epoch = pm.leader_epoch;
+        let hw_at_open = pm.hw_checkpoint.min(log_end);
         pm.hw_checkpoint = log_end;
         meta.insert(&meta_key, serde_json::to_vec(&pm).unwrap_or_default())?;
         let state = State {
@@ -295,6 +301,7 @@ impl PartitionLog {
             bytes_since_index: TIME_INDEX_INTERVAL,
             producers,
             txns,
+            hw_at_open,
         };
         Ok(PartitionLog {
             topic: topic.to_string(),
@@ -309,6 +316,7 @@ impl PartitionLog {
             deleted: AtomicBool::new(false),
             offline: Mutex::new(offline),
             sequence_waits: AtomicU64::new(0),
+            replicated: AtomicBool::new(false),
         })
     }
 
@@ -453,11 +461,15 @@ impl PartitionLog {
                         "the disk flush did not complete in time".into(),
                     ));
                 }
-                self.advance_high_watermark(result.last_offset + 1);
+                if !self.is_replicated() {
+                    self.advance_high_watermark(result.last_offset + 1);
+                }
             }
             FlushPolicy::Interval => {
                 flusher.mark_dirty();
-                self.advance_high_watermark(result.last_offset + 1);
+                if !self.is_replicated() {
+                    self.advance_high_watermark(result.last_offset + 1);
+                }
             }
         }
         Ok(result)
@@ -543,7 +555,8 @@ impl PartitionLog {
         }))
     }
 
-    fn advance_high_watermark(&self, to: i64) {
+    /// Moves the high watermark up to `to` (never past the log end, never down).
+    pub fn advance_high_watermark(&self, to: i64) {
         let mut st = self.lock();
         let to = to.min(st.log_end);
         if to > st.high_watermark {
@@ -574,12 +587,24 @@ impl PartitionLog {
         max_bytes: usize,
         isolation: Isolation,
     ) -> Result<ReadResult, LogError> {
-        self.check_alive()?;
         let snapshot = self.snapshot();
         let bound = match isolation {
             Isolation::ReadUncommitted => snapshot.high_watermark,
             Isolation::ReadCommitted => snapshot.last_stable,
         };
+        self.read_below(offset, max_bytes, bound, snapshot, isolation)
+    }
+
+    /// Reads whole batches from the one holding `offset` whose base offset is below `bound`.
+    fn read_below(
+        &self,
+        offset: i64,
+        max_bytes: usize,
+        bound: i64,
+        snapshot: PartitionSnapshot,
+        isolation: Isolation,
+    ) -> Result<ReadResult, LogError> {
+        self.check_alive()?;
         if offset < snapshot.log_start || offset > snapshot.log_end {
             return Err(LogError::OffsetOutOfRange {
                 offset,
@@ -669,6 +694,21 @@ impl PartitionLog {
     ) -> Result<(i64, i64), LogError> {
         let this = self.clone();
         blocking(move || this.lookup(spec, max_decompressed)).await?
+    }
+
+    /// Waits until the log end passes `offset` or `deadline`; true if it did.
+    pub async fn wait_for_append(&self, offset: i64, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let moved = self.sequence_moved.notified();
+            tokio::pin!(moved);
+            moved.as_mut().enable();
+            if self.lock().log_end > offset {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, moved).await.is_err() {
+                return false;
+            }
+        }
     }
 
     /// Waits until the high watermark passes `offset` or `deadline`; true if it did.
@@ -910,6 +950,8 @@ impl PartitionLog {
         Ok(())
     }
 }
+
+mod replication;
 
 #[cfg(test)]
 mod tests {

@@ -14,7 +14,7 @@ use quiver_protocol::{
 };
 use tracing::Instrument;
 
-use super::dispatch::{dispatch, Outcome};
+use super::dispatch::{dispatch, Outcome, Peer};
 use super::requests::RequestError;
 use super::ServerContext;
 
@@ -34,6 +34,11 @@ pub async fn serve_connection(conn: quinn::Connection, ctx: Arc<ServerContext>) 
             .await
     };
     tokio::pin!(drained);
+    // With a cluster's TLS config, a client certificate is only accepted when the cluster
+    // CA signed it: a peer that presented one is a broker of this cluster.
+    let peer = Peer {
+        broker: conn.peer_identity().is_some(),
+    };
     loop {
         let stream = tokio::select! {
             s = conn.accept_bi() => s,
@@ -44,7 +49,7 @@ pub async fn serve_connection(conn: quinn::Connection, ctx: Arc<ServerContext>) 
                 let ctx2 = ctx.clone();
                 let guard = ctx.begin_request();
                 tokio::spawn(async move {
-                    serve_stream(ctx2, send, recv).await;
+                    serve_stream(ctx2, peer, send, recv).await;
                     drop(guard);
                 });
             }
@@ -107,7 +112,12 @@ async fn send_error(send: &mut SendStream, api: u16, err: &RequestError) {
     let _ = send.finish();
 }
 
-async fn serve_stream(ctx: Arc<ServerContext>, mut send: SendStream, mut recv: RecvStream) {
+async fn serve_stream(
+    ctx: Arc<ServerContext>,
+    peer: Peer,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
     let start = Instant::now();
     let limits = Limits {
         max_frame_bytes: ctx.config.limits.max_frame_bytes,
@@ -166,7 +176,9 @@ async fn serve_stream(ctx: Arc<ServerContext>, mut send: SendStream, mut recv: R
         return;
     }
     let span = tracing::debug_span!("request", api = api.name());
-    let outcome = dispatch(&ctx, api, body, &mut send).instrument(span).await;
+    let outcome = dispatch(&ctx, peer, api, body, &mut send)
+        .instrument(span)
+        .await;
     let ok = match outcome {
         Ok(Outcome::Reply(reply)) => {
             let prefix = response_prefix(api_raw, &reply.control, reply.payload.len());

@@ -39,9 +39,17 @@ pub enum Outcome {
     Streamed,
 }
 
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    /// It presented a certificate signed by the cluster CA: a broker of this cluster.
+    pub broker: bool,
+}
+
 /// Runs the handler of `api`.
 pub async fn dispatch(
     ctx: &Arc<ServerContext>,
+    peer: Peer,
     api: ApiKey,
     body: Bytes,
     send: &mut SendStream,
@@ -51,13 +59,22 @@ pub async fn dispatch(
         ApiKey::Fetch => requests::fetch::handle(ctx, body).await?,
         ApiKey::ListOffsets => requests::list_offsets::handle(ctx, body).await?,
         ApiKey::Metadata => requests::metadata::handle(ctx, body)?,
+        ApiKey::CreateTopic if ctx.replicas().is_some() => {
+            requests::cluster_topics::create(ctx, body).await?
+        }
         ApiKey::CreateTopic => {
             on_blocking_thread(ctx, body, requests::create_topic::handle).await?
+        }
+        ApiKey::DeleteTopic if ctx.replicas().is_some() => {
+            requests::cluster_topics::delete(ctx, body).await?
         }
         ApiKey::DeleteTopic => {
             on_blocking_thread(ctx, body, requests::delete_topic::handle).await?
         }
         ApiKey::DescribeTopic => requests::describe_topic::handle(ctx, body)?,
+        ApiKey::AlterTopicConfig if ctx.replicas().is_some() => {
+            requests::cluster_topics::alter(ctx, body).await?
+        }
         ApiKey::AlterTopicConfig => {
             on_blocking_thread(ctx, body, requests::alter_topic_config::handle).await?
         }
@@ -89,6 +106,10 @@ pub async fn dispatch(
         ApiKey::TxnCommitOffsets => requests::transactions::commit_offsets(ctx, body).await?,
         ApiKey::EndTxn => requests::transactions::end(ctx, body).await?,
         ApiKey::DescribeCluster => requests::describe_cluster::handle(ctx, body).await?,
+        ApiKey::ReplicaFetch => requests::replica_fetch::fetch(ctx, peer, body).await?,
+        ApiKey::OffsetForLeaderEpoch => {
+            requests::replica_fetch::offset_for_leader_epoch(ctx, peer, body)?
+        }
         ApiKey::Subscribe => {
             requests::subscribe::handle(ctx, body, send).await?;
             return Ok(Outcome::Streamed);

@@ -35,6 +35,8 @@ pub struct ServerContext {
     /// The controller's Raft, once it runs (cluster brokers): peer brokers' Raft
     /// connections on this endpoint are served by it.
     pub raft: std::sync::OnceLock<crate::cluster::RaftService>,
+    /// A cluster broker's replicas, once its membership runs (unset on a lone broker).
+    pub replicas: std::sync::OnceLock<Arc<crate::replica::ReplicaManager>>,
     /// Turns true when the broker starts shutting down.
     pub stopping: watch::Receiver<bool>,
     inflight: AtomicUsize,
@@ -77,10 +79,16 @@ impl ServerContext {
         Arc::new(ServerContext {
             parts,
             raft: std::sync::OnceLock::new(),
+            replicas: std::sync::OnceLock::new(),
             stopping,
             inflight: AtomicUsize::new(0),
             idle: Notify::new(),
         })
+    }
+
+    /// The replica manager of a cluster broker (`None` on a lone broker).
+    pub fn replicas(&self) -> Option<&Arc<crate::replica::ReplicaManager>> {
+        self.replicas.get()
     }
 
     /// True once shutdown began.

@@ -51,6 +51,18 @@ pub struct TopicConfig {
     /// (-1: no limit, for replaying old data).
     #[serde(default = "default_before_max_ms")]
     pub timestamp_before_max_ms: i64,
+    /// `min.insync.replicas`: an `acks=all` write needs at least this many in-sync replicas
+    /// (the leader included), and the high watermark advances only while there are.
+    #[serde(default = "default_min_insync")]
+    pub min_insync_replicas: u32,
+    /// `unclean.leader.election.enable`: when every in-sync replica is gone, elect a
+    /// replica outside the ISR (availability over acknowledged data).
+    #[serde(default)]
+    pub unclean_leader_election: bool,
+}
+
+fn default_min_insync() -> u32 {
+    1
 }
 
 fn default_after_max_ms() -> i64 {
@@ -72,6 +84,8 @@ impl Default for TopicConfig {
             partitioner: None,
             timestamp_after_max_ms: default_after_max_ms(),
             timestamp_before_max_ms: default_before_max_ms(),
+            min_insync_replicas: default_min_insync(),
+            unclean_leader_election: false,
         }
     }
 }
@@ -86,6 +100,8 @@ pub const TOPIC_KEYS: &[&str] = &[
     "partitioner",
     "message.timestamp.after.max.ms",
     "message.timestamp.before.max.ms",
+    "min.insync.replicas",
+    "unclean.leader.election.enable",
 ];
 
 fn parse_num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, String> {
@@ -161,6 +177,24 @@ impl TopicConfig {
                 }
                 self.timestamp_before_max_ms = v;
             }
+            "min.insync.replicas" => {
+                let v: u32 = parse_num(key, value)?;
+                if v == 0 {
+                    return Err("min.insync.replicas must be at least 1".into());
+                }
+                self.min_insync_replicas = v;
+            }
+            "unclean.leader.election.enable" => {
+                self.unclean_leader_election = match value.trim() {
+                    "true" => true,
+                    "false" => false,
+                    other => {
+                        return Err(format!(
+                            "unclean.leader.election.enable must be true or false, got {other:?}"
+                        ))
+                    }
+                }
+            }
             "partitioner" => {
                 let v = value.trim();
                 if v.is_empty() {
@@ -219,6 +253,14 @@ impl TopicConfig {
             (
                 "message.timestamp.before.max.ms".into(),
                 self.timestamp_before_max_ms.to_string(),
+            ),
+            (
+                "min.insync.replicas".into(),
+                self.min_insync_replicas.to_string(),
+            ),
+            (
+                "unclean.leader.election.enable".into(),
+                self.unclean_leader_election.to_string(),
             ),
         ]);
         if let Some(p) = &self.partitioner {

@@ -6,6 +6,6 @@ mod registry;
 
 pub use config::{FlushPolicy, TopicConfig};
 pub use registry::{
-    is_internal, refuse_internal, Topic, TopicError, TopicMeta, TopicRegistry, PARTITION_META_TREE,
-    TOPICS_TREE,
+    is_internal, refuse_internal, Topic, TopicError, TopicMeta, TopicRegistry, MAX_PARTITIONS,
+    PARTITION_META_TREE, TOPICS_TREE,
 };

@@ -111,6 +111,10 @@ pub struct TopicMeta {
     pub overrides: BTreeMap<String, String>,
     /// Creation time (ms).
     pub created_ms: i64,
+    /// In a cluster: the controller's id of the topic this is a replica of (a topic deleted
+    /// and created again under the same name gets a new one, and its old data goes).
+    #[serde(default)]
+    pub cluster_id: Option<u64>,
 }
 
 /// A live topic.
@@ -266,7 +270,40 @@ impl TopicRegistry {
                 "topic names starting with \"__\" are reserved for internal topics: {name:?}"
             )));
         }
-        self.create_any(name, partitions, overrides)
+        self.create_any(name, partitions, overrides, None)
+    }
+
+    /// Cluster brokers: makes this broker's copy of the controller's topic `name` (id
+    /// `cluster_id`) match it: created when missing, replaced when the local copy belongs to
+    /// an older topic of the same name, its config set to `overrides`. Returns the topic.
+    pub fn ensure_replica(
+        &self,
+        name: &str,
+        partitions: u32,
+        overrides: &BTreeMap<String, String>,
+        cluster_id: u64,
+    ) -> Result<Arc<Topic>, TopicError> {
+        if let Some(t) = self.get(name) {
+            let meta = t.meta.read().unwrap_or_else(|p| p.into_inner()).clone();
+            if meta.cluster_id == Some(cluster_id) && meta.partitions == partitions {
+                if &meta.overrides != overrides {
+                    return self.replace_config(name, overrides);
+                }
+                return Ok(t);
+            }
+            tracing::info!(
+                topic = name,
+                "the local copy belongs to another topic of this name; replacing it"
+            );
+            self.delete(name)?;
+        }
+        self.create_any(name, partitions, overrides, Some(cluster_id))
+    }
+
+    /// The cluster id of a local topic (`None` for a lone broker's or an internal topic).
+    pub fn cluster_id(&self, name: &str) -> Option<u64> {
+        self.get(name)
+            .and_then(|t| t.meta.read().unwrap_or_else(|p| p.into_inner()).cluster_id)
     }
 
     /// Creates an internal topic (a name starting with `__`, such as `__consumer_offsets`);
@@ -277,7 +314,7 @@ impl TopicRegistry {
         partitions: u32,
         overrides: &BTreeMap<String, String>,
     ) -> Result<Arc<Topic>, TopicError> {
-        self.create_any(name, partitions, overrides)
+        self.create_any(name, partitions, overrides, None)
     }
 
     fn create_any(
@@ -285,6 +322,7 @@ impl TopicRegistry {
         name: &str,
         partitions: u32,
         overrides: &BTreeMap<String, String>,
+        cluster_id: Option<u64>,
     ) -> Result<Arc<Topic>, TopicError> {
         validate_topic_name(name).map_err(TopicError::InvalidName)?;
         if partitions == 0 || partitions > MAX_PARTITIONS {
@@ -306,6 +344,7 @@ impl TopicRegistry {
             partitions,
             overrides: overrides.clone(),
             created_ms: crate::clock::now_ms(),
+            cluster_id,
         };
         let mut parts = Vec::with_capacity(partitions as usize);
         for p in 0..partitions {
@@ -342,16 +381,31 @@ impl TopicRegistry {
         name: &str,
         changes: &BTreeMap<String, String>,
     ) -> Result<Arc<Topic>, TopicError> {
+        let mut overrides = self
+            .topic(name)?
+            .meta
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .overrides
+            .clone();
+        overrides.extend(changes.iter().map(|(k, v)| (k.clone(), v.clone())));
+        self.replace_config(name, &overrides)
+    }
+
+    /// Replaces a topic's config overrides: all or nothing.
+    fn replace_config(
+        &self,
+        name: &str,
+        overrides: &BTreeMap<String, String>,
+    ) -> Result<Arc<Topic>, TopicError> {
         let _guard = self.admin.lock().unwrap_or_else(|p| p.into_inner());
         let topic = self.topic(name)?;
         let mut meta = topic.meta.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let mut overrides = meta.overrides.clone();
-        overrides.extend(changes.iter().map(|(k, v)| (k.clone(), v.clone())));
         let config = self
             .defaults
-            .with_changes(&overrides)
+            .with_changes(overrides)
             .map_err(TopicError::InvalidConfig)?;
-        meta.overrides = overrides;
+        meta.overrides = overrides.clone();
         self.topics_tree.insert(
             name.as_bytes(),
             serde_json::to_vec(&meta).unwrap_or_default(),
@@ -359,7 +413,7 @@ impl TopicRegistry {
         self.db.flush()?;
         *topic.meta.write().unwrap_or_else(|p| p.into_inner()) = meta;
         *topic.config.write().unwrap_or_else(|p| p.into_inner()) = config;
-        tracing::info!(topic = name, ?changes, "altered topic config");
+        tracing::info!(topic = name, ?overrides, "altered topic config");
         Ok(topic)
     }
 

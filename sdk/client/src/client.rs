@@ -61,6 +61,8 @@ struct ClientInner {
     quinn_config: quinn::ClientConfig,
     limits: Limits,
     bootstrap: Arc<BrokerConn>,
+    /// Every bootstrap address given, tried when the connected one stops answering.
+    bootstrap_list: Vec<String>,
     conns: Mutex<HashMap<String, Arc<BrokerConn>>>,
     broker_addrs: Mutex<HashMap<u32, String>>,
     metadata: Mutex<HashMap<String, Arc<TopicMetadata>>>,
@@ -299,7 +301,7 @@ impl Client {
             .map(str::to_string)
             .collect();
         if candidates.len() <= 1 {
-            return Self::connect_one(config).await;
+            return Self::connect_one(config, candidates).await;
         }
         let share = (config.connect_timeout / candidates.len() as u32).max(Duration::from_secs(1));
         let mut failures = Vec::new();
@@ -309,7 +311,7 @@ impl Client {
                 connect_timeout: share,
                 ..config.clone()
             };
-            match Self::connect_one(one).await {
+            match Self::connect_one(one, candidates.clone()).await {
                 Ok(c) => return Ok(c),
                 Err(e) => failures.push(format!("{addr}: {e}")),
             }
@@ -320,7 +322,7 @@ impl Client {
         })
     }
 
-    async fn connect_one(config: ClientConfig) -> Result<Client> {
+    async fn connect_one(config: ClientConfig, bootstrap_list: Vec<String>) -> Result<Client> {
         let quinn_config = quinn_client_config(&config)?;
         let first =
             resolve(&config.bootstrap, None)
@@ -352,6 +354,7 @@ impl Client {
                 bootstrap.clone(),
             )])),
             bootstrap,
+            bootstrap_list,
             broker_addrs: Mutex::new(HashMap::new()),
             metadata: Mutex::new(HashMap::new()),
             config,
@@ -390,6 +393,7 @@ impl Client {
                 bootstrap.clone(),
             )])),
             bootstrap,
+            bootstrap_list: Vec::new(),
             broker_addrs: Mutex::new(HashMap::new()),
             metadata: Mutex::new(
                 topics
@@ -433,7 +437,35 @@ impl Client {
         timeout: Duration,
     ) -> Result<(M::Response, Bytes)> {
         let broker = self.inner.bootstrap.clone();
-        self.request_on(&broker, req, payload, timeout).await
+        let first = self
+            .request_on(&broker, req, payload.clone(), timeout)
+            .await;
+        match first {
+            Err(ClientError::Connect { .. } | ClientError::Transport { .. }) => {}
+            other => return other,
+        }
+        // The broker this client bootstrapped from is gone: any other broker it knows of
+        // (the rest of the bootstrap list, the brokers metadata named) answers as well.
+        let mut others: Vec<String> = self.inner.bootstrap_list.clone();
+        others.extend(lock(&self.inner.broker_addrs).values().cloned());
+        others.retain(|a| *a != broker.addr);
+        others.dedup();
+        for addr in others {
+            let conn = self.conn_for(&addr);
+            match self.request_on(&conn, req, payload.clone(), timeout).await {
+                Err(ClientError::Connect { .. } | ClientError::Transport { .. }) => continue,
+                other => return other,
+            }
+        }
+        first
+    }
+
+    /// The (lazily connected) connection of the broker at `addr`.
+    fn conn_for(&self, addr: &str) -> Arc<BrokerConn> {
+        lock(&self.inner.conns)
+            .entry(addr.to_string())
+            .or_insert_with(|| Arc::new(BrokerConn::new(addr)))
+            .clone()
     }
 
     /// Sends a request about `topic`/`partition` to that partition's leader (from the
@@ -448,7 +480,19 @@ impl Client {
     ) -> Result<(M::Response, Bytes)> {
         let broker = self.leader(topic, partition).await?;
         let r = self.request_on(&broker, req, payload, timeout).await;
-        if let Err(ClientError::NotLeader(_) | ClientError::TopicNotFound(_)) = &r {
+        let stale = match &r {
+            Err(
+                ClientError::NotLeader(_)
+                | ClientError::TopicNotFound(_)
+                | ClientError::Connect { .. }
+                | ClientError::Transport { .. }
+                | ClientError::Timeout { .. },
+            ) => true,
+            Err(e) => e.code() == Some(quiver_protocol::ErrorCode::FencedLeaderEpoch),
+            Ok(_) => false,
+        };
+        if stale {
+            // The leader may have moved: the next attempt asks for fresh metadata.
             self.invalidate_metadata(topic);
         }
         r
@@ -675,10 +719,7 @@ impl Client {
         });
         Ok(match usable {
             None => self.inner.bootstrap.clone(),
-            Some(a) => lock(&self.inner.conns)
-                .entry(a.clone())
-                .or_insert_with(|| Arc::new(BrokerConn::new(&a)))
-                .clone(),
+            Some(a) => self.conn_for(&a),
         })
     }
 

@@ -21,6 +21,9 @@ pub struct ClientConfig {
     pub bootstrap: String,
     /// PEM file with the CA certificate(s) to trust; the system roots when `None`.
     pub ca_file: Option<PathBuf>,
+    /// A certificate chain and its private key (PEM files) to present to the broker: how
+    /// a cluster's brokers prove to each other that they are brokers. `None` for clients.
+    pub identity: Option<ClientIdentity>,
     /// Time limit of one request (fetch adds its `max_wait_ms` on top).
     pub request_timeout: Duration,
     /// Time limit for establishing a connection, retries included.
@@ -56,6 +59,7 @@ impl Default for ClientConfig {
         ClientConfig {
             bootstrap: "127.0.0.1:7400".into(),
             ca_file: None,
+            identity: None,
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             reconnect_backoff: Duration::from_millis(50),
@@ -67,4 +71,13 @@ impl Default for ClientConfig {
             idle_timeout: Duration::from_secs(10),
         }
     }
+}
+
+/// A client certificate chain and key, as PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientIdentity {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key of the leaf.
+    pub key_file: PathBuf,
 }

@@ -39,7 +39,7 @@ mod transaction;
 pub use admin::Admin;
 pub use backoff::Backoff;
 pub use client::{Client, Subscription};
-pub use config::ClientConfig;
+pub use config::{ClientConfig, ClientIdentity};
 pub use consumer::{ConsumeMode, ConsumedRecord, Consumer, ConsumerConfig, OffsetReset, SeekTo};
 pub use error::{ClientError, Result};
 pub use group::{GroupConfig, GroupConsumer, RebalanceListener};

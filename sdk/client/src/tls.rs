@@ -53,14 +53,43 @@ fn roots(config: &ClientConfig) -> Result<RootCertStore> {
     Ok(roots)
 }
 
+/// Reads a client certificate chain and its key.
+fn identity(
+    id: &crate::config::ClientIdentity,
+) -> Result<(
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+)> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|e| ClientError::Tls(format!("cannot read {}: {e}", path.display())))
+    };
+    let chain = rustls_pemfile::certs(&mut read(&id.cert_file)?.as_slice())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| ClientError::Tls(format!("{}: {e}", id.cert_file.display())))?;
+    let key = rustls_pemfile::private_key(&mut read(&id.key_file)?.as_slice())
+        .map_err(|e| ClientError::Tls(format!("{}: {e}", id.key_file.display())))?
+        .ok_or_else(|| {
+            ClientError::Tls(format!("{} holds no private key", id.key_file.display()))
+        })?;
+    Ok((chain, key))
+}
+
 /// The quinn client config: rustls (ring, TLS 1.3, ALPN) plus the tuned transport.
 pub(crate) fn quinn_client_config(config: &ClientConfig) -> Result<quinn::ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| ClientError::Tls(e.to_string()))?
-        .with_root_certificates(roots(config)?)
-        .with_no_client_auth();
+        .with_root_certificates(roots(config)?);
+    let mut tls = match &config.identity {
+        None => tls.with_no_client_auth(),
+        Some(id) => {
+            let (chain, key) = identity(id)?;
+            tls.with_client_auth_cert(chain, key)
+                .map_err(|e| ClientError::Tls(format!("client certificate: {e}")))?
+        }
+    };
     tls.alpn_protocols = vec![quiver_protocol::ALPN.to_vec()];
     let quic = QuicClientConfig::try_from(tls).map_err(|e| ClientError::Tls(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));

@@ -86,6 +86,15 @@ pub enum ErrorCode {
     /// The transaction request does not fit the transaction's state (e.g. EndTxn with no
     /// open transaction, or offsets of a group whose generation moved on).
     InvalidTxnState = 35,
+    /// Fewer in-sync replicas than the topic's `min.insync.replicas`: an `acks=all` write
+    /// cannot be acknowledged (nothing was); retry once replicas are back.
+    NotEnoughReplicas = 36,
+    /// The request names a leader epoch other than the partition's current one (a stale
+    /// leader or follower): refresh metadata.
+    FencedLeaderEpoch = 37,
+    /// Only brokers of the cluster may make this request (a connection with a certificate
+    /// signed by the cluster CA, from a replica of the partition).
+    ClusterAuthorizationFailed = 38,
 }
 
 impl ErrorCode {
@@ -128,6 +137,9 @@ impl ErrorCode {
             33 => PipelinesUnavailable,
             34 => ProducerFenced,
             35 => InvalidTxnState,
+            36 => NotEnoughReplicas,
+            37 => FencedLeaderEpoch,
+            38 => ClusterAuthorizationFailed,
             _ => Internal,
         }
     }
@@ -136,7 +148,11 @@ impl ErrorCode {
     pub fn is_retriable(self) -> bool {
         matches!(
             self,
-            ErrorCode::NotLeader | ErrorCode::RequestTimedOut | ErrorCode::BrokerShuttingDown
+            ErrorCode::NotLeader
+                | ErrorCode::RequestTimedOut
+                | ErrorCode::BrokerShuttingDown
+                | ErrorCode::NotEnoughReplicas
+                | ErrorCode::FencedLeaderEpoch
         )
     }
 }

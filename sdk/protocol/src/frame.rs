@@ -122,6 +122,10 @@ api_keys! {
     EndTxn = 62,
     /// The controller leader and the registered brokers, as this broker sees them.
     DescribeCluster = 70,
+    /// A follower broker fetches a partition's batches from its leader (brokers only).
+    ReplicaFetch = 71,
+    /// A follower asks where its last leader epoch ends in the leader's log (brokers only).
+    OffsetForLeaderEpoch = 72,
 }
 
 /// A decoded frame header.

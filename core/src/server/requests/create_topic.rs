@@ -1,4 +1,5 @@
-//! CreateTopic: validates name, partition count, replication factor and config, then creates.
+//! CreateTopic on a lone broker: validates name, partition count, replication factor and
+//! config, then creates (a cluster broker creates through the controller: `cluster_topics`).
 
 use std::sync::atomic::Ordering;
 
@@ -14,15 +15,12 @@ use crate::server::ServerContext;
 pub fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let (req, _) = decode::<CreateTopicRequest>(&body)?;
     if req.replication_factor > 1 {
-        let why = if ctx.config.cluster.enabled() {
-            "this cluster does not replicate partitions yet: every topic has one replica, on the broker that created it"
-                .to_string()
-        } else {
-            "it is larger than the number of brokers (1)".to_string()
-        };
         return Err(RequestError::new(
             ErrorCode::InvalidConfig,
-            format!("replication factor {}: {why}", req.replication_factor),
+            format!(
+                "replication factor {}: it is larger than the number of brokers (1); run a cluster (`quiver cluster start`) to replicate",
+                req.replication_factor
+            ),
         ));
     }
     if let Some(p) = req

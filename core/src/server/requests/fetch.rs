@@ -17,6 +17,9 @@ const MAX_WAIT_CAP_MS: u32 = 30_000;
 pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let (req, _) = decode::<FetchRequest>(&body)?;
     let (_, log) = ctx.topics.partition(&req.topic, req.partition)?;
+    if let Some(rm) = ctx.replicas() {
+        rm.leader(&req.topic, req.partition)?;
+    }
     let max_bytes = (req.max_bytes as usize).clamp(1, ctx.config.limits.max_frame_bytes as usize);
     let deadline = tokio::time::Instant::now()
         + Duration::from_millis(u64::from(req.max_wait_ms.min(MAX_WAIT_CAP_MS)));

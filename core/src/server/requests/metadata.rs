@@ -5,24 +5,29 @@ use quiver_protocol::requests::{
     BrokerInfo, MetadataRequest, MetadataResponse, PartitionMetadata, TopicMetadata,
 };
 
+use super::describe_topic::placement;
 use super::{decode, Reply, RequestError};
 use crate::server::ServerContext;
 use crate::topic::Topic;
 
 /// The placement of one topic (one broker: it leads every partition).
 pub fn topic_metadata(ctx: &ServerContext, t: &Topic) -> TopicMetadata {
-    let id = ctx.config.broker_id;
+    let name = t.name();
     TopicMetadata {
-        name: t.name(),
+        name: name.clone(),
         partitions: t
             .partitions
             .iter()
-            .map(|p| PartitionMetadata {
-                partition: p.partition,
-                leader: id,
-                leader_epoch: p.snapshot().leader_epoch.max(0) as u32,
-                replicas: vec![id],
-                isr: vec![id],
+            .map(|p| {
+                let (leader, leader_epoch, replicas, isr, _) =
+                    placement(ctx, &name, p.partition, p.snapshot().leader_epoch);
+                PartitionMetadata {
+                    partition: p.partition,
+                    leader,
+                    leader_epoch,
+                    replicas,
+                    isr,
+                }
             })
             .collect(),
         partitioner: t.config().partitioner,
@@ -44,10 +49,21 @@ pub fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
         Some(names) => names.iter().filter_map(|n| ctx.topics.get(n)).collect(),
     };
     Ok(Reply::control(&MetadataResponse {
-        brokers: vec![BrokerInfo {
-            id: ctx.config.broker_id,
-            addr: ctx.config.advertised(),
-        }],
+        brokers: match ctx.replicas() {
+            Some(rm) => rm
+                .view()
+                .brokers
+                .values()
+                .map(|b| BrokerInfo {
+                    id: b.id as u32,
+                    addr: b.addr.clone(),
+                })
+                .collect(),
+            None => vec![BrokerInfo {
+                id: ctx.config.broker_id,
+                addr: ctx.config.advertised(),
+            }],
+        },
         topics: topics.iter().map(|t| topic_metadata(ctx, t)).collect(),
     }))
 }

@@ -2,6 +2,7 @@
 //! against the topic registry and the partition logs, and returns a [`Reply`].
 
 pub mod alter_topic_config;
+pub mod cluster_topics;
 pub mod commit_offsets;
 pub mod create_topic;
 pub mod delete_group;
@@ -24,6 +25,7 @@ pub mod metadata;
 pub mod pipelines;
 pub mod produce;
 pub mod remove_plugin;
+pub mod replica_fetch;
 pub mod reset_offsets;
 pub mod subscribe;
 pub mod transactions;
@@ -100,6 +102,7 @@ request_error_from!(
     PluginServiceError,
     crate::pipelines::PipelineHostError,
     crate::txn::TxnError,
+    crate::replica::ReplicaError,
 );
 
 /// Decodes the request of a handler.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use quiver_protocol::batch::split_batches;
-use quiver_protocol::requests::{ProduceRequest, ProduceResponse};
+use quiver_protocol::requests::{Acks, ProduceRequest, ProduceResponse};
 
 use quiver_protocol::ErrorCode;
 
@@ -20,6 +20,15 @@ pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
     let span = tracing::debug_span!("produce", topic = %req.topic, partition = req.partition, bytes = payload.len());
     let _e = span.enter();
     let (topic, log) = ctx.topics.partition(&req.topic, req.partition)?;
+    // A cluster partition takes writes on its leader only, and acks=all ones only while
+    // its ISR is large enough.
+    let replicas = ctx.replicas();
+    if let Some(rm) = replicas {
+        rm.leader(&req.topic, req.partition)?;
+        if req.acks == Acks::All {
+            rm.check_enough_replicas(&req.topic, req.partition)?;
+        }
+    }
     let config = topic.config();
     let batches = split_batches(&payload, config.max_message_bytes as usize)?;
     let timeout = Duration::from_millis(u64::from(req.timeout_ms.clamp(100, 300_000)));
@@ -48,7 +57,15 @@ pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
                 .await?;
         }
     }
+    let deadline = tokio::time::Instant::now() + timeout;
     let appended = log.append(checked, &config, &ctx.flusher, timeout).await?;
+    if let Some(rm) = replicas {
+        rm.leader_flushed(&log, appended.last_offset + 1);
+        if req.acks == Acks::All {
+            rm.wait_committed(&log, appended.last_offset, deadline)
+                .await?;
+        }
+    }
     let counters = ctx.metrics.topic(&req.topic);
     counters
         .records_in

@@ -33,6 +33,12 @@ pub struct ClusterDescription {
     pub controller_leader: Option<u64>,
     /// Registered brokers, by id.
     pub brokers: Vec<ClusterBrokerInfo>,
+    /// Partitions whose ISR is smaller than their replica set (controller view).
+    pub under_replicated_partitions: u64,
+    /// Partitions with no leader (controller view).
+    pub offline_partitions: u64,
+    /// Partitions whose storage on the answering broker is damaged (see `topic describe`).
+    pub damaged_partitions: u64,
 }
 
 impl Message for DescribeClusterRequest {

@@ -28,6 +28,7 @@ pub mod pipeline;
 pub mod plugin;
 pub mod produce;
 pub mod remove_plugin;
+pub mod replica;
 pub mod reset_offsets;
 pub mod subscribe;
 pub mod transaction;
@@ -42,6 +43,10 @@ pub use metadata::{
     BrokerInfo, MetadataRequest, MetadataResponse, PartitionMetadata, TopicMetadata,
 };
 pub use produce::{Acks, ProduceRequest, ProduceResponse};
+pub use replica::{
+    OffsetForLeaderEpochRequest, OffsetForLeaderEpochResponse, ReplicaFetchRequest,
+    ReplicaFetchResponse,
+};
 pub use subscribe::{SubscribeChunk, SubscribeRequest};
 pub use transaction::{
     EndTxnRequest, EndTxnResponse, InitTransactionsRequest, InitTransactionsResponse,
@@ -116,6 +121,8 @@ macro_rules! with_all_messages {
             TxnCommitOffsets: $crate::requests::TxnCommitOffsetsRequest => $crate::requests::TxnCommitOffsetsResponse,
             EndTxn: $crate::requests::EndTxnRequest => $crate::requests::EndTxnResponse,
             DescribeCluster: $crate::requests::DescribeClusterRequest => $crate::requests::ClusterDescription,
+            ReplicaFetch: $crate::requests::ReplicaFetchRequest => $crate::requests::ReplicaFetchResponse,
+            OffsetForLeaderEpoch: $crate::requests::OffsetForLeaderEpochRequest => $crate::requests::OffsetForLeaderEpochResponse,
         }
     };
 }

@@ -770,12 +770,69 @@ impl Sample for ClusterDescription {
                     epoch: 1_700_000_000_000,
                     fenced: false,
                 }],
+                under_replicated_partitions: 2,
+                offline_partitions: 1,
+                damaged_partitions: 0,
             },
             ClusterDescription {
                 clustered: false,
                 broker: 0,
                 controller_leader: None,
                 brokers: vec![],
+                under_replicated_partitions: 0,
+                offline_partitions: 0,
+                damaged_partitions: 0,
+            },
+        ]
+    }
+}
+
+impl Sample for ReplicaFetchRequest {
+    fn samples() -> Vec<Self> {
+        vec![ReplicaFetchRequest {
+            topic: s("orders"),
+            partition: 5,
+            replica_id: 2,
+            leader_epoch: 7,
+            offset: 1 << 40,
+            max_bytes: 1 << 20,
+            max_wait_ms: 500,
+        }]
+    }
+}
+
+impl Sample for ReplicaFetchResponse {
+    fn samples() -> Vec<Self> {
+        vec![ReplicaFetchResponse {
+            high_watermark: 10,
+            log_start_offset: 0,
+            log_end_offset: 12,
+        }]
+    }
+}
+
+impl Sample for OffsetForLeaderEpochRequest {
+    fn samples() -> Vec<Self> {
+        vec![OffsetForLeaderEpochRequest {
+            topic: s("orders"),
+            partition: 0,
+            replica_id: 3,
+            current_leader_epoch: 4,
+            epoch: 2,
+        }]
+    }
+}
+
+impl Sample for OffsetForLeaderEpochResponse {
+    fn samples() -> Vec<Self> {
+        vec![
+            OffsetForLeaderEpochResponse {
+                epoch: 2,
+                end_offset: 1000,
+            },
+            OffsetForLeaderEpochResponse {
+                epoch: -1,
+                end_offset: -1,
             },
         ]
     }

@@ -1,0 +1,236 @@
+//! What a partition log does for replication, and nothing more: it stores and reads; the
+//! replica layer (`crate::replica`) decides the high watermark, the ISR and who leads.
+//!
+//! - a replicated log's appends do not move its high watermark ([`PartitionLog::set_replicated`]);
+//!   at that switch the high watermark falls back to the checkpoint written before the
+//!   broker stopped (never the log end: what was on disk may never have been committed);
+//! - leader epochs: a new leader records `(epoch, log end)` before it accepts writes
+//!   ([`PartitionLog::become_leader`]); a follower learns epochs from the batches it copies;
+//!   [`PartitionLog::end_offset_for_epoch`] answers a follower's epoch lookup (KIP-101);
+//! - [`PartitionLog::append_replicated`] stores a leader's batch at its own offset, keeping
+//!   its epoch; [`PartitionLog::truncate_to`] drops a divergent suffix.
+
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use quiver_protocol::batch::{self, BatchHeader};
+use quiver_protocol::requests::Isolation;
+
+use super::{
+    ts_key, AppendedBatch, LogError, PartitionLog, ProducerTable, ReadResult, TxnIndex,
+    TIME_INDEX_INTERVAL,
+};
+use crate::log::{key_offset, offset_key};
+
+impl PartitionLog {
+    /// Marks the log as a replica of a cluster partition (idempotent). The high watermark
+    /// drops to the checkpoint taken before this open, if it was above it.
+    pub fn set_replicated(&self) {
+        if self.replicated.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let mut st = self.lock();
+        let hw = st.hw_at_open.min(st.log_end).max(st.log_start);
+        st.high_watermark = hw;
+        drop(st);
+        self.hw.send_replace(hw);
+    }
+
+    /// True for a replica of a cluster partition.
+    pub fn is_replicated(&self) -> bool {
+        self.replicated.load(Ordering::Acquire)
+    }
+
+    /// The epoch of the newest stored batch's leader (`-1` for a log that never had one).
+    pub fn last_epoch(&self) -> i32 {
+        self.lock().epoch_starts.last().map_or(-1, |e| e.0)
+    }
+
+    /// This broker now leads the partition at `epoch`: later batches are stamped with it,
+    /// and the epoch starts at the current log end.
+    pub fn become_leader(&self, epoch: i32) -> Result<(), LogError> {
+        {
+            let mut st = self.lock();
+            st.leader_epoch = epoch;
+            let end = st.log_end;
+            if st.epoch_starts.last().is_none_or(|e| e.0 < epoch) {
+                st.epoch_starts.push((epoch, end));
+            }
+        }
+        self.persist_meta()
+    }
+
+    /// This broker follows the leader of `epoch` (it stamps nothing itself).
+    pub fn become_follower(&self, epoch: i32) -> Result<(), LogError> {
+        self.lock().leader_epoch = epoch;
+        self.persist_meta()
+    }
+
+    /// The largest epoch at or below `epoch` this log has, and where it ends (the start of
+    /// the next epoch, or the log end); `(-1, -1)` when it has none.
+    pub fn end_offset_for_epoch(&self, epoch: i32) -> (i32, i64) {
+        let st = self.lock();
+        let Some(i) = st.epoch_starts.iter().rposition(|e| e.0 <= epoch) else {
+            return (-1, -1);
+        };
+        let end = st
+            .epoch_starts
+            .get(i + 1)
+            .map_or(st.log_end, |next| next.1.min(st.log_end));
+        (st.epoch_starts[i].0, end)
+    }
+
+    /// Reads whole batches from `offset` up to the log end (a follower's fetch; the high
+    /// watermark does not bound it).
+    pub fn read_to_log_end(&self, offset: i64, max_bytes: usize) -> Result<ReadResult, LogError> {
+        let snapshot = self.snapshot();
+        if offset < snapshot.log_start || offset > snapshot.log_end {
+            return Err(LogError::OffsetOutOfRange {
+                offset,
+                start: snapshot.log_start,
+                end: snapshot.log_end,
+            });
+        }
+        self.read_below(
+            offset,
+            max_bytes,
+            snapshot.log_end,
+            snapshot,
+            Isolation::ReadUncommitted,
+        )
+    }
+
+    /// Stores a batch copied from the leader at its own base offset, which must be this
+    /// log's end, keeping its leader epoch.
+    pub fn append_replicated(&self, raw: &Bytes) -> Result<(), LogError> {
+        self.check_alive()?;
+        let h = batch::check_crc(raw)?;
+        let mut st = self.lock();
+        if h.base_offset != st.log_end {
+            return Err(LogError::Corrupt {
+                offset: h.base_offset,
+                reason: format!(
+                    "a replicated batch starts at offset {} but this replica's log ends at {}",
+                    h.base_offset, st.log_end
+                ),
+            });
+        }
+        if st.epoch_starts.last().is_none_or(|e| e.0 < h.leader_epoch) {
+            st.epoch_starts.push((h.leader_epoch, h.base_offset));
+        }
+        self.batches
+            .insert(&offset_key(h.base_offset), raw.to_vec())?;
+        if st.bytes_since_index >= TIME_INDEX_INTERVAL {
+            self.time_index.insert(
+                &ts_key(st.running_max_ts),
+                offset_key(h.base_offset).to_vec(),
+            )?;
+            st.bytes_since_index = 0;
+        }
+        st.bytes_since_index += raw.len() as u64;
+        st.running_max_ts = st.running_max_ts.max(h.max_timestamp);
+        let st = &mut *st;
+        observe(&mut st.producers, &mut st.txns, &h, raw);
+        st.log_end = h.next_offset();
+        st.size_bytes += raw.len() as u64;
+        Ok(())
+    }
+
+    /// Drops every batch at or after `offset` (a batch holding `offset` goes whole), rebuilds
+    /// the producer and transaction state from what remains, and returns the new log end.
+    pub fn truncate_to(&self, offset: i64) -> Result<i64, LogError> {
+        let mut st = self.lock();
+        if offset >= st.log_end {
+            return Ok(st.log_end);
+        }
+        let from = match self.batches.range_through(&offset_key(offset)).next_back() {
+            Some(item) => {
+                let (k, v) = item?;
+                if BatchHeader::parse(&v)?.next_offset() > offset {
+                    key_offset(&k)
+                } else {
+                    offset
+                }
+            }
+            None => offset,
+        };
+        let doomed: Vec<_> = self
+            .batches
+            .range_from(&offset_key(from))
+            .collect::<Result<_, _>>()?;
+        let dropped = doomed.len();
+        for (k, _) in doomed {
+            self.batches.remove(&k)?;
+        }
+        let stale: Vec<_> = self
+            .time_index
+            .iter()
+            .filter_map(|item| item.ok())
+            .filter(|(_, v)| key_offset(v) >= from)
+            .map(|(k, _)| k)
+            .collect();
+        for k in stale {
+            self.time_index.remove(&k)?;
+        }
+        let new_end = from.max(st.log_start);
+        let (mut producers, mut txns, mut size) =
+            (ProducerTable::default(), TxnIndex::default(), 0u64);
+        for item in self.batches.iter() {
+            let (_, v) = item?;
+            size += v.len() as u64;
+            let raw = Bytes::copy_from_slice(&v);
+            if let Ok(h) = BatchHeader::parse(&raw) {
+                observe(&mut producers, &mut txns, &h, &raw);
+            }
+        }
+        st.producers = producers;
+        st.txns = txns;
+        st.size_bytes = size;
+        st.epoch_starts.retain(|e| e.1 < new_end);
+        st.log_end = new_end;
+        st.high_watermark = st.high_watermark.min(new_end);
+        let hw = st.high_watermark;
+        drop(st);
+        self.hw.send_replace(hw);
+        self.persist_meta()?;
+        tracing::warn!(topic = %self.topic, partition = self.partition, log_end = new_end, batches = dropped, "truncated a divergent suffix");
+        Ok(new_end)
+    }
+
+    /// Drops everything and starts the log empty at `offset` (a follower that fell behind
+    /// the leader's log start).
+    pub fn reset_to(&self, offset: i64) -> Result<(), LogError> {
+        self.batches.clear()?;
+        self.time_index.clear()?;
+        {
+            let mut st = self.lock();
+            st.producers = ProducerTable::default();
+            st.txns = TxnIndex::default();
+            st.size_bytes = 0;
+            st.epoch_starts.clear();
+            st.log_start = offset;
+            st.log_end = offset;
+            st.high_watermark = offset;
+        }
+        self.hw.send_replace(offset);
+        self.persist_meta()
+    }
+}
+
+/// Records a stored batch's producer sequence and transaction state.
+fn observe(producers: &mut ProducerTable, txns: &mut TxnIndex, h: &BatchHeader, raw: &Bytes) {
+    producers.record(
+        h.producer_id,
+        h.producer_epoch,
+        AppendedBatch {
+            first_seq: h.base_sequence,
+            last_seq: h.base_sequence.wrapping_add(h.record_count - 1),
+            base_offset: h.base_offset,
+            last_offset: h.last_offset(),
+        },
+    );
+    if h.is_transactional() {
+        let marker = h.is_control().then(|| batch::marker_of(raw)).flatten();
+        txns.observe(h, marker);
+    }
+}

@@ -1,0 +1,204 @@
+//! The fetch loop of one follower partition.
+//!
+//! Before fetching under a leader epoch it asks the leader where its own last epoch ends
+//! and truncates any suffix the leader does not have (repeating until the answer is its own
+//! last epoch, as KIP-279 does); then it long-polls the leader from its log end, appends the
+//! batches byte for byte, waits for them to be flushed (its next fetch offset tells the
+//! leader they are durable here) and takes the leader's high watermark, capped at its own
+//! log end. It stops when told to (the role changed) and never decides anything itself: on
+//! errors it waits and tries again until the metadata moves on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use quiver_protocol::batch::split_batches;
+use quiver_protocol::requests::{OffsetForLeaderEpochRequest, ReplicaFetchRequest};
+use quiver_protocol::ErrorCode;
+use tokio::sync::watch;
+
+use super::peers::PeerClients;
+use crate::cluster::BrokerId;
+use crate::log::{Flusher, PartitionLog};
+
+/// Largest payload asked for in one fetch.
+const FETCH_MAX_BYTES: u32 = 4 * 1024 * 1024;
+/// How long the leader may hold a fetch that has nothing new.
+const FETCH_MAX_WAIT_MS: u32 = 500;
+/// Pause after a failed exchange with the leader.
+const RETRY_DELAY: Duration = Duration::from_millis(200);
+
+/// What one follower partition copies from whom.
+pub struct FollowTarget {
+    /// This broker.
+    pub me: BrokerId,
+    /// The leader and its address.
+    pub leader: BrokerId,
+    pub leader_addr: String,
+    /// The controller's leader epoch of that leadership.
+    pub leader_epoch: u64,
+}
+
+/// Copies the leader's log into `log` until `stop` turns true.
+pub async fn follow(
+    log: Arc<PartitionLog>,
+    target: FollowTarget,
+    peers: Arc<PeerClients>,
+    flusher: Arc<Flusher>,
+    max_batch_bytes: usize,
+    mut stop: watch::Receiver<bool>,
+) {
+    let span = tracing::info_span!("follow", topic = %log.topic, partition = log.partition, leader = target.leader, epoch = target.leader_epoch);
+    let _e = span.enter();
+    drop(_e);
+    let mut truncated = false;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let step = if truncated {
+            fetch_once(&log, &target, &peers, &flusher, max_batch_bytes).await
+        } else {
+            truncate_to_leader(&log, &target, &peers)
+                .await
+                .map(|()| truncated = true)
+        };
+        if let Err(e) = step {
+            match e {
+                Step::Diverged => truncated = false,
+                Step::Retry(reason) => {
+                    tracing::debug!(parent: &span, %reason, "replica fetch failed; retrying");
+                    if e_is_conn(&reason) {
+                        peers.forget(target.leader);
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(RETRY_DELAY) => {}
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn e_is_conn(reason: &str) -> bool {
+    reason.contains("connect") || reason.contains("transport")
+}
+
+enum Step {
+    /// The log may hold a suffix the leader does not: look up the epoch again.
+    Diverged,
+    /// Try again after a pause.
+    Retry(String),
+}
+
+/// Truncates the suffix of `log` that the leader's log does not share.
+async fn truncate_to_leader(
+    log: &Arc<PartitionLog>,
+    target: &FollowTarget,
+    peers: &PeerClients,
+) -> Result<(), Step> {
+    let client = peers
+        .get(target.leader, &target.leader_addr)
+        .await
+        .map_err(|e| Step::Retry(format!("connect: {e}")))?;
+    for _ in 0..64 {
+        let epoch = log.last_epoch();
+        let log_end = log.snapshot().log_end;
+        if epoch < 0 || log_end == log.snapshot().log_start {
+            return Ok(());
+        }
+        let (answer, _) = client
+            .request(
+                &OffsetForLeaderEpochRequest {
+                    topic: log.topic.clone(),
+                    partition: log.partition,
+                    replica_id: target.me as u32,
+                    current_leader_epoch: target.leader_epoch,
+                    epoch,
+                },
+                Bytes::new(),
+            )
+            .await
+            .map_err(|e| Step::Retry(format!("transport: epoch lookup: {e}")))?;
+        let end = if answer.epoch < 0 {
+            log.snapshot().log_start
+        } else {
+            answer.end_offset
+        };
+        if end < log_end {
+            log.truncate_to(end)
+                .map_err(|e| Step::Retry(format!("truncate: {e}")))?;
+        }
+        if answer.epoch == epoch || end >= log_end {
+            return Ok(());
+        }
+    }
+    Err(Step::Retry("epoch lookup did not converge".into()))
+}
+
+/// One fetch: append what the leader sent, flush, take its high watermark.
+async fn fetch_once(
+    log: &Arc<PartitionLog>,
+    target: &FollowTarget,
+    peers: &PeerClients,
+    flusher: &Flusher,
+    max_batch_bytes: usize,
+) -> Result<(), Step> {
+    let client = peers
+        .get(target.leader, &target.leader_addr)
+        .await
+        .map_err(|e| Step::Retry(format!("connect: {e}")))?;
+    let offset = log.snapshot().log_end;
+    let req = ReplicaFetchRequest {
+        topic: log.topic.clone(),
+        partition: log.partition,
+        replica_id: target.me as u32,
+        leader_epoch: target.leader_epoch,
+        offset,
+        max_bytes: FETCH_MAX_BYTES,
+        max_wait_ms: FETCH_MAX_WAIT_MS,
+    };
+    let timeout = Duration::from_millis(u64::from(FETCH_MAX_WAIT_MS)) + Duration::from_secs(10);
+    let (resp, payload) = match client
+        .request_with_timeout(&req, Bytes::new(), timeout)
+        .await
+    {
+        Ok(r) => r,
+        // Beyond the leader's log end: this log has a suffix the leader does not.
+        Err(e) if e.code() == Some(ErrorCode::OffsetOutOfRange) => return Err(Step::Diverged),
+        Err(e) => return Err(Step::Retry(format!("transport: fetch: {e}"))),
+    };
+    if offset < resp.log_start_offset {
+        tracing::warn!(
+            log_end = offset,
+            leader_start = resp.log_start_offset,
+            "behind the leader's log start; starting over there"
+        );
+        return log
+            .reset_to(resp.log_start_offset)
+            .map_err(|e| Step::Retry(format!("reset: {e}")));
+    }
+    if !payload.is_empty() {
+        let batches = split_batches(&payload, max_batch_bytes)
+            .map_err(|e| Step::Retry(format!("the leader sent malformed batches: {e}")))?;
+        let log2 = log.clone();
+        let appended = crate::log::partition::blocking(move || {
+            for b in &batches {
+                log2.append_replicated(b)?;
+            }
+            Ok::<_, crate::log::LogError>(())
+        })
+        .await
+        .map_err(|e| Step::Retry(e.to_string()))?;
+        if let Err(e) = appended {
+            // A batch that does not continue this log: the logs diverged.
+            tracing::warn!(error = %e, "a replicated batch does not fit this log; looking up the leader's epochs again");
+            return Err(Step::Diverged);
+        }
+        let ticket = flusher.ticket();
+        flusher.wait(ticket).await;
+    }
+    log.advance_high_watermark(resp.high_watermark);
+    Ok(())
+}

@@ -1,0 +1,263 @@
+//! [`LeaderState`]: what the leader of one partition decides about its replicas, as a pure
+//! function of what it is told (its own flushed log end, each follower's fetch position,
+//! and `now`). No clock, disk or network here, so every rule is unit-tested directly.
+//!
+//! Rules (Kafka's ISR model):
+//! - the high watermark is the smallest flushed log end among the ISR, and it only moves
+//!   while the ISR has at least `min.insync.replicas` members;
+//! - a follower is caught up at a fetch that asks for the leader's log end (or beyond); one
+//!   not caught up for `replica.lag.max.ms` leaves the ISR;
+//! - a follower outside the ISR rejoins once its log end reaches the high watermark and the
+//!   start of the current leader epoch.
+
+use std::collections::BTreeMap;
+
+use crate::cluster::{BrokerId, PartitionRecord};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FollowerPosition {
+    /// The follower's flushed log end (its last fetch offset); `None` before its first fetch.
+    end: Option<i64>,
+    /// The last time (ms) it fetched at or beyond the leader's log end.
+    caught_up_ms: i64,
+}
+
+/// The leader's view of one partition's replicas.
+#[derive(Debug, Clone)]
+pub struct LeaderState {
+    me: BrokerId,
+    /// The controller's leader epoch this leadership belongs to.
+    pub leader_epoch: u64,
+    /// The controller's partition epoch of the ISR below.
+    pub partition_epoch: u64,
+    /// All replicas.
+    pub replicas: Vec<BrokerId>,
+    /// The in-sync replicas as the controller last recorded them.
+    pub isr: Vec<BrokerId>,
+    min_isr: usize,
+    /// The log end at which this leader's epoch starts.
+    epoch_start: i64,
+    /// The leader's own flushed log end.
+    leader_end: i64,
+    followers: BTreeMap<BrokerId, FollowerPosition>,
+}
+
+impl LeaderState {
+    /// A new leadership of `record` by broker `me`, whose log ends (flushed) at `log_end`.
+    pub fn new(
+        me: BrokerId,
+        record: &PartitionRecord,
+        min_isr: u32,
+        log_end: i64,
+        now_ms: i64,
+    ) -> Self {
+        let followers = record
+            .replicas
+            .iter()
+            .filter(|r| **r != me)
+            .map(|r| {
+                (
+                    *r,
+                    FollowerPosition {
+                        end: None,
+                        caught_up_ms: now_ms,
+                    },
+                )
+            })
+            .collect();
+        LeaderState {
+            me,
+            leader_epoch: record.leader_epoch,
+            partition_epoch: record.partition_epoch,
+            replicas: record.replicas.clone(),
+            isr: record.isr.clone(),
+            min_isr: min_isr.max(1) as usize,
+            epoch_start: log_end,
+            leader_end: log_end,
+            followers,
+        }
+    }
+
+    /// The controller accepted a change of the ISR (same leader epoch) or the topic's
+    /// `min.insync.replicas` changed.
+    pub fn update(&mut self, record: &PartitionRecord, min_isr: u32, now_ms: i64) {
+        self.partition_epoch = record.partition_epoch;
+        self.isr = record.isr.clone();
+        self.min_isr = min_isr.max(1) as usize;
+        for r in &record.replicas {
+            if *r != self.me {
+                self.followers.entry(*r).or_insert(FollowerPosition {
+                    end: None,
+                    caught_up_ms: now_ms,
+                });
+            }
+        }
+        self.followers.retain(|id, _| record.replicas.contains(id));
+        self.replicas = record.replicas.clone();
+    }
+
+    /// The leader flushed its log up to `end`.
+    pub fn leader_flushed(&mut self, end: i64) {
+        self.leader_end = self.leader_end.max(end);
+    }
+
+    /// Follower `id` fetched from `offset` (everything below is flushed on it) while the
+    /// leader's log ended at `leader_log_end`. False for a broker that is not a replica.
+    pub fn follower_fetched(
+        &mut self,
+        id: BrokerId,
+        offset: i64,
+        leader_log_end: i64,
+        now_ms: i64,
+    ) -> bool {
+        let Some(f) = self.followers.get_mut(&id) else {
+            return false;
+        };
+        f.end = Some(offset);
+        if offset >= leader_log_end {
+            f.caught_up_ms = now_ms;
+        }
+        true
+    }
+
+    /// True when the ISR is large enough for `acks=all` writes.
+    pub fn enough_replicas(&self) -> bool {
+        self.isr.len() >= self.min_isr
+    }
+
+    /// How many in-sync replicas there are and how many are needed.
+    pub fn isr_size(&self) -> (usize, usize) {
+        (self.isr.len(), self.min_isr)
+    }
+
+    /// The high watermark the ISR allows now; `None` while the ISR is too small or a member
+    /// has not reported its position yet.
+    pub fn high_watermark(&self) -> Option<i64> {
+        if !self.enough_replicas() {
+            return None;
+        }
+        let mut hw = self.leader_end;
+        for id in &self.isr {
+            if *id == self.me {
+                continue;
+            }
+            hw = hw.min(self.followers.get(id)?.end?);
+        }
+        Some(hw)
+    }
+
+    /// The ISR this leader should propose now, if it differs from the recorded one:
+    /// lagging followers out, caught-up ones in. `hw` is the current high watermark.
+    pub fn wanted_isr(&self, now_ms: i64, hw: i64, lag_max_ms: i64) -> Option<Vec<BrokerId>> {
+        let mut isr: Vec<BrokerId> = self
+            .isr
+            .iter()
+            .copied()
+            .filter(|id| {
+                *id == self.me
+                    || self
+                        .followers
+                        .get(id)
+                        .is_some_and(|f| now_ms - f.caught_up_ms <= lag_max_ms)
+            })
+            .collect();
+        if !isr.contains(&self.me) {
+            isr.insert(0, self.me);
+        }
+        for (id, f) in &self.followers {
+            let caught_up = f
+                .end
+                .is_some_and(|end| end >= hw && end >= self.epoch_start);
+            if !isr.contains(id) && caught_up && now_ms - f.caught_up_ms <= lag_max_ms {
+                isr.push(*id);
+            }
+        }
+        let mut sorted_new = isr.clone();
+        sorted_new.sort_unstable();
+        let mut sorted_old = self.isr.clone();
+        sorted_old.sort_unstable();
+        (sorted_new != sorted_old).then_some(isr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(replicas: &[u64], isr: &[u64]) -> PartitionRecord {
+        PartitionRecord {
+            replicas: replicas.to_vec(),
+            leader: Some(replicas[0]),
+            leader_epoch: 1,
+            partition_epoch: 1,
+            isr: isr.to_vec(),
+        }
+    }
+
+    #[test]
+    fn high_watermark_is_the_smallest_flushed_end_in_the_isr() {
+        let mut l = LeaderState::new(1, &record(&[1, 2, 3], &[1, 2, 3]), 1, 0, 0);
+        l.leader_flushed(100);
+        assert_eq!(l.high_watermark(), None, "followers have not reported yet");
+        l.follower_fetched(2, 80, 100, 10);
+        assert_eq!(l.high_watermark(), None);
+        l.follower_fetched(3, 60, 100, 10);
+        assert_eq!(l.high_watermark(), Some(60));
+        l.follower_fetched(3, 100, 100, 20);
+        assert_eq!(l.high_watermark(), Some(80));
+        l.follower_fetched(2, 120, 100, 20);
+        assert_eq!(
+            l.high_watermark(),
+            Some(100),
+            "never above the leader's own flushed end"
+        );
+        assert!(!l.follower_fetched(9, 1, 100, 20), "not a replica");
+    }
+
+    #[test]
+    fn the_high_watermark_holds_while_the_isr_is_below_min_insync() {
+        let mut l = LeaderState::new(1, &record(&[1, 2, 3], &[1]), 2, 0, 0);
+        l.leader_flushed(50);
+        assert!(!l.enough_replicas());
+        assert_eq!(l.high_watermark(), None);
+        let mut r = record(&[1, 2, 3], &[1, 2]);
+        r.partition_epoch = 2;
+        l.update(&r, 2, 0);
+        l.follower_fetched(2, 50, 50, 5);
+        assert_eq!(l.high_watermark(), Some(50));
+        assert_eq!(l.partition_epoch, 2);
+    }
+
+    #[test]
+    fn lagging_followers_leave_and_caught_up_ones_rejoin() {
+        let mut l = LeaderState::new(1, &record(&[1, 2, 3], &[1, 2, 3]), 1, 0, 0);
+        l.leader_flushed(100);
+        l.follower_fetched(2, 100, 100, 1_000);
+        l.follower_fetched(3, 40, 100, 1_000);
+        assert_eq!(
+            l.wanted_isr(5_000, 40, 10_000),
+            None,
+            "within the lag limit"
+        );
+        // Broker 3 keeps fetching but never reaches the log end for longer than the limit.
+        l.follower_fetched(2, 100, 100, 11_500);
+        l.follower_fetched(3, 70, 100, 11_500);
+        assert_eq!(l.wanted_isr(11_500, 70, 10_000), Some(vec![1, 2]));
+        l.update(&record(&[1, 2, 3], &[1, 2]), 1, 11_500);
+        assert_eq!(l.high_watermark(), Some(100), "the ISR {{1, 2}} is at 100");
+        // Broker 3 catches up: it rejoins.
+        l.follower_fetched(3, 100, 100, 12_000);
+        assert_eq!(l.wanted_isr(12_000, 100, 10_000), Some(vec![1, 2, 3]));
+    }
+
+    #[test]
+    fn a_follower_rejoins_only_past_the_epoch_start() {
+        let mut l = LeaderState::new(1, &record(&[1, 2], &[1]), 1, 500, 0);
+        l.leader_flushed(500);
+        // At the high watermark but below where this leader's epoch began.
+        l.follower_fetched(2, 400, 500, 0);
+        assert_eq!(l.wanted_isr(0, 400, 10_000), None);
+        l.follower_fetched(2, 500, 500, 1);
+        assert_eq!(l.wanted_isr(1, 500, 10_000), Some(vec![1, 2]));
+    }
+}

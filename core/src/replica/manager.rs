@@ -1,0 +1,527 @@
+//! [`ReplicaManager`]: a cluster broker acting on the controller's metadata.
+//!
+//! Every [`RECONCILE_INTERVAL`] it reads the metadata this broker applied and makes the
+//! broker match it: its copies of the controller's topics exist (and local topics the
+//! controller no longer has go), and every partition it holds a replica of has the right
+//! role — leader (its log records the new epoch first, see
+//! [`PartitionLog::become_leader`]) or follower (a [`follow`] task copying from the
+//! leader). As leader it keeps each partition's [`LeaderState`], moves the high watermark
+//! when the ISR's positions allow, and proposes ISR changes to the controller with the
+//! partition epoch it saw (Kafka's AlterPartition). Nothing is done before the metadata
+//! holds this process's own registration: until then this broker's copy may be behind.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::follower::{follow, FollowTarget};
+use super::leader::LeaderState;
+use super::peers::PeerClients;
+use crate::cluster::{BrokerId, Controller, ControllerCommand, ControllerState, PartitionRecord};
+use crate::log::{Flusher, PartitionLog};
+use crate::topic::{is_internal, TopicRegistry};
+use quiver_protocol::ErrorCode;
+
+/// How often the broker applies the controller's metadata.
+pub const RECONCILE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Why a replication request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error("broker {me} is not the leader of {topic}/{partition} (the leader is {leader}); refresh metadata and retry there")]
+    NotLeader {
+        me: BrokerId,
+        topic: String,
+        partition: u32,
+        leader: String,
+    },
+    #[error("{topic}/{partition} is at leader epoch {current}, not {given}")]
+    FencedLeaderEpoch {
+        topic: String,
+        partition: u32,
+        current: u64,
+        given: u64,
+    },
+    #[error("{topic}/{partition} has {isr} in-sync replicas, fewer than min.insync.replicas = {min}: an acks=all write cannot be acknowledged (nothing was written); retry when replicas are back")]
+    NotEnoughReplicas {
+        topic: String,
+        partition: u32,
+        isr: usize,
+        min: usize,
+    },
+    #[error("broker {broker} holds no replica of {topic}/{partition}")]
+    NotReplica {
+        broker: BrokerId,
+        topic: String,
+        partition: u32,
+    },
+    #[error("{0}")]
+    Timeout(String),
+}
+
+impl ReplicaError {
+    /// The wire code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ReplicaError::NotLeader { .. } => ErrorCode::NotLeader,
+            ReplicaError::FencedLeaderEpoch { .. } => ErrorCode::FencedLeaderEpoch,
+            ReplicaError::NotEnoughReplicas { .. } => ErrorCode::NotEnoughReplicas,
+            ReplicaError::NotReplica { .. } => ErrorCode::ClusterAuthorizationFailed,
+            ReplicaError::Timeout(_) => ErrorCode::RequestTimedOut,
+        }
+    }
+}
+
+enum Role {
+    Leader {
+        epoch: u64,
+        state: Arc<Mutex<LeaderState>>,
+    },
+    Follower {
+        leader: BrokerId,
+        epoch: u64,
+        stop: watch::Sender<bool>,
+    },
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        if let Role::Follower { stop, .. } = self {
+            let _ = stop.send(true);
+        }
+    }
+}
+
+type PartitionKey = (String, u32);
+
+/// What a [`ReplicaManager`] needs from its broker.
+pub struct ReplicaSetup {
+    /// This broker's id and the epoch it registered with.
+    pub me: BrokerId,
+    pub registered_epoch: u64,
+    pub topics: Arc<TopicRegistry>,
+    pub flusher: Arc<Flusher>,
+    pub controller: Arc<Controller>,
+    pub peers: PeerClients,
+    /// `replica.lag.max.ms`.
+    pub lag_max_ms: i64,
+    /// Largest batch a follower accepts from its leader.
+    pub max_batch_bytes: usize,
+}
+
+/// A cluster broker's replicas: see the module documentation.
+pub struct ReplicaManager {
+    me: BrokerId,
+    registered_epoch: u64,
+    topics: Arc<TopicRegistry>,
+    flusher: Arc<Flusher>,
+    controller: Arc<Controller>,
+    peers: Arc<PeerClients>,
+    lag_max_ms: i64,
+    max_batch_bytes: usize,
+    view: RwLock<Arc<ControllerState>>,
+    ready: AtomicBool,
+    roles: Mutex<HashMap<PartitionKey, Role>>,
+    proposing: Arc<Mutex<HashSet<PartitionKey>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl ReplicaManager {
+    /// Starts applying the controller's metadata until `stop`.
+    pub fn start(setup: ReplicaSetup, stop: watch::Receiver<bool>) -> Arc<ReplicaManager> {
+        let rm = Arc::new(ReplicaManager {
+            me: setup.me,
+            registered_epoch: setup.registered_epoch,
+            topics: setup.topics,
+            flusher: setup.flusher,
+            controller: setup.controller,
+            peers: Arc::new(setup.peers),
+            lag_max_ms: setup.lag_max_ms,
+            max_batch_bytes: setup.max_batch_bytes,
+            view: RwLock::new(Arc::new(ControllerState::default())),
+            ready: AtomicBool::new(false),
+            roles: Mutex::new(HashMap::new()),
+            proposing: Arc::default(),
+        });
+        tokio::spawn(rm.clone().run(stop));
+        rm
+    }
+
+    async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
+                _ = stop.wait_for(|s| *s) => break,
+            }
+            self.reconcile().await;
+        }
+        lock(&self.roles).clear();
+    }
+
+    /// The controller's metadata as this broker last applied it.
+    pub fn view(&self) -> Arc<ControllerState> {
+        self.view.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// True once this broker acts on metadata that includes its own registration.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// This broker's id.
+    pub fn id(&self) -> BrokerId {
+        self.me
+    }
+
+    /// The controller (to propose topic changes).
+    pub fn controller(&self) -> &Arc<Controller> {
+        &self.controller
+    }
+
+    fn not_leader(&self, topic: &str, partition: u32) -> ReplicaError {
+        let leader = self
+            .view()
+            .partition(topic, partition)
+            .map(|p| match p.leader {
+                Some(l) => format!("broker {l}"),
+                None => "none: the partition is offline".to_string(),
+            })
+            .unwrap_or_else(|| "unknown".into());
+        ReplicaError::NotLeader {
+            me: self.me,
+            topic: topic.to_string(),
+            partition,
+            leader,
+        }
+    }
+
+    /// This broker's leadership of the partition, or `NotLeader`.
+    pub fn leader(
+        &self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<Arc<Mutex<LeaderState>>, ReplicaError> {
+        match lock(&self.roles).get(&(topic.to_string(), partition)) {
+            Some(Role::Leader { state, .. }) => Ok(state.clone()),
+            _ => Err(self.not_leader(topic, partition)),
+        }
+    }
+
+    /// Checks that this broker leads the partition at `epoch`.
+    pub fn check_leader_epoch(
+        &self,
+        topic: &str,
+        partition: u32,
+        epoch: u64,
+    ) -> Result<(), ReplicaError> {
+        match lock(&self.roles).get(&(topic.to_string(), partition)) {
+            Some(Role::Leader { epoch: e, .. }) if *e == epoch => Ok(()),
+            Some(Role::Leader { epoch: e, .. }) => Err(ReplicaError::FencedLeaderEpoch {
+                topic: topic.to_string(),
+                partition,
+                current: *e,
+                given: epoch,
+            }),
+            _ => Err(self.not_leader(topic, partition)),
+        }
+    }
+
+    /// Refuses an `acks=all` write while the ISR is below `min.insync.replicas`.
+    pub fn check_enough_replicas(&self, topic: &str, partition: u32) -> Result<(), ReplicaError> {
+        let leader = self.leader(topic, partition)?;
+        let st = lock(&leader);
+        let (isr, min) = st.isr_size();
+        if isr < min {
+            return Err(ReplicaError::NotEnoughReplicas {
+                topic: topic.to_string(),
+                partition,
+                isr,
+                min,
+            });
+        }
+        Ok(())
+    }
+
+    /// The leader flushed its log up to `end`: the high watermark may move.
+    pub fn leader_flushed(&self, log: &PartitionLog, end: i64) {
+        if let Ok(state) = self.leader(&log.topic, log.partition) {
+            let mut st = lock(&state);
+            st.leader_flushed(end);
+            if let Some(hw) = st.high_watermark() {
+                log.advance_high_watermark(hw);
+            }
+        }
+    }
+
+    /// Follower `replica` fetches from `offset` at leader epoch `epoch`.
+    pub fn follower_fetched(
+        &self,
+        log: &PartitionLog,
+        replica: BrokerId,
+        epoch: u64,
+        offset: i64,
+    ) -> Result<(), ReplicaError> {
+        self.check_leader_epoch(&log.topic, log.partition, epoch)?;
+        let state = self.leader(&log.topic, log.partition)?;
+        let mut st = lock(&state);
+        let log_end = log.snapshot().log_end;
+        if !st.follower_fetched(replica, offset, log_end, crate::clock::now_ms()) {
+            return Err(ReplicaError::NotReplica {
+                broker: replica,
+                topic: log.topic.clone(),
+                partition: log.partition,
+            });
+        }
+        if let Some(hw) = st.high_watermark() {
+            log.advance_high_watermark(hw);
+        }
+        Ok(())
+    }
+
+    /// Waits until the high watermark passes `last_offset` (an `acks=all` write), failing
+    /// at once when this broker stops leading or the ISR falls below its minimum.
+    pub async fn wait_committed(
+        &self,
+        log: &PartitionLog,
+        last_offset: i64,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), ReplicaError> {
+        let epoch = match lock(&self.roles).get(&(log.topic.clone(), log.partition)) {
+            Some(Role::Leader { epoch, .. }) => *epoch,
+            _ => return Err(self.not_leader(&log.topic, log.partition)),
+        };
+        loop {
+            if log.snapshot().high_watermark > last_offset {
+                return Ok(());
+            }
+            self.check_leader_epoch(&log.topic, log.partition, epoch)
+                .map_err(|_| self.not_leader(&log.topic, log.partition))?;
+            self.check_enough_replicas(&log.topic, log.partition)?;
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(ReplicaError::Timeout(format!(
+                    "the in-sync replicas of {}/{} did not confirm offset {last_offset} in time",
+                    log.topic, log.partition
+                )));
+            }
+            log.wait_beyond(last_offset, deadline.min(now + Duration::from_millis(100)))
+                .await;
+        }
+    }
+
+    /// One pass: make this broker match the controller's metadata.
+    async fn reconcile(self: &Arc<Self>) {
+        let state = self.controller.state().await;
+        let ready = state
+            .broker(self.me)
+            .is_some_and(|b| b.broker_epoch == self.registered_epoch);
+        let state = Arc::new(state);
+        *self.view.write().unwrap_or_else(|p| p.into_inner()) = state.clone();
+        if !ready {
+            return;
+        }
+        self.ready.store(true, Ordering::Release);
+        let this = self.clone();
+        let st2 = state.clone();
+        let synced = tokio::task::spawn_blocking(move || this.sync_topics(&st2)).await;
+        if let Ok(Err(e)) = synced {
+            tracing::warn!(error = %e, "cannot apply the controller's topics");
+        }
+        self.sync_roles(&state);
+        self.check_isr(&state);
+    }
+
+    /// Creates, replaces and deletes local topics to match the controller's.
+    fn sync_topics(&self, state: &ControllerState) -> Result<(), crate::topic::TopicError> {
+        for t in state.topics.values() {
+            self.topics.ensure_replica(
+                &t.name,
+                t.partitions.len() as u32,
+                &t.config,
+                t.topic_id,
+            )?;
+        }
+        for local in self.topics.list() {
+            let name = local.name();
+            if !is_internal(&name) && state.topic(&name).is_none() {
+                tracing::info!(topic = %name, "the controller has no such topic; deleting the local copy");
+                self.topics.delete(&name)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the right role for every partition this broker holds a replica of.
+    fn sync_roles(&self, state: &ControllerState) {
+        let now = crate::clock::now_ms();
+        let mut roles = lock(&self.roles);
+        let mut seen = HashSet::new();
+        for t in state.topics.values() {
+            let Some(local) = self.topics.get(&t.name) else {
+                continue;
+            };
+            for (i, p) in t.partitions.iter().enumerate() {
+                if !p.replicas.contains(&self.me) {
+                    continue;
+                }
+                let Some(log) = local.partitions.get(i) else {
+                    continue;
+                };
+                let key = (t.name.clone(), i as u32);
+                seen.insert(key.clone());
+                log.set_replicated();
+                let min_isr = local.config().min_insync_replicas;
+                match p.leader {
+                    Some(l) if l == self.me => {
+                        if let Some(Role::Leader { epoch, state }) = roles.get(&key) {
+                            if *epoch == p.leader_epoch {
+                                lock(state).update(p, min_isr, now);
+                                continue;
+                            }
+                        }
+                        if let Err(e) = log.become_leader(p.leader_epoch as i32) {
+                            tracing::error!(topic = %t.name, partition = i, error = %e, "cannot take leadership");
+                            continue;
+                        }
+                        let end = log.snapshot().log_end;
+                        tracing::info!(topic = %t.name, partition = i, epoch = p.leader_epoch, log_end = end, isr = ?p.isr, "leading");
+                        roles.insert(
+                            key,
+                            Role::Leader {
+                                epoch: p.leader_epoch,
+                                state: Arc::new(Mutex::new(LeaderState::new(
+                                    self.me, p, min_isr, end, now,
+                                ))),
+                            },
+                        );
+                    }
+                    Some(l) => {
+                        if let Some(Role::Follower { leader, epoch, .. }) = roles.get(&key) {
+                            if *leader == l && *epoch == p.leader_epoch {
+                                continue;
+                            }
+                        }
+                        let Some(addr) = state.broker(l).map(|b| b.addr.clone()) else {
+                            continue;
+                        };
+                        roles.remove(&key);
+                        if let Err(e) = log.become_follower(p.leader_epoch as i32) {
+                            tracing::error!(topic = %t.name, partition = i, error = %e, "cannot follow");
+                            continue;
+                        }
+                        tracing::info!(topic = %t.name, partition = i, leader = l, epoch = p.leader_epoch, "following");
+                        let (stop_tx, stop_rx) = watch::channel(false);
+                        tokio::spawn(follow(
+                            log.clone(),
+                            FollowTarget {
+                                me: self.me,
+                                leader: l,
+                                leader_addr: addr,
+                                leader_epoch: p.leader_epoch,
+                            },
+                            self.peers.clone(),
+                            self.flusher.clone(),
+                            self.max_batch_bytes,
+                            stop_rx,
+                        ));
+                        roles.insert(
+                            key,
+                            Role::Follower {
+                                leader: l,
+                                epoch: p.leader_epoch,
+                                stop: stop_tx,
+                            },
+                        );
+                    }
+                    None => {
+                        roles.remove(&key);
+                    }
+                }
+            }
+        }
+        roles.retain(|k, _| seen.contains(k));
+    }
+
+    /// As leader: moves high watermarks the ISR allows and proposes ISR changes.
+    fn check_isr(&self, state: &ControllerState) {
+        let now = crate::clock::now_ms();
+        let leaders: Vec<(PartitionKey, Arc<Mutex<LeaderState>>)> = lock(&self.roles)
+            .iter()
+            .filter_map(|(k, r)| match r {
+                Role::Leader { state, .. } => Some((k.clone(), state.clone())),
+                _ => None,
+            })
+            .collect();
+        for ((topic, partition), leader) in leaders {
+            let Ok((_, log)) = self.topics.partition(&topic, partition) else {
+                continue;
+            };
+            let (wanted, epochs) = {
+                let st = lock(&leader);
+                if let Some(hw) = st.high_watermark() {
+                    log.advance_high_watermark(hw);
+                }
+                let hw = log.snapshot().high_watermark;
+                (
+                    st.wanted_isr(now, hw, self.lag_max_ms),
+                    (st.leader_epoch, st.partition_epoch),
+                )
+            };
+            let Some(isr) = wanted else { continue };
+            if state
+                .partition(&topic, partition)
+                .map(|p| p.partition_epoch)
+                != Some(epochs.1)
+            {
+                continue;
+            }
+            let key = (topic.clone(), partition);
+            if !lock(&self.proposing).insert(key.clone()) {
+                continue;
+            }
+            tracing::info!(%topic, partition, ?isr, "proposing an ISR change");
+            let controller = self.controller.clone();
+            let proposing = self.proposing.clone();
+            let me = self.me;
+            tokio::spawn(async move {
+                let cmd = ControllerCommand::UpdatePartition {
+                    topic: topic.clone(),
+                    partition,
+                    leader: Some(me),
+                    leader_epoch: epochs.0,
+                    partition_epoch: epochs.1,
+                    isr,
+                };
+                match controller.propose(cmd).await {
+                    Ok(crate::cluster::ControllerResponse::Refused(e)) => {
+                        tracing::info!(%topic, partition, error = %e, "ISR change refused")
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(%topic, partition, error = %e, "ISR change not delivered")
+                    }
+                }
+                // Give the applied change time to reach this broker's view.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                lock(&proposing).remove(&key);
+            });
+        }
+    }
+
+    /// The number of partitions whose ISR is smaller than their replica set, and of those
+    /// with no leader, in `state`.
+    pub fn health(state: &ControllerState) -> (u64, u64) {
+        let parts = || state.topics.values().flat_map(|t| t.partitions.iter());
+        let under = parts()
+            .filter(|p: &&PartitionRecord| p.isr.len() < p.replicas.len())
+            .count();
+        let offline = parts().filter(|p| p.leader.is_none()).count();
+        (under as u64, offline as u64)
+    }
+}
