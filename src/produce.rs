@@ -45,6 +45,10 @@ pub struct ProduceArgs {
     /// Header added to every record, key=value (repeatable).
     #[arg(long = "header", value_name = "K=V")]
     headers: Vec<String>,
+    /// How long a record may take to be acknowledged, retries included, before the
+    /// command fails (Kafka's `delivery.timeout.ms`).
+    #[arg(long, value_name = "MS", default_value_t = 120_000, value_parser = clap::value_parser!(u64).range(1..))]
+    delivery_timeout_ms: u64,
 }
 
 fn parse_acks(s: &str) -> Result<Acks, String> {
@@ -157,6 +161,7 @@ pub async fn run(global: &GlobalOpts, args: ProduceArgs) -> anyhow::Result<()> {
             compression: args.compression,
             batch_size_bytes: args.batch_size as usize,
             linger: std::time::Duration::from_millis(args.linger_ms),
+            delivery_timeout: std::time::Duration::from_millis(args.delivery_timeout_ms),
             ..ProducerConfig::default()
         },
     );

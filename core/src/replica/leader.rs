@@ -120,14 +120,28 @@ impl LeaderState {
         true
     }
 
-    /// True when the ISR is large enough for `acks=all` writes.
+    /// True when the ISR is large enough for the high watermark to move.
     pub fn enough_replicas(&self) -> bool {
         self.isr.len() >= self.min_isr
     }
 
-    /// How many in-sync replicas there are and how many are needed.
-    pub fn isr_size(&self) -> (usize, usize) {
-        (self.isr.len(), self.min_isr)
+    /// How many in-sync replicas can confirm a write now, and how many are needed: the
+    /// recorded ISR minus followers that have not caught up for `lag_max_ms`. Those are
+    /// about to leave the ISR; while the controller cannot record that (no quorum), an
+    /// `acks=all` write is refused rather than left waiting for replicas that are gone.
+    pub fn isr_size(&self, now_ms: i64, lag_max_ms: i64) -> (usize, usize) {
+        let live = self
+            .isr
+            .iter()
+            .filter(|id| {
+                **id == self.me
+                    || self
+                        .followers
+                        .get(id)
+                        .is_some_and(|f| now_ms - f.caught_up_ms <= lag_max_ms)
+            })
+            .count();
+        (live, self.min_isr)
     }
 
     /// The high watermark the ISR allows now; `None` while the ISR is too small or a member
@@ -219,6 +233,7 @@ mod tests {
         let mut l = LeaderState::new(1, &record(&[1, 2, 3], &[1]), 2, 0, 0);
         l.leader_flushed(50);
         assert!(!l.enough_replicas());
+        assert_eq!(l.isr_size(0, 10_000), (1, 2));
         assert_eq!(l.high_watermark(), None);
         let mut r = record(&[1, 2, 3], &[1, 2]);
         r.partition_epoch = 2;

@@ -236,7 +236,7 @@ impl ReplicaManager {
     pub fn check_enough_replicas(&self, topic: &str, partition: u32) -> Result<(), ReplicaError> {
         let leader = self.leader(topic, partition)?;
         let st = lock(&leader);
-        let (isr, min) = st.isr_size();
+        let (isr, min) = st.isr_size(crate::clock::now_ms(), self.lag_max_ms);
         if isr < min {
             return Err(ReplicaError::NotEnoughReplicas {
                 topic: topic.to_string(),
