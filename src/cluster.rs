@@ -101,14 +101,18 @@ async fn start(path: &Path) -> anyhow::Result<()> {
     let tls_dir = file.data_root.join("tls");
     let ca = quiver_core::tls::cluster_ca(&tls_dir)
         .with_context(|| format!("cannot make the cluster CA in {}", tls_dir.display()))?;
-    let voters: Vec<VoterConfig> = file
-        .brokers
-        .iter()
-        .map(|b| VoterConfig {
+    // Voters are reached at each broker's advertised address (its listen address unless
+    // the file overrides `advertised_addr`).
+    let mut voters = Vec::with_capacity(file.brokers.len());
+    for b in &file.brokers {
+        let cfg = file
+            .broker_config(b)
+            .map_err(|e| anyhow::anyhow!("broker {}: {e}", b.id))?;
+        voters.push(VoterConfig {
             id: b.id,
-            addr: b.listen.to_string(),
-        })
-        .collect();
+            addr: cfg.advertised(),
+        });
+    }
     let exe = std::env::current_exe().context("cannot find the quiver binary")?;
     for b in &file.brokers {
         let dir = file.broker_dir(b.id);

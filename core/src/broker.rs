@@ -319,7 +319,12 @@ impl Broker {
                         topics: topics.clone(),
                         flusher: flusher.clone(),
                         controller: m.controller(),
-                        peers: crate::replica::peers::PeerClients::new(ca, cert, key),
+                        peers: crate::replica::peers::PeerClients::new(
+                            endpoint.clone(),
+                            ca,
+                            cert,
+                            key,
+                        ),
                         lag_max_ms: config.cluster.replica_lag_max_ms as i64,
                         max_batch_bytes: config.limits.max_frame_bytes as usize,
                     },

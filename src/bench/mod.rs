@@ -102,6 +102,10 @@ pub struct LoadOpts {
     /// Partitions of the bench topic.
     #[arg(long, default_value_t = 1)]
     partitions: u32,
+    /// Replicas of each partition of the bench topic (a cluster; with `--acks all`, every
+    /// in-sync replica confirms each batch).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    replication_factor: u16,
     /// Concurrent producers.
     #[arg(long, default_value_t = 1)]
     producers: usize,

@@ -85,8 +85,8 @@ async fn one(
     chain: &[String],
 ) -> anyhow::Result<Report> {
     let (input, output) = (format!("{base}-in"), format!("{base}-out"));
-    ensure_topic(client, &input, o.partitions).await?;
-    ensure_topic(client, &output, o.partitions).await?;
+    ensure_topic(client, &input, o.partitions, o.replication_factor).await?;
+    ensure_topic(client, &output, o.partitions, o.replication_factor).await?;
     let text = pipeline_file(base, &input, &output, chain);
     let config = PipelineConfig::parse(&text, "bench pipeline")?;
     let cwd = std::env::current_dir().context("current directory")?;

@@ -37,10 +37,15 @@ const PACED_SAMPLES_PER_SEC: f64 = 10_000.0;
 /// A paced run "kept up" when it achieved at least this share of the target rate.
 const KEPT_UP_SHARE: f64 = 0.98;
 
-/// Creates the topic unless it exists.
-pub async fn ensure_topic(client: &Client, topic: &str, partitions: u32) -> anyhow::Result<()> {
+/// Creates the topic with `replication_factor` replicas per partition unless it exists.
+pub async fn ensure_topic(
+    client: &Client,
+    topic: &str,
+    partitions: u32,
+    replication_factor: u16,
+) -> anyhow::Result<()> {
     match Admin::new(client.clone())
-        .create_topic(topic, partitions, BTreeMap::new())
+        .create_replicated_topic(topic, partitions, replication_factor, BTreeMap::new())
         .await
     {
         Ok(_) | Err(ClientError::TopicAlreadyExists(_)) => Ok(()),
@@ -89,7 +94,7 @@ pub async fn produce_into(
     topic: &str,
     show_progress: bool,
 ) -> anyhow::Result<Report> {
-    ensure_topic(client, topic, o.partitions).await?;
+    ensure_topic(client, topic, o.partitions, o.replication_factor).await?;
     let limit = o.limit();
     let paced_total = o.rate.map(|rate| match limit {
         Limit::Records(n) => n,

@@ -1,11 +1,14 @@
 //! The end-to-end suites, one module per capability, and the harness they share.
 
+pub mod checker;
 pub mod harness;
+pub mod netproxy;
 
 mod broker_lifecycle;
 mod cli_habits;
 mod cli_tour;
 mod cluster;
+mod cluster_faults;
 mod crash_recovery;
 mod crash_recovery_damage;
 mod forged_input;

@@ -19,7 +19,7 @@ use tokio::sync::{watch, Notify};
 
 use super::flush::Flusher;
 use super::keyspace::{migrate_legacy, PartitionKeys, BATCHES_TREE, TIME_INDEX_TREE};
-use super::producers::{AppendedBatch, ProducerTable, SequenceCheck};
+use super::producers::{AppendedBatch, ProducerSnapshot, ProducerTable, SequenceCheck};
 use super::retention::{batches_to_delete, BatchSummary};
 use super::txn_index::TxnIndex;
 use super::{key_offset, offset_key, LogError};
@@ -29,11 +29,6 @@ use crate::topic::{FlushPolicy, TopicConfig};
 const TIME_INDEX_INTERVAL: u64 = 256 * 1024;
 /// Longest wait of a batch for its producer's earlier batches before the request fails.
 const SEQUENCE_WAIT: Duration = Duration::from_secs(5);
-/// Longest wait of an unknown producer's batch for earlier ones before it is taken as a
-/// new start (a producer whose state aged out, or that the broker never saw).
-const UNKNOWN_PRODUCER_WAIT: Duration = Duration::from_millis(500);
-/// How many of the newest batches are CRC-checked, and scanned for producer state, at open.
-const RECOVERY_TAIL: usize = 64;
 
 /// The durable per-partition metadata record.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -46,6 +41,17 @@ pub struct PartitionMeta {
     pub leader_epoch: i32,
     /// `(epoch, first offset)` for every epoch this log has seen.
     pub epoch_starts: Vec<(i32, i64)>,
+    /// The producers' sequence state as of `producers_end`: at open only the batches after
+    /// it are scanned to complete it.
+    #[serde(default)]
+    pub producers: Vec<ProducerSnapshot>,
+    /// The log end the producer snapshot covers (-1: no snapshot).
+    #[serde(default = "no_snapshot")]
+    pub producers_end: i64,
+}
+
+fn no_snapshot() -> i64 {
+    -1
 }
 
 #[derive(Debug)]
@@ -210,6 +216,7 @@ impl PartitionLog {
             })?,
             None => PartitionMeta {
                 epoch_starts: vec![(0, 0)],
+                producers_end: -1,
                 ..Default::default()
             },
         };
@@ -265,15 +272,33 @@ impl PartitionLog {
         if let Some((k, _)) = batches.first()? {
             pm.log_start = pm.log_start.max(key_offset(&k)).min(log_end);
         }
-        let mut producers = ProducerTable::default();
-        let tail: Vec<_> = batches
-            .iter()
-            .rev()
-            .take(RECOVERY_TAIL)
-            .collect::<Result<_, _>>()?;
-        for (_, v) in tail.iter().rev() {
+        // Producer state: the snapshot in the metadata record, completed by every batch
+        // after it; without a usable snapshot (none yet, or taken beyond a log end that a
+        // crash or truncation moved back), every batch.
+        let usable = pm.producers_end >= 0 && pm.producers_end <= log_end;
+        let (mut producers, scan_from) = if usable {
+            (
+                ProducerTable::from_snapshot(&pm.producers),
+                pm.producers_end,
+            )
+        } else {
+            (ProducerTable::default(), i64::MIN)
+        };
+        let from_key = offset_key(scan_from.max(0));
+        let scan = if usable {
+            batches.range_from(&from_key)
+        } else {
+            batches.range_from(&offset_key(0))
+        };
+        for item in scan {
+            let (_, v) = item?;
             // Damaged batches were reported above; they carry no producer state to trust.
-            let Ok(h) = batch::check_crc(v) else { continue };
+            let Ok(h) = BatchHeader::parse(&v) else {
+                continue;
+            };
+            if h.base_offset < scan_from {
+                continue;
+            }
             producers.record(
                 h.producer_id,
                 h.producer_epoch,
@@ -408,29 +433,37 @@ impl PartitionLog {
         let mut result: Option<AppendResult> = None;
         for (raw, h) in batches.iter().zip(&headers) {
             let sequence_deadline = now + SEQUENCE_WAIT.min(timeout);
-            let unknown_deadline = now + UNKNOWN_PRODUCER_WAIT;
             let appended = loop {
                 let moved = self.sequence_moved.notified();
                 tokio::pin!(moved);
                 moved.as_mut().enable();
-                let force_new = tokio::time::Instant::now() >= unknown_deadline;
                 let (this, raw2, h2) = (self.clone(), raw.clone(), *h);
-                let tried = blocking(move || this.try_append(&raw2, &h2, force_new)).await?;
-                let wait_until = match tried? {
+                let tried = blocking(move || this.try_append(&raw2, &h2)).await?;
+                let waiting_for = match tried? {
                     Ok(done) => break done,
-                    Err(SequenceCheck::WaitUnknown) => unknown_deadline,
-                    Err(_) => sequence_deadline,
+                    Err(check) => check,
                 };
                 self.sequence_waits.fetch_add(1, Ordering::Relaxed);
-                if tokio::time::timeout_at(wait_until, moved).await.is_err()
-                    && wait_until == sequence_deadline
+                if tokio::time::timeout_at(sequence_deadline, moved)
+                    .await
+                    .is_err()
                 {
-                    return Err(LogError::Timeout(format!(
-                        "batch with sequence {} of producer {} waited {} ms for the producer's earlier batches",
-                        h.base_sequence,
-                        h.producer_id,
-                        SEQUENCE_WAIT.min(timeout).as_millis()
-                    )));
+                    return Err(if waiting_for == SequenceCheck::WaitUnknown {
+                        // Not an overtaken first batch (it would have arrived by now): the
+                        // producer's earlier batches are not in this log. Never a silent
+                        // fresh start, which could hide lost records.
+                        LogError::Sequence(format!(
+                            "producer {} is unknown to this partition and its batch starts at sequence {}: its earlier batches are not here (lost with an acks=0/1 leader, or expired); the producer must start a new sequence",
+                            h.producer_id, h.base_sequence
+                        ))
+                    } else {
+                        LogError::Timeout(format!(
+                            "batch with sequence {} of producer {} waited {} ms for the producer's earlier batches",
+                            h.base_sequence,
+                            h.producer_id,
+                            SEQUENCE_WAIT.min(timeout).as_millis()
+                        ))
+                    });
                 }
             };
             self.sequence_moved.notify_waiters();
@@ -476,12 +509,10 @@ impl PartitionLog {
     }
 
     /// Appends `raw` if its producer sequence allows; otherwise says what to wait for.
-    /// `force_new` accepts an unknown producer's batch as a new start.
     fn try_append(
         &self,
         raw: &Bytes,
         h: &BatchHeader,
-        force_new: bool,
     ) -> Result<Result<AppendResult, SequenceCheck>, LogError> {
         let mut st = self.lock();
         match st
@@ -495,10 +526,7 @@ impl PartitionLog {
                 )))
             }
             SequenceCheck::Wait => return Ok(Err(SequenceCheck::Wait)),
-            SequenceCheck::WaitUnknown if !force_new => return Ok(Err(SequenceCheck::WaitUnknown)),
-            SequenceCheck::WaitUnknown => {
-                tracing::debug!(producer = h.producer_id, seq = h.base_sequence, "unknown producer starts mid-sequence");
-            }
+            SequenceCheck::WaitUnknown => return Ok(Err(SequenceCheck::WaitUnknown)),
             SequenceCheck::Reject => {
                 return Err(LogError::Sequence(format!(
                     "sequence {} of producer {} is older than any batch remembered; it was either stored long ago or lost",
@@ -933,6 +961,8 @@ impl PartitionLog {
                 hw_checkpoint: st.high_watermark,
                 leader_epoch: st.leader_epoch,
                 epoch_starts: st.epoch_starts.clone(),
+                producers: st.producers.snapshot(),
+                producers_end: st.log_end,
             }
         };
         self.meta

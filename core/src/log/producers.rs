@@ -14,7 +14,7 @@ use std::collections::{HashMap, VecDeque};
 const REMEMBERED: usize = 8;
 
 /// A batch already appended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AppendedBatch {
     /// Sequence of the first record.
     pub first_seq: i32,
@@ -36,7 +36,8 @@ pub enum SequenceCheck {
     /// Its predecessors have not arrived yet: wait and check again.
     Wait,
     /// An unknown producer that does not start at sequence 0: its earlier batches may
-    /// still be in flight, so wait briefly for them, then accept it as a new start.
+    /// still be in flight, so wait for them; if they never come, the batch is refused
+    /// (`OutOfOrderSequence`), never taken as a silent fresh start.
     WaitUnknown,
     /// It can never fit (an old sequence no longer remembered).
     Reject,
@@ -48,6 +49,21 @@ pub enum SequenceCheck {
 struct ProducerEntry {
     epoch: i16,
     recent: VecDeque<AppendedBatch>,
+}
+
+/// Most producers a snapshot keeps (those that wrote last); older ones are forgotten, like
+/// Kafka's expired producer ids: their next batch must start a new sequence.
+pub const SNAPSHOT_PRODUCERS: usize = 10_000;
+
+/// One producer's state as persisted in the partition's metadata record.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProducerSnapshot {
+    /// Producer id.
+    pub id: i64,
+    /// Its epoch.
+    pub epoch: i16,
+    /// Its newest batches, oldest first.
+    pub recent: Vec<AppendedBatch>,
 }
 
 /// Sequence state of every producer of one partition.
@@ -95,6 +111,44 @@ impl ProducerTable {
             SequenceCheck::Wait
         } else {
             SequenceCheck::Reject
+        }
+    }
+
+    /// The state of the producers that wrote last (at most [`SNAPSHOT_PRODUCERS`]).
+    pub fn snapshot(&self) -> Vec<ProducerSnapshot> {
+        let mut all: Vec<ProducerSnapshot> = self
+            .producers
+            .iter()
+            .filter(|(_, e)| !e.recent.is_empty())
+            .map(|(id, e)| ProducerSnapshot {
+                id: *id,
+                epoch: e.epoch,
+                recent: e.recent.iter().copied().collect(),
+            })
+            .collect();
+        all.sort_unstable_by_key(|p| {
+            std::cmp::Reverse(p.recent.last().map_or(i64::MIN, |b| b.last_offset))
+        });
+        all.truncate(SNAPSHOT_PRODUCERS);
+        all.sort_unstable_by_key(|p| p.id);
+        all
+    }
+
+    /// A table holding `snapshot`.
+    pub fn from_snapshot(snapshot: &[ProducerSnapshot]) -> ProducerTable {
+        ProducerTable {
+            producers: snapshot
+                .iter()
+                .map(|p| {
+                    (
+                        p.id,
+                        ProducerEntry {
+                            epoch: p.epoch,
+                            recent: p.recent.iter().copied().collect(),
+                        },
+                    )
+                })
+                .collect(),
         }
     }
 
@@ -148,6 +202,31 @@ mod tests {
             t.record(1, 0, b(i * 10, i * 10 + 9, i64::from(i) * 10));
         }
         assert_eq!(t.check(1, 0, 0, 10), SequenceCheck::Reject);
+    }
+
+    #[test]
+    fn a_snapshot_restores_the_same_decisions() {
+        let mut t = ProducerTable::default();
+        t.record(1, 0, b(0, 9, 0));
+        t.record(2, 3, b(0, 4, 10));
+        t.record(1, 0, b(10, 19, 15));
+        let back = ProducerTable::from_snapshot(&t.snapshot());
+        for (id, epoch, seq, count) in [
+            (1, 0, 20, 5),
+            (1, 0, 10, 10),
+            (2, 3, 5, 1),
+            (2, 2, 5, 1),
+            (3, 0, 7, 1),
+        ] {
+            assert_eq!(
+                back.check(id, epoch, seq, count),
+                t.check(id, epoch, seq, count)
+            );
+        }
+        assert_eq!(
+            back.check(1, 0, 10, 10),
+            SequenceCheck::Duplicate(b(10, 19, 15))
+        );
     }
 
     #[test]

@@ -12,15 +12,18 @@ use crate::cluster::BrokerId;
 
 /// One client per peer broker, made on first use and replaced when its address changes.
 pub struct PeerClients {
+    endpoint: quinn::Endpoint,
     ca: PathBuf,
     identity: ClientIdentity,
     clients: Mutex<HashMap<BrokerId, (String, Client)>>,
 }
 
 impl PeerClients {
-    /// Peers trusted through the cluster CA `ca`, reached with this broker's certificate.
-    pub fn new(ca: PathBuf, cert: PathBuf, key: PathBuf) -> Self {
+    /// Peers trusted through the cluster CA `ca`, reached from the broker's own `endpoint`
+    /// (so its peers see one address per broker) with this broker's certificate.
+    pub fn new(endpoint: quinn::Endpoint, ca: PathBuf, cert: PathBuf, key: PathBuf) -> Self {
         PeerClients {
+            endpoint,
             ca,
             identity: ClientIdentity {
                 cert_file: cert,
@@ -46,14 +49,17 @@ impl PeerClients {
                 return Ok(c.clone());
             }
         }
-        let client = Client::connect(ClientConfig {
-            ca_file: Some(self.ca.clone()),
-            identity: Some(self.identity.clone()),
-            connect_timeout: Duration::from_secs(2),
-            request_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(5),
-            ..ClientConfig::new(addr)
-        })
+        let client = Client::connect_with(
+            ClientConfig {
+                ca_file: Some(self.ca.clone()),
+                identity: Some(self.identity.clone()),
+                connect_timeout: Duration::from_secs(2),
+                request_timeout: Duration::from_secs(10),
+                idle_timeout: Duration::from_secs(5),
+                ..ClientConfig::new(addr)
+            },
+            Some(self.endpoint.clone()),
+        )
         .await?;
         self.clients
             .lock()

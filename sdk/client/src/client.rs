@@ -58,6 +58,9 @@ impl std::fmt::Debug for Client {
 struct ClientInner {
     config: ClientConfig,
     endpoint: quinn::Endpoint,
+    /// False when the endpoint was lent (`connect_with`): closing the client then closes
+    /// only its own connections.
+    owns_endpoint: bool,
     quinn_config: quinn::ClientConfig,
     limits: Limits,
     bootstrap: Arc<BrokerConn>,
@@ -293,6 +296,15 @@ impl Client {
     /// `bootstrap` may list several brokers separated by commas: they are tried in order,
     /// each for its share of `connect_timeout`, and the first that answers is used.
     pub async fn connect(config: ClientConfig) -> Result<Client> {
+        Self::connect_with(config, None).await
+    }
+
+    /// [`connect`](Self::connect) on an existing quinn endpoint (a broker reaching its
+    /// peers from its own address, for instance); `None` opens a new one.
+    pub async fn connect_with(
+        config: ClientConfig,
+        endpoint: Option<quinn::Endpoint>,
+    ) -> Result<Client> {
         let candidates: Vec<String> = config
             .bootstrap
             .split(',')
@@ -301,7 +313,7 @@ impl Client {
             .map(str::to_string)
             .collect();
         if candidates.len() <= 1 {
-            return Self::connect_one(config, candidates).await;
+            return Self::connect_one(config, candidates, endpoint).await;
         }
         let share = (config.connect_timeout / candidates.len() as u32).max(Duration::from_secs(1));
         let mut failures = Vec::new();
@@ -311,7 +323,7 @@ impl Client {
                 connect_timeout: share,
                 ..config.clone()
             };
-            match Self::connect_one(one, candidates.clone()).await {
+            match Self::connect_one(one, candidates.clone(), endpoint.clone()).await {
                 Ok(c) => return Ok(c),
                 Err(e) => failures.push(format!("{addr}: {e}")),
             }
@@ -322,7 +334,11 @@ impl Client {
         })
     }
 
-    async fn connect_one(config: ClientConfig, bootstrap_list: Vec<String>) -> Result<Client> {
+    async fn connect_one(
+        config: ClientConfig,
+        bootstrap_list: Vec<String>,
+        endpoint: Option<quinn::Endpoint>,
+    ) -> Result<Client> {
         let quinn_config = quinn_client_config(&config)?;
         let first =
             resolve(&config.bootstrap, None)
@@ -336,10 +352,14 @@ impl Client {
         } else {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         };
-        let endpoint = quinn::Endpoint::client(bind).map_err(|e| ClientError::Connect {
-            addr: config.bootstrap.clone(),
-            reason: format!("cannot open a local UDP socket: {e}"),
-        })?;
+        let owns_endpoint = endpoint.is_none();
+        let endpoint = match endpoint {
+            Some(e) => e,
+            None => quinn::Endpoint::client(bind).map_err(|e| ClientError::Connect {
+                addr: config.bootstrap.clone(),
+                reason: format!("cannot open a local UDP socket: {e}"),
+            })?,
+        };
         let limits = Limits {
             max_frame_bytes: config.max_response_bytes,
             ..Limits::default()
@@ -347,6 +367,7 @@ impl Client {
         let bootstrap = Arc::new(BrokerConn::new(&config.bootstrap));
         let inner = Arc::new(ClientInner {
             endpoint,
+            owns_endpoint,
             quinn_config,
             limits,
             conns: Mutex::new(HashMap::from([(
@@ -386,6 +407,7 @@ impl Client {
         let inner = ClientInner {
             endpoint: quinn::Endpoint::client((std::net::Ipv4Addr::LOCALHOST, 0).into())
                 .expect("UDP socket"),
+            owns_endpoint: true,
             quinn_config: quinn::ClientConfig::new(Arc::new(quic)),
             limits: Limits::default(),
             conns: Mutex::new(HashMap::from([(
@@ -725,7 +747,15 @@ impl Client {
 
     /// Closes every connection (in-flight requests fail).
     pub fn close(&self) {
-        self.inner.endpoint.close(0u32.into(), b"client closed");
+        if self.inner.owns_endpoint {
+            self.inner.endpoint.close(0u32.into(), b"client closed");
+            return;
+        }
+        for conn in lock(&self.inner.conns).values() {
+            if let Some(c) = lock(&conn.current).take() {
+                c.close(0u32.into(), b"client closed");
+            }
+        }
     }
 }
 

@@ -68,7 +68,7 @@ impl Default for ClientConfig {
             stream_receive_window: 16 * 1024 * 1024,
             connection_receive_window: 64 * 1024 * 1024,
             keep_alive: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(5),
         }
     }
 }

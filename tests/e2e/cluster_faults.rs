@@ -1,0 +1,550 @@
+//! The cluster under faults, checked like Jepsen checks Kafka: three brokers from
+//! `quiver cluster start`, each behind a userspace UDP proxy (its advertised address), so
+//! the test can cut links between brokers. Idempotent producers write unique values with
+//! `acks=all` while the nemesis `kill -9`s partition leaders and the controller leader
+//! (restarting them with `cluster start`, sometimes at once, sometimes after the controller
+//! fenced them) and isolates one broker at a time from its peers (both directions), or
+//! makes every link lossy and slow. After the faults heal, a final read of every partition
+//! goes to the [`checker`](super::checker); every broker's stored batches are compared
+//! byte for byte below the high watermark; the counts and failover times are printed.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use quiver_client::{Client, ClientConfig, Producer, ProducerConfig, ProducerRecord};
+use quiver_protocol::batch::{split_batches, RecordIter};
+use quiver_protocol::requests::{Acks, FetchRequest};
+use serde_json::Value;
+
+use super::checker::{check, Send};
+use super::harness::{bin, cli_at, free_udp_port, unsafe_kill, wait_for};
+use super::netproxy::{LinkFault, UdpProxy};
+
+const BROKERS: usize = 3;
+const PARTITIONS: u32 = 6;
+const LEADER_KILLS: usize = 20;
+const NETWORK_PARTITIONS: usize = 10;
+const TOPIC: &str = "jepsen";
+
+struct FaultCluster {
+    dir: tempfile::TempDir,
+    file: std::path::PathBuf,
+    listen: Vec<u16>,
+    proxies: Vec<UdpProxy>,
+}
+
+impl FaultCluster {
+    fn start() -> FaultCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let listen: Vec<u16> = (0..BROKERS).map(|_| free_udp_port()).collect();
+        let proxies: Vec<UdpProxy> = listen
+            .iter()
+            .enumerate()
+            .map(|(i, p)| UdpProxy::start(SocketAddr::from(([127, 0, 0, 1], *p)), 1000 + i as u64))
+            .collect();
+        let file = dir.path().join("cluster.toml");
+        let mut text = format!("data_root = \"{}\"\n", dir.path().join("qc").display());
+        for (i, p) in listen.iter().enumerate() {
+            text.push_str(&format!(
+                "[[brokers]]\nid = {}\nlisten = \"127.0.0.1:{p}\"\nadvertised_addr = \"{}\"\n",
+                i + 1,
+                proxies[i].addr()
+            ));
+        }
+        std::fs::write(&file, text).unwrap();
+        let c = FaultCluster {
+            dir,
+            file,
+            listen,
+            proxies,
+        };
+        c.cluster(&["start"]);
+        c
+    }
+
+    fn cluster(&self, args: &[&str]) -> Value {
+        let mut all = vec!["cluster"];
+        all.extend(args);
+        all.extend(["--config", self.file.to_str().unwrap()]);
+        let status = args[0] == "status";
+        if status {
+            all.extend(["--output", "json"]);
+        }
+        let out = std::process::Command::new(bin())
+            .args(&all)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cluster {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if status {
+            serde_json::from_slice(&out.stdout).unwrap()
+        } else {
+            Value::Null
+        }
+    }
+
+    fn ca(&self) -> std::path::PathBuf {
+        self.dir.path().join("qc/tls/ca.pem")
+    }
+
+    fn bootstrap(&self) -> String {
+        self.proxies
+            .iter()
+            .map(|p| p.addr().to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn describe(&self) -> Value {
+        let out = cli_at(
+            &self.bootstrap(),
+            &self.ca(),
+            &["topic", "describe", TOPIC, "--output", "json"],
+            None,
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn pid(&self, id: u64) -> Option<u32> {
+        self.cluster(&["status"])["brokers"][id as usize - 1]["pid"]
+            .as_u64()
+            .map(|p| p as u32)
+    }
+
+    /// Cuts (or heals) every link between broker `id` and its peers, both directions.
+    fn isolate(&self, id: usize, fault: LinkFault) {
+        for other in 1..=BROKERS {
+            if other == id {
+                continue;
+            }
+            self.proxies[id - 1].set(&HashSet::from([self.listen[other - 1]]), fault);
+            self.proxies[other - 1].set(&HashSet::from([self.listen[id - 1]]), fault);
+        }
+    }
+
+    fn all_links(&self, fault: LinkFault) {
+        let brokers: HashSet<u16> = self.listen.iter().copied().collect();
+        for p in &self.proxies {
+            p.set(&brokers, fault);
+        }
+    }
+}
+
+impl Drop for FaultCluster {
+    fn drop(&mut self) {
+        for p in &self.proxies {
+            p.heal();
+        }
+        let _ = std::process::Command::new(bin())
+            .args(["cluster", "stop", "--config", self.file.to_str().unwrap()])
+            .output();
+        for id in 1..=BROKERS {
+            if let Ok(p) =
+                std::fs::read_to_string(self.dir.path().join(format!("qc/broker-{id}/broker.pid")))
+            {
+                if let Ok(p) = p.trim().parse::<u32>() {
+                    unsafe_kill(p, "KILL");
+                }
+            }
+        }
+    }
+}
+
+/// What the writers saw: every send, and per partition when writes issued after a moment
+/// were first acknowledged.
+#[derive(Default)]
+struct History {
+    sends: Vec<Send>,
+    /// (partition, sent at, acknowledged at)
+    acks: Vec<(u32, Instant, Instant)>,
+}
+
+async fn writer(
+    id: u32,
+    client: Client,
+    history: Arc<Mutex<History>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let producer = Producer::new(
+        client,
+        ProducerConfig {
+            acks: Acks::All,
+            linger: Duration::from_millis(2),
+            delivery_timeout: Duration::from_secs(30),
+            ..ProducerConfig::default()
+        },
+    );
+    // In flight per partition: a partition waiting for a new leader does not hold up
+    // writes to the others.
+    let inflight: Vec<Arc<tokio::sync::Semaphore>> = (0..PARTITIONS)
+        .map(|_| Arc::new(tokio::sync::Semaphore::new(16)))
+        .collect();
+    let mut seq = 0u64;
+    let mut tasks = Vec::new();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let partition = (seq % u64::from(PARTITIONS)) as u32;
+        let Ok(permit) = inflight[partition as usize].clone().try_acquire_owned() else {
+            seq += 1;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            continue;
+        };
+        let value = format!("w{id}-{seq}");
+        let sent_at = Instant::now();
+        let record = ProducerRecord::new(TOPIC, value.clone()).with_partition(partition);
+        let this_seq = seq;
+        seq += 1;
+        match producer.send(record).await {
+            Ok(delivery) => {
+                let history = history.clone();
+                tasks.push(tokio::spawn(async move {
+                    let acked = delivery.await.ok().map(|m| m.offset);
+                    let mut h = history.lock().unwrap();
+                    if acked.is_some() {
+                        h.acks.push((partition, sent_at, Instant::now()));
+                    }
+                    h.sends.push(Send {
+                        producer: id,
+                        partition,
+                        seq: this_seq,
+                        value,
+                        acked,
+                    });
+                    drop(permit);
+                }));
+            }
+            Err(_) => {
+                history.lock().unwrap().sends.push(Send {
+                    producer: id,
+                    partition,
+                    seq: this_seq,
+                    value,
+                    acked: None,
+                });
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        if seq.is_multiple_of(16) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let _ = producer.close().await;
+}
+
+/// Reads every record of every partition below its high watermark, from its leader.
+async fn read_all(client: &Client) -> BTreeMap<u32, BTreeMap<i64, String>> {
+    let mut out = BTreeMap::new();
+    for p in 0..PARTITIONS {
+        let mut records = BTreeMap::new();
+        let mut offset = 0i64;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "final read of partition {p} did not finish"
+            );
+            let req = FetchRequest {
+                topic: TOPIC.into(),
+                partition: p,
+                offset,
+                max_bytes: 4 << 20,
+                max_wait_ms: 0,
+                min_bytes: 1,
+                processor: None,
+                isolation: Default::default(),
+            };
+            let (resp, payload) = match client
+                .request_for_partition(TOPIC, p, &req, Bytes::new(), Duration::from_secs(10))
+                .await
+            {
+                Ok(r) => r,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            for b in split_batches(&payload, 64 << 20).unwrap() {
+                for r in RecordIter::new(&b, 64 << 20).unwrap() {
+                    let r = r.unwrap();
+                    if r.offset >= offset {
+                        records.insert(r.offset, String::from_utf8_lossy(&r.value).into_owned());
+                    }
+                }
+            }
+            offset = records
+                .keys()
+                .next_back()
+                .map_or(offset, |o| o + 1)
+                .max(offset);
+            if offset >= resp.high_watermark {
+                break;
+            }
+        }
+        out.insert(p, records);
+    }
+    out
+}
+
+/// Every broker's stored batches of the topic below `hw[p]`, compared byte for byte.
+fn replicas_identical(c: &FaultCluster, hw: &BTreeMap<u32, i64>) -> Result<(), String> {
+    let mut copies: Vec<BTreeMap<u32, Vec<Vec<u8>>>> = Vec::new();
+    for id in 1..=BROKERS {
+        let db = sled::open(c.dir.path().join(format!("qc/broker-{id}/log")))
+            .map_err(|e| e.to_string())?;
+        let reg =
+            quiver_core::topic::TopicRegistry::open(db, quiver_core::topic::TopicConfig::default())
+                .map_err(|e| e.to_string())?;
+        let t = reg.topic(TOPIC).map_err(|e| e.to_string())?;
+        let mut parts = BTreeMap::new();
+        for log in &t.partitions {
+            let bound = hw[&log.partition];
+            let mut batches = Vec::new();
+            let mut offset = log.snapshot().log_start;
+            while offset < bound {
+                let read = log
+                    .read_to_log_end(offset, 4 << 20)
+                    .map_err(|e| e.to_string())?;
+                if read.payload.is_empty() {
+                    return Err(format!("broker {id} partition {} ends at {offset}, below the high watermark {bound}", log.partition));
+                }
+                for b in split_batches(&read.payload, 64 << 20).map_err(|e| e.to_string())? {
+                    let h = quiver_protocol::batch::BatchHeader::parse(&b)
+                        .map_err(|e| e.to_string())?;
+                    if h.next_offset() <= bound {
+                        batches.push(b.to_vec());
+                    }
+                    offset = h.next_offset();
+                }
+            }
+            parts.insert(log.partition, batches);
+        }
+        copies.push(parts);
+    }
+    for p in 0..PARTITIONS {
+        for (i, copy) in copies.iter().enumerate().skip(1) {
+            if copy[&p] != copies[0][&p] {
+                return Err(format!(
+                    "partition {p}: broker {} differs from broker 1 below the high watermark",
+                    i + 1
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn median_and_max(mut v: Vec<Duration>) -> (Duration, Duration) {
+    v.sort_unstable();
+    if v.is_empty() {
+        return (Duration::ZERO, Duration::ZERO);
+    }
+    (v[v.len() / 2], v[v.len() - 1])
+}
+
+#[test]
+fn acks_all_writes_survive_leader_kills_and_network_partitions() {
+    let c = FaultCluster::start();
+    let out = cli_at(
+        &c.bootstrap(),
+        &c.ca(),
+        &[
+            "topic",
+            "create",
+            TOPIC,
+            "--partitions",
+            &PARTITIONS.to_string(),
+            "--replication-factor",
+            "3",
+            "--config",
+            "min.insync.replicas=2",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let history: Arc<Mutex<History>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let config = ClientConfig {
+        ca_file: Some(c.ca()),
+        ..ClientConfig::new(c.bootstrap())
+    };
+    let writers: Vec<_> = (0..3)
+        .map(|w| {
+            let (config, history, stop) = (config.clone(), history.clone(), stop.clone());
+            rt.spawn(async move {
+                let client = Client::connect(config).await.expect("connect");
+                writer(w, client, history, stop).await;
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+
+    let started = Instant::now();
+    let mut kills: Vec<(u32, Instant)> = Vec::new();
+    let (mut leader_kills, mut controller_kills, mut partitions_cut, mut lossy) = (0, 0, 0, 0);
+    let mut round = 0usize;
+    while leader_kills < LEADER_KILLS || partitions_cut < NETWORK_PARTITIONS {
+        round += 1;
+        if round.is_multiple_of(3) && partitions_cut < NETWORK_PARTITIONS {
+            // Isolate one broker from its peers, long enough for the controller to fence it
+            // (its leaderships move) on most rounds.
+            let victim = 1 + (partitions_cut % BROKERS);
+            c.isolate(
+                victim,
+                LinkFault {
+                    blackhole: true,
+                    ..LinkFault::default()
+                },
+            );
+            std::thread::sleep(Duration::from_secs(if partitions_cut.is_multiple_of(2) {
+                8
+            } else {
+                3
+            }));
+            c.isolate(victim, LinkFault::default());
+            partitions_cut += 1;
+            if partitions_cut.is_multiple_of(4) {
+                // Every link lossy and slow for a while.
+                c.all_links(LinkFault {
+                    drop_pct: 20,
+                    delay: Duration::from_millis(20),
+                    ..LinkFault::default()
+                });
+                std::thread::sleep(Duration::from_secs(3));
+                c.all_links(LinkFault::default());
+                lossy += 1;
+            }
+            continue;
+        }
+        // Kill a partition's leader (every fourth time the controller leader instead).
+        let status = c.cluster(&["status"]);
+        let (victim, partition) = if round.is_multiple_of(4) {
+            controller_kills += 1;
+            (status["controller_leader"].as_u64(), None)
+        } else {
+            let p = (leader_kills as u32) % PARTITIONS;
+            let d = c.describe();
+            let leader = d["partitions"][p as usize]["leader"].as_u64();
+            (leader, Some(p))
+        };
+        let Some(victim) = victim.filter(|v| *v >= 1) else {
+            std::thread::sleep(Duration::from_millis(500));
+            continue;
+        };
+        let Some(pid) = c.pid(victim) else {
+            c.cluster(&["start"]);
+            continue;
+        };
+        unsafe_kill(pid, "KILL");
+        let at = Instant::now();
+        if let Some(p) = partition {
+            leader_kills += 1;
+            kills.push((p, at));
+        }
+        if round % 2 == 1 {
+            // Let the controller notice the silence and fence it first.
+            wait_for(30, "the killed broker fenced", || {
+                c.cluster(&["status"])["brokers"][victim as usize - 1]["fenced"] == true
+            });
+        }
+        c.cluster(&["start"]);
+    }
+    let fault_time = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        rt.block_on(w).unwrap();
+    }
+    for p in &c.proxies {
+        p.heal();
+    }
+    wait_for(
+        120,
+        "the cluster to heal (every broker in every ISR)",
+        || {
+            let s = c.cluster(&["status"]);
+            s["under_replicated_partitions"] == 0 && s["offline_partitions"] == 0
+        },
+    );
+    let reads = rt.block_on(async {
+        let client = Client::connect(config.clone()).await.unwrap();
+        read_all(&client).await
+    });
+    let history = std::mem::take(&mut *history.lock().unwrap());
+    let verdict = check(&history.sends, &reads);
+
+    // Failover: from each leader kill to the first acknowledged write sent after it.
+    let failovers: Vec<Duration> = kills
+        .iter()
+        .filter_map(|(p, at)| {
+            history
+                .acks
+                .iter()
+                .filter(|(ap, sent, _)| ap == p && sent >= at)
+                .map(|(_, _, acked)| *acked - *at)
+                .min()
+        })
+        .collect();
+    let (median, max) = median_and_max(failovers.clone());
+
+    let hw: BTreeMap<u32, i64> = c.describe()["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["partition"].as_u64().unwrap() as u32,
+                p["high_watermark"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    c.cluster(&["stop"]);
+    let identical = replicas_identical(&c, &hw);
+    println!(
+        "fault run: {:.0?} of faults — {leader_kills} partition-leader kills, {controller_kills} controller-leader kills, {partitions_cut} broker isolations, {lossy} lossy periods\n\
+         checker: acknowledged {}, read {}, lost {}, duplicated {}, inconsistent offsets {}, reordered (nonmonotonic send) {}, unacknowledged but written {}\n\
+         replicas identical below the high watermark: {}\n\
+         failover (kill -> first acknowledged write): median {:.2?}, max {:.2?} over {} kills: {:.1?}",
+        fault_time,
+        verdict.acknowledged,
+        verdict.read,
+        verdict.lost,
+        verdict.duplicated,
+        verdict.inconsistent_offsets,
+        verdict.nonmonotonic_send,
+        verdict.unacknowledged_seen,
+        identical.as_ref().map_or_else(|e| format!("no: {e}"), |()| "yes".into()),
+        median,
+        max,
+        failovers.len(),
+        failovers,
+    );
+    assert!(leader_kills >= LEADER_KILLS && partitions_cut >= NETWORK_PARTITIONS);
+    assert!(
+        verdict.acknowledged > 1000,
+        "too little was acknowledged to judge: {verdict:?}"
+    );
+    assert!(verdict.ok(), "{verdict:?}");
+    identical.unwrap();
+}
