@@ -163,7 +163,9 @@ async fn start(path: &Path) -> anyhow::Result<()> {
     let deadline = Instant::now() + START_WAIT;
     loop {
         let s = status(&file).await;
-        let ready = s.controller_leader.is_some() && s.brokers.iter().all(|b| b.alive && !b.fenced);
+        let ready = s.controller_leader.is_some()
+            && s.all_views_ready
+            && s.brokers.iter().all(|b| b.alive && !b.fenced);
         if ready {
             println!(
                 "cluster of {} brokers running; controller leader: broker {}",
@@ -241,6 +243,10 @@ pub struct ClusterStatus {
     pub under_replicated_partitions: u64,
     /// Partitions that serve nothing (no leader, or damaged storage).
     pub offline_partitions: u64,
+    /// Every running broker's own view has every broker registered and unfenced (what
+    /// `start` waits for, so the next command sees the whole cluster wherever it lands).
+    #[serde(skip)]
+    pub all_views_ready: bool,
 }
 
 async fn connect(addr: &str, ca: &Path) -> Option<Client> {
@@ -257,6 +263,7 @@ async fn status(file: &ClusterFile) -> ClusterStatus {
     let ca = file.ca_path();
     let mut view: Option<ClusterDescription> = None;
     let mut damaged = 0u64;
+    let mut all_views_ready = true;
     let mut brokers = Vec::with_capacity(file.brokers.len());
     for b in &file.brokers {
         let pid = running_pid(&file.broker_dir(b.id));
@@ -267,6 +274,9 @@ async fn status(file: &ClusterFile) -> ClusterStatus {
                     .await
                 {
                     damaged += d.damaged_partitions;
+                    all_views_ready &= d.controller_leader.is_some()
+                        && d.brokers.len() == file.brokers.len()
+                        && d.brokers.iter().all(|b| !b.fenced);
                     // The view with a leader wins; any view beats none.
                     if view.as_ref().is_none_or(|v| v.controller_leader.is_none()) {
                         view = Some(d);
@@ -297,6 +307,7 @@ async fn status(file: &ClusterFile) -> ClusterStatus {
         brokers,
         under_replicated_partitions: view.as_ref().map_or(0, |v| v.under_replicated_partitions),
         offline_partitions: view.as_ref().map_or(0, |v| v.offline_partitions) + damaged,
+        all_views_ready,
     }
 }
 

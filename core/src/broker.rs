@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use crate::cluster::member::{raft_tls, ClusterMember, MemberConfig};
 use crate::cluster::ControllerState;
 use crate::config::BrokerConfig;
-use crate::group::GroupService;
+use crate::group::{GroupDirectory, GroupService};
 use crate::log::{Flusher, PartitionLog, RepairReport};
 use crate::metrics::Metrics;
 use crate::pipelines::{PipelineHost, PipelineSlot};
@@ -255,13 +255,21 @@ impl Broker {
             }
             None => None,
         };
-        let groups = GroupService::open(
-            topics.clone(),
-            flusher.clone(),
-            config.limits.max_frame_bytes as usize,
-        )
-        .map_err(|e| BrokerError::Storage(format!("consumer groups: {e}")))?;
-        let group_task = tokio::spawn(groups.clone().run_ticker(stop_rx.clone()));
+        // A lone broker coordinates every group from its own `__consumer_offsets`; a cluster
+        // broker serves the groups of the offsets partitions it leads (the replica manager
+        // opens them as it takes leadership).
+        let (groups, group_task) = if config.cluster.enabled() {
+            (GroupDirectory::cluster(), None)
+        } else {
+            let service = GroupService::open(
+                topics.clone(),
+                flusher.clone(),
+                config.limits.max_frame_bytes as usize,
+            )
+            .map_err(|e| BrokerError::Storage(format!("consumer groups: {e}")))?;
+            let task = tokio::spawn(service.clone().run_ticker(stop_rx.clone()));
+            (GroupDirectory::lone(service), Some(task))
+        };
         let plugins = Arc::new(
             PluginService::open(db.clone(), topics.clone(), &config.plugins)
                 .map_err(|e| BrokerError::Storage(e.to_string()))?,
@@ -278,7 +286,7 @@ impl Broker {
                 topics: topics.clone(),
                 flusher: flusher.clone(),
                 metrics,
-                groups,
+                groups: groups.clone(),
                 plugins,
                 txns,
                 cluster: member.clone(),
@@ -327,6 +335,9 @@ impl Broker {
                         ),
                         lag_max_ms: config.cluster.replica_lag_max_ms as i64,
                         max_batch_bytes: config.limits.max_frame_bytes as usize,
+                        groups: groups.clone(),
+                        offsets_replication: config.cluster.voters.len().clamp(1, 3),
+                        max_decompressed: config.limits.max_frame_bytes as usize,
                     },
                     stop_rx.clone(),
                 );
@@ -364,7 +375,9 @@ impl Broker {
                 }
                 endpoint.close(quinn::VarInt::from_u32(0), b"broker shutting down");
                 let _ = retention_task.await;
-                let _ = group_task.await;
+                if let Some(t) = group_task {
+                    let _ = t.await;
+                }
                 let _ = txn_task.await;
                 // Every request has been answered (or the timeout passed): now the flusher
                 // may stop; the final flush below covers whatever it had not.

@@ -32,7 +32,7 @@ use quiver_protocol::ErrorCode;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::group::{GroupService, GroupServiceError};
+use crate::group::{GroupDirectory, GroupServiceError};
 use crate::log::{Flusher, LogError};
 use crate::topic::{TopicError, TopicRegistry};
 
@@ -127,7 +127,7 @@ pub struct TxnCoordinator {
     tree: sled::Tree,
     topics: Arc<TopicRegistry>,
     flusher: Arc<Flusher>,
-    groups: Arc<GroupService>,
+    groups: Arc<GroupDirectory>,
     state: Mutex<BTreeMap<String, TxnState>>,
     /// Producer id → transactional id, so a transactional produce finds its transaction
     /// without scanning every id.
@@ -147,7 +147,7 @@ impl TxnCoordinator {
         db: &sled::Db,
         topics: Arc<TopicRegistry>,
         flusher: Arc<Flusher>,
-        groups: Arc<GroupService>,
+        groups: Arc<GroupDirectory>,
     ) -> Result<Arc<TxnCoordinator>> {
         Self::open_with_limit(db, topics, flusher, groups, MAX_TRANSACTIONAL_IDS)
     }
@@ -157,7 +157,7 @@ impl TxnCoordinator {
         db: &sled::Db,
         topics: Arc<TopicRegistry>,
         flusher: Arc<Flusher>,
-        groups: Arc<GroupService>,
+        groups: Arc<GroupDirectory>,
         max_ids: usize,
     ) -> Result<Arc<TxnCoordinator>> {
         let tree = db
@@ -371,7 +371,10 @@ impl TxnCoordinator {
             generation: req.generation,
             offsets: req.offsets.clone(),
         };
-        self.groups.check_commit(&commit).await?;
+        self.groups
+            .for_group(&commit.group)?
+            .check_commit(&commit)
+            .await?;
         if s.status == Status::Empty {
             s.status = Status::Ongoing;
             s.started_ms = crate::clock::now_ms();
@@ -440,7 +443,10 @@ impl TxnCoordinator {
         }
         if commit {
             for offsets in &s.offsets {
-                self.groups.store_transactional(offsets).await?;
+                self.groups
+                    .for_group(&offsets.group)?
+                    .store_transactional(offsets)
+                    .await?;
             }
         }
         s.status = Status::Empty;
@@ -591,7 +597,9 @@ mod tests {
         let db = sled::open(dir.path()).unwrap();
         let topics = Arc::new(TopicRegistry::open(db.clone(), TopicConfig::default()).unwrap());
         let flusher = Flusher::new(db.clone());
-        let groups = GroupService::open(topics.clone(), flusher.clone(), 1 << 20).unwrap();
+        let groups = crate::group::GroupDirectory::lone(
+            crate::group::GroupService::open(topics.clone(), flusher.clone(), 1 << 20).unwrap(),
+        );
         let c = TxnCoordinator::open_with_limit(&db, topics, flusher, groups, max_ids).unwrap();
         (dir, c)
     }

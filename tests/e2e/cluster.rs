@@ -48,7 +48,7 @@ struct TestCluster {
 }
 
 impl TestCluster {
-    fn start() -> TestCluster {
+    fn on_free_ports() -> TestCluster {
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<u16> = (0..3).map(|_| free_udp_port()).collect();
         let file = dir.path().join("cluster.toml");
@@ -60,9 +60,23 @@ impl TestCluster {
             ));
         }
         std::fs::write(&file, text).unwrap();
-        let c = TestCluster { dir, file, ports };
-        succeeded(&c.run(&["cluster", "start"]));
-        c
+        TestCluster { dir, file, ports }
+    }
+
+    /// Starts a cluster; tries again on fresh ports when one was taken meanwhile (free
+    /// ports are found by binding and releasing them; another test may take one first).
+    fn start() -> TestCluster {
+        for attempt in 1..=3 {
+            let c = Self::on_free_ports();
+            let out = c.run(&["cluster", "start"]);
+            if out.status.success() {
+                return c;
+            }
+            let err = String::from_utf8_lossy(&out.stderr).to_string();
+            assert!(attempt < 3, "cluster start failed 3 times: {err}");
+            eprintln!("cluster start failed (attempt {attempt}), retrying on new ports: {err}");
+        }
+        unreachable!()
     }
 
     /// `quiver cluster SUB --config FILE`.
@@ -426,4 +440,76 @@ fn a_bootstrap_list_skips_brokers_that_do_not_answer() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no bootstrap broker answered"), "{err}");
+}
+
+#[test]
+fn a_groups_committed_offsets_survive_losing_its_coordinators_broker() {
+    let c = TestCluster::start();
+    succeeded(&c.cli(
+        &[
+            "topic",
+            "create",
+            "events",
+            "--partitions",
+            "3",
+            "--replication-factor",
+            "3",
+        ],
+        None,
+    ));
+    succeeded(&c.cli(
+        &["produce", "events", "--acks", "all", "--key-separator", ":"],
+        Some(&lines(1, 300)),
+    ));
+    // Reads to the end as group "readers", commits, leaves.
+    let out = c.cli(
+        &[
+            "consume", "events", "--group", "readers", "--output", "json",
+        ],
+        None,
+    );
+    succeeded(&out);
+    assert_eq!(json_lines(&String::from_utf8_lossy(&out.stdout)).len(), 300);
+
+    // The coordinator is the leader of the group's partition of __consumer_offsets.
+    let offsets = c.describe("__consumer_offsets");
+    let n = offsets["partitions"].as_array().unwrap().len() as u32;
+    assert!(n > 1, "the offsets topic is partitioned: {offsets}");
+    let p = quiver_protocol::requests::coordinator_partition("readers", n);
+    let coordinator = TestCluster::partition(&offsets, u64::from(p))["leader"]
+        .as_u64()
+        .unwrap();
+    unsafe_kill(c.pid(coordinator), "KILL");
+
+    // A new coordinator (another replica of that partition) has the committed offsets.
+    let committed = |d: &Value| -> i64 {
+        d["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["committed"].as_i64().unwrap_or(0))
+            .sum()
+    };
+    wait_for(60, "the group's offsets from a new coordinator", || {
+        let out = c.cli(&["group", "describe", "readers", "--output", "json"], None);
+        out.status.success() && committed(&serde_json::from_slice(&out.stdout).unwrap()) == 300
+    });
+    // New records: the group resumes exactly after what it committed.
+    succeeded(&c.cli(
+        &["produce", "events", "--acks", "all", "--key-separator", ":"],
+        Some(&lines(301, 330)),
+    ));
+    let out = c.cli(
+        &[
+            "consume", "events", "--group", "readers", "--output", "json",
+        ],
+        None,
+    );
+    succeeded(&out);
+    let mut values: Vec<u64> = json_lines(&String::from_utf8_lossy(&out.stdout))
+        .iter()
+        .map(|r| r["value"].as_str().unwrap().parse().unwrap())
+        .collect();
+    values.sort_unstable();
+    assert_eq!(values, (301..=330).collect::<Vec<u64>>());
 }

@@ -38,6 +38,7 @@
 
 pub mod assignor;
 pub mod coordinator;
+pub mod directory;
 pub mod records;
 pub mod service;
 
@@ -47,6 +48,7 @@ mod simulation;
 pub use coordinator::{
     CoordinatorConfig, GroupCoordinator, GroupError, GroupEvent, HeartbeatAnswer, TopicSnapshot,
 };
+pub use directory::GroupDirectory;
 pub use records::{GroupRecord, OFFSETS_TOPIC};
 pub use service::{GroupService, GroupServiceError};
 

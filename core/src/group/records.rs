@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use quiver_protocol::requests::{AutoOffsetReset, Strategy, TopicPartition};
 
 /// The internal topic holding group records.
-pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
+pub use quiver_protocol::requests::OFFSETS_TOPIC;
 
 /// What a record is about.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -51,6 +51,10 @@ pub enum GroupServiceError {
     /// The request is not allowed.
     #[error("{0}")]
     Refused(String),
+    /// This broker does not coordinate the group (a cluster: the leader of its partition of
+    /// `__consumer_offsets` does).
+    #[error("this broker is not the coordinator of group {group:?} (partition {partition} of __consumer_offsets); refresh metadata and ask its leader")]
+    NotCoordinator { group: String, partition: u32 },
 }
 
 impl GroupServiceError {
@@ -62,6 +66,7 @@ impl GroupServiceError {
             GroupServiceError::Log(e) => e.code(),
             GroupServiceError::Persist(_) => ErrorCode::StorageError,
             GroupServiceError::Refused(_) => ErrorCode::InvalidRequest,
+            GroupServiceError::NotCoordinator { .. } => ErrorCode::NotLeader,
         }
     }
 }
@@ -81,6 +86,9 @@ pub struct GroupService {
     log_config: TopicConfig,
     started: Instant,
     max_decompressed: usize,
+    /// A cluster broker's replicas: a group record is acknowledged once the in-sync
+    /// replicas of its offsets partition have it (`Weak`: the manager owns the directory).
+    replicas: std::sync::Weak<crate::replica::ReplicaManager>,
 }
 
 fn log_event(e: &GroupEvent) {
@@ -169,6 +177,27 @@ impl GroupService {
         let log = topic.partitions.first().cloned().ok_or_else(|| {
             TopicError::InvalidPartitions(format!("{OFFSETS_TOPIC} has no partition"))
         })?;
+        Self::open_on(
+            topics,
+            flusher,
+            log,
+            topic.config(),
+            max_decompressed,
+            std::sync::Weak::new(),
+        )
+    }
+
+    /// A service over one partition of `__consumer_offsets` (`log`), its state rebuilt by
+    /// replaying it; a cluster broker passes its replica manager so records wait for the
+    /// partition's in-sync replicas.
+    pub fn open_on(
+        topics: Arc<TopicRegistry>,
+        flusher: Arc<Flusher>,
+        log: Arc<PartitionLog>,
+        log_config: TopicConfig,
+        max_decompressed: usize,
+        replicas: std::sync::Weak<crate::replica::ReplicaManager>,
+    ) -> Result<Arc<GroupService>, TopicError> {
         let nonce = crate::clock::now_ms() as u64 % 0x1_0000_0000;
         let mut coord = GroupCoordinator::new(CoordinatorConfig {
             member_id_prefix: format!("{nonce:08x}"),
@@ -182,17 +211,23 @@ impl GroupService {
             log.accept_damage();
         }
         let groups = coord.list().groups.len();
-        info!(records = replayed, groups, "recovered consumer groups");
+        info!(
+            partition = log.partition,
+            records = replayed,
+            groups,
+            "recovered consumer groups"
+        );
         Ok(Arc::new(GroupService {
             coord: Mutex::new(coord),
             changed: watch::Sender::new(0),
             group_locks: Mutex::new(HashMap::new()),
-            log_config: topic.config(),
+            log_config,
             topics,
             flusher,
             log,
             started: Instant::now(),
             max_decompressed,
+            replicas,
         }))
     }
 
@@ -251,7 +286,9 @@ impl GroupService {
         let raw = b.build();
         let header = quiver_protocol::batch::validate(&raw, usize::MAX)
             .map_err(|e| GroupServiceError::Persist(LogError::InvalidBatch(e)))?;
-        self.log
+        let deadline = tokio::time::Instant::now() + PERSIST_TIMEOUT;
+        let appended = self
+            .log
             .append(
                 vec![(raw, header)],
                 &self.log_config,
@@ -263,6 +300,17 @@ impl GroupService {
                 warn!(error = %e, "could not persist group records");
                 GroupServiceError::Persist(e)
             })?;
+        if let Some(rm) = self.replicas.upgrade() {
+            // Acknowledged only once the in-sync replicas have it: a new coordinator
+            // (another broker) replays it.
+            rm.leader_flushed(&self.log, appended.last_offset + 1);
+            rm.wait_committed(&self.log, appended.last_offset, deadline)
+                .await
+                .map_err(|e| {
+                    warn!(error = %e, "group records not confirmed by the in-sync replicas");
+                    GroupServiceError::Persist(LogError::Timeout(e.to_string()))
+                })?;
+        }
         Ok(())
     }
 
@@ -467,7 +515,7 @@ fn replay(
             let records = match RecordIter::new(b, max_decompressed) {
                 Ok(r) => r,
                 Err(e) => {
-                    warn!(topic = OFFSETS_TOPIC, partition = 0, offset = BatchHeader::parse(b).map(|h| h.base_offset).unwrap_or(offset), error = %e, "skipping an undecodable group batch");
+                    warn!(topic = OFFSETS_TOPIC, partition = log.partition, offset = BatchHeader::parse(b).map(|h| h.base_offset).unwrap_or(offset), error = %e, "skipping an undecodable group batch");
                     continue;
                 }
             };
@@ -475,7 +523,7 @@ fn replay(
                 let r = match r {
                     Ok(r) => r,
                     Err(e) => {
-                        warn!(topic = OFFSETS_TOPIC, partition = 0, error = %e, "skipping the rest of an undecodable group batch");
+                        warn!(topic = OFFSETS_TOPIC, partition = log.partition, error = %e, "skipping the rest of an undecodable group batch");
                         break;
                     }
                 };
@@ -489,7 +537,7 @@ fn replay(
                         applied += 1;
                     }
                     Err(e) => {
-                        warn!(topic = OFFSETS_TOPIC, partition = 0, offset = r.offset, error = %e, "skipping an unreadable group record")
+                        warn!(topic = OFFSETS_TOPIC, partition = log.partition, offset = r.offset, error = %e, "skipping an unreadable group record")
                     }
                 }
             }

@@ -844,14 +844,21 @@ impl PartitionLog {
     }
 
     /// Recovery reads of internal topics: the whole batches from `offset` below the high
-    /// watermark, up to `max_bytes`, skipping (and logging) damaged ones; works while the
-    /// partition is offline. Returns the batches and the offset after the last batch seen.
+    /// watermark (the log end on a replicated log, read by its new leader: everything in a
+    /// leader's log becomes committed), up to `max_bytes`, skipping (and logging) damaged
+    /// ones; works while the partition is offline. Returns the batches and the offset after
+    /// the last batch seen.
     pub fn read_recovering(
         &self,
         offset: i64,
         max_bytes: usize,
     ) -> Result<(Vec<Bytes>, i64), LogError> {
         let snap = self.snapshot();
+        let bound = if self.is_replicated() {
+            snap.log_end
+        } else {
+            snap.high_watermark
+        };
         let start = match self.batches.range_through(&offset_key(offset)).next_back() {
             Some(item) => key_offset(&item?.0),
             None => offset,
@@ -862,7 +869,7 @@ impl PartitionLog {
         for item in self.batches.range_from(&offset_key(start)) {
             let (k, v) = item?;
             let base = key_offset(&k);
-            if base >= snap.high_watermark || (bytes > 0 && bytes + v.len() > max_bytes) {
+            if base >= bound || (bytes > 0 && bytes + v.len() > max_bytes) {
                 break;
             }
             match stored_batch_problem(&k, &v) {

@@ -10,7 +10,7 @@
 //! partition epoch it saw (Kafka's AlterPartition). Nothing is done before the metadata
 //! holds this process's own registration: until then this broker's copy may be behind.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -20,7 +20,11 @@ use tokio::sync::watch;
 use super::follower::{follow, FollowTarget};
 use super::leader::LeaderState;
 use super::peers::PeerClients;
-use crate::cluster::{BrokerId, Controller, ControllerCommand, ControllerState, PartitionRecord};
+use crate::cluster::{
+    BrokerId, Controller, ControllerCommand, ControllerResponse, ControllerState,
+    PartitionAssignment, PartitionRecord,
+};
+use crate::group::{GroupDirectory, GroupService, OFFSETS_TOPIC};
 use crate::log::{Flusher, PartitionLog};
 use crate::topic::{is_internal, TopicRegistry};
 use quiver_protocol::ErrorCode;
@@ -110,10 +114,21 @@ pub struct ReplicaSetup {
     pub lag_max_ms: i64,
     /// Largest batch a follower accepts from its leader.
     pub max_batch_bytes: usize,
+    /// The consumer groups this broker coordinates (those of the offsets partitions it leads).
+    pub groups: Arc<GroupDirectory>,
+    /// Replicas of each `__consumer_offsets` partition.
+    pub offsets_replication: usize,
+    /// Largest decompressed batch when replaying group records.
+    pub max_decompressed: usize,
 }
+
+/// Partitions of `__consumer_offsets` in a cluster (a group's coordinator is the leader of
+/// the partition its name hashes to).
+pub const OFFSETS_PARTITIONS: u32 = 6;
 
 /// A cluster broker's replicas: see the module documentation.
 pub struct ReplicaManager {
+    this: std::sync::Weak<ReplicaManager>,
     me: BrokerId,
     registered_epoch: u64,
     topics: Arc<TopicRegistry>,
@@ -122,6 +137,9 @@ pub struct ReplicaManager {
     peers: Arc<PeerClients>,
     lag_max_ms: i64,
     max_batch_bytes: usize,
+    groups: Arc<GroupDirectory>,
+    offsets_replication: usize,
+    max_decompressed: usize,
     view: RwLock<Arc<ControllerState>>,
     ready: AtomicBool,
     roles: Mutex<HashMap<PartitionKey, Role>>,
@@ -135,7 +153,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl ReplicaManager {
     /// Starts applying the controller's metadata until `stop`.
     pub fn start(setup: ReplicaSetup, stop: watch::Receiver<bool>) -> Arc<ReplicaManager> {
-        let rm = Arc::new(ReplicaManager {
+        let rm = Arc::new_cyclic(|this| ReplicaManager {
+            this: this.clone(),
             me: setup.me,
             registered_epoch: setup.registered_epoch,
             topics: setup.topics,
@@ -144,6 +163,9 @@ impl ReplicaManager {
             peers: Arc::new(setup.peers),
             lag_max_ms: setup.lag_max_ms,
             max_batch_bytes: setup.max_batch_bytes,
+            groups: setup.groups,
+            offsets_replication: setup.offsets_replication,
+            max_decompressed: setup.max_decompressed,
             view: RwLock::new(Arc::new(ControllerState::default())),
             ready: AtomicBool::new(false),
             roles: Mutex::new(HashMap::new()),
@@ -198,6 +220,21 @@ impl ReplicaManager {
             topic: topic.to_string(),
             partition,
             leader,
+        }
+    }
+
+    /// Maps a local lookup failure of a partition the controller has (this broker has not
+    /// applied it yet) to `NotLeader`, which clients retry; other failures pass.
+    pub fn not_ready(
+        &self,
+        topic: &str,
+        partition: u32,
+        e: crate::topic::TopicError,
+    ) -> crate::server::requests::RequestError {
+        if self.view().partition(topic, partition).is_some() {
+            self.not_leader(topic, partition).into()
+        } else {
+            e.into()
         }
     }
 
@@ -335,6 +372,110 @@ impl ReplicaManager {
         }
         self.sync_roles(&state);
         self.check_isr(&state);
+        self.ensure_offsets_topic(&state).await;
+        self.sync_groups(&state).await;
+    }
+
+    /// The lowest live broker creates `__consumer_offsets` once enough brokers are live to
+    /// give it its replication.
+    async fn ensure_offsets_topic(&self, state: &ControllerState) {
+        if state.topic(OFFSETS_TOPIC).is_some() {
+            return;
+        }
+        let live: Vec<BrokerId> = state
+            .brokers
+            .values()
+            .filter(|b| !b.fenced)
+            .map(|b| b.id)
+            .collect();
+        if live.first() != Some(&self.me) || live.len() < self.offsets_replication {
+            return;
+        }
+        let partitions = (0..OFFSETS_PARTITIONS as usize)
+            .map(|p| PartitionAssignment {
+                replicas: (0..self.offsets_replication)
+                    .map(|i| live[(p + i) % live.len()])
+                    .collect(),
+            })
+            .collect();
+        let cmd = ControllerCommand::CreateTopic {
+            name: OFFSETS_TOPIC.to_string(),
+            topic_id: state.next_topic_id(),
+            partitions,
+            config: BTreeMap::from([
+                ("retention.ms".to_string(), "-1".to_string()),
+                ("flush".to_string(), "batch".to_string()),
+            ]),
+        };
+        match self.controller.propose(cmd).await {
+            Ok(ControllerResponse::Refused(e)) => {
+                tracing::debug!(error = %e, "creating the offsets topic refused")
+            }
+            Ok(_) => tracing::info!(
+                partitions = OFFSETS_PARTITIONS,
+                replicas = self.offsets_replication,
+                "created {OFFSETS_TOPIC}"
+            ),
+            Err(e) => tracing::debug!(error = %e, "creating the offsets topic failed; retrying"),
+        }
+    }
+
+    /// Serves the groups of every offsets partition this broker leads (replaying a
+    /// partition when it takes it over), and no others.
+    async fn sync_groups(&self, state: &ControllerState) {
+        let Some(topic) = state.topic(OFFSETS_TOPIC) else {
+            return;
+        };
+        self.groups.set_partitions(topic.partitions.len() as u32);
+        let led: Vec<(u32, u64)> = {
+            let roles = lock(&self.roles);
+            (0..topic.partitions.len() as u32)
+                .filter_map(|p| match roles.get(&(OFFSETS_TOPIC.to_string(), p)) {
+                    Some(Role::Leader { epoch, .. }) => Some((p, *epoch)),
+                    _ => None,
+                })
+                .collect()
+        };
+        self.groups.retain(|p| led.iter().any(|(l, _)| *l == p));
+        for (p, epoch) in led {
+            if self.groups.led_epoch(p) == Some(epoch) {
+                continue;
+            }
+            let Ok((t, log)) = self.topics.partition(OFFSETS_TOPIC, p) else {
+                continue;
+            };
+            let (topics, flusher, config, max) = (
+                self.topics.clone(),
+                self.flusher.clone(),
+                t.config(),
+                self.max_decompressed,
+            );
+            let replicas = self.me_weak();
+            let opened = tokio::task::spawn_blocking(move || {
+                GroupService::open_on(topics, flusher, log, config, max, replicas)
+            })
+            .await;
+            match opened {
+                Ok(Ok(service)) => {
+                    tracing::info!(
+                        partition = p,
+                        epoch,
+                        "coordinating the groups of {OFFSETS_TOPIC} partition {p}"
+                    );
+                    self.groups.install(p, epoch, service);
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(partition = p, error = %e, "cannot load the groups of an offsets partition")
+                }
+                Err(e) => {
+                    tracing::error!(partition = p, error = %e, "loading the groups of an offsets partition failed")
+                }
+            }
+        }
+    }
+
+    fn me_weak(&self) -> std::sync::Weak<ReplicaManager> {
+        self.this.clone()
     }
 
     /// Creates, replaces and deletes local topics to match the controller's.

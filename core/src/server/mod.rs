@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 
 use crate::config::BrokerConfig;
-use crate::group::GroupService;
+use crate::group::GroupDirectory;
 use crate::log::Flusher;
 use crate::metrics::Metrics;
 use crate::pipelines::PipelineSlot;
@@ -62,7 +62,7 @@ pub struct ServerParts {
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Consumer groups.
-    pub groups: Arc<GroupService>,
+    pub groups: Arc<GroupDirectory>,
     /// Deployed plugins.
     pub plugins: Arc<PluginService>,
     /// Transactions.

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use quiver_protocol::requests::{
-    MetadataRequest, MetadataResponse, SubscribeChunk, SubscribeRequest, TopicMetadata,
+    coordinator_partition, MetadataRequest, MetadataResponse, SubscribeChunk, SubscribeRequest,
+    TopicMetadata, OFFSETS_TOPIC,
 };
 use quiver_protocol::{
     decode_response, encode_request, FrameHeader, Limits, Message, ProtocolError, FRAME_HEADER_LEN,
@@ -64,6 +65,9 @@ struct ClientInner {
     quinn_config: quinn::ClientConfig,
     limits: Limits,
     bootstrap: Arc<BrokerConn>,
+    /// The broker that answers requests not about one partition: the bootstrap broker
+    /// until it stops answering, then whichever broker answered instead.
+    home: Mutex<Arc<BrokerConn>>,
     /// Every bootstrap address given, tried when the connected one stops answering.
     bootstrap_list: Vec<String>,
     conns: Mutex<HashMap<String, Arc<BrokerConn>>>,
@@ -374,6 +378,7 @@ impl Client {
                 config.bootstrap.clone(),
                 bootstrap.clone(),
             )])),
+            home: Mutex::new(bootstrap.clone()),
             bootstrap,
             bootstrap_list,
             broker_addrs: Mutex::new(HashMap::new()),
@@ -414,6 +419,7 @@ impl Client {
                 config.bootstrap.clone(),
                 bootstrap.clone(),
             )])),
+            home: Mutex::new(bootstrap.clone()),
             bootstrap,
             bootstrap_list: Vec::new(),
             broker_addrs: Mutex::new(HashMap::new()),
@@ -458,7 +464,7 @@ impl Client {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<(M::Response, Bytes)> {
-        let broker = self.inner.bootstrap.clone();
+        let broker = lock(&self.inner.home).clone();
         let first = self
             .request_on(&broker, req, payload.clone(), timeout)
             .await;
@@ -466,8 +472,8 @@ impl Client {
             Err(ClientError::Connect { .. } | ClientError::Transport { .. }) => {}
             other => return other,
         }
-        // The broker this client bootstrapped from is gone: any other broker it knows of
-        // (the rest of the bootstrap list, the brokers metadata named) answers as well.
+        // The broker this client was using is gone: any other broker it knows of (the
+        // bootstrap list, the brokers metadata named) answers as well, and keeps answering.
         let mut others: Vec<String> = self.inner.bootstrap_list.clone();
         others.extend(lock(&self.inner.broker_addrs).values().cloned());
         others.retain(|a| *a != broker.addr);
@@ -476,7 +482,11 @@ impl Client {
             let conn = self.conn_for(&addr);
             match self.request_on(&conn, req, payload.clone(), timeout).await {
                 Err(ClientError::Connect { .. } | ClientError::Transport { .. }) => continue,
-                other => return other,
+                other => {
+                    tracing::debug!(from = %broker.addr, to = %conn.addr, "requests go to another broker");
+                    *lock(&self.inner.home) = conn;
+                    return other;
+                }
             }
         }
         first
@@ -518,6 +528,41 @@ impl Client {
             self.invalidate_metadata(topic);
         }
         r
+    }
+
+    /// Sends a request about consumer group `group` to its coordinator: the leader of the
+    /// group's partition of `__consumer_offsets` (one broker coordinates every group of a
+    /// lone broker), within `request_timeout`.
+    pub async fn request_for_group<M: Message>(
+        &self,
+        group: &str,
+        req: &M,
+        payload: Bytes,
+    ) -> Result<(M::Response, Bytes)> {
+        let timeout = self.inner.config.request_timeout;
+        self.request_for_group_with_timeout(group, req, payload, timeout)
+            .await
+    }
+
+    /// [`request_for_group`](Self::request_for_group) with an explicit time limit.
+    pub async fn request_for_group_with_timeout<M: Message>(
+        &self,
+        group: &str,
+        req: &M,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<(M::Response, Bytes)> {
+        let partitions = match self.partition_count(OFFSETS_TOPIC).await {
+            Ok(n) => n,
+            // No offsets topic yet (a cluster still forming): the bootstrap broker answers.
+            Err(ClientError::TopicNotFound(_)) => {
+                return self.request_with_timeout(req, payload, timeout).await
+            }
+            Err(e) => return Err(e),
+        };
+        let p = coordinator_partition(group, partitions);
+        self.request_for_partition(OFFSETS_TOPIC, p, req, payload, timeout)
+            .await
     }
 
     /// Sends a request to the partition's leader without reading the answer (`acks = 0`).
@@ -740,7 +785,7 @@ impl Client {
                 .unwrap_or(true)
         });
         Ok(match usable {
-            None => self.inner.bootstrap.clone(),
+            None => lock(&self.inner.home).clone(),
             Some(a) => self.conn_for(&a),
         })
     }

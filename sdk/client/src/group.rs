@@ -249,7 +249,10 @@ async fn join_request(
         strategy: config.strategy,
         auto_offset_reset: config.auto_offset_reset,
     };
-    Ok(client.request(&req, Bytes::new()).await?.0)
+    Ok(client
+        .request_for_group(&req.group, &req, Bytes::new())
+        .await?
+        .0)
 }
 
 fn is_code(e: &ClientError, codes: &[ErrorCode]) -> bool {
@@ -447,7 +450,10 @@ impl GroupConsumer {
                 group: self.config.group.clone(),
                 partitions: Some(granted.clone()),
             };
-            let (resp, _) = self.client.request(&req, Bytes::new()).await?;
+            let (resp, _) = self
+                .client
+                .request_for_group(&req.group, &req, Bytes::new())
+                .await?;
             let mut committed: BTreeMap<TopicPartition, i64> = BTreeMap::new();
             for o in resp.offsets {
                 let tp = TopicPartition::new(o.topic, o.partition);
@@ -687,7 +693,10 @@ impl GroupConsumer {
             group: self.config.group.clone(),
             member_id,
         };
-        let left = self.client.request(&req, Bytes::new()).await;
+        let left = self
+            .client
+            .request_for_group(&req.group, &req, Bytes::new())
+            .await;
         committed?;
         match left {
             Ok(_) => Ok(()),
@@ -723,7 +732,10 @@ async fn send_commit(
             generation,
             offsets: offsets.clone(),
         };
-        match client.request(&req, Bytes::new()).await {
+        match client
+            .request_for_group(&req.group, &req, Bytes::new())
+            .await
+        {
             Ok((r, _)) => return Ok(r.committed),
             Err(e) if is_code(&e, &[ErrorCode::StaleGeneration]) && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -754,7 +766,7 @@ async fn heartbeat_loop(client: Client, config: GroupConfig, link: Arc<Link>, in
         let released = link.released.notified();
         tokio::pin!(released);
         let result = tokio::select! {
-            r = client.request_with_timeout(&req, Bytes::new(), timeout) => r,
+            r = client.request_for_group_with_timeout(&req.group, &req, Bytes::new(), timeout) => r,
             // Something was released: report it now instead of waiting for this answer.
             _ = &mut released => continue,
         };

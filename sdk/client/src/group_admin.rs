@@ -25,7 +25,11 @@ impl Admin {
         let req = DescribeGroupRequest {
             group: group.to_string(),
         };
-        Ok(self.client().request(&req, Bytes::new()).await?.0)
+        Ok(self
+            .client()
+            .request_for_group(group, &req, Bytes::new())
+            .await?
+            .0)
     }
 
     /// Moves a group's committed offsets of `topic` (refused while it has members);
@@ -41,7 +45,12 @@ impl Admin {
             topic: topic.to_string(),
             to,
         };
-        Ok(self.client().request(&req, Bytes::new()).await?.0.offsets)
+        Ok(self
+            .client()
+            .request_for_group(group, &req, Bytes::new())
+            .await?
+            .0
+            .offsets)
     }
 
     /// Deletes a group without members; returns how many committed offsets went with it.
@@ -51,7 +60,7 @@ impl Admin {
         };
         Ok(self
             .client()
-            .request(&req, Bytes::new())
+            .request_for_group(group, &req, Bytes::new())
             .await?
             .0
             .offsets_deleted)
@@ -67,6 +76,11 @@ impl Admin {
             group: group.to_string(),
             partitions,
         };
-        Ok(self.client().request(&req, Bytes::new()).await?.0.offsets)
+        Ok(self
+            .client()
+            .request_for_group(group, &req, Bytes::new())
+            .await?
+            .0
+            .offsets)
     }
 }

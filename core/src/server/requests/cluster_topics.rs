@@ -163,7 +163,8 @@ pub async fn create(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
     let rm = replicas_of(ctx)?;
     let mut tries = 0;
     let topic_id = loop {
-        let state = rm.view();
+        // The controller's applied state now, not the view of the last reconcile pass.
+        let state = rm.controller().state().await;
         let partitions = assign(&state, req.partitions, req.replication_factor)
             .map_err(|e| RequestError::new(ErrorCode::InvalidConfig, e))?;
         let topic_id = state.next_topic_id();

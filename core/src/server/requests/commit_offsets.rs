@@ -9,6 +9,6 @@ use crate::server::ServerContext;
 /// Handles a commit.
 pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let (req, _) = decode::<CommitOffsetsRequest>(&body)?;
-    let resp = ctx.groups.commit(&req).await?;
+    let resp = ctx.groups.for_group(&req.group)?.commit(&req).await?;
     Ok(Reply::control(&resp))
 }

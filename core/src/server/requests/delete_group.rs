@@ -9,5 +9,7 @@ use crate::server::ServerContext;
 /// Handles a delete-group request.
 pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let (req, _) = decode::<DeleteGroupRequest>(&body)?;
-    Ok(Reply::control(&ctx.groups.delete(&req.group).await?))
+    Ok(Reply::control(
+        &ctx.groups.for_group(&req.group)?.delete(&req.group).await?,
+    ))
 }

@@ -9,5 +9,7 @@ use crate::server::ServerContext;
 /// Handles a describe-group request.
 pub fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let (req, _) = decode::<DescribeGroupRequest>(&body)?;
-    Ok(Reply::control(&ctx.groups.describe(&req.group)?))
+    Ok(Reply::control(
+        &ctx.groups.for_group(&req.group)?.describe(&req.group)?,
+    ))
 }

@@ -31,5 +31,7 @@ pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
             ),
         ));
     }
-    Ok(Reply::control(&ctx.groups.fetch_offsets(&req)))
+    Ok(Reply::control(
+        &ctx.groups.for_group(&req.group)?.fetch_offsets(&req),
+    ))
 }

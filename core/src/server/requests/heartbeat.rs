@@ -9,6 +9,10 @@ use crate::server::ServerContext;
 /// Handles a heartbeat; may wait up to the member's heartbeat interval.
 pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let (req, _) = decode::<HeartbeatRequest>(&body)?;
-    let resp = ctx.groups.heartbeat(&req, ctx.stopping.clone()).await?;
+    let resp = ctx
+        .groups
+        .for_group(&req.group)?
+        .heartbeat(&req, ctx.stopping.clone())
+        .await?;
     Ok(Reply::control(&resp))
 }

@@ -9,6 +9,6 @@ use crate::server::ServerContext;
 /// Handles a join.
 pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let (req, _) = decode::<JoinGroupRequest>(&body)?;
-    let resp = ctx.groups.join(&req).await?;
+    let resp = ctx.groups.for_group(&req.group)?.join(&req).await?;
     Ok(Reply::control(&resp))
 }

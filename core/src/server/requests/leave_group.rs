@@ -9,6 +9,9 @@ use crate::server::ServerContext;
 /// Handles a leave.
 pub fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let (req, _) = decode::<LeaveGroupRequest>(&body)?;
-    let generation = ctx.groups.leave(&req.group, &req.member_id)?;
+    let generation = ctx
+        .groups
+        .for_group(&req.group)?
+        .leave(&req.group, &req.member_id)?;
     Ok(Reply::control(&LeaveGroupResponse { generation }))
 }

@@ -1,7 +1,8 @@
-//! ListGroups: every group this broker coordinates.
+//! ListGroups: every group this broker coordinates (in a cluster, those of the
+//! `__consumer_offsets` partitions it leads).
 
 use bytes::Bytes;
-use quiver_protocol::requests::ListGroupsRequest;
+use quiver_protocol::requests::{ListGroupsRequest, ListGroupsResponse};
 
 use super::{decode, Reply, RequestError};
 use crate::server::ServerContext;
@@ -9,5 +10,10 @@ use crate::server::ServerContext;
 /// Handles a list-groups request.
 pub fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let (_req, _) = decode::<ListGroupsRequest>(&body)?;
-    Ok(Reply::control(&ctx.groups.list()))
+    let mut groups = Vec::new();
+    for service in ctx.groups.all() {
+        groups.extend(service.list().groups);
+    }
+    groups.sort_by(|a, b| a.group.cmp(&b.group));
+    Ok(Reply::control(&ListGroupsResponse { groups }))
 }

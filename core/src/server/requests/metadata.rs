@@ -37,6 +37,13 @@ pub fn topic_metadata(ctx: &ServerContext, t: &Topic) -> TopicMetadata {
 /// Handles a metadata request.
 pub fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let (req, _) = decode::<MetadataRequest>(&body)?;
+    if let Some(rm) = ctx.replicas() {
+        return Ok(Reply::control(&cluster_metadata(
+            ctx,
+            &rm.view(),
+            req.topics.as_deref(),
+        )));
+    }
     let topics: Vec<_> = match &req.topics {
         // Listing every topic leaves out internal ones (`__consumer_offsets`); asking by
         // name still finds them.
@@ -66,4 +73,51 @@ pub fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
         },
         topics: topics.iter().map(|t| topic_metadata(ctx, t)).collect(),
     }))
+}
+
+/// A cluster broker answers from the controller's metadata (topics this broker has not
+/// created locally yet included), so clients find leaders wherever they ask.
+fn cluster_metadata(
+    ctx: &ServerContext,
+    view: &crate::cluster::ControllerState,
+    names: Option<&[String]>,
+) -> MetadataResponse {
+    let wanted = |n: &str| match names {
+        None => !n.starts_with("__"),
+        Some(names) => names.iter().any(|w| w == n),
+    };
+    MetadataResponse {
+        brokers: view
+            .brokers
+            .values()
+            .map(|b| BrokerInfo {
+                id: b.id as u32,
+                addr: b.addr.clone(),
+            })
+            .collect(),
+        topics: view
+            .topics
+            .values()
+            .filter(|t| wanted(&t.name))
+            .map(|t| TopicMetadata {
+                name: t.name.clone(),
+                partitions: t
+                    .partitions
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| PartitionMetadata {
+                        partition: i as u32,
+                        leader: p.leader.unwrap_or(0) as u32,
+                        leader_epoch: p.leader_epoch as u32,
+                        replicas: p.replicas.iter().map(|r| *r as u32).collect(),
+                        isr: p.isr.iter().map(|r| *r as u32).collect(),
+                    })
+                    .collect(),
+                partitioner: ctx
+                    .topics
+                    .get(&t.name)
+                    .and_then(|local| local.config().partitioner),
+            })
+            .collect(),
+    }
 }

@@ -9,5 +9,7 @@ use crate::server::ServerContext;
 /// Handles a reset-offsets request.
 pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let (req, _) = decode::<ResetOffsetsRequest>(&body)?;
-    Ok(Reply::control(&ctx.groups.reset(&req).await?))
+    Ok(Reply::control(
+        &ctx.groups.for_group(&req.group)?.reset(&req).await?,
+    ))
 }

@@ -94,6 +94,26 @@ impl AutoOffsetReset {
     }
 }
 
+/// The internal topic that stores consumer groups' offsets and settings.
+pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
+
+/// The partition of [`OFFSETS_TOPIC`] that holds `group`: its leader is the group's
+/// coordinator. A stable hash (FNV-1a, 32 bits) so every client and broker agrees.
+///
+/// ```
+/// use quiver_protocol::requests::coordinator_partition;
+/// assert_eq!(coordinator_partition("any", 1), 0);
+/// assert_eq!(coordinator_partition("orders", 6), coordinator_partition("orders", 6));
+/// ```
+pub fn coordinator_partition(group: &str, partitions: u32) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in group.as_bytes() {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h % partitions.max(1)
+}
+
 /// Checks a group name: 1–249 bytes of `[A-Za-z0-9._-]`.
 pub fn validate_group_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 249 {

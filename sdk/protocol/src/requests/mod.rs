@@ -73,7 +73,10 @@ pub use describe_group::{
     DescribeGroupRequest, GroupDescription, GroupPartitionDescription, MemberDescription,
 };
 pub use fetch_offsets::{CommittedOffset, FetchOffsetsRequest, FetchOffsetsResponse};
-pub use group::{validate_group_name, AutoOffsetReset, Strategy, Subscription, TopicPartition};
+pub use group::{
+    coordinator_partition, validate_group_name, AutoOffsetReset, Strategy, Subscription,
+    TopicPartition, OFFSETS_TOPIC,
+};
 pub use heartbeat::{HeartbeatRequest, HeartbeatResponse};
 pub use join_group::{JoinGroupRequest, JoinGroupResponse};
 pub use leave_group::{LeaveGroupRequest, LeaveGroupResponse};
