@@ -223,18 +223,27 @@ impl ReplicaManager {
         }
     }
 
-    /// Maps a local lookup failure of a partition the controller has (this broker has not
-    /// applied it yet) to `NotLeader`, which clients retry; other failures pass.
+    /// Maps a failed local lookup of a partition to `NotLeader`, which clients retry after
+    /// refreshing metadata: a client only asks this broker because some broker's metadata
+    /// named it the leader, so the topic is one this broker has not applied yet (or one
+    /// deleted meanwhile, which the refreshed metadata will say).
     pub fn not_ready(
         &self,
         topic: &str,
         partition: u32,
         e: crate::topic::TopicError,
     ) -> crate::server::requests::RequestError {
-        if self.view().partition(topic, partition).is_some() {
-            self.not_leader(topic, partition).into()
-        } else {
-            e.into()
+        match e {
+            crate::topic::TopicError::NotFound(_) | crate::topic::TopicError::NoPartition { .. } => {
+                crate::server::requests::RequestError::new(
+                    ErrorCode::NotLeader,
+                    format!(
+                        "broker {} has no {topic}/{partition} (yet): its metadata may be behind; refresh metadata and retry",
+                        self.me
+                    ),
+                )
+            }
+            other => other.into(),
         }
     }
 

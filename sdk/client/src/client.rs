@@ -26,6 +26,10 @@ use crate::backoff::Backoff;
 use crate::tls::{quinn_client_config, server_name};
 use crate::{ClientConfig, ClientError, Result};
 
+/// Longest wait for a connection to a partition leader (the home broker gets
+/// `connect_timeout`): a live broker answers a handshake in milliseconds.
+const LEADER_CONNECT_LIMIT: Duration = Duration::from_secs(2);
+
 /// A connection to a Quiver cluster; cheap to clone (an `Arc` inside).
 ///
 /// ```no_run
@@ -122,8 +126,8 @@ impl BrokerConn {
         }
     }
 
-    /// The live connection, or a new one (retried with backoff until `connect_timeout`).
-    async fn connection(&self, inner: &ClientInner) -> Result<quinn::Connection> {
+    /// The live connection, or a new one (retried with backoff until `limit`).
+    async fn connection(&self, inner: &ClientInner, limit: Duration) -> Result<quinn::Connection> {
         if let Some(c) = self.alive() {
             return Ok(c);
         }
@@ -132,7 +136,7 @@ impl BrokerConn {
             return Ok(c);
         }
         let cfg = &inner.config;
-        let deadline = Instant::now() + cfg.connect_timeout;
+        let deadline = Instant::now() + limit;
         let mut backoff = Backoff::new(cfg.reconnect_backoff, cfg.reconnect_backoff_max);
         loop {
             let reason = match tokio::time::timeout_at(deadline, self.connect_once(inner)).await {
@@ -385,7 +389,10 @@ impl Client {
             metadata: Mutex::new(HashMap::new()),
             config,
         });
-        inner.bootstrap.connection(&inner).await?;
+        inner
+            .bootstrap
+            .connection(&inner, inner.config.connect_timeout)
+            .await?;
         Ok(Client { inner })
     }
 
@@ -641,7 +648,14 @@ impl Client {
     ) -> Result<(quinn::SendStream, quinn::RecvStream)> {
         let mut last = None;
         for _ in 0..2 {
-            let conn = broker.connection(&self.inner).await?;
+            // A partition leader that does not answer quickly is likely gone (a new one is
+            // on its way): give up sooner, so the caller refreshes metadata and retries.
+            let limit = if std::ptr::eq(broker, Arc::as_ptr(&lock(&self.inner.home))) {
+                self.inner.config.connect_timeout
+            } else {
+                self.inner.config.connect_timeout.min(LEADER_CONNECT_LIMIT)
+            };
+            let conn = broker.connection(&self.inner, limit).await?;
             match conn.open_bi().await {
                 Ok(s) => return Ok(s),
                 Err(e) => {
