@@ -52,7 +52,7 @@ enum TopicCommand {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         output: Format,
     },
-    /// Change topic config keys.
+    /// Change topic config keys, or add partitions.
     Alter {
         /// Topic name.
         name: String,
@@ -60,9 +60,13 @@ enum TopicCommand {
         #[arg(
             long = "config",
             value_name = "KEY=VALUE",
-            required_unless_present = "partitioner"
+            required_unless_present_any = ["partitioner", "partitions"]
         )]
         config: Vec<String>,
+        /// Grow the topic to this many partitions (new ones start empty; keyed records may
+        /// map to other partitions afterwards).
+        #[arg(long, value_name = "N")]
+        partitions: Option<u32>,
         /// Set the topic's partitioner plugin ("" to go back to the default partitioner).
         #[arg(long, value_name = "NAME@VERSION")]
         partitioner: Option<String>,
@@ -200,8 +204,19 @@ pub async fn run(global: &GlobalOpts, args: TopicArgs) -> anyhow::Result<()> {
         TopicCommand::Alter {
             name,
             config,
+            partitions,
             partitioner,
         } => {
+            if let Some(total) = partitions {
+                let d = admin
+                    .create_partitions(&name, total)
+                    .await
+                    .map_err(|e| not_found(e, &name))?;
+                writeln!(out, "{}: {} partitions", d.name, d.partitions.len())?;
+                if config.is_empty() && partitioner.is_none() {
+                    return Ok(());
+                }
+            }
             let mut set: BTreeMap<String, String> =
                 parse_pairs(&config, "--config")?.into_iter().collect();
             if let Some(p) = partitioner {

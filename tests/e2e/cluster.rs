@@ -224,6 +224,13 @@ fn cluster_start_replicates_fails_over_and_restarts_a_killed_broker_into_the_isr
     }
     assert_eq!(leaders.len(), 3, "leaders spread over the brokers: {d}");
     assert_eq!(c.status()["under_replicated_partitions"], 0);
+    // Partitions added later get the same replication, fully in sync.
+    succeeded(&c.cli(&["topic", "alter", "orders", "--partitions", "8"], None));
+    let d = c.describe("orders");
+    assert_eq!(d["partitions"].as_array().unwrap().len(), 8, "{d}");
+    for p in d["partitions"].as_array().unwrap() {
+        assert_eq!(p["isr"].as_array().unwrap().len(), 3, "{p}");
+    }
     // More replicas than brokers is refused, with the reason.
     let out = c.cli(
         &["topic", "create", "wide", "--replication-factor", "4"],
@@ -293,7 +300,7 @@ fn cluster_start_replicates_fails_over_and_restarts_a_killed_broker_into_the_isr
     // Every replica holds the same log: equal log ends and high watermarks everywhere.
     wait_for(30, "identical replicas", || {
         let views: Vec<Value> = (1..=3).map(|id| c.describe_at(id, "orders")).collect();
-        (0..6).all(|p| {
+        (0..8).all(|p| {
             let ends: Vec<(Value, Value)> = views
                 .iter()
                 .map(|v| {

@@ -151,3 +151,35 @@ fn retention_by_size_deletes_old_batches() {
         .unwrap();
     assert!(first > 0);
 }
+
+#[test]
+fn alter_partitions_adds_empty_partitions_and_keeps_the_data() {
+    let mut b = TestBroker::start();
+    b.cli_ok(&["topic", "create", "grow", "--partitions", "2"]);
+    b.cli_stdin_ok(&["produce", "grow", "--partition", "1"], b"a\nb\nc\n");
+    let out = b.cli_ok(&["topic", "alter", "grow", "--partitions", "5"]);
+    assert!(out.contains("5 partitions"), "{out}");
+    let d = b.describe("grow");
+    let parts = d["partitions"].as_array().unwrap();
+    assert_eq!(parts.len(), 5);
+    assert_eq!(parts[1]["log_end_offset"], 3, "existing data stays: {d}");
+    assert!(parts[2..].iter().all(|p| p["log_end_offset"] == 0));
+    // The new partitions take writes, and survive a restart.
+    b.cli_stdin_ok(&["produce", "grow", "--partition", "4"], b"x\n");
+    // Fewer or equal partitions, or an internal topic, are refused and change nothing.
+    for bad in ["5", "3", "0"] {
+        let err = b.cli_err(&["topic", "alter", "grow", "--partitions", bad], None);
+        assert!(err.contains("must be larger"), "{err}");
+    }
+    let err = b.cli_err(
+        &["topic", "alter", "__consumer_offsets", "--partitions", "9"],
+        None,
+    );
+    assert!(err.contains("internal topic"), "{err}");
+    b.terminate();
+    b.spawn();
+    b.wait_ready();
+    let d = b.describe("grow");
+    assert_eq!(d["partitions"].as_array().unwrap().len(), 5);
+    assert_eq!(d["partitions"][4]["log_end_offset"], 1);
+}

@@ -92,6 +92,9 @@ impl ControllerState {
                 partitions,
                 config,
             } => self.create_topic(name, *topic_id, partitions, config),
+            ControllerCommand::AddPartitions { name, partitions } => {
+                self.add_partitions(name, partitions)
+            }
             ControllerCommand::DeleteTopic { name } => match self.topics.remove(name) {
                 Some(_) => Ok(ControllerResponse::Ok),
                 None => Err(ControllerError::UnknownTopic { name: name.clone() }),
@@ -173,7 +176,8 @@ impl ControllerState {
             }
             ControllerCommand::CreateTopic { name, .. }
             | ControllerCommand::DeleteTopic { name }
-            | ControllerCommand::AlterTopicConfig { name, .. } => (None, vec![name.clone()]),
+            | ControllerCommand::AlterTopicConfig { name, .. }
+            | ControllerCommand::AddPartitions { name, .. } => (None, vec![name.clone()]),
             ControllerCommand::UpdatePartition { topic, .. } => (None, vec![topic.clone()]),
         }
     }
@@ -304,8 +308,29 @@ impl ControllerState {
         if partitions.is_empty() {
             return invalid("a topic needs at least one partition".into());
         }
+        let records = self.new_partitions(0, partitions)?;
+        self.topics.insert(
+            name.to_string(),
+            TopicRecord {
+                name: name.to_string(),
+                topic_id,
+                config: config.clone(),
+                partitions: records,
+            },
+        );
+        Ok(ControllerResponse::Ok)
+    }
+
+    /// Records of new, empty partitions numbered from `first`, checked.
+    fn new_partitions(
+        &self,
+        first: usize,
+        partitions: &[PartitionAssignment],
+    ) -> Result<Vec<PartitionRecord>, ControllerError> {
+        let invalid = |reason: String| Err(ControllerError::InvalidAssignment { reason });
         let mut records = Vec::with_capacity(partitions.len());
         for (i, a) in partitions.iter().enumerate() {
+            let i = first + i;
             if a.replicas.is_empty() {
                 return invalid(format!("partition {i} has no replicas"));
             }
@@ -324,15 +349,24 @@ impl ControllerState {
                 isr: a.replicas.clone(),
             });
         }
-        self.topics.insert(
-            name.to_string(),
-            TopicRecord {
+        Ok(records)
+    }
+
+    fn add_partitions(&mut self, name: &str, partitions: &[PartitionAssignment]) -> Outcome {
+        let Some(first) = self.topics.get(name).map(|t| t.partitions.len()) else {
+            return Err(ControllerError::UnknownTopic {
                 name: name.to_string(),
-                topic_id,
-                config: config.clone(),
-                partitions: records,
-            },
-        );
+            });
+        };
+        if partitions.is_empty() {
+            return Err(ControllerError::InvalidAssignment {
+                reason: "no partition to add".into(),
+            });
+        }
+        let records = self.new_partitions(first, partitions)?;
+        if let Some(t) = self.topics.get_mut(name) {
+            t.partitions.extend(records);
+        }
         Ok(ControllerResponse::Ok)
     }
 
@@ -557,6 +591,44 @@ mod tests {
         assert_eq!(p0(&s).leader, Some(2));
         assert_eq!(p0(&s).isr, vec![2, 3]);
         assert_eq!(p0(&s).leader_epoch, 1);
+    }
+
+    #[test]
+    fn partitions_are_added_after_the_existing_ones_and_checked() {
+        let mut s = cluster(&[]);
+        let add = |s: &mut ControllerState, replicas: Vec<Vec<u64>>| {
+            s.apply(&ControllerCommand::AddPartitions {
+                name: "t".into(),
+                partitions: replicas
+                    .into_iter()
+                    .map(|replicas| PartitionAssignment { replicas })
+                    .collect(),
+            })
+        };
+        let before = s.topic("t").unwrap().partitions.clone();
+        assert_eq!(add(&mut s, vec![vec![2, 3, 1]]), ControllerResponse::Ok);
+        let t = s.topic("t").unwrap();
+        assert_eq!(
+            t.partitions[..before.len()],
+            before[..],
+            "existing partitions untouched"
+        );
+        let p = t.partitions.last().unwrap();
+        assert_eq!((p.leader, p.isr.clone()), (Some(2), vec![2, 3, 1]));
+        let unchanged = s.clone();
+        assert!(matches!(
+            add(&mut s, vec![vec![2, 2]]),
+            ControllerResponse::Refused(ControllerError::InvalidAssignment { .. })
+        ));
+        assert!(matches!(
+            add(&mut s, vec![vec![9]]),
+            ControllerResponse::Refused(ControllerError::UnknownBroker { id: 9 })
+        ));
+        assert!(matches!(
+            add(&mut s, vec![]),
+            ControllerResponse::Refused(ControllerError::InvalidAssignment { .. })
+        ));
+        assert_eq!(s, unchanged, "a refused command changes nothing");
     }
 
     #[test]

@@ -69,6 +69,12 @@ pub enum ControllerCommand {
         set: BTreeMap<String, String>,
         remove: Vec<String>,
     },
+    /// Add partitions after a topic's existing ones (Kafka's CreatePartitions); the new
+    /// ones start empty with their whole replica set in sync.
+    AddPartitions {
+        name: String,
+        partitions: Vec<PartitionAssignment>,
+    },
     /// Kafka's AlterPartition: change a partition's leader and/or ISR. `leader_epoch` and
     /// `partition_epoch` are the values the proposer last saw; a stale one is refused, so two
     /// proposers racing on the same partition cannot both win. A new leader bumps the leader

@@ -65,6 +65,12 @@ pub async fn dispatch(
         ApiKey::CreateTopic => {
             on_blocking_thread(ctx, body, requests::create_topic::handle).await?
         }
+        ApiKey::CreatePartitions if ctx.replicas().is_some() => {
+            requests::cluster_topics::add_partitions(ctx, body).await?
+        }
+        ApiKey::CreatePartitions => {
+            on_blocking_thread(ctx, body, requests::create_partitions::handle).await?
+        }
         ApiKey::DeleteTopic if ctx.replicas().is_some() => {
             requests::cluster_topics::delete(ctx, body).await?
         }

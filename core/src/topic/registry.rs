@@ -285,7 +285,12 @@ impl TopicRegistry {
     ) -> Result<Arc<Topic>, TopicError> {
         if let Some(t) = self.get(name) {
             let meta = t.meta.read().unwrap_or_else(|p| p.into_inner()).clone();
-            if meta.cluster_id == Some(cluster_id) && meta.partitions == partitions {
+            if meta.cluster_id == Some(cluster_id) && meta.partitions <= partitions {
+                let t = if meta.partitions < partitions {
+                    self.add_partitions(name, partitions)?
+                } else {
+                    t
+                };
                 if &meta.overrides != overrides {
                     return self.replace_config(name, overrides);
                 }
@@ -373,6 +378,47 @@ impl TopicRegistry {
             .insert(name.to_string(), topic.clone());
         tracing::info!(topic = name, partitions, "created topic");
         Ok(topic)
+    }
+
+    /// Grows a topic to `total` partitions (more than it has); the new ones start empty.
+    pub fn add_partitions(&self, name: &str, total: u32) -> Result<Arc<Topic>, TopicError> {
+        let _guard = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        let topic = self.topic(name)?;
+        let mut meta = topic.meta.read().unwrap_or_else(|p| p.into_inner()).clone();
+        if total <= meta.partitions || total > MAX_PARTITIONS {
+            return Err(TopicError::InvalidPartitions(format!(
+                "topic {name:?} has {} partitions; the new count must be larger, and at most {MAX_PARTITIONS}, got {total}",
+                meta.partitions
+            )));
+        }
+        let mut parts = topic.partitions.clone();
+        for p in meta.partitions..total {
+            parts.push(Arc::new(PartitionLog::open(
+                &self.db,
+                self.partition_meta.clone(),
+                &HashSet::new(),
+                meta.id,
+                name,
+                p,
+            )?));
+        }
+        meta.partitions = total;
+        self.topics_tree.insert(
+            name.as_bytes(),
+            serde_json::to_vec(&meta).unwrap_or_default(),
+        )?;
+        self.db.flush()?;
+        let grown = Arc::new(Topic {
+            meta: RwLock::new(meta),
+            config: RwLock::new(topic.config()),
+            partitions: parts,
+        });
+        self.topics
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), grown.clone());
+        tracing::info!(topic = name, partitions = total, "added partitions");
+        Ok(grown)
     }
 
     /// Sets config keys on a topic: all or nothing.

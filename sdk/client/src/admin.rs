@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use quiver_protocol::requests::{
-    AlterTopicConfigRequest, CreateTopicRequest, DeleteTopicRequest, DescribeTopicRequest,
-    ListOffsetsRequest, OffsetSpec, TopicDescription, TopicMetadata,
+    AlterTopicConfigRequest, CreatePartitionsRequest, CreateTopicRequest, DeleteTopicRequest,
+    DescribeTopicRequest, ListOffsetsRequest, OffsetSpec, TopicDescription, TopicMetadata,
 };
 
 use crate::{Client, Result};
@@ -115,6 +115,18 @@ impl Admin {
             set,
         };
         Ok(self.client.request(&req, Bytes::new()).await?.0)
+    }
+
+    /// Grows `name` to `total` partitions (the new ones start empty); returns the topic.
+    #[tracing::instrument(skip(self), level = "debug")]
+    pub async fn create_partitions(&self, name: &str, total: u32) -> Result<TopicDescription> {
+        let req = CreatePartitionsRequest {
+            name: name.to_string(),
+            total,
+        };
+        let (d, _) = self.client.request(&req, Bytes::new()).await?;
+        self.client.invalidate_metadata(name);
+        Ok(d)
     }
 
     /// Looks up one offset of `topic`/`partition` (earliest, latest, or by timestamp).

@@ -78,6 +78,8 @@ api_keys! {
     AlterTopicConfig = 7,
     /// Open a push stream of batches from an offset.
     Subscribe = 8,
+    /// Grow a topic's partition count.
+    CreatePartitions = 9,
     /// Join a consumer group.
     JoinGroup = 20,
     /// Consumer-group heartbeat long-poll carrying assignment changes.

@@ -47,6 +47,16 @@ pub fn assign(
     partitions: u32,
     rf: u16,
 ) -> Result<Vec<PartitionAssignment>, String> {
+    assign_from(state, 0, partitions, rf)
+}
+
+/// [`assign`] for partitions `first..first + count`, continuing the same spread.
+fn assign_from(
+    state: &ControllerState,
+    first: u32,
+    count: u32,
+    rf: u16,
+) -> Result<Vec<PartitionAssignment>, String> {
     let live: Vec<BrokerId> = state
         .brokers
         .values()
@@ -61,7 +71,7 @@ pub fn assign(
             live.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(", ")
         ));
     }
-    Ok((0..partitions as usize)
+    Ok((first as usize..(first + count) as usize)
         .map(|p| PartitionAssignment {
             replicas: (0..rf).map(|i| live[(p + i) % live.len()]).collect(),
         })
@@ -267,6 +277,52 @@ pub async fn alter(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestErr
         ctx.topics
             .get(&name)
             .is_some_and(|t| t.meta.read().unwrap_or_else(|p| p.into_inner()).overrides == want)
+    })
+    .await?;
+    let t = ctx.topics.topic(&req.name)?;
+    Ok(Reply::control(&describe(ctx, &t)))
+}
+
+/// CreatePartitions through the controller: the new partitions get as many replicas as the
+/// topic's first partition, spread like the existing ones.
+pub async fn add_partitions(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
+    let (req, _) = decode::<quiver_protocol::requests::CreatePartitionsRequest>(&body)?;
+    crate::topic::refuse_internal(&req.name, "alter")?;
+    let rm = replicas_of(ctx)?;
+    let state = rm.controller().state().await;
+    let Some(topic) = state.topic(&req.name) else {
+        return Err(crate::topic::TopicError::NotFound(req.name.clone()).into());
+    };
+    let have = topic.partitions.len() as u32;
+    if req.total <= have || req.total > MAX_PARTITIONS {
+        return Err(RequestError::new(
+            ErrorCode::InvalidPartitions,
+            format!(
+                "topic {:?} has {have} partitions; the new count must be larger, and at most {MAX_PARTITIONS}, got {}",
+                req.name, req.total
+            ),
+        ));
+    }
+    let rf = topic.partitions.first().map_or(1, |p| p.replicas.len()) as u16;
+    let partitions = assign_from(&state, have, req.total - have, rf)
+        .map_err(|e| RequestError::new(ErrorCode::InvalidConfig, e))?;
+    let cmd = ControllerCommand::AddPartitions {
+        name: req.name.clone(),
+        partitions,
+    };
+    if let ControllerResponse::Refused(e) = propose(ctx, cmd).await? {
+        return Err(refused(e));
+    }
+    let (name, total) = (req.name.clone(), req.total as usize);
+    until_applied(ctx, "partitions added", |ctx| {
+        ctx.topics
+            .get(&name)
+            .is_some_and(|t| t.partitions.len() == total)
+            && ctx.replicas().is_some_and(|rm| {
+                rm.view()
+                    .topic(&name)
+                    .is_some_and(|t| t.partitions.iter().all(|p| p.leader.is_some()))
+            })
     })
     .await?;
     let t = ctx.topics.topic(&req.name)?;

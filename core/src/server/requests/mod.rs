@@ -4,6 +4,7 @@
 pub mod alter_topic_config;
 pub mod cluster_topics;
 pub mod commit_offsets;
+pub mod create_partitions;
 pub mod create_topic;
 pub mod delete_group;
 pub mod delete_topic;

@@ -5,6 +5,7 @@
 
 pub mod alter_topic_config;
 pub mod commit_offsets;
+pub mod create_partitions;
 pub mod create_topic;
 pub mod delete_group;
 pub mod delete_topic;
@@ -34,6 +35,7 @@ pub mod subscribe;
 pub mod transaction;
 
 pub use alter_topic_config::AlterTopicConfigRequest;
+pub use create_partitions::CreatePartitionsRequest;
 pub use create_topic::CreateTopicRequest;
 pub use delete_topic::{DeleteTopicRequest, DeleteTopicResponse};
 pub use describe_topic::{DescribeTopicRequest, PartitionDescription, TopicDescription};
@@ -102,6 +104,7 @@ macro_rules! with_all_messages {
             DescribeTopic: $crate::requests::DescribeTopicRequest => $crate::requests::TopicDescription,
             AlterTopicConfig: $crate::requests::AlterTopicConfigRequest => $crate::requests::TopicDescription,
             Subscribe: $crate::requests::SubscribeRequest => $crate::requests::SubscribeChunk,
+            CreatePartitions: $crate::requests::CreatePartitionsRequest => $crate::requests::TopicDescription,
             JoinGroup: $crate::requests::JoinGroupRequest => $crate::requests::JoinGroupResponse,
             Heartbeat: $crate::requests::HeartbeatRequest => $crate::requests::HeartbeatResponse,
             LeaveGroup: $crate::requests::LeaveGroupRequest => $crate::requests::LeaveGroupResponse,

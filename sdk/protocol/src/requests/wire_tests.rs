@@ -787,6 +787,15 @@ impl Sample for ClusterDescription {
     }
 }
 
+impl Sample for CreatePartitionsRequest {
+    fn samples() -> Vec<Self> {
+        vec![CreatePartitionsRequest {
+            name: s("orders"),
+            total: 12,
+        }]
+    }
+}
+
 impl Sample for ReplicaFetchRequest {
     fn samples() -> Vec<Self> {
         vec![ReplicaFetchRequest {
