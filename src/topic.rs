@@ -71,6 +71,24 @@ enum TopicCommand {
         #[arg(long, value_name = "NAME@VERSION")]
         partitioner: Option<String>,
     },
+    /// Move a partition's replicas to other brokers (a cluster): the new replicas copy the
+    /// log and join the ISR before the old ones are dropped.
+    Reassign {
+        /// Topic name.
+        name: String,
+        /// The partition to move.
+        #[arg(long)]
+        partition: u32,
+        /// The wanted brokers, comma-separated, preferred leader first (e.g. 1,2,3).
+        #[arg(long, value_name = "IDS", value_delimiter = ',', required = true)]
+        replicas: Vec<u32>,
+        /// Return once the move has started instead of waiting for it to finish.
+        #[arg(long)]
+        no_wait: bool,
+        /// Longest wait for the move to finish, in seconds.
+        #[arg(long, value_name = "S", default_value_t = 300)]
+        timeout: u64,
+    },
     /// Delete a topic and its data.
     Delete {
         /// Topic name.
@@ -83,6 +101,7 @@ pub async fn run(global: &GlobalOpts, args: TopicArgs) -> anyhow::Result<()> {
     if let TopicCommand::Create { name, .. }
     | TopicCommand::Describe { name, .. }
     | TopicCommand::Alter { name, .. }
+    | TopicCommand::Reassign { name, .. }
     | TopicCommand::Delete { name } = &args.command
     {
         if let Err(e) = quiver_protocol::requests::validate_topic_name(name) {
@@ -231,6 +250,56 @@ pub async fn run(global: &GlobalOpts, args: TopicArgs) -> anyhow::Result<()> {
                     Some(v) => writeln!(out, "{}: {k} = {v}", d.name)?,
                     None => writeln!(out, "{}: {k} unset", d.name)?,
                 }
+            }
+        }
+        TopicCommand::Reassign {
+            name,
+            partition,
+            replicas,
+            no_wait,
+            timeout,
+        } => {
+            let started = admin
+                .reassign_partition(&name, partition, replicas.clone())
+                .await
+                .map_err(|e| not_found(e, &name))?;
+            writeln!(
+                out,
+                "moving {name}/{partition} to replicas {replicas:?} (replicas during the move: {:?})",
+                started.replicas
+            )?;
+            if no_wait {
+                return Ok(());
+            }
+            out.flush()?;
+            let mut wanted = replicas.clone();
+            wanted.sort_unstable();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout);
+            loop {
+                let d = admin
+                    .describe_topic(&name)
+                    .await
+                    .map_err(|e| not_found(e, &name))?;
+                if let Some(p) = d.partitions.iter().find(|p| p.partition == partition) {
+                    let mut now = p.replicas.clone();
+                    now.sort_unstable();
+                    if now == wanted && wanted.iter().all(|r| p.isr.contains(r)) {
+                        writeln!(
+                            out,
+                            "moved {name}/{partition}: replicas {:?}, leader {}, isr {:?}",
+                            p.replicas, p.leader, p.isr
+                        )?;
+                        return Ok(());
+                    }
+                    if std::time::Instant::now() > deadline {
+                        bail!(
+                            "{name}/{partition} did not finish moving within {timeout} s (replicas {:?}, isr {:?}); it goes on in the background, see `quiver topic describe {name}`",
+                            p.replicas,
+                            p.isr
+                        );
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             }
         }
         TopicCommand::Delete { name } => {

@@ -520,3 +520,104 @@ fn a_groups_committed_offsets_survive_losing_its_coordinators_broker() {
     values.sort_unstable();
     assert_eq!(values, (301..=330).collect::<Vec<u64>>());
 }
+
+#[test]
+fn reassign_moves_a_partition_to_other_brokers_after_they_caught_up() {
+    let c = TestCluster::start();
+    succeeded(&c.cli(
+        &[
+            "topic",
+            "create",
+            "moving",
+            "--partitions",
+            "1",
+            "--replication-factor",
+            "2",
+        ],
+        None,
+    ));
+    let before = TestCluster::partition(&c.describe("moving"), 0).clone();
+    let old: Vec<u64> = before["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_u64().unwrap())
+        .collect();
+    let newcomer = (1..=3).find(|id| !old.contains(id)).unwrap();
+    succeeded(&c.cli(
+        &["produce", "moving", "--acks", "all", "--key-separator", ":"],
+        Some(&lines(1, 500)),
+    ));
+    // Move off the current leader onto the broker that had no copy.
+    let leader = before["leader"].as_u64().unwrap();
+    let kept = old.iter().copied().find(|r| *r != leader).unwrap();
+    let wanted = format!("{newcomer},{kept}");
+    let out = c.cli(
+        &[
+            "topic",
+            "reassign",
+            "moving",
+            "--partition",
+            "0",
+            "--replicas",
+            &wanted,
+        ],
+        None,
+    );
+    succeeded(&out);
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.contains("moved moving/0"), "{printed}");
+    let p = TestCluster::partition(&c.describe("moving"), 0).clone();
+    let mut replicas: Vec<u64> = p["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_u64().unwrap())
+        .collect();
+    replicas.sort_unstable();
+    let mut expected = vec![newcomer, kept];
+    expected.sort_unstable();
+    assert_eq!(replicas, expected, "{p}");
+    assert_ne!(
+        p["leader"].as_u64(),
+        Some(leader),
+        "the old leader handed over: {p}"
+    );
+    // The newcomer holds the whole log, and nothing was lost.
+    wait_for(30, "the new replica's copy", || {
+        TestCluster::partition(&c.describe_at(newcomer, "moving"), 0)["log_end_offset"] == 500
+    });
+    let out = c.cli(
+        &[
+            "consume",
+            "moving",
+            "--from-beginning",
+            "--max-messages",
+            "500",
+            "--output",
+            "json",
+        ],
+        None,
+    );
+    succeeded(&out);
+    assert_eq!(json_lines(&String::from_utf8_lossy(&out.stdout)).len(), 500);
+    // A broker that does not exist, or a move while one runs, is refused.
+    let out = c.cli(
+        &[
+            "topic",
+            "reassign",
+            "moving",
+            "--partition",
+            "0",
+            "--replicas",
+            "7",
+        ],
+        None,
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("broker 7"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -49,6 +49,10 @@ pub struct PartitionRecord {
     pub partition_epoch: u64,
     /// In-sync replicas, a subset of `replicas`, never empty.
     pub isr: Vec<BrokerId>,
+    /// A reassignment in progress: the replica set wanted. `replicas` holds the old and the
+    /// new ones until every new one is in the ISR; then the old ones are dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Vec<BrokerId>>,
 }
 
 /// A topic: its id, config overrides and partitions (index = partition number).
@@ -95,6 +99,16 @@ impl ControllerState {
             ControllerCommand::AddPartitions { name, partitions } => {
                 self.add_partitions(name, partitions)
             }
+            ControllerCommand::ReassignPartition {
+                topic,
+                partition,
+                replicas,
+            } => self.reassign(topic, *partition, replicas),
+            ControllerCommand::CompleteReassignment {
+                topic,
+                partition,
+                partition_epoch,
+            } => self.complete_reassignment(topic, *partition, *partition_epoch),
             ControllerCommand::DeleteTopic { name } => match self.topics.remove(name) {
                 Some(_) => Ok(ControllerResponse::Ok),
                 None => Err(ControllerError::UnknownTopic { name: name.clone() }),
@@ -178,6 +192,8 @@ impl ControllerState {
             | ControllerCommand::DeleteTopic { name }
             | ControllerCommand::AlterTopicConfig { name, .. }
             | ControllerCommand::AddPartitions { name, .. } => (None, vec![name.clone()]),
+            ControllerCommand::ReassignPartition { topic, .. }
+            | ControllerCommand::CompleteReassignment { topic, .. } => (None, vec![topic.clone()]),
             ControllerCommand::UpdatePartition { topic, .. } => (None, vec![topic.clone()]),
         }
     }
@@ -347,6 +363,7 @@ impl ControllerState {
                 partition_epoch: 0,
                 // An empty log is caught up everywhere.
                 isr: a.replicas.clone(),
+                target: None,
             });
         }
         Ok(records)
@@ -368,6 +385,101 @@ impl ControllerState {
             t.partitions.extend(records);
         }
         Ok(ControllerResponse::Ok)
+    }
+
+    /// Starts moving a partition to `replicas`: the new ones join the replica set (outside
+    /// the ISR: they start empty and catch up from the leader); the old ones stay until
+    /// [`complete_reassignment`](Self::complete_reassignment).
+    fn reassign(&mut self, topic: &str, partition: u32, replicas: &[BrokerId]) -> Outcome {
+        let invalid = |reason: String| Err(ControllerError::InvalidAssignment { reason });
+        if replicas.is_empty() {
+            return invalid("a partition needs at least one replica".into());
+        }
+        if has_duplicates(replicas) {
+            return invalid("the new replica set names a broker twice".into());
+        }
+        if let Some(&id) = replicas.iter().find(|r| !self.brokers.contains_key(r)) {
+            return Err(ControllerError::UnknownBroker { id });
+        }
+        let p = self.partition_mut(topic, partition)?;
+        if let Some(t) = &p.target {
+            return invalid(format!(
+                "a reassignment to {t:?} is in progress; wait for it to finish"
+            ));
+        }
+        let mut all = p.replicas.clone();
+        all.extend(replicas.iter().filter(|r| !p.replicas.contains(r)));
+        if all == p.replicas && replicas.len() == p.replicas.len() {
+            return invalid(format!("the partition is already on {replicas:?}"));
+        }
+        p.replicas = all;
+        p.target = Some(replicas.to_vec());
+        p.partition_epoch += 1;
+        Ok(ControllerResponse::Ok)
+    }
+
+    /// Ends a reassignment once every wanted replica is in the ISR: the replica set becomes
+    /// the wanted one, the ISR drops the others, and a leader outside it hands over to an
+    /// in-sync wanted replica (a new leader epoch).
+    fn complete_reassignment(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        partition_epoch: u64,
+    ) -> Outcome {
+        let live: Vec<BrokerId> = self
+            .brokers
+            .values()
+            .filter(|b| !b.fenced)
+            .map(|b| b.id)
+            .collect();
+        let p = self.partition_mut(topic, partition)?;
+        if partition_epoch != p.partition_epoch {
+            return Err(ControllerError::StalePartitionEpoch {
+                current: p.partition_epoch,
+                given: partition_epoch,
+            });
+        }
+        let Some(target) = p.target.clone() else {
+            return Err(ControllerError::InvalidUpdate {
+                reason: "no reassignment in progress".into(),
+            });
+        };
+        if let Some(missing) = target.iter().find(|r| !p.isr.contains(r)) {
+            return Err(ControllerError::InvalidUpdate {
+                reason: format!("broker {missing} has not caught up yet"),
+            });
+        }
+        p.isr.retain(|r| target.contains(r));
+        if p.leader.is_none_or(|l| !target.contains(&l)) {
+            p.leader = p.isr.iter().copied().find(|r| live.contains(r));
+            p.leader_epoch += 1;
+        }
+        p.replicas = target;
+        p.target = None;
+        p.partition_epoch += 1;
+        Ok(ControllerResponse::PartitionUpdated {
+            leader_epoch: p.leader_epoch,
+            partition_epoch: p.partition_epoch,
+        })
+    }
+
+    fn partition_mut(
+        &mut self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<&mut PartitionRecord, ControllerError> {
+        self.topics
+            .get_mut(topic)
+            .ok_or_else(|| ControllerError::UnknownTopic {
+                name: topic.to_string(),
+            })?
+            .partitions
+            .get_mut(partition as usize)
+            .ok_or_else(|| ControllerError::UnknownPartition {
+                topic: topic.to_string(),
+                partition,
+            })
     }
 
     fn update_partition(
@@ -547,6 +659,7 @@ mod tests {
                 leader_epoch: 0,
                 partition_epoch: 0,
                 isr: vec![1, 2, 3],
+                target: None,
             }
         );
         assert_eq!(s.next_topic_id(), 2);
@@ -629,6 +742,75 @@ mod tests {
             ControllerResponse::Refused(ControllerError::InvalidAssignment { .. })
         ));
         assert_eq!(s, unchanged, "a refused command changes nothing");
+    }
+
+    #[test]
+    fn a_reassignment_adds_the_new_replicas_first_and_drops_the_old_ones_once_in_sync() {
+        let mut s = cluster(&[]);
+        // t/0 is on [1, 2, 3]; move it to [2, 3, 4] (broker 4 joins).
+        assert_eq!(register(&mut s, 4, 1), ControllerResponse::Ok);
+        s.apply(&ControllerCommand::UnfenceBroker { id: 4 });
+        let reassign = |s: &mut ControllerState, replicas: Vec<u64>| {
+            s.apply(&ControllerCommand::ReassignPartition {
+                topic: "t".into(),
+                partition: 0,
+                replicas,
+            })
+        };
+        assert_eq!(reassign(&mut s, vec![2, 3, 4]), ControllerResponse::Ok);
+        let p = p0(&s).clone();
+        assert_eq!(p.replicas, vec![1, 2, 3, 4]);
+        assert_eq!(
+            p.isr,
+            vec![1, 2, 3],
+            "the new replica starts outside the ISR"
+        );
+        assert_eq!(p.target, Some(vec![2, 3, 4]));
+        // Another move meanwhile, or finishing early, is refused.
+        assert!(matches!(
+            reassign(&mut s, vec![1]),
+            ControllerResponse::Refused(_)
+        ));
+        let complete = |s: &mut ControllerState, pe| {
+            s.apply(&ControllerCommand::CompleteReassignment {
+                topic: "t".into(),
+                partition: 0,
+                partition_epoch: pe,
+            })
+        };
+        assert!(matches!(
+            complete(&mut s, p.partition_epoch),
+            ControllerResponse::Refused(ControllerError::InvalidUpdate { .. })
+        ));
+        // Broker 4 caught up: the leader (1) adds it to the ISR.
+        let resp = update(
+            &mut s,
+            Some(1),
+            p.leader_epoch,
+            p.partition_epoch,
+            &[1, 2, 3, 4],
+        );
+        assert!(matches!(resp, ControllerResponse::PartitionUpdated { .. }));
+        let p = p0(&s).clone();
+        assert!(matches!(
+            complete(&mut s, p.partition_epoch - 1),
+            ControllerResponse::Refused(ControllerError::StalePartitionEpoch { .. })
+        ));
+        assert!(matches!(
+            complete(&mut s, p.partition_epoch),
+            ControllerResponse::PartitionUpdated { .. }
+        ));
+        let done = p0(&s);
+        assert_eq!(
+            (done.replicas.clone(), done.isr.clone(), done.target.clone()),
+            (vec![2, 3, 4], vec![2, 3, 4], None)
+        );
+        assert_eq!(
+            done.leader,
+            Some(2),
+            "the old leader left: an in-sync new replica leads"
+        );
+        assert_eq!(done.leader_epoch, p.leader_epoch + 1);
     }
 
     #[test]

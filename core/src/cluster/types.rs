@@ -75,6 +75,19 @@ pub enum ControllerCommand {
         name: String,
         partitions: Vec<PartitionAssignment>,
     },
+    /// Start moving a partition to `replicas` (the new ones catch up before the old ones go).
+    ReassignPartition {
+        topic: String,
+        partition: u32,
+        replicas: Vec<BrokerId>,
+    },
+    /// Finish a reassignment whose wanted replicas are all in the ISR (proposed by the
+    /// partition's leader with the partition epoch it saw).
+    CompleteReassignment {
+        topic: String,
+        partition: u32,
+        partition_epoch: u64,
+    },
     /// Kafka's AlterPartition: change a partition's leader and/or ISR. `leader_epoch` and
     /// `partition_epoch` are the values the proposer last saw; a stale one is refused, so two
     /// proposers racing on the same partition cannot both win. A new leader bumps the leader

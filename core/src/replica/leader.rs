@@ -205,6 +205,7 @@ mod tests {
             leader_epoch: 1,
             partition_epoch: 1,
             isr: isr.to_vec(),
+            target: None,
         }
     }
 

@@ -623,38 +623,47 @@ impl ReplicaManager {
                     (st.leader_epoch, st.partition_epoch),
                 )
             };
-            let Some(isr) = wanted else { continue };
-            if state
+            let Some(record) = state
                 .partition(&topic, partition)
-                .map(|p| p.partition_epoch)
-                != Some(epochs.1)
-            {
+                .filter(|p| p.partition_epoch == epochs.1)
+            else {
                 continue;
-            }
+            };
+            // A reassignment whose wanted replicas are all in sync is finished; otherwise an
+            // ISR that should change is proposed.
+            let cmd = match (&record.target, wanted) {
+                (Some(target), _) if target.iter().all(|r| record.isr.contains(r)) => {
+                    ControllerCommand::CompleteReassignment {
+                        topic: topic.clone(),
+                        partition,
+                        partition_epoch: epochs.1,
+                    }
+                }
+                (_, Some(isr)) => ControllerCommand::UpdatePartition {
+                    topic: topic.clone(),
+                    partition,
+                    leader: Some(self.me),
+                    leader_epoch: epochs.0,
+                    partition_epoch: epochs.1,
+                    isr,
+                },
+                _ => continue,
+            };
             let key = (topic.clone(), partition);
             if !lock(&self.proposing).insert(key.clone()) {
                 continue;
             }
-            tracing::info!(%topic, partition, ?isr, "proposing an ISR change");
+            tracing::info!(%topic, partition, ?cmd, "proposing a partition change");
             let controller = self.controller.clone();
             let proposing = self.proposing.clone();
-            let me = self.me;
             tokio::spawn(async move {
-                let cmd = ControllerCommand::UpdatePartition {
-                    topic: topic.clone(),
-                    partition,
-                    leader: Some(me),
-                    leader_epoch: epochs.0,
-                    partition_epoch: epochs.1,
-                    isr,
-                };
                 match controller.propose(cmd).await {
                     Ok(crate::cluster::ControllerResponse::Refused(e)) => {
-                        tracing::info!(%topic, partition, error = %e, "ISR change refused")
+                        tracing::info!(%topic, partition, error = %e, "partition change refused")
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        tracing::debug!(%topic, partition, error = %e, "ISR change not delivered")
+                        tracing::debug!(%topic, partition, error = %e, "partition change not delivered")
                     }
                 }
                 // Give the applied change time to reach this broker's view.

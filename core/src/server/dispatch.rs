@@ -71,6 +71,15 @@ pub async fn dispatch(
         ApiKey::CreatePartitions => {
             on_blocking_thread(ctx, body, requests::create_partitions::handle).await?
         }
+        ApiKey::ReassignPartition if ctx.replicas().is_some() => {
+            requests::cluster_topics::reassign(ctx, body).await?
+        }
+        ApiKey::ReassignPartition => {
+            return Err(RequestError::new(
+                quiver_protocol::ErrorCode::InvalidConfig,
+                "a lone broker holds the only replica of its partitions; reassignment needs a cluster (`quiver cluster start`)",
+            ))
+        }
         ApiKey::DeleteTopic if ctx.replicas().is_some() => {
             requests::cluster_topics::delete(ctx, body).await?
         }

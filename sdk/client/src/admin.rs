@@ -129,6 +129,24 @@ impl Admin {
         Ok(d)
     }
 
+    /// Starts moving `topic`/`partition` to `replicas` (cluster brokers); the move finishes
+    /// in the background once the new replicas caught up (see [`Admin::describe_topic`]).
+    pub async fn reassign_partition(
+        &self,
+        topic: &str,
+        partition: u32,
+        replicas: Vec<u32>,
+    ) -> Result<quiver_protocol::requests::ReassignPartitionResponse> {
+        let req = quiver_protocol::requests::ReassignPartitionRequest {
+            topic: topic.to_string(),
+            partition,
+            replicas,
+        };
+        let (r, _) = self.client.request(&req, Bytes::new()).await?;
+        self.client.invalidate_metadata(topic);
+        Ok(r)
+    }
+
     /// Looks up one offset of `topic`/`partition` (earliest, latest, or by timestamp).
     pub async fn list_offset(&self, topic: &str, partition: u32, spec: OffsetSpec) -> Result<i64> {
         list_offset(&self.client, topic, partition, spec).await

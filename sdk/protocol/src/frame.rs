@@ -80,6 +80,8 @@ api_keys! {
     Subscribe = 8,
     /// Grow a topic's partition count.
     CreatePartitions = 9,
+    /// Move a partition's replicas to other brokers.
+    ReassignPartition = 10,
     /// Join a consumer group.
     JoinGroup = 20,
     /// Consumer-group heartbeat long-poll carrying assignment changes.

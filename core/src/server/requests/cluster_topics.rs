@@ -95,7 +95,10 @@ fn refused(e: ControllerError) -> RequestError {
     let code = match &e {
         ControllerError::TopicAlreadyExists { .. } => ErrorCode::TopicAlreadyExists,
         ControllerError::UnknownTopic { .. } => ErrorCode::UnknownTopicOrPartition,
-        ControllerError::InvalidAssignment { .. } => ErrorCode::InvalidConfig,
+        ControllerError::InvalidAssignment { .. } | ControllerError::UnknownBroker { .. } => {
+            ErrorCode::InvalidConfig
+        }
+        ControllerError::UnknownPartition { .. } => ErrorCode::UnknownTopicOrPartition,
         _ => ErrorCode::Internal,
     };
     RequestError::new(code, e.to_string())
@@ -327,4 +330,31 @@ pub async fn add_partitions(ctx: &ServerContext, body: Bytes) -> Result<Reply, R
     .await?;
     let t = ctx.topics.topic(&req.name)?;
     Ok(Reply::control(&describe(ctx, &t)))
+}
+
+/// ReassignPartition: proposes the move; the partition's leader finishes it once the new
+/// replicas are in sync.
+pub async fn reassign(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
+    let (req, _) = decode::<quiver_protocol::requests::ReassignPartitionRequest>(&body)?;
+    crate::topic::refuse_internal(&req.topic, "alter")?;
+    let cmd = ControllerCommand::ReassignPartition {
+        topic: req.topic.clone(),
+        partition: req.partition,
+        replicas: req.replicas.iter().map(|r| u64::from(*r)).collect(),
+    };
+    if let ControllerResponse::Refused(e) = propose(ctx, cmd).await? {
+        return Err(refused(e));
+    }
+    let rm = replicas_of(ctx)?;
+    let state = rm.controller().state().await;
+    let replicas = state
+        .partition(&req.topic, req.partition)
+        .map(|p| p.replicas.iter().map(|r| *r as u32).collect())
+        .unwrap_or_default();
+    Ok(Reply::control(
+        &quiver_protocol::requests::ReassignPartitionResponse {
+            replicas,
+            target: req.replicas,
+        },
+    ))
 }

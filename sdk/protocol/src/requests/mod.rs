@@ -28,6 +28,7 @@ pub mod metadata;
 pub mod pipeline;
 pub mod plugin;
 pub mod produce;
+pub mod reassign_partition;
 pub mod remove_plugin;
 pub mod replica;
 pub mod reset_offsets;
@@ -45,6 +46,7 @@ pub use metadata::{
     BrokerInfo, MetadataRequest, MetadataResponse, PartitionMetadata, TopicMetadata,
 };
 pub use produce::{Acks, ProduceRequest, ProduceResponse};
+pub use reassign_partition::{ReassignPartitionRequest, ReassignPartitionResponse};
 pub use replica::{
     OffsetForLeaderEpochRequest, OffsetForLeaderEpochResponse, ReplicaFetchRequest,
     ReplicaFetchResponse,
@@ -105,6 +107,7 @@ macro_rules! with_all_messages {
             AlterTopicConfig: $crate::requests::AlterTopicConfigRequest => $crate::requests::TopicDescription,
             Subscribe: $crate::requests::SubscribeRequest => $crate::requests::SubscribeChunk,
             CreatePartitions: $crate::requests::CreatePartitionsRequest => $crate::requests::TopicDescription,
+            ReassignPartition: $crate::requests::ReassignPartitionRequest => $crate::requests::ReassignPartitionResponse,
             JoinGroup: $crate::requests::JoinGroupRequest => $crate::requests::JoinGroupResponse,
             Heartbeat: $crate::requests::HeartbeatRequest => $crate::requests::HeartbeatResponse,
             LeaveGroup: $crate::requests::LeaveGroupRequest => $crate::requests::LeaveGroupResponse,

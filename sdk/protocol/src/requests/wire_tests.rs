@@ -796,6 +796,25 @@ impl Sample for CreatePartitionsRequest {
     }
 }
 
+impl Sample for ReassignPartitionRequest {
+    fn samples() -> Vec<Self> {
+        vec![ReassignPartitionRequest {
+            topic: s("orders"),
+            partition: 3,
+            replicas: vec![2, 3, 4],
+        }]
+    }
+}
+
+impl Sample for ReassignPartitionResponse {
+    fn samples() -> Vec<Self> {
+        vec![ReassignPartitionResponse {
+            replicas: vec![1, 2, 3, 4],
+            target: vec![2, 3, 4],
+        }]
+    }
+}
+
 impl Sample for ReplicaFetchRequest {
     fn samples() -> Vec<Self> {
         vec![ReplicaFetchRequest {
