@@ -22,7 +22,7 @@ use crate::cluster::BrokerId;
 use crate::log::{Flusher, PartitionLog};
 
 /// Largest payload asked for in one fetch.
-const FETCH_MAX_BYTES: u32 = 4 * 1024 * 1024;
+const FETCH_MAX_BYTES: u32 = 16 * 1024 * 1024;
 /// How long the leader may hold a fetch that has nothing new.
 const FETCH_MAX_WAIT_MS: u32 = 500;
 /// Pause after a failed exchange with the leader.
