@@ -312,6 +312,15 @@ fn cluster_start_replicates_fails_over_and_restarts_a_killed_broker_into_the_isr
         })
     });
 
+    // Preferred-leader election: each partition's first replica leads it again.
+    wait_for(60, "leaderships back on the preferred replicas", || {
+        c.describe("orders")["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["leader"] == p["replicas"][0])
+    });
+
     succeeded(&c.run(&["cluster", "stop"]));
     let s = c.status();
     assert!(

@@ -29,6 +29,9 @@ use crate::log::{Flusher, PartitionLog};
 use crate::topic::{is_internal, TopicRegistry};
 use quiver_protocol::ErrorCode;
 
+/// How often a leader hands leaderships back to preferred replicas that are in sync again.
+pub const PREFERRED_LEADER_CHECK: Duration = Duration::from_secs(10);
+
 /// How often the broker applies the controller's metadata.
 pub const RECONCILE_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -144,6 +147,8 @@ pub struct ReplicaManager {
     ready: AtomicBool,
     roles: Mutex<HashMap<PartitionKey, Role>>,
     proposing: Arc<Mutex<HashSet<PartitionKey>>>,
+    /// When leaderships last went back to preferred replicas.
+    last_balance: Mutex<std::time::Instant>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -170,6 +175,7 @@ impl ReplicaManager {
             ready: AtomicBool::new(false),
             roles: Mutex::new(HashMap::new()),
             proposing: Arc::default(),
+            last_balance: Mutex::new(std::time::Instant::now()),
         });
         tokio::spawn(rm.clone().run(stop));
         rm
@@ -601,6 +607,14 @@ impl ReplicaManager {
     /// As leader: moves high watermarks the ISR allows and proposes ISR changes.
     fn check_isr(&self, state: &ControllerState) {
         let now = crate::clock::now_ms();
+        let balance = {
+            let mut last = lock(&self.last_balance);
+            let due = last.elapsed() >= PREFERRED_LEADER_CHECK;
+            if due {
+                *last = std::time::Instant::now();
+            }
+            due
+        };
         let leaders: Vec<(PartitionKey, Arc<Mutex<LeaderState>>)> = lock(&self.roles)
             .iter()
             .filter_map(|(k, r)| match r {
@@ -647,6 +661,26 @@ impl ReplicaManager {
                     partition_epoch: epochs.1,
                     isr,
                 },
+                // Preferred-leader election: once the first replica is back in sync, the
+                // leadership it was given at creation returns to it (checked every
+                // PREFERRED_LEADER_CHECK, like Kafka's auto leader rebalance).
+                (None, None)
+                    if balance
+                        && record.replicas.first().is_some_and(|&r| {
+                            r != self.me
+                                && record.isr.contains(&r)
+                                && state.broker(r).is_some_and(|b| !b.fenced)
+                        }) =>
+                {
+                    ControllerCommand::UpdatePartition {
+                        topic: topic.clone(),
+                        partition,
+                        leader: record.replicas.first().copied(),
+                        leader_epoch: epochs.0,
+                        partition_epoch: epochs.1,
+                        isr: record.isr.clone(),
+                    }
+                }
                 _ => continue,
             };
             let key = (topic.clone(), partition);

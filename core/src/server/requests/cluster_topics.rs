@@ -28,15 +28,21 @@ use crate::topic::MAX_PARTITIONS;
 /// How long a request waits for this broker to apply its own change.
 const APPLY_WAIT: Duration = Duration::from_secs(15);
 
-fn replicas_of(ctx: &ServerContext) -> Result<&std::sync::Arc<ReplicaManager>, RequestError> {
+/// The replica manager, once it acts on metadata holding this broker's registration (a
+/// broker that just joined gets a few seconds to get there).
+async fn replicas_of(ctx: &ServerContext) -> Result<&std::sync::Arc<ReplicaManager>, RequestError> {
     let rm = ctx
         .replicas()
         .ok_or_else(|| RequestError::new(ErrorCode::Internal, "not a cluster broker"))?;
-    if !rm.is_ready() {
-        return Err(RequestError::new(
-            ErrorCode::NotLeader,
-            "this broker has not joined its cluster yet; retry in a moment",
-        ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !rm.is_ready() {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(RequestError::new(
+                ErrorCode::NotLeader,
+                "this broker has not joined its cluster yet; retry in a moment",
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(rm)
 }
@@ -82,7 +88,7 @@ async fn propose(
     ctx: &ServerContext,
     cmd: ControllerCommand,
 ) -> Result<ControllerResponse, RequestError> {
-    let rm = replicas_of(ctx)?;
+    let rm = replicas_of(ctx).await?;
     rm.controller().propose(cmd).await.map_err(|e| {
         RequestError::new(
             ErrorCode::RequestTimedOut,
@@ -173,7 +179,7 @@ pub async fn create(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
             RequestError::new(ErrorCode::InvalidConfig, format!("partitioner: {e}"))
         })?;
     }
-    let rm = replicas_of(ctx)?;
+    let rm = replicas_of(ctx).await?;
     let mut tries = 0;
     let topic_id = loop {
         // The controller's applied state now, not the view of the last reconcile pass.
@@ -221,7 +227,8 @@ pub async fn delete(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
             "topic deletion is disabled on this broker; set delete_topic_enable = true in its config to allow it",
         ));
     }
-    let partitions = replicas_of(ctx)?
+    let partitions = replicas_of(ctx)
+        .await?
         .view()
         .topic(&req.name)
         .map(|t| t.partitions.len() as u32);
@@ -291,7 +298,7 @@ pub async fn alter(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestErr
 pub async fn add_partitions(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let (req, _) = decode::<quiver_protocol::requests::CreatePartitionsRequest>(&body)?;
     crate::topic::refuse_internal(&req.name, "alter")?;
-    let rm = replicas_of(ctx)?;
+    let rm = replicas_of(ctx).await?;
     let state = rm.controller().state().await;
     let Some(topic) = state.topic(&req.name) else {
         return Err(crate::topic::TopicError::NotFound(req.name.clone()).into());
@@ -345,7 +352,7 @@ pub async fn reassign(ctx: &ServerContext, body: Bytes) -> Result<Reply, Request
     if let ControllerResponse::Refused(e) = propose(ctx, cmd).await? {
         return Err(refused(e));
     }
-    let rm = replicas_of(ctx)?;
+    let rm = replicas_of(ctx).await?;
     let state = rm.controller().state().await;
     let replicas = state
         .partition(&req.topic, req.partition)
