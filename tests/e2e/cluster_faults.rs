@@ -289,8 +289,13 @@ async fn read_all(client: &Client) -> BTreeMap<u32, BTreeMap<i64, String>> {
                 .next_back()
                 .map_or(offset, |o| o + 1)
                 .max(offset);
+            // Done at the leader's high watermark once it reached the log end (a leader
+            // that just took over may still be a fetch behind).
             if offset >= resp.high_watermark {
-                break;
+                if resp.high_watermark == resp.log_end_offset {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
         out.insert(p, records);
@@ -485,6 +490,19 @@ fn acks_all_writes_survive_leader_kills_and_network_partitions() {
         || {
             let s = c.cluster(&["status"]);
             s["under_replicated_partitions"] == 0 && s["offline_partitions"] == 0
+        },
+    );
+    // Leaderships settle (preferred replicas lead again) and every leader's high watermark
+    // reaches its log end, so the final read sees everything committed: a leader that just
+    // took over starts from the high watermark it had as a follower, one fetch behind.
+    wait_for(
+        120,
+        "settled leaders with their high watermark at the log end",
+        || {
+            let d = c.describe();
+            d["partitions"].as_array().unwrap().iter().all(|p| {
+                p["leader"] == p["replicas"][0] && p["high_watermark"] == p["log_end_offset"]
+            })
         },
     );
     let reads = rt.block_on(async {

@@ -68,6 +68,10 @@ struct State {
     txns: TxnIndex,
     /// The high watermark checkpointed before this open (a replica starts from it).
     hw_at_open: i64,
+    /// Bumped at every change of replica role: a follower's fetch loop may write only under
+    /// the generation it started with, so a loop that has not noticed its role ended yet
+    /// cannot append to (or truncate) a log that now leads or follows someone else.
+    role_generation: u64,
 }
 
 /// Offsets and size at one moment.
@@ -327,6 +331,7 @@ impl PartitionLog {
             producers,
             txns,
             hw_at_open,
+            role_generation: 0,
         };
         Ok(PartitionLog {
             topic: topic.to_string(),

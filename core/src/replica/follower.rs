@@ -37,6 +37,8 @@ pub struct FollowTarget {
     pub leader_addr: String,
     /// The controller's leader epoch of that leadership.
     pub leader_epoch: u64,
+    /// The log's role generation this loop writes under (from `become_follower`).
+    pub generation: u64,
 }
 
 /// Copies the leader's log into `log` until `stop` turns true.
@@ -127,7 +129,7 @@ async fn truncate_to_leader(
             answer.end_offset
         };
         if end < log_end {
-            log.truncate_to(end)
+            log.truncate_to(end, target.generation)
                 .map_err(|e| Step::Retry(format!("truncate: {e}")))?;
         }
         if answer.epoch == epoch || end >= log_end {
@@ -176,22 +178,26 @@ async fn fetch_once(
             "behind the leader's log start; starting over there"
         );
         return log
-            .reset_to(resp.log_start_offset)
+            .reset_to(resp.log_start_offset, target.generation)
             .map_err(|e| Step::Retry(format!("reset: {e}")));
     }
     if !payload.is_empty() {
         let batches = split_batches(&payload, max_batch_bytes)
             .map_err(|e| Step::Retry(format!("the leader sent malformed batches: {e}")))?;
-        let log2 = log.clone();
+        let (log2, generation) = (log.clone(), target.generation);
         let appended = crate::log::partition::blocking(move || {
             for b in &batches {
-                log2.append_replicated(b)?;
+                log2.append_replicated(b, generation)?;
             }
             Ok::<_, crate::log::LogError>(())
         })
         .await
         .map_err(|e| Step::Retry(e.to_string()))?;
         if let Err(e) = appended {
+            if matches!(e, crate::log::LogError::Fenced(_)) {
+                // The role changed under this loop: it is about to be stopped.
+                return Err(Step::Retry(e.to_string()));
+            }
             // A batch that does not continue this log: the logs diverged.
             tracing::warn!(error = %e, "a replicated batch does not fit this log; looking up the leader's epochs again");
             return Err(Step::Diverged);

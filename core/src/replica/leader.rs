@@ -34,6 +34,10 @@ pub struct LeaderState {
     pub replicas: Vec<BrokerId>,
     /// The in-sync replicas as the controller last recorded them.
     pub isr: Vec<BrokerId>,
+    /// Replicas this leader proposed to add to the ISR, not yet seen recorded: they count
+    /// for the high watermark already (Kafka's "maximal ISR"), since the controller may
+    /// record them, and elect one, before this broker's view shows it.
+    pending: Vec<BrokerId>,
     min_isr: usize,
     /// The log end at which this leader's epoch starts.
     epoch_start: i64,
@@ -71,6 +75,7 @@ impl LeaderState {
             partition_epoch: record.partition_epoch,
             replicas: record.replicas.clone(),
             isr: record.isr.clone(),
+            pending: Vec::new(),
             min_isr: min_isr.max(1) as usize,
             epoch_start: log_end,
             leader_end: log_end,
@@ -81,6 +86,10 @@ impl LeaderState {
     /// The controller accepted a change of the ISR (same leader epoch) or the topic's
     /// `min.insync.replicas` changed.
     pub fn update(&mut self, record: &PartitionRecord, min_isr: u32, now_ms: i64) {
+        if record.partition_epoch != self.partition_epoch {
+            // The proposal was recorded (or another change won): the record says who is in.
+            self.pending.clear();
+        }
         self.partition_epoch = record.partition_epoch;
         self.isr = record.isr.clone();
         self.min_isr = min_isr.max(1) as usize;
@@ -151,13 +160,23 @@ impl LeaderState {
             return None;
         }
         let mut hw = self.leader_end;
-        for id in &self.isr {
+        for id in self.isr.iter().chain(&self.pending) {
             if *id == self.me {
                 continue;
             }
             hw = hw.min(self.followers.get(id)?.end?);
         }
         Some(hw)
+    }
+
+    /// This leader proposes `isr`: the replicas it adds count for the high watermark from
+    /// now on (until the controller's answer reaches this broker's view).
+    pub fn proposing(&mut self, isr: &[BrokerId]) {
+        self.pending = isr
+            .iter()
+            .copied()
+            .filter(|id| !self.isr.contains(id))
+            .collect();
     }
 
     /// The ISR this leader should propose now, if it differs from the recorded one:
@@ -264,6 +283,27 @@ mod tests {
         // Broker 3 catches up: it rejoins.
         l.follower_fetched(3, 100, 100, 12_000);
         assert_eq!(l.wanted_isr(12_000, 100, 10_000), Some(vec![1, 2, 3]));
+    }
+
+    #[test]
+    fn a_proposed_addition_holds_the_high_watermark_until_recorded() {
+        let mut l = LeaderState::new(1, &record(&[1, 2, 3], &[1, 2]), 1, 0, 0);
+        l.leader_flushed(100);
+        l.follower_fetched(2, 100, 100, 0);
+        l.follower_fetched(3, 60, 100, 0);
+        assert_eq!(l.high_watermark(), Some(100));
+        // Broker 3 is proposed back into the ISR: the controller may record it, and even
+        // elect it, before this leader sees that, so nothing beyond its position commits.
+        l.proposing(&[1, 2, 3]);
+        l.leader_flushed(150);
+        l.follower_fetched(2, 150, 150, 1);
+        assert_eq!(l.high_watermark(), Some(60));
+        l.follower_fetched(3, 150, 150, 2);
+        assert_eq!(l.high_watermark(), Some(150));
+        let mut r = record(&[1, 2, 3], &[1, 2, 3]);
+        r.partition_epoch = 2;
+        l.update(&r, 1, 3);
+        assert_eq!(l.high_watermark(), Some(150));
     }
 
     #[test]

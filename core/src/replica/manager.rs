@@ -567,10 +567,13 @@ impl ReplicaManager {
                             continue;
                         };
                         roles.remove(&key);
-                        if let Err(e) = log.become_follower(p.leader_epoch as i32) {
-                            tracing::error!(topic = %t.name, partition = i, error = %e, "cannot follow");
-                            continue;
-                        }
+                        let generation = match log.become_follower(p.leader_epoch as i32) {
+                            Ok(g) => g,
+                            Err(e) => {
+                                tracing::error!(topic = %t.name, partition = i, error = %e, "cannot follow");
+                                continue;
+                            }
+                        };
                         tracing::info!(topic = %t.name, partition = i, leader = l, epoch = p.leader_epoch, "following");
                         let (stop_tx, stop_rx) = watch::channel(false);
                         tokio::spawn(follow(
@@ -580,6 +583,7 @@ impl ReplicaManager {
                                 leader: l,
                                 leader_addr: addr,
                                 leader_epoch: p.leader_epoch,
+                                generation,
                             },
                             self.peers.clone(),
                             self.flusher.clone(),
@@ -596,7 +600,9 @@ impl ReplicaManager {
                         );
                     }
                     None => {
-                        roles.remove(&key);
+                        if roles.remove(&key).is_some() {
+                            log.end_role();
+                        }
                     }
                 }
             }
@@ -653,14 +659,17 @@ impl ReplicaManager {
                         partition_epoch: epochs.1,
                     }
                 }
-                (_, Some(isr)) => ControllerCommand::UpdatePartition {
-                    topic: topic.clone(),
-                    partition,
-                    leader: Some(self.me),
-                    leader_epoch: epochs.0,
-                    partition_epoch: epochs.1,
-                    isr,
-                },
+                (_, Some(isr)) => {
+                    lock(&leader).proposing(&isr);
+                    ControllerCommand::UpdatePartition {
+                        topic: topic.clone(),
+                        partition,
+                        leader: Some(self.me),
+                        leader_epoch: epochs.0,
+                        partition_epoch: epochs.1,
+                        isr,
+                    }
+                }
                 // Preferred-leader election: once the first replica is back in sync, the
                 // leadership it was given at creation returns to it (checked every
                 // PREFERRED_LEADER_CHECK, like Kafka's auto leader rebalance).

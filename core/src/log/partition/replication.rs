@@ -47,10 +47,12 @@ impl PartitionLog {
     }
 
     /// This broker now leads the partition at `epoch`: later batches are stamped with it,
-    /// and the epoch starts at the current log end.
+    /// and the epoch starts at the current log end. A follower loop of an earlier role can
+    /// no longer write.
     pub fn become_leader(&self, epoch: i32) -> Result<(), LogError> {
         {
             let mut st = self.lock();
+            st.role_generation += 1;
             st.leader_epoch = epoch;
             let end = st.log_end;
             if st.epoch_starts.last().is_none_or(|e| e.0 < epoch) {
@@ -60,10 +62,31 @@ impl PartitionLog {
         self.persist_meta()
     }
 
-    /// This broker follows the leader of `epoch` (it stamps nothing itself).
-    pub fn become_follower(&self, epoch: i32) -> Result<(), LogError> {
-        self.lock().leader_epoch = epoch;
-        self.persist_meta()
+    /// This broker follows the leader of `epoch` (it stamps nothing itself). Returns the
+    /// role generation the new follower loop writes under.
+    pub fn become_follower(&self, epoch: i32) -> Result<u64, LogError> {
+        let generation = {
+            let mut st = self.lock();
+            st.role_generation += 1;
+            st.leader_epoch = epoch;
+            st.role_generation
+        };
+        self.persist_meta()?;
+        Ok(generation)
+    }
+
+    /// Ends any follower loop's right to write (the partition stopped being followed here).
+    pub fn end_role(&self) {
+        self.lock().role_generation += 1;
+    }
+
+    fn check_generation(st: &super::State, generation: u64) -> Result<(), LogError> {
+        if st.role_generation != generation {
+            return Err(LogError::Fenced(
+                "this replica's role changed: the fetch loop that wrote here has ended".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// The largest epoch at or below `epoch` this log has, and where it ends (the start of
@@ -101,11 +124,12 @@ impl PartitionLog {
     }
 
     /// Stores a batch copied from the leader at its own base offset, which must be this
-    /// log's end, keeping its leader epoch.
-    pub fn append_replicated(&self, raw: &Bytes) -> Result<(), LogError> {
+    /// log's end, keeping its leader epoch; only under the follower's role `generation`.
+    pub fn append_replicated(&self, raw: &Bytes, generation: u64) -> Result<(), LogError> {
         self.check_alive()?;
         let h = batch::check_crc(raw)?;
         let mut st = self.lock();
+        Self::check_generation(&st, generation)?;
         if h.base_offset != st.log_end {
             return Err(LogError::Corrupt {
                 offset: h.base_offset,
@@ -137,9 +161,11 @@ impl PartitionLog {
     }
 
     /// Drops every batch at or after `offset` (a batch holding `offset` goes whole), rebuilds
-    /// the producer and transaction state from what remains, and returns the new log end.
-    pub fn truncate_to(&self, offset: i64) -> Result<i64, LogError> {
+    /// the producer and transaction state from what remains, and returns the new log end;
+    /// only under the follower's role `generation`.
+    pub fn truncate_to(&self, offset: i64, generation: u64) -> Result<i64, LogError> {
         let mut st = self.lock();
+        Self::check_generation(&st, generation)?;
         if offset >= st.log_end {
             return Ok(st.log_end);
         }
@@ -198,8 +224,9 @@ impl PartitionLog {
     }
 
     /// Drops everything and starts the log empty at `offset` (a follower that fell behind
-    /// the leader's log start).
-    pub fn reset_to(&self, offset: i64) -> Result<(), LogError> {
+    /// the leader's log start); only under the follower's role `generation`.
+    pub fn reset_to(&self, offset: i64, generation: u64) -> Result<(), LogError> {
+        Self::check_generation(&self.lock(), generation)?;
         self.batches.clear()?;
         self.time_index.clear()?;
         {

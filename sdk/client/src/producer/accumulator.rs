@@ -355,7 +355,11 @@ impl PartitionQueue {
                 Err(e) => {
                     // OutOfOrderSequence is final: the broker no longer remembers the batch.
                     let delay = backoff.next_delay();
-                    if e.is_retriable() && Instant::now() + delay < deadline {
+                    // Once an earlier batch failed and the partition moved to a new producer
+                    // id, a retry of this one could land after the new id's batches: it fails
+                    // instead (the new id's first batch waits for every batch in flight).
+                    let replaced = self.producer_id.load(Ordering::Acquire) != batch.producer_id;
+                    if e.is_retriable() && !replaced && Instant::now() + delay < deadline {
                         tracing::debug!(error = %e, ?delay, "produce failed; retrying the same batch");
                         tokio::time::sleep(delay).await;
                         continue;
