@@ -169,6 +169,11 @@ impl LeaderState {
         Some(hw)
     }
 
+    /// The proposal was refused or not delivered: additions no longer count.
+    pub fn proposal_failed(&mut self) {
+        self.pending.clear();
+    }
+
     /// This leader proposes `isr`: the replicas it adds count for the high watermark from
     /// now on (until the controller's answer reaches this broker's view).
     pub fn proposing(&mut self, isr: &[BrokerId]) {

@@ -659,7 +659,13 @@ impl ReplicaManager {
                         partition_epoch: epochs.1,
                     }
                 }
-                (_, Some(isr)) => {
+                // Only live brokers are proposed into the ISR (a dead one's last fetch may
+                // still look caught up).
+                (_, Some(isr))
+                    if isr.iter().all(|r| {
+                        record.isr.contains(r) || state.broker(*r).is_some_and(|b| !b.fenced)
+                    }) =>
+                {
                     lock(&leader).proposing(&isr);
                     ControllerCommand::UpdatePartition {
                         topic: topic.clone(),
@@ -699,14 +705,17 @@ impl ReplicaManager {
             tracing::info!(%topic, partition, ?cmd, "proposing a partition change");
             let controller = self.controller.clone();
             let proposing = self.proposing.clone();
+            let state_of_leader = leader.clone();
             tokio::spawn(async move {
                 match controller.propose(cmd).await {
                     Ok(crate::cluster::ControllerResponse::Refused(e)) => {
-                        tracing::info!(%topic, partition, error = %e, "partition change refused")
+                        tracing::info!(%topic, partition, error = %e, "partition change refused");
+                        lock(&state_of_leader).proposal_failed();
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        tracing::debug!(%topic, partition, error = %e, "partition change not delivered")
+                        tracing::debug!(%topic, partition, error = %e, "partition change not delivered");
+                        lock(&state_of_leader).proposal_failed();
                     }
                 }
                 // Give the applied change time to reach this broker's view.
