@@ -429,6 +429,7 @@ fn acks_all_writes_survive_leader_kills_and_network_partitions() {
     let started = Instant::now();
     let mut kills: Vec<(u32, Instant)> = Vec::new();
     let (mut leader_kills, mut controller_kills, mut partitions_cut, mut lossy) = (0, 0, 0, 0);
+    let mut slow_fences = 0;
     let mut round = 0usize;
     while leader_kills < LEADER_KILLS || partitions_cut < NETWORK_PARTITIONS {
         round += 1;
@@ -489,10 +490,16 @@ fn acks_all_writes_survive_leader_kills_and_network_partitions() {
             kills.push((p, at));
         }
         if round % 2 == 1 {
-            // Let the controller notice the silence and fence it first.
-            wait_for(60, "the killed broker fenced", || {
-                c.cluster(&["status"])["brokers"][victim as usize - 1]["fenced"] == true
-            });
+            // Let the controller notice the silence and fence it first (pacing only: when a
+            // loaded machine makes that slow, the nemesis goes on and counts it).
+            let until = Instant::now() + Duration::from_secs(30);
+            while c.cluster(&["status"])["brokers"][victim as usize - 1]["fenced"] != true {
+                if Instant::now() > until {
+                    slow_fences += 1;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
         }
         c.cluster(&["start"]);
     }
@@ -549,7 +556,7 @@ fn acks_all_writes_survive_leader_kills_and_network_partitions() {
     c.cluster(&["stop"]);
     let identical = replicas_identical(&c, &hw);
     println!(
-        "fault run: {:.0?} of faults — {leader_kills} partition-leader kills, {controller_kills} controller-leader kills, {partitions_cut} broker isolations, {lossy} lossy periods\n\
+        "fault run: {:.0?} of faults — {leader_kills} partition-leader kills, {controller_kills} controller-leader kills, {partitions_cut} broker isolations, {lossy} lossy periods, {slow_fences} kills not fenced within 30 s\n\
          checker: acknowledged {}, read {}, lost {}, duplicated {}, inconsistent offsets {}, reordered (nonmonotonic send) {}, unacknowledged but written {}\n\
          replicas identical below the high watermark: {}\n\
          failover (kill -> first acknowledged write): median {:.2?}, max {:.2?} over {} kills: {:.1?}",
