@@ -13,8 +13,23 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_quiver"))
 }
 
-/// A UDP port free right now on 127.0.0.1.
+/// A UDP port free right now on 127.0.0.1, below Linux's ephemeral range (32768–60999):
+/// a broker restarted on its port must not find it taken by some client's socket, which
+/// the kernel hands out from that range.
 pub fn free_udp_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seed = std::process::id()
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+    for _ in 0..1000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + ((seed.wrapping_add(n.wrapping_mul(7919))) % 12_000) as u16;
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
     s.local_addr().expect("addr").port()
 }
