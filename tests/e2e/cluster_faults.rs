@@ -485,6 +485,12 @@ fn acks_all_writes_survive_leader_kills_and_network_partitions() {
         };
         unsafe_kill(pid, "KILL");
         let at = Instant::now();
+        // Gone for good before anything restarts it (a dying process still holds its data
+        // directory's lock and its port for a moment on a loaded machine).
+        let gone_by = Instant::now() + Duration::from_secs(10);
+        while std::path::Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < gone_by {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         if let Some(p) = partition {
             leader_kills += 1;
             kills.push((p, at));
