@@ -79,6 +79,21 @@ impl FaultCluster {
         unreachable!()
     }
 
+    /// `cluster start` for the brokers the nemesis killed; tried again a few times when a
+    /// restart fails (the nemesis is pacing; a slow machine must not end the run early).
+    fn restart_stopped(&self) {
+        for attempt in 1..=5 {
+            let out = self.run(&["start"]);
+            if out.status.success() {
+                return;
+            }
+            let err = String::from_utf8_lossy(&out.stderr).to_string();
+            assert!(attempt < 5, "cluster start failed 5 times: {err}");
+            eprintln!("restart failed (attempt {attempt}): {err}");
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+
     /// `quiver cluster ARGS --config FILE`.
     fn run(&self, args: &[&str]) -> std::process::Output {
         let mut all = vec!["cluster"];
@@ -480,7 +495,7 @@ fn acks_all_writes_survive_leader_kills_and_network_partitions() {
             continue;
         };
         let Some(pid) = c.pid(victim) else {
-            c.cluster(&["start"]);
+            c.restart_stopped();
             continue;
         };
         unsafe_kill(pid, "KILL");
@@ -507,7 +522,7 @@ fn acks_all_writes_survive_leader_kills_and_network_partitions() {
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
-        c.cluster(&["start"]);
+        c.restart_stopped();
     }
     let fault_time = started.elapsed();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
