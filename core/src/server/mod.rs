@@ -91,6 +91,22 @@ impl ServerContext {
         self.replicas.get()
     }
 
+    /// A partition for a client's produce or fetch: on a cluster broker, one it has not
+    /// applied yet answers `NotLeader` (retried after a metadata refresh).
+    pub fn partition(
+        &self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<(Arc<crate::topic::Topic>, Arc<crate::log::PartitionLog>), requests::RequestError>
+    {
+        self.topics
+            .partition(topic, partition)
+            .map_err(|e| match self.replicas() {
+                Some(rm) => rm.not_ready(topic, partition, e),
+                None => e.into(),
+            })
+    }
+
     /// True once shutdown began.
     pub fn is_stopping(&self) -> bool {
         *self.stopping.borrow()

@@ -16,13 +16,7 @@ const MAX_WAIT_CAP_MS: u32 = 30_000;
 /// Handles a fetch request.
 pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let (req, _) = decode::<FetchRequest>(&body)?;
-    let (_, log) = ctx
-        .topics
-        .partition(&req.topic, req.partition)
-        .map_err(|e| match ctx.replicas() {
-            Some(rm) => rm.not_ready(&req.topic, req.partition, e),
-            None => e.into(),
-        })?;
+    let (_, log) = ctx.partition(&req.topic, req.partition)?;
     if let Some(rm) = ctx.replicas() {
         rm.leader(&req.topic, req.partition)?;
     }

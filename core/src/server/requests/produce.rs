@@ -19,13 +19,7 @@ pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
     crate::topic::refuse_internal(&req.topic, "produce to")?;
     let span = tracing::debug_span!("produce", topic = %req.topic, partition = req.partition, bytes = payload.len());
     let _e = span.enter();
-    let (topic, log) = ctx
-        .topics
-        .partition(&req.topic, req.partition)
-        .map_err(|e| match ctx.replicas() {
-            Some(rm) => rm.not_ready(&req.topic, req.partition, e),
-            None => e.into(),
-        })?;
+    let (topic, log) = ctx.partition(&req.topic, req.partition)?;
     // A cluster partition takes writes on its leader only, and acks=all ones only while
     // its ISR is large enough.
     let replicas = ctx.replicas();
