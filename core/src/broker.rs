@@ -287,7 +287,7 @@ impl Broker {
                 flusher: flusher.clone(),
                 metrics,
                 groups: groups.clone(),
-                plugins,
+                plugins: plugins.clone(),
                 txns,
                 cluster: member.clone(),
                 pipelines: pipelines.clone(),
@@ -338,6 +338,7 @@ impl Broker {
                         groups: groups.clone(),
                         offsets_replication: config.cluster.voters.len().clamp(1, 3),
                         max_decompressed: config.limits.max_frame_bytes as usize,
+                        plugins: plugins.clone(),
                     },
                     stop_rx.clone(),
                 );

@@ -630,3 +630,81 @@ fn reassign_moves_a_partition_to_other_brokers_after_they_caught_up() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_plugin_deployed_through_one_broker_runs_on_every_broker() {
+    let c = TestCluster::start();
+    let at = |id: usize, args: &[&str]| {
+        cli_at(
+            &format!("127.0.0.1:{}", c.ports[id - 1]),
+            &c.ca(),
+            args,
+            None,
+        )
+    };
+    let listed_on = |id: usize| -> Vec<String> {
+        let out = at(id, &["plugin", "list", "--output", "json"]);
+        succeeded(&out);
+        let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}@{}",
+                    p["name"].as_str().unwrap(),
+                    p["version"].as_str().unwrap()
+                )
+            })
+            .collect()
+    };
+    let bundle = super::harness::example("noop-filter");
+    succeeded(&at(1, &["plugin", "deploy", &bundle]));
+    for id in 1..=3 {
+        wait_for(30, "the plugin on every broker", || {
+            listed_on(id) == ["noop-filter@1.0.0"]
+        });
+    }
+    // Removed through another broker: gone everywhere.
+    succeeded(&at(3, &["plugin", "remove", "noop-filter@1.0.0"]));
+    for id in 1..=3 {
+        wait_for(30, "the plugin gone from every broker", || {
+            listed_on(id).is_empty()
+        });
+    }
+    // Deployed again, it runs at whichever broker leads a partition: three partitions with
+    // one replica each have three different leaders.
+    let out = at(2, &["plugin", "deploy", &bundle]);
+    succeeded(&out);
+    for id in 1..=3 {
+        wait_for(30, "the plugin on every broker", || {
+            listed_on(id) == ["noop-filter@1.0.0"]
+        });
+    }
+    succeeded(&c.cli(&["topic", "create", "spread", "--partitions", "3"], None));
+    let leaders: std::collections::BTreeSet<u64> = c.describe("spread")["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["leader"].as_u64().unwrap())
+        .collect();
+    assert_eq!(leaders.len(), 3, "one leader per broker");
+    succeeded(&c.cli(
+        &["produce", "spread", "--key-separator", ":"],
+        Some(&lines(1, 30)),
+    ));
+    let out = c.cli(
+        &[
+            "consume",
+            "spread",
+            "--from-beginning",
+            "--processor",
+            "noop-filter",
+            "--output",
+            "json",
+        ],
+        None,
+    );
+    succeeded(&out);
+    assert_eq!(json_lines(&String::from_utf8_lossy(&out.stdout)).len(), 30);
+}

@@ -40,11 +40,13 @@ pub use network::{
     RaftTransportError, RAFT_ALPN,
 };
 
-pub use state::{BrokerRecord, ControllerState, PartitionRecord, TopicRecord};
+pub use state::{
+    BrokerRecord, ControllerState, PartitionRecord, PluginRecord, TopicRecord, Touched,
+};
 pub use store::{
     open as open_store, ControllerLogStore, ControllerStateMachine, ControllerStoreError,
 };
 pub use types::{
     BrokerId, BrokerNode, ControllerCommand, ControllerError, ControllerResponse,
-    PartitionAssignment, TypeConfig,
+    PartitionAssignment, PluginArchive, TypeConfig,
 };

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::types::{
     BrokerId, ControllerCommand, ControllerError, ControllerResponse, PartitionAssignment,
+    PluginArchive,
 };
 
 /// The topic config key that allows electing a leader from outside the ISR.
@@ -72,11 +73,34 @@ impl TopicRecord {
     }
 }
 
-/// The controller's metadata: brokers and topics, changed only by [`ControllerState::apply`].
+/// A plugin deployed cluster-wide: every broker keeps a copy in its own plugin store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginRecord {
+    /// `name@version`.
+    pub id: String,
+    /// Digest of the canonical archive.
+    pub digest: String,
+    /// The canonical archive.
+    pub archive: PluginArchive,
+}
+
+/// The controller's metadata: brokers, topics and deployed plugins, changed only by
+/// [`ControllerState::apply`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ControllerState {
     pub brokers: BTreeMap<BrokerId, BrokerRecord>,
     pub topics: BTreeMap<String, TopicRecord>,
+    /// By id (`name@version`); absent from snapshots written before plugins were kept here.
+    #[serde(default)]
+    pub plugins: BTreeMap<String, PluginRecord>,
+}
+
+/// What applying a command may change, so that a persistent store rewrites only that.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Touched {
+    pub broker: Option<BrokerId>,
+    pub topics: Vec<String>,
+    pub plugins: Vec<String>,
 }
 
 type Outcome = Result<ControllerResponse, ControllerError>;
@@ -142,6 +166,15 @@ impl ControllerState {
                 *partition_epoch,
                 isr,
             ),
+            ControllerCommand::DeployPlugin {
+                id,
+                digest,
+                archive,
+            } => self.deploy_plugin(id, digest, archive),
+            ControllerCommand::RemovePlugin { id } => match self.plugins.remove(id) {
+                Some(_) => Ok(ControllerResponse::Ok),
+                None => Err(ControllerError::UnknownPlugin { id: id.clone() }),
+            },
         };
         outcome.unwrap_or_else(ControllerResponse::Refused)
     }
@@ -172,11 +205,11 @@ impl ControllerState {
             .unwrap_or(1)
     }
 
-    /// The broker and topics that `apply(cmd)` may change (a superset), so that a persistent
-    /// store rewrites only those. Ask before applying: a fence touches the topics the broker
-    /// holds replicas of, which it still holds afterwards.
-    pub fn touched(&self, cmd: &ControllerCommand) -> (Option<BrokerId>, Vec<String>) {
-        match cmd {
+    /// The broker, topics and plugins that `apply(cmd)` may change (a superset), so that a
+    /// persistent store rewrites only those. Ask before applying: a fence touches the topics
+    /// the broker holds replicas of, which it still holds afterwards.
+    pub fn touched(&self, cmd: &ControllerCommand) -> Touched {
+        let (broker, topics) = match cmd {
             ControllerCommand::RegisterBroker { id, .. }
             | ControllerCommand::FenceBroker { id }
             | ControllerCommand::UnfenceBroker { id } => {
@@ -195,7 +228,39 @@ impl ControllerState {
             ControllerCommand::ReassignPartition { topic, .. }
             | ControllerCommand::CompleteReassignment { topic, .. } => (None, vec![topic.clone()]),
             ControllerCommand::UpdatePartition { topic, .. } => (None, vec![topic.clone()]),
+            ControllerCommand::DeployPlugin { id, .. } | ControllerCommand::RemovePlugin { id } => {
+                return Touched {
+                    plugins: vec![id.clone()],
+                    ..Touched::default()
+                }
+            }
+        };
+        Touched {
+            broker,
+            topics,
+            plugins: Vec::new(),
         }
+    }
+
+    fn deploy_plugin(&mut self, id: &str, digest: &str, archive: &PluginArchive) -> Outcome {
+        if let Some(existing) = self.plugins.get(id) {
+            if existing.digest == digest {
+                return Ok(ControllerResponse::Ok);
+            }
+            return Err(ControllerError::PluginVersionConflict {
+                id: id.to_string(),
+                digest: existing.digest.clone(),
+            });
+        }
+        self.plugins.insert(
+            id.to_string(),
+            PluginRecord {
+                id: id.to_string(),
+                digest: digest.to_string(),
+                archive: archive.clone(),
+            },
+        );
+        Ok(ControllerResponse::Ok)
     }
 
     fn is_live(&self, id: BrokerId) -> bool {
@@ -1101,10 +1166,22 @@ mod tests {
                 config: BTreeMap::new(),
             },
             ControllerCommand::DeleteTopic { name: "t".into() },
+            ControllerCommand::DeployPlugin {
+                id: "p@1.0.0".into(),
+                digest: "d1".into(),
+                archive: PluginArchive(b"zip".to_vec().into()),
+            },
+            ControllerCommand::RemovePlugin {
+                id: "p@1.0.0".into(),
+            },
         ];
         for cmd in cmds {
             let before = s.clone();
-            let (broker, topics) = s.touched(&cmd);
+            let Touched {
+                broker,
+                topics,
+                plugins,
+            } = s.touched(&cmd);
             let resp = s.apply(&cmd);
             assert!(
                 !matches!(resp, ControllerResponse::Refused(_)),
@@ -1121,7 +1198,51 @@ mod tests {
                     assert!(topics.contains(name), "{cmd:?} changed {name}");
                 }
             }
+            for id in before.plugins.keys().chain(s.plugins.keys()) {
+                if before.plugins.get(id) != s.plugins.get(id) {
+                    assert!(plugins.contains(id), "{cmd:?} changed {id}");
+                }
+            }
         }
+    }
+
+    #[test]
+    fn a_deployed_plugin_version_never_changes() {
+        let mut s = ControllerState::default();
+        let deploy = |digest: &str| ControllerCommand::DeployPlugin {
+            id: "grep@1.0.0".into(),
+            digest: digest.into(),
+            archive: PluginArchive(digest.as_bytes().to_vec().into()),
+        };
+        assert_eq!(s.apply(&deploy("d1")), ControllerResponse::Ok);
+        assert_eq!(
+            s.apply(&deploy("d1")),
+            ControllerResponse::Ok,
+            "same bytes again"
+        );
+        assert!(matches!(
+            refused(&mut s, deploy("d2")),
+            ControllerError::PluginVersionConflict { .. }
+        ));
+        assert_eq!(&*s.plugins["grep@1.0.0"].archive.0, b"d1");
+        // The archive survives the JSON of snapshots and the log.
+        let json = serde_json::to_vec(&s).unwrap();
+        assert_eq!(serde_json::from_slice::<ControllerState>(&json).unwrap(), s);
+        assert_eq!(
+            s.apply(&ControllerCommand::RemovePlugin {
+                id: "grep@1.0.0".into()
+            }),
+            ControllerResponse::Ok
+        );
+        assert!(matches!(
+            refused(
+                &mut s,
+                ControllerCommand::RemovePlugin {
+                    id: "grep@1.0.0".into()
+                }
+            ),
+            ControllerError::UnknownPlugin { .. }
+        ));
     }
 
     #[test]

@@ -44,7 +44,7 @@ use openraft::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::state::{BrokerRecord, ControllerState, TopicRecord};
+use super::state::{BrokerRecord, ControllerState, PluginRecord, TopicRecord};
 use super::types::{BrokerId, BrokerNode, ControllerResponse, TypeConfig};
 
 type StorageResult<T> = Result<T, StorageError<BrokerId>>;
@@ -59,6 +59,7 @@ const COMMITTED: &[u8] = b"committed";
 const LAST_PURGED: &[u8] = b"last_purged";
 const BROKER_PREFIX: &[u8] = b"b/";
 const TOPIC_PREFIX: &[u8] = b"t/";
+const PLUGIN_PREFIX: &[u8] = b"p/";
 const APPLIED: &[u8] = b"m/applied";
 const MEMBERSHIP: &[u8] = b"m/membership";
 const SNAPSHOT_META: &[u8] = b"m/snapshot_meta";
@@ -103,6 +104,11 @@ pub fn open(
         let t: TopicRecord = serde_json::from_slice(&v).map_err(corrupt("topic"))?;
         state.topics.insert(t.name.clone(), t);
     }
+    for kv in tree.scan_prefix(PLUGIN_PREFIX) {
+        let (_, v) = kv?;
+        let p: PluginRecord = serde_json::from_slice(&v).map_err(corrupt("plugin"))?;
+        state.plugins.insert(p.id.clone(), p);
+    }
     let last_applied = match tree.get(APPLIED)? {
         Some(v) => serde_json::from_slice(&v).map_err(corrupt("last applied log id"))?,
         None => None,
@@ -128,6 +134,10 @@ fn log_key(index: u64) -> [u8; 8] {
 
 fn topic_key(name: &str) -> Vec<u8> {
     [TOPIC_PREFIX, name.as_bytes()].concat()
+}
+
+fn plugin_key(id: &str) -> Vec<u8> {
+    [PLUGIN_PREFIX, id.as_bytes()].concat()
 }
 
 fn broker_key(id: BrokerId) -> Vec<u8> {
@@ -387,15 +397,17 @@ impl RaftStateMachine<TypeConfig> for ControllerStateMachine {
     {
         let mut brokers = BTreeSet::new();
         let mut topics = BTreeSet::new();
+        let mut plugins = BTreeSet::new();
         let mut responses = Vec::new();
         for entry in entries {
             self.last_applied = Some(entry.log_id);
             let response = match entry.payload {
                 EntryPayload::Blank => ControllerResponse::Ok,
                 EntryPayload::Normal(cmd) => {
-                    let (broker, touched) = self.state.touched(&cmd);
-                    brokers.extend(broker);
-                    topics.extend(touched);
+                    let touched = self.state.touched(&cmd);
+                    brokers.extend(touched.broker);
+                    topics.extend(touched.topics);
+                    plugins.extend(touched.plugins);
                     self.state.apply(&cmd)
                 }
                 EntryPayload::Membership(m) => {
@@ -419,6 +431,12 @@ impl RaftStateMachine<TypeConfig> for ControllerStateMachine {
             match self.state.topics.get(&name) {
                 Some(t) => batch.insert(topic_key(&name), to_json(t)),
                 None => batch.remove(topic_key(&name)),
+            }
+        }
+        for id in plugins {
+            match self.state.plugins.get(&id) {
+                Some(p) => batch.insert(plugin_key(&id), to_json(p)),
+                None => batch.remove(plugin_key(&id)),
             }
         }
         batch.insert(APPLIED, to_json(&self.last_applied));
@@ -456,7 +474,7 @@ impl RaftStateMachine<TypeConfig> for ControllerStateMachine {
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), any(e)))?;
         let read_err = |e: sled::Error| StorageIOError::read_state_machine(any(e));
         let mut batch = sled::Batch::default();
-        for prefix in [BROKER_PREFIX, TOPIC_PREFIX] {
+        for prefix in [BROKER_PREFIX, TOPIC_PREFIX, PLUGIN_PREFIX] {
             for kv in self.tree.scan_prefix(prefix) {
                 batch.remove(kv.map_err(read_err)?.0);
             }
@@ -466,6 +484,9 @@ impl RaftStateMachine<TypeConfig> for ControllerStateMachine {
         }
         for t in state.topics.values() {
             batch.insert(topic_key(&t.name), to_json(t));
+        }
+        for p in state.plugins.values() {
+            batch.insert(plugin_key(&p.id), to_json(p));
         }
         batch.insert(APPLIED, to_json(&meta.last_log_id));
         batch.insert(MEMBERSHIP, to_json(&meta.last_membership));

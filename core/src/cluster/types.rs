@@ -8,8 +8,10 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Cursor;
+use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use base64::Engine;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A broker's id (`broker.id`), which is also its Raft node id.
 pub type BrokerId = u64;
@@ -33,6 +35,33 @@ impl fmt::Display for BrokerNode {
 pub struct PartitionAssignment {
     /// Broker ids holding a copy, preferred leader first; no duplicates.
     pub replicas: Vec<BrokerId>,
+}
+
+/// A deployed plugin's bundle archive (canonical bytes). Cloning the metadata shares it
+/// rather than copying it; in the JSON of the metadata log and snapshots it is base64.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PluginArchive(pub Arc<[u8]>);
+
+impl fmt::Debug for PluginArchive {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PluginArchive({} bytes)", self.0.len())
+    }
+}
+
+impl Serialize for PluginArchive {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for PluginArchive {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text.as_bytes())
+            .map(|b| PluginArchive(b.into()))
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// A change to the cluster metadata, proposed through Raft and applied by every broker in
@@ -100,6 +129,17 @@ pub enum ControllerCommand {
         partition_epoch: u64,
         isr: Vec<BrokerId>,
     },
+    /// Deploy a plugin on every broker: `id` is `name@version`, `digest` that of the
+    /// canonical `archive` (checked by the proposing broker, which built it once). The same
+    /// id with the same digest again is a no-op; with another digest it is refused, since a
+    /// deployed version never changes.
+    DeployPlugin {
+        id: String,
+        digest: String,
+        archive: PluginArchive,
+    },
+    /// Remove a deployed plugin from every broker.
+    RemovePlugin { id: String },
 }
 
 /// Why the state machine refused a command. Stable: brokers map these to wire errors.
@@ -131,6 +171,10 @@ pub enum ControllerError {
     StalePartitionEpoch { current: u64, given: u64 },
     #[error("invalid partition update: {reason}")]
     InvalidUpdate { reason: String },
+    #[error("plugin {id} is already deployed with different content (digest {digest}); a deployed version never changes: bump the version in plugin.toml")]
+    PluginVersionConflict { id: String, digest: String },
+    #[error("plugin {id} is not deployed")]
+    UnknownPlugin { id: String },
 }
 
 /// The answer to one applied log entry.

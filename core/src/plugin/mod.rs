@@ -156,6 +156,22 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The stored record of a bundle whose canonical archive is `size` bytes.
+fn record_of(bundle: &Bundle, size: usize) -> StoredPlugin {
+    let m = bundle.manifest();
+    StoredPlugin {
+        name: m.name.clone(),
+        version: m.version.clone(),
+        digest: bundle.digest(),
+        kind: kind_str(m.kind).into(),
+        runtime: runtime_str(m.runtime).into(),
+        description: m.description.clone(),
+        deployed_ms: crate::clock::now_ms(),
+        size: size as u64,
+        config: m.config.clone(),
+    }
+}
+
 fn kind_str(k: Kind) -> &'static str {
     match k {
         Kind::Processor => "processor",
@@ -216,15 +232,7 @@ impl PluginService {
 
     /// Validates and stores a bundle archive. Blocking (builds the plugin, flushes sled).
     pub fn deploy(&self, archive: &[u8]) -> Result<Deployed> {
-        if archive.len() as u64 > self.max_bundle_bytes {
-            return Err(PluginServiceError::TooLarge(format!(
-                "bundle archive of {} bytes exceeds plugins.max_bundle_bytes = {}",
-                archive.len(),
-                self.max_bundle_bytes
-            )));
-        }
-        let bundle = Bundle::from_archive_bytes(archive)
-            .map_err(|e| PluginServiceError::Invalid(format!("invalid bundle: {e}")))?;
+        let bundle = self.parse(archive)?;
         let id = bundle.id();
         let digest = bundle.digest();
         let _admin = lock(&self.admin);
@@ -241,32 +249,76 @@ impl PluginService {
                 existing.digest
             )));
         }
-        // Build once with the broker's limits so a bundle that cannot run is refused now.
+        let (record, canonical) = self.build(&bundle)?;
+        self.keep(record, &canonical, bundle)
+    }
+
+    /// Checks a bundle archive as [`deploy`](Self::deploy) does (size, format, a build with
+    /// the broker's limits) without storing it: a cluster broker proposes the result to the
+    /// controller, and every broker then [`install`](Self::install)s it. Blocking.
+    pub fn validate(&self, archive: &[u8]) -> Result<(StoredPlugin, Vec<u8>)> {
+        let bundle = self.parse(archive)?;
+        self.build(&bundle)
+    }
+
+    /// Stores a canonical archive the controller holds (validated by the broker that
+    /// proposed it), replacing a local copy with other content: the controller's copy is
+    /// the cluster's. Returns false when it was already here. Blocking.
+    pub fn install(&self, canonical: &[u8], digest: &str) -> Result<bool> {
+        let bundle = Bundle::from_archive_bytes(canonical)
+            .map_err(|e| PluginServiceError::Invalid(format!("invalid bundle: {e}")))?;
+        if bundle.digest() != digest {
+            return Err(PluginServiceError::Invalid(format!(
+                "the controller's archive of {} has digest {}, not the {digest} it was deployed with",
+                bundle.id(),
+                bundle.digest()
+            )));
+        }
+        let _admin = lock(&self.admin);
+        if let Some(existing) = self.store.get(&bundle.id())? {
+            if existing.digest == digest {
+                return Ok(false);
+            }
+            self.forget(&existing)?;
+        }
+        let record = record_of(&bundle, canonical.len());
+        self.keep(record, canonical, bundle)?;
+        Ok(true)
+    }
+
+    fn parse(&self, archive: &[u8]) -> Result<Bundle> {
+        if archive.len() as u64 > self.max_bundle_bytes {
+            return Err(PluginServiceError::TooLarge(format!(
+                "bundle archive of {} bytes exceeds plugins.max_bundle_bytes = {}",
+                archive.len(),
+                self.max_bundle_bytes
+            )));
+        }
+        Bundle::from_archive_bytes(archive)
+            .map_err(|e| PluginServiceError::Invalid(format!("invalid bundle: {e}")))
+    }
+
+    /// Builds the bundle once with the broker's limits, so a bundle that cannot run is
+    /// refused now, and gives its record and canonical archive (the stored bytes depend
+    /// only on the bundle's files).
+    fn build(&self, bundle: &Bundle) -> Result<(StoredPlugin, Vec<u8>)> {
+        let id = bundle.id();
         let config = PluginConfig::new(bundle.clone()).limits(self.limits.clone());
-        let m = bundle.manifest();
-        let built = match m.kind {
+        let built = match bundle.manifest().kind {
             Kind::Processor => config.build_processor().map(drop),
             Kind::Partitioner => config.build_partitioner().map(drop),
         };
         built.map_err(|e| PluginServiceError::Invalid(format!("refused {id}: {e}")))?;
-        // Store the canonical archive, so the stored bytes depend only on the bundle's files.
         let canonical = bundle
             .to_archive_bytes()
             .map_err(|e| PluginServiceError::Invalid(format!("refused {id}: {e}")))?;
-        let record = StoredPlugin {
-            name: m.name.clone(),
-            version: m.version.clone(),
-            digest: digest.clone(),
-            kind: kind_str(m.kind).into(),
-            runtime: runtime_str(m.runtime).into(),
-            description: m.description.clone(),
-            deployed_ms: crate::clock::now_ms(),
-            size: canonical.len() as u64,
-            config: m.config.clone(),
-        };
-        self.store.put(&record, &canonical)?;
-        lock(&self.bundles).insert(digest.clone(), Arc::new(bundle));
-        tracing::info!(plugin = %id, %digest, kind = %record.kind, runtime = %record.runtime, "plugin deployed");
+        Ok((record_of(bundle, canonical.len()), canonical))
+    }
+
+    fn keep(&self, record: StoredPlugin, canonical: &[u8], bundle: Bundle) -> Result<Deployed> {
+        self.store.put(&record, canonical)?;
+        lock(&self.bundles).insert(record.digest.clone(), Arc::new(bundle));
+        tracing::info!(plugin = %record.id(), digest = %record.digest, kind = %record.kind, runtime = %record.runtime, "plugin deployed");
         Ok(Deployed {
             info: self.info(&record),
             already_deployed: false,
@@ -326,6 +378,14 @@ impl PluginService {
     /// archive was deleted.
     pub fn remove(&self, name: &str, version: &str) -> Result<(StoredPlugin, bool)> {
         let _admin = lock(&self.admin);
+        let r = self.check_removable(name, version)?;
+        let deleted = self.forget(&r)?;
+        Ok((r, deleted))
+    }
+
+    /// Checks that `name@version` is deployed and not in use (what [`remove`](Self::remove)
+    /// would refuse), without removing it.
+    pub fn check_removable(&self, name: &str, version: &str) -> Result<StoredPlugin> {
         let r = self.resolve(name, Some(version))?;
         let users = self.used_by(&r.id());
         if !users.is_empty() {
@@ -335,11 +395,25 @@ impl PluginService {
                 users.join(", ")
             )));
         }
-        let deleted = self.store.remove(&r)?;
+        Ok(r)
+    }
+
+    /// The ids (`name@version`) and digests of every plugin stored here.
+    pub fn stored(&self) -> Result<Vec<(String, String)>> {
+        Ok(self
+            .store
+            .all()?
+            .into_iter()
+            .map(|r| (r.id(), r.digest))
+            .collect())
+    }
+
+    fn forget(&self, r: &StoredPlugin) -> Result<bool> {
+        let deleted = self.store.remove(r)?;
         lock(&self.bundles).remove(&r.digest);
         lock(&self.pool).retain(|k, _| k.plugin != r.id());
         tracing::info!(plugin = %r.id(), "plugin removed");
-        Ok((r, deleted))
+        Ok(deleted)
     }
 
     /// Checks that `id` (`name@version`) is a deployed partitioner (topic create/alter).

@@ -123,6 +123,8 @@ pub struct ReplicaSetup {
     pub offsets_replication: usize,
     /// Largest decompressed batch when replaying group records.
     pub max_decompressed: usize,
+    /// The broker's plugins (installed and removed as the controller says).
+    pub plugins: Arc<crate::plugin::PluginService>,
 }
 
 /// Partitions of `__consumer_offsets` in a cluster (a group's coordinator is the leader of
@@ -144,6 +146,7 @@ pub struct ReplicaManager {
     offsets_replication: usize,
     max_decompressed: usize,
     view: RwLock<Arc<ControllerState>>,
+    plugin_sync: Arc<super::plugins::PluginSync>,
     ready: AtomicBool,
     roles: Mutex<HashMap<PartitionKey, Role>>,
     proposing: Arc<Mutex<HashSet<PartitionKey>>>,
@@ -172,6 +175,7 @@ impl ReplicaManager {
             offsets_replication: setup.offsets_replication,
             max_decompressed: setup.max_decompressed,
             view: RwLock::new(Arc::new(ControllerState::default())),
+            plugin_sync: Arc::new(super::plugins::PluginSync::new(setup.plugins)),
             ready: AtomicBool::new(false),
             roles: Mutex::new(HashMap::new()),
             proposing: Arc::default(),
@@ -385,6 +389,9 @@ impl ReplicaManager {
         if let Ok(Err(e)) = synced {
             tracing::warn!(error = %e, "cannot apply the controller's topics");
         }
+        let plugins = self.plugin_sync.clone();
+        let st2 = state.clone();
+        let _ = tokio::task::spawn_blocking(move || plugins.apply(&st2)).await;
         self.sync_roles(&state);
         self.check_isr(&state);
         self.ensure_offsets_topic(&state).await;

@@ -7,12 +7,14 @@
 //!   leader, record a follower's position, wait for the high watermark);
 //! - [`follower`]: the fetch loop of one follower partition: epoch lookup and truncation,
 //!   then long-poll fetches from the leader, appending and flushing what arrives;
-//! - [`peers`]: connections to other brokers, authenticated with this broker's certificate.
+//! - [`peers`]: connections to other brokers, authenticated with this broker's certificate;
+//! - [`plugins`]: the broker's plugin store follows the plugins the controller holds.
 
 pub mod follower;
 pub mod leader;
 pub mod manager;
 pub mod peers;
+pub mod plugins;
 
 pub use leader::LeaderState;
 pub use manager::{ReplicaError, ReplicaManager};

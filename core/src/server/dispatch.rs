@@ -102,12 +102,22 @@ pub async fn dispatch(
         ApiKey::DescribeGroup => requests::describe_group::handle(ctx, body)?,
         ApiKey::ResetOffsets => requests::reset_offsets::handle(ctx, body).await?,
         ApiKey::DeleteGroup => requests::delete_group::handle(ctx, body).await?,
+        ApiKey::DeployPlugin if ctx.replicas().is_some() => {
+            let (_req, archive) =
+                requests::decode::<quiver_protocol::requests::DeployPluginRequest>(&body)?;
+            requests::cluster_plugins::deploy(ctx, archive).await?
+        }
         ApiKey::DeployPlugin => requests::deploy_plugin::handle(ctx, body).await?,
         ApiKey::ListPlugins => {
             on_blocking_thread(ctx, body, requests::list_plugins::handle).await?
         }
         ApiKey::DescribePlugin => {
             on_blocking_thread(ctx, body, requests::describe_plugin::handle).await?
+        }
+        ApiKey::RemovePlugin if ctx.replicas().is_some() => {
+            let (req, _) =
+                requests::decode::<quiver_protocol::requests::RemovePluginRequest>(&body)?;
+            requests::cluster_plugins::remove(ctx, &req.name, &req.version).await?
         }
         ApiKey::RemovePlugin => {
             on_blocking_thread(ctx, body, requests::remove_plugin::handle).await?

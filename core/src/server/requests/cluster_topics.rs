@@ -30,7 +30,9 @@ const APPLY_WAIT: Duration = Duration::from_secs(15);
 
 /// The replica manager, once it acts on metadata holding this broker's registration (a
 /// broker that just joined gets a few seconds to get there).
-async fn replicas_of(ctx: &ServerContext) -> Result<&std::sync::Arc<ReplicaManager>, RequestError> {
+pub(super) async fn replicas_of(
+    ctx: &ServerContext,
+) -> Result<&std::sync::Arc<ReplicaManager>, RequestError> {
     let rm = ctx
         .replicas()
         .ok_or_else(|| RequestError::new(ErrorCode::Internal, "not a cluster broker"))?;
@@ -84,7 +86,7 @@ fn assign_from(
         .collect())
 }
 
-async fn propose(
+pub(super) async fn propose(
     ctx: &ServerContext,
     cmd: ControllerCommand,
 ) -> Result<ControllerResponse, RequestError> {
@@ -111,7 +113,7 @@ fn refused(e: ControllerError) -> RequestError {
 }
 
 /// Polls until `done` holds on this broker (its view and registry), or times out.
-async fn until_applied(
+pub(super) async fn until_applied(
     ctx: &ServerContext,
     what: &str,
     done: impl Fn(&ServerContext) -> bool,

@@ -2,6 +2,7 @@
 //! against the topic registry and the partition logs, and returns a [`Reply`].
 
 pub mod alter_topic_config;
+pub mod cluster_plugins;
 pub mod cluster_topics;
 pub mod commit_offsets;
 pub mod create_partitions;
