@@ -178,6 +178,7 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
         if stop.is_set() {
             break Ok(());
         }
+        let poll_started = std::time::Instant::now();
         let polled = tokio::select! {
             r = member.poll_timeout(Duration::from_millis(500)) => r,
             _ = stop.wait() => break Ok(()),
@@ -186,6 +187,11 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
             Ok(r) => r,
             Err(e) => break Err(e.into()),
         };
+        tracing::debug!(
+            records = records.len(),
+            poll_ms = poll_started.elapsed().as_millis() as u64,
+            "polled"
+        );
         let owned = member.assignment();
         view.set(&owned);
         if let Err(e) = sync_chains(plan, &client, changelog, &mut member, &mut chains).await {
@@ -344,6 +350,7 @@ async fn process_poll(
         })?;
         work.push((tp, run, recs));
     }
+    let started = std::time::Instant::now();
     let done = tokio::task::spawn_blocking(move || {
         work.into_iter()
             .map(|(tp, mut run, recs)| {
@@ -370,6 +377,7 @@ async fn process_poll(
     if let Some(f) = fatal {
         return Err(RuntimeError::Failed(f));
     }
+    let ran_at = std::time::Instant::now();
     let cfg = &plan.config;
     // State first: a snapshot due (taken when the partition was granted, or because the
     // changes outgrew it) precedes the changes of this poll in the changelog.
@@ -444,6 +452,8 @@ async fn process_poll(
     writer.commit(member, offsets).await?;
     tracing::debug!(
         records = counts.input,
+        stages_ms = (ran_at - started).as_millis() as u64,
+        send_ms = (processed_at - ran_at).as_millis() as u64,
         write_ms = (written_at - processed_at).as_millis() as u64,
         commit_ms = written_at.elapsed().as_millis() as u64,
         "poll committed"

@@ -50,6 +50,11 @@ impl Flusher {
         let _ = rx.wait_for(|done| *done >= ticket).await;
     }
 
+    /// True once a flush covering `ticket` completed.
+    pub fn is_done(&self, ticket: u64) -> bool {
+        *self.completed.borrow() >= ticket
+    }
+
     /// How many flushes ran (metrics; shows the group-commit ratio).
     pub fn flush_count(&self) -> u64 {
         self.flushes.load(Ordering::Relaxed)

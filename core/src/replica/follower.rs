@@ -3,10 +3,12 @@
 //! Before fetching under a leader epoch it asks the leader where its own last epoch ends
 //! and truncates any suffix the leader does not have (repeating until the answer is its own
 //! last epoch, as KIP-279 does); then it long-polls the leader from its log end, appends the
-//! batches byte for byte, waits for them to be flushed (its next fetch offset tells the
-//! leader they are durable here) and takes the leader's high watermark, capped at its own
-//! log end. It stops when told to (the role changed) and never decides anything itself: on
-//! errors it waits and tries again until the metadata moves on.
+//! batches byte for byte and takes the leader's high watermark, capped at its own log end.
+//! What it appended is flushed while it fetches again: each fetch tells the leader how far
+//! this log is durable (which is what the high watermark counts), and while an append is
+//! not yet flushed the fetch does not wait at the leader, so the leader learns of the flush
+//! with the next one. It stops when told to (the role changed) and never decides anything
+//! itself: on errors it waits and tries again until the metadata moves on.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,16 +56,38 @@ pub async fn follow(
     let _e = span.enter();
     drop(_e);
     let mut truncated = false;
+    let mut durable = Durable::default();
     loop {
         if *stop.borrow() {
             return;
         }
         let step = if truncated {
-            fetch_once(&log, &target, &peers, &flusher, max_batch_bytes).await
+            durable.check(&flusher);
+            let at = durable.fetch_position(&log);
+            match fetch_once(&log, &target, &peers, at, max_batch_bytes).await {
+                Ok(Fetched::Appended) => {
+                    durable.appended(&log, &flusher);
+                    Ok(())
+                }
+                Ok(Fetched::Nothing) => {
+                    durable.wait(&flusher).await;
+                    Ok(())
+                }
+                Ok(Fetched::StartedOver) => {
+                    durable.flush_all(&log, &flusher).await;
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
         } else {
-            truncate_to_leader(&log, &target, &peers)
-                .await
-                .map(|()| truncated = true)
+            match truncate_to_leader(&log, &target, &peers).await {
+                Ok(()) => {
+                    truncated = true;
+                    durable.flush_all(&log, &flusher).await;
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
         };
         if let Err(e) = step {
             match e {
@@ -81,6 +105,82 @@ pub async fn follow(
             }
         }
     }
+}
+
+/// How far the follower's log is flushed, and the flush under way.
+#[derive(Default)]
+struct Durable {
+    /// Everything below is flushed (`None` until the first flush of this loop).
+    below: Option<i64>,
+    /// The flush ticket of appends not yet known flushed, and the log end it covers.
+    pending: Option<(u64, i64)>,
+}
+
+/// Where one fetch reads from and what it reports durable.
+struct FetchAt {
+    offset: i64,
+    flushed: i64,
+    max_wait_ms: u32,
+}
+
+impl Durable {
+    /// Takes a completed flush into account (does not wait).
+    fn check(&mut self, flusher: &Flusher) {
+        if let Some((ticket, end)) = self.pending {
+            if flusher.is_done(ticket) {
+                self.below = Some(end);
+                self.pending = None;
+            }
+        }
+    }
+
+    /// The next fetch: from the log end, reporting the flushed end; it waits at the leader
+    /// only when nothing is waiting to be flushed here.
+    fn fetch_position(&self, log: &PartitionLog) -> FetchAt {
+        let offset = log.snapshot().log_end;
+        FetchAt {
+            offset,
+            flushed: self.below.unwrap_or(-1).min(offset),
+            max_wait_ms: if self.pending.is_some() {
+                0
+            } else {
+                FETCH_MAX_WAIT_MS
+            },
+        }
+    }
+
+    /// Batches were appended: flush them (the flusher starts at once; nobody waits here).
+    fn appended(&mut self, log: &PartitionLog, flusher: &Flusher) {
+        self.pending = Some((flusher.ticket(), log.snapshot().log_end));
+    }
+
+    /// Nothing new at the leader: wait for the flush under way, so the next fetch reports
+    /// it (and may then wait at the leader).
+    async fn wait(&mut self, flusher: &Flusher) {
+        if let Some((ticket, end)) = self.pending.take() {
+            flusher.wait(ticket).await;
+            self.below = Some(end);
+        }
+    }
+
+    /// The log changed under its earlier positions (truncated, started over): flush it
+    /// all and count from its end.
+    async fn flush_all(&mut self, log: &PartitionLog, flusher: &Flusher) {
+        let end = log.snapshot().log_end;
+        flusher.wait(flusher.ticket()).await;
+        self.below = Some(end);
+        self.pending = None;
+    }
+}
+
+/// What one fetch did to the log.
+enum Fetched {
+    /// Batches were appended.
+    Appended,
+    /// The leader had nothing new.
+    Nothing,
+    /// The log was behind the leader's log start and now starts there, empty.
+    StartedOver,
 }
 
 fn e_is_conn(reason: &str) -> bool {
@@ -139,27 +239,28 @@ async fn truncate_to_leader(
     Err(Step::Retry("epoch lookup did not converge".into()))
 }
 
-/// One fetch: append what the leader sent, flush, take its high watermark.
+/// One fetch: append what the leader sent (unflushed), take its high watermark.
 async fn fetch_once(
     log: &Arc<PartitionLog>,
     target: &FollowTarget,
     peers: &PeerClients,
-    flusher: &Flusher,
+    at: FetchAt,
     max_batch_bytes: usize,
-) -> Result<(), Step> {
+) -> Result<Fetched, Step> {
     let client = peers
         .get(target.leader, &target.leader_addr)
         .await
         .map_err(|e| Step::Retry(format!("connect: {e}")))?;
-    let offset = log.snapshot().log_end;
+    let offset = at.offset;
     let req = ReplicaFetchRequest {
         topic: log.topic.clone(),
         partition: log.partition,
         replica_id: target.me as u32,
         leader_epoch: target.leader_epoch,
         offset,
+        flushed_offset: at.flushed,
         max_bytes: FETCH_MAX_BYTES,
-        max_wait_ms: FETCH_MAX_WAIT_MS,
+        max_wait_ms: at.max_wait_ms,
     };
     let timeout = Duration::from_millis(u64::from(FETCH_MAX_WAIT_MS)) + Duration::from_secs(10);
     let (resp, payload) = match client
@@ -179,9 +280,12 @@ async fn fetch_once(
         );
         return log
             .reset_to(resp.log_start_offset, target.generation)
+            .map(|()| Fetched::StartedOver)
             .map_err(|e| Step::Retry(format!("reset: {e}")));
     }
-    if !payload.is_empty() {
+    let fetched = if payload.is_empty() {
+        Fetched::Nothing
+    } else {
         let batches = split_batches(&payload, max_batch_bytes)
             .map_err(|e| Step::Retry(format!("the leader sent malformed batches: {e}")))?;
         let (log2, generation) = (log.clone(), target.generation);
@@ -202,9 +306,8 @@ async fn fetch_once(
             tracing::warn!(error = %e, "a replicated batch does not fit this log; looking up the leader's epochs again");
             return Err(Step::Diverged);
         }
-        let ticket = flusher.ticket();
-        flusher.wait(ticket).await;
-    }
+        Fetched::Appended
+    };
     log.advance_high_watermark(resp.high_watermark);
-    Ok(())
+    Ok(fetched)
 }

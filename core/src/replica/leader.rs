@@ -16,7 +16,8 @@ use crate::cluster::{BrokerId, PartitionRecord};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FollowerPosition {
-    /// The follower's flushed log end (its last fetch offset); `None` before its first fetch.
+    /// The follower's flushed log end (as its last fetch reported it); `None` before its
+    /// first fetch.
     end: Option<i64>,
     /// The last time (ms) it fetched at or beyond the leader's log end.
     caught_up_ms: i64,
@@ -110,8 +111,30 @@ impl LeaderState {
         self.leader_end = self.leader_end.max(end);
     }
 
-    /// Follower `id` fetched from `offset` (everything below is flushed on it) while the
-    /// leader's log ended at `leader_log_end`. False for a broker that is not a replica.
+    /// Follower `id` fetched from `offset`, with everything below `flushed` durable on it,
+    /// while the leader's log ended at `leader_log_end`. The flushed position is what counts
+    /// for the high watermark; the fetch offset, for being caught up. False for a broker
+    /// that is not a replica.
+    pub fn follower_position(
+        &mut self,
+        id: BrokerId,
+        offset: i64,
+        flushed: i64,
+        leader_log_end: i64,
+        now_ms: i64,
+    ) -> bool {
+        let Some(f) = self.followers.get_mut(&id) else {
+            return false;
+        };
+        f.end = Some(flushed.min(offset));
+        if offset >= leader_log_end {
+            f.caught_up_ms = now_ms;
+        }
+        true
+    }
+
+    /// [`follower_position`](Self::follower_position) of a follower whose log is flushed up
+    /// to its fetch offset.
     pub fn follower_fetched(
         &mut self,
         id: BrokerId,
@@ -119,14 +142,7 @@ impl LeaderState {
         leader_log_end: i64,
         now_ms: i64,
     ) -> bool {
-        let Some(f) = self.followers.get_mut(&id) else {
-            return false;
-        };
-        f.end = Some(offset);
-        if offset >= leader_log_end {
-            f.caught_up_ms = now_ms;
-        }
-        true
+        self.follower_position(id, offset, offset, leader_log_end, now_ms)
     }
 
     /// True when the ISR is large enough for the high watermark to move.
@@ -251,6 +267,25 @@ mod tests {
             "never above the leader's own flushed end"
         );
         assert!(!l.follower_fetched(9, 1, 100, 20), "not a replica");
+    }
+
+    #[test]
+    fn a_follower_counts_for_the_high_watermark_only_as_far_as_it_flushed() {
+        let mut l = LeaderState::new(1, &record(&[1, 2], &[1, 2]), 1, 0, 0);
+        l.leader_flushed(100);
+        // Fetched everything (caught up), flushed only the first 70.
+        l.follower_position(2, 100, 70, 100, 10);
+        assert_eq!(l.high_watermark(), Some(70));
+        assert_eq!(
+            l.isr_size(10, 1_000),
+            (2, 1),
+            "caught up by its fetch offset"
+        );
+        // A flushed position beyond the fetch offset is not believed.
+        l.follower_position(2, 90, 95, 100, 20);
+        assert_eq!(l.high_watermark(), Some(90));
+        l.follower_position(2, 100, 100, 100, 30);
+        assert_eq!(l.high_watermark(), Some(100));
     }
 
     #[test]

@@ -315,19 +315,21 @@ impl ReplicaManager {
         }
     }
 
-    /// Follower `replica` fetches from `offset` at leader epoch `epoch`.
+    /// Follower `replica` fetches from `offset` at leader epoch `epoch`, its log durable
+    /// below `flushed`.
     pub fn follower_fetched(
         &self,
         log: &PartitionLog,
         replica: BrokerId,
         epoch: u64,
         offset: i64,
+        flushed: i64,
     ) -> Result<(), ReplicaError> {
         self.check_leader_epoch(&log.topic, log.partition, epoch)?;
         let state = self.leader(&log.topic, log.partition)?;
         let mut st = lock(&state);
         let log_end = log.snapshot().log_end;
-        if !st.follower_fetched(replica, offset, log_end, crate::clock::now_ms()) {
+        if !st.follower_position(replica, offset, flushed, log_end, crate::clock::now_ms()) {
             return Err(ReplicaError::NotReplica {
                 broker: replica,
                 topic: log.topic.clone(),

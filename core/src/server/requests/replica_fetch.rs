@@ -65,6 +65,7 @@ pub async fn fetch(ctx: &ServerContext, peer: Peer, body: Bytes) -> Result<Reply
         u64::from(req.replica_id),
         req.leader_epoch,
         req.offset,
+        req.flushed_offset,
     )?;
     let max_bytes = (req.max_bytes as usize).clamp(1, ctx.config.limits.max_frame_bytes as usize);
     let deadline = tokio::time::Instant::now()

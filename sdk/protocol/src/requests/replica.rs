@@ -11,8 +11,9 @@ use serde::{Deserialize, Serialize};
 use crate::{ApiKey, Message};
 
 /// A follower's fetch: batches from `offset` up to the leader's log end (not its high
-/// watermark), kept byte for byte with their offsets and leader epochs. `offset` is also the
-/// follower's flushed log end, from which the leader computes the high watermark.
+/// watermark), kept byte for byte with their offsets and leader epochs. `flushed_offset`
+/// is how far the follower's log is durable, from which the leader computes the high
+/// watermark; the follower flushes what it appended while it fetches again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaFetchRequest {
     /// Topic name.
@@ -23,8 +24,10 @@ pub struct ReplicaFetchRequest {
     pub replica_id: u32,
     /// The leader epoch the follower believes current; a leader on another epoch refuses.
     pub leader_epoch: u64,
-    /// The follower's log end (everything below it is flushed on the follower).
+    /// The follower's log end: where this fetch reads from.
     pub offset: i64,
+    /// Everything below this is flushed on the follower (at most `offset`).
+    pub flushed_offset: i64,
     /// Upper bound of payload bytes (at least one batch when any is available).
     pub max_bytes: u32,
     /// How long to wait for new batches when none is available.

@@ -823,6 +823,7 @@ impl Sample for ReplicaFetchRequest {
             replica_id: 2,
             leader_epoch: 7,
             offset: 1 << 40,
+            flushed_offset: (1 << 40) - 7,
             max_bytes: 1 << 20,
             max_wait_ms: 500,
         }]
