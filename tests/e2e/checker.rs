@@ -88,6 +88,38 @@ pub fn check(sends: &[Send], reads: &BTreeMap<u32, BTreeMap<i64, String>>) -> Ve
     v
 }
 
+/// Each reordered pair, with the producer's sends to that partition around it (failed ones
+/// too), for the report of a failed run.
+pub fn describe_reorders(sends: &[Send]) -> Vec<String> {
+    let mut per: BTreeMap<(u32, u32), Vec<&Send>> = BTreeMap::new();
+    for s in sends {
+        per.entry((s.producer, s.partition)).or_default().push(s);
+    }
+    let mut out = Vec::new();
+    for ((producer, partition), mut list) in per {
+        list.sort_by_key(|s| s.seq);
+        let acked: Vec<(usize, i64)> = list
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.acked.map(|o| (i, o)))
+            .collect();
+        for w in acked.windows(2) {
+            if w[1].1 <= w[0].1 {
+                let (from, to) = (w[0].0.saturating_sub(3), (w[1].0 + 4).min(list.len()));
+                let around: Vec<String> = list[from..to]
+                    .iter()
+                    .map(|s| format!("seq {} {} -> {:?}", s.seq, s.value, s.acked))
+                    .collect();
+                out.push(format!(
+                    "producer {producer} partition {partition}: {}",
+                    around.join("; ")
+                ));
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -552,6 +552,9 @@ fn acks_all_writes_survive_leader_kills_and_network_partitions() {
     });
     let history = std::mem::take(&mut *history.lock().unwrap());
     let verdict = check(&history.sends, &reads);
+    for r in super::checker::describe_reorders(&history.sends) {
+        println!("reordered: {r}");
+    }
 
     // Failover: from each leader kill to the first acknowledged write sent after it.
     let failovers: Vec<Duration> = kills

@@ -3,7 +3,7 @@
 //! in-flight requests and idempotent retries.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -22,6 +22,20 @@ const RECORD_OVERHEAD: usize = 24;
 /// A random positive producer id.
 fn new_producer_id() -> i64 {
     ((random_u64() >> 1) as i64).max(1)
+}
+
+/// Epochs of one producer id before the id itself moves on (the wire's epoch is an i16).
+const EPOCHS_PER_ID: u32 = i16::MAX as u32;
+
+/// The producer id and epoch of a partition queue's `generation`: the queue's random id at
+/// epochs 0, 1, 2, … (one more after every batch that failed for good), then the next id.
+/// A new epoch starts its sequences at 0, and the broker fences the older epochs of the id
+/// once it stored a batch of the newer one (Kafka's KIP-360): a batch of the old epoch
+/// still travelling (a request sent before the failure, delivered late) is refused instead
+/// of landing after the new epoch's batches.
+fn identity(base_id: i64, generation: u32) -> (i64, i16) {
+    let id = base_id.wrapping_add(i64::from(generation / EPOCHS_PER_ID)) & i64::MAX;
+    (id.max(1), (generation % EPOCHS_PER_ID) as i16)
 }
 
 /// The partitions of one topic and its sticky partition for keyless records.
@@ -104,8 +118,11 @@ pub(crate) struct PartitionQueue {
     sticky: Arc<AtomicU32>,
     state: Mutex<QueueState>,
     pub(crate) wake: Notify,
-    /// The producer id batches are stamped with; replaced after a permanent failure.
-    producer_id: AtomicI64,
+    /// The random producer id of this queue (see [`identity`]).
+    base_id: i64,
+    /// Which producer id and epoch batches are stamped with; moves on after a batch failed
+    /// for good.
+    generation: AtomicU32,
     batch_size: usize,
     compression: quiver_protocol::batch::Compression,
 }
@@ -133,7 +150,8 @@ impl PartitionQueue {
             partitions,
             sticky,
             wake: Notify::new(),
-            producer_id: AtomicI64::new(new_producer_id()),
+            base_id: new_producer_id(),
+            generation: AtomicU32::new(0),
             batch_size: config.batch_size_bytes,
             compression: config.compression,
         }
@@ -209,7 +227,7 @@ impl PartitionQueue {
     /// The partition's sender: waits for closed batches (or linger), sends them in order.
     pub(crate) async fn run(self: Arc<Self>, shared: Arc<Shared>) {
         let in_flight = Arc::new(Semaphore::new(shared.config.max_in_flight_per_partition));
-        let mut producer_id = self.producer_id.load(Ordering::Acquire);
+        let mut generation = self.generation.load(Ordering::Acquire);
         let mut sequence: i32 = 0;
         loop {
             let (next, deadline) = {
@@ -246,9 +264,9 @@ impl PartitionQueue {
                 }
                 continue;
             };
-            let current = self.producer_id.load(Ordering::Acquire);
-            if current != producer_id {
-                producer_id = current;
+            let current = self.generation.load(Ordering::Acquire);
+            if current != generation {
+                generation = current;
                 sequence = 0;
             }
             // The broker learns a producer id from the first batch it sees, so the first
@@ -261,14 +279,15 @@ impl PartitionQueue {
             let Ok(permit) = in_flight.clone().acquire_many_owned(permits).await else {
                 break;
             };
-            // A permanent failure may have replaced the id while we waited for the permits.
-            let current = self.producer_id.load(Ordering::Acquire);
-            if current != producer_id {
-                producer_id = current;
+            // A permanent failure may have moved the epoch on while we waited for the permits.
+            let current = self.generation.load(Ordering::Acquire);
+            if current != generation {
+                generation = current;
                 sequence = 0;
             }
             let records = closed.builder.len();
-            closed.builder.set_producer(producer_id, 0, sequence);
+            let (producer_id, epoch) = identity(self.base_id, generation);
+            closed.builder.set_producer(producer_id, epoch, sequence);
             sequence = sequence.wrapping_add(records as i32);
             if sequence < 0 {
                 sequence = 0;
@@ -286,7 +305,7 @@ impl PartitionQueue {
             let batch = InFlight {
                 bytes,
                 records: records as u64,
-                producer_id,
+                generation,
                 completion: closed.completion,
                 accounted: closed.accounted,
                 opened: closed.opened,
@@ -355,10 +374,11 @@ impl PartitionQueue {
                 Err(e) => {
                     // OutOfOrderSequence is final: the broker no longer remembers the batch.
                     let delay = backoff.next_delay();
-                    // Once an earlier batch failed and the partition moved to a new producer
-                    // id, a retry of this one could land after the new id's batches: it fails
-                    // instead (the new id's first batch waits for every batch in flight).
-                    let replaced = self.producer_id.load(Ordering::Acquire) != batch.producer_id;
+                    // Once an earlier batch failed and the partition moved to a new epoch, a
+                    // retry of this one could land after the new epoch's batches: it fails
+                    // instead (the new epoch's first batch waits for every batch in flight,
+                    // and the broker fences the old epoch once it stored the new one's).
+                    let replaced = self.generation.load(Ordering::Acquire) != batch.generation;
                     if e.is_retriable() && !replaced && Instant::now() + delay < deadline {
                         tracing::debug!(error = %e, ?delay, "produce failed; retrying the same batch");
                         tokio::time::sleep(delay).await;
@@ -370,10 +390,10 @@ impl PartitionQueue {
         };
         if let Err(e) = &result {
             tracing::warn!(topic = %self.topic, partition = self.partition, records = batch.records, error = %e,
-                "batch failed; switching the partition to a new producer id");
-            let _ = self.producer_id.compare_exchange(
-                batch.producer_id,
-                new_producer_id(),
+                "batch failed; the partition's next batches start a new producer epoch");
+            let _ = self.generation.compare_exchange(
+                batch.generation,
+                batch.generation.wrapping_add(1),
                 Ordering::AcqRel,
                 Ordering::Acquire,
             );
@@ -392,7 +412,8 @@ impl PartitionQueue {
 struct InFlight {
     bytes: Bytes,
     records: u64,
-    producer_id: i64,
+    /// The queue's generation it was stamped under (see [`identity`]).
+    generation: u32,
     completion: Arc<Completion>,
     accounted: usize,
     opened: Instant,
@@ -422,5 +443,18 @@ mod tests {
         let mut st = queues[0].state.lock().unwrap();
         queues[0].close_open(&mut st);
         assert_eq!(sticky.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_failure_moves_to_the_next_epoch_of_the_same_id_then_to_the_next_id() {
+        assert_eq!(identity(77, 0), (77, 0));
+        assert_eq!(identity(77, 1), (77, 1));
+        assert_eq!(identity(77, EPOCHS_PER_ID - 1), (77, i16::MAX - 1));
+        assert_eq!(identity(77, EPOCHS_PER_ID), (78, 0));
+        assert_eq!(
+            identity(i64::MAX, EPOCHS_PER_ID).0,
+            1,
+            "stays a positive id"
+        );
     }
 }
