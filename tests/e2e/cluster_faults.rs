@@ -203,6 +203,20 @@ struct History {
     sends: Vec<Send>,
     /// (partition, sent at, acknowledged at)
     acks: Vec<(u32, Instant, Instant)>,
+    /// Why sends failed: the error's text without numbers, and how often.
+    failures: BTreeMap<String, u64>,
+}
+
+impl History {
+    fn failed(&mut self, error: &quiver_client::ClientError) {
+        let text: String = error
+            .to_string()
+            .chars()
+            .filter(|c| !c.is_ascii_digit())
+            .take(90)
+            .collect();
+        *self.failures.entry(text).or_default() += 1;
+    }
 }
 
 async fn writer(
@@ -243,8 +257,12 @@ async fn writer(
             Ok(delivery) => {
                 let history = history.clone();
                 tasks.push(tokio::spawn(async move {
-                    let acked = delivery.await.ok().map(|m| m.offset);
+                    let result = delivery.await;
                     let mut h = history.lock().unwrap();
+                    if let Err(e) = &result {
+                        h.failed(e);
+                    }
+                    let acked = result.ok().map(|m| m.offset);
                     if acked.is_some() {
                         h.acks.push((partition, sent_at, Instant::now()));
                     }
@@ -258,7 +276,8 @@ async fn writer(
                     drop(permit);
                 }));
             }
-            Err(_) => {
+            Err(e) => {
+                history.lock().unwrap().failed(&e);
                 history.lock().unwrap().sends.push(Send {
                     producer: id,
                     partition,
@@ -552,6 +571,9 @@ fn acks_all_writes_survive_leader_kills_and_network_partitions() {
     });
     let history = std::mem::take(&mut *history.lock().unwrap());
     let verdict = check(&history.sends, &reads);
+    for (why, n) in &history.failures {
+        println!("failed sends: {n} x {why}");
+    }
     for r in super::checker::describe_reorders(&history.sends) {
         println!("reordered: {r}");
     }
