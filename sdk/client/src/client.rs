@@ -573,6 +573,9 @@ impl Client {
     }
 
     /// Sends a request to the partition's leader without reading the answer (`acks = 0`).
+    /// Returns once the broker's QUIC stack acknowledged every byte of it (not its
+    /// processing): a process that exits right after a flush would otherwise drop requests
+    /// still in its send buffer.
     pub(crate) async fn send_only_for_partition<M: Message>(
         &self,
         topic: &str,
@@ -584,12 +587,19 @@ impl Client {
         let broker = self.leader(topic, partition).await?;
         let fut = async {
             let (mut send, _recv) = self.open_stream(&broker).await?;
+            let transport = |reason: String| ClientError::Transport {
+                addr: broker.addr.clone(),
+                reason,
+            };
             write_request(&mut send, req, payload)
                 .await
-                .map_err(|reason| ClientError::Transport {
-                    addr: broker.addr.clone(),
-                    reason,
-                })
+                .map_err(transport)?;
+            // None: every byte acknowledged; Some(code): the broker stopped the stream after
+            // reading the request (it sends no answer at acks=0).
+            send.stopped()
+                .await
+                .map(drop)
+                .map_err(|e| transport(e.to_string()))
         };
         tokio::time::timeout(timeout, fut)
             .await
