@@ -610,6 +610,27 @@ fn reassign_moves_a_partition_to_other_brokers_after_they_caught_up() {
     );
     succeeded(&out);
     assert_eq!(json_lines(&String::from_utf8_lossy(&out.stdout)).len(), 500);
+    // The broker it moved off keeps no copy.
+    wait_for(30, "the old replica's copy dropped", || {
+        TestCluster::partition(&c.describe_at(leader, "moving"), 0)["log_end_offset"] == 0
+    });
+    // Moved back, that broker copies the whole log again like a new replica.
+    let back = format!("{leader},{kept}");
+    succeeded(&c.cli(
+        &[
+            "topic",
+            "reassign",
+            "moving",
+            "--partition",
+            "0",
+            "--replicas",
+            &back,
+        ],
+        None,
+    ));
+    wait_for(30, "the returning replica's copy", || {
+        TestCluster::partition(&c.describe_at(leader, "moving"), 0)["log_end_offset"] == 500
+    });
     // A broker that does not exist, or a move while one runs, is refused.
     let out = c.cli(
         &[

@@ -532,12 +532,24 @@ impl ReplicaManager {
                 continue;
             };
             for (i, p) in t.partitions.iter().enumerate() {
-                if !p.replicas.contains(&self.me) {
-                    continue;
-                }
                 let Some(log) = local.partitions.get(i) else {
                     continue;
                 };
+                if !p.replicas.contains(&self.me) {
+                    // Not (or no longer) a replica here: a partition moved away leaves no
+                    // copy behind (its role, if any, ends with it).
+                    roles.remove(&(t.name.clone(), i as u32));
+                    match log.drop_moved_replica() {
+                        Ok(0) => {}
+                        Ok(bytes) => {
+                            tracing::info!(topic = %t.name, partition = i, bytes, "dropped the local copy of a partition moved to other brokers")
+                        }
+                        Err(e) => {
+                            tracing::warn!(topic = %t.name, partition = i, error = %e, "cannot drop the local copy of a partition moved away")
+                        }
+                    }
+                    continue;
+                }
                 let key = (t.name.clone(), i as u32);
                 seen.insert(key.clone());
                 log.set_replicated();

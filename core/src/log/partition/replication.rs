@@ -244,6 +244,39 @@ impl PartitionLog {
     }
 }
 
+impl PartitionLog {
+    /// Drops every batch of a replica this broker no longer holds (the partition was moved
+    /// to other brokers): ends any role (a fetch loop still running can no longer write)
+    /// and leaves an empty log at offset 0, so that if the partition comes back here its
+    /// follower copies it from the leader's log start like a new replica. Returns the number
+    /// of bytes dropped (0 when it was already empty).
+    pub fn drop_moved_replica(&self) -> Result<u64, LogError> {
+        let dropped = {
+            let mut st = self.lock();
+            st.role_generation += 1;
+            if st.log_end == 0 && st.log_start == 0 {
+                return Ok(0);
+            }
+            st.size_bytes
+        };
+        self.batches.clear()?;
+        self.time_index.clear()?;
+        {
+            let mut st = self.lock();
+            st.producers = ProducerTable::default();
+            st.txns = TxnIndex::default();
+            st.size_bytes = 0;
+            st.epoch_starts.clear();
+            st.log_start = 0;
+            st.log_end = 0;
+            st.high_watermark = 0;
+        }
+        self.hw.send_replace(0);
+        self.persist_meta()?;
+        Ok(dropped)
+    }
+}
+
 /// Records a stored batch's producer sequence and transaction state.
 fn observe(producers: &mut ProducerTable, txns: &mut TxnIndex, h: &BatchHeader, raw: &Bytes) {
     producers.record(
