@@ -31,7 +31,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Timeout,
+    Unreachable,
 };
 use openraft::network::{RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -600,12 +601,17 @@ impl RaftNetwork<TypeConfig> for QuicRaftClient {
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<BrokerId>> {
         let action = RPCTypes::AppendEntries;
+        let entries = rpc.entries.len() as u64;
         match self
             .call(&RaftRequest::AppendEntries(rpc), option.hard_ttl())
             .await
         {
             Ok(RaftReply::AppendEntries(r)) => r.map_err(|e| RPCError::RemoteError(self.remote(e))),
             Ok(other) => Err(self.unexpected(action, &other)),
+            // Entries carrying plugin archives can add up past a frame: openraft sends fewer.
+            Err(CallError::Transport(RaftTransportError::FrameTooLarge(_))) if entries > 1 => {
+                Err(PayloadTooLarge::new_entries_hint(entries / 2).into())
+            }
             Err(e) => Err(self.rpc_error(action, e)),
         }
     }

@@ -171,10 +171,7 @@ impl ControllerState {
                 digest,
                 archive,
             } => self.deploy_plugin(id, digest, archive),
-            ControllerCommand::RemovePlugin { id } => match self.plugins.remove(id) {
-                Some(_) => Ok(ControllerResponse::Ok),
-                None => Err(ControllerError::UnknownPlugin { id: id.clone() }),
-            },
+            ControllerCommand::RemovePlugin { id } => self.remove_plugin(id),
         };
         outcome.unwrap_or_else(ControllerResponse::Refused)
     }
@@ -240,6 +237,24 @@ impl ControllerState {
             topics,
             plugins: Vec::new(),
         }
+    }
+
+    fn remove_plugin(&mut self, id: &str) -> Outcome {
+        if !self.plugins.contains_key(id) {
+            return Err(ControllerError::UnknownPlugin { id: id.to_string() });
+        }
+        if let Some(t) = self
+            .topics
+            .values()
+            .find(|t| t.config.get("partitioner").map(|p| p.trim()) == Some(id))
+        {
+            return Err(ControllerError::PluginInUse {
+                id: id.to_string(),
+                topic: t.name.clone(),
+            });
+        }
+        self.plugins.remove(id);
+        Ok(ControllerResponse::Ok)
     }
 
     fn deploy_plugin(&mut self, id: &str, digest: &str, archive: &PluginArchive) -> Outcome {
@@ -1228,6 +1243,19 @@ mod tests {
         // The archive survives the JSON of snapshots and the log.
         let json = serde_json::to_vec(&s).unwrap();
         assert_eq!(serde_json::from_slice::<ControllerState>(&json).unwrap(), s);
+        // Not while a topic names it as its partitioner (checked here, so two brokers
+        // racing an alter and a removal cannot both win).
+        let mut with_topic = cluster(&[("partitioner", "grep@1.0.0")]);
+        with_topic.plugins = s.plugins.clone();
+        assert!(matches!(
+            refused(
+                &mut with_topic,
+                ControllerCommand::RemovePlugin {
+                    id: "grep@1.0.0".into()
+                }
+            ),
+            ControllerError::PluginInUse { .. }
+        ));
         assert_eq!(
             s.apply(&ControllerCommand::RemovePlugin {
                 id: "grep@1.0.0".into()

@@ -175,6 +175,8 @@ pub enum ControllerError {
     PluginVersionConflict { id: String, digest: String },
     #[error("plugin {id} is not deployed")]
     UnknownPlugin { id: String },
+    #[error("plugin {id} is the partitioner of topic {topic}; detach it first (`quiver topic alter {topic} --partitioner OTHER@VERSION`)")]
+    PluginInUse { id: String, topic: String },
 }
 
 /// The answer to one applied log entry.

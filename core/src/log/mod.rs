@@ -61,6 +61,9 @@ pub enum LogError {
     /// Waiting for durability or ordering took too long.
     #[error("timed out: {0}")]
     Timeout(String),
+    /// This broker no longer holds a replica of the partition.
+    #[error("not a replica here any more: {0}; refresh metadata")]
+    Moved(String),
     /// The partition was deleted while in use.
     #[error("partition was deleted")]
     Deleted,
@@ -90,6 +93,7 @@ impl LogError {
             LogError::Sequence(_) => ErrorCode::OutOfOrderSequence,
             LogError::Fenced(_) => ErrorCode::ProducerFenced,
             LogError::Timeout(_) => ErrorCode::RequestTimedOut,
+            LogError::Moved(_) => ErrorCode::NotLeader,
             LogError::Deleted => ErrorCode::UnknownTopicOrPartition,
             LogError::Offline { .. } => ErrorCode::StorageError,
             LogError::Worker(_) => ErrorCode::Internal,

@@ -72,6 +72,9 @@ struct State {
     /// the generation it started with, so a loop that has not noticed its role ended yet
     /// cannot append to (or truncate) a log that now leads or follows someone else.
     role_generation: u64,
+    /// This broker no longer holds a replica of the partition (moved to other brokers): its
+    /// copy is being dropped and nothing may be appended until it is a replica again.
+    retired: bool,
 }
 
 /// Offsets and size at one moment.
@@ -332,6 +335,7 @@ impl PartitionLog {
             txns,
             hw_at_open,
             role_generation: 0,
+            retired: false,
         };
         Ok(PartitionLog {
             topic: topic.to_string(),
@@ -520,6 +524,12 @@ impl PartitionLog {
         h: &BatchHeader,
     ) -> Result<Result<AppendResult, SequenceCheck>, LogError> {
         let mut st = self.lock();
+        if st.retired {
+            return Err(LogError::Moved(format!(
+                "{}/{} moved to other brokers",
+                self.topic, self.partition
+            )));
+        }
         match st
             .producers
             .check(h.producer_id, h.producer_epoch, h.base_sequence, h.record_count)

@@ -312,6 +312,13 @@ impl PluginService {
         let canonical = bundle
             .to_archive_bytes()
             .map_err(|e| PluginServiceError::Invalid(format!("refused {id}: {e}")))?;
+        if canonical.len() as u64 > self.max_bundle_bytes {
+            return Err(PluginServiceError::TooLarge(format!(
+                "{id}: the stored form of the bundle is {} bytes, over plugins.max_bundle_bytes = {}",
+                canonical.len(),
+                self.max_bundle_bytes
+            )));
+        }
         Ok((record_of(bundle, canonical.len()), canonical))
     }
 

@@ -107,13 +107,15 @@ pub async fn follow(
     }
 }
 
-/// How far the follower's log is flushed, and the flush under way.
+/// How far the follower's log is flushed, and the flushes under way.
 #[derive(Default)]
 struct Durable {
     /// Everything below is flushed (`None` until the first flush of this loop).
     below: Option<i64>,
-    /// The flush ticket of appends not yet known flushed, and the log end it covers.
-    pending: Option<(u64, i64)>,
+    /// Flush tickets of appends not yet known flushed, oldest first, each with the log end
+    /// it covers. All are kept: under steady load the newest ticket is rarely done when
+    /// checked (a ticket taken during a flush needs the next one), the older ones are.
+    pending: std::collections::VecDeque<(u64, i64)>,
 }
 
 /// Where one fetch reads from and what it reports durable.
@@ -124,13 +126,14 @@ struct FetchAt {
 }
 
 impl Durable {
-    /// Takes a completed flush into account (does not wait).
+    /// Takes completed flushes into account (does not wait).
     fn check(&mut self, flusher: &Flusher) {
-        if let Some((ticket, end)) = self.pending {
-            if flusher.is_done(ticket) {
-                self.below = Some(end);
-                self.pending = None;
+        while let Some(&(ticket, end)) = self.pending.front() {
+            if !flusher.is_done(ticket) {
+                break;
             }
+            self.below = Some(end);
+            self.pending.pop_front();
         }
     }
 
@@ -141,7 +144,7 @@ impl Durable {
         FetchAt {
             offset,
             flushed: self.below.unwrap_or(-1).min(offset),
-            max_wait_ms: if self.pending.is_some() {
+            max_wait_ms: if !self.pending.is_empty() {
                 0
             } else {
                 FETCH_MAX_WAIT_MS
@@ -151,15 +154,17 @@ impl Durable {
 
     /// Batches were appended: flush them (the flusher starts at once; nobody waits here).
     fn appended(&mut self, log: &PartitionLog, flusher: &Flusher) {
-        self.pending = Some((flusher.ticket(), log.snapshot().log_end));
+        self.pending
+            .push_back((flusher.ticket(), log.snapshot().log_end));
     }
 
     /// Nothing new at the leader: wait for the flush under way, so the next fetch reports
     /// it (and may then wait at the leader).
     async fn wait(&mut self, flusher: &Flusher) {
-        if let Some((ticket, end)) = self.pending.take() {
+        if let Some((ticket, end)) = self.pending.pop_back() {
             flusher.wait(ticket).await;
             self.below = Some(end);
+            self.pending.clear();
         }
     }
 
@@ -169,7 +174,7 @@ impl Durable {
         let end = log.snapshot().log_end;
         flusher.wait(flusher.ticket()).await;
         self.below = Some(end);
-        self.pending = None;
+        self.pending.clear();
     }
 }
 

@@ -394,7 +394,18 @@ impl ReplicaManager {
         let plugins = self.plugin_sync.clone();
         let st2 = state.clone();
         let _ = tokio::task::spawn_blocking(move || plugins.apply(&st2)).await;
-        self.sync_roles(&state);
+        let moved_away = self.sync_roles(&state);
+        if !moved_away.is_empty() {
+            let _ = tokio::task::spawn_blocking(move || {
+                for (topic, partition, log) in moved_away {
+                    match log.drop_moved_replica() {
+                        Ok(bytes) => tracing::info!(%topic, partition, bytes, "dropped the local copy of a partition moved to other brokers"),
+                        Err(e) => tracing::warn!(%topic, partition, error = %e, "cannot drop the local copy of a partition moved away; retrying"),
+                    }
+                }
+            })
+            .await;
+        }
         self.check_isr(&state);
         self.ensure_offsets_topic(&state).await;
         self.sync_groups(&state).await;
@@ -523,10 +534,13 @@ impl ReplicaManager {
     }
 
     /// Takes the right role for every partition this broker holds a replica of.
-    fn sync_roles(&self, state: &ControllerState) {
+    /// Gives every partition this broker holds a replica of its role, and returns the
+    /// partitions it holds a copy of without being a replica (moved away), to be dropped.
+    fn sync_roles(&self, state: &ControllerState) -> Vec<(String, u32, Arc<PartitionLog>)> {
         let now = crate::clock::now_ms();
         let mut roles = lock(&self.roles);
         let mut seen = HashSet::new();
+        let mut moved_away = Vec::new();
         for t in state.topics.values() {
             let Some(local) = self.topics.get(&t.name) else {
                 continue;
@@ -537,16 +551,11 @@ impl ReplicaManager {
                 };
                 if !p.replicas.contains(&self.me) {
                     // Not (or no longer) a replica here: a partition moved away leaves no
-                    // copy behind (its role, if any, ends with it).
-                    roles.remove(&(t.name.clone(), i as u32));
-                    match log.drop_moved_replica() {
-                        Ok(0) => {}
-                        Ok(bytes) => {
-                            tracing::info!(topic = %t.name, partition = i, bytes, "dropped the local copy of a partition moved to other brokers")
-                        }
-                        Err(e) => {
-                            tracing::warn!(topic = %t.name, partition = i, error = %e, "cannot drop the local copy of a partition moved away")
-                        }
+                    // copy behind (its role, if any, ends with it; the copy goes after this
+                    // pass, off the async threads and without the roles lock).
+                    let had_role = roles.remove(&(t.name.clone(), i as u32)).is_some();
+                    if had_role || log.has_data() {
+                        moved_away.push((t.name.clone(), i as u32, log.clone()));
                     }
                     continue;
                 }
@@ -629,6 +638,7 @@ impl ReplicaManager {
             }
         }
         roles.retain(|k, _| seen.contains(k));
+        moved_away
     }
 
     /// As leader: moves high watermarks the ISR allows and proposes ISR changes.

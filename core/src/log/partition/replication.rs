@@ -53,6 +53,7 @@ impl PartitionLog {
         {
             let mut st = self.lock();
             st.role_generation += 1;
+            st.retired = false;
             st.leader_epoch = epoch;
             let end = st.log_end;
             if st.epoch_starts.last().is_none_or(|e| e.0 < epoch) {
@@ -68,6 +69,7 @@ impl PartitionLog {
         let generation = {
             let mut st = self.lock();
             st.role_generation += 1;
+            st.retired = false;
             st.leader_epoch = epoch;
             st.role_generation
         };
@@ -245,18 +247,24 @@ impl PartitionLog {
 }
 
 impl PartitionLog {
+    /// True when the log holds (or held) anything: its start or end moved from 0.
+    pub fn has_data(&self) -> bool {
+        let st = self.lock();
+        st.log_end != 0 || st.log_start != 0
+    }
+
     /// Drops every batch of a replica this broker no longer holds (the partition was moved
-    /// to other brokers): ends any role (a fetch loop still running can no longer write)
-    /// and leaves an empty log at offset 0, so that if the partition comes back here its
+    /// to other brokers): ends any role (a fetch loop still running can no longer write),
+    /// refuses appends until the partition is a replica here again (a produce or group
+    /// write that passed its leader check just before cannot land in the dropped log), and
+    /// leaves an empty log at offset 0, so that if the partition comes back here its
     /// follower copies it from the leader's log start like a new replica. Returns the number
-    /// of bytes dropped (0 when it was already empty).
+    /// of bytes dropped. Blocking (removes every key of the partition).
     pub fn drop_moved_replica(&self) -> Result<u64, LogError> {
         let dropped = {
             let mut st = self.lock();
             st.role_generation += 1;
-            if st.log_end == 0 && st.log_start == 0 {
-                return Ok(0);
-            }
+            st.retired = true;
             st.size_bytes
         };
         self.batches.clear()?;

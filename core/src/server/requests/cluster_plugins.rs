@@ -14,10 +14,15 @@ use super::{Reply, RequestError};
 use crate::cluster::{ControllerCommand, ControllerError, ControllerResponse, PluginArchive};
 use crate::server::ServerContext;
 
+/// Largest canonical archive deployed through the controller: its base64 (4/3) and the
+/// entry around it must fit one Raft frame (`MAX_FRAME`, 32 MiB).
+const MAX_REPLICATED_ARCHIVE: usize = 20 * 1024 * 1024;
+
 fn refused(e: ControllerError) -> RequestError {
     let code = match &e {
         ControllerError::PluginVersionConflict { .. } => ErrorCode::PluginVersionConflict,
         ControllerError::UnknownPlugin { .. } => ErrorCode::PluginNotFound,
+        ControllerError::PluginInUse { .. } => ErrorCode::PluginInUse,
         _ => ErrorCode::Internal,
     };
     RequestError::new(code, e.to_string())
@@ -39,6 +44,15 @@ pub async fn deploy(ctx: &ServerContext, archive: Bytes) -> Result<Reply, Reques
         .map_err(|e| {
             RequestError::new(ErrorCode::Internal, format!("deploy task failed: {e}"))
         })??;
+    if canonical.len() > MAX_REPLICATED_ARCHIVE {
+        return Err(RequestError::new(
+            ErrorCode::MessageTooLarge,
+            format!(
+                "the bundle's archive is {} bytes; a cluster replicates plugins of at most {MAX_REPLICATED_ARCHIVE} bytes",
+                canonical.len()
+            ),
+        ));
+    }
     let id = record.id();
     let rm = replicas_of(ctx).await?;
     let already = match rm.controller().state().await.plugins.get(&id) {

@@ -26,12 +26,14 @@ pub struct ReplicaFetchRequest {
     pub leader_epoch: u64,
     /// The follower's log end: where this fetch reads from.
     pub offset: i64,
-    /// Everything below this is flushed on the follower (at most `offset`).
-    pub flushed_offset: i64,
     /// Upper bound of payload bytes (at least one batch when any is available).
     pub max_bytes: u32,
     /// How long to wait for new batches when none is available.
     pub max_wait_ms: u32,
+    /// Everything below this is flushed on the follower (at most `offset`). Added last, as
+    /// the wire format asks; brokers from before it cannot run beside newer ones (they took
+    /// `offset` as flushed): upgrade a cluster's brokers together.
+    pub flushed_offset: i64,
 }
 
 /// The leader's answer; the payload holds whole stored batches from the fetch offset.
