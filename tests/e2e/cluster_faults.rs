@@ -395,9 +395,43 @@ fn replicas_identical(c: &FaultCluster, hw: &BTreeMap<u32, i64>) -> Result<(), S
     for p in 0..PARTITIONS {
         for (i, copy) in copies.iter().enumerate().skip(1) {
             if copy[&p] != copies[0][&p] {
+                let describe = |b: &Vec<u8>| {
+                    quiver_protocol::batch::BatchHeader::parse(b).map_or_else(
+                        |e| format!("unparsable ({e})"),
+                        |h| {
+                            format!(
+                                "[{}..{}) epoch {} producer {}/{} seq {} ({} bytes)",
+                                h.base_offset,
+                                h.next_offset(),
+                                h.leader_epoch,
+                                h.producer_id,
+                                h.producer_epoch,
+                                h.base_sequence,
+                                b.len()
+                            )
+                        },
+                    )
+                };
+                let (a, b) = (&copies[0][&p], &copy[&p]);
+                let at = a.iter().zip(b.iter()).position(|(x, y)| x != y);
+                let detail = match at {
+                    Some(k) => format!(
+                        "batch {k}: broker 1 has {}, broker {} has {}",
+                        describe(&a[k]),
+                        i + 1,
+                        describe(&b[k])
+                    ),
+                    None => format!(
+                        "broker 1 has {} batches, broker {} has {}",
+                        a.len(),
+                        i + 1,
+                        b.len()
+                    ),
+                };
                 return Err(format!(
-                    "partition {p}: broker {} differs from broker 1 below the high watermark",
-                    i + 1
+                    "partition {p}: broker {} differs from broker 1 below the high watermark {}: {detail}",
+                    i + 1,
+                    hw[&p]
                 ));
             }
         }
