@@ -193,6 +193,19 @@ impl Drop for FaultCluster {
                 }
             }
         }
+        // QUIVER_SOAK_KEEP=1 keeps the brokers' data and logs (`qc/broker-N/broker.log`)
+        // for a post-mortem: the directory is moved out of the temporary one.
+        if std::env::var_os("QUIVER_SOAK_KEEP").is_some() {
+            let kept = std::env::temp_dir().join(format!(
+                "quiver-soak-{}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
+            ));
+            if std::fs::rename(self.dir.path(), &kept).is_ok() {
+                eprintln!("soak data and broker logs kept in {}", kept.display());
+            }
+        }
     }
 }
 
