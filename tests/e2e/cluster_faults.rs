@@ -193,9 +193,10 @@ impl Drop for FaultCluster {
                 }
             }
         }
-        // QUIVER_SOAK_KEEP=1 keeps the brokers' data and logs (`qc/broker-N/broker.log`)
-        // for a post-mortem: the directory is moved out of the temporary one.
-        if std::env::var_os("QUIVER_SOAK_KEEP").is_some() {
+        // SOAK_KEEP_DATA=1 keeps the brokers' data and logs (`qc/broker-N/broker.log`)
+        // for a post-mortem: the directory is moved out of the temporary one. (Not a
+        // QUIVER_ variable: the brokers it starts read those as config keys.)
+        if std::env::var_os("SOAK_KEEP_DATA").is_some() {
             let kept = std::env::temp_dir().join(format!(
                 "quiver-soak-{}",
                 std::time::SystemTime::now()
