@@ -120,6 +120,23 @@ impl TestCluster {
         serde_json::from_slice(&out.stdout).expect("describe json")
     }
 
+    /// `topic reassign TOPIC --partition P --replicas IDS` through the cluster.
+    fn reassign(&self, topic: &str, partition: u32, replicas: &str) -> std::process::Output {
+        let partition = partition.to_string();
+        self.cli(
+            &[
+                "topic",
+                "reassign",
+                topic,
+                "--partition",
+                &partition,
+                "--replicas",
+                replicas,
+            ],
+            None,
+        )
+    }
+
     fn describe(&self, topic: &str) -> Value {
         let out = self.cli(&["topic", "describe", topic, "--output", "json"], None);
         succeeded(&out);
@@ -560,19 +577,7 @@ fn reassign_moves_a_partition_to_other_brokers_after_they_caught_up() {
     // Move off the current leader onto the broker that had no copy.
     let leader = before["leader"].as_u64().unwrap();
     let kept = old.iter().copied().find(|r| *r != leader).unwrap();
-    let wanted = format!("{newcomer},{kept}");
-    let out = c.cli(
-        &[
-            "topic",
-            "reassign",
-            "moving",
-            "--partition",
-            "0",
-            "--replicas",
-            &wanted,
-        ],
-        None,
-    );
+    let out = c.reassign("moving", 0, &format!("{newcomer},{kept}"));
     succeeded(&out);
     let printed = String::from_utf8_lossy(&out.stdout);
     assert!(printed.contains("moved moving/0"), "{printed}");
@@ -615,35 +620,12 @@ fn reassign_moves_a_partition_to_other_brokers_after_they_caught_up() {
         TestCluster::partition(&c.describe_at(leader, "moving"), 0)["log_end_offset"] == 0
     });
     // Moved back, that broker copies the whole log again like a new replica.
-    let back = format!("{leader},{kept}");
-    succeeded(&c.cli(
-        &[
-            "topic",
-            "reassign",
-            "moving",
-            "--partition",
-            "0",
-            "--replicas",
-            &back,
-        ],
-        None,
-    ));
+    succeeded(&c.reassign("moving", 0, &format!("{leader},{kept}")));
     wait_for(30, "the returning replica's copy", || {
         TestCluster::partition(&c.describe_at(leader, "moving"), 0)["log_end_offset"] == 500
     });
     // A broker that does not exist, or a move while one runs, is refused.
-    let out = c.cli(
-        &[
-            "topic",
-            "reassign",
-            "moving",
-            "--partition",
-            "0",
-            "--replicas",
-            "7",
-        ],
-        None,
-    );
+    let out = c.reassign("moving", 0, "7");
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("broker 7"),

@@ -229,6 +229,12 @@ impl PartitionLog {
     /// the leader's log start); only under the follower's role `generation`.
     pub fn reset_to(&self, offset: i64, generation: u64) -> Result<(), LogError> {
         Self::check_generation(&self.lock(), generation)?;
+        self.clear_to(offset)
+    }
+
+    /// Removes every batch and starts the log empty at `offset`, with no producer,
+    /// transaction or epoch state.
+    fn clear_to(&self, offset: i64) -> Result<(), LogError> {
         self.batches.clear()?;
         self.time_index.clear()?;
         {
@@ -267,20 +273,7 @@ impl PartitionLog {
             st.retired = true;
             st.size_bytes
         };
-        self.batches.clear()?;
-        self.time_index.clear()?;
-        {
-            let mut st = self.lock();
-            st.producers = ProducerTable::default();
-            st.txns = TxnIndex::default();
-            st.size_bytes = 0;
-            st.epoch_starts.clear();
-            st.log_start = 0;
-            st.log_end = 0;
-            st.high_watermark = 0;
-        }
-        self.hw.send_replace(0);
-        self.persist_meta()?;
+        self.clear_to(0)?;
         Ok(dropped)
     }
 }
