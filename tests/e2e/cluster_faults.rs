@@ -66,17 +66,7 @@ impl FaultCluster {
     /// Starts the cluster; tries again on fresh ports when one was taken meanwhile (free
     /// ports are found by binding and releasing them; another test may take one first).
     fn start() -> FaultCluster {
-        for attempt in 1..=3 {
-            let c = Self::on_free_ports();
-            let out = c.run(&["start"]);
-            if out.status.success() {
-                return c;
-            }
-            let err = String::from_utf8_lossy(&out.stderr).to_string();
-            assert!(attempt < 3, "cluster start failed 3 times: {err}");
-            eprintln!("cluster start failed (attempt {attempt}), retrying on new ports: {err}");
-        }
-        unreachable!()
+        super::harness::start_on_free_ports(Self::on_free_ports, |c| c.run(&["start"]))
     }
 
     /// `cluster start` for the brokers the nemesis killed; tried again a few times when a

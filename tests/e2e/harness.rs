@@ -343,3 +343,23 @@ pub fn example(name: &str) -> String {
     }
     dir.display().to_string()
 }
+
+/// Builds a fixture on fresh free ports and starts it with `start`; tries again on new
+/// ports (up to 3 times) when starting fails: free ports are found by binding and releasing
+/// them, so another test may take one first.
+pub fn start_on_free_ports<T>(
+    make: impl Fn() -> T,
+    start: impl Fn(&T) -> std::process::Output,
+) -> T {
+    for attempt in 1..=3 {
+        let fixture = make();
+        let out = start(&fixture);
+        if out.status.success() {
+            return fixture;
+        }
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(attempt < 3, "cluster start failed 3 times: {err}");
+        eprintln!("cluster start failed (attempt {attempt}), retrying on new ports: {err}");
+    }
+    unreachable!()
+}
