@@ -113,8 +113,20 @@ pub(crate) fn pid_path(data_dir: &Path) -> PathBuf {
     data_dir.join("broker.pid")
 }
 
+/// Writes `pid` to the pid file atomically (a temporary file renamed over it): the daemon
+/// parent and its child both write it, and a reader must never see it truncated and empty
+/// (a broker starting up took that for a damaged file and exited).
+pub(crate) fn write_pid(path: &Path, pid: u32) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("pid.{}.tmp", std::process::id()));
+    std::fs::write(&tmp, format!("{pid}\n"))?;
+    std::fs::rename(&tmp, path)
+}
+
+/// The pid in the pid file; `None` when there is none (no file, or an empty one left by a
+/// crash between creating and writing it).
 pub(crate) fn read_pid(path: &Path) -> anyhow::Result<Option<i32>> {
     match std::fs::read_to_string(path) {
+        Ok(s) if s.trim().is_empty() => Ok(None),
         Ok(s) => s
             .trim()
             .parse::<i32>()
@@ -205,7 +217,7 @@ async fn run_foreground(args: &StartArgs) -> anyhow::Result<()> {
         .await
         .context("cannot start the broker")?;
     let pipelines = pipeline_host(&handle, &data_dir, id);
-    if let Err(e) = std::fs::write(&pid_file, format!("{}\n", std::process::id())) {
+    if let Err(e) = write_pid(&pid_file, std::process::id()) {
         tracing::warn!(path = %pid_file.display(), error = %e, "cannot write the pid file");
     }
     let ca = handle
@@ -300,7 +312,7 @@ pub fn daemonize(args: &StartArgs) -> anyhow::Result<()> {
     }
     let mut child = cmd.spawn().context("cannot start the broker process")?;
     let pid = child.id();
-    std::fs::write(pid_path(&data_dir), format!("{pid}\n"))
+    write_pid(&pid_path(&data_dir), pid)
         .with_context(|| format!("cannot write {}", pid_path(&data_dir).display()))?;
 
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -390,4 +402,29 @@ fn is_zombie(pid: i32) -> bool {
                 .map(|(_, rest)| rest.trim_start().starts_with('Z'))
         })
         .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod pid_file_tests {
+    use super::*;
+
+    #[test]
+    fn a_pid_file_is_written_whole_and_an_empty_one_holds_no_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = pid_path(dir.path());
+        assert_eq!(read_pid(&path).unwrap(), None, "no file");
+        write_pid(&path, 4242).unwrap();
+        assert_eq!(read_pid(&path).unwrap(), Some(4242));
+        write_pid(&path, 7).unwrap();
+        assert_eq!(read_pid(&path).unwrap(), Some(7), "replaced, not appended");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temporary file left behind"
+        );
+        std::fs::write(&path, "").unwrap();
+        assert_eq!(read_pid(&path).unwrap(), None, "empty: a crash mid-write");
+        std::fs::write(&path, "garbage").unwrap();
+        assert!(read_pid(&path).is_err(), "anything else is reported");
+    }
 }
