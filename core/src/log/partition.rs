@@ -243,6 +243,10 @@ impl PartitionLog {
         let mut running_max_ts = i64::MIN;
         let mut offline = None;
         let mut txns = TxnIndex::default();
+        // Where each leader epoch starts among the stored batches: the cache in the metadata
+        // record is written at role changes, not at every replicated append, so after a crash
+        // the batches may hold newer epochs than it does.
+        let mut stored_epochs: Vec<(i32, i64)> = Vec::new();
         for item in batches.iter() {
             let (k, v) = item?;
             size_bytes += v.len() as u64;
@@ -252,6 +256,9 @@ impl PartitionLog {
             match stored_batch_problem(&k, &v) {
                 None => {
                     if let Ok(h) = BatchHeader::parse(&v) {
+                        if stored_epochs.last().is_none_or(|e| e.0 < h.leader_epoch) {
+                            stored_epochs.push((h.leader_epoch, h.base_offset));
+                        }
                         running_max_ts = running_max_ts.max(h.max_timestamp);
                         if h.is_transactional() {
                             let marker = h
@@ -276,6 +283,7 @@ impl PartitionLog {
             Some((_, v)) => BatchHeader::parse(&v)?.next_offset(),
             None => pm.log_start.max(pm.hw_checkpoint),
         };
+        pm.epoch_starts = merge_epoch_starts(&pm.epoch_starts, &stored_epochs, log_end);
         if let Some((k, _)) = batches.first()? {
             pm.log_start = pm.log_start.max(key_offset(&k)).min(log_end);
         }
@@ -1001,6 +1009,27 @@ impl PartitionLog {
         self.meta.remove(&self.meta_key)?;
         Ok(())
     }
+}
+
+/// The epoch cache of a log reopened at `log_end`: the recorded entries that start within
+/// the log (an entry at the log end is an epoch that began with nothing written yet), then
+/// every newer epoch the stored batches show.
+fn merge_epoch_starts(
+    recorded: &[(i32, i64)],
+    stored: &[(i32, i64)],
+    log_end: i64,
+) -> Vec<(i32, i64)> {
+    let mut merged: Vec<(i32, i64)> = recorded
+        .iter()
+        .copied()
+        .filter(|e| e.1 <= log_end)
+        .collect();
+    for &(epoch, start) in stored {
+        if merged.last().is_none_or(|e| e.0 < epoch) {
+            merged.push((epoch, start));
+        }
+    }
+    merged
 }
 
 mod replication;

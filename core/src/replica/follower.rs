@@ -228,18 +228,14 @@ async fn truncate_to_leader(
             )
             .await
             .map_err(|e| Step::Retry(format!("transport: epoch lookup: {e}")))?;
-        let end = if answer.epoch < 0 {
-            log.snapshot().log_start
-        } else {
-            answer.end_offset
-        };
-        if end < log_end {
-            log.truncate_to(end, target.generation)
-                .map_err(|e| Step::Retry(format!("truncate: {e}")))?;
-        }
-        if answer.epoch == epoch || end >= log_end {
+        let cut = log.divergence_point(answer.epoch, answer.end_offset);
+        log.truncate_to(cut, target.generation)
+            .map_err(|e| Step::Retry(format!("truncate: {e}")))?;
+        if answer.epoch == epoch {
             return Ok(());
         }
+        // The leader has no epoch between its answer and the one asked about: this log's
+        // later epochs are gone now, and the next lookup asks about the newest it kept.
     }
     Err(Step::Retry("epoch lookup did not converge".into()))
 }

@@ -105,6 +105,22 @@ impl PartitionLog {
         (st.epoch_starts[i].0, end)
     }
 
+    /// Where this log must be cut to agree with a leader that answered `(epoch, end)` to
+    /// the lookup of this log's last epoch (KIP-279): below the leader's end of that epoch
+    /// and below this log's own end of it, since everything this log wrote under a later
+    /// epoch is one the leader does not have. The log start when the leader has no epoch at
+    /// or below the one asked for, or this log none at or below the leader's.
+    pub fn divergence_point(&self, leader_epoch: i32, leader_end: i64) -> i64 {
+        let log_start = self.lock().log_start;
+        if leader_epoch < 0 {
+            return log_start;
+        }
+        match self.end_offset_for_epoch(leader_epoch) {
+            (mine, _) if mine < 0 => log_start,
+            (_, own_end) => leader_end.min(own_end).max(log_start),
+        }
+    }
+
     /// Reads whole batches from `offset` up to the log end (a follower's fetch; the high
     /// watermark does not bound it).
     pub fn read_to_log_end(&self, offset: i64, max_bytes: usize) -> Result<ReadResult, LogError> {
@@ -169,7 +185,19 @@ impl PartitionLog {
         let mut st = self.lock();
         Self::check_generation(&st, generation)?;
         if offset >= st.log_end {
-            return Ok(st.log_end);
+            // Nothing to drop, but an epoch that starts at the log end has no batch here:
+            // forget it, so the next epoch lookup asks about what the log holds.
+            let before = st.epoch_starts.len();
+            let end = st.log_end;
+            if offset == end {
+                st.epoch_starts.retain(|e| e.1 < end);
+            }
+            let changed = st.epoch_starts.len() != before;
+            drop(st);
+            if changed {
+                self.persist_meta()?;
+            }
+            return Ok(end);
         }
         let from = match self.batches.range_through(&offset_key(offset)).next_back() {
             Some(item) => {
@@ -215,6 +243,10 @@ impl PartitionLog {
         st.txns = txns;
         st.size_bytes = size;
         st.epoch_starts.retain(|e| e.1 < new_end);
+        if new_end == st.log_start {
+            // Nothing left: no epoch either (entries from before the log start included).
+            st.epoch_starts.clear();
+        }
         st.log_end = new_end;
         st.high_watermark = st.high_watermark.min(new_end);
         let hw = st.high_watermark;
@@ -293,5 +325,133 @@ fn observe(producers: &mut ProducerTable, txns: &mut TxnIndex, h: &BatchHeader, 
     if h.is_transactional() {
         let marker = h.is_control().then(|| batch::marker_of(raw)).flatten();
         txns.observe(h, marker);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use quiver_protocol::batch::{BatchBuilder, Compression};
+
+    use super::*;
+
+    /// A batch of `n` records stored at `base` by the leader of `epoch`.
+    fn leader_batch(base: i64, n: usize, epoch: i32) -> Bytes {
+        let mut b = BatchBuilder::new(Compression::None);
+        for i in 0..n {
+            b.push(
+                None,
+                format!("e{epoch}-{i}").as_bytes(),
+                1_000 + i as i64,
+                &[],
+            );
+        }
+        let mut raw = b.build().to_vec();
+        batch::set_base_offset(&mut raw, base);
+        batch::set_leader_epoch(&mut raw, epoch);
+        Bytes::from(raw)
+    }
+
+    fn open(db: &sled::Db) -> PartitionLog {
+        let meta = db.open_tree("meta").unwrap();
+        PartitionLog::open(db, meta, &HashSet::new(), 1, "t", 0).unwrap()
+    }
+
+    /// A follower log holding `batches` as `(base, records, epoch)`, and its generation.
+    fn follower(db: &sled::Db, batches: &[(i64, usize, i32)]) -> (PartitionLog, u64) {
+        let log = open(db);
+        log.set_replicated();
+        let generation = log.become_follower(1).unwrap();
+        for &(base, n, epoch) in batches {
+            log.append_replicated(&leader_batch(base, n, epoch), generation)
+                .unwrap();
+        }
+        (log, generation)
+    }
+
+    #[test]
+    fn a_follower_with_an_epoch_the_leader_never_had_cuts_where_its_own_epoch_ends() {
+        // This log: epoch 12 up to 10, then epoch 13 [10..15). The leader has epoch 12 up to
+        // 15 and then epoch 14: asked for epoch 13 it answers (12, 15). Everything this log
+        // wrote under 13 diverges, although the leader's answer is beyond this log's end.
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let (log, generation) = follower(&db, &[(0, 10, 12), (10, 1, 13), (11, 4, 13)]);
+        assert_eq!(log.last_epoch(), 13);
+        let cut = log.divergence_point(12, 15);
+        assert_eq!(cut, 10);
+        log.truncate_to(cut, generation).unwrap();
+        assert_eq!(log.snapshot().log_end, 10);
+        assert_eq!(log.last_epoch(), 12, "the later epoch is forgotten");
+        // Asked again for 12, the leader answers (12, 15): nothing more to cut.
+        assert_eq!(log.divergence_point(12, 15), 10);
+    }
+
+    #[test]
+    fn a_follower_behind_the_leaders_epoch_end_keeps_its_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let (log, _) = follower(&db, &[(0, 5, 3), (5, 5, 4)]);
+        assert_eq!(log.divergence_point(4, 30), 10);
+        assert_eq!(log.divergence_point(4, 7), 7);
+        assert_eq!(
+            log.divergence_point(-1, -1),
+            0,
+            "the leader has no such epoch"
+        );
+        assert_eq!(
+            log.divergence_point(2, 0),
+            0,
+            "this log has no epoch at or below the leader's answer"
+        );
+    }
+
+    #[test]
+    fn an_epoch_that_starts_at_the_log_end_is_forgotten_by_a_cut_there() {
+        // Elected at epoch 14 and demoted before writing: the cache says 14 starts at 5.
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let log = open(&db);
+        log.set_replicated();
+        let g = log.become_follower(12).unwrap();
+        log.append_replicated(&leader_batch(0, 5, 12), g).unwrap();
+        log.become_leader(14).unwrap();
+        let g = log.become_follower(15).unwrap();
+        assert_eq!(log.last_epoch(), 14);
+        // The new leader never had 14: it answers (13, 9) and this log keeps all it has.
+        let cut = log.divergence_point(13, 9);
+        assert_eq!(cut, 5);
+        assert_eq!(log.truncate_to(cut, g).unwrap(), 5);
+        assert_eq!(log.last_epoch(), 12, "the next lookup asks about epoch 12");
+    }
+
+    #[test]
+    fn cutting_everything_forgets_every_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let (log, generation) = follower(&db, &[(0, 5, 7)]);
+        log.truncate_to(log.divergence_point(-1, -1), generation)
+            .unwrap();
+        assert_eq!(log.snapshot().log_end, 0);
+        assert_eq!(log.last_epoch(), -1);
+    }
+
+    #[test]
+    fn reopening_rebuilds_epochs_learnt_from_replicated_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            // The metadata record is written at the role change (epoch 1 only); the epochs
+            // 2 and 3 come with the batches and are not recorded before the crash.
+            let (log, _) = follower(&db, &[(0, 3, 1), (3, 3, 2), (6, 2, 3)]);
+            assert_eq!(log.last_epoch(), 3);
+            db.flush().unwrap();
+        }
+        let db = sled::open(dir.path()).unwrap();
+        let log = open(&db);
+        assert_eq!(log.last_epoch(), 3);
+        assert_eq!(log.end_offset_for_epoch(2), (2, 6));
+        assert_eq!(log.end_offset_for_epoch(1), (1, 3));
     }
 }
