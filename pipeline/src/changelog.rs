@@ -129,18 +129,23 @@ fn header<'a>(headers: &'a [quiver_client::Header], name: &str) -> Option<&'a By
 
 /// The state of one input partition: one store per stage, and where its changelog is.
 ///
-/// Writing is the caller's: it sends the records [`PartitionState::snapshot_records`] and
-/// [`PartitionState::change_records`] return (plainly or in a transaction), then reports
-/// the offsets they landed at in the changelog partition with [`PartitionState::landed`];
-/// [`PartitionState::metadata`] is then what to commit with the input offset.
+/// Writing is the caller's: it sends the records of a [`StateWrite`]
+/// ([`PartitionState::next_write`]; plainly or in a transaction), then reports the offsets
+/// they landed at in the changelog partition with [`PartitionState::landed`], in the order
+/// the writes were taken; [`PartitionState::metadata`] is then what to commit with the input
+/// offset. Writes may be in flight while later ones are taken: the mark moves only as they
+/// land.
 pub struct PartitionState {
     /// One store per stage, in stage order.
     pub stores: Vec<Arc<MemoryStateStore>>,
     tp: TopicPartition,
     topic: String,
     mark: StateMark,
-    /// A snapshot was sent and has not landed yet.
-    snapshot_in_flight: bool,
+    /// The epoch records are written under now: a snapshot starts a new one, which the mark
+    /// takes when the snapshot lands.
+    writing_epoch: u64,
+    /// Snapshots sent that have not landed yet.
+    snapshots_in_flight: usize,
     since_snapshot: usize,
     snapshot_at: Instant,
 }
@@ -171,17 +176,19 @@ impl PartitionState {
             }
             tracing::info!(partition = %scope_text(tp), keys = stores.iter().map(|s| s.len()).sum::<usize>(), "state restored");
         }
+        let mark = restored.unwrap_or(StateMark {
+            epoch: 0,
+            partition: tp.partition % changelog_partitions.max(1),
+            from: 0,
+            to: 0,
+        });
         Ok(PartitionState {
             stores,
             tp: tp.clone(),
             topic,
-            mark: restored.unwrap_or(StateMark {
-                epoch: 0,
-                partition: tp.partition % changelog_partitions.max(1),
-                from: 0,
-                to: 0,
-            }),
-            snapshot_in_flight: false,
+            mark,
+            writing_epoch: mark.epoch,
+            snapshots_in_flight: 0,
             since_snapshot: 0,
             snapshot_at: Instant::now(),
         })
@@ -201,7 +208,7 @@ impl PartitionState {
         let mut headers = vec![
             (
                 EPOCH_HEADER.to_string(),
-                Bytes::from(self.mark.epoch.to_string()),
+                Bytes::from(self.writing_epoch.to_string()),
             ),
             (SCOPE_HEADER.to_string(), Bytes::from(scope_text(&self.tp))),
         ];
@@ -218,11 +225,27 @@ impl PartitionState {
         }
     }
 
-    /// The whole state under a new epoch: a marker, then every key. Until these land
-    /// ([`PartitionState::landed`]), the committed mark stays the old one.
-    pub fn snapshot_records(&mut self) -> Vec<ProducerRecord> {
-        self.mark.epoch = new_epoch();
-        self.snapshot_in_flight = true;
+    /// The records to write for the changes the stages made since the last write, preceded
+    /// by a snapshot of the whole state under a new epoch when `snapshot` is set.
+    pub fn next_write(&mut self, snapshot: bool) -> StateWrite {
+        let mut records = Vec::new();
+        let mut snapshot_epoch = None;
+        if snapshot {
+            let epoch = new_epoch();
+            self.writing_epoch = epoch;
+            self.snapshots_in_flight += 1;
+            snapshot_epoch = Some(epoch);
+            records.extend(self.snapshot_records());
+        }
+        records.extend(self.change_records());
+        StateWrite {
+            records,
+            snapshot_epoch,
+        }
+    }
+
+    /// The whole state under the writing epoch: a marker, then every key.
+    fn snapshot_records(&mut self) -> Vec<ProducerRecord> {
         let mut out = vec![self.record(Vec::new(), Vec::new(), Some(SNAPSHOT_HEADER))];
         for (i, store) in self.stores.iter().enumerate() {
             store.drain_changes(); // the snapshot holds them
@@ -234,7 +257,7 @@ impl PartitionState {
     }
 
     /// The changes the stages made since the last call.
-    pub fn change_records(&mut self) -> Vec<ProducerRecord> {
+    fn change_records(&mut self) -> Vec<ProducerRecord> {
         let mut out = Vec::new();
         for i in 0..self.stores.len() {
             for (k, v) in self.stores[i].drain_changes() {
@@ -248,31 +271,42 @@ impl PartitionState {
         out
     }
 
-    /// Reports that what was sent since the last report landed in the changelog partition
-    /// within `first..=last` (other writers' records may lie in between: restore filters by
-    /// scope and epoch).
-    pub fn landed(&mut self, first: i64, last: i64) {
-        if self.snapshot_in_flight {
-            self.snapshot_in_flight = false;
-            self.mark.from = first;
-            self.mark.to = last + 1;
-            self.since_snapshot = 0;
-            self.snapshot_at = Instant::now();
-        } else {
-            self.mark.to = self.mark.to.max(last + 1);
+    /// Reports that the oldest write not yet reported (one with records; `snapshot_epoch`
+    /// as [`StateWrite::snapshot_epoch`] said) landed in the changelog partition within
+    /// `first..=last` (other writers' records may lie in between: restore filters by scope
+    /// and epoch).
+    pub fn landed(&mut self, first: i64, last: i64, snapshot_epoch: Option<u64>) {
+        match snapshot_epoch {
+            Some(epoch) => {
+                self.snapshots_in_flight = self.snapshots_in_flight.saturating_sub(1);
+                self.mark.epoch = epoch;
+                self.mark.from = first;
+                self.mark.to = last + 1;
+                self.since_snapshot = 0;
+                self.snapshot_at = Instant::now();
+            }
+            None => self.mark.to = self.mark.to.max(last + 1),
         }
     }
 
     /// True when the changes since the last snapshot outgrew the state (or it is old): a
     /// new snapshot keeps restore time bounded by the state's size.
     pub fn needs_snapshot(&self) -> bool {
-        if self.snapshot_in_flight {
+        if self.snapshots_in_flight > 0 {
             return false;
         }
         let size: usize = self.stores.iter().map(|s| s.used_bytes()).sum();
         self.since_snapshot > size.max(MIN_RESNAPSHOT_BYTES)
             || self.snapshot_at.elapsed() > MAX_SNAPSHOT_AGE
     }
+}
+
+/// One write of a partition's state: its records, and whether they start a snapshot.
+pub struct StateWrite {
+    /// The records to send to the changelog partition, in order.
+    pub records: Vec<ProducerRecord>,
+    /// The new epoch, when the records start with a snapshot.
+    pub snapshot_epoch: Option<u64>,
 }
 
 fn stage_key(stage: usize, key: &[u8]) -> Vec<u8> {
@@ -353,6 +387,7 @@ async fn read_range(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use quiver_plugins::StateStore as _;
 
     #[test]
     fn marks_round_trip_through_commit_metadata_and_other_metadata_is_no_mark() {
@@ -365,6 +400,57 @@ mod tests {
         assert_eq!(StateMark::from_metadata(&m.to_metadata()), Some(m));
         assert_eq!(StateMark::from_metadata("written by a person"), None);
         assert_eq!(StateMark::from_metadata("{\"other\": 1}"), None);
+    }
+
+    fn state_of(tp: &TopicPartition) -> PartitionState {
+        let mark = StateMark {
+            epoch: 7,
+            partition: 0,
+            from: 100,
+            to: 120,
+        };
+        PartitionState {
+            stores: fresh_stores("p", 1, &tp.topic, tp.partition),
+            tp: tp.clone(),
+            topic: changelog_topic("p"),
+            mark,
+            writing_epoch: mark.epoch,
+            snapshots_in_flight: 0,
+            since_snapshot: 0,
+            snapshot_at: Instant::now(),
+        }
+    }
+
+    fn epoch_of(r: &ProducerRecord) -> String {
+        let (_, v) = r.headers.iter().find(|(k, _)| k == EPOCH_HEADER).unwrap();
+        String::from_utf8_lossy(v).into_owned()
+    }
+
+    #[test]
+    fn the_mark_moves_only_as_writes_land_in_order_while_later_ones_are_in_flight() {
+        let tp = TopicPartition::new("in", 0);
+        let mut st = state_of(&tp);
+        st.stores[0].put(b"a", b"1").unwrap();
+        let changes = st.next_write(false);
+        assert_eq!(changes.records.len(), 1);
+        assert_eq!(epoch_of(&changes.records[0]), "7");
+        st.stores[0].put(b"b", b"2").unwrap();
+        let snapshot = st.next_write(true);
+        let new = snapshot.snapshot_epoch.expect("a snapshot");
+        assert_eq!(snapshot.records.len(), 3, "marker and both keys");
+        assert!(snapshot
+            .records
+            .iter()
+            .all(|r| epoch_of(r) == new.to_string()));
+        assert!(!st.needs_snapshot(), "one is in flight");
+        // The earlier write lands first: the mark keeps its epoch and grows.
+        st.landed(125, 125, changes.snapshot_epoch);
+        let m = StateMark::from_metadata(&st.metadata()).unwrap();
+        assert_eq!((m.epoch, m.from, m.to), (7, 100, 126));
+        // Then the snapshot: the mark starts at it, under its epoch.
+        st.landed(130, 132, snapshot.snapshot_epoch);
+        let m = StateMark::from_metadata(&st.metadata()).unwrap();
+        assert_eq!((m.epoch, m.from, m.to), (new, 130, 133));
     }
 
     #[test]

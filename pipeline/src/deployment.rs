@@ -278,35 +278,30 @@ impl Deployment {
     }
 }
 
-/// Records of the source topics the pipeline's group has not committed: from the group's
-/// own description when it exists, else everything readable in the source topics (or none,
-/// when the pipeline starts at the latest records).
+/// Records of the source topics the pipeline's group has not committed: per source
+/// partition, the group's lag where it has a committed offset; elsewhere everything readable, or nothing when the pipeline starts at the latest records.
 pub async fn group_lag(client: &Client, cfg: &PipelineConfig) -> Result<i64, ClientError> {
     let admin = Admin::new(client.clone());
-    match admin.describe_group(cfg.group()).await {
-        Ok(d) => Ok(d
-            .partitions
-            .iter()
-            .filter(|p| cfg.source.topics.contains(&p.topic))
-            .map(|p| p.lag.max(0))
-            .sum()),
-        Err(e) if e.code() == Some(ErrorCode::UnknownGroup) => {
-            if cfg.source.start == crate::StartPosition::Latest {
-                return Ok(0);
-            }
-            let mut lag = 0;
-            for t in &cfg.source.topics {
-                let d = admin.describe_topic(t).await?;
-                lag += d
-                    .partitions
-                    .iter()
-                    .map(|p| (p.high_watermark - p.log_start_offset).max(0))
-                    .sum::<i64>();
-            }
-            Ok(lag)
+    let described = match admin.describe_group(cfg.group()).await {
+        Ok(d) => d.partitions,
+        Err(e) if e.code() == Some(ErrorCode::UnknownGroup) => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    let mut lag = 0;
+    for t in &cfg.source.topics {
+        let d = admin.describe_topic(t).await?;
+        for p in &d.partitions {
+            let known = described
+                .iter()
+                .find(|g| g.topic == *t && g.partition == p.partition);
+            lag += match known {
+                Some(g) if g.committed.is_some() => g.lag.max(0),
+                _ if cfg.source.start == crate::StartPosition::Latest => 0,
+                _ => (p.high_watermark - p.log_start_offset).max(0),
+            };
         }
-        Err(e) => Err(e),
     }
+    Ok(lag)
 }
 
 /// Runs one instance until it stops or the pipeline fails; joins again after cluster errors.

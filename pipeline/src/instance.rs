@@ -15,14 +15,14 @@
 //! (removed before writing). Dead letters carry `quiver.error`, `quiver.stage` and
 //! `quiver.source`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use quiver_client::{
-    AutoOffsetReset, Client, ConsumedRecord, GroupConfig, GroupConsumer, Isolation, OffsetCommit,
-    ProducerRecord, TopicPartition,
+    AutoOffsetReset, Client, ConsumedRecord, GroupConfig, GroupConsumer, Isolation, ProducerRecord,
+    TopicPartition,
 };
 use quiver_plugins::{HostLimits, Record};
 use tokio::sync::watch;
@@ -31,7 +31,7 @@ use crate::changelog::{ensure_changelog, PartitionState};
 use crate::error::RuntimeError;
 use crate::metrics::PipelineMetrics;
 use crate::stages::{ChainOutput, Failure, LoadedStage, PartitionChain};
-use crate::writer::Writer;
+use crate::writer::{SealedWrites, Writer};
 use crate::{ErrorPolicy, Guarantee, PipelineConfig, StartPosition};
 
 /// Header naming an output record's input: `topic/partition/offset`.
@@ -47,6 +47,9 @@ pub const STAGE_HEADER: &str = "quiver.stage";
 const POLL_FETCH_BYTES: u32 = 1024 * 1024;
 /// Fetched chunks an instance keeps ahead of its processing (across partitions).
 const POLL_FETCH_CHUNKS: usize = 8;
+/// At least once: polls whose writes may still be unacknowledged while the next is
+/// processed.
+const POLLS_IN_FLIGHT: usize = 1;
 
 /// Everything an instance needs to run: the checked file and its loaded stages.
 pub struct Plan {
@@ -126,6 +129,33 @@ impl StopSignal {
     }
 }
 
+/// Completes sent polls, oldest first, until at most `keep` are in flight.
+async fn complete_oldest(
+    writer: &mut Writer,
+    member: &mut GroupConsumer,
+    chains: &mut BTreeMap<TopicPartition, PartitionRun>,
+    in_flight: &mut VecDeque<SentPoll>,
+    keep: usize,
+    metrics: &PipelineMetrics,
+) -> Result<(), RuntimeError> {
+    while in_flight.len() > keep {
+        let Some(mut sent) = in_flight.pop_front() else {
+            break;
+        };
+        let timestamps = std::mem::take(&mut sent.timestamps);
+        match complete_poll(writer, member, chains, sent).await {
+            Ok(counts) => {
+                if counts.input > 0 {
+                    metrics.record_batch(counts.input, counts.output, counts.errors, counts.dead);
+                    metrics.record_latencies(quiver_core::clock::now_ms(), &timestamps);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Runs one instance until `stop` turns true (then it commits what is done and leaves the
 /// group) or the pipeline fails (`RuntimeError::Failed`). Other errors mean "join again".
 pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result<(), RuntimeError> {
@@ -147,6 +177,9 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
     group.client_id = format!("pipeline {instance_id}");
     // Exactly once, offsets are committed only inside transactions.
     group.commit_on_revoke = !exactly_once;
+    // At least once, offsets are stored for commit only once a poll's writes are
+    // acknowledged (the next poll is processed meanwhile).
+    group.commit_stored_offsets = !exactly_once;
     group.fetch.isolation = Isolation::ReadCommitted;
     // A poll takes what is fetched ahead: at most ~8 MiB per instance, so a poll's
     // transaction and the instance's memory stay bounded however large the backlog.
@@ -174,7 +207,12 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
         Some(ensure_changelog(&client, &cfg.name, most).await?)
     };
     let mut chains: BTreeMap<TopicPartition, PartitionRun> = BTreeMap::new();
-    let result = loop {
+    // At least once, a poll's writes are acknowledged while the next ones are processed
+    // (its offsets are stored for commit only once they are); exactly once, each poll's
+    // transaction commits before the next poll.
+    let overlap = if exactly_once { 0 } else { POLLS_IN_FLIGHT };
+    let mut in_flight: VecDeque<SentPoll> = VecDeque::new();
+    let mut result = loop {
         if stop.is_set() {
             break Ok(());
         }
@@ -198,28 +236,49 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
             break Err(e);
         }
         let idle = records.is_empty();
-        let firsts = first_offsets(&records);
-        let timestamps: Vec<i64> = records.iter().map(|r| r.timestamp).collect();
-        let done = process_poll(plan, &mut writer, &mut member, &mut chains, records).await;
-        match done {
-            Ok(counts) => {
-                if !idle {
-                    metrics.record_batch(counts.input, counts.output, counts.errors, counts.dead);
-                    metrics.record_latencies(quiver_core::clock::now_ms(), &timestamps);
-                }
-            }
-            Err(e) => {
-                // Nothing of this poll counts as done: the transaction (if any) is void, and
-                // the next commit (by whoever owns these partitions next) starts from the
-                // poll's first records.
-                writer.abort().await;
-                for (tp, first) in firsts {
-                    member.rewind(&tp.topic, tp.partition, first);
-                }
-                break Err(e);
-            }
+        match send_poll(plan, &mut writer, &mut chains, records).await {
+            Ok(Some(sent)) => in_flight.push_back(sent),
+            Ok(None) => {}
+            Err(e) => break Err(e),
+        }
+        // An idle poll completes everything, so the committed offsets catch up.
+        let keep = if idle { 0 } else { overlap };
+        if let Err(e) = complete_oldest(
+            &mut writer,
+            &mut member,
+            &mut chains,
+            &mut in_flight,
+            keep,
+            metrics,
+        )
+        .await
+        {
+            break Err(e);
         }
     };
+    if result.is_ok() {
+        // Stopping: what was sent is completed and committed before leaving.
+        result = complete_oldest(
+            &mut writer,
+            &mut member,
+            &mut chains,
+            &mut in_flight,
+            0,
+            metrics,
+        )
+        .await;
+    }
+    if result.is_err() {
+        // Nothing of the polls not completed counts as done: the transaction (if any) is
+        // void, their offsets were never stored, and the next owner of these partitions
+        // starts from the last commit.
+        writer.abort().await;
+        for sent in in_flight.iter().rev() {
+            for (tp, (first, _)) in &sent.ranges {
+                member.rewind(&tp.topic, tp.partition, *first);
+            }
+        }
+    }
     writer.close().await;
     let left = match (&result, writer.is_transactional()) {
         (Err(RuntimeError::Client(_)), _) => Ok(()), // the connection or membership is gone
@@ -294,16 +353,6 @@ async fn sync_chains(
     Ok(())
 }
 
-fn first_offsets(records: &[ConsumedRecord]) -> BTreeMap<TopicPartition, i64> {
-    let mut firsts = BTreeMap::new();
-    for r in records {
-        firsts
-            .entry(TopicPartition::new(r.topic.to_string(), r.partition))
-            .or_insert(r.offset);
-    }
-    firsts
-}
-
 /// Records of one poll, counted once all their writes were acknowledged.
 #[derive(Debug, Default)]
 struct PollCounts {
@@ -313,24 +362,42 @@ struct PollCounts {
     dead: u64,
 }
 
-/// One poll: runs each partition's records through its chain, writes outputs, dead letters
-/// and state (snapshots due first, then changes), and commits the input with the state
-/// marks — as the writer's guarantee says. An idle poll writes only snapshots that are due.
-async fn process_poll(
+/// A poll whose records went through the stages and whose writes were sent: what
+/// completing it needs (its writes acknowledged, then its input committed).
+struct SentPoll {
+    counts: PollCounts,
+    /// The input records' timestamps (for the latency figures).
+    timestamps: Vec<i64>,
+    /// Per input partition: its first record in this poll, and the offset after its last.
+    ranges: BTreeMap<TopicPartition, (i64, i64)>,
+    /// Input partitions whose state was written, and whether the write began a snapshot.
+    state_writes: Vec<(TopicPartition, Option<u64>)>,
+    /// What finishing the writes waits for.
+    writes: SealedWrites,
+}
+
+/// Runs each partition's records through its chain and sends the outputs, dead letters and
+/// state (snapshots due first, then changes) without waiting for them. `None` for an idle
+/// poll with nothing to write (an idle poll writes only snapshots that are due).
+async fn send_poll(
     plan: &Arc<Plan>,
     writer: &mut Writer,
-    member: &mut GroupConsumer,
     chains: &mut BTreeMap<TopicPartition, PartitionRun>,
     records: Vec<ConsumedRecord>,
-) -> Result<PollCounts, RuntimeError> {
+) -> Result<Option<SentPoll>, RuntimeError> {
     let mut counts = PollCounts {
         input: records.len() as u64,
         ..PollCounts::default()
     };
+    let timestamps: Vec<i64> = records.iter().map(|r| r.timestamp).collect();
+    let mut ranges: BTreeMap<TopicPartition, (i64, i64)> = BTreeMap::new();
     let mut by_partition: BTreeMap<TopicPartition, Vec<Record>> = BTreeMap::new();
     for r in records {
+        let tp = TopicPartition::new(r.topic.to_string(), r.partition);
+        let range = ranges.entry(tp.clone()).or_insert((r.offset, r.offset + 1));
+        range.1 = r.offset + 1;
         by_partition
-            .entry(TopicPartition::new(r.topic.to_string(), r.partition))
+            .entry(tp)
             .or_default()
             .push(to_plugin_record(r));
     }
@@ -340,7 +407,7 @@ async fn process_poll(
             .values()
             .any(|r| r.snapshot_due || r.state.as_ref().is_some_and(PartitionState::needs_snapshot))
     {
-        return Ok(counts);
+        return Ok(None);
     }
     // Plugin calls block: move the chains that have work to a blocking thread and back.
     let mut work: Vec<(TopicPartition, PartitionRun, Vec<Record>)> = Vec::new();
@@ -381,21 +448,19 @@ async fn process_poll(
     let cfg = &plan.config;
     // State first: a snapshot due (taken when the partition was granted, or because the
     // changes outgrew it) precedes the changes of this poll in the changelog.
-    let mut state_parts: Vec<TopicPartition> = Vec::new();
+    let mut state_writes = Vec::new();
     for (tp, run) in chains.iter_mut() {
         let Some(state) = run.state.as_mut() else {
             continue;
         };
-        let mut recs = Vec::new();
-        if run.snapshot_due || state.needs_snapshot() {
-            run.snapshot_due = false;
-            recs.extend(state.snapshot_records());
+        let snapshot = run.snapshot_due || state.needs_snapshot();
+        run.snapshot_due = false;
+        let write = state.next_write(snapshot);
+        if write.records.is_empty() {
+            continue;
         }
-        recs.extend(state.change_records());
-        if !recs.is_empty() {
-            state_parts.push(tp.clone());
-        }
-        for r in recs {
+        state_writes.push((tp.clone(), write.snapshot_epoch));
+        for r in write.records {
             writer.send_tracked(r).await?;
         }
     }
@@ -422,43 +487,59 @@ async fn process_poll(
             writer.send(dead_letter(f, dlq, source)).await?;
         }
     }
-    let processed_at = std::time::Instant::now();
-    let landed = writer.finish().await?;
-    let written_at = std::time::Instant::now();
-    crate::fault::after_write();
-    let mut offsets = Vec::new();
-    let positions = member.positions();
-    for (tp, run) in chains.iter_mut() {
-        let metadata = match run.state.as_mut() {
-            Some(state) => {
-                if state_parts.contains(tp) {
-                    if let Some(l) = landed.get(&state.changelog()) {
-                        state.landed(l.first_offset, l.last_offset);
-                    }
-                }
-                Some(state.metadata())
-            }
-            None => None,
-        };
-        if let Some(&offset) = positions.get(tp) {
-            offsets.push(OffsetCommit {
-                topic: tp.topic.clone(),
-                partition: tp.partition,
-                offset,
-                metadata,
-            });
-        }
-    }
-    writer.commit(member, offsets).await?;
     tracing::debug!(
         records = counts.input,
         stages_ms = (ran_at - started).as_millis() as u64,
-        send_ms = (processed_at - ran_at).as_millis() as u64,
-        write_ms = (written_at - processed_at).as_millis() as u64,
+        send_ms = ran_at.elapsed().as_millis() as u64,
+        "poll sent"
+    );
+    Ok(Some(SentPoll {
+        counts,
+        timestamps,
+        ranges,
+        state_writes,
+        writes: writer.seal(),
+    }))
+}
+
+/// Waits until a sent poll's writes are acknowledged (or its transaction flushed), moves
+/// its partitions' state marks to where the state landed, and commits its input with the
+/// marks — as the writer's guarantee says.
+async fn complete_poll(
+    writer: &mut Writer,
+    member: &mut GroupConsumer,
+    chains: &mut BTreeMap<TopicPartition, PartitionRun>,
+    sent: SentPoll,
+) -> Result<PollCounts, RuntimeError> {
+    let started = std::time::Instant::now();
+    let landed = writer.finish(sent.writes).await?;
+    let written_at = std::time::Instant::now();
+    crate::fault::after_write();
+    for (tp, snapshot) in &sent.state_writes {
+        let Some(state) = chains.get_mut(tp).and_then(|r| r.state.as_mut()) else {
+            continue; // given away meanwhile: its next owner restores the committed mark
+        };
+        if let Some(l) = landed.get(&state.changelog()) {
+            state.landed(l.first_offset, l.last_offset, *snapshot);
+        }
+    }
+    let marks: Vec<(TopicPartition, String)> = chains
+        .iter()
+        .filter_map(|(tp, run)| Some((tp.clone(), run.state.as_ref()?.metadata())))
+        .collect();
+    let ends: BTreeMap<TopicPartition, i64> = sent
+        .ranges
+        .iter()
+        .map(|(tp, (_, end))| (tp.clone(), *end))
+        .collect();
+    writer.commit(member, &ends, marks).await?;
+    tracing::debug!(
+        records = sent.counts.input,
+        write_ms = (written_at - started).as_millis() as u64,
         commit_ms = written_at.elapsed().as_millis() as u64,
         "poll committed"
     );
-    Ok(counts)
+    Ok(sent.counts)
 }
 
 /// A record a stage failed on, for the dead-letter topic: as the stage got it, with headers

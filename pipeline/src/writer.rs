@@ -8,6 +8,9 @@
 //!   output, state changes and offsets become visible together, or (abort, crash, fencing)
 //!   not at all. Read-committed consumers never see an aborted attempt's output.
 //!
+//! At least once, a poll's writes are sealed ([`Writer::seal`]) and may be finished after the
+//! next poll's were sent; its offsets are stored for commit only then.
+//!
 //! Either way [`Writer::finish`] reports, per (topic, partition), the offsets the poll's
 //! records landed at, which the state marks need.
 
@@ -16,7 +19,7 @@ use std::time::Duration;
 
 use quiver_client::{
     Acks, Client, DeliveryFuture, GroupConsumer, Landed, OffsetCommit, Producer, ProducerConfig,
-    ProducerRecord, RecordRef, TransactionalProducer, TxnOffsets,
+    ProducerRecord, TopicPartition, TransactionalProducer, TxnOffsets,
 };
 
 use crate::error::RuntimeError;
@@ -31,15 +34,46 @@ pub type LandedMap = BTreeMap<(String, u32), Landed>;
 
 /// The instance's output side.
 pub enum Writer {
-    /// Idempotent producer, acks=all; the writes of the current poll.
+    /// Idempotent producer, acks=all; the acknowledgements the current poll waits for.
     AtLeastOnce {
         /// The producer.
         producer: Producer,
-        /// Writes not yet acknowledged.
-        inflight: Vec<DeliveryFuture>,
+        /// The current poll's writes.
+        poll: PollAcks,
     },
     /// A transactional producer.
     ExactlyOnce(TransactionalProducer),
+}
+
+/// What one poll's writes wait for, at least once: the last record sent to each
+/// (topic, partition) — the producer is idempotent and ordered per partition, so once that
+/// one is acknowledged every earlier one of the partition was stored before it, unless one
+/// failed, which the producer's failure count shows — and every tracked record.
+#[derive(Default)]
+pub struct PollAcks {
+    last: Vec<DeliveryFuture>,
+    tracked: Vec<DeliveryFuture>,
+}
+
+impl PollAcks {
+    fn sent(&mut self, d: DeliveryFuture) {
+        match self
+            .last
+            .iter_mut()
+            .find(|l| l.partition() == d.partition() && l.topic() == d.topic())
+        {
+            Some(slot) => *slot = d,
+            None => self.last.push(d),
+        }
+    }
+}
+
+/// A poll's writes, sealed: what [`Writer::finish`] waits for.
+pub enum SealedWrites {
+    /// At least once: these acknowledgements.
+    Acks(PollAcks),
+    /// Exactly once: the open transaction.
+    Transaction,
 }
 
 impl Writer {
@@ -54,7 +88,7 @@ impl Writer {
                     ..ProducerConfig::default()
                 },
             ),
-            inflight: Vec::new(),
+            poll: PollAcks::default(),
         }
     }
 
@@ -72,27 +106,11 @@ impl Writer {
         ))
     }
 
-    /// Sends (or buffers in the transaction) one output record; [`Writer::finish`] waits for
-    /// it. Where it landed is not reported (see [`Writer::send_tracked`]).
+    /// Sends (or buffers in the transaction) one output record; finishing the poll waits
+    /// for it. Where it landed is not reported (see [`Writer::send_tracked`]).
     pub async fn send(&mut self, record: ProducerRecord) -> Result<(), RuntimeError> {
         match self {
-            Writer::AtLeastOnce { producer, .. } => {
-                let headers: Vec<(&str, &[u8])> = record
-                    .headers
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_ref()))
-                    .collect();
-                producer
-                    .send_nowait(RecordRef {
-                        topic: &record.topic,
-                        partition: record.partition,
-                        key: record.key.as_deref(),
-                        value: &record.value,
-                        headers: &headers,
-                        timestamp: record.timestamp,
-                    })
-                    .await?;
-            }
+            Writer::AtLeastOnce { producer, poll } => poll.sent(producer.send(record).await?),
             Writer::ExactlyOnce(tx) => {
                 tx.prepare_topic(&record.topic).await?;
                 tx.send(record)?;
@@ -104,8 +122,8 @@ impl Writer {
     /// Sends one record whose landing offset [`Writer::finish`] reports (state changes).
     pub async fn send_tracked(&mut self, record: ProducerRecord) -> Result<(), RuntimeError> {
         match self {
-            Writer::AtLeastOnce { producer, inflight } => {
-                inflight.push(producer.send(record).await?);
+            Writer::AtLeastOnce { producer, poll } => {
+                poll.tracked.push(producer.send(record).await?);
             }
             Writer::ExactlyOnce(tx) => {
                 tx.prepare_topic(&record.topic).await?;
@@ -115,15 +133,22 @@ impl Writer {
         Ok(())
     }
 
-    /// Waits until everything sent is written (acknowledged, or flushed into the
-    /// transaction) and says where it landed.
-    pub async fn finish(&mut self) -> Result<LandedMap, RuntimeError> {
+    /// Ends the current poll's writes: what finishing it waits for. The next poll's writes
+    /// may be sent before this one is finished (at least once).
+    pub fn seal(&mut self) -> SealedWrites {
         match self {
-            Writer::AtLeastOnce { producer, inflight } => {
-                // Every record sent so far acknowledged (an error if any failed).
-                producer.flush().await?;
+            Writer::AtLeastOnce { poll, .. } => SealedWrites::Acks(std::mem::take(poll)),
+            Writer::ExactlyOnce(_) => SealedWrites::Transaction,
+        }
+    }
+
+    /// Waits until a sealed poll's writes are written (acknowledged, or flushed into the
+    /// transaction) and says where the tracked ones landed.
+    pub async fn finish(&mut self, writes: SealedWrites) -> Result<LandedMap, RuntimeError> {
+        match (self, writes) {
+            (Writer::AtLeastOnce { producer, .. }, SealedWrites::Acks(acks)) => {
                 let mut landed = LandedMap::new();
-                for d in inflight.drain(..) {
+                for d in acks.tracked {
                     let md = d.await?;
                     let e = landed
                         .entry((md.topic.to_string(), md.partition))
@@ -134,29 +159,63 @@ impl Writer {
                     e.first_offset = e.first_offset.min(md.offset);
                     e.last_offset = e.last_offset.max(md.offset);
                 }
+                for d in acks.last {
+                    d.await?;
+                }
+                // A record that failed for good lets later ones of its partition through.
+                let stats = producer.stats();
+                if stats.records_failed > 0 {
+                    return Err(RuntimeError::Failed(format!(
+                        "{} output records were not acknowledged{}",
+                        stats.records_failed,
+                        stats
+                            .last_error
+                            .map(|e| format!(": {e}"))
+                            .unwrap_or_default()
+                    )));
+                }
                 Ok(landed)
             }
-            Writer::ExactlyOnce(tx) => Ok(tx.flush().await?),
+            (Writer::ExactlyOnce(tx), _) => Ok(tx.flush().await?),
+            (Writer::AtLeastOnce { .. }, SealedWrites::Transaction) => Err(RuntimeError::Failed(
+                "a transaction's writes handed to the at-least-once writer".into(),
+            )),
         }
     }
 
-    /// Commits the input: `offsets` (with their metadata) of `member`'s group. At least
-    /// once: a group commit after the writes; exactly once: the transaction's commit.
+    /// Commits the input of a finished poll: `ends` (the offset after each input
+    /// partition's last record of the poll) and the state `marks` of the owned partitions as
+    /// their metadata. At least once: the offsets are stored and committed by the group;
+    /// exactly once: they are committed with the transaction (the member's positions, which
+    /// are the poll's ends, since each poll's transaction commits before the next poll).
     pub async fn commit(
         &mut self,
         member: &mut GroupConsumer,
-        offsets: Vec<OffsetCommit>,
+        ends: &BTreeMap<TopicPartition, i64>,
+        marks: Vec<(TopicPartition, String)>,
     ) -> Result<(), RuntimeError> {
         match self {
             Writer::AtLeastOnce { .. } => {
-                for o in offsets {
-                    if let Some(m) = o.metadata {
-                        member.set_commit_metadata(&o.topic, o.partition, m);
-                    }
+                for (tp, m) in marks {
+                    member.set_commit_metadata(&tp.topic, tp.partition, m);
+                }
+                for (tp, end) in ends {
+                    member.store_offset(&tp.topic, tp.partition, *end);
                 }
                 member.commit().await?;
             }
             Writer::ExactlyOnce(tx) => {
+                let mut marks: BTreeMap<TopicPartition, String> = marks.into_iter().collect();
+                let offsets: Vec<OffsetCommit> = member
+                    .positions()
+                    .into_iter()
+                    .map(|(tp, offset)| OffsetCommit {
+                        metadata: marks.remove(&tp),
+                        topic: tp.topic,
+                        partition: tp.partition,
+                        offset,
+                    })
+                    .collect();
                 let txn = TxnOffsets {
                     group: member.group().to_string(),
                     member_id: member.member_id(),
@@ -175,7 +234,7 @@ impl Writer {
     /// taken back.
     pub async fn abort(&mut self) {
         match self {
-            Writer::AtLeastOnce { inflight, .. } => inflight.clear(),
+            Writer::AtLeastOnce { poll, .. } => *poll = PollAcks::default(),
             Writer::ExactlyOnce(tx) => {
                 if let Err(e) = tx.abort().await {
                     tracing::warn!(error = %e, "aborting the transaction failed (the broker aborts it after its timeout)");

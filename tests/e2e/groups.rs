@@ -568,3 +568,46 @@ fn offsets_survive_a_restart_and_forged_or_stale_commits_change_nothing() {
     let out = b.cli_ok(&["consume", "pay", "--group", "ledger", "--output", "json"]);
     assert!(out.trim().is_empty(), "re-read after restart: {out}");
 }
+
+/// With `commit_stored_offsets`, commits (explicit, and at close) store only what the
+/// application marked done, never the position of records it polled but did not finish.
+#[test]
+fn stored_offset_commits_store_only_what_was_marked_done() {
+    let b = TestBroker::start();
+    b.cli_ok(&["topic", "create", "work", "--partitions", "1"]);
+    produce_keyed(&b, "work", 0, 40);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = Client::connect(client_config(&b)).await.unwrap();
+        let mut cfg = GroupConfig::new("finishers", ["work"]);
+        cfg.commit_stored_offsets = true;
+        let mut m = GroupConsumer::join(client.clone(), cfg).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut n = 0;
+        while n < 40 {
+            assert!(tokio::time::Instant::now() < deadline, "read only {n}");
+            n += m
+                .poll_timeout(Duration::from_millis(100))
+                .await
+                .unwrap()
+                .len();
+        }
+        assert_eq!(m.commit().await.unwrap(), 0, "nothing marked done yet");
+        m.store_offset("work", 0, 15);
+        m.store_offset("work", 0, 10); // never backwards
+        m.store_offset("elsewhere", 3, 99); // not owned: ignored
+        assert_eq!(m.commit().await.unwrap(), 1);
+        m.store_offset("work", 0, 25);
+        m.close().await.unwrap();
+    });
+    let d = describe_or_missing(&b, "finishers").expect("the group exists");
+    let p = d["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["topic"] == "work")
+        .cloned()
+        .unwrap();
+    assert_eq!(p["committed"], 25, "{d}");
+    assert_eq!(p["lag"], 15, "{d}");
+}

@@ -64,6 +64,11 @@ pub struct GroupConfig {
     pub auto_commit: Option<Duration>,
     /// Commit a revoked partition's position before releasing it.
     pub commit_on_revoke: bool,
+    /// Commits (explicit, automatic, on revoke and at close) store the offsets given to
+    /// [`GroupConsumer::store_offset`], not the positions of the records handed out: for an
+    /// application that finishes records after polling the next ones (Kafka's
+    /// `enable.auto.offset.store=false`). Off by default.
+    pub commit_stored_offsets: bool,
     /// A name shown by `group describe`.
     pub client_id: String,
     /// How partitions are fetched (`start` is ignored: the group decides where to start).
@@ -83,6 +88,7 @@ impl GroupConfig {
             start_without_commit: None,
             auto_commit: None,
             commit_on_revoke: true,
+            commit_stored_offsets: false,
             client_id: "quiver-client".into(),
             fetch: ConsumerConfig::default(),
         }
@@ -219,6 +225,8 @@ pub struct GroupConsumer {
     committed_metadata: BTreeMap<TopicPartition, String>,
     /// Metadata to store with the next commit of a partition.
     pending_metadata: BTreeMap<TopicPartition, String>,
+    /// Offsets the application says are done (with `commit_stored_offsets`).
+    stored: BTreeMap<TopicPartition, i64>,
     incarnation: u64,
     reset: AutoOffsetReset,
     listener: Option<Box<dyn RebalanceListener>>,
@@ -297,6 +305,7 @@ impl GroupConsumer {
             committed: BTreeMap::new(),
             committed_metadata: BTreeMap::new(),
             pending_metadata: BTreeMap::new(),
+            stored: BTreeMap::new(),
             incarnation: 0,
             reset: resp.auto_offset_reset,
             listener: None,
@@ -360,12 +369,27 @@ impl GroupConsumer {
             .insert(TopicPartition::new(topic, partition), metadata);
     }
 
+    /// Marks the records of `topic`/`partition` below `offset` as done: with
+    /// [`GroupConfig::commit_stored_offsets`], the next commit stores this offset (never
+    /// one lower than stored before). Ignored for a partition this member does not own.
+    pub fn store_offset(&mut self, topic: &str, partition: u32, offset: i64) {
+        let tp = TopicPartition::new(topic, partition);
+        if !self.owned.contains(&tp) {
+            return;
+        }
+        let e = self.stored.entry(tp).or_insert(offset);
+        *e = (*e).max(offset);
+    }
+
     /// Treats records of `topic`/`partition` from `offset` on as not consumed: the next
     /// commit stores at most `offset` for it (records already handed out are not re-read
     /// by this member; another member starting from the commit will read them).
     pub fn rewind(&mut self, topic: &str, partition: u32, offset: i64) {
         let tp = TopicPartition::new(topic, partition);
         if let Some(p) = self.positions.get_mut(&tp) {
+            *p = (*p).min(offset);
+        }
+        if let Some(p) = self.stored.get_mut(&tp) {
             *p = (*p).min(offset);
         }
     }
@@ -471,6 +495,7 @@ impl GroupConsumer {
                 if let Some(o) = known {
                     self.committed.insert(tp.clone(), o);
                     self.positions.insert(tp.clone(), o);
+                    self.stored.insert(tp.clone(), o);
                 }
                 let to = start_position(known, self.config.start_without_commit, self.reset);
                 self.consumer.seek(&tp.topic, tp.partition, to)?;
@@ -492,6 +517,7 @@ impl GroupConsumer {
             self.committed.remove(tp);
             self.committed_metadata.remove(tp);
             self.pending_metadata.remove(tp);
+            self.stored.remove(tp);
         }
     }
 
@@ -597,7 +623,11 @@ impl GroupConsumer {
     fn pending_commits(&self, tps: &[TopicPartition]) -> Vec<OffsetCommit> {
         tps.iter()
             .filter_map(|tp| {
-                let pos = *self.positions.get(tp)?;
+                let pos = if self.config.commit_stored_offsets {
+                    *self.stored.get(tp)?
+                } else {
+                    *self.positions.get(tp)?
+                };
                 let metadata = self.pending_metadata.get(tp).cloned();
                 (self.committed.get(tp) != Some(&pos) || metadata.is_some()).then(|| OffsetCommit {
                     topic: tp.topic.clone(),

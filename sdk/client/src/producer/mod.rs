@@ -291,6 +291,16 @@ impl fmt::Debug for DeliveryFuture {
 }
 
 impl DeliveryFuture {
+    /// The topic the record was queued for.
+    pub fn topic(&self) -> &str {
+        &self.completion.topic
+    }
+
+    /// The partition the record was queued for.
+    pub fn partition(&self) -> u32 {
+        self.completion.partition
+    }
+
     fn output(&self, r: &Result<i64, ClientError>) -> Result<RecordMetadata> {
         let base = r.clone()?;
         Ok(RecordMetadata {
