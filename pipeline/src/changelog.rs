@@ -387,7 +387,6 @@ async fn read_range(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use quiver_plugins::StateStore as _;
 
     #[test]
     fn marks_round_trip_through_commit_metadata_and_other_metadata_is_no_mark() {
