@@ -129,6 +129,21 @@ impl StopSignal {
     }
 }
 
+/// False for a partition given away, or lost and granted again, since `sent` was sent: its
+/// records are read again from the commit (by whoever owns it), so neither its offset nor its
+/// state mark moves for that poll.
+fn same_grant(
+    sent_grants: &BTreeMap<TopicPartition, Option<u64>>,
+    member: &GroupConsumer,
+    tp: &TopicPartition,
+    run: Option<&PartitionRun>,
+) -> bool {
+    let sent_under = sent_grants.get(tp).copied().flatten();
+    sent_under.is_some()
+        && run.is_some_and(|r| r.grant == sent_under)
+        && member.grant_id(&tp.topic, tp.partition) == sent_under
+}
+
 /// Completes sent polls, oldest first, until at most `keep` are in flight.
 async fn complete_oldest(
     writer: &mut Writer,
@@ -299,6 +314,10 @@ struct PartitionRun {
     state: Option<PartitionState>,
     /// Whether the snapshot taken when the partition was granted still has to be written.
     snapshot_due: bool,
+    /// The grant of the partition these stages belong to ([`GroupConsumer::grant_id`]): a
+    /// partition lost and granted again is read again from its commit, so its stages and
+    /// state start again from there too.
+    grant: Option<u64>,
 }
 
 /// Builds the stages of newly owned partitions (restoring their state from the changelog
@@ -312,7 +331,9 @@ async fn sync_chains(
 ) -> Result<(), RuntimeError> {
     let owned = member.assignment();
     let now: BTreeSet<&TopicPartition> = owned.iter().collect();
-    chains.retain(|tp, _| now.contains(tp));
+    chains.retain(|tp, run| {
+        now.contains(tp) && member.grant_id(&tp.topic, tp.partition) == run.grant
+    });
     for tp in &owned {
         if chains.contains_key(tp) {
             continue;
@@ -347,6 +368,7 @@ async fn sync_chains(
                 chain,
                 state,
                 snapshot_due,
+                grant: member.grant_id(&tp.topic, tp.partition),
             },
         );
     }
@@ -370,6 +392,8 @@ struct SentPoll {
     timestamps: Vec<i64>,
     /// Per input partition: its first record in this poll, and the offset after its last.
     ranges: BTreeMap<TopicPartition, (i64, i64)>,
+    /// Per input partition with records or state in this poll: the grant it was sent under.
+    grants: BTreeMap<TopicPartition, Option<u64>>,
     /// Input partitions whose state was written, and whether the write began a snapshot.
     state_writes: Vec<(TopicPartition, Option<u64>)>,
     /// What finishing the writes waits for.
@@ -493,10 +517,16 @@ async fn send_poll(
         send_ms = ran_at.elapsed().as_millis() as u64,
         "poll sent"
     );
+    let grants = chains
+        .iter()
+        .filter(|(tp, _)| ranges.contains_key(*tp) || state_writes.iter().any(|(s, _)| s == *tp))
+        .map(|(tp, run)| (tp.clone(), run.grant))
+        .collect();
     Ok(Some(SentPoll {
         counts,
         timestamps,
         ranges,
+        grants,
         state_writes,
         writes: writer.seal(),
     }))
@@ -516,8 +546,11 @@ async fn complete_poll(
     let written_at = std::time::Instant::now();
     crate::fault::after_write();
     for (tp, snapshot) in &sent.state_writes {
+        if !same_grant(&sent.grants, member, tp, chains.get(tp)) {
+            continue;
+        }
         let Some(state) = chains.get_mut(tp).and_then(|r| r.state.as_mut()) else {
-            continue; // given away meanwhile: its next owner restores the committed mark
+            continue;
         };
         if let Some(l) = landed.get(&state.changelog()) {
             state.landed(l.first_offset, l.last_offset, *snapshot);
@@ -530,6 +563,7 @@ async fn complete_poll(
     let ends: BTreeMap<TopicPartition, i64> = sent
         .ranges
         .iter()
+        .filter(|(tp, _)| same_grant(&sent.grants, member, tp, chains.get(*tp)))
         .map(|(tp, (_, end))| (tp.clone(), *end))
         .collect();
     writer.commit(member, &ends, marks).await?;

@@ -593,11 +593,20 @@ fn stored_offset_commits_store_only_what_was_marked_done() {
                 .len();
         }
         assert_eq!(m.commit().await.unwrap(), 0, "nothing marked done yet");
+        let grant = m.grant_id("work", 0);
+        assert!(grant.is_some(), "the partition is owned");
+        assert_eq!(m.grant_id("elsewhere", 3), None);
         m.store_offset("work", 0, 15);
         m.store_offset("work", 0, 10); // never backwards
         m.store_offset("elsewhere", 3, 99); // not owned: ignored
         assert_eq!(m.commit().await.unwrap(), 1);
         m.store_offset("work", 0, 25);
+        m.poll_timeout(Duration::from_millis(50)).await.unwrap();
+        assert_eq!(
+            m.grant_id("work", 0),
+            grant,
+            "the same grant while it is kept"
+        );
         m.close().await.unwrap();
     });
     let d = describe_or_missing(&b, "finishers").expect("the group exists");

@@ -1011,21 +1011,34 @@ impl PartitionLog {
     }
 }
 
-/// The epoch cache of a log reopened at `log_end`: the recorded entries that start within
-/// the log (an entry at the log end is an epoch that began with nothing written yet), then
-/// every newer epoch the stored batches show.
+/// The epoch cache of a log reopened at `log_end`, rebuilt from the stored batches (the
+/// cache in the metadata record is written at role changes, not at every replicated append,
+/// so after a crash it may be older or newer than the batches): the recorded epochs that
+/// start below the first stored batch (history whose batches retention deleted), every
+/// epoch change among the stored batches, then recorded epochs at the log end newer than
+/// any batch (a leadership that had not written yet).
 fn merge_epoch_starts(
     recorded: &[(i32, i64)],
     stored: &[(i32, i64)],
     log_end: i64,
 ) -> Vec<(i32, i64)> {
+    let first_batch = stored.first().map_or(log_end, |e| e.1);
     let mut merged: Vec<(i32, i64)> = recorded
         .iter()
         .copied()
-        .filter(|e| e.1 <= log_end)
+        .filter(|e| e.1 < first_batch)
         .collect();
+    let newest_stored = stored.last().map(|e| e.0);
     for &(epoch, start) in stored {
         if merged.last().is_none_or(|e| e.0 < epoch) {
+            merged.push((epoch, start));
+        }
+    }
+    for &(epoch, start) in recorded {
+        if start == log_end
+            && newest_stored.is_none_or(|n| epoch > n)
+            && merged.last().is_none_or(|e| e.0 < epoch)
+        {
             merged.push((epoch, start));
         }
     }
@@ -1061,6 +1074,30 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+    }
+
+    #[test]
+    fn a_reopened_epoch_cache_follows_the_stored_batches() {
+        // Recorded cache newer than the batches at their start (an epoch led without
+        // writing, then epoch-4 batches copied): the batches win.
+        assert_eq!(
+            merge_epoch_starts(&[(0, 0), (5, 0)], &[(4, 0)], 10),
+            vec![(4, 0)]
+        );
+        // Recorded cache older than the batches (epochs learnt from copies after the last
+        // record): the batches add them; a leadership at the log end that wrote nothing stays.
+        assert_eq!(
+            merge_epoch_starts(&[(1, 0), (7, 30)], &[(1, 0), (2, 10), (3, 20)], 30),
+            vec![(1, 0), (2, 10), (3, 20), (7, 30)]
+        );
+        // History below the first batch (retention deleted it) stays; an entry beyond the
+        // log end (its batches lost in a crash) goes.
+        assert_eq!(
+            merge_epoch_starts(&[(1, 0), (2, 50), (3, 120)], &[(2, 100)], 110),
+            vec![(1, 0), (2, 50)]
+        );
+        // An empty log keeps what it recorded at its end.
+        assert_eq!(merge_epoch_starts(&[(0, 0)], &[], 0), vec![(0, 0)]);
     }
 
     /// Partition 0 of topic id 1 in `db`, with its metadata in the tree "meta".

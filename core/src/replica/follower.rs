@@ -211,8 +211,15 @@ async fn truncate_to_leader(
         .map_err(|e| Step::Retry(format!("connect: {e}")))?;
     for _ in 0..64 {
         let epoch = log.last_epoch();
-        let log_end = log.snapshot().log_end;
-        if epoch < 0 || log_end == log.snapshot().log_start {
+        let snap = log.snapshot();
+        if snap.log_end == snap.log_start {
+            // Nothing to compare; an epoch remembered without batches (a leadership that
+            // wrote nothing) must not outrank the batches about to be copied.
+            log.truncate_to(snap.log_end, target.generation)
+                .map_err(|e| Step::Retry(format!("truncate: {e}")))?;
+            return Ok(());
+        }
+        if epoch < 0 {
             return Ok(());
         }
         let (answer, _) = client

@@ -227,6 +227,9 @@ pub struct GroupConsumer {
     pending_metadata: BTreeMap<TopicPartition, String>,
     /// Offsets the application says are done (with `commit_stored_offsets`).
     stored: BTreeMap<TopicPartition, i64>,
+    /// Per owned partition, which grant of it this is (see [`GroupConsumer::grant_id`]).
+    grant_ids: BTreeMap<TopicPartition, u64>,
+    grants: u64,
     incarnation: u64,
     reset: AutoOffsetReset,
     listener: Option<Box<dyn RebalanceListener>>,
@@ -306,6 +309,8 @@ impl GroupConsumer {
             committed_metadata: BTreeMap::new(),
             pending_metadata: BTreeMap::new(),
             stored: BTreeMap::new(),
+            grant_ids: BTreeMap::new(),
+            grants: 0,
             incarnation: 0,
             reset: resp.auto_offset_reset,
             listener: None,
@@ -367,6 +372,16 @@ impl GroupConsumer {
     pub fn set_commit_metadata(&mut self, topic: &str, partition: u32, metadata: String) {
         self.pending_metadata
             .insert(TopicPartition::new(topic, partition), metadata);
+    }
+
+    /// Which grant of `topic`/`partition` this member holds: a different id each time the
+    /// partition is granted, so an application that keeps work per partition can tell that
+    /// it was lost (or given away) and granted again — reading then restarts from the
+    /// committed offset — even when that happened within one poll. `None` when not owned.
+    pub fn grant_id(&self, topic: &str, partition: u32) -> Option<u64> {
+        self.grant_ids
+            .get(&TopicPartition::new(topic, partition))
+            .copied()
     }
 
     /// Marks the records of `topic`/`partition` below `offset` as done: with
@@ -500,6 +515,8 @@ impl GroupConsumer {
                 let to = start_position(known, self.config.start_without_commit, self.reset);
                 self.consumer.seek(&tp.topic, tp.partition, to)?;
                 self.owned.insert(tp.clone());
+                self.grants += 1;
+                self.grant_ids.insert(tp.clone(), self.grants);
             }
             tracing::info!(group = %self.config.group, partitions = ?granted, "assigned");
             if let Some(l) = self.listener.as_mut() {
@@ -518,6 +535,7 @@ impl GroupConsumer {
             self.committed_metadata.remove(tp);
             self.pending_metadata.remove(tp);
             self.stored.remove(tp);
+            self.grant_ids.remove(tp);
         }
     }
 

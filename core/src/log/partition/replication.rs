@@ -157,6 +157,15 @@ impl PartitionLog {
                 ),
             });
         }
+        // Epochs recorded at the log end with no batch (a leadership that wrote nothing) say
+        // nothing about this batch's place: the cache describes the batches it holds.
+        while st
+            .epoch_starts
+            .last()
+            .is_some_and(|e| e.1 >= h.base_offset && e.0 > h.leader_epoch)
+        {
+            st.epoch_starts.pop();
+        }
         if st.epoch_starts.last().is_none_or(|e| e.0 < h.leader_epoch) {
             st.epoch_starts.push((h.leader_epoch, h.base_offset));
         }
@@ -189,7 +198,10 @@ impl PartitionLog {
             // forget it, so the next epoch lookup asks about what the log holds.
             let before = st.epoch_starts.len();
             let end = st.log_end;
-            if offset == end {
+            if end == st.log_start {
+                // An empty log holds no epoch.
+                st.epoch_starts.clear();
+            } else if offset == end {
                 st.epoch_starts.retain(|e| e.1 < end);
             }
             let changed = st.epoch_starts.len() != before;
@@ -424,6 +436,29 @@ mod tests {
         assert_eq!(cut, 5);
         assert_eq!(log.truncate_to(cut, g).unwrap(), 5);
         assert_eq!(log.last_epoch(), 12, "the next lookup asks about epoch 12");
+    }
+
+    #[test]
+    fn an_epoch_led_without_writing_does_not_outrank_the_batches_copied_later() {
+        // Elected at epoch 5 while empty, demoted before writing; the new leader's log holds
+        // epoch-4 batches this broker never had.
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let log = open(&db);
+        log.set_replicated();
+        log.become_leader(5).unwrap();
+        let g = log.become_follower(6).unwrap();
+        assert_eq!(log.last_epoch(), 5);
+        // The epoch lookup of an empty log forgets the empty epoch.
+        assert_eq!(log.truncate_to(0, g).unwrap(), 0);
+        assert_eq!(log.last_epoch(), -1);
+        // And even without it, a copied batch replaces an epoch recorded at its offset.
+        log.become_leader(5).unwrap();
+        let g = log.become_follower(6).unwrap();
+        log.append_replicated(&leader_batch(0, 4, 4), g).unwrap();
+        assert_eq!(log.last_epoch(), 4);
+        assert_eq!(log.end_offset_for_epoch(4), (4, 4));
+        assert_eq!(log.end_offset_for_epoch(5), (4, 4));
     }
 
     #[test]

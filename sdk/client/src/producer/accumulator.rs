@@ -402,9 +402,13 @@ impl PartitionQueue {
                 .bytes_acked
                 .fetch_add(batch.bytes.len() as u64, Ordering::Relaxed);
         }
-        drop(permit);
+        // Completed and counted before the permit goes: the next epoch's first batch waits
+        // for every permit, so by the time anything after a failed batch can be
+        // acknowledged, the failure is in the producer's counts (a caller that checks them
+        // after a later acknowledgement never misses it).
         batch.completion.complete(result.clone());
         shared.finish_batch(batch.records, batch.accounted, &result);
+        drop(permit);
     }
 }
 
