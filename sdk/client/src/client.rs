@@ -29,6 +29,11 @@ use crate::{ClientConfig, ClientError, Result};
 /// Longest wait for a connection to a partition leader (the home broker gets
 /// `connect_timeout`): a live broker answers a handshake in milliseconds.
 const LEADER_CONNECT_LIMIT: Duration = Duration::from_secs(2);
+/// After a broker stopped answering (a connection attempt failed, or its connection timed
+/// out), requests to it fail at once for this long instead of waiting on another attempt:
+/// a caller then refreshes metadata and finds the partition's new leader as soon as the
+/// controller names one (QUIC runs over UDP, so a dead broker's port refuses nothing).
+const UNREACHABLE_HOLD: Duration = Duration::from_secs(1);
 
 /// A connection to a Quiver cluster; cheap to clone (an `Arc` inside).
 ///
@@ -85,6 +90,8 @@ struct BrokerConn {
     server_name: String,
     current: Mutex<Option<quinn::Connection>>,
     connecting: tokio::sync::Mutex<()>,
+    /// Until when the broker counts as unreachable (see [`UNREACHABLE_HOLD`]).
+    unreachable_until: Mutex<Option<Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -109,6 +116,20 @@ impl BrokerConn {
             server_name: server_name(addr),
             current: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
+            unreachable_until: Mutex::new(None),
+        }
+    }
+
+    /// Notes a connection that timed out (the broker went silent) as a failed attempt.
+    fn note_timed_out(&self) {
+        let mut cur = lock(&self.current);
+        let timed_out = cur
+            .as_ref()
+            .and_then(|c| c.close_reason())
+            .is_some_and(|r| matches!(r, quinn::ConnectionError::TimedOut));
+        if timed_out {
+            *cur = None;
+            *lock(&self.unreachable_until) = Some(Instant::now() + UNREACHABLE_HOLD);
         }
     }
 
@@ -135,6 +156,15 @@ impl BrokerConn {
         if let Some(c) = self.alive() {
             return Ok(c);
         }
+        self.note_timed_out();
+        if let Some(until) = *lock(&self.unreachable_until) {
+            if Instant::now() < until {
+                return Err(ClientError::Connect {
+                    addr: self.addr.clone(),
+                    reason: "the broker stopped answering a moment ago".into(),
+                });
+            }
+        }
         let cfg = &inner.config;
         let deadline = Instant::now() + limit;
         let mut backoff = Backoff::new(cfg.reconnect_backoff, cfg.reconnect_backoff_max);
@@ -143,6 +173,7 @@ impl BrokerConn {
                 Ok(Ok(c)) => {
                     tracing::debug!(addr = %self.addr, "connected");
                     *lock(&self.current) = Some(c.clone());
+                    *lock(&self.unreachable_until) = None;
                     return Ok(c);
                 }
                 Ok(Err(ConnectFailure::Permanent(reason))) => {
@@ -156,6 +187,7 @@ impl BrokerConn {
             };
             let delay = backoff.next_delay();
             if Instant::now() + delay >= deadline {
+                *lock(&self.unreachable_until) = Some(Instant::now() + UNREACHABLE_HOLD);
                 return Err(ClientError::Connect {
                     addr: self.addr.clone(),
                     reason,
