@@ -604,10 +604,27 @@ fn acks_all_writes_survive_leader_kills_and_network_partitions() {
             std::thread::sleep(Duration::from_millis(200));
         }
         let p = (i as u32) % PARTITIONS;
-        let Some(victim) = c.describe()["partitions"][p as usize]["leader"]
-            .as_u64()
-            .filter(|v| *v >= 1)
-        else {
+        // The leader as two looks a second apart agree on (a preferred-leader election may
+        // still be moving it after the heal).
+        let leader_of = || {
+            c.describe()["partitions"][p as usize]["leader"]
+                .as_u64()
+                .filter(|v| *v >= 1)
+        };
+        let settled = Instant::now() + Duration::from_secs(30);
+        let mut seen = leader_of();
+        let victim = loop {
+            std::thread::sleep(Duration::from_secs(1));
+            let now = leader_of();
+            if now.is_some() && now == seen {
+                break now;
+            }
+            if Instant::now() > settled {
+                break None;
+            }
+            seen = now;
+        };
+        let Some(victim) = victim else {
             continue;
         };
         let Some(pid) = c.pid(victim) else {

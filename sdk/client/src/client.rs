@@ -32,8 +32,11 @@ const LEADER_CONNECT_LIMIT: Duration = Duration::from_secs(2);
 /// After a broker stopped answering (a connection attempt failed, or its connection timed
 /// out), requests to it fail at once for this long instead of waiting on another attempt:
 /// a caller then refreshes metadata and finds the partition's new leader as soon as the
-/// controller names one (QUIC runs over UDP, so a dead broker's port refuses nothing).
-const UNREACHABLE_HOLD: Duration = Duration::from_secs(1);
+/// controller names one (QUIC runs over UDP, so a dead broker's port refuses nothing, and
+/// an attempt costs up to `LEADER_CONNECT_LIMIT`). About the time between a broker going
+/// silent for the idle timeout and the controller fencing it; a broker that comes back is
+/// used again after at most this long.
+const UNREACHABLE_HOLD: Duration = Duration::from_secs(3);
 
 /// A connection to a Quiver cluster; cheap to clone (an `Arc` inside).
 ///
