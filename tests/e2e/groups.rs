@@ -473,16 +473,7 @@ fn offsets_survive_a_restart_and_forged_or_stale_commits_change_nothing() {
         let mut cfg = GroupConfig::new("ledger", ["pay"]);
         cfg.strategy = Some(quiver_client::Strategy::Range);
         let mut m = GroupConsumer::join(client.clone(), cfg).await.unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        let mut n = 0;
-        while n < 50 {
-            assert!(tokio::time::Instant::now() < deadline, "read only {n}");
-            n += m
-                .poll_timeout(Duration::from_millis(100))
-                .await
-                .unwrap()
-                .len();
-        }
+        poll_at_least(&mut m, 50).await;
         m.commit().await.unwrap();
         let id = m.member_id();
         let generation = m.generation();
@@ -569,6 +560,23 @@ fn offsets_survive_a_restart_and_forged_or_stale_commits_change_nothing() {
     assert!(out.trim().is_empty(), "re-read after restart: {out}");
 }
 
+/// Polls `m` until it handed out at least `records` records (30 s at most).
+async fn poll_at_least(m: &mut GroupConsumer, records: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    while n < records {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "read only {n} of {records}"
+        );
+        n += m
+            .poll_timeout(Duration::from_millis(100))
+            .await
+            .unwrap()
+            .len();
+    }
+}
+
 /// With `commit_stored_offsets`, commits (explicit, and at close) store only what the
 /// application marked done, never the position of records it polled but did not finish.
 #[test]
@@ -582,16 +590,7 @@ fn stored_offset_commits_store_only_what_was_marked_done() {
         let mut cfg = GroupConfig::new("finishers", ["work"]);
         cfg.commit_stored_offsets = true;
         let mut m = GroupConsumer::join(client.clone(), cfg).await.unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        let mut n = 0;
-        while n < 40 {
-            assert!(tokio::time::Instant::now() < deadline, "read only {n}");
-            n += m
-                .poll_timeout(Duration::from_millis(100))
-                .await
-                .unwrap()
-                .len();
-        }
+        poll_at_least(&mut m, 40).await;
         assert_eq!(m.commit().await.unwrap(), 0, "nothing marked done yet");
         let grant = m.grant_id("work", 0);
         assert!(grant.is_some(), "the partition is owned");

@@ -1243,32 +1243,20 @@ mod tests {
         // The archive survives the JSON of snapshots and the log.
         let json = serde_json::to_vec(&s).unwrap();
         assert_eq!(serde_json::from_slice::<ControllerState>(&json).unwrap(), s);
+        let remove = || ControllerCommand::RemovePlugin {
+            id: "grep@1.0.0".into(),
+        };
         // Not while a topic names it as its partitioner (checked here, so two brokers
         // racing an alter and a removal cannot both win).
         let mut with_topic = cluster(&[("partitioner", "grep@1.0.0")]);
         with_topic.plugins = s.plugins.clone();
         assert!(matches!(
-            refused(
-                &mut with_topic,
-                ControllerCommand::RemovePlugin {
-                    id: "grep@1.0.0".into()
-                }
-            ),
+            refused(&mut with_topic, remove()),
             ControllerError::PluginInUse { .. }
         ));
-        assert_eq!(
-            s.apply(&ControllerCommand::RemovePlugin {
-                id: "grep@1.0.0".into()
-            }),
-            ControllerResponse::Ok
-        );
+        assert_eq!(s.apply(&remove()), ControllerResponse::Ok);
         assert!(matches!(
-            refused(
-                &mut s,
-                ControllerCommand::RemovePlugin {
-                    id: "grep@1.0.0".into()
-                }
-            ),
+            refused(&mut s, remove()),
             ControllerError::UnknownPlugin { .. }
         ));
     }

@@ -365,6 +365,13 @@ mod tests {
         Bytes::from(raw)
     }
 
+    /// A sled database in a fresh directory (kept while the guard lives).
+    fn temp_db() -> (tempfile::TempDir, sled::Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        (dir, db)
+    }
+
     fn open(db: &sled::Db) -> PartitionLog {
         let meta = db.open_tree("meta").unwrap();
         PartitionLog::open(db, meta, &HashSet::new(), 1, "t", 0).unwrap()
@@ -387,8 +394,7 @@ mod tests {
         // This log: epoch 12 up to 10, then epoch 13 [10..15). The leader has epoch 12 up to
         // 15 and then epoch 14: asked for epoch 13 it answers (12, 15). Everything this log
         // wrote under 13 diverges, although the leader's answer is beyond this log's end.
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let (_dir, db) = temp_db();
         let (log, generation) = follower(&db, &[(0, 10, 12), (10, 1, 13), (11, 4, 13)]);
         assert_eq!(log.last_epoch(), 13);
         let cut = log.divergence_point(12, 15);
@@ -402,8 +408,7 @@ mod tests {
 
     #[test]
     fn a_follower_behind_the_leaders_epoch_end_keeps_its_log() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let (_dir, db) = temp_db();
         let (log, _) = follower(&db, &[(0, 5, 3), (5, 5, 4)]);
         assert_eq!(log.divergence_point(4, 30), 10);
         assert_eq!(log.divergence_point(4, 7), 7);
@@ -422,8 +427,7 @@ mod tests {
     #[test]
     fn an_epoch_that_starts_at_the_log_end_is_forgotten_by_a_cut_there() {
         // Elected at epoch 14 and demoted before writing: the cache says 14 starts at 5.
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let (_dir, db) = temp_db();
         let log = open(&db);
         log.set_replicated();
         let g = log.become_follower(12).unwrap();
@@ -442,8 +446,7 @@ mod tests {
     fn an_epoch_led_without_writing_does_not_outrank_the_batches_copied_later() {
         // Elected at epoch 5 while empty, demoted before writing; the new leader's log holds
         // epoch-4 batches this broker never had.
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let (_dir, db) = temp_db();
         let log = open(&db);
         log.set_replicated();
         log.become_leader(5).unwrap();
@@ -463,8 +466,7 @@ mod tests {
 
     #[test]
     fn cutting_everything_forgets_every_epoch() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let (_dir, db) = temp_db();
         let (log, generation) = follower(&db, &[(0, 5, 7)]);
         log.truncate_to(log.divergence_point(-1, -1), generation)
             .unwrap();
