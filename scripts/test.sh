@@ -10,7 +10,7 @@ scripts/setup.sh
 cargo test --workspace --all-targets --no-fail-fast "$@"
 # Doc examples of the SDKs (compiled and run where they are not `no_run`).
 cargo test --workspace --doc --no-fail-fast
-# Opt-in soak (SOAK=1, ~4 min; not a QUIVER_ variable: brokers read those as config keys): the cluster under >= 20 leader kills and >= 10
+# Opt-in soak (SOAK=1, ~5 min; not a QUIVER_ variable: brokers read those as config keys): the cluster under >= 20 leader kills and >= 10
 # network partitions, with the checker's counts printed.
 if [[ "${SOAK:-0}" == "1" ]]; then
     cargo test --test tests cluster_faults -- --ignored --nocapture
