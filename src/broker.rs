@@ -216,7 +216,7 @@ async fn run_foreground(args: &StartArgs) -> anyhow::Result<()> {
     let handle = Broker::start(cfg)
         .await
         .context("cannot start the broker")?;
-    let pipelines = pipeline_host(&handle, &data_dir, id);
+    let pipelines = pipeline_host(&handle, &data_dir, id).await;
     if let Err(e) = write_pid(&pid_file, std::process::id()) {
         tracing::warn!(path = %pid_file.display(), error = %e, "cannot write the pid file");
     }
@@ -242,8 +242,9 @@ async fn run_foreground(args: &StartArgs) -> anyhow::Result<()> {
 }
 
 /// Installs the host of deployed pipelines: its instances are clients of this broker (its
-/// own address, trusting its CA). Pipelines deployed before a restart start again.
-fn pipeline_host(handle: &BrokerHandle, data_dir: &Path, id: u32) -> Arc<BrokerPipelines> {
+/// own address, trusting its CA). A lone broker starts the pipelines deployed before a
+/// restart from its files; a cluster broker runs its share of those the controller holds.
+async fn pipeline_host(handle: &BrokerHandle, data_dir: &Path, id: u32) -> Arc<BrokerPipelines> {
     let mut addr = handle.local_addr();
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
@@ -254,8 +255,10 @@ fn pipeline_host(handle: &BrokerHandle, data_dir: &Path, id: u32) -> Arc<BrokerP
     };
     let host = BrokerPipelines::new(data_dir, id, config);
     handle.install_pipeline_host(host.clone());
-    let resume = host.clone();
-    tokio::spawn(async move { resume.resume().await });
+    if handle.cluster_view().await.is_none() {
+        let resume = host.clone();
+        tokio::spawn(async move { resume.resume().await });
+    }
     host
 }
 

@@ -161,7 +161,10 @@ pub async fn run(global: &GlobalOpts, args: PipelineArgs) -> anyhow::Result<()> 
             let client = global.connect().await?;
             let (s, _) = client
                 .request(
-                    &DescribePipelineRequest { name: name.clone() },
+                    &DescribePipelineRequest {
+                        name: name.clone(),
+                        local: false,
+                    },
                     Bytes::new(),
                 )
                 .await

@@ -339,6 +339,7 @@ impl Broker {
                         offsets_replication: config.cluster.voters.len().clamp(1, 3),
                         max_decompressed: config.limits.max_frame_bytes as usize,
                         plugins: plugins.clone(),
+                        pipelines: pipelines.clone(),
                     },
                     stop_rx.clone(),
                 );

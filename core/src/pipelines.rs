@@ -1,9 +1,15 @@
 //! Where deployed pipelines run: the broker answers DeployPipeline, ListPipelines,
 //! DescribePipeline and StopPipeline by asking its [`PipelineHost`]. The host (in the
 //! `quiver-pipeline` crate, installed by the `quiver broker start` binary) runs the
-//! pipeline's instances as clients of this broker and keeps the deployed files across
-//! restarts; the broker itself knows nothing of stages or plugins. A broker without a host
-//! (embedded in a test) answers `PipelinesUnavailable`.
+//! pipeline's instances as clients of this broker; the broker itself knows nothing of stages
+//! or plugins. A broker without a host (embedded in a test) answers `PipelinesUnavailable`.
+//!
+//! A lone broker's host keeps the deployed files itself. In a cluster the controller holds
+//! every deployed pipeline ([`crate::cluster::PipelineRecord`]): the broker that takes a
+//! deploy has its host [`check`](PipelineHost::check) the file and proposes it, and every
+//! broker's replica manager tells its host which instances it runs
+//! ([`assign`](PipelineHost::assign)), so the instances spread over the live brokers and
+//! move when one is fenced.
 
 use std::sync::{Arc, OnceLock};
 
@@ -39,6 +45,28 @@ impl PipelineHostError {
 /// Result of a host call.
 pub type HostResult<T> = Result<T, PipelineHostError>;
 
+/// A pipeline file the host checked for a cluster deploy: what the controller keeps of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedPipeline {
+    /// The pipeline's name.
+    pub name: String,
+    /// Instances it runs across the cluster.
+    pub instances: u32,
+    /// Deployed plugins (`name@version`) its stages use.
+    pub plugins: Vec<String>,
+}
+
+/// A pipeline the controller holds, and which of its instances this broker runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssignedPipeline {
+    /// The pipeline's name.
+    pub name: String,
+    /// Its file's text, as deployed.
+    pub config_toml: String,
+    /// Instance numbers (1-based, unique in the cluster) this broker runs; may be empty.
+    pub instances: Vec<u32>,
+}
+
 /// Runs deployed pipelines for a broker.
 pub trait PipelineHost: Send + Sync {
     /// Starts (or replaces) the pipeline described by `config_toml`.
@@ -49,6 +77,14 @@ pub trait PipelineHost: Send + Sync {
     fn status(&self, name: String) -> BoxFuture<'_, HostResult<PipelineStatus>>;
     /// Stops and forgets a pipeline.
     fn stop(&self, name: String) -> BoxFuture<'_, HostResult<StopPipelineResponse>>;
+    /// Cluster deploy: checks `config_toml` as [`deploy`](Self::deploy) would (the file,
+    /// its topics, its stages' plugins) without starting anything.
+    fn check(&self, config_toml: String) -> BoxFuture<'_, HostResult<CheckedPipeline>>;
+    /// Cluster mode: every pipeline the controller holds, with this broker's instances of
+    /// each. The host starts, rolls (a changed file), resizes and stops its own instances
+    /// to match, in the background; only the latest call counts. From the first call on,
+    /// [`list`](Self::list) and [`status`](Self::status) describe this broker's part.
+    fn assign(&self, pipelines: Vec<AssignedPipeline>);
 }
 
 /// The host slot shared by the broker's handle (which installs it once the broker listens)

@@ -1,7 +1,9 @@
 //! Shared by the targets: decode a body as the request and the response of an API key,
 //! for every key (the `match` stops compiling when a key is added without its types to
 //! `quiver_protocol::with_all_messages!`), and check that what decodes re-encodes to the
-//! same value.
+//! same value. "Same" is compared on the encoding (decode, encode, decode, encode gives the
+//! same bytes twice), not with `==`: a float field may hold NaN, which is never equal to
+//! itself although it round-trips bit for bit.
 #![allow(dead_code)]
 
 use bytes::Bytes;
@@ -18,15 +20,15 @@ macro_rules! dispatch {
                         let again = encode_request(&req, &payload);
                         let (req2, payload2) = decode_request::<$req>(&again.body)
                             .expect("a decoded request re-encodes to something decodable");
-                        assert_eq!(req, req2);
                         assert_eq!(payload, payload2);
+                        assert_eq!(again.body, encode_request(&req2, &payload2).body);
                     }
                     if let Ok((resp, payload)) = decode_response::<$resp>(stringify!($key), body) {
                         let again = encode_response(api, &resp, &payload);
                         let (resp2, payload2) = decode_response::<$resp>(stringify!($key), &again.body)
                             .expect("a decoded response re-encodes to something decodable");
-                        assert_eq!(resp, resp2);
                         assert_eq!(payload, payload2);
+                        assert_eq!(again.body, encode_response(api, &resp2, &payload2).body);
                     }
                 })*
             }

@@ -86,11 +86,13 @@ impl StateMark {
     }
 }
 
-/// Makes sure the changelog topic exists; returns its partition count.
+/// Makes sure the changelog topic exists (created with `partitions` partitions of
+/// `replicas` copies); returns its partition count.
 pub async fn ensure_changelog(
     client: &Client,
     pipeline: &str,
     partitions: u32,
+    replicas: u16,
 ) -> Result<u32, RuntimeError> {
     let admin = Admin::new(client.clone());
     let topic = changelog_topic(pipeline);
@@ -100,7 +102,10 @@ pub async fn ensure_changelog(
         Err(e) => return Err(e.into()),
     }
     let config = BTreeMap::from([("retention.ms".to_string(), CHANGELOG_RETENTION_MS.into())]);
-    match admin.create_topic(&topic, partitions.max(1), config).await {
+    match admin
+        .create_replicated_topic(&topic, partitions.max(1), replicas.max(1), config)
+        .await
+    {
         Ok(d) => Ok(d.partitions.len() as u32),
         Err(e) if e.code() == Some(ErrorCode::TopicAlreadyExists) => {
             Ok(admin.describe_topic(&topic).await?.partitions.len() as u32)

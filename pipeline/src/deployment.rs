@@ -29,6 +29,7 @@ pub const RUNNING: &str = "running";
 pub const STOPPED: &str = "stopped";
 
 struct Instance {
+    number: u32,
     id: String,
     view: Arc<InstanceView>,
     stop: watch::Sender<bool>,
@@ -99,12 +100,26 @@ pub async fn preflight(
 
 impl Deployment {
     /// Loads the stages (failing fast on a missing or broken plugin) and starts `instances`
-    /// members. `base_dir` resolves `path` stages; `broker` is shown in the status.
+    /// members, numbered from 1. `base_dir` resolves `path` stages; `broker` is shown in
+    /// the status.
     pub async fn start(
         client: Client,
         config: PipelineConfig,
         base_dir: &Path,
         instances: u32,
+        broker: u32,
+    ) -> Result<Deployment, RuntimeError> {
+        let numbers: Vec<u32> = (1..=instances).collect();
+        Self::start_numbered(client, config, base_dir, &numbers, broker).await
+    }
+
+    /// [`start`](Self::start) with the instance numbers given (in a cluster each broker
+    /// runs its share of the numbers; an instance's id is `NAME-N`).
+    pub async fn start_numbered(
+        client: Client,
+        config: PipelineConfig,
+        base_dir: &Path,
+        numbers: &[u32],
         broker: u32,
     ) -> Result<Deployment, RuntimeError> {
         let mut d = Self::prepare(
@@ -115,10 +130,28 @@ impl Deployment {
             Arc::new(PipelineMetrics::default()),
         )
         .await?;
-        for n in 1..=instances {
-            d.spawn_instance(n);
+        for n in numbers {
+            d.spawn_instance(*n);
         }
         Ok(d)
+    }
+
+    /// Stops the instances whose number is not in `numbers` (each commits and leaves) and
+    /// starts those missing.
+    pub async fn resize(&mut self, numbers: &[u32]) {
+        let (keep, gone): (Vec<Instance>, Vec<Instance>) = std::mem::take(&mut self.instances)
+            .into_iter()
+            .partition(|i| numbers.contains(&i.number));
+        self.instances = keep;
+        for i in gone {
+            tracing::info!(instance = %i.id, "instance moves to another broker; stopping it here");
+            i.stop().await;
+        }
+        for n in numbers {
+            if !self.instances.iter().any(|i| i.number == *n) {
+                self.spawn_instance(*n);
+            }
+        }
     }
 
     /// Loads the stages of `config`: a deployment with no instance yet.
@@ -157,7 +190,18 @@ impl Deployment {
         config: PipelineConfig,
         base_dir: &Path,
     ) -> Result<Deployment, (Deployment, RuntimeError)> {
-        let instances = config.run.instances;
+        let numbers: Vec<u32> = (1..=config.run.instances).collect();
+        self.roll_numbered(config, base_dir, &numbers).await
+    }
+
+    /// [`roll`](Self::roll) to the instance numbers given.
+    pub async fn roll_numbered(
+        self,
+        config: PipelineConfig,
+        base_dir: &Path,
+        numbers: &[u32],
+    ) -> Result<Deployment, (Deployment, RuntimeError)> {
+        let instances = numbers.len();
         let mut next = match Self::prepare(
             self.client.clone(),
             config,
@@ -171,12 +215,12 @@ impl Deployment {
             Err(e) => return Err((self, e)),
         };
         let mut old = self.instances.into_iter();
-        for n in 1..=instances.max(old.len() as u32) {
+        for k in 0..instances.max(old.len()) {
             if let Some(i) = old.next() {
                 i.stop().await;
             }
-            if n <= instances {
-                next.spawn_instance(n);
+            if let Some(n) = numbers.get(k) {
+                next.spawn_instance(*n);
             }
         }
         tracing::info!(pipeline = %next.plan.config.name, instances, "pipeline rolled to its new file");
@@ -199,6 +243,7 @@ impl Deployment {
             supervise(parts, self.state.clone(), self.stop.clone(), one_rx).instrument(span),
         );
         self.instances.push(Instance {
+            number: n,
             id,
             view,
             stop: one_tx,

@@ -5,18 +5,27 @@
 //! new stages are loaded first (a broken plugin leaves the old one running), then each old
 //! instance commits and leaves before its replacement joins the same group and goes on from
 //! the committed offsets and state. `pipeline stop` removes the file.
+//!
+//! In a cluster the controller holds the deployed files instead: the broker asks this host
+//! to [`check`](PipelineHost::check) a file before proposing it, and its replica manager
+//! [`assign`](PipelineHost::assign)s this broker's share of every pipeline's instances,
+//! which a background task follows (start, roll, resize, stop; a pipeline that cannot start
+//! here is retried every few seconds).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use quiver_client::{Client, ClientConfig};
-use quiver_core::pipelines::{HostResult, PipelineHost, PipelineHostError};
+use quiver_core::pipelines::{
+    AssignedPipeline, CheckedPipeline, HostResult, PipelineHost, PipelineHostError,
+};
 use quiver_protocol::requests::{DeployPipelineResponse, PipelineStatus, StopPipelineResponse};
 use quiver_protocol::ErrorCode;
-use tokio::sync::{Mutex, OnceCell};
+use tokio::sync::{watch, Mutex, OnceCell};
 
 use crate::deployment::Deployment;
 use crate::error::RuntimeError;
@@ -29,13 +38,22 @@ enum Entry {
     Broken(PipelineConfig, String),
 }
 
+/// How often a cluster pipeline that could not start here is tried again.
+const RETRY_START: Duration = Duration::from_secs(5);
+
 /// Runs the deployed pipelines of one broker.
 pub struct BrokerPipelines {
+    this: Weak<BrokerPipelines>,
     dir: PathBuf,
     broker_id: u32,
     client_config: ClientConfig,
     client: OnceCell<Client>,
     pipelines: Mutex<BTreeMap<String, Entry>>,
+    /// Cluster mode: the latest assignment from the replica manager (`None` until the
+    /// first, and always for a lone broker).
+    assigned: watch::Sender<Option<Vec<AssignedPipeline>>>,
+    /// Set at shutdown: assignments are no longer followed.
+    shut: std::sync::atomic::AtomicBool,
 }
 
 fn host_error(code: ErrorCode, message: impl Into<String>) -> PipelineHostError {
@@ -54,7 +72,10 @@ impl BrokerPipelines {
     /// A host for the broker `broker_id` keeping its files under `<data_dir>/pipelines/`,
     /// whose instances connect with `client_config` (the broker's own address and CA).
     pub fn new(data_dir: &Path, broker_id: u32, client_config: ClientConfig) -> Arc<Self> {
-        Arc::new(BrokerPipelines {
+        Arc::new_cyclic(|this| BrokerPipelines {
+            this: this.clone(),
+            assigned: watch::channel(None).0,
+            shut: Default::default(),
             dir: data_dir.join("pipelines"),
             broker_id,
             client_config,
@@ -124,6 +145,7 @@ impl BrokerPipelines {
 
     /// Stops every running pipeline (their files stay: they start again with the broker).
     pub async fn shutdown(&self) {
+        self.shut.store(true, std::sync::atomic::Ordering::SeqCst);
         let all = std::mem::take(&mut *self.pipelines.lock().await);
         for (name, entry) in all {
             if let Entry::Running(d) = entry {
@@ -134,21 +156,7 @@ impl BrokerPipelines {
     }
 
     async fn deploy_text(&self, text: String) -> HostResult<DeployPipelineResponse> {
-        let config = PipelineConfig::parse(&text, "deployed pipeline")
-            .map_err(|e| host_error(ErrorCode::InvalidPipeline, e.to_string()))?;
-        if let Some(s) = config
-            .stages
-            .iter()
-            .find(|s| matches!(s.plugin, crate::StagePlugin::Path(_)))
-        {
-            return Err(host_error(
-                ErrorCode::InvalidPipeline,
-                format!(
-                    "stage plugin {:?} is a path on the client's machine; deploy the bundle first (`quiver plugin deploy DIR`) and name it as plugin = \"NAME@VERSION\" (`quiver pipeline deploy` does this for you)",
-                    s.plugin
-                ),
-            ));
-        }
+        let config = parse_deployable(&text)?;
         let name = config.name.clone();
         let mut pipelines = self.pipelines.lock().await;
         // Load the new stages before touching the running pipeline: a broken plugin
@@ -246,6 +254,153 @@ impl BrokerPipelines {
     }
 }
 
+/// A deployed file: valid, and naming its stages as deployed plugins (a path on the client's
+/// machine means nothing here).
+fn parse_deployable(text: &str) -> HostResult<PipelineConfig> {
+    let config = PipelineConfig::parse(text, "deployed pipeline")
+        .map_err(|e| host_error(ErrorCode::InvalidPipeline, e.to_string()))?;
+    if let Some(s) = config
+        .stages
+        .iter()
+        .find(|s| matches!(s.plugin, crate::StagePlugin::Path(_)))
+    {
+        return Err(host_error(
+            ErrorCode::InvalidPipeline,
+            format!(
+                "stage plugin {:?} is a path on the client's machine; deploy the bundle first (`quiver plugin deploy DIR`) and name it as plugin = \"NAME@VERSION\" (`quiver pipeline deploy` does this for you)",
+                s.plugin
+            ),
+        ));
+    }
+    Ok(config)
+}
+
+/// Cluster mode.
+impl BrokerPipelines {
+    async fn check_text(&self, text: String) -> HostResult<CheckedPipeline> {
+        let config = parse_deployable(&text)?;
+        if config.run.guarantee == crate::Guarantee::ExactlyOnce {
+            return Err(host_error(
+                ErrorCode::InvalidPipeline,
+                format!(
+                    "pipeline {}: run.guarantee = \"exactly-once\" needs transactions that span brokers, which a cluster does not have yet (a transaction's coordinator is the broker its producer connects to); deploy it with guarantee = \"at-least-once\", or run it against a single broker",
+                    config.name
+                ),
+            ));
+        }
+        let client = self.client().await?;
+        let stages = crate::deployment::preflight(&client, &config, &self.dir)
+            .await
+            .map_err(runtime_error)?;
+        let mut plugins: Vec<String> = stages.into_iter().map(|s| s.id).collect();
+        plugins.sort();
+        plugins.dedup();
+        Ok(CheckedPipeline {
+            name: config.name,
+            instances: config.run.instances,
+            plugins,
+        })
+    }
+
+    /// Follows the assignments until the host is dropped.
+    async fn follow_assignments(self: Arc<Self>) {
+        let mut rx = self.assigned.subscribe();
+        loop {
+            let wanted = rx.borrow_and_update().clone().unwrap_or_default();
+            let all_started = self.apply_assignment(wanted).await;
+            let changed = async {
+                if all_started {
+                    rx.changed().await
+                } else {
+                    tokio::select! {
+                        r = rx.changed() => r,
+                        _ = tokio::time::sleep(RETRY_START) => Ok(()),
+                    }
+                }
+            };
+            if changed.await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Makes the running pipelines match `wanted`; false when one could not start.
+    async fn apply_assignment(&self, wanted: Vec<AssignedPipeline>) -> bool {
+        let mut all_started = true;
+        let mut pipelines = self.pipelines.lock().await;
+        if self.shut.load(std::sync::atomic::Ordering::SeqCst) {
+            return true;
+        }
+        let gone: Vec<String> = pipelines
+            .keys()
+            .filter(|n| !wanted.iter().any(|w| &w.name == *n))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(Entry::Running(d)) = pipelines.remove(&name) {
+                let n = d.stop().await;
+                tracing::info!(pipeline = %name, instances = n, "pipeline stopped: the cluster no longer holds it");
+            }
+        }
+        for w in wanted {
+            let config = match parse_deployable(&w.config_toml) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(pipeline = %w.name, error = %e, "the cluster holds a pipeline file this broker cannot read");
+                    let config = PipelineConfig::parse(&w.config_toml, "deployed pipeline").ok();
+                    if let Some(c) = config {
+                        pipelines.insert(w.name.clone(), Entry::Broken(c, e.message));
+                    }
+                    continue;
+                }
+            };
+            let entry = match pipelines.remove(&w.name) {
+                Some(Entry::Running(mut d)) if *d.config() == config => {
+                    d.resize(&w.instances).await;
+                    Entry::Running(d)
+                }
+                Some(Entry::Running(d)) => {
+                    match d.roll_numbered(config, &self.dir, &w.instances).await {
+                        Ok(d) => Entry::Running(d),
+                        Err((old, e)) => {
+                            tracing::error!(pipeline = %w.name, error = %e, "cannot roll the pipeline to its new file here; the old one keeps running");
+                            all_started = false;
+                            Entry::Running(old)
+                        }
+                    }
+                }
+                Some(Entry::Broken(..)) | None => {
+                    let started = match self.client().await {
+                        Ok(client) => Deployment::start_numbered(
+                            client,
+                            config.clone(),
+                            &self.dir,
+                            &w.instances,
+                            self.broker_id,
+                        )
+                        .await
+                        .map_err(runtime_error),
+                        Err(e) => Err(e),
+                    };
+                    match started {
+                        Ok(d) => {
+                            tracing::info!(pipeline = %w.name, instances = ?w.instances, "running this broker's instances of a deployed pipeline");
+                            Entry::Running(d)
+                        }
+                        Err(e) => {
+                            tracing::warn!(pipeline = %w.name, error = %e, "deployed pipeline cannot start here; retrying");
+                            all_started = false;
+                            Entry::Broken(config, e.message)
+                        }
+                    }
+                }
+            };
+            pipelines.insert(w.name, entry);
+        }
+        all_started
+    }
+}
+
 impl PipelineHost for BrokerPipelines {
     fn deploy(&self, config_toml: String) -> BoxFuture<'_, HostResult<DeployPipelineResponse>> {
         self.deploy_text(config_toml).boxed()
@@ -279,5 +434,18 @@ impl PipelineHost for BrokerPipelines {
 
     fn stop(&self, name: String) -> BoxFuture<'_, HostResult<StopPipelineResponse>> {
         self.stop_named(name).boxed()
+    }
+
+    fn check(&self, config_toml: String) -> BoxFuture<'_, HostResult<CheckedPipeline>> {
+        self.check_text(config_toml).boxed()
+    }
+
+    fn assign(&self, pipelines: Vec<AssignedPipeline>) {
+        let first = self.assigned.send_replace(Some(pipelines)).is_none();
+        if first {
+            if let Some(this) = self.this.upgrade() {
+                tokio::spawn(this.follow_assignments());
+            }
+        }
     }
 }

@@ -215,11 +215,17 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
     let changelog = if plan.stages.is_empty() {
         None
     } else {
-        let mut most = 1;
+        // One changelog partition per input partition number, with as many copies as the
+        // most replicated source topic: state is kept as safely as its input.
+        let admin = quiver_client::Admin::new(client.clone());
+        let (mut most, mut replicas) = (1, 1);
         for t in &cfg.source.topics {
-            most = most.max(client.partition_count(t).await?);
+            let d = admin.describe_topic(t).await?;
+            most = most.max(d.partitions.len() as u32);
+            let copies = d.partitions.iter().map(|p| p.replicas.len()).max();
+            replicas = replicas.max(copies.unwrap_or(1) as u16);
         }
-        Some(ensure_changelog(&client, &cfg.name, most).await?)
+        Some(ensure_changelog(&client, &cfg.name, most, replicas).await?)
     };
     let mut chains: BTreeMap<TopicPartition, PartitionRun> = BTreeMap::new();
     // At least once, a poll's writes are acknowledged while the next ones are processed

@@ -18,7 +18,7 @@ fn quiver(args: &[&str]) -> std::process::Output {
 }
 
 /// Panics with the command's stderr unless it succeeded.
-fn succeeded(out: &std::process::Output) {
+pub(super) fn succeeded(out: &std::process::Output) {
     assert!(
         out.status.success(),
         "{}",
@@ -41,7 +41,7 @@ fn status(file: &Path) -> Value {
 
 /// A 3-broker cluster from `quiver cluster start` on free ports, stopped (and any broker
 /// left running killed) however the test ends.
-struct TestCluster {
+pub(super) struct TestCluster {
     dir: tempfile::TempDir,
     file: PathBuf,
     ports: Vec<u16>,
@@ -65,12 +65,12 @@ impl TestCluster {
 
     /// Starts a cluster; tries again on fresh ports when one was taken meanwhile (free
     /// ports are found by binding and releasing them; another test may take one first).
-    fn start() -> TestCluster {
+    pub(super) fn start() -> TestCluster {
         super::harness::start_on_free_ports(Self::on_free_ports, |c| c.run(&["cluster", "start"]))
     }
 
     /// `quiver cluster SUB --config FILE`.
-    fn run(&self, args: &[&str]) -> std::process::Output {
+    pub(super) fn run(&self, args: &[&str]) -> std::process::Output {
         let mut all = args.to_vec();
         all.extend(["--config", self.file.to_str().unwrap()]);
         quiver(&all)
@@ -80,7 +80,7 @@ impl TestCluster {
         status(&self.file)
     }
 
-    fn ca(&self) -> PathBuf {
+    pub(super) fn ca(&self) -> PathBuf {
         self.dir.path().join("qc").join("tls").join("ca.pem")
     }
 
@@ -93,7 +93,7 @@ impl TestCluster {
     }
 
     /// The CLI against the whole cluster (the bootstrap list).
-    fn cli(&self, args: &[&str], stdin: Option<&[u8]>) -> std::process::Output {
+    pub(super) fn cli(&self, args: &[&str], stdin: Option<&[u8]>) -> std::process::Output {
         cli_at(&self.bootstrap(), &self.ca(), args, stdin)
     }
 
@@ -139,7 +139,7 @@ impl TestCluster {
             .expect("a running broker") as u32
     }
 
-    fn kill(&self, id: u64) {
+    pub(super) fn kill(&self, id: u64) {
         unsafe_kill(self.pid(id), "KILL");
         wait_for(60, "the killed broker to be fenced", || {
             let b = &self.status()["brokers"][id as usize - 1];
@@ -172,7 +172,7 @@ impl Drop for TestCluster {
     }
 }
 
-fn lines(from: usize, to: usize) -> Vec<u8> {
+pub(super) fn lines(from: usize, to: usize) -> Vec<u8> {
     (from..=to)
         .map(|i| format!("k{i}:{i}\n"))
         .collect::<String>()

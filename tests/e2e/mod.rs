@@ -9,6 +9,7 @@ mod cli_habits;
 mod cli_tour;
 mod cluster;
 mod cluster_faults;
+mod cluster_pipelines;
 mod crash_recovery;
 mod crash_recovery_damage;
 mod forged_input;

@@ -41,7 +41,8 @@ pub use network::{
 };
 
 pub use state::{
-    BrokerRecord, ControllerState, PartitionRecord, PluginRecord, TopicRecord, Touched,
+    BrokerRecord, ControllerState, PartitionRecord, PipelineRecord, PluginRecord, TopicRecord,
+    Touched,
 };
 pub use store::{
     open as open_store, ControllerLogStore, ControllerStateMachine, ControllerStoreError,

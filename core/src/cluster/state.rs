@@ -84,6 +84,19 @@ pub struct PluginRecord {
     pub archive: PluginArchive,
 }
 
+/// A pipeline deployed in the cluster: its instances are spread over the live brokers
+/// (see [`ControllerState::pipeline_instances`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelineRecord {
+    pub name: String,
+    /// The pipeline file's text, as deployed.
+    pub config_toml: String,
+    /// Instances across the cluster.
+    pub instances: u32,
+    /// Plugins (`name@version`) its stages use.
+    pub plugins: Vec<String>,
+}
+
 /// The controller's metadata: brokers, topics and deployed plugins, changed only by
 /// [`ControllerState::apply`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,6 +106,9 @@ pub struct ControllerState {
     /// By id (`name@version`); absent from snapshots written before plugins were kept here.
     #[serde(default)]
     pub plugins: BTreeMap<String, PluginRecord>,
+    /// Deployed pipelines by name; absent from snapshots written before they were kept here.
+    #[serde(default)]
+    pub pipelines: BTreeMap<String, PipelineRecord>,
 }
 
 /// What applying a command may change, so that a persistent store rewrites only that.
@@ -101,6 +117,7 @@ pub struct Touched {
     pub broker: Option<BrokerId>,
     pub topics: Vec<String>,
     pub plugins: Vec<String>,
+    pub pipelines: Vec<String>,
 }
 
 type Outcome = Result<ControllerResponse, ControllerError>;
@@ -172,6 +189,16 @@ impl ControllerState {
                 archive,
             } => self.deploy_plugin(id, digest, archive),
             ControllerCommand::RemovePlugin { id } => self.remove_plugin(id),
+            ControllerCommand::PutPipeline {
+                name,
+                config_toml,
+                instances,
+                plugins,
+            } => self.put_pipeline(name, config_toml, *instances, plugins),
+            ControllerCommand::RemovePipeline { name } => match self.pipelines.remove(name) {
+                Some(_) => Ok(ControllerResponse::Ok),
+                None => Err(ControllerError::UnknownPipeline { name: name.clone() }),
+            },
         };
         outcome.unwrap_or_else(ControllerResponse::Refused)
     }
@@ -231,12 +258,68 @@ impl ControllerState {
                     ..Touched::default()
                 }
             }
+            ControllerCommand::PutPipeline { name, .. }
+            | ControllerCommand::RemovePipeline { name } => {
+                return Touched {
+                    pipelines: vec![name.clone()],
+                    ..Touched::default()
+                }
+            }
         };
         Touched {
             broker,
             topics,
-            plugins: Vec::new(),
+            ..Touched::default()
         }
+    }
+
+    fn put_pipeline(
+        &mut self,
+        name: &str,
+        config_toml: &str,
+        instances: u32,
+        plugins: &[String],
+    ) -> Outcome {
+        if name.is_empty() || instances == 0 {
+            return Err(ControllerError::InvalidUpdate {
+                reason: format!("pipeline {name:?} needs a name and at least one instance"),
+            });
+        }
+        if let Some(id) = plugins.iter().find(|id| !self.plugins.contains_key(*id)) {
+            return Err(ControllerError::MissingPlugin { id: id.clone() });
+        }
+        self.pipelines.insert(
+            name.to_string(),
+            PipelineRecord {
+                name: name.to_string(),
+                config_toml: config_toml.to_string(),
+                instances,
+                plugins: plugins.to_vec(),
+            },
+        );
+        Ok(ControllerResponse::Ok)
+    }
+
+    /// The instance numbers (1-based) of pipeline `name` that broker `me` runs: instance `k`
+    /// runs on the `(k - 1) % n`-th of the `n` live brokers in id order, so every live broker
+    /// runs its share (shares differ by at most one) and a fenced broker runs none. Every
+    /// broker computes the same split from the same metadata.
+    pub fn pipeline_instances(&self, name: &str, me: BrokerId) -> Vec<u32> {
+        let Some(p) = self.pipelines.get(name) else {
+            return Vec::new();
+        };
+        let live: Vec<BrokerId> = self
+            .brokers
+            .values()
+            .filter(|b| !b.fenced)
+            .map(|b| b.id)
+            .collect();
+        let Some(rank) = live.iter().position(|b| *b == me) else {
+            return Vec::new();
+        };
+        (1..=p.instances)
+            .filter(|k| (*k as usize - 1) % live.len() == rank)
+            .collect()
     }
 
     fn remove_plugin(&mut self, id: &str) -> Outcome {
@@ -251,6 +334,16 @@ impl ControllerState {
             return Err(ControllerError::PluginInUse {
                 id: id.to_string(),
                 topic: t.name.clone(),
+            });
+        }
+        if let Some(p) = self
+            .pipelines
+            .values()
+            .find(|p| p.plugins.iter().any(|u| u == id))
+        {
+            return Err(ControllerError::PluginUsedByPipeline {
+                id: id.to_string(),
+                pipeline: p.name.clone(),
             });
         }
         self.plugins.remove(id);
@@ -1186,6 +1279,13 @@ mod tests {
                 digest: "d1".into(),
                 archive: PluginArchive(b"zip".to_vec().into()),
             },
+            ControllerCommand::PutPipeline {
+                name: "wc".into(),
+                config_toml: "name = 'wc'".into(),
+                instances: 2,
+                plugins: vec!["p@1.0.0".into()],
+            },
+            ControllerCommand::RemovePipeline { name: "wc".into() },
             ControllerCommand::RemovePlugin {
                 id: "p@1.0.0".into(),
             },
@@ -1196,6 +1296,7 @@ mod tests {
                 broker,
                 topics,
                 plugins,
+                pipelines,
             } = s.touched(&cmd);
             let resp = s.apply(&cmd);
             assert!(
@@ -1218,7 +1319,76 @@ mod tests {
                     assert!(plugins.contains(id), "{cmd:?} changed {id}");
                 }
             }
+            for name in before.pipelines.keys().chain(s.pipelines.keys()) {
+                if before.pipelines.get(name) != s.pipelines.get(name) {
+                    assert!(pipelines.contains(name), "{cmd:?} changed {name}");
+                }
+            }
         }
+    }
+
+    #[test]
+    fn pipeline_instances_spread_over_live_brokers_and_hold_their_plugins() {
+        let mut s = cluster(&[]);
+        let put = |instances: u32, plugins: &[&str]| ControllerCommand::PutPipeline {
+            name: "wc".into(),
+            config_toml: format!("instances = {instances}"),
+            instances,
+            plugins: plugins.iter().map(|p| p.to_string()).collect(),
+        };
+        assert!(matches!(
+            refused(&mut s, put(3, &["split@1.0.0"])),
+            ControllerError::MissingPlugin { .. }
+        ));
+        assert!(matches!(
+            refused(&mut s, put(0, &[])),
+            ControllerError::InvalidUpdate { .. }
+        ));
+        s.apply(&ControllerCommand::DeployPlugin {
+            id: "split@1.0.0".into(),
+            digest: "d".into(),
+            archive: PluginArchive(b"zip".to_vec().into()),
+        });
+        assert_eq!(s.apply(&put(4, &["split@1.0.0"])), ControllerResponse::Ok);
+        let shares = |s: &ControllerState| -> Vec<Vec<u32>> {
+            (1..=3).map(|b| s.pipeline_instances("wc", b)).collect()
+        };
+        assert_eq!(shares(&s), vec![vec![1, 4], vec![2], vec![3]]);
+        // A fenced broker runs none; the others take its instances.
+        s.apply(&ControllerCommand::FenceBroker { id: 2 });
+        assert_eq!(shares(&s), vec![vec![1, 3], vec![], vec![2, 4]]);
+        s.apply(&ControllerCommand::UnfenceBroker { id: 2 });
+        assert_eq!(shares(&s), vec![vec![1, 4], vec![2], vec![3]]);
+        // Replaced in place; its plugin cannot be removed while it is deployed.
+        assert_eq!(s.apply(&put(2, &["split@1.0.0"])), ControllerResponse::Ok);
+        assert_eq!(shares(&s), vec![vec![1], vec![2], vec![]]);
+        assert!(matches!(
+            refused(
+                &mut s,
+                ControllerCommand::RemovePlugin {
+                    id: "split@1.0.0".into()
+                }
+            ),
+            ControllerError::PluginUsedByPipeline { .. }
+        ));
+        assert_eq!(
+            s.apply(&ControllerCommand::RemovePipeline { name: "wc".into() }),
+            ControllerResponse::Ok
+        );
+        assert!(shares(&s).iter().all(Vec::is_empty));
+        assert!(matches!(
+            refused(
+                &mut s,
+                ControllerCommand::RemovePipeline { name: "wc".into() }
+            ),
+            ControllerError::UnknownPipeline { .. }
+        ));
+        assert_eq!(
+            s.apply(&ControllerCommand::RemovePlugin {
+                id: "split@1.0.0".into()
+            }),
+            ControllerResponse::Ok
+        );
     }
 
     #[test]

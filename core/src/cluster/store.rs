@@ -44,7 +44,7 @@ use openraft::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::state::{BrokerRecord, ControllerState, PluginRecord, TopicRecord};
+use super::state::{BrokerRecord, ControllerState, PipelineRecord, PluginRecord, TopicRecord};
 use super::types::{BrokerId, BrokerNode, ControllerResponse, TypeConfig};
 
 type StorageResult<T> = Result<T, StorageError<BrokerId>>;
@@ -60,6 +60,7 @@ const LAST_PURGED: &[u8] = b"last_purged";
 const BROKER_PREFIX: &[u8] = b"b/";
 const TOPIC_PREFIX: &[u8] = b"t/";
 const PLUGIN_PREFIX: &[u8] = b"p/";
+const PIPELINE_PREFIX: &[u8] = b"l/";
 const APPLIED: &[u8] = b"m/applied";
 const MEMBERSHIP: &[u8] = b"m/membership";
 const SNAPSHOT_META: &[u8] = b"m/snapshot_meta";
@@ -109,6 +110,11 @@ pub fn open(
         let p: PluginRecord = serde_json::from_slice(&v).map_err(corrupt("plugin"))?;
         state.plugins.insert(p.id.clone(), p);
     }
+    for kv in tree.scan_prefix(PIPELINE_PREFIX) {
+        let (_, v) = kv?;
+        let p: PipelineRecord = serde_json::from_slice(&v).map_err(corrupt("pipeline"))?;
+        state.pipelines.insert(p.name.clone(), p);
+    }
     let last_applied = match tree.get(APPLIED)? {
         Some(v) => serde_json::from_slice(&v).map_err(corrupt("last applied log id"))?,
         None => None,
@@ -138,6 +144,10 @@ fn topic_key(name: &str) -> Vec<u8> {
 
 fn plugin_key(id: &str) -> Vec<u8> {
     [PLUGIN_PREFIX, id.as_bytes()].concat()
+}
+
+fn pipeline_key(name: &str) -> Vec<u8> {
+    [PIPELINE_PREFIX, name.as_bytes()].concat()
 }
 
 fn broker_key(id: BrokerId) -> Vec<u8> {
@@ -398,6 +408,7 @@ impl RaftStateMachine<TypeConfig> for ControllerStateMachine {
         let mut brokers = BTreeSet::new();
         let mut topics = BTreeSet::new();
         let mut plugins = BTreeSet::new();
+        let mut pipelines = BTreeSet::new();
         let mut responses = Vec::new();
         for entry in entries {
             self.last_applied = Some(entry.log_id);
@@ -408,6 +419,7 @@ impl RaftStateMachine<TypeConfig> for ControllerStateMachine {
                     brokers.extend(touched.broker);
                     topics.extend(touched.topics);
                     plugins.extend(touched.plugins);
+                    pipelines.extend(touched.pipelines);
                     self.state.apply(&cmd)
                 }
                 EntryPayload::Membership(m) => {
@@ -437,6 +449,12 @@ impl RaftStateMachine<TypeConfig> for ControllerStateMachine {
             match self.state.plugins.get(&id) {
                 Some(p) => batch.insert(plugin_key(&id), to_json(p)),
                 None => batch.remove(plugin_key(&id)),
+            }
+        }
+        for name in pipelines {
+            match self.state.pipelines.get(&name) {
+                Some(p) => batch.insert(pipeline_key(&name), to_json(p)),
+                None => batch.remove(pipeline_key(&name)),
             }
         }
         batch.insert(APPLIED, to_json(&self.last_applied));
@@ -474,7 +492,7 @@ impl RaftStateMachine<TypeConfig> for ControllerStateMachine {
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), any(e)))?;
         let read_err = |e: sled::Error| StorageIOError::read_state_machine(any(e));
         let mut batch = sled::Batch::default();
-        for prefix in [BROKER_PREFIX, TOPIC_PREFIX, PLUGIN_PREFIX] {
+        for prefix in [BROKER_PREFIX, TOPIC_PREFIX, PLUGIN_PREFIX, PIPELINE_PREFIX] {
             for kv in self.tree.scan_prefix(prefix) {
                 batch.remove(kv.map_err(read_err)?.0);
             }
@@ -487,6 +505,9 @@ impl RaftStateMachine<TypeConfig> for ControllerStateMachine {
         }
         for p in state.plugins.values() {
             batch.insert(plugin_key(&p.id), to_json(p));
+        }
+        for p in state.pipelines.values() {
+            batch.insert(pipeline_key(&p.name), to_json(p));
         }
         batch.insert(APPLIED, to_json(&meta.last_log_id));
         batch.insert(MEMBERSHIP, to_json(&meta.last_membership));

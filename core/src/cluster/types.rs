@@ -140,6 +140,18 @@ pub enum ControllerCommand {
     },
     /// Remove a deployed plugin from every broker.
     RemovePlugin { id: String },
+    /// Deploy a pipeline, or replace a deployed one of that name: the text of its file
+    /// (checked by the proposing broker), how many instances it runs across the cluster, and
+    /// the plugins (`name@version`) its stages use, which cannot be removed while it is
+    /// deployed. The same text again is a no-op.
+    PutPipeline {
+        name: String,
+        config_toml: String,
+        instances: u32,
+        plugins: Vec<String>,
+    },
+    /// Stop a deployed pipeline on every broker and forget it.
+    RemovePipeline { name: String },
 }
 
 /// Why the state machine refused a command. Stable: brokers map these to wire errors.
@@ -177,6 +189,12 @@ pub enum ControllerError {
     UnknownPlugin { id: String },
     #[error("plugin {id} is the partitioner of topic {topic}; detach it first (`quiver topic alter {topic} --partitioner OTHER@VERSION`)")]
     PluginInUse { id: String, topic: String },
+    #[error("plugin {id} is a stage of the deployed pipeline {pipeline}; stop it first (`quiver pipeline stop {pipeline}`) or deploy it with another version")]
+    PluginUsedByPipeline { id: String, pipeline: String },
+    #[error("plugin {id} is not deployed; deploy it before the pipeline that uses it")]
+    MissingPlugin { id: String },
+    #[error("no pipeline named {name} is deployed")]
+    UnknownPipeline { name: String },
 }
 
 /// The answer to one applied log entry.

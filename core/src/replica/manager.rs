@@ -125,6 +125,8 @@ pub struct ReplicaSetup {
     pub max_decompressed: usize,
     /// The broker's plugins (installed and removed as the controller says).
     pub plugins: Arc<crate::plugin::PluginService>,
+    /// The broker's pipeline host, told which deployed pipeline instances to run here.
+    pub pipelines: crate::pipelines::PipelineSlot,
 }
 
 /// Partitions of `__consumer_offsets` in a cluster (a group's coordinator is the leader of
@@ -147,6 +149,9 @@ pub struct ReplicaManager {
     max_decompressed: usize,
     view: RwLock<Arc<ControllerState>>,
     plugin_sync: Arc<super::plugins::PluginSync>,
+    pipelines: crate::pipelines::PipelineSlot,
+    /// The pipeline assignment last passed to the host (passed again only when it changes).
+    assigned: Mutex<Option<Vec<crate::pipelines::AssignedPipeline>>>,
     ready: AtomicBool,
     roles: Mutex<HashMap<PartitionKey, Role>>,
     proposing: Arc<Mutex<HashSet<PartitionKey>>>,
@@ -176,6 +181,8 @@ impl ReplicaManager {
             max_decompressed: setup.max_decompressed,
             view: RwLock::new(Arc::new(ControllerState::default())),
             plugin_sync: Arc::new(super::plugins::PluginSync::new(setup.plugins)),
+            pipelines: setup.pipelines,
+            assigned: Mutex::new(None),
             ready: AtomicBool::new(false),
             roles: Mutex::new(HashMap::new()),
             proposing: Arc::default(),
@@ -194,6 +201,11 @@ impl ReplicaManager {
             self.reconcile().await;
         }
         lock(&self.roles).clear();
+    }
+
+    /// Clients of the other brokers.
+    pub fn peers(&self) -> &PeerClients {
+        &self.peers
     }
 
     /// The controller's metadata as this broker last applied it.
@@ -409,6 +421,29 @@ impl ReplicaManager {
         self.check_isr(&state);
         self.ensure_offsets_topic(&state).await;
         self.sync_groups(&state).await;
+        self.assign_pipelines(&state);
+    }
+
+    /// Tells the pipeline host (once installed) which deployed instances run here, when
+    /// that changes.
+    fn assign_pipelines(&self, state: &ControllerState) {
+        let Ok(host) = self.pipelines.host() else {
+            return;
+        };
+        let wanted: Vec<crate::pipelines::AssignedPipeline> = state
+            .pipelines
+            .values()
+            .map(|p| crate::pipelines::AssignedPipeline {
+                name: p.name.clone(),
+                config_toml: p.config_toml.clone(),
+                instances: state.pipeline_instances(&p.name, self.me),
+            })
+            .collect();
+        let mut last = lock(&self.assigned);
+        if last.as_ref() != Some(&wanted) {
+            host.assign(wanted.clone());
+            *last = Some(wanted);
+        }
     }
 
     /// The lowest live broker creates `__consumer_offsets` once enough brokers are live to

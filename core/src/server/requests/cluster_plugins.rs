@@ -22,7 +22,9 @@ fn refused(e: ControllerError) -> RequestError {
     let code = match &e {
         ControllerError::PluginVersionConflict { .. } => ErrorCode::PluginVersionConflict,
         ControllerError::UnknownPlugin { .. } => ErrorCode::PluginNotFound,
-        ControllerError::PluginInUse { .. } => ErrorCode::PluginInUse,
+        ControllerError::PluginInUse { .. } | ControllerError::PluginUsedByPipeline { .. } => {
+            ErrorCode::PluginInUse
+        }
         _ => ErrorCode::Internal,
     };
     RequestError::new(code, e.to_string())

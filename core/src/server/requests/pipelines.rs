@@ -1,38 +1,201 @@
-//! DeployPipeline, ListPipelines, DescribePipeline and StopPipeline: handed to the broker's
-//! pipeline host (see [`crate::pipelines`]).
+//! DeployPipeline, ListPipelines, DescribePipeline and StopPipeline. A lone broker hands
+//! them to its pipeline host (see [`crate::pipelines`]). A cluster broker goes through the
+//! controller: deploy has the local host check the file, then proposes it; stop removes it;
+//! every broker's host then runs its share (see [`crate::cluster::ControllerState::pipeline_instances`]).
+//! A status in a cluster gathers each live broker's part (DescribePipeline with `local`).
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use quiver_protocol::requests::{
-    DeployPipelineRequest, DescribePipelineRequest, ListPipelinesRequest, ListPipelinesResponse,
-    StopPipelineRequest,
+    DeployPipelineRequest, DeployPipelineResponse, DescribePipelineRequest, ListPipelinesRequest,
+    ListPipelinesResponse, PipelineStatus, StopPipelineRequest, StopPipelineResponse,
 };
+use quiver_protocol::ErrorCode;
 
+use super::cluster_topics::{propose, replicas_of, until_applied};
 use super::{decode, Reply, RequestError};
+use crate::cluster::{ControllerCommand, ControllerError, ControllerResponse};
+use crate::replica::ReplicaManager;
 use crate::server::ServerContext;
+
+/// How long a cluster deploy or stop waits for this broker's host to follow it (a stop
+/// includes its instances committing and leaving their group).
+const LOCAL_FOLLOW_WAIT: Duration = Duration::from_secs(40);
+/// How long a cluster status waits for each peer's part.
+const PEER_STATUS_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Handles a deploy-pipeline request.
 #[tracing::instrument(name = "deploy_pipeline", skip_all)]
 pub async fn deploy(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let (req, _) = decode::<DeployPipelineRequest>(&body)?;
-    let resp = ctx.pipelines.host()?.deploy(req.config_toml).await?;
+    let resp = match ctx.replicas() {
+        Some(_) => deploy_in_cluster(ctx, req.config_toml).await?,
+        None => ctx.pipelines.host()?.deploy(req.config_toml).await?,
+    };
     tracing::info!(pipeline = %resp.name, instances = resp.instances, replaced = resp.replaced, "pipeline deployed");
     Ok(Reply::control(&resp))
+}
+
+fn refused(e: ControllerError) -> RequestError {
+    let code = match &e {
+        ControllerError::UnknownPipeline { .. } => ErrorCode::PipelineNotFound,
+        ControllerError::MissingPlugin { .. } => ErrorCode::PluginNotFound,
+        _ => ErrorCode::InvalidPipeline,
+    };
+    RequestError::new(code, e.to_string())
+}
+
+async fn deploy_in_cluster(
+    ctx: &ServerContext,
+    config_toml: String,
+) -> Result<DeployPipelineResponse, RequestError> {
+    let checked = ctx.pipelines.host()?.check(config_toml.clone()).await?;
+    let rm = replicas_of(ctx).await?;
+    let replaced = rm.view().pipelines.contains_key(&checked.name);
+    let cmd = ControllerCommand::PutPipeline {
+        name: checked.name.clone(),
+        config_toml: config_toml.clone(),
+        instances: checked.instances,
+        plugins: checked.plugins,
+    };
+    if let ControllerResponse::Refused(e) = propose(ctx, cmd).await? {
+        return Err(refused(e));
+    }
+    let name = checked.name.clone();
+    until_applied(ctx, "pipeline deploy", move |ctx| {
+        ctx.replicas().is_some_and(|rm| {
+            rm.view()
+                .pipelines
+                .get(&name)
+                .is_some_and(|p| p.config_toml == config_toml)
+        })
+    })
+    .await?;
+    // This broker's host learns of it at the replica manager's next pass; answer once it
+    // reports it, so a status right after the deploy finds it.
+    let host = ctx.pipelines.host()?;
+    let deadline = tokio::time::Instant::now() + LOCAL_FOLLOW_WAIT;
+    while host.status(checked.name.clone()).await.is_err() && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(DeployPipelineResponse {
+        name: checked.name,
+        instances: checked.instances,
+        replaced,
+    })
 }
 
 /// Handles a list-pipelines request.
 #[tracing::instrument(name = "list_pipelines", skip_all)]
 pub async fn list(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let _ = decode::<ListPipelinesRequest>(&body)?;
-    let pipelines = ctx.pipelines.host()?.list().await?;
+    let pipelines = match ctx.replicas() {
+        Some(rm) => {
+            let names: Vec<String> = rm.view().pipelines.keys().cloned().collect();
+            let mut all = Vec::with_capacity(names.len());
+            for name in names {
+                all.push(cluster_status(ctx, rm, name).await?);
+            }
+            all
+        }
+        None => ctx.pipelines.host()?.list().await?,
+    };
     Ok(Reply::control(&ListPipelinesResponse { pipelines }))
 }
 
 /// Handles a describe-pipeline request.
-#[tracing::instrument(name = "describe_pipeline", skip_all)]
+#[tracing::instrument(name = "describe_pipeline", skip_all, fields(pipeline = %"", local))]
 pub async fn describe(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let (req, _) = decode::<DescribePipelineRequest>(&body)?;
-    let status = ctx.pipelines.host()?.status(req.name).await?;
+    tracing::Span::current().record("pipeline", req.name.as_str());
+    tracing::Span::current().record("local", req.local);
+    let status = match ctx.replicas() {
+        Some(rm) if !req.local => cluster_status(ctx, rm, req.name).await?,
+        _ => ctx.pipelines.host()?.status(req.name).await?,
+    };
     Ok(Reply::control(&status))
+}
+
+/// The whole pipeline: this broker's part and every other live broker's.
+async fn cluster_status(
+    ctx: &ServerContext,
+    rm: &Arc<ReplicaManager>,
+    name: String,
+) -> Result<PipelineStatus, RequestError> {
+    let state = rm.view();
+    if !state.pipelines.contains_key(&name) {
+        return Err(RequestError::new(
+            ErrorCode::PipelineNotFound,
+            format!("no pipeline named {name:?} is deployed; see `quiver pipeline list`"),
+        ));
+    }
+    let mut parts = Vec::new();
+    match ctx.pipelines.host()?.status(name.clone()).await {
+        Ok(here) => parts.push(here),
+        Err(e) if e.code() == ErrorCode::PipelineNotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    let peers: Vec<(u64, String)> = state
+        .brokers
+        .values()
+        .filter(|b| !b.fenced && b.id != rm.id())
+        .map(|b| (b.id, b.addr.clone()))
+        .collect();
+    let asks = peers.into_iter().map(|(id, addr)| {
+        let name = name.clone();
+        async move {
+            let client = rm.peers().get(id, &addr).await.ok()?;
+            let req = DescribePipelineRequest { name, local: true };
+            match tokio::time::timeout(PEER_STATUS_TIMEOUT, client.request(&req, Bytes::new()))
+                .await
+            {
+                Ok(Ok((status, _))) => Some(status),
+                Ok(Err(e)) => {
+                    tracing::debug!(broker = id, error = %e, "no pipeline status from a peer");
+                    None
+                }
+                Err(_) => None,
+            }
+        }
+    });
+    parts.extend(futures::future::join_all(asks).await.into_iter().flatten());
+    merge_status(parts).ok_or_else(|| {
+        RequestError::new(
+            ErrorCode::PipelineNotFound,
+            format!("pipeline {name:?} is deployed but no live broker reports it yet; retry in a moment"),
+        )
+    })
+}
+
+/// One status from the parts each broker reported: instances side by side, counters and
+/// rates summed, the first failure as the state, the largest lag and latencies (lag is the
+/// group's, read by each broker; latencies are per broker, so the worst is shown).
+pub fn merge_status(parts: Vec<PipelineStatus>) -> Option<PipelineStatus> {
+    let mut parts = parts.into_iter();
+    let mut all = parts.next()?;
+    for p in parts {
+        if !all.state.starts_with("failed") && p.state.starts_with("failed") {
+            all.state = p.state;
+        }
+        all.instances.extend(p.instances);
+        all.records_in += p.records_in;
+        all.records_out += p.records_out;
+        all.records_per_sec_in += p.records_per_sec_in;
+        all.records_per_sec_out += p.records_per_sec_out;
+        all.lag = all.lag.max(p.lag);
+        all.errors += p.errors;
+        all.dead_lettered += p.dead_lettered;
+        all.latency_p50_ms = all.latency_p50_ms.max(p.latency_p50_ms);
+        all.latency_p99_ms = all.latency_p99_ms.max(p.latency_p99_ms);
+    }
+    all.instances.sort_by(|a, b| {
+        let n = |id: &str| id.rsplit('-').next().and_then(|n| n.parse::<u32>().ok());
+        n(&a.id).cmp(&n(&b.id)).then_with(|| a.id.cmp(&b.id))
+    });
+    Some(all)
 }
 
 /// Handles a stop-pipeline request.
@@ -40,7 +203,42 @@ pub async fn describe(ctx: &ServerContext, body: Bytes) -> Result<Reply, Request
 pub async fn stop(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let (req, _) = decode::<StopPipelineRequest>(&body)?;
     let name = req.name.clone();
-    let resp = ctx.pipelines.host()?.stop(req.name).await?;
+    let resp = match ctx.replicas() {
+        Some(_) => stop_in_cluster(ctx, req.name).await?,
+        None => ctx.pipelines.host()?.stop(req.name).await?,
+    };
     tracing::info!(pipeline = %name, instances = resp.instances, "pipeline stopped");
     Ok(Reply::control(&resp))
+}
+
+/// Removes the pipeline from the controller; answers once this broker's instances are
+/// stopped (the other brokers stop theirs as they apply the removal).
+async fn stop_in_cluster(
+    ctx: &ServerContext,
+    name: String,
+) -> Result<StopPipelineResponse, RequestError> {
+    let rm = replicas_of(ctx).await?;
+    let instances = rm
+        .view()
+        .pipelines
+        .get(&name)
+        .map(|p| p.instances)
+        .unwrap_or(0);
+    let cmd = ControllerCommand::RemovePipeline { name: name.clone() };
+    if let ControllerResponse::Refused(e) = propose(ctx, cmd).await? {
+        return Err(refused(e));
+    }
+    let gone = name.clone();
+    until_applied(ctx, "pipeline stop", move |ctx| {
+        ctx.replicas()
+            .is_some_and(|rm| !rm.view().pipelines.contains_key(&gone))
+    })
+    .await?;
+    // The local host stops its instances as the replica manager passes the removal on.
+    let host = ctx.pipelines.host()?;
+    let deadline = tokio::time::Instant::now() + LOCAL_FOLLOW_WAIT;
+    while host.status(name.clone()).await.is_ok() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(StopPipelineResponse { instances })
 }

@@ -53,6 +53,9 @@ impl Message for ListPipelinesRequest {
 pub struct DescribePipelineRequest {
     /// Pipeline name.
     pub name: String,
+    /// Only the instances running in the broker asked (brokers of a cluster ask each other
+    /// this way); false gives the whole pipeline, gathered from every live broker.
+    pub local: bool,
 }
 
 /// One instance of a deployed pipeline.

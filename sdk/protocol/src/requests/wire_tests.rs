@@ -930,7 +930,16 @@ impl Sample for ListPipelinesResponse {
 
 impl Sample for DescribePipelineRequest {
     fn samples() -> Vec<Self> {
-        vec![DescribePipelineRequest { name: s("p") }]
+        vec![
+            DescribePipelineRequest {
+                name: s("p"),
+                local: false,
+            },
+            DescribePipelineRequest {
+                name: s("p"),
+                local: true,
+            },
+        ]
     }
 }
 

@@ -1,0 +1,139 @@
+//! Deployed pipelines in a 3-broker cluster: the controller holds the deployed file and
+//! every live broker runs its share of the instances; when a broker is killed its
+//! instances move to the others and nothing is lost; `pipeline status` gathers every
+//! broker's instances; `pipeline stop` ends them all and the group empties; an
+//! exactly-once pipeline is refused in a cluster with the reason.
+
+use std::collections::BTreeSet;
+
+use serde_json::Value;
+
+use super::cluster::{lines, succeeded, TestCluster};
+use super::harness::{example, json_lines, wait_for};
+
+fn status(c: &TestCluster, name: &str) -> Option<Value> {
+    let out = c.cli(&["pipeline", "status", name, "--output", "json"], None);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).expect("status json"))
+}
+
+/// Broker of each running instance, by instance id.
+fn placement(s: &Value) -> Vec<(String, u64)> {
+    s["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["id"].as_str().unwrap().to_string(),
+                i["broker"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The values in topic `out`, read from the beginning.
+fn output_values(c: &TestCluster) -> BTreeSet<String> {
+    let out = c.cli(
+        &["consume", "out", "--from-beginning", "--output", "json"],
+        None,
+    );
+    if !out.status.success() {
+        return BTreeSet::new();
+    }
+    json_lines(&String::from_utf8_lossy(&out.stdout))
+        .iter()
+        .map(|r| r["value"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+fn wanted(to: usize) -> BTreeSet<String> {
+    (1..=to).map(|i| i.to_string()).collect()
+}
+
+#[test]
+fn deployed_pipeline_instances_spread_over_brokers_and_move_off_a_killed_one() {
+    let c = TestCluster::start();
+    for (topic, partitions) in [("src", "6"), ("out", "3")] {
+        succeeded(&c.cli(
+            &[
+                "topic",
+                "create",
+                topic,
+                "--partitions",
+                partitions,
+                "--replication-factor",
+                "3",
+            ],
+            None,
+        ));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("spread.toml");
+    let pipeline = |guarantee: &str| {
+        format!(
+            "name = \"spread\"\n[source]\ntopics = [\"src\"]\n[[stages]]\npath = \"{}\"\n[sink]\ntopic = \"out\"\n[run]\ninstances = 3\nguarantee = \"{guarantee}\"\n",
+            example("noop-filter")
+        )
+    };
+
+    // Exactly-once needs transactions across brokers: refused, with the reason.
+    std::fs::write(&file, pipeline("exactly-once")).unwrap();
+    let out = c.cli(&["pipeline", "deploy", file.to_str().unwrap()], None);
+    assert!(!out.status.success(), "exactly-once deploy in a cluster");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("at-least-once"), "{err}");
+
+    std::fs::write(&file, pipeline("at-least-once")).unwrap();
+    succeeded(&c.cli(&["pipeline", "deploy", file.to_str().unwrap()], None));
+    wait_for(60, "one instance on each broker", || {
+        status(&c, "spread").is_some_and(|s| {
+            let brokers: BTreeSet<u64> = placement(&s).iter().map(|(_, b)| *b).collect();
+            placement(&s).len() == 3 && brokers == BTreeSet::from([1, 2, 3])
+        })
+    });
+    succeeded(&c.cli(
+        &["produce", "src", "--key-separator", ":"],
+        Some(&lines(1, 3000)),
+    ));
+    wait_for(90, "every record through the pipeline", || {
+        wanted(3000).is_subset(&output_values(&c))
+    });
+    wait_for(60, "lag back to 0", || {
+        status(&c, "spread").is_some_and(|s| s["lag"] == 0)
+    });
+
+    // A broker dies: its instance moves to the two that are left.
+    c.kill(3);
+    wait_for(90, "three instances on brokers 1 and 2", || {
+        status(&c, "spread").is_some_and(|s| {
+            let p = placement(&s);
+            p.len() == 3 && p.iter().all(|(_, b)| *b != 3)
+        })
+    });
+    succeeded(&c.cli(
+        &["produce", "src", "--key-separator", ":"],
+        Some(&lines(3001, 6000)),
+    ));
+    wait_for(
+        120,
+        "every record through the pipeline after the kill",
+        || wanted(6000).is_subset(&output_values(&c)),
+    );
+
+    // Stop: every instance on every broker leaves the group.
+    succeeded(&c.cli(&["pipeline", "stop", "spread"], None));
+    wait_for(60, "the group without members", || {
+        let out = c.cli(&["group", "describe", "spread", "--output", "json"], None);
+        out.status.success()
+            && serde_json::from_slice::<Value>(&out.stdout)
+                .is_ok_and(|g| g["members"].as_array().is_some_and(|m| m.is_empty()))
+    });
+    let out = c.cli(&["pipeline", "list", "--output", "json"], None);
+    succeeded(&out);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&out.stdout).unwrap(),
+        serde_json::json!([])
+    );
+}
