@@ -1,6 +1,7 @@
 //! Deployed pipelines in a 3-broker cluster: the controller holds the deployed file and
 //! every live broker runs its share of the instances; when a broker is killed its
-//! instances move to the others and nothing is lost; `pipeline status` gathers every
+//! instances move to the others and nothing is lost, and when it is back it takes its share
+//! again; a changed file rolls them; `pipeline status` gathers every
 //! broker's instances; `pipeline stop` ends them all and the group empties; an
 //! exactly-once pipeline is refused in a cluster with the reason.
 
@@ -71,12 +72,13 @@ fn deployed_pipeline_instances_spread_over_brokers_and_move_off_a_killed_one() {
     }
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("spread.toml");
-    let pipeline = |guarantee: &str| {
+    let pipeline_of = |guarantee: &str, instances: u32| {
         format!(
-            "name = \"spread\"\n[source]\ntopics = [\"src\"]\n[[stages]]\npath = \"{}\"\n[sink]\ntopic = \"out\"\n[run]\ninstances = 3\nguarantee = \"{guarantee}\"\n",
+            "name = \"spread\"\n[source]\ntopics = [\"src\"]\n[[stages]]\npath = \"{}\"\n[sink]\ntopic = \"out\"\n[run]\ninstances = {instances}\nguarantee = \"{guarantee}\"\n",
             example("noop-filter")
         )
     };
+    let pipeline = |guarantee: &str| pipeline_of(guarantee, 3);
 
     // Exactly-once needs transactions across brokers: refused, with the reason.
     std::fs::write(&file, pipeline("exactly-once")).unwrap();
