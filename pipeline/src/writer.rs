@@ -101,9 +101,14 @@ impl Writer {
         member_id: &str,
     ) -> Result<Writer, RuntimeError> {
         let id = format!("pipeline.{pipeline}.{member_id}");
-        Ok(Writer::ExactlyOnce(
-            TransactionalProducer::init_with_timeout(client, &id, TXN_TIMEOUT).await?,
-        ))
+        match TransactionalProducer::init_with_timeout(client, &id, TXN_TIMEOUT).await {
+            Ok(tx) => Ok(Writer::ExactlyOnce(tx)),
+            // The cluster cannot run transactions: joining again would not change that.
+            Err(e) if e.code() == Some(quiver_protocol::ErrorCode::UnsupportedApi) => Err(
+                RuntimeError::Failed(format!("guarantee \"exactly-once\" cannot run here: {e}")),
+            ),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Sends (or buffers in the transaction) one output record; finishing the poll waits

@@ -84,7 +84,7 @@ impl TestCluster {
         self.dir.path().join("qc").join("tls").join("ca.pem")
     }
 
-    fn bootstrap(&self) -> String {
+    pub(super) fn bootstrap(&self) -> String {
         self.ports
             .iter()
             .map(|p| format!("127.0.0.1:{p}"))

@@ -3,7 +3,7 @@
 //! instances move to the others and nothing is lost, and when it is back it takes its share
 //! again; a changed file rolls them; `pipeline status` gathers every
 //! broker's instances; `pipeline stop` ends them all and the group empties; an
-//! exactly-once pipeline is refused in a cluster with the reason.
+//! exactly-once pipeline is refused in a cluster with the reason, deployed or run.
 
 use std::collections::BTreeSet;
 
@@ -49,6 +49,36 @@ fn output_values(c: &TestCluster) -> BTreeSet<String> {
         .collect()
 }
 
+/// `pipeline run FILE` against the cluster, which must exit with an error within `secs`;
+/// returns its stderr.
+fn run_until_exit(c: &TestCluster, file: &std::path::Path, secs: u64) -> String {
+    let mut child = std::process::Command::new(super::harness::bin())
+        .args(["--bootstrap", &c.bootstrap(), "--ca"])
+        .arg(c.ca())
+        .args(["pipeline", "run"])
+        .arg(file)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn pipeline run");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(status) = child.try_wait().expect("pipeline run status") {
+            assert!(!status.success(), "pipeline run succeeded");
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            return err;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("pipeline run did not exit within {secs} s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 fn wanted(to: usize) -> BTreeSet<String> {
     (1..=to).map(|i| i.to_string()).collect()
 }
@@ -85,6 +115,10 @@ fn deployed_pipeline_instances_spread_over_brokers_and_move_off_a_killed_one() {
     let out = c.cli(&["pipeline", "deploy", file.to_str().unwrap()], None);
     assert!(!out.status.success(), "exactly-once deploy in a cluster");
     let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("at-least-once"), "{err}");
+
+    // Run as a client, it fails at once with the same reason instead of retrying.
+    let err = run_until_exit(&c, &file, 60);
     assert!(err.contains("at-least-once"), "{err}");
 
     std::fs::write(&file, pipeline("at-least-once")).unwrap();
