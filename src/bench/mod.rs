@@ -56,6 +56,11 @@ pub struct PipelineOpts {
     /// a chain; e.g. --stage examples/plugins/noop-map).
     #[arg(long = "stage", value_name = "NAME[@VERSION]|PATH", required = true)]
     stages: Vec<String>,
+    /// Produce all input before each pipeline starts and measure how fast it drains that
+    /// backlog (its processing capacity, without the bench's producer writing beside it);
+    /// the latencies then include the wait in the backlog.
+    #[arg(long, conflicts_with = "rate")]
+    backlog: bool,
     #[command(flatten)]
     load: LoadOpts,
 }
@@ -248,7 +253,7 @@ pub async fn run(global: &GlobalOpts, args: BenchArgs) -> anyhow::Result<()> {
             let o = p.load;
             o.check()?;
             let target = Target::open(global, &o).await?;
-            let r = pipeline::run(&target.client, &o, &p.stages).await;
+            let r = pipeline::run(&target.client, &o, &p.stages, p.backlog).await;
             target.close().await;
             r?.print(o.output);
         }
