@@ -258,6 +258,13 @@ async fn pipeline_host(handle: &BrokerHandle, data_dir: &Path, id: u32) -> Arc<B
     if handle.cluster_view().await.is_none() {
         let resume = host.clone();
         tokio::spawn(async move { resume.resume().await });
+    } else if std::fs::read_dir(data_dir.join("pipelines")).is_ok_and(|mut d| {
+        d.any(|e| e.is_ok_and(|e| e.path().extension().is_some_and(|x| x == "toml")))
+    }) {
+        tracing::warn!(
+            dir = %data_dir.join("pipelines").display(),
+            "pipelines deployed while this broker ran alone are not resumed in a cluster, where the controller holds deployed pipelines; deploy them again (`quiver pipeline deploy FILE`)"
+        );
     }
     host
 }
