@@ -3,9 +3,11 @@
 //! instances move to the others and nothing is lost, and when it is back it takes its share
 //! again; a changed file rolls them; `pipeline status` gathers every
 //! broker's instances; `pipeline stop` ends them all and the group empties; an
-//! exactly-once pipeline is refused in a cluster with the reason, deployed or run.
+//! exactly-once pipeline is refused in a cluster with the reason, deployed or run. A
+//! stateful word count keeps its counts through a killed broker (the changelog is
+//! replicated like its input), losing nothing.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
 
@@ -171,5 +173,110 @@ fn deployed_pipeline_instances_spread_over_brokers_and_move_off_a_killed_one() {
     assert_eq!(
         serde_json::from_slice::<Value>(&out.stdout).unwrap(),
         serde_json::json!([])
+    );
+}
+
+/// The latest value per key of a topic read from the beginning (offset order within each
+/// partition; a word lives in one partition).
+fn latest_counts(c: &TestCluster, topic: &str) -> (BTreeMap<String, u64>, BTreeSet<String>) {
+    let out = c.cli(
+        &["consume", topic, "--from-beginning", "--output", "json"],
+        None,
+    );
+    succeeded(&out);
+    let mut records = json_lines(&String::from_utf8_lossy(&out.stdout));
+    records.sort_by_key(|r| (r["partition"].as_u64(), r["offset"].as_i64()));
+    let mut latest = BTreeMap::new();
+    let mut sources = BTreeSet::new();
+    for r in &records {
+        latest.insert(
+            r["key"].as_str().unwrap().to_string(),
+            r["value"].as_str().unwrap().parse::<u64>().unwrap(),
+        );
+        if let Some(s) = r["headers"]["quiver.source"].as_str() {
+            sources.insert(s.to_string());
+        }
+    }
+    (latest, sources)
+}
+
+#[test]
+fn deployed_word_counts_keep_their_state_through_a_killed_broker() {
+    let c = TestCluster::start();
+    for (topic, partitions) in [("words", "6"), ("counts", "3")] {
+        succeeded(&c.cli(
+            &[
+                "topic",
+                "create",
+                topic,
+                "--partitions",
+                partitions,
+                "--replication-factor",
+                "3",
+            ],
+            None,
+        ));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("wc.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "name = \"wc\"\n[source]\ntopics = [\"words\"]\n[[stages]]\npath = \"{}\"\n[sink]\ntopic = \"counts\"\n[run]\ninstances = 3\nguarantee = \"at-least-once\"\n",
+            example("count")
+        ),
+    )
+    .unwrap();
+    succeeded(&c.cli(&["pipeline", "deploy", file.to_str().unwrap()], None));
+    wait_for(60, "one instance on each broker", || {
+        status(&c, "wc").is_some_and(|s| {
+            let brokers: BTreeSet<u64> = placement(&s).iter().map(|(_, b)| *b).collect();
+            brokers == BTreeSet::from([1, 2, 3])
+        })
+    });
+    let (records, words) = (30_000u64, 100u64);
+    let mut truth: BTreeMap<String, u64> = BTreeMap::new();
+    let mut lines = String::new();
+    for i in 0..records {
+        let word = format!("w{}", (i * 7919 + i / 13) % words);
+        *truth.entry(word.clone()).or_default() += 1;
+        lines.push_str(&format!("{word}:{word} {i}\n"));
+    }
+    let all: Vec<&str> = lines.lines().collect();
+    let half = all.len() / 2;
+    let first = format!("{}\n", all[..half].join("\n"));
+    let second = format!("{}\n", all[half..].join("\n"));
+    succeeded(&c.cli(
+        &["produce", "words", "--key-separator", ":"],
+        Some(first.as_bytes()),
+    ));
+    wait_for(120, "the first half counted", || {
+        status(&c, "wc").is_some_and(|s| s["lag"] == 0)
+    });
+    // A broker dies with its instance and its replicas of the changelog: the partitions
+    // move to instances elsewhere, which restore their counts from the replicated changelog.
+    c.kill(3);
+    succeeded(&c.cli(
+        &["produce", "words", "--key-separator", ":"],
+        Some(second.as_bytes()),
+    ));
+    wait_for(180, "every record counted after the kill", || {
+        status(&c, "wc")
+            .is_some_and(|s| s["lag"] == 0 && placement(&s).iter().all(|(_, b)| *b != 3))
+            && latest_counts(&c, "counts").1.len() as u64 >= records
+    });
+    let (latest, sources) = latest_counts(&c, "counts");
+    assert_eq!(latest.len() as u64, words, "every word has a count");
+    for (word, n) in &truth {
+        let got = latest[word];
+        assert!(
+            got >= *n,
+            "{word}: latest count {got} < true count {n} (lost)"
+        );
+    }
+    assert_eq!(
+        sources.len() as u64,
+        records,
+        "every input reached the sink"
     );
 }
