@@ -26,6 +26,7 @@ pub mod controller;
 pub mod file;
 pub mod member;
 pub mod network;
+pub mod placement;
 pub mod state;
 pub mod store;
 pub mod types;

@@ -84,8 +84,8 @@ pub struct PluginRecord {
     pub archive: PluginArchive,
 }
 
-/// A pipeline deployed in the cluster: its instances are spread over the live brokers
-/// (see [`ControllerState::pipeline_instances`]).
+/// A pipeline deployed in the cluster: its instances are placed on the live brokers
+/// (see [`super::placement`] and [`ControllerState::pipeline_instances`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PipelineRecord {
     pub name: String,
@@ -95,6 +95,10 @@ pub struct PipelineRecord {
     pub instances: u32,
     /// Plugins (`name@version`) its stages use.
     pub plugins: Vec<String>,
+    /// Where each instance runs (see [`super::placement`]); instances not in it run nowhere
+    /// until the next placement.
+    #[serde(default)]
+    pub placement: super::placement::Placement,
 }
 
 /// The controller's metadata: brokers, topics and deployed plugins, changed only by
@@ -199,6 +203,9 @@ impl ControllerState {
                 Some(_) => Ok(ControllerResponse::Ok),
                 None => Err(ControllerError::UnknownPipeline { name: name.clone() }),
             },
+            ControllerCommand::PlacePipeline { name, placement } => {
+                self.place_pipeline(name, placement)
+            }
         };
         outcome.unwrap_or_else(ControllerResponse::Refused)
     }
@@ -259,7 +266,8 @@ impl ControllerState {
                 }
             }
             ControllerCommand::PutPipeline { name, .. }
-            | ControllerCommand::RemovePipeline { name } => {
+            | ControllerCommand::RemovePipeline { name }
+            | ControllerCommand::PlacePipeline { name, .. } => {
                 return Touched {
                     pipelines: vec![name.clone()],
                     ..Touched::default()
@@ -288,6 +296,17 @@ impl ControllerState {
         if let Some(id) = plugins.iter().find(|id| !self.plugins.contains_key(*id)) {
             return Err(ControllerError::MissingPlugin { id: id.clone() });
         }
+        // A replaced pipeline keeps where its remaining instances run.
+        let placement = self
+            .pipelines
+            .get(name)
+            .map(|p| {
+                p.placement
+                    .range(1..=instances)
+                    .map(|(k, b)| (*k, *b))
+                    .collect()
+            })
+            .unwrap_or_default();
         self.pipelines.insert(
             name.to_string(),
             PipelineRecord {
@@ -295,30 +314,65 @@ impl ControllerState {
                 config_toml: config_toml.to_string(),
                 instances,
                 plugins: plugins.to_vec(),
+                placement,
             },
         );
         Ok(ControllerResponse::Ok)
     }
 
-    /// The instance numbers (1-based) of pipeline `name` that broker `me` runs: instance `k`
-    /// runs on the `(k - 1) % n`-th of the `n` live brokers in id order, so every live broker
-    /// runs its share (shares differ by at most one) and a fenced broker runs none. Every
-    /// broker computes the same split from the same metadata.
+    fn place_pipeline(&mut self, name: &str, placement: &super::placement::Placement) -> Outcome {
+        let brokers = &self.brokers;
+        let p = self
+            .pipelines
+            .get_mut(name)
+            .ok_or_else(|| ControllerError::UnknownPipeline {
+                name: name.to_string(),
+            })?;
+        let whole = placement.keys().copied().eq(1..=p.instances);
+        if !whole || placement.values().any(|b| !brokers.contains_key(b)) {
+            return Err(ControllerError::InvalidUpdate {
+                reason: format!(
+                    "a placement of pipeline {name} must put each of its {} instances on a registered broker",
+                    p.instances
+                ),
+            });
+        }
+        p.placement = placement.clone();
+        Ok(ControllerResponse::Ok)
+    }
+
+    fn live_brokers(&self) -> Vec<BrokerId> {
+        self.brokers
+            .values()
+            .filter(|b| !b.fenced)
+            .map(|b| b.id)
+            .collect()
+    }
+
+    /// A better placement of pipeline `name` over the live brokers, when its placement has
+    /// instances on brokers that are not live, unplaced instances, or uneven shares; `None`
+    /// when it is fine as it is (or no broker is live).
+    pub fn pipeline_placement_due(&self, name: &str) -> Option<super::placement::Placement> {
+        let p = self.pipelines.get(name)?;
+        let live = self.live_brokers();
+        let better = super::placement::rebalance(&p.placement, p.instances, &live);
+        (!better.is_empty() && better != p.placement).then_some(better)
+    }
+
+    /// The instance numbers (1-based) of pipeline `name` that broker `me` runs: those its
+    /// placement puts on `me`, while `me` is live (a fenced broker runs none; the lowest
+    /// live broker then proposes a new placement, see [`Self::pipeline_placement_due`]).
     pub fn pipeline_instances(&self, name: &str, me: BrokerId) -> Vec<u32> {
         let Some(p) = self.pipelines.get(name) else {
             return Vec::new();
         };
-        let live: Vec<BrokerId> = self
-            .brokers
-            .values()
-            .filter(|b| !b.fenced)
-            .map(|b| b.id)
-            .collect();
-        let Some(rank) = live.iter().position(|b| *b == me) else {
+        if !self.is_live(me) {
             return Vec::new();
-        };
-        (1..=p.instances)
-            .filter(|k| (*k as usize - 1) % live.len() == rank)
+        }
+        p.placement
+            .iter()
+            .filter(|(_, b)| **b == me)
+            .map(|(k, _)| *k)
             .collect()
     }
 
@@ -1285,6 +1339,10 @@ mod tests {
                 instances: 2,
                 plugins: vec!["p@1.0.0".into()],
             },
+            ControllerCommand::PlacePipeline {
+                name: "wc".into(),
+                placement: [(1, 1), (2, 3)].into(),
+            },
             ControllerCommand::RemovePipeline { name: "wc".into() },
             ControllerCommand::RemovePlugin {
                 id: "p@1.0.0".into(),
@@ -1353,15 +1411,60 @@ mod tests {
         let shares = |s: &ControllerState| -> Vec<Vec<u32>> {
             (1..=3).map(|b| s.pipeline_instances("wc", b)).collect()
         };
-        assert_eq!(shares(&s), vec![vec![1, 4], vec![2], vec![3]]);
-        // A fenced broker runs none; the others take its instances.
+        // Nothing runs until it is placed; the placement the lowest live broker proposes
+        // spreads it.
+        assert!(shares(&s).iter().all(Vec::is_empty));
+        let place = |s: &mut ControllerState| {
+            let placement = s.pipeline_placement_due("wc").expect("a placement is due");
+            let resp = s.apply(&ControllerCommand::PlacePipeline {
+                name: "wc".into(),
+                placement,
+            });
+            assert_eq!(resp, ControllerResponse::Ok);
+            assert_eq!(s.pipeline_placement_due("wc"), None, "placed for good");
+        };
+        place(&mut s);
+        assert_eq!(shares(&s), vec![vec![1, 2], vec![3], vec![4]]);
+        // A fenced broker runs none at once; the new placement moves only its instance.
         s.apply(&ControllerCommand::FenceBroker { id: 2 });
-        assert_eq!(shares(&s), vec![vec![1, 3], vec![], vec![2, 4]]);
+        assert!(shares(&s)[1].is_empty());
+        place(&mut s);
+        assert_eq!(shares(&s), vec![vec![1, 2], vec![], vec![3, 4]]);
         s.apply(&ControllerCommand::UnfenceBroker { id: 2 });
-        assert_eq!(shares(&s), vec![vec![1, 4], vec![2], vec![3]]);
-        // Replaced in place; its plugin cannot be removed while it is deployed.
+        place(&mut s);
+        assert_eq!(
+            shares(&s).iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![2, 1, 1]
+        );
+        // A placement must cover every instance, on registered brokers.
+        assert!(matches!(
+            refused(
+                &mut s,
+                ControllerCommand::PlacePipeline {
+                    name: "wc".into(),
+                    placement: [(1, 1), (2, 9), (3, 1), (4, 1)].into(),
+                }
+            ),
+            ControllerError::InvalidUpdate { .. }
+        ));
+        assert!(matches!(
+            refused(
+                &mut s,
+                ControllerCommand::PlacePipeline {
+                    name: "wc".into(),
+                    placement: [(1, 1)].into(),
+                }
+            ),
+            ControllerError::InvalidUpdate { .. }
+        ));
+        // Replaced in place, its remaining instances stay where they ran; its plugin cannot
+        // be removed while it is deployed.
+        let before = s.pipelines["wc"].placement.clone();
         assert_eq!(s.apply(&put(2, &["split@1.0.0"])), ControllerResponse::Ok);
-        assert_eq!(shares(&s), vec![vec![1], vec![2], vec![]]);
+        assert_eq!(
+            s.pipelines["wc"].placement,
+            before.range(1..=2).map(|(k, b)| (*k, *b)).collect()
+        );
         assert!(matches!(
             refused(
                 &mut s,

@@ -152,6 +152,13 @@ pub enum ControllerCommand {
     },
     /// Stop a deployed pipeline on every broker and forget it.
     RemovePipeline { name: String },
+    /// Where each instance of a pipeline runs (instance number → broker), proposed by the
+    /// lowest live broker when the placement is not balanced over the live brokers; every
+    /// instance `1..=instances` must be placed on a registered broker.
+    PlacePipeline {
+        name: String,
+        placement: BTreeMap<u32, BrokerId>,
+    },
 }
 
 /// Why the state machine refused a command. Stable: brokers map these to wire errors.

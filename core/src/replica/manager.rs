@@ -421,7 +421,37 @@ impl ReplicaManager {
         self.check_isr(&state);
         self.ensure_offsets_topic(&state).await;
         self.sync_groups(&state).await;
+        self.place_pipelines(&state).await;
         self.assign_pipelines(&state);
+    }
+
+    /// The lowest live broker proposes a new placement for each deployed pipeline whose
+    /// instances are not balanced over the live brokers (see [`crate::cluster::placement`]).
+    async fn place_pipelines(&self, state: &ControllerState) {
+        let lowest = state.brokers.values().find(|b| !b.fenced).map(|b| b.id);
+        if lowest != Some(self.me) {
+            return;
+        }
+        for name in state.pipelines.keys() {
+            let Some(placement) = state.pipeline_placement_due(name) else {
+                continue;
+            };
+            let cmd = ControllerCommand::PlacePipeline {
+                name: name.clone(),
+                placement: placement.clone(),
+            };
+            match self.controller.propose(cmd).await {
+                Ok(ControllerResponse::Refused(e)) => {
+                    tracing::debug!(pipeline = %name, error = %e, "pipeline placement refused")
+                }
+                Ok(_) => {
+                    tracing::info!(pipeline = %name, ?placement, "placed the pipeline's instances")
+                }
+                Err(e) => {
+                    tracing::debug!(pipeline = %name, error = %e, "pipeline placement failed; retrying")
+                }
+            }
+        }
     }
 
     /// Tells the pipeline host (once installed) which deployed instances run here, when

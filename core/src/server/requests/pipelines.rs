@@ -1,7 +1,7 @@
 //! DeployPipeline, ListPipelines, DescribePipeline and StopPipeline. A lone broker hands
 //! them to its pipeline host (see [`crate::pipelines`]). A cluster broker goes through the
 //! controller: deploy has the local host check the file, then proposes it; stop removes it;
-//! every broker's host then runs its share (see [`crate::cluster::ControllerState::pipeline_instances`]).
+//! every broker's host then runs the instances placed on it (see [`crate::cluster::placement`]).
 //! A status in a cluster gathers each live broker's part (DescribePipeline with `local`).
 
 use std::sync::Arc;
