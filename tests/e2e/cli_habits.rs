@@ -73,11 +73,7 @@ fn pipeline_validate_accepts_the_sample_and_names_file_line_and_key_of_a_typo() 
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    super::harness::succeeded(&out);
     let p: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(p["name"], "wordcount");
     assert_eq!(p["run"]["guarantee"], "exactly-once");

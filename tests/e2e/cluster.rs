@@ -11,19 +11,11 @@ use std::process::Command;
 
 use serde_json::Value;
 
+pub(super) use super::harness::succeeded;
 use super::harness::{bin, cli_at, free_udp_port, json_lines, unsafe_kill, wait_for};
 
 fn quiver(args: &[&str]) -> std::process::Output {
     Command::new(bin()).args(args).output().expect("run quiver")
-}
-
-/// Panics with the command's stderr unless it succeeded.
-pub(super) fn succeeded(out: &std::process::Output) {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn status(file: &Path) -> Value {

@@ -36,6 +36,31 @@ fn placement(s: &Value) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// Three instances, one on each of brokers 1, 2 and 3.
+fn one_on_each_broker(s: &Value) -> bool {
+    let brokers: BTreeSet<u64> = placement(s).iter().map(|(_, b)| *b).collect();
+    placement(s).len() == 3 && brokers == BTreeSet::from([1, 2, 3])
+}
+
+/// Creates each `(topic, partitions)` with a replica on every broker.
+fn create_topics(c: &TestCluster, topics: &[(&str, u32)]) {
+    for (topic, partitions) in topics {
+        let partitions = partitions.to_string();
+        succeeded(&c.cli(
+            &[
+                "topic",
+                "create",
+                topic,
+                "--partitions",
+                &partitions,
+                "--replication-factor",
+                "3",
+            ],
+            None,
+        ));
+    }
+}
+
 /// The values in topic `out`, read from the beginning.
 fn output_values(c: &TestCluster) -> BTreeSet<String> {
     let out = c.cli(
@@ -88,20 +113,7 @@ fn wanted(to: usize) -> BTreeSet<String> {
 #[test]
 fn deployed_pipeline_instances_spread_over_brokers_and_move_off_a_killed_one() {
     let c = TestCluster::start();
-    for (topic, partitions) in [("src", "6"), ("out", "3")] {
-        succeeded(&c.cli(
-            &[
-                "topic",
-                "create",
-                topic,
-                "--partitions",
-                partitions,
-                "--replication-factor",
-                "3",
-            ],
-            None,
-        ));
-    }
+    create_topics(&c, &[("src", 6), ("out", 3)]);
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("spread.toml");
     let pipeline_of = |guarantee: &str, instances: u32| {
@@ -126,10 +138,7 @@ fn deployed_pipeline_instances_spread_over_brokers_and_move_off_a_killed_one() {
     std::fs::write(&file, pipeline("at-least-once")).unwrap();
     succeeded(&c.cli(&["pipeline", "deploy", file.to_str().unwrap()], None));
     wait_for(60, "one instance on each broker", || {
-        status(&c, "spread").is_some_and(|s| {
-            let brokers: BTreeSet<u64> = placement(&s).iter().map(|(_, b)| *b).collect();
-            placement(&s).len() == 3 && brokers == BTreeSet::from([1, 2, 3])
-        })
+        status(&c, "spread").is_some_and(|s| one_on_each_broker(&s))
     });
     succeeded(&c.cli(
         &["produce", "src", "--key-separator", ":"],
@@ -203,20 +212,7 @@ fn latest_counts(c: &TestCluster, topic: &str) -> (BTreeMap<String, u64>, BTreeS
 #[test]
 fn deployed_word_counts_keep_their_state_through_a_killed_broker() {
     let c = TestCluster::start();
-    for (topic, partitions) in [("words", "6"), ("counts", "3")] {
-        succeeded(&c.cli(
-            &[
-                "topic",
-                "create",
-                topic,
-                "--partitions",
-                partitions,
-                "--replication-factor",
-                "3",
-            ],
-            None,
-        ));
-    }
+    create_topics(&c, &[("words", 6), ("counts", 3)]);
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("wc.toml");
     std::fs::write(
@@ -229,10 +225,7 @@ fn deployed_word_counts_keep_their_state_through_a_killed_broker() {
     .unwrap();
     succeeded(&c.cli(&["pipeline", "deploy", file.to_str().unwrap()], None));
     wait_for(60, "one instance on each broker", || {
-        status(&c, "wc").is_some_and(|s| {
-            let brokers: BTreeSet<u64> = placement(&s).iter().map(|(_, b)| *b).collect();
-            brokers == BTreeSet::from([1, 2, 3])
-        })
+        status(&c, "wc").is_some_and(|s| one_on_each_broker(&s))
     });
     let (records, words) = (30_000u64, 100u64);
     let mut truth: BTreeMap<String, u64> = BTreeMap::new();

@@ -281,6 +281,15 @@ pub fn unsafe_kill(pid: u32, signal: &str) {
         .status();
 }
 
+/// Panics with the command's stderr unless it succeeded.
+pub fn succeeded(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Parses JSON lines.
 pub fn json_lines(s: &str) -> Vec<serde_json::Value> {
     s.lines()

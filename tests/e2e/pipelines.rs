@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::harness::{
-    bin, describe_now, example, json_lines, settled, unsafe_kill, wait_for, TestBroker,
+    bin, describe_now, example, json_lines, settled, succeeded, unsafe_kill, wait_for, TestBroker,
 };
 
 /// A Lua processor that refuses records whose value contains "bad" and upper-cases the rest.
@@ -800,11 +800,7 @@ fn bench_pipeline_reports_the_chain_beside_no_stage_and_plain_produce() {
             .args(&args)
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        succeeded(&out);
         let r: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(r["backlog"], backlog, "{r}");
         assert_eq!(r["produce"]["records"], records, "{r}");
