@@ -12,13 +12,6 @@ use quiver_client::{
 
 use super::harness::TestBroker;
 
-fn client_config(b: &TestBroker) -> ClientConfig {
-    ClientConfig {
-        ca_file: Some(b.ca()),
-        ..ClientConfig::new(b.addr())
-    }
-}
-
 /// Reads every record of `topic` from the beginning to the end offsets.
 pub async fn read_all(
     cfg: ClientConfig,
@@ -70,7 +63,7 @@ fn acked_records_survive_kill_9_without_duplicates() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let acked: Arc<Mutex<Vec<u64>>> = Arc::default();
     let sent_before_kill = rt.block_on(async {
-        let client = Client::connect(client_config(&b)).await.expect("connect");
+        let client = Client::connect(b.client_config()).await.expect("connect");
         let producer = Producer::new(
             client,
             ProducerConfig {
@@ -135,7 +128,7 @@ fn acked_records_survive_kill_9_without_duplicates() {
         sent
     });
     b.spawn();
-    let records = rt.block_on(read_all(client_config(&b), "crash", ConsumeMode::LongPoll));
+    let records = rt.block_on(read_all(b.client_config(), "crash", ConsumeMode::LongPoll));
     let mut seen: HashMap<String, usize> = HashMap::new();
     for (_, _, v) in &records {
         *seen.entry(v.clone()).or_default() += 1;
@@ -185,8 +178,8 @@ fn subscribe_and_long_poll_read_the_same_records() {
         .status
         .success());
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut a = rt.block_on(read_all(client_config(&b), "modes", ConsumeMode::LongPoll));
-    let mut s = rt.block_on(read_all(client_config(&b), "modes", ConsumeMode::Subscribe));
+    let mut a = rt.block_on(read_all(b.client_config(), "modes", ConsumeMode::LongPoll));
+    let mut s = rt.block_on(read_all(b.client_config(), "modes", ConsumeMode::Subscribe));
     a.sort();
     s.sort();
     assert_eq!(a.len(), 5000);

@@ -9,8 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use quiver_client::{
-    Client, ClientConfig, ClientError, GroupConfig, GroupConsumer, RebalanceListener,
-    TopicPartition,
+    Client, ClientError, GroupConfig, GroupConsumer, RebalanceListener, TopicPartition,
 };
 use quiver_protocol::requests::{CommitOffsetsRequest, OffsetCommit};
 use quiver_protocol::ErrorCode;
@@ -114,13 +113,6 @@ fn value(r: &Value) -> String {
 
 fn partition(r: &Value) -> u64 {
     r["partition"].as_u64().expect("partition")
-}
-
-fn client_config(b: &TestBroker) -> ClientConfig {
-    ClientConfig {
-        ca_file: Some(b.ca()),
-        ..ClientConfig::new(b.addr())
-    }
 }
 
 #[test]
@@ -300,7 +292,7 @@ fn a_joining_member_only_takes_the_partitions_it_gets() {
             c.client_id = name.into();
             c
         };
-        let client = Client::connect(client_config(&b)).await.unwrap();
+        let client = Client::connect(b.client_config()).await.unwrap();
         let mut a = GroupConsumer::join(client.clone(), cfg("a")).await.unwrap();
         let a_log = Log::default();
         a.set_listener(a_log.clone());
@@ -469,7 +461,7 @@ fn offsets_survive_a_restart_and_forged_or_stale_commits_change_nothing() {
     produce_keyed(&b, "pay", 0, 50);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (member_id, generation) = rt.block_on(async {
-        let client = Client::connect(client_config(&b)).await.unwrap();
+        let client = Client::connect(b.client_config()).await.unwrap();
         let mut cfg = GroupConfig::new("ledger", ["pay"]);
         cfg.strategy = Some(quiver_client::Strategy::Range);
         let mut m = GroupConsumer::join(client.clone(), cfg).await.unwrap();
@@ -538,7 +530,7 @@ fn offsets_survive_a_restart_and_forged_or_stale_commits_change_nothing() {
     );
     // The old member id is unknown after the restart.
     rt.block_on(async {
-        let client = Client::connect(client_config(&b)).await.unwrap();
+        let client = Client::connect(b.client_config()).await.unwrap();
         let r = client
             .request(
                 &CommitOffsetsRequest {
@@ -586,7 +578,7 @@ fn stored_offset_commits_store_only_what_was_marked_done() {
     produce_keyed(&b, "work", 0, 40);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let client = Client::connect(client_config(&b)).await.unwrap();
+        let client = Client::connect(b.client_config()).await.unwrap();
         let mut cfg = GroupConfig::new("finishers", ["work"]);
         cfg.commit_stored_offsets = true;
         let mut m = GroupConsumer::join(client.clone(), cfg).await.unwrap();

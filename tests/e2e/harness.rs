@@ -82,6 +82,14 @@ impl TestBroker {
         self.data_dir().join("tls").join("ca.pem")
     }
 
+    /// An SDK client's config for this broker (its address, trusting its CA).
+    pub fn client_config(&self) -> quiver_client::ClientConfig {
+        quiver_client::ClientConfig {
+            ca_file: Some(self.ca()),
+            ..quiver_client::ClientConfig::new(self.addr())
+        }
+    }
+
     fn log_path(&self) -> PathBuf {
         self.dir.path().join("broker.log")
     }

@@ -6,17 +6,10 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use quiver_client::{Client, ClientConfig, Producer, ProducerConfig, ProducerRecord};
+use quiver_client::{Client, Producer, ProducerConfig, ProducerRecord};
 use quiver_protocol::requests::{FetchRequest, ProcessorSpec};
 
 use super::harness::{example, examples, json_lines, TestBroker};
-
-fn client_config(b: &TestBroker) -> ClientConfig {
-    ClientConfig {
-        ca_file: Some(b.ca()),
-        ..ClientConfig::new(b.addr())
-    }
-}
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -140,7 +133,7 @@ fn partitioner_routes_keys_the_same_from_the_cli_and_the_sdk() {
     );
     let rt = runtime();
     rt.block_on(async {
-        let client = Client::connect(client_config(&b)).await.expect("connect");
+        let client = Client::connect(b.client_config()).await.expect("connect");
         let producer = Producer::new(client, ProducerConfig::default());
         for k in &keys {
             producer
@@ -227,7 +220,7 @@ fn a_failing_partitioner_reaches_the_producer_as_an_error() {
     ]);
     let rt = runtime();
     let err = rt.block_on(async {
-        let client = Client::connect(client_config(&b)).await.expect("connect");
+        let client = Client::connect(b.client_config()).await.expect("connect");
         let producer = Producer::new(client, ProducerConfig::default());
         producer
             .send(ProducerRecord::new("t", "v").with_key("fine"))
@@ -390,7 +383,7 @@ fn a_hostile_processor_is_stopped_at_its_limits_while_other_clients_keep_working
     b.cli_with_stdin(&["produce", "normal"], Some(b"ERROR one\n"));
     let rt = runtime();
     let client = rt
-        .block_on(Client::connect(client_config(&b)))
+        .block_on(Client::connect(b.client_config()))
         .expect("connect");
     // Warm up: connection and metadata, and one processor instance built.
     rt.block_on(timed_fetch(&client, "normal", 0, "grep"))

@@ -8,19 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use quiver_client::{
-    Acks, Client, ClientConfig, ConsumeMode, Producer, ProducerConfig, ProducerRecord,
-};
+use quiver_client::{Acks, Client, ConsumeMode, Producer, ProducerConfig, ProducerRecord};
 
 use super::crash_recovery::read_all;
 use super::harness::{unsafe_kill, TestBroker};
-
-fn client_config(b: &TestBroker) -> ClientConfig {
-    ClientConfig {
-        ca_file: Some(b.ca()),
-        ..ClientConfig::new(b.addr())
-    }
-}
 
 /// Polls `cond` every 20 ms until it holds or `limit` passes.
 fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
@@ -44,7 +35,7 @@ fn sigterm_answers_every_produce_and_loses_no_acknowledged_record() {
     let failed: Arc<Mutex<Vec<String>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let client = rt
-        .block_on(Client::connect(client_config(&b)))
+        .block_on(Client::connect(b.client_config()))
         .expect("connect");
     let producer = Arc::new(Producer::new(
         client,
@@ -144,7 +135,7 @@ fn sigterm_answers_every_produce_and_loses_no_acknowledged_record() {
     );
     let acked: HashSet<u64> = acked.lock().unwrap().iter().copied().collect();
     assert_eq!(acked.len() as u64, sent, "every send was acknowledged");
-    let stored = rt.block_on(read_all(client_config(&b), "term", ConsumeMode::LongPoll));
+    let stored = rt.block_on(read_all(b.client_config(), "term", ConsumeMode::LongPoll));
     let mut seen: BTreeMap<u64, u32> = BTreeMap::new();
     for (_, _, v) in &stored {
         let n: u64 = v.trim_start_matches('t').parse().expect("value");

@@ -9,23 +9,16 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use quiver_client::{
-    Client, ClientConfig, Consumer, ConsumerConfig, GroupConfig, GroupConsumer, Isolation,
-    ProducerRecord, SeekTo, TransactionalProducer, TxnOffsets,
+    Client, Consumer, ConsumerConfig, GroupConfig, GroupConsumer, Isolation, ProducerRecord,
+    SeekTo, TransactionalProducer, TxnOffsets,
 };
 use quiver_protocol::requests::OffsetCommit;
 use quiver_protocol::ErrorCode;
 
 use super::harness::{json_lines, wait_for, TestBroker};
 
-fn client_config(b: &TestBroker) -> ClientConfig {
-    ClientConfig {
-        ca_file: Some(b.ca()),
-        ..ClientConfig::new(b.addr())
-    }
-}
-
 async fn connect(b: &TestBroker) -> Client {
-    Client::connect(client_config(b)).await.expect("connect")
+    Client::connect(b.client_config()).await.expect("connect")
 }
 
 /// Values readable now with `isolation` (reads until the partition's end for that isolation).
