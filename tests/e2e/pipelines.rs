@@ -242,6 +242,33 @@ fn bad_deploys_are_refused_with_the_reason_and_a_stop_policy_failure_shows_in_th
     let f = write("typo", "colour = \"blue\"\n");
     let err = b.cli_err(&["pipeline", "deploy", f.to_str().unwrap()], None);
     assert!(err.contains("colour"), "{err}");
+    // A valid file padded past what a broker keeps (sent as is: the CLI would rewrite it
+    // without its comments): refused with the limit, and nothing is deployed.
+    let huge = format!(
+        "name = \"huge\"\n[source]\ntopics = [\"src\"]\n[sink]\ntopic = \"dst\"\n# {}\n",
+        "x".repeat(300 * 1024)
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let answer = rt.block_on(async {
+        let client = quiver_client::Client::connect(b.client_config())
+            .await
+            .unwrap();
+        client
+            .request(
+                &quiver_protocol::requests::DeployPipelineRequest { config_toml: huge },
+                bytes::Bytes::new(),
+            )
+            .await
+    });
+    let err = answer.expect_err("an oversized pipeline file is refused");
+    assert_eq!(
+        err.code(),
+        Some(quiver_protocol::ErrorCode::InvalidPipeline),
+        "{err}"
+    );
+    assert!(err.to_string().contains("at most 262144 bytes"), "{err}");
+    let listed = b.cli_ok(&["pipeline", "list", "--output", "json"]);
+    assert!(!listed.contains("huge"), "{listed}");
     let f = dir.path().join("nowhere.toml");
     std::fs::write(
         &f,

@@ -20,6 +20,9 @@ use crate::cluster::{ControllerCommand, ControllerError, ControllerResponse};
 use crate::replica::ReplicaManager;
 use crate::server::ServerContext;
 
+/// Largest pipeline file a broker takes: a file is a few hundred bytes, and in a cluster it
+/// is kept in the controller's replicated metadata.
+const MAX_PIPELINE_FILE_BYTES: usize = 256 * 1024;
 /// How long a cluster deploy or stop waits for this broker's host to follow it (a stop
 /// includes its instances committing and leaving their group).
 const LOCAL_FOLLOW_WAIT: Duration = Duration::from_secs(40);
@@ -30,6 +33,15 @@ const PEER_STATUS_TIMEOUT: Duration = Duration::from_secs(3);
 #[tracing::instrument(name = "deploy_pipeline", skip_all)]
 pub async fn deploy(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let (req, _) = decode::<DeployPipelineRequest>(&body)?;
+    if req.config_toml.len() > MAX_PIPELINE_FILE_BYTES {
+        return Err(RequestError::new(
+            ErrorCode::InvalidPipeline,
+            format!(
+                "the pipeline file is {} bytes; a broker takes pipeline files of at most {MAX_PIPELINE_FILE_BYTES} bytes",
+                req.config_toml.len()
+            ),
+        ));
+    }
     let resp = match ctx.replicas() {
         Some(_) => deploy_in_cluster(ctx, req.config_toml).await?,
         None => ctx.pipelines.host()?.deploy(req.config_toml).await?,
