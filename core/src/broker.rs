@@ -23,7 +23,7 @@ use crate::server::endpoint::{self, EndpointError};
 use crate::server::{ClusterSlot, ServerContext, ServerParts};
 use crate::tls::{self, TlsError};
 use crate::topic::{TopicMeta, TopicRegistry, PARTITION_META_TREE, TOPICS_TREE};
-use crate::txn::TxnCoordinator;
+use crate::txn::{MarkerWriter, ProducerIds, TxnCoordinator, TxnEnv, MAX_TRANSACTIONAL_IDS};
 
 /// Why the broker could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -258,25 +258,46 @@ impl Broker {
         // A lone broker coordinates every group from its own `__consumer_offsets`; a cluster
         // broker serves the groups of the offsets partitions it leads (the replica manager
         // opens them as it takes leadership).
-        let (groups, group_task) = if config.cluster.enabled() {
-            (GroupDirectory::cluster(), None)
+        // Transactions live beside groups (the same partitions of `__consumer_offsets`).
+        let groups = GroupDirectory::new();
+        let txn_markers = MarkerWriter::new(topics.clone(), flusher.clone());
+        txn_markers.attach_groups(&groups);
+        let txn_env = Arc::new(TxnEnv {
+            markers: txn_markers.clone(),
+            ids: ProducerIds::new(db.clone(), config.broker_id),
+            max_ids: MAX_TRANSACTIONAL_IDS,
+        });
+        let lone_tasks = if config.cluster.enabled() {
+            None
         } else {
-            let service = GroupService::open(
+            let (service, replayed) = GroupService::open(
                 topics.clone(),
                 flusher.clone(),
                 config.limits.max_frame_bytes as usize,
             )
             .map_err(|e| BrokerError::Storage(format!("consumer groups: {e}")))?;
-            let task = tokio::spawn(service.clone().run_ticker(stop_rx.clone()));
-            (GroupDirectory::lone(service), Some(task))
+            let txns = TxnCoordinator::new(service.clone(), replayed.txn_states, txn_env.clone());
+            let moved = txns
+                .adopt_legacy(&db)
+                .await
+                .map_err(|e| BrokerError::Storage(format!("transactions: {e}")))?;
+            if moved > 0 {
+                tracing::info!(
+                    ids = moved,
+                    "moved transaction state into {}",
+                    crate::group::OFFSETS_TOPIC
+                );
+            }
+            groups.set_lone(service.clone(), txns.clone());
+            Some((
+                tokio::spawn(service.run_ticker(stop_rx.clone())),
+                tokio::spawn(txns.run_ticker(stop_rx.clone())),
+            ))
         };
         let plugins = Arc::new(
             PluginService::open(db.clone(), topics.clone(), &config.plugins)
                 .map_err(|e| BrokerError::Storage(e.to_string()))?,
         );
-        let txns = TxnCoordinator::open(&db, topics.clone(), flusher.clone(), groups.clone())
-            .map_err(|e| BrokerError::Storage(format!("transactions: {e}")))?;
-        let txn_task = tokio::spawn(txns.clone().run_ticker(stop_rx.clone()));
         let config = Arc::new(config);
         let pipelines = PipelineSlot::default();
         let member: ClusterSlot = Arc::default();
@@ -288,7 +309,7 @@ impl Broker {
                 metrics,
                 groups: groups.clone(),
                 plugins: plugins.clone(),
-                txns,
+                txn_markers: txn_markers.clone(),
                 cluster: member.clone(),
                 pipelines: pipelines.clone(),
             },
@@ -336,6 +357,7 @@ impl Broker {
                         lag_max_ms: config.cluster.replica_lag_max_ms as i64,
                         max_batch_bytes: config.limits.max_frame_bytes as usize,
                         groups: groups.clone(),
+                        txn_env: txn_env.clone(),
                         offsets_replication: config.cluster.voters.len().clamp(1, 3),
                         max_decompressed: config.limits.max_frame_bytes as usize,
                         plugins: plugins.clone(),
@@ -343,6 +365,7 @@ impl Broker {
                     },
                     stop_rx.clone(),
                 );
+                txn_markers.attach_replicas(Arc::downgrade(&rm));
                 let _ = ctx.replicas.set(rm);
                 Some(m)
             }
@@ -377,10 +400,10 @@ impl Broker {
                 }
                 endpoint.close(quinn::VarInt::from_u32(0), b"broker shutting down");
                 let _ = retention_task.await;
-                if let Some(t) = group_task {
-                    let _ = t.await;
+                if let Some((groups, txns)) = lone_tasks {
+                    let _ = groups.await;
+                    let _ = txns.await;
                 }
-                let _ = txn_task.await;
                 // Every request has been answered (or the timeout passed): now the flusher
                 // may stop; the final flush below covers whatever it had not.
                 let _ = flush_stop_tx.send(true);

@@ -279,15 +279,6 @@ fn parse_deployable(text: &str) -> HostResult<PipelineConfig> {
 impl BrokerPipelines {
     async fn check_text(&self, text: String) -> HostResult<CheckedPipeline> {
         let config = parse_deployable(&text)?;
-        if config.run.guarantee == crate::Guarantee::ExactlyOnce {
-            return Err(host_error(
-                ErrorCode::InvalidPipeline,
-                format!(
-                    "pipeline {}: run.guarantee = \"exactly-once\" needs transactions that span brokers, which a cluster does not have yet (a transaction's coordinator is the broker its producer connects to); deploy it with guarantee = \"at-least-once\", or run it against a single broker",
-                    config.name
-                ),
-            ));
-        }
         let client = self.client().await?;
         let stages = crate::deployment::preflight(&client, &config, &self.dir)
             .await

@@ -31,6 +31,45 @@ pub enum RecordKey {
         /// Partition index.
         partition: u32,
     },
+    /// A transactional id's coordinator state (see [`crate::txn`]): transactions are
+    /// coordinated by the leader of the offsets partition their id hashes to, and kept in it.
+    Txn {
+        /// The transactional id.
+        id: String,
+    },
+}
+
+/// One stored record of the offsets topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    /// A change of group state.
+    Group(GroupRecord),
+    /// A transactional id's state (its JSON; empty when the id was forgotten).
+    Txn {
+        /// The transactional id.
+        id: String,
+        /// The stored state.
+        value: Vec<u8>,
+    },
+}
+
+/// The key of transactional id `id`'s state record.
+pub fn txn_key(id: &str) -> Vec<u8> {
+    // A struct of one string always serializes.
+    serde_json::to_vec(&RecordKey::Txn { id: id.to_string() }).unwrap_or_default()
+}
+
+/// Decodes a stored `(key, value)` of the offsets topic.
+pub fn decode_entry(key: &[u8], value: &[u8]) -> Result<Entry, RecordError> {
+    let parsed: RecordKey =
+        serde_json::from_slice(key).map_err(|e| RecordError(format!("key: {e}")))?;
+    match parsed {
+        RecordKey::Txn { id } => Ok(Entry::Txn {
+            id,
+            value: value.to_vec(),
+        }),
+        _ => GroupRecord::decode(key, value).map(Entry::Group),
+    }
 }
 
 /// A group's durable settings.
@@ -155,6 +194,11 @@ impl GroupRecord {
                     }
                 }
             }
+            RecordKey::Txn { id } => {
+                return Err(RecordError(format!(
+                    "the state of transactional id {id:?}, not a group record"
+                )))
+            }
         })
     }
 }
@@ -192,6 +236,14 @@ mod tests {
             assert_eq!(GroupRecord::decode(&k, &v).unwrap(), r);
         }
         assert!(GroupRecord::decode(b"{", b"").is_err());
+        assert_eq!(
+            decode_entry(&txn_key("app"), b"{}").unwrap(),
+            Entry::Txn {
+                id: "app".into(),
+                value: b"{}".to_vec()
+            }
+        );
+        assert!(GroupRecord::decode(&txn_key("app"), b"{}").is_err());
         assert!(GroupRecord::decode(br#"{"kind":"group","group":"g"}"#, b"[").is_err());
     }
 }

@@ -5,31 +5,41 @@
 //! `__consumer_offsets` before answering, parks heartbeat long-polls on a `watch` counter
 //! that every change bumps, and runs the 100 ms ticker that expires sessions. It logs the
 //! coordinator's events. It never decides anything the coordinator should.
+//!
+//! It also keeps the group side of transactions: offsets a transaction adds
+//! (TxnCommitOffsets) are stored at once in a transactional batch of the producer, held
+//! pending, and applied when the transaction's commit marker lands in this partition
+//! (dropped on abort); replay does the same from the log. Offset fetches wait while a
+//! transaction holds offsets of the partitions asked for.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use quiver_protocol::batch::{BatchBuilder, BatchHeader, Compression, RecordIter};
+use quiver_protocol::batch::{self, BatchBuilder, BatchHeader, Compression, Marker, RecordIter};
 use quiver_protocol::requests::{
     CommitOffsetsRequest, CommitOffsetsResponse, DeleteGroupResponse, FetchOffsetsRequest,
     FetchOffsetsResponse, GroupDescription, HeartbeatRequest, HeartbeatResponse, JoinGroupRequest,
     JoinGroupResponse, ListGroupsResponse, OffsetSpec, ResetOffsetsRequest, ResetOffsetsResponse,
-    ResetTo,
+    ResetTo, TopicPartition, TxnCommitOffsetsRequest, TxnCommitOffsetsResponse,
 };
 use quiver_protocol::ErrorCode;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::coordinator::{CoordinatorConfig, GroupCoordinator, GroupError, GroupEvent};
-use super::records::{GroupRecord, OFFSETS_TOPIC};
+use super::records::{decode_entry, Entry, GroupRecord, OFFSETS_TOPIC};
 use super::TopicSnapshot;
 use crate::log::{Flusher, LogError, PartitionLog};
 use crate::topic::{TopicConfig, TopicError, TopicRegistry};
 
 /// How often sessions are checked.
 const TICK: Duration = Duration::from_millis(100);
+/// Offsets a transaction added are dropped after this long without its marker: past the
+/// longest transaction timeout (15 min, after which its coordinator aborts it) and then
+/// some for the marker to arrive.
+const ABANDONED_TXN_MS: i64 = 20 * 60 * 1000;
 /// How long a persisted group record may wait for its disk flush.
 const PERSIST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -55,6 +65,9 @@ pub enum GroupServiceError {
     /// `__consumer_offsets` does).
     #[error("this broker is not the coordinator of group {group:?} (partition {partition} of __consumer_offsets); refresh metadata and ask its leader")]
     NotCoordinator { group: String, partition: u32 },
+    /// A transaction's offsets from a producer epoch that a newer one replaced.
+    #[error("{0}")]
+    Fenced(String),
 }
 
 impl GroupServiceError {
@@ -67,6 +80,7 @@ impl GroupServiceError {
             GroupServiceError::Persist(_) => ErrorCode::StorageError,
             GroupServiceError::Refused(_) => ErrorCode::InvalidRequest,
             GroupServiceError::NotCoordinator { .. } => ErrorCode::NotLeader,
+            GroupServiceError::Fenced(_) => ErrorCode::ProducerFenced,
         }
     }
 }
@@ -89,6 +103,69 @@ pub struct GroupService {
     /// A cluster broker's replicas: a group record is acknowledged once the in-sync
     /// replicas of its offsets partition have it (`Weak`: the manager owns the directory).
     replicas: std::sync::Weak<crate::replica::ReplicaManager>,
+    /// Offsets of open transactions.
+    txn: Mutex<TxnOffsets>,
+    /// Bumped whenever a transaction's offsets are resolved (wakes waiting offset fetches).
+    txn_ended: watch::Sender<u64>,
+}
+
+/// Offsets added to open transactions, and the fencing of old producer epochs.
+#[derive(Debug, Default)]
+struct TxnOffsets {
+    /// Producer id → its open transaction's offsets.
+    pending: HashMap<i64, PendingTxn>,
+    /// Producer id → the newest epoch a marker here carried: offsets from older epochs
+    /// are fenced.
+    fenced: HashMap<i64, i16>,
+}
+
+#[derive(Debug)]
+struct PendingTxn {
+    epoch: i16,
+    records: Vec<GroupRecord>,
+    /// When the first offsets arrived (or were replayed), ms since the epoch.
+    since_ms: i64,
+}
+
+impl TxnOffsets {
+    fn add(&mut self, producer_id: i64, epoch: i16, records: Vec<GroupRecord>) {
+        let p = self.pending.entry(producer_id).or_insert(PendingTxn {
+            epoch,
+            records: Vec::new(),
+            since_ms: crate::clock::now_ms(),
+        });
+        p.epoch = p.epoch.max(epoch);
+        p.records.extend(records);
+    }
+
+    /// A marker of `producer_id` landed: the records to apply (on commit).
+    fn resolve(&mut self, producer_id: i64, epoch: i16, commit: bool) -> Vec<GroupRecord> {
+        let fenced = self.fenced.entry(producer_id).or_insert(epoch);
+        *fenced = (*fenced).max(epoch);
+        match self.pending.remove(&producer_id) {
+            Some(p) if commit => p.records,
+            _ => Vec::new(),
+        }
+    }
+
+    fn holds(&self, group: &str, partitions: Option<&[TopicPartition]>) -> bool {
+        self.pending
+            .values()
+            .flat_map(|p| &p.records)
+            .any(|r| match r {
+                GroupRecord::Offset { group: g, tp, .. } => {
+                    g == group && partitions.is_none_or(|ps| ps.contains(tp))
+                }
+                _ => false,
+            })
+    }
+}
+
+/// What replaying an offsets partition found besides group state.
+pub struct Replayed {
+    /// Transactional ids' stored states (their JSON), for the partition's transaction
+    /// coordinator.
+    pub txn_states: BTreeMap<String, Vec<u8>>,
 }
 
 fn log_event(e: &GroupEvent) {
@@ -162,7 +239,7 @@ impl GroupService {
         topics: Arc<TopicRegistry>,
         flusher: Arc<Flusher>,
         max_decompressed: usize,
-    ) -> Result<Arc<GroupService>, TopicError> {
+    ) -> Result<(Arc<GroupService>, Replayed), TopicError> {
         let topic = match topics.get(OFFSETS_TOPIC) {
             Some(t) => t,
             None => topics.create_internal(
@@ -197,13 +274,21 @@ impl GroupService {
         log_config: TopicConfig,
         max_decompressed: usize,
         replicas: std::sync::Weak<crate::replica::ReplicaManager>,
-    ) -> Result<Arc<GroupService>, TopicError> {
+    ) -> Result<(Arc<GroupService>, Replayed), TopicError> {
         let nonce = crate::clock::now_ms() as u64 % 0x1_0000_0000;
         let mut coord = GroupCoordinator::new(CoordinatorConfig {
             member_id_prefix: format!("{nonce:08x}"),
             ..CoordinatorConfig::default()
         });
-        let replayed = replay(&log, &mut coord, max_decompressed)?;
+        let mut txn = TxnOffsets::default();
+        let mut txn_states = BTreeMap::new();
+        let replayed = replay(
+            &log,
+            &mut coord,
+            &mut txn,
+            &mut txn_states,
+            max_decompressed,
+        )?;
         if let Some(reason) = log.offline_reason() {
             // Replay skipped the damaged batches; the groups' other offsets are good, and
             // new commits go after the damage.
@@ -215,9 +300,10 @@ impl GroupService {
             partition = log.partition,
             records = replayed,
             groups,
+            open_transactions = txn.pending.len(),
             "recovered consumer groups"
         );
-        Ok(Arc::new(GroupService {
+        let service = Arc::new(GroupService {
             coord: Mutex::new(coord),
             changed: watch::Sender::new(0),
             group_locks: Mutex::new(HashMap::new()),
@@ -228,7 +314,10 @@ impl GroupService {
             started: Instant::now(),
             max_decompressed,
             replicas,
-        }))
+            txn: Mutex::new(txn),
+            txn_ended: watch::Sender::new(0),
+        });
+        Ok((service, Replayed { txn_states }))
     }
 
     fn now(&self) -> u64 {
@@ -274,16 +363,43 @@ impl GroupService {
     }
 
     async fn persist_records(&self, records: &[GroupRecord]) -> Result<()> {
+        let encoded: Vec<_> = records.iter().map(GroupRecord::encode).collect();
+        self.persist_encoded(&encoded, None).await
+    }
+
+    /// Stores the state record of transactional id `id` (`value` empty: forgotten), once
+    /// durable (and, in a cluster, on the partition's in-sync replicas).
+    pub async fn persist_txn_state(&self, id: &str, value: Vec<u8>) -> Result<()> {
+        self.persist_encoded(&[(super::records::txn_key(id), value)], None)
+            .await
+    }
+
+    /// Appends `(key, value)` records as one batch (transactional for `producer`, as
+    /// `(id, epoch)`), durably.
+    async fn persist_encoded(
+        &self,
+        records: &[(Vec<u8>, Vec<u8>)],
+        producer: Option<(i64, i16)>,
+    ) -> Result<()> {
         if records.is_empty() {
             return Ok(());
         }
         let mut b = BatchBuilder::new(Compression::None);
         let ts = crate::clock::now_ms();
-        for r in records {
-            let (k, v) = r.encode();
-            b.push(Some(&k), &v, ts, &[]);
+        for (k, v) in records {
+            b.push(Some(k), v, ts, &[]);
         }
-        let raw = b.build();
+        if let Some((id, epoch)) = producer {
+            // No sequence: the coordinator writes each batch once.
+            b.set_producer(id, epoch, -1);
+            b.set_transactional(true);
+        }
+        self.append_durably(b.build()).await.map(drop)
+    }
+
+    /// Appends one batch and waits until it is durable (in a cluster: on the in-sync
+    /// replicas); returns its base offset.
+    async fn append_durably(&self, raw: Bytes) -> Result<i64> {
         let header = quiver_protocol::batch::validate(&raw, usize::MAX)
             .map_err(|e| GroupServiceError::Persist(LogError::InvalidBatch(e)))?;
         let deadline = tokio::time::Instant::now() + PERSIST_TIMEOUT;
@@ -311,7 +427,17 @@ impl GroupService {
                     GroupServiceError::Persist(LogError::Timeout(e.to_string()))
                 })?;
         }
-        Ok(())
+        Ok(appended.base_offset)
+    }
+
+    /// Appends the marker ending `producer_id`'s transaction in this partition, then
+    /// applies (commit) or drops (abort) the offsets the transaction added here. Returns
+    /// the marker's offset.
+    pub async fn write_marker(&self, producer_id: i64, epoch: i16, marker: Marker) -> Result<i64> {
+        let raw = batch::control_batch(producer_id, epoch, marker, crate::clock::now_ms());
+        let offset = self.append_durably(raw).await?;
+        self.complete_txn(producer_id, epoch, marker == Marker::Commit);
+        Ok(offset)
     }
 
     /// Stores `records`, then applies them in memory: visible only once durable.
@@ -394,19 +520,85 @@ impl GroupService {
         Ok(resp)
     }
 
-    /// The checks of a commit (membership, generation, ownership) for a transaction that
-    /// will store `req`'s offsets when it commits; nothing is stored now.
-    pub async fn check_commit(&self, req: &CommitOffsetsRequest) -> Result<()> {
+    /// TxnCommitOffsets: checks the commit like any (membership, generation, ownership),
+    /// stores the offsets in a transactional batch of the producer and holds them until
+    /// the transaction's marker lands here. The producer must have added this partition to
+    /// its transaction (AddPartitionsToTxn), so the marker comes.
+    pub async fn txn_commit(
+        &self,
+        req: &TxnCommitOffsetsRequest,
+    ) -> Result<TxnCommitOffsetsResponse> {
         let _order = self.lock_group(&req.group).await;
-        self.lock().prepare_commit(req)?;
-        Ok(())
+        if let Some(&newer) = self
+            .txn_lock()
+            .fenced
+            .get(&req.producer_id)
+            .filter(|&&e| req.producer_epoch < e)
+        {
+            return Err(GroupServiceError::Fenced(format!(
+                "producer {} epoch {} was replaced by epoch {newer}; its offsets are refused",
+                req.producer_id, req.producer_epoch
+            )));
+        }
+        let commit = CommitOffsetsRequest {
+            group: req.group.clone(),
+            member_id: req.member_id.clone(),
+            generation: req.generation,
+            offsets: req.offsets.clone(),
+        };
+        self.lock().prepare_commit(&commit)?;
+        let records = super::coordinator::offset_records(&commit);
+        let encoded: Vec<_> = records.iter().map(GroupRecord::encode).collect();
+        self.persist_encoded(&encoded, Some((req.producer_id, req.producer_epoch)))
+            .await?;
+        let mut txn = self.txn_lock();
+        txn.add(req.producer_id, req.producer_epoch, records);
+        let pending = txn.pending[&req.producer_id]
+            .records
+            .iter()
+            .filter(|r| r.group() == req.group)
+            .count() as u32;
+        Ok(TxnCommitOffsetsResponse { pending })
     }
 
-    /// Stores the offsets of a committed transaction (checked when they were added to it).
-    pub async fn store_transactional(&self, req: &CommitOffsetsRequest) -> Result<()> {
-        let _order = self.lock_group(&req.group).await;
-        self.persist_then_apply(&super::coordinator::offset_records(req))
-            .await
+    /// A marker of `producer_id`'s transaction was stored in this partition (and, in a
+    /// cluster, replicated): its offsets become visible on commit, or are dropped.
+    fn complete_txn(&self, producer_id: i64, epoch: i16, commit: bool) {
+        let records = self.txn_lock().resolve(producer_id, epoch, commit);
+        if !records.is_empty() {
+            let mut c = self.lock();
+            for r in &records {
+                c.apply(r);
+            }
+        }
+        self.txn_ended.send_modify(|n| *n += 1);
+    }
+
+    fn txn_lock(&self) -> MutexGuard<'_, TxnOffsets> {
+        self.txn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until no open transaction holds offsets of `group` for `partitions` (all
+    /// when `None`), at most `limit`; false when some still do.
+    pub async fn wait_for_txn_offsets(
+        &self,
+        group: &str,
+        partitions: Option<&[TopicPartition]>,
+        limit: Duration,
+    ) -> bool {
+        let mut rx = self.txn_ended.subscribe();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if !self.txn_lock().holds(group, partitions) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
     }
 
     /// FetchOffsets.
@@ -492,19 +684,47 @@ impl GroupService {
                 _ = stop.wait_for(|s| *s) => return,
             }
             let snapshot = self.snapshot();
-            let mut c = self.lock();
-            c.tick(self.now(), &snapshot);
-            self.after(&mut c);
+            {
+                let mut c = self.lock();
+                c.tick(self.now(), &snapshot);
+                self.after(&mut c);
+            }
+            self.abort_abandoned().await;
+        }
+    }
+
+    /// Offsets held longer than any transaction may stay open belong to a transaction that
+    /// will never get its marker here (its producer never added this partition to it, or
+    /// lied about its producer id): this partition aborts it itself, so offset fetches of
+    /// the group stop waiting for it.
+    async fn abort_abandoned(&self) {
+        let now = crate::clock::now_ms();
+        let abandoned: Vec<(i64, i16)> = self
+            .txn_lock()
+            .pending
+            .iter()
+            .filter(|(_, p)| now.saturating_sub(p.since_ms) > ABANDONED_TXN_MS)
+            .map(|(id, p)| (*id, p.epoch))
+            .collect();
+        for (producer_id, epoch) in abandoned {
+            warn!(producer_id, epoch, "transactional offsets held past the longest transaction timeout; aborting them here");
+            if let Err(e) = self.write_marker(producer_id, epoch, Marker::Abort).await {
+                warn!(producer_id, error = %e, "cannot abort abandoned transactional offsets yet");
+            }
         }
     }
 }
 
-/// Replays `__consumer_offsets` into `coord`; returns how many records were applied.
-/// Nothing in the log can stop the broker from starting: a damaged batch, or a record that
-/// does not decode, is logged (topic, partition, offset, reason) and skipped.
+/// Replays `__consumer_offsets` into `coord` (transactions' offsets into `txn`, held until
+/// their marker; transactional ids' states into `txn_states`); returns how many group
+/// records were applied. Nothing in the log can stop the broker from starting: a damaged
+/// batch, or a record that does not decode, is logged (topic, partition, offset, reason)
+/// and skipped.
 fn replay(
     log: &PartitionLog,
     coord: &mut GroupCoordinator,
+    txn: &mut TxnOffsets,
+    txn_states: &mut BTreeMap<String, Vec<u8>>,
     max_decompressed: usize,
 ) -> std::result::Result<u64, TopicError> {
     let mut offset = log.snapshot().log_start;
@@ -512,13 +732,29 @@ fn replay(
     loop {
         let (batches, next) = log.read_recovering(offset, 4 * 1024 * 1024)?;
         for b in &batches {
+            let header = BatchHeader::parse(b).ok();
+            if let Some(h) = header.filter(|h| h.is_control()) {
+                if h.base_offset >= offset && h.is_transactional() {
+                    if let Some(m) = batch::marker_of(b) {
+                        for r in txn.resolve(h.producer_id, h.producer_epoch, m == Marker::Commit) {
+                            coord.apply(&r);
+                            applied += 1;
+                        }
+                    }
+                }
+                continue;
+            }
+            let in_txn = header
+                .filter(|h| h.is_transactional())
+                .map(|h| (h.producer_id, h.producer_epoch));
             let records = match RecordIter::new(b, max_decompressed) {
                 Ok(r) => r,
                 Err(e) => {
-                    warn!(topic = OFFSETS_TOPIC, partition = log.partition, offset = BatchHeader::parse(b).map(|h| h.base_offset).unwrap_or(offset), error = %e, "skipping an undecodable group batch");
+                    warn!(topic = OFFSETS_TOPIC, partition = log.partition, offset = header.map(|h| h.base_offset).unwrap_or(offset), error = %e, "skipping an undecodable group batch");
                     continue;
                 }
             };
+            let mut held = Vec::new();
             for r in records {
                 let r = match r {
                     Ok(r) => r,
@@ -531,15 +767,25 @@ fn replay(
                     continue;
                 }
                 let key: Bytes = r.key.unwrap_or_default();
-                match GroupRecord::decode(&key, &r.value) {
-                    Ok(rec) => {
+                match decode_entry(&key, &r.value) {
+                    Ok(Entry::Group(rec)) if in_txn.is_some() => held.push(rec),
+                    Ok(Entry::Group(rec)) => {
                         coord.apply(&rec);
                         applied += 1;
+                    }
+                    Ok(Entry::Txn { id, value }) if value.is_empty() => {
+                        txn_states.remove(&id);
+                    }
+                    Ok(Entry::Txn { id, value }) => {
+                        txn_states.insert(id, value);
                     }
                     Err(e) => {
                         warn!(topic = OFFSETS_TOPIC, partition = log.partition, offset = r.offset, error = %e, "skipping an unreadable group record")
                     }
                 }
+            }
+            if let (Some((id, epoch)), false) = (in_txn, held.is_empty()) {
+                txn.add(id, epoch, held);
             }
         }
         if next <= offset {

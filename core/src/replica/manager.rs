@@ -119,6 +119,8 @@ pub struct ReplicaSetup {
     pub max_batch_bytes: usize,
     /// The consumer groups this broker coordinates (those of the offsets partitions it leads).
     pub groups: Arc<GroupDirectory>,
+    /// What the transaction coordinators of the offsets partitions share.
+    pub txn_env: Arc<crate::txn::TxnEnv>,
     /// Replicas of each `__consumer_offsets` partition.
     pub offsets_replication: usize,
     /// Largest decompressed batch when replaying group records.
@@ -145,6 +147,7 @@ pub struct ReplicaManager {
     lag_max_ms: i64,
     max_batch_bytes: usize,
     groups: Arc<GroupDirectory>,
+    txn_env: Arc<crate::txn::TxnEnv>,
     offsets_replication: usize,
     max_decompressed: usize,
     view: RwLock<Arc<ControllerState>>,
@@ -177,6 +180,7 @@ impl ReplicaManager {
             lag_max_ms: setup.lag_max_ms,
             max_batch_bytes: setup.max_batch_bytes,
             groups: setup.groups,
+            txn_env: setup.txn_env,
             offsets_replication: setup.offsets_replication,
             max_decompressed: setup.max_decompressed,
             view: RwLock::new(Arc::new(ControllerState::default())),
@@ -556,13 +560,19 @@ impl ReplicaManager {
             })
             .await;
             match opened {
-                Ok(Ok(service)) => {
+                Ok(Ok((service, replayed))) => {
                     tracing::info!(
                         partition = p,
                         epoch,
-                        "coordinating the groups of {OFFSETS_TOPIC} partition {p}"
+                        transactional_ids = replayed.txn_states.len(),
+                        "coordinating the groups and transactions of {OFFSETS_TOPIC} partition {p}"
                     );
-                    self.groups.install(p, epoch, service);
+                    let txns = crate::txn::TxnCoordinator::new(
+                        service.clone(),
+                        replayed.txn_states,
+                        self.txn_env.clone(),
+                    );
+                    self.groups.install(p, epoch, service, txns);
                 }
                 Ok(Err(e)) => {
                     tracing::error!(partition = p, error = %e, "cannot load the groups of an offsets partition")

@@ -130,6 +130,8 @@ pub async fn dispatch(
         ApiKey::InitTransactions => requests::transactions::init(ctx, body).await?,
         ApiKey::TxnCommitOffsets => requests::transactions::commit_offsets(ctx, body).await?,
         ApiKey::EndTxn => requests::transactions::end(ctx, body).await?,
+        ApiKey::AddPartitionsToTxn => requests::transactions::add_partitions(ctx, body).await?,
+        ApiKey::WriteTxnMarker => requests::transactions::write_marker(ctx, peer, body).await?,
         ApiKey::DescribeCluster => requests::describe_cluster::handle(ctx, body).await?,
         ApiKey::ReplicaFetch => requests::replica_fetch::fetch(ctx, peer, body).await?,
         ApiKey::OffsetForLeaderEpoch => {

@@ -23,7 +23,7 @@ use crate::metrics::Metrics;
 use crate::pipelines::PipelineSlot;
 use crate::plugin::PluginService;
 use crate::topic::TopicRegistry;
-use crate::txn::TxnCoordinator;
+use crate::txn::MarkerWriter;
 
 /// Where a cluster broker keeps its membership (empty for a lone broker, and until started).
 pub type ClusterSlot = Arc<tokio::sync::Mutex<Option<crate::cluster::member::ClusterMember>>>;
@@ -65,8 +65,8 @@ pub struct ServerParts {
     pub groups: Arc<GroupDirectory>,
     /// Deployed plugins.
     pub plugins: Arc<PluginService>,
-    /// Transactions.
-    pub txns: Arc<TxnCoordinator>,
+    /// Writes transaction markers into the partitions this broker leads.
+    pub txn_markers: Arc<MarkerWriter>,
     /// The cluster membership slot.
     pub cluster: ClusterSlot,
     /// The slot of the pipeline host.

@@ -11,6 +11,12 @@
 //! transactions only. Initialising a transactional id again (another process, a restart)
 //! fences this producer: its next write or commit fails with `ProducerFenced`.
 //!
+//! The transaction's coordinator is the leader of the `__consumer_offsets` partition its id
+//! hashes to; the producer adds each partition to the transaction there before its first
+//! write to it, sends the group's offsets to the group's coordinator, and retries
+//! coordinator requests while leadership moves (a retried EndTxn is answered from the
+//! transaction's outcome).
+//!
 //! ```no_run
 //! # async fn demo(client: quiver_client::Client) -> quiver_client::Result<()> {
 //! use quiver_client::{ProducerRecord, TransactionalProducer};
@@ -21,15 +27,16 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use bytes::Bytes;
 use quiver_protocol::batch::{BatchBuilder, Compression};
 use quiver_protocol::requests::{
-    Acks, EndTxnRequest, InitTransactionsRequest, OffsetCommit, ProduceRequest,
-    TxnCommitOffsetsRequest,
+    coordinator_partition, Acks, AddPartitionsToTxnRequest, EndTxnRequest, InitTransactionsRequest,
+    OffsetCommit, ProduceRequest, TopicPartition, TxnCommitOffsetsRequest, OFFSETS_TOPIC,
 };
+use quiver_protocol::Message;
 
 use crate::backoff::Backoff;
 use crate::producer::partition_for_key;
@@ -77,6 +84,8 @@ pub struct TransactionalProducer {
     sequences: HashMap<(String, u32), i32>,
     partitions: HashMap<String, u32>,
     round_robin: u32,
+    /// Partitions added to the open transaction on its coordinator.
+    added: BTreeSet<(String, u32)>,
 }
 
 impl std::fmt::Debug for TransactionalProducer {
@@ -106,7 +115,7 @@ impl TransactionalProducer {
             transactional_id: transactional_id.to_string(),
             timeout_ms: timeout.as_millis().min(u128::from(u32::MAX)) as u32,
         };
-        let (r, _) = client.request(&req, Bytes::new()).await?;
+        let r = coordinator_request(&client, transactional_id, &req).await?;
         Ok(TransactionalProducer {
             client,
             id: transactional_id.to_string(),
@@ -116,6 +125,7 @@ impl TransactionalProducer {
             sequences: HashMap::new(),
             partitions: HashMap::new(),
             round_robin: 0,
+            added: BTreeSet::new(),
         })
     }
 
@@ -195,6 +205,8 @@ impl TransactionalProducer {
             }
             jobs.push((topic, partition, closed));
         }
+        self.add_partitions(jobs.iter().map(|(t, p, _)| (t.clone(), *p)))
+            .await?;
         let client = self.client.clone();
         let sends = jobs.into_iter().map(|(topic, partition, batches)| {
             let client = client.clone();
@@ -235,6 +247,16 @@ impl TransactionalProducer {
     ) -> Result<BTreeMap<(String, u32), Landed>> {
         let landed = self.flush().await?;
         if let Some(o) = offsets {
+            // The group's offsets partition takes part in the transaction: its marker
+            // makes the offsets visible.
+            let offsets_partition = match self.client.partition_count(OFFSETS_TOPIC).await {
+                Ok(n) => coordinator_partition(&o.group, n),
+                Err(ClientError::TopicNotFound(_)) => 0,
+                Err(e) => return Err(e),
+            };
+            self.add_partitions([(OFFSETS_TOPIC.to_string(), offsets_partition)])
+                .await?;
+            let group = o.group.clone();
             let req = TxnCommitOffsetsRequest {
                 transactional_id: self.id.clone(),
                 producer_id: self.producer_id,
@@ -244,7 +266,7 @@ impl TransactionalProducer {
                 generation: o.generation,
                 offsets: o.offsets,
             };
-            self.client.request(&req, Bytes::new()).await?;
+            coordinator_request(&self.client, &group, &req).await?;
         }
         self.end(true).await?;
         Ok(landed)
@@ -264,8 +286,55 @@ impl TransactionalProducer {
             producer_epoch: self.epoch,
             commit,
         };
-        self.client.request(&req, Bytes::new()).await?;
+        let ended = coordinator_request(&self.client, &self.id, &req).await;
+        // Whatever the outcome, the next transaction adds its partitions afresh.
+        self.added.clear();
+        ended.map(drop)
+    }
+
+    /// Adds the partitions not yet in the open transaction to it (on its coordinator).
+    async fn add_partitions(&mut self, tps: impl IntoIterator<Item = (String, u32)>) -> Result<()> {
+        let new: Vec<(String, u32)> = tps
+            .into_iter()
+            .filter(|tp| !self.added.contains(tp))
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        let req = AddPartitionsToTxnRequest {
+            transactional_id: self.id.clone(),
+            producer_id: self.producer_id,
+            producer_epoch: self.epoch,
+            partitions: new
+                .iter()
+                .map(|(t, p)| TopicPartition::new(t.clone(), *p))
+                .collect(),
+        };
+        coordinator_request(&self.client, &self.id, &req).await?;
+        self.added.extend(new);
         Ok(())
+    }
+}
+
+/// Sends `req` to the coordinator of `key` (a transactional id or a group: the leader of
+/// the offsets partition it hashes to), retrying retriable failures (leadership moving, a
+/// coordinator still loading) for up to 60 s.
+async fn coordinator_request<M: Message>(
+    client: &Client,
+    key: &str,
+    req: &M,
+) -> Result<M::Response> {
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match client.request_for_group(key, req, Bytes::new()).await {
+            Ok((r, _)) => return Ok(r),
+            Err(e) if e.is_retriable() && tokio::time::Instant::now() < deadline => {
+                tracing::debug!(api = M::API.name(), error = %e, "coordinator request failed; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 

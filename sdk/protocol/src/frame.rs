@@ -124,6 +124,11 @@ api_keys! {
     TxnCommitOffsets = 61,
     /// Commit or abort the open transaction.
     EndTxn = 62,
+    /// Add partitions to the open transaction (on its coordinator, before writing to them).
+    AddPartitionsToTxn = 63,
+    /// A transaction coordinator has a partition's leader append a commit or abort marker
+    /// (brokers only).
+    WriteTxnMarker = 64,
     /// The controller leader and the registered brokers, as this broker sees them.
     DescribeCluster = 70,
     /// A follower broker fetches a partition's batches from its leader (brokers only).

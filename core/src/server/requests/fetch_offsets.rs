@@ -18,9 +18,9 @@ const PENDING_WAIT: Duration = Duration::from_secs(60);
 #[tracing::instrument(name = "fetch_offsets", skip_all)]
 pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let (req, _) = decode::<FetchOffsetsRequest>(&body)?;
-    if !ctx
-        .txns
-        .wait_for_offsets(&req.group, req.partitions.as_deref(), PENDING_WAIT)
+    let service = ctx.groups.for_group(&req.group)?;
+    if !service
+        .wait_for_txn_offsets(&req.group, req.partitions.as_deref(), PENDING_WAIT)
         .await
     {
         return Err(RequestError::new(
@@ -31,7 +31,5 @@ pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
             ),
         ));
     }
-    Ok(Reply::control(
-        &ctx.groups.for_group(&req.group)?.fetch_offsets(&req),
-    ))
+    Ok(Reply::control(&service.fetch_offsets(&req)))
 }

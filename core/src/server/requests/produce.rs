@@ -49,12 +49,15 @@ pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
     })
     .await
     .map_err(|e| RequestError::new(ErrorCode::Internal, format!("produce task failed: {e}")))??;
-    // A transaction's partitions are known to its coordinator before its batches land.
-    for (_, h) in &checked {
-        if h.is_transactional() {
-            ctx.txns
-                .register_partition(h.producer_id, h.producer_epoch, &req.topic, req.partition)
-                .await?;
+    // A transaction's partitions are known to its coordinator before its batches land: a
+    // lone broker registers them itself; in a cluster the producer added them
+    // (AddPartitionsToTxn) on the coordinator.
+    if let Some(txns) = ctx.groups.lone_txns() {
+        for (_, h) in &checked {
+            if h.is_transactional() {
+                txns.register_partition(h.producer_id, h.producer_epoch, &req.topic, req.partition)
+                    .await?;
+            }
         }
     }
     let deadline = tokio::time::Instant::now() + timeout;

@@ -1,43 +1,96 @@
-//! InitTransactions, TxnCommitOffsets and EndTxn: handed to the transaction coordinator
-//! (see [`crate::txn`]).
+//! InitTransactions, AddPartitionsToTxn and EndTxn (handed to the transactional id's
+//! coordinator, see [`crate::txn`]), TxnCommitOffsets (handed to the group's coordinator),
+//! and WriteTxnMarker (a coordinator asking this broker, as a partition's leader, for a
+//! marker; brokers only).
 
 use bytes::Bytes;
-use quiver_protocol::requests::{EndTxnRequest, InitTransactionsRequest, TxnCommitOffsetsRequest};
+use quiver_protocol::batch::Marker;
+use quiver_protocol::requests::{
+    AddPartitionsToTxnRequest, EndTxnRequest, InitTransactionsRequest, TxnCommitOffsetsRequest,
+    WriteTxnMarkerRequest, WriteTxnMarkerResponse,
+};
 use quiver_protocol::ErrorCode;
 
 use super::{decode, Reply, RequestError};
+use crate::group::OFFSETS_TOPIC;
+use crate::server::dispatch::Peer;
 use crate::server::ServerContext;
 
-/// Handles InitTransactions. A cluster of more than one broker refuses it: its coordinator
-/// is this broker alone, and the leaders of a transaction's partitions on other brokers
-/// could not take part, so the transaction would fail at its first produce there.
+/// Handles InitTransactions.
 #[tracing::instrument(name = "init_transactions", skip_all)]
 pub async fn init(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let (req, _) = decode::<InitTransactionsRequest>(&body)?;
-    if let Some(rm) = ctx.replicas() {
-        let brokers = rm.view().brokers.len();
-        if brokers > 1 {
-            return Err(RequestError::new(
-                ErrorCode::UnsupportedApi,
-                format!(
-                    "transactions are not available in a cluster of {brokers} brokers yet: a transaction's coordinator is the broker its producer connects to, and partition leaders on other brokers cannot take part; use an idempotent producer with acks=all (a pipeline's guarantee = \"at-least-once\"), or a single broker"
-                ),
-            ));
+    let coordinator = ctx.groups.for_txn(&req.transactional_id)?;
+    Ok(Reply::control(&coordinator.init(&req).await?))
+}
+
+/// Handles AddPartitionsToTxn: the partitions must exist (in a cluster: in the controller's
+/// metadata).
+#[tracing::instrument(name = "add_partitions_to_txn", skip_all)]
+pub async fn add_partitions(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
+    let (req, _) = decode::<AddPartitionsToTxnRequest>(&body)?;
+    let coordinator = ctx.groups.for_txn(&req.transactional_id)?;
+    match ctx.replicas() {
+        Some(rm) => {
+            let view = rm.view();
+            crate::txn::check_partitions(&req, |t, p| view.partition(t, p).is_some())?
         }
+        None => crate::txn::check_partitions(&req, |t, p| ctx.topics.partition(t, p).is_ok())?,
     }
-    Ok(Reply::control(&ctx.txns.init(&req).await?))
+    Ok(Reply::control(&coordinator.add_partitions(&req).await?))
 }
 
 /// Handles TxnCommitOffsets.
 #[tracing::instrument(name = "txn_commit_offsets", skip_all)]
 pub async fn commit_offsets(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let (req, _) = decode::<TxnCommitOffsetsRequest>(&body)?;
-    Ok(Reply::control(&ctx.txns.commit_offsets(&req).await?))
+    let service = ctx.groups.for_group(&req.group)?;
+    // A lone broker adds its offsets partition to the transaction itself (checking the
+    // producer's epoch), as it does for a transactional produce.
+    if let Some(txns) = ctx.groups.lone_txns() {
+        txns.register_partition(req.producer_id, req.producer_epoch, OFFSETS_TOPIC, 0)
+            .await?;
+    }
+    Ok(Reply::control(&service.txn_commit(&req).await?))
 }
 
 /// Handles EndTxn.
 #[tracing::instrument(name = "end_txn", skip_all)]
 pub async fn end(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let (req, _) = decode::<EndTxnRequest>(&body)?;
-    Ok(Reply::control(&ctx.txns.end(&req).await?))
+    let coordinator = ctx.groups.for_txn(&req.transactional_id)?;
+    Ok(Reply::control(&coordinator.end(&req).await?))
+}
+
+/// Handles WriteTxnMarker: only another broker of the cluster (its certificate signed by
+/// the cluster CA) may ask, and only the partition's leader appends.
+#[tracing::instrument(name = "write_txn_marker", skip_all)]
+pub async fn write_marker(
+    ctx: &ServerContext,
+    peer: Peer,
+    body: Bytes,
+) -> Result<Reply, RequestError> {
+    let (req, _) = decode::<WriteTxnMarkerRequest>(&body)?;
+    if ctx.replicas().is_none() || !peer.broker {
+        return Err(RequestError::new(
+            ErrorCode::ClusterAuthorizationFailed,
+            "WriteTxnMarker is for the cluster's brokers only (a connection with a certificate signed by the cluster CA)",
+        ));
+    }
+    let marker = if req.commit {
+        Marker::Commit
+    } else {
+        Marker::Abort
+    };
+    let offset = ctx
+        .txn_markers
+        .append_local(
+            &req.topic,
+            req.partition,
+            req.producer_id,
+            req.producer_epoch,
+            marker,
+        )
+        .await?;
+    Ok(Reply::control(&WriteTxnMarkerResponse { offset }))
 }

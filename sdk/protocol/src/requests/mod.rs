@@ -53,8 +53,9 @@ pub use replica::{
 };
 pub use subscribe::{SubscribeChunk, SubscribeRequest};
 pub use transaction::{
-    EndTxnRequest, EndTxnResponse, InitTransactionsRequest, InitTransactionsResponse,
-    TxnCommitOffsetsRequest, TxnCommitOffsetsResponse,
+    AddPartitionsToTxnRequest, AddPartitionsToTxnResponse, EndTxnRequest, EndTxnResponse,
+    InitTransactionsRequest, InitTransactionsResponse, TxnCommitOffsetsRequest,
+    TxnCommitOffsetsResponse, WriteTxnMarkerRequest, WriteTxnMarkerResponse,
 };
 
 pub use deploy_plugin::{DeployPluginRequest, DeployPluginResponse};
@@ -129,6 +130,8 @@ macro_rules! with_all_messages {
             InitTransactions: $crate::requests::InitTransactionsRequest => $crate::requests::InitTransactionsResponse,
             TxnCommitOffsets: $crate::requests::TxnCommitOffsetsRequest => $crate::requests::TxnCommitOffsetsResponse,
             EndTxn: $crate::requests::EndTxnRequest => $crate::requests::EndTxnResponse,
+            AddPartitionsToTxn: $crate::requests::AddPartitionsToTxnRequest => $crate::requests::AddPartitionsToTxnResponse,
+            WriteTxnMarker: $crate::requests::WriteTxnMarkerRequest => $crate::requests::WriteTxnMarkerResponse,
             DescribeCluster: $crate::requests::DescribeClusterRequest => $crate::requests::ClusterDescription,
             ReplicaFetch: $crate::requests::ReplicaFetchRequest => $crate::requests::ReplicaFetchResponse,
             OffsetForLeaderEpoch: $crate::requests::OffsetForLeaderEpochRequest => $crate::requests::OffsetForLeaderEpochResponse,

@@ -6,6 +6,12 @@
 //! (EndTxn): the broker writes a commit or abort marker into every partition the
 //! transaction wrote and, on commit, stores the offsets — all or nothing, for consumers
 //! reading with `Isolation::ReadCommitted`.
+//!
+//! A transactional id's coordinator is the leader of the `__consumer_offsets` partition the
+//! id hashes to (as a group's). Before its first write to a partition in a transaction the
+//! producer adds it there (AddPartitionsToTxn), including the group's offsets partition
+//! before TxnCommitOffsets, which goes to the group's coordinator. EndTxn has the
+//! coordinator send WriteTxnMarker to each partition's leader.
 
 use serde::{Deserialize, Serialize};
 
@@ -91,4 +97,59 @@ pub struct EndTxnResponse {
 impl Message for EndTxnRequest {
     const API: ApiKey = ApiKey::EndTxn;
     type Response = EndTxnResponse;
+}
+
+/// Adds partitions to the open transaction (opening it if none is): the coordinator writes
+/// a marker into each when the transaction ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddPartitionsToTxnRequest {
+    /// The transactional id.
+    pub transactional_id: String,
+    /// Its producer id.
+    pub producer_id: i64,
+    /// Its epoch.
+    pub producer_epoch: i16,
+    /// The partitions the transaction will write (a group's offsets partition included).
+    pub partitions: Vec<super::TopicPartition>,
+}
+
+/// The partitions are part of the transaction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddPartitionsToTxnResponse {
+    /// Partitions the transaction holds now.
+    pub partitions: u32,
+}
+
+impl Message for AddPartitionsToTxnRequest {
+    const API: ApiKey = ApiKey::AddPartitionsToTxn;
+    type Response = AddPartitionsToTxnResponse;
+}
+
+/// From a transaction coordinator to a partition's leader: append the marker ending the
+/// transaction of `producer_id` in this partition, and answer once the in-sync replicas
+/// have it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteTxnMarkerRequest {
+    /// Topic name.
+    pub topic: String,
+    /// Partition index.
+    pub partition: u32,
+    /// The transaction's producer id.
+    pub producer_id: i64,
+    /// Its epoch.
+    pub producer_epoch: i16,
+    /// True for a commit marker, false for an abort marker.
+    pub commit: bool,
+}
+
+/// The marker is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteTxnMarkerResponse {
+    /// Offset of the marker.
+    pub offset: i64,
+}
+
+impl Message for WriteTxnMarkerRequest {
+    const API: ApiKey = ApiKey::WriteTxnMarker;
+    type Response = WriteTxnMarkerResponse;
 }

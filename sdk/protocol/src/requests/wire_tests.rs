@@ -751,6 +751,53 @@ impl Sample for EndTxnResponse {
     }
 }
 
+impl Sample for AddPartitionsToTxnRequest {
+    fn samples() -> Vec<Self> {
+        vec![AddPartitionsToTxnRequest {
+            transactional_id: s("pipeline.wc.1"),
+            producer_id: 1 << 62,
+            producer_epoch: 3,
+            partitions: vec![
+                TopicPartition {
+                    topic: s("counts"),
+                    partition: 1,
+                },
+                TopicPartition {
+                    topic: s("__consumer_offsets"),
+                    partition: 4,
+                },
+            ],
+        }]
+    }
+}
+
+impl Sample for AddPartitionsToTxnResponse {
+    fn samples() -> Vec<Self> {
+        vec![AddPartitionsToTxnResponse { partitions: 2 }]
+    }
+}
+
+impl Sample for WriteTxnMarkerRequest {
+    fn samples() -> Vec<Self> {
+        [true, false]
+            .into_iter()
+            .map(|commit| WriteTxnMarkerRequest {
+                topic: s("counts"),
+                partition: 1,
+                producer_id: 1 << 62,
+                producer_epoch: 3,
+                commit,
+            })
+            .collect()
+    }
+}
+
+impl Sample for WriteTxnMarkerResponse {
+    fn samples() -> Vec<Self> {
+        vec![WriteTxnMarkerResponse { offset: 812 }]
+    }
+}
+
 impl Sample for DescribeClusterRequest {
     fn samples() -> Vec<Self> {
         vec![DescribeClusterRequest {}]

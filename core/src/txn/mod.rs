@@ -1,56 +1,63 @@
-//! The transaction coordinator (Kafka's KIP-98, on one broker): transactional ids, their
-//! producer id and epoch, the partitions and group offsets of each open transaction, and how
-//! a transaction ends. State lives in the sled tree `transactions` and is written before the
-//! step it describes, so a crash mid-way is finished at the next start:
+//! The transaction coordinator (Kafka's KIP-98): transactional ids, their producer id and
+//! epoch, the partitions of each open transaction, and how a transaction ends.
+//!
+//! A transactional id is coordinated by the leader of the `__consumer_offsets` partition it
+//! hashes to (as a group is; a lone broker coordinates every id), and its state is a record
+//! of that partition, written (acks=all in a cluster) before the step it describes. So the
+//! partition's next leader replays it and finishes what a crash or failover interrupted:
 //!
 //! 1. `InitTransactions`: a new id gets a producer id; a known one gets its epoch bumped
 //!    (fencing the previous holder) after its open transaction, if any, is aborted.
-//! 2. A transactional produce first registers its partition with the open transaction
-//!    ([`TxnCoordinator::register_partition`]; a stale epoch is `ProducerFenced`).
-//! 3. `TxnCommitOffsets` checks the group commit (member, generation, ownership) and keeps
-//!    the offsets pending: `FetchOffsets` of those partitions waits until the transaction
-//!    ends, so a new owner starts from the outcome, never from before it.
-//! 4. `EndTxn` marks the transaction `PrepareCommit`/`PrepareAbort` (durable), writes a
-//!    marker batch into each partition, stores the offsets on commit, and clears it.
+//! 2. `AddPartitionsToTxn`: before its first write to a partition in a transaction, the
+//!    producer adds it here (a stale epoch is `ProducerFenced`). A lone broker also
+//!    registers a transactional produce's partition itself.
+//! 3. `TxnCommitOffsets` goes to the group's coordinator (see
+//!    [`GroupService::txn_commit`](crate::group::GroupService::txn_commit)), which holds the
+//!    offsets until the marker; the producer adds the group's offsets partition first.
+//! 4. `EndTxn` marks the transaction `PrepareCommit`/`PrepareAbort` (durable), has each
+//!    partition's leader append the marker ([`markers`]), and clears it.
 //!
 //! An open transaction older than its timeout is aborted by [`TxnCoordinator::run_ticker`],
-//! with the epoch bumped so its producer is fenced.
-//!
-//! One broker owns every partition here, so the coordinator writes the markers itself; in a
-//! cluster the markers go to each partition's leader (a later step of the cluster work).
+//! with the epoch bumped so its producer is fenced; the ticker also finishes prepared
+//! transactions whose markers could not all be written yet.
+
+pub mod markers;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use quiver_protocol::batch::{self, Marker};
+use quiver_protocol::batch::Marker;
 use quiver_protocol::requests::{
-    CommitOffsetsRequest, EndTxnRequest, EndTxnResponse, InitTransactionsRequest,
-    InitTransactionsResponse, TopicPartition, TxnCommitOffsetsRequest, TxnCommitOffsetsResponse,
+    AddPartitionsToTxnRequest, AddPartitionsToTxnResponse, EndTxnRequest, EndTxnResponse,
+    InitTransactionsRequest, InitTransactionsResponse,
 };
 use quiver_protocol::ErrorCode;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::group::{GroupDirectory, GroupServiceError};
-use crate::log::{Flusher, LogError};
-use crate::topic::{TopicError, TopicRegistry};
+pub use markers::MarkerWriter;
 
-/// The sled tree of transaction state.
-pub const TRANSACTIONS_TREE: &str = "transactions";
+use crate::group::{GroupService, GroupServiceError, OFFSETS_TOPIC};
+use crate::log::LogError;
+use crate::topic::TopicError;
+
+/// The sled tree where a lone broker kept transaction state before it moved into
+/// `__consumer_offsets` (read once, then emptied).
+pub const LEGACY_TRANSACTIONS_TREE: &str = "transactions";
 /// Producer ids the coordinator hands out have this bit set, apart from the random ids of
 /// idempotent producers.
 const PRODUCER_ID_BIT: i64 = 1 << 62;
 /// Longest transaction timeout accepted.
 const MAX_TIMEOUT_MS: u32 = 15 * 60 * 1000;
-/// How long a marker write may take.
-const MARKER_TIMEOUT: Duration = Duration::from_secs(30);
 /// A transactional id with no transaction open and no use for this long is forgotten
 /// (Kafka's `transactional.id.expiration.ms`, 7 days).
 const ID_EXPIRATION_MS: i64 = 7 * 24 * 3600 * 1000;
-/// Most transactional ids one broker keeps: past it, new ids are refused (until old ones
-/// expire), so a client cannot grow the coordinator's memory without bound.
+/// Most transactional ids one coordinator keeps: past it, new ids are refused (until old
+/// ones expire), so a client cannot grow the coordinator's memory without bound.
 pub const MAX_TRANSACTIONAL_IDS: usize = 100_000;
+/// Most partitions one transaction may write.
+pub const MAX_TXN_PARTITIONS: usize = 10_000;
 
 /// Why a transaction request failed.
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +68,7 @@ pub enum TxnError {
     /// The request does not fit the transaction's state.
     #[error("{0}")]
     State(String),
-    /// The group refused the offsets.
+    /// The group refused the offsets, or its partition could not store state.
     #[error(transparent)]
     Group(#[from] GroupServiceError),
     /// Writing a marker failed.
@@ -70,9 +77,16 @@ pub enum TxnError {
     /// A partition of the transaction is gone.
     #[error(transparent)]
     Topic(#[from] TopicError),
+    /// A partition's leader did not take the marker (yet).
+    #[error("transaction marker: {reason}")]
+    Marker { code: ErrorCode, reason: String },
     /// The state could not be stored.
     #[error("transaction state storage: {0}")]
     Storage(String),
+    /// This broker does not coordinate the id (a cluster: the leader of its partition of
+    /// `__consumer_offsets` does).
+    #[error("this broker is not the coordinator of transactional id {id:?} (partition {partition} of __consumer_offsets); refresh metadata and ask its leader")]
+    NotCoordinator { id: String, partition: u32 },
 }
 
 impl TxnError {
@@ -84,21 +98,59 @@ impl TxnError {
             TxnError::Group(e) => e.code(),
             TxnError::Log(e) => e.code(),
             TxnError::Topic(e) => e.code(),
+            TxnError::Marker { code, .. } => *code,
             TxnError::Storage(_) => ErrorCode::StorageError,
+            TxnError::NotCoordinator { .. } => ErrorCode::NotLeader,
         }
     }
 }
 
 type Result<T> = std::result::Result<T, TxnError>;
 
+/// Hands out producer ids unique in the cluster: this broker's id in bits 40–55 and a
+/// number from its sled counter below.
+pub struct ProducerIds {
+    db: sled::Db,
+    broker: u32,
+}
+
+impl ProducerIds {
+    /// Ids of broker `broker`, counted in `db`.
+    pub fn new(db: sled::Db, broker: u32) -> ProducerIds {
+        ProducerIds { db, broker }
+    }
+
+    fn next(&self) -> Result<i64> {
+        let n = self
+            .db
+            .generate_id()
+            .map_err(|e| TxnError::Storage(e.to_string()))?;
+        Ok(
+            PRODUCER_ID_BIT
+                | (i64::from(self.broker & 0xffff) << 40)
+                | (n as i64 & ((1 << 40) - 1)),
+        )
+    }
+}
+
+/// What every transaction coordinator of a broker shares.
+pub struct TxnEnv {
+    /// Writes markers through partition leaders.
+    pub markers: Arc<MarkerWriter>,
+    /// Producer ids.
+    pub ids: ProducerIds,
+    /// Most transactional ids one coordinator keeps.
+    pub max_ids: usize,
+}
+
 /// Where a transaction is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum Status {
     /// No transaction open.
     Empty,
-    /// Open: batches or offsets were added.
+    /// Open: partitions were added.
     Ongoing,
-    /// Committing: markers and offsets are being written.
+    /// Committing: markers are being written.
     PrepareCommit,
     /// Aborting: markers are being written.
     PrepareAbort,
@@ -117,56 +169,32 @@ struct TxnState {
     #[serde(default)]
     last_used_ms: i64,
     partitions: BTreeSet<(String, u32)>,
-    /// Group offsets to store on commit.
-    offsets: Vec<CommitOffsetsRequest>,
 }
 
-/// Runs every transaction of this broker.
+/// The transaction coordinator of one `__consumer_offsets` partition (a lone broker's of
+/// every transactional id).
 pub struct TxnCoordinator {
-    db: sled::Db,
-    tree: sled::Tree,
-    topics: Arc<TopicRegistry>,
-    flusher: Arc<Flusher>,
-    groups: Arc<GroupDirectory>,
+    /// The offsets partition holding the state.
+    store: Arc<GroupService>,
+    env: Arc<TxnEnv>,
     state: Mutex<BTreeMap<String, TxnState>>,
     /// Producer id → transactional id, so a transactional produce finds its transaction
     /// without scanning every id.
     by_pid: Mutex<HashMap<i64, String>>,
     /// One transaction request at a time per transactional id.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// Bumped whenever a transaction ends (wakes offset fetches waiting for it).
-    ended: watch::Sender<u64>,
-    /// Most transactional ids kept ([`MAX_TRANSACTIONAL_IDS`]).
-    max_ids: usize,
 }
 
 impl TxnCoordinator {
-    /// Loads the stored state. Transactions caught mid-end are finished by
-    /// [`TxnCoordinator::recover`].
-    pub fn open(
-        db: &sled::Db,
-        topics: Arc<TopicRegistry>,
-        flusher: Arc<Flusher>,
-        groups: Arc<GroupDirectory>,
-    ) -> Result<Arc<TxnCoordinator>> {
-        Self::open_with_limit(db, topics, flusher, groups, MAX_TRANSACTIONAL_IDS)
-    }
-
-    /// [`open`](Self::open) keeping at most `max_ids` transactional ids.
-    pub fn open_with_limit(
-        db: &sled::Db,
-        topics: Arc<TopicRegistry>,
-        flusher: Arc<Flusher>,
-        groups: Arc<GroupDirectory>,
-        max_ids: usize,
-    ) -> Result<Arc<TxnCoordinator>> {
-        let tree = db
-            .open_tree(TRANSACTIONS_TREE)
-            .map_err(|e| TxnError::Storage(e.to_string()))?;
+    /// The coordinator of the ids whose state `store`'s partition holds (`states`, as
+    /// replayed). Transactions caught mid-end are finished by the ticker's first pass.
+    pub fn new(
+        store: Arc<GroupService>,
+        states: BTreeMap<String, Vec<u8>>,
+        env: Arc<TxnEnv>,
+    ) -> Arc<TxnCoordinator> {
         let mut state = BTreeMap::new();
-        for item in tree.iter() {
-            let (k, v) = item.map_err(|e| TxnError::Storage(e.to_string()))?;
-            let id = String::from_utf8_lossy(&k).into_owned();
+        for (id, v) in states {
             match serde_json::from_slice::<TxnState>(&v) {
                 Ok(mut s) => {
                     if s.last_used_ms == 0 {
@@ -179,12 +207,9 @@ impl TxnCoordinator {
                 }
             }
         }
-        Ok(Arc::new(TxnCoordinator {
-            db: db.clone(),
-            tree,
-            topics,
-            flusher,
-            groups,
+        Arc::new(TxnCoordinator {
+            store,
+            env,
             by_pid: Mutex::new(
                 state
                     .iter()
@@ -193,9 +218,35 @@ impl TxnCoordinator {
             ),
             state: Mutex::new(state),
             locks: Mutex::new(HashMap::new()),
-            ended: watch::Sender::new(0),
-            max_ids,
-        }))
+        })
+    }
+
+    /// A lone broker that kept transaction state in the sled tree
+    /// [`LEGACY_TRANSACTIONS_TREE`] moves it into the offsets partition, then empties the
+    /// tree.
+    pub async fn adopt_legacy(&self, db: &sled::Db) -> Result<usize> {
+        let tree = db
+            .open_tree(LEGACY_TRANSACTIONS_TREE)
+            .map_err(|e| TxnError::Storage(e.to_string()))?;
+        let mut moved = 0;
+        for item in tree.iter() {
+            let (k, v) = item.map_err(|e| TxnError::Storage(e.to_string()))?;
+            let id = String::from_utf8_lossy(&k).into_owned();
+            if self.get(&id).is_some() {
+                continue;
+            }
+            match serde_json::from_slice::<TxnState>(&v) {
+                Ok(s) => {
+                    self.store(&id, &s).await?;
+                    moved += 1;
+                }
+                Err(e) => {
+                    tracing::error!(transactional_id = %id, error = %e, "stored transaction state does not decode; dropped")
+                }
+            }
+        }
+        tree.clear().map_err(|e| TxnError::Storage(e.to_string()))?;
+        Ok(moved)
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, TxnState>> {
@@ -213,22 +264,18 @@ impl TxnCoordinator {
         m.lock_owned().await
     }
 
-    fn store(&self, id: &str, s: &TxnState) -> Result<()> {
+    /// Stores `s` as `id`'s state (durably; in a cluster on the in-sync replicas), then
+    /// makes it current.
+    async fn store(&self, id: &str, s: &TxnState) -> Result<()> {
         let mut s = s.clone();
         s.last_used_ms = crate::clock::now_ms();
-        let s = &s;
-        let bytes = serde_json::to_vec(s).map_err(|e| TxnError::Storage(e.to_string()))?;
-        self.tree
-            .insert(id.as_bytes(), bytes)
-            .map_err(|e| TxnError::Storage(e.to_string()))?;
-        self.tree
-            .flush()
-            .map_err(|e| TxnError::Storage(e.to_string()))?;
+        let bytes = serde_json::to_vec(&s).map_err(|e| TxnError::Storage(e.to_string()))?;
+        self.store.persist_txn_state(id, bytes).await?;
         self.by_pid
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(s.producer_id, id.to_string());
-        self.lock().insert(id.to_string(), s.clone());
+        self.lock().insert(id.to_string(), s);
         Ok(())
     }
 
@@ -269,7 +316,7 @@ impl TxnCoordinator {
                     self.finish(id, &mut s, false).await?;
                 }
                 if s.epoch == i16::MAX {
-                    s.producer_id = self.new_producer_id()?;
+                    s.producer_id = self.env.ids.next()?;
                     s.epoch = 0;
                 } else {
                     s.epoch += 1;
@@ -277,37 +324,28 @@ impl TxnCoordinator {
                 s.timeout_ms = timeout_ms;
                 s
             }
-            None if self.lock().len() >= self.max_ids => {
+            None if self.lock().len() >= self.env.max_ids => {
                 return Err(TxnError::State(format!(
-                    "this broker already keeps {} transactional ids; reuse an id (one per producer, stable across restarts) or wait until idle ones expire (7 days)",
-                    self.max_ids
+                    "this coordinator already keeps {} transactional ids; reuse an id (one per producer, stable across restarts) or wait until idle ones expire (7 days)",
+                    self.env.max_ids
                 )))
             }
             None => TxnState {
-                producer_id: self.new_producer_id()?,
+                producer_id: self.env.ids.next()?,
                 epoch: 0,
                 status: Status::Empty,
                 timeout_ms,
                 started_ms: 0,
                 last_used_ms: 0,
                 partitions: BTreeSet::new(),
-                offsets: Vec::new(),
             },
         };
-        self.store(id, &next)?;
+        self.store(id, &next).await?;
         tracing::info!(transactional_id = %id, producer_id = next.producer_id, epoch = next.epoch, "transactions initialised");
         Ok(InitTransactionsResponse {
             producer_id: next.producer_id,
             producer_epoch: next.epoch,
         })
-    }
-
-    fn new_producer_id(&self) -> Result<i64> {
-        let n = self
-            .db
-            .generate_id()
-            .map_err(|e| TxnError::Storage(e.to_string()))?;
-        Ok(PRODUCER_ID_BIT | (n as i64 & (PRODUCER_ID_BIT - 1)))
     }
 
     fn id_of(&self, producer_id: i64) -> Option<String> {
@@ -318,8 +356,58 @@ impl TxnCoordinator {
             .cloned()
     }
 
-    /// Before a transactional batch of `producer_id`/`epoch` is appended to `topic`/
-    /// `partition`: opens the transaction if needed and records the partition.
+    /// AddPartitionsToTxn: opens the transaction if needed and records the partitions (the
+    /// caller checked that they exist).
+    pub async fn add_partitions(
+        &self,
+        req: &AddPartitionsToTxnRequest,
+    ) -> Result<AddPartitionsToTxnResponse> {
+        let id = &req.transactional_id;
+        let _one = self.lock_id(id).await;
+        let s = self.current(id, req.producer_id, req.producer_epoch)?;
+        let tps: Vec<(String, u32)> = req
+            .partitions
+            .iter()
+            .map(|tp| (tp.topic.clone(), tp.partition))
+            .collect();
+        let s = self.add_locked(id, s, tps).await?;
+        Ok(AddPartitionsToTxnResponse {
+            partitions: s.partitions.len() as u32,
+        })
+    }
+
+    /// Adds `tps` to `id`'s transaction (the caller holds its lock and checked its epoch).
+    async fn add_locked(
+        &self,
+        id: &str,
+        mut s: TxnState,
+        tps: Vec<(String, u32)>,
+    ) -> Result<TxnState> {
+        match s.status {
+            Status::Ongoing if tps.iter().all(|tp| s.partitions.contains(tp)) => return Ok(s),
+            Status::PrepareCommit | Status::PrepareAbort => {
+                return Err(TxnError::State(format!(
+                    "the transaction of {id:?} is ending; write after EndTxn answers"
+                )))
+            }
+            Status::Empty => {
+                s.status = Status::Ongoing;
+                s.started_ms = crate::clock::now_ms();
+            }
+            Status::Ongoing => {}
+        }
+        s.partitions.extend(tps);
+        if s.partitions.len() > MAX_TXN_PARTITIONS {
+            return Err(TxnError::State(format!(
+                "a transaction may write at most {MAX_TXN_PARTITIONS} partitions; commit more often"
+            )));
+        }
+        self.store(id, &s).await?;
+        Ok(s)
+    }
+
+    /// A lone broker, before a transactional batch of `producer_id`/`epoch` is appended to
+    /// `topic`/`partition`: opens the transaction if needed and records the partition.
     pub async fn register_partition(
         &self,
         producer_id: i64,
@@ -333,56 +421,10 @@ impl TxnCoordinator {
             ))
         })?;
         let _one = self.lock_id(&id).await;
-        let mut s = self.current(&id, producer_id, epoch)?;
-        let tp = (topic.to_string(), partition);
-        match s.status {
-            Status::Ongoing if s.partitions.contains(&tp) => return Ok(()),
-            Status::PrepareCommit | Status::PrepareAbort => {
-                return Err(TxnError::State(format!(
-                    "the transaction of {id:?} is ending; write after EndTxn answers"
-                )))
-            }
-            Status::Empty => {
-                s.status = Status::Ongoing;
-                s.started_ms = crate::clock::now_ms();
-            }
-            Status::Ongoing => {}
-        }
-        s.partitions.insert(tp);
-        self.store(&id, &s)
-    }
-
-    /// TxnCommitOffsets.
-    pub async fn commit_offsets(
-        &self,
-        req: &TxnCommitOffsetsRequest,
-    ) -> Result<TxnCommitOffsetsResponse> {
-        let id = &req.transactional_id;
-        let _one = self.lock_id(id).await;
-        let mut s = self.current(id, req.producer_id, req.producer_epoch)?;
-        if matches!(s.status, Status::PrepareCommit | Status::PrepareAbort) {
-            return Err(TxnError::State(format!(
-                "the transaction of {id:?} is ending"
-            )));
-        }
-        let commit = CommitOffsetsRequest {
-            group: req.group.clone(),
-            member_id: req.member_id.clone(),
-            generation: req.generation,
-            offsets: req.offsets.clone(),
-        };
-        self.groups
-            .for_group(&commit.group)?
-            .check_commit(&commit)
-            .await?;
-        if s.status == Status::Empty {
-            s.status = Status::Ongoing;
-            s.started_ms = crate::clock::now_ms();
-        }
-        s.offsets.push(commit);
-        let pending = s.offsets.iter().map(|c| c.offsets.len() as u32).sum();
-        self.store(id, &s)?;
-        Ok(TxnCommitOffsetsResponse { pending })
+        let s = self.current(&id, producer_id, epoch)?;
+        self.add_locked(&id, s, vec![(topic.to_string(), partition)])
+            .await
+            .map(drop)
     }
 
     /// EndTxn.
@@ -399,7 +441,7 @@ impl TxnCoordinator {
     }
 
     /// Ends the open transaction of `id` (the caller holds its lock): durable intent,
-    /// markers, offsets on commit, cleared state.
+    /// a marker in every partition (offsets partitions resolve the offsets), cleared state.
     async fn finish(&self, id: &str, s: &mut TxnState, commit: bool) -> Result<()> {
         match (s.status, commit) {
             (Status::Empty, _) => return Ok(()),
@@ -409,57 +451,42 @@ impl TxnCoordinator {
                     if commit { "aborted" } else { "committed" }
                 )))
             }
+            (Status::Ongoing, _) => {
+                s.status = if commit {
+                    Status::PrepareCommit
+                } else {
+                    Status::PrepareAbort
+                };
+                self.store(id, s).await?;
+            }
             _ => {}
         }
-        s.status = if commit {
-            Status::PrepareCommit
-        } else {
-            Status::PrepareAbort
-        };
-        self.store(id, s)?;
         let marker = if commit {
             Marker::Commit
         } else {
             Marker::Abort
         };
-        for (topic, partition) in &s.partitions {
-            let (t, log) = match self.topics.partition(topic, *partition) {
-                Ok(p) => p,
-                Err(e) => {
-                    // A deleted topic has nothing left to mark.
-                    tracing::warn!(transactional_id = %id, %topic, partition, error = %e, "no marker for a partition that is gone");
-                    continue;
-                }
-            };
-            let raw = batch::control_batch(s.producer_id, s.epoch, marker, crate::clock::now_ms());
-            let header = batch::validate(&raw, usize::MAX).map_err(LogError::InvalidBatch)?;
-            log.append(
-                vec![(raw, header)],
-                &t.config(),
-                &self.flusher,
-                MARKER_TIMEOUT,
-            )
-            .await?;
-        }
-        if commit {
-            for offsets in &s.offsets {
-                self.groups
-                    .for_group(&offsets.group)?
-                    .store_transactional(offsets)
-                    .await?;
-            }
+        // Every partition at once; a failure leaves the transaction prepared, and the
+        // ticker (or the producer's retry) writes the markers again: a repeated marker
+        // finds no open transaction and changes nothing.
+        let writes = s.partitions.iter().map(|(topic, partition)| {
+            self.env
+                .markers
+                .write(topic, *partition, s.producer_id, s.epoch, marker)
+        });
+        for r in futures::future::join_all(writes).await {
+            r?;
         }
         s.status = Status::Empty;
         s.partitions.clear();
-        s.offsets.clear();
-        self.store(id, s)?;
-        self.ended.send_modify(|n| *n += 1);
+        self.store(id, s).await?;
         tracing::debug!(transactional_id = %id, commit, "transaction ended");
         Ok(())
     }
 
-    /// Finishes transactions a crash caught between their intent and their end.
-    pub async fn recover(&self) {
+    /// Finishes prepared transactions (interrupted by a crash, a failover, or a marker
+    /// that could not be written yet).
+    async fn finish_prepared(&self) {
         let ending: Vec<(String, bool)> = self
             .lock()
             .iter()
@@ -472,57 +499,22 @@ impl TxnCoordinator {
         for (id, commit) in ending {
             let _one = self.lock_id(&id).await;
             let Some(mut s) = self.get(&id) else { continue };
+            if !matches!(s.status, Status::PrepareCommit | Status::PrepareAbort) {
+                continue;
+            }
             match self.finish(&id, &mut s, commit).await {
                 Ok(()) => {
-                    tracing::info!(transactional_id = %id, commit, "finished a transaction interrupted by a restart")
+                    tracing::info!(transactional_id = %id, commit, "finished an interrupted transaction")
                 }
                 Err(e) => {
-                    tracing::error!(transactional_id = %id, error = %e, "cannot finish an interrupted transaction")
+                    tracing::warn!(transactional_id = %id, error = %e, "cannot finish an interrupted transaction yet; retrying")
                 }
-            }
-        }
-    }
-
-    /// True while an open transaction holds offsets of `group` for one of `partitions`.
-    pub fn has_pending_offsets(&self, group: &str, partitions: Option<&[TopicPartition]>) -> bool {
-        self.lock().values().any(|s| {
-            s.offsets.iter().any(|c| {
-                c.group == group
-                    && c.offsets.iter().any(|o| {
-                        partitions.is_none_or(|ps| {
-                            ps.iter()
-                                .any(|tp| tp.topic == o.topic && tp.partition == o.partition)
-                        })
-                    })
-            })
-        })
-    }
-
-    /// Waits until no open transaction holds offsets of `group` for `partitions`, at most
-    /// `limit`; false when some still do.
-    pub async fn wait_for_offsets(
-        &self,
-        group: &str,
-        partitions: Option<&[TopicPartition]>,
-        limit: Duration,
-    ) -> bool {
-        let mut rx = self.ended.subscribe();
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            if !self.has_pending_offsets(group, partitions) {
-                return true;
-            }
-            if tokio::time::timeout_at(deadline, rx.changed())
-                .await
-                .is_err()
-            {
-                return false;
             }
         }
     }
 
     /// Forgets ids with no open transaction and no request for [`ID_EXPIRATION_MS`].
-    fn expire_idle(&self, now: i64) {
+    async fn expire_idle(&self, now: i64) {
         let idle: Vec<String> = self
             .lock()
             .iter()
@@ -532,7 +524,8 @@ impl TxnCoordinator {
             .map(|(id, _)| id.clone())
             .collect();
         for id in idle {
-            if let Err(e) = self.tree.remove(id.as_bytes()) {
+            let _one = self.lock_id(&id).await;
+            if let Err(e) = self.store.persist_txn_state(&id, Vec::new()).await {
                 tracing::warn!(transactional_id = %id, error = %e, "cannot forget an idle transactional id");
                 continue;
             }
@@ -546,9 +539,9 @@ impl TxnCoordinator {
         }
     }
 
-    /// Aborts (and fences) transactions open longer than their timeout, until `stop`.
+    /// Finishes prepared transactions, aborts (and fences) transactions open longer than
+    /// their timeout, and forgets idle ids, until `stop` (or its sender goes).
     pub async fn run_ticker(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        self.recover().await;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -556,8 +549,9 @@ impl TxnCoordinator {
                 _ = tick.tick() => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
+            self.finish_prepared().await;
             let now = crate::clock::now_ms();
-            self.expire_idle(now);
+            self.expire_idle(now).await;
             let expired: Vec<String> = self
                 .lock()
                 .iter()
@@ -579,7 +573,7 @@ impl TxnCoordinator {
                     continue;
                 }
                 s.epoch = s.epoch.saturating_add(1);
-                if let Err(e) = self.store(&id, &s) {
+                if let Err(e) = self.store(&id, &s).await {
                     tracing::error!(transactional_id = %id, error = %e, "cannot fence a timed-out producer");
                 }
             }
@@ -587,21 +581,99 @@ impl TxnCoordinator {
     }
 }
 
+/// Checks the partitions a producer adds to its transaction: each must exist, and the only
+/// internal topic a transaction may write is `__consumer_offsets` (its group's offsets).
+pub fn check_partitions(
+    req: &AddPartitionsToTxnRequest,
+    exists: impl Fn(&str, u32) -> bool,
+) -> Result<()> {
+    if req.partitions.len() > MAX_TXN_PARTITIONS {
+        return Err(TxnError::State(format!(
+            "a transaction may write at most {MAX_TXN_PARTITIONS} partitions"
+        )));
+    }
+    for tp in &req.partitions {
+        if tp.topic != OFFSETS_TOPIC {
+            crate::topic::refuse_internal(&tp.topic, "write in a transaction to")?;
+        }
+        if !exists(&tp.topic, tp.partition) {
+            return Err(TxnError::Topic(TopicError::NotFound(format!(
+                "{}/{}",
+                tp.topic, tp.partition
+            ))));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::topic::TopicConfig;
+    use crate::topic::{TopicConfig, TopicRegistry};
 
-    async fn coordinator(max_ids: usize) -> (tempfile::TempDir, Arc<TxnCoordinator>) {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+    /// A lone broker's coordinator over `dir` (its flusher runs until the sender drops).
+    fn open_at(dir: &std::path::Path, max_ids: usize) -> (Flushing, sled::Db, Arc<TxnCoordinator>) {
+        let db = sled::open(dir).unwrap();
         let topics = Arc::new(TopicRegistry::open(db.clone(), TopicConfig::default()).unwrap());
-        let flusher = Flusher::new(db.clone());
-        let groups = crate::group::GroupDirectory::lone(
-            crate::group::GroupService::open(topics.clone(), flusher.clone(), 1 << 20).unwrap(),
+        let flusher = crate::log::Flusher::new(db.clone());
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(flusher.clone().run(Duration::from_millis(5), rx));
+        let (service, replayed) =
+            GroupService::open(topics.clone(), flusher.clone(), 1 << 20).unwrap();
+        let env = Arc::new(TxnEnv {
+            markers: MarkerWriter::new(topics, flusher),
+            ids: ProducerIds::new(db.clone(), 1),
+            max_ids,
+        });
+        let c = TxnCoordinator::new(service, replayed.txn_states, env);
+        (Flushing(stop, task), db, c)
+    }
+
+    /// A test's running flusher.
+    struct Flushing(watch::Sender<bool>, tokio::task::JoinHandle<()>);
+
+    impl Flushing {
+        async fn stop(self) {
+            let _ = self.0.send(true);
+            let _ = self.1.await;
+        }
+    }
+
+    async fn coordinator(max_ids: usize) -> (tempfile::TempDir, Flushing, Arc<TxnCoordinator>) {
+        let dir = tempfile::tempdir().unwrap();
+        let (stop, _db, c) = open_at(dir.path(), max_ids);
+        (dir, stop, c)
+    }
+
+    #[tokio::test]
+    async fn state_lives_in_the_offsets_partition_and_comes_back_on_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (stop, db, c) = open_at(dir.path(), 10);
+        let a = c.init(&init("app")).await.unwrap();
+        assert_ne!(
+            a.producer_id & (1 << 40),
+            0,
+            "broker 1's ids carry its number"
         );
-        let c = TxnCoordinator::open_with_limit(&db, topics, flusher, groups, max_ids).unwrap();
-        (dir, c)
+        c.register_partition(a.producer_id, a.producer_epoch, "t", 0)
+            .await
+            .unwrap();
+        drop(c);
+        stop.stop().await;
+        db.flush().unwrap();
+        drop(db);
+        let (_stop, _db, c) = open_at(dir.path(), 10);
+        let s = c.get("app").expect("replayed");
+        assert_eq!((s.producer_id, s.epoch), (a.producer_id, a.producer_epoch));
+        assert_eq!(s.status, Status::Ongoing);
+        assert!(s.partitions.contains(&("t".to_string(), 0)));
+        let b = c.init(&init("app")).await.unwrap();
+        assert_eq!(b.producer_epoch, a.producer_epoch + 1);
+        assert_eq!(
+            c.get("app").unwrap().status,
+            Status::Empty,
+            "the open one was aborted"
+        );
     }
 
     fn init(id: &str) -> InitTransactionsRequest {
@@ -613,7 +685,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_second_init_fences_the_first_epoch() {
-        let (_d, c) = coordinator(10).await;
+        let (_d, _stop, c) = coordinator(10).await;
         let a = c.init(&init("app")).await.unwrap();
         let b = c.init(&init("app")).await.unwrap();
         assert_eq!(a.producer_id, b.producer_id);
@@ -643,7 +715,7 @@ mod tests {
 
     #[tokio::test]
     async fn ids_are_capped_and_idle_ones_expire() {
-        let (_d, c) = coordinator(2).await;
+        let (_d, _stop, c) = coordinator(2).await;
         c.init(&init("a")).await.unwrap();
         c.init(&init("b")).await.unwrap();
         let e = c.init(&init("c")).await.unwrap_err();
@@ -658,7 +730,8 @@ mod tests {
         c.register_partition(b.producer_id, b.epoch, "t", 0)
             .await
             .unwrap();
-        c.expire_idle(crate::clock::now_ms() + ID_EXPIRATION_MS + 1);
+        c.expire_idle(crate::clock::now_ms() + ID_EXPIRATION_MS + 1)
+            .await;
         assert!(c.get("a").is_none(), "the idle id is forgotten");
         assert!(c.get("b").is_some(), "an open transaction keeps its id");
         c.init(&init("c")).await.unwrap();

@@ -1,0 +1,220 @@
+//! [`MarkerWriter`]: how a transaction coordinator ends a transaction in one partition.
+//!
+//! The marker (a control batch of the producer) goes into the partition through its leader:
+//! this broker appends it when it leads the partition (a lone broker leads every
+//! partition), else it sends WriteTxnMarker to the leader the controller names, retrying
+//! while leadership moves. A marker counts once the partition's in-sync replicas have it.
+//! A marker for a `__consumer_offsets` partition goes through that partition's group
+//! service, which makes the transaction's offsets visible (commit) or drops them (abort).
+
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use quiver_protocol::batch::{self, Marker};
+use quiver_protocol::requests::WriteTxnMarkerRequest;
+use quiver_protocol::ErrorCode;
+
+use super::TxnError;
+use crate::group::{GroupDirectory, OFFSETS_TOPIC};
+use crate::log::{Flusher, LogError};
+use crate::replica::ReplicaManager;
+use crate::topic::{TopicError, TopicRegistry};
+
+/// How long one marker may take, retries included.
+const MARKER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// See the module documentation.
+pub struct MarkerWriter {
+    topics: Arc<TopicRegistry>,
+    flusher: Arc<Flusher>,
+    groups: OnceLock<Weak<GroupDirectory>>,
+    replicas: OnceLock<Weak<ReplicaManager>>,
+}
+
+impl MarkerWriter {
+    /// A writer over this broker's topics; [`attach_groups`](Self::attach_groups) (and on a
+    /// cluster broker [`attach_replicas`](Self::attach_replicas)) completes it.
+    pub fn new(topics: Arc<TopicRegistry>, flusher: Arc<Flusher>) -> Arc<MarkerWriter> {
+        Arc::new(MarkerWriter {
+            topics,
+            flusher,
+            groups: OnceLock::new(),
+            replicas: OnceLock::new(),
+        })
+    }
+
+    /// The broker's group directory (markers into offsets partitions go through it).
+    pub fn attach_groups(&self, groups: &Arc<GroupDirectory>) {
+        let _ = self.groups.set(Arc::downgrade(groups));
+    }
+
+    /// A cluster broker's replica manager (markers go through partition leaders).
+    pub fn attach_replicas(&self, replicas: Weak<ReplicaManager>) {
+        let _ = self.replicas.set(replicas);
+    }
+
+    fn replicas(&self) -> Option<Arc<ReplicaManager>> {
+        self.replicas.get().and_then(Weak::upgrade)
+    }
+
+    /// Writes `marker` for `producer_id`/`epoch` into `topic`/`partition` through its
+    /// leader, retrying retriable failures for up to 30 s. A partition that no longer
+    /// exists needs no marker.
+    #[tracing::instrument(name = "txn_marker", skip(self), level = "debug")]
+    pub async fn write(
+        &self,
+        topic: &str,
+        partition: u32,
+        producer_id: i64,
+        epoch: i16,
+        marker: Marker,
+    ) -> Result<(), TxnError> {
+        let deadline = tokio::time::Instant::now() + MARKER_TIMEOUT;
+        let mut attempt = 0u32;
+        loop {
+            let outcome = match self.replicas() {
+                None => self
+                    .append_local(topic, partition, producer_id, epoch, marker)
+                    .await
+                    .map(drop),
+                Some(rm) => {
+                    self.through_leader(&rm, topic, partition, producer_id, epoch, marker)
+                        .await
+                }
+            };
+            match outcome {
+                Ok(()) => return Ok(()),
+                Err(TxnError::Topic(TopicError::NotFound(_))) => {
+                    tracing::warn!(%topic, partition, producer_id, "no marker for a partition that is gone");
+                    return Ok(());
+                }
+                Err(e) if e.code().is_retriable() && tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(%topic, partition, error = %e, "marker not written yet; retrying");
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis((50u64 << attempt.min(5)).min(1000)))
+                        .await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn through_leader(
+        &self,
+        rm: &ReplicaManager,
+        topic: &str,
+        partition: u32,
+        producer_id: i64,
+        epoch: i16,
+        marker: Marker,
+    ) -> Result<(), TxnError> {
+        let view = rm.view();
+        if view.topic(topic).is_none() {
+            return Err(TxnError::Topic(TopicError::NotFound(topic.to_string())));
+        }
+        let leader = view
+            .partition(topic, partition)
+            .and_then(|p| p.leader)
+            .ok_or_else(|| TxnError::Marker {
+                code: ErrorCode::NotLeader,
+                reason: format!("{topic}/{partition} has no leader now"),
+            })?;
+        if leader == rm.id() {
+            return self
+                .append_local(topic, partition, producer_id, epoch, marker)
+                .await
+                .map(drop);
+        }
+        let addr = view
+            .broker(leader)
+            .map(|b| b.addr.clone())
+            .ok_or_else(|| TxnError::Marker {
+                code: ErrorCode::NotLeader,
+                reason: format!(
+                    "the leader of {topic}/{partition}, broker {leader}, is not registered"
+                ),
+            })?;
+        let unreachable = |e: quiver_client::ClientError| TxnError::Marker {
+            code: if e.is_retriable() {
+                ErrorCode::NotLeader
+            } else {
+                e.code().unwrap_or(ErrorCode::Internal)
+            },
+            reason: format!("broker {leader} ({addr}), leader of {topic}/{partition}: {e}"),
+        };
+        let client = rm.peers().get(leader, &addr).await.map_err(unreachable)?;
+        let req = WriteTxnMarkerRequest {
+            topic: topic.to_string(),
+            partition,
+            producer_id,
+            producer_epoch: epoch,
+            commit: marker == Marker::Commit,
+        };
+        client
+            .request(&req, bytes::Bytes::new())
+            .await
+            .map(drop)
+            .map_err(|e| {
+                if matches!(e, quiver_client::ClientError::TopicNotFound(_)) {
+                    TxnError::Topic(TopicError::NotFound(topic.to_string()))
+                } else {
+                    unreachable(e)
+                }
+            })
+    }
+
+    /// Appends the marker here: this broker must lead the partition. Returns its offset
+    /// once it is durable (in a cluster: once the in-sync replicas have it).
+    pub async fn append_local(
+        &self,
+        topic: &str,
+        partition: u32,
+        producer_id: i64,
+        epoch: i16,
+        marker: Marker,
+    ) -> Result<i64, TxnError> {
+        let rm = self.replicas();
+        if let Some(rm) = &rm {
+            rm.leader(topic, partition).map_err(|e| TxnError::Marker {
+                code: e.code(),
+                reason: e.to_string(),
+            })?;
+        }
+        if topic == OFFSETS_TOPIC {
+            // Through the group service, which resolves the transaction's offsets; until
+            // it serves the partition (a new leader replaying it) the marker waits.
+            let service = self
+                .groups
+                .get()
+                .and_then(Weak::upgrade)
+                .and_then(|g| g.service_at(partition))
+                .ok_or_else(|| TxnError::Marker {
+                    code: ErrorCode::NotLeader,
+                    reason: format!("{topic}/{partition} is not served here yet"),
+                })?;
+            return Ok(service.write_marker(producer_id, epoch, marker).await?);
+        }
+        let (t, log) = self.topics.partition(topic, partition)?;
+        let raw = batch::control_batch(producer_id, epoch, marker, crate::clock::now_ms());
+        let header = batch::validate(&raw, usize::MAX).map_err(LogError::InvalidBatch)?;
+        let deadline = tokio::time::Instant::now() + MARKER_TIMEOUT;
+        let appended = log
+            .append(
+                vec![(raw, header)],
+                &t.config(),
+                &self.flusher,
+                MARKER_TIMEOUT,
+            )
+            .await?;
+        if let Some(rm) = &rm {
+            rm.leader_flushed(&log, appended.last_offset + 1);
+            rm.wait_committed(&log, appended.last_offset, deadline)
+                .await
+                .map_err(|e| TxnError::Marker {
+                    code: e.code(),
+                    reason: e.to_string(),
+                })?;
+        }
+        Ok(appended.base_offset)
+    }
+}
