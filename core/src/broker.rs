@@ -374,6 +374,11 @@ impl Broker {
         *member.lock().await = started;
         let member_for_handle = member.clone();
         let accept_task = tokio::spawn(endpoint::accept_loop(endpoint.clone(), ctx.clone()));
+        let janitor_task = tokio::spawn(crate::txn::janitor::run(
+            topics.clone(),
+            txn_markers.clone(),
+            stop_rx.clone(),
+        ));
         let retention_task = tokio::spawn(retention_loop(
             topics.clone(),
             Duration::from_millis(config.retention_check_interval_ms),
@@ -400,6 +405,7 @@ impl Broker {
                 }
                 endpoint.close(quinn::VarInt::from_u32(0), b"broker shutting down");
                 let _ = retention_task.await;
+                let _ = janitor_task.await;
                 if let Some((groups, txns)) = lone_tasks {
                     let _ = groups.await;
                     let _ = txns.await;

@@ -10,6 +10,7 @@ mod cli_tour;
 mod cluster;
 mod cluster_faults;
 mod cluster_pipelines;
+mod cluster_transactions;
 mod crash_recovery;
 mod crash_recovery_damage;
 mod forged_input;

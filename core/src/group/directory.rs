@@ -101,6 +101,18 @@ impl GroupDirectory {
             .map(|l| l.service.clone())
     }
 
+    /// The transaction coordinator of offsets partition `p`, if this broker serves it.
+    pub fn txns_at(&self, p: u32) -> Option<Arc<TxnCoordinator>> {
+        if let Some((_, t)) = self.lone.get() {
+            return (p == 0).then(|| t.clone());
+        }
+        self.led
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&p)
+            .map(|l| l.txns.clone())
+    }
+
     /// A lone broker's transaction coordinator (`None` in a cluster).
     pub fn lone_txns(&self) -> Option<Arc<TxnCoordinator>> {
         self.lone.get().map(|(_, t)| t.clone())

@@ -36,10 +36,6 @@ use crate::topic::{TopicConfig, TopicError, TopicRegistry};
 
 /// How often sessions are checked.
 const TICK: Duration = Duration::from_millis(100);
-/// Offsets a transaction added are dropped after this long without its marker: past the
-/// longest transaction timeout (15 min, after which its coordinator aborts it) and then
-/// some for the marker to arrive.
-const ABANDONED_TXN_MS: i64 = 20 * 60 * 1000;
 /// How long a persisted group record may wait for its disk flush.
 const PERSIST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -318,6 +314,11 @@ impl GroupService {
             txn_ended: watch::Sender::new(0),
         });
         Ok((service, Replayed { txn_states }))
+    }
+
+    /// The offsets partition this service keeps.
+    pub fn partition(&self) -> u32 {
+        self.log.partition
     }
 
     fn now(&self) -> u64 {
@@ -703,7 +704,7 @@ impl GroupService {
             .txn_lock()
             .pending
             .iter()
-            .filter(|(_, p)| now.saturating_sub(p.since_ms) > ABANDONED_TXN_MS)
+            .filter(|(_, p)| now.saturating_sub(p.since_ms) > crate::txn::ABANDONED_TXN_MS)
             .map(|(id, p)| (*id, p.epoch))
             .collect();
         for (producer_id, epoch) in abandoned {

@@ -367,6 +367,16 @@ impl PartitionLog {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Producers (id, epoch) with a transaction open here since before `before_ms`.
+    pub fn txns_open_before(&self, before_ms: i64) -> Vec<(i64, i16)> {
+        self.lock().txns.open_since_before(before_ms)
+    }
+
+    /// True while `producer_id` has a transaction open in this partition.
+    pub fn txn_open(&self, producer_id: i64) -> bool {
+        self.lock().txns.is_open(producer_id)
+    }
+
     /// Offsets and size now.
     pub fn snapshot(&self) -> PartitionSnapshot {
         let s = self.lock();

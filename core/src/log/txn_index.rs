@@ -9,11 +9,23 @@ use std::collections::{BTreeMap, VecDeque};
 use quiver_protocol::batch::{BatchHeader, Marker};
 use quiver_protocol::requests::AbortedTxn;
 
+/// A transaction open in the partition.
+#[derive(Debug, Clone, Copy)]
+struct OpenTxn {
+    /// Offset of its first batch here.
+    first_offset: i64,
+    /// The producer epoch of that batch.
+    epoch: i16,
+    /// When this index first saw it (ms since the epoch; when the partition opened, for
+    /// one rebuilt from the log).
+    seen_ms: i64,
+}
+
 /// Open and aborted transactions of one partition.
 #[derive(Debug, Default)]
 pub struct TxnIndex {
-    /// Producer id → offset of its open transaction's first batch here.
-    open: BTreeMap<i64, i64>,
+    /// Producer id → its open transaction here.
+    open: BTreeMap<i64, OpenTxn>,
     /// Aborted transactions, in marker order.
     aborted: VecDeque<AbortedTxn>,
 }
@@ -29,18 +41,36 @@ impl TxnIndex {
             if let (Some(Marker::Abort), Some(first)) = (marker, first) {
                 self.aborted.push_back(AbortedTxn {
                     producer_id: h.producer_id,
-                    first_offset: first,
+                    first_offset: first.first_offset,
                     last_offset: h.base_offset,
                 });
             }
             return;
         }
-        self.open.entry(h.producer_id).or_insert(h.base_offset);
+        self.open.entry(h.producer_id).or_insert(OpenTxn {
+            first_offset: h.base_offset,
+            epoch: h.producer_epoch,
+            seen_ms: crate::clock::now_ms(),
+        });
+    }
+
+    /// Producers (id, epoch) whose transaction here was first seen before `before_ms`.
+    pub fn open_since_before(&self, before_ms: i64) -> Vec<(i64, i16)> {
+        self.open
+            .iter()
+            .filter(|(_, t)| t.seen_ms < before_ms)
+            .map(|(id, t)| (*id, t.epoch))
+            .collect()
+    }
+
+    /// True while `producer_id` has a transaction open here.
+    pub fn is_open(&self, producer_id: i64) -> bool {
+        self.open.contains_key(&producer_id)
     }
 
     /// The first offset of the oldest open transaction, if any.
     pub fn first_unstable(&self) -> Option<i64> {
-        self.open.values().min().copied()
+        self.open.values().map(|t| t.first_offset).min()
     }
 
     /// Aborted transactions with batches in `from..to`.

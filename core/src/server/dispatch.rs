@@ -132,6 +132,7 @@ pub async fn dispatch(
         ApiKey::EndTxn => requests::transactions::end(ctx, body).await?,
         ApiKey::AddPartitionsToTxn => requests::transactions::add_partitions(ctx, body).await?,
         ApiKey::WriteTxnMarker => requests::transactions::write_marker(ctx, peer, body).await?,
+        ApiKey::VerifyTxnPartition => requests::transactions::verify_partition(ctx, peer, body)?,
         ApiKey::DescribeCluster => requests::describe_cluster::handle(ctx, body).await?,
         ApiKey::ReplicaFetch => requests::replica_fetch::fetch(ctx, peer, body).await?,
         ApiKey::OffsetForLeaderEpoch => {

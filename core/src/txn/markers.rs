@@ -108,41 +108,15 @@ impl MarkerWriter {
         epoch: i16,
         marker: Marker,
     ) -> Result<(), TxnError> {
-        let view = rm.view();
-        if view.topic(topic).is_none() {
+        if rm.view().topic(topic).is_none() {
             return Err(TxnError::Topic(TopicError::NotFound(topic.to_string())));
         }
-        let leader = view
-            .partition(topic, partition)
-            .and_then(|p| p.leader)
-            .ok_or_else(|| TxnError::Marker {
-                code: ErrorCode::NotLeader,
-                reason: format!("{topic}/{partition} has no leader now"),
-            })?;
-        if leader == rm.id() {
+        let Some(leader) = leader_client(rm, topic, partition).await? else {
             return self
                 .append_local(topic, partition, producer_id, epoch, marker)
                 .await
                 .map(drop);
-        }
-        let addr = view
-            .broker(leader)
-            .map(|b| b.addr.clone())
-            .ok_or_else(|| TxnError::Marker {
-                code: ErrorCode::NotLeader,
-                reason: format!(
-                    "the leader of {topic}/{partition}, broker {leader}, is not registered"
-                ),
-            })?;
-        let unreachable = |e: quiver_client::ClientError| TxnError::Marker {
-            code: if e.is_retriable() {
-                ErrorCode::NotLeader
-            } else {
-                e.code().unwrap_or(ErrorCode::Internal)
-            },
-            reason: format!("broker {leader} ({addr}), leader of {topic}/{partition}: {e}"),
         };
-        let client = rm.peers().get(leader, &addr).await.map_err(unreachable)?;
         let req = WriteTxnMarkerRequest {
             topic: topic.to_string(),
             partition,
@@ -150,17 +124,7 @@ impl MarkerWriter {
             producer_epoch: epoch,
             commit: marker == Marker::Commit,
         };
-        client
-            .request(&req, bytes::Bytes::new())
-            .await
-            .map(drop)
-            .map_err(|e| {
-                if matches!(e, quiver_client::ClientError::TopicNotFound(_)) {
-                    TxnError::Topic(TopicError::NotFound(topic.to_string()))
-                } else {
-                    unreachable(e)
-                }
-            })
+        leader.request(&req).await.map(drop)
     }
 
     /// Appends the marker here: this broker must lead the partition. Returns its offset
@@ -175,7 +139,7 @@ impl MarkerWriter {
     ) -> Result<i64, TxnError> {
         let rm = self.replicas();
         if let Some(rm) = &rm {
-            rm.leader(topic, partition).map_err(|e| TxnError::Marker {
+            rm.leader(topic, partition).map_err(|e| TxnError::Route {
                 code: e.code(),
                 reason: e.to_string(),
             })?;
@@ -188,7 +152,7 @@ impl MarkerWriter {
                 .get()
                 .and_then(Weak::upgrade)
                 .and_then(|g| g.service_at(partition))
-                .ok_or_else(|| TxnError::Marker {
+                .ok_or_else(|| TxnError::Route {
                     code: ErrorCode::NotLeader,
                     reason: format!("{topic}/{partition} is not served here yet"),
                 })?;
@@ -210,11 +174,93 @@ impl MarkerWriter {
             rm.leader_flushed(&log, appended.last_offset + 1);
             rm.wait_committed(&log, appended.last_offset, deadline)
                 .await
-                .map_err(|e| TxnError::Marker {
+                .map_err(|e| TxnError::Route {
                     code: e.code(),
                     reason: e.to_string(),
                 })?;
         }
         Ok(appended.base_offset)
     }
+}
+
+/// A peer broker that leads a partition, reached with this broker's certificate.
+pub(super) struct PeerLeader {
+    client: quiver_client::Client,
+    id: crate::cluster::BrokerId,
+    addr: String,
+    what: String,
+}
+
+impl PeerLeader {
+    /// Sends `req`; a failure that may pass as leadership settles is `NotLeader`.
+    pub(super) async fn request<M: quiver_protocol::Message>(
+        &self,
+        req: &M,
+    ) -> Result<M::Response, TxnError> {
+        self.client
+            .request(req, bytes::Bytes::new())
+            .await
+            .map(|(r, _)| r)
+            .map_err(|e| match e {
+                quiver_client::ClientError::TopicNotFound(t) => {
+                    TxnError::Topic(TopicError::NotFound(t))
+                }
+                e => peer_error(self.id, &self.addr, &self.what, e),
+            })
+    }
+}
+
+fn peer_error(
+    id: crate::cluster::BrokerId,
+    addr: &str,
+    what: &str,
+    e: quiver_client::ClientError,
+) -> TxnError {
+    TxnError::Route {
+        code: if e.is_retriable() {
+            ErrorCode::NotLeader
+        } else {
+            e.code().unwrap_or(ErrorCode::Internal)
+        },
+        reason: format!("broker {id} ({addr}), leader of {what}: {e}"),
+    }
+}
+
+/// The leader of `topic`/`partition` as the controller names it: `None` when it is this
+/// broker, else a client of it. No leader now is a retriable `NotLeader`.
+pub(super) async fn leader_client(
+    rm: &ReplicaManager,
+    topic: &str,
+    partition: u32,
+) -> Result<Option<PeerLeader>, TxnError> {
+    let view = rm.view();
+    let what = format!("{topic}/{partition}");
+    let leader = view
+        .partition(topic, partition)
+        .and_then(|p| p.leader)
+        .ok_or_else(|| TxnError::Route {
+            code: ErrorCode::NotLeader,
+            reason: format!("{what} has no leader now"),
+        })?;
+    if leader == rm.id() {
+        return Ok(None);
+    }
+    let addr = view
+        .broker(leader)
+        .map(|b| b.addr.clone())
+        .ok_or_else(|| TxnError::Route {
+            code: ErrorCode::NotLeader,
+            reason: format!("the leader of {what}, broker {leader}, is not registered"),
+        })?;
+    let client = rm
+        .peers()
+        .get(leader, &addr)
+        .await
+        .map_err(|e| peer_error(leader, &addr, &what, e))?;
+    Ok(Some(PeerLeader {
+        client,
+        id: leader,
+        addr,
+        what,
+    }))
 }

@@ -21,7 +21,9 @@
 //! with the epoch bumped so its producer is fenced; the ticker also finishes prepared
 //! transactions whose markers could not all be written yet.
 
+pub mod janitor;
 pub mod markers;
+pub mod verify;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -30,7 +32,8 @@ use std::time::Duration;
 use quiver_protocol::batch::Marker;
 use quiver_protocol::requests::{
     AddPartitionsToTxnRequest, AddPartitionsToTxnResponse, EndTxnRequest, EndTxnResponse,
-    InitTransactionsRequest, InitTransactionsResponse,
+    InitTransactionsRequest, InitTransactionsResponse, VerifyTxnPartitionRequest,
+    VerifyTxnPartitionResponse,
 };
 use quiver_protocol::ErrorCode;
 use serde::{Deserialize, Serialize};
@@ -56,6 +59,9 @@ const ID_EXPIRATION_MS: i64 = 7 * 24 * 3600 * 1000;
 /// Most transactional ids one coordinator keeps: past it, new ids are refused (until old
 /// ones expire), so a client cannot grow the coordinator's memory without bound.
 pub const MAX_TRANSACTIONAL_IDS: usize = 100_000;
+/// A transaction still open this long after it began can be none any coordinator knows
+/// (they abort at their timeout, 15 min at most): partitions abort it themselves.
+pub const ABANDONED_TXN_MS: i64 = 20 * 60 * 1000;
 /// Most partitions one transaction may write.
 pub const MAX_TXN_PARTITIONS: usize = 10_000;
 
@@ -77,9 +83,10 @@ pub enum TxnError {
     /// A partition of the transaction is gone.
     #[error(transparent)]
     Topic(#[from] TopicError),
-    /// A partition's leader did not take the marker (yet).
-    #[error("transaction marker: {reason}")]
-    Marker { code: ErrorCode, reason: String },
+    /// A partition's leader or a coordinator on another broker could not be reached, or
+    /// refused (a marker not taken yet, a batch not verified).
+    #[error("{reason}")]
+    Route { code: ErrorCode, reason: String },
     /// The state could not be stored.
     #[error("transaction state storage: {0}")]
     Storage(String),
@@ -98,7 +105,7 @@ impl TxnError {
             TxnError::Group(e) => e.code(),
             TxnError::Log(e) => e.code(),
             TxnError::Topic(e) => e.code(),
-            TxnError::Marker { code, .. } => *code,
+            TxnError::Route { code, .. } => *code,
             TxnError::Storage(_) => ErrorCode::StorageError,
             TxnError::NotCoordinator { .. } => ErrorCode::NotLeader,
         }
@@ -107,8 +114,9 @@ impl TxnError {
 
 type Result<T> = std::result::Result<T, TxnError>;
 
-/// Hands out producer ids unique in the cluster: this broker's id in bits 40–55 and a
-/// number from its sled counter below.
+/// Hands out producer ids unique in the cluster: the coordinator's offsets partition in
+/// bits 48–55 (so a partition leader knows whom to ask about a transactional batch), this
+/// broker's id in bits 32–47 and a number from its sled counter below.
 pub struct ProducerIds {
     db: sled::Db,
     broker: u32,
@@ -120,17 +128,23 @@ impl ProducerIds {
         ProducerIds { db, broker }
     }
 
-    fn next(&self) -> Result<i64> {
+    fn next(&self, partition: u32) -> Result<i64> {
         let n = self
             .db
             .generate_id()
             .map_err(|e| TxnError::Storage(e.to_string()))?;
-        Ok(
-            PRODUCER_ID_BIT
-                | (i64::from(self.broker & 0xffff) << 40)
-                | (n as i64 & ((1 << 40) - 1)),
-        )
+        Ok(PRODUCER_ID_BIT
+            | (i64::from(partition & 0xff) << 48)
+            | (i64::from(self.broker & 0xffff) << 32)
+            | (n as i64 & 0xffff_ffff))
     }
+}
+
+/// The `__consumer_offsets` partition whose coordinator issued `producer_id` (`None`: no
+/// coordinator did, e.g. an idempotent producer's own id).
+pub fn coordinator_partition_of(producer_id: i64) -> Option<u32> {
+    (producer_id >= 0 && producer_id & PRODUCER_ID_BIT != 0)
+        .then_some(((producer_id >> 48) & 0xff) as u32)
 }
 
 /// What every transaction coordinator of a broker shares.
@@ -316,7 +330,7 @@ impl TxnCoordinator {
                     self.finish(id, &mut s, false).await?;
                 }
                 if s.epoch == i16::MAX {
-                    s.producer_id = self.env.ids.next()?;
+                    s.producer_id = self.env.ids.next(self.store.partition())?;
                     s.epoch = 0;
                 } else {
                     s.epoch += 1;
@@ -331,7 +345,7 @@ impl TxnCoordinator {
                 )))
             }
             None => TxnState {
-                producer_id: self.env.ids.next()?,
+                producer_id: self.env.ids.next(self.store.partition())?,
                 epoch: 0,
                 status: Status::Empty,
                 timeout_ms,
@@ -425,6 +439,28 @@ impl TxnCoordinator {
         self.add_locked(&id, s, vec![(topic.to_string(), partition)])
             .await
             .map(drop)
+    }
+
+    /// VerifyTxnPartition: the batch's producer holds its id at this epoch, and its open
+    /// transaction added the partition.
+    pub fn verify(&self, req: &VerifyTxnPartitionRequest) -> Result<VerifyTxnPartitionResponse> {
+        let id = self.id_of(req.producer_id).ok_or_else(|| {
+            TxnError::Fenced(format!(
+                "producer id {} holds no transactional id; call InitTransactions first",
+                req.producer_id
+            ))
+        })?;
+        let s = self.current(&id, req.producer_id, req.producer_epoch)?;
+        let tp = (req.topic.clone(), req.partition);
+        if s.status != Status::Ongoing || !s.partitions.contains(&tp) {
+            return Err(TxnError::State(format!(
+                "{}/{} is not part of an open transaction of {id:?}; add it first (AddPartitionsToTxn)",
+                req.topic, req.partition
+            )));
+        }
+        Ok(VerifyTxnPartitionResponse {
+            transactional_id: id,
+        })
     }
 
     /// EndTxn.
@@ -650,11 +686,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (stop, db, c) = open_at(dir.path(), 10);
         let a = c.init(&init("app")).await.unwrap();
-        assert_ne!(
-            a.producer_id & (1 << 40),
-            0,
+        assert_eq!(
+            (a.producer_id >> 32) & 0xffff,
+            1,
             "broker 1's ids carry its number"
         );
+        assert_eq!(coordinator_partition_of(a.producer_id), Some(0));
+        assert_eq!(coordinator_partition_of(12345), None);
         c.register_partition(a.producer_id, a.producer_epoch, "t", 0)
             .await
             .unwrap();

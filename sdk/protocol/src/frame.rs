@@ -129,6 +129,9 @@ api_keys! {
     /// A transaction coordinator has a partition's leader append a commit or abort marker
     /// (brokers only).
     WriteTxnMarker = 64,
+    /// A partition's leader asks a transaction's coordinator whether a transactional batch
+    /// belongs to an open transaction that holds the partition (brokers only).
+    VerifyTxnPartition = 65,
     /// The controller leader and the registered brokers, as this broker sees them.
     DescribeCluster = 70,
     /// A follower broker fetches a partition's batches from its leader (brokers only).

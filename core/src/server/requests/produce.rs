@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use quiver_protocol::batch::split_batches;
-use quiver_protocol::requests::{Acks, ProduceRequest, ProduceResponse};
+use quiver_protocol::requests::{Acks, ProduceRequest, ProduceResponse, VerifyTxnPartitionRequest};
 
 use quiver_protocol::ErrorCode;
 
@@ -51,13 +51,29 @@ pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
     .map_err(|e| RequestError::new(ErrorCode::Internal, format!("produce task failed: {e}")))??;
     // A transaction's partitions are known to its coordinator before its batches land: a
     // lone broker registers them itself; in a cluster the producer added them
-    // (AddPartitionsToTxn) on the coordinator.
-    if let Some(txns) = ctx.groups.lone_txns() {
-        for (_, h) in &checked {
-            if h.is_transactional() {
-                txns.register_partition(h.producer_id, h.producer_epoch, &req.topic, req.partition)
-                    .await?;
+    // (AddPartitionsToTxn), and the coordinator confirms it before a producer's first
+    // transactional batch here.
+    let mut verified = Vec::new();
+    for (_, h) in &checked {
+        if !h.is_transactional() {
+            continue;
+        }
+        if let Some(txns) = ctx.groups.lone_txns() {
+            txns.register_partition(h.producer_id, h.producer_epoch, &req.topic, req.partition)
+                .await?;
+        } else if let Some(rm) = replicas {
+            let key = (h.producer_id, h.producer_epoch);
+            if verified.contains(&key) || log.txn_open(h.producer_id) {
+                continue;
             }
+            let check = VerifyTxnPartitionRequest {
+                producer_id: h.producer_id,
+                producer_epoch: h.producer_epoch,
+                topic: req.topic.clone(),
+                partition: req.partition,
+            };
+            crate::txn::verify::verify_in_cluster(rm, &ctx.groups, &check).await?;
+            verified.push(key);
         }
     }
     let deadline = tokio::time::Instant::now() + timeout;

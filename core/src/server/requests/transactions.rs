@@ -7,7 +7,7 @@ use bytes::Bytes;
 use quiver_protocol::batch::Marker;
 use quiver_protocol::requests::{
     AddPartitionsToTxnRequest, EndTxnRequest, InitTransactionsRequest, TxnCommitOffsetsRequest,
-    WriteTxnMarkerRequest, WriteTxnMarkerResponse,
+    VerifyTxnPartitionRequest, WriteTxnMarkerRequest, WriteTxnMarkerResponse,
 };
 use quiver_protocol::ErrorCode;
 
@@ -62,6 +62,44 @@ pub async fn end(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError
     Ok(Reply::control(&coordinator.end(&req).await?))
 }
 
+/// Brokers-only requests need a peer of this cluster: its certificate signed by the
+/// cluster CA.
+fn from_a_broker(ctx: &ServerContext, peer: Peer, what: &str) -> Result<(), RequestError> {
+    if ctx.replicas().is_none() || !peer.broker {
+        return Err(RequestError::new(
+            ErrorCode::ClusterAuthorizationFailed,
+            format!("{what} is for the cluster's brokers only (a connection with a certificate signed by the cluster CA)"),
+        ));
+    }
+    Ok(())
+}
+
+/// Handles VerifyTxnPartition (brokers only): answered by the coordinator that issued the
+/// producer id, if this broker serves it.
+#[tracing::instrument(name = "verify_txn_partition", skip_all)]
+pub fn verify_partition(
+    ctx: &ServerContext,
+    peer: Peer,
+    body: Bytes,
+) -> Result<Reply, RequestError> {
+    let (req, _) = decode::<VerifyTxnPartitionRequest>(&body)?;
+    from_a_broker(ctx, peer, "VerifyTxnPartition")?;
+    let p = crate::txn::coordinator_partition_of(req.producer_id).ok_or_else(|| {
+        RequestError::new(
+            ErrorCode::ProducerFenced,
+            format!(
+                "producer id {} was not issued by a transaction coordinator",
+                req.producer_id
+            ),
+        )
+    })?;
+    Ok(Reply::control(&crate::txn::verify::local(
+        &ctx.groups,
+        p,
+        &req,
+    )?))
+}
+
 /// Handles WriteTxnMarker: only another broker of the cluster (its certificate signed by
 /// the cluster CA) may ask, and only the partition's leader appends.
 #[tracing::instrument(name = "write_txn_marker", skip_all)]
@@ -71,12 +109,7 @@ pub async fn write_marker(
     body: Bytes,
 ) -> Result<Reply, RequestError> {
     let (req, _) = decode::<WriteTxnMarkerRequest>(&body)?;
-    if ctx.replicas().is_none() || !peer.broker {
-        return Err(RequestError::new(
-            ErrorCode::ClusterAuthorizationFailed,
-            "WriteTxnMarker is for the cluster's brokers only (a connection with a certificate signed by the cluster CA)",
-        ));
-    }
+    from_a_broker(ctx, peer, "WriteTxnMarker")?;
     let marker = if req.commit {
         Marker::Commit
     } else {

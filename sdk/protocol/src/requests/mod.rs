@@ -55,7 +55,8 @@ pub use subscribe::{SubscribeChunk, SubscribeRequest};
 pub use transaction::{
     AddPartitionsToTxnRequest, AddPartitionsToTxnResponse, EndTxnRequest, EndTxnResponse,
     InitTransactionsRequest, InitTransactionsResponse, TxnCommitOffsetsRequest,
-    TxnCommitOffsetsResponse, WriteTxnMarkerRequest, WriteTxnMarkerResponse,
+    TxnCommitOffsetsResponse, VerifyTxnPartitionRequest, VerifyTxnPartitionResponse,
+    WriteTxnMarkerRequest, WriteTxnMarkerResponse,
 };
 
 pub use deploy_plugin::{DeployPluginRequest, DeployPluginResponse};
@@ -132,6 +133,7 @@ macro_rules! with_all_messages {
             EndTxn: $crate::requests::EndTxnRequest => $crate::requests::EndTxnResponse,
             AddPartitionsToTxn: $crate::requests::AddPartitionsToTxnRequest => $crate::requests::AddPartitionsToTxnResponse,
             WriteTxnMarker: $crate::requests::WriteTxnMarkerRequest => $crate::requests::WriteTxnMarkerResponse,
+            VerifyTxnPartition: $crate::requests::VerifyTxnPartitionRequest => $crate::requests::VerifyTxnPartitionResponse,
             DescribeCluster: $crate::requests::DescribeClusterRequest => $crate::requests::ClusterDescription,
             ReplicaFetch: $crate::requests::ReplicaFetchRequest => $crate::requests::ReplicaFetchResponse,
             OffsetForLeaderEpoch: $crate::requests::OffsetForLeaderEpochRequest => $crate::requests::OffsetForLeaderEpochResponse,

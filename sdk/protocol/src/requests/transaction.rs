@@ -153,3 +153,31 @@ impl Message for WriteTxnMarkerRequest {
     const API: ApiKey = ApiKey::WriteTxnMarker;
     type Response = WriteTxnMarkerResponse;
 }
+
+/// From a partition's leader to a transaction's coordinator: may this transactional batch
+/// of `producer_id`/`producer_epoch` open a transaction in `topic`/`partition`? Yes only when
+/// the producer's transaction is open and added the partition (AddPartitionsToTxn), so a
+/// batch can never leave a transaction open that no coordinator would end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyTxnPartitionRequest {
+    /// The batch's producer id.
+    pub producer_id: i64,
+    /// Its epoch.
+    pub producer_epoch: i16,
+    /// Topic name.
+    pub topic: String,
+    /// Partition index.
+    pub partition: u32,
+}
+
+/// The batch belongs to an open transaction holding the partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyTxnPartitionResponse {
+    /// The producer's transactional id.
+    pub transactional_id: String,
+}
+
+impl Message for VerifyTxnPartitionRequest {
+    const API: ApiKey = ApiKey::VerifyTxnPartition;
+    type Response = VerifyTxnPartitionResponse;
+}

@@ -798,6 +798,25 @@ impl Sample for WriteTxnMarkerResponse {
     }
 }
 
+impl Sample for VerifyTxnPartitionRequest {
+    fn samples() -> Vec<Self> {
+        vec![VerifyTxnPartitionRequest {
+            producer_id: 1 << 62,
+            producer_epoch: 3,
+            topic: s("counts"),
+            partition: 1,
+        }]
+    }
+}
+
+impl Sample for VerifyTxnPartitionResponse {
+    fn samples() -> Vec<Self> {
+        vec![VerifyTxnPartitionResponse {
+            transactional_id: s("pipeline.wc.1"),
+        }]
+    }
+}
+
 impl Sample for DescribeClusterRequest {
     fn samples() -> Vec<Self> {
         vec![DescribeClusterRequest {}]
