@@ -7,6 +7,8 @@
 //! makes every link lossy and slow. After the faults heal, a final read of every partition
 //! goes to the [`checker`](super::checker); every broker's stored batches are compared
 //! byte for byte below the high watermark; the counts and failover times are printed.
+//! Beside them a transactional writer commits and aborts transactions over three
+//! partitions, and a read-committed read checks each is atomic ([`super::txn_soak`]).
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -22,6 +24,7 @@ use serde_json::Value;
 use super::checker::{check, Send};
 use super::harness::{bin, cli_at, free_udp_port, unsafe_kill, wait_for};
 use super::netproxy::{LinkFault, UdpProxy};
+use super::txn_soak::{check_txns, txn_writer, TxnHistory, TXN_PARTITIONS, TXN_TOPIC};
 
 const BROKERS: usize = 3;
 const PARTITIONS: u32 = 6;
@@ -481,6 +484,27 @@ fn acks_all_writes_survive_leader_kills_and_network_partitions() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let out = cli_at(
+        &c.bootstrap(),
+        &c.ca(),
+        &[
+            "topic",
+            "create",
+            TXN_TOPIC,
+            "--partitions",
+            &TXN_PARTITIONS.to_string(),
+            "--replication-factor",
+            "3",
+            "--config",
+            "min.insync.replicas=2",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -502,6 +526,14 @@ fn acks_all_writes_survive_leader_kills_and_network_partitions() {
             })
         })
         .collect();
+    let txn_history: Arc<Mutex<TxnHistory>> = Arc::default();
+    let txn_task = {
+        let (config, history, stop) = (config.clone(), txn_history.clone(), stop.clone());
+        rt.spawn(async move {
+            let client = Client::connect(config).await.expect("connect");
+            txn_writer(client, history, stop).await;
+        })
+    };
     std::thread::sleep(Duration::from_secs(2));
 
     let started = Instant::now();
@@ -655,6 +687,7 @@ fn acks_all_writes_survive_leader_kills_and_network_partitions() {
     for w in writers {
         rt.block_on(w).unwrap();
     }
+    rt.block_on(txn_task).unwrap();
     for p in &c.proxies {
         p.heal();
     }
@@ -668,10 +701,26 @@ fn acks_all_writes_survive_leader_kills_and_network_partitions() {
     );
     // (The final read goes on until each leader's high watermark reaches its log end: a
     // leader that just took over starts from the one it had as a follower, a fetch behind.)
-    let reads = rt.block_on(async {
+    let txn_history = std::mem::take(&mut *txn_history.lock().unwrap());
+    let (reads, txns) = rt.block_on(async {
         let client = Client::connect(config.clone()).await.unwrap();
-        read_all(&client).await
+        (
+            read_all(&client).await,
+            check_txns(&client, &txn_history).await,
+        )
     });
+    for (why, n) in &txn_history.failures {
+        println!("failed transaction steps: {n} x {why}");
+    }
+    println!(
+        "transactions: committed {}, aborted {}, uncertain {} ({} of them visible, all whole), violations {}: {:?}",
+        txns.committed,
+        txns.aborted,
+        txns.uncertain,
+        txns.uncertain_visible,
+        txns.violations.len(),
+        txns.violations.iter().take(10).collect::<Vec<_>>()
+    );
     let history = std::mem::take(&mut *history.lock().unwrap());
     let verdict = check(&history.sends, &reads);
     for (why, n) in &history.failures {
@@ -743,5 +792,10 @@ fn acks_all_writes_survive_leader_kills_and_network_partitions() {
         "too little was acknowledged to judge: {verdict:?}"
     );
     assert!(verdict.ok(), "{verdict:?}");
+    assert!(
+        txns.committed > 20,
+        "too few transactions committed to judge: {txns:?}"
+    );
+    assert!(txns.violations.is_empty(), "{txns:?}");
     identical.unwrap();
 }

@@ -21,3 +21,4 @@ mod plugins;
 mod shutdown;
 mod topics_admin;
 mod transactions;
+mod txn_soak;

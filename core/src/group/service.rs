@@ -316,6 +316,13 @@ impl GroupService {
         Ok((service, Replayed { txn_states }))
     }
 
+    /// True while this broker still leads the service's partition (always on a lone broker).
+    pub fn still_leads(&self) -> bool {
+        self.replicas
+            .upgrade()
+            .is_none_or(|rm| rm.leader(OFFSETS_TOPIC, self.log.partition).is_ok())
+    }
+
     /// The offsets partition this service keeps.
     pub fn partition(&self) -> u32 {
         self.log.partition

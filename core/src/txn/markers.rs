@@ -58,9 +58,10 @@ impl MarkerWriter {
     }
 
     /// Writes `marker` for `producer_id`/`epoch` into `topic`/`partition` through its
-    /// leader, retrying retriable failures for up to 30 s. A partition that no longer
-    /// exists needs no marker.
-    #[tracing::instrument(name = "txn_marker", skip(self), level = "debug")]
+    /// leader, retrying retriable failures for up to 30 s while `coordinating()` holds (a
+    /// coordinator that lost its partition stops, leaving the marker to its successor). A
+    /// partition that no longer exists needs no marker.
+    #[tracing::instrument(name = "txn_marker", skip(self, coordinating), level = "debug")]
     pub async fn write(
         &self,
         topic: &str,
@@ -68,10 +69,17 @@ impl MarkerWriter {
         producer_id: i64,
         epoch: i16,
         marker: Marker,
+        coordinating: &(dyn Fn() -> bool + Sync),
     ) -> Result<(), TxnError> {
         let deadline = tokio::time::Instant::now() + MARKER_TIMEOUT;
         let mut attempt = 0u32;
         loop {
+            if !coordinating() {
+                return Err(TxnError::Route {
+                    code: ErrorCode::NotLeader,
+                    reason: "this broker no longer coordinates the transaction".into(),
+                });
+            }
             let outcome = match self.replicas() {
                 None => self
                     .append_local(topic, partition, producer_id, epoch, marker)

@@ -326,8 +326,11 @@ impl TxnCoordinator {
         let next = match self.get(id) {
             Some(mut s) => {
                 if s.status != Status::Empty {
-                    // The previous holder's transaction never ended: abort it first.
-                    self.finish(id, &mut s, false).await?;
+                    // The previous holder's transaction never ended: abort it first (one
+                    // already prepared to commit is finished as a commit: its outcome is
+                    // decided).
+                    let commit = s.status == Status::PrepareCommit;
+                    self.finish(id, &mut s, commit).await?;
                 }
                 if s.epoch == i16::MAX {
                     s.producer_id = self.env.ids.next(self.store.partition())?;
@@ -505,10 +508,16 @@ impl TxnCoordinator {
         // Every partition at once; a failure leaves the transaction prepared, and the
         // ticker (or the producer's retry) writes the markers again: a repeated marker
         // finds no open transaction and changes nothing.
+        let coordinating = || self.store.still_leads();
         let writes = s.partitions.iter().map(|(topic, partition)| {
-            self.env
-                .markers
-                .write(topic, *partition, s.producer_id, s.epoch, marker)
+            self.env.markers.write(
+                topic,
+                *partition,
+                s.producer_id,
+                s.epoch,
+                marker,
+                &coordinating,
+            )
         });
         for r in futures::future::join_all(writes).await {
             r?;
