@@ -103,7 +103,7 @@ impl Writer {
         let id = format!("pipeline.{pipeline}.{member_id}");
         match TransactionalProducer::init_with_timeout(client, &id, TXN_TIMEOUT).await {
             Ok(tx) => Ok(Writer::ExactlyOnce(tx)),
-            // The cluster cannot run transactions: joining again would not change that.
+            // A broker that cannot run transactions: joining again would not change that.
             Err(e) if e.code() == Some(quiver_protocol::ErrorCode::UnsupportedApi) => Err(
                 RuntimeError::Failed(format!("guarantee \"exactly-once\" cannot run here: {e}")),
             ),

@@ -154,6 +154,7 @@ impl GroupDirectory {
         service: Arc<GroupService>,
         txns: Arc<TxnCoordinator>,
     ) {
+        service.set_led_epoch(leader_epoch);
         let (stop, rx) = watch::channel(false);
         tokio::spawn(service.clone().run_ticker(rx.clone()));
         tokio::spawn(txns.clone().run_ticker(rx));

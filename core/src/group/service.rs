@@ -103,6 +103,11 @@ pub struct GroupService {
     txn: Mutex<TxnOffsets>,
     /// Bumped whenever a transaction's offsets are resolved (wakes waiting offset fetches).
     txn_ended: watch::Sender<u64>,
+    /// One transactional step at a time per producer id: its offsets are stored and held
+    /// before or after its marker is written and resolved, never between.
+    producer_locks: Mutex<HashMap<i64, Arc<tokio::sync::Mutex<()>>>>,
+    /// The leader epoch at which this broker serves the partition (a cluster broker).
+    led_epoch: std::sync::OnceLock<u64>,
 }
 
 /// Offsets added to open transactions, and the fencing of old producer epochs.
@@ -124,13 +129,19 @@ struct PendingTxn {
 }
 
 impl TxnOffsets {
+    /// Holds `records` for `producer_id`'s transaction at `epoch`. Offsets held for an
+    /// older epoch belong to a transaction whose marker never came here (it never added
+    /// this partition, or its epoch was fenced): they are dropped.
     fn add(&mut self, producer_id: i64, epoch: i16, records: Vec<GroupRecord>) {
-        let p = self.pending.entry(producer_id).or_insert(PendingTxn {
+        let fresh = || PendingTxn {
             epoch,
             records: Vec::new(),
             since_ms: crate::clock::now_ms(),
-        });
-        p.epoch = p.epoch.max(epoch);
+        };
+        let p = self.pending.entry(producer_id).or_insert_with(fresh);
+        if p.epoch < epoch {
+            *p = fresh();
+        }
         p.records.extend(records);
     }
 
@@ -312,15 +323,56 @@ impl GroupService {
             replicas,
             txn: Mutex::new(txn),
             txn_ended: watch::Sender::new(0),
+            producer_locks: Mutex::new(HashMap::new()),
+            led_epoch: std::sync::OnceLock::new(),
         });
         Ok((service, Replayed { txn_states }))
     }
 
-    /// True while this broker still leads the service's partition (always on a lone broker).
+    /// A cluster broker serves the partition from `leader_epoch` on.
+    pub fn set_led_epoch(&self, leader_epoch: u64) {
+        let _ = self.led_epoch.set(leader_epoch);
+    }
+
+    /// True while this broker still leads the service's partition at the epoch it took it
+    /// over (always on a lone broker).
     pub fn still_leads(&self) -> bool {
-        self.replicas
-            .upgrade()
-            .is_none_or(|rm| rm.leader(OFFSETS_TOPIC, self.log.partition).is_ok())
+        let Some(rm) = self.replicas.upgrade() else {
+            return true;
+        };
+        match self.led_epoch.get() {
+            Some(&e) => rm
+                .check_leader_epoch(OFFSETS_TOPIC, self.log.partition, e)
+                .is_ok(),
+            None => rm.leader(OFFSETS_TOPIC, self.log.partition).is_ok(),
+        }
+    }
+
+    async fn lock_producer(&self, producer_id: i64) -> tokio::sync::OwnedMutexGuard<()> {
+        let m = self
+            .producer_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(producer_id)
+            .or_default()
+            .clone();
+        m.lock_owned().await
+    }
+
+    /// True while offsets of `producer_id`'s transaction at `epoch` are held here.
+    pub fn holds_txn(&self, producer_id: i64, epoch: i16) -> bool {
+        self.txn_lock()
+            .pending
+            .get(&producer_id)
+            .is_some_and(|p| p.epoch == epoch)
+    }
+
+    /// Stores offsets a committed transaction decided (a lone broker's state from before
+    /// transactions kept their offsets here).
+    pub async fn store_offsets(&self, req: &CommitOffsetsRequest) -> Result<()> {
+        let _order = self.lock_group(&req.group).await;
+        self.persist_then_apply(&super::coordinator::offset_records(req))
+            .await
     }
 
     /// The offsets partition this service keeps.
@@ -442,6 +494,7 @@ impl GroupService {
     /// applies (commit) or drops (abort) the offsets the transaction added here. Returns
     /// the marker's offset.
     pub async fn write_marker(&self, producer_id: i64, epoch: i16, marker: Marker) -> Result<i64> {
+        let _producer = self.lock_producer(producer_id).await;
         let raw = batch::control_batch(producer_id, epoch, marker, crate::clock::now_ms());
         let offset = self.append_durably(raw).await?;
         self.complete_txn(producer_id, epoch, marker == Marker::Commit);
@@ -536,6 +589,7 @@ impl GroupService {
         &self,
         req: &TxnCommitOffsetsRequest,
     ) -> Result<TxnCommitOffsetsResponse> {
+        let _producer = self.lock_producer(req.producer_id).await;
         let _order = self.lock_group(&req.group).await;
         if let Some(&newer) = self
             .txn_lock()

@@ -372,9 +372,9 @@ impl PartitionLog {
         self.lock().txns.open_since_before(before_ms)
     }
 
-    /// True while `producer_id` has a transaction open in this partition.
-    pub fn txn_open(&self, producer_id: i64) -> bool {
-        self.lock().txns.is_open(producer_id)
+    /// True while `producer_id` has a transaction of `epoch` open in this partition.
+    pub fn txn_open(&self, producer_id: i64, epoch: i16) -> bool {
+        self.lock().txns.is_open(producer_id, epoch)
     }
 
     /// Offsets and size now.

@@ -6,7 +6,10 @@
 //! (a batch ahead of its turn waits), and answers a retried batch it already stored with
 //! the offsets it got the first time, so retries never duplicate. A producer id seen with a
 //! higher epoch (a transactional producer initialised again) starts its sequences afresh;
-//! a lower epoch than the one seen is fenced.
+//! a lower epoch than the one seen is fenced. Batches without a sequence (transaction
+//! markers, the coordinator's own transactional batches) are not sequenced, but their epoch
+//! counts: a marker written at a producer's bumped epoch fences the batches of its older
+//! epochs still in flight, and a marker from an epoch older than one seen is refused.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -76,12 +79,15 @@ impl ProducerTable {
     /// Decides what to do with a batch of `count` records from `producer_id`/`epoch` at
     /// `first_seq`.
     pub fn check(&self, producer_id: i64, epoch: i16, first_seq: i32, count: i32) -> SequenceCheck {
-        if producer_id < 0 || first_seq < 0 {
+        if producer_id < 0 {
             return SequenceCheck::Append;
         }
         let known = self.producers.get(&producer_id);
         if known.is_some_and(|e| epoch < e.epoch) {
             return SequenceCheck::Fenced;
+        }
+        if first_seq < 0 {
+            return SequenceCheck::Append;
         }
         let Some(last) = known
             .filter(|e| e.epoch == epoch)
@@ -119,7 +125,7 @@ impl ProducerTable {
         let mut all: Vec<ProducerSnapshot> = self
             .producers
             .iter()
-            .filter(|(_, e)| !e.recent.is_empty())
+            .filter(|(_, e)| !e.recent.is_empty() || e.epoch > 0)
             .map(|(id, e)| ProducerSnapshot {
                 id: *id,
                 epoch: e.epoch,
@@ -154,13 +160,17 @@ impl ProducerTable {
 
     /// Records an appended batch.
     pub fn record(&mut self, producer_id: i64, epoch: i16, batch: AppendedBatch) {
-        if producer_id < 0 || batch.first_seq < 0 {
+        if producer_id < 0 {
             return;
         }
         let e = self.producers.entry(producer_id).or_default();
         if epoch > e.epoch {
             e.epoch = epoch;
             e.recent.clear();
+        }
+        if batch.first_seq < 0 {
+            // Not sequenced: only its epoch counts.
+            return;
         }
         e.recent.push_back(batch);
         while e.recent.len() > REMEMBERED {
@@ -238,5 +248,35 @@ mod tests {
         t.record(5, 1, b(0, 4, 200));
         assert_eq!(t.check(5, 1, 5, 1), SequenceCheck::Append);
         assert_eq!(t.check(5, 0, 10, 1), SequenceCheck::Fenced);
+    }
+
+    #[test]
+    fn a_marker_at_a_bumped_epoch_fences_the_older_epochs_batches() {
+        let mut t = ProducerTable::default();
+        t.record(5, 2, b(0, 9, 100));
+        // A marker (no sequence) at epoch 3: an abort that fenced the producer.
+        assert_eq!(t.check(5, 3, -1, 1), SequenceCheck::Append);
+        t.record(5, 3, b(-1, -1, 110));
+        assert_eq!(
+            t.check(5, 2, 10, 1),
+            SequenceCheck::Fenced,
+            "a late batch of epoch 2"
+        );
+        assert_eq!(
+            t.check(5, 2, -1, 1),
+            SequenceCheck::Fenced,
+            "a stale marker"
+        );
+        assert_eq!(
+            t.check(5, 3, 0, 1),
+            SequenceCheck::Append,
+            "epoch 3 starts afresh"
+        );
+        let restored = ProducerTable::from_snapshot(&t.snapshot());
+        assert_eq!(
+            restored.check(5, 2, 10, 1),
+            SequenceCheck::Fenced,
+            "kept in the snapshot"
+        );
     }
 }

@@ -63,9 +63,11 @@ impl TxnIndex {
             .collect()
     }
 
-    /// True while `producer_id` has a transaction open here.
-    pub fn is_open(&self, producer_id: i64) -> bool {
-        self.open.contains_key(&producer_id)
+    /// True while `producer_id` has a transaction of `epoch` open here.
+    pub fn is_open(&self, producer_id: i64, epoch: i16) -> bool {
+        self.open
+            .get(&producer_id)
+            .is_some_and(|t| t.epoch == epoch)
     }
 
     /// The first offset of the oldest open transaction, if any.

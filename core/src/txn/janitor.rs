@@ -103,7 +103,7 @@ mod tests {
         )
         .await
         .unwrap();
-        assert!(log.txn_open(77));
+        assert!(log.txn_open(77, 3));
         let markers = MarkerWriter::new(topics.clone(), flusher);
         let now = crate::clock::now_ms();
         assert_eq!(
@@ -112,7 +112,7 @@ mod tests {
             "not old yet"
         );
         assert_eq!(pass(&topics, &markers, now + 1).await, 1);
-        assert!(!log.txn_open(77), "aborted: the stable offset moves on");
+        assert!(!log.txn_open(77, 3), "aborted: the stable offset moves on");
         assert_eq!(pass(&topics, &markers, now + 1).await, 0);
     }
 }

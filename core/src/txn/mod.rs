@@ -183,6 +183,20 @@ struct TxnState {
     #[serde(default)]
     last_used_ms: i64,
     partitions: BTreeSet<(String, u32)>,
+    /// How the last transaction ended (true: committed), until the next one opens: a
+    /// retried EndTxn is answered from it, and one asking for the other outcome is refused.
+    #[serde(default)]
+    last_commit: Option<bool>,
+}
+
+/// A transactional id's state as a lone broker stored it before it moved into
+/// `__consumer_offsets`: with the group offsets of the open transaction.
+#[derive(Deserialize)]
+struct LegacyTxnState {
+    #[serde(flatten)]
+    state: TxnState,
+    #[serde(default)]
+    offsets: Vec<quiver_protocol::requests::CommitOffsetsRequest>,
 }
 
 /// The transaction coordinator of one `__consumer_offsets` partition (a lone broker's of
@@ -249,9 +263,23 @@ impl TxnCoordinator {
             if self.get(&id).is_some() {
                 continue;
             }
-            match serde_json::from_slice::<TxnState>(&v) {
-                Ok(s) => {
-                    self.store(&id, &s).await?;
+            match serde_json::from_slice::<LegacyTxnState>(&v) {
+                Ok(LegacyTxnState { mut state, offsets }) => {
+                    match state.status {
+                        // Decided: its offsets are stored now, its markers by the ticker.
+                        Status::PrepareCommit => {
+                            for o in &offsets {
+                                self.store.store_offsets(o).await?;
+                            }
+                        }
+                        // Its offsets were never added to the offsets partition's
+                        // transaction: abort it rather than commit without them.
+                        Status::Ongoing if !offsets.is_empty() => {
+                            state.status = Status::PrepareAbort;
+                        }
+                        _ => {}
+                    }
+                    self.store(&id, &state).await?;
                     moved += 1;
                 }
                 Err(e) => {
@@ -326,9 +354,13 @@ impl TxnCoordinator {
         let next = match self.get(id) {
             Some(mut s) => {
                 if s.status != Status::Empty {
-                    // The previous holder's transaction never ended: abort it first (one
-                    // already prepared to commit is finished as a commit: its outcome is
-                    // decided).
+                    // The previous holder's transaction never ended: abort it first, at a
+                    // bumped epoch so its batches still in flight are fenced where the
+                    // markers land (one already prepared to commit is finished as a
+                    // commit: its outcome is decided).
+                    if s.status == Status::Ongoing {
+                        bump_in_place(&mut s);
+                    }
                     let commit = s.status == Status::PrepareCommit;
                     self.finish(id, &mut s, commit).await?;
                 }
@@ -339,6 +371,7 @@ impl TxnCoordinator {
                     s.epoch += 1;
                 }
                 s.timeout_ms = timeout_ms;
+                s.last_commit = None;
                 s
             }
             None if self.lock().len() >= self.env.max_ids => {
@@ -355,6 +388,7 @@ impl TxnCoordinator {
                 started_ms: 0,
                 last_used_ms: 0,
                 partitions: BTreeSet::new(),
+                last_commit: None,
             },
         };
         self.store(id, &next).await?;
@@ -410,6 +444,7 @@ impl TxnCoordinator {
             Status::Empty => {
                 s.status = Status::Ongoing;
                 s.started_ms = crate::clock::now_ms();
+                s.last_commit = None;
             }
             Status::Ongoing => {}
         }
@@ -471,6 +506,15 @@ impl TxnCoordinator {
         let id = &req.transactional_id;
         let _one = self.lock_id(id).await;
         let mut s = self.current(id, req.producer_id, req.producer_epoch)?;
+        if s.status == Status::Empty && s.last_commit.is_some_and(|c| c != req.commit) {
+            // A retried EndTxn whose transaction ended the other way (its coordinator
+            // failed over mid-way and the transaction was aborted).
+            return Err(TxnError::State(format!(
+                "the last transaction of {id:?} was {}; nothing is open to {}",
+                if req.commit { "aborted" } else { "committed" },
+                if req.commit { "commit" } else { "abort" }
+            )));
+        }
         let partitions = s.partitions.len() as u32;
         self.finish(id, &mut s, req.commit).await?;
         Ok(EndTxnResponse {
@@ -524,6 +568,7 @@ impl TxnCoordinator {
         }
         s.status = Status::Empty;
         s.partitions.clear();
+        s.last_commit = Some(commit);
         self.store(id, s).await?;
         tracing::debug!(transactional_id = %id, commit, "transaction ended");
         Ok(())
@@ -570,6 +615,12 @@ impl TxnCoordinator {
             .collect();
         for id in idle {
             let _one = self.lock_id(&id).await;
+            // Used again while this waited for its lock?
+            if self.get(&id).is_none_or(|s| {
+                s.status != Status::Empty || now.saturating_sub(s.last_used_ms) <= ID_EXPIRATION_MS
+            }) {
+                continue;
+            }
             if let Err(e) = self.store.persist_txn_state(&id, Vec::new()).await {
                 tracing::warn!(transactional_id = %id, error = %e, "cannot forget an idle transactional id");
                 continue;
@@ -597,33 +648,43 @@ impl TxnCoordinator {
             self.finish_prepared().await;
             let now = crate::clock::now_ms();
             self.expire_idle(now).await;
-            let expired: Vec<String> = self
-                .lock()
-                .iter()
-                .filter(|(_, s)| {
-                    s.status == Status::Ongoing
-                        && now.saturating_sub(s.started_ms) > i64::from(s.timeout_ms)
-                })
-                .map(|(id, _)| id.clone())
-                .collect();
-            for id in expired {
-                let _one = self.lock_id(&id).await;
-                let Some(mut s) = self.get(&id) else { continue };
-                if s.status != Status::Ongoing {
-                    continue;
-                }
-                tracing::warn!(transactional_id = %id, producer_id = s.producer_id, "transaction timed out; aborting it and fencing its producer");
-                if let Err(e) = self.finish(&id, &mut s, false).await {
-                    tracing::error!(transactional_id = %id, error = %e, "cannot abort a timed-out transaction");
-                    continue;
-                }
-                s.epoch = s.epoch.saturating_add(1);
-                if let Err(e) = self.store(&id, &s).await {
-                    tracing::error!(transactional_id = %id, error = %e, "cannot fence a timed-out producer");
-                }
+            self.abort_expired(now).await;
+        }
+    }
+
+    /// Aborts (and fences) the transactions open longer than their timeout at `now`.
+    async fn abort_expired(&self, now: i64) {
+        let expired: Vec<String> = self
+            .lock()
+            .iter()
+            .filter(|(_, s)| {
+                s.status == Status::Ongoing
+                    && now.saturating_sub(s.started_ms) > i64::from(s.timeout_ms)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            let _one = self.lock_id(&id).await;
+            let Some(mut s) = self.get(&id) else { continue };
+            if s.status != Status::Ongoing {
+                continue;
+            }
+            tracing::warn!(transactional_id = %id, producer_id = s.producer_id, "transaction timed out; aborting it and fencing its producer");
+            // The bumped epoch is stored with the intent and stamped on the markers:
+            // the producer is fenced here and in every partition, even if the abort
+            // is finished later by the ticker or the next coordinator.
+            bump_in_place(&mut s);
+            if let Err(e) = self.finish(&id, &mut s, false).await {
+                tracing::error!(transactional_id = %id, error = %e, "cannot abort a timed-out transaction yet; retrying");
             }
         }
     }
+}
+
+/// Moves `s` to the next epoch of its producer id (at the last epoch, it stays: the id is
+/// replaced when the producer initialises again).
+fn bump_in_place(s: &mut TxnState) {
+    s.epoch = s.epoch.saturating_add(1);
 }
 
 /// Checks the partitions a producer adds to its transaction: each must exist, and the only
@@ -715,7 +776,11 @@ mod tests {
         assert_eq!(s.status, Status::Ongoing);
         assert!(s.partitions.contains(&("t".to_string(), 0)));
         let b = c.init(&init("app")).await.unwrap();
-        assert_eq!(b.producer_epoch, a.producer_epoch + 1);
+        assert_eq!(
+            b.producer_epoch,
+            a.producer_epoch + 2,
+            "the abort's markers carry a bumped epoch (fencing the old producer's batches in flight), the new producer the next"
+        );
         assert_eq!(
             c.get("app").unwrap().status,
             Status::Empty,
@@ -757,6 +822,38 @@ mod tests {
             })
             .await
             .unwrap_err();
+        assert_eq!(e.code(), ErrorCode::ProducerFenced, "{e}");
+    }
+
+    fn end(id: &str, (producer_id, producer_epoch): (i64, i16), commit: bool) -> EndTxnRequest {
+        EndTxnRequest {
+            transactional_id: id.into(),
+            producer_id,
+            producer_epoch,
+            commit,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_retried_end_gets_the_outcome_and_a_timed_out_producer_is_fenced() {
+        let (_d, _stop, c) = coordinator(10).await;
+        let a = c.init(&init("app")).await.unwrap();
+        let me = (a.producer_id, a.producer_epoch);
+        c.register_partition(me.0, me.1, "t", 0).await.unwrap();
+        c.end(&end("app", me, false)).await.unwrap();
+        // The abort's answer was lost; the producer retries, or (wrongly) asks to commit.
+        c.end(&end("app", me, false)).await.unwrap();
+        let e = c.end(&end("app", me, true)).await.unwrap_err();
+        assert_eq!(e.code(), ErrorCode::InvalidTxnState, "{e}");
+        assert!(e.to_string().contains("was aborted"), "{e}");
+        // A transaction past its timeout is aborted at a bumped epoch: the producer's
+        // commit is fenced, never answered as committed.
+        c.register_partition(me.0, me.1, "t", 0).await.unwrap();
+        let started = c.get("app").unwrap().started_ms;
+        c.abort_expired(started + 60_001).await;
+        let s = c.get("app").unwrap();
+        assert_eq!((s.status, s.epoch), (Status::Empty, me.1 + 1));
+        let e = c.end(&end("app", me, true)).await.unwrap_err();
         assert_eq!(e.code(), ErrorCode::ProducerFenced, "{e}");
     }
 

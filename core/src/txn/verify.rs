@@ -28,6 +28,16 @@ pub async fn verify_in_cluster(
             req.producer_id
         ))
     })?;
+    let partitions = rm
+        .view()
+        .topic(OFFSETS_TOPIC)
+        .map_or(0, |t| t.partitions.len() as u32);
+    if p >= partitions && partitions > 0 {
+        return Err(TxnError::Fenced(format!(
+            "producer id {} names a coordinator that does not exist; a transactional producer calls InitTransactions first",
+            req.producer_id
+        )));
+    }
     match leader_client(rm, OFFSETS_TOPIC, p).await? {
         None => local(groups, p, req).map(drop),
         Some(coordinator) => coordinator.request(req).await.map(drop),

@@ -280,6 +280,10 @@ impl TransactionalProducer {
     }
 
     async fn end(&mut self, commit: bool) -> Result<()> {
+        if self.added.is_empty() {
+            // Nothing was written in this transaction: there is nothing to end.
+            return Ok(());
+        }
         let req = EndTxnRequest {
             transactional_id: self.id.clone(),
             producer_id: self.producer_id,

@@ -63,7 +63,7 @@ pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
                 .await?;
         } else if let Some(rm) = replicas {
             let key = (h.producer_id, h.producer_epoch);
-            if verified.contains(&key) || log.txn_open(h.producer_id) {
+            if verified.contains(&key) || log.txn_open(h.producer_id, h.producer_epoch) {
                 continue;
             }
             let check = VerifyTxnPartitionRequest {

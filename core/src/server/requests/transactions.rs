@@ -50,6 +50,18 @@ pub async fn commit_offsets(ctx: &ServerContext, body: Bytes) -> Result<Reply, R
     if let Some(txns) = ctx.groups.lone_txns() {
         txns.register_partition(req.producer_id, req.producer_epoch, OFFSETS_TOPIC, 0)
             .await?;
+    } else if let Some(rm) = ctx.replicas() {
+        // In a cluster the coordinator confirms that the producer's open transaction
+        // added this offsets partition, as for a transactional produce.
+        if !service.holds_txn(req.producer_id, req.producer_epoch) {
+            let check = VerifyTxnPartitionRequest {
+                producer_id: req.producer_id,
+                producer_epoch: req.producer_epoch,
+                topic: OFFSETS_TOPIC.to_string(),
+                partition: service.partition(),
+            };
+            crate::txn::verify::verify_in_cluster(rm, &ctx.groups, &check).await?;
+        }
     }
     Ok(Reply::control(&service.txn_commit(&req).await?))
 }

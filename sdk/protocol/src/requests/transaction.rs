@@ -63,7 +63,8 @@ pub struct TxnCommitOffsetsRequest {
 /// The offsets are part of the transaction.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TxnCommitOffsetsResponse {
-    /// How many offsets the transaction will store.
+    /// How many offsets of this group the transaction holds in the group's offsets
+    /// partition so far (stored when it commits).
     pub pending: u32,
 }
 
