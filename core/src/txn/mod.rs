@@ -549,9 +549,9 @@ impl TxnCoordinator {
         } else {
             Marker::Abort
         };
-        // Every partition at once; a failure leaves the transaction prepared, and the
-        // ticker (or the producer's retry) writes the markers again: a repeated marker
-        // finds no open transaction and changes nothing.
+        // Every partition at once. A failure leaves the transaction prepared with only the
+        // partitions still lacking their marker, and the ticker (or the producer's retry)
+        // writes those again.
         let coordinating = || self.store.still_leads();
         let writes = s.partitions.iter().map(|(topic, partition)| {
             self.env.markers.write(
@@ -563,8 +563,25 @@ impl TxnCoordinator {
                 &coordinating,
             )
         });
-        for r in futures::future::join_all(writes).await {
-            r?;
+        let results = futures::future::join_all(writes).await;
+        let mut first_error = None;
+        let mut done = Vec::new();
+        for (tp, r) in s.partitions.iter().zip(results) {
+            match r {
+                Ok(()) => done.push(tp.clone()),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            if !done.is_empty() {
+                for tp in &done {
+                    s.partitions.remove(tp);
+                }
+                self.store(id, s).await?;
+            }
+            return Err(e);
         }
         s.status = Status::Empty;
         s.partitions.clear();
