@@ -120,6 +120,18 @@ pub fn describe_reorders(sends: &[Send]) -> Vec<String> {
     out
 }
 
+/// Counts `error` in `failures` by its text without numbers (the first 90 characters), so
+/// a soak's summary groups failures of one kind.
+pub fn tally_failure(failures: &mut BTreeMap<String, u64>, error: &quiver_client::ClientError) {
+    let text: String = error
+        .to_string()
+        .chars()
+        .filter(|c| !c.is_ascii_digit())
+        .take(90)
+        .collect();
+    *failures.entry(text).or_default() += 1;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

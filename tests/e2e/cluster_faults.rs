@@ -21,7 +21,7 @@ use quiver_protocol::batch::{split_batches, RecordIter};
 use quiver_protocol::requests::{Acks, FetchRequest};
 use serde_json::Value;
 
-use super::checker::{check, Send};
+use super::checker::{check, tally_failure, Send};
 use super::harness::{bin, cli_at, free_udp_port, unsafe_kill, wait_for};
 use super::netproxy::{LinkFault, UdpProxy};
 use super::txn_soak::{check_txns, txn_writer, TxnHistory, TXN_PARTITIONS, TXN_TOPIC};
@@ -131,6 +131,32 @@ impl FaultCluster {
             .join(",")
     }
 
+    /// Creates `topic` with `partitions`, a replica on every broker and
+    /// `min.insync.replicas = 2`.
+    fn create_topic(&self, topic: &str, partitions: u32) {
+        let out = cli_at(
+            &self.bootstrap(),
+            &self.ca(),
+            &[
+                "topic",
+                "create",
+                topic,
+                "--partitions",
+                &partitions.to_string(),
+                "--replication-factor",
+                "3",
+                "--config",
+                "min.insync.replicas=2",
+            ],
+            None,
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     fn describe(&self) -> Value {
         let out = cli_at(
             &self.bootstrap(),
@@ -218,13 +244,7 @@ struct History {
 
 impl History {
     fn failed(&mut self, error: &quiver_client::ClientError) {
-        let text: String = error
-            .to_string()
-            .chars()
-            .filter(|c| !c.is_ascii_digit())
-            .take(90)
-            .collect();
-        *self.failures.entry(text).or_default() += 1;
+        tally_failure(&mut self.failures, error);
     }
 }
 
@@ -463,48 +483,8 @@ fn median_and_max(mut v: Vec<Duration>) -> (Duration, Duration) {
 #[ignore = "fault soak, ~5 min: cargo test --test tests cluster_faults -- --ignored --nocapture"]
 fn acks_all_writes_survive_leader_kills_and_network_partitions() {
     let c = FaultCluster::start();
-    let out = cli_at(
-        &c.bootstrap(),
-        &c.ca(),
-        &[
-            "topic",
-            "create",
-            TOPIC,
-            "--partitions",
-            &PARTITIONS.to_string(),
-            "--replication-factor",
-            "3",
-            "--config",
-            "min.insync.replicas=2",
-        ],
-        None,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = cli_at(
-        &c.bootstrap(),
-        &c.ca(),
-        &[
-            "topic",
-            "create",
-            TXN_TOPIC,
-            "--partitions",
-            &TXN_PARTITIONS.to_string(),
-            "--replication-factor",
-            "3",
-            "--config",
-            "min.insync.replicas=2",
-        ],
-        None,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    c.create_topic(TOPIC, PARTITIONS);
+    c.create_topic(TXN_TOPIC, TXN_PARTITIONS);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -301,6 +301,27 @@ fn forged_markers_and_transactional_batches_without_a_transaction_are_refused() 
         inside.set_producer(pid, epoch, 0);
         inside.set_transactional(true);
         assert!(produce("__consumer_offsets", inside.build()).await.is_err());
+        // Adding partitions that do not exist, or another internal topic, is refused.
+        let add =
+            |topic: &str, partition: u32| quiver_protocol::requests::AddPartitionsToTxnRequest {
+                transactional_id: "intruder".into(),
+                producer_id: pid,
+                producer_epoch: epoch,
+                partitions: vec![quiver_protocol::requests::TopicPartition::new(
+                    topic, partition,
+                )],
+            };
+        for (topic, partition, code) in [
+            ("t", 7, ErrorCode::UnknownTopicOrPartition),
+            ("nope", 0, ErrorCode::UnknownTopicOrPartition),
+            ("__pipelines", 0, ErrorCode::InvalidTopicName),
+        ] {
+            let e = client
+                .request(&add(topic, partition), bytes::Bytes::new())
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Some(code), "{topic}/{partition}: {e}");
+        }
     });
     assert_eq!(b.total_log_end("t"), 0, "nothing was stored");
 }

@@ -34,13 +34,7 @@ pub(super) struct TxnHistory {
 
 impl TxnHistory {
     fn failed(&mut self, error: &quiver_client::ClientError) {
-        let text: String = error
-            .to_string()
-            .chars()
-            .filter(|c| !c.is_ascii_digit())
-            .take(90)
-            .collect();
-        *self.failures.entry(text).or_default() += 1;
+        super::checker::tally_failure(&mut self.failures, error);
     }
 }
 

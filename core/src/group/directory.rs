@@ -53,20 +53,24 @@ impl GroupDirectory {
         let _ = self.lone.set((service, txns));
     }
 
-    /// The services of the offsets partition `name` hashes to, if this broker leads it.
-    fn serving(&self, name: &str) -> Result<(Arc<GroupService>, Arc<TxnCoordinator>), u32> {
+    /// The services of offsets partition `p`, if this broker serves it.
+    fn at(&self, p: u32) -> Option<(Arc<GroupService>, Arc<TxnCoordinator>)> {
         if let Some((s, t)) = self.lone.get() {
-            return Ok((s.clone(), t.clone()));
+            return (p == 0).then(|| (s.clone(), t.clone()));
         }
-        let n = self.partitions.load(Ordering::Acquire);
-        let p = coordinator_partition(name, n);
         self.led
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&p)
-            .filter(|_| n > 0)
             .map(|l| (l.service.clone(), l.txns.clone()))
-            .ok_or(p)
+    }
+
+    /// The services of the offsets partition `name` hashes to, if this broker leads it
+    /// (else that partition).
+    fn serving(&self, name: &str) -> Result<(Arc<GroupService>, Arc<TxnCoordinator>), u32> {
+        let n = self.partitions.load(Ordering::Acquire);
+        let p = coordinator_partition(name, n);
+        self.at(p).filter(|_| n > 0).ok_or(p)
     }
 
     /// The service coordinating `group` here, or `NotCoordinator`.
@@ -91,26 +95,12 @@ impl GroupDirectory {
 
     /// The group service of offsets partition `p`, if this broker serves it.
     pub fn service_at(&self, p: u32) -> Option<Arc<GroupService>> {
-        if let Some((s, _)) = self.lone.get() {
-            return (p == 0).then(|| s.clone());
-        }
-        self.led
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&p)
-            .map(|l| l.service.clone())
+        self.at(p).map(|(s, _)| s)
     }
 
     /// The transaction coordinator of offsets partition `p`, if this broker serves it.
     pub fn txns_at(&self, p: u32) -> Option<Arc<TxnCoordinator>> {
-        if let Some((_, t)) = self.lone.get() {
-            return (p == 0).then(|| t.clone());
-        }
-        self.led
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&p)
-            .map(|l| l.txns.clone())
+        self.at(p).map(|(_, t)| t)
     }
 
     /// A lone broker's transaction coordinator (`None` in a cluster).
