@@ -95,9 +95,14 @@ fn cluster_transactions_refuse_forged_batches_and_survive_their_coordinator() {
         assert!(e.to_string().contains("AddPartitionsToTxn"), "{e}");
 
         // A transaction writes every partition and has not committed yet.
-        let mut tx = TransactionalProducer::init(client.clone(), "mover")
-            .await
-            .unwrap();
+        // A timeout longer than any failover, so the kill below never times it out.
+        let mut tx = TransactionalProducer::init_with_timeout(
+            client.clone(),
+            "mover",
+            Duration::from_secs(600),
+        )
+        .await
+        .unwrap();
         tx.prepare_topic("t").await.unwrap();
         for i in 0..9u32 {
             tx.send(ProducerRecord::new("t", format!("a{i}")).with_partition(i % 3))
