@@ -197,7 +197,7 @@ async fn quic_streams(
         }
         Ok::<_, anyhow::Error>(())
     });
-    let client_ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    let client_ep = quiver_client::udp::endpoint("127.0.0.1:0".parse()?, None)?;
     let pem = std::fs::read(&ca)?;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pemfile::certs(&mut &pem[..]) {

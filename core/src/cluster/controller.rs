@@ -209,11 +209,12 @@ impl Controller {
     /// store already belongs to a group rejoins it; a new one waits for [`Self::initialize`]
     /// (on any node) or for a leader to add it.
     pub async fn start(config: ControllerConfig) -> Result<Self, ControllerStartError> {
-        let endpoint = quinn::Endpoint::server(config.tls.server_config()?, config.listen)
-            .map_err(|source| ControllerStartError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let endpoint =
+            quiver_client::udp::endpoint(config.listen, Some(config.tls.server_config()?))
+                .map_err(|source| ControllerStartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
         Self::start_on(config, endpoint, true).await
     }
 

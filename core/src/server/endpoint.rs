@@ -57,7 +57,8 @@ pub fn bind(
         .map_err(|e| EndpointError::Tls(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
     server.transport_config(Arc::new(transport_config(limits)));
-    Endpoint::server(server, addr).map_err(|source| EndpointError::Bind { addr, source })
+    quiver_client::udp::endpoint(addr, Some(server))
+        .map_err(|source| EndpointError::Bind { addr, source })
 }
 
 /// Whether the connection negotiated the controller's Raft ALPN.

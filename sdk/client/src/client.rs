@@ -398,7 +398,7 @@ impl Client {
         let owns_endpoint = endpoint.is_none();
         let endpoint = match endpoint {
             Some(e) => e,
-            None => quinn::Endpoint::client(bind).map_err(|e| ClientError::Connect {
+            None => crate::udp::endpoint(bind, None).map_err(|e| ClientError::Connect {
                 addr: config.bootstrap.clone(),
                 reason: format!("cannot open a local UDP socket: {e}"),
             })?,

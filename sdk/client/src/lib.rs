@@ -35,6 +35,7 @@ mod plugins;
 mod producer;
 mod tls;
 mod transaction;
+pub mod udp;
 
 pub use admin::Admin;
 pub use backoff::Backoff;
