@@ -282,7 +282,7 @@ fn forged_markers_and_transactional_batches_without_a_transaction_are_refused() 
         };
         let now = quiver_core::clock::now_ms();
         // A client writing a commit marker for someone's producer id.
-        let e = produce("t", control_batch(1 << 62, 0, Marker::Commit, now))
+        let e = produce("t", control_batch(1 << 62, 0, Marker::Commit, Some(0), now))
             .await
             .unwrap_err();
         assert_eq!(e.code(), Some(ErrorCode::InvalidRecord), "{e}");

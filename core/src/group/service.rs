@@ -334,6 +334,13 @@ impl GroupService {
         let _ = self.led_epoch.set(leader_epoch);
     }
 
+    /// The epoch of this broker as coordinator of the partition's groups and transactional
+    /// ids: the partition's leader epoch when it took the partition over (0 on a lone
+    /// broker). Markers carry it, so partitions refuse a deposed coordinator's.
+    pub fn coordinator_epoch(&self) -> u64 {
+        self.led_epoch.get().copied().unwrap_or(0)
+    }
+
     /// True while this broker still leads the service's partition at the epoch it took it
     /// over (always on a lone broker).
     pub fn still_leads(&self) -> bool {
@@ -493,11 +500,17 @@ impl GroupService {
     /// Appends the marker ending `producer_id`'s transaction in this partition, then
     /// applies (commit) or drops (abort) the offsets the transaction added here. Returns
     /// the marker's offset.
-    pub async fn write_marker(&self, producer_id: i64, epoch: i16, marker: Marker) -> Result<i64> {
-        let _producer = self.lock_producer(producer_id).await;
-        let raw = batch::control_batch(producer_id, epoch, marker, crate::clock::now_ms());
+    pub async fn write_marker(&self, m: crate::txn::TxnMarker) -> Result<i64> {
+        let _producer = self.lock_producer(m.producer_id).await;
+        let raw = batch::control_batch(
+            m.producer_id,
+            m.epoch,
+            m.marker,
+            m.coordinator_epoch,
+            crate::clock::now_ms(),
+        );
         let offset = self.append_durably(raw).await?;
-        self.complete_txn(producer_id, epoch, marker == Marker::Commit);
+        self.complete_txn(m.producer_id, m.epoch, m.marker == Marker::Commit);
         Ok(offset)
     }
 
@@ -770,7 +783,13 @@ impl GroupService {
             .collect();
         for (producer_id, epoch) in abandoned {
             warn!(producer_id, epoch, "transactional offsets held past the longest transaction timeout; aborting them here");
-            if let Err(e) = self.write_marker(producer_id, epoch, Marker::Abort).await {
+            let abort = crate::txn::TxnMarker {
+                producer_id,
+                epoch,
+                marker: Marker::Abort,
+                coordinator_epoch: None,
+            };
+            if let Err(e) = self.write_marker(abort).await {
                 warn!(producer_id, error = %e, "cannot abort abandoned transactional offsets yet");
             }
         }

@@ -19,7 +19,7 @@ use tokio::sync::{watch, Notify};
 
 use super::flush::Flusher;
 use super::keyspace::{migrate_legacy, PartitionKeys, BATCHES_TREE, TIME_INDEX_TREE};
-use super::producers::{AppendedBatch, ProducerSnapshot, ProducerTable, SequenceCheck};
+use super::producers::{ProducerSnapshot, ProducerTable, SequenceCheck};
 use super::retention::{batches_to_delete, BatchSummary};
 use super::txn_index::TxnIndex;
 use super::{key_offset, offset_key, LogError};
@@ -314,16 +314,7 @@ impl PartitionLog {
             if h.base_offset < scan_from {
                 continue;
             }
-            producers.record(
-                h.producer_id,
-                h.producer_epoch,
-                AppendedBatch {
-                    first_seq: h.base_sequence,
-                    last_seq: h.base_sequence.wrapping_add(h.record_count - 1),
-                    base_offset: h.base_offset,
-                    last_offset: h.last_offset(),
-                },
-            );
+            producers.observe(&h, &v);
         }
         let leader_epoch = pm.leader_epoch;
         let hw_at_open = pm.hw_checkpoint.min(log_end);
@@ -577,6 +568,17 @@ impl PartitionLog {
             }
             SequenceCheck::Append => {}
         }
+        if h.is_control() {
+            if let Err(newer) = st
+                .producers
+                .check_marker(h.producer_id, batch::coordinator_epoch_of(raw))
+            {
+                return Err(LogError::Fenced(format!(
+                    "a marker of producer {} from a deposed transaction coordinator: one at coordinator epoch {newer} already wrote here",
+                    h.producer_id
+                )));
+            }
+        }
         let base = st.log_end;
         let mut stored = raw.to_vec();
         batch::set_base_offset(&mut stored, base);
@@ -590,20 +592,11 @@ impl PartitionLog {
         st.bytes_since_index += raw.len() as u64;
         st.running_max_ts = st.running_max_ts.max(h.max_timestamp);
         let last = base + i64::from(h.last_offset_delta);
-        st.producers.record(
-            h.producer_id,
-            h.producer_epoch,
-            AppendedBatch {
-                first_seq: h.base_sequence,
-                last_seq: h.base_sequence.wrapping_add(h.record_count - 1),
-                base_offset: base,
-                last_offset: last,
-            },
-        );
+        let mut stamped = *h;
+        stamped.base_offset = base;
+        st.producers.observe(&stamped, raw);
         if h.is_transactional() {
             let marker = h.is_control().then(|| batch::marker_of(raw)).flatten();
-            let mut stamped = *h;
-            stamped.base_offset = base;
             st.txns.observe(&stamped, marker);
         }
         st.log_end = last + 1;
@@ -1171,6 +1164,64 @@ mod tests {
         assert_eq!(p.snapshot().log_end, 5);
         assert_eq!(p.read(0, 1 << 20).unwrap().batches, 2);
         drop(dir);
+    }
+
+    /// A transactional batch of producer 1<<62 at `seq`.
+    fn txn_batch(seq: i32) -> (Bytes, BatchHeader) {
+        let mut b = BatchBuilder::new(Compression::None);
+        b.push(None, b"in a transaction", 1, &[]);
+        b.set_producer(1 << 62, 0, seq);
+        b.set_transactional(true);
+        let raw = b.build();
+        let h = batch::validate(&raw, 1 << 20).unwrap();
+        (raw, h)
+    }
+
+    /// A commit marker of producer 1<<62 decided by a coordinator at `coordinator` epoch.
+    fn commit_from(coordinator: Option<u64>) -> (Bytes, BatchHeader) {
+        let raw = batch::control_batch(1 << 62, 0, batch::Marker::Commit, coordinator, 2);
+        let h = batch::validate(&raw, 1 << 20).unwrap();
+        (raw, h)
+    }
+
+    #[tokio::test]
+    async fn a_deposed_coordinators_late_marker_cannot_end_the_next_transaction() {
+        let (_dir, db, f, _stop) = setup().await;
+        let meta = db.open_tree("meta").unwrap();
+        let p =
+            Arc::new(PartitionLog::open(&db, meta.clone(), &HashSet::new(), 1, "t", 0).unwrap());
+        let cfg = TopicConfig::default();
+        let t = Duration::from_secs(5);
+        // Transaction 1, ended by the coordinator that took over at epoch 5.
+        p.append(vec![txn_batch(0)], &cfg, &f, t).await.unwrap();
+        p.append(vec![commit_from(Some(5))], &cfg, &f, t)
+            .await
+            .unwrap();
+        // Transaction 2 of the same producer epoch begins.
+        let open = p.append(vec![txn_batch(1)], &cfg, &f, t).await.unwrap();
+        assert_eq!(p.snapshot().last_stable, open.base_offset);
+        // The deposed coordinator (epoch 4) still had its commit of transaction 1 in flight.
+        let late = p.append(vec![commit_from(Some(4))], &cfg, &f, t).await;
+        assert!(matches!(late, Err(LogError::Fenced(_))), "{late:?}");
+        let s = p.snapshot();
+        assert_eq!(s.log_end, open.base_offset + 1, "nothing stored");
+        assert_eq!(s.last_stable, open.base_offset, "transaction 2 still open");
+        // Reopened without a producer snapshot (the batches are scanned), and with one.
+        for persisted in [false, true] {
+            if persisted {
+                p.persist_meta().unwrap();
+            }
+            let again = Arc::new(
+                PartitionLog::open(&db, meta.clone(), &HashSet::new(), 1, "t", 0).unwrap(),
+            );
+            let late = again.append(vec![commit_from(Some(4))], &cfg, &f, t).await;
+            assert!(matches!(late, Err(LogError::Fenced(_))), "{late:?}");
+        }
+        // The coordinator at epoch 5 (or a later one) ends transaction 2.
+        p.append(vec![commit_from(Some(5))], &cfg, &f, t)
+            .await
+            .unwrap();
+        assert_eq!(p.snapshot().last_stable, p.snapshot().log_end);
     }
 
     #[tokio::test]

@@ -10,8 +10,13 @@
 //! markers, the coordinator's own transactional batches) are not sequenced, but their epoch
 //! counts: a marker written at a producer's bumped epoch fences the batches of its older
 //! epochs still in flight, and a marker from an epoch older than one seen is refused.
+//! A marker a coordinator decided carries that coordinator's epoch (the leader epoch of its
+//! offsets partition); a marker from an older coordinator epoch than one already taken for
+//! the producer comes from a deposed coordinator and is refused (Kafka's coordinator fence).
 
 use std::collections::{HashMap, VecDeque};
+
+use quiver_protocol::batch::{self, BatchHeader};
 
 /// How many recent batches per producer are remembered for duplicate detection.
 const REMEMBERED: usize = 8;
@@ -52,6 +57,8 @@ pub enum SequenceCheck {
 struct ProducerEntry {
     epoch: i16,
     recent: VecDeque<AppendedBatch>,
+    /// Newest coordinator epoch of a marker taken for the producer.
+    coordinator_epoch: Option<u64>,
 }
 
 /// Most producers a snapshot keeps (those that wrote last); older ones are forgotten, like
@@ -67,6 +74,9 @@ pub struct ProducerSnapshot {
     pub epoch: i16,
     /// Its newest batches, oldest first.
     pub recent: Vec<AppendedBatch>,
+    /// Newest coordinator epoch of a marker taken for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordinator_epoch: Option<u64>,
 }
 
 /// Sequence state of every producer of one partition.
@@ -125,11 +135,12 @@ impl ProducerTable {
         let mut all: Vec<ProducerSnapshot> = self
             .producers
             .iter()
-            .filter(|(_, e)| !e.recent.is_empty() || e.epoch > 0)
+            .filter(|(_, e)| !e.recent.is_empty() || e.epoch > 0 || e.coordinator_epoch.is_some())
             .map(|(id, e)| ProducerSnapshot {
                 id: *id,
                 epoch: e.epoch,
                 recent: e.recent.iter().copied().collect(),
+                coordinator_epoch: e.coordinator_epoch,
             })
             .collect();
         all.sort_unstable_by_key(|p| {
@@ -151,10 +162,50 @@ impl ProducerTable {
                         ProducerEntry {
                             epoch: p.epoch,
                             recent: p.recent.iter().copied().collect(),
+                            coordinator_epoch: p.coordinator_epoch,
                         },
                     )
                 })
                 .collect(),
+        }
+    }
+
+    /// Whether a marker of `producer_id` from `coordinator_epoch` may be appended: not when
+    /// a marker of a newer coordinator epoch was taken for the producer (the error names
+    /// that epoch). A marker no coordinator decided (`None`) is not fenced.
+    pub fn check_marker(
+        &self,
+        producer_id: i64,
+        coordinator_epoch: Option<u64>,
+    ) -> Result<(), u64> {
+        let known = self
+            .producers
+            .get(&producer_id)
+            .and_then(|e| e.coordinator_epoch);
+        match (known, coordinator_epoch) {
+            (Some(k), Some(c)) if c < k => Err(k),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records a stored batch whose header carries its offsets in the log: its producer
+    /// sequence, and for a marker its coordinator epoch.
+    pub fn observe(&mut self, h: &BatchHeader, raw: &[u8]) {
+        self.record(
+            h.producer_id,
+            h.producer_epoch,
+            AppendedBatch {
+                first_seq: h.base_sequence,
+                last_seq: h.base_sequence.wrapping_add(h.record_count - 1),
+                base_offset: h.base_offset,
+                last_offset: h.last_offset(),
+            },
+        );
+        if h.is_control() && h.producer_id >= 0 {
+            if let Some(c) = batch::coordinator_epoch_of(raw) {
+                let e = self.producers.entry(h.producer_id).or_default();
+                e.coordinator_epoch = Some(e.coordinator_epoch.map_or(c, |k| k.max(c)));
+            }
         }
     }
 
@@ -277,6 +328,61 @@ mod tests {
             restored.check(5, 2, 10, 1),
             SequenceCheck::Fenced,
             "kept in the snapshot"
+        );
+    }
+
+    /// The header a stored marker of `producer_id`/`epoch` at `offset` has.
+    fn stored_marker(
+        producer_id: i64,
+        epoch: i16,
+        coordinator: Option<u64>,
+        offset: i64,
+    ) -> (BatchHeader, bytes::Bytes) {
+        let raw = batch::control_batch(producer_id, epoch, batch::Marker::Commit, coordinator, 0);
+        let mut h = BatchHeader::parse(&raw).unwrap();
+        h.base_offset = offset;
+        (h, raw)
+    }
+
+    #[test]
+    fn a_marker_from_an_older_coordinator_epoch_is_refused_and_the_snapshot_keeps_it() {
+        let mut t = ProducerTable::default();
+        assert_eq!(t.check_marker(5, Some(3)), Ok(()), "nothing known yet");
+        let (h, raw) = stored_marker(5, 0, Some(3), 10);
+        t.observe(&h, &raw);
+        assert_eq!(
+            t.check_marker(5, Some(3)),
+            Ok(()),
+            "the same coordinator again"
+        );
+        assert_eq!(t.check_marker(5, Some(4)), Ok(()), "a newer coordinator");
+        assert_eq!(t.check_marker(5, Some(2)), Err(3), "a deposed coordinator");
+        assert_eq!(
+            t.check_marker(5, None),
+            Ok(()),
+            "a marker no coordinator decided"
+        );
+        assert_eq!(t.check_marker(6, Some(0)), Ok(()), "another producer");
+        // Markers without a coordinator epoch (written before markers carried one) leave
+        // the fence where it is; a newer coordinator's marker raises it.
+        let (h, raw) = stored_marker(5, 0, None, 11);
+        t.observe(&h, &raw);
+        assert_eq!(t.check_marker(5, Some(2)), Err(3));
+        let (h, raw) = stored_marker(5, 0, Some(9), 12);
+        t.observe(&h, &raw);
+        assert_eq!(t.check_marker(5, Some(8)), Err(9));
+        let restored = ProducerTable::from_snapshot(&t.snapshot());
+        assert_eq!(
+            restored.check_marker(5, Some(8)),
+            Err(9),
+            "kept in the snapshot"
+        );
+        // A snapshot written before the field existed reads as no fence.
+        let old: Vec<ProducerSnapshot> =
+            serde_json::from_str(r#"[{"id":5,"epoch":0,"recent":[]}]"#).unwrap();
+        assert_eq!(
+            ProducerTable::from_snapshot(&old).check_marker(5, Some(0)),
+            Ok(())
         );
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use quiver_protocol::batch::Marker;
 use tokio::sync::watch;
 
-use super::{MarkerWriter, ABANDONED_TXN_MS};
+use super::{MarkerWriter, TxnMarker, ABANDONED_TXN_MS};
 use crate::group::OFFSETS_TOPIC;
 use crate::topic::TopicRegistry;
 
@@ -48,10 +48,13 @@ pub async fn pass(topics: &TopicRegistry, markers: &MarkerWriter, before_ms: i64
         for log in &t.partitions {
             for (producer_id, epoch) in log.txns_open_before(before_ms) {
                 let (topic, partition) = (&log.topic, log.partition);
-                match markers
-                    .append_local(topic, partition, producer_id, epoch, Marker::Abort)
-                    .await
-                {
+                let abort = TxnMarker {
+                    producer_id,
+                    epoch,
+                    marker: Marker::Abort,
+                    coordinator_epoch: None,
+                };
+                match markers.append_local(topic, partition, abort).await {
                     Ok(offset) => {
                         tracing::warn!(%topic, partition, producer_id, epoch, offset, "aborted a transaction open past every coordinator's timeout");
                         aborted += 1;

@@ -20,6 +20,21 @@ use crate::log::{Flusher, LogError};
 use crate::replica::ReplicaManager;
 use crate::topic::{TopicError, TopicRegistry};
 
+/// One marker to write: whose transaction it ends, how, and which coordinator decided it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxnMarker {
+    /// The transaction's producer id.
+    pub producer_id: i64,
+    /// Its epoch.
+    pub epoch: i16,
+    /// Commit or abort.
+    pub marker: Marker,
+    /// The deciding coordinator's epoch (the leader epoch of its offsets partition), which
+    /// the partition fences older ones by; `None` when a partition decided itself (an
+    /// abandoned transaction's abort).
+    pub coordinator_epoch: Option<u64>,
+}
+
 /// How long one marker may take, retries included.
 const MARKER_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -57,8 +72,7 @@ impl MarkerWriter {
         self.replicas.get().and_then(Weak::upgrade)
     }
 
-    /// Writes `marker` for `producer_id`/`epoch` into `topic`/`partition` through its
-    /// leader, retrying retriable failures for up to 30 s while `coordinating()` holds (a
+    /// Writes `m` into `topic`/`partition` through its leader, retrying retriable failures for up to 30 s while `coordinating()` holds (a
     /// coordinator that lost its partition stops, leaving the marker to its successor). A
     /// partition that no longer exists needs no marker.
     #[tracing::instrument(name = "txn_marker", skip(self, coordinating), level = "debug")]
@@ -66,9 +80,7 @@ impl MarkerWriter {
         &self,
         topic: &str,
         partition: u32,
-        producer_id: i64,
-        epoch: i16,
-        marker: Marker,
+        m: TxnMarker,
         coordinating: &(dyn Fn() -> bool + Sync),
     ) -> Result<(), TxnError> {
         let deadline = tokio::time::Instant::now() + MARKER_TIMEOUT;
@@ -81,19 +93,13 @@ impl MarkerWriter {
                 });
             }
             let outcome = match self.replicas() {
-                None => self
-                    .append_local(topic, partition, producer_id, epoch, marker)
-                    .await
-                    .map(drop),
-                Some(rm) => {
-                    self.through_leader(&rm, topic, partition, producer_id, epoch, marker)
-                        .await
-                }
+                None => self.append_local(topic, partition, m).await.map(drop),
+                Some(rm) => self.through_leader(&rm, topic, partition, m).await,
             };
             match outcome {
                 Ok(()) => return Ok(()),
                 Err(TxnError::Topic(TopicError::NotFound(_))) => {
-                    tracing::warn!(%topic, partition, producer_id, "no marker for a partition that is gone");
+                    tracing::warn!(%topic, partition, producer_id = m.producer_id, "no marker for a partition that is gone");
                     return Ok(());
                 }
                 Err(e) if e.code().is_retriable() && tokio::time::Instant::now() < deadline => {
@@ -112,25 +118,21 @@ impl MarkerWriter {
         rm: &ReplicaManager,
         topic: &str,
         partition: u32,
-        producer_id: i64,
-        epoch: i16,
-        marker: Marker,
+        m: TxnMarker,
     ) -> Result<(), TxnError> {
         if rm.view().topic(topic).is_none() {
             return Err(TxnError::Topic(TopicError::NotFound(topic.to_string())));
         }
         let Some(leader) = leader_client(rm, topic, partition).await? else {
-            return self
-                .append_local(topic, partition, producer_id, epoch, marker)
-                .await
-                .map(drop);
+            return self.append_local(topic, partition, m).await.map(drop);
         };
         let req = WriteTxnMarkerRequest {
             topic: topic.to_string(),
             partition,
-            producer_id,
-            producer_epoch: epoch,
-            commit: marker == Marker::Commit,
+            producer_id: m.producer_id,
+            producer_epoch: m.epoch,
+            commit: m.marker == Marker::Commit,
+            coordinator_epoch: m.coordinator_epoch,
         };
         leader.request(&req).await.map(drop)
     }
@@ -141,9 +143,7 @@ impl MarkerWriter {
         &self,
         topic: &str,
         partition: u32,
-        producer_id: i64,
-        epoch: i16,
-        marker: Marker,
+        m: TxnMarker,
     ) -> Result<i64, TxnError> {
         let rm = self.replicas();
         if let Some(rm) = &rm {
@@ -164,10 +164,16 @@ impl MarkerWriter {
                     code: ErrorCode::NotLeader,
                     reason: format!("{topic}/{partition} is not served here yet"),
                 })?;
-            return Ok(service.write_marker(producer_id, epoch, marker).await?);
+            return Ok(service.write_marker(m).await?);
         }
         let (t, log) = self.topics.partition(topic, partition)?;
-        let raw = batch::control_batch(producer_id, epoch, marker, crate::clock::now_ms());
+        let raw = batch::control_batch(
+            m.producer_id,
+            m.epoch,
+            m.marker,
+            m.coordinator_epoch,
+            crate::clock::now_ms(),
+        );
         let header = batch::validate(&raw, usize::MAX).map_err(LogError::InvalidBatch)?;
         let deadline = tokio::time::Instant::now() + MARKER_TIMEOUT;
         let appended = log

@@ -39,7 +39,7 @@ use quiver_protocol::ErrorCode;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-pub use markers::MarkerWriter;
+pub use markers::{MarkerWriter, TxnMarker};
 
 use crate::group::{GroupService, GroupServiceError, OFFSETS_TOPIC};
 use crate::log::LogError;
@@ -56,6 +56,9 @@ const MAX_TIMEOUT_MS: u32 = 15 * 60 * 1000;
 /// A transactional id with no transaction open and no use for this long is forgotten
 /// (Kafka's `transactional.id.expiration.ms`, 7 days).
 const ID_EXPIRATION_MS: i64 = 7 * 24 * 3600 * 1000;
+/// Prepared transactions a coordinator finishes at once (each writes its markers to all
+/// its partitions at once).
+const PREPARED_IN_PARALLEL: usize = 16;
 /// Most transactional ids one coordinator keeps: past it, new ids are refused (until old
 /// ones expire), so a client cannot grow the coordinator's memory without bound.
 pub const MAX_TRANSACTIONAL_IDS: usize = 100_000;
@@ -553,16 +556,16 @@ impl TxnCoordinator {
         // partitions still lacking their marker, and the ticker (or the producer's retry)
         // writes those again.
         let coordinating = || self.store.still_leads();
-        let writes = s.partitions.iter().map(|(topic, partition)| {
-            self.env.markers.write(
-                topic,
-                *partition,
-                s.producer_id,
-                s.epoch,
-                marker,
-                &coordinating,
-            )
-        });
+        let m = TxnMarker {
+            producer_id: s.producer_id,
+            epoch: s.epoch,
+            marker,
+            coordinator_epoch: Some(self.store.coordinator_epoch()),
+        };
+        let writes = s
+            .partitions
+            .iter()
+            .map(|(topic, partition)| self.env.markers.write(topic, *partition, m, &coordinating));
         let results = futures::future::join_all(writes).await;
         let mut first_error = None;
         let mut done = Vec::new();
@@ -603,21 +606,26 @@ impl TxnCoordinator {
                 _ => None,
             })
             .collect();
-        for (id, commit) in ending {
-            let _one = self.lock_id(&id).await;
-            let Some(mut s) = self.get(&id) else { continue };
-            if !matches!(s.status, Status::PrepareCommit | Status::PrepareAbort) {
-                continue;
-            }
-            match self.finish(&id, &mut s, commit).await {
-                Ok(()) => {
-                    tracing::info!(transactional_id = %id, commit, "finished an interrupted transaction")
+        // Side by side (each under its id's lock): one transaction whose partition cannot be
+        // reached yet holds up none of the others.
+        use futures::StreamExt;
+        futures::stream::iter(ending)
+            .for_each_concurrent(PREPARED_IN_PARALLEL, |(id, commit)| async move {
+                let _one = self.lock_id(&id).await;
+                let Some(mut s) = self.get(&id) else { return };
+                if !matches!(s.status, Status::PrepareCommit | Status::PrepareAbort) {
+                    return;
                 }
-                Err(e) => {
-                    tracing::warn!(transactional_id = %id, error = %e, "cannot finish an interrupted transaction yet; retrying")
+                match self.finish(&id, &mut s, commit).await {
+                    Ok(()) => {
+                        tracing::info!(transactional_id = %id, commit, "finished an interrupted transaction")
+                    }
+                    Err(e) => {
+                        tracing::warn!(transactional_id = %id, error = %e, "cannot finish an interrupted transaction yet; retrying")
+                    }
                 }
-            }
-        }
+            })
+            .await;
     }
 
     /// Forgets ids with no open transaction and no request for [`ID_EXPIRATION_MS`].

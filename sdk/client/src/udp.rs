@@ -71,7 +71,10 @@ mod tests {
             .and_then(|v| v.trim().parse::<usize>().ok());
         if let Some(cap) = cap {
             if cap * 2 > theirs {
-                assert!(ours > theirs, "rmem_max {cap}, got {ours}, default {theirs}");
+                assert!(
+                    ours > theirs,
+                    "rmem_max {cap}, got {ours}, default {theirs}"
+                );
             }
         }
         assert!(s.local_addr().unwrap().port() != 0);

@@ -17,8 +17,7 @@ use quiver_protocol::batch::{self, BatchHeader};
 use quiver_protocol::requests::Isolation;
 
 use super::{
-    ts_key, AppendedBatch, LogError, PartitionLog, ProducerTable, ReadResult, TxnIndex,
-    TIME_INDEX_INTERVAL,
+    ts_key, LogError, PartitionLog, ProducerTable, ReadResult, TxnIndex, TIME_INDEX_INTERVAL,
 };
 use crate::log::{key_offset, offset_key};
 
@@ -324,16 +323,7 @@ impl PartitionLog {
 
 /// Records a stored batch's producer sequence and transaction state.
 fn observe(producers: &mut ProducerTable, txns: &mut TxnIndex, h: &BatchHeader, raw: &Bytes) {
-    producers.record(
-        h.producer_id,
-        h.producer_epoch,
-        AppendedBatch {
-            first_seq: h.base_sequence,
-            last_seq: h.base_sequence.wrapping_add(h.record_count - 1),
-            base_offset: h.base_offset,
-            last_offset: h.last_offset(),
-        },
-    );
+    producers.observe(h, raw);
     if h.is_transactional() {
         let marker = h.is_control().then(|| batch::marker_of(raw)).flatten();
         txns.observe(h, marker);

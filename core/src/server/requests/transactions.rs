@@ -127,15 +127,15 @@ pub async fn write_marker(
     } else {
         Marker::Abort
     };
+    let m = crate::txn::TxnMarker {
+        producer_id: req.producer_id,
+        epoch: req.producer_epoch,
+        marker,
+        coordinator_epoch: req.coordinator_epoch,
+    };
     let offset = ctx
         .txn_markers
-        .append_local(
-            &req.topic,
-            req.partition,
-            req.producer_id,
-            req.producer_epoch,
-            marker,
-        )
+        .append_local(&req.topic, req.partition, m)
         .await?;
     Ok(Reply::control(&WriteTxnMarkerResponse { offset }))
 }

@@ -247,9 +247,19 @@ pub enum Marker {
     Commit,
 }
 
-/// A control batch holding one transaction marker of `producer_id`/`epoch` (key: version
-/// i16 = 0, type i16 = 0 abort / 1 commit; empty value), transactional and control.
-pub fn control_batch(producer_id: i64, epoch: i16, marker: Marker, now_ms: i64) -> Bytes {
+/// A control batch holding one transaction marker of `producer_id`/`epoch`, transactional
+/// and control. Its one record's key is version i16 = 0 and type i16 (0 abort, 1 commit);
+/// its value is empty, or version i16 = 0 and the coordinator epoch u64 when a transaction
+/// coordinator decided the marker (Kafka's control record): a partition refuses a marker
+/// from an older coordinator epoch than one it already took for the producer, so a deposed
+/// coordinator's marker still in flight cannot end a newer transaction.
+pub fn control_batch(
+    producer_id: i64,
+    epoch: i16,
+    marker: Marker,
+    coordinator_epoch: Option<u64>,
+    now_ms: i64,
+) -> Bytes {
     let mut b = BatchBuilder::new(Compression::None);
     let kind: i16 = match marker {
         Marker::Abort => 0,
@@ -257,7 +267,12 @@ pub fn control_batch(producer_id: i64, epoch: i16, marker: Marker, now_ms: i64) 
     };
     let mut key = [0u8; 4];
     key[2..].copy_from_slice(&kind.to_be_bytes());
-    b.push(Some(&key), b"", now_ms, &[]);
+    let mut value = Vec::new();
+    if let Some(e) = coordinator_epoch {
+        value.extend_from_slice(&0i16.to_be_bytes());
+        value.extend_from_slice(&e.to_be_bytes());
+    }
+    b.push(Some(&key), &value, now_ms, &[]);
     b.set_producer(producer_id, epoch, -1);
     let mut raw = b.build().to_vec();
     let attrs = i16::from_be_bytes([raw[field::ATTRIBUTES], raw[field::ATTRIBUTES + 1]])
@@ -278,6 +293,24 @@ pub fn marker_of(batch: &Bytes) -> Option<Marker> {
     match r.key.as_deref() {
         Some([0, 0, 0, 0]) => Some(Marker::Abort),
         Some([0, 0, 0, 1]) => Some(Marker::Commit),
+        _ => None,
+    }
+}
+
+/// The coordinator epoch a control batch's marker carries (`None` for a marker no
+/// coordinator decided, one written before markers carried it, or any other batch).
+pub fn coordinator_epoch_of(batch: &[u8]) -> Option<u64> {
+    let h = BatchHeader::parse(batch).ok()?;
+    if !h.is_control() {
+        return None;
+    }
+    // A control batch is one small record: copied only here.
+    let r = RecordIter::new(&Bytes::copy_from_slice(batch), 1024)
+        .ok()?
+        .next()?
+        .ok()?;
+    match r.value.as_ref() {
+        [0, 0, epoch @ ..] => Some(u64::from_be_bytes(epoch.try_into().ok()?)),
         _ => None,
     }
 }

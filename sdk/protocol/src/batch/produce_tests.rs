@@ -513,7 +513,7 @@ fn unknown_attribute_bits_and_control_batches_are_refused() {
         recompute_crc(&mut raw);
         refused(&raw, &limits(), "set bits a producer may not set");
     }
-    let marker = crate::batch::control_batch(7, 0, crate::batch::Marker::Commit, NOW);
+    let marker = crate::batch::control_batch(7, 0, crate::batch::Marker::Commit, None, NOW);
     refused(&marker, &limits(), "set bits a producer may not set");
 }
 
@@ -538,15 +538,20 @@ fn a_transactional_batch_needs_a_producer_id_and_epoch() {
 
 #[test]
 fn markers_read_back() {
-    use crate::batch::{control_batch, marker_of, Marker};
+    use crate::batch::{control_batch, coordinator_epoch_of, marker_of, Marker};
     for m in [Marker::Commit, Marker::Abort] {
-        let raw = control_batch(9, 2, m, NOW);
-        let h = crate::batch::validate(&raw, 1 << 20).unwrap();
-        assert!(h.is_control() && h.is_transactional());
-        assert_eq!((h.producer_id, h.producer_epoch), (9, 2));
-        assert_eq!(marker_of(&raw), Some(m));
+        for coordinator in [None, Some(0), Some(7), Some(u64::MAX)] {
+            let raw = control_batch(9, 2, m, coordinator, NOW);
+            let h = crate::batch::validate(&raw, 1 << 20).unwrap();
+            assert!(h.is_control() && h.is_transactional());
+            assert_eq!((h.producer_id, h.producer_epoch), (9, 2));
+            assert_eq!(marker_of(&raw), Some(m));
+            assert_eq!(coordinator_epoch_of(&raw), coordinator);
+        }
     }
-    assert_eq!(marker_of(&Bytes::from(honest(Compression::None))), None);
+    let plain = Bytes::from(honest(Compression::None));
+    assert_eq!(marker_of(&plain), None);
+    assert_eq!(coordinator_epoch_of(&plain), None);
 }
 
 #[test]

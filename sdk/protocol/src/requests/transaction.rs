@@ -141,6 +141,9 @@ pub struct WriteTxnMarkerRequest {
     pub producer_epoch: i16,
     /// True for a commit marker, false for an abort marker.
     pub commit: bool,
+    /// The deciding coordinator's epoch; the partition refuses a marker from an older one
+    /// than it already took for the producer (`ProducerFenced`).
+    pub coordinator_epoch: Option<u64>,
 }
 
 /// The marker is stored.

@@ -779,14 +779,15 @@ impl Sample for AddPartitionsToTxnResponse {
 
 impl Sample for WriteTxnMarkerRequest {
     fn samples() -> Vec<Self> {
-        [true, false]
+        [(true, Some(4)), (false, None)]
             .into_iter()
-            .map(|commit| WriteTxnMarkerRequest {
+            .map(|(commit, coordinator_epoch)| WriteTxnMarkerRequest {
                 topic: s("counts"),
                 partition: 1,
                 producer_id: 1 << 62,
                 producer_epoch: 3,
                 commit,
+                coordinator_epoch,
             })
             .collect()
     }
