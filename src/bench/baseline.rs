@@ -215,7 +215,6 @@ async fn quic_streams(
     let mut t = quinn::TransportConfig::default();
     t.stream_receive_window(quinn::VarInt::from_u32(16 * 1024 * 1024));
     t.receive_window(quinn::VarInt::from_u32(64 * 1024 * 1024));
-    quiver_client::udp::tune_transport(&mut t);
     client_cfg.transport_config(Arc::new(t));
     let conn = client_ep
         .connect_with(client_cfg, addr, "127.0.0.1")?

@@ -44,7 +44,6 @@ pub fn transport_config(limits: &LimitsConfig) -> quinn::TransportConfig {
             .ok(),
     );
     t.keep_alive_interval(Some(Duration::from_secs(1)));
-    quiver_client::udp::tune_transport(&mut t);
     t
 }
 
@@ -114,69 +113,4 @@ pub async fn accept_loop(endpoint: Endpoint, ctx: Arc<ServerContext>) {
     }
     // Stop taking new connections; existing ones finish their requests.
     endpoint.set_server_config(None);
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::Arc;
-    use std::time::{Duration, Instant};
-
-    use crate::config::BrokerConfig;
-
-    /// Over loopback, MTU discovery takes a connection's packets well past the 1,452 bytes
-    /// quinn stops at by default: both ends advertise and probe up to the largest payload.
-    #[tokio::test]
-    async fn loopback_connections_discover_large_packets() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = BrokerConfig {
-            data_dir: dir.path().to_path_buf(),
-            listen: "127.0.0.1:0".into(),
-            ..BrokerConfig::default()
-        };
-        let id = crate::tls::load_or_create(&cfg).unwrap();
-        let ca = id.ca_path.clone().unwrap();
-        let crypto = crate::tls::server_crypto(id).unwrap();
-        let server = super::bind("127.0.0.1:0".parse().unwrap(), crypto, &cfg.limits).unwrap();
-        let addr = server.local_addr().unwrap();
-        let accept = tokio::spawn(async move {
-            let conn = server.accept().await.unwrap().await.unwrap();
-            // Held open until the client is done.
-            let _ = conn.closed().await;
-        });
-        let mut roots = rustls::RootCertStore::empty();
-        let pem = std::fs::read(&ca).unwrap();
-        for c in rustls_pemfile::certs(&mut &pem[..]) {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![quiver_protocol::ALPN.to_vec()];
-        let mut client_cfg = quinn::ClientConfig::new(Arc::new(
-            quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
-        ));
-        let mut t = quinn::TransportConfig::default();
-        quiver_client::udp::tune_transport(&mut t);
-        client_cfg.transport_config(Arc::new(t));
-        let client = quiver_client::udp::endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
-        let conn = client
-            .connect_with(client_cfg, addr, "127.0.0.1")
-            .unwrap()
-            .await
-            .unwrap();
-        let until = Instant::now() + Duration::from_secs(20);
-        while conn.stats().path.current_mtu <= 1452 {
-            assert!(
-                Instant::now() < until,
-                "MTU still {} after 20 s",
-                conn.stats().path.current_mtu
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        conn.close(0u32.into(), b"done");
-        accept.await.unwrap();
-    }
 }

@@ -109,7 +109,6 @@ pub(crate) fn quinn_client_config(config: &ClientConfig) -> Result<quinn::Client
     )?));
     // The broker never opens streams towards a client.
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
-    crate::udp::tune_transport(&mut t);
     cfg.transport_config(Arc::new(t));
     Ok(cfg)
 }

@@ -8,28 +8,11 @@
 //! (clients, brokers, the controller) binds through [`endpoint`], which asks for larger
 //! buffers. The kernel caps the request at `net.core.rmem_max` / `wmem_max` without an
 //! error, so on a host with small limits the socket simply keeps what it may have.
-//!
-//! QUIC packets start at 1,200 bytes and quinn's MTU discovery stops at 1,452 by default, so a
-//! megabyte crosses as ~700 packets, each encrypted, sent and acknowledged on its own. Every
-//! endpoint here advertises, and [`tune_transport`] lets discovery probe up to, the largest
-//! UDP payload: on loopback (an MTU of 64 KiB) packets grow to tens of kilobytes; on a real
-//! network the probes above the path's MTU are lost and discovery settles on the path's size,
-//! as it does today.
 
 use std::net::SocketAddr;
 
 /// Receive and send buffer asked for on every endpoint socket.
 pub const SOCKET_BUFFER_BYTES: usize = 8 * 1024 * 1024;
-
-/// Largest UDP payload over IPv4 (65,535 minus the IP and UDP headers).
-pub const MAX_UDP_PAYLOAD: u16 = 65_507;
-
-/// Lets MTU discovery of a connection with `t` probe up to [`MAX_UDP_PAYLOAD`].
-pub fn tune_transport(t: &mut quinn::TransportConfig) {
-    let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(MAX_UDP_PAYLOAD);
-    t.mtu_discovery_config(Some(mtu));
-}
 
 /// Binds a UDP socket at `addr` with [`SOCKET_BUFFER_BYTES`] buffers (as much of them as
 /// the kernel allows).
