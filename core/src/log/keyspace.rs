@@ -54,8 +54,20 @@ pub fn full_key(prefix: &[u8; PREFIX_LEN], suffix: &[u8; 8]) -> [u8; PREFIX_LEN 
 
 type Entry = Result<(IVec, IVec), sled::Error>;
 
+/// A value longer than this is stored as chunks of this size: the first under its key, the
+/// rest under the key followed by the chunk's index (u16 BE, from 1), which sort right after
+/// it and before the next key. sled keeps up to 16 entries in a leaf and rewrites the whole
+/// leaf when it splits, so a leaf of 1 MiB batches is a 16 MiB write each time; 256 KiB
+/// chunks made sled write 300 MiB of batches about twice as fast (docs/NOTES.md, "Pipeline
+/// measurements", 2026-12-01), and reads reassemble them at the same speed. Values stored
+/// whole before chunking existed read as they are.
+pub const CHUNK_BYTES: usize = 256 * 1024;
+
+/// Length of a chunk's suffix: the value's 8-byte suffix and the chunk index.
+const CHUNK_SUFFIX_LEN: usize = 10;
+
 /// One partition's slice of a shared tree; keys going in and coming out are the 8-byte
-/// suffixes.
+/// suffixes, and values come out whole however they were stored.
 #[derive(Clone)]
 pub struct PartitionKeys {
     tree: sled::Tree,
@@ -78,50 +90,112 @@ impl PartitionKeys {
         k
     }
 
+    /// The key just past every chunk of `suffix` (and of any smaller suffix).
+    fn past_chunks_of(&self, suffix: &[u8; 8]) -> Vec<u8> {
+        let mut k = self.key(suffix);
+        k.extend_from_slice(&[0xff, 0xff]);
+        k
+    }
+
     fn strip(item: Entry) -> Entry {
         item.map(|(k, v)| (IVec::from(&k[PREFIX_LEN.min(k.len())..]), v))
     }
 
-    /// Stores `value` under `suffix`.
-    pub fn insert(&self, suffix: &[u8], value: impl Into<IVec>) -> Result<(), sled::Error> {
-        let _turn = one_writer();
-        self.tree.insert(self.key(suffix), value)?;
-        Ok(())
+    /// The full keys of the chunks after the first stored for the 8-byte `suffix`.
+    fn chunk_keys(&self, suffix: &[u8]) -> Result<Vec<IVec>, sled::Error> {
+        if suffix.len() != 8 {
+            return Ok(Vec::new());
+        }
+        let mut from = self.key(suffix);
+        from.extend_from_slice(&[0, 0]);
+        let mut to = self.key(suffix);
+        to.extend_from_slice(&[0xff, 0xff]);
+        self.tree.range(from..=to).keys().collect()
     }
 
-    /// Removes `suffix`.
+    /// Stores `value` under `suffix` (in chunks when it is longer than [`CHUNK_BYTES`],
+    /// all of them or none).
+    pub fn insert(&self, suffix: &[u8], value: impl Into<IVec>) -> Result<(), sled::Error> {
+        let value: IVec = value.into();
+        let key = self.key(suffix);
+        let _turn = one_writer();
+        let stale = self.chunk_keys(suffix)?;
+        if stale.is_empty() && (value.len() <= CHUNK_BYTES || suffix.len() != 8) {
+            self.tree.insert(key, value)?;
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for k in stale {
+            batch.remove(k);
+        }
+        for (i, chunk) in value.chunks(CHUNK_BYTES).enumerate() {
+            if i == 0 {
+                batch.insert(key.clone(), chunk);
+                continue;
+            }
+            let index = u16::try_from(i).map_err(|_| {
+                sled::Error::Unsupported(format!(
+                    "a value of {} bytes needs more than {} chunks",
+                    value.len(),
+                    u16::MAX
+                ))
+            })?;
+            let mut k = key.clone();
+            k.extend_from_slice(&index.to_be_bytes());
+            batch.insert(k, chunk);
+        }
+        self.tree.apply_batch(batch)
+    }
+
+    /// Removes `suffix` (every chunk of it).
     pub fn remove(&self, suffix: &[u8]) -> Result<(), sled::Error> {
         let _turn = one_writer();
-        self.tree.remove(self.key(suffix))?;
-        Ok(())
+        let chunks = self.chunk_keys(suffix)?;
+        if chunks.is_empty() {
+            self.tree.remove(self.key(suffix))?;
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        batch.remove(self.key(suffix));
+        for k in chunks {
+            batch.remove(k);
+        }
+        self.tree.apply_batch(batch)
+    }
+
+    fn whole(&self, range: sled::Iter) -> Chunked<impl DoubleEndedIterator<Item = Entry>> {
+        Chunked::new(range.map(Self::strip))
     }
 
     /// Every entry, in key order.
     pub fn iter(&self) -> impl DoubleEndedIterator<Item = Entry> {
-        self.tree
-            .range(full_key(&self.prefix, &[0; 8])..=full_key(&self.prefix, &[0xff; 8]))
-            .map(Self::strip)
+        self.whole(
+            self.tree
+                .range(full_key(&self.prefix, &[0; 8]).to_vec()..=self.past_chunks_of(&[0xff; 8])),
+        )
     }
 
     /// Entries from `suffix` on.
     pub fn range_from(&self, suffix: &[u8; 8]) -> impl DoubleEndedIterator<Item = Entry> {
-        self.tree
-            .range(full_key(&self.prefix, suffix)..=full_key(&self.prefix, &[0xff; 8]))
-            .map(Self::strip)
+        self.whole(
+            self.tree
+                .range(full_key(&self.prefix, suffix).to_vec()..=self.past_chunks_of(&[0xff; 8])),
+        )
     }
 
     /// Entries up to and including `suffix`.
     pub fn range_through(&self, suffix: &[u8; 8]) -> impl DoubleEndedIterator<Item = Entry> {
-        self.tree
-            .range(full_key(&self.prefix, &[0; 8])..=full_key(&self.prefix, suffix))
-            .map(Self::strip)
+        self.whole(
+            self.tree
+                .range(full_key(&self.prefix, &[0; 8]).to_vec()..=self.past_chunks_of(suffix)),
+        )
     }
 
     /// Entries before `suffix`.
     pub fn range_before(&self, suffix: &[u8; 8]) -> impl DoubleEndedIterator<Item = Entry> {
-        self.tree
-            .range(full_key(&self.prefix, &[0; 8])..full_key(&self.prefix, suffix))
-            .map(Self::strip)
+        self.whole(self.tree.range(
+            full_key(&self.prefix, &[0; 8]).to_vec()..full_key(&self.prefix, suffix).to_vec(),
+        ))
     }
 
     /// The first entry.
@@ -138,7 +212,7 @@ impl PartitionKeys {
     pub fn clear(&self) -> Result<(), sled::Error> {
         let keys: Vec<IVec> = self
             .tree
-            .range(full_key(&self.prefix, &[0; 8])..=full_key(&self.prefix, &[0xff; 8]))
+            .range(full_key(&self.prefix, &[0; 8]).to_vec()..=self.past_chunks_of(&[0xff; 8]))
             .keys()
             .collect::<Result<_, _>>()?;
         for k in keys {
@@ -146,6 +220,97 @@ impl PartitionKeys {
             self.tree.remove(k)?;
         }
         Ok(())
+    }
+}
+
+/// Entries with their chunks joined: a value's first entry (an 8-byte suffix) followed by
+/// its chunks (10-byte suffixes with the same first 8 bytes) comes out as one entry. A
+/// chunk without its first entry (never written: chunks go in and out together) is skipped.
+struct Chunked<I> {
+    inner: I,
+    /// An entry read past the end of the previous value, going forwards.
+    ahead: Option<(IVec, IVec)>,
+}
+
+impl<I: DoubleEndedIterator<Item = Entry>> Chunked<I> {
+    fn new(inner: I) -> Self {
+        Chunked { inner, ahead: None }
+    }
+
+    fn is_chunk_of(chunk: &[u8], first: &[u8]) -> bool {
+        chunk.len() == CHUNK_SUFFIX_LEN && first.len() == 8 && chunk[..8] == *first
+    }
+}
+
+impl<I: DoubleEndedIterator<Item = Entry>> Iterator for Chunked<I> {
+    type Item = Entry;
+
+    fn next(&mut self) -> Option<Entry> {
+        loop {
+            let (k, v) = match self.ahead.take() {
+                Some(e) => e,
+                None => match self.inner.next()? {
+                    Ok(e) => e,
+                    Err(e) => return Some(Err(e)),
+                },
+            };
+            if k.len() == CHUNK_SUFFIX_LEN {
+                continue;
+            }
+            let mut joined: Option<Vec<u8>> = None;
+            loop {
+                match self.inner.next() {
+                    Some(Ok((ck, cv))) if Self::is_chunk_of(&ck, &k) => {
+                        joined
+                            .get_or_insert_with(|| v.to_vec())
+                            .extend_from_slice(&cv);
+                    }
+                    Some(Ok(other)) => {
+                        self.ahead = Some(other);
+                        break;
+                    }
+                    Some(Err(e)) => return Some(Err(e)),
+                    None => break,
+                }
+            }
+            return Some(Ok((k, joined.map_or(v, IVec::from))));
+        }
+    }
+}
+
+impl<I: DoubleEndedIterator<Item = Entry>> DoubleEndedIterator for Chunked<I> {
+    fn next_back(&mut self) -> Option<Entry> {
+        // Chunks of one value, last first.
+        let mut chunks: Vec<(IVec, IVec)> = Vec::new();
+        loop {
+            let item = match self.inner.next_back() {
+                Some(item) => item,
+                // Going forwards read one entry ahead: it is the next one backwards.
+                None => Ok(self.ahead.take()?),
+            };
+            let (k, v) = match item {
+                Ok(e) => e,
+                Err(e) => return Some(Err(e)),
+            };
+            if k.len() == CHUNK_SUFFIX_LEN {
+                if chunks.last().is_some_and(|(last, _)| last[..8] != k[..8]) {
+                    chunks.clear();
+                }
+                chunks.push((k, v));
+                continue;
+            }
+            if chunks
+                .first()
+                .is_none_or(|(c, _)| !Self::is_chunk_of(c, &k))
+            {
+                return Some(Ok((k, v)));
+            }
+            let mut joined = v.to_vec();
+            for (_, c) in chunks.iter().rev() {
+                joined.extend_from_slice(c);
+            }
+            return Some(Ok((k, IVec::from(joined))));
+        }
     }
 }
 
@@ -211,6 +376,133 @@ mod tests {
             b.iter().count(),
             3,
             "clearing one partition leaves its neighbours"
+        );
+    }
+
+    /// A value of `len` bytes whose every byte says where it is.
+    fn patterned(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    #[test]
+    fn large_values_are_stored_in_chunks_and_read_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let tree = db.open_tree(BATCHES_TREE).unwrap();
+        let a = PartitionKeys::new(tree.clone(), 7, 0);
+        let next = PartitionKeys::new(tree.clone(), 7, 1);
+        next.insert(&0u64.to_be_bytes(), patterned(CHUNK_BYTES * 2, 9))
+            .unwrap();
+        // Offsets 0 (small), 10 (exactly one chunk), 20 (2.5 chunks), 30 (small),
+        // 40 (3 chunks + 1 byte).
+        let values: Vec<(u64, Vec<u8>)> = vec![
+            (0, patterned(100, 1)),
+            (10, patterned(CHUNK_BYTES, 2)),
+            (20, patterned(CHUNK_BYTES * 5 / 2, 3)),
+            (30, patterned(7, 4)),
+            (40, patterned(CHUNK_BYTES * 3 + 1, 5)),
+        ];
+        for (o, v) in &values {
+            a.insert(&o.to_be_bytes(), v.clone()).unwrap();
+        }
+        assert!(
+            tree.len() > values.len() + 1,
+            "the large values took several entries"
+        );
+        let expect = |o: u64| values.iter().find(|(k, _)| *k == o).unwrap().1.clone();
+        let read = |it: &mut dyn Iterator<Item = Entry>| -> Vec<(u64, Vec<u8>)> {
+            it.map(|e| {
+                let (k, v) = e.unwrap();
+                (u64::from_be_bytes(k[..].try_into().unwrap()), v.to_vec())
+            })
+            .collect()
+        };
+        assert_eq!(read(&mut a.iter()), values);
+        let mut backwards = values.clone();
+        backwards.reverse();
+        assert_eq!(read(&mut a.iter().rev()), backwards);
+        assert_eq!(read(&mut a.range_from(&20u64.to_be_bytes())), values[2..]);
+        assert_eq!(read(&mut a.range_before(&20u64.to_be_bytes())), values[..2]);
+        // The value holding offset 25 is the one at 20, whole.
+        let (k, v) = a
+            .range_through(&25u64.to_be_bytes())
+            .next_back()
+            .unwrap()
+            .unwrap();
+        assert_eq!((&k[..], v.to_vec()), (&20u64.to_be_bytes()[..], expect(20)));
+        let (k, v) = a
+            .range_through(&20u64.to_be_bytes())
+            .next_back()
+            .unwrap()
+            .unwrap();
+        assert_eq!((&k[..], v.to_vec()), (&20u64.to_be_bytes()[..], expect(20)));
+        assert_eq!(a.last().unwrap().unwrap().1.to_vec(), expect(40));
+        assert_eq!(a.first().unwrap().unwrap().1.to_vec(), expect(0));
+        // Both ends at once meet in the middle without losing or repeating a value.
+        let mut both = a.iter();
+        let mut seen = vec![both.next().unwrap().unwrap().0.to_vec()];
+        seen.push(both.next_back().unwrap().unwrap().0.to_vec());
+        seen.push(both.next().unwrap().unwrap().0.to_vec());
+        seen.push(both.next_back().unwrap().unwrap().0.to_vec());
+        seen.push(both.next().unwrap().unwrap().0.to_vec());
+        assert!(both.next().is_none() && both.next_back().is_none());
+        seen.sort();
+        let keys: Vec<Vec<u8>> = values
+            .iter()
+            .map(|(o, _)| o.to_be_bytes().to_vec())
+            .collect();
+        assert_eq!(seen, keys);
+        // Storing a shorter value under a chunked key leaves no chunk of the old one.
+        a.insert(&20u64.to_be_bytes(), patterned(50, 6)).unwrap();
+        assert_eq!(
+            a.range_from(&20u64.to_be_bytes())
+                .next()
+                .unwrap()
+                .unwrap()
+                .1
+                .to_vec(),
+            patterned(50, 6)
+        );
+        assert_eq!(a.iter().count(), values.len());
+        // Removing a chunked value removes all of it.
+        a.remove(&40u64.to_be_bytes()).unwrap();
+        assert_eq!(a.last().unwrap().unwrap().1.to_vec(), expect(30));
+        a.clear().unwrap();
+        assert_eq!(a.iter().count(), 0);
+        assert_eq!(
+            next.iter().next().unwrap().unwrap().1.to_vec(),
+            patterned(CHUNK_BYTES * 2, 9),
+            "the neighbouring partition keeps its value"
+        );
+        assert_eq!(tree.len(), 2, "only the neighbour's two chunks are left");
+    }
+
+    #[test]
+    fn values_stored_whole_before_chunking_read_as_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let tree = db.open_tree(BATCHES_TREE).unwrap();
+        let a = PartitionKeys::new(tree.clone(), 3, 2);
+        let old = patterned(CHUNK_BYTES * 3, 7);
+        tree.insert(
+            full_key(&partition_prefix(3, 2), &5u64.to_be_bytes()),
+            old.clone(),
+        )
+        .unwrap();
+        a.insert(&9u64.to_be_bytes(), patterned(CHUNK_BYTES * 2, 8))
+            .unwrap();
+        let all: Vec<Vec<u8>> = a.iter().map(|e| e.unwrap().1.to_vec()).collect();
+        assert_eq!(all, vec![old.clone(), patterned(CHUNK_BYTES * 2, 8)]);
+        assert_eq!(
+            a.range_through(&8u64.to_be_bytes())
+                .next_back()
+                .unwrap()
+                .unwrap()
+                .1
+                .to_vec(),
+            old
         );
     }
 
