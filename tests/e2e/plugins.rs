@@ -406,8 +406,13 @@ fn a_hostile_processor_is_stopped_at_its_limits_while_other_clients_keep_working
         }
         let (_, r) = rt.block_on(timed_fetch(&client, "abuse", 1, "hostile"));
         let e = r.expect_err("a memory bomb cannot succeed").to_string();
+        // Usually the memory limit stops it; on a slow or busy machine the bomb can use up
+        // its 100 ms of CPU before it reaches 32 MiB. Either limit stopping it is the
+        // sandbox working (each limit's exact behaviour is the plugin host's unit tests').
         assert!(
-            e.contains("memory limit of 32 MiB") || e.contains("quarantined"),
+            e.contains("memory limit of 32 MiB")
+                || e.contains("CPU limit of 100 ms")
+                || e.contains("quarantined"),
             "{e}"
         );
         // Another client, the CLI, on the same broker: produce and consume work.
