@@ -1,6 +1,7 @@
 //! quiver-core: the Quiver broker.
 //!
 //! - [`clock`]: the wall clock in record time (ms since the epoch);
+//! - [`keyed_locks`]: per-key async locks that forget idle keys;
 //! - [`config`]: the broker's TOML config, defaults, environment overrides, validation;
 //! - [`log`]: the sled-backed partition log (append, read, offsets, time index, retention);
 //! - [`topic`]: topic config and the topic registry;
@@ -19,6 +20,7 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod group;
+pub mod keyed_locks;
 pub mod log;
 pub mod metrics;
 pub mod pipelines;

@@ -61,6 +61,11 @@ pub struct PipelineOpts {
     /// the latencies then include the wait in the backlog.
     #[arg(long, conflicts_with = "rate")]
     backlog: bool,
+    /// Measure the three (plain produce, no stage, the chain) this many times in a row on
+    /// the same broker and report the median ratios: a machine whose speed swings from
+    /// minute to minute moves each run's figures, less so their median.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=50))]
+    repeat: u32,
     #[command(flatten)]
     load: LoadOpts,
 }
@@ -253,7 +258,7 @@ pub async fn run(global: &GlobalOpts, args: BenchArgs) -> anyhow::Result<()> {
             let o = p.load;
             o.check()?;
             let target = Target::open(global, &o).await?;
-            let r = pipeline::run(&target.client, &o, &p.stages, p.backlog).await;
+            let r = pipeline::run(&target.client, &o, &p.stages, p.backlog, p.repeat).await;
             target.close().await;
             r?.print(o.output);
         }

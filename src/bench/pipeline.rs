@@ -27,6 +27,9 @@ use super::report::{histogram, Report};
 use super::{LoadOpts, OutputFormat};
 
 /// The three figures and their ratios (JSON field names are a contract for scripts).
+/// With `--repeat N` the ratios are the medians of the N runs, the three reports are those
+/// of the run whose `no_stage_vs_produce` is nearest that median, and `runs` has every
+/// run's figures.
 #[derive(Debug, Serialize)]
 pub struct PipelineBench {
     /// Plain produce of the same records.
@@ -37,20 +40,61 @@ pub struct PipelineBench {
     pub stages: Report,
     /// The `--stage` chain, as given.
     pub stage_chain: Vec<String>,
-    /// `stages.records_per_sec / no_stage.records_per_sec`.
+    /// `stages.records_per_sec / no_stage.records_per_sec` (the median over `runs`).
     pub stages_vs_no_stage: f64,
-    /// `no_stage.records_per_sec / produce.records_per_sec`.
+    /// `no_stage.records_per_sec / produce.records_per_sec` (the median over `runs`).
     pub no_stage_vs_produce: f64,
     /// True when the pipelines drained input produced before they started (`--backlog`).
     pub backlog: bool,
+    /// Every run's figures, in the order they ran (one unless `--repeat`).
+    pub runs: Vec<RunFigures>,
 }
 
-/// Runs the three measurements.
+/// One run's three throughputs (records/s) and their ratios.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunFigures {
+    /// Plain produce.
+    pub produce_records_per_sec: f64,
+    /// The pipeline without stages.
+    pub no_stage_records_per_sec: f64,
+    /// The pipeline with the chain.
+    pub stages_records_per_sec: f64,
+    /// `stages_records_per_sec / no_stage_records_per_sec`.
+    pub stages_vs_no_stage: f64,
+    /// `no_stage_records_per_sec / produce_records_per_sec`.
+    pub no_stage_vs_produce: f64,
+}
+
+impl RunFigures {
+    fn of(produce: &Report, no_stage: &Report, stages: &Report) -> RunFigures {
+        RunFigures {
+            produce_records_per_sec: produce.records_per_sec,
+            no_stage_records_per_sec: no_stage.records_per_sec,
+            stages_records_per_sec: stages.records_per_sec,
+            stages_vs_no_stage: stages.records_per_sec / no_stage.records_per_sec.max(1e-9),
+            no_stage_vs_produce: no_stage.records_per_sec / produce.records_per_sec.max(1e-9),
+        }
+    }
+}
+
+/// The median of `values` (the mean of the middle two for an even count); 0 when empty.
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => 0.0,
+        _ if n % 2 == 1 => values[n / 2],
+        _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// Runs the three measurements `repeat` times, each time on fresh topics.
 pub async fn run(
     client: &Client,
     o: &LoadOpts,
     chain: &[String],
     backlog: bool,
+    repeat: u32,
 ) -> anyhow::Result<PipelineBench> {
     let records = match o.limit() {
         super::Limit::Records(n) => n,
@@ -59,22 +103,48 @@ pub async fn run(
     let base = o.topic_name();
     let mut quiet = o.clone();
     quiet.records = records;
-    eprintln!("plain produce of {records} records …");
-    let produce = produce_into(client, &quiet, &format!("{base}-produce"), false)
-        .await?
-        .measuring("produce: send to acknowledgement");
-    eprintln!("pipeline without stages …");
-    let no_stage = one(client, &quiet, &format!("{base}-none"), &[], backlog).await?;
-    eprintln!("pipeline with {} …", chain.join(" → "));
-    let stages = one(client, &quiet, &format!("{base}-stages"), chain, backlog).await?;
+    let mut trios = Vec::new();
+    for i in 1..=repeat {
+        let base = if repeat == 1 {
+            base.clone()
+        } else {
+            eprintln!("run {i} of {repeat}:");
+            format!("{base}-r{i}")
+        };
+        eprintln!("plain produce of {records} records …");
+        let produce = produce_into(client, &quiet, &format!("{base}-produce"), false)
+            .await?
+            .measuring("produce: send to acknowledgement");
+        eprintln!("pipeline without stages …");
+        let no_stage = one(client, &quiet, &format!("{base}-none"), &[], backlog).await?;
+        eprintln!("pipeline with {} …", chain.join(" → "));
+        let stages = one(client, &quiet, &format!("{base}-stages"), chain, backlog).await?;
+        trios.push((produce, no_stage, stages));
+    }
+    let runs: Vec<RunFigures> = trios
+        .iter()
+        .map(|(p, n, s)| RunFigures::of(p, n, s))
+        .collect();
+    let no_stage_vs_produce = median(runs.iter().map(|r| r.no_stage_vs_produce).collect());
+    let stages_vs_no_stage = median(runs.iter().map(|r| r.stages_vs_no_stage).collect());
+    let nearest = runs
+        .iter()
+        .enumerate()
+        .min_by(|(_, a), (_, b)| {
+            let d = |r: &RunFigures| (r.no_stage_vs_produce - no_stage_vs_produce).abs();
+            d(a).total_cmp(&d(b))
+        })
+        .map_or(0, |(i, _)| i);
+    let (produce, no_stage, stages) = trios.swap_remove(nearest);
     Ok(PipelineBench {
-        stages_vs_no_stage: stages.records_per_sec / no_stage.records_per_sec.max(1e-9),
-        no_stage_vs_produce: no_stage.records_per_sec / produce.records_per_sec.max(1e-9),
+        stages_vs_no_stage,
+        no_stage_vs_produce,
         produce,
         no_stage,
         stages,
         stage_chain: chain.to_vec(),
         backlog,
+        runs,
     })
 }
 
@@ -191,11 +261,26 @@ impl PipelineBench {
                 println!("{}", serde_json::to_string(self).unwrap_or_default())
             }
             OutputFormat::Text => {
+                if self.runs.len() > 1 {
+                    for (i, r) in self.runs.iter().enumerate() {
+                        println!(
+                            "run {}: produce {:.0} rec/s, no stage {:.0} rec/s, with the chain {:.0} rec/s; chain = {:.0}% of no stage, no stage = {:.0}% of produce",
+                            i + 1,
+                            r.produce_records_per_sec,
+                            r.no_stage_records_per_sec,
+                            r.stages_records_per_sec,
+                            r.stages_vs_no_stage * 100.0,
+                            r.no_stage_vs_produce * 100.0,
+                        );
+                    }
+                    println!("the run nearest the median:");
+                }
                 println!("{}", self.produce.line());
                 println!("{}", self.no_stage.line());
                 println!("{}", self.stages.line());
                 println!(
-                    "ratios: {} = {:.0}% of the no-stage pipeline; no-stage pipeline = {:.0}% of plain produce{}",
+                    "{}ratios: {} = {:.0}% of the no-stage pipeline; no-stage pipeline = {:.0}% of plain produce{}",
+                    if self.runs.len() > 1 { "median " } else { "" },
                     self.stage_chain.join(" → "),
                     self.stages_vs_no_stage * 100.0,
                     self.no_stage_vs_produce * 100.0,
@@ -207,5 +292,18 @@ impl PipelineBench {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_even_and_empty() {
+        assert_eq!(median(vec![0.3, 0.9, 0.5]), 0.5);
+        assert_eq!(median(vec![0.9, 0.3, 0.5, 0.7]), 0.6);
+        assert_eq!(median(vec![0.4]), 0.4);
+        assert_eq!(median(Vec::new()), 0.0);
     }
 }

@@ -821,6 +821,8 @@ fn bench_pipeline_reports_the_chain_beside_no_stage_and_plain_produce() {
         ];
         if backlog {
             args.push("--backlog");
+        } else {
+            args.extend(["--repeat", "3"]);
         }
         let out = std::process::Command::new(bin())
             .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -842,5 +844,17 @@ fn bench_pipeline_reports_the_chain_beside_no_stage_and_plain_produce() {
         assert!(r["stages"]["latency_samples"].as_u64().unwrap() > 0, "{r}");
         assert!(r["stages_vs_no_stage"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["no_stage_vs_produce"].as_f64().unwrap() > 0.0, "{r}");
+        // Every run is listed, and the ratios reported are their medians.
+        let runs = r["runs"].as_array().unwrap();
+        assert_eq!(runs.len(), if backlog { 1 } else { 3 }, "{r}");
+        for ratio in ["no_stage_vs_produce", "stages_vs_no_stage"] {
+            let mut each: Vec<f64> = runs.iter().map(|x| x[ratio].as_f64().unwrap()).collect();
+            each.sort_by(f64::total_cmp);
+            let reported = r[ratio].as_f64().unwrap();
+            assert!(
+                (reported - each[each.len() / 2]).abs() < 1e-9,
+                "{ratio}: {r}"
+            );
+        }
     }
 }

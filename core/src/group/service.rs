@@ -31,6 +31,7 @@ use tracing::{debug, info, warn};
 use super::coordinator::{CoordinatorConfig, GroupCoordinator, GroupError, GroupEvent};
 use super::records::{decode_entry, Entry, GroupRecord, OFFSETS_TOPIC};
 use super::TopicSnapshot;
+use crate::keyed_locks::KeyedLocks;
 use crate::log::{Flusher, LogError, PartitionLog};
 use crate::topic::{TopicConfig, TopicError, TopicRegistry};
 
@@ -89,7 +90,7 @@ pub struct GroupService {
     changed: watch::Sender<u64>,
     /// One lock per group serializes "store, then apply" of that group's changes, so its
     /// memory order equals its log order; groups never wait for each other's flushes.
-    group_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    group_locks: KeyedLocks<String>,
     topics: Arc<TopicRegistry>,
     flusher: Arc<Flusher>,
     log: Arc<PartitionLog>,
@@ -105,7 +106,7 @@ pub struct GroupService {
     txn_ended: watch::Sender<u64>,
     /// One transactional step at a time per producer id: its offsets are stored and held
     /// before or after its marker is written and resolved, never between.
-    producer_locks: Mutex<HashMap<i64, Arc<tokio::sync::Mutex<()>>>>,
+    producer_locks: KeyedLocks<i64>,
     /// The leader epoch at which this broker serves the partition (a cluster broker).
     led_epoch: std::sync::OnceLock<u64>,
 }
@@ -115,9 +116,19 @@ pub struct GroupService {
 struct TxnOffsets {
     /// Producer id → its open transaction's offsets.
     pending: HashMap<i64, PendingTxn>,
-    /// Producer id → the newest epoch a marker here carried: offsets from older epochs
-    /// are fenced.
-    fenced: HashMap<i64, i16>,
+    /// Producer id → the newest epoch a marker here carried, and when (ms since the
+    /// epoch): offsets from older epochs are fenced. A TxnCommitOffsets passes its
+    /// coordinator's epoch check before it gets here; this closes the race of a newer
+    /// epoch's marker landing in between, so an entry is forgotten once no transaction of
+    /// that time can still be open ([`crate::txn::ABANDONED_TXN_MS`]).
+    fenced: HashMap<i64, Fence>,
+}
+
+/// The newest epoch of a producer a marker carried here, and when it landed.
+#[derive(Debug, Clone, Copy)]
+struct Fence {
+    epoch: i16,
+    at_ms: i64,
 }
 
 #[derive(Debug)]
@@ -147,12 +158,30 @@ impl TxnOffsets {
 
     /// A marker of `producer_id` landed: the records to apply (on commit).
     fn resolve(&mut self, producer_id: i64, epoch: i16, commit: bool) -> Vec<GroupRecord> {
-        let fenced = self.fenced.entry(producer_id).or_insert(epoch);
-        *fenced = (*fenced).max(epoch);
+        let at_ms = crate::clock::now_ms();
+        let fence = self
+            .fenced
+            .entry(producer_id)
+            .or_insert(Fence { epoch, at_ms });
+        *fence = Fence {
+            epoch: fence.epoch.max(epoch),
+            at_ms,
+        };
         match self.pending.remove(&producer_id) {
             Some(p) if commit => p.records,
             _ => Vec::new(),
         }
+    }
+
+    /// The epoch `producer_id`'s offsets must reach, if a marker fenced older ones.
+    fn fenced_below(&self, producer_id: i64) -> Option<i16> {
+        self.fenced.get(&producer_id).map(|f| f.epoch)
+    }
+
+    /// Forgets fences older than the longest a transaction can stay open, as of `now_ms`.
+    fn forget_old_fences(&mut self, now_ms: i64) {
+        self.fenced
+            .retain(|_, f| now_ms.saturating_sub(f.at_ms) <= crate::txn::ABANDONED_TXN_MS);
     }
 
     fn holds(&self, group: &str, partitions: Option<&[TopicPartition]>) -> bool {
@@ -313,7 +342,7 @@ impl GroupService {
         let service = Arc::new(GroupService {
             coord: Mutex::new(coord),
             changed: watch::Sender::new(0),
-            group_locks: Mutex::new(HashMap::new()),
+            group_locks: KeyedLocks::default(),
             log_config,
             topics,
             flusher,
@@ -323,7 +352,7 @@ impl GroupService {
             replicas,
             txn: Mutex::new(txn),
             txn_ended: watch::Sender::new(0),
-            producer_locks: Mutex::new(HashMap::new()),
+            producer_locks: KeyedLocks::default(),
             led_epoch: std::sync::OnceLock::new(),
         });
         Ok((service, Replayed { txn_states }))
@@ -356,14 +385,7 @@ impl GroupService {
     }
 
     async fn lock_producer(&self, producer_id: i64) -> tokio::sync::OwnedMutexGuard<()> {
-        let m = self
-            .producer_locks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(producer_id)
-            .or_default()
-            .clone();
-        m.lock_owned().await
+        self.producer_locks.lock(&producer_id).await
     }
 
     /// True while offsets of `producer_id`'s transaction at `epoch` are held here.
@@ -419,14 +441,7 @@ impl GroupService {
 
     /// Takes the lock of `group` (see `group_locks`).
     async fn lock_group(&self, group: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        let m = self
-            .group_locks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(group.to_string())
-            .or_default()
-            .clone();
-        m.lock_owned().await
+        self.group_locks.lock(group).await
     }
 
     async fn persist_records(&self, records: &[GroupRecord]) -> Result<()> {
@@ -604,11 +619,10 @@ impl GroupService {
     ) -> Result<TxnCommitOffsetsResponse> {
         let _producer = self.lock_producer(req.producer_id).await;
         let _order = self.lock_group(&req.group).await;
-        if let Some(&newer) = self
+        if let Some(newer) = self
             .txn_lock()
-            .fenced
-            .get(&req.producer_id)
-            .filter(|&&e| req.producer_epoch < e)
+            .fenced_below(req.producer_id)
+            .filter(|&e| req.producer_epoch < e)
         {
             return Err(GroupServiceError::Fenced(format!(
                 "producer {} epoch {} was replaced by epoch {newer}; its offsets are refused",
@@ -774,13 +788,15 @@ impl GroupService {
     /// the group stop waiting for it.
     async fn abort_abandoned(&self) {
         let now = crate::clock::now_ms();
-        let abandoned: Vec<(i64, i16)> = self
-            .txn_lock()
-            .pending
-            .iter()
-            .filter(|(_, p)| now.saturating_sub(p.since_ms) > crate::txn::ABANDONED_TXN_MS)
-            .map(|(id, p)| (*id, p.epoch))
-            .collect();
+        let abandoned: Vec<(i64, i16)> = {
+            let mut txn = self.txn_lock();
+            txn.forget_old_fences(now);
+            txn.pending
+                .iter()
+                .filter(|(_, p)| now.saturating_sub(p.since_ms) > crate::txn::ABANDONED_TXN_MS)
+                .map(|(id, p)| (*id, p.epoch))
+                .collect()
+        };
         for (producer_id, epoch) in abandoned {
             warn!(producer_id, epoch, "transactional offsets held past the longest transaction timeout; aborting them here");
             let abort = crate::txn::TxnMarker {
@@ -875,4 +891,29 @@ fn replay(
         offset = next;
     }
     Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_markers_fence_holds_then_is_forgotten_after_the_longest_transaction() {
+        let mut txn = TxnOffsets::default();
+        txn.resolve(42, 3, false);
+        txn.resolve(42, 2, true); // a late, older marker never lowers the fence
+        assert_eq!(txn.fenced_below(42), Some(3));
+        let now = crate::clock::now_ms();
+        txn.forget_old_fences(now);
+        assert_eq!(txn.fenced_below(42), Some(3), "a fresh fence was forgotten");
+        for id in 0..10_000 {
+            txn.resolve(1_000 + id, 0, true);
+        }
+        txn.forget_old_fences(now + crate::txn::ABANDONED_TXN_MS + 60_000);
+        assert!(
+            txn.fenced.is_empty(),
+            "{} old fences kept",
+            txn.fenced.len()
+        );
+    }
 }

@@ -42,6 +42,7 @@ use tokio::sync::watch;
 pub use markers::{MarkerWriter, TxnMarker};
 
 use crate::group::{GroupService, GroupServiceError, OFFSETS_TOPIC};
+use crate::keyed_locks::KeyedLocks;
 use crate::log::LogError;
 use crate::topic::TopicError;
 
@@ -213,7 +214,7 @@ pub struct TxnCoordinator {
     /// without scanning every id.
     by_pid: Mutex<HashMap<i64, String>>,
     /// One transaction request at a time per transactional id.
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    locks: KeyedLocks<String>,
 }
 
 impl TxnCoordinator {
@@ -248,7 +249,7 @@ impl TxnCoordinator {
                     .collect(),
             ),
             state: Mutex::new(state),
-            locks: Mutex::new(HashMap::new()),
+            locks: KeyedLocks::default(),
         })
     }
 
@@ -299,14 +300,7 @@ impl TxnCoordinator {
     }
 
     async fn lock_id(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        let m = self
-            .locks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(id.to_string())
-            .or_default()
-            .clone();
-        m.lock_owned().await
+        self.locks.lock(id).await
     }
 
     /// Stores `s` as `id`'s state (durably; in a cluster on the in-sync replicas), then
