@@ -100,11 +100,7 @@ fn check_identity(dir: &Path, broker_id: u32) -> Result<(), BrokerError> {
 }
 
 fn open_db(dir: &Path) -> Result<sled::Db, BrokerError> {
-    sled::Config::new()
-        .path(dir.join("log"))
-        .cache_capacity(512 * 1024 * 1024)
-        .mode(sled::Mode::HighThroughput)
-        .open()
+    crate::log::store::open(&dir.join("log"))
         .map_err(|e| {
             let hint = if e.to_string().contains("lock") {
                 " (is another broker running with this data directory? stop it with `quiver broker stop`)"

@@ -89,11 +89,7 @@ struct SledRun<'a> {
 
 /// What a raw sled run did: seconds, batches, bytes.
 fn sled_appends(run: SledRun<'_>) -> anyhow::Result<(f64, u64, u64)> {
-    let db = sled::Config::new()
-        .path(run.dir)
-        .cache_capacity(512 * 1024 * 1024)
-        .mode(sled::Mode::HighThroughput)
-        .open()
+    let db = quiver_core::log::store::open(run.dir)
         .with_context(|| format!("opening {}", run.dir.display()))?;
     // Each writer's work: its tree and its batches (the last one may hold fewer records).
     let mut plans = Vec::new();

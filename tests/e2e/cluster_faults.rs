@@ -390,7 +390,7 @@ async fn read_all(client: &Client) -> BTreeMap<u32, BTreeMap<i64, String>> {
 fn replicas_identical(c: &FaultCluster, hw: &BTreeMap<u32, i64>) -> Result<(), String> {
     let mut copies: Vec<BTreeMap<u32, Vec<Vec<u8>>>> = Vec::new();
     for id in 1..=BROKERS {
-        let db = sled::open(c.dir.path().join(format!("qc/broker-{id}/log")))
+        let db = quiver_core::log::store::open(&c.dir.path().join(format!("qc/broker-{id}/log")))
             .map_err(|e| e.to_string())?;
         let reg =
             quiver_core::topic::TopicRegistry::open(db, quiver_core::topic::TopicConfig::default())

@@ -11,7 +11,8 @@ use super::harness::{cli_at, TestBroker};
 /// Overwrites bytes inside the `nth` stored batch of `topic`/`partition`; returns its
 /// base offset. The broker must be stopped.
 fn damage_batch(b: &TestBroker, topic: &str, partition: u32, nth: usize) -> i64 {
-    let db = sled::open(b.data_dir().join("log")).expect("open the broker's sled database");
+    let db = quiver_core::log::store::open(&b.data_dir().join("log"))
+        .expect("open the broker's sled database");
     let meta: TopicMeta = serde_json::from_slice(
         &db.open_tree(TOPICS_TREE)
             .unwrap()

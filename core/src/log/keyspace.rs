@@ -56,12 +56,13 @@ type Entry = Result<(IVec, IVec), sled::Error>;
 
 /// A value longer than this is stored as chunks of this size: the first under its key, the
 /// rest under the key followed by the chunk's index (u16 BE, from 1), which sort right after
-/// it and before the next key. sled keeps up to 16 entries in a leaf and rewrites the whole
-/// leaf when it splits, so a leaf of 1 MiB batches is a 16 MiB write each time; 256 KiB
-/// chunks made sled write 300 MiB of batches about twice as fast (docs/NOTES.md, "Pipeline
-/// measurements", 2026-12-01), and reads reassemble them at the same speed. Values stored
-/// whole before chunking existed read as they are.
-pub const CHUNK_BYTES: usize = 256 * 1024;
+/// it and before the next key. sled keeps up to 17 entries in a leaf and rewrites the whole
+/// leaf when it splits or consolidates, and writes any entry over a quarter of its segment
+/// to a file of its own: so a leaf of 1 MiB batches was a 16 MiB file written each time.
+/// 16 KiB chunks keep a full leaf (272 KiB) inside the 4 MiB segments of
+/// [`super::store`]; the chunks' sizes have changed before (whole values, then 256 KiB
+/// chunks) and every stored form reads back whole.
+pub const CHUNK_BYTES: usize = 16 * 1024;
 
 /// Length of a chunk's suffix: the value's 8-byte suffix and the chunk index.
 const CHUNK_SUFFIX_LEN: usize = 10;

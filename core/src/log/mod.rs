@@ -11,6 +11,7 @@
 //! - [`flush`]: group commit: concurrent appends share one sled flush;
 //! - [`producers`]: per-producer sequence tracking (ordering of pipelined requests, dedupe);
 //! - [`retention`]: which batches to delete, as a pure decision over batch summaries;
+//! - [`store`]: how the broker's sled database is opened (cache, segment size);
 //! - [`txn_index`]: open and aborted transactions of a partition, and its last stable offset.
 
 pub mod flush;
@@ -18,6 +19,7 @@ pub mod keyspace;
 pub mod partition;
 pub mod producers;
 pub mod retention;
+pub mod store;
 pub mod txn_index;
 
 pub use flush::Flusher;
