@@ -422,14 +422,26 @@ async fn send_poll(
     let timestamps: Vec<i64> = records.iter().map(|r| r.timestamp).collect();
     let mut ranges: BTreeMap<TopicPartition, (i64, i64)> = BTreeMap::new();
     let mut by_partition: BTreeMap<TopicPartition, Vec<Record>> = BTreeMap::new();
+    // A poll holds runs of records of one partition: group each run, not each record.
+    let mut run: Option<(TopicPartition, (i64, i64), Vec<Record>)> = None;
     for r in records {
-        let tp = TopicPartition::new(r.topic.to_string(), r.partition);
-        let range = ranges.entry(tp.clone()).or_insert((r.offset, r.offset + 1));
-        range.1 = r.offset + 1;
-        by_partition
-            .entry(tp)
-            .or_default()
-            .push(to_plugin_record(r));
+        let same = run
+            .as_ref()
+            .is_some_and(|(tp, _, _)| tp.partition == r.partition && *tp.topic == *r.topic);
+        if !same {
+            if let Some((tp, range, recs)) = run.take() {
+                add_run(&mut ranges, &mut by_partition, tp, range, recs);
+            }
+            let tp = TopicPartition::new(r.topic.to_string(), r.partition);
+            run = Some((tp, (r.offset, r.offset + 1), Vec::new()));
+        }
+        if let Some((_, range, recs)) = run.as_mut() {
+            range.1 = r.offset + 1;
+            recs.push(to_plugin_record(r));
+        }
+    }
+    if let Some((tp, range, recs)) = run {
+        add_run(&mut ranges, &mut by_partition, tp, range, recs);
     }
     let idle = by_partition.is_empty();
     if idle
@@ -501,7 +513,7 @@ async fn send_poll(
         for r in records {
             let source = source_of(&tp, r.offset.clamp(range.0, range.1));
             counts.output += 1;
-            writer.send(to_output(r, &source, cfg)?).await?;
+            writer.send(to_output(r, Bytes::from(source), cfg)?).await?;
         }
         for f in failed {
             counts.errors += 1;
@@ -536,6 +548,19 @@ async fn send_poll(
         state_writes,
         writes: writer.seal(),
     }))
+}
+
+/// Adds one partition's run of a poll's records: its offsets widen the partition's range.
+fn add_run(
+    ranges: &mut BTreeMap<TopicPartition, (i64, i64)>,
+    by_partition: &mut BTreeMap<TopicPartition, Vec<Record>>,
+    tp: TopicPartition,
+    (first, end): (i64, i64),
+    mut recs: Vec<Record>,
+) {
+    let range = ranges.entry(tp.clone()).or_insert((first, end));
+    range.1 = end;
+    by_partition.entry(tp).or_default().append(&mut recs);
 }
 
 /// Waits until a sent poll's writes are acknowledged (or its transaction flushed), moves
@@ -622,7 +647,7 @@ fn to_plugin_record(r: ConsumedRecord) -> Record {
 /// output its `quiver.sink` header asks for) and the `quiver.source` header.
 fn to_output(
     r: Record,
-    source: &str,
+    source: Bytes,
     cfg: &PipelineConfig,
 ) -> Result<ProducerRecord, RuntimeError> {
     let mut topic = cfg.sink.topic.clone();
@@ -640,10 +665,7 @@ fn to_output(
             headers.push((k, v));
         }
     }
-    headers.push((
-        SOURCE_HEADER.into(),
-        Bytes::copy_from_slice(source.as_bytes()),
-    ));
+    headers.push((SOURCE_HEADER.into(), source));
     Ok(ProducerRecord {
         topic,
         partition: None,
