@@ -2,7 +2,9 @@
 //! broker, and one upstream socket per source address so QUIC never sees a migration.
 //! Per source port it can blackhole traffic (both directions), drop a share of datagrams
 //! (seeded), or delay them. Sources are told apart by port: cluster brokers reach their
-//! peers from their own endpoint, so a broker's listen port names it.
+//! peers from their own endpoint, so a broker's listen port names it. Its sockets ask for
+//! the same large buffers as the endpoints (`quiver_client::udp::bind_socket`), so the proxy
+//! itself drops nothing but what a fault says.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, UdpSocket};
@@ -79,7 +81,9 @@ fn delayed_sender(
 impl UdpProxy {
     /// Listens on a free 127.0.0.1 port and forwards to `target`.
     pub fn start(target: SocketAddr, seed: u64) -> UdpProxy {
-        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").expect("proxy socket"));
+        let front = Arc::new(
+            quiver_client::udp::bind_socket("127.0.0.1:0".parse().unwrap()).expect("proxy socket"),
+        );
         front
             .set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
@@ -111,7 +115,10 @@ impl UdpProxy {
                     continue;
                 }
                 let (up, up_delayed) = upstreams.entry(from).or_insert_with(|| {
-                    let up = Arc::new(UdpSocket::bind("127.0.0.1:0").expect("upstream socket"));
+                    let up = Arc::new(
+                        quiver_client::udp::bind_socket("127.0.0.1:0".parse().unwrap())
+                            .expect("upstream socket"),
+                    );
                     up.connect(target).unwrap();
                     up.set_read_timeout(Some(Duration::from_millis(50)))
                         .unwrap();
