@@ -799,6 +799,22 @@ fn the_example_pipelines_do_what_their_readmes_say() {
 
 #[test]
 fn bench_pipeline_reports_the_chain_beside_no_stage_and_plain_produce() {
+    // A repeat count of 0 is refused before anything runs, naming the flag.
+    let out = std::process::Command::new(bin())
+        .args([
+            "bench",
+            "pipeline",
+            "--embedded",
+            "--stage",
+            "examples/plugins/noop-filter",
+            "--repeat",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--repeat"), "{err}");
     for backlog in [false, true] {
         // A backlog must outlast the group's settling, which is not timed.
         let records: u64 = if backlog { 100_000 } else { 3000 };
@@ -844,9 +860,19 @@ fn bench_pipeline_reports_the_chain_beside_no_stage_and_plain_produce() {
         assert!(r["stages"]["latency_samples"].as_u64().unwrap() > 0, "{r}");
         assert!(r["stages_vs_no_stage"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["no_stage_vs_produce"].as_f64().unwrap() > 0.0, "{r}");
-        // Every run is listed, and the ratios reported are their medians.
+        // Every run is listed, the ratios reported are their medians, and the three
+        // reports are one run's.
         let runs = r["runs"].as_array().unwrap();
         assert_eq!(runs.len(), if backlog { 1 } else { 3 }, "{r}");
+        let reported = |part: &str| r[part]["records_per_sec"].as_f64().unwrap();
+        assert!(
+            runs.iter().any(|x| {
+                x["produce_records_per_sec"].as_f64() == Some(reported("produce"))
+                    && x["no_stage_records_per_sec"].as_f64() == Some(reported("no_stage"))
+                    && x["stages_records_per_sec"].as_f64() == Some(reported("stages"))
+            }),
+            "the reports are not those of one run: {r}"
+        );
         for ratio in ["no_stage_vs_produce", "stages_vs_no_stage"] {
             let mut each: Vec<f64> = runs.iter().map(|x| x[ratio].as_f64().unwrap()).collect();
             each.sort_by(f64::total_cmp);

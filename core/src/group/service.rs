@@ -158,15 +158,14 @@ impl TxnOffsets {
 
     /// A marker of `producer_id` landed: the records to apply (on commit).
     fn resolve(&mut self, producer_id: i64, epoch: i16, commit: bool) -> Vec<GroupRecord> {
-        let at_ms = crate::clock::now_ms();
-        let fence = self
-            .fenced
-            .entry(producer_id)
-            .or_insert(Fence { epoch, at_ms });
-        *fence = Fence {
-            epoch: fence.epoch.max(epoch),
-            at_ms,
+        let newest = self
+            .fenced_below(producer_id)
+            .map_or(epoch, |e| e.max(epoch));
+        let fence = Fence {
+            epoch: newest,
+            at_ms: crate::clock::now_ms(),
         };
+        self.fenced.insert(producer_id, fence);
         match self.pending.remove(&producer_id) {
             Some(p) if commit => p.records,
             _ => Vec::new(),

@@ -349,9 +349,7 @@ mod tests {
 
     #[test]
     fn partitions_see_only_their_own_slice() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
-        let tree = db.open_tree(BATCHES_TREE).unwrap();
+        let (_dir, tree) = batches_tree();
         let a = PartitionKeys::new(tree.clone(), 7, 0);
         let b = PartitionKeys::new(tree.clone(), 7, 1);
         let c = PartitionKeys::new(tree, 8, 0);
@@ -380,6 +378,14 @@ mod tests {
         );
     }
 
+    /// A fresh database's shared batches tree (the directory lives as long as the guard).
+    fn batches_tree() -> (tempfile::TempDir, sled::Tree) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let tree = db.open_tree(BATCHES_TREE).unwrap();
+        (dir, tree)
+    }
+
     /// A value of `len` bytes whose every byte says where it is.
     fn patterned(len: usize, seed: u8) -> Vec<u8> {
         (0..len)
@@ -389,9 +395,7 @@ mod tests {
 
     #[test]
     fn large_values_are_stored_in_chunks_and_read_back_whole() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
-        let tree = db.open_tree(BATCHES_TREE).unwrap();
+        let (_dir, tree) = batches_tree();
         let a = PartitionKeys::new(tree.clone(), 7, 0);
         let next = PartitionKeys::new(tree.clone(), 7, 1);
         next.insert(&0u64.to_be_bytes(), patterned(CHUNK_BYTES * 2, 9))
@@ -482,9 +486,7 @@ mod tests {
 
     #[test]
     fn values_stored_whole_before_chunking_read_as_they_are() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
-        let tree = db.open_tree(BATCHES_TREE).unwrap();
+        let (_dir, tree) = batches_tree();
         let a = PartitionKeys::new(tree.clone(), 3, 2);
         let old = patterned(CHUNK_BYTES * 3, 7);
         tree.insert(
@@ -504,6 +506,40 @@ mod tests {
                 .1
                 .to_vec(),
             old
+        );
+    }
+
+    #[test]
+    fn values_in_an_older_chunk_size_read_whole_and_are_replaced_whole() {
+        let (_dir, tree) = batches_tree();
+        let a = PartitionKeys::new(tree.clone(), 4, 0);
+        // Offset 5 as the 256 KiB-chunk layout stored it: first chunk under the key, the
+        // rest under key + index.
+        const OLD_CHUNK: usize = 256 * 1024;
+        let old = patterned(OLD_CHUNK * 2 + 100, 3);
+        let key = full_key(&partition_prefix(4, 0), &5u64.to_be_bytes());
+        for (i, chunk) in old.chunks(OLD_CHUNK).enumerate() {
+            let mut k = key.to_vec();
+            if i > 0 {
+                k.extend_from_slice(&(i as u16).to_be_bytes());
+            }
+            tree.insert(k, chunk).unwrap();
+        }
+        let new = patterned(CHUNK_BYTES * 3 + 1, 4);
+        a.insert(&9u64.to_be_bytes(), new.clone()).unwrap();
+        let all: Vec<Vec<u8>> = a.iter().map(|e| e.unwrap().1.to_vec()).collect();
+        assert_eq!(all, vec![old.clone(), new.clone()]);
+        let back: Vec<Vec<u8>> = a.iter().rev().map(|e| e.unwrap().1.to_vec()).collect();
+        assert_eq!(back, vec![new.clone(), old]);
+        // Storing a value under the old key drops every old chunk, of whatever size.
+        let replacement = patterned(CHUNK_BYTES + 1, 5);
+        a.insert(&5u64.to_be_bytes(), replacement.clone()).unwrap();
+        let all: Vec<Vec<u8>> = a.iter().map(|e| e.unwrap().1.to_vec()).collect();
+        assert_eq!(all, vec![replacement, new]);
+        assert_eq!(
+            tree.len(),
+            2 + 4,
+            "two chunks for offset 5, four for offset 9"
         );
     }
 
