@@ -51,6 +51,10 @@ enum TopicCommand {
         /// Output format.
         #[arg(long, value_enum, default_value_t = Format::Table)]
         output: Format,
+        /// Show the offsets of the bootstrap broker's own copy of each partition (zero where
+        /// it holds no replica) instead of each partition's leader's.
+        #[arg(long)]
+        local: bool,
     },
     /// Change topic config keys, or add partitions.
     Alter {
@@ -170,11 +174,17 @@ pub async fn run(global: &GlobalOpts, args: TopicArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        TopicCommand::Describe { name, output } => {
-            let d = admin
-                .describe_topic(&name)
-                .await
-                .map_err(|e| not_found(e, &name))?;
+        TopicCommand::Describe {
+            name,
+            output,
+            local,
+        } => {
+            let d = if local {
+                admin.describe_topic_local(&name).await
+            } else {
+                admin.describe_topic(&name).await
+            }
+            .map_err(|e| not_found(e, &name))?;
             match output {
                 Format::Json => output::json(&mut out, &d)?,
                 Format::Table => {

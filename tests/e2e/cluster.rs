@@ -95,7 +95,7 @@ impl TestCluster {
         let out = cli_at(
             &addr,
             &self.ca(),
-            &["topic", "describe", topic, "--output", "json"],
+            &["topic", "describe", topic, "--output", "json", "--local"],
             None,
         );
         succeeded(&out);
@@ -692,4 +692,138 @@ fn a_plugin_deployed_through_one_broker_runs_on_every_broker() {
     );
     succeeded(&out);
     assert_eq!(json_lines(&String::from_utf8_lossy(&out.stdout)).len(), 30);
+}
+
+/// Sums a JSON array's field over its elements.
+fn sum_of(items: &Value, field: &str) -> i64 {
+    items
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[field].as_i64().unwrap())
+        .sum()
+}
+
+#[test]
+fn offsets_lag_and_resets_come_from_each_partitions_leader_whatever_broker_answers() {
+    let c = TestCluster::start();
+    // One copy per partition: every broker lacks some partitions, so a broker (or group
+    // coordinator) answering from its own copies would see them empty.
+    succeeded(&c.cli(
+        &[
+            "topic",
+            "create",
+            "single",
+            "--partitions",
+            "3",
+            "--replication-factor",
+            "1",
+        ],
+        None,
+    ));
+    succeeded(&c.cli(
+        &["produce", "single", "--acks", "all", "--key-separator", ":"],
+        Some(&lines(1, 60)),
+    ));
+    let placed = c.describe("single");
+    let leaders: Vec<u64> = placed["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["leader"].as_u64().unwrap())
+        .collect();
+    let mut local_total = 0;
+    for id in 1..=3u64 {
+        let addr = format!("127.0.0.1:{}", c.ports[id as usize - 1]);
+        // Through any one broker: each partition's offsets as its leader has them.
+        let out = cli_at(
+            &addr,
+            &c.ca(),
+            &["topic", "describe", "single", "--output", "json"],
+            None,
+        );
+        succeeded(&out);
+        let d: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(sum_of(&d["partitions"], "high_watermark"), 60, "{d}");
+        assert_eq!(sum_of(&d["partitions"], "log_end_offset"), 60, "{d}");
+        // --local: that broker's own copies, nothing where it holds no replica.
+        let mine = c.describe_at(id, "single");
+        for (p, leader) in mine["partitions"].as_array().unwrap().iter().zip(&leaders) {
+            if *leader != id {
+                assert_eq!(p["log_end_offset"], 0, "{mine}");
+            }
+        }
+        local_total += sum_of(&mine["partitions"], "log_end_offset");
+
+        // A broker that does not lead a partition does not answer offsets for it.
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let config = quiver_client::ClientConfig {
+            ca_file: Some(c.ca()),
+            ..quiver_client::ClientConfig::new(&addr)
+        };
+        rt.block_on(async {
+            let client = quiver_client::Client::connect(config)
+                .await
+                .expect("connect");
+            for (p, leader) in leaders.iter().enumerate() {
+                let req = quiver_protocol::requests::ListOffsetsRequest {
+                    topic: "single".into(),
+                    partition: p as u32,
+                    spec: quiver_protocol::requests::OffsetSpec::Latest,
+                };
+                let r = client.request(&req, bytes::Bytes::new()).await;
+                if *leader == id {
+                    assert!(r.is_ok(), "the leader answers: {r:?}");
+                } else {
+                    let e = r.expect_err("a broker without the lead refuses");
+                    assert!(
+                        e.to_string().contains("not the leader"),
+                        "{e} (broker {id}, partition {p})"
+                    );
+                }
+            }
+        });
+    }
+    assert_eq!(
+        local_total, 60,
+        "the three brokers' copies hold every record once"
+    );
+
+    // Group offsets: reset and lag are the leaders' whichever broker coordinates.
+    let reset = |to: &str| {
+        let out = c.cli(
+            &["group", "reset", "auditors", "--topic", "single", to],
+            None,
+        );
+        succeeded(&out);
+    };
+    let describe_group = || -> Value {
+        let out = c.cli(&["group", "describe", "auditors", "--output", "json"], None);
+        succeeded(&out);
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    reset("--to-latest");
+    let g = describe_group();
+    assert_eq!(sum_of(&g["partitions"], "committed"), 60, "{g}");
+    assert_eq!(sum_of(&g["partitions"], "lag"), 0, "{g}");
+    reset("--to-earliest");
+    let g = describe_group();
+    assert_eq!(sum_of(&g["partitions"], "committed"), 0, "{g}");
+    assert_eq!(sum_of(&g["partitions"], "lag"), 60, "{g}");
+    assert_eq!(sum_of(&g["partitions"], "high_watermark"), 60, "{g}");
+    // --to-offset is clamped to each partition's range on its leader.
+    let out = c.cli(
+        &[
+            "group",
+            "reset",
+            "auditors",
+            "--topic",
+            "single",
+            "--to-offset",
+            "1000000",
+        ],
+        None,
+    );
+    succeeded(&out);
+    assert_eq!(sum_of(&describe_group()["partitions"], "lag"), 0);
 }

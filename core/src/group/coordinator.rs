@@ -844,17 +844,18 @@ impl GroupCoordinator {
             .iter()
             .filter_map(|tp| {
                 let (start, end, hw) = offsets(&tp.topic, tp.partition)?;
-                let committed = g.offsets.get(tp).map(|v| v.offset);
-                Some(GroupPartitionDescription {
+                let mut d = GroupPartitionDescription {
                     topic: tp.topic.clone(),
                     partition: tp.partition,
                     owner: owner(tp),
-                    committed,
-                    log_start_offset: start,
-                    log_end_offset: end,
-                    high_watermark: hw,
-                    lag: (hw - committed.unwrap_or(start).max(start)).max(0),
-                })
+                    committed: g.offsets.get(tp).map(|v| v.offset),
+                    log_start_offset: 0,
+                    log_end_offset: 0,
+                    high_watermark: 0,
+                    lag: 0,
+                };
+                d.set_log_offsets(start, end, hw);
+                Some(d)
             })
             .collect();
         Ok(GroupDescription {

@@ -721,29 +721,7 @@ impl GroupService {
                 req.topic
             )));
         }
-        let mut offsets = Vec::with_capacity(topic.partitions.len());
-        for log in &topic.partitions {
-            let s = log.snapshot();
-            let o = match req.to {
-                ResetTo::Earliest => {
-                    log.lookup_async(OffsetSpec::Earliest, self.max_decompressed)
-                        .await?
-                        .0
-                }
-                ResetTo::Latest => {
-                    log.lookup_async(OffsetSpec::Latest, self.max_decompressed)
-                        .await?
-                        .0
-                }
-                ResetTo::Offset(n) => n.clamp(s.log_start, s.high_watermark),
-                ResetTo::Timestamp(t) => {
-                    log.lookup_async(OffsetSpec::Timestamp(t), self.max_decompressed)
-                        .await?
-                        .0
-                }
-            };
-            offsets.push((log.partition, o));
-        }
+        let offsets = self.resolve_reset(&req.topic, &topic, &req.to).await?;
         let _order = self.lock_group(&req.group).await;
         let records = self
             .lock()
@@ -751,6 +729,52 @@ impl GroupService {
         self.persist_then_apply(&records).await?;
         info!(group = %req.group, topic = %req.topic, ?offsets, "offsets reset");
         Ok(ResetOffsetsResponse { offsets })
+    }
+
+    /// The `(partition, offset)` pairs `to` resolves to: as given by a client that resolved
+    /// them ([`ResetTo::Offsets`]), else from this broker's own copies of `topic`. On a
+    /// cluster only a leader's copy is the log's, so a coordinator that does not lead every
+    /// partition refuses the second kind.
+    async fn resolve_reset(
+        &self,
+        name: &str,
+        topic: &crate::topic::Topic,
+        to: &ResetTo,
+    ) -> Result<Vec<(u32, i64)>> {
+        if let ResetTo::Offsets(given) = to {
+            return resolved_offsets(name, topic.partitions.len(), given);
+        }
+        if let Some(rm) = self.replicas.upgrade() {
+            if let Some(p) = topic
+                .partitions
+                .iter()
+                .find(|p| rm.leader(name, p.partition).is_err())
+            {
+                return Err(GroupServiceError::Refused(format!(
+                    "this coordinator does not lead {name}/{}: resolve the offsets on the partitions' leaders and send them per partition (the CLI and SDK of this version do)",
+                    p.partition
+                )));
+            }
+        }
+        let mut offsets = Vec::with_capacity(topic.partitions.len());
+        for log in &topic.partitions {
+            let spec = match to {
+                ResetTo::Earliest => OffsetSpec::Earliest,
+                ResetTo::Latest => OffsetSpec::Latest,
+                ResetTo::Timestamp(t) => OffsetSpec::Timestamp(*t),
+                ResetTo::Offset(n) => {
+                    let s = log.snapshot();
+                    offsets.push((log.partition, (*n).clamp(s.log_start, s.high_watermark)));
+                    continue;
+                }
+                ResetTo::Offsets(given) => {
+                    return resolved_offsets(name, topic.partitions.len(), given)
+                }
+            };
+            let (o, _) = log.lookup_async(spec, self.max_decompressed).await?;
+            offsets.push((log.partition, o));
+        }
+        Ok(offsets)
     }
 
     /// DeleteGroup (refused while the group has members).
@@ -890,6 +914,34 @@ fn replay(
         offset = next;
     }
     Ok(applied)
+}
+
+/// Checks offsets a client resolved itself ([`ResetTo::Offsets`]): partitions of the topic,
+/// each once, offsets not negative.
+fn resolved_offsets(
+    topic: &str,
+    partitions: usize,
+    given: &[(u32, i64)],
+) -> Result<Vec<(u32, i64)>> {
+    let mut seen = std::collections::BTreeSet::new();
+    for &(p, o) in given {
+        if p as usize >= partitions {
+            return Err(GroupServiceError::Refused(format!(
+                "{topic} has {partitions} partitions; there is no partition {p} to reset"
+            )));
+        }
+        if !seen.insert(p) {
+            return Err(GroupServiceError::Refused(format!(
+                "partition {p} of {topic} is given twice"
+            )));
+        }
+        if o < 0 {
+            return Err(GroupServiceError::Refused(format!(
+                "offset {o} for {topic}/{p} is negative"
+            )));
+        }
+    }
+    Ok(given.to_vec())
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! except the client's metadata, which each call keeps fresh.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use bytes::Bytes;
 use quiver_protocol::requests::{
@@ -10,6 +11,7 @@ use quiver_protocol::requests::{
     DescribeTopicRequest, ListOffsetsRequest, OffsetSpec, TopicDescription, TopicMetadata,
 };
 
+use crate::backoff::Backoff;
 use crate::{Client, Result};
 
 /// Topic administration.
@@ -94,9 +96,61 @@ impl Admin {
         Ok(topics)
     }
 
-    /// Config and per-partition offsets and sizes of `name`.
+    /// Config and per-partition offsets and sizes of `name`: on a cluster, each partition's
+    /// offsets, size and status as its leader holds them (a follower's copy may lag, and a
+    /// broker without a replica holds none). A leader that does not answer leaves the
+    /// bootstrap broker's own figures for its partitions.
     #[tracing::instrument(skip(self), level = "debug")]
     pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
+        let mut d = self.describe_topic_local(name).await?;
+        if !self.client.is_cluster().await? {
+            return Ok(d);
+        }
+        let req = DescribeTopicRequest {
+            name: name.to_string(),
+        };
+        let leaders: std::collections::BTreeSet<u32> = d
+            .partitions
+            .iter()
+            .map(|p| p.leader)
+            .filter(|l| *l != 0)
+            .collect();
+        for leader in leaders {
+            let theirs = match self
+                .client
+                .request_to_broker(leader, &req, Bytes::new())
+                .await
+            {
+                Ok(Some((t, _))) => t,
+                Ok(None) => return Ok(d),
+                Err(e) => {
+                    tracing::debug!(topic = name, leader, error = %e, "the leader did not describe its partitions");
+                    continue;
+                }
+            };
+            for p in d.partitions.iter_mut().filter(|p| p.leader == leader) {
+                if let Some(lp) = theirs
+                    .partitions
+                    .iter()
+                    .find(|x| x.partition == p.partition)
+                {
+                    p.log_start_offset = lp.log_start_offset;
+                    p.high_watermark = lp.high_watermark;
+                    p.log_end_offset = lp.log_end_offset;
+                    p.size_bytes = lp.size_bytes;
+                    if lp.status != "online" {
+                        p.status = lp.status.clone();
+                        p.offline_reason = lp.offline_reason.clone();
+                    }
+                }
+            }
+        }
+        Ok(d)
+    }
+
+    /// [`describe_topic`](Self::describe_topic) as the bootstrap broker sees it: the
+    /// offsets of its own copy of each partition (zero where it holds no replica).
+    pub async fn describe_topic_local(&self, name: &str) -> Result<TopicDescription> {
         let req = DescribeTopicRequest {
             name: name.to_string(),
         };
@@ -153,7 +207,8 @@ impl Admin {
     }
 }
 
-/// Looks up one offset of a partition on its leader.
+/// Looks up one offset of a partition on its leader, retrying retriable failures (the
+/// leader moving, metadata not yet caught up) with fresh metadata within `request_timeout`.
 pub(crate) async fn list_offset(
     client: &Client,
     topic: &str,
@@ -166,8 +221,19 @@ pub(crate) async fn list_offset(
         spec,
     };
     let timeout = client.config().request_timeout;
-    let (r, _) = client
-        .request_for_partition(topic, partition, &req, Bytes::new(), timeout)
-        .await?;
-    Ok(r.offset)
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+    loop {
+        match client
+            .request_for_partition(topic, partition, &req, Bytes::new(), timeout)
+            .await
+        {
+            Ok((r, _)) => return Ok(r.offset),
+            Err(e) if e.is_retriable() && tokio::time::Instant::now() < deadline => {
+                tracing::debug!(topic, partition, error = %e, "list offsets failed; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }

@@ -534,6 +534,50 @@ impl Client {
         first
     }
 
+    /// True when this client talks to a cluster of several brokers (from the metadata,
+    /// fetched when not known yet).
+    pub async fn is_cluster(&self) -> Result<bool> {
+        if lock(&self.inner.broker_addrs).is_empty() {
+            self.metadata(Some(Vec::new())).await?;
+        }
+        Ok(lock(&self.inner.broker_addrs).len() > 1)
+    }
+
+    /// Sends `req` to cluster broker `id` at the address the metadata names (fetched when
+    /// not known yet), within `request_timeout`. `Ok(None)` when this client talks to a
+    /// lone broker or knows no usable address for `id`.
+    pub async fn request_to_broker<M: Message>(
+        &self,
+        id: u32,
+        req: &M,
+        payload: Bytes,
+    ) -> Result<Option<(M::Response, Bytes)>> {
+        if !self.is_cluster().await? {
+            return Ok(None);
+        }
+        let Some(addr) = self.cluster_addr(id) else {
+            return Ok(None);
+        };
+        let conn = self.conn_for(&addr);
+        self.request_on(&conn, req, payload, self.inner.config.request_timeout)
+            .await
+            .map(Some)
+    }
+
+    /// The address of cluster broker `id` from the metadata; `None` for a lone broker (its
+    /// bootstrap address is the one to use) or an unknown or unusable (unspecified) one.
+    fn cluster_addr(&self, id: u32) -> Option<String> {
+        let addrs = lock(&self.inner.broker_addrs);
+        if addrs.len() <= 1 {
+            return None;
+        }
+        addrs.get(&id).cloned().filter(|a| {
+            a.parse::<SocketAddr>()
+                .map(|s| !s.ip().is_unspecified())
+                .unwrap_or(true)
+        })
+    }
+
     /// The (lazily connected) connection of the broker at `addr`.
     fn conn_for(&self, addr: &str) -> Arc<BrokerConn> {
         lock(&self.inner.conns)
@@ -830,20 +874,7 @@ impl Client {
                 partitions: md.partitions.len() as u32,
             });
         };
-        let addr = {
-            let addrs = lock(&self.inner.broker_addrs);
-            if addrs.len() <= 1 {
-                None
-            } else {
-                addrs.get(&p.leader).cloned()
-            }
-        };
-        let usable = addr.filter(|a| {
-            a.parse::<SocketAddr>()
-                .map(|s| !s.ip().is_unspecified())
-                .unwrap_or(true)
-        });
-        Ok(match usable {
+        Ok(match self.cluster_addr(p.leader) {
             None => lock(&self.inner.home).clone(),
             Some(a) => self.conn_for(&a),
         })

@@ -1,14 +1,17 @@
 //! Consumer-group administration on [`Admin`]: list, describe, reset offsets, delete, and
 //! read committed offsets.
 
+use std::collections::BTreeSet;
+
 use bytes::Bytes;
 use quiver_protocol::requests::{
     CommittedOffset, DeleteGroupRequest, DescribeGroupRequest, FetchOffsetsRequest,
-    GroupDescription, GroupListing, ListGroupsRequest, ResetOffsetsRequest, ResetTo,
+    GroupDescription, GroupListing, ListGroupsRequest, OffsetSpec, ResetOffsetsRequest, ResetTo,
     TopicPartition,
 };
 
-use crate::{Admin, Result};
+use crate::admin::list_offset;
+use crate::{Admin, ClientError, Result};
 
 impl Admin {
     /// Every consumer group, by name.
@@ -20,16 +23,39 @@ impl Admin {
         Ok(r.groups)
     }
 
-    /// A group's members, assignment, committed offsets and lag.
+    /// A group's members, assignment, committed offsets and lag. On a cluster the log
+    /// offsets, and the lag from them, are each partition's leader's (the coordinator's own
+    /// copy of a partition may lag, or be none).
     pub async fn describe_group(&self, group: &str) -> Result<GroupDescription> {
         let req = DescribeGroupRequest {
             group: group.to_string(),
         };
-        Ok(self
+        let (mut d, _) = self
             .client()
             .request_for_group(group, &req, Bytes::new())
-            .await?
-            .0)
+            .await?;
+        if !self.client().is_cluster().await? {
+            return Ok(d);
+        }
+        let topics: BTreeSet<String> = d.partitions.iter().map(|p| p.topic.clone()).collect();
+        for topic in topics {
+            let described = match self.describe_topic(&topic).await {
+                Ok(t) => t,
+                // Deleted since: the coordinator's figures stay.
+                Err(ClientError::TopicNotFound(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            for p in d.partitions.iter_mut().filter(|p| p.topic == topic) {
+                if let Some(t) = described
+                    .partitions
+                    .iter()
+                    .find(|t| t.partition == p.partition)
+                {
+                    p.set_log_offsets(t.log_start_offset, t.log_end_offset, t.high_watermark);
+                }
+            }
+        }
+        Ok(d)
     }
 
     /// Moves a group's committed offsets of `topic` (refused while it has members);
@@ -40,6 +66,13 @@ impl Admin {
         topic: &str,
         to: ResetTo,
     ) -> Result<Vec<(u32, i64)>> {
+        // On a cluster the offsets are resolved on each partition's leader: the group's
+        // coordinator may hold no copy of the topic.
+        let to = if self.client().is_cluster().await? {
+            ResetTo::Offsets(self.resolve_on_leaders(topic, &to).await?)
+        } else {
+            to
+        };
         let req = ResetOffsetsRequest {
             group: group.to_string(),
             topic: topic.to_string(),
@@ -51,6 +84,29 @@ impl Admin {
             .await?
             .0
             .offsets)
+    }
+
+    /// The offset `to` names in each partition of `topic`, asked of the partitions' leaders.
+    async fn resolve_on_leaders(&self, topic: &str, to: &ResetTo) -> Result<Vec<(u32, i64)>> {
+        let client = self.client();
+        let mut out = Vec::new();
+        for p in 0..client.partition_count(topic).await? {
+            let offset = match to {
+                ResetTo::Offsets(given) => return Ok(given.clone()),
+                ResetTo::Earliest => list_offset(client, topic, p, OffsetSpec::Earliest).await?,
+                ResetTo::Latest => list_offset(client, topic, p, OffsetSpec::Latest).await?,
+                ResetTo::Timestamp(t) => {
+                    list_offset(client, topic, p, OffsetSpec::Timestamp(*t)).await?
+                }
+                ResetTo::Offset(n) => {
+                    let start = list_offset(client, topic, p, OffsetSpec::Earliest).await?;
+                    let end = list_offset(client, topic, p, OffsetSpec::Latest).await?;
+                    (*n).clamp(start, end.max(start))
+                }
+            };
+            out.push((p, offset));
+        }
+        Ok(out)
     }
 
     /// Deletes a group without members; returns how many committed offsets went with it.

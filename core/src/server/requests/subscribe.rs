@@ -19,7 +19,11 @@ pub async fn handle(
     send: &mut SendStream,
 ) -> Result<(), RequestError> {
     let (req, _) = decode::<SubscribeRequest>(&body)?;
-    let (_, log) = ctx.topics.partition(&req.topic, req.partition)?;
+    let (_, log) = ctx.partition(&req.topic, req.partition)?;
+    if let Some(rm) = ctx.replicas() {
+        // Only the leader serves clients (a follower's copy may lag or be dropped).
+        rm.leader(&req.topic, req.partition)?;
+    }
     let max_bytes = (req.max_bytes as usize).clamp(1, ctx.config.limits.max_frame_bytes as usize);
     // Check the start offset before the first frame, so a bad offset is a plain error.
     log.read_async(req.offset, 1).await?;

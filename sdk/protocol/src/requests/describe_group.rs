@@ -48,6 +48,17 @@ pub struct GroupPartitionDescription {
     pub lag: i64,
 }
 
+impl GroupPartitionDescription {
+    /// Sets the partition's log offsets and the lag they give: high watermark − committed,
+    /// counted from the log start when nothing is committed (or the commit is below it).
+    pub fn set_log_offsets(&mut self, log_start: i64, log_end: i64, high_watermark: i64) {
+        self.log_start_offset = log_start;
+        self.log_end_offset = log_end;
+        self.high_watermark = high_watermark;
+        self.lag = (high_watermark - self.committed.unwrap_or(log_start).max(log_start)).max(0);
+    }
+}
+
 /// A group's state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupDescription {

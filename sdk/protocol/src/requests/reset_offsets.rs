@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::{ApiKey, Message};
 
 /// Where to move the offsets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ResetTo {
     /// The log start of each partition.
     Earliest,
@@ -16,6 +16,10 @@ pub enum ResetTo {
     Offset(i64),
     /// The first record at or after this time (ms since the epoch).
     Timestamp(i64),
+    /// These `(partition, offset)` pairs, already resolved on the partitions' leaders (how
+    /// a client resets a cluster's group, whose coordinator may hold no copy of the topic);
+    /// the other partitions keep their offsets.
+    Offsets(Vec<(u32, i64)>),
 }
 
 /// Resets the offsets of `group` on `topic`.

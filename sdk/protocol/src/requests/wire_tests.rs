@@ -553,6 +553,7 @@ impl Sample for ResetOffsetsRequest {
             ResetTo::Latest,
             ResetTo::Offset(12),
             ResetTo::Timestamp(1_700_000_000_000),
+            ResetTo::Offsets(vec![(0, 7), (2, 0)]),
         ]
         .into_iter()
         .map(|to| ResetOffsetsRequest {
