@@ -241,8 +241,8 @@ async fn run_foreground(args: &StartArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Installs the host of deployed pipelines: its instances are clients of this broker (its
-/// own address, trusting its CA). A lone broker starts the pipelines deployed before a
+/// Installs the host of deployed pipelines: its instances are clients of this broker,
+/// reaching it in process (and other brokers over QUIC, trusting its CA). A lone broker starts the pipelines deployed before a
 /// restart from its files; a cluster broker runs its share of those the controller holds.
 async fn pipeline_host(handle: &BrokerHandle, data_dir: &Path, id: u32) -> Arc<BrokerPipelines> {
     let mut addr = handle.local_addr();
@@ -251,6 +251,8 @@ async fn pipeline_host(handle: &BrokerHandle, data_dir: &Path, id: u32) -> Arc<B
     }
     let config = ClientConfig {
         ca_file: handle.ca_path(),
+        // Requests to this broker skip QUIC; those to other brokers use it.
+        local: Some(handle.in_process()),
         ..ClientConfig::new(addr.to_string())
     };
     let host = BrokerPipelines::new(data_dir, id, config);

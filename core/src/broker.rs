@@ -63,6 +63,8 @@ pub struct BrokerHandle {
     metrics_addr: Option<SocketAddr>,
     pipelines: PipelineSlot,
     member: Arc<tokio::sync::Mutex<Option<ClusterMember>>>,
+    /// What handles requests: also reached in process ([`BrokerHandle::in_process`]).
+    ctx: Arc<crate::server::ServerContext>,
     shutdown: Option<ShutdownFn>,
 }
 
@@ -369,6 +371,7 @@ impl Broker {
         };
         *member.lock().await = started;
         let member_for_handle = member.clone();
+        let ctx_for_handle = ctx.clone();
         let accept_task = tokio::spawn(endpoint::accept_loop(endpoint.clone(), ctx.clone()));
         let janitor_task = tokio::spawn(crate::txn::janitor::run(
             topics.clone(),
@@ -428,6 +431,7 @@ impl Broker {
             metrics_addr,
             pipelines,
             member: member_for_handle,
+            ctx: ctx_for_handle,
             shutdown: Some(shutdown),
         })
     }
@@ -455,6 +459,15 @@ impl BrokerHandle {
         let m = self.member.lock().await;
         let m = m.as_ref()?;
         Some((m.controller_leader(), m.state().await))
+    }
+
+    /// A door into this broker for clients in the same process: a client whose
+    /// [`ClientConfig::local`](quiver_client::ClientConfig::local) is this sends its
+    /// requests for this broker straight to the dispatcher, without QUIC.
+    pub fn in_process(&self) -> quiver_client::LocalBroker {
+        quiver_client::LocalBroker(Arc::new(crate::server::local::InProcess::new(
+            self.ctx.clone(),
+        )))
     }
 
     /// Installs the host that runs deployed pipelines (once; later calls return false).

@@ -50,6 +50,12 @@ const POLL_FETCH_CHUNKS: usize = 8;
 /// At least once: polls whose writes may still be unacknowledged while the next is
 /// processed.
 const POLLS_IN_FLIGHT: usize = 1;
+/// How long a poll waits for records while nothing is in flight.
+const IDLE_POLL_WAIT: Duration = Duration::from_millis(500);
+/// How long a poll waits while an earlier poll's writes are in flight: when no records
+/// come this soon, the input has paused, and that poll is completed (and committed) now
+/// instead of after a whole idle wait.
+const IN_FLIGHT_POLL_WAIT: Duration = Duration::from_millis(5);
 
 /// Everything an instance needs to run: the checked file and its loaded stages.
 pub struct Plan {
@@ -238,8 +244,13 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
             break Ok(());
         }
         let poll_started = std::time::Instant::now();
+        let wait = if in_flight.is_empty() {
+            IDLE_POLL_WAIT
+        } else {
+            IN_FLIGHT_POLL_WAIT
+        };
         let polled = tokio::select! {
-            r = member.poll_timeout(Duration::from_millis(500)) => r,
+            r = member.poll_timeout(wait) => r,
             _ = stop.wait() => break Ok(()),
         };
         let records = match polled {

@@ -46,6 +46,17 @@ impl EmbeddedBroker {
         })
     }
 
+    /// A client of this broker that reaches it in process, as its deployed pipelines do.
+    pub async fn in_process_client(&self) -> anyhow::Result<quiver_client::Client> {
+        quiver_client::Client::connect(quiver_client::ClientConfig {
+            ca_file: self.ca.clone(),
+            local: Some(self.handle.in_process()),
+            ..quiver_client::ClientConfig::new(self.addr.to_string())
+        })
+        .await
+        .context("connecting to the embedded broker in process")
+    }
+
     /// Shuts it down.
     pub async fn stop(self) {
         self.handle.shutdown().await;

@@ -66,6 +66,11 @@ pub struct PipelineOpts {
     /// minute to minute moves each run's figures, less so their median.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=50))]
     repeat: u32,
+    /// With --embedded, run the pipelines as `quiver pipeline run` does: a client of the
+    /// broker over QUIC. By default they run as `quiver pipeline deploy` runs them, inside
+    /// the broker, reaching it in process. (Against an external broker, always over QUIC.)
+    #[arg(long)]
+    over_quic: bool,
     #[command(flatten)]
     load: LoadOpts,
 }
@@ -258,7 +263,19 @@ pub async fn run(global: &GlobalOpts, args: BenchArgs) -> anyhow::Result<()> {
             let o = p.load;
             o.check()?;
             let target = Target::open(global, &o).await?;
-            let r = pipeline::run(&target.client, &o, &p.stages, p.backlog, p.repeat).await;
+            let r = async {
+                let pipelines = match &target.embedded {
+                    Some(b) if !p.over_quic => b.in_process_client().await?,
+                    _ => target.client.clone(),
+                };
+                let how = pipeline::Setup {
+                    backlog: p.backlog,
+                    repeat: p.repeat,
+                    in_process: target.embedded.is_some() && !p.over_quic,
+                };
+                pipeline::run(&target.client, &pipelines, &o, &p.stages, how).await
+            }
+            .await;
             target.close().await;
             r?.print(o.output);
         }

@@ -46,6 +46,9 @@ pub struct PipelineBench {
     pub no_stage_vs_produce: f64,
     /// True when the pipelines drained input produced before they started (`--backlog`).
     pub backlog: bool,
+    /// How the pipelines reached the broker: `in-process` (as `pipeline deploy` runs them
+    /// inside an embedded broker) or `quic` (as `pipeline run` does, or `--over-quic`).
+    pub pipeline_transport: &'static str,
     /// Every run's figures, in the order they ran (one unless `--repeat`).
     pub runs: Vec<RunFigures>,
 }
@@ -88,14 +91,31 @@ fn median(mut values: Vec<f64>) -> f64 {
     }
 }
 
-/// Runs the three measurements `repeat` times, each time on fresh topics.
+/// How the pipelines of a bench run.
+#[derive(Debug, Clone, Copy)]
+pub struct Setup {
+    /// Drain input produced before the pipeline starts.
+    pub backlog: bool,
+    /// Measure the three this many times.
+    pub repeat: u32,
+    /// The pipelines reach the (embedded) broker in process, as deployed ones do.
+    pub in_process: bool,
+}
+
+/// Runs the three measurements `repeat` times, each time on fresh topics: the input is
+/// produced through `client` (over QUIC), and the pipelines run on `pipelines`.
 pub async fn run(
     client: &Client,
+    pipelines: &Client,
     o: &LoadOpts,
     chain: &[String],
-    backlog: bool,
-    repeat: u32,
+    how: Setup,
 ) -> anyhow::Result<PipelineBench> {
+    let Setup {
+        backlog,
+        repeat,
+        in_process,
+    } = how;
     let records = match o.limit() {
         super::Limit::Records(n) => n,
         super::Limit::Time(_) => anyhow::bail!("bench pipeline takes --records, not --duration"),
@@ -116,9 +136,25 @@ pub async fn run(
             .await?
             .measuring("produce: send to acknowledgement");
         eprintln!("pipeline without stages …");
-        let no_stage = one(client, &quiet, &format!("{base}-none"), &[], backlog).await?;
+        let no_stage = one(
+            client,
+            pipelines,
+            &quiet,
+            &format!("{base}-none"),
+            &[],
+            backlog,
+        )
+        .await?;
         eprintln!("pipeline with {} …", chain.join(" → "));
-        let stages = one(client, &quiet, &format!("{base}-stages"), chain, backlog).await?;
+        let stages = one(
+            client,
+            pipelines,
+            &quiet,
+            &format!("{base}-stages"),
+            chain,
+            backlog,
+        )
+        .await?;
         trios.push((produce, no_stage, stages));
     }
     let runs: Vec<RunFigures> = trios
@@ -144,6 +180,7 @@ pub async fn run(
         stages,
         stage_chain: chain.to_vec(),
         backlog,
+        pipeline_transport: if in_process { "in-process" } else { "quic" },
         runs,
     })
 }
@@ -163,6 +200,7 @@ fn pipeline_file(name: &str, input: &str, output: &str, chain: &[String]) -> Str
 /// One pipeline measurement on fresh topics `<base>-in` → `<base>-out`.
 async fn one(
     client: &Client,
+    pipelines: &Client,
     o: &LoadOpts,
     base: &str,
     chain: &[String],
@@ -177,7 +215,7 @@ async fn one(
     let text = pipeline_file(base, &input, &output, chain);
     let config = PipelineConfig::parse(&text, "bench pipeline")?;
     let cwd = std::env::current_dir().context("current directory")?;
-    let deployment = Deployment::start(client.clone(), config, &cwd, 1, 0)
+    let deployment = Deployment::start(pipelines.clone(), config, &cwd, 1, 0)
         .await
         .with_context(|| format!("cannot start the pipeline {}", chain.join(" → ")))?;
     // Measure from a settled group: the first assignment is not part of the figure.
@@ -288,6 +326,14 @@ impl PipelineBench {
                         " (pipelines draining a backlog)"
                     } else {
                         ""
+                    }
+                );
+                println!(
+                    "the pipelines reached the broker {}",
+                    if self.pipeline_transport == "quic" {
+                        "over QUIC, as `quiver pipeline run` does"
+                    } else {
+                        "in process, as `quiver pipeline deploy` runs them inside it"
                     }
                 );
             }

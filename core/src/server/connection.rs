@@ -151,52 +151,71 @@ async fn serve_stream(
                 return;
             }
         };
-    let api = match ApiKey::from_u16(api_raw) {
-        Ok(a) => a,
-        Err(e) => {
-            send_error(&mut send, api_raw, &e.into()).await;
-            ctx.metrics.observe_request(None, start.elapsed(), false);
-            return;
-        }
-    };
-    if version != PROTOCOL_VERSION {
-        let e = RequestError::new(
-            ErrorCode::UnsupportedVersion,
-            format!("protocol version {version} is not supported; this broker speaks {PROTOCOL_VERSION}"),
-        );
-        send_error(&mut send, api_raw, &e).await;
-        return;
-    }
-    if ctx.is_stopping() {
-        let e = RequestError::new(
-            ErrorCode::BrokerShuttingDown,
-            "the broker is shutting down; retry on another broker or after restart",
-        );
-        send_error(&mut send, api_raw, &e).await;
-        return;
-    }
-    let span = tracing::debug_span!("request", api = api.name());
-    let outcome = dispatch(&ctx, peer, api, body, &mut send)
-        .instrument(span)
-        .await;
-    let ok = match outcome {
-        Ok(Outcome::Reply(reply)) => {
+    let ok = match answer(&ctx, peer, api_raw, version, body, Some(&mut send)).await {
+        Answer::Reply(reply) => {
             let prefix = response_prefix(api_raw, &reply.control, reply.payload.len());
             let mut chunks = [prefix, reply.payload];
             let res = send.write_all_chunks(&mut chunks).await;
             let _ = send.finish();
             res.is_ok()
         }
-        Ok(Outcome::Streamed) => true,
+        Answer::Streamed => true,
+        Answer::Refused(e) => {
+            send_error(&mut send, api_raw, &e).await;
+            false
+        }
+    };
+    let api = ApiKey::from_u16(api_raw).ok();
+    ctx.metrics.observe_request(api, start.elapsed(), ok);
+}
+
+/// The outcome of one request, to be written back by its transport.
+pub(super) enum Answer {
+    /// One response.
+    Reply(super::requests::Reply),
+    /// The handler wrote to the stream itself (subscribe).
+    Streamed,
+    /// An error response.
+    Refused(RequestError),
+}
+
+/// Checks the frame's api and version, then runs its handler (`send` is the stream of a
+/// push request; `None` in process, where push requests are refused).
+pub(super) async fn answer(
+    ctx: &Arc<ServerContext>,
+    peer: Peer,
+    api_raw: u16,
+    version: u16,
+    body: Bytes,
+    send: Option<&mut SendStream>,
+) -> Answer {
+    let api = match ApiKey::from_u16(api_raw) {
+        Ok(a) => a,
+        Err(e) => return Answer::Refused(e.into()),
+    };
+    if version != PROTOCOL_VERSION {
+        return Answer::Refused(RequestError::new(
+            ErrorCode::UnsupportedVersion,
+            format!("protocol version {version} is not supported; this broker speaks {PROTOCOL_VERSION}"),
+        ));
+    }
+    if ctx.is_stopping() {
+        return Answer::Refused(RequestError::new(
+            ErrorCode::BrokerShuttingDown,
+            "the broker is shutting down; retry on another broker or after restart",
+        ));
+    }
+    let span = tracing::debug_span!("request", api = api.name());
+    match dispatch(ctx, peer, api, body, send).instrument(span).await {
+        Ok(Outcome::Reply(reply)) => Answer::Reply(reply),
+        Ok(Outcome::Streamed) => Answer::Streamed,
         Err(e) => {
             if e.code == ErrorCode::Internal || e.code == ErrorCode::StorageError {
                 tracing::warn!(api = api.name(), code = ?e.code, error = %e.message, "request failed");
             } else {
                 tracing::debug!(api = api.name(), code = ?e.code, error = %e.message, "request refused");
             }
-            send_error(&mut send, api_raw, &e).await;
-            false
+            Answer::Refused(e)
         }
-    };
-    ctx.metrics.observe_request(Some(api), start.elapsed(), ok);
+    }
 }

@@ -52,7 +52,7 @@ pub async fn dispatch(
     peer: Peer,
     api: ApiKey,
     body: Bytes,
-    send: &mut SendStream,
+    send: Option<&mut SendStream>,
 ) -> Result<Outcome, RequestError> {
     let reply = match api {
         ApiKey::Produce => requests::produce::handle(ctx, body).await?,
@@ -139,6 +139,12 @@ pub async fn dispatch(
             requests::replica_fetch::offset_for_leader_epoch(ctx, peer, body)?
         }
         ApiKey::Subscribe => {
+            let Some(send) = send else {
+                return Err(RequestError::new(
+                    quiver_protocol::ErrorCode::InvalidRequest,
+                    "a subscription pushes on its own QUIC stream; it cannot be served in process",
+                ));
+            };
             requests::subscribe::handle(ctx, body, send).await?;
             return Ok(Outcome::Streamed);
         }

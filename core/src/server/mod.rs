@@ -8,6 +8,7 @@
 pub mod connection;
 pub mod dispatch;
 pub mod endpoint;
+pub mod local;
 pub mod requests;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::backoff::Backoff;
+use crate::local::LocalTransport;
 use crate::tls::{quinn_client_config, server_name};
 use crate::{ClientConfig, ClientError, Result};
 
@@ -95,6 +96,8 @@ struct BrokerConn {
     connecting: tokio::sync::Mutex<()>,
     /// Until when the broker counts as unreachable (see [`UNREACHABLE_HOLD`]).
     unreachable_until: Mutex<Option<Instant>>,
+    /// Set when this broker is in this process: requests skip the network.
+    local: Option<Arc<dyn LocalTransport>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -113,13 +116,14 @@ fn is_permanent(e: &quinn::ConnectionError) -> bool {
 }
 
 impl BrokerConn {
-    fn new(addr: &str) -> Self {
+    fn new(addr: &str, local: Option<Arc<dyn LocalTransport>>) -> Self {
         BrokerConn {
             addr: addr.to_string(),
             server_name: server_name(addr),
             current: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
             unreachable_until: Mutex::new(None),
+            local,
         }
     }
 
@@ -407,7 +411,8 @@ impl Client {
             max_frame_bytes: config.max_response_bytes,
             ..Limits::default()
         };
-        let bootstrap = Arc::new(BrokerConn::new(&config.bootstrap));
+        let local = config.local.as_ref().map(|l| l.0.clone());
+        let bootstrap = Arc::new(BrokerConn::new(&config.bootstrap, local.clone()));
         let inner = Arc::new(ClientInner {
             endpoint,
             owns_endpoint,
@@ -424,10 +429,12 @@ impl Client {
             metadata: Mutex::new(HashMap::new()),
             config,
         });
-        inner
-            .bootstrap
-            .connection(&inner, inner.config.connect_timeout)
-            .await?;
+        if local.is_none() {
+            inner
+                .bootstrap
+                .connection(&inner, inner.config.connect_timeout)
+                .await?;
+        }
         Ok(Client { inner })
     }
 
@@ -450,7 +457,7 @@ impl Client {
             .with_root_certificates(rustls::RootCertStore::empty())
             .with_no_client_auth();
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("QUIC TLS");
-        let bootstrap = Arc::new(BrokerConn::new(&config.bootstrap));
+        let bootstrap = Arc::new(BrokerConn::new(&config.bootstrap, None));
         let inner = ClientInner {
             endpoint: quinn::Endpoint::client((std::net::Ipv4Addr::LOCALHOST, 0).into())
                 .expect("UDP socket"),
@@ -580,9 +587,19 @@ impl Client {
 
     /// The (lazily connected) connection of the broker at `addr`.
     fn conn_for(&self, addr: &str) -> Arc<BrokerConn> {
+        if let Some(c) = lock(&self.inner.conns).get(addr) {
+            return c.clone();
+        }
+        // The in-process broker answers at the address the metadata gives for its id.
+        let local = self.inner.config.local.as_ref().and_then(|l| {
+            let mine = lock(&self.inner.broker_addrs)
+                .get(&l.0.broker_id())
+                .cloned();
+            (mine.as_deref() == Some(addr)).then(|| l.0.clone())
+        });
         lock(&self.inner.conns)
             .entry(addr.to_string())
-            .or_insert_with(|| Arc::new(BrokerConn::new(addr)))
+            .or_insert_with(|| Arc::new(BrokerConn::new(addr, local)))
             .clone()
     }
 
@@ -695,6 +712,9 @@ impl Client {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<(M::Response, Bytes)> {
+        if let Some(local) = &broker.local {
+            return self.request_in_process(local, req, payload, timeout).await;
+        }
         let span = tracing::debug_span!("request", api = M::API.name(), broker = %broker.addr);
         let fut = async {
             let (mut send, mut recv) = self.open_stream(broker).await?;
@@ -724,6 +744,38 @@ impl Client {
                 what: M::API.name(),
                 after: timeout,
             })?;
+        if let Err(e) = &r {
+            tracing::debug!(api = M::API.name(), error = %e, "request failed");
+        }
+        r
+    }
+
+    /// [`request_on`](Self::request_on) a broker in this process: the same frame, handed to
+    /// its dispatcher.
+    async fn request_in_process<M: Message>(
+        &self,
+        local: &Arc<dyn LocalTransport>,
+        req: &M,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<(M::Response, Bytes)> {
+        let span = tracing::debug_span!("request", api = M::API.name(), broker = "in process");
+        let body = encode_request(req, &payload).body;
+        let answer = tokio::time::timeout(timeout, local.call(M::API as u16, body))
+            .instrument(span)
+            .await
+            .map_err(|_| ClientError::Timeout {
+                what: M::API.name(),
+                after: timeout,
+            })?;
+        if answer.len() > self.inner.limits.max_frame_bytes as usize {
+            return Err(ClientError::Protocol(ProtocolError::TooLarge {
+                what: "response",
+                len: answer.len() as u64,
+                limit: u64::from(self.inner.limits.max_frame_bytes),
+            }));
+        }
+        let r = decode_response::<M::Response>(M::API.name(), &answer).map_err(ClientError::from);
         if let Err(e) = &r {
             tracing::debug!(api = M::API.name(), error = %e, "request failed");
         }

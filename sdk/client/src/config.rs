@@ -42,6 +42,9 @@ pub struct ClientConfig {
     pub keep_alive: Duration,
     /// QUIC idle timeout: a connection with no traffic for this long is closed.
     pub idle_timeout: Duration,
+    /// The broker at `bootstrap` runs in this process: requests to it are handed to its
+    /// dispatcher instead of going over QUIC (a broker's own deployed pipelines).
+    pub local: Option<crate::LocalBroker>,
 }
 
 impl ClientConfig {
@@ -69,6 +72,7 @@ impl Default for ClientConfig {
             connection_receive_window: 64 * 1024 * 1024,
             keep_alive: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(5),
+            local: None,
         }
     }
 }

@@ -31,6 +31,7 @@ mod consumer;
 mod error;
 mod group;
 mod group_admin;
+mod local;
 mod plugins;
 mod producer;
 mod tls;
@@ -44,6 +45,7 @@ pub use config::{ClientConfig, ClientIdentity};
 pub use consumer::{ConsumeMode, ConsumedRecord, Consumer, ConsumerConfig, OffsetReset, SeekTo};
 pub use error::{ClientError, Result};
 pub use group::{GroupConfig, GroupConsumer, RebalanceListener};
+pub use local::{LocalBroker, LocalTransport};
 pub use plugins::PluginAdmin;
 #[cfg(feature = "plugins")]
 pub use plugins::TopicPartitioner;
