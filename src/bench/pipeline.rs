@@ -14,6 +14,10 @@
 //! records/s is how fast it drains them: the pipeline's own capacity, without the bench's
 //! producer writing the input into the same broker meanwhile. Its latencies then include
 //! the time a record waited in the backlog.
+//!
+//! On an embedded broker the pipelines reach it in process, as deployed instances do inside
+//! a broker (`--over-quic`: as a `pipeline run` client does); the input and the plain
+//! produce always go over QUIC.
 
 use std::time::{Duration, Instant};
 

@@ -16,6 +16,7 @@ mod crash_recovery_damage;
 mod forged_input;
 mod groups;
 mod hostile_input;
+mod in_process;
 mod pipelines;
 mod plugins;
 mod shutdown;
