@@ -465,9 +465,7 @@ impl BrokerHandle {
     /// [`ClientConfig::local`](quiver_client::ClientConfig::local) is this sends its
     /// requests for this broker straight to the dispatcher, without QUIC.
     pub fn in_process(&self) -> quiver_client::LocalBroker {
-        quiver_client::LocalBroker(Arc::new(crate::server::local::InProcess::new(
-            self.ctx.clone(),
-        )))
+        quiver_client::LocalBroker(Arc::new(crate::server::local::InProcess::new(&self.ctx)))
     }
 
     /// Installs the host that runs deployed pipelines (once; later calls return false).

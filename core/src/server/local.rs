@@ -1,46 +1,73 @@
 //! The broker's in-process door ([`InProcess`]): the requests of its own deployed pipelines
 //! to this broker are handed straight to the dispatcher, as the same frames, without QUIC,
-//! TLS or UDP. They count as in flight for a graceful shutdown like a connection's.
+//! TLS or UDP. As on a connection, each request runs in a task of its own (a caller that
+//! gives up never cuts a handler short), is counted in flight for a graceful shutdown, and
+//! is refused when larger than `max_frame_bytes`.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::future::BoxFuture;
-use quiver_protocol::{encode_error, PROTOCOL_VERSION};
+use quiver_protocol::{encode_error, ApiKey, ErrorCode, PROTOCOL_VERSION};
 
 use super::connection::{answer, Answer};
 use super::dispatch::Peer;
+use super::requests::RequestError;
 use super::ServerContext;
 
 /// Answers requests from this process (see the module doc).
 pub struct InProcess {
-    ctx: Arc<ServerContext>,
+    /// Weak: the broker's context holds its pipeline host, whose clients hold this.
+    ctx: Weak<ServerContext>,
+    broker_id: u32,
 }
 
 impl InProcess {
     /// The door of the broker whose handlers `ctx` reaches.
-    pub fn new(ctx: Arc<ServerContext>) -> Self {
-        InProcess { ctx }
+    pub fn new(ctx: &Arc<ServerContext>) -> Self {
+        InProcess {
+            ctx: Arc::downgrade(ctx),
+            broker_id: ctx.config.broker_id,
+        }
     }
 }
 
 impl quiver_client::LocalTransport for InProcess {
     fn broker_id(&self) -> u32 {
-        self.ctx.config.broker_id
+        self.broker_id
     }
 
     fn call(&self, api: u16, body: Bytes) -> BoxFuture<'static, Bytes> {
-        let ctx = self.ctx.clone();
-        Box::pin(async move {
+        let Some(ctx) = self.ctx.upgrade() else {
+            let gone = encode_error(
+                api,
+                ErrorCode::BrokerShuttingDown,
+                "the broker has stopped; retry after restart",
+            );
+            return Box::pin(async move { gone.body });
+        };
+        let task = tokio::spawn(async move {
             let start = std::time::Instant::now();
-            let guard = ctx.begin_request();
-            // A pipeline's client is the broker acting for a user, not a peer broker.
-            let peer = Peer { broker: false };
-            let (bytes, ok) = match answer(&ctx, peer, api, PROTOCOL_VERSION, body, None).await {
+            let _inflight = ctx.begin_request();
+            let limit = ctx.config.limits.max_frame_bytes as usize;
+            let outcome = if body.len() > limit {
+                Answer::Refused(RequestError::new(
+                    ErrorCode::MessageTooLarge,
+                    format!(
+                        "a request of {} bytes exceeds the limit of {limit} bytes",
+                        body.len()
+                    ),
+                ))
+            } else {
+                // A pipeline's client is the broker acting for a user, not a peer broker.
+                let peer = Peer { broker: false };
+                answer(&ctx, peer, api, PROTOCOL_VERSION, body, None).await
+            };
+            let (bytes, ok) = match outcome {
                 Answer::Reply(reply) => {
                     let mut b =
                         BytesMut::with_capacity(6 + reply.control.len() + reply.payload.len());
-                    b.put_u16(quiver_protocol::ErrorCode::None as u16);
+                    b.put_u16(ErrorCode::None as u16);
                     b.put_u32(reply.control.len() as u32);
                     b.put_slice(&reply.control);
                     b.put_slice(&reply.payload);
@@ -49,10 +76,19 @@ impl quiver_client::LocalTransport for InProcess {
                 Answer::Refused(e) => (encode_error(api, e.code, &e.message).body, false),
                 Answer::Streamed => (Bytes::new(), true),
             };
-            drop(guard);
-            let api = quiver_protocol::ApiKey::from_u16(api).ok();
-            ctx.metrics.observe_request(api, start.elapsed(), ok);
+            ctx.metrics
+                .observe_request(ApiKey::from_u16(api).ok(), start.elapsed(), ok);
             bytes
+        });
+        Box::pin(async move {
+            task.await.unwrap_or_else(|e| {
+                encode_error(
+                    api,
+                    ErrorCode::Internal,
+                    &format!("request task failed: {e}"),
+                )
+                .body
+            })
         })
     }
 }

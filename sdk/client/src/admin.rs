@@ -2,7 +2,7 @@
 //! [`Client`]. Each call is one request to the bootstrap broker; nothing is cached here
 //! except the client's metadata, which each call keeps fresh.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -98,23 +98,34 @@ impl Admin {
 
     /// Config and per-partition offsets and sizes of `name`: on a cluster, each partition's
     /// offsets, size and status as its leader holds them (a follower's copy may lag, and a
-    /// broker without a replica holds none). A leader that does not answer leaves the
-    /// bootstrap broker's own figures for its partitions.
+    /// broker without a replica holds none). A leader that does not answer (or no longer
+    /// leads) leaves the bootstrap broker's own figures for its partitions.
     #[tracing::instrument(skip(self), level = "debug")]
     pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
+        Ok(self.describe_topic_from_leaders(name).await?.0)
+    }
+
+    /// [`describe_topic`](Self::describe_topic), and which partitions' figures came from
+    /// their leader (all of them on a lone broker).
+    pub(crate) async fn describe_topic_from_leaders(
+        &self,
+        name: &str,
+    ) -> Result<(TopicDescription, BTreeSet<u32>)> {
         let mut d = self.describe_topic_local(name).await?;
         if !self.client.is_cluster().await? {
-            return Ok(d);
+            let all = d.partitions.iter().map(|p| p.partition).collect();
+            return Ok((d, all));
         }
         let req = DescribeTopicRequest {
             name: name.to_string(),
         };
-        let leaders: std::collections::BTreeSet<u32> = d
+        let leaders: BTreeSet<u32> = d
             .partitions
             .iter()
             .map(|p| p.leader)
             .filter(|l| *l != 0)
             .collect();
+        let mut from_leader = BTreeSet::new();
         for leader in leaders {
             let theirs = match self
                 .client
@@ -122,30 +133,31 @@ impl Admin {
                 .await
             {
                 Ok(Some((t, _))) => t,
-                Ok(None) => return Ok(d),
+                Ok(None) => continue,
                 Err(e) => {
                     tracing::debug!(topic = name, leader, error = %e, "the leader did not describe its partitions");
                     continue;
                 }
             };
             for p in d.partitions.iter_mut().filter(|p| p.leader == leader) {
-                if let Some(lp) = theirs
+                // Only a broker that still leads the partition has its figures.
+                let Some(lp) = theirs
                     .partitions
                     .iter()
-                    .find(|x| x.partition == p.partition)
-                {
-                    p.log_start_offset = lp.log_start_offset;
-                    p.high_watermark = lp.high_watermark;
-                    p.log_end_offset = lp.log_end_offset;
-                    p.size_bytes = lp.size_bytes;
-                    if lp.status != "online" {
-                        p.status = lp.status.clone();
-                        p.offline_reason = lp.offline_reason.clone();
-                    }
-                }
+                    .find(|x| x.partition == p.partition && x.leader == leader)
+                else {
+                    continue;
+                };
+                p.log_start_offset = lp.log_start_offset;
+                p.high_watermark = lp.high_watermark;
+                p.log_end_offset = lp.log_end_offset;
+                p.size_bytes = lp.size_bytes;
+                p.status = lp.status.clone();
+                p.offline_reason = lp.offline_reason.clone();
+                from_leader.insert(p.partition);
             }
         }
-        Ok(d)
+        Ok((d, from_leader))
     }
 
     /// [`describe_topic`](Self::describe_topic) as the bootstrap broker sees it: the
@@ -208,7 +220,8 @@ impl Admin {
 }
 
 /// Looks up one offset of a partition on its leader, retrying retriable failures (the
-/// leader moving, metadata not yet caught up) with fresh metadata within `request_timeout`.
+/// leader moving, metadata not yet caught up) with fresh metadata; a new attempt starts
+/// only within `request_timeout` of the first.
 pub(crate) async fn list_offset(
     client: &Client,
     topic: &str,

@@ -550,9 +550,9 @@ impl Client {
         Ok(lock(&self.inner.broker_addrs).len() > 1)
     }
 
-    /// Sends `req` to cluster broker `id` at the address the metadata names (fetched when
-    /// not known yet), within `request_timeout`. `Ok(None)` when this client talks to a
-    /// lone broker or knows no usable address for `id`.
+    /// Sends `req` to cluster broker `id` at the address the last metadata named (fetched
+    /// first when this client knows no broker yet), within `request_timeout`. `Ok(None)`
+    /// when this client talks to a lone broker or knows no usable address for `id`.
     pub async fn request_to_broker<M: Message>(
         &self,
         id: u32,

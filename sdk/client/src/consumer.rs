@@ -602,6 +602,9 @@ impl Fetcher {
             }
             e if e.is_retriable() => {
                 tracing::debug!(error = %e, "fetch failed; retrying");
+                // The leader may have moved: the next attempt (a subscription as well as a
+                // fetch) looks it up again.
+                self.client.invalidate_metadata(&self.topic);
                 Recovery::Retry
             }
             e => Recovery::Fail(e),

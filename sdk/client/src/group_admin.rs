@@ -39,13 +39,18 @@ impl Admin {
         }
         let topics: BTreeSet<String> = d.partitions.iter().map(|p| p.topic.clone()).collect();
         for topic in topics {
-            let described = match self.describe_topic(&topic).await {
+            let (described, from_leader) = match self.describe_topic_from_leaders(&topic).await {
                 Ok(t) => t,
                 // Deleted since: the coordinator's figures stay.
                 Err(ClientError::TopicNotFound(_)) => continue,
                 Err(e) => return Err(e),
             };
-            for p in d.partitions.iter_mut().filter(|p| p.topic == topic) {
+            // Partitions whose leader did not answer keep the coordinator's figures.
+            for p in d
+                .partitions
+                .iter_mut()
+                .filter(|p| p.topic == topic && from_leader.contains(&p.partition))
+            {
                 if let Some(t) = described
                     .partitions
                     .iter()
@@ -66,29 +71,40 @@ impl Admin {
         topic: &str,
         to: ResetTo,
     ) -> Result<Vec<(u32, i64)>> {
+        let send = |to: ResetTo| async move {
+            let req = ResetOffsetsRequest {
+                group: group.to_string(),
+                topic: topic.to_string(),
+                to,
+            };
+            self.client()
+                .request_for_group(group, &req, Bytes::new())
+                .await
+                .map(|(r, _)| r.offsets)
+        };
+        if !self.client().is_cluster().await? {
+            return send(to).await;
+        }
         // On a cluster the offsets are resolved on each partition's leader: the group's
-        // coordinator may hold no copy of the topic.
-        let to = if self.client().is_cluster().await? {
-            ResetTo::Offsets(self.resolve_on_leaders(topic, &to).await?)
-        } else {
-            to
-        };
-        let req = ResetOffsetsRequest {
-            group: group.to_string(),
-            topic: topic.to_string(),
-            to,
-        };
-        Ok(self
-            .client()
-            .request_for_group(group, &req, Bytes::new())
-            .await?
-            .0
-            .offsets)
+        // coordinator's own copy of a partition may lag, or be empty.
+        let resolved = ResetTo::Offsets(self.resolve_on_leaders(topic, &to).await?);
+        match send(resolved).await {
+            // A coordinator older than `ResetTo::Offsets` cannot decode it: ask the old way.
+            Err(e)
+                if e.code() == Some(quiver_protocol::ErrorCode::InvalidRequest)
+                    && e.to_string().contains("could not decode") =>
+            {
+                send(to).await
+            }
+            other => other,
+        }
     }
 
     /// The offset `to` names in each partition of `topic`, asked of the partitions' leaders.
     async fn resolve_on_leaders(&self, topic: &str, to: &ResetTo) -> Result<Vec<(u32, i64)>> {
         let client = self.client();
+        // Partitions added since the metadata was cached are reset too.
+        client.invalidate_metadata(topic);
         let mut out = Vec::new();
         for p in 0..client.partition_count(topic).await? {
             let offset = match to {

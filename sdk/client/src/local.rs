@@ -1,8 +1,8 @@
 //! [`LocalBroker`]: a broker in this process that a [`Client`](crate::Client) reaches
 //! without the network. A broker's own deployed pipelines use it for the requests that go to
 //! that broker: the frames are the same as on the wire, handled by the same code, but no
-//! QUIC packet, TLS record or UDP datagram is made for them. Requests to other brokers, and
-//! push subscriptions, still go over QUIC.
+//! QUIC packet, TLS record or UDP datagram is made for them. Requests to other brokers, push
+//! subscriptions and `acks=0` produces (which need no answer) still go over QUIC.
 
 use std::sync::Arc;
 

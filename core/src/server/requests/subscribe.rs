@@ -3,6 +3,7 @@
 //! client's receive window is full, which is the backpressure.
 
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use bytes::Bytes;
 use quinn::SendStream;
@@ -11,6 +12,9 @@ use quiver_protocol::{encode_control, response_prefix, ApiKey};
 
 use super::{decode, RequestError};
 use crate::server::ServerContext;
+
+/// How often an idle subscription on a cluster broker checks that it still leads.
+const LEAD_RECHECK: Duration = Duration::from_secs(1);
 
 /// Runs a subscription; returns when the client goes away or the broker stops.
 pub async fn handle(
@@ -31,11 +35,26 @@ pub async fn handle(
     let mut offset = req.offset;
     let mut hw_rx = log.watch_high_watermark();
     loop {
-        let read = match log.read_async(offset, max_bytes).await {
+        // A broker that lost the lead stops pushing: the client looks the leader up again.
+        let led = match ctx.replicas() {
+            Some(rm) => rm
+                .leader(&req.topic, req.partition)
+                .map(|_| ())
+                .map_err(RequestError::from),
+            None => Ok(()),
+        };
+        let read = match led {
+            Ok(()) => log
+                .read_async(offset, max_bytes)
+                .await
+                .map_err(RequestError::from),
+            Err(e) => Err(e),
+        };
+        let read = match read {
             Ok(r) => r,
             Err(e) => {
-                // Mid-stream errors (retention passed us, topic deleted) end the push with a frame.
-                let e = RequestError::from(e);
+                // Mid-stream errors (retention passed us, topic deleted, the lead moved)
+                // end the push with a frame.
                 let frame =
                     quiver_protocol::encode_error(ApiKey::Subscribe as u16, e.code, &e.message)
                         .encode();
@@ -110,8 +129,15 @@ pub async fn handle(
             continue;
         }
         let current = offset;
+        // On a cluster, wake now and then to look at the lead again.
+        let recheck = if ctx.replicas().is_some() {
+            LEAD_RECHECK
+        } else {
+            Duration::from_secs(3600)
+        };
         tokio::select! {
             r = hw_rx.wait_for(|h| *h > current) => if r.is_err() { return Ok(()) },
+            _ = tokio::time::sleep(recheck) => {}
             _ = send.stopped() => return Ok(()),
             _ = ctx.stopped() => {
                 let _ = send.finish();

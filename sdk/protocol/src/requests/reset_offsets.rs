@@ -17,8 +17,9 @@ pub enum ResetTo {
     /// The first record at or after this time (ms since the epoch).
     Timestamp(i64),
     /// These `(partition, offset)` pairs, already resolved on the partitions' leaders (how
-    /// a client resets a cluster's group, whose coordinator may hold no copy of the topic);
-    /// the other partitions keep their offsets.
+    /// a client resets a cluster's group: the coordinator's own copy of a partition may lag,
+    /// or be empty); the other partitions keep their offsets. Brokers older than this
+    /// variant cannot decode it.
     Offsets(Vec<(u32, i64)>),
 }
 
