@@ -1,5 +1,6 @@
 //! Kafka habits in the CLI: `consume --group G --from-beginning` starts a group without
-//! committed offsets at the earliest record, and `quiver completions SHELL` prints a script.
+//! committed offsets at the earliest record, `quiver completions SHELL` prints a script, and
+//! output piped into a reader that stops early (`| head`) ends quietly, as for `cat`.
 
 use std::time::{Duration, Instant};
 
@@ -91,4 +92,26 @@ fn pipeline_validate_accepts_the_sample_and_names_file_line_and_key_of_a_typo() 
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.toml:7: instences"), "{err}");
+}
+
+#[test]
+fn output_piped_into_a_reader_that_stops_early_is_not_an_error() {
+    let b = TestBroker::start();
+    b.cli_ok(&["topic", "create", "piped", "--partitions", "3"]);
+    // The reader is gone before the command writes (`quiver topic describe … | head -0`).
+    let mut child = std::process::Command::new(bin())
+        .arg("--bootstrap")
+        .arg(b.addr())
+        .arg("--ca")
+        .arg(b.ca())
+        .args(["topic", "describe", "piped"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn cli");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("cli output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("error"), "{stderr}");
 }
