@@ -836,7 +836,8 @@ fn bench_pipeline_reports_the_chain_beside_no_stage_and_plain_produce() {
             "json",
         ];
         if backlog {
-            args.push("--backlog");
+            // Also the pipeline-run way: a client of the broker over QUIC.
+            args.extend(["--backlog", "--over-quic"]);
         } else {
             args.extend(["--repeat", "3"]);
         }
@@ -848,6 +849,8 @@ fn bench_pipeline_reports_the_chain_beside_no_stage_and_plain_produce() {
         succeeded(&out);
         let r: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(r["backlog"], backlog, "{r}");
+        let transport = if backlog { "quic" } else { "in-process" };
+        assert_eq!(r["pipeline_transport"], transport, "{r}");
         assert_eq!(r["produce"]["records"], records, "{r}");
         for part in ["no_stage", "stages"] {
             // Draining a backlog, records processed while the group settled are not timed
