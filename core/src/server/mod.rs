@@ -1,6 +1,7 @@
 //! The QUIC server: the endpoint and its accept loop ([`endpoint`]), per-connection and
-//! per-stream framing ([`connection`]), a dispatcher that only routes ([`dispatch`]), and one
-//! handler module per request type ([`requests`]).
+//! per-stream framing ([`connection`]), a dispatcher that only routes ([`dispatch`]), one
+//! handler module per request type ([`requests`]), and the in-process door to the same
+//! dispatcher for the broker's own deployed pipelines ([`local`]).
 //!
 //! A bad frame ends its own stream with an error response; other streams and other
 //! clients never notice.
