@@ -741,9 +741,16 @@ impl GroupService {
         topic: &crate::topic::Topic,
         to: &ResetTo,
     ) -> Result<Vec<(u32, i64)>> {
-        if let ResetTo::Offsets(given) = to {
-            return resolved_offsets(name, topic.partitions.len(), given);
-        }
+        // What to look up in each log, or (`None`) the offset to clamp into its range.
+        let (spec, fixed) = match to {
+            ResetTo::Offsets(given) => {
+                return resolved_offsets(name, topic.partitions.len(), given)
+            }
+            ResetTo::Earliest => (Some(OffsetSpec::Earliest), 0),
+            ResetTo::Latest => (Some(OffsetSpec::Latest), 0),
+            ResetTo::Timestamp(t) => (Some(OffsetSpec::Timestamp(*t)), 0),
+            ResetTo::Offset(n) => (None, *n),
+        };
         if let Some(rm) = self.replicas.upgrade() {
             if let Some(p) = topic
                 .partitions
@@ -758,20 +765,13 @@ impl GroupService {
         }
         let mut offsets = Vec::with_capacity(topic.partitions.len());
         for log in &topic.partitions {
-            let spec = match to {
-                ResetTo::Earliest => OffsetSpec::Earliest,
-                ResetTo::Latest => OffsetSpec::Latest,
-                ResetTo::Timestamp(t) => OffsetSpec::Timestamp(*t),
-                ResetTo::Offset(n) => {
+            let o = match spec {
+                Some(spec) => log.lookup_async(spec, self.max_decompressed).await?.0,
+                None => {
                     let s = log.snapshot();
-                    offsets.push((log.partition, (*n).clamp(s.log_start, s.high_watermark)));
-                    continue;
-                }
-                ResetTo::Offsets(given) => {
-                    return resolved_offsets(name, topic.partitions.len(), given)
+                    fixed.clamp(s.log_start, s.high_watermark)
                 }
             };
-            let (o, _) = log.lookup_async(spec, self.max_decompressed).await?;
             offsets.push((log.partition, o));
         }
         Ok(offsets)

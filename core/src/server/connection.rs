@@ -152,31 +152,21 @@ async fn serve_stream(
             }
         };
     let ok = match answer(&ctx, peer, api_raw, version, body, Some(&mut send)).await {
-        Answer::Reply(reply) => {
+        Ok(Outcome::Reply(reply)) => {
             let prefix = response_prefix(api_raw, &reply.control, reply.payload.len());
             let mut chunks = [prefix, reply.payload];
             let res = send.write_all_chunks(&mut chunks).await;
             let _ = send.finish();
             res.is_ok()
         }
-        Answer::Streamed => true,
-        Answer::Refused(e) => {
+        Ok(Outcome::Streamed) => true,
+        Err(e) => {
             send_error(&mut send, api_raw, &e).await;
             false
         }
     };
     let api = ApiKey::from_u16(api_raw).ok();
     ctx.metrics.observe_request(api, start.elapsed(), ok);
-}
-
-/// The outcome of one request, to be written back by its transport.
-pub(super) enum Answer {
-    /// One response.
-    Reply(super::requests::Reply),
-    /// The handler wrote to the stream itself (subscribe).
-    Streamed,
-    /// An error response.
-    Refused(RequestError),
 }
 
 /// Checks the frame's api and version, then runs its handler (`send` is the stream of a
@@ -188,34 +178,31 @@ pub(super) async fn answer(
     version: u16,
     body: Bytes,
     send: Option<&mut SendStream>,
-) -> Answer {
+) -> Result<Outcome, RequestError> {
     let api = match ApiKey::from_u16(api_raw) {
         Ok(a) => a,
-        Err(e) => return Answer::Refused(e.into()),
+        Err(e) => return Err(e.into()),
     };
     if version != PROTOCOL_VERSION {
-        return Answer::Refused(RequestError::new(
+        return Err(RequestError::new(
             ErrorCode::UnsupportedVersion,
             format!("protocol version {version} is not supported; this broker speaks {PROTOCOL_VERSION}"),
         ));
     }
     if ctx.is_stopping() {
-        return Answer::Refused(RequestError::new(
+        return Err(RequestError::new(
             ErrorCode::BrokerShuttingDown,
             "the broker is shutting down; retry on another broker or after restart",
         ));
     }
     let span = tracing::debug_span!("request", api = api.name());
-    match dispatch(ctx, peer, api, body, send).instrument(span).await {
-        Ok(Outcome::Reply(reply)) => Answer::Reply(reply),
-        Ok(Outcome::Streamed) => Answer::Streamed,
-        Err(e) => {
-            if e.code == ErrorCode::Internal || e.code == ErrorCode::StorageError {
-                tracing::warn!(api = api.name(), code = ?e.code, error = %e.message, "request failed");
-            } else {
-                tracing::debug!(api = api.name(), code = ?e.code, error = %e.message, "request refused");
-            }
-            Answer::Refused(e)
+    let outcome = dispatch(ctx, peer, api, body, send).instrument(span).await;
+    if let Err(e) = &outcome {
+        if e.code == ErrorCode::Internal || e.code == ErrorCode::StorageError {
+            tracing::warn!(api = api.name(), code = ?e.code, error = %e.message, "request failed");
+        } else {
+            tracing::debug!(api = api.name(), code = ?e.code, error = %e.message, "request refused");
         }
     }
+    outcome
 }

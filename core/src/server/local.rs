@@ -10,8 +10,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures::future::BoxFuture;
 use quiver_protocol::{encode_error, ApiKey, ErrorCode, PROTOCOL_VERSION};
 
-use super::connection::{answer, Answer};
-use super::dispatch::Peer;
+use super::connection::answer;
+use super::dispatch::{Outcome, Peer};
 use super::requests::RequestError;
 use super::ServerContext;
 
@@ -51,7 +51,7 @@ impl quiver_client::LocalTransport for InProcess {
             let _inflight = ctx.begin_request();
             let limit = ctx.config.limits.max_frame_bytes as usize;
             let outcome = if body.len() > limit {
-                Answer::Refused(RequestError::new(
+                Err(RequestError::new(
                     ErrorCode::MessageTooLarge,
                     format!(
                         "a request of {} bytes exceeds the limit of {limit} bytes",
@@ -64,7 +64,7 @@ impl quiver_client::LocalTransport for InProcess {
                 answer(&ctx, peer, api, PROTOCOL_VERSION, body, None).await
             };
             let (bytes, ok) = match outcome {
-                Answer::Reply(reply) => {
+                Ok(Outcome::Reply(reply)) => {
                     let mut b =
                         BytesMut::with_capacity(6 + reply.control.len() + reply.payload.len());
                     b.put_u16(ErrorCode::None as u16);
@@ -73,8 +73,8 @@ impl quiver_client::LocalTransport for InProcess {
                     b.put_slice(&reply.payload);
                     (b.freeze(), true)
                 }
-                Answer::Refused(e) => (encode_error(api, e.code, &e.message).body, false),
-                Answer::Streamed => (Bytes::new(), true),
+                Err(e) => (encode_error(api, e.code, &e.message).body, false),
+                Ok(Outcome::Streamed) => (Bytes::new(), true),
             };
             ctx.metrics
                 .observe_request(ApiKey::from_u16(api).ok(), start.elapsed(), ok);

@@ -1,6 +1,7 @@
 //! [`Admin`]: topic management (create, delete, list, describe, alter config) over a
-//! [`Client`]. Each call is one request to the bootstrap broker; nothing is cached here
-//! except the client's metadata, which each call keeps fresh.
+//! [`Client`]. Each call goes to the bootstrap broker, except that on a cluster a
+//! partition's offsets are asked of its leader; nothing is cached here except the client's
+//! metadata, which each call keeps fresh.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;

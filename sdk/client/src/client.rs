@@ -705,6 +705,8 @@ impl Client {
             })?
     }
 
+    /// One request to `broker` (over QUIC, or handed to its dispatcher when it runs in this
+    /// process), within `timeout`.
     async fn request_on<M: Message>(
         &self,
         broker: &BrokerConn,
@@ -712,30 +714,15 @@ impl Client {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<(M::Response, Bytes)> {
-        if let Some(local) = &broker.local {
-            return self.request_in_process(local, req, payload, timeout).await;
-        }
-        let span = tracing::debug_span!("request", api = M::API.name(), broker = %broker.addr);
+        let span = match broker.local {
+            Some(_) => tracing::debug_span!("request", api = M::API.name(), broker = "in process"),
+            None => tracing::debug_span!("request", api = M::API.name(), broker = %broker.addr),
+        };
         let fut = async {
-            let (mut send, mut recv) = self.open_stream(broker).await?;
-            write_request(&mut send, req, payload)
-                .await
-                .map_err(|reason| ClientError::Transport {
-                    addr: broker.addr.clone(),
-                    reason,
-                })?;
-            read_response::<M::Response>(
-                &mut recv,
-                M::API as u16,
-                M::API.name(),
-                &self.inner.limits,
-                &broker.addr,
-            )
-            .await?
-            .ok_or_else(|| ClientError::Transport {
-                addr: broker.addr.clone(),
-                reason: "the broker closed the stream without answering".into(),
-            })
+            match &broker.local {
+                Some(local) => self.answer_in_process(local, req, payload).await,
+                None => self.answer_over_quic(broker, req, payload).await,
+            }
         };
         let r = tokio::time::timeout(timeout, fut)
             .instrument(span)
@@ -750,36 +737,53 @@ impl Client {
         r
     }
 
-    /// [`request_on`](Self::request_on) a broker in this process: the same frame, handed to
-    /// its dispatcher.
-    async fn request_in_process<M: Message>(
+    /// Writes the request on a new stream to `broker` and reads its answer.
+    async fn answer_over_quic<M: Message>(
+        &self,
+        broker: &BrokerConn,
+        req: &M,
+        payload: Bytes,
+    ) -> Result<(M::Response, Bytes)> {
+        let (mut send, mut recv) = self.open_stream(broker).await?;
+        write_request(&mut send, req, payload)
+            .await
+            .map_err(|reason| ClientError::Transport {
+                addr: broker.addr.clone(),
+                reason,
+            })?;
+        read_response::<M::Response>(
+            &mut recv,
+            M::API as u16,
+            M::API.name(),
+            &self.inner.limits,
+            &broker.addr,
+        )
+        .await?
+        .ok_or_else(|| ClientError::Transport {
+            addr: broker.addr.clone(),
+            reason: "the broker closed the stream without answering".into(),
+        })
+    }
+
+    /// Hands the request frame to the dispatcher of the broker in this process and decodes
+    /// its answer (held to the same size limit as one read off the network).
+    async fn answer_in_process<M: Message>(
         &self,
         local: &Arc<dyn LocalTransport>,
         req: &M,
         payload: Bytes,
-        timeout: Duration,
     ) -> Result<(M::Response, Bytes)> {
-        let span = tracing::debug_span!("request", api = M::API.name(), broker = "in process");
         let body = encode_request(req, &payload).body;
-        let answer = tokio::time::timeout(timeout, local.call(M::API as u16, body))
-            .instrument(span)
-            .await
-            .map_err(|_| ClientError::Timeout {
-                what: M::API.name(),
-                after: timeout,
-            })?;
-        if answer.len() > self.inner.limits.max_frame_bytes as usize {
+        let answer = local.call(M::API as u16, body).await;
+        let limit = self.inner.limits.max_frame_bytes;
+        if answer.len() > limit as usize {
             return Err(ClientError::Protocol(ProtocolError::TooLarge {
                 what: "response",
                 len: answer.len() as u64,
-                limit: u64::from(self.inner.limits.max_frame_bytes),
+                limit: u64::from(limit),
             }));
         }
-        let r = decode_response::<M::Response>(M::API.name(), &answer).map_err(ClientError::from);
-        if let Err(e) = &r {
-            tracing::debug!(api = M::API.name(), error = %e, "request failed");
-        }
-        r
+        Ok(decode_response::<M::Response>(M::API.name(), &answer)?)
     }
 
     /// Opens a bidirectional stream, reconnecting once if the cached connection is dead.
