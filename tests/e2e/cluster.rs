@@ -596,7 +596,12 @@ fn reassign_moves_a_partition_to_other_brokers_after_they_caught_up() {
         None,
     );
     succeeded(&out);
-    assert_eq!(json_lines(&String::from_utf8_lossy(&out.stdout)).len(), 500);
+    assert_eq!(
+        json_lines(&String::from_utf8_lossy(&out.stdout)).len(),
+        500,
+        "consume printed on stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The broker it moved off keeps no copy.
     wait_for(30, "the old replica's copy dropped", || {
         TestCluster::partition(&c.describe_at(leader, "moving"), 0)["log_end_offset"] == 0

@@ -106,6 +106,12 @@ impl LeaderState {
         self.replicas = record.replicas.clone();
     }
 
+    /// The log end at which this leadership began: until the high watermark reaches it,
+    /// the watermark this broker holds is the one it had as a follower, possibly behind.
+    pub fn epoch_start(&self) -> i64 {
+        self.epoch_start
+    }
+
     /// The leader flushed its log up to `end`.
     pub fn leader_flushed(&mut self, end: i64) {
         self.leader_end = self.leader_end.max(end);

@@ -95,6 +95,9 @@ pub enum ErrorCode {
     /// Only brokers of the cluster may make this request (a connection with a certificate
     /// signed by the cluster CA, from a replica of the partition).
     ClusterAuthorizationFailed = 38,
+    /// A new leader does not know the partition's high watermark yet (its followers have
+    /// not reported since it took over): retry in a moment.
+    OffsetNotAvailable = 39,
 }
 
 impl ErrorCode {
@@ -140,6 +143,7 @@ impl ErrorCode {
             36 => NotEnoughReplicas,
             37 => FencedLeaderEpoch,
             38 => ClusterAuthorizationFailed,
+            39 => OffsetNotAvailable,
             _ => Internal,
         }
     }
@@ -153,6 +157,7 @@ impl ErrorCode {
                 | ErrorCode::BrokerShuttingDown
                 | ErrorCode::NotEnoughReplicas
                 | ErrorCode::FencedLeaderEpoch
+                | ErrorCode::OffsetNotAvailable
         )
     }
 }
@@ -260,14 +265,14 @@ mod tests {
 
     #[test]
     fn codes_round_trip() {
-        for v in 0..40u16 {
+        for v in 0..48u16 {
             let c = ErrorCode::from_u16(v);
             if c != ErrorCode::Internal {
                 assert_eq!(c as u16, v);
             }
         }
         // Every code up to the newest is known: a gap would mean a code was forgotten here.
-        for v in 0..=ErrorCode::InvalidRecord as u16 {
+        for v in 0..=ErrorCode::OffsetNotAvailable as u16 {
             assert!(
                 v == 1 || ErrorCode::from_u16(v) != ErrorCode::Internal,
                 "{v}"
