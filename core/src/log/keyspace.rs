@@ -9,6 +9,15 @@
 //!
 //! Data directories written with a tree per partition (`log/<id>/<p>`, `tidx/<id>/<p>`)
 //! are moved into the shared trees the first time they are opened ([`migrate_legacy`]).
+//!
+//! Large values (batches) are stored in *slots*: numbered entries of a slot region of the
+//! partition's own (`topic id | 1 << 63`, partition, slot number), with a small head under
+//! the value's key naming its slots. sled rewrites a leaf whole when it splits, and the
+//! rightmost leaf of an append-only key range splits every few appends, so a value stored
+//! under its offset was written about three times. Slot numbers are known before the data
+//! comes: each write also stores empty placeholders for the next slots, so the next
+//! values replace entries of leaves that no longer split, and sled writes them once (a
+//! delta of their leaf). The placeholders' own splits copy only empty values.
 
 use std::collections::HashSet;
 
@@ -54,18 +63,169 @@ pub fn full_key(prefix: &[u8; PREFIX_LEN], suffix: &[u8; 8]) -> [u8; PREFIX_LEN 
 
 type Entry = Result<(IVec, IVec), sled::Error>;
 
-/// A value longer than this is stored as chunks of this size: the first under its key, the
-/// rest under the key followed by the chunk's index (u16 BE, from 1), which sort right after
-/// it and before the next key. sled keeps up to 17 entries in a leaf and rewrites the whole
-/// leaf when it splits or consolidates, and writes any entry over a quarter of its segment
-/// to a file of its own: so a leaf of 1 MiB batches was a 16 MiB file written each time.
-/// 16 KiB chunks keep a full leaf (272 KiB) inside the 4 MiB segments of
-/// [`super::store`]; the chunks' sizes have changed before (whole values, then 256 KiB
-/// chunks) and every stored form reads back whole.
+/// Before slots, a value longer than this was stored as chunks of this size: the first under
+/// its key, the rest under the key followed by the chunk's index (u16 BE, from 1), which
+/// sort right after it and before the next key (earlier still: whole, then 256 KiB chunks).
+/// Every such form still reads back whole, and is replaced whole.
 pub const CHUNK_BYTES: usize = 16 * 1024;
 
 /// Length of a chunk's suffix: the value's 8-byte suffix and the chunk index.
 const CHUNK_SUFFIX_LEN: usize = 10;
+
+/// Values at least this long are stored in slots (shorter ones inline, under their key).
+const SLOTTED_MIN: usize = 4 * 1024;
+/// Bytes of one slot. A leaf of 17 slots (544 KiB, when placeholders ran short) stays under
+/// the 1 MiB above which sled writes a log entry to a file of its own.
+pub const SLOT_BYTES: usize = 32 * 1024;
+/// Length of a slotted value's head key suffix: the value's 8-byte suffix and a 0 byte.
+const SLOT_HEAD_SUFFIX_LEN: usize = 9;
+/// Top bit of the topic id in a slot region's prefix: no topic id has it.
+const SLOT_REGION_BIT: u64 = 1 << 63;
+/// The slot number whose entry is a region's cursor, not a slot.
+const CURSOR_SLOT: u64 = u64::MAX;
+/// Placeholders kept ahead of the next free slot: at least this many, and at least twice
+/// the slots of the latest value, so the next value lands in leaves that no longer split
+/// (a leaf splits past 16 entries).
+const MIN_RUNWAY: u64 = 32;
+/// Version byte of a slotted value's head.
+const HEAD_V1: u8 = 1;
+/// Length of a head: version, first slot, slot count, value length.
+const HEAD_LEN: usize = 1 + 8 + 4 + 8;
+
+/// Where a slotted value lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SlotHead {
+    first: u64,
+    count: u32,
+    len: u64,
+}
+
+impl SlotHead {
+    fn encode(&self) -> [u8; HEAD_LEN] {
+        let mut b = [0u8; HEAD_LEN];
+        b[0] = HEAD_V1;
+        b[1..9].copy_from_slice(&self.first.to_be_bytes());
+        b[9..13].copy_from_slice(&self.count.to_be_bytes());
+        b[13..].copy_from_slice(&self.len.to_be_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Result<SlotHead, sled::Error> {
+        if b.len() != HEAD_LEN || b[0] != HEAD_V1 {
+            return Err(sled::Error::Unsupported(format!(
+                "a slotted value's head of {} bytes (version {:?}) is not one this broker reads",
+                b.len(),
+                b.first()
+            )));
+        }
+        let u64_at = |i: usize| u64::from_be_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        Ok(SlotHead {
+            first: u64_at(1),
+            count: u32::from_be_bytes(b[9..13].try_into().expect("4 bytes")),
+            len: u64_at(13),
+        })
+    }
+}
+
+/// A partition's slot region: reads slotted values, and hands out slot numbers.
+#[derive(Clone)]
+struct Slots {
+    tree: sled::Tree,
+    prefix: [u8; PREFIX_LEN],
+}
+
+impl Slots {
+    fn key(&self, slot: u64) -> [u8; PREFIX_LEN + 8] {
+        full_key(&self.prefix, &slot.to_be_bytes())
+    }
+
+    /// The value `head` names, joined from its slots.
+    fn read(&self, head: &[u8]) -> Result<IVec, sled::Error> {
+        let h = SlotHead::decode(head)?;
+        let end = h.first.saturating_add(u64::from(h.count));
+        let mut joined = Vec::with_capacity(usize::try_from(h.len).unwrap_or(0));
+        let mut found = 0u32;
+        for item in self.tree.range(self.key(h.first)..self.key(end)) {
+            let (_, v) = item?;
+            joined.extend_from_slice(&v);
+            found += 1;
+        }
+        if found != h.count || joined.len() as u64 != h.len {
+            return Err(sled::Error::Unsupported(format!(
+                "a slotted value of {} bytes in slots {}..{end} has {found} slots and {} bytes",
+                h.len,
+                h.first,
+                joined.len()
+            )));
+        }
+        Ok(IVec::from(joined))
+    }
+
+    /// The slot keys of the value `head` names.
+    fn keys_of(&self, head: &[u8]) -> Result<Vec<[u8; PREFIX_LEN + 8]>, sled::Error> {
+        let h = SlotHead::decode(head)?;
+        Ok((h.first..h.first.saturating_add(u64::from(h.count)))
+            .map(|s| self.key(s))
+            .collect())
+    }
+
+    /// The next free slot and the end of the placeholders (from the region's cursor).
+    fn cursor(&self) -> Result<(u64, u64), sled::Error> {
+        if let Some(v) = self.tree.get(self.key(CURSOR_SLOT))? {
+            if v.len() == 16 {
+                let next = u64::from_be_bytes(v[..8].try_into().expect("8 bytes"));
+                let end = u64::from_be_bytes(v[8..].try_into().expect("8 bytes"));
+                return Ok((next, end.max(next)));
+            }
+        }
+        // No cursor (a region never written, or damaged): after the last slot there is.
+        let last = self
+            .tree
+            .range(self.key(0)..self.key(CURSOR_SLOT))
+            .next_back()
+            .transpose()?;
+        let next = match last {
+            Some((k, _)) => u64::from_be_bytes(k[PREFIX_LEN..].try_into().expect("8 bytes")) + 1,
+            None => 0,
+        };
+        Ok((next, next))
+    }
+
+    /// Adds to `batch` the slots of `value` and the placeholders after them, and moves the
+    /// cursor; returns the value's head.
+    fn fill(&self, batch: &mut sled::Batch, value: &[u8]) -> Result<SlotHead, sled::Error> {
+        let (next, placeholders_end) = self.cursor()?;
+        let count = value.len().div_ceil(SLOT_BYTES) as u64;
+        let count32 = u32::try_from(count).map_err(|_| {
+            sled::Error::Unsupported(format!("a value of {} bytes is too large", value.len()))
+        })?;
+        for (i, chunk) in value.chunks(SLOT_BYTES).enumerate() {
+            batch.insert(&self.key(next + i as u64)[..], chunk);
+        }
+        let free = next + count;
+        let runway_end = free + (2 * count).max(MIN_RUNWAY);
+        for s in placeholders_end.max(free)..runway_end {
+            batch.insert(&self.key(s)[..], &[][..]);
+        }
+        let mut cursor = [0u8; 16];
+        cursor[..8].copy_from_slice(&free.to_be_bytes());
+        cursor[8..].copy_from_slice(&runway_end.max(placeholders_end).to_be_bytes());
+        batch.insert(&self.key(CURSOR_SLOT)[..], &cursor[..]);
+        Ok(SlotHead {
+            first: next,
+            count: count32,
+            len: value.len() as u64,
+        })
+    }
+
+    /// Every key of the region (slots, placeholders, cursor).
+    fn all_keys(&self) -> Result<Vec<IVec>, sled::Error> {
+        self.tree
+            .range(self.key(0)..=self.key(CURSOR_SLOT))
+            .keys()
+            .collect()
+    }
+}
 
 /// One partition's slice of a shared tree; keys going in and coming out are the 8-byte
 /// suffixes, and values come out whole however they were stored.
@@ -73,12 +233,17 @@ const CHUNK_SUFFIX_LEN: usize = 10;
 pub struct PartitionKeys {
     tree: sled::Tree,
     prefix: [u8; PREFIX_LEN],
+    slots: Slots,
 }
 
 impl PartitionKeys {
     /// The slice of `tree` that belongs to `topic_id`/`partition`.
     pub fn new(tree: sled::Tree, topic_id: u64, partition: u32) -> Self {
         PartitionKeys {
+            slots: Slots {
+                tree: tree.clone(),
+                prefix: partition_prefix(topic_id | SLOT_REGION_BIT, partition),
+            },
             tree,
             prefix: partition_prefix(topic_id, partition),
         }
@@ -102,26 +267,37 @@ impl PartitionKeys {
         item.map(|(k, v)| (IVec::from(&k[PREFIX_LEN.min(k.len())..]), v))
     }
 
-    /// The full keys of the chunks after the first stored for the 8-byte `suffix`.
+    /// The full keys of what the 8-byte `suffix` stored besides its own key: the chunks
+    /// after the first, or its slotted head and its slots.
     fn chunk_keys(&self, suffix: &[u8]) -> Result<Vec<IVec>, sled::Error> {
         if suffix.len() != 8 {
             return Ok(Vec::new());
         }
         let mut from = self.key(suffix);
-        from.extend_from_slice(&[0, 0]);
+        from.push(0);
         let mut to = self.key(suffix);
         to.extend_from_slice(&[0xff, 0xff]);
-        self.tree.range(from..=to).keys().collect()
+        let mut keys = Vec::new();
+        for item in self.tree.range(from..=to) {
+            let (k, v) = item?;
+            if k.len() == PREFIX_LEN + SLOT_HEAD_SUFFIX_LEN {
+                keys.extend(self.slots.keys_of(&v)?.iter().map(|s| IVec::from(&s[..])));
+            }
+            keys.push(k);
+        }
+        Ok(keys)
     }
 
-    /// Stores `value` under `suffix` (in chunks when it is longer than [`CHUNK_BYTES`],
-    /// all of them or none).
+    /// Stores `value` under `suffix`: in slots when it is a large value under an 8-byte
+    /// suffix, else whole. Whatever `suffix` stored before (in any form) goes in the same
+    /// atomic batch.
     pub fn insert(&self, suffix: &[u8], value: impl Into<IVec>) -> Result<(), sled::Error> {
         let value: IVec = value.into();
         let key = self.key(suffix);
         let _turn = one_writer();
         let stale = self.chunk_keys(suffix)?;
-        if stale.is_empty() && (value.len() <= CHUNK_BYTES || suffix.len() != 8) {
+        let slotted = value.len() >= SLOTTED_MIN && suffix.len() == 8;
+        if stale.is_empty() && !slotted {
             self.tree.insert(key, value)?;
             return Ok(());
         }
@@ -129,21 +305,14 @@ impl PartitionKeys {
         for k in stale {
             batch.remove(k);
         }
-        for (i, chunk) in value.chunks(CHUNK_BYTES).enumerate() {
-            if i == 0 {
-                batch.insert(key.clone(), chunk);
-                continue;
-            }
-            let index = u16::try_from(i).map_err(|_| {
-                sled::Error::Unsupported(format!(
-                    "a value of {} bytes needs more than {} chunks",
-                    value.len(),
-                    u16::MAX
-                ))
-            })?;
-            let mut k = key.clone();
-            k.extend_from_slice(&index.to_be_bytes());
-            batch.insert(k, chunk);
+        if slotted {
+            let head = self.slots.fill(&mut batch, &value)?;
+            batch.remove(key.clone());
+            let mut head_key = key;
+            head_key.push(0);
+            batch.insert(head_key, &head.encode()[..]);
+        } else {
+            batch.insert(key, value);
         }
         self.tree.apply_batch(batch)
     }
@@ -165,7 +334,7 @@ impl PartitionKeys {
     }
 
     fn whole(&self, range: sled::Iter) -> Chunked<impl DoubleEndedIterator<Item = Entry>> {
-        Chunked::new(range.map(Self::strip))
+        Chunked::new(range.map(Self::strip), self.slots.clone())
     }
 
     /// Every entry, in key order.
@@ -216,7 +385,7 @@ impl PartitionKeys {
             .range(full_key(&self.prefix, &[0; 8]).to_vec()..=self.past_chunks_of(&[0xff; 8]))
             .keys()
             .collect::<Result<_, _>>()?;
-        for k in keys {
+        for k in keys.into_iter().chain(self.slots.all_keys()?) {
             let _turn = one_writer();
             self.tree.remove(k)?;
         }
@@ -225,17 +394,28 @@ impl PartitionKeys {
 }
 
 /// Entries with their chunks joined: a value's first entry (an 8-byte suffix) followed by
-/// its chunks (10-byte suffixes with the same first 8 bytes) comes out as one entry. A
+/// its chunks (10-byte suffixes with the same first 8 bytes) comes out as one entry, and so
+/// does a slotted value's head (a 9-byte suffix) with its slots, under its 8-byte suffix. A
 /// chunk without its first entry (never written: chunks go in and out together) is skipped.
 struct Chunked<I> {
     inner: I,
     /// An entry read past the end of the previous value, going forwards.
     ahead: Option<(IVec, IVec)>,
+    slots: Slots,
 }
 
 impl<I: DoubleEndedIterator<Item = Entry>> Chunked<I> {
-    fn new(inner: I) -> Self {
-        Chunked { inner, ahead: None }
+    fn new(inner: I, slots: Slots) -> Self {
+        Chunked {
+            inner,
+            ahead: None,
+            slots,
+        }
+    }
+
+    /// A slotted value's head, as its key and whole value.
+    fn slotted(&self, k: &IVec, head: &IVec) -> Entry {
+        Ok((IVec::from(&k[..8]), self.slots.read(head)?))
     }
 
     fn is_chunk_of(chunk: &[u8], first: &[u8]) -> bool {
@@ -257,6 +437,9 @@ impl<I: DoubleEndedIterator<Item = Entry>> Iterator for Chunked<I> {
             };
             if k.len() == CHUNK_SUFFIX_LEN {
                 continue;
+            }
+            if k.len() == SLOT_HEAD_SUFFIX_LEN {
+                return Some(self.slotted(&k, &v));
             }
             let mut joined: Option<Vec<u8>> = None;
             loop {
@@ -299,6 +482,9 @@ impl<I: DoubleEndedIterator<Item = Entry>> DoubleEndedIterator for Chunked<I> {
                 }
                 chunks.push((k, v));
                 continue;
+            }
+            if k.len() == SLOT_HEAD_SUFFIX_LEN {
+                return Some(self.slotted(&k, &v));
             }
             if chunks
                 .first()
@@ -393,21 +579,34 @@ mod tests {
             .collect()
     }
 
+    /// The keys of `tree` outside partition `topic`/`partition`'s slice and slot region.
+    fn keys_outside(tree: &sled::Tree, topic: u64, partition: u32) -> usize {
+        let own = [
+            partition_prefix(topic, partition),
+            partition_prefix(topic | SLOT_REGION_BIT, partition),
+        ];
+        tree.iter()
+            .keys()
+            .filter(|k| !own.iter().any(|p| k.as_ref().unwrap().starts_with(p)))
+            .count()
+    }
+
     #[test]
-    fn large_values_are_stored_in_chunks_and_read_back_whole() {
+    fn large_values_are_stored_in_slots_and_read_back_whole() {
         let (_dir, tree) = batches_tree();
         let a = PartitionKeys::new(tree.clone(), 7, 0);
         let next = PartitionKeys::new(tree.clone(), 7, 1);
         next.insert(&0u64.to_be_bytes(), patterned(CHUNK_BYTES * 2, 9))
             .unwrap();
-        // Offsets 0 (small), 10 (exactly one chunk), 20 (2.5 chunks), 30 (small),
-        // 40 (3 chunks + 1 byte).
+        // Offsets 0 (small), 10 (exactly one slot), 20 (2.5 slots), 30 (small), 40 (3 slots
+        // + 1 byte), 50 (just large enough for slots).
         let values: Vec<(u64, Vec<u8>)> = vec![
             (0, patterned(100, 1)),
-            (10, patterned(CHUNK_BYTES, 2)),
-            (20, patterned(CHUNK_BYTES * 5 / 2, 3)),
+            (10, patterned(SLOT_BYTES, 2)),
+            (20, patterned(SLOT_BYTES * 5 / 2, 3)),
             (30, patterned(7, 4)),
-            (40, patterned(CHUNK_BYTES * 3 + 1, 5)),
+            (40, patterned(SLOT_BYTES * 3 + 1, 5)),
+            (50, patterned(SLOTTED_MIN, 6)),
         ];
         for (o, v) in &values {
             a.insert(&o.to_be_bytes(), v.clone()).unwrap();
@@ -443,7 +642,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!((&k[..], v.to_vec()), (&20u64.to_be_bytes()[..], expect(20)));
-        assert_eq!(a.last().unwrap().unwrap().1.to_vec(), expect(40));
+        assert_eq!(a.last().unwrap().unwrap().1.to_vec(), expect(50));
         assert_eq!(a.first().unwrap().unwrap().1.to_vec(), expect(0));
         // Both ends at once meet in the middle without losing or repeating a value.
         let mut both = a.iter();
@@ -452,6 +651,7 @@ mod tests {
         seen.push(both.next().unwrap().unwrap().0.to_vec());
         seen.push(both.next_back().unwrap().unwrap().0.to_vec());
         seen.push(both.next().unwrap().unwrap().0.to_vec());
+        seen.push(both.next_back().unwrap().unwrap().0.to_vec());
         assert!(both.next().is_none() && both.next_back().is_none());
         seen.sort();
         let keys: Vec<Vec<u8>> = values
@@ -459,7 +659,7 @@ mod tests {
             .map(|(o, _)| o.to_be_bytes().to_vec())
             .collect();
         assert_eq!(seen, keys);
-        // Storing a shorter value under a chunked key leaves no chunk of the old one.
+        // Storing a shorter value under a slotted key leaves nothing of the old one.
         a.insert(&20u64.to_be_bytes(), patterned(50, 6)).unwrap();
         assert_eq!(
             a.range_from(&20u64.to_be_bytes())
@@ -471,9 +671,24 @@ mod tests {
             patterned(50, 6)
         );
         assert_eq!(a.iter().count(), values.len());
-        // Removing a chunked value removes all of it.
+        // Removing a slotted value removes all of it.
+        let before = tree.len();
         a.remove(&40u64.to_be_bytes()).unwrap();
-        assert_eq!(a.last().unwrap().unwrap().1.to_vec(), expect(30));
+        assert_eq!(
+            a.range_through(&45u64.to_be_bytes())
+                .next_back()
+                .unwrap()
+                .unwrap()
+                .1
+                .to_vec(),
+            expect(30)
+        );
+        assert_eq!(
+            tree.len(),
+            before - 1 - 4,
+            "its head and its four slots are gone"
+        );
+        let neighbour = keys_outside(&tree, 7, 0);
         a.clear().unwrap();
         assert_eq!(a.iter().count(), 0);
         assert_eq!(
@@ -481,7 +696,98 @@ mod tests {
             patterned(CHUNK_BYTES * 2, 9),
             "the neighbouring partition keeps its value"
         );
-        assert_eq!(tree.len(), 2, "only the neighbour's two chunks are left");
+        assert_eq!(
+            tree.len(),
+            neighbour,
+            "nothing of the cleared partition is left, slots and placeholders included"
+        );
+    }
+
+    /// Each value's slots are the placeholders the value before it left: sled replaces
+    /// entries of leaves that no longer split instead of appending to the one that does.
+    #[test]
+    fn values_fill_the_placeholders_left_ahead_of_them() {
+        let (_dir, tree) = batches_tree();
+        let a = PartitionKeys::new(tree.clone(), 5, 1);
+        let slot_keys = || -> Vec<(u64, usize)> {
+            a.slots
+                .tree
+                .range(a.slots.key(0)..a.slots.key(CURSOR_SLOT))
+                .map(|e| {
+                    let (k, v) = e.unwrap();
+                    (
+                        u64::from_be_bytes(k[PREFIX_LEN..].try_into().unwrap()),
+                        v.len(),
+                    )
+                })
+                .collect()
+        };
+        let mb = 1024 * 1024;
+        a.insert(&0u64.to_be_bytes(), patterned(mb, 1)).unwrap();
+        let per_value = (mb / SLOT_BYTES) as u64;
+        let after_one = slot_keys();
+        assert_eq!(
+            after_one.len() as u64,
+            per_value + 2 * per_value,
+            "its slots, then twice as many placeholders"
+        );
+        assert!(after_one[per_value as usize..]
+            .iter()
+            .all(|(_, len)| *len == 0));
+        for (i, o) in [100u64, 200, 300].into_iter().enumerate() {
+            let placeholders_before: Vec<u64> = slot_keys()
+                .into_iter()
+                .filter(|(_, len)| *len == 0)
+                .map(|(s, _)| s)
+                .collect();
+            a.insert(&o.to_be_bytes(), patterned(mb, i as u8)).unwrap();
+            let used: Vec<u64> = slot_keys()
+                .into_iter()
+                .filter(|(_, len)| *len > 0)
+                .map(|(s, _)| s)
+                .collect();
+            let new: Vec<u64> = used
+                .iter()
+                .copied()
+                .filter(|s| *s >= per_value * (i as u64 + 1))
+                .collect();
+            assert_eq!(new.len() as u64, per_value);
+            assert!(
+                new.iter().all(|s| placeholders_before.contains(s)),
+                "value {o} went into the placeholders"
+            );
+        }
+        let (next, end) = a.slots.cursor().unwrap();
+        assert_eq!((next, end), (4 * per_value, 6 * per_value));
+        // Read back whole, in order.
+        let firsts: Vec<u8> = a.iter().map(|e| e.unwrap().1[0]).collect();
+        assert_eq!(firsts, vec![1, 0, 1, 2]);
+    }
+
+    /// A region whose cursor entry is gone continues after its last slot, overwriting
+    /// nothing in use; a head naming slots that are not there is an error, not a panic or a
+    /// short value.
+    #[test]
+    fn a_lost_cursor_or_damaged_head_overwrites_nothing_and_reads_as_an_error() {
+        let (_dir, tree) = batches_tree();
+        let a = PartitionKeys::new(tree.clone(), 6, 0);
+        let v1 = patterned(SLOT_BYTES * 2, 1);
+        a.insert(&1u64.to_be_bytes(), v1.clone()).unwrap();
+        tree.remove(a.slots.key(CURSOR_SLOT)).unwrap();
+        let v2 = patterned(SLOT_BYTES * 3, 2);
+        a.insert(&2u64.to_be_bytes(), v2.clone()).unwrap();
+        let all: Vec<Vec<u8>> = a.iter().map(|e| e.unwrap().1.to_vec()).collect();
+        assert_eq!(all, vec![v1, v2]);
+        // Slot 0 of value 1 disappears: reading it fails with the reason.
+        tree.remove(a.slots.key(0)).unwrap();
+        let e = a.first().unwrap_err().to_string();
+        assert!(e.contains("has 1 slots"), "{e}");
+        // A head that is not one.
+        let mut head_key = full_key(&partition_prefix(6, 0), &9u64.to_be_bytes()).to_vec();
+        head_key.push(0);
+        tree.insert(head_key, &b"junk"[..]).unwrap();
+        let e = a.last().unwrap_err().to_string();
+        assert!(e.contains("not one this broker reads"), "{e}");
     }
 
     #[test]
@@ -527,6 +833,13 @@ mod tests {
         }
         let new = patterned(CHUNK_BYTES * 3 + 1, 4);
         a.insert(&9u64.to_be_bytes(), new.clone()).unwrap();
+        let legacy_keys = |tree: &sled::Tree| {
+            tree.scan_prefix(partition_prefix(4, 0))
+                .keys()
+                .filter(|k| k.as_ref().unwrap().len() == PREFIX_LEN + CHUNK_SUFFIX_LEN)
+                .count()
+        };
+        assert_eq!(legacy_keys(&tree), 2, "offset 5's two later chunks");
         let all: Vec<Vec<u8>> = a.iter().map(|e| e.unwrap().1.to_vec()).collect();
         assert_eq!(all, vec![old.clone(), new.clone()]);
         let back: Vec<Vec<u8>> = a.iter().rev().map(|e| e.unwrap().1.to_vec()).collect();
@@ -536,11 +849,7 @@ mod tests {
         a.insert(&5u64.to_be_bytes(), replacement.clone()).unwrap();
         let all: Vec<Vec<u8>> = a.iter().map(|e| e.unwrap().1.to_vec()).collect();
         assert_eq!(all, vec![replacement, new]);
-        assert_eq!(
-            tree.len(),
-            2 + 4,
-            "two chunks for offset 5, four for offset 9"
-        );
+        assert_eq!(legacy_keys(&tree), 0, "no chunk of the old form is left");
     }
 
     #[test]

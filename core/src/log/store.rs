@@ -8,7 +8,7 @@
 //! was a file created and later deleted: a profile of a pipeline draining a backlog spent
 //! about a fifth of its CPU in ext4 allocating inodes, and throughput fell as the database
 //! grew (docs/NOTES.md, "Storage: segments and chunks"). With 4 MiB segments, entries up to
-//! 1 MiB stay in the log, and with 16 KiB chunks ([`super::keyspace::CHUNK_BYTES`]) so does
+//! 1 MiB stay in the log, and with 32 KiB slots ([`super::keyspace::SLOT_BYTES`]) so does
 //! a whole leaf.
 
 use std::path::Path;
