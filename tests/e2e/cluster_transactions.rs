@@ -51,10 +51,21 @@ async fn forged(client: &Client, producer_id: i64, epoch: i16) -> quiver_client:
         acks: Acks::All,
         timeout_ms: 5_000,
     };
-    client
-        .request_for_partition("t", 0, &req, b.build(), Duration::from_secs(10))
-        .await
-        .expect_err("a forged transactional batch is refused")
+    let batch = b.build();
+    // Right after the cluster starts, the partition or the transaction coordinator's
+    // partition may have no leader yet (a retriable answer): ask again until the answer is
+    // about the batch.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let e = client
+            .request_for_partition("t", 0, &req, batch.clone(), Duration::from_secs(10))
+            .await
+            .expect_err("a forged transactional batch is refused");
+        if !e.is_retriable() || std::time::Instant::now() > deadline {
+            return e;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[test]
