@@ -22,7 +22,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use quiver_client::{
     AutoOffsetReset, Client, ConsumedRecord, GroupConfig, GroupConsumer, Isolation, ProducerRecord,
-    TopicPartition,
+    RecordRef, TopicPartition,
 };
 use quiver_plugins::{HostLimits, Record};
 use tokio::sync::watch;
@@ -435,7 +435,8 @@ async fn send_poll(
     let mut by_partition: BTreeMap<TopicPartition, Vec<Record>> = BTreeMap::new();
     // A poll holds runs of records of one partition: group each run, not each record.
     let mut run: Option<(TopicPartition, (i64, i64), Vec<Record>)> = None;
-    for r in records {
+    let total = records.len();
+    for (i, r) in records.into_iter().enumerate() {
         let same = run
             .as_ref()
             .is_some_and(|(tp, _, _)| tp.partition == r.partition && *tp.topic == *r.topic);
@@ -444,7 +445,9 @@ async fn send_poll(
                 add_run(&mut ranges, &mut by_partition, tp, range, recs);
             }
             let tp = TopicPartition::new(r.topic.to_string(), r.partition);
-            run = Some((tp, (r.offset, r.offset + 1), Vec::new()));
+            // A poll of one partition is one run: sized once, moved whole.
+            let size = if i == 0 { total } else { 0 };
+            run = Some((tp, (r.offset, r.offset + 1), Vec::with_capacity(size)));
         }
         if let Some((_, range, recs)) = run.as_mut() {
             range.1 = r.offset + 1;
@@ -521,10 +524,11 @@ async fn send_poll(
         let ChainOutput {
             records, failed, ..
         } = out;
+        let mut source = SourceHeader::new(&tp);
         for r in records {
-            let source = source_of(&tp, r.offset.clamp(range.0, range.1));
             counts.output += 1;
-            writer.send(to_output(r, Bytes::from(source), cfg)?).await?;
+            let source = source.of(r.offset.clamp(range.0, range.1));
+            send_output(writer, &r, source, cfg).await?;
         }
         for f in failed {
             counts.errors += 1;
@@ -535,7 +539,7 @@ async fn send_poll(
             let Some(dlq) = &cfg.on_error.topic else {
                 continue;
             };
-            let source = source_of(&tp, f.record.offset.clamp(range.0, range.1));
+            let source = Bytes::copy_from_slice(source.of(f.record.offset.clamp(range.0, range.1)));
             counts.dead += 1;
             writer.send(dead_letter(f, dlq, source)).await?;
         }
@@ -571,7 +575,12 @@ fn add_run(
 ) {
     let range = ranges.entry(tp.clone()).or_insert((first, end));
     range.1 = end;
-    by_partition.entry(tp).or_default().append(&mut recs);
+    let into = by_partition.entry(tp).or_default();
+    if into.is_empty() {
+        *into = recs;
+    } else {
+        into.append(&mut recs);
+    }
 }
 
 /// Waits until a sent poll's writes are acknowledged (or its transaction flushed), moves
@@ -620,7 +629,7 @@ async fn complete_poll(
 
 /// A record a stage failed on, for the dead-letter topic: as the stage got it, with headers
 /// naming the error, the stage and the input it came from.
-fn dead_letter(f: Failure, topic: &str, source: String) -> ProducerRecord {
+fn dead_letter(f: Failure, topic: &str, source: Bytes) -> ProducerRecord {
     let mut headers = f.record.headers;
     headers.retain(|(k, _)| k != SINK_HEADER);
     headers.push((ERROR_HEADER.into(), Bytes::from(f.error)));
@@ -628,7 +637,7 @@ fn dead_letter(f: Failure, topic: &str, source: String) -> ProducerRecord {
         STAGE_HEADER.into(),
         Bytes::from(format!("{}:{}", f.stage, f.stage_id)),
     ));
-    headers.push((SOURCE_HEADER.into(), Bytes::from(source)));
+    headers.push((SOURCE_HEADER.into(), source));
     ProducerRecord {
         topic: topic.to_string(),
         partition: None,
@@ -637,10 +646,6 @@ fn dead_letter(f: Failure, topic: &str, source: String) -> ProducerRecord {
         headers,
         timestamp: (f.record.timestamp > 0).then_some(f.record.timestamp),
     }
-}
-
-fn source_of(tp: &TopicPartition, offset: i64) -> String {
-    format!("{}/{}/{}", tp.topic, tp.partition, offset)
 }
 
 fn to_plugin_record(r: ConsumedRecord) -> Record {
@@ -654,19 +659,47 @@ fn to_plugin_record(r: ConsumedRecord) -> Record {
     }
 }
 
-/// The record to write for one stage output: its destination (the sink, or the named
-/// output its `quiver.sink` header asks for) and the `quiver.source` header.
-fn to_output(
-    r: Record,
-    source: Bytes,
+/// `quiver.source` values of one input partition's records: `topic/partition/` once, then
+/// each record's offset written after it in a buffer used again for the next record.
+struct SourceHeader {
+    buf: Vec<u8>,
+    prefix: usize,
+}
+
+impl SourceHeader {
+    fn new(tp: &TopicPartition) -> Self {
+        let buf = format!("{}/{}/", tp.topic, tp.partition).into_bytes();
+        SourceHeader {
+            prefix: buf.len(),
+            buf,
+        }
+    }
+
+    /// `topic/partition/offset`.
+    fn of(&mut self, offset: i64) -> &[u8] {
+        self.buf.truncate(self.prefix);
+        self.buf
+            .extend_from_slice(itoa::Buffer::new().format(offset).as_bytes());
+        &self.buf
+    }
+}
+
+/// Sends one stage output to its destination (the sink, or the named output its
+/// `quiver.sink` header asks for) with the `quiver.source` header. The producer copies the
+/// record into its batch, so nothing is built per record but the headers of a record that
+/// has some.
+async fn send_output(
+    writer: &mut Writer,
+    r: &Record,
+    source: &[u8],
     cfg: &PipelineConfig,
-) -> Result<ProducerRecord, RuntimeError> {
-    let mut topic = cfg.sink.topic.clone();
-    let mut headers = Vec::with_capacity(r.headers.len() + 1);
-    for (k, v) in r.headers {
+) -> Result<(), RuntimeError> {
+    let mut topic = cfg.sink.topic.as_str();
+    let mut headers: Vec<(&str, &[u8])> = Vec::new();
+    for (k, v) in &r.headers {
         if k == SINK_HEADER {
-            let name = String::from_utf8_lossy(&v).into_owned();
-            topic = cfg.sinks.get(&name).cloned().ok_or_else(|| {
+            let name = String::from_utf8_lossy(v);
+            topic = cfg.sinks.get(name.as_ref()).ok_or_else(|| {
                 RuntimeError::Failed(format!(
                     "a stage routed a record to the output {name:?}, which [sinks] does not name (it has: {})",
                     cfg.sinks.keys().cloned().collect::<Vec<_>>().join(", ")
@@ -676,13 +709,21 @@ fn to_output(
             headers.push((k, v));
         }
     }
-    headers.push((SOURCE_HEADER.into(), source));
-    Ok(ProducerRecord {
-        topic,
-        partition: None,
-        key: r.key,
-        value: r.value,
-        headers,
-        timestamp: (r.timestamp > 0).then_some(r.timestamp),
-    })
+    let only_source = [(SOURCE_HEADER, source)];
+    let headers: &[(&str, &[u8])] = if headers.is_empty() {
+        &only_source
+    } else {
+        headers.push((SOURCE_HEADER, source));
+        &headers
+    };
+    writer
+        .send_ref(RecordRef {
+            topic,
+            partition: None,
+            key: r.key.as_deref(),
+            value: &r.value,
+            headers,
+            timestamp: (r.timestamp > 0).then_some(r.timestamp),
+        })
+        .await
 }

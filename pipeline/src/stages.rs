@@ -165,6 +165,10 @@ impl PartitionChain {
     /// one call's output limit).
     pub fn process(&mut self, input: Vec<Record>) -> ChainOutput {
         let mut out = ChainOutput::default();
+        if self.stages.is_empty() {
+            out.records = input;
+            return out;
+        }
         let mut chunk = Vec::new();
         let mut bytes = 0;
         let mut rest = input.into_iter().peekable();
@@ -173,7 +177,11 @@ impl PartitionChain {
             chunk.push(r);
             if bytes >= CALL_INPUT_BYTES || rest.peek().is_none() {
                 let part = self.process_call(std::mem::take(&mut chunk));
-                out.records.extend(part.records);
+                if out.records.is_empty() {
+                    out.records = part.records;
+                } else {
+                    out.records.extend(part.records);
+                }
                 out.failed.extend(part.failed);
                 if part.fatal.is_some() {
                     out.fatal = part.fatal;

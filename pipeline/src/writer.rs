@@ -17,9 +17,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use bytes::Bytes;
 use quiver_client::{
     Acks, Client, DeliveryFuture, GroupConsumer, Landed, OffsetCommit, Producer, ProducerConfig,
-    ProducerRecord, TopicPartition, TransactionalProducer, TxnOffsets,
+    ProducerRecord, RecordRef, TopicPartition, TransactionalProducer, TxnOffsets,
 };
 
 use crate::error::RuntimeError;
@@ -119,6 +120,30 @@ impl Writer {
             Writer::ExactlyOnce(tx) => {
                 tx.prepare_topic(&record.topic).await?;
                 tx.send(record)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Writer::send`] of a borrowed record: at least once it is copied straight into the
+    /// producer's batch; exactly once it becomes an owned record of the transaction.
+    pub async fn send_ref(&mut self, r: RecordRef<'_>) -> Result<(), RuntimeError> {
+        match self {
+            Writer::AtLeastOnce { producer, poll } => poll.sent(producer.send_ref(r).await?),
+            Writer::ExactlyOnce(tx) => {
+                tx.prepare_topic(r.topic).await?;
+                tx.send(ProducerRecord {
+                    topic: r.topic.to_string(),
+                    partition: r.partition,
+                    key: r.key.map(Bytes::copy_from_slice),
+                    value: Bytes::copy_from_slice(r.value),
+                    headers: r
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), Bytes::copy_from_slice(v)))
+                        .collect(),
+                    timestamp: r.timestamp,
+                })?;
             }
         }
         Ok(())

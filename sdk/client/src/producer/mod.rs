@@ -527,14 +527,20 @@ impl Producer {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_ref()))
             .collect();
-        let r = RecordRef {
+        self.send_ref(RecordRef {
             topic: &record.topic,
             partition: record.partition,
             key: record.key.as_deref(),
             value: &record.value,
             headers: &headers,
             timestamp: record.timestamp,
-        };
+        })
+        .await
+    }
+
+    /// Queues a borrowed record (its bytes are copied into the batch) and returns a future
+    /// of its offset: [`send`](Self::send) without building an owned record first.
+    pub async fn send_ref(&self, r: RecordRef<'_>) -> Result<DeliveryFuture> {
         let topic = self.topic(r.topic).await?;
         let routed = self.plugin_partition(&topic, &r).await?;
         self.wait_for_space().await?;
