@@ -2,10 +2,14 @@
 //! raw limits under them measured with the **same volume and the same concurrency**:
 //!
 //! - sled: the number of records the produce run stored, as full batches of the producer's
-//!   batch size, written by one thread per partition (each to its own tree in one `Db`
-//!   opened like the broker's), with a flush after every batch (what `flush = "batch"`
-//!   waits for) and, separately, with one flush at the end. sled slows as its log grows, so
-//!   a raw run shorter than the produce run would flatter the ratio.
+//!   batch size, written by one thread per partition into a `Db` opened like the broker's,
+//!   in the broker's own layout (`log::keyspace`: one partition slice each, large batches in
+//!   slots), with a flush after every batch (what `flush = "batch"` waits for) and,
+//!   separately, with one flush at the end. sled slows as its log grows, so a raw run
+//!   shorter than the produce run would flatter the ratio. The layout is what the broker
+//!   stores with, so the ratio is the broker's cost over its storage: plain inserts of whole
+//!   batches under their keys are written about three times by sled, and the broker beat
+//!   that "limit".
 //! - QUIC: the bytes the consume run moved (record batches as they travel), over one
 //!   loopback connection with the broker's TLS and transport settings, one stream per
 //!   partition (the consumer keeps a fetch in flight per partition).
@@ -77,7 +81,8 @@ fn sample_batch(o: &LoadOpts, records: Option<usize>) -> (Bytes, usize) {
 
 /// One raw sled run: `writers` threads, writer `w` appending `per_writer[w]` records as
 /// full batches (`full`, holding `per_batch` records) plus one `tail`-style last batch, each
-/// into its own tree; `flush` after every batch when asked, and once at the end always.
+/// into a partition slice of its own; `flush` after every batch when asked, and once at the
+/// end always.
 struct SledRun<'a> {
     dir: &'a Path,
     full: &'a Bytes,
@@ -93,8 +98,9 @@ fn sled_appends(run: SledRun<'_>) -> anyhow::Result<(f64, u64, u64)> {
         .with_context(|| format!("opening {}", run.dir.display()))?;
     // Each writer's work: its tree and its batches (the last one may hold fewer records).
     let mut plans = Vec::new();
+    let tree = db.open_tree(quiver_core::log::keyspace::BATCHES_TREE)?;
     for (w, &records) in run.per_writer.iter().enumerate() {
-        let tree = db.open_tree(format!("baseline/{w}"))?;
+        let tree = quiver_core::log::keyspace::PartitionKeys::new(tree.clone(), w as u64, 0);
         let full_batches = records / run.per_batch as u64;
         let rest = (records % run.per_batch as u64) as usize;
         let tail = (rest > 0).then(|| sample_batch(run.o, Some(rest)).0);
@@ -115,7 +121,7 @@ fn sled_appends(run: SledRun<'_>) -> anyhow::Result<(f64, u64, u64)> {
                         .chain(tail.as_ref())
                         .collect::<Vec<&Bytes>>();
                     for batch in all {
-                        tree.insert(key.to_be_bytes(), batch.as_ref())?;
+                        tree.insert(&key.to_be_bytes(), batch.as_ref())?;
                         if flush {
                             db.flush()?;
                         }
