@@ -36,6 +36,35 @@ fn damage_batch(b: &TestBroker, topic: &str, partition: u32, nth: usize) -> i64 
     i64::from_be_bytes(k[prefix.len()..].try_into().unwrap())
 }
 
+/// Deletes the first slot of the `nth` slotted batch (4 KiB or more) of `topic`/`partition`
+/// (as a lost write would); returns its base offset. The broker must be stopped.
+fn drop_a_slot(b: &TestBroker, topic: &str, partition: u32, nth: usize) -> i64 {
+    let db = quiver_core::log::store::open(&b.data_dir().join("log"))
+        .expect("open the broker's sled database");
+    let meta: TopicMeta = serde_json::from_slice(
+        &db.open_tree(TOPICS_TREE)
+            .unwrap()
+            .get(topic.as_bytes())
+            .unwrap()
+            .expect("topic record"),
+    )
+    .unwrap();
+    let tree = db.open_tree(BATCHES_TREE).unwrap();
+    let prefix = partition_prefix(meta.id, partition);
+    let (head_key, head) = tree
+        .scan_prefix(prefix)
+        .map(Result::unwrap)
+        .filter(|(k, _)| k.len() == prefix.len() + 9)
+        .nth(nth)
+        .expect("enough slotted batches");
+    let first_slot = u64::from_be_bytes(head[1..9].try_into().unwrap());
+    let mut slot = partition_prefix(meta.id | 1 << 63, partition).to_vec();
+    slot.extend_from_slice(&first_slot.to_be_bytes());
+    assert!(tree.remove(slot).unwrap().is_some(), "the slot was there");
+    db.flush().unwrap();
+    i64::from_be_bytes(head_key[prefix.len()..prefix.len() + 8].try_into().unwrap())
+}
+
 /// `quiver broker repair --output json` on `topic`/`partition` of the broker's data dir.
 fn repair(b: &TestBroker, topic: &str, partition: u32) -> std::process::Output {
     let data_dir = b.data_dir();
@@ -142,4 +171,55 @@ fn a_damaged_middle_batch_takes_only_its_partition_offline_until_repaired() {
     b.cli_stdin_ok(&["produce", "disk", "--partition", "0"], b"after repair\n");
     let all = b.cli_ok(&["consume", "disk", "--partition", "0", "--from-beginning"]);
     assert!(all.ends_with("after repair\n"), "{all}");
+}
+
+/// A large batch (stored in slots) that lost a slot: the broker still starts, with only that
+/// partition offline, and repair drops the damaged suffix.
+#[test]
+fn a_slotted_batch_missing_a_slot_takes_only_its_partition_offline_until_repaired() {
+    let mut b = TestBroker::start();
+    b.cli_ok(&["topic", "create", "big", "--partitions", "2"]);
+    let line = |i: usize, j: usize| format!("{i}-{j}-{}\n", "x".repeat(700));
+    for i in 0..5 {
+        let lines: String = (0..10).map(|j| line(i, j)).collect();
+        b.cli_stdin_ok(&["produce", "big", "--partition", "0"], lines.as_bytes());
+    }
+    b.cli_stdin_ok(&["produce", "big", "--partition", "1"], b"small\n");
+    b.terminate();
+    assert_eq!(drop_a_slot(&b, "big", 0, 2), 20);
+    b.spawn();
+    b.wait_ready();
+    let d = b.describe("big");
+    assert_eq!(d["partitions"][0]["status"], "offline", "{d}");
+    assert!(
+        d["partitions"][0]["offline_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("offset 20")),
+        "{d}"
+    );
+    assert_eq!(d["partitions"][1]["status"], "online", "{d}");
+    assert_eq!(
+        b.cli_ok(&["consume", "big", "--partition", "1", "--from-beginning"]),
+        "small\n"
+    );
+    b.terminate();
+    let out = repair(&b, "big", 0);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["first_damaged_offset"], 20, "{report}");
+    assert_eq!(report["dropped_batches"], 3, "{report}");
+    assert_eq!(report["log_end_after"], 20, "{report}");
+    b.spawn();
+    b.wait_ready();
+    let d = b.describe("big");
+    assert_eq!(d["partitions"][0]["status"], "online", "{d}");
+    let kept = b.cli_ok(&["consume", "big", "--partition", "0", "--from-beginning"]);
+    let expect: String = (0..2)
+        .flat_map(|i| (0..10).map(move |j| line(i, j)))
+        .collect();
+    assert_eq!(kept, expect);
 }

@@ -119,11 +119,26 @@ impl SlotHead {
             )));
         }
         let u64_at = |i: usize| u64::from_be_bytes(b[i..i + 8].try_into().expect("8 bytes"));
-        Ok(SlotHead {
+        let h = SlotHead {
             first: u64_at(1),
             count: u32::from_be_bytes(b[9..13].try_into().expect("4 bytes")),
             len: u64_at(13),
-        })
+        };
+        // A damaged head must not make a reader allocate what it says, or wrap around.
+        let count = u64::from(h.count);
+        let fits = count >= 1
+            && h.len > (count - 1) * SLOT_BYTES as u64
+            && h.len <= count * SLOT_BYTES as u64
+            && h.first
+                .checked_add(count)
+                .is_some_and(|end| end < CURSOR_SLOT);
+        if !fits {
+            return Err(sled::Error::Unsupported(format!(
+                "a slotted value's head says {} bytes in {} slots from slot {}, which cannot be",
+                h.len, h.count, h.first
+            )));
+        }
+        Ok(h)
     }
 }
 
@@ -181,41 +196,79 @@ impl Slots {
             .collect())
     }
 
-    /// The next free slot and the end of the placeholders (from the region's cursor).
-    fn cursor(&self) -> Result<(u64, u64), sled::Error> {
+    /// The next free slot and the end of the placeholders (from the region's cursor, when it
+    /// says a place whose next `count` slots hold no data).
+    fn cursor(&self, count: u64) -> Result<(u64, u64), sled::Error> {
         if let Some(v) = self.tree.get(self.key(CURSOR_SLOT))? {
             if v.len() == 16 {
                 let next = u64::from_be_bytes(v[..8].try_into().expect("8 bytes"));
                 let end = u64::from_be_bytes(v[8..].try_into().expect("8 bytes"));
-                return Ok((next, end.max(next)));
+                if self.free_from(next, count)? {
+                    return Ok((next, end.max(next)));
+                }
+                tracing::warn!(
+                    next,
+                    "a slot region's cursor names slots in use; continuing after the last slot"
+                );
             }
         }
-        // No cursor (a region never written, or damaged): after the last slot there is.
+        // No usable cursor (a region never written, or damaged): after the last slot there is.
         let last = self
             .tree
             .range(self.key(0)..self.key(CURSOR_SLOT))
+            .keys()
             .next_back()
             .transpose()?;
         let next = match last {
-            Some((k, _)) => u64::from_be_bytes(k[PREFIX_LEN..].try_into().expect("8 bytes")) + 1,
+            Some(k) => k
+                .get(PREFIX_LEN..)
+                .and_then(|s| <[u8; 8]>::try_from(s).ok())
+                .map(u64::from_be_bytes)
+                .and_then(|s| s.checked_add(1))
+                .ok_or_else(|| {
+                    sled::Error::Unsupported("a slot region's last key is not a slot".into())
+                })?,
             None => 0,
         };
         Ok((next, next))
     }
 
+    /// True when slots `from..from + count` are all placeholders or absent (and exist).
+    fn free_from(&self, from: u64, count: u64) -> Result<bool, sled::Error> {
+        let Some(end) = from.checked_add(count).filter(|e| *e < CURSOR_SLOT) else {
+            return Ok(false);
+        };
+        for item in self.tree.range(self.key(from)..self.key(end)) {
+            if !item?.1.is_empty() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// Adds to `batch` the slots of `value` and the placeholders after them, and moves the
     /// cursor; returns the value's head.
     fn fill(&self, batch: &mut sled::Batch, value: &[u8]) -> Result<SlotHead, sled::Error> {
-        let (next, placeholders_end) = self.cursor()?;
         let count = value.len().div_ceil(SLOT_BYTES) as u64;
         let count32 = u32::try_from(count).map_err(|_| {
             sled::Error::Unsupported(format!("a value of {} bytes is too large", value.len()))
         })?;
+        let (next, placeholders_end) = self.cursor(count)?;
+        let runway = (2 * count).max(MIN_RUNWAY);
+        let (free, runway_end) = match next
+            .checked_add(count)
+            .and_then(|free| Some((free, free.checked_add(runway)?)))
+        {
+            Some((free, end)) if end < CURSOR_SLOT => (free, end),
+            _ => {
+                return Err(sled::Error::Unsupported(
+                    "a partition's slot numbers ran out".into(),
+                ))
+            }
+        };
         for (i, chunk) in value.chunks(SLOT_BYTES).enumerate() {
             batch.insert(&self.key(next + i as u64)[..], chunk);
         }
-        let free = next + count;
-        let runway_end = free + (2 * count).max(MIN_RUNWAY);
         for s in placeholders_end.max(free)..runway_end {
             batch.insert(&self.key(s)[..], &[][..]);
         }
@@ -230,12 +283,13 @@ impl Slots {
         })
     }
 
-    /// Every key of the region (slots, placeholders, cursor).
-    fn all_keys(&self) -> Result<Vec<IVec>, sled::Error> {
-        self.tree
-            .range(self.key(0)..=self.key(CURSOR_SLOT))
-            .keys()
-            .collect()
+    /// Sets the cursor to `next` with no placeholders ahead (after the region was emptied).
+    fn reset_cursor(&self, next: u64) -> Result<(), sled::Error> {
+        let mut cursor = [0u8; 16];
+        cursor[..8].copy_from_slice(&next.to_be_bytes());
+        cursor[8..].copy_from_slice(&next.to_be_bytes());
+        self.tree.insert(self.key(CURSOR_SLOT), &cursor[..])?;
+        Ok(())
     }
 }
 
@@ -395,16 +449,62 @@ impl PartitionKeys {
         self.iter().next_back().transpose()
     }
 
-    /// Removes every entry of the partition.
+    /// Removes every entry of the partition, which lives on: the slot numbers go on from
+    /// where they were, so a reader still holding an old head never reads a new value.
     pub fn clear(&self) -> Result<(), sled::Error> {
-        let keys: Vec<IVec> = self
-            .tree
-            .range(full_key(&self.prefix, &[0; 8]).to_vec()..=self.past_chunks_of(&[0xff; 8]))
-            .keys()
-            .collect::<Result<_, _>>()?;
-        for k in keys.into_iter().chain(self.slots.all_keys()?) {
+        self.remove_all(true)
+    }
+
+    /// Removes every entry of the partition, its slot numbering included (it is gone).
+    pub fn erase(&self) -> Result<(), sled::Error> {
+        self.remove_all(false)
+    }
+
+    /// Removes the partition's keys a share at a time, each share listed and removed in the
+    /// writers' turn (so a concurrent write is either gone or whole), and other partitions'
+    /// writes go between shares.
+    fn remove_all(&self, keep_numbering: bool) -> Result<(), sled::Error> {
+        const SHARE: usize = 1024;
+        let heads = full_key(&self.prefix, &[0; 8]).to_vec()..=self.past_chunks_of(&[0xff; 8]);
+        let cursor = self.slots.key(CURSOR_SLOT);
+        let next = if keep_numbering {
             let _turn = one_writer();
-            self.tree.remove(k)?;
+            Some(self.slots.cursor(0)?.0)
+        } else {
+            None
+        };
+        loop {
+            let _turn = one_writer();
+            let mut keys: Vec<IVec> = self
+                .tree
+                .range(heads.clone())
+                .keys()
+                .take(SHARE)
+                .collect::<Result<_, _>>()?;
+            if keys.len() < SHARE {
+                let slots = self
+                    .tree
+                    .range(self.slots.key(0)..=cursor)
+                    .keys()
+                    .take(SHARE - keys.len());
+                for k in slots {
+                    keys.push(k?);
+                }
+            }
+            if keys.is_empty() {
+                break;
+            }
+            let mut batch = sled::Batch::default();
+            for k in keys {
+                batch.remove(k);
+            }
+            self.tree.apply_batch(batch)?;
+        }
+        if let Some(next) = next.filter(|n| *n > 0) {
+            let _turn = one_writer();
+            // Never behind where a write made since the numbering was read left it.
+            let now = self.slots.cursor(0)?.0;
+            self.slots.reset_cursor(next.max(now))?;
         }
         Ok(())
     }
@@ -430,9 +530,19 @@ impl<I: DoubleEndedIterator<Item = Entry>> Chunked<I> {
         }
     }
 
-    /// A slotted value's head, as its key and whole value.
+    /// A slotted value's head, as its key and whole value. A value whose head or slots are
+    /// damaged comes out empty under its key, so the partition's checks see a damaged batch
+    /// at that offset (and take the partition offline, drop a torn tail, or repair) rather
+    /// than an error without a place.
     fn slotted(&self, k: &IVec, head: &IVec) -> Entry {
-        Ok((IVec::from(&k[..8]), self.slots.read(head)?))
+        let key = IVec::from(&k[..8]);
+        match self.slots.read(head) {
+            Ok(v) => Ok((key, v)),
+            Err(e) => {
+                tracing::warn!(error = %e, "a slotted value cannot be read whole");
+                Ok((key, IVec::default()))
+            }
+        }
     }
 
     fn is_chunk_of(chunk: &[u8], first: &[u8]) -> bool {
@@ -715,9 +825,11 @@ mod tests {
         );
         assert_eq!(
             tree.len(),
-            neighbour,
-            "nothing of the cleared partition is left, slots and placeholders included"
+            neighbour + 1,
+            "nothing of the cleared partition is left but its slot cursor"
         );
+        a.erase().unwrap();
+        assert_eq!(tree.len(), neighbour, "nothing at all once erased");
     }
 
     /// Each value's slots are the placeholders the value before it left: sled replaces
@@ -774,18 +886,19 @@ mod tests {
                 "value {o} went into the placeholders"
             );
         }
-        let (next, end) = a.slots.cursor().unwrap();
+        let (next, end) = a.slots.cursor(0).unwrap();
         assert_eq!((next, end), (4 * per_value, 6 * per_value));
         // Read back whole, in order.
         let firsts: Vec<u8> = a.iter().map(|e| e.unwrap().1[0]).collect();
         assert_eq!(firsts, vec![1, 0, 1, 2]);
     }
 
-    /// A region whose cursor entry is gone continues after its last slot, overwriting
-    /// nothing in use; a head naming slots that are not there is an error, not a panic or a
-    /// short value.
+    /// A region whose cursor entry is gone, or names slots in use, continues after its last
+    /// slot, overwriting nothing; a value whose head or slots are damaged reads as an empty
+    /// value at its key (which the partition's checks take for a damaged batch), never as an
+    /// error without a place, a short value or an allocation of what a bad head says.
     #[test]
-    fn a_lost_cursor_or_damaged_head_overwrites_nothing_and_reads_as_an_error() {
+    fn a_lost_cursor_or_damaged_head_overwrites_nothing_and_reads_as_damage() {
         let (_dir, tree) = batches_tree();
         let a = PartitionKeys::new(tree.clone(), 6, 0);
         let v1 = patterned(SLOT_BYTES * 2, 1);
@@ -793,55 +906,88 @@ mod tests {
         tree.remove(a.slots.key(CURSOR_SLOT)).unwrap();
         let v2 = patterned(SLOT_BYTES * 3, 2);
         a.insert(&2u64.to_be_bytes(), v2.clone()).unwrap();
+        // A cursor pointing back at slots in use is not believed either.
+        let mut back = [0u8; 16];
+        back[8..].copy_from_slice(&100u64.to_be_bytes());
+        tree.insert(a.slots.key(CURSOR_SLOT), &back[..]).unwrap();
+        let v3 = patterned(SLOT_BYTES + 5, 3);
+        a.insert(&3u64.to_be_bytes(), v3.clone()).unwrap();
         let all: Vec<Vec<u8>> = a.iter().map(|e| e.unwrap().1.to_vec()).collect();
-        assert_eq!(all, vec![v1, v2]);
-        // Slot 0 of value 1 disappears: reading it fails with the reason.
+        assert_eq!(all, vec![v1, v2.clone(), v3]);
+        // Slot 0 of value 1 disappears: it reads empty, under its key.
         tree.remove(a.slots.key(0)).unwrap();
-        let e = a.first().unwrap_err().to_string();
-        assert!(e.contains("has 1 slots"), "{e}");
-        // A head that is not one.
-        let mut head_key = full_key(&partition_prefix(6, 0), &9u64.to_be_bytes()).to_vec();
-        head_key.push(0);
-        tree.insert(head_key, &b"junk"[..]).unwrap();
-        let e = a.last().unwrap_err().to_string();
-        assert!(e.contains("not one this broker reads"), "{e}");
+        let (k, v) = a.first().unwrap().unwrap();
+        assert_eq!((&k[..], v.len()), (&1u64.to_be_bytes()[..], 0));
+        // Heads that are not one, or that claim what cannot be (2^56 bytes in one slot).
+        let head_key = |o: u64| {
+            let mut k = full_key(&partition_prefix(6, 0), &o.to_be_bytes()).to_vec();
+            k.push(0);
+            k
+        };
+        tree.insert(head_key(9), &b"junk"[..]).unwrap();
+        let huge = SlotHead {
+            first: 0,
+            count: 1,
+            len: 1 << 56,
+        };
+        tree.insert(head_key(8), &huge.encode()[..]).unwrap();
+        let read: Vec<(u64, usize)> = a
+            .range_from(&8u64.to_be_bytes())
+            .map(|e| {
+                let (k, v) = e.unwrap();
+                (u64::from_be_bytes(k[..].try_into().unwrap()), v.len())
+            })
+            .collect();
+        assert_eq!(read, vec![(8, 0), (9, 0)]);
         // Neither stops retention: both go.
         a.remove(&9u64.to_be_bytes()).unwrap();
+        a.remove(&8u64.to_be_bytes()).unwrap();
         a.remove(&1u64.to_be_bytes()).unwrap();
-        let all: Vec<Vec<u8>> = a.iter().map(|e| e.unwrap().1.to_vec()).collect();
-        assert_eq!(all, vec![patterned(SLOT_BYTES * 3, 2)]);
-        // A single-slot value whose slot is missing is an error too.
-        a.insert(&3u64.to_be_bytes(), patterned(SLOTTED_MIN, 3))
-            .unwrap();
-        let (next, _) = a.slots.cursor().unwrap();
-        tree.remove(a.slots.key(next - 1)).unwrap();
-        let e = a.last().unwrap_err().to_string();
-        assert!(e.contains("has 0 bytes"), "{e}");
+        assert_eq!(
+            a.range_through(&2u64.to_be_bytes())
+                .map(|e| e.unwrap().1.to_vec())
+                .collect::<Vec<_>>(),
+            vec![v2]
+        );
     }
 
+    /// Clearing a partition that lives on keeps its slot numbers going (a reader holding an
+    /// old head never reads a new value in its slots); erasing one removes all of it.
     #[test]
-    fn values_stored_whole_before_chunking_read_as_they_are() {
+    fn clear_keeps_the_slot_numbering_and_erase_leaves_nothing() {
         let (_dir, tree) = batches_tree();
-        let a = PartitionKeys::new(tree.clone(), 3, 2);
-        let old = patterned(CHUNK_BYTES * 3, 7);
-        tree.insert(
-            full_key(&partition_prefix(3, 2), &5u64.to_be_bytes()),
-            old.clone(),
-        )
-        .unwrap();
-        a.insert(&9u64.to_be_bytes(), patterned(CHUNK_BYTES * 2, 8))
+        let a = PartitionKeys::new(tree.clone(), 9, 2);
+        for o in 0..3u64 {
+            a.insert(&o.to_be_bytes(), patterned(SLOT_BYTES * 2, o as u8))
+                .unwrap();
+        }
+        let (next, _) = a.slots.cursor(0).unwrap();
+        assert_eq!(next, 6);
+        a.clear().unwrap();
+        assert_eq!(a.iter().count(), 0);
+        assert_eq!(tree.len(), 1, "only the cursor is left");
+        a.insert(&0u64.to_be_bytes(), patterned(SLOT_BYTES * 2, 7))
             .unwrap();
-        let all: Vec<Vec<u8>> = a.iter().map(|e| e.unwrap().1.to_vec()).collect();
-        assert_eq!(all, vec![old.clone(), patterned(CHUNK_BYTES * 2, 8)]);
+        let first_slot = a
+            .slots
+            .tree
+            .range(a.slots.key(0)..a.slots.key(CURSOR_SLOT))
+            .keys()
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_eq!(&first_slot[PREFIX_LEN..], &6u64.to_be_bytes()[..]);
         assert_eq!(
-            a.range_through(&8u64.to_be_bytes())
-                .next_back()
-                .unwrap()
-                .unwrap()
-                .1
-                .to_vec(),
-            old
+            a.first().unwrap().unwrap().1.to_vec(),
+            patterned(SLOT_BYTES * 2, 7)
         );
+        a.erase().unwrap();
+        assert_eq!(tree.len(), 0);
+        // A partition that never held a slotted value gets no cursor from a clear.
+        let b = PartitionKeys::new(tree.clone(), 9, 3);
+        b.insert(&0u64.to_be_bytes(), &b"small"[..]).unwrap();
+        b.clear().unwrap();
+        assert_eq!(tree.len(), 0);
     }
 
     #[test]

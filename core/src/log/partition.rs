@@ -1007,8 +1007,8 @@ impl PartitionLog {
     pub fn delete(&self) -> Result<(), LogError> {
         self.deleted.store(true, Ordering::Release);
         self.sequence_moved.notify_waiters();
-        self.batches.clear()?;
-        self.time_index.clear()?;
+        self.batches.erase()?;
+        self.time_index.erase()?;
         self.meta.remove(&self.meta_key)?;
         Ok(())
     }
