@@ -405,7 +405,7 @@ impl PartitionKeys {
     }
 
     fn whole(&self, range: sled::Iter) -> Chunked<impl DoubleEndedIterator<Item = Entry>> {
-        Chunked::new(range.map(Self::strip), self.slots.clone())
+        Chunked::new(range.map(Self::strip), self.slots.clone(), self.prefix)
     }
 
     /// Every entry, in key order.
@@ -519,29 +519,41 @@ struct Chunked<I> {
     /// An entry read past the end of the previous value, going forwards.
     ahead: Option<(IVec, IVec)>,
     slots: Slots,
+    /// The partition's key prefix (to look a head up again).
+    prefix: [u8; PREFIX_LEN],
 }
 
 impl<I: DoubleEndedIterator<Item = Entry>> Chunked<I> {
-    fn new(inner: I, slots: Slots) -> Self {
+    fn new(inner: I, slots: Slots, prefix: [u8; PREFIX_LEN]) -> Self {
         Chunked {
             inner,
             ahead: None,
             slots,
+            prefix,
         }
     }
 
-    /// A slotted value's head, as its key and whole value. A value whose head or slots are
-    /// damaged comes out empty under its key, so the partition's checks see a damaged batch
-    /// at that offset (and take the partition offline, drop a torn tail, or repair) rather
-    /// than an error without a place.
-    fn slotted(&self, k: &IVec, head: &IVec) -> Entry {
+    /// A slotted value's head, as its key and whole value; `None` for a value removed or
+    /// replaced since the iterator saw its head (retention, truncation, a reset: its head and
+    /// slots went in one batch, so it is simply not there any more). A value whose head is
+    /// still there but cannot be read whole comes out empty under its key, so the
+    /// partition's checks see a damaged batch at that offset (and take the partition
+    /// offline, drop a torn tail, or repair) rather than an error without a place.
+    fn slotted(&self, k: &IVec, head: &IVec) -> Option<Entry> {
         let key = IVec::from(&k[..8]);
-        match self.slots.read(head) {
-            Ok(v) => Ok((key, v)),
-            Err(e) => {
+        let e = match self.slots.read(head) {
+            Ok(v) => return Some(Ok((key, v))),
+            Err(e) => e,
+        };
+        let mut full = self.prefix.to_vec();
+        full.extend_from_slice(k);
+        match self.slots.tree.get(full) {
+            Ok(Some(now)) if now == *head => {
                 tracing::warn!(error = %e, "a slotted value cannot be read whole");
-                Ok((key, IVec::default()))
+                Some(Ok((key, IVec::default())))
             }
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
         }
     }
 
@@ -566,7 +578,10 @@ impl<I: DoubleEndedIterator<Item = Entry>> Iterator for Chunked<I> {
                 continue;
             }
             if k.len() == SLOT_HEAD_SUFFIX_LEN {
-                return Some(self.slotted(&k, &v));
+                match self.slotted(&k, &v) {
+                    Some(entry) => return Some(entry),
+                    None => continue,
+                }
             }
             let mut joined: Option<Vec<u8>> = None;
             loop {
@@ -611,7 +626,10 @@ impl<I: DoubleEndedIterator<Item = Entry>> DoubleEndedIterator for Chunked<I> {
                 continue;
             }
             if k.len() == SLOT_HEAD_SUFFIX_LEN {
-                return Some(self.slotted(&k, &v));
+                match self.slotted(&k, &v) {
+                    Some(entry) => return Some(entry),
+                    None => continue,
+                }
             }
             if chunks
                 .first()
@@ -949,6 +967,44 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![v2]
         );
+    }
+
+    /// An iterator that saw a value's head before the value was removed (retention,
+    /// truncation, a reset, in one batch with its slots) skips it: a removed value is not
+    /// damage, and must not read as an empty (damaged) batch, in either direction.
+    #[test]
+    fn a_value_removed_after_its_head_was_seen_is_skipped_not_damaged() {
+        let (_dir, tree) = batches_tree();
+        let a = PartitionKeys::new(tree.clone(), 4, 4);
+        a.insert(&1u64.to_be_bytes(), patterned(SLOT_BYTES * 2, 1))
+            .unwrap();
+        a.insert(&2u64.to_be_bytes(), patterned(SLOT_BYTES * 2, 2))
+            .unwrap();
+        // What an iterator read before the removal: both heads.
+        let seen: Vec<Entry> = [1u64, 2]
+            .iter()
+            .map(|o| {
+                let mut suffix = o.to_be_bytes().to_vec();
+                suffix.push(0);
+                let mut full = partition_prefix(4, 4).to_vec();
+                full.extend_from_slice(&suffix);
+                Ok((IVec::from(suffix), tree.get(&full).unwrap().unwrap()))
+            })
+            .collect();
+        a.remove(&2u64.to_be_bytes()).unwrap();
+        let forward: Vec<u64> = Chunked::new(seen.clone().into_iter(), a.slots.clone(), a.prefix)
+            .map(|e| {
+                let (k, v) = e.unwrap();
+                assert!(!v.is_empty(), "a removed value read as damaged");
+                u64::from_be_bytes(k[..].try_into().unwrap())
+            })
+            .collect();
+        assert_eq!(forward, vec![1]);
+        let backward: Vec<u64> = Chunked::new(seen.into_iter(), a.slots.clone(), a.prefix)
+            .rev()
+            .map(|e| u64::from_be_bytes(e.unwrap().0[..].try_into().unwrap()))
+            .collect();
+        assert_eq!(backward, vec![1]);
     }
 
     /// Clearing a partition that lives on keeps its slot numbers going (a reader holding an
