@@ -17,7 +17,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use bytes::Bytes;
 use quiver_client::{
     Acks, Client, DeliveryFuture, GroupConsumer, Landed, OffsetCommit, Producer, ProducerConfig,
     ProducerRecord, RecordRef, TopicPartition, TransactionalProducer, TxnOffsets,
@@ -129,24 +128,12 @@ impl Writer {
     /// producer's batch; exactly once it becomes an owned record of the transaction.
     pub async fn send_ref(&mut self, r: RecordRef<'_>) -> Result<(), RuntimeError> {
         match self {
-            Writer::AtLeastOnce { producer, poll } => poll.sent(producer.send_ref(r).await?),
-            Writer::ExactlyOnce(tx) => {
-                tx.prepare_topic(r.topic).await?;
-                tx.send(ProducerRecord {
-                    topic: r.topic.to_string(),
-                    partition: r.partition,
-                    key: r.key.map(Bytes::copy_from_slice),
-                    value: Bytes::copy_from_slice(r.value),
-                    headers: r
-                        .headers
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), Bytes::copy_from_slice(v)))
-                        .collect(),
-                    timestamp: r.timestamp,
-                })?;
+            Writer::AtLeastOnce { producer, poll } => {
+                poll.sent(producer.send_ref(r).await?);
+                Ok(())
             }
+            Writer::ExactlyOnce(_) => self.send(r.into()).await,
         }
-        Ok(())
     }
 
     /// Sends one record whose landing offset [`Writer::finish`] reports (state changes).

@@ -1,16 +1,16 @@
 //! A stored batch damaged in the middle of a partition (bytes overwritten through sled
 //! directly, as a failing disk would): the broker still starts, reports that partition
 //! offline and serves every other one; `quiver broker repair` drops the damaged suffix,
-//! says what it dropped, and the partition serves again.
+//! says what it dropped, and the partition serves again. The same for a large batch
+//! (stored in slots) that lost a slot.
 
 use quiver_core::log::keyspace::{partition_prefix, BATCHES_TREE};
 use quiver_core::topic::{TopicMeta, TOPICS_TREE};
 
 use super::harness::{cli_at, TestBroker};
 
-/// Overwrites bytes inside the `nth` stored batch of `topic`/`partition`; returns its
-/// base offset. The broker must be stopped.
-fn damage_batch(b: &TestBroker, topic: &str, partition: u32, nth: usize) -> i64 {
+/// The stopped broker's database, its batches tree, and the id of `topic`.
+fn batches_of(b: &TestBroker, topic: &str) -> (sled::Db, sled::Tree, u64) {
     let db = quiver_core::log::store::open(&b.data_dir().join("log"))
         .expect("open the broker's sled database");
     let meta: TopicMeta = serde_json::from_slice(
@@ -22,12 +22,20 @@ fn damage_batch(b: &TestBroker, topic: &str, partition: u32, nth: usize) -> i64 
     )
     .unwrap();
     let tree = db.open_tree(BATCHES_TREE).unwrap();
-    let prefix = partition_prefix(meta.id, partition);
+    (db, tree, meta.id)
+}
+
+/// Overwrites bytes inside the `nth` stored batch of `topic`/`partition`; returns its
+/// base offset. The broker must be stopped. Only batches stored whole (under 4 KiB) count.
+fn damage_batch(b: &TestBroker, topic: &str, partition: u32, nth: usize) -> i64 {
+    let (db, tree, topic_id) = batches_of(b, topic);
+    let prefix = partition_prefix(topic_id, partition);
     let (k, v) = tree
         .scan_prefix(prefix)
+        .map(Result::unwrap)
+        .filter(|(k, _)| k.len() == prefix.len() + 8)
         .nth(nth)
-        .expect("enough batches")
-        .unwrap();
+        .expect("enough batches stored whole");
     let mut bad = v.to_vec();
     let at = bad.len() - 3;
     bad[at] ^= 0x5a;
@@ -39,18 +47,8 @@ fn damage_batch(b: &TestBroker, topic: &str, partition: u32, nth: usize) -> i64 
 /// Deletes the first slot of the `nth` slotted batch (4 KiB or more) of `topic`/`partition`
 /// (as a lost write would); returns its base offset. The broker must be stopped.
 fn drop_a_slot(b: &TestBroker, topic: &str, partition: u32, nth: usize) -> i64 {
-    let db = quiver_core::log::store::open(&b.data_dir().join("log"))
-        .expect("open the broker's sled database");
-    let meta: TopicMeta = serde_json::from_slice(
-        &db.open_tree(TOPICS_TREE)
-            .unwrap()
-            .get(topic.as_bytes())
-            .unwrap()
-            .expect("topic record"),
-    )
-    .unwrap();
-    let tree = db.open_tree(BATCHES_TREE).unwrap();
-    let prefix = partition_prefix(meta.id, partition);
+    let (db, tree, topic_id) = batches_of(b, topic);
+    let prefix = partition_prefix(topic_id, partition);
     let (head_key, head) = tree
         .scan_prefix(prefix)
         .map(Result::unwrap)
@@ -58,7 +56,7 @@ fn drop_a_slot(b: &TestBroker, topic: &str, partition: u32, nth: usize) -> i64 {
         .nth(nth)
         .expect("enough slotted batches");
     let first_slot = u64::from_be_bytes(head[1..9].try_into().unwrap());
-    let mut slot = partition_prefix(meta.id | 1 << 63, partition).to_vec();
+    let mut slot = partition_prefix(topic_id | 1 << 63, partition).to_vec();
     slot.extend_from_slice(&first_slot.to_be_bytes());
     assert!(tree.remove(slot).unwrap().is_some(), "the slot was there");
     db.flush().unwrap();

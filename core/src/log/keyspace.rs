@@ -272,9 +272,7 @@ impl Slots {
         for s in placeholders_end.max(free)..runway_end {
             batch.insert(&self.key(s)[..], &[][..]);
         }
-        let mut cursor = [0u8; 16];
-        cursor[..8].copy_from_slice(&free.to_be_bytes());
-        cursor[8..].copy_from_slice(&runway_end.max(placeholders_end).to_be_bytes());
+        let cursor = cursor_value(free, runway_end.max(placeholders_end));
         batch.insert(&self.key(CURSOR_SLOT)[..], &cursor[..]);
         Ok(SlotHead {
             first: next,
@@ -285,12 +283,18 @@ impl Slots {
 
     /// Sets the cursor to `next` with no placeholders ahead (after the region was emptied).
     fn reset_cursor(&self, next: u64) -> Result<(), sled::Error> {
-        let mut cursor = [0u8; 16];
-        cursor[..8].copy_from_slice(&next.to_be_bytes());
-        cursor[8..].copy_from_slice(&next.to_be_bytes());
-        self.tree.insert(self.key(CURSOR_SLOT), &cursor[..])?;
+        self.tree
+            .insert(self.key(CURSOR_SLOT), &cursor_value(next, next)[..])?;
         Ok(())
     }
+}
+
+/// A cursor entry: the next free slot, then the end of the placeholders.
+fn cursor_value(next: u64, placeholders_end: u64) -> [u8; 16] {
+    let mut cursor = [0u8; 16];
+    cursor[..8].copy_from_slice(&next.to_be_bytes());
+    cursor[8..].copy_from_slice(&placeholders_end.to_be_bytes());
+    cursor
 }
 
 /// One partition's slice of a shared tree; keys going in and coming out are the 8-byte
@@ -533,10 +537,11 @@ impl<I: DoubleEndedIterator<Item = Entry>> Chunked<I> {
         }
     }
 
-    /// A slotted value's head, as its key and whole value; `None` for a value removed or
-    /// replaced since the iterator saw its head (retention, truncation, a reset: its head and
-    /// slots went in one batch, so it is simply not there any more). A value whose head is
-    /// still there but cannot be read whole comes out empty under its key, so the
+    /// A slotted value's head, as its key and whole value. When its slots cannot be read,
+    /// the head is looked up again: a value removed since the iterator saw its head
+    /// (retention, truncation, a reset: head and slots go in one batch) is simply not there
+    /// any more (`None`), and one replaced since is read as it is now. A head still there
+    /// whose slots cannot be read is damage: the value comes out empty under its key, so the
     /// partition's checks see a damaged batch at that offset (and take the partition
     /// offline, drop a torn tail, or repair) rather than an error without a place.
     fn slotted(&self, k: &IVec, head: &IVec) -> Option<Entry> {
@@ -547,14 +552,23 @@ impl<I: DoubleEndedIterator<Item = Entry>> Chunked<I> {
         };
         let mut full = self.prefix.to_vec();
         full.extend_from_slice(k);
-        match self.slots.tree.get(full) {
-            Ok(Some(now)) if now == *head => {
+        let now = match self.slots.tree.get(full) {
+            Ok(Some(now)) => now,
+            Ok(None) => return None,
+            Err(e) => return Some(Err(e)),
+        };
+        let read = if now == *head {
+            Err(e)
+        } else {
+            self.slots.read(&now)
+        };
+        Some(Ok(match read {
+            Ok(v) => (key, v),
+            Err(e) => {
                 tracing::warn!(error = %e, "a slotted value cannot be read whole");
-                Some(Ok((key, IVec::default())))
+                (key, IVec::default())
             }
-            Ok(_) => None,
-            Err(e) => Some(Err(e)),
-        }
+        }))
     }
 
     fn is_chunk_of(chunk: &[u8], first: &[u8]) -> bool {
@@ -970,8 +984,9 @@ mod tests {
     }
 
     /// An iterator that saw a value's head before the value was removed (retention,
-    /// truncation, a reset, in one batch with its slots) skips it: a removed value is not
-    /// damage, and must not read as an empty (damaged) batch, in either direction.
+    /// truncation, a reset, in one batch with its slots) skips it, and reads one replaced
+    /// since as it is now: neither is damage, and neither may read as an empty (damaged)
+    /// batch, in either direction.
     #[test]
     fn a_value_removed_after_its_head_was_seen_is_skipped_not_damaged() {
         let (_dir, tree) = batches_tree();
@@ -991,6 +1006,14 @@ mod tests {
                 Ok((IVec::from(suffix), tree.get(&full).unwrap().unwrap()))
             })
             .collect();
+        // Replaced since it was seen: read as it is now.
+        a.insert(&1u64.to_be_bytes(), patterned(SLOT_BYTES * 3, 9))
+            .unwrap();
+        let now: Vec<Vec<u8>> = Chunked::new(seen.clone().into_iter(), a.slots.clone(), a.prefix)
+            .take(1)
+            .map(|e| e.unwrap().1.to_vec())
+            .collect();
+        assert_eq!(now, vec![patterned(SLOT_BYTES * 3, 9)]);
         a.remove(&2u64.to_be_bytes()).unwrap();
         let forward: Vec<u64> = Chunked::new(seen.clone().into_iter(), a.slots.clone(), a.prefix)
             .map(|e| {

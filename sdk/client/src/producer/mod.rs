@@ -196,6 +196,24 @@ impl<'a> RecordRef<'a> {
     }
 }
 
+/// An owned copy of a borrowed record (its bytes copied).
+impl From<RecordRef<'_>> for ProducerRecord {
+    fn from(r: RecordRef<'_>) -> Self {
+        ProducerRecord {
+            topic: r.topic.to_string(),
+            partition: r.partition,
+            key: r.key.map(Bytes::copy_from_slice),
+            value: Bytes::copy_from_slice(r.value),
+            headers: r
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), Bytes::copy_from_slice(v)))
+                .collect(),
+            timestamp: r.timestamp,
+        }
+    }
+}
+
 /// Where an acknowledged record landed.
 ///
 /// ```no_run
