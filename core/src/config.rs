@@ -87,7 +87,7 @@ impl Default for LimitsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PluginsConfig {
-    /// CPU (wall-clock) time per plugin call, milliseconds.
+    /// CPU time per plugin call (time its thread ran), milliseconds.
     pub cpu_ms: u64,
     /// Memory per plugin instance, MiB.
     pub memory_mb: u64,

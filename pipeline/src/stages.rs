@@ -22,10 +22,10 @@ use crate::{ErrorPolicy, PipelineConfig, StagePlugin};
 /// Records handed to one plugin call at most (encoded bytes), well under the output limit
 /// of a call (16 MiB by default) for plugins that do not amplify.
 pub const CALL_INPUT_BYTES: usize = 256 * 1024;
-/// Records handed to one plugin call at most. A call's time limit (100 ms by default) is
-/// measured on the wall clock, and a call's time grows with its records: 1 MiB of 100-byte
-/// records (about 9,000) through a Lua filter that does nothing took past 100 ms on a loaded
-/// 2-core machine, and the pipeline stopped. 2,048 records leave that plugin a tenth of it.
+/// Records handed to one plugin call at most. A call's CPU limit (100 ms by default) covers
+/// all its records: 1 MiB of 100-byte records (about 9,000) through a Lua filter that does
+/// nothing once took past 100 ms (then measured on the wall clock, on a loaded 2-core
+/// machine), and the pipeline stopped. 2,048 records leave that plugin a tenth of its limit.
 pub const CALL_INPUT_RECORDS: usize = 2048;
 
 /// A stage's plugin, loaded once per run and built once per input partition.

@@ -23,6 +23,7 @@
 //! ```
 
 pub mod bundle;
+mod call_clock;
 pub mod codec;
 mod config;
 mod error;

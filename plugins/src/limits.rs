@@ -11,7 +11,8 @@ use crate::PluginError;
 /// never more. Zero is rejected by [`HostLimits::validate`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostLimits {
-    /// CPU (wall-clock) time per call, milliseconds.
+    /// CPU time per call, milliseconds: the time the call's thread ran, not the time it
+    /// waited for a core (see [`HostLimits::call_wall_limit`] for the wall clock).
     pub cpu_ms: u64,
     /// Memory per instance (WASM linear memories, Lua heap), MiB.
     pub memory_mb: u64,
@@ -36,6 +37,14 @@ impl Default for HostLimits {
 }
 
 impl HostLimits {
+    /// The wall time after which a call is stopped whatever CPU time it used (a call waiting
+    /// off the CPU that long is not merely on a busy machine).
+    pub fn call_wall_limit(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(
+            self.cpu_ms.saturating_mul(crate::call_clock::WALL_BACKSTOP),
+        )
+    }
+
     /// Reject zero limits (they would fail every call) and a stack too large to keep host
     /// calls safe.
     pub fn validate(&self) -> Result<(), PluginError> {

@@ -13,6 +13,7 @@ use bytes::Bytes;
 
 use std::sync::Arc;
 
+use crate::call_clock::thread_cpu_time;
 use crate::state::DEFAULT_STATE_LIMIT_BYTES;
 use crate::{
     Bundle, HostLimits, Kind, MemoryStateStore, PluginConfig, PluginError, Record, StateScope,
@@ -211,23 +212,6 @@ impl BenchReport {
         self.cpu_time
             .map(|t| self.records as f64 / t.as_secs_f64().max(1e-9))
     }
-}
-
-/// CPU time consumed so far by the calling thread.
-#[cfg(unix)]
-fn thread_cpu_time() -> Option<Duration> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    (rc == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
-}
-
-#[cfg(not(unix))]
-fn thread_cpu_time() -> Option<Duration> {
-    None
 }
 
 /// Generate `records` records with `record_size`-byte values and run them through `bundle`

@@ -618,7 +618,11 @@ impl PluginService {
         let batches = split_batches(payload, usize::MAX).map_err(|e| {
             PluginServiceError::Failed(format!("{id}: stored batches could not be split: {e}"))
         })?;
-        let deadline = Duration::from_millis(self.limits.cpu_ms.saturating_mul(2) + 100);
+        // The plugin stops its own call at its CPU limit, or at the wall-clock backstop on a
+        // loaded machine; only a call stuck where it cannot be stopped (inside one C
+        // function) gets this far, and is abandoned.
+        let deadline = self.limits.call_wall_limit()
+            + Duration::from_millis(self.limits.cpu_ms.saturating_add(100));
         let mut out = BytesMut::with_capacity(payload.len());
         for batch in batches {
             let s = slot.clone();

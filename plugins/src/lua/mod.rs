@@ -3,11 +3,11 @@
 //! It owns the sandbox (only the string, table, math and utf8 libraries; no io, os, package,
 //! require, debug, dofile, loadfile, collectgarbage or string.dump; `load` of text chunks only;
 //! a read-only `config` table and `log(msg)`), the per-call limits (an instruction-count hook
-//! checking a wall-clock deadline, re-raised through pcall/xpcall so a script cannot swallow
+//! checking the call's CPU time (`call_clock.rs`), re-raised through pcall/xpcall so a script cannot swallow
 //! it; `string.find`/`match`/`gmatch`/`gsub` replaced by a metered implementation of Lua's
 //! pattern matching (`pattern.rs`, `strlib.rs`) and `table.insert`/`remove`/`move`/`sort`/
 //! `concat` kept from looping unbounded inside C (`tablib.lua`), because no hook fires inside
-//! a C function; a wall-clock watchdog thread plus a post-call check for the C functions left,
+//! a C function; a watchdog thread plus a post-call check for the C functions left,
 //! whose work is linear in memory the limit caps; `set_memory_limit`; an output-size check) and
 //! the record marshalling. Function handles and the state live across calls; a failed call
 //! throws the state away and the next call builds a fresh one from the same source.
@@ -24,11 +24,12 @@ mod strlib_tests;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mlua::{ChunkMode, Function, HookTriggers, Lua, LuaOptions, StdLib, Value, VmState};
 
 use crate::bundle::Bundle;
+use crate::call_clock::CallClock;
 use crate::limits::{Effective, Health};
 use crate::state::{CallState, StateError};
 use crate::{Partitioner, PluginError, Processor, Record, StateStore};
@@ -50,11 +51,10 @@ const MAX_LOG_LINE: usize = 4096;
 const WATCHDOG_PERIOD: Duration = Duration::from_millis(10);
 const STUCK_WARNING: Duration = Duration::from_millis(500);
 
-/// Deadline and trip flag shared with the hook, `check`, `log` and the watchdog.
+/// The call's CPU clock and trip flag, shared with the hook, `check`, `log` and the watchdog.
 struct Guard {
     plugin: Arc<str>,
-    base: Instant,
-    deadline_ns: AtomicU64,
+    clock: CallClock,
     tripped: AtomicBool,
     running: AtomicBool,
     warned: AtomicBool,
@@ -64,12 +64,9 @@ struct Guard {
 }
 
 impl Guard {
+    /// Starts a call on the calling thread (the one that runs it).
     fn arm(&self, cpu_ms: u64) {
-        let now = self.base.elapsed().as_nanos() as u64;
-        self.deadline_ns.store(
-            now.saturating_add(cpu_ms.saturating_mul(1_000_000)),
-            Ordering::Relaxed,
-        );
+        self.clock.start(cpu_ms);
         self.tripped.store(false, Ordering::Relaxed);
         self.warned.store(false, Ordering::Relaxed);
         self.logs.store(0, Ordering::Relaxed);
@@ -82,13 +79,8 @@ impl Guard {
         self.running.store(false, Ordering::Release);
     }
 
-    fn overrun_ns(&self) -> u64 {
-        (self.base.elapsed().as_nanos() as u64)
-            .saturating_sub(self.deadline_ns.load(Ordering::Relaxed))
-    }
-
     fn expired(&self) -> bool {
-        self.overrun_ns() > 0
+        self.clock.past_limit()
     }
 }
 
@@ -114,8 +106,8 @@ impl strlib::Limits for Guard {
     }
 }
 
-/// The wall-clock watchdog: one thread for all Lua instances. An instruction hook cannot fire
-/// while a single C function (`string.find` with a pathological pattern, `table.concat` of a
+/// The watchdog: one thread for all Lua instances, checking each running call's CPU clock. An
+/// instruction hook cannot fire while a single C function (`string.find` with a pathological pattern, `table.concat` of a
 /// huge table) runs, and nothing in-process can preempt that function; the watchdog marks such
 /// a call as tripped (so it fails with `CpuLimit` as soon as control returns to Lua or to the
 /// host, even if it returns normally) and tells the operator which plugin is stuck.
@@ -134,8 +126,7 @@ fn watch(guard: &Arc<Guard>) {
                         continue;
                     }
                     g.tripped.store(true, Ordering::Relaxed);
-                    if g.overrun_ns() > STUCK_WARNING.as_nanos() as u64
-                        && !g.warned.swap(true, Ordering::Relaxed)
+                    if g.clock.overrun() > STUCK_WARNING && !g.warned.swap(true, Ordering::Relaxed)
                     {
                         tracing::warn!(plugin = %g.plugin, "plugin call is past its CPU deadline inside a Lua C function; it will fail when that function returns");
                     }
@@ -186,8 +177,7 @@ impl LuaInstance {
                 plugin: eff.plugin.clone(),
                 running: AtomicBool::new(false),
                 warned: AtomicBool::new(false),
-                base: Instant::now(),
-                deadline_ns: AtomicU64::new(0),
+                clock: CallClock::default(),
                 tripped: AtomicBool::new(false),
                 logs: AtomicU32::new(0),
                 steps: AtomicU64::new(0),
@@ -302,9 +292,7 @@ impl LuaInstance {
     /// where hooks do not fire) still fails with `CpuLimit`.
     fn finish_call<T>(&self, v: T) -> mlua::Result<T> {
         if self.guard.tripped.load(Ordering::Relaxed)
-            || self.guard.base.elapsed().as_nanos() as u64
-                > self.guard.deadline_ns.load(Ordering::Relaxed)
-                    + Duration::from_millis(5).as_nanos() as u64
+            || self.guard.clock.past(Duration::from_millis(5))
         {
             self.guard.tripped.store(true, Ordering::Relaxed);
             return Err(mlua::Error::runtime(CPU_MESSAGE));
@@ -543,7 +531,7 @@ mod tests {
 
     #[test]
     fn a_call_that_returns_late_from_a_c_function_fails_with_the_cpu_limit() {
-        // `slow` stands for a C function that runs past the deadline and then returns: no hook
+        // `slow` stands for a C function that runs past the CPU limit and then returns: no hook
         // fires inside it, so the watchdog and the post-call check must fail the call.
         let manifest = "name = \"slow\"\nversion = \"0.1.0\"\nkind = \"processor\"\nruntime = \"lua\"\nentry = \"main.lua\"\n";
         let files = BTreeMap::from([
@@ -567,7 +555,12 @@ mod tests {
         let lua = p.inst.state.as_ref().unwrap().lua.clone();
         let slow = lua
             .create_function(|_, ()| {
-                std::thread::sleep(Duration::from_millis(150));
+                let start = crate::call_clock::thread_cpu_time().unwrap();
+                while crate::call_clock::thread_cpu_time().unwrap() - start
+                    < Duration::from_millis(150)
+                {
+                    std::hint::black_box(0u64);
+                }
                 Ok(())
             })
             .unwrap();

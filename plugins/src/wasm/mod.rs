@@ -3,8 +3,9 @@
 //! It owns the engines (one per stack size, with a shared epoch ticker thread), the compile
 //! cache (by bundle digest), the import policy (only `quiver:plugin/host` is provided; other
 //! WASI imports a standard library pulls in are trap stubs; `wasi:filesystem`, `wasi:sockets`
-//! and `wasi:http` are refused at load) and the per-call limits: epoch deadline for CPU (the
-//! deadline is set before every call and never refilled during it), a [`ResourceLimiter`]
+//! and `wasi:http` are refused at load) and the per-call limits: CPU time through epoch
+//! deadlines (each deadline reached checks the call's CPU clock, `call_clock.rs`: past the
+//! limit it traps, else the deadline moves to the next checkpoint), a [`ResourceLimiter`]
 //! capping the total of the instance's memories and tables, `max_wasm_stack` for the stack,
 //! and an output-size check. A failed call drops the store; the next call instantiates afresh
 //! from the cached [`InstancePre`].
@@ -15,9 +16,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use wasmtime::component::{Component, ComponentExportIndex, Func, InstancePre, Linker};
-use wasmtime::{Config, Engine, ResourceLimiter, Store, StoreContextMut, Trap};
+use wasmtime::{Config, Engine, ResourceLimiter, Store, StoreContextMut, Trap, UpdateDeadline};
 
 use crate::bundle::{Bundle, Kind};
+use crate::call_clock::CallClock;
 use crate::limits::{Effective, Health};
 use crate::state::{CallState, StateError};
 use crate::{codec, Partitioner, PluginError, Processor, Record, StateStore};
@@ -177,9 +179,9 @@ fn load(bundle: &Bundle, eff: &Effective, kind: Kind) -> Result<Arc<Loaded>, Plu
     Ok(loaded)
 }
 
-/// Define one version of the `host` interface. Time spent in host functions is wall-clock
-/// time of the call: the epoch ticker keeps counting while they run, so it counts against the
-/// call's deadline (checked as soon as the guest runs again).
+/// Define one version of the `host` interface. Time spent in host functions is CPU time of
+/// the call's thread, so it counts against the call's limit (checked at the next deadline
+/// the guest reaches).
 fn link_host(linker: &mut Linker<State>, name: &str, with_state: bool) -> wasmtime::Result<()> {
     let mut host = linker.instance(name)?;
     host.func_wrap(
@@ -236,6 +238,8 @@ struct State {
     last_panic: Option<String>,
     /// Keyed state of the current call.
     keyed: CallState,
+    /// The current call's CPU clock.
+    clock: CallClock,
 }
 
 impl State {
@@ -394,10 +398,6 @@ impl WasmInstance {
         Ok(inst)
     }
 
-    fn deadline_ticks(&self) -> u64 {
-        (self.eff.cpu_ms.saturating_mul(1000) / TICK.as_micros().max(1) as u64).saturating_add(1)
-    }
-
     fn instantiate(&self) -> Result<Live, PluginError> {
         let mut store = Store::new(
             &self.loaded.engine,
@@ -411,11 +411,20 @@ impl WasmInstance {
                     Kind::Processor => CallState::processor(self.state_store.clone()),
                     Kind::Partitioner => CallState::partitioner(),
                 },
+                clock: CallClock::default(),
             },
         );
         store.limiter(|s| &mut s.limiter);
-        store.set_epoch_deadline(self.deadline_ticks());
-        store.epoch_deadline_trap();
+        // A deadline reached is a checkpoint of the call's CPU clock, not the end of the call.
+        store.epoch_deadline_callback(|cx| {
+            let clock = &cx.data().clock;
+            Ok(if clock.past_limit() {
+                UpdateDeadline::Interrupt
+            } else {
+                UpdateDeadline::Continue(ticks(clock.until_checkpoint()))
+            })
+        });
+        start_call(&mut store, self.eff.cpu_ms);
         let instance = match self.loaded.pre.instantiate(&mut store) {
             Ok(i) => i,
             Err(e) => return Err(classify(e, store.data(), &self.eff)),
@@ -461,14 +470,13 @@ impl WasmInstance {
         if self.live.is_none() {
             self.live = Some(self.instantiate()?);
         }
-        let ticks = self.deadline_ticks();
         let Some(live) = self.live.as_mut() else {
             return Err(PluginError::Load {
                 plugin: self.eff.plugin.to_string(),
                 message: "no instance".into(),
             });
         };
-        live.store.set_epoch_deadline(ticks);
+        start_call(&mut live.store, self.eff.cpu_ms);
         let data = live.store.data_mut();
         data.logs = 0;
         data.last_panic = None;
@@ -476,6 +484,18 @@ impl WasmInstance {
         data.keyed.begin();
         f(live, &self.eff)
     }
+}
+
+/// Epoch ticks that cover `d` (at least one).
+fn ticks(d: Duration) -> u64 {
+    (d.as_micros() as u64 / TICK.as_micros().max(1) as u64).saturating_add(1)
+}
+
+/// Starts a call's CPU clock on this thread (the one that runs the call), with the first
+/// deadline where the limit would end if the call had a core to itself.
+fn start_call(store: &mut Store<State>, cpu_ms: u64) {
+    store.data().clock.start(cpu_ms);
+    store.set_epoch_deadline(ticks(Duration::from_millis(cpu_ms)));
 }
 
 /// Map a wasmtime error to the limit or trap that caused it.

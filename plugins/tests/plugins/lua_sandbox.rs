@@ -40,6 +40,31 @@ fn hostile_with(limits: HostLimits) -> Box<dyn quiver_plugins::Processor> {
     processor(lua_bundle("processor", HOSTILE), limits)
 }
 
+/// The CPU limit counts the CPU time a call uses, not the time it waits for a core: a call
+/// that needs half its limit succeeds when a loaded CPU stretches it past its limit.
+#[test]
+#[cfg(target_os = "linux")]
+fn a_call_waiting_for_a_busy_cpu_is_not_charged_for_the_wait() {
+    const SPIN: &str =
+        "function process(r) local x = 0 for i = 1, tonumber(r.value) do x = x + i end return r end";
+    let limits = HostLimits {
+        cpu_ms: 200,
+        ..tight_limits()
+    };
+    let mut p = processor(lua_bundle("processor", SPIN), limits);
+    let rounds = rounds_for(std::time::Duration::from_millis(100), |n| {
+        p.process_batch(vec![rec(&n.to_string())]).unwrap();
+    });
+    let (out, wall) = on_a_loaded_cpu(|| p.process_batch(vec![rec(&rounds.to_string())]));
+    assert!(
+        wall > std::time::Duration::from_millis(200),
+        "the CPU was not loaded: the call took {wall:?}"
+    );
+    let out =
+        out.unwrap_or_else(|e| panic!("a call within its CPU limit failed after {wall:?}: {e}"));
+    assert_eq!(out.len(), 1);
+}
+
 #[test]
 fn an_infinite_loop_is_stopped_by_the_cpu_limit() {
     let mut p = hostile_with(cpu_limits());

@@ -122,3 +122,89 @@ pub fn cpu_limits() -> HostLimits {
         ..tight_limits()
     }
 }
+
+/// Runs `f` on this thread while three other threads spin on the same CPU, so `f` gets about
+/// a quarter of a core: its wall time is several times its CPU time, as on a loaded machine.
+/// Returns `f`'s result and its wall time.
+#[cfg(target_os = "linux")]
+pub fn on_a_loaded_cpu<R>(f: impl FnOnce() -> R) -> (R, std::time::Duration) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    // SAFETY: plain libc calls on a zeroed cpu_set_t owned by this frame; pid 0 is this thread.
+    let (old, one) = unsafe {
+        let mut old: libc::cpu_set_t = std::mem::zeroed();
+        assert_eq!(
+            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut old),
+            0
+        );
+        let cpu = (0..libc::CPU_SETSIZE as usize)
+            .find(|c| libc::CPU_ISSET(*c, &old))
+            .expect("a CPU to run on");
+        let mut one: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut one);
+        (old, one)
+    };
+    let pin = move |set: &libc::cpu_set_t| {
+        // SAFETY: as above.
+        let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) };
+        assert_eq!(rc, 0, "sched_setaffinity");
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let hogs: Vec<_> = (0..3)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                pin(&one);
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::black_box(0u64);
+                }
+            })
+        })
+        .collect();
+    pin(&one);
+    let started = std::time::Instant::now();
+    let r = f();
+    let wall = started.elapsed();
+    pin(&old);
+    stop.store(true, Ordering::Relaxed);
+    for h in hogs {
+        h.join().expect("hog thread");
+    }
+    (r, wall)
+}
+
+/// CPU time this thread spends in `f`.
+#[cfg(target_os = "linux")]
+pub fn cpu_time_of(f: impl FnOnce()) -> std::time::Duration {
+    let now = || {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid, writable timespec.
+        assert_eq!(
+            unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) },
+            0
+        );
+        std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    };
+    let start = now();
+    f();
+    now() - start
+}
+
+/// How many rounds of `work(rounds)` take about `target` of CPU time on this machine
+/// (measured, so the figure holds on a faster or slower one).
+#[cfg(target_os = "linux")]
+pub fn rounds_for(target: std::time::Duration, mut work: impl FnMut(u64)) -> u64 {
+    let mut rounds = 100_000u64;
+    loop {
+        let t = cpu_time_of(|| work(rounds));
+        if t >= std::time::Duration::from_millis(5) || rounds > 1 << 40 {
+            let per_round = t.as_secs_f64() / rounds as f64;
+            return ((target.as_secs_f64() / per_round.max(1e-12)) as u64).max(1);
+        }
+        rounds *= 4;
+    }
+}

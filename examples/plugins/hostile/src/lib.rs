@@ -5,6 +5,7 @@
 //! | value     | behaviour                                              |
 //! |-----------|--------------------------------------------------------|
 //! | `loop`    | spins forever (CPU limit)                              |
+//! | `spin:N`  | spins N rounds, then passes the record through         |
 //! | `alloc`   | allocates 1 MiB blocks until refused (memory limit)    |
 //! | `recurse` | unbounded recursion (stack limit)                      |
 //! | `big:N`   | returns N copies of a 64 KiB record (output limit)     |
@@ -55,6 +56,18 @@ fn process(mut record: Record) -> Output {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone()
                 .unwrap_or_else(|| b"nothing".to_vec());
+            record.into()
+        }
+        v if v.starts_with(b"spin:") => {
+            let rounds: u64 = std::str::from_utf8(&v[5..])
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            let mut x = 0u64;
+            for i in 0..rounds {
+                x = black_box(x.wrapping_add(i));
+            }
+            black_box(x);
             record.into()
         }
         v if v.starts_with(b"big:") => {
