@@ -393,29 +393,38 @@ impl Controller {
         &self.liveness
     }
 
-    /// Sends broker `id`'s heartbeat to the leader (recorded here when this node leads).
-    pub async fn heartbeat(&self, id: BrokerId, epoch: u64) -> Result<(), ControllerWriteError> {
-        let leader = self.current_leader();
-        match leader {
-            Some(l) if l == self.id => {
-                self.liveness.beat(id, epoch);
-                Ok(())
-            }
-            Some(l) => {
-                let addr = self.node_addr(l).ok_or(ControllerWriteError::NotLeader {
-                    leader_id: Some(l),
-                    leader_addr: None,
-                })?;
-                self.network
-                    .heartbeat(l, &addr, id, epoch, Duration::from_secs(2))
-                    .await
-                    .map_err(|e| ControllerWriteError::Stopped(e.to_string()))
-            }
-            None => Err(ControllerWriteError::NotLeader {
-                leader_id: None,
-                leader_addr: None,
-            }),
+    /// Sends broker `id`'s heartbeat to controller node `to` (recorded here when `to` is this
+    /// node). Brokers heartbeat every voter, so a newly elected leader already knows when each
+    /// broker was last heard from.
+    pub async fn heartbeat_to(
+        &self,
+        to: BrokerId,
+        id: BrokerId,
+        epoch: u64,
+    ) -> Result<(), ControllerWriteError> {
+        if to == self.id {
+            self.liveness.beat(id, epoch);
+            return Ok(());
         }
+        let addr = self.node_addr(to).ok_or(ControllerWriteError::NotLeader {
+            leader_id: Some(to),
+            leader_addr: None,
+        })?;
+        self.network
+            .heartbeat(to, &addr, id, epoch, Duration::from_secs(2))
+            .await
+            .map_err(|e| ControllerWriteError::Stopped(e.to_string()))
+    }
+
+    /// The voters of the current membership.
+    pub fn voter_ids(&self) -> Vec<BrokerId> {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
     }
 
     /// A copy of the metadata this node has applied.

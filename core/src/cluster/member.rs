@@ -1,13 +1,13 @@
 //! A broker's membership in its cluster: it runs a controller node on its own QUIC endpoint
 //! (Raft on the `quiver-raft/1` ALPN), the lowest-id voter forms the group on first start,
 //! and the broker registers itself (a new broker epoch per start) and asks to be unfenced,
-//! retrying until the controller answers; then it heartbeats the controller leader every
+//! retrying until the controller answers; then it heartbeats every controller voter every
 //! [`HEARTBEAT_INTERVAL`]. The leader fences a registered broker it has not heard from for
 //! [`SESSION_TIMEOUT`] (it died without stopping) and unfences it when its heartbeats (same
-//! epoch) come back. On a clean stop a broker asks to be fenced first, so partitions it leads
+//! epoch) come back after the fence. On a clean stop a broker asks to be fenced first, so partitions it leads
 //! move at once instead of after the timeout.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,6 +26,8 @@ use crate::config::ClusterConfig;
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// A broker not heard from for this long is fenced (Kafka's `broker.session.timeout.ms`).
 pub const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
+/// The least time a new controller leader gives each broker to be heard before fencing it.
+pub const NEW_LEADER_GRACE: Duration = Duration::from_secs(2);
 
 /// What a broker joins its cluster with.
 pub struct MemberConfig {
@@ -223,9 +225,15 @@ async fn join(
         }
     }
     tracing::info!(broker = id, %addr, epoch, "registered with the controller");
+    // One heartbeat loop per voter, so a voter that does not answer delays no other; the set
+    // is dropped (its loops aborted) with this task.
+    let mut beats = tokio::task::JoinSet::new();
+    let mut voters = std::collections::BTreeSet::new();
     loop {
-        if let Err(e) = controller.heartbeat(id, epoch).await {
-            tracing::debug!(broker = id, error = %e, "heartbeat not delivered");
+        for voter in controller.voter_ids() {
+            if voters.insert(voter) {
+                beats.spawn(heartbeat_voter(controller.clone(), voter, id, epoch));
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
@@ -234,11 +242,29 @@ async fn join(
     }
 }
 
+/// Heartbeats controller node `voter` every [`HEARTBEAT_INTERVAL`] for broker `id`.
+async fn heartbeat_voter(controller: Arc<Controller>, voter: BrokerId, id: BrokerId, epoch: u64) {
+    loop {
+        if let Err(e) = controller.heartbeat_to(voter, id, epoch).await {
+            tracing::debug!(broker = id, voter, error = %e, "heartbeat not delivered");
+        }
+        tokio::time::sleep(HEARTBEAT_INTERVAL).await;
+    }
+}
+
 /// On the controller leader: fences registered brokers silent for [`SESSION_TIMEOUT`] and
-/// unfences fenced ones whose heartbeats (with their registered epoch) are fresh again.
+/// unfences fenced ones heard from (with their registered epoch) since they were fenced.
+///
+/// Brokers heartbeat every voter, so a new leader knows when each broker was last heard
+/// from, and a broker that died with the old leader is fenced [`SESSION_TIMEOUT`] after it
+/// died, not a whole session after the election. A node's record of a broker may be older
+/// than the broker's silence, though (this node was cut off from it, or restarted), so every
+/// broker gets at least [`NEW_LEADER_GRACE`] from the moment this node leads to be heard.
 async fn watch_brokers(controller: Arc<Controller>, mut stop: watch::Receiver<bool>) {
-    // Brokers get a full session from the moment this node became leader.
     let mut leading_since: Option<std::time::Instant> = None;
+    // When this leader first saw each broker fenced: only a heartbeat after that unfences it
+    // (a broker that asked to be fenced for a clean stop sends none).
+    let mut fenced_seen: HashMap<BrokerId, std::time::Instant> = HashMap::new();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(HEARTBEAT_INTERVAL / 2) => {}
@@ -246,29 +272,52 @@ async fn watch_brokers(controller: Arc<Controller>, mut stop: watch::Receiver<bo
         }
         if !controller.is_leader() {
             leading_since = None;
+            fenced_seen.clear();
             continue;
         }
         let since = *leading_since.get_or_insert_with(std::time::Instant::now);
         let state = controller.state().await;
         for b in state.brokers.values() {
-            let fresh = controller
+            let heard = controller
                 .liveness()
                 .last(b.id)
                 .filter(|(epoch, _)| *epoch == b.broker_epoch)
-                .map(|(_, at)| at.elapsed() < SESSION_TIMEOUT);
-            let cmd = match (b.fenced, fresh) {
-                (false, Some(false)) => ControllerCommand::FenceBroker { id: b.id },
-                (false, None) if since.elapsed() >= SESSION_TIMEOUT => {
-                    ControllerCommand::FenceBroker { id: b.id }
+                .map(|(_, at)| at);
+            let cmd = if b.fenced {
+                let seen = *fenced_seen
+                    .entry(b.id)
+                    .or_insert_with(std::time::Instant::now);
+                match heard {
+                    Some(at) if at > seen && at.elapsed() < SESSION_TIMEOUT => {
+                        ControllerCommand::UnfenceBroker { id: b.id }
+                    }
+                    _ => continue,
                 }
-                (true, Some(true)) => ControllerCommand::UnfenceBroker { id: b.id },
-                _ => continue,
+            } else {
+                fenced_seen.remove(&b.id);
+                if silence(heard, since) < SESSION_TIMEOUT {
+                    continue;
+                }
+                ControllerCommand::FenceBroker { id: b.id }
             };
             tracing::info!(broker = b.id, ?cmd, "broker liveness changed");
             if let Err(e) = controller.write(cmd).await {
                 tracing::warn!(broker = b.id, error = %e, "cannot record a broker's liveness");
             }
         }
+    }
+}
+
+/// How long a broker counts as silent for a leader that has led since `since`: since its last
+/// heartbeat heard here, but never longer than what leaves it [`NEW_LEADER_GRACE`] from
+/// `since`; a broker never heard from here gets a whole session from `since`.
+fn silence(heard: Option<std::time::Instant>, since: std::time::Instant) -> Duration {
+    let led = since.elapsed();
+    match heard {
+        Some(at) => at
+            .elapsed()
+            .min(led + SESSION_TIMEOUT.saturating_sub(NEW_LEADER_GRACE)),
+        None => led,
     }
 }
 
@@ -344,6 +393,25 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_new_leader_counts_silence_from_the_last_heartbeat_but_gives_every_broker_a_grace() {
+        let ago = |s: u64| Instant::now().checked_sub(Duration::from_secs(s)).unwrap();
+        let near = |d: Duration, s: u64| {
+            d >= Duration::from_secs(s) && d < Duration::from_secs(s) + Duration::from_millis(500)
+        };
+        // Heard a second ago: silent a second, however long this node has led.
+        assert!(near(silence(Some(ago(1)), ago(30)), 1));
+        // Heard 10 s ago (it died with the old leader, or this node lost touch with it), and
+        // this node just became leader: it still gets the grace, not an instant fence...
+        let just_led = silence(Some(ago(10)), Instant::now());
+        assert!(near(just_led, 4), "{just_led:?}");
+        assert!(just_led < SESSION_TIMEOUT);
+        // ...which ends NEW_LEADER_GRACE after the election.
+        assert!(silence(Some(ago(10)), ago(2)) >= SESSION_TIMEOUT);
+        // Never heard here: a whole session from the election.
+        assert!(near(silence(None, ago(3)), 3));
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn three_brokers_form_a_controller_on_their_endpoints_register_and_fence_on_stop() {
         let dir = tempfile::tempdir().unwrap();
@@ -370,6 +438,18 @@ mod tests {
             s.broker(3).is_some_and(|b| b.fenced)
         })
         .await;
+        // And it stays fenced: its last heartbeats are recent, but none came after the fence.
+        let watched = Instant::now() + HEARTBEAT_INTERVAL * 3;
+        while Instant::now() < watched {
+            for h in [&b1, &b2] {
+                let (_, s) = h.cluster_view().await.expect("a cluster broker");
+                assert!(
+                    s.broker(3).is_some_and(|b| b.fenced),
+                    "broker 3 was unfenced after its clean stop"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         b2.shutdown().await;
         b1.shutdown().await;
     }
