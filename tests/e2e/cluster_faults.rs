@@ -608,6 +608,8 @@ fn acks_all_writes_survive_leader_kills_and_network_partitions() {
     }
     c.restart_stopped();
     let mut clean_kills: Vec<(u32, Instant)> = Vec::new();
+    // Whether each clean kill's victim also led the controller (a Raft election comes first).
+    let mut clean_controller_victims: Vec<bool> = Vec::new();
     for i in 0..CLEAN_KILLS {
         let healed = Instant::now() + Duration::from_secs(120);
         while c.cluster(&["status"])["under_replicated_partitions"].as_u64() != Some(0)
@@ -642,8 +644,10 @@ fn acks_all_writes_survive_leader_kills_and_network_partitions() {
         let Some(pid) = c.pid(victim) else {
             continue;
         };
+        let led_controller = c.cluster(&["status"])["controller_leader"].as_u64() == Some(victim);
         unsafe_kill(pid, "KILL");
         clean_kills.push((p, Instant::now()));
+        clean_controller_victims.push(led_controller);
         let gone_by = Instant::now() + Duration::from_secs(10);
         while std::path::Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < gone_by {
             std::thread::sleep(Duration::from_millis(20));
@@ -728,6 +732,12 @@ fn acks_all_writes_survive_leader_kills_and_network_partitions() {
     let (median, max) = median_and_max(failovers.clone());
     let clean = failover_times(&clean_kills);
     let (clean_median, clean_max) = median_and_max(clean.clone());
+    let controller_victims: Vec<Duration> = clean_kills
+        .iter()
+        .zip(&clean_controller_victims)
+        .filter(|(_, led)| **led)
+        .flat_map(|(k, _)| failover_times(std::slice::from_ref(k)))
+        .collect();
 
     let hw: BTreeMap<u32, i64> = c.describe()["partitions"]
         .as_array()
@@ -747,7 +757,8 @@ fn acks_all_writes_survive_leader_kills_and_network_partitions() {
          checker: acknowledged {}, read {}, lost {}, duplicated {}, inconsistent offsets {}, reordered (nonmonotonic send) {}, unacknowledged but written {}\n\
          replicas identical below the high watermark: {}\n\
          failover (kill -> first acknowledged write) under the fault schedule: median {:.2?}, max {:.2?} over {} kills: {:.1?}\n\
-         clean failover (one kill at a time on a healed cluster): median {:.2?}, max {:.2?} over {} kills: {:.1?}",
+         clean failover (one kill at a time on a healed cluster): median {:.2?}, max {:.2?} over {} kills: {:.1?}\n\
+         of which the victim also led the controller: {:.1?}",
         fault_time,
         verdict.acknowledged,
         verdict.read,
@@ -765,6 +776,7 @@ fn acks_all_writes_survive_leader_kills_and_network_partitions() {
         clean_max,
         clean.len(),
         clean,
+        controller_victims,
     );
     assert!(leader_kills >= LEADER_KILLS && partitions_cut >= NETWORK_PARTITIONS);
     assert!(
