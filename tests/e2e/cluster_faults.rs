@@ -34,7 +34,7 @@ const NETWORK_PARTITIONS: usize = 10;
 const CLEAN_KILLS: usize = 5;
 const TOPIC: &str = "jepsen";
 
-struct FaultCluster {
+pub(super) struct FaultCluster {
     dir: tempfile::TempDir,
     file: std::path::PathBuf,
     listen: Vec<u16>,
@@ -70,7 +70,7 @@ impl FaultCluster {
 
     /// Starts the cluster; tries again on fresh ports when one was taken meanwhile (free
     /// ports are found by binding and releasing them; another test may take one first).
-    fn start() -> FaultCluster {
+    pub(super) fn start() -> FaultCluster {
         super::harness::start_on_free_ports(Self::on_free_ports, |c| c.run(&["start"]))
     }
 
@@ -119,11 +119,16 @@ impl FaultCluster {
         }
     }
 
-    fn ca(&self) -> std::path::PathBuf {
+    pub(super) fn ca(&self) -> std::path::PathBuf {
         self.dir.path().join("qc/tls/ca.pem")
     }
 
-    fn bootstrap(&self) -> String {
+    /// The proxy address of broker `id` (1-based), as clients reach it.
+    pub(super) fn addr_of(&self, id: usize) -> String {
+        self.proxies[id - 1].addr().to_string()
+    }
+
+    pub(super) fn bootstrap(&self) -> String {
         self.proxies
             .iter()
             .map(|p| p.addr().to_string())
@@ -133,7 +138,7 @@ impl FaultCluster {
 
     /// Creates `topic` with `partitions`, a replica on every broker and
     /// `min.insync.replicas = 2`.
-    fn create_topic(&self, topic: &str, partitions: u32) {
+    pub(super) fn create_topic(&self, topic: &str, partitions: u32) {
         let out = cli_at(
             &self.bootstrap(),
             &self.ca(),
@@ -179,7 +184,7 @@ impl FaultCluster {
     }
 
     /// Cuts (or heals) every link between broker `id` and its peers, both directions.
-    fn isolate(&self, id: usize, fault: LinkFault) {
+    pub(super) fn isolate(&self, id: usize, fault: LinkFault) {
         for other in 1..=BROKERS {
             if other == id {
                 continue;

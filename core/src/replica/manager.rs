@@ -371,11 +371,16 @@ impl ReplicaManager {
             _ => return Err(self.not_leader(&log.topic, log.partition)),
         };
         loop {
-            if log.snapshot().high_watermark > last_offset {
-                return Ok(());
-            }
+            // The high watermark belongs to the log, not to this leadership: once this broker
+            // follows, it takes the new leader's, over records that replaced this write. Read
+            // it first, then require the same leadership (epochs only grow; the follower's
+            // fetches start after its role changed): only then did this leadership set it.
+            let high_watermark = log.snapshot().high_watermark;
             self.check_leader_epoch(&log.topic, log.partition, epoch)
                 .map_err(|_| self.not_leader(&log.topic, log.partition))?;
+            if high_watermark > last_offset {
+                return Ok(());
+            }
             self.check_enough_replicas(&log.topic, log.partition)?;
             let now = tokio::time::Instant::now();
             if now >= deadline {
