@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use quiver_client::{
-    Admin, Client, Consumer, ConsumerConfig, Isolation, ProducerRecord, SeekTo, TopicPartition,
+    Admin, Client, Consumer, ConsumerConfig, Isolation, OffsetReset, ProducerRecord, SeekTo,
+    TopicPartition,
 };
 use quiver_plugins::{MemoryStateStore, StateChange, StateStore};
 use quiver_protocol::ErrorCode;
@@ -337,11 +338,13 @@ async fn read_range(
     let scope = scope_text(tp);
     let epoch = mark.epoch.to_string();
     // Read-committed: records of aborted transactions (an exactly-once attempt that failed)
-    // never come back as state.
+    // never come back as state. A range no longer stored is an error, never a jump to what
+    // is left (that would restore part of the state, or none, as if it were all).
     let mut consumer = Consumer::new(
         client.clone(),
         ConsumerConfig {
             isolation: Isolation::ReadCommitted,
+            reset: OffsetReset::Error,
             ..ConsumerConfig::default()
         },
     );
@@ -349,7 +352,16 @@ async fn read_range(
     consumer.seek(topic, mark.partition, SeekTo::Offset(mark.from))?;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let records = consumer.poll_timeout(Duration::from_millis(500)).await?;
+        let records = match consumer.poll_timeout(Duration::from_millis(500)).await {
+            Ok(r) => r,
+            Err(e) if e.code() == Some(ErrorCode::OffsetOutOfRange) => {
+                return Err(RuntimeError::Failed(format!(
+                    "cannot restore the state of {scope}: offsets {}..{} of {topic}/{} are no longer stored ({e}); the changelog's retention removed them (was the pipeline stopped longer than the changelog's retention.ms?). To start over without that state, stop the pipeline and reset its group's offsets",
+                    mark.from, mark.to, mark.partition
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        };
         let mut done = false;
         for r in records {
             if r.offset >= mark.to {
@@ -381,8 +393,11 @@ async fn read_range(
             return Ok(changes);
         }
         if Instant::now() > deadline {
-            return Err(RuntimeError::Failed(format!(
-                "cannot read the state of {scope} back from {topic}/{}: offsets {}..{} did not arrive within 120 s (was the changelog deleted?)",
+            // Possibly passing (the changelog partition without a leader, or its last stable
+            // offset held by a transaction not yet ended): the instance joins again and
+            // tries once more, rather than failing the pipeline for good.
+            return Err(RuntimeError::Retry(format!(
+                "cannot read the state of {scope} back from {topic}/{}: offsets {}..{} did not arrive within 120 s; joining again",
                 mark.partition, mark.from, mark.to
             )));
         }
@@ -392,6 +407,55 @@ async fn read_range(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A committed mark naming changelog offsets that are no longer stored (retention removed
+    /// them while the pipeline was stopped, or the changelog was deleted and made again) fails
+    /// the restore at once with a clear reason: it never restores whatever is left (part of
+    /// the state, or none) as if it were the state.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_state_range_no_longer_stored_fails_the_restore_instead_of_restoring_part_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = quiver_core::Broker::start(quiver_core::BrokerConfig {
+            listen: "127.0.0.1:0".into(),
+            data_dir: dir.path().to_path_buf(),
+            ..quiver_core::BrokerConfig::default()
+        })
+        .await
+        .expect("broker starts");
+        let client = Client::connect(quiver_client::ClientConfig {
+            local: Some(broker.in_process()),
+            connect_timeout: Duration::from_millis(300),
+            ..quiver_client::ClientConfig::new("127.0.0.1:9")
+        })
+        .await
+        .expect("in-process client");
+        let partitions = ensure_changelog(&client, "gone", 1, 1).await.unwrap();
+        let tp = TopicPartition::new("lines".to_string(), 0);
+        let mark = StateMark {
+            epoch: 1,
+            partition: 0,
+            from: 5,
+            to: 9,
+        };
+        let restored = PartitionState::restore(
+            &client,
+            "gone",
+            1,
+            &tp,
+            partitions,
+            Some(&mark.to_metadata()),
+        )
+        .await;
+        match restored {
+            Err(RuntimeError::Failed(reason)) => {
+                assert!(reason.contains("no longer stored"), "{reason}");
+                assert!(reason.contains("5..9"), "{reason}");
+            }
+            Err(e) => panic!("expected the pipeline to fail with a reason, got {e}"),
+            Ok(_) => panic!("state that is not stored was restored"),
+        }
+        broker.shutdown().await;
+    }
 
     #[test]
     fn marks_round_trip_through_commit_metadata_and_other_metadata_is_no_mark() {

@@ -18,6 +18,11 @@ pub enum RuntimeError {
     /// quarantined. Nothing past the failure was committed.
     #[error("pipeline failed: {0}")]
     Failed(String),
+    /// Something that may pass (state that did not arrive in time, a membership that changed
+    /// under the instance): the instance gives up what it has not committed, leaves the
+    /// group, and joins again.
+    #[error("{0}")]
+    Retry(String),
     /// The cluster failed a request (reading, writing or committing); the instance joins
     /// again and resumes from the last commit.
     #[error("{0}")]

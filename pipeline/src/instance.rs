@@ -25,6 +25,7 @@ use quiver_client::{
     RecordRef, TopicPartition,
 };
 use quiver_plugins::{HostLimits, Record};
+use quiver_protocol::ErrorCode;
 use tokio::sync::watch;
 
 use crate::changelog::{ensure_changelog, PartitionState};
@@ -56,6 +57,9 @@ const IDLE_POLL_WAIT: Duration = Duration::from_millis(500);
 /// come this soon, the input has paused, and that poll is completed (and committed) now
 /// instead of after a whole idle wait.
 const IN_FLIGHT_POLL_WAIT: Duration = Duration::from_millis(5);
+
+/// How long an instance that stops tries to leave its group.
+const LEAVE_WITHIN: Duration = Duration::from_secs(5);
 
 /// Everything an instance needs to run: the checked file and its loaded stages.
 pub struct Plan {
@@ -312,13 +316,25 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
         }
     }
     writer.close().await;
-    let left = match (&result, writer.is_transactional()) {
-        (Err(RuntimeError::Client(_)), _) => Ok(()), // the connection or membership is gone
-        (Err(_), true) => member.close_without_commit().await,
-        _ => member.close().await,
+    // Leave, so the partitions go to another member now rather than when the session runs
+    // out; unless the membership is already gone. Bounded: the connection may be gone too.
+    let gone = matches!(&result, Err(RuntimeError::Client(e))
+        if matches!(e.code(), Some(ErrorCode::UnknownMember | ErrorCode::UnknownGroup)));
+    let leave = async {
+        match (&result, writer.is_transactional()) {
+            _ if gone => Ok(()),
+            (Err(_), true) => member.close_without_commit().await,
+            _ => member.close().await,
+        }
     };
-    if let Err(e) = left {
-        tracing::warn!(instance = %instance_id, error = %e, "leaving the group failed");
+    match tokio::time::timeout(LEAVE_WITHIN, leave).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(instance = %instance_id, error = %e, "leaving the group failed")
+        }
+        Err(_) => {
+            tracing::warn!(instance = %instance_id, "leaving the group took too long; its session will expire")
+        }
     }
     view.set(&[]);
     result

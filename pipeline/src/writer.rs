@@ -41,8 +41,13 @@ pub enum Writer {
         /// The current poll's writes.
         poll: PollAcks,
     },
-    /// A transactional producer.
-    ExactlyOnce(TransactionalProducer),
+    /// A transactional producer, for the group member it was created for.
+    ExactlyOnce {
+        /// The producer (its transactional id names the member).
+        tx: TransactionalProducer,
+        /// The member id whose offsets its transactions commit.
+        member_id: String,
+    },
 }
 
 /// What one poll's writes wait for, at least once: the last record sent to each
@@ -102,7 +107,10 @@ impl Writer {
     ) -> Result<Writer, RuntimeError> {
         let id = format!("pipeline.{pipeline}.{member_id}");
         match TransactionalProducer::init_with_timeout(client, &id, TXN_TIMEOUT).await {
-            Ok(tx) => Ok(Writer::ExactlyOnce(tx)),
+            Ok(tx) => Ok(Writer::ExactlyOnce {
+                tx,
+                member_id: member_id.to_string(),
+            }),
             // A broker that cannot run transactions: joining again would not change that.
             Err(e) if e.code() == Some(quiver_protocol::ErrorCode::UnsupportedApi) => Err(
                 RuntimeError::Failed(format!("guarantee \"exactly-once\" cannot run here: {e}")),
@@ -116,7 +124,7 @@ impl Writer {
     pub async fn send(&mut self, record: ProducerRecord) -> Result<(), RuntimeError> {
         match self {
             Writer::AtLeastOnce { producer, poll } => poll.sent(producer.send(record).await?),
-            Writer::ExactlyOnce(tx) => {
+            Writer::ExactlyOnce { tx, .. } => {
                 tx.prepare_topic(&record.topic).await?;
                 tx.send(record)?;
             }
@@ -132,7 +140,7 @@ impl Writer {
                 poll.sent(producer.send_ref(r).await?);
                 Ok(())
             }
-            Writer::ExactlyOnce(_) => self.send(r.into()).await,
+            Writer::ExactlyOnce { .. } => self.send(r.into()).await,
         }
     }
 
@@ -142,7 +150,7 @@ impl Writer {
             Writer::AtLeastOnce { producer, poll } => {
                 poll.tracked.push(producer.send(record).await?);
             }
-            Writer::ExactlyOnce(tx) => {
+            Writer::ExactlyOnce { tx, .. } => {
                 tx.prepare_topic(&record.topic).await?;
                 tx.send(record)?;
             }
@@ -155,7 +163,7 @@ impl Writer {
     pub fn seal(&mut self) -> SealedWrites {
         match self {
             Writer::AtLeastOnce { poll, .. } => SealedWrites::Acks(std::mem::take(poll)),
-            Writer::ExactlyOnce(_) => SealedWrites::Transaction,
+            Writer::ExactlyOnce { .. } => SealedWrites::Transaction,
         }
     }
 
@@ -193,7 +201,7 @@ impl Writer {
                 }
                 Ok(landed)
             }
-            (Writer::ExactlyOnce(tx), _) => Ok(tx.flush().await?),
+            (Writer::ExactlyOnce { tx, .. }, _) => Ok(tx.flush().await?),
             (Writer::AtLeastOnce { .. }, SealedWrites::Transaction) => Err(RuntimeError::Failed(
                 "a transaction's writes handed to the at-least-once writer".into(),
             )),
@@ -221,26 +229,61 @@ impl Writer {
                 }
                 member.commit().await?;
             }
-            Writer::ExactlyOnce(tx) => {
-                let mut marks: BTreeMap<TopicPartition, String> = marks.into_iter().collect();
-                let offsets: Vec<OffsetCommit> = member
-                    .positions()
-                    .into_iter()
-                    .map(|(tp, offset)| OffsetCommit {
-                        metadata: marks.remove(&tp),
-                        topic: tp.topic,
-                        partition: tp.partition,
-                        offset,
-                    })
-                    .collect();
-                let txn = TxnOffsets {
-                    group: member.group().to_string(),
-                    member_id: member.member_id(),
-                    generation: member.generation(),
-                    offsets: offsets.clone(),
-                };
-                tx.commit(Some(txn)).await?;
-                member.mark_committed(&offsets);
+            Writer::ExactlyOnce { tx, member_id } => {
+                let marks: BTreeMap<TopicPartition, String> = marks.into_iter().collect();
+                // A stale generation (a rebalance the heartbeats have not brought in yet) is
+                // tried again with the one they bring, for a few seconds: the transaction is
+                // still open, and the coordinator checks ownership again.
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                loop {
+                    // The member joined again under another id (its heartbeats found it
+                    // gone): these offsets are not the new member's to commit, and its
+                    // partitions may have been processed by another member meanwhile.
+                    let now_id = member.member_id();
+                    if now_id != *member_id {
+                        return Err(RuntimeError::Retry(format!(
+                            "the group membership changed under this instance (member {member_id} joined again as {now_id}); joining again"
+                        )));
+                    }
+                    let positions = member.positions();
+                    if let Some(tp) = ends
+                        .keys()
+                        .find(|tp| !positions.iter().any(|(p, _)| p == *tp))
+                    {
+                        return Err(RuntimeError::Retry(format!(
+                            "{}/{} was given away before its poll committed; joining again",
+                            tp.topic, tp.partition
+                        )));
+                    }
+                    let offsets: Vec<OffsetCommit> = positions
+                        .into_iter()
+                        .map(|(tp, offset)| OffsetCommit {
+                            metadata: marks.get(&tp).cloned(),
+                            topic: tp.topic,
+                            partition: tp.partition,
+                            offset,
+                        })
+                        .collect();
+                    let txn = TxnOffsets {
+                        group: member.group().to_string(),
+                        member_id: member_id.clone(),
+                        generation: member.generation(),
+                        offsets: offsets.clone(),
+                    };
+                    match tx.commit(Some(txn)).await {
+                        Ok(_) => {
+                            member.mark_committed(&offsets);
+                            break;
+                        }
+                        Err(e)
+                            if e.code() == Some(quiver_protocol::ErrorCode::StaleGeneration)
+                                && tokio::time::Instant::now() < deadline =>
+                        {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
             }
         }
         Ok(())
@@ -252,7 +295,7 @@ impl Writer {
     pub async fn abort(&mut self) {
         match self {
             Writer::AtLeastOnce { poll, .. } => *poll = PollAcks::default(),
-            Writer::ExactlyOnce(tx) => {
+            Writer::ExactlyOnce { tx, .. } => {
                 if let Err(e) = tx.abort().await {
                     tracing::warn!(error = %e, "aborting the transaction failed (the broker aborts it after its timeout)");
                 }
@@ -262,7 +305,7 @@ impl Writer {
 
     /// True for the exactly-once writer.
     pub fn is_transactional(&self) -> bool {
-        matches!(self, Writer::ExactlyOnce(_))
+        matches!(self, Writer::ExactlyOnce { .. })
     }
 
     /// Flushes what the at-least-once producer holds (before leaving).
