@@ -315,3 +315,78 @@ impl Writer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use bytes::Bytes;
+    use quiver_client::{Admin, ClientConfig, GroupConfig};
+    use quiver_protocol::requests::LeaveGroupRequest;
+
+    use super::*;
+
+    /// The coordinator forgets a member (as after its failover); the member's heartbeats join
+    /// again under a new id while a poll of the old membership is still open. That poll's
+    /// offsets are not the new member's to commit: its partitions may have been processed by
+    /// another member meanwhile, so committing them would duplicate output.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_member_that_joined_again_under_another_id_does_not_commit_an_old_poll() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = quiver_core::Broker::start(quiver_core::BrokerConfig {
+            listen: "127.0.0.1:0".into(),
+            data_dir: dir.path().to_path_buf(),
+            ..quiver_core::BrokerConfig::default()
+        })
+        .await
+        .expect("broker starts");
+        let client = Client::connect(ClientConfig {
+            local: Some(broker.in_process()),
+            connect_timeout: Duration::from_millis(300),
+            ..ClientConfig::new("127.0.0.1:9")
+        })
+        .await
+        .expect("in-process client");
+        let admin = Admin::new(client.clone());
+        for t in ["in", "out"] {
+            admin.create_topic(t, 1, BTreeMap::new()).await.unwrap();
+        }
+        let mut member = GroupConsumer::join(client.clone(), GroupConfig::new("g", ["in"]))
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while member.assignment().is_empty() {
+            assert!(Instant::now() < deadline, "never assigned");
+            let _ = member.poll_timeout(Duration::from_millis(100)).await;
+        }
+        let first = member.member_id();
+        let mut writer = Writer::exactly_once(client.clone(), "p", &first)
+            .await
+            .unwrap();
+        writer.send(ProducerRecord::new("out", "x")).await.unwrap();
+        let sealed = writer.seal();
+        writer.finish(sealed).await.unwrap();
+        let leave = LeaveGroupRequest {
+            group: "g".into(),
+            member_id: first.clone(),
+        };
+        client
+            .request_for_group("g", &leave, Bytes::new())
+            .await
+            .unwrap();
+        while member.member_id() == first || member.assignment().is_empty() {
+            assert!(Instant::now() < deadline, "the member never joined again");
+            let _ = member.poll_timeout(Duration::from_millis(100)).await;
+        }
+        let ends = BTreeMap::from([(TopicPartition::new("in".to_string(), 0), 0)]);
+        match writer.commit(&mut member, &ends, Vec::new()).await {
+            Err(RuntimeError::Retry(reason)) => {
+                assert!(reason.contains("membership changed"), "{reason}")
+            }
+            Err(e) => panic!("expected the instance to join again, got {e}"),
+            Ok(()) => panic!("an old membership's poll was committed by the new member"),
+        }
+        writer.abort().await;
+        broker.shutdown().await;
+    }
+}
