@@ -66,6 +66,10 @@ pub enum LogError {
     /// This broker no longer holds a replica of the partition.
     #[error("not a replica here any more: {0}; refresh metadata")]
     Moved(String),
+    /// This broker's replica does not lead the partition (any more): a write checked while
+    /// it led landed after it stepped down.
+    #[error("not the leader: {0}; refresh metadata")]
+    NotLeading(String),
     /// The partition was deleted while in use.
     #[error("partition was deleted")]
     Deleted,
@@ -95,7 +99,7 @@ impl LogError {
             LogError::Sequence(_) => ErrorCode::OutOfOrderSequence,
             LogError::Fenced(_) => ErrorCode::ProducerFenced,
             LogError::Timeout(_) => ErrorCode::RequestTimedOut,
-            LogError::Moved(_) => ErrorCode::NotLeader,
+            LogError::Moved(_) | LogError::NotLeading(_) => ErrorCode::NotLeader,
             LogError::Deleted => ErrorCode::UnknownTopicOrPartition,
             LogError::Offline { .. } => ErrorCode::StorageError,
             LogError::Worker(_) => ErrorCode::Internal,

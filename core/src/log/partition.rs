@@ -75,6 +75,9 @@ struct State {
     /// This broker no longer holds a replica of the partition (moved to other brokers): its
     /// copy is being dropped and nothing may be appended until it is a replica again.
     retired: bool,
+    /// This replica leads the partition (a replicated log takes appends only then: a write
+    /// checked while it led must not land after it stepped down).
+    leading: bool,
 }
 
 /// Offsets and size at one moment.
@@ -335,6 +338,7 @@ impl PartitionLog {
             hw_at_open,
             role_generation: 0,
             retired: false,
+            leading: false,
         };
         Ok(PartitionLog {
             topic: topic.to_string(),
@@ -536,6 +540,12 @@ impl PartitionLog {
         if st.retired {
             return Err(LogError::Moved(format!(
                 "{}/{} moved to other brokers",
+                self.topic, self.partition
+            )));
+        }
+        if !st.leading && self.is_replicated() {
+            return Err(LogError::NotLeading(format!(
+                "{}/{} is led by another broker now",
                 self.topic, self.partition
             )));
         }
@@ -1222,6 +1232,33 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(p.snapshot().last_stable, p.snapshot().log_end);
+    }
+
+    /// A replicated log takes appends only while it leads: a write checked while it led that
+    /// lands after it stepped down is refused (it would be stamped with the new leader's
+    /// epoch, beside that leader's own records).
+    #[tokio::test]
+    async fn a_replicated_log_takes_appends_only_while_it_leads() {
+        let (_dir, db, f, _stop) = setup().await;
+        let p = open_partition(&db);
+        let cfg = TopicConfig::default();
+        let t = Duration::from_secs(5);
+        p.set_replicated();
+        let e = p.append(vec![batch(1, 0, -1, -1)], &cfg, &f, t).await;
+        assert!(matches!(e, Err(LogError::NotLeading(_))), "{e:?}");
+        p.become_leader(5).unwrap();
+        p.append(vec![batch(1, 0, -1, -1)], &cfg, &f, t)
+            .await
+            .unwrap();
+        p.become_follower(6).unwrap();
+        let e = p.append(vec![batch(1, 0, -1, -1)], &cfg, &f, t).await;
+        assert!(matches!(e, Err(LogError::NotLeading(_))), "{e:?}");
+        assert_eq!(e.unwrap_err().code(), quiver_protocol::ErrorCode::NotLeader);
+        assert_eq!(p.snapshot().log_end, 1, "nothing stored while following");
+        p.become_leader(7).unwrap();
+        p.end_role();
+        let e = p.append(vec![batch(1, 0, -1, -1)], &cfg, &f, t).await;
+        assert!(matches!(e, Err(LogError::NotLeading(_))), "{e:?}");
     }
 
     #[tokio::test]

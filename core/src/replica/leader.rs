@@ -19,8 +19,21 @@ struct FollowerPosition {
     /// The follower's flushed log end (as its last fetch reported it); `None` before its
     /// first fetch.
     end: Option<i64>,
-    /// The last time (ms) it fetched at or beyond the leader's log end.
+    /// The last time (ms) it was caught up: it fetched at or beyond the leader's log end
+    /// then, or (Kafka's rule) a later fetch reached the end the leader had then.
     caught_up_ms: i64,
+    /// The leader's log end and the time at the follower's previous fetch.
+    previous_fetch: Option<(i64, i64)>,
+}
+
+impl FollowerPosition {
+    fn new(now_ms: i64) -> Self {
+        FollowerPosition {
+            end: None,
+            caught_up_ms: now_ms,
+            previous_fetch: None,
+        }
+    }
 }
 
 /// The leader's view of one partition's replicas.
@@ -60,15 +73,7 @@ impl LeaderState {
             .replicas
             .iter()
             .filter(|r| **r != me)
-            .map(|r| {
-                (
-                    *r,
-                    FollowerPosition {
-                        end: None,
-                        caught_up_ms: now_ms,
-                    },
-                )
-            })
+            .map(|r| (*r, FollowerPosition::new(now_ms)))
             .collect();
         LeaderState {
             me,
@@ -96,10 +101,9 @@ impl LeaderState {
         self.min_isr = min_isr.max(1) as usize;
         for r in &record.replicas {
             if *r != self.me {
-                self.followers.entry(*r).or_insert(FollowerPosition {
-                    end: None,
-                    caught_up_ms: now_ms,
-                });
+                self.followers
+                    .entry(*r)
+                    .or_insert_with(|| FollowerPosition::new(now_ms));
             }
         }
         self.followers.retain(|id, _| record.replicas.contains(id));
@@ -135,7 +139,14 @@ impl LeaderState {
         f.end = Some(flushed.min(offset));
         if offset >= leader_log_end {
             f.caught_up_ms = now_ms;
+        } else if let Some((end_then, at)) = f.previous_fetch {
+            // Under steady appends every fetch starts a round trip behind the leader's end;
+            // one that reaches where the end was at the previous fetch kept up until then.
+            if offset >= end_then {
+                f.caught_up_ms = f.caught_up_ms.max(at);
+            }
         }
+        f.previous_fetch = Some((leader_log_end, now_ms));
         true
     }
 
@@ -273,6 +284,33 @@ mod tests {
             "never above the leader's own flushed end"
         );
         assert!(!l.follower_fetched(9, 1, 100, 20), "not a replica");
+    }
+
+    /// Under appends that never pause, each fetch asks from where the previous one ended,
+    /// which the leader has passed by then: such a follower keeps up (Kafka's rule: caught
+    /// up as of its previous fetch when it reaches the leader's end at that fetch), and
+    /// stays in the ISR; one that falls further behind each time leaves it.
+    #[test]
+    fn a_follower_a_round_trip_behind_under_steady_appends_stays_in_sync() {
+        let lag_max = 1_000;
+        let mut l = LeaderState::new(1, &record(&[1, 2, 3], &[1, 2, 3]), 1, 0, 0);
+        let mut leader_end = 0;
+        for step in 1..=50 {
+            let now = step * 100;
+            // Follower 2 fetches from the leader's end at its previous fetch; follower 3
+            // from half of it.
+            let (two, three) = (leader_end, leader_end / 2);
+            leader_end += 1_000;
+            l.leader_flushed(leader_end);
+            l.follower_fetched(2, two, leader_end, now);
+            l.follower_fetched(3, three, leader_end, now);
+        }
+        let now = 5_000;
+        assert_eq!(l.isr_size(now, lag_max), (2, 1), "follower 2 in, 3 out");
+        assert_eq!(
+            l.wanted_isr(now, l.high_watermark().unwrap_or(0), lag_max),
+            Some(vec![1, 2])
+        );
     }
 
     #[test]

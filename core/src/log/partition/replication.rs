@@ -53,6 +53,7 @@ impl PartitionLog {
             let mut st = self.lock();
             st.role_generation += 1;
             st.retired = false;
+            st.leading = true;
             st.leader_epoch = epoch;
             let end = st.log_end;
             if st.epoch_starts.last().is_none_or(|e| e.0 < epoch) {
@@ -69,6 +70,7 @@ impl PartitionLog {
             let mut st = self.lock();
             st.role_generation += 1;
             st.retired = false;
+            st.leading = false;
             st.leader_epoch = epoch;
             st.role_generation
         };
@@ -78,7 +80,9 @@ impl PartitionLog {
 
     /// Ends any follower loop's right to write (the partition stopped being followed here).
     pub fn end_role(&self) {
-        self.lock().role_generation += 1;
+        let mut st = self.lock();
+        st.role_generation += 1;
+        st.leading = false;
     }
 
     fn check_generation(st: &super::State, generation: u64) -> Result<(), LogError> {
