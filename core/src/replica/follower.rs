@@ -57,6 +57,10 @@ pub async fn follow(
     drop(_e);
     let mut truncated = false;
     let mut durable = Durable::default();
+    // Divergences in a row: a second one at once is a log that cannot take the leader's
+    // batches (deleted under the loop, or damaged); it is tried again after a pause, not in
+    // a tight loop.
+    let mut diverged = 0u32;
     loop {
         if *stop.borrow() {
             return;
@@ -89,9 +93,22 @@ pub async fn follow(
                 Err(e) => Err(e),
             }
         };
+        if step.is_ok() {
+            diverged = 0;
+        }
         if let Err(e) = step {
             match e {
-                Step::Diverged => truncated = false,
+                Step::Diverged => {
+                    truncated = false;
+                    diverged += 1;
+                    if diverged > 1 {
+                        tracing::debug!(parent: &span, diverged, "the log diverged again; pausing");
+                        tokio::select! {
+                            _ = tokio::time::sleep(RETRY_DELAY) => {}
+                            _ = stop.wait_for(|s| *s) => return,
+                        }
+                    }
+                }
                 Step::Retry(reason) => {
                     tracing::debug!(parent: &span, %reason, "replica fetch failed; retrying");
                     if e_is_conn(&reason) {

@@ -86,12 +86,24 @@ enum Role {
     Leader {
         epoch: u64,
         state: Arc<Mutex<LeaderState>>,
+        /// The log this role is of: a topic deleted and made again under the same name has
+        /// a new log (and starts at epoch 0 again), which needs a role of its own.
+        log: std::sync::Weak<PartitionLog>,
     },
     Follower {
         leader: BrokerId,
         epoch: u64,
         stop: watch::Sender<bool>,
+        log: std::sync::Weak<PartitionLog>,
     },
+}
+
+impl Role {
+    /// Whether this role is of `log` (not of an earlier log of the same name).
+    fn is_of(&self, log: &Arc<PartitionLog>) -> bool {
+        let (Role::Leader { log: of, .. } | Role::Follower { log: of, .. }) = self;
+        std::ptr::eq(of.as_ptr(), Arc::as_ptr(log))
+    }
 }
 
 impl Drop for Role {
@@ -645,8 +657,8 @@ impl ReplicaManager {
                 let min_isr = local.config().min_insync_replicas;
                 match p.leader {
                     Some(l) if l == self.me => {
-                        if let Some(Role::Leader { epoch, state }) = roles.get(&key) {
-                            if *epoch == p.leader_epoch {
+                        if let Some(role @ Role::Leader { epoch, state, .. }) = roles.get(&key) {
+                            if *epoch == p.leader_epoch && role.is_of(log) {
                                 lock(state).update(p, min_isr, now);
                                 continue;
                             }
@@ -664,12 +676,13 @@ impl ReplicaManager {
                                 state: Arc::new(Mutex::new(LeaderState::new(
                                     self.me, p, min_isr, end, now,
                                 ))),
+                                log: Arc::downgrade(log),
                             },
                         );
                     }
                     Some(l) => {
-                        if let Some(Role::Follower { leader, epoch, .. }) = roles.get(&key) {
-                            if *leader == l && *epoch == p.leader_epoch {
+                        if let Some(role @ Role::Follower { leader, epoch, .. }) = roles.get(&key) {
+                            if *leader == l && *epoch == p.leader_epoch && role.is_of(log) {
                                 continue;
                             }
                         }
@@ -706,6 +719,7 @@ impl ReplicaManager {
                                 leader: l,
                                 epoch: p.leader_epoch,
                                 stop: stop_tx,
+                                log: Arc::downgrade(log),
                             },
                         );
                     }
