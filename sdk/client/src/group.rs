@@ -464,8 +464,11 @@ impl GroupConsumer {
             self.drop_partitions(&revoked);
             tracing::info!(group = %self.config.group, partitions = ?revoked, "released revoked partitions");
         }
-        // Revoked ones we never started are released at once.
-        {
+        // Revoked ones we never started are released at once. The grants below are read
+        // under the same lock, from the answer as it is now: the commit above awaited, and a
+        // newer answer may have revoked a partition granted in the one read at the top (it
+        // is released here, and must not be started too).
+        let (assignment, rejoined) = {
             let mut s = self.link.lock();
             let before = s.released.len();
             let owned = &self.owned;
@@ -476,10 +479,22 @@ impl GroupConsumer {
                 .cloned()
                 .collect();
             s.released.extend(newly);
+            let assignment: BTreeSet<TopicPartition> = s
+                .assignment
+                .iter()
+                .filter(|tp| !s.revoke.contains(*tp))
+                .cloned()
+                .collect();
+            let rejoined = s.incarnation != self.incarnation;
             if s.released.len() != before || !revoked.is_empty() {
                 drop(s);
                 self.link.released.notify_one();
             }
+            (assignment, rejoined)
+        };
+        if rejoined {
+            // Joined again meanwhile: the next call starts over from the new membership.
+            return Ok(());
         }
         // Granted: start at the committed offset, else this member's start, else the
         // group's reset policy.
@@ -635,7 +650,8 @@ impl GroupConsumer {
             self.link.clone(),
             self.config.group.clone(),
         );
-        tokio::spawn(async move { send_commit(&client, &link, &group, offsets).await })
+        let incarnation = self.incarnation;
+        tokio::spawn(async move { send_commit(&client, &link, &group, incarnation, offsets).await })
     }
 
     fn pending_commits(&self, tps: &[TopicPartition]) -> Vec<OffsetCommit> {
@@ -678,6 +694,7 @@ impl GroupConsumer {
             &self.client,
             &self.link,
             &self.config.group,
+            self.incarnation,
             offsets.clone(),
         )
         .await?;
@@ -760,18 +777,30 @@ impl Drop for GroupConsumer {
     }
 }
 
-/// Sends a commit; a stale generation (a revocation not heard yet) is retried with the
-/// generation the heartbeat task brings in, for a few seconds.
+/// Sends a commit of positions read under membership `incarnation`; a stale generation (a
+/// revocation not heard yet) is retried with the generation the heartbeat task brings in,
+/// for a few seconds. Positions of an earlier membership (the heartbeats joined again since)
+/// are refused with `UnknownMember`: the new member may own the same partitions, which
+/// another member may have processed further meanwhile, and they would move back.
 async fn send_commit(
     client: &Client,
     link: &Link,
     group: &str,
+    incarnation: u64,
     offsets: Vec<OffsetCommit>,
 ) -> Result<u32> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let (member_id, generation) = {
             let s = link.lock();
+            if s.incarnation != incarnation {
+                return Err(ClientError::Broker {
+                    code: ErrorCode::UnknownMember,
+                    message: format!(
+                        "this member joined group {group} again after these positions were read; they are not committed"
+                    ),
+                });
+            }
             (s.member_id.clone(), s.generation)
         };
         let req = CommitOffsetsRequest {

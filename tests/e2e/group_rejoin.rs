@@ -1,0 +1,94 @@
+//! A group member whose heartbeats find it gone (the coordinator restarted or forgot it)
+//! joins again under a new id on its own. Positions it read under the old membership are not
+//! committed under the new one: the new member may own the same partitions, which another
+//! member may have processed further meanwhile, and their offsets would move back.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use quiver_client::{
+    Admin, Client, ClientConfig, GroupConfig, GroupConsumer, Producer, ProducerConfig,
+    ProducerRecord,
+};
+use quiver_core::{Broker, BrokerConfig};
+use quiver_protocol::requests::LeaveGroupRequest;
+use quiver_protocol::ErrorCode;
+
+#[test]
+fn positions_read_before_a_silent_rejoin_are_not_committed_by_the_new_member() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    rt.block_on(async {
+        let broker = Broker::start(BrokerConfig {
+            listen: "127.0.0.1:0".into(),
+            data_dir: dir.path().to_path_buf(),
+            ..BrokerConfig::default()
+        })
+        .await
+        .expect("broker starts");
+        let client = Client::connect(ClientConfig {
+            local: Some(broker.in_process()),
+            connect_timeout: Duration::from_millis(300),
+            ..ClientConfig::new("127.0.0.1:9")
+        })
+        .await
+        .expect("in-process client");
+        Admin::new(client.clone())
+            .create_topic("t", 1, BTreeMap::new())
+            .await
+            .unwrap();
+        let producer = Producer::new(client.clone(), ProducerConfig::default());
+        for i in 0..10 {
+            producer
+                .send(ProducerRecord::new("t", format!("v{i}")))
+                .await
+                .unwrap();
+        }
+        producer.flush().await.unwrap();
+        let mut config = GroupConfig::new("g", ["t"]);
+        config.commit_on_revoke = false;
+        let mut member = GroupConsumer::join(client.clone(), config).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut read = 0;
+        while read < 10 {
+            assert!(Instant::now() < deadline, "read {read} of 10");
+            read += member
+                .poll_timeout(Duration::from_millis(200))
+                .await
+                .unwrap()
+                .len();
+        }
+        // The coordinator forgets the member; its heartbeats join again under a new id.
+        let first = member.member_id();
+        let leave = LeaveGroupRequest {
+            group: "g".into(),
+            member_id: first.clone(),
+        };
+        client
+            .request_for_group("g", &leave, Bytes::new())
+            .await
+            .unwrap();
+        while member.member_id() == first {
+            assert!(Instant::now() < deadline, "the member never joined again");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let e = member
+            .commit()
+            .await
+            .expect_err("an old membership's positions were committed by the new member");
+        assert_eq!(e.code(), Some(ErrorCode::UnknownMember), "{e}");
+        let described = Admin::new(client.clone())
+            .describe_group("g")
+            .await
+            .unwrap();
+        assert!(
+            described.partitions.iter().all(|p| p.committed.is_none()),
+            "{described:?}"
+        );
+        drop(member);
+        drop(producer);
+        drop(client);
+        broker.shutdown().await;
+    });
+}
