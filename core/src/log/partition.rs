@@ -48,6 +48,13 @@ pub struct PartitionMeta {
     /// The log end the producer snapshot covers (-1: no snapshot).
     #[serde(default = "no_snapshot")]
     pub producers_end: i64,
+    /// A replica's high watermark, kept apart from `hw_checkpoint` (which a log not yet
+    /// known to be replicated writes as its log end: everything a lone broker stored is
+    /// committed). Until the broker applies its cluster metadata, a replica restarting
+    /// again keeps this as it was, so records that never reached the ISR are not served as
+    /// committed after two quick restarts. Older records: `hw_checkpoint`.
+    #[serde(default)]
+    pub replica_hw: Option<i64>,
 }
 
 fn no_snapshot() -> i64 {
@@ -320,7 +327,8 @@ impl PartitionLog {
             producers.observe(&h, &v);
         }
         let leader_epoch = pm.leader_epoch;
-        let hw_at_open = pm.hw_checkpoint.min(log_end);
+        let hw_at_open = pm.replica_hw.unwrap_or(pm.hw_checkpoint).min(log_end);
+        pm.replica_hw = Some(hw_at_open);
         pm.hw_checkpoint = log_end;
         meta.insert(&meta_key, serde_json::to_vec(&pm).unwrap_or_default())?;
         let state = State {
@@ -987,6 +995,7 @@ impl PartitionLog {
         if let Some(v) = meta.get(&meta_key)? {
             if let Ok(mut pm) = serde_json::from_slice::<PartitionMeta>(&v) {
                 pm.hw_checkpoint = pm.hw_checkpoint.min(from);
+                pm.replica_hw = pm.replica_hw.map(|hw| hw.min(from));
                 pm.log_start = pm.log_start.min(from);
                 meta.insert(&meta_key, serde_json::to_vec(&pm).unwrap_or_default())?;
             }
@@ -1006,6 +1015,13 @@ impl PartitionLog {
                 epoch_starts: st.epoch_starts.clone(),
                 producers: st.producers.snapshot(),
                 producers_end: st.log_end,
+                // Before the log is known to be replicated its high watermark is its log
+                // end; the replica's own stays as it was at open.
+                replica_hw: Some(if self.is_replicated() {
+                    st.high_watermark
+                } else {
+                    st.hw_at_open
+                }),
             }
         };
         self.meta

@@ -458,6 +458,27 @@ mod tests {
         assert_eq!(log.end_offset_for_epoch(5), (4, 4));
     }
 
+    /// A replica restarted twice before its broker applied the cluster metadata (no
+    /// controller quorum yet, a crash loop) keeps its high watermark: the metadata written
+    /// meanwhile (at open, by the retention tick, at a clean stop) does not turn its log
+    /// end into its high watermark, which would serve records that never reached the ISR.
+    #[test]
+    fn a_replica_restarted_twice_before_its_roles_keeps_its_high_watermark() {
+        let (_dir, db) = temp_db();
+        let (log, _) = follower(&db, &[(0, 5, 1), (5, 5, 1), (10, 5, 1)]);
+        log.advance_high_watermark(5);
+        log.persist_meta().unwrap();
+        drop(log);
+        for _ in 0..2 {
+            let log = open(&db);
+            assert_eq!(log.snapshot().log_end, 15);
+            log.persist_meta().unwrap();
+        }
+        let log = open(&db);
+        log.set_replicated();
+        assert_eq!(log.snapshot().high_watermark, 5);
+    }
+
     #[test]
     fn cutting_everything_forgets_every_epoch() {
         let (_dir, db) = temp_db();
