@@ -16,7 +16,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use quiver_protocol::batch::{self, BatchHeader};
+use quiver_protocol::batch::{self, sequence_after, sequence_distance, BatchHeader};
 
 /// How many recent batches per producer are remembered for duplicate detection.
 const REMEMBERED: usize = 8;
@@ -112,18 +112,20 @@ impl ProducerTable {
             };
         };
         let entry = &self.producers[&producer_id];
-        let expected = last.last_seq.wrapping_add(1);
+        // Sequences wrap from i32::MAX to 0; "ahead" is less than half the range forward.
+        let expected = sequence_after(last.last_seq, 1);
         if first_seq == expected {
             return SequenceCheck::Append;
         }
+        let last_seq = sequence_after(first_seq, count - 1);
         if let Some(b) = entry
             .recent
             .iter()
-            .find(|b| b.first_seq == first_seq && b.last_seq == first_seq.wrapping_add(count - 1))
+            .find(|b| b.first_seq == first_seq && b.last_seq == last_seq)
         {
             return SequenceCheck::Duplicate(*b);
         }
-        if first_seq > expected {
+        if sequence_distance(expected, first_seq) < 1 << 30 {
             SequenceCheck::Wait
         } else {
             SequenceCheck::Reject
@@ -196,7 +198,7 @@ impl ProducerTable {
             h.producer_epoch,
             AppendedBatch {
                 first_seq: h.base_sequence,
-                last_seq: h.base_sequence.wrapping_add(h.record_count - 1),
+                last_seq: sequence_after(h.base_sequence, h.record_count - 1),
                 base_offset: h.base_offset,
                 last_offset: h.last_offset(),
             },
@@ -241,6 +243,49 @@ mod tests {
             base_offset: off,
             last_offset: off + i64::from(last - first),
         }
+    }
+
+    /// Sequences wrap from i32::MAX to 0: a producer past 2^31 records to one partition
+    /// goes on (it waited 5 s per batch and failed before), a batch may straddle the wrap,
+    /// and "ahead" and "behind" hold across it.
+    #[test]
+    fn sequences_wrap_from_max_to_zero() {
+        let max = i32::MAX;
+        let mut t = ProducerTable::default();
+        t.record(1, 0, b(max - 9, max, 0));
+        assert_eq!(t.check(1, 0, 0, 5), SequenceCheck::Append);
+        assert_eq!(
+            t.check(1, 0, 5, 5),
+            SequenceCheck::Wait,
+            "ahead across the wrap"
+        );
+        assert_eq!(t.check(1, 0, max - 20, 5), SequenceCheck::Reject);
+        assert!(matches!(
+            t.check(1, 0, max - 9, 10),
+            SequenceCheck::Duplicate(_)
+        ));
+        // A batch straddling the wrap: MAX-2..=1; the next starts at 2.
+        let mut t = ProducerTable::default();
+        t.record(2, 0, b(max - 10, max - 3, 0));
+        assert_eq!(t.check(2, 0, max - 2, 5), SequenceCheck::Append);
+        let mut raw = {
+            let mut bb = quiver_protocol::batch::BatchBuilder::new(
+                quiver_protocol::batch::Compression::None,
+            );
+            for _ in 0..5 {
+                bb.push(None, b"v", 0, &[]);
+            }
+            bb.set_producer(2, 0, max - 2);
+            bb.build().to_vec()
+        };
+        batch::set_base_offset(&mut raw, 8);
+        let h = BatchHeader::parse(&raw).unwrap();
+        t.observe(&h, &raw);
+        assert_eq!(t.check(2, 0, 2, 3), SequenceCheck::Append);
+        assert!(matches!(
+            t.check(2, 0, max - 2, 5),
+            SequenceCheck::Duplicate(_)
+        ));
     }
 
     #[test]

@@ -351,7 +351,7 @@ fn next_sequence(
 ) -> i32 {
     let seq = sequences.entry((topic.to_string(), partition)).or_insert(0);
     let first = *seq;
-    *seq = seq.wrapping_add(count).max(0);
+    *seq = quiver_protocol::batch::sequence_after(*seq, count);
     first
 }
 

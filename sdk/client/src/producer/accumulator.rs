@@ -288,10 +288,7 @@ impl PartitionQueue {
             let records = closed.builder.len();
             let (producer_id, epoch) = identity(self.base_id, generation);
             closed.builder.set_producer(producer_id, epoch, sequence);
-            sequence = sequence.wrapping_add(records as i32);
-            if sequence < 0 {
-                sequence = 0;
-            }
+            sequence = quiver_protocol::batch::sequence_after(sequence, records as i32);
             let bytes = closed.builder.build();
             {
                 let mut st = lock(&self.state);

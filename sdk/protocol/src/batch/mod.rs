@@ -57,6 +57,18 @@ mod compression;
 mod record;
 
 pub use builder::BatchBuilder;
+
+/// Producer sequence numbers run from 0 to `i32::MAX` and then wrap to 0 (as Kafka's do):
+/// the sequence `n` records after `seq`.
+pub fn sequence_after(seq: i32, n: i32) -> i32 {
+    (i64::from(seq) + i64::from(n)).rem_euclid(1 << 31) as i32
+}
+
+/// How far sequence `seq` is ahead of `from`, counting forward around the wrap (in
+/// `0..2^31`: a sequence just behind `from` is nearly 2^31 ahead).
+pub fn sequence_distance(from: i32, seq: i32) -> i64 {
+    (i64::from(seq) - i64::from(from)).rem_euclid(1 << 31)
+}
 pub use compression::Compression;
 pub use record::{Header, Record, RecordIter};
 
