@@ -843,6 +843,7 @@ impl PartitionLog {
             return Ok(0);
         }
         let snap = self.snapshot();
+        let generation = self.lock().role_generation;
         let mut summaries = Vec::new();
         for item in self.batches.iter().take(100_000) {
             let (_, v) = item?;
@@ -872,11 +873,19 @@ impl PartitionLog {
         }
         let new_start = summaries[n - 1].next_offset;
         let freed: u64 = summaries[..n].iter().map(|b| b.size).sum();
-        // Move the log start first so no reader is sent to a batch being removed.
+        // Move the log start first so no reader is sent to a batch being removed. The
+        // batches were listed without the lock: a follower reset or truncation since then
+        // (a new role) makes the list stale, and this pass gives way to the next one.
         {
             let mut st = self.lock();
+            if st.role_generation != generation
+                || st.log_start != snap.log_start
+                || new_start > st.high_watermark
+            {
+                return Ok(0);
+            }
             st.log_start = new_start;
-            st.size_bytes -= freed;
+            st.size_bytes = st.size_bytes.saturating_sub(freed);
             st.txns.trim(new_start);
         }
         self.persist_meta()?;
