@@ -1,7 +1,8 @@
-//! A group member whose heartbeats find it gone (the coordinator restarted or forgot it)
-//! joins again under a new id on its own. Positions it read under the old membership are not
-//! committed under the new one: the new member may own the same partitions, which another
-//! member may have processed further meanwhile, and their offsets would move back.
+//! Group members' positions, with an in-process broker. A member whose heartbeats find it
+//! gone (the coordinator restarted or forgot it) joins again under a new id on its own:
+//! positions it read under the old membership are not committed under the new one (the new
+//! member may own the same partitions, which another member may have processed further
+//! meanwhile, and their offsets would move back). A rewound partition is read again.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -11,41 +12,90 @@ use quiver_client::{
     Admin, Client, ClientConfig, GroupConfig, GroupConsumer, Producer, ProducerConfig,
     ProducerRecord,
 };
-use quiver_core::{Broker, BrokerConfig};
+use quiver_core::{Broker, BrokerConfig, BrokerHandle};
 use quiver_protocol::requests::LeaveGroupRequest;
 use quiver_protocol::ErrorCode;
+
+/// An in-process broker with topic `t` (one partition) holding `records` records.
+async fn broker_with_records(dir: &std::path::Path, records: usize) -> (BrokerHandle, Client) {
+    let broker = Broker::start(BrokerConfig {
+        listen: "127.0.0.1:0".into(),
+        data_dir: dir.to_path_buf(),
+        ..BrokerConfig::default()
+    })
+    .await
+    .expect("broker starts");
+    let client = Client::connect(ClientConfig {
+        local: Some(broker.in_process()),
+        connect_timeout: Duration::from_millis(300),
+        ..ClientConfig::new("127.0.0.1:9")
+    })
+    .await
+    .expect("in-process client");
+    Admin::new(client.clone())
+        .create_topic("t", 1, BTreeMap::new())
+        .await
+        .unwrap();
+    let producer = Producer::new(client.clone(), ProducerConfig::default());
+    for i in 0..records {
+        producer
+            .send(ProducerRecord::new("t", format!("v{i}")))
+            .await
+            .unwrap();
+    }
+    producer.flush().await.unwrap();
+    (broker, client)
+}
+
+#[test]
+fn a_rewound_partition_is_read_again_not_skipped_by_the_next_commit() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    rt.block_on(async {
+        let (broker, client) = broker_with_records(dir.path(), 20).await;
+        let mut member = GroupConsumer::join(client.clone(), GroupConfig::new("g", ["t"]))
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut read = 0;
+        while read < 20 {
+            assert!(Instant::now() < deadline, "read {read} of 20");
+            read += member
+                .poll_timeout(Duration::from_millis(200))
+                .await
+                .unwrap()
+                .len();
+        }
+        member.rewind("t", 0, 10);
+        let mut again = Vec::new();
+        while again.len() < 10 {
+            assert!(
+                Instant::now() < deadline,
+                "read again {} of 10",
+                again.len()
+            );
+            again.extend(
+                member
+                    .poll_timeout(Duration::from_millis(200))
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|r| r.offset),
+            );
+        }
+        assert_eq!(again, (10..20).collect::<Vec<i64>>());
+        member.close().await.unwrap();
+        drop(client);
+        broker.shutdown().await;
+    });
+}
 
 #[test]
 fn positions_read_before_a_silent_rejoin_are_not_committed_by_the_new_member() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     rt.block_on(async {
-        let broker = Broker::start(BrokerConfig {
-            listen: "127.0.0.1:0".into(),
-            data_dir: dir.path().to_path_buf(),
-            ..BrokerConfig::default()
-        })
-        .await
-        .expect("broker starts");
-        let client = Client::connect(ClientConfig {
-            local: Some(broker.in_process()),
-            connect_timeout: Duration::from_millis(300),
-            ..ClientConfig::new("127.0.0.1:9")
-        })
-        .await
-        .expect("in-process client");
-        Admin::new(client.clone())
-            .create_topic("t", 1, BTreeMap::new())
-            .await
-            .unwrap();
-        let producer = Producer::new(client.clone(), ProducerConfig::default());
-        for i in 0..10 {
-            producer
-                .send(ProducerRecord::new("t", format!("v{i}")))
-                .await
-                .unwrap();
-        }
-        producer.flush().await.unwrap();
+        let (broker, client) = broker_with_records(dir.path(), 10).await;
         let mut config = GroupConfig::new("g", ["t"]);
         config.commit_on_revoke = false;
         let mut member = GroupConsumer::join(client.clone(), config).await.unwrap();
@@ -87,7 +137,6 @@ fn positions_read_before_a_silent_rejoin_are_not_committed_by_the_new_member() {
             "{described:?}"
         );
         drop(member);
-        drop(producer);
         drop(client);
         broker.shutdown().await;
     });

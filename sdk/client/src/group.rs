@@ -397,15 +397,21 @@ impl GroupConsumer {
     }
 
     /// Treats records of `topic`/`partition` from `offset` on as not consumed: the next
-    /// commit stores at most `offset` for it (records already handed out are not re-read
-    /// by this member; another member starting from the commit will read them).
+    /// commit stores at most `offset` for it, and the next polls hand them out again (else
+    /// a poll would move the position past them, and a commit skip them).
     pub fn rewind(&mut self, topic: &str, partition: u32, offset: i64) {
         let tp = TopicPartition::new(topic, partition);
+        let behind = self.positions.get(&tp).is_some_and(|p| *p > offset);
         if let Some(p) = self.positions.get_mut(&tp) {
             *p = (*p).min(offset);
         }
         if let Some(p) = self.stored.get_mut(&tp) {
             *p = (*p).min(offset);
+        }
+        if behind && self.owned.contains(&tp) {
+            if let Err(e) = self.consumer.seek(topic, partition, SeekTo::Offset(offset)) {
+                tracing::warn!(group = %self.config.group, %topic, partition, error = %e, "cannot read again from a rewound offset");
+            }
         }
     }
 
