@@ -74,6 +74,10 @@ impl GroupServiceError {
             GroupServiceError::Group(e) => e.code(),
             GroupServiceError::Topic(e) => e.code(),
             GroupServiceError::Log(e) => e.code(),
+            // Led elsewhere now: the client finds the coordinator again and retries.
+            GroupServiceError::Persist(LogError::NotLeading(_) | LogError::Moved(_)) => {
+                ErrorCode::NotLeader
+            }
             GroupServiceError::Persist(_) => ErrorCode::StorageError,
             GroupServiceError::Refused(_) => ErrorCode::InvalidRequest,
             GroupServiceError::NotCoordinator { .. } => ErrorCode::NotLeader,
@@ -484,6 +488,14 @@ impl GroupService {
         let header = quiver_protocol::batch::validate(&raw, usize::MAX)
             .map_err(|e| GroupServiceError::Persist(LogError::InvalidBatch(e)))?;
         let deadline = tokio::time::Instant::now() + PERSIST_TIMEOUT;
+        // A service of an earlier leadership (this broker led the partition again since,
+        // and a new service replays it) must not write: the new one would not see it.
+        if !self.still_leads() {
+            return Err(GroupServiceError::Persist(LogError::NotLeading(format!(
+                "{OFFSETS_TOPIC}/{} is led under another epoch now",
+                self.log.partition
+            ))));
+        }
         let appended = self
             .log
             .append(
@@ -501,12 +513,17 @@ impl GroupService {
             // Acknowledged only once the in-sync replicas have it: a new coordinator
             // (another broker) replays it.
             rm.leader_flushed(&self.log, appended.last_offset + 1);
-            rm.wait_committed(&self.log, appended.last_offset, deadline)
-                .await
-                .map_err(|e| {
-                    warn!(error = %e, "group records not confirmed by the in-sync replicas");
-                    GroupServiceError::Persist(LogError::Timeout(e.to_string()))
-                })?;
+            rm.wait_committed_under(
+                &self.log,
+                appended.last_offset,
+                self.led_epoch.get().copied(),
+                deadline,
+            )
+            .await
+            .map_err(|e| {
+                warn!(error = %e, "group records not confirmed by the in-sync replicas");
+                GroupServiceError::Persist(LogError::Timeout(e.to_string()))
+            })?;
         }
         Ok(appended.base_offset)
     }

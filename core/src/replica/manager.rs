@@ -378,8 +378,22 @@ impl ReplicaManager {
         last_offset: i64,
         deadline: tokio::time::Instant,
     ) -> Result<(), ReplicaError> {
+        self.wait_committed_under(log, last_offset, None, deadline)
+            .await
+    }
+
+    /// [`wait_committed`](Self::wait_committed) for a writer that took the partition over
+    /// at leader epoch `led` (a coordinator's service): a leadership taken again later, at
+    /// another epoch, is not the writer's, and its high watermark acknowledges nothing.
+    pub async fn wait_committed_under(
+        &self,
+        log: &PartitionLog,
+        last_offset: i64,
+        led: Option<u64>,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), ReplicaError> {
         let epoch = match lock(&self.roles).get(&(log.topic.clone(), log.partition)) {
-            Some(Role::Leader { epoch, .. }) => *epoch,
+            Some(Role::Leader { epoch, .. }) if led.is_none_or(|l| l == *epoch) => *epoch,
             _ => return Err(self.not_leader(&log.topic, log.partition)),
         };
         loop {
