@@ -23,7 +23,9 @@ pub mod store;
 pub mod txn_index;
 
 pub use flush::Flusher;
-pub use partition::{AppendResult, PartitionLog, PartitionSnapshot, ReadResult, RepairReport};
+pub use partition::{
+    AppendResult, PartitionLog, PartitionSnapshot, ReadResult, RepairReport, TxnGuard,
+};
 
 use quiver_protocol::{ErrorCode, ProtocolError};
 
@@ -70,6 +72,10 @@ pub enum LogError {
     /// it led landed after it stepped down.
     #[error("not the leader: {0}; refresh metadata")]
     NotLeading(String),
+    /// A transaction's batch whose transaction ended here while the batch was checked
+    /// against its coordinator (it belongs to an attempt already aborted or committed).
+    #[error("{0}")]
+    TxnEnded(String),
     /// The partition was deleted while in use.
     #[error("partition was deleted")]
     Deleted,
@@ -100,6 +106,7 @@ impl LogError {
             LogError::Fenced(_) => ErrorCode::ProducerFenced,
             LogError::Timeout(_) => ErrorCode::RequestTimedOut,
             LogError::Moved(_) | LogError::NotLeading(_) => ErrorCode::NotLeader,
+            LogError::TxnEnded(_) => ErrorCode::InvalidTxnState,
             LogError::Deleted => ErrorCode::UnknownTopicOrPartition,
             LogError::Offline { .. } => ErrorCode::StorageError,
             LogError::Worker(_) => ErrorCode::Internal,

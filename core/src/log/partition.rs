@@ -87,6 +87,21 @@ struct State {
     leading: bool,
 }
 
+/// What a transaction's check against its coordinator saw of the producer here
+/// ([`PartitionLog::txn_guard`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxnGuard {
+    producer_id: i64,
+    markers: u64,
+}
+
+impl TxnGuard {
+    /// The producer it is of.
+    pub fn producer_id(&self) -> i64 {
+        self.producer_id
+    }
+}
+
 /// Offsets and size at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PartitionSnapshot {
@@ -380,6 +395,17 @@ impl PartitionLog {
         self.lock().txns.is_open(producer_id, epoch)
     }
 
+    /// Notes, before a transaction's first batch here is checked against its coordinator,
+    /// how many of the producer's markers this log has taken: given to
+    /// [`append_guarded`](Self::append_guarded), the batch is refused if its transaction
+    /// ended here meanwhile (Kafka's verification guard).
+    pub fn txn_guard(&self, producer_id: i64) -> TxnGuard {
+        TxnGuard {
+            producer_id,
+            markers: self.lock().producers.markers(producer_id),
+        }
+    }
+
     /// Offsets and size now.
     pub fn snapshot(&self) -> PartitionSnapshot {
         let s = self.lock();
@@ -456,6 +482,21 @@ impl PartitionLog {
         flusher: &Flusher,
         timeout: Duration,
     ) -> Result<AppendResult, LogError> {
+        self.append_guarded(checked, &[], config, flusher, timeout)
+            .await
+    }
+
+    /// [`append`](Self::append) of batches whose transactions were checked against their
+    /// coordinators under `guards`: a transaction's data batch whose transaction is not open
+    /// here, and that took a marker of its producer since its guard, is refused.
+    pub async fn append_guarded(
+        self: &Arc<Self>,
+        checked: Vec<(Bytes, BatchHeader)>,
+        guards: &[TxnGuard],
+        config: &TopicConfig,
+        flusher: &Flusher,
+        timeout: Duration,
+    ) -> Result<AppendResult, LogError> {
         self.check_alive()?;
         let (batches, headers): (Vec<Bytes>, Vec<BatchHeader>) = checked.into_iter().unzip();
         let now = tokio::time::Instant::now();
@@ -468,7 +509,11 @@ impl PartitionLog {
                 tokio::pin!(moved);
                 moved.as_mut().enable();
                 let (this, raw2, h2) = (self.clone(), raw.clone(), *h);
-                let tried = blocking(move || this.try_append(&raw2, &h2)).await?;
+                let guard = guards
+                    .iter()
+                    .find(|g| g.producer_id == h.producer_id)
+                    .copied();
+                let tried = blocking(move || this.try_append(&raw2, &h2, guard)).await?;
                 let waiting_for = match tried? {
                     Ok(done) => break done,
                     Err(check) => check,
@@ -543,6 +588,7 @@ impl PartitionLog {
         &self,
         raw: &Bytes,
         h: &BatchHeader,
+        guard: Option<TxnGuard>,
     ) -> Result<Result<AppendResult, SequenceCheck>, LogError> {
         let mut st = self.lock();
         if st.retired {
@@ -585,6 +631,16 @@ impl PartitionLog {
                 }));
             }
             SequenceCheck::Append => {}
+        }
+        if let Some(g) = guard.filter(|_| h.is_transactional() && !h.is_control()) {
+            if !st.txns.is_open(h.producer_id, h.producer_epoch)
+                && st.producers.markers(h.producer_id) != g.markers
+            {
+                return Err(LogError::TxnEnded(format!(
+                    "the transaction of producer {} ended on {}/{} while this batch was checked against its coordinator; the batch belongs to an attempt already ended",
+                    h.producer_id, self.topic, self.partition
+                )));
+            }
         }
         if h.is_control() {
             if let Err(newer) = st
@@ -1217,6 +1273,38 @@ mod tests {
         let raw = batch::control_batch(1 << 62, 0, batch::Marker::Commit, coordinator, 2);
         let h = batch::validate(&raw, 1 << 20).unwrap();
         (raw, h)
+    }
+
+    /// A transaction's batch checked against its coordinator while the transaction ended
+    /// here (the producer gave up on the request and aborted) is refused: stored after the
+    /// marker it would open a transaction nobody ends (the last stable offset stuck), or be
+    /// made visible by the producer's next commit.
+    #[tokio::test]
+    async fn a_transactions_batch_checked_while_it_ended_here_is_refused() {
+        let (_dir, db, f, _stop) = setup().await;
+        let p = open_partition(&db);
+        let cfg = TopicConfig::default();
+        let t = Duration::from_secs(5);
+        p.append(vec![txn_batch(0)], &cfg, &f, t).await.unwrap();
+        // The next batch is checked; meanwhile the transaction ends here.
+        let guard = p.txn_guard(1 << 62);
+        p.append(vec![commit_from(None)], &cfg, &f, t)
+            .await
+            .unwrap();
+        let e = p
+            .append_guarded(vec![txn_batch(1)], &[guard], &cfg, &f, t)
+            .await;
+        assert!(matches!(e, Err(LogError::TxnEnded(_))), "{e:?}");
+        assert_eq!(
+            p.snapshot().last_stable,
+            p.snapshot().log_end,
+            "nothing left open"
+        );
+        // Checked after the marker, the next transaction's first batch goes in.
+        let guard = p.txn_guard(1 << 62);
+        p.append_guarded(vec![txn_batch(1)], &[guard], &cfg, &f, t)
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

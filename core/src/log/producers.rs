@@ -59,6 +59,9 @@ struct ProducerEntry {
     recent: VecDeque<AppendedBatch>,
     /// Newest coordinator epoch of a marker taken for the producer.
     coordinator_epoch: Option<u64>,
+    /// Markers taken for the producer since the log was opened (a transaction's check
+    /// against its coordinator notes this, and its batch is refused if one came meanwhile).
+    markers: u64,
 }
 
 /// Most producers a snapshot keeps (those that wrote last); older ones are forgotten, like
@@ -132,6 +135,11 @@ impl ProducerTable {
         }
     }
 
+    /// Markers taken for `producer_id` since the log was opened.
+    pub fn markers(&self, producer_id: i64) -> u64 {
+        self.producers.get(&producer_id).map_or(0, |e| e.markers)
+    }
+
     /// The state of the producers that wrote last (at most [`SNAPSHOT_PRODUCERS`]).
     pub fn snapshot(&self) -> Vec<ProducerSnapshot> {
         let mut all: Vec<ProducerSnapshot> = self
@@ -165,6 +173,7 @@ impl ProducerTable {
                             epoch: p.epoch,
                             recent: p.recent.iter().copied().collect(),
                             coordinator_epoch: p.coordinator_epoch,
+                            markers: 0,
                         },
                     )
                 })
@@ -204,8 +213,9 @@ impl ProducerTable {
             },
         );
         if h.is_control() && h.producer_id >= 0 {
+            let e = self.producers.entry(h.producer_id).or_default();
+            e.markers += 1;
             if let Some(c) = batch::coordinator_epoch_of(raw) {
-                let e = self.producers.entry(h.producer_id).or_default();
                 e.coordinator_epoch = Some(e.coordinator_epoch.map_or(c, |k| k.max(c)));
             }
         }

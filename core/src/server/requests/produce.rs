@@ -11,6 +11,7 @@ use quiver_protocol::requests::{Acks, ProduceRequest, ProduceResponse, VerifyTxn
 use quiver_protocol::ErrorCode;
 
 use super::{decode, Reply, RequestError};
+use crate::log::TxnGuard;
 use crate::server::ServerContext;
 
 /// Handles a produce request.
@@ -53,10 +54,19 @@ pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
     // lone broker registers them itself; in a cluster the producer added them
     // (AddPartitionsToTxn), and the coordinator confirms it before a producer's first
     // transactional batch here.
+    // What each check saw: a batch whose transaction ended here meanwhile (the producer
+    // aborted it after giving up on this request) is refused, not stored after the marker.
+    let mut guards = Vec::new();
     let mut verified = Vec::new();
     for (_, h) in &checked {
         if !h.is_transactional() {
             continue;
+        }
+        if !guards
+            .iter()
+            .any(|g: &TxnGuard| g.producer_id() == h.producer_id)
+        {
+            guards.push(log.txn_guard(h.producer_id));
         }
         if let Some(txns) = ctx.groups.lone_txns() {
             txns.register_partition(h.producer_id, h.producer_epoch, &req.topic, req.partition)
@@ -77,7 +87,9 @@ pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
         }
     }
     let deadline = tokio::time::Instant::now() + timeout;
-    let appended = log.append(checked, &config, &ctx.flusher, timeout).await?;
+    let appended = log
+        .append_guarded(checked, &guards, &config, &ctx.flusher, timeout)
+        .await?;
     if let Some(rm) = replicas {
         rm.leader_flushed(&log, appended.last_offset + 1);
         if req.acks == Acks::All {
