@@ -21,6 +21,7 @@ mod hostile_input;
 mod in_process;
 mod pipelines;
 mod plugins;
+mod producer_numbering;
 mod shutdown;
 mod topics_admin;
 mod transactions;

@@ -69,9 +69,10 @@ pub struct Landed {
     pub last_offset: i64,
 }
 
-/// One partition's buffered records: closed (stamped) batches with their record counts, and
-/// the open builder.
-type Buffered = (Vec<(Bytes, i32)>, BatchBuilder);
+/// One partition's buffered records: closed batches and the open builder. Sequences are
+/// given at flush, just before sending: a batch dropped unsent (an abort) takes none, so
+/// the partition's numbering has no gap the broker would wait on.
+type Buffered = (Vec<BatchBuilder>, BatchBuilder);
 
 /// A producer whose writes are transactions.
 pub struct TransactionalProducer {
@@ -86,6 +87,12 @@ pub struct TransactionalProducer {
     round_robin: u32,
     /// Partitions added to the open transaction on its coordinator.
     added: BTreeSet<(String, u32)>,
+    /// The transaction timeout asked for at init (asked again when starting over).
+    timeout_ms: u32,
+    /// Why the producer must start over (a new epoch) before its next transaction: a flush
+    /// failed after its batches were numbered (a partition may lack some the broker would
+    /// wait for), or ending a transaction failed (its outcome is unknown). `abort` does it.
+    needs_init: Option<String>,
 }
 
 impl std::fmt::Debug for TransactionalProducer {
@@ -126,6 +133,8 @@ impl TransactionalProducer {
             partitions: HashMap::new(),
             round_robin: 0,
             added: BTreeSet::new(),
+            timeout_ms: req.timeout_ms,
+            needs_init: None,
         })
     }
 
@@ -182,12 +191,8 @@ impl TransactionalProducer {
             .1
             .push(record.key.as_deref(), &record.value, ts, &headers);
         if entry.1.size_bytes() >= BATCH_BYTES {
-            let count = entry.1.len() as i32;
-            let mut b = std::mem::replace(&mut entry.1, BatchBuilder::new(Compression::None));
-            let seq = next_sequence(&mut self.sequences, &record.topic, partition, count);
-            entry
-                .0
-                .push((stamp(&mut b, self.producer_id, self.epoch, seq), count));
+            let b = std::mem::replace(&mut entry.1, BatchBuilder::new(Compression::None));
+            entry.0.push(b);
         }
         Ok(partition)
     }
@@ -195,18 +200,38 @@ impl TransactionalProducer {
     /// Writes everything buffered (in the open transaction) and waits until every partition
     /// acknowledged it (acks=all). Returns where each partition's records landed.
     pub async fn flush(&mut self) -> Result<BTreeMap<(String, u32), Landed>> {
+        if let Some(why) = &self.needs_init {
+            return Err(ClientError::InvalidConfig(format!(
+                "the last transaction failed ({why}); call abort() before the next one"
+            )));
+        }
         let mut jobs = Vec::new();
         let pending = std::mem::take(&mut self.pending);
-        for ((topic, partition), (mut closed, mut open)) in pending {
+        for ((topic, partition), (mut closed, open)) in pending {
             if !open.is_empty() {
-                let count = open.len() as i32;
-                let seq = next_sequence(&mut self.sequences, &topic, partition, count);
-                closed.push((stamp(&mut open, self.producer_id, self.epoch, seq), count));
+                closed.push(open);
             }
             jobs.push((topic, partition, closed));
         }
         self.add_partitions(jobs.iter().map(|(t, p, _)| (t.clone(), *p)))
             .await?;
+        // Numbered now, just before sending; until every batch is acknowledged, a failure
+        // may leave a gap in a partition's numbering.
+        let jobs: Vec<(String, u32, Vec<(Bytes, i32)>)> = jobs
+            .into_iter()
+            .map(|(topic, partition, builders)| {
+                let batches = builders
+                    .into_iter()
+                    .map(|mut b| {
+                        let count = b.len() as i32;
+                        let seq = next_sequence(&mut self.sequences, &topic, partition, count);
+                        (stamp(&mut b, self.producer_id, self.epoch, seq), count)
+                    })
+                    .collect();
+                (topic, partition, batches)
+            })
+            .collect();
+        self.needs_init = Some("a flush did not complete".into());
         let client = self.client.clone();
         let sends = jobs.into_iter().map(|(topic, partition, batches)| {
             let client = client.clone();
@@ -236,6 +261,7 @@ impl TransactionalProducer {
                 out.insert(tp, l);
             }
         }
+        self.needs_init = None;
         Ok(out)
     }
 
@@ -276,6 +302,21 @@ impl TransactionalProducer {
     /// visible to read-committed consumers, and its offsets are not stored.
     pub async fn abort(&mut self) -> Result<()> {
         self.pending.clear();
+        if self.needs_init.is_some() {
+            // Start over: a new epoch numbers every partition from 0 again, and
+            // InitTransactions ends whatever this id left open (the coordinator aborts it).
+            let req = InitTransactionsRequest {
+                transactional_id: self.id.clone(),
+                timeout_ms: self.timeout_ms,
+            };
+            let r = coordinator_request(&self.client, &self.id, &req).await?;
+            self.producer_id = r.producer_id;
+            self.epoch = r.producer_epoch;
+            self.sequences.clear();
+            self.added.clear();
+            self.needs_init = None;
+            return Ok(());
+        }
         self.end(false).await
     }
 
@@ -291,8 +332,12 @@ impl TransactionalProducer {
             commit,
         };
         let ended = coordinator_request(&self.client, &self.id, &req).await;
-        // Whatever the outcome, the next transaction adds its partitions afresh.
+        // Whatever the outcome, the next transaction adds its partitions afresh; an outcome
+        // not known (the request failed) is settled by starting over at the next abort.
         self.added.clear();
+        if let Err(e) = &ended {
+            self.needs_init = Some(format!("ending it failed: {e}"));
+        }
         ended.map(drop)
     }
 

@@ -264,31 +264,42 @@ impl PartitionQueue {
                 }
                 continue;
             };
-            let current = self.generation.load(Ordering::Acquire);
-            if current != generation {
-                generation = current;
-                sequence = 0;
-            }
             // The broker learns a producer id from the first batch it sees, so the first
             // batch of an id goes alone: pipelined successors could otherwise overtake it.
-            let permits = if sequence == 0 {
-                shared.config.max_in_flight_per_partition as u32
-            } else {
-                1
+            let permit = loop {
+                let current = self.generation.load(Ordering::Acquire);
+                if current != generation {
+                    generation = current;
+                    sequence = 0;
+                }
+                let permits = if sequence == 0 {
+                    shared.config.max_in_flight_per_partition as u32
+                } else {
+                    1
+                };
+                let Ok(permit) = in_flight.clone().acquire_many_owned(permits).await else {
+                    break None;
+                };
+                // A permanent failure may have moved the epoch on while we waited: the new
+                // epoch's first batch then waits for every permit, as any first batch does.
+                if self.generation.load(Ordering::Acquire) == generation {
+                    break Some(permit);
+                }
             };
-            let Ok(permit) = in_flight.clone().acquire_many_owned(permits).await else {
+            let Some(permit) = permit else {
                 break;
             };
-            // A permanent failure may have moved the epoch on while we waited for the permits.
-            let current = self.generation.load(Ordering::Acquire);
-            if current != generation {
-                generation = current;
-                sequence = 0;
-            }
             let records = closed.builder.len();
-            let (producer_id, epoch) = identity(self.base_id, generation);
-            closed.builder.set_producer(producer_id, epoch, sequence);
-            sequence = quiver_protocol::batch::sequence_after(sequence, records as i32);
+            if shared.config.acks == Acks::None {
+                // Nobody reads the answers, so nothing would notice a refused batch: the
+                // sequence gap it leaves would hold every later batch (Kafka ties
+                // idempotence to acknowledgements too). Not sequenced, appended as sent.
+                closed.builder.set_producer(-1, -1, -1);
+            } else {
+                let (producer_id, epoch) = identity(self.base_id, generation);
+                closed.builder.set_producer(producer_id, epoch, sequence);
+                sequence = quiver_protocol::batch::sequence_after(sequence, records as i32);
+            }
             let bytes = closed.builder.build();
             {
                 let mut st = lock(&self.state);

@@ -1,0 +1,118 @@
+//! Producers' sequence numbering against a real broker: nothing a producer drops unsent or
+//! cannot hear about leaves a gap the broker would wait on. A transaction aborted before
+//! its batches were sent takes no sequence numbers; an `acks=0` producer, which never reads
+//! the broker's answers, does not number its batches, so one refused batch does not hold
+//! every later one.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use quiver_client::{
+    Acks, Admin, Client, ClientConfig, Consumer, ConsumerConfig, Producer, ProducerConfig,
+    ProducerRecord, SeekTo, TransactionalProducer,
+};
+use quiver_core::{Broker, BrokerConfig};
+
+use super::harness::TestBroker;
+
+#[test]
+fn a_transaction_aborted_before_its_batches_were_sent_leaves_no_gap() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    rt.block_on(async {
+        let broker = Broker::start(BrokerConfig {
+            listen: "127.0.0.1:0".into(),
+            data_dir: dir.path().to_path_buf(),
+            ..BrokerConfig::default()
+        })
+        .await
+        .expect("broker starts");
+        let client = Client::connect(ClientConfig {
+            local: Some(broker.in_process()),
+            connect_timeout: Duration::from_millis(300),
+            ..ClientConfig::new("127.0.0.1:9")
+        })
+        .await
+        .expect("in-process client");
+        Admin::new(client.clone())
+            .create_topic("t", 1, BTreeMap::new())
+            .await
+            .unwrap();
+        let mut tx = TransactionalProducer::init(client.clone(), "numbering")
+            .await
+            .unwrap();
+        tx.prepare_topic("t").await.unwrap();
+        // More than one batch's worth: the first batches close while the transaction is
+        // still being filled.
+        let value = vec![b'x'; 1024];
+        for _ in 0..1200 {
+            tx.send(ProducerRecord::new("t", value.clone())).unwrap();
+        }
+        tx.abort().await.unwrap();
+        tx.send(ProducerRecord::new("t", "after the abort"))
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(60), tx.commit(None))
+            .await
+            .expect("the commit is answered")
+            .expect("the next transaction commits");
+        drop(tx);
+        drop(client);
+        broker.shutdown().await;
+    });
+}
+
+#[test]
+fn an_acks_0_producer_goes_on_after_a_refused_batch() {
+    let b = TestBroker::start();
+    b.cli_ok(&["topic", "create", "fire"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = Client::connect(b.client_config()).await.expect("connect");
+        let producer = Producer::new(
+            client.clone(),
+            ProducerConfig {
+                acks: Acks::None,
+                ..ProducerConfig::default()
+            },
+        );
+        // Ten days ahead of the broker's clock: refused, and nobody hears of it.
+        let future = quiver_core::clock::now_ms() + 10 * 24 * 3600 * 1000;
+        producer
+            .send(ProducerRecord::new("fire", "from the future").with_timestamp(future))
+            .await
+            .unwrap();
+        producer.flush().await.unwrap();
+        for i in 0..10 {
+            producer
+                .send(ProducerRecord::new("fire", format!("ok-{i}")))
+                .await
+                .unwrap();
+            producer.flush().await.unwrap();
+        }
+        let mut consumer = Consumer::new(
+            client.clone(),
+            ConsumerConfig {
+                start: SeekTo::Beginning,
+                ..ConsumerConfig::default()
+            },
+        );
+        consumer.assign_all("fire").await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut got = Vec::new();
+        while got.len() < 10 {
+            assert!(
+                Instant::now() < deadline,
+                "only {got:?} of the 10 records after the refused one arrived"
+            );
+            got.extend(
+                consumer
+                    .poll_timeout(Duration::from_millis(200))
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|r| String::from_utf8_lossy(&r.value).into_owned()),
+            );
+        }
+        assert!(got.iter().all(|v| v.starts_with("ok-")), "{got:?}");
+    });
+}
