@@ -113,6 +113,12 @@ pub struct ControllerState {
     /// Deployed pipelines by name; absent from snapshots written before they were kept here.
     #[serde(default)]
     pub pipelines: BTreeMap<String, PipelineRecord>,
+    /// The largest topic id ever used, deleted topics' included: an id is never used twice,
+    /// so a topic deleted and made again under its name is another topic to every broker
+    /// (with the same id, a broker that missed the deletion kept the old log and served its
+    /// records as the new topic's).
+    #[serde(default)]
+    pub last_topic_id: u64,
 }
 
 /// What applying a command may change, so that a persistent store rewrites only that.
@@ -231,9 +237,11 @@ impl ControllerState {
     pub fn next_topic_id(&self) -> u64 {
         self.topics
             .values()
-            .map(|t| t.topic_id + 1)
+            .map(|t| t.topic_id)
+            .chain([self.last_topic_id])
             .max()
-            .unwrap_or(1)
+            .unwrap_or(0)
+            + 1
     }
 
     /// The broker, topics and plugins that `apply(cmd)` may change (a superset), so that a
@@ -544,6 +552,12 @@ impl ControllerState {
                 name: t.name.clone(),
             });
         }
+        if topic_id <= self.last_topic_id {
+            return Err(ControllerError::TopicIdInUse {
+                topic_id,
+                name: "a deleted topic".into(),
+            });
+        }
         let invalid = |reason: String| Err(ControllerError::InvalidAssignment { reason });
         if name.is_empty() {
             return invalid("the topic name is empty".into());
@@ -561,6 +575,7 @@ impl ControllerState {
                 partitions: records,
             },
         );
+        self.last_topic_id = self.last_topic_id.max(topic_id);
         Ok(ControllerResponse::Ok)
     }
 
@@ -1072,6 +1087,17 @@ mod tests {
         ));
         assert_eq!(s.apply(&create("u", 2, vec![3, 1])), ControllerResponse::Ok);
         assert_eq!(s.partition("u", 0).unwrap().leader, Some(3));
+        // A deleted topic's id is never used again, even for a topic of the same name.
+        assert_eq!(
+            s.apply(&ControllerCommand::DeleteTopic { name: "u".into() }),
+            ControllerResponse::Ok
+        );
+        assert_eq!(s.next_topic_id(), 3);
+        assert!(matches!(
+            refused(&mut s, create("u", 2, vec![1])),
+            ControllerError::TopicIdInUse { topic_id: 2, .. }
+        ));
+        assert_eq!(s.apply(&create("u", 3, vec![1])), ControllerResponse::Ok);
     }
 
     #[test]

@@ -62,6 +62,7 @@ const TOPIC_PREFIX: &[u8] = b"t/";
 const PLUGIN_PREFIX: &[u8] = b"p/";
 const PIPELINE_PREFIX: &[u8] = b"l/";
 const APPLIED: &[u8] = b"m/applied";
+const LAST_TOPIC_ID: &[u8] = b"m/last_topic_id";
 const MEMBERSHIP: &[u8] = b"m/membership";
 const SNAPSHOT_META: &[u8] = b"m/snapshot_meta";
 const SNAPSHOT_DATA: &[u8] = b"m/snapshot_data";
@@ -114,6 +115,9 @@ pub fn open(
         let (_, v) = kv?;
         let p: PipelineRecord = serde_json::from_slice(&v).map_err(corrupt("pipeline"))?;
         state.pipelines.insert(p.name.clone(), p);
+    }
+    if let Some(v) = tree.get(LAST_TOPIC_ID)? {
+        state.last_topic_id = serde_json::from_slice(&v).map_err(corrupt("last topic id"))?;
     }
     let last_applied = match tree.get(APPLIED)? {
         Some(v) => serde_json::from_slice(&v).map_err(corrupt("last applied log id"))?,
@@ -459,6 +463,7 @@ impl RaftStateMachine<TypeConfig> for ControllerStateMachine {
         }
         batch.insert(APPLIED, to_json(&self.last_applied));
         batch.insert(MEMBERSHIP, to_json(&self.last_membership));
+        batch.insert(LAST_TOPIC_ID, to_json(&self.state.last_topic_id));
         self.tree
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_state_machine(any(e)))?;
@@ -511,6 +516,7 @@ impl RaftStateMachine<TypeConfig> for ControllerStateMachine {
         }
         batch.insert(APPLIED, to_json(&meta.last_log_id));
         batch.insert(MEMBERSHIP, to_json(&meta.last_membership));
+        batch.insert(LAST_TOPIC_ID, to_json(&state.last_topic_id));
         store_snapshot(&self.tree, &self.snapshot_lock, meta, &data, Some(batch))?;
         flush(&self.db)
             .await

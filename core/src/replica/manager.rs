@@ -846,15 +846,26 @@ impl ReplicaManager {
             let proposing = self.proposing.clone();
             let state_of_leader = leader.clone();
             tokio::spawn(async move {
+                // Proposed additions stop counting for the high watermark only when the change
+                // was definitely not made. A stale partition epoch means this broker's view is
+                // behind (the recorded ISR may already hold them), and a proposal not known
+                // to be delivered may have been applied: in both, they keep counting until
+                // the view's next partition record says who is in (`LeaderState::update`).
+                // Dropping them early let the high watermark pass a replica the controller
+                // had in the ISR, and might elect.
                 match controller.propose(cmd).await {
+                    Ok(crate::cluster::ControllerResponse::Refused(
+                        e @ crate::cluster::ControllerError::StalePartitionEpoch { .. },
+                    )) => {
+                        tracing::debug!(%topic, partition, error = %e, "partition change decided on an old view");
+                    }
                     Ok(crate::cluster::ControllerResponse::Refused(e)) => {
                         tracing::info!(%topic, partition, error = %e, "partition change refused");
                         lock(&state_of_leader).proposal_failed();
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        tracing::debug!(%topic, partition, error = %e, "partition change not delivered");
-                        lock(&state_of_leader).proposal_failed();
+                        tracing::debug!(%topic, partition, error = %e, "partition change not known to be delivered");
                     }
                 }
                 // Give the applied change time to reach this broker's view.

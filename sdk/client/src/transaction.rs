@@ -74,6 +74,9 @@ pub struct Landed {
 /// the partition's numbering has no gap the broker would wait on.
 type Buffered = (Vec<BatchBuilder>, BatchBuilder);
 
+/// One partition's batches of a flush, numbered: `(topic, partition, [(bytes, records)])`.
+type Numbered = (String, u32, Vec<(Bytes, i32)>);
+
 /// A producer whose writes are transactions.
 pub struct TransactionalProducer {
     client: Client,
@@ -217,7 +220,7 @@ impl TransactionalProducer {
             .await?;
         // Numbered now, just before sending; until every batch is acknowledged, a failure
         // may leave a gap in a partition's numbering.
-        let jobs: Vec<(String, u32, Vec<(Bytes, i32)>)> = jobs
+        let jobs: Vec<Numbered> = jobs
             .into_iter()
             .map(|(topic, partition, builders)| {
                 let batches = builders
