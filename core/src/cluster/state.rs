@@ -147,9 +147,11 @@ impl ControllerState {
                 partitions,
                 config,
             } => self.create_topic(name, *topic_id, partitions, config),
-            ControllerCommand::AddPartitions { name, partitions } => {
-                self.add_partitions(name, partitions)
-            }
+            ControllerCommand::AddPartitions {
+                name,
+                partitions,
+                after,
+            } => self.add_partitions(name, partitions, *after),
             ControllerCommand::ReassignPartition {
                 topic,
                 partition,
@@ -611,12 +613,25 @@ impl ControllerState {
         Ok(records)
     }
 
-    fn add_partitions(&mut self, name: &str, partitions: &[PartitionAssignment]) -> Outcome {
+    fn add_partitions(
+        &mut self,
+        name: &str,
+        partitions: &[PartitionAssignment],
+        after: Option<u32>,
+    ) -> Outcome {
         let Some(first) = self.topics.get(name).map(|t| t.partitions.len()) else {
             return Err(ControllerError::UnknownTopic {
                 name: name.to_string(),
             });
         };
+        if after.is_some_and(|n| n as usize != first) {
+            return Err(ControllerError::InvalidAssignment {
+                reason: format!(
+                    "topic {name} has {first} partitions now, not the {} the change was decided on",
+                    after.unwrap_or_default()
+                ),
+            });
+        }
         if partitions.is_empty() {
             return Err(ControllerError::InvalidAssignment {
                 reason: "no partition to add".into(),
@@ -958,6 +973,7 @@ mod tests {
                     .into_iter()
                     .map(|replicas| PartitionAssignment { replicas })
                     .collect(),
+                after: None,
             })
         };
         let before = s.topic("t").unwrap().partitions.clone();
@@ -984,6 +1000,21 @@ mod tests {
             ControllerResponse::Refused(ControllerError::InvalidAssignment { .. })
         ));
         assert_eq!(s, unchanged, "a refused command changes nothing");
+        // A change decided on a count the topic no longer has (sent again after it was
+        // applied) adds nothing.
+        let twice = ControllerCommand::AddPartitions {
+            name: "t".into(),
+            partitions: vec![PartitionAssignment {
+                replicas: vec![1, 2, 3],
+            }],
+            after: Some(2),
+        };
+        assert_eq!(s.apply(&twice), ControllerResponse::Ok);
+        assert!(matches!(
+            s.apply(&twice),
+            ControllerResponse::Refused(ControllerError::InvalidAssignment { .. })
+        ));
+        assert_eq!(s.topic("t").unwrap().partitions.len(), 3);
     }
 
     #[test]

@@ -103,6 +103,10 @@ pub enum ControllerCommand {
     AddPartitions {
         name: String,
         partitions: Vec<PartitionAssignment>,
+        /// The partition count the proposer saw: the new ones go after exactly that many,
+        /// so a proposal sent again after it was applied (a lost answer) adds nothing twice.
+        #[serde(default)]
+        after: Option<u32>,
     },
     /// Start moving a partition to `replicas` (the new ones catch up before the old ones go).
     ReassignPartition {

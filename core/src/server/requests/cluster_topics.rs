@@ -321,9 +321,18 @@ pub async fn add_partitions(ctx: &ServerContext, body: Bytes) -> Result<Reply, R
     let cmd = ControllerCommand::AddPartitions {
         name: req.name.clone(),
         partitions,
+        after: Some(have),
     };
     if let ControllerResponse::Refused(e) = propose(ctx, cmd).await? {
-        return Err(refused(e));
+        // Refused because a first delivery of this very change was applied (its answer
+        // lost, the proposal sent again): the topic has the count asked for.
+        let now = rm.controller().state().await;
+        let done = now
+            .topic(&req.name)
+            .is_some_and(|t| t.partitions.len() as u32 == req.total);
+        if !done {
+            return Err(refused(e));
+        }
     }
     let (name, total) = (req.name.clone(), req.total as usize);
     until_applied(ctx, "partitions added", |ctx| {
