@@ -167,6 +167,12 @@ impl ControllerState {
                 None => Err(ControllerError::UnknownTopic { name: name.clone() }),
             },
             ControllerCommand::AlterTopicConfig { name, set, remove } => {
+                let live: Vec<BrokerId> = self
+                    .brokers
+                    .values()
+                    .filter(|b| !b.fenced)
+                    .map(|b| b.id)
+                    .collect();
                 match self.topics.get_mut(name) {
                     Some(topic) => {
                         topic
@@ -174,6 +180,23 @@ impl ControllerState {
                             .extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
                         for key in remove {
                             topic.config.remove(key);
+                        }
+                        if topic.unclean_election() {
+                            // Allowed now: partitions already without a leader (their whole
+                            // ISR gone) get a live replica, as a fence would have given them.
+                            for p in &mut topic.partitions {
+                                if p.leader.is_some() {
+                                    continue;
+                                }
+                                if let Some(r) =
+                                    p.replicas.iter().copied().find(|r| live.contains(r))
+                                {
+                                    p.leader = Some(r);
+                                    p.isr = vec![r];
+                                    p.leader_epoch += 1;
+                                    p.partition_epoch += 1;
+                                }
+                            }
                         }
                         Ok(ControllerResponse::Ok)
                     }
@@ -1335,6 +1358,20 @@ mod tests {
         let p = p0(&s);
         assert_eq!(p.leader, Some(2));
         assert_eq!(p.isr, vec![2]);
+        // Allowed only after the partition lost its leader: it gets one then.
+        let mut s = cluster(&[]);
+        update(&mut s, Some(1), 0, 0, &[1]);
+        s.apply(&ControllerCommand::FenceBroker { id: 1 });
+        assert_eq!(p0(&s).leader, None, "no unclean election unless allowed");
+        let epoch = p0(&s).leader_epoch;
+        s.apply(&ControllerCommand::AlterTopicConfig {
+            name: "t".into(),
+            set: [(UNCLEAN_LEADER_ELECTION.to_string(), "true".to_string())].into(),
+            remove: Vec::new(),
+        });
+        let p = p0(&s);
+        assert_eq!((p.leader, p.isr.clone()), (Some(2), vec![2]));
+        assert_eq!(p.leader_epoch, epoch + 1);
     }
 
     #[test]
