@@ -682,9 +682,13 @@ impl ControllerState {
             return Err(ControllerError::UnknownBroker { id });
         }
         let p = self.partition_mut(topic, partition)?;
-        if let Some(t) = &p.target {
+        // A reassignment in progress is replaced (Kafka's cancel and move): one to a broker
+        // that never catches up (it died during the move) could otherwise neither complete
+        // nor be undone. Replicas it added stay until the new one completes, which drops
+        // every replica outside its target.
+        if p.target.as_deref() == Some(replicas) {
             return invalid(format!(
-                "a reassignment to {t:?} is in progress; wait for it to finish"
+                "a reassignment to {replicas:?} is already in progress"
             ));
         }
         let mut all = p.replicas.clone();
@@ -1040,6 +1044,39 @@ mod tests {
         assert_eq!(s.topic("t").unwrap().partitions.len(), 3);
     }
 
+    /// A move to a broker that never catches up (it died during the move) is replaced by
+    /// another: here, back to where the partition was; completing it drops the dead one.
+    #[test]
+    fn a_reassignment_in_progress_is_replaced_by_a_new_one() {
+        let mut s = cluster(&[]);
+        assert_eq!(register(&mut s, 4, 1), ControllerResponse::Ok);
+        let reassign = |s: &mut ControllerState, replicas: Vec<u64>| {
+            s.apply(&ControllerCommand::ReassignPartition {
+                topic: "t".into(),
+                partition: 0,
+                replicas,
+            })
+        };
+        assert_eq!(reassign(&mut s, vec![2, 3, 4]), ControllerResponse::Ok);
+        assert_eq!(reassign(&mut s, vec![1, 2, 3]), ControllerResponse::Ok);
+        let p = p0(&s).clone();
+        assert_eq!(p.target, Some(vec![1, 2, 3]));
+        let done = s.apply(&ControllerCommand::CompleteReassignment {
+            topic: "t".into(),
+            partition: 0,
+            partition_epoch: p.partition_epoch,
+        });
+        assert!(
+            matches!(done, ControllerResponse::PartitionUpdated { .. }),
+            "{done:?}"
+        );
+        let p = p0(&s);
+        assert_eq!(
+            (p.replicas.clone(), p.target.clone()),
+            (vec![1, 2, 3], None)
+        );
+    }
+
     #[test]
     fn a_reassignment_adds_the_new_replicas_first_and_drops_the_old_ones_once_in_sync() {
         let mut s = cluster(&[]);
@@ -1062,9 +1099,9 @@ mod tests {
             "the new replica starts outside the ISR"
         );
         assert_eq!(p.target, Some(vec![2, 3, 4]));
-        // Another move meanwhile, or finishing early, is refused.
+        // The same move again, or finishing early, is refused.
         assert!(matches!(
-            reassign(&mut s, vec![1]),
+            reassign(&mut s, vec![2, 3, 4]),
             ControllerResponse::Refused(_)
         ));
         let complete = |s: &mut ControllerState, pe| {
