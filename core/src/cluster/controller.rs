@@ -43,8 +43,9 @@ pub struct RaftTimings {
 impl Default for RaftTimings {
     /// Heartbeat 250 ms; election timeout 1–2 s: four to eight missed heartbeats before a
     /// follower stands, so a loaded 2-core machine (a sled flush inside an append, a busy
-    /// scheduler) does not cause spurious elections, while a dead leader is replaced within
-    /// about 2 s plus one election round.
+    /// scheduler) does not cause spurious elections. A dead leader is replaced in about
+    /// 3–4.5 s: openraft's followers also wait out the leader's lease (the longest election
+    /// timeout) before they stand.
     fn default() -> Self {
         Self {
             heartbeat_interval: Duration::from_millis(250),
