@@ -689,7 +689,7 @@ impl Producer {
             let idle = s.idle.notified();
             tokio::pin!(idle);
             idle.as_mut().enable();
-            if s.outstanding.load(Ordering::Acquire) == 0 {
+            if s.outstanding.load(Ordering::SeqCst) == 0 {
                 break;
             }
             idle.await;
@@ -703,7 +703,7 @@ impl Producer {
 
     /// Flushes, then stops the partition tasks. Later sends fail with [`ClientError::Closed`].
     pub async fn close(&self) -> Result<()> {
-        self.shared.closed.store(true, Ordering::Release);
+        self.shared.closed.store(true, Ordering::SeqCst);
         let r = self.flush().await;
         self.shared.closing.store(true, Ordering::Release);
         for q in self.shared.all_queues() {
@@ -869,8 +869,18 @@ impl Producer {
         };
         let timestamp = r.timestamp.unwrap_or_else(now_ms);
         let s = &self.shared;
+        // Counted before `close` is checked again (both sequentially consistent, as close's
+        // store and its flush's read): a close that began meanwhile either sees this record
+        // in its flush, or this send sees the close and takes the record back (queued after
+        // the partition tasks stopped, it would never be sent or resolved).
+        s.outstanding.fetch_add(1, Ordering::SeqCst);
+        if s.closed.load(Ordering::SeqCst) {
+            if s.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
+                s.idle.notify_waiters();
+            }
+            return Err(ClientError::Closed);
+        }
         s.records_sent.fetch_add(1, Ordering::Relaxed);
-        s.outstanding.fetch_add(1, Ordering::AcqRel);
         let (completion, index) =
             topic.partitions[partition as usize].append(r, timestamp, want_future, s);
         Ok((completion, index, timestamp))
