@@ -2,7 +2,8 @@
 //! cannot hear about leaves a gap the broker would wait on. A transaction aborted before
 //! its batches were sent takes no sequence numbers; an `acks=0` producer, which never reads
 //! the broker's answers, does not number its batches, so one refused batch does not hold
-//! every later one.
+//! every later one. And the read side of a transaction still open: a read-committed
+//! consumer starting at the end starts at the last stable offset.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -114,5 +115,75 @@ fn an_acks_0_producer_goes_on_after_a_refused_batch() {
             );
         }
         assert!(got.iter().all(|v| v.starts_with("ok-")), "{got:?}");
+    });
+}
+
+/// A read-committed consumer starting "at the end" starts at the last stable offset, not
+/// the high watermark: records of a transaction open when it started are read once the
+/// transaction commits (starting at the watermark skipped them for good).
+#[test]
+fn a_read_committed_consumer_starting_at_the_end_reads_a_transaction_open_then() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    rt.block_on(async {
+        let broker = Broker::start(BrokerConfig {
+            listen: "127.0.0.1:0".into(),
+            data_dir: dir.path().to_path_buf(),
+            ..BrokerConfig::default()
+        })
+        .await
+        .expect("broker starts");
+        let client = Client::connect(ClientConfig {
+            local: Some(broker.in_process()),
+            connect_timeout: Duration::from_millis(300),
+            ..ClientConfig::new("127.0.0.1:9")
+        })
+        .await
+        .expect("in-process client");
+        Admin::new(client.clone())
+            .create_topic("t", 1, BTreeMap::new())
+            .await
+            .unwrap();
+        let mut tx = TransactionalProducer::init(client.clone(), "open-then")
+            .await
+            .unwrap();
+        tx.prepare_topic("t").await.unwrap();
+        for i in 0..10 {
+            tx.send(ProducerRecord::new("t", format!("in-txn-{i}")))
+                .unwrap();
+        }
+        tx.flush().await.unwrap();
+        let mut consumer = Consumer::new(
+            client.clone(),
+            ConsumerConfig {
+                isolation: quiver_client::Isolation::ReadCommitted,
+                ..ConsumerConfig::default()
+            },
+        );
+        consumer.assign_all("t").await.unwrap();
+        // Its start is resolved now, while the transaction is open.
+        let none = consumer
+            .poll_timeout(Duration::from_millis(300))
+            .await
+            .unwrap();
+        assert!(none.is_empty(), "{none:?}");
+        tx.commit(None).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut got = 0;
+        while got < 10 {
+            assert!(
+                Instant::now() < deadline,
+                "{got} of the transaction's 10 records were read"
+            );
+            got += consumer
+                .poll_timeout(Duration::from_millis(200))
+                .await
+                .unwrap()
+                .len();
+        }
+        drop(consumer);
+        drop(tx);
+        drop(client);
+        broker.shutdown().await;
     });
 }

@@ -84,6 +84,10 @@ pub fn process_batch(
     };
     let bytes: usize = output.iter().map(Record::encoded_len).sum();
     let mut b = BatchBuilder::with_capacity(h.compression()?, bytes + 16 * output.len());
+    // The batch keeps its producer and transaction: a read-committed consumer drops the
+    // records of an aborted transaction by them.
+    b.set_producer(h.producer_id, h.producer_epoch, h.base_sequence);
+    b.set_transactional(h.is_transactional());
     let last = h.last_offset();
     for r in &output {
         // A plugin may return offsets it made up (e.g. from `process_batch` without a
@@ -135,6 +139,29 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    /// A processed batch keeps its producer and transaction marks: a read-committed
+    /// consumer drops an aborted transaction's records by them (it received them all).
+    #[test]
+    fn output_keeps_the_batchs_producer_and_transaction() {
+        let mut b = BatchBuilder::new(Compression::None);
+        for i in 0..4 {
+            b.push(None, format!("v{i}").as_bytes(), 1000, &[]);
+        }
+        b.set_producer(77, 3, 10);
+        b.set_transactional(true);
+        let mut raw = b.build().to_vec();
+        set_base_offset(&mut raw, 20);
+        let out = process_payload(&mut KeepEven, &Bytes::from(raw), 20, 0, 1 << 20).unwrap();
+        let it = RecordIter::new(&out, 1 << 20).unwrap();
+        let h = *it.header();
+        assert_eq!((h.producer_id, h.producer_epoch), (77, 3));
+        assert!(h.is_transactional());
+        assert_eq!(
+            it.map(|r| r.unwrap().offset).collect::<Vec<_>>(),
+            vec![20, 22]
+        );
     }
 
     #[test]

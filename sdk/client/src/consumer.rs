@@ -313,11 +313,7 @@ impl Consumer {
     /// watermark; read-committed: the last stable offset): reading up to these means
     /// "caught up".
     pub async fn end_offsets(&self, topic: &str) -> Result<BTreeMap<u32, i64>> {
-        let spec = match self.config.isolation {
-            Isolation::ReadUncommitted => OffsetSpec::Latest,
-            Isolation::ReadCommitted => OffsetSpec::LastStable,
-        };
-        self.offsets(topic, spec).await
+        self.offsets(topic, latest_for(self.config.isolation)).await
     }
 
     /// The first stored offset of every partition of `topic`.
@@ -337,11 +333,14 @@ impl Consumer {
             .map(|v| v.into_iter().collect())
     }
 
+    /// Resolves a start position. "The end" for a read-committed consumer is the last
+    /// stable offset, not the high watermark: records of a transaction still open below the
+    /// watermark are read once it commits (starting at the watermark skipped them).
     async fn resolve(&self, topic: &str, partition: u32, to: SeekTo) -> Result<i64> {
         let spec = match to {
             SeekTo::Offset(o) => return Ok(o),
             SeekTo::Beginning => OffsetSpec::Earliest,
-            SeekTo::End => OffsetSpec::Latest,
+            SeekTo::End => latest_for(self.config.isolation),
             SeekTo::Timestamp(t) => OffsetSpec::Timestamp(t),
         };
         list_offset(&self.client, topic, partition, spec).await
@@ -587,7 +586,7 @@ impl Fetcher {
             ClientError::OffsetOutOfRange(_) => {
                 let spec = match self.config.reset {
                     OffsetReset::Earliest => OffsetSpec::Earliest,
-                    OffsetReset::Latest => OffsetSpec::Latest,
+                    OffsetReset::Latest => latest_for(self.config.isolation),
                     OffsetReset::Error => return Recovery::Fail(e),
                 };
                 match list_offset(&self.client, &self.topic, self.partition, spec).await {
@@ -736,6 +735,15 @@ impl Fetcher {
                 }
             }
         }
+    }
+}
+
+/// The end of a partition for a consumer of `isolation`: the high watermark, or for
+/// read-committed the last stable offset (Kafka's rule).
+fn latest_for(isolation: Isolation) -> OffsetSpec {
+    match isolation {
+        Isolation::ReadUncommitted => OffsetSpec::Latest,
+        Isolation::ReadCommitted => OffsetSpec::LastStable,
     }
 }
 
