@@ -14,7 +14,6 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use std::sync::Arc;
 
-use quiver_client::ClientConfig;
 use quiver_core::{Broker, BrokerConfig, BrokerHandle};
 use quiver_pipeline::BrokerPipelines;
 
@@ -245,17 +244,8 @@ async fn run_foreground(args: &StartArgs) -> anyhow::Result<()> {
 /// reaching it in process (and other brokers over QUIC, trusting its CA). A lone broker starts the pipelines deployed before a
 /// restart from its files; a cluster broker runs its share of those the controller holds.
 async fn pipeline_host(handle: &BrokerHandle, data_dir: &Path, id: u32) -> Arc<BrokerPipelines> {
-    let mut addr = handle.local_addr();
-    if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
-    let config = ClientConfig {
-        ca_file: handle.ca_path(),
-        // Requests to this broker skip QUIC; those to other brokers use it.
-        local: Some(handle.in_process()),
-        ..ClientConfig::new(addr.to_string())
-    };
-    let host = BrokerPipelines::new(data_dir, id, config);
+    // Requests to this broker skip QUIC; those to other brokers use it.
+    let host = BrokerPipelines::new(data_dir, id, handle.in_process_client_config());
     handle.install_pipeline_host(host.clone());
     if handle.cluster_view().await.is_none() {
         let resume = host.clone();

@@ -468,6 +468,21 @@ impl BrokerHandle {
         quiver_client::LocalBroker(Arc::new(crate::server::local::InProcess::new(&self.ctx)))
     }
 
+    /// The configuration of a client in this process that reaches this broker through
+    /// [`in_process`](Self::in_process) (its requests skip QUIC), and other brokers of its
+    /// cluster over QUIC, trusting its CA.
+    pub fn in_process_client_config(&self) -> quiver_client::ClientConfig {
+        let mut addr = self.local_addr();
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        quiver_client::ClientConfig {
+            ca_file: self.ca_path(),
+            local: Some(self.in_process()),
+            ..quiver_client::ClientConfig::new(addr.to_string())
+        }
+    }
+
     /// Installs the host that runs deployed pipelines (once; later calls return false).
     /// Install it after start, since the host's instances connect to this broker.
     pub fn install_pipeline_host(&self, host: Arc<dyn PipelineHost>) -> bool {

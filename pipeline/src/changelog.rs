@@ -415,20 +415,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_state_range_no_longer_stored_fails_the_restore_instead_of_restoring_part_of_it() {
         let dir = tempfile::tempdir().unwrap();
-        let broker = quiver_core::Broker::start(quiver_core::BrokerConfig {
-            listen: "127.0.0.1:0".into(),
-            data_dir: dir.path().to_path_buf(),
-            ..quiver_core::BrokerConfig::default()
-        })
-        .await
-        .expect("broker starts");
-        let client = Client::connect(quiver_client::ClientConfig {
-            local: Some(broker.in_process()),
-            connect_timeout: Duration::from_millis(300),
-            ..quiver_client::ClientConfig::new("127.0.0.1:9")
-        })
-        .await
-        .expect("in-process client");
+        let (broker, client) = crate::test_broker::start(dir.path()).await;
         let partitions = ensure_changelog(&client, "gone", 1, 1).await.unwrap();
         let tp = TopicPartition::new("lines".to_string(), 0);
         let mark = StateMark {

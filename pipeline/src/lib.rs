@@ -21,6 +21,8 @@ pub mod host;
 pub mod instance;
 pub mod metrics;
 pub mod stages;
+#[cfg(test)]
+mod test_broker;
 pub mod writer;
 
 pub use config::{

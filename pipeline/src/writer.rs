@@ -321,7 +321,7 @@ mod tests {
     use std::time::Instant;
 
     use bytes::Bytes;
-    use quiver_client::{Admin, ClientConfig, GroupConfig};
+    use quiver_client::{Admin, GroupConfig};
     use quiver_protocol::requests::LeaveGroupRequest;
 
     use super::*;
@@ -333,20 +333,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_member_that_joined_again_under_another_id_does_not_commit_an_old_poll() {
         let dir = tempfile::tempdir().unwrap();
-        let broker = quiver_core::Broker::start(quiver_core::BrokerConfig {
-            listen: "127.0.0.1:0".into(),
-            data_dir: dir.path().to_path_buf(),
-            ..quiver_core::BrokerConfig::default()
-        })
-        .await
-        .expect("broker starts");
-        let client = Client::connect(ClientConfig {
-            local: Some(broker.in_process()),
-            connect_timeout: Duration::from_millis(300),
-            ..ClientConfig::new("127.0.0.1:9")
-        })
-        .await
-        .expect("in-process client");
+        let (broker, client) = crate::test_broker::start(dir.path()).await;
         let admin = Admin::new(client.clone());
         for t in ["in", "out"] {
             admin.create_topic(t, 1, BTreeMap::new()).await.unwrap();

@@ -48,13 +48,9 @@ impl EmbeddedBroker {
 
     /// A client of this broker that reaches it in process, as its deployed pipelines do.
     pub async fn in_process_client(&self) -> anyhow::Result<quiver_client::Client> {
-        quiver_client::Client::connect(quiver_client::ClientConfig {
-            ca_file: self.ca.clone(),
-            local: Some(self.handle.in_process()),
-            ..quiver_client::ClientConfig::new(self.addr.to_string())
-        })
-        .await
-        .context("connecting to the embedded broker in process")
+        quiver_client::Client::connect(self.handle.in_process_client_config())
+            .await
+            .context("connecting to the embedded broker in process")
     }
 
     /// Shuts it down.

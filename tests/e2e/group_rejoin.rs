@@ -4,38 +4,21 @@
 //! member may own the same partitions, which another member may have processed further
 //! meanwhile, and their offsets would move back). A rewound partition is read again.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use quiver_client::{
-    Admin, Client, ClientConfig, GroupConfig, GroupConsumer, Producer, ProducerConfig,
-    ProducerRecord,
+    Admin, Client, GroupConfig, GroupConsumer, Producer, ProducerConfig, ProducerRecord,
 };
-use quiver_core::{Broker, BrokerConfig, BrokerHandle};
+use quiver_core::BrokerHandle;
 use quiver_protocol::requests::LeaveGroupRequest;
 use quiver_protocol::ErrorCode;
 
+use super::harness::in_process_broker;
+
 /// An in-process broker with topic `t` (one partition) holding `records` records.
 async fn broker_with_records(dir: &std::path::Path, records: usize) -> (BrokerHandle, Client) {
-    let broker = Broker::start(BrokerConfig {
-        listen: "127.0.0.1:0".into(),
-        data_dir: dir.to_path_buf(),
-        ..BrokerConfig::default()
-    })
-    .await
-    .expect("broker starts");
-    let client = Client::connect(ClientConfig {
-        local: Some(broker.in_process()),
-        connect_timeout: Duration::from_millis(300),
-        ..ClientConfig::new("127.0.0.1:9")
-    })
-    .await
-    .expect("in-process client");
-    Admin::new(client.clone())
-        .create_topic("t", 1, BTreeMap::new())
-        .await
-        .unwrap();
+    let (broker, client) = in_process_broker(dir, "t").await;
     let producer = Producer::new(client.clone(), ProducerConfig::default());
     for i in 0..records {
         producer

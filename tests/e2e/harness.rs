@@ -380,3 +380,26 @@ pub fn start_on_free_ports<T>(
     }
     unreachable!()
 }
+
+/// A real broker (QUIC endpoint, sled files in `dir`) started in this process with topic
+/// `topic` of one partition, and a client reaching it in process.
+pub async fn in_process_broker(
+    dir: &Path,
+    topic: &str,
+) -> (quiver_core::BrokerHandle, quiver_client::Client) {
+    let broker = quiver_core::Broker::start(quiver_core::BrokerConfig {
+        listen: "127.0.0.1:0".into(),
+        data_dir: dir.to_path_buf(),
+        ..quiver_core::BrokerConfig::default()
+    })
+    .await
+    .expect("broker starts");
+    let client = quiver_client::Client::connect(broker.in_process_client_config())
+        .await
+        .expect("in-process client");
+    quiver_client::Admin::new(client.clone())
+        .create_topic(topic, 1, std::collections::BTreeMap::new())
+        .await
+        .expect("create the topic");
+    (broker, client)
+}

@@ -5,40 +5,21 @@
 //! every later one. And the read side of a transaction still open: a read-committed
 //! consumer starting at the end starts at the last stable offset.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use quiver_client::{
-    Acks, Admin, Client, ClientConfig, Consumer, ConsumerConfig, Producer, ProducerConfig,
-    ProducerRecord, SeekTo, TransactionalProducer,
+    Acks, Client, Consumer, ConsumerConfig, Producer, ProducerConfig, ProducerRecord, SeekTo,
+    TransactionalProducer,
 };
-use quiver_core::{Broker, BrokerConfig};
 
-use super::harness::TestBroker;
+use super::harness::{in_process_broker, TestBroker};
 
 #[test]
 fn a_transaction_aborted_before_its_batches_were_sent_leaves_no_gap() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     rt.block_on(async {
-        let broker = Broker::start(BrokerConfig {
-            listen: "127.0.0.1:0".into(),
-            data_dir: dir.path().to_path_buf(),
-            ..BrokerConfig::default()
-        })
-        .await
-        .expect("broker starts");
-        let client = Client::connect(ClientConfig {
-            local: Some(broker.in_process()),
-            connect_timeout: Duration::from_millis(300),
-            ..ClientConfig::new("127.0.0.1:9")
-        })
-        .await
-        .expect("in-process client");
-        Admin::new(client.clone())
-            .create_topic("t", 1, BTreeMap::new())
-            .await
-            .unwrap();
+        let (broker, client) = in_process_broker(dir.path(), "t").await;
         let mut tx = TransactionalProducer::init(client.clone(), "numbering")
             .await
             .unwrap();
@@ -126,24 +107,7 @@ fn a_read_committed_consumer_starting_at_the_end_reads_a_transaction_open_then()
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     rt.block_on(async {
-        let broker = Broker::start(BrokerConfig {
-            listen: "127.0.0.1:0".into(),
-            data_dir: dir.path().to_path_buf(),
-            ..BrokerConfig::default()
-        })
-        .await
-        .expect("broker starts");
-        let client = Client::connect(ClientConfig {
-            local: Some(broker.in_process()),
-            connect_timeout: Duration::from_millis(300),
-            ..ClientConfig::new("127.0.0.1:9")
-        })
-        .await
-        .expect("in-process client");
-        Admin::new(client.clone())
-            .create_topic("t", 1, BTreeMap::new())
-            .await
-            .unwrap();
+        let (broker, client) = in_process_broker(dir.path(), "t").await;
         let mut tx = TransactionalProducer::init(client.clone(), "open-then")
             .await
             .unwrap();

@@ -1044,19 +1044,21 @@ mod tests {
         assert_eq!(s.topic("t").unwrap().partitions.len(), 3);
     }
 
+    /// Moves t/0 to `replicas`.
+    fn reassign(s: &mut ControllerState, replicas: Vec<u64>) -> ControllerResponse {
+        s.apply(&ControllerCommand::ReassignPartition {
+            topic: "t".into(),
+            partition: 0,
+            replicas,
+        })
+    }
+
     /// A move to a broker that never catches up (it died during the move) is replaced by
     /// another: here, back to where the partition was; completing it drops the dead one.
     #[test]
     fn a_reassignment_in_progress_is_replaced_by_a_new_one() {
         let mut s = cluster(&[]);
         assert_eq!(register(&mut s, 4, 1), ControllerResponse::Ok);
-        let reassign = |s: &mut ControllerState, replicas: Vec<u64>| {
-            s.apply(&ControllerCommand::ReassignPartition {
-                topic: "t".into(),
-                partition: 0,
-                replicas,
-            })
-        };
         assert_eq!(reassign(&mut s, vec![2, 3, 4]), ControllerResponse::Ok);
         assert_eq!(reassign(&mut s, vec![1, 2, 3]), ControllerResponse::Ok);
         let p = p0(&s).clone();
@@ -1083,13 +1085,6 @@ mod tests {
         // t/0 is on [1, 2, 3]; move it to [2, 3, 4] (broker 4 joins).
         assert_eq!(register(&mut s, 4, 1), ControllerResponse::Ok);
         s.apply(&ControllerCommand::UnfenceBroker { id: 4 });
-        let reassign = |s: &mut ControllerState, replicas: Vec<u64>| {
-            s.apply(&ControllerCommand::ReassignPartition {
-                topic: "t".into(),
-                partition: 0,
-                replicas,
-            })
-        };
         assert_eq!(reassign(&mut s, vec![2, 3, 4]), ControllerResponse::Ok);
         let p = p0(&s).clone();
         assert_eq!(p.replicas, vec![1, 2, 3, 4]);
