@@ -152,6 +152,18 @@ impl TestCluster {
 
 impl Drop for TestCluster {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failed test shows what its brokers said last (their logs go with the dir).
+            for id in 1..=3 {
+                let log = self.dir.path().join(format!("qc/broker-{id}/broker.log"));
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(80).collect();
+                eprintln!("---- broker {id}, last {} log lines:", tail.len());
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
         let _ = self.run(&["cluster", "stop"]);
         for id in 1..=3 {
             let pid = self.dir.path().join(format!("qc/broker-{id}/broker.pid"));

@@ -63,6 +63,49 @@ pub fn full_key(prefix: &[u8; PREFIX_LEN], suffix: &[u8; 8]) -> [u8; PREFIX_LEN 
 
 type Entry = Result<(IVec, IVec), sled::Error>;
 
+/// A value as sled holds it: whole, or in the slots it was stored in.
+#[derive(Debug, Clone)]
+pub enum Stored {
+    /// One piece.
+    Whole(IVec),
+    /// Its slots, in order.
+    Slots(Vec<IVec>),
+}
+
+impl Stored {
+    /// Bytes of the value.
+    pub fn len(&self) -> usize {
+        match self {
+            Stored::Whole(v) => v.len(),
+            Stored::Slots(s) => s.iter().map(|v| v.len()).sum(),
+        }
+    }
+
+    /// True for an empty value.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Copies the value onto the end of `out`.
+    pub fn append_to(&self, out: &mut bytes::BytesMut) {
+        match self {
+            Stored::Whole(v) => out.extend_from_slice(v),
+            Stored::Slots(s) => s.iter().for_each(|v| out.extend_from_slice(v)),
+        }
+    }
+
+    /// The value in one piece (a copy when it is in slots).
+    pub fn joined(self) -> IVec {
+        match self {
+            Stored::Whole(v) => v,
+            Stored::Slots(s) => IVec::from(s.concat()),
+        }
+    }
+}
+
+/// An entry whose value is as sled holds it.
+type StoredEntry = Result<(IVec, Stored), sled::Error>;
+
 /// Before slots, a value longer than this was stored as chunks of this size: the first under
 /// its key, the rest under the key followed by the chunk's index (u16 BE, from 1), which
 /// sort right after it and before the next key (earlier still: whole, then 256 KiB chunks).
@@ -154,38 +197,30 @@ impl Slots {
         full_key(&self.prefix, &slot.to_be_bytes())
     }
 
-    /// The value `head` names, joined from its slots.
-    fn read(&self, head: &[u8]) -> Result<IVec, sled::Error> {
+    /// The value `head` names, as the slots that hold it (not joined: a reader copies them
+    /// once, to where it wants the value).
+    fn read(&self, head: &[u8]) -> Result<Stored, sled::Error> {
         let h = SlotHead::decode(head)?;
         let end = h.first.saturating_add(u64::from(h.count));
-        if h.count == 1 {
-            // One slot: its value as sled holds it, without a copy.
-            return match self.tree.get(self.key(h.first))? {
-                Some(v) if v.len() as u64 == h.len => Ok(v),
-                found => Err(sled::Error::Unsupported(format!(
-                    "a slotted value of {} bytes in slot {} has {} bytes",
-                    h.len,
-                    h.first,
-                    found.map_or(0, |v| v.len())
-                ))),
-            };
-        }
-        let mut joined = Vec::with_capacity(usize::try_from(h.len).unwrap_or(0));
-        let mut found = 0u32;
+        let mut slots = Vec::with_capacity(h.count as usize);
+        let mut len = 0u64;
         for item in self.tree.range(self.key(h.first)..self.key(end)) {
             let (_, v) = item?;
-            joined.extend_from_slice(&v);
-            found += 1;
+            len += v.len() as u64;
+            slots.push(v);
         }
-        if found != h.count || joined.len() as u64 != h.len {
+        if slots.len() != h.count as usize || len != h.len {
             return Err(sled::Error::Unsupported(format!(
-                "a slotted value of {} bytes in slots {}..{end} has {found} slots and {} bytes",
+                "a slotted value of {} bytes in slots {}..{end} has {} slots and {len} bytes",
                 h.len,
                 h.first,
-                joined.len()
+                slots.len()
             )));
         }
-        Ok(IVec::from(joined))
+        Ok(match slots.len() {
+            1 => Stored::Whole(slots.remove(0)),
+            _ => Stored::Slots(slots),
+        })
     }
 
     /// The slot keys of the value `head` names.
@@ -246,9 +281,10 @@ impl Slots {
         Ok(true)
     }
 
-    /// Adds to `batch` the slots of `value` and the placeholders after them, and moves the
-    /// cursor; returns the value's head.
-    fn fill(&self, batch: &mut sled::Batch, value: &[u8]) -> Result<SlotHead, sled::Error> {
+    /// The writes that store `value` in slots, in the order they must reach the log: its
+    /// slots, the placeholders after them, then the cursor moved past them; and the value's
+    /// head (for the caller to write after all of them).
+    fn fill(&self, value: &IVec) -> Result<(Vec<(IVec, IVec)>, SlotHead), sled::Error> {
         let count = value.len().div_ceil(SLOT_BYTES) as u64;
         let count32 = u32::try_from(count).map_err(|_| {
             sled::Error::Unsupported(format!("a value of {} bytes is too large", value.len()))
@@ -266,19 +302,27 @@ impl Slots {
                 ))
             }
         };
-        for (i, chunk) in value.chunks(SLOT_BYTES).enumerate() {
-            batch.insert(&self.key(next + i as u64)[..], chunk);
+        let mut writes = Vec::new();
+        for i in 0..count {
+            // Slices of the value's own buffer: no copy until sled writes them out.
+            let at = i as usize * SLOT_BYTES;
+            let slot = value.subslice(at, SLOT_BYTES.min(value.len() - at));
+            writes.push((IVec::from(&self.key(next + i)[..]), slot));
         }
         for s in placeholders_end.max(free)..runway_end {
-            batch.insert(&self.key(s)[..], &[][..]);
+            writes.push((IVec::from(&self.key(s)[..]), IVec::default()));
         }
         let cursor = cursor_value(free, runway_end.max(placeholders_end));
-        batch.insert(&self.key(CURSOR_SLOT)[..], &cursor[..]);
-        Ok(SlotHead {
+        writes.push((
+            IVec::from(&self.key(CURSOR_SLOT)[..]),
+            IVec::from(&cursor[..]),
+        ));
+        let head = SlotHead {
             first: next,
             count: count32,
             len: value.len() as u64,
-        })
+        };
+        Ok((writes, head))
     }
 
     /// Sets the cursor to `next` with no placeholders ahead (after the region was emptied).
@@ -366,6 +410,14 @@ impl PartitionKeys {
     /// Stores `value` under `suffix`: in slots when it is a large value under an 8-byte
     /// suffix, else whole. Whatever `suffix` stored before (in any form) goes in the same
     /// atomic batch.
+    ///
+    /// A new slotted value (the append path: nothing stored under `suffix` yet) is written
+    /// without a sled batch: its slots, placeholders and cursor first, its head last. sled
+    /// recovers a prefix of its log, so a head that survives a crash has its slots; a crash
+    /// before the head leaves slots no head names (at most one value's, never read, removed
+    /// with the partition). A sled batch would take sled's process-wide write lock, which
+    /// stops every read and write of every tree (fetches, the flusher) while it applies, and
+    /// makes sled write out its current log buffer before and after it.
     pub fn insert(&self, suffix: &[u8], value: impl Into<IVec>) -> Result<(), sled::Error> {
         let value: IVec = value.into();
         let key = self.key(suffix);
@@ -376,12 +428,25 @@ impl PartitionKeys {
             self.tree.insert(key, value)?;
             return Ok(());
         }
+        if stale.is_empty() && self.tree.get(&key)?.is_none() {
+            let (writes, head) = self.slots.fill(&value)?;
+            for (k, v) in writes {
+                self.tree.insert(k, v)?;
+            }
+            let mut head_key = key;
+            head_key.push(0);
+            self.tree.insert(head_key, &head.encode()[..])?;
+            return Ok(());
+        }
         let mut batch = sled::Batch::default();
         for k in stale {
             batch.remove(k);
         }
         if slotted {
-            let head = self.slots.fill(&mut batch, &value)?;
+            let (writes, head) = self.slots.fill(&value)?;
+            for (k, v) in writes {
+                batch.insert(k, v);
+            }
             batch.remove(key.clone());
             let mut head_key = key;
             head_key.push(0);
@@ -408,7 +473,11 @@ impl PartitionKeys {
         self.tree.apply_batch(batch)
     }
 
-    fn whole(&self, range: sled::Iter) -> Chunked<impl DoubleEndedIterator<Item = Entry>> {
+    fn whole(&self, range: sled::Iter) -> impl DoubleEndedIterator<Item = Entry> {
+        self.stored(range).map(|e| e.map(|(k, v)| (k, v.joined())))
+    }
+
+    fn stored(&self, range: sled::Iter) -> Chunked<impl DoubleEndedIterator<Item = Entry>> {
         Chunked::new(range.map(Self::strip), self.slots.clone(), self.prefix)
     }
 
@@ -420,12 +489,27 @@ impl PartitionKeys {
         )
     }
 
+    /// Entries from `suffix` on as sled holds them, while they fit `max_bytes` (the first
+    /// always comes out): a slotted value that would not fit ends the iteration before its
+    /// slots are read.
+    pub fn stored_from_within(
+        &self,
+        suffix: &[u8; 8],
+        max_bytes: usize,
+    ) -> impl Iterator<Item = StoredEntry> {
+        let mut entries = self.stored(self.tree.range(self.from(suffix)));
+        entries.budget = Some(max_bytes);
+        entries
+    }
+
     /// Entries from `suffix` on.
     pub fn range_from(&self, suffix: &[u8; 8]) -> impl DoubleEndedIterator<Item = Entry> {
-        self.whole(
-            self.tree
-                .range(full_key(&self.prefix, suffix).to_vec()..=self.past_chunks_of(&[0xff; 8])),
-        )
+        self.whole(self.tree.range(self.from(suffix)))
+    }
+
+    /// The keys from `suffix` on.
+    fn from(&self, suffix: &[u8; 8]) -> std::ops::RangeInclusive<Vec<u8>> {
+        full_key(&self.prefix, suffix).to_vec()..=self.past_chunks_of(&[0xff; 8])
     }
 
     /// Entries up to and including `suffix`.
@@ -434,6 +518,17 @@ impl PartitionKeys {
             self.tree
                 .range(full_key(&self.prefix, &[0; 8]).to_vec()..=self.past_chunks_of(suffix)),
         )
+    }
+
+    /// The 8-byte suffix of the last value at or before `suffix`, without reading the value.
+    pub fn last_suffix_through(&self, suffix: &[u8; 8]) -> Result<Option<[u8; 8]>, sled::Error> {
+        let range = full_key(&self.prefix, &[0; 8]).to_vec()..=self.past_chunks_of(suffix);
+        match self.tree.range(range).keys().next_back().transpose()? {
+            Some(k) => Ok(k
+                .get(PREFIX_LEN..PREFIX_LEN + 8)
+                .and_then(|s| <[u8; 8]>::try_from(s).ok())),
+            None => Ok(None),
+        }
     }
 
     /// Entries before `suffix`.
@@ -525,6 +620,13 @@ struct Chunked<I> {
     slots: Slots,
     /// The partition's key prefix (to look a head up again).
     prefix: [u8; PREFIX_LEN],
+    /// Going forwards: bytes the values after the first may still take. A slotted value
+    /// past it ends the iteration before its slots are read.
+    budget: Option<usize>,
+    /// A value came out (going forwards).
+    yielded: bool,
+    /// A value did not fit the budget: nothing more comes out going forwards.
+    ended: bool,
 }
 
 impl<I: DoubleEndedIterator<Item = Entry>> Chunked<I> {
@@ -534,7 +636,29 @@ impl<I: DoubleEndedIterator<Item = Entry>> Chunked<I> {
             ahead: None,
             slots,
             prefix,
+            budget: None,
+            yielded: false,
+            ended: false,
         }
+    }
+
+    /// Whether a value of `len` bytes may come out next; when not, the iteration is over.
+    fn fits(&mut self, len: u64) -> bool {
+        let fits = match self.budget {
+            Some(left) if self.yielded => len <= left as u64,
+            _ => true,
+        };
+        self.ended |= !fits;
+        fits
+    }
+
+    /// Counts a value that comes out against the budget.
+    fn spent(&mut self, entry: StoredEntry) -> Option<StoredEntry> {
+        if let (Some(left), Ok((_, v))) = (self.budget, &entry) {
+            self.budget = Some(left.saturating_sub(v.len()));
+        }
+        self.yielded = true;
+        Some(entry)
     }
 
     /// A slotted value's head, as its key and whole value. When its slots cannot be read,
@@ -544,7 +668,7 @@ impl<I: DoubleEndedIterator<Item = Entry>> Chunked<I> {
     /// whose slots cannot be read is damage: the value comes out empty under its key, so the
     /// partition's checks see a damaged batch at that offset (and take the partition
     /// offline, drop a torn tail, or repair) rather than an error without a place.
-    fn slotted(&self, k: &IVec, head: &IVec) -> Option<Entry> {
+    fn slotted(&self, k: &IVec, head: &IVec) -> Option<StoredEntry> {
         let key = IVec::from(&k[..8]);
         let e = match self.slots.read(head) {
             Ok(v) => return Some(Ok((key, v))),
@@ -566,7 +690,7 @@ impl<I: DoubleEndedIterator<Item = Entry>> Chunked<I> {
             Ok(v) => (key, v),
             Err(e) => {
                 tracing::warn!(error = %e, "a slotted value cannot be read whole");
-                (key, IVec::default())
+                (key, Stored::Whole(IVec::default()))
             }
         }))
     }
@@ -577,9 +701,12 @@ impl<I: DoubleEndedIterator<Item = Entry>> Chunked<I> {
 }
 
 impl<I: DoubleEndedIterator<Item = Entry>> Iterator for Chunked<I> {
-    type Item = Entry;
+    type Item = StoredEntry;
 
-    fn next(&mut self) -> Option<Entry> {
+    fn next(&mut self) -> Option<StoredEntry> {
+        if self.ended {
+            return None;
+        }
         loop {
             let (k, v) = match self.ahead.take() {
                 Some(e) => e,
@@ -592,8 +719,13 @@ impl<I: DoubleEndedIterator<Item = Entry>> Iterator for Chunked<I> {
                 continue;
             }
             if k.len() == SLOT_HEAD_SUFFIX_LEN {
+                // A head that cannot be read goes to `slotted`, which reports it.
+                let len = SlotHead::decode(&v).map_or(0, |h| h.len);
+                if !self.fits(len) {
+                    return None;
+                }
                 match self.slotted(&k, &v) {
-                    Some(entry) => return Some(entry),
+                    Some(entry) => return self.spent(entry),
                     None => continue,
                 }
             }
@@ -613,13 +745,17 @@ impl<I: DoubleEndedIterator<Item = Entry>> Iterator for Chunked<I> {
                     None => break,
                 }
             }
-            return Some(Ok((k, joined.map_or(v, IVec::from))));
+            let v = joined.map_or(v, IVec::from);
+            if !self.fits(v.len() as u64) {
+                return None;
+            }
+            return self.spent(Ok((k, Stored::Whole(v))));
         }
     }
 }
 
 impl<I: DoubleEndedIterator<Item = Entry>> DoubleEndedIterator for Chunked<I> {
-    fn next_back(&mut self) -> Option<Entry> {
+    fn next_back(&mut self) -> Option<StoredEntry> {
         // Chunks of one value, last first.
         let mut chunks: Vec<(IVec, IVec)> = Vec::new();
         loop {
@@ -649,13 +785,13 @@ impl<I: DoubleEndedIterator<Item = Entry>> DoubleEndedIterator for Chunked<I> {
                 .first()
                 .is_none_or(|(c, _)| !Self::is_chunk_of(c, &k))
             {
-                return Some(Ok((k, v)));
+                return Some(Ok((k, Stored::Whole(v))));
             }
             let mut joined = v.to_vec();
             for (_, c) in chunks.iter().rev() {
                 joined.extend_from_slice(c);
             }
-            return Some(Ok((k, IVec::from(joined))));
+            return Some(Ok((k, Stored::Whole(IVec::from(joined)))));
         }
     }
 }
@@ -983,6 +1119,73 @@ mod tests {
         );
     }
 
+    /// A write cut short before its head (a crash: sled recovers a prefix of its log) leaves
+    /// slots that no head names. They read as nothing, and the next value goes after them.
+    #[test]
+    fn slots_written_without_their_head_read_as_nothing_and_are_written_around() {
+        let (_dir, tree) = batches_tree();
+        let a = PartitionKeys::new(tree.clone(), 7, 0);
+        let v1 = patterned(SLOT_BYTES * 2, 1);
+        a.insert(&1u64.to_be_bytes(), v1.clone()).unwrap();
+        // What a crash after the slots of offset 2 and before its head leaves behind.
+        let (next, _) = a.slots.cursor(2).unwrap();
+        let orphan = patterned(SLOT_BYTES, 8);
+        for s in next..next + 2 {
+            tree.insert(a.slots.key(s), &orphan[..]).unwrap();
+        }
+        let values = |a: &PartitionKeys| -> Vec<(u64, Vec<u8>)> {
+            a.iter()
+                .map(|e| {
+                    let (k, v) = e.unwrap();
+                    (u64::from_be_bytes(k[..].try_into().unwrap()), v.to_vec())
+                })
+                .collect()
+        };
+        assert_eq!(values(&a), vec![(1, v1.clone())]);
+        let v2 = patterned(SLOT_BYTES * 2 + 7, 2);
+        a.insert(&2u64.to_be_bytes(), v2.clone()).unwrap();
+        assert_eq!(values(&a), vec![(1, v1), (2, v2)]);
+        for s in next..next + 2 {
+            assert_eq!(tree.get(a.slots.key(s)).unwrap().unwrap(), orphan[..]);
+        }
+    }
+
+    /// A read within a byte budget takes the first value whatever its size, then values
+    /// while they fit, and stops at one that does not fit before reading its slots.
+    #[test]
+    fn a_read_within_a_budget_stops_before_reading_a_value_that_does_not_fit() {
+        let (_dir, tree) = batches_tree();
+        let a = PartitionKeys::new(tree.clone(), 8, 0);
+        let vs: Vec<Vec<u8>> = (1..=3).map(|i| patterned(SLOT_BYTES * 2, i)).collect();
+        for (i, v) in vs.iter().enumerate() {
+            a.insert(&(i as u64).to_be_bytes(), v.clone()).unwrap();
+        }
+        let read = |max: usize| -> Vec<Vec<u8>> {
+            a.stored_from_within(&0u64.to_be_bytes(), max)
+                .map(|e| e.unwrap().1.joined().to_vec())
+                .collect()
+        };
+        assert_eq!(read(1), vs[..1].to_vec());
+        assert_eq!(read(SLOT_BYTES * 4), vs[..2].to_vec());
+        assert_eq!(read(usize::MAX), vs.clone());
+        // The value past the budget is not read: with its slots gone it would read as
+        // damage (an empty value).
+        let mut head = full_key(&partition_prefix(8, 0), &1u64.to_be_bytes()).to_vec();
+        head.push(0);
+        let h = SlotHead::decode(&tree.get(&head).unwrap().unwrap()).unwrap();
+        tree.remove(a.slots.key(h.first)).unwrap();
+        assert_eq!(read(SLOT_BYTES * 3), vs[..1].to_vec());
+        let mut out = bytes::BytesMut::new();
+        for e in a.stored_from_within(&0u64.to_be_bytes(), usize::MAX) {
+            e.unwrap().1.append_to(&mut out);
+        }
+        assert_eq!(
+            out.len(),
+            SLOT_BYTES * 2 * 2,
+            "the damaged value reads empty"
+        );
+    }
+
     /// An iterator that saw a value's head before the value was removed (retention,
     /// truncation, a reset, in one batch with its slots) skips it, and reads one replaced
     /// since as it is now: neither is damage, and neither may read as an empty (damaged)
@@ -1011,7 +1214,7 @@ mod tests {
             .unwrap();
         let now: Vec<Vec<u8>> = Chunked::new(seen.clone().into_iter(), a.slots.clone(), a.prefix)
             .take(1)
-            .map(|e| e.unwrap().1.to_vec())
+            .map(|e| e.unwrap().1.joined().to_vec())
             .collect();
         assert_eq!(now, vec![patterned(SLOT_BYTES * 3, 9)]);
         a.remove(&2u64.to_be_bytes()).unwrap();

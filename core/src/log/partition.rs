@@ -654,7 +654,8 @@ impl PartitionLog {
             }
         }
         let base = st.log_end;
-        let mut stored = raw.to_vec();
+        // Copied once, into the buffer sled keeps (its slots are slices of it).
+        let mut stored = sled::IVec::from(&raw[..]);
         batch::set_base_offset(&mut stored, base);
         batch::set_leader_epoch(&mut stored, st.leader_epoch);
         self.batches.insert(&offset_key(base), stored)?;
@@ -744,7 +745,15 @@ impl PartitionLog {
         let mut count = 0;
         let mut end = offset;
         if offset < bound {
-            let start = match self.batches.range_through(&offset_key(offset)).next_back() {
+            let at = offset_key(offset);
+            // A read from a batch's first offset (as consumers read) needs no look at it.
+            let from_a_batch_start = self.batches.last_suffix_through(&at)? == Some(at);
+            let through = if from_a_batch_start {
+                None
+            } else {
+                self.batches.range_through(&at).next_back()
+            };
+            let start = match through {
                 Some(item) => {
                     let (k, v) = item?;
                     let h = BatchHeader::parse(&v)?;
@@ -756,28 +765,35 @@ impl PartitionLog {
                 }
                 None => offset,
             };
-            for item in self.batches.range_from(&offset_key(start)) {
-                let (k, v) = item?;
+            for item in self
+                .batches
+                .stored_from_within(&offset_key(start), max_bytes)
+            {
+                let (k, stored) = item?;
                 let base = key_offset(&k);
                 if base >= bound {
                     break;
                 }
-                if !out.is_empty() && out.len() + v.len() > max_bytes {
+                let len = stored.len();
+                if !out.is_empty() && out.len() + len > max_bytes {
                     break;
                 }
-                if let Some(reason) = stored_batch_problem(&k, &v) {
+                if out.is_empty() {
+                    out.reserve(max_bytes.min(len.max(64 * 1024) * 4).max(len));
+                }
+                // Copied once, from sled's slots into the response, and checked there.
+                let at = out.len();
+                stored.append_to(&mut out);
+                let v = &out[at..];
+                if let Some(reason) = stored_batch_problem(&k, v) {
                     self.take_offline(base, &reason);
                     return Err(LogError::Corrupt {
                         offset: base,
                         reason,
                     });
                 }
-                if out.is_empty() {
-                    out.reserve(max_bytes.min(v.len().max(64 * 1024) * 4).max(v.len()));
-                }
-                out.extend_from_slice(&v);
                 count += 1;
-                end = BatchHeader::parse(&v)?.next_offset();
+                end = BatchHeader::parse(v)?.next_offset();
             }
         }
         let aborted = match isolation {
