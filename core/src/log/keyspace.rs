@@ -130,6 +130,9 @@ const CURSOR_SLOT: u64 = u64::MAX;
 /// the slots of the latest value, so the next value lands in leaves that no longer split
 /// (a leaf splits past 16 entries).
 const MIN_RUNWAY: u64 = 32;
+/// Slots of the largest value there can be: a batch comes in one frame, and a frame's size
+/// is a u32 (`limits.max_frame_bytes`).
+const MAX_SLOTS: u64 = (u32::MAX as u64).div_ceil(SLOT_BYTES as u64);
 /// Version byte of a slotted value's head.
 const HEAD_V1: u8 = 1;
 /// Length of a head: version, first slot, slot count, value length.
@@ -169,7 +172,7 @@ impl SlotHead {
         };
         // A damaged head must not make a reader allocate what it says, or wrap around.
         let count = u64::from(h.count);
-        let fits = count >= 1
+        let fits = (1..=MAX_SLOTS).contains(&count)
             && h.len > (count - 1) * SLOT_BYTES as u64
             && h.len <= count * SLOT_BYTES as u64
             && h.first
@@ -202,7 +205,8 @@ impl Slots {
     fn read(&self, head: &[u8]) -> Result<Stored, sled::Error> {
         let h = SlotHead::decode(head)?;
         let end = h.first.saturating_add(u64::from(h.count));
-        let mut slots = Vec::with_capacity(h.count as usize);
+        // Not sized by the head: a damaged one could name billions of slots.
+        let mut slots = Vec::new();
         let mut len = 0u64;
         for item in self.tree.range(self.key(h.first)..self.key(end)) {
             let (_, v) = item?;
@@ -284,7 +288,7 @@ impl Slots {
     /// The writes that store `value` in slots, in the order they must reach the log: its
     /// slots, the placeholders after them, then the cursor moved past them; and the value's
     /// head (for the caller to write after all of them).
-    fn fill(&self, value: &IVec) -> Result<(Vec<(IVec, IVec)>, SlotHead), sled::Error> {
+    fn fill(&self, value: &[u8]) -> Result<(Vec<(IVec, IVec)>, SlotHead), sled::Error> {
         let count = value.len().div_ceil(SLOT_BYTES) as u64;
         let count32 = u32::try_from(count).map_err(|_| {
             sled::Error::Unsupported(format!("a value of {} bytes is too large", value.len()))
@@ -303,11 +307,13 @@ impl Slots {
             }
         };
         let mut writes = Vec::new();
-        for i in 0..count {
-            // Slices of the value's own buffer: no copy until sled writes them out.
-            let at = i as usize * SLOT_BYTES;
-            let slot = value.subslice(at, SLOT_BYTES.min(value.len() - at));
-            writes.push((IVec::from(&self.key(next + i)[..]), slot));
+        // Each slot a buffer of its own: sled's cache counts a slot's bytes, and a slice of
+        // a shared buffer would keep all of it alive for as long as any slot of it is cached.
+        for (i, chunk) in value.chunks(SLOT_BYTES).enumerate() {
+            writes.push((
+                IVec::from(&self.key(next + i as u64)[..]),
+                IVec::from(chunk),
+            ));
         }
         for s in placeholders_end.max(free)..runway_end {
             writes.push((IVec::from(&self.key(s)[..]), IVec::default()));
@@ -412,14 +418,16 @@ impl PartitionKeys {
     /// atomic batch.
     ///
     /// A new slotted value (the append path: nothing stored under `suffix` yet) is written
-    /// without a sled batch: its slots, placeholders and cursor first, its head last. sled
-    /// recovers a prefix of its log, so a head that survives a crash has its slots; a crash
-    /// before the head leaves slots no head names (at most one value's, never read, removed
-    /// with the partition). A sled batch would take sled's process-wide write lock, which
+    /// without a sled batch: its slots, placeholders and cursor first, its head last. After
+    /// a crash of the process sled recovers an unbroken prefix of its log, so a head that
+    /// survives has its slots; a crash before the head leaves slots no head names (at most
+    /// one value's, never read, removed with the partition). After a power loss sled can
+    /// keep a later entry without an earlier one (its log writes are not ordered on the
+    /// device), as with a batch: a head without its slots reads as a damaged batch. A sled batch would take sled's process-wide write lock, which
     /// stops every read and write of every tree (fetches, the flusher) while it applies, and
     /// makes sled write out its current log buffer before and after it.
-    pub fn insert(&self, suffix: &[u8], value: impl Into<IVec>) -> Result<(), sled::Error> {
-        let value: IVec = value.into();
+    pub fn insert(&self, suffix: &[u8], value: impl AsRef<[u8]>) -> Result<(), sled::Error> {
+        let value = value.as_ref();
         let key = self.key(suffix);
         let _turn = one_writer();
         let stale = self.chunk_keys(suffix)?;
@@ -429,7 +437,7 @@ impl PartitionKeys {
             return Ok(());
         }
         if stale.is_empty() && self.tree.get(&key)?.is_none() {
-            let (writes, head) = self.slots.fill(&value)?;
+            let (writes, head) = self.slots.fill(value)?;
             for (k, v) in writes {
                 self.tree.insert(k, v)?;
             }
@@ -443,7 +451,7 @@ impl PartitionKeys {
             batch.remove(k);
         }
         if slotted {
-            let (writes, head) = self.slots.fill(&value)?;
+            let (writes, head) = self.slots.fill(value)?;
             for (k, v) in writes {
                 batch.insert(k, v);
             }
@@ -1099,6 +1107,13 @@ mod tests {
             len: 1 << 56,
         };
         tree.insert(head_key(8), &huge.encode()[..]).unwrap();
+        // Consistent, but more slots than any value can have (removing it would list them).
+        let many = SlotHead {
+            first: 0,
+            count: u32::MAX,
+            len: u64::from(u32::MAX) * SLOT_BYTES as u64,
+        };
+        assert!(SlotHead::decode(&many.encode()).is_err());
         let read: Vec<(u64, usize)> = a
             .range_from(&8u64.to_be_bytes())
             .map(|e| {

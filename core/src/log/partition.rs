@@ -654,14 +654,13 @@ impl PartitionLog {
             }
         }
         let base = st.log_end;
-        // Copied once, into the buffer sled keeps (its slots are slices of it).
-        let mut stored = sled::IVec::from(&raw[..]);
+        let mut stored = raw.to_vec();
         batch::set_base_offset(&mut stored, base);
         batch::set_leader_epoch(&mut stored, st.leader_epoch);
-        self.batches.insert(&offset_key(base), stored)?;
+        self.batches.insert(&offset_key(base), &stored)?;
         if st.bytes_since_index >= TIME_INDEX_INTERVAL {
             self.time_index
-                .insert(&ts_key(st.running_max_ts), offset_key(base).to_vec())?;
+                .insert(&ts_key(st.running_max_ts), offset_key(base))?;
             st.bytes_since_index = 0;
         }
         st.bytes_since_index += raw.len() as u64;

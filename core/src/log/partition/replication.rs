@@ -172,13 +172,10 @@ impl PartitionLog {
         if st.epoch_starts.last().is_none_or(|e| e.0 < h.leader_epoch) {
             st.epoch_starts.push((h.leader_epoch, h.base_offset));
         }
-        self.batches
-            .insert(&offset_key(h.base_offset), raw.to_vec())?;
+        self.batches.insert(&offset_key(h.base_offset), raw)?;
         if st.bytes_since_index >= TIME_INDEX_INTERVAL {
-            self.time_index.insert(
-                &ts_key(st.running_max_ts),
-                offset_key(h.base_offset).to_vec(),
-            )?;
+            self.time_index
+                .insert(&ts_key(st.running_max_ts), offset_key(h.base_offset))?;
             st.bytes_since_index = 0;
         }
         st.bytes_since_index += raw.len() as u64;
