@@ -79,7 +79,13 @@ pub trait PipelineHost: Send + Sync {
     fn stop(&self, name: String) -> BoxFuture<'_, HostResult<StopPipelineResponse>>;
     /// Cluster deploy: checks `config_toml` as [`deploy`](Self::deploy) would (the file,
     /// its topics, its stages' plugins) without starting anything.
-    fn check(&self, config_toml: String) -> BoxFuture<'_, HostResult<CheckedPipeline>>;
+    /// `running` holds the files the cluster runs now, by pipeline name: a new file that
+    /// would give a stage's state to another plugin than the running file's is refused.
+    fn check(
+        &self,
+        config_toml: String,
+        running: std::collections::BTreeMap<String, String>,
+    ) -> BoxFuture<'_, HostResult<CheckedPipeline>>;
     /// Cluster mode: every pipeline the controller holds, with this broker's instances of
     /// each. The host starts, rolls (a changed file), resizes and stops its own instances
     /// to match, in the background; only the latest call counts. From the first call on,

@@ -102,7 +102,12 @@ pub async fn ensure_changelog(
         Err(e) if e.code() == Some(ErrorCode::UnknownTopicOrPartition) => {}
         Err(e) => return Err(e.into()),
     }
-    let config = BTreeMap::from([("retention.ms".to_string(), CHANGELOG_RETENTION_MS.into())]);
+    // Both set: a broker-wide default `retention.bytes` must not delete the snapshot range
+    // a committed mark points to (the state could then never be restored).
+    let config = BTreeMap::from([
+        ("retention.ms".to_string(), CHANGELOG_RETENTION_MS.into()),
+        ("retention.bytes".to_string(), "-1".to_string()),
+    ]);
     match admin
         .create_replicated_topic(&topic, partitions.max(1), replicas.max(1), config)
         .await

@@ -196,6 +196,31 @@ pub struct PipelineConfig {
 }
 
 impl PipelineConfig {
+    /// Why a pipeline running this file cannot be rolled to `next` with its state, if it
+    /// cannot. Keyed state belongs to a stage's position in the chain (its changelog keys
+    /// name the position), so each position must keep its plugin (any version); stages may
+    /// be added at the end, or removed from it.
+    pub fn roll_problem(&self, next: &PipelineConfig) -> Option<String> {
+        let name = |p: &StagePlugin| match p {
+            StagePlugin::Deployed { name, .. } => name.clone(),
+            StagePlugin::Path(path) => path.clone(),
+        };
+        self.stages
+            .iter()
+            .zip(&next.stages)
+            .enumerate()
+            .find(|(_, (a, b))| name(&a.plugin) != name(&b.plugin))
+            .map(|(i, (a, b))| {
+                format!(
+                    "stage {} of pipeline {:?} runs plugin {:?} and the new file puts {:?} there: a stage's state belongs to its position in the chain, so a redeploy may change versions and add or remove stages at the end, but not replace or reorder them; keep the order, or stop the pipeline and deploy the new chain under another name (its state starts empty)",
+                    i + 1,
+                    self.name,
+                    name(&a.plugin),
+                    name(&b.plugin)
+                )
+            })
+    }
+
     /// Reads and checks a pipeline file.
     pub fn load(path: &Path) -> Result<PipelineConfig, PipelineConfigError> {
         let file = path.display().to_string();
@@ -589,5 +614,35 @@ guarantee = "exactly-once"
         assert_eq!(e.key, "stages[1]", "{e}");
         let e = error(&WORDCOUNT.replace("name = \"wordcount\"", ""));
         assert_eq!(e.key, "name", "{e}");
+    }
+
+    #[test]
+    fn a_roll_keeps_each_positions_plugin_and_may_grow_or_shrink_at_the_end() {
+        let file = |stages: &[&str]| {
+            let mut t = String::from("name = \"p\"\n[source]\ntopics = [\"in\"]\n");
+            for s in stages {
+                t.push_str(&format!("[[stages]]\nplugin = \"{s}\"\n"));
+            }
+            t.push_str("[sink]\ntopic = \"out\"\n");
+            PipelineConfig::parse(&t, "test").unwrap()
+        };
+        let running = file(&["split@1.0.0", "count@1.0.0"]);
+        for ok in [
+            file(&["split@2.0.0", "count@1.0.1"]),
+            file(&["split@1.0.0", "count@1.0.0", "format@1.0.0"]),
+            file(&["split@1.0.0"]),
+        ] {
+            assert_eq!(running.roll_problem(&ok), None);
+        }
+        let problem = running
+            .roll_problem(&file(&["lower@1.0.0", "split@1.0.0", "count@1.0.0"]))
+            .expect("an inserted first stage is refused");
+        assert!(
+            problem.contains("stage 1") && problem.contains("\"split\""),
+            "{problem}"
+        );
+        assert!(running
+            .roll_problem(&file(&["count@1.0.0", "split@1.0.0"]))
+            .is_some());
     }
 }

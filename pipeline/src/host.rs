@@ -102,8 +102,12 @@ impl BrokerPipelines {
     }
 
     /// Starts every pipeline deployed before the broker restarted. One that cannot start
-    /// is listed as failed, with the reason.
+    /// is listed as failed, with the reason. It holds the host's lock throughout, so a
+    /// `deploy` or `stop` that arrives meanwhile waits for it and then acts on what it
+    /// resumed (without it, a file resumed after a deploy of a new version replaced it, and
+    /// a stop found nothing to stop and the pipeline started after it).
     pub async fn resume(&self) {
+        let mut pipelines = self.pipelines.lock().await;
         let Ok(dir) = std::fs::read_dir(&self.dir) else {
             return;
         };
@@ -121,6 +125,9 @@ impl BrokerPipelines {
                 }
             };
             let name = config.name.clone();
+            if pipelines.contains_key(&name) {
+                continue;
+            }
             let entry = match self.start(config.clone()).await {
                 Ok(d) => {
                     tracing::info!(pipeline = %name, "deployed pipeline resumed");
@@ -131,7 +138,7 @@ impl BrokerPipelines {
                     Entry::Broken(config, e.message)
                 }
             };
-            self.pipelines.lock().await.insert(name, entry);
+            pipelines.insert(name, entry);
         }
     }
 
@@ -159,6 +166,11 @@ impl BrokerPipelines {
         let config = parse_deployable(&text)?;
         let name = config.name.clone();
         let mut pipelines = self.pipelines.lock().await;
+        match pipelines.get(&name) {
+            Some(Entry::Running(old)) => refuse_stateful_change(old.config(), &config)?,
+            Some(Entry::Broken(old, _)) => refuse_stateful_change(old, &config)?,
+            None => {}
+        }
         // Load the new stages before touching the running pipeline: a broken plugin
         // leaves it running.
         let client = self.client().await?;
@@ -237,20 +249,35 @@ impl BrokerPipelines {
     }
 
     async fn stop_named(&self, name: String) -> HostResult<StopPipelineResponse> {
-        let entry = self.pipelines.lock().await.remove(&name).ok_or_else(|| {
-            host_error(
+        let mut pipelines = self.pipelines.lock().await;
+        let entry = pipelines.remove(&name);
+        // A file not resumed yet (the broker is starting) is deployed too: removing it
+        // stops the pipeline before it starts.
+        let file = self.file_of(&name);
+        if entry.is_none() && !file.exists() {
+            return Err(host_error(
                 ErrorCode::PipelineNotFound,
                 format!("no pipeline named {name:?} is deployed; see `quiver pipeline list`"),
-            )
-        })?;
-        if let Err(e) = std::fs::remove_file(self.file_of(&name)) {
+            ));
+        }
+        if let Err(e) = std::fs::remove_file(&file) {
             tracing::warn!(pipeline = %name, error = %e, "cannot remove the pipeline file");
         }
+        drop(pipelines);
         let instances = match entry {
-            Entry::Running(d) => d.stop().await,
-            Entry::Broken(..) => 0,
+            Some(Entry::Running(d)) => d.stop().await,
+            Some(Entry::Broken(..)) | None => 0,
         };
         Ok(StopPipelineResponse { instances })
+    }
+}
+
+/// Refuses a new file for a running pipeline that would give a stage's state to another
+/// plugin.
+fn refuse_stateful_change(old: &PipelineConfig, new: &PipelineConfig) -> HostResult<()> {
+    match old.roll_problem(new) {
+        Some(problem) => Err(host_error(ErrorCode::InvalidPipeline, problem)),
+        None => Ok(()),
     }
 }
 
@@ -277,8 +304,17 @@ fn parse_deployable(text: &str) -> HostResult<PipelineConfig> {
 
 /// Cluster mode.
 impl BrokerPipelines {
-    async fn check_text(&self, text: String) -> HostResult<CheckedPipeline> {
+    async fn check_text(
+        &self,
+        text: String,
+        running: BTreeMap<String, String>,
+    ) -> HostResult<CheckedPipeline> {
         let config = parse_deployable(&text)?;
+        if let Some(old) = running.get(&config.name) {
+            let old = PipelineConfig::parse(old, "running pipeline")
+                .map_err(|e| host_error(ErrorCode::Internal, e.to_string()))?;
+            refuse_stateful_change(&old, &config)?;
+        }
         let client = self.client().await?;
         let stages = crate::deployment::preflight(&client, &config, &self.dir)
             .await
@@ -427,8 +463,12 @@ impl PipelineHost for BrokerPipelines {
         self.stop_named(name).boxed()
     }
 
-    fn check(&self, config_toml: String) -> BoxFuture<'_, HostResult<CheckedPipeline>> {
-        self.check_text(config_toml).boxed()
+    fn check(
+        &self,
+        config_toml: String,
+        running: BTreeMap<String, String>,
+    ) -> BoxFuture<'_, HostResult<CheckedPipeline>> {
+        self.check_text(config_toml, running).boxed()
     }
 
     fn assign(&self, pipelines: Vec<AssignedPipeline>) {

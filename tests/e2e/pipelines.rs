@@ -660,6 +660,19 @@ fn redeploying_a_new_plugin_version_rolls_exactly_once_instances_keeping_offsets
     wait_for(60, "1,000 records processed", || {
         status(&b, "wc")["records_in"] == 1000 && status(&b, "wc")["lag"] == 0
     });
+    // A file that would hand `count`'s state to another plugin is refused, and the
+    // running pipeline stays as it was.
+    let reordered = dir.path().join("wc-reordered.toml");
+    std::fs::write(
+        &reordered,
+        "name = \"wc\"\n[source]\ntopics = [\"words\"]\n[[stages]]\nplugin = \"split-words@1.0.0\"\n[[stages]]\nplugin = \"count@1.0.1\"\n[sink]\ntopic = \"counts\"\n[run]\ninstances = 2\nguarantee = \"exactly-once\"\n",
+    )
+    .unwrap();
+    let err = b.cli_err(&["pipeline", "deploy", reordered.to_str().unwrap()], None);
+    assert!(
+        err.contains("stage 1") && err.contains("belongs to its position"),
+        "{err}"
+    );
     let s = status(&b, "wc");
     assert_eq!(s["instances"].as_array().unwrap().len(), 2, "{s}");
     assert_eq!(s["records_in"], 1000, "counters carry over the roll: {s}");

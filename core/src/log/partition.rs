@@ -139,6 +139,8 @@ pub struct ReadResult {
     pub payload: Bytes,
     /// Batches in the payload.
     pub batches: usize,
+    /// The offset after the last batch in the payload (the read's offset when empty).
+    pub end: i64,
     /// Offsets when read.
     pub snapshot: PartitionSnapshot,
     /// Read-committed reads: the aborted transactions with batches in the payload.
@@ -408,17 +410,24 @@ impl PartitionLog {
 
     /// Offsets and size now.
     pub fn snapshot(&self) -> PartitionSnapshot {
-        let s = self.lock();
+        Self::snapshot_of(&self.lock())
+    }
+
+    fn snapshot_of(s: &State) -> PartitionSnapshot {
         PartitionSnapshot {
             log_start: s.log_start,
             high_watermark: s.high_watermark,
             log_end: s.log_end,
             size_bytes: s.size_bytes,
             leader_epoch: s.leader_epoch,
+            // Never below the log start: retention may have removed the first batches of a
+            // transaction still open, and an offset that is not stored is no place to read
+            // from (Kafka's rule).
             last_stable: s
                 .txns
                 .first_unstable()
-                .map_or(s.high_watermark, |f| f.min(s.high_watermark)),
+                .map_or(s.high_watermark, |f| f.min(s.high_watermark))
+                .max(s.log_start),
         }
     }
 
@@ -715,12 +724,31 @@ impl PartitionLog {
         max_bytes: usize,
         isolation: Isolation,
     ) -> Result<ReadResult, LogError> {
-        let snapshot = self.snapshot();
+        // Read-committed: the aborted transactions are listed with the snapshot, under one
+        // lock. Listed after the read, retention could have forgotten one whose records the
+        // read still copied (its marker fell below a new log start meanwhile), and they would
+        // be delivered as committed.
+        let (snapshot, aborted) = {
+            let s = self.lock();
+            let snapshot = Self::snapshot_of(&s);
+            let aborted = match isolation {
+                Isolation::ReadCommitted => s.txns.aborted_in(offset, snapshot.last_stable),
+                Isolation::ReadUncommitted => Vec::new(),
+            };
+            (snapshot, aborted)
+        };
         let bound = match isolation {
             Isolation::ReadUncommitted => snapshot.high_watermark,
             Isolation::ReadCommitted => snapshot.last_stable,
         };
-        self.read_below(offset, max_bytes, bound, snapshot, isolation)
+        let mut read = self.read_below(offset, max_bytes, bound, snapshot)?;
+        if read.batches > 0 {
+            read.aborted = aborted
+                .into_iter()
+                .filter(|a| a.first_offset < read.end)
+                .collect();
+        }
+        Ok(read)
     }
 
     /// Reads whole batches from the one holding `offset` whose base offset is below `bound`.
@@ -730,7 +758,6 @@ impl PartitionLog {
         max_bytes: usize,
         bound: i64,
         snapshot: PartitionSnapshot,
-        isolation: Isolation,
     ) -> Result<ReadResult, LogError> {
         self.check_alive()?;
         if offset < snapshot.log_start || offset > snapshot.log_end {
@@ -795,15 +822,12 @@ impl PartitionLog {
                 end = BatchHeader::parse(v)?.next_offset();
             }
         }
-        let aborted = match isolation {
-            Isolation::ReadCommitted if count > 0 => self.lock().txns.aborted_in(offset, end),
-            _ => Vec::new(),
-        };
         Ok(ReadResult {
             payload: out.freeze(),
             batches: count,
+            end,
             snapshot,
-            aborted,
+            aborted: Vec::new(),
         })
     }
 
@@ -1053,7 +1077,9 @@ impl PartitionLog {
         let doomed: Vec<_> = batches
             .range_from(&offset_key(from))
             .collect::<Result<_, _>>()?;
-        for (k, v) in doomed {
+        // Newest first, the damaged batch last: a repair cut short by a crash leaves the
+        // damage in place for the next repair to find, never a hole.
+        for (k, v) in doomed.into_iter().rev() {
             report.dropped_batches += 1;
             report.dropped_bytes += v.len() as u64;
             if let Ok(h) = BatchHeader::parse(&v) {
@@ -1438,6 +1464,31 @@ mod tests {
             .unwrap();
         let second = second.await.unwrap().unwrap();
         assert_eq!((first.base_offset, second.base_offset), (0, 3));
+    }
+
+    #[tokio::test]
+    async fn retention_past_an_open_transaction_keeps_the_last_stable_offset_stored() {
+        let (_dir, db, f, _stop) = setup().await;
+        let p = open_partition(&db);
+        let cfg = TopicConfig::default();
+        let t = Duration::from_secs(5);
+        p.append(vec![txn_batch(0)], &cfg, &f, t).await.unwrap();
+        for _ in 0..3 {
+            p.append(vec![batch(10, 0, -1, -1)], &cfg, &f, t)
+                .await
+                .unwrap();
+        }
+        assert_eq!(p.snapshot().last_stable, 0, "the open transaction holds it");
+        let one = p.read(1, 1 << 20).unwrap().payload.len() / 3;
+        let mut rc = cfg.clone();
+        rc.retention_ms = -1;
+        rc.retention_bytes = (one * 2) as i64;
+        p.apply_retention(&rc, 0).unwrap();
+        let s = p.snapshot();
+        assert!(s.log_start > 0, "{s:?}");
+        assert_eq!(s.last_stable, s.log_start, "{s:?}");
+        let read = p.read_with(s.last_stable, 1 << 20, Isolation::ReadCommitted);
+        assert_eq!(read.unwrap().batches, 0);
     }
 
     #[tokio::test]

@@ -181,6 +181,22 @@ impl ProducerTable {
         }
     }
 
+    /// Takes from `before` (this partition's table before its log was cut back and this
+    /// table rebuilt from the batches left) the producers whose every remembered batch lies
+    /// below `log_start`: retention deleted their batches, so no rebuild can find them, yet
+    /// their sequences and epochs still hold (DESIGN: retention keeps producer state).
+    pub fn keep_retained(&mut self, before: ProducerTable, log_start: i64) {
+        for (id, entry) in before.producers {
+            let below = entry
+                .recent
+                .back()
+                .is_none_or(|b| b.last_offset < log_start);
+            if below && !self.producers.contains_key(&id) {
+                self.producers.insert(id, entry);
+            }
+        }
+    }
+
     /// Whether a marker of `producer_id` from `coordinator_epoch` may be appended: not when
     /// a marker of a newer coordinator epoch was taken for the producer (the error names
     /// that epoch). A marker no coordinator decided (`None`) is not fenced.
@@ -253,6 +269,29 @@ mod tests {
             base_offset: off,
             last_offset: off + i64::from(last - first),
         }
+    }
+
+    /// A log cut back (a follower's truncation) rebuilds its table from the batches left;
+    /// producers whose batches retention had deleted are kept from the table before, and
+    /// the rebuild's own view wins for the others.
+    #[test]
+    fn a_rebuild_after_truncation_keeps_producers_only_retention_remembers() {
+        let mut before = ProducerTable::default();
+        before.record(1, 0, b(0, 9, 0)); // retained away: below the log start of 50
+        before.record(2, 3, b(0, 4, 60)); // its batches are still stored
+        before.record(3, 0, b(0, 4, 40));
+        before.record(3, 0, b(5, 9, 70)); // in the cut suffix
+        let mut rebuilt = ProducerTable::default();
+        rebuilt.record(2, 3, b(0, 4, 60));
+        rebuilt.keep_retained(before, 50);
+        assert_eq!(rebuilt.check(1, 0, 10, 1), SequenceCheck::Append);
+        assert_eq!(
+            rebuilt.check(1, 0, 0, 10),
+            SequenceCheck::Duplicate(b(0, 9, 0))
+        );
+        assert_eq!(rebuilt.check(2, 3, 5, 1), SequenceCheck::Append);
+        // Producer 3's newest batch was cut: the rebuild (which did not see it) decides.
+        assert!(!rebuilt.producers.contains_key(&3));
     }
 
     /// Sequences wrap from i32::MAX to 0: a producer past 2^31 records to one partition

@@ -14,7 +14,6 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use quiver_protocol::batch::{self, BatchHeader};
-use quiver_protocol::requests::Isolation;
 
 use super::{
     ts_key, LogError, PartitionLog, ProducerTable, ReadResult, TxnIndex, TIME_INDEX_INTERVAL,
@@ -135,13 +134,7 @@ impl PartitionLog {
                 end: snapshot.log_end,
             });
         }
-        self.read_below(
-            offset,
-            max_bytes,
-            snapshot.log_end,
-            snapshot,
-            Isolation::ReadUncommitted,
-        )
+        self.read_below(offset, max_bytes, snapshot.log_end, snapshot)
     }
 
     /// Stores a batch copied from the leader at its own base offset, which must be this
@@ -227,7 +220,8 @@ impl PartitionLog {
             .range_from(&offset_key(from))
             .collect::<Result<_, _>>()?;
         let dropped = doomed.len();
-        for (k, _) in doomed {
+        // Newest first: a crash part way leaves a shorter log, never one with a hole.
+        for (k, _) in doomed.into_iter().rev() {
             self.batches.remove(&k)?;
         }
         let stale: Vec<_> = self
@@ -251,6 +245,7 @@ impl PartitionLog {
                 observe(&mut producers, &mut txns, &h, &raw);
             }
         }
+        producers.keep_retained(std::mem::take(&mut st.producers), st.log_start);
         st.producers = producers;
         st.txns = txns;
         st.size_bytes = size;

@@ -63,8 +63,18 @@ async fn deploy_in_cluster(
     ctx: &ServerContext,
     config_toml: String,
 ) -> Result<DeployPipelineResponse, RequestError> {
-    let checked = ctx.pipelines.host()?.check(config_toml.clone()).await?;
     let rm = replicas_of(ctx).await?;
+    let running = rm
+        .view()
+        .pipelines
+        .iter()
+        .map(|(name, p)| (name.clone(), p.config_toml.clone()))
+        .collect();
+    let checked = ctx
+        .pipelines
+        .host()?
+        .check(config_toml.clone(), running)
+        .await?;
     let replaced = rm.view().pipelines.contains_key(&checked.name);
     let cmd = ControllerCommand::PutPipeline {
         name: checked.name.clone(),
