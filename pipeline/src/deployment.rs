@@ -58,6 +58,8 @@ pub struct Deployment {
     state: Arc<Mutex<String>>,
     stop: Arc<watch::Sender<bool>>,
     instances: Vec<Instance>,
+    /// Why this broker still runs this (older) file: it could not roll to the cluster's.
+    roll_failure: Option<String>,
 }
 
 /// Checks that `config` can run against this cluster before anything starts: every source
@@ -177,6 +179,7 @@ impl Deployment {
             state: Arc::new(Mutex::new(RUNNING.to_string())),
             stop: Arc::new(stop_tx),
             instances: Vec::new(),
+            roll_failure: None,
         })
     }
 
@@ -266,6 +269,24 @@ impl Deployment {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Notes that this broker could not roll this deployment to the cluster's newer file
+    /// (`pipeline status` then says so instead of "running").
+    pub fn note_roll_failure(&mut self, reason: String) {
+        self.roll_failure = Some(reason);
+    }
+
+    /// The state `pipeline status` shows: a running deployment left on an older file
+    /// because it could not roll here is "degraded", with the reason.
+    fn shown_state(&self) -> String {
+        match (self.state(), &self.roll_failure) {
+            (state, Some(reason)) if state == RUNNING => format!(
+                "degraded: broker {} still runs the previous file; it cannot roll to the new one here: {reason}",
+                self.broker
+            ),
+            (state, _) => state,
+        }
+    }
+
     /// Waits until the pipeline fails (returns its reason) or is stopped (returns `None`).
     pub async fn wait(&self) -> Option<String> {
         let mut rx = self.stop.subscribe();
@@ -297,7 +318,7 @@ impl Deployment {
         let cfg = &self.plan.config;
         PipelineStatus {
             name: cfg.name.clone(),
-            state: self.state(),
+            state: self.shown_state(),
             guarantee: cfg.run.guarantee.to_string(),
             group: cfg.group().to_string(),
             instances: self

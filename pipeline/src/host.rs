@@ -389,8 +389,9 @@ impl BrokerPipelines {
                 Some(Entry::Running(d)) => {
                     match d.roll_numbered(config, &self.dir, &w.instances).await {
                         Ok(d) => Entry::Running(d),
-                        Err((old, e)) => {
+                        Err((mut old, e)) => {
                             tracing::error!(pipeline = %w.name, error = %e, "cannot roll the pipeline to its new file here; the old one keeps running");
+                            old.note_roll_failure(e.to_string());
                             all_started = false;
                             Entry::Running(old)
                         }

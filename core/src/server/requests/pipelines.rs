@@ -193,13 +193,19 @@ async fn cluster_status(
 }
 
 /// One status from the parts each broker reported: instances side by side, counters and
-/// rates summed, the first failure as the state, the largest lag and latencies (lag is the
-/// group's, read by each broker; latencies are per broker, so the worst is shown).
+/// rates summed, the first failure as the state (else the first state that is not
+/// "running", e.g. a broker left on an older file), the largest lag and latencies (lag is
+/// the group's, read by each broker; latencies are per broker, so the worst is shown).
 pub fn merge_status(parts: Vec<PipelineStatus>) -> Option<PipelineStatus> {
+    let rank = |state: &str| match state {
+        s if s.starts_with("failed") => 2,
+        "running" => 0,
+        _ => 1,
+    };
     let mut parts = parts.into_iter();
     let mut all = parts.next()?;
     for p in parts {
-        if !all.state.starts_with("failed") && p.state.starts_with("failed") {
+        if rank(&p.state) > rank(&all.state) {
             all.state = p.state;
         }
         all.instances.extend(p.instances);
@@ -263,4 +269,54 @@ async fn stop_in_cluster(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(StopPipelineResponse { instances })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge_status;
+    use quiver_protocol::requests::PipelineStatus;
+
+    fn part(state: &str, records_in: u64) -> PipelineStatus {
+        PipelineStatus {
+            name: "p".into(),
+            state: state.into(),
+            guarantee: "at-least-once".into(),
+            group: "p".into(),
+            instances: Vec::new(),
+            records_in,
+            records_out: 0,
+            records_per_sec_in: 0.0,
+            records_per_sec_out: 0.0,
+            lag: 0,
+            errors: 0,
+            dead_lettered: 0,
+            latency_p50_ms: 0.0,
+            latency_p99_ms: 0.0,
+        }
+    }
+
+    /// A failure shows over anything, and a broker left on an older file over "running".
+    #[test]
+    fn the_merged_state_is_the_worst_part() {
+        let merged = |states: &[&str]| {
+            merge_status(states.iter().map(|s| part(s, 1)).collect()).map(|s| s.state)
+        };
+        assert_eq!(merged(&["running", "running"]).unwrap(), "running");
+        assert_eq!(
+            merged(&["running", "degraded: broker 2 …", "running"]).unwrap(),
+            "degraded: broker 2 …"
+        );
+        assert_eq!(
+            merged(&["degraded: broker 2 …", "failed: quarantined"]).unwrap(),
+            "failed: quarantined"
+        );
+        assert_eq!(merged(&["failed: a", "degraded: b"]).unwrap(), "failed: a");
+        assert_eq!(
+            merge_status(vec![part("running", 2), part("running", 3)])
+                .unwrap()
+                .records_in,
+            5
+        );
+        assert!(merged(&[]).is_none());
+    }
 }

@@ -74,8 +74,9 @@ pub struct PipelineInstance {
 pub struct PipelineStatus {
     /// Pipeline name.
     pub name: String,
-    /// `running`, `stopped`, or `failed: <reason>` (a stage failed under policy "stop", or a
-    /// plugin was quarantined).
+    /// `running`, `stopped`, `failed: <reason>` (a stage failed under policy "stop", or a
+    /// plugin was quarantined), or `degraded: <reason>` (in a cluster, a broker still runs
+    /// the previous file because it cannot roll to the new one).
     pub state: String,
     /// `at-least-once` or `exactly-once`.
     pub guarantee: String,
