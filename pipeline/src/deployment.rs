@@ -37,14 +37,20 @@ struct Instance {
 }
 
 impl Instance {
-    /// Stops this instance (it commits what it finished and leaves) and waits for it.
+    /// Stops this instance (it commits what it finished and leaves) and waits for it. One
+    /// still busy after 30 s (e.g. restoring a large state, which does not watch for the
+    /// stop) is aborted: once this returns the instance commits nothing more, and the group
+    /// drops it when its session runs out.
     async fn stop(self) {
         let _ = self.stop.send(true);
-        if tokio::time::timeout(Duration::from_secs(30), self.task)
+        let mut task = self.task;
+        if tokio::time::timeout(Duration::from_secs(30), &mut task)
             .await
             .is_err()
         {
-            tracing::warn!(instance = %self.id, "instance did not stop within 30 s");
+            task.abort();
+            let _ = task.await;
+            tracing::warn!(instance = %self.id, "instance did not stop within 30 s; aborted");
         }
     }
 }
