@@ -343,6 +343,10 @@ impl PartitionLog {
             }
             producers.observe(&h, &v);
         }
+        if !usable {
+            // Producers whose batches retention deleted are in no batch left to scan.
+            producers.keep_retained(ProducerTable::from_snapshot(&pm.producers), pm.log_start);
+        }
         let leader_epoch = pm.leader_epoch;
         let hw_at_open = pm.replica_hw.unwrap_or(pm.hw_checkpoint).min(log_end);
         pm.replica_hw = Some(hw_at_open);
@@ -1464,6 +1468,46 @@ mod tests {
             .unwrap();
         let second = second.await.unwrap().unwrap();
         assert_eq!((first.base_offset, second.base_offset), (0, 3));
+    }
+
+    /// A partition opened with a producer snapshot it cannot use (taken beyond a log end
+    /// that a repair or a crash moved back) rebuilds producer state from its batches, and
+    /// keeps the producers whose batches retention deleted: their next batch appends.
+    #[tokio::test]
+    async fn a_rebuild_at_open_keeps_producers_only_retention_remembers() {
+        let (_dir, db, f, _stop) = setup().await;
+        let p = open_partition(&db);
+        let cfg = TopicConfig::default();
+        let t = Duration::from_secs(5);
+        p.append(vec![batch(10, 0, 7, 0)], &cfg, &f, t)
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            p.append(vec![batch(10, 0, -1, -1)], &cfg, &f, t)
+                .await
+                .unwrap();
+        }
+        let one = p.read(10, 1 << 20).unwrap().payload.len() / 3;
+        let mut rc = cfg.clone();
+        rc.retention_ms = -1;
+        rc.retention_bytes = (one * 3) as i64;
+        p.apply_retention(&rc, 0).unwrap();
+        assert_eq!(p.snapshot().log_start, 10);
+        p.persist_meta().unwrap();
+        drop(p);
+        // What a repair leaves: the snapshot's end beyond the log end.
+        let meta = db.open_tree("meta").unwrap();
+        let mut pm: PartitionMeta =
+            serde_json::from_slice(&meta.get(b"1/0").unwrap().unwrap()).unwrap();
+        pm.producers_end = 1_000;
+        meta.insert(b"1/0", serde_json::to_vec(&pm).unwrap())
+            .unwrap();
+        let p = open_partition(&db);
+        let r = p
+            .append(vec![batch(1, 0, 7, 10)], &cfg, &f, t)
+            .await
+            .unwrap();
+        assert_eq!(r.base_offset, 40);
     }
 
     #[tokio::test]
