@@ -167,12 +167,7 @@ impl ControllerState {
                 None => Err(ControllerError::UnknownTopic { name: name.clone() }),
             },
             ControllerCommand::AlterTopicConfig { name, set, remove } => {
-                let live: Vec<BrokerId> = self
-                    .brokers
-                    .values()
-                    .filter(|b| !b.fenced)
-                    .map(|b| b.id)
-                    .collect();
+                let live = self.live_brokers();
                 match self.topics.get_mut(name) {
                     Some(topic) => {
                         topic
@@ -374,7 +369,8 @@ impl ControllerState {
         Ok(ControllerResponse::Ok)
     }
 
-    fn live_brokers(&self) -> Vec<BrokerId> {
+    /// The brokers not fenced, in id order.
+    pub fn live_brokers(&self) -> Vec<BrokerId> {
         self.brokers
             .values()
             .filter(|b| !b.fenced)
@@ -495,12 +491,7 @@ impl ControllerState {
             return Err(ControllerError::UnknownBroker { id });
         };
         b.fenced = true;
-        let live: Vec<BrokerId> = self
-            .brokers
-            .values()
-            .filter(|b| !b.fenced)
-            .map(|b| b.id)
-            .collect();
+        let live = self.live_brokers();
         for topic in self.topics.values_mut() {
             let unclean = topic.unclean_election();
             for p in &mut topic.partitions {
@@ -711,12 +702,7 @@ impl ControllerState {
         partition: u32,
         partition_epoch: u64,
     ) -> Outcome {
-        let live: Vec<BrokerId> = self
-            .brokers
-            .values()
-            .filter(|b| !b.fenced)
-            .map(|b| b.id)
-            .collect();
+        let live = self.live_brokers();
         let p = self.partition_mut(topic, partition)?;
         if partition_epoch != p.partition_epoch {
             return Err(ControllerError::StalePartitionEpoch {

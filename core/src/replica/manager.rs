@@ -517,12 +517,7 @@ impl ReplicaManager {
         if state.topic(OFFSETS_TOPIC).is_some() {
             return;
         }
-        let live: Vec<BrokerId> = state
-            .brokers
-            .values()
-            .filter(|b| !b.fenced)
-            .map(|b| b.id)
-            .collect();
+        let live = state.live_brokers();
         if live.first() != Some(&self.me) || live.len() < self.offsets_replication {
             return;
         }

@@ -18,8 +18,7 @@ use quiver_protocol::ErrorCode;
 use super::describe_topic::describe;
 use super::{decode, Reply, RequestError};
 use crate::cluster::{
-    BrokerId, ControllerCommand, ControllerError, ControllerResponse, ControllerState,
-    PartitionAssignment,
+    ControllerCommand, ControllerError, ControllerResponse, ControllerState, PartitionAssignment,
 };
 use crate::replica::ReplicaManager;
 use crate::server::ServerContext;
@@ -65,12 +64,7 @@ fn assign_from(
     count: u32,
     rf: u16,
 ) -> Result<Vec<PartitionAssignment>, String> {
-    let live: Vec<BrokerId> = state
-        .brokers
-        .values()
-        .filter(|b| !b.fenced)
-        .map(|b| b.id)
-        .collect();
+    let live = state.live_brokers();
     let rf = usize::from(rf.max(1));
     if rf > live.len() {
         return Err(format!(
