@@ -7,6 +7,7 @@ mod cluster;
 mod connect;
 mod consume;
 mod group;
+mod malloc_tuning;
 mod output;
 mod pipeline;
 mod plugin;
@@ -89,6 +90,7 @@ fn write_completions(shell: CompletionShell, out: &mut dyn std::io::Write) {
 }
 
 fn main() -> ExitCode {
+    malloc_tuning::tune();
     let cli = Cli::parse();
     // No runtime, logging or connection: just the script.
     if let Command::Completions { shell } = &cli.command {

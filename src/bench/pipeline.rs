@@ -27,7 +27,7 @@ use quiver_pipeline::{Deployment, PipelineConfig};
 use serde::Serialize;
 
 use super::produce::{ensure_topic, produce_into};
-use super::report::{histogram, Report};
+use super::report::{histogram, process_cpu_seconds, Report};
 use super::{LoadOpts, OutputFormat};
 
 /// The three figures and their ratios (JSON field names are a contract for scripts).
@@ -70,6 +70,12 @@ pub struct RunFigures {
     pub stages_vs_no_stage: f64,
     /// `no_stage_records_per_sec / produce_records_per_sec`.
     pub no_stage_vs_produce: f64,
+    /// Process CPU per record (µs) of plain produce (see `Report::cpu_us_per_record`).
+    pub produce_cpu_us_per_record: Option<f64>,
+    /// Process CPU per record (µs) of the pipeline without stages.
+    pub no_stage_cpu_us_per_record: Option<f64>,
+    /// Process CPU per record (µs) of the pipeline with the chain.
+    pub stages_cpu_us_per_record: Option<f64>,
 }
 
 impl RunFigures {
@@ -80,6 +86,9 @@ impl RunFigures {
             stages_records_per_sec: stages.records_per_sec,
             stages_vs_no_stage: stages.records_per_sec / no_stage.records_per_sec.max(1e-9),
             no_stage_vs_produce: no_stage.records_per_sec / produce.records_per_sec.max(1e-9),
+            produce_cpu_us_per_record: produce.cpu_us_per_record,
+            no_stage_cpu_us_per_record: no_stage.cpu_us_per_record,
+            stages_cpu_us_per_record: stages.cpu_us_per_record,
         }
     }
 }
@@ -136,9 +145,11 @@ pub async fn run(
             format!("{base}-r{i}")
         };
         eprintln!("plain produce of {records} records …");
+        let cpu_before = process_cpu_seconds();
         let produce = produce_into(client, &quiet, &format!("{base}-produce"), false)
             .await?
             .measuring("produce: send to acknowledgement");
+        let produce = produce.with_cpu(cpu_spent(cpu_before));
         eprintln!("pipeline without stages …");
         let no_stage = one(
             client,
@@ -189,6 +200,11 @@ pub async fn run(
     })
 }
 
+/// CPU seconds this process used since `before`.
+fn cpu_spent(before: Option<f64>) -> Option<f64> {
+    Some(process_cpu_seconds()? - before?)
+}
+
 /// The pipeline file for a bench run: `input` → `chain` → `output`.
 fn pipeline_file(name: &str, input: &str, output: &str, chain: &[String]) -> String {
     let mut text = format!("name = \"{name}\"\n[source]\ntopics = [\"{input}\"]\n");
@@ -235,6 +251,7 @@ async fn one(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let start = Instant::now();
+    let cpu_before = process_cpu_seconds();
     let records = o.records;
     // Records already processed while the group settled (backlog only) are not timed.
     let before = deployment.metrics().records_in;
@@ -259,6 +276,7 @@ async fn one(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let seconds = start.elapsed().as_secs_f64();
+    let cpu = cpu_spent(cpu_before);
     let m = deployment.metrics();
     deployment.stop().await;
     if before.saturating_mul(2) > records {
@@ -288,7 +306,7 @@ async fn one(
     report.p99_ms = m.latency_p99_ms;
     report.p999_ms = m.latency_p999_ms;
     report.latency_samples = m.latency_samples;
-    Ok(report.measuring(if backlog {
+    Ok(report.with_cpu(cpu).measuring(if backlog {
         "input record's timestamp → its output acknowledged and its offset committed (ms resolution; includes the wait in the backlog)"
     } else {
         "input record's timestamp → its output acknowledged and its offset committed (ms resolution)"

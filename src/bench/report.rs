@@ -44,6 +44,12 @@ pub struct Report {
     /// `bench produce --rate`: the largest delay, in ms, between a record's scheduled send
     /// time and the moment the producer took it (a full producer buffer shows here).
     pub max_schedule_lag_ms: Option<f64>,
+    /// `bench pipeline`: CPU time (user + system) this process used during the
+    /// measurement, in seconds. With `--embedded` the broker runs in this process, so it
+    /// counts the broker's work too: the cost of the measured path on this machine.
+    pub cpu_seconds: Option<f64>,
+    /// `cpu_seconds` per record moved, in microseconds.
+    pub cpu_us_per_record: Option<f64>,
 }
 
 impl Report {
@@ -85,7 +91,18 @@ impl Report {
             target_records_per_sec: None,
             kept_up: None,
             max_schedule_lag_ms: None,
+            cpu_seconds: None,
+            cpu_us_per_record: None,
         }
+    }
+
+    /// Records the process CPU time the measurement took (see `cpu_seconds`).
+    pub fn with_cpu(mut self, cpu_seconds: Option<f64>) -> Report {
+        self.cpu_seconds = cpu_seconds;
+        self.cpu_us_per_record = cpu_seconds
+            .filter(|_| self.records > 0)
+            .map(|s| s * 1e6 / self.records as f64);
+        self
     }
 
     /// Says what the latency figures measure (when any were taken).
@@ -123,6 +140,11 @@ impl Report {
             self.records_per_sec,
             self.mb_per_sec,
         );
+        if let (Some(cpu), Some(per_record)) = (self.cpu_seconds, self.cpu_us_per_record) {
+            s.push_str(&format!(
+                "; process CPU {cpu:.2} s, {per_record:.2} µs per record"
+            ));
+        }
         if let (Some(target), Some(kept_up)) = (self.target_records_per_sec, self.kept_up) {
             s.push_str(&format!(
                 "\ntarget {target:.0} records/s: achieved {:.0} records/s ({:.1}%), {}; largest lag behind the send schedule {:.1} ms",
@@ -164,4 +186,16 @@ pub fn progress(total: Option<u64>, what: &str) -> indicatif::ProgressBar {
         pb.set_style(style);
     }
     pb
+}
+
+/// CPU time (user + system, all threads) this process has used so far, in seconds; `None`
+/// where the clock cannot be read.
+pub fn process_cpu_seconds() -> Option<f64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    (rc == 0).then(|| ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9)
 }

@@ -8,6 +8,7 @@ use std::sync::{Arc, Weak};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::future::BoxFuture;
+use quiver_client::LocalAnswer;
 use quiver_protocol::{encode_error, ApiKey, ErrorCode, PROTOCOL_VERSION};
 
 use super::connection::answer;
@@ -37,14 +38,14 @@ impl quiver_client::LocalTransport for InProcess {
         self.broker_id
     }
 
-    fn call(&self, api: u16, body: Bytes) -> BoxFuture<'static, Bytes> {
+    fn call(&self, api: u16, body: Bytes) -> BoxFuture<'static, LocalAnswer> {
         let Some(ctx) = self.ctx.upgrade() else {
             let gone = encode_error(
                 api,
                 ErrorCode::BrokerShuttingDown,
                 "the broker has stopped; retry after restart",
             );
-            return Box::pin(async move { gone.body });
+            return Box::pin(async move { gone.body.into() });
         };
         let task = tokio::spawn(async move {
             let start = std::time::Instant::now();
@@ -63,22 +64,25 @@ impl quiver_client::LocalTransport for InProcess {
                 let peer = Peer { broker: false };
                 answer(&ctx, peer, api, PROTOCOL_VERSION, body, None).await
             };
-            let (bytes, ok) = match outcome {
+            let (answer, ok) = match outcome {
+                // The payload (record batches) is handed over as it is, never copied.
                 Ok(Outcome::Reply(reply)) => {
-                    let mut b =
-                        BytesMut::with_capacity(6 + reply.control.len() + reply.payload.len());
-                    b.put_u16(ErrorCode::None as u16);
-                    b.put_u32(reply.control.len() as u32);
-                    b.put_slice(&reply.control);
-                    b.put_slice(&reply.payload);
-                    (b.freeze(), true)
+                    let mut head = BytesMut::with_capacity(6 + reply.control.len());
+                    head.put_u16(ErrorCode::None as u16);
+                    head.put_u32(reply.control.len() as u32);
+                    head.put_slice(&reply.control);
+                    let answer = LocalAnswer {
+                        head: head.freeze(),
+                        payload: reply.payload,
+                    };
+                    (answer, true)
                 }
-                Err(e) => (encode_error(api, e.code, &e.message).body, false),
-                Ok(Outcome::Streamed) => (Bytes::new(), true),
+                Err(e) => (encode_error(api, e.code, &e.message).body.into(), false),
+                Ok(Outcome::Streamed) => (LocalAnswer::default(), true),
             };
             ctx.metrics
                 .observe_request(ApiKey::from_u16(api).ok(), start.elapsed(), ok);
-            bytes
+            answer
         });
         Box::pin(async move {
             task.await.unwrap_or_else(|e| {
@@ -88,6 +92,7 @@ impl quiver_client::LocalTransport for InProcess {
                     &format!("request task failed: {e}"),
                 )
                 .body
+                .into()
             })
         })
     }

@@ -783,7 +783,13 @@ impl Client {
                 limit: u64::from(limit),
             }));
         }
-        Ok(decode_response::<M::Response>(M::API.name(), &answer)?)
+        let (resp, inline) = decode_response::<M::Response>(M::API.name(), &answer.head)?;
+        let payload = if answer.payload.is_empty() {
+            inline
+        } else {
+            answer.payload
+        };
+        Ok((resp, payload))
     }
 
     /// Opens a bidirectional stream, reconnecting once if the cached connection is dead.

@@ -598,16 +598,7 @@ impl GroupConsumer {
             };
             match records {
                 Some(mut recs) => {
-                    recs.retain(|r| {
-                        self.owned
-                            .contains(&TopicPartition::new(r.topic.to_string(), r.partition))
-                    });
-                    for r in &recs {
-                        self.positions.insert(
-                            TopicPartition::new(r.topic.to_string(), r.partition),
-                            r.offset + 1,
-                        );
-                    }
+                    self.keep_owned(&mut recs);
                     if !recs.is_empty() || Instant::now() >= deadline {
                         return Ok(recs);
                     }
@@ -616,6 +607,36 @@ impl GroupConsumer {
                 None => {}
             }
         }
+    }
+
+    /// Drops the records of partitions this member no longer owns and moves each owned
+    /// partition's position past its last record. A poll holds runs of one partition's
+    /// records, so each run is looked up once, not each record.
+    fn keep_owned(&mut self, recs: &mut Vec<ConsumedRecord>) {
+        let mut owned_runs: Vec<(TopicPartition, bool)> = Vec::new();
+        let mut start = 0;
+        while start < recs.len() {
+            let (topic, partition) = (&recs[start].topic, recs[start].partition);
+            let end = recs[start..]
+                .iter()
+                .position(|r| r.partition != partition || r.topic != *topic)
+                .map_or(recs.len(), |n| start + n);
+            let tp = TopicPartition::new(topic.to_string(), partition);
+            let owned = self.owned.contains(&tp);
+            if owned {
+                self.positions.insert(tp.clone(), recs[end - 1].offset + 1);
+            }
+            owned_runs.push((tp, owned));
+            start = end;
+        }
+        if owned_runs.iter().all(|(_, owned)| *owned) {
+            return;
+        }
+        recs.retain(|r| {
+            owned_runs
+                .iter()
+                .any(|(tp, owned)| *owned && tp.partition == r.partition && *tp.topic == *r.topic)
+        });
     }
 
     /// All records as an async stream.

@@ -45,7 +45,7 @@ pub use config::{ClientConfig, ClientIdentity};
 pub use consumer::{ConsumeMode, ConsumedRecord, Consumer, ConsumerConfig, OffsetReset, SeekTo};
 pub use error::{ClientError, Result};
 pub use group::{GroupConfig, GroupConsumer, RebalanceListener};
-pub use local::{LocalBroker, LocalTransport};
+pub use local::{LocalAnswer, LocalBroker, LocalTransport};
 pub use plugins::PluginAdmin;
 #[cfg(feature = "plugins")]
 pub use plugins::TopicPartitioner;

@@ -15,8 +15,41 @@ pub trait LocalTransport: Send + Sync {
     fn broker_id(&self) -> u32;
 
     /// Answers one request: `api` and the request body as on the wire (control, then
-    /// payload). Returns the response body as on the wire (error code, control, payload).
-    fn call(&self, api: u16, body: Bytes) -> BoxFuture<'static, Bytes>;
+    /// payload). Returns the response body as on the wire, in two parts so the payload is
+    /// never copied.
+    fn call(&self, api: u16, body: Bytes) -> BoxFuture<'static, LocalAnswer>;
+}
+
+/// A response body as on the wire, in two parts: `head` (error code, control) and the
+/// `payload` (record batches) that follows it.
+#[derive(Debug, Clone, Default)]
+pub struct LocalAnswer {
+    /// The error code and the control part (or the error body).
+    pub head: Bytes,
+    /// The payload after the control (empty for an error).
+    pub payload: Bytes,
+}
+
+impl LocalAnswer {
+    /// The answer's length on the wire.
+    pub fn len(&self) -> usize {
+        self.head.len() + self.payload.len()
+    }
+
+    /// True when both parts are empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl From<Bytes> for LocalAnswer {
+    /// A whole response body (its payload, if any, stays inside `head`).
+    fn from(head: Bytes) -> Self {
+        LocalAnswer {
+            head,
+            payload: Bytes::new(),
+        }
+    }
 }
 
 /// A handle on a [`LocalTransport`], set in

@@ -1,12 +1,14 @@
 //! Builds a record batch from records, ready to send (offsets are relative; the broker
 //! assigns the base offset).
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 
 use super::{Compression, BATCH_HEADER_LEN, CRC_OFFSET, CRC_START, MAGIC};
 use crate::varint::{put_varint, varint_len};
 
-/// Accumulates records and encodes them as one batch.
+/// Accumulates records and encodes them as one batch. The records are written after room
+/// for the batch header, so an uncompressed batch is finished in place: its buffer becomes
+/// the batch, never copied.
 ///
 /// ```
 /// use quiver_protocol::batch::{BatchBuilder, Compression, validate};
@@ -18,6 +20,7 @@ use crate::varint::{put_varint, varint_len};
 #[derive(Debug)]
 pub struct BatchBuilder {
     compression: Compression,
+    /// `BATCH_HEADER_LEN` bytes of room for the header, then the records.
     records: Vec<u8>,
     count: i32,
     first_timestamp: i64,
@@ -38,7 +41,7 @@ impl BatchBuilder {
     pub fn with_capacity(compression: Compression, bytes: usize) -> Self {
         BatchBuilder {
             compression,
-            records: Vec::with_capacity(bytes),
+            records: header_room(bytes),
             count: 0,
             first_timestamp: 0,
             max_timestamp: i64::MIN,
@@ -74,7 +77,7 @@ impl BatchBuilder {
 
     /// Uncompressed bytes so far, header included.
     pub fn size_bytes(&self) -> usize {
-        BATCH_HEADER_LEN + self.records.len()
+        self.records.len()
     }
 
     /// Appends a record.
@@ -152,44 +155,64 @@ impl BatchBuilder {
     }
 
     fn encode(&mut self, base_offset: i64, last_offset_delta: i32) -> Bytes {
-        let compressed;
-        let body: &[u8] = if self.compression == Compression::None {
-            &self.records
+        let mut batch = if self.compression == Compression::None {
+            // The records already follow the header's room. A batch that fills most of
+            // the buffer takes it as it is; a small one (a linger ran out) is copied out,
+            // so it does not hold the whole buffer while it waits for its acknowledgement.
+            let capacity = self.records.capacity();
+            if self.records.len() * 2 >= capacity {
+                std::mem::replace(&mut self.records, header_room(capacity))
+            } else {
+                let small = self.records.clone();
+                self.records.truncate(BATCH_HEADER_LEN);
+                small
+            }
         } else {
-            compressed = self.compression.compress(&self.records);
-            &compressed
+            let compressed = self.compression.compress(&self.records[BATCH_HEADER_LEN..]);
+            self.records.truncate(BATCH_HEADER_LEN);
+            let mut b = Vec::with_capacity(BATCH_HEADER_LEN + compressed.len());
+            b.resize(BATCH_HEADER_LEN, 0);
+            b.extend_from_slice(&compressed);
+            b
         };
-        let mut b = BytesMut::with_capacity(BATCH_HEADER_LEN + body.len());
-        b.put_i64(base_offset);
-        b.put_i32((BATCH_HEADER_LEN - 12 + body.len()) as i32);
-        b.put_i32(-1);
-        b.put_i8(MAGIC);
-        b.put_u32(0); // CRC, filled below
+        let body_len = batch.len() - BATCH_HEADER_LEN;
         let txn = if self.transactional {
             super::ATTR_TRANSACTIONAL
         } else {
             0
         };
-        b.put_i16(self.compression.attribute_bits() | txn);
-        b.put_i32(last_offset_delta);
-        b.put_i64(self.first_timestamp);
-        b.put_i64(if self.count == 0 {
+        let mut h = &mut batch[..BATCH_HEADER_LEN];
+        h.put_i64(base_offset);
+        h.put_i32((BATCH_HEADER_LEN - 12 + body_len) as i32);
+        h.put_i32(-1);
+        h.put_i8(MAGIC);
+        h.put_u32(0); // CRC, filled below
+        h.put_i16(self.compression.attribute_bits() | txn);
+        h.put_i32(last_offset_delta);
+        h.put_i64(self.first_timestamp);
+        h.put_i64(if self.count == 0 {
             self.first_timestamp
         } else {
             self.max_timestamp
         });
-        b.put_i64(self.producer_id);
-        b.put_i16(self.producer_epoch);
-        b.put_i32(self.base_sequence);
-        b.put_i32(self.count);
-        b.put_slice(body);
-        let crc = crc32c::crc32c(&b[CRC_START..]);
-        b[CRC_OFFSET..CRC_START].copy_from_slice(&crc.to_be_bytes());
-        self.records.clear();
+        h.put_i64(self.producer_id);
+        h.put_i16(self.producer_epoch);
+        h.put_i32(self.base_sequence);
+        h.put_i32(self.count);
+        debug_assert!(h.is_empty(), "the header fills its room exactly");
+        let crc = crc32c::crc32c(&batch[CRC_START..]);
+        batch[CRC_OFFSET..CRC_START].copy_from_slice(&crc.to_be_bytes());
         self.count = 0;
         self.max_timestamp = i64::MIN;
-        b.freeze()
+        Bytes::from(batch)
     }
+}
+
+/// An empty record buffer: room for the batch header, and capacity for `bytes` more.
+fn header_room(bytes: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(bytes.max(BATCH_HEADER_LEN));
+    v.resize(BATCH_HEADER_LEN, 0);
+    v
 }
 
 #[cfg(test)]
@@ -213,6 +236,41 @@ mod covering_tests {
             .map(|r| r.unwrap().offset)
             .collect();
         assert_eq!(offsets, vec![101, 104]);
+    }
+
+    /// A batch filling most of the buffer takes it as is; a small one is copied out. Either
+    /// way the batch is valid, and the builder starts afresh for the next one.
+    #[test]
+    fn batches_finished_in_place_or_copied_out_are_valid_and_the_builder_starts_afresh() {
+        for compression in [Compression::None, Compression::Lz4] {
+            let mut b = BatchBuilder::with_capacity(compression, 4096);
+            b.push(None, b"small", 7, &[]);
+            let small = b.build();
+            assert!(small.len() < 128, "{compression:?}: {} bytes", small.len());
+            let big_value = [b'v'; 90];
+            for _ in 0..40 {
+                b.push(Some(b"k"), &big_value, 8, &[("h", b"x")]);
+            }
+            assert!(b.size_bytes() * 2 >= 4096, "the second batch fills most of the buffer");
+            let big = b.build();
+            b.push(None, b"again", 9, &[]);
+            let again = b.build();
+            for (batch, count, first_value) in [
+                (&small, 1, &b"small"[..]),
+                (&big, 40, &big_value[..]),
+                (&again, 1, &b"again"[..]),
+            ] {
+                let h = check_crc(batch).unwrap();
+                assert_eq!((h.base_offset, h.record_count), (0, count), "{compression:?}");
+                let records: Vec<_> = RecordIter::new(batch, 1 << 20)
+                    .unwrap()
+                    .map(|r| r.unwrap())
+                    .collect();
+                assert_eq!(records.len(), count as usize);
+                assert_eq!(&records[0].value[..], first_value);
+                assert_eq!(records.last().unwrap().offset, i64::from(count) - 1);
+            }
+        }
     }
 
     #[test]
