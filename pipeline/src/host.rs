@@ -54,6 +54,14 @@ pub struct BrokerPipelines {
     assigned: watch::Sender<Option<Vec<AssignedPipeline>>>,
     /// Set at shutdown: assignments are no longer followed.
     shut: std::sync::atomic::AtomicBool,
+    /// Cluster mode: each assigned pipeline's restart count as last applied here.
+    restarts_seen: std::sync::Mutex<BTreeMap<String, u64>>,
+}
+
+fn lock_seen(
+    m: &std::sync::Mutex<BTreeMap<String, u64>>,
+) -> std::sync::MutexGuard<'_, BTreeMap<String, u64>> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn host_error(code: ErrorCode, message: impl Into<String>) -> PipelineHostError {
@@ -76,6 +84,7 @@ impl BrokerPipelines {
             this: this.clone(),
             assigned: watch::channel(None).0,
             shut: Default::default(),
+            restarts_seen: Default::default(),
             dir: data_dir.join("pipelines"),
             broker_id,
             client_config,
@@ -364,6 +373,7 @@ impl BrokerPipelines {
             .cloned()
             .collect();
         for name in gone {
+            lock_seen(&self.restarts_seen).remove(&name);
             if let Some(Entry::Running(d)) = pipelines.remove(&name) {
                 let n = d.stop().await;
                 tracing::info!(pipeline = %name, instances = n, "pipeline stopped: the cluster no longer holds it");
@@ -381,6 +391,19 @@ impl BrokerPipelines {
                     continue;
                 }
             };
+            // The same file deployed again since the last assignment: start again what
+            // failed (a lone broker's deploy of the same file does too).
+            let restart_asked = lock_seen(&self.restarts_seen)
+                .insert(w.name.clone(), w.restarts)
+                .is_some_and(|seen| w.restarts > seen);
+            let failed_here = matches!(pipelines.get(&w.name),
+                Some(Entry::Running(d)) if d.state().starts_with("failed"));
+            if restart_asked && failed_here {
+                if let Some(Entry::Running(d)) = pipelines.remove(&w.name) {
+                    d.stop().await;
+                    tracing::info!(pipeline = %w.name, "starting the failed pipeline again: its file was deployed again");
+                }
+            }
             let entry = match pipelines.remove(&w.name) {
                 Some(Entry::Running(mut d)) if *d.config() == config => {
                     d.resize(&w.instances).await;

@@ -284,3 +284,67 @@ fn word_count_through_a_killed_broker(guarantee: &str) {
         );
     }
 }
+
+/// In a cluster as on a lone broker, deploying the same file again starts a pipeline its
+/// `stop` policy failed: the user skips the record it failed on (a group reset) and deploys
+/// the file again, and the rest of the input goes through. Before, the cluster took the same
+/// file as "no change", and the pipeline stayed failed until stopped and deployed anew.
+#[test]
+fn deploying_the_same_file_again_starts_a_pipeline_its_stop_policy_failed() {
+    let c = TestCluster::start();
+    create_topics(&c, &[("src", 1), ("out", 1)]);
+    let dir = tempfile::tempdir().unwrap();
+    super::pipelines::write_picky(dir.path());
+    let file = dir.path().join("strict.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "name = \"strict\"\n[source]\ntopics = [\"src\"]\n[[stages]]\npath = \"{}\"\n[sink]\ntopic = \"out\"\n[on_error]\npolicy = \"stop\"\n",
+            dir.path().join("picky").display()
+        ),
+    )
+    .unwrap();
+    succeeded(&c.cli(
+        &["produce", "src", "--key-separator", ":"],
+        Some(b"a:ok1\nb:bad\nc:ok2\n"),
+    ));
+    succeeded(&c.cli(&["pipeline", "deploy", file.to_str().unwrap()], None));
+    wait_for(60, "the pipeline to fail on the bad record", || {
+        status(&c, "strict").is_some_and(|s| {
+            s["state"]
+                .as_str()
+                .is_some_and(|st| st.starts_with("failed:") && st.contains("refusing bad"))
+        })
+    });
+    // The failed instances left the group, so its offsets can move past the bad record.
+    wait_for(60, "the group without members", || {
+        let out = c.cli(&["group", "describe", "strict", "--output", "json"], None);
+        out.status.success()
+            && serde_json::from_slice::<Value>(&out.stdout)
+                .is_ok_and(|g| g["members"].as_array().is_some_and(|m| m.is_empty()))
+    });
+    succeeded(&c.cli(
+        &[
+            "group",
+            "reset",
+            "strict",
+            "--topic",
+            "src",
+            "--to-offset",
+            "2",
+        ],
+        None,
+    ));
+    succeeded(&c.cli(&["pipeline", "deploy", file.to_str().unwrap()], None));
+    wait_for(90, "the record after the bad one in the sink", || {
+        output_values(&c).contains("OK2")
+    });
+    wait_for(60, "the pipeline running with its lag at 0", || {
+        status(&c, "strict").is_some_and(|s| s["state"] == "running" && s["lag"] == 0)
+    });
+    assert!(
+        !output_values(&c).contains("BAD"),
+        "the skipped record stays skipped"
+    );
+    succeeded(&c.cli(&["pipeline", "stop", "strict"], None));
+}

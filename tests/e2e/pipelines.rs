@@ -23,7 +23,7 @@ function process(record)
 end
 "#;
 
-fn write_picky(dir: &Path) {
+pub(super) fn write_picky(dir: &Path) {
     let d = dir.join("picky");
     std::fs::create_dir_all(&d).unwrap();
     std::fs::write(

@@ -99,6 +99,11 @@ pub struct PipelineRecord {
     /// until the next placement.
     #[serde(default)]
     pub placement: super::placement::Placement,
+    /// How many times the same file was deployed again: each asks the brokers to start
+    /// instances their pipeline's `stop` policy (or a plugin) failed, as a lone broker does
+    /// when it is given the same file.
+    #[serde(default)]
+    pub restarts: u64,
 }
 
 /// The controller's metadata: brokers, topics and deployed plugins, changed only by
@@ -324,6 +329,15 @@ impl ControllerState {
         if let Some(id) = plugins.iter().find(|id| !self.plugins.contains_key(*id)) {
             return Err(ControllerError::MissingPlugin { id: id.clone() });
         }
+        if let Some(same) = self
+            .pipelines
+            .get_mut(name)
+            .filter(|p| p.config_toml == config_toml)
+        {
+            same.restarts += 1;
+            return Ok(ControllerResponse::Ok);
+        }
+        let restarts = self.pipelines.get(name).map_or(0, |p| p.restarts);
         // A replaced pipeline keeps where its remaining instances run.
         let placement = self
             .pipelines
@@ -343,6 +357,7 @@ impl ControllerState {
                 instances,
                 plugins: plugins.to_vec(),
                 placement,
+                restarts,
             },
         );
         Ok(ControllerResponse::Ok)
@@ -1569,6 +1584,19 @@ mod tests {
             ),
             ControllerError::InvalidUpdate { .. }
         ));
+        // The same file again changes nothing but the restart count (which has brokers
+        // start its failed instances again); a changed file keeps the count.
+        let placed = s.pipelines["wc"].clone();
+        assert_eq!(s.apply(&put(4, &["split@1.0.0"])), ControllerResponse::Ok);
+        assert_eq!(s.pipelines["wc"].restarts, placed.restarts + 1);
+        assert_eq!(
+            PipelineRecord {
+                restarts: placed.restarts,
+                ..s.pipelines["wc"].clone()
+            },
+            placed,
+            "only the restart count moved"
+        );
         // Replaced in place, its remaining instances stay where they ran; its plugin cannot
         // be removed while it is deployed.
         let before = s.pipelines["wc"].placement.clone();
@@ -1577,6 +1605,7 @@ mod tests {
             s.pipelines["wc"].placement,
             before.range(1..=2).map(|(k, b)| (*k, *b)).collect()
         );
+        assert_eq!(s.pipelines["wc"].restarts, placed.restarts + 1);
         assert!(matches!(
             refused(
                 &mut s,

@@ -76,6 +76,13 @@ async fn deploy_in_cluster(
         .check(config_toml.clone(), running)
         .await?;
     let replaced = rm.view().pipelines.contains_key(&checked.name);
+    // The same file again asks for failed instances to start again: wait for that ask.
+    let restarts_before = rm
+        .view()
+        .pipelines
+        .get(&checked.name)
+        .filter(|p| p.config_toml == config_toml)
+        .map(|p| p.restarts);
     let cmd = ControllerCommand::PutPipeline {
         name: checked.name.clone(),
         config_toml: config_toml.clone(),
@@ -88,10 +95,10 @@ async fn deploy_in_cluster(
     let name = checked.name.clone();
     until_applied(ctx, "pipeline deploy", move |ctx| {
         ctx.replicas().is_some_and(|rm| {
-            rm.view()
-                .pipelines
-                .get(&name)
-                .is_some_and(|p| p.config_toml == config_toml)
+            rm.view().pipelines.get(&name).is_some_and(|p| {
+                p.config_toml == config_toml
+                    && restarts_before.is_none_or(|before| p.restarts > before)
+            })
         })
     })
     .await?;

@@ -251,7 +251,10 @@ mod covering_tests {
             for _ in 0..40 {
                 b.push(Some(b"k"), &big_value, 8, &[("h", b"x")]);
             }
-            assert!(b.size_bytes() * 2 >= 4096, "the second batch fills most of the buffer");
+            assert!(
+                b.size_bytes() * 2 >= 4096,
+                "the second batch fills most of the buffer"
+            );
             let big = b.build();
             b.push(None, b"again", 9, &[]);
             let again = b.build();
@@ -261,7 +264,11 @@ mod covering_tests {
                 (&again, 1, &b"again"[..]),
             ] {
                 let h = check_crc(batch).unwrap();
-                assert_eq!((h.base_offset, h.record_count), (0, count), "{compression:?}");
+                assert_eq!(
+                    (h.base_offset, h.record_count),
+                    (0, count),
+                    "{compression:?}"
+                );
                 let records: Vec<_> = RecordIter::new(batch, 1 << 20)
                     .unwrap()
                     .map(|r| r.unwrap())
