@@ -65,9 +65,9 @@ pub struct AssignedPipeline {
     pub config_toml: String,
     /// Instance numbers (1-based, unique in the cluster) this broker runs; may be empty.
     pub instances: Vec<u32>,
-    /// How many times the same file was deployed again: when it grows, a broker starts
-    /// its part of the pipeline again if it failed.
-    pub restarts: u64,
+    /// The number of the pipeline's latest deploy: when it changes, a broker starts its
+    /// part of the pipeline again if it failed.
+    pub deploy_number: u64,
 }
 
 /// Runs deployed pipelines for a broker.

@@ -54,8 +54,8 @@ pub struct BrokerPipelines {
     assigned: watch::Sender<Option<Vec<AssignedPipeline>>>,
     /// Set at shutdown: assignments are no longer followed.
     shut: std::sync::atomic::AtomicBool,
-    /// Cluster mode: each assigned pipeline's restart count as last applied here.
-    restarts_seen: std::sync::Mutex<BTreeMap<String, u64>>,
+    /// Cluster mode: each assigned pipeline's deploy number as last applied here.
+    deploys_seen: std::sync::Mutex<BTreeMap<String, u64>>,
 }
 
 fn lock_seen(
@@ -84,7 +84,7 @@ impl BrokerPipelines {
             this: this.clone(),
             assigned: watch::channel(None).0,
             shut: Default::default(),
-            restarts_seen: Default::default(),
+            deploys_seen: Default::default(),
             dir: data_dir.join("pipelines"),
             broker_id,
             client_config,
@@ -373,7 +373,7 @@ impl BrokerPipelines {
             .cloned()
             .collect();
         for name in gone {
-            lock_seen(&self.restarts_seen).remove(&name);
+            lock_seen(&self.deploys_seen).remove(&name);
             if let Some(Entry::Running(d)) = pipelines.remove(&name) {
                 let n = d.stop().await;
                 tracing::info!(pipeline = %name, instances = n, "pipeline stopped: the cluster no longer holds it");
@@ -391,11 +391,11 @@ impl BrokerPipelines {
                     continue;
                 }
             };
-            // The same file deployed again since the last assignment: start again what
-            // failed (a lone broker's deploy of the same file does too).
-            let restart_asked = lock_seen(&self.restarts_seen)
-                .insert(w.name.clone(), w.restarts)
-                .is_some_and(|seen| w.restarts > seen);
+            // A file deployed again since the last assignment: start again what failed
+            // (a lone broker's deploy does too).
+            let restart_asked = lock_seen(&self.deploys_seen)
+                .insert(w.name.clone(), w.deploy_number)
+                .is_some_and(|seen| w.deploy_number != seen);
             let failed_here = matches!(pipelines.get(&w.name),
                 Some(Entry::Running(d)) if d.state().starts_with("failed"));
             if restart_asked && failed_here {

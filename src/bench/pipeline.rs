@@ -72,9 +72,10 @@ pub struct RunFigures {
     pub no_stage_vs_produce: f64,
     /// Process CPU per record (µs) of plain produce (see `Report::cpu_us_per_record`).
     pub produce_cpu_us_per_record: Option<f64>,
-    /// Process CPU per record (µs) of the pipeline without stages.
+    /// Process CPU per record (µs) of the pipeline without stages (live: with producing
+    /// its input; `--backlog`: the pipeline alone).
     pub no_stage_cpu_us_per_record: Option<f64>,
-    /// Process CPU per record (µs) of the pipeline with the chain.
+    /// Process CPU per record (µs) of the pipeline with the chain (as above).
     pub stages_cpu_us_per_record: Option<f64>,
 }
 

@@ -46,7 +46,8 @@ pub struct Report {
     pub max_schedule_lag_ms: Option<f64>,
     /// `bench pipeline`: CPU time (user + system) this process used during the
     /// measurement, in seconds. With `--embedded` the broker runs in this process, so it
-    /// counts the broker's work too: the cost of the measured path on this machine.
+    /// counts the broker's work too: the cost of the measured path on this machine. For a
+    /// pipeline measured live (without `--backlog`) that includes producing its input.
     pub cpu_seconds: Option<f64>,
     /// `cpu_seconds` per record moved, in microseconds.
     pub cpu_us_per_record: Option<f64>,

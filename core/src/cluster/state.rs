@@ -99,11 +99,12 @@ pub struct PipelineRecord {
     /// until the next placement.
     #[serde(default)]
     pub placement: super::placement::Placement,
-    /// How many times the same file was deployed again: each asks the brokers to start
-    /// instances their pipeline's `stop` policy (or a plugin) failed, as a lone broker does
-    /// when it is given the same file.
+    /// The number of its latest deploy (see [`ControllerState::pipeline_deploys`]): a new
+    /// one, of the same file too, asks the brokers to start their part again where it
+    /// failed (its `stop` policy, a quarantined plugin), as a lone broker does when a file
+    /// is deployed again.
     #[serde(default)]
-    pub restarts: u64,
+    pub deploy_number: u64,
 }
 
 /// The controller's metadata: brokers, topics and deployed plugins, changed only by
@@ -124,6 +125,11 @@ pub struct ControllerState {
     /// records as the new topic's).
     #[serde(default)]
     pub last_topic_id: u64,
+    /// Pipeline deploys applied so far: each `PutPipeline` takes the next number, so a
+    /// pipeline removed and deployed again between two of a broker's passes still looks
+    /// deployed again to it.
+    #[serde(default)]
+    pub pipeline_deploys: u64,
 }
 
 /// What applying a command may change, so that a persistent store rewrites only that.
@@ -329,15 +335,18 @@ impl ControllerState {
         if let Some(id) = plugins.iter().find(|id| !self.plugins.contains_key(*id)) {
             return Err(ControllerError::MissingPlugin { id: id.clone() });
         }
+        self.pipeline_deploys += 1;
+        let deploy_number = self.pipeline_deploys;
+        // The same file again changes nothing else (its plugins are those it runs now).
         if let Some(same) = self
             .pipelines
             .get_mut(name)
             .filter(|p| p.config_toml == config_toml)
         {
-            same.restarts += 1;
+            same.deploy_number = deploy_number;
+            same.plugins = plugins.to_vec();
             return Ok(ControllerResponse::Ok);
         }
-        let restarts = self.pipelines.get(name).map_or(0, |p| p.restarts);
         // A replaced pipeline keeps where its remaining instances run.
         let placement = self
             .pipelines
@@ -357,7 +366,7 @@ impl ControllerState {
                 instances,
                 plugins: plugins.to_vec(),
                 placement,
-                restarts,
+                deploy_number,
             },
         );
         Ok(ControllerResponse::Ok)
@@ -1584,19 +1593,20 @@ mod tests {
             ),
             ControllerError::InvalidUpdate { .. }
         ));
-        // The same file again changes nothing but the restart count (which has brokers
-        // start its failed instances again); a changed file keeps the count.
+        // The same file again changes nothing but its deploy number (which has brokers
+        // start their failed part again); a changed file takes a new number too.
         let placed = s.pipelines["wc"].clone();
         assert_eq!(s.apply(&put(4, &["split@1.0.0"])), ControllerResponse::Ok);
-        assert_eq!(s.pipelines["wc"].restarts, placed.restarts + 1);
+        assert!(s.pipelines["wc"].deploy_number > placed.deploy_number);
         assert_eq!(
             PipelineRecord {
-                restarts: placed.restarts,
+                deploy_number: placed.deploy_number,
                 ..s.pipelines["wc"].clone()
             },
             placed,
-            "only the restart count moved"
+            "only the deploy number moved"
         );
+        let again = s.pipelines["wc"].deploy_number;
         // Replaced in place, its remaining instances stay where they ran; its plugin cannot
         // be removed while it is deployed.
         let before = s.pipelines["wc"].placement.clone();
@@ -1605,7 +1615,7 @@ mod tests {
             s.pipelines["wc"].placement,
             before.range(1..=2).map(|(k, b)| (*k, *b)).collect()
         );
-        assert_eq!(s.pipelines["wc"].restarts, placed.restarts + 1);
+        assert!(s.pipelines["wc"].deploy_number > again);
         assert!(matches!(
             refused(
                 &mut s,

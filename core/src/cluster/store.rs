@@ -63,6 +63,7 @@ const PLUGIN_PREFIX: &[u8] = b"p/";
 const PIPELINE_PREFIX: &[u8] = b"l/";
 const APPLIED: &[u8] = b"m/applied";
 const LAST_TOPIC_ID: &[u8] = b"m/last_topic_id";
+const PIPELINE_DEPLOYS: &[u8] = b"m/pipeline_deploys";
 const MEMBERSHIP: &[u8] = b"m/membership";
 const SNAPSHOT_META: &[u8] = b"m/snapshot_meta";
 const SNAPSHOT_DATA: &[u8] = b"m/snapshot_data";
@@ -119,6 +120,13 @@ pub fn open(
     if let Some(v) = tree.get(LAST_TOPIC_ID)? {
         state.last_topic_id = serde_json::from_slice(&v).map_err(corrupt("last topic id"))?;
     }
+    if let Some(v) = tree.get(PIPELINE_DEPLOYS)? {
+        state.pipeline_deploys =
+            serde_json::from_slice(&v).map_err(corrupt("pipeline deploy count"))?;
+    }
+    // Never below a number a pipeline holds (a store written before the count was kept).
+    let highest = state.pipelines.values().map(|p| p.deploy_number).max();
+    state.pipeline_deploys = state.pipeline_deploys.max(highest.unwrap_or(0));
     let last_applied = match tree.get(APPLIED)? {
         Some(v) => serde_json::from_slice(&v).map_err(corrupt("last applied log id"))?,
         None => None,
@@ -464,6 +472,7 @@ impl RaftStateMachine<TypeConfig> for ControllerStateMachine {
         batch.insert(APPLIED, to_json(&self.last_applied));
         batch.insert(MEMBERSHIP, to_json(&self.last_membership));
         batch.insert(LAST_TOPIC_ID, to_json(&self.state.last_topic_id));
+        batch.insert(PIPELINE_DEPLOYS, to_json(&self.state.pipeline_deploys));
         self.tree
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_state_machine(any(e)))?;
@@ -517,6 +526,7 @@ impl RaftStateMachine<TypeConfig> for ControllerStateMachine {
         batch.insert(APPLIED, to_json(&meta.last_log_id));
         batch.insert(MEMBERSHIP, to_json(&meta.last_membership));
         batch.insert(LAST_TOPIC_ID, to_json(&state.last_topic_id));
+        batch.insert(PIPELINE_DEPLOYS, to_json(&state.pipeline_deploys));
         store_snapshot(&self.tree, &self.snapshot_lock, meta, &data, Some(batch))?;
         flush(&self.db)
             .await
@@ -656,6 +666,16 @@ mod tests {
             ],
             config: BTreeMap::from([("min.insync.replicas".into(), "2".into())]),
         });
+        // Deployed twice and removed: only the count of deploys is left of it.
+        let put = ControllerCommand::PutPipeline {
+            name: "wc".into(),
+            config_toml: "name = \"wc\"".into(),
+            instances: 1,
+            plugins: Vec::new(),
+        };
+        cmds.push(put.clone());
+        cmds.push(put);
+        cmds.push(ControllerCommand::RemovePipeline { name: "wc".into() });
         cmds.push(ControllerCommand::CreateTopic {
             name: "gone".into(),
             topic_id: 2,
@@ -712,6 +732,7 @@ mod tests {
             .iter()
             .all(|r| !matches!(r, ControllerResponse::Refused(_))));
         assert_eq!(expected_state.topics.len(), 1);
+        assert_eq!(expected_state.pipeline_deploys, 2);
         let orders = &expected_state.topics["orders"];
         assert_eq!(orders.partitions[0].leader, Some(2));
         assert_eq!(orders.partitions[0].leader_epoch, 1);

@@ -147,8 +147,8 @@ pub enum ControllerCommand {
     /// Deploy a pipeline, or replace a deployed one of that name: the text of its file
     /// (checked by the proposing broker), how many instances it runs across the cluster, and
     /// the plugins (`name@version`) its stages use, which cannot be removed while it is
-    /// deployed. The same text again changes nothing but its restart count, which has the
-    /// brokers start its failed instances again.
+    /// deployed. Each deploy, of the same text too, takes a new deploy number, which has
+    /// the brokers start their failed part again.
     PutPipeline {
         name: String,
         config_toml: String,

@@ -502,7 +502,7 @@ impl ReplicaManager {
                 name: p.name.clone(),
                 config_toml: p.config_toml.clone(),
                 instances: state.pipeline_instances(&p.name, self.me),
-                restarts: p.restarts,
+                deploy_number: p.deploy_number,
             })
             .collect();
         let mut last = lock(&self.assigned);

@@ -76,13 +76,13 @@ async fn deploy_in_cluster(
         .check(config_toml.clone(), running)
         .await?;
     let replaced = rm.view().pipelines.contains_key(&checked.name);
-    // The same file again asks for failed instances to start again: wait for that ask.
-    let restarts_before = rm
+    // Every deploy takes a new number (the same file again asks for a failed part to
+    // start again): wait for this file under a number past the one seen here.
+    let number_before = rm
         .view()
         .pipelines
         .get(&checked.name)
-        .filter(|p| p.config_toml == config_toml)
-        .map(|p| p.restarts);
+        .map(|p| p.deploy_number);
     let cmd = ControllerCommand::PutPipeline {
         name: checked.name.clone(),
         config_toml: config_toml.clone(),
@@ -97,7 +97,7 @@ async fn deploy_in_cluster(
         ctx.replicas().is_some_and(|rm| {
             rm.view().pipelines.get(&name).is_some_and(|p| {
                 p.config_toml == config_toml
-                    && restarts_before.is_none_or(|before| p.restarts > before)
+                    && number_before.is_none_or(|before| p.deploy_number > before)
             })
         })
     })
