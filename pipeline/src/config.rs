@@ -454,12 +454,36 @@ fn syntax_error(text: &str, file: &str, e: &toml::de::Error) -> PipelineConfigEr
             Some(k.trim().to_string())
         })
         .unwrap_or_else(|| "-".to_string());
+    // Named in full (`run.instances`, `stages[0].config`), as the checks after parsing do.
+    let key = match line.and_then(|l| table_at(text, l)) {
+        Some(table) if key != "-" && !key.contains('.') => format!("{table}.{key}"),
+        _ => key,
+    };
     PipelineConfigError {
         file: file.to_string(),
         line,
         key,
         reason: message.trim().to_string(),
     }
+}
+
+/// The table that line `line` (1-based) is in: `run` under `[run]`, `stages[1]` under the
+/// second `[[stages]]`; `None` above the first header.
+fn table_at(text: &str, line: usize) -> Option<String> {
+    let mut table = None;
+    let mut arrays: BTreeMap<String, usize> = BTreeMap::new();
+    for l in text.lines().take(line) {
+        let l = l.trim();
+        if let Some(name) = l.strip_prefix("[[").and_then(|r| r.split_once("]]")) {
+            let name = name.0.trim().to_string();
+            let n = arrays.entry(name.clone()).or_insert(0);
+            table = Some(format!("{name}[{n}]"));
+            *n += 1;
+        } else if let Some(name) = l.strip_prefix('[').and_then(|r| r.split_once(']')) {
+            table = Some(name.0.trim().to_string());
+        }
+    }
+    table
 }
 
 /// The line of `key` (`table.key`, `table[i].key` or `key`): the first `key =` line inside
@@ -590,12 +614,19 @@ guarantee = "exactly-once"
     #[test]
     fn unknown_keys_and_bad_values_name_file_line_and_key() {
         let e = error(&WORDCOUNT.replace("instances = 3", "instancs = 3"));
-        assert_eq!(e.key, "instancs");
+        assert_eq!(e.key, "run.instancs");
         assert_eq!(e.line, Some(17), "{e}");
-        assert!(e.to_string().starts_with("p.toml:17: instancs:"), "{e}");
+        assert!(e.to_string().starts_with("p.toml:17: run.instancs:"), "{e}");
         let e = error(&WORDCOUNT.replace("\"exactly-once\"", "\"exactly-twice\""));
-        assert_eq!((e.key.as_str(), e.line), ("guarantee", Some(18)), "{e}");
+        assert_eq!((e.key.as_str(), e.line), ("run.guarantee", Some(18)), "{e}");
         assert!(e.reason.contains("exactly-twice"), "{e}");
+        let e = error(&WORDCOUNT.replace("instances = 3", "instances = \"three\""));
+        assert_eq!((e.key.as_str(), e.line), ("run.instances", Some(17)), "{e}");
+        let e = error(&WORDCOUNT.replace(
+            "plugin = \"count@1.0.0\"",
+            "plugin = \"count@1.0.0\"\nconfg = {}",
+        ));
+        assert_eq!(e.key, "stages[1].confg", "{e}");
         let e = error(&WORDCOUNT.replace("instances = 3", "instances = 0"));
         assert_eq!((e.key.as_str(), e.line), ("run.instances", Some(17)), "{e}");
         let e = error(&WORDCOUNT.replace("topic = \"wordcount-dlq\"", ""));
