@@ -91,7 +91,7 @@ fn pipeline_validate_accepts_the_sample_and_names_file_line_and_key_of_a_typo() 
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("bad.toml:7: instences"), "{err}");
+    assert!(err.contains("bad.toml:7: run.instences"), "{err}");
 }
 
 #[test]
