@@ -598,7 +598,7 @@ impl GroupConsumer {
             };
             match records {
                 Some(mut recs) => {
-                    self.keep_owned(&mut recs);
+                    keep_owned(&self.owned, &mut self.positions, &mut recs);
                     if !recs.is_empty() || Instant::now() >= deadline {
                         return Ok(recs);
                     }
@@ -607,36 +607,6 @@ impl GroupConsumer {
                 None => {}
             }
         }
-    }
-
-    /// Drops the records of partitions this member no longer owns and moves each owned
-    /// partition's position past its last record. A poll holds runs of one partition's
-    /// records, so each run is looked up once, not each record.
-    fn keep_owned(&mut self, recs: &mut Vec<ConsumedRecord>) {
-        let mut owned_runs: Vec<(TopicPartition, bool)> = Vec::new();
-        let mut start = 0;
-        while start < recs.len() {
-            let (topic, partition) = (&recs[start].topic, recs[start].partition);
-            let end = recs[start..]
-                .iter()
-                .position(|r| r.partition != partition || r.topic != *topic)
-                .map_or(recs.len(), |n| start + n);
-            let tp = TopicPartition::new(topic.to_string(), partition);
-            let owned = self.owned.contains(&tp);
-            if owned {
-                self.positions.insert(tp.clone(), recs[end - 1].offset + 1);
-            }
-            owned_runs.push((tp, owned));
-            start = end;
-        }
-        if owned_runs.iter().all(|(_, owned)| *owned) {
-            return;
-        }
-        recs.retain(|r| {
-            owned_runs
-                .iter()
-                .any(|(tp, owned)| *owned && tp.partition == r.partition && *tp.topic == *r.topic)
-        });
     }
 
     /// All records as an async stream.
@@ -934,6 +904,39 @@ async fn heartbeat_loop(client: Client, config: GroupConfig, link: Arc<Link>, in
     }
 }
 
+/// Drops the records of partitions not in `owned` and moves each owned partition's
+/// position past its last record. A poll holds runs of one partition's records, so each
+/// run is looked up once, not each record.
+fn keep_owned(
+    owned: &BTreeSet<TopicPartition>,
+    positions: &mut BTreeMap<TopicPartition, i64>,
+    recs: &mut Vec<ConsumedRecord>,
+) {
+    let mut runs: Vec<(TopicPartition, bool)> = Vec::new();
+    let mut start = 0;
+    while start < recs.len() {
+        let (topic, partition) = (&recs[start].topic, recs[start].partition);
+        let end = recs[start..]
+            .iter()
+            .position(|r| r.partition != partition || r.topic != *topic)
+            .map_or(recs.len(), |n| start + n);
+        let tp = TopicPartition::new(topic.to_string(), partition);
+        let is_owned = owned.contains(&tp);
+        if is_owned {
+            positions.insert(tp.clone(), recs[end - 1].offset + 1);
+        }
+        runs.push((tp, is_owned));
+        start = end;
+    }
+    if runs.iter().all(|(_, is_owned)| *is_owned) {
+        return;
+    }
+    recs.retain(|r| {
+        runs.iter()
+            .any(|(tp, is_owned)| *is_owned && tp.partition == r.partition && *tp.topic == *r.topic)
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -955,5 +958,62 @@ mod tests {
         assert_eq!(start_position(None, Some(Latest), Earliest), SeekTo::End);
         assert_eq!(start_position(None, None, Latest), SeekTo::End);
         assert_eq!(start_position(None, None, Earliest), SeekTo::Beginning);
+    }
+
+    fn rec(topic: &Arc<str>, partition: u32, offset: i64) -> ConsumedRecord {
+        ConsumedRecord {
+            topic: topic.clone(),
+            partition,
+            offset,
+            timestamp: 0,
+            key: None,
+            value: Bytes::new(),
+            headers: Vec::new(),
+        }
+    }
+
+    /// Records of partitions given away are dropped; each kept partition's position is
+    /// past its last record, also when its records come in several runs.
+    #[test]
+    fn a_poll_keeps_owned_partitions_and_moves_their_positions_past_their_last_record() {
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        let tp = |t: &str, p: u32| TopicPartition::new(t.to_string(), p);
+        let owned = BTreeSet::from([tp("a", 0), tp("b", 0)]);
+        let mut positions = BTreeMap::new();
+        let mut recs = vec![
+            rec(&a, 0, 5),
+            rec(&a, 0, 6),
+            rec(&a, 1, 9),
+            rec(&b, 0, 1),
+            rec(&a, 0, 7),
+            rec(&a, 1, 10),
+        ];
+        keep_owned(&owned, &mut positions, &mut recs);
+        let kept: Vec<(String, u32, i64)> = recs
+            .iter()
+            .map(|r| (r.topic.to_string(), r.partition, r.offset))
+            .collect();
+        assert_eq!(
+            kept,
+            vec![
+                ("a".into(), 0, 5),
+                ("a".into(), 0, 6),
+                ("b".into(), 0, 1),
+                ("a".into(), 0, 7)
+            ]
+        );
+        assert_eq!(
+            positions,
+            BTreeMap::from([(tp("a", 0), 8), (tp("b", 0), 2)]),
+            "a/1 is not owned: no position"
+        );
+        // All owned: nothing dropped; an empty poll changes nothing.
+        let mut all = vec![rec(&b, 0, 2), rec(&b, 0, 3)];
+        keep_owned(&owned, &mut positions, &mut all);
+        assert_eq!(all.len(), 2);
+        assert_eq!(positions[&tp("b", 0)], 4);
+        let before = positions.clone();
+        keep_owned(&owned, &mut positions, &mut Vec::new());
+        assert_eq!(positions, before);
     }
 }
