@@ -873,6 +873,18 @@ fn bench_pipeline_reports_the_chain_beside_no_stage_and_plain_produce() {
             assert!(backlog || n == records, "{r}");
             assert!(r[part]["records_per_sec"].as_f64().unwrap() > 0.0, "{r}");
         }
+        // The process's CPU over each measurement (the broker runs in the bench process),
+        // and per record.
+        for part in ["produce", "no_stage", "stages"] {
+            let cpu = r[part]["cpu_seconds"].as_f64().unwrap();
+            assert!(cpu > 0.0, "{part}: {r}");
+            let n = r[part]["records"].as_f64().unwrap();
+            let per_record = r[part]["cpu_us_per_record"].as_f64().unwrap();
+            assert!(
+                (per_record - cpu * 1e6 / n).abs() < 1e-6 * per_record,
+                "{part}: {r}"
+            );
+        }
         assert!(r["stages"]["latency_samples"].as_u64().unwrap() > 0, "{r}");
         assert!(r["stages_vs_no_stage"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["no_stage_vs_produce"].as_f64().unwrap() > 0.0, "{r}");
@@ -886,6 +898,7 @@ fn bench_pipeline_reports_the_chain_beside_no_stage_and_plain_produce() {
                 x["produce_records_per_sec"].as_f64() == Some(reported("produce"))
                     && x["no_stage_records_per_sec"].as_f64() == Some(reported("no_stage"))
                     && x["stages_records_per_sec"].as_f64() == Some(reported("stages"))
+                    && x["no_stage_cpu_us_per_record"] == r["no_stage"]["cpu_us_per_record"]
             }),
             "the reports are not those of one run: {r}"
         );
