@@ -41,7 +41,7 @@ impl BatchBuilder {
     pub fn with_capacity(compression: Compression, bytes: usize) -> Self {
         BatchBuilder {
             compression,
-            records: header_room(bytes),
+            records: header_room(BATCH_HEADER_LEN + bytes),
             count: 0,
             first_timestamp: 0,
             max_timestamp: i64::MIN,
@@ -208,9 +208,10 @@ impl BatchBuilder {
     }
 }
 
-/// An empty record buffer: room for the batch header, and capacity for `bytes` more.
-fn header_room(bytes: usize) -> Vec<u8> {
-    let mut v = Vec::with_capacity(bytes.max(BATCH_HEADER_LEN));
+/// An empty record buffer of `capacity` bytes in all: room for the batch header, then for
+/// records.
+fn header_room(capacity: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(capacity.max(BATCH_HEADER_LEN));
     v.resize(BATCH_HEADER_LEN, 0);
     v
 }
