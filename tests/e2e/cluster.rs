@@ -362,6 +362,21 @@ fn min_insync_replicas_refuses_acks_all_writes_until_enough_replicas_return() {
         ],
         None,
     ));
+    // More in-sync replicas than the topic has would hold every write: refused, unchanged.
+    let out = c.cli(
+        &[
+            "topic",
+            "alter",
+            "ledger",
+            "--config",
+            "min.insync.replicas=4",
+        ],
+        None,
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("replication factor 3"), "{err}");
+    assert_eq!(c.describe("ledger")["config"]["min.insync.replicas"], "2");
     let produce = |from, to| {
         c.cli(
             &[

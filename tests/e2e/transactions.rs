@@ -325,3 +325,123 @@ fn forged_markers_and_transactional_batches_without_a_transaction_are_refused() 
     });
     assert_eq!(b.total_log_end("t"), 0, "nothing was stored");
 }
+
+/// Well-formed batches that lie about who writes them, each answered with a clear error
+/// before anything is stored: a non-transactional batch under a transactional producer's
+/// id and a far-future epoch (it fenced that producer's commit marker for good, so the
+/// transaction could never end and read-committed readers stalled), and one request
+/// mixing producers, or one producer's batches out of sequence (the first batch was stored
+/// while the request failed). A log-append-time batch takes the broker's clock, not the
+/// year-9999 time it was sent with.
+#[test]
+fn batches_lying_about_their_producer_are_refused_whole_and_transactions_still_commit() {
+    use bytes::{Bytes, BytesMut};
+    use quiver_protocol::batch::{
+        set_log_append_time, BatchBuilder, Compression, MAX_TIMESTAMP_MS,
+    };
+    use quiver_protocol::requests::{Acks, ProduceRequest};
+    let (b, rt) = broker_with_topic();
+    rt.block_on(async {
+        let client = connect(&b).await;
+        let produce = |batch: Bytes| {
+            let client = client.clone();
+            let req = ProduceRequest {
+                topic: "t".into(),
+                partition: 0,
+                acks: Acks::All,
+                timeout_ms: 5_000,
+            };
+            async move { client.request(&req, batch).await }
+        };
+        let now = quiver_core::clock::now_ms();
+        let batch = |value: &str, producer: (i64, i16, i32), transactional: bool| {
+            let mut bb = BatchBuilder::new(Compression::None);
+            bb.push(None, value.as_bytes(), now, &[]);
+            bb.set_producer(producer.0, producer.1, producer.2);
+            bb.set_transactional(transactional);
+            bb.build()
+        };
+        let mut tx = init(&client, "victim").await;
+        send(&mut tx, "t", &["x1"]).await;
+        tx.flush().await.unwrap();
+        let (pid, _) = tx.producer();
+        for seq in [-1, 0] {
+            let e = produce(batch("forged", (pid, i16::MAX, seq), false))
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Some(ErrorCode::InvalidTxnState), "{e}");
+            assert!(e.to_string().contains("must be transactional"), "{e}");
+        }
+        tx.commit(None)
+            .await
+            .expect("the transaction still commits");
+        assert_eq!(
+            read_all(&client, "t", Isolation::ReadCommitted).await,
+            ["x1"]
+        );
+        let end = b.total_log_end("t");
+
+        // Mixed producers, or one producer out of sequence or epoch, in one request.
+        let joined = |parts: &[Bytes]| {
+            let mut all = BytesMut::new();
+            for p in parts {
+                all.extend_from_slice(p);
+            }
+            all.freeze()
+        };
+        for parts in [
+            [
+                batch("a", (-1, -1, -1), false),
+                batch("b", (5, 0, 0), false),
+            ],
+            [batch("a", (5, 1, 0), false), batch("b", (5, 0, 1), false)],
+            [batch("a", (5, 1, 0), false), batch("b", (5, 1, 7), false)],
+        ] {
+            let e = produce(joined(&parts)).await.unwrap_err();
+            assert_eq!(e.code(), Some(ErrorCode::InvalidRequest), "{e}");
+        }
+        assert_eq!(
+            b.total_log_end("t"),
+            end,
+            "nothing of a refused request was stored"
+        );
+        // The same producer in sequence is fine, whole.
+        produce(joined(&[
+            batch("a", (5, 1, 0), false),
+            batch("b", (5, 1, 1), false),
+        ]))
+        .await
+        .unwrap();
+        assert_eq!(b.total_log_end("t"), end + 2);
+
+        // Log-append time: the broker's clock, whatever the batch said.
+        let mut lat = batch("stamped", (-1, -1, -1), false).to_vec();
+        set_log_append_time(&mut lat, MAX_TIMESTAMP_MS);
+        let before = quiver_core::clock::now_ms();
+        produce(Bytes::from(lat)).await.unwrap();
+        let after = quiver_core::clock::now_ms();
+        let mut c = Consumer::new(
+            client.clone(),
+            ConsumerConfig {
+                start: SeekTo::Offset(end + 2),
+                ..ConsumerConfig::default()
+            },
+        );
+        c.assign("t", [0]).await.unwrap();
+        let mut got = None;
+        for _ in 0..120 {
+            let rs = c.poll_timeout(Duration::from_millis(500)).await.unwrap();
+            got = rs.into_iter().next();
+            if got.is_some() {
+                break;
+            }
+        }
+        let got = got.expect("the stamped record is readable");
+        assert_eq!(&got.value[..], b"stamped");
+        assert!(
+            (before..=after).contains(&got.timestamp),
+            "stamped at {} (sent {MAX_TIMESTAMP_MS}), produced within {before}..={after}",
+            got.timestamp
+        );
+    });
+}

@@ -26,6 +26,13 @@ use quiver_protocol::ErrorCode;
 use super::assignor::{self, Assignment, MemberTopics};
 use super::records::{GroupMetaValue, GroupRecord, OffsetValue};
 
+/// Longest client id a member may join with (it is part of its member id, kept for its
+/// session and shown by `group describe`).
+pub const MAX_CLIENT_ID_BYTES: usize = 256;
+/// Longest metadata string stored with a committed offset (Kafka's
+/// `offset.metadata.max.bytes` default).
+pub const MAX_OFFSET_METADATA_BYTES: usize = 4096;
+
 /// Topic name → partition count, for every topic that exists now.
 pub type TopicSnapshot = BTreeMap<String, u32>;
 
@@ -388,6 +395,12 @@ impl GroupCoordinator {
         snapshot: &TopicSnapshot,
     ) -> Result<(JoinGroupResponse, Vec<GroupRecord>), GroupError> {
         quiver_protocol::requests::validate_group_name(&req.group).map_err(GroupError::Invalid)?;
+        if req.client_id.len() > MAX_CLIENT_ID_BYTES {
+            return Err(GroupError::Invalid(format!(
+                "client id of {} bytes; at most {MAX_CLIENT_ID_BYTES} (it becomes part of the member id)",
+                req.client_id.len()
+            )));
+        }
         let (min, max) = (
             self.config.min_session_timeout_ms,
             self.config.max_session_timeout_ms,
@@ -408,7 +421,16 @@ impl GroupCoordinator {
                     "a subscription needs at least one topic".into(),
                 ))
             }
-            Subscription::Topics(_) => None,
+            Subscription::Topics(ts) => {
+                // As for pattern subscriptions: the broker's own topics are not a group's
+                // to read or commit offsets for.
+                if let Some(t) = ts.iter().find(|t| crate::topic::is_internal(t)) {
+                    return Err(GroupError::Invalid(format!(
+                        "{t:?} is an internal topic of the broker; a group cannot subscribe to it"
+                    )));
+                }
+                None
+            }
         };
         let mut records = Vec::new();
         let is_new = !self.groups.contains_key(&req.group);
@@ -769,6 +791,16 @@ impl GroupCoordinator {
                 return Err(GroupError::Invalid(format!(
                     "offset {} for {tp} is negative",
                     o.offset
+                )));
+            }
+            if let Some(m) = o
+                .metadata
+                .as_ref()
+                .filter(|m| m.len() > MAX_OFFSET_METADATA_BYTES)
+            {
+                return Err(GroupError::Invalid(format!(
+                    "the metadata committed with {tp} is {} bytes; at most {MAX_OFFSET_METADATA_BYTES} (Kafka's offset.metadata.max.bytes)",
+                    m.len()
                 )));
             }
         }

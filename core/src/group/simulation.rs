@@ -277,6 +277,9 @@ fn commits_are_checked_and_a_refused_commit_changes_nothing() {
         c.commit(&commit(&mine, m.generation + 100, &m.id)),
         Err(GroupError::StaleGeneration { .. })
     ));
+    let mut huge = commit(&mine, m.generation, &m.id);
+    huge.offsets[0].metadata = Some("m".repeat(super::coordinator::MAX_OFFSET_METADATA_BYTES + 1));
+    assert!(matches!(c.commit(&huge), Err(GroupError::Invalid(e)) if e.contains("4096")));
     assert!(
         c.fetch_offsets(&all).offsets.is_empty(),
         "refusals changed nothing"
@@ -448,4 +451,40 @@ fn ten_members_over_a_hundred_partitions_rebalance_in_a_few_round_trips() {
     assert_eq!(moved, 10, "only the new member's share moves");
     // Revoke, release and grant, then a quiet round.
     assert!(rounds <= 4, "took {rounds} rounds");
+}
+
+/// A client id is part of the member id, kept for the session: a huge one is refused; so
+/// is a subscription naming the broker's own offsets topic. Neither touches the group.
+#[test]
+fn a_huge_client_id_or_an_internal_topic_is_refused_and_changes_nothing() {
+    let mut c = coordinator();
+    let snap = snapshot("t", 2);
+    let req = JoinGroupRequest {
+        group: G.into(),
+        member_id: None,
+        client_id: "c".repeat(super::coordinator::MAX_CLIENT_ID_BYTES + 1),
+        subscription: Subscription::Topics(vec!["t".into()]),
+        session_timeout_ms: 3000,
+        strategy: Some(Strategy::Sticky),
+        auto_offset_reset: None,
+    };
+    assert!(matches!(
+        c.join(0, &req, &snap),
+        Err(GroupError::Invalid(_))
+    ));
+    let internal = JoinGroupRequest {
+        client_id: "c".into(),
+        subscription: Subscription::Topics(vec!["t".into(), "__consumer_offsets".into()]),
+        ..req.clone()
+    };
+    assert!(
+        matches!(c.join(0, &internal, &snap), Err(GroupError::Invalid(e)) if e.contains("internal"))
+    );
+    assert!(c.list().groups.is_empty());
+    join(
+        &mut c,
+        0,
+        &"c".repeat(super::coordinator::MAX_CLIENT_ID_BYTES),
+        &snap,
+    );
 }

@@ -50,8 +50,8 @@ use crate::topic::TopicError;
 /// `__consumer_offsets` (read once, then emptied).
 pub const LEGACY_TRANSACTIONS_TREE: &str = "transactions";
 /// Producer ids the coordinator hands out have this bit set, apart from the random ids of
-/// idempotent producers.
-const PRODUCER_ID_BIT: i64 = 1 << 62;
+/// idempotent producers (which stay below it).
+const PRODUCER_ID_BIT: i64 = quiver_protocol::batch::COORDINATOR_PRODUCER_ID_BIT;
 /// Longest transaction timeout accepted.
 const MAX_TIMEOUT_MS: u32 = 15 * 60 * 1000;
 /// A transactional id with no transaction open and no use for this long is forgotten

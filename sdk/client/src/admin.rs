@@ -47,7 +47,8 @@ impl Admin {
         &self.client
     }
 
-    /// Creates `name` with `partitions` partitions and config overrides (replication factor 1).
+    /// Creates `name` with `partitions` partitions (0: the broker's
+    /// `topic_defaults.partitions`) and config overrides (replication factor 1).
     #[tracing::instrument(skip(self, config), level = "debug")]
     pub async fn create_topic(
         &self,

@@ -127,7 +127,8 @@ pub(super) async fn until_applied(
 
 /// CreateTopic through the controller.
 pub async fn create(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
-    let (req, _) = decode::<CreateTopicRequest>(&body)?;
+    let (mut req, _) = decode::<CreateTopicRequest>(&body)?;
+    req.partitions = super::create_topic::partitions_or_default(ctx, req.partitions);
     let span = tracing::info_span!("create_topic", topic = %req.name, partitions = req.partitions, rf = req.replication_factor);
     let _e = span.enter();
     drop(_e);
@@ -259,11 +260,30 @@ pub async fn alter(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestErr
         .overrides
         .clone();
     overrides.extend(req.set.iter().map(|(k, v)| (k.clone(), v.clone())));
-    ctx.config
+    let changed = ctx
+        .config
         .default_topic_config()
         .map_err(|(k, r)| RequestError::new(ErrorCode::InvalidConfig, format!("{k}: {r}")))?
         .with_changes(&overrides)
         .map_err(|e| RequestError::new(ErrorCode::InvalidConfig, e))?;
+    // As at creation: more in-sync replicas than a partition has would hold its high
+    // watermark (so every write) until the value is changed back.
+    let rm = replicas_of(ctx).await?;
+    let fewest = rm
+        .controller()
+        .state()
+        .await
+        .topic(&req.name)
+        .and_then(|t| t.partitions.iter().map(|p| p.replicas.len()).min());
+    if let Some(rf) = fewest.filter(|&rf| changed.min_insync_replicas as usize > rf) {
+        return Err(RequestError::new(
+            ErrorCode::InvalidConfig,
+            format!(
+                "min.insync.replicas = {} is larger than the replication factor {rf}: no write could ever be acknowledged with acks=all (nothing was changed)",
+                changed.min_insync_replicas
+            ),
+        ));
+    }
     if let Some(p) = req.set.get("partitioner").filter(|p| !p.trim().is_empty()) {
         ctx.plugins.check_partitioner(p.trim()).map_err(|e| {
             RequestError::new(ErrorCode::InvalidConfig, format!("partitioner: {e}"))

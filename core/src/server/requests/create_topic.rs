@@ -13,7 +13,8 @@ use crate::server::ServerContext;
 
 /// Handles a create-topic request.
 pub fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
-    let (req, _) = decode::<CreateTopicRequest>(&body)?;
+    let (mut req, _) = decode::<CreateTopicRequest>(&body)?;
+    req.partitions = partitions_or_default(ctx, req.partitions);
     if req.replication_factor > 1 {
         return Err(RequestError::new(
             ErrorCode::InvalidConfig,
@@ -37,4 +38,14 @@ pub fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
         .partitions
         .fetch_add(i64::from(req.partitions), Ordering::Relaxed);
     Ok(Reply::control(&describe(ctx, &t)))
+}
+
+/// A request's partition count, where 0 (a client that left the choice to the broker)
+/// means the broker's `topic_defaults.partitions`.
+pub(super) fn partitions_or_default(ctx: &ServerContext, asked: u32) -> u32 {
+    if asked == 0 {
+        ctx.config.topic_defaults.partitions
+    } else {
+        asked
+    }
 }

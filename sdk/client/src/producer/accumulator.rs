@@ -19,9 +19,13 @@ use crate::backoff::{random_u64, Backoff};
 /// Records' overhead in a batch beyond key, value and headers (varints, attributes).
 const RECORD_OVERHEAD: usize = 24;
 
-/// A random positive producer id.
+/// Ids an idempotent producer may pick: positive, below the bit that marks ids a
+/// transaction coordinator handed out (brokers refuse non-transactional batches of those).
+const OWN_ID_MASK: i64 = quiver_protocol::batch::COORDINATOR_PRODUCER_ID_BIT - 1;
+
+/// A random positive producer id below [`OWN_ID_MASK`].
 fn new_producer_id() -> i64 {
-    ((random_u64() >> 1) as i64).max(1)
+    ((random_u64() as i64) & OWN_ID_MASK).max(1)
 }
 
 /// Epochs of one producer id before the id itself moves on (the wire's epoch is an i16).
@@ -34,7 +38,7 @@ const EPOCHS_PER_ID: u32 = i16::MAX as u32;
 /// still travelling (a request sent before the failure, delivered late) is refused instead
 /// of landing after the new epoch's batches.
 fn identity(base_id: i64, generation: u32) -> (i64, i16) {
-    let id = base_id.wrapping_add(i64::from(generation / EPOCHS_PER_ID)) & i64::MAX;
+    let id = base_id.wrapping_add(i64::from(generation / EPOCHS_PER_ID)) & OWN_ID_MASK;
     (id.max(1), (generation % EPOCHS_PER_ID) as i16)
 }
 
@@ -468,5 +472,18 @@ mod tests {
             1,
             "stays a positive id"
         );
+    }
+
+    /// An idempotent producer's ids stay clear of the ones transaction coordinators hand
+    /// out: brokers refuse non-transactional batches of those.
+    #[test]
+    fn own_ids_stay_below_the_coordinators_bit() {
+        let bit = quiver_protocol::batch::COORDINATOR_PRODUCER_ID_BIT;
+        for _ in 0..1000 {
+            let id = new_producer_id();
+            assert!(id > 0 && id & bit == 0, "{id:#x}");
+        }
+        assert_eq!(identity(bit - 1, EPOCHS_PER_ID).0, 1, "wraps below the bit");
+        assert_eq!(identity(bit - 2, EPOCHS_PER_ID), (bit - 1, 0));
     }
 }

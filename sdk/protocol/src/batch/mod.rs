@@ -92,6 +92,11 @@ pub const ATTR_TRANSACTIONAL: i16 = 1 << 4;
 /// Attribute bit: a control batch (Kafka's bit 5) — one transaction marker written by the
 /// broker, never by a client; consumers skip it.
 pub const ATTR_CONTROL: i16 = 1 << 5;
+/// Producer ids with this bit set are handed out by transaction coordinators
+/// (InitTransactions) and write only transactional batches; an idempotent producer picks
+/// its own random id below it. Keeping the two apart stops a non-transactional batch from
+/// touching (and fencing) a transactional producer's state on a partition.
+pub const COORDINATOR_PRODUCER_ID_BIT: i64 = 1 << 62;
 /// Attribute bits a produced batch may set: the codec (bits 0–2), the timestamp type
 /// (bit 3) and the transactional flag (bit 4).
 const KNOWN_ATTRIBUTES: i16 = 0x1f;

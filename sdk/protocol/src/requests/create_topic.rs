@@ -12,7 +12,7 @@ use crate::{ApiKey, Message};
 pub struct CreateTopicRequest {
     /// Topic name (see [`crate::requests::validate_topic_name`]).
     pub name: String,
-    /// Number of partitions (at least 1).
+    /// Number of partitions; 0 leaves it to the broker (its `topic_defaults.partitions`).
     pub partitions: u32,
     /// Copies of each partition (1 on a single broker).
     pub replication_factor: u16,
