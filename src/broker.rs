@@ -32,9 +32,13 @@ enum BrokerCommand {
     Start(StartArgs),
     /// Stop the broker whose pid file is in the data directory.
     Stop {
-        /// Data directory of the broker [default: the config's, ./quiver-data].
+        /// Data directory of the broker [default: the data_dir of --config (or of the
+        /// defaults), QUIVER_DATA_DIR overriding it as for `broker start`; ./quiver-data].
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
+        /// The broker's config file, to find its data directory.
+        #[arg(long, value_name = "FILE", conflicts_with = "data_dir")]
+        config: Option<PathBuf>,
     },
     /// Truncate a damaged partition at its first damaged batch (the broker must be stopped).
     ///
@@ -42,9 +46,13 @@ enum BrokerCommand {
     /// `topic describe` and the broker log; this drops the damaged batch and everything
     /// after it, reports what was dropped, and the partition serves again at the next start.
     Repair {
-        /// Data directory of the (stopped) broker.
-        #[arg(long, value_name = "DIR", default_value = "./quiver-data")]
-        data_dir: PathBuf,
+        /// Data directory of the (stopped) broker [default: the data_dir of --config (or of
+        /// the defaults), QUIVER_DATA_DIR overriding it as for `broker start`; ./quiver-data].
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// The broker's config file, to find its data directory.
+        #[arg(long, value_name = "FILE", conflicts_with = "data_dir")]
+        config: Option<PathBuf>,
         /// Topic of the damaged partition.
         #[arg(long)]
         topic: String,
@@ -146,13 +154,37 @@ pub(crate) fn alive(pid: i32) -> bool {
 pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     match args.command {
         BrokerCommand::Start(start) => run_foreground(&start).await,
-        BrokerCommand::Stop { data_dir } => stop(data_dir).await,
+        BrokerCommand::Stop { data_dir, config } => {
+            stop(Some(data_dir_of(data_dir, config.as_deref())?)).await
+        }
         BrokerCommand::Repair {
             data_dir,
+            config,
             topic,
             partition,
             output,
-        } => repair(&data_dir, &topic, partition, output),
+        } => repair(
+            &data_dir_of(data_dir, config.as_deref())?,
+            &topic,
+            partition,
+            output,
+        ),
+    }
+}
+
+/// The data directory a command about a local broker means: `--data-dir`, else the one
+/// `broker start` would use with `--config` (its file, or the defaults, with the
+/// environment's `QUIVER_*` overrides such as `QUIVER_DATA_DIR`), else `./quiver-data`.
+fn data_dir_of(data_dir: Option<PathBuf>, config: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(d) = data_dir {
+        return Ok(d);
+    }
+    let env = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+    match BrokerConfig::load(config, env) {
+        Ok(c) => Ok(c.data_dir),
+        Err(e) if config.is_some() => Err(anyhow::Error::new(e).context("cannot read --config")),
+        Err(_) => Ok(PathBuf::from("./quiver-data")),
     }
 }
 
@@ -360,14 +392,12 @@ fn read_from(path: &Path, offset: u64) -> String {
 pub(crate) async fn stop(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let data_dir = match data_dir {
         Some(d) => d,
-        None => BrokerConfig::load(None, std::env::vars())
-            .map(|c| c.data_dir)
-            .unwrap_or_else(|_| PathBuf::from("./quiver-data")),
+        None => data_dir_of(None, None)?,
     };
     let pid_file = pid_path(&data_dir);
     let Some(pid) = read_pid(&pid_file)? else {
         bail!(
-            "no pid file at {}: is a broker running with data directory {}?",
+            "no pid file at {}: is a broker running with data directory {}? Name its directory with --data-dir DIR (or its config with --config FILE); a broker started in the foreground stops with Ctrl-C",
             pid_file.display(),
             data_dir.display()
         );

@@ -146,9 +146,19 @@ async fn start(path: &Path) -> anyhow::Result<()> {
             toml::to_string(&cfg).context("cannot write the broker config")?,
         )
         .with_context(|| format!("cannot write {}", config_path.display()))?;
-        let out = std::process::Command::new(&exe)
+        let mut start = std::process::Command::new(&exe);
+        start
             .args(["broker", "start", "--daemon", "--config"])
-            .arg(&config_path)
+            .arg(&config_path);
+        // The cluster file decides each broker's config: a `QUIVER_LISTEN` or
+        // `QUIVER_DATA_DIR` exported in this shell would otherwise give every broker the
+        // same address or directory.
+        for (var, _) in std::env::vars_os() {
+            if var.to_str().is_some_and(quiver_core::config::is_config_var) {
+                start.env_remove(var);
+            }
+        }
+        let out = start
             .output()
             .with_context(|| format!("cannot start broker {}", b.id))?;
         if !out.status.success() {

@@ -19,7 +19,9 @@ use crate::output::is_broken_pipe;
 /// Record output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum RecordFormat {
-    /// The value per line (key and a tab first with `--print-key`).
+    /// The value per line (key and a tab first with `--print-key`); also accepted as
+    /// `table`, the name other commands use.
+    #[value(alias = "table")]
     Text,
     /// One JSON object per line.
     Json,
@@ -44,17 +46,23 @@ pub struct ConsumeArgs {
     /// Stop after this many records.
     #[arg(long, value_name = "N")]
     max_messages: Option<u64>,
-    /// Keep waiting for new records instead of stopping at the end.
+    /// Keep waiting for new records instead of stopping at the end (with --max-messages:
+    /// until that many were printed).
     #[arg(long)]
     follow: bool,
+    /// With --follow: stop once no new record came for this long (Kafka's
+    /// `--timeout-ms`; default: wait until Ctrl-C or --max-messages).
+    #[arg(long, value_name = "MS", requires = "follow")]
+    timeout_ms: Option<u64>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = RecordFormat::Text)]
     output: RecordFormat,
     /// With text output, print the key and a tab before the value.
     #[arg(long)]
     print_key: bool,
-    /// How data is pulled: long-poll fetches, or a push subscription per partition.
-    #[arg(long, value_enum, default_value_t = Mode::LongPoll)]
+    /// How data is pulled: long-poll fetches, or a push subscription per partition (not
+    /// with --group, whose members long-poll).
+    #[arg(long, value_enum, default_value_t = Mode::LongPoll, conflicts_with = "group")]
     mode: Mode,
     /// Join this consumer group: the group's members share the topic's partitions, and
     /// the member commits after printing (at-least-once). A partition starts at the group's
@@ -156,11 +164,7 @@ async fn build_consumer(
         Some(p) => vec![p],
         None => (0..count).collect(),
     };
-    let start = match (args.from_beginning, args.offset) {
-        (true, _) => SeekTo::Beginning,
-        (false, Some(o)) => SeekTo::Offset(o),
-        (false, None) => SeekTo::End,
-    };
+    let start = start_of(args);
     let mut consumer = Consumer::new(
         client,
         ConsumerConfig {
@@ -180,12 +184,22 @@ async fn build_consumer(
     Ok((consumer, partitions))
 }
 
+/// Where a consumer without a group starts reading.
+fn start_of(args: &ConsumeArgs) -> SeekTo {
+    match (args.from_beginning, args.offset) {
+        (true, _) => SeekTo::Beginning,
+        (false, Some(o)) => SeekTo::Offset(o),
+        (false, None) => SeekTo::End,
+    }
+}
+
 async fn consume(global: &GlobalOpts, args: &ConsumeArgs) -> anyhow::Result<()> {
     if let Some(group) = &args.group {
         let run = crate::group::GroupRun {
             topic: &args.topic,
             group,
             follow: args.follow,
+            idle_timeout: args.timeout_ms.map(std::time::Duration::from_millis),
             max_messages: args.max_messages,
             session_timeout_ms: args.session_timeout_ms,
             processor: args.processor_spec()?,
@@ -210,6 +224,12 @@ async fn consume(global: &GlobalOpts, args: &ConsumeArgs) -> anyhow::Result<()> 
             }
         }
         if remaining.is_empty() {
+            if matches!(start_of(args), SeekTo::End) {
+                eprintln!(
+                    "nothing to read: consume starts at the end of {} (like Kafka) and, without --follow, stops there; add --from-beginning (or --offset N) to read what is stored, or --follow to wait for new records",
+                    args.topic
+                );
+            }
             return Ok(());
         }
     }
@@ -220,8 +240,15 @@ async fn consume(global: &GlobalOpts, args: &ConsumeArgs) -> anyhow::Result<()> 
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(256 * 1024, stdout.lock());
     let mut printed: u64 = 0;
+    let idle_timeout = args.timeout_ms.map(std::time::Duration::from_millis);
+    let mut last_record = std::time::Instant::now();
     'outer: loop {
         let records = consumer.poll().await.context("cannot read records")?;
+        if !records.is_empty() {
+            last_record = std::time::Instant::now();
+        } else if idle_timeout.is_some_and(|t| last_record.elapsed() >= t) {
+            break 'outer;
+        }
         for r in &records {
             if !args.follow {
                 match remaining.get(&r.partition) {

@@ -241,6 +241,8 @@ pub struct GroupRun<'a> {
     pub group: &'a str,
     /// Keep reading at the end.
     pub follow: bool,
+    /// With `follow`: stop once no record came for this long.
+    pub idle_timeout: Option<Duration>,
     /// Stop after this many records.
     pub max_messages: Option<u64>,
     /// Session timeout.
@@ -306,11 +308,17 @@ pub async fn consume(
     let mut printed: u64 = 0;
     let stop = stop_signal();
     tokio::pin!(stop);
+    let mut last_record = std::time::Instant::now();
     'outer: while printed < max {
         let records = tokio::select! {
             r = member.poll_timeout(Duration::from_millis(200)) => r.context("cannot read records")?,
             _ = &mut stop => break,
         };
+        if !records.is_empty() {
+            last_record = std::time::Instant::now();
+        } else if run.idle_timeout.is_some_and(|t| last_record.elapsed() >= t) {
+            break;
+        }
         for (i, r) in records.iter().enumerate() {
             print(&mut out, r)?;
             printed += 1;

@@ -8,8 +8,9 @@ use clap::ValueEnum;
 /// `--output` of list/describe commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
 pub enum Format {
-    /// Aligned columns.
+    /// Aligned columns (also accepted as `text`, the name `bench` and `consume` use).
     #[default]
+    #[value(alias = "text")]
     Table,
     /// One JSON document.
     Json,

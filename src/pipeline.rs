@@ -43,7 +43,8 @@ enum PipelineCommand {
     Run {
         /// The pipeline file.
         file: PathBuf,
-        /// Group members to run in this process.
+        /// Group members to run in this process (the file's `[run] instances` is what
+        /// `pipeline deploy` runs; here each process starts this many).
         #[arg(long, default_value_t = 1)]
         instances: u32,
     },
@@ -74,6 +75,9 @@ enum PipelineCommand {
     Stop {
         /// Pipeline name.
         name: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        output: Format,
     },
 }
 
@@ -96,7 +100,7 @@ pub async fn run(global: &GlobalOpts, args: PipelineArgs) -> anyhow::Result<()> 
         PipelineCommand::Deploy { file, output } => {
             let mut p = PipelineConfig::load(&file)?;
             let client = global.connect().await?;
-            deploy_path_stages(&client, &mut p, base_dir(&file), &mut out).await?;
+            let bundles = deploy_path_stages(&client, &mut p, base_dir(&file)).await?;
             let req = DeployPipelineRequest {
                 config_toml: p.to_toml(),
             };
@@ -107,6 +111,10 @@ pub async fn run(global: &GlobalOpts, args: PipelineArgs) -> anyhow::Result<()> 
             match output {
                 Format::Json => output::json(&mut out, &serde_json::json!({
                     "name": resp.name, "instances": resp.instances, "replaced": resp.replaced,
+                    "group": p.group(),
+                    "plugins_deployed": bundles.iter().map(|b| serde_json::json!({
+                        "plugin": b.plugin, "path": b.path.display().to_string(),
+                    })).collect::<Vec<_>>(),
                 }))?,
                 Format::Table => writeln!(
                     out,
@@ -174,13 +182,21 @@ pub async fn run(global: &GlobalOpts, args: PipelineArgs) -> anyhow::Result<()> 
                 Format::Table => status_table(&mut out, &s)?,
             }
         }
-        PipelineCommand::Stop { name } => {
+        PipelineCommand::Stop { name, output } => {
             let client = global.connect().await?;
             let (r, _) = client
                 .request(&StopPipelineRequest { name: name.clone() }, Bytes::new())
                 .await
                 .map_err(|e| pipeline_error(e, &format!("cannot stop pipeline {name}")))?;
-            writeln!(out, "stopped pipeline {name} ({} instance(s))", r.instances)?;
+            match output {
+                Format::Json => output::json(
+                    &mut out,
+                    &serde_json::json!({ "name": name, "stopped": true, "instances": r.instances }),
+                )?,
+                Format::Table => {
+                    writeln!(out, "stopped pipeline {name} ({} instance(s))", r.instances)?
+                }
+            }
         }
     }
     out.flush()?;
@@ -206,14 +222,22 @@ fn pipeline_error(e: ClientError, context: &str) -> anyhow::Error {
     }
 }
 
+/// A stage bundle deployed on the way to deploying its pipeline.
+struct DeployedBundle {
+    /// `name@version`.
+    plugin: String,
+    /// The bundle's folder.
+    path: std::path::PathBuf,
+}
+
 /// Deploys the bundles of `path` stages and names them by `name@version` instead, so the
-/// broker can load them.
+/// broker can load them. Returns the bundles that were not deployed already.
 async fn deploy_path_stages(
     client: &Client,
     p: &mut PipelineConfig,
     base: &Path,
-    out: &mut impl Write,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<DeployedBundle>> {
+    let mut deployed = Vec::new();
     let admin = PluginAdmin::new(client.clone());
     for stage in &mut p.stages {
         let StagePlugin::Path(rel) = &stage.plugin else {
@@ -225,19 +249,20 @@ async fn deploy_path_stages(
             .await
             .with_context(|| format!("cannot deploy the stage bundle {}", path.display()))?;
         if !r.already_deployed {
-            writeln!(
-                out,
-                "deployed plugin {} from {}",
-                r.plugin.id(),
-                path.display()
-            )?;
+            // On stderr as it happens: stdout keeps the answer (one JSON document with
+            // --output json), and a pipeline refused next still leaves this said.
+            eprintln!("deployed plugin {} from {}", r.plugin.id(), path.display());
+            deployed.push(DeployedBundle {
+                plugin: r.plugin.id(),
+                path,
+            });
         }
         stage.plugin = StagePlugin::Deployed {
             name: r.plugin.name.clone(),
             version: Some(r.plugin.version.clone()),
         };
     }
-    Ok(())
+    Ok(deployed)
 }
 
 /// `pipeline run`: members in this process until Ctrl-C (or the pipeline fails).

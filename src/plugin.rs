@@ -28,6 +28,10 @@ enum PluginCommand {
     Deploy {
         /// Bundle folder or .tar.gz.
         path: PathBuf,
+        /// Output format (json: the deployed plugin, as `plugin describe` shows it, and
+        /// whether it was deployed already).
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        output: Format,
     },
     /// List deployed plugins.
     List {
@@ -47,6 +51,9 @@ enum PluginCommand {
     Remove {
         /// NAME@VERSION.
         plugin: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        output: Format,
     },
     /// Run a bundle locally on records from a file and print what it outputs.
     Test {
@@ -120,7 +127,7 @@ pub async fn run(global: &GlobalOpts, args: PluginArgs) -> anyhow::Result<()> {
             &config,
             output,
         )?,
-        PluginCommand::Deploy { path } => {
+        PluginCommand::Deploy { path, output } => {
             let admin = PluginAdmin::new(global.connect().await?);
             let bundle = Bundle::load(&path)
                 .with_context(|| format!("cannot load bundle {}", path.display()))?;
@@ -132,7 +139,15 @@ pub async fn run(global: &GlobalOpts, args: PluginArgs) -> anyhow::Result<()> {
                 } => anyhow::anyhow!("cannot deploy {id}: {message}"),
                 e => anyhow::Error::new(e).context(format!("cannot deploy {id}")),
             })?;
-            if r.already_deployed {
+            if output == Format::Json {
+                output::json(
+                    &mut out,
+                    &serde_json::json!({
+                        "plugin": r.plugin,
+                        "already_deployed": r.already_deployed,
+                    }),
+                )?;
+            } else if r.already_deployed {
                 writeln!(
                     out,
                     "{} is already deployed with the same content (digest {}); nothing changed",
@@ -196,7 +211,7 @@ pub async fn run(global: &GlobalOpts, args: PluginArgs) -> anyhow::Result<()> {
                 Format::Table => describe_table(&mut out, &p)?,
             }
         }
-        PluginCommand::Remove { plugin } => {
+        PluginCommand::Remove { plugin, output } => {
             let (name, version) = parse_plugin_ref(&plugin).map_err(anyhow::Error::msg)?;
             let Some(version) = version else {
                 bail!("give the exact version to remove: `quiver plugin remove {name}@VERSION` (see `quiver plugin list`)");
@@ -206,7 +221,13 @@ pub async fn run(global: &GlobalOpts, args: PluginArgs) -> anyhow::Result<()> {
                 .remove(&name, &version)
                 .await
                 .map_err(|e| not_found(e, &plugin))?;
-            writeln!(out, "removed {name}@{version}")?;
+            match output {
+                Format::Json => output::json(
+                    &mut out,
+                    &serde_json::json!({ "removed": format!("{name}@{version}") }),
+                )?,
+                Format::Table => writeln!(out, "removed {name}@{version}")?,
+            }
         }
     }
     out.flush()?;

@@ -24,9 +24,10 @@ enum TopicCommand {
     Create {
         /// Topic name (letters, digits, '.', '_', '-').
         name: String,
-        /// Number of partitions.
-        #[arg(long, default_value_t = 1)]
-        partitions: u32,
+        /// Number of partitions [default: the broker's topic_defaults.partitions, 1 unless
+        /// configured].
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        partitions: Option<u32>,
         /// Copies of each partition, on different brokers.
         #[arg(long, default_value_t = 1)]
         replication_factor: u16,
@@ -123,16 +124,13 @@ pub async fn run(global: &GlobalOpts, args: TopicArgs) -> anyhow::Result<()> {
             config,
             partitioner,
         } => {
-            if partitions == 0 {
-                bail!("--partitions must be at least 1");
-            }
             let mut config: BTreeMap<String, String> =
                 parse_pairs(&config, "--config")?.into_iter().collect();
             if let Some(p) = partitioner {
                 config.insert("partitioner".into(), p);
             }
             let d = admin
-                .create_replicated_topic(&name, partitions, replication_factor, config)
+                .create_replicated_topic(&name, partitions.unwrap_or(0), replication_factor, config)
                 .await
                 .map_err(|e| match e {
                     ClientError::TopicAlreadyExists(_) => anyhow::anyhow!(
@@ -201,6 +199,8 @@ pub async fn run(global: &GlobalOpts, args: TopicArgs) -> anyhow::Result<()> {
                             vec![
                                 p.partition.to_string(),
                                 p.leader.to_string(),
+                                ids(&p.replicas),
+                                ids(&p.isr),
                                 p.log_start_offset.to_string(),
                                 p.high_watermark.to_string(),
                                 p.log_end_offset.to_string(),
@@ -214,6 +214,8 @@ pub async fn run(global: &GlobalOpts, args: TopicArgs) -> anyhow::Result<()> {
                         &[
                             "PARTITION",
                             "LEADER",
+                            "REPLICAS",
+                            "ISR",
                             "LOG-START",
                             "HIGH-WATERMARK",
                             "LOG-END",
@@ -332,4 +334,12 @@ fn not_found(e: ClientError, name: &str) -> anyhow::Error {
         }
         e => anyhow::Error::new(e).context(format!("topic {name:?}")),
     }
+}
+
+/// Broker ids as Kafka's tools print them: `1,2,3` (`-` for none).
+fn ids(ids: &[u32]) -> String {
+    if ids.is_empty() {
+        return "-".into();
+    }
+    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
 }

@@ -285,6 +285,12 @@ const CLI_ENV: &[&str] = &[
     "QUIVER_OUTPUT",
 ];
 
+/// Whether environment variable `name` overrides a broker config key (a `QUIVER_*`
+/// variable that is not one of the CLI's own).
+pub fn is_config_var(name: &str) -> bool {
+    name.starts_with(ENV_PREFIX) && !CLI_ENV.contains(&name)
+}
+
 impl BrokerConfig {
     /// Loads the file (or the embedded defaults when `path` is `None`), applies `QUIVER_*`
     /// environment overrides from `env`, and validates.
@@ -315,10 +321,8 @@ impl BrokerConfig {
         &mut self,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<(), ConfigError> {
-        let mut vars: Vec<(String, String)> = env
-            .into_iter()
-            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !CLI_ENV.contains(&k.as_str()))
-            .collect();
+        let mut vars: Vec<(String, String)> =
+            env.into_iter().filter(|(k, _)| is_config_var(k)).collect();
         if vars.is_empty() {
             return Ok(());
         }

@@ -138,7 +138,8 @@ pub enum Guarantee {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
-    /// Instances `pipeline deploy` runs (`pipeline run` is always one per process).
+    /// Instances `pipeline deploy` runs (`pipeline run` starts its `--instances`, 1 unless
+    /// given, in each process).
     #[serde(default = "one")]
     pub instances: u32,
     /// The delivery guarantee.

@@ -233,9 +233,15 @@ fn validate(
         )
     })?;
     if entry != m.entry || !files.contains_key(&entry) {
+        // A Rust→WASM bundle's module is built, not checked in: say how to build it.
+        let hint = if entry.ends_with(".wasm") {
+            " (a Rust→WASM bundle's module is built, not checked in: build it into the bundle folder first; for the examples, run scripts/build-wasm-examples.sh)"
+        } else {
+            ""
+        };
         return Err(invalid(
             "entry",
-            format!("{:?} is not a file of the bundle", m.entry),
+            format!("{:?} is not a file of the bundle{hint}", m.entry),
         ));
     }
     if m.limits.cpu_ms == Some(0) {

@@ -87,7 +87,8 @@ pub enum FetchMode {
 /// Output format.
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum OutputFormat {
-    /// Human-readable lines.
+    /// Human-readable lines (also accepted as `table`, the name other commands use).
+    #[value(alias = "table")]
     Text,
     /// One JSON object.
     Json,
@@ -124,8 +125,8 @@ pub struct LoadOpts {
     /// Concurrent producers.
     #[arg(long, default_value_t = 1)]
     producers: usize,
-    /// `bench produce`: send at this many records/s in total (split evenly between the
-    /// producers; Kafka's --throughput) instead of as fast as possible, so latency is
+    /// `bench produce` and `bench pipeline`: send at this many records/s in total (split
+    /// evenly between the producers; Kafka's --throughput) instead of as fast as possible, so latency is
     /// measured at a fixed load. Latency then runs from each record's scheduled send time
     /// (not from when the producer got to it), so a producer that falls behind shows it.
     #[arg(long, value_name = "RECORDS_PER_SEC")]
@@ -151,9 +152,10 @@ pub struct LoadOpts {
     /// `bench consume`: read as this consumer group (its offsets are reset to the start).
     #[arg(long, value_name = "G")]
     group: Option<String>,
-    /// Group members (`bench consume --group`, `bench rebalance`).
-    #[arg(long, default_value_t = 1)]
-    members: usize,
+    /// Group members (`bench consume --group`: default 1; `bench rebalance`: default 2, at
+    /// least 2).
+    #[arg(long)]
+    members: Option<usize>,
     /// `bench consume`: run this processor at consume time: a deployed NAME[@VERSION], or
     /// a bundle path, deployed first. Records are counted as received, so use a processor
     /// that keeps every record (a map such as examples/plugins/noop-map).
@@ -209,7 +211,7 @@ impl LoadOpts {
     fn no_rate(&self, command: &str) -> anyhow::Result<()> {
         if self.rate.is_some() {
             bail!(
-                "--rate applies to `bench produce` only; `bench {command}` measures at saturation"
+                "--rate applies to `bench produce` and `bench pipeline` only; `bench {command}` measures at saturation"
             );
         }
         Ok(())
@@ -241,7 +243,14 @@ pub async fn run(global: &GlobalOpts, args: BenchArgs) -> anyhow::Result<()> {
             let target = Target::open(global, &o).await?;
             let r = match &o.group {
                 Some(g) => {
-                    group::consume(&target.client, &o, &o.topic_name(), g, o.members).await?
+                    group::consume(
+                        &target.client,
+                        &o,
+                        &o.topic_name(),
+                        g,
+                        o.members.unwrap_or(1),
+                    )
+                    .await?
                 }
                 None => consume::run(&target.client, &o).await?,
             };
@@ -251,11 +260,12 @@ pub async fn run(global: &GlobalOpts, args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Rebalance(o) => {
             o.check()?;
             o.no_rate("rebalance")?;
-            if o.members < 2 {
-                bail!("--members must be at least 2");
+            let members = o.members.unwrap_or(2);
+            if members < 2 {
+                bail!("--members must be at least 2: a rebalance moves partitions between members");
             }
             let target = Target::open(global, &o).await?;
-            let r = group::rebalance(&target.client, &o, o.members).await;
+            let r = group::rebalance(&target.client, &o, members).await;
             target.close().await;
             r?;
         }

@@ -83,10 +83,16 @@ fn daemon_start_and_stop() {
     let data = dir.path().join("d");
     let port = free_udp_port();
     let addr = format!("127.0.0.1:{port}");
+    // Started from a config file, stopped by naming the same file.
+    let config = dir.path().join("broker.toml");
+    std::fs::write(
+        &config,
+        format!("listen = \"{addr}\"\ndata_dir = \"{}\"\n", data.display()),
+    )
+    .unwrap();
     let out = Command::new(bin())
-        .args(["broker", "start", "--daemon", "--data-dir"])
-        .arg(&data)
-        .args(["--listen", &addr])
+        .args(["broker", "start", "--daemon", "--config"])
+        .arg(&config)
         .output()
         .unwrap();
     assert!(
@@ -107,8 +113,9 @@ fn daemon_start_and_stop() {
         String::from_utf8_lossy(&listed.stderr)
     );
     let out = Command::new(bin())
-        .args(["broker", "stop", "--data-dir"])
-        .arg(&data)
+        .args(["broker", "stop", "--config"])
+        .arg(&config)
+        .env_remove("QUIVER_DATA_DIR")
         .output()
         .unwrap();
     assert!(

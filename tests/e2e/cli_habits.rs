@@ -1,5 +1,6 @@
 //! Kafka habits in the CLI: `consume --group G --from-beginning` starts a group without
-//! committed offsets at the earliest record, `quiver completions SHELL` prints a script, and
+//! committed offsets at the earliest record, `consume --follow --timeout-ms` ends once
+//! nothing new comes, `quiver completions SHELL` prints a script, and
 //! output piped into a reader that stops early (`| head`) ends quietly, as for `cat`.
 
 use std::time::{Duration, Instant};
@@ -33,6 +34,39 @@ fn consume_with_a_group_from_the_beginning_reads_everything_and_commits() {
         assert!(Instant::now() < deadline, "offset never committed: {d}");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Kafka's --timeout-ms: waiting for more than there is ends once nothing new comes,
+    // with and without a group.
+    let out = b.cli_ok(&[
+        "consume",
+        "habits",
+        "--from-beginning",
+        "--follow",
+        "--max-messages",
+        "10",
+        "--timeout-ms",
+        "1500",
+    ]);
+    assert_eq!(out, "a\nb\nc\n");
+    let out = b.cli_ok(&[
+        "consume",
+        "habits",
+        "--group",
+        "late",
+        "--from-beginning",
+        "--follow",
+        "--timeout-ms",
+        "5000",
+    ]);
+    assert_eq!(out, "a\nb\nc\n");
+    // Starting at the end (Kafka's default) without --follow reads nothing, and says why.
+    let out = b.cli(&["consume", "habits"]);
+    assert!(out.status.success());
+    assert!(out.stdout.is_empty());
+    let hint = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        hint.contains("--from-beginning") && hint.contains("--follow"),
+        "{hint}"
+    );
 }
 
 #[test]

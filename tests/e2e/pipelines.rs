@@ -116,8 +116,26 @@ fn deployed_pipeline_dead_letters_failures_reports_status_survives_a_restart_and
         "name = \"upper\"\n[source]\ntopics = [\"in\"]\n[[stages]]\npath = \"picky\"\n[sink]\ntopic = \"out\"\n[on_error]\npolicy = \"dead-letter\"\ntopic = \"dlq\"\n[run]\ninstances = 2\n",
     )
     .unwrap();
-    let out = b.cli_ok(&["pipeline", "deploy", file.to_str().unwrap()]);
-    assert!(out.contains("deployed pipeline upper"), "{out}");
+    // JSON for scripts: one document, even when a stage bundle is deployed on the way.
+    let out = b.cli_ok(&[
+        "pipeline",
+        "deploy",
+        file.to_str().unwrap(),
+        "--output",
+        "json",
+    ]);
+    let d: serde_json::Value = serde_json::from_str(&out).expect("one JSON document");
+    assert_eq!(
+        (&d["name"], &d["instances"], &d["group"]),
+        (&"upper".into(), &2.into(), &"upper".into()),
+        "{d}"
+    );
+    assert!(
+        d["plugins_deployed"][0]["plugin"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("picky@")),
+        "{d}"
+    );
     wait_for(60, "the pipeline to process 1,000 records", || {
         let s = status(&b, "upper");
         s["records_in"] == 1000 && s["lag"] == 0
@@ -311,7 +329,14 @@ fn bad_deploys_are_refused_with_the_reason_and_a_stop_policy_failure_shows_in_th
         3 - lag,
         "only committed input was written"
     );
-    b.cli_ok(&["pipeline", "stop", "strict"]);
+    let stopped: serde_json::Value =
+        serde_json::from_str(&b.cli_ok(&["pipeline", "stop", "strict", "--output", "json"]))
+            .expect("json");
+    assert_eq!(
+        (&stopped["name"], &stopped["stopped"]),
+        (&"strict".into(), &true.into()),
+        "{stopped}"
+    );
 }
 
 /// A `quiver pipeline run FILE` process; killed on drop.

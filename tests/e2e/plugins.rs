@@ -251,6 +251,22 @@ fn redeploying_the_same_bytes_is_a_no_op_and_different_bytes_are_refused() {
         again.contains("already deployed with the same content"),
         "{again}"
     );
+    // Scripts get the digest from the JSON answer.
+    let j: serde_json::Value = serde_json::from_str(&b.cli_ok(&[
+        "plugin",
+        "deploy",
+        &example("grep"),
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(j["already_deployed"], true, "{j}");
+    assert_eq!(j["plugin"]["name"], "grep", "{j}");
+    assert_eq!(
+        j["plugin"]["digest"].as_str().map(str::len),
+        Some(64),
+        "{j}"
+    );
     // Same name and version, one byte more.
     let copy = b.dir.path().join("grep-changed");
     std::fs::create_dir_all(&copy).unwrap();

@@ -36,6 +36,13 @@ fn create_list_describe_alter() {
         table.contains("retention.ms") && table.contains("60000"),
         "{table}"
     );
+    assert!(
+        table.contains("REPLICAS") && table.contains("ISR"),
+        "{table}"
+    );
+    // `--output text` is taken too (the name `consume` and `bench` use).
+    let same = b.cli_ok(&["topic", "describe", "orders", "--output", "text"]);
+    assert!(same.contains("REPLICAS"), "{same}");
 
     b.cli_ok(&[
         "topic",
@@ -182,4 +189,15 @@ fn alter_partitions_adds_empty_partitions_and_keeps_the_data() {
     let d = b.describe("grow");
     assert_eq!(d["partitions"].as_array().unwrap().len(), 5);
     assert_eq!(d["partitions"][4]["log_end_offset"], 1);
+}
+
+/// `topic create` without `--partitions` takes the broker's `topic_defaults.partitions`.
+#[test]
+fn a_topic_created_without_a_count_gets_the_brokers_default() {
+    let b = TestBroker::start_with_config("[topic_defaults]\npartitions = 4\n");
+    b.cli_ok(&["topic", "create", "defaulted"]);
+    b.cli_ok(&["topic", "create", "chosen", "--partitions", "2"]);
+    let count = |t: &str| b.describe(t)["partitions"].as_array().map(Vec::len);
+    assert_eq!(count("defaulted"), Some(4));
+    assert_eq!(count("chosen"), Some(2));
 }
