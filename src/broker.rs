@@ -71,13 +71,15 @@ pub struct StartArgs {
     /// Broker config file (TOML); built-in defaults when absent.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Data directory (overrides the config).
+    /// Data directory (overrides the config) [default: the config's data_dir,
+    /// ./quiver-data].
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
-    /// UDP address to listen on, e.g. 127.0.0.1:7400 (overrides the config).
+    /// UDP address to listen on (overrides the config) [default: the config's listen,
+    /// 127.0.0.1:7400].
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
-    /// Broker id (overrides the config).
+    /// Broker id (overrides the config) [default: the config's broker_id, 0].
     #[arg(long, value_name = "N")]
     broker_id: Option<u32>,
     /// Run detached; output goes to <data_dir>/broker.log.

@@ -332,6 +332,8 @@ fn not_found(e: ClientError, name: &str) -> anyhow::Error {
         ClientError::TopicNotFound(_) => {
             anyhow::anyhow!("topic {name:?} does not exist (see `quiver topic list`)")
         }
+        // The broker's message says it all, with what to change.
+        ClientError::TopicDeletionDisabled(message) => anyhow::anyhow!("{message}"),
         e => anyhow::Error::new(e).context(format!("topic {name:?}")),
     }
 }

@@ -1,8 +1,9 @@
 //! Well-formed but lying input from a raw QUIC client that builds its own frames (not the
 //! SDK): batches whose headers disagree with their records, timestamps from the far future,
-//! and writes into the broker's internal `__consumer_offsets` topic. Each is refused with
-//! a clear error and changes nothing; the broker stays up, consumes with and without a
-//! processor work, and after a restart every consumer group is intact.
+//! produce envelopes whose partition or batch lengths lie, and writes into the broker's
+//! internal `__consumer_offsets` topic. Each is refused with a clear error and changes
+//! nothing; the broker stays up, consumes with and without a processor work, and after a
+//! restart every consumer group is intact.
 
 use std::time::Duration;
 
@@ -23,9 +24,20 @@ fn now_ms() -> i64 {
 
 /// Produces `batch` to `topic`/0 on a new stream; returns the answer's code and message.
 async fn produce_raw(conn: &quinn::Connection, topic: &str, batch: &[u8]) -> (ErrorCode, String) {
+    produce_raw_to(conn, topic, 0, batch).await
+}
+
+/// Produces `batch` (any bytes) to `topic`/`partition` on a new stream; returns the answer's code
+/// and message.
+async fn produce_raw_to(
+    conn: &quinn::Connection,
+    topic: &str,
+    partition: u32,
+    batch: &[u8],
+) -> (ErrorCode, String) {
     let req = ProduceRequest {
         topic: topic.into(),
-        partition: 0,
+        partition,
         acks: Acks::Leader,
         timeout_ms: 5000,
     };
@@ -136,6 +148,28 @@ fn lying_batches_and_internal_topic_writes_are_refused_and_change_nothing() {
         let (code, msg) = produce_raw(&conn, "victim", &future.build()).await;
         assert_eq!(code, ErrorCode::InvalidRecord, "{msg}");
         assert!(msg.contains("message.timestamp.after.max.ms"), "{msg}");
+        // The produce envelope lying: a partition that does not exist, no batch at all, a
+        // whole batch followed by stray bytes, a batch length of -1 or one byte longer
+        // than what was sent.
+        let good = honest(&["fine"], Compression::None);
+        let (code, msg) = produce_raw_to(&conn, "victim", 99, &good).await;
+        assert_eq!(code, ErrorCode::UnknownTopicOrPartition, "{msg}");
+        let mut stray = good.clone();
+        stray.extend_from_slice(&[7u8; 30]);
+        let mut minus_one = good.clone();
+        put_i32(&mut minus_one, field::BATCH_LENGTH, -1);
+        let mut longer = good.clone();
+        let len = i32::from_be_bytes(longer[8..12].try_into().unwrap());
+        put_i32(&mut longer, field::BATCH_LENGTH, len + 1);
+        for (what, payload) in [
+            ("no batch", Vec::new()),
+            ("stray bytes", stray),
+            ("length -1", minus_one),
+            ("length past the end", longer),
+        ] {
+            let (code, msg) = produce_raw(&conn, "victim", &payload).await;
+            assert_ne!(code, ErrorCode::None, "{what}: accepted: {msg}");
+        }
         // Junk, and a well-formed group record forging an offset, into __consumer_offsets.
         let junk = honest(&["not a group record"], Compression::None);
         let (code, msg) = produce_raw(&conn, OFFSETS_TOPIC, &junk).await;
