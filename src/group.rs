@@ -2,6 +2,7 @@
 //! group side of `quiver consume TOPIC --group G`: join, print, commit after printing
 //! (at-least-once), and on exit commit and leave.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::Duration;
 
@@ -57,6 +58,14 @@ enum GroupCommand {
         /// To the first record at or after this time (RFC 3339, e.g. 2025-01-31T12:00:00Z).
         #[arg(long, value_name = "RFC3339", group = "target")]
         to_datetime: Option<String>,
+        /// Show each partition's committed and new offset, and change nothing (Kafka's
+        /// reset without --execute).
+        #[arg(long)]
+        dry_run: bool,
+        /// Output format (json: {"group", "topic", "dry_run", "partitions": [{"partition",
+        /// "new_offset", and with --dry-run "current_offset"}]}).
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        output: Format,
     },
     /// Delete a group and its committed offsets (refused while it has members).
     Delete {
@@ -186,6 +195,8 @@ pub async fn run(global: &GlobalOpts, args: GroupArgs) -> anyhow::Result<()> {
             to_latest,
             to_offset,
             to_datetime,
+            dry_run,
+            output,
         } => {
             let to = match (to_earliest, to_latest, to_offset, to_datetime) {
                 (true, _, _, _) => ResetTo::Earliest,
@@ -206,20 +217,34 @@ pub async fn run(global: &GlobalOpts, args: GroupArgs) -> anyhow::Result<()> {
                     "say where to: --to-earliest, --to-latest, --to-offset N or --to-datetime RFC3339"
                 ),
             };
-            let offsets = admin
-                .reset_group_offsets(&group, &topic, to)
-                .await
-                .map_err(|e| match e {
-                    ClientError::TopicNotFound(_) => {
-                        anyhow::anyhow!("topic {topic:?} does not exist (see `quiver topic list`)")
+            let topic_error = |e| match e {
+                ClientError::TopicNotFound(_) => {
+                    anyhow::anyhow!("topic {topic:?} does not exist (see `quiver topic list`)")
+                }
+                e => group_error(e, &group),
+            };
+            if dry_run {
+                let offsets = admin
+                    .resolve_reset(&topic, &to)
+                    .await
+                    .map_err(topic_error)?;
+                let (current, members) = committed_offsets(&admin, &group, &topic).await?;
+                print_reset(&mut out, output, &group, &topic, &offsets, Some(&current))?;
+                eprintln!(
+                    "dry run: nothing changed; without --dry-run the reset applies{}",
+                    if members > 0 {
+                        format!(", once the group's {members} member(s) have left (it is refused while the group has members)")
+                    } else {
+                        String::new()
                     }
-                    e => group_error(e, &group),
-                })?;
-            let rows: Vec<Vec<String>> = offsets
-                .iter()
-                .map(|(p, o)| vec![topic.clone(), p.to_string(), o.to_string()])
-                .collect();
-            output::table(&mut out, &["TOPIC", "PARTITION", "NEW-OFFSET"], &rows)?;
+                );
+            } else {
+                let offsets = admin
+                    .reset_group_offsets(&group, &topic, to)
+                    .await
+                    .map_err(topic_error)?;
+                print_reset(&mut out, output, &group, &topic, &offsets, None)?;
+            }
         }
         GroupCommand::Delete { group } => {
             let n = admin
@@ -230,6 +255,84 @@ pub async fn run(global: &GlobalOpts, args: GroupArgs) -> anyhow::Result<()> {
         }
     }
     out.flush()?;
+    Ok(())
+}
+
+/// The group's committed offsets of `topic` by partition, and its member count (none and
+/// 0 for a group that does not exist yet).
+async fn committed_offsets(
+    admin: &Admin,
+    group: &str,
+    topic: &str,
+) -> anyhow::Result<(BTreeMap<u32, i64>, usize)> {
+    match admin.describe_group(group).await {
+        Ok(d) => Ok((
+            d.partitions
+                .iter()
+                .filter(|p| p.topic == topic)
+                .filter_map(|p| Some((p.partition, p.committed?)))
+                .collect(),
+            d.members.len(),
+        )),
+        Err(e) if e.code() == Some(quiver_protocol::ErrorCode::UnknownGroup) => {
+            Ok((BTreeMap::new(), 0))
+        }
+        Err(e) => Err(group_error(e, group)),
+    }
+}
+
+/// Prints a reset's offsets (with `current`, the committed ones: a dry run).
+fn print_reset(
+    out: &mut impl Write,
+    format: Format,
+    group: &str,
+    topic: &str,
+    offsets: &[(u32, i64)],
+    current: Option<&BTreeMap<u32, i64>>,
+) -> anyhow::Result<()> {
+    let shown = |p: &u32| match current.and_then(|c| c.get(p)) {
+        Some(o) => o.to_string(),
+        None => "-".into(),
+    };
+    match format {
+        Format::Json => {
+            let partitions: Vec<serde_json::Value> = offsets
+                .iter()
+                .map(|(p, o)| {
+                    let mut v = serde_json::json!({ "partition": p, "new_offset": o });
+                    if let Some(c) = current {
+                        v["current_offset"] = serde_json::json!(c.get(p));
+                    }
+                    v
+                })
+                .collect();
+            output::json(
+                out,
+                &serde_json::json!({
+                    "group": group, "topic": topic, "dry_run": current.is_some(),
+                    "partitions": partitions,
+                }),
+            )?;
+        }
+        Format::Table if current.is_some() => {
+            let rows: Vec<Vec<String>> = offsets
+                .iter()
+                .map(|(p, o)| vec![topic.to_string(), p.to_string(), shown(p), o.to_string()])
+                .collect();
+            output::table(
+                out,
+                &["TOPIC", "PARTITION", "CURRENT-OFFSET", "NEW-OFFSET"],
+                &rows,
+            )?;
+        }
+        Format::Table => {
+            let rows: Vec<Vec<String>> = offsets
+                .iter()
+                .map(|(p, o)| vec![topic.to_string(), p.to_string(), o.to_string()])
+                .collect();
+            output::table(out, &["TOPIC", "PARTITION", "NEW-OFFSET"], &rows)?;
+        }
+    }
     Ok(())
 }
 

@@ -370,6 +370,34 @@ fn describe_lag_and_reset_move_the_next_member_and_busy_groups_refuse_admin() {
         .cli_ok(&["consume", "logs", "--group", "readers", "--output", "json"])
         .trim()
         .is_empty());
+    // A dry run shows where each partition would go, and changes nothing.
+    let before = describe(&b, "readers")["partitions"].clone();
+    let dry: serde_json::Value = serde_json::from_str(&b.cli_ok(&[
+        "group",
+        "reset",
+        "readers",
+        "--topic",
+        "logs",
+        "--to-offset",
+        "10",
+        "--dry-run",
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(dry["dry_run"], true, "{dry}");
+    for p in dry["partitions"].as_array().unwrap() {
+        let hw = before[p["partition"].as_u64().unwrap() as usize]["high_watermark"]
+            .as_i64()
+            .unwrap();
+        assert_eq!(p["current_offset"].as_i64(), Some(hw), "{dry}");
+        assert_eq!(p["new_offset"].as_i64(), Some(10.min(hw)), "{dry}");
+    }
+    assert_eq!(
+        describe(&b, "readers")["partitions"],
+        before,
+        "a dry run changed offsets"
+    );
     b.cli_ok(&[
         "group",
         "reset",
@@ -428,6 +456,23 @@ fn describe_lag_and_reset_move_the_next_member_and_busy_groups_refuse_admin() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("active members"), "{args:?}: {err}");
     }
+    // A dry run still answers, and says the reset would wait for the members to leave.
+    let out = b.cli(&[
+        "group",
+        "reset",
+        "readers",
+        "--topic",
+        "logs",
+        "--to-earliest",
+        "--dry-run",
+    ]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("CURRENT-OFFSET"));
+    let note = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        note.contains("nothing changed") && note.contains("member"),
+        "{note}"
+    );
     assert_eq!(describe(&b, "readers")["partitions"], before);
     m.stop();
     wait_for(30, "the member to leave", || {

@@ -87,7 +87,7 @@ impl Admin {
         }
         // On a cluster the offsets are resolved on each partition's leader: the group's
         // coordinator's own copy of a partition may lag, or be empty.
-        let resolved = ResetTo::Offsets(self.resolve_on_leaders(topic, &to).await?);
+        let resolved = ResetTo::Offsets(self.resolve_reset(topic, &to).await?);
         match send(resolved).await {
             // A coordinator older than `ResetTo::Offsets` cannot decode it: ask the old way.
             Err(e)
@@ -100,8 +100,10 @@ impl Admin {
         }
     }
 
-    /// The offset `to` names in each partition of `topic`, asked of the partitions' leaders.
-    async fn resolve_on_leaders(&self, topic: &str, to: &ResetTo) -> Result<Vec<(u32, i64)>> {
+    /// The offset `to` names in each partition of `topic`, asked of the partitions' leaders
+    /// (what a reset to `to` stores on a cluster); changes nothing, so it also answers
+    /// "what would a reset do" (`group reset --dry-run`).
+    pub async fn resolve_reset(&self, topic: &str, to: &ResetTo) -> Result<Vec<(u32, i64)>> {
         let client = self.client();
         // Partitions added since the metadata was cached are reset too.
         client.invalidate_metadata(topic);
