@@ -49,6 +49,10 @@ pub struct ProduceArgs {
     /// command fails (Kafka's `delivery.timeout.ms`).
     #[arg(long, value_name = "MS", default_value_t = 120_000, value_parser = clap::value_parser!(u64).range(1..))]
     delivery_timeout_ms: u64,
+    /// The summary: a line on stderr (table), or one JSON object on stdout (json:
+    /// {"topic", "records", "failed", "bytes", "seconds", "records_per_sec"}).
+    #[arg(long, value_enum, default_value_t = crate::output::Format::Table)]
+    output: crate::output::Format,
 }
 
 fn parse_acks(s: &str) -> Result<Acks, String> {
@@ -218,14 +222,25 @@ pub async fn run(global: &GlobalOpts, args: ProduceArgs) -> anyhow::Result<()> {
     }
     let stats = producer.stats();
     let elapsed = started.elapsed().as_secs_f64();
-    eprintln!(
-        "produced {} records ({:.1} MiB) in {:.2}s: {:.0} records/s, {} failed",
-        records - stats.records_failed.min(records),
-        bytes as f64 / (1024.0 * 1024.0),
-        elapsed,
-        records as f64 / elapsed.max(1e-9),
-        stats.records_failed,
-    );
+    let produced = records - stats.records_failed.min(records);
+    let rate = records as f64 / elapsed.max(1e-9);
+    match args.output {
+        crate::output::Format::Json => {
+            let mut out = std::io::stdout().lock();
+            crate::output::json(
+                &mut out,
+                &serde_json::json!({
+                    "topic": args.topic, "records": produced, "failed": stats.records_failed,
+                    "bytes": bytes, "seconds": elapsed, "records_per_sec": rate,
+                }),
+            )?;
+        }
+        crate::output::Format::Table => eprintln!(
+            "produced {produced} records ({:.1} MiB) in {elapsed:.2}s: {rate:.0} records/s, {} failed",
+            bytes as f64 / (1024.0 * 1024.0),
+            stats.records_failed,
+        ),
+    }
     if let Some(e) = read_error {
         return Err(anyhow::Error::new(e).context("cannot read the input"));
     }

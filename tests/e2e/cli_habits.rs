@@ -11,7 +11,15 @@ use super::harness::{bin, TestBroker};
 fn consume_with_a_group_from_the_beginning_reads_everything_and_commits() {
     let b = TestBroker::start();
     b.cli_ok(&["topic", "create", "habits"]);
-    b.cli_stdin_ok(&["produce", "habits"], b"a\nb\nc\n");
+    let summary: serde_json::Value = serde_json::from_str(
+        &b.cli_stdin_ok(&["produce", "habits", "--output", "json"], b"a\nb\nc\n"),
+    )
+    .expect("one JSON summary on stdout");
+    assert_eq!(
+        (&summary["records"], &summary["failed"]),
+        (&3.into(), &0.into()),
+        "{summary}"
+    );
     let out = b.cli_ok(&[
         "consume",
         "habits",
