@@ -935,11 +935,24 @@ impl PartitionLog {
 
     /// Deletes batches from the front as the topic's retention says; returns bytes freed.
     pub fn apply_retention(&self, config: &TopicConfig, now_ms: i64) -> Result<u64, LogError> {
+        match self.plan_retention(config, now_ms)? {
+            Some(plan) => self.carry_out_retention(plan),
+            None => Ok(0),
+        }
+    }
+
+    /// What retention would delete now, listed without the partition's lock (`None`:
+    /// nothing).
+    fn plan_retention(
+        &self,
+        config: &TopicConfig,
+        now_ms: i64,
+    ) -> Result<Option<RetentionPlan>, LogError> {
         if self.deleted.load(Ordering::Acquire) || self.offline_reason().is_some() {
-            return Ok(0);
+            return Ok(None);
         }
         if config.retention_ms < 0 && config.retention_bytes < 0 {
-            return Ok(0);
+            return Ok(None);
         }
         let snap = self.snapshot();
         let generation = self.lock().role_generation;
@@ -968,17 +981,33 @@ impl PartitionLog {
             snap.high_watermark,
         );
         if n == 0 {
-            return Ok(0);
+            return Ok(None);
         }
+        summaries.truncate(n);
+        Ok(Some(RetentionPlan {
+            generation,
+            log_start: snap.log_start,
+            batches: summaries,
+        }))
+    }
+
+    /// Deletes what `plan` listed, unless the log changed since: a follower reset or
+    /// truncation (a new role) or another pass moved the log start, and this pass gives
+    /// way to the next one.
+    fn carry_out_retention(&self, plan: RetentionPlan) -> Result<u64, LogError> {
+        let RetentionPlan {
+            generation,
+            log_start,
+            batches: summaries,
+        } = plan;
+        let n = summaries.len();
         let new_start = summaries[n - 1].next_offset;
-        let freed: u64 = summaries[..n].iter().map(|b| b.size).sum();
-        // Move the log start first so no reader is sent to a batch being removed. The
-        // batches were listed without the lock: a follower reset or truncation since then
-        // (a new role) makes the list stale, and this pass gives way to the next one.
+        let freed: u64 = summaries.iter().map(|b| b.size).sum();
+        // Move the log start first so no reader is sent to a batch being removed.
         {
             let mut st = self.lock();
             if st.role_generation != generation
-                || st.log_start != snap.log_start
+                || st.log_start != log_start
                 || new_start > st.high_watermark
             {
                 return Ok(0);
@@ -1185,6 +1214,16 @@ fn merge_epoch_starts(
 }
 
 mod replication;
+
+/// Batches a retention pass decided to delete, and the log it listed them from.
+struct RetentionPlan {
+    /// The role generation at listing time.
+    generation: u64,
+    /// The log start at listing time.
+    log_start: i64,
+    /// The batches, oldest first (never empty).
+    batches: Vec<BatchSummary>,
+}
 
 #[cfg(test)]
 mod tests {
@@ -1557,5 +1596,41 @@ mod tests {
             Err(LogError::OffsetOutOfRange { .. })
         ));
         assert_eq!(p.read(30, 1 << 20).unwrap().batches, 2);
+    }
+
+    /// Retention lists batches without the partition's lock. A role change (a follower
+    /// reset) or another pass between its listing and its deletion makes the list stale:
+    /// the pass deletes nothing, and the log start and size stay right (before, a stale
+    /// pass could move the log start back and wrap the size below zero).
+    #[tokio::test]
+    async fn a_retention_pass_gives_way_when_the_log_changed_after_its_listing() {
+        let (_dir, db, f, _stop) = setup().await;
+        let p = open_partition(&db);
+        let cfg = TopicConfig::default();
+        for _ in 0..5 {
+            p.append(vec![batch(10, 0, -1, -1)], &cfg, &f, Duration::from_secs(5))
+                .await
+                .unwrap();
+        }
+        let size = p.snapshot().size_bytes;
+        let mut rc = cfg.clone();
+        rc.retention_ms = -1;
+        rc.retention_bytes = (size / 5 * 2) as i64;
+        let stale = p
+            .plan_retention(&rc, 0)
+            .unwrap()
+            .expect("batches to delete");
+        p.become_follower(3).unwrap();
+        assert_eq!(p.carry_out_retention(stale).unwrap(), 0);
+        let s = p.snapshot();
+        assert_eq!((s.log_start, s.size_bytes), (0, size), "{s:?}");
+        assert_eq!(p.read(0, 1 << 20).unwrap().batches, 5);
+        // Two passes listed the same batches; the first deletes them, the second gives way.
+        let first = p.plan_retention(&rc, 0).unwrap().unwrap();
+        let second = p.plan_retention(&rc, 0).unwrap().unwrap();
+        assert!(p.carry_out_retention(first).unwrap() > 0);
+        assert_eq!(p.carry_out_retention(second).unwrap(), 0);
+        let s = p.snapshot();
+        assert_eq!((s.log_start, s.size_bytes), (30, size / 5 * 2), "{s:?}");
     }
 }
