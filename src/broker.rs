@@ -157,7 +157,7 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     match args.command {
         BrokerCommand::Start(start) => run_foreground(&start).await,
         BrokerCommand::Stop { data_dir, config } => {
-            stop(Some(data_dir_of(data_dir, config.as_deref())?)).await
+            stop(data_dir_of(data_dir, config.as_deref())?).await
         }
         BrokerCommand::Repair {
             data_dir,
@@ -391,11 +391,8 @@ fn read_from(path: &Path, offset: u64) -> String {
     s
 }
 
-pub(crate) async fn stop(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
-    let data_dir = match data_dir {
-        Some(d) => d,
-        None => data_dir_of(None, None)?,
-    };
+/// Stops the broker whose pid file is in `data_dir` and waits for it to exit.
+pub(crate) async fn stop(data_dir: PathBuf) -> anyhow::Result<()> {
     let pid_file = pid_path(&data_dir);
     let Some(pid) = read_pid(&pid_file)? else {
         bail!(

@@ -215,7 +215,7 @@ async fn stop(path: &Path) -> anyhow::Result<()> {
             println!("broker {} is not running", b.id);
             continue;
         }
-        if let Err(e) = crate::broker::stop(Some(dir)).await {
+        if let Err(e) = crate::broker::stop(dir).await {
             failures.push(format!("broker {}: {e}", b.id));
         }
     }

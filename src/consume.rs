@@ -184,6 +184,32 @@ async fn build_consumer(
     Ok((consumer, partitions))
 }
 
+/// `--timeout-ms`: whether a consumer has gone that long without a record.
+pub(crate) struct IdleTimeout {
+    limit: Option<std::time::Duration>,
+    last_record: std::time::Instant,
+}
+
+impl IdleTimeout {
+    /// Counting from now; `None` never runs out.
+    pub(crate) fn new(limit: Option<std::time::Duration>) -> Self {
+        IdleTimeout {
+            limit,
+            last_record: std::time::Instant::now(),
+        }
+    }
+
+    /// After a poll that did (`got_records`) or did not return records: true once the
+    /// limit has passed since the last record (or the start).
+    pub(crate) fn ran_out(&mut self, got_records: bool) -> bool {
+        if got_records {
+            self.last_record = std::time::Instant::now();
+            return false;
+        }
+        self.limit.is_some_and(|t| self.last_record.elapsed() >= t)
+    }
+}
+
 /// Where a consumer without a group starts reading.
 fn start_of(args: &ConsumeArgs) -> SeekTo {
     match (args.from_beginning, args.offset) {
@@ -240,13 +266,10 @@ async fn consume(global: &GlobalOpts, args: &ConsumeArgs) -> anyhow::Result<()> 
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(256 * 1024, stdout.lock());
     let mut printed: u64 = 0;
-    let idle_timeout = args.timeout_ms.map(std::time::Duration::from_millis);
-    let mut last_record = std::time::Instant::now();
+    let mut idle = IdleTimeout::new(args.timeout_ms.map(std::time::Duration::from_millis));
     'outer: loop {
         let records = consumer.poll().await.context("cannot read records")?;
-        if !records.is_empty() {
-            last_record = std::time::Instant::now();
-        } else if idle_timeout.is_some_and(|t| last_record.elapsed() >= t) {
+        if idle.ran_out(!records.is_empty()) {
             break 'outer;
         }
         for r in &records {

@@ -314,23 +314,26 @@ fn print_reset(
                 }),
             )?;
         }
-        Format::Table if current.is_some() => {
-            let rows: Vec<Vec<String>> = offsets
-                .iter()
-                .map(|(p, o)| vec![topic.to_string(), p.to_string(), shown(p), o.to_string()])
-                .collect();
-            output::table(
-                out,
-                &["TOPIC", "PARTITION", "CURRENT-OFFSET", "NEW-OFFSET"],
-                &rows,
-            )?;
-        }
         Format::Table => {
+            // A dry run adds the committed offset beside the new one.
+            let with_current = current.is_some();
+            let headers = ["TOPIC", "PARTITION", "CURRENT-OFFSET", "NEW-OFFSET"];
             let rows: Vec<Vec<String>> = offsets
                 .iter()
-                .map(|(p, o)| vec![topic.to_string(), p.to_string(), o.to_string()])
+                .map(|(p, o)| {
+                    let mut row = vec![topic.to_string(), p.to_string()];
+                    if with_current {
+                        row.push(shown(p));
+                    }
+                    row.push(o.to_string());
+                    row
+                })
                 .collect();
-            output::table(out, &["TOPIC", "PARTITION", "NEW-OFFSET"], &rows)?;
+            let headers: Vec<&str> = headers
+                .into_iter()
+                .filter(|h| with_current || *h != "CURRENT-OFFSET")
+                .collect();
+            output::table(out, &headers, &rows)?;
         }
     }
     Ok(())
@@ -411,15 +414,13 @@ pub async fn consume(
     let mut printed: u64 = 0;
     let stop = stop_signal();
     tokio::pin!(stop);
-    let mut last_record = std::time::Instant::now();
+    let mut idle = crate::consume::IdleTimeout::new(run.idle_timeout);
     'outer: while printed < max {
         let records = tokio::select! {
             r = member.poll_timeout(Duration::from_millis(200)) => r.context("cannot read records")?,
             _ = &mut stop => break,
         };
-        if !records.is_empty() {
-            last_record = std::time::Instant::now();
-        } else if run.idle_timeout.is_some_and(|t| last_record.elapsed() >= t) {
+        if idle.ran_out(!records.is_empty()) {
             break;
         }
         for (i, r) in records.iter().enumerate() {

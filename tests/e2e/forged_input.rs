@@ -159,16 +159,18 @@ fn lying_batches_and_internal_topic_writes_are_refused_and_change_nothing() {
         let mut minus_one = good.clone();
         put_i32(&mut minus_one, field::BATCH_LENGTH, -1);
         let mut longer = good.clone();
-        let len = i32::from_be_bytes(longer[8..12].try_into().unwrap());
+        let at = field::BATCH_LENGTH;
+        let len = i32::from_be_bytes(longer[at..at + 4].try_into().unwrap());
         put_i32(&mut longer, field::BATCH_LENGTH, len + 1);
-        for (what, payload) in [
-            ("no batch", Vec::new()),
-            ("stray bytes", stray),
-            ("length -1", minus_one),
-            ("length past the end", longer),
+        for (what, payload, says) in [
+            ("no batch", Vec::new(), "no batch in the request"),
+            ("stray bytes", stray, "truncated"),
+            ("length -1", minus_one, "shorter than the header"),
+            ("length past the end", longer, "truncated"),
         ] {
             let (code, msg) = produce_raw(&conn, "victim", &payload).await;
-            assert_ne!(code, ErrorCode::None, "{what}: accepted: {msg}");
+            assert_eq!(code, ErrorCode::InvalidRequest, "{what}: {msg}");
+            assert!(msg.contains(says), "{what}: {msg}");
         }
         // Junk, and a well-formed group record forging an offset, into __consumer_offsets.
         let junk = honest(&["not a group record"], Compression::None);

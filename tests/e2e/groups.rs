@@ -372,7 +372,7 @@ fn describe_lag_and_reset_move_the_next_member_and_busy_groups_refuse_admin() {
         .is_empty());
     // A dry run shows where each partition would go, and changes nothing.
     let before = describe(&b, "readers")["partitions"].clone();
-    let dry: serde_json::Value = serde_json::from_str(&b.cli_ok(&[
+    let reset_to_10 = [
         "group",
         "reset",
         "readers",
@@ -380,11 +380,9 @@ fn describe_lag_and_reset_move_the_next_member_and_busy_groups_refuse_admin() {
         "logs",
         "--to-offset",
         "10",
-        "--dry-run",
-        "--output",
-        "json",
-    ]))
-    .unwrap();
+    ];
+    let dry_run = [&reset_to_10[..], &["--dry-run", "--output", "json"]].concat();
+    let dry: serde_json::Value = serde_json::from_str(&b.cli_ok(&dry_run)).unwrap();
     assert_eq!(dry["dry_run"], true, "{dry}");
     for p in dry["partitions"].as_array().unwrap() {
         let hw = before[p["partition"].as_u64().unwrap() as usize]["high_watermark"]
@@ -398,15 +396,7 @@ fn describe_lag_and_reset_move_the_next_member_and_busy_groups_refuse_admin() {
         before,
         "a dry run changed offsets"
     );
-    b.cli_ok(&[
-        "group",
-        "reset",
-        "readers",
-        "--topic",
-        "logs",
-        "--to-offset",
-        "10",
-    ]);
+    b.cli_ok(&reset_to_10);
     let d = describe(&b, "readers");
     let hws: Vec<i64> = d["partitions"]
         .as_array()

@@ -1574,16 +1574,21 @@ mod tests {
         assert_eq!(read.unwrap().batches, 0);
     }
 
+    /// Five equal batches of 10 records (offsets 0..50).
+    async fn append_five_batches_of_ten(p: &Arc<PartitionLog>, cfg: &TopicConfig, f: &Flusher) {
+        for _ in 0..5 {
+            p.append(vec![batch(10, 0, -1, -1)], cfg, f, Duration::from_secs(5))
+                .await
+                .unwrap();
+        }
+    }
+
     #[tokio::test]
     async fn retention_by_size_moves_log_start() {
         let (_dir, db, f, _stop) = setup().await;
         let p = open_partition(&db);
         let cfg = TopicConfig::default();
-        for _ in 0..5 {
-            p.append(vec![batch(10, 0, -1, -1)], &cfg, &f, Duration::from_secs(5))
-                .await
-                .unwrap();
-        }
+        append_five_batches_of_ten(&p, &cfg, &f).await;
         let one = p.snapshot().size_bytes / 5;
         let mut rc = cfg.clone();
         rc.retention_ms = -1;
@@ -1607,11 +1612,7 @@ mod tests {
         let (_dir, db, f, _stop) = setup().await;
         let p = open_partition(&db);
         let cfg = TopicConfig::default();
-        for _ in 0..5 {
-            p.append(vec![batch(10, 0, -1, -1)], &cfg, &f, Duration::from_secs(5))
-                .await
-                .unwrap();
-        }
+        append_five_batches_of_ten(&p, &cfg, &f).await;
         let size = p.snapshot().size_bytes;
         let mut rc = cfg.clone();
         rc.retention_ms = -1;

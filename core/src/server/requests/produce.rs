@@ -7,7 +7,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use quiver_protocol::batch::{
     self, sequence_after, split_batches, BatchHeader, ATTR_LOG_APPEND_TIME,
-    COORDINATOR_PRODUCER_ID_BIT,
 };
 use quiver_protocol::requests::{Acks, ProduceRequest, ProduceResponse, VerifyTxnPartitionRequest};
 
@@ -141,10 +140,7 @@ fn stamp_log_append_time(raw: Bytes, mut h: BatchHeader, now_ms: i64) -> (Bytes,
 ///   the checks the first passed, so a request is stored whole or not at all.
 fn check_producers(checked: &[(Bytes, BatchHeader)]) -> Result<(), RequestError> {
     for (_, h) in checked {
-        if !h.is_transactional()
-            && h.producer_id >= 0
-            && h.producer_id & COORDINATOR_PRODUCER_ID_BIT != 0
-        {
+        if !h.is_transactional() && crate::txn::coordinator_partition_of(h.producer_id).is_some() {
             return Err(RequestError::new(
                 ErrorCode::InvalidTxnState,
                 format!(
@@ -188,7 +184,7 @@ fn check_producers(checked: &[(Bytes, BatchHeader)]) -> Result<(), RequestError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use quiver_protocol::batch::{BatchBuilder, Compression};
+    use quiver_protocol::batch::{BatchBuilder, Compression, COORDINATOR_PRODUCER_ID_BIT};
 
     fn batch(n: usize, producer: (i64, i16, i32), transactional: bool) -> (Bytes, BatchHeader) {
         let mut b = BatchBuilder::new(Compression::None);
