@@ -63,7 +63,8 @@ fn consume_with_a_group_from_the_beginning_reads_everything_and_commits() {
         "--from-beginning",
         "--follow",
         "--timeout-ms",
-        "5000",
+        // Long enough for the join and the first assignment on a slow machine.
+        "10000",
     ]);
     assert_eq!(out, "a\nb\nc\n");
     // Starting at the end (Kafka's default) without --follow reads nothing, and says why.
