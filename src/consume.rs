@@ -5,7 +5,6 @@
 //! With `--group` the group side in [`crate::group::consume`] reads instead; consume-time
 //! processors (`--processor`) are set where the consumer is built ([`build_consumer`]).
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io::Write;
 
@@ -14,7 +13,7 @@ use clap::{Args, ValueEnum};
 use quiver_client::{ClientError, ConsumeMode, ConsumedRecord, Consumer, ConsumerConfig, SeekTo};
 
 use crate::connect::GlobalOpts;
-use crate::output::is_broken_pipe;
+use crate::output::{is_broken_pipe, JsonPayload};
 
 /// Record output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -23,7 +22,9 @@ enum RecordFormat {
     /// `table`, the name other commands use.
     #[value(alias = "table")]
     Text,
-    /// One JSON object per line.
+    /// One JSON object per line: topic, partition, offset, timestamp, key, value, headers;
+    /// a key, value or header value that is not UTF-8 also comes exactly, in base64, as
+    /// `key_base64`, `value_base64` or `headers_base64`.
     Json,
 }
 
@@ -335,13 +336,11 @@ fn print_record(
                 partition: r.partition,
                 offset: r.offset,
                 timestamp: r.timestamp,
-                key: r.key.as_deref().map(String::from_utf8_lossy),
-                value: String::from_utf8_lossy(&r.value),
-                headers: r
-                    .headers
-                    .iter()
-                    .map(|h| (h.key.as_str(), String::from_utf8_lossy(&h.value)))
-                    .collect(),
+                payload: JsonPayload::new(
+                    r.key.as_deref(),
+                    &r.value,
+                    r.headers.iter().map(|h| (h.key.as_str(), &h.value[..])),
+                ),
             };
             serde_json::to_writer(&mut *out, &line)?;
             out.write_all(b"\n")?;
@@ -357,7 +356,6 @@ struct JsonRecord<'a> {
     partition: u32,
     offset: i64,
     timestamp: i64,
-    key: Option<Cow<'a, str>>,
-    value: Cow<'a, str>,
-    headers: BTreeMap<&'a str, Cow<'a, str>>,
+    #[serde(flatten)]
+    payload: JsonPayload<'a>,
 }

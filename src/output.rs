@@ -1,6 +1,8 @@
 //! Output helpers shared by commands: the `--output` formats, aligned tables, and JSON.
 //! Everything goes through a caller-supplied writer so commands can buffer stdout.
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::io::Write;
 
 use clap::ValueEnum;
@@ -14,6 +16,64 @@ pub enum Format {
     Table,
     /// One JSON document.
     Json,
+}
+
+/// Bytes for a JSON line: as text (bytes that are not UTF-8 replaced by U+FFFD), and, only
+/// when they are not UTF-8, their exact bytes in base64 (standard alphabet, padded), which
+/// the line carries beside the text as `<field>_base64`.
+fn json_bytes(b: &[u8]) -> (Cow<'_, str>, Option<String>) {
+    use base64::Engine;
+    let text = String::from_utf8_lossy(b);
+    let exact =
+        matches!(text, Cow::Owned(_)).then(|| base64::engine::general_purpose::STANDARD.encode(b));
+    (text, exact)
+}
+
+/// A record's key, value and headers in a JSON line: as text, plus the exact bytes in
+/// base64 of any that are not UTF-8 (`key_base64`, `value_base64`, `headers_base64`).
+/// Flattened into the line's other fields.
+#[derive(serde::Serialize)]
+pub struct JsonPayload<'a> {
+    key: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_base64: Option<String>,
+    value: Cow<'a, str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value_base64: Option<String>,
+    headers: BTreeMap<&'a str, Cow<'a, str>>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    headers_base64: BTreeMap<&'a str, String>,
+}
+
+impl<'a> JsonPayload<'a> {
+    /// The payload of one record.
+    pub fn new(
+        key: Option<&'a [u8]>,
+        value: &'a [u8],
+        headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    ) -> Self {
+        let (key, key_base64) = match key.map(json_bytes) {
+            Some((k, exact)) => (Some(k), exact),
+            None => (None, None),
+        };
+        let (value, value_base64) = json_bytes(value);
+        let mut p = JsonPayload {
+            key,
+            key_base64,
+            value,
+            value_base64,
+            headers: BTreeMap::new(),
+            headers_base64: BTreeMap::new(),
+        };
+        for (name, v) in headers {
+            let (text, exact) = json_bytes(v);
+            p.headers.insert(name, text);
+            if let Some(exact) = exact {
+                p.headers_base64.insert(name, exact);
+            }
+        }
+        p
+    }
 }
 
 /// Writes rows as left-aligned columns separated by two spaces, with a header row.
@@ -83,5 +143,33 @@ mod tests {
         .unwrap();
         let s = String::from_utf8(out).unwrap();
         assert_eq!(s, "NAME    PARTITIONS\na       3\nlonger  12\n");
+    }
+
+    #[test]
+    fn only_bytes_that_are_not_utf8_get_base64() {
+        assert_eq!(json_bytes(b"caf\xc3\xa9"), ("café".into(), None));
+        let (text, exact) = json_bytes(&[0xff, 0x00, b'a']);
+        assert_eq!(text, "\u{fffd}\u{0}a");
+        assert_eq!(exact.as_deref(), Some("/wBh"));
+    }
+
+    #[test]
+    fn a_payload_carries_base64_fields_only_when_needed() {
+        let text =
+            serde_json::to_value(JsonPayload::new(Some(b"k"), b"v", [("h", &b"x"[..])])).unwrap();
+        assert_eq!(
+            text,
+            serde_json::json!({"key": "k", "value": "v", "headers": {"h": "x"}})
+        );
+        let binary = serde_json::to_value(JsonPayload::new(
+            Some(&[0x80]),
+            &[0xfe, 0xff],
+            [("h", &[0xc0][..]), ("t", &b"ok"[..])],
+        ))
+        .unwrap();
+        assert_eq!(binary["key_base64"], "gA==");
+        assert_eq!(binary["value_base64"], "/v8=");
+        assert_eq!(binary["headers_base64"], serde_json::json!({"h": "wA=="}));
+        assert_eq!(binary["headers"]["t"], "ok");
     }
 }

@@ -13,7 +13,7 @@ use quiver_protocol::requests::parse_plugin_ref;
 use quiver_protocol::ErrorCode;
 
 use crate::connect::GlobalOpts;
-use crate::output::{self, Format};
+use crate::output::{self, Format, JsonPayload};
 
 /// `quiver plugin`.
 #[derive(Debug, Args)]
@@ -295,19 +295,15 @@ fn test(
             )?,
             TestFormat::Text => writeln!(out, "{}", String::from_utf8_lossy(&r.value))?,
             TestFormat::Json => {
-                let headers: serde_json::Map<String, serde_json::Value> = r
-                    .headers
-                    .iter()
-                    .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into()))
-                    .collect();
-                let line = serde_json::json!({
-                    "key": r.key.as_ref().map(|k| String::from_utf8_lossy(k).to_string()),
-                    "value": String::from_utf8_lossy(&r.value),
-                    "headers": headers,
-                    "timestamp": r.timestamp,
-                    "offset": r.offset,
-                    "partition": r.partition,
-                });
+                let payload = JsonPayload::new(
+                    r.key.as_deref(),
+                    &r.value,
+                    r.headers.iter().map(|(k, v)| (k.as_str(), &v[..])),
+                );
+                let mut line = serde_json::to_value(payload)?;
+                line["timestamp"] = r.timestamp.into();
+                line["offset"] = r.offset.into();
+                line["partition"] = r.partition.into();
                 writeln!(out, "{line}")?;
             }
         }

@@ -65,9 +65,13 @@ enum TopicCommand {
         #[arg(
             long = "config",
             value_name = "KEY=VALUE",
-            required_unless_present_any = ["partitioner", "partitions"]
+            required_unless_present_any = ["partitioner", "partitions", "delete_config"]
         )]
         config: Vec<String>,
+        /// Remove a key's override so the topic goes back to the broker's default
+        /// (repeatable; Kafka's `--delete-config`).
+        #[arg(long = "delete-config", value_name = "KEY")]
+        delete_config: Vec<String>,
         /// Grow the topic to this many partitions (new ones start empty; keyed records may
         /// map to other partitions afterwards).
         #[arg(long, value_name = "N")]
@@ -235,6 +239,7 @@ pub async fn run(global: &GlobalOpts, args: TopicArgs) -> anyhow::Result<()> {
         TopicCommand::Alter {
             name,
             config,
+            delete_config,
             partitions,
             partitioner,
         } => {
@@ -244,7 +249,7 @@ pub async fn run(global: &GlobalOpts, args: TopicArgs) -> anyhow::Result<()> {
                     .await
                     .map_err(|e| not_found(e, &name))?;
                 writeln!(out, "{}: {} partitions", d.name, d.partitions.len())?;
-                if config.is_empty() && partitioner.is_none() {
+                if config.is_empty() && partitioner.is_none() && delete_config.is_empty() {
                     return Ok(());
                 }
             }
@@ -253,13 +258,25 @@ pub async fn run(global: &GlobalOpts, args: TopicArgs) -> anyhow::Result<()> {
             if let Some(p) = partitioner {
                 set.insert("partitioner".into(), p);
             }
-            let d = admin
-                .alter_topic_config(&name, set.clone())
-                .await
-                .map_err(|e| not_found(e, &name))?;
+            // Only a removal needs the newer request: plain sets keep working against
+            // brokers that predate it.
+            let d = if delete_config.is_empty() {
+                admin.alter_topic_config(&name, set.clone()).await
+            } else {
+                admin
+                    .alter_topic_config_incremental(&name, set.clone(), delete_config.clone())
+                    .await
+            }
+            .map_err(|e| not_found(e, &name))?;
             for k in set.keys() {
                 match d.config.get(k) {
                     Some(v) => writeln!(out, "{}: {k} = {v}", d.name)?,
+                    None => writeln!(out, "{}: {k} unset", d.name)?,
+                }
+            }
+            for k in &delete_config {
+                match d.config.get(k) {
+                    Some(v) => writeln!(out, "{}: {k} = {v} (the default)", d.name)?,
                     None => writeln!(out, "{}: {k} unset", d.name)?,
                 }
             }

@@ -1,7 +1,8 @@
 //! Kafka habits in the CLI: `consume --group G --from-beginning` starts a group without
 //! committed offsets at the earliest record, `consume --follow --timeout-ms` ends once
 //! nothing new comes, `quiver completions SHELL` prints a script, and
-//! output piped into a reader that stops early (`| head`) ends quietly, as for `cat`.
+//! output piped into a reader that stops early (`| head`) ends quietly, as for `cat`, and
+//! `consume --output json` keeps keys and values that are not UTF-8 exact, in base64.
 
 use std::time::{Duration, Instant};
 
@@ -157,4 +158,29 @@ fn output_piped_into_a_reader_that_stops_early_is_not_an_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(!stderr.contains("error"), "{stderr}");
+}
+
+#[test]
+fn json_output_keeps_binary_keys_and_values_exact_in_base64() {
+    let b = TestBroker::start();
+    b.cli_ok(&["topic", "create", "bin", "--partitions", "1"]);
+    b.cli_stdin_ok(
+        &["produce", "bin", "--key-separator", ":"],
+        b"k\xff:v\xfe\x00\nplain:text\n",
+    );
+    let out = b.cli_ok(&["consume", "bin", "--from-beginning", "--output", "json"]);
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    // Bytes that are not UTF-8: the text as before, and the exact bytes beside it.
+    assert_eq!(lines[0]["key_base64"], "a/8=", "{out}");
+    assert_eq!(lines[0]["value_base64"], "dv4A", "{out}");
+    assert_eq!(lines[0]["value"], "v\u{fffd}\u{0}");
+    // UTF-8 records carry no base64 fields.
+    assert_eq!(lines[1]["key"], "plain");
+    assert_eq!(lines[1]["value"], "text");
+    assert!(lines[1].get("value_base64").is_none(), "{out}");
+    assert!(lines[1].get("key_base64").is_none(), "{out}");
 }

@@ -377,6 +377,16 @@ fn min_insync_replicas_refuses_acks_all_writes_until_enough_replicas_return() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("replication factor 3"), "{err}");
     assert_eq!(c.describe("ledger")["config"]["min.insync.replicas"], "2");
+    // Removing an override goes through the controller too; put back for the rest.
+    let alter = |args: &[&str]| {
+        succeeded(&c.cli(
+            &[["topic", "alter", "ledger"].as_slice(), args].concat(),
+            None,
+        ))
+    };
+    alter(&["--delete-config", "min.insync.replicas"]);
+    assert_eq!(c.describe("ledger")["config"]["min.insync.replicas"], "1");
+    alter(&["--config", "min.insync.replicas=2"]);
     let produce = |from, to| {
         c.cli(
             &[

@@ -56,6 +56,54 @@ fn create_list_describe_alter() {
             .unwrap();
     assert_eq!(d["config"]["retention.bytes"], "1048576");
     assert_eq!(d["config"]["retention.ms"], "60000", "other keys are kept");
+
+    // `--delete-config` takes the override away: the broker's default shows again.
+    let out = b.cli_ok(&[
+        "topic",
+        "alter",
+        "orders",
+        "--delete-config",
+        "retention.ms",
+        "--config",
+        "flush=interval",
+    ]);
+    assert!(
+        out.contains("retention.ms = 604800000 (the default)"),
+        "{out}"
+    );
+    let d: serde_json::Value =
+        serde_json::from_str(&b.cli_ok(&["topic", "describe", "orders", "--output", "json"]))
+            .unwrap();
+    assert_eq!(d["config"]["retention.ms"], "604800000");
+    assert_eq!(d["config"]["flush"], "interval");
+    assert_eq!(
+        d["config"]["retention.bytes"], "1048576",
+        "other keys are kept"
+    );
+    // An unknown key, or one both set and removed, is refused and changes nothing.
+    for (args, needle) in [
+        (
+            vec!["--delete-config", "retention.secs"],
+            "unknown topic config key",
+        ),
+        (
+            vec!["--delete-config", "flush", "--config", "flush=batch"],
+            "both set and removed",
+        ),
+    ] {
+        let err = b.cli_err(
+            &[["topic", "alter", "orders"].as_slice(), &args].concat(),
+            None,
+        );
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    let d: serde_json::Value =
+        serde_json::from_str(&b.cli_ok(&["topic", "describe", "orders", "--output", "json"]))
+            .unwrap();
+    assert_eq!(
+        d["config"]["flush"], "interval",
+        "the refused alters changed nothing"
+    );
 }
 
 #[test]

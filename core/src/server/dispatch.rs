@@ -93,6 +93,13 @@ pub async fn dispatch(
         ApiKey::AlterTopicConfig => {
             on_blocking_thread(ctx, body, requests::alter_topic_config::handle).await?
         }
+        ApiKey::IncrementalAlterTopicConfig if ctx.replicas().is_some() => {
+            requests::cluster_topics::alter_incremental(ctx, body).await?
+        }
+        ApiKey::IncrementalAlterTopicConfig => {
+            on_blocking_thread(ctx, body, requests::alter_topic_config::handle_incremental)
+                .await?
+        }
         ApiKey::JoinGroup => requests::join_group::handle(ctx, body).await?,
         ApiKey::Heartbeat => requests::heartbeat::handle(ctx, body).await?,
         ApiKey::LeaveGroup => requests::leave_group::handle(ctx, body)?,

@@ -104,6 +104,33 @@ pub const TOPIC_KEYS: &[&str] = &[
     "unclean.leader.election.enable",
 ];
 
+/// A topic's overrides after setting `set` and removing `remove`: a key removed goes back
+/// to the broker's default. Refuses an unknown key to remove and a key both set and
+/// removed; the values are checked where the result is applied.
+pub fn altered_overrides(
+    overrides: &BTreeMap<String, String>,
+    set: &BTreeMap<String, String>,
+    remove: &[String],
+) -> Result<BTreeMap<String, String>, String> {
+    let mut out = overrides.clone();
+    for key in remove {
+        if !TOPIC_KEYS.contains(&key.as_str()) {
+            return Err(format!(
+                "{key}: unknown topic config key, nothing to remove (known keys: {})",
+                TOPIC_KEYS.join(", ")
+            ));
+        }
+        if set.contains_key(key) {
+            return Err(format!(
+                "{key} is both set and removed in one change; choose one"
+            ));
+        }
+        out.remove(key);
+    }
+    out.extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+    Ok(out)
+}
+
 fn parse_num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, String> {
     v.trim()
         .parse()

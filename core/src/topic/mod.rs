@@ -4,7 +4,7 @@
 mod config;
 mod registry;
 
-pub use config::{FlushPolicy, TopicConfig};
+pub use config::{altered_overrides, FlushPolicy, TopicConfig};
 pub use registry::{
     is_internal, refuse_internal, Topic, TopicError, TopicMeta, TopicRegistry, MAX_PARTITIONS,
     PARTITION_META_TREE, TOPICS_TREE,

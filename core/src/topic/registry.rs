@@ -421,21 +421,26 @@ impl TopicRegistry {
         Ok(grown)
     }
 
-    /// Sets config keys on a topic: all or nothing.
+    /// Sets config keys on a topic and removes the overrides of others (back to the
+    /// broker's defaults): all or nothing.
     pub fn alter(
         &self,
         name: &str,
-        changes: &BTreeMap<String, String>,
+        set: &BTreeMap<String, String>,
+        remove: &[String],
     ) -> Result<Arc<Topic>, TopicError> {
-        let mut overrides = self
+        // Read, change and store under one lock: two alters at once both take effect.
+        let _guard = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self
             .topic(name)?
             .meta
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .overrides
             .clone();
-        overrides.extend(changes.iter().map(|(k, v)| (k.clone(), v.clone())));
-        self.replace_config(name, &overrides)
+        let overrides =
+            super::altered_overrides(&current, set, remove).map_err(TopicError::InvalidConfig)?;
+        self.store_config(name, &overrides)
     }
 
     /// Replaces a topic's config overrides: all or nothing.
@@ -445,6 +450,15 @@ impl TopicRegistry {
         overrides: &BTreeMap<String, String>,
     ) -> Result<Arc<Topic>, TopicError> {
         let _guard = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        self.store_config(name, overrides)
+    }
+
+    /// Checks and stores a topic's overrides; the caller holds the admin lock.
+    fn store_config(
+        &self,
+        name: &str,
+        overrides: &BTreeMap<String, String>,
+    ) -> Result<Arc<Topic>, TopicError> {
         let topic = self.topic(name)?;
         let mut meta = topic.meta.read().unwrap_or_else(|p| p.into_inner()).clone();
         let config = self
@@ -514,12 +528,37 @@ mod tests {
             r.get("y").is_none(),
             "a refused create leaves nothing behind"
         );
-        assert!(r.alter("orders", &bad).is_err());
+        assert!(r.alter("orders", &bad, &[]).is_err());
         r.alter(
             "orders",
             &BTreeMap::from([("flush".to_string(), "interval".to_string())]),
+            &[],
         )
         .unwrap();
+        // Removing an override goes back to the default; a key both set and removed, or
+        // unknown, changes nothing.
+        let both = BTreeMap::from([("retention.ms".to_string(), "5".to_string())]);
+        assert!(r.alter("orders", &both, &["retention.ms".into()]).is_err());
+        assert!(r
+            .alter("orders", &BTreeMap::new(), &["nope".into()])
+            .is_err());
+        assert_eq!(r.topic("orders").unwrap().config().retention_ms, 60000);
+        let bytes = BTreeMap::from([("retention.bytes".to_string(), "1000".to_string())]);
+        r.alter("orders", &bytes, &[]).unwrap();
+        assert_eq!(r.topic("orders").unwrap().config().retention_bytes, 1000);
+        r.alter("orders", &BTreeMap::new(), &["retention.bytes".into()])
+            .unwrap();
+        let t = r.topic("orders").unwrap();
+        assert_eq!(
+            t.config().retention_bytes,
+            TopicConfig::default().retention_bytes
+        );
+        assert!(!t
+            .meta
+            .read()
+            .unwrap()
+            .overrides
+            .contains_key("retention.bytes"));
         drop(r);
         let r = TopicRegistry::open(db.clone(), TopicConfig::default()).unwrap();
         let t = r.topic("orders").unwrap();

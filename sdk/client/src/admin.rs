@@ -9,7 +9,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use quiver_protocol::requests::{
     AlterTopicConfigRequest, CreatePartitionsRequest, CreateTopicRequest, DeleteTopicRequest,
-    DescribeTopicRequest, ListOffsetsRequest, OffsetSpec, TopicDescription, TopicMetadata,
+    DescribeTopicRequest, IncrementalAlterTopicConfigRequest, ListOffsetsRequest, OffsetSpec,
+    TopicDescription, TopicMetadata,
 };
 
 use crate::backoff::Backoff;
@@ -181,6 +182,24 @@ impl Admin {
         let req = AlterTopicConfigRequest {
             name: name.to_string(),
             set,
+        };
+        Ok(self.client.request(&req, Bytes::new()).await?.0)
+    }
+
+    /// Sets config keys of `name` and removes the overrides of `remove` (back to the
+    /// broker's defaults), all or nothing; returns the topic as it is now. Brokers older
+    /// than this SDK answer that they do not know the request.
+    #[tracing::instrument(skip(self, set), level = "debug")]
+    pub async fn alter_topic_config_incremental(
+        &self,
+        name: &str,
+        set: BTreeMap<String, String>,
+        remove: Vec<String>,
+    ) -> Result<TopicDescription> {
+        let req = IncrementalAlterTopicConfigRequest {
+            name: name.to_string(),
+            set,
+            remove,
         };
         Ok(self.client.request(&req, Bytes::new()).await?.0)
     }

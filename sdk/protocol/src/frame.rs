@@ -82,6 +82,8 @@ api_keys! {
     CreatePartitions = 9,
     /// Move a partition's replicas to other brokers.
     ReassignPartition = 10,
+    /// Set some topic config keys and remove the overrides of others.
+    IncrementalAlterTopicConfig = 11,
     /// Join a consumer group.
     JoinGroup = 20,
     /// Consumer-group heartbeat long-poll carrying assignment changes.

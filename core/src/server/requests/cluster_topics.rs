@@ -12,6 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use quiver_protocol::requests::{
     AlterTopicConfigRequest, CreateTopicRequest, DeleteTopicRequest, DeleteTopicResponse,
+    IncrementalAlterTopicConfigRequest,
 };
 use quiver_protocol::ErrorCode;
 
@@ -250,22 +251,37 @@ pub async fn delete(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
 /// AlterTopicConfig through the controller.
 pub async fn alter(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let (req, _) = decode::<AlterTopicConfigRequest>(&body)?;
+    alter_config(ctx, req.into()).await
+}
+
+/// IncrementalAlterTopicConfig through the controller.
+pub async fn alter_incremental(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
+    let (req, _) = decode::<IncrementalAlterTopicConfigRequest>(&body)?;
+    alter_config(ctx, req).await
+}
+
+async fn alter_config(
+    ctx: &ServerContext,
+    req: IncrementalAlterTopicConfigRequest,
+) -> Result<Reply, RequestError> {
     crate::topic::refuse_internal(&req.name, "alter")?;
     let t = ctx.topics.topic(&req.name)?;
+    let invalid = |e: String| RequestError::new(ErrorCode::InvalidConfig, e);
     // Checked here first, so a bad key is refused before it reaches the metadata log.
-    let mut overrides = t
+    let current = t
         .meta
         .read()
         .unwrap_or_else(|p| p.into_inner())
         .overrides
         .clone();
-    overrides.extend(req.set.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let overrides =
+        crate::topic::altered_overrides(&current, &req.set, &req.remove).map_err(invalid)?;
     let changed = ctx
         .config
         .default_topic_config()
-        .map_err(|(k, r)| RequestError::new(ErrorCode::InvalidConfig, format!("{k}: {r}")))?
+        .map_err(|(k, r)| invalid(format!("{k}: {r}")))?
         .with_changes(&overrides)
-        .map_err(|e| RequestError::new(ErrorCode::InvalidConfig, e))?;
+        .map_err(invalid)?;
     // As at creation: more in-sync replicas than a partition has would hold its high
     // watermark (so every write) until the value is changed back.
     let rm = replicas_of(ctx).await?;
@@ -276,23 +292,16 @@ pub async fn alter(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestErr
         .topic(&req.name)
         .and_then(|t| t.partitions.iter().map(|p| p.replicas.len()).min());
     if let Some(rf) = fewest.filter(|&rf| changed.min_insync_replicas as usize > rf) {
-        return Err(RequestError::new(
-            ErrorCode::InvalidConfig,
-            format!(
-                "min.insync.replicas = {} is larger than the replication factor {rf}: no write could ever be acknowledged with acks=all (nothing was changed)",
-                changed.min_insync_replicas
-            ),
-        ));
+        return Err(invalid(format!(
+            "min.insync.replicas = {} is larger than the replication factor {rf}: no write could ever be acknowledged with acks=all (nothing was changed)",
+            changed.min_insync_replicas
+        )));
     }
-    if let Some(p) = req.set.get("partitioner").filter(|p| !p.trim().is_empty()) {
-        ctx.plugins.check_partitioner(p.trim()).map_err(|e| {
-            RequestError::new(ErrorCode::InvalidConfig, format!("partitioner: {e}"))
-        })?;
-    }
+    super::alter_topic_config::check_partitioner(ctx, &req)?;
     let cmd = ControllerCommand::AlterTopicConfig {
         name: req.name.clone(),
         set: req.set.clone(),
-        remove: Vec::new(),
+        remove: req.remove.clone(),
     };
     if let ControllerResponse::Refused(e) = propose(ctx, cmd).await? {
         return Err(refused(e));

@@ -35,7 +35,7 @@ pub mod reset_offsets;
 pub mod subscribe;
 pub mod transaction;
 
-pub use alter_topic_config::AlterTopicConfigRequest;
+pub use alter_topic_config::{AlterTopicConfigRequest, IncrementalAlterTopicConfigRequest};
 pub use create_partitions::CreatePartitionsRequest;
 pub use create_topic::CreateTopicRequest;
 pub use delete_topic::{DeleteTopicRequest, DeleteTopicResponse};
@@ -110,6 +110,7 @@ macro_rules! with_all_messages {
             Subscribe: $crate::requests::SubscribeRequest => $crate::requests::SubscribeChunk,
             CreatePartitions: $crate::requests::CreatePartitionsRequest => $crate::requests::TopicDescription,
             ReassignPartition: $crate::requests::ReassignPartitionRequest => $crate::requests::ReassignPartitionResponse,
+            IncrementalAlterTopicConfig: $crate::requests::IncrementalAlterTopicConfigRequest => $crate::requests::TopicDescription,
             JoinGroup: $crate::requests::JoinGroupRequest => $crate::requests::JoinGroupResponse,
             Heartbeat: $crate::requests::HeartbeatRequest => $crate::requests::HeartbeatResponse,
             LeaveGroup: $crate::requests::LeaveGroupRequest => $crate::requests::LeaveGroupResponse,

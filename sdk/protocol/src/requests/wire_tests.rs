@@ -304,6 +304,23 @@ impl Sample for AlterTopicConfigRequest {
     }
 }
 
+impl Sample for IncrementalAlterTopicConfigRequest {
+    fn samples() -> Vec<Self> {
+        vec![
+            IncrementalAlterTopicConfigRequest {
+                name: s("orders"),
+                set: config(),
+                remove: vec![s("retention.ms"), s("partitioner")],
+            },
+            IncrementalAlterTopicConfigRequest {
+                name: s("orders"),
+                set: BTreeMap::new(),
+                remove: Vec::new(),
+            },
+        ]
+    }
+}
+
 impl Sample for SubscribeRequest {
     fn samples() -> Vec<Self> {
         [None, Some(processor())]
