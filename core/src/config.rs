@@ -66,6 +66,9 @@ pub struct LimitsConfig {
     pub max_streams_per_connection: u32,
     /// Time a client has to send a whole request once it opened the stream.
     pub request_read_timeout_ms: u64,
+    /// Time a client has to take one answer (or one subscription chunk) off its stream; a
+    /// client that stops reading has its stream reset, freeing what the answer held.
+    pub response_write_timeout_ms: u64,
     /// QUIC idle timeout: a silent peer is dropped after this.
     pub idle_timeout_ms: u64,
 }
@@ -77,6 +80,7 @@ impl Default for LimitsConfig {
             max_connections: 10_000,
             max_streams_per_connection: 1024,
             request_read_timeout_ms: 30_000,
+            response_write_timeout_ms: 30_000,
             idle_timeout_ms: 30_000,
         }
     }
@@ -398,6 +402,10 @@ impl BrokerConfig {
                 u64::from(l.max_streams_per_connection),
             ),
             ("limits.request_read_timeout_ms", l.request_read_timeout_ms),
+            (
+                "limits.response_write_timeout_ms",
+                l.response_write_timeout_ms,
+            ),
             ("limits.idle_timeout_ms", l.idle_timeout_ms),
             (
                 "retention_check_interval_ms",

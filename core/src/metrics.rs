@@ -60,6 +60,8 @@ pub struct Metrics {
     request_errors: AtomicU64,
     /// Open client connections.
     pub connections: AtomicI64,
+    /// Requests being read, handled or answered.
+    pub requests_in_flight: AtomicI64,
     /// Partitions hosted.
     pub partitions: AtomicI64,
 }
@@ -176,6 +178,11 @@ impl Metrics {
             out,
             "# HELP quiver_connections Open client connections.\n# TYPE quiver_connections gauge\nquiver_connections {}",
             self.connections.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP quiver_requests_in_flight Requests being read, handled or answered.\n# TYPE quiver_requests_in_flight gauge\nquiver_requests_in_flight {}",
+            self.requests_in_flight.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,

@@ -15,6 +15,7 @@ mod crash_recovery;
 mod crash_recovery_damage;
 mod deposed_leader;
 mod forged_input;
+mod greedy_clients;
 mod group_rejoin;
 mod groups;
 mod hostile_input;

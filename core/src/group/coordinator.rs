@@ -29,6 +29,12 @@ use super::records::{GroupMetaValue, GroupRecord, OffsetValue};
 /// Longest client id a member may join with (it is part of its member id, kept for its
 /// session and shown by `group describe`).
 pub const MAX_CLIENT_ID_BYTES: usize = 256;
+/// Most topics one member may subscribe to by name (each checked on every rebalance).
+pub const MAX_SUBSCRIBED_TOPICS: usize = 10_000;
+/// Longest subscription pattern.
+pub const MAX_PATTERN_BYTES: usize = 1024;
+/// Most partitions a heartbeat may say its member holds.
+pub const MAX_OWNED_PARTITIONS: usize = 100_000;
 /// Longest metadata string stored with a committed offset (Kafka's
 /// `offset.metadata.max.bytes` default).
 pub const MAX_OFFSET_METADATA_BYTES: usize = 4096;
@@ -412,6 +418,18 @@ impl GroupCoordinator {
             )));
         }
         let pattern = match &req.subscription {
+            Subscription::Pattern(p) if p.len() > MAX_PATTERN_BYTES => {
+                return Err(GroupError::Invalid(format!(
+                    "subscription pattern of {} bytes; at most {MAX_PATTERN_BYTES}",
+                    p.len()
+                )))
+            }
+            Subscription::Topics(ts) if ts.len() > MAX_SUBSCRIBED_TOPICS => {
+                return Err(GroupError::Invalid(format!(
+                    "a subscription to {} topics; at most {MAX_SUBSCRIBED_TOPICS} (subscribe by pattern instead)",
+                    ts.len()
+                )))
+            }
             Subscription::Pattern(p) => Some(
                 regex::Regex::new(&format!("^(?:{p})$"))
                     .map_err(|e| GroupError::Invalid(format!("subscription pattern {p:?}: {e}")))?,
@@ -428,6 +446,10 @@ impl GroupCoordinator {
                     return Err(GroupError::Invalid(format!(
                         "{t:?} is an internal topic of the broker; a group cannot subscribe to it"
                     )));
+                }
+                for t in ts {
+                    quiver_protocol::requests::validate_topic_name(t)
+                        .map_err(|e| GroupError::Invalid(format!("subscription: {e}")))?;
                 }
                 None
             }
@@ -520,6 +542,12 @@ impl GroupCoordinator {
         now: u64,
         req: &HeartbeatRequest,
     ) -> Result<HeartbeatAnswer, GroupError> {
+        if req.owned.len() > MAX_OWNED_PARTITIONS {
+            return Err(GroupError::Invalid(format!(
+                "a heartbeat listing {} owned partitions; at most {MAX_OWNED_PARTITIONS}",
+                req.owned.len()
+            )));
+        }
         let g = self.group(&req.group)?;
         let m = Self::member(g, &req.group, &req.member_id)?;
         if req.generation > g.generation {

@@ -480,11 +480,52 @@ fn a_huge_client_id_or_an_internal_topic_is_refused_and_changes_nothing() {
     assert!(
         matches!(c.join(0, &internal, &snap), Err(GroupError::Invalid(e)) if e.contains("internal"))
     );
+    // Sizes the broker would keep and scan on every rebalance are bounded too.
+    let many = JoinGroupRequest {
+        client_id: "c".into(),
+        subscription: Subscription::Topics(vec![
+            "t".into();
+            super::coordinator::MAX_SUBSCRIBED_TOPICS + 1
+        ]),
+        ..req.clone()
+    };
+    let long_pattern = JoinGroupRequest {
+        client_id: "c".into(),
+        subscription: Subscription::Pattern("t".repeat(super::coordinator::MAX_PATTERN_BYTES + 1)),
+        ..req.clone()
+    };
+    let bad_name = JoinGroupRequest {
+        client_id: "c".into(),
+        subscription: Subscription::Topics(vec!["t".into(), String::new()]),
+        ..req.clone()
+    };
+    for (r, needle) in [
+        (many, "at most"),
+        (long_pattern, "at most"),
+        (bad_name, "subscription: topic name"),
+    ] {
+        assert!(
+            matches!(c.join(0, &r, &snap), Err(GroupError::Invalid(ref e)) if e.contains(needle)),
+            "{:?}",
+            c.join(0, &r, &snap)
+        );
+    }
     assert!(c.list().groups.is_empty());
-    join(
+    let m = join(
         &mut c,
         0,
         &"c".repeat(super::coordinator::MAX_CLIENT_ID_BYTES),
         &snap,
     );
+    // A heartbeat cannot make the coordinator build a set of millions of partitions.
+    let huge = HeartbeatRequest {
+        group: G.into(),
+        member_id: m.id.clone(),
+        generation: 0,
+        owned: vec![
+            TopicPartition::new("t".to_string(), 0);
+            super::coordinator::MAX_OWNED_PARTITIONS + 1
+        ],
+    };
+    assert!(matches!(c.heartbeat(0, &huge), Err(GroupError::Invalid(_))));
 }

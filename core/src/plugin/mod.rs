@@ -98,6 +98,32 @@ struct PoolKey {
     config: BTreeMap<String, String>,
 }
 
+/// The most processor instances the pool keeps. A fetch names its processor's config, so
+/// each new config is a new instance: past this many, idle ones go first, then the least
+/// recently used (its state is lost, as after `processor_idle_ms`).
+const MAX_POOLED_PROCESSORS: usize = 256;
+
+/// Makes room for one more entry in a pool: drops entries idle for `idle`, then, while
+/// the pool still holds `cap` or more, the least recently used.
+fn make_room<K: Clone + Eq + std::hash::Hash, V>(
+    pool: &mut HashMap<K, V>,
+    last_used: impl Fn(&V) -> Instant,
+    idle: Duration,
+    cap: usize,
+) {
+    pool.retain(|_, v| last_used(v).elapsed() < idle);
+    while pool.len() >= cap.max(1) {
+        let Some(oldest) = pool
+            .iter()
+            .min_by_key(|(_, v)| last_used(v))
+            .map(|(k, _)| k.clone())
+        else {
+            break;
+        };
+        pool.remove(&oldest);
+    }
+}
+
 /// Longest time building a plugin instance may take on the plugin pool.
 const BUILD_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -582,7 +608,16 @@ impl PluginService {
             last_used: Mutex::new(Instant::now()),
             dead: AtomicBool::new(false),
         });
-        Ok(lock(&self.pool).entry(key.clone()).or_insert(slot).clone())
+        let mut pool = lock(&self.pool);
+        if !pool.contains_key(key) {
+            make_room(
+                &mut pool,
+                |s| *lock(&s.last_used),
+                self.idle,
+                MAX_POOLED_PROCESSORS,
+            );
+        }
+        Ok(pool.entry(key.clone()).or_insert(slot).clone())
     }
 
     /// Runs the processor `spec` over a fetched payload of `topic`/`partition` (records
@@ -681,6 +716,24 @@ fn version_key(v: &str) -> Option<semver::Version> {
 mod tests {
     use super::*;
     use quiver_protocol::batch::{set_base_offset, BatchBuilder, Compression, RecordIter};
+
+    #[test]
+    fn a_full_pool_drops_idle_entries_then_the_least_recently_used() {
+        let now = Instant::now();
+        let ago = |s: u64| now - Duration::from_secs(s);
+        let mut pool: HashMap<u32, Instant> =
+            HashMap::from([(1, ago(500)), (2, ago(5)), (3, ago(1)), (4, ago(3))]);
+        make_room(&mut pool, |t| *t, Duration::from_secs(100), 10);
+        assert_eq!(pool.len(), 3, "only the idle one went: {pool:?}");
+        make_room(&mut pool, |t| *t, Duration::from_secs(100), 2);
+        let mut left: Vec<u32> = pool.keys().copied().collect();
+        left.sort();
+        assert_eq!(
+            left,
+            vec![3],
+            "room for one more under a cap of 2: the newest stays"
+        );
+    }
 
     fn bundle(name: &str, version: &str, kind: &str, source: &str) -> Vec<u8> {
         let mut files = BTreeMap::new();

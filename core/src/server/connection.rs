@@ -1,6 +1,8 @@
 //! One client connection: accept request streams, and for each read exactly one frame
 //! (header first, length checked against the limit before the body is read, the whole
-//! request within `request_read_timeout_ms`), dispatch it and write the answer.
+//! request within `request_read_timeout_ms`), dispatch it and write the answer (taken off
+//! the stream within `response_write_timeout_ms`, or the stream is reset). A request that
+//! only reads or waits is dropped when its client goes away.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -20,6 +22,45 @@ use super::ServerContext;
 
 /// Application error code used when the broker stops reading a stream.
 const STOP_BAD_FRAME: u32 = 1;
+/// Application error code of a stream reset because its client did not read the answer.
+pub(super) const RESET_SLOW_READER: u32 = 2;
+
+/// Requests that change nothing, only read or wait (long-polls): when the client goes
+/// away their handler is dropped at once instead of waiting out its long-poll. Requests
+/// that change state always run to the end, so nothing is left half done.
+fn only_reads(api: Option<ApiKey>) -> bool {
+    matches!(
+        api,
+        Some(
+            ApiKey::Fetch
+                | ApiKey::Subscribe
+                | ApiKey::Heartbeat
+                | ApiKey::FetchOffsets
+                | ApiKey::ListOffsets
+                | ApiKey::Metadata
+                | ApiKey::DescribeTopic
+                | ApiKey::DescribeGroup
+                | ApiKey::ListGroups
+        )
+    )
+}
+
+/// Writes `chunks` within `timeout`; a reader that does not take them in time gets its
+/// stream reset. True when everything was written.
+pub(super) async fn write_within(
+    send: &mut SendStream,
+    chunks: &mut [Bytes],
+    timeout: Duration,
+) -> bool {
+    match tokio::time::timeout(timeout, send.write_all_chunks(chunks)).await {
+        Ok(r) => r.is_ok(),
+        Err(_) => {
+            tracing::debug!("client did not read its answer in time; stream reset");
+            let _ = send.reset(VarInt::from_u32(RESET_SLOW_READER));
+            false
+        }
+    }
+}
 
 /// Serves one connection until it closes or the broker stops.
 pub async fn serve_connection(conn: quinn::Connection, ctx: Arc<ServerContext>) {
@@ -48,8 +89,9 @@ pub async fn serve_connection(conn: quinn::Connection, ctx: Arc<ServerContext>) 
             Ok((send, recv)) => {
                 let ctx2 = ctx.clone();
                 let guard = ctx.begin_request();
+                let conn2 = conn.clone();
                 tokio::spawn(async move {
-                    serve_stream(ctx2, peer, send, recv).await;
+                    serve_stream(ctx2, &conn2, peer, send, recv).await;
                     drop(guard);
                 });
             }
@@ -114,6 +156,7 @@ async fn send_error(send: &mut SendStream, api: u16, err: &RequestError) {
 
 async fn serve_stream(
     ctx: Arc<ServerContext>,
+    conn: &quinn::Connection,
     peer: Peer,
     mut send: SendStream,
     mut recv: RecvStream,
@@ -151,13 +194,22 @@ async fn serve_stream(
                 return;
             }
         };
-    let ok = match answer(&ctx, peer, api_raw, version, body, Some(&mut send)).await {
+    let api = ApiKey::from_u16(api_raw).ok();
+    let answered = tokio::select! {
+        a = answer(&ctx, peer, api_raw, version, body, Some(&mut send)) => a,
+        _ = conn.closed(), if only_reads(api) => {
+            tracing::debug!("client went away while its request waited; dropped");
+            return;
+        }
+    };
+    let write_timeout = Duration::from_millis(ctx.config.limits.response_write_timeout_ms);
+    let ok = match answered {
         Ok(Outcome::Reply(reply)) => {
             let prefix = response_prefix(api_raw, &reply.control, reply.payload.len());
             let mut chunks = [prefix, reply.payload];
-            let res = send.write_all_chunks(&mut chunks).await;
+            let written = write_within(&mut send, &mut chunks, write_timeout).await;
             let _ = send.finish();
-            res.is_ok()
+            written
         }
         Ok(Outcome::Streamed) => true,
         Err(e) => {
@@ -165,7 +217,6 @@ async fn serve_stream(
             false
         }
     };
-    let api = ApiKey::from_u16(api_raw).ok();
     ctx.metrics.observe_request(api, start.elapsed(), ok);
 }
 

@@ -44,6 +44,8 @@ pub fn transport_config(limits: &LimitsConfig) -> quinn::TransportConfig {
             .ok(),
     );
     t.keep_alive_interval(Some(Duration::from_secs(1)));
+    // Nothing reads QUIC datagrams: offering them would let a peer park buffers here.
+    t.datagram_receive_buffer_size(None);
     t
 }
 

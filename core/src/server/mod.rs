@@ -123,6 +123,9 @@ impl ServerContext {
     /// Counts a request as in flight until the guard drops.
     pub fn begin_request(self: &Arc<Self>) -> InflightGuard {
         self.inflight.fetch_add(1, Ordering::SeqCst);
+        self.metrics
+            .requests_in_flight
+            .fetch_add(1, Ordering::Relaxed);
         InflightGuard(self.clone())
     }
 
@@ -147,6 +150,10 @@ pub struct InflightGuard(Arc<ServerContext>);
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
+        self.0
+            .metrics
+            .requests_in_flight
+            .fetch_sub(1, Ordering::Relaxed);
         if self.0.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.idle.notify_waiters();
         }

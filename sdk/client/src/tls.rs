@@ -107,8 +107,9 @@ pub(crate) fn quinn_client_config(config: &ClientConfig) -> Result<quinn::Client
             ))
         },
     )?));
-    // The broker never opens streams towards a client.
+    // The broker never opens streams towards a client, nor sends datagrams.
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t.datagram_receive_buffer_size(None);
     cfg.transport_config(Arc::new(t));
     Ok(cfg)
 }

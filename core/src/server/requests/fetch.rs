@@ -27,7 +27,15 @@ pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
     let mut read = log
         .read_async_with(req.offset, max_bytes, isolation)
         .await?;
-    while read.payload.len() < (req.min_bytes as usize).max(1) && !ctx.is_stopping() {
+    // A min_bytes above max_bytes could never be met: each append would read (and check)
+    // up to max_bytes again until the deadline. A read the budget cut short (records
+    // readable past its end) is as full as it can get, too.
+    let min_bytes = (req.min_bytes as usize).clamp(1, max_bytes);
+    let full = |read: &crate::log::ReadResult| {
+        read.payload.len() >= min_bytes
+            || (!read.payload.is_empty() && read.end < read.snapshot.high_watermark)
+    };
+    while !full(&read) && !ctx.is_stopping() {
         let waited = tokio::select! {
             moved = log.wait_beyond(read.snapshot.high_watermark.max(req.offset), deadline) => moved,
             _ = ctx.stopped() => false,

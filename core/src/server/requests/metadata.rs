@@ -34,9 +34,26 @@ pub fn topic_metadata(ctx: &ServerContext, t: &Topic) -> TopicMetadata {
     }
 }
 
+/// The most topic names one metadata request may ask for (all topics: ask for none).
+pub const MAX_METADATA_TOPICS: usize = 10_000;
+
 /// Handles a metadata request.
 pub fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
-    let (req, _) = decode::<MetadataRequest>(&body)?;
+    let (mut req, _) = decode::<MetadataRequest>(&body)?;
+    if let Some(names) = req.topics.as_mut() {
+        if names.len() > MAX_METADATA_TOPICS {
+            return Err(RequestError::new(
+                quiver_protocol::ErrorCode::InvalidRequest,
+                format!(
+                    "a metadata request names {} topics; at most {MAX_METADATA_TOPICS} (ask for none to list every topic)",
+                    names.len()
+                ),
+            ));
+        }
+        // A name asked twice is answered once: repeats must not multiply the answer.
+        names.sort_unstable();
+        names.dedup();
+    }
     if let Some(rm) = ctx.replicas() {
         return Ok(Reply::control(&cluster_metadata(
             ctx,
@@ -75,6 +92,7 @@ pub fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     }))
 }
 
+/// `names` come sorted and without repeats (see [`handle`]).
 /// A cluster broker answers from the controller's metadata (topics this broker has not
 /// created locally yet included), so clients find leaders wherever they ask.
 fn cluster_metadata(
@@ -84,7 +102,7 @@ fn cluster_metadata(
 ) -> MetadataResponse {
     let wanted = |n: &str| match names {
         None => !n.starts_with("__"),
-        Some(names) => names.iter().any(|w| w == n),
+        Some(names) => names.binary_search_by(|w| w.as_str().cmp(n)).is_ok(),
     };
     MetadataResponse {
         brokers: view

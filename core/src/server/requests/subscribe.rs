@@ -116,11 +116,12 @@ pub async fn handle(
                 .batches_out
                 .fetch_add(read.batches as u64, Ordering::Relaxed);
             let mut chunks = [prefix, payload];
-            let write = tokio::select! {
-                w = send.write_all_chunks(&mut chunks) => w,
+            let write_timeout = Duration::from_millis(ctx.config.limits.response_write_timeout_ms);
+            let written = tokio::select! {
+                w = crate::server::connection::write_within(send, &mut chunks, write_timeout) => w,
                 _ = ctx.stopped() => return Ok(()),
             };
-            if write.is_err() {
+            if !written {
                 return Ok(());
             }
             if let Some(h) = last {

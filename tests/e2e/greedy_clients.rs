@@ -1,0 +1,239 @@
+//! Clients that ask for more than they take: a reader that stops reading its answer has
+//! its stream reset after `limits.response_write_timeout_ms`; a client that goes away
+//! leaves no long-poll parked behind it; requests whose numbers lie (a topic named
+//! thousands of times, `min_bytes` above `max_bytes`) cost no more than honest ones. The
+//! broker's `quiver_requests_in_flight` gauge shows what it still holds.
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use quiver_client::Client;
+use quiver_protocol::encode_request;
+use quiver_protocol::requests::{FetchRequest, MetadataRequest};
+
+use super::harness::TestBroker;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The broker's `quiver_requests_in_flight` gauge.
+fn in_flight(metrics_port: u16) -> i64 {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix("quiver_requests_in_flight "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no in-flight gauge in {body}"))
+}
+
+/// Polls until the broker holds no request (the metrics scrape itself is not one).
+fn until_no_request_in_flight(metrics_port: u16, within: Duration, what: &str) {
+    let deadline = Instant::now() + within;
+    loop {
+        let n = in_flight(metrics_port);
+        if n == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {n} requests still held");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A raw QUIC client whose streams take at most `window` bytes before their reader reads.
+fn connect_small_window(
+    b: &TestBroker,
+    rt: &tokio::runtime::Runtime,
+    window: u32,
+) -> (quinn::Endpoint, quinn::Connection) {
+    rt.block_on(async {
+        let pem = std::fs::read(b.ca()).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pemfile::certs(&mut &pem[..]) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![quiver_protocol::ALPN.to_vec()];
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+        let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+        let mut t = quinn::TransportConfig::default();
+        t.stream_receive_window(quinn::VarInt::from_u32(window));
+        t.receive_window(quinn::VarInt::from_u32(window * 4));
+        cfg.transport_config(Arc::new(t));
+        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        ep.set_default_client_config(cfg);
+        let conn = ep
+            .connect(b.addr().parse().unwrap(), "127.0.0.1")
+            .unwrap()
+            .await
+            .unwrap();
+        (ep, conn)
+    })
+}
+
+fn fetch(
+    topic: &str,
+    offset: i64,
+    max_bytes: u32,
+    min_bytes: u32,
+    max_wait_ms: u32,
+) -> FetchRequest {
+    FetchRequest {
+        topic: topic.into(),
+        partition: 0,
+        offset,
+        max_bytes,
+        max_wait_ms,
+        min_bytes,
+        processor: None,
+        isolation: Default::default(),
+    }
+}
+
+#[test]
+fn a_client_that_stops_reading_or_goes_away_leaves_nothing_held() {
+    let mport = free_port();
+    let b = TestBroker::start_with_config(&format!(
+        "metrics_listen = \"127.0.0.1:{mport}\"\n[limits]\nresponse_write_timeout_ms = 1000\n"
+    ));
+    b.cli_ok(&["topic", "create", "big", "--partitions", "1"]);
+    let line = format!("{}\n", "x".repeat(1000));
+    b.cli_stdin_ok(&["produce", "big"], line.repeat(2000).as_bytes());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    // A fetch of ~2 MB whose reader never reads past its 64 KiB window.
+    let (_ep, conn) = connect_small_window(&b, &rt, 64 * 1024);
+    let frame = encode_request(&fetch("big", 0, 4 << 20, 1, 0), &[]).encode();
+    let (mut send, mut recv) = rt.block_on(async {
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        send.write_all(&frame).await.unwrap();
+        send.finish().unwrap();
+        (send, recv)
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while in_flight(mport) < 1 {
+        assert!(Instant::now() < deadline, "the fetch never arrived");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    until_no_request_in_flight(mport, Duration::from_secs(30), "an unread answer");
+    // What the stream holds ends in a reset, not in the whole answer.
+    let read = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(8 << 20)).await
+    });
+    assert!(
+        matches!(
+            read,
+            Ok(Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(code)))) if code.into_inner() == 2
+        ),
+        "{read:?}"
+    );
+    let _ = send.finish();
+
+    // Twenty long-polls at the end of the log, then the client goes away: none of them
+    // waits out its 30 s.
+    let end = 2000;
+    let parked: Vec<quinn::RecvStream> = rt.block_on(async {
+        let mut parked = Vec::new();
+        for _ in 0..20 {
+            let frame = encode_request(&fetch("big", end, 1 << 20, 1, 30_000), &[]).encode();
+            let (mut send, recv) = conn.open_bi().await.unwrap();
+            send.write_all(&frame).await.unwrap();
+            send.finish().unwrap();
+            parked.push(recv);
+        }
+        parked
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while in_flight(mport) < 20 {
+        assert!(Instant::now() < deadline, "the long-polls never arrived");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    conn.close(0u32.into(), b"gone");
+    until_no_request_in_flight(
+        mport,
+        Duration::from_secs(15),
+        "long-polls of a closed client",
+    );
+    drop(parked);
+
+    // The broker serves everyone else as before.
+    let out = b.cli_ok(&["consume", "big", "--from-beginning", "--max-messages", "3"]);
+    assert_eq!(out.lines().count(), 3, "{out}");
+}
+
+#[test]
+fn requests_whose_numbers_lie_cost_no_more_than_honest_ones() {
+    let b = TestBroker::start();
+    b.cli_ok(&["topic", "create", "m", "--partitions", "3"]);
+    b.cli_stdin_ok(
+        &["produce", "m", "--partition", "0"],
+        "a\n".repeat(50).as_bytes(),
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = Client::connect(b.client_config()).await.expect("connect");
+        // One topic named 5,000 times is answered once.
+        let (md, _) = client
+            .request(
+                &MetadataRequest {
+                    topics: Some(vec!["m".to_string(); 5000]),
+                },
+                Bytes::new(),
+            )
+            .await
+            .expect("metadata");
+        assert_eq!(md.topics.len(), 1);
+        assert_eq!(md.topics[0].partitions.len(), 3);
+        // Past the cap: refused, with what to do instead.
+        let e = client
+            .request(
+                &MetadataRequest {
+                    topics: Some(vec!["m".to_string(); 10_001]),
+                },
+                Bytes::new(),
+            )
+            .await
+            .expect_err("10,001 names are refused")
+            .to_string();
+        assert!(e.contains("at most 10000"), "{e}");
+        // min_bytes above max_bytes can never be met: the fetch answers with what fits
+        // instead of re-reading the log on every append until its 30 s are up.
+        let started = Instant::now();
+        let (_, payload) = client
+            .request_for_partition(
+                "m",
+                0,
+                &fetch("m", 0, 200, u32::MAX, 30_000),
+                Bytes::new(),
+                Duration::from_secs(60),
+            )
+            .await
+            .expect("fetch");
+        assert!(!payload.is_empty());
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the fetch waited {:?} for a min_bytes it could never reach",
+            started.elapsed()
+        );
+    });
+    assert_eq!(
+        b.cli_ok(&["consume", "m", "--from-beginning", "--partition", "0"])
+            .lines()
+            .count(),
+        50
+    );
+}
