@@ -195,6 +195,12 @@ pub struct Consumer {
     tx: mpsc::Sender<Fetched>,
     rx: mpsc::Receiver<Fetched>,
     buffer: VecDeque<ConsumedRecord>,
+    /// The last generation number handed out: every fetch task gets a number never used
+    /// before, so chunks of a stopped task (still in the channel) never pass for a new one's.
+    generations: u64,
+    /// An error met after records of the same poll were already decoded: those records
+    /// are returned first, the error by the next poll.
+    deferred: Option<ClientError>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -217,6 +223,8 @@ impl Consumer {
             tx,
             rx,
             buffer: VecDeque::new(),
+            generations: 0,
+            deferred: None,
         }
     }
 
@@ -230,6 +238,7 @@ impl Consumer {
         let count = self.client.partition_count(topic).await?;
         let topic: Arc<str> = Arc::from(topic);
         for p in partitions {
+            let generation = self.next_generation();
             if p >= count {
                 return Err(ClientError::InvalidPartition {
                     topic: topic.to_string(),
@@ -241,7 +250,7 @@ impl Consumer {
                 position: None,
                 tail: None,
                 pending: Some(self.config.start),
-                generation: 0,
+                generation,
                 task: None,
             });
         }
@@ -271,6 +280,7 @@ impl Consumer {
 
     /// Moves an assigned partition's position; data already fetched for it is dropped.
     pub fn seek(&mut self, topic: &str, partition: u32, to: SeekTo) -> Result<()> {
+        let generation = self.next_generation();
         let key = (Arc::from(topic), partition);
         let st = self.parts.get_mut(&key).ok_or_else(|| {
             ClientError::Config(format!(
@@ -280,7 +290,7 @@ impl Consumer {
         if let Some(t) = st.task.take() {
             t.abort();
         }
-        st.generation += 1;
+        st.generation = generation;
         st.position = None;
         st.tail = None;
         st.pending = Some(to);
@@ -385,6 +395,9 @@ impl Consumer {
         if !self.buffer.is_empty() {
             return Ok(self.buffer.drain(..).collect());
         }
+        if let Some(e) = self.deferred.take() {
+            return Err(e);
+        }
         self.start_tasks().await?;
         let mut out = Vec::new();
         let deadline = tokio::time::Instant::now() + timeout;
@@ -393,9 +406,20 @@ impl Consumer {
                 Ok(Some(f)) => f,
                 Ok(None) | Err(_) => return Ok(out),
             };
-            self.take(first, &mut out)?;
-            while let Ok(f) = self.rx.try_recv() {
-                self.take(f, &mut out)?;
+            let mut taken = self.take(first, &mut out);
+            while taken.is_ok() {
+                match self.rx.try_recv() {
+                    Ok(f) => taken = self.take(f, &mut out),
+                    Err(_) => break,
+                }
+            }
+            // Records already decoded (their positions moved past them) are handed out
+            // before the error: dropping them here would skip them for good.
+            if let Err(e) = taken {
+                if out.is_empty() {
+                    return Err(e);
+                }
+                self.deferred = Some(e);
             }
             if !out.is_empty() {
                 return Ok(out);
@@ -403,8 +427,14 @@ impl Consumer {
         }
     }
 
+    fn next_generation(&mut self) -> u64 {
+        self.generations += 1;
+        self.generations
+    }
+
     /// Decodes one fetched payload into `out` and advances the partition's position.
     fn take(&mut self, f: Fetched, out: &mut Vec<ConsumedRecord>) -> Result<()> {
+        let fresh = self.next_generation();
         let key = (f.topic, f.partition);
         let Some(st) = self.parts.get_mut(&key) else {
             return Ok(());
@@ -416,14 +446,18 @@ impl Consumer {
             Ok(c) => c,
             Err(e) => {
                 st.task = None;
-                st.generation += 1;
+                st.generation = fresh;
                 st.pending = st.position.map(SeekTo::Offset).or(st.pending);
                 return Err(e);
             }
         };
         let limits = self.client.limits();
         let before = out.len();
-        decode_chunk(&key.0, key.1, &chunk, limits.max_decompressed_bytes, out)?;
+        if let Err(e) = decode_chunk(&key.0, key.1, &chunk, limits.max_decompressed_bytes, out) {
+            // The position stays before the chunk: none of its records is handed out.
+            out.truncate(before);
+            return Err(e);
+        }
         let next = chunk.next.max(chunk.from);
         st.position = Some(next);
         st.tail = match (out.len() > before).then(|| out[out.len() - 1].offset) {
@@ -765,6 +799,111 @@ mod tests {
         let mut raw = b.build().to_vec();
         set_base_offset(&mut raw, base);
         Bytes::from(raw)
+    }
+
+    /// A consumer of topic `t` (partitions 0 and 1 assigned) whose fetch tasks never run:
+    /// the test feeds its channel itself.
+    async fn fed_consumer() -> Consumer {
+        use quiver_protocol::requests::{PartitionMetadata, TopicMetadata};
+        let client = Client::offline_for_tests(vec![TopicMetadata {
+            name: "t".into(),
+            partitions: (0..2)
+                .map(|p| PartitionMetadata {
+                    partition: p,
+                    leader: 0,
+                    leader_epoch: 0,
+                    replicas: vec![0],
+                    isr: vec![0],
+                })
+                .collect(),
+            partitioner: None,
+        }]);
+        let mut c = Consumer::new(client, ConsumerConfig::default());
+        c.assign("t", [0, 1]).await.unwrap();
+        for st in c.parts.values_mut() {
+            st.task = Some(tokio::spawn(std::future::pending()));
+            st.position = Some(0);
+        }
+        c
+    }
+
+    fn fed(c: &Consumer, partition: u32, data: Result<Chunk>) -> Fetched {
+        Fetched {
+            topic: Arc::from("t"),
+            partition,
+            generation: c.parts[&(Arc::from("t"), partition)].generation,
+            data,
+        }
+    }
+
+    fn chunk(base: i64, n: usize) -> Chunk {
+        Chunk {
+            from: base,
+            aborted: Vec::new(),
+            batches: batch(base, n),
+            next: base + n as i64,
+        }
+    }
+
+    /// Records decoded in a poll are handed out even when another partition's fetch fails
+    /// in the same poll; the error comes with the next poll. Before, the error dropped them
+    /// while their partition's position had already moved past them: lost for good.
+    #[tokio::test]
+    async fn an_error_in_a_poll_does_not_drop_the_records_already_decoded() {
+        let mut c = fed_consumer().await;
+        let ok = fed(&c, 0, Ok(chunk(0, 5)));
+        let failed = fed(&c, 1, Err(ClientError::TopicNotFound("t".into())));
+        c.tx.send(ok).await.unwrap();
+        c.tx.send(failed).await.unwrap();
+        let got = c.poll_timeout(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(
+            got.iter().map(|r| r.offset).collect::<Vec<_>>(),
+            vec![0, 1, 2, 3, 4]
+        );
+        assert!(matches!(
+            c.poll_timeout(Duration::from_millis(10)).await,
+            Err(ClientError::TopicNotFound(_))
+        ));
+        assert_eq!(c.parts[&(Arc::from("t"), 0)].position, Some(5));
+    }
+
+    /// A chunk that fails to decode part-way hands out none of its records (its partition's
+    /// position stays before it, so they would come twice).
+    #[tokio::test]
+    async fn a_chunk_that_fails_to_decode_hands_out_nothing() {
+        let mut c = fed_consumer().await;
+        let mut broken = batch(0, 3).to_vec();
+        broken.extend_from_slice(&[0u8; 20]);
+        let bad = Chunk {
+            from: 0,
+            aborted: Vec::new(),
+            batches: Bytes::from(broken),
+            next: 3,
+        };
+        c.tx.send(fed(&c, 0, Ok(bad))).await.unwrap();
+        assert!(c.poll_timeout(Duration::from_secs(5)).await.is_err());
+        assert_eq!(c.parts[&(Arc::from("t"), 0)].position, Some(0));
+    }
+
+    /// Chunks a stopped fetch task left in the channel are not taken for the new task's
+    /// after the partition is unassigned and assigned again (its generation is new).
+    #[tokio::test]
+    async fn chunks_of_a_partition_assigned_before_are_dropped_after_it_comes_back() {
+        let mut c = fed_consumer().await;
+        let stale = fed(&c, 0, Ok(chunk(300, 5)));
+        c.tx.send(stale).await.unwrap();
+        c.unassign("t", [0]);
+        c.assign("t", [0]).await.unwrap();
+        let st = c.parts.get_mut(&(Arc::from("t"), 0)).unwrap();
+        st.task = Some(tokio::spawn(std::future::pending()));
+        st.position = Some(100);
+        let fresh = fed(&c, 0, Ok(chunk(100, 2)));
+        c.tx.send(fresh).await.unwrap();
+        let got = c.poll_timeout(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(
+            got.iter().map(|r| r.offset).collect::<Vec<_>>(),
+            vec![100, 101]
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! (session expired, broker restarted), the task joins again and the partitions held are
 //! dropped without a commit (`on_lost`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -234,6 +234,9 @@ pub struct GroupConsumer {
     reset: AutoOffsetReset,
     listener: Option<Box<dyn RebalanceListener>>,
     last_commit: Instant,
+    /// Records [`GroupConsumer::records`] polled but has not handed out yet; their
+    /// partitions' positions stay at the first of them, so a commit never covers them.
+    held: VecDeque<ConsumedRecord>,
 }
 
 impl std::fmt::Debug for GroupConsumer {
@@ -315,6 +318,7 @@ impl GroupConsumer {
             reset: resp.auto_offset_reset,
             listener: None,
             last_commit: Instant::now(),
+            held: VecDeque::new(),
             config,
         })
     }
@@ -571,6 +575,14 @@ impl GroupConsumer {
     /// Waits up to `timeout` for records; applies assignment changes and auto-commits on
     /// the way. Records handed out count as consumed at the next commit.
     pub async fn poll_timeout(&mut self, timeout: Duration) -> Result<Vec<ConsumedRecord>> {
+        // Records a stream polled but did not hand out come first.
+        if !self.held.is_empty() {
+            let mut recs: Vec<ConsumedRecord> = self.held.drain(..).collect();
+            keep_owned(&self.owned, &mut self.positions, &mut recs);
+            if !recs.is_empty() {
+                return Ok(recs);
+            }
+        }
         let deadline = Instant::now() + timeout;
         loop {
             self.apply_changes().await?;
@@ -609,22 +621,21 @@ impl GroupConsumer {
         }
     }
 
-    /// All records as an async stream.
+    /// All records as an async stream. A record counts as handed out (and its offset may
+    /// be committed) once the stream yields it: records polled but not yet yielded stay
+    /// with the consumer, and the next poll or stream returns them first.
     pub fn records(&mut self) -> impl Stream<Item = Result<ConsumedRecord>> + '_ {
-        futures::stream::unfold(
-            (self, std::collections::VecDeque::new()),
-            |(c, mut buf)| async move {
-                loop {
-                    if let Some(r) = buf.pop_front() {
-                        return Some((Ok(r), (c, buf)));
-                    }
-                    match c.poll_timeout(Duration::from_secs(3600)).await {
-                        Ok(v) => buf.extend(v),
-                        Err(e) => return Some((Err(e), (c, buf))),
-                    }
+        futures::stream::unfold(self, |c| async move {
+            loop {
+                if let Some(r) = hand_out(&mut c.held, &c.owned, &mut c.positions) {
+                    return Some((Ok(r), c));
                 }
-            },
-        )
+                match c.poll_timeout(Duration::from_secs(3600)).await {
+                    Ok(v) => hold(&mut c.held, &mut c.positions, v),
+                    Err(e) => return Some((Err(e), c)),
+                }
+            }
+        })
     }
 
     /// Commits the positions of the records handed out so far; returns how many offsets
@@ -937,9 +948,82 @@ fn keep_owned(
     });
 }
 
+/// Keeps polled records for a stream to hand out one by one: each partition's position
+/// goes back to its first kept record.
+fn hold(
+    held: &mut VecDeque<ConsumedRecord>,
+    positions: &mut BTreeMap<TopicPartition, i64>,
+    recs: Vec<ConsumedRecord>,
+) {
+    let mut seen: BTreeSet<(&str, u32)> = BTreeSet::new();
+    for r in &recs {
+        if seen.insert((&r.topic, r.partition)) {
+            positions.insert(
+                TopicPartition::new(r.topic.to_string(), r.partition),
+                r.offset,
+            );
+        }
+    }
+    held.extend(recs);
+}
+
+/// The next kept record of a partition still owned (a revoked one's were committed up to
+/// its first kept record when it was revoked), with its partition's position moved past it.
+fn hand_out(
+    held: &mut VecDeque<ConsumedRecord>,
+    owned: &BTreeSet<TopicPartition>,
+    positions: &mut BTreeMap<TopicPartition, i64>,
+) -> Option<ConsumedRecord> {
+    while let Some(r) = held.pop_front() {
+        let tp = TopicPartition::new(r.topic.to_string(), r.partition);
+        if owned.contains(&tp) {
+            positions.insert(tp, r.offset + 1);
+            return Some(r);
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stream that stops early leaves the records it did not yield uncommitted: the
+    /// positions cover exactly what was handed out, and a revoked partition's kept records
+    /// are not handed out.
+    #[test]
+    fn a_stream_commits_only_what_it_handed_out() {
+        let tp = |p| TopicPartition::new("t".to_string(), p);
+        let mut owned = BTreeSet::from([tp(0), tp(1)]);
+        // What a poll leaves: positions past everything it returned.
+        let mut positions = BTreeMap::from([(tp(0), 13), (tp(1), 7)]);
+        let mut held = VecDeque::new();
+        let t: Arc<str> = Arc::from("t");
+        let polled = vec![
+            rec(&t, 0, 10),
+            rec(&t, 1, 5),
+            rec(&t, 0, 11),
+            rec(&t, 0, 12),
+            rec(&t, 1, 6),
+        ];
+        hold(&mut held, &mut positions, polled);
+        assert_eq!(positions, BTreeMap::from([(tp(0), 10), (tp(1), 5)]));
+        let first = hand_out(&mut held, &owned, &mut positions).unwrap();
+        assert_eq!((first.partition, first.offset), (0, 10));
+        assert_eq!(positions[&tp(0)], 11);
+        assert_eq!(
+            positions[&tp(1)],
+            5,
+            "nothing of partition 1 handed out yet"
+        );
+        // Partition 1 is revoked: its kept records are skipped.
+        owned.remove(&tp(1));
+        let rest: Vec<i64> = std::iter::from_fn(|| hand_out(&mut held, &owned, &mut positions))
+            .map(|r| r.offset)
+            .collect();
+        assert_eq!(rest, vec![11, 12]);
+        assert_eq!(positions[&tp(0)], 13);
+    }
 
     #[test]
     fn granted_partitions_start_at_the_commit_else_the_member_choice_else_the_group_policy() {

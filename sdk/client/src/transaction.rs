@@ -208,6 +208,10 @@ impl TransactionalProducer {
                 "the last transaction failed ({why}); call abort() before the next one"
             )));
         }
+        // Set before anything is taken from the buffer: if adding the partitions fails,
+        // the buffered records are gone, and a retried commit must not end the transaction
+        // without them.
+        self.needs_init = Some("a flush did not complete".into());
         let mut jobs = Vec::new();
         let pending = std::mem::take(&mut self.pending);
         for ((topic, partition), (mut closed, open)) in pending {
@@ -234,7 +238,6 @@ impl TransactionalProducer {
                 (topic, partition, batches)
             })
             .collect();
-        self.needs_init = Some("a flush did not complete".into());
         let client = self.client.clone();
         let sends = jobs.into_iter().map(|(topic, partition, batches)| {
             let client = client.clone();
@@ -276,6 +279,9 @@ impl TransactionalProducer {
     ) -> Result<BTreeMap<(String, u32), Landed>> {
         let landed = self.flush().await?;
         if let Some(o) = offsets {
+            // As for a flush: a commit retried after this part failed would end the
+            // transaction without the offsets.
+            self.needs_init = Some("adding the offsets to the transaction did not complete".into());
             // The group's offsets partition takes part in the transaction: its marker
             // makes the offsets visible.
             let offsets_partition = match self.client.partition_count(OFFSETS_TOPIC).await {
@@ -296,6 +302,7 @@ impl TransactionalProducer {
                 offsets: o.offsets,
             };
             coordinator_request(&self.client, &group, &req).await?;
+            self.needs_init = None;
         }
         self.end(true).await?;
         Ok(landed)
