@@ -2,7 +2,8 @@
 //! its stream reset after `limits.response_write_timeout_ms`; a client that goes away
 //! leaves no long-poll parked behind it; requests whose numbers lie (a topic named
 //! thousands of times, `min_bytes` above `max_bytes`) cost no more than honest ones. The
-//! broker's `quiver_requests_in_flight` gauge shows what it still holds.
+//! broker's `quiver_requests_in_flight` gauge shows what it still holds, and a connection
+//! holds at most its budget of answer bytes (twice `limits.max_frame_bytes`).
 
 use std::io::{Read, Write};
 use std::sync::Arc;
@@ -23,17 +24,21 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// The broker's `quiver_requests_in_flight` gauge.
-fn in_flight(metrics_port: u16) -> i64 {
+/// One line's value of the broker's metrics (`prefix` up to the value).
+fn metric(metrics_port: u16, prefix: &str) -> Option<i64> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
     let mut body = String::new();
     s.read_to_string(&mut body).unwrap();
     body.lines()
-        .find_map(|l| l.strip_prefix("quiver_requests_in_flight "))
+        .find_map(|l| l.strip_prefix(prefix))
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no in-flight gauge in {body}"))
+}
+
+/// The broker's `quiver_requests_in_flight` gauge.
+fn in_flight(metrics_port: u16) -> i64 {
+    metric(metrics_port, "quiver_requests_in_flight ").expect("an in-flight gauge")
 }
 
 /// Polls until the broker holds no request (the metrics scrape itself is not one).
@@ -236,4 +241,55 @@ fn requests_whose_numbers_lie_cost_no_more_than_honest_ones() {
             .count(),
         50
     );
+}
+
+#[test]
+fn a_connection_holds_at_most_its_budget_of_unread_answers() {
+    let mport = free_port();
+    // Frames of at most 8 MiB: a connection's answers may hold 16 MiB.
+    let b = TestBroker::start_with_config(&format!(
+        "metrics_listen = \"127.0.0.1:{mport}\"\n[limits]\nmax_frame_bytes = 8388608\nresponse_write_timeout_ms = 120000\n"
+    ));
+    b.cli_ok(&["topic", "create", "wide", "--partitions", "1"]);
+    let line = format!("{}\n", "y".repeat(1000));
+    b.cli_stdin_ok(&["produce", "wide"], line.repeat(9000).as_bytes());
+    let bytes_out = || metric(mport, "quiver_bytes_out_total{topic=\"wide\"} ").unwrap_or(0);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let rss_before = b.rss_kib();
+    // 48 fetches of 8 MiB each, never read: 384 MiB if each held its answer.
+    let (_ep, conn) = connect_small_window(&b, &rt, 64 * 1024);
+    let streams: Vec<(quinn::SendStream, quinn::RecvStream)> = rt.block_on(async {
+        let mut streams = Vec::new();
+        for _ in 0..48 {
+            let frame = encode_request(&fetch("wide", 0, 8 << 20, 1, 0), &[]).encode();
+            let (mut send, recv) = conn.open_bi().await.unwrap();
+            send.write_all(&frame).await.unwrap();
+            send.finish().unwrap();
+            streams.push((send, recv));
+        }
+        streams
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while in_flight(mport) < 48 || bytes_out() < 2 * 8_000_000 {
+        assert!(
+            Instant::now() < deadline,
+            "the fetches never arrived or never read"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The two that fit are read and stuck unread; the rest wait for room, reading nothing.
+    std::thread::sleep(Duration::from_secs(1));
+    let out = bytes_out();
+    assert!(
+        out < 3 * 8_400_000,
+        "{out} bytes read for a client that reads nothing: more than its budget"
+    );
+    let grew_mib = b.rss_kib().saturating_sub(rss_before) / 1024;
+    assert!(grew_mib < 200, "the broker grew by {grew_mib} MiB");
+    // Everyone else is served meanwhile.
+    let other = b.cli_ok(&["consume", "wide", "--from-beginning", "--max-messages", "2"]);
+    assert_eq!(other.lines().count(), 2, "{other}");
+    conn.close(0u32.into(), b"gone");
+    until_no_request_in_flight(mport, Duration::from_secs(15), "fetches of a closed client");
+    drop(streams);
 }

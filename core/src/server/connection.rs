@@ -16,6 +16,7 @@ use quiver_protocol::{
 };
 use tracing::Instrument;
 
+use super::budget::Budget;
 use super::dispatch::{dispatch, Outcome, Peer};
 use super::requests::RequestError;
 use super::ServerContext;
@@ -80,6 +81,8 @@ pub async fn serve_connection(conn: quinn::Connection, ctx: Arc<ServerContext>) 
     let peer = Peer {
         broker: conn.peer_identity().is_some(),
     };
+    // Twice the largest frame: one answer of any size always fits.
+    let budget = Budget::new(2 * ctx.config.limits.max_frame_bytes as usize);
     loop {
         let stream = tokio::select! {
             s = conn.accept_bi() => s,
@@ -90,8 +93,11 @@ pub async fn serve_connection(conn: quinn::Connection, ctx: Arc<ServerContext>) 
                 let ctx2 = ctx.clone();
                 let guard = ctx.begin_request();
                 let conn2 = conn.clone();
+                let budget = budget.clone();
                 tokio::spawn(async move {
-                    serve_stream(ctx2, &conn2, peer, send, recv).await;
+                    budget
+                        .scope(serve_stream(ctx2, &conn2, peer, send, recv))
+                        .await;
                     drop(guard);
                 });
             }
@@ -208,6 +214,7 @@ async fn serve_stream(
             let prefix = response_prefix(api_raw, &reply.control, reply.payload.len());
             let mut chunks = [prefix, reply.payload];
             let written = write_within(&mut send, &mut chunks, write_timeout).await;
+            drop(reply.hold);
             let _ = send.finish();
             written
         }

@@ -1,11 +1,13 @@
 //! The QUIC server: the endpoint and its accept loop ([`endpoint`]), per-connection and
-//! per-stream framing ([`connection`]), a dispatcher that only routes ([`dispatch`]), one
+//! per-stream framing ([`connection`]) with each connection's budget of answer bytes
+//! ([`budget`]), a dispatcher that only routes ([`dispatch`]), one
 //! handler module per request type ([`requests`]), and the in-process door to the same
 //! dispatcher for the broker's own deployed pipelines ([`local`]).
 //!
 //! A bad frame ends its own stream with an error response; other streams and other
 //! clients never notice.
 
+pub mod budget;
 pub mod connection;
 pub mod dispatch;
 pub mod endpoint;

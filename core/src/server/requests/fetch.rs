@@ -8,7 +8,7 @@ use bytes::Bytes;
 use quiver_protocol::requests::{FetchRequest, FetchResponse};
 
 use super::{decode, Reply, RequestError};
-use crate::server::ServerContext;
+use crate::server::{budget, ServerContext};
 
 /// Longest long-poll the broker grants.
 const MAX_WAIT_CAP_MS: u32 = 30_000;
@@ -24,9 +24,13 @@ pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
     let deadline = tokio::time::Instant::now()
         + Duration::from_millis(u64::from(req.max_wait_ms.min(MAX_WAIT_CAP_MS)));
     let isolation = req.isolation;
+    // Room for what this read may bring, in the connection's budget; what it brought is
+    // kept until the answer is written.
+    let mut hold = budget::reserve(max_bytes).await;
     let mut read = log
         .read_async_with(req.offset, max_bytes, isolation)
         .await?;
+    hold.shrink_to(read.payload.len());
     // A min_bytes above max_bytes could never be met: each append would read (and check)
     // up to max_bytes again until the deadline. A read the budget cut short (records
     // readable past its end) is as full as it can get, too.
@@ -43,9 +47,12 @@ pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
         if !waited {
             break;
         }
+        drop(hold);
+        hold = budget::reserve(max_bytes).await;
         read = log
             .read_async_with(req.offset, max_bytes, isolation)
             .await?;
+        hold.shrink_to(read.payload.len());
     }
     let payload = match req.processor {
         Some(spec) if !read.payload.is_empty() => {
@@ -74,7 +81,7 @@ pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
         .batches_out
         .fetch_add(read.batches as u64, Ordering::Relaxed);
     let s = read.snapshot;
-    Ok(Reply::new(
+    let reply = Reply::new(
         &FetchResponse {
             high_watermark: s.high_watermark,
             log_start_offset: s.log_start,
@@ -83,5 +90,6 @@ pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
             aborted: read.aborted,
         },
         payload,
-    ))
+    );
+    Ok(Reply { hold, ..reply })
 }

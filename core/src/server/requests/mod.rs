@@ -47,6 +47,8 @@ pub struct Reply {
     pub control: Vec<u8>,
     /// Raw payload (record batches), written after the control without a copy.
     pub payload: Bytes,
+    /// Room the payload holds in its connection's budget until it is written.
+    pub hold: crate::server::budget::Held,
 }
 
 impl Reply {
@@ -55,6 +57,7 @@ impl Reply {
         Reply {
             control: encode_control(resp),
             payload,
+            hold: Default::default(),
         }
     }
 

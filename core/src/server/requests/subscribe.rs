@@ -11,7 +11,7 @@ use quiver_protocol::requests::{SubscribeChunk, SubscribeRequest};
 use quiver_protocol::{encode_control, response_prefix, ApiKey};
 
 use super::{decode, RequestError};
-use crate::server::ServerContext;
+use crate::server::{budget, ServerContext};
 
 /// How often an idle subscription on a cluster broker checks that it still leads.
 const LEAD_RECHECK: Duration = Duration::from_secs(1);
@@ -43,6 +43,8 @@ pub async fn handle(
                 .map_err(RequestError::from),
             None => Ok(()),
         };
+        // Room in the connection's budget for this chunk, held until it is written.
+        let mut hold = budget::reserve(max_bytes).await;
         let read = match led {
             Ok(()) => log
                 .read_async(offset, max_bytes)
@@ -50,6 +52,9 @@ pub async fn handle(
                 .map_err(RequestError::from),
             Err(e) => Err(e),
         };
+        if let Ok(r) = &read {
+            hold.shrink_to(r.payload.len());
+        }
         let read = match read {
             Ok(r) => r,
             Err(e) => {
@@ -121,6 +126,7 @@ pub async fn handle(
                 w = crate::server::connection::write_within(send, &mut chunks, write_timeout) => w,
                 _ = ctx.stopped() => return Ok(()),
             };
+            drop(hold);
             if !written {
                 return Ok(());
             }
