@@ -43,8 +43,9 @@ pub enum Writer {
     },
     /// A transactional producer, for the group member it was created for.
     ExactlyOnce {
-        /// The producer (its transactional id names the member).
-        tx: TransactionalProducer,
+        /// The producer (its transactional id names the member); boxed, as it is much
+        /// larger than the other variant.
+        tx: Box<TransactionalProducer>,
         /// The member id whose offsets its transactions commit.
         member_id: String,
     },
@@ -108,7 +109,7 @@ impl Writer {
         let id = format!("pipeline.{pipeline}.{member_id}");
         match TransactionalProducer::init_with_timeout(client, &id, TXN_TIMEOUT).await {
             Ok(tx) => Ok(Writer::ExactlyOnce {
-                tx,
+                tx: Box::new(tx),
                 member_id: member_id.to_string(),
             }),
             // A broker that cannot run transactions: joining again would not change that.

@@ -129,6 +129,16 @@ fn initialising_the_id_again_fences_the_old_producer_and_aborts_its_transaction(
         send(&mut old, "t", &["late"]).await;
         let e = old.commit(None).await.unwrap_err();
         assert_eq!(e.code(), Some(ErrorCode::ProducerFenced), "{e}");
+        // Its abort fails the same way and does not take the id back (that would fence
+        // the new producer): the new one's commit below still goes through.
+        let before = old.producer();
+        let e = old.abort().await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::ProducerFenced), "{e}");
+        assert_eq!(
+            old.producer(),
+            before,
+            "the fenced producer did not start over"
+        );
         send(&mut new, "t", &["fresh"]).await;
         new.commit(None).await.unwrap();
         assert_eq!(

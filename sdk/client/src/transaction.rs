@@ -9,7 +9,10 @@
 //! ends the transaction; [`TransactionalProducer::abort`] voids everything written in it.
 //! Consumers reading with [`Isolation::ReadCommitted`](crate::Isolation) see committed
 //! transactions only. Initialising a transactional id again (another process, a restart)
-//! fences this producer: its next write or commit fails with `ProducerFenced`.
+//! fences this producer: its next write or commit fails with `ProducerFenced`, and so does
+//! every call after it, `abort` included (it does not take the id back, which would fence
+//! the new holder); only a new `init` does. The coordinator fences a producer the same way
+//! when it aborts its transaction past the timeout.
 //!
 //! The transaction's coordinator is the leader of the `__consumer_offsets` partition its id
 //! hashes to; the producer adds each partition to the transaction there before its first
@@ -36,7 +39,7 @@ use quiver_protocol::requests::{
     coordinator_partition, Acks, AddPartitionsToTxnRequest, EndTxnRequest, InitTransactionsRequest,
     OffsetCommit, ProduceRequest, TopicPartition, TxnCommitOffsetsRequest, OFFSETS_TOPIC,
 };
-use quiver_protocol::Message;
+use quiver_protocol::{ErrorCode, Message};
 
 use crate::backoff::Backoff;
 use crate::producer::partition_for_key;
@@ -96,6 +99,11 @@ pub struct TransactionalProducer {
     /// failed after its batches were numbered (a partition may lack some the broker would
     /// wait for), or ending a transaction failed (its outcome is unknown). `abort` does it.
     needs_init: Option<String>,
+    /// Set once the broker answered `ProducerFenced`: another producer initialised this id
+    /// (or the coordinator aborted a transaction past its timeout). Every later call fails
+    /// with it; `abort` does not initialise the id again, which would fence the producer
+    /// that took over. Only a new [`TransactionalProducer::init`] takes the id back.
+    fenced: Option<String>,
 }
 
 impl std::fmt::Debug for TransactionalProducer {
@@ -138,7 +146,32 @@ impl TransactionalProducer {
             added: BTreeSet::new(),
             timeout_ms: req.timeout_ms,
             needs_init: None,
+            fenced: None,
         })
+    }
+
+    /// Fails once this producer was fenced.
+    fn check_fenced(&self) -> Result<()> {
+        match &self.fenced {
+            Some(why) => Err(ClientError::Broker {
+                code: ErrorCode::ProducerFenced,
+                message: format!(
+                    "transactional id {:?} was fenced ({why}); initialise it again (TransactionalProducer::init) to take it over",
+                    self.id
+                ),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Notes a fencing answer in `r`.
+    fn observe<T>(&mut self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            if e.code() == Some(ErrorCode::ProducerFenced) && self.fenced.is_none() {
+                self.fenced = Some(e.to_string());
+            }
+        }
+        r
     }
 
     /// The producer id and epoch in use.
@@ -152,6 +185,13 @@ impl TransactionalProducer {
             return Ok(n);
         }
         let n = self.client.partition_count(topic).await?;
+        if n == 0 {
+            // As the producer does: records could go nowhere (and round robin would divide
+            // by zero).
+            return Err(ClientError::TopicNotFound(format!(
+                "topic {topic:?} has no partitions"
+            )));
+        }
         self.partitions.insert(topic.to_string(), n);
         Ok(n)
     }
@@ -159,6 +199,7 @@ impl TransactionalProducer {
     /// Buffers `record` in the open transaction: its partition, else by key (as the
     /// default partitioner), else round robin. The topic must have been prepared.
     pub fn send(&mut self, record: ProducerRecord) -> Result<u32> {
+        self.check_fenced()?;
         let n = *self.partitions.get(&record.topic).ok_or_else(|| {
             ClientError::InvalidConfig(format!(
                 "topic {:?} was not prepared: call prepare_topic first",
@@ -203,6 +244,7 @@ impl TransactionalProducer {
     /// Writes everything buffered (in the open transaction) and waits until every partition
     /// acknowledged it (acks=all). Returns where each partition's records landed.
     pub async fn flush(&mut self) -> Result<BTreeMap<(String, u32), Landed>> {
+        self.check_fenced()?;
         if let Some(why) = &self.needs_init {
             return Err(ClientError::InvalidConfig(format!(
                 "the last transaction failed ({why}); call abort() before the next one"
@@ -220,8 +262,10 @@ impl TransactionalProducer {
             }
             jobs.push((topic, partition, closed));
         }
-        self.add_partitions(jobs.iter().map(|(t, p, _)| (t.clone(), *p)))
-            .await?;
+        let added = self
+            .add_partitions(jobs.iter().map(|(t, p, _)| (t.clone(), *p)))
+            .await;
+        self.observe(added)?;
         // Numbered now, just before sending; until every batch is acknowledged, a failure
         // may leave a gap in a partition's numbering.
         let jobs: Vec<Numbered> = jobs
@@ -262,7 +306,7 @@ impl TransactionalProducer {
         });
         let mut out = BTreeMap::new();
         for r in futures::future::join_all(sends).await {
-            let (tp, landed) = r?;
+            let (tp, landed) = self.observe(r)?;
             if let Some(l) = landed {
                 out.insert(tp, l);
             }
@@ -289,8 +333,10 @@ impl TransactionalProducer {
                 Err(ClientError::TopicNotFound(_)) => 0,
                 Err(e) => return Err(e),
             };
-            self.add_partitions([(OFFSETS_TOPIC.to_string(), offsets_partition)])
-                .await?;
+            let added = self
+                .add_partitions([(OFFSETS_TOPIC.to_string(), offsets_partition)])
+                .await;
+            self.observe(added)?;
             let group = o.group.clone();
             let req = TxnCommitOffsetsRequest {
                 transactional_id: self.id.clone(),
@@ -301,7 +347,8 @@ impl TransactionalProducer {
                 generation: o.generation,
                 offsets: o.offsets,
             };
-            coordinator_request(&self.client, &group, &req).await?;
+            let stored = coordinator_request(&self.client, &group, &req).await;
+            self.observe(stored)?;
             self.needs_init = None;
         }
         self.end(true).await?;
@@ -312,6 +359,9 @@ impl TransactionalProducer {
     /// visible to read-committed consumers, and its offsets are not stored.
     pub async fn abort(&mut self) -> Result<()> {
         self.pending.clear();
+        // Fenced: whoever holds the id now ends this transaction; starting over here would
+        // fence them in turn.
+        self.check_fenced()?;
         if self.needs_init.is_some() {
             // Start over: a new epoch numbers every partition from 0 again, and
             // InitTransactions ends whatever this id left open (the coordinator aborts it).
@@ -342,6 +392,7 @@ impl TransactionalProducer {
             commit,
         };
         let ended = coordinator_request(&self.client, &self.id, &req).await;
+        let ended = self.observe(ended);
         // Whatever the outcome, the next transaction adds its partitions afresh; an outcome
         // not known (the request failed) is settled by starting over at the next abort.
         self.added.clear();
