@@ -65,12 +65,14 @@ impl<'a> JsonPayload<'a> {
             headers: BTreeMap::new(),
             headers_base64: BTreeMap::new(),
         };
+        // A name given twice shows its last value, in both maps.
         for (name, v) in headers {
             let (text, exact) = json_bytes(v);
             p.headers.insert(name, text);
-            if let Some(exact) = exact {
-                p.headers_base64.insert(name, exact);
-            }
+            match exact {
+                Some(exact) => p.headers_base64.insert(name, exact),
+                None => p.headers_base64.remove(name),
+            };
         }
         p
     }
@@ -171,5 +173,14 @@ mod tests {
         assert_eq!(binary["value_base64"], "/v8=");
         assert_eq!(binary["headers_base64"], serde_json::json!({"h": "wA=="}));
         assert_eq!(binary["headers"]["t"], "ok");
+        // A repeated name: its last value, and no base64 left over from an earlier one.
+        let repeated = serde_json::to_value(JsonPayload::new(
+            None,
+            b"v",
+            [("h", &[0xc0][..]), ("h", &b"text"[..])],
+        ))
+        .unwrap();
+        assert_eq!(repeated["headers"]["h"], "text");
+        assert!(repeated.get("headers_base64").is_none(), "{repeated}");
     }
 }

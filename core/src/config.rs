@@ -66,8 +66,9 @@ pub struct LimitsConfig {
     pub max_streams_per_connection: u32,
     /// Time a client has to send a whole request once it opened the stream.
     pub request_read_timeout_ms: u64,
-    /// Time a client has to take one answer (or one subscription chunk) off its stream; a
-    /// client that stops reading has its stream reset, freeing what the answer held.
+    /// Longest a client may take none of an answer's bytes (or a subscription chunk's); a
+    /// client that stops reading for that long has its stream reset, freeing what the
+    /// answer held. A slow but steady reader is never cut off.
     pub response_write_timeout_ms: u64,
     /// QUIC idle timeout: a silent peer is dropped after this.
     pub idle_timeout_ms: u64,

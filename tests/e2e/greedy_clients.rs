@@ -293,3 +293,41 @@ fn a_connection_holds_at_most_its_budget_of_unread_answers() {
     until_no_request_in_flight(mport, Duration::from_secs(15), "fetches of a closed client");
     drop(streams);
 }
+
+#[test]
+fn a_slow_but_steady_reader_gets_its_whole_answer() {
+    let b = TestBroker::start_with_config("[limits]\nresponse_write_timeout_ms = 1000\n");
+    b.cli_ok(&["topic", "create", "slow", "--partitions", "1"]);
+    let line = format!("{}\n", "z".repeat(1000));
+    b.cli_stdin_ok(&["produce", "slow"], line.repeat(1000).as_bytes());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (_ep, conn) = connect_small_window(&b, &rt, 64 * 1024);
+    // About 1 MB through a 64 KiB window, a window every 250 ms: 4 s in all, four times
+    // the stall limit, yet never a whole second without progress.
+    let got = rt.block_on(async {
+        let frame = encode_request(&fetch("slow", 0, 4 << 20, 1, 0), &[]).encode();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&frame).await.unwrap();
+        send.finish().unwrap();
+        let mut got = 0usize;
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            // Take one window's worth: what has arrived, up to 64 KiB.
+            let mut taken = 0;
+            while taken < 64 * 1024 {
+                let next = tokio::time::timeout(
+                    Duration::from_millis(50),
+                    recv.read_chunk(64 * 1024 - taken, true),
+                );
+                match next.await {
+                    Ok(Ok(Some(c))) => taken += c.bytes.len(),
+                    Ok(Ok(None)) => return got + taken,
+                    Ok(Err(e)) => panic!("the stream broke after {} bytes: {e}", got + taken),
+                    Err(_) => break,
+                }
+            }
+            got += taken;
+        }
+    });
+    assert!(got > 1_000_000, "only {got} bytes");
+}

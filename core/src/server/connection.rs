@@ -1,7 +1,8 @@
 //! One client connection: accept request streams, and for each read exactly one frame
 //! (header first, length checked against the limit before the body is read, the whole
 //! request within `request_read_timeout_ms`), dispatch it and write the answer (taken off
-//! the stream within `response_write_timeout_ms`, or the stream is reset). A request that
+//! the stream by a reader that does not stall for `response_write_timeout_ms`, or the
+//! stream is reset). A request that
 //! only reads or waits is dropped when its client goes away.
 
 use std::sync::atomic::Ordering;
@@ -46,21 +47,26 @@ fn only_reads(api: Option<ApiKey>) -> bool {
     )
 }
 
-/// Writes `chunks` within `timeout`; a reader that does not take them in time gets its
-/// stream reset. True when everything was written.
+/// Writes `chunks`, resetting the stream when the reader takes none of their bytes for
+/// `stall` (a slow but steady reader is never cut off). True when everything was written.
 pub(super) async fn write_within(
     send: &mut SendStream,
-    chunks: &mut [Bytes],
-    timeout: Duration,
+    mut chunks: &mut [Bytes],
+    stall: Duration,
 ) -> bool {
-    match tokio::time::timeout(timeout, send.write_all_chunks(chunks)).await {
-        Ok(r) => r.is_ok(),
-        Err(_) => {
-            tracing::debug!("client did not read its answer in time; stream reset");
-            let _ = send.reset(VarInt::from_u32(RESET_SLOW_READER));
-            false
+    while !chunks.is_empty() {
+        // `write_chunks` is cancellation safe: a timeout loses no byte.
+        match tokio::time::timeout(stall, send.write_chunks(chunks)).await {
+            Ok(Ok(written)) => chunks = &mut chunks[written.chunks..],
+            Ok(Err(_)) => return false,
+            Err(_) => {
+                tracing::debug!("client took none of its answer in time; stream reset");
+                let _ = send.reset(VarInt::from_u32(RESET_SLOW_READER));
+                return false;
+            }
         }
     }
+    true
 }
 
 /// Serves one connection until it closes or the broker stops.

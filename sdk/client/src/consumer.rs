@@ -454,8 +454,15 @@ impl Consumer {
         let limits = self.client.limits();
         let before = out.len();
         if let Err(e) = decode_chunk(&key.0, key.1, &chunk, limits.max_decompressed_bytes, out) {
-            // The position stays before the chunk: none of its records is handed out.
+            // None of the chunk's records is handed out, and the position stays before it;
+            // the fetch task (already past it) stops, and the next poll fetches the chunk
+            // again from the position, so it is never skipped in silence.
             out.truncate(before);
+            if let Some(t) = st.task.take() {
+                t.abort();
+            }
+            st.generation = fresh;
+            st.pending = st.position.map(SeekTo::Offset).or(st.pending);
             return Err(e);
         }
         let next = chunk.next.max(chunk.from);
@@ -880,9 +887,19 @@ mod tests {
             batches: Bytes::from(broken),
             next: 3,
         };
+        // The task that sent it has moved on: its next chunk must not be taken, or the
+        // broken one would be skipped for good.
+        let after = fed(&c, 0, Ok(chunk(3, 2)));
         c.tx.send(fed(&c, 0, Ok(bad))).await.unwrap();
+        c.tx.send(after).await.unwrap();
         assert!(c.poll_timeout(Duration::from_secs(5)).await.is_err());
-        assert_eq!(c.parts[&(Arc::from("t"), 0)].position, Some(0));
+        let st = &c.parts[&(Arc::from("t"), 0)];
+        assert_eq!(st.position, Some(0));
+        assert!(
+            matches!(st.pending, Some(SeekTo::Offset(0))),
+            "the next poll fetches again from the position"
+        );
+        assert!(st.task.is_none(), "the task past the chunk was stopped");
     }
 
     /// Chunks a stopped fetch task left in the channel are not taken for the new task's

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use quiver_protocol::requests::{FetchRequest, FetchResponse};
+use quiver_protocol::requests::{FetchRequest, FetchResponse, Isolation};
 
 use super::{decode, Reply, RequestError};
 use crate::server::{budget, ServerContext};
@@ -33,26 +33,32 @@ pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
     hold.shrink_to(read.payload.len());
     // A min_bytes above max_bytes could never be met: each append would read (and check)
     // up to max_bytes again until the deadline. A read the budget cut short (records
-    // readable past its end) is as full as it can get, too.
+    // readable past its end, up to the bound of its isolation) is as full as it gets, too.
     let min_bytes = (req.min_bytes as usize).clamp(1, max_bytes);
     let full = |read: &crate::log::ReadResult| {
-        read.payload.len() >= min_bytes
-            || (!read.payload.is_empty() && read.end < read.snapshot.high_watermark)
+        let readable = match isolation {
+            Isolation::ReadCommitted => read.snapshot.last_stable,
+            Isolation::ReadUncommitted => read.snapshot.high_watermark,
+        };
+        read.payload.len() >= min_bytes || (!read.payload.is_empty() && read.end < readable)
     };
     while !full(&read) && !ctx.is_stopping() {
+        // Parked, the fetch holds nothing: what it read is read again when it wakes.
+        let seen = read.snapshot.high_watermark.max(req.offset);
+        read.payload = Bytes::new();
+        drop(hold);
         let waited = tokio::select! {
-            moved = log.wait_beyond(read.snapshot.high_watermark.max(req.offset), deadline) => moved,
+            moved = log.wait_beyond(seen, deadline) => moved,
             _ = ctx.stopped() => false,
         };
-        if !waited {
-            break;
-        }
-        drop(hold);
         hold = budget::reserve(max_bytes).await;
         read = log
             .read_async_with(req.offset, max_bytes, isolation)
             .await?;
         hold.shrink_to(read.payload.len());
+        if !waited {
+            break;
+        }
     }
     let payload = match req.processor {
         Some(spec) if !read.payload.is_empty() => {
