@@ -3,7 +3,8 @@
 //! its batches were sent takes no sequence numbers; an `acks=0` producer, which never reads
 //! the broker's answers, does not number its batches, so one refused batch does not hold
 //! every later one. And the read side of a transaction still open: a read-committed
-//! consumer starting at the end starts at the last stable offset.
+//! consumer starting at the end starts at the last stable offset. A flush waits for what
+//! was sent before it, not for what other tasks sharing the producer keep sending.
 
 use std::time::{Duration, Instant};
 
@@ -149,5 +150,54 @@ fn a_read_committed_consumer_starting_at_the_end_reads_a_transaction_open_then()
         drop(tx);
         drop(client);
         broker.shutdown().await;
+    });
+}
+
+#[test]
+fn a_flush_waits_for_what_was_sent_before_it_not_for_what_others_keep_sending() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    rt.block_on(async {
+        let (_broker, client) = in_process_broker(dir.path(), "busy").await;
+        let producer = Producer::new(client.clone(), ProducerConfig::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        // Another task keeps the shared producer busy for as long as the test runs: some
+        // record of it is always on its way.
+        let sender = {
+            let (producer, stop) = (producer.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut sent = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    producer
+                        .send_nowait(quiver_client::RecordRef::new("busy", b"theirs"))
+                        .await
+                        .unwrap();
+                    sent += 1;
+                    if sent.is_multiple_of(256) {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                sent
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mine = producer
+            .send(ProducerRecord::new("busy", "mine"))
+            .await
+            .unwrap();
+        let flushed = tokio::time::timeout(Duration::from_secs(30), producer.flush()).await;
+        assert!(
+            matches!(flushed, Ok(Ok(()))),
+            "the flush waited for records sent after it began: {flushed:?}"
+        );
+        let md = futures::FutureExt::now_or_never(mine)
+            .expect("the record sent before the flush is acknowledged when it returns")
+            .unwrap();
+        assert!(md.offset >= 0);
+        stop.store(true, Ordering::Relaxed);
+        assert!(sender.await.unwrap() > 0);
+        producer.close().await.unwrap();
     });
 }

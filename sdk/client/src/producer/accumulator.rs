@@ -121,6 +121,9 @@ pub(crate) struct PartitionQueue {
     partitions: u32,
     sticky: Arc<AtomicU32>,
     state: Mutex<QueueState>,
+    /// Completions of the batches taken off the ready queue and not known to be done: a
+    /// flush waits for them (pruned as batches are taken).
+    flight: Mutex<Vec<Arc<Completion>>>,
     pub(crate) wake: Notify,
     /// The random producer id of this queue (see [`identity`]).
     base_id: i64,
@@ -153,6 +156,7 @@ impl PartitionQueue {
             partition,
             partitions,
             sticky,
+            flight: Mutex::new(Vec::new()),
             wake: Notify::new(),
             base_id: new_producer_id(),
             generation: AtomicU32::new(0),
@@ -202,6 +206,19 @@ impl PartitionQueue {
         (completion, index)
     }
 
+    /// The batches of this partition not acknowledged or failed yet: the open one (if it
+    /// holds records), the closed ones waiting, and those on their way.
+    pub(crate) fn unresolved_batches(&self) -> Vec<Arc<Completion>> {
+        let st = lock(&self.state);
+        let mut out: Vec<Arc<Completion>> = st.ready.iter().map(|c| c.completion.clone()).collect();
+        if !st.builder.is_empty() {
+            out.push(st.completion.clone());
+        }
+        // Under the state lock: a batch taken off the ready queue is in `flight` already.
+        out.extend(lock(&self.flight).iter().filter(|c| !c.is_done()).cloned());
+        out
+    }
+
     /// Moves the open batch to the ready queue and opens a fresh one.
     fn close_open(&self, st: &mut QueueState) {
         let fresh = st.spare.pop().unwrap_or_else(|| {
@@ -245,7 +262,14 @@ impl PartitionQueue {
                     }
                 }
                 match st.ready.pop_front() {
-                    Some(c) => (Some(c), None),
+                    Some(c) => {
+                        // Still under the state lock, so a flush sees it in one place or
+                        // the other.
+                        let mut flight = lock(&self.flight);
+                        flight.retain(|f| !f.is_done());
+                        flight.push(c.completion.clone());
+                        (Some(c), None)
+                    }
                     None => (None, st.opened.map(|o| o + shared.config.linger)),
                 }
             };

@@ -283,6 +283,30 @@ impl Completion {
             w.wake();
         }
     }
+
+    /// True once its batch was acknowledged or failed.
+    fn is_done(&self) -> bool {
+        self.result.get().is_some()
+    }
+
+    /// Waits until its batch is acknowledged or failed.
+    async fn done(&self) {
+        std::future::poll_fn(|cx| {
+            if self.is_done() {
+                return Poll::Ready(());
+            }
+            let mut waiters = lock(&self.waiters);
+            // Checked again under the lock: `complete` sets the result before draining.
+            if self.is_done() {
+                return Poll::Ready(());
+            }
+            if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                waiters.push(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+        .await
+    }
 }
 
 /// Resolves to the [`RecordMetadata`] of one sent record once its batch is acknowledged.
@@ -679,12 +703,41 @@ impl Producer {
         Ok(n)
     }
 
-    /// Sends every buffered record now and waits until all records sent so far are
-    /// acknowledged or failed. Returns the last error if any record failed since the
+    /// Sends every buffered record now and waits until all records sent so far (before the
+    /// call) are acknowledged or failed; records other tasks send meanwhile are not waited
+    /// for. Returns the last error if any record failed since the
     /// producer was made (see [`stats`](Self::stats) for counts).
     pub async fn flush(&self) -> Result<()> {
         let s = &self.shared;
         let urgent = Urgent::new(s);
+        // The batches holding what was sent so far: records other tasks send meanwhile go
+        // into later batches and are not waited for (except those that join a batch open
+        // now, which is sent at once, as the flush asks).
+        let batches: Vec<Arc<Completion>> = s
+            .all_queues()
+            .iter()
+            .flat_map(|q| q.unresolved_batches())
+            .collect();
+        for b in batches {
+            b.done().await;
+        }
+        drop(urgent);
+        self.last_failure()
+    }
+
+    /// The last error, if any record failed since the producer was made.
+    fn last_failure(&self) -> Result<()> {
+        let s = &self.shared;
+        match lock(&s.last_error).clone() {
+            Some(e) if s.records_failed.load(Ordering::Relaxed) > 0 => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Waits until no record is outstanding: after `close`, when no new one can come.
+    async fn until_idle(&self) {
+        let s = &self.shared;
+        let _urgent = Urgent::new(s);
         loop {
             let idle = s.idle.notified();
             tokio::pin!(idle);
@@ -694,17 +747,15 @@ impl Producer {
             }
             idle.await;
         }
-        drop(urgent);
-        match lock(&s.last_error).clone() {
-            Some(e) if s.records_failed.load(Ordering::Relaxed) > 0 => Err(e),
-            _ => Ok(()),
-        }
     }
 
     /// Flushes, then stops the partition tasks. Later sends fail with [`ClientError::Closed`].
     pub async fn close(&self) -> Result<()> {
         self.shared.closed.store(true, Ordering::SeqCst);
-        let r = self.flush().await;
+        // Every record counted before `closed` was set is waited for: the flush's snapshot
+        // could miss one still being queued.
+        self.until_idle().await;
+        let r = self.last_failure();
         self.shared.closing.store(true, Ordering::Release);
         for q in self.shared.all_queues() {
             q.wake.notify_one();
@@ -906,6 +957,51 @@ mod tests {
                 .collect(),
             partitioner: partitioner.map(str::to_string),
         }
+    }
+
+    /// A flush waits for the records sent before it, not for those another task sharing the
+    /// producer keeps sending. No broker answers here, so every record fails after its
+    /// delivery timeout: the other task's records are always on their way, and a flush that
+    /// waited for every outstanding record would never return.
+    #[tokio::test]
+    async fn a_flush_does_not_wait_for_records_sent_after_it_began() {
+        let client = Client::offline_for_tests(vec![topic("plain", 2, None)]);
+        let producer = Producer::new(
+            client,
+            ProducerConfig {
+                delivery_timeout: Duration::from_millis(1500),
+                retry_backoff: Duration::from_millis(50),
+                ..ProducerConfig::default()
+            },
+        );
+        let busy = producer.clone();
+        let sender = tokio::spawn(async move {
+            loop {
+                if busy
+                    .send_nowait(RecordRef::new("plain", b"theirs"))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mine = producer
+            .send(ProducerRecord::new("plain", "mine"))
+            .await
+            .unwrap();
+        let flushed = tokio::time::timeout(Duration::from_secs(20), producer.flush()).await;
+        assert!(
+            flushed.is_ok(),
+            "the flush waited for the other task's records"
+        );
+        assert!(
+            futures::FutureExt::now_or_never(mine).is_some(),
+            "the record sent before the flush is resolved when it returns"
+        );
+        sender.abort();
     }
 
     /// Without the `plugins` feature, a topic's partitioner cannot run: every way of
