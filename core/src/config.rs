@@ -72,6 +72,11 @@ pub struct LimitsConfig {
     pub response_write_timeout_ms: u64,
     /// QUIC idle timeout: a silent peer is dropped after this.
     pub idle_timeout_ms: u64,
+    /// Memory all produce requests together may use to decompress the batches they check,
+    /// bytes (at least `max_frame_bytes`, one batch's most). A request reserves what its
+    /// batches can inflate to before it decompresses, and waits for room until its timeout:
+    /// a few bytes of compression bomb cannot make the broker hold gigabytes.
+    pub max_decompression_bytes: u64,
 }
 
 impl Default for LimitsConfig {
@@ -83,6 +88,7 @@ impl Default for LimitsConfig {
             request_read_timeout_ms: 30_000,
             response_write_timeout_ms: 30_000,
             idle_timeout_ms: 30_000,
+            max_decompression_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -164,6 +170,9 @@ pub struct BrokerConfig {
     pub metrics_listen: Option<String>,
     /// How often retention runs.
     pub retention_check_interval_ms: u64,
+    /// Bytes a `__consumer_offsets` partition may grow past its last compaction before its
+    /// live records are carried forward and the older part deleted.
+    pub offsets_compact_bytes: u64,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_timeout_ms: u64,
     /// TLS.
@@ -268,6 +277,7 @@ impl Default for BrokerConfig {
             delete_topic_enable: false,
             metrics_listen: None,
             retention_check_interval_ms: 5_000,
+            offsets_compact_bytes: 16 * 1024 * 1024,
             shutdown_timeout_ms: 10_000,
             tls: TlsConfig::default(),
             limits: LimitsConfig::default(),
@@ -408,10 +418,12 @@ impl BrokerConfig {
                 l.response_write_timeout_ms,
             ),
             ("limits.idle_timeout_ms", l.idle_timeout_ms),
+            ("limits.max_decompression_bytes", l.max_decompression_bytes),
             (
                 "retention_check_interval_ms",
                 self.retention_check_interval_ms,
             ),
+            ("offsets_compact_bytes", self.offsets_compact_bytes),
             ("plugins.cpu_ms", self.plugins.cpu_ms),
             ("plugins.memory_mb", self.plugins.memory_mb),
             ("plugins.max_output_bytes", self.plugins.max_output_bytes),
@@ -426,6 +438,16 @@ impl BrokerConfig {
             if v == 0 {
                 return Err(bad(k, "must be greater than 0".into()));
             }
+        }
+        if l.max_decompression_bytes < u64::from(l.max_frame_bytes) {
+            return Err(bad(
+                "limits.max_decompression_bytes",
+                format!(
+                    "must be at least limits.max_frame_bytes ({}), the most one batch may \
+                     decompress to; got {}",
+                    l.max_frame_bytes, l.max_decompression_bytes
+                ),
+            ));
         }
         if self.plugins.wasm_stack_bytes > 64 * 1024 * 1024 {
             return Err(bad(

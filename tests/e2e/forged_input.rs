@@ -23,7 +23,11 @@ fn now_ms() -> i64 {
 }
 
 /// Produces `batch` to `topic`/0 on a new stream; returns the answer's code and message.
-async fn produce_raw(conn: &quinn::Connection, topic: &str, batch: &[u8]) -> (ErrorCode, String) {
+pub(super) async fn produce_raw(
+    conn: &quinn::Connection,
+    topic: &str,
+    batch: &[u8],
+) -> (ErrorCode, String) {
     produce_raw_to(conn, topic, 0, batch).await
 }
 

@@ -3,7 +3,9 @@
 //! leaves no long-poll parked behind it; requests whose numbers lie (a topic named
 //! thousands of times, `min_bytes` above `max_bytes`) cost no more than honest ones. The
 //! broker's `quiver_requests_in_flight` gauge shows what it still holds, and a connection
-//! holds at most its budget of answer bytes (twice `limits.max_frame_bytes`).
+//! holds at most its budget of answer bytes (twice `limits.max_frame_bytes`). Compression
+//! bombs sent at once share the broker's decompression memory
+//! (`limits.max_decompression_bytes`) instead of each taking its own.
 
 use std::io::{Read, Write};
 use std::sync::Arc;
@@ -11,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use quiver_client::Client;
-use quiver_protocol::encode_request;
+use quiver_protocol::batch::{field, recompute_crc, BatchBuilder, Compression};
 use quiver_protocol::requests::{FetchRequest, MetadataRequest};
+use quiver_protocol::{encode_request, ErrorCode};
 
 use super::harness::TestBroker;
 
@@ -330,4 +333,64 @@ fn a_slow_but_steady_reader_gets_its_whole_answer() {
         }
     });
     assert!(got > 1_000_000, "only {got} bytes");
+}
+
+#[test]
+fn compression_bombs_sent_at_once_share_the_brokers_decompression_memory() {
+    let b = TestBroker::start();
+    b.cli_ok(&["topic", "create", "bombed"]);
+    // One record of 60 MiB of zeros, zstd: a few KB on the wire. Its header claims a
+    // second record, so the broker refuses the batch, but only after inflating it.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let mut builder = BatchBuilder::new(Compression::Zstd);
+    builder.push(None, &vec![0u8; 60 << 20], now, &[]);
+    let mut bomb = builder.build().to_vec();
+    assert!(bomb.len() < 64 * 1024, "a bomb of {} bytes", bomb.len());
+    bomb[field::RECORD_COUNT..field::RECORD_COUNT + 4].copy_from_slice(&2i32.to_be_bytes());
+    bomb[field::LAST_OFFSET_DELTA..field::LAST_OFFSET_DELTA + 4]
+        .copy_from_slice(&1i32.to_be_bytes());
+    recompute_crc(&mut bomb);
+    let bomb = Arc::new(bomb);
+    let before = b.peak_rss_kib();
+    assert!(before > 0, "the broker's peak memory is readable");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (_ep, conn) = super::hostile_input::connect(&b, &rt);
+    let answers: Vec<(ErrorCode, String)> = rt.block_on(async {
+        let tasks: Vec<_> = (0..48)
+            .map(|_| {
+                let (conn, bomb) = (conn.clone(), bomb.clone());
+                tokio::spawn(async move {
+                    super::forged_input::produce_raw(&conn, "bombed", &bomb).await
+                })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for t in tasks {
+            answers.push(t.await.unwrap());
+        }
+        answers
+    });
+    // Each is refused for its lie (or, on a slow machine, timed out waiting for room).
+    for (code, msg) in &answers {
+        assert!(
+            matches!(code, ErrorCode::InvalidRecord | ErrorCode::RequestTimedOut),
+            "{code:?}: {msg}"
+        );
+    }
+    assert!(
+        answers.iter().any(|(c, _)| *c == ErrorCode::InvalidRecord),
+        "some bomb was inflated and refused"
+    );
+    // 48 × 60 MiB inflating at once would be 2.8 GiB; the default budget is 256 MiB.
+    let grew = b.peak_rss_kib().saturating_sub(before);
+    assert!(
+        grew < 768 * 1024,
+        "48 bombs of 60 MiB raised the broker's peak memory by {grew} KiB"
+    );
+    assert_eq!(b.total_log_end("bombed"), 0, "nothing was stored");
+    b.cli_stdin_ok(&["produce", "bombed", "--compression", "zstd"], b"fine\n");
+    assert_eq!(b.total_log_end("bombed"), 1);
 }

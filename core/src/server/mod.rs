@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::BrokerConfig;
 use crate::group::GroupDirectory;
@@ -45,6 +45,8 @@ pub struct ServerContext {
     pub stopping: watch::Receiver<bool>,
     inflight: AtomicUsize,
     idle: Notify,
+    /// The broker's decompression memory, in KiB permits (`limits.max_decompression_bytes`).
+    decompression: Arc<Semaphore>,
 }
 
 impl std::ops::Deref for ServerContext {
@@ -80,7 +82,14 @@ pub struct ServerParts {
 impl ServerContext {
     /// A context over the broker's parts.
     pub fn new(parts: ServerParts, stopping: watch::Receiver<bool>) -> Arc<ServerContext> {
+        let decompression_kib = parts.config.limits.max_decompression_bytes / 1024;
+        let decompression = Arc::new(Semaphore::new(
+            usize::try_from(decompression_kib)
+                .unwrap_or(usize::MAX)
+                .min(Semaphore::MAX_PERMITS),
+        ));
         Arc::new(ServerContext {
+            decompression,
             parts,
             raft: std::sync::OnceLock::new(),
             replicas: std::sync::OnceLock::new(),
@@ -109,6 +118,36 @@ impl ServerContext {
                 Some(rm) => rm.not_ready(topic, partition, e),
                 None => e.into(),
             })
+    }
+
+    /// Reserves `bytes` of the broker's decompression memory until the permit drops,
+    /// waiting until `deadline` at most; 0 bytes reserve nothing.
+    pub async fn reserve_decompression(
+        &self,
+        bytes: usize,
+        deadline: tokio::time::Instant,
+    ) -> Result<Option<OwnedSemaphorePermit>, requests::RequestError> {
+        if bytes == 0 {
+            return Ok(None);
+        }
+        let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+        let acquire = self.decompression.clone().acquire_many_owned(kib);
+        match tokio::time::timeout_at(deadline, acquire).await {
+            Ok(Ok(permit)) => Ok(Some(permit)),
+            Ok(Err(_)) => Err(requests::RequestError::new(
+                quiver_protocol::ErrorCode::BrokerShuttingDown,
+                "the broker is shutting down",
+            )),
+            Err(_) => Err(requests::RequestError::new(
+                quiver_protocol::ErrorCode::RequestTimedOut,
+                format!(
+                    "the broker's memory for decompressing produced batches \
+                     (limits.max_decompression_bytes = {}) stayed full until this request \
+                     timed out; retry, or send smaller compressed batches",
+                    self.config.limits.max_decompression_bytes
+                ),
+            )),
+        }
     }
 
     /// True once shutdown began.

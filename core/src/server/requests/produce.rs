@@ -39,8 +39,18 @@ pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
     // Every batch is checked against the records it holds before anything is stored (CRC,
     // record walk, decompression: CPU work, so on a blocking thread).
     let max_decompressed = ctx.config.limits.max_frame_bytes as usize;
+    let deadline = tokio::time::Instant::now() + timeout;
+    // The batches are checked one after another: the largest decompression is this
+    // request's share of the broker's decompression memory, held until the checks end.
+    let inflated = batches
+        .iter()
+        .map(|b| batch::decompression_bound(b, max_decompressed))
+        .max()
+        .unwrap_or(0);
+    let reserved = ctx.reserve_decompression(inflated, deadline).await?;
     let cfg = config.clone();
     let checked = tokio::task::spawn_blocking(move || {
+        let _reserved = reserved;
         let now = crate::clock::now_ms();
         batches
             .into_iter()
@@ -94,7 +104,6 @@ pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
             verified.push(key);
         }
     }
-    let deadline = tokio::time::Instant::now() + timeout;
     let appended = log
         .append_guarded(checked, &guards, &config, &ctx.flusher, timeout)
         .await?;

@@ -60,6 +60,28 @@ impl Compression {
         }
     }
 
+    /// The most memory [`decompress`](Self::decompress) allocates for `data` within
+    /// `limit`: what a caller sharing memory among many decompressions reserves first.
+    /// Uncompressed data costs nothing more (it is read in place); lz4 costs its size
+    /// prefix, zstd its frame's declared content size, or without one the most its bytes
+    /// can inflate to. Input that would need more is refused before it gets more.
+    pub(crate) fn inflated_bound(self, data: &[u8], limit: usize) -> usize {
+        match self {
+            Compression::None => 0,
+            Compression::Lz4 => data.get(..4).map_or(0, |b| {
+                let size = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
+                size.min(limit).min(lz4_max_output(data.len() - 4))
+            }),
+            Compression::Zstd => {
+                let bound = zstd_max_output(data.len()).min(limit);
+                match zstd::zstd_safe::get_frame_content_size(data) {
+                    Ok(Some(n)) => usize::try_from(n).map_or(bound, |n| n.min(bound)),
+                    _ => bound,
+                }
+            }
+        }
+    }
+
     pub(crate) fn decompress(self, data: &[u8], limit: usize) -> Result<Vec<u8>, ProtocolError> {
         match self {
             Compression::None => {
@@ -119,8 +141,9 @@ pub(crate) fn zstd_max_output(compressed: usize) -> usize {
 
 /// Decompresses zstd into a buffer sized by what the input can actually produce, never by
 /// the caller's limit alone: the frame's declared content size (checked against the limit
-/// and against [`zstd_max_output`]) or, without one, a guess that grows ×4 while the output
-/// does not fit, up to `limit`.
+/// and against [`zstd_max_output`]; input holding more than it declares, a lie or several
+/// frames, is refused rather than given more room) or, without one, a guess that grows ×4
+/// while the output does not fit, up to `limit`.
 fn zstd_decompress(data: &[u8], limit: usize) -> Result<Vec<u8>, ProtocolError> {
     let declared = zstd::zstd_safe::get_frame_content_size(data).ok().flatten();
     if let Some(n) = declared {
@@ -140,6 +163,12 @@ fn zstd_decompress(data: &[u8], limit: usize) -> Result<Vec<u8>, ProtocolError> 
         match decompressor.decompress_to_buffer(data, &mut out) {
             Ok(_) => return Ok(out),
             Err(e) if is_dst_too_small(&e) => {
+                if let Some(n) = declared {
+                    return Err(ProtocolError::Compression(format!(
+                        "zstd: the frame declares {n} bytes of content but holds more \
+                         (send one frame whose header gives its true size)"
+                    )));
+                }
                 if capacity >= bound {
                     // Only a lie can get here: the output would exceed what the input can
                     // produce, or the caller's limit.
@@ -244,6 +273,34 @@ mod tests {
             Compression::Zstd.decompress(&z, 1 << 20),
             Err(ProtocolError::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn the_inflated_bound_covers_what_decompression_allocates() {
+        let data = vec![3u8; 1 << 20];
+        for c in [Compression::Lz4, Compression::Zstd] {
+            let z = c.compress(&data);
+            assert_eq!(c.inflated_bound(&z, 64 << 20), data.len(), "{c:?}");
+            assert_eq!(c.inflated_bound(&z, 1000), 1000, "{c:?}");
+        }
+        assert_eq!(Compression::None.inflated_bound(&data, 64 << 20), 0);
+        // Without a declared size, zstd may need what its bytes can inflate to.
+        let mut enc = zstd::stream::Encoder::new(Vec::new(), 1).unwrap();
+        enc.include_contentsize(false).unwrap();
+        std::io::Write::write_all(&mut enc, &data).unwrap();
+        let z = enc.finish().unwrap();
+        let bound = Compression::Zstd.inflated_bound(&z, 64 << 20);
+        assert_eq!(bound, zstd_max_output(z.len()).min(64 << 20));
+        assert!(bound >= data.len());
+    }
+
+    #[test]
+    fn zstd_holding_more_than_it_declares_is_refused() {
+        // Two frames: the first declares 1000 bytes, the whole input holds 2000.
+        let mut z = Compression::Zstd.compress(&[1u8; 1000]);
+        z.extend(Compression::Zstd.compress(&[2u8; 1000]));
+        let e = Compression::Zstd.decompress(&z, 64 << 20).unwrap_err();
+        assert!(e.to_string().contains("declares 1000 bytes"), "{e}");
     }
 
     #[test]

@@ -427,6 +427,20 @@ fn check_timestamp(ts: i64, what: &str, limits: &ProduceLimits) -> Result<(), Pr
     Ok(())
 }
 
+/// The most memory [`validate_produce`] allocates to decompress this batch's records, with
+/// `max_decompressed_bytes` as its limit: 0 for an uncompressed batch (read in place) or
+/// one too broken to reach decompression. A broker checking many batches at once reserves
+/// this much of a shared budget before each.
+pub fn decompression_bound(batch: &[u8], max_decompressed_bytes: usize) -> usize {
+    let Ok(h) = BatchHeader::parse(batch) else {
+        return 0;
+    };
+    match h.compression() {
+        Ok(c) => c.inflated_bound(&batch[BATCH_HEADER_LEN..], max_decompressed_bytes),
+        Err(_) => 0,
+    }
+}
+
 /// Validates a produced batch as a broker must before storing it: everything [`validate`]
 /// checks (header, length, size, codec, CRC), then the records actually present, walked
 /// (decompressed within [`ProduceLimits::max_decompressed_bytes`]) and compared with what
