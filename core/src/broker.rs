@@ -268,12 +268,9 @@ impl Broker {
         let lone_tasks = if config.cluster.enabled() {
             None
         } else {
-            let (service, replayed) = GroupService::open(
-                topics.clone(),
-                flusher.clone(),
-                config.limits.max_frame_bytes as usize,
-            )
-            .map_err(|e| BrokerError::Storage(format!("consumer groups: {e}")))?;
+            let (service, replayed) =
+                GroupService::open(topics.clone(), flusher.clone(), group_log_limits(&config))
+                    .map_err(|e| BrokerError::Storage(format!("consumer groups: {e}")))?;
             let txns = TxnCoordinator::new(service.clone(), replayed.txn_states, txn_env.clone());
             let moved = txns
                 .adopt_legacy(&db)
@@ -357,7 +354,7 @@ impl Broker {
                         groups: groups.clone(),
                         txn_env: txn_env.clone(),
                         offsets_replication: config.cluster.voters.len().clamp(1, 3),
-                        max_decompressed: config.limits.max_frame_bytes as usize,
+                        group_log: group_log_limits(&config),
                         plugins: plugins.clone(),
                         pipelines: pipelines.clone(),
                     },
@@ -494,5 +491,13 @@ impl BrokerHandle {
         if let Some(f) = self.shutdown.take() {
             f().await;
         }
+    }
+}
+
+/// How the consumer-group services bound their work on `__consumer_offsets`.
+fn group_log_limits(config: &BrokerConfig) -> crate::group::GroupLogLimits {
+    crate::group::GroupLogLimits {
+        max_decompressed: config.limits.max_frame_bytes as usize,
+        compact_bytes: config.offsets_compact_bytes,
     }
 }

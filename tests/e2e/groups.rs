@@ -646,3 +646,62 @@ fn stored_offset_commits_store_only_what_was_marked_done() {
     assert_eq!(p["committed"], 25, "{d}");
     assert_eq!(p["lag"], 15, "{d}");
 }
+
+#[test]
+fn a_compacted_offsets_log_keeps_the_last_commit_and_replays_only_the_state() {
+    let mut b = TestBroker::start_with_config("offsets_compact_bytes = 65536\n");
+    b.cli_ok(&["topic", "create", "ticks", "--partitions", "2"]);
+    produce_keyed(&b, "ticks", 0, 10);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let last = rt.block_on(async {
+        let client = Client::connect(b.client_config()).await.unwrap();
+        let mut cfg = GroupConfig::new("clock", ["ticks"]);
+        cfg.strategy = Some(quiver_client::Strategy::Range);
+        let mut m = GroupConsumer::join(client.clone(), cfg).await.unwrap();
+        poll_at_least(&mut m, 10).await;
+        // About 200 bytes a commit: 1,500 of them are several compactions' worth.
+        let mut last = 0;
+        for i in 1..=1500i64 {
+            let req = CommitOffsetsRequest {
+                group: "clock".into(),
+                member_id: m.member_id(),
+                generation: m.generation(),
+                offsets: (0..2)
+                    .map(|p| OffsetCommit {
+                        topic: "ticks".into(),
+                        partition: p,
+                        offset: i + i64::from(p),
+                        metadata: None,
+                    })
+                    .collect(),
+            };
+            client.request(&req, bytes::Bytes::new()).await.unwrap();
+            last = i;
+        }
+        drop(m); // no leave: the broker is killed under it
+        last
+    });
+    wait_for(60, "a compaction of __consumer_offsets", || {
+        b.log().contains("compacted the consumer-group log")
+    });
+    b.kill9();
+    b.spawn();
+    let d = describe(&b, "clock");
+    let committed: Vec<i64> = d["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["committed"].as_i64().unwrap_or(-1))
+        .collect();
+    assert_eq!(committed, vec![last, last + 1], "{d}");
+    // The restart replayed the carried state and what came after it, not 1,500 commits.
+    let log = b.log();
+    let replayed: u64 = log
+        .lines()
+        .rfind(|l| l.contains("recovered consumer groups"))
+        .and_then(|l| l.split("records=").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("the broker logs what it replayed");
+    assert!(replayed < 1000, "replayed {replayed} records");
+}

@@ -30,13 +30,16 @@
 //!   and deletions are records of the internal topic `__consumer_offsets` ([`records`]),
 //!   appended with the `flush = batch` policy so a commit is acknowledged only once it is
 //!   on disk, and replayed at start (latest record per key wins; empty values are
-//!   tombstones). This is what replication will carry later. Membership is not durable:
+//!   tombstones). Once a partition's log has grown `offsets_compact_bytes`, its live
+//!   records are carried forward and the older part deleted ([`compaction`]), so a restart
+//!   replays state, not history. Membership is not durable:
 //!   after a restart members get `UnknownMember` and join again.
 //! - A member that gets a partition starts at the committed offset, else at the group's
 //!   `auto_offset_reset` (earliest or latest). Lag is high watermark − committed (from the
 //!   log start when nothing is committed).
 
 pub mod assignor;
+pub mod compaction;
 pub mod coordinator;
 pub mod directory;
 pub mod records;
@@ -50,7 +53,7 @@ pub use coordinator::{
 };
 pub use directory::GroupDirectory;
 pub use records::{GroupRecord, OFFSETS_TOPIC};
-pub use service::{GroupService, GroupServiceError};
+pub use service::{GroupLogLimits, GroupService, GroupServiceError};
 
 /// The broker coordinating `group`, among `live_brokers` (ids, in any order): a stable hash
 /// of the name over the sorted ids. With one broker, that broker.

@@ -13,6 +13,7 @@
 //! transaction holds offsets of the partitions asked for.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -39,6 +40,16 @@ use crate::topic::{TopicConfig, TopicError, TopicRegistry};
 const TICK: Duration = Duration::from_millis(100);
 /// How long a persisted group record may wait for its disk flush.
 const PERSIST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What bounds a service's work on its offsets log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupLogLimits {
+    /// Largest decompressed batch when replaying group records.
+    pub max_decompressed: usize,
+    /// Bytes the log may grow past its last compaction before the next one
+    /// (`offsets_compact_bytes`).
+    pub compact_bytes: u64,
+}
 
 /// Why a group request failed; each maps to a wire code.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +112,11 @@ pub struct GroupService {
     log_config: TopicConfig,
     started: Instant,
     max_decompressed: usize,
+    compact_bytes: u64,
+    /// The log size at which the next compaction runs.
+    compact_at: AtomicU64,
+    /// True while a compaction runs (one at a time).
+    compacting: AtomicBool,
     /// A cluster broker's replicas: a group record is acknowledged once the in-sync
     /// replicas of its offsets partition have it (`Weak`: the manager owns the directory).
     replicas: std::sync::Weak<crate::replica::ReplicaManager>,
@@ -277,7 +293,7 @@ impl GroupService {
     pub fn open(
         topics: Arc<TopicRegistry>,
         flusher: Arc<Flusher>,
-        max_decompressed: usize,
+        limits: GroupLogLimits,
     ) -> Result<(Arc<GroupService>, Replayed), TopicError> {
         let topic = match topics.get(OFFSETS_TOPIC) {
             Some(t) => t,
@@ -298,7 +314,7 @@ impl GroupService {
             flusher,
             log,
             topic.config(),
-            max_decompressed,
+            limits,
             std::sync::Weak::new(),
         )
     }
@@ -311,9 +327,10 @@ impl GroupService {
         flusher: Arc<Flusher>,
         log: Arc<PartitionLog>,
         log_config: TopicConfig,
-        max_decompressed: usize,
+        limits: GroupLogLimits,
         replicas: std::sync::Weak<crate::replica::ReplicaManager>,
     ) -> Result<(Arc<GroupService>, Replayed), TopicError> {
+        let max_decompressed = limits.max_decompressed;
         let nonce = crate::clock::now_ms() as u64 % 0x1_0000_0000;
         let mut coord = GroupCoordinator::new(CoordinatorConfig {
             member_id_prefix: format!("{nonce:08x}"),
@@ -352,6 +369,9 @@ impl GroupService {
             log,
             started: Instant::now(),
             max_decompressed,
+            compact_bytes: limits.compact_bytes,
+            compact_at: AtomicU64::new(limits.compact_bytes),
+            compacting: AtomicBool::new(false),
             replicas,
             txn: Mutex::new(txn),
             txn_ended: watch::Sender::new(0),
@@ -819,7 +839,69 @@ impl GroupService {
                 self.after(&mut c);
             }
             self.abort_abandoned().await;
+            self.maybe_compact();
         }
+    }
+
+    /// Starts a compaction of the offsets log once it has grown `compact_bytes` past the
+    /// last one (or past the last attempt that found nothing to cut).
+    fn maybe_compact(self: &Arc<Self>) {
+        if self.log.snapshot().size_bytes < self.compact_at.load(Ordering::Relaxed)
+            || self.compacting.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.compact().await {
+                warn!(partition = this.log.partition, error = %e, "compacting the consumer-group log failed; it is tried again after it grows further");
+            }
+            let size = this.log.snapshot().size_bytes;
+            this.compact_at
+                .store(size.saturating_add(this.compact_bytes), Ordering::Relaxed);
+            this.compacting.store(false, Ordering::Release);
+        });
+    }
+
+    /// Carries the live records of the offsets log forward and deletes the part before
+    /// them (see [`super::compaction`]); returns the cut and the records carried, or `None`
+    /// when there was nothing to cut (a transaction's offsets held open at the log start,
+    /// or this broker no longer leads the partition).
+    pub async fn compact(&self) -> Result<Option<(i64, usize)>> {
+        match self.plan_compaction().await? {
+            Some(carry) => self.carry_forward(carry).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// What a compaction would carry now (`None`: nothing to cut, or not the leader).
+    async fn plan_compaction(&self) -> Result<Option<super::compaction::Carry>> {
+        if !self.still_leads() {
+            return Ok(None);
+        }
+        let until = self.log.snapshot().high_watermark;
+        let (log, max) = (self.log.clone(), self.max_decompressed);
+        Ok(
+            crate::log::partition::blocking(move || super::compaction::plan(&log, until, max))
+                .await??,
+        )
+    }
+
+    /// Appends `carry`'s records, then deletes the log below its cut.
+    async fn carry_forward(&self, carry: super::compaction::Carry) -> Result<(i64, usize)> {
+        for b in carry.batches() {
+            self.append_durably(b).await?;
+        }
+        let (log, cut) = (self.log.clone(), carry.cut);
+        let freed = crate::log::partition::blocking(move || log.trim_before(cut)).await??;
+        info!(
+            partition = self.log.partition,
+            cut,
+            carried = carry.records.len(),
+            freed_bytes = freed,
+            "compacted the consumer-group log"
+        );
+        Ok((cut, carry.records.len()))
     }
 
     /// Offsets held longer than any transaction may stay open belong to a transaction that
@@ -866,6 +948,8 @@ fn replay(
 ) -> std::result::Result<u64, TopicError> {
     let mut offset = log.snapshot().log_start;
     let mut applied = 0;
+    // Carried records (compaction) stand for older writes: each key keeps its newest.
+    let mut newest = super::compaction::Newest::default();
     loop {
         let (batches, next) = log.read_recovering(offset, 4 * 1024 * 1024)?;
         for b in &batches {
@@ -874,6 +958,7 @@ fn replay(
                 if h.base_offset >= offset && h.is_transactional() {
                     if let Some(m) = batch::marker_of(b) {
                         for r in txn.resolve(h.producer_id, h.producer_epoch, m == Marker::Commit) {
+                            newest.admit(&r.encode().0, h.base_offset, ());
                             coord.apply(&r);
                             applied += 1;
                         }
@@ -903,7 +988,11 @@ fn replay(
                 if r.offset < offset {
                     continue;
                 }
-                let key: Bytes = r.key.unwrap_or_default();
+                let at = super::compaction::effective_offset(&r);
+                let key: Bytes = r.key.clone().unwrap_or_default();
+                if in_txn.is_none() && !newest.admit(&key, at, ()) {
+                    continue;
+                }
                 match decode_entry(&key, &r.value) {
                     Ok(Entry::Group(rec)) if in_txn.is_some() => held.push(rec),
                     Ok(Entry::Group(rec)) => {
@@ -961,9 +1050,146 @@ fn resolved_offsets(
     Ok(given.to_vec())
 }
 
+/// Limits for tests: small batches, compaction every 64 KiB.
+#[cfg(test)]
+pub(crate) fn test_group_log() -> GroupLogLimits {
+    GroupLogLimits {
+        max_decompressed: 1 << 20,
+        compact_bytes: 64 * 1024,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use quiver_protocol::requests::OffsetCommit;
+
+    fn commit(group: &str, partition: u32, offset: i64) -> CommitOffsetsRequest {
+        CommitOffsetsRequest {
+            group: group.to_string(),
+            member_id: String::new(),
+            generation: 0,
+            offsets: vec![OffsetCommit {
+                topic: "t".into(),
+                partition,
+                offset,
+                metadata: Some(format!("{group}/{partition} at {offset}")),
+            }],
+        }
+    }
+
+    /// Every group's committed offsets, as (group, partition) → offset.
+    fn committed(s: &GroupService, groups: &[String]) -> BTreeMap<(String, u32), i64> {
+        let mut out = BTreeMap::new();
+        for g in groups {
+            let req = FetchOffsetsRequest {
+                group: g.clone(),
+                partitions: None,
+            };
+            for o in s.fetch_offsets(&req).offsets {
+                if let Some(offset) = o.offset {
+                    out.insert((g.clone(), o.partition), offset);
+                }
+            }
+        }
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn compaction_keeps_every_groups_latest_offsets_through_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let topics = Arc::new(
+            TopicRegistry::open(db.clone(), crate::topic::TopicConfig::default()).unwrap(),
+        );
+        let flusher = Flusher::new(db.clone());
+        let (_stop, rx) = watch::channel(false);
+        tokio::spawn(flusher.clone().run(Duration::from_millis(2), rx));
+        let open = || GroupService::open(topics.clone(), flusher.clone(), test_group_log());
+        let (s, _) = open().unwrap();
+        let groups: Vec<String> = (0..5).map(|g| format!("g{g}")).collect();
+        let mut model = BTreeMap::new();
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut cuts = Vec::new();
+        let mut held_from = None;
+        for i in 0..1500i64 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let g = &groups[(rng % 5) as usize];
+            let p = ((rng >> 8) % 4) as u32;
+            match (rng >> 16) % 100 {
+                0..=3 if model.keys().any(|(mg, _): &(String, u32)| mg == g) => {
+                    s.delete(g).await.unwrap();
+                    model.retain(|(mg, _), _| mg != g);
+                }
+                4..=6 => {
+                    // A commit lands between the plan and its carried copy: the copy
+                    // (of an older value of the same key) must not win on replay.
+                    if let Some(carry) = s.plan_compaction().await.unwrap() {
+                        s.store_offsets(&commit(g, p, i)).await.unwrap();
+                        model.insert((g.clone(), p), i);
+                        let (cut, _) = s.carry_forward(carry).await.unwrap();
+                        assert!(
+                            held_from.is_none_or(|from| cut <= from),
+                            "cut {cut} passed held offsets"
+                        );
+                        cuts.push(cut);
+                    }
+                }
+                7..=8 => {
+                    if let Some((cut, _)) = s.compact().await.unwrap() {
+                        cuts.push(cut);
+                        if let Some(from) = held_from {
+                            assert!(cut <= from, "cut {cut} passed held offsets at {from}");
+                        }
+                    }
+                }
+                _ => {
+                    s.store_offsets(&commit(g, p, i)).await.unwrap();
+                    model.insert((g.clone(), p), i);
+                }
+            }
+            if i == 500 {
+                // A transaction's offsets held open across compactions.
+                held_from = Some(s.log.snapshot().log_end);
+                let records = super::super::coordinator::offset_records(&commit("g0", 9, 1));
+                let encoded: Vec<_> = records.iter().map(GroupRecord::encode).collect();
+                s.persist_encoded(&encoded, Some((7, 0))).await.unwrap();
+                s.txn_lock().add(7, 0, records);
+            }
+            if i == 1000 {
+                let marker = crate::txn::TxnMarker {
+                    producer_id: 7,
+                    epoch: 0,
+                    marker: Marker::Commit,
+                    coordinator_epoch: None,
+                };
+                s.write_marker(marker).await.unwrap();
+                model.insert(("g0".into(), 9), 1);
+                held_from = None;
+            }
+        }
+        s.compact().await.unwrap();
+        assert!(cuts.len() > 10, "compactions that cut: {cuts:?}");
+        // Last, with nothing after it: a commit between a plan and its carried copy.
+        s.store_offsets(&commit("g1", 0, 4999)).await.unwrap();
+        let carry = s.plan_compaction().await.unwrap().expect("a cut");
+        s.store_offsets(&commit("g1", 0, 5000)).await.unwrap();
+        model.insert(("g1".into(), 0), 5000);
+        s.carry_forward(carry).await.unwrap();
+        assert_eq!(committed(&s, &groups), model);
+        let snap = s.log.snapshot();
+        assert!(snap.log_start > 0, "nothing was deleted");
+        assert!(
+            snap.size_bytes < 64 * 1024,
+            "{} bytes left after compacting",
+            snap.size_bytes
+        );
+        drop(s);
+        let (again, _) = open().unwrap();
+        assert_eq!(committed(&again, &groups), model, "state after replay");
+    }
 
     #[test]
     fn a_markers_fence_holds_then_is_forgotten_after_the_longest_transaction() {

@@ -991,6 +991,39 @@ impl PartitionLog {
         }))
     }
 
+    /// Deletes the whole batches that end at or before `before` (and below the high
+    /// watermark) from the front, as a compacted internal topic does once its live records
+    /// are carried past them; returns bytes freed.
+    pub fn trim_before(&self, before: i64) -> Result<u64, LogError> {
+        if self.deleted.load(Ordering::Acquire) || self.offline_reason().is_some() {
+            return Ok(0);
+        }
+        let snap = self.snapshot();
+        let generation = self.lock().role_generation;
+        let mut batches = Vec::new();
+        for item in self.batches.iter() {
+            let (_, v) = item?;
+            let h = BatchHeader::parse(&v)?;
+            if h.next_offset() > before || h.next_offset() > snap.high_watermark {
+                break;
+            }
+            batches.push(BatchSummary {
+                base_offset: h.base_offset,
+                next_offset: h.next_offset(),
+                max_timestamp: h.max_timestamp,
+                size: v.len() as u64,
+            });
+        }
+        if batches.is_empty() {
+            return Ok(0);
+        }
+        self.carry_out_retention(RetentionPlan {
+            generation,
+            log_start: snap.log_start,
+            batches,
+        })
+    }
+
     /// Deletes what `plan` listed, unless the log changed since: a follower reset or
     /// truncation (a new role) or another pass moved the log start, and this pass gives
     /// way to the next one.

@@ -334,5 +334,17 @@ async fn fetch_once(
         Fetched::Appended
     };
     log.advance_high_watermark(resp.high_watermark);
+    // In step with its leader, a follower's log starts where the leader's does: what
+    // retention or a compaction deleted there goes here too.
+    let snap = log.snapshot();
+    if resp.log_start_offset > snap.log_start && snap.log_end >= resp.high_watermark {
+        let (log2, start) = (log.clone(), resp.log_start_offset);
+        match crate::log::partition::blocking(move || log2.trim_before(start)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) | Err(e) => {
+                tracing::warn!(error = %e, leader_start = start, "could not delete below the leader's log start; trying again after the next fetch");
+            }
+        }
+    }
     Ok(fetched)
 }

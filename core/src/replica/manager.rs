@@ -135,8 +135,8 @@ pub struct ReplicaSetup {
     pub txn_env: Arc<crate::txn::TxnEnv>,
     /// Replicas of each `__consumer_offsets` partition.
     pub offsets_replication: usize,
-    /// Largest decompressed batch when replaying group records.
-    pub max_decompressed: usize,
+    /// Largest decompressed batch when replaying group records, and when to compact them.
+    pub group_log: crate::group::GroupLogLimits,
     /// The broker's plugins (installed and removed as the controller says).
     pub plugins: Arc<crate::plugin::PluginService>,
     /// The broker's pipeline host, told which deployed pipeline instances to run here.
@@ -161,7 +161,7 @@ pub struct ReplicaManager {
     groups: Arc<GroupDirectory>,
     txn_env: Arc<crate::txn::TxnEnv>,
     offsets_replication: usize,
-    max_decompressed: usize,
+    group_log: crate::group::GroupLogLimits,
     view: RwLock<Arc<ControllerState>>,
     plugin_sync: Arc<super::plugins::PluginSync>,
     pipelines: crate::pipelines::PipelineSlot,
@@ -194,7 +194,7 @@ impl ReplicaManager {
             groups: setup.groups,
             txn_env: setup.txn_env,
             offsets_replication: setup.offsets_replication,
-            max_decompressed: setup.max_decompressed,
+            group_log: setup.group_log,
             view: RwLock::new(Arc::new(ControllerState::default())),
             plugin_sync: Arc::new(super::plugins::PluginSync::new(setup.plugins)),
             pipelines: setup.pipelines,
@@ -575,15 +575,15 @@ impl ReplicaManager {
             let Ok((t, log)) = self.topics.partition(OFFSETS_TOPIC, p) else {
                 continue;
             };
-            let (topics, flusher, config, max) = (
+            let (topics, flusher, config, limits) = (
                 self.topics.clone(),
                 self.flusher.clone(),
                 t.config(),
-                self.max_decompressed,
+                self.group_log,
             );
             let replicas = self.me_weak();
             let opened = tokio::task::spawn_blocking(move || {
-                GroupService::open_on(topics, flusher, log, config, max, replicas)
+                GroupService::open_on(topics, flusher, log, config, limits, replicas)
             })
             .await;
             match opened {

@@ -743,8 +743,12 @@ mod tests {
         let flusher = crate::log::Flusher::new(db.clone());
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn(flusher.clone().run(Duration::from_millis(5), rx));
-        let (service, replayed) =
-            GroupService::open(topics.clone(), flusher.clone(), 1 << 20).unwrap();
+        let (service, replayed) = GroupService::open(
+            topics.clone(),
+            flusher.clone(),
+            crate::group::service::test_group_log(),
+        )
+        .unwrap();
         let env = Arc::new(TxnEnv {
             markers: MarkerWriter::new(topics, flusher),
             ids: ProducerIds::new(db.clone(), 1),
