@@ -51,7 +51,7 @@ pub use plugins::PluginAdmin;
 pub use plugins::TopicPartitioner;
 pub use producer::{
     murmur2, partition_for_key, DefaultPartitioner, DeliveryFuture, Partitioner, Producer,
-    ProducerConfig, ProducerRecord, ProducerStats, RecordMetadata, RecordRef,
+    ProducerConfig, ProducerRecord, ProducerStats, RecordMetadata, RecordRef, ValuesQueued,
 };
 pub use quiver_protocol::batch::{Compression, Header};
 pub use quiver_protocol::requests::OffsetCommit;

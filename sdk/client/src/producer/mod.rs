@@ -481,6 +481,16 @@ impl Drop for Urgent<'_> {
     }
 }
 
+/// What [`Producer::send_values_counted`] did: how many values it queued (from the
+/// front), and the error that stopped it, if any.
+#[derive(Debug)]
+pub struct ValuesQueued {
+    /// Values queued; they will be sent and resolved like any record.
+    pub queued: u64,
+    /// Why it stopped before the end; `None` when every value was queued.
+    pub error: Option<ClientError>,
+}
+
 /// Sends records to topics, batching per partition; cheap to clone.
 ///
 /// ```no_run
@@ -606,12 +616,53 @@ impl Producer {
 
     /// Queues many keyless values for one topic (and partition, if given) without a
     /// per-record future: the fastest path for bulk loads. Returns how many were queued.
+    /// On an error some values may have been queued already (they will be sent);
+    /// [`send_values_counted`](Self::send_values_counted) says how many.
     pub async fn send_values<'a, I>(
         &self,
         topic: &str,
         partition: Option<u32>,
         values: I,
     ) -> Result<u64>
+    where
+        I: IntoIterator<Item = &'a [u8]>,
+    {
+        let counted = self.send_values_counted(topic, partition, values).await;
+        match counted.error {
+            Some(e) => Err(e),
+            None => Ok(counted.queued),
+        }
+    }
+
+    /// [`send_values`](Self::send_values) that also reports, when it fails part-way, how
+    /// many values (from the front) it queued before the error: those will be sent (and
+    /// resolved like any record), the rest were not queued, so a caller resends exactly
+    /// `values[queued..]`.
+    pub async fn send_values_counted<'a, I>(
+        &self,
+        topic: &str,
+        partition: Option<u32>,
+        values: I,
+    ) -> ValuesQueued
+    where
+        I: IntoIterator<Item = &'a [u8]>,
+    {
+        let mut queued = 0;
+        let error = self
+            .queue_values(topic, partition, values, &mut queued)
+            .await
+            .err();
+        ValuesQueued { queued, error }
+    }
+
+    /// The loop of [`send_values_counted`](Self::send_values_counted), counting into `n`.
+    async fn queue_values<'a, I>(
+        &self,
+        topic: &str,
+        partition: Option<u32>,
+        values: I,
+        n: &mut u64,
+    ) -> Result<()>
     where
         I: IntoIterator<Item = &'a [u8]>,
     {
@@ -631,12 +682,11 @@ impl Producer {
                 #[cfg(feature = "plugins")]
                 PluginRouting::Plugin(plugin) => {
                     return self
-                        .send_values_routed(&state, plugin, topic, timestamp, values)
+                        .send_values_routed(&state, plugin, topic, timestamp, values, n)
                         .await
                 }
             }
         }
-        let mut n = 0;
         for value in values {
             if self.shared.buffered.load(Ordering::Relaxed)
                 >= self.shared.config.buffer_memory_bytes
@@ -650,9 +700,9 @@ impl Producer {
                 ..RecordRef::new(topic, value)
             };
             self.append(&state, &r, None, false)?;
-            n += 1;
+            *n += 1;
         }
-        Ok(n)
+        Ok(())
     }
 
     /// `send_values` through a topic's partitioner plugin: values go to the plugin's thread
@@ -665,13 +715,13 @@ impl Producer {
         topic: &str,
         timestamp: Option<i64>,
         values: I,
-    ) -> Result<u64>
+        n: &mut u64,
+    ) -> Result<()>
     where
         I: IntoIterator<Item = &'a [u8]>,
     {
         let partitions = state.partitions.len() as u32;
         let mut values = values.into_iter().peekable();
-        let mut n = 0;
         while values.peek().is_some() {
             let chunk: Vec<(Option<Bytes>, Bytes)> = values
                 .by_ref()
@@ -694,13 +744,13 @@ impl Producer {
                     ..RecordRef::new(topic, value)
                 };
                 self.append(state, &r, None, false)?;
-                n += 1;
+                *n += 1;
             }
             if let Some(e) = failed {
                 return Err(e);
             }
         }
-        Ok(n)
+        Ok(())
     }
 
     /// Sends every buffered record now and waits until all records sent so far (before the
@@ -1002,6 +1052,25 @@ mod tests {
             "the record sent before the flush is resolved when it returns"
         );
         sender.abort();
+    }
+
+    /// A bulk send stopped part-way (here the producer closes under it) says how many
+    /// values it queued before the error.
+    #[tokio::test]
+    async fn send_values_counted_reports_what_it_queued_before_an_error() {
+        let client = Client::offline_for_tests(vec![topic("plain", 2, None)]);
+        let producer = Producer::new(client, ProducerConfig::default());
+        let shared = producer.shared.clone();
+        let values = (0..5u8).map(|i| {
+            if i == 3 {
+                shared.closed.store(true, Ordering::SeqCst);
+            }
+            &b"value"[..]
+        });
+        let sent = producer.send_values_counted("plain", Some(0), values).await;
+        assert_eq!(sent.queued, 3);
+        assert!(matches!(sent.error, Some(ClientError::Closed)), "{sent:?}");
+        assert_eq!(producer.stats().records_sent, 3);
     }
 
     /// Without the `plugins` feature, a topic's partitioner cannot run: every way of
