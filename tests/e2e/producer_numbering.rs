@@ -201,3 +201,60 @@ fn a_flush_waits_for_what_was_sent_before_it_not_for_what_others_keep_sending() 
         producer.close().await.unwrap();
     });
 }
+
+#[test]
+fn a_producer_sends_to_partitions_added_after_its_first_send() {
+    let b = TestBroker::start();
+    b.cli_ok(&["topic", "create", "grow", "--partitions", "2"]);
+    let log_ends = || -> Vec<i64> {
+        b.describe("grow")["partitions"]
+            .as_array()
+            .expect("partitions")
+            .iter()
+            .map(|p| p["log_end_offset"].as_i64().expect("log_end_offset"))
+            .collect()
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = Client::connect(b.client_config()).await.expect("connect");
+        let producer = Producer::new(
+            client,
+            ProducerConfig {
+                metadata_max_age: Duration::from_millis(200),
+                ..ProducerConfig::default()
+            },
+        );
+        for i in 0..4 {
+            producer
+                .send(ProducerRecord::new("grow", format!("before-{i}")))
+                .await
+                .unwrap();
+            producer.flush().await.unwrap();
+        }
+        b.cli_ok(&["topic", "alter", "grow", "--partitions", "4"]);
+        // Keyless records take the partitions in turn, one batch each: once the producer
+        // has looked the topic up again, the new partitions get their share.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut i = 0;
+        loop {
+            let ends = log_ends();
+            if ends.iter().all(|&e| e > 0) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the new partitions got nothing: {ends:?}"
+            );
+            for _ in 0..8 {
+                producer
+                    .send(ProducerRecord::new("grow", format!("after-{i}")))
+                    .await
+                    .unwrap();
+                producer.flush().await.unwrap();
+                i += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        producer.close().await.unwrap();
+    });
+}

@@ -3,7 +3,7 @@
 //! in-flight requests and idempotent retries.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -46,8 +46,13 @@ fn identity(base_id: i64, generation: u32) -> (i64, i16) {
 pub(crate) struct TopicState {
     pub(crate) partitions: Vec<Arc<PartitionQueue>>,
     sticky: Arc<AtomicU32>,
+    /// The topic's partition count, shared with its queues (the round robin of keyless
+    /// records covers partitions added later too).
+    count: Arc<AtomicU32>,
     /// The topic's partitioner plugin, looked up when the topic is first used.
     pub(crate) routing: super::PluginRouting,
+    /// When the topic's metadata was last looked up ([`mono_ms`]).
+    checked_ms: AtomicU64,
 }
 
 impl TopicState {
@@ -58,43 +63,107 @@ impl TopicState {
         routing: super::PluginRouting,
         shared: &Arc<Shared>,
     ) -> (Arc<TopicState>, Vec<tokio::task::JoinHandle<()>>) {
-        let topic: Arc<str> = Arc::from(name);
         let sticky = Arc::new(AtomicU32::new(
             (random_u64() % u64::from(partitions)) as u32,
         ));
-        let queues: Vec<Arc<PartitionQueue>> = (0..partitions)
-            .map(|p| {
-                Arc::new(PartitionQueue::new(
-                    topic.clone(),
-                    p,
-                    partitions,
-                    sticky.clone(),
-                    &shared.config,
-                ))
-            })
-            .collect();
-        let tasks = queues
-            .iter()
-            .map(|q| {
-                let span =
-                    tracing::debug_span!("producer", topic = %q.topic, partition = q.partition);
-                tokio::spawn(q.clone().run(shared.clone()).instrument(span))
-            })
-            .collect();
-        (
-            Arc::new(TopicState {
-                partitions: queues,
-                sticky,
-                routing,
-            }),
-            tasks,
-        )
+        let count = Arc::new(AtomicU32::new(partitions));
+        let queues = queues(name, 0..partitions, &count, &sticky, shared);
+        let tasks = start_tasks(&queues, shared);
+        let state = TopicState {
+            partitions: queues,
+            sticky,
+            count,
+            routing,
+            checked_ms: AtomicU64::new(mono_ms()),
+        };
+        (Arc::new(state), tasks)
+    }
+
+    /// This topic grown to `partitions`: the same queues (and their batches) for the
+    /// partitions it had, new ones (with their tasks) for those added.
+    pub(crate) fn grown(
+        &self,
+        name: &str,
+        partitions: u32,
+        routing: super::PluginRouting,
+        shared: &Arc<Shared>,
+    ) -> (Arc<TopicState>, Vec<tokio::task::JoinHandle<()>>) {
+        let had = self.partitions.len() as u32;
+        let added = queues(name, had..partitions, &self.count, &self.sticky, shared);
+        let tasks = start_tasks(&added, shared);
+        self.count.store(partitions.max(had), Ordering::Relaxed);
+        let state = TopicState {
+            partitions: self.partitions.iter().cloned().chain(added).collect(),
+            sticky: self.sticky.clone(),
+            count: self.count.clone(),
+            routing,
+            checked_ms: AtomicU64::new(mono_ms()),
+        };
+        (Arc::new(state), tasks)
     }
 
     /// The partition keyless records go to now.
     pub(crate) fn sticky(&self) -> u32 {
-        self.sticky.load(Ordering::Relaxed)
+        // A state made before the topic grew keeps its own (shorter) list of partitions.
+        self.sticky.load(Ordering::Relaxed) % self.partitions.len().max(1) as u32
     }
+
+    /// True when the metadata was looked up longer than `max_age` ago; the caller that
+    /// gets true looks it up again (others keep going meanwhile).
+    pub(crate) fn metadata_due(&self, max_age: std::time::Duration) -> bool {
+        let (now, last) = (mono_ms(), self.checked_ms.load(Ordering::Relaxed));
+        if u128::from(now.saturating_sub(last)) < max_age.as_millis() {
+            return false;
+        }
+        self.checked_ms
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+}
+
+/// Milliseconds of a monotonic clock (from its first use), for atomics.
+fn mono_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
+/// Queues for `partitions` of topic `name`.
+fn queues(
+    name: &str,
+    partitions: std::ops::Range<u32>,
+    count: &Arc<AtomicU32>,
+    sticky: &Arc<AtomicU32>,
+    shared: &Arc<Shared>,
+) -> Vec<Arc<PartitionQueue>> {
+    let topic: Arc<str> = Arc::from(name);
+    partitions
+        .map(|p| {
+            Arc::new(PartitionQueue::new(
+                topic.clone(),
+                p,
+                count.clone(),
+                sticky.clone(),
+                &shared.config,
+            ))
+        })
+        .collect()
+}
+
+/// Starts the sending task of each queue.
+fn start_tasks(
+    queues: &[Arc<PartitionQueue>],
+    shared: &Arc<Shared>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    queues
+        .iter()
+        .map(|q| {
+            let span = tracing::debug_span!("producer", topic = %q.topic, partition = q.partition);
+            tokio::spawn(q.clone().run(shared.clone()).instrument(span))
+        })
+        .collect()
 }
 
 /// A closed batch waiting to be sent.
@@ -118,7 +187,8 @@ struct QueueState {
 pub(crate) struct PartitionQueue {
     topic: Arc<str>,
     partition: u32,
-    partitions: u32,
+    /// The topic's partition count (shared by its queues).
+    partitions: Arc<AtomicU32>,
     sticky: Arc<AtomicU32>,
     state: Mutex<QueueState>,
     /// Completions of the batches taken off the ready queue and not known to be done: a
@@ -138,7 +208,7 @@ impl PartitionQueue {
     fn new(
         topic: Arc<str>,
         partition: u32,
-        partitions: u32,
+        partitions: Arc<AtomicU32>,
         sticky: Arc<AtomicU32>,
         config: &super::ProducerConfig,
     ) -> Self {
@@ -239,8 +309,9 @@ impl PartitionQueue {
         // Keyless records move on to the next partition once this one's batch is closed:
         // round robin (from a random start), so N closed batches cover N partitions, where a
         // random pick could leave one out of a short run.
-        if self.partitions > 1 && self.sticky.load(Ordering::Relaxed) == self.partition {
-            let next = (self.partition + 1) % self.partitions;
+        let partitions = self.partitions.load(Ordering::Relaxed);
+        if partitions > 1 && self.sticky.load(Ordering::Relaxed) == self.partition {
+            let next = (self.partition + 1) % partitions;
             self.sticky.store(next, Ordering::Relaxed);
         }
     }
@@ -468,7 +539,10 @@ mod tests {
         let config = super::super::ProducerConfig::default();
         let sticky = Arc::new(AtomicU32::new(1));
         let queues: Vec<PartitionQueue> = (0..3)
-            .map(|p| PartitionQueue::new(Arc::from("t"), p, 3, sticky.clone(), &config))
+            .map(|p| {
+                let count = Arc::new(AtomicU32::new(3));
+                PartitionQueue::new(Arc::from("t"), p, count, sticky.clone(), &config)
+            })
             .collect();
         let mut visited = Vec::new();
         for _ in 0..6 {

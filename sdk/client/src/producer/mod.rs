@@ -63,6 +63,9 @@ pub struct ProducerConfig {
     pub retry_backoff: Duration,
     /// Picks partitions for records that do not name one.
     pub partitioner: Arc<dyn Partitioner>,
+    /// A topic's metadata is looked up again after this long (Kafka's
+    /// `metadata.max.age.ms`): partitions added to it meanwhile start getting records.
+    pub metadata_max_age: Duration,
 }
 
 impl fmt::Debug for ProducerConfig {
@@ -79,6 +82,7 @@ impl fmt::Debug for ProducerConfig {
             .field("buffer_memory_bytes", &self.buffer_memory_bytes)
             .field("delivery_timeout", &self.delivery_timeout)
             .field("retry_backoff", &self.retry_backoff)
+            .field("metadata_max_age", &self.metadata_max_age)
             .finish_non_exhaustive()
     }
 }
@@ -95,6 +99,7 @@ impl Default for ProducerConfig {
             delivery_timeout: Duration::from_secs(120),
             retry_backoff: Duration::from_millis(100),
             partitioner: Arc::new(DefaultPartitioner),
+            metadata_max_age: Duration::from_secs(300),
         }
     }
 }
@@ -854,6 +859,9 @@ impl Producer {
     /// The topic's partition queues, looked up (and their tasks started) on first use.
     async fn topic(&self, name: &str) -> Result<Arc<TopicState>> {
         if let Some(t) = self.lookup(name) {
+            if t.metadata_due(self.shared.config.metadata_max_age) {
+                return Ok(self.refresh_topic(name, t).await);
+            }
             return Ok(t);
         }
         let _guard = self.shared.topic_setup.lock().await;
@@ -869,26 +877,88 @@ impl Producer {
                 "topic {name:?} has no partitions"
             )));
         }
-        let routing = match &self.shared.client.topic_metadata(name).await?.partitioner {
-            None => PluginRouting::Default,
-            #[cfg(feature = "plugins")]
-            Some(id) => PluginRouting::Plugin(
-                crate::plugins::TopicPartitioner::load(&self.shared.client, id).await?,
-            ),
-            #[cfg(not(feature = "plugins"))]
-            Some(id) => {
-                tracing::warn!(topic = name, plugin = %id, "the topic has a partitioner plugin and this SDK is built without the `plugins` feature: records without an explicit partition will fail");
-                PluginRouting::Unavailable(id.clone())
-            }
-        };
+        let routing = self.routing(name).await?;
         let (state, tasks) = TopicState::start(name, partitions, routing, &self.shared);
+        self.install(name, state.clone(), tasks);
+        Ok(state)
+    }
+
+    /// How records of topic `name` without a partition are routed (from its cached
+    /// metadata).
+    async fn routing(&self, name: &str) -> Result<PluginRouting> {
+        Ok(
+            match &self.shared.client.topic_metadata(name).await?.partitioner {
+                None => PluginRouting::Default,
+                #[cfg(feature = "plugins")]
+                Some(id) => PluginRouting::Plugin(
+                    crate::plugins::TopicPartitioner::load(&self.shared.client, id).await?,
+                ),
+                #[cfg(not(feature = "plugins"))]
+                Some(id) => {
+                    tracing::warn!(topic = name, plugin = %id, "the topic has a partitioner plugin and this SDK is built without the `plugins` feature: records without an explicit partition will fail");
+                    PluginRouting::Unavailable(id.clone())
+                }
+            },
+        )
+    }
+
+    /// Makes `state` the topic's, its queues' tasks the producer's.
+    fn install(&self, name: &str, state: Arc<TopicState>, tasks: Vec<tokio::task::JoinHandle<()>>) {
         lock(&self.shared.tasks).extend(tasks);
         self.shared
             .topics
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_string(), state.clone());
-        Ok(state)
+            .insert(name.to_string(), state);
+    }
+
+    /// Looks topic `name`'s metadata up again: when partitions were added, a state with
+    /// queues for them replaces `current` (its queues and batches are kept). On any error,
+    /// or while another lookup runs, records go on with `current`.
+    async fn refresh_topic(&self, name: &str, current: Arc<TopicState>) -> Arc<TopicState> {
+        let Ok(_guard) = self.shared.topic_setup.try_lock() else {
+            return current;
+        };
+        let current = self.lookup(name).unwrap_or(current);
+        if self.shared.closed.load(Ordering::Acquire) {
+            return current;
+        }
+        let had = current.partitions.len() as u32;
+        let now = match self
+            .shared
+            .client
+            .metadata(Some(vec![name.to_string()]))
+            .await
+        {
+            Ok(resp) => resp
+                .topics
+                .iter()
+                .find(|t| t.name == name)
+                .map_or(0, |t| t.partitions.len() as u32),
+            Err(e) => {
+                tracing::debug!(topic = name, error = %e, "metadata refresh failed; keeping the partitions known");
+                return current;
+            }
+        };
+        if now <= had {
+            return current;
+        }
+        let routing = match self.routing(name).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(topic = name, error = %e, "the topic has new partitions but its partitioner could not be loaded; keeping the partitions known");
+                return current;
+            }
+        };
+        let (state, tasks) = current.grown(name, now, routing, &self.shared);
+        self.install(name, state.clone(), tasks);
+        tracing::info!(
+            topic = name,
+            from = had,
+            to = now,
+            "the topic has new partitions; records go to them too"
+        );
+        state
     }
 
     fn lookup(&self, name: &str) -> Option<Arc<TopicState>> {
