@@ -499,5 +499,6 @@ fn group_log_limits(config: &BrokerConfig) -> crate::group::GroupLogLimits {
     crate::group::GroupLogLimits {
         max_decompressed: config.limits.max_frame_bytes as usize,
         compact_bytes: config.offsets_compact_bytes,
+        retention_ms: config.offsets_retention_ms,
     }
 }

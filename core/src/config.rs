@@ -173,6 +173,10 @@ pub struct BrokerConfig {
     /// Bytes a `__consumer_offsets` partition may grow past its last compaction before its
     /// live records are carried forward and the older part deleted.
     pub offsets_compact_bytes: u64,
+    /// A consumer group with no members that stored nothing for this long is deleted
+    /// (its committed offsets with it), ms; -1 keeps groups forever. Kafka's
+    /// `offsets.retention.minutes`.
+    pub offsets_retention_ms: i64,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_timeout_ms: u64,
     /// TLS.
@@ -278,6 +282,7 @@ impl Default for BrokerConfig {
             metrics_listen: None,
             retention_check_interval_ms: 5_000,
             offsets_compact_bytes: 16 * 1024 * 1024,
+            offsets_retention_ms: 7 * 24 * 3600 * 1000,
             shutdown_timeout_ms: 10_000,
             tls: TlsConfig::default(),
             limits: LimitsConfig::default(),
@@ -438,6 +443,15 @@ impl BrokerConfig {
             if v == 0 {
                 return Err(bad(k, "must be greater than 0".into()));
             }
+        }
+        if self.offsets_retention_ms == 0 || self.offsets_retention_ms < -1 {
+            return Err(bad(
+                "offsets_retention_ms",
+                format!(
+                    "must be greater than 0, or -1 to keep groups forever; got {}",
+                    self.offsets_retention_ms
+                ),
+            ));
         }
         if l.max_decompression_bytes < u64::from(l.max_frame_bytes) {
             return Err(bad(

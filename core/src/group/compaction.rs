@@ -26,6 +26,10 @@ pub const CARRIED_FROM: &str = "quiver.carried_from";
 /// A record's key and value.
 type KeyValue = (Vec<u8>, Vec<u8>);
 
+/// A carried record: key, value, and the timestamp of the write it copies (a group's
+/// records date its last activity, which its expiry counts from).
+pub type Carried = (Vec<u8>, Vec<u8>, i64);
+
 /// Largest batch of carried records.
 const CARRIED_BATCH_BYTES: usize = 1024 * 1024;
 
@@ -72,19 +76,18 @@ impl<V> Newest<V> {
 pub struct Carry {
     /// The log may be deleted below this offset once the records are durable.
     pub cut: i64,
-    /// The live records (key, value) current just before `cut`, in key order.
-    pub records: Vec<KeyValue>,
+    /// The live records current just before `cut`, in key order.
+    pub records: Vec<Carried>,
 }
 
 impl Carry {
     /// The records as batches of about 1 MiB, each record marked with the cut.
     pub fn batches(&self) -> Vec<Bytes> {
         let from = self.cut.to_string();
-        let now = crate::clock::now_ms();
         let mut out = Vec::new();
         let mut b = BatchBuilder::new(Compression::None);
-        for (k, v) in &self.records {
-            b.push(Some(k), v, now, &[(CARRIED_FROM, from.as_bytes())]);
+        for (k, v, ts) in &self.records {
+            b.push(Some(k), v, *ts, &[(CARRIED_FROM, from.as_bytes())]);
             if b.size_bytes() >= CARRIED_BATCH_BYTES {
                 out.push(b.build());
                 b = BatchBuilder::new(Compression::None);
@@ -108,8 +111,8 @@ pub fn plan(
 ) -> Result<Option<Carry>, LogError> {
     let start = log.snapshot().log_start;
     let mut offset = start;
-    // Key → (effective offset, value; empty once deleted).
-    let mut latest = Newest::<Vec<u8>>::default();
+    // Key → (effective offset, (value, empty once deleted; timestamp)).
+    let mut latest = Newest::<(Vec<u8>, i64)>::default();
     // Producer id → (epoch, its held records), as the coordinator holds them.
     let mut held: HashMap<i64, (i16, Vec<KeyValue>)> = HashMap::new();
     let mut cut = start;
@@ -128,7 +131,7 @@ pub fn plan(
                     if let Some((_, records)) = held.remove(&h.producer_id) {
                         if m == Marker::Commit {
                             for (k, v) in records {
-                                latest.admit(&k, h.base_offset, v);
+                                latest.admit(&k, h.base_offset, (v, h.max_timestamp));
                             }
                         }
                     }
@@ -144,7 +147,7 @@ pub fn plan(
                     if h.is_transactional() {
                         in_txn.push((key, r.value.to_vec()));
                     } else {
-                        latest.admit(&key, at, r.value.to_vec());
+                        latest.admit(&key, at, (r.value.to_vec(), r.timestamp));
                     }
                 }
                 if h.is_transactional() && !in_txn.is_empty() {
@@ -169,11 +172,11 @@ pub fn plan(
     if cut <= start {
         return Ok(None);
     }
-    let mut records: Vec<KeyValue> = latest
+    let mut records: Vec<Carried> = latest
         .0
         .into_iter()
-        .filter(|(_, (at, v))| *at < cut && !v.is_empty())
-        .map(|(k, (_, v))| (k, v))
+        .filter(|(_, (at, (v, _)))| *at < cut && !v.is_empty())
+        .map(|(k, (_, (v, ts)))| (k, v, ts))
         .collect();
     records.sort_unstable();
     Ok(Some(Carry { cut, records }))

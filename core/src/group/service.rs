@@ -49,7 +49,13 @@ pub struct GroupLogLimits {
     /// Bytes the log may grow past its last compaction before the next one
     /// (`offsets_compact_bytes`).
     pub compact_bytes: u64,
+    /// A group without members whose last record is older than this is deleted, ms
+    /// (`offsets_retention_ms`; -1: never).
+    pub retention_ms: i64,
 }
+
+/// How often groups are checked for expiry.
+const EXPIRY_CHECK: Duration = Duration::from_secs(30);
 
 /// Why a group request failed; each maps to a wire code.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +123,11 @@ pub struct GroupService {
     compact_at: AtomicU64,
     /// True while a compaction runs (one at a time).
     compacting: AtomicBool,
+    /// `offsets_retention_ms`.
+    retention_ms: i64,
+    /// Per group, when it last stored a record or was seen with members (ms since the
+    /// epoch): an empty group expires `retention_ms` after it.
+    activity: Mutex<HashMap<String, i64>>,
     /// A cluster broker's replicas: a group record is acknowledged once the in-sync
     /// replicas of its offsets partition have it (`Weak`: the manager owns the directory).
     replicas: std::sync::Weak<crate::replica::ReplicaManager>,
@@ -338,11 +349,13 @@ impl GroupService {
         });
         let mut txn = TxnOffsets::default();
         let mut txn_states = BTreeMap::new();
+        let mut activity = HashMap::new();
         let replayed = replay(
             &log,
             &mut coord,
             &mut txn,
             &mut txn_states,
+            &mut activity,
             max_decompressed,
         )?;
         if let Some(reason) = log.offline_reason() {
@@ -372,6 +385,8 @@ impl GroupService {
             compact_bytes: limits.compact_bytes,
             compact_at: AtomicU64::new(limits.compact_bytes),
             compacting: AtomicBool::new(false),
+            retention_ms: limits.retention_ms,
+            activity: Mutex::new(activity),
             replicas,
             txn: Mutex::new(txn),
             txn_ended: watch::Sender::new(0),
@@ -469,7 +484,67 @@ impl GroupService {
 
     async fn persist_records(&self, records: &[GroupRecord]) -> Result<()> {
         let encoded: Vec<_> = records.iter().map(GroupRecord::encode).collect();
-        self.persist_encoded(&encoded, None).await
+        self.persist_encoded(&encoded, None).await?;
+        self.touch(records);
+        Ok(())
+    }
+
+    /// Notes that the groups of `records` were active now.
+    fn touch(&self, records: &[GroupRecord]) {
+        if records.is_empty() {
+            return;
+        }
+        let now = crate::clock::now_ms();
+        let mut activity = lock_map(&self.activity);
+        for r in records {
+            activity.insert(r.group().to_string(), now);
+        }
+    }
+
+    /// Deletes the groups that have had no members and stored nothing for
+    /// `retention_ms` (Kafka's `offsets.retention.minutes`), as `group delete` would;
+    /// returns their names. Groups with members, or with a transaction's offsets held,
+    /// are kept and their clock starts again.
+    pub async fn expire_groups(&self) -> Result<Vec<String>> {
+        if self.retention_ms < 0 || !self.still_leads() {
+            return Ok(Vec::new());
+        }
+        let now = crate::clock::now_ms();
+        let listed = self.lock().list().groups;
+        let idle: Vec<String> = {
+            let mut activity = lock_map(&self.activity);
+            activity.retain(|g, _| listed.iter().any(|l| &l.group == g));
+            let txn = self.txn_lock();
+            listed
+                .iter()
+                .filter(|l| {
+                    let busy = l.members > 0 || txn.holds(&l.group, None);
+                    let since = activity.entry(l.group.clone()).or_insert(now);
+                    if busy {
+                        *since = now;
+                    }
+                    !busy && now.saturating_sub(*since) > self.retention_ms
+                })
+                .map(|l| l.group.clone())
+                .collect()
+        };
+        let mut expired = Vec::new();
+        for group in idle {
+            let _order = self.lock_group(&group).await;
+            // A member may have joined, or a commit landed, since the list.
+            let since = lock_map(&self.activity).get(&group).copied().unwrap_or(now);
+            if crate::clock::now_ms().saturating_sub(since) <= self.retention_ms {
+                continue;
+            }
+            let Ok((offsets, records)) = self.lock().prepare_delete(&group) else {
+                continue;
+            };
+            self.persist_then_apply(&records).await?;
+            lock_map(&self.activity).remove(&group);
+            info!(%group, offsets, idle_ms = now.saturating_sub(since), "expired a group with no members and no commits for offsets_retention_ms");
+            expired.push(group);
+        }
+        Ok(expired)
     }
 
     /// Stores the state record of transactional id `id` (`value` empty: forgotten), once
@@ -696,6 +771,7 @@ impl GroupService {
                 c.apply(r);
             }
         }
+        self.touch(&records);
         self.txn_ended.send_modify(|n| *n += 1);
     }
 
@@ -827,6 +903,7 @@ impl GroupService {
     pub async fn run_ticker(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut expiry_checked = Instant::now();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -840,6 +917,12 @@ impl GroupService {
             }
             self.abort_abandoned().await;
             self.maybe_compact();
+            if expiry_checked.elapsed() >= EXPIRY_CHECK {
+                expiry_checked = Instant::now();
+                if let Err(e) = self.expire_groups().await {
+                    warn!(error = %e, "could not expire idle groups; trying again later");
+                }
+            }
         }
     }
 
@@ -944,8 +1027,13 @@ fn replay(
     coord: &mut GroupCoordinator,
     txn: &mut TxnOffsets,
     txn_states: &mut BTreeMap<String, Vec<u8>>,
+    activity: &mut HashMap<String, i64>,
     max_decompressed: usize,
 ) -> std::result::Result<u64, TopicError> {
+    let mut active = |group: &str, at: i64| {
+        let t = activity.entry(group.to_string()).or_insert(at);
+        *t = (*t).max(at);
+    };
     let mut offset = log.snapshot().log_start;
     let mut applied = 0;
     // Carried records (compaction) stand for older writes: each key keeps its newest.
@@ -959,6 +1047,7 @@ fn replay(
                     if let Some(m) = batch::marker_of(b) {
                         for r in txn.resolve(h.producer_id, h.producer_epoch, m == Marker::Commit) {
                             newest.admit(&r.encode().0, h.base_offset, ());
+                            active(r.group(), h.max_timestamp);
                             coord.apply(&r);
                             applied += 1;
                         }
@@ -996,6 +1085,7 @@ fn replay(
                 match decode_entry(&key, &r.value) {
                     Ok(Entry::Group(rec)) if in_txn.is_some() => held.push(rec),
                     Ok(Entry::Group(rec)) => {
+                        active(rec.group(), r.timestamp);
                         coord.apply(&rec);
                         applied += 1;
                     }
@@ -1056,7 +1146,13 @@ pub(crate) fn test_group_log() -> GroupLogLimits {
     GroupLogLimits {
         max_decompressed: 1 << 20,
         compact_bytes: 64 * 1024,
+        retention_ms: -1,
     }
+}
+
+/// Locks a plain map, whatever a panicking holder left.
+fn lock_map<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
@@ -1095,18 +1191,88 @@ mod tests {
         out
     }
 
+    /// A lone broker's storage in a temporary directory, its flusher running.
+    struct Store {
+        _dir: tempfile::TempDir,
+        topics: Arc<TopicRegistry>,
+        flusher: Arc<Flusher>,
+        _stop: watch::Sender<bool>,
+    }
+
+    impl Store {
+        fn new() -> Store {
+            let dir = tempfile::tempdir().unwrap();
+            let db = sled::open(dir.path()).unwrap();
+            let topics = Arc::new(
+                TopicRegistry::open(db.clone(), crate::topic::TopicConfig::default()).unwrap(),
+            );
+            let flusher = Flusher::new(db);
+            let (stop, rx) = watch::channel(false);
+            tokio::spawn(flusher.clone().run(Duration::from_millis(2), rx));
+            Store {
+                _dir: dir,
+                topics,
+                flusher,
+                _stop: stop,
+            }
+        }
+
+        /// A group service replaying the store's `__consumer_offsets`.
+        fn open(&self, limits: GroupLogLimits) -> Arc<GroupService> {
+            GroupService::open(self.topics.clone(), self.flusher.clone(), limits)
+                .unwrap()
+                .0
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_empty_group_expires_and_busy_or_recent_ones_stay() {
+        let store = Store::new();
+        let limits = GroupLogLimits {
+            retention_ms: 300,
+            ..test_group_log()
+        };
+        let s = store.open(limits);
+        s.store_offsets(&commit("old", 0, 5)).await.unwrap();
+        s.store_offsets(&commit("busy", 0, 6)).await.unwrap();
+        let join = JoinGroupRequest {
+            group: "busy".into(),
+            member_id: None,
+            client_id: "c".into(),
+            subscription: quiver_protocol::requests::Subscription::Topics(vec!["t".into()]),
+            session_timeout_ms: 60_000,
+            strategy: None,
+            auto_offset_reset: None,
+        };
+        s.join(&join).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        s.store_offsets(&commit("fresh", 0, 7)).await.unwrap();
+        // A compaction carries each record's own time: "old" stays old through it.
+        s.compact().await.unwrap();
+        assert_eq!(s.expire_groups().await.unwrap(), ["old"]);
+        let groups = ["old", "busy", "fresh"].map(String::from);
+        let kept = BTreeMap::from([(("busy".into(), 0), 6), (("fresh".into(), 0), 7)]);
+        assert_eq!(committed(&s, &groups), kept);
+        // After a restart (no members now) each group's clock comes from its records.
+        drop(s);
+        let again = store.open(limits);
+        assert_eq!(committed(&again, &groups), kept, "the expiry is durable");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let mut expired = again.expire_groups().await.unwrap();
+        expired.sort();
+        assert_eq!(expired, ["busy", "fresh"]);
+        // With retention -1 nothing expires.
+        again.store_offsets(&commit("kept", 0, 1)).await.unwrap();
+        drop(again);
+        let forever = store.open(test_group_log());
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(forever.expire_groups().await.unwrap().is_empty());
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn compaction_keeps_every_groups_latest_offsets_through_a_restart() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
-        let topics = Arc::new(
-            TopicRegistry::open(db.clone(), crate::topic::TopicConfig::default()).unwrap(),
-        );
-        let flusher = Flusher::new(db.clone());
-        let (_stop, rx) = watch::channel(false);
-        tokio::spawn(flusher.clone().run(Duration::from_millis(2), rx));
-        let open = || GroupService::open(topics.clone(), flusher.clone(), test_group_log());
-        let (s, _) = open().unwrap();
+        let store = Store::new();
+        let s = store.open(test_group_log());
         let groups: Vec<String> = (0..5).map(|g| format!("g{g}")).collect();
         let mut model = BTreeMap::new();
         let mut rng = 0x2545_f491_4f6c_dd1du64;
@@ -1187,7 +1353,7 @@ mod tests {
             snap.size_bytes
         );
         drop(s);
-        let (again, _) = open().unwrap();
+        let again = store.open(test_group_log());
         assert_eq!(committed(&again, &groups), model, "state after replay");
     }
 
