@@ -18,6 +18,7 @@ use quiver_protocol::batch::{
     self, BatchBuilder, BatchHeader, Compression, Marker, Record, RecordIter,
 };
 
+use super::records::RecordKey;
 use crate::log::{LogError, PartitionLog};
 
 /// The header of a carried record: the offset (decimal) its value was current before.
@@ -33,13 +34,17 @@ pub type Carried = (Vec<u8>, Vec<u8>, i64);
 /// Largest batch of carried records.
 const CARRIED_BATCH_BYTES: usize = 1024 * 1024;
 
-/// The offset at which replay takes `r` to have been written (see the module docs).
-pub fn effective_offset(r: &Record) -> i64 {
+/// The cut a carried record was copied at; `None` for a plain record.
+fn carried_from(r: &Record) -> Option<i64> {
     r.headers
         .iter()
         .find(|h| h.key == CARRIED_FROM)
         .and_then(|h| std::str::from_utf8(&h.value).ok()?.parse::<i64>().ok())
-        .map_or(r.offset, |from| from - 1)
+}
+
+/// The offset at which replay takes `r` to have been written (see the module docs).
+pub fn effective_offset(r: &Record) -> i64 {
+    carried_from(r).map_or(r.offset, |from| from - 1)
 }
 
 /// Per key, the effective offset of the record replay last applied, and what it keeps of
@@ -103,7 +108,13 @@ impl Carry {
 /// Reads `log` from its start up to `until` (its high watermark) and lists what a
 /// compaction would carry; `None` when no cut lies past the log start. Replays exactly as
 /// a coordinator's start does: held transactional offsets count once their commit marker
-/// is read, and an unreadable batch or record is skipped.
+/// is read, a group's deletion deletes its offsets, and an unreadable batch or record is
+/// skipped.
+///
+/// Deletions are not carried, so the cut never leaves part of an earlier compaction's
+/// copies after it: a copy surviving the cut could hold a key that a deletion below the
+/// cut, now gone, had removed. The cut is the last batch boundary with no transaction's
+/// offsets held that is not past an earlier copy's cut and before that copy's end.
 pub fn plan(
     log: &PartitionLog,
     until: i64,
@@ -115,7 +126,10 @@ pub fn plan(
     let mut latest = Newest::<(Vec<u8>, i64)>::default();
     // Producer id → (epoch, its held records), as the coordinator holds them.
     let mut held: HashMap<i64, (i16, Vec<KeyValue>)> = HashMap::new();
-    let mut cut = start;
+    // Batch boundaries with no transaction's offsets held: where a cut may go.
+    let mut boundaries = Vec::new();
+    // The cut of each earlier compaction whose copies were read → the end of those copies.
+    let mut copies: HashMap<i64, i64> = HashMap::new();
     'read: loop {
         let (batches, next) = log.read_recovering(offset, 4 * 1024 * 1024)?;
         for b in &batches {
@@ -143,6 +157,10 @@ pub fn plan(
                         continue;
                     }
                     let at = effective_offset(&r);
+                    if let Some(from) = carried_from(&r) {
+                        let end = copies.entry(from).or_insert(r.offset + 1);
+                        *end = (*end).max(r.offset + 1);
+                    }
                     let key = r.key.map(|k| k.to_vec()).unwrap_or_default();
                     if h.is_transactional() {
                         in_txn.push((key, r.value.to_vec()));
@@ -161,7 +179,7 @@ pub fn plan(
                 }
             }
             if held.is_empty() {
-                cut = h.next_offset();
+                boundaries.push(h.next_offset());
             }
         }
         if next <= offset {
@@ -169,13 +187,33 @@ pub fn plan(
         }
         offset = next;
     }
-    if cut <= start {
+    let splits_copies = |c: i64| copies.iter().any(|(&from, &end)| from < c && c < end);
+    let Some(cut) = boundaries
+        .into_iter()
+        .rev()
+        .find(|&c| c > start && !splits_copies(c))
+    else {
         return Ok(None);
-    }
+    };
+    // A group's deletion removes all its offsets, also those whose own key saw no
+    // deletion (a record stored but never applied, its write having failed).
+    let group_deleted: HashMap<String, i64> = latest
+        .0
+        .iter()
+        .filter(|(_, (at, (v, _)))| *at < cut && v.is_empty())
+        .filter_map(|(k, (at, _))| match serde_json::from_slice(k) {
+            Ok(RecordKey::Group { group }) => Some((group, *at)),
+            _ => None,
+        })
+        .collect();
+    let outlived_its_group = |k: &[u8], at: i64| match serde_json::from_slice(k) {
+        Ok(RecordKey::Offset { group, .. }) => group_deleted.get(&group).is_some_and(|&d| d > at),
+        _ => false,
+    };
     let mut records: Vec<Carried> = latest
         .0
         .into_iter()
-        .filter(|(_, (at, (v, _)))| *at < cut && !v.is_empty())
+        .filter(|(k, (at, (v, _)))| *at < cut && !v.is_empty() && !outlived_its_group(k, *at))
         .map(|(k, (_, (v, ts)))| (k, v, ts))
         .collect();
     records.sort_unstable();

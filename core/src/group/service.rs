@@ -126,8 +126,12 @@ pub struct GroupService {
     /// `offsets_retention_ms`.
     retention_ms: i64,
     /// Per group, when it last stored a record or was seen with members (ms since the
-    /// epoch): an empty group expires `retention_ms` after it.
+    /// epoch): an empty group expires `retention_ms` after it. Empty at open: membership
+    /// is not durable, so a restart cannot tell an idle group from one whose members have
+    /// not joined again yet, and every group's clock starts then.
     activity: Mutex<HashMap<String, i64>>,
+    /// True while an expiry pass runs (one at a time, beside the ticker).
+    expiring: AtomicBool,
     /// A cluster broker's replicas: a group record is acknowledged once the in-sync
     /// replicas of its offsets partition have it (`Weak`: the manager owns the directory).
     replicas: std::sync::Weak<crate::replica::ReplicaManager>,
@@ -349,13 +353,11 @@ impl GroupService {
         });
         let mut txn = TxnOffsets::default();
         let mut txn_states = BTreeMap::new();
-        let mut activity = HashMap::new();
         let replayed = replay(
             &log,
             &mut coord,
             &mut txn,
             &mut txn_states,
-            &mut activity,
             max_decompressed,
         )?;
         if let Some(reason) = log.offline_reason() {
@@ -386,7 +388,8 @@ impl GroupService {
             compact_at: AtomicU64::new(limits.compact_bytes),
             compacting: AtomicBool::new(false),
             retention_ms: limits.retention_ms,
-            activity: Mutex::new(activity),
+            activity: Mutex::new(HashMap::new()),
+            expiring: AtomicBool::new(false),
             replicas,
             txn: Mutex::new(txn),
             txn_ended: watch::Sender::new(0),
@@ -531,9 +534,12 @@ impl GroupService {
         let mut expired = Vec::new();
         for group in idle {
             let _order = self.lock_group(&group).await;
-            // A member may have joined, or a commit landed, since the list.
+            // A member may have joined, or a commit (plain or transactional) landed,
+            // since the list.
             let since = lock_map(&self.activity).get(&group).copied().unwrap_or(now);
-            if crate::clock::now_ms().saturating_sub(since) <= self.retention_ms {
+            if crate::clock::now_ms().saturating_sub(since) <= self.retention_ms
+                || self.txn_lock().holds(&group, None)
+            {
                 continue;
             }
             let Ok((offsets, records)) = self.lock().prepare_delete(&group) else {
@@ -751,6 +757,7 @@ impl GroupService {
         let encoded: Vec<_> = records.iter().map(GroupRecord::encode).collect();
         self.persist_encoded(&encoded, Some((req.producer_id, req.producer_epoch)))
             .await?;
+        self.touch(&records);
         let mut txn = self.txn_lock();
         txn.add(req.producer_id, req.producer_epoch, records);
         let pending = txn.pending[&req.producer_id]
@@ -917,11 +924,17 @@ impl GroupService {
             }
             self.abort_abandoned().await;
             self.maybe_compact();
-            if expiry_checked.elapsed() >= EXPIRY_CHECK {
+            if expiry_checked.elapsed() >= EXPIRY_CHECK
+                && !self.expiring.swap(true, Ordering::AcqRel)
+            {
                 expiry_checked = Instant::now();
-                if let Err(e) = self.expire_groups().await {
-                    warn!(error = %e, "could not expire idle groups; trying again later");
-                }
+                let this = self.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = this.expire_groups().await {
+                        warn!(error = %e, "could not expire idle groups; trying again later");
+                    }
+                    this.expiring.store(false, Ordering::Release);
+                });
             }
         }
     }
@@ -936,21 +949,27 @@ impl GroupService {
         }
         let this = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = this.compact().await {
-                warn!(partition = this.log.partition, error = %e, "compacting the consumer-group log failed; it is tried again after it grows further");
-            }
+            // The next one once the log has grown by as much as this one copied (at least
+            // `compact_bytes`): copying costs at most as much as what was written since.
+            let copied = match this.compact().await {
+                Ok(done) => done.map_or(0, |(_, _, bytes)| bytes),
+                Err(e) => {
+                    warn!(partition = this.log.partition, error = %e, "compacting the consumer-group log failed; it is tried again after it grows further");
+                    0
+                }
+            };
             let size = this.log.snapshot().size_bytes;
-            this.compact_at
-                .store(size.saturating_add(this.compact_bytes), Ordering::Relaxed);
+            let next = size.saturating_add(this.compact_bytes.max(copied));
+            this.compact_at.store(next, Ordering::Relaxed);
             this.compacting.store(false, Ordering::Release);
         });
     }
 
     /// Carries the live records of the offsets log forward and deletes the part before
-    /// them (see [`super::compaction`]); returns the cut and the records carried, or `None`
+    /// them (see [`super::compaction`]); returns the cut, the records and bytes carried, or `None`
     /// when there was nothing to cut (a transaction's offsets held open at the log start,
     /// or this broker no longer leads the partition).
-    pub async fn compact(&self) -> Result<Option<(i64, usize)>> {
+    pub async fn compact(&self) -> Result<Option<(i64, usize, u64)>> {
         match self.plan_compaction().await? {
             Some(carry) => self.carry_forward(carry).await.map(Some),
             None => Ok(None),
@@ -971,8 +990,10 @@ impl GroupService {
     }
 
     /// Appends `carry`'s records, then deletes the log below its cut.
-    async fn carry_forward(&self, carry: super::compaction::Carry) -> Result<(i64, usize)> {
+    async fn carry_forward(&self, carry: super::compaction::Carry) -> Result<(i64, usize, u64)> {
+        let mut copied = 0;
         for b in carry.batches() {
+            copied += b.len() as u64;
             self.append_durably(b).await?;
         }
         let (log, cut) = (self.log.clone(), carry.cut);
@@ -984,7 +1005,7 @@ impl GroupService {
             freed_bytes = freed,
             "compacted the consumer-group log"
         );
-        Ok((cut, carry.records.len()))
+        Ok((cut, carry.records.len(), copied))
     }
 
     /// Offsets held longer than any transaction may stay open belong to a transaction that
@@ -1027,13 +1048,8 @@ fn replay(
     coord: &mut GroupCoordinator,
     txn: &mut TxnOffsets,
     txn_states: &mut BTreeMap<String, Vec<u8>>,
-    activity: &mut HashMap<String, i64>,
     max_decompressed: usize,
 ) -> std::result::Result<u64, TopicError> {
-    let mut active = |group: &str, at: i64| {
-        let t = activity.entry(group.to_string()).or_insert(at);
-        *t = (*t).max(at);
-    };
     let mut offset = log.snapshot().log_start;
     let mut applied = 0;
     // Carried records (compaction) stand for older writes: each key keeps its newest.
@@ -1047,7 +1063,6 @@ fn replay(
                     if let Some(m) = batch::marker_of(b) {
                         for r in txn.resolve(h.producer_id, h.producer_epoch, m == Marker::Commit) {
                             newest.admit(&r.encode().0, h.base_offset, ());
-                            active(r.group(), h.max_timestamp);
                             coord.apply(&r);
                             applied += 1;
                         }
@@ -1085,7 +1100,6 @@ fn replay(
                 match decode_entry(&key, &r.value) {
                     Ok(Entry::Group(rec)) if in_txn.is_some() => held.push(rec),
                     Ok(Entry::Group(rec)) => {
-                        active(rec.group(), r.timestamp);
                         coord.apply(&rec);
                         applied += 1;
                     }
@@ -1247,16 +1261,18 @@ mod tests {
         s.join(&join).await.unwrap();
         tokio::time::sleep(Duration::from_millis(400)).await;
         s.store_offsets(&commit("fresh", 0, 7)).await.unwrap();
-        // A compaction carries each record's own time: "old" stays old through it.
+        // A compaction in between changes no group's clock.
         s.compact().await.unwrap();
         assert_eq!(s.expire_groups().await.unwrap(), ["old"]);
         let groups = ["old", "busy", "fresh"].map(String::from);
         let kept = BTreeMap::from([(("busy".into(), 0), 6), (("fresh".into(), 0), 7)]);
         assert_eq!(committed(&s, &groups), kept);
-        // After a restart (no members now) each group's clock comes from its records.
+        // After a restart (no members now) every group's clock starts again: members
+        // that have not joined yet are not taken for an idle group.
         drop(s);
         let again = store.open(limits);
         assert_eq!(committed(&again, &groups), kept, "the expiry is durable");
+        assert!(again.expire_groups().await.unwrap().is_empty());
         tokio::time::sleep(Duration::from_millis(400)).await;
         let mut expired = again.expire_groups().await.unwrap();
         expired.sort();
@@ -1267,6 +1283,51 @@ mod tests {
         let forever = store.open(test_group_log());
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert!(forever.expire_groups().await.unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deleted_groups_stay_deleted_through_compactions() {
+        let store = Store::new();
+        let s = store.open(test_group_log());
+        let groups = ["gone", "lost", "kept"].map(String::from);
+        s.store_offsets(&commit("gone", 0, 1)).await.unwrap();
+        s.store_offsets(&commit("kept", 0, 2)).await.unwrap();
+        // A plan copies "gone"; the group is deleted before the copy lands, and a
+        // transaction's offsets are held open in between.
+        let first = s.plan_compaction().await.unwrap().expect("a cut");
+        s.delete("gone").await.unwrap();
+        let records = super::super::coordinator::offset_records(&commit("kept", 1, 3));
+        let encoded: Vec<_> = records.iter().map(GroupRecord::encode).collect();
+        s.persist_encoded(&encoded, Some((7, 0))).await.unwrap();
+        s.txn_lock().add(7, 0, records);
+        s.carry_forward(first).await.unwrap();
+        // A second compaction may not cut between the deletion and the stale copy.
+        s.compact().await.unwrap();
+        // An offset stored but never applied (its write failed), then its group deleted.
+        s.store_offsets(&commit("lost", 0, 4)).await.unwrap();
+        let orphan = [GroupRecord::encode(&GroupRecord::Offset {
+            group: "lost".into(),
+            tp: TopicPartition::new("t", 1),
+            value: super::super::records::OffsetValue {
+                offset: 5,
+                metadata: None,
+            },
+        })];
+        s.persist_encoded(&orphan, None).await.unwrap();
+        s.delete("lost").await.unwrap();
+        let marker = crate::txn::TxnMarker {
+            producer_id: 7,
+            epoch: 0,
+            marker: Marker::Commit,
+            coordinator_epoch: None,
+        };
+        s.write_marker(marker).await.unwrap();
+        s.compact().await.unwrap();
+        let want = BTreeMap::from([(("kept".into(), 0), 2), (("kept".into(), 1), 3)]);
+        assert_eq!(committed(&s, &groups), want);
+        drop(s);
+        let again = store.open(test_group_log());
+        assert_eq!(committed(&again, &groups), want, "after replay");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1295,7 +1356,7 @@ mod tests {
                     if let Some(carry) = s.plan_compaction().await.unwrap() {
                         s.store_offsets(&commit(g, p, i)).await.unwrap();
                         model.insert((g.clone(), p), i);
-                        let (cut, _) = s.carry_forward(carry).await.unwrap();
+                        let (cut, _, _) = s.carry_forward(carry).await.unwrap();
                         assert!(
                             held_from.is_none_or(|from| cut <= from),
                             "cut {cut} passed held offsets"
@@ -1304,7 +1365,7 @@ mod tests {
                     }
                 }
                 7..=8 => {
-                    if let Some((cut, _)) = s.compact().await.unwrap() {
+                    if let Some((cut, _, _)) = s.compact().await.unwrap() {
                         cuts.push(cut);
                         if let Some(from) = held_from {
                             assert!(cut <= from, "cut {cut} passed held offsets at {from}");

@@ -47,6 +47,8 @@ pub struct ServerContext {
     idle: Notify,
     /// The broker's decompression memory, in KiB permits (`limits.max_decompression_bytes`).
     decompression: Arc<Semaphore>,
+    /// Its size in KiB (a request never waits for more than all of it).
+    decompression_kib: u32,
 }
 
 impl std::ops::Deref for ServerContext {
@@ -82,14 +84,13 @@ pub struct ServerParts {
 impl ServerContext {
     /// A context over the broker's parts.
     pub fn new(parts: ServerParts, stopping: watch::Receiver<bool>) -> Arc<ServerContext> {
-        let decompression_kib = parts.config.limits.max_decompression_bytes / 1024;
-        let decompression = Arc::new(Semaphore::new(
-            usize::try_from(decompression_kib)
-                .unwrap_or(usize::MAX)
-                .min(Semaphore::MAX_PERMITS),
-        ));
+        let decompression_kib = usize::try_from(parts.config.limits.max_decompression_bytes / 1024)
+            .unwrap_or(usize::MAX)
+            .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+        let decompression = Arc::new(Semaphore::new(decompression_kib));
         Arc::new(ServerContext {
             decompression,
+            decompression_kib: decompression_kib as u32,
             parts,
             raft: std::sync::OnceLock::new(),
             replicas: std::sync::OnceLock::new(),
@@ -130,7 +131,9 @@ impl ServerContext {
         if bytes == 0 {
             return Ok(None);
         }
-        let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+        let kib = u32::try_from(bytes.div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .min(self.decompression_kib);
         let acquire = self.decompression.clone().acquire_many_owned(kib);
         match tokio::time::timeout_at(deadline, acquire).await {
             Ok(Ok(permit)) => Ok(Some(permit)),
