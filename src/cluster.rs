@@ -1,11 +1,12 @@
-//! `quiver cluster start|stop|status --config FILE`: the brokers of a `cluster.toml`
+//! `quiver cluster start|stop|status --config FILE`, `quiver cluster describe`: the brokers of a `cluster.toml`
 //! (documented in `config/cluster.toml`) on this machine. `start` makes the cluster CA on
 //! first use, signs each broker's certificate with it, writes each broker's `broker.toml`
 //! (its overrides, id, listen address, data directory, certificate, and the `[cluster]`
 //! section naming the CA and every broker as a controller voter), starts as a daemon every
 //! broker that is not running yet, and waits until a controller leader exists and every
 //! broker is registered. `stop` stops them cleanly; `status` reports each one and the
-//! controller's view.
+//! controller's view. `describe` asks any broker (`--bootstrap`) for its view, from any
+//! machine.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -21,6 +22,7 @@ use quiver_protocol::requests::{ClusterDescription, DescribeClusterRequest};
 use serde::Serialize;
 
 use crate::broker::{alive, pid_path, read_pid};
+use crate::connect::GlobalOpts;
 use crate::output::{self, Format};
 
 /// How long `cluster start` waits for the controller and the registrations.
@@ -48,6 +50,16 @@ enum ClusterCommand {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// The cluster as the broker at --bootstrap sees it, from any machine: the controller
+    /// leader, every registered broker (id, address, epoch, fenced) and partition health.
+    /// JSON: {"clustered", "broker", "controller_leader", "brokers": [{"id", "addr",
+    /// "epoch", "fenced"}], "under_replicated_partitions", "offline_partitions",
+    /// "damaged_partitions"}.
+    Describe {
+        /// Output format.
+        #[arg(long, default_value = "table")]
+        output: Format,
+    },
     /// Each broker (pid, alive, fenced) and the controller leader.
     Status {
         /// The cluster file.
@@ -60,8 +72,21 @@ enum ClusterCommand {
 }
 
 /// Runs a `cluster` subcommand.
-pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
+pub async fn run(global: &GlobalOpts, args: ClusterArgs) -> anyhow::Result<()> {
     match args.command {
+        ClusterCommand::Describe { output } => {
+            let client = global.connect().await?;
+            let (d, _) = client
+                .request(&DescribeClusterRequest {}, Bytes::new())
+                .await
+                .context("describing the cluster")?;
+            let mut out = std::io::stdout().lock();
+            match output {
+                Format::Json => output::json(&mut out, &d)?,
+                Format::Table => describe_table(&mut out, &d)?,
+            }
+            Ok(())
+        }
         ClusterCommand::Start { config } => start(&config).await,
         ClusterCommand::Stop { config } => stop(&config).await,
         ClusterCommand::Status { config, output } => {
@@ -319,6 +344,41 @@ async fn status(file: &ClusterFile) -> ClusterStatus {
         offline_partitions: view.as_ref().map_or(0, |v| v.offline_partitions) + damaged,
         all_views_ready,
     }
+}
+
+fn describe_table(out: &mut impl Write, d: &ClusterDescription) -> anyhow::Result<()> {
+    if !d.clustered {
+        writeln!(
+            out,
+            "broker {} runs alone (no [cluster] in its config); damaged partitions: {}",
+            d.broker, d.damaged_partitions
+        )?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "seen by broker {}; controller leader: {}; under-replicated partitions: {}; offline partitions: {}; damaged partitions here: {}",
+        d.broker,
+        d.controller_leader
+            .map_or("none".to_string(), |l| format!("broker {l}")),
+        d.under_replicated_partitions,
+        d.offline_partitions,
+        d.damaged_partitions
+    )?;
+    let rows: Vec<Vec<String>> = d
+        .brokers
+        .iter()
+        .map(|b| {
+            vec![
+                b.id.to_string(),
+                b.addr.clone(),
+                b.epoch.to_string(),
+                b.fenced.to_string(),
+            ]
+        })
+        .collect();
+    output::table(out, &["ID", "ADDR", "EPOCH", "FENCED"], &rows)?;
+    Ok(())
 }
 
 fn status_table(out: &mut impl Write, s: &ClusterStatus) -> anyhow::Result<()> {

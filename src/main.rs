@@ -129,7 +129,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Broker(args) => broker::run(args).await,
-            Command::Cluster(args) => cluster::run(args).await,
+            Command::Cluster(args) => cluster::run(&cli.global, args).await,
             Command::Topic(args) => topic::run(&cli.global, args).await,
             Command::Produce(args) => produce::run(&cli.global, args).await,
             Command::Consume(args) => consume::run(&cli.global, args).await,

@@ -184,3 +184,14 @@ fn json_output_keeps_binary_keys_and_values_exact_in_base64() {
     assert!(lines[1].get("value_base64").is_none(), "{out}");
     assert!(lines[1].get("key_base64").is_none(), "{out}");
 }
+
+#[test]
+fn cluster_describe_answers_for_a_lone_broker_too() {
+    let b = TestBroker::start();
+    let json: serde_json::Value =
+        serde_json::from_str(&b.cli_ok(&["cluster", "describe", "--output", "json"])).unwrap();
+    assert_eq!(json["clustered"], false, "{json}");
+    assert!(json["broker"].as_u64().is_some(), "{json}");
+    let table = b.cli_ok(&["cluster", "describe"]);
+    assert!(table.contains("runs alone"), "{table}");
+}

@@ -210,6 +210,19 @@ fn cluster_start_replicates_fails_over_and_restarts_a_killed_broker_into_the_isr
         );
     }
     assert_eq!(PathBuf::from(s["ca"].as_str().unwrap()), c.ca());
+    // The same view from any machine, through --bootstrap.
+    let out = c.cli(&["cluster", "describe", "--output", "json"], None);
+    succeeded(&out);
+    let d: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(d["clustered"], true, "{d}");
+    assert_eq!(d["controller_leader"], s["controller_leader"], "{d}");
+    let described = d["brokers"].as_array().unwrap();
+    assert_eq!(described.len(), 3, "{d}");
+    for b in described {
+        for key in ["id", "addr", "epoch", "fenced"] {
+            assert!(b.get(key).is_some(), "broker lacks {key}: {b}");
+        }
+    }
 
     // An RF=3 topic: every partition has three replicas, all in sync, leaders spread.
     succeeded(&c.cli(
