@@ -394,3 +394,55 @@ fn compression_bombs_sent_at_once_share_the_brokers_decompression_memory() {
     b.cli_stdin_ok(&["produce", "bombed", "--compression", "zstd"], b"fine\n");
     assert_eq!(b.total_log_end("bombed"), 1);
 }
+
+#[test]
+fn answers_a_processor_made_larger_hold_room_for_their_own_size() {
+    let mport = free_port();
+    // Frames of at most 8 MiB: a connection's answers may hold 16 MiB.
+    let b = TestBroker::start_with_config(&format!(
+        "metrics_listen = \"127.0.0.1:{mport}\"\n[limits]\nmax_frame_bytes = 8388608\nresponse_write_timeout_ms = 120000\n"
+    ));
+    b.cli_ok(&["topic", "create", "words", "--partitions", "1"]);
+    b.cli_ok(&["plugin", "deploy", &super::harness::example("split-words")]);
+    // 1,000-byte lines of 500 one-letter words: split into words, a read grows ~5 times.
+    let line = format!("{}\n", "a ".repeat(500));
+    b.cli_stdin_ok(&["produce", "words"], line.repeat(2000).as_bytes());
+    let bytes_out = || metric(mport, "quiver_bytes_out_total{topic=\"words\"} ").unwrap_or(0);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // 64 fetches of 128 KiB through the processor, never read: 8 MiB of reads fit the
+    // budget, but the answers are about 45 MB.
+    let (_ep, conn) = connect_small_window(&b, &rt, 64 * 1024);
+    let streams: Vec<(quinn::SendStream, quinn::RecvStream)> = rt.block_on(async {
+        let mut streams = Vec::new();
+        for _ in 0..64 {
+            let mut req = fetch("words", 0, 128 * 1024, 1, 0);
+            req.processor =
+                Some(quiver_protocol::requests::ProcessorSpec::parse("split-words").unwrap());
+            let frame = encode_request(&req, &[]).encode();
+            let (mut send, recv) = conn.open_bi().await.unwrap();
+            send.write_all(&frame).await.unwrap();
+            send.finish().unwrap();
+            streams.push((send, recv));
+        }
+        streams
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while bytes_out() < 8_000_000 {
+        assert!(
+            Instant::now() < deadline,
+            "the processed answers never came: {} bytes",
+            bytes_out()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Answers stuck unread hold the budget; the rest wait for room.
+    std::thread::sleep(Duration::from_secs(2));
+    let out = bytes_out();
+    assert!(
+        out < 24_000_000,
+        "{out} bytes of processed answers for a client that reads nothing: more than its budget"
+    );
+    conn.close(0u32.into(), b"gone");
+    until_no_request_in_flight(mport, Duration::from_secs(15), "fetches of a closed client");
+    drop(streams);
+}

@@ -2,6 +2,7 @@
 //! what it may read before reading, keeps what it read, and holds that until its answer is
 //! off the stream. A client that opens a thousand large fetches and reads none of them
 //! holds at most the budget of its connection; its later reads wait for room instead.
+//! An answer a processor made larger than what was read holds room for its own size.
 //! Requests that arrive in process (the broker's own pipelines) have no budget.
 
 use std::future::Future;
@@ -71,6 +72,18 @@ pub async fn reserve(bytes: usize) -> Held {
     };
     let units = bytes.div_ceil(UNIT).clamp(1, budget.units as usize) as u32;
     Held(budget.room.clone().acquire_many_owned(units).await.ok())
+}
+
+/// Room for an answer that came out larger than what was read (a processor's output):
+/// `held` (room for `read` bytes) is given back first and room for `answer` bytes reserved
+/// whole, so no request holds room while it waits for more (two such could wait on each
+/// other for ever).
+pub async fn regrow(held: Held, read: usize, answer: usize) -> Held {
+    if answer <= read {
+        return held;
+    }
+    drop(held);
+    reserve(answer).await
 }
 
 #[cfg(test)]

@@ -60,6 +60,7 @@ pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
             break;
         }
     }
+    let read_len = read.payload.len();
     let payload = match req.processor {
         Some(spec) if !read.payload.is_empty() => {
             ctx.plugins
@@ -79,6 +80,7 @@ pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
         }
         None => read.payload,
     };
+    let hold = budget::regrow(hold, read_len, payload.len()).await;
     let counters = ctx.metrics.topic(&req.topic);
     counters
         .bytes_out

@@ -105,6 +105,7 @@ pub async fn handle(
                 }
                 None => read.payload.clone(),
             };
+            hold = budget::regrow(hold, read.payload.len(), payload.len()).await;
             let chunk = SubscribeChunk {
                 high_watermark: read.snapshot.high_watermark,
                 log_start_offset: read.snapshot.log_start,
