@@ -63,34 +63,10 @@ fn connect_small_window(
     rt: &tokio::runtime::Runtime,
     window: u32,
 ) -> (quinn::Endpoint, quinn::Connection) {
-    rt.block_on(async {
-        let pem = std::fs::read(b.ca()).unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        for c in rustls_pemfile::certs(&mut &pem[..]) {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![quiver_protocol::ALPN.to_vec()];
-        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-        let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
-        let mut t = quinn::TransportConfig::default();
-        t.stream_receive_window(quinn::VarInt::from_u32(window));
-        t.receive_window(quinn::VarInt::from_u32(window * 4));
-        cfg.transport_config(Arc::new(t));
-        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        ep.set_default_client_config(cfg);
-        let conn = ep
-            .connect(b.addr().parse().unwrap(), "127.0.0.1")
-            .unwrap()
-            .await
-            .unwrap();
-        (ep, conn)
-    })
+    let mut t = quinn::TransportConfig::default();
+    t.stream_receive_window(quinn::VarInt::from_u32(window));
+    t.receive_window(quinn::VarInt::from_u32(window * 4));
+    super::hostile_input::connect_with(b, rt, t)
 }
 
 fn fetch(

@@ -16,6 +16,15 @@ pub fn connect(
     b: &TestBroker,
     rt: &tokio::runtime::Runtime,
 ) -> (quinn::Endpoint, quinn::Connection) {
+    connect_with(b, rt, quinn::TransportConfig::default())
+}
+
+/// [`connect`] with the client's own QUIC transport settings (flow-control windows, …).
+pub fn connect_with(
+    b: &TestBroker,
+    rt: &tokio::runtime::Runtime,
+    transport: quinn::TransportConfig,
+) -> (quinn::Endpoint, quinn::Connection) {
     rt.block_on(async {
         let pem = std::fs::read(b.ca()).unwrap();
         let mut roots = rustls::RootCertStore::empty();
@@ -30,8 +39,10 @@ pub fn connect(
             .with_no_client_auth();
         tls.alpn_protocols = vec![quiver_protocol::ALPN.to_vec()];
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+        let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+        cfg.transport_config(Arc::new(transport));
         let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+        ep.set_default_client_config(cfg);
         let conn = ep
             .connect(b.addr().parse().unwrap(), "127.0.0.1")
             .unwrap()

@@ -1188,6 +1188,26 @@ mod tests {
         }
     }
 
+    /// Stores `group`/`partition` = `offset` as the offsets of producer `id`'s open
+    /// transaction (epoch 0), held until its marker, as a TxnCommitOffsets does.
+    async fn hold_txn_offsets(s: &GroupService, id: i64, group: &str, partition: u32, offset: i64) {
+        let records = super::super::coordinator::offset_records(&commit(group, partition, offset));
+        let encoded: Vec<_> = records.iter().map(GroupRecord::encode).collect();
+        s.persist_encoded(&encoded, Some((id, 0))).await.unwrap();
+        s.txn_lock().add(id, 0, records);
+    }
+
+    /// Commits producer `id`'s transaction (epoch 0) here.
+    async fn commit_txn(s: &GroupService, id: i64) {
+        let marker = crate::txn::TxnMarker {
+            producer_id: id,
+            epoch: 0,
+            marker: Marker::Commit,
+            coordinator_epoch: None,
+        };
+        s.write_marker(marker).await.unwrap();
+    }
+
     /// Every group's committed offsets, as (group, partition) → offset.
     fn committed(s: &GroupService, groups: &[String]) -> BTreeMap<(String, u32), i64> {
         let mut out = BTreeMap::new();
@@ -1296,10 +1316,7 @@ mod tests {
         // transaction's offsets are held open in between.
         let first = s.plan_compaction().await.unwrap().expect("a cut");
         s.delete("gone").await.unwrap();
-        let records = super::super::coordinator::offset_records(&commit("kept", 1, 3));
-        let encoded: Vec<_> = records.iter().map(GroupRecord::encode).collect();
-        s.persist_encoded(&encoded, Some((7, 0))).await.unwrap();
-        s.txn_lock().add(7, 0, records);
+        hold_txn_offsets(&s, 7, "kept", 1, 3).await;
         s.carry_forward(first).await.unwrap();
         // A second compaction may not cut between the deletion and the stale copy.
         s.compact().await.unwrap();
@@ -1315,13 +1332,7 @@ mod tests {
         })];
         s.persist_encoded(&orphan, None).await.unwrap();
         s.delete("lost").await.unwrap();
-        let marker = crate::txn::TxnMarker {
-            producer_id: 7,
-            epoch: 0,
-            marker: Marker::Commit,
-            coordinator_epoch: None,
-        };
-        s.write_marker(marker).await.unwrap();
+        commit_txn(&s, 7).await;
         s.compact().await.unwrap();
         let want = BTreeMap::from([(("kept".into(), 0), 2), (("kept".into(), 1), 3)]);
         assert_eq!(committed(&s, &groups), want);
@@ -1380,19 +1391,10 @@ mod tests {
             if i == 500 {
                 // A transaction's offsets held open across compactions.
                 held_from = Some(s.log.snapshot().log_end);
-                let records = super::super::coordinator::offset_records(&commit("g0", 9, 1));
-                let encoded: Vec<_> = records.iter().map(GroupRecord::encode).collect();
-                s.persist_encoded(&encoded, Some((7, 0))).await.unwrap();
-                s.txn_lock().add(7, 0, records);
+                hold_txn_offsets(&s, 7, "g0", 9, 1).await;
             }
             if i == 1000 {
-                let marker = crate::txn::TxnMarker {
-                    producer_id: 7,
-                    epoch: 0,
-                    marker: Marker::Commit,
-                    coordinator_epoch: None,
-                };
-                s.write_marker(marker).await.unwrap();
+                commit_txn(&s, 7).await;
                 model.insert(("g0".into(), 9), 1);
                 held_from = None;
             }

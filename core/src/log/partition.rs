@@ -936,7 +936,7 @@ impl PartitionLog {
     /// Deletes batches from the front as the topic's retention says; returns bytes freed.
     pub fn apply_retention(&self, config: &TopicConfig, now_ms: i64) -> Result<u64, LogError> {
         match self.plan_retention(config, now_ms)? {
-            Some(plan) => self.carry_out_retention(plan),
+            Some(plan) => self.carry_out_retention(plan, "retention deleted old batches"),
             None => Ok(0),
         }
     }
@@ -1017,17 +1017,20 @@ impl PartitionLog {
         if batches.is_empty() {
             return Ok(0);
         }
-        self.carry_out_retention(RetentionPlan {
-            generation,
-            log_start: snap.log_start,
-            batches,
-        })
+        self.carry_out_retention(
+            RetentionPlan {
+                generation,
+                log_start: snap.log_start,
+                batches,
+            },
+            "deleted batches below the log's new start",
+        )
     }
 
     /// Deletes what `plan` listed, unless the log changed since: a follower reset or
     /// truncation (a new role) or another pass moved the log start, and this pass gives
     /// way to the next one.
-    fn carry_out_retention(&self, plan: RetentionPlan) -> Result<u64, LogError> {
+    fn carry_out_retention(&self, plan: RetentionPlan, what: &str) -> Result<u64, LogError> {
         let RetentionPlan {
             generation,
             log_start,
@@ -1053,7 +1056,7 @@ impl PartitionLog {
         for b in &summaries[..n] {
             self.batches.remove(&offset_key(b.base_offset))?;
         }
-        tracing::info!(topic = %self.topic, partition = self.partition, batches = n, bytes = freed, log_start = new_start, "retention deleted old batches");
+        tracing::info!(topic = %self.topic, partition = self.partition, batches = n, bytes = freed, log_start = new_start, "{what}");
         Ok(freed)
     }
 
@@ -1655,15 +1658,15 @@ mod tests {
             .unwrap()
             .expect("batches to delete");
         p.become_follower(3).unwrap();
-        assert_eq!(p.carry_out_retention(stale).unwrap(), 0);
+        assert_eq!(p.carry_out_retention(stale, "test").unwrap(), 0);
         let s = p.snapshot();
         assert_eq!((s.log_start, s.size_bytes), (0, size), "{s:?}");
         assert_eq!(p.read(0, 1 << 20).unwrap().batches, 5);
         // Two passes listed the same batches; the first deletes them, the second gives way.
         let first = p.plan_retention(&rc, 0).unwrap().unwrap();
         let second = p.plan_retention(&rc, 0).unwrap().unwrap();
-        assert!(p.carry_out_retention(first).unwrap() > 0);
-        assert_eq!(p.carry_out_retention(second).unwrap(), 0);
+        assert!(p.carry_out_retention(first, "test").unwrap() > 0);
+        assert_eq!(p.carry_out_retention(second, "test").unwrap(), 0);
         let s = p.snapshot();
         assert_eq!((s.log_start, s.size_bytes), (30, size / 5 * 2), "{s:?}");
     }

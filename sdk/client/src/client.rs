@@ -438,6 +438,30 @@ impl Client {
         Ok(Client { inner })
     }
 
+    /// Metadata of a topic of `partitions` partitions, all led by broker 0, for
+    /// [`offline_for_tests`](Self::offline_for_tests).
+    #[cfg(test)]
+    pub(crate) fn test_topic(
+        name: &str,
+        partitions: u32,
+        partitioner: Option<&str>,
+    ) -> quiver_protocol::requests::TopicMetadata {
+        use quiver_protocol::requests::{PartitionMetadata, TopicMetadata};
+        TopicMetadata {
+            name: name.into(),
+            partitions: (0..partitions)
+                .map(|p| PartitionMetadata {
+                    partition: p,
+                    leader: 0,
+                    leader_epoch: 0,
+                    replicas: vec![0],
+                    isr: vec![0],
+                })
+                .collect(),
+            partitioner: partitioner.map(str::to_string),
+        }
+    }
+
     /// A client that has not connected (and will fail to, quickly), with `topics` already
     /// in its metadata cache: for unit tests of what the SDK decides before any request.
     #[cfg(test)]

@@ -811,20 +811,7 @@ mod tests {
     /// A consumer of topic `t` (partitions 0 and 1 assigned) whose fetch tasks never run:
     /// the test feeds its channel itself.
     async fn fed_consumer() -> Consumer {
-        use quiver_protocol::requests::{PartitionMetadata, TopicMetadata};
-        let client = Client::offline_for_tests(vec![TopicMetadata {
-            name: "t".into(),
-            partitions: (0..2)
-                .map(|p| PartitionMetadata {
-                    partition: p,
-                    leader: 0,
-                    leader_epoch: 0,
-                    replicas: vec![0],
-                    isr: vec![0],
-                })
-                .collect(),
-            partitioner: None,
-        }]);
+        let client = Client::offline_for_tests(vec![Client::test_topic("t", 2, None)]);
         let mut c = Consumer::new(client, ConsumerConfig::default());
         c.assign("t", [0, 1]).await.unwrap();
         for st in c.parts.values_mut() {

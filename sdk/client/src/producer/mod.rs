@@ -1061,22 +1061,13 @@ impl Producer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use quiver_protocol::requests::{PartitionMetadata, TopicMetadata};
 
-    fn topic(name: &str, partitions: u32, partitioner: Option<&str>) -> TopicMetadata {
-        TopicMetadata {
-            name: name.into(),
-            partitions: (0..partitions)
-                .map(|p| PartitionMetadata {
-                    partition: p,
-                    leader: 0,
-                    leader_epoch: 0,
-                    replicas: vec![0],
-                    isr: vec![0],
-                })
-                .collect(),
-            partitioner: partitioner.map(str::to_string),
-        }
+    fn topic(
+        name: &str,
+        partitions: u32,
+        partitioner: Option<&str>,
+    ) -> quiver_protocol::requests::TopicMetadata {
+        Client::test_topic(name, partitions, partitioner)
     }
 
     /// A flush waits for the records sent before it, not for those another task sharing the
