@@ -622,6 +622,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("plugins.threads"), "{e}");
+        // The keys added for compaction, group expiry and the decompression budget.
+        for (text, key) in [
+            ("offsets_compact_bytes = 0\n", "offsets_compact_bytes"),
+            ("offsets_retention_ms = 0\n", "offsets_retention_ms"),
+            ("offsets_retention_ms = -5\n", "offsets_retention_ms"),
+            (
+                "[limits]\nmax_decompression_bytes = 1024\n",
+                "limits.max_decompression_bytes",
+            ),
+        ] {
+            let e = load_str(text).unwrap_err().to_string();
+            assert!(e.contains(key), "{text:?}: {e}");
+        }
+        let c = load_str("offsets_retention_ms = -1\n").unwrap();
+        assert_eq!(c.offsets_retention_ms, -1);
     }
 
     #[test]
