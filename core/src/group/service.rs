@@ -1262,8 +1262,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_idle_empty_group_expires_and_busy_or_recent_ones_stay() {
         let store = Store::new();
+        // Long enough that "fresh" (stored after the sleep) cannot expire before the
+        // pass that expires "old", however slow the machine.
         let limits = GroupLogLimits {
-            retention_ms: 300,
+            retention_ms: 1500,
             ..test_group_log()
         };
         let s = store.open(limits);
@@ -1279,7 +1281,7 @@ mod tests {
             auto_offset_reset: None,
         };
         s.join(&join).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(Duration::from_millis(1700)).await;
         s.store_offsets(&commit("fresh", 0, 7)).await.unwrap();
         // A compaction in between changes no group's clock.
         s.compact().await.unwrap();
@@ -1293,7 +1295,7 @@ mod tests {
         let again = store.open(limits);
         assert_eq!(committed(&again, &groups), kept, "the expiry is durable");
         assert!(again.expire_groups().await.unwrap().is_empty());
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(Duration::from_millis(1700)).await;
         let mut expired = again.expire_groups().await.unwrap();
         expired.sort();
         assert_eq!(expired, ["busy", "fresh"]);
@@ -1301,7 +1303,7 @@ mod tests {
         again.store_offsets(&commit("kept", 0, 1)).await.unwrap();
         drop(again);
         let forever = store.open(test_group_log());
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(Duration::from_millis(1700)).await;
         assert!(forever.expire_groups().await.unwrap().is_empty());
     }
 
