@@ -544,11 +544,8 @@ async fn send_poll(
             records, failed, ..
         } = out;
         let mut source = SourceHeader::new(&tp);
-        for r in records {
-            counts.output += 1;
-            let source = source.of(r.offset.clamp(range.0, range.1));
-            send_output(writer, &r, source, cfg).await?;
-        }
+        counts.output += records.len() as u64;
+        send_outputs(writer, &records, &mut source, range, cfg).await?;
         for f in failed {
             counts.errors += 1;
             if cfg.on_error.policy != ErrorPolicy::DeadLetter {
@@ -703,46 +700,57 @@ impl SourceHeader {
     }
 }
 
-/// Sends one stage output to its destination (the sink, or the named output its
-/// `quiver.sink` header asks for) with the `quiver.source` header. The producer copies the
-/// record into its batch, so nothing is built per record but the headers of a record that
-/// has some.
-async fn send_output(
+/// Sends a partition's stage outputs, each to its destination (the sink, or the named
+/// output its `quiver.sink` header asks for) with the `quiver.source` header, in one call
+/// to the writer. The producer copies the records into its batches, so nothing is built
+/// per record but the source values (one buffer) and the header lists (one vector).
+async fn send_outputs(
     writer: &mut Writer,
-    r: &Record,
-    source: &[u8],
+    records: &[Record],
+    source: &mut SourceHeader,
+    (first, last): (i64, i64),
     cfg: &PipelineConfig,
 ) -> Result<(), RuntimeError> {
-    let mut topic = cfg.sink.topic.as_str();
-    let mut headers: Vec<(&str, &[u8])> = Vec::new();
-    for (k, v) in &r.headers {
-        if k == SINK_HEADER {
-            let name = String::from_utf8_lossy(v);
-            topic = cfg.sinks.get(name.as_ref()).ok_or_else(|| {
-                RuntimeError::Failed(format!(
-                    "a stage routed a record to the output {name:?}, which [sinks] does not name (it has: {})",
-                    cfg.sinks.keys().cloned().collect::<Vec<_>>().join(", ")
-                ))
-            })?;
-        } else if k != SOURCE_HEADER {
-            headers.push((k, v));
-        }
+    let mut sources = Vec::with_capacity(records.len() * (source.prefix + 8));
+    let mut source_ends = Vec::with_capacity(records.len());
+    for r in records {
+        sources.extend_from_slice(source.of(r.offset.clamp(first, last)));
+        source_ends.push(sources.len());
     }
-    let only_source = [(SOURCE_HEADER, source)];
-    let headers: &[(&str, &[u8])] = if headers.is_empty() {
-        &only_source
-    } else {
-        headers.push((SOURCE_HEADER, source));
-        &headers
-    };
-    writer
-        .send_ref(RecordRef {
+    let mut headers: Vec<(&str, &[u8])> = Vec::with_capacity(records.len());
+    let mut routes = Vec::with_capacity(records.len());
+    let mut start = 0;
+    for (r, &end) in records.iter().zip(&source_ends) {
+        let mut topic = cfg.sink.topic.as_str();
+        let from = headers.len();
+        for (k, v) in &r.headers {
+            if k == SINK_HEADER {
+                let name = String::from_utf8_lossy(v);
+                topic = cfg.sinks.get(name.as_ref()).ok_or_else(|| {
+                    RuntimeError::Failed(format!(
+                        "a stage routed a record to the output {name:?}, which [sinks] does not name (it has: {})",
+                        cfg.sinks.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ))
+                })?;
+            } else if k != SOURCE_HEADER {
+                headers.push((k, v));
+            }
+        }
+        headers.push((SOURCE_HEADER, &sources[start..end]));
+        start = end;
+        routes.push((topic, from..headers.len()));
+    }
+    let refs: Vec<RecordRef<'_>> = records
+        .iter()
+        .zip(routes)
+        .map(|(r, (topic, span))| RecordRef {
             topic,
             partition: None,
             key: r.key.as_deref(),
             value: &r.value,
-            headers,
+            headers: &headers[span],
             timestamp: (r.timestamp > 0).then_some(r.timestamp),
         })
-        .await
+        .collect();
+    writer.send_refs(&refs).await
 }

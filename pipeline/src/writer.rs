@@ -133,15 +133,27 @@ impl Writer {
         Ok(())
     }
 
-    /// [`Writer::send`] of a borrowed record: at least once it is copied straight into the
-    /// producer's batch; exactly once it becomes an owned record of the transaction.
-    pub async fn send_ref(&mut self, r: RecordRef<'_>) -> Result<(), RuntimeError> {
+    /// [`Writer::send`] of many borrowed records: at least once they are queued in one call
+    /// (each partition's queue held once per run of records to it), and the poll waits for
+    /// the last of each partition.
+    pub async fn send_refs(&mut self, records: &[RecordRef<'_>]) -> Result<(), RuntimeError> {
         match self {
             Writer::AtLeastOnce { producer, poll } => {
-                poll.sent(producer.send_ref(r).await?);
+                let queued = producer.send_refs(records).await;
+                for d in queued.last {
+                    poll.sent(d);
+                }
+                match queued.error {
+                    Some(e) => Err(e.into()),
+                    None => Ok(()),
+                }
+            }
+            Writer::ExactlyOnce { .. } => {
+                for r in records {
+                    self.send((*r).into()).await?;
+                }
                 Ok(())
             }
-            Writer::ExactlyOnce { .. } => self.send(r.into()).await,
         }
     }
 

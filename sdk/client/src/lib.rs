@@ -51,7 +51,8 @@ pub use plugins::PluginAdmin;
 pub use plugins::TopicPartitioner;
 pub use producer::{
     murmur2, partition_for_key, DefaultPartitioner, DeliveryFuture, Partitioner, Producer,
-    ProducerConfig, ProducerRecord, ProducerStats, RecordMetadata, RecordRef, ValuesQueued,
+    ProducerConfig, ProducerRecord, ProducerStats, RecordMetadata, RecordRef, RefsQueued,
+    ValuesQueued,
 };
 pub use quiver_protocol::batch::{Compression, Header};
 pub use quiver_protocol::requests::OffsetCommit;

@@ -183,6 +183,84 @@ struct QueueState {
     spare: Vec<BatchBuilder>,
 }
 
+/// What [`PartitionQueue::push`] did with one record.
+struct Pushed {
+    /// The record's index in its batch.
+    index: u32,
+    /// The completion of the record's batch when pushing it closed that batch (else the
+    /// record is in the open batch).
+    closed_with: Option<Arc<Completion>>,
+    /// The queue's task has work (a batch opened or closed).
+    wake: bool,
+}
+
+/// The bytes a record holds of the producer's buffer (`buffer_memory_bytes`).
+pub(crate) fn buffered_size(r: &RecordRef<'_>) -> usize {
+    r.key.map_or(0, <[u8]>::len)
+        + r.value.len()
+        + r.headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 4)
+            .sum::<usize>()
+        + RECORD_OVERHEAD
+}
+
+/// A partition queue locked for a run of records queued one after another: one lock, one
+/// buffer count and one wake-up for the run instead of one per record. The run's bytes are
+/// counted as buffered when it ends (dropped), still under the lock, so the queue's task
+/// cannot send (and uncount) them before.
+pub(crate) struct QueueRun<'q> {
+    queue: &'q PartitionQueue,
+    shared: &'q Shared,
+    st: std::sync::MutexGuard<'q, QueueState>,
+    /// Bytes pushed in this run.
+    size: usize,
+    /// The index and timestamp of the run's last record, and its batch's completion if that
+    /// batch is closed.
+    last: Option<(u32, i64, Option<Arc<Completion>>)>,
+    wake: bool,
+}
+
+impl QueueRun<'_> {
+    /// The partition this run queues to.
+    pub(crate) fn partition(&self) -> u32 {
+        self.queue.partition
+    }
+
+    /// Bytes pushed in this run so far (not yet counted as buffered).
+    pub(crate) fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Queues one record; `size` is its [`buffered_size`].
+    pub(crate) fn push(&mut self, r: &RecordRef<'_>, timestamp: i64, size: usize) {
+        let pushed = self.queue.push(&mut self.st, r, timestamp, size);
+        self.size += size;
+        self.wake |= pushed.wake;
+        self.last = Some((pushed.index, timestamp, pushed.closed_with));
+    }
+
+    /// Ends the run: the completion of the batch holding its last record, that record's
+    /// index and its timestamp (`None` for a run that queued nothing).
+    pub(crate) fn finish(mut self) -> Option<(Arc<Completion>, u32, i64)> {
+        let (index, timestamp, closed) = self.last.take()?;
+        Some((
+            closed.unwrap_or_else(|| self.st.completion.clone()),
+            index,
+            timestamp,
+        ))
+    }
+}
+
+impl Drop for QueueRun<'_> {
+    fn drop(&mut self) {
+        self.shared.buffered.fetch_add(self.size, Ordering::AcqRel);
+        if self.wake {
+            self.queue.wake.notify_one();
+        }
+    }
+}
+
 /// One partition's open batch and closed-batch queue.
 pub(crate) struct PartitionQueue {
     topic: Arc<str>,
@@ -243,18 +321,37 @@ impl PartitionQueue {
         want_future: bool,
         shared: &Shared,
     ) -> (Option<Arc<Completion>>, u32) {
-        let size = r.key.map_or(0, <[u8]>::len)
-            + r.value.len()
-            + r.headers
-                .iter()
-                .map(|(k, v)| k.len() + v.len() + 4)
-                .sum::<usize>()
-            + RECORD_OVERHEAD;
+        let size = buffered_size(r);
         shared.buffered.fetch_add(size, Ordering::AcqRel);
         let mut st = lock(&self.state);
+        let pushed = self.push(&mut st, r, timestamp, size);
+        let completion =
+            want_future.then(|| pushed.closed_with.unwrap_or_else(|| st.completion.clone()));
+        drop(st);
+        if pushed.wake {
+            self.wake.notify_one();
+        }
+        (completion, pushed.index)
+    }
+
+    /// Locks the queue for a run of records (see [`QueueRun`]).
+    pub(crate) fn lock_run<'q>(&'q self, shared: &'q Shared) -> QueueRun<'q> {
+        QueueRun {
+            queue: self,
+            shared,
+            st: lock(&self.state),
+            size: 0,
+            last: None,
+            wake: false,
+        }
+    }
+
+    /// Pushes one record into the open batch, closing it first if the record would not fit
+    /// and after it if the batch is then full.
+    fn push(&self, st: &mut QueueState, r: &RecordRef<'_>, timestamp: i64, size: usize) -> Pushed {
         let mut wake = false;
         if !st.builder.is_empty() && st.builder.size_bytes() + size > self.batch_size {
-            self.close_open(&mut st);
+            self.close_open(st);
             wake = true;
         }
         if st.builder.is_empty() {
@@ -264,16 +361,17 @@ impl PartitionQueue {
         let index = st.builder.len() as u32;
         st.builder.push(r.key, r.value, timestamp, r.headers);
         st.accounted += size;
-        let completion = want_future.then(|| st.completion.clone());
+        let mut closed_with = None;
         if st.builder.size_bytes() >= self.batch_size {
-            self.close_open(&mut st);
+            closed_with = Some(st.completion.clone());
+            self.close_open(st);
             wake = true;
         }
-        drop(st);
-        if wake {
-            self.wake.notify_one();
+        Pushed {
+            index,
+            closed_with,
+            wake,
         }
-        (completion, index)
     }
 
     /// The batches of this partition not acknowledged or failed yet: the open one (if it

@@ -383,6 +383,41 @@ impl Future for DeliveryFuture {
     }
 }
 
+/// Why [`Producer::queue_run`] stopped: the count is how many of its records it queued.
+enum Paused {
+    /// Every record is queued.
+    Done,
+    /// The next record needs its topic's partitioner plugin.
+    NeedsPlugin(usize),
+    /// The buffer is full (or the producer closed): wait for space.
+    BufferFull(usize),
+}
+
+/// Ends a run of [`Producer::send_refs`]: the future of its last record replaces the one
+/// `out` holds for that partition.
+fn end_run(run: Option<accumulator::QueueRun<'_>>, out: &mut RefsQueued) {
+    let Some(run) = run else {
+        return;
+    };
+    let partition = run.partition();
+    let Some((completion, index, timestamp)) = run.finish() else {
+        return;
+    };
+    let future = DeliveryFuture {
+        completion,
+        index,
+        timestamp,
+    };
+    match out
+        .last
+        .iter_mut()
+        .find(|d| d.partition() == partition && d.topic() == future.topic())
+    {
+        Some(slot) => *slot = future,
+        None => out.last.push(future),
+    }
+}
+
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -493,6 +528,21 @@ pub struct ValuesQueued {
     /// Values queued; they will be sent and resolved like any record.
     pub queued: u64,
     /// Why it stopped before the end; `None` when every value was queued.
+    pub error: Option<ClientError>,
+}
+
+/// What [`Producer::send_refs`] did: how many records it queued (from the front), the
+/// future of the last one queued to each partition, and the error that stopped it, if any.
+#[derive(Debug, Default)]
+pub struct RefsQueued {
+    /// Records queued; they will be sent and resolved like any record.
+    pub queued: usize,
+    /// For each partition the call queued records to, the future of the last of them. A
+    /// partition's batches are stored in order, so once it resolves every earlier record
+    /// of the call to that partition was stored too, or failed for good, which
+    /// [`Producer::stats`] counts.
+    pub last: Vec<DeliveryFuture>,
+    /// Why it stopped before the end; `None` when every record was queued.
     pub error: Option<ClientError>,
 }
 
@@ -617,6 +667,131 @@ impl Producer {
         self.wait_for_space().await?;
         self.append(&topic, &record, routed, false)?;
         Ok(())
+    }
+
+    /// Queues borrowed records in order, as [`send_ref`](Self::send_ref) would one by one,
+    /// but looks each topic up once per run of records to it and holds each partition's
+    /// queue once per run of records to it: the fast path for many records at once (a
+    /// pipeline's output). Returns the future of the last record queued to each partition
+    /// rather than one per record.
+    pub async fn send_refs(&self, records: &[RecordRef<'_>]) -> RefsQueued {
+        let s = &self.shared;
+        let mut out = RefsQueued::default();
+        let count = records.len() as u64;
+        // Counted for the whole call before `close` is checked (as `append` does per
+        // record); what is not queued is taken back at the end.
+        s.outstanding.fetch_add(count, Ordering::SeqCst);
+        let result = if s.closed.load(Ordering::SeqCst) {
+            Err(ClientError::Closed)
+        } else {
+            let mut i = 0;
+            let mut result = Ok(());
+            while i < records.len() {
+                let name = records[i].topic;
+                let end = records[i..]
+                    .iter()
+                    .position(|r| r.topic != name)
+                    .map_or(records.len(), |n| i + n);
+                result = self.queue_topic_refs(&records[i..end], &mut out).await;
+                if result.is_err() {
+                    break;
+                }
+                i = end;
+            }
+            result
+        };
+        let unqueued = count - out.queued as u64;
+        if unqueued > 0 && s.outstanding.fetch_sub(unqueued, Ordering::AcqRel) == unqueued {
+            s.idle.notify_waiters();
+        }
+        s.records_sent
+            .fetch_add(out.queued as u64, Ordering::Relaxed);
+        out.error = result.err();
+        out
+    }
+
+    /// [`send_refs`](Self::send_refs) of records of one topic, counting into `out`: queues
+    /// without awaiting until a record needs its partitioner plugin's answer or the buffer
+    /// is full, awaits that, and goes on.
+    async fn queue_topic_refs(
+        &self,
+        records: &[RecordRef<'_>],
+        out: &mut RefsQueued,
+    ) -> Result<()> {
+        let Some(first) = records.first() else {
+            return Ok(());
+        };
+        let topic = self.topic(first.topic).await?;
+        let mut now = None;
+        let (mut from, mut routed) = (0, None);
+        while from < records.len() {
+            match self.queue_run(&topic, &records[from..], routed.take(), &mut now, out)? {
+                Paused::Done => break,
+                Paused::NeedsPlugin(n) => {
+                    from += n;
+                    // Some: queue_run asks only for records its plugin routes.
+                    let answer = self.plugin_partition(&topic, &records[from]).await?;
+                    routed = Some(answer.ok_or_else(|| {
+                        ClientError::Plugin(format!(
+                            "topic {}: its partitioner gave no partition",
+                            first.topic
+                        ))
+                    })?);
+                }
+                Paused::BufferFull(n) => {
+                    from += n;
+                    self.wait_for_space().await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues `records` of one topic until one needs an await (`routed` is the plugin's
+    /// answer for the first): each partition's queue is held for a run of records to it.
+    fn queue_run(
+        &self,
+        topic: &TopicState,
+        records: &[RecordRef<'_>],
+        mut routed: Option<u32>,
+        now: &mut Option<i64>,
+        out: &mut RefsQueued,
+    ) -> Result<Paused> {
+        let s = &self.shared;
+        let mut held: Option<accumulator::QueueRun<'_>> = None;
+        for (i, r) in records.iter().enumerate() {
+            let routed = routed.take();
+            let plugin = r.partition.is_none() && !matches!(topic.routing, PluginRouting::Default);
+            if plugin && routed.is_none() {
+                end_run(held, out);
+                return Ok(Paused::NeedsPlugin(i));
+            }
+            let pending = held.as_ref().map_or(0, |h| h.size());
+            if s.buffered.load(Ordering::Relaxed) + pending >= s.config.buffer_memory_bytes
+                || s.closed.load(Ordering::Relaxed)
+            {
+                end_run(held, out);
+                return Ok(Paused::BufferFull(i));
+            }
+            let partition = match self.partition_for(topic, r, routed) {
+                Ok(p) => p,
+                Err(e) => {
+                    end_run(held, out);
+                    return Err(e);
+                }
+            };
+            if held.as_ref().is_some_and(|h| h.partition() != partition) {
+                end_run(held.take(), out);
+            }
+            let run = held.get_or_insert_with(|| topic.partitions[partition as usize].lock_run(s));
+            let timestamp = r
+                .timestamp
+                .unwrap_or_else(|| *now.get_or_insert_with(now_ms));
+            run.push(r, timestamp, accumulator::buffered_size(r));
+            out.queued += 1;
+        }
+        end_run(held, out);
+        Ok(Paused::Done)
     }
 
     /// Queues many keyless values for one topic (and partition, if given) without a
@@ -992,8 +1167,47 @@ impl Producer {
         }
     }
 
-    /// Queues `r` in its partition: the explicit one, else `routed` (the plugin's answer),
+    /// The partition `r` goes to: the explicit one, else `routed` (the plugin's answer),
     /// else the producer's partitioner (sticky when it has no preference).
+    fn partition_for(
+        &self,
+        topic: &TopicState,
+        r: &RecordRef<'_>,
+        routed: Option<u32>,
+    ) -> Result<u32> {
+        let n = topic.partitions.len() as u32;
+        match r.partition.or(routed) {
+            Some(p) if p < n => Ok(p),
+            Some(p) => Err(ClientError::InvalidPartition {
+                topic: r.topic.to_string(),
+                partition: p,
+                partitions: n,
+            }),
+            None => match &topic.routing {
+                PluginRouting::Default => Ok(self
+                    .shared
+                    .config
+                    .partitioner
+                    .partition(r.topic, r.key, n)
+                    .filter(|p| *p < n)
+                    .unwrap_or_else(|| topic.sticky())),
+                // Never a silent fallback to another partitioner.
+                #[cfg(not(feature = "plugins"))]
+                PluginRouting::Unavailable(plugin) => Err(ClientError::PartitionerUnavailable {
+                    topic: r.topic.to_string(),
+                    plugin: plugin.clone(),
+                }),
+                #[cfg(feature = "plugins")]
+                PluginRouting::Plugin(p) => Err(ClientError::Plugin(format!(
+                    "topic {}: record queued without asking its partitioner {}",
+                    r.topic,
+                    p.id()
+                ))),
+            },
+        }
+    }
+
+    /// Queues `r` in its partition (see [`partition_for`](Self::partition_for)).
     #[allow(clippy::type_complexity)]
     fn append(
         &self,
@@ -1002,42 +1216,7 @@ impl Producer {
         routed: Option<u32>,
         want_future: bool,
     ) -> Result<(Option<Arc<Completion>>, u32, i64)> {
-        let n = topic.partitions.len() as u32;
-        let partition = match r.partition.or(routed) {
-            Some(p) if p < n => p,
-            Some(p) => {
-                return Err(ClientError::InvalidPartition {
-                    topic: r.topic.to_string(),
-                    partition: p,
-                    partitions: n,
-                })
-            }
-            None => match &topic.routing {
-                PluginRouting::Default => self
-                    .shared
-                    .config
-                    .partitioner
-                    .partition(r.topic, r.key, n)
-                    .filter(|p| *p < n)
-                    .unwrap_or_else(|| topic.sticky()),
-                // Never a silent fallback to another partitioner.
-                #[cfg(not(feature = "plugins"))]
-                PluginRouting::Unavailable(plugin) => {
-                    return Err(ClientError::PartitionerUnavailable {
-                        topic: r.topic.to_string(),
-                        plugin: plugin.clone(),
-                    })
-                }
-                #[cfg(feature = "plugins")]
-                PluginRouting::Plugin(p) => {
-                    return Err(ClientError::Plugin(format!(
-                        "topic {}: record queued without asking its partitioner {}",
-                        r.topic,
-                        p.id()
-                    )))
-                }
-            },
-        };
+        let partition = self.partition_for(topic, r, routed)?;
         let timestamp = r.timestamp.unwrap_or_else(now_ms);
         let s = &self.shared;
         // Counted before `close` is checked again (both sequentially consistent, as close's
@@ -1132,6 +1311,107 @@ mod tests {
         assert_eq!(sent.queued, 3);
         assert!(matches!(sent.error, Some(ClientError::Closed)), "{sent:?}");
         assert_eq!(producer.stats().records_sent, 3);
+    }
+
+    /// `send_refs` queues records of several topics and partitions in one call: it counts
+    /// them as sent, holds exactly their bytes in the buffer, and hands back one future per
+    /// partition, that of the partition's last record.
+    #[tokio::test]
+    async fn send_refs_queues_every_record_and_returns_each_partitions_last() {
+        let client = Client::offline_for_tests(vec![topic("a", 3, None), topic("b", 2, None)]);
+        let producer = Producer::new(client, ProducerConfig::default());
+        let hdr: &[(&str, &[u8])] = &[("h", b"v")];
+        let to = |t, p, value: &'static [u8]| RecordRef {
+            partition: Some(p),
+            headers: hdr,
+            ..RecordRef::new(t, value)
+        };
+        let records = [
+            to("a", 0, b"1"),
+            to("a", 0, b"2"),
+            to("a", 2, b"3"),
+            to("a", 0, b"4"),
+            to("b", 1, b"5"),
+            to("b", 1, b"6"),
+            to("a", 2, b"7"),
+        ];
+        let sent = producer.send_refs(&records).await;
+        assert!(sent.error.is_none(), "{sent:?}");
+        assert_eq!(sent.queued, records.len());
+        assert_eq!(producer.stats().records_sent, records.len() as u64);
+        let bytes: usize = records.iter().map(accumulator::buffered_size).sum();
+        assert_eq!(producer.shared.buffered.load(Ordering::SeqCst), bytes);
+        let mut last: Vec<(String, u32, u32)> = sent
+            .last
+            .iter()
+            .map(|d| (d.topic().to_string(), d.partition(), d.index))
+            .collect();
+        last.sort();
+        // The index is the record's place in its partition's open batch: a/0 holds three,
+        // a/2 two (one of them after the run of b), b/1 two.
+        assert_eq!(
+            last,
+            [("a".into(), 0, 2), ("a".into(), 2, 1), ("b".into(), 1, 1)]
+        );
+        assert_eq!(producer.shared.outstanding.load(Ordering::SeqCst), 7);
+    }
+
+    /// A record `send_refs` cannot queue stops it there: the records before it are queued
+    /// (and counted, bytes and all), the rest are not, and nothing stays counted as
+    /// outstanding for them.
+    #[tokio::test]
+    async fn send_refs_stops_at_a_bad_record_having_queued_those_before_it() {
+        let client = Client::offline_for_tests(vec![topic("a", 2, None)]);
+        let producer = Producer::new(client, ProducerConfig::default());
+        let at = |p| RecordRef {
+            partition: Some(p),
+            ..RecordRef::new("a", b"value")
+        };
+        let records = [at(0), at(1), at(1), at(5), at(0)];
+        let sent = producer.send_refs(&records).await;
+        assert_eq!(sent.queued, 3);
+        assert!(
+            matches!(
+                sent.error,
+                Some(ClientError::InvalidPartition { partition: 5, .. })
+            ),
+            "{sent:?}"
+        );
+        assert_eq!(sent.last.len(), 2);
+        let bytes: usize = records[..3].iter().map(accumulator::buffered_size).sum();
+        assert_eq!(producer.shared.buffered.load(Ordering::SeqCst), bytes);
+        assert_eq!(producer.shared.outstanding.load(Ordering::SeqCst), 3);
+        assert_eq!(producer.stats().records_sent, 3);
+    }
+
+    /// More records than the buffer holds: `send_refs` waits for space part-way and goes
+    /// on. No broker answers here, so space comes back as the first records fail after
+    /// their delivery timeout; every record is queued in the end, each failed one counted.
+    #[tokio::test]
+    async fn send_refs_waits_for_buffer_space_and_queues_everything() {
+        let client = Client::offline_for_tests(vec![topic("a", 1, None)]);
+        let producer = Producer::new(
+            client,
+            ProducerConfig {
+                buffer_memory_bytes: 4096,
+                batch_size_bytes: 1024,
+                delivery_timeout: Duration::from_millis(300),
+                retry_backoff: Duration::from_millis(20),
+                ..ProducerConfig::default()
+            },
+        );
+        let value = [7u8; 200];
+        let records = vec![RecordRef::new("a", &value); 100];
+        let sent = tokio::time::timeout(Duration::from_secs(60), producer.send_refs(&records))
+            .await
+            .expect("send_refs never found space");
+        assert!(sent.error.is_none(), "{sent:?}");
+        assert_eq!(sent.queued, 100);
+        assert_eq!(sent.last.len(), 1);
+        let _ = producer.flush().await;
+        let stats = producer.stats();
+        assert_eq!(stats.records_failed, 100, "{stats:?}");
+        assert_eq!(producer.shared.buffered.load(Ordering::SeqCst), 0);
     }
 
     /// Without the `plugins` feature, a topic's partitioner cannot run: every way of

@@ -398,14 +398,22 @@ fn records(n: u64) -> String {
     }
 }
 
-fn check_timestamp(ts: i64, what: &str, limits: &ProduceLimits) -> Result<(), ProtocolError> {
+/// Checks one timestamp against the limits; `what` names it in the error (built only then:
+/// this runs for every produced record).
+fn check_timestamp(
+    ts: i64,
+    what: impl Fn() -> String,
+    limits: &ProduceLimits,
+) -> Result<(), ProtocolError> {
     if ts < 0 {
+        let what = what();
         return Err(ProtocolError::invalid_record(format!(
             "{what} has timestamp {ts}; timestamps must be 0 or later (ms since the Unix epoch; \
              -1 \"no timestamp\" is not accepted)"
         )));
     }
     if ts > MAX_TIMESTAMP_MS {
+        let what = what();
         return Err(ProtocolError::invalid_record(format!(
             "{what} has timestamp {ts}, after the latest allowed {MAX_TIMESTAMP_MS} (year 9999)"
         )));
@@ -413,6 +421,7 @@ fn check_timestamp(ts: i64, what: &str, limits: &ProduceLimits) -> Result<(), Pr
     let skew = limits.max_timestamp_skew_ms.max(0) as u64;
     let diff = ts.abs_diff(limits.now_ms);
     if diff > skew {
+        let what = what();
         let side = if ts > limits.now_ms {
             "ahead of"
         } else {
@@ -547,17 +556,16 @@ pub fn validate_produce(
                     raw.timestamp_delta, h.first_timestamp
                 )));
             }
-            let what = format!("record {n}");
             let ts = h
                 .first_timestamp
                 .checked_add(raw.timestamp_delta)
                 .ok_or_else(|| {
                     ProtocolError::invalid_record(format!(
-                        "{what}: first_timestamp {} + timestamp delta {} overflows",
+                        "record {n}: first_timestamp {} + timestamp delta {} overflows",
                         h.first_timestamp, raw.timestamp_delta
                     ))
                 })?;
-            check_timestamp(ts, &what, limits)?;
+            check_timestamp(ts, || format!("record {n}"), limits)?;
             max_ts = max_ts.max(ts);
         }
         n += 1;
@@ -571,7 +579,7 @@ pub fn validate_produce(
     if log_append_time {
         check_timestamp(
             h.max_timestamp,
-            "the max_timestamp of a log-append-time batch",
+            || "the max_timestamp of a log-append-time batch".to_string(),
             limits,
         )?;
     } else if h.max_timestamp != max_ts {
