@@ -63,7 +63,10 @@ pub struct PipelineOpts {
     backlog: bool,
     /// Measure the three (plain produce, no stage, the chain) this many times in a row on
     /// the same broker and report the median ratios: a machine whose speed swings from
-    /// minute to minute moves each run's figures, less so their median.
+    /// minute to minute moves each run's figures, less so their median. Each run starts
+    /// its three one later in turn (run 1: produce, no stage, chain; run 2: no stage,
+    /// chain, produce; run 3: chain, produce, no stage), so none is always measured on a
+    /// younger store than the others.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=50))]
     repeat: u32,
     /// With --embedded, run the pipelines as `quiver pipeline run` does: a client of the

@@ -1,7 +1,8 @@
 //! `bench pipeline`: end-to-end throughput and latency of a pipeline, in one run beside the
 //! figures it should be compared with. Three measurements on the same broker, each on fresh
 //! topics: plain produce of N records; a pipeline with no stage (records copied from the
-//! input to the sink); and the pipeline with the given `--stage` chain. For the pipelines,
+//! input to the sink); and the pipeline with the given `--stage` chain. With `--repeat`,
+//! each run starts its three one later in turn ([`Measured::in_turn`]). For the pipelines,
 //! N records are produced into the input while the pipeline runs in this process; the run
 //! ends when the pipeline has processed all N (their outputs acknowledged in the sink and
 //! their offsets committed). Records/s is N over the time from the first produce to that
@@ -94,6 +95,26 @@ impl RunFigures {
     }
 }
 
+/// The three measurements of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Measured {
+    Produce,
+    NoStage,
+    Chain,
+}
+
+impl Measured {
+    /// The measurement at `step` (0, 1, 2) of run `run` (from 1): run 1 measures plain
+    /// produce, no stage, the chain; each later run starts one further along. Within a
+    /// run the broker's store grows with every measurement, and on a virtual machine a
+    /// write into file pages the guest never used before can cost several times one into
+    /// pages it reuses; a fixed order would make the same measurement always pay most.
+    fn in_turn(run: u32, step: u32) -> Measured {
+        const ORDER: [Measured; 3] = [Measured::Produce, Measured::NoStage, Measured::Chain];
+        ORDER[((run.saturating_sub(1) + step) % 3) as usize]
+    }
+}
+
 /// The median of `values` (the mean of the middle two for an even count); 0 when empty.
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
@@ -145,32 +166,36 @@ pub async fn run(
             eprintln!("run {i} of {repeat}:");
             format!("{base}-r{i}")
         };
-        eprintln!("plain produce of {records} records …");
-        let cpu_before = process_cpu_seconds();
-        let produce = produce_into(client, &quiet, &format!("{base}-produce"), false)
-            .await?
-            .measuring("produce: send to acknowledgement");
-        let produce = produce.with_cpu(cpu_spent(cpu_before));
-        eprintln!("pipeline without stages …");
-        let no_stage = one(
-            client,
-            pipelines,
-            &quiet,
-            &format!("{base}-none"),
-            &[],
-            backlog,
-        )
-        .await?;
-        eprintln!("pipeline with {} …", chain.join(" → "));
-        let stages = one(
-            client,
-            pipelines,
-            &quiet,
-            &format!("{base}-stages"),
-            chain,
-            backlog,
-        )
-        .await?;
+        // Each run starts one measurement later than the last: a store that only grows
+        // can make later writes cost more (see `Measured`), so a fixed order would favour
+        // whichever always runs first.
+        let mut produce = None;
+        let (mut no_stage, mut stages) = (None, None);
+        for step in 0..3 {
+            match Measured::in_turn(i, step) {
+                Measured::Produce => {
+                    eprintln!("plain produce of {records} records …");
+                    let cpu_before = process_cpu_seconds();
+                    let report = produce_into(client, &quiet, &format!("{base}-produce"), false)
+                        .await?
+                        .measuring("produce: send to acknowledgement");
+                    produce = Some(report.with_cpu(cpu_spent(cpu_before)));
+                }
+                Measured::NoStage => {
+                    eprintln!("pipeline without stages …");
+                    let name = format!("{base}-none");
+                    no_stage = Some(one(client, pipelines, &quiet, &name, &[], backlog).await?);
+                }
+                Measured::Chain => {
+                    eprintln!("pipeline with {} …", chain.join(" → "));
+                    let name = format!("{base}-stages");
+                    stages = Some(one(client, pipelines, &quiet, &name, chain, backlog).await?);
+                }
+            }
+        }
+        let (Some(produce), Some(no_stage), Some(stages)) = (produce, no_stage, stages) else {
+            anyhow::bail!("a bench run ended without its three measurements");
+        };
         trios.push((produce, no_stage, stages));
     }
     let runs: Vec<RunFigures> = trios
@@ -366,7 +391,21 @@ impl PipelineBench {
 
 #[cfg(test)]
 mod tests {
-    use super::median;
+    use super::{median, Measured};
+
+    #[test]
+    fn each_run_starts_one_measurement_later() {
+        let order = |run| {
+            (0..3)
+                .map(|step| Measured::in_turn(run, step))
+                .collect::<Vec<_>>()
+        };
+        use Measured::*;
+        assert_eq!(order(1), [Produce, NoStage, Chain]);
+        assert_eq!(order(2), [NoStage, Chain, Produce]);
+        assert_eq!(order(3), [Chain, Produce, NoStage]);
+        assert_eq!(order(4), order(1));
+    }
 
     #[test]
     fn median_of_odd_even_and_empty() {
