@@ -288,7 +288,11 @@ impl Slots {
     /// The writes that store `value` in slots, in the order they must reach the log: its
     /// slots, the placeholders after them, then the cursor moved past them; and the value's
     /// head (for the caller to write after all of them).
-    fn fill(&self, value: &[u8]) -> Result<(Vec<(IVec, IVec)>, SlotHead), sled::Error> {
+    fn fill(
+        &self,
+        value: &[u8],
+        patch: impl FnOnce(&mut [u8]),
+    ) -> Result<(Vec<(IVec, IVec)>, SlotHead), sled::Error> {
         let count = value.len().div_ceil(SLOT_BYTES) as u64;
         let count32 = u32::try_from(count).map_err(|_| {
             sled::Error::Unsupported(format!("a value of {} bytes is too large", value.len()))
@@ -309,11 +313,13 @@ impl Slots {
         let mut writes = Vec::new();
         // Each slot a buffer of its own: sled's cache counts a slot's bytes, and a slice of
         // a shared buffer would keep all of it alive for as long as any slot of it is cached.
+        let mut patch = Some(patch);
         for (i, chunk) in value.chunks(SLOT_BYTES).enumerate() {
-            writes.push((
-                IVec::from(&self.key(next + i as u64)[..]),
-                IVec::from(chunk),
-            ));
+            let chunk = match patch.take() {
+                Some(p) => patched(chunk, p),
+                None => IVec::from(chunk),
+            };
+            writes.push((IVec::from(&self.key(next + i as u64)[..]), chunk));
         }
         for s in placeholders_end.max(free)..runway_end {
             writes.push((IVec::from(&self.key(s)[..]), IVec::default()));
@@ -337,6 +343,14 @@ impl Slots {
             .insert(self.key(CURSOR_SLOT), &cursor_value(next, next)[..])?;
         Ok(())
     }
+}
+
+/// A copy of `bytes` for sled with `patch` applied to it (the copy is sled's own buffer:
+/// changing it in place copies nothing more).
+fn patched(bytes: &[u8], patch: impl FnOnce(&mut [u8])) -> IVec {
+    let mut v = IVec::from(bytes);
+    patch(&mut v);
+    v
 }
 
 /// A cursor entry: the next free slot, then the end of the placeholders.
@@ -427,17 +441,29 @@ impl PartitionKeys {
     /// stops every read and write of every tree (fetches, the flusher) while it applies, and
     /// makes sled write out its current log buffer before and after it.
     pub fn insert(&self, suffix: &[u8], value: impl AsRef<[u8]>) -> Result<(), sled::Error> {
-        let value = value.as_ref();
+        self.insert_patched(suffix, value.as_ref(), |_| {})
+    }
+
+    /// [`insert`](Self::insert) of `value` with `patch` applied to the stored copy of its
+    /// first bytes (the first slot of a slotted value: at least [`SLOT_BYTES`] or the whole
+    /// value), so a value stored with a few bytes changed is copied once, not twice: the
+    /// append path stamps a batch's base offset and leader epoch this way.
+    pub fn insert_patched(
+        &self,
+        suffix: &[u8],
+        value: &[u8],
+        patch: impl FnOnce(&mut [u8]),
+    ) -> Result<(), sled::Error> {
         let key = self.key(suffix);
         let _turn = one_writer();
         let stale = self.chunk_keys(suffix)?;
         let slotted = value.len() >= SLOTTED_MIN && suffix.len() == 8;
         if stale.is_empty() && !slotted {
-            self.tree.insert(key, value)?;
+            self.tree.insert(key, patched(value, patch))?;
             return Ok(());
         }
         if stale.is_empty() && self.tree.get(&key)?.is_none() {
-            let (writes, head) = self.slots.fill(value)?;
+            let (writes, head) = self.slots.fill(value, patch)?;
             for (k, v) in writes {
                 self.tree.insert(k, v)?;
             }
@@ -451,7 +477,7 @@ impl PartitionKeys {
             batch.remove(k);
         }
         if slotted {
-            let (writes, head) = self.slots.fill(value)?;
+            let (writes, head) = self.slots.fill(value, patch)?;
             for (k, v) in writes {
                 batch.insert(k, v);
             }
@@ -460,7 +486,7 @@ impl PartitionKeys {
             head_key.push(0);
             batch.insert(head_key, &head.encode()[..]);
         } else {
-            batch.insert(key, value);
+            batch.insert(key, patched(value, patch));
         }
         self.tree.apply_batch(batch)
     }

@@ -667,10 +667,13 @@ impl PartitionLog {
             }
         }
         let base = st.log_end;
-        let mut stored = raw.to_vec();
-        batch::set_base_offset(&mut stored, base);
-        batch::set_leader_epoch(&mut stored, st.leader_epoch);
-        self.batches.insert(&offset_key(base), &stored)?;
+        let epoch = st.leader_epoch;
+        // Stamped in sled's copy: the batch is copied once on its way in.
+        self.batches
+            .insert_patched(&offset_key(base), raw, |stored| {
+                batch::set_base_offset(stored, base);
+                batch::set_leader_epoch(stored, epoch);
+            })?;
         if st.bytes_since_index >= TIME_INDEX_INTERVAL {
             self.time_index
                 .insert(&ts_key(st.running_max_ts), offset_key(base))?;

@@ -929,7 +929,10 @@ fn keep_owned(
         let (topic, partition) = (&recs[start].topic, recs[start].partition);
         let end = recs[start..]
             .iter()
-            .position(|r| r.partition != partition || r.topic != *topic)
+            // Records of one fetch share their topic's name: pointers first.
+            .position(|r| {
+                r.partition != partition || !(Arc::ptr_eq(&r.topic, topic) || r.topic == *topic)
+            })
             .map_or(recs.len(), |n| start + n);
         let tp = TopicPartition::new(topic.to_string(), partition);
         let is_owned = owned.contains(&tp);
