@@ -688,8 +688,26 @@ impl Client {
             Err(e) => return Err(e),
         };
         let p = coordinator_partition(group, partitions);
-        self.request_for_partition(OFFSETS_TOPIC, p, req, payload, timeout)
-            .await
+        // A coordinator that moved (or whose partition a broker has not applied yet)
+        // refuses with NotLeader before doing anything, so asking the leader the fresh
+        // metadata names is safe for every group request, until the time is up.
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut backoff = crate::Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let r = self
+                .request_for_partition(OFFSETS_TOPIC, p, req, payload.clone(), left)
+                .await;
+            let delay = backoff.next_delay();
+            match r {
+                Err(ClientError::NotLeader(_))
+                    if tokio::time::Instant::now() + delay < deadline =>
+                {
+                    tokio::time::sleep(delay).await;
+                }
+                r => return r,
+            }
+        }
     }
 
     /// Sends a request to the partition's leader without reading the answer (`acks = 0`).
