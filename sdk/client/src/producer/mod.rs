@@ -1402,9 +1402,16 @@ mod tests {
         );
         let value = [7u8; 200];
         let records = vec![RecordRef::new("a", &value); 100];
+        let started = std::time::Instant::now();
         let sent = tokio::time::timeout(Duration::from_secs(60), producer.send_refs(&records))
             .await
             .expect("send_refs never found space");
+        // Space comes back only when the first records fail, a delivery timeout after they
+        // were queued: a call that returned sooner queued past the buffer's limit.
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "send_refs queued 22 KB into a 4 KB buffer without waiting"
+        );
         assert!(sent.error.is_none(), "{sent:?}");
         assert_eq!(sent.queued, 100);
         assert_eq!(sent.last.len(), 1);
