@@ -359,8 +359,7 @@ fn describe_table(out: &mut impl Write, d: &ClusterDescription) -> anyhow::Resul
         out,
         "seen by broker {}; controller leader: {}; under-replicated partitions: {}; offline partitions: {}; damaged partitions here: {}",
         d.broker,
-        d.controller_leader
-            .map_or("none".to_string(), |l| format!("broker {l}")),
+        leader_label(d.controller_leader),
         d.under_replicated_partitions,
         d.offline_partitions,
         d.damaged_partitions
@@ -381,12 +380,16 @@ fn describe_table(out: &mut impl Write, d: &ClusterDescription) -> anyhow::Resul
     Ok(())
 }
 
+/// `broker N`, or `none` while the controller has no leader.
+fn leader_label(leader: Option<u64>) -> String {
+    leader.map_or("none".to_string(), |l| format!("broker {l}"))
+}
+
 fn status_table(out: &mut impl Write, s: &ClusterStatus) -> anyhow::Result<()> {
     writeln!(
         out,
         "controller leader: {}; CA: {}; under-replicated partitions: {}; offline partitions: {}",
-        s.controller_leader
-            .map_or("none".to_string(), |l| format!("broker {l}")),
+        leader_label(s.controller_leader),
         s.ca.display(),
         s.under_replicated_partitions,
         s.offline_partitions
