@@ -518,6 +518,10 @@ fn decode_chunk(
         {
             continue;
         }
+        // Room for the batch's records at once (a record takes at least 7 bytes, so a
+        // lying count cannot reserve more than the bytes present allow).
+        let count = usize::try_from(header.record_count).unwrap_or(0);
+        out.reserve(count.min(batch.len() / 7));
         for rec in RecordIter::new(&batch, max_decompressed)? {
             let rec = rec?;
             if rec.offset < chunk.from {
