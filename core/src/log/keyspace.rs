@@ -24,8 +24,9 @@
 //! the next region's first slots, and each of its splits and consolidations rewrote those
 //! full slots: two partitions appending side by side wrote 1.23-1.29 bytes per byte stored
 //! instead of 1.04. Each region therefore ends in [`GUARDS`] empty entries after its cursor,
-//! written with its first value: a leaf holds at most 16 entries, so no leaf can hold both a
-//! region's cursor and the next region's first key (1.10 with guards).
+//! written with its first value. sled splits a leaf that holds more than 16 entries the
+//! next time it passes through it, so a leaf holds at most 17: never the cursor, all 16
+//! guards and a key of the next region (1.10 with guards).
 
 use std::collections::HashSet;
 
@@ -136,8 +137,8 @@ const SLOT_REGION_BIT: u64 = 1 << 63;
 const CURSOR_SLOT: u64 = u64::MAX;
 /// Empty entries after a region's cursor (keys: the cursor's key and one more byte), so the
 /// leaf where a region grows never holds the next region's data (see the module doc). A
-/// leaf splits past 16 entries; one holding the cursor, every guard and a key of the next
-/// region would have more.
+/// leaf holds at most 17 entries; one holding the cursor, every guard and a key of the next
+/// region would hold 18.
 const GUARDS: u8 = 16;
 /// Placeholders kept ahead of the next free slot: at least this many, and at least twice
 /// the slots of the latest value, so the next value lands in leaves that no longer split
@@ -647,7 +648,8 @@ impl PartitionKeys {
             self.slots
                 .guarded
                 .store(false, std::sync::atomic::Ordering::Relaxed);
-            self.slots.guard_key(GUARDS - 1).to_vec()
+            // Every key after the cursor, however many guards an older broker wrote.
+            self.slots.guard_key(u8::MAX).to_vec()
         };
         let next = if keep_numbering {
             let _turn = one_writer();
@@ -1369,11 +1371,21 @@ mod tests {
         for g in 0..GUARDS {
             assert!(tree.get(a.slots.guard_key(g)).unwrap().is_some());
         }
-        assert_eq!(
-            reopened.iter().count(),
-            2,
-            "both values read back; guards are not values"
-        );
+        assert_eq!(reopened.iter().count(), 2, "both values read back");
+
+        // A region whose cursor is gone goes on after its last slot, not after a guard.
+        tree.remove(a.slots.key(CURSOR_SLOT)).unwrap();
+        // Slots 0-1 and 2 hold values, placeholders run to 34: the next is 35.
+        assert_eq!(reopened.slots.cursor(1).unwrap(), (35, 35));
+        reopened
+            .insert(&20u64.to_be_bytes(), patterned(SLOT_BYTES, 4))
+            .unwrap();
+        let (_, v) = reopened
+            .range_from(&20u64.to_be_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_eq!(v.to_vec(), patterned(SLOT_BYTES, 4));
     }
 
     /// Clearing a partition that lives on keeps its slot numbers going (a reader holding an
