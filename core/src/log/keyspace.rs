@@ -1483,6 +1483,22 @@ mod tests {
             a.last_suffix_through(&[0xff; 8]).unwrap(),
             Some(10u64.to_be_bytes())
         );
+        assert_eq!(a.range_through(&[0xff; 8]).count(), 2);
+        assert_eq!(a.range_before(&[0xff; 8]).count(), 2);
+        assert_eq!(
+            a.stored_from_within(&0u64.to_be_bytes(), usize::MAX)
+                .count(),
+            2
+        );
+        a.remove(&10u64.to_be_bytes()).unwrap();
+        assert_eq!(a.iter().count(), 1);
+        a.insert(&10u64.to_be_bytes(), patterned(100, 10)).unwrap();
+        for g in 0..GUARDS {
+            assert!(
+                tree.get(guards.key(g)).unwrap().is_some(),
+                "a removal keeps them"
+            );
+        }
 
         for g in 0..GUARDS {
             tree.remove(guards.key(g)).unwrap();
