@@ -146,6 +146,13 @@ const CURSOR_SLOT: u64 = u64::MAX;
 /// leaf holds at most 17 entries; one holding the cursor, every guard and a key of the next
 /// region would hold 18.
 const GUARDS: u8 = 16;
+/// Placeholders kept ahead of the next free slot: at least this many, and at least twice
+/// the slots of the latest value, so the next value lands in leaves that no longer split
+/// (a leaf splits past 16 entries).
+const MIN_RUNWAY: u64 = 32;
+/// Slots of the largest value there can be: a batch comes in one frame, and a frame's size
+/// is a u32 (`limits.max_frame_bytes`).
+const MAX_SLOTS: u64 = (u32::MAX as u64).div_ceil(SLOT_BYTES as u64);
 
 /// The empty entries that end a key range (a slot region, or a partition's values): keys
 /// `after` plus one byte, so they sort after every key of the range and before the next
@@ -197,13 +204,7 @@ impl Guards {
             .store(false, std::sync::atomic::Ordering::Relaxed);
     }
 }
-/// Placeholders kept ahead of the next free slot: at least this many, and at least twice
-/// the slots of the latest value, so the next value lands in leaves that no longer split
-/// (a leaf splits past 16 entries).
-const MIN_RUNWAY: u64 = 32;
-/// Slots of the largest value there can be: a batch comes in one frame, and a frame's size
-/// is a u32 (`limits.max_frame_bytes`).
-const MAX_SLOTS: u64 = (u32::MAX as u64).div_ceil(SLOT_BYTES as u64);
+
 /// Version byte of a slotted value's head.
 const HEAD_V1: u8 = 1;
 /// Length of a head: version, first slot, slot count, value length.
@@ -1011,6 +1012,22 @@ mod tests {
         (dir, tree)
     }
 
+    /// Removes `guards` (as a range an older broker wrote would lack them).
+    fn drop_guards(tree: &sled::Tree, guards: &Guards) {
+        for g in 0..GUARDS {
+            tree.remove(guards.key(g)).unwrap();
+        }
+    }
+
+    /// Every one of `guards` is there, and empty.
+    fn guards_are_there(tree: &sled::Tree, guards: &Guards) -> bool {
+        (0..GUARDS).all(|g| {
+            tree.get(guards.key(g))
+                .unwrap()
+                .is_some_and(|v| v.is_empty())
+        })
+    }
+
     /// A value of `len` bytes whose every byte says where it is.
     fn patterned(len: usize, seed: u8) -> Vec<u8> {
         (0..len)
@@ -1420,16 +1437,12 @@ mod tests {
         }
 
         // A region without guards (written by an older broker) gets them with its next value.
-        for g in 0..GUARDS {
-            tree.remove(a.slots.guards.key(g)).unwrap();
-        }
+        drop_guards(&tree, &a.slots.guards);
         let reopened = PartitionKeys::new(tree.clone(), 9, 2);
         reopened
             .insert(&10u64.to_be_bytes(), patterned(SLOT_BYTES, 3))
             .unwrap();
-        for g in 0..GUARDS {
-            assert!(tree.get(a.slots.guards.key(g)).unwrap().is_some());
-        }
+        assert!(guards_are_there(&tree, &a.slots.guards));
         assert_eq!(reopened.iter().count(), 2, "both values read back");
 
         // A region whose cursor is gone goes on after its last slot, not after a guard.
@@ -1460,12 +1473,9 @@ mod tests {
         }
         next.insert(&0u64.to_be_bytes(), patterned(100, 9)).unwrap();
         let guards = a.guards.as_ref().unwrap();
+        assert!(guards_are_there(&tree, guards));
         for g in 0..GUARDS {
             let k = guards.key(g);
-            assert!(
-                tree.get(&k).unwrap().unwrap().is_empty(),
-                "a guard holds nothing"
-            );
             assert!(
                 k[..] > a.past_chunks_of(&[0xff; 8])[..],
                 "after every value key"
@@ -1492,24 +1502,14 @@ mod tests {
         );
         a.remove(&10u64.to_be_bytes()).unwrap();
         assert_eq!(a.iter().count(), 1);
-        a.insert(&10u64.to_be_bytes(), patterned(100, 10)).unwrap();
-        for g in 0..GUARDS {
-            assert!(
-                tree.get(guards.key(g)).unwrap().is_some(),
-                "a removal keeps them"
-            );
-        }
+        assert!(guards_are_there(&tree, guards), "a removal keeps them");
 
-        for g in 0..GUARDS {
-            tree.remove(guards.key(g)).unwrap();
-        }
+        drop_guards(&tree, guards);
         let reopened = PartitionKeys::new(tree.clone(), 9, 2);
         reopened
             .insert(&20u64.to_be_bytes(), patterned(100, 20))
             .unwrap();
-        for g in 0..GUARDS {
-            assert!(tree.get(guards.key(g)).unwrap().is_some());
-        }
+        assert!(guards_are_there(&tree, guards));
 
         let db = sled::Config::new().temporary(true).open().unwrap();
         let index = PartitionKeys::new(db.open_tree(TIME_INDEX_TREE).unwrap(), 9, 2);
