@@ -865,6 +865,31 @@ mod tests {
         assert_eq!(c.parts[&(Arc::from("t"), 0)].position, Some(5));
     }
 
+    /// A batch whose header lies about its record count (well-formed otherwise) is refused,
+    /// and the room reserved for its records is bounded by its bytes, not by the count.
+    #[test]
+    fn a_lying_record_count_reserves_no_more_than_the_bytes_allow() {
+        let mut raw = batch(0, 3).to_vec();
+        let at = quiver_protocol::batch::field::RECORD_COUNT;
+        raw[at..at + 4].copy_from_slice(&i32::MAX.to_be_bytes());
+        let len = raw.len();
+        let lying = Chunk {
+            from: 0,
+            aborted: Vec::new(),
+            batches: Bytes::from(raw),
+            next: 3,
+        };
+        let mut out = Vec::new();
+        let topic: Arc<str> = Arc::from("t");
+        // Records decoded before the lie shows are dropped by the caller (`take`).
+        assert!(decode_chunk(&topic, 0, &lying, usize::MAX, &mut out).is_err());
+        assert!(
+            out.capacity() <= len / 7,
+            "reserved {} records for a batch of {len} bytes",
+            out.capacity()
+        );
+    }
+
     /// A chunk that fails to decode part-way hands out none of its records (its partition's
     /// position stays before it, so they would come twice).
     #[tokio::test]
