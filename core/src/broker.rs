@@ -235,7 +235,13 @@ impl Broker {
         // The flusher has its own stop signal: it keeps serving the flush tickets of
         // in-flight produces and commits until they have all been answered.
         let (flush_stop_tx, flush_stop_rx) = watch::channel(false);
-        let flusher = Flusher::new(db.clone());
+        let log_dir = config.data_dir.join("log");
+        let flusher = Flusher::syncing(db.clone(), &log_dir).map_err(|e| {
+            BrokerError::Storage(format!(
+                "cannot open sled's log file {} to sync it: {e}",
+                log_dir.join("db").display()
+            ))
+        })?;
         let flush_task = tokio::spawn(flusher.clone().run(
             Duration::from_millis(config.topic_defaults.flush_interval_ms.clamp(10, 60_000)),
             flush_stop_rx,
