@@ -262,7 +262,12 @@ async fn run_foreground(args: &StartArgs) -> anyhow::Result<()> {
         handle.local_addr(),
         data_dir.display()
     );
-    wait_for_signal().await?;
+    // A failed disk flush stops the broker: it acknowledges nothing more, and a restart
+    // (by hand or by a supervisor) recovers from what is on disk.
+    let failed = tokio::select! {
+        r = wait_for_signal() => { r?; None }
+        f = handle.storage_failed() => Some(f),
+    };
     tracing::info!("shutting down");
     // Deployed pipelines commit what they finished and leave their groups while the broker
     // still answers them.
@@ -271,7 +276,10 @@ async fn run_foreground(args: &StartArgs) -> anyhow::Result<()> {
     if read_pid(&pid_file).ok().flatten() == Some(std::process::id() as i32) {
         let _ = std::fs::remove_file(&pid_file);
     }
-    Ok(())
+    match failed {
+        Some(f) => bail!("the broker stopped: {f}"),
+        None => Ok(()),
+    }
 }
 
 /// Installs the host of deployed pipelines: its instances are clients of this broker,

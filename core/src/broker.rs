@@ -15,7 +15,7 @@ use crate::cluster::member::{raft_tls, ClusterMember, MemberConfig};
 use crate::cluster::ControllerState;
 use crate::config::BrokerConfig;
 use crate::group::{GroupDirectory, GroupService};
-use crate::log::{Flusher, PartitionLog, RepairReport};
+use crate::log::{FlushFailed, Flusher, PartitionLog, RepairReport};
 use crate::metrics::Metrics;
 use crate::pipelines::{PipelineHost, PipelineSlot};
 use crate::plugin::PluginService;
@@ -101,7 +101,7 @@ fn check_identity(dir: &Path, broker_id: u32) -> Result<(), BrokerError> {
     }
 }
 
-fn open_db(dir: &Path) -> Result<sled::Db, BrokerError> {
+fn open_db(dir: &Path) -> Result<crate::log::Database, BrokerError> {
     crate::log::store::open(&dir.join("log"))
         .map_err(|e| {
             let hint = if e.to_string().contains("lock") {
@@ -235,13 +235,7 @@ impl Broker {
         // The flusher has its own stop signal: it keeps serving the flush tickets of
         // in-flight produces and commits until they have all been answered.
         let (flush_stop_tx, flush_stop_rx) = watch::channel(false);
-        let log_dir = config.data_dir.join("log");
-        let flusher = Flusher::syncing(db.clone(), &log_dir).map_err(|e| {
-            BrokerError::Storage(format!(
-                "cannot open sled's log file {} to sync it: {e}",
-                log_dir.join("db").display()
-            ))
-        })?;
+        let flusher = Flusher::new(db.clone());
         let flush_task = tokio::spawn(flusher.clone().run(
             Duration::from_millis(config.topic_defaults.flush_interval_ms.clamp(10, 60_000)),
             flush_stop_rx,
@@ -268,7 +262,7 @@ impl Broker {
         txn_markers.attach_groups(&groups);
         let txn_env = Arc::new(TxnEnv {
             markers: txn_markers.clone(),
-            ids: ProducerIds::new(db.clone(), config.broker_id),
+            ids: ProducerIds::new(db.sled().clone(), config.broker_id),
             max_ids: MAX_TRANSACTIONAL_IDS,
         });
         let lone_tasks = if config.cluster.enabled() {
@@ -490,6 +484,12 @@ impl BrokerHandle {
     /// Install it after start, since the host's instances connect to this broker.
     pub fn install_pipeline_host(&self, host: Arc<dyn PipelineHost>) -> bool {
         self.pipelines.install(host)
+    }
+
+    /// Resolves when a disk flush failed: the broker acknowledges no more writes and should
+    /// stop (see [`crate::log::flush`]); a supervisor's restart recovers from the disk.
+    pub async fn storage_failed(&self) -> FlushFailed {
+        self.ctx.flusher.failure().await
     }
 
     /// Stops accepting, finishes in-flight requests (up to `shutdown_timeout_ms`), flushes.

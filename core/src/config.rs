@@ -305,10 +305,14 @@ const CLI_ENV: &[&str] = &[
     "QUIVER_OUTPUT",
 ];
 
+/// The prefix of fault-injection variables for tests (`QUIVER_FAULT_FAIL_SYNC_AFTER`),
+/// never config keys.
+const FAULT_ENV_PREFIX: &str = "QUIVER_FAULT_";
+
 /// Whether environment variable `name` overrides a broker config key (a `QUIVER_*`
-/// variable that is not one of the CLI's own).
+/// variable that is not one of the CLI's own nor a fault injection).
 pub fn is_config_var(name: &str) -> bool {
-    name.starts_with(ENV_PREFIX) && !CLI_ENV.contains(&name)
+    name.starts_with(ENV_PREFIX) && !CLI_ENV.contains(&name) && !name.starts_with(FAULT_ENV_PREFIX)
 }
 
 impl BrokerConfig {

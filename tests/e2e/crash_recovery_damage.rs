@@ -10,7 +10,7 @@ use quiver_core::topic::{TopicMeta, TOPICS_TREE};
 use super::harness::{cli_at, TestBroker};
 
 /// The stopped broker's database, its batches tree, and the id of `topic`.
-fn batches_of(b: &TestBroker, topic: &str) -> (sled::Db, sled::Tree, u64) {
+fn batches_of(b: &TestBroker, topic: &str) -> (quiver_core::log::Database, sled::Tree, u64) {
     let db = quiver_core::log::store::open(&b.data_dir().join("log"))
         .expect("open the broker's sled database");
     let meta: TopicMeta = serde_json::from_slice(

@@ -41,6 +41,8 @@ pub struct TestBroker {
     pub child: Option<Child>,
     pub extra_args: Vec<String>,
     pub config: Option<PathBuf>,
+    /// Environment variables the broker process gets (fault injection).
+    pub env: Vec<(String, String)>,
 }
 
 impl TestBroker {
@@ -51,6 +53,11 @@ impl TestBroker {
 
     /// Starts a broker with `toml` as its config file (empty: no config file).
     pub fn start_with_config(toml: &str) -> TestBroker {
+        Self::start_with(toml, &[])
+    }
+
+    /// Starts a broker with `toml` as its config file and `env` in its environment.
+    pub fn start_with(toml: &str, env: &[(&str, &str)]) -> TestBroker {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = if toml.is_empty() {
             None
@@ -65,6 +72,10 @@ impl TestBroker {
             child: None,
             extra_args: Vec::new(),
             config,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         b.spawn();
         b
@@ -112,6 +123,7 @@ impl TestBroker {
             .args(["--listen", &self.addr()])
             .args(&self.extra_args)
             .env("QUIVER_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);

@@ -14,6 +14,7 @@ mod cluster_transactions;
 mod crash_recovery;
 mod crash_recovery_damage;
 mod deposed_leader;
+mod disk_failure;
 mod forged_input;
 mod greedy_clients;
 mod group_rejoin;

@@ -14,7 +14,8 @@
 //! **Durability.** Raft's safety rests on two writes surviving a crash: the vote, and every log
 //! entry this node reported as stored (a leader counts it towards a quorum). So
 //! [`RaftLogStorage::save_vote`] returns, and [`RaftLogStorage::append`] calls openraft's
-//! [`LogFlushed`] callback, only after `sled::Db::flush_async` has completed for those writes;
+//! [`LogFlushed`] callback, only after a durable flush ([`Database::flush_async`]: sled's flush, then an `fdatasync`
+//! of its log file) has completed for those writes;
 //! truncation and purge flush too. The state machine is written without waiting: each
 //! `apply` writes the records it changed together with the last applied log id in one atomic
 //! sled batch, so after a crash it is some consistent earlier point, and openraft re-applies
@@ -23,7 +24,7 @@
 //! database) the state on disk is never older than the snapshot the log was purged up to.
 //!
 //! Every sled call here is short (an insert, a batch, a range read of the metadata log); the
-//! flushes are awaited on sled's own threads (`flush_async`), not on a tokio worker.
+//! flushes run on tokio's blocking threads, not on a tokio worker.
 
 // openraft's traits return its (large) `StorageError` by value; the helpers here match them.
 #![allow(clippy::result_large_err)]
@@ -46,6 +47,7 @@ use serde::Serialize;
 
 use super::state::{BrokerRecord, ControllerState, PipelineRecord, PluginRecord, TopicRecord};
 use super::types::{BrokerId, BrokerNode, ControllerResponse, TypeConfig};
+use crate::log::Database;
 
 type StorageResult<T> = Result<T, StorageError<BrokerId>>;
 type Membership = StoredMembership<BrokerId, BrokerNode>;
@@ -85,7 +87,8 @@ pub enum ControllerStoreError {
 pub fn open(
     dir: &Path,
 ) -> Result<(ControllerLogStore, ControllerStateMachine), ControllerStoreError> {
-    let db = sled::Config::new().path(dir).open()?;
+    let db =
+        Database::new(sled::Config::new().path(dir).open()?, dir).map_err(sled::Error::from)?;
     let log = ControllerLogStore {
         log: db.open_tree(LOG_TREE)?,
         meta: db.open_tree(META_TREE)?,
@@ -182,14 +185,14 @@ fn from_json<T: DeserializeOwned>(
 }
 
 /// Flushes the whole database (every tree) and waits for it on sled's threads.
-async fn flush(db: &sled::Db) -> Result<(), sled::Error> {
-    db.flush_async().await.map(|_| ())
+async fn flush(db: &Database) -> Result<(), sled::Error> {
+    db.flush_async().await
 }
 
 /// The Raft log and vote. Cheap to clone; clones share the database (one is the log reader).
 #[derive(Clone)]
 pub struct ControllerLogStore {
-    db: sled::Db,
+    db: Database,
     log: sled::Tree,
     meta: sled::Tree,
 }
@@ -357,7 +360,7 @@ impl RaftLogStorage<TypeConfig> for ControllerLogStore {
 /// The applied metadata ([`ControllerState`]), the last applied log id and membership, and
 /// the current snapshot.
 pub struct ControllerStateMachine {
-    db: sled::Db,
+    db: Database,
     tree: sled::Tree,
     state: ControllerState,
     last_applied: Option<LogId<BrokerId>>,
@@ -560,7 +563,7 @@ impl RaftStateMachine<TypeConfig> for ControllerStateMachine {
 /// Builds a snapshot from a copy of the state taken when the builder was made, so the state
 /// machine keeps applying meanwhile.
 pub struct ControllerSnapshotBuilder {
-    db: sled::Db,
+    db: Database,
     tree: sled::Tree,
     state: ControllerState,
     last_applied: Option<LogId<BrokerId>>,

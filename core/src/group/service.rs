@@ -1236,7 +1236,7 @@ mod tests {
     impl Store {
         fn new() -> Store {
             let dir = tempfile::tempdir().unwrap();
-            let db = sled::open(dir.path()).unwrap();
+            let db = crate::log::store::open(dir.path()).unwrap();
             let topics = Arc::new(
                 TopicRegistry::open(db.clone(), crate::topic::TopicConfig::default()).unwrap(),
             );

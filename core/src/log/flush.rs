@@ -1,28 +1,44 @@
 //! Group commit. An append that must be durable takes a ticket after its sled insert and
 //! waits until a flush that started after the ticket completes. One flush covers every
-//! ticket taken before it began, so N concurrent appends cost one flush, not N.
+//! ticket taken before it began, so N concurrent appends cost one flush, not N. Each flush is
+//! a [`Database::flush`]: sled's flush, then an `fdatasync` of its log file.
 //!
-//! sled's own `flush` writes its log buffers with `sync_file_range`, which neither records a
-//! grown file's size nor empties the disk's write cache; sled calls `fsync` only from its
-//! periodic flusher (every 500 ms). A flusher made with [`Flusher::syncing`] therefore also
-//! `fdatasync`s sled's log file in every flush, so an acknowledged append survives a power
-//! loss, not only a killed process.
+//! A flush that fails ends this flusher: every waiting and later ticket gets
+//! [`FlushFailed`], and nothing is acknowledged until the broker restarts. Retrying is not
+//! safe: after a failed `fsync`, Linux may mark the lost pages clean and let the next
+//! `fsync` succeed without them ("fsyncgate"), so a retry could acknowledge data that never
+//! reached the disk. A restart recovers from what is on disk, and producers resend what was
+//! not acknowledged.
 
-use std::fs::File;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 
+use super::store::Database;
+
+/// A disk flush failed: this broker acknowledges no more durable writes until it restarts.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "a disk flush failed ({0}); this broker acknowledges no more writes, since the kernel may \
+     have dropped unflushed data without reporting it again: restart the broker (it recovers \
+     from what is on disk) and check the disk"
+)]
+pub struct FlushFailed(Arc<str>);
+
+/// How far flushing got: every ticket up to `completed` is durable, unless it `failed`.
+#[derive(Debug, Default)]
+struct Progress {
+    completed: u64,
+    failed: Option<FlushFailed>,
+}
+
 /// Coordinates sled flushes for one database.
 pub struct Flusher {
-    db: sled::Db,
-    /// sled's log file, synced after each flush (see the module doc).
-    log_file: Option<Arc<File>>,
+    db: Database,
     requested: AtomicU64,
-    completed: watch::Sender<u64>,
+    progress: watch::Sender<Progress>,
     wake: Notify,
     dirty: AtomicBool,
     flushes: AtomicU64,
@@ -30,23 +46,11 @@ pub struct Flusher {
 
 impl Flusher {
     /// A flusher for `db`; call [`Flusher::run`] in a task.
-    pub fn new(db: sled::Db) -> Arc<Flusher> {
-        Self::with_log_file(db, None)
-    }
-
-    /// A flusher for the database opened at `dir` whose flushes also `fdatasync` its log
-    /// file (sled's `dir/db`), as the broker's is.
-    pub fn syncing(db: sled::Db, dir: &Path) -> std::io::Result<Arc<Flusher>> {
-        let file = File::open(dir.join("db"))?;
-        Ok(Self::with_log_file(db, Some(Arc::new(file))))
-    }
-
-    fn with_log_file(db: sled::Db, log_file: Option<Arc<File>>) -> Arc<Flusher> {
+    pub fn new(db: Database) -> Arc<Flusher> {
         Arc::new(Flusher {
             db,
-            log_file,
             requested: AtomicU64::new(0),
-            completed: watch::Sender::new(0),
+            progress: watch::Sender::new(Progress::default()),
             wake: Notify::new(),
             dirty: AtomicBool::new(false),
             flushes: AtomicU64::new(0),
@@ -65,16 +69,41 @@ impl Flusher {
         self.dirty.store(true, Ordering::Relaxed);
     }
 
-    /// Waits until a flush covering `ticket` completed.
-    pub async fn wait(&self, ticket: u64) {
-        let mut rx = self.completed.subscribe();
+    /// Waits until a flush covering `ticket` completed, or any flush failed.
+    pub async fn wait(&self, ticket: u64) -> Result<(), FlushFailed> {
+        let mut rx = self.progress.subscribe();
         // The sender lives as long as self, so this cannot fail while we hold &self.
-        let _ = rx.wait_for(|done| *done >= ticket).await;
+        let progress = rx
+            .wait_for(|p| p.completed >= ticket || p.failed.is_some())
+            .await;
+        match progress.as_deref().map(|p| p.failed.clone()) {
+            Ok(Some(failed)) => Err(failed),
+            _ => Ok(()),
+        }
     }
 
-    /// True once a flush covering `ticket` completed.
+    /// True once a flush covering `ticket` completed (never after a flush failed).
     pub fn is_done(&self, ticket: u64) -> bool {
-        *self.completed.borrow() >= ticket
+        let p = self.progress.borrow();
+        p.failed.is_none() && p.completed >= ticket
+    }
+
+    /// Waits until a flush fails (forever, while none does).
+    pub async fn failure(&self) -> FlushFailed {
+        let mut rx = self.progress.subscribe();
+        loop {
+            if let Some(f) = rx.borrow_and_update().failed.clone() {
+                return f;
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
+    /// The failure that ended this flusher, if one did.
+    pub fn failed(&self) -> Option<FlushFailed> {
+        self.progress.borrow().failed.clone()
     }
 
     /// How many flushes ran (metrics; shows the group-commit ratio).
@@ -84,42 +113,43 @@ impl Flusher {
 
     /// Flushes now, blocking (used at shutdown).
     pub fn flush_now(&self) -> Result<(), sled::Error> {
-        flush_and_sync(&self.db, self.log_file.as_deref())
+        self.db.flush()
     }
 
-    /// A blocking flush of everything written so far, for `spawn_blocking`.
-    fn flush_job(&self) -> impl FnOnce() -> Result<(), sled::Error> + Send + 'static {
-        let (db, file) = (self.db.clone(), self.log_file.clone());
-        move || flush_and_sync(&db, file.as_deref())
+    /// One flush of everything written so far; a failure ends the flusher.
+    async fn flush(&self) -> Result<(), FlushFailed> {
+        let res = self.db.flush_async().await;
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = res {
+            let failed = FlushFailed(e.to_string().into());
+            tracing::error!(error = %failed, "disk flush failed");
+            self.progress
+                .send_modify(|p| p.failed = Some(failed.clone()));
+            return Err(failed);
+        }
+        Ok(())
     }
 
-    /// The flush loop: serves tickets at once, and interval writes every `interval`.
+    /// The flush loop: serves tickets at once, and interval writes every `interval`. It
+    /// ends when `stop` is set, or after a failed flush.
     pub async fn run(self: Arc<Self>, interval: Duration, mut stop: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let target = self.requested.load(Ordering::SeqCst);
-            if target > *self.completed.borrow() {
+            if target > self.progress.borrow().completed {
                 self.dirty.store(false, Ordering::Relaxed);
-                let res = tokio::task::spawn_blocking(self.flush_job()).await;
-                self.flushes.fetch_add(1, Ordering::Relaxed);
-                match res {
-                    Ok(Ok(_)) => {
-                        self.completed.send_replace(target);
-                    }
-                    Ok(Err(e)) => {
-                        tracing::error!(error = %e, "sled flush failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    Err(e) => tracing::error!(error = %e, "flush task failed"),
+                if self.flush().await.is_err() {
+                    return;
                 }
+                self.progress.send_modify(|p| p.completed = target);
                 continue;
             }
             tokio::select! {
                 _ = self.wake.notified() => {}
                 _ = tick.tick() => {
-                    if self.dirty.swap(false, Ordering::Relaxed) {
-                        let _ = tokio::task::spawn_blocking(self.flush_job()).await;
+                    if self.dirty.swap(false, Ordering::Relaxed) && self.flush().await.is_err() {
+                        return;
                     }
                 }
                 _ = stop.changed() => {
@@ -132,24 +162,15 @@ impl Flusher {
     }
 }
 
-/// sled's flush, then (when known) an `fdatasync` of its log file: the data sled wrote is
-/// then on the disk with the file size that reaches it.
-fn flush_and_sync(db: &sled::Db, log_file: Option<&File>) -> Result<(), sled::Error> {
-    db.flush()?;
-    if let Some(f) = log_file {
-        f.sync_data()?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::log::store;
 
     #[tokio::test]
     async fn tickets_taken_before_a_flush_share_it() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = store::open(dir.path()).unwrap();
         let f = Flusher::new(db.clone());
         // 50 appends and their tickets before the flush loop runs: one flush covers all.
         let tickets: Vec<u64> = (0..50u32)
@@ -161,49 +182,46 @@ mod tests {
         let (_tx, rx) = watch::channel(false);
         tokio::spawn(f.clone().run(Duration::from_secs(3600), rx));
         for t in tickets {
-            f.wait(t).await;
+            f.wait(t).await.unwrap();
         }
         assert_eq!(f.flush_count(), 1, "50 waiting appends cost one flush");
         // A ticket taken after that flush needs a flush of its own.
         db.insert(b"late", &b"y"[..]).unwrap();
         let t = f.ticket();
-        f.wait(t).await;
+        f.wait(t).await.unwrap();
         assert_eq!(f.flush_count(), 2);
     }
 
     #[tokio::test]
-    async fn a_syncing_flusher_syncs_the_file_sled_writes_its_log_to() {
+    async fn a_failed_flush_ends_the_flusher_and_nothing_after_it_is_acknowledged() {
         let dir = tempfile::tempdir().unwrap();
-        let gone = Flusher::syncing(
-            sled::open(dir.path().join("a")).unwrap(),
-            &dir.path().join("b"),
-        );
-        assert!(
-            gone.is_err(),
-            "no log file where it should be is an error, not a silent no-sync"
-        );
-        let db = sled::open(dir.path().join("log")).unwrap();
-        let f = Flusher::syncing(db.clone(), &dir.path().join("log")).unwrap();
-        let log_len = || {
-            std::fs::metadata(dir.path().join("log").join("db"))
-                .unwrap()
-                .len()
-        };
-        let before = log_len();
+        let sled_db = store::config(&dir.path().join("log")).open().unwrap();
+        // fdatasync of a FIFO fails (EINVAL), as it would on a failing disk.
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.unwrap().success(), "mkfifo");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&fifo)
+            .unwrap();
+        let f = Flusher::new(Database::with_log_file(sled_db.clone(), file));
         let (_tx, rx) = watch::channel(false);
-        tokio::spawn(f.clone().run(Duration::from_secs(3600), rx));
-        // 4 MiB that sled must put in its log: the file synced is the one that grows.
-        for i in 0..64u32 {
-            db.insert(i.to_be_bytes(), vec![i as u8; 64 * 1024])
-                .unwrap();
-        }
-        f.wait(f.ticket()).await;
-        assert!(
-            log_len() >= before + 4 * 1024 * 1024,
-            "sled's log is not {}/log/db any more: the flusher would sync the wrong file",
-            dir.path().display()
-        );
-        assert_eq!(f.flush_count(), 1);
-        f.flush_now().unwrap();
+        let task = tokio::spawn(f.clone().run(Duration::from_millis(5), rx));
+        sled_db.insert(b"k", &b"v"[..]).unwrap();
+        let first = f.wait(f.ticket()).await;
+        assert!(first.is_err(), "the failed flush is reported to its waiter");
+        let said = first.unwrap_err().to_string();
+        assert!(said.contains("restart the broker"), "{said}");
+        // The flusher has ended: no retry can acknowledge what the failure may have lost.
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("the flush loop ends after a failure")
+            .unwrap();
+        let t = f.ticket();
+        assert!(f.wait(t).await.is_err(), "later tickets fail too");
+        assert!(!f.is_done(t));
+        assert!(f.failed().is_some());
+        assert_eq!(f.flush_count(), 1, "no retry");
     }
 }

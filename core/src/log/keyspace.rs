@@ -944,7 +944,7 @@ impl<I: DoubleEndedIterator<Item = Entry>> DoubleEndedIterator for Chunked<I> {
 /// Moves a partition's entries from its own legacy tree (`name`, when `legacy` lists it)
 /// into its slice of the shared tree, then drops the legacy tree.
 pub fn migrate_legacy(
-    db: &sled::Db,
+    db: &super::store::Database,
     legacy: &HashSet<Vec<u8>>,
     name: &str,
     into: &PartitionKeys,
@@ -1604,7 +1604,7 @@ mod tests {
     #[test]
     fn a_legacy_tree_is_moved_once() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::log::store::open(dir.path()).unwrap();
         let old = db.open_tree("log/7/0").unwrap();
         old.insert(3u64.to_be_bytes(), &b"x"[..]).unwrap();
         let legacy: HashSet<Vec<u8>> = db.tree_names().into_iter().map(|n| n.to_vec()).collect();

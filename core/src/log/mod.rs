@@ -8,10 +8,11 @@
 //!
 //! - [`partition`]: one partition's append/read/offset logic;
 //! - [`keyspace`]: partitions' slices of the shared trees;
-//! - [`flush`]: group commit: concurrent appends share one sled flush;
+//! - [`flush`]: group commit: concurrent appends share one durable flush;
 //! - [`producers`]: per-producer sequence tracking (ordering of pipelined requests, dedupe);
 //! - [`retention`]: which batches to delete, as a pure decision over batch summaries;
-//! - [`store`]: how the broker's sled database is opened (cache, segment size);
+//! - [`store`]: how the broker's sled database is opened (cache, segment size), and the
+//!   one durable flush ([`Database::flush`]);
 //! - [`txn_index`]: open and aborted transactions of a partition, and its last stable offset.
 
 pub mod flush;
@@ -22,10 +23,11 @@ pub mod retention;
 pub mod store;
 pub mod txn_index;
 
-pub use flush::Flusher;
+pub use flush::{FlushFailed, Flusher};
 pub use partition::{
     AppendResult, PartitionLog, PartitionSnapshot, ReadResult, RepairReport, TxnGuard,
 };
+pub use store::Database;
 
 use quiver_protocol::{ErrorCode, ProtocolError};
 
@@ -79,6 +81,9 @@ pub enum LogError {
     /// The partition was deleted while in use.
     #[error("partition was deleted")]
     Deleted,
+    /// A disk flush failed: nothing more is acknowledged until the broker restarts.
+    #[error(transparent)]
+    FlushFailed(#[from] FlushFailed),
     /// A storage task on a blocking thread failed to complete.
     #[error("storage task failed: {0}")]
     Worker(String),
@@ -108,7 +113,7 @@ impl LogError {
             LogError::Moved(_) | LogError::NotLeading(_) => ErrorCode::NotLeader,
             LogError::TxnEnded(_) => ErrorCode::InvalidTxnState,
             LogError::Deleted => ErrorCode::UnknownTopicOrPartition,
-            LogError::Offline { .. } => ErrorCode::StorageError,
+            LogError::Offline { .. } | LogError::FlushFailed(_) => ErrorCode::StorageError,
             LogError::Worker(_) => ErrorCode::Internal,
         }
     }

@@ -21,6 +21,7 @@ use super::flush::Flusher;
 use super::keyspace::{migrate_legacy, PartitionKeys, BATCHES_TREE, TIME_INDEX_TREE};
 use super::producers::{ProducerSnapshot, ProducerTable, SequenceCheck};
 use super::retention::{batches_to_delete, BatchSummary};
+use super::store::Database;
 use super::txn_index::TxnIndex;
 use super::{key_offset, offset_key, LogError};
 use crate::topic::{FlushPolicy, TopicConfig};
@@ -230,7 +231,7 @@ impl PartitionLog {
     /// Opens (or creates) the partition and recovers its state from disk: drops a damaged
     /// tail, finds the log end, rebuilds producer sequences from the newest batches.
     pub fn open(
-        db: &sled::Db,
+        db: &Database,
         meta: sled::Tree,
         legacy: &HashSet<Vec<u8>>,
         topic_id: u64,
@@ -574,13 +575,14 @@ impl PartitionLog {
         match config.flush {
             FlushPolicy::Batch => {
                 let ticket = flusher.ticket();
-                if tokio::time::timeout_at(deadline, flusher.wait(ticket))
-                    .await
-                    .is_err()
-                {
-                    return Err(LogError::Timeout(
-                        "the disk flush did not complete in time".into(),
-                    ));
+                match tokio::time::timeout_at(deadline, flusher.wait(ticket)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(failed)) => return Err(failed.into()),
+                    Err(_) => {
+                        return Err(LogError::Timeout(
+                            "the disk flush did not complete in time".into(),
+                        ))
+                    }
                 }
                 if !self.is_replicated() {
                     self.advance_high_watermark(result.last_offset + 1);
@@ -1114,7 +1116,7 @@ impl PartitionLog {
     /// Truncates a partition (of a stopped broker) at its first damaged batch: that batch
     /// and every one after it are removed, and what was dropped is reported.
     pub fn repair(
-        db: &sled::Db,
+        db: &Database,
         meta: &sled::Tree,
         topic_id: u64,
         partition: u32,
@@ -1318,19 +1320,19 @@ mod tests {
     }
 
     /// Partition 0 of topic id 1 in `db`, with its metadata in the tree "meta".
-    fn open_partition(db: &sled::Db) -> Arc<PartitionLog> {
+    fn open_partition(db: &crate::log::Database) -> Arc<PartitionLog> {
         let meta = db.open_tree("meta").unwrap();
         Arc::new(PartitionLog::open(db, meta, &HashSet::new(), 1, "t", 0).unwrap())
     }
 
     async fn setup() -> (
         tempfile::TempDir,
-        sled::Db,
+        crate::log::Database,
         Arc<Flusher>,
         tokio::sync::watch::Sender<bool>,
     ) {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::log::store::open(dir.path()).unwrap();
         let f = Flusher::new(db.clone());
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(f.clone().run(Duration::from_millis(100), rx));

@@ -1,6 +1,7 @@
 //! How a broker's sled database is opened: its cache, its mode and its segment size, and
 //! keeping the segment size an existing database was made with (sled refuses to open a
-//! database with another).
+//! database with another). It also owns the one way to make the database's writes durable:
+//! [`Database::flush`].
 //!
 //! sled writes any log entry larger than a quarter of a segment to a file of its own (a
 //! blob), and rewrites a leaf (up to 17 entries) whole when it splits or consolidates. With
@@ -10,14 +11,109 @@
 //! grew (docs/NOTES.md, "Storage: segments and chunks"). With 4 MiB segments, entries up to
 //! 1 MiB stay in the log, and with 32 KiB slots ([`super::keyspace::SLOT_BYTES`]) so does
 //! a whole leaf.
+//!
+//! sled's own `flush` writes its log buffers with `sync_file_range`, which neither records a
+//! grown file's size nor empties the disk's write cache; sled calls `fsync` only from its
+//! periodic flusher (every 500 ms). [`Database::flush`] therefore also `fdatasync`s sled's
+//! log file, so what it covers survives a power loss, not only a killed process. sled's own
+//! `flush` and `flush_async` are refused by clippy (`clippy.toml`) outside tests.
 
+use std::fs::File;
+use std::ops::Deref;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 /// Segment size of a database this broker creates.
 pub const SEGMENT_BYTES: usize = 4 * 1024 * 1024;
 
 /// sled's page cache.
 pub const CACHE_BYTES: u64 = 512 * 1024 * 1024;
+
+/// A sled database and the file sled writes its log to. Cheap to clone; clones share both.
+/// It derefs to [`sled::Db`] for everything but flushing.
+#[derive(Clone)]
+pub struct Database {
+    db: sled::Db,
+    log_file: Arc<File>,
+}
+
+impl Database {
+    /// Wraps `db`, opened at `dir`; fails when sled's log file (`dir/db`) is not there, so
+    /// that no flush is silently left unsynced.
+    pub fn new(db: sled::Db, dir: &Path) -> std::io::Result<Database> {
+        let log_file = File::open(dir.join("db")).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot open sled's log file {} to sync it: {e}",
+                    dir.join("db").display()
+                ),
+            )
+        })?;
+        Ok(Database::with_log_file(db, log_file))
+    }
+
+    /// `db` with `log_file` as the file to sync (tests use one whose sync fails).
+    pub(crate) fn with_log_file(db: sled::Db, log_file: File) -> Database {
+        Database {
+            db,
+            log_file: Arc::new(log_file),
+        }
+    }
+
+    /// The sled database itself.
+    pub fn sled(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// Makes every write made so far durable: sled's flush, then an `fdatasync` of its log
+    /// file (see the module doc). Blocks; call it from `spawn_blocking` on a hot path.
+    // The one place sled's own flush is called.
+    #[allow(clippy::disallowed_methods)]
+    pub fn flush(&self) -> sled::Result<()> {
+        self.db.flush()?;
+        if let Some(e) = injected_sync_failure() {
+            return Err(e.into());
+        }
+        self.log_file.sync_data()?;
+        Ok(())
+    }
+
+    /// [`Database::flush`] for async callers: the blocking work runs on tokio's blocking
+    /// threads.
+    pub async fn flush_async(&self) -> sled::Result<()> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.flush())
+            .await
+            .map_err(|e| sled::Error::Io(std::io::Error::other(format!("flush task: {e}"))))?
+    }
+}
+
+impl Deref for Database {
+    type Target = sled::Db;
+
+    fn deref(&self) -> &sled::Db {
+        &self.db
+    }
+}
+
+/// Fault injection for tests of a failing disk: with `QUIVER_FAULT_FAIL_SYNC_AFTER=N` in its
+/// environment, the N-th durable flush of the process fails as a disk's would (EIO), and
+/// later ones succeed again, as Linux may let them after losing the data ("fsyncgate").
+/// Unset (always, outside tests), it does nothing.
+pub const FAIL_SYNC_AFTER: &str = "QUIVER_FAULT_FAIL_SYNC_AFTER";
+
+fn injected_sync_failure() -> Option<std::io::Error> {
+    static AFTER: OnceLock<Option<u64>> = OnceLock::new();
+    static SYNCS: AtomicU64 = AtomicU64::new(0);
+    let after = (*AFTER.get_or_init(|| std::env::var(FAIL_SYNC_AFTER).ok()?.parse().ok()))?;
+    (SYNCS.fetch_add(1, Ordering::Relaxed) + 1 == after).then(|| {
+        std::io::Error::other(format!(
+            "{FAIL_SYNC_AFTER}={after}: this fdatasync fails as a failing disk's would (EIO)"
+        ))
+    })
+}
 
 /// The sled configuration for the database at `path`: a new one gets [`SEGMENT_BYTES`],
 /// an existing one the segment size it was made with.
@@ -30,8 +126,9 @@ pub fn config(path: &Path) -> sled::Config {
 }
 
 /// Opens (or creates) the database at `path` as the broker does.
-pub fn open(path: &Path) -> sled::Result<sled::Db> {
-    config(path).open()
+pub fn open(path: &Path) -> sled::Result<Database> {
+    let db = config(path).open()?;
+    Ok(Database::new(db, path)?)
 }
 
 /// The segment size recorded in an existing database's `conf` file (text lines, then a
@@ -79,6 +176,37 @@ mod tests {
             existing_segment_size(dir.path()),
             None,
             "not a power of two"
+        );
+    }
+
+    #[test]
+    fn a_flush_syncs_the_file_sled_writes_its_log_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = Database::new(
+            config(&dir.path().join("a")).open().unwrap(),
+            &dir.path().join("b"),
+        );
+        assert!(
+            elsewhere.is_err(),
+            "no log file where it should be is an error, not a silent no-sync"
+        );
+        let db = open(&dir.path().join("log")).unwrap();
+        let log_len = || {
+            std::fs::metadata(dir.path().join("log").join("db"))
+                .unwrap()
+                .len()
+        };
+        let before = log_len();
+        // 4 MiB that sled must put in its log: the file synced is the one that grows.
+        for i in 0..64u32 {
+            db.insert(i.to_be_bytes(), vec![i as u8; 64 * 1024])
+                .unwrap();
+        }
+        db.flush().unwrap();
+        assert!(
+            log_len() >= before + 4 * 1024 * 1024,
+            "sled's log is not {}/log/db any more: a flush would sync the wrong file",
+            dir.path().display()
         );
     }
 }

@@ -215,7 +215,7 @@ fn runtime_str(r: Runtime) -> &'static str {
 impl PluginService {
     /// Opens the store in `db` with the broker's `[plugins]` config.
     pub fn open(
-        db: sled::Db,
+        db: crate::log::Database,
         topics: Arc<TopicRegistry>,
         config: &PluginsConfig,
     ) -> Result<PluginService> {
@@ -750,7 +750,7 @@ mod tests {
 
     fn service() -> (tempfile::TempDir, PluginService) {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::log::store::open(dir.path()).unwrap();
         let topics = Arc::new(TopicRegistry::open(db.clone(), Default::default()).unwrap());
         let s = PluginService::open(db, topics, &PluginsConfig::default()).unwrap();
         (dir, s)

@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::PluginStoreError;
+use crate::log::Database;
 
 /// What the broker remembers about one deployed `name@version`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,14 +41,14 @@ impl StoredPlugin {
 
 /// The two sled trees.
 pub struct PluginStore {
-    db: sled::Db,
+    db: Database,
     records: sled::Tree,
     blobs: sled::Tree,
 }
 
 impl PluginStore {
     /// Opens (or creates) the trees in `db`.
-    pub fn open(db: sled::Db) -> Result<PluginStore, PluginStoreError> {
+    pub fn open(db: Database) -> Result<PluginStore, PluginStoreError> {
         Ok(PluginStore {
             records: db.open_tree("__plugins")?,
             blobs: db.open_tree("__plugin_blobs")?,

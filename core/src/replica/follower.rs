@@ -179,8 +179,10 @@ impl Durable {
     /// it (and may then wait at the leader).
     async fn wait(&mut self, flusher: &Flusher) {
         if let Some((ticket, end)) = self.pending.pop_back() {
-            flusher.wait(ticket).await;
-            self.below = Some(end);
+            // After a failed flush nothing more is reported flushed (the flusher logged it).
+            if flusher.wait(ticket).await.is_ok() {
+                self.below = Some(end);
+            }
             self.pending.clear();
         }
     }
@@ -189,8 +191,9 @@ impl Durable {
     /// all and count from its end.
     async fn flush_all(&mut self, log: &PartitionLog, flusher: &Flusher) {
         let end = log.snapshot().log_end;
-        flusher.wait(flusher.ticket()).await;
-        self.below = Some(end);
+        if flusher.wait(flusher.ticket()).await.is_ok() {
+            self.below = Some(end);
+        }
         self.pending.clear();
     }
 }

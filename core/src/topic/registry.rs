@@ -9,7 +9,7 @@ use quiver_protocol::ErrorCode;
 use serde::{Deserialize, Serialize};
 
 use super::TopicConfig;
-use crate::log::{LogError, PartitionLog};
+use crate::log::{Database, LogError, PartitionLog};
 
 /// Most partitions one topic may have.
 pub const MAX_PARTITIONS: u32 = 10_000;
@@ -152,7 +152,7 @@ impl Topic {
 
 /// All topics of this broker.
 pub struct TopicRegistry {
-    db: sled::Db,
+    db: Database,
     topics_tree: sled::Tree,
     partition_meta: sled::Tree,
     defaults: TopicConfig,
@@ -162,7 +162,7 @@ pub struct TopicRegistry {
 
 impl TopicRegistry {
     /// Opens the registry and every partition log in `db`.
-    pub fn open(db: sled::Db, defaults: TopicConfig) -> Result<TopicRegistry, TopicError> {
+    pub fn open(db: Database, defaults: TopicConfig) -> Result<TopicRegistry, TopicError> {
         let topics_tree = db.open_tree(TOPICS_TREE)?;
         let partition_meta = db.open_tree(PARTITION_META_TREE)?;
         // Trees a data directory may still have from before partitions shared trees.
@@ -503,7 +503,7 @@ mod tests {
     #[test]
     fn create_alter_delete_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::log::store::open(dir.path()).unwrap();
         let r = TopicRegistry::open(db.clone(), TopicConfig::default()).unwrap();
         let cfg = BTreeMap::from([("retention.ms".to_string(), "60000".to_string())]);
         r.create("orders", 3, &cfg).unwrap();

@@ -84,7 +84,7 @@ mod tests {
     #[tokio::test]
     async fn a_transaction_open_past_every_timeout_is_aborted_by_its_partition() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::log::store::open(dir.path()).unwrap();
         let topics = Arc::new(TopicRegistry::open(db.clone(), TopicConfig::default()).unwrap());
         let flusher = Flusher::new(db);
         let (_stop, rx) = watch::channel(false);

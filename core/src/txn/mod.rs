@@ -737,8 +737,11 @@ mod tests {
     use crate::topic::{TopicConfig, TopicRegistry};
 
     /// A lone broker's coordinator over `dir` (its flusher runs until the sender drops).
-    fn open_at(dir: &std::path::Path, max_ids: usize) -> (Flushing, sled::Db, Arc<TxnCoordinator>) {
-        let db = sled::open(dir).unwrap();
+    fn open_at(
+        dir: &std::path::Path,
+        max_ids: usize,
+    ) -> (Flushing, crate::log::Database, Arc<TxnCoordinator>) {
+        let db = crate::log::store::open(dir).unwrap();
         let topics = Arc::new(TopicRegistry::open(db.clone(), TopicConfig::default()).unwrap());
         let flusher = crate::log::Flusher::new(db.clone());
         let (stop, rx) = watch::channel(false);
@@ -751,7 +754,7 @@ mod tests {
         .unwrap();
         let env = Arc::new(TxnEnv {
             markers: MarkerWriter::new(topics, flusher),
-            ids: ProducerIds::new(db.clone(), 1),
+            ids: ProducerIds::new(db.sled().clone(), 1),
             max_ids,
         });
         let c = TxnCoordinator::new(service, replayed.txn_states, env);

@@ -352,19 +352,19 @@ mod tests {
     }
 
     /// A sled database in a fresh directory (kept while the guard lives).
-    fn temp_db() -> (tempfile::TempDir, sled::Db) {
+    fn temp_db() -> (tempfile::TempDir, crate::log::Database) {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::log::store::open(dir.path()).unwrap();
         (dir, db)
     }
 
-    fn open(db: &sled::Db) -> PartitionLog {
+    fn open(db: &crate::log::Database) -> PartitionLog {
         let meta = db.open_tree("meta").unwrap();
         PartitionLog::open(db, meta, &HashSet::new(), 1, "t", 0).unwrap()
     }
 
     /// A follower log holding `batches` as `(base, records, epoch)`, and its generation.
-    fn follower(db: &sled::Db, batches: &[(i64, usize, i32)]) -> (PartitionLog, u64) {
+    fn follower(db: &crate::log::Database, batches: &[(i64, usize, i32)]) -> (PartitionLog, u64) {
         let log = open(db);
         log.set_replicated();
         let generation = log.become_follower(1).unwrap();
@@ -485,14 +485,14 @@ mod tests {
     fn reopening_rebuilds_epochs_learnt_from_replicated_batches() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let db = sled::open(dir.path()).unwrap();
+            let db = crate::log::store::open(dir.path()).unwrap();
             // The metadata record is written at the role change (epoch 1 only); the epochs
             // 2 and 3 come with the batches and are not recorded before the crash.
             let (log, _) = follower(&db, &[(0, 3, 1), (3, 3, 2), (6, 2, 3)]);
             assert_eq!(log.last_epoch(), 3);
             db.flush().unwrap();
         }
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::log::store::open(dir.path()).unwrap();
         let log = open(&db);
         assert_eq!(log.last_epoch(), 3);
         assert_eq!(log.end_offset_for_epoch(2), (2, 6));
