@@ -14,12 +14,12 @@
 //! **Durability.** Raft's safety rests on two writes surviving a crash: the vote, and every log
 //! entry this node reported as stored (a leader counts it towards a quorum). So
 //! [`RaftLogStorage::save_vote`] returns, and [`RaftLogStorage::append`] calls openraft's
-//! [`LogFlushed`] callback, only after a durable flush ([`Database::flush_async`]: sled's flush, then an `fdatasync`
-//! of its log file) has completed for those writes;
-//! truncation and purge flush too. The state machine is written without waiting: each
-//! `apply` writes the records it changed together with the last applied log id in one atomic
-//! sled batch, so after a crash it is some consistent earlier point, and openraft re-applies
-//! the log from there up to the persisted `committed`. A snapshot is flushed before it is
+//! [`LogFlushed`] callback, only after a durable flush of the whole database
+//! ([`Database::flush_async`]: sled's flush, then an `fdatasync` of its log file) has
+//! completed for those writes; truncation and purge flush too. The state machine is written
+//! without waiting: each `apply` writes the records it changed together with the last applied
+//! log id in one atomic sled batch, so after a crash it is some consistent earlier point, and
+//! openraft re-applies the log from there up to the persisted `committed`. A snapshot is flushed before it is
 //! reported built or installed, and (because a flush covers all earlier writes of the
 //! database) the state on disk is never older than the snapshot the log was purged up to.
 //!
@@ -184,11 +184,6 @@ fn from_json<T: DeserializeOwned>(
     serde_json::from_slice(bytes).map_err(|e| err(any(e)).into())
 }
 
-/// Flushes the whole database (every tree) and waits for it on sled's threads.
-async fn flush(db: &Database) -> Result<(), sled::Error> {
-    db.flush_async().await
-}
-
 /// The Raft log and vote. Cheap to clone; clones share the database (one is the log reader).
 #[derive(Clone)]
 pub struct ControllerLogStore {
@@ -220,7 +215,8 @@ impl ControllerLogStore {
         self.log
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_logs(any(e)))?;
-        flush(&self.db)
+        self.db
+            .flush_async()
             .await
             .map_err(|e| StorageIOError::write_logs(any(e)))?;
         Ok(())
@@ -291,7 +287,8 @@ impl RaftLogStorage<TypeConfig> for ControllerLogStore {
         self.meta
             .insert(VOTE, to_json(vote))
             .map_err(|e| StorageIOError::write_vote(any(e)))?;
-        flush(&self.db)
+        self.db
+            .flush_async()
             .await
             .map_err(|e| StorageIOError::write_vote(any(e)))?;
         Ok(())
@@ -330,7 +327,7 @@ impl RaftLogStorage<TypeConfig> for ControllerLogStore {
         self.log
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_logs(any(e)))?;
-        match flush(&self.db).await {
+        match self.db.flush_async().await {
             Ok(()) => {
                 callback.log_io_completed(Ok(()));
                 Ok(())
@@ -531,7 +528,8 @@ impl RaftStateMachine<TypeConfig> for ControllerStateMachine {
         batch.insert(LAST_TOPIC_ID, to_json(&state.last_topic_id));
         batch.insert(PIPELINE_DEPLOYS, to_json(&state.pipeline_deploys));
         store_snapshot(&self.tree, &self.snapshot_lock, meta, &data, Some(batch))?;
-        flush(&self.db)
+        self.db
+            .flush_async()
             .await
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), any(e)))?;
         self.state = state;
@@ -590,7 +588,8 @@ impl RaftSnapshotBuilder<TypeConfig> for ControllerSnapshotBuilder {
             snapshot_id,
         };
         store_snapshot(&self.tree, &self.snapshot_lock, &meta, &data, None)?;
-        flush(&self.db)
+        self.db
+            .flush_async()
             .await
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), any(e)))?;
         Ok(Snapshot {

@@ -101,11 +101,6 @@ impl Flusher {
         }
     }
 
-    /// The failure that ended this flusher, if one did.
-    pub fn failed(&self) -> Option<FlushFailed> {
-        self.progress.borrow().failed.clone()
-    }
-
     /// How many flushes ran (metrics; shows the group-commit ratio).
     pub fn flush_count(&self) -> u64 {
         self.flushes.load(Ordering::Relaxed)
@@ -195,20 +190,12 @@ mod tests {
     #[tokio::test]
     async fn a_failed_flush_ends_the_flusher_and_nothing_after_it_is_acknowledged() {
         let dir = tempfile::tempdir().unwrap();
-        let sled_db = store::config(&dir.path().join("log")).open().unwrap();
-        // fdatasync of a FIFO fails (EINVAL), as it would on a failing disk.
-        let fifo = dir.path().join("fifo");
-        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
-        assert!(made.unwrap().success(), "mkfifo");
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&fifo)
-            .unwrap();
-        let f = Flusher::new(Database::with_log_file(sled_db.clone(), file));
+        // Every sync of this database fails, as a failing disk's would.
+        let db = Database::failing_to_sync(dir.path());
+        let f = Flusher::new(db.clone());
         let (_tx, rx) = watch::channel(false);
         let task = tokio::spawn(f.clone().run(Duration::from_millis(5), rx));
-        sled_db.insert(b"k", &b"v"[..]).unwrap();
+        db.insert(b"k", &b"v"[..]).unwrap();
         let first = f.wait(f.ticket()).await;
         assert!(first.is_err(), "the failed flush is reported to its waiter");
         let said = first.unwrap_err().to_string();
@@ -221,7 +208,12 @@ mod tests {
         let t = f.ticket();
         assert!(f.wait(t).await.is_err(), "later tickets fail too");
         assert!(!f.is_done(t));
-        assert!(f.failed().is_some());
+        assert!(
+            tokio::time::timeout(Duration::from_secs(30), f.failure())
+                .await
+                .is_ok(),
+            "the failure is there for the broker to see"
+        );
         assert_eq!(f.flush_count(), 1, "no retry");
     }
 }

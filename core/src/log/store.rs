@@ -36,6 +36,8 @@ pub const CACHE_BYTES: u64 = 512 * 1024 * 1024;
 pub struct Database {
     db: sled::Db,
     log_file: Arc<File>,
+    /// The first failed flush, shared by every clone: after it, every flush fails.
+    failed: Arc<OnceLock<String>>,
 }
 
 impl Database {
@@ -54,11 +56,26 @@ impl Database {
         Ok(Database::with_log_file(db, log_file))
     }
 
-    /// `db` with `log_file` as the file to sync (tests use one whose sync fails).
-    pub(crate) fn with_log_file(db: sled::Db, log_file: File) -> Database {
+    /// A database in `dir` whose every sync fails, as a failing disk's would: its "log
+    /// file" is a FIFO, and `fdatasync` of a FIFO fails (EINVAL).
+    #[cfg(test)]
+    pub(crate) fn failing_to_sync(dir: &Path) -> Database {
+        let fifo = dir.join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.unwrap().success(), "mkfifo");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&fifo)
+            .unwrap();
+        Database::with_log_file(config(&dir.join("log")).open().unwrap(), file)
+    }
+
+    fn with_log_file(db: sled::Db, log_file: File) -> Database {
         Database {
             db,
             log_file: Arc::new(log_file),
+            failed: Arc::default(),
         }
     }
 
@@ -69,9 +86,23 @@ impl Database {
 
     /// Makes every write made so far durable: sled's flush, then an `fdatasync` of its log
     /// file (see the module doc). Blocks; call it from `spawn_blocking` on a hot path.
+    ///
+    /// Once a flush failed, every later flush of the database (through any clone) fails
+    /// too, without trying: after a failed `fsync` Linux may mark the lost pages clean and
+    /// let the next one succeed ("fsyncgate"), so a success then would not mean the earlier
+    /// writes are on disk. Only reopening the database (a restart) clears it.
+    pub fn flush(&self) -> sled::Result<()> {
+        if let Some(first) = self.failed.get() {
+            return Err(std::io::Error::other(format!("an earlier flush failed: {first}")).into());
+        }
+        self.flush_and_sync().inspect_err(|e| {
+            let _ = self.failed.set(e.to_string());
+        })
+    }
+
     // The one place sled's own flush is called.
     #[allow(clippy::disallowed_methods)]
-    pub fn flush(&self) -> sled::Result<()> {
+    fn flush_and_sync(&self) -> sled::Result<()> {
         self.db.flush()?;
         if let Some(e) = injected_sync_failure() {
             return Err(e.into());
@@ -208,5 +239,19 @@ mod tests {
             "sled's log is not {}/log/db any more: a flush would sync the wrong file",
             dir.path().display()
         );
+    }
+
+    #[test]
+    fn after_a_failed_flush_every_flush_of_the_database_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::failing_to_sync(dir.path());
+        let other = db.clone();
+        let first = db.flush().unwrap_err().to_string();
+        assert!(!first.contains("an earlier flush failed"), "{first}");
+        // Another holder of the database (the topic registry beside the flusher) cannot
+        // flush either: its success could hide what the first failure lost.
+        let later = other.flush().unwrap_err().to_string();
+        assert!(later.contains("an earlier flush failed"), "{later}");
+        assert!(db.flush().is_err());
     }
 }
