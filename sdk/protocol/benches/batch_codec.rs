@@ -1,8 +1,12 @@
 //! Criterion bench of the record-batch codec: build, validate (CRC) and decode a batch of
-//! 1000 records of 100 bytes, uncompressed and with lz4 and zstd.
+//! 1000 records of 100 bytes, uncompressed and with lz4 and zstd; and the broker's produce
+//! check of 1000 records shaped like a pipeline's output (100 bytes and a `quiver.source`
+//! header).
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use quiver_protocol::batch::{validate, BatchBuilder, Compression, RecordIter};
+use quiver_protocol::batch::{
+    validate, validate_produce, BatchBuilder, Compression, ProduceLimits, RecordIter,
+};
 
 fn build(c: Compression) -> bytes::Bytes {
     let value = [b'x'; 100];
@@ -30,6 +34,31 @@ fn codec(cr: &mut Criterion) {
             b.iter(|| RecordIter::new(&batch, 1 << 24).map(|it| it.filter(|r| r.is_ok()).count()))
         });
     }
+    g.finish();
+
+    let mut g = cr.benchmark_group("produce_check_1000x100B_with_header");
+    g.throughput(Throughput::Elements(1000));
+    let value = [b'x'; 100];
+    let mut b = BatchBuilder::with_capacity(Compression::None, 160 * 1024);
+    for i in 0..1000 {
+        let source = format!("bench-input-topic/0/{}", 1_000_000 + i);
+        b.push(
+            None,
+            &value,
+            1_700_000_000_000 + i,
+            &[("quiver.source", source.as_bytes())],
+        );
+    }
+    let batch = b.build();
+    let limits = ProduceLimits {
+        max_batch_bytes: 1 << 24,
+        max_decompressed_bytes: 1 << 24,
+        now_ms: 1_700_000_000_500,
+        max_timestamp_skew_ms: i64::MAX,
+    };
+    g.bench_function("validate_produce", |b| {
+        b.iter(|| validate_produce(&batch, &limits).map(|h| h.record_count))
+    });
     g.finish();
 }
 

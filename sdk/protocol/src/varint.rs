@@ -26,19 +26,37 @@ pub fn varint_len(v: i64) -> usize {
 }
 
 /// Reads a zigzag varint from `buf` at `*pos`, advancing `*pos`.
+///
+/// Inlined: it runs several times for every record produced or read; its errors are built
+/// out of line.
+#[inline(always)]
 pub fn get_varint(buf: &[u8], pos: &mut usize) -> Result<i64, ProtocolError> {
     let mut z: u64 = 0;
     for i in 0..10 {
         let Some(&b) = buf.get(*pos) else {
-            return Err(ProtocolError::Truncated { needed: 1 });
+            return Err(truncated());
         };
         *pos += 1;
         z |= u64::from(b & 0x7f) << (7 * i);
         if b & 0x80 == 0 {
-            return Ok(((z >> 1) as i64) ^ -((z & 1) as i64));
+            return Ok(unzigzag(z));
         }
     }
-    Err(ProtocolError::OverlongVarint)
+    Err(overlong())
+}
+
+#[cold]
+fn truncated() -> ProtocolError {
+    ProtocolError::Truncated { needed: 1 }
+}
+
+#[cold]
+fn overlong() -> ProtocolError {
+    ProtocolError::OverlongVarint
+}
+
+fn unzigzag(z: u64) -> i64 {
+    ((z >> 1) as i64) ^ -((z & 1) as i64)
 }
 
 #[cfg(test)]

@@ -130,21 +130,28 @@ pub(crate) struct RawRecord {
 }
 
 /// Reads the varint at `*pos`, which must end before `end` (the record's end).
+#[inline(always)]
 fn varint_in(
     data: &[u8],
     pos: &mut usize,
     end: usize,
     what: &'static str,
 ) -> Result<i64, ProtocolError> {
-    get_varint(&data[..end], pos).map_err(|e| match e {
+    get_varint(&data[..end], pos).map_err(|e| past_record_end(e, what))
+}
+
+#[cold]
+fn past_record_end(e: ProtocolError, what: &'static str) -> ProtocolError {
+    match e {
         ProtocolError::Truncated { .. } => {
             ProtocolError::malformed(what, "runs past the end of its record")
         }
         other => other,
-    })
+    }
 }
 
 /// Takes `len` bytes at `*pos` if they lie before `end`.
+#[inline]
 fn take(
     len: i64,
     pos: &mut usize,
@@ -153,17 +160,23 @@ fn take(
 ) -> Result<Range<usize>, ProtocolError> {
     let avail = end - *pos;
     if len < 0 || len as u64 > avail as u64 {
-        return Err(ProtocolError::malformed(
-            what,
-            format!("length {len} but only {avail} bytes are left in the record"),
-        ));
+        return Err(too_long(what, len, avail));
     }
     let r = *pos..*pos + len as usize;
     *pos = r.end;
     Ok(r)
 }
 
+#[cold]
+fn too_long(what: &'static str, len: i64, avail: usize) -> ProtocolError {
+    ProtocolError::malformed(
+        what,
+        format!("length {len} but only {avail} bytes are left in the record"),
+    )
+}
+
 /// Reads one header at `*pos` (which must be before `end`): its key and value ranges.
+#[inline]
 pub(crate) fn scan_header(
     data: &[u8],
     pos: &mut usize,
