@@ -52,16 +52,17 @@ const POLL_FETCH_BYTES: u32 = 1024 * 1024;
 /// per record by about a tenth on the bench; one chunk left the fetcher waiting.
 const POLL_FETCH_CHUNKS: usize = 2;
 /// At least once: polls whose writes may still be unacknowledged while the next is
-/// processed. Two, so a poll's acknowledgement and commit (each waits for a flush round that
-/// ends in an `fdatasync`) overlap the next two polls' work: with one, the live no-stage bench
-/// lost about a sixth of its throughput to those waits. After a crash, at most these polls'
-/// outputs are written again.
+/// processed. Two, so a poll's acknowledgement (it waits for a flush round that ends in an
+/// `fdatasync`) overlaps the next two polls' work: with one, the live no-stage bench lost
+/// about a sixth of its throughput to those waits. (Commits do not hold the loop: they
+/// travel in the background, one at a time.) After a crash, at most these polls' outputs,
+/// and those of polls completed since the last commit landed, are written again.
 const POLLS_IN_FLIGHT: usize = 2;
 /// How long a poll waits for records while nothing is in flight.
 const IDLE_POLL_WAIT: Duration = Duration::from_millis(500);
-/// How long a poll waits while an earlier poll's writes are in flight: when no records
-/// come this soon, the input has paused, and that poll is completed (and committed) now
-/// instead of after a whole idle wait.
+/// How long a poll waits while an earlier poll's writes are in flight: the loop comes back
+/// this often to complete polls whose writes were acknowledged meanwhile, and once none is
+/// in flight and no records came, commits every stored offset.
 const IN_FLIGHT_POLL_WAIT: Duration = Duration::from_millis(5);
 
 /// How long an instance that stops tries to leave its group.
@@ -160,6 +161,30 @@ fn same_grant(
         && member.grant_id(&tp.topic, tp.partition) == sent_under
 }
 
+/// Completes sent polls, oldest first, while the oldest one's writes are all acknowledged
+/// already (so nothing waits for a flush round).
+async fn complete_acknowledged(
+    writer: &mut Writer,
+    member: &mut GroupConsumer,
+    chains: &mut BTreeMap<TopicPartition, PartitionRun>,
+    in_flight: &mut VecDeque<SentPoll>,
+    metrics: &PipelineMetrics,
+) -> Result<(), RuntimeError> {
+    let done = in_flight
+        .iter()
+        .take_while(|sent| sent.writes.are_done())
+        .count();
+    complete_oldest(
+        writer,
+        member,
+        chains,
+        in_flight,
+        in_flight.len() - done,
+        metrics,
+    )
+    .await
+}
+
 /// Completes sent polls, oldest first, until at most `keep` are in flight.
 async fn complete_oldest(
     writer: &mut Writer,
@@ -247,7 +272,14 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
     // At least once, a poll's writes are acknowledged while the next ones are processed
     // (its offsets are stored for commit only once they are); exactly once, each poll's
     // transaction commits before the next poll.
-    let overlap = if exactly_once { 0 } else { POLLS_IN_FLIGHT };
+    let overlap = if exactly_once {
+        0
+    } else {
+        std::env::var("QX_PIF")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(POLLS_IN_FLIGHT)
+    };
     let mut in_flight: VecDeque<SentPoll> = VecDeque::new();
     let mut result = loop {
         if stop.is_set() {
@@ -283,19 +315,38 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
             Ok(None) => {}
             Err(e) => break Err(e),
         }
-        // An idle poll completes everything, so the committed offsets catch up.
-        let keep = if idle { 0 } else { overlap };
+        // Polls beyond the overlap are waited for; younger ones whose writes are all
+        // acknowledged are completed without waiting. An empty poll does not wait for
+        // the rest: it may be only a gap in the input, and the next poll comes within
+        // `IN_FLIGHT_POLL_WAIT` anyway. Once nothing is in flight and the input is quiet,
+        // every stored offset is committed, so the committed offsets catch up.
         if let Err(e) = complete_oldest(
             &mut writer,
             &mut member,
             &mut chains,
             &mut in_flight,
-            keep,
+            overlap,
             metrics,
         )
         .await
         {
             break Err(e);
+        }
+        if let Err(e) = complete_acknowledged(
+            &mut writer,
+            &mut member,
+            &mut chains,
+            &mut in_flight,
+            metrics,
+        )
+        .await
+        {
+            break Err(e);
+        }
+        if idle && in_flight.is_empty() {
+            if let Err(e) = writer.commit_stored(&mut member).await {
+                break Err(e);
+            }
         }
     };
     if result.is_ok() {

@@ -82,6 +82,21 @@ pub enum SealedWrites {
     Transaction,
 }
 
+impl SealedWrites {
+    /// At least once: whether every acknowledgement of the poll is in (so
+    /// [`Writer::finish`] returns at once). A transaction's writes are never done early.
+    pub fn are_done(&self) -> bool {
+        match self {
+            SealedWrites::Acks(acks) => acks
+                .tracked
+                .iter()
+                .chain(&acks.last)
+                .all(DeliveryFuture::is_done),
+            SealedWrites::Transaction => false,
+        }
+    }
+}
+
 impl Writer {
     /// The at-least-once writer.
     pub fn at_least_once(client: Client) -> Writer {
@@ -221,10 +236,22 @@ impl Writer {
         }
     }
 
+    /// At least once, commits now every offset stored so far (after the commit running in
+    /// the background, if any), so the group's committed offsets catch up: when the input
+    /// has gone quiet. Exactly once, commits are the transactions' and there is nothing to
+    /// do.
+    pub async fn commit_stored(&mut self, member: &mut GroupConsumer) -> Result<(), RuntimeError> {
+        if let Writer::AtLeastOnce { .. } = self {
+            member.commit().await?;
+        }
+        Ok(())
+    }
+
     /// Commits the input of a finished poll: `ends` (the offset after each input
     /// partition's last record of the poll) and the state `marks` of the owned partitions as
-    /// their metadata. At least once: the offsets are stored and committed by the group;
-    /// exactly once: they are committed with the transaction (the member's positions, which
+    /// their metadata. At least once: the offsets are stored and committed by the group in
+    /// the background (one commit at a time; the loop goes on with the next polls, and a
+    /// failed background commit is reported by the next call); exactly once: they are committed with the transaction (the member's positions, which
     /// are the poll's ends, since each poll's transaction commits before the next poll).
     pub async fn commit(
         &mut self,
@@ -240,7 +267,7 @@ impl Writer {
                 for (tp, end) in ends {
                     member.store_offset(&tp.topic, tp.partition, *end);
                 }
-                member.commit().await?;
+                member.commit_in_background()?;
             }
             Writer::ExactlyOnce { tx, member_id } => {
                 let marks: BTreeMap<TopicPartition, String> = marks.into_iter().collect();
@@ -387,6 +414,64 @@ mod tests {
             Ok(()) => panic!("an old membership's poll was committed by the new member"),
         }
         writer.abort().await;
+        broker.shutdown().await;
+    }
+
+    /// At least once, a poll's commit travels in the background while the next polls are
+    /// processed, one commit at a time. Commits never land out of order: the stored offsets
+    /// and state marks committed last are the group's, after `commit_stored` (the input
+    /// went quiet) and after the member's own commit at close.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn background_commits_land_in_order_and_catch_up_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (broker, client) = crate::test_broker::start(dir.path()).await;
+        let admin = Admin::new(client.clone());
+        admin.create_topic("in", 1, BTreeMap::new()).await.unwrap();
+        let mut config = GroupConfig::new("g", ["in"]);
+        config.commit_stored_offsets = true;
+        let mut member = GroupConsumer::join(client.clone(), config).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while member.assignment().is_empty() {
+            assert!(Instant::now() < deadline, "never assigned");
+            let _ = member.poll_timeout(Duration::from_millis(100)).await;
+        }
+        let tp = TopicPartition::new("in", 0);
+        let committed = || async {
+            let all = admin.group_offsets("g", None).await.unwrap();
+            let o = all.iter().find(|o| o.topic == "in" && o.partition == 0);
+            o.map(|o| (o.offset, o.metadata.clone()))
+        };
+        let mut writer = Writer::at_least_once(client.clone());
+        let mut seen = Vec::new();
+        for n in 1..=40i64 {
+            let ends = BTreeMap::from([(tp.clone(), n * 10)]);
+            writer
+                .commit(&mut member, &ends, vec![(tp.clone(), format!("mark-{n}"))])
+                .await
+                .unwrap();
+            if let Some((Some(offset), _)) = committed().await {
+                seen.push(offset);
+            }
+        }
+        // What the broker holds only ever moves forward while commits travel.
+        assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+        writer.commit_stored(&mut member).await.unwrap();
+        assert_eq!(
+            committed().await,
+            Some((Some(400), Some("mark-40".to_string())))
+        );
+        for n in 41..=50i64 {
+            let ends = BTreeMap::from([(tp.clone(), n * 10)]);
+            writer
+                .commit(&mut member, &ends, vec![(tp.clone(), format!("mark-{n}"))])
+                .await
+                .unwrap();
+        }
+        member.close().await.unwrap();
+        assert_eq!(
+            committed().await,
+            Some((Some(500), Some("mark-50".to_string())))
+        );
         broker.shutdown().await;
     }
 }

@@ -234,9 +234,18 @@ pub struct GroupConsumer {
     reset: AutoOffsetReset,
     listener: Option<Box<dyn RebalanceListener>>,
     last_commit: Instant,
+    /// The commit [`GroupConsumer::commit_in_background`] started, if it has not been
+    /// reaped yet: its offsets count as committed only once it succeeded.
+    background: Option<BackgroundCommit>,
     /// Records [`GroupConsumer::records`] polled but has not handed out yet; their
     /// partitions' positions stay at the first of them, so a commit never covers them.
     held: VecDeque<ConsumedRecord>,
+}
+
+/// A commit started by [`GroupConsumer::commit_in_background`], and the offsets it carries.
+struct BackgroundCommit {
+    offsets: Vec<OffsetCommit>,
+    task: JoinHandle<Result<u32>>,
 }
 
 impl std::fmt::Debug for GroupConsumer {
@@ -318,6 +327,7 @@ impl GroupConsumer {
             reset: resp.auto_offset_reset,
             listener: None,
             last_commit: Instant::now(),
+            background: None,
             held: VecDeque::new(),
             config,
         })
@@ -662,6 +672,79 @@ impl GroupConsumer {
         tokio::spawn(async move { send_commit(&client, &link, &group, incarnation, offsets).await })
     }
 
+    /// Starts committing, in the background, what [`commit`](Self::commit) would commit
+    /// now, and returns at once (Kafka's `commitAsync`, one at a time): an application
+    /// that goes on processing while its commit travels. If the last commit started this
+    /// way is still running, nothing is started: the next call (or commit) carries these
+    /// offsets too. Offsets count as committed only once their commit succeeded; every
+    /// other commit of this member (explicit, on revoke, at close) first waits for the one
+    /// in the background, so commits land in the order they were made.
+    ///
+    /// Returns the error of the last background commit if it failed (its offsets go with
+    /// the next commit).
+    pub fn commit_in_background(&mut self) -> Result<()> {
+        use futures::FutureExt;
+        if let Some(b) = self.background.as_mut() {
+            let Some(done) = (&mut b.task).now_or_never() else {
+                return Ok(());
+            };
+            let b = self.background.take().expect("checked above");
+            self.reap(b.offsets, done)?;
+        }
+        let offsets = self.pending_commits(&self.owned.iter().cloned().collect::<Vec<_>>());
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        self.last_commit = Instant::now();
+        let (client, link, group) = (
+            self.client.clone(),
+            self.link.clone(),
+            self.config.group.clone(),
+        );
+        let incarnation = self.incarnation;
+        let sent = offsets.clone();
+        let task = tokio::spawn(
+            async move { send_commit(&client, &link, &group, incarnation, sent).await }
+                .in_current_span(),
+        );
+        self.background = Some(BackgroundCommit { offsets, task });
+        Ok(())
+    }
+
+    /// Waits for the commit running in the background, if any. Its failure is only
+    /// logged: its offsets were not noted as committed, so the commit that follows carries
+    /// them.
+    async fn settle_background_commit(&mut self) {
+        let Some(b) = self.background.take() else {
+            return;
+        };
+        let done = b.task.await;
+        if let Err(e) = self.reap(b.offsets, done) {
+            tracing::warn!(group = %self.config.group, error = %e, "a background commit failed; its offsets go with the next commit");
+        }
+    }
+
+    /// Notes a finished background commit's offsets as committed if it succeeded.
+    fn reap(
+        &mut self,
+        offsets: Vec<OffsetCommit>,
+        done: std::result::Result<Result<u32>, tokio::task::JoinError>,
+    ) -> Result<()> {
+        match done {
+            Ok(Ok(_)) => {
+                for o in &offsets {
+                    self.note_committed(o);
+                }
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(ClientError::Broker {
+                code: ErrorCode::Internal,
+                message: format!("the background commit task failed: {e}"),
+            }),
+        }
+    }
+
     fn pending_commits(&self, tps: &[TopicPartition]) -> Vec<OffsetCommit> {
         tps.iter()
             .filter_map(|tp| {
@@ -693,6 +776,7 @@ impl GroupConsumer {
     }
 
     async fn commit_partitions(&mut self, tps: &[TopicPartition]) -> Result<u32> {
+        self.settle_background_commit().await;
         self.last_commit = Instant::now();
         let offsets = self.pending_commits(tps);
         if offsets.is_empty() {

@@ -338,6 +338,12 @@ impl fmt::Debug for DeliveryFuture {
 }
 
 impl DeliveryFuture {
+    /// Whether the record's fate is known (acknowledged or failed): awaiting it now returns
+    /// at once.
+    pub fn is_done(&self) -> bool {
+        self.completion.result.get().is_some()
+    }
+
     /// The topic the record was queued for.
     pub fn topic(&self) -> &str {
         &self.completion.topic
