@@ -724,7 +724,9 @@ impl GroupConsumer {
         }
     }
 
-    /// Notes a finished background commit's offsets as committed if it succeeded.
+    /// Notes a finished background commit's offsets as committed if it succeeded (for the
+    /// partitions still owned: one lost meanwhile starts afresh from the group's commit
+    /// if it is granted again).
     fn reap(
         &mut self,
         offsets: Vec<OffsetCommit>,
@@ -733,7 +735,12 @@ impl GroupConsumer {
         match done {
             Ok(Ok(_)) => {
                 for o in &offsets {
-                    self.note_committed(o);
+                    if self
+                        .owned
+                        .contains(&TopicPartition::new(o.topic.clone(), o.partition))
+                    {
+                        self.note_committed(o);
+                    }
                 }
                 Ok(())
             }
