@@ -417,6 +417,20 @@ mod tests {
         broker.shutdown().await;
     }
 
+    /// Commits poll `n` of `tp`: its end is offset `n * 10`, its state mark `mark-{n}`.
+    async fn commit_poll(
+        writer: &mut Writer,
+        member: &mut GroupConsumer,
+        tp: &TopicPartition,
+        n: i64,
+    ) {
+        let ends = BTreeMap::from([(tp.clone(), n * 10)]);
+        writer
+            .commit(member, &ends, vec![(tp.clone(), format!("mark-{n}"))])
+            .await
+            .unwrap();
+    }
+
     /// At least once, a poll's commit travels in the background while the next polls are
     /// processed, one commit at a time. Commits never land out of order: the stored offsets
     /// and state marks committed last are the group's, after `commit_stored` (the input
@@ -444,11 +458,7 @@ mod tests {
         let mut writer = Writer::at_least_once(client.clone());
         let mut seen = Vec::new();
         for n in 1..=40i64 {
-            let ends = BTreeMap::from([(tp.clone(), n * 10)]);
-            writer
-                .commit(&mut member, &ends, vec![(tp.clone(), format!("mark-{n}"))])
-                .await
-                .unwrap();
+            commit_poll(&mut writer, &mut member, &tp, n).await;
             if let Some((Some(offset), _)) = committed().await {
                 seen.push(offset);
             }
@@ -461,11 +471,7 @@ mod tests {
             Some((Some(400), Some("mark-40".to_string())))
         );
         for n in 41..=50i64 {
-            let ends = BTreeMap::from([(tp.clone(), n * 10)]);
-            writer
-                .commit(&mut member, &ends, vec![(tp.clone(), format!("mark-{n}"))])
-                .await
-                .unwrap();
+            commit_poll(&mut writer, &mut member, &tp, n).await;
         }
         member.close().await.unwrap();
         assert_eq!(

@@ -662,6 +662,11 @@ impl GroupConsumer {
         for o in &offsets {
             self.note_committed(o);
         }
+        self.spawn_commit(offsets)
+    }
+
+    /// Sends `offsets` as this member's commit in a task of its own.
+    fn spawn_commit(&mut self, offsets: Vec<OffsetCommit>) -> JoinHandle<Result<u32>> {
         self.last_commit = Instant::now();
         let (client, link, group) = (
             self.client.clone(),
@@ -669,7 +674,10 @@ impl GroupConsumer {
             self.config.group.clone(),
         );
         let incarnation = self.incarnation;
-        tokio::spawn(async move { send_commit(&client, &link, &group, incarnation, offsets).await })
+        tokio::spawn(
+            async move { send_commit(&client, &link, &group, incarnation, offsets).await }
+                .in_current_span(),
+        )
     }
 
     /// Starts committing, in the background, what [`commit`](Self::commit) would commit
@@ -695,18 +703,7 @@ impl GroupConsumer {
         if offsets.is_empty() {
             return Ok(());
         }
-        self.last_commit = Instant::now();
-        let (client, link, group) = (
-            self.client.clone(),
-            self.link.clone(),
-            self.config.group.clone(),
-        );
-        let incarnation = self.incarnation;
-        let sent = offsets.clone();
-        let task = tokio::spawn(
-            async move { send_commit(&client, &link, &group, incarnation, sent).await }
-                .in_current_span(),
-        );
+        let task = self.spawn_commit(offsets.clone());
         self.background = Some(BackgroundCommit { offsets, task });
         Ok(())
     }
