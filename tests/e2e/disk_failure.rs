@@ -49,7 +49,8 @@ fn a_failed_flush_stops_the_broker_and_nothing_after_it_is_acknowledged() {
     );
     assert!(
         refusal.contains("restart the broker"),
-        "the refused produce says what to do: {refusal}"
+        "the refused produce says what to do: {refusal}\n{}",
+        b.log()
     );
     // The broker stops on its own, with an error naming the failure.
     let mut child = b.child.take().expect("running");

@@ -215,6 +215,7 @@ async fn serve_stream(
         }
     };
     let write_timeout = Duration::from_millis(ctx.config.limits.response_write_timeout_ms);
+    let streamed = matches!(answered, Ok(Outcome::Streamed));
     let ok = match answered {
         Ok(Outcome::Reply(reply)) => {
             let prefix = response_prefix(api_raw, &reply.control, reply.payload.len());
@@ -231,6 +232,18 @@ async fn serve_stream(
         }
     };
     ctx.metrics.observe_request(api, start.elapsed(), ok);
+    if !streamed {
+        until_delivered(&mut send, write_timeout).await;
+    }
+}
+
+/// Waits (at most `bound`) until the client acknowledged every byte of the answer. The
+/// request counts as in flight until then: a shutdown closes each connection once no
+/// request is in flight, and closing a QUIC connection discards stream data not yet sent,
+/// so without this wait an answer written just before (a produce refused because a disk
+/// flush failed, say) could be lost.
+async fn until_delivered(send: &mut SendStream, bound: Duration) {
+    let _ = tokio::time::timeout(bound, send.stopped()).await;
 }
 
 /// Checks the frame's api and version, then runs its handler (`send` is the stream of a
