@@ -149,6 +149,63 @@ fn initialising_the_id_again_fences_the_old_producer_and_aborts_its_transaction(
 }
 
 #[test]
+fn a_producer_whose_transaction_timed_out_takes_its_id_back_with_abort() {
+    let (b, rt) = broker_with_topic();
+    let client = rt.block_on(connect(&b));
+    let mut tx = rt
+        .block_on(TransactionalProducer::init_with_timeout(
+            client.clone(),
+            "slow",
+            Duration::from_secs(2),
+        ))
+        .unwrap();
+    rt.block_on(async {
+        send(&mut tx, "t", &["timed-out"]).await;
+        tx.flush().await.unwrap();
+    });
+    b.cli_stdin_ok(&["produce", "t"], b"probe\n");
+    // Read-committed readers reach the probe once the coordinator aborted the transaction
+    // past its timeout.
+    wait_for(30, "the timed-out transaction to be aborted", || {
+        let out = b.cli(&[
+            "consume",
+            "t",
+            "--from-beginning",
+            "--isolation",
+            "read-committed",
+            "--output",
+            "json",
+        ]);
+        let values: Vec<String> = json_lines(&String::from_utf8_lossy(&out.stdout))
+            .iter()
+            .map(|r| r["value"].as_str().unwrap().to_string())
+            .collect();
+        values == ["probe"]
+    });
+    rt.block_on(async {
+        let before = tx.producer();
+        send(&mut tx, "t", &["late"]).await;
+        let e = tx.commit(None).await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::ProducerFenced), "{e}");
+        // Fenced by its timeout, not by another producer: abort takes the id back at a new
+        // epoch (Kafka's KIP-588), and the producer goes on.
+        tx.abort().await.unwrap();
+        assert_eq!(tx.producer().0, before.0);
+        assert!(
+            tx.producer().1 > before.1,
+            "{:?} after {before:?}",
+            tx.producer()
+        );
+        send(&mut tx, "t", &["again"]).await;
+        tx.commit(None).await.unwrap();
+        assert_eq!(
+            read_all(&client, "t", Isolation::ReadCommitted).await,
+            ["probe", "again"]
+        );
+    });
+}
+
+#[test]
 fn a_transactions_group_offsets_are_stored_only_when_it_commits() {
     let b = TestBroker::start();
     b.cli_ok(&["topic", "create", "in", "--partitions", "1"]);

@@ -191,6 +191,11 @@ struct TxnState {
     /// retried EndTxn is answered from it, and one asking for the other outcome is refused.
     #[serde(default)]
     last_commit: Option<bool>,
+    /// The epoch whose transaction the coordinator aborted past its timeout (fencing it),
+    /// until the id is initialised again: its producer may take the id back by naming it
+    /// (KIP-588), where one fenced by another producer's init may not.
+    #[serde(default)]
+    timed_out_epoch: Option<i16>,
 }
 
 /// A transactional id's state as a lone broker stored it before it moved into
@@ -348,7 +353,11 @@ impl TxnCoordinator {
         }
         let _one = self.lock_id(id).await;
         let timeout_ms = req.timeout_ms.clamp(1000, MAX_TIMEOUT_MS);
-        let next = match self.get(id) {
+        let current = self.get(id);
+        if let Some((producer_id, epoch)) = req.held {
+            check_held(id, current.as_ref(), producer_id, epoch)?;
+        }
+        let next = match current {
             Some(mut s) => {
                 if s.status != Status::Empty {
                     // The previous holder's transaction never ended: abort it first, at a
@@ -369,6 +378,7 @@ impl TxnCoordinator {
                 }
                 s.timeout_ms = timeout_ms;
                 s.last_commit = None;
+                s.timed_out_epoch = None;
                 s
             }
             None if self.lock().len() >= self.env.max_ids => {
@@ -386,6 +396,7 @@ impl TxnCoordinator {
                 last_used_ms: 0,
                 partitions: BTreeSet::new(),
                 last_commit: None,
+                timed_out_epoch: None,
             },
         };
         self.store(id, &next).await?;
@@ -692,11 +703,35 @@ impl TxnCoordinator {
             // The bumped epoch is stored with the intent and stamped on the markers:
             // the producer is fenced here and in every partition, even if the abort
             // is finished later by the ticker or the next coordinator.
+            let fenced = s.epoch;
             bump_in_place(&mut s);
+            s.timed_out_epoch = Some(fenced);
             if let Err(e) = self.finish(&id, &mut s, false).await {
                 tracing::error!(transactional_id = %id, error = %e, "cannot abort a timed-out transaction yet; retrying");
             }
         }
+    }
+}
+
+/// Checks an init that names the producer id and epoch it last held `id` with: they must
+/// still hold it, or be the epoch the coordinator fenced when it aborted that epoch's
+/// transaction past its timeout. An id initialised by another producer since (or
+/// forgotten) is not taken back: that would fence whoever holds it now.
+fn check_held(id: &str, current: Option<&TxnState>, producer_id: i64, epoch: i16) -> Result<()> {
+    match current {
+        Some(s)
+            if s.producer_id == producer_id
+                && (s.epoch == epoch || s.timed_out_epoch == Some(epoch)) =>
+        {
+            Ok(())
+        }
+        Some(s) => Err(TxnError::Fenced(format!(
+            "transactional id {id:?} was initialised by another producer since (it is held by producer {} epoch {}); this producer ({producer_id}, epoch {epoch}) stays fenced; only initialising the id afresh takes it over, fencing that producer",
+            s.producer_id, s.epoch
+        ))),
+        None => Err(TxnError::Fenced(format!(
+            "transactional id {id:?} is no longer known (idle ids expire after 7 days); initialise it afresh"
+        ))),
     }
 }
 
@@ -818,6 +853,7 @@ mod tests {
         InitTransactionsRequest {
             transactional_id: id.into(),
             timeout_ms: 60_000,
+            held: None,
         }
     }
 
@@ -881,6 +917,57 @@ mod tests {
         assert_eq!((s.status, s.epoch), (Status::Empty, me.1 + 1));
         let e = c.end(&end("app", me, true)).await.unwrap_err();
         assert_eq!(e.code(), ErrorCode::ProducerFenced, "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_producer_fenced_by_its_timeout_takes_its_id_back_and_one_fenced_by_an_init_does_not()
+    {
+        let (_d, _stop, c) = coordinator(10).await;
+        let held = |r: &InitTransactionsResponse| InitTransactionsRequest {
+            held: Some((r.producer_id, r.producer_epoch)),
+            ..init("app")
+        };
+        let a = c.init(&init("app")).await.unwrap();
+        c.register_partition(a.producer_id, a.producer_epoch, "t", 0)
+            .await
+            .unwrap();
+        let started = c.get("app").unwrap().started_ms;
+        c.abort_expired(started + 60_001).await;
+        // Fenced by the timeout: naming its epoch, it gets the id back at a new one.
+        let back = c.init(&held(&a)).await.unwrap();
+        assert_eq!(back.producer_id, a.producer_id);
+        assert_eq!(back.producer_epoch, a.producer_epoch + 2);
+        assert_eq!(c.get("app").unwrap().timed_out_epoch, None);
+        // Naming an epoch it held before does not work twice.
+        let e = c.init(&held(&a)).await.unwrap_err();
+        assert_eq!(e.code(), ErrorCode::ProducerFenced, "{e}");
+        // Another producer initialises the id: the holder's later try is refused, however
+        // its own transaction ended, and the newcomer keeps the id.
+        let newcomer = c.init(&init("app")).await.unwrap();
+        c.register_partition(newcomer.producer_id, newcomer.producer_epoch, "t", 0)
+            .await
+            .unwrap();
+        let e = c.init(&held(&back)).await.unwrap_err();
+        assert_eq!(e.code(), ErrorCode::ProducerFenced, "{e}");
+        assert!(e.to_string().contains("another producer"), "{e}");
+        let s = c.get("app").unwrap();
+        assert_eq!(
+            (s.epoch, s.status),
+            (newcomer.producer_epoch, Status::Ongoing)
+        );
+        // Its own epoch is accepted (a producer starting over after a failed flush).
+        let again = c.init(&held(&newcomer)).await.unwrap();
+        assert_eq!(again.producer_epoch, newcomer.producer_epoch + 2);
+        // An id nobody initialised is not created by a producer naming an epoch.
+        let e = c
+            .init(&InitTransactionsRequest {
+                held: Some((a.producer_id, 0)),
+                ..init("unknown")
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), ErrorCode::ProducerFenced, "{e}");
+        assert!(c.get("unknown").is_none());
     }
 
     #[tokio::test]

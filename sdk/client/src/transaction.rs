@@ -10,9 +10,11 @@
 //! Consumers reading with [`Isolation::ReadCommitted`](crate::Isolation) see committed
 //! transactions only. Initialising a transactional id again (another process, a restart)
 //! fences this producer: its next write or commit fails with `ProducerFenced`, and so does
-//! every call after it, `abort` included (it does not take the id back, which would fence
-//! the new holder); only a new `init` does. The coordinator fences a producer the same way
-//! when it aborts its transaction past the timeout.
+//! every call after it. The coordinator fences a producer the same way when it aborts its
+//! transaction past the timeout; then `abort` takes the id back at a new epoch and the
+//! producer goes on (Kafka's KIP-588). `abort` names the epoch it held, so the coordinator
+//! refuses it when another producer initialised the id since: that producer is never
+//! fenced by this one, which stays fenced (only a new `init` takes the id back).
 //!
 //! The transaction's coordinator is the leader of the `__consumer_offsets` partition its id
 //! hashes to; the producer adds each partition to the transaction there before its first
@@ -101,8 +103,8 @@ pub struct TransactionalProducer {
     needs_init: Option<String>,
     /// Set once the broker answered `ProducerFenced`: another producer initialised this id
     /// (or the coordinator aborted a transaction past its timeout). Every later call fails
-    /// with it; `abort` does not initialise the id again, which would fence the producer
-    /// that took over. Only a new [`TransactionalProducer::init`] takes the id back.
+    /// with it until `abort` takes the id back, which the coordinator allows only when the
+    /// fence was its timeout's (never fencing a producer that took the id over).
     fenced: Option<String>,
 }
 
@@ -132,6 +134,7 @@ impl TransactionalProducer {
         let req = InitTransactionsRequest {
             transactional_id: transactional_id.to_string(),
             timeout_ms: timeout.as_millis().min(u128::from(u32::MAX)) as u32,
+            held: None,
         };
         let r = coordinator_request(&client, transactional_id, &req).await?;
         Ok(TransactionalProducer {
@@ -356,28 +359,39 @@ impl TransactionalProducer {
     }
 
     /// Drops what is buffered and aborts the transaction: nothing written in it becomes
-    /// visible to read-committed consumers, and its offsets are not stored.
+    /// visible to read-committed consumers, and its offsets are not stored. After a failed
+    /// flush or commit it starts over at a new epoch; after `ProducerFenced` it does so only
+    /// if the coordinator fenced this producer for a timeout, and otherwise fails with
+    /// `ProducerFenced` again.
     pub async fn abort(&mut self) -> Result<()> {
         self.pending.clear();
-        // Fenced: whoever holds the id now ends this transaction; starting over here would
-        // fence them in turn.
-        self.check_fenced()?;
-        if self.needs_init.is_some() {
-            // Start over: a new epoch numbers every partition from 0 again, and
-            // InitTransactions ends whatever this id left open (the coordinator aborts it).
-            let req = InitTransactionsRequest {
-                transactional_id: self.id.clone(),
-                timeout_ms: self.timeout_ms,
-            };
-            let r = coordinator_request(&self.client, &self.id, &req).await?;
-            self.producer_id = r.producer_id;
-            self.epoch = r.producer_epoch;
-            self.sequences.clear();
-            self.added.clear();
-            self.needs_init = None;
-            return Ok(());
+        if self.fenced.is_some() || self.needs_init.is_some() {
+            return self.start_over().await;
         }
         self.end(false).await
+    }
+
+    /// Initialises the id again at a new epoch, naming the one this producer held: the
+    /// coordinator ends whatever the id left open, and refuses when another producer
+    /// initialised the id since (this one then stays fenced). A new epoch numbers every
+    /// partition from 0 again.
+    async fn start_over(&mut self) -> Result<()> {
+        let req = InitTransactionsRequest {
+            transactional_id: self.id.clone(),
+            timeout_ms: self.timeout_ms,
+            held: Some((self.producer_id, self.epoch)),
+        };
+        let r = coordinator_request(&self.client, &self.id, &req).await;
+        let r = self.observe(r)?;
+        tracing::info!(transactional_id = %self.id, producer_id = r.producer_id, epoch = r.producer_epoch,
+            fenced_before = self.fenced.is_some(), "transactional producer started over");
+        self.producer_id = r.producer_id;
+        self.epoch = r.producer_epoch;
+        self.sequences.clear();
+        self.added.clear();
+        self.needs_init = None;
+        self.fenced = None;
+        Ok(())
     }
 
     async fn end(&mut self, commit: bool) -> Result<()> {

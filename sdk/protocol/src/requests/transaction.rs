@@ -25,6 +25,11 @@ pub struct InitTransactionsRequest {
     pub transactional_id: String,
     /// An open transaction older than this is aborted by the broker.
     pub timeout_ms: u32,
+    /// The producer id and epoch the caller last held the id with. Set, the id is taken
+    /// back only if no other producer initialised it since: the caller's transaction may
+    /// have been aborted past its timeout (Kafka's KIP-588), but a producer that took the
+    /// id over is never fenced by it. Unset, whoever holds the id is fenced.
+    pub held: Option<(i64, i16)>,
 }
 
 /// The producer id and epoch to stamp transactional batches with.

@@ -705,10 +705,18 @@ impl Sample for GetPluginResponse {
 
 impl Sample for InitTransactionsRequest {
     fn samples() -> Vec<Self> {
-        vec![InitTransactionsRequest {
-            transactional_id: s("pipeline.wc.1"),
-            timeout_ms: 60_000,
-        }]
+        vec![
+            InitTransactionsRequest {
+                transactional_id: s("pipeline.wc.1"),
+                timeout_ms: 60_000,
+                held: None,
+            },
+            InitTransactionsRequest {
+                transactional_id: s("pipeline.wc.1"),
+                timeout_ms: 60_000,
+                held: Some((1 << 62 | 7, 3)),
+            },
+        ]
     }
 }
 
