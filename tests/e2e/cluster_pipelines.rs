@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::Value;
 
 use super::cluster::{lines, succeeded, TestCluster};
-use super::harness::{example, json_lines, wait_for};
+use super::harness::{example, json_lines, read_committed_args, wait_for};
 
 fn status(c: &TestCluster, name: &str) -> Option<Value> {
     let out = c.cli(&["pipeline", "status", name, "--output", "json"], None);
@@ -157,18 +157,7 @@ struct Counts {
 }
 
 fn latest_counts(c: &TestCluster, topic: &str) -> Counts {
-    let out = c.cli(
-        &[
-            "consume",
-            topic,
-            "--from-beginning",
-            "--isolation",
-            "read-committed",
-            "--output",
-            "json",
-        ],
-        None,
-    );
+    let out = c.cli(&read_committed_args(topic), None);
     succeeded(&out);
     let mut records = json_lines(&String::from_utf8_lossy(&out.stdout));
     records.sort_by_key(|r| (r["partition"].as_u64(), r["offset"].as_i64()));

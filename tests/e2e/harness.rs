@@ -320,6 +320,20 @@ pub fn succeeded(out: &Output) {
 }
 
 /// Parses JSON lines.
+/// `quiver consume` arguments that print every record of `topic` readable with
+/// read-committed isolation, one JSON object per line (the command stops at the end).
+pub fn read_committed_args(topic: &str) -> [&str; 7] {
+    [
+        "consume",
+        topic,
+        "--from-beginning",
+        "--isolation",
+        "read-committed",
+        "--output",
+        "json",
+    ]
+}
+
 pub fn json_lines(s: &str) -> Vec<serde_json::Value> {
     s.lines()
         .filter(|l| !l.trim().is_empty())

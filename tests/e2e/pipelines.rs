@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::harness::{
-    bin, describe_now, example, json_lines, settled, succeeded, unsafe_kill, wait_for, TestBroker,
+    bin, describe_now, example, json_lines, read_committed_args, settled, succeeded, unsafe_kill,
+    wait_for, TestBroker,
 };
 
 /// A Lua processor that refuses records whose value contains "bad" and upper-cases the rest.
@@ -558,17 +559,7 @@ fn word_count_through_a_kill(guarantee: &str, records: usize, words: usize) -> W
     // A transaction the killed instance left open holds read-committed readers back until
     // the broker aborts it (its timeout): wait for what is promised, everything committed
     // readable.
-    let read_committed = || {
-        json_lines(&b.cli_ok(&[
-            "consume",
-            "counts",
-            "--from-beginning",
-            "--isolation",
-            "read-committed",
-            "--output",
-            "json",
-        ]))
-    };
+    let read_committed = || json_lines(&b.cli_ok(&read_committed_args("counts")));
     let mut committed = read_committed();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while (committed.len() as u64) < records as u64 && std::time::Instant::now() < deadline {
@@ -701,15 +692,7 @@ fn redeploying_a_new_plugin_version_rolls_exactly_once_instances_keeping_offsets
     let s = status(&b, "wc");
     assert_eq!(s["instances"].as_array().unwrap().len(), 2, "{s}");
     assert_eq!(s["records_in"], 1000, "counters carry over the roll: {s}");
-    let out = json_lines(&b.cli_ok(&[
-        "consume",
-        "counts",
-        "--from-beginning",
-        "--isolation",
-        "read-committed",
-        "--output",
-        "json",
-    ]));
+    let out = json_lines(&b.cli_ok(&read_committed_args("counts")));
     assert_eq!(
         out.len(),
         1000,
