@@ -272,14 +272,7 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
     // At least once, a poll's writes are acknowledged while the next ones are processed
     // (its offsets are stored for commit only once they are); exactly once, each poll's
     // transaction commits before the next poll.
-    let overlap = if exactly_once {
-        0
-    } else {
-        std::env::var("QX_PIF")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(POLLS_IN_FLIGHT)
-    };
+    let overlap = if exactly_once { 0 } else { POLLS_IN_FLIGHT };
     let mut in_flight: VecDeque<SentPoll> = VecDeque::new();
     let mut result = loop {
         if stop.is_set() {

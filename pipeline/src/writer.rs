@@ -251,8 +251,9 @@ impl Writer {
     /// partition's last record of the poll) and the state `marks` of the owned partitions as
     /// their metadata. At least once: the offsets are stored and committed by the group in
     /// the background (one commit at a time; the loop goes on with the next polls, and a
-    /// failed background commit is reported by the next call); exactly once: they are committed with the transaction (the member's positions, which
-    /// are the poll's ends, since each poll's transaction commits before the next poll).
+    /// failed background commit is reported by the next call); exactly once: they are
+    /// committed with the transaction (the member's positions, which are the poll's ends,
+    /// since each poll's transaction commits before the next poll).
     pub async fn commit(
         &mut self,
         member: &mut GroupConsumer,
