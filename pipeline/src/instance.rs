@@ -30,7 +30,7 @@ use tokio::sync::watch;
 
 use crate::changelog::{ensure_changelog, PartitionState};
 use crate::error::RuntimeError;
-use crate::metrics::PipelineMetrics;
+use crate::metrics::{PipelineMetrics, TimestampRuns};
 use crate::stages::{ChainOutput, Failure, LoadedStage, PartitionChain};
 use crate::writer::{SealedWrites, Writer};
 use crate::{ErrorPolicy, Guarantee, PipelineConfig, StartPosition};
@@ -472,7 +472,7 @@ struct PollCounts {
 struct SentPoll {
     counts: PollCounts,
     /// The input records' timestamps (for the latency figures).
-    timestamps: Vec<i64>,
+    timestamps: TimestampRuns,
     /// Per input partition: its first record in this poll, and the offset after its last.
     ranges: BTreeMap<TopicPartition, (i64, i64)>,
     /// Per input partition with records or state in this poll: the grant it was sent under.
@@ -496,7 +496,10 @@ async fn send_poll(
         input: records.len() as u64,
         ..PollCounts::default()
     };
-    let timestamps: Vec<i64> = records.iter().map(|r| r.timestamp).collect();
+    let mut timestamps = TimestampRuns::default();
+    for r in &records {
+        timestamps.push(r.timestamp);
+    }
     let mut ranges: BTreeMap<TopicPartition, (i64, i64)> = BTreeMap::new();
     let mut by_partition: BTreeMap<TopicPartition, Vec<Record>> = BTreeMap::new();
     // A poll holds runs of records of one partition: group each run, not each record.

@@ -58,15 +58,17 @@ impl PipelineMetrics {
         self.sample(Instant::now(), i, o);
     }
 
-    /// Records, for each input record of a committed poll, now − its timestamp.
-    pub fn record_latencies(&self, now_ms: i64, timestamps: &[i64]) {
+    /// Records, for each input record of a committed poll, now − its timestamp. The
+    /// timestamps come as runs of one value ([`TimestampRuns`]): a poll's records share a
+    /// few milliseconds, so the histogram takes one entry per run, not per record.
+    pub fn record_latencies(&self, now_ms: i64, timestamps: &TimestampRuns) {
         let mut h = self.latency.lock().unwrap_or_else(|p| p.into_inner());
         let h = h.get_or_insert_with(|| {
             hdrhistogram::Histogram::new_with_bounds(1, 3_600_000, 3)
                 .expect("valid histogram bounds")
         });
-        for t in timestamps {
-            let _ = h.record((now_ms - t).clamp(1, 3_600_000) as u64);
+        for &(t, n) in &timestamps.0 {
+            let _ = h.record_n((now_ms - t).clamp(1, 3_600_000) as u64, n);
         }
     }
 
@@ -123,6 +125,21 @@ impl PipelineMetrics {
     }
 }
 
+/// Input records' timestamps as runs of one value: `(timestamp, records)`, in the order
+/// the records came.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TimestampRuns(Vec<(i64, u64)>);
+
+impl TimestampRuns {
+    /// Adds one record's timestamp.
+    pub fn push(&mut self, timestamp: i64) {
+        match self.0.last_mut() {
+            Some((t, n)) if *t == timestamp => *n += 1,
+            _ => self.0.push((timestamp, 1)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,5 +171,19 @@ mod tests {
             (s.records_in, s.records_out, s.errors, s.dead_lettered),
             (110, 109, 1, 1)
         );
+    }
+
+    #[test]
+    fn latencies_count_every_record_of_a_run() {
+        let mut runs = TimestampRuns::default();
+        for t in [1_000, 1_000, 1_000, 1_005, 1_000] {
+            runs.push(t);
+        }
+        assert_eq!(runs.0, [(1_000, 3), (1_005, 1), (1_000, 1)]);
+        let m = PipelineMetrics::default();
+        m.record_latencies(1_010, &runs);
+        let s = m.snapshot();
+        assert_eq!(s.latency_samples, 5);
+        assert_eq!(s.latency_p50_ms, 10.0);
     }
 }
