@@ -374,9 +374,12 @@ fn compression_bombs_sent_at_once_share_the_brokers_decompression_memory() {
 #[test]
 fn answers_a_processor_made_larger_hold_room_for_their_own_size() {
     let mport = free_port();
-    // Frames of at most 8 MiB: a connection's answers may hold 16 MiB.
+    // Frames of at most 8 MiB: a connection's answers may hold 16 MiB. The 64 fetches'
+    // processor calls take turns on one instance, and one waits for its turn at most 20
+    // times the CPU limit before it is refused as busy: a generous limit keeps the first
+    // answers coming on a loaded machine (plugin threads run at a lower priority).
     let b = TestBroker::start_with_config(&format!(
-        "metrics_listen = \"127.0.0.1:{mport}\"\n[limits]\nmax_frame_bytes = 8388608\nresponse_write_timeout_ms = 120000\n"
+        "metrics_listen = \"127.0.0.1:{mport}\"\n[limits]\nmax_frame_bytes = 8388608\nresponse_write_timeout_ms = 120000\n[plugins]\ncpu_ms = 3000\n"
     ));
     b.cli_ok(&["topic", "create", "words", "--partitions", "1"]);
     b.cli_ok(&["plugin", "deploy", &super::harness::example("split-words")]);

@@ -130,6 +130,11 @@ const BUILD_DEADLINE: Duration = Duration::from_secs(30);
 /// One live processor instance.
 struct Slot {
     processor: Mutex<Box<dyn Processor>>,
+    /// Calls of the instance take turns here, before they go to a pool thread: a call's
+    /// deadline then counts its own run only, not the calls queued ahead of it (concurrent
+    /// fetches of one partition through one processor on a loaded broker had their wait
+    /// counted as the plugin's time and quarantined an instance that was never slow).
+    turn: tokio::sync::Mutex<()>,
     last_used: Mutex<Instant>,
     /// Set when the instance is quarantined: calls queued behind a stuck one give up.
     dead: AtomicBool,
@@ -605,6 +610,7 @@ impl PluginService {
             .map_err(|e| PluginServiceError::Failed(e.to_string()))?;
         let slot = Arc::new(Slot {
             processor: Mutex::new(built),
+            turn: tokio::sync::Mutex::new(()),
             last_used: Mutex::new(Instant::now()),
             dead: AtomicBool::new(false),
         });
@@ -660,6 +666,20 @@ impl PluginService {
             + Duration::from_millis(self.limits.cpu_ms.saturating_add(100));
         let mut out = BytesMut::with_capacity(payload.len());
         for batch in batches {
+            // A call waits for its turn as long as it may wait for a pool thread; past
+            // that it is refused as busy, as a call no thread took would be.
+            let Ok(turn) = tokio::time::timeout(self.workers.queue_wait(), slot.turn.lock()).await
+            else {
+                return Err(PluginServiceError::Failed(format!(
+                    "{id} on {topic}/{partition}: {}",
+                    PoolError::Busy
+                )));
+            };
+            if slot.dead.load(Ordering::SeqCst) {
+                return Err(PluginServiceError::Failed(format!(
+                    "{id} on {topic}/{partition} was quarantined while this call waited for it"
+                )));
+            }
             let s = slot.clone();
             let call = self
                 .workers
@@ -670,6 +690,7 @@ impl PluginService {
                     transform::process_batch(&mut **p, &batch, from, partition, max_decompressed)
                 })
                 .await;
+            drop(turn);
             match call {
                 Ok(Ok(Some(b))) => out.extend_from_slice(&b),
                 Ok(Ok(None)) => {}
@@ -749,10 +770,14 @@ mod tests {
     }
 
     fn service() -> (tempfile::TempDir, PluginService) {
+        service_with(&PluginsConfig::default())
+    }
+
+    fn service_with(config: &PluginsConfig) -> (tempfile::TempDir, PluginService) {
         let dir = tempfile::tempdir().unwrap();
         let db = crate::log::store::open(dir.path()).unwrap();
         let topics = Arc::new(TopicRegistry::open(db.clone(), Default::default()).unwrap());
-        let s = PluginService::open(db, topics, &PluginsConfig::default()).unwrap();
+        let s = PluginService::open(db, topics, config).unwrap();
         (dir, s)
     }
 
@@ -832,5 +857,68 @@ mod tests {
             s.remove("count", "1.0.0"),
             Err(PluginServiceError::InUse(_))
         ));
+    }
+
+    /// Passes its records through after sleeping: a call that takes wall time, not CPU.
+    struct Sleepy(Duration);
+
+    impl Processor for Sleepy {
+        fn process_batch(
+            &mut self,
+            records: Vec<quiver_plugins::Record>,
+        ) -> std::result::Result<Vec<quiver_plugins::Record>, quiver_plugins::PluginError> {
+            std::thread::sleep(self.0);
+            Ok(records)
+        }
+    }
+
+    /// Six fetches through one instance at once, on six plugin threads: each call takes a
+    /// quarter of its deadline, so all six in a row take longer than one deadline. Each is
+    /// timed from its own turn, not from when a thread took it, so none is taken for stuck
+    /// and the instance is not quarantined.
+    #[tokio::test]
+    async fn calls_waiting_for_their_instance_are_not_timed_while_they_wait() {
+        let config = PluginsConfig {
+            threads: 6,
+            cpu_ms: 100,
+            ..PluginsConfig::default()
+        };
+        let (_d, s) = service_with(&config);
+        s.deploy(&bundle("slow", "1.0.0", "processor", COUNT))
+            .unwrap();
+        let deadline = s.limits.call_wall_limit() + Duration::from_millis(config.cpu_ms + 100);
+        let call = deadline / 4;
+        let key = PoolKey {
+            topic: "t".into(),
+            partition: 0,
+            plugin: "slow@1.0.0".into(),
+            config: BTreeMap::new(),
+        };
+        lock(&s.pool).insert(
+            key,
+            Arc::new(Slot {
+                processor: Mutex::new(Box::new(Sleepy(call))),
+                turn: tokio::sync::Mutex::new(()),
+                last_used: Mutex::new(Instant::now()),
+                dead: AtomicBool::new(false),
+            }),
+        );
+        let mut b = BatchBuilder::new(Compression::None);
+        b.push(None, b"x", 1, &[]);
+        let payload = b.build();
+        let spec = ProcessorSpec::parse("slow").unwrap();
+        let calls = (0..6).map(|_| s.process("t", 0, &spec, 0, &payload, 1 << 20));
+        for (i, r) in futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            let out = r.unwrap_or_else(|e| panic!("call {i}: {e}"));
+            assert_eq!(RecordIter::new(&out, 1 << 20).unwrap().count(), 1);
+        }
+        assert!(
+            lock(&s.quarantined).is_empty(),
+            "the instance was quarantined"
+        );
     }
 }

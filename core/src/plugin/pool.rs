@@ -75,6 +75,11 @@ impl PluginPool {
         })
     }
 
+    /// How long a call waits for a free thread before it is refused as busy.
+    pub fn queue_wait(&self) -> Duration {
+        self.queue_wait
+    }
+
     /// How many threads are stuck in abandoned calls now.
     pub fn abandoned_threads(&self) -> usize {
         self.shared.abandoned_threads.load(Ordering::Relaxed)
