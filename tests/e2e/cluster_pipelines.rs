@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::Value;
 
 use super::cluster::{lines, succeeded, TestCluster};
-use super::harness::{example, json_lines, read_committed_args, wait_for};
+use super::harness::{example, json_lines, printed_values, read_committed_args, wait_for};
 
 fn status(c: &TestCluster, name: &str) -> Option<Value> {
     let out = c.cli(&["pipeline", "status", name, "--output", "json"], None);
@@ -68,13 +68,7 @@ fn output_values(c: &TestCluster) -> BTreeSet<String> {
         &["consume", "out", "--from-beginning", "--output", "json"],
         None,
     );
-    if !out.status.success() {
-        return BTreeSet::new();
-    }
-    json_lines(&String::from_utf8_lossy(&out.stdout))
-        .iter()
-        .map(|r| r["value"].as_str().unwrap_or_default().to_string())
-        .collect()
+    printed_values(&out).into_iter().collect()
 }
 
 fn wanted(to: usize) -> BTreeSet<String> {

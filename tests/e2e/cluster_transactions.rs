@@ -14,7 +14,7 @@ use quiver_protocol::requests::{coordinator_partition, Acks, ProduceRequest, OFF
 use quiver_protocol::ErrorCode;
 
 use super::cluster::{succeeded, TestCluster};
-use super::harness::json_lines;
+use super::harness::printed_values;
 
 /// The values of `topic`, read from the beginning with `isolation`, sorted.
 fn values(c: &TestCluster, topic: &str, isolation: &str) -> Vec<String> {
@@ -31,10 +31,7 @@ fn values(c: &TestCluster, topic: &str, isolation: &str) -> Vec<String> {
         None,
     );
     succeeded(&out);
-    let mut v: Vec<String> = json_lines(&String::from_utf8_lossy(&out.stdout))
-        .iter()
-        .map(|r| r["value"].as_str().unwrap_or_default().to_string())
-        .collect();
+    let mut v = printed_values(&out);
     v.sort();
     v
 }

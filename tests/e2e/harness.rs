@@ -341,6 +341,23 @@ pub fn json_lines(s: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The record values a `quiver consume … --output json` run printed, in order; none when
+/// the command failed (a caller polling for them tries again).
+pub fn printed_values(out: &Output) -> Vec<String> {
+    if !out.status.success() {
+        return Vec::new();
+    }
+    json_lines(&String::from_utf8_lossy(&out.stdout))
+        .iter()
+        .map(|r| {
+            r["value"]
+                .as_str()
+                .unwrap_or_else(|| panic!("a consumed record's value is a string: {r}"))
+                .to_string()
+        })
+        .collect()
+}
+
 /// Polls `cond` every 100 ms until it holds; panics with `what` after `secs`.
 pub fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);

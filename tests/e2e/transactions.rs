@@ -15,7 +15,7 @@ use quiver_client::{
 use quiver_protocol::requests::OffsetCommit;
 use quiver_protocol::ErrorCode;
 
-use super::harness::{json_lines, read_committed_args, wait_for, TestBroker};
+use super::harness::{json_lines, printed_values, read_committed_args, wait_for, TestBroker};
 
 async fn connect(b: &TestBroker) -> Client {
     Client::connect(b.client_config()).await.expect("connect")
@@ -45,14 +45,7 @@ async fn read_all(client: &Client, topic: &str, isolation: Isolation) -> Vec<Str
 /// The values `quiver consume --isolation read-committed` prints for `topic` (it stops at
 /// the end); none when the command fails.
 fn read_committed_by_cli(b: &TestBroker, topic: &str) -> Vec<String> {
-    let out = b.cli(&read_committed_args(topic));
-    if !out.status.success() {
-        return Vec::new();
-    }
-    json_lines(&String::from_utf8_lossy(&out.stdout))
-        .iter()
-        .map(|r| r["value"].as_str().unwrap().to_string())
-        .collect()
+    printed_values(&b.cli(&read_committed_args(topic)))
 }
 
 async fn send(tx: &mut TransactionalProducer, topic: &str, values: &[&str]) {
