@@ -15,7 +15,9 @@ use quiver_client::{
 use quiver_protocol::requests::OffsetCommit;
 use quiver_protocol::ErrorCode;
 
-use super::harness::{json_lines, printed_values, read_committed_args, wait_for, TestBroker};
+use super::harness::{
+    json_lines, printed_values, read_committed_args, succeeded, wait_for, TestBroker,
+};
 
 async fn connect(b: &TestBroker) -> Client {
     Client::connect(b.client_config()).await.expect("connect")
@@ -103,7 +105,9 @@ fn committed_transactions_are_read_aborted_ones_never_and_markers_are_not_record
         );
     });
     // The CLI's --isolation says the same, and stops at the end without --max-messages.
-    assert_eq!(read_committed_by_cli(&b, "t"), ["a1", "a2", "b1"]);
+    let out = b.cli(&read_committed_args("t"));
+    succeeded(&out);
+    assert_eq!(printed_values(&out), ["a1", "a2", "b1"]);
     let all = json_lines(&b.cli_ok(&["consume", "t", "--from-beginning", "--output", "json"]));
     assert_eq!(all.len(), 6);
 }
