@@ -21,6 +21,7 @@ mod group_rejoin;
 mod groups;
 mod hostile_input;
 mod in_process;
+mod older_clients;
 mod pipelines;
 mod plugins;
 mod producer_numbering;

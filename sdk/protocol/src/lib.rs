@@ -5,10 +5,14 @@
 //! - [`requests`]: one module per request type with its request and response bodies;
 //! - [`batch`]: the record-batch format, which is the same bytes on the wire and on disk.
 //!
+//! Control parts decode across builds: fields appended later are ignored by older peers
+//! and defaulted for newer ones (see `control`).
+//!
 //! Every decoder is total: any input yields a value or a typed [`ProtocolError`], never a
 //! panic, and nothing is allocated past the [`Limits`] the caller passes.
 
 pub mod batch;
+mod control;
 pub mod error;
 pub mod frame;
 pub mod message;

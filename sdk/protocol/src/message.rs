@@ -8,6 +8,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
+use crate::control::decode_control;
 use crate::{ApiKey, ErrorCode, Frame, ProtocolError, PROTOCOL_VERSION};
 
 /// A request type: its API key, and the type the broker answers with.
@@ -48,18 +49,6 @@ fn split_control<'a>(
         ));
     }
     Ok(rest.split_at(len))
-}
-
-/// Decodes a postcard control part. Bytes after the value are ignored on purpose: a newer
-/// peer may append fields (as `FetchRequest::processor` was), and an older one reads on.
-pub(crate) fn decode_control<T: DeserializeOwned>(
-    bytes: &[u8],
-    what: &'static str,
-) -> Result<T, ProtocolError> {
-    postcard::from_bytes(bytes).map_err(|e| ProtocolError::Body {
-        what,
-        reason: e.to_string(),
-    })
 }
 
 /// Encodes a request frame with its payload.

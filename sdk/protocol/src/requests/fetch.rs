@@ -21,9 +21,13 @@ pub struct FetchRequest {
     pub min_bytes: u32,
     /// A consume-time processor the leader runs on the batches before sending them;
     /// records it drops never cross the network, and offsets stay the source offsets.
+    /// Appended after the first release: absent from an older client's request.
+    #[serde(default)]
     pub processor: Option<super::plugin::ProcessorSpec>,
     /// Which records are readable: everything below the high watermark, or only those
-    /// of committed transactions (below the last stable offset).
+    /// of committed transactions (below the last stable offset). Appended after the
+    /// first release: an older client's request reads uncommitted.
+    #[serde(default)]
     pub isolation: Isolation,
 }
 

@@ -20,6 +20,8 @@ pub struct SubscribeRequest {
     /// Upper bound of payload bytes per chunk.
     pub max_bytes: u32,
     /// A consume-time processor the leader runs on the batches before pushing them.
+    /// Appended after the first release: absent from an older client's request.
+    #[serde(default)]
     pub processor: Option<super::plugin::ProcessorSpec>,
 }
 

@@ -28,7 +28,9 @@ pub struct InitTransactionsRequest {
     /// The producer id and epoch the caller last held the id with. Set, the id is taken
     /// back only if no other producer initialised it since: the caller's transaction may
     /// have been aborted past its timeout (Kafka's KIP-588), but a producer that took the
-    /// id over is never fenced by it. Unset, whoever holds the id is fenced.
+    /// id over is never fenced by it. Unset, whoever holds the id is fenced. Appended
+    /// later: an older client's request fences whoever holds the id, as it did then.
+    #[serde(default)]
     pub held: Option<(i64, i16)>,
 }
 
