@@ -506,5 +506,6 @@ fn group_log_limits(config: &BrokerConfig) -> crate::group::GroupLogLimits {
         max_decompressed: config.limits.max_frame_bytes as usize,
         compact_bytes: config.offsets_compact_bytes,
         retention_ms: config.offsets_retention_ms,
+        max_members: usize::try_from(config.group_max_size).unwrap_or(usize::MAX),
     }
 }

@@ -177,6 +177,9 @@ pub struct BrokerConfig {
     /// (its committed offsets with it), ms; -1 keeps groups forever. Kafka's
     /// `offsets.retention.minutes`.
     pub offsets_retention_ms: i64,
+    /// Most members one consumer group may have; a join past it is refused
+    /// (`GroupMaxSizeReached`). Kafka's `group.max.size`.
+    pub group_max_size: u64,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_timeout_ms: u64,
     /// TLS.
@@ -283,6 +286,7 @@ impl Default for BrokerConfig {
             retention_check_interval_ms: 5_000,
             offsets_compact_bytes: 16 * 1024 * 1024,
             offsets_retention_ms: 7 * 24 * 3600 * 1000,
+            group_max_size: crate::group::DEFAULT_GROUP_MAX_SIZE as u64,
             shutdown_timeout_ms: 10_000,
             tls: TlsConfig::default(),
             limits: LimitsConfig::default(),
@@ -433,6 +437,7 @@ impl BrokerConfig {
                 self.retention_check_interval_ms,
             ),
             ("offsets_compact_bytes", self.offsets_compact_bytes),
+            ("group_max_size", self.group_max_size),
             ("plugins.cpu_ms", self.plugins.cpu_ms),
             ("plugins.memory_mb", self.plugins.memory_mb),
             ("plugins.max_output_bytes", self.plugins.max_output_bytes),

@@ -705,3 +705,30 @@ fn a_compacted_offsets_log_keeps_the_last_commit_and_replays_only_the_state() {
         .expect("the broker logs what it replayed");
     assert!(replayed < 1000, "replayed {replayed} records");
 }
+
+#[test]
+fn a_group_at_group_max_size_refuses_a_new_member_until_one_leaves() {
+    let b = TestBroker::start_with_config("group_max_size = 2\n");
+    b.cli_ok(&["topic", "create", "capped", "--partitions", "2"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = Client::connect(b.client_config()).await.unwrap();
+        let cfg = || GroupConfig::new("capped-g", ["capped"]);
+        let first = GroupConsumer::join(client.clone(), cfg()).await.unwrap();
+        let _second = GroupConsumer::join(client.clone(), cfg()).await.unwrap();
+        let refused = GroupConsumer::join(client.clone(), cfg())
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(
+            refused.code(),
+            Some(ErrorCode::GroupMaxSizeReached),
+            "{refused}"
+        );
+        assert!(refused.to_string().contains("group_max_size"), "{refused}");
+        first.close().await.unwrap();
+        GroupConsumer::join(client.clone(), cfg())
+            .await
+            .expect("a member left, so a new one fits");
+    });
+}

@@ -268,6 +268,33 @@ fn a_transactions_group_offsets_are_stored_only_when_it_commits() {
             read_all(&client, "out", Isolation::ReadCommitted).await,
             ["o2"]
         );
+        // Offsets refused for a generation the member does not hold (as after a rebalance
+        // its heartbeats have not brought in yet): the transaction stays open with its
+        // records, and the commit tried again with the member's generation goes through.
+        send(&mut tx, "out", &["o3"]).await;
+        let mut stale = offsets(4);
+        stale.generation += 100;
+        let refused = tx.commit(Some(stale)).await.unwrap_err();
+        assert_eq!(
+            refused.code(),
+            Some(quiver_protocol::ErrorCode::StaleGeneration),
+            "{refused}"
+        );
+        tx.commit(Some(offsets(4)))
+            .await
+            .expect("the commit tried again with the member's generation");
+        assert_eq!(
+            committed(client.clone())
+                .await
+                .get(&("in".to_string(), 0))
+                .copied()
+                .flatten(),
+            Some(4)
+        );
+        assert_eq!(
+            read_all(&client, "out", Isolation::ReadCommitted).await,
+            ["o2", "o3"]
+        );
         member.close().await.unwrap();
     });
 }

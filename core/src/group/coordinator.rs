@@ -12,7 +12,7 @@
 //! heartbeat stops listing it (or the owner leaves or expires) is it granted to the new
 //! owner. A partition is therefore never in two members' `assigned` sets.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use quiver_protocol::requests::{
     AutoOffsetReset, CommitOffsetsRequest, CommitOffsetsResponse, CommittedOffset,
@@ -45,6 +45,9 @@ pub type TopicSnapshot = BTreeMap<String, u32>;
 /// `(topic, partition)` → `(log start, log end, high watermark)` of a partition that exists.
 pub type LogOffsets<'a> = &'a dyn Fn(&str, u32) -> Option<(i64, i64, i64)>;
 
+/// Default most members of one group (`group_max_size`).
+pub const DEFAULT_GROUP_MAX_SIZE: usize = 1000;
+
 /// Limits the coordinator enforces.
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
@@ -54,6 +57,9 @@ pub struct CoordinatorConfig {
     pub max_session_timeout_ms: u32,
     /// Prefix of member ids (differs per broker start, so ids never repeat across restarts).
     pub member_id_prefix: String,
+    /// Most members a group may have (`group_max_size`): each member's subscription is
+    /// kept, and each join rebalances over every member.
+    pub max_members: usize,
 }
 
 impl Default for CoordinatorConfig {
@@ -62,6 +68,7 @@ impl Default for CoordinatorConfig {
             min_session_timeout_ms: 100,
             max_session_timeout_ms: 600_000,
             member_id_prefix: "m".into(),
+            max_members: DEFAULT_GROUP_MAX_SIZE,
         }
     }
 }
@@ -112,6 +119,14 @@ pub enum GroupError {
     /// No such group.
     #[error("group {0:?} does not exist (see `quiver group list`)")]
     UnknownGroup(String),
+    /// The group has as many members as allowed.
+    #[error("group {group:?} already has {members} members, the most this broker allows (group_max_size); add members when others leave, or raise group_max_size")]
+    GroupFull {
+        /// Group.
+        group: String,
+        /// Members now.
+        members: usize,
+    },
     /// The request is not valid.
     #[error("{0}")]
     Invalid(String),
@@ -126,6 +141,7 @@ impl GroupError {
             GroupError::NotPartitionOwner { .. } => ErrorCode::NotPartitionOwner,
             GroupError::GroupNotEmpty { .. } => ErrorCode::GroupNotEmpty,
             GroupError::UnknownGroup(_) => ErrorCode::UnknownGroup,
+            GroupError::GroupFull { .. } => ErrorCode::GroupMaxSizeReached,
             GroupError::Invalid(_) => ErrorCode::InvalidRequest,
         }
     }
@@ -484,6 +500,12 @@ impl GroupCoordinator {
             .cloned();
         let member_id = match known {
             Some(id) => id,
+            None if g.members.len() >= self.config.max_members => {
+                return Err(GroupError::GroupFull {
+                    group: req.group.clone(),
+                    members: g.members.len(),
+                });
+            }
             None => {
                 self.next_member += 1;
                 format!(
@@ -806,8 +828,14 @@ impl GroupCoordinator {
                 current: g.generation,
             });
         }
+        let mut seen = HashSet::with_capacity(req.offsets.len());
         for o in &req.offsets {
             let tp = TopicPartition::new(o.topic.clone(), o.partition);
+            if !seen.insert((o.topic.as_str(), o.partition)) {
+                return Err(GroupError::Invalid(format!(
+                    "{tp} is given more than once in one commit; send each partition's offset once"
+                )));
+            }
             if !m.owns(&tp) {
                 return Err(GroupError::NotPartitionOwner {
                     group: req.group.clone(),
@@ -841,7 +869,8 @@ impl GroupCoordinator {
         ))
     }
 
-    /// Committed offsets of a group (`None` offsets for partitions never committed).
+    /// Committed offsets of a group (`None` offsets for partitions never committed), each
+    /// partition once.
     pub fn fetch_offsets(&self, req: &FetchOffsetsRequest) -> FetchOffsetsResponse {
         let g = self.groups.get(&req.group);
         let entry = |tp: &TopicPartition| {
@@ -854,7 +883,14 @@ impl GroupCoordinator {
             }
         };
         let offsets = match &req.partitions {
-            Some(tps) => tps.iter().map(entry).collect(),
+            // Each partition answered once, however often it is asked for.
+            Some(tps) => {
+                let mut seen = HashSet::with_capacity(tps.len());
+                tps.iter()
+                    .filter(|tp| seen.insert(*tp))
+                    .map(entry)
+                    .collect()
+            }
             None => g
                 .map(|g| g.offsets.keys().map(entry).collect())
                 .unwrap_or_default(),

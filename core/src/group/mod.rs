@@ -50,6 +50,7 @@ mod simulation;
 
 pub use coordinator::{
     CoordinatorConfig, GroupCoordinator, GroupError, GroupEvent, HeartbeatAnswer, TopicSnapshot,
+    DEFAULT_GROUP_MAX_SIZE,
 };
 pub use directory::GroupDirectory;
 pub use records::{GroupRecord, OFFSETS_TOPIC};

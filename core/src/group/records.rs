@@ -139,6 +139,17 @@ impl GroupRecord {
         }
     }
 
+    /// What the record is about: its group, and its partition for an offset's records. A
+    /// later record of the same subject replaces an earlier one.
+    pub fn subject(&self) -> (&str, Option<&TopicPartition>) {
+        match self {
+            GroupRecord::Meta { group, .. } | GroupRecord::MetaDeleted { group } => (group, None),
+            GroupRecord::Offset { group, tp, .. } | GroupRecord::OffsetDeleted { group, tp } => {
+                (group, Some(tp))
+            }
+        }
+    }
+
     /// Encodes to `(key, value)`; an empty value is a tombstone.
     pub fn encode(&self) -> (Vec<u8>, Vec<u8>) {
         let key = match self {

@@ -12,7 +12,7 @@
 //! (dropped on abort); replay does the same from the log. Offset fetches wait while a
 //! transaction holds offsets of the partitions asked for.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -52,6 +52,8 @@ pub struct GroupLogLimits {
     /// A group without members whose last record is older than this is deleted, ms
     /// (`offsets_retention_ms`; -1: never).
     pub retention_ms: i64,
+    /// Most members of one group (`group_max_size`).
+    pub max_members: usize,
 }
 
 /// How often groups are checked for expiry.
@@ -169,9 +171,23 @@ struct Fence {
 #[derive(Debug)]
 struct PendingTxn {
     epoch: i16,
-    records: Vec<GroupRecord>,
+    /// The latest record of each subject (group, partition) the transaction stored here:
+    /// committing the same partition again replaces its offset, so a transaction holds at
+    /// most one record per partition however often (or however many times in one request)
+    /// it commits.
+    records: BTreeMap<(String, Option<TopicPartition>), GroupRecord>,
     /// When the first offsets arrived (or were replayed), ms since the epoch.
     since_ms: i64,
+}
+
+impl PendingTxn {
+    /// The pending records of `group`.
+    fn of_group<'a>(&'a self, group: &'a str) -> impl Iterator<Item = &'a GroupRecord> + 'a {
+        self.records
+            .range((group.to_string(), None)..)
+            .take_while(move |((g, _), _)| g == group)
+            .map(|(_, r)| r)
+    }
 }
 
 impl TxnOffsets {
@@ -181,14 +197,18 @@ impl TxnOffsets {
     fn add(&mut self, producer_id: i64, epoch: i16, records: Vec<GroupRecord>) {
         let fresh = || PendingTxn {
             epoch,
-            records: Vec::new(),
+            records: BTreeMap::new(),
             since_ms: crate::clock::now_ms(),
         };
         let p = self.pending.entry(producer_id).or_insert_with(fresh);
         if p.epoch < epoch {
             *p = fresh();
         }
-        p.records.extend(records);
+        for r in records {
+            let (group, tp) = r.subject();
+            let subject = (group.to_string(), tp.cloned());
+            p.records.insert(subject, r);
+        }
     }
 
     /// A marker of `producer_id` landed: the records to apply (on commit).
@@ -202,7 +222,7 @@ impl TxnOffsets {
         };
         self.fenced.insert(producer_id, fence);
         match self.pending.remove(&producer_id) {
-            Some(p) if commit => p.records,
+            Some(p) if commit => p.records.into_values().collect(),
             _ => Vec::new(),
         }
     }
@@ -218,14 +238,15 @@ impl TxnOffsets {
             .retain(|_, f| now_ms.saturating_sub(f.at_ms) <= crate::txn::ABANDONED_TXN_MS);
     }
 
+    /// True while an open transaction holds offsets of `group` for any of `partitions`
+    /// (any partition when `None`).
     fn holds(&self, group: &str, partitions: Option<&[TopicPartition]>) -> bool {
+        let wanted: Option<HashSet<&TopicPartition>> = partitions.map(|ps| ps.iter().collect());
         self.pending
             .values()
-            .flat_map(|p| &p.records)
+            .flat_map(|p| p.of_group(group))
             .any(|r| match r {
-                GroupRecord::Offset { group: g, tp, .. } => {
-                    g == group && partitions.is_none_or(|ps| ps.contains(tp))
-                }
+                GroupRecord::Offset { tp, .. } => wanted.as_ref().is_none_or(|w| w.contains(tp)),
                 _ => false,
             })
     }
@@ -349,6 +370,7 @@ impl GroupService {
         let nonce = crate::clock::now_ms() as u64 % 0x1_0000_0000;
         let mut coord = GroupCoordinator::new(CoordinatorConfig {
             member_id_prefix: format!("{nonce:08x}"),
+            max_members: limits.max_members,
             ..CoordinatorConfig::default()
         });
         let mut txn = TxnOffsets::default();
@@ -760,11 +782,7 @@ impl GroupService {
         self.touch(&records);
         let mut txn = self.txn_lock();
         txn.add(req.producer_id, req.producer_epoch, records);
-        let pending = txn.pending[&req.producer_id]
-            .records
-            .iter()
-            .filter(|r| r.group() == req.group)
-            .count() as u32;
+        let pending = txn.pending[&req.producer_id].of_group(&req.group).count() as u32;
         Ok(TxnCommitOffsetsResponse { pending })
     }
 
@@ -1161,6 +1179,7 @@ pub(crate) fn test_group_log() -> GroupLogLimits {
         max_decompressed: 1 << 20,
         compact_bytes: 64 * 1024,
         retention_ms: -1,
+        max_members: super::coordinator::DEFAULT_GROUP_MAX_SIZE,
     }
 }
 
@@ -1305,6 +1324,43 @@ mod tests {
         let forever = store.open(test_group_log());
         tokio::time::sleep(Duration::from_millis(1700)).await;
         assert!(forever.expire_groups().await.unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_transaction_holds_one_offset_per_partition_however_often_it_commits() {
+        let store = Store::new();
+        let s = store.open(test_group_log());
+        for offset in 1..=500 {
+            hold_txn_offsets(&s, 9, "g", 0, offset).await;
+        }
+        hold_txn_offsets(&s, 9, "g", 1, 70).await;
+        hold_txn_offsets(&s, 9, "other", 0, 3).await;
+        {
+            let txn = s.txn_lock();
+            assert_eq!(txn.pending[&9].records.len(), 3, "one record per partition");
+            assert_eq!(txn.pending[&9].of_group("g").count(), 2);
+            let tp = |p| TopicPartition::new("t", p);
+            // A long list of partitions is checked against a set, not record by record.
+            assert!(!txn.holds("g", Some(&vec![tp(5); 100_000])));
+            assert!(txn.holds("g", Some(&[tp(5), tp(1)])));
+            assert!(txn.holds("g", None));
+            assert!(!txn.holds("absent", None));
+        }
+        commit_txn(&s, 9).await;
+        let want = BTreeMap::from([
+            (("g".into(), 0), 500),
+            (("g".into(), 1), 70),
+            (("other".into(), 0), 3),
+        ]);
+        let groups = ["g", "other"].map(String::from);
+        assert_eq!(
+            committed(&s, &groups),
+            want,
+            "the latest offset of each partition"
+        );
+        drop(s);
+        let again = store.open(test_group_log());
+        assert_eq!(committed(&again, &groups), want, "after replay");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

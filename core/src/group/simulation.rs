@@ -242,6 +242,53 @@ fn leaving_frees_partitions_at_once_and_sticky_keeps_the_rest() {
 }
 
 #[test]
+fn a_full_group_refuses_new_members_and_changes_nothing() {
+    let mut c = GroupCoordinator::new(CoordinatorConfig {
+        max_members: 2,
+        ..CoordinatorConfig::default()
+    });
+    let snap = snapshot("t", 4);
+    let mut ms = vec![join(&mut c, 0, "a", &snap), join(&mut c, 0, "b", &snap)];
+    settle(&mut c, 0, &mut ms);
+    let none = |_: &str, _: u32| None;
+    let before = c.describe(G, &snap, &none).unwrap();
+    let third = JoinGroupRequest {
+        group: G.into(),
+        member_id: None,
+        client_id: "c".into(),
+        subscription: Subscription::Topics(vec!["t".into()]),
+        session_timeout_ms: 3000,
+        strategy: None,
+        auto_offset_reset: None,
+    };
+    let refused = c.join(1, &third, &snap).unwrap_err();
+    assert!(
+        matches!(&refused, GroupError::GroupFull { members: 2, .. }),
+        "{refused:?}"
+    );
+    assert_eq!(
+        refused.code(),
+        quiver_protocol::ErrorCode::GroupMaxSizeReached
+    );
+    assert!(refused.to_string().contains("group_max_size"), "{refused}");
+    assert_eq!(
+        c.describe(G, &snap, &none).unwrap(),
+        before,
+        "the refusal changed nothing"
+    );
+    // A member already in the group joins again as before.
+    let again = JoinGroupRequest {
+        member_id: Some(ms[0].id.clone()),
+        client_id: "a".into(),
+        ..third.clone()
+    };
+    assert_eq!(c.join(1, &again, &snap).unwrap().0.member_id, ms[0].id);
+    // One leaves: a new member fits.
+    c.leave(G, &ms[1].id, &snap).unwrap();
+    c.join(2, &third, &snap).unwrap();
+}
+
+#[test]
 fn commits_are_checked_and_a_refused_commit_changes_nothing() {
     let mut c = coordinator();
     let snap = snapshot("t", 2);
@@ -280,6 +327,13 @@ fn commits_are_checked_and_a_refused_commit_changes_nothing() {
     let mut huge = commit(&mine, m.generation, &m.id);
     huge.offsets[0].metadata = Some("m".repeat(super::coordinator::MAX_OFFSET_METADATA_BYTES + 1));
     assert!(matches!(c.commit(&huge), Err(GroupError::Invalid(e)) if e.contains("4096")));
+    // The same partition many times in one commit (each entry a record, each a copy of
+    // the group's name, in one batch) is refused.
+    let mut repeated = commit(&mine, m.generation, &m.id);
+    repeated.offsets = vec![repeated.offsets[0].clone(); 1000];
+    assert!(
+        matches!(c.commit(&repeated), Err(GroupError::Invalid(e)) if e.contains("more than once"))
+    );
     assert!(
         c.fetch_offsets(&all).offsets.is_empty(),
         "refusals changed nothing"
@@ -287,6 +341,18 @@ fn commits_are_checked_and_a_refused_commit_changes_nothing() {
     let (_, recs) = c.commit(&commit(&mine, m.generation, &m.id)).unwrap();
     assert_eq!(recs.len(), 1);
     assert_eq!(c.fetch_offsets(&all).offsets[0].offset, Some(5));
+    // A fetch naming a partition many times answers it once (its metadata is not copied
+    // into the answer once per mention).
+    let asked = FetchOffsetsRequest {
+        group: G.into(),
+        partitions: Some(vec![mine.clone(); 10_000]),
+    };
+    let answer = c.fetch_offsets(&asked).offsets;
+    assert_eq!(answer.len(), 1);
+    assert_eq!(
+        (answer[0].offset, answer[0].metadata.as_deref()),
+        (Some(5), Some("x"))
+    );
     // A third member joins; whoever loses a partition has a stale generation until it
     // heartbeats.
     ms.push(join(&mut c, 1, "c", &snap));

@@ -319,7 +319,10 @@ impl TransactionalProducer {
     }
 
     /// Flushes, adds `offsets` (if any) to the transaction and commits it. Returns where
-    /// the records of this last flush landed.
+    /// the records of this last flush landed. When the group refuses the offsets
+    /// (`StaleGeneration`, `UnknownMember`, `NotPartitionOwner`) the transaction stays open
+    /// with its records: call `commit` again with the member's current generation, or
+    /// `abort`.
     pub async fn commit(
         &mut self,
         offsets: Option<TxnOffsets>,
@@ -351,6 +354,19 @@ impl TransactionalProducer {
                 offsets: o.offsets,
             };
             let stored = coordinator_request(&self.client, &group, &req).await;
+            if let Err(e) = &stored {
+                // Refused by the group's checks, before anything was stored: the
+                // transaction is as it was, open with its records and without offsets, so
+                // the commit may be tried again with the member's new generation.
+                let refused = [
+                    ErrorCode::StaleGeneration,
+                    ErrorCode::UnknownMember,
+                    ErrorCode::NotPartitionOwner,
+                ];
+                if e.code().is_some_and(|c| refused.contains(&c)) {
+                    self.needs_init = None;
+                }
+            }
             self.observe(stored)?;
             self.needs_init = None;
         }

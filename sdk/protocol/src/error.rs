@@ -98,6 +98,9 @@ pub enum ErrorCode {
     /// A new leader does not know the partition's high watermark yet (its followers have
     /// not reported since it took over): retry in a moment.
     OffsetNotAvailable = 39,
+    /// The group has as many members as the broker allows (`group_max_size`, Kafka's
+    /// `group.max.size`): a new member is refused; members leaving make room.
+    GroupMaxSizeReached = 40,
 }
 
 impl ErrorCode {
@@ -144,6 +147,7 @@ impl ErrorCode {
             37 => FencedLeaderEpoch,
             38 => ClusterAuthorizationFailed,
             39 => OffsetNotAvailable,
+            40 => GroupMaxSizeReached,
             _ => Internal,
         }
     }
@@ -272,7 +276,7 @@ mod tests {
             }
         }
         // Every code up to the newest is known: a gap would mean a code was forgotten here.
-        for v in 0..=ErrorCode::OffsetNotAvailable as u16 {
+        for v in 0..=ErrorCode::GroupMaxSizeReached as u16 {
             assert!(
                 v == 1 || ErrorCode::from_u16(v) != ErrorCode::Internal,
                 "{v}"
