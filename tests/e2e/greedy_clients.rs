@@ -5,16 +5,20 @@
 //! broker's `quiver_requests_in_flight` gauge shows what it still holds, and a connection
 //! holds at most its budget of answer bytes (twice `limits.max_frame_bytes`). Compression
 //! bombs sent at once share the broker's decompression memory
-//! (`limits.max_decompression_bytes`) instead of each taking its own.
+//! (`limits.max_decompression_bytes`) instead of each taking its own. A group's offsets
+//! are answered and stored once per partition, however often a request repeats one.
 
 use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use quiver_client::Client;
+use quiver_client::{Client, GroupConfig, GroupConsumer};
 use quiver_protocol::batch::{field, recompute_crc, BatchBuilder, Compression};
-use quiver_protocol::requests::{FetchRequest, MetadataRequest};
+use quiver_protocol::requests::{
+    CommitOffsetsRequest, FetchOffsetsRequest, FetchRequest, MetadataRequest, OffsetCommit,
+    TopicPartition,
+};
 use quiver_protocol::{encode_request, ErrorCode};
 
 use super::harness::TestBroker;
@@ -424,4 +428,69 @@ fn answers_a_processor_made_larger_hold_room_for_their_own_size() {
     conn.close(0u32.into(), b"gone");
     until_no_request_in_flight(mport, Duration::from_secs(15), "fetches of a closed client");
     drop(streams);
+}
+
+#[test]
+fn repeated_partitions_do_not_multiply_a_groups_offsets() {
+    let b = TestBroker::start();
+    b.cli_ok(&["topic", "create", "o", "--partitions", "1"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = Client::connect(b.client_config()).await.expect("connect");
+        let mut member = GroupConsumer::join(client.clone(), GroupConfig::new("greedy", ["o"]))
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while member.assignment().is_empty() {
+            assert!(Instant::now() < deadline, "no assignment in 30 s");
+            member
+                .poll_timeout(Duration::from_millis(50))
+                .await
+                .unwrap();
+        }
+        let entry = |metadata: &str| OffsetCommit {
+            topic: "o".into(),
+            partition: 0,
+            offset: 7,
+            metadata: Some(metadata.into()),
+        };
+        let commit = |offsets: Vec<OffsetCommit>| CommitOffsetsRequest {
+            group: "greedy".into(),
+            member_id: member.member_id(),
+            generation: member.generation(),
+            offsets,
+        };
+        let big = "m".repeat(4096);
+        client
+            .request(&commit(vec![entry(&big)]), Bytes::new())
+            .await
+            .expect("a commit with the largest metadata");
+        // The same partition 100,000 times in one commit: refused, nothing stored.
+        let e = client
+            .request(&commit(vec![entry("x"); 100_000]), Bytes::new())
+            .await
+            .expect_err("a repeated partition is refused")
+            .to_string();
+        assert!(e.contains("more than once"), "{e}");
+        // Asked for 100,000 times, the partition (with its 4 KiB of metadata) is answered
+        // once, and the commit above changed nothing.
+        let fetch = |n: usize| FetchOffsetsRequest {
+            group: "greedy".into(),
+            partitions: Some(vec![TopicPartition::new("o", 0); n]),
+        };
+        let (answer, _) = client
+            .request(&fetch(100_000), Bytes::new())
+            .await
+            .expect("fetch offsets");
+        assert_eq!(answer.offsets.len(), 1);
+        assert_eq!(answer.offsets[0].offset, Some(7));
+        assert_eq!(answer.offsets[0].metadata.as_deref(), Some(big.as_str()));
+        let e = client
+            .request(&fetch(100_001), Bytes::new())
+            .await
+            .expect_err("past the cap")
+            .to_string();
+        assert!(e.contains("at most 100000"), "{e}");
+        member.close().await.unwrap();
+    });
 }

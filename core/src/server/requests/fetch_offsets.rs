@@ -14,10 +14,26 @@ use crate::server::ServerContext;
 /// How long a fetch waits for pending transactional offsets.
 const PENDING_WAIT: Duration = Duration::from_secs(60);
 
+/// The most partitions one fetch-offsets request may name (all of a group's: name none).
+pub const MAX_FETCH_OFFSETS_PARTITIONS: usize = 100_000;
+
 /// Handles a fetch-offsets request.
 #[tracing::instrument(name = "fetch_offsets", skip_all)]
 pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let (req, _) = decode::<FetchOffsetsRequest>(&body)?;
+    if let Some(n) = req
+        .partitions
+        .as_ref()
+        .map(Vec::len)
+        .filter(|&n| n > MAX_FETCH_OFFSETS_PARTITIONS)
+    {
+        return Err(RequestError::new(
+            ErrorCode::InvalidRequest,
+            format!(
+                "a fetch-offsets request names {n} partitions; at most {MAX_FETCH_OFFSETS_PARTITIONS} (name none to get every committed offset of the group)"
+            ),
+        ));
+    }
     let service = ctx.groups.for_group(&req.group)?;
     if !service
         .wait_for_txn_offsets(&req.group, req.partitions.as_deref(), PENDING_WAIT)
