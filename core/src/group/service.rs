@@ -120,6 +120,10 @@ pub struct GroupService {
     log_config: TopicConfig,
     started: Instant,
     max_decompressed: usize,
+    /// Largest batch of group records one request may write: half the largest frame
+    /// (`max_decompressed` is the broker's `max_frame_bytes`), so a follower's fetch of the
+    /// offsets partition always carries it.
+    max_batch_bytes: usize,
     compact_bytes: u64,
     /// The log size at which the next compaction runs.
     compact_at: AtomicU64,
@@ -406,6 +410,7 @@ impl GroupService {
             log,
             started: Instant::now(),
             max_decompressed,
+            max_batch_bytes: max_decompressed / 2,
             compact_bytes: limits.compact_bytes,
             compact_at: AtomicU64::new(limits.compact_bytes),
             compacting: AtomicBool::new(false),
@@ -591,6 +596,16 @@ impl GroupService {
     ) -> Result<()> {
         if records.is_empty() {
             return Ok(());
+        }
+        // Each record's key, value and at most 32 bytes of framing.
+        let size: usize = records.iter().map(|(k, v)| k.len() + v.len() + 32).sum();
+        if size > self.max_batch_bytes {
+            return Err(GroupError::Invalid(format!(
+                "these {} group records take about {size} bytes; at most {} in one write: commit fewer partitions at once, or with less metadata",
+                records.len(),
+                self.max_batch_bytes
+            ))
+            .into());
         }
         let mut b = BatchBuilder::new(Compression::None);
         let ts = crate::clock::now_ms();
@@ -1324,6 +1339,29 @@ mod tests {
         let forever = store.open(test_group_log());
         tokio::time::sleep(Duration::from_millis(1700)).await;
         assert!(forever.expire_groups().await.unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_larger_than_half_a_frame_is_refused_and_stores_nothing() {
+        let store = Store::new();
+        // test_group_log: frames of 1 MiB, so writes of at most 512 KiB.
+        let s = store.open(test_group_log());
+        let mut big = commit("g", 0, 1);
+        big.offsets = (0..200)
+            .map(|p| OffsetCommit {
+                topic: "t".into(),
+                partition: p,
+                offset: 1,
+                metadata: Some("m".repeat(4096)),
+            })
+            .collect();
+        let e = s.store_offsets(&big).await.unwrap_err().to_string();
+        assert!(e.contains("commit fewer partitions at once"), "{e}");
+        let groups = ["g".to_string()];
+        assert!(committed(&s, &groups).is_empty());
+        big.offsets.truncate(100);
+        s.store_offsets(&big).await.unwrap();
+        assert_eq!(committed(&s, &groups).len(), 100);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
