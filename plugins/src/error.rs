@@ -44,6 +44,27 @@ pub enum BundleError {
     },
 }
 
+/// Most bytes of a message a plugin chose (its error, its panic message) kept in a
+/// [`PluginError`]: the message travels in logs, client errors and dead-letter headers,
+/// once per failed record, so its size must not be the plugin's to choose.
+pub const MAX_PLUGIN_MESSAGE_BYTES: usize = 1024;
+
+/// `message` cut to [`MAX_PLUGIN_MESSAGE_BYTES`] (at a character boundary), saying how long
+/// it was when cut.
+pub(crate) fn bounded_message(mut message: String) -> String {
+    if message.len() <= MAX_PLUGIN_MESSAGE_BYTES {
+        return message;
+    }
+    let total = message.len();
+    let mut end = MAX_PLUGIN_MESSAGE_BYTES;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    message.truncate(end);
+    message.push_str(&format!("… (cut: {total} bytes)"));
+    message
+}
+
 /// Building or calling a plugin failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {

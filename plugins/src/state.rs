@@ -64,11 +64,11 @@ pub enum StateError {
     #[error("state is not available: {0}")]
     Unavailable(&'static str),
     /// A write would make the scope's keys and values larger than its limit.
-    #[error("state limit exceeded for {scope}: keys and values would take {needed} bytes, the limit is {limit} bytes")]
+    #[error("state limit exceeded for {scope}: its entries would take {needed} bytes (keys, values and 64 bytes each), the limit is {limit} bytes")]
     Limit {
         /// The store's scope, as text.
         scope: String,
-        /// Total bytes of keys and values the write would have led to.
+        /// The scope's size ([`entry_size`] of every entry) the write would have led to.
         needed: usize,
         /// The store's limit.
         limit: usize,
@@ -90,8 +90,19 @@ pub(crate) const NOT_A_PROCESSOR: &str = "only processors have state, not partit
 /// The reason given outside a call (e.g. while a Lua script's top level runs).
 pub(crate) const OUTSIDE_A_CALL: &str = "state is only reachable while processing records";
 
+/// What one entry costs beyond its key and value bytes (its map slot, the key's and value's
+/// allocations, its place among the changes to write): counted in a scope's size, so that
+/// millions of tiny entries cannot hold many times the limit in memory.
+pub const ENTRY_OVERHEAD_BYTES: usize = 64;
+
+/// The size an entry of a `key_len`-byte key and a `value_len`-byte value counts for.
+pub fn entry_size(key_len: usize, value_len: usize) -> usize {
+    key_len + value_len + ENTRY_OVERHEAD_BYTES
+}
+
 /// Keyed state of one scope. Keys and values are bytes; the size of a scope is the total bytes
-/// of its keys and values, capped by [`StateStore::limit_bytes`]. Implementations use interior
+/// of its entries ([`entry_size`]: keys, values and a fixed overhead each), capped by
+/// [`StateStore::limit_bytes`]. Implementations use interior
 /// mutability: the host keeps an `Arc` to drain changes while the processor holds another.
 pub trait StateStore: Send + Sync {
     /// What this store belongs to (named in errors).
@@ -142,11 +153,13 @@ struct MemoryInner {
 
 impl MemoryInner {
     fn entry_len(&self, key: &[u8]) -> usize {
-        self.map.get(key).map_or(0, |v| key.len() + v.len())
+        self.map
+            .get(key)
+            .map_or(0, |v| entry_size(key.len(), v.len()))
     }
 }
 
-/// The default size limit of a scope's state: 64 MiB of keys and values.
+/// The default size limit of a scope's state: 64 MiB of entries.
 pub const DEFAULT_STATE_LIMIT_BYTES: usize = 64 * 1024 * 1024;
 
 impl MemoryStateStore {
@@ -173,7 +186,7 @@ impl MemoryStateStore {
                 None => next.remove(&k),
             };
         }
-        let used = next.iter().map(|(k, v)| k.len() + v.len()).sum();
+        let used = next.iter().map(|(k, v)| entry_size(k.len(), v.len())).sum();
         if used > self.limit {
             return Err(self.limit_err(used));
         }
@@ -261,7 +274,7 @@ impl StateStore for MemoryStateStore {
                 Some(&s) => s,
                 None => inner.entry_len(k),
             };
-            let new = v.as_ref().map_or(0, |v| k.len() + v.len());
+            let new = v.as_ref().map_or(0, |v| entry_size(k.len(), v.len()));
             used += new as i128 - old as i128;
             sizes.insert(k, new);
         }
@@ -365,14 +378,14 @@ impl CallState {
     }
 
     fn current_len(&self, key: &[u8]) -> Result<usize, StateError> {
-        Ok(self.get(key)?.map_or(0, |v| key.len() + v.len()))
+        Ok(self.get(key)?.map_or(0, |v| entry_size(key.len(), v.len())))
     }
 
     pub fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), StateError> {
         let store = self.store()?;
         let (used, limit) = (store.used_bytes() as i128, store.limit_bytes());
         let old = self.current_len(key)? as i128;
-        let new = (key.len() + value.len()) as i128;
+        let new = entry_size(key.len(), value.len()) as i128;
         let after = used + self.delta - old + new;
         if after > limit as i128 {
             return Err(StateError::Limit {
@@ -389,6 +402,11 @@ impl CallState {
     pub fn delete(&mut self, key: &[u8]) -> Result<(), StateError> {
         self.store()?;
         let old = self.current_len(key)? as i128;
+        if old == 0 {
+            // Not set (nor set earlier in this call): nothing to remove, and nothing to
+            // remember or write, however many absent keys a call deletes.
+            return Ok(());
+        }
         self.delta -= old;
         self.pending.insert(key.to_vec(), None);
         Ok(())
@@ -420,6 +438,8 @@ impl CallState {
 mod tests {
     use super::*;
 
+    const E: usize = ENTRY_OVERHEAD_BYTES;
+
     fn store(limit: usize) -> Arc<MemoryStateStore> {
         Arc::new(MemoryStateStore::new(
             StateScope::new("p", 0, "t", 3),
@@ -429,15 +449,15 @@ mod tests {
 
     #[test]
     fn the_memory_store_counts_keys_and_values_against_its_limit() {
-        let s = store(10);
+        let s = store(10 + E);
         s.put(b"ab", b"cdef").unwrap();
-        assert_eq!(s.used_bytes(), 6);
+        assert_eq!(s.used_bytes(), 6 + E);
         s.put(b"ab", b"c").unwrap();
-        assert_eq!(s.used_bytes(), 3);
+        assert_eq!(s.used_bytes(), 3 + E);
         let e = s.put(b"xyz", b"12345").unwrap_err();
         assert_eq!(
             e.to_string(),
-            "state limit exceeded for pipeline p stage 0 input t/3: keys and values would take 11 bytes, the limit is 10 bytes"
+            format!("state limit exceeded for pipeline p stage 0 input t/3: its entries would take {} bytes (keys, values and 64 bytes each), the limit is {} bytes", 11 + 2 * E, 10 + E)
         );
         assert_eq!(
             s.get(b"xyz").unwrap(),
@@ -458,8 +478,20 @@ mod tests {
     }
 
     #[test]
+    fn tiny_entries_count_their_overhead() {
+        // A 1 MiB scope holds about 16,000 entries of 1-byte keys and empty values, not a
+        // million (which would take some 100 MiB of memory).
+        let s = store(1 << 20);
+        let mut n = 0u32;
+        while s.put(&n.to_le_bytes()[..3], b"").is_ok() {
+            n += 1;
+        }
+        assert_eq!(n as usize, (1 << 20) / (3 + E));
+    }
+
+    #[test]
     fn apply_is_all_or_nothing() {
-        let s = store(10);
+        let s = store(10 + E);
         s.put(b"a", b"123456789").unwrap();
         // Deleting `a` and putting `b` fits; the order inside the batch does not matter.
         s.apply(vec![
@@ -467,21 +499,24 @@ mod tests {
             (b"a".to_vec(), None),
         ])
         .unwrap();
-        assert_eq!(s.used_bytes(), 9);
+        assert_eq!(s.used_bytes(), 9 + E);
         let e = s
             .apply(vec![
                 (b"c".to_vec(), Some(b"1".to_vec())),
                 (b"d".to_vec(), Some(b"1".to_vec())),
             ])
             .unwrap_err();
-        assert!(matches!(e, StateError::Limit { needed: 13, .. }), "{e}");
+        assert!(
+            matches!(e, StateError::Limit { needed, .. } if needed == 13 + 3 * E),
+            "{e}"
+        );
         assert_eq!(s.get(b"c").unwrap(), None);
-        assert_eq!(s.used_bytes(), 9);
+        assert_eq!(s.used_bytes(), 9 + E);
     }
 
     #[test]
     fn restore_does_not_mark_changes() {
-        let s = store(100);
+        let s = store(100 + E);
         s.restore(vec![(b"k".to_vec(), Some(b"v".to_vec()))])
             .unwrap();
         assert_eq!(s.get(b"k").unwrap(), Some(b"v".to_vec()));
@@ -494,7 +529,7 @@ mod tests {
 
     #[test]
     fn a_call_sees_its_own_writes_and_commits_or_rolls_back() {
-        let s = store(10);
+        let s = store(10 + E);
         let mut c = CallState::processor(Some(s.clone()));
         assert_eq!(
             c.get(b"k").unwrap_err(),
@@ -504,10 +539,11 @@ mod tests {
         c.put(b"k", b"1234").unwrap();
         assert_eq!(c.get(b"k").unwrap(), Some(b"1234".to_vec()));
         assert_eq!(s.get(b"k").unwrap(), None, "not applied before commit");
-        // 5 pending + 6 = 11 > 10, although the store itself is empty.
+        // 5 pending + 6 = 11 > 10 (and an entry's overhead each), although the store itself
+        // is empty.
         assert!(matches!(
             c.put(b"j", b"12345"),
-            Err(StateError::Limit { needed: 11, .. })
+            Err(StateError::Limit { needed, .. }) if needed == 11 + 2 * E
         ));
         c.commit().unwrap();
         assert_eq!(s.get(b"k").unwrap(), Some(b"1234".to_vec()));
@@ -515,6 +551,13 @@ mod tests {
         c.delete(b"k").unwrap();
         c.put(b"j", b"123456789").unwrap();
         c.rollback();
+        // Deleting keys that are not set records nothing: no pending entry, no change.
+        c.begin();
+        for i in 0..10_000u32 {
+            c.delete(&i.to_be_bytes()).unwrap();
+        }
+        assert!(c.pending.is_empty());
+        c.commit().unwrap();
         assert_eq!(s.get(b"k").unwrap(), Some(b"1234".to_vec()));
         assert_eq!(
             s.drain_changes(),

@@ -303,7 +303,7 @@ impl LuaInstance {
     fn lua_err(&self, e: mlua::Error) -> PluginError {
         PluginError::LuaError {
             plugin: self.eff.plugin.to_string(),
-            message: e.to_string(),
+            message: crate::error::bounded_message(e.to_string()),
         }
     }
 

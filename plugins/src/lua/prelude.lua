@@ -16,6 +16,30 @@ xpcall = function(...) return check(_xpcall(...)) end
 dofile, loadfile, require, collectgarbage, print, loadstring = nil, nil, nil, nil, nil, nil
 string.dump = nil
 
+-- No finalizers: Lua runs `__gc` metamethods with hooks off (so outside the CPU limit), at
+-- any collection and when the state is closed, where nothing could stop one that loops.
+-- An object is marked for finalization only if its metatable has the field (any value) when
+-- it is set, so checking there is enough.
+-- (`setmetatable` is a local here, Lua's own, so the global is set through _ENV.)
+local rawget = rawget
+_ENV.setmetatable = function(t, mt)
+  if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
+    error("__gc metamethods are not allowed in plugins (finalizers would run outside the CPU limit)", 2)
+  end
+  return setmetatable(t, mt)
+end
+
+-- string.rep of an empty string with an empty separator loops n times in C writing nothing:
+-- no hook fires and no memory is used, so a large n would never return. Its result is "".
+local _rep, tointeger, tonumber = string.rep, math.tointeger, tonumber
+string.rep = function(s, n, sep)
+  if s == "" and (sep == nil or sep == "") and (type(n) == "number" or type(n) == "string")
+    and tointeger(tonumber(n)) then
+    return ""
+  end
+  return _rep(s, n, sep)
+end
+
 config = setmetatable({}, {
   __index = host_config,
   __newindex = function() error("config is read-only", 2) end,

@@ -246,7 +246,7 @@ impl State {
     fn log(&mut self, msg: &str) {
         let msg = truncate(msg, MAX_LOG_LINE);
         if let Some(p) = msg.strip_prefix("panic: ") {
-            self.last_panic = Some(p.to_string());
+            self.last_panic = Some(crate::error::bounded_message(p.to_string()));
         }
         self.logs += 1;
         if self.logs <= MAX_LOG_LINES_PER_CALL {
@@ -512,7 +512,7 @@ fn classify(e: wasmtime::Error, state: &State, eff: &Effective) -> PluginError {
             format!("stack overflow (limit {} bytes)", eff.wasm_stack_bytes)
         }
         Some(trap) => trap.to_string(),
-        None => e.root_cause().to_string(),
+        None => crate::error::bounded_message(e.root_cause().to_string()),
     };
     let message = match &state.last_panic {
         Some(p) => format!("{message}; guest panicked: {p}"),
@@ -566,7 +566,7 @@ impl Processor for WasmProcessor {
                 .map_err(|e| classify(e, live.store.data(), eff))?;
             let out = out.map_err(|message| PluginError::Failed {
                 plugin: eff.plugin.to_string(),
-                message,
+                message: crate::error::bounded_message(message),
             })?;
             if out.len() > eff.max_output_bytes {
                 return Err(eff.output_limit(out.len()));
@@ -607,7 +607,7 @@ impl Partitioner for WasmPartitioner {
                 .map_err(|e| classify(e, live.store.data(), eff))?;
             let p = out.map_err(|message| PluginError::Failed {
                 plugin: eff.plugin.to_string(),
-                message,
+                message: crate::error::bounded_message(message),
             })?;
             if p >= partition_count {
                 return Err(eff.bad_return(format!("partition {p} is not in 0..{partition_count}")));

@@ -486,3 +486,54 @@ fn pattern_functions_behave_as_luas_inside_the_sandbox() {
         ["1,3,a,1|a|a:1|b:2|A=1 b=2|1=a b=2|false malformed pattern (missing ']')|bad argument #2 to 'insert' (position out of bounds)|-1 0 99999 -1"]
     );
 }
+
+/// Harm that would come outside any call's limits: a finalizer (Lua runs `__gc` with hooks
+/// off, at a collection or when the state is closed, so a looping one could never be
+/// stopped), an empty string repeated 2^62 times (a C loop that writes nothing, so neither
+/// the hook nor the memory limit sees it), and an error message of megabytes (kept once per
+/// failed record, and sent on in dead-letter headers).
+#[test]
+fn finalizers_empty_repeats_and_huge_errors_are_bounded() {
+    let gc_at_load = r#"
+keep = setmetatable({}, { __gc = function() while true do end end })
+function process(r) return r end
+"#;
+    let e = PluginConfig::new(lua_bundle("processor", gc_at_load))
+        .limits(cpu_limits())
+        .build_processor()
+        .err()
+        .expect("a finalizer at load is refused");
+    assert!(e.to_string().contains("__gc"), "{e}");
+
+    let src = r#"
+local actions = {
+  -- Marked at setmetatable when the field exists, whatever its value then.
+  gc_later = function() local mt = { __gc = false } keep = setmetatable({}, mt) mt.__gc = function() while true do end end end,
+  empty_rep = function() return { value = string.rep("", math.maxinteger) .. ("").rep("", 1 << 62, "") .. "ok" } end,
+  empty_rep_bad = function() return string.rep("", "lots") end,
+  huge_error = function() error(string.rep("x", 4 << 20), 0) end,
+}
+function process(r)
+  local a = actions[r.value]
+  if a then local res = a() if res ~= nil then return res end end
+  return r
+end
+"#;
+    let mut p = processor(lua_bundle("processor", src), cpu_limits());
+    let e = fails(&mut *p, "gc_later");
+    assert!(e.to_string().contains("__gc"), "{e}");
+    still_works(&mut *p);
+    let start = std::time::Instant::now();
+    let out = p.process_batch(vec![rec("empty_rep")]).unwrap();
+    assert_eq!(values(&out), ["ok"]);
+    assert!(start.elapsed() < std::time::Duration::from_secs(10));
+    let e = fails(&mut *p, "empty_rep_bad");
+    assert!(e.to_string().contains("number expected"), "{e}");
+    let e = fails(&mut *p, "huge_error").to_string();
+    assert!(e.len() < 2048, "{} bytes", e.len());
+    // Lua's message (the error's 4 MiB and its position) was cut, saying how long it was.
+    assert!(e.contains("… (cut: 4194") && e.ends_with(" bytes)"), "{e}");
+    still_works(&mut *p);
+    // Dropping the instance (closing its Lua state) runs no finalizer: none was set.
+    drop(p);
+}

@@ -12,6 +12,8 @@ use quiver_plugins::{
     Bundle, MemoryStateStore, PluginConfig, PluginError, Processor, Record, StateScope, StateStore,
 };
 
+use quiver_plugins::state::ENTRY_OVERHEAD_BYTES;
+
 use crate::support::*;
 
 /// Counts words: the key, or the value when there is no key; emits `word → count`.
@@ -108,8 +110,10 @@ fn two_partitions_are_independent(bundle: fn() -> Bundle) {
 }
 
 fn the_limit_fails_the_call_and_applies_nothing(bundle: fn() -> Bundle) {
-    // "a" + "1" = 2 bytes per word: three words fit in 6 bytes, a fourth does not.
-    let store = mem_store(2, 6);
+    // "a" + "1" = 2 bytes per word, and an entry's overhead: three words fit, a fourth does
+    // not.
+    let word = 2 + ENTRY_OVERHEAD_BYTES;
+    let store = mem_store(2, 3 * word);
     let mut p = with_store(bundle(), store.clone());
     p.process_batch(words(&["a", "b"])).unwrap();
     let e = p.process_batch(words(&["a", "c", "d"])).unwrap_err();
@@ -117,13 +121,13 @@ fn the_limit_fails_the_call_and_applies_nothing(bundle: fn() -> Bundle) {
     let msg = e.to_string();
     assert!(
         msg.contains("state limit exceeded for pipeline wordcount stage 1 input words/2")
-            && msg.contains("the limit is 6 bytes"),
+            && msg.contains(&format!("the limit is {} bytes", 3 * word)),
         "{msg}"
     );
     // Nothing of the failed call reached the store: "a" is still 1, "c" is not there.
     assert_eq!(get(&store, "a").as_deref(), Some("1"));
     assert_eq!(get(&store, "c"), None);
-    assert_eq!(store.used_bytes(), 4);
+    assert_eq!(store.used_bytes(), 2 * word);
     // The next call works on the state the last good call left.
     assert_eq!(
         pairs(&p.process_batch(words(&["a", "c"])).unwrap()),
@@ -211,7 +215,8 @@ function process(r)
            key = tostring(ok) .. " " .. tostring(err) }
 end
 "#;
-    let store = mem_store(0, 80);
+    // Room for "k" = "v", not for "big" = 100 bytes beside it.
+    let store = mem_store(0, 80 + ENTRY_OVERHEAD_BYTES);
     let mut p = with_store(lua_bundle("processor", src), store.clone());
     let out = p.process_batch(words(&["v"])).unwrap();
     assert_eq!(values(&out), ["v|nil|nil"]);
