@@ -472,10 +472,11 @@ impl BrokerConfig {
                 ),
             ));
         }
-        if self.plugins.wasm_stack_bytes > 64 * 1024 * 1024 {
+        let max_stack = quiver_plugins::MAX_WASM_STACK_BYTES as u64;
+        if self.plugins.wasm_stack_bytes > max_stack {
             return Err(bad(
                 "plugins.wasm_stack_bytes",
-                "must be at most 67108864 (64 MiB)".into(),
+                format!("must be at most {max_stack} (1 MiB: WASM runs on the broker's threads, whose stacks are 2 MiB)"),
             ));
         }
         if self.plugins.threads > MAX_PLUGIN_THREADS {
@@ -639,6 +640,11 @@ mod tests {
             (
                 "[limits]\nmax_decompression_bytes = 1024\n",
                 "limits.max_decompression_bytes",
+            ),
+            ("group_max_size = 0\n", "group_max_size"),
+            (
+                "[plugins]\nwasm_stack_bytes = 2097152\n",
+                "plugins.wasm_stack_bytes",
             ),
         ] {
             let e = load_str(text).unwrap_err().to_string();

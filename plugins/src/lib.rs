@@ -37,7 +37,7 @@ mod wasm;
 pub use bundle::{Bundle, Kind, Manifest, ManifestLimits, Runtime};
 pub use config::{parse_override, PluginConfig};
 pub use error::{BundleError, PluginError};
-pub use limits::HostLimits;
+pub use limits::{HostLimits, MAX_WASM_STACK_BYTES};
 pub use record::Record;
 pub use state::{MemoryStateStore, StateChange, StateError, StateScope, StateStore};
 

@@ -7,6 +7,12 @@ use std::sync::Arc;
 
 use crate::PluginError;
 
+/// The largest WASM stack (`max_wasm_stack`) a host may allow. WASM runs on the calling
+/// thread's own stack (plugin threads and the runtime's blocking threads: 2 MiB each), and
+/// wasmtime's stack check only works while its limit lies within that stack: past it a deep
+/// recursion would hit the thread's guard page and crash the process instead of trapping.
+pub const MAX_WASM_STACK_BYTES: usize = 1024 * 1024;
+
 /// The host's ceilings for every plugin call. A manifest's `[limits]` may ask for less,
 /// never more. Zero is rejected by [`HostLimits::validate`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,10 +69,10 @@ impl HostLimits {
                 "host limit {key} must be greater than 0"
             )));
         }
-        if self.wasm_stack_bytes > 64 * 1024 * 1024 {
-            return Err(PluginError::Config(
-                "host limit wasm_stack_bytes must be at most 64 MiB".into(),
-            ));
+        if self.wasm_stack_bytes > MAX_WASM_STACK_BYTES {
+            return Err(PluginError::Config(format!(
+                "host limit wasm_stack_bytes must be at most {MAX_WASM_STACK_BYTES} (1 MiB): WASM runs on the host's threads, whose stacks are 2 MiB"
+            )));
         }
         Ok(())
     }

@@ -356,10 +356,16 @@ impl ResourceLimiter for Limiter {
         100
     }
 
+    /// A component's modules (its own, adapters) need one memory each, seldom two. Each
+    /// memory reserves about 4 GiB of address space however little it uses, so 100 per
+    /// instance let a few hundred live instances exhaust the process's address space.
     fn memories(&self) -> usize {
-        100
+        MAX_MEMORIES_PER_INSTANCE
     }
 }
+
+/// Most linear memories one instance may create (see [`ResourceLimiter::memories`]).
+const MAX_MEMORIES_PER_INSTANCE: usize = 8;
 
 struct Live {
     store: Store<State>,
