@@ -1053,9 +1053,11 @@ impl PartitionLog {
             {
                 return Ok(0);
             }
-            st.log_start = new_start;
+            // Batches a crash left below the log start are removed without moving it back.
+            st.log_start = st.log_start.max(new_start);
             st.size_bytes = st.size_bytes.saturating_sub(freed);
-            st.txns.trim(new_start);
+            let start = st.log_start;
+            st.txns.trim(start);
         }
         self.persist_meta()?;
         for b in &summaries[..n] {

@@ -272,10 +272,11 @@ impl PartitionLog {
     }
 
     /// Removes every batch and starts the log empty at `offset`, with no producer,
-    /// transaction or epoch state.
+    /// transaction or epoch state. The new bounds are stored before any batch is removed:
+    /// a crash in between leaves batches the stored bounds disown (below a log start that
+    /// moved up, which opening and retention remove) or that are still whole (a log start
+    /// that moved down to 0), never bounds claiming offsets whose batches are gone.
     fn clear_to(&self, offset: i64) -> Result<(), LogError> {
-        self.batches.clear()?;
-        self.time_index.clear()?;
         {
             let mut st = self.lock();
             st.producers = ProducerTable::default();
@@ -287,7 +288,10 @@ impl PartitionLog {
             st.high_watermark = offset;
         }
         self.hw.send_replace(offset);
-        self.persist_meta()
+        self.persist_meta()?;
+        self.batches.clear()?;
+        self.time_index.clear()?;
+        Ok(())
     }
 }
 
