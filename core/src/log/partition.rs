@@ -1222,6 +1222,20 @@ impl PartitionLog {
     }
 }
 
+/// Erases what is stored of a partition no topic owns any more (a deletion a crash
+/// interrupted): its batches, its time index and its metadata record.
+pub fn erase_stored(
+    db: &Database,
+    meta: &sled::Tree,
+    topic_id: u64,
+    partition: u32,
+) -> Result<(), LogError> {
+    PartitionKeys::new(db.open_tree(BATCHES_TREE)?, topic_id, partition).erase()?;
+    PartitionKeys::new(db.open_tree(TIME_INDEX_TREE)?, topic_id, partition).erase()?;
+    meta.remove(format!("{topic_id}/{partition}").into_bytes())?;
+    Ok(())
+}
+
 /// The epoch cache of a log reopened at `log_end`, rebuilt from the stored batches (the
 /// cache in the metadata record is written at role changes, not at every replicated append,
 /// so after a crash it may be older or newer than the batches): the recorded epochs that

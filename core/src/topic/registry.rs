@@ -1,5 +1,10 @@
 //! The topic registry: which topics exist, their partitions and config, persisted in the
 //! `__topics` sled tree; it opens every partition log at start and drops them on delete.
+//!
+//! A deletion removes the topic record, then every key of its partitions, in many sled
+//! writes. It is written down first (`__topics_deleting`), so one a crash interrupted is
+//! finished at the next start: otherwise the rest of the topic's data would stay on disk for
+//! good, owned by no topic (ids are never given out again).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
@@ -17,6 +22,8 @@ pub const MAX_PARTITIONS: u32 = 10_000;
 pub const TOPICS_TREE: &str = "__topics";
 /// The sled tree of per-partition metadata records.
 pub const PARTITION_META_TREE: &str = "__partition_meta";
+/// The sled tree of deletions under way (the topic's record as it was, by id).
+pub const DELETING_TREE: &str = "__topics_deleting";
 
 /// A topic-level failure with its wire code.
 #[derive(Debug, thiserror::Error)]
@@ -201,6 +208,7 @@ impl TopicRegistry {
                 }),
             );
         }
+        finish_deletions(&db, &partition_meta, &topics)?;
         Ok(TopicRegistry {
             db,
             topics_tree,
@@ -486,19 +494,109 @@ impl TopicRegistry {
             .unwrap_or_else(|p| p.into_inner())
             .remove(name)
             .ok_or_else(|| TopicError::NotFound(name.to_string()))?;
+        let deleting = self.db.open_tree(DELETING_TREE)?;
+        let meta = topic.meta.read().unwrap_or_else(|p| p.into_inner()).clone();
+        deleting.insert(
+            meta.id.to_be_bytes(),
+            serde_json::to_vec(&meta).unwrap_or_default(),
+        )?;
         self.topics_tree.remove(name.as_bytes())?;
         for p in &topic.partitions {
             p.delete()?;
         }
+        deleting.remove(meta.id.to_be_bytes())?;
         self.db.flush()?;
         tracing::info!(topic = name, "deleted topic");
         Ok(topic.partitions.len() as u32)
     }
 }
 
+/// Finishes the deletions a crash interrupted: erases what is left of each topic's
+/// partitions, unless its record is still there (the deletion had not begun: the topic
+/// stays).
+fn finish_deletions(
+    db: &Database,
+    partition_meta: &sled::Tree,
+    topics: &HashMap<String, Arc<Topic>>,
+) -> Result<(), TopicError> {
+    let deleting = db.open_tree(DELETING_TREE)?;
+    for item in deleting.iter() {
+        let (key, value) = item?;
+        match serde_json::from_slice::<TopicMeta>(&value) {
+            Ok(meta) if !topics.values().any(|t| t.id() == meta.id) => {
+                for p in 0..meta.partitions {
+                    crate::log::partition::erase_stored(db, partition_meta, meta.id, p)?;
+                }
+                tracing::info!(topic = %meta.name, partitions = meta.partitions, "finished a deletion a restart interrupted");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "an unreadable record of a deletion under way; its data stays")
+            }
+        }
+        deleting.remove(key)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deletion_a_crash_interrupted_is_finished_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::log::store::open(dir.path()).unwrap();
+        let r = TopicRegistry::open(db.clone(), TopicConfig::default()).unwrap();
+        let topic = r.create("doomed", 2, &BTreeMap::new()).unwrap();
+        let kept = r.create("kept", 1, &BTreeMap::new()).unwrap();
+        let id = topic.id();
+        // Values under each partition's keys and in its slot region, as appends leave them.
+        let batches = db.open_tree(crate::log::keyspace::BATCHES_TREE).unwrap();
+        for (tid, parts) in [(id, 2u32)] {
+            for p in 0..parts {
+                for region in [tid, tid | (1 << 63)] {
+                    let prefix = crate::log::keyspace::partition_prefix(region, p);
+                    let key = crate::log::keyspace::full_key(&prefix, &7u64.to_be_bytes());
+                    batches.insert(key, vec![1u8; 100]).unwrap();
+                }
+            }
+        }
+        let stored = |id: u64| {
+            [id, id | (1 << 63)]
+                .iter()
+                .map(|r| batches.scan_prefix(r.to_be_bytes()).count())
+                .sum::<usize>()
+        };
+        assert!(stored(id) > 0);
+        // The deletion's first steps, then a crash: the record gone, the data still there.
+        let meta = topic.meta.read().unwrap().clone();
+        db.open_tree(DELETING_TREE)
+            .unwrap()
+            .insert(id.to_be_bytes(), serde_json::to_vec(&meta).unwrap())
+            .unwrap();
+        db.open_tree(TOPICS_TREE).unwrap().remove("doomed").unwrap();
+        drop((r, topic, kept));
+        let r = TopicRegistry::open(db.clone(), TopicConfig::default()).unwrap();
+        assert!(r.get("doomed").is_none());
+        assert_eq!(
+            stored(id),
+            0,
+            "the rest of the deleted topic's data is gone"
+        );
+        assert!(db.open_tree(DELETING_TREE).unwrap().is_empty());
+        let kept = r.get("kept").expect("other topics stay");
+        // A deletion written down whose record is still there had not begun: the topic stays.
+        let meta = kept.meta.read().unwrap().clone();
+        db.open_tree(DELETING_TREE)
+            .unwrap()
+            .insert(meta.id.to_be_bytes(), serde_json::to_vec(&meta).unwrap())
+            .unwrap();
+        drop((r, kept));
+        let r = TopicRegistry::open(db.clone(), TopicConfig::default()).unwrap();
+        assert_eq!(r.get("kept").map(|t| t.id()), Some(meta.id));
+        assert!(db.open_tree(DELETING_TREE).unwrap().is_empty());
+    }
 
     #[test]
     fn create_alter_delete_and_reopen() {
