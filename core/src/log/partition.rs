@@ -312,6 +312,10 @@ impl PartitionLog {
             None => pm.log_start.max(pm.hw_checkpoint),
         };
         pm.epoch_starts = merge_epoch_starts(&pm.epoch_starts, &stored_epochs, log_end);
+        // Batches are removed before their index entries (truncation, a torn tail): entries
+        // a crash left at or past the log end would send a timestamp lookup past the
+        // records stored again at those offsets.
+        drop_index_entries_from(&time_index, log_end)?;
         if let Some((k, _)) = batches.first()? {
             pm.log_start = pm.log_start.max(key_offset(&k)).min(log_end);
         }
@@ -1163,6 +1167,8 @@ impl PartitionLog {
             }
             batches.remove(&k)?;
         }
+        // Every entry is read: a repair may follow older crashes that left entries out of
+        // order.
         let stale: Vec<_> = time_index
             .iter()
             .filter_map(|item| item.ok())
@@ -1220,6 +1226,24 @@ impl PartitionLog {
         self.meta.remove(&self.meta_key)?;
         Ok(())
     }
+}
+
+/// Removes the time-index entries pointing at `from` or later. An entry's key is the
+/// largest timestamp before its offset, which grows with the offset, so they are the last
+/// entries: read from the end until one points below `from`.
+fn drop_index_entries_from(time_index: &PartitionKeys, from: i64) -> Result<(), LogError> {
+    let mut stale = Vec::new();
+    for item in time_index.iter().rev() {
+        let (k, v) = item?;
+        if key_offset(&v) < from {
+            break;
+        }
+        stale.push(k);
+    }
+    for k in stale {
+        time_index.remove(&k)?;
+    }
+    Ok(())
 }
 
 /// Erases what is stored of a partition no topic owns any more (a deletion a crash

@@ -380,6 +380,43 @@ mod tests {
     }
 
     #[test]
+    fn index_entries_a_crash_left_past_the_log_end_are_dropped_at_open() {
+        let (_dir, db) = temp_db();
+        let log = open(&db);
+        log.set_replicated();
+        let generation = log.become_follower(1).unwrap();
+        // Batches over the index interval: each gets a time-index entry.
+        for base in 0..4i64 {
+            let mut b = BatchBuilder::new(Compression::None);
+            b.push(None, &vec![b'x'; 300 * 1024], 1_000 + base, &[]);
+            let mut raw = b.build().to_vec();
+            batch::set_base_offset(&mut raw, base);
+            batch::set_leader_epoch(&mut raw, 1);
+            log.append_replicated(&Bytes::from(raw), generation)
+                .unwrap();
+        }
+        let pointing = |log: &PartitionLog| -> Vec<i64> {
+            log.time_index
+                .iter()
+                .map(|e| key_offset(&e.unwrap().1))
+                .collect()
+        };
+        assert!(
+            pointing(&log).iter().any(|&o| o >= 2),
+            "{:?}",
+            pointing(&log)
+        );
+        // A truncation to 2 that a crash stopped after removing the batches.
+        log.batches.remove(&offset_key(3)).unwrap();
+        log.batches.remove(&offset_key(2)).unwrap();
+        drop(log);
+        let log = open(&db);
+        assert_eq!(log.snapshot().log_end, 2);
+        let left = pointing(&log);
+        assert!(left.iter().all(|&o| o < 2), "{left:?}");
+    }
+
+    #[test]
     fn a_follower_with_an_epoch_the_leader_never_had_cuts_where_its_own_epoch_ends() {
         // This log: epoch 12 up to 10, then epoch 13 [10..15). The leader has epoch 12 up to
         // 15 and then epoch 14: asked for epoch 13 it answers (12, 15). Everything this log
