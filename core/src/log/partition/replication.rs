@@ -349,6 +349,11 @@ mod tests {
                 &[],
             );
         }
+        stored_at(b, base, epoch)
+    }
+
+    /// The batch `b` builds, as the leader of `epoch` stored it at `base`.
+    fn stored_at(mut b: BatchBuilder, base: i64, epoch: i32) -> Bytes {
         let mut raw = b.build().to_vec();
         batch::set_base_offset(&mut raw, base);
         batch::set_leader_epoch(&mut raw, epoch);
@@ -382,17 +387,12 @@ mod tests {
     #[test]
     fn index_entries_a_crash_left_past_the_log_end_are_dropped_at_open() {
         let (_dir, db) = temp_db();
-        let log = open(&db);
-        log.set_replicated();
-        let generation = log.become_follower(1).unwrap();
+        let (log, generation) = follower(&db, &[]);
         // Batches over the index interval: each gets a time-index entry.
         for base in 0..4i64 {
             let mut b = BatchBuilder::new(Compression::None);
             b.push(None, &vec![b'x'; 300 * 1024], 1_000 + base, &[]);
-            let mut raw = b.build().to_vec();
-            batch::set_base_offset(&mut raw, base);
-            batch::set_leader_epoch(&mut raw, 1);
-            log.append_replicated(&Bytes::from(raw), generation)
+            log.append_replicated(&stored_at(b, base, 1), generation)
                 .unwrap();
         }
         let pointing = |log: &PartitionLog| -> Vec<i64> {
