@@ -1378,7 +1378,7 @@ mod tests {
             assert_eq!(txn.pending[&9].records.len(), 3, "one record per partition");
             assert_eq!(txn.pending[&9].of_group("g").count(), 2);
             let tp = |p| TopicPartition::new("t", p);
-            // A long list of partitions is checked against a set, not record by record.
+            // A long list naming none of the held partitions, then one naming one.
             assert!(!txn.holds("g", Some(&vec![tp(5); 100_000])));
             assert!(txn.holds("g", Some(&[tp(5), tp(1)])));
             assert!(txn.holds("g", None));
