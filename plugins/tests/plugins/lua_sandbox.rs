@@ -499,7 +499,7 @@ keep = setmetatable({}, { __gc = function() while true do end end })
 function process(r) return r end
 "#;
     let e = PluginConfig::new(lua_bundle("processor", gc_at_load))
-        .limits(cpu_limits())
+        .limits(tight_limits())
         .build_processor()
         .err()
         .expect("a finalizer at load is refused");
@@ -519,7 +519,9 @@ function process(r)
   return r
 end
 "#;
-    let mut p = processor(lua_bundle("processor", src), cpu_limits());
+    // A 2 s limit: a 4 MiB error costs tens of milliseconds on a loaded machine, and
+    // nothing here relies on the CPU limit to stop a call.
+    let mut p = processor(lua_bundle("processor", src), tight_limits());
     let e = fails(&mut *p, "gc_later");
     assert!(e.to_string().contains("__gc"), "{e}");
     still_works(&mut *p);
