@@ -39,8 +39,8 @@ struct Instance {
 impl Instance {
     /// Stops this instance (it commits what it finished and leaves) and waits for it. One
     /// still busy after 30 s (e.g. restoring a large state, which does not watch for the
-    /// stop) is aborted: once this returns the instance commits nothing more, and the group
-    /// drops it when its session runs out.
+    /// stop) is aborted and taken out of its group: once this returns the instance commits
+    /// nothing more, and its partitions can go to another member at once.
     async fn stop(self) {
         let _ = self.stop.send(true);
         let mut task = self.task;
@@ -51,6 +51,7 @@ impl Instance {
             task.abort();
             let _ = task.await;
             tracing::warn!(instance = %self.id, "instance did not stop within 30 s; aborted");
+            self.view.leave_group(&self.id).await;
         }
     }
 }
@@ -151,10 +152,10 @@ impl Deployment {
             .into_iter()
             .partition(|i| numbers.contains(&i.number));
         self.instances = keep;
-        for i in gone {
+        for i in &gone {
             tracing::info!(instance = %i.id, "instance moves to another broker; stopping it here");
-            i.stop().await;
         }
+        futures::future::join_all(gone.into_iter().map(Instance::stop)).await;
         for n in numbers {
             if !self.instances.iter().any(|i| i.number == *n) {
                 self.spawn_instance(*n);
@@ -312,9 +313,8 @@ impl Deployment {
             }
         }
         let n = self.instances.len() as u32;
-        for i in self.instances {
-            i.stop().await;
-        }
+        // At once: each may take its 30 s.
+        futures::future::join_all(self.instances.into_iter().map(Instance::stop)).await;
         n
     }
 
@@ -390,6 +390,8 @@ async fn supervise(
             return;
         }
         let r = run_instance(&parts, signal.clone()).await;
+        // An instance that returned before it could leave (a setup error) leaves now.
+        parts.view.leave_group(&parts.id).await;
         match r {
             Ok(()) => return,
             Err(RuntimeError::Failed(reason)) => {

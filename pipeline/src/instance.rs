@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use quiver_client::{
-    AutoOffsetReset, Client, ConsumedRecord, GroupConfig, GroupConsumer, Isolation, ProducerRecord,
-    RecordRef, TopicPartition,
+    AutoOffsetReset, Client, ConsumedRecord, GroupConfig, GroupConsumer, GroupLeaver, Isolation,
+    ProducerRecord, RecordRef, TopicPartition,
 };
 use quiver_plugins::{HostLimits, Record};
 use quiver_protocol::ErrorCode;
@@ -83,6 +83,9 @@ pub struct Plan {
 pub struct InstanceView {
     /// Input partitions owned now, `topic/partition`.
     pub partitions: Mutex<Vec<String>>,
+    /// Takes the instance's member out of its group if the instance ends without leaving
+    /// (aborted, or returned early): set at join, cleared once it left.
+    leaver: Mutex<Option<GroupLeaver>>,
 }
 
 impl InstanceView {
@@ -92,6 +95,32 @@ impl InstanceView {
             .map(|tp| format!("{}/{}", tp.topic, tp.partition))
             .collect();
         *self.partitions.lock().unwrap_or_else(|p| p.into_inner()) = list;
+    }
+
+    fn set_leaver(&self, leaver: Option<GroupLeaver>) {
+        *self.leaver.lock().unwrap_or_else(|p| p.into_inner()) = leaver;
+    }
+
+    /// Leaves the group for an instance that ended without leaving it (nothing when it
+    /// left). Bounded: the connection may be gone.
+    pub async fn leave_group(&self, instance: &str) {
+        let leaver = self.leaver.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(leaver) = leaver else {
+            return;
+        };
+        match tokio::time::timeout(LEAVE_WITHIN, leaver.leave()).await {
+            Ok(Ok(())) => tracing::info!(
+                instance,
+                "left the group for an instance that ended without leaving"
+            ),
+            Ok(Err(e)) => {
+                tracing::warn!(instance, error = %e, "leaving the group failed; its session will expire")
+            }
+            Err(_) => tracing::warn!(
+                instance,
+                "leaving the group took too long; its session will expire"
+            ),
+        }
     }
 
     /// The partitions owned now.
@@ -241,18 +270,7 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
     // transaction and the instance's memory stay bounded however large the backlog.
     group.fetch.max_bytes = POLL_FETCH_BYTES;
     group.fetch.buffer_chunks = POLL_FETCH_CHUNKS;
-    let mut member = GroupConsumer::join(client.clone(), group).await?;
-    let mut writer = if exactly_once {
-        match Writer::exactly_once(client.clone(), &cfg.name, &member.member_id()).await {
-            Ok(w) => w,
-            Err(e) => {
-                let _ = member.close_without_commit().await;
-                return Err(e);
-            }
-        }
-    } else {
-        Writer::at_least_once(client.clone())
-    };
+    // Set up before joining: an error here returns with no member left behind.
     let changelog = if plan.stages.is_empty() {
         None
     } else {
@@ -267,6 +285,19 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
             replicas = replicas.max(copies.unwrap_or(1) as u16);
         }
         Some(ensure_changelog(&client, &cfg.name, most, replicas).await?)
+    };
+    let mut member = GroupConsumer::join(client.clone(), group).await?;
+    view.set_leaver(Some(member.leaver()));
+    let mut writer = if exactly_once {
+        match Writer::exactly_once(client.clone(), &cfg.name, &member.member_id()).await {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = member.close_without_commit().await;
+                return Err(e);
+            }
+        }
+    } else {
+        Writer::at_least_once(client.clone())
     };
     let mut chains: BTreeMap<TopicPartition, PartitionRun> = BTreeMap::new();
     // At least once, a poll's writes are acknowledged while the next ones are processed
@@ -377,7 +408,9 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
             _ => member.close().await,
         }
     };
-    match tokio::time::timeout(LEAVE_WITHIN, leave).await {
+    let left = tokio::time::timeout(LEAVE_WITHIN, leave).await;
+    view.set_leaver(None);
+    match left {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             tracing::warn!(instance = %instance_id, error = %e, "leaving the group failed")

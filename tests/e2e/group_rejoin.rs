@@ -2,13 +2,16 @@
 //! gone (the coordinator restarted or forgot it) joins again under a new id on its own:
 //! positions it read under the old membership are not committed under the new one (the new
 //! member may own the same partitions, which another member may have processed further
-//! meanwhile, and their offsets would move back). A rewound partition is read again.
+//! meanwhile, and their offsets would move back). A rewound partition is read again. A
+//! member dropped without closing is taken out of its group by its `GroupLeaver`, and a
+//! group that starts at the latest records keeps the start its first member found.
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use quiver_client::{
-    Admin, Client, GroupConfig, GroupConsumer, Producer, ProducerConfig, ProducerRecord,
+    Admin, AutoOffsetReset, Client, GroupConfig, GroupConsumer, Producer, ProducerConfig,
+    ProducerRecord,
 };
 use quiver_core::BrokerHandle;
 use quiver_protocol::requests::LeaveGroupRequest;
@@ -120,6 +123,94 @@ fn positions_read_before_a_silent_rejoin_are_not_committed_by_the_new_member() {
             "{described:?}"
         );
         drop(member);
+        drop(client);
+        broker.shutdown().await;
+    });
+}
+
+/// Polls until the member owns a partition (or `deadline`), returning what it read.
+async fn poll_until_assigned(member: &mut GroupConsumer, deadline: Instant) -> usize {
+    let mut read = 0;
+    while member.assignment().is_empty() {
+        assert!(Instant::now() < deadline, "the member was never assigned");
+        read += member
+            .poll_timeout(Duration::from_millis(100))
+            .await
+            .unwrap()
+            .len();
+    }
+    read
+}
+
+#[test]
+fn a_member_dropped_without_closing_is_taken_out_by_its_leaver() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    rt.block_on(async {
+        let (broker, client) = broker_with_records(dir.path(), 0).await;
+        // A session far longer than the test: only the leave can take the member out.
+        let config = GroupConfig::new("g", ["t"]).session_timeout(Duration::from_secs(600));
+        let mut member = GroupConsumer::join(client.clone(), config).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        poll_until_assigned(&mut member, deadline).await;
+        let leaver = member.leaver();
+        // As when the task running it is aborted: no close, no LeaveGroup.
+        drop(member);
+        let admin = Admin::new(client.clone());
+        let described = admin.describe_group("g").await.unwrap();
+        assert_eq!(described.members.len(), 1, "{described:?}");
+        leaver.leave().await.unwrap();
+        let described = admin.describe_group("g").await.unwrap();
+        assert!(described.members.is_empty(), "{described:?}");
+        // Leaving twice sends nothing and is not an error.
+        leaver.leave().await.unwrap();
+        drop(client);
+        broker.shutdown().await;
+    });
+}
+
+#[test]
+fn a_group_starting_at_the_latest_records_keeps_that_start_for_the_next_member() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    rt.block_on(async {
+        let (broker, client) = broker_with_records(dir.path(), 5).await;
+        let mut config = GroupConfig::new("g", ["t"]);
+        config.auto_offset_reset = Some(AutoOffsetReset::Latest);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // The first member starts after the 5 records there, reads nothing and leaves.
+        let mut first = GroupConsumer::join(client.clone(), config.clone())
+            .await
+            .unwrap();
+        assert_eq!(poll_until_assigned(&mut first, deadline).await, 0);
+        first.close().await.unwrap();
+        // Records written while the group has no member are the group's to read: the next
+        // member starts where the first one did, not at the end again.
+        let producer = Producer::new(client.clone(), ProducerConfig::default());
+        for i in 0..7 {
+            producer
+                .send(ProducerRecord::new("t", format!("later{i}")))
+                .await
+                .unwrap();
+        }
+        producer.flush().await.unwrap();
+        let mut next = GroupConsumer::join(client.clone(), config).await.unwrap();
+        let mut offsets = Vec::new();
+        while offsets.len() < 7 {
+            assert!(
+                Instant::now() < deadline,
+                "the next member read {offsets:?}, not the 7 records written between them"
+            );
+            offsets.extend(
+                next.poll_timeout(Duration::from_millis(200))
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|r| r.offset),
+            );
+        }
+        assert_eq!(offsets, (5..12).collect::<Vec<i64>>());
+        next.close().await.unwrap();
         drop(client);
         broker.shutdown().await;
     });

@@ -539,6 +539,7 @@ impl GroupConsumer {
                     None => self.committed_metadata.remove(&tp),
                 };
             }
+            let mut started_at_end = Vec::new();
             for tp in &granted {
                 self.consumer.assign(&tp.topic, [tp.partition]).await?;
                 let known = committed.get(tp).copied();
@@ -547,13 +548,31 @@ impl GroupConsumer {
                     self.positions.insert(tp.clone(), o);
                     self.stored.insert(tp.clone(), o);
                 }
-                let to = start_position(known, self.config.start_without_commit, self.reset);
+                let mut to = start_position(known, self.config.start_without_commit, self.reset);
+                if to == SeekTo::End {
+                    // "The latest records" means those after this grant, once: the offset is
+                    // resolved now and committed below, so a later owner of the partition
+                    // starts here too instead of at the end of its own grant, skipping what
+                    // came between.
+                    let end =
+                        list_offset(&self.client, &tp.topic, tp.partition, self.end_spec()).await?;
+                    self.positions.insert(tp.clone(), end);
+                    self.stored.insert(tp.clone(), end);
+                    started_at_end.push(tp.clone());
+                    to = SeekTo::Offset(end);
+                }
                 self.consumer.seek(&tp.topic, tp.partition, to)?;
                 self.owned.insert(tp.clone());
                 self.grants += 1;
                 self.grant_ids.insert(tp.clone(), self.grants);
             }
             tracing::info!(group = %self.config.group, partitions = ?granted, "assigned");
+            if !started_at_end.is_empty() {
+                // Best effort: the member's next commit carries these offsets too.
+                if let Err(e) = self.commit_partitions(&started_at_end).await {
+                    tracing::warn!(group = %self.config.group, error = %e, "commit of the start offsets failed");
+                }
+            }
             if let Some(l) = self.listener.as_mut() {
                 l.on_assigned(&granted);
             }
@@ -814,11 +833,7 @@ impl GroupConsumer {
             }
         }
         for tp in &self.owned {
-            let spec = match self.config.fetch.isolation {
-                crate::Isolation::ReadUncommitted => OffsetSpec::Latest,
-                crate::Isolation::ReadCommitted => OffsetSpec::LastStable,
-            };
-            let end = list_offset(&self.client, &tp.topic, tp.partition, spec).await?;
+            let end = list_offset(&self.client, &tp.topic, tp.partition, self.end_spec()).await?;
             let pos = match self.positions.get(tp) {
                 Some(&p) => p,
                 None => self.consumer.position(&tp.topic, tp.partition).await?,
@@ -828,6 +843,14 @@ impl GroupConsumer {
             }
         }
         Ok(true)
+    }
+
+    /// Where a partition's readable records end for this member's isolation.
+    fn end_spec(&self) -> OffsetSpec {
+        match self.config.fetch.isolation {
+            crate::Isolation::ReadUncommitted => OffsetSpec::Latest,
+            crate::Isolation::ReadCommitted => OffsetSpec::LastStable,
+        }
     }
 
     /// Commits, leaves the group (its partitions go to the others at once), and stops.
@@ -850,20 +873,73 @@ impl GroupConsumer {
         };
         self.link.released.notify_one();
         self.heartbeats.abort();
-        let req = LeaveGroupRequest {
-            group: self.config.group.clone(),
-            member_id,
-        };
-        let left = self
-            .client
-            .request_for_group(&req.group, &req, Bytes::new())
-            .await;
+        let left = send_leave(&self.client, &self.config.group, member_id).await;
         committed?;
-        match left {
-            Ok(_) => Ok(()),
-            Err(e) if is_code(&e, &[ErrorCode::UnknownMember, ErrorCode::UnknownGroup]) => Ok(()),
-            Err(e) => Err(e),
+        left
+    }
+
+    /// A handle that can take this member out of its group after the consumer is gone
+    /// without [`close`](GroupConsumer::close): see [`GroupLeaver`].
+    pub fn leaver(&self) -> GroupLeaver {
+        GroupLeaver {
+            client: self.client.clone(),
+            group: self.config.group.clone(),
+            link: self.link.clone(),
         }
+    }
+}
+
+/// Takes a member out of its group when its [`GroupConsumer`] went away without leaving:
+/// its task was aborted, or it returned early on an error. Dropping a consumer stops its
+/// heartbeats but sends nothing, so without this the member keeps its partitions, and the
+/// group stays non-empty, until its session times out. Does nothing for a member that
+/// closed; commits nothing.
+#[derive(Clone)]
+pub struct GroupLeaver {
+    client: Client,
+    group: String,
+    link: Arc<Link>,
+}
+
+impl std::fmt::Debug for GroupLeaver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupLeaver")
+            .field("group", &self.group)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GroupLeaver {
+    /// Leaves as the member the consumer was last (its heartbeats may have joined again
+    /// under a new id). Call it once the consumer is dropped: a live one stops
+    /// heartbeating.
+    pub async fn leave(&self) -> Result<()> {
+        let member_id = {
+            let mut s = self.link.lock();
+            if s.closed {
+                return Ok(());
+            }
+            s.closed = true;
+            s.member_id.clone()
+        };
+        self.link.released.notify_one();
+        send_leave(&self.client, &self.group, member_id).await
+    }
+}
+
+/// Sends LeaveGroup; a member or group the coordinator no longer knows has left already.
+async fn send_leave(client: &Client, group: &str, member_id: String) -> Result<()> {
+    let req = LeaveGroupRequest {
+        group: group.to_string(),
+        member_id,
+    };
+    match client
+        .request_for_group(&req.group, &req, Bytes::new())
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if is_code(&e, &[ErrorCode::UnknownMember, ErrorCode::UnknownGroup]) => Ok(()),
+        Err(e) => Err(e),
     }
 }
 

@@ -44,7 +44,7 @@ pub use client::{Client, Subscription};
 pub use config::{ClientConfig, ClientIdentity};
 pub use consumer::{ConsumeMode, ConsumedRecord, Consumer, ConsumerConfig, OffsetReset, SeekTo};
 pub use error::{ClientError, Result};
-pub use group::{GroupConfig, GroupConsumer, RebalanceListener};
+pub use group::{GroupConfig, GroupConsumer, GroupLeaver, RebalanceListener};
 pub use local::{LocalAnswer, LocalBroker, LocalTransport};
 pub use plugins::PluginAdmin;
 #[cfg(feature = "plugins")]
