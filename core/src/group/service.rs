@@ -163,6 +163,10 @@ struct TxnOffsets {
     /// epoch's marker landing in between, so an entry is forgotten once no transaction of
     /// that time can still be open ([`crate::txn::ABANDONED_TXN_MS`]).
     fenced: HashMap<i64, Fence>,
+    /// Transactional offsets being stored (group, partition → how many writes): a new
+    /// owner's offset fetch waits for them as for held ones, since they are held as soon
+    /// as they are stored.
+    storing: HashMap<(String, TopicPartition), usize>,
 }
 
 /// The newest epoch of a producer a marker carried here, and when it landed.
@@ -246,13 +250,45 @@ impl TxnOffsets {
     /// (any partition when `None`).
     fn holds(&self, group: &str, partitions: Option<&[TopicPartition]>) -> bool {
         let wanted: Option<HashSet<&TopicPartition>> = partitions.map(|ps| ps.iter().collect());
-        self.pending
-            .values()
-            .flat_map(|p| p.of_group(group))
-            .any(|r| match r {
-                GroupRecord::Offset { tp, .. } => wanted.as_ref().is_none_or(|w| w.contains(tp)),
-                _ => false,
-            })
+        let storing = self
+            .storing
+            .keys()
+            .any(|(g, tp)| g == group && wanted.as_ref().is_none_or(|w| w.contains(tp)));
+        storing
+            || self
+                .pending
+                .values()
+                .flat_map(|p| p.of_group(group))
+                .any(|r| match r {
+                    GroupRecord::Offset { tp, .. } => {
+                        wanted.as_ref().is_none_or(|w| w.contains(tp))
+                    }
+                    _ => false,
+                })
+    }
+
+    /// `records` are being stored (see `storing`).
+    fn start_storing(&mut self, records: &[GroupRecord]) {
+        for r in records {
+            if let GroupRecord::Offset { group, tp, .. } = r {
+                *self.storing.entry((group.clone(), tp.clone())).or_default() += 1;
+            }
+        }
+    }
+
+    /// `records` were stored, or failed to be.
+    fn done_storing(&mut self, records: &[GroupRecord]) {
+        for r in records {
+            if let GroupRecord::Offset { group, tp, .. } = r {
+                let key = (group.clone(), tp.clone());
+                if let Some(n) = self.storing.get_mut(&key) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.storing.remove(&key);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -792,10 +828,22 @@ impl GroupService {
         self.lock().prepare_commit(&commit)?;
         let records = super::coordinator::offset_records(&commit);
         let encoded: Vec<_> = records.iter().map(GroupRecord::encode).collect();
-        self.persist_encoded(&encoded, Some((req.producer_id, req.producer_epoch)))
-            .await?;
+        // Held from the check on: while the write waits for the replicas, the partition may
+        // pass to a new owner, whose offset fetch must wait for this transaction's outcome
+        // rather than read the offset before it.
+        self.txn_lock().start_storing(&records);
+        let stored = self
+            .persist_encoded(&encoded, Some((req.producer_id, req.producer_epoch)))
+            .await;
+        if let Err(e) = stored {
+            self.txn_lock().done_storing(&records);
+            self.txn_ended.send_modify(|n| *n += 1);
+            return Err(e);
+        }
         self.touch(&records);
+        // Stored and held in one step: no fetch sees the offsets neither.
         let mut txn = self.txn_lock();
+        txn.done_storing(&records);
         txn.add(req.producer_id, req.producer_epoch, records);
         let pending = txn.pending[&req.producer_id].of_group(&req.group).count() as u32;
         Ok(TxnCommitOffsetsResponse { pending })
@@ -955,7 +1003,7 @@ impl GroupService {
                 c.tick(self.now(), &snapshot);
                 self.after(&mut c);
             }
-            self.abort_abandoned().await;
+            self.txn_lock().forget_old_fences(crate::clock::now_ms());
             self.maybe_compact();
             if expiry_checked.elapsed() >= EXPIRY_CHECK
                 && !self.expiring.swap(true, Ordering::AcqRel)
@@ -1041,33 +1089,30 @@ impl GroupService {
         Ok((cut, carry.records.len(), copied))
     }
 
-    /// Offsets held longer than any transaction may stay open belong to a transaction that
-    /// will never get its marker here (its producer never added this partition to it, or
-    /// lied about its producer id): this partition aborts it itself, so offset fetches of
-    /// the group stop waiting for it.
-    async fn abort_abandoned(&self) {
-        let now = crate::clock::now_ms();
-        let abandoned: Vec<(i64, i16)> = {
-            let mut txn = self.txn_lock();
-            txn.forget_old_fences(now);
-            txn.pending
-                .iter()
-                .filter(|(_, p)| now.saturating_sub(p.since_ms) > crate::txn::ABANDONED_TXN_MS)
-                .map(|(id, p)| (*id, p.epoch))
-                .collect()
+    /// Transactions holding offsets here since before `before_ms` (ms since the epoch), as
+    /// (producer id, epoch): held longer than any transaction may stay open, they may
+    /// belong to one that will never get its marker here (its producer never added this
+    /// partition to it, or lied about its producer id). The janitor asks their coordinator
+    /// ([`crate::txn::janitor`]) before it aborts them with [`abort_held_txn`](Self::abort_held_txn).
+    pub fn txns_held_before(&self, before_ms: i64) -> Vec<(i64, i16)> {
+        self.txn_lock()
+            .pending
+            .iter()
+            .filter(|(_, p)| p.since_ms < before_ms)
+            .map(|(id, p)| (*id, p.epoch))
+            .collect()
+    }
+
+    /// Aborts `producer_id`'s transaction at `epoch` in this partition (a marker), so
+    /// offset fetches of its groups stop waiting for it.
+    pub async fn abort_held_txn(&self, producer_id: i64, epoch: i16) -> Result<()> {
+        let abort = crate::txn::TxnMarker {
+            producer_id,
+            epoch,
+            marker: Marker::Abort,
+            coordinator_epoch: None,
         };
-        for (producer_id, epoch) in abandoned {
-            warn!(producer_id, epoch, "transactional offsets held past the longest transaction timeout; aborting them here");
-            let abort = crate::txn::TxnMarker {
-                producer_id,
-                epoch,
-                marker: Marker::Abort,
-                coordinator_epoch: None,
-            };
-            if let Err(e) = self.write_marker(abort).await {
-                warn!(producer_id, error = %e, "cannot abort abandoned transactional offsets yet");
-            }
-        }
+        self.write_marker(abort).await.map(drop)
     }
 }
 
@@ -1514,6 +1559,36 @@ mod tests {
         drop(s);
         let again = store.open(test_group_log());
         assert_eq!(committed(&again, &groups), model, "state after replay");
+    }
+
+    #[test]
+    fn transactional_offsets_being_stored_hold_the_partition_like_held_ones() {
+        let mut txn = TxnOffsets::default();
+        let tp = TopicPartition::new("in", 0);
+        let records = vec![GroupRecord::Offset {
+            group: "g".into(),
+            tp: tp.clone(),
+            value: super::super::records::OffsetValue {
+                offset: 7,
+                metadata: None,
+            },
+        }];
+        let other = [TopicPartition::new("in", 1)];
+        assert!(!txn.holds("g", Some(std::slice::from_ref(&tp))));
+        // Two writes of the same partition in flight (a retry beside the first).
+        txn.start_storing(&records);
+        txn.start_storing(&records);
+        assert!(txn.holds("g", Some(std::slice::from_ref(&tp))));
+        assert!(txn.holds("g", None));
+        assert!(!txn.holds("g", Some(&other)));
+        assert!(!txn.holds("h", None));
+        txn.done_storing(&records);
+        assert!(txn.holds("g", None), "one write is still in flight");
+        // Stored: held as pending from the same step on.
+        txn.done_storing(&records);
+        txn.add(5, 0, records);
+        assert!(txn.holds("g", Some(std::slice::from_ref(&tp))));
+        assert!(txn.storing.is_empty());
     }
 
     #[test]

@@ -131,6 +131,9 @@ pub struct AppendResult {
     pub records: u64,
     /// Bytes appended.
     pub bytes: u64,
+    /// The leader epoch the batches were stamped with (for a duplicate, the epoch when it
+    /// was recognised): an `acks=all` write is acknowledged only by that leadership.
+    pub leader_epoch: i32,
 }
 
 /// Batches read, with the offsets at the time of the read.
@@ -401,6 +404,12 @@ impl PartitionLog {
         self.lock().txns.open_since_before(before_ms)
     }
 
+    /// True while this broker takes appends to the partition: it leads it, or the
+    /// partition is not replicated.
+    pub fn takes_appends(&self) -> bool {
+        !self.is_replicated() || self.lock().leading
+    }
+
     /// True while `producer_id` has a transaction of `epoch` open in this partition.
     pub fn txn_open(&self, producer_id: i64, epoch: i16) -> bool {
         self.lock().txns.is_open(producer_id, epoch)
@@ -567,6 +576,9 @@ impl PartitionLog {
                     last_offset: appended.last_offset,
                     records: r.records + appended.records,
                     bytes: r.bytes + appended.bytes,
+                    // Batches appended under different leaderships: the older one's is no
+                    // longer current, so the write is not acknowledged and is sent again.
+                    leader_epoch: r.leader_epoch.min(appended.leader_epoch),
                 },
             });
         }
@@ -647,6 +659,7 @@ impl PartitionLog {
                     last_offset: b.last_offset,
                     records: 0,
                     bytes: 0,
+                    leader_epoch: st.leader_epoch,
                 }));
             }
             SequenceCheck::Append => {}
@@ -702,6 +715,7 @@ impl PartitionLog {
             last_offset: last,
             records: h.record_count as u64,
             bytes: raw.len() as u64,
+            leader_epoch: epoch,
         }))
     }
 

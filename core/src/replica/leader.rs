@@ -208,13 +208,15 @@ impl LeaderState {
     }
 
     /// This leader proposes `isr`: the replicas it adds count for the high watermark from
-    /// now on (until the controller's answer reaches this broker's view).
+    /// now on, beside those of earlier proposals, until the controller's answer reaches this
+    /// broker's view (`update`) or the proposal is known refused (`proposal_failed`). An
+    /// earlier proposal may be recorded already: its additions never stop counting before.
     pub fn proposing(&mut self, isr: &[BrokerId]) {
-        self.pending = isr
-            .iter()
-            .copied()
-            .filter(|id| !self.isr.contains(id))
-            .collect();
+        for id in isr {
+            if !self.isr.contains(id) && !self.pending.contains(id) {
+                self.pending.push(*id);
+            }
+        }
     }
 
     /// The ISR this leader should propose now, if it differs from the recorded one:
@@ -387,6 +389,23 @@ mod tests {
         let mut r = record(&[1, 2, 3], &[1, 2, 3]);
         r.partition_epoch = 2;
         l.update(&r, 1, 3);
+        assert_eq!(l.high_watermark(), Some(150));
+    }
+
+    #[test]
+    fn a_later_proposal_does_not_drop_the_additions_of_one_still_in_flight() {
+        let mut l = LeaderState::new(1, &record(&[1, 2, 3], &[1, 2]), 1, 0, 0);
+        l.leader_flushed(100);
+        l.follower_fetched(2, 100, 100, 0);
+        l.follower_fetched(3, 60, 100, 0);
+        l.proposing(&[1, 2, 3]);
+        // The next pass wants a smaller ISR (both followers seem behind) before the answer
+        // to the first came: 3 may be recorded in already, so it still counts.
+        l.proposing(&[1]);
+        l.leader_flushed(150);
+        l.follower_fetched(2, 150, 150, 1);
+        assert_eq!(l.high_watermark(), Some(60));
+        l.proposal_failed();
         assert_eq!(l.high_watermark(), Some(150));
     }
 

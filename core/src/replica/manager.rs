@@ -371,20 +371,11 @@ impl ReplicaManager {
     }
 
     /// Waits until the high watermark passes `last_offset` (an `acks=all` write), failing
-    /// at once when this broker stops leading or the ISR falls below its minimum.
-    pub async fn wait_committed(
-        &self,
-        log: &PartitionLog,
-        last_offset: i64,
-        deadline: tokio::time::Instant,
-    ) -> Result<(), ReplicaError> {
-        self.wait_committed_under(log, last_offset, None, deadline)
-            .await
-    }
-
-    /// [`wait_committed`](Self::wait_committed) for a writer that took the partition over
-    /// at leader epoch `led` (a coordinator's service): a leadership taken again later, at
-    /// another epoch, is not the writer's, and its high watermark acknowledges nothing.
+    /// at once when this broker stops leading or the ISR falls below its minimum. `led` is
+    /// the leader epoch the write was appended under (or at which a coordinator's service
+    /// took the partition over): a leadership taken again later, at another epoch, is not
+    /// the writer's (the write may have been truncated and replaced in between), and its
+    /// high watermark acknowledges nothing. `None` takes the leadership current now.
     pub async fn wait_committed_under(
         &self,
         log: &PartitionLog,
@@ -786,6 +777,8 @@ impl ReplicaManager {
             };
             // A reassignment whose wanted replicas are all in sync is finished; otherwise an
             // ISR that should change is proposed.
+            // Replicas a proposal adds count for the high watermark once it is sent (below).
+            let mut adds: Option<Vec<BrokerId>> = None;
             let cmd = match (&record.target, wanted) {
                 (Some(target), _) if target.iter().all(|r| record.isr.contains(r)) => {
                     ControllerCommand::CompleteReassignment {
@@ -801,7 +794,7 @@ impl ReplicaManager {
                         record.isr.contains(r) || state.broker(*r).is_some_and(|b| !b.fenced)
                     }) =>
                 {
-                    lock(&leader).proposing(&isr);
+                    adds = Some(isr.clone());
                     ControllerCommand::UpdatePartition {
                         topic: topic.clone(),
                         partition,
@@ -835,7 +828,11 @@ impl ReplicaManager {
             };
             let key = (topic.clone(), partition);
             if !lock(&self.proposing).insert(key.clone()) {
+                // One in flight: its additions keep counting, whatever this pass wanted.
                 continue;
+            }
+            if let Some(isr) = &adds {
+                lock(&leader).proposing(isr);
             }
             tracing::info!(%topic, partition, ?cmd, "proposing a partition change");
             let controller = self.controller.clone();

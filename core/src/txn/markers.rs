@@ -11,7 +11,7 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use quiver_protocol::batch::{self, Marker};
-use quiver_protocol::requests::WriteTxnMarkerRequest;
+use quiver_protocol::requests::{VerifyTxnPartitionRequest, WriteTxnMarkerRequest};
 use quiver_protocol::ErrorCode;
 
 use super::TxnError;
@@ -70,6 +70,52 @@ impl MarkerWriter {
 
     fn replicas(&self) -> Option<Arc<ReplicaManager>> {
         self.replicas.get().and_then(Weak::upgrade)
+    }
+
+    /// The group services of this broker (`None` before they are attached).
+    pub fn groups(&self) -> Option<Arc<GroupDirectory>> {
+        self.groups.get().and_then(Weak::upgrade)
+    }
+
+    /// Asks the coordinator that issued `producer_id` whether its transaction at `epoch`
+    /// still holds `topic`/`partition`, open or ending (its markers on their way): `Some(true)`
+    /// if so, `Some(false)` if the coordinator says it does not (or no coordinator issued
+    /// the id), `None` if it could not be asked (it is moving, or unreachable).
+    pub async fn coordinator_holds(
+        &self,
+        producer_id: i64,
+        epoch: i16,
+        topic: &str,
+        partition: u32,
+    ) -> Option<bool> {
+        let groups = self.groups()?;
+        let req = VerifyTxnPartitionRequest {
+            producer_id,
+            producer_epoch: epoch,
+            topic: topic.to_string(),
+            partition,
+            include_ending: true,
+        };
+        let answer = match (groups.lone_txns(), self.replicas()) {
+            (Some(txns), _) => txns.verify(&req).map(drop),
+            (None, Some(rm)) => super::verify::verify_in_cluster(&rm, &groups, &req).await,
+            (None, None) => return None,
+        };
+        match answer {
+            Ok(()) => Some(true),
+            Err(e)
+                if matches!(
+                    e.code(),
+                    ErrorCode::ProducerFenced | ErrorCode::InvalidTxnState
+                ) =>
+            {
+                Some(false)
+            }
+            Err(e) => {
+                tracing::debug!(producer_id, %topic, partition, error = %e, "cannot ask the transaction's coordinator");
+                None
+            }
+        }
     }
 
     /// Writes `m` into `topic`/`partition` through its leader, retrying retriable failures for up to 30 s while `coordinating()` holds (a
@@ -186,12 +232,17 @@ impl MarkerWriter {
             .await?;
         if let Some(rm) = &rm {
             rm.leader_flushed(&log, appended.last_offset + 1);
-            rm.wait_committed(&log, appended.last_offset, deadline)
-                .await
-                .map_err(|e| TxnError::Route {
-                    code: e.code(),
-                    reason: e.to_string(),
-                })?;
+            rm.wait_committed_under(
+                &log,
+                appended.last_offset,
+                Some(appended.leader_epoch as u64),
+                deadline,
+            )
+            .await
+            .map_err(|e| TxnError::Route {
+                code: e.code(),
+                reason: e.to_string(),
+            })?;
         }
         Ok(appended.base_offset)
     }

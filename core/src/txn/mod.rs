@@ -488,7 +488,8 @@ impl TxnCoordinator {
     }
 
     /// VerifyTxnPartition: the batch's producer holds its id at this epoch, and its open
-    /// transaction added the partition.
+    /// transaction (or, with `include_ending`, one whose markers are being written) added
+    /// the partition.
     pub fn verify(&self, req: &VerifyTxnPartitionRequest) -> Result<VerifyTxnPartitionResponse> {
         let id = self.id_of(req.producer_id).ok_or_else(|| {
             TxnError::Fenced(format!(
@@ -498,7 +499,9 @@ impl TxnCoordinator {
         })?;
         let s = self.current(&id, req.producer_id, req.producer_epoch)?;
         let tp = (req.topic.clone(), req.partition);
-        if s.status != Status::Ongoing || !s.partitions.contains(&tp) {
+        let ending = matches!(s.status, Status::PrepareCommit | Status::PrepareAbort);
+        let holds = s.status == Status::Ongoing || (req.include_ending && ending);
+        if !holds || !s.partitions.contains(&tp) {
             return Err(TxnError::State(format!(
                 "{}/{} is not part of an open transaction of {id:?}; add it first (AddPartitionsToTxn)",
                 req.topic, req.partition

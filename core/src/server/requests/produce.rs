@@ -99,6 +99,7 @@ pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
                 producer_epoch: h.producer_epoch,
                 topic: req.topic.clone(),
                 partition: req.partition,
+                include_ending: false,
             };
             crate::txn::verify::verify_in_cluster(rm, &ctx.groups, &check).await?;
             verified.push(key);
@@ -110,8 +111,13 @@ pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestEr
     if let Some(rm) = replicas {
         rm.leader_flushed(&log, appended.last_offset + 1);
         if req.acks == Acks::All {
-            rm.wait_committed(&log, appended.last_offset, deadline)
-                .await?;
+            rm.wait_committed_under(
+                &log,
+                appended.last_offset,
+                Some(appended.leader_epoch as u64),
+                deadline,
+            )
+            .await?;
         }
     }
     let counters = ctx.metrics.topic(&req.topic);

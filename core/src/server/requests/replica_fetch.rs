@@ -60,6 +60,17 @@ pub async fn fetch(ctx: &ServerContext, peer: Peer, body: Bytes) -> Result<Reply
         rm.check_leader_epoch(&req.topic, req.partition, req.leader_epoch)?;
         return Ok(answer(Bytes::new()));
     }
+    if req.offset > snap.log_end {
+        // No replica of this log can hold more than it: a follower that does copied another
+        // log (a topic deleted and created again under the same name) or skipped its
+        // truncation. Its position must not count for the high watermark.
+        return Err(crate::log::LogError::OffsetOutOfRange {
+            offset: req.offset,
+            start: snap.log_start,
+            end: snap.log_end,
+        }
+        .into());
+    }
     rm.follower_fetched(
         &log,
         u64::from(req.replica_id),

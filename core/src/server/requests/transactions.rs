@@ -59,6 +59,7 @@ pub async fn commit_offsets(ctx: &ServerContext, body: Bytes) -> Result<Reply, R
                 producer_epoch: req.producer_epoch,
                 topic: OFFSETS_TOPIC.to_string(),
                 partition: service.partition(),
+                include_ending: false,
             };
             crate::txn::verify::verify_in_cluster(rm, &ctx.groups, &check).await?;
         }

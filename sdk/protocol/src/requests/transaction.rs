@@ -179,6 +179,12 @@ pub struct VerifyTxnPartitionRequest {
     pub topic: String,
     /// Partition index.
     pub partition: u32,
+    /// Also yes for a transaction that is ending (its commit or abort decided, its markers
+    /// on their way) and holds the partition: a partition's leader asks this before it
+    /// aborts a transaction open there for too long, which the coordinator may be
+    /// finishing. Appended later: an older broker's question is without it (`false`).
+    #[serde(default)]
+    pub include_ending: bool,
 }
 
 /// The batch belongs to an open transaction holding the partition.

@@ -833,6 +833,7 @@ impl Sample for VerifyTxnPartitionRequest {
             producer_epoch: 3,
             topic: s("counts"),
             partition: 1,
+            include_ending: true,
         }]
     }
 }
@@ -1078,6 +1079,7 @@ const WITH_APPENDED_FIELDS: &[&str] = &[
     "FetchRequest",
     "SubscribeRequest",
     "InitTransactionsRequest",
+    "VerifyTxnPartitionRequest",
 ];
 
 /// The postcard control alone: every strict prefix fails (decoding is deterministic, so a
@@ -1133,6 +1135,11 @@ fn an_older_clients_requests_decode_with_the_appended_fields_absent() {
     let r: InitTransactionsRequest = decode_control(&encode_control(&init), "init").unwrap();
     assert_eq!((r.transactional_id.as_str(), r.timeout_ms), ("tx", 60_000));
     assert_eq!(r.held, None);
+
+    let verify = (1i64 << 62, 3i16, s("counts"), 1u32);
+    let r: VerifyTxnPartitionRequest = decode_control(&encode_control(&verify), "verify").unwrap();
+    assert_eq!((r.producer_id, r.partition), (1 << 62, 1));
+    assert!(!r.include_ending);
 
     // A field that was never optional stays required: a fetch without `min_bytes` fails.
     let cut = (s("t"), 3u32, 42i64, 1024u32, 500u32);
