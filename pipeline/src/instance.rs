@@ -84,7 +84,7 @@ pub struct InstanceView {
     /// Input partitions owned now, `topic/partition`.
     pub partitions: Mutex<Vec<String>>,
     /// Takes the instance's member out of its group if the instance ends without leaving
-    /// (aborted, or returned early): set at join, cleared once it left.
+    /// (aborted, or its own leave failed or timed out): set at join.
     leaver: Mutex<Option<GroupLeaver>>,
 }
 
@@ -97,15 +97,15 @@ impl InstanceView {
         *self.partitions.lock().unwrap_or_else(|p| p.into_inner()) = list;
     }
 
-    fn set_leaver(&self, leaver: Option<GroupLeaver>) {
-        *self.leaver.lock().unwrap_or_else(|p| p.into_inner()) = leaver;
+    fn set_leaver(&self, leaver: GroupLeaver) {
+        *self.leaver.lock().unwrap_or_else(|p| p.into_inner()) = Some(leaver);
     }
 
     /// Leaves the group for an instance that ended without leaving it (nothing when it
     /// left). Bounded: the connection may be gone.
     pub async fn leave_group(&self, instance: &str) {
         let leaver = self.leaver.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let Some(leaver) = leaver else {
+        let Some(leaver) = leaver.filter(|l| !l.has_left()) else {
             return;
         };
         match tokio::time::timeout(LEAVE_WITHIN, leaver.leave()).await {
@@ -287,7 +287,7 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
         Some(ensure_changelog(&client, &cfg.name, most, replicas).await?)
     };
     let mut member = GroupConsumer::join(client.clone(), group).await?;
-    view.set_leaver(Some(member.leaver()));
+    view.set_leaver(member.leaver());
     let mut writer = if exactly_once {
         match Writer::exactly_once(client.clone(), &cfg.name, &member.member_id()).await {
             Ok(w) => w,
@@ -408,9 +408,10 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
             _ => member.close().await,
         }
     };
-    let left = tokio::time::timeout(LEAVE_WITHIN, leave).await;
-    view.set_leaver(None);
-    match left {
+    // The leaver stays: if this did not leave (a timeout, even in the middle of the
+    // LeaveGroup, or a membership the heartbeats took up again), whoever ends the instance
+    // leaves with it.
+    match tokio::time::timeout(LEAVE_WITHIN, leave).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             tracing::warn!(instance = %instance_id, error = %e, "leaving the group failed")

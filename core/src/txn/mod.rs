@@ -852,6 +852,49 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_transaction_ending_still_holds_its_partitions_when_asked_so() {
+        let (_dir, _stop, c) = coordinator(10).await;
+        let a = c.init(&init("app")).await.unwrap();
+        c.register_partition(a.producer_id, a.producer_epoch, "t", 0)
+            .await
+            .unwrap();
+        let ask = |topic: &str, include_ending| VerifyTxnPartitionRequest {
+            producer_id: a.producer_id,
+            producer_epoch: a.producer_epoch,
+            topic: topic.into(),
+            partition: 0,
+            include_ending,
+        };
+        assert!(c.verify(&ask("t", false)).is_ok(), "open");
+        // Its commit decided, its markers not all written yet.
+        c.lock().get_mut("app").unwrap().status = Status::PrepareCommit;
+        let e = c.verify(&ask("t", false)).unwrap_err();
+        assert_eq!(
+            e.code(),
+            ErrorCode::InvalidTxnState,
+            "a new batch may not join it"
+        );
+        assert!(
+            c.verify(&ask("t", true)).is_ok(),
+            "the janitor must leave it alone"
+        );
+        let e = c.verify(&ask("other", true)).unwrap_err();
+        assert_eq!(
+            e.code(),
+            ErrorCode::InvalidTxnState,
+            "a partition it never added"
+        );
+        let stale = VerifyTxnPartitionRequest {
+            producer_epoch: a.producer_epoch - 1,
+            ..ask("t", true)
+        };
+        assert_eq!(
+            c.verify(&stale).unwrap_err().code(),
+            ErrorCode::ProducerFenced
+        );
+    }
+
     fn init(id: &str) -> InitTransactionsRequest {
         InitTransactionsRequest {
             transactional_id: id.into(),

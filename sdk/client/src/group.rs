@@ -9,7 +9,10 @@
 //! `on_revoked`, commits its position (unless `commit_on_revoke` is off), then marks it
 //! released, and the heartbeat task tells the coordinator at once; for a granted partition
 //! it looks up the committed offset (else the group's `auto_offset_reset`), starts
-//! fetching there and calls `on_assigned`. When the broker no longer knows the member
+//! fetching there and calls `on_assigned`. A partition with no committed offset that starts
+//! at the latest records has that start committed at once, whatever `auto_commit` says:
+//! "the latest" is the records after the group first read the partition, not after each
+//! later owner's grant. When the broker no longer knows the member
 //! (session expired, broker restarted), the task joins again and the partitions held are
 //! dropped without a commit (`on_lost`).
 
@@ -60,7 +63,8 @@ pub struct GroupConfig {
     /// `auto_offset_reset`, it is this member's choice and is not stored with the group;
     /// `None` follows the group's setting. A committed offset always wins.
     pub start_without_commit: Option<AutoOffsetReset>,
-    /// Commit consumed positions at this interval (checked in `poll`); `None` for manual.
+    /// Commit consumed positions at this interval (checked in `poll`); `None` for manual
+    /// (a start at the latest records is committed at its grant either way).
     pub auto_commit: Option<Duration>,
     /// Commit a revoked partition's position before releasing it.
     pub commit_on_revoke: bool,
@@ -167,6 +171,8 @@ struct Shared {
     /// Heartbeat answers received (tests and `is_stable`).
     answers: u64,
     closed: bool,
+    /// The coordinator took the member's LeaveGroup (or no longer knew it).
+    left: bool,
     fatal: Option<ClientError>,
 }
 
@@ -553,13 +559,20 @@ impl GroupConsumer {
                     // "The latest records" means those after this grant, once: the offset is
                     // resolved now and committed below, so a later owner of the partition
                     // starts here too instead of at the end of its own grant, skipping what
-                    // came between.
-                    let end =
-                        list_offset(&self.client, &tp.topic, tp.partition, self.end_spec()).await?;
-                    self.positions.insert(tp.clone(), end);
-                    self.stored.insert(tp.clone(), end);
-                    started_at_end.push(tp.clone());
-                    to = SeekTo::Offset(end);
+                    // came between. If it cannot be resolved now, the fetch finds the end
+                    // (and the next grant tries again).
+                    let spec = self.end_spec();
+                    match list_offset(&self.client, &tp.topic, tp.partition, spec).await {
+                        Ok(end) => {
+                            self.positions.insert(tp.clone(), end);
+                            self.stored.insert(tp.clone(), end);
+                            started_at_end.push(tp.clone());
+                            to = SeekTo::Offset(end);
+                        }
+                        Err(e) => {
+                            tracing::warn!(group = %self.config.group, topic = %tp.topic, partition = tp.partition, error = %e, "cannot resolve the start at the latest records; starting at the end the fetch finds")
+                        }
+                    }
                 }
                 self.consumer.seek(&tp.topic, tp.partition, to)?;
                 self.owned.insert(tp.clone());
@@ -874,6 +887,9 @@ impl GroupConsumer {
         self.link.released.notify_one();
         self.heartbeats.abort();
         let left = send_leave(&self.client, &self.config.group, member_id).await;
+        if left.is_ok() {
+            self.link.lock().left = true;
+        }
         committed?;
         left
     }
@@ -890,10 +906,10 @@ impl GroupConsumer {
 }
 
 /// Takes a member out of its group when its [`GroupConsumer`] went away without leaving:
-/// its task was aborted, or it returned early on an error. Dropping a consumer stops its
-/// heartbeats but sends nothing, so without this the member keeps its partitions, and the
-/// group stays non-empty, until its session times out. Does nothing for a member that
-/// closed; commits nothing.
+/// its task was aborted (even in the middle of `close`), or it returned early on an error.
+/// Dropping a consumer stops its heartbeats but sends nothing, so without this the member
+/// keeps its partitions, and the group stays non-empty, until its session times out. Does
+/// nothing for a member that has left; commits nothing.
 #[derive(Clone)]
 pub struct GroupLeaver {
     client: Client,
@@ -916,14 +932,21 @@ impl GroupLeaver {
     pub async fn leave(&self) -> Result<()> {
         let member_id = {
             let mut s = self.link.lock();
-            if s.closed {
+            if s.left {
                 return Ok(());
             }
             s.closed = true;
             s.member_id.clone()
         };
         self.link.released.notify_one();
-        send_leave(&self.client, &self.group, member_id).await
+        send_leave(&self.client, &self.group, member_id).await?;
+        self.link.lock().left = true;
+        Ok(())
+    }
+
+    /// True once the member has left (by `close` or [`leave`](Self::leave)).
+    pub fn has_left(&self) -> bool {
+        self.link.lock().left
     }
 }
 

@@ -60,6 +60,7 @@ pub async fn fetch(ctx: &ServerContext, peer: Peer, body: Bytes) -> Result<Reply
         rm.check_leader_epoch(&req.topic, req.partition, req.leader_epoch)?;
         return Ok(answer(Bytes::new()));
     }
+    rm.check_leader_epoch(&req.topic, req.partition, req.leader_epoch)?;
     if req.offset > snap.log_end {
         // No replica of this log can hold more than it: a follower that does copied another
         // log (a topic deleted and created again under the same name) or skipped its
