@@ -211,10 +211,21 @@ fn repair(data_dir: &Path, topic: &str, partition: u32, format: Format) -> anyho
         Format::Json => output::json(&mut out, &report)?,
         Format::Table => {
             use std::io::Write;
+            if report.metadata_rebuilt {
+                writeln!(
+                    out,
+                    "{topic}/{partition}: the metadata record was damaged and is removed; the broker rebuilds it from the stored batches when it starts"
+                )?;
+            }
             match report.first_damaged_offset {
                 None => writeln!(
                     out,
-                    "{topic}/{partition}: no damaged batch found; nothing changed (log end {})",
+                    "{topic}/{partition}: no damaged batch found; {} (log end {})",
+                    if report.metadata_rebuilt {
+                        "no batch changed"
+                    } else {
+                        "nothing changed"
+                    },
                     report.log_end_before
                 )?,
                 Some(at) => writeln!(

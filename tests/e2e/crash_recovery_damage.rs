@@ -2,10 +2,11 @@
 //! directly, as a failing disk would): the broker still starts, reports that partition
 //! offline and serves every other one; `quiver broker repair` drops the damaged suffix,
 //! says what it dropped, and the partition serves again. The same for a large batch
-//! (stored in slots) that lost a slot.
+//! (stored in slots) that lost a slot, and for a partition's metadata record that no longer
+//! decodes (the repair removes it; the broker rebuilds it from the batches).
 
 use quiver_core::log::keyspace::{partition_prefix, BATCHES_TREE};
-use quiver_core::topic::{TopicMeta, TOPICS_TREE};
+use quiver_core::topic::{TopicMeta, PARTITION_META_TREE, TOPICS_TREE};
 
 use super::harness::{cli_at, TestBroker};
 
@@ -220,4 +221,81 @@ fn a_slotted_batch_missing_a_slot_takes_only_its_partition_offline_until_repaire
         .flat_map(|i| (0..10).map(move |j| line(i, j)))
         .collect();
     assert_eq!(kept, expect);
+}
+
+#[test]
+fn a_damaged_metadata_record_takes_only_its_partition_offline_until_repaired() {
+    let mut b = TestBroker::start();
+    b.cli_ok(&["topic", "create", "disk", "--partitions", "2"]);
+    b.cli_stdin_ok(&["produce", "disk", "--partition", "0"], b"a\nb\nc\n");
+    b.cli_stdin_ok(&["produce", "disk", "--partition", "1"], b"fine\n");
+    b.terminate();
+    let garbage = b"\xffnot json".to_vec();
+    {
+        let (db, _, topic_id) = batches_of(&b, "disk");
+        let meta = db.open_tree(PARTITION_META_TREE).unwrap();
+        let key = format!("{topic_id}/0");
+        assert!(meta
+            .insert(key.as_bytes(), garbage.clone())
+            .unwrap()
+            .is_some());
+        db.flush().unwrap();
+    }
+    b.spawn();
+    b.wait_ready();
+    let d = b.describe("disk");
+    assert_eq!(d["partitions"][0]["status"], "offline", "{d}");
+    assert!(
+        d["partitions"][0]["offline_reason"]
+            .as_str()
+            .is_some_and(
+                |r| r.contains("metadata record is damaged") && r.contains("quiver broker repair")
+            ),
+        "{d}"
+    );
+    assert_eq!(d["partitions"][1]["status"], "online", "{d}");
+    let e = b.cli_err(
+        &[
+            "consume",
+            "disk",
+            "--partition",
+            "0",
+            "--from-beginning",
+            "--max-messages",
+            "1",
+        ],
+        None,
+    );
+    assert!(e.contains("offline") && e.contains("repair"), "{e}");
+    assert_eq!(
+        b.cli_ok(&["consume", "disk", "--partition", "1", "--from-beginning"]),
+        "fine\n"
+    );
+    b.terminate();
+    // Nothing rewrote the damaged record while the broker ran and stopped.
+    {
+        let (db, _, topic_id) = batches_of(&b, "disk");
+        let meta = db.open_tree(PARTITION_META_TREE).unwrap();
+        let stored = meta.get(format!("{topic_id}/0").as_bytes()).unwrap();
+        assert_eq!(stored.map(|v| v.to_vec()), Some(garbage));
+    }
+    let out = repair(&b, "disk", 0);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["metadata_rebuilt"], true, "{report}");
+    assert_eq!(report["dropped_batches"], 0, "{report}");
+    b.spawn();
+    b.wait_ready();
+    let d = b.describe("disk");
+    assert_eq!(d["partitions"][0]["status"], "online", "{d}");
+    assert_eq!(d["partitions"][0]["log_end_offset"], 3, "{d}");
+    b.cli_stdin_ok(&["produce", "disk", "--partition", "0"], b"d\n");
+    assert_eq!(
+        b.cli_ok(&["consume", "disk", "--partition", "0", "--from-beginning"]),
+        "a\nb\nc\nd\n"
+    );
 }

@@ -167,6 +167,9 @@ pub struct PartitionLog {
     deleted: AtomicBool,
     /// Why the partition is offline (damaged storage), if it is.
     offline: Mutex<Option<String>>,
+    /// The metadata record did not decode at open: the partition stays offline, and the
+    /// record is left as it is for `quiver broker repair` (nothing rewrites it).
+    meta_damaged: bool,
     /// How often a batch had to wait for its producer's earlier batches (overtaking).
     sequence_waits: AtomicU64,
     /// A replica of a cluster partition: appends do not move the high watermark (the
@@ -215,6 +218,9 @@ pub struct RepairReport {
     pub log_end_before: i64,
     /// The log end after it (the next offset to be assigned).
     pub log_end_after: i64,
+    /// The partition's metadata record did not decode and was removed: the broker
+    /// rebuilds it from the stored batches when it opens the partition.
+    pub metadata_rebuilt: bool,
 }
 
 fn ts_key(ts: i64) -> [u8; 8] {
@@ -247,21 +253,32 @@ impl PartitionLog {
         migrate_legacy(db, legacy, &bname, &batches)?;
         migrate_legacy(db, legacy, &tname, &time_index)?;
         let meta_key = format!("{topic_id}/{partition}").into_bytes();
-        let mut pm: PartitionMeta = match meta.get(&meta_key)? {
-            Some(v) => serde_json::from_slice(&v).map_err(|e| LogError::Corrupt {
-                offset: -1,
-                reason: format!("partition metadata: {e}"),
-            })?,
-            None => PartitionMeta {
-                epoch_starts: vec![(0, 0)],
-                producers_end: -1,
-                ..Default::default()
-            },
+        let fresh = || PartitionMeta {
+            epoch_starts: vec![(0, 0)],
+            producers_end: -1,
+            ..Default::default()
         };
+        // A metadata record that does not decode (only damage makes one: sled writes a
+        // value whole) takes this partition offline, not the broker: the rest of the open
+        // only reads, so the batches and the record stay as they are for the repair.
+        let mut meta_damage = None;
+        let mut pm: PartitionMeta = match meta.get(&meta_key)? {
+            Some(v) => serde_json::from_slice(&v).unwrap_or_else(|e| {
+                let reason = format!(
+                    "the partition's metadata record is damaged ({e}); the partition is offline until `quiver broker repair --topic {topic} --partition {partition}` rebuilds it from the stored batches"
+                );
+                tracing::error!(topic, partition, %reason, "partition offline");
+                meta_damage = Some(reason);
+                fresh()
+            }),
+            None => fresh(),
+        };
+        let meta_damaged = meta_damage.is_some();
         // A damaged newest batch is a torn write: drop it. Damage anywhere else is not
         // something a crash explains; the partition goes offline (the broker still starts
         // and serves every other partition) until `quiver broker repair` truncates it.
-        while let Some((k, v)) = batches.last()? {
+        // (Not with damaged metadata: nothing is written then.)
+        while let Some((k, v)) = batches.last()?.filter(|_| !meta_damaged) {
             match stored_batch_problem(&k, &v) {
                 None => break,
                 Some(reason) => {
@@ -318,7 +335,9 @@ impl PartitionLog {
         // Batches are removed before their index entries (truncation, a torn tail): entries
         // a crash left at or past the log end would send a timestamp lookup past the
         // records stored again at those offsets.
-        drop_index_entries_from(&time_index, log_end)?;
+        if !meta_damaged {
+            drop_index_entries_from(&time_index, log_end)?;
+        }
         if let Some((k, _)) = batches.first()? {
             pm.log_start = pm.log_start.max(key_offset(&k)).min(log_end);
         }
@@ -359,7 +378,9 @@ impl PartitionLog {
         let hw_at_open = pm.replica_hw.unwrap_or(pm.hw_checkpoint).min(log_end);
         pm.replica_hw = Some(hw_at_open);
         pm.hw_checkpoint = log_end;
-        meta.insert(&meta_key, serde_json::to_vec(&pm).unwrap_or_default())?;
+        if !meta_damaged {
+            meta.insert(&meta_key, serde_json::to_vec(&pm).unwrap_or_default())?;
+        }
         let state = State {
             log_start: pm.log_start,
             log_end,
@@ -388,7 +409,8 @@ impl PartitionLog {
             hw: watch::Sender::new(log_end),
             sequence_moved: Notify::new(),
             deleted: AtomicBool::new(false),
-            offline: Mutex::new(offline),
+            offline: Mutex::new(meta_damage.or(offline)),
+            meta_damaged,
             sequence_waits: AtomicU64::new(0),
             replicated: AtomicBool::new(false),
         })
@@ -484,7 +506,24 @@ impl PartitionLog {
     /// Takes a partition with damaged batches back online without repairing it (internal
     /// topics, whose replay skips damaged batches). Reads of a damaged batch still fail.
     pub fn accept_damage(&self) {
+        if self.meta_damaged {
+            // Its bounds and producer state are unknown: nothing may be written to it.
+            return;
+        }
         *self.offline.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Refuses a change of a partition whose metadata record is damaged (it would be
+    /// written over, with bounds made up at open).
+    fn check_meta(&self) -> Result<(), LogError> {
+        if !self.meta_damaged {
+            return Ok(());
+        }
+        Err(LogError::Offline {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            reason: self.offline_reason().unwrap_or_default(),
+        })
     }
 
     fn take_offline(&self, offset: i64, reason: &str) {
@@ -1157,6 +1196,15 @@ impl PartitionLog {
                 break;
             }
         }
+        // A metadata record that does not decode is removed: the next open rebuilds it
+        // from the batches (bounds, epochs, producers still in the log).
+        let meta_key = format!("{topic_id}/{partition}").into_bytes();
+        let damaged_meta = meta
+            .get(&meta_key)?
+            .is_some_and(|v| serde_json::from_slice::<PartitionMeta>(&v).is_err());
+        if damaged_meta {
+            meta.remove(&meta_key)?;
+        }
         let mut report = RepairReport {
             first_damaged_offset: first_damaged,
             dropped_batches: 0,
@@ -1164,8 +1212,10 @@ impl PartitionLog {
             dropped_bytes: 0,
             log_end_before,
             log_end_after: log_end_before,
+            metadata_rebuilt: damaged_meta,
         };
         let Some(from) = first_damaged else {
+            db.flush()?;
             return Ok(report);
         };
         let doomed: Vec<_> = batches
@@ -1193,7 +1243,6 @@ impl PartitionLog {
             time_index.remove(&k)?;
         }
         report.log_end_after = from;
-        let meta_key = format!("{topic_id}/{partition}").into_bytes();
         if let Some(v) = meta.get(&meta_key)? {
             if let Ok(mut pm) = serde_json::from_slice::<PartitionMeta>(&v) {
                 pm.hw_checkpoint = pm.hw_checkpoint.min(from);
@@ -1208,6 +1257,7 @@ impl PartitionLog {
 
     /// Writes the metadata record (log start, high-watermark checkpoint, epochs).
     pub fn persist_meta(&self) -> Result<(), LogError> {
+        self.check_meta()?;
         let pm = {
             let st = self.lock();
             PartitionMeta {
@@ -1602,6 +1652,65 @@ mod tests {
             .unwrap();
         let second = second.await.unwrap().unwrap();
         assert_eq!((first.base_offset, second.base_offset), (0, 3));
+    }
+
+    /// A metadata record that does not decode takes its partition offline, not the broker;
+    /// nothing rewrites the record or the batches until a repair removes the record, and
+    /// the next open rebuilds it from the batches.
+    #[tokio::test]
+    async fn a_damaged_metadata_record_takes_only_its_partition_offline_until_repaired() {
+        let (_dir, db, f, _stop) = setup().await;
+        let p = open_partition(&db);
+        let cfg = TopicConfig::default();
+        let t = Duration::from_secs(5);
+        for _ in 0..3 {
+            p.append(vec![batch(10, 0, -1, -1)], &cfg, &f, t)
+                .await
+                .unwrap();
+        }
+        let stored = p.read(0, 1 << 20).unwrap().payload;
+        p.persist_meta().unwrap();
+        drop(p);
+        let meta = db.open_tree("meta").unwrap();
+        let garbage = b"\xffnot json".to_vec();
+        meta.insert(b"1/0", garbage.clone()).unwrap();
+
+        let p = open_partition(&db);
+        let reason = p.offline_reason().expect("offline");
+        assert!(
+            reason.contains("metadata record is damaged") && reason.contains("broker repair"),
+            "{reason}"
+        );
+        let offline = |r: Result<(), LogError>| matches!(r, Err(LogError::Offline { .. }));
+        assert!(offline(
+            p.append(vec![batch(10, 0, -1, -1)], &cfg, &f, t)
+                .await
+                .map(drop)
+        ));
+        assert!(offline(p.persist_meta()));
+        // Its bounds come from the batches, which the open read: still answered.
+        assert_eq!(p.lookup(OffsetSpec::Latest, usize::MAX).unwrap().0, 30);
+        assert!(offline(p.truncate_to(0, 0).map(drop)));
+        p.accept_damage();
+        assert!(
+            p.offline_reason().is_some(),
+            "a group service cannot take it back"
+        );
+        drop(p);
+        assert_eq!(meta.get(b"1/0").unwrap().unwrap().to_vec(), garbage);
+
+        let report = PartitionLog::repair(&db, &meta, 1, 0).unwrap();
+        assert!(report.metadata_rebuilt);
+        assert_eq!(report.first_damaged_offset, None);
+        assert_eq!(report.log_end_after, 30);
+        let p = open_partition(&db);
+        assert_eq!(p.offline_reason(), None);
+        let snap = p.snapshot();
+        assert_eq!((snap.log_start, snap.log_end), (0, 30));
+        assert_eq!(p.read(0, 1 << 20).unwrap().payload, stored);
+        p.append(vec![batch(10, 0, -1, -1)], &cfg, &f, t)
+            .await
+            .unwrap();
     }
 
     /// A partition opened with a producer snapshot it cannot use (taken beyond a log end

@@ -184,6 +184,7 @@ impl PartitionLog {
     /// the producer and transaction state from what remains, and returns the new log end;
     /// only under the follower's role `generation`.
     pub fn truncate_to(&self, offset: i64, generation: u64) -> Result<i64, LogError> {
+        self.check_meta()?;
         let mut st = self.lock();
         Self::check_generation(&st, generation)?;
         if offset >= st.log_end {
