@@ -216,6 +216,12 @@ fn repair(data_dir: &Path, topic: &str, partition: u32, format: Format) -> anyho
                     out,
                     "{topic}/{partition}: the metadata record was damaged and is removed; the broker rebuilds it from the stored batches when it starts"
                 )?;
+                if report.log_end_before == 0 {
+                    writeln!(
+                        out,
+                        "warning: {topic}/{partition} holds no batch, so its offsets start again at 0; consumers with committed offsets beyond it reset"
+                    )?;
+                }
             }
             match report.first_damaged_offset {
                 None => writeln!(

@@ -422,7 +422,9 @@ impl GroupService {
             &mut txn_states,
             max_decompressed,
         )?;
-        if let Some(reason) = log.offline_reason() {
+        if log.metadata_damaged() {
+            warn!(topic = OFFSETS_TOPIC, partition = log.partition, reason = ?log.offline_reason(), "consumer-group log's metadata record is damaged: its groups are read, and nothing can be stored until `quiver broker repair` rebuilds it");
+        } else if let Some(reason) = log.offline_reason() {
             // Replay skipped the damaged batches; the groups' other offsets are good, and
             // new commits go after the damage.
             warn!(topic = OFFSETS_TOPIC, %reason, "consumer-group log has damaged batches; they were skipped and the log stays in service");

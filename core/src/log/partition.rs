@@ -328,7 +328,11 @@ impl PartitionLog {
             }
         }
         let log_end = match batches.last()? {
-            Some((_, v)) => BatchHeader::parse(&v)?.next_offset(),
+            // A damaged last batch is still here when nothing may be written (damaged
+            // metadata): its key says where it starts.
+            Some((k, v)) => BatchHeader::parse(&v)
+                .map(|h| h.next_offset())
+                .unwrap_or(key_offset(&k) + 1),
             None => pm.log_start.max(pm.hw_checkpoint),
         };
         pm.epoch_starts = merge_epoch_starts(&pm.epoch_starts, &stored_epochs, log_end);
@@ -493,6 +497,12 @@ impl PartitionLog {
             });
         }
         Ok(())
+    }
+
+    /// True when the partition's metadata record did not decode at open (see
+    /// `meta_damaged`): it stays offline whatever is accepted.
+    pub fn metadata_damaged(&self) -> bool {
+        self.meta_damaged
     }
 
     /// Why the partition is offline, when its storage is damaged.
@@ -1711,6 +1721,44 @@ mod tests {
         p.append(vec![batch(10, 0, -1, -1)], &cfg, &f, t)
             .await
             .unwrap();
+    }
+
+    /// With its metadata record damaged, a partition whose last batch is damaged too still
+    /// opens (offline, its end taken from that batch's key), and takes no role: leading
+    /// or following would write metadata and truncate batches the repair has to see.
+    #[tokio::test]
+    async fn a_damaged_last_batch_beside_damaged_metadata_opens_offline_and_takes_no_role() {
+        let (_dir, db, f, _stop) = setup().await;
+        let p = open_partition(&db);
+        let cfg = TopicConfig::default();
+        for _ in 0..3 {
+            p.append(vec![batch(10, 0, -1, -1)], &cfg, &f, Duration::from_secs(5))
+                .await
+                .unwrap();
+        }
+        p.persist_meta().unwrap();
+        drop(p);
+        let meta = db.open_tree("meta").unwrap();
+        meta.insert(b"1/0", b"\xffnot json".to_vec()).unwrap();
+        let batches = PartitionKeys::new(db.open_tree(BATCHES_TREE).unwrap(), 1, 0);
+        batches.insert(&offset_key(20), b"not a batch").unwrap();
+
+        let p = open_partition(&db);
+        assert!(p.metadata_damaged());
+        assert!(p.offline_reason().is_some());
+        assert_eq!(p.lookup(OffsetSpec::Latest, usize::MAX).unwrap().0, 21);
+        let offline = |r: Result<(), LogError>| matches!(r, Err(LogError::Offline { .. }));
+        assert!(offline(p.become_leader(1)));
+        assert!(offline(p.become_follower(1).map(drop)));
+        drop(p);
+
+        let report = PartitionLog::repair(&db, &meta, 1, 0).unwrap();
+        assert!(report.metadata_rebuilt);
+        assert_eq!(report.first_damaged_offset, Some(20));
+        assert_eq!(report.log_end_after, 20);
+        let p = open_partition(&db);
+        assert_eq!(p.offline_reason(), None);
+        p.become_leader(1).unwrap();
     }
 
     /// A partition opened with a producer snapshot it cannot use (taken beyond a log end

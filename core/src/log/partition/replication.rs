@@ -48,6 +48,7 @@ impl PartitionLog {
     /// and the epoch starts at the current log end. A follower loop of an earlier role can
     /// no longer write.
     pub fn become_leader(&self, epoch: i32) -> Result<(), LogError> {
+        self.check_meta()?;
         {
             let mut st = self.lock();
             st.role_generation += 1;
@@ -65,6 +66,7 @@ impl PartitionLog {
     /// This broker follows the leader of `epoch` (it stamps nothing itself). Returns the
     /// role generation the new follower loop writes under.
     pub fn become_follower(&self, epoch: i32) -> Result<u64, LogError> {
+        self.check_meta()?;
         let generation = {
             let mut st = self.lock();
             st.role_generation += 1;
@@ -278,6 +280,7 @@ impl PartitionLog {
     /// moved up, which opening and retention remove) or that are still whole (a log start
     /// that moved down to 0), never bounds claiming offsets whose batches are gone.
     fn clear_to(&self, offset: i64) -> Result<(), LogError> {
+        self.check_meta()?;
         {
             let mut st = self.lock();
             st.producers = ProducerTable::default();
