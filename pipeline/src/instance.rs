@@ -265,6 +265,10 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
     // At least once, offsets are stored for commit only once a poll's writes are
     // acknowledged (the next polls are processed meanwhile).
     group.commit_stored_offsets = !exactly_once;
+    // A revoked partition is given back only once the writes of its polls still in flight
+    // landed (and, at least once, their offsets are committed): the next owner starts after
+    // them, and none of them lands after its outputs (a stale value after a newer one).
+    group.hold_revoked = true;
     group.fetch.isolation = Isolation::ReadCommitted;
     // A poll takes what is fetched ahead: at most ~2 MiB per instance, so a poll's
     // transaction and the instance's memory stay bounded however large the backlog.
@@ -328,6 +332,21 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
             poll_ms = poll_started.elapsed().as_millis() as u64,
             "polled"
         );
+        if member.holds_revoked() {
+            if let Err(e) = complete_oldest(
+                &mut writer,
+                &mut member,
+                &mut chains,
+                &mut in_flight,
+                0,
+                metrics,
+            )
+            .await
+            {
+                break Err(e);
+            }
+            member.release_revoked().await;
+        }
         let owned = member.assignment();
         view.set(&owned);
         if let Err(e) = sync_chains(plan, &client, changelog, &mut member, &mut chains).await {

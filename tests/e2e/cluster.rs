@@ -153,7 +153,18 @@ impl TestCluster {
 impl Drop for TestCluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            // A failed test shows what its brokers said last (their logs go with the dir).
+            // A failed test shows what its brokers said last (their logs go with the dir);
+            // with QUIVER_TEST_KEEP_LOGS=DIR their whole logs are kept there.
+            if let Some(keep) = std::env::var_os("QUIVER_TEST_KEEP_LOGS") {
+                let to =
+                    std::path::Path::new(&keep).join(format!("cluster-{}", std::process::id()));
+                let _ = std::fs::create_dir_all(&to);
+                for id in 1..=3 {
+                    let log = self.dir.path().join(format!("qc/broker-{id}/broker.log"));
+                    let _ = std::fs::copy(log, to.join(format!("broker-{id}.log")));
+                }
+                eprintln!("---- whole broker logs kept in {}", to.display());
+            }
             for id in 1..=3 {
                 let log = self.dir.path().join(format!("qc/broker-{id}/broker.log"));
                 let text = std::fs::read_to_string(log).unwrap_or_default();

@@ -604,6 +604,74 @@ async fn poll_at_least(m: &mut GroupConsumer, records: usize) {
     }
 }
 
+/// With `hold_revoked`, a revoked partition stays the member's (not fetched, nothing
+/// committed) until it releases it: the joining member does not get it before, and starts
+/// it at what the holder stored by the release.
+#[test]
+fn a_held_revoked_partition_moves_only_when_released_with_what_was_stored() {
+    let b = TestBroker::start();
+    b.cli_ok(&["topic", "create", "held", "--partitions", "2"]);
+    produce_keyed(&b, "held", 0, 40);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = Client::connect(b.client_config()).await.unwrap();
+        let mut cfg = GroupConfig::new("holders", ["held"])
+            .start_without_commit_at(quiver_client::AutoOffsetReset::Earliest);
+        cfg.commit_stored_offsets = true;
+        cfg.hold_revoked = true;
+        let mut a = GroupConsumer::join(client.clone(), cfg.clone())
+            .await
+            .unwrap();
+        poll_at_least(&mut a, 40).await;
+        assert_eq!(a.assignment().len(), 2);
+        for p in 0..2 {
+            a.store_offset("held", p, 3);
+        }
+        cfg.hold_revoked = false;
+        let mut bm = GroupConsumer::join(client.clone(), cfg).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !a.holds_revoked() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nothing was revoked"
+            );
+            a.poll_timeout(Duration::from_millis(20)).await.unwrap();
+            bm.poll_timeout(Duration::from_millis(20)).await.unwrap();
+        }
+        for _ in 0..10 {
+            a.poll_timeout(Duration::from_millis(20)).await.unwrap();
+            let got = bm.poll_timeout(Duration::from_millis(50)).await.unwrap();
+            assert!(
+                got.is_empty() && bm.assignment().is_empty(),
+                "taken while held"
+            );
+            assert_eq!(a.assignment().len(), 2, "still the holder's");
+        }
+        a.release_revoked().await;
+        assert!(!a.holds_revoked());
+        assert_eq!(a.assignment().len(), 1);
+        let kept = a.assignment()[0].partition;
+        let mut first = None;
+        while first.is_none() {
+            assert!(tokio::time::Instant::now() < deadline, "never moved");
+            a.poll_timeout(Duration::from_millis(20)).await.unwrap();
+            first = bm
+                .poll_timeout(Duration::from_millis(50))
+                .await
+                .unwrap()
+                .first()
+                .map(|r| (r.partition, r.offset));
+        }
+        assert_eq!(
+            first,
+            Some((1 - kept, 3)),
+            "starts at what the holder stored"
+        );
+        bm.close().await.unwrap();
+        a.close().await.unwrap();
+    });
+}
+
 /// With `commit_stored_offsets`, commits (explicit, and at close) store only what the
 /// application marked done, never the position of records it polled but did not finish.
 #[test]

@@ -3,7 +3,8 @@
 //! transaction holds read-committed readers at its first offset; initialising the id again
 //! fences the old producer and aborts its transaction; a transaction's group offsets are
 //! stored only if it commits; markers never show up as records; a transaction left open by a
-//! crashed producer is aborted after its timeout, across a broker restart.
+//! crashed producer is aborted after its timeout, across a broker restart; a member waits
+//! for the transaction holding its offsets without failing.
 
 use std::time::Duration;
 
@@ -278,6 +279,91 @@ fn a_transactions_group_offsets_are_stored_only_when_it_commits() {
             ["o2", "o3"]
         );
         member.close().await.unwrap();
+    });
+}
+
+/// A member granted a partition whose offsets an open transaction holds waits for that
+/// transaction's outcome without failing its polls: the coordinator answers "retry" after
+/// its bounded wait (before a client's default request timeout), and the group consumer asks
+/// again, also after a timeout of its own; once the transaction commits, it starts at the
+/// committed offset.
+#[test]
+fn a_member_waits_for_the_transaction_holding_its_offsets_without_failing_its_polls() {
+    let b = TestBroker::start();
+    b.cli_ok(&["topic", "create", "in", "--partitions", "1"]);
+    b.cli_ok(&["topic", "create", "out", "--partitions", "1"]);
+    b.cli_stdin_ok(&["produce", "in"], b"1\n2\n3\n4\n5\n");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = connect(&b).await;
+        let group = || {
+            GroupConfig::new("h", ["in"])
+                .start_without_commit_at(quiver_client::AutoOffsetReset::Earliest)
+        };
+        let mut first = GroupConsumer::join(client.clone(), group()).await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < 5 {
+            got.extend(first.poll().await.unwrap());
+        }
+        let mut tx = TransactionalProducer::init_with_timeout(
+            client.clone(),
+            "h-1",
+            Duration::from_secs(120),
+        )
+        .await
+        .unwrap();
+        send(&mut tx, "out", &["o1"]).await;
+        tx.flush().await.unwrap();
+        let held = quiver_protocol::requests::TxnCommitOffsetsRequest {
+            transactional_id: "h-1".into(),
+            producer_id: tx.producer().0,
+            producer_epoch: tx.producer().1,
+            group: "h".into(),
+            member_id: first.member_id(),
+            generation: first.generation(),
+            offsets: vec![OffsetCommit {
+                topic: "in".into(),
+                partition: 0,
+                offset: 3,
+                metadata: None,
+            }],
+        };
+        client.request(&held, bytes::Bytes::new()).await.unwrap();
+        first.close_without_commit().await.unwrap();
+
+        // The next member's requests time out sooner than the coordinator's wait.
+        let impatient = Client::connect(quiver_client::ClientConfig {
+            request_timeout: Duration::from_secs(8),
+            ..b.client_config()
+        })
+        .await
+        .unwrap();
+        let mut second = GroupConsumer::join(impatient, group()).await.unwrap();
+        let polling = tokio::spawn(async move {
+            let (mut values, mut errors) = (Vec::new(), Vec::new());
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+            while values.len() < 2 && tokio::time::Instant::now() < deadline {
+                match second.poll_timeout(Duration::from_secs(3)).await {
+                    Ok(recs) => values.extend(
+                        recs.iter()
+                            .map(|r| String::from_utf8_lossy(&r.value).into_owned()),
+                    ),
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+            second.close().await.unwrap();
+            (values, errors)
+        });
+        // Asked with the default timeout, the coordinator itself says to retry.
+        let asked = quiver_client::Admin::new(client.clone())
+            .group_offsets("h", None)
+            .await
+            .expect_err("the transaction is still open");
+        assert_eq!(asked.code(), Some(ErrorCode::RequestTimedOut), "{asked}");
+        tx.commit(None).await.unwrap();
+        let (values, errors) = polling.await.unwrap();
+        assert!(errors.is_empty(), "polls failed: {errors:?}");
+        assert_eq!(values, ["4", "5"], "starts at the transaction's offset");
     });
 }
 

@@ -36,6 +36,10 @@ use crate::admin::list_offset;
 use crate::backoff::Backoff;
 use crate::{Client, ClientError, ConsumedRecord, Consumer, ConsumerConfig, Result, SeekTo};
 
+/// How soon `poll` asks again for the committed offsets of granted partitions the
+/// coordinator could not give yet.
+const GRANT_RETRY: Duration = Duration::from_millis(500);
+
 /// How a [`GroupConsumer`] joins and behaves.
 ///
 /// ```
@@ -73,6 +77,12 @@ pub struct GroupConfig {
     /// application that finishes records after polling the next ones (Kafka's
     /// `enable.auto.offset.store=false`). Off by default.
     pub commit_stored_offsets: bool,
+    /// Revoked partitions stop being fetched in `poll` but are held (still this member's,
+    /// nothing committed or released) until [`GroupConsumer::release_revoked`]: for an
+    /// application with work of those partitions still under way (writes in flight), which
+    /// finishes it first, so the next owner starts after it and its late writes never land
+    /// after the next owner's. Off by default: `poll` releases them at once.
+    pub hold_revoked: bool,
     /// A name shown by `group describe`.
     pub client_id: String,
     /// How partitions are fetched (`start` is ignored: the group decides where to start).
@@ -93,6 +103,7 @@ impl GroupConfig {
             auto_commit: None,
             commit_on_revoke: true,
             commit_stored_offsets: false,
+            hold_revoked: false,
             client_id: "quiver-client".into(),
             fetch: ConsumerConfig::default(),
         }
@@ -236,6 +247,11 @@ pub struct GroupConsumer {
     /// Per owned partition, which grant of it this is (see [`GroupConsumer::grant_id`]).
     grant_ids: BTreeMap<TopicPartition, u64>,
     grants: u64,
+    /// Granted partitions wait for their committed offsets (a retriable `FetchOffsets`
+    /// failure): `poll` asks again within [`GRANT_RETRY`].
+    grants_waiting: bool,
+    /// Revoked partitions held until [`GroupConsumer::release_revoked`] (`hold_revoked`).
+    held_revoked: BTreeSet<TopicPartition>,
     incarnation: u64,
     reset: AutoOffsetReset,
     listener: Option<Box<dyn RebalanceListener>>,
@@ -329,6 +345,8 @@ impl GroupConsumer {
             stored: BTreeMap::new(),
             grant_ids: BTreeMap::new(),
             grants: 0,
+            grants_waiting: false,
+            held_revoked: BTreeSet::new(),
             incarnation: 0,
             reset: resp.auto_offset_reset,
             listener: None,
@@ -468,27 +486,41 @@ impl GroupConsumer {
                 l.on_lost(&lost);
             }
         }
-        // Revoked: stop, tell the user, commit, release.
+        // Held revoked partitions the coordinator no longer asks back (still granted): they
+        // start again below from the group's commit, like any grant.
+        let resumed: Vec<TopicPartition> = self
+            .held_revoked
+            .iter()
+            .filter(|tp| !revoke.contains(*tp))
+            .cloned()
+            .collect();
+        self.drop_partitions(&resumed);
+        // Revoked: stop, tell the user, commit, release (or hold, with `hold_revoked`).
         let revoked: Vec<TopicPartition> = self
             .owned
             .iter()
             .filter(|tp| revoke.contains(*tp))
             .cloned()
             .collect();
+        let mut released_now = false;
         if !revoked.is_empty() {
             for tp in &revoked {
                 self.consumer.unassign(&tp.topic, [tp.partition]);
             }
-            if let Some(l) = self.listener.as_mut() {
-                l.on_revoked(&revoked);
-            }
-            if self.config.commit_on_revoke || self.config.auto_commit.is_some() {
-                if let Err(e) = self.commit_partitions(&revoked).await {
-                    tracing::warn!(group = %self.config.group, error = %e, "commit of revoked partitions failed");
+            if self.config.hold_revoked {
+                let newly: Vec<TopicPartition> = revoked
+                    .iter()
+                    .filter(|tp| !self.held_revoked.contains(*tp))
+                    .cloned()
+                    .collect();
+                if !newly.is_empty() {
+                    tracing::info!(group = %self.config.group, partitions = ?newly, "revoked partitions held until the application releases them");
+                    self.held_revoked.extend(newly);
                 }
+            } else {
+                self.release(&revoked).await;
+                released_now = true;
             }
-            self.drop_partitions(&revoked);
-            tracing::info!(group = %self.config.group, partitions = ?revoked, "released revoked partitions");
         }
         // Revoked ones we never started are released at once. The grants below are read
         // under the same lock, from the answer as it is now: the commit above awaited, and a
@@ -512,7 +544,7 @@ impl GroupConsumer {
                 .cloned()
                 .collect();
             let rejoined = s.incarnation != self.incarnation;
-            if s.released.len() != before || !revoked.is_empty() {
+            if s.released.len() != before || released_now {
                 drop(s);
                 self.link.released.notify_one();
             }
@@ -525,15 +557,30 @@ impl GroupConsumer {
         // Granted: start at the committed offset, else this member's start, else the
         // group's reset policy.
         let granted: Vec<TopicPartition> = assignment.difference(&self.owned).cloned().collect();
+        self.grants_waiting = false;
         if !granted.is_empty() {
             let req = FetchOffsetsRequest {
                 group: self.config.group.clone(),
                 partitions: Some(granted.clone()),
             };
-            let (resp, _) = self
+            let resp = match self
                 .client
                 .request_for_group(&req.group, &req, Bytes::new())
-                .await?;
+                .await
+            {
+                Ok((resp, _)) => resp,
+                // A transaction holding offsets of these partitions has not ended yet (the
+                // coordinator waits for it, then asks to retry), or the coordinator is slow
+                // or moving: the partitions stay granted and not started, and the next call
+                // asks again (`poll` does within `GRANT_RETRY`). Starting them now could
+                // reprocess what that transaction commits.
+                Err(e) if e.is_retriable() => {
+                    tracing::info!(group = %self.config.group, partitions = ?granted, error = %e, "committed offsets not available yet; asking again");
+                    self.grants_waiting = true;
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
             let mut committed: BTreeMap<TopicPartition, i64> = BTreeMap::new();
             for o in resp.offsets {
                 let tp = TopicPartition::new(o.topic, o.partition);
@@ -593,8 +640,56 @@ impl GroupConsumer {
         Ok(())
     }
 
+    /// Tells the user, commits (as configured) and drops revoked partitions; the caller
+    /// then marks them released for the heartbeat task.
+    async fn release(&mut self, revoked: &[TopicPartition]) {
+        if let Some(l) = self.listener.as_mut() {
+            l.on_revoked(revoked);
+        }
+        if self.config.commit_on_revoke || self.config.auto_commit.is_some() {
+            if let Err(e) = self.commit_partitions(revoked).await {
+                tracing::warn!(group = %self.config.group, error = %e, "commit of revoked partitions failed");
+            }
+        }
+        self.drop_partitions(revoked);
+        tracing::info!(group = %self.config.group, partitions = ?revoked, "released revoked partitions");
+    }
+
+    /// True when revoked partitions are held for [`release_revoked`](Self::release_revoked)
+    /// (`hold_revoked`).
+    pub fn holds_revoked(&self) -> bool {
+        !self.held_revoked.is_empty()
+    }
+
+    /// Releases the revoked partitions held so far (`hold_revoked`): commits them as a
+    /// revoke does (the offsets stored by now, with `commit_stored_offsets`) and gives them
+    /// back, so the coordinator can grant them to their next owner.
+    pub async fn release_revoked(&mut self) {
+        let held: Vec<TopicPartition> = std::mem::take(&mut self.held_revoked)
+            .into_iter()
+            .filter(|tp| self.owned.contains(tp))
+            .collect();
+        if held.is_empty() {
+            return;
+        }
+        self.release(&held).await;
+        {
+            let mut s = self.link.lock();
+            let owned = &self.owned;
+            let newly: Vec<TopicPartition> = s
+                .revoke
+                .iter()
+                .filter(|tp| !owned.contains(*tp))
+                .cloned()
+                .collect();
+            s.released.extend(newly);
+        }
+        self.link.released.notify_one();
+    }
+
     fn drop_partitions(&mut self, tps: &[TopicPartition]) {
         for tp in tps {
+            self.held_revoked.remove(tp);
             self.consumer.unassign(&tp.topic, [tp.partition]);
             self.owned.remove(tp);
             self.positions.remove(tp);
@@ -638,16 +733,23 @@ impl GroupConsumer {
             let link = self.link.clone();
             let changed = link.changed.notified();
             tokio::pin!(changed);
+            // Grants waiting for their offsets are asked for again soon, however long
+            // this poll may wait.
+            let until = if self.grants_waiting {
+                deadline.min(Instant::now() + GRANT_RETRY)
+            } else {
+                deadline
+            };
             let records = if self.owned.is_empty() {
                 tokio::select! {
                     _ = &mut changed => None,
-                    _ = tokio::time::sleep_until(deadline) => Some(Vec::new()),
+                    _ = tokio::time::sleep_until(until) => Some(Vec::new()),
                 }
             } else {
                 tokio::select! {
                     biased;
                     _ = &mut changed => None,
-                    r = self.consumer.poll_timeout(deadline.saturating_duration_since(Instant::now())) => Some(r?),
+                    r = self.consumer.poll_timeout(until.saturating_duration_since(Instant::now())) => Some(r?),
                 }
             };
             match records {

@@ -1,6 +1,8 @@
 //! FetchOffsets: a group's committed offsets. Offsets an open transaction will store are
-//! waited for (up to the longest transaction timeout's worth of a minute), so a member that
-//! takes over a partition starts from the transaction's outcome, never from before it.
+//! waited for, so a member that takes over a partition starts from the transaction's
+//! outcome, never from before it. The wait is bounded below a client's request timeout:
+//! a transaction still open then is answered `RequestTimedOut` ("retry"), and the SDK's
+//! group consumer asks again, its partitions not started meanwhile.
 
 use std::time::Duration;
 
@@ -11,8 +13,10 @@ use quiver_protocol::ErrorCode;
 use super::{decode, Reply, RequestError};
 use crate::server::ServerContext;
 
-/// How long a fetch waits for pending transactional offsets.
-const PENDING_WAIT: Duration = Duration::from_secs(60);
+/// How long a fetch waits for pending transactional offsets: well within the SDK's
+/// default request timeout (30 s), so the client gets the answer to retry rather than a
+/// timeout of its own.
+const PENDING_WAIT: Duration = Duration::from_secs(20);
 
 /// The most partitions one fetch-offsets request may name (all of a group's: name none).
 pub const MAX_FETCH_OFFSETS_PARTITIONS: usize = 100_000;
