@@ -81,7 +81,8 @@ pub struct GroupConfig {
     /// nothing committed or released) until [`GroupConsumer::release_revoked`]: for an
     /// application with work of those partitions still under way (writes in flight), which
     /// finishes it first, so the next owner starts after it and its late writes never land
-    /// after the next owner's. Off by default: `poll` releases them at once.
+    /// after the next owner's. `poll` returns at once when it starts holding partitions;
+    /// `records()` releases them itself. Off by default: `poll` releases them at once.
     pub hold_revoked: bool,
     /// A name shown by `group describe`.
     pub client_id: String,
@@ -252,6 +253,9 @@ pub struct GroupConsumer {
     grants_waiting: bool,
     /// Revoked partitions held until [`GroupConsumer::release_revoked`] (`hold_revoked`).
     held_revoked: BTreeSet<TopicPartition>,
+    /// Partitions were held since `poll` last returned: it returns at once, so the
+    /// application can finish their work and release them.
+    newly_held: bool,
     incarnation: u64,
     reset: AutoOffsetReset,
     listener: Option<Box<dyn RebalanceListener>>,
@@ -347,6 +351,7 @@ impl GroupConsumer {
             grants: 0,
             grants_waiting: false,
             held_revoked: BTreeSet::new(),
+            newly_held: false,
             incarnation: 0,
             reset: resp.auto_offset_reset,
             listener: None,
@@ -486,15 +491,27 @@ impl GroupConsumer {
                 l.on_lost(&lost);
             }
         }
-        // Held revoked partitions the coordinator no longer asks back (still granted): they
-        // start again below from the group's commit, like any grant.
+        // Held revoked partitions the coordinator no longer asks back (still granted): read
+        // on from where this member is, under the same grant (its work in flight still
+        // counts). One never read starts again below from the group's commit.
         let resumed: Vec<TopicPartition> = self
             .held_revoked
             .iter()
             .filter(|tp| !revoke.contains(*tp))
             .cloned()
             .collect();
-        self.drop_partitions(&resumed);
+        for tp in &resumed {
+            self.held_revoked.remove(tp);
+            match self.positions.get(tp).copied() {
+                Some(at) => {
+                    self.consumer.assign(&tp.topic, [tp.partition]).await?;
+                    self.consumer
+                        .seek(&tp.topic, tp.partition, SeekTo::Offset(at))?;
+                    tracing::info!(group = %self.config.group, topic = %tp.topic, partition = tp.partition, "a held revoked partition is this member's again");
+                }
+                None => self.drop_partitions(std::slice::from_ref(tp)),
+            }
+        }
         // Revoked: stop, tell the user, commit, release (or hold, with `hold_revoked`).
         let revoked: Vec<TopicPartition> = self
             .owned
@@ -516,6 +533,7 @@ impl GroupConsumer {
                 if !newly.is_empty() {
                     tracing::info!(group = %self.config.group, partitions = ?newly, "revoked partitions held until the application releases them");
                     self.held_revoked.extend(newly);
+                    self.newly_held = true;
                 }
             } else {
                 self.release(&revoked).await;
@@ -723,6 +741,9 @@ impl GroupConsumer {
         let deadline = Instant::now() + timeout;
         loop {
             self.apply_changes().await?;
+            if std::mem::take(&mut self.newly_held) {
+                return Ok(Vec::new());
+            }
             if let Some(every) = self.config.auto_commit {
                 if self.last_commit.elapsed() >= every {
                     if let Err(e) = self.commit().await {
@@ -771,6 +792,9 @@ impl GroupConsumer {
     pub fn records(&mut self) -> impl Stream<Item = Result<ConsumedRecord>> + '_ {
         futures::stream::unfold(self, |c| async move {
             loop {
+                // A stream's records are done once handed out: nothing to finish before
+                // revoked partitions go (with `hold_revoked`).
+                c.release_revoked().await;
                 if let Some(r) = hand_out(&mut c.held, &c.owned, &mut c.positions) {
                     return Some((Ok(r), c));
                 }
