@@ -800,3 +800,40 @@ fn a_group_at_group_max_size_refuses_a_new_member_until_one_leaves() {
             .expect("a member left, so a new one fits");
     });
 }
+
+/// Requests cancelled in the middle (a task aborted while its request is on the wire)
+/// leave the client and the broker able to answer the next one.
+#[test]
+fn requests_cancelled_mid_flight_leave_the_client_answering() {
+    let b = TestBroker::start();
+    b.cli_ok(&["topic", "create", "cancelled", "--partitions", "2"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = Client::connect(b.client_config()).await.unwrap();
+        let admin = quiver_client::Admin::new(client.clone());
+        admin.group_offsets("nobody", None).await.unwrap();
+        for round in 0..40u64 {
+            let tasks: Vec<_> = (0..50)
+                .map(|_| {
+                    let c = client.clone();
+                    tokio::spawn(async move {
+                        let _ = quiver_client::Admin::new(c)
+                            .group_offsets("nobody", None)
+                            .await;
+                    })
+                })
+                .collect();
+            tokio::time::sleep(Duration::from_micros(100 * (round % 20))).await;
+            for t in tasks {
+                t.abort();
+            }
+        }
+        let answered =
+            tokio::time::timeout(Duration::from_secs(10), admin.group_offsets("nobody", None))
+                .await;
+        assert!(
+            matches!(answered, Ok(Ok(_))),
+            "after cancelled requests: {answered:?}"
+        );
+    });
+}
