@@ -331,21 +331,6 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
             poll_ms = poll_started.elapsed().as_millis() as u64,
             "polled"
         );
-        if member.holds_revoked() {
-            if let Err(e) = complete_oldest(
-                &mut writer,
-                &mut member,
-                &mut chains,
-                &mut in_flight,
-                0,
-                metrics,
-            )
-            .await
-            {
-                break Err(e);
-            }
-            member.release_revoked().await;
-        }
         let owned = member.assignment();
         view.set(&owned);
         if let Err(e) = sync_chains(plan, &client, changelog, &mut member, &mut chains).await {

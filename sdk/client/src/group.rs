@@ -189,6 +189,17 @@ struct Shared {
 }
 
 impl Shared {
+    /// Marks as released every partition asked back that the consumer no longer owns.
+    fn release_unowned(&mut self, owned: &BTreeSet<TopicPartition>) {
+        let newly: Vec<TopicPartition> = self
+            .revoke
+            .iter()
+            .filter(|tp| !owned.contains(*tp))
+            .cloned()
+            .collect();
+        self.released.extend(newly);
+    }
+
     fn owned(&self) -> Vec<TopicPartition> {
         self.assignment
             .iter()
@@ -547,14 +558,7 @@ impl GroupConsumer {
         let (assignment, rejoined) = {
             let mut s = self.link.lock();
             let before = s.released.len();
-            let owned = &self.owned;
-            let newly: Vec<TopicPartition> = s
-                .revoke
-                .iter()
-                .filter(|tp| !owned.contains(*tp))
-                .cloned()
-                .collect();
-            s.released.extend(newly);
+            s.release_unowned(&self.owned);
             let assignment: BTreeSet<TopicPartition> = s
                 .assignment
                 .iter()
@@ -691,17 +695,7 @@ impl GroupConsumer {
             return;
         }
         self.release(&held).await;
-        {
-            let mut s = self.link.lock();
-            let owned = &self.owned;
-            let newly: Vec<TopicPartition> = s
-                .revoke
-                .iter()
-                .filter(|tp| !owned.contains(*tp))
-                .cloned()
-                .collect();
-            s.released.extend(newly);
-        }
+        self.link.lock().release_unowned(&self.owned);
         self.link.released.notify_one();
     }
 
