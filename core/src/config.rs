@@ -313,10 +313,17 @@ const CLI_ENV: &[&str] = &[
 /// never config keys.
 const FAULT_ENV_PREFIX: &str = "QUIVER_FAULT_";
 
+/// The prefix of variables the test harness reads (`QUIVER_TEST_KEEP_LOGS`), never config
+/// keys: a broker started by a test inherits them.
+const TEST_ENV_PREFIX: &str = "QUIVER_TEST_";
+
 /// Whether environment variable `name` overrides a broker config key (a `QUIVER_*`
-/// variable that is not one of the CLI's own nor a fault injection).
+/// variable that is not one of the CLI's own, a fault injection nor the test harness's).
 pub fn is_config_var(name: &str) -> bool {
-    name.starts_with(ENV_PREFIX) && !CLI_ENV.contains(&name) && !name.starts_with(FAULT_ENV_PREFIX)
+    name.starts_with(ENV_PREFIX)
+        && !CLI_ENV.contains(&name)
+        && !name.starts_with(FAULT_ENV_PREFIX)
+        && !name.starts_with(TEST_ENV_PREFIX)
 }
 
 impl BrokerConfig {
@@ -663,6 +670,12 @@ mod tests {
                 "1000".to_string(),
             ),
             ("QUIVER_BOOTSTRAP".to_string(), "ignored:1".to_string()),
+            // The test harness's and fault injection's variables are not config keys.
+            ("QUIVER_TEST_KEEP_LOGS".to_string(), "/tmp".to_string()),
+            (
+                "QUIVER_FAULT_CRASH_AFTER_WRITES".to_string(),
+                "1".to_string(),
+            ),
         ];
         let c = BrokerConfig::load(None, env).unwrap();
         assert_eq!(c.broker_id, 7);

@@ -1,8 +1,8 @@
 //! Fault injection for tests of the delivery guarantees: with
 //! `QUIVER_FAULT_CRASH_AFTER_WRITES=N` in its environment, a process running pipeline
-//! instances aborts (like `kill -9`) right after the N-th poll's output is written and before
-//! its input offsets are committed — the window where at-least-once writes twice and
-//! exactly-once must not. Unset (always, outside tests), it does nothing.
+//! instances aborts (like `kill -9`) right after the output of the N-th poll with input
+//! records is written and before its input offsets are committed — the window where
+//! at-least-once writes twice and exactly-once must not. Unset (always, outside tests), it does nothing.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -13,7 +13,7 @@ pub const CRASH_AFTER_WRITES: &str = "QUIVER_FAULT_CRASH_AFTER_WRITES";
 static LIMIT: OnceLock<Option<u64>> = OnceLock::new();
 static WRITES: AtomicU64 = AtomicU64::new(0);
 
-/// Called between a poll's writes and its commit.
+/// Called between the writes of a poll with input records and its commit.
 pub fn after_write() {
     let limit = LIMIT.get_or_init(|| {
         std::env::var(CRASH_AFTER_WRITES)

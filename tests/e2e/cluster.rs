@@ -12,7 +12,9 @@ use std::process::Command;
 use serde_json::Value;
 
 pub(super) use super::harness::succeeded;
-use super::harness::{bin, cli_at, free_udp_port, json_lines, unsafe_kill, wait_for};
+use super::harness::{
+    bin, cli_at, free_udp_port, json_lines, keep_logs_on_failure, unsafe_kill, wait_for,
+};
 
 fn quiver(args: &[&str]) -> std::process::Output {
     Command::new(bin()).args(args).output().expect("run quiver")
@@ -155,16 +157,13 @@ impl Drop for TestCluster {
         if std::thread::panicking() {
             // A failed test shows what its brokers said last (their logs go with the dir);
             // with QUIVER_TEST_KEEP_LOGS=DIR their whole logs are kept there.
-            if let Some(keep) = std::env::var_os("QUIVER_TEST_KEEP_LOGS") {
-                let to =
-                    std::path::Path::new(&keep).join(format!("cluster-{}", std::process::id()));
-                let _ = std::fs::create_dir_all(&to);
-                for id in 1..=3 {
+            let logs: Vec<(PathBuf, String)> = (1..=3)
+                .map(|id| {
                     let log = self.dir.path().join(format!("qc/broker-{id}/broker.log"));
-                    let _ = std::fs::copy(log, to.join(format!("broker-{id}.log")));
-                }
-                eprintln!("---- whole broker logs kept in {}", to.display());
-            }
+                    (log, format!("broker-{id}.log"))
+                })
+                .collect();
+            keep_logs_on_failure("cluster", &logs);
             for id in 1..=3 {
                 let log = self.dir.path().join(format!("qc/broker-{id}/broker.log"));
                 let text = std::fs::read_to_string(log).unwrap_or_default();

@@ -101,7 +101,8 @@ impl TestBroker {
         }
     }
 
-    fn log_path(&self) -> PathBuf {
+    /// Where the broker's output goes.
+    pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("broker.log")
     }
 
@@ -356,6 +357,34 @@ pub fn printed_values(out: &Output) -> Vec<String> {
                 .to_string()
         })
         .collect()
+}
+
+/// Copies `logs` (each `(path, name)`) into `$QUIVER_TEST_KEEP_LOGS/<label>-<pid>/` when
+/// a test fails (the variable set, a panic unwinding): the temporary directories holding
+/// them are gone once the test ends.
+pub fn keep_logs_on_failure(label: &str, logs: &[(PathBuf, String)]) {
+    if !std::thread::panicking() {
+        return;
+    }
+    let Some(keep) = std::env::var_os("QUIVER_TEST_KEEP_LOGS") else {
+        return;
+    };
+    let to = Path::new(&keep).join(format!("{label}-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&to);
+    for (path, name) in logs {
+        let _ = std::fs::copy(path, to.join(name));
+    }
+    eprintln!("---- whole logs kept in {}", to.display());
+}
+
+/// Calls [`keep_logs_on_failure`] when dropped: declared after what owns the logs, it runs
+/// before they are deleted.
+pub struct KeepLogsOnFailure(pub &'static str, pub Vec<(PathBuf, String)>);
+
+impl Drop for KeepLogsOnFailure {
+    fn drop(&mut self) {
+        keep_logs_on_failure(self.0, &self.1);
+    }
 }
 
 /// Polls `cond` every 100 ms until it holds; panics with `what` after `secs`.

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use super::harness::{
     bin, describe_now, example, json_lines, read_committed_args, settled, succeeded, unsafe_kill,
-    wait_for, TestBroker,
+    wait_for, KeepLogsOnFailure, TestBroker,
 };
 
 /// A Lua processor that refuses records whose value contains "bad" and upper-cases the rest.
@@ -526,6 +526,11 @@ fn word_count_through_a_kill(guarantee: &str, records: usize, words: usize) -> W
         lines.push(format!("{word}:{word} {i}"));
     }
     assert_eq!(truth.len(), words, "every word is drawn");
+    let mut logs: Vec<(PathBuf, String)> = (0..4)
+        .map(|i| (dir.path().join(format!("wc{i}.log")), format!("wc{i}.log")))
+        .collect();
+    logs.push((b.log_path(), "broker.log".into()));
+    let _keep = KeepLogsOnFailure("word-count", logs);
     let mut doomed = Runner::spawn_with(
         &b,
         &file,
