@@ -490,8 +490,10 @@ struct WordCountRun {
     inputs: u64,
     /// The sink read with read-committed.
     committed: Vec<Value>,
-    /// Records in the sink, read-uncommitted (aborted attempts included).
+    /// The sink's log end (aborted attempts and transaction markers included).
     uncommitted_len: i64,
+    /// Records in the sink read with read-uncommitted (aborted attempts included).
+    uncommitted: usize,
 }
 
 /// The run: `records` records keyed by `words` distinct words into a 6-partition
@@ -571,11 +573,22 @@ fn word_count_through_a_kill(guarantee: &str, records: usize, words: usize) -> W
         std::thread::sleep(Duration::from_millis(500));
         committed = read_committed();
     }
+    let uncommitted = json_lines(&b.cli_ok(&[
+        "consume",
+        "counts",
+        "--from-beginning",
+        "--isolation",
+        "read-uncommitted",
+        "--output",
+        "json",
+    ]))
+    .len();
     WordCountRun {
         truth,
         inputs: records as u64,
         committed,
         uncommitted_len,
+        uncommitted,
     }
 }
 
@@ -599,6 +612,13 @@ fn exactly_once_word_counts_are_exact_through_a_killed_instance() {
         .map(|r| header(r, "quiver.source"))
         .collect();
     assert_eq!(run.committed.len() as u64, run.inputs, "committed outputs");
+    // The kill landed where it matters: the killed instance's last transaction had written
+    // output (aborted since, so in the log but not read as committed).
+    assert!(
+        run.uncommitted as u64 > run.inputs,
+        "no output of an aborted attempt in the log ({} records read uncommitted)",
+        run.uncommitted
+    );
     assert_eq!(
         sources.len() as u64,
         run.inputs,
@@ -633,6 +653,12 @@ fn at_least_once_word_counts_lose_nothing_through_a_killed_instance() {
         sources.len() as u64,
         run.inputs,
         "every input reached the sink"
+    );
+    // The kill landed where it matters: between a poll's acknowledged writes and its
+    // commit, so the next owner wrote those inputs' outputs again.
+    assert!(
+        run.committed.len() as u64 > run.inputs,
+        "no input was processed twice: the kill did not land between writes and commit"
     );
 }
 

@@ -367,6 +367,147 @@ fn a_member_waits_for_the_transaction_holding_its_offsets_without_failing_its_po
     });
 }
 
+/// A member granted a partition whose offsets an open transaction holds goes on reading the
+/// partitions it owned before while it waits: the offsets are fetched beside its polls, not
+/// inside them.
+#[test]
+fn a_member_waiting_for_a_transactions_offsets_goes_on_reading_its_other_partitions() {
+    let b = TestBroker::start();
+    b.cli_ok(&["topic", "create", "in", "--partitions", "2"]);
+    b.cli_ok(&["topic", "create", "out", "--partitions", "1"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = connect(&b).await;
+        let group = || {
+            GroupConfig::new("w", ["in"])
+                .start_without_commit_at(quiver_client::AutoOffsetReset::Earliest)
+        };
+        let mut a = GroupConsumer::join(client.clone(), group()).await.unwrap();
+        let mut second = GroupConsumer::join(client.clone(), group()).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while a.assignment().len() != 1 || second.assignment().len() != 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the two members never split the partitions"
+            );
+            a.poll_timeout(Duration::from_millis(100)).await.unwrap();
+            second
+                .poll_timeout(Duration::from_millis(100))
+                .await
+                .unwrap();
+        }
+        let held = a.assignment()[0].partition;
+        let own = second.assignment()[0].partition;
+        // The first member's transaction holds the offsets of its partition; it goes away
+        // without committing, so the partition moves to the second member.
+        let mut tx = TransactionalProducer::init_with_timeout(
+            client.clone(),
+            "w-1",
+            Duration::from_secs(120),
+        )
+        .await
+        .unwrap();
+        send(&mut tx, "out", &["o1"]).await;
+        tx.flush().await.unwrap();
+        let commit = quiver_protocol::requests::TxnCommitOffsetsRequest {
+            transactional_id: "w-1".into(),
+            producer_id: tx.producer().0,
+            producer_epoch: tx.producer().1,
+            group: "w".into(),
+            member_id: a.member_id(),
+            generation: a.generation(),
+            offsets: vec![OffsetCommit {
+                topic: "in".into(),
+                partition: held,
+                offset: 0,
+                metadata: None,
+            }],
+        };
+        client.request(&commit, bytes::Bytes::new()).await.unwrap();
+        a.close_without_commit().await.unwrap();
+        // Wait until the coordinator has granted the held partition to the second member
+        // (it is not started: its offsets wait for the transaction).
+        let admin = quiver_client::Admin::new(client.clone());
+        wait_until_owned_by_one(&admin, &mut second).await;
+        let own_arg = own.to_string();
+        let produced = b.cli_with_stdin(
+            &["produce", "in", "--partition", &own_arg],
+            Some(b"x1\nx2\nx3\n"),
+        );
+        succeeded(&produced);
+        let mut values = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while values.len() < 3 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the member's own partition stalled while it waited for the transaction: {values:?}"
+            );
+            // The coordinator holds a fetch of those offsets up to 20 s: a poll that waited
+            // in it would take that long, however short its own timeout.
+            let started = tokio::time::Instant::now();
+            let polled = second
+                .poll_timeout(Duration::from_millis(500))
+                .await
+                .unwrap();
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "a 500 ms poll took {:?}: it waited for the held offsets",
+                started.elapsed()
+            );
+            for r in polled {
+                assert_eq!(
+                    r.partition, own,
+                    "nothing of the held partition before the outcome"
+                );
+                values.push(String::from_utf8_lossy(&r.value).into_owned());
+            }
+        }
+        assert_eq!(values, ["x1", "x2", "x3"]);
+        assert_eq!(
+            second.assignment().len(),
+            1,
+            "the held partition starts only once the transaction ended"
+        );
+        tx.commit(None).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while second.assignment().len() != 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the held partition never started"
+            );
+            second
+                .poll_timeout(Duration::from_millis(200))
+                .await
+                .unwrap();
+        }
+        second.close().await.unwrap();
+    });
+}
+
+/// Polls `member` until the group's description shows every partition owned by it (granted,
+/// even if not started yet).
+async fn wait_until_owned_by_one(admin: &quiver_client::Admin, member: &mut GroupConsumer) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let d = admin.describe_group("w").await.unwrap();
+        if d.members.len() == 1
+            && d.partitions
+                .iter()
+                .all(|p| p.owner.as_deref() == Some(&*member.member_id()))
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the partition never moved: {d:?}"
+        );
+        member
+            .poll_timeout(Duration::from_millis(100))
+            .await
+            .unwrap();
+    }
+}
+
 #[test]
 fn a_crashed_producers_open_transaction_is_aborted_after_its_timeout_even_across_a_restart() {
     let (mut b, rt) = broker_with_topic();

@@ -23,8 +23,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::Stream;
 use quiver_protocol::requests::{
-    AutoOffsetReset, CommitOffsetsRequest, FetchOffsetsRequest, HeartbeatRequest, JoinGroupRequest,
-    LeaveGroupRequest, OffsetCommit, OffsetSpec, Strategy, Subscription, TopicPartition,
+    AutoOffsetReset, CommitOffsetsRequest, FetchOffsetsRequest, FetchOffsetsResponse,
+    HeartbeatRequest, JoinGroupRequest, LeaveGroupRequest, OffsetCommit, OffsetSpec, Strategy,
+    Subscription, TopicPartition,
 };
 use quiver_protocol::ErrorCode;
 use tokio::sync::Notify;
@@ -39,6 +40,9 @@ use crate::{Client, ClientError, ConsumedRecord, Consumer, ConsumerConfig, Resul
 /// How soon `poll` asks again for the committed offsets of granted partitions the
 /// coordinator could not give yet.
 const GRANT_RETRY: Duration = Duration::from_millis(500);
+/// How long a call waits for the committed offsets of granted partitions before going on
+/// without them (they are looked for again at the next call).
+const OFFSETS_FETCH_WAIT: Duration = Duration::from_millis(200);
 
 /// How a [`GroupConsumer`] joins and behaves.
 ///
@@ -262,6 +266,8 @@ pub struct GroupConsumer {
     /// Granted partitions wait for their committed offsets (a retriable `FetchOffsets`
     /// failure): `poll` asks again within [`GRANT_RETRY`].
     grants_waiting: bool,
+    /// The committed offsets of granted partitions, being fetched.
+    offsets_fetch: Option<OffsetsFetch>,
     /// Revoked partitions held until [`GroupConsumer::release_revoked`] (`hold_revoked`).
     held_revoked: BTreeSet<TopicPartition>,
     /// Partitions were held since `poll` last returned: it returns at once, so the
@@ -280,6 +286,14 @@ pub struct GroupConsumer {
 }
 
 /// A commit started by [`GroupConsumer::commit_in_background`], and the offsets it carries.
+/// A fetch of granted partitions' committed offsets under way.
+struct OffsetsFetch {
+    partitions: Vec<TopicPartition>,
+    /// The membership it was asked for: an answer for an earlier one is not used.
+    incarnation: u64,
+    task: JoinHandle<Result<FetchOffsetsResponse>>,
+}
+
 struct BackgroundCommit {
     offsets: Vec<OffsetCommit>,
     task: JoinHandle<Result<u32>>,
@@ -361,6 +375,7 @@ impl GroupConsumer {
             grant_ids: BTreeMap::new(),
             grants: 0,
             grants_waiting: false,
+            offsets_fetch: None,
             held_revoked: BTreeSet::new(),
             newly_held: false,
             incarnation: 0,
@@ -580,28 +595,29 @@ impl GroupConsumer {
         // group's reset policy.
         let granted: Vec<TopicPartition> = assignment.difference(&self.owned).cloned().collect();
         self.grants_waiting = false;
+        // A fetch asked for another set of grants (one of them revoked or lost before it
+        // started, or granted since) is not used: its answer may predate commits of another
+        // owner the partition had meanwhile. It runs to its end on its own.
+        if self
+            .offsets_fetch
+            .as_ref()
+            .is_some_and(|f| f.partitions != granted || f.incarnation != self.incarnation)
+        {
+            self.offsets_fetch = None;
+        }
+        if self.newly_held {
+            // `poll` returns now, so the application can finish the held partitions' work
+            // and release them; grants start at the next call.
+            return Ok(());
+        }
         if !granted.is_empty() {
-            let req = FetchOffsetsRequest {
-                group: self.config.group.clone(),
-                partitions: Some(granted.clone()),
-            };
-            let resp = match self
-                .client
-                .request_for_group(&req.group, &req, Bytes::new())
-                .await
-            {
-                Ok((resp, _)) => resp,
-                // A transaction holding offsets of these partitions has not ended yet (the
-                // coordinator waits for it, then asks to retry), or the coordinator is slow
-                // or moving: the partitions stay granted and not started, and the next call
-                // asks again (`poll` does within `GRANT_RETRY`). Starting them now could
-                // reprocess what that transaction commits.
-                Err(e) if e.is_retriable() => {
-                    tracing::info!(group = %self.config.group, partitions = ?granted, error = %e, "committed offsets not available yet; asking again");
-                    self.grants_waiting = true;
-                    return Ok(());
-                }
-                Err(e) => return Err(e),
+            let Some(resp) = self.granted_offsets(&granted).await? else {
+                // Not answered yet: the partitions stay granted and not started (starting
+                // them could reprocess what a pending transaction commits), and the
+                // partitions this member reads go on meanwhile; `poll` looks again within
+                // `GRANT_RETRY`.
+                self.grants_waiting = true;
+                return Ok(());
             };
             let mut committed: BTreeMap<TopicPartition, i64> = BTreeMap::new();
             for o in resp.offsets {
@@ -697,6 +713,62 @@ impl GroupConsumer {
         self.release(&held).await;
         self.link.lock().release_unowned(&self.owned);
         self.link.released.notify_one();
+    }
+
+    /// The committed offsets of `granted`, fetched in a task of its own so that a
+    /// coordinator waiting for a transaction that holds some of them (up to 20 s a
+    /// request) does not hold up this member's other partitions. `None` while the answer
+    /// has not come (after a short wait, which covers the usual quick answer) or the
+    /// fetch failed in a way worth retrying (it is asked again at the next call).
+    async fn granted_offsets(
+        &mut self,
+        granted: &[TopicPartition],
+    ) -> Result<Option<FetchOffsetsResponse>> {
+        // The caller dropped a fetch asked for other grants (its task runs to its end on
+        // its own, its answer unused).
+        if self.offsets_fetch.is_none() {
+            let req = FetchOffsetsRequest {
+                group: self.config.group.clone(),
+                partitions: Some(granted.to_vec()),
+            };
+            let client = self.client.clone();
+            let task = tokio::spawn(
+                async move {
+                    client
+                        .request_for_group(&req.group, &req, Bytes::new())
+                        .await
+                        .map(|(resp, _)| resp)
+                }
+                .in_current_span(),
+            );
+            self.offsets_fetch = Some(OffsetsFetch {
+                partitions: granted.to_vec(),
+                incarnation: self.incarnation,
+                task,
+            });
+        }
+        let Some(fetch) = self.offsets_fetch.as_mut() else {
+            return Ok(None);
+        };
+        let done = match tokio::time::timeout(OFFSETS_FETCH_WAIT, &mut fetch.task).await {
+            Ok(done) => done,
+            Err(_) => return Ok(None),
+        };
+        self.offsets_fetch = None;
+        match done {
+            Ok(Ok(resp)) => Ok(Some(resp)),
+            // A transaction holding some of these offsets has not ended (the coordinator
+            // answers "retry" after its wait), or the coordinator is slow or moving.
+            Ok(Err(e)) if e.is_retriable() => {
+                tracing::info!(group = %self.config.group, partitions = ?granted, error = %e, "committed offsets not available yet; asking again");
+                Ok(None)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(ClientError::Broker {
+                code: ErrorCode::Internal,
+                message: format!("the offset fetch task failed: {e}"),
+            }),
+        }
     }
 
     fn drop_partitions(&mut self, tps: &[TopicPartition]) {
