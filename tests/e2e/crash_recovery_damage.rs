@@ -299,3 +299,48 @@ fn a_damaged_metadata_record_takes_only_its_partition_offline_until_repaired() {
         "a\nb\nc\nd\n"
     );
 }
+
+/// An unreadable topic record (disk damage) no longer stops the broker: the other topics
+/// serve, the damaged one answers that it is offline and what to do, its name cannot be
+/// created over it, and `topic delete` drops the record so the name can be used again.
+#[test]
+fn a_damaged_topic_record_takes_only_its_topic_offline() {
+    let mut b = TestBroker::start_with_config("delete_topic_enable = true\n");
+    b.cli_ok(&["topic", "create", "fine", "--partitions", "1"]);
+    b.cli_ok(&["topic", "create", "hurt", "--partitions", "2"]);
+    b.cli_stdin_ok(&["produce", "fine"], b"a\nb\n");
+    b.cli_stdin_ok(&["produce", "hurt"], b"x\n");
+    b.terminate();
+    {
+        let db = quiver_core::log::store::open(&b.data_dir().join("log"))
+            .expect("open the broker's sled database");
+        let topics = db.open_tree(TOPICS_TREE).unwrap();
+        assert!(topics
+            .insert("hurt", &b"\xffnot json"[..])
+            .unwrap()
+            .is_some());
+        db.flush().unwrap();
+    }
+    b.spawn();
+    b.wait_ready();
+    assert_eq!(b.cli_ok(&["consume", "fine", "--from-beginning"]), "a\nb\n");
+    let e = b.cli_err(&["topic", "describe", "hurt"], None);
+    assert!(
+        e.contains("offline") && e.contains("damaged") && e.contains("quiver topic delete hurt"),
+        "{e}"
+    );
+    let e = b.cli_err(&["produce", "hurt"], Some(b"y\n"));
+    assert!(e.contains("offline"), "{e}");
+    let e = b.cli_err(&["topic", "create", "hurt", "--partitions", "1"], None);
+    assert!(e.contains("offline"), "{e}");
+    assert!(!b.cli_ok(&["topic", "list"]).contains("hurt"));
+    b.cli_ok(&["topic", "delete", "hurt"]);
+    b.cli_ok(&["topic", "create", "hurt", "--partitions", "1"]);
+    b.cli_stdin_ok(&["produce", "hurt"], b"new\n");
+    assert_eq!(b.cli_ok(&["consume", "hurt", "--from-beginning"]), "new\n");
+    // And it stays fixed across a restart.
+    b.terminate();
+    b.spawn();
+    b.wait_ready();
+    assert_eq!(b.cli_ok(&["consume", "hurt", "--from-beginning"]), "new\n");
+}

@@ -56,6 +56,15 @@ pub enum TopicError {
     /// Storage failed.
     #[error(transparent)]
     Log(#[from] LogError),
+    /// The topic's stored record cannot be read (disk damage, not a crash): the topic is
+    /// offline, and its data is kept.
+    #[error("topic {topic:?} is offline: its stored record is damaged ({reason}); its data is kept but cannot be reached. Restore the data directory from a backup, or drop the topic with `quiver topic delete {topic}` (its stored batches then stay on disk unreferenced)")]
+    Damaged {
+        /// The topic.
+        topic: String,
+        /// What could not be read.
+        reason: String,
+    },
     /// A client asked to change an internal topic.
     #[error("{topic:?} is an internal topic (names starting with \"__\" belong to the broker); clients cannot {action} it")]
     Internal {
@@ -100,6 +109,7 @@ impl TopicError {
             TopicError::InvalidConfig(_) => ErrorCode::InvalidConfig,
             TopicError::InvalidPartitions(_) => ErrorCode::InvalidPartitions,
             TopicError::Log(e) => e.code(),
+            TopicError::Damaged { .. } => ErrorCode::StorageError,
             TopicError::Internal { .. } => ErrorCode::InvalidTopicName,
         }
     }
@@ -164,6 +174,9 @@ pub struct TopicRegistry {
     partition_meta: sled::Tree,
     defaults: TopicConfig,
     topics: RwLock<HashMap<String, Arc<Topic>>>,
+    /// Topics whose stored record could not be read at open, with why: offline until
+    /// deleted (or, in a cluster, replaced by the controller's copy).
+    damaged: RwLock<HashMap<String, String>>,
     admin: std::sync::Mutex<()>,
 }
 
@@ -175,14 +188,19 @@ impl TopicRegistry {
         // Trees a data directory may still have from before partitions shared trees.
         let legacy: HashSet<Vec<u8>> = db.tree_names().into_iter().map(|n| n.to_vec()).collect();
         let mut topics = HashMap::new();
+        let mut damaged = HashMap::new();
         for item in topics_tree.iter() {
-            let (_, v) = item?;
-            let meta: TopicMeta = serde_json::from_slice(&v).map_err(|e| {
-                TopicError::Log(LogError::Corrupt {
-                    offset: -1,
-                    reason: format!("topic record: {e}"),
-                })
-            })?;
+            let (key, v) = item?;
+            let meta: TopicMeta = match serde_json::from_slice(&v) {
+                Ok(meta) => meta,
+                Err(e) => {
+                    // One unreadable record takes only its topic offline: the others serve.
+                    let name = String::from_utf8_lossy(&key).into_owned();
+                    tracing::error!(topic = %name, error = %e, "the topic's stored record is damaged; the topic is offline (its data is kept)");
+                    damaged.insert(name, format!("topic record: {e}"));
+                    continue;
+                }
+            };
             let config = defaults.with_changes(&meta.overrides).unwrap_or_else(|e| {
                 tracing::warn!(topic = %meta.name, error = %e, "stored topic config no longer valid; using defaults");
                 defaults.clone()
@@ -208,13 +226,14 @@ impl TopicRegistry {
                 }),
             );
         }
-        finish_deletions(&db, &partition_meta, &topics)?;
+        finish_deletions(&db, &partition_meta, &topics, &damaged)?;
         Ok(TopicRegistry {
             db,
             topics_tree,
             partition_meta,
             defaults,
             topics: RwLock::new(topics),
+            damaged: RwLock::new(damaged),
             admin: std::sync::Mutex::new(()),
         })
     }
@@ -228,10 +247,29 @@ impl TopicRegistry {
             .cloned()
     }
 
-    /// The topic or `NotFound`.
+    /// The topic or `NotFound` (`Damaged` for one whose stored record is unreadable).
     pub fn topic(&self, name: &str) -> Result<Arc<Topic>, TopicError> {
-        self.get(name)
-            .ok_or_else(|| TopicError::NotFound(name.to_string()))
+        self.get(name).ok_or_else(|| {
+            self.damaged_error(name)
+                .unwrap_or_else(|| TopicError::NotFound(name.to_string()))
+        })
+    }
+
+    /// `Damaged` when `name`'s stored record could not be read at open.
+    fn damaged_error(&self, name: &str) -> Option<TopicError> {
+        let damaged = self.damaged.read().unwrap_or_else(|p| p.into_inner());
+        damaged.get(name).map(|reason| TopicError::Damaged {
+            topic: name.to_string(),
+            reason: reason.clone(),
+        })
+    }
+
+    /// Names of the topics offline because their stored record is damaged, sorted.
+    pub fn damaged(&self) -> Vec<String> {
+        let damaged = self.damaged.read().unwrap_or_else(|p| p.into_inner());
+        let mut names: Vec<String> = damaged.keys().cloned().collect();
+        names.sort();
+        names
     }
 
     /// A partition of a topic.
@@ -278,7 +316,7 @@ impl TopicRegistry {
                 "topic names starting with \"__\" are reserved for internal topics: {name:?}"
             )));
         }
-        self.create_any(name, partitions, overrides, None)
+        self.create_any(name, partitions, overrides, None, false)
     }
 
     /// Cluster brokers: makes this broker's copy of the controller's topic `name` (id
@@ -310,7 +348,9 @@ impl TopicRegistry {
             );
             self.delete(name)?;
         }
-        self.create_any(name, partitions, overrides, Some(cluster_id))
+        // The controller's copy replaces a local one whose record is damaged: the
+        // partitions start empty and are fetched from their leaders again.
+        self.create_any(name, partitions, overrides, Some(cluster_id), true)
     }
 
     /// The cluster id of a local topic (`None` for a lone broker's or an internal topic).
@@ -327,15 +367,18 @@ impl TopicRegistry {
         partitions: u32,
         overrides: &BTreeMap<String, String>,
     ) -> Result<Arc<Topic>, TopicError> {
-        self.create_any(name, partitions, overrides, None)
+        self.create_any(name, partitions, overrides, None, false)
     }
 
+    /// Creates a topic; one whose stored record is damaged is refused unless
+    /// `replace_damaged` (its old data then stays on disk unreferenced).
     fn create_any(
         &self,
         name: &str,
         partitions: u32,
         overrides: &BTreeMap<String, String>,
         cluster_id: Option<u64>,
+        replace_damaged: bool,
     ) -> Result<Arc<Topic>, TopicError> {
         validate_topic_name(name).map_err(TopicError::InvalidName)?;
         if partitions == 0 || partitions > MAX_PARTITIONS {
@@ -350,6 +393,9 @@ impl TopicRegistry {
         let _guard = self.admin.lock().unwrap_or_else(|p| p.into_inner());
         if self.get(name).is_some() {
             return Err(TopicError::AlreadyExists(name.to_string()));
+        }
+        if let Some(e) = self.damaged_error(name).filter(|_| !replace_damaged) {
+            return Err(e);
         }
         let meta = TopicMeta {
             id: self.db.generate_id()?,
@@ -384,6 +430,15 @@ impl TopicRegistry {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(name.to_string(), topic.clone());
+        if self
+            .damaged
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name)
+            .is_some()
+        {
+            tracing::warn!(topic = name, "a topic whose stored record was damaged is replaced; its old data stays on disk unreferenced");
+        }
         tracing::info!(topic = name, partitions, "created topic");
         Ok(topic)
     }
@@ -488,12 +543,14 @@ impl TopicRegistry {
     /// Deletes a topic and its data; returns the number of partitions dropped.
     pub fn delete(&self, name: &str) -> Result<u32, TopicError> {
         let _guard = self.admin.lock().unwrap_or_else(|p| p.into_inner());
-        let topic = self
+        let removed = self
             .topics
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(name)
-            .ok_or_else(|| TopicError::NotFound(name.to_string()))?;
+            .remove(name);
+        let Some(topic) = removed else {
+            return self.delete_damaged(name).map(|()| 0);
+        };
         let deleting = self.db.open_tree(DELETING_TREE)?;
         let meta = topic.meta.read().unwrap_or_else(|p| p.into_inner()).clone();
         deleting.insert(
@@ -509,6 +566,24 @@ impl TopicRegistry {
         tracing::info!(topic = name, "deleted topic");
         Ok(topic.partitions.len() as u32)
     }
+
+    /// Drops the unreadable record of a damaged topic (`NotFound` for a name with no
+    /// record). Which partitions were its is unknown, so its data stays on disk
+    /// unreferenced.
+    fn delete_damaged(&self, name: &str) -> Result<(), TopicError> {
+        let mut damaged = self.damaged.write().unwrap_or_else(|p| p.into_inner());
+        if !damaged.contains_key(name) {
+            return Err(TopicError::NotFound(name.to_string()));
+        }
+        self.topics_tree.remove(name.as_bytes())?;
+        self.db.flush()?;
+        damaged.remove(name);
+        tracing::warn!(
+            topic = name,
+            "dropped the damaged record of a topic; its stored batches stay on disk unreferenced"
+        );
+        Ok(())
+    }
 }
 
 /// Finishes the deletions a crash interrupted: erases what is left of each topic's
@@ -518,11 +593,18 @@ fn finish_deletions(
     db: &Database,
     partition_meta: &sled::Tree,
     topics: &HashMap<String, Arc<Topic>>,
+    damaged: &HashMap<String, String>,
 ) -> Result<(), TopicError> {
     let deleting = db.open_tree(DELETING_TREE)?;
     for item in deleting.iter() {
         let (key, value) = item?;
         match serde_json::from_slice::<TopicMeta>(&value) {
+            // Whether the deletion had begun cannot be told from a damaged record: its
+            // data and this record stay.
+            Ok(meta) if damaged.contains_key(&meta.name) => {
+                tracing::warn!(topic = %meta.name, "a deletion under way names a topic whose record is damaged; its data stays");
+                continue;
+            }
             Ok(meta) if !topics.values().any(|t| t.id() == meta.id) => {
                 for p in 0..meta.partitions {
                     crate::log::partition::erase_stored(db, partition_meta, meta.id, p)?;
@@ -596,6 +678,52 @@ mod tests {
         let r = TopicRegistry::open(db.clone(), TopicConfig::default()).unwrap();
         assert_eq!(r.get("kept").map(|t| t.id()), Some(meta.id));
         assert!(db.open_tree(DELETING_TREE).unwrap().is_empty());
+    }
+
+    /// An unreadable topic record (disk damage) takes only that topic offline: the others
+    /// open and serve, the damaged one answers `StorageError` naming what to do, its name
+    /// cannot be taken by a create, and deleting it drops the record.
+    #[test]
+    fn a_damaged_topic_record_takes_only_its_topic_offline() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::log::store::open(dir.path()).unwrap();
+        let r = TopicRegistry::open(db.clone(), TopicConfig::default()).unwrap();
+        r.create("healthy", 2, &BTreeMap::new()).unwrap();
+        r.create("hurt", 1, &BTreeMap::new()).unwrap();
+        drop(r);
+        let topics = db.open_tree(TOPICS_TREE).unwrap();
+        topics.insert("hurt", &b"{\"id\": 7, \"na\xff"[..]).unwrap();
+        let r = TopicRegistry::open(db.clone(), TopicConfig::default())
+            .expect("one damaged topic record does not stop the open");
+        assert_eq!(r.topic("healthy").unwrap().partitions.len(), 2);
+        assert_eq!(r.damaged(), ["hurt"]);
+        let names: Vec<String> = r.list().iter().map(|t| t.name()).collect();
+        assert_eq!(names, ["healthy"]);
+        let e = r.topic("hurt").err().expect("offline");
+        assert_eq!(e.code(), ErrorCode::StorageError);
+        assert!(e.to_string().contains("quiver topic delete hurt"), "{e}");
+        assert!(matches!(
+            r.create("hurt", 1, &BTreeMap::new()),
+            Err(TopicError::Damaged { .. })
+        ));
+        assert!(matches!(
+            r.partition("hurt", 0),
+            Err(TopicError::Damaged { .. })
+        ));
+        // The record stays as it was until the topic is deleted.
+        let before = topics.get("hurt").unwrap();
+        drop(r);
+        let r = TopicRegistry::open(db.clone(), TopicConfig::default()).unwrap();
+        assert_eq!(topics.get("hurt").unwrap(), before);
+        assert_eq!(r.delete("hurt").unwrap(), 0);
+        assert!(topics.get("hurt").unwrap().is_none());
+        assert!(r.damaged().is_empty());
+        assert!(matches!(r.topic("hurt"), Err(TopicError::NotFound(_))));
+        r.create("hurt", 3, &BTreeMap::new()).unwrap();
+        drop(r);
+        let r = TopicRegistry::open(db, TopicConfig::default()).unwrap();
+        assert_eq!(r.topic("hurt").unwrap().partitions.len(), 3);
+        assert!(r.damaged().is_empty());
     }
 
     #[test]

@@ -70,7 +70,19 @@ pub fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
             .into_iter()
             .filter(|t| !t.name().starts_with("__"))
             .collect(),
-        Some(names) => names.iter().filter_map(|n| ctx.topics.get(n)).collect(),
+        // A topic asked for by name whose stored record is damaged fails the request with
+        // what to do; one that does not exist is left out.
+        Some(names) => {
+            let mut found = Vec::with_capacity(names.len());
+            for n in names {
+                match ctx.topics.topic(n) {
+                    Ok(t) => found.push(t),
+                    Err(e @ crate::topic::TopicError::Damaged { .. }) => return Err(e.into()),
+                    Err(_) => {}
+                }
+            }
+            found
+        }
     };
     Ok(Reply::control(&MetadataResponse {
         brokers: match ctx.replicas() {
