@@ -690,15 +690,24 @@ mod tests {
         let r = TopicRegistry::open(db.clone(), TopicConfig::default()).unwrap();
         r.create("healthy", 2, &BTreeMap::new()).unwrap();
         r.create("hurt", 1, &BTreeMap::new()).unwrap();
+        r.create("replica", 1, &BTreeMap::new()).unwrap();
         drop(r);
         let topics = db.open_tree(TOPICS_TREE).unwrap();
         topics.insert("hurt", &b"{\"id\": 7, \"na\xff"[..]).unwrap();
+        topics.insert("replica", &b"\x00"[..]).unwrap();
         let r = TopicRegistry::open(db.clone(), TopicConfig::default())
             .expect("one damaged topic record does not stop the open");
         assert_eq!(r.topic("healthy").unwrap().partitions.len(), 2);
+        assert_eq!(r.damaged(), ["hurt", "replica"]);
+        // In a cluster the controller's copy replaces a damaged one.
+        let t = r
+            .ensure_replica("replica", 2, &BTreeMap::new(), 42)
+            .unwrap();
+        assert_eq!(t.partitions.len(), 2);
+        assert_eq!(r.cluster_id("replica"), Some(42));
         assert_eq!(r.damaged(), ["hurt"]);
         let names: Vec<String> = r.list().iter().map(|t| t.name()).collect();
-        assert_eq!(names, ["healthy"]);
+        assert_eq!(names, ["healthy", "replica"]);
         let e = r.topic("hurt").err().expect("offline");
         assert_eq!(e.code(), ErrorCode::StorageError);
         assert!(e.to_string().contains("quiver topic delete hurt"), "{e}");
