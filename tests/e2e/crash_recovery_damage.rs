@@ -344,3 +344,54 @@ fn a_damaged_topic_record_takes_only_its_topic_offline() {
     b.wait_ready();
     assert_eq!(b.cli_ok(&["consume", "hurt", "--from-beginning"]), "new\n");
 }
+
+/// A damaged plugin record no longer stops the broker: the other plugins list and run, the
+/// damaged one says what to do, and `plugin remove` drops it so it can be deployed again.
+#[test]
+fn a_damaged_plugin_record_leaves_the_broker_and_other_plugins_running() {
+    let mut b = TestBroker::start();
+    let (kept, hurt) = (
+        super::harness::example("noop-filter"),
+        super::harness::example("redact"),
+    );
+    b.cli_ok(&["plugin", "deploy", &kept]);
+    b.cli_ok(&["plugin", "deploy", &hurt]);
+    let hurt_id = plugin_id(&b, "redact");
+    b.terminate();
+    {
+        let db = quiver_core::log::store::open(&b.data_dir().join("log"))
+            .expect("open the broker's sled database");
+        let plugins = db.open_tree("__plugins").unwrap();
+        assert!(plugins
+            .insert(hurt_id.as_bytes(), &b"\xffnot json"[..])
+            .unwrap()
+            .is_some());
+        db.flush().unwrap();
+    }
+    b.spawn();
+    b.wait_ready();
+    let listed = b.cli_ok(&["plugin", "list"]);
+    assert!(
+        listed.contains("noop-filter") && !listed.contains("redact"),
+        "{listed}"
+    );
+    let e = b.cli_err(&["plugin", "describe", &hurt_id], None);
+    assert!(
+        e.contains("damaged") && e.contains(&format!("quiver plugin remove {hurt_id}")),
+        "{e}"
+    );
+    b.cli_ok(&["plugin", "remove", &hurt_id]);
+    b.cli_ok(&["plugin", "deploy", &hurt]);
+    assert_eq!(plugin_id(&b, "redact"), hurt_id);
+}
+
+/// `NAME@VERSION` of the deployed plugin `name` (its highest version).
+fn plugin_id(b: &TestBroker, name: &str) -> String {
+    let d: serde_json::Value =
+        serde_json::from_str(&b.cli_ok(&["plugin", "describe", name, "--output", "json"])).unwrap();
+    format!(
+        "{}@{}",
+        d["name"].as_str().unwrap(),
+        d["version"].as_str().unwrap()
+    )
+}

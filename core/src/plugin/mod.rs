@@ -236,6 +236,9 @@ impl PluginService {
             .map_err(|e| PluginServiceError::Invalid(format!("[plugins]: {e}")))?;
         let store = PluginStore::open(db)?;
         let n = store.all()?.len();
+        for id in store.damaged()? {
+            tracing::error!(plugin = %id, "the plugin's stored record is damaged; it cannot be used until removed (`quiver plugin remove {id}`) and deployed again");
+        }
         tracing::info!(plugins = n, "plugin store opened");
         Ok(PluginService {
             store,
@@ -306,6 +309,8 @@ impl PluginService {
             )));
         }
         let _admin = lock(&self.admin);
+        // The controller's copy also replaces a local record that is damaged.
+        self.store.remove_damaged(&bundle.id())?;
         if let Some(existing) = self.store.get(&bundle.id())? {
             if existing.digest == digest {
                 return Ok(false);
@@ -414,11 +419,23 @@ impl PluginService {
 
     /// Removes `name@version` unless it is in use. Returns the record and whether its
     /// archive was deleted.
-    pub fn remove(&self, name: &str, version: &str) -> Result<(StoredPlugin, bool)> {
+    /// A record that no longer decodes (disk damage) is removed too, unless in use: the
+    /// answer then has no record, and its archive stays unreferenced.
+    pub fn remove(&self, name: &str, version: &str) -> Result<(Option<StoredPlugin>, bool)> {
         let _admin = lock(&self.admin);
-        let r = self.check_removable(name, version)?;
+        let id = format!("{name}@{version}");
+        let r = match self.check_removable(name, version) {
+            Err(PluginServiceError::Store(PluginStoreError::Corrupt(_)))
+                if self.used_by(&id).is_empty() && self.store.remove_damaged(&id)? =>
+            {
+                lock(&self.pool).retain(|k, _| k.plugin != id);
+                tracing::warn!(plugin = %id, "removed a damaged plugin record; its archive stays unreferenced");
+                return Ok((None, false));
+            }
+            r => r?,
+        };
         let deleted = self.forget(&r)?;
-        Ok((r, deleted))
+        Ok((Some(r), deleted))
     }
 
     /// Checks that `name@version` is deployed and not in use (what [`remove`](Self::remove)
@@ -809,6 +826,50 @@ mod tests {
             s.deploy(&bad),
             Err(PluginServiceError::Invalid(_))
         ));
+    }
+
+    /// A plugin record that no longer decodes (disk damage) does not stop the store's open:
+    /// the others list and resolve, the damaged one answers what to do, `remove` drops it,
+    /// and it can be deployed again.
+    #[test]
+    fn a_damaged_plugin_record_leaves_the_others_usable() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::log::store::open(dir.path()).unwrap();
+        let topics = Arc::new(TopicRegistry::open(db.clone(), Default::default()).unwrap());
+        let s = PluginService::open(db.clone(), topics.clone(), &PluginsConfig::default()).unwrap();
+        let p2 = bundle("p", "2.0.0", "processor", COUNT);
+        s.deploy(&bundle("p", "1.0.0", "processor", COUNT)).unwrap();
+        s.deploy(&p2).unwrap();
+        s.deploy(&bundle("q", "1.0.0", "processor", COUNT)).unwrap();
+        drop(s);
+        db.open_tree("__plugins")
+            .unwrap()
+            .insert("p@2.0.0", &b"\xffnot json"[..])
+            .unwrap();
+        let s = PluginService::open(db, topics, &PluginsConfig::default())
+            .expect("one damaged plugin record does not stop the open");
+        let listed: Vec<String> = s
+            .list()
+            .unwrap()
+            .iter()
+            .map(|p| format!("{}@{}", p.name, p.version))
+            .collect();
+        assert_eq!(listed, ["p@1.0.0", "q@1.0.0"]);
+        assert_eq!(s.store.damaged().unwrap(), ["p@2.0.0"]);
+        assert_eq!(s.describe("q", None).unwrap().version, "1.0.0");
+        // Without a version the readable ones answer; the damaged one by name says what to do.
+        assert_eq!(s.describe("p", None).unwrap().version, "1.0.0");
+        let e = s.describe("p", Some("2.0.0")).unwrap_err();
+        assert!(
+            e.to_string().contains("damaged")
+                && e.to_string().contains("quiver plugin remove p@2.0.0"),
+            "{e}"
+        );
+        let (record, _) = s.remove("p", "2.0.0").unwrap();
+        assert!(record.is_none(), "a damaged record has nothing to report");
+        assert!(s.store.damaged().unwrap().is_empty());
+        assert!(!s.deploy(&p2).unwrap().already_deployed);
+        assert_eq!(s.describe("p", None).unwrap().version, "2.0.0");
     }
 
     #[tokio::test]

@@ -56,26 +56,54 @@ impl PluginStore {
         })
     }
 
-    /// The record of `name@version`.
+    /// The record of `name@version`; `Corrupt` when it no longer decodes.
     pub fn get(&self, id: &str) -> Result<Option<StoredPlugin>, PluginStoreError> {
         match self.records.get(id.as_bytes())? {
-            Some(v) => Ok(Some(decode(&v)?)),
+            Some(v) => decode(&v).map(Some).map_err(|e| {
+                PluginStoreError::Corrupt(format!(
+                    "the stored record of {id} is damaged ({e}); remove it with `quiver plugin remove {id}` and deploy it again"
+                ))
+            }),
             None => Ok(None),
         }
     }
 
-    /// Every version of `name`.
+    /// Every readable version of `name` (a damaged record is left out: see
+    /// [`damaged`](Self::damaged)).
     pub fn versions(&self, name: &str) -> Result<Vec<StoredPlugin>, PluginStoreError> {
         let prefix = format!("{name}@");
-        self.records
-            .scan_prefix(prefix.as_bytes())
-            .map(|item| decode(&item?.1))
-            .collect()
+        readable(self.records.scan_prefix(prefix.as_bytes()))
     }
 
-    /// Every record.
+    /// Every readable record (a damaged one is left out: see [`damaged`](Self::damaged)).
     pub fn all(&self) -> Result<Vec<StoredPlugin>, PluginStoreError> {
-        self.records.iter().map(|item| decode(&item?.1)).collect()
+        readable(self.records.iter())
+    }
+
+    /// The ids (`name@version`) of records that no longer decode (disk damage).
+    pub fn damaged(&self) -> Result<Vec<String>, PluginStoreError> {
+        let mut ids = Vec::new();
+        for item in self.records.iter() {
+            let (k, v) = item?;
+            if decode(&v).is_err() {
+                ids.push(String::from_utf8_lossy(&k).into_owned());
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Removes the record of `id` if it no longer decodes; returns whether it did. Its
+    /// archive's digest was in the record, so the archive stays unreferenced.
+    pub fn remove_damaged(&self, id: &str) -> Result<bool, PluginStoreError> {
+        let Some(v) = self.records.get(id.as_bytes())? else {
+            return Ok(false);
+        };
+        if decode(&v).is_ok() {
+            return Ok(false);
+        }
+        self.records.remove(id.as_bytes())?;
+        self.db.flush()?;
+        Ok(true)
     }
 
     /// The archive bytes of `digest`.
@@ -104,6 +132,21 @@ impl PluginStore {
         self.db.flush()?;
         Ok(!shared)
     }
+}
+
+/// The records of `items` that decode; one that does not is skipped (the store's open
+/// names it once).
+fn readable(
+    items: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+) -> Result<Vec<StoredPlugin>, PluginStoreError> {
+    let mut out = Vec::new();
+    for item in items {
+        let (_, v) = item?;
+        if let Ok(r) = decode(&v) {
+            out.push(r);
+        }
+    }
+    Ok(out)
 }
 
 fn decode(bytes: &[u8]) -> Result<StoredPlugin, PluginStoreError> {

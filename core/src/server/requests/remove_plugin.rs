@@ -12,7 +12,8 @@ pub fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let (req, _) = decode::<RemovePluginRequest>(&body)?;
     let (record, blob_deleted) = ctx.plugins.remove(&req.name, &req.version)?;
     Ok(Reply::control(&RemovePluginResponse {
-        digest: record.digest,
+        // Empty for a damaged record (its digest was in it).
+        digest: record.map(|r| r.digest).unwrap_or_default(),
         blob_deleted,
     }))
 }
