@@ -58,7 +58,7 @@ pub enum TopicError {
     Log(#[from] LogError),
     /// The topic's stored record cannot be read (disk damage, not a crash): the topic is
     /// offline, and its data is kept.
-    #[error("topic {topic:?} is offline: its stored record is damaged ({reason}); its data is kept but cannot be reached. Restore the data directory from a backup, or drop the topic with `quiver topic delete {topic}` (its stored batches then stay on disk unreferenced)")]
+    #[error("{}", damaged_message(topic, reason))]
     Damaged {
         /// The topic.
         topic: String,
@@ -73,6 +73,16 @@ pub enum TopicError {
         /// What was refused: "produce to", "alter", "delete".
         action: &'static str,
     },
+}
+
+/// What a damaged topic record means to the user: a client's topic can be dropped; the
+/// broker cannot do without an internal one.
+fn damaged_message(topic: &str, reason: &str) -> String {
+    if is_internal(topic) {
+        format!("the broker's internal topic {topic:?} cannot be opened: its stored record is damaged ({reason}); restore the data directory from a backup")
+    } else {
+        format!("topic {topic:?} is offline: its stored record is damaged ({reason}); its data is kept but cannot be reached. Restore the data directory from a backup, or drop the topic with `quiver topic delete {topic}` (its stored batches then stay on disk unreferenced)")
+    }
 }
 
 /// True for the broker's own topics (`__consumer_offsets`, ...).
@@ -695,17 +705,24 @@ mod tests {
         let topics = db.open_tree(TOPICS_TREE).unwrap();
         topics.insert("hurt", &b"{\"id\": 7, \"na\xff"[..]).unwrap();
         topics.insert("replica", &b"\x00"[..]).unwrap();
+        topics.insert("__internal", &b"\x00"[..]).unwrap();
         let r = TopicRegistry::open(db.clone(), TopicConfig::default())
             .expect("one damaged topic record does not stop the open");
         assert_eq!(r.topic("healthy").unwrap().partitions.len(), 2);
-        assert_eq!(r.damaged(), ["hurt", "replica"]);
+        assert_eq!(r.damaged(), ["__internal", "hurt", "replica"]);
+        // The broker's own topics cannot be dropped: its create says to restore instead.
+        let e = r
+            .create_internal("__internal", 1, &BTreeMap::new())
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("restore the data directory"), "{e}");
         // In a cluster the controller's copy replaces a damaged one.
         let t = r
             .ensure_replica("replica", 2, &BTreeMap::new(), 42)
             .unwrap();
         assert_eq!(t.partitions.len(), 2);
         assert_eq!(r.cluster_id("replica"), Some(42));
-        assert_eq!(r.damaged(), ["hurt"]);
+        assert_eq!(r.damaged(), ["__internal", "hurt"]);
         let names: Vec<String> = r.list().iter().map(|t| t.name()).collect();
         assert_eq!(names, ["healthy", "replica"]);
         let e = r.topic("hurt").err().expect("offline");
@@ -726,13 +743,13 @@ mod tests {
         assert_eq!(topics.get("hurt").unwrap(), before);
         assert_eq!(r.delete("hurt").unwrap(), 0);
         assert!(topics.get("hurt").unwrap().is_none());
-        assert!(r.damaged().is_empty());
+        assert_eq!(r.damaged(), ["__internal"]);
         assert!(matches!(r.topic("hurt"), Err(TopicError::NotFound(_))));
         r.create("hurt", 3, &BTreeMap::new()).unwrap();
         drop(r);
         let r = TopicRegistry::open(db, TopicConfig::default()).unwrap();
         assert_eq!(r.topic("hurt").unwrap().partitions.len(), 3);
-        assert!(r.damaged().is_empty());
+        assert_eq!(r.damaged(), ["__internal"]);
     }
 
     #[test]
