@@ -387,17 +387,32 @@ impl PluginService {
                     "plugin {name}@{v} is not deployed (see `quiver plugin list`)"
                 ))
             }),
-            None => self
-                .store
-                .versions(name)?
-                .into_iter()
-                .max_by(|a, b| version_key(&a.version).cmp(&version_key(&b.version)))
-                .ok_or_else(|| {
-                    PluginServiceError::NotFound(format!(
-                        "no plugin named {name} is deployed (see `quiver plugin list`)"
-                    ))
-                }),
+            None => {
+                // Not an older version in place of a newer one that is damaged.
+                let damaged = self.store.damaged_versions(name)?;
+                if !damaged.is_empty() {
+                    return Err(PluginServiceError::Store(PluginStoreError::Corrupt(format!(
+                        "the stored record of {} is damaged, so the highest version of {name} is not known; name a version, or remove the damaged one with `quiver plugin remove {}` and deploy it again",
+                        damaged.join(", "),
+                        damaged[0]
+                    ))));
+                }
+                self.latest(name)
+            }
         }
+    }
+
+    /// The highest readable version of `name`.
+    fn latest(&self, name: &str) -> Result<StoredPlugin> {
+        self.store
+            .versions(name)?
+            .into_iter()
+            .max_by(|a, b| version_key(&a.version).cmp(&version_key(&b.version)))
+            .ok_or_else(|| {
+                PluginServiceError::NotFound(format!(
+                    "no plugin named {name} is deployed (see `quiver plugin list`)"
+                ))
+            })
     }
 
     /// [`resolve`](Self::resolve) as the wire's [`PluginInfo`].
@@ -426,7 +441,15 @@ impl PluginService {
         let id = format!("{name}@{version}");
         let r = match self.check_removable(name, version) {
             Err(PluginServiceError::Store(PluginStoreError::Corrupt(_)))
-                if self.used_by(&id).is_empty() && self.store.remove_damaged(&id)? =>
+                if !self.used_by(&id).is_empty() =>
+            {
+                return Err(PluginServiceError::InUse(format!(
+                    "{id} (its stored record is damaged) is in use by {}; detach it first (e.g. `quiver topic alter T --partitioner OTHER@VERSION`) or stop its consumers, then remove it",
+                    self.used_by(&id).join(", ")
+                )));
+            }
+            Err(PluginServiceError::Store(PluginStoreError::Corrupt(_)))
+                if self.store.remove_damaged(&id)? =>
             {
                 lock(&self.pool).retain(|k, _| k.plugin != id);
                 tracing::warn!(plugin = %id, "removed a damaged plugin record; its archive stays unreferenced");
@@ -857,8 +880,10 @@ mod tests {
         assert_eq!(listed, ["p@1.0.0", "q@1.0.0"]);
         assert_eq!(s.store.damaged().unwrap(), ["p@2.0.0"]);
         assert_eq!(s.describe("q", None).unwrap().version, "1.0.0");
-        // Without a version the readable ones answer; the damaged one by name says what to do.
-        assert_eq!(s.describe("p", None).unwrap().version, "1.0.0");
+        // Without a version, not the older one in place of the damaged newer one.
+        let e = s.describe("p", None).unwrap_err();
+        assert!(e.to_string().contains("p@2.0.0"), "{e}");
+        assert_eq!(s.describe("p", Some("1.0.0")).unwrap().version, "1.0.0");
         let e = s.describe("p", Some("2.0.0")).unwrap_err();
         assert!(
             e.to_string().contains("damaged")

@@ -82,14 +82,12 @@ impl PluginStore {
 
     /// The ids (`name@version`) of records that no longer decode (disk damage).
     pub fn damaged(&self) -> Result<Vec<String>, PluginStoreError> {
-        let mut ids = Vec::new();
-        for item in self.records.iter() {
-            let (k, v) = item?;
-            if decode(&v).is_err() {
-                ids.push(String::from_utf8_lossy(&k).into_owned());
-            }
-        }
-        Ok(ids)
+        damaged_ids(self.records.iter())
+    }
+
+    /// The ids of `name`'s records that no longer decode.
+    pub fn damaged_versions(&self, name: &str) -> Result<Vec<String>, PluginStoreError> {
+        damaged_ids(self.records.scan_prefix(format!("{name}@").as_bytes()))
     }
 
     /// Removes the record of `id` if it no longer decodes; returns whether it did. Its
@@ -132,6 +130,20 @@ impl PluginStore {
         self.db.flush()?;
         Ok(!shared)
     }
+}
+
+/// The keys of `items` whose records do not decode.
+fn damaged_ids(
+    items: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+) -> Result<Vec<String>, PluginStoreError> {
+    let mut ids = Vec::new();
+    for item in items {
+        let (k, v) = item?;
+        if decode(&v).is_err() {
+            ids.push(String::from_utf8_lossy(&k).into_owned());
+        }
+    }
+    Ok(ids)
 }
 
 /// The records of `items` that decode; one that does not is skipped (the store's open

@@ -609,12 +609,17 @@ impl ReplicaManager {
     /// Creates, replaces and deletes local topics to match the controller's.
     fn sync_topics(&self, state: &ControllerState) -> Result<(), crate::topic::TopicError> {
         for t in state.topics.values() {
-            self.topics.ensure_replica(
+            match self.topics.ensure_replica(
                 &t.name,
                 t.partitions.len() as u32,
                 &t.config,
                 t.topic_id,
-            )?;
+            ) {
+                // Offline here (its open logged why): this broker holds no replica of it,
+                // and the others go on.
+                Err(crate::topic::TopicError::Damaged { .. }) => continue,
+                r => r?,
+            };
         }
         for local in self.topics.list() {
             let name = local.name();

@@ -177,6 +177,14 @@ impl Topic {
     }
 }
 
+/// A topic record that could not be read.
+struct DamagedRecord {
+    /// Its key as stored (the name shown may have lost bytes that are not UTF-8).
+    key: Vec<u8>,
+    /// What could not be read.
+    reason: String,
+}
+
 /// All topics of this broker.
 pub struct TopicRegistry {
     db: Database,
@@ -184,9 +192,9 @@ pub struct TopicRegistry {
     partition_meta: sled::Tree,
     defaults: TopicConfig,
     topics: RwLock<HashMap<String, Arc<Topic>>>,
-    /// Topics whose stored record could not be read at open, with why: offline until
-    /// deleted (or, in a cluster, replaced by the controller's copy).
-    damaged: RwLock<HashMap<String, String>>,
+    /// Topics whose stored record could not be read at open, by name as shown: offline
+    /// until deleted.
+    damaged: RwLock<HashMap<String, DamagedRecord>>,
     admin: std::sync::Mutex<()>,
 }
 
@@ -207,7 +215,13 @@ impl TopicRegistry {
                     // One unreadable record takes only its topic offline: the others serve.
                     let name = String::from_utf8_lossy(&key).into_owned();
                     tracing::error!(topic = %name, error = %e, "the topic's stored record is damaged; the topic is offline (its data is kept)");
-                    damaged.insert(name, format!("topic record: {e}"));
+                    damaged.insert(
+                        name,
+                        DamagedRecord {
+                            key: key.to_vec(),
+                            reason: format!("topic record: {e}"),
+                        },
+                    );
                     continue;
                 }
             };
@@ -268,9 +282,9 @@ impl TopicRegistry {
     /// `Damaged` when `name`'s stored record could not be read at open.
     fn damaged_error(&self, name: &str) -> Option<TopicError> {
         let damaged = self.damaged.read().unwrap_or_else(|p| p.into_inner());
-        damaged.get(name).map(|reason| TopicError::Damaged {
+        damaged.get(name).map(|d| TopicError::Damaged {
             topic: name.to_string(),
-            reason: reason.clone(),
+            reason: d.reason.clone(),
         })
     }
 
@@ -326,7 +340,7 @@ impl TopicRegistry {
                 "topic names starting with \"__\" are reserved for internal topics: {name:?}"
             )));
         }
-        self.create_any(name, partitions, overrides, None, false)
+        self.create_any(name, partitions, overrides, None)
     }
 
     /// Cluster brokers: makes this broker's copy of the controller's topic `name` (id
@@ -358,9 +372,10 @@ impl TopicRegistry {
             );
             self.delete(name)?;
         }
-        // The controller's copy replaces a local one whose record is damaged: the
-        // partitions start empty and are fetched from their leaders again.
-        self.create_any(name, partitions, overrides, Some(cluster_id), true)
+        // Not over a local copy whose record is damaged: its data cannot be reached, but an
+        // empty replica in its place could be chosen to lead (the last of an ISR) and lose
+        // what the others no longer have. It stays offline until deleted.
+        self.create_any(name, partitions, overrides, Some(cluster_id))
     }
 
     /// The cluster id of a local topic (`None` for a lone broker's or an internal topic).
@@ -377,18 +392,16 @@ impl TopicRegistry {
         partitions: u32,
         overrides: &BTreeMap<String, String>,
     ) -> Result<Arc<Topic>, TopicError> {
-        self.create_any(name, partitions, overrides, None, false)
+        self.create_any(name, partitions, overrides, None)
     }
 
-    /// Creates a topic; one whose stored record is damaged is refused unless
-    /// `replace_damaged` (its old data then stays on disk unreferenced).
+    /// Creates a topic; a name whose stored record is damaged is refused.
     fn create_any(
         &self,
         name: &str,
         partitions: u32,
         overrides: &BTreeMap<String, String>,
         cluster_id: Option<u64>,
-        replace_damaged: bool,
     ) -> Result<Arc<Topic>, TopicError> {
         validate_topic_name(name).map_err(TopicError::InvalidName)?;
         if partitions == 0 || partitions > MAX_PARTITIONS {
@@ -404,7 +417,7 @@ impl TopicRegistry {
         if self.get(name).is_some() {
             return Err(TopicError::AlreadyExists(name.to_string()));
         }
-        if let Some(e) = self.damaged_error(name).filter(|_| !replace_damaged) {
+        if let Some(e) = self.damaged_error(name) {
             return Err(e);
         }
         let meta = TopicMeta {
@@ -440,15 +453,6 @@ impl TopicRegistry {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(name.to_string(), topic.clone());
-        if self
-            .damaged
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name)
-            .is_some()
-        {
-            tracing::warn!(topic = name, "a topic whose stored record was damaged is replaced; its old data stays on disk unreferenced");
-        }
         tracing::info!(topic = name, partitions, "created topic");
         Ok(topic)
     }
@@ -582,10 +586,10 @@ impl TopicRegistry {
     /// unreferenced.
     fn delete_damaged(&self, name: &str) -> Result<(), TopicError> {
         let mut damaged = self.damaged.write().unwrap_or_else(|p| p.into_inner());
-        if !damaged.contains_key(name) {
+        let Some(record) = damaged.get(name) else {
             return Err(TopicError::NotFound(name.to_string()));
-        }
-        self.topics_tree.remove(name.as_bytes())?;
+        };
+        self.topics_tree.remove(&record.key[..])?;
         self.db.flush()?;
         damaged.remove(name);
         tracing::warn!(
@@ -603,7 +607,7 @@ fn finish_deletions(
     db: &Database,
     partition_meta: &sled::Tree,
     topics: &HashMap<String, Arc<Topic>>,
-    damaged: &HashMap<String, String>,
+    damaged: &HashMap<String, DamagedRecord>,
 ) -> Result<(), TopicError> {
     let deleting = db.open_tree(DELETING_TREE)?;
     for item in deleting.iter() {
@@ -716,15 +720,14 @@ mod tests {
             .err()
             .expect("refused");
         assert!(e.to_string().contains("restore the data directory"), "{e}");
-        // In a cluster the controller's copy replaces a damaged one.
-        let t = r
-            .ensure_replica("replica", 2, &BTreeMap::new(), 42)
-            .unwrap();
-        assert_eq!(t.partitions.len(), 2);
-        assert_eq!(r.cluster_id("replica"), Some(42));
-        assert_eq!(r.damaged(), ["__internal", "hurt"]);
+        // In a cluster the controller's copy does not replace a damaged one either: an
+        // empty replica could be made leader and lose what the others no longer have.
+        assert!(matches!(
+            r.ensure_replica("replica", 2, &BTreeMap::new(), 42),
+            Err(TopicError::Damaged { .. })
+        ));
         let names: Vec<String> = r.list().iter().map(|t| t.name()).collect();
-        assert_eq!(names, ["healthy", "replica"]);
+        assert_eq!(names, ["healthy"]);
         let e = r.topic("hurt").err().expect("offline");
         assert_eq!(e.code(), ErrorCode::StorageError);
         assert!(e.to_string().contains("quiver topic delete hurt"), "{e}");
@@ -743,13 +746,13 @@ mod tests {
         assert_eq!(topics.get("hurt").unwrap(), before);
         assert_eq!(r.delete("hurt").unwrap(), 0);
         assert!(topics.get("hurt").unwrap().is_none());
-        assert_eq!(r.damaged(), ["__internal"]);
+        assert_eq!(r.damaged(), ["__internal", "replica"]);
         assert!(matches!(r.topic("hurt"), Err(TopicError::NotFound(_))));
         r.create("hurt", 3, &BTreeMap::new()).unwrap();
         drop(r);
         let r = TopicRegistry::open(db, TopicConfig::default()).unwrap();
         assert_eq!(r.topic("hurt").unwrap().partitions.len(), 3);
-        assert_eq!(r.damaged(), ["__internal"]);
+        assert_eq!(r.damaged(), ["__internal", "replica"]);
     }
 
     #[test]

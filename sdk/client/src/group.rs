@@ -711,7 +711,10 @@ impl GroupConsumer {
             return;
         }
         self.release(&held).await;
-        self.link.lock().release_unowned(&self.owned);
+        // Only these: a revoked partition never started (its offsets maybe still being
+        // fetched) is released by the next `apply_changes`, which drops that fetch first, so
+        // its answer is never used for a later grant after another owner's commits.
+        self.link.lock().released.extend(held);
         self.link.released.notify_one();
     }
 
@@ -726,18 +729,23 @@ impl GroupConsumer {
     ) -> Result<Option<FetchOffsetsResponse>> {
         // The caller dropped a fetch asked for other grants (its task runs to its end on
         // its own, its answer unused).
-        if self.offsets_fetch.is_none() {
+        let starting = self.offsets_fetch.is_none();
+        if starting {
             let req = FetchOffsetsRequest {
                 group: self.config.group.clone(),
                 partitions: Some(granted.to_vec()),
             };
             let client = self.client.clone();
+            let link = self.link.clone();
             let task = tokio::spawn(
                 async move {
-                    client
+                    let answer = client
                         .request_for_group(&req.group, &req, Bytes::new())
                         .await
-                        .map(|(resp, _)| resp)
+                        .map(|(resp, _)| resp);
+                    // A poll waiting for records wakes up to start the grants.
+                    link.changed.notify_one();
+                    answer
                 }
                 .in_current_span(),
             );
@@ -750,7 +758,18 @@ impl GroupConsumer {
         let Some(fetch) = self.offsets_fetch.as_mut() else {
             return Ok(None);
         };
-        let done = match tokio::time::timeout(OFFSETS_FETCH_WAIT, &mut fetch.task).await {
+        // Only the call that starts the fetch waits (for the usual quick answer); later
+        // calls look without waiting, so a long wait of the coordinator does not slow every
+        // poll meanwhile (the task wakes `poll` when it ends).
+        let wait = if starting {
+            OFFSETS_FETCH_WAIT
+        } else {
+            Duration::ZERO
+        };
+        if !starting && !fetch.task.is_finished() {
+            return Ok(None);
+        }
+        let done = match tokio::time::timeout(wait, &mut fetch.task).await {
             Ok(done) => done,
             Err(_) => return Ok(None),
         };
