@@ -2,7 +2,8 @@
 //! `QUIVER_FAULT_CRASH_AFTER_WRITES=N` in its environment, a process running pipeline
 //! instances aborts (like `kill -9`) right after the output of the N-th poll with input
 //! records is written and before its input offsets are committed — the window where
-//! at-least-once writes twice and exactly-once must not. Unset (always, outside tests), it does nothing.
+//! at-least-once writes twice and exactly-once must not. Unset (always, outside tests), it
+//! does nothing.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;

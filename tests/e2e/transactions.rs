@@ -305,30 +305,7 @@ fn a_member_waits_for_the_transaction_holding_its_offsets_without_failing_its_po
         while got.len() < 5 {
             got.extend(first.poll().await.unwrap());
         }
-        let mut tx = TransactionalProducer::init_with_timeout(
-            client.clone(),
-            "h-1",
-            Duration::from_secs(120),
-        )
-        .await
-        .unwrap();
-        send(&mut tx, "out", &["o1"]).await;
-        tx.flush().await.unwrap();
-        let held = quiver_protocol::requests::TxnCommitOffsetsRequest {
-            transactional_id: "h-1".into(),
-            producer_id: tx.producer().0,
-            producer_epoch: tx.producer().1,
-            group: "h".into(),
-            member_id: first.member_id(),
-            generation: first.generation(),
-            offsets: vec![OffsetCommit {
-                topic: "in".into(),
-                partition: 0,
-                offset: 3,
-                metadata: None,
-            }],
-        };
-        client.request(&held, bytes::Bytes::new()).await.unwrap();
+        let mut tx = transaction_holding_offsets(&client, "h-1", &first, 0, 3).await;
         first.close_without_commit().await.unwrap();
 
         // The next member's requests time out sooner than the coordinator's wait.
@@ -400,30 +377,7 @@ fn a_member_waiting_for_a_transactions_offsets_goes_on_reading_its_other_partiti
         let own = second.assignment()[0].partition;
         // The first member's transaction holds the offsets of its partition; it goes away
         // without committing, so the partition moves to the second member.
-        let mut tx = TransactionalProducer::init_with_timeout(
-            client.clone(),
-            "w-1",
-            Duration::from_secs(120),
-        )
-        .await
-        .unwrap();
-        send(&mut tx, "out", &["o1"]).await;
-        tx.flush().await.unwrap();
-        let commit = quiver_protocol::requests::TxnCommitOffsetsRequest {
-            transactional_id: "w-1".into(),
-            producer_id: tx.producer().0,
-            producer_epoch: tx.producer().1,
-            group: "w".into(),
-            member_id: a.member_id(),
-            generation: a.generation(),
-            offsets: vec![OffsetCommit {
-                topic: "in".into(),
-                partition: held,
-                offset: 0,
-                metadata: None,
-            }],
-        };
-        client.request(&commit, bytes::Bytes::new()).await.unwrap();
+        let mut tx = transaction_holding_offsets(&client, "w-1", &a, held, 0).await;
         a.close_without_commit().await.unwrap();
         // Wait until the coordinator has granted the held partition to the second member
         // (it is not started: its offsets wait for the transaction).
@@ -482,6 +436,39 @@ fn a_member_waiting_for_a_transactions_offsets_goes_on_reading_its_other_partiti
         }
         second.close().await.unwrap();
     });
+}
+
+/// An open transaction `txn_id` that wrote one record to `out` and holds `member`'s offset
+/// `offset` of `in`/`partition` in its group (committed as a member would, not yet ended).
+async fn transaction_holding_offsets(
+    client: &Client,
+    txn_id: &str,
+    member: &GroupConsumer,
+    partition: u32,
+    offset: i64,
+) -> TransactionalProducer {
+    let mut tx =
+        TransactionalProducer::init_with_timeout(client.clone(), txn_id, Duration::from_secs(120))
+            .await
+            .unwrap();
+    send(&mut tx, "out", &["o1"]).await;
+    tx.flush().await.unwrap();
+    let held = quiver_protocol::requests::TxnCommitOffsetsRequest {
+        transactional_id: txn_id.into(),
+        producer_id: tx.producer().0,
+        producer_epoch: tx.producer().1,
+        group: member.group().into(),
+        member_id: member.member_id(),
+        generation: member.generation(),
+        offsets: vec![OffsetCommit {
+            topic: "in".into(),
+            partition,
+            offset,
+            metadata: None,
+        }],
+    };
+    client.request(&held, bytes::Bytes::new()).await.unwrap();
+    tx
 }
 
 /// Polls `member` until the group's description shows every partition owned by it (granted,

@@ -72,22 +72,22 @@ impl PluginStore {
     /// [`damaged`](Self::damaged)).
     pub fn versions(&self, name: &str) -> Result<Vec<StoredPlugin>, PluginStoreError> {
         let prefix = format!("{name}@");
-        readable(self.records.scan_prefix(prefix.as_bytes()))
+        Ok(sort_out(self.records.scan_prefix(prefix.as_bytes()))?.0)
     }
 
     /// Every readable record (a damaged one is left out: see [`damaged`](Self::damaged)).
     pub fn all(&self) -> Result<Vec<StoredPlugin>, PluginStoreError> {
-        readable(self.records.iter())
+        Ok(sort_out(self.records.iter())?.0)
     }
 
     /// The ids (`name@version`) of records that no longer decode (disk damage).
     pub fn damaged(&self) -> Result<Vec<String>, PluginStoreError> {
-        damaged_ids(self.records.iter())
+        Ok(sort_out(self.records.iter())?.1)
     }
 
     /// The ids of `name`'s records that no longer decode.
     pub fn damaged_versions(&self, name: &str) -> Result<Vec<String>, PluginStoreError> {
-        damaged_ids(self.records.scan_prefix(format!("{name}@").as_bytes()))
+        Ok(sort_out(self.records.scan_prefix(format!("{name}@").as_bytes()))?.1)
     }
 
     /// Removes the record of `id` if it no longer decodes; returns whether it did. Its
@@ -132,33 +132,20 @@ impl PluginStore {
     }
 }
 
-/// The keys of `items` whose records do not decode.
-fn damaged_ids(
+/// The records of `items` that decode, and the keys (ids) of those that do not (the
+/// store's open names each of those once).
+fn sort_out(
     items: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
-) -> Result<Vec<String>, PluginStoreError> {
-    let mut ids = Vec::new();
+) -> Result<(Vec<StoredPlugin>, Vec<String>), PluginStoreError> {
+    let (mut readable, mut damaged) = (Vec::new(), Vec::new());
     for item in items {
         let (k, v) = item?;
-        if decode(&v).is_err() {
-            ids.push(String::from_utf8_lossy(&k).into_owned());
+        match decode(&v) {
+            Ok(r) => readable.push(r),
+            Err(_) => damaged.push(String::from_utf8_lossy(&k).into_owned()),
         }
     }
-    Ok(ids)
-}
-
-/// The records of `items` that decode; one that does not is skipped (the store's open
-/// names it once).
-fn readable(
-    items: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
-) -> Result<Vec<StoredPlugin>, PluginStoreError> {
-    let mut out = Vec::new();
-    for item in items {
-        let (_, v) = item?;
-        if let Ok(r) = decode(&v) {
-            out.push(r);
-        }
-    }
-    Ok(out)
+    Ok((readable, damaged))
 }
 
 fn decode(bytes: &[u8]) -> Result<StoredPlugin, PluginStoreError> {

@@ -285,7 +285,6 @@ pub struct GroupConsumer {
     held: VecDeque<ConsumedRecord>,
 }
 
-/// A commit started by [`GroupConsumer::commit_in_background`], and the offsets it carries.
 /// A fetch of granted partitions' committed offsets under way.
 struct OffsetsFetch {
     partitions: Vec<TopicPartition>,
@@ -294,6 +293,7 @@ struct OffsetsFetch {
     task: JoinHandle<Result<FetchOffsetsResponse>>,
 }
 
+/// A commit started by [`GroupConsumer::commit_in_background`], and the offsets it carries.
 struct BackgroundCommit {
     offsets: Vec<OffsetCommit>,
     task: JoinHandle<Result<u32>>,
@@ -761,15 +761,10 @@ impl GroupConsumer {
         // Only the call that starts the fetch waits (for the usual quick answer); later
         // calls look without waiting, so a long wait of the coordinator does not slow every
         // poll meanwhile (the task wakes `poll` when it ends).
-        let wait = if starting {
-            OFFSETS_FETCH_WAIT
-        } else {
-            Duration::ZERO
-        };
         if !starting && !fetch.task.is_finished() {
             return Ok(None);
         }
-        let done = match tokio::time::timeout(wait, &mut fetch.task).await {
+        let done = match tokio::time::timeout(OFFSETS_FETCH_WAIT, &mut fetch.task).await {
             Ok(done) => done,
             Err(_) => return Ok(None),
         };
