@@ -74,6 +74,13 @@ pub struct PipelineOpts {
     /// the broker, reaching it in process. (Against an external broker, always over QUIC.)
     #[arg(long)]
     over_quic: bool,
+    /// Skip the warm-up: by default, before anything is measured, the records are
+    /// produced once into a topic of their own, unmeasured, so the first measurement is
+    /// not the only one made on a store and a process that wrote nothing yet (on a virtual
+    /// machine it may even write into memory the last process just freed, which costs less
+    /// than memory the host has to map again).
+    #[arg(long)]
+    no_warmup: bool,
     #[command(flatten)]
     load: LoadOpts,
 }
@@ -284,6 +291,7 @@ pub async fn run(global: &GlobalOpts, args: BenchArgs) -> anyhow::Result<()> {
                 let how = pipeline::Setup {
                     backlog: p.backlog,
                     repeat: p.repeat,
+                    warmup: !p.no_warmup,
                     in_process: target.embedded.is_some() && !p.over_quic,
                 };
                 pipeline::run(&target.client, &pipelines, &o, &p.stages, how).await

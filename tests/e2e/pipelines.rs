@@ -889,7 +889,7 @@ fn bench_pipeline_reports_the_chain_beside_no_stage_and_plain_produce() {
         ];
         if backlog {
             // Also the pipeline-run way: a client of the broker over QUIC.
-            args.extend(["--backlog", "--over-quic"]);
+            args.extend(["--backlog", "--over-quic", "--no-warmup"]);
         } else {
             args.extend(["--repeat", "3"]);
         }
@@ -901,6 +901,7 @@ fn bench_pipeline_reports_the_chain_beside_no_stage_and_plain_produce() {
         succeeded(&out);
         let r: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(r["backlog"], backlog, "{r}");
+        assert_eq!(r["warmup"], !backlog, "{r}");
         let transport = if backlog { "quic" } else { "in-process" };
         assert_eq!(r["pipeline_transport"], transport, "{r}");
         assert_eq!(r["produce"]["records"], records, "{r}");
