@@ -42,14 +42,15 @@ pub(super) struct TestCluster {
 }
 
 impl TestCluster {
-    fn on_free_ports() -> TestCluster {
+    /// A cluster file on free ports; `overrides` (broker config lines) go to every broker.
+    fn on_free_ports(overrides: &str) -> TestCluster {
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<u16> = (0..3).map(|_| free_udp_port()).collect();
         let file = dir.path().join("cluster.toml");
         let mut text = format!("data_root = \"{}\"\n", dir.path().join("qc").display());
         for (i, p) in ports.iter().enumerate() {
             text.push_str(&format!(
-                "[[brokers]]\nid = {}\nlisten = \"127.0.0.1:{p}\"\n",
+                "[[brokers]]\nid = {}\nlisten = \"127.0.0.1:{p}\"\n{overrides}",
                 i + 1
             ));
         }
@@ -60,7 +61,20 @@ impl TestCluster {
     /// Starts a cluster; tries again on fresh ports when one was taken meanwhile (free
     /// ports are found by binding and releasing them; another test may take one first).
     pub(super) fn start() -> TestCluster {
-        super::harness::start_on_free_ports(Self::on_free_ports, |c| c.run(&["cluster", "start"]))
+        Self::start_with("")
+    }
+
+    /// [`TestCluster::start`] with broker config lines for every broker.
+    fn start_with(overrides: &str) -> TestCluster {
+        super::harness::start_on_free_ports(
+            || Self::on_free_ports(overrides),
+            |c| c.run(&["cluster", "start"]),
+        )
+    }
+
+    /// Broker `id`'s data directory.
+    fn data_dir(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("qc/broker-{id}"))
     }
 
     /// `quiver cluster SUB --config FILE`.
@@ -757,6 +771,125 @@ fn a_plugin_deployed_through_one_broker_runs_on_every_broker() {
     );
     succeeded(&out);
     assert_eq!(json_lines(&String::from_utf8_lossy(&out.stdout)).len(), 30);
+}
+
+/// A broker whose records of two topics and a plugin were damaged while it was down
+/// (disk damage) comes back whole: the topic the cluster still holds gets an empty replica
+/// that copies the leader's log and rejoins the ISR (the broker is in none of its ISRs
+/// then, so the empty copy can never lead); the records of the topic and the plugin the
+/// cluster deleted meanwhile are dropped, so that topic can be created again with a
+/// replica there.
+#[test]
+fn a_returning_broker_replaces_or_drops_its_damaged_records() {
+    let c = TestCluster::start_with("delete_topic_enable = true\n");
+    let bundle = super::harness::example("noop-filter");
+    succeeded(&c.cli(&["plugin", "deploy", &bundle], None));
+    let create = |name: &str| {
+        c.cli(
+            &[
+                "topic",
+                "create",
+                name,
+                "--partitions",
+                "1",
+                "--replication-factor",
+                "3",
+            ],
+            None,
+        )
+    };
+    succeeded(&create("kept"));
+    succeeded(&create("gone"));
+    succeeded(&c.cli(&["produce", "kept"], Some(&lines(1, 100))));
+    let isr_full = |name: &str| {
+        let out = c.cli(&["topic", "describe", name, "--output", "json"], None);
+        out.status.success() && {
+            let d: Value = serde_json::from_slice(&out.stdout).unwrap();
+            TestCluster::partition(&d, 0)["isr"]
+                .as_array()
+                .map(Vec::len)
+                == Some(3)
+        }
+    };
+    // Broker 2's own view of a topic: its local log end, or the error it answers.
+    let local_end = |name: &str| -> Result<Value, String> {
+        let out = cli_at(
+            &format!("127.0.0.1:{}", c.ports[1]),
+            &c.ca(),
+            &["topic", "describe", name, "--output", "json", "--local"],
+            None,
+        );
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        let d: Value = serde_json::from_slice(&out.stdout).unwrap();
+        Ok(TestCluster::partition(&d, 0)["log_end_offset"].clone())
+    };
+    wait_for(60, "broker 2's copy of kept", || {
+        local_end("kept") == Ok(Value::from(100))
+    });
+    wait_for(30, "the plugin on broker 2", || {
+        let out = cli_at(
+            &format!("127.0.0.1:{}", c.ports[1]),
+            &c.ca(),
+            &["plugin", "list", "--output", "json"],
+            None,
+        );
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("noop-filter")
+    });
+    c.kill(2);
+    let plugin_id = "noop-filter@1.0.0";
+    {
+        let db = quiver_core::log::store::open(&c.data_dir(2).join("log"))
+            .expect("open broker 2's sled database");
+        for (tree, key) in [
+            (quiver_core::topic::TOPICS_TREE, "kept"),
+            (quiver_core::topic::TOPICS_TREE, "gone"),
+            ("__plugins", plugin_id),
+        ] {
+            let t = db.open_tree(tree).unwrap();
+            let old = t.insert(key, &b"\xffnot json"[..]).unwrap();
+            assert!(old.is_some(), "broker 2 had a record of {key}");
+        }
+        db.flush().unwrap();
+    }
+    succeeded(&c.cli(&["topic", "delete", "gone"], None));
+    succeeded(&c.cli(&["plugin", "remove", plugin_id], None));
+    succeeded(&c.run(&["cluster", "start"]));
+    // The topic the cluster holds: copied again from the leader, and in the ISR again.
+    wait_for(60, "broker 2's new copy of kept", || {
+        local_end("kept") == Ok(Value::from(100))
+    });
+    wait_for(60, "a full ISR of kept", || isr_full("kept"));
+    // The deleted one: its damaged record dropped (no longer "offline": unknown), so the
+    // name is created again with a replica on broker 2.
+    wait_for(
+        60,
+        "broker 2 dropping its record of gone",
+        || matches!(local_end("gone"), Err(e) if !e.contains("offline")),
+    );
+    succeeded(&create("gone"));
+    succeeded(&c.cli(&["produce", "gone"], Some(b"new\n")));
+    wait_for(60, "broker 2's copy of the new gone", || {
+        local_end("gone") == Ok(Value::from(1))
+    });
+    // The damaged plugin record is gone too (looked at with the broker stopped, once its
+    // log says so).
+    wait_for(30, "broker 2 dropping the damaged plugin record", || {
+        std::fs::read_to_string(c.data_dir(2).join("broker.log"))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| {
+                l.contains("removed a plugin the cluster no longer holds") && l.contains(plugin_id)
+            })
+    });
+    c.kill(2);
+    let db = quiver_core::log::store::open(&c.data_dir(2).join("log")).unwrap();
+    let plugins = db.open_tree("__plugins").unwrap();
+    assert!(
+        plugins.get(plugin_id).unwrap().is_none(),
+        "the damaged plugin record is gone"
+    );
 }
 
 /// Sums a JSON array's field over its elements.

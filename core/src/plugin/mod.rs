@@ -476,7 +476,12 @@ impl PluginService {
         Ok(r)
     }
 
-    /// The ids (`name@version`) and digests of every plugin stored here.
+    /// Ids (`name@version`) of the stored records that no longer decode.
+    pub fn damaged(&self) -> Result<Vec<String>> {
+        Ok(self.store.damaged()?)
+    }
+
+    /// The ids (`name@version`) and digests of every plugin stored here (readable records).
     pub fn stored(&self) -> Result<Vec<(String, String)>> {
         Ok(self
             .store

@@ -615,9 +615,21 @@ impl ReplicaManager {
                 &t.config,
                 t.topic_id,
             ) {
-                // Offline here (its open logged why): this broker holds no replica of it,
-                // and the others go on.
-                Err(crate::topic::TopicError::Damaged { .. }) => continue,
+                Err(crate::topic::TopicError::Damaged { .. }) => {
+                    if !self.may_replace_damaged(t) {
+                        // Offline here (its open logged why): this broker holds no
+                        // replica of it, and the others go on.
+                        continue;
+                    }
+                    tracing::warn!(topic = %t.name, "the local record of this topic is damaged and this broker is in none of its ISRs: dropping it for an empty replica that copies the leaders' logs (the old batches stay on disk unreferenced)");
+                    self.topics.delete(&t.name)?;
+                    self.topics.ensure_replica(
+                        &t.name,
+                        t.partitions.len() as u32,
+                        &t.config,
+                        t.topic_id,
+                    )?
+                }
                 r => r?,
             };
         }
@@ -628,7 +640,28 @@ impl ReplicaManager {
                 self.topics.delete(&name)?;
             }
         }
+        // A damaged record of a topic the cluster no longer holds is dropped too: nothing
+        // of it is needed, and it would keep a topic of that name created later from
+        // having a replica here.
+        for name in self.topics.damaged() {
+            if !is_internal(&name) && state.topic(&name).is_none() {
+                tracing::info!(topic = %name, "the controller has no such topic; dropping its damaged local record");
+                self.topics.delete(&name)?;
+            }
+        }
         Ok(())
+    }
+
+    /// Whether a topic whose local record is damaged may get an empty replica here in its
+    /// place: only while this broker is in none of its partitions' ISRs, so the empty copy
+    /// is a follower that joins an ISR only once it has caught up, and can never be chosen
+    /// to lead with less than the others have. (A restarted broker is taken out of every
+    /// ISR it is not the last member of; where it is the last, the topic stays offline here
+    /// until an operator deletes it or restores the data.)
+    fn may_replace_damaged(&self, t: &crate::cluster::TopicRecord) -> bool {
+        t.partitions
+            .iter()
+            .all(|p| p.leader != Some(self.me) && !p.isr.contains(&self.me))
     }
 
     /// Takes the right role for every partition this broker holds a replica of.

@@ -4,7 +4,8 @@
 //! the controller no longer holds. A removal this broker refuses because a consumer here
 //! still runs the plugin is retried every pass until it stops. Plugins stored on a broker
 //! before it joined a cluster are not the cluster's: they are removed too (deploy them
-//! again through the cluster).
+//! again through the cluster). A record that no longer decodes is replaced by the
+//! controller's copy, or removed when the controller holds no such plugin.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -71,7 +72,14 @@ impl PluginSync {
                 Err(e) => self.report_once(&p.id, "install", &e),
             }
         }
-        for (id, _) in &stored {
+        // Damaged records the controller holds were replaced by the installs above; the
+        // others go like any plugin the cluster no longer holds.
+        let damaged = self.plugins.damaged().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot list the damaged plugin records");
+            Vec::new()
+        });
+        let stored_ids = stored.iter().map(|(id, _)| id);
+        for id in stored_ids.chain(damaged.iter()) {
             if state.plugins.contains_key(id) {
                 continue;
             }

@@ -374,7 +374,8 @@ impl TopicRegistry {
         }
         // Not over a local copy whose record is damaged: its data cannot be reached, but an
         // empty replica in its place could be chosen to lead (the last of an ISR) and lose
-        // what the others no longer have. It stays offline until deleted.
+        // what the others no longer have. It stays offline until deleted (the replica
+        // manager deletes it once this broker is in none of the topic's ISRs).
         self.create_any(name, partitions, overrides, Some(cluster_id))
     }
 
