@@ -615,21 +615,11 @@ impl ReplicaManager {
                 &t.config,
                 t.topic_id,
             ) {
-                Err(crate::topic::TopicError::Damaged { .. }) => {
-                    if !self.may_replace_damaged(t) {
-                        // Offline here (its open logged why): this broker holds no
-                        // replica of it, and the others go on.
-                        continue;
-                    }
-                    tracing::warn!(topic = %t.name, "the local record of this topic is damaged and this broker is in none of its ISRs: dropping it for an empty replica that copies the leaders' logs (the old batches stay on disk unreferenced)");
-                    self.topics.delete(&t.name)?;
-                    self.topics.ensure_replica(
-                        &t.name,
-                        t.partitions.len() as u32,
-                        &t.config,
-                        t.topic_id,
-                    )?
-                }
+                // Offline here (its open logged why): this broker holds no replica of it,
+                // and the others go on. Not replaced by an empty replica: the leader may
+                // still count this broker's old fetch position and put it back in the ISR
+                // before it has caught up (see docs/NOTES.md, twenty-third session).
+                Err(crate::topic::TopicError::Damaged { .. }) => continue,
                 r => r?,
             };
         }
@@ -650,18 +640,6 @@ impl ReplicaManager {
             }
         }
         Ok(())
-    }
-
-    /// Whether a topic whose local record is damaged may get an empty replica here in its
-    /// place: only while this broker is in none of its partitions' ISRs, so the empty copy
-    /// is a follower that joins an ISR only once it has caught up, and can never be chosen
-    /// to lead with less than the others have. (A restarted broker is taken out of every
-    /// ISR it is not the last member of; where it is the last, the topic stays offline here
-    /// until an operator deletes it or restores the data.)
-    fn may_replace_damaged(&self, t: &crate::cluster::TopicRecord) -> bool {
-        t.partitions
-            .iter()
-            .all(|p| p.leader != Some(self.me) && !p.isr.contains(&self.me))
     }
 
     /// Takes the right role for every partition this broker holds a replica of.
