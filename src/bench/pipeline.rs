@@ -18,10 +18,11 @@
 //!
 //! Unless `--no-warmup`, the records are first produced once, unmeasured, into a topic of
 //! their own: the first measurement then is not the only one made on an empty store by a
-//! process that has not written yet. (On this project's virtual machines the first ~100 MB
-//! a process writes cost about a third of what later writes do, so the first measurement,
-//! always plain produce in run 1, came out 2 to 2.5 times faster than the same measurement
-//! later in the run.)
+//! process that has not written yet. (On this project's virtual machines a process first
+//! writes into memory the previous one freed, which costs less than memory the host has
+//! to map again; without the warm-up the first measurement, always plain produce in run 1,
+//! came out 2 to 2.5 times faster than the same measurement later in the run. The warm-up
+//! narrows that gap without always closing it: `--repeat` and its medians still matter.)
 //!
 //! On an embedded broker the pipelines reach it in process, as deployed instances do inside
 //! a broker (`--over-quic`: as a `pipeline run` client does); the input and the plain

@@ -374,8 +374,8 @@ impl TopicRegistry {
         }
         // Not over a local copy whose record is damaged: its data cannot be reached, but an
         // empty replica in its place could be chosen to lead (the last of an ISR) and lose
-        // what the others no longer have. It stays offline until deleted (the replica
-        // manager deletes it once this broker is in none of the topic's ISRs).
+        // what the others no longer have. It stays offline until deleted (a cluster's
+        // replica manager deletes it once the controller no longer holds the topic).
         self.create_any(name, partitions, overrides, Some(cluster_id))
     }
 
