@@ -29,6 +29,7 @@ use serde::Serialize;
 
 use super::consume::consume_from;
 use super::embedded::EmbeddedBroker;
+use super::payload::Payloads;
 use super::produce::produce_into;
 use super::report::Report;
 use super::{LoadOpts, OutputFormat};
@@ -66,7 +67,7 @@ struct Baseline {
 /// A batch as the producer builds it for `o` with `records` records (the full batch when
 /// `records` is `None`), and how many records it holds.
 fn sample_batch(o: &LoadOpts, records: Option<usize>) -> (Bytes, usize) {
-    let value: Vec<u8> = (0..o.record_size).map(|i| b'a' + (i % 26) as u8).collect();
+    let values = Payloads::new(o.payload, o.record_size);
     let mut b = BatchBuilder::with_capacity(o.compression, o.batch_size + 1024);
     let mut n = 0;
     loop {
@@ -74,7 +75,7 @@ fn sample_batch(o: &LoadOpts, records: Option<usize>) -> (Bytes, usize) {
         if records.map_or(full, |want| n >= want) {
             break;
         }
-        b.push(None, &value, 1_700_000_000_000, &[]);
+        b.push(None, values.nth(n as u64), 1_700_000_000_000, &[]);
         n += 1;
     }
     (b.build(), n)

@@ -7,6 +7,7 @@ mod baseline;
 mod consume;
 mod embedded;
 mod group;
+mod payload;
 mod pipeline;
 mod produce;
 mod report;
@@ -19,6 +20,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use quiver_client::{Acks, Client, ClientConfig, Compression};
 
 use crate::connect::GlobalOpts;
+use payload::PayloadKind;
 
 /// `quiver bench` arguments.
 #[derive(Debug, Args)]
@@ -150,6 +152,10 @@ pub struct LoadOpts {
     /// Batch compression: none, lz4 or zstd.
     #[arg(long, default_value = "none", value_parser = parse_compression)]
     compression: Compression,
+    /// Record values: `random` (each record a different window of random bytes, so
+    /// compression is not flattered) or `repeated` (every record the same text).
+    #[arg(long, value_enum, default_value_t = PayloadKind::Random)]
+    payload: PayloadKind,
     /// Producer linger in milliseconds.
     #[arg(long, default_value_t = 2)]
     linger_ms: u64,

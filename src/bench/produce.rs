@@ -18,13 +18,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use bytes::Bytes;
 use futures::StreamExt;
 use quiver_client::{
     Admin, Client, ClientError, DeliveryFuture, Producer, ProducerConfig, ProducerRecord,
     ProducerStats, RecordRef,
 };
 
+use super::payload::Payloads;
 use super::report::{histogram, progress, Report};
 use super::{Limit, LoadOpts};
 
@@ -112,11 +112,7 @@ pub async fn produce_into(
     }
     let claimed = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(Mutex::new(histogram()));
-    let value = Bytes::from(
-        (0..o.record_size)
-            .map(|i| b'a' + (i % 26) as u8)
-            .collect::<Vec<u8>>(),
-    );
+    let values = Payloads::new(o.payload, o.record_size);
     // Paced runs start their schedules a little ahead, so producer set-up is not counted
     // as lag of the first records.
     let start = Instant::now() + Duration::from_millis(if o.rate.is_some() { 20 } else { 0 });
@@ -135,9 +131,9 @@ pub async fn produce_into(
                 ..ProducerConfig::default()
             },
         );
-        let (latencies, value, topic, pb) = (
+        let (latencies, values, topic, pb) = (
             latencies.clone(),
-            value.clone(),
+            values.clone(),
             topic.to_string(),
             pb.clone(),
         );
@@ -149,13 +145,13 @@ pub async fn produce_into(
                     total: share(total, o.producers, index),
                 };
                 tasks.push(tokio::spawn(paced(
-                    producer, topic, value, schedule, latencies, pb,
+                    producer, topic, values, schedule, latencies, pb,
                 )));
             }
             _ => {
                 let claimed = claimed.clone();
                 tasks.push(tokio::spawn(saturated(
-                    producer, topic, value, limit, start, claimed, latencies, pb,
+                    producer, topic, values, limit, start, claimed, latencies, pb,
                 )));
             }
         }
@@ -221,7 +217,7 @@ pub async fn produce_into(
 async fn saturated(
     producer: Producer,
     topic: String,
-    value: Bytes,
+    values: Payloads,
     limit: Limit,
     start: Instant,
     claimed: Arc<AtomicU64>,
@@ -230,32 +226,28 @@ async fn saturated(
 ) -> Result<TaskResult, ClientError> {
     let mut samplers = Vec::new();
     loop {
-        let n = match limit {
+        let (from, n) = match limit {
             Limit::Records(total) => {
                 let from = claimed.fetch_add(CHUNK, Ordering::Relaxed);
                 if from >= total {
                     break;
                 }
-                CHUNK.min(total - from)
+                (from, CHUNK.min(total - from))
             }
             Limit::Time(d) => {
                 if start.elapsed() >= d {
                     break;
                 }
-                claimed.fetch_add(CHUNK, Ordering::Relaxed);
-                CHUNK
+                (claimed.fetch_add(CHUNK, Ordering::Relaxed), CHUNK)
             }
         };
+        let last = from + n - 1;
         producer
-            .send_values(
-                &topic,
-                None,
-                std::iter::repeat_n(&value[..], n as usize - 1),
-            )
+            .send_values(&topic, None, (from..last).map(|i| values.nth(i)))
             .await?;
         let sent_at = Instant::now();
         let fut = producer
-            .send(ProducerRecord::new(topic.clone(), value.clone()))
+            .send(ProducerRecord::new(topic.clone(), values.nth_bytes(last)))
             .await?;
         let latencies = latencies.clone();
         samplers.push(tokio::spawn(async move {
@@ -282,7 +274,7 @@ async fn saturated(
 async fn paced(
     producer: Producer,
     topic: String,
-    value: Bytes,
+    values: Payloads,
     schedule: Schedule,
     latencies: Arc<Mutex<hdrhistogram::Histogram<u64>>>,
     pb: indicatif::ProgressBar,
@@ -325,11 +317,13 @@ async fn paced(
         while i < due {
             if i.is_multiple_of(sample_every) {
                 let fut = producer
-                    .send(ProducerRecord::new(topic.clone(), value.clone()))
+                    .send(ProducerRecord::new(topic.clone(), values.nth_bytes(i)))
                     .await?;
                 let _ = tx.send((schedule.due_at(i), fut));
             } else {
-                producer.send_nowait(RecordRef::new(&topic, &value)).await?;
+                producer
+                    .send_nowait(RecordRef::new(&topic, values.nth(i)))
+                    .await?;
             }
             i += 1;
         }
