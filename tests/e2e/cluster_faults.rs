@@ -42,7 +42,7 @@ pub(super) struct FaultCluster {
 }
 
 impl FaultCluster {
-    fn on_free_ports() -> FaultCluster {
+    fn on_free_ports(overrides: &str) -> FaultCluster {
         let dir = tempfile::tempdir().unwrap();
         let listen: Vec<u16> = (0..BROKERS).map(|_| free_udp_port()).collect();
         let proxies: Vec<UdpProxy> = listen
@@ -54,7 +54,7 @@ impl FaultCluster {
         let mut text = format!("data_root = \"{}\"\n", dir.path().join("qc").display());
         for (i, p) in listen.iter().enumerate() {
             text.push_str(&format!(
-                "[[brokers]]\nid = {}\nlisten = \"127.0.0.1:{p}\"\nadvertised_addr = \"{}\"\n",
+                "[[brokers]]\nid = {}\nlisten = \"127.0.0.1:{p}\"\nadvertised_addr = \"{}\"\n{overrides}",
                 i + 1,
                 proxies[i].addr()
             ));
@@ -71,12 +71,25 @@ impl FaultCluster {
     /// Starts the cluster; tries again on fresh ports when one was taken meanwhile (free
     /// ports are found by binding and releasing them; another test may take one first).
     pub(super) fn start() -> FaultCluster {
-        super::harness::start_on_free_ports(Self::on_free_ports, |c| c.run(&["start"]))
+        Self::start_with("")
+    }
+
+    /// [`FaultCluster::start`] with broker config lines for every broker.
+    pub(super) fn start_with(overrides: &str) -> FaultCluster {
+        super::harness::start_on_free_ports(
+            || Self::on_free_ports(overrides),
+            |c| c.run(&["start"]),
+        )
+    }
+
+    /// Broker `id`'s data directory.
+    pub(super) fn data_dir(&self, id: usize) -> std::path::PathBuf {
+        self.dir.path().join(format!("qc/broker-{id}"))
     }
 
     /// `cluster start` for the brokers the nemesis killed; tried again a few times when a
     /// restart fails (the nemesis is pacing; a slow machine must not end the run early).
-    fn restart_stopped(&self) {
+    pub(super) fn restart_stopped(&self) {
         for attempt in 1..=5 {
             let out = self.run(&["start"]);
             if out.status.success() {
@@ -100,7 +113,7 @@ impl FaultCluster {
             .unwrap()
     }
 
-    fn cluster(&self, args: &[&str]) -> Value {
+    pub(super) fn cluster(&self, args: &[&str]) -> Value {
         let status = args[0] == "status";
         let mut all = args.to_vec();
         if status {
@@ -163,10 +176,15 @@ impl FaultCluster {
     }
 
     fn describe(&self) -> Value {
+        self.describe_topic(TOPIC)
+    }
+
+    /// `topic describe TOPIC` through the cluster.
+    pub(super) fn describe_topic(&self, topic: &str) -> Value {
         let out = cli_at(
             &self.bootstrap(),
             &self.ca(),
-            &["topic", "describe", TOPIC, "--output", "json"],
+            &["topic", "describe", topic, "--output", "json"],
             None,
         );
         assert!(
@@ -177,7 +195,7 @@ impl FaultCluster {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
-    fn pid(&self, id: u64) -> Option<u32> {
+    pub(super) fn pid(&self, id: u64) -> Option<u32> {
         self.cluster(&["status"])["brokers"][id as usize - 1]["pid"]
             .as_u64()
             .map(|p| p as u32)
@@ -186,12 +204,16 @@ impl FaultCluster {
     /// Cuts (or heals) every link between broker `id` and its peers, both directions.
     pub(super) fn isolate(&self, id: usize, fault: LinkFault) {
         for other in 1..=BROKERS {
-            if other == id {
-                continue;
+            if other != id {
+                self.link(id, other, fault);
             }
-            self.proxies[id - 1].set(&HashSet::from([self.listen[other - 1]]), fault);
-            self.proxies[other - 1].set(&HashSet::from([self.listen[id - 1]]), fault);
         }
+    }
+
+    /// Cuts (or heals) the link between brokers `a` and `b`, both directions.
+    pub(super) fn link(&self, a: usize, b: usize, fault: LinkFault) {
+        self.proxies[a - 1].set(&HashSet::from([self.listen[b - 1]]), fault);
+        self.proxies[b - 1].set(&HashSet::from([self.listen[a - 1]]), fault);
     }
 
     fn all_links(&self, fault: LinkFault) {

@@ -25,6 +25,7 @@ mod older_clients;
 mod pipelines;
 mod plugins;
 mod producer_numbering;
+mod returning_broker;
 mod shutdown;
 mod topics_admin;
 mod transactions;

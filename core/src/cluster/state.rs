@@ -216,13 +216,14 @@ impl ControllerState {
                 leader_epoch,
                 partition_epoch,
                 isr,
+                broker_epochs,
             } => self.update_partition(
                 topic,
                 *partition,
                 *leader,
-                *leader_epoch,
-                *partition_epoch,
+                (*leader_epoch, *partition_epoch),
                 isr,
+                broker_epochs,
             ),
             ControllerCommand::DeployPlugin {
                 id,
@@ -781,9 +782,9 @@ impl ControllerState {
         topic: &str,
         partition: u32,
         leader: Option<BrokerId>,
-        leader_epoch: u64,
-        partition_epoch: u64,
+        (leader_epoch, partition_epoch): (u64, u64),
         isr: &[BrokerId],
+        broker_epochs: &BTreeMap<BrokerId, u64>,
     ) -> Outcome {
         let Some(t) = self.topics.get(topic) else {
             return Err(ControllerError::UnknownTopic {
@@ -835,6 +836,18 @@ impl ControllerState {
             .find(|r| !p.isr.contains(r) && !self.is_live(**r))
         {
             return invalid(format!("fenced or unknown broker {r} cannot join the ISR"));
+        }
+        // An addition judged on the fetches of an incarnation that has registered again
+        // since (its log may be gone) waits for the new one to catch up.
+        for (r, given) in broker_epochs {
+            let current = self.brokers.get(r).map_or(0, |b| b.broker_epoch);
+            if isr.contains(r) && !p.isr.contains(r) && current != *given {
+                return Err(ControllerError::StaleBrokerEpoch {
+                    id: *r,
+                    current,
+                    given: *given,
+                });
+            }
         }
         if let Some(l) = leader {
             if !isr.contains(&l) {
@@ -921,6 +934,7 @@ mod tests {
             leader_epoch,
             partition_epoch,
             isr: isr.to_vec(),
+            broker_epochs: BTreeMap::new(),
         })
     }
 
@@ -1217,6 +1231,7 @@ mod tests {
                 leader_epoch: 0,
                 partition_epoch: 0,
                 isr: vec![1],
+                broker_epochs: BTreeMap::new(),
             },
         );
         assert_eq!(
@@ -1227,6 +1242,53 @@ mod tests {
             }
         );
         assert_eq!(p0(&s).isr, vec![1, 2]);
+    }
+
+    /// KIP-903: a leader that judged a replica caught up on the fetches of its earlier
+    /// incarnation cannot bring it back into the ISR once the broker registered again.
+    #[test]
+    fn an_isr_addition_from_an_earlier_broker_incarnation_is_refused() {
+        let mut s = cluster(&[]);
+        update(&mut s, Some(1), 0, 0, &[1, 2]);
+        // Broker 3 restarts (incarnation 2), say with a wiped data directory.
+        assert_eq!(register(&mut s, 3, 2), ControllerResponse::Ok);
+        s.apply(&ControllerCommand::UnfenceBroker { id: 3 });
+        let add = |epoch: u64, pe: u64| ControllerCommand::UpdatePartition {
+            topic: "t".into(),
+            partition: 0,
+            leader: Some(1),
+            leader_epoch: 0,
+            partition_epoch: pe,
+            isr: vec![1, 2, 3],
+            broker_epochs: BTreeMap::from([(3, epoch)]),
+        };
+        let e = refused(&mut s, add(1, 1));
+        assert_eq!(
+            e,
+            ControllerError::StaleBrokerEpoch {
+                id: 3,
+                current: 2,
+                given: 1
+            }
+        );
+        assert!(matches!(
+            s.apply(&add(2, 1)),
+            ControllerResponse::PartitionUpdated { .. }
+        ));
+        assert_eq!(p0(&s).isr, vec![1, 2, 3]);
+        // Members already in the ISR are not checked (their epochs are not additions).
+        assert!(matches!(
+            s.apply(&ControllerCommand::UpdatePartition {
+                topic: "t".into(),
+                partition: 0,
+                leader: Some(1),
+                leader_epoch: 0,
+                partition_epoch: 2,
+                isr: vec![1, 3],
+                broker_epochs: BTreeMap::from([(3, 1)]),
+            }),
+            ControllerResponse::PartitionUpdated { .. }
+        ));
     }
 
     #[test]
@@ -1265,6 +1327,7 @@ mod tests {
                 leader_epoch: 1,
                 partition_epoch: pe,
                 isr: vec![2, 3],
+                broker_epochs: BTreeMap::new(),
             },
         );
         assert_eq!(
@@ -1289,6 +1352,7 @@ mod tests {
                     leader_epoch: 0,
                     partition_epoch: 0,
                     isr: isr.to_vec(),
+                    broker_epochs: BTreeMap::new(),
                 },
             )
         };
@@ -1322,6 +1386,7 @@ mod tests {
                     leader_epoch: p.leader_epoch,
                     partition_epoch: p.partition_epoch,
                     isr: isr.to_vec(),
+                    broker_epochs: BTreeMap::new(),
                 },
             );
             assert!(matches!(e, ControllerError::InvalidUpdate { .. }), "{e}");
@@ -1336,6 +1401,7 @@ mod tests {
                     leader_epoch: 0,
                     partition_epoch: 0,
                     isr: vec![1],
+                    broker_epochs: BTreeMap::new(),
                 }
             ),
             ControllerError::UnknownPartition { partition: 1, .. }

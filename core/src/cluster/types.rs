@@ -132,6 +132,12 @@ pub enum ControllerCommand {
         leader_epoch: u64,
         partition_epoch: u64,
         isr: Vec<BrokerId>,
+        /// The incarnations (broker epochs) of replicas this change adds to the ISR, as
+        /// their fetches to the leader reported them (Kafka's KIP-903): an addition whose
+        /// broker has registered again since is refused, since the position it was judged
+        /// on may describe a log that is gone. Replicas not listed are not checked.
+        #[serde(default)]
+        broker_epochs: BTreeMap<BrokerId, u64>,
     },
     /// Deploy a plugin on every broker: `id` is `name@version`, `digest` that of the
     /// canonical `archive` (checked by the proposing broker, which built it once). The same

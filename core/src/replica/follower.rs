@@ -34,6 +34,8 @@ const RETRY_DELAY: Duration = Duration::from_millis(200);
 pub struct FollowTarget {
     /// This broker.
     pub me: BrokerId,
+    /// The incarnation this broker registered with (sent with each fetch).
+    pub broker_epoch: u64,
     /// The leader and its address.
     pub leader: BrokerId,
     pub leader_addr: String,
@@ -289,6 +291,7 @@ async fn fetch_once(
         flushed_offset: at.flushed,
         max_bytes: FETCH_MAX_BYTES,
         max_wait_ms: at.max_wait_ms,
+        broker_epoch: target.broker_epoch,
     };
     let timeout = Duration::from_millis(u64::from(FETCH_MAX_WAIT_MS)) + Duration::from_secs(10);
     let (resp, payload) = match client

@@ -8,7 +8,11 @@
 //! - a follower is caught up at a fetch that asks for the leader's log end (or beyond); one
 //!   not caught up for `replica.lag.max.ms` leaves the ISR;
 //! - a follower outside the ISR rejoins once its log end reaches the high watermark and the
-//!   start of the current leader epoch.
+//!   start of the current leader epoch;
+//! - a position counts only for the broker incarnation that reported it (Kafka's KIP-903):
+//!   a restarted broker may have lost its log (a wiped or restored data directory), so its
+//!   first fetch replaces what the earlier incarnation reported, and a replica is proposed
+//!   back into the ISR only on a position of the incarnation the cluster has registered.
 
 use std::collections::BTreeMap;
 
@@ -24,6 +28,9 @@ struct FollowerPosition {
     caught_up_ms: i64,
     /// The leader's log end and the time at the follower's previous fetch.
     previous_fetch: Option<(i64, i64)>,
+    /// The broker incarnation whose fetches set this position (0: not known, a follower
+    /// from before broker epochs, or none fetched yet).
+    broker_epoch: u64,
 }
 
 impl FollowerPosition {
@@ -32,6 +39,7 @@ impl FollowerPosition {
             end: None,
             caught_up_ms: now_ms,
             previous_fetch: None,
+            broker_epoch: 0,
         }
     }
 }
@@ -121,13 +129,16 @@ impl LeaderState {
         self.leader_end = self.leader_end.max(end);
     }
 
-    /// Follower `id` fetched from `offset`, with everything below `flushed` durable on it,
-    /// while the leader's log ended at `leader_log_end`. The flushed position is what counts
-    /// for the high watermark; the fetch offset, for being caught up. False for a broker
-    /// that is not a replica.
+    /// Follower `id`, in its incarnation `broker_epoch`, fetched from `offset`, with
+    /// everything below `flushed` durable on it, while the leader's log ended at
+    /// `leader_log_end`. The flushed position is what counts for the high watermark; the
+    /// fetch offset, for being caught up. A later incarnation's fetch replaces the position
+    /// of an earlier one (which may describe a log that is gone); an earlier one's fetch,
+    /// arriving late, changes nothing. False for a broker that is not a replica.
     pub fn follower_position(
         &mut self,
         id: BrokerId,
+        broker_epoch: u64,
         offset: i64,
         flushed: i64,
         leader_log_end: i64,
@@ -136,6 +147,18 @@ impl LeaderState {
         let Some(f) = self.followers.get_mut(&id) else {
             return false;
         };
+        if broker_epoch != 0 {
+            if broker_epoch < f.broker_epoch {
+                return true;
+            }
+            if broker_epoch > f.broker_epoch {
+                // The earlier incarnation's end no longer counts, for the high watermark
+                // or for rejoining the ISR: this fetch's position replaces it below.
+                f.end = None;
+                f.previous_fetch = None;
+                f.broker_epoch = broker_epoch;
+            }
+        }
         f.end = Some(flushed.min(offset));
         if offset >= leader_log_end {
             f.caught_up_ms = now_ms;
@@ -159,7 +182,7 @@ impl LeaderState {
         leader_log_end: i64,
         now_ms: i64,
     ) -> bool {
-        self.follower_position(id, offset, offset, leader_log_end, now_ms)
+        self.follower_position(id, 0, offset, offset, leader_log_end, now_ms)
     }
 
     /// True when the ISR is large enough for the high watermark to move.
@@ -220,8 +243,17 @@ impl LeaderState {
     }
 
     /// The ISR this leader should propose now, if it differs from the recorded one:
-    /// lagging followers out, caught-up ones in. `hw` is the current high watermark.
-    pub fn wanted_isr(&self, now_ms: i64, hw: i64, lag_max_ms: i64) -> Option<Vec<BrokerId>> {
+    /// lagging followers out, caught-up ones in. `hw` is the current high watermark;
+    /// `registered` gives a broker's incarnation as this broker's view of the cluster has
+    /// it: a follower is proposed in only on a position its fetches in that incarnation set
+    /// (or one from a follower that sends no epoch).
+    pub fn wanted_isr(
+        &self,
+        now_ms: i64,
+        hw: i64,
+        lag_max_ms: i64,
+        registered: impl Fn(BrokerId) -> Option<u64>,
+    ) -> Option<Vec<BrokerId>> {
         let mut isr: Vec<BrokerId> = self
             .isr
             .iter()
@@ -241,7 +273,13 @@ impl LeaderState {
             let caught_up = f
                 .end
                 .is_some_and(|end| end >= hw && end >= self.epoch_start);
-            if !isr.contains(id) && caught_up && now_ms - f.caught_up_ms <= lag_max_ms {
+            let this_incarnation =
+                f.broker_epoch == 0 || registered(*id).is_some_and(|e| e == f.broker_epoch);
+            if !isr.contains(id)
+                && caught_up
+                && this_incarnation
+                && now_ms - f.caught_up_ms <= lag_max_ms
+            {
                 isr.push(*id);
             }
         }
@@ -250,6 +288,19 @@ impl LeaderState {
         let mut sorted_old = self.isr.clone();
         sorted_old.sort_unstable();
         (sorted_new != sorted_old).then_some(isr)
+    }
+
+    /// The incarnations whose fetches set the positions of the replicas `isr` adds to the
+    /// recorded ISR (those known): the controller refuses the change if any has registered
+    /// again since.
+    pub fn added_broker_epochs(&self, isr: &[BrokerId]) -> BTreeMap<BrokerId, u64> {
+        isr.iter()
+            .filter(|id| !self.isr.contains(id))
+            .filter_map(|id| {
+                let f = self.followers.get(id)?;
+                (f.broker_epoch != 0).then_some((*id, f.broker_epoch))
+            })
+            .collect()
     }
 }
 
@@ -310,7 +361,7 @@ mod tests {
         let now = 5_000;
         assert_eq!(l.isr_size(now, lag_max), (2, 1), "follower 2 in, 3 out");
         assert_eq!(
-            l.wanted_isr(now, l.high_watermark().unwrap_or(0), lag_max),
+            l.wanted_isr(now, l.high_watermark().unwrap_or(0), lag_max, |_| None),
             Some(vec![1, 2])
         );
     }
@@ -320,7 +371,7 @@ mod tests {
         let mut l = LeaderState::new(1, &record(&[1, 2], &[1, 2]), 1, 0, 0);
         l.leader_flushed(100);
         // Fetched everything (caught up), flushed only the first 70.
-        l.follower_position(2, 100, 70, 100, 10);
+        l.follower_position(2, 0, 100, 70, 100, 10);
         assert_eq!(l.high_watermark(), Some(70));
         assert_eq!(
             l.isr_size(10, 1_000),
@@ -328,9 +379,9 @@ mod tests {
             "caught up by its fetch offset"
         );
         // A flushed position beyond the fetch offset is not believed.
-        l.follower_position(2, 90, 95, 100, 20);
+        l.follower_position(2, 0, 90, 95, 100, 20);
         assert_eq!(l.high_watermark(), Some(90));
-        l.follower_position(2, 100, 100, 100, 30);
+        l.follower_position(2, 0, 100, 100, 100, 30);
         assert_eq!(l.high_watermark(), Some(100));
     }
 
@@ -356,19 +407,22 @@ mod tests {
         l.follower_fetched(2, 100, 100, 1_000);
         l.follower_fetched(3, 40, 100, 1_000);
         assert_eq!(
-            l.wanted_isr(5_000, 40, 10_000),
+            l.wanted_isr(5_000, 40, 10_000, |_| None),
             None,
             "within the lag limit"
         );
         // Broker 3 keeps fetching but never reaches the log end for longer than the limit.
         l.follower_fetched(2, 100, 100, 11_500);
         l.follower_fetched(3, 70, 100, 11_500);
-        assert_eq!(l.wanted_isr(11_500, 70, 10_000), Some(vec![1, 2]));
+        assert_eq!(l.wanted_isr(11_500, 70, 10_000, |_| None), Some(vec![1, 2]));
         l.update(&record(&[1, 2, 3], &[1, 2]), 1, 11_500);
         assert_eq!(l.high_watermark(), Some(100), "the ISR {{1, 2}} is at 100");
         // Broker 3 catches up: it rejoins.
         l.follower_fetched(3, 100, 100, 12_000);
-        assert_eq!(l.wanted_isr(12_000, 100, 10_000), Some(vec![1, 2, 3]));
+        assert_eq!(
+            l.wanted_isr(12_000, 100, 10_000, |_| None),
+            Some(vec![1, 2, 3])
+        );
     }
 
     #[test]
@@ -415,8 +469,52 @@ mod tests {
         l.leader_flushed(500);
         // At the high watermark but below where this leader's epoch began.
         l.follower_fetched(2, 400, 500, 0);
-        assert_eq!(l.wanted_isr(0, 400, 10_000), None);
+        assert_eq!(l.wanted_isr(0, 400, 10_000, |_| None), None);
         l.follower_fetched(2, 500, 500, 1);
-        assert_eq!(l.wanted_isr(1, 500, 10_000), Some(vec![1, 2]));
+        assert_eq!(l.wanted_isr(1, 500, 10_000, |_| None), Some(vec![1, 2]));
+    }
+
+    /// A broker restarted with a wiped or restored data directory (a new incarnation) must
+    /// not be taken back into the ISR on the position its earlier incarnation reported.
+    #[test]
+    fn a_restarted_brokers_earlier_position_does_not_count() {
+        let mut l = LeaderState::new(1, &record(&[1, 2, 3], &[1, 3]), 1, 0, 0);
+        l.leader_flushed(100);
+        l.follower_position(3, 7, 100, 100, 100, 10);
+        // Broker 2 (incarnation 5) is caught up, but out of the ISR (say it was fenced).
+        l.follower_position(2, 5, 100, 100, 100, 10);
+        assert_eq!(
+            l.wanted_isr(10, 100, 10_000, |_| Some(5)),
+            Some(vec![1, 3, 2])
+        );
+        // It registered again as incarnation 6: its position from 5 no longer proposes it.
+        assert_eq!(l.wanted_isr(20, 100, 10_000, |_| Some(6)), None);
+        assert_eq!(l.added_broker_epochs(&[1, 3, 2]), BTreeMap::from([(2, 5)]));
+        // Incarnation 6 fetches from an empty log: that is its position now.
+        l.follower_position(2, 6, 0, 0, 100, 30);
+        assert_eq!(l.wanted_isr(30, 100, 10_000, |_| Some(6)), None);
+        // A late fetch of incarnation 5 changes nothing.
+        l.follower_position(2, 5, 100, 100, 100, 40);
+        assert_eq!(l.wanted_isr(40, 100, 10_000, |_| Some(6)), None);
+        // Caught up again in incarnation 6: proposed, with that epoch.
+        l.follower_position(2, 6, 100, 100, 100, 50);
+        assert_eq!(
+            l.wanted_isr(50, 100, 10_000, |_| Some(6)),
+            Some(vec![1, 3, 2])
+        );
+        assert_eq!(l.added_broker_epochs(&[1, 3, 2]), BTreeMap::from([(2, 6)]));
+    }
+
+    /// An ISR member whose broker restarted is still in the leader's recorded ISR until
+    /// the controller's change arrives: its new, shorter log holds the high watermark.
+    #[test]
+    fn a_restarted_isr_members_new_position_holds_the_high_watermark() {
+        let mut l = LeaderState::new(1, &record(&[1, 2], &[1, 2]), 1, 0, 0);
+        l.leader_flushed(100);
+        l.follower_position(2, 5, 100, 100, 100, 10);
+        assert_eq!(l.high_watermark(), Some(100));
+        l.leader_flushed(150);
+        l.follower_position(2, 6, 0, 0, 150, 20);
+        assert_eq!(l.high_watermark(), Some(0), "not the 100 of incarnation 5");
     }
 }

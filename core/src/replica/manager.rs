@@ -343,12 +343,13 @@ impl ReplicaManager {
         }
     }
 
-    /// Follower `replica` fetches from `offset` at leader epoch `epoch`, its log durable
-    /// below `flushed`.
+    /// Follower `replica` (in its incarnation `broker_epoch`) fetches from `offset` at
+    /// leader epoch `epoch`, its log durable below `flushed`.
     pub fn follower_fetched(
         &self,
         log: &PartitionLog,
         replica: BrokerId,
+        broker_epoch: u64,
         epoch: u64,
         offset: i64,
         flushed: i64,
@@ -357,7 +358,8 @@ impl ReplicaManager {
         let state = self.leader(&log.topic, log.partition)?;
         let mut st = lock(&state);
         let log_end = log.snapshot().log_end;
-        if !st.follower_position(replica, offset, flushed, log_end, crate::clock::now_ms()) {
+        let now = crate::clock::now_ms();
+        if !st.follower_position(replica, broker_epoch, offset, flushed, log_end, now) {
             return Err(ReplicaError::NotReplica {
                 broker: replica,
                 topic: log.topic.clone(),
@@ -720,6 +722,7 @@ impl ReplicaManager {
                             log.clone(),
                             FollowTarget {
                                 me: self.me,
+                                broker_epoch: self.registered_epoch,
                                 leader: l,
                                 leader_addr: addr,
                                 leader_epoch: p.leader_epoch,
@@ -774,16 +777,19 @@ impl ReplicaManager {
             let Ok((_, log)) = self.topics.partition(&topic, partition) else {
                 continue;
             };
-            let (wanted, epochs) = {
+            let (wanted, epochs, broker_epochs) = {
                 let st = lock(&leader);
                 if let Some(hw) = st.high_watermark() {
                     log.advance_high_watermark(hw);
                 }
                 let hw = log.snapshot().high_watermark;
-                (
-                    st.wanted_isr(now, hw, self.lag_max_ms),
-                    (st.leader_epoch, st.partition_epoch),
-                )
+                let registered = |id| state.broker(id).map(|b| b.broker_epoch);
+                let wanted = st.wanted_isr(now, hw, self.lag_max_ms, registered);
+                let broker_epochs = wanted
+                    .as_deref()
+                    .map(|isr| st.added_broker_epochs(isr))
+                    .unwrap_or_default();
+                (wanted, (st.leader_epoch, st.partition_epoch), broker_epochs)
             };
             let Some(record) = state
                 .partition(&topic, partition)
@@ -818,6 +824,7 @@ impl ReplicaManager {
                         leader_epoch: epochs.0,
                         partition_epoch: epochs.1,
                         isr,
+                        broker_epochs,
                     }
                 }
                 // Preferred-leader election: once the first replica is back in sync, the
@@ -838,6 +845,7 @@ impl ReplicaManager {
                         leader_epoch: epochs.0,
                         partition_epoch: epochs.1,
                         isr: record.isr.clone(),
+                        broker_epochs: BTreeMap::new(),
                     }
                 }
                 _ => continue,

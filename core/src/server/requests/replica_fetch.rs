@@ -75,6 +75,7 @@ pub async fn fetch(ctx: &ServerContext, peer: Peer, body: Bytes) -> Result<Reply
     rm.follower_fetched(
         &log,
         u64::from(req.replica_id),
+        req.broker_epoch,
         req.leader_epoch,
         req.offset,
         req.flushed_offset,

@@ -34,6 +34,13 @@ pub struct ReplicaFetchRequest {
     /// the wire format asks; brokers from before it cannot run beside newer ones (they took
     /// `offset` as flushed): upgrade a cluster's brokers together.
     pub flushed_offset: i64,
+    /// The incarnation the fetching broker registered with (Kafka's KIP-903): a position
+    /// reported by an earlier incarnation, which may have lost its log since (a wiped or
+    /// restored data directory), stops counting once a later one fetches, and the leader
+    /// proposes a replica back into the ISR only with the epoch its fetches carried. 0: a
+    /// follower from before this field (its positions are taken as before).
+    #[serde(default)]
+    pub broker_epoch: u64,
 }
 
 /// The leader's answer; the payload holds whole stored batches from the fetch offset.

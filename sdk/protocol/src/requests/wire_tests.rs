@@ -921,6 +921,7 @@ impl Sample for ReplicaFetchRequest {
             flushed_offset: (1 << 40) - 7,
             max_bytes: 1 << 20,
             max_wait_ms: 500,
+            broker_epoch: 1_764_000_000_123,
         }]
     }
 }
@@ -1080,6 +1081,7 @@ const WITH_APPENDED_FIELDS: &[&str] = &[
     "SubscribeRequest",
     "InitTransactionsRequest",
     "VerifyTxnPartitionRequest",
+    "ReplicaFetchRequest",
 ];
 
 /// The postcard control alone: every strict prefix fails (decoding is deterministic, so a
@@ -1140,6 +1142,12 @@ fn an_older_clients_requests_decode_with_the_appended_fields_absent() {
     let r: VerifyTxnPartitionRequest = decode_control(&encode_control(&verify), "verify").unwrap();
     assert_eq!((r.producer_id, r.partition), (1 << 62, 1));
     assert!(!r.include_ending);
+
+    // A follower from before broker epochs: its positions are taken as before (epoch 0).
+    let replica = (s("t"), 2u32, 2u32, 5u64, 100i64, 1024u32, 500u32, 90i64);
+    let r: ReplicaFetchRequest =
+        decode_control(&encode_control(&replica), "replica fetch").unwrap();
+    assert_eq!((r.offset, r.flushed_offset, r.broker_epoch), (100, 90, 0));
 
     // A field that was never optional stays required: a fetch without `min_bytes` fails.
     let cut = (s("t"), 3u32, 42i64, 1024u32, 500u32);
