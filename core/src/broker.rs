@@ -203,6 +203,9 @@ impl Broker {
             ))
         })?;
         check_identity(&config.data_dir, config.broker_id)?;
+        // A store created now holds no replica, whatever the cluster remembers of this
+        // broker (a new disk, or a lost `log/`): said at registration.
+        let empty_log = !config.data_dir.join("log").exists();
         let db = open_db(&config.data_dir)?;
         let identity = tls::load_or_create(&config)?;
         let ca_path = identity.ca_path.clone().or(config.cluster.ca.clone());
@@ -320,6 +323,7 @@ impl Broker {
                         local_addr,
                         cluster: config.cluster.clone(),
                         tls: raft_tls,
+                        empty_log,
                     },
                     endpoint.clone(),
                     stop_rx.clone(),

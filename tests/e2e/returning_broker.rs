@@ -2,8 +2,10 @@
 //! from an older backup) is a new incarnation of that broker: the partition leader must not
 //! take it back into the ISR on the position its earlier incarnation reported (Kafka's
 //! KIP-903), only once the new incarnation's own fetches show that it holds every committed
-//! record. Three brokers from `quiver cluster start`, each behind a UDP proxy so that the
-//! returning broker can be cut off from the partition's leader alone.
+//! record; and where it was the last in-sync replica, it must not lead (the others would
+//! truncate to its empty log): the partition stays offline until the operator allows an
+//! unclean election. Three brokers from `quiver cluster start`, each behind a UDP proxy so
+//! that the returning broker can be cut off from one peer alone.
 
 use std::time::{Duration, Instant};
 
@@ -23,6 +25,64 @@ fn partition(d: &Value, p: u64) -> &Value {
         .iter()
         .find(|x| x["partition"] == p)
         .expect("partition in describe")
+}
+
+fn blackhole() -> LinkFault {
+    LinkFault {
+        blackhole: true,
+        ..LinkFault::default()
+    }
+}
+
+/// Broker `id`'s registration as the controller has it: (epoch, fenced).
+fn registration(c: &FaultCluster, id: u64) -> Option<(u64, bool)> {
+    let out = cli_at(
+        &c.bootstrap(),
+        &c.ca(),
+        &["cluster", "describe", "--output", "json"],
+        None,
+    );
+    if !out.status.success() {
+        return None;
+    }
+    let d: Value = serde_json::from_slice(&out.stdout).ok()?;
+    let b = d["brokers"].as_array()?.iter().find(|b| b["id"] == id)?;
+    Some((b["epoch"].as_u64()?, b["fenced"].as_bool()?))
+}
+
+/// Kills broker `id`, removes its log store, starts it again, and waits until the
+/// controller has its new incarnation registered and unfenced.
+fn restart_without_log(c: &FaultCluster, id: u64) {
+    let (old_epoch, _) = registration(c, id).expect("broker registered");
+    let pid = c.pid(id).expect("broker running");
+    unsafe_kill(pid, "KILL");
+    wait_for(30, "the killed broker to exit", || {
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    });
+    std::fs::remove_dir_all(c.data_dir(id as usize).join("log")).expect("remove its log");
+    c.restart_stopped();
+    wait_for(
+        60,
+        "the returning broker registered again and unfenced",
+        || registration(c, id).is_some_and(|(epoch, fenced)| epoch != old_epoch && !fenced),
+    );
+}
+
+/// Broker `id`'s own log end of `topic`'s partition `p` (`--local`).
+fn local_end(c: &FaultCluster, id: u64, topic: &str, p: u64) -> i64 {
+    let out = cli_at(
+        &c.addr_of(id as usize),
+        &c.ca(),
+        &["topic", "describe", topic, "--output", "json", "--local"],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let local: Value = serde_json::from_slice(&out.stdout).unwrap();
+    partition(&local, p)["log_end_offset"].as_i64().unwrap()
 }
 
 fn ids(v: &Value) -> Vec<u64> {
@@ -76,24 +136,10 @@ fn a_broker_back_without_its_log_rejoins_the_isr_only_after_copying_it_again() {
         .unwrap();
     let committed = partition(&d, p)["high_watermark"].as_i64().unwrap();
     assert!(committed > 0, "partition {p} holds records: {d}");
-    let cut = LinkFault {
-        blackhole: true,
-        ..LinkFault::default()
-    };
-    c.link(x as usize, leader as usize, cut);
-    let old_pid = c.pid(x).expect("broker running");
-    unsafe_kill(old_pid, "KILL");
-    wait_for(30, "the killed broker to exit", || {
-        !std::path::Path::new(&format!("/proc/{old_pid}")).exists()
-    });
-    std::fs::remove_dir_all(c.data_dir(x as usize).join("log")).expect("remove its log");
-    c.restart_stopped();
-    wait_for(60, "the returning broker registered and unfenced", || {
-        let b = &c.cluster(&["status"])["brokers"][x as usize - 1];
-        b["pid"]
-            .as_u64()
-            .is_some_and(|pid| pid != u64::from(old_pid))
-            && b["fenced"] == false
+    c.link(x as usize, leader as usize, blackhole());
+    restart_without_log(&c, x);
+    wait_for(60, "the returning broker out of the ISR", || {
+        !ids(&partition(&c.describe_topic(TOPIC), p)["isr"]).contains(&x)
     });
     // It holds nothing of the partition and cannot fetch it: it stays out of the ISR.
     let watch_until = Instant::now() + Duration::from_secs(6);
@@ -109,21 +155,123 @@ fn a_broker_back_without_its_log_rejoins_the_isr_only_after_copying_it_again() {
     wait_for(90, "the returning broker back in the ISR", || {
         ids(&partition(&c.describe_topic(TOPIC), p)["isr"]).contains(&x)
     });
-    let out = cli_at(
-        &c.addr_of(x as usize),
-        &c.ca(),
-        &["topic", "describe", TOPIC, "--output", "json", "--local"],
-        None,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let local: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let end = partition(&local, p)["log_end_offset"].as_i64().unwrap();
+    let end = local_end(&c, x, TOPIC, p);
     assert!(
         end >= committed,
         "broker {x} rejoined the ISR with {end} of partition {p}'s {committed} committed records"
     );
+}
+
+#[test]
+fn the_last_in_sync_replica_back_without_its_log_does_not_lead() {
+    // Followers that cannot fetch leave the ISR after 2 s.
+    let c = FaultCluster::start_with("cluster = { replica_lag_max_ms = 2000 }\n");
+    let cli = |args: &[&str], stdin: Option<&[u8]>| {
+        let out = cli_at(&c.bootstrap(), &c.ca(), args, stdin);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    cli(
+        &[
+            "topic",
+            "create",
+            "solo",
+            "--partitions",
+            "3",
+            "--replication-factor",
+            "2",
+            "--config",
+            "min.insync.replicas=1",
+        ],
+        None,
+    );
+    let keyed = |from: usize, to: usize| -> Vec<u8> {
+        (from..=to)
+            .map(|i| format!("k{i}:record {i}\n"))
+            .collect::<String>()
+            .into_bytes()
+    };
+    let produce = |from, to| {
+        cli(
+            &["produce", "solo", "--acks", "all", "--key-separator", ":"],
+            Some(&keyed(from, to)),
+        )
+    };
+    produce(1, 600);
+    // A partition on two brokers that both are not the controller's leader: x leads it,
+    // y follows. Cut between them, y leaves the ISR and x is its last member.
+    let controller = c.cluster(&["status"])["controller_leader"]
+        .as_u64()
+        .expect("a controller leader");
+    wait_for(60, "full ISRs", || {
+        c.describe_topic("solo")["partitions"]
+            .as_array()
+            .is_some_and(|ps| ps.iter().all(|p| ids(&p["isr"]).len() == 2))
+    });
+    let d = c.describe_topic("solo");
+    let (p, x, y) = d["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|q| !ids(&q["replicas"]).contains(&controller))
+        .map(|q| {
+            let leader = q["leader"].as_u64().unwrap();
+            let other = *ids(&q["replicas"]).iter().find(|r| **r != leader).unwrap();
+            (q["partition"].as_u64().unwrap(), leader, other)
+        })
+        .next()
+        .expect("a partition without a replica on the controller's leader");
+    let y_end = partition(&d, p)["high_watermark"].as_i64().unwrap();
+    c.link(x as usize, y as usize, blackhole());
+    wait_for(60, "the follower out of the ISR", || {
+        ids(&partition(&c.describe_topic("solo"), p)["isr"]) == vec![x]
+    });
+    // Records only x holds.
+    produce(601, 1200);
+    restart_without_log(&c, x);
+    // x holds nothing now: it is no longer in sync (once the answering broker's view has
+    // its registration), it must not lead, and the partition is offline, saying why.
+    wait_for(60, "no in-sync replica left", || {
+        ids(&partition(&c.describe_topic("solo"), p)["isr"]).is_empty()
+    });
+    let watch_until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < watch_until {
+        let d = c.describe_topic("solo");
+        let q = partition(&d, p);
+        assert_ne!(
+            q["leader"].as_u64(),
+            Some(x),
+            "broker {x} leads partition {p} on an empty log: {q}"
+        );
+        assert_eq!(q["status"], "offline", "{q}");
+        let reason = q["offline_reason"].as_str().unwrap_or_default();
+        assert!(reason.contains("unclean.leader.election.enable"), "{q}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Healed, y keeps what it had: nothing made it copy an empty log.
+    c.link(x as usize, y as usize, LinkFault::default());
+    std::thread::sleep(Duration::from_secs(2));
+    let now = local_end(&c, y, "solo", p);
+    assert!(
+        now >= y_end,
+        "broker {y} went from {y_end} to {now} records"
+    );
+    // The operator accepts losing what only the lost copy held: a leader again.
+    cli(
+        &[
+            "topic",
+            "alter",
+            "solo",
+            "--config",
+            "unclean.leader.election.enable=true",
+        ],
+        None,
+    );
+    wait_for(60, "a leader elected", || {
+        partition(&c.describe_topic("solo"), p)["status"] == "online"
+    });
+    produce(1201, 1300);
 }

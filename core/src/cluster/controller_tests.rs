@@ -211,6 +211,7 @@ fn register(id: BrokerId) -> ControllerCommand {
         id,
         addr: format!("127.0.0.1:{}", 7400 + id),
         epoch: 1,
+        empty_log: false,
     }
 }
 
@@ -267,6 +268,7 @@ async fn a_follower_forwards_proposals_to_the_leader_and_refusals_come_back() {
         id: 3,
         addr: "127.0.0.1:7403".into(),
         epoch: 0,
+        empty_log: false,
     };
     match follower.propose(stale).await.unwrap() {
         ControllerResponse::Refused(ControllerError::StaleBrokerEpoch { .. }) => {}

@@ -43,6 +43,8 @@ pub struct MemberConfig {
     pub cluster: ClusterConfig,
     /// Its identity towards peers.
     pub tls: RaftTls,
+    /// The broker's log store was created at this start (it holds no replica).
+    pub empty_log: bool,
 }
 
 /// A running cluster member: the controller node and its registration task.
@@ -82,6 +84,7 @@ impl ClusterMember {
             local_addr,
             cluster,
             tls,
+            empty_log,
         } = member;
         let config =
             ControllerConfig::new(u64::from(id), data_dir.join("controller"), local_addr, tls);
@@ -108,8 +111,7 @@ impl ClusterMember {
         let monitor = tokio::spawn(watch_brokers(controller.clone(), stop.clone()));
         let task = tokio::spawn(join(
             controller.clone(),
-            u64::from(id),
-            epoch,
+            (u64::from(id), epoch, empty_log),
             advertised,
             (first == Some(u64::from(id))).then_some(voters),
             stop,
@@ -175,8 +177,7 @@ impl ClusterMember {
 /// retrying with a backoff until done or stopped.
 async fn join(
     controller: Arc<Controller>,
-    id: BrokerId,
-    epoch: u64,
+    (id, epoch, empty_log): (BrokerId, u64, bool),
     addr: String,
     voters: Option<BTreeMap<BrokerId, BrokerNode>>,
     mut stop: watch::Receiver<bool>,
@@ -205,6 +206,7 @@ async fn join(
             id,
             addr: addr.clone(),
             epoch,
+            empty_log,
         },
         ControllerCommand::UnfenceBroker { id },
     ] {

@@ -13,7 +13,12 @@
 //! - leaders are elected from the ISR among unfenced brokers; only a topic with
 //!   `unclean.leader.election.enable=true` may elect a replica outside the ISR;
 //! - fencing a broker removes it from every ISR except where it is the last member (the
-//!   partition then goes offline, keeping the one replica known to hold everything).
+//!   partition then goes offline, keeping the one replica known to hold everything);
+//! - a broker registering again is fenced first (a new incarnation); one that says its log
+//!   store is empty also leaves the ISRs it was the last member of (offline until an unclean
+//!   election: an empty log must not lead);
+//! - an ISR addition judged on the fetches of an earlier incarnation of the broker is
+//!   refused (Kafka's KIP-903).
 
 use std::collections::BTreeMap;
 
@@ -147,9 +152,12 @@ impl ControllerState {
     /// Applies one command. A refused command leaves the state exactly as it was.
     pub fn apply(&mut self, cmd: &ControllerCommand) -> ControllerResponse {
         let outcome = match cmd {
-            ControllerCommand::RegisterBroker { id, addr, epoch } => {
-                self.register_broker(*id, addr, *epoch)
-            }
+            ControllerCommand::RegisterBroker {
+                id,
+                addr,
+                epoch,
+                empty_log,
+            } => self.register_broker(*id, addr, *epoch, *empty_log),
             ControllerCommand::FenceBroker { id } => self.fence_broker(*id),
             ControllerCommand::UnfenceBroker { id } => self.unfence_broker(*id),
             ControllerCommand::CreateTopic {
@@ -483,7 +491,13 @@ impl ControllerState {
         self.brokers.get(&id).is_some_and(|b| !b.fenced)
     }
 
-    fn register_broker(&mut self, id: BrokerId, addr: &str, epoch: u64) -> Outcome {
+    fn register_broker(
+        &mut self,
+        id: BrokerId,
+        addr: &str,
+        epoch: u64,
+        empty_log: bool,
+    ) -> Outcome {
         if let Some(b) = self.brokers.get(&id) {
             if epoch == b.broker_epoch && addr == b.addr {
                 return Ok(ControllerResponse::Ok);
@@ -508,6 +522,23 @@ impl ControllerState {
                 fenced: true,
             },
         );
+        if empty_log {
+            // Where it was the last in-sync replica (a fence keeps the last one), it is
+            // not one any more: electing it would make an empty log the one every other
+            // replica copies. The partition stays offline until an unclean election is
+            // allowed (or, Kafka's way, nothing is lost without the operator saying so).
+            for topic in self.topics.values_mut() {
+                for p in &mut topic.partitions {
+                    if p.isr == [id] {
+                        p.isr.clear();
+                        if p.leader.take().is_some() {
+                            p.leader_epoch += 1;
+                        }
+                        p.partition_epoch += 1;
+                    }
+                }
+            }
+        }
         Ok(ControllerResponse::Ok)
     }
 
@@ -892,6 +923,7 @@ mod tests {
             id,
             addr: format!("127.0.0.1:74{id:02}"),
             epoch,
+            empty_log: false,
         })
     }
 
@@ -986,6 +1018,7 @@ mod tests {
                 id: 7,
                 addr: "127.0.0.1:9999".into(),
                 epoch: 4,
+                empty_log: false,
             },
         );
         assert_eq!(
@@ -1455,6 +1488,60 @@ mod tests {
         assert_eq!(p.isr, vec![1]);
     }
 
+    /// The last in-sync replica back on an empty log store must not lead: every other
+    /// replica would then truncate to its empty log.
+    #[test]
+    fn the_last_isr_member_back_without_its_log_does_not_lead() {
+        let mut s = cluster(&[]);
+        update(&mut s, Some(1), 0, 0, &[1]);
+        s.apply(&ControllerCommand::FenceBroker { id: 1 });
+        let before = p0(&s).clone();
+        // Broker 1 returns on a new disk.
+        assert_eq!(
+            s.apply(&ControllerCommand::RegisterBroker {
+                id: 1,
+                addr: "127.0.0.1:7401".into(),
+                epoch: 2,
+                empty_log: true,
+            }),
+            ControllerResponse::Ok
+        );
+        let p = p0(&s).clone();
+        assert_eq!((p.leader, p.isr.clone()), (None, vec![]));
+        assert_eq!(p.partition_epoch, before.partition_epoch + 1);
+        for id in [1, 2, 3] {
+            s.apply(&ControllerCommand::UnfenceBroker { id });
+        }
+        assert_eq!(p0(&s).leader, None, "no clean leader: offline");
+        // The operator accepts the loss: a live replica is elected.
+        s.apply(&ControllerCommand::AlterTopicConfig {
+            name: "t".into(),
+            set: [(UNCLEAN_LEADER_ELECTION.to_string(), "true".to_string())].into(),
+            remove: vec![],
+        });
+        let p = p0(&s);
+        assert!(p.leader.is_some(), "{p:?}");
+        assert_eq!(p.isr, vec![p.leader.unwrap()]);
+    }
+
+    /// On an empty log store, a broker that shares the ISR with others just leaves it (as
+    /// any new incarnation does); partitions it was not the last of keep their leaders.
+    #[test]
+    fn a_broker_back_without_its_log_leaves_shared_isrs_as_any_restart_does() {
+        let mut s = cluster(&[]);
+        assert_eq!(
+            s.apply(&ControllerCommand::RegisterBroker {
+                id: 2,
+                addr: "127.0.0.1:7402".into(),
+                epoch: 2,
+                empty_log: true,
+            }),
+            ControllerResponse::Ok
+        );
+        let p = p0(&s);
+        assert_eq!((p.leader, p.isr.clone()), (Some(1), vec![1, 3]));
+    }
+
     #[test]
     fn unclean_election_only_where_the_topic_allows_it() {
         let mut s = cluster(&[(UNCLEAN_LEADER_ELECTION, "true")]);
@@ -1515,6 +1602,7 @@ mod tests {
                 id: 2,
                 addr: "x:2".into(),
                 epoch: 9,
+                empty_log: false,
             },
             ControllerCommand::UnfenceBroker { id: 1 },
             ControllerCommand::UnfenceBroker { id: 2 },
@@ -1758,11 +1846,13 @@ mod tests {
                 id: 2,
                 addr: "b:2".into(),
                 epoch: 1,
+                empty_log: false,
             },
             ControllerCommand::RegisterBroker {
                 id: 1,
                 addr: "b:1".into(),
                 epoch: 1,
+                empty_log: false,
             },
             ControllerCommand::UnfenceBroker { id: 1 },
             ControllerCommand::UnfenceBroker { id: 2 },

@@ -652,6 +652,7 @@ mod tests {
                 id,
                 addr: format!("127.0.0.1:740{id}"),
                 epoch: 1,
+                empty_log: false,
             });
             cmds.push(ControllerCommand::UnfenceBroker { id });
         }
@@ -797,6 +798,7 @@ mod tests {
                         id: 9,
                         addr: "old:9".into(),
                         epoch: 1,
+                        empty_log: false,
                     },
                 )])
                 .await

@@ -76,6 +76,12 @@ pub enum ControllerCommand {
         id: BrokerId,
         addr: String,
         epoch: u64,
+        /// This incarnation started on an empty log store (a new disk, or a data directory
+        /// whose `log/` was lost): it holds no copy of anything. Where it was the last
+        /// in-sync replica, the partition then has none (offline, not led by an empty
+        /// log) until an unclean election is allowed.
+        #[serde(default)]
+        empty_log: bool,
     },
     /// The broker missed its heartbeats or is shutting down: it leaves every ISR it can
     /// leave, and partitions it led get a new leader from the ISR (or go offline).
@@ -135,7 +141,9 @@ pub enum ControllerCommand {
         /// The incarnations (broker epochs) of replicas this change adds to the ISR, as
         /// their fetches to the leader reported them (Kafka's KIP-903): an addition whose
         /// broker has registered again since is refused, since the position it was judged
-        /// on may describe a log that is gone. Replicas not listed are not checked.
+        /// on may describe a log that is gone. Replicas not listed are not checked. (A
+        /// voter from before this field would accept what newer ones refuse: upgrade a
+        /// cluster's brokers together.)
         #[serde(default)]
         broker_epochs: BTreeMap<BrokerId, u64>,
     },

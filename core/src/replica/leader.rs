@@ -147,17 +147,18 @@ impl LeaderState {
         let Some(f) = self.followers.get_mut(&id) else {
             return false;
         };
-        if broker_epoch != 0 {
-            if broker_epoch < f.broker_epoch {
-                return true;
-            }
-            if broker_epoch > f.broker_epoch {
-                // The earlier incarnation's end no longer counts, for the high watermark
-                // or for rejoining the ISR: this fetch's position replaces it below.
-                f.end = None;
-                f.previous_fetch = None;
-                f.broker_epoch = broker_epoch;
-            }
+        if broker_epoch == 0 {
+            // A follower from before broker epochs (a downgraded broker): its positions
+            // are taken as they come, and proposed without an epoch.
+            f.broker_epoch = 0;
+        } else if broker_epoch < f.broker_epoch {
+            return true;
+        } else if broker_epoch > f.broker_epoch {
+            // The earlier incarnation's position no longer counts, for the high watermark
+            // or for rejoining the ISR: this fetch's replaces it below, and Kafka's rule of
+            // a fetch keeping up with the previous one applies only within one incarnation.
+            f.previous_fetch = None;
+            f.broker_epoch = broker_epoch;
         }
         f.end = Some(flushed.min(offset));
         if offset >= leader_log_end {
@@ -516,5 +517,8 @@ mod tests {
         l.leader_flushed(150);
         l.follower_position(2, 6, 0, 0, 150, 20);
         assert_eq!(l.high_watermark(), Some(0), "not the 100 of incarnation 5");
+        // A fetch of incarnation 5 that arrives late does not bring its position back.
+        l.follower_position(2, 5, 150, 150, 150, 30);
+        assert_eq!(l.high_watermark(), Some(0));
     }
 }

@@ -618,9 +618,10 @@ impl ReplicaManager {
                 t.topic_id,
             ) {
                 // Offline here (its open logged why): this broker holds no replica of it,
-                // and the others go on. Not replaced by an empty replica: the leader may
-                // still count this broker's old fetch position and put it back in the ISR
-                // before it has caught up (see docs/NOTES.md, twenty-third session).
+                // and the others go on. Not replaced by an empty replica: where this broker
+                // is a partition's last in-sync replica, the controller would elect it on
+                // its return, and the others would copy its empty log (an empty log store
+                // says so at registration; a single topic's loss has no such signal yet).
                 Err(crate::topic::TopicError::Damaged { .. }) => continue,
                 r => r?,
             };

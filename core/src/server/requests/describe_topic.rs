@@ -45,7 +45,13 @@ pub fn describe(ctx: &ServerContext, t: &Topic) -> TopicDescription {
                 let (leader, leader_epoch, replicas, isr, led) =
                     placement(ctx, &name, p.partition, s.leader_epoch);
                 let offline = p.offline_reason().or_else(|| {
-                    (!led).then(|| "no in-sync replica is alive to lead it".to_string())
+                    (!led).then(|| {
+                        if isr.is_empty() {
+                            format!("no replica is in sync: the last in-sync one came back without its log. Bring back a broker that had it, or allow electing another replica (records only the lost copy held are lost): quiver topic alter {name} --config unclean.leader.election.enable=true")
+                        } else {
+                            "no in-sync replica is alive to lead it".to_string()
+                        }
+                    })
                 });
                 PartitionDescription {
                     partition: p.partition,
