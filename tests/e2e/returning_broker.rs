@@ -4,8 +4,9 @@
 //! KIP-903), only once the new incarnation's own fetches show that it holds every committed
 //! record; and where it was the last in-sync replica, it must not lead (the others would
 //! truncate to its empty log): the partition stays offline until the operator allows an
-//! unclean election. Three brokers from `quiver cluster start`, each behind a UDP proxy so
-//! that the returning broker can be cut off from one peer alone.
+//! unclean election. A broker whose record of one topic is damaged gets its copy of that
+//! topic back from the leaders the same way. Three brokers from `quiver cluster start`,
+//! each behind a UDP proxy so that the returning broker can be cut off from one peer alone.
 
 use std::time::{Duration, Instant};
 
@@ -53,13 +54,21 @@ fn registration(c: &FaultCluster, id: u64) -> Option<(u64, bool)> {
 /// Kills broker `id`, removes its log store, starts it again, and waits until the
 /// controller has its new incarnation registered and unfenced.
 fn restart_without_log(c: &FaultCluster, id: u64) {
+    restart_after(c, id, |log| {
+        std::fs::remove_dir_all(log).expect("remove its log");
+    });
+}
+
+/// Kills broker `id`, runs `harm` on its log store's directory, starts it again, and waits
+/// until the controller has its new incarnation registered and unfenced.
+fn restart_after(c: &FaultCluster, id: u64, harm: impl FnOnce(&std::path::Path)) {
     let (old_epoch, _) = registration(c, id).expect("broker registered");
     let pid = c.pid(id).expect("broker running");
     unsafe_kill(pid, "KILL");
     wait_for(30, "the killed broker to exit", || {
         !std::path::Path::new(&format!("/proc/{pid}")).exists()
     });
-    std::fs::remove_dir_all(c.data_dir(id as usize).join("log")).expect("remove its log");
+    harm(&c.data_dir(id as usize).join("log"));
     c.restart_stopped();
     wait_for(
         60,
@@ -164,6 +173,31 @@ fn a_broker_back_without_its_log_rejoins_the_isr_only_after_copying_it_again() {
 
 #[test]
 fn the_last_in_sync_replica_back_without_its_log_does_not_lead() {
+    last_in_sync_replica_back_without_its_copy(|log| {
+        std::fs::remove_dir_all(log).expect("remove its log");
+    });
+}
+
+/// As above, with only the topic's record damaged: the broker tells the controller its
+/// copy is lost.
+#[test]
+fn the_last_in_sync_replica_with_a_damaged_topic_record_does_not_lead() {
+    last_in_sync_replica_back_without_its_copy(|log| damage_topic_record(log, "solo"));
+}
+
+/// Overwrites `topic`'s record in the (stopped) broker's store with garbage.
+fn damage_topic_record(log: &std::path::Path, topic: &str) {
+    let db = quiver_core::log::store::open(log).expect("open the broker's store");
+    let topics = db.open_tree(quiver_core::topic::TOPICS_TREE).unwrap();
+    let old = topics.insert(topic, &b"\xffnot json"[..]).unwrap();
+    assert!(old.is_some(), "the broker had a record of {topic}");
+    db.flush().unwrap();
+}
+
+/// The last in-sync replica of a partition comes back without its copy (`harm` done to its
+/// stopped store): it must not lead, and the partition stays offline until the operator
+/// allows an unclean election.
+fn last_in_sync_replica_back_without_its_copy(harm: impl FnOnce(&std::path::Path)) {
     // Followers that cannot fetch leave the ISR after 2 s.
     let c = FaultCluster::start_with("cluster = { replica_lag_max_ms = 2000 }\n");
     let cli = |args: &[&str], stdin: Option<&[u8]>| {
@@ -231,7 +265,7 @@ fn the_last_in_sync_replica_back_without_its_log_does_not_lead() {
     });
     // Records only x holds.
     produce(601, 1200);
-    restart_without_log(&c, x);
+    restart_after(&c, x, harm);
     // x holds nothing now: it is no longer in sync (once the answering broker's view has
     // its registration), it must not lead, and the partition is offline, saying why.
     wait_for(60, "no in-sync replica left", || {
@@ -274,4 +308,53 @@ fn the_last_in_sync_replica_back_without_its_log_does_not_lead() {
         partition(&c.describe_topic("solo"), p)["status"] == "online"
     });
     produce(1201, 1300);
+}
+
+#[test]
+fn a_broker_with_a_damaged_topic_record_copies_the_topic_again() {
+    let c = FaultCluster::start();
+    c.create_topic("healed", 1);
+    let lines: String = (1..=500).map(|i| format!("record {i}\n")).collect();
+    let out = cli_at(
+        &c.bootstrap(),
+        &c.ca(),
+        &["produce", "healed", "--acks", "all"],
+        Some(lines.as_bytes()),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(60, "a full ISR", || {
+        ids(&partition(&c.describe_topic("healed"), 0)["isr"]).len() == 3
+    });
+    let d = c.describe_topic("healed");
+    let leader = partition(&d, 0)["leader"].as_u64().unwrap();
+    let committed = partition(&d, 0)["high_watermark"].as_i64().unwrap();
+    let x = (1..=3u64).find(|b| *b != leader).unwrap();
+    restart_after(&c, x, |log| damage_topic_record(log, "healed"));
+    // Its copy comes back from the leader, and it is in sync again.
+    wait_for(
+        60,
+        "the broker's copy of the topic back and in sync",
+        || {
+            let out = cli_at(
+                &c.addr_of(x as usize),
+                &c.ca(),
+                &["topic", "describe", "healed", "--output", "json", "--local"],
+                None,
+            );
+            out.status.success()
+                && serde_json::from_slice::<Value>(&out.stdout).is_ok_and(|local| {
+                    partition(&local, 0)["log_end_offset"].as_i64() >= Some(committed)
+                })
+                && ids(&partition(&c.describe_topic("healed"), 0)["isr"]).contains(&x)
+        },
+    );
+    let log = std::fs::read_to_string(c.data_dir(x as usize).join("broker.log")).unwrap();
+    assert!(
+        log.contains("replacing the damaged local record of a topic with an empty replica"),
+        "the broker's log says what it did"
+    );
 }

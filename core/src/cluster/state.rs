@@ -159,6 +159,9 @@ impl ControllerState {
                 empty_log,
             } => self.register_broker(*id, addr, *epoch, *empty_log),
             ControllerCommand::FenceBroker { id } => self.fence_broker(*id),
+            ControllerCommand::ReplicaLost { id, epoch, topic } => {
+                self.replica_lost(*id, *epoch, topic)
+            }
             ControllerCommand::UnfenceBroker { id } => self.unfence_broker(*id),
             ControllerCommand::CreateTopic {
                 name,
@@ -306,7 +309,8 @@ impl ControllerState {
             | ControllerCommand::AddPartitions { name, .. } => (None, vec![name.clone()]),
             ControllerCommand::ReassignPartition { topic, .. }
             | ControllerCommand::CompleteReassignment { topic, .. } => (None, vec![topic.clone()]),
-            ControllerCommand::UpdatePartition { topic, .. } => (None, vec![topic.clone()]),
+            ControllerCommand::UpdatePartition { topic, .. }
+            | ControllerCommand::ReplicaLost { topic, .. } => (None, vec![topic.clone()]),
             ControllerCommand::DeployPlugin { id, .. } | ControllerCommand::RemovePlugin { id } => {
                 return Touched {
                     plugins: vec![id.clone()],
@@ -576,6 +580,54 @@ impl ControllerState {
                     p.partition_epoch += 1;
                 }
             }
+        }
+        Ok(ControllerResponse::Ok)
+    }
+
+    fn replica_lost(&mut self, id: BrokerId, epoch: u64, topic: &str) -> Outcome {
+        let current = self.brokers.get(&id).map_or(0, |b| b.broker_epoch);
+        if current != epoch {
+            return Err(ControllerError::StaleBrokerEpoch {
+                id,
+                current,
+                given: epoch,
+            });
+        }
+        let live = self.live_brokers();
+        let Some(t) = self.topics.get_mut(topic) else {
+            return Err(ControllerError::UnknownTopic {
+                name: topic.to_string(),
+            });
+        };
+        let unclean = t.unclean_election();
+        for p in &mut t.partitions {
+            if p.leader != Some(id) && !p.isr.contains(&id) {
+                continue;
+            }
+            p.isr.retain(|&r| r != id);
+            if p.leader == Some(id) || p.isr.is_empty() {
+                let leader = p.leader;
+                p.leader = p
+                    .replicas
+                    .iter()
+                    .copied()
+                    .find(|r| p.isr.contains(r) && live.contains(r));
+                if p.leader.is_none() && unclean {
+                    if let Some(r) = p
+                        .replicas
+                        .iter()
+                        .copied()
+                        .find(|r| *r != id && live.contains(r))
+                    {
+                        p.leader = Some(r);
+                        p.isr = vec![r];
+                    }
+                }
+                if p.leader != leader {
+                    p.leader_epoch += 1;
+                }
+            }
+            p.partition_epoch += 1;
         }
         Ok(ControllerResponse::Ok)
     }
@@ -1540,6 +1592,46 @@ mod tests {
         );
         let p = p0(&s);
         assert_eq!((p.leader, p.isr.clone()), (Some(1), vec![1, 3]));
+    }
+
+    /// A broker whose copy of a topic is lost (a damaged record) leaves its ISRs and
+    /// leaderships, the last membership too; a report from an earlier incarnation is
+    /// refused.
+    #[test]
+    fn a_lost_copy_leaves_the_topics_isrs_and_leaderships() {
+        let mut s = cluster(&[]);
+        let lost = |id, epoch| ControllerCommand::ReplicaLost {
+            id,
+            epoch,
+            topic: "t".into(),
+        };
+        let e = refused(&mut s, lost(1, 7));
+        assert!(
+            matches!(e, ControllerError::StaleBrokerEpoch { id: 1, .. }),
+            "{e}"
+        );
+        let before = p0(&s).clone();
+        assert_eq!(s.apply(&lost(1, 1)), ControllerResponse::Ok);
+        let p = p0(&s).clone();
+        assert_eq!((p.leader, p.isr.clone()), (Some(2), vec![2, 3]));
+        assert_eq!(p.leader_epoch, before.leader_epoch + 1);
+        assert_eq!(p.partition_epoch, before.partition_epoch + 1);
+        // Broker 2 alone in sync, then its copy is lost too: offline, nobody in sync.
+        update(&mut s, Some(2), p.leader_epoch, p.partition_epoch, &[2]);
+        assert_eq!(s.apply(&lost(2, 1)), ControllerResponse::Ok);
+        let p = p0(&s);
+        assert_eq!((p.leader, p.isr.clone()), (None, vec![]));
+        assert!(matches!(
+            refused(
+                &mut s,
+                ControllerCommand::ReplicaLost {
+                    id: 3,
+                    epoch: 1,
+                    topic: "nope".into()
+                }
+            ),
+            ControllerError::UnknownTopic { .. }
+        ));
     }
 
     #[test]

@@ -86,6 +86,17 @@ pub enum ControllerCommand {
     /// The broker missed its heartbeats or is shutting down: it leaves every ISR it can
     /// leave, and partitions it led get a new leader from the ISR (or go offline).
     FenceBroker { id: BrokerId },
+    /// Broker `id`, in its incarnation `epoch`, lost its copy of `topic` (the local record
+    /// of it is damaged, so its data cannot be reached): it leaves every ISR of the topic,
+    /// also where it is the last member (the partition goes offline rather than be led by
+    /// a copy that is gone), and gives up the leaderships it had. Once the view shows it
+    /// in none of them, the broker replaces its copy with an empty replica, which rejoins
+    /// only as its own fetches catch up.
+    ReplicaLost {
+        id: BrokerId,
+        epoch: u64,
+        topic: String,
+    },
     /// The broker is caught up again: it may lead, and leaderless partitions whose ISR
     /// holds it get it as leader.
     UnfenceBroker { id: BrokerId },

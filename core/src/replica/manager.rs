@@ -170,6 +170,8 @@ pub struct ReplicaManager {
     ready: AtomicBool,
     roles: Mutex<HashMap<PartitionKey, Role>>,
     proposing: Arc<Mutex<HashSet<PartitionKey>>>,
+    /// Topics whose lost copy (a damaged local record) is being reported to the controller.
+    reporting_lost: Arc<Mutex<HashSet<String>>>,
     /// When leaderships last went back to preferred replicas.
     last_balance: Mutex<std::time::Instant>,
 }
@@ -202,6 +204,7 @@ impl ReplicaManager {
             ready: AtomicBool::new(false),
             roles: Mutex::new(HashMap::new()),
             proposing: Arc::default(),
+            reporting_lost: Arc::default(),
             last_balance: Mutex::new(std::time::Instant::now()),
         });
         tokio::spawn(rm.clone().run(stop));
@@ -617,12 +620,29 @@ impl ReplicaManager {
                 &t.config,
                 t.topic_id,
             ) {
-                // Offline here (its open logged why): this broker holds no replica of it,
-                // and the others go on. Not replaced by an empty replica: where this broker
-                // is a partition's last in-sync replica, the controller would elect it on
-                // its return, and the others would copy its empty log (an empty log store
-                // says so at registration; a single topic's loss has no such signal yet).
-                Err(crate::topic::TopicError::Damaged { .. }) => continue,
+                // Unreadable here (its open logged why): the copy is gone. Replaced by an
+                // empty replica only once no ISR counts on this broker's copy (after a
+                // restart it has left every ISR but those it was the last member of; the
+                // controller takes it out of those too when told, leaving such a partition
+                // offline rather than led by an empty log). Its leaders then count only
+                // this incarnation's fetches (KIP-903), so it rejoins once caught up.
+                Err(crate::topic::TopicError::Damaged { .. }) => {
+                    let counted = t
+                        .partitions
+                        .iter()
+                        .any(|p| p.isr.contains(&self.me) || p.leader == Some(self.me));
+                    if counted {
+                        self.report_lost(&t.name);
+                        continue;
+                    }
+                    tracing::warn!(topic = %t.name, "replacing the damaged local record of a topic with an empty replica, copied from its leaders");
+                    self.topics.replace_damaged(
+                        &t.name,
+                        t.partitions.len() as u32,
+                        &t.config,
+                        t.topic_id,
+                    )?
+                }
                 r => r?,
             };
         }
@@ -754,6 +774,36 @@ impl ReplicaManager {
         }
         roles.retain(|k, _| seen.contains(k));
         moved_away
+    }
+
+    /// Tells the controller that this broker's copy of `topic` is lost (once at a time).
+    fn report_lost(&self, topic: &str) {
+        if !lock(&self.reporting_lost).insert(topic.to_string()) {
+            return;
+        }
+        let cmd = ControllerCommand::ReplicaLost {
+            id: self.me,
+            epoch: self.registered_epoch,
+            topic: topic.to_string(),
+        };
+        tracing::warn!(topic, "this broker's copy of the topic is lost (its record is damaged); asking the controller to take it out of the topic's ISRs");
+        let controller = self.controller.clone();
+        let reporting = self.reporting_lost.clone();
+        let topic = topic.to_string();
+        tokio::spawn(async move {
+            match controller.propose(cmd).await {
+                Ok(crate::cluster::ControllerResponse::Refused(e)) => {
+                    tracing::info!(%topic, error = %e, "the report of a lost copy was refused")
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(%topic, error = %e, "the report of a lost copy was not delivered")
+                }
+            }
+            // Give the change time to reach this broker's view before asking again.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            lock(&reporting).remove(&topic);
+        });
     }
 
     /// As leader: moves high watermarks the ISR allows and proposes ISR changes.

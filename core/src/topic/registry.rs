@@ -81,7 +81,7 @@ fn damaged_message(topic: &str, reason: &str) -> String {
     if is_internal(topic) {
         format!("the broker's internal topic {topic:?} cannot be opened: its stored record is damaged ({reason}); restore the data directory from a backup")
     } else {
-        format!("topic {topic:?} is offline: its stored record is damaged ({reason}); its data is kept but cannot be reached. Restore the data directory from a backup, or drop the topic with `quiver topic delete {topic}` (its stored batches then stay on disk unreferenced)")
+        format!("topic {topic:?} is offline: its stored record is damaged ({reason}); its data is kept but cannot be reached. Restore the data directory from a backup, or drop the topic with `quiver topic delete {topic}` (its stored batches then stay on disk unreferenced); a cluster broker copies the topic again from its leaders by itself")
     }
 }
 
@@ -372,10 +372,10 @@ impl TopicRegistry {
             );
             self.delete(name)?;
         }
-        // Not over a local copy whose record is damaged: its data cannot be reached, but an
-        // empty replica in its place could be chosen to lead (the last of an ISR) and lose
-        // what the others no longer have. It stays offline until deleted (a cluster's
-        // replica manager deletes it once the controller no longer holds the topic).
+        // Not over a local copy whose record is damaged: an empty replica in its place could
+        // be chosen to lead (the last of an ISR) and lose what the others no longer have.
+        // The replica manager replaces it (`replace_damaged`) once no ISR counts on this
+        // broker's copy, or drops it once the controller no longer holds the topic.
         self.create_any(name, partitions, overrides, Some(cluster_id))
     }
 
@@ -580,6 +580,21 @@ impl TopicRegistry {
         self.db.flush()?;
         tracing::info!(topic = name, "deleted topic");
         Ok(topic.partitions.len() as u32)
+    }
+
+    /// A cluster's replica of `name` in place of a damaged local record: the record is
+    /// dropped (its batches stay on disk unreferenced) and an empty replica created, which
+    /// copies the leaders from the start. The caller makes sure no ISR counts on this
+    /// broker's copy first ([`crate::cluster::ControllerCommand::ReplicaLost`]).
+    pub fn replace_damaged(
+        &self,
+        name: &str,
+        partitions: u32,
+        overrides: &BTreeMap<String, String>,
+        cluster_id: u64,
+    ) -> Result<Arc<Topic>, TopicError> {
+        self.delete_damaged(name)?;
+        self.create_any(name, partitions, overrides, Some(cluster_id))
     }
 
     /// Drops the unreadable record of a damaged topic (`NotFound` for a name with no
