@@ -101,6 +101,27 @@ fn check_identity(dir: &Path, broker_id: u32) -> Result<(), BrokerError> {
     }
 }
 
+/// The file that says the log store was created empty and the controller has not yet
+/// taken this broker's registration saying so.
+pub const EMPTY_LOG_MARKER: &str = "log-empty-unregistered";
+
+/// Whether `dir`'s log store is new (missing or an empty directory) or was new at a start
+/// whose registration did not go through; writes the marker when it is.
+fn empty_log_store(dir: &Path) -> Result<bool, BrokerError> {
+    let log = dir.join("log");
+    let marker = dir.join(EMPTY_LOG_MARKER);
+    let empty = marker.exists()
+        || match std::fs::read_dir(&log) {
+            Ok(mut entries) => entries.next().is_none(),
+            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        };
+    if empty {
+        std::fs::write(&marker, b"")
+            .map_err(|e| BrokerError::Config(format!("cannot write {}: {e}", marker.display())))?;
+    }
+    Ok(empty)
+}
+
 fn open_db(dir: &Path) -> Result<crate::log::Database, BrokerError> {
     crate::log::store::open(&dir.join("log"))
         .map_err(|e| {
@@ -204,8 +225,10 @@ impl Broker {
         })?;
         check_identity(&config.data_dir, config.broker_id)?;
         // A store created now holds no replica, whatever the cluster remembers of this
-        // broker (a new disk, or a lost `log/`): said at registration.
-        let empty_log = !config.data_dir.join("log").exists();
+        // broker (a new disk, or a lost `log/`): said at registration, and remembered by a
+        // marker until the controller has taken it (a start that fails before then would
+        // otherwise find a store and say nothing).
+        let empty_log = config.cluster.enabled() && empty_log_store(&config.data_dir)?;
         let db = open_db(&config.data_dir)?;
         let identity = tls::load_or_create(&config)?;
         let ca_path = identity.ca_path.clone().or(config.cluster.ca.clone());
@@ -323,7 +346,7 @@ impl Broker {
                         local_addr,
                         cluster: config.cluster.clone(),
                         tls: raft_tls,
-                        empty_log,
+                        empty_log: empty_log.then(|| config.data_dir.join(EMPTY_LOG_MARKER)),
                     },
                     endpoint.clone(),
                     stop_rx.clone(),
@@ -511,5 +534,28 @@ fn group_log_limits(config: &BrokerConfig) -> crate::group::GroupLogLimits {
         compact_bytes: config.offsets_compact_bytes,
         retention_ms: config.offsets_retention_ms,
         max_members: usize::try_from(config.group_max_size).unwrap_or(usize::MAX),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store is empty when `log/` is missing or an empty directory, and stays so (the
+    /// marker) until a registration removes the marker.
+    #[test]
+    fn an_empty_log_store_is_remembered_until_registered() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(empty_log_store(dir.path()).unwrap(), "no log/ yet");
+        std::fs::create_dir(dir.path().join("log")).unwrap();
+        std::fs::write(dir.path().join("log/db"), b"x").unwrap();
+        assert!(
+            empty_log_store(dir.path()).unwrap(),
+            "the marker: the earlier start did not register"
+        );
+        std::fs::remove_file(dir.path().join(EMPTY_LOG_MARKER)).unwrap();
+        assert!(!empty_log_store(dir.path()).unwrap(), "a store with data");
+        std::fs::remove_file(dir.path().join("log/db")).unwrap();
+        assert!(empty_log_store(dir.path()).unwrap(), "an emptied log/");
     }
 }

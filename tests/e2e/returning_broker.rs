@@ -307,7 +307,15 @@ fn last_in_sync_replica_back_without_its_copy(harm: impl FnOnce(&std::path::Path
     wait_for(60, "a leader elected", || {
         partition(&c.describe_topic("solo"), p)["status"] == "online"
     });
+    // The replica that kept its copy, not the one that lost it (first in the list).
+    let q = partition(&c.describe_topic("solo"), p).clone();
+    assert_eq!(q["leader"].as_u64(), Some(y), "{q}");
     produce(1201, 1300);
+    let now = local_end(&c, y, "solo", p);
+    assert!(
+        now >= y_end,
+        "broker {y} went from {y_end} to {now} records"
+    );
 }
 
 #[test]

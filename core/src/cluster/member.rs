@@ -43,8 +43,9 @@ pub struct MemberConfig {
     pub cluster: ClusterConfig,
     /// Its identity towards peers.
     pub tls: RaftTls,
-    /// The broker's log store was created at this start (it holds no replica).
-    pub empty_log: bool,
+    /// The marker file saying the broker's log store was created empty (it holds no
+    /// replica) and not yet registered so; removed once the registration is taken.
+    pub empty_log: Option<PathBuf>,
 }
 
 /// A running cluster member: the controller node and its registration task.
@@ -177,7 +178,7 @@ impl ClusterMember {
 /// retrying with a backoff until done or stopped.
 async fn join(
     controller: Arc<Controller>,
-    (id, epoch, empty_log): (BrokerId, u64, bool),
+    (id, epoch, empty_log): (BrokerId, u64, Option<PathBuf>),
     addr: String,
     voters: Option<BTreeMap<BrokerId, BrokerNode>>,
     mut stop: watch::Receiver<bool>,
@@ -206,7 +207,7 @@ async fn join(
             id,
             addr: addr.clone(),
             epoch,
-            empty_log,
+            empty_log: empty_log.is_some(),
         },
         ControllerCommand::UnfenceBroker { id },
     ] {
@@ -224,6 +225,11 @@ async fn join(
             if pause(&mut stop, &mut delay).await {
                 return;
             }
+        }
+    }
+    if let Some(marker) = empty_log {
+        if let Err(e) = std::fs::remove_file(&marker) {
+            tracing::warn!(error = %e, marker = %marker.display(), "cannot remove the empty-log marker; the next start says again that this broker's log is empty");
         }
     }
     tracing::info!(broker = id, %addr, epoch, "registered with the controller");

@@ -15,8 +15,10 @@
 //! - fencing a broker removes it from every ISR except where it is the last member (the
 //!   partition then goes offline, keeping the one replica known to hold everything);
 //! - a broker registering again is fenced first (a new incarnation); one that says its log
-//!   store is empty also leaves the ISRs it was the last member of (offline until an unclean
-//!   election: an empty log must not lead);
+//!   store is empty, or that its copy of a topic is lost, also leaves the ISRs it was the
+//!   last member of (offline until an unclean election: an empty log must not lead; an
+//!   internal topic takes another live replica at once), and unclean elections take a
+//!   replica that did not lose its copy first;
 //! - an ISR addition judged on the fetches of an earlier incarnation of the broker is
 //!   refused (Kafka's KIP-903).
 
@@ -53,12 +55,77 @@ pub struct PartitionRecord {
     pub leader: Option<BrokerId>,
     pub leader_epoch: u64,
     pub partition_epoch: u64,
-    /// In-sync replicas, a subset of `replicas`, never empty.
+    /// In-sync replicas, a subset of `replicas`. Empty only where the last one lost its
+    /// copy (the partition is offline until an unclean election).
     pub isr: Vec<BrokerId>,
     /// A reassignment in progress: the replica set wanted. `replicas` holds the old and the
     /// new ones until every new one is in the ISR; then the old ones are dropped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<Vec<BrokerId>>,
+    /// Replicas that lost their copy (back on an empty log store, or a damaged record)
+    /// and have not been in sync since: an unclean election takes any other live replica
+    /// first. A replica leaves this list when it rejoins the ISR.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lost: Vec<BrokerId>,
+}
+
+impl PartitionRecord {
+    /// The replica an unclean election takes among `live`: the first that has not lost
+    /// its copy, else the first.
+    fn unclean_choice(&self, live: &[BrokerId]) -> Option<BrokerId> {
+        let mut candidates = self.replicas.iter().copied().filter(|r| live.contains(r));
+        let first = candidates.clone().next();
+        candidates.find(|r| !self.lost.contains(r)).or(first)
+    }
+
+    /// Broker `id` lost its copy: it is marked so and leaves the ISR, also as its last
+    /// member, and its leadership. With no in-sync replica left, a topic allowing unclean
+    /// elections, or an internal one (which no operator can alter), takes another live
+    /// replica; otherwise the partition stays offline. An internal topic with no other live
+    /// replica keeps `id` in sync (it leads again with what it has: a broker cannot run
+    /// without its internal topics). Returns whether anything changed.
+    fn lose_copy(
+        &mut self,
+        id: BrokerId,
+        live: &[BrokerId],
+        unclean: bool,
+        internal: bool,
+    ) -> bool {
+        let before = self.clone();
+        if self.replicas.contains(&id) && !self.lost.contains(&id) {
+            self.lost.push(id);
+        }
+        if self.leader == Some(id) || self.isr.contains(&id) {
+            let leader = self.leader;
+            self.isr.retain(|&r| r != id);
+            if self.leader == Some(id) || self.leader.is_none() {
+                self.leader = self
+                    .replicas
+                    .iter()
+                    .copied()
+                    .find(|r| self.isr.contains(r) && live.contains(r));
+            }
+            if self.isr.is_empty() && (unclean || internal) {
+                let others: Vec<BrokerId> = live.iter().copied().filter(|r| *r != id).collect();
+                match self.unclean_choice(&others) {
+                    Some(r) => {
+                        self.leader = Some(r);
+                        self.isr = vec![r];
+                    }
+                    None if internal => self.isr = vec![id],
+                    None => {}
+                }
+            }
+            if self.leader != leader {
+                self.leader_epoch += 1;
+            }
+        }
+        let changed = *self != before;
+        if changed {
+            self.partition_epoch += 1;
+        }
+        changed
+    }
 }
 
 /// A topic: its id, config overrides and partitions (index = partition number).
@@ -75,6 +142,11 @@ impl TopicRecord {
         self.config
             .get(UNCLEAN_LEADER_ELECTION)
             .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+    }
+
+    /// A broker's own topic (`__consumer_offsets`, …), which clients cannot alter.
+    fn is_internal(&self) -> bool {
+        crate::topic::is_internal(&self.name)
     }
 }
 
@@ -205,9 +277,7 @@ impl ControllerState {
                                 if p.leader.is_some() {
                                     continue;
                                 }
-                                if let Some(r) =
-                                    p.replicas.iter().copied().find(|r| live.contains(r))
-                                {
+                                if let Some(r) = p.unclean_choice(&live) {
                                     p.leader = Some(r);
                                     p.isr = vec![r];
                                     p.leader_epoch += 1;
@@ -530,16 +600,12 @@ impl ControllerState {
             // Where it was the last in-sync replica (a fence keeps the last one), it is
             // not one any more: electing it would make an empty log the one every other
             // replica copies. The partition stays offline until an unclean election is
-            // allowed (or, Kafka's way, nothing is lost without the operator saying so).
+            // allowed (nothing more is lost without the operator saying so).
+            let live = self.live_brokers();
             for topic in self.topics.values_mut() {
+                let (unclean, internal) = (topic.unclean_election(), topic.is_internal());
                 for p in &mut topic.partitions {
-                    if p.isr == [id] {
-                        p.isr.clear();
-                        if p.leader.take().is_some() {
-                            p.leader_epoch += 1;
-                        }
-                        p.partition_epoch += 1;
-                    }
+                    p.lose_copy(id, &live, unclean, internal);
                 }
             }
         }
@@ -569,7 +635,7 @@ impl ControllerState {
                         .copied()
                         .find(|r| p.isr.contains(r) && live.contains(r));
                     if p.leader.is_none() && unclean {
-                        if let Some(r) = p.replicas.iter().copied().find(|r| live.contains(r)) {
+                        if let Some(r) = p.unclean_choice(&live) {
                             p.leader = Some(r);
                             p.isr = vec![r];
                         }
@@ -599,35 +665,9 @@ impl ControllerState {
                 name: topic.to_string(),
             });
         };
-        let unclean = t.unclean_election();
+        let (unclean, internal) = (t.unclean_election(), t.is_internal());
         for p in &mut t.partitions {
-            if p.leader != Some(id) && !p.isr.contains(&id) {
-                continue;
-            }
-            p.isr.retain(|&r| r != id);
-            if p.leader == Some(id) || p.isr.is_empty() {
-                let leader = p.leader;
-                p.leader = p
-                    .replicas
-                    .iter()
-                    .copied()
-                    .find(|r| p.isr.contains(r) && live.contains(r));
-                if p.leader.is_none() && unclean {
-                    if let Some(r) = p
-                        .replicas
-                        .iter()
-                        .copied()
-                        .find(|r| *r != id && live.contains(r))
-                    {
-                        p.leader = Some(r);
-                        p.isr = vec![r];
-                    }
-                }
-                if p.leader != leader {
-                    p.leader_epoch += 1;
-                }
-            }
-            p.partition_epoch += 1;
+            p.lose_copy(id, &live, unclean, internal);
         }
         Ok(ControllerResponse::Ok)
     }
@@ -637,6 +677,7 @@ impl ControllerState {
             return Err(ControllerError::UnknownBroker { id });
         };
         b.fenced = false;
+        let live = self.live_brokers();
         for topic in self.topics.values_mut() {
             let unclean = topic.unclean_election();
             for p in &mut topic.partitions {
@@ -645,9 +686,9 @@ impl ControllerState {
                 }
                 if p.isr.contains(&id) {
                     p.leader = Some(id);
-                } else if unclean {
-                    p.leader = Some(id);
-                    p.isr = vec![id];
+                } else if let Some(r) = p.unclean_choice(&live).filter(|_| unclean) {
+                    p.leader = Some(r);
+                    p.isr = vec![r];
                 } else {
                     continue;
                 }
@@ -730,6 +771,7 @@ impl ControllerState {
                 // An empty log is caught up everywhere.
                 isr: a.replicas.clone(),
                 target: None,
+                lost: Vec::new(),
             });
         }
         Ok(records)
@@ -829,6 +871,7 @@ impl ControllerState {
             });
         }
         p.isr.retain(|r| target.contains(r));
+        p.lost.retain(|r| target.contains(r));
         if p.leader.is_none_or(|l| !target.contains(&l)) {
             p.leader = p.isr.iter().copied().find(|r| live.contains(r));
             p.leader_epoch += 1;
@@ -955,6 +998,7 @@ impl ControllerState {
         p.leader_epoch = new_leader_epoch;
         p.partition_epoch = new_partition_epoch;
         p.isr = isr.to_vec();
+        p.lost.retain(|r| !isr.contains(r));
         Ok(ControllerResponse::PartitionUpdated {
             leader_epoch: new_leader_epoch,
             partition_epoch: new_partition_epoch,
@@ -1052,6 +1096,7 @@ mod tests {
                 partition_epoch: 0,
                 isr: vec![1, 2, 3],
                 target: None,
+                lost: vec![],
             }
         );
         assert_eq!(s.next_topic_id(), 2);
@@ -1559,21 +1604,67 @@ mod tests {
             ControllerResponse::Ok
         );
         let p = p0(&s).clone();
-        assert_eq!((p.leader, p.isr.clone()), (None, vec![]));
+        assert_eq!(
+            (p.leader, p.isr.clone(), p.lost.clone()),
+            (None, vec![], vec![1])
+        );
         assert_eq!(p.partition_epoch, before.partition_epoch + 1);
         for id in [1, 2, 3] {
             s.apply(&ControllerCommand::UnfenceBroker { id });
         }
         assert_eq!(p0(&s).leader, None, "no clean leader: offline");
-        // The operator accepts the loss: a live replica is elected.
+        // The operator accepts the loss: a live replica that kept its copy is elected, not
+        // broker 1 (first in the replica list, but empty).
         s.apply(&ControllerCommand::AlterTopicConfig {
             name: "t".into(),
             set: [(UNCLEAN_LEADER_ELECTION.to_string(), "true".to_string())].into(),
             remove: vec![],
         });
-        let p = p0(&s);
-        assert!(p.leader.is_some(), "{p:?}");
-        assert_eq!(p.isr, vec![p.leader.unwrap()]);
+        let p = p0(&s).clone();
+        assert_eq!((p.leader, p.isr.clone()), (Some(2), vec![2]));
+        // Broker 1 catches up and rejoins: no longer marked.
+        update(&mut s, Some(2), p.leader_epoch, p.partition_epoch, &[2, 1]);
+        assert_eq!(p0(&s).lost, Vec::<BrokerId>::new());
+    }
+
+    /// An internal topic cannot be altered: where its last in-sync replica comes back
+    /// empty, another live replica is taken at once, and with none the empty one leads
+    /// again (a broker cannot run without its internal topics).
+    #[test]
+    fn an_internal_topics_last_isr_member_back_empty_gives_way_to_a_live_replica() {
+        let mut s = cluster(&[]);
+        for (name, replicas) in [("__a", vec![1, 2, 3]), ("__b", vec![1])] {
+            let topic_id = s.next_topic_id();
+            s.apply(&ControllerCommand::CreateTopic {
+                name: name.into(),
+                topic_id,
+                partitions: vec![PartitionAssignment { replicas }],
+                config: BTreeMap::new(),
+            });
+        }
+        let pe = s.topic("__a").unwrap().partitions[0].partition_epoch;
+        s.apply(&ControllerCommand::UpdatePartition {
+            topic: "__a".into(),
+            partition: 0,
+            leader: Some(1),
+            leader_epoch: 0,
+            partition_epoch: pe,
+            isr: vec![1],
+            broker_epochs: BTreeMap::new(),
+        });
+        s.apply(&ControllerCommand::FenceBroker { id: 1 });
+        s.apply(&ControllerCommand::RegisterBroker {
+            id: 1,
+            addr: "127.0.0.1:7401".into(),
+            epoch: 2,
+            empty_log: true,
+        });
+        let a = &s.topic("__a").unwrap().partitions[0];
+        assert_eq!((a.leader, a.isr.clone()), (Some(2), vec![2]));
+        let b = &s.topic("__b").unwrap().partitions[0];
+        assert_eq!(b.isr, vec![1]);
+        s.apply(&ControllerCommand::UnfenceBroker { id: 1 });
+        assert_eq!(s.topic("__b").unwrap().partitions[0].leader, Some(1));
     }
 
     /// On an empty log store, a broker that shares the ISR with others just leaves it (as
@@ -1592,6 +1683,7 @@ mod tests {
         );
         let p = p0(&s);
         assert_eq!((p.leader, p.isr.clone()), (Some(1), vec![1, 3]));
+        assert_eq!(p.lost, vec![2]);
     }
 
     /// A broker whose copy of a topic is lost (a damaged record) leaves its ISRs and

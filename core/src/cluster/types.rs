@@ -79,7 +79,8 @@ pub enum ControllerCommand {
         /// This incarnation started on an empty log store (a new disk, or a data directory
         /// whose `log/` was lost): it holds no copy of anything. Where it was the last
         /// in-sync replica, the partition then has none (offline, not led by an empty
-        /// log) until an unclean election is allowed.
+        /// log) until an unclean election is allowed. (A voter from before this field
+        /// ignores it: upgrade a cluster's brokers together.)
         #[serde(default)]
         empty_log: bool,
     },
@@ -91,7 +92,8 @@ pub enum ControllerCommand {
     /// also where it is the last member (the partition goes offline rather than be led by
     /// a copy that is gone), and gives up the leaderships it had. Once the view shows it
     /// in none of them, the broker replaces its copy with an empty replica, which rejoins
-    /// only as its own fetches catch up.
+    /// only as its own fetches catch up. (Not known to brokers from before it: upgrade a
+    /// cluster's brokers together.)
     ReplicaLost {
         id: BrokerId,
         epoch: u64,

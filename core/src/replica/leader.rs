@@ -317,6 +317,7 @@ mod tests {
             partition_epoch: 1,
             isr: isr.to_vec(),
             target: None,
+            lost: vec![],
         }
     }
 

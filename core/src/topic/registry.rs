@@ -81,7 +81,7 @@ fn damaged_message(topic: &str, reason: &str) -> String {
     if is_internal(topic) {
         format!("the broker's internal topic {topic:?} cannot be opened: its stored record is damaged ({reason}); restore the data directory from a backup")
     } else {
-        format!("topic {topic:?} is offline: its stored record is damaged ({reason}); its data is kept but cannot be reached. Restore the data directory from a backup, or drop the topic with `quiver topic delete {topic}` (its stored batches then stay on disk unreferenced); a cluster broker copies the topic again from its leaders by itself")
+        format!("topic {topic:?} is offline: its stored record is damaged ({reason}); its data is kept but cannot be reached. Restore the data directory from a backup, or drop the topic with `quiver topic delete {topic}` (its stored batches then stay on disk unreferenced); in a cluster the broker copies the topic again from its other replicas")
     }
 }
 

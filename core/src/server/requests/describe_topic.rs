@@ -46,8 +46,8 @@ pub fn describe(ctx: &ServerContext, t: &Topic) -> TopicDescription {
                     placement(ctx, &name, p.partition, s.leader_epoch);
                 let offline = p.offline_reason().or_else(|| {
                     (!led).then(|| {
-                        if isr.is_empty() {
-                            format!("no replica is in sync: the last in-sync one came back without its log. Bring back a broker that had it, or allow electing another replica (records only the lost copy held are lost): quiver topic alter {name} --config unclean.leader.election.enable=true")
+                        if isr.is_empty() && !replicas.is_empty() {
+                            format!("no replica is in sync: the last in-sync one lost its copy (it came back on an empty log store, or its record of the topic is damaged). To elect another replica, accepting that records only the lost copy held are gone: quiver topic alter {name} --config unclean.leader.election.enable=true")
                         } else {
                             "no in-sync replica is alive to lead it".to_string()
                         }
