@@ -116,7 +116,13 @@ fn empty_log_store(dir: &Path) -> Result<bool, BrokerError> {
             Err(e) => e.kind() == std::io::ErrorKind::NotFound,
         };
     if empty {
-        std::fs::write(&marker, b"")
+        // Durable before the store is created: after a power loss a store without its
+        // marker would be taken for one holding replicas.
+        let write = || -> std::io::Result<()> {
+            std::fs::File::create(&marker)?.sync_all()?;
+            std::fs::File::open(dir)?.sync_all()
+        };
+        write()
             .map_err(|e| BrokerError::Config(format!("cannot write {}: {e}", marker.display())))?;
     }
     Ok(empty)

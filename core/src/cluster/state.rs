@@ -112,7 +112,12 @@ impl PartitionRecord {
                         self.leader = Some(r);
                         self.isr = vec![r];
                     }
-                    None if internal => self.isr = vec![id],
+                    None if internal => {
+                        // Its copy is what there is: in sync again, leading once live.
+                        self.isr = vec![id];
+                        self.leader = live.contains(&id).then_some(id);
+                        self.lost.retain(|r| *r != id);
+                    }
                     None => {}
                 }
             }
@@ -1665,6 +1670,17 @@ mod tests {
         assert_eq!(b.isr, vec![1]);
         s.apply(&ControllerCommand::UnfenceBroker { id: 1 });
         assert_eq!(s.topic("__b").unwrap().partitions[0].leader, Some(1));
+        // A lost copy reported by the live, only replica: it keeps leading, not marked.
+        s.apply(&ControllerCommand::ReplicaLost {
+            id: 1,
+            epoch: 2,
+            topic: "__b".into(),
+        });
+        let b = &s.topic("__b").unwrap().partitions[0];
+        assert_eq!(
+            (b.leader, b.isr.clone(), b.lost.clone()),
+            (Some(1), vec![1], vec![])
+        );
     }
 
     /// On an empty log store, a broker that shares the ISR with others just leaves it (as

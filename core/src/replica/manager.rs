@@ -626,6 +626,8 @@ impl ReplicaManager {
                 // controller takes it out of those too when told, leaving such a partition
                 // offline rather than led by an empty log). Its leaders then count only
                 // this incarnation's fetches (KIP-903), so it rejoins once caught up.
+                // (A damaged record of an internal topic stops the start: not seen here.)
+                Err(crate::topic::TopicError::Damaged { .. }) if is_internal(&t.name) => continue,
                 Err(crate::topic::TopicError::Damaged { .. }) => {
                     let counted = t
                         .partitions
