@@ -77,20 +77,35 @@ fn restart_after(c: &FaultCluster, id: u64, harm: impl FnOnce(&std::path::Path))
     );
 }
 
-/// Broker `id`'s own log end of `topic`'s partition `p` (`--local`).
-fn local_end(c: &FaultCluster, id: u64, topic: &str, p: u64) -> i64 {
+/// The CLI through the cluster (the bootstrap list); fails the test, with its stderr,
+/// unless it succeeds.
+fn cli_ok(c: &FaultCluster, args: &[&str], stdin: Option<&[u8]>) {
+    let out = cli_at(&c.bootstrap(), &c.ca(), args, stdin);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `topic describe TOPIC --local` as broker `id` answers it (its own replica), or the
+/// error it gives.
+fn local_describe(c: &FaultCluster, id: u64, topic: &str) -> Result<Value, String> {
     let out = cli_at(
         &c.addr_of(id as usize),
         &c.ca(),
         &["topic", "describe", topic, "--output", "json", "--local"],
         None,
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let local: Value = serde_json::from_slice(&out.stdout).unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+}
+
+/// Broker `id`'s own log end of `topic`'s partition `p`.
+fn local_end(c: &FaultCluster, id: u64, topic: &str, p: u64) -> i64 {
+    let local = local_describe(c, id, topic).unwrap_or_else(|e| panic!("{e}"));
     partition(&local, p)["log_end_offset"].as_i64().unwrap()
 }
 
@@ -110,16 +125,10 @@ fn a_broker_back_without_its_log_rejoins_the_isr_only_after_copying_it_again() {
     let lines: String = (1..=RECORDS)
         .map(|i| format!("k{i}:record {i}\n"))
         .collect();
-    let out = cli_at(
-        &c.bootstrap(),
-        &c.ca(),
+    cli_ok(
+        &c,
         &["produce", TOPIC, "--acks", "all", "--key-separator", ":"],
         Some(lines.as_bytes()),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     wait_for(60, "every partition's ISR to be full", || {
         c.describe_topic(TOPIC)["partitions"]
@@ -200,14 +209,7 @@ fn damage_topic_record(log: &std::path::Path, topic: &str) {
 fn last_in_sync_replica_back_without_its_copy(harm: impl FnOnce(&std::path::Path)) {
     // Followers that cannot fetch leave the ISR after 2 s.
     let c = FaultCluster::start_with("cluster = { replica_lag_max_ms = 2000 }\n");
-    let cli = |args: &[&str], stdin: Option<&[u8]>| {
-        let out = cli_at(&c.bootstrap(), &c.ca(), args, stdin);
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let cli = |args: &[&str], stdin: Option<&[u8]>| cli_ok(&c, args, stdin);
     cli(
         &[
             "topic",
@@ -326,16 +328,10 @@ fn a_broker_with_a_damaged_topic_record_copies_the_topic_again() {
     let c = FaultCluster::start();
     c.create_topic("healed", 1);
     let lines: String = (1..=500).map(|i| format!("record {i}\n")).collect();
-    let out = cli_at(
-        &c.bootstrap(),
-        &c.ca(),
+    cli_ok(
+        &c,
         &["produce", "healed", "--acks", "all"],
         Some(lines.as_bytes()),
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     wait_for(60, "a full ISR", || {
         ids(&partition(&c.describe_topic("healed"), 0)["isr"]).len() == 3
@@ -350,17 +346,9 @@ fn a_broker_with_a_damaged_topic_record_copies_the_topic_again() {
         60,
         "the broker's copy of the topic back and in sync",
         || {
-            let out = cli_at(
-                &c.addr_of(x as usize),
-                &c.ca(),
-                &["topic", "describe", "healed", "--output", "json", "--local"],
-                None,
-            );
-            out.status.success()
-                && serde_json::from_slice::<Value>(&out.stdout).is_ok_and(|local| {
-                    partition(&local, 0)["log_end_offset"].as_i64() >= Some(committed)
-                })
-                && ids(&partition(&c.describe_topic("healed"), 0)["isr"]).contains(&x)
+            local_describe(&c, x, "healed").is_ok_and(|local| {
+                partition(&local, 0)["log_end_offset"].as_i64() >= Some(committed)
+            }) && ids(&partition(&c.describe_topic("healed"), 0)["isr"]).contains(&x)
         },
     );
     let log = std::fs::read_to_string(c.data_dir(x as usize).join("broker.log")).unwrap();
