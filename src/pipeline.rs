@@ -11,7 +11,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use clap::{Args, Subcommand};
 use quiver_client::{Client, ClientError, PluginAdmin};
-use quiver_pipeline::{Deployment, PipelineConfig, StagePlugin};
+use quiver_pipeline::{Deployment, PipelineConfig, SinkCompression, StagePlugin};
 use quiver_protocol::requests::{
     DeployPipelineRequest, DescribePipelineRequest, ListPipelinesRequest, PipelineStatus,
     StopPipelineRequest,
@@ -362,7 +362,10 @@ fn describe_file(out: &mut impl Write, p: &PipelineConfig) -> anyhow::Result<()>
         };
         writeln!(out, "stage {i}: {what} {:?}", s.config)?;
     }
-    writeln!(out, "sink: {}", p.sink.topic)?;
+    match p.sink.compression {
+        SinkCompression::None => writeln!(out, "sink: {}", p.sink.topic)?,
+        codec => writeln!(out, "sink: {} ({} compressed)", p.sink.topic, codec.name())?,
+    }
     for (name, topic) in &p.sinks {
         writeln!(out, "sink {name}: {topic}")?;
     }

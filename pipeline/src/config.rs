@@ -94,6 +94,61 @@ pub struct StageConfig {
 pub struct SinkConfig {
     /// Output topic for records a stage does not route elsewhere.
     pub topic: String,
+    /// Codec of every batch the pipeline writes (outputs, dead letters, state changes).
+    #[serde(default, skip_serializing_if = "SinkCompression::is_none")]
+    pub compression: SinkCompression,
+}
+
+/// `[sink] compression`: how the pipeline's output batches are compressed. Consumers
+/// decompress whatever codec a batch has, so this never changes what they read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SinkCompression {
+    /// Stored as produced.
+    #[default]
+    None,
+    /// LZ4: cheap; removes most of what the `quiver.source` headers repeat.
+    Lz4,
+    /// Zstandard: smaller output for more CPU.
+    Zstd,
+}
+
+impl std::str::FromStr for SinkCompression {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(SinkCompression::None),
+            "lz4" => Ok(SinkCompression::Lz4),
+            "zstd" => Ok(SinkCompression::Zstd),
+            other => Err(format!("unknown codec {other:?} (use none, lz4 or zstd)")),
+        }
+    }
+}
+
+impl SinkCompression {
+    /// The name written in `pipeline.toml`.
+    pub fn name(self) -> &'static str {
+        match self {
+            SinkCompression::None => "none",
+            SinkCompression::Lz4 => "lz4",
+            SinkCompression::Zstd => "zstd",
+        }
+    }
+
+    fn is_none(&self) -> bool {
+        *self == SinkCompression::None
+    }
+
+    /// The batch codec.
+    pub fn codec(self) -> quiver_protocol::batch::Compression {
+        use quiver_protocol::batch::Compression;
+        match self {
+            SinkCompression::None => Compression::None,
+            SinkCompression::Lz4 => Compression::Lz4,
+            SinkCompression::Zstd => Compression::Zstd,
+        }
+    }
 }
 
 /// What happens to records a stage fails on.
@@ -539,7 +594,7 @@ mod tests {
     fn to_toml_reads_back_to_the_same_pipeline() {
         for text in [
             include_str!("../../config/pipeline.toml"),
-            "name = \"p\"\n[source]\ntopics = [\"a\", \"b\"]\nstart = \"latest\"\ngroup = \"g\"\n[[stages]]\npath = \"x\"\n[[stages]]\nplugin = \"y\"\nconfig = { k = \"v\" }\n[sink]\ntopic = \"o\"\n[sinks]\nlong = \"l\"\n[on_error]\npolicy = \"skip\"\n",
+            "name = \"p\"\n[source]\ntopics = [\"a\", \"b\"]\nstart = \"latest\"\ngroup = \"g\"\n[[stages]]\npath = \"x\"\n[[stages]]\nplugin = \"y\"\nconfig = { k = \"v\" }\n[sink]\ntopic = \"o\"\ncompression = \"zstd\"\n[sinks]\nlong = \"l\"\n[on_error]\npolicy = \"skip\"\n",
         ] {
             let p = super::PipelineConfig::parse(text, "t").unwrap();
             let back = super::PipelineConfig::parse(&p.to_toml(), "back").unwrap();
@@ -606,6 +661,7 @@ guarantee = "exactly-once"
         assert_eq!(p.on_error.policy, ErrorPolicy::Stop);
         assert_eq!(p.run.guarantee, Guarantee::AtLeastOnce);
         assert_eq!(p.run.instances, 1);
+        assert_eq!(p.sink.compression, SinkCompression::None);
     }
 
     fn error(text: &str) -> PipelineConfigError {
@@ -646,6 +702,19 @@ guarantee = "exactly-once"
         assert_eq!(e.key, "stages[1]", "{e}");
         let e = error(&WORDCOUNT.replace("name = \"wordcount\"", ""));
         assert_eq!(e.key, "name", "{e}");
+        let e = error(&WORDCOUNT.replace(
+            "topic = \"counts\"",
+            "topic = \"counts\"\ncompression = \"snappy\"",
+        ));
+        assert_eq!(
+            (e.key.as_str(), e.line),
+            ("sink.compression", Some(13)),
+            "{e}"
+        );
+        assert!(
+            e.reason.contains("snappy") && e.reason.contains("lz4"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -292,8 +292,9 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
     };
     let mut member = GroupConsumer::join(client.clone(), group).await?;
     view.set_leaver(member.leaver());
+    let codec = cfg.sink.compression.codec();
     let mut writer = if exactly_once {
-        match Writer::exactly_once(client.clone(), &cfg.name, &member.member_id()).await {
+        match Writer::exactly_once(client.clone(), &cfg.name, &member.member_id(), codec).await {
             Ok(w) => w,
             Err(e) => {
                 let _ = member.close_without_commit().await;
@@ -301,7 +302,7 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
             }
         }
     } else {
-        Writer::at_least_once(client.clone())
+        Writer::at_least_once(client.clone(), codec)
     };
     let mut chains: BTreeMap<TopicPartition, PartitionRun> = BTreeMap::new();
     // At least once, a poll's writes are acknowledged while the next ones are processed

@@ -26,8 +26,8 @@ mod test_broker;
 pub mod writer;
 
 pub use config::{
-    ErrorPolicy, Guarantee, OnError, PipelineConfig, PipelineConfigError, RunConfig, SinkConfig,
-    SourceConfig, StageConfig, StagePlugin, StartPosition,
+    ErrorPolicy, Guarantee, OnError, PipelineConfig, PipelineConfigError, RunConfig,
+    SinkCompression, SinkConfig, SourceConfig, StageConfig, StagePlugin, StartPosition,
 };
 pub use deployment::Deployment;
 pub use error::RuntimeError;

@@ -22,6 +22,8 @@ use quiver_client::{
     ProducerRecord, RecordRef, TopicPartition, TransactionalProducer, TxnOffsets,
 };
 
+use quiver_protocol::batch::Compression;
+
 use crate::error::RuntimeError;
 
 /// How long a transaction may stay open: a crashed instance's transaction is aborted by the
@@ -98,14 +100,15 @@ impl SealedWrites {
 }
 
 impl Writer {
-    /// The at-least-once writer.
-    pub fn at_least_once(client: Client) -> Writer {
+    /// The at-least-once writer; its batches are compressed with `codec`.
+    pub fn at_least_once(client: Client, codec: Compression) -> Writer {
         Writer::AtLeastOnce {
             producer: Producer::new(
                 client,
                 ProducerConfig {
                     acks: Acks::All,
                     linger: Duration::from_millis(2),
+                    compression: codec,
                     ..ProducerConfig::default()
                 },
             ),
@@ -120,11 +123,12 @@ impl Writer {
         client: Client,
         pipeline: &str,
         member_id: &str,
+        codec: Compression,
     ) -> Result<Writer, RuntimeError> {
         let id = format!("pipeline.{pipeline}.{member_id}");
         match TransactionalProducer::init_with_timeout(client, &id, TXN_TIMEOUT).await {
             Ok(tx) => Ok(Writer::ExactlyOnce {
-                tx: Box::new(tx),
+                tx: Box::new(tx.with_compression(codec)),
                 member_id: member_id.to_string(),
             }),
             // A broker that cannot run transactions: joining again would not change that.
@@ -388,7 +392,7 @@ mod tests {
             let _ = member.poll_timeout(Duration::from_millis(100)).await;
         }
         let first = member.member_id();
-        let mut writer = Writer::exactly_once(client.clone(), "p", &first)
+        let mut writer = Writer::exactly_once(client.clone(), "p", &first, Compression::None)
             .await
             .unwrap();
         writer.send(ProducerRecord::new("out", "x")).await.unwrap();
@@ -456,7 +460,7 @@ mod tests {
             let o = all.iter().find(|o| o.topic == "in" && o.partition == 0);
             o.map(|o| (o.offset, o.metadata.clone()))
         };
-        let mut writer = Writer::at_least_once(client.clone());
+        let mut writer = Writer::at_least_once(client.clone(), Compression::None);
         let mut seen = Vec::new();
         for n in 1..=40i64 {
             commit_poll(&mut writer, &mut member, &tp, n).await;
@@ -479,6 +483,93 @@ mod tests {
             committed().await,
             Some((Some(500), Some("mark-50".to_string())))
         );
+        broker.shutdown().await;
+    }
+
+    /// Both writers build their batches with the sink's codec, and what they wrote reads
+    /// back whole (values and the `quiver.source` header), uncompressed by the consumer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn both_writers_compress_their_batches_with_the_sinks_codec() {
+        use quiver_client::{Consumer, ConsumerConfig, SeekTo};
+        use quiver_protocol::batch::BatchHeader;
+        use quiver_protocol::requests::FetchRequest;
+
+        let dir = tempfile::tempdir().unwrap();
+        let (broker, client) = crate::test_broker::start(dir.path()).await;
+        let admin = Admin::new(client.clone());
+        for t in ["lz4-out", "zstd-out"] {
+            admin.create_topic(t, 1, BTreeMap::new()).await.unwrap();
+        }
+        let records = |topic: &str| -> Vec<ProducerRecord> {
+            (0..500)
+                .map(|i| {
+                    let mut r = ProducerRecord::new(topic, format!("value {i}"));
+                    r.headers
+                        .push(("quiver.source".into(), Bytes::from(format!("in/0/{i}"))));
+                    r
+                })
+                .collect()
+        };
+        let mut lz4 = Writer::at_least_once(client.clone(), Compression::Lz4);
+        for r in records("lz4-out") {
+            lz4.send(r).await.unwrap();
+        }
+        let sealed = lz4.seal();
+        lz4.finish(sealed).await.unwrap();
+        let mut zstd = Writer::exactly_once(client.clone(), "p", "m", Compression::Zstd)
+            .await
+            .unwrap();
+        for r in records("zstd-out") {
+            zstd.send(r).await.unwrap();
+        }
+        let sealed = zstd.seal();
+        zstd.finish(sealed).await.unwrap();
+
+        for (topic, codec) in [
+            ("lz4-out", Compression::Lz4),
+            ("zstd-out", Compression::Zstd),
+        ] {
+            let fetch = FetchRequest {
+                topic: topic.into(),
+                partition: 0,
+                offset: 0,
+                max_bytes: 1 << 20,
+                max_wait_ms: 0,
+                min_bytes: 0,
+                processor: None,
+                isolation: Default::default(),
+            };
+            let (_, payload) = client
+                .request_for_partition(topic, 0, &fetch, Bytes::new(), Duration::from_secs(10))
+                .await
+                .unwrap();
+            let header = BatchHeader::parse(&payload).unwrap();
+            assert_eq!(header.compression().unwrap(), codec, "{topic}");
+            let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+            consumer.assign(topic, [0]).await.unwrap();
+            consumer.seek(topic, 0, SeekTo::Beginning).unwrap();
+            let mut read = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while read.len() < 500 {
+                assert!(
+                    Instant::now() < deadline,
+                    "{topic}: read {} of 500",
+                    read.len()
+                );
+                read.extend(
+                    consumer
+                        .poll_timeout(Duration::from_millis(200))
+                        .await
+                        .unwrap(),
+                );
+            }
+            for (i, r) in read.iter().enumerate() {
+                assert_eq!(r.value, format!("value {i}").as_bytes(), "{topic}");
+                let source = r.headers.iter().find(|h| h.key == "quiver.source").unwrap();
+                assert_eq!(source.value, format!("in/0/{i}").as_bytes(), "{topic}");
+            }
+        }
+        zstd.abort().await;
         broker.shutdown().await;
     }
 }

@@ -83,6 +83,10 @@ pub struct PipelineOpts {
     /// than memory the host has to map again).
     #[arg(long)]
     no_warmup: bool,
+    /// `[sink] compression` of both measured pipelines: none, lz4 or zstd (`--compression`
+    /// sets the bench producer's codec, for plain produce and the pipelines' input alike).
+    #[arg(long, default_value = "none")]
+    sink_compression: quiver_pipeline::SinkCompression,
     #[command(flatten)]
     load: LoadOpts,
 }
@@ -299,6 +303,7 @@ pub async fn run(global: &GlobalOpts, args: BenchArgs) -> anyhow::Result<()> {
                     repeat: p.repeat,
                     warmup: !p.no_warmup,
                     in_process: target.embedded.is_some() && !p.over_quic,
+                    sink_compression: p.sink_compression,
                 };
                 pipeline::run(&target.client, &pipelines, &o, &p.stages, how).await
             }

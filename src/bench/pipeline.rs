@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use quiver_client::Client;
-use quiver_pipeline::{Deployment, PipelineConfig};
+use quiver_pipeline::{Deployment, PipelineConfig, SinkCompression};
 use serde::Serialize;
 
 use super::produce::{ensure_topic, produce_into};
@@ -65,6 +65,8 @@ pub struct PipelineBench {
     /// How the pipelines reached the broker: `in-process` (as `pipeline deploy` runs them
     /// inside an embedded broker) or `quic` (as `pipeline run` does, or `--over-quic`).
     pub pipeline_transport: &'static str,
+    /// The pipelines' `[sink] compression`: none, lz4 or zstd.
+    pub sink_compression: &'static str,
     /// Every run's figures, in the order they ran (one unless `--repeat`).
     pub runs: Vec<RunFigures>,
 }
@@ -148,6 +150,8 @@ pub struct Setup {
     pub warmup: bool,
     /// The pipelines reach the (embedded) broker in process, as deployed ones do.
     pub in_process: bool,
+    /// `[sink] compression` of both pipelines.
+    pub sink_compression: SinkCompression,
 }
 
 /// Runs the three measurements `repeat` times, each time on fresh topics: the input is
@@ -164,6 +168,7 @@ pub async fn run(
         repeat,
         warmup,
         in_process,
+        sink_compression,
     } = how;
     let records = match o.limit() {
         super::Limit::Records(n) => n,
@@ -204,12 +209,12 @@ pub async fn run(
                 Measured::NoStage => {
                     eprintln!("pipeline without stages …");
                     let name = format!("{base}-none");
-                    no_stage = Some(one(client, pipelines, &quiet, &name, &[], backlog).await?);
+                    no_stage = Some(one(client, pipelines, &quiet, &name, &[], &how).await?);
                 }
                 Measured::Chain => {
                     eprintln!("pipeline with {} …", chain.join(" → "));
                     let name = format!("{base}-stages");
-                    stages = Some(one(client, pipelines, &quiet, &name, chain, backlog).await?);
+                    stages = Some(one(client, pipelines, &quiet, &name, chain, &how).await?);
                 }
             }
         }
@@ -243,6 +248,7 @@ pub async fn run(
         backlog,
         warmup,
         pipeline_transport: if in_process { "in-process" } else { "quic" },
+        sink_compression: sink_compression.name(),
         runs,
     })
 }
@@ -253,14 +259,23 @@ fn cpu_spent(before: Option<f64>) -> Option<f64> {
 }
 
 /// The pipeline file for a bench run: `input` → `chain` → `output`.
-fn pipeline_file(name: &str, input: &str, output: &str, chain: &[String]) -> String {
+fn pipeline_file(
+    name: &str,
+    input: &str,
+    output: &str,
+    chain: &[String],
+    codec: SinkCompression,
+) -> String {
     let mut text = format!("name = \"{name}\"\n[source]\ntopics = [\"{input}\"]\n");
     for stage in chain {
         let looks_like_path = stage.contains('/') || std::path::Path::new(stage).exists();
         let key = if looks_like_path { "path" } else { "plugin" };
         text.push_str(&format!("[[stages]]\n{key} = {stage:?}\n"));
     }
-    text.push_str(&format!("[sink]\ntopic = \"{output}\"\n"));
+    text.push_str(&format!(
+        "[sink]\ntopic = \"{output}\"\ncompression = \"{}\"\n",
+        codec.name()
+    ));
     text
 }
 
@@ -271,15 +286,16 @@ async fn one(
     o: &LoadOpts,
     base: &str,
     chain: &[String],
-    backlog: bool,
+    how: &Setup,
 ) -> anyhow::Result<Report> {
+    let backlog = how.backlog;
     let (input, output) = (format!("{base}-in"), format!("{base}-out"));
     ensure_topic(client, &input, o.partitions, o.replication_factor).await?;
     ensure_topic(client, &output, o.partitions, o.replication_factor).await?;
     if backlog {
         produce_into(client, o, &input, false).await?;
     }
-    let text = pipeline_file(base, &input, &output, chain);
+    let text = pipeline_file(base, &input, &output, chain, how.sink_compression);
     let config = PipelineConfig::parse(&text, "bench pipeline")?;
     let cwd = std::env::current_dir().context("current directory")?;
     let deployment = Deployment::start(pipelines.clone(), config, &cwd, 1, 0)
@@ -405,6 +421,12 @@ impl PipelineBench {
                         "in process, as `quiver pipeline deploy` runs them inside it"
                     }
                 );
+                if self.sink_compression != "none" {
+                    println!(
+                        "the pipelines' sinks were compressed with {}",
+                        self.sink_compression
+                    );
+                }
             }
         }
     }

@@ -101,6 +101,8 @@ pub struct TransactionalProducer {
     /// failed after its batches were numbered (a partition may lack some the broker would
     /// wait for), or ending a transaction failed (its outcome is unknown). `abort` does it.
     needs_init: Option<String>,
+    /// Codec of the batches it builds.
+    compression: Compression,
     /// Set once the broker answered `ProducerFenced`: another producer initialised this id
     /// (or the coordinator aborted a transaction past its timeout). Every later call fails
     /// with it until `abort` takes the id back, which the coordinator allows only when the
@@ -150,7 +152,14 @@ impl TransactionalProducer {
             timeout_ms: req.timeout_ms,
             needs_init: None,
             fenced: None,
+            compression: Compression::None,
         })
+    }
+
+    /// Compresses the batches it builds from now on with `codec` (none by default).
+    pub fn with_compression(mut self, codec: Compression) -> Self {
+        self.compression = codec;
+        self
     }
 
     /// Fails once this producer was fenced.
@@ -224,10 +233,11 @@ impl TransactionalProducer {
                 self.round_robin % n
             }
         };
+        let codec = self.compression;
         let entry = self
             .pending
             .entry((record.topic.clone(), partition))
-            .or_insert_with(|| (Vec::new(), BatchBuilder::new(Compression::None)));
+            .or_insert_with(|| (Vec::new(), BatchBuilder::new(codec)));
         let headers: Vec<(&str, &[u8])> = record
             .headers
             .iter()
@@ -238,7 +248,7 @@ impl TransactionalProducer {
             .1
             .push(record.key.as_deref(), &record.value, ts, &headers);
         if entry.1.size_bytes() >= BATCH_BYTES {
-            let b = std::mem::replace(&mut entry.1, BatchBuilder::new(Compression::None));
+            let b = std::mem::replace(&mut entry.1, BatchBuilder::new(codec));
             entry.0.push(b);
         }
         Ok(partition)
