@@ -114,7 +114,7 @@ fn deployed_pipeline_dead_letters_failures_reports_status_survives_a_restart_and
     let file = dir.path().join("upper.toml");
     std::fs::write(
         &file,
-        "name = \"upper\"\n[source]\ntopics = [\"in\"]\n[[stages]]\npath = \"picky\"\n[sink]\ntopic = \"out\"\n[on_error]\npolicy = \"dead-letter\"\ntopic = \"dlq\"\n[run]\ninstances = 2\n",
+        "name = \"upper\"\n[source]\ntopics = [\"in\"]\n[[stages]]\npath = \"picky\"\n[sink]\ntopic = \"out\"\ncompression = \"lz4\"\n[on_error]\npolicy = \"dead-letter\"\ntopic = \"dlq\"\n[run]\ninstances = 2\n",
     )
     .unwrap();
     // JSON for scripts: one document, even when a stage bundle is deployed on the way.
@@ -508,9 +508,16 @@ fn word_count_through_a_kill(guarantee: &str, records: usize, words: usize) -> W
     b.cli_ok(&["topic", "create", "words", "--partitions", "6"]);
     b.cli_ok(&["topic", "create", "counts", "--partitions", "3"]);
     let file = dir.path().join("wc.toml");
+    // Compressed output, state changes and transactions: what is read back (the counts,
+    // the state restored after the kill) goes through the codec.
+    let codec = if guarantee == "exactly-once" {
+        "zstd"
+    } else {
+        "lz4"
+    };
     std::fs::write(
         &file,
-        format!("name = \"wc\"\n[source]\ntopics = [\"words\"]\n[[stages]]\nplugin = \"count@1.0.0\"\n[sink]\ntopic = \"counts\"\n[run]\nguarantee = \"{guarantee}\"\n"),
+        format!("name = \"wc\"\n[source]\ntopics = [\"words\"]\n[[stages]]\nplugin = \"count@1.0.0\"\n[sink]\ntopic = \"counts\"\ncompression = \"{codec}\"\n[run]\nguarantee = \"{guarantee}\"\n"),
     )
     .unwrap();
     // Words drawn by a fixed hash of the record index, so counts differ from word to word.
