@@ -241,11 +241,18 @@ struct Member {
 }
 
 impl Member {
+    /// The subscribed topics that exist. A topic list is kept sorted without repeats (see
+    /// `join`), so this walks the smaller of the list and the snapshot.
     fn topics(&self, snapshot: &TopicSnapshot) -> BTreeSet<String> {
         match (&self.subscription, &self.pattern) {
-            (Subscription::Topics(ts), _) => ts
+            (Subscription::Topics(ts), _) if ts.len() <= snapshot.len() => ts
                 .iter()
                 .filter(|t| snapshot.contains_key(*t))
+                .cloned()
+                .collect(),
+            (Subscription::Topics(ts), _) => snapshot
+                .keys()
+                .filter(|t| ts.binary_search(t).is_ok())
                 .cloned()
                 .collect(),
             (Subscription::Pattern(_), Some(re)) => snapshot
@@ -271,6 +278,9 @@ struct Group {
     target: Assignment,
     /// The subscribed topics and their partition counts the target was computed from.
     basis: BTreeMap<String, u32>,
+    /// Fingerprint of the topic snapshot `basis` was last checked against: a tick looks at
+    /// the members' subscriptions again only when the topics changed since.
+    basis_of: u64,
     offsets: BTreeMap<TopicPartition, OffsetValue>,
 }
 
@@ -283,6 +293,7 @@ impl Group {
             members: BTreeMap::new(),
             target: Assignment::new(),
             basis: BTreeMap::new(),
+            basis_of: 0,
             offsets: BTreeMap::new(),
         }
     }
@@ -320,6 +331,29 @@ impl Group {
             .filter_map(|t| snapshot.get(&t).map(|n| (t, *n)))
             .collect()
     }
+}
+
+/// A subscription as kept: a topic list sorted, each topic once (a list of one name
+/// repeated would otherwise cost every rebalance and tick once per repeat).
+fn normalized(subscription: &Subscription) -> Subscription {
+    match subscription {
+        Subscription::Topics(ts) => {
+            let mut ts = ts.clone();
+            ts.sort_unstable();
+            ts.dedup();
+            Subscription::Topics(ts)
+        }
+        other => other.clone(),
+    }
+}
+
+/// Identifies a topic snapshot (names and partition counts), so an unchanged one is
+/// recognised without walking every group's subscriptions.
+fn fingerprint(snapshot: &TopicSnapshot) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    snapshot.hash(&mut h);
+    h.finish()
 }
 
 /// The coordinator of every group on this broker.
@@ -525,7 +559,7 @@ impl GroupCoordinator {
             member_id.clone(),
             Member {
                 client_id: req.client_id.clone(),
-                subscription: req.subscription.clone(),
+                subscription: normalized(&req.subscription),
                 pattern,
                 session_timeout_ms: req.session_timeout_ms,
                 last_seen: now,
@@ -582,6 +616,13 @@ impl GroupCoordinator {
             });
         }
         let owned: BTreeSet<&TopicPartition> = req.owned.iter().collect();
+        if owned.len() != req.owned.len() {
+            // A parked heartbeat is looked at again on every change in the coordinator: a
+            // list padded with repeats would make each of those looks long.
+            return Err(GroupError::Invalid(
+                "a heartbeat listing an owned partition more than once".into(),
+            ));
+        }
         let Some(g) = self.groups.get_mut(&req.group) else {
             return Err(GroupError::UnknownGroup(req.group.clone()));
         };
@@ -695,12 +736,18 @@ impl GroupCoordinator {
         for (group, member) in expired {
             self.remove_member(&group, &member, snapshot, true);
         }
-        let changed: Vec<String> = self
-            .groups
-            .iter()
-            .filter(|(_, g)| !g.members.is_empty() && g.basis(snapshot) != g.basis)
-            .map(|(n, _)| n.clone())
-            .collect();
+        let fingerprint = fingerprint(snapshot);
+        let mut changed = Vec::new();
+        for (name, g) in self.groups.iter_mut() {
+            if g.members.is_empty() || g.basis_of == fingerprint {
+                continue;
+            }
+            if g.basis(snapshot) != g.basis {
+                changed.push(name.clone());
+            } else {
+                g.basis_of = fingerprint;
+            }
+        }
         for group in changed {
             if let Some(g) = self.groups.get_mut(&group) {
                 g.generation += 1;
@@ -716,6 +763,7 @@ impl GroupCoordinator {
         };
         let members = g.member_topics(snapshot);
         g.basis = g.basis(snapshot);
+        g.basis_of = fingerprint(snapshot);
         let target = assignor::assign(g.strategy, &members, &g.basis, &g.target);
         let moves: Vec<(TopicPartition, Option<String>, String)> = target
             .iter()

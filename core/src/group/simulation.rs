@@ -595,3 +595,64 @@ fn a_huge_client_id_or_an_internal_topic_is_refused_and_changes_nothing() {
     };
     assert!(matches!(c.heartbeat(0, &huge), Err(GroupError::Invalid(_))));
 }
+
+/// A subscription listing a topic many times counts it once; ticks that see the same
+/// topics change nothing, and one that sees a subscribed topic grow rebalances. A heartbeat
+/// listing an owned partition twice is refused.
+#[test]
+fn repeated_names_count_once_and_only_changed_topics_rebalance_at_a_tick() {
+    let mut c = coordinator();
+    let mut snap: TopicSnapshot = BTreeMap::from([
+        ("t".to_string(), 2),
+        ("u".to_string(), 2),
+        ("v".to_string(), 1),
+    ]);
+    let mut topics = vec!["t".to_string(); super::coordinator::MAX_SUBSCRIBED_TOPICS - 2];
+    topics.push("u".into());
+    topics.push("not-yet".into());
+    let mut ms: Vec<Sim> = ["a", "b"]
+        .into_iter()
+        .map(|name| {
+            let (r, _) = c
+                .join(
+                    0,
+                    &JoinGroupRequest {
+                        group: G.into(),
+                        member_id: None,
+                        client_id: name.into(),
+                        subscription: Subscription::Topics(topics.clone()),
+                        session_timeout_ms: 3000,
+                        strategy: Some(Strategy::Sticky),
+                        auto_offset_reset: None,
+                    },
+                    &snap,
+                )
+                .unwrap();
+            Sim {
+                id: r.member_id,
+                generation: r.generation,
+                owned: BTreeSet::new(),
+            }
+        })
+        .collect();
+    settle(&mut c, 0, &mut ms);
+    assert_eq!(owned_by(&ms).len(), 4, "t/0, t/1, u/0, u/1");
+    let generation = ms[0].generation;
+    for now in 1..=5 {
+        c.tick(now, &snap);
+    }
+    assert_eq!(settle(&mut c, 5, &mut ms), 1, "nothing to answer at once");
+    assert_eq!(ms[0].generation, generation);
+    snap.insert("u".into(), 4);
+    snap.insert("not-yet".into(), 1);
+    c.tick(6, &snap);
+    settle(&mut c, 6, &mut ms);
+    assert!(ms[0].generation > generation);
+    assert_eq!(owned_by(&ms).len(), 7, "t/0..2, u/0..4, not-yet/0");
+    let mut twice = hb_req(&ms[0]);
+    twice.owned.push(twice.owned[0].clone());
+    assert!(matches!(
+        c.heartbeat(7, &twice),
+        Err(GroupError::Invalid(e)) if e.contains("more than once")
+    ));
+}
