@@ -837,3 +837,29 @@ fn requests_cancelled_mid_flight_leave_the_client_answering() {
         );
     });
 }
+
+/// A topic given more partitions while a member reads it: the member takes the new ones
+/// (its cached metadata did not know them) and reads what is produced there.
+#[test]
+fn a_member_takes_the_partitions_a_topic_grows_while_it_reads() {
+    let b = TestBroker::start();
+    b.cli_ok(&["topic", "create", "grows"]);
+    let dir = tempfile::tempdir().unwrap();
+    let member = Member::spawn(&b, dir.path(), "m", "grows", "readers", &[]);
+    wait_for(60, "the member to own partition 0", || {
+        settled(&describe_now(&b, "readers"), 1)
+    });
+    b.cli_stdin_ok(&["produce", "grows", "--partition", "0"], b"before\n");
+    wait_for(60, "the first record", || member.records().len() == 1);
+    b.cli_ok(&["topic", "alter", "grows", "--partitions", "3"]);
+    b.cli_stdin_ok(&["produce", "grows", "--partition", "2"], b"after\n");
+    wait_for(60, "the record of the new partition", || {
+        member.records().iter().any(|r| value(r) == "after")
+    });
+    assert_eq!(partition(&member.records()[1]), 2);
+    let owned = describe(&b, "readers")["partitions"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(owned, 3, "the group covers every partition");
+}

@@ -967,10 +967,30 @@ impl Client {
         Ok(self.topic_metadata(topic).await?.partitions.len() as u32)
     }
 
+    /// Number of partitions of `topic`, asked of the cluster again when the cached count
+    /// does not include `partition`: the topic may have grown since it was cached.
+    pub async fn partition_count_including(&self, topic: &str, partition: u32) -> Result<u32> {
+        Ok(self
+            .metadata_including(topic, partition)
+            .await?
+            .partitions
+            .len() as u32)
+    }
+
+    /// The metadata of `topic`, fetched again once if the cached one lacks `partition`.
+    async fn metadata_including(&self, topic: &str, partition: u32) -> Result<Arc<TopicMetadata>> {
+        let md = self.topic_metadata(topic).await?;
+        if md.partitions.iter().any(|p| p.partition == partition) {
+            return Ok(md);
+        }
+        self.invalidate_metadata(topic);
+        self.topic_metadata(topic).await
+    }
+
     /// The connection of the leader of `topic`/`partition`; the bootstrap broker when the
     /// cluster has one broker or the leader's address is unknown or unusable.
     async fn leader(&self, topic: &str, partition: u32) -> Result<Arc<BrokerConn>> {
-        let md = self.topic_metadata(topic).await?;
+        let md = self.metadata_including(topic, partition).await?;
         let Some(p) = md.partitions.iter().find(|p| p.partition == partition) else {
             return Err(ClientError::InvalidPartition {
                 topic: topic.to_string(),

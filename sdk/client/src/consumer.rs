@@ -235,7 +235,13 @@ impl Consumer {
         topic: &str,
         partitions: impl IntoIterator<Item = u32>,
     ) -> Result<()> {
-        let count = self.client.partition_count(topic).await?;
+        let partitions: Vec<u32> = partitions.into_iter().collect();
+        let highest = partitions.iter().copied().max().unwrap_or(0);
+        // A partition added since the topic's metadata was cached is found by asking again.
+        let count = self
+            .client
+            .partition_count_including(topic, highest)
+            .await?;
         let topic: Arc<str> = Arc::from(topic);
         for p in partitions {
             let generation = self.next_generation();
