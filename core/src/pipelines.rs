@@ -94,6 +94,9 @@ pub trait PipelineHost: Send + Sync {
     /// to match, in the background; only the latest call counts. From the first call on,
     /// [`list`](Self::list) and [`status`](Self::status) describe this broker's part.
     fn assign(&self, pipelines: Vec<AssignedPipeline>);
+    /// The plugins (`name@version`) the pipelines running here load, each with the
+    /// pipeline's name: a lone broker refuses to remove those.
+    fn plugins_in_use(&self) -> BoxFuture<'_, Vec<(String, String)>>;
 }
 
 /// The host slot shared by the broker's handle (which installs it once the broker listens)

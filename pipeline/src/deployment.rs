@@ -69,6 +69,13 @@ pub struct Deployment {
     roll_failure: Option<String>,
 }
 
+impl Deployment {
+    /// The plugins (`name@version`) its stages load.
+    pub fn plugin_ids(&self) -> Vec<String> {
+        self.plan.stages.iter().map(|s| s.id.clone()).collect()
+    }
+}
+
 /// Checks that `config` can run against this cluster before anything starts: every source
 /// and output topic exists (a missing one is named, with the command that creates it), and
 /// every stage's plugin loads. Returns the loaded stages.

@@ -495,6 +495,21 @@ impl PipelineHost for BrokerPipelines {
         self.check_text(config_toml, running).boxed()
     }
 
+    fn plugins_in_use(&self) -> BoxFuture<'_, Vec<(String, String)>> {
+        async move {
+            let pipelines = self.pipelines.lock().await;
+            pipelines
+                .iter()
+                .filter_map(|(name, e)| match e {
+                    Entry::Running(d) => Some((name, d.plugin_ids())),
+                    Entry::Broken(..) => None,
+                })
+                .flat_map(|(name, ids)| ids.into_iter().map(move |id| (id, name.clone())))
+                .collect()
+        }
+        .boxed()
+    }
+
     fn assign(&self, pipelines: Vec<AssignedPipeline>) {
         let first = self.assigned.send_replace(Some(pipelines)).is_none();
         if first {

@@ -214,6 +214,9 @@ fn deployed_pipeline_dead_letters_failures_reports_status_survives_a_restart_and
 
     let list = b.cli_ok(&["pipeline", "list"]);
     assert!(list.contains("upper") && list.contains("running"), "{list}");
+    // Its plugin stays while it runs: removed, the pipeline could not start again.
+    let err = b.cli_err(&["plugin", "remove", "picky@1.0.0"], None);
+    assert!(err.contains("in use by pipeline upper"), "{err}");
     let stopped = b.cli_ok(&["pipeline", "stop", "upper"]);
     assert!(stopped.contains("2 instance"), "{stopped}");
     wait_for(20, "the group to have no members", || {
@@ -228,6 +231,7 @@ fn deployed_pipeline_dead_letters_failures_reports_status_survives_a_restart_and
     b.spawn();
     let list = b.cli_ok(&["pipeline", "list", "--output", "json"]);
     assert_eq!(list.trim(), "[]");
+    b.cli_ok(&["plugin", "remove", "picky@1.0.0"]);
 }
 
 #[test]

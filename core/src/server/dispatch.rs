@@ -127,6 +127,7 @@ pub async fn dispatch(
             requests::cluster_plugins::remove(ctx, &req.name, &req.version).await?
         }
         ApiKey::RemovePlugin => {
+            requests::remove_plugin::refuse_if_a_pipeline_uses(ctx, &body).await?;
             on_blocking_thread(ctx, body, requests::remove_plugin::handle).await?
         }
         ApiKey::GetPlugin => on_blocking_thread(ctx, body, requests::get_plugin::handle).await?,
