@@ -863,3 +863,49 @@ fn a_member_takes_the_partitions_a_topic_grows_while_it_reads() {
         .len();
     assert_eq!(owned, 3, "the group covers every partition");
 }
+
+/// A deleted topic's committed offsets go with it (as in Kafka): a group reading a topic
+/// created again under the same name starts by its reset policy, not at the old positions
+/// (which skipped the new topic's first records).
+#[test]
+fn a_deleted_topics_offsets_go_with_it() {
+    let b = TestBroker::start_with_config("delete_topic_enable = true\n");
+    let lines = |from: u32, to: u32| -> Vec<u8> {
+        (from..to)
+            .map(|i| format!("v{i}\n"))
+            .collect::<String>()
+            .into_bytes()
+    };
+    let read = |n: &str| {
+        b.cli_ok(&[
+            "consume",
+            "t",
+            "--group",
+            "g",
+            "--from-beginning",
+            "--max-messages",
+            n,
+            "--output",
+            "json",
+        ])
+    };
+    b.cli_ok(&["topic", "create", "t"]);
+    b.cli_stdin_ok(&["produce", "t"], &lines(0, 100));
+    assert_eq!(json_lines(&read("100")).len(), 100);
+    let committed = |d: &Value| {
+        d["partitions"]
+            .as_array()
+            .map(|ps| ps.iter().filter(|p| p["committed"].is_i64()).count())
+            .unwrap_or(0)
+    };
+    assert_eq!(committed(&describe(&b, "g")), 1);
+    b.cli_ok(&["topic", "delete", "t"]);
+    b.cli_ok(&["topic", "create", "t"]);
+    b.cli_stdin_ok(&["produce", "t"], &lines(1000, 1150));
+    wait_for(30, "the deleted topic's offsets to go", || {
+        describe_or_missing(&b, "g").is_none_or(|d| committed(&d) == 0)
+    });
+    let again = json_lines(&read("150"));
+    assert_eq!(again.len(), 150, "every record of the new topic");
+    assert_eq!(value(&again[0]), "v1000");
+}

@@ -1107,6 +1107,24 @@ impl GroupCoordinator {
         Ok((n, records))
     }
 
+    /// Deletes every group's committed offsets of the topics in `gone` (deleted, or
+    /// deleted and created again): Kafka drops a deleted topic's offsets, so a topic of
+    /// the same name starts from the group's reset policy, not from the old positions.
+    pub fn prepare_forget_topics(&self, gone: &BTreeSet<String>) -> Vec<GroupRecord> {
+        self.groups
+            .iter()
+            .flat_map(|(group, g)| {
+                g.offsets
+                    .keys()
+                    .filter(|tp| gone.contains(&tp.topic))
+                    .map(move |tp| GroupRecord::OffsetDeleted {
+                        group: group.clone(),
+                        tp: tp.clone(),
+                    })
+            })
+            .collect()
+    }
+
     /// The group's auto-offset-reset, if the group exists.
     pub fn auto_offset_reset(&self, group: &str) -> Option<AutoOffsetReset> {
         self.groups.get(group).map(|g| g.auto_offset_reset)

@@ -12,7 +12,7 @@
 //! (dropped on abort); replay does the same from the log. Offset fetches wait while a
 //! transaction holds offsets of the partitions asked for.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -532,6 +532,38 @@ impl GroupService {
             .collect()
     }
 
+    /// Each topic's name and the id of its present creation.
+    fn topic_ids(&self) -> BTreeMap<String, u64> {
+        self.topics
+            .list()
+            .iter()
+            .map(|t| (t.name(), t.id()))
+            .collect()
+    }
+
+    /// Deletes the committed offsets of topics that were deleted (or deleted and created
+    /// again). Only the leader of the offsets partition writes; the others hear it from
+    /// the log. False when writing failed (the next tick tries again).
+    async fn forget_topics(&self, gone: &BTreeSet<String>) -> bool {
+        if !self.still_leads() {
+            return true;
+        }
+        let records = self.lock().prepare_forget_topics(gone);
+        if records.is_empty() {
+            return true;
+        }
+        match self.persist_then_apply(&records).await {
+            Ok(()) => {
+                info!(topics = ?gone, offsets = records.len(), "deleted the committed offsets of deleted topics");
+                true
+            }
+            Err(e) => {
+                warn!(topics = ?gone, error = %e, "could not delete the committed offsets of deleted topics; trying again");
+                false
+            }
+        }
+    }
+
     /// Logs queued events and wakes parked heartbeats when anything happened.
     fn after(&self, coord: &mut GroupCoordinator) {
         let events = coord.drain_events();
@@ -994,10 +1026,22 @@ impl GroupService {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut expiry_checked = Instant::now();
+        // Each topic's id as of the last tick: one gone, or there under another id (deleted
+        // and created again), loses its committed offsets.
+        let mut ids: BTreeMap<String, u64> = self.topic_ids();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = stop.wait_for(|s| *s) => return,
+            }
+            let now_ids = self.topic_ids();
+            let gone: BTreeSet<String> = ids
+                .iter()
+                .filter(|(name, id)| now_ids.get(*name) != Some(*id))
+                .map(|(name, _)| name.clone())
+                .collect();
+            if gone.is_empty() || self.forget_topics(&gone).await {
+                ids = now_ids;
             }
             let snapshot = self.snapshot();
             {
