@@ -370,7 +370,9 @@ impl TxnCoordinator {
                     let commit = s.status == Status::PrepareCommit;
                     self.finish(id, &mut s, commit).await?;
                 }
-                if s.epoch == i16::MAX {
+                // The last epoch is never handed out: a transaction of the last one given
+                // must still be fenceable by a bump when it times out.
+                if s.epoch >= i16::MAX - 1 {
                     s.producer_id = self.env.ids.next(self.store.partition())?;
                     s.epoch = 0;
                 } else {
@@ -738,8 +740,9 @@ fn check_held(id: &str, current: Option<&TxnState>, producer_id: i64, epoch: i16
     }
 }
 
-/// Moves `s` to the next epoch of its producer id (at the last epoch, it stays: the id is
-/// replaced when the producer initialises again).
+/// Moves `s` to the next epoch of its producer id. Inits hand out at most `i16::MAX - 1`,
+/// so a fence always reaches a higher epoch (the saturation is only a guard); the id is
+/// replaced when the producer initialises again.
 fn bump_in_place(s: &mut TxnState) {
     s.epoch = s.epoch.saturating_add(1);
 }
@@ -940,6 +943,36 @@ mod tests {
             producer_epoch,
             commit,
         }
+    }
+
+    /// Near the end of a producer id's epochs: an init never hands out the last one, so a
+    /// transaction of the last epoch given is still fenced when it times out (the producer
+    /// cannot go on in a new transaction), and the next init takes a new producer id.
+    #[tokio::test]
+    async fn a_producer_at_the_last_epoch_given_is_fenced_at_its_timeout() {
+        let (_d, _stop, c) = coordinator(10).await;
+        let a = c.init(&init("app")).await.unwrap();
+        c.lock().get_mut("app").unwrap().epoch = i16::MAX - 2;
+        let b = c.init(&init("app")).await.unwrap();
+        assert_eq!(
+            (b.producer_id, b.producer_epoch),
+            (a.producer_id, i16::MAX - 1)
+        );
+        let me = (b.producer_id, b.producer_epoch);
+        c.register_partition(me.0, me.1, "t", 0).await.unwrap();
+        let started = c.get("app").unwrap().started_ms;
+        c.abort_expired(started + 60_001).await;
+        let e = c.register_partition(me.0, me.1, "t", 0).await.unwrap_err();
+        assert_eq!(e.code(), ErrorCode::ProducerFenced, "{e}");
+        let n = c.init(&init("app")).await.unwrap();
+        assert_ne!(n.producer_id, a.producer_id);
+        assert_eq!(n.producer_epoch, 0);
+        // One init short of the last epoch: a new producer id, not the last epoch.
+        let o = c.init(&init("other")).await.unwrap();
+        c.lock().get_mut("other").unwrap().epoch = i16::MAX - 1;
+        let p = c.init(&init("other")).await.unwrap();
+        assert_ne!(p.producer_id, o.producer_id);
+        assert_eq!(p.producer_epoch, 0);
     }
 
     #[tokio::test]
