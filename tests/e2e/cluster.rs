@@ -693,6 +693,27 @@ fn reassign_moves_a_partition_to_other_brokers_after_they_caught_up() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Fewer replicas than min.insync.replicas: its high watermark could never move again.
+    succeeded(&c.cli(
+        &[
+            "topic",
+            "alter",
+            "moving",
+            "--config",
+            "min.insync.replicas=2",
+        ],
+        None,
+    ));
+    let out = c.reassign("moving", 0, &kept.to_string());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("min.insync.replicas = 2"), "{err}");
+    assert_eq!(
+        TestCluster::partition(&c.describe("moving"), 0)["replicas"]
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
 }
 
 #[test]

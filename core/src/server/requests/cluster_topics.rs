@@ -378,6 +378,18 @@ pub async fn add_partitions(ctx: &ServerContext, body: Bytes) -> Result<Reply, R
 pub async fn reassign(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let (req, _) = decode::<quiver_protocol::requests::ReassignPartitionRequest>(&body)?;
     crate::topic::refuse_internal(&req.topic, "alter")?;
+    let min_isr = ctx.topics.topic(&req.topic)?.config().min_insync_replicas;
+    if (min_isr as usize) > req.replicas.len() {
+        return Err(RequestError::new(
+            ErrorCode::InvalidConfig,
+            format!(
+                "{} replicas for {}/{} is fewer than its min.insync.replicas = {min_isr}: its high watermark could never move again (nothing was changed; lower min.insync.replicas first)",
+                req.replicas.len(),
+                req.topic,
+                req.partition
+            ),
+        ));
+    }
     let cmd = ControllerCommand::ReassignPartition {
         topic: req.topic.clone(),
         partition: req.partition,
