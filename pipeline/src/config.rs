@@ -510,8 +510,15 @@ fn syntax_error(text: &str, file: &str, e: &toml::de::Error) -> PipelineConfigEr
             Some(k.trim().to_string())
         })
         .unwrap_or_else(|| "-".to_string());
-    // Named in full (`run.instances`, `stages[0].config`), as the checks after parsing do.
-    let key = match line.and_then(|l| table_at(text, l)) {
+    // Named in full (`run.instances`, `stages[0].config`), as the checks after parsing do;
+    // but a field missing from the whole file (its span starts the file) is top-level,
+    // and so is an unknown table (the error is on its own header).
+    let whole_file = e.span().is_some_and(|s| s.start == 0);
+    let table = line
+        .and_then(|l| table_at(text, l))
+        .filter(|t| !(whole_file && message.starts_with("missing field")))
+        .filter(|t| t.split('[').next() != Some(key.as_str()));
+    let key = match table {
         Some(table) if key != "-" && !key.contains('.') => format!("{table}.{key}"),
         _ => key,
     };
@@ -543,29 +550,40 @@ fn table_at(text: &str, line: usize) -> Option<String> {
 }
 
 /// The line of `key` (`table.key`, `table[i].key` or `key`): the first `key =` line inside
-/// the key's table, or the table header itself.
+/// the key's table (the `i`-th of an array of tables), or the table header itself.
 fn line_of(text: &str, key: &str) -> Option<usize> {
     let plain = key.replace(['[', ']'], ".");
     let parts: Vec<&str> = plain.split('.').filter(|p| !p.is_empty()).collect();
-    let (table, leaf) = match parts.as_slice() {
+    let (table, index, leaf) = match parts.as_slice() {
         [] => return None,
-        [leaf] => (None, *leaf),
-        [table, .., leaf] if leaf.parse::<usize>().is_err() => (Some(*table), *leaf),
-        [table, ..] => (Some(*table), ""),
+        [leaf] => (None, None, *leaf),
+        [table, i, rest @ ..] if i.parse::<usize>().is_ok() => (
+            Some(*table),
+            i.parse::<usize>().ok(),
+            rest.first().copied().unwrap_or(""),
+        ),
+        [table, .., leaf] if leaf.parse::<usize>().is_err() => (Some(*table), None, *leaf),
+        [table, ..] => (Some(*table), None, ""),
     };
-    let mut current: Option<String> = None;
+    // Lines above the first header belong to the top level.
+    let mut inside = table.is_none();
+    let mut seen = 0;
     let mut header_line = None;
     for (i, line) in text.lines().enumerate() {
         let l = line.trim();
         if l.starts_with('[') {
-            current = Some(l.trim_matches(['[', ']']).trim().to_string());
-            if table == current.as_deref() && header_line.is_none() {
-                header_line = Some(i + 1);
+            let name = l.trim_matches(['[', ']']).trim();
+            inside = false;
+            if table == Some(name) {
+                inside = index.is_none_or(|n| n == seen);
+                seen += 1;
+                if inside && header_line.is_none() {
+                    header_line = Some(i + 1);
+                }
             }
             continue;
         }
-        let here = current.as_deref() == table;
-        if here && !leaf.is_empty() {
+        if inside && !leaf.is_empty() {
             if let Some((k, _)) = l.split_once('=') {
                 if k.trim() == leaf {
                     return Some(i + 1);
@@ -702,6 +720,23 @@ guarantee = "exactly-once"
         assert_eq!(e.key, "stages[1]", "{e}");
         let e = error(&WORDCOUNT.replace("name = \"wordcount\"", ""));
         assert_eq!(e.key, "name", "{e}");
+        // The second stage's key is found in the second stage, not the first.
+        let e = error(&WORDCOUNT.replace("plugin = \"count@1.0.0\"", "plugin = \"Count\""));
+        assert_eq!(
+            (e.key.as_str(), e.line),
+            ("stages[1].plugin", Some(10)),
+            "{e}"
+        );
+        let e = error(&WORDCOUNT.replace(
+            "plugin = \"count@1.0.0\"",
+            "plugin = \"count@1.0.0\"\nconfig = { k = 1 }",
+        ));
+        assert_eq!(e.line, Some(11), "{e}");
+        // A missing top-level key in a file that starts with a table; an unknown table.
+        let e = error("[source]\ntopics = [\"a\"]\n[sink]\ntopic = \"b\"\n");
+        assert_eq!(e.key, "name", "{e}");
+        let e = error(&format!("{WORDCOUNT}[runn]\nx = 1\n"));
+        assert_eq!(e.key, "runn", "{e}");
         let e = error(&WORDCOUNT.replace(
             "topic = \"counts\"",
             "topic = \"counts\"\ncompression = \"snappy\"",
