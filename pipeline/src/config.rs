@@ -516,7 +516,7 @@ fn syntax_error(text: &str, file: &str, e: &toml::de::Error) -> PipelineConfigEr
     let whole_file = e.span().is_some_and(|s| s.start == 0);
     let table = line
         .and_then(|l| table_at(text, l))
-        .filter(|t| !(whole_file && message.starts_with("missing field")))
+        .filter(|_| !(whole_file && message.starts_with("missing field")))
         .filter(|t| t.split('[').next() != Some(key.as_str()));
     let key = match table {
         Some(table) if key != "-" && !key.contains('.') => format!("{table}.{key}"),
