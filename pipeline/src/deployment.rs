@@ -297,6 +297,19 @@ impl Deployment {
                 "degraded: broker {} still runs the previous file; it cannot roll to the new one here: {reason}",
                 self.broker
             ),
+            (state, _) if state == RUNNING => {
+                let retrying = self
+                    .instances
+                    .iter()
+                    .filter(|i| !i.task.is_finished())
+                    .find_map(|i| Some((&i.id, i.view.retrying()?)));
+                match retrying {
+                    Some((id, (n, error))) => format!(
+                        "retrying: instance {id} failed {n} times in a row, joining again after each: {error}"
+                    ),
+                    None => state,
+                }
+            }
             (state, _) => state,
         }
     }
@@ -408,6 +421,7 @@ async fn supervise(
                 return;
             }
             Err(e) => {
+                parts.view.failed(&e.to_string());
                 let delay = backoff.next_delay();
                 tracing::warn!(error = %e, retry_in = ?delay, "instance stopped; joining again");
                 let mut wait = signal.clone();

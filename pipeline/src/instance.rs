@@ -86,6 +86,9 @@ pub struct InstanceView {
     /// Takes the instance's member out of its group if the instance ends without leaving
     /// (aborted, or its own leave failed or timed out): set at join.
     leaver: Mutex<Option<GroupLeaver>>,
+    /// Runs in a row that ended in an error (the instance joins again after each) without
+    /// one loop through a poll in between, and the last error.
+    failures: Mutex<(u32, String)>,
 }
 
 impl InstanceView {
@@ -121,6 +124,28 @@ impl InstanceView {
                 "leaving the group took too long; its session will expire"
             ),
         }
+    }
+
+    /// A run ended in `error`; the instance joins again.
+    pub fn failed(&self, error: &str) {
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        f.0 += 1;
+        f.1 = error.to_string();
+    }
+
+    /// A poll went through without error: the instance works.
+    fn went_round(&self) {
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        if f.0 > 0 {
+            *f = (0, String::new());
+        }
+    }
+
+    /// Why the instance keeps failing: set once two runs in a row ended in an error with no
+    /// poll gone through between them (one, as a rebalance may cause, is not shown).
+    pub fn retrying(&self) -> Option<(u32, String)> {
+        let f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        (f.0 >= 2).then(|| f.clone())
     }
 
     /// The partitions owned now.
@@ -392,6 +417,7 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
                 break Err(e);
             }
         }
+        view.went_round();
     };
     if result.is_ok() {
         // Stopping: what was sent is completed and committed before leaving.

@@ -964,3 +964,43 @@ fn bench_pipeline_reports_the_chain_beside_no_stage_and_plain_produce() {
         }
     }
 }
+
+/// An instance that keeps failing (its sink topic was deleted) shows in `pipeline status`
+/// as `retrying: …` with the error, not as running; it recovers once the topic is back.
+#[test]
+fn an_instance_that_keeps_failing_shows_as_retrying_until_it_recovers() {
+    let b = TestBroker::start_with_config("delete_topic_enable = true\n");
+    let dir = tempfile::tempdir().unwrap();
+    for t in ["src", "dst"] {
+        b.cli_ok(&["topic", "create", t]);
+    }
+    let file = dir.path().join("copy.toml");
+    std::fs::write(
+        &file,
+        "name = \"copy\"\n[source]\ntopics = [\"src\"]\n[sink]\ntopic = \"dst\"\n",
+    )
+    .unwrap();
+    b.cli_ok(&["pipeline", "deploy", file.to_str().unwrap()]);
+    produce_lines(&b, "src", &["a".to_string()]);
+    wait_for(60, "the first record copied", || {
+        status(&b, "copy")["lag"] == 0
+    });
+    assert_eq!(status(&b, "copy")["state"], "running");
+    b.cli_ok(&["topic", "delete", "dst"]);
+    produce_lines(&b, "src", &["b".to_string()]);
+    wait_for(60, "the status to show the retries", || {
+        let s = status(&b, "copy");
+        s["state"]
+            .as_str()
+            .is_some_and(|st| st.starts_with("retrying:") && st.contains("dst"))
+    });
+    b.cli_ok(&["topic", "create", "dst"]);
+    wait_for(60, "the pipeline to recover", || {
+        let s = status(&b, "copy");
+        s["state"] == "running" && s["lag"] == 0
+    });
+    assert_eq!(
+        values(&read_topic(&b, "dst", 1)),
+        BTreeSet::from(["b".to_string()])
+    );
+}

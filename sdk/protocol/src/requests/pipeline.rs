@@ -75,8 +75,10 @@ pub struct PipelineStatus {
     /// Pipeline name.
     pub name: String,
     /// `running`, `stopped`, `failed: <reason>` (a stage failed under policy "stop", or a
-    /// plugin was quarantined), or `degraded: <reason>` (in a cluster, a broker still runs
-    /// the previous file because it cannot roll to the new one).
+    /// plugin was quarantined), `degraded: <reason>` (in a cluster, a broker still runs
+    /// the previous file because it cannot roll to the new one), or `retrying: <reason>`
+    /// (an instance keeps failing, e.g. its output topic was deleted, and joins again
+    /// after each failure).
     pub state: String,
     /// `at-least-once` or `exactly-once`.
     pub guarantee: String,
