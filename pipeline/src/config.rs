@@ -268,8 +268,7 @@ impl PipelineConfig {
             .find(|(_, (a, b))| name(&a.plugin) != name(&b.plugin))
             .map(|(i, (a, b))| {
                 format!(
-                    "stage {} of pipeline {:?} runs plugin {:?} and the new file puts {:?} there: a stage's state belongs to its position in the chain, so a redeploy may change versions and add or remove stages at the end, but not replace or reorder them; keep the order, or stop the pipeline and deploy the new chain under another name (its state starts empty)",
-                    i + 1,
+                    "stage {i} (stages[{i}], counting from 0) of pipeline {:?} runs plugin {:?} and the new file puts {:?} there: a stage's state belongs to its position in the chain, so a redeploy may change versions and add or remove stages at the end, but not replace or reorder them; keep the order, or stop the pipeline and deploy the new chain under another name (its state starts empty)",
                     self.name,
                     name(&a.plugin),
                     name(&b.plugin)

@@ -861,9 +861,17 @@ async fn send_outputs(
             if k == SINK_HEADER {
                 let name = String::from_utf8_lossy(v);
                 topic = cfg.sinks.get(name.as_ref()).ok_or_else(|| {
+                    let known = if cfg.sinks.is_empty() {
+                        "the file has no [sinks]".to_string()
+                    } else {
+                        format!(
+                            "it has: {}",
+                            cfg.sinks.keys().cloned().collect::<Vec<_>>().join(", ")
+                        )
+                    };
                     RuntimeError::Failed(format!(
-                        "a stage routed a record to the output {name:?}, which [sinks] does not name (it has: {})",
-                        cfg.sinks.keys().cloned().collect::<Vec<_>>().join(", ")
+                        "a stage routed the record from {} to the output {name:?}, which [sinks] does not name ({known}); name it in [sinks] of the pipeline file and deploy it again",
+                        String::from_utf8_lossy(&sources[start..end])
                     ))
                 })?;
             } else if k != SOURCE_HEADER {
