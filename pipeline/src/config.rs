@@ -773,7 +773,7 @@ guarantee = "exactly-once"
             .roll_problem(&file(&["lower@1.0.0", "split@1.0.0", "count@1.0.0"]))
             .expect("an inserted first stage is refused");
         assert!(
-            problem.contains("stage 1") && problem.contains("\"split\""),
+            problem.contains("stage 0 (stages[0]") && problem.contains("\"split\""),
             "{problem}"
         );
         assert!(running

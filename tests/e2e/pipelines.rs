@@ -728,7 +728,7 @@ fn redeploying_a_new_plugin_version_rolls_exactly_once_instances_keeping_offsets
     .unwrap();
     let err = b.cli_err(&["pipeline", "deploy", reordered.to_str().unwrap()], None);
     assert!(
-        err.contains("stage 1") && err.contains("belongs to its position"),
+        err.contains("stage 0 (stages[0]") && err.contains("belongs to its position"),
         "{err}"
     );
     let s = status(&b, "wc");
