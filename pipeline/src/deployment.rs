@@ -253,6 +253,7 @@ impl Deployment {
             client: self.client.clone(),
             plan: self.plan.clone(),
             id: id.clone(),
+            number: n,
             view: view.clone(),
             metrics: self.metrics.clone(),
         };

@@ -166,6 +166,8 @@ pub struct InstanceParts {
     pub plan: Arc<Plan>,
     /// Instance id, `NAME-N`.
     pub id: String,
+    /// Its number `N`.
+    pub number: u32,
     /// What the status shows of it.
     pub view: Arc<InstanceView>,
     /// The pipeline's counters.
@@ -273,6 +275,7 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
         client,
         plan,
         id: instance_id,
+        number,
         view,
         metrics,
     } = parts;
@@ -319,7 +322,14 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
     view.set_leaver(member.leaver());
     let codec = cfg.sink.compression.codec();
     let mut writer = if exactly_once {
-        match Writer::exactly_once(client.clone(), &cfg.name, &member.member_id(), codec).await {
+        match Writer::exactly_once(
+            client.clone(),
+            &crate::writer::transactional_id(&cfg.name, *number),
+            &member.member_id(),
+            codec,
+        )
+        .await
+        {
             Ok(w) => w,
             Err(e) => {
                 let _ = member.close_without_commit().await;

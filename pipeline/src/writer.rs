@@ -84,6 +84,36 @@ pub enum SealedWrites {
     Transaction,
 }
 
+/// The transactional id of instance `number` of `pipeline` in this process:
+/// `pipeline.<name>.<number>.<process token>`. The same across the instance's group
+/// memberships, so each join initialises it again (fencing the previous membership's
+/// open transaction at once) and a coordinator keeps one id per instance, not one per
+/// rejoin until they expire; different in every process, as a `pipeline run` copy
+/// elsewhere numbers its instances from 1 too (Kafka Streams names its producers by
+/// process and thread the same way). A name too long for the 249 bytes an id may have is
+/// replaced by its hash.
+pub fn transactional_id(pipeline: &str, number: u32) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    static TOKEN: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let token = *TOKEN.get_or_init(|| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        h.finish()
+    });
+    let id = format!("pipeline.{pipeline}.{number}.{token:016x}");
+    if id.len() <= 249 {
+        return id;
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    h.write(pipeline.as_bytes());
+    format!("pipeline.{:016x}.{number}.{token:016x}", h.finish())
+}
+
 impl SealedWrites {
     /// At least once: whether every acknowledgement of the poll is in (so
     /// [`Writer::finish`] returns at once). A transaction's writes are never done early.
@@ -116,17 +146,17 @@ impl Writer {
         }
     }
 
-    /// The exactly-once writer of a group member: its transactional id is unique to the
-    /// membership (`pipeline.<name>.<member id>`), and the group's generation check at
-    /// offset commit fences a member that lost its partitions.
+    /// The exactly-once writer of group member `member_id`, as `transactional_id` (see
+    /// [`transactional_id`]); the group's generation check at offset commit fences a member
+    /// that lost its partitions.
     pub async fn exactly_once(
         client: Client,
-        pipeline: &str,
+        transactional_id: &str,
         member_id: &str,
         codec: Compression,
     ) -> Result<Writer, RuntimeError> {
-        let id = format!("pipeline.{pipeline}.{member_id}");
-        match TransactionalProducer::init_with_timeout(client, &id, TXN_TIMEOUT).await {
+        let id = transactional_id;
+        match TransactionalProducer::init_with_timeout(client, id, TXN_TIMEOUT).await {
             Ok(tx) => Ok(Writer::ExactlyOnce {
                 tx: Box::new(tx.with_compression(codec)),
                 member_id: member_id.to_string(),
@@ -392,9 +422,14 @@ mod tests {
             let _ = member.poll_timeout(Duration::from_millis(100)).await;
         }
         let first = member.member_id();
-        let mut writer = Writer::exactly_once(client.clone(), "p", &first, Compression::None)
-            .await
-            .unwrap();
+        let mut writer = Writer::exactly_once(
+            client.clone(),
+            &transactional_id("p", 1),
+            &first,
+            Compression::None,
+        )
+        .await
+        .unwrap();
         writer.send(ProducerRecord::new("out", "x")).await.unwrap();
         let sealed = writer.seal();
         writer.finish(sealed).await.unwrap();
@@ -486,6 +521,19 @@ mod tests {
         broker.shutdown().await;
     }
 
+    /// An instance's transactional id is the same at every membership, differs between
+    /// instances, and fits the 249 bytes an id may have whatever the pipeline's name.
+    #[test]
+    fn an_instances_transactional_id_is_stable_and_fits() {
+        assert_eq!(transactional_id("wc", 1), transactional_id("wc", 1));
+        assert_ne!(transactional_id("wc", 1), transactional_id("wc", 2));
+        assert!(transactional_id("wc", 1).starts_with("pipeline.wc.1."));
+        let long = "n".repeat(236);
+        let id = transactional_id(&long, u32::MAX);
+        assert!(id.len() <= 249, "{}", id.len());
+        assert_ne!(id, transactional_id(&"m".repeat(236), u32::MAX));
+    }
+
     /// Both writers build their batches with the sink's codec, and what they wrote reads
     /// back whole (values and the `quiver.source` header), uncompressed by the consumer.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -516,9 +564,14 @@ mod tests {
         }
         let sealed = lz4.seal();
         lz4.finish(sealed).await.unwrap();
-        let mut zstd = Writer::exactly_once(client.clone(), "p", "m", Compression::Zstd)
-            .await
-            .unwrap();
+        let mut zstd = Writer::exactly_once(
+            client.clone(),
+            &transactional_id("p", 2),
+            "m",
+            Compression::Zstd,
+        )
+        .await
+        .unwrap();
         for r in records("zstd-out") {
             zstd.send(r).await.unwrap();
         }
