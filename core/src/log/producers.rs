@@ -68,6 +68,11 @@ struct ProducerEntry {
 /// Kafka's expired producer ids: their next batch must start a new sequence.
 pub const SNAPSHOT_PRODUCERS: usize = 10_000;
 
+/// Most producers the table holds in memory: past this, it keeps the
+/// [`SNAPSHOT_PRODUCERS`] that wrote last (what a restart would keep anyway), so producer
+/// ids a client makes up one batch at a time cannot grow it without bound.
+pub const MEMORY_PRODUCERS: usize = 2 * SNAPSHOT_PRODUCERS;
+
 /// One producer's state as persisted in the partition's metadata record.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ProducerSnapshot {
@@ -235,6 +240,25 @@ impl ProducerTable {
                 e.coordinator_epoch = Some(e.coordinator_epoch.map_or(c, |k| k.max(c)));
             }
         }
+        self.bound();
+    }
+
+    /// Past [`MEMORY_PRODUCERS`], forgets all but the [`SNAPSHOT_PRODUCERS`] that wrote
+    /// last, as a restart would (amortised: it then takes as many new producers again
+    /// before the next pass).
+    fn bound(&mut self) {
+        if self.producers.len() <= MEMORY_PRODUCERS {
+            return;
+        }
+        let mut last: Vec<(i64, i64)> = self
+            .producers
+            .iter()
+            .map(|(id, e)| (e.recent.back().map_or(i64::MIN, |b| b.last_offset), *id))
+            .collect();
+        last.sort_unstable_by_key(|&(offset, _)| std::cmp::Reverse(offset));
+        for (_, id) in &last[SNAPSHOT_PRODUCERS..] {
+            self.producers.remove(id);
+        }
     }
 
     /// Records an appended batch.
@@ -249,12 +273,14 @@ impl ProducerTable {
         }
         if batch.first_seq < 0 {
             // Not sequenced: only its epoch counts.
+            self.bound();
             return;
         }
         e.recent.push_back(batch);
         while e.recent.len() > REMEMBERED {
             e.recent.pop_front();
         }
+        self.bound();
     }
 }
 
@@ -478,5 +504,29 @@ mod tests {
             ProducerTable::from_snapshot(&old).check_marker(5, Some(0)),
             Ok(())
         );
+    }
+
+    /// Producer ids made up one batch at a time do not grow the table without bound: past
+    /// the limit it keeps those that wrote last, which still get their duplicates answered.
+    #[test]
+    fn made_up_producer_ids_do_not_grow_the_table_without_bound() {
+        let mut t = ProducerTable::default();
+        let n = MEMORY_PRODUCERS as i64 + 5_000;
+        for id in 0..n {
+            t.record(id, 0, b(0, 0, id));
+            assert!(t.producers.len() <= MEMORY_PRODUCERS);
+        }
+        // The newest producer: its batch is known (a retry is a duplicate).
+        assert_eq!(
+            t.check(n - 1, 0, 0, 1),
+            SequenceCheck::Duplicate(b(0, 0, n - 1))
+        );
+        // The oldest was forgotten: its next batch waits, as after a restart.
+        assert_eq!(t.check(0, 0, 1, 1), SequenceCheck::WaitUnknown);
+        // Unsequenced batches are bounded too.
+        for id in n..2 * n {
+            t.record(id, 1, b(-1, -1, id));
+        }
+        assert!(t.producers.len() <= MEMORY_PRODUCERS);
     }
 }
