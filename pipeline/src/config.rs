@@ -276,6 +276,20 @@ impl PipelineConfig {
             })
     }
 
+    /// The stages' deployed plugins named with their version (`name@version`).
+    pub fn pinned_plugins(&self) -> Vec<String> {
+        self.stages
+            .iter()
+            .filter_map(|s| match &s.plugin {
+                StagePlugin::Deployed {
+                    name,
+                    version: Some(v),
+                } => Some(format!("{name}@{v}")),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Reads and checks a pipeline file.
     pub fn load(path: &Path) -> Result<PipelineConfig, PipelineConfigError> {
         let file = path.display().to_string();

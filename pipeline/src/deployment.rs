@@ -231,14 +231,20 @@ impl Deployment {
             Ok(d) => d,
             Err(e) => return Err((self, e)),
         };
-        let mut old = self.instances.into_iter();
-        for k in 0..instances.max(old.len()) {
-            if let Some(i) = old.next() {
-                i.stop().await;
+        let mut old = self.instances;
+        old.sort_by_key(|i| i.number);
+        for &n in numbers {
+            // The old instance of the same number leaves first: the two would share one
+            // transactional id and fence each other. Else the next old one, so the group
+            // loses at most one member at a time.
+            let leaving = old.iter().position(|i| i.number == n);
+            if let Some(p) = leaving.or((!old.is_empty()).then_some(0)) {
+                old.remove(p).stop().await;
             }
-            if let Some(n) = numbers.get(k) {
-                next.spawn_instance(*n);
-            }
+            next.spawn_instance(n);
+        }
+        for i in old {
+            i.stop().await;
         }
         tracing::info!(pipeline = %next.plan.config.name, instances, "pipeline rolled to its new file");
         Ok(next)

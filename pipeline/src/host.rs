@@ -500,9 +500,11 @@ impl PipelineHost for BrokerPipelines {
             let pipelines = self.pipelines.lock().await;
             pipelines
                 .iter()
-                .filter_map(|(name, e)| match e {
-                    Entry::Running(d) => Some((name, d.plugin_ids())),
-                    Entry::Broken(..) => None,
+                .map(|(name, e)| match e {
+                    Entry::Running(d) => (name, d.plugin_ids()),
+                    // One that could not start yet (e.g. a topic was missing) starts once
+                    // the cause is fixed: it still needs its plugins.
+                    Entry::Broken(config, _) => (name, config.pinned_plugins()),
                 })
                 .flat_map(|(name, ids)| ids.into_iter().map(move |id| (id, name.clone())))
                 .collect()

@@ -78,6 +78,11 @@ pub struct Plan {
     pub limits: HostLimits,
 }
 
+/// How long a run without input must last before it counts as working (and clears the
+/// failures `pipeline status` shows): longer than a run that fails on the first records
+/// it gets takes.
+const WORKING_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What an instance shows in `pipeline status`.
 #[derive(Debug, Default)]
 pub struct InstanceView {
@@ -133,7 +138,8 @@ impl InstanceView {
         f.1 = error.to_string();
     }
 
-    /// A poll went through without error: the instance works.
+    /// A poll with records was written and committed, or a run without input lasted: the
+    /// instance works.
     fn went_round(&self) {
         let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         if f.0 > 0 {
@@ -141,8 +147,9 @@ impl InstanceView {
         }
     }
 
-    /// Why the instance keeps failing: set once two runs in a row ended in an error with no
-    /// poll gone through between them (one, as a rebalance may cause, is not shown).
+    /// Why the instance keeps failing: set once two runs in a row ended in an error with
+    /// nothing written and committed between them (one, as a rebalance may cause, is not
+    /// shown).
     pub fn retrying(&self) -> Option<(u32, String)> {
         let f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         (f.0 >= 2).then(|| f.clone())
@@ -225,6 +232,7 @@ async fn complete_acknowledged(
     chains: &mut BTreeMap<TopicPartition, PartitionRun>,
     in_flight: &mut VecDeque<SentPoll>,
     metrics: &PipelineMetrics,
+    view: &InstanceView,
 ) -> Result<(), RuntimeError> {
     let done = in_flight
         .iter()
@@ -237,6 +245,7 @@ async fn complete_acknowledged(
         in_flight,
         in_flight.len() - done,
         metrics,
+        view,
     )
     .await
 }
@@ -249,6 +258,7 @@ async fn complete_oldest(
     in_flight: &mut VecDeque<SentPoll>,
     keep: usize,
     metrics: &PipelineMetrics,
+    view: &InstanceView,
 ) -> Result<(), RuntimeError> {
     while in_flight.len() > keep {
         let Some(mut sent) = in_flight.pop_front() else {
@@ -260,6 +270,8 @@ async fn complete_oldest(
                 if counts.input > 0 {
                     metrics.record_batch(counts.input, counts.output, counts.errors, counts.dead);
                     metrics.record_latencies(quiver_core::clock::now_ms(), &timestamps);
+                    // A poll written and committed: the instance works.
+                    view.went_round();
                 }
             }
             Err(e) => return Err(e),
@@ -345,6 +357,7 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
     // transaction commits before the next poll.
     let overlap = if exactly_once { 0 } else { POLLS_IN_FLIGHT };
     let mut in_flight: VecDeque<SentPoll> = VecDeque::new();
+    let run_started = std::time::Instant::now();
     let mut result = loop {
         if stop.is_set() {
             break Ok(());
@@ -376,6 +389,7 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
                 &mut in_flight,
                 0,
                 metrics,
+                view,
             )
             .await
             {
@@ -406,6 +420,7 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
             &mut in_flight,
             overlap,
             metrics,
+            view,
         )
         .await
         {
@@ -417,6 +432,7 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
             &mut chains,
             &mut in_flight,
             metrics,
+            view,
         )
         .await
         {
@@ -426,8 +442,12 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
             if let Err(e) = writer.commit_stored(&mut member).await {
                 break Err(e);
             }
+            // Nothing in flight, everything committed, and the run has lasted: the
+            // instance works (a run that fails on its first records never gets here).
+            if run_started.elapsed() >= WORKING_AFTER {
+                view.went_round();
+            }
         }
-        view.went_round();
     };
     if result.is_ok() {
         // Stopping: what was sent is completed and committed before leaving.
@@ -438,6 +458,7 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
             &mut in_flight,
             0,
             metrics,
+            view,
         )
         .await;
     }

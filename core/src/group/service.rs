@@ -22,8 +22,9 @@ use quiver_protocol::batch::{self, BatchBuilder, BatchHeader, Compression, Marke
 use quiver_protocol::requests::{
     CommitOffsetsRequest, CommitOffsetsResponse, DeleteGroupResponse, FetchOffsetsRequest,
     FetchOffsetsResponse, GroupDescription, HeartbeatRequest, HeartbeatResponse, JoinGroupRequest,
-    JoinGroupResponse, ListGroupsResponse, OffsetSpec, ResetOffsetsRequest, ResetOffsetsResponse,
-    ResetTo, TopicPartition, TxnCommitOffsetsRequest, TxnCommitOffsetsResponse,
+    JoinGroupResponse, ListGroupsResponse, OffsetCommit, OffsetSpec, ResetOffsetsRequest,
+    ResetOffsetsResponse, ResetTo, TopicPartition, TxnCommitOffsetsRequest,
+    TxnCommitOffsetsResponse,
 };
 use quiver_protocol::ErrorCode;
 use tokio::sync::watch;
@@ -150,6 +151,19 @@ pub struct GroupService {
     producer_locks: KeyedLocks<i64>,
     /// The leader epoch at which this broker serves the partition (a cluster broker).
     led_epoch: std::sync::OnceLock<u64>,
+    /// Each topic's id as last seen (by the ticker, or by a commit naming it): one gone, or
+    /// there under another id (deleted and created again), loses its committed offsets
+    /// before anything else is committed for it. The lock is held across that write.
+    known_topics: tokio::sync::Mutex<BTreeMap<String, u64>>,
+}
+
+/// Records of deleted topics' offsets written at once: each about 120 bytes, so a write
+/// stays far below the largest batch a request may write.
+const FORGET_PER_WRITE: usize = 10_000;
+
+/// The topics a commit names.
+fn topics_of(offsets: &[OffsetCommit]) -> BTreeSet<String> {
+    offsets.iter().map(|o| o.topic.clone()).collect()
 }
 
 /// Offsets added to open transactions, and the fencing of old producer epochs.
@@ -460,6 +474,7 @@ impl GroupService {
             txn_ended: watch::Sender::new(0),
             producer_locks: KeyedLocks::default(),
             led_epoch: std::sync::OnceLock::new(),
+            known_topics: tokio::sync::Mutex::new(BTreeMap::new()),
         });
         Ok((service, Replayed { txn_states }))
     }
@@ -541,27 +556,54 @@ impl GroupService {
             .collect()
     }
 
-    /// Deletes the committed offsets of topics that were deleted (or deleted and created
-    /// again). Only the leader of the offsets partition writes; the others hear it from
-    /// the log. False when writing failed (the next tick tries again).
-    async fn forget_topics(&self, gone: &BTreeSet<String>) -> bool {
-        if !self.still_leads() {
-            return true;
-        }
-        let records = self.lock().prepare_forget_topics(gone);
-        if records.is_empty() {
-            return true;
-        }
-        match self.persist_then_apply(&records).await {
-            Ok(()) => {
+    /// Catches up with topics deleted (or deleted and created again) since they were last
+    /// seen: their committed offsets are deleted first (only the leader of the offsets
+    /// partition writes; the others hear it from the log). `names`: only these (a
+    /// commit's topics, each of which must exist), else every topic. On an error nothing
+    /// counts as seen, so the next call tries again.
+    async fn catch_up_topics(&self, names: Option<&BTreeSet<String>>) -> Result<()> {
+        let mut known = self.known_topics.lock().await;
+        let now: BTreeMap<String, u64> = match names {
+            None => self.topic_ids(),
+            Some(names) => names
+                .iter()
+                .filter_map(|n| Some((n.clone(), self.topics.topic(n).ok()?.id())))
+                .collect(),
+        };
+        let gone: BTreeSet<String> = known
+            .iter()
+            .filter(|(name, _)| names.is_none_or(|ns| ns.contains(*name)))
+            .filter(|(name, id)| now.get(*name) != Some(*id))
+            .map(|(name, _)| name.clone())
+            .collect();
+        if !gone.is_empty() && self.still_leads() {
+            let records = self.lock().prepare_forget_topics(&gone);
+            // In parts, each well below the largest batch a request may write.
+            for part in records.chunks(FORGET_PER_WRITE) {
+                self.persist_then_apply(part).await?;
+            }
+            if !records.is_empty() {
                 info!(topics = ?gone, offsets = records.len(), "deleted the committed offsets of deleted topics");
-                true
-            }
-            Err(e) => {
-                warn!(topics = ?gone, error = %e, "could not delete the committed offsets of deleted topics; trying again");
-                false
             }
         }
+        match names {
+            None => *known = now,
+            Some(names) => {
+                for n in names {
+                    match now.get(n) {
+                        Some(id) => known.insert(n.clone(), *id),
+                        None => known.remove(n),
+                    };
+                }
+                if let Some(missing) = names.iter().find(|n| !now.contains_key(*n)) {
+                    return Err(TopicError::NotFound(format!(
+                        "topic {missing:?} does not exist (was it deleted?); its offsets cannot be committed"
+                    ))
+                    .into());
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Logs queued events and wakes parked heartbeats when anything happened.
@@ -827,6 +869,7 @@ impl GroupService {
 
     /// CommitOffsets: checked, applied, then on disk before the answer.
     pub async fn commit(&self, req: &CommitOffsetsRequest) -> Result<CommitOffsetsResponse> {
+        self.catch_up_topics(Some(&topics_of(&req.offsets))).await?;
         let _order = self.lock_group(&req.group).await;
         let (resp, records) = self.lock().prepare_commit(req)?;
         self.persist_then_apply(&records).await?;
@@ -841,6 +884,7 @@ impl GroupService {
         &self,
         req: &TxnCommitOffsetsRequest,
     ) -> Result<TxnCommitOffsetsResponse> {
+        self.catch_up_topics(Some(&topics_of(&req.offsets))).await?;
         let _producer = self.lock_producer(req.producer_id).await;
         let _order = self.lock_group(&req.group).await;
         if let Some(newer) = self
@@ -1026,22 +1070,14 @@ impl GroupService {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut expiry_checked = Instant::now();
-        // Each topic's id as of the last tick: one gone, or there under another id (deleted
-        // and created again), loses its committed offsets.
-        let mut ids: BTreeMap<String, u64> = self.topic_ids();
+        *self.known_topics.lock().await = self.topic_ids();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
-            let now_ids = self.topic_ids();
-            let gone: BTreeSet<String> = ids
-                .iter()
-                .filter(|(name, id)| now_ids.get(*name) != Some(*id))
-                .map(|(name, _)| name.clone())
-                .collect();
-            if gone.is_empty() || self.forget_topics(&gone).await {
-                ids = now_ids;
+            if let Err(e) = self.catch_up_topics(None).await {
+                warn!(error = %e, "could not delete the committed offsets of deleted topics; trying again");
             }
             let snapshot = self.snapshot();
             {
@@ -1382,6 +1418,46 @@ mod tests {
                 .unwrap()
                 .0
         }
+    }
+
+    /// A deleted topic's offsets go before anything else is committed for its name: a
+    /// commit naming it once it is gone (a member's commit on revoke) is refused, and the
+    /// first commit of a topic created again under the name deletes the old offsets first.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deleted_topics_offsets_go_before_its_name_is_committed_again() {
+        let store = Store::new();
+        let s = store.open(test_group_log());
+        let none = BTreeMap::new();
+        let groups = ["g".to_string(), "h".to_string()];
+        store.topics.create("t", 1, &none).unwrap();
+        s.catch_up_topics(None).await.unwrap();
+        s.store_offsets(&commit("g", 0, 5)).await.unwrap();
+        s.store_offsets(&commit("h", 0, 6)).await.unwrap();
+        store.topics.delete("t").unwrap();
+        let e = s.commit(&commit("g", 0, 9)).await.unwrap_err();
+        assert!(e.to_string().contains("does not exist"), "{e}");
+        assert!(committed(&s, &groups).is_empty(), "the old offsets went");
+        // Deleted and created again before anything looked: the first commit naming it
+        // deletes the old topic's offsets (of every group) before its own are stored.
+        store.topics.create("t", 1, &none).unwrap();
+        s.catch_up_topics(None).await.unwrap();
+        s.store_offsets(&commit("h", 0, 3)).await.unwrap();
+        store.topics.delete("t").unwrap();
+        store.topics.create("t", 1, &none).unwrap();
+        // (No member: the commit itself is refused after the catch-up.)
+        let _ = s.commit(&commit("g", 0, 2)).await;
+        assert!(
+            committed(&s, &groups).is_empty(),
+            "h's offset of the old topic went"
+        );
+        s.store_offsets(&commit("g", 0, 2)).await.unwrap();
+        s.catch_up_topics(None).await.unwrap();
+        let only_new = BTreeMap::from([(("g".to_string(), 0), 2)]);
+        assert_eq!(
+            committed(&s, &groups),
+            only_new,
+            "the new topic's offsets stay"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

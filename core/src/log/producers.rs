@@ -62,6 +62,9 @@ struct ProducerEntry {
     /// Markers taken for the producer since the log was opened (a transaction's check
     /// against its coordinator notes this, and its batch is refused if one came meanwhile).
     markers: u64,
+    /// Offset of the last batch of any kind stored for it (markers too): which producers
+    /// wrote last when the table must forget some.
+    last_offset: i64,
 }
 
 /// Most producers a snapshot keeps (those that wrote last); older ones are forgotten, like
@@ -179,6 +182,7 @@ impl ProducerTable {
                             recent: p.recent.iter().copied().collect(),
                             coordinator_epoch: p.coordinator_epoch,
                             markers: 0,
+                            last_offset: p.recent.last().map_or(0, |b| b.last_offset),
                         },
                     )
                 })
@@ -253,7 +257,7 @@ impl ProducerTable {
         let mut last: Vec<(i64, i64)> = self
             .producers
             .iter()
-            .map(|(id, e)| (e.recent.back().map_or(i64::MIN, |b| b.last_offset), *id))
+            .map(|(id, e)| (e.last_offset, *id))
             .collect();
         last.sort_unstable_by_key(|&(offset, _)| std::cmp::Reverse(offset));
         for (_, id) in &last[SNAPSHOT_PRODUCERS..] {
@@ -267,6 +271,7 @@ impl ProducerTable {
             return;
         }
         let e = self.producers.entry(producer_id).or_default();
+        e.last_offset = e.last_offset.max(batch.last_offset);
         if epoch > e.epoch {
             e.epoch = epoch;
             e.recent.clear();
@@ -523,6 +528,13 @@ mod tests {
         );
         // The oldest was forgotten: its next batch waits, as after a restart.
         assert_eq!(t.check(0, 0, 1, 1), SequenceCheck::WaitUnknown);
+        // A producer whose last batch was a marker at a bumped epoch (no sequenced batch
+        // left) counts by that batch: written last, it keeps its fence.
+        t.record(7, 5, b(-1, -1, 3 * n));
+        for id in 3 * n..3 * n + MEMORY_PRODUCERS as i64 {
+            t.record(id, 0, b(0, 0, id - 3 * n));
+        }
+        assert_eq!(t.check(7, 4, 0, 1), SequenceCheck::Fenced);
         // Unsequenced batches are bounded too.
         for id in n..2 * n {
             t.record(id, 1, b(-1, -1, id));

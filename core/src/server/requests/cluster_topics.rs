@@ -378,7 +378,12 @@ pub async fn add_partitions(ctx: &ServerContext, body: Bytes) -> Result<Reply, R
 pub async fn reassign(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
     let (req, _) = decode::<quiver_protocol::requests::ReassignPartitionRequest>(&body)?;
     crate::topic::refuse_internal(&req.topic, "alter")?;
-    let min_isr = ctx.topics.topic(&req.topic)?.config().min_insync_replicas;
+    // This broker's copy of the config; one it cannot read (a damaged record) leaves the
+    // check to the controller's other rules.
+    let min_isr = ctx
+        .topics
+        .topic(&req.topic)
+        .map_or(1, |t| t.config().min_insync_replicas);
     if (min_isr as usize) > req.replicas.len() {
         return Err(RequestError::new(
             ErrorCode::InvalidConfig,
