@@ -18,3 +18,16 @@ pub async fn start(dir: &std::path::Path) -> (BrokerHandle, Client) {
         .expect("in-process client");
     (broker, client)
 }
+
+/// [`start`], with one-partition topics `topics` created.
+pub async fn with_topics(dir: &std::path::Path, topics: &[&str]) -> (BrokerHandle, Client) {
+    let (broker, client) = start(dir).await;
+    let admin = quiver_client::Admin::new(client.clone());
+    for t in topics {
+        admin
+            .create_topic(t, 1, std::collections::BTreeMap::new())
+            .await
+            .expect("topic created");
+    }
+    (broker, client)
+}

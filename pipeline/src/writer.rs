@@ -408,11 +408,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_member_that_joined_again_under_another_id_does_not_commit_an_old_poll() {
         let dir = tempfile::tempdir().unwrap();
-        let (broker, client) = crate::test_broker::start(dir.path()).await;
-        let admin = Admin::new(client.clone());
-        for t in ["in", "out"] {
-            admin.create_topic(t, 1, BTreeMap::new()).await.unwrap();
-        }
+        let (broker, client) = crate::test_broker::with_topics(dir.path(), &["in", "out"]).await;
         let mut member = GroupConsumer::join(client.clone(), GroupConfig::new("g", ["in"]))
             .await
             .unwrap();
@@ -478,9 +474,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn background_commits_land_in_order_and_catch_up_when_asked() {
         let dir = tempfile::tempdir().unwrap();
-        let (broker, client) = crate::test_broker::start(dir.path()).await;
+        let (broker, client) = crate::test_broker::with_topics(dir.path(), &["in"]).await;
         let admin = Admin::new(client.clone());
-        admin.create_topic("in", 1, BTreeMap::new()).await.unwrap();
         let mut config = GroupConfig::new("g", ["in"]);
         config.commit_stored_offsets = true;
         let mut member = GroupConsumer::join(client.clone(), config).await.unwrap();
@@ -543,11 +538,8 @@ mod tests {
         use quiver_protocol::requests::FetchRequest;
 
         let dir = tempfile::tempdir().unwrap();
-        let (broker, client) = crate::test_broker::start(dir.path()).await;
-        let admin = Admin::new(client.clone());
-        for t in ["lz4-out", "zstd-out"] {
-            admin.create_topic(t, 1, BTreeMap::new()).await.unwrap();
-        }
+        let (broker, client) =
+            crate::test_broker::with_topics(dir.path(), &["lz4-out", "zstd-out"]).await;
         let records = |topic: &str| -> Vec<ProducerRecord> {
             (0..500)
                 .map(|i| {
