@@ -9,7 +9,8 @@ use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use quiver_protocol::batch::{
     field, recompute_crc, validate, validate_produce, Compression, ProduceLimits, Record,
-    RecordIter, ATTR_LOG_APPEND_TIME, BATCH_HEADER_LEN, MAGIC, MAX_TIMESTAMP_MS,
+    RecordIter, ATTR_LOG_APPEND_TIME, ATTR_NUMBERED_HEADER, BATCH_HEADER_LEN, MAGIC,
+    MAX_TIMESTAMP_MS,
 };
 
 const NOW: i64 = 1_700_000_000_000;
@@ -66,6 +67,10 @@ fuzz_target!(|data: &[u8]| {
     let mut attrs = codec.attribute_bits();
     if ctl[0] & 0x80 != 0 {
         attrs |= ATTR_LOG_APPEND_TIME;
+    }
+    if ctl[0] & 0x20 != 0 {
+        // The records section starts with a numbered header's preamble.
+        attrs |= ATTR_NUMBERED_HEADER;
     }
     // Compress the records when asked, else leave raw bytes for the decompressor to chew.
     let body: Vec<u8> = match (codec, ctl[0] & 0x40 != 0) {

@@ -25,6 +25,7 @@ use quiver_client::{
 use quiver_protocol::batch::Compression;
 
 use crate::error::RuntimeError;
+use crate::instance::SOURCE_HEADER;
 
 /// How long a transaction may stay open: a crashed instance's transaction is aborted by the
 /// broker after this (about when the group gives its partitions to another member), so
@@ -139,6 +140,8 @@ impl Writer {
                     acks: Acks::All,
                     linger: Duration::from_millis(2),
                     compression: codec,
+                    // Every output record carries `quiver.source` last.
+                    numbered_header: Some(SOURCE_HEADER.to_string()),
                     ..ProducerConfig::default()
                 },
             ),
@@ -158,7 +161,10 @@ impl Writer {
         let id = transactional_id;
         match TransactionalProducer::init_with_timeout(client, id, TXN_TIMEOUT).await {
             Ok(tx) => Ok(Writer::ExactlyOnce {
-                tx: Box::new(tx.with_compression(codec)),
+                tx: Box::new(
+                    tx.with_compression(codec)
+                        .with_numbered_header(Some(SOURCE_HEADER)),
+                ),
                 member_id: member_id.to_string(),
             }),
             // A broker that cannot run transactions: joining again would not change that.
@@ -529,8 +535,9 @@ mod tests {
         assert_ne!(id, transactional_id(&"m".repeat(236), u32::MAX));
     }
 
-    /// Both writers build their batches with the sink's codec, and what they wrote reads
-    /// back whole (values and the `quiver.source` header), uncompressed by the consumer.
+    /// Both writers build their batches with the sink's codec and `quiver.source` as the
+    /// batches' numbered header, and what they wrote reads back whole (values and the
+    /// `quiver.source` header), uncompressed by the consumer.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn both_writers_compress_their_batches_with_the_sinks_codec() {
         use quiver_client::{Consumer, ConsumerConfig, SeekTo};
@@ -590,6 +597,7 @@ mod tests {
                 .unwrap();
             let header = BatchHeader::parse(&payload).unwrap();
             assert_eq!(header.compression().unwrap(), codec, "{topic}");
+            assert!(header.has_numbered_header(), "{topic}");
             let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
             consumer.assign(topic, [0]).await.unwrap();
             consumer.seek(topic, 0, SeekTo::Beginning).unwrap();

@@ -53,6 +53,7 @@ pub fn process_batch(
 ) -> Result<Option<Bytes>, TransformError> {
     let iter = RecordIter::new(batch, max_decompressed)?;
     let h = *iter.header();
+    let numbered = iter.numbered_header().map(str::to_string);
     if h.next_offset() <= from {
         return Ok(None);
     }
@@ -88,6 +89,9 @@ pub fn process_batch(
     // records of an aborted transaction by them.
     b.set_producer(h.producer_id, h.producer_epoch, h.base_sequence);
     b.set_transactional(h.is_transactional());
+    // And writes a header the source batch held compactly (a pipeline's `quiver.source`)
+    // compactly again.
+    b.set_numbered_header(numbered.as_deref());
     let last = h.last_offset();
     for r in &output {
         // A plugin may return offsets it made up (e.g. from `process_batch` without a
@@ -162,6 +166,23 @@ mod tests {
             it.map(|r| r.unwrap().offset).collect::<Vec<_>>(),
             vec![20, 22]
         );
+    }
+
+    /// A pipeline's output read through a consume-time processor: the records keep their
+    /// `quiver.source` headers, and the rebuilt batch writes them compactly again.
+    #[test]
+    fn output_keeps_a_numbered_header_compact() {
+        let mut b = BatchBuilder::new(Compression::None);
+        b.set_numbered_header(Some("quiver.source"));
+        for i in 0..4 {
+            let source = format!("in/2/{}", 500 + i);
+            b.push(None, b"v", 1000, &[("quiver.source", source.as_bytes())]);
+        }
+        let out = process_payload(&mut KeepEven, &b.build(), 0, 0, 1 << 20).unwrap();
+        let it = RecordIter::new(&out, 1 << 20).unwrap();
+        assert_eq!(it.numbered_header(), Some("quiver.source"));
+        let sources: Vec<_> = it.map(|r| r.unwrap().headers[0].value.clone()).collect();
+        assert_eq!(sources, vec![&b"in/2/500"[..], b"in/2/502"]);
     }
 
     #[test]

@@ -103,6 +103,9 @@ pub struct TransactionalProducer {
     needs_init: Option<String>,
     /// Codec of the batches it builds.
     compression: Compression,
+    /// The numbered header of the batches it builds (see
+    /// [`with_numbered_header`](Self::with_numbered_header)).
+    numbered_header: Option<String>,
     /// Set once the broker answered `ProducerFenced`: another producer initialised this id
     /// (or the coordinator aborted a transaction past its timeout). Every later call fails
     /// with it until `abort` takes the id back, which the coordinator allows only when the
@@ -153,7 +156,16 @@ impl TransactionalProducer {
             needs_init: None,
             fenced: None,
             compression: Compression::None,
+            numbered_header: None,
         })
+    }
+
+    /// Writes header `key` compactly in the batches it builds from now on, as a producer's
+    /// `numbered_header` does (see
+    /// [`ProducerConfig::numbered_header`](crate::ProducerConfig::numbered_header)).
+    pub fn with_numbered_header(mut self, key: Option<&str>) -> Self {
+        self.numbered_header = key.map(str::to_string);
+        self
     }
 
     /// Compresses the batches it builds from now on with `codec` (none by default).
@@ -233,11 +245,11 @@ impl TransactionalProducer {
                 self.round_robin % n
             }
         };
-        let codec = self.compression;
+        let (codec, numbered) = (self.compression, self.numbered_header.as_deref());
         let entry = self
             .pending
             .entry((record.topic.clone(), partition))
-            .or_insert_with(|| (Vec::new(), BatchBuilder::new(codec)));
+            .or_insert_with(|| (Vec::new(), batch_builder(codec, numbered)));
         let headers: Vec<(&str, &[u8])> = record
             .headers
             .iter()
@@ -248,7 +260,7 @@ impl TransactionalProducer {
             .1
             .push(record.key.as_deref(), &record.value, ts, &headers);
         if entry.1.size_bytes() >= BATCH_BYTES {
-            let b = std::mem::replace(&mut entry.1, BatchBuilder::new(codec));
+            let b = std::mem::replace(&mut entry.1, batch_builder(codec, numbered));
             entry.0.push(b);
         }
         Ok(partition)
@@ -502,6 +514,14 @@ fn next_sequence(
 }
 
 /// Encodes a closed batch stamped with the transaction's producer fields and `sequence`.
+/// A fresh builder for one partition's batch, with the producer's codec and numbered
+/// header.
+fn batch_builder(codec: Compression, numbered_header: Option<&str>) -> BatchBuilder {
+    let mut b = BatchBuilder::new(codec);
+    b.set_numbered_header(numbered_header);
+    b
+}
+
 fn stamp(b: &mut BatchBuilder, producer_id: i64, epoch: i16, sequence: i32) -> Bytes {
     b.set_producer(producer_id, epoch, sequence);
     b.set_transactional(true);

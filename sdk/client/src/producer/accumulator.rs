@@ -195,6 +195,18 @@ struct Pushed {
 }
 
 /// The bytes a record holds of the producer's buffer (`buffer_memory_bytes`).
+/// A batch builder with the producer's codec and numbered header, with room for `bytes`
+/// of records.
+fn new_builder(
+    compression: quiver_protocol::batch::Compression,
+    bytes: usize,
+    numbered_header: Option<&str>,
+) -> BatchBuilder {
+    let mut b = BatchBuilder::with_capacity(compression, bytes);
+    b.set_numbered_header(numbered_header);
+    b
+}
+
 pub(crate) fn buffered_size(r: &RecordRef<'_>) -> usize {
     r.key.map_or(0, <[u8]>::len)
         + r.value.len()
@@ -280,6 +292,8 @@ pub(crate) struct PartitionQueue {
     generation: AtomicU32,
     batch_size: usize,
     compression: quiver_protocol::batch::Compression,
+    /// The producer's `numbered_header`.
+    numbered_header: Option<Arc<str>>,
 }
 
 impl PartitionQueue {
@@ -291,9 +305,10 @@ impl PartitionQueue {
         config: &super::ProducerConfig,
     ) -> Self {
         let completion = Arc::new(Completion::new(topic.clone(), partition));
+        let numbered_header: Option<Arc<str>> = config.numbered_header.as_deref().map(Into::into);
         PartitionQueue {
             state: Mutex::new(QueueState {
-                builder: BatchBuilder::with_capacity(config.compression, 0),
+                builder: new_builder(config.compression, 0, numbered_header.as_deref()),
                 completion,
                 accounted: 0,
                 opened: None,
@@ -310,7 +325,13 @@ impl PartitionQueue {
             generation: AtomicU32::new(0),
             batch_size: config.batch_size_bytes,
             compression: config.compression,
+            numbered_header,
         }
+    }
+
+    /// A fresh batch builder of this queue with room for `bytes` of records.
+    fn builder(&self, bytes: usize) -> BatchBuilder {
+        new_builder(self.compression, bytes, self.numbered_header.as_deref())
     }
 
     /// Appends one record to the open batch, closing it first if the record would not fit.
@@ -389,9 +410,10 @@ impl PartitionQueue {
 
     /// Moves the open batch to the ready queue and opens a fresh one.
     fn close_open(&self, st: &mut QueueState) {
-        let fresh = st.spare.pop().unwrap_or_else(|| {
-            BatchBuilder::with_capacity(self.compression, self.batch_size.min(1 << 20))
-        });
+        let fresh = st
+            .spare
+            .pop()
+            .unwrap_or_else(|| self.builder(self.batch_size.min(1 << 20)));
         let builder = std::mem::replace(&mut st.builder, fresh);
         let completion = std::mem::replace(
             &mut st.completion,
@@ -501,10 +523,8 @@ impl PartitionQueue {
             {
                 let mut st = lock(&self.state);
                 if st.spare.len() < 2 {
-                    st.spare.push(std::mem::replace(
-                        &mut closed.builder,
-                        BatchBuilder::with_capacity(self.compression, 0),
-                    ));
+                    st.spare
+                        .push(std::mem::replace(&mut closed.builder, self.builder(0)));
                 }
             }
             let batch = InFlight {

@@ -66,6 +66,13 @@ pub struct ProducerConfig {
     /// A topic's metadata is looked up again after this long (Kafka's
     /// `metadata.max.age.ms`): partitions added to it meanwhile start getting records.
     pub metadata_max_age: Duration,
+    /// A header that records carry last with a value ending in a number that grows from
+    /// record to record (a pipeline's `quiver.source`, `topic/partition/offset`): each
+    /// batch then holds its key and its value's prefix once, and each record only its
+    /// number's distance from the first (see
+    /// [`BatchBuilder::set_numbered_header`](quiver_protocol::batch::BatchBuilder::set_numbered_header)).
+    /// Readers see the same headers. `None` (the default) writes every header whole.
+    pub numbered_header: Option<String>,
 }
 
 impl fmt::Debug for ProducerConfig {
@@ -83,6 +90,7 @@ impl fmt::Debug for ProducerConfig {
             .field("delivery_timeout", &self.delivery_timeout)
             .field("retry_backoff", &self.retry_backoff)
             .field("metadata_max_age", &self.metadata_max_age)
+            .field("numbered_header", &self.numbered_header)
             .finish_non_exhaustive()
     }
 }
@@ -100,6 +108,7 @@ impl Default for ProducerConfig {
             retry_backoff: Duration::from_millis(100),
             partitioner: Arc::new(DefaultPartitioner),
             metadata_max_age: Duration::from_secs(300),
+            numbered_header: None,
         }
     }
 }

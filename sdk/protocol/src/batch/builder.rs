@@ -3,6 +3,7 @@
 
 use bytes::{BufMut, Bytes};
 
+use super::numbered::{self, RECORD_ATTR_NUMBERED};
 use super::{Compression, BATCH_HEADER_LEN, CRC_OFFSET, CRC_START, MAGIC};
 use crate::varint::{put_varint, varint_len};
 
@@ -29,6 +30,12 @@ pub struct BatchBuilder {
     producer_epoch: i16,
     base_sequence: i32,
     transactional: bool,
+    /// The header to write as the batch's numbered header, when records carry it last
+    /// (see [`set_numbered_header`](Self::set_numbered_header)).
+    numbered_key: Option<Box<str>>,
+    /// The open batch's numbered header: its values' prefix and base, once its first
+    /// record gave them.
+    numbered: Option<(Vec<u8>, i64)>,
 }
 
 impl BatchBuilder {
@@ -49,7 +56,22 @@ impl BatchBuilder {
             producer_epoch: -1,
             base_sequence: -1,
             transactional: false,
+            numbered_key: None,
+            numbered: None,
         }
+    }
+
+    /// Writes header `key` compactly when a record carries it last with a value that ends
+    /// in a number ([`super::ATTR_NUMBERED_HEADER`]): the first record of each batch gives
+    /// the value's prefix and the number to count from, and every record whose value has
+    /// the same prefix then stores only its number's distance from it (one to three bytes
+    /// for nearby numbers instead of the key and the whole value). Records that do not fit
+    /// are written as they are; readers see the same headers either way. Kept for every
+    /// later batch of this builder; `None` stops it from the next batch on.
+    pub fn set_numbered_header(&mut self, key: Option<&str>) {
+        self.numbered_key = key
+            .filter(|k| !k.is_empty() && k.len() <= numbered::MAX_KEY_BYTES)
+            .map(Into::into);
     }
 
     /// Sets the idempotent-producer fields.
@@ -104,7 +126,9 @@ impl BatchBuilder {
     ) {
         if self.count == 0 {
             self.first_timestamp = timestamp;
+            self.open_numbered(headers);
         }
+        let (headers, number_delta) = self.numbered_of(headers);
         self.max_timestamp = self.max_timestamp.max(timestamp);
         let ts_delta = timestamp.wrapping_sub(self.first_timestamp);
         let offset_delta = i64::from(offset_delta);
@@ -116,14 +140,19 @@ impl BatchBuilder {
             + key.map_or(0, |k| k.len())
             + varint_len(value.len() as i64)
             + value.len()
-            + varint_len(headers.len() as i64);
+            + varint_len(headers.len() as i64)
+            + number_delta.map_or(0, varint_len);
         for (hk, hv) in headers {
             body_len +=
                 varint_len(hk.len() as i64) + hk.len() + varint_len(hv.len() as i64) + hv.len();
         }
         let r = &mut self.records;
         put_varint(r, body_len as i64);
-        r.push(0); // record attributes, unused
+        r.push(if number_delta.is_some() {
+            RECORD_ATTR_NUMBERED
+        } else {
+            0
+        });
         put_varint(r, ts_delta);
         put_varint(r, offset_delta);
         put_varint(r, key_len);
@@ -139,7 +168,57 @@ impl BatchBuilder {
             put_varint(r, hv.len() as i64);
             r.extend_from_slice(hv);
         }
+        if let Some(delta) = number_delta {
+            put_varint(r, delta);
+        }
         self.count += 1;
+    }
+
+    /// At a batch's first record: when it carries the numbered header last with a value
+    /// that splits into prefix and number, writes the batch's preamble (the records
+    /// section is still empty) with that prefix and number.
+    fn open_numbered(&mut self, headers: &[(&str, &[u8])]) {
+        self.numbered = None;
+        let (Some(key), Some((k, v))) = (self.numbered_key.as_deref(), headers.last()) else {
+            return;
+        };
+        if *k != key {
+            return;
+        }
+        let Some((prefix_len, base)) = numbered::split_value(v) else {
+            return;
+        };
+        debug_assert_eq!(
+            self.records.len(),
+            BATCH_HEADER_LEN,
+            "no record written yet"
+        );
+        let prefix = v[..prefix_len].to_vec();
+        numbered::put_preamble(&mut self.records, key, &prefix, base);
+        self.numbered = Some((prefix, base));
+    }
+
+    /// A record's headers to write in full, and its number's distance from the batch's
+    /// base when its last header is the batch's numbered header with the batch's prefix.
+    fn numbered_of<'h, 'a>(
+        &self,
+        headers: &'h [(&'a str, &'a [u8])],
+    ) -> (&'h [(&'a str, &'a [u8])], Option<i64>) {
+        let (Some((prefix, base)), Some(key)) = (&self.numbered, self.numbered_key.as_deref())
+        else {
+            return (headers, None);
+        };
+        let Some(((k, v), rest)) = headers.split_last() else {
+            return (headers, None);
+        };
+        if *k != key || !v.starts_with(prefix) {
+            return (headers, None);
+        }
+        match numbered::split_value(v) {
+            // The same prefix: the number starts right after it.
+            Some((at, n)) if at == prefix.len() => (rest, Some(n - base)),
+            _ => (headers, None),
+        }
     }
 
     /// Encodes the batch (base offset 0, leader epoch -1) and resets the builder.
@@ -181,13 +260,17 @@ impl BatchBuilder {
         } else {
             0
         };
+        let numbered = match self.numbered.take() {
+            Some(_) => super::ATTR_NUMBERED_HEADER,
+            None => 0,
+        };
         let mut h = &mut batch[..BATCH_HEADER_LEN];
         h.put_i64(base_offset);
         h.put_i32((BATCH_HEADER_LEN - 12 + body_len) as i32);
         h.put_i32(-1);
         h.put_i8(MAGIC);
         h.put_u32(0); // CRC, filled below
-        h.put_i16(self.compression.attribute_bits() | txn);
+        h.put_i16(self.compression.attribute_bits() | txn | numbered);
         h.put_i32(last_offset_delta);
         h.put_i64(self.first_timestamp);
         h.put_i64(if self.count == 0 {

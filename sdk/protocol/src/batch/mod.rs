@@ -54,6 +54,7 @@
 
 mod builder;
 mod compression;
+mod numbered;
 mod record;
 
 pub use builder::BatchBuilder;
@@ -70,6 +71,7 @@ pub fn sequence_distance(from: i32, seq: i32) -> i64 {
     (i64::from(seq) - i64::from(from)).rem_euclid(1 << 31)
 }
 pub use compression::Compression;
+pub use numbered::{MAX_KEY_BYTES, MAX_PREFIX_BYTES, RECORD_ATTR_NUMBERED};
 pub use record::{Header, Record, RecordIter};
 
 use bytes::Bytes;
@@ -92,14 +94,18 @@ pub const ATTR_TRANSACTIONAL: i16 = 1 << 4;
 /// Attribute bit: a control batch (Kafka's bit 5) — one transaction marker written by the
 /// broker, never by a client; consumers skip it.
 pub const ATTR_CONTROL: i16 = 1 << 5;
+/// Attribute bit: the records section starts with the batch's numbered header (a header
+/// its records carry last, written once as a key and a value prefix; each record that
+/// carries it adds only its number). See the `numbered` module for the layout.
+pub const ATTR_NUMBERED_HEADER: i16 = 1 << 6;
 /// Producer ids with this bit set are handed out by transaction coordinators
 /// (InitTransactions) and write only transactional batches; an idempotent producer picks
 /// its own random id below it. Keeping the two apart stops a non-transactional batch from
 /// touching (and fencing) a transactional producer's state on a partition.
 pub const COORDINATOR_PRODUCER_ID_BIT: i64 = 1 << 62;
 /// Attribute bits a produced batch may set: the codec (bits 0–2), the timestamp type
-/// (bit 3) and the transactional flag (bit 4).
-const KNOWN_ATTRIBUTES: i16 = 0x1f;
+/// (bit 3), the transactional flag (bit 4) and the numbered header (bit 6).
+const KNOWN_ATTRIBUTES: i16 = 0x1f | ATTR_NUMBERED_HEADER;
 /// The latest timestamp a produced record may carry: 9999-12-31T23:59:59.999Z, in ms since
 /// the Unix epoch. Anything later is a bug or an attack, whatever the allowed skew.
 pub const MAX_TIMESTAMP_MS: i64 = 253_402_300_799_999;
@@ -253,6 +259,30 @@ impl BatchHeader {
     pub fn is_control(&self) -> bool {
         self.attributes & ATTR_CONTROL != 0
     }
+
+    /// The records section starts with a numbered header ([`ATTR_NUMBERED_HEADER`]).
+    pub fn has_numbered_header(&self) -> bool {
+        self.attributes & ATTR_NUMBERED_HEADER != 0
+    }
+}
+
+/// Refuses a batch whose records, decoded with their numbered headers, could take more
+/// than `limit` bytes: `len` bytes of records plus what the preamble can add to each.
+fn check_expansion(
+    len: usize,
+    preamble: &numbered::Preamble,
+    records: i32,
+    limit: usize,
+) -> Result<(), ProtocolError> {
+    let decoded = len.saturating_add(preamble.expansion_bound(records));
+    if decoded > limit {
+        return Err(ProtocolError::TooLarge {
+            what: "records decoded with their numbered headers",
+            len: decoded as u64,
+            limit: limit as u64,
+        });
+    }
+    Ok(())
 }
 
 /// What a transaction marker says.
@@ -482,8 +512,8 @@ pub fn validate_produce(
     if h.attributes & !KNOWN_ATTRIBUTES != 0 {
         return Err(ProtocolError::invalid_record(format!(
             "attributes {:#06x} set bits a producer may not set (only the codec, bits 0-2, \
-             the timestamp type, bit 3, and the transactional flag, bit 4; control batches are \
-             the broker's)",
+             the timestamp type, bit 3, the transactional flag, bit 4, and the numbered \
+             header, bit 6; control batches are the broker's)",
             h.attributes
         )));
     }
@@ -519,11 +549,25 @@ pub fn validate_produce(
     };
     let log_append_time = h.attributes & ATTR_LOG_APPEND_TIME != 0;
     let mut pos = 0;
+    let numbered = match h.has_numbered_header() {
+        true => {
+            let p = numbered::parse_preamble(data, &mut pos)
+                .map_err(|e| ProtocolError::invalid_record(e.to_string()))?;
+            check_expansion(
+                data.len(),
+                &p,
+                h.record_count,
+                limits.max_decompressed_bytes,
+            )?;
+            Some(p)
+        }
+        false => None,
+    };
     let mut n: u64 = 0;
     let mut max_ts = i64::MIN;
     while pos < data.len() {
         let at = pos;
-        let raw = scan_record(data, &mut pos).map_err(|e| {
+        let raw = scan_record(data, &mut pos, numbered.as_ref()).map_err(|e| {
             if n >= declared {
                 ProtocolError::invalid_record(format!(
                     "header says {}, but {} bytes follow the last of them and are not a record ({e})",
@@ -671,6 +715,9 @@ pub fn split_batches(buf: &Bytes, max_batch_bytes: usize) -> Result<Vec<Bytes>, 
 
 #[cfg(test)]
 mod produce_tests;
+
+#[cfg(test)]
+mod numbered_tests;
 
 #[cfg(test)]
 mod tests {

@@ -8,10 +8,10 @@ use super::*;
 use crate::varint::put_varint;
 use crate::ErrorCode;
 
-const NOW: i64 = 1_700_000_000_000;
+pub(super) const NOW: i64 = 1_700_000_000_000;
 const HOUR: i64 = 3_600_000;
 
-fn limits() -> ProduceLimits {
+pub(super) fn limits() -> ProduceLimits {
     ProduceLimits {
         max_batch_bytes: 1 << 20,
         max_decompressed_bytes: 1 << 20,
@@ -45,7 +45,7 @@ fn get_i64(batch: &[u8], at: usize) -> i64 {
 /// Asserts `validate_produce` refuses `batch` with `InvalidRecord` and a message containing
 /// `needle`.
 #[track_caller]
-fn refused(batch: &[u8], limits: &ProduceLimits, needle: &str) {
+pub(super) fn refused(batch: &[u8], limits: &ProduceLimits, needle: &str) {
     match validate_produce(batch, limits) {
         Err(e @ ProtocolError::InvalidRecord { .. }) => {
             assert_eq!(e.code(), ErrorCode::InvalidRecord);
@@ -61,7 +61,7 @@ fn refused(batch: &[u8], limits: &ProduceLimits, needle: &str) {
 
 /// One record's bytes from its fields, written as given (lies included); the length
 /// prefix is the fields' true length unless `len` overrides it.
-struct RawRec<'a> {
+pub(super) struct RawRec<'a> {
     ts_delta: i64,
     offset_delta: i64,
     key_len: Option<i64>,
@@ -69,14 +69,16 @@ struct RawRec<'a> {
     value_len: Option<i64>,
     value: &'a [u8],
     header_count: Option<i64>,
-    headers: Vec<(&'a [u8], &'a [u8])>,
+    pub(super) headers: Vec<(&'a [u8], &'a [u8])>,
     /// Bytes after the headers, inside the record.
-    tail: &'a [u8],
+    pub(super) tail: &'a [u8],
     len: Option<i64>,
+    /// The record's attributes byte.
+    pub(super) attributes: u8,
 }
 
 impl<'a> RawRec<'a> {
-    fn new(offset_delta: i64, ts_delta: i64, value: &'a [u8]) -> Self {
+    pub(super) fn new(offset_delta: i64, ts_delta: i64, value: &'a [u8]) -> Self {
         RawRec {
             ts_delta,
             offset_delta,
@@ -88,11 +90,12 @@ impl<'a> RawRec<'a> {
             headers: Vec::new(),
             tail: b"",
             len: None,
+            attributes: 0,
         }
     }
 
-    fn encode(&self, out: &mut Vec<u8>) {
-        let mut f = vec![0u8];
+    pub(super) fn encode(&self, out: &mut Vec<u8>) {
+        let mut f = vec![self.attributes];
         put_varint(&mut f, self.ts_delta);
         put_varint(&mut f, self.offset_delta);
         put_varint(&mut f, self.key_len.unwrap_or(self.key.len() as i64));
@@ -117,7 +120,7 @@ impl<'a> RawRec<'a> {
 
 /// A batch with exactly these header fields and records section (compressed with `c`),
 /// its length and CRC correct.
-fn forge(
+pub(super) fn forge(
     c: Compression,
     count: i32,
     first_ts: i64,
@@ -505,8 +508,9 @@ fn log_append_time_batches_skip_the_record_times_but_not_the_counts() {
 
 #[test]
 fn unknown_attribute_bits_and_control_batches_are_refused() {
-    // Bit 5 is the control flag: markers are the broker's, never a producer's.
-    for bit in 5..15 {
+    // Bit 5 is the control flag: markers are the broker's, never a producer's. Bit 6 (the
+    // numbered header) is a producer's, but says a preamble starts the records.
+    for bit in (5..15).filter(|b| *b != 6) {
         let mut raw = honest(Compression::None);
         let attrs = (1i16 << bit).to_be_bytes();
         raw[field::ATTRIBUTES..field::ATTRIBUTES + 2].copy_from_slice(&attrs);
@@ -515,6 +519,12 @@ fn unknown_attribute_bits_and_control_batches_are_refused() {
     }
     let marker = crate::batch::control_batch(7, 0, crate::batch::Marker::Commit, None, NOW);
     refused(&marker, &limits(), "set bits a producer may not set");
+    let mut raw = honest(Compression::None);
+    let attrs = ATTR_NUMBERED_HEADER.to_be_bytes();
+    raw[field::ATTRIBUTES..field::ATTRIBUTES + 2].copy_from_slice(&attrs);
+    recompute_crc(&mut raw);
+    // Its first record then reads as a preamble, and what follows as a broken record.
+    refused(&raw, &limits(), "");
 }
 
 #[test]
@@ -785,7 +795,7 @@ proptest! {
                 let body = c.decompress(&raw[BATCH_HEADER_LEN..], 1 << 20).unwrap();
                 let mut pos = 0;
                 for _ in 0..n - 1 {
-                    record::scan_record(&body, &mut pos).unwrap();
+                    record::scan_record(&body, &mut pos, None).unwrap();
                 }
                 forge(c, n, h.first_timestamp, h.max_timestamp, 0, &body[..pos])
             }

@@ -4,6 +4,7 @@ use std::ops::Range;
 
 use bytes::Bytes;
 
+use super::numbered::{self, Preamble, RECORD_ATTR_NUMBERED};
 use super::{BatchHeader, Compression, BATCH_HEADER_LEN};
 use crate::varint::get_varint;
 use crate::ProtocolError;
@@ -40,6 +41,15 @@ pub struct RecordIter {
     pos: usize,
     remaining: i32,
     log_append_time: bool,
+    /// The batch's numbered header: its key, and its values' prefix and base.
+    numbered: Option<Numbered>,
+}
+
+/// A batch's numbered header, ready to build each record's copy.
+#[derive(Debug)]
+struct Numbered {
+    preamble: Preamble,
+    key: String,
 }
 
 impl RecordIter {
@@ -57,12 +67,29 @@ impl RecordIter {
             Compression::None => body,
             c => Bytes::from(c.decompress(&body, max_decompressed)?),
         };
+        let mut pos = 0;
+        let numbered = match header.has_numbered_header() {
+            true => {
+                let preamble = numbered::parse_preamble(&data, &mut pos)?;
+                super::check_expansion(
+                    data.len(),
+                    &preamble,
+                    header.record_count,
+                    max_decompressed,
+                )?;
+                // parse_preamble checked the key is UTF-8.
+                let key = String::from_utf8_lossy(&data[preamble.key.clone()]).into_owned();
+                Some(Numbered { preamble, key })
+            }
+            false => None,
+        };
         Ok(RecordIter {
             header,
             data,
-            pos: 0,
+            pos,
             remaining: header.record_count,
             log_append_time: header.attributes & super::ATTR_LOG_APPEND_TIME != 0,
+            numbered,
         })
     }
 
@@ -71,13 +98,22 @@ impl RecordIter {
         &self.header
     }
 
+    /// The key of the batch's numbered header, if it has one (see
+    /// [`BatchBuilder::set_numbered_header`](super::BatchBuilder::set_numbered_header)):
+    /// a batch rebuilt from these records writes it the same way with it.
+    pub fn numbered_header(&self) -> Option<&str> {
+        self.numbered.as_ref().map(|n| n.key.as_str())
+    }
+
     fn next_record(&mut self) -> Result<Record, ProtocolError> {
-        let raw = scan_record(&self.data, &mut self.pos)?;
+        let numbered = self.numbered.as_ref();
+        let raw = scan_record(&self.data, &mut self.pos, numbered.map(|n| &n.preamble))?;
         let key = raw.key.map(|r| self.data.slice(r));
         let value = self.data.slice(raw.value.clone());
         // Bounded by the bytes present (a header takes at least 2), and small at first:
         // the vector grows with headers actually decoded, never with the count alone.
-        let mut headers = Vec::with_capacity(raw.header_count.min(raw.headers.len() / 2).min(8));
+        let explicit = raw.header_count.min(raw.headers.len() / 2).min(8);
+        let mut headers = Vec::with_capacity(explicit + usize::from(raw.number.is_some()));
         let mut pos = raw.headers.start;
         for _ in 0..raw.header_count {
             let (k, v) = scan_header(&self.data, &mut pos, raw.headers.end)?;
@@ -87,6 +123,13 @@ impl RecordIter {
             headers.push(Header {
                 key,
                 value: self.data.slice(v),
+            });
+        }
+        if let (Some(n), Some(number)) = (numbered, raw.number) {
+            let prefix = &self.data[n.preamble.prefix.clone()];
+            headers.push(Header {
+                key: n.key.clone(),
+                value: Bytes::from(numbered::value_of(prefix, number)),
             });
         }
         let timestamp = if self.log_append_time {
@@ -125,8 +168,11 @@ pub(crate) struct RawRecord {
     pub value: Range<usize>,
     /// Number of headers.
     pub header_count: usize,
-    /// The headers' bytes (every header checked: lengths within the record, UTF-8 keys).
+    /// The headers' bytes (every header checked: lengths within the record, UTF-8 keys),
+    /// not counting the numbered header.
     pub headers: Range<usize>,
+    /// The number of the batch's numbered header this record carries last, if it does.
+    pub number: Option<i64>,
 }
 
 /// Reads the varint at `*pos`, which must end before `end` (the record's end).
@@ -191,7 +237,13 @@ pub(crate) fn scan_header(
 
 /// Parses the record at `*pos` of a records section, checking every length against the
 /// record's own length and that length against the bytes present; advances `*pos` past it.
-pub(crate) fn scan_record(data: &[u8], pos: &mut usize) -> Result<RawRecord, ProtocolError> {
+/// `numbered` is the batch's numbered header, if it has one: a record may carry it only
+/// then, and its number must be a non-negative i64.
+pub(crate) fn scan_record(
+    data: &[u8],
+    pos: &mut usize,
+    numbered: Option<&Preamble>,
+) -> Result<RawRecord, ProtocolError> {
     let start = *pos;
     let len = get_varint(data, pos)?;
     let avail = data.len() - *pos;
@@ -231,6 +283,19 @@ pub(crate) fn scan_record(data: &[u8], pos: &mut usize) -> Result<RawRecord, Pro
             return Err(ProtocolError::malformed("header key", "not UTF-8"));
         }
     }
+    let headers_end = *pos;
+    let number = if attributes & RECORD_ATTR_NUMBERED == 0 {
+        None
+    } else {
+        let Some(preamble) = numbered else {
+            return Err(ProtocolError::malformed(
+                "record",
+                "its attributes say it carries the batch's numbered header, but the batch has none",
+            ));
+        };
+        let delta = varint_in(data, pos, end, "record's numbered header")?;
+        Some(preamble.number(delta)?)
+    };
     if *pos != end {
         return Err(ProtocolError::malformed(
             "record",
@@ -249,7 +314,8 @@ pub(crate) fn scan_record(data: &[u8], pos: &mut usize) -> Result<RawRecord, Pro
         key,
         value,
         header_count,
-        headers: headers_start..end,
+        headers: headers_start..headers_end,
+        number,
     })
 }
 

@@ -1406,5 +1406,21 @@ fn write_fuzz_seeds() {
         seed.extend_from_slice(&plain[crate::batch::BATCH_HEADER_LEN..]);
         write("produce", format!("seed-{i}"), &seed);
         write("produce", format!("whole-{i}"), &batch);
+        // A pipeline's output: `quiver.source` written as the batch's numbered header.
+        let mut n = BatchBuilder::new(Compression::None);
+        n.set_numbered_header(Some("quiver.source"));
+        n.push(None, b"one", NOW, &[("quiver.source", b"in/0/41")]);
+        n.push(
+            Some(b"k"),
+            b"two",
+            NOW + 2,
+            &[("h", b"v"), ("quiver.source", b"in/0/42")],
+        );
+        n.push(None, b"three", NOW + 1, &[("quiver.source", b"in/1/7")]);
+        let numbered = n.build();
+        let mut seed = vec![i as u8 | 0x60, 3, 0, 0, 0, 2, 0, 0];
+        seed.extend_from_slice(&numbered[crate::batch::BATCH_HEADER_LEN..]);
+        write("produce", format!("numbered-{i}"), &seed);
+        write("produce", format!("numbered-whole-{i}"), &numbered);
     }
 }
