@@ -214,10 +214,9 @@ impl BatchBuilder {
         if *k != key || !v.starts_with(prefix) {
             return (headers, None);
         }
-        match numbered::split_value(v) {
-            // The same prefix: the number starts right after it.
-            Some((at, n)) if at == prefix.len() => (rest, Some(n - base)),
-            _ => (headers, None),
+        match numbered::number_in(&v[prefix.len()..]) {
+            Some(n) => (rest, Some(n - base)),
+            None => (headers, None),
         }
     }
 

@@ -150,17 +150,26 @@ pub(crate) fn split_value(value: &[u8]) -> Option<(usize, i64)> {
         .take_while(|b| b.is_ascii_digit())
         .count();
     let prefix = value.len() - digits;
-    let number = &value[prefix..];
-    if digits == 0 || digits > MAX_DIGITS || prefix > MAX_PREFIX_BYTES {
+    if prefix > MAX_PREFIX_BYTES {
         return None;
     }
-    if digits > 1 && number[0] == b'0' {
+    Some((prefix, number_in(&value[prefix..])?))
+}
+
+/// The number `digits` spell, when they are 1 to 19 decimal digits without a leading zero
+/// (a lone `0` is fine) that fit an i64: exactly what [`value_of`] writes for it.
+#[inline]
+pub(crate) fn number_in(digits: &[u8]) -> Option<i64> {
+    let leading_zero = digits.len() > 1 && digits[0] == b'0';
+    if digits.is_empty() || digits.len() > MAX_DIGITS || leading_zero {
         return None;
     }
-    let n = number.iter().try_fold(0i64, |n, d| {
+    digits.iter().try_fold(0i64, |n, d| {
+        if !d.is_ascii_digit() {
+            return None;
+        }
         n.checked_mul(10)?.checked_add(i64::from(d - b'0'))
-    })?;
-    Some((prefix, n))
+    })
 }
 
 /// The header value of number `n`: the prefix, then `n` in decimal.
@@ -200,6 +209,11 @@ mod tests {
         let mut v = long.to_vec();
         v.push(b'1');
         assert_eq!(split_value(&v), None, "prefix over the limit");
+        // After a known prefix (the builder's check): digits only.
+        assert_eq!(number_in(b"1234"), Some(1234));
+        for not_a_number in [&b"12a"[..], b"1/2", b"", b"01", b"-1"] {
+            assert_eq!(number_in(not_a_number), None, "{not_a_number:?}");
+        }
         for (prefix, n) in [(&b"a/1/"[..], 0), (b"", 7), (b"x-", i64::MAX)] {
             let v = value_of(prefix, n);
             assert_eq!(split_value(&v), Some((prefix.len(), n)));
