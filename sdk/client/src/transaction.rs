@@ -513,7 +513,6 @@ fn next_sequence(
     first
 }
 
-/// Encodes a closed batch stamped with the transaction's producer fields and `sequence`.
 /// A fresh builder for one partition's batch, with the producer's codec and numbered
 /// header.
 fn batch_builder(codec: Compression, numbered_header: Option<&str>) -> BatchBuilder {
@@ -522,6 +521,7 @@ fn batch_builder(codec: Compression, numbered_header: Option<&str>) -> BatchBuil
     b
 }
 
+/// Encodes a closed batch stamped with the transaction's producer fields and `sequence`.
 fn stamp(b: &mut BatchBuilder, producer_id: i64, epoch: i16, sequence: i32) -> Bytes {
     b.set_producer(producer_id, epoch, sequence);
     b.set_transactional(true);

@@ -194,7 +194,6 @@ struct Pushed {
     wake: bool,
 }
 
-/// The bytes a record holds of the producer's buffer (`buffer_memory_bytes`).
 /// A batch builder with the producer's codec and numbered header, with room for `bytes`
 /// of records.
 fn new_builder(
@@ -207,6 +206,7 @@ fn new_builder(
     b
 }
 
+/// The bytes a record holds of the producer's buffer (`buffer_memory_bytes`).
 pub(crate) fn buffered_size(r: &RecordRef<'_>) -> usize {
     r.key.map_or(0, <[u8]>::len)
         + r.value.len()

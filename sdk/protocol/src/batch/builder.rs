@@ -33,9 +33,10 @@ pub struct BatchBuilder {
     /// The header to write as the batch's numbered header, when records carry it last
     /// (see [`set_numbered_header`](Self::set_numbered_header)).
     numbered_key: Option<Box<str>>,
-    /// The open batch's numbered header: its values' prefix and base, once its first
+    /// The open batch's numbered header: the key its preamble names (the key set when its
+    /// first record came), its values' prefix and base, once that record gave them.
     /// record gave them.
-    numbered: Option<(Vec<u8>, i64)>,
+    numbered: Option<(Box<str>, Vec<u8>, i64)>,
 }
 
 impl BatchBuilder {
@@ -195,7 +196,7 @@ impl BatchBuilder {
         );
         let prefix = v[..prefix_len].to_vec();
         numbered::put_preamble(&mut self.records, key, &prefix, base);
-        self.numbered = Some((prefix, base));
+        self.numbered = Some((key.into(), prefix, base));
     }
 
     /// A record's headers to write in full, and its number's distance from the batch's
@@ -204,14 +205,14 @@ impl BatchBuilder {
         &self,
         headers: &'h [(&'a str, &'a [u8])],
     ) -> (&'h [(&'a str, &'a [u8])], Option<i64>) {
-        let (Some((prefix, base)), Some(key)) = (&self.numbered, self.numbered_key.as_deref())
-        else {
+        // The key the batch's preamble names, whatever the builder was told since.
+        let Some((key, prefix, base)) = &self.numbered else {
             return (headers, None);
         };
         let Some(((k, v), rest)) = headers.split_last() else {
             return (headers, None);
         };
-        if *k != key || !v.starts_with(prefix) {
+        if *k != &**key || !v.starts_with(prefix) {
             return (headers, None);
         }
         match numbered::number_in(&v[prefix.len()..]) {
@@ -361,6 +362,37 @@ mod covering_tests {
                 assert_eq!(records.last().unwrap().offset, i64::from(count) - 1);
             }
         }
+    }
+
+    /// A key set while a batch is open applies from the next batch: the open one keeps the
+    /// key its preamble names, so its records read back with the headers they were given.
+    #[test]
+    fn a_numbered_key_changed_mid_batch_applies_from_the_next_batch() {
+        let mut b = BatchBuilder::new(Compression::None);
+        b.set_numbered_header(Some("a"));
+        b.push(None, b"1", 7, &[("a", b"p/1")]);
+        b.set_numbered_header(Some("b"));
+        b.push(None, b"2", 7, &[("b", b"p/2")]);
+        b.push(None, b"3", 7, &[("a", b"p/3")]);
+        let first = b.build();
+        b.push(None, b"4", 7, &[("b", b"p/4")]);
+        b.push(None, b"5", 7, &[("b", b"p/5")]);
+        let second = b.build();
+        let headers = |batch: &Bytes| -> Vec<(String, Vec<u8>)> {
+            RecordIter::new(batch, 1 << 20)
+                .unwrap()
+                .flat_map(|r| r.unwrap().headers)
+                .map(|h| (h.key, h.value.to_vec()))
+                .collect()
+        };
+        let h = |k: &str, v: &[u8]| (k.to_string(), v.to_vec());
+        assert_eq!(
+            headers(&first),
+            vec![h("a", b"p/1"), h("b", b"p/2"), h("a", b"p/3")]
+        );
+        assert_eq!(headers(&second), vec![h("b", b"p/4"), h("b", b"p/5")]);
+        let second_iter = RecordIter::new(&second, 1 << 20).unwrap();
+        assert_eq!(second_iter.numbered_header(), Some("b"));
     }
 
     #[test]

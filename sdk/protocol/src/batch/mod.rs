@@ -17,7 +17,12 @@
 //! ```text
 //! length | attributes i8 | timestamp_delta | offset_delta | key_len (-1: no key) | key
 //!        | value_len | value | header_count | header_count × (key_len | key (UTF-8) | value_len | value)
+//!        [| number delta, when attributes bit 0: the batch's numbered header]
 //! ```
+//! A batch with [`ATTR_NUMBERED_HEADER`] (bit 6) starts its records section with the
+//! numbered header's preamble (key, value prefix, base number); a record whose attributes
+//! have bit 0 set reads back with one more header, last: the key, and the prefix followed by
+//! base + its delta in decimal.
 //!
 //! # Checking a produced batch
 //! [`validate`] checks the envelope (header, length, CRC, codec). A broker accepting a
@@ -40,9 +45,14 @@
 //! - every record's length, key, value, header count and header lengths must lie within
 //!   the record; header keys must be UTF-8 (what [`RecordIter`] needs to read them back);
 //!   a key length below -1 or a negative value length is refused;
-//! - attribute bits other than the codec (0–2), timestamp type (3) and transactional flag (4)
-//!   are refused (control batches, bit 5, are written by the broker only), and a
-//!   transactional batch must carry a producer id and epoch.
+//! - attribute bits other than the codec (0–2), timestamp type (3), transactional flag (4)
+//!   and numbered header (6) are refused (control batches, bit 5, are written by the broker
+//!   only), and a transactional batch must carry a producer id and epoch;
+//! - a numbered header's preamble must be well formed (key 1–255 bytes of UTF-8, prefix at
+//!   most 512 bytes, base ≥ 0), only a batch with one may have records carrying it, each
+//!   such record's number must be a non-negative i64, and the records decoded with it may
+//!   not exceed the decompression limit (each record counted with the key, the prefix and
+//!   19 digits).
 //!
 //! # Transactions
 //! A transactional batch ([`ATTR_TRANSACTIONAL`]) belongs to the open transaction of its

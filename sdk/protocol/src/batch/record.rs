@@ -100,7 +100,8 @@ impl RecordIter {
 
     /// The key of the batch's numbered header, if it has one (see
     /// [`BatchBuilder::set_numbered_header`](super::BatchBuilder::set_numbered_header)):
-    /// a batch rebuilt from these records writes it the same way with it.
+    /// a builder given it writes that header of the records compactly again (the same
+    /// headers, though the prefix it picks from its own first record may differ).
     pub fn numbered_header(&self) -> Option<&str> {
         self.numbered.as_ref().map(|n| n.key.as_str())
     }
@@ -154,7 +155,9 @@ impl RecordIter {
 pub(crate) struct RawRecord {
     /// Where the record starts (its length varint).
     pub start: usize,
-    /// The record's attributes byte (unused, 0 when written by this crate).
+    /// The record's attributes byte: bit 0 ([`RECORD_ATTR_NUMBERED`]) when the record
+    /// carries the batch's numbered header; other bits unused (0 when written by this
+    /// crate).
     pub attributes: u8,
     /// Timestamp minus the batch's first timestamp.
     pub timestamp_delta: i64,
