@@ -163,7 +163,10 @@ pub struct PartitionLog {
     meta_key: Vec<u8>,
     state: Mutex<State>,
     hw: watch::Sender<i64>,
-    sequence_moved: Notify,
+    /// Signalled on every append: replica fetches wait on it for the log end to move.
+    log_end_moved: Notify,
+    /// Batches waiting for their producer's earlier batches, by producer.
+    sequence_waiters: SequenceWaiters,
     deleted: AtomicBool,
     /// Why the partition is offline (damaged storage), if it is.
     offline: Mutex<Option<String>>,
@@ -411,7 +414,8 @@ impl PartitionLog {
             meta_key,
             state: Mutex::new(state),
             hw: watch::Sender::new(log_end),
-            sequence_moved: Notify::new(),
+            log_end_moved: Notify::new(),
+            sequence_waiters: SequenceWaiters::default(),
             deleted: AtomicBool::new(false),
             offline: Mutex::new(meta_damage.or(offline)),
             meta_damaged,
@@ -580,8 +584,9 @@ impl PartitionLog {
         let mut result: Option<AppendResult> = None;
         for (raw, h) in batches.iter().zip(&headers) {
             let sequence_deadline = now + SEQUENCE_WAIT.min(timeout);
+            let waiting = self.sequence_waiters.join(h.producer_id);
             let appended = loop {
-                let moved = self.sequence_moved.notified();
+                let moved = waiting.signal().notified();
                 tokio::pin!(moved);
                 moved.as_mut().enable();
                 let (this, raw2, h2) = (self.clone(), raw.clone(), *h);
@@ -617,7 +622,9 @@ impl PartitionLog {
                     });
                 }
             };
-            self.sequence_moved.notify_waiters();
+            drop(waiting);
+            self.sequence_waiters.moved(h.producer_id);
+            self.log_end_moved.notify_waiters();
             result = Some(match result {
                 None => appended,
                 Some(r) => AppendResult {
@@ -942,7 +949,7 @@ impl PartitionLog {
     /// Waits until the log end passes `offset` or `deadline`; true if it did.
     pub async fn wait_for_append(&self, offset: i64, deadline: tokio::time::Instant) -> bool {
         loop {
-            let moved = self.sequence_moved.notified();
+            let moved = self.log_end_moved.notified();
             tokio::pin!(moved);
             moved.as_mut().enable();
             if self.lock().log_end > offset {
@@ -1294,7 +1301,8 @@ impl PartitionLog {
     /// Marks the partition deleted and removes its batches and time index.
     pub fn delete(&self) -> Result<(), LogError> {
         self.deleted.store(true, Ordering::Release);
-        self.sequence_moved.notify_waiters();
+        self.sequence_waiters.wake_all();
+        self.log_end_moved.notify_waiters();
         self.batches.erase()?;
         self.time_index.erase()?;
         self.meta.remove(&self.meta_key)?;
@@ -1369,6 +1377,9 @@ fn merge_epoch_starts(
 }
 
 mod replication;
+mod sequence_waits;
+
+use sequence_waits::SequenceWaiters;
 
 /// Batches a retention pass decided to delete, and the log it listed them from.
 struct RetentionPlan {
@@ -1662,6 +1673,45 @@ mod tests {
             .unwrap();
         let second = second.await.unwrap().unwrap();
         assert_eq!((first.base_offset, second.base_offset), (0, 3));
+    }
+
+    /// Batches parked under made-up producers are not retried by other producers' appends:
+    /// each waits for its own producer only, so parking many cannot multiply the work of
+    /// every append (with one signal for all, each of the 10 appends below retried all 20).
+    #[tokio::test]
+    async fn parked_batches_are_not_retried_by_other_producers_appends() {
+        let (_dir, db, f, _stop) = setup().await;
+        let p = open_partition(&db);
+        let cfg = TopicConfig::default();
+        let parked: Vec<_> = (0..20)
+            .map(|i| {
+                let (p2, f2, cfg2) = (p.clone(), f.clone(), cfg.clone());
+                tokio::spawn(async move {
+                    let t = Duration::from_secs(2);
+                    p2.append(vec![batch(1, 0, 1000 + i, 7)], &cfg2, &f2, t)
+                        .await
+                })
+            })
+            .collect();
+        let until = tokio::time::Instant::now() + Duration::from_secs(30);
+        while p.sequence_waits() < 20 {
+            assert!(
+                tokio::time::Instant::now() < until,
+                "the batches never parked"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        for seq in 0..10 {
+            p.append(vec![batch(1, 0, 9, seq)], &cfg, &f, Duration::from_secs(5))
+                .await
+                .unwrap();
+        }
+        for parked in parked {
+            let e = parked.await.unwrap().unwrap_err();
+            assert!(e.to_string().contains("unknown to this partition"), "{e}");
+        }
+        assert_eq!(p.sequence_waits(), 20, "each parked batch waited once");
+        assert_eq!(p.sequence_waiters.producers(), 0, "every waiter left");
     }
 
     /// A metadata record that does not decode takes its partition offline, not the broker;
