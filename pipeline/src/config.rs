@@ -107,7 +107,8 @@ pub enum SinkCompression {
     /// Stored as produced.
     #[default]
     None,
-    /// LZ4: cheap; removes most of what the `quiver.source` headers repeat.
+    /// LZ4: cheap; for values that repeat themselves (the `quiver.source` header is
+    /// stored compactly whatever the codec).
     Lz4,
     /// Zstandard: smaller output for more CPU.
     Zstd,
