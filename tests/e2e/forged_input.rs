@@ -1,7 +1,8 @@
 //! Well-formed but lying input from a raw QUIC client that builds its own frames (not the
 //! SDK): batches whose headers disagree with their records, timestamps from the far future,
-//! produce envelopes whose partition or batch lengths lie, and writes into the broker's
-//! internal `__consumer_offsets` topic. Each is refused with a clear error and changes
+//! produce envelopes whose partition or batch lengths lie, numbered headers that lie or
+//! would decode to far more than was sent, and writes into the broker's internal
+//! `__consumer_offsets` topic. Each is refused with a clear error and changes
 //! nothing; the broker stays up, consumes with and without a processor work, and after a
 //! restart every consumer group is intact.
 
@@ -231,4 +232,62 @@ fn lying_batches_and_internal_topic_writes_are_refused_and_change_nothing() {
         b.cli_ok(&["consume", "victim", "--from-beginning"]),
         "one\ntwo\nthree\n"
     );
+}
+
+/// A pipeline's `quiver.source` written as the batch's numbered header, from a raw client:
+/// an honest batch is stored and reads back with its headers; one whose record lies about
+/// its number, one that sets the attribute without a preamble, and one whose headers would
+/// decode to more than the broker's limit are refused and store nothing.
+#[test]
+fn numbered_headers_that_lie_are_refused_and_honest_ones_read_back() {
+    let b = TestBroker::start();
+    b.cli_ok(&["topic", "create", "out"]);
+    let numbered = |sources: &[&str]| -> Vec<u8> {
+        let mut nb = BatchBuilder::new(Compression::None);
+        nb.set_numbered_header(Some("quiver.source"));
+        for s in sources {
+            nb.push(None, b"v", now_ms(), &[("quiver.source", s.as_bytes())]);
+        }
+        nb.build().to_vec()
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (_ep, conn) = connect(&b, &rt);
+    rt.block_on(async {
+        let batch = numbered(&["in/0/5", "in/0/6"]);
+        let (code, msg) = produce_raw(&conn, "out", &batch).await;
+        assert_eq!(code, ErrorCode::None, "{msg}");
+        // The last record's number: 5 + (-10), below 0.
+        let mut below = numbered(&["in/0/5"]);
+        *below.last_mut().unwrap() = 0x13; // zigzag -10
+        recompute_crc(&mut below);
+        let (code, msg) = produce_raw(&conn, "out", &below).await;
+        assert_eq!(code, ErrorCode::InvalidRecord, "{msg}");
+        assert!(msg.contains("is not a number from 0"), "{msg}");
+        // The attribute without a preamble: the first record reads as a broken one.
+        let mut bare = honest(&["plain"], Compression::None);
+        let attrs = quiver_protocol::batch::ATTR_NUMBERED_HEADER.to_be_bytes();
+        bare[field::ATTRIBUTES..field::ATTRIBUTES + 2].copy_from_slice(&attrs);
+        recompute_crc(&mut bare);
+        let (code, msg) = produce_raw(&conn, "out", &bare).await;
+        assert_eq!(code, ErrorCode::InvalidRecord, "{msg}");
+        // 130,000 records of a 512-byte prefix: about 1.3 MB sent, over 64 MiB decoded.
+        let prefix = "p".repeat(511) + "/";
+        let sources: Vec<String> = (0..130_000).map(|i| format!("{prefix}{i}")).collect();
+        let refs: Vec<&str> = sources.iter().map(String::as_str).collect();
+        let bomb = numbered(&refs);
+        assert!(bomb.len() < 2 << 20, "{} bytes", bomb.len());
+        let (code, msg) = produce_raw(&conn, "out", &bomb).await;
+        assert_eq!(code, ErrorCode::MessageTooLarge, "{msg}");
+        assert!(msg.contains("numbered headers"), "{msg}");
+    });
+    assert_eq!(b.describe("out")["partitions"][0]["log_end_offset"], 2);
+    let read = b.cli_ok(&["consume", "out", "--from-beginning", "--output", "json"]);
+    let sources: Vec<String> = read
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["headers"]["quiver.source"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(sources, vec!["in/0/5", "in/0/6"]);
 }
