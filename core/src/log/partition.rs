@@ -1622,6 +1622,18 @@ mod tests {
         p.end_role();
         let e = p.append(vec![batch(1, 0, -1, -1)], &cfg, &f, t).await;
         assert!(matches!(e, Err(LogError::NotLeading(_))), "{e:?}");
+        // A batch waiting for its producer's earlier ones when the log steps down fails
+        // then with NotLeading, not at the end of its wait with a sequence error.
+        p.become_leader(8).unwrap();
+        let (p2, f2, cfg2) = (p.clone(), f.clone(), cfg.clone());
+        let parked = tokio::spawn(async move {
+            let long = Duration::from_secs(30);
+            p2.append(vec![batch(1, 0, 77, 3)], &cfg2, &f2, long).await
+        });
+        wait_until_parked(&p).await;
+        p.become_follower(9).unwrap();
+        let e = parked.await.unwrap();
+        assert!(matches!(e, Err(LogError::NotLeading(_))), "{e:?}");
     }
 
     #[tokio::test]

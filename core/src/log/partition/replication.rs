@@ -75,15 +75,21 @@ impl PartitionLog {
             st.leader_epoch = epoch;
             st.role_generation
         };
+        // Batches waiting for their producer's earlier ones fail now (not leading), not
+        // at their timeout.
+        self.sequence_waiters.wake_all();
         self.persist_meta()?;
         Ok(generation)
     }
 
     /// Ends any follower loop's right to write (the partition stopped being followed here).
     pub fn end_role(&self) {
-        let mut st = self.lock();
-        st.role_generation += 1;
-        st.leading = false;
+        {
+            let mut st = self.lock();
+            st.role_generation += 1;
+            st.leading = false;
+        }
+        self.sequence_waiters.wake_all();
     }
 
     fn check_generation(st: &super::State, generation: u64) -> Result<(), LogError> {
@@ -320,6 +326,7 @@ impl PartitionLog {
             st.retired = true;
             st.size_bytes
         };
+        self.sequence_waiters.wake_all();
         self.clear_to(0)?;
         Ok(dropped)
     }
