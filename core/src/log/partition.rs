@@ -678,6 +678,9 @@ impl PartitionLog {
         guard: Option<TxnGuard>,
     ) -> Result<Result<AppendResult, SequenceCheck>, LogError> {
         let mut st = self.lock();
+        if self.deleted.load(Ordering::Acquire) {
+            return Err(LogError::Deleted);
+        }
         if st.retired {
             return Err(LogError::Moved(format!(
                 "{}/{} moved to other brokers",
@@ -1300,7 +1303,12 @@ impl PartitionLog {
 
     /// Marks the partition deleted and removes its batches and time index.
     pub fn delete(&self) -> Result<(), LogError> {
-        self.deleted.store(true, Ordering::Release);
+        {
+            // Under the state lock: an append either stored its batch before (erased
+            // below) or sees the partition deleted.
+            let _st = self.lock();
+            self.deleted.store(true, Ordering::Release);
+        }
         self.sequence_waiters.wake_all();
         self.log_end_moved.notify_waiters();
         self.batches.erase()?;
@@ -1724,6 +1732,28 @@ mod tests {
         }
         assert_eq!(p.sequence_waits(), 20, "each parked batch waited once");
         assert_eq!(p.sequence_waiters.producers(), 0, "every waiter left");
+    }
+
+    /// A batch waiting for its producer's earlier ones when its partition is deleted fails
+    /// then as deleted (the topic is gone), not at the end of its wait.
+    #[tokio::test]
+    async fn a_waiting_batch_fails_as_deleted_when_its_partition_goes() {
+        let (_dir, db, f, _stop) = setup().await;
+        let p = open_partition(&db);
+        let cfg = TopicConfig::default();
+        let (p2, f2, cfg2) = (p.clone(), f.clone(), cfg.clone());
+        let parked = tokio::spawn(async move {
+            let t = Duration::from_secs(5);
+            p2.append(vec![batch(1, 0, 55, 4)], &cfg2, &f2, t).await
+        });
+        wait_until_parked(&p).await;
+        p.delete().unwrap();
+        let e = parked.await.unwrap();
+        assert!(matches!(e, Err(LogError::Deleted)), "{e:?}");
+        assert!(
+            p.read(0, 1 << 20).is_err(),
+            "nothing readable after the delete"
+        );
     }
 
     /// A metadata record that does not decode takes its partition offline, not the broker;
