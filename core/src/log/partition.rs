@@ -1415,6 +1415,19 @@ mod tests {
         (raw, h)
     }
 
+    /// Appends `b` to `p` in a task of its own (a batch that will wait for its producer's
+    /// earlier ones), within `timeout`.
+    fn spawn_append(
+        p: &Arc<PartitionLog>,
+        f: &Arc<Flusher>,
+        cfg: &TopicConfig,
+        b: (Bytes, BatchHeader),
+        timeout: Duration,
+    ) -> tokio::task::JoinHandle<Result<AppendResult, LogError>> {
+        let (p, f, cfg) = (p.clone(), f.clone(), cfg.clone());
+        tokio::spawn(async move { p.append(vec![b], &cfg, &f, timeout).await })
+    }
+
     /// Polls until a batch of `p` is parked waiting for its producer's earlier batches, so
     /// a test really exercises the overtaking path.
     async fn wait_until_parked(p: &PartitionLog) {
@@ -1633,11 +1646,8 @@ mod tests {
         // A batch waiting for its producer's earlier ones when the log steps down fails
         // then with NotLeading, not at the end of its wait with a sequence error.
         p.become_leader(8).unwrap();
-        let (p2, f2, cfg2) = (p.clone(), f.clone(), cfg.clone());
-        let parked = tokio::spawn(async move {
-            let long = Duration::from_secs(30);
-            p2.append(vec![batch(1, 0, 77, 3)], &cfg2, &f2, long).await
-        });
+        let long = Duration::from_secs(30);
+        let parked = spawn_append(&p, &f, &cfg, batch(1, 0, 77, 3), long);
         wait_until_parked(&p).await;
         p.become_follower(9).unwrap();
         let e = parked.await.unwrap();
@@ -1653,13 +1663,7 @@ mod tests {
             .await
             .unwrap();
         // Sequence 4 arrives before 2: it waits for 2, then lands after it.
-        let p2 = p.clone();
-        let f2 = f.clone();
-        let cfg2 = cfg.clone();
-        let later = tokio::spawn(async move {
-            p2.append(vec![batch(2, 0, 9, 4)], &cfg2, &f2, Duration::from_secs(5))
-                .await
-        });
+        let later = spawn_append(&p, &f, &cfg, batch(2, 0, 9, 4), Duration::from_secs(5));
         wait_until_parked(&p).await;
         let mid = p
             .append(vec![batch(2, 0, 9, 2)], &cfg, &f, Duration::from_secs(5))
@@ -1681,11 +1685,7 @@ mod tests {
         let (_dir, db, f, _stop) = setup().await;
         let p = open_partition(&db);
         let cfg = TopicConfig::default();
-        let (p2, f2, cfg2) = (p.clone(), f.clone(), cfg.clone());
-        let second = tokio::spawn(async move {
-            p2.append(vec![batch(3, 0, 42, 3)], &cfg2, &f2, Duration::from_secs(5))
-                .await
-        });
+        let second = spawn_append(&p, &f, &cfg, batch(3, 0, 42, 3), Duration::from_secs(5));
         wait_until_parked(&p).await;
         let first = p
             .append(vec![batch(3, 0, 42, 0)], &cfg, &f, Duration::from_secs(5))
@@ -1705,12 +1705,8 @@ mod tests {
         let cfg = TopicConfig::default();
         let parked: Vec<_> = (0..20)
             .map(|i| {
-                let (p2, f2, cfg2) = (p.clone(), f.clone(), cfg.clone());
-                tokio::spawn(async move {
-                    let t = Duration::from_secs(2);
-                    p2.append(vec![batch(1, 0, 1000 + i, 7)], &cfg2, &f2, t)
-                        .await
-                })
+                let t = Duration::from_secs(2);
+                spawn_append(&p, &f, &cfg, batch(1, 0, 1000 + i, 7), t)
             })
             .collect();
         let until = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -1741,11 +1737,7 @@ mod tests {
         let (_dir, db, f, _stop) = setup().await;
         let p = open_partition(&db);
         let cfg = TopicConfig::default();
-        let (p2, f2, cfg2) = (p.clone(), f.clone(), cfg.clone());
-        let parked = tokio::spawn(async move {
-            let t = Duration::from_secs(5);
-            p2.append(vec![batch(1, 0, 55, 4)], &cfg2, &f2, t).await
-        });
+        let parked = spawn_append(&p, &f, &cfg, batch(1, 0, 55, 4), Duration::from_secs(5));
         wait_until_parked(&p).await;
         p.delete().unwrap();
         let e = parked.await.unwrap();

@@ -51,13 +51,10 @@ impl Preamble {
             .checked_add(delta)
             .filter(|n| *n >= 0)
             .ok_or_else(|| {
-                ProtocolError::malformed(
-                    "numbered header",
-                    format!(
-                        "base {} plus a record's {delta} is not a number from 0 to i64::MAX",
-                        self.base
-                    ),
-                )
+                bad(format!(
+                    "base {} plus a record's {delta} is not a number from 0 to i64::MAX",
+                    self.base
+                ))
             })
     }
 
@@ -73,42 +70,31 @@ impl Preamble {
 pub(crate) fn parse_preamble(data: &[u8], pos: &mut usize) -> Result<Preamble, ProtocolError> {
     let key_len = preamble_varint(data, pos, "key length")?;
     if !(1..=MAX_KEY_BYTES as i64).contains(&key_len) {
-        return Err(ProtocolError::malformed(
-            "numbered header",
-            format!("key length {key_len} is not 1 to {MAX_KEY_BYTES}"),
-        ));
+        return Err(bad(format!(
+            "key length {key_len} is not 1 to {MAX_KEY_BYTES}"
+        )));
     }
     let key = preamble_bytes(data, pos, key_len as usize, "key")?;
     if std::str::from_utf8(&data[key.clone()]).is_err() {
-        return Err(ProtocolError::malformed(
-            "numbered header",
-            "key is not UTF-8",
-        ));
+        return Err(bad("key is not UTF-8".into()));
     }
     let prefix_len = preamble_varint(data, pos, "prefix length")?;
     if !(0..=MAX_PREFIX_BYTES as i64).contains(&prefix_len) {
-        return Err(ProtocolError::malformed(
-            "numbered header",
-            format!("prefix length {prefix_len} is not 0 to {MAX_PREFIX_BYTES}"),
-        ));
+        return Err(bad(format!(
+            "prefix length {prefix_len} is not 0 to {MAX_PREFIX_BYTES}"
+        )));
     }
     let prefix = preamble_bytes(data, pos, prefix_len as usize, "prefix")?;
     let base = preamble_varint(data, pos, "base")?;
     if base < 0 {
-        return Err(ProtocolError::malformed(
-            "numbered header",
-            format!("base {base} is negative"),
-        ));
+        return Err(bad(format!("base {base} is negative")));
     }
     Ok(Preamble { key, prefix, base })
 }
 
 fn preamble_varint(data: &[u8], pos: &mut usize, what: &str) -> Result<i64, ProtocolError> {
     get_varint(data, pos).map_err(|e| match e {
-        ProtocolError::Truncated { .. } => ProtocolError::malformed(
-            "numbered header",
-            format!("the records section ends inside its {what}"),
-        ),
+        ProtocolError::Truncated { .. } => ends_inside(what),
         other => other,
     })
 }
@@ -120,14 +106,21 @@ fn preamble_bytes(
     what: &str,
 ) -> Result<Range<usize>, ProtocolError> {
     if data.len() - *pos < len {
-        return Err(ProtocolError::malformed(
-            "numbered header",
-            format!("the records section ends inside its {what}"),
-        ));
+        return Err(ends_inside(what));
     }
     let r = *pos..*pos + len;
     *pos = r.end;
     Ok(r)
+}
+
+/// A broken numbered header: `reason` says what is wrong.
+fn bad(reason: String) -> ProtocolError {
+    ProtocolError::malformed("numbered header", reason)
+}
+
+/// A preamble cut short inside its `what`.
+fn ends_inside(what: &str) -> ProtocolError {
+    bad(format!("the records section ends inside its {what}"))
 }
 
 /// Writes a preamble for `key` and values `prefix` + number, counting from `base`.
