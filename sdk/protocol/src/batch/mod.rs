@@ -276,15 +276,23 @@ impl BatchHeader {
     }
 }
 
-/// Refuses a batch whose records, decoded with their numbered headers, could take more
-/// than `limit` bytes: `len` bytes of records plus what the preamble can add to each.
-fn check_expansion(
-    len: usize,
-    preamble: &numbered::Preamble,
-    records: i32,
+/// The batch's numbered header, when `h` says it has one: the preamble at the front of its
+/// records section `data` (`*pos` moves past it). A batch whose records, decoded with it,
+/// could take more than `limit` bytes (the records' bytes plus what the preamble can add
+/// to each) is refused as too large.
+fn numbered_preamble(
+    h: &BatchHeader,
+    data: &[u8],
+    pos: &mut usize,
     limit: usize,
-) -> Result<(), ProtocolError> {
-    let decoded = len.saturating_add(preamble.expansion_bound(records));
+) -> Result<Option<numbered::Preamble>, ProtocolError> {
+    if !h.has_numbered_header() {
+        return Ok(None);
+    }
+    let preamble = numbered::parse_preamble(data, pos)?;
+    let decoded = data
+        .len()
+        .saturating_add(preamble.expansion_bound(h.record_count));
     if decoded > limit {
         return Err(ProtocolError::TooLarge {
             what: "records decoded with their numbered headers",
@@ -292,7 +300,7 @@ fn check_expansion(
             limit: limit as u64,
         });
     }
-    Ok(())
+    Ok(Some(preamble))
 }
 
 /// What a transaction marker says.
@@ -559,20 +567,12 @@ pub fn validate_produce(
     };
     let log_append_time = h.attributes & ATTR_LOG_APPEND_TIME != 0;
     let mut pos = 0;
-    let numbered = match h.has_numbered_header() {
-        true => {
-            let p = numbered::parse_preamble(data, &mut pos)
-                .map_err(|e| ProtocolError::invalid_record(e.to_string()))?;
-            check_expansion(
-                data.len(),
-                &p,
-                h.record_count,
-                limits.max_decompressed_bytes,
-            )?;
-            Some(p)
-        }
-        false => None,
-    };
+    let numbered = numbered_preamble(&h, data, &mut pos, limits.max_decompressed_bytes).map_err(
+        |e| match e {
+            too_large @ ProtocolError::TooLarge { .. } => too_large,
+            broken => ProtocolError::invalid_record(broken.to_string()),
+        },
+    )?;
     let mut n: u64 = 0;
     let mut max_ts = i64::MIN;
     while pos < data.len() {

@@ -68,21 +68,12 @@ impl RecordIter {
             c => Bytes::from(c.decompress(&body, max_decompressed)?),
         };
         let mut pos = 0;
-        let numbered = match header.has_numbered_header() {
-            true => {
-                let preamble = numbered::parse_preamble(&data, &mut pos)?;
-                super::check_expansion(
-                    data.len(),
-                    &preamble,
-                    header.record_count,
-                    max_decompressed,
-                )?;
-                // parse_preamble checked the key is UTF-8.
+        let numbered =
+            super::numbered_preamble(&header, &data, &mut pos, max_decompressed)?.map(|preamble| {
+                // The preamble's key was checked to be UTF-8.
                 let key = String::from_utf8_lossy(&data[preamble.key.clone()]).into_owned();
-                Some(Numbered { preamble, key })
-            }
-            false => None,
-        };
+                Numbered { preamble, key }
+            });
         Ok(RecordIter {
             header,
             data,
