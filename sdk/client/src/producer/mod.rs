@@ -410,6 +410,11 @@ enum Paused {
 
 /// Ends a run of [`Producer::send_refs`]: the future of its last record replaces the one
 /// `out` holds for that partition.
+/// Equal strings, without comparing their bytes when both are the same `str`.
+fn same_str(a: &str, b: &str) -> bool {
+    std::ptr::eq(a, b) || a == b
+}
+
 fn end_run(run: Option<accumulator::QueueRun<'_>>, out: &mut RefsQueued) {
     let Some(run) = run else {
         return;
@@ -705,7 +710,8 @@ impl Producer {
                 let name = records[i].topic;
                 let end = records[i..]
                     .iter()
-                    .position(|r| r.topic != name)
+                    // A caller's records mostly name one topic's `str`: pointers first.
+                    .position(|r| !same_str(r.topic, name))
                     .map_or(records.len(), |n| i + n);
                 result = self.queue_topic_refs(&records[i..end], &mut out).await;
                 if result.is_err() {
