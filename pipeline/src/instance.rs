@@ -848,7 +848,11 @@ fn to_plugin_record(r: ConsumedRecord) -> Record {
     Record {
         key: r.key,
         value: r.value,
-        headers: r.headers.into_iter().map(|h| (h.key, h.value)).collect(),
+        headers: if r.headers.is_empty() {
+            Vec::new()
+        } else {
+            r.headers.into_iter().map(|h| (h.key, h.value)).collect()
+        },
         timestamp: r.timestamp,
         offset: r.offset,
         partition: r.partition as i32,
@@ -995,6 +999,11 @@ mod tests {
             consumed(&b, 1, 3),
             consumed(&a, 0, 7),
         ];
+        let mut poll = poll;
+        poll[4].headers.push(quiver_protocol::batch::Header {
+            key: "h".into(),
+            value: Bytes::from("hv"),
+        });
         let mut timestamps = TimestampRuns::default();
         let runs = into_runs(poll, &mut timestamps);
         let seen: Vec<(String, u32, Vec<i64>)> = runs
@@ -1019,6 +1028,8 @@ mod tests {
         let r = &runs[2].1[1];
         assert_eq!((r.partition, r.timestamp), (1, 1_003));
         assert_eq!(&r.value[..], b"v3");
+        assert_eq!(r.headers, vec![("h".to_string(), Bytes::from("hv"))]);
+        assert!(runs[2].1[0].headers.is_empty());
         assert!(into_runs(Vec::new(), &mut timestamps).is_empty());
     }
 
