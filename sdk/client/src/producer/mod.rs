@@ -408,13 +408,13 @@ enum Paused {
     BufferFull(usize),
 }
 
-/// Ends a run of [`Producer::send_refs`]: the future of its last record replaces the one
-/// `out` holds for that partition.
 /// Equal strings, without comparing their bytes when both are the same `str`.
 fn same_str(a: &str, b: &str) -> bool {
     std::ptr::eq(a, b) || a == b
 }
 
+/// Ends a run of [`Producer::send_refs`]: the future of its last record replaces the one
+/// `out` holds for that partition.
 fn end_run(run: Option<accumulator::QueueRun<'_>>, out: &mut RefsQueued) {
     let Some(run) = run else {
         return;
