@@ -891,7 +891,8 @@ const OUTPUTS_PER_CALL: usize = 1024;
 
 /// Sends a partition's stage outputs, each to its destination (the sink, or the named
 /// output its `quiver.sink` header asks for) with the `quiver.source` header, in calls of
-/// [`OUTPUTS_PER_CALL`] records to the writer. The producer copies the records into its
+/// [`OUTPUTS_PER_CALL`] records to the writer, once every named output is known to exist.
+/// The producer copies the records into its
 /// batches, so nothing is built per record but the source values (one buffer) and the
 /// header lists (one vector).
 async fn send_outputs(
@@ -901,6 +902,15 @@ async fn send_outputs(
     (first, last): (i64, i64),
     cfg: &PipelineConfig,
 ) -> Result<(), RuntimeError> {
+    // Every named output is checked before any record is queued: a name `[sinks]` lacks
+    // fails the poll with nothing of this partition's outputs sent.
+    for r in records.iter().filter(|r| !r.headers.is_empty()) {
+        for (k, v) in &r.headers {
+            if k == SINK_HEADER {
+                sink_named(cfg, v, source.of(r.offset.clamp(first, last)))?;
+            }
+        }
+    }
     let per_call = OUTPUTS_PER_CALL.min(records.len());
     let mut sources = Vec::with_capacity(per_call * (source.prefix + 8));
     let mut source_ends = Vec::with_capacity(per_call);
@@ -1106,24 +1116,47 @@ mod tests {
             }
         }
 
+        // A poll whose last output names an output `[sinks]` lacks: an error naming it,
+        // and none of the poll's other outputs (two calls' worth) queued.
+        let log_ends = |topic: &'static str| {
+            let client = client.clone();
+            async move {
+                let fetch = quiver_protocol::requests::FetchRequest {
+                    topic: topic.into(),
+                    partition: 0,
+                    offset: 0,
+                    max_bytes: 1,
+                    max_wait_ms: 0,
+                    min_bytes: 0,
+                    processor: None,
+                    isolation: Default::default(),
+                };
+                let (resp, _) = client
+                    .request_for_partition(topic, 0, &fetch, Bytes::new(), Duration::from_secs(10))
+                    .await
+                    .unwrap();
+                resp.log_end_offset
+            }
+        };
+        let ends = (log_ends("out").await, log_ends("odd-out").await);
         let mut lost = Record::from_value("x");
-        lost.offset = 100;
+        lost.offset = 100 + total as i64 - 1;
         lost.headers
             .push((SINK_HEADER.into(), Bytes::from("evens")));
-        let err = send_outputs(
-            &mut writer,
-            &[lost],
-            &mut SourceHeader::new(&tp),
-            range,
-            &cfg,
-        )
-        .await
-        .unwrap_err()
-        .to_string();
+        let mut poll = records.clone();
+        poll.push(lost);
+        let err = send_outputs(&mut writer, &poll, &mut SourceHeader::new(&tp), range, &cfg)
+            .await
+            .unwrap_err()
+            .to_string();
+        let last = format!("in/3/{}", 100 + total - 1);
         assert!(
-            err.contains("in/3/100") && err.contains("\"evens\"") && err.contains("it has: odd"),
+            err.contains(&last) && err.contains("\"evens\"") && err.contains("it has: odd"),
             "{err}"
         );
+        let sealed = writer.seal();
+        writer.finish(sealed).await.unwrap();
+        assert_eq!((log_ends("out").await, log_ends("odd-out").await), ends);
         broker.shutdown().await;
     }
 }
