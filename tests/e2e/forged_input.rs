@@ -4,7 +4,9 @@
 //! would decode to far more than was sent, and writes into the broker's internal
 //! `__consumer_offsets` topic. Each is refused with a clear error and changes
 //! nothing; the broker stays up, consumes with and without a processor work, and after a
-//! restart every consumer group is intact.
+//! restart every consumer group is intact. And the other side of the bounds: an honest
+//! batch that decodes to more than 64 MiB, on a broker whose frame limit allows it, reads
+//! back with the CLI's defaults.
 
 use std::time::Duration;
 
@@ -290,4 +292,35 @@ fn numbered_headers_that_lie_are_refused_and_honest_ones_read_back() {
         })
         .collect();
     assert_eq!(sources, vec!["in/0/5", "in/0/6"]);
+}
+
+/// A broker whose `max_frame_bytes` is 100 MiB takes a compressed batch whose records
+/// decode to 70 MiB; a consumer with the default client settings reads it (it refused
+/// anything over 64 MiB decoded before).
+#[test]
+fn a_large_batch_the_broker_takes_is_one_its_consumers_read() {
+    let b = TestBroker::start_with_config("[limits]\nmax_frame_bytes = 104857600\n");
+    b.cli_ok(&["topic", "create", "big"]);
+    let large = vec![b'a'; 70 << 20];
+    let mut builder = BatchBuilder::with_capacity(Compression::Zstd, (70 << 20) + 1024);
+    builder.push(None, &large, now_ms(), &[]);
+    builder.push(None, b"after", now_ms(), &[]);
+    let batch = builder.build();
+    assert!(batch.len() < 1 << 20, "{} bytes compressed", batch.len());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (_ep, conn) = connect(&b, &rt);
+    rt.block_on(async {
+        let (code, msg) = produce_raw(&conn, "big", &batch).await;
+        assert_eq!(code, ErrorCode::None, "{msg}");
+    });
+    let out = b.cli(&["consume", "big", "--from-beginning", "--max-messages", "2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&[u8]> = out.stdout.split(|c| *c == b'\n').collect();
+    assert_eq!(lines.len(), 3, "two records and the end");
+    assert!(lines[0] == &large[..], "{} bytes", lines[0].len());
+    assert_eq!(lines[1], b"after");
 }

@@ -407,9 +407,12 @@ impl Client {
                 reason: format!("cannot open a local UDP socket: {e}"),
             })?,
         };
+        // A batch may decode to as much as the largest answer this client takes: a broker
+        // stores batches that decode to up to its own frame limit, and a client that can
+        // receive such a frame reads its records too.
         let limits = Limits {
             max_frame_bytes: config.max_response_bytes,
-            ..Limits::default()
+            max_decompressed_bytes: config.max_response_bytes as usize,
         };
         let local = config.local.as_ref().map(|l| l.0.clone());
         let bootstrap = Arc::new(BrokerConn::new(&config.bootstrap, local.clone()));

@@ -32,7 +32,9 @@ pub struct ClientConfig {
     pub reconnect_backoff: Duration,
     /// Largest reconnect delay.
     pub reconnect_backoff_max: Duration,
-    /// Largest response frame accepted (the body is refused before it is read).
+    /// Largest response frame accepted (the body is refused before it is read), and the
+    /// most one fetched batch's records may decode to. At least the brokers'
+    /// `limits.max_frame_bytes`, or batches they store may not be read.
     pub max_response_bytes: u32,
     /// QUIC receive window per stream.
     pub stream_receive_window: u32,
