@@ -74,6 +74,7 @@ pub async fn load_stages(
                 reason: format!("{} is a partitioner, not a processor", bundle.id()),
             });
         }
+        check_stage_config(i, &bundle, &stage.config)?;
         stages.push(LoadedStage {
             id: bundle.id(),
             bundle: Arc::new(bundle),
@@ -81,6 +82,36 @@ pub async fn load_stages(
         });
     }
     Ok(stages)
+}
+
+/// A stage's `config` may only set keys its plugin declares in `[config]` of its
+/// `plugin.toml` (with their defaults): a misspelt key would otherwise be ignored, and the
+/// stage would run on the default in silence.
+fn check_stage_config(
+    stage: usize,
+    bundle: &Bundle,
+    config: &BTreeMap<String, String>,
+) -> Result<(), RuntimeError> {
+    let declared = &bundle.manifest().config;
+    let Some(unknown) = config.keys().find(|k| !declared.contains_key(*k)) else {
+        return Ok(());
+    };
+    let takes = if declared.is_empty() {
+        "it takes no config; remove the stage's `config`".to_string()
+    } else {
+        format!(
+            "it takes: {}",
+            declared.keys().cloned().collect::<Vec<_>>().join(", ")
+        )
+    };
+    Err(RuntimeError::Stage {
+        stage,
+        reason: format!(
+            "{} has no config key {unknown:?} ({takes}; see `quiver plugin describe {}`)",
+            bundle.id(),
+            bundle.manifest().name
+        ),
+    })
 }
 
 /// Empty state stores for every stage of `pipeline` reading `topic`/`partition`.
@@ -338,6 +369,36 @@ end
         let out = c.process(records(&values));
         assert!(out.fatal.is_none(), "{:?}", out.fatal);
         assert_eq!(out.records.len(), 30_000);
+    }
+
+    #[test]
+    fn a_stage_config_key_its_plugin_does_not_declare_is_refused() {
+        let manifest = "name = \"t\"\nversion = \"1.0.0\"\nkind = \"processor\"\nruntime = \"lua\"\nentry = \"t.lua\"\n[config]\npattern = \"ERROR\"\n";
+        let files = [
+            ("plugin.toml".to_string(), manifest.as_bytes().to_vec()),
+            ("t.lua".to_string(), PICKY.as_bytes().to_vec()),
+        ]
+        .into_iter()
+        .collect();
+        let bundle = Bundle::from_files(files, Path::new("<test>")).unwrap();
+        let set = |k: &str| BTreeMap::from([(k.to_string(), "x".to_string())]);
+        check_stage_config(0, &bundle, &set("pattern")).unwrap();
+        check_stage_config(0, &bundle, &BTreeMap::new()).unwrap();
+        let err = check_stage_config(1, &bundle, &set("patern"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"patern\"")
+                && err.contains("it takes: pattern")
+                && err.contains("t@1.0.0"),
+            "{err}"
+        );
+        // A plugin without `[config]` takes none.
+        let bare = lua_stage(PICKY);
+        let err = check_stage_config(0, &bare.bundle, &set("lowercase"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("takes no config"), "{err}");
     }
 
     #[test]

@@ -265,6 +265,23 @@ fn bad_deploys_are_refused_with_the_reason_and_a_stop_policy_failure_shows_in_th
     let f = write("typo", "colour = \"blue\"\n");
     let err = b.cli_err(&["pipeline", "deploy", f.to_str().unwrap()], None);
     assert!(err.contains("colour"), "{err}");
+    // A stage config key its plugin does not declare: refused with the keys it takes,
+    // where the pipeline would otherwise run on the default in silence.
+    let grep = super::harness::examples().join("grep");
+    let f = write(
+        "misspelt",
+        &format!(
+            "[[stages]]\npath = {:?}\nconfig = {{ patern = \"ERROR\" }}\n",
+            grep.to_str().unwrap()
+        ),
+    );
+    for verb in ["run", "deploy"] {
+        let err = b.cli_err(&["pipeline", verb, f.to_str().unwrap()], None);
+        assert!(
+            err.contains("\"patern\"") && err.contains("it takes: pattern"),
+            "{verb}: {err}"
+        );
+    }
     // A valid file padded past what a broker keeps (sent as is: the CLI would rewrite it
     // without its comments): refused with the limit, and nothing is deployed.
     let huge = format!(
