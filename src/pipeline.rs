@@ -44,8 +44,13 @@ enum PipelineCommand {
         /// The pipeline file.
         file: PathBuf,
         /// Group members to run in this process (the file's `[run] instances` is what
-        /// `pipeline deploy` runs; here each process starts this many).
-        #[arg(long, default_value_t = 1)]
+        /// `pipeline deploy` runs; here each process starts this many), from 1 to 1024 as
+        /// in the file.
+        #[arg(
+            long,
+            default_value_t = 1,
+            value_parser = clap::value_parser!(u32).range(1..=i64::from(quiver_pipeline::MAX_INSTANCES))
+        )]
         instances: u32,
     },
     /// Run `[run] instances` of the pipeline inside the broker, kept across broker

@@ -28,6 +28,7 @@ pub mod writer;
 pub use config::{
     ErrorPolicy, Guarantee, OnError, PipelineConfig, PipelineConfigError, RunConfig,
     SinkCompression, SinkConfig, SourceConfig, StageConfig, StagePlugin, StartPosition,
+    MAX_INSTANCES,
 };
 pub use deployment::Deployment;
 pub use error::RuntimeError;

@@ -195,3 +195,21 @@ fn cluster_describe_answers_for_a_lone_broker_too() {
     let table = b.cli_ok(&["cluster", "describe"]);
     assert!(table.contains("runs alone"), "{table}");
 }
+
+/// `pipeline run --instances` is bounded as the file's `[run] instances` is: 100,000
+/// group members in one process are refused before anything starts.
+#[test]
+fn pipeline_run_instances_are_bounded_like_the_files() {
+    for n in ["0", "100000"] {
+        let out = std::process::Command::new(bin())
+            .args(["pipeline", "run", "no-such.toml", "--instances", n])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "--instances {n} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--instances") && err.contains("1..=1024"),
+            "{err}"
+        );
+    }
+}
