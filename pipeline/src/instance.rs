@@ -1048,8 +1048,6 @@ mod tests {
     /// with the name and what the file has.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn outputs_land_in_their_sinks_across_writer_calls() {
-        use quiver_client::{Consumer, ConsumerConfig, SeekTo};
-
         let dir = tempfile::tempdir().unwrap();
         let (broker, client) =
             crate::test_broker::with_topics(dir.path(), &["out", "odd-out"]).await;
@@ -1084,25 +1082,8 @@ mod tests {
         let sealed = writer.seal();
         writer.finish(sealed).await.unwrap();
         for (topic, parity) in [("out", 0), ("odd-out", 1)] {
-            let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
-            consumer.assign(topic, [0]).await.unwrap();
-            consumer.seek(topic, 0, SeekTo::Beginning).unwrap();
             let want: Vec<i64> = (0..total as i64).filter(|i| i % 2 == parity).collect();
-            let mut read = Vec::new();
-            let deadline = std::time::Instant::now() + Duration::from_secs(30);
-            while read.len() < want.len() {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "{topic}: {}",
-                    read.len()
-                );
-                read.extend(
-                    consumer
-                        .poll_timeout(Duration::from_millis(200))
-                        .await
-                        .unwrap(),
-                );
-            }
+            let read = crate::test_broker::read_start(&client, topic, want.len()).await;
             assert_eq!(read.len(), want.len(), "{topic}");
             for (r, i) in read.iter().zip(want) {
                 assert_eq!(r.value, format!("v{i}").as_bytes(), "{topic}");
@@ -1121,21 +1102,10 @@ mod tests {
         let log_ends = |topic: &'static str| {
             let client = client.clone();
             async move {
-                let fetch = quiver_protocol::requests::FetchRequest {
-                    topic: topic.into(),
-                    partition: 0,
-                    offset: 0,
-                    max_bytes: 1,
-                    max_wait_ms: 0,
-                    min_bytes: 0,
-                    processor: None,
-                    isolation: Default::default(),
-                };
-                let (resp, _) = client
-                    .request_for_partition(topic, 0, &fetch, Bytes::new(), Duration::from_secs(10))
+                crate::test_broker::fetch_start(&client, topic, 1)
                     .await
-                    .unwrap();
-                resp.log_end_offset
+                    .0
+                    .log_end_offset
             }
         };
         let ends = (log_ends("out").await, log_ends("odd-out").await);

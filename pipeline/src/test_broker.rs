@@ -31,3 +31,61 @@ pub async fn with_topics(dir: &std::path::Path, topics: &[&str]) -> (BrokerHandl
     }
     (broker, client)
 }
+
+/// One fetch of `topic`/0 from offset 0, as a raw request: the answer and its batches.
+pub async fn fetch_start(
+    client: &Client,
+    topic: &str,
+    max_bytes: u32,
+) -> (quiver_protocol::requests::FetchResponse, bytes::Bytes) {
+    let fetch = quiver_protocol::requests::FetchRequest {
+        topic: topic.into(),
+        partition: 0,
+        offset: 0,
+        max_bytes,
+        max_wait_ms: 0,
+        min_bytes: 0,
+        processor: None,
+        isolation: Default::default(),
+    };
+    client
+        .request_for_partition(
+            topic,
+            0,
+            &fetch,
+            bytes::Bytes::new(),
+            std::time::Duration::from_secs(10),
+        )
+        .await
+        .expect("fetch answered")
+}
+
+/// The first `n` records of `topic`/0, read by a consumer (panics after 30 s without them).
+pub async fn read_start(
+    client: &Client,
+    topic: &str,
+    n: usize,
+) -> Vec<quiver_client::ConsumedRecord> {
+    use quiver_client::{Consumer, ConsumerConfig, SeekTo};
+    use std::time::{Duration, Instant};
+
+    let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
+    consumer.assign(topic, [0]).await.unwrap();
+    consumer.seek(topic, 0, SeekTo::Beginning).unwrap();
+    let mut read = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while read.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "{topic}: read {} of {n}",
+            read.len()
+        );
+        read.extend(
+            consumer
+                .poll_timeout(Duration::from_millis(200))
+                .await
+                .unwrap(),
+        );
+    }
+    read
+}

@@ -540,9 +540,7 @@ mod tests {
     /// `quiver.source` header), uncompressed by the consumer.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn both_writers_compress_their_batches_with_the_sinks_codec() {
-        use quiver_client::{Consumer, ConsumerConfig, SeekTo};
         use quiver_protocol::batch::BatchHeader;
-        use quiver_protocol::requests::FetchRequest;
 
         let dir = tempfile::tempdir().unwrap();
         let (broker, client) =
@@ -581,41 +579,11 @@ mod tests {
             ("lz4-out", Compression::Lz4),
             ("zstd-out", Compression::Zstd),
         ] {
-            let fetch = FetchRequest {
-                topic: topic.into(),
-                partition: 0,
-                offset: 0,
-                max_bytes: 1 << 20,
-                max_wait_ms: 0,
-                min_bytes: 0,
-                processor: None,
-                isolation: Default::default(),
-            };
-            let (_, payload) = client
-                .request_for_partition(topic, 0, &fetch, Bytes::new(), Duration::from_secs(10))
-                .await
-                .unwrap();
+            let (_, payload) = crate::test_broker::fetch_start(&client, topic, 1 << 20).await;
             let header = BatchHeader::parse(&payload).unwrap();
             assert_eq!(header.compression().unwrap(), codec, "{topic}");
             assert!(header.has_numbered_header(), "{topic}");
-            let mut consumer = Consumer::new(client.clone(), ConsumerConfig::default());
-            consumer.assign(topic, [0]).await.unwrap();
-            consumer.seek(topic, 0, SeekTo::Beginning).unwrap();
-            let mut read = Vec::new();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while read.len() < 500 {
-                assert!(
-                    Instant::now() < deadline,
-                    "{topic}: read {} of 500",
-                    read.len()
-                );
-                read.extend(
-                    consumer
-                        .poll_timeout(Duration::from_millis(200))
-                        .await
-                        .unwrap(),
-                );
-            }
+            let read = crate::test_broker::read_start(&client, topic, 500).await;
             for (i, r) in read.iter().enumerate() {
                 assert_eq!(r.value, format!("value {i}").as_bytes(), "{topic}");
                 let source = r.headers.iter().find(|h| h.key == "quiver.source").unwrap();
