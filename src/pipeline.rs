@@ -293,8 +293,10 @@ async fn run_here(global: &GlobalOpts, file: &Path, instances: u32) -> anyhow::R
         }
         _ = sigterm() => None,
     };
-    let s = d.status().await;
+    // Read after the stop: the polls completed while stopping are counted too.
+    let counters = d.counters();
     d.stop().await;
+    let s = counters.snapshot();
     eprintln!(
         "pipeline {name}: {} record(s) in, {} out, {} error(s), {} dead-lettered",
         s.records_in, s.records_out, s.errors, s.dead_lettered

@@ -285,6 +285,12 @@ impl Deployment {
         self.metrics.snapshot()
     }
 
+    /// The counters themselves: read after [`stop`](Self::stop), they include what the
+    /// instances completed while stopping.
+    pub fn counters(&self) -> Arc<PipelineMetrics> {
+        self.metrics.clone()
+    }
+
     /// `running`, `stopped` or `failed: <reason>`.
     pub fn state(&self) -> String {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()

@@ -78,7 +78,8 @@ pub struct ConsumerConfig {
     pub start: SeekTo,
     /// What to do when the position falls out of the log.
     pub reset: OffsetReset,
-    /// Fetched payloads buffered across all partitions before fetching pauses.
+    /// Fetched payloads buffered across all partitions before fetching pauses; also the
+    /// most one poll takes, so a poll stays bounded however fast the fetches refill.
     pub buffer_chunks: usize,
     /// A consume-time processor the partition leader runs before sending: dropped records
     /// never cross the network, and the records received keep their source offsets (so
@@ -395,8 +396,10 @@ impl Consumer {
             .await
     }
 
-    /// Waits up to `timeout` for records of the assigned partitions and returns every
-    /// record already fetched (possibly none).
+    /// Waits up to `timeout` for records of the assigned partitions and returns what was
+    /// already fetched (possibly none): at most `buffer_chunks` fetched payloads. Without
+    /// that bound a poll kept taking the chunks the fetch tasks refilled while it decoded,
+    /// and under a backlog one poll grew to hundreds of thousands of records.
     pub async fn poll_timeout(&mut self, timeout: Duration) -> Result<Vec<ConsumedRecord>> {
         if !self.buffer.is_empty() {
             return Ok(self.buffer.drain(..).collect());
@@ -413,7 +416,9 @@ impl Consumer {
                 Ok(None) | Err(_) => return Ok(out),
             };
             let mut taken = self.take(first, &mut out);
-            while taken.is_ok() {
+            let mut chunks = 1;
+            while taken.is_ok() && chunks < self.config.buffer_chunks {
+                chunks += 1;
                 match self.rx.try_recv() {
                     Ok(f) => taken = self.take(f, &mut out),
                     Err(_) => break,
@@ -869,6 +874,26 @@ mod tests {
             Err(ClientError::TopicNotFound(_))
         ));
         assert_eq!(c.parts[&(Arc::from("t"), 0)].position, Some(5));
+    }
+
+    /// A poll takes at most `buffer_chunks` fetched payloads, however many wait: the fetch
+    /// tasks refill the channel while a poll decodes, and under a backlog an unbounded poll
+    /// grew to hundreds of thousands of records (a pipeline's poll is one transaction).
+    #[tokio::test]
+    async fn a_poll_takes_at_most_buffer_chunks_payloads() {
+        let mut c = fed_consumer().await;
+        // More waiting than a poll may take, as when the tasks refill during a poll.
+        c.config.buffer_chunks = 2;
+        for (p, base) in [(0, 0), (1, 0), (0, 3), (1, 3)] {
+            let f = fed(&c, p, Ok(chunk(base, 3)));
+            c.tx.send(f).await.unwrap();
+        }
+        let first = c.poll_timeout(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(first.len(), 6, "two chunks of three records");
+        let second = c.poll_timeout(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(second.len(), 6, "the other two, in the next poll");
+        assert_eq!(c.parts[&(Arc::from("t"), 0)].position, Some(6));
+        assert_eq!(c.parts[&(Arc::from("t"), 1)].position, Some(6));
     }
 
     /// A batch whose header lies about its record count (well-formed otherwise) is refused,
