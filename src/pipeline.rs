@@ -139,7 +139,10 @@ pub async fn run(global: &GlobalOpts, args: PipelineArgs) -> anyhow::Result<()> 
                 .await
                 .map_err(|e| pipeline_error(e, "cannot list pipelines"))?;
             match output {
-                Format::Json => output::json(&mut out, &resp.pipelines)?,
+                Format::Json => output::json(
+                    &mut out,
+                    &resp.pipelines.iter().map(status_json).collect::<Vec<_>>(),
+                )?,
                 Format::Table => {
                     let rows: Vec<Vec<String>> = resp
                         .pipelines
@@ -147,7 +150,7 @@ pub async fn run(global: &GlobalOpts, args: PipelineArgs) -> anyhow::Result<()> 
                         .map(|p| {
                             vec![
                                 p.name.clone(),
-                                p.state.clone(),
+                                state_parts(&p.state).0.to_string(),
                                 p.guarantee.clone(),
                                 p.instances.len().to_string(),
                                 p.records_in.to_string(),
@@ -183,7 +186,7 @@ pub async fn run(global: &GlobalOpts, args: PipelineArgs) -> anyhow::Result<()> 
                 .await
                 .map_err(|e| pipeline_error(e, &format!("pipeline {name}")))?;
             match output {
-                Format::Json => output::json(&mut out, &s)?,
+                Format::Json => output::json(&mut out, &status_json(&s))?,
                 Format::Table => status_table(&mut out, &s)?,
             }
         }
@@ -317,12 +320,42 @@ async fn sigterm() {
     }
 }
 
+/// A state's word (`running`, `stopped`, `failed`, `degraded`, `retrying`) and its reason
+/// (`failed: REASON` and the like).
+fn state_parts(state: &str) -> (&str, Option<&str>) {
+    match state.split_once(": ") {
+        Some((word, reason)) => (word, Some(reason)),
+        None => (state, None),
+    }
+}
+
+/// A status as JSON: every field of the broker's status (`state` as it is, `failed: …`
+/// included), then `reason`, the text after the state's word (null without one), for
+/// scripts that want the word and the reason apart.
+#[derive(serde::Serialize)]
+struct StatusJson<'a> {
+    #[serde(flatten)]
+    status: &'a PipelineStatus,
+    reason: Option<&'a str>,
+}
+
+fn status_json(s: &PipelineStatus) -> StatusJson<'_> {
+    StatusJson {
+        status: s,
+        reason: state_parts(&s.state).1,
+    }
+}
+
 fn status_table(out: &mut impl Write, s: &PipelineStatus) -> anyhow::Result<()> {
+    let (state, reason) = state_parts(&s.state);
     writeln!(
         out,
         "pipeline {}: {} ({}, group {})",
-        s.name, s.state, s.guarantee, s.group
+        s.name, state, s.guarantee, s.group
     )?;
+    if let Some(reason) = reason {
+        writeln!(out, "reason: {reason}")?;
+    }
     writeln!(
         out,
         "records in {}, out {}, errors {}, dead-lettered {}, lag {}",

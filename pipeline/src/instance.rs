@@ -403,7 +403,7 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
             break Err(e);
         }
         let idle = records.is_empty();
-        match send_poll(plan, &mut writer, &mut chains, records).await {
+        match send_poll(plan, &mut writer, &mut chains, records, metrics).await {
             Ok(Some(sent)) => in_flight.push_back(sent),
             Ok(None) => {}
             Err(e) => break Err(e),
@@ -602,6 +602,7 @@ async fn send_poll(
     writer: &mut Writer,
     chains: &mut BTreeMap<TopicPartition, PartitionRun>,
     records: Vec<ConsumedRecord>,
+    metrics: &PipelineMetrics,
 ) -> Result<Option<SentPoll>, RuntimeError> {
     let mut counts = PollCounts {
         input: records.len() as u64,
@@ -655,6 +656,8 @@ async fn send_poll(
         outputs.push((tp, range, out));
     }
     if let Some(f) = fatal {
+        // The failure that stops the pipeline counts among its errors.
+        metrics.count_stopping_error();
         return Err(RuntimeError::Failed(f));
     }
     let ran_at = std::time::Instant::now();

@@ -58,6 +58,12 @@ impl PipelineMetrics {
         self.sample(Instant::now(), i, o);
     }
 
+    /// Counts the stage failure that stopped the pipeline (its poll is never committed, so
+    /// [`record_batch`](Self::record_batch) does not count it).
+    pub fn count_stopping_error(&self) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Records, for each input record of a committed poll, now − its timestamp. The
     /// timestamps come as runs of one value ([`TimestampRuns`]): a poll's records share a
     /// few milliseconds, so the histogram takes one entry per run, not per record.

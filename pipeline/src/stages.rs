@@ -246,7 +246,7 @@ impl PartitionChain {
             match stage.processor.process_batch(batch) {
                 Ok(next) => batch = next,
                 Err(e) if e.is_quarantined() || retry.is_none() => {
-                    out.fatal = Some(format!("stage {i} ({}) failed: {e}", stage.id));
+                    out.fatal = Some(stopping(i, &e, self.policy));
                     return out;
                 }
                 Err(_) => {
@@ -255,7 +255,7 @@ impl PartitionChain {
                         match stage.processor.process_batch(vec![r.clone()]) {
                             Ok(o) => next.extend(o),
                             Err(e) if e.is_quarantined() => {
-                                out.fatal = Some(format!("stage {i} ({}) failed: {e}", stage.id));
+                                out.fatal = Some(stopping(i, &e, self.policy));
                                 return out;
                             }
                             Err(e) => out.failed.push(Failure {
@@ -272,6 +272,18 @@ impl PartitionChain {
         }
         out.records = batch;
         out
+    }
+}
+
+/// Why a stage's error stops the pipeline: the error (it names the plugin) and, when the
+/// policy "stop" is why, how to go on past failing records instead.
+fn stopping(stage: usize, e: &PluginError, policy: ErrorPolicy) -> String {
+    if e.is_quarantined() || policy != ErrorPolicy::Stop {
+        format!("stage {stage} failed: {e}")
+    } else {
+        format!(
+            "stage {stage} failed: {e} (on_error.policy = \"stop\" stops at a failing record; \"skip\" or \"dead-letter\" go on past it)"
+        )
     }
 }
 

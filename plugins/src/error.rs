@@ -107,7 +107,7 @@ pub enum PluginError {
     LuaError {
         /// `name@version`.
         plugin: String,
-        /// Lua's message with its traceback position.
+        /// Lua's message with its position (`main.lua:2: …`), without the traceback.
         message: String,
     },
     /// The plugin returned a value that does not follow the contract.

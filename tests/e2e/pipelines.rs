@@ -342,6 +342,27 @@ fn bad_deploys_are_refused_with_the_reason_and_a_stop_policy_failure_shows_in_th
     });
     let s = status(&b, "strict");
     assert_eq!(s["instances"].as_array().unwrap().len(), 0, "{s}");
+    // The reason apart from the state's word, on one line (Lua's message and position, no
+    // traceback), with the way past failing records; the failure counts as an error.
+    let reason = s["reason"].as_str().unwrap_or_default();
+    assert!(
+        s["state"].as_str() == Some(&format!("failed: {reason}"))
+            && reason.contains("picky.lua:3: refusing bad")
+            && !reason.contains('\n')
+            && reason.contains("\"dead-letter\""),
+        "{s}"
+    );
+    assert_eq!(s["errors"], 1, "{s}");
+    let list = b.cli_ok(&["pipeline", "list"]);
+    let row = list
+        .lines()
+        .find(|l| l.starts_with("strict"))
+        .unwrap_or_default();
+    assert_eq!(
+        row.split_whitespace().nth(1),
+        Some("failed"),
+        "the STATE column holds the word: {list}"
+    );
     // The failing record and everything after it stay uncommitted and unwritten (a record
     // before it may have come in an earlier poll and been committed).
     let lag = s["lag"].as_i64().unwrap();

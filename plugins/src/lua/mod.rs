@@ -300,10 +300,21 @@ impl LuaInstance {
         Ok(v)
     }
 
+    /// The error's message with its position (`main.lua:2: …`). The traceback, mostly the
+    /// host's own frames, goes to the debug log: the message is what a pipeline's status
+    /// and a dead letter's header show.
     fn lua_err(&self, e: mlua::Error) -> PluginError {
+        let text = e.to_string();
+        let message = match text.split_once("\nstack traceback:") {
+            Some((message, traceback)) => {
+                tracing::debug!(plugin = %self.eff.plugin, traceback, "Lua error");
+                message.to_string()
+            }
+            None => text,
+        };
         PluginError::LuaError {
             plugin: self.eff.plugin.to_string(),
-            message: crate::error::bounded_message(e.to_string()),
+            message: crate::error::bounded_message(message),
         }
     }
 

@@ -169,6 +169,22 @@ fn nothing_outside_the_sandbox_is_reachable() {
     assert!(!std::path::Path::new("/tmp/quiver-escaped").exists());
 }
 
+/// A script's error comes as Lua's message with its position, on one line: it is what a
+/// pipeline's status and a dead letter's `quiver.error` show. The traceback (mostly the
+/// host's frames) filled `pipeline list`'s STATE column before.
+#[test]
+fn a_script_error_is_its_message_and_position_without_the_traceback() {
+    let src = "local function check(v)\n  error('refusing ' .. v)\nend\nfunction process(r) check(r.value) return r end";
+    let mut p = processor(lua_bundle("processor", src), tight_limits());
+    match p.process_batch(recs(&["bad1"])) {
+        Err(PluginError::LuaError { message, .. }) => {
+            assert!(message.contains(":2: refusing bad1"), "{message}");
+            assert!(!message.contains('\n'), "one line: {message}");
+        }
+        other => panic!("expected a Lua error, got {other:?}"),
+    }
+}
+
 #[test]
 fn text_chunks_still_load_and_config_and_log_work() {
     let src = r#"
