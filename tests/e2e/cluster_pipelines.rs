@@ -292,6 +292,10 @@ fn deploying_the_same_file_again_starts_a_pipeline_its_stop_policy_failed() {
         Some(b"a:ok1\nb:bad\nc:ok2\n"),
     ));
     succeeded(&c.cli(&["pipeline", "deploy", file.to_str().unwrap()], None));
+    // Every broker names the pipeline among the plugin's users (the controller's record).
+    let out = c.cli(&["plugin", "describe", "picky", "--output", "json"], None);
+    let described: serde_json::Value = serde_json::from_slice(&out.stdout).expect("describe json");
+    assert_eq!(described["used_by"], serde_json::json!(["pipeline strict"]));
     wait_for(60, "the pipeline to fail on the bad record", || {
         status(&c, "strict").is_some_and(|s| {
             s["state"]

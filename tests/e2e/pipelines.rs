@@ -137,6 +137,12 @@ fn deployed_pipeline_dead_letters_failures_reports_status_survives_a_restart_and
             .is_some_and(|p| p.starts_with("picky@")),
         "{d}"
     );
+    // The plugin names the pipeline among its users (it said "nothing" before, while its
+    // removal was refused as in use).
+    let described: serde_json::Value =
+        serde_json::from_str(&b.cli_ok(&["plugin", "describe", "picky", "--output", "json"]))
+            .expect("describe json");
+    assert_eq!(described["used_by"], serde_json::json!(["pipeline upper"]));
     wait_for(60, "the pipeline to process 1,000 records", || {
         let s = status(&b, "upper");
         s["records_in"] == 1000 && s["lag"] == 0

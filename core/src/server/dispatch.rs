@@ -115,12 +115,8 @@ pub async fn dispatch(
             requests::cluster_plugins::deploy(ctx, archive).await?
         }
         ApiKey::DeployPlugin => requests::deploy_plugin::handle(ctx, body).await?,
-        ApiKey::ListPlugins => {
-            on_blocking_thread(ctx, body, requests::list_plugins::handle).await?
-        }
-        ApiKey::DescribePlugin => {
-            on_blocking_thread(ctx, body, requests::describe_plugin::handle).await?
-        }
+        ApiKey::ListPlugins => requests::list_plugins::handle(ctx, body).await?,
+        ApiKey::DescribePlugin => requests::describe_plugin::handle(ctx, body).await?,
         ApiKey::RemovePlugin if ctx.replicas().is_some() => {
             let (req, _) =
                 requests::decode::<quiver_protocol::requests::RemovePluginRequest>(&body)?;
