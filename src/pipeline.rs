@@ -92,6 +92,9 @@ pub async fn run(global: &GlobalOpts, args: PipelineArgs) -> anyhow::Result<()> 
     match args.command {
         PipelineCommand::Validate { file, output } => {
             let p = PipelineConfig::load(&file)?;
+            // Offline: the `path` stages' bundles load and take the keys the file sets;
+            // deployed plugins are checked by run and deploy, against the cluster.
+            quiver_pipeline::stages::check_path_stages(&p, &file)?;
             match output {
                 Format::Json => output::json(&mut out, &p)?,
                 Format::Table => describe_file(&mut out, &p)?,
@@ -398,7 +401,7 @@ fn describe_file(out: &mut impl Write, p: &PipelineConfig) -> anyhow::Result<()>
                 Some(v) => format!("{name}@{v}"),
                 None => format!("{name} (highest version)"),
             },
-            StagePlugin::Path(path) => format!("bundle {path}"),
+            StagePlugin::Path(path) => format!("bundle {path} (loaded and checked)"),
         };
         writeln!(out, "stage {i}: {what} {:?}", s.config)?;
     }
@@ -411,6 +414,15 @@ fn describe_file(out: &mut impl Write, p: &PipelineConfig) -> anyhow::Result<()>
     }
     if let Some(t) = &p.on_error.topic {
         writeln!(out, "dead letters: {t}")?;
+    }
+    if p.stages
+        .iter()
+        .any(|s| matches!(s.plugin, StagePlugin::Deployed { .. }))
+    {
+        writeln!(
+            out,
+            "deployed plugins are checked against the cluster by `pipeline run` and `pipeline deploy`"
+        )?;
     }
     Ok(())
 }

@@ -15,13 +15,17 @@ pub const MAX_INSTANCES: u32 = 1024;
 
 /// A pipeline file that cannot be used, with where and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{file}{}: {key}: {reason}", line.map(|l| format!(":{l}")).unwrap_or_default())]
+#[error(
+    "{file}{}{}: {reason}",
+    line.map(|l| format!(":{l}")).unwrap_or_default(),
+    if key.is_empty() { String::new() } else { format!(": {key}") }
+)]
 pub struct PipelineConfigError {
     /// The file (or "pipeline" for text without one).
     pub file: String,
     /// 1-based line of the offending key, when known.
     pub line: Option<usize>,
-    /// The key path, e.g. `run.guarantee`.
+    /// The key path, e.g. `run.guarantee` (empty when the whole file is at fault).
     pub key: String,
     /// What is wrong and what is allowed.
     pub reason: String,
@@ -297,7 +301,7 @@ impl PipelineConfig {
         let text = std::fs::read_to_string(path).map_err(|e| PipelineConfigError {
             file: file.clone(),
             line: None,
-            key: "-".into(),
+            key: String::new(),
             reason: format!("cannot read the file: {e}"),
         })?;
         Self::parse(&text, &file)
@@ -523,7 +527,7 @@ fn syntax_error(text: &str, file: &str, e: &toml::de::Error) -> PipelineConfigEr
             let (k, _) = l.split_once('=')?;
             Some(k.trim().to_string())
         })
-        .unwrap_or_else(|| "-".to_string());
+        .unwrap_or_default();
     // Named in full (`run.instances`, `stages[0].config`), as the checks after parsing do;
     // but a field missing from the whole file (its span starts the file) is top-level,
     // and so is an unknown table (the error is on its own header).
@@ -533,7 +537,7 @@ fn syntax_error(text: &str, file: &str, e: &toml::de::Error) -> PipelineConfigEr
         .filter(|_| !(whole_file && message.starts_with("missing field")))
         .filter(|t| t.split('[').next() != Some(key.as_str()));
     let key = match table {
-        Some(table) if key != "-" && !key.contains('.') => format!("{table}.{key}"),
+        Some(table) if !key.is_empty() && !key.contains('.') => format!("{table}.{key}"),
         _ => key,
     };
     PipelineConfigError {
@@ -561,6 +565,18 @@ fn table_at(text: &str, line: usize) -> Option<String> {
         }
     }
     table
+}
+
+/// An error at `key` of the pipeline file at `file`, with the key's line when the file
+/// reads (for checks made after parsing, such as loading a stage's bundle).
+pub(crate) fn error_at(file: &Path, key: &str, reason: String) -> PipelineConfigError {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    PipelineConfigError {
+        file: file.display().to_string(),
+        line: line_of(&text, key),
+        key: key.to_string(),
+        reason,
+    }
 }
 
 /// The line of `key` (`table.key`, `table[i].key` or `key`): the first `key =` line inside

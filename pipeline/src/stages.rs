@@ -60,20 +60,9 @@ pub async fn load_stages(
                     })?;
                     bundle
                 }
-                StagePlugin::Path(p) => {
-                    let path = base_dir.join(p);
-                    Bundle::load(&path).map_err(|e| RuntimeError::Stage {
-                        stage: i,
-                        reason: format!("cannot load bundle {}: {e}", path.display()),
-                    })?
-                }
+                StagePlugin::Path(p) => load_path_bundle(i, &base_dir.join(p))?,
             };
-        if bundle.manifest().kind != Kind::Processor {
-            return Err(RuntimeError::Stage {
-                stage: i,
-                reason: format!("{} is a partitioner, not a processor", bundle.id()),
-            });
-        }
+        check_processor(i, &bundle)?;
         check_stage_config(i, &bundle, &stage.config)?;
         stages.push(LoadedStage {
             id: bundle.id(),
@@ -82,6 +71,55 @@ pub async fn load_stages(
         });
     }
     Ok(stages)
+}
+
+/// Checks the `path` stages of the pipeline file at `file` as a run would (each bundle
+/// loads, is a processor, and takes the config keys the file sets), without a cluster:
+/// what `pipeline validate` can check of the stages. A failure names the file, the line
+/// and the key `stages[i].path`. Returns how many stages were checked; stages naming a
+/// deployed `plugin` are checked by `run` and `deploy`, against the cluster.
+pub fn check_path_stages(
+    config: &PipelineConfig,
+    file: &Path,
+) -> Result<usize, crate::PipelineConfigError> {
+    let base_dir = file.parent().unwrap_or(Path::new("."));
+    let mut checked = 0;
+    for (i, stage) in config.stages.iter().enumerate() {
+        let StagePlugin::Path(p) = &stage.plugin else {
+            continue;
+        };
+        let at = |key: &str, e: RuntimeError| {
+            let reason = match e {
+                RuntimeError::Stage { reason, .. } => reason,
+                other => other.to_string(),
+            };
+            crate::config::error_at(file, &format!("stages[{i}].{key}"), reason)
+        };
+        let bundle = load_path_bundle(i, &base_dir.join(p)).map_err(|e| at("path", e))?;
+        check_processor(i, &bundle).map_err(|e| at("path", e))?;
+        check_stage_config(i, &bundle, &stage.config).map_err(|e| at("config", e))?;
+        checked += 1;
+    }
+    Ok(checked)
+}
+
+/// The bundle of a `path` stage.
+fn load_path_bundle(stage: usize, path: &Path) -> Result<Bundle, RuntimeError> {
+    Bundle::load(path).map_err(|e| RuntimeError::Stage {
+        stage,
+        reason: format!("cannot load bundle {}: {e}", path.display()),
+    })
+}
+
+/// A stage runs processors only.
+fn check_processor(stage: usize, bundle: &Bundle) -> Result<(), RuntimeError> {
+    if bundle.manifest().kind != Kind::Processor {
+        return Err(RuntimeError::Stage {
+            stage,
+            reason: format!("{} is a partitioner, not a processor", bundle.id()),
+        });
+    }
+    Ok(())
 }
 
 /// A stage's `config` may only set keys its plugin declares in `[config]` of its
@@ -411,6 +449,47 @@ end
             .unwrap_err()
             .to_string();
         assert!(err.contains("takes no config"), "{err}");
+    }
+
+    /// `pipeline validate` loads the `path` stages' bundles: a missing bundle and a key its
+    /// plugin does not take are named with the file, line and key (a missing path passed
+    /// before), and deployed plugins are left to run and deploy.
+    #[test]
+    fn path_stages_are_checked_offline_with_the_file_line_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = dir.path().join("picky");
+        std::fs::create_dir(&bundle).unwrap();
+        std::fs::write(
+            bundle.join("plugin.toml"),
+            "name = \"picky\"\nversion = \"1.0.0\"\nkind = \"processor\"\nruntime = \"lua\"\nentry = \"p.lua\"\n[config]\nword = \"x\"\n",
+        )
+        .unwrap();
+        std::fs::write(bundle.join("p.lua"), PICKY).unwrap();
+        let check = |stages: &str| {
+            let file = dir.path().join("p.toml");
+            let text = format!(
+                "name = \"p\"\n[source]\ntopics = [\"in\"]\n{stages}[sink]\ntopic = \"out\"\n"
+            );
+            std::fs::write(&file, &text).unwrap();
+            let config = PipelineConfig::parse(&text, "p.toml").unwrap();
+            check_path_stages(&config, &file)
+        };
+        let two = "[[stages]]\nplugin = \"other@1.0.0\"\n[[stages]]\npath = \"picky\"\nconfig = { word = \"y\" }\n";
+        assert_eq!(
+            check(two),
+            Ok(1),
+            "the deployed plugin is left to run and deploy"
+        );
+        let e = check("[[stages]]\npath = \"pickyy\"\n").unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (Some(5), "stages[0].path"), "{e}");
+        assert!(e.reason.contains("cannot load bundle"), "{e}");
+        let e = check("[[stages]]\npath = \"picky\"\nconfig = { wrod = \"y\" }\n").unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (Some(6), "stages[0].config"),
+            "{e}"
+        );
+        assert!(e.reason.contains("it takes: word"), "{e}");
     }
 
     #[test]

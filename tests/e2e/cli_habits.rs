@@ -136,6 +136,23 @@ fn pipeline_validate_accepts_the_sample_and_names_file_line_and_key_of_a_typo() 
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.toml:7: run.instences"), "{err}");
+    // A stage's bundle is loaded too: a path that leads nowhere is named (it passed before).
+    let nowhere = dir.path().join("nowhere.toml");
+    std::fs::write(
+        &nowhere,
+        "name = \"n\"\n[source]\ntopics = [\"in\"]\n[[stages]]\npath = \"no-such-bundle\"\n[sink]\ntopic = \"out\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["pipeline", "validate", nowhere.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("nowhere.toml:5: stages[0].path: cannot load bundle"),
+        "{err}"
+    );
 }
 
 #[test]

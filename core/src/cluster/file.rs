@@ -12,13 +12,17 @@ use crate::config::BrokerConfig;
 
 /// A refused cluster file: where and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{file}{}: key `{key}`: {reason}", line.map(|l| format!(":{l}")).unwrap_or_default())]
+#[error(
+    "{file}{}{}: {reason}",
+    line.map(|l| format!(":{l}")).unwrap_or_default(),
+    if key.is_empty() { String::new() } else { format!(": key `{key}`") }
+)]
 pub struct ClusterFileError {
     /// The file.
     pub file: String,
     /// 1-based line, when known.
     pub line: Option<usize>,
-    /// The key, e.g. `brokers[1].id`.
+    /// The key, e.g. `brokers[1].id` (empty when no one key is at fault).
     pub key: String,
     /// What is wrong and what to do.
     pub reason: String,
@@ -68,7 +72,7 @@ impl ClusterFile {
         let text = std::fs::read_to_string(path).map_err(|e| ClusterFileError {
             file: file.clone(),
             line: None,
-            key: "-".into(),
+            key: String::new(),
             reason: format!("cannot read the file: {e}"),
         })?;
         Self::parse(&text, &file)
@@ -86,7 +90,7 @@ impl ClusterFile {
             let line = e
                 .span()
                 .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-            err(line, "-", e.message().to_string())
+            err(line, "", e.message().to_string())
         })?;
         for key in table.keys() {
             if key != "data_root" && key != "brokers" {
