@@ -316,7 +316,10 @@ impl PipelineConfig {
             key: key.to_string(),
             reason,
         };
-        validate_group_name(&raw.name).map_err(|r| err("name", r))?;
+        // The name is also the group's (unless `[source] group` says otherwise): the same
+        // rules, said of the pipeline name.
+        validate_group_name(&raw.name)
+            .map_err(|r| err("name", r.replacen("group name", "pipeline name", 1)))?;
         // The name also names the state changelog topic, `quiver.state.<name>`.
         validate_topic_name(&format!("quiver.state.{}", raw.name)).map_err(|_| {
             err(
@@ -330,8 +333,14 @@ impl PipelineConfig {
         if raw.source.topics.is_empty() {
             return Err(err("source.topics", "name at least one input topic".into()));
         }
-        for t in &raw.source.topics {
+        for (i, t) in raw.source.topics.iter().enumerate() {
             check_topic(t).map_err(|r| err("source.topics", r))?;
+            if raw.source.topics[..i].contains(t) {
+                return Err(err(
+                    "source.topics",
+                    format!("{t:?} is named twice; name each input topic once"),
+                ));
+            }
         }
         if let Some(g) = &raw.source.group {
             validate_group_name(g).map_err(|r| err("source.group", r))?;
@@ -741,6 +750,11 @@ guarantee = "exactly-once"
         assert!(e.reason.contains("read its own output"), "{e}");
         let e = error(&WORDCOUNT.replace("\"lines\"]", "\"__consumer_offsets\"]"));
         assert_eq!(e.key, "source.topics", "{e}");
+        let e = error(&WORDCOUNT.replace("\"lines\"]", "\"lines\", \"lines\"]"));
+        assert_eq!(e.key, "source.topics", "{e}");
+        assert!(e.reason.contains("\"lines\" is named twice"), "{e}");
+        let e = error(&WORDCOUNT.replace("name = \"wordcount\"", "name = \"word count\""));
+        assert!(e.reason.starts_with("pipeline name \"word count\""), "{e}");
         let e = error(&WORDCOUNT.replace(
             "plugin = \"count@1.0.0\"",
             "plugin = \"count@1.0.0\"\npath = \"x\"",

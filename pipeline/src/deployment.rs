@@ -99,19 +99,50 @@ pub async fn preflight(
         .topics
         .iter()
         .map(|t| ("source.topics".to_string(), t));
+    let mut missing = Vec::new();
     for (key, topic) in sources.chain(outputs) {
         match admin.describe_topic(topic).await {
             Ok(_) => {}
             Err(e) if e.code() == Some(ErrorCode::UnknownTopicOrPartition) => {
-                return Err(RuntimeError::Topic(format!(
-                    "pipeline {}: topic {topic:?} ({key}) does not exist; create it with `quiver topic create {topic}`",
-                    config.name
-                )))
+                missing.push((key, topic.as_str()))
             }
             Err(e) => return Err(e.into()),
         }
     }
+    if !missing.is_empty() {
+        return Err(RuntimeError::Topic(missing_topics(&missing)));
+    }
     load_stages(client, config, base_dir).await
+}
+
+/// Every topic the pipeline needs and the cluster lacks, each with its key, and the commands
+/// that create them (all at once: fixing one to meet the next is a slow way to learn them).
+fn missing_topics(missing: &[(String, &str)]) -> String {
+    let named: Vec<String> = missing
+        .iter()
+        .map(|(key, topic)| format!("{topic:?} ({key})"))
+        .collect();
+    let commands: Vec<String> = missing
+        .iter()
+        .map(|(_, topic)| format!("`quiver topic create {topic}`"))
+        .collect();
+    match (named.as_slice(), commands.as_slice()) {
+        ([one], [command]) => format!("topic {one} does not exist; create it with {command}"),
+        _ => format!(
+            "topics {} do not exist; create them with {}",
+            and_list(&named),
+            and_list(&commands)
+        ),
+    }
+}
+
+/// `a`, `a and b`, `a, b and c`.
+fn and_list(items: &[String]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.clone(),
+        [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
+    }
 }
 
 impl Deployment {
@@ -444,5 +475,28 @@ async fn supervise(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_missing_topic_is_named_with_the_command_that_creates_it() {
+        let one = missing_topics(&[("sink.topic".into(), "out")]);
+        assert_eq!(
+            one,
+            "topic \"out\" (sink.topic) does not exist; create it with `quiver topic create out`"
+        );
+        let three = missing_topics(&[
+            ("source.topics".into(), "a"),
+            ("source.topics".into(), "b"),
+            ("sink.topic".into(), "c"),
+        ]);
+        assert_eq!(
+            three,
+            "topics \"a\" (source.topics), \"b\" (source.topics) and \"c\" (sink.topic) do not exist; create them with `quiver topic create a`, `quiver topic create b` and `quiver topic create c`"
+        );
     }
 }
