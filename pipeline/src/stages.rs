@@ -123,33 +123,14 @@ fn check_processor(stage: usize, bundle: &Bundle) -> Result<(), RuntimeError> {
 }
 
 /// A stage's `config` may only set keys its plugin declares in `[config]` of its
-/// `plugin.toml` (with their defaults): a misspelt key would otherwise be ignored, and the
-/// stage would run on the default in silence.
+/// `plugin.toml` (see [`quiver_plugins::check_config_keys`]).
 fn check_stage_config(
     stage: usize,
     bundle: &Bundle,
     config: &BTreeMap<String, String>,
 ) -> Result<(), RuntimeError> {
-    let declared = &bundle.manifest().config;
-    let Some(unknown) = config.keys().find(|k| !declared.contains_key(*k)) else {
-        return Ok(());
-    };
-    let takes = if declared.is_empty() {
-        "it takes no config; remove the stage's `config`".to_string()
-    } else {
-        format!(
-            "it takes: {}",
-            declared.keys().cloned().collect::<Vec<_>>().join(", ")
-        )
-    };
-    Err(RuntimeError::Stage {
-        stage,
-        reason: format!(
-            "{} has no config key {unknown:?} ({takes}; see `quiver plugin describe {}`)",
-            bundle.id(),
-            bundle.manifest().name
-        ),
-    })
+    quiver_plugins::check_config_keys(&bundle.id(), &bundle.manifest().config, config.keys())
+        .map_err(|reason| RuntimeError::Stage { stage, reason })
 }
 
 /// Empty state stores for every stage of `pipeline` reading `topic`/`partition`.

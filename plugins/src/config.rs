@@ -9,6 +9,33 @@ use crate::bundle::{Bundle, Kind, Runtime};
 use crate::limits::Effective;
 use crate::{HostLimits, Partitioner, PluginError, Processor, StateStore};
 
+/// Refuses a config key the plugin does not declare in its `plugin.toml` `[config]`: a
+/// misspelt key would otherwise be ignored, and the plugin would run on its default in
+/// silence. `plugin` is `name@version`; the message says which keys it takes and where to
+/// look them up. Checked wherever config is given for a plugin: pipeline stages, consume
+/// time processors, `plugin test`.
+pub fn check_config_keys<'a>(
+    plugin: &str,
+    declared: &BTreeMap<String, String>,
+    keys: impl IntoIterator<Item = &'a String>,
+) -> Result<(), String> {
+    let Some(unknown) = keys.into_iter().find(|k| !declared.contains_key(*k)) else {
+        return Ok(());
+    };
+    let name = plugin.split('@').next().unwrap_or(plugin);
+    let takes = if declared.is_empty() {
+        "it takes no config".to_string()
+    } else {
+        format!(
+            "it takes: {}",
+            declared.keys().cloned().collect::<Vec<_>>().join(", ")
+        )
+    };
+    Err(format!(
+        "{plugin} has no config key {unknown:?} ({takes}; see `quiver plugin describe {name}`)"
+    ))
+}
+
 /// How to build one plugin instance.
 #[derive(Clone)]
 pub struct PluginConfig {
@@ -55,6 +82,18 @@ impl PluginConfig {
             let (k, v) = parse_override(p.as_ref())?;
             self.overrides.insert(k, v);
         }
+        Ok(self)
+    }
+
+    /// Refuses overrides of keys the bundle's `plugin.toml` does not declare (see
+    /// [`check_config_keys`]): for config a user typed, where a misspelt key must not pass.
+    pub fn declared_only(self) -> Result<Self, PluginError> {
+        check_config_keys(
+            &self.bundle.id(),
+            &self.bundle.manifest().config,
+            self.overrides.keys(),
+        )
+        .map_err(PluginError::Config)?;
         Ok(self)
     }
 

@@ -35,7 +35,7 @@ pub mod state;
 mod wasm;
 
 pub use bundle::{Bundle, Kind, Manifest, ManifestLimits, Runtime};
-pub use config::{parse_override, PluginConfig};
+pub use config::{check_config_keys, parse_override, PluginConfig};
 pub use error::{BundleError, PluginError};
 pub use limits::{HostLimits, MAX_WASM_STACK_BYTES};
 pub use record::Record;

@@ -113,6 +113,7 @@ pub fn run_test_with(
     }
     let config = PluginConfig::new(bundle.clone())
         .overrides(config_overrides)?
+        .declared_only()?
         .limits(opts.limits.clone());
     let batch = opts.batch.max(1);
     match bundle.manifest().kind {
@@ -244,6 +245,7 @@ pub fn run_bench_with(
     let batch = batch.max(1);
     let config = PluginConfig::new(bundle.clone())
         .overrides(config_overrides)?
+        .declared_only()?
         .limits(opts.limits.clone());
     let template: Vec<Record> = (0..batch)
         .map(|i| Record {

@@ -90,6 +90,37 @@ fn grep_filter_at_consume_time_returns_matching_records_with_source_offsets() {
         None,
     );
     assert!(e.contains("no plugin named nope"), "{e}");
+    // A config key the plugin does not declare is refused, by the broker and by `plugin
+    // test`, rather than ignored (the processor ran on its default pattern before).
+    let e = b.cli_err(
+        &[
+            "consume",
+            "logs",
+            "--from-beginning",
+            "--processor",
+            "grep",
+            "--processor-config",
+            "patern=19 INFO",
+        ],
+        None,
+    );
+    assert!(
+        e.contains("grep@1.0.0 has no config key \"patern\" (it takes: pattern"),
+        "{e}"
+    );
+    let e = b.cli_err(
+        &[
+            "plugin",
+            "test",
+            &example("grep"),
+            "--input",
+            input.to_str().unwrap(),
+            "--config",
+            "patern=x",
+        ],
+        None,
+    );
+    assert!(e.contains("has no config key \"patern\""), "{e}");
 }
 
 #[test]

@@ -692,6 +692,8 @@ impl PluginService {
                 r.kind
             )));
         }
+        quiver_plugins::check_config_keys(&id, &r.config, spec.config.keys())
+            .map_err(PluginServiceError::Invalid)?;
         let key = PoolKey {
             topic: topic.to_string(),
             partition,
