@@ -425,7 +425,13 @@ pub async fn group_lag(client: &Client, cfg: &PipelineConfig) -> Result<i64, Cli
     };
     let mut lag = 0;
     for t in &cfg.source.topics {
-        let d = admin.describe_topic(t).await?;
+        let d = match admin.describe_topic(t).await {
+            Ok(d) => d,
+            // A deleted source has nothing left to read (the status says "-1", unknown,
+            // only when the cluster cannot be asked).
+            Err(e) if e.code() == Some(ErrorCode::UnknownTopicOrPartition) => continue,
+            Err(e) => return Err(e),
+        };
         for p in &d.partitions {
             let known = described
                 .iter()

@@ -1127,4 +1127,8 @@ fn an_instance_that_keeps_failing_shows_as_retrying_until_it_recovers() {
         values(&read_topic(&b, "dst", 1)),
         BTreeSet::from(["b".to_string()])
     );
+    // A deleted source leaves nothing to read: no lag, rather than "-1" (unknown).
+    b.cli_ok(&["topic", "delete", "src"]);
+    let s = status(&b, "copy");
+    assert_eq!(s["lag"], 0, "{s}");
 }
