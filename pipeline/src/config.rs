@@ -309,7 +309,34 @@ impl PipelineConfig {
 
     /// Checks pipeline text; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<PipelineConfig, PipelineConfigError> {
-        let raw: RawPipeline = toml::from_str(text).map_err(|e| syntax_error(text, file, &e))?;
+        Self::parse_with(text, file, false)
+    }
+
+    /// Reads back a file deployed earlier (kept by a broker, or held by the cluster): as
+    /// [`parse`](Self::parse), but a source topic named twice, refused since, is read once,
+    /// so a pipeline deployed before the rule keeps running.
+    pub fn parse_stored(text: &str, file: &str) -> Result<PipelineConfig, PipelineConfigError> {
+        Self::parse_with(text, file, true)
+    }
+
+    /// [`load`](Self::load) of a file deployed earlier (see [`parse_stored`](Self::parse_stored)).
+    pub fn load_stored(path: &Path) -> Result<PipelineConfig, PipelineConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| error_at(path, "", format!("cannot read the file: {e}")))?;
+        Self::parse_stored(&text, &path.display().to_string())
+    }
+
+    fn parse_with(
+        text: &str,
+        file: &str,
+        stored: bool,
+    ) -> Result<PipelineConfig, PipelineConfigError> {
+        let mut raw: RawPipeline =
+            toml::from_str(text).map_err(|e| syntax_error(text, file, &e))?;
+        if stored {
+            let mut seen = std::collections::BTreeSet::new();
+            raw.source.topics.retain(|t| seen.insert(t.clone()));
+        }
         let err = |key: &str, reason: String| PipelineConfigError {
             file: file.to_string(),
             line: line_of(text, key),
@@ -753,6 +780,10 @@ guarantee = "exactly-once"
         let e = error(&WORDCOUNT.replace("\"lines\"]", "\"lines\", \"lines\"]"));
         assert_eq!(e.key, "source.topics", "{e}");
         assert!(e.reason.contains("\"lines\" is named twice"), "{e}");
+        // A file deployed before the rule is read back with the topic once.
+        let twice = WORDCOUNT.replace("\"lines\"]", "\"lines\", \"lines\"]");
+        let stored = PipelineConfig::parse_stored(&twice, "stored").unwrap();
+        assert_eq!(stored.source.topics, ["lines"]);
         let e = error(&WORDCOUNT.replace("name = \"wordcount\"", "name = \"word count\""));
         assert!(e.reason.starts_with("pipeline name \"word count\""), "{e}");
         let e = error(&WORDCOUNT.replace(

@@ -104,7 +104,12 @@ pub async fn preflight(
         match admin.describe_topic(topic).await {
             Ok(_) => {}
             Err(e) if e.code() == Some(ErrorCode::UnknownTopicOrPartition) => {
-                missing.push((key, topic.as_str()))
+                // A topic named by several keys (a sink that is also the dead-letter
+                // topic) is named once, with its keys.
+                match missing.iter_mut().find(|(_, t)| *t == topic.as_str()) {
+                    Some((keys, _)) => *keys = format!("{keys}, {key}"),
+                    None => missing.push((key, topic.as_str())),
+                }
             }
             Err(e) => return Err(e.into()),
         }
@@ -416,6 +421,8 @@ impl Deployment {
 
 /// Records of the source topics the pipeline's group has not committed: per source
 /// partition, the group's lag where it has a committed offset; elsewhere everything readable, or nothing when the pipeline starts at the latest records.
+/// A source topic the cluster does not have counts nothing: it has no records to read (the
+/// pipeline's state says why it cannot run).
 pub async fn group_lag(client: &Client, cfg: &PipelineConfig) -> Result<i64, ClientError> {
     let admin = Admin::new(client.clone());
     let described = match admin.describe_group(cfg.group()).await {

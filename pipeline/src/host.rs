@@ -126,7 +126,7 @@ impl BrokerPipelines {
             .collect();
         files.sort();
         for path in files {
-            let config = match PipelineConfig::load(&path) {
+            let config = match PipelineConfig::load_stored(&path) {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!(file = %path.display(), error = %e, "deployed pipeline file is not valid; skipped");
@@ -172,7 +172,7 @@ impl BrokerPipelines {
     }
 
     async fn deploy_text(&self, text: String) -> HostResult<DeployPipelineResponse> {
-        let config = parse_deployable(&text)?;
+        let config = parse_deployable(&text, false)?;
         let name = config.name.clone();
         let mut pipelines = self.pipelines.lock().await;
         match pipelines.get(&name) {
@@ -292,9 +292,13 @@ fn refuse_stateful_change(old: &PipelineConfig, new: &PipelineConfig) -> HostRes
 
 /// A deployed file: valid, and naming its stages as deployed plugins (a path on the client's
 /// machine means nothing here).
-fn parse_deployable(text: &str) -> HostResult<PipelineConfig> {
-    let config = PipelineConfig::parse(text, "deployed pipeline")
-        .map_err(|e| host_error(ErrorCode::InvalidPipeline, e.to_string()))?;
+fn parse_deployable(text: &str, stored: bool) -> HostResult<PipelineConfig> {
+    let config = if stored {
+        PipelineConfig::parse_stored(text, "deployed pipeline")
+    } else {
+        PipelineConfig::parse(text, "deployed pipeline")
+    }
+    .map_err(|e| host_error(ErrorCode::InvalidPipeline, e.to_string()))?;
     if let Some(s) = config
         .stages
         .iter()
@@ -318,9 +322,9 @@ impl BrokerPipelines {
         text: String,
         running: BTreeMap<String, String>,
     ) -> HostResult<CheckedPipeline> {
-        let config = parse_deployable(&text)?;
+        let config = parse_deployable(&text, false)?;
         if let Some(old) = running.get(&config.name) {
-            let old = PipelineConfig::parse(old, "running pipeline")
+            let old = PipelineConfig::parse_stored(old, "running pipeline")
                 .map_err(|e| host_error(ErrorCode::Internal, e.to_string()))?;
             refuse_stateful_change(&old, &config)?;
         }
@@ -380,11 +384,12 @@ impl BrokerPipelines {
             }
         }
         for w in wanted {
-            let config = match parse_deployable(&w.config_toml) {
+            let config = match parse_deployable(&w.config_toml, true) {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!(pipeline = %w.name, error = %e, "the cluster holds a pipeline file this broker cannot read");
-                    let config = PipelineConfig::parse(&w.config_toml, "deployed pipeline").ok();
+                    let config =
+                        PipelineConfig::parse_stored(&w.config_toml, "deployed pipeline").ok();
                     if let Some(c) = config {
                         pipelines.insert(w.name.clone(), Entry::Broken(c, e.message));
                     }

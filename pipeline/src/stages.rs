@@ -63,7 +63,8 @@ pub async fn load_stages(
                 StagePlugin::Path(p) => load_path_bundle(i, &base_dir.join(p))?,
             };
         check_processor(i, &bundle)?;
-        check_stage_config(i, &bundle, &stage.config)?;
+        let deployed = matches!(stage.plugin, StagePlugin::Deployed { .. });
+        check_stage_config(i, &bundle, &stage.config, deployed)?;
         stages.push(LoadedStage {
             id: bundle.id(),
             bundle: Arc::new(bundle),
@@ -97,7 +98,7 @@ pub fn check_path_stages(
         };
         let bundle = load_path_bundle(i, &base_dir.join(p)).map_err(|e| at("path", e))?;
         check_processor(i, &bundle).map_err(|e| at("path", e))?;
-        check_stage_config(i, &bundle, &stage.config).map_err(|e| at("config", e))?;
+        check_stage_config(i, &bundle, &stage.config, false).map_err(|e| at("config", e))?;
         checked += 1;
     }
     Ok(checked)
@@ -128,8 +129,10 @@ fn check_stage_config(
     stage: usize,
     bundle: &Bundle,
     config: &BTreeMap<String, String>,
+    deployed: bool,
 ) -> Result<(), RuntimeError> {
-    quiver_plugins::check_config_keys(&bundle.id(), &bundle.manifest().config, config.keys())
+    let declared = &bundle.manifest().config;
+    quiver_plugins::check_config_keys(&bundle.id(), declared, config.keys(), deployed)
         .map_err(|reason| RuntimeError::Stage { stage, reason })
 }
 
@@ -265,7 +268,7 @@ impl PartitionChain {
             match stage.processor.process_batch(batch) {
                 Ok(next) => batch = next,
                 Err(e) if e.is_quarantined() || retry.is_none() => {
-                    out.fatal = Some(stopping(i, &e, self.policy));
+                    out.fatal = Some(stopping(i, &stage.id, &e, self.policy));
                     return out;
                 }
                 Err(_) => {
@@ -274,7 +277,7 @@ impl PartitionChain {
                         match stage.processor.process_batch(vec![r.clone()]) {
                             Ok(o) => next.extend(o),
                             Err(e) if e.is_quarantined() => {
-                                out.fatal = Some(stopping(i, &e, self.policy));
+                                out.fatal = Some(stopping(i, &stage.id, &e, self.policy));
                                 return out;
                             }
                             Err(e) => out.failed.push(Failure {
@@ -294,14 +297,25 @@ impl PartitionChain {
     }
 }
 
-/// Why a stage's error stops the pipeline: the error (it names the plugin) and, when the
-/// policy "stop" is why, how to go on past failing records instead.
-fn stopping(stage: usize, e: &PluginError, policy: ErrorPolicy) -> String {
+/// Why a stage's error stops the pipeline, on one line (it is the state `pipeline list`
+/// shows): the stage, its plugin where the error does not name it, the error and, when
+/// the policy "stop" is why, how to go on past failing records instead.
+fn stopping(stage: usize, plugin: &str, e: &PluginError, policy: ErrorPolicy) -> String {
+    let error = e
+        .to_string()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let which = if error.contains(plugin) {
+        format!("stage {stage}")
+    } else {
+        format!("stage {stage} ({plugin})")
+    };
     if e.is_quarantined() || policy != ErrorPolicy::Stop {
-        format!("stage {stage} failed: {e}")
+        format!("{which} failed: {error}")
     } else {
         format!(
-            "stage {stage} failed: {e} (on_error.policy = \"stop\" stops at a failing record; \"skip\" or \"dead-letter\" go on past it)"
+            "{which} failed: {error} (on_error.policy = \"stop\" stops at a failing record; \"skip\" or \"dead-letter\" go on past it)"
         )
     }
 }
@@ -379,7 +393,15 @@ end
         let mut c = chain(ErrorPolicy::Stop);
         let out = c.process(records(&["a", "bad1", "b"]));
         assert!(out.records.is_empty() && out.failed.is_empty());
-        assert!(out.fatal.unwrap().contains("refusing bad1"));
+        // One line: the stage, the error (naming its plugin once) and the way past it.
+        let fatal = out.fatal.unwrap();
+        assert!(
+            fatal.starts_with("stage 0 failed: plugin t@1.0.0: Lua error:")
+                && fatal.contains("refusing bad1")
+                && fatal.ends_with("\"skip\" or \"dead-letter\" go on past it)")
+                && !fatal.contains('\n'),
+            "{fatal}"
+        );
     }
 
     #[test]
@@ -413,23 +435,27 @@ end
         .collect();
         let bundle = Bundle::from_files(files, Path::new("<test>")).unwrap();
         let set = |k: &str| BTreeMap::from([(k.to_string(), "x".to_string())]);
-        check_stage_config(0, &bundle, &set("pattern")).unwrap();
-        check_stage_config(0, &bundle, &BTreeMap::new()).unwrap();
-        let err = check_stage_config(1, &bundle, &set("patern"))
+        check_stage_config(0, &bundle, &set("pattern"), true).unwrap();
+        check_stage_config(0, &bundle, &BTreeMap::new(), true).unwrap();
+        let err = check_stage_config(1, &bundle, &set("patern"), true)
             .unwrap_err()
             .to_string();
         assert!(
             err.contains("\"patern\"")
                 && err.contains("it takes: pattern")
-                && err.contains("t@1.0.0"),
+                && err.contains("t@1.0.0")
+                && err.contains("see `quiver plugin describe t`"),
             "{err}"
         );
-        // A plugin without `[config]` takes none.
+        // A plugin without `[config]` takes none; a local bundle is looked up in its file.
         let bare = lua_stage(PICKY);
-        let err = check_stage_config(0, &bare.bundle, &set("lowercase"))
+        let err = check_stage_config(0, &bare.bundle, &set("lowercase"), false)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("takes no config"), "{err}");
+        assert!(
+            err.contains("takes no config") && err.contains("in its plugin.toml"),
+            "{err}"
+        );
     }
 
     /// `pipeline validate` loads the `path` stages' bundles: a missing bundle and a key its

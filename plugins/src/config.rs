@@ -12,12 +12,14 @@ use crate::{HostLimits, Partitioner, PluginError, Processor, StateStore};
 /// Refuses a config key the plugin does not declare in its `plugin.toml` `[config]`: a
 /// misspelt key would otherwise be ignored, and the plugin would run on its default in
 /// silence. `plugin` is `name@version`; the message says which keys it takes and where to
-/// look them up. Checked wherever config is given for a plugin: pipeline stages, consume
-/// time processors, `plugin test`.
+/// look them up: `quiver plugin describe` for a `deployed` plugin, its `plugin.toml` for a
+/// local bundle. Checked wherever config is given for a plugin: pipeline stages, consume
+/// time processors, `plugin test` and `plugin bench`.
 pub fn check_config_keys<'a>(
     plugin: &str,
     declared: &BTreeMap<String, String>,
     keys: impl IntoIterator<Item = &'a String>,
+    deployed: bool,
 ) -> Result<(), String> {
     let Some(unknown) = keys.into_iter().find(|k| !declared.contains_key(*k)) else {
         return Ok(());
@@ -31,8 +33,13 @@ pub fn check_config_keys<'a>(
             declared.keys().cloned().collect::<Vec<_>>().join(", ")
         )
     };
+    let look = if deployed {
+        format!("see `quiver plugin describe {name}`")
+    } else {
+        "see `[config]` in its plugin.toml".to_string()
+    };
     Err(format!(
-        "{plugin} has no config key {unknown:?} ({takes}; see `quiver plugin describe {name}`)"
+        "{plugin} has no config key {unknown:?} ({takes}; {look})"
     ))
 }
 
@@ -92,6 +99,7 @@ impl PluginConfig {
             &self.bundle.id(),
             &self.bundle.manifest().config,
             self.overrides.keys(),
+            false,
         )
         .map_err(PluginError::Config)?;
         Ok(self)

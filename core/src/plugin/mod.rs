@@ -692,7 +692,7 @@ impl PluginService {
                 r.kind
             )));
         }
-        quiver_plugins::check_config_keys(&id, &r.config, spec.config.keys())
+        quiver_plugins::check_config_keys(&id, &r.config, spec.config.keys(), true)
             .map_err(PluginServiceError::Invalid)?;
         let key = PoolKey {
             topic: topic.to_string(),

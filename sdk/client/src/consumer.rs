@@ -888,10 +888,21 @@ mod tests {
             let f = fed(&c, p, Ok(chunk(base, 3)));
             c.tx.send(f).await.unwrap();
         }
+        let at = |recs: &[ConsumedRecord]| -> Vec<(u32, i64)> {
+            recs.iter().map(|r| (r.partition, r.offset)).collect()
+        };
         let first = c.poll_timeout(Duration::from_secs(5)).await.unwrap();
-        assert_eq!(first.len(), 6, "two chunks of three records");
+        assert_eq!(
+            at(&first),
+            [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)],
+            "the first two chunks, in order"
+        );
         let second = c.poll_timeout(Duration::from_secs(5)).await.unwrap();
-        assert_eq!(second.len(), 6, "the other two, in the next poll");
+        assert_eq!(
+            at(&second),
+            [(0, 3), (0, 4), (0, 5), (1, 3), (1, 4), (1, 5)],
+            "the other two, in the next poll"
+        );
         assert_eq!(c.parts[&(Arc::from("t"), 0)].position, Some(6));
         assert_eq!(c.parts[&(Arc::from("t"), 1)].position, Some(6));
     }

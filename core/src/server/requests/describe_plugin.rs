@@ -9,6 +9,9 @@ use super::{decode, Reply, RequestError};
 use crate::plugin::PluginService;
 use crate::server::ServerContext;
 
+/// How long a plugin listing waits for the pipelines running here (see [`pipeline_users`]).
+const PIPELINES_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Handles a describe-plugin request.
 #[tracing::instrument(name = "describe_plugin", skip_all)]
 pub async fn handle(ctx: &ServerContext, body: Bytes) -> Result<Reply, RequestError> {
@@ -30,8 +33,15 @@ pub(super) async fn pipeline_users(ctx: &ServerContext) -> Vec<(String, String)>
             .values()
             .flat_map(|p| p.plugins.iter().map(|id| (id.clone(), p.name.clone())))
             .collect(),
+        // Bounded: the host's pipelines are locked through a deploy or a roll, and a
+        // listing must not hang behind one; it then answers without them.
         None => match ctx.pipelines.host() {
-            Ok(host) => host.plugins_in_use().await,
+            Ok(host) => tokio::time::timeout(PIPELINES_WAIT, host.plugins_in_use())
+                .await
+                .unwrap_or_else(|_| {
+                    tracing::debug!("pipelines busy: plugin users listed without them");
+                    Vec::new()
+                }),
             Err(_) => Vec::new(),
         },
     }
