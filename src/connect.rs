@@ -74,6 +74,12 @@ impl GlobalOpts {
                     None => "pass the broker's CA certificate with --ca <data_dir>/tls/ca.pem".into(),
                 }
             ),
+            // An address that does not resolve is a typo, not a broker that is down.
+            ClientError::Connect { addr, reason } if reason.starts_with("cannot resolve") => {
+                anyhow::anyhow!(
+                    "cannot connect to {addr}: {reason}; pass --bootstrap HOST:PORT, e.g. 127.0.0.1:7400"
+                )
+            }
             ClientError::Connect { addr, reason } => anyhow::anyhow!(
                 "cannot connect to {addr}: {reason}; is a broker running? start one with `quiver broker start`"
             ),

@@ -26,7 +26,7 @@ enum TopicCommand {
         name: String,
         /// Number of partitions [default: the broker's topic_defaults.partitions, 1 unless
         /// configured].
-        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        #[arg(long, value_parser = at_least_one)]
         partitions: Option<u32>,
         /// Copies of each partition, on different brokers.
         #[arg(long, default_value_t = 1)]
@@ -38,6 +38,9 @@ enum TopicCommand {
         /// (same as --config partitioner=NAME@VERSION).
         #[arg(long, value_name = "NAME@VERSION")]
         partitioner: Option<String>,
+        /// Output format (json: the created topic, as `topic describe --output json`).
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        output: Format,
     },
     /// List topics.
     List {
@@ -127,6 +130,7 @@ pub async fn run(global: &GlobalOpts, args: TopicArgs) -> anyhow::Result<()> {
             replication_factor,
             config,
             partitioner,
+            output,
         } => {
             let mut config: BTreeMap<String, String> =
                 parse_pairs(&config, "--config")?.into_iter().collect();
@@ -142,12 +146,15 @@ pub async fn run(global: &GlobalOpts, args: TopicArgs) -> anyhow::Result<()> {
                     ),
                     e => anyhow::Error::new(e).context(format!("cannot create topic {name:?}")),
                 })?;
-            writeln!(
-                out,
-                "created topic {} with {} partition(s)",
-                d.name,
-                d.partitions.len()
-            )?;
+            match output {
+                Format::Json => output::json(&mut out, &d)?,
+                Format::Table => writeln!(
+                    out,
+                    "created topic {} with {} partition(s)",
+                    d.name,
+                    d.partitions.len()
+                )?,
+            }
         }
         TopicCommand::List { output } => {
             let topics = admin.list_topics().await.context("cannot list topics")?;
@@ -361,4 +368,14 @@ fn ids(ids: &[u32]) -> String {
         return "-".into();
     }
     ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// A count of 1 or more (clap's own range message, "0 is not in 1..=4294967295", says
+/// less).
+fn at_least_one(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{s:?} is not a count: {e}")),
+    }
 }

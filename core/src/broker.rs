@@ -37,8 +37,9 @@ pub enum BrokerError {
     /// TLS material could not be made or loaded.
     #[error("tls: {0}")]
     Tls(#[from] TlsError),
-    /// The QUIC endpoint could not be set up.
-    #[error("network: {0}")]
+    /// The QUIC endpoint could not be set up (its message says so; an error chain prints
+    /// it once).
+    #[error(transparent)]
     Endpoint(#[from] EndpointError),
     /// The network endpoint failed.
     #[error("network: {0}")]

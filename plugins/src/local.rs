@@ -23,7 +23,11 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
     /// The input file cannot be read or a line is not valid.
-    #[error("{path}:{line}: {message}")]
+    #[error(
+        "{}{}: {message}",
+        path.display(),
+        if *line > 0 { format!(":{line}") } else { String::new() }
+    )]
     Input {
         /// The input file.
         path: PathBuf,

@@ -33,6 +33,8 @@ impl EmbeddedBroker {
         let config = BrokerConfig {
             listen: "127.0.0.1:0".into(),
             data_dir: dir,
+            // The bench deletes what each measurement made (unless told to keep it).
+            delete_topic_enable: true,
             ..BrokerConfig::default()
         };
         let handle = Broker::start(config)

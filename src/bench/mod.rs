@@ -87,6 +87,12 @@ pub struct PipelineOpts {
     /// sets the bench producer's codec, for plain produce and the pipelines' input alike).
     #[arg(long, default_value = "none")]
     sink_compression: quiver_pipeline::SinkCompression,
+    /// Keep the topics (and the pipelines' groups) each measurement made. By default each
+    /// is deleted once measured: a bench against a real cluster leaves nothing behind, and
+    /// every measurement writes into a store of the same size, as a broker under retention
+    /// does, rather than one that only grows.
+    #[arg(long)]
+    keep_topics: bool,
     #[command(flatten)]
     load: LoadOpts,
 }
@@ -304,6 +310,7 @@ pub async fn run(global: &GlobalOpts, args: BenchArgs) -> anyhow::Result<()> {
                     warmup: !p.no_warmup,
                     in_process: target.embedded.is_some() && !p.over_quic,
                     sink_compression: p.sink_compression,
+                    keep_topics: p.keep_topics,
                 };
                 pipeline::run(&target.client, &pipelines, &o, &p.stages, how).await
             }

@@ -152,6 +152,8 @@ pub struct Setup {
     pub in_process: bool,
     /// `[sink] compression` of both pipelines.
     pub sink_compression: SinkCompression,
+    /// Keep what each measurement made (else it is deleted once measured).
+    pub keep_topics: bool,
 }
 
 /// Runs the three measurements `repeat` times, each time on fresh topics: the input is
@@ -169,7 +171,13 @@ pub async fn run(
         warmup,
         in_process,
         sink_compression,
+        keep_topics,
     } = how;
+    let clean = |topics: Vec<String>, group: Option<String>| async move {
+        if !keep_topics {
+            clean_up(client, &topics, group.as_deref()).await;
+        }
+    };
     let records = match o.limit() {
         super::Limit::Records(n) => n,
         super::Limit::Time(_) => anyhow::bail!("bench pipeline takes --records, not --duration"),
@@ -181,7 +189,9 @@ pub async fn run(
         // Whatever is measured first would otherwise be the only measurement made on an
         // empty store, in a process that has not written yet.
         eprintln!("warm-up: produce of {records} records, not measured …");
-        produce_into(client, &quiet, &format!("{base}-warmup"), false).await?;
+        let topic = format!("{base}-warmup");
+        produce_into(client, &quiet, &topic, false).await?;
+        clean(vec![topic], None).await;
     }
     let mut trios = Vec::new();
     for i in 1..=repeat {
@@ -201,20 +211,24 @@ pub async fn run(
                 Measured::Produce => {
                     eprintln!("plain produce of {records} records …");
                     let cpu_before = process_cpu_seconds();
-                    let report = produce_into(client, &quiet, &format!("{base}-produce"), false)
+                    let topic = format!("{base}-produce");
+                    let report = produce_into(client, &quiet, &topic, false)
                         .await?
                         .measuring("produce: send to acknowledgement");
                     produce = Some(report.with_cpu(cpu_spent(cpu_before)));
+                    clean(vec![topic], None).await;
                 }
                 Measured::NoStage => {
                     eprintln!("pipeline without stages …");
                     let name = format!("{base}-none");
                     no_stage = Some(one(client, pipelines, &quiet, &name, &[], &how).await?);
+                    clean(made_by(&name, false), Some(name)).await;
                 }
                 Measured::Chain => {
                     eprintln!("pipeline with {} …", chain.join(" → "));
                     let name = format!("{base}-stages");
                     stages = Some(one(client, pipelines, &quiet, &name, chain, &how).await?);
+                    clean(made_by(&name, true), Some(name)).await;
                 }
             }
         }
@@ -251,6 +265,43 @@ pub async fn run(
         sink_compression: sink_compression.name(),
         runs,
     })
+}
+
+/// The topics one pipeline measurement named `name` made: its input and output, and its
+/// state changelog when it has stages.
+fn made_by(name: &str, stages: bool) -> Vec<String> {
+    let mut topics = vec![format!("{name}-in"), format!("{name}-out")];
+    if stages {
+        topics.push(format!("quiver.state.{name}"));
+    }
+    topics
+}
+
+/// Deletes a measurement's topics and its pipeline's group. Best effort: what cannot be
+/// deleted is named, and the bench goes on; on a broker that does not delete topics it
+/// says so once.
+async fn clean_up(client: &Client, topics: &[String], group: Option<&str>) {
+    static DELETION_DISABLED: std::sync::atomic::AtomicBool =
+        std::sync::atomic::AtomicBool::new(false);
+    let admin = quiver_client::Admin::new(client.clone());
+    for t in topics {
+        if DELETION_DISABLED.load(std::sync::atomic::Ordering::Relaxed) {
+            break;
+        }
+        match admin.delete_topic(t).await {
+            Ok(_) => {}
+            Err(e) if e.code() == Some(quiver_protocol::ErrorCode::TopicDeletionDisabled) => {
+                DELETION_DISABLED.store(true, std::sync::atomic::Ordering::Relaxed);
+                eprintln!("the broker does not delete topics: the bench's topics stay ({e})");
+            }
+            Err(e) => eprintln!("could not delete the bench topic {t}: {e}"),
+        }
+    }
+    if let Some(g) = group {
+        if let Err(e) = admin.delete_group(g).await {
+            eprintln!("could not delete the bench group {g}: {e}");
+        }
+    }
 }
 
 /// CPU seconds this process used since `before`.

@@ -230,3 +230,43 @@ fn pipeline_run_instances_are_bounded_like_the_files() {
         );
     }
 }
+
+/// Messages a user's slip should get (found by a black-box test): a partition count of 0,
+/// an address without a port (a typo, not a broker that is down), a port another broker
+/// holds (its cause said once, not three times); and `topic create --output json`.
+#[test]
+fn slips_get_messages_about_the_slip() {
+    let b = TestBroker::start();
+    let e = b.cli_err(&["topic", "create", "none", "--partitions", "0"], None);
+    assert!(e.contains("must be at least 1"), "{e}");
+    let created: serde_json::Value = serde_json::from_str(&b.cli_ok(&[
+        "topic",
+        "create",
+        "made",
+        "--partitions",
+        "2",
+        "--output",
+        "json",
+    ]))
+    .expect("one JSON document");
+    assert_eq!(created["name"], "made", "{created}");
+    assert_eq!(created["partitions"].as_array().map(Vec::len), Some(2));
+    let out = std::process::Command::new(bin())
+        .args(["--bootstrap", "127.0.0.1", "topic", "list"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && e.contains("HOST:PORT") && !e.contains("is a broker running"),
+        "{e}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["broker", "start", "--listen", &b.addr(), "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{e}");
+    assert_eq!(e.matches("Address already in use").count(), 1, "{e}");
+}

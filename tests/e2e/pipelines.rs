@@ -594,6 +594,50 @@ fn pipeline_run_stopped_mid_stream_reports_the_records_it_committed() {
     assert!(b.total_log_end("drained") >= committed, "{text}");
 }
 
+/// `bench pipeline` against a broker deletes the topics and groups each measurement made
+/// (a bench run left gigabytes behind before), unless `--keep-topics`.
+#[test]
+fn bench_pipeline_leaves_nothing_behind_unless_told_to_keep_it() {
+    let b = TestBroker::start_with_config("delete_topic_enable = true\n");
+    let stage = example("noop-filter");
+    let bench = |extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "pipeline",
+            "--stage",
+            &stage,
+            "--records",
+            "2000",
+            "--output",
+            "json",
+        ];
+        args.extend(extra);
+        b.cli_ok(&args);
+    };
+    let listed = || -> Vec<String> {
+        let v: Value =
+            serde_json::from_str(&b.cli_ok(&["topic", "list", "--output", "json"])).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|t| t["name"].as_str().map(str::to_string))
+            .filter(|n| n.contains("bench-"))
+            .collect()
+    };
+    let groups = || b.cli_ok(&["group", "list"]);
+    bench(&[]);
+    assert_eq!(listed(), Vec::<String>::new(), "every bench topic deleted");
+    assert!(!groups().contains("bench-"), "{}", groups());
+    bench(&["--keep-topics"]);
+    let kept = listed();
+    assert!(
+        kept.iter().any(|t| t.ends_with("-produce"))
+            && kept.iter().any(|t| t.ends_with("-none-out"))
+            && kept.iter().any(|t| t.starts_with("quiver.state.")),
+        "{kept:?}"
+    );
+}
+
 /// The latest output value per key, reading each partition in order (a key's outputs all
 /// land in one partition).
 fn latest_per_key(records: &[Value]) -> BTreeMap<String, u64> {

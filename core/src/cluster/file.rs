@@ -65,6 +65,42 @@ fn broker_line(text: &str, index: usize) -> Option<usize> {
     line_of(text, "[[brokers]]", index)
 }
 
+/// The line of `key = …` inside the `index`-th `[[brokers]]` table, else the table's own.
+fn broker_key_line(text: &str, index: usize, key: &str) -> Option<usize> {
+    let start = broker_line(text, index)?;
+    text.lines()
+        .enumerate()
+        .skip(start)
+        .take_while(|(_, l)| !l.trim_start().starts_with('['))
+        .find(|(_, l)| {
+            l.split('#')
+                .next()
+                .and_then(|code| code.split_once('='))
+                .is_some_and(|(k, _)| k.trim() == key)
+        })
+        .map(|(i, _)| i + 1)
+        .or(Some(start))
+}
+
+/// A `[[brokers]]` override `broker.toml` refused (`reason` names the key in backquotes):
+/// at the key's own line, and without the keys the cluster file sets itself among those
+/// it offers.
+fn override_error(text: &str, file: &str, index: usize, reason: &str) -> ClusterFileError {
+    let prefix = format!("brokers[{index}]");
+    let bad = reason.split('`').nth(1);
+    let reason = reason
+        .replace("`broker_id`, ", "")
+        .replace("`data_dir`, ", "")
+        .replace(", `broker_id`", "")
+        .replace(", `data_dir`", "");
+    ClusterFileError {
+        file: file.to_string(),
+        line: bad.and_then(|k| broker_key_line(text, index, k)),
+        key: bad.map_or(prefix.clone(), |k| format!("{prefix}.{k}")),
+        reason,
+    }
+}
+
 impl ClusterFile {
     /// Reads and checks a cluster file.
     pub fn load(path: &Path) -> Result<ClusterFile, ClusterFileError> {
@@ -158,12 +194,22 @@ impl ClusterFile {
                     )
                 })?,
                 _ => {
+                    // A misspelt `listen` is named as the unknown key it is.
+                    let mut others = t.clone();
+                    others.remove("id");
+                    let probe = ClusterBroker {
+                        id,
+                        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                        overrides: others,
+                    };
+                    Self::broker_config_of(&data_root, &probe)
+                        .map_err(|reason| override_error(text, file, i, &reason))?;
                     return Err(err(
                         line,
                         &format!("{prefix}.listen"),
                         "missing: give the broker's address, e.g. listen = \"127.0.0.1:7401\""
                             .into(),
-                    ))
+                    ));
                 }
             };
             if let Some(first) = ids.insert(id, i) {
@@ -204,14 +250,8 @@ impl ClusterFile {
                 overrides,
             };
             // Every override must be a broker.toml key with a good value.
-            Self::broker_config_of(&data_root, &broker).map_err(|reason| {
-                let key = reason
-                    .split('`')
-                    .nth(1)
-                    .map(|k| format!("{prefix}.{k}"))
-                    .unwrap_or_else(|| prefix.clone());
-                err(line, &key, reason)
-            })?;
+            Self::broker_config_of(&data_root, &broker)
+                .map_err(|reason| override_error(text, file, i, &reason))?;
             brokers.push(broker);
         }
         Ok(ClusterFile { data_root, brokers })
@@ -303,10 +343,25 @@ mod tests {
         let e = refused(&THREE.replace("7402", "7401"));
         assert_eq!(e.key, "brokers[1].listen", "{e}");
         assert!(e.reason.contains("port 7401"), "{e}");
+        // A misspelt override: at its own line, and the keys offered leave out those the
+        // cluster file sets itself.
         let e = refused(&THREE.replace("shutdown_timeout_ms = 5000", "shutdown_timout_ms = 5"));
-        assert_eq!(e.line, Some(11), "{e}");
-        assert!(e.key.starts_with("brokers[2]"), "{e}");
-        assert!(e.to_string().contains("shutdown_timout_ms"), "{e}");
+        assert_eq!(e.line, Some(14), "{e}");
+        assert_eq!(e.key, "brokers[2].shutdown_timout_ms", "{e}");
+        assert!(
+            e.reason.contains("shutdown_timeout_ms")
+                && !e.reason.contains("`broker_id`")
+                && !e.reason.contains("`data_dir`"),
+            "{e}"
+        );
+        // A misspelt `listen` is named as the unknown key, not reported missing.
+        let e =
+            refused(&THREE.replace("listen = \"127.0.0.1:7403\"", "listn = \"127.0.0.1:7403\""));
+        assert_eq!(
+            (e.line, e.key.as_str()),
+            (Some(13), "brokers[2].listn"),
+            "{e}"
+        );
         let e = refused(&THREE.replace("listen = \"127.0.0.1:7403\"", "listen = \"nowhere\""));
         assert_eq!(e.key, "brokers[2].listen", "{e}");
         let e = refused(&THREE.replace("id = 3", "id = 3\ndata_dir = \"x\""));

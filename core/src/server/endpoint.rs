@@ -20,12 +20,12 @@ pub enum EndpointError {
     #[error("QUIC TLS config: {0}")]
     Tls(String),
     /// The UDP socket could not be bound.
-    #[error("cannot bind UDP {addr}: {source} (is another broker using this address? pick another with --listen)")]
+    #[error("cannot bind UDP {addr}: {error} (is another broker using this address? pick another with --listen)")]
     Bind {
         /// The address.
         addr: SocketAddr,
-        /// Why.
-        source: std::io::Error,
+        /// Why (in the message, not a separate cause: an error chain would print it twice).
+        error: std::io::Error,
     },
 }
 
@@ -60,7 +60,7 @@ pub fn bind(
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
     server.transport_config(Arc::new(transport_config(limits)));
     quiver_client::udp::endpoint(addr, Some(server))
-        .map_err(|source| EndpointError::Bind { addr, source })
+        .map_err(|error| EndpointError::Bind { addr, error })
 }
 
 /// Whether the connection negotiated the controller's Raft ALPN.
