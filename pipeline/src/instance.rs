@@ -403,7 +403,8 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
             break Err(e);
         }
         let idle = records.is_empty();
-        match send_poll(plan, &mut writer, &mut chains, records, metrics).await {
+        let positions = member.positions();
+        match send_poll(plan, &mut writer, &mut chains, records, &positions, metrics).await {
             Ok(Some(sent)) => in_flight.push_back(sent),
             Ok(None) => {}
             Err(e) => break Err(e),
@@ -602,6 +603,7 @@ async fn send_poll(
     writer: &mut Writer,
     chains: &mut BTreeMap<TopicPartition, PartitionRun>,
     records: Vec<ConsumedRecord>,
+    positions: &BTreeMap<TopicPartition, i64>,
     metrics: &PipelineMetrics,
 ) -> Result<Option<SentPoll>, RuntimeError> {
     let mut counts = PollCounts {
@@ -612,7 +614,15 @@ async fn send_poll(
     let mut ranges: BTreeMap<TopicPartition, (i64, i64)> = BTreeMap::new();
     let mut by_partition: BTreeMap<TopicPartition, Vec<Record>> = BTreeMap::new();
     for (tp, recs) in into_runs(records, &mut timestamps) {
-        let range = (recs[0].offset, recs[recs.len() - 1].offset + 1);
+        // The commit goes past the last record's chunk end when nothing but markers (or
+        // aborted records) follows it there: no lag of 1 behind a transactional input.
+        let after_last = recs[recs.len() - 1].offset + 1;
+        let end = positions
+            .get(&tp)
+            .copied()
+            .unwrap_or(after_last)
+            .max(after_last);
+        let range = (recs[0].offset, end);
         add_run(&mut ranges, &mut by_partition, tp, range, recs);
     }
     let idle = by_partition.is_empty();

@@ -638,6 +638,47 @@ fn bench_pipeline_leaves_nothing_behind_unless_told_to_keep_it() {
     );
 }
 
+/// A pipeline reading the output of an exactly-once pipeline catches up to lag 0: its
+/// commits go past each transaction's marker. Before, every partition kept a lag of 1
+/// (the marker after its last record), so "lag returns to 0" never held downstream.
+#[test]
+fn a_pipeline_reading_a_transactional_topic_catches_up_to_lag_zero() {
+    let b = TestBroker::start();
+    let dir = tempfile::tempdir().unwrap();
+    for t in ["raw", "mid", "done"] {
+        b.cli_ok(&["topic", "create", t, "--partitions", "2"]);
+    }
+    let deploy = |name: &str, from: &str, to: &str| {
+        let f = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &f,
+            format!(
+                "name = \"{name}\"\n[source]\ntopics = [\"{from}\"]\n[sink]\ntopic = \"{to}\"\n[run]\nguarantee = \"exactly-once\"\n"
+            ),
+        )
+        .unwrap();
+        b.cli_ok(&["pipeline", "deploy", f.to_str().unwrap()]);
+    };
+    deploy("first", "raw", "mid");
+    deploy("second", "mid", "done");
+    let lines: Vec<String> = (0..500).map(|i| format!("k{i}:v{i}")).collect();
+    produce_lines(&b, "raw", &lines);
+    wait_for(60, "both pipelines caught up, lag 0", || {
+        status(&b, "first")["lag"] == 0
+            && status(&b, "second")["lag"] == 0
+            && status(&b, "second")["records_in"] == 500
+    });
+    let d = describe_now(&b, "second");
+    assert!(
+        d["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["lag"] == 0),
+        "{d}"
+    );
+}
+
 /// The latest output value per key, reading each partition in order (a key's outputs all
 /// land in one partition).
 fn latest_per_key(records: &[Value]) -> BTreeMap<String, u64> {

@@ -306,6 +306,22 @@ impl Consumer {
         Ok(())
     }
 
+    /// Where reading goes on after the record at `last` of `topic`/`partition`, handed
+    /// out by the latest poll: the end of the chunk it came in when it was that chunk's
+    /// last record (the chunk's trailing transaction markers, and the aborted records a
+    /// read-committed consumer skips, lie before that end), else `last + 1`. Committing
+    /// this leaves no lag behind a transaction's marker.
+    pub fn next_after(&self, topic: &str, partition: u32, last: i64) -> i64 {
+        match self
+            .parts
+            .get(&(Arc::from(topic), partition))
+            .and_then(|s| s.tail)
+        {
+            Some((l, next)) if l == last => next.max(last + 1),
+            _ => last + 1,
+        }
+    }
+
     /// The offset of the next record this consumer will hand out for the partition.
     pub async fn position(&mut self, topic: &str, partition: u32) -> Result<i64> {
         let key: (Arc<str>, u32) = (Arc::from(topic), partition);
@@ -905,6 +921,24 @@ mod tests {
         );
         assert_eq!(c.parts[&(Arc::from("t"), 0)].position, Some(6));
         assert_eq!(c.parts[&(Arc::from("t"), 1)].position, Some(6));
+    }
+
+    /// After a chunk whose end lies past its last record (a transaction's marker follows
+    /// it), reading goes on from the chunk's end, not from the record after the last one:
+    /// a commit of that leaves no lag of 1 behind each transaction.
+    #[tokio::test]
+    async fn reading_goes_on_past_a_chunks_trailing_marker() {
+        let mut c = fed_consumer().await;
+        let marked = Chunk {
+            next: 4,
+            ..chunk(0, 3)
+        };
+        c.tx.send(fed(&c, 0, Ok(marked))).await.unwrap();
+        let got = c.poll_timeout(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(got.len(), 3);
+        assert_eq!(c.next_after("t", 0, 2), 4, "past the marker at 3");
+        assert_eq!(c.next_after("t", 0, 1), 2, "not the chunk's last record");
+        assert_eq!(c.next_after("t", 1, 7), 8, "nothing read there");
     }
 
     /// A batch whose header lies about its record count (well-formed otherwise) is refused,

@@ -423,6 +423,29 @@ impl GroupConsumer {
         self.owned.iter().cloned().collect()
     }
 
+    /// Moves the positions of a poll's partitions past what follows their last record in
+    /// its chunk (a transaction's marker, aborted records): a commit of them then leaves
+    /// no lag of 1 behind each transaction of a transactional input.
+    fn past_chunk_ends(&mut self, recs: &[ConsumedRecord]) {
+        let mut i = 0;
+        while i < recs.len() {
+            let r = &recs[i];
+            let run = recs[i..]
+                .iter()
+                .take_while(|x| x.partition == r.partition && x.topic == r.topic)
+                .count();
+            let last = recs[i + run - 1].offset;
+            let next = self.consumer.next_after(&r.topic, r.partition, last);
+            if let Some(p) = self
+                .positions
+                .get_mut(&TopicPartition::new(r.topic.to_string(), r.partition))
+            {
+                *p = (*p).max(next);
+            }
+            i += run;
+        }
+    }
+
     /// The next offset after the records handed out, per partition.
     pub fn positions(&self) -> BTreeMap<TopicPartition, i64> {
         self.positions.clone()
@@ -856,6 +879,7 @@ impl GroupConsumer {
             match records {
                 Some(mut recs) => {
                     keep_owned(&self.owned, &mut self.positions, &mut recs);
+                    self.past_chunk_ends(&recs);
                     if !recs.is_empty() || Instant::now() >= deadline {
                         return Ok(recs);
                     }
