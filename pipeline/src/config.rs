@@ -297,14 +297,7 @@ impl PipelineConfig {
 
     /// Reads and checks a pipeline file.
     pub fn load(path: &Path) -> Result<PipelineConfig, PipelineConfigError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| PipelineConfigError {
-            file: file.clone(),
-            line: None,
-            key: String::new(),
-            reason: format!("cannot read the file: {e}"),
-        })?;
-        Self::parse(&text, &file)
+        Self::parse(&read_file(path)?, &path.display().to_string())
     }
 
     /// Checks pipeline text; `file` names it in errors.
@@ -321,9 +314,7 @@ impl PipelineConfig {
 
     /// [`load`](Self::load) of a file deployed earlier (see [`parse_stored`](Self::parse_stored)).
     pub fn load_stored(path: &Path) -> Result<PipelineConfig, PipelineConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| error_at(path, "", format!("cannot read the file: {e}")))?;
-        Self::parse_stored(&text, &path.display().to_string())
+        Self::parse_stored(&read_file(path)?, &path.display().to_string())
     }
 
     fn parse_with(
@@ -601,6 +592,16 @@ fn table_at(text: &str, line: usize) -> Option<String> {
         }
     }
     table
+}
+
+/// A pipeline file's text, or why it cannot be read (the whole file at fault: no key).
+fn read_file(path: &Path) -> Result<String, PipelineConfigError> {
+    std::fs::read_to_string(path).map_err(|e| PipelineConfigError {
+        file: path.display().to_string(),
+        line: None,
+        key: String::new(),
+        reason: format!("cannot read the file: {e}"),
+    })
 }
 
 /// An error at `key` of the pipeline file at `file`, with the key's line when the file

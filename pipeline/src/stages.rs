@@ -324,15 +324,21 @@ fn stopping(stage: usize, plugin: &str, e: &PluginError, policy: ErrorPolicy) ->
 mod tests {
     use super::*;
 
-    fn lua_stage(script: &str) -> LoadedStage {
-        let manifest = "name = \"t\"\nversion = \"1.0.0\"\nkind = \"processor\"\nruntime = \"lua\"\nentry = \"t.lua\"\n";
+    /// A Lua processor bundle `t@1.0.0` running `script`; `extra` is appended to its
+    /// `plugin.toml` (e.g. a `[config]` table).
+    fn lua_bundle(script: &str, extra: &str) -> Bundle {
+        let manifest = format!("name = \"t\"\nversion = \"1.0.0\"\nkind = \"processor\"\nruntime = \"lua\"\nentry = \"t.lua\"\n{extra}");
         let files = [
-            ("plugin.toml".to_string(), manifest.as_bytes().to_vec()),
+            ("plugin.toml".to_string(), manifest.into_bytes()),
             ("t.lua".to_string(), script.as_bytes().to_vec()),
         ]
         .into_iter()
         .collect();
-        let bundle = Bundle::from_files(files, Path::new("<test>")).unwrap();
+        Bundle::from_files(files, Path::new("<test>")).unwrap()
+    }
+
+    fn lua_stage(script: &str) -> LoadedStage {
+        let bundle = lua_bundle(script, "");
         LoadedStage {
             id: bundle.id(),
             bundle: Arc::new(bundle),
@@ -426,14 +432,7 @@ end
 
     #[test]
     fn a_stage_config_key_its_plugin_does_not_declare_is_refused() {
-        let manifest = "name = \"t\"\nversion = \"1.0.0\"\nkind = \"processor\"\nruntime = \"lua\"\nentry = \"t.lua\"\n[config]\npattern = \"ERROR\"\n";
-        let files = [
-            ("plugin.toml".to_string(), manifest.as_bytes().to_vec()),
-            ("t.lua".to_string(), PICKY.as_bytes().to_vec()),
-        ]
-        .into_iter()
-        .collect();
-        let bundle = Bundle::from_files(files, Path::new("<test>")).unwrap();
+        let bundle = lua_bundle(PICKY, "[config]\npattern = \"ERROR\"\n");
         let set = |k: &str| BTreeMap::from([(k.to_string(), "x".to_string())]);
         check_stage_config(0, &bundle, &set("pattern"), true).unwrap();
         check_stage_config(0, &bundle, &BTreeMap::new(), true).unwrap();
