@@ -272,7 +272,7 @@ pub async fn run(
 fn made_by(name: &str, stages: bool) -> Vec<String> {
     let mut topics = vec![format!("{name}-in"), format!("{name}-out")];
     if stages {
-        topics.push(format!("quiver.state.{name}"));
+        topics.push(quiver_pipeline::changelog::changelog_topic(name));
     }
     topics
 }
