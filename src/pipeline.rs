@@ -144,7 +144,11 @@ pub async fn run(global: &GlobalOpts, args: PipelineArgs) -> anyhow::Result<()> 
             match output {
                 Format::Json => output::json(
                     &mut out,
-                    &resp.pipelines.iter().map(status_json).collect::<Vec<_>>(),
+                    &resp
+                        .pipelines
+                        .iter()
+                        .map(|p| status_json(p, None))
+                        .collect::<Vec<_>>(),
                 )?,
                 Format::Table => {
                     let rows: Vec<Vec<String>> = resp
@@ -178,7 +182,7 @@ pub async fn run(global: &GlobalOpts, args: PipelineArgs) -> anyhow::Result<()> 
         }
         PipelineCommand::Status { name, output } => {
             let client = global.connect().await?;
-            let (s, _) = client
+            let asked = client
                 .request(
                     &DescribePipelineRequest {
                         name: name.clone(),
@@ -186,11 +190,32 @@ pub async fn run(global: &GlobalOpts, args: PipelineArgs) -> anyhow::Result<()> 
                     },
                     Bytes::new(),
                 )
-                .await
-                .map_err(|e| pipeline_error(e, &format!("pipeline {name}")))?;
+                .await;
+            let s = match asked {
+                Ok((s, _)) => s,
+                Err(e) if e.code() == Some(ErrorCode::PipelineNotFound) => {
+                    // Not deployed: its `pipeline run` copies, if any, are only in its group.
+                    let copies = run_copies(&client, &name).await;
+                    if copies.is_empty() {
+                        return Err(pipeline_error(e, &format!("pipeline {name}")));
+                    }
+                    anyhow::bail!(
+                        "pipeline {name} is not deployed, but {} `quiver pipeline run` cop{} read its group {name}: {}; `quiver group describe {name}` shows their partitions and lag",
+                        copies.len(),
+                        if copies.len() == 1 { "y" } else { "ies" },
+                        copies
+                            .iter()
+                            .map(|c| format!("{} on {}", c.id, c.process))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
+                Err(e) => return Err(pipeline_error(e, &format!("pipeline {name}"))),
+            };
+            let copies = run_copies(&client, &s.group).await;
             match output {
-                Format::Json => output::json(&mut out, &status_json(&s))?,
-                Format::Table => status_table(&mut out, &s)?,
+                Format::Json => output::json(&mut out, &status_json(&s, Some(&copies)))?,
+                Format::Table => status_table(&mut out, &s, &copies)?,
             }
         }
         PipelineCommand::Stop { name, output } => {
@@ -285,7 +310,7 @@ async fn run_here(global: &GlobalOpts, file: &Path, instances: u32) -> anyhow::R
     let client = global.connect().await?;
     let name = p.name.clone();
     let group = p.group().to_string();
-    let d = Deployment::start(client, p, base_dir(file), instances, 0)
+    let d = Deployment::start_here(client, p, base_dir(file), instances)
         .await
         .with_context(|| format!("cannot start pipeline {name}"))?;
     eprintln!(
@@ -334,22 +359,70 @@ fn state_parts(state: &str) -> (&str, Option<&str>) {
 
 /// A status as JSON: every field of the broker's status (`state` as it is, `failed: …`
 /// included), then `reason`, the text after the state's word (null without one), for
-/// scripts that want the word and the reason apart.
+/// scripts that want the word and the reason apart, and `run_copies`: the members of the
+/// pipeline's group that `quiver pipeline run` processes hold (their counters are their
+/// own, printed when they stop; `instances` and the counters are the deployed ones).
 #[derive(serde::Serialize)]
 struct StatusJson<'a> {
     #[serde(flatten)]
     status: &'a PipelineStatus,
     reason: Option<&'a str>,
+    /// Left out by `pipeline list`, which does not read the groups.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    run_copies: Option<&'a [RunCopy]>,
 }
 
-fn status_json(s: &PipelineStatus) -> StatusJson<'_> {
+fn status_json<'a>(s: &'a PipelineStatus, copies: Option<&'a [RunCopy]>) -> StatusJson<'a> {
     StatusJson {
         status: s,
         reason: state_parts(&s.state).1,
+        run_copies: copies,
     }
 }
 
-fn status_table(out: &mut impl Write, s: &PipelineStatus) -> anyhow::Result<()> {
+/// An instance of a `quiver pipeline run` copy, as its group shows it.
+#[derive(Debug, serde::Serialize)]
+struct RunCopy {
+    /// Instance id, `NAME-N` (numbered from 1 in each copy).
+    id: String,
+    /// Where it runs: `HOST (pid P)`.
+    process: String,
+    /// Input partitions it owns now, as `topic/partition`.
+    partitions: Vec<String>,
+}
+
+/// The members of `group` that `pipeline run` copies hold; none when the group is unknown
+/// or cannot be read (the status is shown without them).
+async fn run_copies(client: &Client, group: &str) -> Vec<RunCopy> {
+    let admin = quiver_client::Admin::new(client.clone());
+    let Ok(d) = admin.describe_group(group).await else {
+        return Vec::new();
+    };
+    let mut copies: Vec<RunCopy> = d
+        .members
+        .iter()
+        .filter_map(|m| {
+            let (id, process) = quiver_pipeline::deployment::run_copy_of(&m.client_id)?;
+            Some(RunCopy {
+                id: id.to_string(),
+                process: process.to_string(),
+                partitions: m
+                    .assigned
+                    .iter()
+                    .map(|tp| format!("{}/{}", tp.topic, tp.partition))
+                    .collect(),
+            })
+        })
+        .collect();
+    copies.sort_by(|a, b| (&a.process, &a.id).cmp(&(&b.process, &b.id)));
+    copies
+}
+
+fn status_table(
+    out: &mut impl Write,
+    s: &PipelineStatus,
+    copies: &[RunCopy],
+) -> anyhow::Result<()> {
     let (state, reason) = state_parts(&s.state);
     writeln!(
         out,
@@ -375,6 +448,17 @@ fn status_table(out: &mut impl Write, s: &PipelineStatus) -> anyhow::Result<()> 
         .map(|i| vec![i.id.clone(), i.broker.to_string(), i.partitions.join(",")])
         .collect();
     output::table(out, &["INSTANCE", "BROKER", "PARTITIONS"], &rows)?;
+    if !copies.is_empty() {
+        writeln!(
+            out,
+            "pipeline run copies in its group (counters not included above):"
+        )?;
+        let rows: Vec<Vec<String>> = copies
+            .iter()
+            .map(|c| vec![c.id.clone(), c.process.clone(), c.partitions.join(",")])
+            .collect();
+        output::table(out, &["INSTANCE", "PROCESS", "PARTITIONS"], &rows)?;
+    }
     Ok(())
 }
 

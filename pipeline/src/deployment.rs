@@ -67,6 +67,9 @@ pub struct Deployment {
     instances: Vec<Instance>,
     /// Why this broker still runs this (older) file: it could not roll to the cluster's.
     roll_failure: Option<String>,
+    /// Where its instances run, after their id in the client id their group shows (see
+    /// [`member_client_id`]): `None` inside a broker, else this process.
+    process: Option<String>,
 }
 
 impl Deployment {
@@ -141,6 +144,37 @@ fn missing_topics(missing: &[(String, &str)]) -> String {
     }
 }
 
+/// The client id an instance's group member has: `pipeline NAME-N` inside a broker,
+/// `pipeline run NAME-N on HOST (pid P)` in a `pipeline run` process.
+pub fn member_client_id(instance: &str, process: Option<&str>) -> String {
+    match process {
+        None => format!("pipeline {instance}"),
+        Some(p) => format!("{RUN_COPY_PREFIX}{instance} on {p}"),
+    }
+}
+
+/// How the client id of a `pipeline run` copy's member starts.
+pub const RUN_COPY_PREFIX: &str = "pipeline run ";
+
+/// A `pipeline run` copy's instance and where it runs (`HOST (pid P)`), from its member's
+/// client id; `None` for any other member.
+pub fn run_copy_of(client_id: &str) -> Option<(&str, &str)> {
+    client_id.strip_prefix(RUN_COPY_PREFIX)?.split_once(" on ")
+}
+
+/// `HOST (pid P)` of this process.
+fn this_process() -> String {
+    let host = ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .find_map(|f| {
+            let h = std::fs::read_to_string(f).ok()?;
+            let h = h.trim();
+            (!h.is_empty()).then(|| h.to_string())
+        })
+        .unwrap_or_else(|| "localhost".to_string());
+    format!("{host} (pid {})", std::process::id())
+}
+
 /// `a`, `a and b`, `a, b and c`.
 fn and_list(items: &[String]) -> String {
     match items {
@@ -163,6 +197,31 @@ impl Deployment {
     ) -> Result<Deployment, RuntimeError> {
         let numbers: Vec<u32> = (1..=instances).collect();
         Self::start_numbered(client, config, base_dir, &numbers, broker).await
+    }
+
+    /// [`start`](Self::start) for `quiver pipeline run`: the instances run in this process,
+    /// as a client of the cluster, and their group members say so (`pipeline run NAME-N on
+    /// HOST (pid P)`), so `group describe` and `pipeline status` tell them from the
+    /// instances deployed in brokers, and copies on different machines apart.
+    pub async fn start_here(
+        client: Client,
+        config: PipelineConfig,
+        base_dir: &Path,
+        instances: u32,
+    ) -> Result<Deployment, RuntimeError> {
+        let mut d = Self::prepare(
+            client,
+            config,
+            base_dir,
+            0,
+            Arc::new(PipelineMetrics::default()),
+        )
+        .await?;
+        d.process = Some(this_process());
+        for n in 1..=instances {
+            d.spawn_instance(n);
+        }
+        Ok(d)
     }
 
     /// [`start`](Self::start) with the instance numbers given (in a cluster each broker
@@ -230,6 +289,7 @@ impl Deployment {
             stop: Arc::new(stop_tx),
             instances: Vec::new(),
             roll_failure: None,
+            process: None,
         })
     }
 
@@ -267,6 +327,7 @@ impl Deployment {
             Ok(d) => d,
             Err(e) => return Err((self, e)),
         };
+        next.process = self.process.clone();
         let mut old = self.instances;
         old.sort_by_key(|i| i.number);
         for &n in numbers {
@@ -294,6 +355,7 @@ impl Deployment {
         let parts = InstanceParts {
             client: self.client.clone(),
             plan: self.plan.clone(),
+            client_id: member_client_id(&id, self.process.as_deref()),
             id: id.clone(),
             number: n,
             view: view.clone(),

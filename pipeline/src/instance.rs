@@ -173,6 +173,8 @@ pub struct InstanceParts {
     pub plan: Arc<Plan>,
     /// Instance id, `NAME-N`.
     pub id: String,
+    /// Its group member's client id ([`crate::deployment::member_client_id`]).
+    pub client_id: String,
     /// Its number `N`.
     pub number: u32,
     /// What the status shows of it.
@@ -287,6 +289,7 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
         client,
         plan,
         id: instance_id,
+        client_id,
         number,
         view,
         metrics,
@@ -299,7 +302,7 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
             StartPosition::Earliest => AutoOffsetReset::Earliest,
             StartPosition::Latest => AutoOffsetReset::Latest,
         });
-    group.client_id = format!("pipeline {instance_id}");
+    group.client_id = client_id.clone();
     // Exactly once, offsets are committed only inside transactions.
     group.commit_on_revoke = !exactly_once;
     // At least once, offsets are stored for commit only once a poll's writes are
@@ -440,7 +443,13 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
             break Err(e);
         }
         if idle && in_flight.is_empty() {
-            if let Err(e) = writer.commit_stored(&mut member).await {
+            // Marks go only with an exactly-once commit (at least once, with each poll's).
+            let marks = if writer.is_transactional() {
+                state_marks(&chains)
+            } else {
+                Vec::new()
+            };
+            if let Err(e) = writer.commit_quiet(&mut member, marks).await {
                 break Err(e);
             }
             // Nothing in flight, everything committed, and the run has lasted: the
@@ -778,10 +787,7 @@ async fn complete_poll(
             state.landed(l.first_offset, l.last_offset, *snapshot);
         }
     }
-    let marks: Vec<(TopicPartition, String)> = chains
-        .iter()
-        .filter_map(|(tp, run)| Some((tp.clone(), run.state.as_ref()?.metadata())))
-        .collect();
+    let marks = state_marks(chains);
     let ends: BTreeMap<TopicPartition, i64> = sent
         .ranges
         .iter()
@@ -796,6 +802,14 @@ async fn complete_poll(
         "poll committed"
     );
     Ok(sent.counts)
+}
+
+/// Where each owned partition's state stands, for the metadata of its committed offset.
+fn state_marks(chains: &BTreeMap<TopicPartition, PartitionRun>) -> Vec<(TopicPartition, String)> {
+    chains
+        .iter()
+        .filter_map(|(tp, run)| Some((tp.clone(), run.state.as_ref()?.metadata())))
+        .collect()
 }
 
 /// A record a stage failed on, for the dead-letter topic: as the stage got it, with headers

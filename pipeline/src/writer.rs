@@ -276,13 +276,29 @@ impl Writer {
         }
     }
 
-    /// At least once, commits now every offset stored so far (after the commit running in
-    /// the background, if any), so the group's committed offsets catch up: when the input
-    /// has gone quiet. Exactly once, commits are the transactions' and there is nothing to
-    /// do.
-    pub async fn commit_stored(&mut self, member: &mut GroupConsumer) -> Result<(), RuntimeError> {
-        if let Writer::AtLeastOnce { .. } = self {
-            member.commit().await?;
+    /// Commits where reading goes on, once the input has gone quiet and nothing is in
+    /// flight (every record handed out is done), so the group's committed offsets catch up.
+    /// The positions may lie past the last record processed: a transaction's marker or
+    /// aborted records came after it, which would otherwise stay as lag until more records
+    /// come. At least once, the positions are stored and every stored offset is committed
+    /// (after the commit running in the background, if any); exactly once, the positions
+    /// are committed in a transaction of their own, with the state `marks`, when they
+    /// moved past the last commit.
+    pub async fn commit_quiet(
+        &mut self,
+        member: &mut GroupConsumer,
+        marks: Vec<(TopicPartition, String)>,
+    ) -> Result<(), RuntimeError> {
+        match self {
+            Writer::AtLeastOnce { .. } => {
+                member.store_positions();
+                member.commit().await?;
+            }
+            Writer::ExactlyOnce { .. } => {
+                if member.has_uncommitted_positions() {
+                    self.commit(member, &BTreeMap::new(), marks).await?;
+                }
+            }
         }
         Ok(())
     }
@@ -475,7 +491,7 @@ mod tests {
 
     /// At least once, a poll's commit travels in the background while the next polls are
     /// processed, one commit at a time. Commits never land out of order: the stored offsets
-    /// and state marks committed last are the group's, after `commit_stored` (the input
+    /// and state marks committed last are the group's, after `commit_quiet` (the input
     /// went quiet) and after the member's own commit at close.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn background_commits_land_in_order_and_catch_up_when_asked() {
@@ -506,7 +522,7 @@ mod tests {
         }
         // What the broker holds only ever moves forward while commits travel.
         assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
-        writer.commit_stored(&mut member).await.unwrap();
+        writer.commit_quiet(&mut member, Vec::new()).await.unwrap();
         assert_eq!(
             committed().await,
             Some((Some(400), Some("mark-40".to_string())))

@@ -494,6 +494,51 @@ fn pipeline_run_copies_split_the_partitions_and_a_fourth_takes_its_share_losing_
     wait_for(60, "all 1,200 records in the sink", || {
         b.total_log_end("copies") >= 1200
     });
+    // The copies' members say what they are and where they run; `pipeline status` of the
+    // pipeline nobody deployed points to them.
+    let d = describe_now(&b, "copy");
+    for m in d["members"].as_array().unwrap() {
+        let client = m["client_id"].as_str().unwrap();
+        assert!(
+            client.starts_with("pipeline run copy-1 on ") && client.contains(" (pid "),
+            "{d}"
+        );
+    }
+    let out = b.cli(&["pipeline", "status", "copy"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("pipeline copy is not deployed, but 4 `quiver pipeline run` copies")
+            && err.contains("quiver group describe copy"),
+        "{err}"
+    );
+    // Deployed beside them: the status lists its instance and the copies, apart.
+    b.cli_ok(&["pipeline", "deploy", file.to_str().unwrap()]);
+    wait_for(60, "five members share the partitions", || {
+        settled(&describe_now(&b, "copy"), 5)
+    });
+    wait_for(
+        60,
+        "the status shows the deployed instance and the 4 copies",
+        || {
+            let s = status(&b, "copy");
+            let parts = |list: &Value| -> Vec<String> {
+                list.as_array().map_or(Vec::new(), |l| {
+                    l.iter()
+                        .flat_map(|i| i["partitions"].as_array().cloned().unwrap_or_default())
+                        .map(|p| p.as_str().unwrap().to_string())
+                        .collect()
+                })
+            };
+            let mut all = parts(&s["instances"]);
+            all.extend(parts(&s["run_copies"]));
+            all.sort();
+            s["instances"].as_array().map(Vec::len) == Some(1)
+                && s["run_copies"].as_array().map(Vec::len) == Some(4)
+                && all == (0..6).map(|p| format!("lines/{p}")).collect::<Vec<_>>()
+        },
+    );
+    b.cli_ok(&["pipeline", "stop", "copy"]);
     for r in &mut runners {
         assert!(r.stop(), "pipeline run exits cleanly on SIGTERM");
     }
@@ -677,6 +722,74 @@ fn a_pipeline_reading_a_transactional_topic_catches_up_to_lag_zero() {
             .all(|p| p["lag"] == 0),
         "{d}"
     );
+}
+
+/// A transaction aborted after everything else was read leaves only skipped records and a
+/// marker: no record for a pipeline to process. Its positions still move past them and are
+/// committed, under both guarantees, as Kafka's consumers do: lag 0, not the aborted
+/// records and markers (lag 4 before the change, for as long as no records came).
+#[test]
+fn an_aborted_transaction_at_the_end_of_the_input_leaves_no_lag() {
+    let b = TestBroker::start();
+    let dir = tempfile::tempdir().unwrap();
+    for t in ["src", "alo-out", "eo-out"] {
+        b.cli_ok(&["topic", "create", t, "--partitions", "1"]);
+    }
+    for (name, to, guarantee) in [
+        ("alo", "alo-out", "at-least-once"),
+        ("eo", "eo-out", "exactly-once"),
+    ] {
+        let f = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &f,
+            format!("name = \"{name}\"\n[source]\ntopics = [\"src\"]\n[sink]\ntopic = \"{to}\"\n[run]\nguarantee = \"{guarantee}\"\n"),
+        )
+        .unwrap();
+        b.cli_ok(&["pipeline", "deploy", f.to_str().unwrap()]);
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = rt
+        .block_on(quiver_client::Client::connect(b.client_config()))
+        .unwrap();
+    let mut tx = rt
+        .block_on(quiver_client::TransactionalProducer::init(
+            client.clone(),
+            "input",
+        ))
+        .unwrap();
+    let mut send = |values: &[&str], commit: bool| {
+        rt.block_on(async {
+            tx.prepare_topic("src").await.unwrap();
+            for v in values {
+                let r = quiver_client::ProducerRecord::new("src", v.to_string()).with_partition(0);
+                tx.send(r).unwrap();
+            }
+            if commit {
+                tx.commit(None).await.unwrap();
+            } else {
+                tx.flush().await.unwrap();
+                tx.abort().await.unwrap();
+            }
+        })
+    };
+    // Offsets 0-1 and a commit marker at 2: both pipelines catch up to lag 0.
+    send(&["a1", "a2"], true);
+    wait_for(60, "both pipelines processed the committed records", || {
+        ["alo", "eo"]
+            .iter()
+            .all(|p| status(&b, p)["records_in"] == 2 && status(&b, p)["lag"] == 0)
+    });
+    // Offsets 3-5 aborted and an abort marker at 6, read by a later fetch on its own.
+    send(&["x1", "x2", "x3"], false);
+    wait_for(60, "lag 0 past the aborted transaction", || {
+        ["alo", "eo"].iter().all(|p| status(&b, p)["lag"] == 0)
+    });
+    for p in ["alo", "eo"] {
+        let s = status(&b, p);
+        assert_eq!(s["records_in"], 2, "{s}");
+        let d = describe_now(&b, p);
+        assert_eq!(d["partitions"][0]["committed"], 7, "{d}");
+    }
 }
 
 /// The latest output value per key, reading each partition in order (a key's outputs all

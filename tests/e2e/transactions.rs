@@ -190,6 +190,53 @@ fn a_producer_whose_transaction_timed_out_takes_its_id_back_with_abort() {
     });
 }
 
+/// A read-committed group member's position moves past a transaction aborted after its
+/// last records, though no poll hands out a record of it: its commit leaves no lag behind
+/// the aborted records and their marker (as Kafka's consumer position does).
+#[test]
+fn a_members_commit_goes_past_an_aborted_transaction_with_no_record_for_it() {
+    let (b, rt) = broker_with_topic();
+    rt.block_on(async {
+        let client = connect(&b).await;
+        let mut tx = init(&client, "app-1").await;
+        send(&mut tx, "t", &["a1", "a2"]).await;
+        tx.commit(None).await.unwrap();
+        let mut config = GroupConfig::new("g", ["t"])
+            .start_without_commit_at(quiver_client::AutoOffsetReset::Earliest);
+        config.fetch.isolation = Isolation::ReadCommitted;
+        let mut member = GroupConsumer::join(client.clone(), config).await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            got.extend(member.poll().await.unwrap());
+        }
+        member.commit().await.unwrap();
+        let committed = || async {
+            quiver_client::Admin::new(client.clone())
+                .group_offsets("g", None)
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|o| o.topic == "t" && o.partition == 0)
+                .and_then(|o| o.offset)
+        };
+        assert_eq!(committed().await, Some(3), "past the commit marker");
+        send(&mut tx, "t", &["x1", "x2", "x3"]).await;
+        tx.flush().await.unwrap();
+        tx.abort().await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while committed().await != Some(7) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the commit stayed at {:?}, before the aborted records",
+                committed().await
+            );
+            assert!(member.poll().await.unwrap().is_empty(), "no aborted record");
+            member.commit().await.unwrap();
+        }
+        member.close().await.unwrap();
+    });
+}
+
 #[test]
 fn a_transactions_group_offsets_are_stored_only_when_it_commits() {
     let b = TestBroker::start();

@@ -322,6 +322,22 @@ impl Consumer {
         }
     }
 
+    /// Where reading of `topic`/`partition` goes on, as far as it is known without asking
+    /// the broker: past the last chunk a poll decoded, markers and aborted records included.
+    /// `None` before its first chunk, after a seek, while records a stream has not yielded
+    /// yet wait in the buffer, or when not assigned.
+    pub fn decoded_position(&self, topic: &str, partition: u32) -> Option<i64> {
+        let st = self.parts.get(&(Arc::from(topic), partition))?;
+        let waiting = self
+            .buffer
+            .iter()
+            .any(|r| r.partition == partition && &*r.topic == topic);
+        if waiting {
+            return None;
+        }
+        st.position
+    }
+
     /// The offset of the next record this consumer will hand out for the partition.
     pub async fn position(&mut self, topic: &str, partition: u32) -> Result<i64> {
         let key: (Arc<str>, u32) = (Arc::from(topic), partition);

@@ -446,6 +446,51 @@ impl GroupConsumer {
         }
     }
 
+    /// Moves the positions of owned partitions that had no record in a poll past the chunks
+    /// it decoded for them: a chunk of nothing but a transaction's marker, or of aborted
+    /// records a read-committed consumer skips (what a producer that aborted last leaves).
+    /// Without this a commit left them as lag until more records came.
+    fn past_skipped_chunks(&mut self, recs: &[ConsumedRecord]) {
+        // The partitions of the poll, one entry per run of records.
+        let mut polled: Vec<(&str, u32)> = Vec::new();
+        for r in recs {
+            if polled.last() != Some(&(&*r.topic, r.partition)) {
+                polled.push((&*r.topic, r.partition));
+            }
+        }
+        for (tp, p) in self.positions.iter_mut() {
+            if !self.owned.contains(tp) || polled.contains(&(tp.topic.as_str(), tp.partition)) {
+                continue;
+            }
+            if let Some(now) = self.consumer.decoded_position(&tp.topic, tp.partition) {
+                *p = (*p).max(now);
+            }
+        }
+    }
+
+    /// Stores the positions of the records handed out for the next commit, with
+    /// [`GroupConfig::commit_stored_offsets`]: for an application that has finished every
+    /// record handed out, so that what the positions moved past without records
+    /// (transaction markers, aborted records) is committed too.
+    pub fn store_positions(&mut self) {
+        let positions: Vec<(TopicPartition, i64)> = self
+            .positions
+            .iter()
+            .map(|(tp, p)| (tp.clone(), *p))
+            .collect();
+        for (tp, p) in positions {
+            self.store_offset(&tp.topic, tp.partition, p);
+        }
+    }
+
+    /// True when a position of an owned partition differs from what this member last
+    /// committed for it (or it has never committed there).
+    pub fn has_uncommitted_positions(&self) -> bool {
+        self.positions
+            .iter()
+            .any(|(tp, p)| self.owned.contains(tp) && self.committed.get(tp) != Some(p))
+    }
+
     /// The next offset after the records handed out, per partition.
     pub fn positions(&self) -> BTreeMap<TopicPartition, i64> {
         self.positions.clone()
@@ -880,6 +925,7 @@ impl GroupConsumer {
                 Some(mut recs) => {
                     keep_owned(&self.owned, &mut self.positions, &mut recs);
                     self.past_chunk_ends(&recs);
+                    self.past_skipped_chunks(&recs);
                     if !recs.is_empty() || Instant::now() >= deadline {
                         return Ok(recs);
                     }
