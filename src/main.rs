@@ -12,6 +12,7 @@ mod output;
 mod pipeline;
 mod plugin;
 mod produce;
+mod run_copies;
 mod topic;
 
 use std::process::ExitCode;

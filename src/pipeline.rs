@@ -20,6 +20,7 @@ use quiver_protocol::ErrorCode;
 
 use crate::connect::GlobalOpts;
 use crate::output::{self, Format};
+use crate::run_copies::{self, RunCopy};
 
 /// `quiver pipeline`.
 #[derive(Debug, Args)]
@@ -194,25 +195,19 @@ pub async fn run(global: &GlobalOpts, args: PipelineArgs) -> anyhow::Result<()> 
             let s = match asked {
                 Ok((s, _)) => s,
                 Err(e) if e.code() == Some(ErrorCode::PipelineNotFound) => {
-                    // Not deployed: its `pipeline run` copies, if any, are only in its group.
-                    let copies = run_copies(&client, &name).await;
-                    if copies.is_empty() {
+                    // Not deployed: its `pipeline run` copies, if any, are only in a group.
+                    let found = run_copies::anywhere(&client, &name).await;
+                    let Some((group, _)) = found.first() else {
                         return Err(pipeline_error(e, &format!("pipeline {name}")));
-                    }
+                    };
                     anyhow::bail!(
-                        "pipeline {name} is not deployed, but {} `quiver pipeline run` cop{} read its group {name}: {}; `quiver group describe {name}` shows their partitions and lag",
-                        copies.len(),
-                        if copies.len() == 1 { "y" } else { "ies" },
-                        copies
-                            .iter()
-                            .map(|c| format!("{} on {}", c.id, c.process))
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        "pipeline {name} is not deployed, but {}; `quiver group describe {group}` shows their partitions and lag",
+                        run_copies::describe(&found)
                     );
                 }
                 Err(e) => return Err(pipeline_error(e, &format!("pipeline {name}"))),
             };
-            let copies = run_copies(&client, &s.group).await;
+            let copies = run_copies::in_group(&client, &s.group, &s.name).await;
             match output {
                 Format::Json => output::json(&mut out, &status_json(&s, Some(&copies)))?,
                 Format::Table => status_table(&mut out, &s, &copies)?,
@@ -220,10 +215,44 @@ pub async fn run(global: &GlobalOpts, args: PipelineArgs) -> anyhow::Result<()> 
         }
         PipelineCommand::Stop { name, output } => {
             let client = global.connect().await?;
-            let (r, _) = client
-                .request(&StopPipelineRequest { name: name.clone() }, Bytes::new())
+            // Its group, to tell of `pipeline run` copies that go on reading after the stop.
+            let group = client
+                .request(
+                    &DescribePipelineRequest {
+                        name: name.clone(),
+                        local: false,
+                    },
+                    Bytes::new(),
+                )
                 .await
-                .map_err(|e| pipeline_error(e, &format!("cannot stop pipeline {name}")))?;
+                .map(|(s, _)| s.group);
+            let stopped = client
+                .request(&StopPipelineRequest { name: name.clone() }, Bytes::new())
+                .await;
+            let r = match stopped {
+                Ok((r, _)) => r,
+                Err(e) if e.code() == Some(ErrorCode::PipelineNotFound) => {
+                    let found = run_copies::anywhere(&client, &name).await;
+                    if found.is_empty() {
+                        return Err(pipeline_error(e, &format!("cannot stop pipeline {name}")));
+                    }
+                    anyhow::bail!(
+                        "cannot stop pipeline {name}: it is not deployed, but {}; stop each where it runs (Ctrl-C, or SIGTERM to its pid)",
+                        run_copies::describe(&found)
+                    );
+                }
+                Err(e) => return Err(pipeline_error(e, &format!("cannot stop pipeline {name}"))),
+            };
+            if let Ok(group) = group {
+                let copies = run_copies::in_group(&client, &group, &name).await;
+                if !copies.is_empty() {
+                    let found = [(group, copies)];
+                    eprintln!(
+                        "note: pipeline {name} stopped, but {}; stop each where it runs (Ctrl-C, or SIGTERM to its pid)",
+                        run_copies::describe(&found)
+                    );
+                }
+            }
             match output {
                 Format::Json => output::json(
                     &mut out,
@@ -378,44 +407,6 @@ fn status_json<'a>(s: &'a PipelineStatus, copies: Option<&'a [RunCopy]>) -> Stat
         reason: state_parts(&s.state).1,
         run_copies: copies,
     }
-}
-
-/// An instance of a `quiver pipeline run` copy, as its group shows it.
-#[derive(Debug, serde::Serialize)]
-struct RunCopy {
-    /// Instance id, `NAME-N` (numbered from 1 in each copy).
-    id: String,
-    /// Where it runs: `HOST (pid P)`.
-    process: String,
-    /// Input partitions it owns now, as `topic/partition`.
-    partitions: Vec<String>,
-}
-
-/// The members of `group` that `pipeline run` copies hold; none when the group is unknown
-/// or cannot be read (the status is shown without them).
-async fn run_copies(client: &Client, group: &str) -> Vec<RunCopy> {
-    let admin = quiver_client::Admin::new(client.clone());
-    let Ok(d) = admin.describe_group(group).await else {
-        return Vec::new();
-    };
-    let mut copies: Vec<RunCopy> = d
-        .members
-        .iter()
-        .filter_map(|m| {
-            let (id, process) = quiver_pipeline::deployment::run_copy_of(&m.client_id)?;
-            Some(RunCopy {
-                id: id.to_string(),
-                process: process.to_string(),
-                partitions: m
-                    .assigned
-                    .iter()
-                    .map(|tp| format!("{}/{}", tp.topic, tp.partition))
-                    .collect(),
-            })
-        })
-        .collect();
-    copies.sort_by(|a, b| (&a.process, &a.id).cmp(&(&b.process, &b.id)));
-    copies
 }
 
 fn status_table(

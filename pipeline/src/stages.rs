@@ -315,7 +315,7 @@ fn stopping(stage: usize, plugin: &str, e: &PluginError, policy: ErrorPolicy) ->
         format!("{which} failed: {error}")
     } else {
         format!(
-            "{which} failed: {error} (on_error.policy = \"stop\" stops at a failing record; \"skip\" or \"dead-letter\" go on past it)"
+            "{which} failed: {error} (on_error.policy = \"stop\" stops the pipeline at a poll with a failing record, writing and committing nothing of that poll; \"skip\" or \"dead-letter\" go on past failing records)"
         )
     }
 }
@@ -404,7 +404,7 @@ end
         assert!(
             fatal.starts_with("stage 0 failed: plugin t@1.0.0: Lua error:")
                 && fatal.contains("refusing bad1")
-                && fatal.ends_with("\"skip\" or \"dead-letter\" go on past it)")
+                && fatal.ends_with("\"skip\" or \"dead-letter\" go on past failing records)")
                 && !fatal.contains('\n'),
             "{fatal}"
         );

@@ -508,8 +508,8 @@ fn pipeline_run_copies_split_the_partitions_and_a_fourth_takes_its_share_losing_
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("pipeline copy is not deployed, but 4 `quiver pipeline run` copies")
-            && err.contains("quiver group describe copy"),
+        err.contains("pipeline copy is not deployed, but 4 `quiver pipeline run` copies of it are running (copy-1 on ")
+            && err.contains("in group copy); `quiver group describe copy` shows"),
         "{err}"
     );
     // Deployed beside them: the status lists its instance and the copies, apart.
@@ -538,7 +538,26 @@ fn pipeline_run_copies_split_the_partitions_and_a_fourth_takes_its_share_losing_
                 && all == (0..6).map(|p| format!("lines/{p}")).collect::<Vec<_>>()
         },
     );
-    b.cli_ok(&["pipeline", "stop", "copy"]);
+    // Stopping the deployed part tells of the copies left running; stopping again says
+    // where they run.
+    let out = b.cli(&["pipeline", "stop", "copy"]);
+    succeeded(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "note: pipeline copy stopped, but 4 `quiver pipeline run` copies of it are running"
+        ),
+        "{err}"
+    );
+    let out = b.cli(&["pipeline", "stop", "copy"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "cannot stop pipeline copy: it is not deployed, but 4 `quiver pipeline run` copies"
+        ) && err.contains("stop each where it runs"),
+        "{err}"
+    );
     for r in &mut runners {
         assert!(r.stop(), "pipeline run exits cleanly on SIGTERM");
     }
@@ -557,6 +576,42 @@ fn pipeline_run_copies_split_the_partitions_and_a_fourth_takes_its_share_losing_
     let seen: BTreeSet<String> = sink.iter().map(|r| source_value(&inputs, r)).collect();
     let expected: BTreeSet<String> = (0..1200).map(|i| format!("v{i}")).collect();
     assert_eq!(seen, expected, "every input reached the sink");
+}
+
+/// A copy of a pipeline whose `[source] group` is not its name is found by the pipeline's
+/// name, in that group; the group's name is not taken for a pipeline's.
+#[test]
+fn a_run_copy_in_a_group_of_another_name_is_found_by_its_pipelines_name() {
+    let b = TestBroker::start();
+    let dir = tempfile::tempdir().unwrap();
+    b.cli_ok(&["topic", "create", "in", "--partitions", "2"]);
+    b.cli_ok(&["topic", "create", "out", "--partitions", "1"]);
+    let file = dir.path().join("pf.toml");
+    std::fs::write(
+        &file,
+        "name = \"pf\"\n[source]\ntopics = [\"in\"]\ngroup = \"shared-g\"\n[sink]\ntopic = \"out\"\n",
+    )
+    .unwrap();
+    let mut runner = Runner::spawn(&b, &file, &dir.path().join("run.log"));
+    wait_for(60, "the copy to own both partitions", || {
+        settled(&describe_now(&b, "shared-g"), 1)
+    });
+    let out = b.cli(&["pipeline", "status", "pf"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("pipeline pf is not deployed, but 1 `quiver pipeline run` copy of it is running (pf-1 on ")
+            && err.contains("in group shared-g); `quiver group describe shared-g`"),
+        "{err}"
+    );
+    let out = b.cli(&["pipeline", "status", "shared-g"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no pipeline named \"shared-g\" is deployed") && !err.contains("pf-1"),
+        "{err}"
+    );
+    assert!(runner.stop(), "pipeline run exits cleanly on SIGTERM");
 }
 
 /// The group's committed offsets, summed (a partition without one counts 0): the records it
