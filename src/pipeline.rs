@@ -22,6 +22,9 @@ use crate::connect::GlobalOpts;
 use crate::output::{self, Format};
 use crate::run_copies::{self, RunCopy};
 
+/// How long `pipeline stop` waits to learn the pipeline's group before stopping it.
+const GROUP_LOOKUP_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// `quiver pipeline`.
 #[derive(Debug, Args)]
 pub struct PipelineArgs {
@@ -215,16 +218,17 @@ pub async fn run(global: &GlobalOpts, args: PipelineArgs) -> anyhow::Result<()> 
         }
         PipelineCommand::Stop { name, output } => {
             let client = global.connect().await?;
-            // Its group, to tell of `pipeline run` copies that go on reading after the stop.
-            let group = client
-                .request(
-                    &DescribePipelineRequest {
-                        name: name.clone(),
-                        local: false,
-                    },
-                    Bytes::new(),
-                )
+            // Its group, to tell of `pipeline run` copies that go on reading after the stop
+            // (not worth holding the stop up for: a cluster's status waits for its peers).
+            let asked = DescribePipelineRequest {
+                name: name.clone(),
+                local: false,
+            };
+            let describe = client.request(&asked, Bytes::new());
+            let group = tokio::time::timeout(GROUP_LOOKUP_WAIT, describe)
                 .await
+                .ok()
+                .and_then(|r| r.ok())
                 .map(|(s, _)| s.group);
             let stopped = client
                 .request(&StopPipelineRequest { name: name.clone() }, Bytes::new())
@@ -243,7 +247,7 @@ pub async fn run(global: &GlobalOpts, args: PipelineArgs) -> anyhow::Result<()> 
                 }
                 Err(e) => return Err(pipeline_error(e, &format!("cannot stop pipeline {name}"))),
             };
-            if let Ok(group) = group {
+            if let Some(group) = group {
                 let copies = run_copies::in_group(&client, &group, &name).await;
                 if !copies.is_empty() {
                     let found = [(group, copies)];
