@@ -259,6 +259,11 @@ impl PartitionChain {
     /// One call's worth of records through every stage.
     fn process_call(&mut self, input: Vec<Record>) -> ChainOutput {
         let mut out = ChainOutput::default();
+        // Where a failure that stops the pipeline lies: the call's input offsets.
+        let offsets = (
+            input.first().map_or(0, |r| r.offset),
+            input.last().map_or(0, |r| r.offset),
+        );
         let mut batch = input;
         for (i, stage) in self.stages.iter_mut().enumerate() {
             if batch.is_empty() {
@@ -268,7 +273,7 @@ impl PartitionChain {
             match stage.processor.process_batch(batch) {
                 Ok(next) => batch = next,
                 Err(e) if e.is_quarantined() || retry.is_none() => {
-                    out.fatal = Some(stopping(i, &stage.id, &e, self.policy));
+                    out.fatal = Some(stopping(i, &stage.id, &e, self.policy, offsets));
                     return out;
                 }
                 Err(_) => {
@@ -277,7 +282,7 @@ impl PartitionChain {
                         match stage.processor.process_batch(vec![r.clone()]) {
                             Ok(o) => next.extend(o),
                             Err(e) if e.is_quarantined() => {
-                                out.fatal = Some(stopping(i, &stage.id, &e, self.policy));
+                                out.fatal = Some(stopping(i, &stage.id, &e, self.policy, offsets));
                                 return out;
                             }
                             Err(e) => out.failed.push(Failure {
@@ -298,18 +303,31 @@ impl PartitionChain {
 }
 
 /// Why a stage's error stops the pipeline, on one line (it is the state `pipeline list`
-/// shows): the stage, its plugin where the error does not name it, the error and, when
-/// the policy "stop" is why, how to go on past failing records instead.
-fn stopping(stage: usize, plugin: &str, e: &PluginError, policy: ErrorPolicy) -> String {
+/// shows): the stage, its plugin where the error does not name it, the input offsets of
+/// the failing call (one record's, or the range one of them lies in: the call fails as a
+/// whole), the error and, when the policy "stop" is why, how to go on past failing records
+/// instead.
+fn stopping(
+    stage: usize,
+    plugin: &str,
+    e: &PluginError,
+    policy: ErrorPolicy,
+    (first, last): (i64, i64),
+) -> String {
     let error = e
         .to_string()
         .split_whitespace()
         .collect::<Vec<_>>()
         .join(" ");
-    let which = if error.contains(plugin) {
+    let stage = if error.contains(plugin) {
         format!("stage {stage}")
     } else {
         format!("stage {stage} ({plugin})")
+    };
+    let which = if first == last {
+        format!("{stage}, at the record of offset {first},")
+    } else {
+        format!("{stage}, at a record of offsets {first}-{last},")
     };
     if e.is_quarantined() || policy != ErrorPolicy::Stop {
         format!("{which} failed: {error}")
@@ -402,11 +420,21 @@ end
         // One line: the stage, the error (naming its plugin once) and the way past it.
         let fatal = out.fatal.unwrap();
         assert!(
-            fatal.starts_with("stage 0 failed: plugin t@1.0.0: Lua error:")
-                && fatal.contains("refusing bad1")
+            fatal.starts_with(
+                "stage 0, at a record of offsets 10-12, failed: plugin t@1.0.0: Lua error:"
+            ) && fatal.contains("refusing bad1")
                 && fatal.ends_with("\"skip\" or \"dead-letter\" go on past failing records)")
                 && !fatal.contains('\n'),
             "{fatal}"
+        );
+        // A call of one record names it.
+        let one = chain(ErrorPolicy::Stop)
+            .process(records(&["bad1"]))
+            .fatal
+            .unwrap();
+        assert!(
+            one.starts_with("stage 0, at the record of offset 10, failed:"),
+            "{one}"
         );
     }
 
