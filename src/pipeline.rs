@@ -198,15 +198,11 @@ pub async fn run(global: &GlobalOpts, args: PipelineArgs) -> anyhow::Result<()> 
             let s = match asked {
                 Ok((s, _)) => s,
                 Err(e) if e.code() == Some(ErrorCode::PipelineNotFound) => {
-                    // Not deployed: its `pipeline run` copies, if any, are only in a group.
-                    let found = run_copies::anywhere(&client, &name).await;
-                    let Some((group, _)) = found.first() else {
-                        return Err(pipeline_error(e, &format!("pipeline {name}")));
-                    };
-                    anyhow::bail!(
-                        "pipeline {name} is not deployed, but {}; `quiver group describe {group}` shows their partitions and lag",
-                        run_copies::describe(&found)
-                    );
+                    let context = format!("pipeline {name}");
+                    return Err(naming_run_copies(&client, &name, e, &context, |group, copies| {
+                        format!("pipeline {name} is not deployed, but {copies}; `quiver group describe {group}` shows their partitions and lag")
+                    })
+                    .await);
                 }
                 Err(e) => return Err(pipeline_error(e, &format!("pipeline {name}"))),
             };
@@ -236,14 +232,11 @@ pub async fn run(global: &GlobalOpts, args: PipelineArgs) -> anyhow::Result<()> 
             let r = match stopped {
                 Ok((r, _)) => r,
                 Err(e) if e.code() == Some(ErrorCode::PipelineNotFound) => {
-                    let found = run_copies::anywhere(&client, &name).await;
-                    if found.is_empty() {
-                        return Err(pipeline_error(e, &format!("cannot stop pipeline {name}")));
-                    }
-                    anyhow::bail!(
-                        "cannot stop pipeline {name}: it is not deployed, but {}; stop each where it runs (Ctrl-C, or SIGTERM to its pid)",
-                        run_copies::describe(&found)
-                    );
+                    let context = format!("cannot stop pipeline {name}");
+                    return Err(naming_run_copies(&client, &name, e, &context, |_, copies| {
+                        format!("{context}: it is not deployed, but {copies}; {STOP_COPIES}")
+                    })
+                    .await);
                 }
                 Err(e) => return Err(pipeline_error(e, &format!("cannot stop pipeline {name}"))),
             };
@@ -252,7 +245,7 @@ pub async fn run(global: &GlobalOpts, args: PipelineArgs) -> anyhow::Result<()> 
                 if !copies.is_empty() {
                     let found = [(group, copies)];
                     eprintln!(
-                        "note: pipeline {name} stopped, but {}; stop each where it runs (Ctrl-C, or SIGTERM to its pid)",
+                        "note: pipeline {name} stopped, but {}; {STOP_COPIES}",
                         run_copies::describe(&found)
                     );
                 }
@@ -288,6 +281,26 @@ fn pipeline_error(e: ClientError, context: &str) -> anyhow::Error {
             message,
         } => anyhow::anyhow!("{context}: {message}"),
         e => anyhow::Error::new(e).context(context.to_string()),
+    }
+}
+
+/// What to do about `pipeline run` copies: the brokers cannot stop them.
+const STOP_COPIES: &str = "stop each where it runs (Ctrl-C, or SIGTERM to its pid)";
+
+/// The error for a pipeline no broker runs (`e`, worded with `context`), unless copies of it
+/// run with `pipeline run`: then `say(group, copies)` tells of them (the group of the
+/// first, and [`run_copies::describe`] of all).
+async fn naming_run_copies(
+    client: &Client,
+    name: &str,
+    e: ClientError,
+    context: &str,
+    say: impl FnOnce(&str, String) -> String,
+) -> anyhow::Error {
+    let found = run_copies::anywhere(client, name).await;
+    match found.first() {
+        Some((group, _)) => anyhow::anyhow!(say(group, run_copies::describe(&found))),
+        None => pipeline_error(e, context),
     }
 }
 

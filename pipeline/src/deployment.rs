@@ -209,19 +209,8 @@ impl Deployment {
         base_dir: &Path,
         instances: u32,
     ) -> Result<Deployment, RuntimeError> {
-        let mut d = Self::prepare(
-            client,
-            config,
-            base_dir,
-            0,
-            Arc::new(PipelineMetrics::default()),
-        )
-        .await?;
-        d.process = Some(this_process());
-        for n in 1..=instances {
-            d.spawn_instance(n);
-        }
-        Ok(d)
+        let numbers: Vec<u32> = (1..=instances).collect();
+        Self::launch(client, config, base_dir, &numbers, 0, Some(this_process())).await
     }
 
     /// [`start`](Self::start) with the instance numbers given (in a cluster each broker
@@ -233,6 +222,19 @@ impl Deployment {
         numbers: &[u32],
         broker: u32,
     ) -> Result<Deployment, RuntimeError> {
+        Self::launch(client, config, base_dir, numbers, broker, None).await
+    }
+
+    /// Loads the stages and starts the instances `numbers`, run in `process` (`None`:
+    /// inside broker `broker`).
+    async fn launch(
+        client: Client,
+        config: PipelineConfig,
+        base_dir: &Path,
+        numbers: &[u32],
+        broker: u32,
+        process: Option<String>,
+    ) -> Result<Deployment, RuntimeError> {
         let mut d = Self::prepare(
             client,
             config,
@@ -241,6 +243,7 @@ impl Deployment {
             Arc::new(PipelineMetrics::default()),
         )
         .await?;
+        d.process = process;
         for n in numbers {
             d.spawn_instance(*n);
         }
