@@ -738,6 +738,18 @@ fn bench_pipeline_leaves_nothing_behind_unless_told_to_keep_it() {
     );
 }
 
+/// Deploys pipeline `name` without stages, copying `from` to `to` under `guarantee` (its
+/// file written in `dir`).
+fn deploy_copying(b: &TestBroker, dir: &Path, name: &str, from: &str, to: &str, guarantee: &str) {
+    let f = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &f,
+        format!("name = \"{name}\"\n[source]\ntopics = [\"{from}\"]\n[sink]\ntopic = \"{to}\"\n[run]\nguarantee = \"{guarantee}\"\n"),
+    )
+    .unwrap();
+    b.cli_ok(&["pipeline", "deploy", f.to_str().unwrap()]);
+}
+
 /// A pipeline reading the output of an exactly-once pipeline catches up to lag 0: its
 /// commits go past each transaction's marker. Before, every partition kept a lag of 1
 /// (the marker after its last record), so "lag returns to 0" never held downstream.
@@ -748,19 +760,8 @@ fn a_pipeline_reading_a_transactional_topic_catches_up_to_lag_zero() {
     for t in ["raw", "mid", "done"] {
         b.cli_ok(&["topic", "create", t, "--partitions", "2"]);
     }
-    let deploy = |name: &str, from: &str, to: &str| {
-        let f = dir.path().join(format!("{name}.toml"));
-        std::fs::write(
-            &f,
-            format!(
-                "name = \"{name}\"\n[source]\ntopics = [\"{from}\"]\n[sink]\ntopic = \"{to}\"\n[run]\nguarantee = \"exactly-once\"\n"
-            ),
-        )
-        .unwrap();
-        b.cli_ok(&["pipeline", "deploy", f.to_str().unwrap()]);
-    };
-    deploy("first", "raw", "mid");
-    deploy("second", "mid", "done");
+    deploy_copying(&b, dir.path(), "first", "raw", "mid", "exactly-once");
+    deploy_copying(&b, dir.path(), "second", "mid", "done", "exactly-once");
     let lines: Vec<String> = (0..500).map(|i| format!("k{i}:v{i}")).collect();
     produce_lines(&b, "raw", &lines);
     wait_for(60, "both pipelines caught up, lag 0", || {
@@ -790,18 +791,8 @@ fn an_aborted_transaction_at_the_end_of_the_input_leaves_no_lag() {
     for t in ["src", "alo-out", "eo-out"] {
         b.cli_ok(&["topic", "create", t, "--partitions", "1"]);
     }
-    for (name, to, guarantee) in [
-        ("alo", "alo-out", "at-least-once"),
-        ("eo", "eo-out", "exactly-once"),
-    ] {
-        let f = dir.path().join(format!("{name}.toml"));
-        std::fs::write(
-            &f,
-            format!("name = \"{name}\"\n[source]\ntopics = [\"src\"]\n[sink]\ntopic = \"{to}\"\n[run]\nguarantee = \"{guarantee}\"\n"),
-        )
-        .unwrap();
-        b.cli_ok(&["pipeline", "deploy", f.to_str().unwrap()]);
-    }
+    deploy_copying(&b, dir.path(), "alo", "src", "alo-out", "at-least-once");
+    deploy_copying(&b, dir.path(), "eo", "src", "eo-out", "exactly-once");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = rt
         .block_on(quiver_client::Client::connect(b.client_config()))
