@@ -406,8 +406,9 @@ fn state_parts(state: &str) -> (&str, Option<&str>) {
 /// A status as JSON: every field of the broker's status (`state` as it is, `failed: …`
 /// included), then `reason`, the text after the state's word (null without one), for
 /// scripts that want the word and the reason apart, and `run_copies`: the members of the
-/// pipeline's group that `quiver pipeline run` processes hold (their counters are their
-/// own, printed when they stop; `instances` and the counters are the deployed ones).
+/// pipeline's group that `quiver pipeline run` processes hold (`instances` are the
+/// deployed ones; the counters are the group's, committed with its offsets, so they count
+/// the copies' committed work too; the rates are the deployed instances').
 #[derive(serde::Serialize)]
 struct StatusJson<'a> {
     #[serde(flatten)]
@@ -459,7 +460,7 @@ fn status_table(
     if !copies.is_empty() {
         writeln!(
             out,
-            "pipeline run copies in its group (counters not included above):"
+            "pipeline run copies in its group (records counted above, rates not):"
         )?;
         let rows: Vec<Vec<String>> = copies
             .iter()

@@ -31,6 +31,7 @@ use quiver_protocol::ErrorCode;
 use serde::{Deserialize, Serialize};
 
 use crate::error::RuntimeError;
+use crate::progress::CommitMetadata;
 use crate::stages::fresh_stores;
 
 /// Header with the writer's epoch.
@@ -68,22 +69,19 @@ pub struct StateMark {
     pub to: i64,
 }
 
-#[derive(Serialize, Deserialize)]
-struct CommitMetadata {
-    state: StateMark,
-}
-
 impl StateMark {
-    /// The commit metadata text carrying this mark.
+    /// The commit metadata text carrying this mark (and no counters).
     pub fn to_metadata(&self) -> String {
-        serde_json::to_string(&CommitMetadata { state: *self }).expect("a mark serializes")
+        CommitMetadata {
+            state: Some(*self),
+            ..CommitMetadata::default()
+        }
+        .to_text()
     }
 
-    /// The mark in commit metadata written by [`StateMark::to_metadata`], if any.
+    /// The mark in a pipeline's commit metadata ([`CommitMetadata`]), if any.
     pub fn from_metadata(text: &str) -> Option<StateMark> {
-        serde_json::from_str::<CommitMetadata>(text)
-            .ok()
-            .map(|m| m.state)
+        CommitMetadata::parse(text)?.state
     }
 }
 
@@ -210,9 +208,9 @@ impl PartitionState {
         (self.topic.clone(), self.mark.partition)
     }
 
-    /// The metadata to commit with the input offset.
-    pub fn metadata(&self) -> String {
-        self.mark.to_metadata()
+    /// Where the state stands, for the metadata committed with the input offset.
+    pub fn mark(&self) -> StateMark {
+        self.mark
     }
 
     fn record(&self, key: Vec<u8>, value: Vec<u8>, extra: Option<&str>) -> ProducerRecord {
@@ -505,11 +503,11 @@ mod tests {
         assert!(!st.needs_snapshot(), "one is in flight");
         // The earlier write lands first: the mark keeps its epoch and grows.
         st.landed(125, 125, changes.snapshot_epoch);
-        let m = StateMark::from_metadata(&st.metadata()).unwrap();
+        let m = st.mark();
         assert_eq!((m.epoch, m.from, m.to), (7, 100, 126));
         // Then the snapshot: the mark starts at it, under its epoch.
         st.landed(130, 132, snapshot.snapshot_epoch);
-        let m = StateMark::from_metadata(&st.metadata()).unwrap();
+        let m = st.mark();
         assert_eq!((m.epoch, m.from, m.to), (new, 130, 133));
     }
 

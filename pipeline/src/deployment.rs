@@ -20,6 +20,7 @@ use tracing::Instrument;
 use crate::error::RuntimeError;
 use crate::instance::{run_instance, InstanceParts, InstanceView, Plan, StopSignal};
 use crate::metrics::PipelineMetrics;
+use crate::progress::{CommitMetadata, PartitionCounts};
 use crate::stages::{load_stages, LoadedStage};
 use crate::PipelineConfig;
 
@@ -452,10 +453,29 @@ impl Deployment {
         n
     }
 
-    /// The status `pipeline status` prints; lag is read from the cluster now.
+    /// The status `pipeline status` prints. Lag and the counters are the group's, read from
+    /// the cluster now: the counters committed with its offsets ([`committed_counts`]), so
+    /// they include work done before a restart, on other brokers and by `pipeline run`
+    /// copies (this process's own counters stand in when the cluster cannot be asked). The
+    /// rates and latencies are this process's.
     pub async fn status(&self) -> PipelineStatus {
         let m = self.metrics.snapshot();
         let cfg = &self.plan.config;
+        let counts = match committed_counts(&self.client, cfg).await {
+            Ok(c) => PartitionCounts {
+                errors: c.errors + m.stopping_errors,
+                ..c
+            },
+            Err(e) => {
+                tracing::debug!(error = %e, "the committed counters cannot be read; showing this process's");
+                PartitionCounts {
+                    records_in: m.records_in,
+                    records_out: m.records_out,
+                    errors: m.errors,
+                    dead_lettered: m.dead_lettered,
+                }
+            }
+        };
         PipelineStatus {
             name: cfg.name.clone(),
             state: self.shown_state(),
@@ -471,17 +491,39 @@ impl Deployment {
                     partitions: i.view.partitions(),
                 })
                 .collect(),
-            records_in: m.records_in,
-            records_out: m.records_out,
+            records_in: counts.records_in,
+            records_out: counts.records_out,
             records_per_sec_in: m.records_per_sec_in,
             records_per_sec_out: m.records_per_sec_out,
             lag: group_lag(&self.client, cfg).await.unwrap_or(-1),
-            errors: m.errors,
-            dead_lettered: m.dead_lettered,
+            errors: counts.errors,
+            dead_lettered: counts.dead_lettered,
             latency_p50_ms: m.latency_p50_ms,
             latency_p99_ms: m.latency_p99_ms,
         }
     }
+}
+
+/// The counters committed with the group's offsets of the pipeline's source topics, summed
+/// over their partitions ([`crate::progress`]).
+pub async fn committed_counts(
+    client: &Client,
+    cfg: &PipelineConfig,
+) -> Result<PartitionCounts, ClientError> {
+    let admin = Admin::new(client.clone());
+    let committed = match admin.group_offsets(cfg.group(), None).await {
+        Ok(c) => c,
+        Err(e) if e.code() == Some(ErrorCode::UnknownGroup) => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    let mut all = PartitionCounts::default();
+    for c in committed
+        .iter()
+        .filter(|c| c.offset.is_some() && cfg.source.topics.contains(&c.topic))
+    {
+        all += CommitMetadata::counts_in(c.metadata.as_deref());
+    }
+    Ok(all)
 }
 
 /// Records of the source topics the pipeline's group has not committed: per source

@@ -31,6 +31,7 @@ use tokio::sync::watch;
 use crate::changelog::{ensure_changelog, PartitionState};
 use crate::error::RuntimeError;
 use crate::metrics::{PipelineMetrics, TimestampRuns};
+use crate::progress::{CommitMetadata, PartitionCounts};
 use crate::stages::{ChainOutput, Failure, LoadedStage, PartitionChain};
 use crate::writer::{SealedWrites, Writer};
 use crate::{ErrorPolicy, Guarantee, PipelineConfig, StartPosition};
@@ -269,8 +270,13 @@ async fn complete_oldest(
         let timestamps = std::mem::take(&mut sent.timestamps);
         match complete_poll(writer, member, chains, sent).await {
             Ok(counts) => {
-                if counts.input > 0 {
-                    metrics.record_batch(counts.input, counts.output, counts.errors, counts.dead);
+                if counts.records_in > 0 {
+                    metrics.record_batch(
+                        counts.records_in,
+                        counts.records_out,
+                        counts.errors,
+                        counts.dead_lettered,
+                    );
                     metrics.record_latencies(quiver_core::clock::now_ms(), &timestamps);
                     // A poll written and committed: the instance works.
                     view.went_round();
@@ -443,9 +449,9 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
             break Err(e);
         }
         if idle && in_flight.is_empty() {
-            // Marks go only with an exactly-once commit (at least once, with each poll's).
+            // Metadata goes only with an exactly-once commit (at least once, with each poll's).
             let marks = if writer.is_transactional() {
-                state_marks(&chains)
+                commit_metadata(&chains)
             } else {
                 Vec::new()
             };
@@ -522,6 +528,10 @@ struct PartitionRun {
     /// partition lost and granted again is read again from its commit, so its stages and
     /// state start again from there too.
     grant: Option<u64>,
+    /// The partition's counters: those of its committed offset when it was granted, plus
+    /// this owner's polls once their writes were acknowledged (committed with the next
+    /// commit's metadata).
+    counts: PartitionCounts,
 }
 
 /// Builds the stages of newly owned partitions (restoring their state from the changelog
@@ -542,9 +552,9 @@ async fn sync_chains(
         if chains.contains_key(tp) {
             continue;
         }
+        let meta = member.committed_metadata(&tp.topic, tp.partition);
         let (stores, state) = match changelog {
             Some(partitions) => {
-                let meta = member.committed_metadata(&tp.topic, tp.partition);
                 let state = PartitionState::restore(
                     client,
                     &plan.config.name,
@@ -573,25 +583,19 @@ async fn sync_chains(
                 state,
                 snapshot_due,
                 grant: member.grant_id(&tp.topic, tp.partition),
+                counts: CommitMetadata::counts_in(meta.as_deref()),
             },
         );
     }
     Ok(())
 }
 
-/// Records of one poll, counted once all their writes were acknowledged.
-#[derive(Debug, Default)]
-struct PollCounts {
-    input: u64,
-    output: u64,
-    errors: u64,
-    dead: u64,
-}
-
 /// A poll whose records went through the stages and whose writes were sent: what
 /// completing it needs (its writes acknowledged, then its input committed).
 struct SentPoll {
-    counts: PollCounts,
+    /// Per input partition with records in this poll: what it counted (added to the
+    /// partition's committed counters once the writes are acknowledged).
+    counts: BTreeMap<TopicPartition, PartitionCounts>,
     /// The input records' timestamps (for the latency figures).
     timestamps: TimestampRuns,
     /// Per input partition: its first record in this poll, and the offset after its last.
@@ -615,10 +619,7 @@ async fn send_poll(
     positions: &BTreeMap<TopicPartition, i64>,
     metrics: &PipelineMetrics,
 ) -> Result<Option<SentPoll>, RuntimeError> {
-    let mut counts = PollCounts {
-        input: records.len() as u64,
-        ..PollCounts::default()
-    };
+    let mut counts: BTreeMap<TopicPartition, PartitionCounts> = BTreeMap::new();
     let mut timestamps = TimestampRuns::default();
     let mut ranges: BTreeMap<TopicPartition, (i64, i64)> = BTreeMap::new();
     let mut by_partition: BTreeMap<TopicPartition, Vec<Record>> = BTreeMap::new();
@@ -632,6 +633,7 @@ async fn send_poll(
             .unwrap_or(after_last)
             .max(after_last);
         let range = (recs[0].offset, end);
+        counts.entry(tp.clone()).or_default().records_in += recs.len() as u64;
         add_run(&mut ranges, &mut by_partition, tp, range, recs);
     }
     let idle = by_partition.is_empty();
@@ -704,10 +706,11 @@ async fn send_poll(
             records, failed, ..
         } = out;
         let mut source = SourceHeader::new(&tp);
-        counts.output += records.len() as u64;
+        let counted = counts.entry(tp.clone()).or_default();
+        counted.records_out += records.len() as u64;
         send_outputs(writer, &records, &mut source, range, cfg).await?;
         for f in failed {
-            counts.errors += 1;
+            counted.errors += 1;
             if cfg.on_error.policy != ErrorPolicy::DeadLetter {
                 tracing::debug!(stage = %f.stage_id, error = %f.error, "record skipped");
                 continue;
@@ -716,12 +719,12 @@ async fn send_poll(
                 continue;
             };
             let source = Bytes::copy_from_slice(source.of(f.record.offset.clamp(range.0, range.1)));
-            counts.dead += 1;
+            counted.dead_lettered += 1;
             writer.send(dead_letter(f, dlq, source)).await?;
         }
     }
     tracing::debug!(
-        records = counts.input,
+        records = total(&counts).records_in,
         stages_ms = (ran_at - started).as_millis() as u64,
         send_ms = ran_at.elapsed().as_millis() as u64,
         "poll sent"
@@ -767,11 +770,12 @@ async fn complete_poll(
     member: &mut GroupConsumer,
     chains: &mut BTreeMap<TopicPartition, PartitionRun>,
     sent: SentPoll,
-) -> Result<PollCounts, RuntimeError> {
+) -> Result<PartitionCounts, RuntimeError> {
     let started = std::time::Instant::now();
     let landed = writer.finish(sent.writes).await?;
     let written_at = std::time::Instant::now();
-    if sent.counts.input > 0 {
+    let polled = total(&sent.counts);
+    if polled.records_in > 0 {
         // Only polls with input count: one that wrote only state (the snapshot of a
         // partition just granted) is not the window the fault is for.
         crate::fault::after_write();
@@ -787,7 +791,15 @@ async fn complete_poll(
             state.landed(l.first_offset, l.last_offset, *snapshot);
         }
     }
-    let marks = state_marks(chains);
+    for (tp, counted) in &sent.counts {
+        if !same_grant(&sent.grants, member, tp, chains.get(tp)) {
+            continue;
+        }
+        if let Some(run) = chains.get_mut(tp) {
+            run.counts += *counted;
+        }
+    }
+    let marks = commit_metadata(chains);
     let ends: BTreeMap<TopicPartition, i64> = sent
         .ranges
         .iter()
@@ -796,19 +808,37 @@ async fn complete_poll(
         .collect();
     writer.commit(member, &ends, marks).await?;
     tracing::debug!(
-        records = sent.counts.input,
+        records = polled.records_in,
         write_ms = (written_at - started).as_millis() as u64,
         commit_ms = written_at.elapsed().as_millis() as u64,
         "poll committed"
     );
-    Ok(sent.counts)
+    Ok(polled)
 }
 
-/// Where each owned partition's state stands, for the metadata of its committed offset.
-fn state_marks(chains: &BTreeMap<TopicPartition, PartitionRun>) -> Vec<(TopicPartition, String)> {
+/// The sum of a poll's per-partition counts.
+fn total(counts: &BTreeMap<TopicPartition, PartitionCounts>) -> PartitionCounts {
+    let mut all = PartitionCounts::default();
+    for c in counts.values() {
+        all += *c;
+    }
+    all
+}
+
+/// The metadata of each owned partition's committed offset: its counters, and where its
+/// state stands ([`CommitMetadata`]).
+fn commit_metadata(
+    chains: &BTreeMap<TopicPartition, PartitionRun>,
+) -> Vec<(TopicPartition, String)> {
     chains
         .iter()
-        .filter_map(|(tp, run)| Some((tp.clone(), run.state.as_ref()?.metadata())))
+        .map(|(tp, run)| {
+            let m = CommitMetadata {
+                state: run.state.as_ref().map(PartitionState::mark),
+                counts: run.counts,
+            };
+            (tp.clone(), m.to_text())
+        })
         .collect()
 }
 

@@ -7,7 +7,8 @@
 //! - [`instance`]: one group member's read → process → write → commit loop (at-least-once);
 //! - [`deployment`]: instances running in this process, supervised, with their status;
 //! - [`host`]: the broker's pipeline host (`pipeline deploy`), persisted across restarts;
-//! - [`metrics`]: the counters and rates `pipeline status` shows.
+//! - [`metrics`]: the rates and latencies `pipeline status` shows, and each process's counters;
+//! - [`progress`]: the counters (and state marks) committed with each input offset.
 //!
 //! `quiver pipeline run` (in the CLI process) and `quiver pipeline deploy` (inside brokers)
 //! share the same [`Deployment`].
@@ -20,6 +21,7 @@ pub mod fault;
 pub mod host;
 pub mod instance;
 pub mod metrics;
+pub mod progress;
 pub mod stages;
 #[cfg(test)]
 mod test_broker;

@@ -1,6 +1,8 @@
-//! A pipeline's counters: records in (processed and committed), out, failed, dead-lettered,
-//! the recent rates `pipeline status` shows, and end-to-end latency: from an input record's
-//! timestamp to the commit of the poll that processed it (its output acknowledged).
+//! What one process's instances of a pipeline did: records in (processed and committed),
+//! out, failed, dead-lettered (what `pipeline run` and `bench pipeline` print; `pipeline
+//! status` shows the group's committed counters instead, [`crate::progress`]), the recent
+//! rates `pipeline status` shows, and end-to-end latency: from an input record's timestamp
+//! to the commit of the poll that processed it (its output acknowledged).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +19,7 @@ pub struct PipelineMetrics {
     records_out: AtomicU64,
     errors: AtomicU64,
     dead_lettered: AtomicU64,
+    stopping_errors: AtomicU64,
     samples: Mutex<VecDeque<(Instant, u64, u64)>>,
     /// Milliseconds from input timestamp to commit.
     latency: Mutex<Option<hdrhistogram::Histogram<u64>>>,
@@ -33,6 +36,8 @@ pub struct MetricsSnapshot {
     pub errors: u64,
     /// Records written to the dead-letter topic.
     pub dead_lettered: u64,
+    /// Failures that stopped the pipeline (counted in `errors` too; never committed).
+    pub stopping_errors: u64,
     /// Input records per second over the last few seconds.
     pub records_per_sec_in: f64,
     /// Output records per second over the last few seconds.
@@ -62,6 +67,7 @@ impl PipelineMetrics {
     /// [`record_batch`](Self::record_batch) does not count it).
     pub fn count_stopping_error(&self) {
         self.errors.fetch_add(1, Ordering::Relaxed);
+        self.stopping_errors.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records, for each input record of a committed poll, now − its timestamp. The
@@ -125,6 +131,7 @@ impl PipelineMetrics {
             records_out,
             errors: self.errors.load(Ordering::Relaxed),
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            stopping_errors: self.stopping_errors.load(Ordering::Relaxed),
             records_per_sec_in: rin,
             records_per_sec_out: rout,
         }

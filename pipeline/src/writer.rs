@@ -1,10 +1,11 @@
 //! How an instance writes a poll's results and commits its input, per guarantee:
 //!
 //! - at-least-once: records go out through an idempotent producer (acks=all); once every one
-//!   is acknowledged, the input offsets (with the state marks as metadata) are committed. A
+//!   is acknowledged, the input offsets (with their partitions' counters and state marks
+//!   as metadata, [`crate::progress`]) are committed. A
 //!   crash in between writes the poll's output again on the next attempt.
 //! - exactly-once: records go into a transaction of the instance's transactional producer;
-//!   the input offsets (with the state marks) are added to the transaction and it commits:
+//!   the input offsets (with that metadata) are added to the transaction and it commits:
 //!   output, state changes and offsets become visible together, or (abort, crash, fencing)
 //!   not at all. Read-committed consumers never see an aborted attempt's output.
 //!
@@ -282,8 +283,8 @@ impl Writer {
     /// aborted records came after it, which would otherwise stay as lag until more records
     /// come. At least once, the positions are stored and every stored offset is committed
     /// (after the commit running in the background, if any); exactly once, the positions
-    /// are committed in a transaction of their own, with the state `marks`, when they
-    /// moved past the last commit.
+    /// are committed in a transaction of their own, with the owned partitions' metadata
+    /// (`marks`: counters and state marks), when they moved past the last commit.
     pub async fn commit_quiet(
         &mut self,
         member: &mut GroupConsumer,
@@ -304,8 +305,8 @@ impl Writer {
     }
 
     /// Commits the input of a finished poll: `ends` (the offset after each input
-    /// partition's last record of the poll) and the state `marks` of the owned partitions as
-    /// their metadata. At least once: the offsets are stored and committed by the group in
+    /// partition's last record of the poll) and `marks`, the metadata of the owned partitions
+    /// (their counters and state marks, [`crate::progress`]). At least once: the offsets are stored and committed by the group in
     /// the background (one commit at a time; the loop goes on with the next polls, and a
     /// failed background commit is reported by the next call); exactly once: they are
     /// committed with the transaction (the member's positions, which are the poll's ends,
@@ -319,7 +320,11 @@ impl Writer {
         match self {
             Writer::AtLeastOnce { .. } => {
                 for (tp, m) in marks {
-                    member.set_commit_metadata(&tp.topic, tp.partition, m);
+                    // Unchanged metadata is not sent again (a partition without records in
+                    // this poll has nothing new to commit).
+                    if member.committed_metadata(&tp.topic, tp.partition).as_ref() != Some(&m) {
+                        member.set_commit_metadata(&tp.topic, tp.partition, m);
+                    }
                 }
                 for (tp, end) in ends {
                     member.store_offset(&tp.topic, tp.partition, *end);
@@ -355,7 +360,12 @@ impl Writer {
                     let offsets: Vec<OffsetCommit> = positions
                         .into_iter()
                         .map(|(tp, offset)| OffsetCommit {
-                            metadata: marks.get(&tp).cloned(),
+                            // Every owned partition has its metadata in `marks`; should one
+                            // not, what it committed last stays (its counters are not reset).
+                            metadata: marks
+                                .get(&tp)
+                                .cloned()
+                                .or_else(|| member.committed_metadata(&tp.topic, tp.partition)),
                             topic: tp.topic,
                             partition: tp.partition,
                             offset,

@@ -199,7 +199,9 @@ fn deployed_pipeline_dead_letters_failures_reports_status_survives_a_restart_and
         assert_eq!(header(r, "quiver.stage"), "0:picky@1.0.0");
     }
 
-    // A restart: the pipeline comes back by itself and goes on from its commits.
+    // A restart: the pipeline comes back by itself and goes on from its commits. Its
+    // counters are committed with its offsets, so they go on from there too (they started
+    // again at 0 when they lived in the broker's memory).
     b.terminate();
     b.spawn();
     let more: Vec<String> = (1001..=1100).map(|i| format!("k{i}:v{i}")).collect();
@@ -210,8 +212,14 @@ fn deployed_pipeline_dead_letters_failures_reports_status_survives_a_restart_and
         || {
             let out = b.cli(&["pipeline", "status", "upper", "--output", "json"]);
             serde_json::from_slice::<Value>(&out.stdout)
-                .is_ok_and(|s| s["records_in"] == 100 && s["lag"] == 0)
+                .is_ok_and(|s| s["records_in"] == 1100 && s["lag"] == 0)
         },
+    );
+    let s = status(&b, "upper");
+    assert_eq!(
+        (&s["records_out"], &s["errors"], &s["dead_lettered"]),
+        (&Value::from(1080), &Value::from(20), &Value::from(20)),
+        "the counters went on from before the restart: {s}"
     );
     let sink = read_topic(&b, "out", 1080);
     let values: BTreeSet<&str> = sink.iter().map(|r| r["value"].as_str().unwrap()).collect();
@@ -512,14 +520,15 @@ fn pipeline_run_copies_split_the_partitions_and_a_fourth_takes_its_share_losing_
             && err.contains("in group copy); `quiver group describe copy` shows"),
         "{err}"
     );
-    // Deployed beside them: the status lists its instance and the copies, apart.
+    // Deployed beside them: the status lists its instance and the copies, apart, and counts
+    // the records the copies committed (the counters are the group's, not the instance's).
     b.cli_ok(&["pipeline", "deploy", file.to_str().unwrap()]);
     wait_for(60, "five members share the partitions", || {
         settled(&describe_now(&b, "copy"), 5)
     });
     wait_for(
         60,
-        "the status shows the deployed instance and the 4 copies",
+        "the status shows the deployed instance, the 4 copies and their 1,200 records",
         || {
             let s = status(&b, "copy");
             let parts = |list: &Value| -> Vec<String> {
@@ -535,6 +544,9 @@ fn pipeline_run_copies_split_the_partitions_and_a_fourth_takes_its_share_losing_
             all.sort();
             s["instances"].as_array().map(Vec::len) == Some(1)
                 && s["run_copies"].as_array().map(Vec::len) == Some(4)
+                && s["records_in"] == 1200
+                && s["records_out"] == 1200
+                && s["lag"] == 0
                 && all == (0..6).map(|p| format!("lines/{p}")).collect::<Vec<_>>()
         },
     );

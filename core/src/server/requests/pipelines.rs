@@ -199,10 +199,12 @@ async fn cluster_status(
     })
 }
 
-/// One status from the parts each broker reported: instances side by side, counters and
-/// rates summed, the first failure as the state (else the first state that is not
-/// "running", e.g. a broker left on an older file), the largest lag and latencies (lag is
-/// the group's, read by each broker; latencies are per broker, so the worst is shown).
+/// One status from the parts each broker reported: instances side by side, rates summed,
+/// the first failure as the state (else the first state that is not "running", e.g. a
+/// broker left on an older file), the largest counters, lag and latencies. Counters and lag
+/// are the group's, committed with its offsets and read by each broker a moment apart, so
+/// the largest is the latest (a broker adds a failure that stopped its instances, never
+/// committed, to the errors it reads); latencies are per broker, so the worst is shown.
 pub fn merge_status(parts: Vec<PipelineStatus>) -> Option<PipelineStatus> {
     let rank = |state: &str| match state {
         s if s.starts_with("failed") => 2,
@@ -216,13 +218,13 @@ pub fn merge_status(parts: Vec<PipelineStatus>) -> Option<PipelineStatus> {
             all.state = p.state;
         }
         all.instances.extend(p.instances);
-        all.records_in += p.records_in;
-        all.records_out += p.records_out;
+        all.records_in = all.records_in.max(p.records_in);
+        all.records_out = all.records_out.max(p.records_out);
         all.records_per_sec_in += p.records_per_sec_in;
         all.records_per_sec_out += p.records_per_sec_out;
         all.lag = all.lag.max(p.lag);
-        all.errors += p.errors;
-        all.dead_lettered += p.dead_lettered;
+        all.errors = all.errors.max(p.errors);
+        all.dead_lettered = all.dead_lettered.max(p.dead_lettered);
         all.latency_p50_ms = all.latency_p50_ms.max(p.latency_p50_ms);
         all.latency_p99_ms = all.latency_p99_ms.max(p.latency_p99_ms);
     }
@@ -285,6 +287,7 @@ mod tests {
 
     fn part(state: &str, records_in: u64) -> PipelineStatus {
         PipelineStatus {
+            records_per_sec_in: records_in as f64,
             name: "p".into(),
             state: state.into(),
             guarantee: "at-least-once".into(),
@@ -292,7 +295,6 @@ mod tests {
             instances: Vec::new(),
             records_in,
             records_out: 0,
-            records_per_sec_in: 0.0,
             records_per_sec_out: 0.0,
             lag: 0,
             errors: 0,
@@ -318,12 +320,10 @@ mod tests {
             "failed: quarantined"
         );
         assert_eq!(merged(&["failed: a", "degraded: b"]).unwrap(), "failed: a");
-        assert_eq!(
-            merge_status(vec![part("running", 2), part("running", 3)])
-                .unwrap()
-                .records_in,
-            5
-        );
+        // Counters are the group's (each broker read the same committed ones, one a moment
+        // later): the latest, not the sum. Rates are each broker's own: summed.
+        let both = merge_status(vec![part("running", 3), part("running", 2)]).unwrap();
+        assert_eq!((both.records_in, both.records_per_sec_in), (3, 5.0));
         assert!(merged(&[]).is_none());
     }
 }
