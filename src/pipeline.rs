@@ -20,7 +20,7 @@ use quiver_protocol::ErrorCode;
 
 use crate::connect::GlobalOpts;
 use crate::output::{self, Format};
-use crate::run_copies::{self, RunCopy};
+use crate::run_copies::{self, GroupMembers, OtherMember, RunCopy};
 
 /// How long `pipeline stop` waits to learn the pipeline's group before stopping it.
 const GROUP_LOOKUP_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -206,10 +206,10 @@ pub async fn run(global: &GlobalOpts, args: PipelineArgs) -> anyhow::Result<()> 
                 }
                 Err(e) => return Err(pipeline_error(e, &format!("pipeline {name}"))),
             };
-            let copies = run_copies::in_group(&client, &s.group, &s.name).await;
+            let members = run_copies::members_of(&client, &s.group, &s.name).await;
             match output {
-                Format::Json => output::json(&mut out, &status_json(&s, Some(&copies)))?,
-                Format::Table => status_table(&mut out, &s, &copies)?,
+                Format::Json => output::json(&mut out, &status_json(&s, Some(&members)))?,
+                Format::Table => status_table(&mut out, &s, &members)?,
             }
         }
         PipelineCommand::Stop { name, output } => {
@@ -408,7 +408,9 @@ fn state_parts(state: &str) -> (&str, Option<&str>) {
 /// scripts that want the word and the reason apart, and `run_copies`: the members of the
 /// pipeline's group that `quiver pipeline run` processes hold (`instances` are the
 /// deployed ones; the counters are the group's, committed with its offsets, so they count
-/// the copies' committed work too; the rates are the deployed instances').
+/// the copies' committed work too; the rates are the deployed instances'), and
+/// `other_members`: members of the group that are not the pipeline's (they take input
+/// partitions from it).
 #[derive(serde::Serialize)]
 struct StatusJson<'a> {
     #[serde(flatten)]
@@ -417,21 +419,26 @@ struct StatusJson<'a> {
     /// Left out by `pipeline list`, which does not read the groups.
     #[serde(skip_serializing_if = "Option::is_none")]
     run_copies: Option<&'a [RunCopy]>,
+    /// Left out by `pipeline list`, as `run_copies`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    other_members: Option<&'a [OtherMember]>,
 }
 
-fn status_json<'a>(s: &'a PipelineStatus, copies: Option<&'a [RunCopy]>) -> StatusJson<'a> {
+fn status_json<'a>(s: &'a PipelineStatus, members: Option<&'a GroupMembers>) -> StatusJson<'a> {
     StatusJson {
         status: s,
         reason: state_parts(&s.state).1,
-        run_copies: copies,
+        run_copies: members.map(|m| m.copies.as_slice()),
+        other_members: members.map(|m| m.others.as_slice()),
     }
 }
 
 fn status_table(
     out: &mut impl Write,
     s: &PipelineStatus,
-    copies: &[RunCopy],
+    members: &GroupMembers,
 ) -> anyhow::Result<()> {
+    let copies = &members.copies;
     let (state, reason) = state_parts(&s.state);
     writeln!(
         out,
@@ -467,6 +474,24 @@ fn status_table(
             .map(|c| vec![c.id.clone(), c.process.clone(), c.partitions.join(",")])
             .collect();
         output::table(out, &["INSTANCE", "PROCESS", "PARTITIONS"], &rows)?;
+    }
+    if !members.others.is_empty() {
+        writeln!(
+            out,
+            "other members of its group (not this pipeline's; they take input partitions from it):"
+        )?;
+        let rows: Vec<Vec<String>> = members
+            .others
+            .iter()
+            .map(|m| {
+                vec![
+                    m.client_id.clone(),
+                    m.member_id.clone(),
+                    m.partitions.join(","),
+                ]
+            })
+            .collect();
+        output::table(out, &["CLIENT", "MEMBER", "PARTITIONS"], &rows)?;
     }
     Ok(())
 }

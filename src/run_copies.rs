@@ -1,7 +1,8 @@
 //! The `quiver pipeline run` copies of a pipeline, found in the consumer groups: their
 //! members name them (`pipeline run NAME-N on HOST (pid P)`), and the broker knows nothing
-//! else of them. `pipeline status` lists them beside the deployed instances, and `status`
-//! and `stop` of a pipeline that is only run point to them.
+//! else of them. `pipeline status` lists them beside the deployed instances, with the
+//! group's other members (readers that are not the pipeline's, which take input partitions
+//! from it), and `status` and `stop` of a pipeline that is only run point to the copies.
 
 use futures::StreamExt;
 use quiver_client::{Admin, Client};
@@ -21,30 +22,75 @@ pub struct RunCopy {
     pub partitions: Vec<String>,
 }
 
+/// A member of a pipeline's group that is neither one of its deployed instances nor one of
+/// its copies (a `consume --group` reader, another pipeline sharing the group, an
+/// application): it takes input partitions from the pipeline (fields of `pipeline status
+/// --output json`'s `other_members`).
+#[derive(Debug, serde::Serialize)]
+pub struct OtherMember {
+    /// The client id it joined with.
+    pub client_id: String,
+    /// Its member id in the group.
+    pub member_id: String,
+    /// Input partitions it owns now, as `topic/partition`.
+    pub partitions: Vec<String>,
+}
+
+/// The members of a pipeline's group, as `pipeline status` shows them beside its deployed
+/// instances.
+#[derive(Debug, Default)]
+pub struct GroupMembers {
+    /// The pipeline's `pipeline run` copies, by process then id.
+    pub copies: Vec<RunCopy>,
+    /// Members that are not the pipeline's, by client id.
+    pub others: Vec<OtherMember>,
+}
+
 /// The copies of pipeline `pipeline` in `group`, by process then id; none when the group is
 /// unknown or cannot be read. Members of other pipelines sharing the group are left out.
 pub async fn in_group(client: &Client, group: &str, pipeline: &str) -> Vec<RunCopy> {
+    members_of(client, group, pipeline).await.copies
+}
+
+/// The members of `group` that are `pipeline`'s copies, and those that are not the
+/// pipeline's at all; nothing when the group is unknown or cannot be read.
+pub async fn members_of(client: &Client, group: &str, pipeline: &str) -> GroupMembers {
+    use quiver_pipeline::deployment::{deployed_instance_of, run_copy_of};
     let Ok(d) = Admin::new(client.clone()).describe_group(group).await else {
-        return Vec::new();
+        return GroupMembers::default();
     };
-    let mut copies: Vec<RunCopy> = d
-        .members
-        .iter()
-        .filter_map(|m| {
-            let (id, process) = quiver_pipeline::deployment::run_copy_of(&m.client_id)?;
-            (pipeline_of(id) == Some(pipeline)).then(|| RunCopy {
-                id: id.to_string(),
-                process: process.to_string(),
-                partitions: m
-                    .assigned
-                    .iter()
-                    .map(|tp| format!("{}/{}", tp.topic, tp.partition))
-                    .collect(),
-            })
-        })
-        .collect();
-    copies.sort_by(|a, b| (&a.process, &a.id).cmp(&(&b.process, &b.id)));
-    copies
+    let mut found = GroupMembers::default();
+    for m in &d.members {
+        let partitions: Vec<String> = m
+            .assigned
+            .iter()
+            .map(|tp| format!("{}/{}", tp.topic, tp.partition))
+            .collect();
+        if let Some((id, process)) = run_copy_of(&m.client_id) {
+            if pipeline_of(id) == Some(pipeline) {
+                found.copies.push(RunCopy {
+                    id: id.to_string(),
+                    process: process.to_string(),
+                    partitions,
+                });
+                continue;
+            }
+        } else if deployed_instance_of(&m.client_id).and_then(pipeline_of) == Some(pipeline) {
+            continue;
+        }
+        found.others.push(OtherMember {
+            client_id: m.client_id.clone(),
+            member_id: m.member_id.clone(),
+            partitions,
+        });
+    }
+    found
+        .copies
+        .sort_by(|a, b| (&a.process, &a.id).cmp(&(&b.process, &b.id)));
+    found
+        .others
+        .sort_by(|a, b| (&a.client_id, &a.member_id).cmp(&(&b.client_id, &b.member_id)));
+    found
 }
 
 /// The copies of a pipeline that is not deployed, with their groups: in the group named

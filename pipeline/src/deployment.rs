@@ -149,7 +149,7 @@ fn missing_topics(missing: &[(String, &str)]) -> String {
 /// `pipeline run NAME-N on HOST (pid P)` in a `pipeline run` process.
 pub fn member_client_id(instance: &str, process: Option<&str>) -> String {
     match process {
-        None => format!("pipeline {instance}"),
+        None => format!("{DEPLOYED_PREFIX}{instance}"),
         Some(p) => format!("{RUN_COPY_PREFIX}{instance} on {p}"),
     }
 }
@@ -162,6 +162,18 @@ pub const RUN_COPY_PREFIX: &str = "pipeline run ";
 pub fn run_copy_of(client_id: &str) -> Option<(&str, &str)> {
     client_id.strip_prefix(RUN_COPY_PREFIX)?.split_once(" on ")
 }
+
+/// A deployed instance's id (`NAME-N`), from its member's client id; `None` for any other
+/// member (a `pipeline run` copy included).
+pub fn deployed_instance_of(client_id: &str) -> Option<&str> {
+    if run_copy_of(client_id).is_some() {
+        return None;
+    }
+    client_id.strip_prefix(DEPLOYED_PREFIX)
+}
+
+/// How the client id of a deployed instance's member starts.
+const DEPLOYED_PREFIX: &str = "pipeline ";
 
 /// `HOST (pid P)` of this process.
 fn this_process() -> String {
@@ -601,6 +613,22 @@ async fn supervise(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn member_client_ids_tell_deployed_instances_copies_and_others_apart() {
+        let deployed = member_client_id("wc-2", None);
+        let copy = member_client_id("wc-1", Some("vm (pid 7)"));
+        assert_eq!(deployed_instance_of(&deployed), Some("wc-2"));
+        assert_eq!(run_copy_of(&deployed), None);
+        assert_eq!(run_copy_of(&copy), Some(("wc-1", "vm (pid 7)")));
+        assert_eq!(deployed_instance_of(&copy), None);
+        // A deployed pipeline may be called "run": its instances are still deployed ones.
+        assert_eq!(deployed_instance_of("pipeline run-1"), Some("run-1"));
+        for other in ["quiver-cli", "pipelines", ""] {
+            assert_eq!(deployed_instance_of(other), None, "{other}");
+            assert_eq!(run_copy_of(other), None, "{other}");
+        }
+    }
 
     #[test]
     fn every_missing_topic_is_named_with_the_command_that_creates_it() {

@@ -626,6 +626,78 @@ fn a_run_copy_in_a_group_of_another_name_is_found_by_its_pipelines_name() {
     assert!(runner.stop(), "pipeline run exits cleanly on SIGTERM");
 }
 
+/// A reader of the pipeline's group that is not the pipeline (here `consume --group`) takes
+/// input partitions from it: `pipeline status` names it, with what it owns, apart from the
+/// instances (before, those partitions were simply missing from the status).
+#[test]
+fn pipeline_status_names_members_of_its_group_that_are_not_the_pipelines() {
+    let b = TestBroker::start();
+    let dir = tempfile::tempdir().unwrap();
+    b.cli_ok(&["topic", "create", "in", "--partitions", "2"]);
+    b.cli_ok(&["topic", "create", "out", "--partitions", "1"]);
+    deploy_copying(&b, dir.path(), "shared", "in", "out", "at-least-once");
+    wait_for(60, "the instance to own both partitions", || {
+        settled(&describe_now(&b, "shared"), 1)
+    });
+    let mut reader = Command::new(bin())
+        .arg("--bootstrap")
+        .arg(b.addr())
+        .arg("--ca")
+        .arg(b.ca())
+        .args(["consume", "in", "--group", "shared", "--follow"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn consume");
+    wait_for(
+        60,
+        "the reader and the instance to own one partition each",
+        || {
+            let s = status(&b, "shared");
+            let owned = |list: &Value| {
+                list.as_array().map_or(0, |l| {
+                    l.iter()
+                        .map(|m| m["partitions"].as_array().map_or(0, Vec::len))
+                        .sum::<usize>()
+                })
+            };
+            s["other_members"].as_array().map(Vec::len) == Some(1)
+                && owned(&s["other_members"]) == 1
+                && owned(&s["instances"]) == 1
+        },
+    );
+    let s = status(&b, "shared");
+    let other = &s["other_members"][0];
+    assert!(
+        other["client_id"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("quiver-cli")),
+        "{s}"
+    );
+    assert!(
+        other["member_id"].as_str().is_some_and(|m| !m.is_empty()),
+        "{s}"
+    );
+    assert_eq!(s["run_copies"], serde_json::json!([]), "{s}");
+    let table = b.cli_ok(&["pipeline", "status", "shared"]);
+    assert!(
+        table.contains(
+            "other members of its group (not this pipeline's; they take input partitions from it):"
+        ),
+        "{table}"
+    );
+    let _ = reader.kill();
+    let _ = reader.wait();
+    // `list` does not read the groups: neither field.
+    let list: Value =
+        serde_json::from_str(&b.cli_ok(&["pipeline", "list", "--output", "json"])).unwrap();
+    assert!(
+        list[0].get("other_members").is_none() && list[0].get("run_copies").is_none(),
+        "{list}"
+    );
+}
+
 /// The group's committed offsets, summed (a partition without one counts 0): the records it
 /// consumed, when it started at offset 0.
 fn committed_total(b: &TestBroker, group: &str) -> i64 {
