@@ -112,6 +112,11 @@ pub async fn run(global: &GlobalOpts, args: PipelineArgs) -> anyhow::Result<()> 
         PipelineCommand::Deploy { file, output } => {
             let mut p = PipelineConfig::load(&file)?;
             let client = global.connect().await?;
+            // Before any bundle is deployed: a deploy refused for a missing topic leaves
+            // no plugin behind.
+            quiver_pipeline::deployment::check_all_topics(&client, &p)
+                .await
+                .with_context(|| format!("cannot deploy pipeline {}", p.name))?;
             let bundles = deploy_path_stages(&client, &mut p, base_dir(&file)).await?;
             let req = DeployPipelineRequest {
                 config_toml: p.to_toml(),

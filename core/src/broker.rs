@@ -499,6 +499,11 @@ impl BrokerHandle {
         quiver_client::LocalBroker(Arc::new(crate::server::local::InProcess::new(&self.ctx)))
     }
 
+    /// Most members a consumer group may have on this broker (`group_max_size`).
+    pub fn group_max_size(&self) -> u64 {
+        self.ctx.config.group_max_size
+    }
+
     /// The configuration of a client in this process that reaches this broker through
     /// [`in_process`](Self::in_process) (its requests skip QUIC), and other brokers of its
     /// cluster over QUIC, trusting its CA.

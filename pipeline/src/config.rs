@@ -338,6 +338,12 @@ impl PipelineConfig {
         // rules, said of the pipeline name.
         validate_group_name(&raw.name)
             .map_err(|r| err("name", r.replacen("group name", "pipeline name", 1)))?;
+        if raw.name == "." || raw.name == ".." {
+            return Err(err(
+                "name",
+                format!("a pipeline cannot be named {:?}", raw.name),
+            ));
+        }
         // The name also names the state changelog topic, `quiver.state.<name>`.
         validate_topic_name(&format!("quiver.state.{}", raw.name)).map_err(|_| {
             err(
@@ -394,11 +400,19 @@ impl PipelineConfig {
                 config: s.config,
             });
         }
-        check_topic(&raw.sink.topic).map_err(|r| err("sink.topic", r))?;
+        check_output(&raw.sink.topic).map_err(|r| err("sink.topic", r))?;
         let mut outputs = vec![("sink.topic".to_string(), raw.sink.topic.clone())];
         for (name, topic) in &raw.sinks {
             let key = format!("sinks.{name}");
-            check_topic(topic).map_err(|r| err(&key, r))?;
+            // A stage names the output in its `quiver.sink` header.
+            validate_group_name(name).map_err(|r| {
+                err(
+                    &key,
+                    r.replacen("group name", "output name", 1)
+                        .replace("got 0", "got 0 (an empty name)"),
+                )
+            })?;
+            check_output(topic).map_err(|r| err(&key, r))?;
             outputs.push((key, topic.clone()));
         }
         match (raw.on_error.policy, &raw.on_error.topic) {
@@ -410,7 +424,7 @@ impl PipelineConfig {
                 ))
             }
             (ErrorPolicy::DeadLetter, Some(t)) => {
-                check_topic(t).map_err(|r| err("on_error.topic", r))?;
+                check_output(t).map_err(|r| err("on_error.topic", r))?;
                 outputs.push(("on_error.topic".into(), t.clone()));
             }
             (policy, Some(_)) => {
@@ -532,6 +546,18 @@ fn check_topic(t: &str) -> Result<(), String> {
     if t.starts_with("__") {
         return Err(format!(
             "{t:?} is an internal topic; pipelines read and write client topics only"
+        ));
+    }
+    Ok(())
+}
+
+/// A topic a pipeline writes to: a client topic, and not a pipeline's state changelog
+/// (`quiver.state.*`), whose records the host writes and reads back as state.
+fn check_output(t: &str) -> Result<(), String> {
+    check_topic(t)?;
+    if t.starts_with("quiver.state.") {
+        return Err(format!(
+            "{t:?} is a pipeline's state changelog; pipelines write their output to other topics"
         ));
     }
     Ok(())
@@ -751,6 +777,30 @@ guarantee = "exactly-once"
 
     fn error(text: &str) -> PipelineConfigError {
         PipelineConfig::parse(text, "p.toml").unwrap_err()
+    }
+
+    /// Names that pass the character rules but make no sense here: a pipeline called "."
+    /// (its changelog would be `quiver.state..`), an output named with nothing or spaces
+    /// (a stage names it in a header), and a pipeline's state changelog as an output.
+    #[test]
+    fn odd_names_and_changelogs_as_outputs_are_refused() {
+        let copy = "name = \"copy\"\n[source]\ntopics = [\"a\"]\n[sink]\ntopic = \"b\"\n";
+        for dot in [".", ".."] {
+            let e = error(&copy.replace("\"copy\"", &format!("{dot:?}")));
+            assert_eq!(e.key, "name", "{e}");
+        }
+        for name in ["\"\"", "\"a b\""] {
+            let e = error(&format!("{copy}[sinks]\n{name} = \"c\"\n"));
+            assert!(e.key.starts_with("sinks."), "{e}");
+            assert!(e.reason.contains("output name"), "{e}");
+        }
+        let e = error(&copy.replace("topic = \"b\"", "topic = \"quiver.state.copy\""));
+        assert_eq!(e.key, "sink.topic", "{e}");
+        assert!(e.reason.contains("state changelog"), "{e}");
+        let e = error(&format!("{copy}[sinks]\nside = \"quiver.state.other\"\n"));
+        assert_eq!(e.key, "sinks.side", "{e}");
+        // Read as a source (to inspect it), a changelog is a topic like any other.
+        PipelineConfig::parse(&copy.replace("[\"a\"]", "[\"quiver.state.x\"]"), "p").unwrap();
     }
 
     #[test]

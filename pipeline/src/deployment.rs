@@ -88,8 +88,35 @@ pub async fn preflight(
     config: &PipelineConfig,
     base_dir: &Path,
 ) -> Result<Vec<LoadedStage>, RuntimeError> {
-    let admin = Admin::new(client.clone());
-    let outputs = std::iter::once(("sink.topic".to_string(), &config.sink.topic))
+    check_all_topics(client, config).await?;
+    load_stages(client, config, base_dir).await
+}
+
+/// Checks that every topic the pipeline reads or writes exists (`pipeline deploy` checks
+/// this before it deploys any `path` stage's bundle, so a refused deploy changes nothing).
+pub async fn check_all_topics(
+    client: &Client,
+    config: &PipelineConfig,
+) -> Result<(), RuntimeError> {
+    let sources = config
+        .source
+        .topics
+        .iter()
+        .map(|t| ("source.topics".to_string(), t));
+    check_topics(client, sources.chain(output_topics(config))).await
+}
+
+/// Checks that the topics the pipeline writes to exist: an instance (re)starting checks
+/// them before it reads anything, so an output deleted while the pipeline runs is waited
+/// for, not met again at every attempt after the attempt's other outputs were written
+/// (at least once, each attempt wrote those again).
+pub async fn check_outputs(client: &Client, config: &PipelineConfig) -> Result<(), RuntimeError> {
+    check_topics(client, output_topics(config)).await
+}
+
+/// The topics a pipeline writes to, each with its key in the file.
+fn output_topics(config: &PipelineConfig) -> impl Iterator<Item = (String, &String)> {
+    std::iter::once(("sink.topic".to_string(), &config.sink.topic))
         .chain(config.sinks.iter().map(|(n, t)| (format!("sinks.{n}"), t)))
         .chain(
             config
@@ -97,14 +124,17 @@ pub async fn preflight(
                 .topic
                 .iter()
                 .map(|t| ("on_error.topic".to_string(), t)),
-        );
-    let sources = config
-        .source
-        .topics
-        .iter()
-        .map(|t| ("source.topics".to_string(), t));
-    let mut missing = Vec::new();
-    for (key, topic) in sources.chain(outputs) {
+        )
+}
+
+/// Fails with [`RuntimeError::Topic`] naming every one of `topics` the cluster lacks.
+async fn check_topics<'a>(
+    client: &Client,
+    topics: impl Iterator<Item = (String, &'a String)>,
+) -> Result<(), RuntimeError> {
+    let admin = Admin::new(client.clone());
+    let mut missing: Vec<(String, &str)> = Vec::new();
+    for (key, topic) in topics {
         match admin.describe_topic(topic).await {
             Ok(_) => {}
             Err(e) if e.code() == Some(ErrorCode::UnknownTopicOrPartition) => {
@@ -121,7 +151,7 @@ pub async fn preflight(
     if !missing.is_empty() {
         return Err(RuntimeError::Topic(missing_topics(&missing)));
     }
-    load_stages(client, config, base_dir).await
+    Ok(())
 }
 
 /// Every topic the pipeline needs and the cluster lacks, each with its key, and the commands
@@ -450,7 +480,7 @@ impl Deployment {
     }
 
     /// Stops every instance (each commits what it finished and leaves the group) and waits
-    /// for them. Returns how many there were.
+    /// for them. Returns how many were running (a failed pipeline's have ended).
     pub async fn stop(self) -> u32 {
         let _ = self.stop.send(true);
         {
@@ -459,7 +489,12 @@ impl Deployment {
                 *s = STOPPED.to_string();
             }
         }
-        let n = self.instances.len() as u32;
+        // Those still running: a failed pipeline's instances have ended already.
+        let n = self
+            .instances
+            .iter()
+            .filter(|i| !i.task.is_finished())
+            .count() as u32;
         // At once: each may take its 30 s.
         futures::future::join_all(self.instances.into_iter().map(Instance::stop)).await;
         n

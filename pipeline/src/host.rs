@@ -49,6 +49,9 @@ pub struct BrokerPipelines {
     client_config: ClientConfig,
     client: OnceCell<Client>,
     pipelines: Mutex<BTreeMap<String, Entry>>,
+    /// The broker's `group_max_size`: a pipeline with more instances is refused (its
+    /// group could never hold them all).
+    group_max_size: std::sync::atomic::AtomicU64,
     /// Cluster mode: the latest assignment from the replica manager (`None` until the
     /// first, and always for a lone broker).
     assigned: watch::Sender<Option<Vec<AssignedPipeline>>>,
@@ -90,7 +93,33 @@ impl BrokerPipelines {
             client_config,
             client: OnceCell::new(),
             pipelines: Mutex::new(BTreeMap::new()),
+            group_max_size: std::sync::atomic::AtomicU64::new(u64::MAX),
         })
+    }
+
+    /// Refuses pipelines with more instances than `n`, the broker's `group_max_size`.
+    pub fn with_group_max_size(self: Arc<Self>, n: u64) -> Arc<Self> {
+        self.group_max_size
+            .store(n, std::sync::atomic::Ordering::Relaxed);
+        self
+    }
+
+    /// Fails when the pipeline has more instances than its group may have members.
+    fn check_group_size(&self, config: &PipelineConfig) -> HostResult<()> {
+        let max = self
+            .group_max_size
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if u64::from(config.run.instances) > max {
+            return Err(host_error(
+                ErrorCode::InvalidPipeline,
+                format!(
+                    "[run] instances = {} is more than this broker's group_max_size ({max}): the pipeline's group {:?} cannot have more members, so the others would never run; lower instances or raise group_max_size",
+                    config.run.instances,
+                    config.group()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     async fn client(&self) -> HostResult<Client> {
@@ -173,6 +202,7 @@ impl BrokerPipelines {
 
     async fn deploy_text(&self, text: String) -> HostResult<DeployPipelineResponse> {
         let config = parse_deployable(&text, false)?;
+        self.check_group_size(&config)?;
         let name = config.name.clone();
         let mut pipelines = self.pipelines.lock().await;
         match pipelines.get(&name) {
@@ -323,6 +353,7 @@ impl BrokerPipelines {
         running: BTreeMap<String, String>,
     ) -> HostResult<CheckedPipeline> {
         let config = parse_deployable(&text, false)?;
+        self.check_group_size(&config)?;
         if let Some(old) = running.get(&config.name) {
             let old = PipelineConfig::parse_stored(old, "running pipeline")
                 .map_err(|e| host_error(ErrorCode::Internal, e.to_string()))?;

@@ -302,6 +302,16 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
     } = parts;
     let client = client.clone();
     let cfg = &plan.config;
+    // An output deleted while the pipeline ran is waited for here, before anything is read
+    // (and, at least once, written again to the outputs that are there).
+    crate::deployment::check_outputs(&client, cfg)
+        .await
+        .map_err(|e| match e {
+            RuntimeError::Topic(missing) => RuntimeError::Retry(format!(
+                "{missing}; the instance reads nothing until it exists"
+            )),
+            e => e,
+        })?;
     let exactly_once = cfg.run.guarantee == Guarantee::ExactlyOnce;
     let mut group = GroupConfig::new(cfg.group(), cfg.source.topics.iter().cloned())
         .start_without_commit_at(match cfg.source.start {

@@ -1,9 +1,9 @@
 //! The stage chain of one input partition: the pipeline's plugins built once per partition
 //! (so a stateful plugin keeps state per partition), each with its own keyed-state store, and
-//! the error policy applied when a stage fails: under "stop" the failure ends the run; under
-//! "skip" and "dead-letter" the failed batch is retried record by record, so exactly the
-//! records that fail are set aside and the rest go on. A quarantined plugin always ends the
-//! run. Plugin calls block: callers run [`PartitionChain::process`] off the async threads.
+//! the error policy applied when a stage fails. A failed call is retried record by record
+//! (a call can fail as a whole, by a limit a large batch reaches, where no record does);
+//! a record that fails alone ends the run under "stop", and is set aside under "skip" and
+//! "dead-letter" while the rest go on. A quarantined plugin always ends the run. Plugin calls block: callers run [`PartitionChain::process`] off the async threads.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -269,33 +269,50 @@ impl PartitionChain {
             if batch.is_empty() {
                 break;
             }
-            let retry = (self.policy != ErrorPolicy::Stop).then(|| batch.clone());
-            match stage.processor.process_batch(batch) {
-                Ok(next) => batch = next,
-                Err(e) if e.is_quarantined() || retry.is_none() => {
+            // Kept to retry record by record: a call fails as a whole (one bad record, or
+            // a limit of the call, such as its CPU time, that a large batch reached).
+            // Cloning shares the records' bytes.
+            let retry = batch.clone();
+            let failed_call = match stage.processor.process_batch(batch) {
+                Ok(next) => {
+                    batch = next;
+                    continue;
+                }
+                Err(e) if e.is_quarantined() => {
                     out.fatal = Some(stopping(i, &stage.id, &e, self.policy, offsets));
                     return out;
                 }
-                Err(_) => {
-                    let mut next = Vec::new();
-                    for r in retry.unwrap_or_default() {
-                        match stage.processor.process_batch(vec![r.clone()]) {
-                            Ok(o) => next.extend(o),
-                            Err(e) if e.is_quarantined() => {
-                                out.fatal = Some(stopping(i, &stage.id, &e, self.policy, offsets));
-                                return out;
-                            }
-                            Err(e) => out.failed.push(Failure {
-                                record: r,
-                                stage: i,
-                                stage_id: stage.id.clone(),
-                                error: e.to_string(),
-                            }),
-                        }
+                Err(e) => e,
+            };
+            let mut next = Vec::new();
+            let single = retry.len() == 1;
+            let mut call_error = Some(failed_call);
+            for r in retry {
+                // A one-record call's error is that record's: not called again.
+                let result = match call_error.take() {
+                    Some(e) if single => Err(e),
+                    _ => stage.processor.process_batch(vec![r.clone()]),
+                };
+                match result {
+                    Ok(o) => next.extend(o),
+                    Err(e) if e.is_quarantined() => {
+                        out.fatal = Some(stopping(i, &stage.id, &e, self.policy, offsets));
+                        return out;
                     }
-                    batch = next;
+                    Err(e) if self.policy == ErrorPolicy::Stop => {
+                        let at = (r.offset, r.offset);
+                        out.fatal = Some(stopping(i, &stage.id, &e, self.policy, at));
+                        return out;
+                    }
+                    Err(e) => out.failed.push(Failure {
+                        record: r,
+                        stage: i,
+                        stage_id: stage.id.clone(),
+                        error: e.to_string(),
+                    }),
                 }
             }
+            batch = next;
         }
         out.records = batch;
         out
@@ -304,9 +321,9 @@ impl PartitionChain {
 
 /// Why a stage's error stops the pipeline, on one line (it is the state `pipeline list`
 /// shows): the stage, its plugin where the error does not name it, the input offsets of
-/// the failing call (one record's, or the range one of them lies in: the call fails as a
-/// whole), the error and, when the policy "stop" is why, how to go on past failing records
-/// instead.
+/// the failing call (the record that failed alone; a range only for a call that got the
+/// plugin quarantined, which fails as a whole), the error and, when the policy "stop" is
+/// why, how to go on past failing records instead.
 fn stopping(
     stage: usize,
     plugin: &str,
@@ -418,10 +435,12 @@ end
         let out = c.process(records(&["a", "bad1", "b"]));
         assert!(out.records.is_empty() && out.failed.is_empty());
         // One line: the stage, the error (naming its plugin once) and the way past it.
+        // The failing call is tried again record by record: the record that fails alone
+        // is named.
         let fatal = out.fatal.unwrap();
         assert!(
             fatal.starts_with(
-                "stage 0, at a record of offsets 10-12, failed: plugin t@1.0.0: Lua error:"
+                "stage 0, at the record of offset 11, failed: plugin t@1.0.0: Lua error:"
             ) && fatal.contains("refusing bad1")
                 && fatal.ends_with("\"skip\" or \"dead-letter\" go on past failing records)")
                 && !fatal.contains('\n'),
@@ -436,6 +455,41 @@ end
             one.starts_with("stage 0, at the record of offset 10, failed:"),
             "{one}"
         );
+    }
+
+    /// A call can fail as a whole where none of its records does: here its output passes
+    /// the per-call limit (a large batch reaching the CPU limit is the same). Every policy,
+    /// "stop" included, tries its records one by one, and none fails. Before, "stop" ended
+    /// the pipeline at once, so it ran on a trickle of input and failed on a backlog.
+    #[test]
+    fn a_call_failing_only_as_a_whole_is_retried_record_by_record_under_every_policy() {
+        const BIG: &str = r#"
+function process(record)
+  return { value = string.rep("x", 600) }
+end
+"#;
+        for policy in [
+            ErrorPolicy::Stop,
+            ErrorPolicy::Skip,
+            ErrorPolicy::DeadLetter,
+        ] {
+            let limits = HostLimits {
+                max_output_bytes: 1000,
+                ..HostLimits::default()
+            };
+            let mut c = PartitionChain::build(
+                &[lua_stage(BIG)],
+                &fresh_stores("p", 1, "in", 0),
+                &limits,
+                policy,
+            )
+            .unwrap();
+            let out = c.process(records(&["a", "b", "c"]));
+            assert!(out.fatal.is_none(), "{policy:?}: {:?}", out.fatal);
+            assert!(out.failed.is_empty(), "{policy:?}");
+            let offsets: Vec<_> = out.records.iter().map(|r| r.offset).collect();
+            assert_eq!(offsets, vec![10, 11, 12], "{policy:?}");
+        }
     }
 
     #[test]

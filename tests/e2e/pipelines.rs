@@ -344,6 +344,21 @@ fn bad_deploys_are_refused_with_the_reason_and_a_stop_policy_failure_shows_in_th
     assert!(err.contains("does not exist"), "{err}");
     let list = b.cli_ok(&["pipeline", "list", "--output", "json"]);
     assert_eq!(list.trim(), "[]", "a refused deploy leaves nothing behind");
+    // Its `path` stages' bundles included: the topics are checked before any is deployed
+    // (the plugin stayed deployed before).
+    let f = dir.path().join("nowhere-picky.toml");
+    std::fs::write(
+        &f,
+        "name = \"nowhere\"\n[source]\ntopics = [\"src\"]\n[[stages]]\npath = \"picky\"\n[sink]\ntopic = \"missing\"\n",
+    )
+    .unwrap();
+    let err = b.cli_err(&["pipeline", "deploy", f.to_str().unwrap()], None);
+    assert!(
+        err.contains("\"missing\" (sink.topic) does not exist"),
+        "{err}"
+    );
+    let plugins = b.cli_ok(&["plugin", "list", "--output", "json"]);
+    assert!(!plugins.contains("picky"), "{plugins}");
 
     // Policy "stop": the failing record stops the pipeline, and its offset is not committed.
     produce_lines(&b, "src", &["a:ok1".into(), "b:bad".into(), "c:ok2".into()]);
@@ -696,6 +711,140 @@ fn pipeline_status_names_members_of_its_group_that_are_not_the_pipelines() {
         list[0].get("other_members").is_none() && list[0].get("run_copies").is_none(),
         "{list}"
     );
+}
+
+/// A pipeline that starts at the latest records reads partitions its input gains while it
+/// runs from their first record: they were all written after it began. Before, a new
+/// partition had no committed offset, so its instance started it at the latest record and
+/// skipped what was written before it noticed the partition (27 of 40 records arrived).
+#[test]
+fn partitions_added_to_the_input_of_a_latest_pipeline_are_read_from_their_start() {
+    let b = TestBroker::start();
+    let dir = tempfile::tempdir().unwrap();
+    b.cli_ok(&["topic", "create", "grow", "--partitions", "2"]);
+    b.cli_ok(&["topic", "create", "grown", "--partitions", "1"]);
+    let file = dir.path().join("late.toml");
+    std::fs::write(
+        &file,
+        "name = \"late\"\n[source]\ntopics = [\"grow\"]\nstart = \"latest\"\n[sink]\ntopic = \"grown\"\n",
+    )
+    .unwrap();
+    b.cli_ok(&["pipeline", "deploy", file.to_str().unwrap()]);
+    wait_for(60, "the instance to own both partitions, committed", || {
+        let d = describe_now(&b, "late");
+        settled(&d, 1)
+            && d["partitions"]
+                .as_array()
+                .is_some_and(|ps| ps.len() == 2 && ps.iter().all(|p| !p["committed"].is_null()))
+    });
+    let first: Vec<String> = (0..10).map(|i| format!("k{i}:v{i}")).collect();
+    produce_lines(&b, "grow", &first);
+    wait_for(60, "the first 10 records in the sink", || {
+        b.total_log_end("grown") >= 10
+    });
+    b.cli_ok(&["topic", "alter", "grow", "--partitions", "4"]);
+    let more: Vec<String> = (10..50).map(|i| format!("k{i}:v{i}")).collect();
+    produce_lines(&b, "grow", &more);
+    let inputs = by_position(&read_topic(&b, "grow", 50));
+    let new_partitions = inputs
+        .keys()
+        .filter(|k| k.starts_with("grow/2/") || k.starts_with("grow/3/"))
+        .count();
+    assert!(
+        new_partitions > 0,
+        "some records went to the new partitions: {inputs:?}"
+    );
+    let expected: BTreeSet<String> = (0..50).map(|i| format!("v{i}")).collect();
+    wait_for(
+        60,
+        "every record, new partitions included, in the sink",
+        || {
+            let n = b.total_log_end("grown") as usize;
+            let seen: BTreeSet<String> = read_topic(&b, "grown", n)
+                .iter()
+                .map(|r| source_value(&inputs, r))
+                .collect();
+            seen == expected
+        },
+    );
+}
+
+/// An output topic deleted while an at-least-once pipeline runs: the instance fails at
+/// the poll that meets it, then waits for the topic before it reads anything again. Before,
+/// every retry processed the poll again and wrote its other outputs once more (16 copies
+/// of a record in 30 s); now they are written at most twice (the failed attempt's, and the
+/// one after the topic is back).
+#[test]
+fn a_deleted_output_is_waited_for_without_writing_the_other_outputs_again() {
+    let b = TestBroker::start_with_config("delete_topic_enable = true\ngroup_max_size = 3\n");
+    let dir = tempfile::tempdir().unwrap();
+    write_picky(dir.path());
+    for t in ["in", "out", "dlq"] {
+        b.cli_ok(&["topic", "create", t, "--partitions", "1"]);
+    }
+    // More instances than the group may have members: refused, where the extra ones used
+    // to retry joining for ever.
+    let many = dir.path().join("many.toml");
+    std::fs::write(
+        &many,
+        "name = \"many\"\n[source]\ntopics = [\"in\"]\n[sink]\ntopic = \"out\"\n[run]\ninstances = 4\n",
+    )
+    .unwrap();
+    let err = b.cli_err(&["pipeline", "deploy", many.to_str().unwrap()], None);
+    assert!(
+        err.contains("instances = 4 is more than this broker's group_max_size (3)"),
+        "{err}"
+    );
+    let file = dir.path().join("dl.toml");
+    std::fs::write(
+        &file,
+        "name = \"dl\"\n[source]\ntopics = [\"in\"]\n[[stages]]\npath = \"picky\"\n[sink]\ntopic = \"out\"\n[on_error]\npolicy = \"dead-letter\"\ntopic = \"dlq\"\n",
+    )
+    .unwrap();
+    b.cli_ok(&["pipeline", "deploy", file.to_str().unwrap()]);
+    wait_for(60, "the instance to own the partition", || {
+        settled(&describe_now(&b, "dl"), 1)
+    });
+    b.cli_ok(&["topic", "delete", "dlq"]);
+    produce_lines(&b, "in", &["a:ok1".into(), "b:bad1".into(), "c:ok2".into()]);
+    let failures = |s: &Value| -> u64 {
+        let state = s["state"].as_str().unwrap_or_default();
+        state
+            .split_once(" failed ")
+            .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    wait_for(60, "the instance to fail at least 4 times in a row", || {
+        let s = status(&b, "dl");
+        s["state"]
+            .as_str()
+            .is_some_and(|st| st.starts_with("retrying"))
+            && failures(&s) >= 4
+    });
+    let s = status(&b, "dl");
+    assert!(
+        s["state"].as_str().unwrap().contains("\"dlq\""),
+        "the reason names the missing topic: {s}"
+    );
+    let written = b.total_log_end("out");
+    assert!(
+        written <= 2,
+        "retries wrote the outputs again: {written} records in out"
+    );
+    b.cli_ok(&["topic", "create", "dlq", "--partitions", "1"]);
+    wait_for(
+        60,
+        "the pipeline to run again and commit everything",
+        || {
+            let s = status(&b, "dl");
+            s["state"] == "running" && s["lag"] == 0
+        },
+    );
+    let out = read_topic(&b, "out", b.total_log_end("out") as usize);
+    let values: BTreeSet<&str> = out.iter().map(|r| r["value"].as_str().unwrap()).collect();
+    assert_eq!(values, BTreeSet::from(["OK1", "OK2"]));
+    assert!(out.len() <= 4, "{out:?}");
+    assert_eq!(read_topic(&b, "dlq", 1).len(), 1);
 }
 
 /// The group's committed offsets, summed (a partition without one counts 0): the records it

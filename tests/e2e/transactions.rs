@@ -630,6 +630,12 @@ fn forged_markers_and_transactional_batches_without_a_transaction_are_refused() 
                 .await
                 .unwrap_err();
             assert_eq!(e.code(), Some(code), "{topic}/{partition}: {e}");
+            // The text names the topic as it is (it said `topic "t/7" does not exist;
+            // create it with `quiver topic create t/7``, a command that cannot work).
+            assert!(
+                !e.to_string().contains(&format!("{topic}/{partition}")),
+                "{e}"
+            );
         }
     });
     assert_eq!(b.total_log_end("t"), 0, "nothing was stored");

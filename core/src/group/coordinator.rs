@@ -1125,6 +1125,42 @@ impl GroupCoordinator {
             .collect()
     }
 
+    /// The groups that committed offsets of `topic` but none of its partitions `new` (the
+    /// partitions it just gained), and for each the offset-0 commits that start them there.
+    /// Every record of a partition added to a topic was written after the groups reading
+    /// that topic began: a group that starts partitions without a commit at the latest
+    /// records (Kafka's `auto.offset.reset=latest`, a pipeline's `start = "latest"`) would
+    /// otherwise skip whatever came before its members noticed the new partitions (the loss
+    /// KAFKA-3370 describes). A group with a commit for one of them is left alone.
+    pub fn prepare_start_new_partitions(
+        &self,
+        topic: &str,
+        new: std::ops::Range<u32>,
+    ) -> Vec<(String, Vec<GroupRecord>)> {
+        self.groups
+            .iter()
+            .filter(|(_, g)| {
+                let mut ours = g.offsets.keys().filter(|tp| tp.topic == topic);
+                ours.clone().any(|tp| !new.contains(&tp.partition))
+                    && !ours.any(|tp| new.contains(&tp.partition))
+            })
+            .map(|(group, _)| {
+                let records = new
+                    .clone()
+                    .map(|p| GroupRecord::Offset {
+                        group: group.clone(),
+                        tp: TopicPartition::new(topic, p),
+                        value: OffsetValue {
+                            offset: 0,
+                            metadata: None,
+                        },
+                    })
+                    .collect();
+                (group.clone(), records)
+            })
+            .collect()
+    }
+
     /// The group's auto-offset-reset, if the group exists.
     pub fn auto_offset_reset(&self, group: &str) -> Option<AutoOffsetReset> {
         self.groups.get(group).map(|g| g.auto_offset_reset)

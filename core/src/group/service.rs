@@ -155,6 +155,11 @@ pub struct GroupService {
     /// there under another id (deleted and created again), loses its committed offsets
     /// before anything else is committed for it. The lock is held across that write.
     known_topics: tokio::sync::Mutex<BTreeMap<String, u64>>,
+    /// Each topic's id and partition count as last seen (by the ticker, or by a join): a
+    /// topic that gained partitions has them started at offset 0 for the groups reading it
+    /// ([`GroupCoordinator::prepare_start_new_partitions`]) before any group is given them.
+    /// The lock is held across those writes.
+    known_partitions: tokio::sync::Mutex<BTreeMap<String, (u64, u32)>>,
 }
 
 /// Records of deleted topics' offsets written at once: each about 120 bytes, so a write
@@ -475,6 +480,7 @@ impl GroupService {
             producer_locks: KeyedLocks::default(),
             led_epoch: std::sync::OnceLock::new(),
             known_topics: tokio::sync::Mutex::new(BTreeMap::new()),
+            known_partitions: tokio::sync::Mutex::new(BTreeMap::new()),
         });
         Ok((service, Replayed { txn_states }))
     }
@@ -547,6 +553,68 @@ impl GroupService {
             .collect()
     }
 
+    /// Each topic's id and partition count now.
+    fn partition_counts(&self) -> BTreeMap<String, (u64, u32)> {
+        self.topics
+            .list()
+            .iter()
+            .map(|t| (t.name(), (t.id(), t.partitions.len() as u32)))
+            .collect()
+    }
+
+    /// Starts the partitions topics gained since the last call at offset 0 for the groups
+    /// that read those topics (see [`GroupCoordinator::prepare_start_new_partitions`]).
+    /// Called by the ticker before it rebalances the groups, and by a join before it
+    /// assigns (a member that noticed the new partitions joins again at once). Only the
+    /// leader of the offsets partition writes; a topic whose commits could not be written
+    /// stays as it was seen before, so the next call tries again.
+    async fn start_new_partitions(&self) {
+        let mut known = self.known_partitions.lock().await;
+        let now = self.partition_counts();
+        if *known == now {
+            return;
+        }
+        let before = std::mem::take(&mut *known);
+        let mut seen = now.clone();
+        if !before.is_empty() && self.still_leads() {
+            for (topic, &(id, count)) in &now {
+                let Some(&(old_id, old_count)) = before.get(topic) else {
+                    continue;
+                };
+                if old_id != id || old_count >= count {
+                    continue;
+                }
+                let groups = self
+                    .lock()
+                    .prepare_start_new_partitions(topic, old_count..count);
+                for (group, _) in groups {
+                    let _order = self.lock_group(&group).await;
+                    // Again under the group's lock: a member may have committed meanwhile.
+                    let records: Vec<GroupRecord> = self
+                        .lock()
+                        .prepare_start_new_partitions(topic, old_count..count)
+                        .into_iter()
+                        .filter(|(g, _)| *g == group)
+                        .flat_map(|(_, r)| r)
+                        .collect();
+                    if records.is_empty() {
+                        continue;
+                    }
+                    match self.persist_then_apply(&records).await {
+                        Ok(()) => {
+                            info!(%group, %topic, partitions = ?(old_count..count), "new partitions start at offset 0 for the group")
+                        }
+                        Err(e) => {
+                            warn!(error = %e, %group, %topic, "could not start the topic's new partitions at offset 0; trying again");
+                            seen.insert(topic.clone(), (old_id, old_count));
+                        }
+                    }
+                }
+            }
+        }
+        *known = seen;
+    }
+
     /// Each topic's name and the id of its present creation.
     fn topic_ids(&self) -> BTreeMap<String, u64> {
         self.topics
@@ -596,10 +664,8 @@ impl GroupService {
                     };
                 }
                 if let Some(missing) = names.iter().find(|n| !now.contains_key(*n)) {
-                    return Err(TopicError::NotFound(format!(
-                        "topic {missing:?} does not exist (was it deleted?); its offsets cannot be committed"
-                    ))
-                    .into());
+                    // The topic's name alone: the error's text says how to create it.
+                    return Err(TopicError::NotFound(missing.clone()).into());
                 }
             }
         }
@@ -807,6 +873,7 @@ impl GroupService {
 
     /// JoinGroup.
     pub async fn join(&self, req: &JoinGroupRequest) -> Result<JoinGroupResponse> {
+        self.start_new_partitions().await;
         let _order = self.lock_group(&req.group).await;
         let snapshot = self.snapshot();
         let (resp, records) = {
@@ -1071,6 +1138,7 @@ impl GroupService {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut expiry_checked = Instant::now();
         *self.known_topics.lock().await = self.topic_ids();
+        *self.known_partitions.lock().await = self.partition_counts();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -1079,6 +1147,8 @@ impl GroupService {
             if let Err(e) = self.catch_up_topics(None).await {
                 warn!(error = %e, "could not delete the committed offsets of deleted topics; trying again");
             }
+            // Before the groups rebalance onto them (`tick`).
+            self.start_new_partitions().await;
             let snapshot = self.snapshot();
             {
                 let mut c = self.lock();

@@ -763,10 +763,27 @@ pub fn check_partitions(
             crate::topic::refuse_internal(&tp.topic, "write in a transaction to")?;
         }
         if !exists(&tp.topic, tp.partition) {
-            return Err(TxnError::Topic(TopicError::NotFound(format!(
-                "{}/{}",
-                tp.topic, tp.partition
-            ))));
+            // The topic's name alone: the error's text says how to create it.
+            return Err(TxnError::Topic(if exists(&tp.topic, 0) {
+                // Partitions are numbered from 0 without gaps: the count is the first
+                // missing one (found in at most 32 probes, whatever a client asks for).
+                let (mut present, mut missing) = (0, tp.partition);
+                while missing - present > 1 {
+                    let mid = present + (missing - present) / 2;
+                    if exists(&tp.topic, mid) {
+                        present = mid;
+                    } else {
+                        missing = mid;
+                    }
+                }
+                TopicError::NoPartition {
+                    topic: tp.topic.clone(),
+                    partition: tp.partition,
+                    count: present + 1,
+                }
+            } else {
+                TopicError::NotFound(tp.topic.clone())
+            }));
         }
     }
     Ok(())
