@@ -306,8 +306,10 @@ impl PipelineConfig {
     }
 
     /// Reads back a file deployed earlier (kept by a broker, or held by the cluster): as
-    /// [`parse`](Self::parse), but a source topic named twice, refused since, is read once,
-    /// so a pipeline deployed before the rule keeps running.
+    /// [`parse`](Self::parse), but rules added since do not apply, so a pipeline deployed
+    /// before them keeps running: a source topic named twice is read once, and the names
+    /// refused since (`.`, `..`, `[sinks]` names outside letters, digits, `.`, `_`, `-`, a
+    /// `quiver.state.*` output) are taken as they are.
     pub fn parse_stored(text: &str, file: &str) -> Result<PipelineConfig, PipelineConfigError> {
         Self::parse_with(text, file, true)
     }
@@ -338,7 +340,7 @@ impl PipelineConfig {
         // rules, said of the pipeline name.
         validate_group_name(&raw.name)
             .map_err(|r| err("name", r.replacen("group name", "pipeline name", 1)))?;
-        if raw.name == "." || raw.name == ".." {
+        if !stored && (raw.name == "." || raw.name == "..") {
             return Err(err(
                 "name",
                 format!("a pipeline cannot be named {:?}", raw.name),
@@ -400,18 +402,24 @@ impl PipelineConfig {
                 config: s.config,
             });
         }
+        let check_output = |t: &str| match stored {
+            true => check_topic(t),
+            false => check_output(t),
+        };
         check_output(&raw.sink.topic).map_err(|r| err("sink.topic", r))?;
         let mut outputs = vec![("sink.topic".to_string(), raw.sink.topic.clone())];
         for (name, topic) in &raw.sinks {
             let key = format!("sinks.{name}");
             // A stage names the output in its `quiver.sink` header.
-            validate_group_name(name).map_err(|r| {
-                err(
-                    &key,
-                    r.replacen("group name", "output name", 1)
-                        .replace("got 0", "got 0 (an empty name)"),
-                )
-            })?;
+            if !stored {
+                validate_group_name(name).map_err(|r| {
+                    err(
+                        &key,
+                        r.replacen("group name", "output name", 1)
+                            .replace("got 0", "got 0 (an empty name)"),
+                    )
+                })?;
+            }
             check_output(topic).map_err(|r| err(&key, r))?;
             outputs.push((key, topic.clone()));
         }
@@ -801,6 +809,14 @@ guarantee = "exactly-once"
         assert_eq!(e.key, "sinks.side", "{e}");
         // Read as a source (to inspect it), a changelog is a topic like any other.
         PipelineConfig::parse(&copy.replace("[\"a\"]", "[\"quiver.state.x\"]"), "p").unwrap();
+        // A pipeline deployed before these rules still reads back (it keeps running).
+        let old = format!(
+            "{}[sinks]\n\"a b\" = \"quiver.state.other\"\n",
+            copy.replace("\"copy\"", "\".\"")
+        );
+        assert!(PipelineConfig::parse(&old, "p").is_err());
+        let stored = PipelineConfig::parse_stored(&old, "stored").unwrap();
+        assert_eq!(stored.sinks["a b"], "quiver.state.other");
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //!
 //! Each input partition's stages keep keyed state that is written to the pipeline's changelog
 //! with the output and restored by the partition's next owner (see [`crate::changelog`]); the
-//! committed offset carries where that state is.
+//! committed offset carries where that state is, and the partition's counters (see
+//! [`crate::progress`]).
 //!
 //! Output records carry `quiver.source` = `topic/partition/offset` of their input record. A
 //! stage routes a record to a named output of `[sinks]` with the header `quiver.sink = NAME`
@@ -461,7 +462,7 @@ pub async fn run_instance(parts: &InstanceParts, mut stop: StopSignal) -> Result
         if idle && in_flight.is_empty() {
             // Metadata goes only with an exactly-once commit (at least once, with each poll's).
             let marks = if writer.is_transactional() {
-                commit_metadata(&chains)
+                commit_metadata(&chains, |_, _| true)
             } else {
                 Vec::new()
             };
@@ -809,7 +810,11 @@ async fn complete_poll(
             run.counts += *counted;
         }
     }
-    let marks = commit_metadata(chains);
+    // The partitions whose metadata changed: those counted in this poll, and those with
+    // state (their marks move with the changelog). The others' committed metadata stays.
+    let marks = commit_metadata(chains, |tp, run| {
+        sent.counts.contains_key(tp) || run.state.is_some()
+    });
     let ends: BTreeMap<TopicPartition, i64> = sent
         .ranges
         .iter()
@@ -835,13 +840,15 @@ fn total(counts: &BTreeMap<TopicPartition, PartitionCounts>) -> PartitionCounts 
     all
 }
 
-/// The metadata of each owned partition's committed offset: its counters, and where its
-/// state stands ([`CommitMetadata`]).
+/// The metadata of the owned partitions' committed offsets (those `which` picks): each
+/// one's counters, and where its state stands ([`CommitMetadata`]).
 fn commit_metadata(
     chains: &BTreeMap<TopicPartition, PartitionRun>,
+    which: impl Fn(&TopicPartition, &PartitionRun) -> bool,
 ) -> Vec<(TopicPartition, String)> {
     chains
         .iter()
+        .filter(|(tp, run)| which(tp, run))
         .map(|(tp, run)| {
             let m = CommitMetadata {
                 state: run.state.as_ref().map(PartitionState::mark),

@@ -300,7 +300,10 @@ impl PartitionChain {
                         return out;
                     }
                     Err(e) if self.policy == ErrorPolicy::Stop => {
-                        let at = (r.offset, r.offset);
+                        // A later stage's record carries the offset its plugin gave it:
+                        // kept within the call's input.
+                        let offset = r.offset.clamp(offsets.0, offsets.1);
+                        let at = (offset, offset);
                         out.fatal = Some(stopping(i, &stage.id, &e, self.policy, at));
                         return out;
                     }

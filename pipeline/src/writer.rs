@@ -320,11 +320,7 @@ impl Writer {
         match self {
             Writer::AtLeastOnce { .. } => {
                 for (tp, m) in marks {
-                    // Unchanged metadata is not sent again (a partition without records in
-                    // this poll has nothing new to commit).
-                    if member.committed_metadata(&tp.topic, tp.partition).as_ref() != Some(&m) {
-                        member.set_commit_metadata(&tp.topic, tp.partition, m);
-                    }
+                    member.set_commit_metadata(&tp.topic, tp.partition, m);
                 }
                 for (tp, end) in ends {
                     member.store_offset(&tp.topic, tp.partition, *end);
@@ -360,8 +356,8 @@ impl Writer {
                     let offsets: Vec<OffsetCommit> = positions
                         .into_iter()
                         .map(|(tp, offset)| OffsetCommit {
-                            // Every owned partition has its metadata in `marks`; should one
-                            // not, what it committed last stays (its counters are not reset).
+                            // A partition without new metadata in `marks` keeps what it
+                            // committed last (its counters are not reset).
                             metadata: marks
                                 .get(&tp)
                                 .cloned()

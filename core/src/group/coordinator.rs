@@ -1125,40 +1125,39 @@ impl GroupCoordinator {
             .collect()
     }
 
-    /// The groups that committed offsets of `topic` but none of its partitions `new` (the
-    /// partitions it just gained), and for each the offset-0 commits that start them there.
-    /// Every record of a partition added to a topic was written after the groups reading
-    /// that topic began: a group that starts partitions without a commit at the latest
-    /// records (Kafka's `auto.offset.reset=latest`, a pipeline's `start = "latest"`) would
-    /// otherwise skip whatever came before its members noticed the new partitions (the loss
-    /// KAFKA-3370 describes). A group with a commit for one of them is left alone.
+    /// The offset-0 commits that start `topic`'s partitions `new` (those it just gained)
+    /// for every group that committed offsets of its other partitions, each new partition
+    /// the group has no commit for. Every record of a partition added to a topic was
+    /// written after the groups reading that topic began: a group that starts partitions
+    /// without a commit at the latest records (Kafka's `auto.offset.reset=latest`, a
+    /// pipeline's `start = "latest"`) would otherwise skip whatever came before its members
+    /// noticed the new partitions (the loss KAFKA-3370 describes).
     pub fn prepare_start_new_partitions(
         &self,
         topic: &str,
         new: std::ops::Range<u32>,
-    ) -> Vec<(String, Vec<GroupRecord>)> {
-        self.groups
-            .iter()
-            .filter(|(_, g)| {
-                let mut ours = g.offsets.keys().filter(|tp| tp.topic == topic);
-                ours.clone().any(|tp| !new.contains(&tp.partition))
-                    && !ours.any(|tp| new.contains(&tp.partition))
-            })
-            .map(|(group, _)| {
-                let records = new
-                    .clone()
-                    .map(|p| GroupRecord::Offset {
-                        group: group.clone(),
-                        tp: TopicPartition::new(topic, p),
-                        value: OffsetValue {
-                            offset: 0,
-                            metadata: None,
-                        },
-                    })
-                    .collect();
-                (group.clone(), records)
-            })
-            .collect()
+    ) -> Vec<GroupRecord> {
+        let mut records = Vec::new();
+        for (group, g) in &self.groups {
+            let ours = || g.offsets.keys().filter(|tp| tp.topic == topic);
+            if !ours().any(|tp| !new.contains(&tp.partition)) {
+                continue;
+            }
+            for p in new.clone() {
+                if ours().any(|tp| tp.partition == p) {
+                    continue;
+                }
+                records.push(GroupRecord::Offset {
+                    group: group.clone(),
+                    tp: TopicPartition::new(topic, p),
+                    value: OffsetValue {
+                        offset: 0,
+                        metadata: None,
+                    },
+                });
+            }
+        }
+        records
     }
 
     /// The group's auto-offset-reset, if the group exists.

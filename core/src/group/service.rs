@@ -566,53 +566,42 @@ impl GroupService {
     /// that read those topics (see [`GroupCoordinator::prepare_start_new_partitions`]).
     /// Called by the ticker before it rebalances the groups, and by a join before it
     /// assigns (a member that noticed the new partitions joins again at once). Only the
-    /// leader of the offsets partition writes; a topic whose commits could not be written
-    /// stays as it was seen before, so the next call tries again.
+    /// leader of the offsets partition writes, in parts like the offsets of deleted topics;
+    /// if a write fails, the counts stay as they were seen before, so the next call tries
+    /// again (a partition committed meanwhile keeps its commit).
     async fn start_new_partitions(&self) {
         let mut known = self.known_partitions.lock().await;
         let now = self.partition_counts();
         if *known == now {
             return;
         }
-        let before = std::mem::take(&mut *known);
-        let mut seen = now.clone();
-        if !before.is_empty() && self.still_leads() {
+        if !known.is_empty() && self.still_leads() {
+            let mut records = Vec::new();
             for (topic, &(id, count)) in &now {
-                let Some(&(old_id, old_count)) = before.get(topic) else {
-                    continue;
-                };
-                if old_id != id || old_count >= count {
-                    continue;
-                }
-                let groups = self
-                    .lock()
-                    .prepare_start_new_partitions(topic, old_count..count);
-                for (group, _) in groups {
-                    let _order = self.lock_group(&group).await;
-                    // Again under the group's lock: a member may have committed meanwhile.
-                    let records: Vec<GroupRecord> = self
-                        .lock()
-                        .prepare_start_new_partitions(topic, old_count..count)
-                        .into_iter()
-                        .filter(|(g, _)| *g == group)
-                        .flat_map(|(_, r)| r)
-                        .collect();
-                    if records.is_empty() {
-                        continue;
+                match known.get(topic) {
+                    Some(&(old_id, old_count)) if old_id == id && old_count < count => {
+                        records.extend(
+                            self.lock()
+                                .prepare_start_new_partitions(topic, old_count..count),
+                        );
                     }
-                    match self.persist_then_apply(&records).await {
-                        Ok(()) => {
-                            info!(%group, %topic, partitions = ?(old_count..count), "new partitions start at offset 0 for the group")
-                        }
-                        Err(e) => {
-                            warn!(error = %e, %group, %topic, "could not start the topic's new partitions at offset 0; trying again");
-                            seen.insert(topic.clone(), (old_id, old_count));
-                        }
-                    }
+                    _ => {}
                 }
             }
+            for part in records.chunks(FORGET_PER_WRITE) {
+                if let Err(e) = self.persist_then_apply(part).await {
+                    warn!(error = %e, "could not start the new partitions of grown topics at offset 0; trying again");
+                    return;
+                }
+            }
+            if !records.is_empty() {
+                info!(
+                    offsets = records.len(),
+                    "new partitions of grown topics start at offset 0 for the groups reading them"
+                );
+            }
         }
-        *known = seen;
+        *known = now;
     }
 
     /// Each topic's name and the id of its present creation.

@@ -658,8 +658,8 @@ fn repeated_names_count_once_and_only_changed_topics_rebalance_at_a_tick() {
 }
 
 /// Partitions a topic gains start at offset 0 for the groups that committed offsets of that
-/// topic (all their records came after those groups began), and only for those: a group
-/// without commits there, or with a commit for one of the new partitions, is left alone.
+/// topic (all their records came after those groups began), each new partition the group
+/// has no commit for; a group without commits on the topic's other partitions is left alone.
 #[test]
 fn new_partitions_start_at_zero_for_groups_reading_the_topic() {
     use super::records::GroupRecord;
@@ -667,22 +667,24 @@ fn new_partitions_start_at_zero_for_groups_reading_the_topic() {
     c.reset_offsets("reads-t", "t", &[(0, 5), (1, 7)]).unwrap();
     c.reset_offsets("reads-u", "u", &[(0, 3)]).unwrap();
     c.reset_offsets("already", "t", &[(0, 1), (2, 4)]).unwrap();
-    let started = c.prepare_start_new_partitions("t", 2..4);
-    assert_eq!(started.len(), 1, "{started:?}");
-    let (group, records) = &started[0];
-    assert_eq!(group, "reads-t");
-    let offsets: Vec<(u32, i64)> = records
+    c.reset_offsets("only-new", "t", &[(3, 9)]).unwrap();
+    let records = c.prepare_start_new_partitions("t", 2..4);
+    let started: Vec<(&str, u32, i64)> = records
         .iter()
         .map(|r| match r {
-            GroupRecord::Offset { tp, value, .. } => {
+            GroupRecord::Offset { group, tp, value } => {
                 assert_eq!((tp.topic.as_str(), value.metadata.as_deref()), ("t", None));
-                (tp.partition, value.offset)
+                (group.as_str(), tp.partition, value.offset)
             }
             other => panic!("only offsets are written: {other:?}"),
         })
         .collect();
-    assert_eq!(offsets, [(2, 0), (3, 0)]);
-    for r in records {
+    assert_eq!(
+        started,
+        [("already", 3, 0), ("reads-t", 2, 0), ("reads-t", 3, 0)],
+        "a partition with a commit keeps it"
+    );
+    for r in &records {
         c.apply(r);
     }
     assert!(

@@ -505,10 +505,15 @@ impl GroupConsumer {
     }
 
     /// Stores `metadata` with the next commit of `topic`/`partition` (committed even when
-    /// the position did not move, once the partition has a position).
+    /// the position did not move, once the partition has a position). Ignored for a
+    /// partition this member does not own, as [`store_offset`](Self::store_offset) is: it
+    /// would otherwise wait there and go out with a later grant's commit.
     pub fn set_commit_metadata(&mut self, topic: &str, partition: u32, metadata: String) {
-        self.pending_metadata
-            .insert(TopicPartition::new(topic, partition), metadata);
+        let tp = TopicPartition::new(topic, partition);
+        if !self.owned.contains(&tp) {
+            return;
+        }
+        self.pending_metadata.insert(tp, metadata);
     }
 
     /// Which grant of `topic`/`partition` this member holds: a different id each time the

@@ -86,7 +86,8 @@ pub struct PipelineStatus {
     pub group: String,
     /// Running instances.
     pub instances: Vec<PipelineInstance>,
-    /// Input records processed (their output acknowledged and their offsets committed).
+    /// Input records processed (their output acknowledged and their offsets committed):
+    /// the group's count, committed with its offsets, as are the three counters below.
     pub records_in: u64,
     /// Records written to the sinks.
     pub records_out: u64,
