@@ -263,9 +263,15 @@ impl BrokerPipelines {
         match entry {
             Entry::Running(d) => d.status().await,
             Entry::Broken(config, reason) => {
-                let lag = match self.client().await {
-                    Ok(c) => crate::deployment::group_lag(&c, config).await.unwrap_or(-1),
-                    Err(_) => -1,
+                // What the group committed before the pipeline broke still counts.
+                let (lag, counts) = match self.client().await {
+                    Ok(c) => (
+                        crate::deployment::group_lag(&c, config).await.unwrap_or(-1),
+                        crate::deployment::committed_counts(&c, config)
+                            .await
+                            .unwrap_or_default(),
+                    ),
+                    Err(_) => (-1, Default::default()),
                 };
                 PipelineStatus {
                     name: config.name.clone(),
@@ -273,13 +279,13 @@ impl BrokerPipelines {
                     guarantee: config.run.guarantee.to_string(),
                     group: config.group().to_string(),
                     instances: Vec::new(),
-                    records_in: 0,
-                    records_out: 0,
+                    records_in: counts.records_in,
+                    records_out: counts.records_out,
                     records_per_sec_in: 0.0,
                     records_per_sec_out: 0.0,
                     lag,
-                    errors: 0,
-                    dead_lettered: 0,
+                    errors: counts.errors,
+                    dead_lettered: counts.dead_lettered,
                     latency_p50_ms: 0.0,
                     latency_p99_ms: 0.0,
                 }
