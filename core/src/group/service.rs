@@ -563,23 +563,24 @@ impl GroupService {
     }
 
     /// Starts the partitions topics gained since the last call at offset 0 for the groups
-    /// that read those topics (see [`GroupCoordinator::prepare_start_new_partitions`]).
-    /// Called by the ticker before it rebalances the groups, and by a join before it
-    /// assigns (a member that noticed the new partitions joins again at once). Only the
-    /// leader of the offsets partition writes, in parts like the offsets of deleted topics;
-    /// if a write fails, the counts stay as they were seen before, so the next call tries
-    /// again (a partition committed meanwhile keeps its commit).
-    async fn start_new_partitions(&self) {
+    /// that read those topics (see [`GroupCoordinator::prepare_start_new_partitions`]), and
+    /// returns the topics and partition counts to assign from: the counts just seen, or,
+    /// for a topic whose new partitions could not be started (a failed write), the counts
+    /// before, so nobody is given them until a later call starts them. Called by the ticker
+    /// before it rebalances the groups, and by a join before it assigns (a member that
+    /// noticed the new partitions joins again at once): each assigns from what it returns,
+    /// so a topic that grows in between is never handed out unstarted. Only the leader of
+    /// the offsets partition writes, in parts like the offsets of deleted topics.
+    async fn start_new_partitions(&self) -> TopicSnapshot {
         let mut known = self.known_partitions.lock().await;
-        let now = self.partition_counts();
-        if *known == now {
-            return;
-        }
-        if !known.is_empty() && self.still_leads() {
+        let mut now = self.partition_counts();
+        if *known != now && !known.is_empty() && self.still_leads() {
             let mut records = Vec::new();
+            let mut grown = Vec::new();
             for (topic, &(id, count)) in &now {
                 match known.get(topic) {
                     Some(&(old_id, old_count)) if old_id == id && old_count < count => {
+                        grown.push((topic.clone(), old_count));
                         records.extend(
                             self.lock()
                                 .prepare_start_new_partitions(topic, old_count..count),
@@ -588,20 +589,30 @@ impl GroupService {
                     _ => {}
                 }
             }
+            let mut written = Ok(());
             for part in records.chunks(FORGET_PER_WRITE) {
-                if let Err(e) = self.persist_then_apply(part).await {
-                    warn!(error = %e, "could not start the new partitions of grown topics at offset 0; trying again");
-                    return;
+                written = self.persist_then_apply(part).await;
+                if written.is_err() {
+                    break;
                 }
             }
-            if !records.is_empty() {
-                info!(
-                    offsets = records.len(),
-                    "new partitions of grown topics start at offset 0 for the groups reading them"
-                );
+            match written {
+                Ok(()) if !records.is_empty() => {
+                    info!(offsets = records.len(), "new partitions of grown topics start at offset 0 for the groups reading them");
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    warn!(error = %e, "could not start the new partitions of grown topics at offset 0; they are not assigned until they are");
+                    for (topic, old_count) in grown {
+                        if let Some(c) = now.get_mut(&topic) {
+                            c.1 = old_count;
+                        }
+                    }
+                }
             }
         }
-        *known = now;
+        *known = now.clone();
+        now.into_iter().map(|(t, (_, n))| (t, n)).collect()
     }
 
     /// Each topic's name and the id of its present creation.
@@ -862,9 +873,10 @@ impl GroupService {
 
     /// JoinGroup.
     pub async fn join(&self, req: &JoinGroupRequest) -> Result<JoinGroupResponse> {
-        self.start_new_partitions().await;
         let _order = self.lock_group(&req.group).await;
-        let snapshot = self.snapshot();
+        // Under the group's lock, as the snapshot was taken before (it takes no group's
+        // lock itself, so nothing waits in a circle).
+        let snapshot = self.start_new_partitions().await;
         let (resp, records) = {
             let mut c = self.lock();
             let r = c.join(self.now(), req, &snapshot);
@@ -1137,8 +1149,7 @@ impl GroupService {
                 warn!(error = %e, "could not delete the committed offsets of deleted topics; trying again");
             }
             // Before the groups rebalance onto them (`tick`).
-            self.start_new_partitions().await;
-            let snapshot = self.snapshot();
+            let snapshot = self.start_new_partitions().await;
             {
                 let mut c = self.lock();
                 c.tick(self.now(), &snapshot);
