@@ -43,6 +43,13 @@ fn produce_lines(b: &TestBroker, topic: &str, lines: &[String]) {
     );
 }
 
+/// Writes `text` as the pipeline file `NAME.toml` in `dir`; returns its path.
+fn pipeline_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let file = dir.join(format!("{name}.toml"));
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
 /// Every record of `topic` (up to `n`), as JSON.
 fn read_topic(b: &TestBroker, topic: &str, n: usize) -> Vec<Value> {
     json_lines(&b.cli_ok(&[
@@ -73,6 +80,15 @@ fn source_value(inputs: &BTreeMap<String, String>, r: &Value) -> String {
         .get(header(r, "quiver.source"))
         .unwrap_or_else(|| panic!("quiver.source of {r} names no input record"))
         .clone()
+}
+
+/// The input values every record of `sink` came from (by its `quiver.source`), out of
+/// `inputs` ([`by_position`]).
+fn sink_sources(b: &TestBroker, inputs: &BTreeMap<String, String>, sink: &str) -> BTreeSet<String> {
+    read_topic(b, sink, b.total_log_end(sink) as usize)
+        .iter()
+        .map(|r| source_value(inputs, r))
+        .collect()
 }
 
 /// `topic/partition/offset` → value of every record of `topic`.
@@ -111,12 +127,7 @@ fn deployed_pipeline_dead_letters_failures_reports_status_survives_a_restart_and
         })
         .collect();
     produce_lines(&b, "in", &lines);
-    let file = dir.path().join("upper.toml");
-    std::fs::write(
-        &file,
-        "name = \"upper\"\n[source]\ntopics = [\"in\"]\n[[stages]]\npath = \"picky\"\n[sink]\ntopic = \"out\"\ncompression = \"lz4\"\n[on_error]\npolicy = \"dead-letter\"\ntopic = \"dlq\"\n[run]\ninstances = 2\n",
-    )
-    .unwrap();
+    let file = pipeline_file(dir.path(), "upper", "name = \"upper\"\n[source]\ntopics = [\"in\"]\n[[stages]]\npath = \"picky\"\n[sink]\ntopic = \"out\"\ncompression = \"lz4\"\n[on_error]\npolicy = \"dead-letter\"\ntopic = \"dlq\"\n[run]\ninstances = 2\n");
     // JSON for scripts: one document, even when a stage bundle is deployed on the way.
     let out = b.cli_ok(&[
         "pipeline",
@@ -257,15 +268,13 @@ fn bad_deploys_are_refused_with_the_reason_and_a_stop_policy_failure_shows_in_th
         b.cli_ok(&["topic", "create", t, "--partitions", "1"]);
     }
     let write = |name: &str, extra: &str| {
-        let f = dir.path().join(format!("{name}.toml"));
-        std::fs::write(
-            &f,
-            format!(
+        pipeline_file(
+            dir.path(),
+            name,
+            &format!(
                 "name = \"{name}\"\n[source]\ntopics = [\"src\"]\n{extra}[sink]\ntopic = \"dst\"\n"
             ),
         )
-        .unwrap();
-        f
     };
     let f = write("eo", "[run]\nguarantee = \"twice\"\n");
     let err = b.cli_err(&["pipeline", "deploy", f.to_str().unwrap()], None);
@@ -323,12 +332,11 @@ fn bad_deploys_are_refused_with_the_reason_and_a_stop_policy_failure_shows_in_th
     assert!(err.to_string().contains("at most 262144 bytes"), "{err}");
     let listed = b.cli_ok(&["pipeline", "list", "--output", "json"]);
     assert!(!listed.contains("huge"), "{listed}");
-    let f = dir.path().join("nowhere.toml");
-    std::fs::write(
-        &f,
+    let f = pipeline_file(
+        dir.path(),
+        "nowhere",
         "name = \"nowhere\"\n[source]\ntopics = [\"src\"]\n[sink]\ntopic = \"missing\"\n",
-    )
-    .unwrap();
+    );
     let err = b.cli_err(&["pipeline", "deploy", f.to_str().unwrap()], None);
     assert!(
         err.contains("\"missing\" (sink.topic) does not exist")
@@ -346,12 +354,7 @@ fn bad_deploys_are_refused_with_the_reason_and_a_stop_policy_failure_shows_in_th
     assert_eq!(list.trim(), "[]", "a refused deploy leaves nothing behind");
     // Its `path` stages' bundles included: the topics are checked before any is deployed
     // (the plugin stayed deployed before).
-    let f = dir.path().join("nowhere-picky.toml");
-    std::fs::write(
-        &f,
-        "name = \"nowhere\"\n[source]\ntopics = [\"src\"]\n[[stages]]\npath = \"picky\"\n[sink]\ntopic = \"missing\"\n",
-    )
-    .unwrap();
+    let f = pipeline_file(dir.path(), "nowhere-picky", "name = \"nowhere\"\n[source]\ntopics = [\"src\"]\n[[stages]]\npath = \"picky\"\n[sink]\ntopic = \"missing\"\n");
     let err = b.cli_err(&["pipeline", "deploy", f.to_str().unwrap()], None);
     assert!(
         err.contains("\"missing\" (sink.topic) does not exist"),
@@ -481,12 +484,11 @@ fn pipeline_run_copies_split_the_partitions_and_a_fourth_takes_its_share_losing_
     let dir = tempfile::tempdir().unwrap();
     b.cli_ok(&["topic", "create", "lines", "--partitions", "6"]);
     b.cli_ok(&["topic", "create", "copies", "--partitions", "2"]);
-    let file = dir.path().join("copy.toml");
-    std::fs::write(
-        &file,
+    let file = pipeline_file(
+        dir.path(),
+        "copy",
         "name = \"copy\"\n[source]\ntopics = [\"lines\"]\n[sink]\ntopic = \"copies\"\n",
-    )
-    .unwrap();
+    );
     let mut runners: Vec<Runner> = (0..3)
         .map(|i| Runner::spawn(&b, &file, &dir.path().join(format!("run{i}.log"))))
         .collect();
@@ -599,8 +601,7 @@ fn pipeline_run_copies_split_the_partitions_and_a_fourth_takes_its_share_losing_
         "every input committed: {d}"
     );
     let inputs = by_position(&read_topic(&b, "lines", 1200));
-    let sink = read_topic(&b, "copies", b.total_log_end("copies") as usize);
-    let seen: BTreeSet<String> = sink.iter().map(|r| source_value(&inputs, r)).collect();
+    let seen = sink_sources(&b, &inputs, "copies");
     let expected: BTreeSet<String> = (0..1200).map(|i| format!("v{i}")).collect();
     assert_eq!(seen, expected, "every input reached the sink");
 }
@@ -613,12 +614,7 @@ fn a_run_copy_in_a_group_of_another_name_is_found_by_its_pipelines_name() {
     let dir = tempfile::tempdir().unwrap();
     b.cli_ok(&["topic", "create", "in", "--partitions", "2"]);
     b.cli_ok(&["topic", "create", "out", "--partitions", "1"]);
-    let file = dir.path().join("pf.toml");
-    std::fs::write(
-        &file,
-        "name = \"pf\"\n[source]\ntopics = [\"in\"]\ngroup = \"shared-g\"\n[sink]\ntopic = \"out\"\n",
-    )
-    .unwrap();
+    let file = pipeline_file(dir.path(), "pf", "name = \"pf\"\n[source]\ntopics = [\"in\"]\ngroup = \"shared-g\"\n[sink]\ntopic = \"out\"\n");
     let mut runner = Runner::spawn(&b, &file, &dir.path().join("run.log"));
     wait_for(60, "the copy to own both partitions", || {
         settled(&describe_now(&b, "shared-g"), 1)
@@ -717,18 +713,14 @@ fn pipeline_status_names_members_of_its_group_that_are_not_the_pipelines() {
 /// runs from their first record: they were all written after it began. Before, a new
 /// partition had no committed offset, so its instance started it at the latest record and
 /// skipped what was written before it noticed the partition (27 of 40 records arrived).
+/// Partitions added while the pipeline is stopped are read from their start too.
 #[test]
 fn partitions_added_to_the_input_of_a_latest_pipeline_are_read_from_their_start() {
     let b = TestBroker::start();
     let dir = tempfile::tempdir().unwrap();
     b.cli_ok(&["topic", "create", "grow", "--partitions", "2"]);
     b.cli_ok(&["topic", "create", "grown", "--partitions", "1"]);
-    let file = dir.path().join("late.toml");
-    std::fs::write(
-        &file,
-        "name = \"late\"\n[source]\ntopics = [\"grow\"]\nstart = \"latest\"\n[sink]\ntopic = \"grown\"\n",
-    )
-    .unwrap();
+    let file = pipeline_file(dir.path(), "late", "name = \"late\"\n[source]\ntopics = [\"grow\"]\nstart = \"latest\"\n[sink]\ntopic = \"grown\"\n");
     b.cli_ok(&["pipeline", "deploy", file.to_str().unwrap()]);
     wait_for(60, "the instance to own both partitions, committed", || {
         let d = describe_now(&b, "late");
@@ -758,14 +750,33 @@ fn partitions_added_to_the_input_of_a_latest_pipeline_are_read_from_their_start(
     wait_for(
         60,
         "every record, new partitions included, in the sink",
-        || {
-            let n = b.total_log_end("grown") as usize;
-            let seen: BTreeSet<String> = read_topic(&b, "grown", n)
-                .iter()
-                .map(|r| source_value(&inputs, r))
-                .collect();
-            seen == expected
-        },
+        || sink_sources(&b, &inputs, "grown") == expected,
+    );
+    // The same with the pipeline stopped while the topic grows, so no member can notice
+    // the new partitions before their records come: whatever the machine's speed, they
+    // are read only if the group was started at offset 0 there.
+    b.cli_ok(&["pipeline", "stop", "late"]);
+    wait_for(20, "the group to have no members", || {
+        describe_now(&b, "late")["members"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
+    b.cli_ok(&["topic", "alter", "grow", "--partitions", "6"]);
+    let later: Vec<String> = (50..100).map(|i| format!("k{i}:v{i}")).collect();
+    produce_lines(&b, "grow", &later);
+    let inputs = by_position(&read_topic(&b, "grow", 100));
+    assert!(
+        inputs
+            .keys()
+            .any(|k| k.starts_with("grow/4/") || k.starts_with("grow/5/")),
+        "some records went to the newest partitions: {inputs:?}"
+    );
+    b.cli_ok(&["pipeline", "deploy", file.to_str().unwrap()]);
+    let expected: BTreeSet<String> = (0..100).map(|i| format!("v{i}")).collect();
+    wait_for(
+        60,
+        "every record of the partitions added while stopped",
+        || sink_sources(&b, &inputs, "grown") == expected,
     );
 }
 
@@ -784,23 +795,13 @@ fn a_deleted_output_is_waited_for_without_writing_the_other_outputs_again() {
     }
     // More instances than the group may have members: refused, where the extra ones used
     // to retry joining for ever.
-    let many = dir.path().join("many.toml");
-    std::fs::write(
-        &many,
-        "name = \"many\"\n[source]\ntopics = [\"in\"]\n[sink]\ntopic = \"out\"\n[run]\ninstances = 4\n",
-    )
-    .unwrap();
+    let many = pipeline_file(dir.path(), "many", "name = \"many\"\n[source]\ntopics = [\"in\"]\n[sink]\ntopic = \"out\"\n[run]\ninstances = 4\n");
     let err = b.cli_err(&["pipeline", "deploy", many.to_str().unwrap()], None);
     assert!(
         err.contains("instances = 4 is more than this broker's group_max_size (3)"),
         "{err}"
     );
-    let file = dir.path().join("dl.toml");
-    std::fs::write(
-        &file,
-        "name = \"dl\"\n[source]\ntopics = [\"in\"]\n[[stages]]\npath = \"picky\"\n[sink]\ntopic = \"out\"\n[on_error]\npolicy = \"dead-letter\"\ntopic = \"dlq\"\n",
-    )
-    .unwrap();
+    let file = pipeline_file(dir.path(), "dl", "name = \"dl\"\n[source]\ntopics = [\"in\"]\n[[stages]]\npath = \"picky\"\n[sink]\ntopic = \"out\"\n[on_error]\npolicy = \"dead-letter\"\ntopic = \"dlq\"\n");
     b.cli_ok(&["pipeline", "deploy", file.to_str().unwrap()]);
     wait_for(60, "the instance to own the partition", || {
         settled(&describe_now(&b, "dl"), 1)
@@ -895,13 +896,12 @@ fn pipeline_run_stopped_mid_stream_reports_the_records_it_committed() {
             while !done.load(Ordering::Relaxed) && stdin.write_all(chunk.as_bytes()).is_ok() {}
         })
     };
-    let file = dir.path().join("drain.toml");
-    std::fs::write(
-        &file,
+    let file = pipeline_file(
+        dir.path(),
+        "drain",
         "name = \"drain\"\n[source]\ntopics = [\"backlog\"]\n[sink]\ntopic = \"drained\"\n\
          [run]\nguarantee = \"at-least-once\"\n",
-    )
-    .unwrap();
+    );
     let log = dir.path().join("run.log");
     let mut runner = Runner::spawn(&b, &file, &log);
     wait_for(60, "the pipeline's first commit", || {
@@ -974,12 +974,11 @@ fn bench_pipeline_leaves_nothing_behind_unless_told_to_keep_it() {
 /// Deploys pipeline `name` without stages, copying `from` to `to` under `guarantee` (its
 /// file written in `dir`).
 fn deploy_copying(b: &TestBroker, dir: &Path, name: &str, from: &str, to: &str, guarantee: &str) {
-    let f = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &f,
-        format!("name = \"{name}\"\n[source]\ntopics = [\"{from}\"]\n[sink]\ntopic = \"{to}\"\n[run]\nguarantee = \"{guarantee}\"\n"),
-    )
-    .unwrap();
+    let f = pipeline_file(
+        dir,
+        name,
+        &format!("name = \"{name}\"\n[source]\ntopics = [\"{from}\"]\n[sink]\ntopic = \"{to}\"\n[run]\nguarantee = \"{guarantee}\"\n"),
+    );
     b.cli_ok(&["pipeline", "deploy", f.to_str().unwrap()]);
 }
 
@@ -1112,7 +1111,6 @@ fn word_count_through_a_kill(guarantee: &str, records: usize, words: usize) -> W
     b.cli_ok(&["plugin", "deploy", &example("count")]);
     b.cli_ok(&["topic", "create", "words", "--partitions", "6"]);
     b.cli_ok(&["topic", "create", "counts", "--partitions", "3"]);
-    let file = dir.path().join("wc.toml");
     // Compressed output, state changes and transactions: what is read back (the counts,
     // the state restored after the kill) goes through the codec.
     let codec = if guarantee == "exactly-once" {
@@ -1120,11 +1118,11 @@ fn word_count_through_a_kill(guarantee: &str, records: usize, words: usize) -> W
     } else {
         "lz4"
     };
-    std::fs::write(
-        &file,
-        format!("name = \"wc\"\n[source]\ntopics = [\"words\"]\n[[stages]]\nplugin = \"count@1.0.0\"\n[sink]\ntopic = \"counts\"\ncompression = \"{codec}\"\n[run]\nguarantee = \"{guarantee}\"\n"),
-    )
-    .unwrap();
+    let file = pipeline_file(
+        dir.path(),
+        "wc",
+        &format!("name = \"wc\"\n[source]\ntopics = [\"words\"]\n[[stages]]\nplugin = \"count@1.0.0\"\n[sink]\ntopic = \"counts\"\ncompression = \"{codec}\"\n[run]\nguarantee = \"{guarantee}\"\n"),
+    );
     // Words drawn by a fixed hash of the record index, so counts differ from word to word.
     let mix = |i: u64| {
         let mut z = i.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -1295,24 +1293,23 @@ fn redeploying_a_new_plugin_version_rolls_exactly_once_instances_keeping_offsets
     b.cli_ok(&["plugin", "deploy", v2.to_str().unwrap()]);
     b.cli_ok(&["topic", "create", "words", "--partitions", "4"]);
     b.cli_ok(&["topic", "create", "counts", "--partitions", "2"]);
-    let file = dir.path().join("wc.toml");
     let write = |version: &str| {
-        std::fs::write(
-            &file,
-            format!("name = \"wc\"\n[source]\ntopics = [\"words\"]\n[[stages]]\nplugin = \"count@{version}\"\n[sink]\ntopic = \"counts\"\n[run]\ninstances = 2\nguarantee = \"exactly-once\"\n"),
+        pipeline_file(
+            dir.path(),
+            "wc",
+            &format!("name = \"wc\"\n[source]\ntopics = [\"words\"]\n[[stages]]\nplugin = \"count@{version}\"\n[sink]\ntopic = \"counts\"\n[run]\ninstances = 2\nguarantee = \"exactly-once\"\n"),
         )
-        .unwrap();
     };
     let lines = |from: usize, to: usize| -> Vec<String> {
         (from..to).map(|i| format!("w{}:x", i % 10)).collect()
     };
-    write("1.0.0");
+    let file = write("1.0.0");
     b.cli_ok(&["pipeline", "deploy", file.to_str().unwrap()]);
     produce_lines(&b, "words", &lines(0, 500));
     wait_for(60, "500 records processed", || {
         status(&b, "wc")["records_in"] == 500 && status(&b, "wc")["lag"] == 0
     });
-    write("1.0.1");
+    let file = write("1.0.1");
     let out = b.cli_ok(&["pipeline", "deploy", file.to_str().unwrap()]);
     assert!(out.contains("redeployed pipeline wc"), "{out}");
     produce_lines(&b, "words", &lines(500, 1000));
@@ -1321,12 +1318,7 @@ fn redeploying_a_new_plugin_version_rolls_exactly_once_instances_keeping_offsets
     });
     // A file that would hand `count`'s state to another plugin is refused, and the
     // running pipeline stays as it was.
-    let reordered = dir.path().join("wc-reordered.toml");
-    std::fs::write(
-        &reordered,
-        "name = \"wc\"\n[source]\ntopics = [\"words\"]\n[[stages]]\nplugin = \"split-words@1.0.0\"\n[[stages]]\nplugin = \"count@1.0.1\"\n[sink]\ntopic = \"counts\"\n[run]\ninstances = 2\nguarantee = \"exactly-once\"\n",
-    )
-    .unwrap();
+    let reordered = pipeline_file(dir.path(), "wc-reordered", "name = \"wc\"\n[source]\ntopics = [\"words\"]\n[[stages]]\nplugin = \"split-words@1.0.0\"\n[[stages]]\nplugin = \"count@1.0.1\"\n[sink]\ntopic = \"counts\"\n[run]\ninstances = 2\nguarantee = \"exactly-once\"\n");
     let err = b.cli_err(&["pipeline", "deploy", reordered.to_str().unwrap()], None);
     assert!(
         err.contains("stage 0 (stages[0]") && err.contains("belongs to its position"),
@@ -1575,12 +1567,11 @@ fn an_instance_that_keeps_failing_shows_as_retrying_until_it_recovers() {
     for t in ["src", "dst"] {
         b.cli_ok(&["topic", "create", t]);
     }
-    let file = dir.path().join("copy.toml");
-    std::fs::write(
-        &file,
+    let file = pipeline_file(
+        dir.path(),
+        "copy",
         "name = \"copy\"\n[source]\ntopics = [\"src\"]\n[sink]\ntopic = \"dst\"\n",
-    )
-    .unwrap();
+    );
     b.cli_ok(&["pipeline", "deploy", file.to_str().unwrap()]);
     produce_lines(&b, "src", &["a".to_string()]);
     wait_for(60, "the first record copied", || {

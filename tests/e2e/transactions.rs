@@ -72,14 +72,20 @@ async fn init(client: &Client, id: &str) -> TransactionalProducer {
         .expect("init transactions")
 }
 
+/// `app-1`'s producer, after a transaction of `a1`, `a2` into `t` that it committed.
+async fn committed_a1_a2(client: &Client) -> TransactionalProducer {
+    let mut tx = init(client, "app-1").await;
+    send(&mut tx, "t", &["a1", "a2"]).await;
+    tx.commit(None).await.unwrap();
+    tx
+}
+
 #[test]
 fn committed_transactions_are_read_aborted_ones_never_and_markers_are_not_records() {
     let (b, rt) = broker_with_topic();
     rt.block_on(async {
         let client = connect(&b).await;
-        let mut tx = init(&client, "app-1").await;
-        send(&mut tx, "t", &["a1", "a2"]).await;
-        tx.commit(None).await.unwrap();
+        let mut tx = committed_a1_a2(&client).await;
         send(&mut tx, "t", &["x1", "x2", "x3"]).await;
         tx.flush().await.unwrap();
         // Open: read-committed readers stop before it; read-uncommitted ones see it.
@@ -198,9 +204,7 @@ fn a_members_commit_goes_past_an_aborted_transaction_with_no_record_for_it() {
     let (b, rt) = broker_with_topic();
     rt.block_on(async {
         let client = connect(&b).await;
-        let mut tx = init(&client, "app-1").await;
-        send(&mut tx, "t", &["a1", "a2"]).await;
-        tx.commit(None).await.unwrap();
+        let mut tx = committed_a1_a2(&client).await;
         let mut config = GroupConfig::new("g", ["t"])
             .start_without_commit_at(quiver_client::AutoOffsetReset::Earliest);
         config.fetch.isolation = Isolation::ReadCommitted;
