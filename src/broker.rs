@@ -304,8 +304,12 @@ async fn run_foreground(args: &StartArgs) -> anyhow::Result<()> {
 /// restart from its files; a cluster broker runs its share of those the controller holds.
 async fn pipeline_host(handle: &BrokerHandle, data_dir: &Path, id: u32) -> Arc<BrokerPipelines> {
     // Requests to this broker skip QUIC; those to other brokers use it.
-    let host = BrokerPipelines::new(data_dir, id, handle.in_process_client_config())
-        .with_group_max_size(handle.group_max_size());
+    let host = BrokerPipelines::new(
+        data_dir,
+        id,
+        handle.in_process_client_config(),
+        handle.group_max_size(),
+    );
     handle.install_pipeline_host(host.clone());
     if handle.cluster_view().await.is_none() {
         let resume = host.clone();

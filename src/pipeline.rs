@@ -443,7 +443,6 @@ fn status_table(
     s: &PipelineStatus,
     members: &GroupMembers,
 ) -> anyhow::Result<()> {
-    let copies = &members.copies;
     let (state, reason) = state_parts(&s.state);
     writeln!(
         out,
@@ -469,36 +468,49 @@ fn status_table(
         .map(|i| vec![i.id.clone(), i.broker.to_string(), i.partitions.join(",")])
         .collect();
     output::table(out, &["INSTANCE", "BROKER", "PARTITIONS"], &rows)?;
-    if !copies.is_empty() {
-        writeln!(
-            out,
-            "pipeline run copies in its group (records counted above, rates not):"
-        )?;
-        let rows: Vec<Vec<String>> = copies
-            .iter()
-            .map(|c| vec![c.id.clone(), c.process.clone(), c.partitions.join(",")])
-            .collect();
-        output::table(out, &["INSTANCE", "PROCESS", "PARTITIONS"], &rows)?;
-    }
-    if !members.others.is_empty() {
-        writeln!(
-            out,
-            "other members of its group (not this pipeline's; they take input partitions from it):"
-        )?;
-        let rows: Vec<Vec<String>> = members
-            .others
-            .iter()
-            .map(|m| {
-                vec![
-                    m.client_id.clone(),
-                    m.member_id.clone(),
-                    m.partitions.join(","),
-                ]
-            })
-            .collect();
-        output::table(out, &["CLIENT", "MEMBER", "PARTITIONS"], &rows)?;
-    }
+    let copies: Vec<Vec<String>> = members
+        .copies
+        .iter()
+        .map(|c| vec![c.id.clone(), c.process.clone(), c.partitions.join(",")])
+        .collect();
+    titled_table(
+        out,
+        "pipeline run copies in its group (records counted above, rates not):",
+        &["INSTANCE", "PROCESS", "PARTITIONS"],
+        &copies,
+    )?;
+    let others: Vec<Vec<String>> = members
+        .others
+        .iter()
+        .map(|m| {
+            vec![
+                m.client_id.clone(),
+                m.member_id.clone(),
+                m.partitions.join(","),
+            ]
+        })
+        .collect();
+    titled_table(
+        out,
+        "other members of its group (not this pipeline's; they take input partitions from it):",
+        &["CLIENT", "MEMBER", "PARTITIONS"],
+        &others,
+    )?;
     Ok(())
+}
+
+/// A table under its title line; nothing at all without rows.
+fn titled_table(
+    out: &mut impl Write,
+    title: &str,
+    headers: &[&str],
+    rows: &[Vec<String>],
+) -> std::io::Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    writeln!(out, "{title}")?;
+    output::table(out, headers, rows)
 }
 
 /// `pipeline validate`'s table: what the file describes.

@@ -402,11 +402,7 @@ impl PipelineConfig {
                 config: s.config,
             });
         }
-        let check_output = |t: &str| match stored {
-            true => check_topic(t),
-            false => check_output(t),
-        };
-        check_output(&raw.sink.topic).map_err(|r| err("sink.topic", r))?;
+        check_output(&raw.sink.topic, stored).map_err(|r| err("sink.topic", r))?;
         let mut outputs = vec![("sink.topic".to_string(), raw.sink.topic.clone())];
         for (name, topic) in &raw.sinks {
             let key = format!("sinks.{name}");
@@ -420,7 +416,7 @@ impl PipelineConfig {
                     )
                 })?;
             }
-            check_output(topic).map_err(|r| err(&key, r))?;
+            check_output(topic, stored).map_err(|r| err(&key, r))?;
             outputs.push((key, topic.clone()));
         }
         match (raw.on_error.policy, &raw.on_error.topic) {
@@ -432,7 +428,7 @@ impl PipelineConfig {
                 ))
             }
             (ErrorPolicy::DeadLetter, Some(t)) => {
-                check_output(t).map_err(|r| err("on_error.topic", r))?;
+                check_output(t, stored).map_err(|r| err("on_error.topic", r))?;
                 outputs.push(("on_error.topic".into(), t.clone()));
             }
             (policy, Some(_)) => {
@@ -560,10 +556,11 @@ fn check_topic(t: &str) -> Result<(), String> {
 }
 
 /// A topic a pipeline writes to: a client topic, and not a pipeline's state changelog
-/// (`quiver.state.*`), whose records the host writes and reads back as state.
-fn check_output(t: &str) -> Result<(), String> {
+/// (`quiver.state.*`), whose records the host writes and reads back as state (a file
+/// `stored` before that rule is taken as it is).
+fn check_output(t: &str, stored: bool) -> Result<(), String> {
     check_topic(t)?;
-    if t.starts_with("quiver.state.") {
+    if !stored && t.starts_with("quiver.state.") {
         return Err(format!(
             "{t:?} is a pipeline's state changelog; pipelines write their output to other topics"
         ));

@@ -482,6 +482,13 @@ impl Deployment {
     /// Stops every instance (each commits what it finished and leaves the group) and waits
     /// for them. Returns how many were running (a failed pipeline's have ended).
     pub async fn stop(self) -> u32 {
+        // Those running until now (a failed pipeline's have ended already), counted before
+        // the signal ends any.
+        let n = self
+            .instances
+            .iter()
+            .filter(|i| !i.task.is_finished())
+            .count() as u32;
         let _ = self.stop.send(true);
         {
             let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -489,12 +496,6 @@ impl Deployment {
                 *s = STOPPED.to_string();
             }
         }
-        // Those still running: a failed pipeline's instances have ended already.
-        let n = self
-            .instances
-            .iter()
-            .filter(|i| !i.task.is_finished())
-            .count() as u32;
         // At once: each may take its 30 s.
         futures::future::join_all(self.instances.into_iter().map(Instance::stop)).await;
         n
@@ -508,20 +509,18 @@ impl Deployment {
     pub async fn status(&self) -> PipelineStatus {
         let m = self.metrics.snapshot();
         let cfg = &self.plan.config;
-        let counts = match committed_counts(&self.client, cfg).await {
-            Ok(c) => PartitionCounts {
+        let (lag, counts) = group_progress(&self.client, cfg).await;
+        let counts = match counts {
+            Some(c) => PartitionCounts {
                 errors: c.errors + m.stopping_errors,
                 ..c
             },
-            Err(e) => {
-                tracing::debug!(error = %e, "the committed counters cannot be read; showing this process's");
-                PartitionCounts {
-                    records_in: m.records_in,
-                    records_out: m.records_out,
-                    errors: m.errors,
-                    dead_lettered: m.dead_lettered,
-                }
-            }
+            None => PartitionCounts {
+                records_in: m.records_in,
+                records_out: m.records_out,
+                errors: m.errors,
+                dead_lettered: m.dead_lettered,
+            },
         };
         PipelineStatus {
             name: cfg.name.clone(),
@@ -542,7 +541,7 @@ impl Deployment {
             records_out: counts.records_out,
             records_per_sec_in: m.records_per_sec_in,
             records_per_sec_out: m.records_per_sec_out,
-            lag: group_lag(&self.client, cfg).await.unwrap_or(-1),
+            lag,
             errors: counts.errors,
             dead_lettered: counts.dead_lettered,
             latency_p50_ms: m.latency_p50_ms,
@@ -551,9 +550,27 @@ impl Deployment {
     }
 }
 
+/// How far the pipeline's group is, as `pipeline status` shows it: its lag ([`group_lag`];
+/// -1 when the cluster cannot be asked) and its committed counters ([`committed_counts`];
+/// `None` when they cannot be read).
+pub async fn group_progress(
+    client: &Client,
+    cfg: &PipelineConfig,
+) -> (i64, Option<PartitionCounts>) {
+    let lag = group_lag(client, cfg).await.unwrap_or(-1);
+    let counts = match committed_counts(client, cfg).await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::debug!(error = %e, "the committed counters cannot be read");
+            None
+        }
+    };
+    (lag, counts)
+}
+
 /// The counters committed with the group's offsets of the pipeline's source topics, summed
 /// over their partitions ([`crate::progress`]).
-pub async fn committed_counts(
+async fn committed_counts(
     client: &Client,
     cfg: &PipelineConfig,
 ) -> Result<PartitionCounts, ClientError> {

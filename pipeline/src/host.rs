@@ -51,7 +51,7 @@ pub struct BrokerPipelines {
     pipelines: Mutex<BTreeMap<String, Entry>>,
     /// The broker's `group_max_size`: a pipeline with more instances is refused (its
     /// group could never hold them all).
-    group_max_size: std::sync::atomic::AtomicU64,
+    group_max_size: u64,
     /// Cluster mode: the latest assignment from the replica manager (`None` until the
     /// first, and always for a lone broker).
     assigned: watch::Sender<Option<Vec<AssignedPipeline>>>,
@@ -81,8 +81,14 @@ fn runtime_error(e: RuntimeError) -> PipelineHostError {
 
 impl BrokerPipelines {
     /// A host for the broker `broker_id` keeping its files under `<data_dir>/pipelines/`,
-    /// whose instances connect with `client_config` (the broker's own address and CA).
-    pub fn new(data_dir: &Path, broker_id: u32, client_config: ClientConfig) -> Arc<Self> {
+    /// whose instances connect with `client_config` (the broker's own address and CA); it
+    /// refuses pipelines with more instances than `group_max_size`, the broker's.
+    pub fn new(
+        data_dir: &Path,
+        broker_id: u32,
+        client_config: ClientConfig,
+        group_max_size: u64,
+    ) -> Arc<Self> {
         Arc::new_cyclic(|this| BrokerPipelines {
             this: this.clone(),
             assigned: watch::channel(None).0,
@@ -93,22 +99,13 @@ impl BrokerPipelines {
             client_config,
             client: OnceCell::new(),
             pipelines: Mutex::new(BTreeMap::new()),
-            group_max_size: std::sync::atomic::AtomicU64::new(u64::MAX),
+            group_max_size,
         })
-    }
-
-    /// Refuses pipelines with more instances than `n`, the broker's `group_max_size`.
-    pub fn with_group_max_size(self: Arc<Self>, n: u64) -> Arc<Self> {
-        self.group_max_size
-            .store(n, std::sync::atomic::Ordering::Relaxed);
-        self
     }
 
     /// Fails when the pipeline has more instances than its group may have members.
     fn check_group_size(&self, config: &PipelineConfig) -> HostResult<()> {
-        let max = self
-            .group_max_size
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let max = self.group_max_size;
         if u64::from(config.run.instances) > max {
             return Err(host_error(
                 ErrorCode::InvalidPipeline,
@@ -265,14 +262,10 @@ impl BrokerPipelines {
             Entry::Broken(config, reason) => {
                 // What the group committed before the pipeline broke still counts.
                 let (lag, counts) = match self.client().await {
-                    Ok(c) => (
-                        crate::deployment::group_lag(&c, config).await.unwrap_or(-1),
-                        crate::deployment::committed_counts(&c, config)
-                            .await
-                            .unwrap_or_default(),
-                    ),
-                    Err(_) => (-1, Default::default()),
+                    Ok(c) => crate::deployment::group_progress(&c, config).await,
+                    Err(_) => (-1, None),
                 };
+                let counts = counts.unwrap_or_default();
                 PipelineStatus {
                     name: config.name.clone(),
                     state: format!("failed: {reason}"),

@@ -3,7 +3,8 @@
 //! the error policy applied when a stage fails. A failed call is retried record by record
 //! (a call can fail as a whole, by a limit a large batch reaches, where no record does);
 //! a record that fails alone ends the run under "stop", and is set aside under "skip" and
-//! "dead-letter" while the rest go on. A quarantined plugin always ends the run. Plugin calls block: callers run [`PartitionChain::process`] off the async threads.
+//! "dead-letter" while the rest go on. A quarantined plugin always ends the run. Plugin
+//! calls block: callers run [`PartitionChain::process`] off the async threads.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -285,13 +286,12 @@ impl PartitionChain {
                 Err(e) => e,
             };
             let mut next = Vec::new();
-            let single = retry.len() == 1;
-            let mut call_error = Some(failed_call);
+            // A one-record call's error is that record's: it is not called again.
+            let mut own_error = (retry.len() == 1).then_some(failed_call);
             for r in retry {
-                // A one-record call's error is that record's: not called again.
-                let result = match call_error.take() {
-                    Some(e) if single => Err(e),
-                    _ => stage.processor.process_batch(vec![r.clone()]),
+                let result = match own_error.take() {
+                    Some(e) => Err(e),
+                    None => stage.processor.process_batch(vec![r.clone()]),
                 };
                 match result {
                     Ok(o) => next.extend(o),
